@@ -1,0 +1,57 @@
+# The README's two commands: `make demo` and `make test`. Each does all the
+# set-up itself on a fresh Debian machine (run as root: namespaces, raw
+# sockets and nftables need it).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := nftables iproute2 ethtool curl tcpdump netsniff-ng procps gcc python3-dev python3-venv
+# Tools whose absence means the apt step has not run on this machine.
+APT_TOOLS := nft ip ethtool curl tcpdump trafgen gcc
+FAST_SO = $(wildcard pylvs/_fast*.so)
+C_SOURCES := $(wildcard pylvs/_fast/*.c pylvs/_fast/*.h) setup.py
+
+.PHONY: demo test test-fast bench deps build clean lab-clean
+
+demo: build
+	$(PY) -m pylvs.lab.demo
+
+test: build
+	$(PY) -m pytest -q tests
+
+# Only the tests that need no namespaces (fast feedback while editing).
+test-fast: build
+	$(PY) -m pytest -q -m "not netns" tests
+
+bench: build
+	$(PY) -m bench engine --json bench/results/engine.json
+	$(PY) -m bench e2e --json bench/results/e2e.json
+
+deps: .stamp-apt
+
+.stamp-apt:
+	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages (missing:$$missing)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+	@touch $@
+
+$(VENV)/.stamp: pyproject.toml .stamp-apt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@touch $@
+
+build: $(VENV)/.stamp .stamp-build
+
+.stamp-build: $(C_SOURCES) $(VENV)/.stamp
+	$(PY) setup.py -q build_ext --inplace
+	@touch $@
+
+# Remove namespaces and steering tables a killed run may have left behind.
+lab-clean: build
+	$(PY) -m pylvs.cli.main lab down --all
+
+clean:
+	rm -rf build *.egg-info pylvs/_fast*.so .stamp-build

@@ -1,0 +1,20 @@
+/* The one C extension of pylvs: the engine and the AF_PACKET forwarder. */
+#include "engine.h"
+
+static struct PyModuleDef fast_module = {
+    PyModuleDef_HEAD_INIT, "pylvs._fast",
+    "pylvs data path: connection table, NAT rewrite, checksums, AF_PACKET rings.",
+    -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fast(void)
+{
+    PyObject *m = PyModule_Create(&fast_module);
+    if (m == NULL)
+        return NULL;
+    if (pylvs_engine_register(m) < 0 || pylvs_afpacket_register(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

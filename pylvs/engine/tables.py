@@ -1,0 +1,208 @@
+"""The tables shared between the control plane and the data path.
+
+Everything the C engine and the Python reference engine read or write is
+defined here once: the service and dest tables (built by the control plane,
+immutable once published), the counter arrays (written by the engine, read
+by the control plane without copying), the verdicts, and the Batch of frames.
+
+Addresses are IPv4 addresses as host-order integers (``int(IPv4Address)``),
+ports are host-order integers. Frames are Ethernet frames prefixed by a
+10-byte ``struct virtio_net_hdr`` (see ``VNET_HDR``): that is what an
+AF_PACKET socket with PACKET_VNET_HDR (and a TAP with IFF_VNET_HDR) delivers
+and accepts, and it carries the partial-checksum and GSO facts the engine
+must respect.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+# --- frames ---------------------------------------------------------------
+
+# struct virtio_net_hdr, little endian (AF_PACKET uses the host's order, and
+# these machines are little endian): flags, gso_type, hdr_len, gso_size,
+# csum_start, csum_offset. csum_start counts from the Ethernet header.
+VNET_HDR = struct.Struct("<BBHHHH")
+VNET_HDR_LEN = VNET_HDR.size  # 10
+VNET_F_NEEDS_CSUM = 1  # the L4 checksum field holds only the pseudo-header sum
+VNET_F_DATA_VALID = 2
+VNET_GSO_NONE = 0
+VNET_GSO_TCPV4 = 1
+VNET_GSO_UDP = 3
+VNET_GSO_TCPV6 = 4
+VNET_GSO_UDP_L4 = 5
+
+# Largest frame the engine accepts: a 64 KiB GSO frame plus headers.
+MAX_FRAME = VNET_HDR_LEN + 14 + 65535
+
+# Per-frame verdicts.
+V_PASS = 0  # not virtual-service traffic: the kernel's own copy stands
+V_TX = 1    # rewritten in place; send on out_port
+V_DROP = 2  # service traffic that must not go anywhere; counted by reason
+
+# --- forwarding methods (numbered as the kernel's IP_VS_CONN_F_FWD_MASK) ---
+FWD_MASQ = 0
+FWD_LOCAL = 1
+FWD_TUNNEL = 2
+FWD_ROUTE = 3
+FWD_NAMES = {FWD_MASQ: "Masq", FWD_LOCAL: "Local", FWD_TUNNEL: "Tunnel", FWD_ROUTE: "Route"}
+
+PROTO_TCP = 6
+PROTO_UDP = 17
+
+# --- tables built by the control plane ------------------------------------
+
+SVC_F_USED = 1  # the slot holds a service
+
+SERVICE_DTYPE = np.dtype(
+    [
+        ("vaddr", "<u4"),
+        ("vport", "<u2"),
+        ("proto", "u1"),
+        ("flags", "u1"),
+    ],
+    align=True,
+)
+
+DEST_F_USED = 1      # the slot holds a dest (conns may still point at a freed slot)
+DEST_F_RESOLVED = 2  # out_port, dmac and smac are valid
+
+DEST_DTYPE = np.dtype(
+    [
+        ("daddr", "<u4"),
+        ("dport", "<u2"),
+        ("svc", "<u2"),       # service slot this dest belongs to
+        ("weight", "<u4"),
+        ("fwd", "u1"),        # FWD_*
+        ("flags", "u1"),      # DEST_F_*
+        ("out_port", "<u2"),  # egress port index (see the I/O backend's port list)
+        ("dmac", "u1", (6,)), # next-hop MAC (the real server's, on its L2 segment)
+        ("smac", "u1", (6,)), # the director's MAC on out_port
+    ],
+    align=True,
+)
+
+# --- counters written by the engine ---------------------------------------
+
+# Global counters, indexed by position. The C engine uses the same indices
+# (pylvs/_fast/engine.h); a test checks the two lists agree.
+STAT_NAMES = (
+    "rx_frames",          # frames handed to the engine
+    "tx_frames",          # frames given verdict V_TX
+    "pass_not_ipv4",      # not IPv4 (ARP, IPv6, VLAN, ...): left to the kernel
+    "pass_not_ours",      # IPv4 but no conn and no service: left to the kernel
+    "drop_truncated",     # shorter than its headers
+    "drop_bad_ip",        # version != 4, IHL < 5, IHL or total length beyond the frame
+    "drop_bad_l4",        # TCP data offset < 5 or beyond the packet; UDP length lies
+    "drop_fragment",      # IP fragments (not reassembled by this version)
+    "drop_no_conn",       # a non-SYN TCP segment to a service without a conn
+    "drop_no_dest",       # the scheduler found no available dest
+    "drop_table_full",    # the conn table is full
+    "drop_dest_gone",     # the conn's dest was deleted (expire_nodest_conn=0)
+    "drop_unresolved",    # the dest's next-hop MAC is not known yet
+    "drop_fwd_method",    # forwarding method not supported by this engine
+    "drop_conflict",      # the real-server side of a new conn is already in use
+    "conns_created",
+    "conns_expired",
+    "ip_options",         # IPv4 headers with options seen (forwarded)
+    "csum_partial_fixed", # partial checksums completed (TP_STATUS_CSUMNOTREADY)
+    "gso_frames",         # GSO frames forwarded with a partial checksum
+    "sched_errors",       # the scheduler upcall raised
+)
+STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
+N_STATS = 32  # room to grow without changing the array's size
+
+# Per-service and per-dest traffic counters, columns:
+STAT_CONNS, STAT_INPKTS, STAT_OUTPKTS, STAT_INBYTES, STAT_OUTBYTES = range(5)
+N_TRAFFIC = 5
+# Per-dest conn counts, columns:
+ACTIVE, INACTIVE = 0, 1
+
+
+class Counters:
+    """The arrays the engine writes and everyone else reads (no copies).
+
+    Bytes are IP packet lengths (as IPVS counts skb->len at the IP layer).
+    A conn is active only in TCP ESTABLISHED; every other state, and UDP,
+    counts as inactive.
+    """
+
+    def __init__(self, max_services: int = 256, max_dests: int = 4096):
+        self.max_services = max_services
+        self.max_dests = max_dests
+        self.stats = np.zeros(N_STATS, dtype=np.uint64)
+        self.svc_stats = np.zeros((max_services, N_TRAFFIC), dtype=np.uint64)
+        self.dest_stats = np.zeros((max_dests, N_TRAFFIC), dtype=np.uint64)
+        self.dest_conns = np.zeros((max_dests, 2), dtype=np.int32)
+
+    def stat(self, name: str) -> int:
+        return int(self.stats[STAT_INDEX[name]])
+
+    def named(self) -> dict[str, int]:
+        return {n: int(self.stats[i]) for i, n in enumerate(STAT_NAMES)}
+
+
+def empty_services(n: int) -> np.ndarray:
+    return np.zeros(n, dtype=SERVICE_DTYPE)
+
+
+def empty_dests(n: int) -> np.ndarray:
+    return np.zeros(n, dtype=DEST_DTYPE)
+
+
+# --- batches of frames ----------------------------------------------------
+
+
+class Batch:
+    """Frames for one call of ``Engine.process``: in and out, in place.
+
+    ``buf[i, :length[i]]`` is frame i (virtio_net_hdr + Ethernet frame) that
+    arrived on port ``in_port[i]``. The engine rewrites it in place (NAT
+    keeps the length) and sets ``verdict[i]`` and, for V_TX, ``out_port[i]``.
+    """
+
+    def __init__(self, size: int = 256, slot: int = 2048):
+        self.size = size
+        self.slot = slot
+        self.buf = np.zeros((size, slot), dtype=np.uint8)
+        self.length = np.zeros(size, dtype=np.uint32)
+        self.in_port = np.zeros(size, dtype=np.uint16)
+        self.verdict = np.zeros(size, dtype=np.uint8)
+        self.out_port = np.zeros(size, dtype=np.uint16)
+        self.count = 0
+
+    def clear(self) -> None:
+        self.count = 0
+
+    def append(self, frame: bytes, in_port: int = 0) -> int:
+        """Add a frame (with its virtio_net_hdr); returns its index."""
+        i = self.count
+        if i >= self.size:
+            raise IndexError("batch is full")
+        n = len(frame)
+        if n > self.slot:
+            raise ValueError(f"frame of {n} bytes does not fit a {self.slot}-byte slot")
+        self.buf[i, :n] = np.frombuffer(frame, dtype=np.uint8)
+        self.length[i] = n
+        self.in_port[i] = in_port
+        self.verdict[i] = V_PASS
+        self.out_port[i] = 0
+        self.count = i + 1
+        return i
+
+    def frame(self, i: int) -> bytes:
+        return self.buf[i, : self.length[i]].tobytes()
+
+
+def with_vnet(frame: bytes, flags: int = 0, gso_type: int = VNET_GSO_NONE,
+              hdr_len: int = 0, gso_size: int = 0, csum_start: int = 0,
+              csum_offset: int = 0) -> bytes:
+    """Prefix an Ethernet frame with a virtio_net_hdr (all zero: a plain frame)."""
+    return VNET_HDR.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) + frame
+
+
+def strip_vnet(frame: bytes) -> tuple[tuple[int, ...], bytes]:
+    """Split a frame into its virtio_net_hdr fields and the Ethernet frame."""
+    return VNET_HDR.unpack_from(frame), frame[VNET_HDR_LEN:]

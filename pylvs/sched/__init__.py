@@ -1,0 +1,30 @@
+"""IPVS schedulers, one module per ``ipvsadm -s`` name."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .base import Scheduler, SchedDest, overhead, register, _REGISTRY
+
+DEFAULT = "wlc"
+
+
+def _load_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[Scheduler]:
+    """The scheduler class for an ``-s`` name; KeyError if unknown."""
+    _load_all()
+    return _REGISTRY[name]
+
+
+__all__ = ["Scheduler", "SchedDest", "overhead", "register", "names", "get", "DEFAULT"]
