@@ -1,0 +1,141 @@
+"""The real servers' service in a lab: a small HTTP/1.1 server and a UDP echo.
+
+Run inside a real server's namespace (``ip netns exec NS python -m
+pylvs.lab.httpd --name rs1``). It answers:
+
+- ``GET /whoami``  -> the real server's name and a newline, so a client can
+  tell which real server the director picked;
+- ``GET /bytes/N`` -> N bytes of ``content(0, N)``, a deterministic pattern
+  the tests regenerate to compare a download byte for byte;
+- ``GET /health``  -> ``ok``.
+
+UDP datagrams to ``--udp-port`` come back prefixed with ``NAME `` (the same
+reason as /whoami). The process prints ``ready`` on stdout once both sockets
+are bound, so whoever started it can wait for that instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+
+CHUNK = 64 * 1024
+MAX_BYTES = 1 << 31  # refuse absurd sizes rather than stream forever
+
+
+def content(offset: int, length: int) -> bytes:
+    """Bytes [offset, offset+length) of the deterministic download pattern.
+
+    Higher bits of the position are mixed in so a chunk delivered at the
+    wrong offset, duplicated or dropped shows up as a mismatch (a short
+    periodic pattern would hide such errors).
+    """
+    i = np.arange(offset, offset + length, dtype=np.uint64)
+    b = i + (i >> np.uint64(8)) * np.uint64(7) + (i >> np.uint64(16)) * np.uint64(13)
+    return (b & np.uint64(0xFF)).astype(np.uint8).tobytes()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "pylvs-lab-httpd"
+    name = "rs"
+
+    def log_message(self, fmt, *args):  # the lab wants quiet real servers
+        pass
+
+    def _small(self, body: bytes, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Real-Server", self.name)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        if path == "/whoami":
+            return self._small(self.name.encode() + b"\n")
+        if path == "/health":
+            return self._small(b"ok\n")
+        if path.startswith("/bytes/"):
+            try:
+                n = int(path[len("/bytes/"):])
+            except ValueError:
+                return self._small(b"bad size\n", 400)
+            if not 0 <= n <= MAX_BYTES:
+                return self._small(b"bad size\n", 400)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(n))
+            self.send_header("X-Real-Server", self.name)
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            off = 0
+            while off < n:
+                k = min(CHUNK, n - off)
+                self.wfile.write(content(off, k))
+                off += k
+            return
+        return self._small(b"not found\n", 404)
+
+    do_HEAD = do_GET
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128  # bursts of short curls must not meet a full backlog
+
+
+def udp_echo(sock: socket.socket, name: bytes) -> None:
+    while True:
+        try:
+            data, peer = sock.recvfrom(65535)
+        except OSError:
+            return
+        try:
+            sock.sendto(name + b" " + data, peer)
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", required=True, help="real server name answered by /whoami")
+    ap.add_argument("--addr", default="0.0.0.0")
+    ap.add_argument("--port", type=int, default=80)
+    ap.add_argument("--udp-port", type=int, default=7, help="UDP echo port (0: none)")
+    args = ap.parse_args(argv)
+
+    handler = type("NamedHandler", (Handler,), {"name": args.name})
+    httpd = Server((args.addr, args.port), handler)
+    if args.udp_port:
+        us = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        us.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        us.bind((args.addr, args.udp_port))
+        threading.Thread(target=udp_echo, args=(us, args.name.encode()), daemon=True).start()
+
+    def stop(signum, frame):
+        # shutdown() blocks until serve_forever returns: call it off the main thread
+        threading.Thread(target=httpd.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print("ready", flush=True)
+    try:
+        httpd.serve_forever(poll_interval=0.2)
+    finally:
+        httpd.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
