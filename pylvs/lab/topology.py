@@ -212,6 +212,10 @@ class Lab:
     def record_path(self) -> Path:
         return STATE_DIR / f"{self.name}.json"
 
+    def log_path(self, what: str) -> Path:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        return STATE_DIR / f"{self.name}.{what}.log"
+
     def describe(self) -> dict:
         return {
             "name": self.name,
@@ -337,18 +341,21 @@ class Lab:
         """Start pylvs.lab.httpd in every real server; wait for each 'ready'."""
         started = []
         for name, ns in zip(self.rs_names, self.rs):
-            p = self.popen(ns, [self.python, "-m", "pylvs.lab.httpd", "--name", name,
-                                "--port", str(HTTP_PORT), "--udp-port", str(UDP_PORT)],
-                           key=f"httpd-{name}", stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, cwd=_repo_root())
-            started.append((name, p))
+            # stderr to a file: a pipe nobody drains could block the server,
+            # and `pylvs lab up` exits while the servers keep running.
+            log = self.log_path(f"httpd-{name}")
+            with open(log, "wb") as err:
+                p = self.popen(ns, [self.python, "-m", "pylvs.lab.httpd", "--name", name,
+                                    "--port", str(HTTP_PORT), "--udp-port", str(UDP_PORT)],
+                               key=f"httpd-{name}", stdout=subprocess.PIPE, stderr=err,
+                               stdin=subprocess.DEVNULL, cwd=_repo_root(),
+                               start_new_session=True)
+            started.append((name, p, log))
         deadline = time.monotonic() + timeout
-        for name, p in started:
+        for name, p, log in started:
             if not wait_for_line(p, "ready", deadline - time.monotonic()):
-                err = ""
-                if p.poll() is not None and p.stderr:
-                    err = p.stderr.read().decode(errors="replace")[-2000:]
-                raise LabError(f"httpd in {name} did not become ready: {err}")
+                raise LabError(f"httpd in {name} did not become ready: "
+                               f"{log.read_text(errors='replace')[-2000:]}")
 
     # --- tearing down --------------------------------------------------------
 
@@ -381,10 +388,8 @@ class Lab:
             if netns_exists(ns):
                 errors.append(f"{ns}: still exists")
         if not errors:
-            try:
-                self.record_path.unlink()
-            except FileNotFoundError:
-                pass
+            self.record_path.unlink(missing_ok=True)
+            _remove_logs(self.name)
         return errors
 
     def __enter__(self) -> "Lab":
@@ -507,7 +512,13 @@ def destroy(name: str) -> list[str]:
             errors.append(f"{ns}: still exists")
     if not errors:
         path.unlink(missing_ok=True)
+        _remove_logs(name)
     return errors
+
+
+def _remove_logs(name: str) -> None:
+    for log in STATE_DIR.glob(f"{name}.*.log"):
+        log.unlink(missing_ok=True)
 
 
 def destroy_all() -> list[str]:

@@ -1,0 +1,86 @@
+"""`pylvs lab`: build, list and remove the VS-NAT namespace lab by hand.
+
+    pylvs lab up [--name NAME] [--servers N] [--ip-forward 0|1]
+    pylvs lab down [--name NAME | --all]
+    pylvs lab status
+
+The lab is the one the tests and `make demo` use (pylvs/lab/topology.py);
+netns-labs/nat/README.md walks through it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_NAME = "pylvs"
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pylvs lab", description="VS-NAT namespace lab")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="build the lab and start the real servers' httpd")
+    up.add_argument("--name", default=DEFAULT_NAME,
+                    help=f"lab name; namespaces are called NAME-client, NAME-director, ... "
+                         f"(default {DEFAULT_NAME})")
+    up.add_argument("--servers", type=int, default=3, help="number of real servers (default 3)")
+    up.add_argument("--ip-forward", type=int, choices=(0, 1), default=0,
+                    help="the director's net.ipv4.ip_forward (pylvs needs neither)")
+    down = sub.add_parser("down", help="stop the lab's processes and remove its namespaces")
+    g = down.add_mutually_exclusive_group()
+    g.add_argument("--name", default=None)
+    g.add_argument("--all", action="store_true", help="every lab recorded in /run/pylvs/labs")
+    sub.add_parser("status", help="list the labs and their namespaces")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pylvs.lab import topology
+
+    args = _parser().parse_args(argv)
+    if os.geteuid() != 0:
+        print("pylvs lab: needs root (network namespaces)", file=sys.stderr)
+        return 1
+
+    if args.cmd == "up":
+        lab = topology.Lab(args.name, servers=args.servers, ip_forward=args.ip_forward)
+        try:
+            lab.up()
+        except topology.LabError as e:
+            print(f"pylvs lab up: {e}", file=sys.stderr)
+            return 1
+        # The httpd processes outlive this command; down() must not run here.
+        lab.procs.clear()
+        print(lab.howto())
+        return 0
+
+    if args.cmd == "down":
+        if args.all:
+            errors = topology.destroy_all()
+        else:
+            errors = topology.destroy(args.name or DEFAULT_NAME)
+        for e in errors:
+            print(f"pylvs lab down: {e}", file=sys.stderr)
+        return 1 if errors else 0
+
+    if args.cmd == "status":
+        recs = topology.records()
+        if not recs:
+            print("no labs")
+        for rec in recs:
+            nss = rec.get("namespaces", [])
+            alive = [ns for ns in nss if topology.netns_exists(ns)]
+            print(f"{rec['name']}: {len(alive)}/{len(nss)} namespaces present")
+            for ns in nss:
+                print(f"  {'up  ' if ns in alive else 'gone'} {ns}")
+            d = rec.get("director")
+            if d:
+                print(f"  vip {d['vip']}  dip {d['dip']}  cip {rec['client']['cip']}  rips "
+                      + " ".join(r["rip"] for r in rec.get("real_servers", [])))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
