@@ -1,0 +1,465 @@
+"""The pure-Python reference engine (docs/engine.md, the contract).
+
+It does what ``pylvs._fast.Engine`` does, bit for bit: the same verdicts,
+rewritten bytes, counters, conn states and expiry. Tests compare the two, and
+``bench engine`` runs it as the ``python`` impl. Clarity beats speed here.
+
+Conn slots and the expiry clock hand (the C engine keeps the same order):
+
+- Conns live in ``capacity`` slots. Free slots form a LIFO stack initialised
+  so that slot 0 is handed out first, then 1, 2, ...; a freed slot is pushed
+  and is the next one handed out.
+- ``expire(now, budget)`` visits ``budget`` slots, starting where the previous
+  call stopped, walking 0 .. capacity-1 cyclically. A budget larger than the
+  capacity visits every slot once and still moves the hand by ``budget``
+  (mod capacity).
+
+Choices where the contract leaves room (IPVS behaviour where there is one):
+
+- A new conn starts with ``expires = now + timeouts[NONE]`` (IPVS gives a new
+  conn a short timeout before the first state update). Most new conns get
+  their state update on the same frame; those dropped before it
+  (``drop_fwd_method``) keep that short life.
+- ``drop_dest_gone`` and ``drop_fwd_method`` leave the conn untouched (no state
+  change, no refresh of ``expires``, no traffic counters), as IPVS drops such
+  packets before ``ip_vs_set_state``.
+- The conflict check for a new conn's OUT key is a lookup like step 7: a conn
+  found there whose ``expires <= now`` is expired on the spot and is no
+  conflict. A new conn whose OUT key equals its own IN key (client, VIP and
+  real server all one address:port) is a conflict too.
+- Only the flags byte of the virtio_net_hdr is cleared when a partial
+  checksum is completed; the other fields stay as they came.
+- ``out_port[i]`` is written only for V_TX.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+from typing import Callable
+
+import numpy as np
+
+from . import states, tables
+from .checksum import fold, ones_sum, pseudo_header_sum, sum_update32, update16, update32
+
+_ST = tables.STAT_INDEX
+_RX = _ST["rx_frames"]
+_TX = _ST["tx_frames"]
+_PASS_NOT_IPV4 = _ST["pass_not_ipv4"]
+_PASS_NOT_OURS = _ST["pass_not_ours"]
+_DROP_TRUNCATED = _ST["drop_truncated"]
+_DROP_BAD_IP = _ST["drop_bad_ip"]
+_DROP_BAD_L4 = _ST["drop_bad_l4"]
+_DROP_FRAGMENT = _ST["drop_fragment"]
+_DROP_NO_CONN = _ST["drop_no_conn"]
+_DROP_NO_DEST = _ST["drop_no_dest"]
+_DROP_TABLE_FULL = _ST["drop_table_full"]
+_DROP_DEST_GONE = _ST["drop_dest_gone"]
+_DROP_UNRESOLVED = _ST["drop_unresolved"]
+_DROP_FWD_METHOD = _ST["drop_fwd_method"]
+_DROP_CONFLICT = _ST["drop_conflict"]
+_CONNS_CREATED = _ST["conns_created"]
+_CONNS_EXPIRED = _ST["conns_expired"]
+_IP_OPTIONS = _ST["ip_options"]
+_CSUM_PARTIAL_FIXED = _ST["csum_partial_fixed"]
+_GSO_FRAMES = _ST["gso_frames"]
+_SCHED_ERRORS = _ST["sched_errors"]
+
+V_PASS, V_TX, V_DROP = tables.V_PASS, tables.V_TX, tables.V_DROP
+TCP, UDP = tables.PROTO_TCP, tables.PROTO_UDP
+ETH = tables.VNET_HDR_LEN          # offset of the Ethernet header
+IP = ETH + 14                      # offset of the IPv4 header
+_TCP_SYN, _TCP_ACK, _TCP_RST = states.TCP_SYN, states.TCP_ACK, states.TCP_RST
+
+
+class _Conn:
+    __slots__ = ("proto", "caddr", "cport", "vaddr", "vport", "daddr", "dport",
+                 "state", "expires", "fwd", "dest", "svc", "cmac", "lmac",
+                 "in_port", "slot", "in_key", "out_key")
+
+
+def _report_unraisable(exc: BaseException, obj: object) -> None:
+    """Hand a scheduler exception to sys.unraisablehook, as PyErr_WriteUnraisable does."""
+    args = _unraisable_args(type(exc), exc, exc.__traceback__, None, obj)
+    sys.unraisablehook(args)
+
+
+def _unraisable_args(*fields):
+    # The default hook insists on the interpreter's own UnraisableHookArgs
+    # type, which Python code cannot name; capture it once from a real
+    # unraisable exception (a __del__ that raises).
+    global _UNRAISABLE_TYPE
+    if _UNRAISABLE_TYPE is None:
+        seen: list = []
+        old = sys.unraisablehook
+        sys.unraisablehook = seen.append
+        try:
+            class _Probe:
+                def __del__(self):
+                    raise RuntimeError("probe")
+            _Probe()
+        finally:
+            sys.unraisablehook = old
+        _UNRAISABLE_TYPE = type(seen[0]) if seen else False
+    if _UNRAISABLE_TYPE:
+        return _UNRAISABLE_TYPE(fields)
+    import types
+    return types.SimpleNamespace(exc_type=fields[0], exc_value=fields[1],
+                                 exc_traceback=fields[2], err_msg=fields[3], object=fields[4])
+
+
+_UNRAISABLE_TYPE = None
+
+
+class Engine:
+    """The reference engine. See docs/engine.md for what every method does."""
+
+    def __init__(self, capacity: int, *, key: bytes, transitions: np.ndarray,
+                 timeouts: np.ndarray, counters: tables.Counters,
+                 schedule: Callable[[int, int, int], int]):
+        capacity = operator.index(capacity)
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        key = bytes(key)
+        if len(key) != 16:
+            raise ValueError("key must be 16 bytes")
+        t = np.asarray(transitions)
+        if t.shape != (3, 4, states.N_TCP_STATES):
+            raise ValueError(f"transitions must have shape (3, 4, {states.N_TCP_STATES})")
+        if int(t.min()) < 0 or int(t.max()) >= states.N_TCP_STATES:
+            raise ValueError("transitions must name TCP states")
+        if not callable(schedule):
+            raise TypeError("schedule must be callable")
+        self._capacity = capacity
+        self._key = key  # unused: a dict is the reference's index (see _index)
+        self._trans = t.astype(np.int64).tolist()
+        self.set_timeouts(timeouts)
+        self._counters = counters
+        self._schedule = schedule
+        # The reference indexes conns in a dict of Python tuples. CPython's
+        # tuple-of-int hash is not keyed, so clients could flood a chain; the
+        # C engine hashes with keyed SipHash for that reason.
+        self._index: dict[tuple, tuple[_Conn, int]] = {}
+        self._slots: list[_Conn | None] = [None] * capacity
+        self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
+        self._hand = 0
+        self._count = 0
+        self._pend = [0] * tables.N_STATS
+        self._svc_by_key: dict[tuple[int, int, int], int] = {}
+        self._dests: list[tuple] = []
+        self._dest_table = tables.empty_dests(0)
+        self._svc_table = tables.empty_services(0)
+
+    # --- configuration ----------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def conn_count(self) -> int:
+        return self._count
+
+    def set_timeouts(self, timeouts: np.ndarray) -> None:
+        t = np.asarray(timeouts, dtype=np.float64)
+        if t.shape != (states.N_TIMEOUTS,):
+            raise ValueError(f"timeouts must have shape ({states.N_TIMEOUTS},)")
+        self._timeouts = [float(x) for x in t]
+
+    def set_tables(self, services: np.ndarray, dests: np.ndarray) -> None:
+        if services.dtype != tables.SERVICE_DTYPE or dests.dtype != tables.DEST_DTYPE:
+            raise TypeError("services and dests must use SERVICE_DTYPE and DEST_DTYPE")
+        if services.ndim != 1 or dests.ndim != 1:
+            raise ValueError("services and dests must be one-dimensional")
+        if len(services) > self._counters.max_services or len(dests) > self._counters.max_dests:
+            raise ValueError("more slots than the counter arrays have rows")
+        by_key: dict[tuple[int, int, int], int] = {}
+        for s, (vaddr, vport, proto, flags) in enumerate(services.tolist()):
+            if flags & tables.SVC_F_USED:
+                # The lowest slot wins if the control plane ever lists a
+                # service twice.
+                by_key.setdefault((proto, vaddr, vport), s)
+        ds = []
+        for d in range(len(dests)):
+            r = dests[d]
+            ds.append((int(r["daddr"]), int(r["dport"]), int(r["svc"]), int(r["weight"]),
+                       int(r["fwd"]), int(r["flags"]), int(r["out_port"]),
+                       bytes(r["dmac"].tobytes()), bytes(r["smac"].tobytes())))
+        self._svc_table, self._dest_table = services, dests
+        self._svc_by_key, self._dests = by_key, ds
+
+    # --- conns ------------------------------------------------------------
+
+    def conns(self) -> list[tuple]:
+        return [(c.proto, c.caddr, c.cport, c.vaddr, c.vport, c.daddr, c.dport,
+                 c.state, c.expires, c.fwd, c.dest, c.svc)
+                for c in self._slots if c is not None]
+
+    def _lookup(self, key: tuple, now: float):
+        hit = self._index.get(key)
+        if hit is not None and hit[0].expires <= now:
+            self._unlink(hit[0])
+            return None
+        return hit
+
+    def _unlink(self, c: _Conn) -> None:
+        del self._index[c.in_key]
+        del self._index[c.out_key]
+        col = tables.ACTIVE if (c.proto == TCP and c.state == states.ESTABLISHED) else tables.INACTIVE
+        self._counters.dest_conns[c.dest, col] -= 1
+        self._slots[c.slot] = None
+        self._free.append(c.slot)
+        self._count -= 1
+        self._pend[_CONNS_EXPIRED] += 1
+
+    def expire(self, now: float, budget: int) -> int:
+        now = float(now)
+        budget = operator.index(budget)
+        if budget <= 0:
+            return 0
+        cap = self._capacity
+        slots = self._slots
+        hand = self._hand
+        n = 0
+        for i in range(min(budget, cap)):
+            c = slots[(hand + i) % cap]
+            if c is not None and c.expires <= now:
+                self._unlink(c)
+                n += 1
+        self._hand = (hand + budget) % cap
+        self._flush()
+        return n
+
+    def _flush(self) -> None:
+        pend = self._pend
+        stats = self._counters.stats
+        for i, v in enumerate(pend):
+            if v:
+                stats[i] += v
+                pend[i] = 0
+
+    # --- frames -----------------------------------------------------------
+
+    def process(self, batch: tables.Batch, now: float) -> int:
+        now = float(now)
+        tx = 0
+        try:
+            for i in range(batch.count):
+                n = min(int(batch.length[i]), batch.buf.shape[1])
+                self._pend[_RX] += 1
+                verdict, out_port = self._frame(batch.buf[i].data, n, int(batch.in_port[i]), now)
+                batch.verdict[i] = verdict
+                if verdict == V_TX:
+                    batch.out_port[i] = out_port
+                    self._pend[_TX] += 1
+                    tx += 1
+        finally:
+            self._flush()
+        return tx
+
+    def _frame(self, f: memoryview, n: int, in_port: int, now: float) -> tuple[int, int]:
+        pend = self._pend
+        # 1-2: Ethernet.
+        if n < IP:
+            pend[_DROP_TRUNCATED] += 1
+            return V_DROP, 0
+        if f[ETH + 12] != 0x08 or f[ETH + 13] != 0x00:
+            pend[_PASS_NOT_IPV4] += 1
+            return V_PASS, 0
+        # 3: IPv4 header.
+        avail = n - IP
+        if avail < 20:
+            pend[_DROP_TRUNCATED] += 1
+            return V_DROP, 0
+        vihl = f[IP]
+        ihl = (vihl & 0x0F) * 4
+        totlen = f[IP + 2] << 8 | f[IP + 3]
+        if vihl >> 4 != 4 or ihl < 20 or ihl > avail or totlen < ihl or totlen > avail:
+            pend[_DROP_BAD_IP] += 1
+            return V_DROP, 0
+        if ihl > 20:
+            pend[_IP_OPTIONS] += 1
+        # 4: fragments (MF or a fragment offset).
+        if (f[IP + 6] << 8 | f[IP + 7]) & 0x3FFF:
+            pend[_DROP_FRAGMENT] += 1
+            return V_DROP, 0
+        # 5: protocol.
+        proto = f[IP + 9]
+        if proto != TCP and proto != UDP:
+            pend[_PASS_NOT_OURS] += 1
+            return V_PASS, 0
+        # 6: L4 header, within the IP packet (not the frame: padding is no payload).
+        l4 = IP + ihl
+        plen = totlen - ihl
+        if proto == TCP:
+            if plen < 20:
+                pend[_DROP_BAD_L4] += 1
+                return V_DROP, 0
+            doff = (f[l4 + 12] >> 4) * 4
+            if doff < 20 or doff > plen:
+                pend[_DROP_BAD_L4] += 1
+                return V_DROP, 0
+            tcp_flags = f[l4 + 13]
+        else:
+            if plen < 8 or (f[l4 + 4] << 8 | f[l4 + 5]) != plen:
+                pend[_DROP_BAD_L4] += 1
+                return V_DROP, 0
+            tcp_flags = 0
+        saddr = int.from_bytes(f[IP + 12:IP + 16], "big")
+        daddr = int.from_bytes(f[IP + 16:IP + 20], "big")
+        sport = f[l4] << 8 | f[l4 + 1]
+        dport = f[l4 + 2] << 8 | f[l4 + 3]
+
+        # 7: conn lookup.
+        key = (proto, saddr, sport, daddr, dport)
+        hit = self._lookup(key, now)
+        if hit is None:
+            # 8: a new conn, if a service wants it.
+            svc = self._svc_by_key.get((proto, daddr, dport))
+            if svc is None:
+                pend[_PASS_NOT_OURS] += 1
+                return V_PASS, 0
+            if proto == TCP and (not tcp_flags & _TCP_SYN or tcp_flags & (_TCP_ACK | _TCP_RST)):
+                pend[_DROP_NO_CONN] += 1
+                return V_DROP, 0
+            try:
+                d = operator.index(self._schedule(svc, saddr, sport))
+            except Exception as exc:  # reported, never propagated (as the C upcall)
+                _report_unraisable(exc, self._schedule)
+                pend[_SCHED_ERRORS] += 1
+                return V_DROP, 0
+            dests = self._dests
+            if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
+                pend[_DROP_NO_DEST] += 1
+                return V_DROP, 0
+            dest = dests[d]
+            out_key = (proto, dest[0], dest[1], saddr, sport)
+            if out_key == key or self._lookup(out_key, now) is not None:
+                pend[_DROP_CONFLICT] += 1
+                return V_DROP, 0
+            if self._count >= self._capacity:
+                pend[_DROP_TABLE_FULL] += 1
+                return V_DROP, 0
+            c = _Conn()
+            c.proto, c.caddr, c.cport, c.vaddr, c.vport = proto, saddr, sport, daddr, dport
+            c.daddr, c.dport = dest[0], dest[1]
+            c.state = states.NONE
+            c.expires = now + self._timeouts[states.NONE]
+            c.fwd, c.dest, c.svc = dest[4], d, svc
+            c.cmac = bytes(f[ETH + 6:ETH + 12])
+            c.lmac = bytes(f[ETH:ETH + 6])
+            c.in_port = in_port
+            c.in_key, c.out_key = key, out_key
+            c.slot = self._free.pop()
+            self._slots[c.slot] = c
+            self._index[key] = (c, states.INPUT)
+            self._index[out_key] = (c, states.OUTPUT)
+            self._count += 1
+            pend[_CONNS_CREATED] += 1
+            cnt = self._counters
+            cnt.dest_conns[d, tables.INACTIVE] += 1
+            cnt.svc_stats[svc, tables.STAT_CONNS] += 1
+            cnt.dest_stats[d, tables.STAT_CONNS] += 1
+            hit = (c, states.INPUT)
+
+        c, direction = hit
+        cnt = self._counters
+        if direction == states.INPUT:
+            # 9: client -> real server.
+            dests = self._dests
+            if c.dest >= len(dests) or not dests[c.dest][5] & tables.DEST_F_USED or dests[c.dest][2] != c.svc:
+                pend[_DROP_DEST_GONE] += 1
+                return V_DROP, 0
+            if c.fwd != tables.FWD_MASQ:
+                pend[_DROP_FWD_METHOD] += 1
+                return V_DROP, 0
+            dest = dests[c.dest]
+            cnt.svc_stats[c.svc, tables.STAT_INPKTS] += 1
+            cnt.svc_stats[c.svc, tables.STAT_INBYTES] += totlen
+            cnt.dest_stats[c.dest, tables.STAT_INPKTS] += 1
+            cnt.dest_stats[c.dest, tables.STAT_INBYTES] += totlen
+            self._set_state(c, direction, proto, tcp_flags, now)
+            if not dest[5] & tables.DEST_F_RESOLVED:
+                pend[_DROP_UNRESOLVED] += 1
+                return V_DROP, 0
+            # Rewrite daddr:dport, then the MACs toward the real server.
+            old_addr, new_addr, addr_at = daddr, c.daddr, IP + 16
+            old_port, new_port, port_at = dport, c.dport, l4 + 2
+            f[ETH:ETH + 6] = dest[7]
+            f[ETH + 6:ETH + 12] = dest[8]
+            out_port = dest[6]
+        else:
+            # 10: real server -> client.
+            cnt.svc_stats[c.svc, tables.STAT_OUTPKTS] += 1
+            cnt.svc_stats[c.svc, tables.STAT_OUTBYTES] += totlen
+            cnt.dest_stats[c.dest, tables.STAT_OUTPKTS] += 1
+            cnt.dest_stats[c.dest, tables.STAT_OUTBYTES] += totlen
+            self._set_state(c, direction, proto, tcp_flags, now)
+            old_addr, new_addr, addr_at = saddr, c.vaddr, IP + 12
+            old_port, new_port, port_at = sport, c.vport, l4
+            f[ETH:ETH + 6] = c.cmac
+            f[ETH + 6:ETH + 12] = c.lmac
+            out_port = c.in_port
+
+        f[addr_at:addr_at + 4] = new_addr.to_bytes(4, "big")
+        f[port_at:port_at + 2] = new_port.to_bytes(2, "big")
+        # 12: checksums.
+        hc = f[IP + 10] << 8 | f[IP + 11]
+        f[IP + 10:IP + 12] = update32(hc, old_addr, new_addr).to_bytes(2, "big")
+        csum_at = l4 + (16 if proto == TCP else 6)
+        vflags, gso_type = f[0], f[1]
+        if vflags & tables.VNET_F_NEEDS_CSUM and gso_type != tables.VNET_GSO_NONE:
+            # The field is the pseudo-header sum; ports are not in it.
+            partial = f[csum_at] << 8 | f[csum_at + 1]
+            f[csum_at:csum_at + 2] = sum_update32(partial, old_addr, new_addr).to_bytes(2, "big")
+            pend[_GSO_FRAMES] += 1
+        elif vflags & tables.VNET_F_NEEDS_CSUM:
+            f[csum_at:csum_at + 2] = b"\0\0"
+            new_saddr = int.from_bytes(f[IP + 12:IP + 16], "big")
+            new_daddr = int.from_bytes(f[IP + 16:IP + 20], "big")
+            s = pseudo_header_sum(new_saddr, new_daddr, proto, plen) + ones_sum(f[l4:l4 + plen])
+            full = ~fold(s) & 0xFFFF
+            if proto == UDP and full == 0:
+                full = 0xFFFF
+            f[csum_at:csum_at + 2] = full.to_bytes(2, "big")
+            f[0] = 0
+            pend[_CSUM_PARTIAL_FIXED] += 1
+        else:
+            check = f[csum_at] << 8 | f[csum_at + 1]
+            if not (proto == UDP and check == 0):
+                check = update16(update32(check, old_addr, new_addr), old_port, new_port)
+                if proto == UDP and check == 0:
+                    check = 0xFFFF
+                f[csum_at:csum_at + 2] = check.to_bytes(2, "big")
+        return V_TX, out_port
+
+    def _set_state(self, c: _Conn, direction: int, proto: int, tcp_flags: int, now: float) -> None:
+        """11: the state transition, the active/inactive count, the new expiry."""
+        if proto == TCP:
+            old = c.state
+            if tcp_flags & _TCP_RST:
+                ev = states.EV_RST
+            elif tcp_flags & _TCP_SYN:
+                ev = states.EV_SYN
+            elif tcp_flags & states.TCP_FIN:
+                ev = states.EV_FIN
+            elif tcp_flags & _TCP_ACK:
+                ev = states.EV_ACK
+            else:
+                ev = -1
+            new = self._trans[direction][ev][old] if ev >= 0 else old
+            was_active = old == states.ESTABLISHED
+            is_active = new == states.ESTABLISHED
+            if was_active != is_active:
+                dc = self._counters.dest_conns
+                if is_active:
+                    dc[c.dest, tables.ACTIVE] += 1
+                    dc[c.dest, tables.INACTIVE] -= 1
+                else:
+                    dc[c.dest, tables.ACTIVE] -= 1
+                    dc[c.dest, tables.INACTIVE] += 1
+            c.state = new
+        else:
+            c.state = states.UDP_STATE
+        c.expires = now + self._timeouts[c.state]

@@ -1,0 +1,30 @@
+"""Weighted least connection (``-s wlc``, the default), as ip_vs_wlc.c.
+
+Pick the dest with the least overhead / weight, where overhead =
+activeconns * 256 + inactconns. Ratios are compared by cross-multiplying
+(h1 * w2 > h2 * w1) so no division is needed; dests of weight 0 are skipped
+and the first dest in list order wins a tie.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .base import SchedDest, Scheduler, overhead, register
+
+
+@register("wlc")
+class WeightedLeastConnection(Scheduler):
+    def schedule(self, dests: Sequence[SchedDest], conns: np.ndarray,
+                 caddr: int, cport: int) -> SchedDest | None:
+        least = None
+        loh = 0
+        for d in dests:
+            if d.weight <= 0:
+                continue
+            doh = overhead(conns, d.slot)
+            if least is None or loh * d.weight > doh * least.weight:
+                least, loh = d, doh
+        return least
