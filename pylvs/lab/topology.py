@@ -357,6 +357,60 @@ class Lab:
                 raise LabError(f"httpd in {name} did not become ready: "
                                f"{log.read_text(errors='replace')[-2000:]}")
 
+    # --- the director (pylvs run / pylvs adm) ---------------------------------
+
+    def pylvs_argv(self, *args: str) -> list[str]:
+        # `python -m` rather than the console script: works from a checkout
+        # whether or not the package is installed in the interpreter's env.
+        return [self.python, "-m", "pylvs.cli.main", *args]
+
+    def start_director(self, *extra: str, timeout: float = 20.0,
+                       taskset: str | None = None) -> subprocess.Popen:
+        """Start `pylvs run` in the director namespace; wait for "ready"."""
+        log = self.log_path("director")
+        argv = self.pylvs_argv("run", "--iface", "eth0", "--iface", "eth1", *extra)
+        if taskset:
+            argv = ["taskset", "-c", taskset, *argv]
+        with open(log, "wb") as err:
+            p = self.popen(self.director, argv, key="director", stdout=err, stderr=err,
+                           stdin=subprocess.DEVNULL, cwd=_repo_root(),
+                           start_new_session=True)
+        if not wait_for_file(log, "ready", timeout, proc=p):
+            text = log.read_text(errors="replace")[-3000:]
+            self.stop_director()
+            raise LabError(f"pylvs run did not log 'ready' within {timeout}s:\n{text}")
+        return p
+
+    def director_log(self) -> str:
+        try:
+            return self.log_path("director").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop_director(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM `pylvs run`; returns its exit status (None if not running)."""
+        p = self.procs.pop("director", None)
+        if p is None:
+            return None
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        self._write_record()
+        return p.returncode
+
+    def adm(self, *args: str, check: bool = True, timeout: float = 15.0) -> str:
+        """`pylvs adm ARGS` in the director namespace; its stdout."""
+        p = self.run(self.director, self.pylvs_argv("adm", *args), timeout=timeout,
+                     check=False, cwd=_repo_root())
+        if check and p.returncode != 0:
+            raise LabError(f"pylvs adm {' '.join(args)} failed ({p.returncode}): "
+                           f"{p.stderr.strip()} {p.stdout.strip()}")
+        return p.stdout
+
     # --- tearing down --------------------------------------------------------
 
     def down(self) -> list[str]:
@@ -470,6 +524,25 @@ def wait_for_line(p: subprocess.Popen, needle: str, timeout: float,
         if needle.encode() in buf:
             return True
         buf = buf[-4096:]
+
+
+def wait_for_file(path: Path, needle: str, timeout: float,
+                  proc: subprocess.Popen | None = None) -> bool:
+    """Poll a log file until it contains needle; False on timeout or exit."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    while time.monotonic() < deadline:
+        try:
+            if needle in path.read_text(errors="replace"):
+                return True
+        except OSError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            try:
+                return needle in path.read_text(errors="replace")
+            except OSError:
+                return False
+        time.sleep(0.05)
+    return False
 
 
 # --- records: listing and destroying labs by name -------------------------------
