@@ -1,0 +1,1 @@
+"""pylvs benchmarks: ``python -m bench NAME [--json PATH]`` (engine, e2e)."""

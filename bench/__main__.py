@@ -1,0 +1,104 @@
+"""python -m bench NAME [--json PATH] [options]
+
+Runs one benchmark, prints a table and, with --json, writes
+``{"bench": NAME, "results": [{"scenario", "impl", "pps", "ns_per_packet", ...}]}``
+and a PNG plot next to it (same name, .png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+BENCHES = ("engine", "e2e")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("name", choices=BENCHES)
+    ap.add_argument("--json", type=Path, help="write results here (and a .png plot beside it)")
+    ap.add_argument("--runs", type=int, default=None, help="repetitions (median is quoted)")
+    ap.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
+    args, rest = ap.parse_known_args(argv)
+
+    mod = importlib.import_module(f"bench.{args.name}")
+    doc = mod.run(rest, runs=args.runs, quick=args.quick)
+    doc = {"bench": args.name, **doc}
+    doc.setdefault("meta", {}).update({
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "kernel": platform.release(),
+        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    })
+    print_table(doc)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        png = args.json.with_suffix(".png")
+        try:
+            plot(doc, png)
+            print(f"wrote {args.json} and {png}")
+        except ImportError:
+            print(f"wrote {args.json} (matplotlib missing: no plot)")
+    return 0 if all("error" not in r for r in doc["results"]) else 1
+
+
+def _fmt_pps(v) -> str:
+    if v is None:
+        return "-"
+    if v >= 1e6:
+        return f"{v / 1e6:.2f} M"
+    if v >= 1e3:
+        return f"{v / 1e3:.1f} k"
+    return f"{v:.0f}"
+
+
+def print_table(doc: dict) -> None:
+    rows = doc["results"]
+    print(f"\nbench {doc['bench']}")
+    print(f"{'scenario':<22} {'impl':<12} {'pps (median)':>14} {'ns/packet':>10} {'runs':>5}  notes")
+    for r in rows:
+        ns = r.get("ns_per_packet")
+        notes = []
+        if "ratio" in r:
+            notes.append(f"ratio {r['ratio_of']} = {r['ratio']:.2f}")
+        if "error" in r:
+            notes.append(f"error: {r['error']}")
+        print(f"{r['scenario']:<22} {r['impl']:<12} {_fmt_pps(r.get('pps')):>14} "
+              f"{'-' if ns is None else f'{ns:.0f}':>10} {r.get('runs', '-'):>5}  {'; '.join(notes)}")
+    for line in doc.get("summary", []):
+        print(line)
+
+
+def plot(doc: dict, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["results"] if r.get("pps")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"{r['scenario']}\n{r['impl']}" for r in rows]
+    med = [r["pps"] for r in rows]
+    ax.bar(range(len(rows)), med, color=["C0" if i % 2 == 0 else "C1" for i in range(len(rows))])
+    for i, r in enumerate(rows):
+        samples = r.get("samples") or []
+        ax.scatter([i] * len(samples), samples, color="k", s=8, zorder=3)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels)
+    ax.set_ylabel("packets per second (median; dots: runs)")
+    if rows and max(med) / max(min(med), 1) > 30:
+        ax.set_yscale("log")
+    ax.set_title(f"pylvs bench {doc['bench']} ({doc.get('meta', {}).get('when', '')})")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
