@@ -1,0 +1,277 @@
+"""End to end: real clients, a real pylvs director, real servers, VS-NAT.
+
+Every test builds its own lab (pylvs/lab/topology.py) with a unique prefix,
+starts `pylvs run` in the director namespace, configures it with `pylvs adm`
+and talks HTTP (curl) or UDP from the client namespace to the VIP. The
+fixture removes the lab even when the test fails.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from pylvs.lab.httpd import content
+from pylvs.lab.topology import Lab, netns_exists, wait_for_file
+
+pytestmark = pytest.mark.netns
+
+VPORT = 80
+
+
+def _director_lab(uid: str, ip_forward: int = 0):
+    lab = Lab(f"pl{uid}", servers=3, ip_forward=ip_forward)
+    lab.up()
+    try:
+        lab.start_director()
+        yield lab
+    finally:
+        # Shown by pytest only when the test failed.
+        print(f"--- director log ({lab.name}) ---\n{lab.director_log()[-6000:]}")
+        lab.stop_director()
+        errors = lab.down()
+        assert not errors, errors
+        assert not any(netns_exists(ns) for ns in lab.namespaces)
+
+
+@pytest.fixture
+def lab(uid):
+    yield from _director_lab(uid)
+
+
+@pytest.fixture(params=[0, 1], ids=["ip_forward=0", "ip_forward=1"])
+def lab_fwd(uid, request):
+    yield from _director_lab(uid, request.param)
+
+
+def add_service(lab: Lab, weights, sched: str = "wlc", proto: str = "-t",
+                port: int = VPORT) -> str:
+    vip = f"{lab.vip}:{port}"
+    lab.adm("-A", proto, vip, "-s", sched)
+    for rip, w in zip(lab.rips, weights):
+        lab.adm("-a", proto, vip, "-r", f"{rip}:{port}", "-m", "-w", str(w))
+    return vip
+
+
+def whoami_many(lab: Lab, n: int) -> list[str]:
+    """n sequential requests, one TCP connection each; the answering rs names."""
+    url = f"http://{lab.vip}:{VPORT}/whoami"
+    argv = ["curl", "-s", "--noproxy", "*", "--connect-timeout", "3", "--max-time", "5",
+            "-H", "Connection: close", *([url] * n)]
+    p = lab.run(lab.client, argv, timeout=30 + n * 0.2, check=False)
+    return [x.strip() for x in p.stdout.splitlines() if x.strip()]
+
+
+def parse_listing(text: str) -> dict[str, list[str]]:
+    """`pylvs adm -L -n [--stats]` dest lines: {"rip:port": [columns after it]}."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "->" and parts[1][0].isdigit():
+            out[parts[1]] = parts[2:]
+    return out
+
+
+def _num(s: str) -> int:
+    mult = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    return int(s[:-1]) * mult[s[-1]] if s[-1] in mult else int(s)
+
+
+# --- data through the VIP ------------------------------------------------------
+
+
+SIZES = [1, 1024, 64 * 1024, 1 << 20, 10 << 20]
+
+
+def test_http_payloads_byte_for_byte(lab_fwd: Lab, tmp_path):
+    lab = lab_fwd
+    add_service(lab, (1, 1, 1))
+    for n in SIZES:
+        out = tmp_path / f"bytes-{n}"
+        hdr = tmp_path / f"hdr-{n}"
+        p = lab.curl(f"/bytes/{n}", "-o", str(out), "-D", str(hdr), "-w", "%{http_code}",
+                     max_time=60, check=False)
+        assert p.returncode == 0, f"{n} bytes: curl rc {p.returncode}: {p.stderr}"
+        assert p.stdout.strip() == "200", f"{n} bytes: HTTP {p.stdout!r}"
+        got = out.read_bytes()
+        assert len(got) == n, f"{n} bytes: got {len(got)}"
+        want = content(0, n)
+        if got != want:
+            first = next(i for i in range(n) if got[i] != want[i])
+            pytest.fail(f"{n} bytes: first difference at offset {first}")
+    # Several connections, so more than one real server served them.
+    names = whoami_many(lab, 12)
+    assert len(names) == 12
+    assert set(names) <= set(lab.rs_names)
+    assert len(set(names)) == 3, collections.Counter(names)
+
+
+def test_udp_through_vip(lab: Lab):
+    add_service(lab, (1, 1, 1), proto="-u", port=7)
+    p = lab.run(lab.client, [lab.python, "-m", "pylvs.lab.udpping", lab.vip, "7",
+                             "--count", "30", "--timeout", "2"], timeout=90)
+    res = json.loads(p.stdout)
+    answers = res["answers"]
+    lost = [a for a in answers if not a["ok"]]
+    assert not lost, f"{len(lost)} of 30 datagrams unanswered or mangled: {lost[:3]}"
+    # Replies come back from the VIP (NAT reversed), not from a rip.
+    assert {a["from"] for a in answers} == {f"{lab.vip}:7"}
+    counts = collections.Counter(a["server"] for a in answers)
+    # UDP conns are never "active": wlc balances inactive counts, 10 each.
+    assert set(counts) == set(lab.rs_names), counts
+    assert all(5 <= c <= 15 for c in counts.values()), counts
+
+
+# --- scheduling --------------------------------------------------------------
+
+
+def test_wlc_distribution_follows_weights(lab: Lab):
+    """300 sequential short connections with weights 1, 2, 3.
+
+    What wlc really does here: each connection is over before the next
+    starts, so ActiveConn is ~0 at every decision and wlc picks the least
+    InActConn/weight. Finished conns stay in TIME_WAIT (inactive) for 120 s,
+    longer than the test, so the inactive counts accumulate and wlc keeps
+    them proportional to the weights: 50/100/150 up to a conn or two. (If
+    finished conns vanished at once, wlc would degrade to "first dest".)
+    """
+    vip = add_service(lab, (1, 2, 3))
+    n = 300
+    names = whoami_many(lab, n)
+    counts = collections.Counter(names)
+    assert sum(counts.values()) == n, f"only {sum(counts.values())} of {n} answered: {counts}"
+    expect = {"rs1": 50, "rs2": 100, "rs3": 150}
+    for name, want in expect.items():
+        assert abs(counts[name] - want) <= 6, f"{counts} vs {expect}"
+
+    # The counters agree with what the clients saw: one conn per request.
+    stats = parse_listing(lab.adm("-L", "-n", "--stats", "-t", vip))
+    for rip, name in zip(lab.rips, lab.rs_names):
+        cols = stats[f"{rip}:{VPORT}"]
+        assert _num(cols[0]) == counts[name], (rip, cols, counts)
+        assert _num(cols[1]) >= 3 * counts[name]  # SYN, ACK, request, FIN at least
+    listing = parse_listing(lab.adm("-L", "-n", "-t", vip))
+    inact = {rip: int(listing[f"{rip}:{VPORT}"][3]) for rip in lab.rips}
+    # Finished conns linger as inactive: that is what wlc balanced on.
+    assert sum(inact.values()) >= n - 10, inact
+
+
+def test_quiesce_keeps_running_download(lab: Lab, tmp_path):
+    vip = add_service(lab, (1, 1, 1))
+    n = 1536 * 1024
+    out, hdr = tmp_path / "long", tmp_path / "long.hdr"
+    # 300 KB/s: the download lasts about 5 s, long enough to span the change.
+    long = subprocess.Popen(
+        ["ip", "netns", "exec", lab.client,
+         *lab.curl_argv(f"/bytes/{n}", "--limit-rate", "300k", "-o", str(out),
+                        "-D", str(hdr), max_time=40)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_for_file(hdr, "X-Real-Server", 5, proc=long), "long download never started"
+        busy = next(line.split(":", 1)[1].strip() for line in hdr.read_text().splitlines()
+                    if line.lower().startswith("x-real-server:"))
+        rip = lab.rips[lab.rs_names.index(busy)]
+        lab.adm("-e", "-t", vip, "-r", f"{rip}:80", "-m", "-w", "0")
+        listing = parse_listing(lab.adm("-L", "-n", "-t", vip))
+        assert listing[f"{rip}:80"][1] == "0"
+
+        names = whoami_many(lab, 30)
+        assert long.poll() is None, "the long download ended before the new requests"
+        assert len(names) == 30
+        assert busy not in names, collections.Counter(names)
+
+        rc = long.wait(timeout=45)
+        assert rc == 0, long.stderr.read().decode()
+        assert out.read_bytes() == content(0, n)
+    finally:
+        if long.poll() is None:
+            long.kill()
+            long.wait(timeout=5)
+
+
+def test_delete_service_stops_forwarding_and_steering(lab: Lab):
+    vip = add_service(lab, (1, 1, 1))
+    assert len(whoami_many(lab, 6)) == 6
+    assert lab.vip in _steered(lab, "services")
+
+    lab.adm("-D", "-t", vip)
+    p = lab.run(lab.client, lab.curl_argv("/whoami", max_time=3), timeout=10, check=False)
+    assert p.returncode != 0, f"still answered after -D: {p.stdout!r}"
+    assert lab.vip not in _steered(lab, "services")
+    assert not any(rip in _steered(lab, "realservers") for rip in lab.rips)
+    assert "TCP" not in lab.adm("-L", "-n").split("RemoteAddress")[-1]
+
+
+def _steered(lab: Lab, set_name: str) -> str:
+    """Elements of a set of the director's `netdev pylvs` table ('' if none)."""
+    p = lab.run(lab.director, ["nft", "-j", "list", "table", "netdev", "pylvs"], check=False)
+    if p.returncode != 0:
+        return ""  # the whole table is gone: nothing is steered
+    for obj in json.loads(p.stdout)["nftables"]:
+        s = obj.get("set")
+        if s and s.get("name") == set_name:
+            return json.dumps(s.get("elem", []))
+    return ""
+
+
+# --- the director's own stack stays silent -------------------------------------
+
+
+def _snmp(lab: Lab) -> dict[str, int]:
+    text = lab.run(lab.director, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+    out = {}
+    for head, vals in zip(text[::2], text[1::2]):
+        proto, names = head.split(":", 1)
+        _, nums = vals.split(":", 1)
+        for k, v in zip(names.split(), nums.split()):
+            out[f"{proto}.{k}"] = int(v)
+    return out
+
+
+def test_director_stack_sends_no_rst_no_icmp(lab_fwd: Lab, tmp_path):
+    """Normal traffic: the director's kernel neither answers nor forwards.
+
+    pylvs steals the service's frames before the kernel sees them, so the
+    kernel must not send a RST (no listener on VIP:80), an ICMP (port
+    unreachable for UDP, redirects) or forward anything itself (ip_forward=1
+    must change nothing). Checked twice: the director's own SNMP counters,
+    and a capture on all its interfaces.
+    """
+    lab = lab_fwd
+    add_service(lab, (1, 2, 3))
+    add_service(lab, (1, 1, 1), proto="-u", port=7)
+    pcap = tmp_path / "director.pcap"
+    errf = tmp_path / "tcpdump.err"
+    with open(errf, "wb") as err:
+        dump = subprocess.Popen(
+            ["ip", "netns", "exec", lab.director, "tcpdump", "-i", "any", "-n", "-U",
+             "-w", str(pcap), "icmp or (tcp[tcpflags] & tcp-rst != 0)"],
+            stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        assert wait_for_file(errf, "listening on", 10, proc=dump), errf.read_text()
+        before = _snmp(lab)
+        assert len(whoami_many(lab, 100)) == 100
+        p = lab.curl(f"/bytes/{1 << 20}", "-o", str(tmp_path / "mb"), max_time=30)
+        assert (tmp_path / "mb").stat().st_size == 1 << 20, p.stderr
+        u = lab.run(lab.client, [lab.python, "-m", "pylvs.lab.udpping", lab.vip, "7",
+                                 "--count", "20"], timeout=60)
+        assert all(a["ok"] for a in json.loads(u.stdout)["answers"])
+        time.sleep(0.5)  # let late segments (final ACKs) reach the capture
+        after = _snmp(lab)
+    finally:
+        dump.send_signal(signal.SIGINT)
+        try:
+            dump.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            dump.kill()
+            dump.wait(timeout=5)
+    for k in ("Tcp.OutRsts", "Icmp.OutMsgs", "Ip.ForwDatagrams", "Udp.NoPorts"):
+        assert after[k] - before[k] == 0, f"{k} grew by {after[k] - before[k]}"
+    seen = subprocess.run(["tcpdump", "-n", "-r", str(pcap)], capture_output=True,
+                          text=True, timeout=30).stdout
+    assert seen.strip() == "", f"RST/ICMP on the director's interfaces:\n{seen[:3000]}"
