@@ -54,6 +54,10 @@ class Resolver:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.errors = 0
+        # The namespace's own IPv4 addresses, refreshed by the thread: the
+        # steering rules must not steal replies addressed to the director.
+        self.local: frozenset[str] = frozenset()
+        self.on_local_change: Optional[Callable[[frozenset[str]], None]] = None
 
     # --- any thread ---------------------------------------------------------
 
@@ -112,6 +116,7 @@ class Resolver:
                 todo = wanted if now - last_refresh >= self.refresh else missing
                 if todo is wanted:
                     last_refresh = now
+                    self._refresh_local(ipr)
                 for daddr in todo:
                     try:
                         ans = self._lookup(ipr, daddr, poke=True)
@@ -125,6 +130,24 @@ class Resolver:
                 self._wake.clear()
         finally:
             ipr.close()
+
+    def _refresh_local(self, ipr) -> None:
+        try:
+            addrs = frozenset(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+                              for a in ipr.get_addr(family=2))
+        except Exception as e:
+            self.errors += 1
+            log.warning("listing local addresses failed: %s", e)
+            return
+        if addrs == self.local:
+            return
+        self.local = addrs
+        cb = self.on_local_change
+        if cb is not None:
+            try:
+                cb(addrs)
+            except Exception:
+                log.exception("on_local_change callback failed")
 
     def _store(self, daddr: int, ans: Answer | None) -> None:
         with self._lock:

@@ -1,0 +1,43 @@
+"""The `pylvs` command: `run` (the director), `adm` (ipvsadm), `lab` (namespaces)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "run": ("pylvs.runtime.daemon", "run the director"),
+    "adm": ("pylvs.cli.adm", "ipvsadm-compatible control of a running director"),
+    "lab": ("pylvs.cli.lab", "network-namespace labs"),
+}
+
+USAGE = "usage: pylvs {run,adm,lab} [args...]\n\n" + "".join(
+    f"  {name:<5} {what}\n" for name, (_, what) in COMMANDS.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        sys.stderr.write(f"pylvs: unknown command {name!r}\n{USAGE}")
+        return 2
+    modname = COMMANDS[name][0]
+    # Lazy: one missing or broken subcommand must not take the others down.
+    try:
+        mod = importlib.import_module(modname)
+    except ImportError as e:
+        sys.stderr.write(f"pylvs {name}: not available ({modname}: {e})\n")
+        return 2
+    entry = getattr(mod, "main", None)
+    if entry is None:
+        sys.stderr.write(f"pylvs {name}: {modname} has no main()\n")
+        return 2
+    rc = entry(rest)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

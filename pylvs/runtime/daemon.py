@@ -1,0 +1,313 @@
+"""`pylvs run`: the director process.
+
+Two threads share the work:
+
+- the data thread runs the engine over the backend (``forward``) and the
+  conn expiry clock hand, with new tables swapped in between calls;
+- the main thread runs the control plane on uvloop: the RPC server for
+  ``pylvs adm`` and the Balancer, whose every change is *published*: new
+  engine tables, a new socket filter, new steering sets.
+
+Neighbour resolution runs in a third thread (pyroute2 stays off uvloop) and
+wakes the Balancer when a real server's MAC becomes known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..engine import tables
+
+log = logging.getLogger("pylvs")
+
+IFF_UP = 0x1
+ARPHRD_ETHER = 1
+
+
+def default_interfaces() -> list[str]:
+    """Every Ethernet interface of this namespace that is up (loopback excluded)."""
+    out = []
+    for name in sorted(os.listdir("/sys/class/net")):
+        base = f"/sys/class/net/{name}"
+        try:
+            with open(f"{base}/type") as f:
+                kind = int(f.read())
+            with open(f"{base}/flags") as f:
+                flags = int(f.read(), 16)
+        except (OSError, ValueError):
+            continue
+        if kind == ARPHRD_ETHER and flags & IFF_UP:
+            out.append(name)
+    return out
+
+
+def local_addresses() -> frozenset[str]:
+    """The namespace's IPv4 addresses. Called before the event loop starts."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return frozenset(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+                         for a in ipr.get_addr(family=socket.AF_INET))
+
+
+def notify_ready() -> None:
+    """sd_notify(READY=1) when started by systemd (Type=notify)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(b"READY=1")
+    except OSError as e:
+        log.warning("could not notify %s: %s", os.environ["NOTIFY_SOCKET"], e)
+
+
+@dataclass
+class Options:
+    ifaces: list[str] = field(default_factory=list)
+    control: str | None = None
+    config: str | None = None
+    capacity: int = 1 << 16
+    engine: str = "c"
+    poll_timeout: float = 0.02   # the data thread's longest sleep
+    expire_budget: int = 512     # conn slots the clock hand visits per loop
+
+
+class Daemon:
+    """The director process; ``run()`` returns the exit status."""
+
+    def __init__(self, opts: Options, *, backend=None, steering=None, resolver=None):
+        self.opts = opts
+        self.ifaces = opts.ifaces or default_interfaces()
+        if not self.ifaces:
+            raise SystemExit("pylvs run: no interface is up in this network namespace; use --iface")
+        self._backend, self._steering, self._resolver = backend, steering, resolver
+        self._pending: tuple | None = None
+        self._pending_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._data_error: BaseException | None = None
+        self._services = tables.empty_services(0)
+        self._dests = tables.empty_dests(0)
+        self._local: frozenset[str] = frozenset()
+        self.loops = 0
+
+    # --- publishing tables (control thread) ---------------------------------
+
+    def publish(self, services, dests) -> None:
+        """The Balancer's publish callback: one consistent change everywhere.
+
+        The engine gets the tables first (between two data-thread calls), so
+        by the time the filter and steering send a new service's frames to
+        user space, the engine knows the service.
+        """
+        self._services, self._dests = services, dests
+        with self._pending_lock:
+            self._pending = (services, dests)
+        self.backend.set_filter(services, dests)
+        self.steering.apply(services, dests, self._local)
+
+    def _local_changed(self, addrs: frozenset[str]) -> None:
+        # Resolver thread: hand over to the event loop.
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._apply_local, addrs)
+
+    def _apply_local(self, addrs: frozenset[str]) -> None:
+        if addrs != self._local:
+            self._local = addrs
+            log.info("local addresses: %s", ", ".join(sorted(addrs)) or "none")
+            self.steering.apply(self._services, self._dests, addrs)
+
+    # --- the data thread ----------------------------------------------------
+
+    def _data_loop(self) -> None:
+        engine, backend = self.engine, self.backend
+        timeout, budget = self.opts.poll_timeout, self.opts.expire_budget
+        try:
+            while not self._stop.is_set():
+                if self._pending is not None:
+                    with self._pending_lock:
+                        pending, self._pending = self._pending, None
+                    engine.set_tables(*pending)
+                backend.forward(engine, time.monotonic(), timeout)
+                engine.expire(time.monotonic(), budget)
+                self.loops += 1
+        except BaseException as e:  # surfaced by run(): the director must not limp on
+            self._data_error = e
+            log.exception("data thread failed")
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._stop_event.set)
+
+    # --- start-up and shut-down --------------------------------------------
+
+    def _build(self) -> None:
+        from ..engine import new_engine
+        from ..io.afpacket import AfPacketBackend
+
+        self.counters = tables.Counters()
+        if self._backend is None:
+            self._backend = AfPacketBackend(self.ifaces)
+        self.backend = self._backend
+        if self._resolver is None:
+            from ..control.neighbors import Resolver
+            self._resolver = Resolver(self.backend.ports)
+        self.resolver = self._resolver
+        if self._steering is None:
+            from ..control.steering import Steering
+            self._steering = Steering([p.name for p in self.backend.ports])
+        self.steering = self._steering
+        try:
+            from ..control.balancer import Balancer
+        except ImportError as e:
+            raise SystemExit(f"pylvs run: the control plane is missing ({e})") from e
+        self.balancer = Balancer(self.counters, resolver=self.resolver, publish=self.publish)
+        self.engine = new_engine(self.opts.engine, self.opts.capacity,
+                                 counters=self.counters, schedule=self.balancer.schedule)
+        # A resolved MAC changes the dest table: the Balancer re-publishes.
+        refresh = (getattr(self.balancer, "on_resolved", None)
+                   or getattr(self.balancer, "refresh", None))
+        if refresh is not None:
+            self.resolver.on_change = lambda daddr: self._call_in_loop(refresh, daddr)
+        self.resolver.on_local_change = self._local_changed
+
+    def _call_in_loop(self, fn, *args) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def call():
+            try:
+                r = fn(*args) if _takes_args(fn, len(args)) else fn()
+                if inspect.isawaitable(r):
+                    asyncio.ensure_future(r)
+            except Exception:
+                log.exception("%s failed", getattr(fn, "__name__", fn))
+
+        loop.call_soon_threadsafe(call)
+
+    async def _apply_config(self) -> None:
+        path = self.opts.config
+        if not path:
+            return
+        from ..cli import adm
+
+        with open(path) as f:
+            text = f.read()
+        ops = adm.parse_restore(text)
+        for op in ops:
+            r = self.balancer.apply(op)
+            if inspect.isawaitable(r):
+                await r
+        log.info("applied %d rules from %s", len(ops), path)
+
+    async def _main(self) -> int:
+        from ..control import rpc
+
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._stop_event.set)
+
+        path = self.opts.control or rpc.default_path()
+        server = await rpc.start_server(path, self.balancer)
+        data = threading.Thread(target=self._data_loop, name="pylvs-data", daemon=True)
+        data.start()
+        self.resolver.start()
+        try:
+            await self._apply_config()
+            log.info("ready: %d port(s) %s, engine %s, control %s",
+                     len(self.backend.ports), " ".join(p.name for p in self.backend.ports),
+                     self.opts.engine, path)
+            notify_ready()
+            await self._stop_event.wait()
+        finally:
+            log.info("stopping")
+            self._stop.set()
+            close = getattr(server, "close", None)
+            if close is not None:
+                close()
+                wait_closed = getattr(server, "wait_closed", None)
+                if wait_closed is not None:
+                    try:
+                        await asyncio.wait_for(wait_closed(), 2)
+                    except (asyncio.TimeoutError, Exception):
+                        pass
+            await asyncio.get_running_loop().run_in_executor(None, data.join, 5)
+        return 1 if self._data_error else 0
+
+    def run(self) -> int:
+        self._loop = None
+        self._local = local_addresses()
+        try:
+            self._build()
+            # The table goes in before any socket reads: a stale table from a
+            # crashed run is replaced here.
+            self.steering.apply(self._services, self._dests, self._local)
+            try:
+                import uvloop
+                runner = uvloop.run
+            except ImportError:
+                runner = asyncio.run
+            return runner(self._main())
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._stop.set()
+        for what, meth in (("steering", "remove"), ("resolver", "close"), ("backend", "close")):
+            obj = getattr(self, "_" + what, None)
+            if obj is None:
+                continue
+            try:
+                getattr(obj, meth)()
+            except Exception as e:
+                log.error("closing %s: %s", what, e)
+        log.info("stopped")
+
+
+def _takes_args(fn, n: int) -> bool:
+    try:
+        inspect.signature(fn).bind(*range(n))
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from ..engine import DEFAULT_CAPACITY, IMPLS
+
+    ap = argparse.ArgumentParser(prog="pylvs run", description="Run the pylvs director.")
+    ap.add_argument("--iface", action="append", default=[], metavar="IF",
+                    help="interface to serve (repeat); default: every interface that is up")
+    ap.add_argument("--control", metavar="PATH", help="control socket (default: per namespace)")
+    ap.add_argument("-c", "--config", metavar="FILE", help="ipvsadm -S rules to apply at start")
+    ap.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="max conns")
+    ap.add_argument("--engine", choices=IMPLS, default="c", help="data path engine")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s pylvs[%(process)d] %(levelname)s %(message)s")
+    opts = Options(ifaces=a.iface, control=a.control, config=a.config,
+                   capacity=a.capacity, engine=a.engine)
+    try:
+        return Daemon(opts).run()
+    except SystemExit:
+        raise
+    except Exception as e:
+        log.error("%s", e)
+        log.debug("details", exc_info=True)
+        return 1
