@@ -196,7 +196,7 @@ def pack(prog: list[Insn]) -> bytes:
 def run(prog: list[Insn], pkt: bytes) -> int:
     """Interpret a program on a packet the way the kernel does (the subset
     used here plus the usual loads); returns the accept length (0 = drop)."""
-    A = X = 0
+    acc = idx = 0
     mem = [0] * 16
     pc = 0
     n = len(pkt)
@@ -218,33 +218,33 @@ def run(prog: list[Insn], pkt: bytes) -> int:
                     return 0
                 v = (pkt[k] & 0x0F) * 4
             else:
-                off = k + (X if mode == IND else 0)
+                off = k + (idx if mode == IND else 0)
                 if off + width > n:
                     return 0  # out of bounds: the kernel drops the packet
                 v = int.from_bytes(pkt[off:off + width], "big")
             if cls == LD:
-                A = v
+                acc = v
             else:
-                X = v
+                idx = v
         elif cls == ST:
-            mem[k] = A
+            mem[k] = acc
         elif cls == STX:
-            mem[k] = X
+            mem[k] = idx
         elif cls == JMP:
             op = code & 0xF0
-            src = X if code & X else k
+            src = idx if code & X else k
             if op == JA:
                 pc += k
                 continue
-            cond = {JEQ: A == src, JGT: A > src, JGE: A >= src, JSET: bool(A & src)}[op]
+            cond = {JEQ: acc == src, JGT: acc > src, JGE: acc >= src, JSET: bool(acc & src)}[op]
             pc += jt if cond else jf
         elif cls == RET:
-            return A if code & 0x18 == RET_A else k
+            return acc if code & 0x18 == RET_A else k
         elif cls == MISC:
             if code & 0xF8 == 0:  # TAX
-                X = A
+                idx = acc
             else:
-                A = X
+                acc = idx
         elif cls == ALU:
             raise NotImplementedError("ALU not used by these programs")
     raise AssertionError("program ran off its end")
