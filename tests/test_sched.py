@@ -1,0 +1,211 @@
+"""The schedulers rr, wrr, lc and wlc, with kernel semantics."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from pylvs import sched
+
+
+@dataclass
+class Dest:
+    slot: int
+    weight: int
+
+
+def dests(*weights: int, slots=None) -> list[Dest]:
+    slots = slots or range(len(weights))
+    return [Dest(s, w) for s, w in zip(slots, weights)]
+
+
+def conns(rows: dict[int, tuple[int, int]], n: int = 16) -> np.ndarray:
+    a = np.zeros((n, 2), dtype=np.int32)
+    for slot, (active, inactive) in rows.items():
+        a[slot] = (active, inactive)
+    return a
+
+
+def picks(s: sched.Scheduler, ds: list[Dest], n: int, c=None) -> str:
+    c = conns({}) if c is None else c
+    out = []
+    for _ in range(n):
+        d = s.schedule(ds, c, 0x0A000002, 1000)
+        out.append("-" if d is None else "ABCDEFGH"[ds.index(d)])
+    return "".join(out)
+
+
+def test_registry():
+    assert {"rr", "wrr", "lc", "wlc"} <= set(sched.names())
+    assert sched.get("wlc").name == "wlc"
+    assert sched.DEFAULT == "wlc"
+    for name in ("rr", "wrr", "lc", "wlc"):
+        module = sys.modules[sched.get(name).__module__]
+        assert module.__name__.endswith("." + name) and module.__doc__, f"{name}.py must state its formula"
+
+
+# --- rr -----------------------------------------------------------------------
+
+def test_rr_order():
+    assert picks(sched.get("rr")(), dests(1, 1, 1), 7) == "ABCABCA"
+
+
+def test_rr_ignores_weight_but_skips_zero():
+    assert picks(sched.get("rr")(), dests(5, 0, 1), 5) == "ACACA"
+
+
+def test_rr_none_when_all_quiesced_or_empty():
+    s = sched.get("rr")()
+    assert picks(s, dests(0, 0), 2) == "--"
+    assert s.schedule([], conns({}), 0, 0) is None
+
+
+def test_rr_keeps_its_turn_across_updates():
+    s = sched.get("rr")()
+    ds = dests(1, 1, 1, 1)
+    assert picks(s, ds, 2) == "AB"
+    ds2 = [ds[0], ds[2], ds[3]]          # B (the last pick) deleted
+    s.update(ds2)
+    assert picks(s, ds2, 3) == "BCA"     # C, D, A of the old names
+    ds3 = ds2 + [Dest(9, 1)]
+    s.update(ds3)                        # a new dest: the turn stays on A
+    assert picks(s, ds3, 4) == "BCDA"
+
+
+# --- wrr ----------------------------------------------------------------------
+
+def wrr(*weights: int):
+    s = sched.get("wrr")()
+    ds = dests(*weights)
+    s.update(ds)
+    return s, ds
+
+
+def test_wrr_kernel_sequence_4_3_2():
+    s, ds = wrr(4, 3, 2)
+    assert picks(s, ds, 18) == "AABABCABC" * 2
+
+
+def test_wrr_steps_by_gcd():
+    s, ds = wrr(4, 2)
+    assert picks(s, ds, 6) == "AAB" * 2
+    s, ds = wrr(6, 4, 2)
+    assert picks(s, ds, 12) == "AABABC" * 2
+
+
+def test_wrr_equal_weights_is_rr():
+    s, ds = wrr(5, 5, 5)
+    assert picks(s, ds, 6) == "ABCABC"
+
+
+def test_wrr_skips_weight_zero():
+    s, ds = wrr(2, 0, 1)
+    assert picks(s, ds, 9) == "AAC" * 3
+
+
+def test_wrr_none_when_all_quiesced():
+    s, ds = wrr(0, 0, 0)
+    assert picks(s, ds, 2) == "--"
+    s, ds = wrr()
+    assert s.schedule(ds, conns({}), 0, 0) is None
+
+
+def test_wrr_works_without_an_update():
+    s = sched.get("wrr")()
+    assert picks(s, dests(2, 1), 6) == "AABAAB"
+
+
+def test_wrr_weight_change_through_update():
+    s, ds = wrr(4, 3, 2)
+    assert picks(s, ds, 2) == "AA"          # cw is now 3
+    for d in ds:
+        d.weight = 1
+    s.update(ds)                            # cw > new max: restart at the max, from the head
+    assert picks(s, ds, 6) == "ABCABC"
+    ds[0].weight = 0                        # quiesce A
+    s.update(ds)
+    assert picks(s, ds, 4) == "BCBC"
+    for d in ds:
+        d.weight = 0
+    s.update(ds)
+    assert picks(s, ds, 2) == "--"
+    ds[2].weight = 3
+    s.update(ds)
+    assert picks(s, ds, 3) == "CCC"
+
+
+def test_wrr_update_aligns_current_weight_to_new_gcd():
+    s, ds = wrr(3, 1)
+    assert picks(s, ds, 2) == "AA"          # cw: 3, then 2
+    for d, w in zip(ds, (8, 4)):
+        d.weight = w
+    s.update(ds)                            # di 4, mw 5; cw 2 <= mw: (2 // 4) * 4 + 1 = 1
+    assert picks(s, ds, 4) == "ABAA"
+
+
+# --- lc -------------------------------------------------------------------------
+
+def test_lc_least_overhead():
+    ds = dests(1, 1, 1, slots=[4, 7, 2])
+    c = conns({4: (1, 0), 7: (0, 200), 2: (0, 300)})   # 256, 200, 300
+    assert picks(sched.get("lc")(), ds, 1, c) == "B"
+
+
+def test_lc_active_weighs_256_inactive():
+    ds = dests(1, 1)
+    assert picks(sched.get("lc")(), ds, 1, conns({0: (1, 0), 1: (0, 255)})) == "B"
+    assert picks(sched.get("lc")(), ds, 1, conns({0: (1, 0), 1: (0, 256)})) == "A"
+
+
+def test_lc_ignores_weight_except_zero():
+    ds = dests(1, 100, 0)
+    c = conns({0: (0, 3), 1: (0, 4), 2: (0, 0)})
+    assert picks(sched.get("lc")(), ds, 1, c) == "A"
+
+
+def test_lc_first_wins_ties_and_none_when_quiesced():
+    assert picks(sched.get("lc")(), dests(1, 1, 1), 1, conns({0: (0, 5), 1: (0, 2), 2: (0, 2)})) == "B"
+    assert picks(sched.get("lc")(), dests(0, 0), 1) == "-"
+
+
+# --- wlc ------------------------------------------------------------------------
+
+def test_wlc_overhead_per_weight():
+    ds = dests(1, 3)
+    c = conns({0: (0, 10), 1: (0, 20)})      # 10/1 > 20/3
+    assert picks(sched.get("wlc")(), ds, 1, c) == "B"
+    c = conns({0: (0, 6), 1: (0, 20)})       # 6/1 < 20/3
+    assert picks(sched.get("wlc")(), ds, 1, c) == "A"
+
+
+def test_wlc_first_best_wins_ties():
+    ds = dests(2, 1, 4)
+    c = conns({0: (0, 10), 1: (0, 5), 2: (0, 20)})   # all 5 per weight unit
+    assert picks(sched.get("wlc")(), ds, 1, c) == "A"
+
+
+def test_wlc_skips_weight_zero_even_when_idle():
+    ds = dests(0, 1, 2, slots=[3, 5, 8])
+    c = conns({3: (0, 0), 5: (2, 0), 8: (3, 0)})     # 512/1 > 768/2
+    assert picks(sched.get("wlc")(), ds, 1, c) == "C"
+    assert picks(sched.get("wlc")(), dests(0, 0), 1) == "-"
+
+
+def test_wlc_big_counts_do_not_overflow():
+    ds = dests(65535, 1)
+    c = conns({0: (2_000_000, 0), 1: (30, 0)})
+    # 512e6/65535 = 7812.6 > 7680/1
+    assert picks(sched.get("wlc")(), ds, 1, c) == "B"
+
+
+@pytest.mark.parametrize("name", ["rr", "wrr", "lc", "wlc"])
+def test_weight_zero_never_picked(name):
+    s = sched.get(name)()
+    ds = dests(0, 3, 0, 1)
+    s.update(ds)
+    c = conns({0: (0, 0), 1: (5, 5), 2: (0, 0), 3: (9, 9)})
+    got = picks(s, ds, 40, c)
+    assert set(got) <= {"B", "D"} and "-" not in got
