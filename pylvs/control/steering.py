@@ -51,6 +51,10 @@ class Steering:
     def __init__(self, ifnames: list[str], *, nft: str = "nft"):
         if not ifnames:
             raise ValueError("Steering needs at least one interface")
+        for name in ifnames:
+            # Names go into the nft script inside quotes.
+            if not re.fullmatch(r'[^"\s/\\]{1,15}', name):
+                raise SteeringError(f"nftables: unusable interface name {name!r}")
         self.ifnames = list(ifnames)
         self.nft = nft
         self.installed = False
