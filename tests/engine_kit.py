@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import IP, TCP, UDP, IPOption
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
@@ -73,15 +73,16 @@ def _sched_fixed(svc: int, caddr: int, cport: int) -> int:
 
 
 def build_tables(services=SERVICES, dests=DESTS, gone=()) -> tuple[np.ndarray, np.ndarray]:
+    """Service and dest arrays; dest rows may carry a sixth item, the weight."""
     svc = tables.empty_services(max(services) + 1)
     for s, (proto, vaddr, vport) in services.items():
         svc[s] = (ip(vaddr), vport, proto, tables.SVC_F_USED)
     dst = tables.empty_dests(max(dests) + 1)
-    for d, (s, daddr, dport, fwd, flags) in dests.items():
+    for d, (s, daddr, dport, fwd, flags, *weight) in dests.items():
         dst[d]["daddr"] = ip(daddr)
         dst[d]["dport"] = dport
         dst[d]["svc"] = s
-        dst[d]["weight"] = 1
+        dst[d]["weight"] = weight[0] if weight else 1
         dst[d]["fwd"] = fwd
         dst[d]["flags"] = 0 if d in gone else flags
         dst[d]["out_port"] = RS_PORT
@@ -95,12 +96,16 @@ class Env:
 
     def __init__(self, impl: str, capacity: int = 64,
                  schedule: Callable[[int, int, int], int] = _sched_fixed,
-                 timeouts: np.ndarray | None = None):
+                 timeouts: np.ndarray | None = None,
+                 make_schedule: Callable[[tables.Counters], Callable] | None = None,
+                 services=SERVICES, dests=DESTS):
         self.impl = impl
         self.counters = tables.Counters(max_services=16, max_dests=16)
+        if make_schedule is not None:
+            schedule = make_schedule(self.counters)
         self.engine = new_engine(impl, capacity, counters=self.counters, schedule=schedule,
                                  timeouts=timeouts, key=bytes(range(16)))
-        self.engine.set_tables(*build_tables())
+        self.engine.set_tables(*build_tables(services, dests))
         self.batch = tables.Batch(size=64, slot=4096)
 
     def send(self, frame: bytes, in_port: int = CLIENT_PORT, now: float = 0.0):
@@ -146,8 +151,11 @@ def tcp(src=CIP, dst=VIP, sport=1000, dport=80, flags="S", smac=CMAC, dmac=LMAC,
 
 
 def udp(src=CIP, dst=VIP, sport=1000, dport=53, smac=CMAC, dmac=LMAC,
-        payload=b"query", chksum=None, ip_id=7, **ipkw):
-    p = (Ether(src=smac, dst=dmac) / IP(src=src, dst=dst, id=ip_id, ttl=64, **ipkw)
+        payload=b"query", chksum=None, ip_id=7, options=None, **ipkw):
+    ipl = IP(src=src, dst=dst, id=ip_id, ttl=64, **ipkw)
+    if options is not None:
+        ipl.options = options
+    p = (Ether(src=smac, dst=dmac) / ipl
          / UDP(sport=sport, dport=dport, chksum=chksum) / Raw(payload))
     return raw(p)
 
@@ -244,3 +252,65 @@ def diff_bytes(got: bytes, want: bytes) -> str:
     return "bytes differ at " + ", ".join(
         f"{i} (vnet+{i})" if i < 10 else f"{i} (eth+{i - 10}): {got[i]:02x} != {want[i]:02x}"
         for i in at[:16])
+
+
+def scapy_rebuild(eth: bytes) -> bytes:
+    """The Ethernet frame rebuilt by scapy from its own header fields with the
+    IPv4 and TCP/UDP checksum fields deleted (so scapy computes them);
+    Ethernet padding is appended as it was."""
+    ihl = (eth[14] & 15) * 4
+    tot = int.from_bytes(eth[16:18], "big")
+    seg = eth[14 + ihl:14 + tot]
+    ipl = IP(eth[14:14 + ihl])
+    del ipl.chksum
+    if eth[23] == tables.PROTO_TCP:
+        doff = (seg[12] >> 4) * 4
+        l4 = TCP(seg[:doff])
+        body = seg[doff:]
+    else:
+        l4 = UDP(seg[:8])
+        body = seg[8:]
+    del l4.chksum
+    p = Ether(eth[:14]) / ipl / l4
+    if body:
+        p = p / Raw(body)
+    return raw(p) + eth[14 + tot:]
+
+
+# --- random traffic ------------------------------------------------------------
+
+FLAG_CHOICES = ["S"] * 5 + ["A"] * 5 + ["PA"] * 3 + ["SA", "F", "FA", "R", "RA", "", "SR", "SF"]
+OPTION_CHOICES = [None] * 6 + [[IPOption(b"\x01\x01\x01\x00")],
+                               [IPOption(b"\x07\x07\x04" + b"\0" * 5)]]
+
+
+def random_frame(rng, proto, src, dst, sport, dport, smac, dmac, offload=True) -> bytes:
+    """A well-formed TCP/UDP frame with random flags, payload, IP options,
+    Ethernet padding and checksum mode (full, partial, GSO; UDP none)."""
+    payload = bytes(rng.randrange(256) for _ in range(rng.choice([0, 0, 1, 2, 3, 17, 60, 333])))
+    opts = rng.choice(OPTION_CHOICES)
+    ip_id = rng.randrange(65536)
+    if proto == tables.PROTO_TCP:
+        f = tcp(src, dst, sport, dport, rng.choice(FLAG_CHOICES), smac, dmac, payload,
+                seq=rng.randrange(2**32), ack=rng.randrange(2**32), options=opts, ip_id=ip_id)
+    else:
+        f = udp(src, dst, sport, dport, smac, dmac, payload or b"u",
+                chksum=0 if rng.random() < 0.15 else None, ip_id=ip_id, options=opts)
+    pad = bytes(rng.randrange(256) for _ in range(rng.choice([0, 0, 0, 2, 6])))
+    mode = rng.random() if offload else 0.0
+    if mode < 0.6:
+        return v(f) + pad
+    if mode < 0.85:
+        return partial_vnet(f) + pad
+    gso = tables.VNET_GSO_TCPV4 if proto == tables.PROTO_TCP else tables.VNET_GSO_UDP_L4
+    return partial_vnet(f, gso_type=gso, gso_size=1448) + pad
+
+
+def mangle(rng, frame: bytes) -> bytes:
+    """A frame cut short or with a byte of its headers changed."""
+    if rng.random() < 0.5:
+        return frame[:rng.randrange(len(frame) + 1)]
+    b = bytearray(frame)
+    i = rng.randrange(min(len(b), 10 + 14 + 60))
+    b[i] = rng.randrange(256)
+    return bytes(b)
