@@ -1,0 +1,151 @@
+"""Smoke tests of `pylvs run`: start, ready, SIGTERM, clean exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from nsio import REPO, sh
+
+pytestmark = pytest.mark.netns
+
+RUN = [sys.executable, "-m", "pylvs.cli.main", "run"]
+
+
+class Pair:
+    """Two namespaces joined by a veth: two directors side by side."""
+
+    def __init__(self, uid: str):
+        self.a, self.b = f"pl{uid}-a", f"pl{uid}-b"
+        self.uid = uid
+
+    def up(self) -> "Pair":
+        for ns in (self.a, self.b):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", f"pl{self.uid}a", "netns", self.a, "type", "veth",
+           "peer", "name", f"pl{self.uid}b", "netns", self.b)
+        for ns, dev, addr in ((self.a, f"pl{self.uid}a", "10.9.5.1/24"),
+                              (self.b, f"pl{self.uid}b", "10.9.5.2/24")):
+            sh("ip", "-n", ns, "link", "set", dev, "name", "eth0")
+            sh("ip", "-n", ns, "addr", "add", addr, "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        return self
+
+    def down(self) -> None:
+        for ns in (self.a, self.b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def pair(uid):
+    p = Pair(uid)
+    try:
+        yield p.up()
+    finally:
+        p.down()
+
+
+def start(ns: str, *args: str, env=None, log=None) -> tuple[subprocess.Popen, str]:
+    log = log or tempfile.NamedTemporaryFile(prefix="pylvs-run-", suffix=".log", delete=False).name
+    with open(log, "wb") as f:
+        p = subprocess.Popen(["ip", "netns", "exec", ns, *RUN, *args], cwd=REPO, stdout=f,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env={**os.environ, **(env or {})})
+    return p, log
+
+
+def wait_ready(p: subprocess.Popen, log: str, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = open(log, errors="replace").read()
+        if "ready" in text:
+            return text
+        if p.poll() is not None:
+            raise AssertionError(f"pylvs run exited with {p.returncode}:\n{text}")
+        time.sleep(0.1)
+    raise AssertionError(f"pylvs run not ready in {timeout}s:\n{open(log).read()}")
+
+
+def stop(p: subprocess.Popen, timeout: float = 10) -> int:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            return p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            raise AssertionError("pylvs run ignored SIGTERM")
+    return p.returncode
+
+
+def has_table(ns: str) -> bool:
+    return sh("ip", "netns", "exec", ns, "nft", "list", "table", "netdev", "pylvs",
+              check=False).returncode == 0
+
+
+def test_run_ready_then_sigterm_exits_clean(pair):
+    notify_path = tempfile.mktemp(prefix="pylvs-notify-")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(20)
+    p, log = start(pair.a, "--iface", "eth0", env={"NOTIFY_SOCKET": notify_path})
+    try:
+        wait_ready(p, log)
+        assert notify.recv(100) == b"READY=1"
+        assert has_table(pair.a)
+        assert 'device "eth0"' in sh("ip", "netns", "exec", pair.a, "nft", "list", "table",
+                                     "netdev", "pylvs").stdout
+        assert stop(p) == 0, open(log).read()
+        assert not has_table(pair.a)
+        assert "stopped" in open(log).read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+        notify.close()
+        os.unlink(notify_path)
+        os.unlink(log)
+
+
+def test_two_directors_side_by_side_with_defaults(pair):
+    # No --iface, no --control: each picks its namespace's interfaces and
+    # control socket.
+    pa, la = start(pair.a)
+    pb, lb = start(pair.b)
+    try:
+        ta, tb = wait_ready(pa, la), wait_ready(pb, lb)
+        assert "eth0" in ta and "eth0" in tb
+        assert has_table(pair.a) and has_table(pair.b)
+        assert stop(pa) == 0, open(la).read()
+        assert not has_table(pair.a) and has_table(pair.b)
+        assert pb.poll() is None
+        assert stop(pb) == 0, open(lb).read()
+        assert not has_table(pair.b)
+    finally:
+        for p in (pa, pb):
+            if p.poll() is None:
+                p.kill()
+        os.unlink(la)
+        os.unlink(lb)
+
+
+def test_stale_table_from_a_crash_is_replaced(pair):
+    sh("ip", "netns", "exec", pair.a, "nft", "add", "table", "netdev", "pylvs")
+    sh("ip", "netns", "exec", pair.a, "nft", "add", "chain", "netdev", "pylvs", "stale")
+    p, log = start(pair.a, "--iface", "eth0")
+    try:
+        wait_ready(p, log)
+        text = sh("ip", "netns", "exec", pair.a, "nft", "list", "table", "netdev", "pylvs").stdout
+        assert "stale" not in text
+        assert stop(p) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.unlink(log)
