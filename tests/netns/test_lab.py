@@ -1,0 +1,83 @@
+"""The namespace lab itself: built, reachable, recorded, and gone afterwards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pylvs.lab import topology
+from pylvs.lab.httpd import content
+from pylvs.lab.topology import Lab, netns_exists
+
+pytestmark = pytest.mark.netns
+
+
+def test_lab_builds_serves_and_leaves_nothing(uid, tmp_path):
+    lab = Lab(f"pl{uid}", servers=2, ip_forward=1)
+    try:
+        lab.up()
+        rec = json.loads(lab.record_path.read_text())
+        assert rec["namespaces"] == lab.namespaces
+        assert all(ns.startswith(f"pl{uid}-") for ns in lab.namespaces)
+        # The director reaches every real server directly (health-check path).
+        for name, rip in zip(lab.rs_names, lab.rips):
+            p = lab.run(lab.director, lab.curl_argv("/whoami", host=rip))
+            assert p.stdout.strip() == name
+        out = tmp_path / "b"
+        lab.run(lab.director, lab.curl_argv("/bytes/300000", "-o", str(out), host=lab.rips[0]))
+        assert out.read_bytes() == content(0, 300000)
+        # Without a director process the VIP is just a local address: the
+        # client reaches the director's kernel (RST: nothing listens on :80).
+        p = lab.curl("/whoami", max_time=3, check=False)
+        assert p.returncode == 7, p  # curl: connection refused
+        # The client cannot reach a rip directly (VS-NAT: no route).
+        p = lab.run(lab.client, lab.curl_argv("/whoami", host=lab.rips[0], max_time=2),
+                    check=False)
+        assert p.returncode != 0
+        sysctl = lab.run(lab.director, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()
+        assert sysctl == "1"
+    finally:
+        assert lab.down() == []
+    assert not any(netns_exists(ns) for ns in lab.namespaces)
+    assert not lab.record_path.exists()
+
+
+def test_destroy_after_a_crash(uid):
+    lab = Lab(f"pl{uid}", servers=1)
+    lab.up()
+    # Forget the Lab object, as a killed process would; only the record is left.
+    lab.procs.clear()
+    assert topology.destroy(lab.name) == []
+    assert not any(netns_exists(ns) for ns in lab.namespaces)
+
+
+def test_cli_up_status_down(uid):
+    name = f"pl{uid}"
+    py = [sys.executable, "-m", "pylvs.cli.main", "lab"]
+    try:
+        up = subprocess.run([*py, "up", "--name", name, "--servers", "2"], capture_output=True,
+                            text=True, timeout=60)
+        assert up.returncode == 0, up.stderr
+        assert f"ip netns exec {name}-director" in up.stdout
+        st = subprocess.run([*py, "status"], capture_output=True, text=True, timeout=30)
+        assert f"{name}: 5/5 namespaces present" in st.stdout
+    finally:
+        down = subprocess.run([*py, "down", "--name", name], capture_output=True, text=True,
+                              timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert not netns_exists(f"{name}-director")
+
+
+def test_failed_build_removes_what_it_made(uid, monkeypatch):
+    lab = Lab(f"pl{uid}", servers=2)
+
+    def boom(self):
+        raise topology.LabError("simulated failure after the namespaces")
+
+    monkeypatch.setattr(Lab, "start_real_servers", boom)
+    with pytest.raises(topology.LabError):
+        lab.up()
+    assert not any(netns_exists(ns) for ns in lab.namespaces)
