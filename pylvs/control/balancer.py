@@ -1,0 +1,813 @@
+"""The Balancer: ipvsadm's model of virtual services and their dests.
+
+The Balancer is the control plane's single source of truth. It validates
+operations with IPVS semantics (and ipvsadm's error wording, so scripts that
+match on messages keep working), keeps every service and dest in a *stable
+slot*, and after every change builds brand-new service and dest arrays and
+hands them to ``publish(services, dests)``. Published arrays are never
+written again: the data path may still be reading them.
+
+Threads: every method except ``schedule`` runs on the control thread (the
+event loop). ``schedule`` is the engine's upcall on a new flow and runs on
+the data thread; it reads an immutable per-service view that the control
+thread swaps in whole, and holds a small lock only around the scheduler
+object, whose state (rr position, wrr weights) the control thread updates.
+
+Slots: a dest slot is not reused while ``counters.dest_conns[slot]`` is
+non-zero, because conns in the engine still name it. As in the kernel's dest
+trash, a dest that is deleted and added back while its old conns live gets
+its old slot again, so those conns keep flowing; a deleted service re-added
+gets its old service slot back when it is still free, for the same reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from .. import sched as schedmod
+from ..engine import states
+from ..engine.tables import (
+    ACTIVE, DEST_DTYPE, DEST_F_RESOLVED, DEST_F_USED, FWD_LOCAL, FWD_MASQ,
+    FWD_NAMES, FWD_ROUTE, FWD_TUNNEL, INACTIVE, N_TRAFFIC, PROTO_TCP, PROTO_UDP,
+    SERVICE_DTYPE, SVC_F_USED, Counters,
+)
+
+PROTO_SCTP = 132
+PROTO_NAMES = {PROTO_TCP: "TCP", PROTO_UDP: "UDP", PROTO_SCTP: "SCTP"}
+
+IPVS_VERSION = "1.2.1"
+CONN_TAB_SIZE = 4096          # what ipvsadm's header shows as (size=...)
+DEFAULT_PERSISTENT_TIMEOUT = 300
+MAX_TIMEOUT = 86400 * 31      # ipvsadm's upper bound for any timeout
+MAX_WEIGHT = 65535
+MAX_THRESHOLD = 2**31 - 1
+NETMASK_ALL = 0xFFFFFFFF
+
+# Scheduler flag bits, as IP_VS_SVC_F_SCHED1..3. Their names depend on the
+# scheduler (sh and mh name the first two), as ipvsadm prints them.
+SCHED_F1, SCHED_F2, SCHED_F3 = 0x08, 0x10, 0x20
+_FLAG_BITS = {
+    "flag-1": SCHED_F1, "flag-2": SCHED_F2, "flag-3": SCHED_F3,
+    "sh-fallback": SCHED_F1, "sh-port": SCHED_F2,
+    "mh-fallback": SCHED_F1, "mh-port": SCHED_F2,
+}
+
+FWD_BY_NAME = {
+    "masq": FWD_MASQ, "masquerading": FWD_MASQ, "nat": FWD_MASQ, "m": FWD_MASQ,
+    "route": FWD_ROUTE, "gatewaying": FWD_ROUTE, "dr": FWD_ROUTE, "droute": FWD_ROUTE, "g": FWD_ROUTE,
+    "tunnel": FWD_TUNNEL, "ipip": FWD_TUNNEL, "tun": FWD_TUNNEL, "i": FWD_TUNNEL,
+    "local": FWD_LOCAL,
+}
+FWD_KEYS = {FWD_MASQ: "masq", FWD_ROUTE: "route", FWD_TUNNEL: "tunnel", FWD_LOCAL: "local"}
+SUPPORTED_FWD = frozenset({FWD_MASQ})
+
+# ipvsadm / libipvs wording.
+E_SVC_EXISTS = "Service already exists"
+E_NO_SVC = "No such service"
+E_SVC_UNDEF = "Service not defined"
+E_DEST_EXISTS = "Destination already exists"
+E_NO_DEST = "No such destination"
+E_NO_SCHED = "Scheduler or persistence engine not found"
+E_ZERO_PORT = "Zero port specified for non-persistent service"
+E_OPS = "One-Packet Scheduling is only for UDP virtual services"
+E_WEIGHT = "illegal weight specified"
+E_NOMEM = "Memory allocation problem"
+
+TRAFFIC_KEYS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
+RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")
+
+
+class BalancerError(Exception):
+    """An operation IPVS would refuse; the message is what ipvsadm prints."""
+
+
+# --- value normalisation (ops arrive from JSON, the CLI or Python callers) ---
+
+def _proto(p: Any) -> int:
+    if isinstance(p, str):
+        key = p.strip().lower()
+        p = {"tcp": PROTO_TCP, "udp": PROTO_UDP, "sctp": PROTO_SCTP}.get(key, key)
+    if p == PROTO_SCTP:
+        raise BalancerError("SCTP services are not supported yet")
+    if p not in (PROTO_TCP, PROTO_UDP):
+        raise BalancerError(f"unknown protocol {p!r} (tcp or udp)")
+    return int(p)
+
+
+def _addr(a: Any, what: str = "address") -> int:
+    if isinstance(a, bool):
+        raise BalancerError(f"illegal {what} {a!r}")
+    if isinstance(a, int):
+        if 0 <= a <= 0xFFFFFFFF:
+            return a
+        raise BalancerError(f"illegal {what} {a!r}")
+    try:
+        return int(ipaddress.IPv4Address(str(a)))
+    except ValueError:
+        if isinstance(a, str) and ":" in a:
+            raise BalancerError("IPv6 is not supported yet") from None
+        raise BalancerError(f"illegal {what} {a!r}") from None
+
+
+def _port(p: Any, what: str = "port") -> int:
+    try:
+        v = int(p)
+    except (TypeError, ValueError):
+        raise BalancerError(f"illegal {what} {p!r}") from None
+    if isinstance(p, bool) or not 0 <= v <= 65535:
+        raise BalancerError(f"illegal {what} {p!r}")
+    return v
+
+
+def _int_in(v: Any, lo: int, hi: int, msg: str) -> int:
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise BalancerError(msg) from None
+    if isinstance(v, bool) or isinstance(v, float) and v != n or not lo <= n <= hi:
+        raise BalancerError(msg)
+    return n
+
+
+def _fwd(f: Any) -> int:
+    if isinstance(f, str):
+        key = f.strip().lower()
+        if key not in FWD_BY_NAME:
+            raise BalancerError(f"unknown forwarding method {f!r} (masq, route or tunnel)")
+        return FWD_BY_NAME[key]
+    if f in FWD_NAMES:
+        return int(f)
+    raise BalancerError(f"unknown forwarding method {f!r} (masq, route or tunnel)")
+
+
+def _flag_bits(flags: Any) -> int:
+    if flags is None:
+        return 0
+    if isinstance(flags, int) and not isinstance(flags, bool):
+        if flags & ~(SCHED_F1 | SCHED_F2 | SCHED_F3):
+            raise BalancerError(f"invalid scheduler flags {flags:#x}")
+        return flags
+    if isinstance(flags, str):
+        flags = [f for f in flags.split(",") if f]
+    bits = 0
+    for name in flags:
+        if name not in _FLAG_BITS:
+            raise BalancerError(f"invalid scheduler flag `{name}'")
+        bits |= _FLAG_BITS[name]
+    return bits
+
+
+def sched_flag_names(sched_name: str, bits: int) -> list[str]:
+    """The flag names ipvsadm shows for these bits under this scheduler."""
+    if sched_name in ("sh", "mh"):
+        names = [f"{sched_name}-fallback", f"{sched_name}-port", "flag-3"]
+    else:
+        names = ["flag-1", "flag-2", "flag-3"]
+    return [n for n, b in zip(names, (SCHED_F1, SCHED_F2, SCHED_F3)) if bits & b]
+
+
+def _netmask(m: Any) -> int:
+    if m is None:
+        return NETMASK_ALL
+    if isinstance(m, int) and not isinstance(m, bool):
+        if 0 <= m <= 0xFFFFFFFF:
+            return m
+    elif isinstance(m, str):
+        s = m.strip().lstrip("/")
+        if s.isdigit() and int(s) <= 32:
+            return (NETMASK_ALL << (32 - int(s))) & NETMASK_ALL
+        try:
+            return int(ipaddress.IPv4Address(s))
+        except ValueError:
+            pass
+    raise BalancerError("illegal virtual server persistent mask specified")
+
+
+def ip_str(a: int) -> str:
+    return str(ipaddress.IPv4Address(a))
+
+
+# --- the model --------------------------------------------------------------
+
+class SchedDestView:
+    """What a scheduler sees of a dest: rebuilt on every change, never mutated."""
+
+    __slots__ = ("slot", "weight", "daddr", "dport", "u_threshold", "l_threshold")
+
+    def __init__(self, slot: int, weight: int, daddr: int, dport: int,
+                 u_threshold: int, l_threshold: int):
+        self.slot = slot
+        self.weight = weight
+        self.daddr = daddr
+        self.dport = dport
+        self.u_threshold = u_threshold
+        self.l_threshold = l_threshold
+
+    def __repr__(self) -> str:
+        return f"<dest {ip_str(self.daddr)}:{self.dport} slot={self.slot} w={self.weight}>"
+
+
+class Dest:
+    __slots__ = ("slot", "daddr", "dport", "fwd", "weight", "u_threshold", "l_threshold")
+
+    def __init__(self, slot: int, daddr: int, dport: int, fwd: int, weight: int,
+                 u_threshold: int, l_threshold: int):
+        self.slot = slot
+        self.daddr = daddr
+        self.dport = dport
+        self.fwd = fwd
+        self.weight = weight
+        self.u_threshold = u_threshold
+        self.l_threshold = l_threshold
+
+
+class Service:
+    def __init__(self, slot: int, proto: int, vaddr: int, vport: int):
+        self.slot = slot
+        self.proto = proto
+        self.vaddr = vaddr
+        self.vport = vport
+        self.sched_name = schedmod.DEFAULT
+        self.sched_flags = 0
+        self.timeout = 0          # persistence timeout; 0 = not persistent
+        self.netmask = NETMASK_ALL
+        self.pe = ""
+        self.ops = False
+        self.scheduler: schedmod.Scheduler | None = None
+        self.dests: dict[tuple[int, int], Dest] = {}
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.proto, self.vaddr, self.vport)
+
+
+class Balancer:
+    """Services, dests and schedulers with ipvsadm semantics; publishes tables.
+
+    ``resolver.resolve(daddr) -> (out_port, dmac, smac) | None`` gives a
+    dest's egress; ``publish(services, dests)`` receives every new table pair.
+    Attributes the runtime may set after construction:
+
+    - ``conns_source``: ``() -> engine.conns()`` list, for ``-L -c``;
+    - ``clock``: the engine's time base for conn expiry (default monotonic);
+    - ``on_timeouts``: called with ``states.timeout_array(...)`` after
+      ``set_timeouts``, to hand the new timeouts to the engine.
+    """
+
+    def __init__(self, counters: Counters, resolver=None,
+                 publish: Callable[[np.ndarray, np.ndarray], None] | None = None):
+        self.counters = counters
+        self.resolver = resolver
+        self.publish = publish
+        self.conns_source: Callable[[], list] | None = None
+        self.clock: Callable[[], float] = time.monotonic
+        self.on_timeouts: Callable[[np.ndarray], None] | None = None
+        self.conn_tab_size = CONN_TAB_SIZE
+
+        self._services: dict[tuple[int, int, int], Service] = {}
+        self._svc_free: collections.deque[int] = collections.deque(range(counters.max_services))
+        self._dest_free: collections.deque[int] = collections.deque(range(counters.max_dests))
+        # Deleted but still referenced by conns: (svc key, daddr, dport) <-> slot.
+        self._dest_trash: dict[tuple, int] = {}
+        self._dest_trash_key: dict[int, tuple] = {}
+        self._svc_last_slot: dict[tuple[int, int, int], int] = {}
+
+        # The upcall's view, indexed by service slot: (scheduler, dests) or None.
+        self._sched_view: list[tuple[schedmod.Scheduler, tuple[SchedDestView, ...]] | None] = (
+            [None] * counters.max_services)
+        self._sched_lock = threading.Lock()
+
+        self._timeouts = {"tcp": states.DEFAULT_TIMEOUTS["ESTABLISHED"],
+                          "tcpfin": states.DEFAULT_TIMEOUTS["FIN_WAIT"],
+                          "udp": states.DEFAULT_TIMEOUTS["UDP"]}
+
+        # Rate estimator state (the kernel's ip_vs_est): last counter values
+        # and smoothed per-second rates, for every service and dest row.
+        self._est_time: float | None = None
+        self._est_svc_last = np.zeros((counters.max_services, N_TRAFFIC), dtype=np.float64)
+        self._est_svc_avg = np.zeros((counters.max_services, N_TRAFFIC), dtype=np.float64)
+        self._est_dest_last = np.zeros((counters.max_dests, N_TRAFFIC), dtype=np.float64)
+        self._est_dest_avg = np.zeros((counters.max_dests, N_TRAFFIC), dtype=np.float64)
+
+        self._batching = 0
+        self._dirty = False
+        self.services_table: np.ndarray = np.zeros(counters.max_services, dtype=SERVICE_DTYPE)
+        self.dests_table: np.ndarray = np.zeros(counters.max_dests, dtype=DEST_DTYPE)
+        self.generation = 0
+
+    # --- the engine's upcall (data thread) ---------------------------------
+
+    def schedule(self, svc_slot: int, caddr: int, cport: int) -> int:
+        """Pick a dest slot for a new conn of service ``svc_slot``, or -1."""
+        try:
+            view = self._sched_view[svc_slot]
+        except IndexError:
+            return -1
+        if view is None:
+            return -1
+        sched, dests = view
+        if not dests:
+            return -1
+        with self._sched_lock:
+            d = sched.schedule(dests, self.counters.dest_conns, caddr, cport)
+        return -1 if d is None else d.slot
+
+    # --- lookups ------------------------------------------------------------
+
+    def _svc_key(self, proto: Any, vaddr: Any, vport: Any) -> tuple[int, int, int]:
+        return (_proto(proto), _addr(vaddr, "virtual server address"),
+                _port(vport, "virtual server port"))
+
+    def _get_svc(self, proto, vaddr, vport, missing: str = E_NO_SVC) -> Service:
+        svc = self._services.get(self._svc_key(proto, vaddr, vport))
+        if svc is None:
+            raise BalancerError(missing)
+        return svc
+
+    def services(self) -> list[Service]:
+        return list(self._services.values())
+
+    # --- services -----------------------------------------------------------
+
+    def _check_sched(self, name: str) -> type[schedmod.Scheduler]:
+        try:
+            return schedmod.get(name)
+        except KeyError:
+            raise BalancerError(E_NO_SCHED) from None
+
+    @staticmethod
+    def _persistence(persistent: Any) -> int:
+        if persistent is None or persistent is False or persistent == 0:
+            return 0
+        if persistent is True:
+            return DEFAULT_PERSISTENT_TIMEOUT
+        return _int_in(persistent, 1, MAX_TIMEOUT, f"invalid timeout value `{persistent}' specified")
+
+    @staticmethod
+    def _check_pe(pe: Any) -> str:
+        pe = pe or ""
+        if pe and pe != "sip":
+            raise BalancerError(E_NO_SCHED)
+        return pe
+
+    def add_service(self, proto: Any, vaddr: Any, vport: Any, sched: str | None = None,
+                    flags: Any = None, persistent: Any = 0, netmask: Any = None,
+                    ops: bool = False, pe: str | None = None, fwmark: int = 0) -> int:
+        """ipvsadm -A. Returns the service slot."""
+        if fwmark:
+            raise BalancerError("fwmark services are not supported yet")
+        key = self._svc_key(proto, vaddr, vport)
+        sched = sched or schedmod.DEFAULT
+        cls = self._check_sched(sched)
+        bits = _flag_bits(flags)
+        timeout = self._persistence(persistent)
+        mask = _netmask(netmask)
+        pe = self._check_pe(pe)
+        if key[2] == 0 and not timeout:
+            raise BalancerError(E_ZERO_PORT)
+        if ops and key[0] != PROTO_UDP:
+            raise BalancerError(E_OPS)
+        if key in self._services:
+            raise BalancerError(E_SVC_EXISTS)
+        slot = self._alloc_svc_slot(key)
+        svc = Service(slot, *key)
+        svc.sched_name, svc.sched_flags = sched, bits
+        svc.timeout, svc.netmask, svc.pe, svc.ops = timeout, mask, pe, bool(ops)
+        svc.scheduler = cls(frozenset(sched_flag_names(sched, bits)))
+        self._services[key] = svc
+        self._svc_last_slot[key] = slot
+        self._refresh_sched(svc)
+        self._changed()
+        return slot
+
+    def edit_service(self, proto: Any, vaddr: Any, vport: Any, sched: str | None = None,
+                     flags: Any = None, persistent: Any = None, netmask: Any = None,
+                     ops: bool | None = None, pe: str | None = None, fwmark: int = 0) -> int:
+        """ipvsadm -E. Arguments left None keep their value (the CLI passes all)."""
+        if fwmark:
+            raise BalancerError("fwmark services are not supported yet")
+        svc = self._get_svc(proto, vaddr, vport)
+        new_sched = sched or svc.sched_name
+        cls = self._check_sched(new_sched)
+        bits = svc.sched_flags if flags is None else _flag_bits(flags)
+        timeout = svc.timeout if persistent is None else self._persistence(persistent)
+        mask = svc.netmask if netmask is None else _netmask(netmask)
+        new_pe = svc.pe if pe is None else self._check_pe(pe)
+        new_ops = svc.ops if ops is None else bool(ops)
+        if svc.vport == 0 and not timeout:
+            raise BalancerError(E_ZERO_PORT)
+        if new_ops and svc.proto != PROTO_UDP:
+            raise BalancerError(E_OPS)
+        if new_sched != svc.sched_name or bits != svc.sched_flags:
+            # A new scheduler object: the kernel also binds a fresh scheduler
+            # on a change of -s; conns already made are not touched.
+            svc.scheduler = cls(frozenset(sched_flag_names(new_sched, bits)))
+            svc.sched_name, svc.sched_flags = new_sched, bits
+            self._refresh_sched(svc, force=True)
+        svc.timeout, svc.netmask, svc.pe, svc.ops = timeout, mask, new_pe, new_ops
+        self._changed()
+        return svc.slot
+
+    def del_service(self, proto: Any, vaddr: Any, vport: Any) -> None:
+        """ipvsadm -D: the service and all its dests (their conns then drain)."""
+        svc = self._get_svc(proto, vaddr, vport)
+        self._remove_service(svc)
+        self._changed()
+
+    def clear(self) -> None:
+        """ipvsadm -C."""
+        for svc in list(self._services.values()):
+            self._remove_service(svc)
+        self._changed()
+
+    def _remove_service(self, svc: Service) -> None:
+        self._sched_view[svc.slot] = None
+        for d in list(svc.dests.values()):
+            self._release_dest(svc, d)
+        svc.dests.clear()
+        del self._services[svc.key]
+        self._svc_free.append(svc.slot)
+
+    # --- dests --------------------------------------------------------------
+
+    def _dest_args(self, svc: Service, daddr: Any, dport: Any, fwd: Any, weight: Any,
+                   u_threshold: Any, l_threshold: Any) -> tuple:
+        da = _addr(daddr, "real server address")
+        dp = svc.vport if dport is None else _port(dport, "real server port")
+        f = _fwd(fwd)
+        w = _int_in(weight, 0, MAX_WEIGHT, E_WEIGHT)
+        ut = _int_in(u_threshold or 0, 0, MAX_THRESHOLD, "illegal u_threshold specified")
+        lt = _int_in(l_threshold or 0, 0, MAX_THRESHOLD, "illegal l_threshold specified")
+        if f not in SUPPORTED_FWD:
+            hint = {FWD_ROUTE: " (-g, ipvsadm's default)", FWD_TUNNEL: " (-i)"}.get(f, "")
+            raise BalancerError(
+                f"forwarding method {FWD_KEYS[f]}{hint} is not supported yet: "
+                "use masquerading (-m)")
+        if f in (FWD_ROUTE, FWD_TUNNEL) and dp != svc.vport:
+            raise BalancerError(
+                f"the real server port must equal the service port ({svc.vport}) "
+                f"with forwarding method {FWD_KEYS[f]}")
+        return da, dp, f, w, ut, lt
+
+    def add_dest(self, proto: Any, vaddr: Any, vport: Any, daddr: Any, dport: Any = None,
+                 fwd: Any = "masq", weight: Any = 1, u_threshold: Any = 0,
+                 l_threshold: Any = 0) -> int:
+        """ipvsadm -a. ``dport`` None means the service port. Returns the dest slot."""
+        svc = self._get_svc(proto, vaddr, vport, E_SVC_UNDEF)
+        da, dp, f, w, ut, lt = self._dest_args(svc, daddr, dport, fwd, weight,
+                                               u_threshold, l_threshold)
+        if (da, dp) in svc.dests:
+            raise BalancerError(E_DEST_EXISTS)
+        slot = self._alloc_dest_slot((svc.key, da, dp))
+        svc.dests[(da, dp)] = Dest(slot, da, dp, f, w, ut, lt)
+        self._refresh_sched(svc)
+        self._changed()
+        return slot
+
+    def edit_dest(self, proto: Any, vaddr: Any, vport: Any, daddr: Any, dport: Any = None,
+                  fwd: Any = None, weight: Any = None, u_threshold: Any = None,
+                  l_threshold: Any = None) -> int:
+        """ipvsadm -e. Arguments left None keep their value (the CLI passes all)."""
+        svc = self._get_svc(proto, vaddr, vport, E_SVC_UNDEF)
+        da = _addr(daddr, "real server address")
+        dp = svc.vport if dport is None else _port(dport, "real server port")
+        d = svc.dests.get((da, dp))
+        if d is None:
+            raise BalancerError(E_NO_DEST)
+        _, _, f, w, ut, lt = self._dest_args(
+            svc, da, dp, d.fwd if fwd is None else fwd, d.weight if weight is None else weight,
+            d.u_threshold if u_threshold is None else u_threshold,
+            d.l_threshold if l_threshold is None else l_threshold)
+        d.fwd, d.weight, d.u_threshold, d.l_threshold = f, w, ut, lt
+        self._refresh_sched(svc)
+        self._changed()
+        return d.slot
+
+    def del_dest(self, proto: Any, vaddr: Any, vport: Any, daddr: Any, dport: Any = None) -> None:
+        """ipvsadm -d. The dest's conns stay in the engine and drain."""
+        svc = self._get_svc(proto, vaddr, vport, E_SVC_UNDEF)
+        da = _addr(daddr, "real server address")
+        dp = svc.vport if dport is None else _port(dport, "real server port")
+        d = svc.dests.pop((da, dp), None)
+        if d is None:
+            raise BalancerError(E_NO_DEST)
+        self._release_dest(svc, d)
+        self._refresh_sched(svc)
+        self._changed()
+
+    # --- slots --------------------------------------------------------------
+
+    def _alloc_svc_slot(self, key: tuple[int, int, int]) -> int:
+        old = self._svc_last_slot.get(key)
+        if old is not None and old in self._svc_free:
+            # Back in its old slot: revived dests then match their old conns.
+            self._svc_free.remove(old)
+            slot = old
+        else:
+            if not self._svc_free:
+                raise BalancerError(f"{E_NOMEM} (all {self.counters.max_services} service slots in use)")
+            slot = self._svc_free.popleft()
+            for k, s in list(self._svc_last_slot.items()):
+                if s == slot and k != key:
+                    del self._svc_last_slot[k]
+            self.counters.svc_stats[slot] = 0
+        self._est_svc_last[slot] = self.counters.svc_stats[slot]
+        self._est_svc_avg[slot] = 0
+        return slot
+
+    def _conns_on(self, slot: int) -> bool:
+        c = self.counters.dest_conns[slot]
+        return bool(c[ACTIVE] or c[INACTIVE])
+
+    def _alloc_dest_slot(self, trash_key: tuple) -> int:
+        old = self._dest_trash.pop(trash_key, None)
+        if old is not None:
+            del self._dest_trash_key[old]
+            try:
+                self._dest_free.remove(old)
+            except ValueError:
+                pass
+            else:
+                # Revived with its counters: its old conns count on it still.
+                return old
+        # FIFO and skipping slots conns still name: a freed slot goes to the
+        # back of the line, so it is not handed out again right away.
+        for _ in range(len(self._dest_free)):
+            slot = self._dest_free.popleft()
+            if self._conns_on(slot):
+                self._dest_free.append(slot)
+                continue
+            tk = self._dest_trash_key.pop(slot, None)
+            if tk is not None:
+                del self._dest_trash[tk]
+            self.counters.dest_stats[slot] = 0
+            self._est_dest_last[slot] = 0
+            self._est_dest_avg[slot] = 0
+            return slot
+        raise BalancerError(f"{E_NOMEM} (all {self.counters.max_dests} dest slots in use "
+                            "or held by conns)")
+
+    def _release_dest(self, svc: Service, d: Dest) -> None:
+        if self._conns_on(d.slot):
+            tk = (svc.key, d.daddr, d.dport)
+            self._dest_trash[tk] = d.slot
+            self._dest_trash_key[d.slot] = tk
+        self._dest_free.append(d.slot)
+
+    # --- the scheduler view -------------------------------------------------
+
+    def _refresh_sched(self, svc: Service, force: bool = False) -> None:
+        views = tuple(SchedDestView(d.slot, d.weight, d.daddr, d.dport, d.u_threshold,
+                                    d.l_threshold)
+                      for d in svc.dests.values() if d.fwd in SUPPORTED_FWD)
+        with self._sched_lock:
+            svc.scheduler.update(views)
+            self._sched_view[svc.slot] = (svc.scheduler, views)
+
+    # --- publishing ---------------------------------------------------------
+
+    def _changed(self) -> None:
+        if self._batching:
+            self._dirty = True
+        else:
+            self.republish()
+
+    def build_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """Fresh service and dest arrays for the current model."""
+        svcs = np.zeros(self.counters.max_services, dtype=SERVICE_DTYPE)
+        dests = np.zeros(self.counters.max_dests, dtype=DEST_DTYPE)
+        resolve = getattr(self.resolver, "resolve", None)
+        for svc in self._services.values():
+            row = svcs[svc.slot]
+            row["vaddr"], row["vport"], row["proto"], row["flags"] = (
+                svc.vaddr, svc.vport, svc.proto, SVC_F_USED)
+            for d in svc.dests.values():
+                flags = DEST_F_USED
+                out_port, dmac, smac = 0, b"\0" * 6, b"\0" * 6
+                ans = resolve(d.daddr) if resolve is not None else None
+                if ans is not None:
+                    out_port, dmac, smac = ans
+                    flags |= DEST_F_RESOLVED
+                r = dests[d.slot]
+                r["daddr"], r["dport"], r["svc"], r["weight"] = d.daddr, d.dport, svc.slot, d.weight
+                r["fwd"], r["flags"], r["out_port"] = d.fwd, flags, out_port
+                r["dmac"] = np.frombuffer(bytes(dmac), dtype=np.uint8)
+                r["smac"] = np.frombuffer(bytes(smac), dtype=np.uint8)
+        return svcs, dests
+
+    def republish(self) -> None:
+        """Build and publish new tables (also after the resolver learned a MAC)."""
+        svcs, dests = self.build_tables()
+        self.services_table, self.dests_table = svcs, dests
+        self.generation += 1
+        self._dirty = False
+        if self.publish is not None:
+            self.publish(svcs, dests)
+
+    def on_resolved(self, daddr: int | None = None) -> None:
+        """The resolver learned or changed an answer: publish if a dest uses it."""
+        if daddr is None or any(d.daddr == daddr for s in self._services.values()
+                                for d in s.dests.values()):
+            self.republish()
+
+    refresh = on_resolved
+
+    # --- counters and rates -------------------------------------------------
+
+    def zero(self, proto: Any = None, vaddr: Any = None, vport: Any = None) -> None:
+        """ipvsadm -Z: zero the traffic counters of one service or of all."""
+        if proto is None and vaddr is None:
+            svcs = list(self._services.values())
+        else:
+            svcs = [self._get_svc(proto, vaddr, vport)]
+        for svc in svcs:
+            self.counters.svc_stats[svc.slot] = 0
+            self._est_svc_last[svc.slot] = 0
+            self._est_svc_avg[svc.slot] = 0
+            for d in svc.dests.values():
+                self.counters.dest_stats[d.slot] = 0
+                self._est_dest_last[d.slot] = 0
+                self._est_dest_avg[d.slot] = 0
+
+    def estimate(self, now: float | None = None) -> None:
+        """One step of the kernel's rate estimator (call every 2 seconds).
+
+        rate = counter delta / elapsed; avg = avg * 3/4 + rate / 4.
+        """
+        now = time.monotonic() if now is None else now
+        svc_now = self.counters.svc_stats.astype(np.float64)
+        dest_now = self.counters.dest_stats.astype(np.float64)
+        if self._est_time is not None and now > self._est_time:
+            dt = now - self._est_time
+            for cur, last, avg in ((svc_now, self._est_svc_last, self._est_svc_avg),
+                                   (dest_now, self._est_dest_last, self._est_dest_avg)):
+                # A counter zeroed under us reads as a negative delta: no rate.
+                rate = np.maximum(cur - last, 0) / dt
+                avg += (rate - avg) / 4
+        self._est_time = now
+        self._est_svc_last[:] = svc_now
+        self._est_dest_last[:] = dest_now
+
+    # --- timeouts -----------------------------------------------------------
+
+    def set_timeouts(self, tcp: Any = 0, tcpfin: Any = 0, udp: Any = 0) -> dict[str, int]:
+        """ipvsadm --set tcp tcpfin udp; 0 leaves a value unchanged."""
+        vals = {}
+        for k, v in (("tcp", tcp), ("tcpfin", tcpfin), ("udp", udp)):
+            vals[k] = _int_in(v or 0, 0, MAX_TIMEOUT, f"invalid timeout value `{v}' specified")
+        for k, v in vals.items():
+            if v:
+                self._timeouts[k] = v
+        if self.on_timeouts is not None:
+            self.on_timeouts(self.timeout_array())
+        return self.timeouts()
+
+    def timeouts(self) -> dict[str, int]:
+        return dict(self._timeouts)
+
+    def timeout_array(self) -> np.ndarray:
+        t = self._timeouts
+        return states.timeout_array(t["tcp"], t["tcpfin"], t["udp"])
+
+    # --- views for clients and the runtime ----------------------------------
+
+    def snapshot(self) -> dict:
+        """Everything ``pylvs adm -L`` and ``-S`` print, as plain JSON data."""
+        c = self.counters
+        out = []
+        for svc in self._services.values():
+            dests = []
+            for d in svc.dests.values():
+                dests.append({
+                    "daddr": ip_str(d.daddr), "dport": d.dport,
+                    "fwd": FWD_KEYS[d.fwd], "fwd_name": FWD_NAMES[d.fwd],
+                    "weight": d.weight, "u_threshold": d.u_threshold,
+                    "l_threshold": d.l_threshold,
+                    "activeconns": int(c.dest_conns[d.slot, ACTIVE]),
+                    "inactconns": int(c.dest_conns[d.slot, INACTIVE]),
+                    "persistconns": 0,
+                    "stats": _traffic(c.dest_stats[d.slot]),
+                    "rates": _rates(self._est_dest_avg[d.slot]),
+                    "resolved": bool(self.dests_table[d.slot]["flags"] & DEST_F_RESOLVED),
+                    "slot": d.slot,
+                })
+            out.append({
+                "proto": PROTO_NAMES[svc.proto], "protocol": svc.proto,
+                "vaddr": ip_str(svc.vaddr), "vport": svc.vport, "fwmark": 0,
+                "sched": svc.sched_name, "sched_flags": svc.sched_flags,
+                "flags": sched_flag_names(svc.sched_name, svc.sched_flags),
+                "persistent": bool(svc.timeout), "timeout": svc.timeout,
+                "netmask": ip_str(svc.netmask), "pe": svc.pe, "ops": svc.ops,
+                "stats": _traffic(c.svc_stats[svc.slot]),
+                "rates": _rates(self._est_svc_avg[svc.slot]),
+                "slot": svc.slot, "dests": dests,
+            })
+        return {"version": IPVS_VERSION, "size": self.conn_tab_size,
+                "services": out, "timeouts": self.timeouts()}
+
+    def conns(self) -> list[dict]:
+        """The engine's conns for ``-L -c``: expiry in whole seconds from now."""
+        if self.conns_source is None:
+            raise BalancerError("the connection table is not available from this director")
+        now = self.clock()
+        out = []
+        for t in self.conns_source():
+            proto, caddr, cport, vaddr, vport, daddr, dport, state, expires = t[:9]
+            if proto == PROTO_UDP or state >= states.N_TCP_STATES:
+                sname = "UDP"
+            else:
+                sname = states.STATE_NAMES[state]
+            out.append({
+                "proto": PROTO_NAMES.get(proto, str(proto)),
+                "caddr": ip_str(caddr), "cport": int(cport),
+                "vaddr": ip_str(vaddr), "vport": int(vport),
+                "daddr": ip_str(daddr), "dport": int(dport),
+                "state": sname, "expires": max(0, int(expires - now)),
+            })
+        return out
+
+    def steering_view(self) -> dict[str, list[tuple[int, int, int]]]:
+        """Sockets to steal: services (proto, vaddr, vport) and real servers
+        (proto, daddr, dport) whose replies come back through the director."""
+        svcs, reals = [], set()
+        for svc in self._services.values():
+            svcs.append(svc.key)
+            for d in svc.dests.values():
+                if d.fwd == FWD_MASQ:
+                    reals.add((svc.proto, d.daddr, d.dport))
+        return {"services": svcs, "real_servers": sorted(reals)}
+
+    # --- operations as data (the RPC, -R, pylvs run -c) ---------------------
+
+    _OPS = {
+        "add_service": ("add_service", ("proto", "vaddr", "vport", "sched", "flags",
+                                        "persistent", "netmask", "ops", "pe", "fwmark")),
+        "edit_service": ("edit_service", ("proto", "vaddr", "vport", "sched", "flags",
+                                          "persistent", "netmask", "ops", "pe", "fwmark")),
+        "del_service": ("del_service", ("proto", "vaddr", "vport")),
+        "clear": ("clear", ()),
+        "add_dest": ("add_dest", ("proto", "vaddr", "vport", "daddr", "dport", "fwd",
+                                  "weight", "u_threshold", "l_threshold")),
+        "edit_dest": ("edit_dest", ("proto", "vaddr", "vport", "daddr", "dport", "fwd",
+                                    "weight", "u_threshold", "l_threshold")),
+        "del_dest": ("del_dest", ("proto", "vaddr", "vport", "daddr", "dport")),
+        "zero": ("zero", ("proto", "vaddr", "vport")),
+        "set_timeouts": ("set_timeouts", ("tcp", "tcpfin", "udp")),
+        "timeouts": ("timeouts", ()),
+        "snapshot": ("snapshot", ()),
+        "conns": ("conns", ()),
+        "steering_view": ("steering_view", ()),
+    }
+
+    def apply(self, op: dict) -> Any:
+        """Run one operation dict ``{"op": name, ...}``; raises BalancerError."""
+        if not isinstance(op, dict):
+            raise BalancerError("an operation must be a JSON object")
+        name = op.get("op")
+        if name == "batch":
+            return self.apply_many(op.get("ops") or [])
+        if name == "ping":
+            return "pong"
+        spec = self._OPS.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise BalancerError(f"unknown operation {name!r}")
+        meth, allowed = spec
+        extra = set(op) - set(allowed) - {"op"}
+        if extra:
+            raise BalancerError(f"{name}: unknown argument(s) {', '.join(sorted(extra))}")
+        kwargs = {k: op[k] for k in allowed if k in op}
+        try:
+            return getattr(self, meth)(**kwargs)
+        except TypeError as e:
+            raise BalancerError(f"{name}: {e}") from None
+
+    def apply_many(self, ops: Iterable[dict]) -> list[dict]:
+        """Apply ops in order, publishing once at the end; as ``ipvsadm -R``,
+        an op that fails does not stop the ones after it."""
+        results = []
+        self._batching += 1
+        try:
+            for op in ops:
+                try:
+                    results.append({"ok": True, "result": self.apply(op)})
+                except BalancerError as e:
+                    results.append({"ok": False, "error": str(e)})
+        finally:
+            self._batching -= 1
+            if not self._batching and self._dirty:
+                self.republish()
+        return results
+
+
+def _traffic(row: np.ndarray) -> dict[str, int]:
+    return {k: int(row[i]) for i, k in enumerate(TRAFFIC_KEYS)}
+
+
+def _rates(row: np.ndarray) -> dict[str, int]:
+    return {k: int(row[i] + 0.5) for i, k in enumerate(RATE_KEYS)}

@@ -1,0 +1,218 @@
+"""ipvsadm's listings, byte for byte, from a Balancer snapshot.
+
+Pure functions (snapshot data in, text out) so that the formats are tested
+without a director. Scripts parse these outputs, so column widths, trailing
+spaces, sort order and number scaling follow ipvsadm 1.31 exactly.
+
+Addresses are always printed numerically: ipvsadm without ``-n`` would look
+up host and service names, but a listing that stalls on reverse DNS is worse
+than numbers, and the names the director's resolver knows are not
+necessarily the operator's. ``-n`` is accepted and changes nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable
+
+FORWARD_NAMES = {"masq": "Masq", "local": "Local", "tunnel": "Tunnel", "route": "Route"}
+FORWARD_SWITCHES = {"masq": "-m", "tunnel": "-i", "local": "-g", "route": "-g"}
+PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+PROTO_SWITCHES = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}
+
+# Output formats of -L (one at a time, as ipvsadm's FMT_* flags choose).
+DEFAULT, STATS, RATE, THRESHOLDS, PERSISTENT_CONN = (
+    "default", "stats", "rate", "thresholds", "persistent-conn")
+
+
+def _ip_key(a: str) -> int:
+    return int(ipaddress.IPv4Address(a))
+
+
+def addrport(addr: str, port: int) -> str:
+    if ":" in addr:
+        return f"[{addr}]:{port}"
+    return f"{addr}:{port}"
+
+
+def sorted_services(services: Iterable[dict], nosort: bool = False) -> list[dict]:
+    """ipvsadm's order: fwmark, then protocol number, address, port."""
+    services = list(services)
+    if nosort:
+        return services
+    return sorted(services, key=lambda s: (
+        s.get("fwmark", 0), PROTO_NUMBERS.get(s["proto"], 0),
+        _ip_key(s["vaddr"]) if not s.get("fwmark") else 0, s.get("vport", 0)))
+
+
+def sorted_dests(dests: Iterable[dict], nosort: bool = False) -> list[dict]:
+    dests = list(dests)
+    if nosort:
+        return dests
+    return sorted(dests, key=lambda d: (_ip_key(d["daddr"]), d["dport"]))
+
+
+def largenum(n: int, exact: bool = False) -> str:
+    """A counter in a 9-character column, scaled with K/M/G/T unless exact."""
+    n = int(n)
+    if exact:
+        digits = len(str(n))
+        return f"{n:>{9 if digits <= 8 else digits + 1}d}"
+    if n < 100_000_000:
+        return f"{n:9d}"
+    if n < 1_000_000_000:
+        return f"{n // 1000:8d}K"
+    if n < 100_000_000_000:
+        return f"{n // 1_000_000:8d}M"
+    if n < 100_000_000_000_000:
+        return f"{n // 1_000_000_000:8d}G"
+    return f"{n // 1_000_000_000_000:8d}T"
+
+
+def header(snap: dict) -> str:
+    return f"IP Virtual Server version {snap.get('version', '1.2.1')} (size={snap.get('size', 4096)})\n"
+
+
+def title(fmt: str = DEFAULT) -> str:
+    if fmt == STATS:
+        return "%-33s %8s %8s %8s %8s %8s\n  -> RemoteAddress:Port\n" % (
+            "Prot LocalAddress:Port", "Conns", "InPkts", "OutPkts", "InBytes", "OutBytes")
+    if fmt == RATE:
+        return "%-33s %8s %8s %8s %8s %8s\n  -> RemoteAddress:Port\n" % (
+            "Prot LocalAddress:Port", "CPS", "InPPS", "OutPPS", "InBPS", "OutBPS")
+    if fmt == THRESHOLDS:
+        return "%-33s %-10s %-10s %-10s %-10s\n  -> RemoteAddress:Port\n" % (
+            "Prot LocalAddress:Port", "Uthreshold", "Lthreshold", "ActiveConn", "InActConn")
+    if fmt == PERSISTENT_CONN:
+        return "%-33s %-9s %-11s %-10s %-10s\n  -> RemoteAddress:Port\n" % (
+            "Prot LocalAddress:Port", "Weight", "PersistConn", "ActiveConn", "InActConn")
+    return ("Prot LocalAddress:Port Scheduler Flags\n"
+            "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n")
+
+
+def service_name(svc: dict) -> str:
+    """'TCP  10.0.0.1:80' or 'FWM  7', cut to 33 characters as ipvsadm does."""
+    if svc.get("fwmark"):
+        return "FWM  %d" % svc["fwmark"]
+    return ("%-4s %s" % (svc["proto"], addrport(svc["vaddr"], svc["vport"])))[:33]
+
+
+def service_rule(svc: dict) -> str:
+    if svc.get("fwmark"):
+        return "-f %d" % svc["fwmark"]
+    return "%s %s" % (PROTO_SWITCHES[svc["proto"]], addrport(svc["vaddr"], svc["vport"]))
+
+
+def _service_line(svc: dict, fmt: str, exact: bool) -> str:
+    name = service_name(svc)
+    if fmt == STATS:
+        st = svc["stats"]
+        return "%-33s" % name + "".join(largenum(st[k], exact) for k in
+                                       ("conns", "inpkts", "outpkts", "inbytes", "outbytes"))
+    if fmt == RATE:
+        r = svc["rates"]
+        return "%-33s" % name + "".join(largenum(r[k], exact) for k in
+                                       ("cps", "inpps", "outpps", "inbps", "outbps"))
+    line = f"{name} {svc['sched']}"
+    if svc.get("flags"):
+        line += " (%s)" % ",".join(svc["flags"])
+    if svc.get("persistent"):
+        line += " persistent %d" % svc["timeout"]
+        if svc.get("netmask", "255.255.255.255") != "255.255.255.255":
+            line += " mask %s" % svc["netmask"]
+        if svc.get("pe"):
+            line += " pe %s" % svc["pe"]
+    if svc.get("ops"):
+        line += " ops"
+    return line
+
+
+def _dest_line(d: dict, fmt: str, exact: bool) -> str:
+    name = addrport(d["daddr"], d["dport"])[:28]
+    if fmt == STATS:
+        st = d["stats"]
+        return "  -> %-28s" % name + "".join(largenum(st[k], exact) for k in
+                                             ("conns", "inpkts", "outpkts", "inbytes", "outbytes"))
+    if fmt == RATE:
+        r = d["rates"]
+        return ("  -> %-28s %8d %8d %8d" % (name, r["cps"], r["inpps"], r["outpps"])
+                + largenum(r["inbps"], exact) + largenum(r["outbps"], exact))
+    if fmt == THRESHOLDS:
+        return "  -> %-28s %-10d %-10d %-10d %-10d" % (
+            name, d["u_threshold"], d["l_threshold"], d["activeconns"], d["inactconns"])
+    if fmt == PERSISTENT_CONN:
+        return "  -> %-28s %-9d %-11d %-10d %-10d" % (
+            name, d["weight"], d.get("persistconns", 0), d["activeconns"], d["inactconns"])
+    return "  -> %-28s %-7s %-6d %-10d %-10d" % (
+        name, FORWARD_NAMES[d["fwd"]], d["weight"], d["activeconns"], d["inactconns"])
+
+
+def service_entry(svc: dict, fmt: str = DEFAULT, exact: bool = False,
+                  nosort: bool = False) -> str:
+    lines = [_service_line(svc, fmt, exact)]
+    lines += [_dest_line(d, fmt, exact) for d in sorted_dests(svc["dests"], nosort)]
+    return "\n".join(lines) + "\n"
+
+
+def list_all(snap: dict, fmt: str = DEFAULT, exact: bool = False, nosort: bool = False) -> str:
+    """``ipvsadm -L -n`` (with --stats, --rate, --thresholds, --persistent-conn)."""
+    out = [header(snap), title(fmt)]
+    out += [service_entry(s, fmt, exact, nosort) for s in sorted_services(snap["services"], nosort)]
+    return "".join(out)
+
+
+def list_service(svc: dict, fmt: str = DEFAULT, exact: bool = False, nosort: bool = False) -> str:
+    """``ipvsadm -L -n -t VIP:PORT``: no version header, as ipvsadm."""
+    return title(fmt) + service_entry(svc, fmt, exact, nosort)
+
+
+def find_service(snap: dict, proto: str, vaddr: str, vport: int, fwmark: int = 0) -> dict | None:
+    for s in snap["services"]:
+        if fwmark:
+            if s.get("fwmark") == fwmark:
+                return s
+        elif (not s.get("fwmark") and s["proto"] == proto and s["vaddr"] == vaddr
+              and s["vport"] == vport):
+            return s
+    return None
+
+
+def save(snap: dict, nosort: bool = False) -> str:
+    """``ipvsadm -S -n``: rules that ``-R`` restores."""
+    out = []
+    for svc in sorted_services(snap["services"], nosort):
+        rule = service_rule(svc)
+        line = f"-A {rule} -s {svc['sched']}"
+        if svc.get("persistent"):
+            line += " -p %d" % svc["timeout"]
+            if svc.get("netmask", "255.255.255.255") != "255.255.255.255":
+                line += " -M %s" % svc["netmask"]
+            if svc.get("pe"):
+                line += " --pe %s" % svc["pe"]
+        if svc.get("ops"):
+            line += " -o"
+        if svc.get("flags"):
+            line += " -b %s" % ",".join(svc["flags"])
+        out.append(line + "\n")
+        for d in sorted_dests(svc["dests"], nosort):
+            out.append("-a %s -r %s %s -w %d\n" % (
+                rule, addrport(d["daddr"], d["dport"]), FORWARD_SWITCHES[d["fwd"]], d["weight"]))
+    return "".join(out)
+
+
+def timeouts(t: dict) -> str:
+    """``ipvsadm -L --timeout``."""
+    return "Timeout (tcp tcpfin udp): %d %d %d\n" % (t["tcp"], t["tcpfin"], t["udp"])
+
+
+def conns(rows: Iterable[dict]) -> str:
+    """``ipvsadm -L -c -n``; expiry as MM:SS (minutes are not capped at 59)."""
+    out = ["IPVS connection entries\n",
+           "pro expire %-11s %-18s %-18s %s\n" % ("state", "source", "virtual", "destination")]
+    for c in rows:
+        exp = max(0, int(c["expires"]))
+        out.append("%-3s %-6s %-11s %-18s %-18s %s\n" % (
+            c["proto"], "%02d:%02d" % (exp // 60, exp % 60), c["state"],
+            addrport(c["caddr"], c["cport"]), addrport(c["vaddr"], c["vport"]),
+            addrport(c["daddr"], c["dport"])))
+    return "".join(out)
