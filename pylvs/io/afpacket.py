@@ -55,9 +55,45 @@ def attach_filter(sock: socket.socket, prog: list[bpf.Insn]) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
+SIOCGIFFLAGS = 0x8913
+SIOCGIFHWADDR = 0x8927
+IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
+ARPHRD_ETHER = 1
+
+
+def _ifreq(name: str, request: int) -> bytes:
+    # ioctls answer for the caller's network namespace, whatever /sys shows
+    # (a namespace entered without remounting sysfs sees the root's /sys).
+    import fcntl
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return fcntl.ioctl(s.fileno(), request, struct.pack("16s24x", name.encode()))
+
+
+def interface_info(name: str) -> tuple[int, int, bytes]:
+    """(flags, ARPHRD type, MAC) of an interface of this namespace."""
+    flags = struct.unpack_from("H", _ifreq(name, SIOCGIFFLAGS), 16)[0]
+    hw = _ifreq(name, SIOCGIFHWADDR)
+    family = struct.unpack_from("H", hw, 16)[0]
+    return flags, family, hw[18:24]
+
+
+def up_ethernet_interfaces() -> list[str]:
+    """Every Ethernet interface of this namespace that is up (not loopback)."""
+    out = []
+    for _, name in sorted(socket.if_nameindex()):
+        try:
+            flags, family, _ = interface_info(name)
+        except OSError:
+            continue
+        if family == ARPHRD_ETHER and flags & IFF_UP and not flags & IFF_LOOPBACK:
+            out.append(name)
+    return out
+
+
 def _mac_of(name: str) -> bytes:
-    with open(f"/sys/class/net/{name}/address") as f:
-        return bytes.fromhex(f.read().strip().replace(":", ""))
+    return interface_info(name)[2]
 
 
 class AfPacketBackend:

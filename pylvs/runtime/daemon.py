@@ -28,25 +28,12 @@ from ..engine import tables
 
 log = logging.getLogger("pylvs")
 
-IFF_UP = 0x1
-ARPHRD_ETHER = 1
-
 
 def default_interfaces() -> list[str]:
     """Every Ethernet interface of this namespace that is up (loopback excluded)."""
-    out = []
-    for name in sorted(os.listdir("/sys/class/net")):
-        base = f"/sys/class/net/{name}"
-        try:
-            with open(f"{base}/type") as f:
-                kind = int(f.read())
-            with open(f"{base}/flags") as f:
-                flags = int(f.read(), 16)
-        except (OSError, ValueError):
-            continue
-        if kind == ARPHRD_ETHER and flags & IFF_UP:
-            out.append(name)
-    return out
+    from ..io.afpacket import up_ethernet_interfaces
+
+    return up_ethernet_interfaces()
 
 
 def local_addresses() -> frozenset[str]:
