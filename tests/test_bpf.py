@@ -146,3 +146,13 @@ def test_accepts_a_gso_sized_frame(prog):
     big = frame("1.2.3.4", VIP, 6, 40000, 80, payload=b"y" * 65000)
     assert bpf.run(prog, big) >= len(big)
     assert kernel_accepts(prog, [big]) == [True]
+
+
+def test_only_nat_dests_are_stolen():
+    services = tables.empty_services(2)
+    services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED)
+    dests = tables.empty_dests(2)
+    for i, fwd in enumerate((tables.FWD_MASQ, tables.FWD_ROUTE)):
+        dests[i]["daddr"], dests[i]["dport"], dests[i]["svc"] = bpf.ip(RIP) + i, 80, 0
+        dests[i]["flags"], dests[i]["fwd"] = tables.DEST_F_USED, fwd
+    assert bpf.dest_keys(services, dests) == [(6, bpf.ip(RIP), 80)]

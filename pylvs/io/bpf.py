@@ -57,11 +57,16 @@ def keys_of(table, kind: str) -> list[Key]:
 
 
 def dest_keys(services, dests) -> list[Key]:
-    """(proto, daddr, dport) of used dests; proto comes from their service."""
+    """(proto, daddr, dport) of used VS-NAT dests; proto comes from their service.
+
+    Only NAT replies come back through the director: DR and TUN real servers
+    answer clients directly, so their traffic is none of ours.
+    """
     if not isinstance(dests, np.ndarray):
         return sorted({(int(p), int(a), int(port)) for p, a, port in dests})
     out = set()
-    used = dests[(dests["flags"] & tables.DEST_F_USED) != 0]
+    used = dests[((dests["flags"] & tables.DEST_F_USED) != 0)
+                 & (dests["fwd"] == tables.FWD_MASQ)]
     for d in used:
         s = int(d["svc"])
         if s < len(services) and services[s]["flags"] & tables.SVC_F_USED:

@@ -81,6 +81,10 @@ class Daemon:
             raise SystemExit("pylvs run: no interface is up in this network namespace; use --iface")
         self._backend, self._steering, self._resolver = backend, steering, resolver
         self._pending: tuple | None = None
+        self._pending_timeouts = None
+        # Python engines are not safe to read (conns) while the data thread
+        # runs them; the C engine is protected by the GIL, the lock is cheap.
+        self._engine_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
         self._data_error: BaseException | None = None
@@ -121,14 +125,21 @@ class Daemon:
     def _data_loop(self) -> None:
         engine, backend = self.engine, self.backend
         timeout, budget = self.opts.poll_timeout, self.opts.expire_budget
+        lock = self._engine_lock
         try:
             while not self._stop.is_set():
-                if self._pending is not None:
+                if self._pending is not None or self._pending_timeouts is not None:
                     with self._pending_lock:
                         pending, self._pending = self._pending, None
-                    engine.set_tables(*pending)
-                backend.forward(engine, time.monotonic(), timeout)
-                engine.expire(time.monotonic(), budget)
+                        timeouts, self._pending_timeouts = self._pending_timeouts, None
+                    with lock:
+                        if pending is not None:
+                            engine.set_tables(*pending)
+                        if timeouts is not None:
+                            engine.set_timeouts(timeouts)
+                backend.forward(self._fwd_engine, time.monotonic(), timeout)
+                with lock:
+                    engine.expire(time.monotonic(), budget)
                 self.loops += 1
         except BaseException as e:  # surfaced by run(): the director must not limp on
             self._data_error = e
@@ -136,6 +147,14 @@ class Daemon:
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(self._stop_event.set)
+
+    def _set_timeouts(self, timeouts) -> None:
+        with self._pending_lock:
+            self._pending_timeouts = timeouts
+
+    def _conns(self) -> list:
+        with self._engine_lock:
+            return self.engine.conns()
 
     # --- start-up and shut-down --------------------------------------------
 
@@ -162,12 +181,18 @@ class Daemon:
         self.balancer = Balancer(self.counters, resolver=self.resolver, publish=self.publish)
         self.engine = new_engine(self.opts.engine, self.opts.capacity,
                                  counters=self.counters, schedule=self.balancer.schedule)
+        self._fwd_engine = self.engine
+        if not _is_c_engine(self.engine):
+            self._fwd_engine = _LockedEngine(self.engine, self._engine_lock)
         # A resolved MAC changes the dest table: the Balancer re-publishes.
         refresh = (getattr(self.balancer, "on_resolved", None)
                    or getattr(self.balancer, "refresh", None))
         if refresh is not None:
             self.resolver.on_change = lambda daddr: self._call_in_loop(refresh, daddr)
         self.resolver.on_local_change = self._local_changed
+        self.balancer.on_timeouts = self._set_timeouts
+        self.balancer.conns_source = self._conns
+        self.balancer.clock = time.monotonic  # the time base forward() is given
 
     def _call_in_loop(self, fn, *args) -> None:
         loop = self._loop
@@ -193,11 +218,15 @@ class Daemon:
         with open(path) as f:
             text = f.read()
         ops = adm.parse_restore(text)
-        for op in ops:
-            r = self.balancer.apply(op)
-            if inspect.isawaitable(r):
-                await r
-        log.info("applied %d rules from %s", len(ops), path)
+        # As ipvsadm -R: a bad line is reported and the others still apply,
+        # published once at the end.
+        results = self.balancer.apply_many(ops)
+        if inspect.isawaitable(results):
+            results = await results
+        bad = [(op, r) for op, r in zip(ops, results or []) if not r.get("ok", True)]
+        for op, r in bad:
+            log.error("%s: %s: %s", path, op, r.get("error"))
+        log.info("applied %d of %d rules from %s", len(ops) - len(bad), len(ops), path)
 
     async def _main(self) -> int:
         from ..control import rpc
@@ -213,6 +242,7 @@ class Daemon:
         data.start()
         self.resolver.start()
         try:
+            self.balancer.republish()  # the engine starts with (empty) tables
             await self._apply_config()
             log.info("ready: %d port(s) %s, engine %s, control %s",
                      len(self.backend.ports), " ".join(p.name for p in self.backend.ports),
@@ -262,6 +292,26 @@ class Daemon:
             except Exception as e:
                 log.error("closing %s: %s", what, e)
         log.info("stopped")
+
+
+def _is_c_engine(engine) -> bool:
+    try:
+        from .._fast import Engine
+    except ImportError:
+        return False
+    return isinstance(engine, Engine)
+
+
+class _LockedEngine:
+    """A Python engine as the data thread drives it: process() under the lock
+    that the control thread takes to read conns."""
+
+    def __init__(self, engine, lock: threading.Lock):
+        self._engine, self._lock = engine, lock
+
+    def process(self, batch, now: float) -> int:
+        with self._lock:
+            return self._engine.process(batch, now)
 
 
 def _takes_args(fn, n: int) -> bool:
