@@ -1,0 +1,764 @@
+"""`pylvs adm`: ipvsadm's command line for a running pylvs director.
+
+It stands where ``ipvsadm`` stands in scripts: the same commands and
+options, bundled as popt bundles them (``-Ln``, ``-At VIP:PORT``), the same
+listings byte for byte, the same error messages and exit statuses (2 for a
+command line ipvsadm refuses, 255 for an operation the director refuses or
+an option popt does not know, 1 for a listing of a missing service).
+
+The work is done by the director's Balancer over the control socket
+(``--control PATH``, default: this network namespace's socket).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, TextIO
+
+from ..control import listing, rpc
+
+PROG = "pylvs adm"
+VERSION = "pylvs adm 0.1.0 (ipvsadm v1.31 command line, IPVS v1.2.1)"
+DEF_SCHED = "wlc"
+MAX_TIMEOUT = 86400 * 31
+DEFAULT_PERSISTENT_TIMEOUT = 300
+
+EXIT_FAIL = 2     # ipvsadm's fail(2, ...): a command line it refuses
+EXIT_ERROR = 255  # ipvsadm returns -1: popt errors, operations refused
+
+
+class AdmError(Exception):
+    def __init__(self, msg: str, code: int = EXIT_FAIL):
+        super().__init__(msg)
+        self.code = code
+
+
+def _fail(msg: str) -> AdmError:
+    return AdmError(msg, EXIT_FAIL)
+
+
+def _tryhelp() -> AdmError:
+    return AdmError(f"Try `{PROG} -h' or '{PROG} --help' for more information.", EXIT_ERROR)
+
+
+# --- the option table (as ipvsadm 1.31's popt table) ------------------------
+
+NOARG, REQARG, OPTARG = 0, 1, 2
+
+# (long name, short letter or None, argument kind, tag)
+_TABLE: list[tuple[str, str | None, int, str]] = [
+    ("add-service", "A", NOARG, "A"),
+    ("edit-service", "E", NOARG, "E"),
+    ("delete-service", "D", NOARG, "D"),
+    ("clear", "C", NOARG, "C"),
+    ("list", "L", NOARG, "L"),
+    ("list", "l", NOARG, "L"),
+    ("zero", "Z", NOARG, "Z"),
+    ("add-server", "a", NOARG, "a"),
+    ("edit-server", "e", NOARG, "e"),
+    ("delete-server", "d", NOARG, "d"),
+    ("set", None, NOARG, "set"),
+    ("help", "h", NOARG, "h"),
+    ("version", "v", NOARG, "v"),
+    ("restore", "R", NOARG, "R"),
+    ("save", "S", NOARG, "S"),
+    ("start-daemon", None, REQARG, "start-daemon"),
+    ("stop-daemon", None, REQARG, "stop-daemon"),
+    ("tcp-service", "t", REQARG, "t"),
+    ("udp-service", "u", REQARG, "u"),
+    ("sctp-service", None, REQARG, "sctp"),
+    ("fwmark-service", "f", REQARG, "f"),
+    ("scheduler", "s", REQARG, "s"),
+    ("persistent", "p", OPTARG, "p"),
+    ("netmask", "M", REQARG, "M"),
+    ("real-server", "r", REQARG, "r"),
+    ("masquerading", "m", NOARG, "m"),
+    ("ipip", "i", NOARG, "i"),
+    ("gatewaying", "g", NOARG, "g"),
+    ("weight", "w", REQARG, "w"),
+    ("u-threshold", "x", REQARG, "x"),
+    ("l-threshold", "y", REQARG, "y"),
+    ("numeric", "n", NOARG, "n"),
+    ("connection", "c", NOARG, "c"),
+    ("mcast-interface", None, REQARG, "mcast-interface"),
+    ("syncid", None, REQARG, "syncid"),
+    ("timeout", None, NOARG, "timeout"),
+    ("daemon", None, NOARG, "daemon"),
+    ("stats", None, NOARG, "stats"),
+    ("rate", None, NOARG, "rate"),
+    ("thresholds", None, NOARG, "thresholds"),
+    ("persistent-conn", None, NOARG, "persistent-conn"),
+    ("nosort", None, NOARG, "nosort"),
+    ("sort", None, NOARG, "sort"),
+    ("exact", "X", NOARG, "X"),
+    ("ipv6", "6", NOARG, "6"),
+    ("ops", "o", NOARG, "o"),
+    ("pe", None, REQARG, "pe"),
+    ("sched-flags", "b", REQARG, "b"),
+    ("mcast-group", None, REQARG, "mcast-group"),
+    ("mcast-port", None, REQARG, "mcast-port"),
+    ("mcast-ttl", None, REQARG, "mcast-ttl"),
+    ("sync-maxlen", None, REQARG, "sync-maxlen"),
+    ("tun-type", None, REQARG, "tun-type"),
+    ("tun-port", None, REQARG, "tun-port"),
+    ("tun-nocsum", None, NOARG, "tun-nocsum"),
+    ("tun-csum", None, NOARG, "tun-csum"),
+    ("tun-remcsum", None, NOARG, "tun-remcsum"),
+    ("tun-info", None, NOARG, "tun-info"),
+    # pylvs's own: which director to talk to.
+    ("control", None, REQARG, "control"),
+]
+_LONG = {name: (kind, tag) for name, _s, kind, tag in _TABLE}
+_SHORT = {s: (kind, tag) for _n, s, kind, tag in _TABLE if s}
+
+
+def tokenize(argv: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """popt's view of argv: (tag, argument) pairs in order, and leftovers."""
+    opts: list[tuple[str, str | None]] = []
+    rest: list[str] = []
+    i, n = 0, len(argv)
+    while i < n:
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        if arg.startswith("--"):
+            name, eq, val = arg[2:].partition("=")
+            if name not in _LONG:
+                raise AdmError(f"{arg}: unknown option", EXIT_ERROR)
+            kind, tag = _LONG[name]
+            if kind == NOARG:
+                if eq:
+                    raise AdmError(f"{arg}: option does not take an argument", EXIT_ERROR)
+                opts.append((tag, None))
+            elif eq:
+                opts.append((tag, val))
+            elif kind == REQARG:
+                if i >= n:
+                    raise AdmError(f"{arg}: missing argument", EXIT_ERROR)
+                opts.append((tag, argv[i]))
+                i += 1
+            else:
+                if i < n and not argv[i].startswith("-"):
+                    opts.append((tag, argv[i]))
+                    i += 1
+                else:
+                    opts.append((tag, None))
+            continue
+        if arg.startswith("-") and len(arg) > 1:
+            j = 1
+            while j < len(arg):
+                ch = arg[j]
+                j += 1
+                if ch not in _SHORT:
+                    raise AdmError(f"{arg}: unknown option", EXIT_ERROR)
+                kind, tag = _SHORT[ch]
+                if kind == NOARG:
+                    opts.append((tag, None))
+                    continue
+                tail = arg[j:]
+                if tail:
+                    opts.append((tag, tail))
+                elif kind == REQARG:
+                    if i >= n:
+                        raise AdmError(f"{arg}: missing argument", EXIT_ERROR)
+                    opts.append((tag, argv[i]))
+                    i += 1
+                elif i < n and not argv[i].startswith("-"):
+                    opts.append((tag, argv[i]))
+                    i += 1
+                else:
+                    opts.append((tag, None))
+                break
+            continue
+        rest.append(arg)
+    return opts, rest
+
+
+# --- commands and the legal option combinations -----------------------------
+
+CMD_NAMES = {
+    "A": "add-service", "E": "edit-service", "D": "delete-service", "C": "flush",
+    "L": "list", "a": "add-server", "d": "delete-server", "e": "edit-server",
+    "set": "set", "start-daemon": "start-daemon", "stop-daemon": "stop-daemon",
+    "R": "restore", "S": "save", "Z": "zero",
+}
+
+# Option names in ipvsadm's order: the first offending one is reported.
+OPT_ORDER = (
+    "numeric", "connection", "service-address", "scheduler", "persistent", "netmask",
+    "real-server", "forwarding-method", "weight", "u-threshold", "l-threshold",
+    "mcast-interface", "timeout", "daemon", "stats", "rate", "thresholds",
+    "persistent-conn", "nosort", "syncid", "exact", "ops", "pe", "sched-flags",
+    "mcast-group", "mcast-port", "mcast-ttl", "sync-maxlen", "tun-info", "tun-type",
+    "tun-port", "tun-nocsum", "tun-csum", "tun-remcsum",
+)
+_OPT_OF_TAG = {
+    "n": "numeric", "c": "connection", "t": "service-address", "u": "service-address",
+    "sctp": "service-address", "f": "service-address", "s": "scheduler", "p": "persistent",
+    "M": "netmask", "r": "real-server", "m": "forwarding-method", "i": "forwarding-method",
+    "g": "forwarding-method", "w": "weight", "x": "u-threshold", "y": "l-threshold",
+    "mcast-interface": "mcast-interface", "timeout": "timeout", "daemon": "daemon",
+    "stats": "stats", "rate": "rate", "thresholds": "thresholds",
+    "persistent-conn": "persistent-conn", "nosort": "nosort", "syncid": "syncid",
+    "X": "exact", "o": "ops", "pe": "pe", "b": "sched-flags", "mcast-group": "mcast-group",
+    "mcast-port": "mcast-port", "mcast-ttl": "mcast-ttl", "sync-maxlen": "sync-maxlen",
+    "tun-info": "tun-info", "tun-type": "tun-type", "tun-port": "tun-port",
+    "tun-nocsum": "tun-nocsum", "tun-csum": "tun-csum", "tun-remcsum": "tun-remcsum",
+}
+
+_TUN = ("tun-type", "tun-port", "tun-nocsum", "tun-csum", "tun-remcsum")
+_SYNC = ("mcast-interface", "syncid", "mcast-group", "mcast-port", "mcast-ttl", "sync-maxlen")
+# Per command: '+' required, '1' at most one of these, ' ' allowed; others illegal.
+_LEGAL: dict[str, dict[str, str]] = {
+    "A": {"service-address": "+", "scheduler": " ", "persistent": " ", "netmask": " ",
+          "ops": " ", "pe": " ", "sched-flags": " "},
+    "D": {"service-address": "+"},
+    "C": {},
+    "L": {"numeric": " ", "connection": "1", "service-address": "1", "timeout": "1",
+          "daemon": "1", "stats": " ", "rate": " ", "thresholds": " ",
+          "persistent-conn": " ", "nosort": " ", "exact": " ", "tun-info": " "},
+    "a": {"service-address": "+", "real-server": "+", "forwarding-method": " ",
+          "weight": " ", "u-threshold": " ", "l-threshold": " ", **{t: " " for t in _TUN}},
+    "d": {"service-address": "+", "real-server": "+"},
+    "set": {},
+    "start-daemon": {t: " " for t in _SYNC},
+    "stop-daemon": {"syncid": " "},
+    "R": {},
+    "S": {"numeric": " "},
+    "Z": {"service-address": " "},
+}
+_LEGAL["E"] = _LEGAL["A"]
+_LEGAL["e"] = _LEGAL["a"]
+
+
+@dataclass
+class Command:
+    """One parsed ipvsadm command line."""
+
+    cmd: str = ""                   # tag of the command (A, E, D, C, L, a, e, d, ...)
+    options: list[str] = field(default_factory=list)
+    proto: str = "tcp"
+    vaddr: str = "0.0.0.0"
+    vport: int = 0
+    fwmark: int = 0
+    sched: str | None = None
+    persistent: int = 0
+    netmask: str | None = None
+    ops: bool = False
+    pe: str | None = None
+    sched_flags: list[str] = field(default_factory=list)
+    daddr: str | None = None
+    dport: int | None = None
+    fwd: str = "route"              # ipvsadm's default forwarding method: -g
+    weight: int = 1
+    u_threshold: int = 0
+    l_threshold: int = 0
+    fmt: set[str] = field(default_factory=set)
+    timeouts: tuple[int, int, int] = (0, 0, 0)
+    control: str | None = None
+    sync_state: str | None = None
+
+    @property
+    def name(self) -> str:
+        return CMD_NAMES.get(self.cmd, self.cmd)
+
+    def has(self, opt: str) -> bool:
+        return opt in self.options
+
+
+def _number(s: str | None, lo: int, hi: int) -> int | None:
+    # strtol's acceptance, as ipvsadm's string_to_number.
+    if s is None or not re.fullmatch(r"\s*[+-]?\d+", s):
+        return None
+    v = int(s)
+    return v if lo <= v <= hi else None
+
+
+def parse_timeout(s: str | None, lo: int, hi: int) -> int:
+    if s is None:
+        return DEFAULT_PERSISTENT_TIMEOUT
+    v = _number(s, lo, hi)
+    if v is None:
+        raise _fail(f"invalid timeout value `{s}' specified")
+    return v
+
+
+def _host(name: str) -> str | None:
+    try:
+        return socket.inet_ntoa(socket.inet_aton(name))
+    except OSError:
+        pass
+    try:
+        return socket.gethostbyname(name)
+    except (OSError, UnicodeError):
+        return None
+
+
+def parse_service(buf: str, proto: str) -> tuple[str, int | None] | None:
+    """'host[:port]' -> (dotted address, port or None); None if unparseable."""
+    if not buf or buf.isdigit():
+        return None
+    if buf.startswith("[") or buf.count(":") > 1:
+        raise _fail("IPv6 is not supported yet")
+    host, colon, port = buf.rpartition(":")
+    if not colon:
+        host, port = buf, None
+    addr = _host(host)
+    if addr is None:
+        return None
+    if port is None:
+        return addr, None
+    p = _number(port, 0, 65535)
+    if p is None:
+        try:
+            p = socket.getservbyname(port, proto)
+        except (OSError, TypeError):
+            return None
+    return addr, p
+
+
+def _parse_netmask(s: str) -> str:
+    addr = _host(s)
+    if addr is None:
+        raise _fail("illegal virtual server persistent mask specified")
+    return addr
+
+
+_SCHED_FLAG_OWNERS = {"sh-fallback": "sh", "sh-port": "sh", "mh-fallback": "mh", "mh-port": "mh"}
+
+
+def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
+    """ipvsadm's parse_options + generic_opt_check + its sanity checks."""
+    opts, rest = tokenize(argv)
+    c = Command()
+
+    def set_command(tag: str) -> None:
+        if c.cmd:
+            raise _fail("multiple commands specified")
+        c.cmd = tag
+
+    def set_option(name: str) -> None:
+        if name in c.options:
+            raise _fail(f"multiple '{name}' options specified")
+        c.options.append(name)
+
+    raw_dest: str | None = None
+    for tag, val in opts:
+        if tag in ("A", "E", "D", "C", "L", "a", "e", "d", "set", "R", "S", "Z"):
+            set_command(tag)
+        elif tag in ("start-daemon", "stop-daemon"):
+            set_command(tag)
+            if val not in ("master", "backup"):
+                raise _fail("illegal start-daemon parameter specified" if tag == "start-daemon"
+                            else "illegal start_daemon specified")
+            c.sync_state = val
+        elif tag == "h":
+            c.cmd = c.cmd or "h"
+            return _with(c, "h")
+        elif tag == "v":
+            return _with(c, "v")
+        elif tag == "control":
+            c.control = val
+        elif tag in ("t", "u", "sctp"):
+            set_option("service-address")
+            if tag == "sctp":
+                raise _fail("SCTP services are not supported yet")
+            c.proto = "tcp" if tag == "t" else "udp"
+            parsed = parse_service(val or "", c.proto)
+            if parsed is None:
+                raise _fail("illegal virtual server address[:port] specified")
+            c.vaddr, port = parsed
+            c.vport = port or 0
+        elif tag == "f":
+            set_option("service-address")
+            mark = _number(val, 1, 2**32 - 1)
+            if mark is None:
+                raise _fail(f"invalid fwmark value `{val}' specified")
+            c.fwmark, c.proto = mark, "tcp"
+        elif tag == "s":
+            set_option("scheduler")
+            c.sched = val
+        elif tag == "p":
+            set_option("persistent")
+            c.persistent = parse_timeout(val, 1, MAX_TIMEOUT)
+        elif tag == "M":
+            set_option("netmask")
+            c.netmask = _parse_netmask(val or "")
+        elif tag == "r":
+            set_option("real-server")
+            raw_dest = val or ""
+        elif tag in ("m", "i", "g"):
+            set_option("forwarding-method")
+            c.fwd = {"m": "masq", "i": "tunnel", "g": "route"}[tag]
+        elif tag == "w":
+            set_option("weight")
+            w = _number(val, 0, 65535)
+            if w is None:
+                raise _fail("illegal weight specified")
+            c.weight = w
+        elif tag in ("x", "y"):
+            name = "u-threshold" if tag == "x" else "l-threshold"
+            set_option(name)
+            v = _number(val, 0, 2**31 - 1)
+            if v is None:
+                raise _fail(f"illegal {'u' if tag == 'x' else 'l'}_threshold specified")
+            if tag == "x":
+                c.u_threshold = v
+            else:
+                c.l_threshold = v
+        elif tag == "6":
+            if not c.fwmark:
+                raise _fail("-6 used before -f")
+            raise _fail("IPv6 is not supported yet")
+        elif tag == "o":
+            set_option("ops")
+            c.ops = True
+        elif tag == "pe":
+            set_option("pe")
+            c.pe = val
+        elif tag == "b":
+            set_option("sched-flags")
+            c.sched_flags = [f for f in (val or "").split(",") if f]
+        elif tag == "syncid":
+            set_option("syncid")
+            if _number(val, 0, 255) is None:
+                raise _fail("illegal syncid specified")
+        elif tag == "sort":
+            pass  # sorting is the default; accepted for old scripts
+        else:
+            name = _OPT_OF_TAG[tag]
+            set_option(name)
+            if name in ("numeric", "stats", "rate", "thresholds", "persistent-conn",
+                        "nosort", "exact", "tun-info"):
+                c.fmt.add(name)
+
+    if c.cmd == "set":
+        if len(rest) < 3:
+            raise _fail("--set option requires 3 timeout values")
+        c.timeouts = tuple(parse_timeout(v, 0, MAX_TIMEOUT) for v in rest[:3])  # type: ignore[assignment]
+        rest = rest[3:]
+    if rest:
+        raise _fail(f"unexpected argument {rest[0]}")
+    if not c.cmd:
+        if not opts or all(t == "control" for t, _ in opts):
+            c.cmd = "L"        # plain `ipvsadm` lists the table
+            return c
+        raise _tryhelp()
+    if c.cmd == "R" and reading_stdin:
+        raise _tryhelp()
+
+    _opt_check(c)
+
+    if raw_dest is not None:
+        parsed = parse_service(raw_dest, c.proto)
+        if parsed is None:
+            raise _fail("illegal real server address[:port] specified")
+        c.daddr, c.dport = parsed
+        if c.dport is None:
+            c.dport = c.vport
+
+    if c.cmd in ("A", "E"):
+        if not c.fwmark and not c.vport and not c.persistent:
+            raise _fail("Zero port specified for non-persistent service")
+        if c.ops and not c.fwmark and c.proto != "udp":
+            raise _fail("One-Packet Scheduling is only for UDP virtual services")
+        if not c.sched:
+            c.sched = DEF_SCHED
+        for f in c.sched_flags:
+            if f not in ("flag-1", "flag-2", "flag-3") and f not in _SCHED_FLAG_OWNERS:
+                raise _fail(f"invalid scheduler flag `{f}'")
+            owner = _SCHED_FLAG_OWNERS.get(f)
+            if owner and owner != c.sched:
+                raise _fail(f"incompatible scheduler flag `{f}'")
+    if c.cmd in ("a", "e") and not c.fwmark and c.fwd in ("route", "tunnel"):
+        # DR and Tun cannot change the port: ipvsadm quietly uses the service's.
+        c.dport = c.vport
+    if c.cmd == "L" and (c.has("connection") or c.has("timeout") or c.has("daemon")) and (
+            c.fmt & {"stats", "persistent-conn", "rate", "thresholds"}):
+        raise _fail("options conflicts in the list command")
+    return c
+
+
+def _with(c: Command, cmd: str) -> Command:
+    c.cmd = cmd
+    return c
+
+
+def _opt_check(c: Command) -> None:
+    legal = _LEGAL[c.cmd]
+    first_exclusive: str | None = None
+    for opt in OPT_ORDER:
+        rule = legal.get(opt, "x")
+        if opt not in c.options:
+            if rule == "+":
+                raise _fail(f"You need to supply the '{opt}' option for the '{c.name}' command")
+            continue
+        if rule == "x":
+            raise _fail(f"Illegal '{opt}' option with the '{c.name}' command")
+        if rule == "1":
+            if first_exclusive is None:
+                first_exclusive = opt
+            else:
+                raise _fail(f"The option '{opt}' conflicts with the '{first_exclusive}' "
+                            f"option in the '{c.name}' command")
+
+
+# --- commands to Balancer operations ----------------------------------------
+
+def _svc_fields(c: Command) -> dict[str, Any]:
+    d: dict[str, Any] = {"proto": c.proto, "vaddr": c.vaddr, "vport": c.vport}
+    if c.fwmark:
+        d["fwmark"] = c.fwmark
+    return d
+
+
+def to_op(c: Command) -> dict | None:
+    """The Balancer operation of a rule command, or None for other commands.
+
+    -E and -e send every attribute, as ipvsadm does: what the command line
+    leaves out goes back to its default (-s wlc, no persistence, weight 1,
+    gatewaying)."""
+    if c.cmd in ("A", "E"):
+        op = {"op": "add_service" if c.cmd == "A" else "edit_service", **_svc_fields(c),
+              "sched": c.sched or DEF_SCHED, "flags": list(c.sched_flags),
+              "persistent": c.persistent, "netmask": c.netmask or "255.255.255.255",
+              "ops": c.ops, "pe": c.pe or ""}
+        if c.fwmark:
+            op["fwmark"] = c.fwmark
+        return op
+    if c.cmd == "D":
+        return {"op": "del_service", **_svc_fields(c)}
+    if c.cmd == "C":
+        return {"op": "clear"}
+    if c.cmd in ("a", "e"):
+        return {"op": "add_dest" if c.cmd == "a" else "edit_dest", **_svc_fields(c),
+                "daddr": c.daddr, "dport": c.dport, "fwd": c.fwd, "weight": c.weight,
+                "u_threshold": c.u_threshold, "l_threshold": c.l_threshold}
+    if c.cmd == "d":
+        return {"op": "del_dest", **_svc_fields(c), "daddr": c.daddr, "dport": c.dport}
+    if c.cmd == "Z":
+        return {"op": "zero", **(_svc_fields(c) if c.has("service-address") else {})}
+    if c.cmd == "set":
+        tcp, tcpfin, udp = c.timeouts
+        return {"op": "set_timeouts", "tcp": tcp, "tcpfin": tcpfin, "udp": udp}
+    return None
+
+
+def restore_lines(text: str):
+    """(line number, argv) of each rule line; a leading word ``ipvsadm`` is
+    dropped, blank lines and ``#`` comments are skipped."""
+    for no, line in enumerate(text.splitlines(), 1):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:
+            raise _fail(f"line {no}: {e}") from None
+        if words and words[0] in ("ipvsadm", "pylvs-adm"):
+            words = words[1:]
+        if words:
+            yield no, words
+
+
+def parse_restore(text: str) -> list[dict]:
+    """Operation dicts for a file of ``pylvs adm -S`` lines (``pylvs run -c``).
+
+    Raises AdmError naming the line for a line ipvsadm would refuse or one
+    that is not a rule (a listing, say)."""
+    ops = []
+    for no, words in restore_lines(text):
+        try:
+            c = parse_args(words, reading_stdin=True)
+        except AdmError as e:
+            raise AdmError(f"line {no}: {e}", e.code) from None
+        op = to_op(c)
+        if op is None:
+            raise _fail(f"line {no}: not a rule command: {' '.join(words)}")
+        ops.append(op)
+    return ops
+
+
+# --- running ----------------------------------------------------------------
+
+class _Conn:
+    """The control connection, opened on first use so parse errors come first."""
+
+    def __init__(self, path: str | None, factory: Callable[[str], Any] | None = None):
+        self.path = path or rpc.default_path()
+        self.factory = factory or rpc.Client
+        self.client: Any = None
+
+    def call(self, op: dict) -> Any:
+        if self.client is None:
+            try:
+                self.client = self.factory(self.path)
+                connect = getattr(self.client, "connect", None)
+                if connect is not None:
+                    connect()
+            except OSError as e:
+                self.client = None
+                raise AdmError(
+                    f"Can't initialize ipvs: cannot reach the pylvs control socket "
+                    f"{self.path}: {e.strerror or e}\n"
+                    "Is `pylvs run` running in this network namespace (or use --control)?",
+                    EXIT_FAIL) from None
+        try:
+            return self.client.call(op)
+        except rpc.RpcError as e:
+            raise AdmError(str(e), EXIT_ERROR) from None
+        except (OSError, ValueError) as e:
+            raise AdmError(f"control socket {self.path}: {e}", EXIT_FAIL) from None
+
+    def close(self) -> None:
+        if self.client is not None and hasattr(self.client, "close"):
+            self.client.close()
+
+
+def _list_format(c: Command) -> str:
+    for f in ("stats", "rate", "thresholds", "persistent-conn"):
+        if f in c.fmt:
+            return f
+    return listing.DEFAULT
+
+
+def execute(c: Command, conn: _Conn, stdin: TextIO, out: TextIO, err: TextIO,
+            reading_stdin: bool = False) -> int:
+    if c.cmd == "h":
+        out.write(usage())
+        return 0
+    if c.cmd == "v":
+        out.write(VERSION + "\n")
+        return 0
+    if c.cmd in ("start-daemon", "stop-daemon"):
+        raise _fail("the connection sync daemon is not supported yet")
+    if c.cmd == "L":
+        exact, nosort = "exact" in c.fmt, "nosort" in c.fmt
+        if c.has("connection"):
+            out.write(listing.conns(conn.call({"op": "conns"})))
+        elif c.has("service-address"):
+            snap = conn.call({"op": "snapshot"})
+            svc = listing.find_service(snap, c.proto.upper(), c.vaddr, c.vport, c.fwmark)
+            if svc is None:
+                err.write("No such service\n")
+                return 1
+            out.write(listing.list_service(svc, _list_format(c), exact, nosort))
+        elif c.has("timeout"):
+            out.write(listing.timeouts(conn.call({"op": "timeouts"})))
+        elif c.has("daemon"):
+            pass  # no sync daemon runs: ipvsadm prints nothing then
+        else:
+            out.write(listing.list_all(conn.call({"op": "snapshot"}), _list_format(c),
+                                       exact, nosort))
+        return 0
+    if c.cmd == "S":
+        out.write(listing.save(conn.call({"op": "snapshot"})))
+        return 0
+    if c.cmd == "R":
+        return restore(conn, stdin, out, err)
+    op = to_op(c)
+    assert op is not None, c.cmd
+    conn.call(op)
+    return 0
+
+
+def restore(conn: _Conn, stdin: TextIO, out: TextIO, err: TextIO) -> int:
+    """-R: each line as its own command, as ipvsadm does; a refused rule is
+    reported and the rest go on; a line ipvsadm cannot parse stops it."""
+    rc = 0
+    for _no, words in restore_lines(stdin.read()):
+        c = parse_args(words, reading_stdin=True)
+        try:
+            rc = execute(c, conn, stdin, out, err, reading_stdin=True)
+        except AdmError as e:
+            if e.code != EXIT_ERROR:
+                raise
+            err.write(f"{e}\n")
+            rc = e.code
+    return rc
+
+
+def main(argv: list[str] | None = None, *, stdin: TextIO | None = None,
+         stdout: TextIO | None = None, stderr: TextIO | None = None,
+         client_factory: Callable[[str], Any] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stdin = stdin or sys.stdin
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    conn = None
+    try:
+        c = parse_args(argv)
+        conn = _Conn(c.control, client_factory)
+        return execute(c, conn, stdin, out, err)
+    except AdmError as e:
+        err.write(f"{e}\n")
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+def usage() -> str:
+    p = PROG
+    return f"""{VERSION}
+Usage:
+  {p} -A|E -t|u service-address [-s scheduler] [-p [timeout]] [-M netmask] [-b sched-flags]
+  {p} -D -t|u service-address
+  {p} -C
+  {p} -R
+  {p} -S [-n]
+  {p} -a|e -t|u service-address -r server-address [-m|-g|-i] [-w weight] [-x upper] [-y lower]
+  {p} -d -t|u service-address -r server-address
+  {p} -L|l [-n] [-c] [--stats|--rate|--thresholds|--persistent-conn] [--exact] [--nosort]
+  {p} -L --timeout
+  {p} -Z [-t|u service-address]
+  {p} --set tcp tcpfin udp
+  {p} -h
+
+Commands (long or short):
+  --add-service     -A   add a virtual service
+  --edit-service    -E   change a virtual service (unset options go back to defaults)
+  --delete-service  -D   delete a virtual service and its real servers
+  --clear           -C   delete every virtual service
+  --restore         -R   apply rules (as -S prints them) read from stdin
+  --save            -S   print the rules to stdout
+  --add-server      -a   add a real server to a service
+  --edit-server     -e   change a real server
+  --delete-server   -d   delete a real server
+  --list            -L|-l  list services, real servers and counters
+  --zero            -Z   zero the counters of one service or all
+  --set tcp tcpfin udp   set conn timeouts in seconds (0 keeps a value)
+  --help            -h   this text
+
+Options:
+  --tcp-service  -t host[:port]   a TCP virtual service
+  --udp-service  -u host[:port]   a UDP virtual service
+  --scheduler    -s name          scheduler, default {DEF_SCHED}
+  --sched-flags  -b flags         scheduler flags (sh-port, sh-fallback, flag-1, ...)
+  --persistent   -p [timeout]     persistent service (stored; not applied yet)
+  --netmask      -M netmask       persistence granularity
+  --real-server  -r host[:port]   a real server (port defaults to the service's)
+  --masquerading -m               forward by NAT (supported)
+  --gatewaying   -g               direct routing (ipvsadm's default; not supported yet)
+  --ipip         -i               IPIP tunnelling (not supported yet)
+  --weight       -w weight        0..65535, default 1 (0: no new conns)
+  --u-threshold  -x n             upper conn threshold (stored)
+  --l-threshold  -y n             lower conn threshold (stored)
+  --numeric      -n               numeric output (addresses are always numeric)
+  --connection   -c               list the conns
+  --timeout                       list the timeouts
+  --stats / --rate / --thresholds / --persistent-conn   other listings
+  --exact        -X               exact numbers in --stats and --rate
+  --nosort                        list in the director's order
+  --control PATH                  the director's control socket
+                                  (default: this network namespace's)
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

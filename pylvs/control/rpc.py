@@ -1,0 +1,224 @@
+"""The control socket between ``pylvs adm`` and a running director.
+
+A unix stream socket, one JSON object per line each way:
+``{"op": "add_service", ...}`` answered by ``{"ok": true, "result": ...}``
+or ``{"ok": false, "error": "No such service"}``. Operations are the
+Balancer's (see ``Balancer.apply``); ``batch`` runs a list of them with one
+publish at the end.
+
+The socket is root-only: its directory is 0700, the socket 0600, and every
+connection's peer credentials (SO_PEERCRED) must be root or the director's
+own user. The default path carries the network namespace's inode, so two
+directors in two namespaces of one machine do not collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from typing import Any
+
+from .balancer import Balancer, BalancerError
+
+log = logging.getLogger("pylvs.rpc")
+
+RUN_DIR = "/run/pylvs"
+ENV_PATH = "PYLVS_CONTROL"
+MAX_LINE = 16 << 20        # a whole -R restore may travel as one batch
+ESTIMATOR_INTERVAL = 2.0   # the kernel's rate estimator period
+
+
+class RpcError(Exception):
+    """The director refused an operation; the message is ipvsadm's."""
+
+
+def netns_id() -> int:
+    """The inode of this process's network namespace."""
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def default_path() -> str:
+    """``$PYLVS_CONTROL``, else ``/run/pylvs/ctl-<netns inode>.sock``."""
+    env = os.environ.get(ENV_PATH)
+    if env:
+        return env
+    return f"{RUN_DIR}/ctl-{netns_id()}.sock"
+
+
+def _prepare_path(path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
+    elif os.path.abspath(d) == RUN_DIR:
+        # Only our own directory is tightened; a caller's --control directory
+        # (say /tmp) is left alone and the socket mode protects the socket.
+        os.chmod(d, 0o700)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise RuntimeError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)      # stale: left by a director that died
+        return
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)
+            return
+        raise
+    finally:
+        probe.close()
+    raise RuntimeError(f"another pylvs director is serving {path}")
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def handle_line(balancer: Balancer, line: bytes | str) -> dict:
+    """One request line to one response dict; never raises."""
+    try:
+        req = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        return {"ok": False, "error": f"malformed request: {e}"}
+    if not isinstance(req, dict) or "op" not in req:
+        return {"ok": False, "error": "malformed request: expected a JSON object with \"op\""}
+    try:
+        return {"ok": True, "result": balancer.apply(req)}
+    except BalancerError as e:
+        return {"ok": False, "error": str(e)}
+    except Exception as e:  # a bug must cost one request, not the director
+        log.exception("control operation %r failed", req.get("op"))
+        return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+
+
+async def _serve_client(balancer: Balancer, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+    try:
+        uid = _peer_uid(writer)
+        if uid is not None and uid != 0 and uid != os.geteuid():
+            writer.write(b'{"ok": false, "error": "Permission denied (you must be root)"}\n')
+            await writer.drain()
+            return
+        while True:
+            try:
+                line = await reader.readline()
+            except (asyncio.LimitOverrunError, ValueError):
+                writer.write(b'{"ok": false, "error": "malformed request: line too long"}\n')
+                await writer.drain()
+                return
+            if not line:
+                return
+            if not line.strip():
+                continue
+            resp = handle_line(balancer, line)
+            try:
+                data = json.dumps(resp)
+            except (TypeError, ValueError) as e:
+                data = json.dumps({"ok": False, "error": f"internal error: {e}"})
+            writer.write(data.encode() + b"\n")
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        try:
+            writer.close()
+        except Exception:
+            pass
+
+
+async def _estimator(server: asyncio.AbstractServer, balancer: Balancer) -> None:
+    balancer.estimate(time.monotonic())
+    while server.is_serving():
+        await asyncio.sleep(ESTIMATOR_INTERVAL)
+        try:
+            balancer.estimate(time.monotonic())
+        except Exception:
+            log.exception("rate estimator failed")
+
+
+async def start_server(path: str, balancer: Balancer) -> asyncio.AbstractServer:
+    """Serve ``balancer`` on the unix socket ``path`` (and run its rate
+    estimator every 2 s while serving)."""
+    _prepare_path(path)
+    old = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(
+            lambda r, w: _serve_client(balancer, r, w), path=path, limit=MAX_LINE)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    task = asyncio.get_running_loop().create_task(_estimator(server, balancer))
+    server._pylvs_estimator = task  # type: ignore[attr-defined]  # keep a reference
+    return server
+
+
+class Client:
+    """Synchronous client: ``Client(path).call({"op": ...}) -> result``."""
+
+    def __init__(self, path: str | None = None, timeout: float = 30.0):
+        self.path = path or default_path()
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._rfile = None
+
+    def connect(self) -> "Client":
+        if self._sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(self.path)
+            except OSError:
+                s.close()
+                raise
+            self._sock = s
+            self._rfile = s.makefile("rb")
+        return self
+
+    def call(self, op: dict | None = None, **kw: Any) -> Any:
+        """Send one operation; returns its result or raises RpcError."""
+        req = dict(op or {}, **kw)
+        self.connect()
+        assert self._sock is not None and self._rfile is not None
+        self._sock.sendall(json.dumps(req).encode() + b"\n")
+        line = self._rfile.readline(MAX_LINE + 1)
+        if not line:
+            raise ConnectionError(f"{self.path}: the director closed the connection")
+        resp = json.loads(line)
+        if not resp.get("ok"):
+            raise RpcError(resp.get("error", "unknown error"))
+        return resp.get("result")
+
+    def close(self) -> None:
+        if self._rfile is not None:
+            self._rfile.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._rfile = None
+
+    def __enter__(self) -> "Client":
+        return self.connect()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
