@@ -74,7 +74,11 @@ class Options:
 class Daemon:
     """The director process; ``run()`` returns the exit status."""
 
-    def __init__(self, opts: Options, *, backend=None, steering=None, resolver=None):
+    def __init__(self, opts: Options, *, backend=None, steering=None, resolver=None,
+                 on_start=None):
+        # on_start(balancer), run on the event loop before "ready": for
+        # embedding (tests, labs) without a config file.
+        self.on_start = on_start
         self.opts = opts
         self.ifaces = opts.ifaces or default_interfaces()
         if not self.ifaces:
@@ -244,6 +248,10 @@ class Daemon:
         try:
             self.balancer.republish()  # the engine starts with (empty) tables
             await self._apply_config()
+            if self.on_start is not None:
+                r = self.on_start(self.balancer)
+                if inspect.isawaitable(r):
+                    await r
             log.info("ready: %d port(s) %s, engine %s, control %s",
                      len(self.backend.ports), " ".join(p.name for p in self.backend.ports),
                      self.opts.engine, path)
