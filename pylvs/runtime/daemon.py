@@ -214,14 +214,9 @@ class Daemon:
         loop.call_soon_threadsafe(call)
 
     async def _apply_config(self) -> None:
-        path = self.opts.config
+        path, ops = self.opts.config, self._config_ops
         if not path:
             return
-        from ..cli import adm
-
-        with open(path) as f:
-            text = f.read()
-        ops = adm.parse_restore(text)
         # As ipvsadm -R: a bad line is reported and the others still apply,
         # published once at the end.
         results = self.balancer.apply_many(ops)
@@ -272,8 +267,25 @@ class Daemon:
             await asyncio.get_running_loop().run_in_executor(None, data.join, 5)
         return 1 if self._data_error else 0
 
+    def _read_config(self) -> None:
+        # Parsed before anything starts: a typo fails the start, not later.
+        self._config_ops = []
+        if self.opts.config:
+            from ..cli import adm
+
+            try:
+                with open(self.opts.config) as f:
+                    text = f.read()
+            except OSError as e:
+                raise SystemExit(f"pylvs run: -c {self.opts.config}: {e.strerror}") from None
+            try:
+                self._config_ops = adm.parse_restore(text)
+            except adm.AdmError as e:
+                raise SystemExit(f"pylvs run: -c {self.opts.config}: {e}") from None
+
     def run(self) -> int:
         self._loop = None
+        self._read_config()
         self._local = local_addresses()
         try:
             self._build()

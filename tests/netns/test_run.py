@@ -149,3 +149,39 @@ def test_stale_table_from_a_crash_is_replaced(pair):
         if p.poll() is None:
             p.kill()
         os.unlink(log)
+
+
+def test_config_file_rules_applied_at_start(pair, tmp_path):
+    conf = tmp_path / "rules"
+    conf.write_text("-A -t 10.9.5.1:80 -s rr\n"
+                    "-a -t 10.9.5.1:80 -r 10.9.5.2:8080 -m -w 2\n"
+                    "-A -u 10.9.5.1:53 -s wlc\n")
+    p, log = start(pair.a, "-c", str(conf))
+    try:
+        wait_ready(p, log)
+        text = sh("ip", "netns", "exec", pair.a, "nft", "list", "table", "netdev", "pylvs").stdout
+        assert "10.9.5.1 . tcp . 80" in text and "10.9.5.1 . udp . 53" in text
+        assert "10.9.5.2 . tcp . 8080" in text
+        listing = sh("ip", "netns", "exec", pair.a, *RUN[:-1], "adm", "-L", "-n").stdout
+        assert "TCP  10.9.5.1:80 rr" in listing
+        assert "-> 10.9.5.2:8080" in listing and "Masq    2" in listing
+        assert stop(p) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.unlink(log)
+
+
+def test_bad_config_file_fails_the_start(pair, tmp_path):
+    conf = tmp_path / "rules"
+    conf.write_text("-A -t 10.9.5.1:80 -s rr\n-a -t 10.9.5.1:80 -r nonsense:x -m\n")
+    p, log = start(pair.a, "-c", str(conf))
+    try:
+        assert p.wait(20) != 0
+        text = open(log).read()
+        assert "line 2" in text, text
+        assert not has_table(pair.a)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.unlink(log)
