@@ -18,8 +18,8 @@ from scapy.packet import Raw, raw
 
 from engine_kit import (CIP, CLIENT_PORT, CMAC, IMPLS, LMAC, RIP, RMAC, RS_PORT, SMAC,
                         VIP, VIP2, Env, Row, SchedError, UnraisableCatcher, build_tables,
-                        delta, diff_bytes, partial_vnet, tcp, udp, v)
-from pylvs.engine import tables
+                        delta, diff_bytes, ip, mangle, partial_vnet, random_frame, tcp, udp, v)
+from pylvs.engine import states, tables
 from pylvs.engine.checksum import fold, ones_sum, pseudo_header_sum
 
 TX, PASS, DROP = tables.V_TX, tables.V_PASS, tables.V_DROP
@@ -290,3 +290,178 @@ def test_row(row: Row, impl: str) -> None:
         assert len(reported.seen) == 1 and reported.seen[0][0] is SchedError
     else:
         assert reported.seen == []
+
+
+# --- randomized differential test: the C engine against the reference ----------
+
+from pylvs import sched as _sched  # noqa: E402
+
+RIP2, RIP3 = "192.168.1.3", "192.168.1.4"
+RESOLVED = tables.DEST_F_USED | tables.DEST_F_RESOLVED
+MASQ, ROUTE = tables.FWD_MASQ, tables.FWD_ROUTE
+DIFF_SERVICES = {
+    0: (6, VIP, 80),      # wlc over dests 0-2
+    1: (17, VIP, 53),     # rr over dests 3-4
+    2: (6, VIP2, 443),    # wrr, weights 3, 1, 0
+    3: (6, VIP, 81),      # an unresolved dest
+    4: (6, VIP, 82),      # a DR dest
+    5: (6, VIP, 84),      # the scheduler raises
+    6: (17, VIP2, 53),    # lc; its dest is dest 3's RIP:port (conflicts)
+    7: (6, VIP2, 80),     # rr; its dest is dest 0's RIP:port (conflicts)
+}
+DIFF_DESTS = {
+    0: (0, RIP, 8080, MASQ, RESOLVED, 1),
+    1: (0, RIP2, 8080, MASQ, RESOLVED, 2),
+    2: (0, RIP3, 80, MASQ, RESOLVED, 1),
+    3: (1, RIP, 5353, MASQ, RESOLVED, 1),
+    4: (1, RIP2, 53, MASQ, RESOLVED, 1),
+    5: (2, RIP, 443, MASQ, RESOLVED, 3),
+    6: (2, RIP2, 443, MASQ, RESOLVED, 1),
+    7: (2, RIP3, 443, MASQ, RESOLVED, 0),
+    8: (3, RIP2, 81, MASQ, tables.DEST_F_USED, 1),
+    9: (4, RIP2, 82, ROUTE, RESOLVED, 1),
+    10: (6, RIP, 5353, MASQ, RESOLVED, 1),
+    11: (7, RIP, 8080, MASQ, RESOLVED, 1),
+}
+DIFF_SCHED = {0: "wlc", 1: "rr", 2: "wrr", 3: "rr", 4: "rr", 6: "lc", 7: "rr"}
+CLIENTS = ["10.0.0.2", "10.0.0.3", "10.0.0.4", "172.16.5.5", "203.0.113.9"]
+TARGETS = [(6, VIP, 80)] * 4 + [(17, VIP, 53)] * 2 + [(6, VIP2, 443)] * 2 + [
+    (6, VIP, 81), (6, VIP, 82), (6, VIP, 84), (17, VIP2, 53), (17, VIP2, 53), (6, VIP2, 80), (6, VIP2, 80),
+    (6, VIP, 8888), (17, VIP, 9)]
+FOREIGN = [
+    v(raw(Ether(src=CMAC, dst="ff:ff:ff:ff:ff:ff") / ARP(pdst=VIP))),
+    v(raw(Ether(src=CMAC, dst=LMAC) / IP(src=CIP, dst=VIP) / ICMP())),
+    v(raw(Ether(src=CMAC, dst=LMAC) / IPv6(dst="fd00::1") / UDP(dport=53))),
+]
+
+
+class _SchedDest:
+    __slots__ = ("slot", "weight")
+
+    def __init__(self, slot, weight):
+        self.slot, self.weight = slot, weight
+
+
+class DiffControl:
+    """Plays the control plane for one engine: schedulers, dest lists, tables."""
+
+    def __init__(self, counters: tables.Counters):
+        self.counters = counters
+        self.gone: set[int] = set()
+        self.per_svc = {s: (_sched.get(name)(), []) for s, name in DIFF_SCHED.items()}
+        self._relist()
+
+    def _relist(self) -> None:
+        for s, (sch, ds) in self.per_svc.items():
+            ds[:] = [_SchedDest(d, row[5]) for d, row in DIFF_DESTS.items()
+                     if row[0] == s and d not in self.gone]
+            sch.update(ds)
+
+    def toggle(self, slot: int) -> tuple:
+        self.gone ^= {slot}
+        self._relist()
+        return build_tables(DIFF_SERVICES, DIFF_DESTS, gone=self.gone)
+
+    def __call__(self, svc: int, caddr: int, cport: int) -> int:
+        if svc == 5:
+            raise SchedError("broken scheduler")
+        sch, ds = self.per_svc[svc]
+        d = sch.schedule(ds, self.counters.dest_conns, caddr, cport)
+        return -1 if d is None else d.slot
+
+
+def _client_mac(caddr: str) -> str:
+    return "02:00:00:00:10:%02x" % (ip(caddr) & 0xFF)
+
+
+def _random_item(rng, conns):
+    r = rng.random()
+    if r < 0.9:
+        if r < 0.45 or not conns:
+            proto, vaddr, vport = rng.choice(TARGETS)
+            caddr = rng.choice(CLIENTS)
+            frame = random_frame(rng, proto, caddr, vaddr, rng.randrange(1000, 1006), vport,
+                                 _client_mac(caddr), LMAC)
+            port = rng.choice([CLIENT_PORT, 2])
+        else:
+            c = rng.choice(conns)
+            proto, caddr, cport, _, _, daddr, dport = c[:7]
+            frame = random_frame(rng, proto, ipaddress_str(daddr), ipaddress_str(caddr),
+                                 dport, cport, RMAC, SMAC)
+            port = RS_PORT
+        if r > 0.8:
+            frame = mangle(rng, frame)
+        return frame, port
+    return rng.choice(FOREIGN), CLIENT_PORT
+
+
+def ipaddress_str(a: int) -> str:
+    return ".".join(str(a >> s & 0xFF) for s in (24, 16, 8, 0))
+
+
+def _counters_of(env: Env) -> dict:
+    c = env.counters
+    return {"stats": dict(zip(tables.STAT_NAMES, c.stats.tolist())),
+            "svc_stats": c.svc_stats.tolist(), "dest_stats": c.dest_stats.tolist(),
+            "dest_conns": c.dest_conns.tolist()}
+
+
+@pytest.mark.parametrize("hand", ["sweep", "steps"])
+@pytest.mark.parametrize("seed", range(3))
+def test_random_traffic_same_in_both_engines(seed, hand):
+    """Random flows, flag sequences, offload modes, malformed frames, table and
+    timeout changes and expiry, fed to both engines at the same times.
+
+    "sweep" expires with a budget covering every slot (hand order cannot
+    matter); "steps" uses small budgets, relying on the slot allocation and
+    hand order both engines document (LIFO free slots from 0, hand 0..n-1).
+    """
+    rng = random.Random(1000 + seed)
+    capacity = 16
+    controls = {}
+
+    def make(impl):
+        def factory(counters):
+            controls[impl] = DiffControl(counters)
+            return controls[impl]
+        return Env(impl, capacity=capacity, make_schedule=factory,
+                   services=DIFF_SERVICES, dests=DIFF_DESTS)
+
+    ref, fast = make("python"), make("c")
+    now = 1000.0
+    for step in range(300):
+        now += rng.choice([0, 0, 0, 0.25, 0.5, 1, 2, 3, 5, 11, 30, 61, 400])
+        items = [_random_item(rng, sorted(ref.engine.conns())) for _ in range(rng.randint(1, 12))]
+        results = []
+        for env in (ref, fast):
+            with UnraisableCatcher() as reported:
+                results.append((env.send_many(items, now), len(reported.seen)))
+        (tx_r, out_r), rep_r = results[0]
+        (tx_f, out_f), rep_f = results[1]
+        where = f"seed {seed} step {step} now {now}"
+        for i, ((vr, pr, fr), (vf, pf, ff)) in enumerate(zip(out_r, out_f)):
+            assert (vr, pr) == (vf, pf), f"{where} frame {i}: verdict/out_port python {vr}/{pr} c {vf}/{pf}; in {items[i][0].hex()}"
+            assert fr == ff, f"{where} frame {i}: {diff_bytes(ff, fr)} (c vs python); in {items[i][0].hex()}"
+        assert tx_r == tx_f and rep_r == rep_f, where
+        if rng.random() < 0.4:
+            budget = capacity if hand == "sweep" else rng.randrange(1, capacity // 2)
+            assert ref.engine.expire(now, budget) == fast.engine.expire(now, budget), where
+        if rng.random() < 0.03:
+            slot = rng.choice([1, 3, 5])
+            for impl, env in (("python", ref), ("c", fast)):
+                env.engine.set_tables(*controls[impl].toggle(slot))
+        if rng.random() < 0.03:
+            t = states.timeout_array(*(rng.choice([0, 5, 30, 100]) for _ in range(3)))
+            ref.engine.set_timeouts(t)
+            fast.engine.set_timeouts(t)
+        assert sorted(ref.engine.conns()) == sorted(fast.engine.conns()), where
+        assert ref.engine.conn_count == fast.engine.conn_count == len(ref.engine.conns()), where
+        cr, cf = _counters_of(ref), _counters_of(fast)
+        for k in cr:
+            assert cr[k] == cf[k], f"{where}: {k} differ"
+    # The run must have reached the interesting places.
+    st = ref.counters.named()
+    for name in ("conns_created", "conns_expired", "tx_frames", "drop_no_conn", "drop_table_full",
+                 "csum_partial_fixed", "gso_frames", "ip_options", "drop_conflict",
+                 "sched_errors", "drop_unresolved", "drop_fwd_method"):
+        assert st[name] > 0, f"{name} never happened"
