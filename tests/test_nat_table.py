@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
 from scapy.layers.inet6 import IPv6
@@ -465,3 +467,93 @@ def test_random_traffic_same_in_both_engines(seed, hand):
                  "csum_partial_fixed", "gso_frames", "ip_options", "drop_conflict",
                  "sched_errors", "drop_unresolved", "drop_fwd_method"):
         assert st[name] > 0, f"{name} never happened"
+
+
+# --- the scheduler upcall's answers and the API edges, in both engines ----------
+
+class _Answer:
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, svc, caddr, cport):
+        if isinstance(self.value, BaseException):
+            raise self.value
+        return self.value
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("answer, counter", [
+    (0, "conns_created"),
+    (np.int64(0), "conns_created"),
+    (False, "conns_created"),       # a bool is an int: slot 0
+    (-1, "drop_no_dest"),
+    (-7, "drop_no_dest"),
+    (1, "drop_no_dest"),            # a dest of another service
+    (99, "drop_no_dest"),           # no such slot
+    (2**70, "drop_no_dest"),
+    (None, "sched_errors"),
+    (0.0, "sched_errors"),          # not an integer
+    ("0", "sched_errors"),
+    (ValueError("boom"), "sched_errors"),
+], ids=lambda x: repr(x)[:20])
+def test_schedule_answers(impl, answer, counter):
+    env = Env(impl, schedule=_Answer(answer))
+    with UnraisableCatcher() as reported:
+        env.send(v(tcp()), CLIENT_PORT, 0.0)
+    assert env.counters.stat(counter) == 1
+    assert len(reported.seen) == (1 if counter == "sched_errors" else 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_reentry_from_the_scheduler(impl):
+    seen = []
+    env = None
+
+    def schedule(svc, caddr, cport):
+        for call in (lambda: env.engine.expire(0.0, 1), lambda: env.engine.process(env.batch, 0.0),
+                     lambda: env.engine.set_timeouts(states.timeout_array()),
+                     lambda: env.engine.set_tables(*build_tables())):
+            try:
+                call()
+            except RuntimeError:
+                seen.append(True)
+        seen.append(len(env.engine.conns()))   # reading is fine
+        return 0
+
+    env = Env(impl, schedule=schedule)
+    verdict, _, _ = env.send(v(tcp()), CLIENT_PORT, 0.0)
+    assert verdict == TX
+    assert seen == [True, True, True, True, 0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_api_edges(impl):
+    env = Env(impl)
+    e = env.engine
+    assert e.capacity == 64 and e.conn_count == 0
+    b = tables.Batch(size=2, slot=64)
+    b.append(v(tcp()))
+    b.length[0] = 65
+    with pytest.raises(ValueError):
+        e.process(b, 0.0)
+    assert env.counters.stat("rx_frames") == 0
+    with pytest.raises(ValueError):
+        e.set_timeouts(np.zeros(11))
+    with pytest.raises(ValueError):
+        e.set_timeouts(np.full(12, np.inf))
+    with pytest.raises(TypeError):
+        e.set_tables(np.zeros(3), tables.empty_dests(1))
+    with pytest.raises(ValueError):
+        e.set_tables(tables.empty_services(17), tables.empty_dests(1))   # counters have 16 rows
+    cls = type(e)
+    kw = dict(key=bytes(16), transitions=states.TRANSITIONS, timeouts=states.timeout_array(),
+              counters=tables.Counters(), schedule=lambda *a: -1)
+    with pytest.raises(ValueError):
+        cls(0, **kw)
+    with pytest.raises(ValueError):
+        cls(8, **{**kw, "key": b"short"})
+    with pytest.raises(ValueError):
+        cls(8, **{**kw, "transitions": np.full((3, 4, 11), 11, np.uint8)})
+    with pytest.raises(TypeError):
+        cls(8, **{**kw, "schedule": 5})
+    assert e.expire(0.0, 0) == 0 and e.expire(0.0, -1) == 0

@@ -30,6 +30,12 @@ Choices where the contract leaves room (IPVS behaviour where there is one):
 - Only the flags byte of the virtio_net_hdr is cleared when a partial
   checksum is completed; the other fields stay as they came.
 - ``out_port[i]`` is written only for V_TX.
+
+API edges kept as the C engine has them: a frame longer than its batch slot
+is a ValueError before any frame is handled; while the scheduler upcall runs,
+``process``, ``expire``, ``set_tables`` and ``set_timeouts`` raise
+RuntimeError (no re-entry); transitions must be uint8, timeouts float64 and
+finite, capacity 1 .. 2**26.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ _CSUM_PARTIAL_FIXED = _ST["csum_partial_fixed"]
 _GSO_FRAMES = _ST["gso_frames"]
 _SCHED_ERRORS = _ST["sched_errors"]
 
+MAX_CAPACITY = 1 << 26
 V_PASS, V_TX, V_DROP = tables.V_PASS, tables.V_TX, tables.V_DROP
 TCP, UDP = tables.PROTO_TCP, tables.PROTO_UDP
 ETH = tables.VNET_HDR_LEN          # offset of the Ethernet header
@@ -119,18 +126,21 @@ class Engine:
                  timeouts: np.ndarray, counters: tables.Counters,
                  schedule: Callable[[int, int, int], int]):
         capacity = operator.index(capacity)
-        if capacity <= 0:
-            raise ValueError("capacity must be positive")
+        if not 1 <= capacity <= MAX_CAPACITY:
+            raise ValueError(f"capacity must be 1..{MAX_CAPACITY}, not {capacity}")
         key = bytes(key)
         if len(key) != 16:
-            raise ValueError("key must be 16 bytes")
+            raise ValueError(f"key must be 16 bytes, not {len(key)}")
         t = np.asarray(transitions)
+        if t.dtype != np.uint8:
+            raise TypeError("transitions must have dtype uint8")
         if t.shape != (3, 4, states.N_TCP_STATES):
             raise ValueError(f"transitions must have shape (3, 4, {states.N_TCP_STATES})")
         if int(t.min()) < 0 or int(t.max()) >= states.N_TCP_STATES:
             raise ValueError("transitions must name TCP states")
         if not callable(schedule):
             raise TypeError("schedule must be callable")
+        self._busy = False  # inside the scheduler upcall
         self._capacity = capacity
         self._key = key  # unused: a dict is the reference's index (see _index)
         self._trans = t.astype(np.int64).tolist()
@@ -161,13 +171,23 @@ class Engine:
     def conn_count(self) -> int:
         return self._count
 
+    def _refuse_if_busy(self) -> None:
+        if self._busy:
+            raise RuntimeError("Engine is inside a scheduler upcall and cannot be changed or re-entered")
+
     def set_timeouts(self, timeouts: np.ndarray) -> None:
-        t = np.asarray(timeouts, dtype=np.float64)
+        self._refuse_if_busy()
+        t = np.asarray(timeouts)
+        if t.dtype != np.float64:
+            raise TypeError("timeouts must have dtype float64")
         if t.shape != (states.N_TIMEOUTS,):
             raise ValueError(f"timeouts must have shape ({states.N_TIMEOUTS},)")
+        if not np.all(np.isfinite(t)):
+            raise ValueError("timeouts must be finite numbers")
         self._timeouts = [float(x) for x in t]
 
     def set_tables(self, services: np.ndarray, dests: np.ndarray) -> None:
+        self._refuse_if_busy()
         if services.dtype != tables.SERVICE_DTYPE or dests.dtype != tables.DEST_DTYPE:
             raise TypeError("services and dests must use SERVICE_DTYPE and DEST_DTYPE")
         if services.ndim != 1 or dests.ndim != 1:
@@ -216,6 +236,7 @@ class Engine:
     def expire(self, now: float, budget: int) -> int:
         now = float(now)
         budget = operator.index(budget)
+        self._refuse_if_busy()
         if budget <= 0:
             return 0
         cap = self._capacity
@@ -243,10 +264,16 @@ class Engine:
 
     def process(self, batch: tables.Batch, now: float) -> int:
         now = float(now)
+        self._refuse_if_busy()
+        slot = batch.buf.shape[1]
+        for i in range(batch.count):
+            if int(batch.length[i]) > slot:
+                raise ValueError(f"batch.length[{i}] = {int(batch.length[i])} is longer than "
+                                 f"the {slot}-byte slot")
         tx = 0
         try:
             for i in range(batch.count):
-                n = min(int(batch.length[i]), batch.buf.shape[1])
+                n = int(batch.length[i])
                 self._pend[_RX] += 1
                 verdict, out_port = self._frame(batch.buf[i].data, n, int(batch.in_port[i]), now)
                 batch.verdict[i] = verdict
@@ -323,12 +350,15 @@ class Engine:
             if proto == TCP and (not tcp_flags & _TCP_SYN or tcp_flags & (_TCP_ACK | _TCP_RST)):
                 pend[_DROP_NO_CONN] += 1
                 return V_DROP, 0
+            self._busy = True
             try:
                 d = operator.index(self._schedule(svc, saddr, sport))
             except Exception as exc:  # reported, never propagated (as the C upcall)
                 _report_unraisable(exc, self._schedule)
                 pend[_SCHED_ERRORS] += 1
                 return V_DROP, 0
+            finally:
+                self._busy = False
             dests = self._dests
             if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
                 pend[_DROP_NO_DEST] += 1
