@@ -1,0 +1,445 @@
+"""The Balancer: ipvsadm semantics, stable slots, published tables, the
+schedule upcall with the real schedulers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pylvs.control.balancer import Balancer, BalancerError
+from pylvs.engine import states
+from pylvs.engine.tables import (
+    DEST_F_RESOLVED, DEST_F_USED, FWD_MASQ, SVC_F_USED, Counters,
+)
+
+VIP = "10.0.0.1"
+VIP_INT = 0x0A000001
+
+
+def ip(s: str) -> int:
+    a, b, c, d = map(int, s.split("."))
+    return a << 24 | b << 16 | c << 8 | d
+
+
+class FakeResolver:
+    def __init__(self):
+        self.answers = {}
+
+    def resolve(self, daddr):
+        return self.answers.get(daddr)
+
+
+@pytest.fixture
+def env():
+    c = Counters(max_services=4, max_dests=8)
+    pubs = []
+    res = FakeResolver()
+    b = Balancer(c, resolver=res, publish=lambda s, d: pubs.append((s, d)))
+    return b, c, pubs, res
+
+
+def test_add_service_and_dests_publish_tables(env):
+    b, c, pubs, res = env
+    res.answers[ip("10.0.1.2")] = (1, b"\x02\x00\x00\x00\x00\x02", b"\x02\x00\x00\x00\x00\x01")
+    s = b.add_service("tcp", VIP, 80, sched="wlc")
+    d1 = b.add_dest("tcp", VIP, 80, "10.0.1.2", 8080, fwd="masq", weight=3)
+    d2 = b.add_dest("tcp", VIP, 80, "10.0.1.3", None, fwd="masq")
+    assert len(pubs) == 3
+    svcs, dests = pubs[-1]
+    assert svcs.shape == (4,) and dests.shape == (8,)
+    assert (svcs[s]["vaddr"], svcs[s]["vport"], svcs[s]["proto"], svcs[s]["flags"]) == (
+        VIP_INT, 80, 6, SVC_F_USED)
+    r = dests[d1]
+    assert (r["daddr"], r["dport"], r["svc"], r["weight"], r["fwd"], r["out_port"]) == (
+        ip("10.0.1.2"), 8080, s, 3, FWD_MASQ, 1)
+    assert r["flags"] == DEST_F_USED | DEST_F_RESOLVED
+    assert bytes(r["dmac"]) == b"\x02\x00\x00\x00\x00\x02"
+    assert bytes(r["smac"]) == b"\x02\x00\x00\x00\x00\x01"
+    # Unresolved: used, not resolved; the port defaults to the service's.
+    assert dests[d2]["flags"] == DEST_F_USED and dests[d2]["dport"] == 80
+    # Only the used rows are set.
+    assert int((dests["flags"] != 0).sum()) == 2 and int((svcs["flags"] != 0).sum()) == 1
+
+
+def test_published_arrays_are_never_modified(env):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    d = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, weight=1)
+    first = [(s.copy(), x.copy()) for s, x in pubs]
+    b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80, weight=7)
+    b.del_dest("tcp", VIP, 80, "10.0.1.2", 80)
+    b.del_service("tcp", VIP, 80)
+    for (s0, d0), (s1, d1) in zip(first, pubs):
+        assert np.array_equal(s0, s1) and np.array_equal(d0, d1)
+    assert pubs[1][1][d]["weight"] == 1 and pubs[2][1][d]["weight"] == 7
+    assert pubs[-1][0]["flags"].sum() == 0 and pubs[-1][1]["flags"].sum() == 0
+    assert len({id(s) for s, _ in pubs}) == len(pubs)
+
+
+def test_republish_after_resolution(env):
+    b, c, pubs, res = env
+    b.add_service("udp", VIP, 53)
+    d = b.add_dest("udp", VIP, 53, "10.0.1.2", 53, fwd="masq")
+    assert not pubs[-1][1][d]["flags"] & DEST_F_RESOLVED
+    res.answers[ip("10.0.1.2")] = (0, b"\xaa" * 6, b"\xbb" * 6)
+    n = len(pubs)
+    b.on_resolved(ip("10.9.9.9"))   # nobody uses it: nothing to publish
+    assert len(pubs) == n
+    b.on_resolved(ip("10.0.1.2"))
+    assert pubs[-1][1][d]["flags"] & DEST_F_RESOLVED
+    assert b.snapshot()["services"][0]["dests"][0]["resolved"] is True
+
+
+# --- ipvsadm errors ------------------------------------------------------------
+
+def test_errors_with_ipvsadm_wording(env):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    cases = [
+        (lambda: b.add_service("tcp", VIP, 80), "Service already exists"),
+        (lambda: b.edit_service("tcp", VIP, 81), "No such service"),
+        (lambda: b.del_service("udp", VIP, 80), "No such service"),
+        (lambda: b.zero("tcp", VIP, 81), "No such service"),
+        (lambda: b.add_dest("tcp", VIP, 81, "10.0.1.2"), "Service not defined"),
+        (lambda: b.edit_dest("tcp", VIP, 81, "10.0.1.2"), "Service not defined"),
+        (lambda: b.del_dest("tcp", VIP, 81, "10.0.1.2"), "Service not defined"),
+        (lambda: b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80), "No such destination"),
+        (lambda: b.del_dest("tcp", VIP, 80, "10.0.1.2", 80), "No such destination"),
+        (lambda: b.add_service("tcp", VIP, 81, sched="nosuch"),
+         "Scheduler or persistence engine not found"),
+        (lambda: b.add_service("tcp", VIP, 0), "Zero port specified for non-persistent service"),
+        (lambda: b.add_service("tcp", VIP, 53, ops=True),
+         "One-Packet Scheduling is only for UDP virtual services"),
+        (lambda: b.add_dest("tcp", VIP, 80, "10.0.1.2", weight=65536), "illegal weight specified"),
+        (lambda: b.add_dest("tcp", VIP, 80, "10.0.1.2", weight=-1), "illegal weight specified"),
+        (lambda: b.add_service("sctp", VIP, 80), "SCTP services are not supported yet"),
+        (lambda: b.add_service("tcp", "10.0.0", 80), "illegal virtual server address '10.0.0'"),
+        (lambda: b.add_service("tcp", VIP, 70000), "illegal virtual server port 70000"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(BalancerError) as ei:
+            fn()
+        assert str(ei.value) == msg
+    b.add_dest("tcp", VIP, 80, "10.0.1.2", 80)
+    with pytest.raises(BalancerError, match="^Destination already exists$"):
+        b.add_dest("tcp", VIP, 80, "10.0.1.2", 80)
+
+
+def test_route_and_tunnel_not_supported_yet(env):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    with pytest.raises(BalancerError, match="forwarding method route .*not supported yet"):
+        b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="route")
+    with pytest.raises(BalancerError, match="forwarding method tunnel .*not supported yet"):
+        b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="tunnel")
+    b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="masq")
+    with pytest.raises(BalancerError, match="not supported yet"):
+        b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="route")
+
+
+def test_dr_port_rule(env, monkeypatch):
+    from pylvs.control import balancer as bm
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    # Once DR is supported the port rule is what stands in the way.
+    monkeypatch.setattr(bm, "SUPPORTED_FWD", frozenset({0, 2, 3}))
+    with pytest.raises(BalancerError, match="must equal the service port"):
+        b.add_dest("tcp", VIP, 80, "10.0.1.2", 8080, fwd="route")
+    b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="route")
+
+
+def test_persistence_is_stored_and_listed(env):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 0, sched="rr", persistent=True, netmask="255.255.255.0")
+    s = b.snapshot()["services"][0]
+    assert (s["persistent"], s["timeout"], s["netmask"], s["vport"]) == (
+        True, 300, "255.255.255.0", 0)
+    with pytest.raises(BalancerError, match="Zero port"):
+        b.edit_service("tcp", VIP, 0, persistent=0)
+    b.edit_service("tcp", VIP, 0, persistent=60)
+    assert b.snapshot()["services"][0]["timeout"] == 60
+
+
+def test_edit_service_keeps_unset_attributes_and_swaps_scheduler(env):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80, sched="rr", persistent=30)
+    b.add_dest("tcp", VIP, 80, "10.0.1.2", 80)
+    old = b._sched_view[0][0]
+    b.edit_service("tcp", VIP, 80, sched="wlc")
+    s = b.snapshot()["services"][0]
+    assert s["sched"] == "wlc" and s["timeout"] == 30
+    assert b._sched_view[0][0] is not old and type(b._sched_view[0][0]).name == "wlc"
+    assert len(b._sched_view[0][1]) == 1
+
+
+def test_sched_flags_names(env):
+    b, c, pubs, res = env
+    b.add_service("udp", VIP, 53, sched="rr", flags=["flag-1", "flag-3"])
+    assert b.snapshot()["services"][0]["flags"] == ["flag-1", "flag-3"]
+    with pytest.raises(BalancerError, match="invalid scheduler flag"):
+        b.add_service("udp", VIP, 54, flags="nope")
+
+
+def test_clear_and_delete(env):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    b.add_service("udp", VIP, 53)
+    b.add_dest("tcp", VIP, 80, "10.0.1.2", 80)
+    b.del_service("udp", VIP, 53)
+    assert [s["proto"] for s in b.snapshot()["services"]] == ["TCP"]
+    b.clear()
+    assert b.snapshot()["services"] == []
+    assert pubs[-1][0]["flags"].sum() == 0 and pubs[-1][1]["flags"].sum() == 0
+    assert b.schedule(0, 1, 2) == -1
+
+
+# --- slots ---------------------------------------------------------------------
+
+def test_dest_slot_not_reused_while_conns_name_it(env):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    slots = [b.add_dest("tcp", VIP, 80, f"10.0.1.{i}", 80) for i in range(1, 9)]
+    assert sorted(slots) == list(range(8))
+    with pytest.raises(BalancerError, match="Memory allocation problem"):
+        b.add_dest("tcp", VIP, 80, "10.0.1.99", 80)
+    busy = slots[2]
+    c.dest_conns[busy] = [1, 0]
+    c.dest_stats[busy] = [5, 5, 5, 5, 5]
+    b.del_dest("tcp", VIP, 80, "10.0.1.3", 80)
+    # The only free slot is held by a conn: no room.
+    with pytest.raises(BalancerError, match="Memory allocation problem"):
+        b.add_dest("tcp", VIP, 80, "10.0.1.99", 80)
+    free = slots[5]
+    c.dest_stats[free] = [7, 7, 7, 7, 7]
+    b.del_dest("tcp", VIP, 80, "10.0.1.6", 80)
+    new = b.add_dest("tcp", VIP, 80, "10.0.1.99", 80)
+    assert new == free
+    assert c.dest_stats[new].sum() == 0          # a reused slot starts from zero
+    # The conn drains: the slot can be used again, counters zeroed.
+    c.dest_conns[busy] = [0, 0]
+    again = b.add_dest("tcp", VIP, 80, "10.0.1.100", 80)
+    assert again == busy and c.dest_stats[busy].sum() == 0
+
+
+def test_freed_slots_are_reused_last(env):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    a = b.add_dest("tcp", VIP, 80, "10.0.1.1", 80)
+    b.del_dest("tcp", VIP, 80, "10.0.1.1", 80)
+    n = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80)
+    assert n != a   # not handed out again right away
+
+
+def test_dest_readded_while_its_conns_live_gets_its_slot_back(env):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    d = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, weight=2)
+    c.dest_conns[d] = [3, 1]
+    b.del_dest("tcp", VIP, 80, "10.0.1.2", 80)
+    assert not pubs[-1][1][d]["flags"] & DEST_F_USED
+    assert b.add_dest("tcp", VIP, 80, "10.0.1.2", 80) == d
+    assert c.dest_conns[d].tolist() == [3, 1]
+    snap_d = b.snapshot()["services"][0]["dests"][0]
+    assert (snap_d["activeconns"], snap_d["inactconns"]) == (3, 1)
+
+
+def test_service_readded_gets_its_slot_back(env):
+    b, c, pubs, res = env
+    s = b.add_service("tcp", VIP, 80)
+    b.add_service("tcp", VIP, 81)
+    d = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80)
+    c.dest_conns[d] = [1, 0]
+    b.del_service("tcp", VIP, 80)
+    assert b.add_service("tcp", VIP, 80) == s
+    assert b.add_dest("tcp", VIP, 80, "10.0.1.2", 80) == d
+    assert pubs[-1][1][d]["svc"] == s
+
+
+def test_service_slot_counters_zeroed_on_reuse():
+    c = Counters(max_services=1, max_dests=4)
+    b = Balancer(c)
+    s = b.add_service("tcp", VIP, 80)
+    c.svc_stats[s] = [1, 2, 3, 4, 5]
+    b.del_service("tcp", VIP, 80)
+    assert b.add_service("tcp", VIP, 81) == s
+    assert c.svc_stats[s].sum() == 0
+    with pytest.raises(BalancerError, match="Memory allocation problem"):
+        b.add_service("tcp", VIP, 82)
+
+
+# --- the schedule upcall ---------------------------------------------------------
+
+def test_schedule_rr_cycles_and_skips_weight_zero(env):
+    b, c, pubs, res = env
+    s = b.add_service("tcp", VIP, 80, sched="rr")
+    d1 = b.add_dest("tcp", VIP, 80, "10.0.1.1", 80)
+    d2 = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80)
+    d3 = b.add_dest("tcp", VIP, 80, "10.0.1.3", 80)
+    picks = [b.schedule(s, 1, 1000 + i) for i in range(6)]
+    assert picks == [d1, d2, d3, d1, d2, d3]
+    b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80, weight=0)
+    assert {b.schedule(s, 1, 1) for _ in range(4)} == {d1, d3}
+
+
+def test_schedule_wlc_uses_live_conn_counts(env):
+    b, c, pubs, res = env
+    s = b.add_service("tcp", VIP, 80, sched="wlc")
+    d1 = b.add_dest("tcp", VIP, 80, "10.0.1.1", 80, weight=1)
+    d2 = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, weight=3)
+    assert b.schedule(s, 1, 1) == d1       # tie: first in list
+    c.dest_conns[d1] = [1, 0]               # overhead 256 / 1
+    assert b.schedule(s, 1, 1) == d2
+    c.dest_conns[d2] = [3, 0]               # 768 / 3 == 256 / 1: first wins
+    assert b.schedule(s, 1, 1) == d1
+    c.dest_conns[d2] = [4, 0]
+    assert b.schedule(s, 1, 1) == d1
+
+
+def test_schedule_no_dests_unknown_slot_and_quiesced(env):
+    b, c, pubs, res = env
+    s = b.add_service("udp", VIP, 53, sched="wrr")
+    assert b.schedule(s, 1, 1) == -1
+    assert b.schedule(3, 1, 1) == -1
+    assert b.schedule(999, 1, 1) == -1
+    b.add_dest("udp", VIP, 53, "10.0.1.1", 53, weight=0)
+    assert b.schedule(s, 1, 1) == -1
+
+
+def test_schedule_wrr_by_weight(env):
+    b, c, pubs, res = env
+    s = b.add_service("tcp", VIP, 80, sched="wrr")
+    d1 = b.add_dest("tcp", VIP, 80, "10.0.1.1", 80, weight=1)
+    d2 = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, weight=2)
+    picks = [b.schedule(s, 1, 1) for _ in range(30)]
+    assert picks.count(d2) == 20 and picks.count(d1) == 10
+
+
+def test_deleted_dest_is_not_scheduled(env):
+    b, c, pubs, res = env
+    s = b.add_service("tcp", VIP, 80, sched="rr")
+    b.add_dest("tcp", VIP, 80, "10.0.1.1", 80)
+    d2 = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80)
+    b.del_dest("tcp", VIP, 80, "10.0.1.1", 80)
+    assert {b.schedule(s, 1, 1) for _ in range(5)} == {d2}
+
+
+# --- counters, rates, timeouts, snapshot ---------------------------------------------
+
+def test_zero_one_service_or_all(env):
+    b, c, pubs, res = env
+    s1 = b.add_service("tcp", VIP, 80)
+    s2 = b.add_service("tcp", VIP, 81)
+    d1 = b.add_dest("tcp", VIP, 80, "10.0.1.1", 80)
+    d2 = b.add_dest("tcp", VIP, 81, "10.0.1.1", 81)
+    for row in (c.svc_stats[s1], c.svc_stats[s2], c.dest_stats[d1], c.dest_stats[d2]):
+        row[:] = 9
+    c.dest_conns[d1] = [2, 3]
+    b.zero("tcp", VIP, 80)
+    assert c.svc_stats[s1].sum() == 0 and c.dest_stats[d1].sum() == 0
+    assert c.svc_stats[s2].sum() == 45 and c.dest_stats[d2].sum() == 45
+    assert c.dest_conns[d1].tolist() == [2, 3]   # conn counts are not traffic counters
+    b.zero()
+    assert c.svc_stats.sum() == 0 and c.dest_stats.sum() == 0
+
+
+def test_rate_estimator_smooths_like_the_kernel(env):
+    b, c, pubs, res = env
+    s = b.add_service("tcp", VIP, 80)
+    d = b.add_dest("tcp", VIP, 80, "10.0.1.1", 80)
+    b.estimate(0.0)
+    c.svc_stats[s] = [8, 800, 400, 80000, 40000]
+    c.dest_stats[d] = [8, 800, 400, 80000, 40000]
+    b.estimate(2.0)    # rate 4 conns/s; avg = 0 * 3/4 + 4/4 = 1
+    r = b.snapshot()["services"][0]["rates"]
+    assert r == {"cps": 1, "inpps": 100, "outpps": 50, "inbps": 10000, "outbps": 5000}
+    b.estimate(4.0)    # no traffic: avg = 1 * 3/4
+    r = b.snapshot()["services"][0]["dests"][0]["rates"]
+    assert r["inpps"] == 75 and r["cps"] == 1   # 0.75 rounds to 1
+
+
+def test_timeouts(env):
+    b, c, pubs, res = env
+    got = []
+    b.on_timeouts = got.append
+    assert b.timeouts() == {"tcp": 900, "tcpfin": 120, "udp": 300}
+    assert b.set_timeouts(600, 0, 30) == {"tcp": 600, "tcpfin": 120, "udp": 30}
+    assert got[-1][states.ESTABLISHED] == 600 and got[-1][states.UDP_STATE] == 30
+    assert got[-1][states.FIN_WAIT] == 120
+    with pytest.raises(BalancerError, match="invalid timeout value"):
+        b.set_timeouts(-1, 0, 0)
+
+
+def test_snapshot_is_json(env):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80, sched="wlc")
+    d = b.add_dest("tcp", VIP, 80, "10.0.1.2", 8080, weight=2, u_threshold=10, l_threshold=5)
+    c.dest_conns[d] = [1, 2]
+    c.dest_stats[d] = [1, 2, 3, 4, 5]
+    snap = json.loads(json.dumps(b.snapshot()))
+    svc = snap["services"][0]
+    assert (svc["proto"], svc["vaddr"], svc["vport"], svc["sched"]) == ("TCP", VIP, 80, "wlc")
+    dst = svc["dests"][0]
+    assert dst["daddr"] == "10.0.1.2" and dst["dport"] == 8080 and dst["weight"] == 2
+    assert dst["fwd"] == "masq" and (dst["activeconns"], dst["inactconns"]) == (1, 2)
+    assert dst["stats"] == {"conns": 1, "inpkts": 2, "outpkts": 3, "inbytes": 4, "outbytes": 5}
+    assert (dst["u_threshold"], dst["l_threshold"]) == (10, 5)
+    assert snap["timeouts"] == {"tcp": 900, "tcpfin": 120, "udp": 300}
+
+
+def test_conns_from_the_engine(env):
+    b, c, pubs, res = env
+    with pytest.raises(BalancerError, match="not available"):
+        b.conns()
+    b.clock = lambda: 100.0
+    b.conns_source = lambda: [
+        (6, ip("10.0.2.5"), 5555, VIP_INT, 80, ip("10.0.1.2"), 8080,
+         states.ESTABLISHED, 999.6, 0, 0, 0),
+        (17, ip("10.0.2.5"), 53, VIP_INT, 53, ip("10.0.1.3"), 53,
+         states.UDP_STATE, 50.0, 0, 1, 1),
+    ]
+    rows = b.conns()
+    assert rows[0] == {"proto": "TCP", "caddr": "10.0.2.5", "cport": 5555, "vaddr": VIP,
+                       "vport": 80, "daddr": "10.0.1.2", "dport": 8080,
+                       "state": "ESTABLISHED", "expires": 899}
+    assert rows[1]["state"] == "UDP" and rows[1]["expires"] == 0
+
+
+def test_steering_view(env):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    b.add_service("udp", VIP, 53)
+    b.add_dest("tcp", VIP, 80, "10.0.1.2", 8080)
+    b.add_dest("udp", VIP, 53, "10.0.1.2", 53)
+    v = b.steering_view()
+    assert v["services"] == [(6, VIP_INT, 80), (17, VIP_INT, 53)]
+    assert v["real_servers"] == [(6, ip("10.0.1.2"), 8080), (17, ip("10.0.1.2"), 53)]
+
+
+# --- apply -------------------------------------------------------------------------
+
+def test_apply_ops_and_batch(env):
+    b, c, pubs, res = env
+    assert b.apply({"op": "add_service", "proto": "tcp", "vaddr": VIP, "vport": 80,
+                    "sched": "rr"}) == 0
+    n = len(pubs)
+    results = b.apply({"op": "batch", "ops": [
+        {"op": "add_dest", "proto": "tcp", "vaddr": VIP, "vport": 80, "daddr": "10.0.1.1",
+         "dport": 80, "fwd": "masq", "weight": 1},
+        {"op": "add_service", "proto": "tcp", "vaddr": VIP, "vport": 80},
+        {"op": "add_dest", "proto": "tcp", "vaddr": VIP, "vport": 80, "daddr": "10.0.1.2",
+         "fwd": "masq"},
+    ]})
+    assert [r["ok"] for r in results] == [True, False, True]
+    assert results[1]["error"] == "Service already exists"
+    assert len(pubs) == n + 1     # one publish for the whole batch
+    assert b.apply({"op": "timeouts"}) == {"tcp": 900, "tcpfin": 120, "udp": 300}
+    with pytest.raises(BalancerError, match="unknown operation"):
+        b.apply({"op": "reboot"})
+    with pytest.raises(BalancerError, match="unknown argument"):
+        b.apply({"op": "clear", "force": True})
+    with pytest.raises(BalancerError):
+        b.apply({"op": "del_service"})
+    with pytest.raises(BalancerError):
+        b.apply(["clear"])
