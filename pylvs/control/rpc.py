@@ -170,8 +170,14 @@ async def start_server(path: str, balancer: Balancer) -> asyncio.AbstractServer:
         os.umask(old)
     os.chmod(path, 0o600)
     task = asyncio.get_running_loop().create_task(_estimator(server, balancer))
-    server._pylvs_estimator = task  # type: ignore[attr-defined]  # keep a reference
+    # uvloop's Server has no __dict__ (no attribute can be set on it): keep
+    # the task referenced here so it is not garbage-collected while running.
+    _ESTIMATORS.add(task)
+    task.add_done_callback(_ESTIMATORS.discard)
     return server
+
+
+_ESTIMATORS: set[asyncio.Task] = set()
 
 
 class Client:
