@@ -81,6 +81,18 @@ def _sweep(env: Env) -> None:
     assert env.engine.expire(60.0, env.engine.capacity) == 1
 
 
+def _shrunk(env: Env) -> None:
+    env.engine.set_tables(build_tables()[0], tables.empty_dests(0))
+
+
+def _dup_service(env: Env) -> None:
+    svc, dst = build_tables()
+    more = tables.empty_services(10)
+    more[:len(svc)] = svc
+    more[9] = svc[0]          # the same service again in a later slot
+    env.engine.set_tables(more, dst)
+
+
 def _moved(env: Env) -> None:
     svc, dst = build_tables()
     dst[0]["svc"] = 1
@@ -207,6 +219,10 @@ ROWS = [
         delta("drop_dest_gone"), before=[SYN, _gone]),
     Row("dest slot now of another service: dropped", v(c2s(flags="A")), CLIENT_PORT, None, DROP,
         delta("drop_dest_gone"), before=[SYN, _moved]),
+    Row("dest table shrunk below the conn's dest slot", v(c2s(flags="A")), CLIENT_PORT, None,
+        DROP, delta("drop_dest_gone"), before=[SYN, _shrunk]),
+    Row("a service listed twice: the lowest slot is scheduled", v(c2s()), CLIENT_PORT,
+        v(c2s_out()), TX, delta("tx_frames", "conns_created"), before=[_dup_service]),
     Row("reply of a conn whose dest was deleted still goes out", v(s2c()), RS_PORT, v(s2c_out()),
         TX, delta("tx_frames"), before=[SYN, _gone]),
     # --- malformed and foreign frames ---------------------------------------
