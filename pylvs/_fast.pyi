@@ -16,6 +16,8 @@ class Ring:
     tx_frames: int
     tx_errors: int
     tx_bad_port: int
+    sock_errors: int
+    last_error: int
     def __init__(self, fd: int, block_size: int = ..., block_nr: int = ...,
                  frame_size: int = ..., retire_ms: int = ...) -> None: ...
     def close(self) -> None: ...

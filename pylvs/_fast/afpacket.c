@@ -37,7 +37,8 @@ typedef struct {
     struct tpacket3_hdr *pkt;     /* cursor inside the open block (recv) */
     unsigned pkt_left;
     unsigned long long rx_frames, rx_blocks, rx_truncated, rx_vlan, rx_oversize;
-    unsigned long long tx_frames, tx_errors, tx_bad_port;
+    unsigned long long tx_frames, tx_errors, tx_bad_port, sock_errors;
+    int last_error;               /* errno of the last socket error seen */
 } RingObject;
 
 static PyTypeObject RingType;
@@ -137,7 +138,8 @@ static PyMemberDef ring_members[] = {
     {"block_size", T_UINT, offsetof(RingObject, block_size), READONLY, NULL},
     {"block_nr", T_UINT, offsetof(RingObject, block_nr), READONLY, NULL},
     U64(rx_frames), U64(rx_blocks), U64(rx_truncated), U64(rx_vlan), U64(rx_oversize),
-    U64(tx_frames), U64(tx_errors), U64(tx_bad_port),
+    U64(tx_frames), U64(tx_errors), U64(tx_bad_port), U64(sock_errors),
+    {"last_error", T_INT, offsetof(RingObject, last_error), READONLY, NULL},
     {NULL},
 };
 
@@ -213,6 +215,18 @@ static double wait_ready(RingObject **rings, int n, int timeout_ms)
     poll(pfd, n, timeout_ms);
     t1 = mono();
     Py_END_ALLOW_THREADS
+    for (int i = 0; i < n; i++) {
+        if (pfd[i].revents & POLLERR) {
+            /* A pending socket error (ENETDOWN when the link goes down)
+             * keeps poll() returning at once: read it to clear it, or the
+             * data thread would spin. */
+            int err = 0;
+            socklen_t len = sizeof err;
+            getsockopt(rings[i]->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+            rings[i]->sock_errors++;
+            rings[i]->last_error = err;
+        }
+    }
     return t1 - t0;
 }
 

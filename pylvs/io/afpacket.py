@@ -170,7 +170,7 @@ class AfPacketBackend:
 
     def stats(self) -> dict[str, int]:
         names = ("rx_frames", "rx_blocks", "rx_truncated", "rx_vlan", "rx_oversize",
-                 "tx_frames", "tx_errors", "tx_bad_port")
+                 "tx_frames", "tx_errors", "tx_bad_port", "sock_errors")
         return {n: sum(getattr(r, n) for r in self.rings) for n in names}
 
     def close(self) -> None:

@@ -227,6 +227,22 @@ class Daemon:
             log.error("%s: %s: %s", path, op, r.get("error"))
         log.info("applied %d of %d rules from %s", len(ops) - len(bad), len(ops), path)
 
+    async def _watch(self, period: float = 5.0) -> None:
+        # The data path counts its I/O troubles; say so in the log, once per
+        # change, so a down link or a full queue is not silent.
+        stats = getattr(self.backend, "stats", None)
+        if stats is None:
+            return
+        last = stats()
+        while True:
+            await asyncio.sleep(period)
+            now = stats()
+            for k in ("tx_errors", "sock_errors", "rx_truncated", "rx_vlan", "rx_oversize",
+                      "tx_bad_port"):
+                if now.get(k, 0) > last.get(k, 0):
+                    log.warning("data path: %s +%d (total %d)", k, now[k] - last[k], now[k])
+            last = now
+
     async def _main(self) -> int:
         from ..control import rpc
 
@@ -240,6 +256,7 @@ class Daemon:
         data = threading.Thread(target=self._data_loop, name="pylvs-data", daemon=True)
         data.start()
         self.resolver.start()
+        watch = asyncio.ensure_future(self._watch())
         try:
             self.balancer.republish()  # the engine starts with (empty) tables
             await self._apply_config()
@@ -254,6 +271,7 @@ class Daemon:
             await self._stop_event.wait()
         finally:
             log.info("stopping")
+            watch.cancel()
             self._stop.set()
             close = getattr(server, "close", None)
             if close is not None:

@@ -243,3 +243,23 @@ b.close()
     assert res["seen"] == 1500, res
     assert res["stats"]["rx_blocks"] > 2 * res["block_nr"]
     assert res["rx"] in (0, 1500)  # 0 while engine.c is a skeleton
+
+
+def test_link_down_does_not_make_forward_spin(trio):
+    res = scenario(trio, r"""
+from pylvs import _fast
+from pylvs.engine import new_engine
+engine = new_engine("c", 64, counters=tables.Counters(), schedule=lambda *a: -1)
+b = AfPacketBackend(["d0", "d1"])
+subprocess.run(["ip", "link", "set", "d1", "down"], check=True)
+t = time.monotonic(); calls = 0
+while time.monotonic() - t < 0.5:
+    _fast.forward(engine, b.rings, time.monotonic(), 20)
+    calls += 1
+subprocess.run(["ip", "link", "set", "d1", "up"], check=True)
+print(json.dumps(dict(calls=calls, stats=b.stats(), err=b.rings[1].last_error)))
+b.close()
+""")
+    import errno
+    assert res["calls"] < 60  # each call waited its 20 ms
+    assert res["stats"]["sock_errors"] >= 1 and res["err"] == errno.ENETDOWN
