@@ -202,9 +202,10 @@ class Client:
             self._rfile = s.makefile("rb")
         return self
 
-    def call(self, op: dict | None = None, **kw: Any) -> Any:
-        """Send one operation; returns its result or raises RpcError."""
-        req = dict(op or {}, **kw)
+    def call(self, request: dict | None = None, /, **kw: Any) -> Any:
+        """Send one operation (a dict, or keywords); returns its result or
+        raises RpcError."""
+        req = {**(request or {}), **kw}
         self.connect()
         assert self._sock is not None and self._rfile is not None
         self._sock.sendall(json.dumps(req).encode() + b"\n")

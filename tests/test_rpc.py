@@ -1,0 +1,247 @@
+"""The control socket: server and client over a unix socket in a temp dir,
+bad requests, and `pylvs adm` end to end (-S | -R round trip) through it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+import stat
+import threading
+
+import pytest
+
+from pylvs.cli import adm
+from pylvs.control import rpc
+from pylvs.control.balancer import Balancer
+from pylvs.engine import states
+from pylvs.engine.tables import Counters
+
+
+class Director:
+    """A Balancer served on its own event loop thread, as `pylvs run` does."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.counters = Counters(max_services=16, max_dests=64)
+        self.published = []
+        self.balancer = Balancer(self.counters,
+                                 publish=lambda s, d: self.published.append((s, d)))
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self._ready.wait(5)
+        if self._error:
+            raise self._error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main():
+            try:
+                self.server = await rpc.start_server(self.path, self.balancer)
+            except BaseException as e:
+                self._error = e
+                self._ready.set()
+                return
+            self._stop = asyncio.Event()
+            self._ready.set()
+            await self._stop.wait()
+            self.server.close()
+            await self.server.wait_closed()
+
+        self.loop.run_until_complete(main())
+
+    def stop(self) -> None:
+        if self._error is None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def director(tmp_path):
+    d = Director(str(tmp_path / "run" / "ctl.sock"))
+    yield d
+    d.stop()
+
+
+def adm_run(director, *argv, stdin=""):
+    out, err = io.StringIO(), io.StringIO()
+    rc = adm.main(["--control", director.path, *argv], stdin=io.StringIO(stdin),
+                  stdout=out, stderr=err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_socket_and_directory_modes(director):
+    st = os.stat(director.path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(director.path)).st_mode) == 0o700
+
+
+def test_client_calls_and_errors(director):
+    with rpc.Client(director.path) as c:
+        assert c.call({"op": "ping"}) == "pong"
+        assert c.call(op="add_service", proto="tcp", vaddr="10.0.0.1", vport=80) == 0
+        with pytest.raises(rpc.RpcError, match="^Service already exists$"):
+            c.call(op="add_service", proto="tcp", vaddr="10.0.0.1", vport=80)
+        assert c.call(op="add_dest", proto="tcp", vaddr="10.0.0.1", vport=80,
+                      daddr="10.0.1.2", dport=8080, fwd="masq", weight=2) == 0
+        snap = c.call(op="snapshot")
+        assert snap["services"][0]["dests"][0]["weight"] == 2
+    assert len(director.published) == 2
+
+
+def test_malformed_requests_never_kill_the_server(director):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(director.path)
+    f = s.makefile("rwb")
+    for line in (b"not json\n", b"[1, 2]\n", b'{"no_op": 1}\n', b'{"op": 42}\n',
+                 b'{"op": "add_service", "proto": "tcp"}\n', b'{"op": "nosuch"}\n',
+                 b"\xff\xfe\n"):
+        f.write(line)
+        f.flush()
+        resp = json.loads(f.readline())
+        assert resp["ok"] is False and resp["error"]
+    f.write(b"\n")   # blank lines are skipped
+    f.write(b'{"op": "ping"}\n')
+    f.flush()
+    assert json.loads(f.readline()) == {"ok": True, "result": "pong"}
+    s.close()
+    # A client that vanishes mid-request does not hurt either.
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(director.path)
+    s.sendall(b'{"op": "snap')
+    s.close()
+    with rpc.Client(director.path) as c:
+        assert c.call(op="ping") == "pong"
+
+
+def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):
+    path = str(tmp_path / "ctl.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()                      # the file stays, nobody listens
+    d = Director(path)
+    try:
+        with rpc.Client(path) as c:
+            assert c.call(op="ping") == "pong"
+        with pytest.raises(RuntimeError, match="another pylvs director"):
+            Director(path)
+    finally:
+        d.stop()
+
+
+def test_default_path_is_per_network_namespace(monkeypatch):
+    monkeypatch.delenv(rpc.ENV_PATH, raising=False)
+    ino = os.stat("/proc/self/ns/net").st_ino
+    assert rpc.default_path() == f"/run/pylvs/ctl-{ino}.sock"
+    monkeypatch.setenv(rpc.ENV_PATH, "/tmp/elsewhere.sock")
+    assert rpc.default_path() == "/tmp/elsewhere.sock"
+
+
+def test_adm_end_to_end_listing(director):
+    assert adm_run(director, "-A", "-t", "10.0.0.1:80", "-s", "rr") == (0, "", "")
+    assert adm_run(director, "-a", "-t", "10.0.0.1:80", "-r", "10.0.1.3:80", "-m",
+                   "-w", "2")[0] == 0
+    assert adm_run(director, "-a", "-t", "10.0.0.1:80", "-r", "10.0.1.2:80", "-m")[0] == 0
+    director.counters.dest_conns[0] = [5, 1]
+    rc, out, err = adm_run(director, "-L", "-n")
+    assert rc == 0 and err == ""
+    assert out == (
+        "IP Virtual Server version 1.2.1 (size=4096)\n"
+        "Prot LocalAddress:Port Scheduler Flags\n"
+        "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n"
+        "TCP  10.0.0.1:80 rr\n"
+        "  -> 10.0.1.2:80                  Masq    1      0          0         \n"
+        "  -> 10.0.1.3:80                  Masq    2      5          1         \n")
+    rc, out, err = adm_run(director, "-L", "-n", "-t", "10.0.0.9:80")
+    assert (rc, out, err) == (1, "", "No such service\n")
+    assert adm_run(director, "-L", "--timeout") == (
+        0, "Timeout (tcp tcpfin udp): 900 120 300\n", "")
+    assert adm_run(director, "--set", "600", "0", "20")[0] == 0
+    assert adm_run(director, "-L", "--timeout")[1] == "Timeout (tcp tcpfin udp): 600 120 20\n"
+
+
+def test_adm_operation_errors_exit_255(director):
+    adm_run(director, "-A", "-t", "10.0.0.1:80")
+    assert adm_run(director, "-A", "-t", "10.0.0.1:80") == (255, "", "Service already exists\n")
+    assert adm_run(director, "-D", "-t", "10.0.0.2:80") == (255, "", "No such service\n")
+    assert adm_run(director, "-a", "-t", "10.0.0.2:80", "-r", "1.2.3.4", "-m") == (
+        255, "", "Service not defined\n")
+    assert adm_run(director, "-A", "-t", "10.0.0.3:80", "-s", "nosuch") == (
+        255, "", "Scheduler or persistence engine not found\n")
+    rc, out, err = adm_run(director, "-a", "-t", "10.0.0.1:80", "-r", "1.2.3.4")
+    assert rc == 255 and "forwarding method route" in err and "not supported yet" in err
+    rc, out, err = adm_run(director, "-a", "-t", "10.0.0.1:80", "-r", "1.2.3.4", "-i")
+    assert rc == 255 and "forwarding method tunnel" in err
+
+
+def test_save_restore_round_trip(director):
+    rules = ("-A -t 10.0.0.1:80 -s wlc\n"
+             "-a -t 10.0.0.1:80 -r 10.0.1.2:8080 -m -w 3\n"
+             "-a -t 10.0.0.1:80 -r 10.0.1.3:8080 -m -w 1\n"
+             "-A -t 10.0.0.2:0 -s rr -p 60 -M 255.255.255.0\n"
+             "-A -u 10.0.0.1:53 -s wrr -o\n"
+             "-a -u 10.0.0.1:53 -r 10.0.1.2:53 -m -w 1\n")
+    rc, out, err = adm_run(director, "-R", stdin="ipvsadm " + rules.replace("\n", "\nipvsadm ", 1))
+    assert (rc, err) == (0, "")
+    rc, saved, err = adm_run(director, "-S", "-n")
+    assert rc == 0 and saved == rules
+    listing_before = adm_run(director, "-L", "-n")[1]
+    assert adm_run(director, "-C")[0] == 0
+    assert adm_run(director, "-S")[1] == ""
+    assert adm_run(director, "-R", stdin=saved)[0] == 0
+    assert adm_run(director, "-S", "-n")[1] == saved
+    assert adm_run(director, "-L", "-n")[1] == listing_before
+
+
+def test_restore_reports_refused_rules_and_goes_on(director):
+    rc, out, err = adm_run(director, "-R", stdin=(
+        "-A -t 10.0.0.1:80\n-A -t 10.0.0.1:80\n-A -t 10.0.0.2:80\n"))
+    assert rc == 0 and err == "Service already exists\n"   # the last line's status
+    assert adm_run(director, "-S", "-n")[1] == (
+        "-A -t 10.0.0.1:80 -s wlc\n-A -t 10.0.0.2:80 -s wlc\n")
+    rc, out, err = adm_run(director, "-R", stdin="-A -t 10.0.0.3:80\n-A -t 10.0.0.4\n")
+    assert rc == 2 and err == "Zero port specified for non-persistent service\n"
+
+
+def test_adm_connection_listing(director):
+    director.balancer.clock = lambda: 10.0
+    director.balancer.conns_source = lambda: [
+        (6, 0x0A000205, 40000, 0x0A000001, 80, 0x0A000102, 80, states.SYN_RECV, 70.0,
+         0, 0, 0)]
+    rc, out, err = adm_run(director, "-L", "-n", "-c")
+    assert rc == 0
+    assert out == (
+        "IPVS connection entries\n"
+        "pro expire state       source             virtual            destination\n"
+        "TCP 01:00  SYN_RECV    10.0.2.5:40000     10.0.0.1:80        10.0.1.2:80\n")
+
+
+def test_peer_credentials_checked(director, monkeypatch):
+    # A caller that is neither root nor the director's user is turned away.
+    monkeypatch.setattr(rpc, "_peer_uid", lambda writer: os.geteuid() + 4242)
+    with rpc.Client(director.path) as c:
+        with pytest.raises(rpc.RpcError, match="Permission denied"):
+            c.call(op="ping")
+    monkeypatch.setattr(rpc, "_peer_uid", lambda writer: 0)
+    with rpc.Client(director.path) as c:
+        assert c.call(op="ping") == "pong"
+
+
+def test_peer_uid_is_read_from_the_socket():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    class W:
+        def get_extra_info(self, name):
+            return a if name == "socket" else None
+
+    try:
+        assert rpc._peer_uid(W()) == os.geteuid()
+    finally:
+        a.close()
+        b.close()
