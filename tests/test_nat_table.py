@@ -573,3 +573,16 @@ def test_api_edges(impl):
     with pytest.raises(TypeError):
         cls(8, **{**kw, "schedule": 5})
     assert e.expire(0.0, 0) == 0 and e.expire(0.0, -1) == 0
+
+
+def test_stat_names_match_engine_h():
+    """tables.STAT_NAMES and the C enum pylvs_stat list the same counters in order."""
+    import pathlib
+    import re
+    h = (pathlib.Path(__file__).parent.parent / "pylvs/_fast/engine.h").read_text()
+    body = re.search(r"enum pylvs_stat\s*\{(.*?)\}", h, re.S).group(1)
+    names = [n.strip()[3:].lower() for n in body.split(",") if n.strip().startswith("ST_")]
+    assert names[-1] == "_count"
+    assert tuple(names[:-1]) == tables.STAT_NAMES
+    n_stats = int(re.search(r"#define PYLVS_N_STATS (\d+)", h).group(1))
+    assert n_stats == tables.N_STATS >= len(tables.STAT_NAMES)
