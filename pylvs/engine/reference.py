@@ -30,6 +30,16 @@ Choices where the contract leaves room (IPVS behaviour where there is one):
 - Only the flags byte of the virtio_net_hdr is cleared when a partial
   checksum is completed; the other fields stay as they came.
 - ``out_port[i]`` is written only for V_TX.
+- An OUT hit (step 10) is forwarded whatever became of the dest: the
+  contract checks the dest on the IN side only.
+- A TCP SYN with FIN creates a conn (only SYN+ACK and RST are excluded).
+- The scheduler's answer is taken with ``operator.index`` (as C's
+  PyLong_AsLongAndOverflow): a non-integer is a ``sched_errors``, an integer
+  too large for any slot a ``drop_no_dest``.
+- The global counters reach ``counters.stats`` at the end of each
+  ``process``/``expire`` call (the C engine writes them as it goes); the
+  per-service and per-dest arrays are written at once, since schedulers read
+  ``dest_conns`` during the batch.
 
 API edges kept as the C engine has them: a frame longer than its batch slot
 is a ValueError before any frame is handled; while the scheduler upcall runs,
