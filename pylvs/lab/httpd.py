@@ -7,6 +7,9 @@ pylvs.lab.httpd --name rs1``). It answers:
   tell which real server the director picked;
 - ``GET /bytes/N`` -> N bytes of ``content(0, N)``, a deterministic pattern
   the tests regenerate to compare a download byte for byte;
+  ``/bytes/N?rate=R`` paces the body at about R bytes per second (a long
+  download that must span a change; curl 7.88's --limit-rate lets the
+  first megabytes through at full speed, so the client cannot pace it);
 - ``GET /health``  -> ``ok``.
 
 UDP datagrams to ``--udp-port`` come back prefixed with ``NAME `` (the same
@@ -21,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -59,7 +63,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def do_GET(self):
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        params = dict(p.partition("=")[::2] for p in query.split("&") if p)
         if path == "/whoami":
             return self._small(self.name.encode() + b"\n")
         if path == "/health":
@@ -78,11 +83,21 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             if self.command == "HEAD":
                 return
+            try:
+                rate = float(params.get("rate", 0))
+            except ValueError:
+                rate = 0.0
+            chunk = CHUNK if rate <= 0 else max(1024, min(CHUNK, int(rate / 20)))
+            t0 = time.monotonic()
             off = 0
             while off < n:
-                k = min(CHUNK, n - off)
+                k = min(chunk, n - off)
                 self.wfile.write(content(off, k))
                 off += k
+                if rate > 0:
+                    ahead = off / rate - (time.monotonic() - t0)
+                    if ahead > 0:
+                        time.sleep(ahead)
             return
         return self._small(b"not found\n", 404)
 

@@ -590,8 +590,9 @@ def destroy(name: str) -> list[str]:
 
 
 def _remove_logs(name: str) -> None:
-    for log in STATE_DIR.glob(f"{name}.*.log"):
-        log.unlink(missing_ok=True)
+    # Logs and scratch files of the lab: NAME.WHAT.log, NAME.WHAT.cfg, ...
+    for f in STATE_DIR.glob(f"{name}.*.*"):
+        f.unlink(missing_ok=True)
 
 
 def destroy_all() -> list[str]:

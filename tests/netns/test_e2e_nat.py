@@ -165,10 +165,13 @@ def test_quiesce_keeps_running_download(lab: Lab, tmp_path):
     vip = add_service(lab, (1, 1, 1))
     n = 1536 * 1024
     out, hdr = tmp_path / "long", tmp_path / "long.hdr"
-    # 300 KB/s: the download lasts about 5 s, long enough to span the change.
+    # About 300 KB/s, so the download lasts about 5 s, long enough to span
+    # the change. The real server paces it (?rate=): curl 7.88's --limit-rate
+    # lets the first megabytes through at full speed. curl limits too, so
+    # its receive window stays small as well.
     long = subprocess.Popen(
         ["ip", "netns", "exec", lab.client,
-         *lab.curl_argv(f"/bytes/{n}", "--limit-rate", "300k", "-o", str(out),
+         *lab.curl_argv(f"/bytes/{n}?rate=300000", "--limit-rate", "300k", "-o", str(out),
                         "-D", str(hdr), max_time=40)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
