@@ -28,7 +28,15 @@ class _Stop(Exception):
     pass
 
 
+_MAIN_PID = os.getpid()
+
+
 def _on_signal(signum, frame):
+    if os.getpid() != _MAIN_PID:
+        # A forked helper inherited this handler (pyroute2 forks to create a
+        # namespace and ends the child with SIGTERM): die as it expects,
+        # never run the demo's teardown in the child.
+        os._exit(128 + signum)
     raise _Stop(signal.Signals(signum).name)
 
 
@@ -54,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         con.print(f"[red]missing tools: {' '.join(missing)} (run `make deps`)[/]")
         return 2
 
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
 
@@ -64,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         with con.status("building the namespace lab ..."):
             lab.up()
         con.print(f"[bold]lab {lab.name}[/]: client {lab.cip} -> vip {lab.vip} "
-                  f"[director, dip {lab.dip}] -> real servers {', '.join(lab.rips)}")
+                  f"\\[director, dip {lab.dip}] -> real servers {', '.join(lab.rips)}")
 
         with con.status("starting pylvs run in the director namespace ..."):
             lab.start_director()
@@ -85,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         took = time.monotonic() - t0
 
         con.print()
-        con.print(lab.adm("-L", "-n", "--stats").rstrip())
+        con.print(lab.adm("-L", "-n", "--stats").rstrip(), markup=False)
         con.print()
-        con.print(lab.adm("-L", "-n").rstrip())
+        con.print(lab.adm("-L", "-n").rstrip(), markup=False)
         con.print()
 
         counts = collections.Counter(answers)
