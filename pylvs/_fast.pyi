@@ -1,3 +1,33 @@
+# --- Engine (pylvs/_fast/engine.c; contract: docs/engine.md) -----------------
+from typing import Callable
+
+import numpy as np
+
+ENGINE_MAX_CAPACITY: int
+
+class Engine:
+    """The C data path: conn table, NAT rewrite, checksums."""
+
+    def __init__(self, capacity: int, *, key: bytes, transitions: np.ndarray,
+                 timeouts: np.ndarray, counters: object,
+                 schedule: Callable[[int, int, int], int]) -> None: ...
+    def set_tables(self, services: np.ndarray, dests: np.ndarray) -> None: ...
+    def set_timeouts(self, timeouts: np.ndarray) -> None: ...
+    def process(self, batch: object, now: float) -> int: ...
+    def expire(self, now: float, budget: int) -> int: ...
+    def conns(self) -> list[tuple[int, int, int, int, int, int, int, int, float, int, int, int]]:
+        """(proto, caddr, cport, vaddr, vport, daddr, dport, state, expires, fwd,
+        dest_slot, svc_slot) of every conn, in slab order."""
+        ...
+    def _key_hash(self, proto: int, a1: int, p1: int, a2: int, p2: int) -> int: ...
+    @property
+    def conn_count(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+
+def _siphash(key: bytes, data: bytes, c: int = 1, d: int = 3) -> int: ...
+# --- end Engine ---------------------------------------------------------------
+
 # --- AF_PACKET forwarder (pylvs/_fast/afpacket.c) ---------------------------
 from typing import Sequence
 
