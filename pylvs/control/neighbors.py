@@ -106,17 +106,30 @@ class Resolver:
         from pyroute2 import IPRoute
 
         ipr = IPRoute()
+        # A real server that does not answer ARP is asked less and less
+        # often (interval doubling up to `refresh`), not ten times a second.
+        delay: dict[int, float] = {}
+        next_try: dict[int, float] = {}
         try:
             last_refresh = 0.0
             while not self._stop.is_set():
+                now = time.monotonic()
                 with self._lock:
                     wanted = sorted(self._wanted)
                     missing = [a for a in wanted if a not in self._cache]
-                now = time.monotonic()
-                todo = wanted if now - last_refresh >= self.refresh else missing
-                if todo is wanted:
+                for a in list(delay):
+                    if a not in missing:
+                        del delay[a], next_try[a]
+                if now - last_refresh >= self.refresh:
                     last_refresh = now
                     self._refresh_local(ipr)
+                    todo = wanted
+                else:
+                    todo = [a for a in missing if next_try.get(a, 0.0) <= now]
+                for a in missing:
+                    if a in todo:
+                        delay[a] = min(delay.get(a, self.interval / 2) * 2, self.refresh)
+                        next_try[a] = now + delay[a]
                 for daddr in todo:
                     try:
                         ans = self._lookup(ipr, daddr, poke=True)
@@ -126,7 +139,10 @@ class Resolver:
                                     ipaddress.IPv4Address(daddr), e)
                         continue
                     self._store(daddr, ans)
-                self._wake.wait(self.interval if missing else self.refresh)
+                due = [t for a, t in next_try.items() if a in missing]
+                wait = min([self.refresh - (time.monotonic() - last_refresh), *[
+                    t - time.monotonic() for t in due]])
+                self._wake.wait(max(0.01, wait))
                 self._wake.clear()
         finally:
             ipr.close()

@@ -185,3 +185,24 @@ def test_bad_config_file_fails_the_start(pair, tmp_path):
         if p.poll() is None:
             p.kill()
         os.unlink(log)
+
+
+def test_new_local_address_reaches_the_steering_set(pair):
+    p, log = start(pair.a, "--iface", "eth0")
+    try:
+        wait_ready(p, log)
+        sh("ip", "-n", pair.a, "addr", "add", "10.9.5.100/32", "dev", "eth0")
+        deadline = time.monotonic() + 10
+        text = ""
+        while time.monotonic() < deadline:
+            text = sh("ip", "netns", "exec", pair.a, "nft", "list", "set", "netdev", "pylvs",
+                      "local").stdout
+            if "10.9.5.100" in text:
+                break
+            time.sleep(0.2)
+        assert "10.9.5.100" in text and "10.9.5.1" in text
+        assert stop(p) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.unlink(log)
