@@ -443,3 +443,23 @@ def test_apply_ops_and_batch(env):
         b.apply({"op": "del_service"})
     with pytest.raises(BalancerError):
         b.apply(["clear"])
+
+
+def test_upper_threshold_overloads_with_hysteresis(env):
+    b, c, pubs, res = env
+    s = b.add_service("tcp", VIP, 80, sched="rr")
+    d1 = b.add_dest("tcp", VIP, 80, "10.0.1.1", 80, u_threshold=4, l_threshold=2)
+    d2 = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, u_threshold=4)
+    c.dest_conns[d1] = [3, 1]                  # reached -x 4: overloaded
+    assert {b.schedule(s, 1, 1) for _ in range(4)} == {d2}
+    c.dest_conns[d1] = [2, 0]                  # not below -y 2 yet
+    assert {b.schedule(s, 1, 1) for _ in range(4)} == {d2}
+    c.dest_conns[d1] = [1, 0]                  # below -y: available again
+    assert d1 in {b.schedule(s, 1, 1) for _ in range(4)}
+    c.dest_conns[d2] = [0, 4]                  # no -y: back below 3/4 of -x
+    c.dest_conns[d1] = [4, 0]
+    assert b.schedule(s, 1, 1) == -1
+    c.dest_conns[d2] = [0, 3]
+    assert b.schedule(s, 1, 1) == -1           # 3 * 4 == 4 * 3: not below yet
+    c.dest_conns[d2] = [0, 2]
+    assert b.schedule(s, 1, 1) == d2

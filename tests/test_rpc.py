@@ -135,6 +135,14 @@ def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):
         d.stop()
 
 
+def test_close_removes_the_socket(tmp_path):
+    path = str(tmp_path / "ctl.sock")
+    d = Director(path)
+    assert os.path.exists(path)
+    d.stop()
+    assert not os.path.exists(path)
+
+
 def test_default_path_is_per_network_namespace(monkeypatch):
     monkeypatch.delenv(rpc.ENV_PATH, raising=False)
     ino = os.stat("/proc/self/ns/net").st_ino

@@ -667,10 +667,37 @@ def execute(c: Command, conn: _Conn, stdin: TextIO, out: TextIO, err: TextIO,
 
 def restore(conn: _Conn, stdin: TextIO, out: TextIO, err: TextIO) -> int:
     """-R: each line as its own command, as ipvsadm does; a refused rule is
-    reported and the rest go on; a line ipvsadm cannot parse stops it."""
+    reported and the rest go on; a line ipvsadm cannot parse stops it.
+
+    Consecutive rules travel as one batch, so the director publishes its
+    tables once for a whole rule file instead of once per line."""
     rc = 0
+    pending: list[dict] = []
+
+    def flush() -> None:
+        nonlocal rc
+        if not pending:
+            return
+        results = conn.call({"op": "batch", "ops": list(pending)})
+        pending.clear()
+        for r in results:
+            if r.get("ok"):
+                rc = 0
+            else:
+                err.write(f"{r.get('error')}\n")
+                rc = EXIT_ERROR
+
     for _no, words in restore_lines(stdin.read()):
-        c = parse_args(words, reading_stdin=True)
+        try:
+            c = parse_args(words, reading_stdin=True)
+        except AdmError:
+            flush()
+            raise
+        op = to_op(c)
+        if op is not None:
+            pending.append(op)
+            continue
+        flush()
         try:
             rc = execute(c, conn, stdin, out, err, reading_stdin=True)
         except AdmError as e:
@@ -678,6 +705,7 @@ def restore(conn: _Conn, stdin: TextIO, out: TextIO, err: TextIO) -> int:
                 raise
             err.write(f"{e}\n")
             rc = e.code
+    flush()
     return rc
 
 

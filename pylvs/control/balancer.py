@@ -279,8 +279,10 @@ class Balancer:
         self._svc_last_slot: dict[tuple[int, int, int], int] = {}
 
         # The upcall's view, indexed by service slot: (scheduler, dests) or None.
-        self._sched_view: list[tuple[schedmod.Scheduler, tuple[SchedDestView, ...]] | None] = (
-            [None] * counters.max_services)
+        self._sched_view: list[tuple[schedmod.Scheduler, tuple[SchedDestView, ...], bool]
+                               | None] = [None] * counters.max_services
+        # Dest slots flagged overloaded by -x (touched by the data thread only).
+        self._overloaded: set[int] = set()
         self._sched_lock = threading.Lock()
 
         self._timeouts = {"tcp": states.DEFAULT_TIMEOUTS["ESTABLISHED"],
@@ -311,12 +313,36 @@ class Balancer:
             return -1
         if view is None:
             return -1
-        sched, dests = view
+        sched, dests, thresholds = view
+        if thresholds:
+            dests = self._not_overloaded(dests)
         if not dests:
             return -1
         with self._sched_lock:
             d = sched.schedule(dests, self.counters.dest_conns, caddr, cport)
         return -1 if d is None else d.slot
+
+    def _not_overloaded(self, dests: tuple[SchedDestView, ...]) -> tuple[SchedDestView, ...]:
+        """Dests not overloaded by their -x/-y thresholds, with the kernel's
+        hysteresis: overloaded once activeconns + inactconns reach the upper
+        threshold, available again below the lower one (or below 3/4 of the
+        upper one when no lower threshold is set)."""
+        conns = self.counters.dest_conns
+        over = self._overloaded
+        out = []
+        for d in dests:
+            if d.u_threshold:
+                n = int(conns[d.slot, ACTIVE]) + int(conns[d.slot, INACTIVE])
+                if d.slot in over:
+                    if (n < d.l_threshold) if d.l_threshold else (n * 4 < d.u_threshold * 3):
+                        over.discard(d.slot)
+                    else:
+                        continue
+                elif n >= d.u_threshold:
+                    over.add(d.slot)
+                    continue
+            out.append(d)
+        return tuple(out)
 
     # --- lookups ------------------------------------------------------------
 
@@ -568,7 +594,8 @@ class Balancer:
                       for d in svc.dests.values() if d.fwd in SUPPORTED_FWD)
         with self._sched_lock:
             svc.scheduler.update(views)
-            self._sched_view[svc.slot] = (svc.scheduler, views)
+            self._sched_view[svc.slot] = (svc.scheduler, views,
+                                          any(v.u_threshold for v in views))
 
     # --- publishing ---------------------------------------------------------
 

@@ -148,19 +148,62 @@ async def _serve_client(balancer: Balancer, reader: asyncio.StreamReader,
             pass
 
 
-async def _estimator(server: asyncio.AbstractServer, balancer: Balancer) -> None:
-    balancer.estimate(time.monotonic())
-    while server.is_serving():
-        await asyncio.sleep(ESTIMATOR_INTERVAL)
+async def _estimator(balancer: Balancer) -> None:
+    while True:
         try:
             balancer.estimate(time.monotonic())
         except Exception:
             log.exception("rate estimator failed")
+        await asyncio.sleep(ESTIMATOR_INTERVAL)
 
 
-async def start_server(path: str, balancer: Balancer) -> asyncio.AbstractServer:
-    """Serve ``balancer`` on the unix socket ``path`` (and run its rate
-    estimator every 2 s while serving)."""
+class ControlServer(asyncio.AbstractServer):
+    """The unix server plus the Balancer's rate estimator task, which lives
+    exactly as long as the server does."""
+
+    def __init__(self, server: asyncio.AbstractServer, estimator: asyncio.Task, path: str):
+        self._server = server
+        self._estimator = estimator
+        self.path = path
+        self._ino = os.stat(path).st_ino
+
+    def close(self) -> None:
+        self._estimator.cancel()
+        self._server.close()
+        # Remove our socket file (not one a newer director put there since).
+        try:
+            if os.stat(self.path).st_ino == self._ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+        try:
+            await self._estimator
+        except asyncio.CancelledError:
+            pass
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._server.get_loop()
+
+    def is_serving(self) -> bool:
+        return self._server.is_serving()
+
+    async def start_serving(self) -> None:
+        await self._server.start_serving()
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    @property
+    def sockets(self):
+        return self._server.sockets
+
+
+async def start_server(path: str, balancer: Balancer) -> ControlServer:
+    """Serve ``balancer`` on the unix socket ``path``; while serving, run its
+    rate estimator every 2 s (as the kernel's estimator timer)."""
     _prepare_path(path)
     old = os.umask(0o177)
     try:
@@ -169,15 +212,9 @@ async def start_server(path: str, balancer: Balancer) -> asyncio.AbstractServer:
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
-    task = asyncio.get_running_loop().create_task(_estimator(server, balancer))
-    # uvloop's Server has no __dict__ (no attribute can be set on it): keep
-    # the task referenced here so it is not garbage-collected while running.
-    _ESTIMATORS.add(task)
-    task.add_done_callback(_ESTIMATORS.discard)
-    return server
-
-
-_ESTIMATORS: set[asyncio.Task] = set()
+    task = asyncio.get_running_loop().create_task(_estimator(balancer),
+                                                  name="pylvs-rate-estimator")
+    return ControlServer(server, task, path)
 
 
 class Client:
