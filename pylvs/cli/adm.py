@@ -775,8 +775,8 @@ Options:
   --gatewaying   -g               direct routing (ipvsadm's default; not supported yet)
   --ipip         -i               IPIP tunnelling (not supported yet)
   --weight       -w weight        0..65535, default 1 (0: no new conns)
-  --u-threshold  -x n             upper conn threshold (stored)
-  --l-threshold  -y n             lower conn threshold (stored)
+  --u-threshold  -x n             upper conn threshold (overloaded at n conns)
+  --l-threshold  -y n             lower conn threshold (available again below n)
   --numeric      -n               numeric output (addresses are always numeric)
   --connection   -c               list the conns
   --timeout                       list the timeouts
