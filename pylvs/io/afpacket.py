@@ -30,6 +30,7 @@ PACKET_VNET_HDR = 15
 PACKET_QDISC_BYPASS = 20
 PACKET_IGNORE_OUTGOING = 23
 SO_ATTACH_FILTER = 26
+PACKET_STATISTICS = 6
 
 # A block holds at least one 64 KiB GSO frame with its headers; a short
 # retire timeout bounds the latency of a lone packet to about a millisecond.
@@ -106,6 +107,7 @@ class AfPacketBackend:
         self.rings: list = []
         self._lock = threading.Lock()
         self._prog = bpf.reject_all()
+        self._kernel_drops = 0
         try:
             for i, name in enumerate(ifnames):
                 ifindex = socket.if_nametoindex(name)
@@ -169,9 +171,21 @@ class AfPacketBackend:
             self._prog = prog
 
     def stats(self) -> dict[str, int]:
+        """Ring counters summed over ports, plus ``rx_dropped``: frames the
+        kernel could not put in a full ring (the data thread fell behind)."""
         names = ("rx_frames", "rx_blocks", "rx_truncated", "rx_vlan", "rx_oversize",
                  "tx_frames", "tx_errors", "tx_bad_port", "sock_errors")
-        return {n: sum(getattr(r, n) for r in self.rings) for n in names}
+        out = {n: sum(getattr(r, n) for r in self.rings) for n in names}
+        with self._lock:
+            for s in self.socks:
+                # struct tpacket_stats_v3; reading resets the kernel's counts.
+                try:
+                    _, drops, _ = struct.unpack("III", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12))
+                except OSError:
+                    continue
+                self._kernel_drops += drops
+            out["rx_dropped"] = self._kernel_drops
+        return out
 
     def close(self) -> None:
         for r in self.rings:

