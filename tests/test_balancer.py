@@ -397,12 +397,15 @@ def test_conns_from_the_engine(env):
         (6, ip("10.0.2.5"), 5555, VIP_INT, 80, ip("10.0.1.2"), 8080,
          states.ESTABLISHED, 999.6, 0, 0, 0),
         (17, ip("10.0.2.5"), 53, VIP_INT, 53, ip("10.0.1.3"), 53,
-         states.UDP_STATE, 50.0, 0, 1, 1),
+         states.UDP_STATE, 100.5, 0, 1, 1),
+        (17, ip("10.0.2.6"), 53, VIP_INT, 53, ip("10.0.1.3"), 53,
+         states.UDP_STATE, 99.0, 0, 1, 1),    # expired: not listed
     ]
     rows = b.conns()
     assert rows[0] == {"proto": "TCP", "caddr": "10.0.2.5", "cport": 5555, "vaddr": VIP,
                        "vport": 80, "daddr": "10.0.1.2", "dport": 8080,
                        "state": "ESTABLISHED", "expires": 899}
+    assert len(rows) == 2
     assert rows[1]["state"] == "UDP" and rows[1]["expires"] == 0
 
 

@@ -492,8 +492,10 @@ class Balancer:
             raise BalancerError(E_DEST_EXISTS)
         slot = self._alloc_dest_slot((svc.key, da, dp))
         svc.dests[(da, dp)] = Dest(slot, da, dp, f, w, ut, lt)
-        self._refresh_sched(svc)
+        # Tables first, then the scheduler: the engine should know a dest
+        # before the upcall can name it.
         self._changed()
+        self._refresh_sched(svc)
         return slot
 
     def edit_dest(self, proto: Any, vaddr: Any, vport: Any, daddr: Any, dport: Any = None,
@@ -511,8 +513,12 @@ class Balancer:
             d.u_threshold if u_threshold is None else u_threshold,
             d.l_threshold if l_threshold is None else l_threshold)
         d.fwd, d.weight, d.u_threshold, d.l_threshold = f, w, ut, lt
-        self._refresh_sched(svc)
-        self._changed()
+        if w == 0:
+            self._refresh_sched(svc)   # quiesce before anything else sees it
+            self._changed()
+        else:
+            self._changed()
+            self._refresh_sched(svc)
         return d.slot
 
     def del_dest(self, proto: Any, vaddr: Any, vport: Any, daddr: Any, dport: Any = None) -> None:
@@ -746,6 +752,8 @@ class Balancer:
         out = []
         for t in self.conns_source():
             proto, caddr, cport, vaddr, vport, daddr, dport, state, expires = t[:9]
+            if expires <= now:
+                continue   # dead, waiting for the engine's clock hand
             if proto == PROTO_UDP or state >= states.N_TCP_STATES:
                 sname = "UDP"
             else:

@@ -118,6 +118,12 @@ async def _serve_client(balancer: Balancer, reader: asyncio.StreamReader,
     try:
         uid = _peer_uid(writer)
         if uid is not None and uid != 0 and uid != os.geteuid():
+            # Answer the first request (so the client reads the reason rather
+            # than a broken pipe), then hang up.
+            try:
+                await asyncio.wait_for(reader.readline(), 5)
+            except (asyncio.TimeoutError, ValueError, asyncio.LimitOverrunError):
+                pass
             writer.write(b'{"ok": false, "error": "Permission denied (you must be root)"}\n')
             await writer.drain()
             return
