@@ -90,6 +90,8 @@ class Daemon:
         # runs them; the C engine is protected by the GIL, the lock is cheap.
         self._engine_lock = threading.Lock()
         self._pending_lock = threading.Lock()
+        self._tables_taken = threading.Event()
+        self._data_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._data_error: BaseException | None = None
         self._services = tables.empty_services(0)
@@ -102,13 +104,22 @@ class Daemon:
     def publish(self, services, dests) -> None:
         """The Balancer's publish callback: one consistent change everywhere.
 
-        The engine gets the tables first (between two data-thread calls), so
-        by the time the filter and steering send a new service's frames to
-        user space, the engine knows the service.
+        The engine gets the tables first (the data thread swaps them in
+        between two forward calls; this waits for that, at most one poll
+        timeout), so by the time the filter and steering send a new
+        service's frames to user space and away from the kernel, the engine
+        knows the service and the first SYN is not lost.
         """
         self._services, self._dests = services, dests
-        with self._pending_lock:
-            self._pending = (services, dests)
+        data = self._data_thread
+        if data is not None and data.is_alive():
+            self._tables_taken.clear()
+            with self._pending_lock:
+                self._pending = (services, dests)
+            self._tables_taken.wait(max(0.2, 5 * self.opts.poll_timeout))
+        else:
+            with self._engine_lock:
+                self.engine.set_tables(services, dests)
         self.backend.set_filter(services, dests)
         self.steering.apply(services, dests, self._local)
 
@@ -141,6 +152,8 @@ class Daemon:
                             engine.set_tables(*pending)
                         if timeouts is not None:
                             engine.set_timeouts(timeouts)
+                    if pending is not None:
+                        self._tables_taken.set()
                 backend.forward(self._fwd_engine, time.monotonic(), timeout)
                 with lock:
                     engine.expire(time.monotonic(), budget)
@@ -254,6 +267,7 @@ class Daemon:
         path = self.opts.control or rpc.default_path()
         server = await rpc.start_server(path, self.balancer)
         data = threading.Thread(target=self._data_loop, name="pylvs-data", daemon=True)
+        self._data_thread = data
         data.start()
         self.resolver.start()
         watch = asyncio.ensure_future(self._watch())

@@ -9,6 +9,7 @@ resolution, data thread) with each engine.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -76,6 +77,14 @@ print(json.dumps(out))
 """
 
 
+CONNECT_TIME = r"""
+import socket, time, json
+t = time.monotonic()
+s = socket.create_connection(("10.9.0.1", 81), timeout=5)
+print(json.dumps(time.monotonic() - t))
+"""
+
+
 def _c_engine_ready() -> bool:
     from pylvs.engine import new_engine, tables
     e = new_engine("c", 16, counters=tables.Counters(), schedule=lambda *a: -1)
@@ -118,6 +127,17 @@ def test_director_forwards_vs_nat(trio, engine, ip_forward, tmp_path):
         assert out["tcp_ok"], out
         assert out["rs_saw_client"] == "10.9.0.2"  # NAT keeps the client address
         assert out["udp"] == ["echo:hi", "10.9.0.1", 53]  # reply from the VIP
+
+        # A service added at run time through the control socket answers at
+        # once (a SYN lost between steering and the engine would show as a
+        # 1 s retransmission).
+        env = {**os.environ, "PYLVS_CONTROL": str(tmp_path / "ctl.sock")}
+        for args in (["-A", "-t", "10.9.0.1:81", "-s", "rr"],
+                     ["-a", "-t", "10.9.0.1:81", "-r", "10.9.1.2:8080", "-m"]):
+            subprocess.run(["ip", "netns", "exec", trio.d, sys.executable, "-m", "pylvs.cli.main",
+                            "adm", *args], cwd=REPO, env=env, check=True, timeout=20)
+        t = trio.py(trio.c, CONNECT_TIME, timeout=20)
+        assert t < 0.5, t
         director.send_signal(signal.SIGTERM)
         assert director.wait(10) == 0, log.read_text()
         assert sh("ip", "netns", "exec", trio.d, "nft", "list", "table", "netdev", "pylvs",
