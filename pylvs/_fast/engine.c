@@ -1181,6 +1181,60 @@ static PyObject *engine_key_hash(PylvsEngine *self, PyObject *args)
                                                 (uint16_t)p1, (uint32_t)a2, (uint16_t)p2));
 }
 
+/* _check(): verify the index against the slab (for tests): every used slot
+ * indexed under both keys and found by a lookup, nothing else indexed, and
+ * no entry cut off from its home bucket by an empty one. */
+static PyObject *engine_check_index(PylvsEngine *self, PyObject *unused)
+{
+    uint64_t entries = 0;
+    for (uint32_t i = 0; i <= self->mask; i++) {
+        const struct bucket *b = &self->index[i];
+        if (b->ref == 0)
+            continue;
+        entries++;
+        uint32_t slot = (b->ref - 1) >> 1;
+        if (slot >= self->capacity || !self->conns[slot].used) {
+            PyErr_Format(PyExc_AssertionError, "bucket %u refers to free slot %u", i, slot);
+            return NULL;
+        }
+        for (uint32_t j = b->tag & self->mask; j != i; j = (j + 1) & self->mask) {
+            if (self->index[j].ref == 0) {
+                PyErr_Format(PyExc_AssertionError, "bucket %u unreachable: empty bucket %u "
+                             "between it and its home", i, j);
+                return NULL;
+            }
+        }
+    }
+    uint32_t used = 0;
+    for (uint32_t slot = 0; slot < self->capacity; slot++) {
+        const struct conn *c = &self->conns[slot];
+        if (!c->used)
+            continue;
+        used++;
+        for (int dir = KEY_IN; dir <= KEY_OUT; dir++) {
+            uint64_t h = conn_key_hash(self, c, dir);
+            struct bucket *b =
+                dir == KEY_IN
+                    ? index_find(self, h, c->proto, c->caddr, c->cport, c->vaddr, c->vport)
+                    : index_find(self, h, c->proto, c->daddr, c->dport, c->caddr, c->cport);
+            if (b == NULL || b->ref != ((slot << 1 | (uint32_t)dir) + 1) ||
+                b->tag != (uint32_t)h) {
+                PyErr_Format(PyExc_AssertionError, "conn in slot %u not found by its %s key",
+                             slot, dir == KEY_IN ? "IN" : "OUT");
+                return NULL;
+            }
+        }
+    }
+    if (used != self->conn_count || entries != 2 * (uint64_t)used ||
+        self->nfree != self->capacity - used) {
+        PyErr_Format(PyExc_AssertionError,
+                     "%u conns used, conn_count %u, %llu index entries, %u free slots", used,
+                     self->conn_count, (unsigned long long)entries, self->nfree);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *engine_get_conn_count(PylvsEngine *self, void *closure)
 {
     return PyLong_FromUnsignedLong(self->conn_count);
@@ -1204,6 +1258,7 @@ static PyMethodDef engine_methods[] = {
      "conns() -> list of (proto, caddr, cport, vaddr, vport, daddr, dport, state, expires,\n"
      "fwd, dest_slot, svc_slot), in slab order."},
     {"_key_hash", (PyCFunction)engine_key_hash, METH_VARARGS, NULL},
+    {"_check", (PyCFunction)engine_check_index, METH_NOARGS, NULL},
     {NULL},
 };
 
