@@ -110,7 +110,10 @@ class AfPacketBackend:
         self._kernel_drops = 0
         try:
             for i, name in enumerate(ifnames):
-                ifindex = socket.if_nametoindex(name)
+                try:
+                    ifindex = socket.if_nametoindex(name)
+                except OSError:
+                    raise OSError(f"no interface {name!r} in this network namespace") from None
                 self.ports.append(Port(i, name, ifindex, _mac_of(name)))
                 # Protocol 0 until bound: nothing is queued before the filter
                 # and the ring are in place.
