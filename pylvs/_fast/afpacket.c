@@ -322,12 +322,18 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
     int nheld = 0;
     long seen = 0;
     int progress = 1;
+    unsigned taken[MAX_PORTS] = {0};
     /* Round robin over the ports, one block at a time, so one busy port
      * cannot starve the others within a call. */
     while (progress && seen < budget && nheld < MAX_HELD) {
         progress = 0;
         for (int p = 0; p < n && nheld < MAX_HELD; p++) {
             RingObject *r = rings[p];
+            /* Held blocks stay TP_STATUS_USER until the end of the call:
+             * going round a full ring would meet them again and run the
+             * engine twice on frames it already rewrote. */
+            if (taken[p] >= r->block_nr)
+                continue;
             struct tpacket_block_desc *bd = ring_block(r, r->blk);
             struct tpacket3_hdr *h;
             unsigned left;
@@ -362,6 +368,7 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
                     h = (struct tpacket3_hdr *)((uint8_t *)h + h->tp_next_offset);
             }
             held[nheld++] = bd;
+            taken[p]++;
             r->blk = (r->blk + 1) % r->block_nr;
         }
     }
