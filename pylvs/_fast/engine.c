@@ -114,6 +114,8 @@ struct bucket {
 #define PREFETCH_DISTANCE 4
 #endif
 
+#define N_BATCH_ARRAYS 5
+
 #define KEY_IN 0
 #define KEY_OUT 1
 #define MAX_CAPACITY (1u << 26)
@@ -147,9 +149,16 @@ struct pylvs_engine {
     const svc_row *services;
     const dest_row *dests;
     uint32_t nservices, ndests;
+
+    int batch_cached;
+    Py_buffer batch_views[N_BATCH_ARRAYS];
 };
 
 static PyTypeObject EngineType;
+
+/* The established path is one function: GCC would otherwise leave these
+ * out of line in a function as large as engine_frame. */
+#define HOT static inline __attribute__((always_inline))
 
 /* Tables of a megabyte or more go in their own mapping with transparent huge
  * pages asked for: a lookup in a 100k-conn table is two random reads, and
@@ -194,7 +203,7 @@ int pylvs_engine_check(PyObject *obj)
 
 /* The 13-byte tuple (proto, a1, p1, a2, p2), addresses and ports in network
  * byte order as on the wire, read as SipHash's two little-endian words. */
-static inline uint64_t key_hash(const PylvsEngine *e, uint8_t proto, uint32_t a1,
+HOT uint64_t key_hash(const PylvsEngine *e, uint8_t proto, uint32_t a1,
                                 uint16_t p1, uint32_t a2, uint16_t p2)
 {
     uint32_t a1n = __builtin_bswap32(a1), a2n = __builtin_bswap32(a2);
@@ -212,7 +221,7 @@ static inline uint64_t conn_key_hash(const PylvsEngine *e, const struct conn *c,
     return key_hash(e, c->proto, c->daddr, c->dport, c->caddr, c->cport);
 }
 
-static inline int conn_matches(const struct conn *c, int dir, uint8_t proto, uint32_t a1,
+HOT int conn_matches(const struct conn *c, int dir, uint8_t proto, uint32_t a1,
                                uint16_t p1, uint32_t a2, uint16_t p2)
 {
     if (c->proto != proto)
@@ -223,7 +232,7 @@ static inline int conn_matches(const struct conn *c, int dir, uint8_t proto, uin
 }
 
 /* The bucket holding the key, or NULL. */
-static inline struct bucket *index_find(PylvsEngine *e, uint64_t h, uint8_t proto,
+HOT struct bucket *index_find(PylvsEngine *e, uint64_t h, uint8_t proto,
                                         uint32_t a1, uint16_t p1, uint32_t a2, uint16_t p2)
 {
     uint32_t tag = (uint32_t)h;
@@ -319,13 +328,13 @@ long pylvs_engine_expire(PylvsEngine *e, double now, long budget)
 
 /* --- the frame path ------------------------------------------------------- */
 
-static inline int finish(PylvsEngine *e, int stat, int verdict)
+HOT int finish(PylvsEngine *e, int stat, int verdict)
 {
     e->stats[stat]++;
     return verdict;
 }
 
-static inline int tcp_event(uint8_t flags)
+HOT int tcp_event(uint8_t flags)
 {
     if (flags & TH_RST)
         return EV_RST;
@@ -338,7 +347,7 @@ static inline int tcp_event(uint8_t flags)
     return -1;
 }
 
-static inline void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8_t tcpflags,
+HOT void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8_t tcpflags,
                                   double now)
 {
     uint8_t old = c->state, new_ = old;
@@ -364,7 +373,7 @@ static inline void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8
 }
 
 /* Checksums after one address and one port of the packet changed. */
-static inline void fix_csums(PylvsEngine *e, uint8_t *frame, uint8_t *ip, uint8_t *l4,
+HOT void fix_csums(PylvsEngine *e, uint8_t *frame, uint8_t *ip, uint8_t *l4,
                              uint32_t l4len, uint8_t proto, uint32_t oaddr, uint32_t naddr,
                              uint16_t oport, uint16_t nport)
 {
@@ -448,6 +457,78 @@ static long call_schedule(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cpor
     return -2;
 }
 
+/* No live conn for the frame: a new one if a service wants it (step 8).
+ * Returns the new conn, or NULL with *verdict set and counted. Out of line:
+ * it is the rare path, and it calls Python. */
+/* A frame the miss path turns away: count it, give the verdict. */
+static struct conn *refuse(PylvsEngine *e, int *verdict, int stat, int v)
+{
+    *verdict = finish(e, stat, v);
+    return NULL;
+}
+
+static __attribute__((noinline)) struct conn *
+conn_new(PylvsEngine *e, uint8_t proto, uint32_t saddr, uint16_t sport, uint32_t daddr,
+         uint16_t dport, uint8_t tcpflags, uint64_t h, const uint8_t *eth, uint16_t in_port,
+         double now, int *verdict)
+{
+    int s = find_service(e, proto, daddr, dport);
+    if (s < 0)
+        return refuse(e, verdict, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+    if (proto == PROTO_TCP &&
+        (!(tcpflags & TH_SYN) || (tcpflags & (TH_ACK | TH_RST))))
+        return refuse(e, verdict, ST_DROP_NO_CONN, PYLVS_V_DROP);
+    long d = call_schedule(e, s, saddr, sport);
+    if (d == -2)
+        return refuse(e, verdict, ST_SCHED_ERRORS, PYLVS_V_DROP);
+    if (d < 0 || (unsigned long)d >= e->ndests)
+        return refuse(e, verdict, ST_DROP_NO_DEST, PYLVS_V_DROP);
+    const dest_row *dest = &e->dests[d];
+    if (!(dest->flags & DEST_F_USED) || dest->svc != (uint16_t)s)
+        return refuse(e, verdict, ST_DROP_NO_DEST, PYLVS_V_DROP);
+
+    uint64_t hout = key_hash(e, proto, dest->daddr, dest->dport, saddr, sport);
+    struct bucket *ob = index_find(e, hout, proto, dest->daddr, dest->dport, saddr, sport);
+    if (ob != NULL) {
+        uint32_t r = ob->ref - 1;
+        if (e->conns[r >> 1].expires > now)
+            return refuse(e, verdict, ST_DROP_CONFLICT, PYLVS_V_DROP);
+        conn_remove(e, r >> 1); /* a dead holder does not block the key */
+    }
+    /* IN key == OUT key: client, VIP and real server are one address:port */
+    if (dest->daddr == saddr && dest->dport == sport && saddr == daddr && sport == dport)
+        return refuse(e, verdict, ST_DROP_CONFLICT, PYLVS_V_DROP);
+    if (e->nfree == 0)
+        return refuse(e, verdict, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
+
+    uint32_t slot = e->free_slots[--e->nfree];
+    struct conn *c = &e->conns[slot];
+    c->proto = proto;
+    c->caddr = saddr;
+    c->cport = sport;
+    c->vaddr = daddr;
+    c->vport = dport;
+    c->daddr = dest->daddr;
+    c->dport = dest->dport;
+    c->state = S_NONE;
+    c->fwd = dest->fwd;
+    c->svc = (uint16_t)s;
+    c->dest = (uint32_t)d;
+    c->in_port = in_port;
+    c->expires = now + e->timeouts[S_NONE];
+    memcpy(c->cmac, eth + 6, 6);
+    memcpy(c->lmac, eth, 6);
+    c->used = 1;
+    index_insert(e, h, slot, KEY_IN);
+    index_insert(e, hout, slot, KEY_OUT);
+    e->conn_count++;
+    e->stats[ST_CONNS_CREATED]++;
+    e->dest_conns[d][C_INACTIVE] += 1;
+    e->svc_stats[s][T_CONNS] += 1;
+    e->dest_stats[d][T_CONNS] += 1;
+    return c;
+}
+
 /* What the batch loop learnt about a frame ahead of time: its tuple and the
  * tuple's hash, computed while the index bucket was being prefetched. */
 struct hint {
@@ -461,8 +542,7 @@ struct hint {
 /* The tuple of a frame that might be TCP or UDP over IPv4, read with just
  * enough checks to stay inside the frame; the frame path validates for real
  * and uses the result only if it names the same tuple. */
-static inline void frame_hint(const PylvsEngine *e, const uint8_t *f, uint32_t len,
-                              struct hint *h)
+HOT void frame_hint(const PylvsEngine *e, const uint8_t *f, uint32_t len, struct hint *h)
 {
     h->valid = 0;
     if (len < PYLVS_VNET_HDR_LEN + 14 + 20 || pylvs_rd16(f + PYLVS_VNET_HDR_LEN + 12) != 0x0800)
@@ -484,7 +564,7 @@ static inline void frame_hint(const PylvsEngine *e, const uint8_t *f, uint32_t l
 
 /* Start loading the conn that the hinted tuple will find, assuming its
  * bucket is already on its way into the cache. */
-static inline void prefetch_conn(const PylvsEngine *e, const struct hint *h)
+HOT void prefetch_conn(const PylvsEngine *e, const struct hint *h)
 {
     if (!h->valid)
         return;
@@ -570,59 +650,11 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
     }
 
     if (c == NULL) {
-        int s = find_service(e, proto, daddr, dport);
-        if (s < 0)
-            return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
-        if (proto == PROTO_TCP &&
-            (!(tcpflags & TH_SYN) || (tcpflags & (TH_ACK | TH_RST))))
-            return finish(e, ST_DROP_NO_CONN, PYLVS_V_DROP);
-        long d = call_schedule(e, s, saddr, sport);
-        if (d == -2)
-            return finish(e, ST_SCHED_ERRORS, PYLVS_V_DROP);
-        if (d < 0 || (unsigned long)d >= e->ndests)
-            return finish(e, ST_DROP_NO_DEST, PYLVS_V_DROP);
-        const dest_row *dest = &e->dests[d];
-        if (!(dest->flags & DEST_F_USED) || dest->svc != (uint16_t)s)
-            return finish(e, ST_DROP_NO_DEST, PYLVS_V_DROP);
-
-        uint64_t hout = key_hash(e, proto, dest->daddr, dest->dport, saddr, sport);
-        struct bucket *ob = index_find(e, hout, proto, dest->daddr, dest->dport, saddr, sport);
-        if (ob != NULL) {
-            uint32_t r = ob->ref - 1;
-            if (e->conns[r >> 1].expires > now)
-                return finish(e, ST_DROP_CONFLICT, PYLVS_V_DROP);
-            conn_remove(e, r >> 1); /* a dead holder does not block the key */
-        }
-        if (dest->daddr == saddr && dest->dport == sport && saddr == daddr && sport == dport)
-            return finish(e, ST_DROP_CONFLICT, PYLVS_V_DROP); /* IN key == OUT key */
-        if (e->nfree == 0)
-            return finish(e, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
-
-        uint32_t slot = e->free_slots[--e->nfree];
-        c = &e->conns[slot];
-        c->proto = proto;
-        c->caddr = saddr;
-        c->cport = sport;
-        c->vaddr = daddr;
-        c->vport = dport;
-        c->daddr = dest->daddr;
-        c->dport = dest->dport;
-        c->state = S_NONE;
-        c->fwd = dest->fwd;
-        c->svc = (uint16_t)s;
-        c->dest = (uint32_t)d;
-        c->in_port = in_port;
-        c->expires = now + e->timeouts[S_NONE];
-        memcpy(c->cmac, eth + 6, 6);
-        memcpy(c->lmac, eth, 6);
-        c->used = 1;
-        index_insert(e, h, slot, KEY_IN);
-        index_insert(e, hout, slot, KEY_OUT);
-        e->conn_count++;
-        e->stats[ST_CONNS_CREATED]++;
-        e->dest_conns[d][C_INACTIVE] += 1;
-        e->svc_stats[s][T_CONNS] += 1;
-        e->dest_stats[d][T_CONNS] += 1;
+        int verdict;
+        c = conn_new(e, proto, saddr, sport, daddr, dport, tcpflags, h, eth, in_port, now,
+                     &verdict);
+        if (c == NULL)
+            return verdict;
         dir = KEY_IN;
     }
 
@@ -842,6 +874,8 @@ static void engine_dealloc(PylvsEngine *self)
     release(&self->dest_conns_view);
     release(&self->services_view);
     release(&self->dests_view);
+    for (int k = 0; k < N_BATCH_ARRAYS; k++)
+        release(&self->batch_views[k]);
     table_free(self->conns, (size_t)self->capacity * sizeof(struct conn));
     table_free(self->free_slots, (size_t)self->capacity * sizeof(uint32_t));
     table_free(self->index, ((size_t)self->mask + 1) * sizeof(struct bucket));
@@ -1048,6 +1082,19 @@ static PyObject *engine_set_timeouts(PylvsEngine *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* The arrays of a tables.Batch, in batch_views order. */
+static const struct batch_array {
+    const char *attr, *what, *tname;
+    Py_ssize_t itemsize;
+    int ndim, writable;
+} batch_arrays[N_BATCH_ARRAYS] = {
+    {"buf", "batch.buf", "uint8", 1, 2, 1},
+    {"length", "batch.length", "uint32", 4, 1, 0},
+    {"in_port", "batch.in_port", "uint16", 2, 1, 0},
+    {"verdict", "batch.verdict", "uint8", 1, 1, 1},
+    {"out_port", "batch.out_port", "uint16", 2, 1, 1},
+};
+
 static PyObject *engine_process(PylvsEngine *self, PyObject *args)
 {
     PyObject *batch;
@@ -1056,20 +1103,41 @@ static PyObject *engine_process(PylvsEngine *self, PyObject *args)
         return NULL;
     if (refuse_if_busy(self) < 0)
         return NULL;
-    static const Py_ssize_t any2[2] = {-1, -1};
-    static const Py_ssize_t any1[1] = {-1};
-    Py_buffer buf = {0}, length = {0}, in_port = {0}, verdict = {0}, out_port = {0};
+    PyObject *arrays[N_BATCH_ARRAYS] = {NULL};
     PyObject *result = NULL;
-    if (get_attr_array(batch, "buf", "batch.buf", 'u', 1, "uint8", 2, any2, 1, &buf) < 0 ||
-        get_attr_array(batch, "length", "batch.length", 'u', 4, "uint32", 1, any1, 0,
-                       &length) < 0 ||
-        get_attr_array(batch, "in_port", "batch.in_port", 'u', 2, "uint16", 1, any1, 0,
-                       &in_port) < 0 ||
-        get_attr_array(batch, "verdict", "batch.verdict", 'u', 1, "uint8", 1, any1, 1,
-                       &verdict) < 0 ||
-        get_attr_array(batch, "out_port", "batch.out_port", 'u', 2, "uint16", 1, any1, 1,
-                       &out_port) < 0)
-        goto done;
+    for (int k = 0; k < N_BATCH_ARRAYS; k++) {
+        arrays[k] = PyObject_GetAttrString(batch, batch_arrays[k].attr);
+        if (arrays[k] == NULL)
+            goto done;
+    }
+    /* Exporting a numpy buffer costs far more than a frame: the views of
+     * the last batch's arrays are kept and reused while the batch still
+     * holds the very same array objects. */
+    int cached = self->batch_cached;
+    for (int k = 0; k < N_BATCH_ARRAYS; k++)
+        cached = cached && self->batch_views[k].obj == arrays[k];
+    if (!cached) {
+        Py_buffer views[N_BATCH_ARRAYS];
+        memset(views, 0, sizeof(views));
+        for (int k = 0; k < N_BATCH_ARRAYS; k++) {
+            const struct batch_array *a = &batch_arrays[k];
+            static const Py_ssize_t any[2] = {-1, -1};
+            if (get_array(arrays[k], a->what, 'u', a->itemsize, a->tname, a->ndim, any,
+                          a->writable, &views[k]) < 0) {
+                for (int j = 0; j < k; j++)
+                    release(&views[j]);
+                goto done;
+            }
+        }
+        for (int k = 0; k < N_BATCH_ARRAYS; k++) {
+            release(&self->batch_views[k]);
+            self->batch_views[k] = views[k];
+        }
+        self->batch_cached = 1;
+    }
+    const Py_buffer *buf = &self->batch_views[0], *length = &self->batch_views[1],
+                    *in_port = &self->batch_views[2], *verdict = &self->batch_views[3],
+                    *out_port = &self->batch_views[4];
     PyObject *count_obj = PyObject_GetAttrString(batch, "count");
     if (count_obj == NULL)
         goto done;
@@ -1077,13 +1145,13 @@ static PyObject *engine_process(PylvsEngine *self, PyObject *args)
     Py_DECREF(count_obj);
     if (count == -1 && PyErr_Occurred())
         goto done;
-    if (count < 0 || count > buf.shape[0] || count > length.shape[0] ||
-        count > in_port.shape[0] || count > verdict.shape[0] || count > out_port.shape[0]) {
+    if (count < 0 || count > buf->shape[0] || count > length->shape[0] ||
+        count > in_port->shape[0] || count > verdict->shape[0] || count > out_port->shape[0]) {
         PyErr_Format(PyExc_ValueError, "batch.count %zd does not fit the batch arrays", count);
         goto done;
     }
-    const uint32_t *lens = length.buf;
-    Py_ssize_t slot = buf.shape[1];
+    const uint32_t *lens = length->buf;
+    Py_ssize_t slot = buf->shape[1];
     for (Py_ssize_t i = 0; i < count; i++) {
         if ((Py_ssize_t)lens[i] > slot) {
             PyErr_Format(PyExc_ValueError,
@@ -1092,10 +1160,10 @@ static PyObject *engine_process(PylvsEngine *self, PyObject *args)
             goto done;
         }
     }
-    uint8_t *frames = buf.buf;
-    const uint16_t *ports = in_port.buf;
-    uint8_t *verdicts = verdict.buf;
-    uint16_t *outs = out_port.buf;
+    uint8_t *frames = buf->buf;
+    const uint16_t *ports = in_port->buf;
+    uint8_t *verdicts = verdict->buf;
+    uint16_t *outs = out_port->buf;
     /* A three-stage pipeline over the batch, so that the two random reads
      * of a lookup (index bucket, then conn) overlap with work on other
      * frames: frame i+2D gets hashed and its bucket prefetched, frame i+D
@@ -1127,11 +1195,8 @@ static PyObject *engine_process(PylvsEngine *self, PyObject *args)
     }
     result = PyLong_FromLong(tx);
 done:
-    release(&buf);
-    release(&length);
-    release(&in_port);
-    release(&verdict);
-    release(&out_port);
+    for (int k = 0; k < N_BATCH_ARRAYS; k++)
+        Py_XDECREF(arrays[k]);
     return result;
 }
 
