@@ -34,8 +34,12 @@ PACKET_STATISTICS = 6
 
 # A block holds at least one 64 KiB GSO frame with its headers; a short
 # retire timeout bounds the latency of a lone packet to about a millisecond.
-BLOCK_SIZE = 1 << 18
-BLOCK_NR = 16
+# At low and middle rates every block retires after that millisecond with a
+# few frames in it, so the number of blocks, not their size, says how long
+# the data thread may be off the CPU before the ring overflows: 64 blocks,
+# about 64 ms, 8 MiB per port.
+BLOCK_SIZE = 1 << 17
+BLOCK_NR = 64
 FRAME_SIZE = 2048
 RETIRE_MS = 1
 
