@@ -53,6 +53,14 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # the lab wants quiet real servers
         pass
 
+    def send_response(self, code, message=None):
+        super().send_response(code, message)
+        # Say so when the client asked to close: curl 7.88 otherwise sends its
+        # next request on this connection as the server closes it (and the
+        # server's stack answers that request with a RST).
+        if self.headers.get("Connection", "").lower() == "close":
+            self.send_header("Connection", "close")
+
     def _small(self, body: bytes, status: int = 200) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
