@@ -380,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine import DEFAULT_CAPACITY, IMPLS
 
     ap = argparse.ArgumentParser(prog="pylvs run", description="Run the pylvs director.")
-    ap.add_argument("--iface", action="append", default=[], metavar="IF",
-                    help="interface to serve (repeat); default: every interface that is up")
+    ap.add_argument("--iface", action="extend", nargs="+", default=[], metavar="IF",
+                    help="interfaces to serve; default: every Ethernet interface that is up")
     ap.add_argument("--control", metavar="PATH", help="control socket (default: per namespace)")
     ap.add_argument("-c", "--config", metavar="FILE", help="ipvsadm -S rules to apply at start")
     ap.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="max conns")
