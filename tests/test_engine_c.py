@@ -732,3 +732,20 @@ def test_random_traffic_matches_reference():
         assert e1.conns() == e2.conns(), step
         for name in ("stats", "svc_stats", "dest_stats", "dest_conns"):
             assert (getattr(c1, name) == getattr(c2, name)).all(), (step, name)
+
+
+def test_every_truncation_in_an_exact_size_buffer():
+    """Each prefix of each frame kind in a batch whose slot is exactly that
+    long: a read past `len` leaves the array (an ASan build reports it)."""
+    kinds = [tcp(payload=b"abc"), udp(payload=b"xy"), tcp(flags="A"),
+             partial(tcp(payload=b"p" * 5), 0), partial(udp(payload=b"u"), 1),
+             tcp(src=RIP, dst=CIP, sport=8080, dport=1000, flags="A", smac=RMAC, dmac=SMAC)]
+    e, c = engine()
+    send(e, [tcp()])  # a conn, so that replies reach the rewrite
+    for f in kinds:
+        for n in range(len(f) + 1):
+            b = tables.Batch(size=1, slot=max(n, 1))
+            b.append(f[:n])
+            e.process(b, 0.0)
+            assert b.verdict[0] in (tables.V_PASS, tables.V_TX, tables.V_DROP)
+    e._check()
