@@ -305,7 +305,7 @@ static void conn_remove(PylvsEngine *e, uint32_t slot)
 
 long pylvs_engine_expire(PylvsEngine *e, double now, long budget)
 {
-    if (budget <= 0 || e->capacity == 0)
+    if (budget <= 0 || e->capacity == 0 || e->busy)
         return 0;
     /* The hand ends where `budget` single steps would leave it, but a slot
      * is never visited twice in one call: a second lap finds nothing more. */
@@ -587,6 +587,11 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
              uint16_t *out_port, const struct hint *hint)
 {
     e->stats[ST_RX_FRAMES]++;
+    /* Only C callers get here during the scheduler upcall (process() refuses
+     * re-entry): the miss path is half done, so a nested frame must not
+     * touch the table. The scheduler that re-entered is at fault. */
+    if (__builtin_expect(e->busy, 0))
+        return finish(e, ST_SCHED_ERRORS, PYLVS_V_DROP);
     if (len < PYLVS_VNET_HDR_LEN + 14)
         return finish(e, ST_DROP_TRUNCATED, PYLVS_V_DROP);
     uint8_t *eth = frame + PYLVS_VNET_HDR_LEN;
