@@ -10,25 +10,28 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline __attribute__((always_inline)) uint16_t pylvs_rd16(const uint8_t *p)
+/* Forced: these sit on the per-frame path inside one large function. */
+#define PYLVS_INLINE static inline __attribute__((always_inline))
+
+PYLVS_INLINE uint16_t pylvs_rd16(const uint8_t *p)
 {
     return (uint16_t)((p[0] << 8) | p[1]);
 }
 
-static inline __attribute__((always_inline)) uint32_t pylvs_rd32(const uint8_t *p)
+PYLVS_INLINE uint32_t pylvs_rd32(const uint8_t *p)
 {
     uint32_t v;
     memcpy(&v, p, 4);
     return __builtin_bswap32(v);
 }
 
-static inline __attribute__((always_inline)) void pylvs_wr16(uint8_t *p, uint16_t v)
+PYLVS_INLINE void pylvs_wr16(uint8_t *p, uint16_t v)
 {
     p[0] = (uint8_t)(v >> 8);
     p[1] = (uint8_t)v;
 }
 
-static inline __attribute__((always_inline)) void pylvs_wr32(uint8_t *p, uint32_t v)
+PYLVS_INLINE void pylvs_wr32(uint8_t *p, uint32_t v)
 {
     v = __builtin_bswap32(v);
     memcpy(p, &v, 4);
@@ -36,7 +39,7 @@ static inline __attribute__((always_inline)) void pylvs_wr32(uint8_t *p, uint32_
 
 /* End-around carry down to 16 bits. Zero comes out only if every summand
  * was zero, which is what keeps eqn. 3 of RFC 1624 free of the -0 trap. */
-static inline __attribute__((always_inline)) uint16_t pylvs_fold(uint64_t s)
+PYLVS_INLINE uint16_t pylvs_fold(uint64_t s)
 {
     s = (s & 0xffffffffu) + (s >> 32);
     s = (s & 0xffffu) + (s >> 16);
@@ -47,24 +50,24 @@ static inline __attribute__((always_inline)) uint16_t pylvs_fold(uint64_t s)
 
 /* The ones' complement difference (new - old) of a 32-bit field, to add to
  * a sum: ~old + new per 16-bit half. */
-static inline __attribute__((always_inline)) uint64_t pylvs_delta32(uint32_t old, uint32_t new_)
+PYLVS_INLINE uint64_t pylvs_delta32(uint32_t old, uint32_t new_)
 {
     return (uint64_t)(~old >> 16 & 0xffff) + (~old & 0xffff) + (new_ >> 16) + (new_ & 0xffff);
 }
 
-static inline __attribute__((always_inline)) uint64_t pylvs_delta16(uint16_t old, uint16_t new_)
+PYLVS_INLINE uint64_t pylvs_delta16(uint16_t old, uint16_t new_)
 {
     return (uint64_t)(uint16_t)~old + new_;
 }
 
 /* RFC 1624 eqn. 3: HC' = ~(~HC + delta), for a checksum field (complemented sum). */
-static inline __attribute__((always_inline)) uint16_t pylvs_csum_update(uint16_t csum, uint64_t delta)
+PYLVS_INLINE uint16_t pylvs_csum_update(uint16_t csum, uint64_t delta)
 {
     return (uint16_t)~pylvs_fold((uint16_t)~csum + delta);
 }
 
 /* Ones' complement sum of a byte range, as a host-order 16-bit value. */
-static inline __attribute__((always_inline)) uint16_t pylvs_csum_bytes(const uint8_t *p, uint32_t len)
+PYLVS_INLINE uint16_t pylvs_csum_bytes(const uint8_t *p, uint32_t len)
 {
     uint64_t s = 0;
     uint32_t i = 0;

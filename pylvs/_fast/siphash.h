@@ -65,7 +65,8 @@ static inline uint64_t pylvs_siphash(uint64_t k0, uint64_t k1, const uint8_t *da
 
 /* SipHash-1-3 of a message of 8 < len < 16 bytes already split into its two
  * little-endian words, m1 carrying the length in its top byte. */
-static inline __attribute__((always_inline)) uint64_t pylvs_siphash13_2w(uint64_t k0, uint64_t k1, uint64_t m0, uint64_t m1)
+static inline __attribute__((always_inline)) uint64_t
+pylvs_siphash13_2w(uint64_t k0, uint64_t k1, uint64_t m0, uint64_t m1)
 {
     uint64_t v0 = k0 ^ 0x736f6d6570736575ULL;
     uint64_t v1 = k1 ^ 0x646f72616e646f6dULL;
