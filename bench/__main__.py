@@ -89,6 +89,11 @@ def plot(doc: dict, png: Path) -> None:
     for i, r in enumerate(rows):
         samples = r.get("samples") or []
         ax.scatter([i] * len(samples), samples, color="k", s=8, zorder=3)
+        if r.get("offered_pps"):
+            ax.scatter([i], [r["offered_pps"]], marker="_", s=900, color="r", zorder=4,
+                       label="offered (generator)" if i == 0 else None)
+    if any(r.get("offered_pps") for r in rows):
+        ax.legend(loc="lower right")
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(labels)
     ax.set_ylabel("packets per second (median; dots: runs)")

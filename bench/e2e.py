@@ -16,11 +16,16 @@ Two impls of the director, in the same lab, alternating round by round:
   nft nat prerouting rule ``dnat to numgen inc mod 3 map {...}``: the
   kernel's own conntrack + DNAT load balancing, the baseline.
 
+The director's share of the kernel's receive work goes to the director's
+core too: RPS on the director's eth0 (``rps_cpus`` = that core) moves the
+processing of received frames off the generator's core. Without it the
+kernel-nft path would forward in softirq on the generator's core (veth
+hands a frame to the receiver on the sender's CPU) and its figure would be
+the generator's rate, not the director's. ``--no-rps`` shows that case.
+
 Delivered pps = sum of the sinks' counters over a window that starts after a
 warm-up (conns created, ARP resolved) and lasts ``--seconds``. The
 generator's own rate (its interface tx counter) is reported as ``offered_pps``.
-Note that on veth the receive processing of the kernel path runs in
-softirq on the generator's core, while pylvs runs on its own pinned core.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import time
@@ -109,12 +115,16 @@ def pylvs_down(lab: Lab) -> None:
     lab.stop_director()
 
 
-def one_round(lab: Lab, conf: Path, seconds: float) -> dict:
+def one_round(lab: Lab, conf: Path, seconds: float, rate: str) -> dict:
     """Run the generator for warm-up + seconds; delivered and offered pps."""
     gen = lab.popen(lab.client, ["trafgen", "--dev", "eth0",
-                                 "--conf", str(conf), "--cpus", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"],
+                                 "--conf", str(conf), "--cpus", "1", "--no-sock-mem",
+                                 "--notouch-irq", "--no-cpu-stats",
+                                 # Paced: with RPS the unpaced TX ring flush fails
+                                 # with EAGAIN as soon as the backlog is full.
+                                 "--rate", rate],
                     key="trafgen", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                    stdin=subprocess.DEVNULL)
+                    stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         time.sleep(WARMUP)
         if gen.poll() is not None:
@@ -124,18 +134,42 @@ def one_round(lab: Lab, conf: Path, seconds: float) -> dict:
         s1, g1, t1 = sink_counts(lab), tx_packets(lab), time.monotonic()
     finally:
         lab.procs.pop("trafgen", None)
-        if gen.poll() is None:
-            gen.send_signal(2)
-            try:
-                gen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                gen.kill()
-                gen.wait(timeout=5)
-        if gen.stderr:
-            gen.stderr.close()
+        _stop_generator(lab, gen)
     dt = t1 - t0
     per_sink = [(b - a) / dt for a, b in zip(s0, s1)]
     return {"pps": sum(per_sink), "offered_pps": (g1 - g0) / dt, "per_sink_pps": per_sink}
+
+
+def _stop_generator(lab: Lab, gen: subprocess.Popen) -> None:
+    """Stop trafgen and its forked worker; return once nothing sends.
+
+    trafgen forks its worker: signalling the parent alone can leave the
+    worker sending while the next impl is being set up (the kernel would
+    then create un-NATed conntrack entries for those flows).
+    """
+    try:
+        os.killpg(gen.pid, signal.SIGINT)
+    except ProcessLookupError:
+        pass
+    try:
+        gen.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(gen.pid, signal.SIGKILL)
+        gen.wait(timeout=5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(gen.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        try:
+            os.killpg(gen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if gen.stderr:
+        gen.stderr.close()
 
 
 def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
@@ -146,6 +180,10 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     # so the director gets the last core.
     ap.add_argument("--director-cpu", default=str((os.cpu_count() or 1) - 1))
     ap.add_argument("--impl", action="append", choices=("pylvs", "kernel-nft"))
+    ap.add_argument("--rate", default="2000000pps",
+                    help="trafgen's pacing (above what either director delivers)")
+    ap.add_argument("--no-rps", action="store_true",
+                    help="leave the director's receive processing on the generator's core")
     args = ap.parse_args(argv)
     runs = runs or (2 if quick else 5)
     impls = args.impl or ["pylvs", "kernel-nft"]
@@ -158,9 +196,14 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
         lab.up()
         for ns in lab.rs:
             lab.nft(ns, SINK_NFT)
-        conf = lab.log_path("trafgen").with_suffix(".cfg")
-        conf.write_text(trafgen_conf(lab, args.flows))
+        if not args.no_rps:
+            mask = format(1 << int(args.director_cpu), "x")
+            lab.run(lab.director, ["sh", "-c", f"echo {mask} > /sys/class/net/eth0/queues/rx-0/rps_cpus"])
         for r in range(runs):
+            # Fresh source ports each round: no impl meets flows (conns,
+            # conntrack entries) left by the one before.
+            conf = lab.log_path(f"trafgen{r}").with_suffix(".cfg")
+            conf.write_text(trafgen_conf(lab, args.flows, base_port=10000 + (args.flows * r) % 50000))
             # Alternate which impl goes first, so drift hits both alike.
             order = impls if r % 2 == 0 else list(reversed(impls))
             for impl in order:
@@ -170,7 +213,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                     if impl == "pylvs" else ((lambda: kernel_nft_up(lab)), lambda: kernel_nft_down(lab))
                 try:
                     up()
-                    res = one_round(lab, conf, args.seconds)
+                    res = one_round(lab, conf, args.seconds, args.rate)
                     if impl == "pylvs":
                         res["director_log_tail"] = lab.director_log()[-300:]
                     samples[impl].append(res)
@@ -197,8 +240,10 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                "flows": args.flows, "frame_bytes": 64}
         if pps:
             med = statistics.median(pps)
+            offered = statistics.median(s["offered_pps"] for s in samples[impl])
             row.update(pps=med, median=med, ns_per_packet=1e9 / med if med else None,
-                       offered_pps=statistics.median(s["offered_pps"] for s in samples[impl]),
+                       offered_pps=offered, delivered_fraction=med / offered if offered else None,
+                       rps=not args.no_rps,
                        per_sink_pps=[statistics.median(x) for x in
                                      zip(*(s["per_sink_pps"] for s in samples[impl]))])
         else:
