@@ -258,6 +258,11 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
         by["pylvs"]["ratio"] = ratio
         by["pylvs"]["ratio_of"] = "pylvs/kernel-nft"
         summary.append(f"pylvs/kernel-nft = {ratio:.2f} (first target >= 0.5)")
-    summary.append(f"director cpu {args.director_cpu}, generator cpu {gen_cpu}, "
-                   f"{args.seconds} s per round after {WARMUP} s warm-up")
+    for r in results:
+        if r.get("offered_pps"):
+            summary.append(f"{r['impl']}: offered {r['offered_pps']:,.0f} pps, delivered "
+                           f"{100 * r['delivered_fraction']:.0f}%")
+    summary.append(f"director cpu {args.director_cpu}"
+                   f"{'' if args.no_rps else ' (+ RPS of its eth0)'}, generator (trafgen) "
+                   f"cpu {gen_cpu}, {args.seconds} s per round after {WARMUP} s warm-up")
     return {"results": results, "summary": summary}
