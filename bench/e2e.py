@@ -16,12 +16,21 @@ Two impls of the director, in the same lab, alternating round by round:
   nft nat prerouting rule ``dnat to numgen inc mod 3 map {...}``: the
   kernel's own conntrack + DNAT load balancing, the baseline.
 
-The director's share of the kernel's receive work goes to the director's
-core too: RPS on the director's eth0 (``rps_cpus`` = that core) moves the
-processing of received frames off the generator's core. Without it the
-kernel-nft path would forward in softirq on the generator's core (veth
-hands a frame to the receiver on the sender's CPU) and its figure would be
-the generator's rate, not the director's. ``--no-rps`` shows that case.
+Two ways of sharing the two cores, both measured (``--rps``):
+
+- plain (scenario ``udp64-1000flows``): veth hands a frame to the receiving
+  namespace on the *sender's* CPU, so the director's receive work (for
+  pylvs the AF_PACKET ring copy and the nft ingress drop; for kernel-nft
+  the whole forwarding path) runs in softirq on the generator's core.
+  kernel-nft then shares a core with trafgen and shows the generator's
+  rate; pylvs gets its receive work done off its own core.
+- ``+rps``: RPS on the director's eth0 (``rps_cpus`` = the director's core)
+  moves that receive work to the director's core. kernel-nft forwards on
+  its own core; pylvs now shares its core with its receive softirq, and
+  its transmissions into eth1 (veth: enqueued to the same CPU's backlog,
+  netdev_max_backlog frames) compete with the RPS'd receive backlog: the
+  excess shows as eth1 tx drops. A lab artefact in part (a NIC would queue
+  transmissions in its own ring), but it is where the packets go.
 
 Delivered pps = sum of the sinks' counters over a window that starts after a
 warm-up (conns created, ARP resolved) and lasts ``--seconds``. The
@@ -181,88 +190,113 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     ap.add_argument("--director-cpu", default=str((os.cpu_count() or 1) - 1))
     ap.add_argument("--impl", action="append", choices=("pylvs", "kernel-nft"))
     ap.add_argument("--rate", default="2000000pps",
-                    help="trafgen's pacing (above what either director delivers)")
-    ap.add_argument("--no-rps", action="store_true",
-                    help="leave the director's receive processing on the generator's core")
+                    help="trafgen's pacing for the 'max' load (above what the generator makes)")
+    ap.add_argument("--rates", default="max",
+                    help="offered loads in pps, comma separated; 'max' = as fast as "
+                         "the generator goes (the headline scenario)")
+    ap.add_argument("--rps", choices=("off", "on", "both"), default="both",
+                    help="RPS of the director's eth0 to the director's core (see the docstring)")
     args = ap.parse_args(argv)
     runs = runs or (2 if quick else 5)
     impls = args.impl or ["pylvs", "kernel-nft"]
     gen_cpu = "0"
 
-    samples: dict[str, list[dict]] = {i: [] for i in impls}
+    rates = [x.strip() for x in args.rates.split(",") if x.strip()]
+    pace = {x: args.rate if x == "max" else f"{int(float(x))}pps" for x in rates}
+    modes = ["off", "on"] if args.rps == "both" else [args.rps]
+    # Scenario keys: (rps mode, rate).
+    keys = [(m, x) for m in modes for x in rates]
+
+    def scenario(key) -> str:
+        mode, rate = key
+        base = f"udp64-{args.flows}flows"
+        if rate != "max":
+            base += f"@{int(float(rate)) // 1000}kpps"
+        return base + ("+rps" if mode == "on" else "")
+
+    samples: dict[tuple, list[dict]] = {(k, i): [] for k in keys for i in impls}
     errors: dict[str, str] = {}
     lab = Lab(f"plbench{uuid.uuid4().hex[:5]}", servers=3, start_servers=False)
     try:
         lab.up()
         for ns in lab.rs:
             lab.nft(ns, SINK_NFT)
-        if not args.no_rps:
-            mask = format(1 << int(args.director_cpu), "x")
-            lab.run(lab.director, ["sh", "-c", f"echo {mask} > /sys/class/net/eth0/queues/rx-0/rps_cpus"])
-        for r in range(runs):
-            # Fresh source ports each round: no impl meets flows (conns,
-            # conntrack entries) left by the one before.
-            conf = lab.log_path(f"trafgen{r}").with_suffix(".cfg")
-            conf.write_text(trafgen_conf(lab, args.flows, base_port=10000 + (args.flows * r) % 50000))
-            # Alternate which impl goes first, so drift hits both alike.
-            order = impls if r % 2 == 0 else list(reversed(impls))
-            for impl in order:
-                if impl in errors:
-                    continue
-                up, down = ((lambda: pylvs_up(lab, args.director_cpu)), lambda: pylvs_down(lab)) \
-                    if impl == "pylvs" else ((lambda: kernel_nft_up(lab)), lambda: kernel_nft_down(lab))
-                try:
-                    up()
-                    res = one_round(lab, conf, args.seconds, args.rate)
-                    if impl == "pylvs":
-                        res["director_log_tail"] = lab.director_log()[-300:]
-                    samples[impl].append(res)
-                    print(f"round {r + 1}/{runs} {impl:<10} delivered {res['pps']:>12,.0f} pps"
-                          f"  offered {res['offered_pps']:>12,.0f} pps", flush=True)
-                except Exception as e:
-                    errors[impl] = f"{type(e).__name__}: {e}"
-                    print(f"{impl}: {errors[impl]}", flush=True)
-                finally:
+        n_conf = 0
+        for mode in modes:
+            mask = format(1 << int(args.director_cpu), "x") if mode == "on" else "0"
+            lab.run(lab.director, ["sh", "-c",
+                                   f"echo {mask} > /sys/class/net/eth0/queues/rx-0/rps_cpus"])
+            for r in range(runs):
+                # Alternate which impl goes first, so drift hits both alike.
+                order = impls if r % 2 == 0 else list(reversed(impls))
+                for impl in order:
+                    if impl in errors:
+                        continue
+                    up, down = ((lambda: pylvs_up(lab, args.director_cpu)), lambda: pylvs_down(lab)) \
+                        if impl == "pylvs" else ((lambda: kernel_nft_up(lab)), lambda: kernel_nft_down(lab))
                     try:
-                        down()
+                        up()
+                        for rate in rates:
+                            # Fresh source ports each time: no impl meets flows
+                            # (conns, conntrack entries) left by the one before.
+                            conf = lab.log_path(f"trafgen{n_conf}").with_suffix(".cfg")
+                            conf.write_text(trafgen_conf(
+                                lab, args.flows, base_port=10000 + (args.flows * n_conf) % 50000))
+                            n_conf += 1
+                            res = one_round(lab, conf, args.seconds, pace[rate])
+                            samples[((mode, rate), impl)].append(res)
+                            print(f"round {r + 1}/{runs} {scenario((mode, rate)):<26} {impl:<10} "
+                                  f"delivered {res['pps']:>10,.0f} pps  offered "
+                                  f"{res['offered_pps']:>10,.0f} pps", flush=True)
                     except Exception as e:
-                        errors.setdefault(impl, f"teardown: {e}")
+                        errors[impl] = f"{type(e).__name__}: {e}"
+                        print(f"{impl}: {errors[impl]}", flush=True)
+                    finally:
+                        try:
+                            down()
+                        except Exception as e:
+                            errors.setdefault(impl, f"teardown: {e}")
     finally:
         errs = lab.down()
         if errs:
             print("lab teardown:", errs)
 
     results = []
-    for impl in impls:
-        pps = [s["pps"] for s in samples[impl]]
-        row = {"scenario": "udp64-1000flows" if args.flows == 1000 else f"udp64-{args.flows}flows",
-               "impl": impl, "runs": len(pps), "samples": pps, "seconds": args.seconds,
-               "flows": args.flows, "frame_bytes": 64}
-        if pps:
-            med = statistics.median(pps)
-            offered = statistics.median(s["offered_pps"] for s in samples[impl])
-            row.update(pps=med, median=med, ns_per_packet=1e9 / med if med else None,
-                       offered_pps=offered, delivered_fraction=med / offered if offered else None,
-                       rps=not args.no_rps,
-                       per_sink_pps=[statistics.median(x) for x in
-                                     zip(*(s["per_sink_pps"] for s in samples[impl]))])
-        else:
-            row.update(pps=None, ns_per_packet=None)
-        if impl in errors:
-            row["error"] = errors[impl]
-        results.append(row)
     summary = []
-    by = {r["impl"]: r for r in results}
-    if by.get("pylvs", {}).get("pps") and by.get("kernel-nft", {}).get("pps"):
-        ratio = by["pylvs"]["pps"] / by["kernel-nft"]["pps"]
-        by["pylvs"]["ratio"] = ratio
-        by["pylvs"]["ratio_of"] = "pylvs/kernel-nft"
-        summary.append(f"pylvs/kernel-nft = {ratio:.2f} (first target >= 0.5)")
-    for r in results:
-        if r.get("offered_pps"):
-            summary.append(f"{r['impl']}: offered {r['offered_pps']:,.0f} pps, delivered "
-                           f"{100 * r['delivered_fraction']:.0f}%")
-    summary.append(f"director cpu {args.director_cpu}"
-                   f"{'' if args.no_rps else ' (+ RPS of its eth0)'}, generator (trafgen) "
+    for key in keys:
+        mode, rate = key
+        rows = {}
+        for impl in impls:
+            got = samples[(key, impl)]
+            pps = [s["pps"] for s in got]
+            row = {"scenario": scenario(key), "impl": impl, "runs": len(pps), "samples": pps,
+                   "seconds": args.seconds, "flows": args.flows, "frame_bytes": 64,
+                   "pacing": pace[rate], "rps": mode == "on"}
+            if pps:
+                med = statistics.median(pps)
+                offered = statistics.median(s["offered_pps"] for s in got)
+                row.update(pps=med, median=med, ns_per_packet=1e9 / med if med else None,
+                           offered_pps=offered,
+                           delivered_fraction=med / offered if offered else None,
+                           per_sink_pps=[statistics.median(x) for x in
+                                         zip(*(s["per_sink_pps"] for s in got))])
+            else:
+                row.update(pps=None, ns_per_packet=None)
+            if impl in errors:
+                row["error"] = errors[impl]
+            rows[impl] = row
+            results.append(row)
+        if rows.get("pylvs", {}).get("pps") and rows.get("kernel-nft", {}).get("pps"):
+            ratio = rows["pylvs"]["pps"] / rows["kernel-nft"]["pps"]
+            rows["pylvs"]["ratio"] = ratio
+            rows["pylvs"]["ratio_of"] = "pylvs/kernel-nft"
+            summary.append(f"{scenario(key)}: pylvs/kernel-nft = {ratio:.2f}"
+                           + (" (first target >= 0.5)" if rate == "max" else ""))
+        for row in rows.values():
+            if row.get("offered_pps"):
+                summary.append(f"  {row['impl']}: offered {row['offered_pps']:,.0f} pps, "
+                               f"delivered {100 * row['delivered_fraction']:.0f}%")
+    summary.append(f"director cpu {args.director_cpu} (+rps: and the receive work of its eth0), "
+                   f"generator (trafgen) "
                    f"cpu {gen_cpu}, {args.seconds} s per round after {WARMUP} s warm-up")
     return {"results": results, "summary": summary}
