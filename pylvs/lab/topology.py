@@ -402,6 +402,21 @@ class Lab:
         self._write_record()
         return p.returncode
 
+    def wait_resolved(self, rips: list[str], timeout: float = 5.0) -> bool:
+        """Wait until the director logs each rip's MAC (bounded).
+
+        The director drops a new dest's frames until its neighbour entry
+        resolves (drop_unresolved); a TCP client retransmits its SYN, but a
+        lone UDP datagram sent right after `-a` would be lost.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.director_log()
+            if all(f"dest {rip} via" in log for rip in rips):
+                return True
+            time.sleep(0.05)
+        return False
+
     def adm(self, *args: str, check: bool = True, timeout: float = 15.0) -> str:
         """`pylvs adm ARGS` in the director namespace; its stdout."""
         p = self.run(self.director, self.pylvs_argv("adm", *args), timeout=timeout,

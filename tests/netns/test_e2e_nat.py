@@ -55,6 +55,9 @@ def add_service(lab: Lab, weights, sched: str = "wlc", proto: str = "-t",
     lab.adm("-A", proto, vip, "-s", sched)
     for rip, w in zip(lab.rips, weights):
         lab.adm("-a", proto, vip, "-r", f"{rip}:{port}", "-m", "-w", str(w))
+    # Frames to a dest whose MAC is not known yet are dropped: start the
+    # traffic once all are resolved (a lone UDP datagram has no retransmit).
+    assert lab.wait_resolved(lab.rips[:len(weights)]), lab.director_log()[-2000:]
     return vip
 
 
