@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         for c in cmds:
             con.print(f"  [dim]$[/] pylvs adm {' '.join(c)}")
             lab.adm(*c)
+        # The first SYN to a dest whose MAC is unknown is dropped (and
+        # retransmitted a second later): let ARP finish first.
+        if not lab.wait_resolved(lab.rips):
+            con.print("[yellow]the director has not resolved every real server yet[/]")
 
         n = max(1, args.requests)
         con.print(f"sending {n} HTTP requests (one TCP connection each) from the client "
