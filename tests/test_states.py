@@ -85,6 +85,35 @@ def test_client_closes_first(env):
     assert counts(env) == [0, 1]
 
 
+def test_syn_reusing_a_port_in_time_wait_opens_a_new_conn(env):
+    """conn_reuse_mode=1: the old conn goes, the SYN is scheduled afresh."""
+    client(env, "S", 0.0)
+    server(env, "SA", 0.1)
+    client(env, "A", 0.2)
+    client(env, "FA", 1.0)
+    server(env, "FA", 1.1)
+    client(env, "A", 1.2)
+    assert state(env) == (TIME_WAIT, 121.2)
+    before = env.counters.stat("conns_created")
+    verdict, _, _ = client(env, "S", 5.0)
+    assert verdict == tables.V_TX
+    assert state(env) == (SYN_RECV, 65.0)
+    assert env.engine.conn_count == 1
+    assert env.counters.stat("conns_created") == before + 1
+    assert env.counters.svc_stats[0, tables.STAT_CONNS] == 2
+    assert counts(env) == [0, 1]
+
+
+def test_ack_in_time_wait_keeps_the_old_conn(env):
+    client(env, "S", 0.0)
+    client(env, "A", 0.1)
+    client(env, "FA", 1.0)
+    server(env, "FA", 1.1)
+    client(env, "SA", 2.0)   # not a plain SYN: the old conn takes it, per the table
+    assert env.counters.svc_stats[0, tables.STAT_CONNS] == 1
+    assert state(env) == (SYN_RECV, 62.0)
+
+
 def test_server_closes_first(env):
     client(env, "S", 0.0)
     client(env, "A", 1.0)

@@ -35,6 +35,7 @@
 #define N_TIMEOUTS (N_TCP_STATES + 1)
 #define S_NONE 0
 #define S_ESTABLISHED 1
+#define S_TIME_WAIT 5 /* states.TIME_WAIT, the kernel's numbering */
 #define DIR_INPUT 0
 #define DIR_OUTPUT 1
 #define EV_SYN 0
@@ -652,6 +653,12 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
             conn_remove(e, r >> 1);
             c = NULL;
             dir = KEY_IN;
+        } else if (dir == KEY_IN && c->state == S_TIME_WAIT && proto == PROTO_TCP &&
+                   (tcpflags & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN) {
+            /* conn_reuse_mode=1: a client that reuses its port while the old
+             * conn lingers in TIME_WAIT opens a new conn, scheduled afresh. */
+            conn_remove(e, r >> 1);
+            c = NULL;
         }
     }
 

@@ -351,6 +351,12 @@ class Engine:
         # 7: conn lookup.
         key = (proto, saddr, sport, daddr, dport)
         hit = self._lookup(key, now)
+        if (hit is not None and hit[1] == states.INPUT and hit[0].state == states.TIME_WAIT
+                and proto == TCP and tcp_flags & (_TCP_SYN | _TCP_ACK | _TCP_RST) == _TCP_SYN):
+            # conn_reuse_mode=1: a client that reuses its port while the old
+            # conn lingers in TIME_WAIT opens a new conn, scheduled afresh.
+            self._unlink(hit[0])
+            hit = None
         if hit is None:
             # 8: a new conn, if a service wants it.
             svc = self._svc_by_key.get((proto, daddr, dport))
