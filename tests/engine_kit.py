@@ -18,7 +18,7 @@ from scapy.layers.inet import IP, TCP, UDP, IPOption
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
-from pylvs.engine import new_engine, states, tables
+from pylvs.engine import new_engine, tables
 from pylvs.engine.checksum import fold, pseudo_header_sum
 
 IMPLS = ["python", "c"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 import struct
 
-import numpy as np
 import pytest
 
 from pylvs.engine import tables

@@ -52,7 +52,6 @@ partial checksums and GSO frames, and the lab should show it does.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import select

@@ -18,7 +18,6 @@ def test_content_is_deterministic_and_offset_consistent():
 
 @pytest.mark.parametrize("impl", ["python", "c"])
 def test_engine_bench_smoke(impl):
-    pytest.importorskip("pylvs._fast")
     from bench import engine
 
     doc = engine.run(["--flows", "2000", "--impl", impl, "--seconds", "0.05"], runs=2)

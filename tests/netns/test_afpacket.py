@@ -11,15 +11,6 @@ from pylvs.engine import tables
 pytestmark = pytest.mark.netns
 
 
-@pytest.fixture
-def trio(uid):
-    t = Trio(uid)
-    try:
-        yield t.up()
-    finally:
-        t.down()
-
-
 PRELUDE = """
 import json, subprocess, sys, time
 from pylvs.io.afpacket import AfPacketBackend

@@ -8,7 +8,6 @@ resolution, data thread) with each engine.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import time
 
 import pytest
 
-from nsio import REPO, Trio, sh
+from nsio import REPO, sh
 
 pytestmark = pytest.mark.netns
 
@@ -85,30 +84,9 @@ print(json.dumps(time.monotonic() - t))
 """
 
 
-def _c_engine_ready() -> bool:
-    from pylvs.engine import new_engine, tables
-    e = new_engine("c", 16, counters=tables.Counters(), schedule=lambda *a: -1)
-    try:
-        e.expire(0.0, 1)
-        return True
-    except NotImplementedError:
-        return False
-
-
-@pytest.fixture
-def trio(uid):
-    t = Trio(uid)
-    try:
-        yield t.up()
-    finally:
-        t.down()
-
-
 @pytest.mark.parametrize("engine", ["c", "python"])
 @pytest.mark.parametrize("ip_forward", [0, 1])
 def test_director_forwards_vs_nat(trio, engine, ip_forward, tmp_path):
-    if engine == "c" and not _c_engine_ready():
-        pytest.skip("the C engine's data path is not there yet")
     sh("ip", "netns", "exec", trio.d, "sysctl", "-qw", f"net.ipv4.ip_forward={ip_forward}")
     rs = subprocess.Popen(["ip", "netns", "exec", trio.r, sys.executable, "-c", REAL_SERVER],
                           cwd=REPO, stdout=subprocess.PIPE, text=True)

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from nsio import Trio, sh
+from nsio import sh
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def trio(uid):
-    t = Trio(uid)
-    try:
-        yield t.up()
-    finally:
-        t.down()
 
 
 def test_resolve_real_servers(trio):

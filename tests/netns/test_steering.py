@@ -11,15 +11,6 @@ from nsio import Trio, sh
 pytestmark = pytest.mark.netns
 
 
-@pytest.fixture
-def trio(uid):
-    t = Trio(uid)
-    try:
-        yield t.up()
-    finally:
-        t.down()
-
-
 def nft(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return sh("ip", "netns", "exec", ns, "nft", *args, check=check)
 
