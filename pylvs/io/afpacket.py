@@ -18,11 +18,11 @@ import ctypes
 import socket
 import struct
 import threading
-from dataclasses import dataclass
 
 from .. import _fast
 from ..engine import tables
 from . import bpf
+from . import Port
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -42,14 +42,6 @@ BLOCK_SIZE = 1 << 17
 BLOCK_NR = 64
 FRAME_SIZE = 2048
 RETIRE_MS = 1
-
-
-@dataclass(frozen=True)
-class Port:
-    index: int
-    name: str
-    ifindex: int
-    mac: bytes
 
 
 def attach_filter(sock: socket.socket, prog: list[bpf.Insn]) -> None:
@@ -181,16 +173,20 @@ class AfPacketBackend:
         """Ring counters summed over ports, plus ``rx_dropped``: frames the
         kernel could not put in a full ring (the data thread fell behind)."""
         names = ("rx_frames", "rx_blocks", "rx_truncated", "rx_vlan", "rx_oversize",
-                 "tx_frames", "tx_errors", "tx_bad_port", "sock_errors")
+                 "tx_frames", "tx_errors", "tx_bad_port", "sock_errors",
+                 "polls", "poll_empty", "fwd_calls", "fwd_budget_cuts", "fwd_blocks")
         out = {n: sum(getattr(r, n) for r in self.rings) for n in names}
         with self._lock:
             for s in self.socks:
                 # struct tpacket_stats_v3; reading resets the kernel's counts.
                 try:
-                    _, drops, _ = struct.unpack("III", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12))
+                    _, drops, freezes = struct.unpack("III", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12))
                 except OSError:
                     continue
                 self._kernel_drops += drops
+                self._freezes = getattr(self, "_freezes", 0) + freezes
+            out["rx_freezes"] = getattr(self, "_freezes", 0)
+            out["fwd_max_blocks"] = max(getattr(r, "fwd_max_blocks", 0) for r in self.rings)
             out["rx_dropped"] = self._kernel_drops
         return out
 

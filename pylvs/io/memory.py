@@ -9,17 +9,9 @@ from __future__ import annotations
 
 import collections
 import threading
-from dataclasses import dataclass
 
 from ..engine import tables
-
-
-@dataclass(frozen=True)
-class Port:
-    index: int
-    name: str
-    ifindex: int
-    mac: bytes
+from . import Port
 
 
 class MemoryBackend:

@@ -14,7 +14,7 @@ def test_resolve_real_servers(trio):
     sh("ip", "-n", trio.d, "neigh", "flush", "all")
     res = trio.py(trio.d, """
 import json, threading
-from pylvs.io.afpacket import Port
+from pylvs.io import Port
 from pylvs.control.neighbors import Resolver
 from pylvs.io.bpf import ip
 def mac(dev):
