@@ -38,6 +38,10 @@ typedef struct {
     unsigned pkt_left;
     unsigned long long rx_frames, rx_blocks, rx_truncated, rx_vlan, rx_oversize;
     unsigned long long tx_frames, tx_errors, tx_bad_port, sock_errors;
+    /* How the data thread spends its calls (kept on the first ring): these
+     * told a starved thread (calls cut by the budget, no polls) from a
+     * thread that sleeps through arrivals (polls that time out). */
+    unsigned long long polls, poll_timeouts, fwd_calls, fwd_budget_cuts, fwd_blocks, fwd_max_blocks;
     int last_error;               /* errno of the last socket error seen */
 } RingObject;
 
@@ -139,6 +143,8 @@ static PyMemberDef ring_members[] = {
     {"block_nr", T_UINT, offsetof(RingObject, block_nr), READONLY, NULL},
     U64(rx_frames), U64(rx_blocks), U64(rx_truncated), U64(rx_vlan), U64(rx_oversize),
     U64(tx_frames), U64(tx_errors), U64(tx_bad_port), U64(sock_errors),
+    U64(polls), U64(poll_timeouts), U64(fwd_calls), U64(fwd_budget_cuts), U64(fwd_blocks),
+    U64(fwd_max_blocks),
     {"last_error", T_INT, offsetof(RingObject, last_error), READONLY, NULL},
     {NULL},
 };
@@ -211,10 +217,14 @@ static double wait_ready(RingObject **rings, int n, int timeout_ms)
         pfd[i].revents = 0;
     }
     double t0 = mono(), t1;
+    int pr;
+    rings[0]->polls++;
     Py_BEGIN_ALLOW_THREADS
-    poll(pfd, n, timeout_ms);
+    pr = poll(pfd, n, timeout_ms);
     t1 = mono();
     Py_END_ALLOW_THREADS
+    if (pr == 0)
+        rings[0]->poll_timeouts++;
     for (int i = 0; i < n; i++) {
         if (pfd[i].revents & POLLERR) {
             /* A pending socket error (ENETDOWN when the link goes down)
@@ -372,6 +382,12 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
             r->blk = (r->blk + 1) % r->block_nr;
         }
     }
+    rings[0]->fwd_calls++;
+    rings[0]->fwd_blocks += nheld;
+    if ((unsigned long long)nheld > rings[0]->fwd_max_blocks)
+        rings[0]->fwd_max_blocks = nheld;
+    if (seen >= budget)
+        rings[0]->fwd_budget_cuts++;
     /* Frames point into the held blocks: send before giving them back. */
     for (int p = 0; p < n; p++)
         if (tx_queues[p].n)

@@ -104,6 +104,7 @@ class AfPacketBackend:
         self._lock = threading.Lock()
         self._prog = bpf.reject_all()
         self._kernel_drops = 0
+        self._kernel_freezes = 0
         try:
             for i, name in enumerate(ifnames):
                 try:
@@ -171,10 +172,12 @@ class AfPacketBackend:
 
     def stats(self) -> dict[str, int]:
         """Ring counters summed over ports, plus ``rx_dropped``: frames the
-        kernel could not put in a full ring (the data thread fell behind)."""
+        kernel could not put in a full ring (the data thread fell behind),
+        and ``rx_freezes``: how often the kernel found its next block still
+        held by user space (tp_freeze_q_cnt)."""
         names = ("rx_frames", "rx_blocks", "rx_truncated", "rx_vlan", "rx_oversize",
                  "tx_frames", "tx_errors", "tx_bad_port", "sock_errors",
-                 "polls", "poll_empty", "fwd_calls", "fwd_budget_cuts", "fwd_blocks")
+                 "polls", "poll_timeouts", "fwd_calls", "fwd_budget_cuts", "fwd_blocks")
         out = {n: sum(getattr(r, n) for r in self.rings) for n in names}
         with self._lock:
             for s in self.socks:
@@ -184,10 +187,10 @@ class AfPacketBackend:
                 except OSError:
                     continue
                 self._kernel_drops += drops
-                self._freezes = getattr(self, "_freezes", 0) + freezes
-            out["rx_freezes"] = getattr(self, "_freezes", 0)
-            out["fwd_max_blocks"] = max(getattr(r, "fwd_max_blocks", 0) for r in self.rings)
+                self._kernel_freezes += freezes
             out["rx_dropped"] = self._kernel_drops
+            out["rx_freezes"] = self._kernel_freezes
+        out["fwd_max_blocks"] = max((r.fwd_max_blocks for r in self.rings), default=0)
         return out
 
     def close(self) -> None:

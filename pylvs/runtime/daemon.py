@@ -250,6 +250,7 @@ class Daemon:
         while True:
             await asyncio.sleep(period)
             now = stats()
+            log.debug("stats %s", now)
             for k in ("rx_dropped", "tx_errors", "sock_errors", "rx_truncated", "rx_vlan",
                       "rx_oversize", "tx_bad_port"):
                 if now.get(k, 0) > last.get(k, 0):
