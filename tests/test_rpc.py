@@ -120,6 +120,23 @@ def test_malformed_requests_never_kill_the_server(director):
         assert c.call(op="ping") == "pong"
 
 
+def test_deeply_nested_request_gets_an_error_answer(director):
+    # json.loads raises RecursionError (not ValueError) on deep nesting: the
+    # client must still get an answer, on the same connection.
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(director.path)
+    f = s.makefile("rwb")
+    for line in (b"[" * 100000 + b"\n", b'{"op": "batch", "ops": ' + b"[" * 100000 + b"\n"):
+        f.write(line)
+        f.flush()
+        resp = json.loads(f.readline())
+        assert resp["ok"] is False and resp["error"].startswith("malformed request")
+    f.write(b'{"op": "ping"}\n')
+    f.flush()
+    assert json.loads(f.readline()) == {"ok": True, "result": "pong"}
+    s.close()
+
+
 def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):
     path = str(tmp_path / "ctl.sock")
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

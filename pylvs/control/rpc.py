@@ -100,7 +100,7 @@ def handle_line(balancer: Balancer, line: bytes | str) -> dict:
     """One request line to one response dict; never raises."""
     try:
         req = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         return {"ok": False, "error": f"malformed request: {e}"}
     if not isinstance(req, dict) or "op" not in req:
         return {"ok": False, "error": "malformed request: expected a JSON object with \"op\""}
