@@ -448,6 +448,28 @@ def test_apply_ops_and_batch(env):
         b.apply(["clear"])
 
 
+def test_json_infinity_and_odd_batches_are_refused_as_bad_values(env):
+    # json.loads accepts Infinity/NaN: int(inf) raises OverflowError, which
+    # must be an ipvsadm-style refusal, and must not abort the rest of a batch.
+    b, c, pubs, res = env
+    inf = float("inf")
+    with pytest.raises(BalancerError, match="illegal virtual server port"):
+        b.apply({"op": "add_service", "proto": "tcp", "vaddr": VIP, "vport": inf})
+    with pytest.raises(BalancerError, match="invalid timeout value"):
+        b.apply({"op": "set_timeouts", "tcp": inf})
+    b.add_service("tcp", VIP, 80)
+    with pytest.raises(BalancerError, match="illegal weight"):
+        b.apply({"op": "add_dest", "proto": "tcp", "vaddr": VIP, "vport": 80,
+                 "daddr": "10.0.1.1", "weight": -inf})
+    results = b.apply({"op": "batch", "ops": [
+        {"op": "add_service", "proto": "tcp", "vaddr": VIP, "vport": 81, "persistent": inf},
+        {"op": "add_service", "proto": "tcp", "vaddr": VIP, "vport": 82},
+    ]})
+    assert [r["ok"] for r in results] == [False, True]
+    with pytest.raises(BalancerError, match="batch"):
+        b.apply({"op": "batch", "ops": 5})
+
+
 def test_upper_threshold_overloads_with_hysteresis(env):
     b, c, pubs, res = env
     s = b.add_service("tcp", VIP, 80, sched="rr")

@@ -118,7 +118,7 @@ def _addr(a: Any, what: str = "address") -> int:
 def _port(p: Any, what: str = "port") -> int:
     try:
         v = int(p)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BalancerError(f"illegal {what} {p!r}") from None
     if isinstance(p, bool) or not 0 <= v <= 65535:
         raise BalancerError(f"illegal {what} {p!r}")
@@ -128,7 +128,7 @@ def _port(p: Any, what: str = "port") -> int:
 def _int_in(v: Any, lo: int, hi: int, msg: str) -> int:
     try:
         n = int(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BalancerError(msg) from None
     if isinstance(v, bool) or isinstance(v, float) and v != n or not lo <= n <= hi:
         raise BalancerError(msg)
@@ -806,7 +806,10 @@ class Balancer:
             raise BalancerError("an operation must be a JSON object")
         name = op.get("op")
         if name == "batch":
-            return self.apply_many(op.get("ops") or [])
+            ops = op.get("ops") or []
+            if not isinstance(ops, list):
+                raise BalancerError("batch: ops must be a list of operations")
+            return self.apply_many(ops)
         if name == "ping":
             return "pong"
         spec = self._OPS.get(name) if isinstance(name, str) else None
