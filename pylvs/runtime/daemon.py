@@ -311,6 +311,8 @@ class Daemon:
                     text = f.read()
             except OSError as e:
                 raise SystemExit(f"pylvs run: -c {self.opts.config}: {e.strerror}") from None
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"pylvs run: -c {self.opts.config}: not a text file ({e})") from None
             try:
                 self._config_ops = adm.parse_restore(text)
             except adm.AdmError as e:

@@ -187,6 +187,21 @@ def test_bad_config_file_fails_the_start(pair, tmp_path):
         os.unlink(log)
 
 
+def test_binary_config_file_fails_the_start_with_its_name(pair, tmp_path):
+    conf = tmp_path / "rules"
+    conf.write_bytes(b"-A -t 10.9.5.1:80 -s rr\n\xa1\xff\x00\n")
+    p, log = start(pair.a, "-c", str(conf))
+    try:
+        assert p.wait(20) != 0
+        text = open(log).read()
+        assert f"-c {conf}" in text, text
+        assert "Traceback" not in text, text
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.unlink(log)
+
+
 def test_new_local_address_reaches_the_steering_set(pair):
     p, log = start(pair.a, "--iface", "eth0")
     try:
