@@ -12,24 +12,44 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 DEFAULT_NAME = "pylvs"
+MAX_SERVERS = 200  # as topology.Lab
+
+
+def _name(s: str) -> str:
+    # The name becomes namespace names and /run/pylvs/labs/NAME.json.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", s):
+        raise argparse.ArgumentTypeError(
+            f"invalid lab name {s!r} (letters, digits, '_', '.', '-'; at most 64)")
+    return s
+
+
+def _servers(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_SERVERS:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_SERVERS}, not {s!r}")
+    return n
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pylvs lab", description="VS-NAT namespace lab")
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="build the lab and start the real servers' httpd")
-    up.add_argument("--name", default=DEFAULT_NAME,
+    up.add_argument("--name", type=_name, default=DEFAULT_NAME,
                     help=f"lab name; namespaces are called NAME-client, NAME-director, ... "
                          f"(default {DEFAULT_NAME})")
-    up.add_argument("--servers", type=int, default=3, help="number of real servers (default 3)")
+    up.add_argument("--servers", type=_servers, default=3, help="number of real servers (default 3)")
     up.add_argument("--ip-forward", type=int, choices=(0, 1), default=0,
                     help="the director's net.ipv4.ip_forward (pylvs needs neither)")
     down = sub.add_parser("down", help="stop the lab's processes and remove its namespaces")
     g = down.add_mutually_exclusive_group()
-    g.add_argument("--name", default=None)
+    g.add_argument("--name", type=_name, default=None)
     g.add_argument("--all", action="store_true", help="every lab recorded in /run/pylvs/labs")
     sub.add_parser("status", help="list the labs and their namespaces")
     return ap

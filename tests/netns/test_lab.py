@@ -81,3 +81,16 @@ def test_failed_build_removes_what_it_made(uid, monkeypatch):
     with pytest.raises(topology.LabError):
         lab.up()
     assert not any(netns_exists(ns) for ns in lab.namespaces)
+
+
+@pytest.mark.parametrize("argv", [["up", "--name", "a/b"], ["up", "--name", ""],
+                                  ["up", "--name", "../x"], ["down", "--name", ""],
+                                  ["up", "--servers", "0"], ["up", "--servers", "201"]])
+def test_lab_cli_refuses_bad_names_and_counts(argv, capsys):
+    from pylvs.cli import lab as lab_cli
+
+    with pytest.raises(SystemExit) as exc:
+        lab_cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "pylvs lab" in err and "error:" in err
