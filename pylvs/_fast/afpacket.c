@@ -43,6 +43,7 @@ typedef struct {
      * thread that sleeps through arrivals (polls that time out). */
     unsigned long long polls, poll_timeouts, fwd_calls, fwd_budget_cuts, fwd_blocks, fwd_max_blocks;
     int last_error;               /* errno of the last socket error seen */
+    int busy;                     /* inside forward / ring_recv / ring_send */
 } RingObject;
 
 static PyTypeObject RingType;
@@ -127,6 +128,12 @@ static void ring_dealloc(RingObject *self)
 
 static PyObject *ring_close(RingObject *self, PyObject *unused)
 {
+    /* forward() holds frames in the mapping across the scheduler upcall and
+     * the poll (GIL released): unmapping it then would pull it from under. */
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Ring is in use by forward/ring_recv/ring_send");
+        return NULL;
+    }
     ring_unmap(self);
     Py_RETURN_NONE;
 }
@@ -165,7 +172,10 @@ static PyTypeObject RingType = {
 
 /* --- helpers shared by forward / recv / send ------------------------------ */
 
-/* Borrow the Ring objects of a sequence; their index is the port index. */
+/* Borrow the Ring objects of a sequence; their index is the port index.
+ * They are marked busy until put_rings(): a call that holds ring blocks may
+ * run Python (the scheduler upcall) or let the GIL go (poll), and nothing
+ * may close those rings or consume their blocks meanwhile. */
 static int get_rings(PyObject *seq, RingObject **rings, PyObject **fast)
 {
     *fast = PySequence_Fast(seq, "rings must be a sequence of Ring");
@@ -184,9 +194,23 @@ static int get_rings(PyObject *seq, RingObject **rings, PyObject **fast)
             Py_CLEAR(*fast);
             return -1;
         }
+        if (((RingObject *)o)->busy) {
+            PyErr_SetString(PyExc_RuntimeError, "Ring is in use by forward/ring_recv/ring_send");
+            Py_CLEAR(*fast);
+            return -1;
+        }
         rings[i] = (RingObject *)o;
     }
+    for (Py_ssize_t i = 0; i < n; i++)
+        rings[i]->busy = 1;
     return (int)n;
+}
+
+static void put_rings(RingObject **rings, int n, PyObject *fast)
+{
+    for (int i = 0; i < n; i++)
+        rings[i]->busy = 0;
+    Py_DECREF(fast);
 }
 
 static int any_ready(RingObject **rings, int n)
@@ -321,7 +345,7 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
     if (!tx_queues) {
         tx_queues = PyMem_Calloc(MAX_PORTS, sizeof(TxQueue));
         if (!tx_queues) {
-            Py_DECREF(fast);
+            put_rings(rings, n, fast);
             return PyErr_NoMemory();
         }
     }
@@ -394,7 +418,7 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
             txq_flush(rings[p], &tx_queues[p]);
     for (int i = 0; i < nheld; i++)
         block_release(held[i]);
-    Py_DECREF(fast);
+    put_rings(rings, n, fast);
     return PyLong_FromLong(seen);
 }
 
@@ -431,18 +455,18 @@ static PyObject *afp_recv(PyObject *mod, PyObject *args, PyObject *kwds)
         return NULL;
     Py_buffer vb, vl, vp;
     if (get_view(obuf, &vb, 1, 2, "buf") < 0) {
-        Py_DECREF(fast);
+        put_rings(rings, n, fast);
         return NULL;
     }
     if (get_view(olen, &vl, 4, 1, "length") < 0) {
         PyBuffer_Release(&vb);
-        Py_DECREF(fast);
+        put_rings(rings, n, fast);
         return NULL;
     }
     if (get_view(oport, &vp, 2, 1, "in_port") < 0) {
         PyBuffer_Release(&vb);
         PyBuffer_Release(&vl);
-        Py_DECREF(fast);
+        put_rings(rings, n, fast);
         return NULL;
     }
     Py_ssize_t rows = vb.shape[0], slot = vb.shape[1];
@@ -503,7 +527,7 @@ static PyObject *afp_recv(PyObject *mod, PyObject *args, PyObject *kwds)
     PyBuffer_Release(&vb);
     PyBuffer_Release(&vl);
     PyBuffer_Release(&vp);
-    Py_DECREF(fast);
+    put_rings(rings, n, fast);
     return PyLong_FromSsize_t(got);
 }
 
@@ -523,7 +547,7 @@ static PyObject *afp_send(PyObject *mod, PyObject *args, PyObject *kwds)
     if (!tx_queues) {
         tx_queues = PyMem_Calloc(MAX_PORTS, sizeof(TxQueue));
         if (!tx_queues) {
-            Py_DECREF(fast);
+            put_rings(rings, n, fast);
             return PyErr_NoMemory();
         }
     }
@@ -544,7 +568,7 @@ static PyObject *afp_send(PyObject *mod, PyObject *args, PyObject *kwds)
             PyBuffer_Release(&vb);
     }
     if (!ok) {
-        Py_DECREF(fast);
+        put_rings(rings, n, fast);
         return NULL;
     }
     Py_ssize_t slot = vb.shape[1];
@@ -577,7 +601,7 @@ static PyObject *afp_send(PyObject *mod, PyObject *args, PyObject *kwds)
     PyBuffer_Release(&vl);
     PyBuffer_Release(&vv);
     PyBuffer_Release(&vp);
-    Py_DECREF(fast);
+    put_rings(rings, n, fast);
     return PyLong_FromUnsignedLongLong(after - before);
 }
 

@@ -291,3 +291,46 @@ b.close()
     assert res["stats"]["rx_dropped"] > 0, res  # the ring did fill up
     assert res["seen"] + res["stats"]["rx_dropped"] == 2000, res
     assert res["rx"] == res["seen"]
+
+
+def test_scheduler_cannot_close_or_reenter_the_rings_forward_holds(trio):
+    # forward() holds blocks (and frame pointers into them) across the
+    # scheduler upcall: closing a ring there unmapped them under it
+    # (SIGSEGV), a nested forward/recv gave the held block back to the kernel.
+    res = scenario(trio, r"""
+from pylvs import _fast
+from pylvs.engine import new_engine
+counters = tables.Counters()
+calls = []
+def sched(s, c, p):
+    for what, fn in (("close", lambda: b.rings[0].close()),
+                     ("forward", lambda: _fast.forward(engine, b.rings, time.monotonic(), 0)),
+                     ("recv", lambda: b.recv(tables.Batch(4, 2048), 0))):
+        try:
+            fn()
+            calls.append((what, "done"))
+        except RuntimeError as e:
+            calls.append((what, str(e)))
+    return -1
+engine = new_engine("c", 64, counters=counters, schedule=sched)
+svc = tables.empty_services(1)
+svc[0] = (ip("10.9.0.1"), 7, 17, 1)
+engine.set_tables(svc, tables.empty_dests(0))
+b = AfPacketBackend(["d0", "d1"])
+b.set_filter([(17, ip("10.9.0.1"), 7)], [])
+client = in_ns(C, '''
+import socket, time
+for k in range(5):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.sendto(b"x" * 100, ("10.9.0.1", 7))
+    time.sleep(0.01)
+''')
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline and counters.stat("drop_no_dest") < 5:
+    _fast.forward(engine, b.rings, time.monotonic(), 20)
+client.wait(10)
+print(json.dumps(dict(calls=calls, stats=counters.named(), open=b.rings[0].block_nr)))
+b.close()
+""")
+    assert res["stats"]["drop_no_dest"] == 5, res
+    assert res["calls"] and all(r != "done" and "in use" in r for _, r in res["calls"]), res
