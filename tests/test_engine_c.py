@@ -666,6 +666,24 @@ def test_engine_cannot_be_changed_from_inside_the_upcall(monkeypatch):
     assert verdicts(send(e, [tcp()])) == [tables.V_TX]
 
 
+def test_engine_cannot_be_changed_while_reading_the_schedulers_answer(monkeypatch):
+    # Turning the answer into a slot runs its __index__: Python code, while
+    # the miss path is still half done.
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda a: seen.append(a.exc_value))
+    holder = {}
+
+    class Answer:
+        def __index__(self):
+            holder["e"].set_tables(*make_tables())
+            return 0
+
+    e, c = engine(schedule=lambda s, a, p: Answer())
+    holder["e"] = e
+    assert verdicts(send(e, [tcp()])) == [tables.V_DROP]
+    assert isinstance(seen[0], RuntimeError) and stat(c, "sched_errors") == 1
+
+
 # --- references ------------------------------------------------------------
 
 

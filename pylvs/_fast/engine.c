@@ -434,22 +434,25 @@ static long call_schedule(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cpor
     args[1] = PyLong_FromUnsignedLong(caddr);
     args[2] = PyLong_FromLong(cport);
     PyObject *res = NULL;
+    long d = -1;
+    int overflow = 0;
     if (args[0] && args[1] && args[2]) {
         PyObject *sched = e->schedule;
         Py_INCREF(sched);
         e->busy = 1;
         res = PyObject_Vectorcall(sched, args, 3, NULL);
+        /* Reading the answer may run Python too (__index__, __del__). */
+        if (res != NULL) {
+            d = PyLong_AsLongAndOverflow(res, &overflow);
+            Py_DECREF(res);
+        }
         e->busy = 0;
         Py_DECREF(sched);
     }
     Py_XDECREF(args[0]);
     Py_XDECREF(args[1]);
     Py_XDECREF(args[2]);
-    long d = -1;
     if (res != NULL) {
-        int overflow = 0;
-        d = PyLong_AsLongAndOverflow(res, &overflow);
-        Py_DECREF(res);
         if (overflow)
             return -1; /* no dest has such a slot */
         if (!(d == -1 && PyErr_Occurred()))
