@@ -684,6 +684,23 @@ def test_engine_cannot_be_changed_while_reading_the_schedulers_answer(monkeypatc
     assert isinstance(seen[0], RuntimeError) and stat(c, "sched_errors") == 1
 
 
+def test_lengths_changed_during_the_upcall_stay_inside_the_slots():
+    # process() checks every length first, but the scheduler is Python and
+    # may write batch.length before the later frames are read.
+    b = tables.Batch(size=2, slot=128)
+    big = tcp(payload=b"p" * 200)          # IP total length 240: beyond the slot
+    b.append(tcp())
+    b.append(big[:128])
+
+    def meddle(s, a, p):
+        b.length[1] = len(big)
+        return 0
+
+    e, c = engine(schedule=meddle)
+    e.process(b, 0.0)
+    assert b.verdict[1] == tables.V_DROP and stat(c, "drop_bad_ip") == 1
+
+
 # --- references ------------------------------------------------------------
 
 

@@ -1191,7 +1191,8 @@ static PyObject *engine_process(PylvsEngine *self, PyObject *args)
         Py_ssize_t j = i + 2 * D;
         if (j < count) {
             struct hint *h = &hints[j % RING];
-            frame_hint(self, frames + j * slot, lens[j], h);
+            uint32_t lj = lens[j];
+            frame_hint(self, frames + j * slot, (Py_ssize_t)lj > slot ? (uint32_t)slot : lj, h);
             if (h->valid)
                 __builtin_prefetch(&self->index[(uint32_t)h->hash & self->mask]);
         }
@@ -1201,7 +1202,11 @@ static PyObject *engine_process(PylvsEngine *self, PyObject *args)
         if (i < 0)
             continue;
         uint16_t op = 0;
-        int v = engine_frame(self, frames + i * slot, lens[i], ports[i], now, &op,
+        /* Checked above, but the scheduler upcall may have written it since. */
+        uint32_t li = lens[i];
+        if ((Py_ssize_t)li > slot)
+            li = (uint32_t)slot;
+        int v = engine_frame(self, frames + i * slot, li, ports[i], now, &op,
                              &hints[i % RING]);
         verdicts[i] = (uint8_t)v;
         if (v == PYLVS_V_TX) {
