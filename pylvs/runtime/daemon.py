@@ -318,9 +318,35 @@ class Daemon:
             except adm.AdmError as e:
                 raise SystemExit(f"pylvs run: -c {self.opts.config}: {e}") from None
 
+    def _claim_netns(self) -> None:
+        # One director per network namespace: each owns "table netdev pylvs",
+        # and a second one would replace the first's table at start and
+        # delete it at exit. The lock goes with the process, crash included.
+        import fcntl
+
+        from ..control import rpc
+
+        self._netns_lock = None
+        if self._steering is not None:
+            return  # embedded with its own steering: no nft table of ours
+        os.makedirs(rpc.RUN_DIR, mode=0o700, exist_ok=True)
+        path = f"{rpc.RUN_DIR}/netns-{rpc.netns_id()}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise SystemExit("pylvs run: another pylvs director runs in this network namespace"
+                             + (f" (pid {owner})" if owner else "")) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._netns_lock = fd
+
     def run(self) -> int:
         self._loop = None
         self._read_config()
+        self._claim_netns()
         self._local = local_addresses()
         try:
             self._build()
@@ -346,6 +372,10 @@ class Daemon:
                 getattr(obj, meth)()
             except Exception as e:
                 log.error("closing %s: %s", what, e)
+        lock = getattr(self, "_netns_lock", None)
+        if lock is not None:
+            self._netns_lock = None
+            os.close(lock)
         log.info("stopped")
 
 

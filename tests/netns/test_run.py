@@ -136,6 +136,35 @@ def test_two_directors_side_by_side_with_defaults(pair):
         os.unlink(lb)
 
 
+def test_second_director_in_one_namespace_is_refused(pair, tmp_path):
+    # Both would own "table netdev pylvs": the second replaced the first's
+    # table at start and deleted it at exit, so the kernel then saw (and
+    # reset) the first one's established connections.
+    pa, la = start(pair.a, "--iface", "eth0", "--control", str(tmp_path / "a.sock"))
+    pb, lb = start(pair.a, "--iface", "eth0", "--control", str(tmp_path / "b.sock"))
+    try:
+        wait_ready(pa, la)
+        assert pb.wait(10) != 0
+        assert "another pylvs director" in open(lb).read(), open(lb).read()
+        assert pa.poll() is None and has_table(pair.a)
+        assert stop(pa) == 0, open(la).read()
+        # The namespace is free again once the first one has gone.
+        pc, lc = start(pair.a, "--iface", "eth0", "--control", str(tmp_path / "c.sock"))
+        try:
+            wait_ready(pc, lc)
+            assert stop(pc) == 0
+        finally:
+            if pc.poll() is None:
+                pc.kill()
+            os.unlink(lc)
+    finally:
+        for p in (pa, pb):
+            if p.poll() is None:
+                p.kill()
+        os.unlink(la)
+        os.unlink(lb)
+
+
 def test_stale_table_from_a_crash_is_replaced(pair):
     sh("ip", "netns", "exec", pair.a, "nft", "add", "table", "netdev", "pylvs")
     sh("ip", "netns", "exec", pair.a, "nft", "add", "chain", "netdev", "pylvs", "stale")
