@@ -83,6 +83,9 @@ class Daemon:
         self.ifaces = opts.ifaces or default_interfaces()
         if not self.ifaces:
             raise SystemExit("pylvs run: no interface is up in this network namespace; use --iface")
+        for i, name in enumerate(self.ifaces):
+            if name in self.ifaces[:i]:
+                raise SystemExit(f"pylvs run: --iface {name} given twice")
         self._backend, self._steering, self._resolver = backend, steering, resolver
         self._pending: tuple | None = None
         self._pending_timeouts = None

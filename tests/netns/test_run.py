@@ -165,6 +165,18 @@ def test_second_director_in_one_namespace_is_refused(pair, tmp_path):
         os.unlink(lb)
 
 
+def test_same_interface_twice_is_refused(pair):
+    # Two ports on one interface: every frame read and forwarded twice.
+    p, log = start(pair.a, "--iface", "eth0", "--iface", "eth0")
+    try:
+        assert p.wait(10) != 0
+        assert "eth0 given twice" in open(log).read(), open(log).read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.unlink(log)
+
+
 def test_stale_table_from_a_crash_is_replaced(pair):
     sh("ip", "netns", "exec", pair.a, "nft", "add", "table", "netdev", "pylvs")
     sh("ip", "netns", "exec", pair.a, "nft", "add", "chain", "netdev", "pylvs", "stale")
