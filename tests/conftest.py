@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import uuid
 
@@ -16,6 +17,17 @@ def _can_netns() -> str | None:
         if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
             return f"needs the '{tool}' command"
     return None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # A run stopped with SIGTERM (timeout(1), a CI limit) would otherwise die
+    # without running fixture teardown and leave namespaces and directors
+    # behind; as an interrupt, pytest still tears down what it set up.
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pytest_collection_modifyitems(config, items):
