@@ -19,7 +19,14 @@ def _can_netns() -> str | None:
     return None
 
 
+_PYTEST_PID = os.getpid()
+
+
 def _interrupt(signum, frame):
+    if os.getpid() != _PYTEST_PID:
+        # A forked child (pyroute2 forks netns helpers and stops them with
+        # SIGTERM) must die as by default, not run pytest's teardown.
+        os._exit(128 + signum)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
