@@ -323,6 +323,19 @@ static inline int frame_usable(RingObject *r, struct tpacket3_hdr *h)
 
 static TxQueue *tx_queues; /* MAX_PORTS queues; used only with the GIL held */
 
+/* The send queues are allocated on first use and live as long as the module. */
+static int ensure_tx_queues(void)
+{
+    if (!tx_queues) {
+        tx_queues = PyMem_Calloc(MAX_PORTS, sizeof(TxQueue));
+        if (!tx_queues) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"engine", "rings", "now", "timeout_ms", "budget", NULL};
@@ -342,12 +355,9 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
     int n = get_rings(seq, rings, &fast);
     if (n < 0)
         return NULL;
-    if (!tx_queues) {
-        tx_queues = PyMem_Calloc(MAX_PORTS, sizeof(TxQueue));
-        if (!tx_queues) {
-            put_rings(rings, n, fast);
-            return PyErr_NoMemory();
-        }
+    if (ensure_tx_queues() < 0) {
+        put_rings(rings, n, fast);
+        return NULL;
     }
     now += wait_ready(rings, n, timeout_ms);
 
@@ -544,12 +554,9 @@ static PyObject *afp_send(PyObject *mod, PyObject *args, PyObject *kwds)
     int n = get_rings(seq, rings, &fast);
     if (n < 0)
         return NULL;
-    if (!tx_queues) {
-        tx_queues = PyMem_Calloc(MAX_PORTS, sizeof(TxQueue));
-        if (!tx_queues) {
-            put_rings(rings, n, fast);
-            return PyErr_NoMemory();
-        }
+    if (ensure_tx_queues() < 0) {
+        put_rings(rings, n, fast);
+        return NULL;
     }
     Py_buffer vb, vl, vv, vp;
     int ok = 0;
