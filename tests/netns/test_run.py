@@ -130,10 +130,11 @@ def test_two_directors_side_by_side_with_defaults(pair):
         assert not has_table(pair.b)
     finally:
         for p in (pa, pb):
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 p.kill()
-        os.unlink(la)
-        os.unlink(lb)
+        for log in (la, lb):
+            if log is not None:
+                os.unlink(log)
 
 
 def test_second_director_in_one_namespace_is_refused(pair, tmp_path):
@@ -141,9 +142,10 @@ def test_second_director_in_one_namespace_is_refused(pair, tmp_path):
     # table at start and deleted it at exit, so the kernel then saw (and
     # reset) the first one's established connections.
     pa, la = start(pair.a, "--iface", "eth0", "--control", str(tmp_path / "a.sock"))
-    pb, lb = start(pair.a, "--iface", "eth0", "--control", str(tmp_path / "b.sock"))
+    pb = lb = None
     try:
-        wait_ready(pa, la)
+        wait_ready(pa, la)  # the first holds the namespace before the second starts
+        pb, lb = start(pair.a, "--iface", "eth0", "--control", str(tmp_path / "b.sock"))
         assert pb.wait(10) != 0
         assert "another pylvs director" in open(lb).read(), open(lb).read()
         assert pa.poll() is None and has_table(pair.a)
@@ -159,10 +161,11 @@ def test_second_director_in_one_namespace_is_refused(pair, tmp_path):
             os.unlink(lc)
     finally:
         for p in (pa, pb):
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 p.kill()
-        os.unlink(la)
-        os.unlink(lb)
+        for log in (la, lb):
+            if log is not None:
+                os.unlink(log)
 
 
 def test_same_interface_twice_is_refused(pair):
