@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -60,6 +61,18 @@ def start(ns: str, *args: str, env=None, log=None) -> tuple[subprocess.Popen, st
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              env={**os.environ, **(env or {})})
     return p, log
+
+
+@contextlib.contextmanager
+def running(ns: str, *args: str, env=None):
+    """``pylvs run`` in ``ns``; killed (if still up) and its log removed afterwards."""
+    p, log = start(ns, *args, env=env)
+    try:
+        yield p, log
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.unlink(log)
 
 
 def wait_ready(p: subprocess.Popen, log: str, timeout: float = 20) -> str:
@@ -170,29 +183,19 @@ def test_second_director_in_one_namespace_is_refused(pair, tmp_path):
 
 def test_same_interface_twice_is_refused(pair):
     # Two ports on one interface: every frame read and forwarded twice.
-    p, log = start(pair.a, "--iface", "eth0", "--iface", "eth0")
-    try:
+    with running(pair.a, "--iface", "eth0", "--iface", "eth0") as (p, log):
         assert p.wait(10) != 0
         assert "eth0 given twice" in open(log).read(), open(log).read()
-    finally:
-        if p.poll() is None:
-            p.kill()
-        os.unlink(log)
 
 
 def test_stale_table_from_a_crash_is_replaced(pair):
     sh("ip", "netns", "exec", pair.a, "nft", "add", "table", "netdev", "pylvs")
     sh("ip", "netns", "exec", pair.a, "nft", "add", "chain", "netdev", "pylvs", "stale")
-    p, log = start(pair.a, "--iface", "eth0")
-    try:
+    with running(pair.a, "--iface", "eth0") as (p, log):
         wait_ready(p, log)
         text = sh("ip", "netns", "exec", pair.a, "nft", "list", "table", "netdev", "pylvs").stdout
         assert "stale" not in text
         assert stop(p) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-        os.unlink(log)
 
 
 def test_config_file_rules_applied_at_start(pair, tmp_path):
@@ -200,8 +203,7 @@ def test_config_file_rules_applied_at_start(pair, tmp_path):
     conf.write_text("-A -t 10.9.5.1:80 -s rr\n"
                     "-a -t 10.9.5.1:80 -r 10.9.5.2:8080 -m -w 2\n"
                     "-A -u 10.9.5.1:53 -s wlc\n")
-    p, log = start(pair.a, "-c", str(conf))
-    try:
+    with running(pair.a, "-c", str(conf)) as (p, log):
         wait_ready(p, log)
         text = sh("ip", "netns", "exec", pair.a, "nft", "list", "table", "netdev", "pylvs").stdout
         assert "10.9.5.1 . tcp . 80" in text and "10.9.5.1 . udp . 53" in text
@@ -210,45 +212,30 @@ def test_config_file_rules_applied_at_start(pair, tmp_path):
         assert "TCP  10.9.5.1:80 rr" in listing
         assert "-> 10.9.5.2:8080" in listing and "Masq    2" in listing
         assert stop(p) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-        os.unlink(log)
 
 
 def test_bad_config_file_fails_the_start(pair, tmp_path):
     conf = tmp_path / "rules"
     conf.write_text("-A -t 10.9.5.1:80 -s rr\n-a -t 10.9.5.1:80 -r nonsense:x -m\n")
-    p, log = start(pair.a, "-c", str(conf))
-    try:
+    with running(pair.a, "-c", str(conf)) as (p, log):
         assert p.wait(20) != 0
         text = open(log).read()
         assert "line 2" in text, text
         assert not has_table(pair.a)
-    finally:
-        if p.poll() is None:
-            p.kill()
-        os.unlink(log)
 
 
 def test_binary_config_file_fails_the_start_with_its_name(pair, tmp_path):
     conf = tmp_path / "rules"
     conf.write_bytes(b"-A -t 10.9.5.1:80 -s rr\n\xa1\xff\x00\n")
-    p, log = start(pair.a, "-c", str(conf))
-    try:
+    with running(pair.a, "-c", str(conf)) as (p, log):
         assert p.wait(20) != 0
         text = open(log).read()
         assert f"-c {conf}" in text, text
         assert "Traceback" not in text, text
-    finally:
-        if p.poll() is None:
-            p.kill()
-        os.unlink(log)
 
 
 def test_new_local_address_reaches_the_steering_set(pair):
-    p, log = start(pair.a, "--iface", "eth0")
-    try:
+    with running(pair.a, "--iface", "eth0") as (p, log):
         wait_ready(p, log)
         sh("ip", "-n", pair.a, "addr", "add", "10.9.5.100/32", "dev", "eth0")
         deadline = time.monotonic() + 10
@@ -261,7 +248,3 @@ def test_new_local_address_reaches_the_steering_set(pair):
             time.sleep(0.2)
         assert "10.9.5.100" in text and "10.9.5.1" in text
         assert stop(p) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-        os.unlink(log)
