@@ -37,6 +37,13 @@ enum pylvs_stat {
 };
 #define PYLVS_N_STATS 64
 
+/* Sysctl indices: as SYSCTL_NAMES in pylvs/engine/tables.py. */
+enum pylvs_sysctl {
+    SYS_CONN_REUSE_MODE, SYS_EXPIRE_NODEST_CONN, SYS_ICMP_MSGS_PER_SEC, SYS_ICMP_MSGS_BURST,
+    SYS_TCP_RST_PER_SEC, SYS_TCP_RST_BURST,
+    SYS__COUNT
+};
+
 #define PYLVS_VNET_HDR_LEN 10
 
 /* The Engine object; its layout is private to engine.c. */
