@@ -1,4 +1,4 @@
-# --- Engine (pylvs/_fast/engine.c; contract: docs/engine.md) -----------------
+# --- Engine (pylvs/_fast/ip_vs*.{c,h}, engine_type.c; contract: docs/engine.md) -----------------
 from typing import Callable
 
 import numpy as np

@@ -1,9 +1,9 @@
 /* The engine's C interface inside the _fast extension.
  *
- * engine.c implements the Engine type (see docs/engine.md); other C files of
- * the extension (the AF_PACKET forwarder) call pylvs_engine_frame() on frames
- * that stay where they are (in a receive ring), so the hot loop never builds
- * a Python object per packet. The caller holds the GIL: a new flow may call
+ * The engine (ip_vs.h and the files it lists; see docs/engine.md) implements
+ * the Engine type; other C files of the extension (the AF_PACKET forwarder)
+ * call pylvs_engine_frame() on frames that stay where they are (in a receive
+ * ring), so the hot loop never builds a Python object per packet. The caller holds the GIL: a new flow may call
  * the Python scheduler.
  */
 #ifndef PYLVS_ENGINE_H
@@ -46,7 +46,7 @@ enum pylvs_sysctl {
 
 #define PYLVS_VNET_HDR_LEN 10
 
-/* The Engine object; its layout is private to engine.c. */
+/* The Engine object; its layout is private to the engine (ip_vs.h). */
 typedef struct pylvs_engine PylvsEngine;
 
 /* Is `obj` an instance of _fast.Engine? */

@@ -1,0 +1,374 @@
+/* The per-frame pipeline (the kernel's ip_vs_core.c): parse and check a
+ * frame, find its conn (or make one on the miss path, which calls the Python
+ * scheduler), update the TCP state, NAT-rewrite, give the verdict. See
+ * docs/engine.md "Per frame". The established path is one function with
+ * everything it calls inlined (HOT); the miss path is out of line.
+ */
+#include "ip_vs.h"
+
+#include "ip_vs_xmit_nat.h"
+
+/* --- the frame path ------------------------------------------------------- */
+
+HOT void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8_t tcpflags,
+                        double now)
+{
+    uint8_t old = c->state, new_ = old;
+    if (c->proto == PROTO_TCP) {
+        int ev = tcp_event(tcpflags);
+        if (ev >= 0 && old < N_TCP_STATES)
+            new_ = e->trans[dir][ev][old];
+    } else {
+        new_ = UDP_STATE;
+    }
+    if ((old == S_ESTABLISHED) != (new_ == S_ESTABLISHED)) {
+        int32_t *dc = e->dest_conns[c->dest];
+        if (new_ == S_ESTABLISHED) {
+            dc[C_ACTIVE] += 1;
+            dc[C_INACTIVE] -= 1;
+        } else {
+            dc[C_ACTIVE] -= 1;
+            dc[C_INACTIVE] += 1;
+        }
+    }
+    c->state = new_;
+    c->expires = now + e->timeouts[new_];
+}
+
+static int find_service(const PylvsEngine *e, uint8_t proto, uint32_t vaddr, uint16_t vport)
+{
+    for (uint32_t s = 0; s < e->nservices; s++) {
+        const svc_row *r = &e->services[s];
+        if ((r->flags & SVC_F_USED) && r->proto == proto && r->vaddr == vaddr &&
+            r->vport == vport)
+            return (int)s;
+    }
+    return -1;
+}
+
+/* Ask the Python scheduler for a dest. Returns the slot, -1 for none, or -2
+ * when it raised (already reported). */
+static long call_schedule(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cport)
+{
+    if (e->schedule == NULL)
+        return -1;
+    PyObject *args[3];
+    args[0] = PyLong_FromLong(svc);
+    args[1] = PyLong_FromUnsignedLong(caddr);
+    args[2] = PyLong_FromLong(cport);
+    PyObject *res = NULL;
+    long d = -1;
+    int overflow = 0;
+    if (args[0] && args[1] && args[2]) {
+        PyObject *sched = e->schedule;
+        Py_INCREF(sched);
+        e->busy = 1;
+        res = PyObject_Vectorcall(sched, args, 3, NULL);
+        /* Reading the answer may run Python too (__index__, __del__). */
+        if (res != NULL) {
+            d = PyLong_AsLongAndOverflow(res, &overflow);
+            Py_DECREF(res);
+        }
+        e->busy = 0;
+        Py_DECREF(sched);
+    }
+    Py_XDECREF(args[0]);
+    Py_XDECREF(args[1]);
+    Py_XDECREF(args[2]);
+    if (res != NULL) {
+        if (overflow)
+            return -1; /* no dest has such a slot */
+        if (!(d == -1 && PyErr_Occurred()))
+            return d < 0 ? -1 : d;
+    }
+    PyErr_WriteUnraisable(e->schedule ? e->schedule : Py_None);
+    return -2;
+}
+
+/* A frame the miss path turns away: count it, give the verdict. */
+static struct conn *refuse(PylvsEngine *e, int *verdict, int stat, int v)
+{
+    *verdict = finish(e, stat, v);
+    return NULL;
+}
+
+/* No live conn for the frame: a new one if a service wants it (step 8).
+ * Returns the new conn, or NULL with *verdict set and counted. Out of line:
+ * it is the rare path, and it calls Python. */
+static __attribute__((noinline)) struct conn *
+conn_new(PylvsEngine *e, uint8_t proto, uint32_t saddr, uint16_t sport, uint32_t daddr,
+         uint16_t dport, uint8_t tcpflags, uint64_t h, const uint8_t *eth, uint16_t in_port,
+         double now, int *verdict)
+{
+    int s = find_service(e, proto, daddr, dport);
+    if (s < 0)
+        return refuse(e, verdict, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+    if (proto == PROTO_TCP &&
+        (!(tcpflags & TH_SYN) || (tcpflags & (TH_ACK | TH_RST))))
+        return refuse(e, verdict, ST_DROP_NO_CONN, PYLVS_V_DROP);
+    long d = call_schedule(e, s, saddr, sport);
+    if (d == -2)
+        return refuse(e, verdict, ST_SCHED_ERRORS, PYLVS_V_DROP);
+    if (d < 0 || (unsigned long)d >= e->ndests)
+        return refuse(e, verdict, ST_DROP_NO_DEST, PYLVS_V_DROP);
+    const dest_row *dest = &e->dests[d];
+    if (!(dest->flags & DEST_F_USED) || dest->svc != (uint16_t)s)
+        return refuse(e, verdict, ST_DROP_NO_DEST, PYLVS_V_DROP);
+
+    uint64_t hout = key_hash(e, proto, dest->daddr, dest->dport, saddr, sport);
+    struct bucket *ob = index_find(e, hout, proto, dest->daddr, dest->dport, saddr, sport);
+    if (ob != NULL) {
+        uint32_t r = ob->ref - 1;
+        if (e->conns[r >> 1].expires > now)
+            return refuse(e, verdict, ST_DROP_CONFLICT, PYLVS_V_DROP);
+        conn_remove(e, r >> 1); /* a dead holder does not block the key */
+    }
+    /* IN key == OUT key: client, VIP and real server are one address:port */
+    if (dest->daddr == saddr && dest->dport == sport && saddr == daddr && sport == dport)
+        return refuse(e, verdict, ST_DROP_CONFLICT, PYLVS_V_DROP);
+    if (e->nfree == 0)
+        return refuse(e, verdict, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
+
+    uint32_t slot = e->free_slots[--e->nfree];
+    struct conn *c = &e->conns[slot];
+    c->proto = proto;
+    c->caddr = saddr;
+    c->cport = sport;
+    c->vaddr = daddr;
+    c->vport = dport;
+    c->daddr = dest->daddr;
+    c->dport = dest->dport;
+    c->state = S_NONE;
+    c->fwd = dest->fwd;
+    c->svc = (uint16_t)s;
+    c->dest = (uint32_t)d;
+    c->in_port = in_port;
+    c->expires = now + e->timeouts[S_NONE];
+    memcpy(c->cmac, eth + 6, 6);
+    memcpy(c->lmac, eth, 6);
+    c->used = 1;
+    index_insert(e, h, slot, KEY_IN);
+    index_insert(e, hout, slot, KEY_OUT);
+    e->conn_count++;
+    e->stats[ST_CONNS_CREATED]++;
+    e->dest_conns[d][C_INACTIVE] += 1;
+    e->svc_stats[s][T_CONNS] += 1;
+    e->dest_stats[d][T_CONNS] += 1;
+    return c;
+}
+
+/* What the batch loop learnt about a frame ahead of time: its tuple and the
+ * tuple's hash, computed while the index bucket was being prefetched. */
+struct hint {
+    uint64_t hash;
+    uint32_t saddr, daddr;
+    uint16_t sport, dport;
+    uint8_t proto;
+    uint8_t valid;
+};
+
+/* The tuple of a frame that might be TCP or UDP over IPv4, read with just
+ * enough checks to stay inside the frame; the frame path validates for real
+ * and uses the result only if it names the same tuple. */
+HOT void frame_hint(const PylvsEngine *e, const uint8_t *f, uint32_t len, struct hint *h)
+{
+    h->valid = 0;
+    if (len < PYLVS_VNET_HDR_LEN + 14 + 20 || pylvs_rd16(f + PYLVS_VNET_HDR_LEN + 12) != 0x0800)
+        return;
+    const uint8_t *ip = f + PYLVS_VNET_HDR_LEN + 14;
+    uint32_t ihl = (uint32_t)(ip[0] & 0x0f) * 4;
+    if (ihl < 20 || PYLVS_VNET_HDR_LEN + 14 + ihl + 4 > len)
+        return;
+    if (ip[9] != PROTO_TCP && ip[9] != PROTO_UDP)
+        return;
+    h->proto = ip[9];
+    h->saddr = pylvs_rd32(ip + 12);
+    h->daddr = pylvs_rd32(ip + 16);
+    h->sport = pylvs_rd16(ip + ihl);
+    h->dport = pylvs_rd16(ip + ihl + 2);
+    h->hash = key_hash(e, h->proto, h->saddr, h->sport, h->daddr, h->dport);
+    h->valid = 1;
+}
+
+/* Start loading the conn that the hinted tuple will find, assuming its
+ * bucket is already on its way into the cache. */
+HOT void prefetch_conn(const PylvsEngine *e, const struct hint *h)
+{
+    if (!h->valid)
+        return;
+    uint32_t tag = (uint32_t)h->hash;
+    uint32_t i = tag & e->mask;
+    for (int n = 0; n < 4; n++) {
+        const struct bucket *b = &e->index[i];
+        if (b->ref == 0)
+            return;
+        if (b->tag == tag) {
+            __builtin_prefetch(&e->conns[(b->ref - 1) >> 1], 1);
+            return;
+        }
+        i = (i + 1) & e->mask;
+    }
+}
+
+static inline __attribute__((always_inline)) int
+engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, double now,
+             uint16_t *out_port, const struct hint *hint)
+{
+    e->stats[ST_RX_FRAMES]++;
+    /* Only C callers get here during the scheduler upcall (process() refuses
+     * re-entry): the miss path is half done, so a nested frame must not
+     * touch the table. The scheduler that re-entered is at fault. */
+    if (__builtin_expect(e->busy, 0))
+        return finish(e, ST_SCHED_ERRORS, PYLVS_V_DROP);
+    if (len < PYLVS_VNET_HDR_LEN + 14)
+        return finish(e, ST_DROP_TRUNCATED, PYLVS_V_DROP);
+    uint8_t *eth = frame + PYLVS_VNET_HDR_LEN;
+    if (pylvs_rd16(eth + 12) != 0x0800)
+        return finish(e, ST_PASS_NOT_IPV4, PYLVS_V_PASS);
+
+    uint8_t *ip = eth + 14;
+    uint32_t avail = len - (PYLVS_VNET_HDR_LEN + 14);
+    if (avail < 20)
+        return finish(e, ST_DROP_TRUNCATED, PYLVS_V_DROP);
+    uint32_t ihl = (uint32_t)(ip[0] & 0x0f) * 4;
+    if ((ip[0] >> 4) != 4 || ihl < 20 || ihl > avail)
+        return finish(e, ST_DROP_BAD_IP, PYLVS_V_DROP);
+    uint32_t tot = pylvs_rd16(ip + 2);
+    if (tot < ihl || tot > avail)
+        return finish(e, ST_DROP_BAD_IP, PYLVS_V_DROP);
+    if (ihl > 20)
+        e->stats[ST_IP_OPTIONS]++;
+    if (pylvs_rd16(ip + 6) & 0x3fff) /* MF or a fragment offset */
+        return finish(e, ST_DROP_FRAGMENT, PYLVS_V_DROP);
+    uint8_t proto = ip[9];
+    if (proto != PROTO_TCP && proto != PROTO_UDP)
+        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+
+    uint8_t *l4 = ip + ihl;
+    uint32_t l4len = tot - ihl;
+    uint8_t tcpflags = 0;
+    if (proto == PROTO_TCP) {
+        if (l4len < 20)
+            return finish(e, ST_DROP_BAD_L4, PYLVS_V_DROP);
+        uint32_t doff = (uint32_t)(l4[12] >> 4) * 4;
+        if (doff < 20 || doff > l4len)
+            return finish(e, ST_DROP_BAD_L4, PYLVS_V_DROP);
+        tcpflags = l4[13];
+    } else {
+        if (l4len < 8 || pylvs_rd16(l4 + 4) != l4len)
+            return finish(e, ST_DROP_BAD_L4, PYLVS_V_DROP);
+    }
+
+    uint32_t saddr = pylvs_rd32(ip + 12), daddr = pylvs_rd32(ip + 16);
+    uint16_t sport = pylvs_rd16(l4), dport = pylvs_rd16(l4 + 2);
+
+    struct conn *c = NULL;
+    int dir = KEY_IN;
+    uint64_t h;
+    if (hint != NULL && hint->valid && hint->proto == proto && hint->saddr == saddr &&
+        hint->daddr == daddr && hint->sport == sport && hint->dport == dport)
+        h = hint->hash;
+    else
+        h = key_hash(e, proto, saddr, sport, daddr, dport);
+    struct bucket *b = index_find(e, h, proto, saddr, sport, daddr, dport);
+    if (b != NULL) {
+        uint32_t r = b->ref - 1;
+        c = &e->conns[r >> 1];
+        dir = r & 1;
+        if (c->expires <= now) {
+            conn_remove(e, r >> 1);
+            c = NULL;
+            dir = KEY_IN;
+        } else if (dir == KEY_IN && c->state == S_TIME_WAIT && proto == PROTO_TCP &&
+                   (tcpflags & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN) {
+            /* conn_reuse_mode=1: a client that reuses its port while the old
+             * conn lingers in TIME_WAIT opens a new conn, scheduled afresh. */
+            conn_remove(e, r >> 1);
+            c = NULL;
+        }
+    }
+
+    if (c == NULL) {
+        int verdict;
+        c = conn_new(e, proto, saddr, sport, daddr, dport, tcpflags, h, eth, in_port, now,
+                     &verdict);
+        if (c == NULL)
+            return verdict;
+        dir = KEY_IN;
+    }
+
+    if (dir == KEY_IN) {
+        uint32_t d = c->dest;
+        if (d >= e->ndests)
+            return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
+        const dest_row *dest = &e->dests[d];
+        if (!(dest->flags & DEST_F_USED) || dest->svc != c->svc)
+            return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
+        if (c->fwd != FWD_MASQ)
+            return finish(e, ST_DROP_FWD_METHOD, PYLVS_V_DROP);
+        conn_set_state(e, c, DIR_INPUT, tcpflags, now);
+        e->svc_stats[c->svc][T_INPKTS] += 1;
+        e->svc_stats[c->svc][T_INBYTES] += tot;
+        e->dest_stats[d][T_INPKTS] += 1;
+        e->dest_stats[d][T_INBYTES] += tot;
+        if (!(dest->flags & DEST_F_RESOLVED))
+            return finish(e, ST_DROP_UNRESOLVED, PYLVS_V_DROP);
+        *out_port = nat_xmit_in(e, c, dest, frame, eth, ip, l4, l4len, proto, daddr, dport);
+    } else {
+        conn_set_state(e, c, DIR_OUTPUT, tcpflags, now);
+        e->svc_stats[c->svc][T_OUTPKTS] += 1;
+        e->svc_stats[c->svc][T_OUTBYTES] += tot;
+        e->dest_stats[c->dest][T_OUTPKTS] += 1;
+        e->dest_stats[c->dest][T_OUTBYTES] += tot;
+        *out_port = nat_xmit_out(e, c, frame, eth, ip, l4, l4len, proto, saddr, sport);
+    }
+    return finish(e, ST_TX_FRAMES, PYLVS_V_TX);
+}
+
+int pylvs_engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port,
+                       double now, uint16_t *out_port)
+{
+    return engine_frame(e, frame, len, in_port, now, out_port, NULL);
+}
+
+
+long engine_batch(PylvsEngine *e, uint8_t *frames, Py_ssize_t slot, const uint32_t *lens,
+                  const uint16_t *ports, uint8_t *verdicts, uint16_t *outs, Py_ssize_t count,
+                  double now)
+{
+    /* A three-stage pipeline over the batch, so that the two random reads
+     * of a lookup (index bucket, then conn) overlap with work on other
+     * frames: frame i+2D gets hashed and its bucket prefetched, frame i+D
+     * gets its conn prefetched, frame i gets processed. */
+    enum { D = PREFETCH_DISTANCE, RING = 4 * PREFETCH_DISTANCE };
+    struct hint hints[RING];
+    long tx = 0;
+    for (Py_ssize_t i = -2 * D; i < count; i++) {
+        Py_ssize_t j = i + 2 * D;
+        if (j < count) {
+            struct hint *h = &hints[j % RING];
+            uint32_t lj = lens[j];
+            frame_hint(e, frames + j * slot, (Py_ssize_t)lj > slot ? (uint32_t)slot : lj, h);
+            if (h->valid)
+                __builtin_prefetch(&e->index[(uint32_t)h->hash & e->mask]);
+        }
+        j = i + D;
+        if (j >= 0 && j < count)
+            prefetch_conn(e, &hints[j % RING]);
+        if (i < 0)
+            continue;
+        uint16_t op = 0;
+        /* Checked above, but the scheduler upcall may have written it since. */
+        uint32_t li = lens[i];
+        if ((Py_ssize_t)li > slot)
+            li = (uint32_t)slot;
+        int v = engine_frame(e, frames + i * slot, li, ports[i], now, &op,
+                             &hints[i % RING]);
+        verdicts[i] = (uint8_t)v;
+        if (v == PYLVS_V_TX) {
+            outs[i] = op;
+            tx++;
+        }
+    }
+    return tx;
+}
