@@ -137,7 +137,7 @@ struct bucket {
 #define SLAB_PAGE 4096u
 #define INDEX_MIN 16u
 /* Slots drawn at the limit to find a conn to replace (docs/engine.md). */
-#define EVICT_SAMPLES 16
+#define EVICT_SAMPLES 32
 
 struct pylvs_engine {
     PyObject_HEAD

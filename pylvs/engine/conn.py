@@ -37,7 +37,7 @@ BUCKET_BYTES = 8         # struct bucket: tag, ref
 SLAB_UNIT = 2 << 20      # the slab grows a huge page at a time
 SLAB_PAGE = 4096
 INDEX_MIN = 16
-EVICT_SAMPLES = 16
+EVICT_SAMPLES = 32
 
 _M64 = (1 << 64) - 1
 TCP = tables.PROTO_TCP
