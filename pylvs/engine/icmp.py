@@ -22,7 +22,7 @@ Conventions of every function:
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -82,10 +82,9 @@ class Emit:
                    np.zeros(2, np.uint32))
 
     @classmethod
-    def of(cls, batch: object) -> Emit:
+    def of(cls, batch: Any) -> Emit:
         """The emit area of a Batch (its ``emit_*`` arrays)."""
-        b = batch
-        return cls(b.emit_buf, b.emit_off, b.emit_len, b.emit_port, b.emit_n)  # type: ignore[attr-defined]
+        return cls(batch.emit_buf, batch.emit_off, batch.emit_len, batch.emit_port, batch.emit_n)
 
     @property
     def arrays(self) -> tuple[np.ndarray, ...]:
@@ -109,8 +108,9 @@ class Emit:
 
     def frames(self) -> list[tuple[int, bytes]]:
         """(port, frame bytes) of every frame emitted so far."""
-        return [(int(self.port[i]), bytes(self._view[int(self.off[i]):int(self.off[i] + self.len[i])]))
-                for i in range(int(self.n[0]))]
+        spans = ((int(self.off[i]), int(self.len[i]), int(self.port[i]))
+                 for i in range(int(self.n[0])))
+        return [(port, bytes(self._view[off:off + n])) for off, n, port in spans]
 
     def clear(self) -> None:
         self.n[:] = 0
