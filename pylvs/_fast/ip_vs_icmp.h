@@ -53,7 +53,8 @@ uint8_t *pylvs_emit_reserve(struct pylvs_emit *em, uint32_t len, uint16_t port);
  * the checksum, e.g. the next-hop MTU in its low 16 bits for frag-needed,
  * RFC 1191) about the IPv4 packet at `ip`, from `saddr` to that packet's
  * source. IP: ID ip_id, TTL 64, DF clear, TOS (orig & 0x1e) | 0xc0, no
- * options. Quotes the packet's first bytes (options included) so the whole
+ * options (the kernel's ip_options_echo would return a record-route or
+ * timestamp option of the packet; not done here). Quotes the packet's first bytes (options included) so the whole
  * IP datagram is at most 576 bytes. Ethernet: dst = eth's src, src = eth's
  * dst. Returns the frame length written (vnet header included), or 0 when
  * nothing was emitted: no room, a malformed header, or a packet the kernel
@@ -73,7 +74,8 @@ uint32_t pylvs_icmp_error(struct pylvs_emit *em, uint16_t port, const uint8_t *e
  * (at `tcp`, tcp_len = IP total length - IHL*4) that matches no socket:
  * ACK set: seq = seg.ack, flags RST; else seq 0, flags RST|ACK, ack =
  * seg.seq + payload + SYN + FIN. Addresses and ports swapped, window 0, no
- * options; IP ID 0, DF set, TTL 64, TOS orig & ~3 (ECN cleared). Ethernet as
+ * options (IP options not echoed either); IP ID 0, DF set, TTL 64, TOS
+ * orig & ~3 (ECN cleared). Ethernet as
  * pylvs_icmp_error. Returns the frame length (64) or 0: no room, the
  * segment is a RST, its data offset is < 5 or beyond tcp_len, or its
  * addresses are not unicast hosts (the same rule as pylvs_icmp_error). */

@@ -22,7 +22,7 @@ Conventions of every function:
 from __future__ import annotations
 
 import struct
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 
@@ -54,6 +54,10 @@ IPOPT_END, IPOPT_NOOP, IPOPT_COPIED = 0, 1, 0x80
 _ICMP_INFO_TYPES = frozenset((0, 8, 13, 14, 15, 16, 17, 18))
 
 _IP_HDR = struct.Struct("!BBHHHBBH4s4s")
+
+# Packet bytes: read-only for the functions that only read them.
+Bytes = Union[bytes, bytearray, memoryview]
+WBytes = Union[bytearray, memoryview]
 
 
 class Emit:
@@ -116,7 +120,7 @@ class Emit:
         self.n[:] = 0
 
 
-def _ip_hlen(ip, ip_len: int) -> int:
+def _ip_hlen(ip: Bytes, ip_len: int) -> int:
     """Version 4, IHL >= 5 and IHL*4 <= ip_len: the header length, else 0."""
     if ip_len < IP_LEN or ip[0] >> 4 != 4 or ip[0] & 15 < 5:
         return 0
@@ -124,19 +128,19 @@ def _ip_hlen(ip, ip_len: int) -> int:
     return hl if hl <= ip_len else 0
 
 
-def _rd16(b, i: int) -> int:
+def _rd16(b: Bytes, i: int) -> int:
     return b[i] << 8 | b[i + 1]
 
 
-def _rd32(b, i: int) -> int:
+def _rd32(b: Bytes, i: int) -> int:
     return int.from_bytes(bytes(b[i:i + 4]), "big")
 
 
-def _wr16(b, i: int, v: int) -> None:
+def _wr16(b: WBytes, i: int, v: int) -> None:
     b[i:i + 2] = v.to_bytes(2, "big")
 
 
-def _wr32(b, i: int, v: int) -> None:
+def _wr32(b: WBytes, i: int, v: int) -> None:
     b[i:i + 4] = v.to_bytes(4, "big")
 
 
@@ -149,12 +153,12 @@ def _bogus_pair(saddr: int, daddr: int) -> bool:
     return 224 <= d < 240 or daddr in (0xFFFFFFFF, 0)
 
 
-def _set_ip_check(b, at: int, hl: int) -> None:
+def _set_ip_check(b: WBytes, at: int, hl: int) -> None:
     _wr16(b, at + 10, 0)
     _wr16(b, at + 10, checksum(b[at:at + hl]))
 
 
-def _reply_headers(f: memoryview, eth, ip_total: int, tos: int, ip_id: int, frag: int,
+def _reply_headers(f: memoryview, eth: Bytes, ip_total: int, tos: int, ip_id: int, frag: int,
                    proto: int, saddr: int, daddr: int) -> int:
     """vnet header, Ethernet header of a reply to ``eth``, 20-byte IP header;
     returns the IP header's offset in ``f``."""
@@ -170,14 +174,15 @@ def _reply_headers(f: memoryview, eth, ip_total: int, tos: int, ip_id: int, frag
     return at
 
 
-def icmp_error(em: Emit, port: int, eth, ip, ip_len: int, icmp_type: int, code: int,
+def icmp_error(em: Emit, port: int, eth: Bytes, ip: Bytes, ip_len: int, icmp_type: int, code: int,
                info: int, saddr: int, ip_id: int) -> int:
     """Emit on ``port`` an ICMP error about the IPv4 packet ``ip``; C: pylvs_icmp_error.
 
     From ``saddr`` to the packet's source; ``info`` is the 32-bit word after
     the checksum (frag-needed: the next-hop MTU in its low 16 bits,
     RFC 1191). IP: ID ``ip_id``, TTL 64, DF clear, TOS (orig & 0x1e) | 0xc0,
-    no options; quotes the packet's first bytes so the IP datagram is at most
+    no options (the kernel would echo a record-route or timestamp option);
+    quotes the packet's first bytes so the IP datagram is at most
     576 bytes (icmp_send). Ethernet dst = eth's src, src = eth's dst.
     Returns the frame length, or 0: no room, a malformed header, or what the
     kernel never answers (icmp_send, RFC 1122 3.2.2): a non-first fragment;
@@ -207,7 +212,7 @@ def icmp_error(em: Emit, port: int, eth, ip, ip_len: int, icmp_type: int, code: 
     return VNET_LEN + ETH_LEN + total
 
 
-def tcp_reset(em: Emit, port: int, eth, ip, tcp, tcp_len: int) -> int:
+def tcp_reset(em: Emit, port: int, eth: Bytes, ip: Bytes, tcp: Bytes, tcp_len: int) -> int:
     """Emit on ``port`` the RST for a segment no socket takes; C: pylvs_tcp_reset.
 
     As the kernel's tcp_v4_send_reset: ``tcp`` is the segment (tcp_len =
@@ -265,7 +270,7 @@ def _options_fragment(opt: bytearray) -> None:
         i += olen
 
 
-def ip_fragment(em: Emit, port: int, eth, ip, ip_len: int, mtu: int) -> int:
+def ip_fragment(em: Emit, port: int, eth: Bytes, ip: Bytes, ip_len: int, mtu: int) -> int:
     """RFC 791 fragments of ``ip`` of at most ``mtu`` bytes; C: pylvs_ip_fragment.
 
     As the kernel's ip_do_fragment: every fragment but the last carries
@@ -325,7 +330,7 @@ class IcmpInner(NamedTuple):
     l4_off: int     # the quoted TCP/UDP header
 
 
-def _icmp_parse(ip, ip_len: int) -> IcmpInner | None:
+def _icmp_parse(ip: Bytes, ip_len: int) -> IcmpInner | None:
     """Everything icmp_inner checks but the ICMP checksum."""
     hl = _ip_hlen(ip, ip_len)
     if not hl or ip[9] != PROTO_ICMP or _rd16(ip, 6) & (IP_MF | IP_OFFSET):
@@ -345,7 +350,7 @@ def _icmp_parse(ip, ip_len: int) -> IcmpInner | None:
                      _rd32(ip, inner + 16), _rd16(ip, l4 + 2), hl, inner, l4)
 
 
-def icmp_inner(ip, ip_len: int) -> IcmpInner | None:
+def icmp_inner(ip: Bytes, ip_len: int) -> IcmpInner | None:
     """The quoted flow of an ICMP error IPVS translates; C: pylvs_icmp_inner.
 
     An IcmpInner when ``ip`` is an ICMP error of type 3, 4 or 11
@@ -365,7 +370,7 @@ def icmp_inner(ip, ip_len: int) -> IcmpInner | None:
     return r
 
 
-def nat_icmp(ip, ip_len: int, out: bool, addr: int, port: int) -> bool:
+def nat_icmp(ip: WBytes, ip_len: int, out: bool, addr: int, port: int) -> bool:
     """Translate in place (``ip`` writable) an ICMP error; C: pylvs_nat_icmp.
 
     As the kernel's ip_vs_nat_icmp. out=True (from the real-server side, to
