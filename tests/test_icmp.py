@@ -18,7 +18,7 @@ from scapy.utils import checksum as scapy_checksum
 
 from engine_kit import CIP, CMAC, LMAC, RIP, RMAC, SMAC, VIP, ip, scapy_rebuild, tcp, udp
 from pylvs import _fast
-from pylvs.engine import icmp
+from pylvs.engine import icmp, tables
 from pylvs.engine.checksum import ones_sum
 from pylvs.engine.icmp import Emit
 
@@ -95,6 +95,21 @@ def test_emit_reserve_appends_and_refuses_without_change():
     assert em.reserve(0, 4) is None             # three slots used
     assert em.frames() == [(1, b"a" * 100), (2, b"b" * 150), (3, b"c" * 50)]
     assert em.off.tolist() == [0, 100, 250] and em.len.tolist() == [100, 150, 50]
+
+
+def test_emit_of_batch_is_what_batch_emitted_reads():
+    """Both implementations append to a Batch's own emit area."""
+    frame = tcp()
+    batches = [tables.Batch(size=4, slot=256, emit_bytes=1024) for _ in range(2)]
+    em = Emit.of(batches[0])
+    assert icmp.icmp_error(em, 3, frame[:14], frame[14:], 40, 3, 3, 0, ip(VIP), 1) == 92
+    assert icmp.tcp_reset(em, 3, frame[:14], frame[14:], frame[34:], 20) == 64
+    b = batches[1]
+    arrays = (b.emit_buf, b.emit_off, b.emit_len, b.emit_port, b.emit_n)
+    assert _fast._icmp_error(arrays, 3, frame, 40, 3, 3, 0, ip(VIP), 1) == 92
+    assert _fast._tcp_reset(arrays, 3, frame, 40) == 64
+    assert batches[0].emitted() == batches[1].emitted() == em.frames()
+    assert [(p, len(f)) for p, f in em.frames()] == [(3, 92), (3, 64)]
 
 
 # --- ICMP errors ---------------------------------------------------------------
