@@ -401,7 +401,7 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
                     uint16_t out = 0;
                     r->rx_frames++;
                     seen++;
-                    if (pylvs_engine_frame(e, frame, len, (uint16_t)p, now, &out) == PYLVS_V_TX) {
+                    if (pylvs_engine_frame(e, frame, len, (uint16_t)p, now, &out, NULL) == PYLVS_V_TX) {
                         if (out < n)
                             txq_add(rings[out], &tx_queues[out], frame, len);
                         else
