@@ -30,6 +30,7 @@ NEEDS_CSUM = tables.VNET_F_NEEDS_CSUM
 
 # Frames that set up state for a row: (frame, in_port, now).
 SYN = (v(tcp()), CLIENT_PORT, 0.0)
+ACK = (v(tcp(flags="A")), CLIENT_PORT, 0.0)
 UDP_Q = (v(udp()), CLIENT_PORT, 0.0)
 
 
@@ -210,12 +211,16 @@ ROWS = [
         emitted=[(CLIENT_PORT, icmp_error_for(c2s(dport=85), 3, 3, VIP))]),
     Row("real server side already in use: conflict", v(c2s(dst=VIP2)), CLIENT_PORT, None, DROP,
         delta("drop_conflict"), before=[SYN]),
-    Row("conn table full", v(c2s(sport=1001)), CLIENT_PORT, None, DROP,
-        delta("drop_table_full"), before=[SYN], capacity=1),
+    Row("conn table full of established conns", v(c2s(sport=1001)), CLIENT_PORT, None, DROP,
+        delta("drop_table_full"), before=[SYN, ACK], capacity=1),
+    Row("conn table full: a half-open conn gives way", v(c2s(sport=1001)), CLIENT_PORT,
+        v(c2s_out(sport=1001)), TX, delta("tx_frames", "conns_created", "conns_evicted"),
+        before=[SYN], capacity=1),
     Row("a freed slot is used again", v(c2s(sport=1001)), CLIENT_PORT, v(c2s_out(sport=1001)), TX,
         delta("tx_frames", "conns_created"), before=[SYN, _sweep], capacity=1, now=60.0),
-    Row("a full table is not swept on a miss", v(c2s(sport=1001)), CLIENT_PORT, None, DROP,
-        delta("drop_table_full"), before=[SYN], capacity=1, now=60.0),
+    Row("a full table: a dead conn gives way (counted as expired)", v(c2s(sport=1001)),
+        CLIENT_PORT, v(c2s_out(sport=1001)), TX,
+        delta("tx_frames", "conns_created", "conns_expired"), before=[SYN], capacity=1, now=60.0),
     Row("conn expired on lookup (expires <= now): ack has no conn", v(c2s(flags="A")),
         CLIENT_PORT, None, DROP, delta("drop_no_conn", "conns_expired", "rst_sent", "emit_frames"),
         before=[SYN], now=60.0, emitted=[(CLIENT_PORT, rst_for(c2s(flags="A")))]),
@@ -492,14 +497,15 @@ def test_random_traffic_same_in_both_engines(seed, hand):
             t = states.timeout_array(*(rng.choice([0, 5, 30, 100]) for _ in range(3)))
             ref.engine.set_timeouts(t)
             fast.engine.set_timeouts(t)
-        assert sorted(ref.engine.conns()) == sorted(fast.engine.conns()), where
+        assert ref.engine.conns() == fast.engine.conns(), where  # slot order too
         assert ref.engine.conn_count == fast.engine.conn_count == len(ref.engine.conns()), where
+        assert ref.engine.memory == fast.engine.memory, where
         cr, cf = _counters_of(ref), _counters_of(fast)
         for k in cr:
             assert cr[k] == cf[k], f"{where}: {k} differ"
     # The run must have reached the interesting places.
     st = ref.counters.named()
-    for name in ("conns_created", "conns_expired", "tx_frames", "drop_no_conn", "drop_table_full",
+    for name in ("conns_created", "conns_expired", "tx_frames", "drop_no_conn", "conns_evicted",
                  "csum_partial_fixed", "gso_frames", "ip_options", "drop_conflict",
                  "sched_errors", "drop_unresolved", "drop_fwd_method"):
         assert st[name] > 0, f"{name} never happened"

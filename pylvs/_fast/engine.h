@@ -3,8 +3,8 @@
  * The engine (ip_vs.h and the files it lists; see docs/engine.md) implements
  * the Engine type; other C files of the extension (the AF_PACKET forwarder)
  * call pylvs_engine_frame() on frames that stay where they are (in a receive
- * ring), so the hot loop never builds a Python object per packet. The caller holds the GIL: a new flow may call
- * the Python scheduler.
+ * ring), so the hot loop never builds a Python object per packet. The caller
+ * holds the GIL: a new flow may call the Python scheduler.
  */
 #ifndef PYLVS_ENGINE_H
 #define PYLVS_ENGINE_H

@@ -8,6 +8,9 @@
 
 #include <math.h>
 
+/* tables.SYSCTL_DEFAULTS */
+static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50};
+
 static PyTypeObject EngineType;
 
 int pylvs_engine_check(PyObject *obj)
@@ -193,6 +196,7 @@ static void engine_dealloc(PylvsEngine *self)
     PyMem_Free(self->net.routes);
     PyMem_Free(self->net.local);
     conn_table_free(self);
+    PyMem_Free(self->svc_hash);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -229,8 +233,8 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->k0 = k0;
     self->k1 = k1;
     self->ip_id = (uint16_t)k0;
-    static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50};
-    memcpy(self->sysctl, sysctl_defaults, sizeof(self->sysctl));
+    for (int i = 0; i < SYS__COUNT; i++)
+        self->sysctl[i] = sysctl_defaults[i];
     if (load_transitions(self, transitions) < 0 || load_timeouts(self, timeouts) < 0 ||
         load_counters(self, counters) < 0)
         goto fail;
@@ -337,6 +341,46 @@ static int get_table(PyObject *arr, const char *what, const char *dtype_name,
     return 0;
 }
 
+/* The service hash of find_service: open addressing over the used slots of
+ * `services`, at most half full; the lowest slot wins if a key repeats (as
+ * the reference engine's dict). NULL with MemoryError set. */
+static int32_t *build_svc_hash(const PylvsEngine *e, const svc_row *services, uint32_t n,
+                               uint32_t *mask_out)
+{
+    uint32_t used = 0;
+    for (uint32_t s = 0; s < n; s++)
+        used += (services[s].flags & SVC_F_USED) != 0;
+    uint32_t size = 8;
+    while (size < 2 * used)
+        size <<= 1;
+    int32_t *hash = PyMem_Malloc((size_t)size * sizeof(int32_t));
+    if (hash == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    memset(hash, 0xff, (size_t)size * sizeof(int32_t));
+    uint32_t mask = size - 1;
+    for (uint32_t s = 0; s < n; s++) {
+        const svc_row *r = &services[s];
+        if (!(r->flags & SVC_F_USED))
+            continue;
+        uint32_t i = (uint32_t)svc_key_hash(e, r->proto, r->vaddr, r->vport) & mask;
+        for (;;) {
+            int32_t t = hash[i];
+            if (t < 0) {
+                hash[i] = (int32_t)s;
+                break;
+            }
+            const svc_row *o = &services[t];
+            if (o->proto == r->proto && o->vaddr == r->vaddr && o->vport == r->vport)
+                break;
+            i = (i + 1) & mask;
+        }
+    }
+    *mask_out = mask;
+    return hash;
+}
+
 static PyObject *engine_set_tables(PylvsEngine *self, PyObject *args)
 {
     static const char *const svc_fields[] = {"vaddr", "vport", "proto", "flags", NULL};
@@ -363,6 +407,16 @@ static PyObject *engine_set_tables(PylvsEngine *self, PyObject *args)
         PyBuffer_Release(&sv);
         return NULL;
     }
+    uint32_t svc_mask;
+    int32_t *svc_hash = build_svc_hash(self, sv.buf, (uint32_t)sv.shape[0], &svc_mask);
+    if (svc_hash == NULL) {
+        PyBuffer_Release(&sv);
+        PyBuffer_Release(&dv);
+        return NULL;
+    }
+    PyMem_Free(self->svc_hash);
+    self->svc_hash = svc_hash;
+    self->svc_mask = svc_mask;
     release(&self->services_view);
     release(&self->dests_view);
     self->services_view = sv;
@@ -629,7 +683,7 @@ static PyObject *engine_conns(PylvsEngine *self, PyObject *unused)
     PyObject *list = PyList_New(0);
     if (list == NULL)
         return NULL;
-    for (uint32_t i = 0; i < self->capacity; i++) {
+    for (uint32_t i = 0; i < self->high; i++) {
         const struct conn *c = &self->conns[i];
         if (!c->used)
             continue;
@@ -680,6 +734,12 @@ static PyObject *engine_get_capacity(PylvsEngine *self, void *closure)
     return PyLong_FromUnsignedLong(self->capacity);
 }
 
+static PyObject *engine_get_memory(PylvsEngine *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSize_t(conn_table_memory(self));
+}
+
 static PyMethodDef engine_methods[] = {
     {"set_tables", (PyCFunction)engine_set_tables, METH_VARARGS,
      "set_tables(services, dests): use these SERVICE_DTYPE / DEST_DTYPE arrays from now on."},
@@ -706,6 +766,8 @@ static PyMethodDef engine_methods[] = {
 static PyGetSetDef engine_getset[] = {
     {"conn_count", (getter)engine_get_conn_count, NULL, "conns in the table", NULL},
     {"capacity", (getter)engine_get_capacity, NULL, "the most conns the table holds", NULL},
+    {"memory", (getter)engine_get_memory, NULL,
+     "bytes the conn table holds now (slab in use + index); grows with use", NULL},
     {NULL},
 };
 

@@ -38,7 +38,9 @@
 #define N_TIMEOUTS (N_TCP_STATES + 1)
 #define S_NONE 0
 #define S_ESTABLISHED 1
-#define S_TIME_WAIT 5 /* states.TIME_WAIT, the kernel's numbering */
+#define S_FIN_WAIT 4 /* states.*, the kernel's numbering */
+#define S_TIME_WAIT 5
+#define S_CLOSE 6
 #define DIR_INPUT 0
 #define DIR_OUTPUT 1
 #define EV_SYN 0
@@ -108,7 +110,11 @@ struct conn {
     uint8_t used;
     uint8_t cmac[6];
     uint8_t lmac[6];
+    uint8_t replied; /* an OUTPUT-direction packet was seen (the kernel's !NOOUTPUT) */
 } __attribute__((aligned(64)));
+
+/* The free list threads through free slots in their `dest` field. */
+#define NO_SLOT UINT32_MAX
 
 /* ref 0 is an empty bucket; otherwise ref - 1 = conn slot << 1 | direction.
  * tag holds the low 32 bits of the key's hash: the home bucket is tag & mask,
@@ -139,17 +145,34 @@ struct rate_bucket {
     int primed;
 };
 
+/* The slab is reserved as address space for `capacity` conns and made
+ * usable in units of SLAB_UNIT bytes (one huge page) as slots come into use;
+ * a table smaller than a unit is made usable whole, rounded to SLAB_PAGE.
+ * The index starts at INDEX_MIN buckets and doubles while 4 x conns would
+ * exceed it (two keys per conn, load <= 1/2). docs/engine.md, Conn table. */
+#define SLAB_UNIT (2u << 20)
+#define SLAB_PAGE 4096u
+#define INDEX_MIN 16u
+/* Slots drawn at the limit to find a conn to replace (docs/engine.md). */
+#define EVICT_SAMPLES 16
+
 struct pylvs_engine {
     PyObject_HEAD
-    uint32_t capacity;
+    uint32_t capacity; /* the limit */
     uint32_t conn_count;
     struct conn *conns;
-    uint32_t *free_slots; /* a stack: the top is the next slot handed out */
-    uint32_t nfree;
+    uint32_t high;      /* slots [0, high) have been used */
+    uint32_t free_head; /* LIFO list of freed slots below high, NO_SLOT if none */
+    size_t slab_ready;  /* bytes of the slab made usable */
+    size_t slab_size;   /* bytes reserved (capacity conns, rounded up) */
+    void *slab_map;     /* the reservation as mapped (aligned within) */
+    size_t slab_map_len;
     struct bucket *index;
     uint32_t mask;
-    uint32_t hand; /* the expiry clock hand over the slab */
+    uint32_t hand; /* the expiry clock hand over [0, high) */
+    uint64_t rng;  /* splitmix64 state for eviction samples, from k0 ^ k1 */
     uint64_t k0, k1;
+    int64_t sysctl[SYS__COUNT]; /* tables.SYSCTL_NAMES */
     uint8_t trans[N_DIRS][N_EVENTS][N_TCP_STATES];
     double timeouts[N_TIMEOUTS];
     int busy; /* inside the scheduler upcall: the tables must stay put */
@@ -168,12 +191,13 @@ struct pylvs_engine {
     const svc_row *services;
     const dest_row *dests;
     uint32_t nservices, ndests;
+    int32_t *svc_hash; /* open addressing over used services: slot, or -1 */
+    uint32_t svc_mask;
 
     int batch_cached;
     Py_buffer batch_views[N_BATCH_ARRAYS];
 
     struct pylvs_net net;          /* ports, routes, local addresses (copies) */
-    int64_t sysctl[SYS__COUNT];    /* tables.SYSCTL_NAMES */
     struct rate_bucket icmp_rl, rst_rl;
     uint16_t ip_id;                /* the next ICMP error's IP ID */
 };
@@ -200,6 +224,13 @@ static inline uint64_t conn_key_hash(const PylvsEngine *e, const struct conn *c,
     if (dir == KEY_IN)
         return key_hash(e, c->proto, c->caddr, c->cport, c->vaddr, c->vport);
     return key_hash(e, c->proto, c->daddr, c->dport, c->caddr, c->cport);
+}
+
+/* The service hash's key: the 7-byte (proto, vaddr, vport), keyed too, so
+ * that service addresses cannot be chosen to collide. */
+HOT uint64_t svc_key_hash(const PylvsEngine *e, uint8_t proto, uint32_t vaddr, uint16_t vport)
+{
+    return key_hash(e, proto, vaddr, vport, 0, 0);
 }
 
 HOT int conn_matches(const struct conn *c, int dir, uint8_t proto, uint32_t a1,
@@ -252,13 +283,28 @@ HOT int tcp_event(uint8_t flags)
 
 /* --- ip_vs_conn.c -------------------------------------------------------- */
 
-/* An empty table for `capacity` conns: 0, or -1 with MemoryError set. */
+/* An empty table for up to `capacity` conns: 0, or -1 with MemoryError set. */
 int conn_table_init(PylvsEngine *e, uint32_t capacity);
 void conn_table_free(PylvsEngine *e);
 void index_insert(PylvsEngine *e, uint64_t h, uint32_t slot, int dir);
-/* Take the conn in `slot` out of the index and its dest's counts
- * (conns_expired += 1) and free the slot. */
-void conn_remove(PylvsEngine *e, uint32_t slot);
+/* Take the conn in `slot` out of the index and its dest's counts, free the
+ * slot, and count it under `stat` (ST_CONNS_EXPIRED, _EVICTED, _REUSED). */
+void conn_remove(PylvsEngine *e, uint32_t slot, int stat);
+/* Bytes the conn table holds now (slab made usable + index). */
+size_t conn_table_memory(const PylvsEngine *e);
+
+static inline int conn_table_full(const PylvsEngine *e)
+{
+    return e->conn_count >= e->capacity;
+}
+
+/* At the limit: the slot of a conn a new one may replace, or -1 (none may
+ * be; the caller refuses with drop_table_full). Draws from e->rng. */
+int64_t conn_victim(PylvsEngine *e, double now);
+/* A slot for a new conn, ready for index_insert: when the table is full,
+ * `victim` (from conn_victim, same `now`) is removed first. Grows the slab
+ * and the index as needed. NO_SLOT when memory runs out. */
+uint32_t conn_alloc(PylvsEngine *e, int64_t victim, double now);
 /* Verify the index against the slab: 0, or -1 with AssertionError set. */
 int conn_table_check(PylvsEngine *e);
 

@@ -45,37 +45,163 @@ static void table_free(void *p, size_t size)
     munmap(p, size);
 }
 
+static size_t round_up(size_t n, size_t unit)
+{
+    return (n + unit - 1) / unit * unit;
+}
+
 int conn_table_init(PylvsEngine *e, uint32_t cap)
 {
-    uint32_t nbuckets = 16;
-    while (nbuckets < 4 * cap)
-        nbuckets <<= 1;
     e->capacity = cap;
-    e->mask = nbuckets - 1;
-    e->conns = table_alloc((size_t)cap * sizeof(struct conn));
-    e->free_slots = table_alloc((size_t)cap * sizeof(uint32_t));
-    e->index = table_alloc((size_t)nbuckets * sizeof(struct bucket));
-    if (e->conns == NULL || e->free_slots == NULL || e->index == NULL) {
+    e->high = 0;
+    e->free_head = NO_SLOT;
+    e->rng = e->k0 ^ e->k1;
+    /* Address space only: PROT_NONE pages cost no memory and no commit
+     * charge until slab_grow makes them usable. */
+    e->slab_size = round_up((size_t)cap * sizeof(struct conn), SLAB_PAGE);
+    size_t align = e->slab_size >= SLAB_UNIT ? SLAB_UNIT : SLAB_PAGE;
+    e->slab_map_len = round_up(e->slab_size, align) + (align > SLAB_PAGE ? align : 0);
+    void *m = mmap(NULL, e->slab_map_len, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+        e->slab_map = NULL;
         PyErr_NoMemory();
         return -1;
     }
-    /* Slot 0 is handed out first, and a freed slot is reused before any
-     * other: the reference engine allocates the same way, so the clock hand
-     * meets the same conns in both. */
-    for (uint32_t i = 0; i < cap; i++)
-        e->free_slots[i] = cap - 1 - i;
-    e->nfree = cap;
+    e->slab_map = m;
+    e->conns = (struct conn *)round_up((uintptr_t)m, align);
+    e->slab_ready = 0;
+    e->mask = INDEX_MIN - 1;
+    e->index = table_alloc((size_t)INDEX_MIN * sizeof(struct bucket));
+    if (e->index == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
     return 0;
 }
 
 void conn_table_free(PylvsEngine *e)
 {
-    table_free(e->conns, (size_t)e->capacity * sizeof(struct conn));
-    table_free(e->free_slots, (size_t)e->capacity * sizeof(uint32_t));
+    if (e->slab_map != NULL)
+        munmap(e->slab_map, e->slab_map_len);
     table_free(e->index, ((size_t)e->mask + 1) * sizeof(struct bucket));
+    e->slab_map = NULL;
     e->conns = NULL;
-    e->free_slots = NULL;
     e->index = NULL;
+}
+
+size_t conn_table_memory(const PylvsEngine *e)
+{
+    return e->slab_ready + ((size_t)e->mask + 1) * sizeof(struct bucket);
+}
+
+/* Make slots [0, slots) usable, a SLAB_UNIT at a time. */
+static int slab_grow(PylvsEngine *e, uint32_t slots)
+{
+    size_t need = (size_t)slots * sizeof(struct conn);
+    if (need <= e->slab_ready)
+        return 0;
+    size_t target = round_up(need, SLAB_UNIT);
+    if (target > e->slab_size)
+        target = e->slab_size;
+    uint8_t *at = (uint8_t *)e->conns + e->slab_ready;
+    if (mprotect(at, target - e->slab_ready, PROT_READ | PROT_WRITE) != 0)
+        return -1;
+#ifdef MADV_HUGEPAGE
+    if (target - e->slab_ready >= SLAB_UNIT)
+        madvise(at, target - e->slab_ready, MADV_HUGEPAGE);
+#endif
+    e->slab_ready = target;
+    return 0;
+}
+
+/* Double the index until it holds 4 x `conns` buckets (load <= 1/2), moving
+ * every entry by its tag; no key is hashed again. */
+static int index_grow(PylvsEngine *e, uint32_t conns)
+{
+    uint64_t need = 4 * (uint64_t)conns;
+    uint64_t n = (uint64_t)e->mask + 1;
+    if (need <= n)
+        return 0;
+    uint64_t nn = n;
+    while (nn < need)
+        nn <<= 1;
+    struct bucket *old = e->index, *idx = table_alloc((size_t)nn * sizeof(struct bucket));
+    if (idx == NULL)
+        return -1;
+    uint32_t mask = (uint32_t)(nn - 1);
+    for (uint64_t i = 0; i < n; i++) {
+        if (old[i].ref == 0)
+            continue;
+        uint32_t j = old[i].tag & mask;
+        while (idx[j].ref != 0)
+            j = (j + 1) & mask;
+        idx[j] = old[i];
+    }
+    e->index = idx;
+    e->mask = mask;
+    table_free(old, (size_t)n * sizeof(struct bucket));
+    return 0;
+}
+
+/* splitmix64 (Steele, Lea, Flood 2014): the reference engine draws the same
+ * numbers from the same state. */
+static uint64_t rng_next(PylvsEngine *e)
+{
+    uint64_t z = (e->rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* 0: reclaimed first (dead, TIME_WAIT, CLOSE, or never answered by the real
+ * server while not ESTABLISHED); 1: other non-ESTABLISHED; -1: never
+ * (ESTABLISHED). */
+static int evict_class(const struct conn *c, double now)
+{
+    if (c->expires <= now)
+        return 0;
+    if (c->proto == PROTO_TCP) {
+        if (c->state == S_ESTABLISHED)
+            return -1;
+        if (c->state == S_TIME_WAIT || c->state == S_CLOSE)
+            return 0;
+    }
+    return c->replied ? 1 : 0;
+}
+
+int64_t conn_victim(PylvsEngine *e, double now)
+{
+    int64_t second = -1;
+    for (int n = 0; n < EVICT_SAMPLES; n++) {
+        uint32_t slot = (uint32_t)(((rng_next(e) >> 32) * (uint64_t)e->high) >> 32);
+        int k = evict_class(&e->conns[slot], now);
+        if (k == 0)
+            return slot;
+        if (k == 1 && second < 0)
+            second = slot;
+    }
+    return second;
+}
+
+uint32_t conn_alloc(PylvsEngine *e, int64_t victim, double now)
+{
+    if (conn_table_full(e)) {
+        if (victim < 0 || (uint64_t)victim >= e->high || !e->conns[victim].used)
+            return NO_SLOT;
+        const struct conn *v = &e->conns[victim];
+        conn_remove(e, (uint32_t)victim, v->expires <= now ? ST_CONNS_EXPIRED : ST_CONNS_EVICTED);
+    }
+    if (index_grow(e, e->conn_count + 1) < 0)
+        return NO_SLOT;
+    uint32_t slot = e->free_head;
+    if (slot != NO_SLOT) {
+        e->free_head = e->conns[slot].dest;
+        return slot;
+    }
+    if (e->high >= e->capacity || slab_grow(e, e->high + 1) < 0)
+        return NO_SLOT;
+    return e->high++;
 }
 
 /* The load stays <= 1/2, so an empty bucket is always found. */
@@ -118,7 +244,7 @@ static void index_delete(PylvsEngine *e, uint64_t h, uint32_t ref)
     e->index[hole].tag = 0;
 }
 
-void conn_remove(PylvsEngine *e, uint32_t slot)
+void conn_remove(PylvsEngine *e, uint32_t slot, int stat)
 {
     struct conn *c = &e->conns[slot];
     index_delete(e, conn_key_hash(e, c, KEY_IN), (slot << 1 | KEY_IN) + 1);
@@ -126,38 +252,40 @@ void conn_remove(PylvsEngine *e, uint32_t slot)
     if (c->dest < e->max_dests)
         e->dest_conns[c->dest][c->state == S_ESTABLISHED ? C_ACTIVE : C_INACTIVE] -= 1;
     c->used = 0;
-    e->free_slots[e->nfree++] = slot;
+    c->dest = e->free_head;
+    e->free_head = slot;
     e->conn_count--;
-    e->stats[ST_CONNS_EXPIRED]++;
+    e->stats[stat]++;
 }
 
 long pylvs_engine_expire(PylvsEngine *e, double now, long budget)
 {
-    if (budget <= 0 || e->capacity == 0 || e->busy)
+    uint32_t high = e->high;
+    if (budget <= 0 || high == 0 || e->busy)
         return 0;
     /* The hand ends where `budget` single steps would leave it, but a slot
      * is never visited twice in one call: a second lap finds nothing more. */
-    uint32_t visits = (unsigned long)budget < e->capacity ? (uint32_t)budget : e->capacity;
+    uint32_t visits = (unsigned long)budget < high ? (uint32_t)budget : high;
     uint32_t start = e->hand;
     long expired = 0;
     uint32_t pos = start;
     for (uint32_t n = 0; n < visits; n++) {
         struct conn *c = &e->conns[pos];
         if (c->used && c->expires <= now) {
-            conn_remove(e, pos);
+            conn_remove(e, pos, ST_CONNS_EXPIRED);
             expired++;
         }
-        if (++pos == e->capacity)
+        if (++pos == high)
             pos = 0;
     }
-    e->hand = (uint32_t)((start + (unsigned long)budget % e->capacity) % e->capacity);
+    e->hand = (uint32_t)((start + (unsigned long)budget % high) % high);
     return expired;
 }
 
-
-/* For tests (Engine._check): every used slot
- * indexed under both keys and found by a lookup, nothing else indexed, and
- * no entry cut off from its home bucket by an empty one. */
+/* For tests (Engine._check): every used slot indexed under both keys and
+ * found by a lookup, nothing else indexed, no entry cut off from its home
+ * bucket by an empty one, the free list exactly the unused slots below
+ * high, and the load of the index at most 1/2. */
 int conn_table_check(PylvsEngine *self)
 {
     uint64_t entries = 0;
@@ -167,7 +295,7 @@ int conn_table_check(PylvsEngine *self)
             continue;
         entries++;
         uint32_t slot = (b->ref - 1) >> 1;
-        if (slot >= self->capacity || !self->conns[slot].used) {
+        if (slot >= self->high || !self->conns[slot].used) {
             PyErr_Format(PyExc_AssertionError, "bucket %u refers to free slot %u", i, slot);
             return -1;
         }
@@ -180,7 +308,7 @@ int conn_table_check(PylvsEngine *self)
         }
     }
     uint32_t used = 0;
-    for (uint32_t slot = 0; slot < self->capacity; slot++) {
+    for (uint32_t slot = 0; slot < self->high; slot++) {
         const struct conn *c = &self->conns[slot];
         if (!c->used)
             continue;
@@ -199,11 +327,20 @@ int conn_table_check(PylvsEngine *self)
             }
         }
     }
+    uint32_t nfree = 0;
+    for (uint32_t s = self->free_head; s != NO_SLOT; s = self->conns[s].dest) {
+        if (s >= self->high || self->conns[s].used || ++nfree > self->high) {
+            PyErr_Format(PyExc_AssertionError, "free list holds slot %u (high %u)", s,
+                         self->high);
+            return -1;
+        }
+    }
     if (used != self->conn_count || entries != 2 * (uint64_t)used ||
-        self->nfree != self->capacity - used) {
+        nfree != self->high - used || 4 * (uint64_t)used > (uint64_t)self->mask + 1) {
         PyErr_Format(PyExc_AssertionError,
-                     "%u conns used, conn_count %u, %llu index entries, %u free slots", used,
-                     self->conn_count, (unsigned long long)entries, self->nfree);
+                     "%u conns used, conn_count %u, %llu index entries in %u buckets, "
+                     "%u free slots below high %u", used, self->conn_count,
+                     (unsigned long long)entries, self->mask + 1, nfree, self->high);
         return -1;
     }
     return 0;

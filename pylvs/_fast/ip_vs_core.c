@@ -33,17 +33,96 @@ HOT void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8_t tcpflag
     }
     c->state = new_;
     c->expires = now + e->timeouts[new_];
+    if (dir == DIR_OUTPUT)
+        c->replied = 1;
 }
 
+/* The used service slot for (proto, vaddr, vport), or -1: one probe run in
+ * the hash set_tables built, whatever the number of services. */
 static int find_service(const PylvsEngine *e, uint8_t proto, uint32_t vaddr, uint16_t vport)
 {
-    for (uint32_t s = 0; s < e->nservices; s++) {
+    if (e->svc_hash == NULL)
+        return -1;
+    uint32_t i = (uint32_t)svc_key_hash(e, proto, vaddr, vport) & e->svc_mask;
+    for (;;) {
+        int32_t s = e->svc_hash[i];
+        if (s < 0)
+            return -1;
         const svc_row *r = &e->services[s];
-        if ((r->flags & SVC_F_USED) && r->proto == proto && r->vaddr == vaddr &&
-            r->vport == vport)
-            return (int)s;
+        if (r->proto == proto && r->vaddr == vaddr && r->vport == vport)
+            return s;
+        i = (i + 1) & e->svc_mask;
     }
-    return -1;
+}
+
+/* The dest of a conn is still the one it was made with (not deleted, its
+ * slot not handed to another service). */
+HOT int conn_dest_ok(const PylvsEngine *e, const struct conn *c)
+{
+    if (c->dest >= e->ndests)
+        return 0;
+    const dest_row *dest = &e->dests[c->dest];
+    return (dest->flags & DEST_F_USED) && dest->svc == c->svc;
+}
+
+/* A segment that would open a conn on a miss (step 8): the kernel's
+ * is_new_conn is the SYN bit alone, but a SYN with ACK or RST never makes a
+ * conn here, so it must not end one either. */
+HOT int is_new_conn(uint8_t proto, uint8_t tcpflags)
+{
+    return proto == PROTO_TCP && (tcpflags & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN;
+}
+
+/* An IN hit that the kernel's ip_vs_in looks at twice: a SYN (is_new_conn)
+ * or a conn whose dest is gone. */
+HOT int conn_in_suspect(const PylvsEngine *e, const struct conn *c, uint8_t proto,
+                        uint8_t tcpflags)
+{
+    return is_new_conn(proto, tcpflags) || !conn_dest_ok(e, c);
+}
+
+#define IN_KEEP 0    /* go on with the conn */
+#define IN_RESCHED 1 /* the conn is gone: schedule the frame afresh */
+#define IN_DROPPED 2 /* the frame is dropped (counted) */
+
+/* The kernel's ip_vs_in rules for a live conn found by an IN lookup, in its
+ * order (there is no conntrack here, so a rescheduled packet is never
+ * dropped for an old conntrack entry):
+ * 1. A SYN (is_new_conn): with
+ *    expire_nodest_conn and the dest's weight 0, or with conn_reuse_mode
+ *    and the conn in TIME_WAIT or CLOSE (or, with bit 2 of the mode, in
+ *    FIN_WAIT without a reply: is_new_conn_expected), the conn is expired
+ *    (conns_reused) and the SYN scheduled afresh.
+ * 2. The dest is gone (IP_VS_DEST_F_AVAILABLE cleared): with
+ *    expire_nodest_conn the conn is expired (conns_expired) and the frame
+ *    handled as a miss; without, the frame is dropped and the conn left as
+ *    it was (drop_dest_gone). */
+static __attribute__((noinline)) int
+conn_in_rules(PylvsEngine *e, uint32_t slot, uint8_t proto, uint8_t tcpflags)
+{
+    struct conn *c = &e->conns[slot];
+    int dest_ok = conn_dest_ok(e, c);
+    int64_t nodest = e->sysctl[SYS_EXPIRE_NODEST_CONN], reuse = e->sysctl[SYS_CONN_REUSE_MODE];
+    if (is_new_conn(proto, tcpflags)) {
+        int resched = 0;
+        if (nodest && dest_ok && e->dests[c->dest].weight == 0)
+            resched = 1;
+        else if (reuse)
+            resched = c->state == S_TIME_WAIT || c->state == S_CLOSE ||
+                      ((reuse & 2) && c->state == S_FIN_WAIT && !c->replied);
+        if (resched) {
+            conn_remove(e, slot, ST_CONNS_REUSED);
+            return IN_RESCHED;
+        }
+    }
+    if (dest_ok)
+        return IN_KEEP;
+    if (nodest) {
+        conn_remove(e, slot, ST_CONNS_EXPIRED);
+        return IN_RESCHED;
+    }
+    e->stats[ST_DROP_DEST_GONE]++;
+    return IN_DROPPED;
 }
 
 /* Ask the Python scheduler for a dest. Returns the slot, -1 for none, or -2
@@ -101,6 +180,11 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
          uint16_t dport, uint64_t h, const uint8_t *eth, uint16_t in_port, double now,
          int *verdict, int *why)
 {
+    /* At the limit, the conn to replace is chosen before the upcall, so a
+     * full table refuses a flood without calling Python. */
+    int64_t victim = -1;
+    if (conn_table_full(e) && (victim = conn_victim(e, now)) < 0)
+        return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
     long d = call_schedule(e, s, saddr, sport);
     if (d == -2)
         return refuse(e, verdict, why, ST_SCHED_ERRORS, PYLVS_V_DROP);
@@ -116,15 +200,14 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
         uint32_t r = ob->ref - 1;
         if (e->conns[r >> 1].expires > now)
             return refuse(e, verdict, why, ST_DROP_CONFLICT, PYLVS_V_DROP);
-        conn_remove(e, r >> 1); /* a dead holder does not block the key */
+        conn_remove(e, r >> 1, ST_CONNS_EXPIRED); /* a dead holder does not block the key */
     }
     /* IN key == OUT key: client, VIP and real server are one address:port */
     if (dest->daddr == saddr && dest->dport == sport && saddr == daddr && sport == dport)
         return refuse(e, verdict, why, ST_DROP_CONFLICT, PYLVS_V_DROP);
-    if (e->nfree == 0)
+    uint32_t slot = conn_alloc(e, victim, now);
+    if (slot == NO_SLOT) /* out of memory */
         return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
-
-    uint32_t slot = e->free_slots[--e->nfree];
     struct conn *c = &e->conns[slot];
     c->proto = proto;
     c->caddr = saddr;
@@ -141,6 +224,7 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     c->expires = now + e->timeouts[S_NONE];
     memcpy(c->cmac, eth + 6, 6);
     memcpy(c->lmac, eth, 6);
+    c->replied = 0;
     c->used = 1;
     index_insert(e, h, slot, KEY_IN);
     index_insert(e, hout, slot, KEY_OUT);
@@ -366,7 +450,7 @@ icmp_frame(PylvsEngine *e, uint8_t *eth, uint8_t *ip, uint32_t ihl, uint32_t tot
     uint32_t r = b->ref - 1;
     struct conn *c = &e->conns[r >> 1];
     if (c->expires <= now) {
-        conn_remove(e, r >> 1);
+        conn_remove(e, r >> 1, ST_CONNS_EXPIRED);
         return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
     }
     if (c->fwd != FWD_MASQ)
@@ -479,15 +563,16 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
         c = &e->conns[r >> 1];
         dir = r & 1;
         if (c->expires <= now) {
-            conn_remove(e, r >> 1);
+            conn_remove(e, r >> 1, ST_CONNS_EXPIRED);
             c = NULL;
             dir = KEY_IN;
-        } else if (dir == KEY_IN && c->state == S_TIME_WAIT && proto == PROTO_TCP &&
-                   (tcpflags & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN) {
-            /* conn_reuse_mode=1: a client that reuses its port while the old
-             * conn lingers in TIME_WAIT opens a new conn, scheduled afresh. */
-            conn_remove(e, r >> 1);
-            c = NULL;
+        } else if (dir == KEY_IN &&
+                   __builtin_expect(conn_in_suspect(e, c, proto, tcpflags), 0)) {
+            int rule = conn_in_rules(e, r >> 1, proto, tcpflags);
+            if (rule == IN_DROPPED)
+                return PYLVS_V_DROP;
+            if (rule == IN_RESCHED)
+                c = NULL;
         }
     }
 

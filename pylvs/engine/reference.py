@@ -4,15 +4,9 @@ It does what ``pylvs._fast.Engine`` does, bit for bit: the same verdicts,
 rewritten bytes, counters, conn states and expiry. Tests compare the two, and
 ``bench engine`` runs it as the ``python`` impl. Clarity beats speed here.
 
-Conn slots and the expiry clock hand (the C engine keeps the same order):
-
-- Conns live in ``capacity`` slots. Free slots form a LIFO stack initialised
-  so that slot 0 is handed out first, then 1, 2, ...; a freed slot is pushed
-  and is the next one handed out.
-- ``expire(now, budget)`` visits ``budget`` slots, starting where the previous
-  call stopped, walking 0 .. capacity-1 cyclically. A budget larger than the
-  capacity visits every slot once and still moves the hand by ``budget``
-  (mod capacity).
+Conn slots, the expiry clock hand, eviction at the limit and the table's
+memory are the conn table's business: pylvs/engine/conn.py (the C engine
+keeps the same order and draws the same samples).
 
 Choices where the contract leaves room (IPVS behaviour where there is one):
 
@@ -33,6 +27,9 @@ Choices where the contract leaves room (IPVS behaviour where there is one):
 - An OUT hit (step 10) is forwarded whatever became of the dest: the
   contract checks the dest on the IN side only.
 - A TCP SYN with FIN creates a conn (only SYN+ACK and RST are excluded).
+- An IN hit goes through the kernel's ip_vs_in rules first (``_in_rules``):
+  port reuse (conn_reuse_mode), weight-0 rescheduling and a gone dest
+  (expire_nodest_conn).
 - The scheduler's answer is taken with ``operator.index`` (as C's
   PyLong_AsLongAndOverflow): a non-integer is a ``sched_errors``, an integer
   too large for any slot a ``drop_no_dest``.
@@ -58,6 +55,7 @@ import numpy as np
 
 from . import states, tables
 from . import icmp
+from .conn import CONNS_EXPIRED, CONNS_REUSED, MAX_LIMIT, Conn, ConnTable
 from .checksum import fold, ones_sum, pseudo_header_sum, sum_update32, update16, update32
 
 _ST = tables.STAT_INDEX
@@ -77,7 +75,6 @@ _DROP_UNRESOLVED = _ST["drop_unresolved"]
 _DROP_FWD_METHOD = _ST["drop_fwd_method"]
 _DROP_CONFLICT = _ST["drop_conflict"]
 _CONNS_CREATED = _ST["conns_created"]
-_CONNS_EXPIRED = _ST["conns_expired"]
 _IP_OPTIONS = _ST["ip_options"]
 _CSUM_PARTIAL_FIXED = _ST["csum_partial_fixed"]
 _GSO_FRAMES = _ST["gso_frames"]
@@ -101,23 +98,17 @@ _ICMP_RATELIMITED = _ST["icmp_ratelimited"]
 _RST_RATELIMITED = _ST["rst_ratelimited"]
 _FRAG_OUT = _ST["frag_out"]
 
-MAX_CAPACITY = 1 << 26
 _DO_FRAGMENT = -1  # _mtu_refusal: not a refusal, fragment after the rewrite
 V_PASS, V_TX, V_DROP, V_EMIT = tables.V_PASS, tables.V_TX, tables.V_DROP, tables.V_EMIT
 TCP, UDP, ICMP = tables.PROTO_TCP, tables.PROTO_UDP, 1
 _SYS = tables.SYSCTL_INDEX
+_IN_KEEP, _IN_RESCHED, _IN_DROPPED = 0, 1, 2  # _in_rules
 _IP_DF = 0x4000
 _ICMP_DEST_UNREACH, _ICMP_PORT_UNREACH, _ICMP_FRAG_NEEDED = 3, 3, 4
 _LSRR, _SSRR = 131, 137
 ETH = tables.VNET_HDR_LEN          # offset of the Ethernet header
 IP = ETH + 14                      # offset of the IPv4 header
 _TCP_SYN, _TCP_ACK, _TCP_RST = states.TCP_SYN, states.TCP_ACK, states.TCP_RST
-
-
-class _Conn:
-    __slots__ = ("proto", "caddr", "cport", "vaddr", "vport", "daddr", "dport",
-                 "state", "expires", "fwd", "dest", "svc", "cmac", "lmac",
-                 "in_port", "slot", "in_key", "out_key")
 
 
 def _report_unraisable(exc: BaseException, obj: object) -> None:
@@ -160,8 +151,8 @@ class Engine:
                  timeouts: np.ndarray, counters: tables.Counters,
                  schedule: Callable[[int, int, int], int]):
         capacity = operator.index(capacity)
-        if not 1 <= capacity <= MAX_CAPACITY:
-            raise ValueError(f"capacity must be 1..{MAX_CAPACITY}, not {capacity}")
+        if not 1 <= capacity <= MAX_LIMIT:
+            raise ValueError(f"capacity must be 1..{MAX_LIMIT}, not {capacity}")
         key = bytes(key)
         if len(key) != 16:
             raise ValueError(f"key must be 16 bytes, not {len(key)}")
@@ -175,21 +166,17 @@ class Engine:
         if not callable(schedule):
             raise TypeError("schedule must be callable")
         self._busy = False  # inside the scheduler upcall
-        self._capacity = capacity
-        self._key = key  # unused: a dict is the reference's index (see _index)
         self._trans = t.astype(np.int64).tolist()
         self.set_timeouts(timeouts)
         self._counters = counters
         self._schedule = schedule
+        self._pend = [0] * tables.N_STATS
         # The reference indexes conns in a dict of Python tuples. CPython's
         # tuple-of-int hash is not keyed, so clients could flood a chain; the
         # C engine hashes with keyed SipHash for that reason.
-        self._index: dict[tuple, tuple[_Conn, int]] = {}
-        self._slots: list[_Conn | None] = [None] * capacity
-        self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
-        self._hand = 0
-        self._count = 0
-        self._pend = [0] * tables.N_STATS
+        self._ct = ConnTable(capacity, key, counters, self._pend)
+        self._index = self._ct.index
+        self._sysctl = list(tables.SYSCTL_DEFAULTS)
         self._svc_by_key: dict[tuple[int, int, int], int] = {}
         self._dests: list[tuple] = []
         self._dest_table = tables.empty_dests(0)
@@ -209,11 +196,16 @@ class Engine:
 
     @property
     def capacity(self) -> int:
-        return self._capacity
+        return self._ct.limit
 
     @property
     def conn_count(self) -> int:
-        return self._count
+        return self._ct.count
+
+    @property
+    def memory(self) -> int:
+        """Bytes the C engine's conn table would hold now (conn.py)."""
+        return self._ct.memory
 
     def _refuse_if_busy(self) -> None:
         if self._busy:
@@ -302,41 +294,16 @@ class Engine:
     def conns(self) -> list[tuple]:
         return [(c.proto, c.caddr, c.cport, c.vaddr, c.vport, c.daddr, c.dport,
                  c.state, c.expires, c.fwd, c.dest, c.svc)
-                for c in self._slots if c is not None]
+                for c in self._ct.conns()]
 
     def _lookup(self, key: tuple, now: float):
-        hit = self._index.get(key)
-        if hit is not None and hit[0].expires <= now:
-            self._unlink(hit[0])
-            return None
-        return hit
-
-    def _unlink(self, c: _Conn) -> None:
-        del self._index[c.in_key]
-        del self._index[c.out_key]
-        col = tables.ACTIVE if (c.proto == TCP and c.state == states.ESTABLISHED) else tables.INACTIVE
-        self._counters.dest_conns[c.dest, col] -= 1
-        self._slots[c.slot] = None
-        self._free.append(c.slot)
-        self._count -= 1
-        self._pend[_CONNS_EXPIRED] += 1
+        return self._ct.lookup(key, now)
 
     def expire(self, now: float, budget: int) -> int:
         now = float(now)
         budget = operator.index(budget)
         self._refuse_if_busy()
-        if budget <= 0:
-            return 0
-        cap = self._capacity
-        slots = self._slots
-        hand = self._hand
-        n = 0
-        for i in range(min(budget, cap)):
-            c = slots[(hand + i) % cap]
-            if c is not None and c.expires <= now:
-                self._unlink(c)
-                n += 1
-        self._hand = (hand + budget) % cap
+        n = self._ct.expire(now, budget)
         self._flush()
         return n
 
@@ -581,12 +548,12 @@ class Engine:
 
         # 8: conn lookup.
         hit = self._lookup(key, now)
-        if (hit is not None and hit[1] == states.INPUT and hit[0].state == states.TIME_WAIT
-                and proto == TCP and tcp_flags & (_TCP_SYN | _TCP_ACK | _TCP_RST) == _TCP_SYN):
-            # conn_reuse_mode=1: a client that reuses its port while the old
-            # conn lingers in TIME_WAIT opens a new conn, scheduled afresh.
-            self._unlink(hit[0])
-            hit = None
+        if hit is not None and hit[1] == states.INPUT:
+            rule = self._in_rules(hit[0], proto, tcp_flags)
+            if rule == _IN_DROPPED:
+                return V_DROP, 0
+            if rule == _IN_RESCHED:
+                hit = None
         if hit is None:
             # 9: a new conn, if a service wants it.
             svc = self._svc_by_key.get((proto, daddr, dport))
@@ -602,50 +569,10 @@ class Engine:
                 if not tcp_flags & _TCP_RST:
                     self._send_rst(f, ihl, totlen, in_port, now)
                 return V_DROP, 0
-            self._busy = True
-            try:
-                d = operator.index(self._schedule(svc, saddr, sport))
-            except Exception as exc:  # reported, never propagated (as the C upcall)
-                _report_unraisable(exc, self._schedule)
-                pend[_SCHED_ERRORS] += 1
-                return V_DROP, 0
-            finally:
-                self._busy = False
-            dests = self._dests
-            if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
-                pend[_DROP_NO_DEST] += 1
-                # ip_vs_leave: the client hears at once that nobody serves.
-                self._send_icmp(f, totlen, in_port, now, _ICMP_PORT_UNREACH, 0, daddr)
-                return V_DROP, 0
-            dest = dests[d]
-            out_key = (proto, dest[0], dest[1], saddr, sport)
-            if out_key == key or self._lookup(out_key, now) is not None:
-                pend[_DROP_CONFLICT] += 1
-                return V_DROP, 0
-            if self._count >= self._capacity:
-                pend[_DROP_TABLE_FULL] += 1
-                return V_DROP, 0
-            c = _Conn()
-            c.proto, c.caddr, c.cport, c.vaddr, c.vport = proto, saddr, sport, daddr, dport
-            c.daddr, c.dport = dest[0], dest[1]
-            c.state = states.NONE
-            c.expires = now + self._timeouts[states.NONE]
-            c.fwd, c.dest, c.svc = dest[4], d, svc
-            c.cmac = bytes(f[ETH + 6:ETH + 12])
-            c.lmac = bytes(f[ETH:ETH + 6])
-            c.in_port = in_port
-            c.in_key, c.out_key = key, out_key
-            c.slot = self._free.pop()
-            self._slots[c.slot] = c
-            self._index[key] = (c, states.INPUT)
-            self._index[out_key] = (c, states.OUTPUT)
-            self._count += 1
-            pend[_CONNS_CREATED] += 1
-            cnt = self._counters
-            cnt.dest_conns[d, tables.INACTIVE] += 1
-            cnt.svc_stats[svc, tables.STAT_CONNS] += 1
-            cnt.dest_stats[d, tables.STAT_CONNS] += 1
-            hit = (c, states.INPUT)
+            verdict, hit = self._conn_new(f, key, svc, proto, saddr, sport, daddr, dport,
+                                          totlen, in_port, now)
+            if hit is None:
+                return verdict, 0
 
         c, direction = hit
         cnt = self._counters
@@ -793,7 +720,91 @@ class Engine:
         pend[_ICMP_FORWARDED] += 1
         return V_TX, out_port
 
-    def _set_state(self, c: _Conn, direction: int, proto: int, tcp_flags: int, now: float) -> None:
+    def _in_rules(self, c: Conn, proto: int, tcp_flags: int) -> int:
+        """The kernel's ip_vs_in rules for a live conn found by an IN lookup
+        (see conn_in_rules in ip_vs_core.c): a SYN reschedules a conn in
+        TIME_WAIT or CLOSE (conn_reuse_mode; bit 2 adds FIN_WAIT without a
+        reply) or one whose dest has weight 0 (expire_nodest_conn); a gone
+        dest drops the frame, or with expire_nodest_conn expires the conn
+        and schedules the frame afresh."""
+        dests = self._dests
+        dest_ok = c.dest < len(dests) and dests[c.dest][5] & tables.DEST_F_USED and dests[c.dest][2] == c.svc
+        nodest = self._sysctl[_SYS["expire_nodest_conn"]]
+        reuse = self._sysctl[_SYS["conn_reuse_mode"]]
+        # is_new_conn: a segment that would open a conn on a miss (see ip_vs_core.c).
+        if proto == TCP and tcp_flags & (_TCP_SYN | _TCP_ACK | _TCP_RST) == _TCP_SYN:
+            if nodest and dest_ok and dests[c.dest][3] == 0:
+                resched = True
+            elif reuse:
+                resched = (c.state in (states.TIME_WAIT, states.CLOSE)
+                           or bool(reuse & 2 and c.state == states.FIN_WAIT and not c.replied))
+            else:
+                resched = False
+            if resched:
+                self._ct.remove(c, CONNS_REUSED)
+                return _IN_RESCHED
+        if dest_ok:
+            return _IN_KEEP
+        if nodest:
+            self._ct.remove(c, CONNS_EXPIRED)
+            return _IN_RESCHED
+        self._pend[_DROP_DEST_GONE] += 1
+        return _IN_DROPPED
+
+    def _conn_new(self, f: memoryview, key: tuple, svc: int, proto: int, saddr: int,
+                  sport: int, daddr: int, dport: int, totlen: int, in_port: int, now: float):
+        """Step 9 from the room check on: (verdict, None) counted, or
+        (None, (conn, INPUT)) for a new conn of service `svc`."""
+        pend = self._pend
+        # At the limit the conn to replace is chosen before the upcall, so a
+        # full table refuses a flood without calling the scheduler.
+        ct = self._ct
+        victim = None
+        if ct.full():
+            victim = ct.victim(now)
+            if victim is None:
+                pend[_DROP_TABLE_FULL] += 1
+                return V_DROP, None
+        self._busy = True
+        try:
+            d = operator.index(self._schedule(svc, saddr, sport))
+        except Exception as exc:  # reported, never propagated (as the C upcall)
+            _report_unraisable(exc, self._schedule)
+            pend[_SCHED_ERRORS] += 1
+            return V_DROP, None
+        finally:
+            self._busy = False
+        dests = self._dests
+        if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
+            pend[_DROP_NO_DEST] += 1
+            # ip_vs_leave: the client hears at once that nobody serves.
+            self._send_icmp(f, totlen, in_port, now, _ICMP_PORT_UNREACH, 0, daddr)
+            return V_DROP, None
+        dest = dests[d]
+        out_key = (proto, dest[0], dest[1], saddr, sport)
+        if out_key == key or self._lookup(out_key, now) is not None:
+            pend[_DROP_CONFLICT] += 1
+            return V_DROP, None
+        c = Conn()
+        c.proto, c.caddr, c.cport, c.vaddr, c.vport = proto, saddr, sport, daddr, dport
+        c.daddr, c.dport = dest[0], dest[1]
+        c.state = states.NONE
+        c.expires = now + self._timeouts[states.NONE]
+        c.fwd, c.dest, c.svc = dest[4], d, svc
+        c.cmac = bytes(f[ETH + 6:ETH + 12])
+        c.lmac = bytes(f[ETH:ETH + 6])
+        c.in_port = in_port
+        c.in_key, c.out_key = key, out_key
+        c.replied = False
+        ct.add(c, victim, now)
+        pend[_CONNS_CREATED] += 1
+        cnt = self._counters
+        cnt.dest_conns[d, tables.INACTIVE] += 1
+        cnt.svc_stats[svc, tables.STAT_CONNS] += 1
+        cnt.dest_stats[d, tables.STAT_CONNS] += 1
+        return None, (c, states.INPUT)
+
+    def _set_state(self, c: Conn, direction: int, proto: int, tcp_flags: int, now: float) -> None:
         """11: the state transition, the active/inactive count, the new expiry."""
         if proto == TCP:
             old = c.state
@@ -822,3 +833,5 @@ class Engine:
         else:
             c.state = states.UDP_STATE
         c.expires = now + self._timeouts[c.state]
+        if direction == states.OUTPUT:
+            c.replied = True
