@@ -657,3 +657,51 @@ def test_deleted_dests_are_forgotten_by_the_resolver(env):
     assert forgotten == []          # still a dest of :81
     b.clear()
     assert sorted(forgotten) == [ip("10.0.1.2"), ip("10.0.1.3")]
+
+
+# --- sysctls and engine counters ------------------------------------------------
+
+def test_sysctls_validated_and_published(env):
+    from pylvs.control.balancer import SYSCTL_DEFAULTS, SYSCTL_NAMES
+    b, c, pubs, res = env
+    sent = []
+    b.publish_sysctls = sent.append
+    assert b.apply({"op": "sysctl"}) == dict(zip(SYSCTL_NAMES, SYSCTL_DEFAULTS))
+    assert b.apply({"op": "sysctl", "name": "expire_nodest_conn"}) == {"expire_nodest_conn": 0}
+    assert sent == []
+    assert b.apply({"op": "sysctl", "name": "expire_nodest_conn", "value": "1"}) == {
+        "expire_nodest_conn": 1}
+    assert sent[-1].dtype == np.int64 and len(sent[-1]) == len(SYSCTL_NAMES)
+    assert int(sent[-1][SYSCTL_NAMES.index("expire_nodest_conn")]) == 1
+    for op, msg in [
+        ({"name": "nosuch", "value": 1}, "unknown sysctl 'nosuch'"),
+        ({"name": "nosuch"}, "unknown sysctl 'nosuch'"),
+        ({"name": "icmp_msgs_per_sec", "value": "fast"}, "'fast' is not an integer"),
+        ({"name": "icmp_msgs_per_sec", "value": 1.5}, "1.5 is not an integer"),
+        ({"name": "icmp_msgs_per_sec", "value": True}, "True is not an integer"),
+        ({"name": "icmp_msgs_per_sec", "value": -1}, r"-1 is out of range \(0\.\.2147483647\)"),
+        ({"name": "expire_nodest_conn", "value": 2}, r"2 is out of range \(0\.\.1\)"),
+    ]:
+        with pytest.raises(BalancerError, match=msg):
+            b.apply({"op": "sysctl", **op})
+    # All or nothing.
+    with pytest.raises(BalancerError):
+        b.set_sysctls({"tcp_rst_burst": 5, "conn_reuse_mode": 9})
+    assert b.sysctls()["tcp_rst_burst"] == 50 and len(sent) == 1
+
+
+def test_stats_names_every_engine_counter(env):
+    from pylvs.engine import tables
+    b, c, pubs, res = env
+    c.stats[tables.STAT_INDEX["drop_no_dest"]] = 7
+    st = b.apply({"op": "stats"})
+    assert list(st["counters"]) == list(tables.STAT_NAMES)
+    assert st["counters"]["drop_no_dest"] == 7
+    assert st["conns"] == {"count": None, "limit": None, "memory": None}
+    b.engine_info = lambda: {"conn_count": 3, "capacity": 100}
+    b.add_service("tcp", VIP, 80)
+    b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="masq")
+    st = json.loads(json.dumps(b.stats()))
+    assert st["conns"] == {"count": 3, "limit": 100, "memory": None}
+    assert st["services"] == {"count": 1, "limit": 4}
+    assert st["dests"] == {"count": 1, "limit": 8}

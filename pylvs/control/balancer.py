@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .. import sched as schedmod
-from ..engine import states
+from ..engine import states, tables
 from ..engine.tables import (
     ACTIVE, DEST_DTYPE, DEST_F_RESOLVED, DEST_F_USED, FWD_LOCAL, FWD_MASQ,
     FWD_NAMES, FWD_ROUTE, FWD_TUNNEL, INACTIVE, N_TRAFFIC, PROTO_TCP, PROTO_UDP,
@@ -89,6 +89,21 @@ E_NOMEM = "Memory allocation problem"
 # libipvs's text for EINVAL: ip_vs_new_dest refuses a real server whose
 # inet_addr_type is neither RTN_UNICAST nor RTN_LOCAL.
 E_INVAL = "Invalid operation.  Possibly wrong module version, address not unicast, ..."
+
+# The engine's run-time knobs (kernel /proc/sys/net/ipv4/vs names).
+try:
+    from ..engine.tables import SYSCTL_DEFAULTS, SYSCTL_NAMES
+except ImportError:  # NOTE(H-ctl): until the lead's tables.py lands on main
+    SYSCTL_NAMES = ("conn_reuse_mode", "expire_nodest_conn", "icmp_msgs_per_sec",
+                    "icmp_msgs_burst", "tcp_rst_per_sec", "tcp_rst_burst")
+    SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50)
+INT_MAX = 2**31 - 1
+# Accepted values; a knob not named here takes 0..INT_MAX (the kernel's
+# proc_dointvec_minmax with a zero minimum, as for icmp_msgs_per_sec).
+SYSCTL_RANGES = {
+    "conn_reuse_mode": (0, 3),      # a bitmap of two bits (ip-sysctl / ipvs-sysctl.rst)
+    "expire_nodest_conn": (0, 1),   # a boolean
+}
 
 TRAFFIC_KEYS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
 RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")
@@ -335,6 +350,13 @@ class Balancer:
         self.conns_source: Callable[[], list] | None = None
         self.clock: Callable[[], float] = time.monotonic
         self.on_timeouts: Callable[[np.ndarray], None] | None = None
+        # Called with the int64 sysctl array (SYSCTL_NAMES order) after a
+        # change; the runtime hands it to engine.set_sysctls.
+        self.publish_sysctls: Callable[[np.ndarray], None] = lambda values: None
+        # () -> {"conn_count", "capacity", "memory"?}: the engine's view, for
+        # `pylvs stats`; None when no engine is attached.
+        self.engine_info: Callable[[], dict] | None = None
+        self._sysctls = dict(zip(SYSCTL_NAMES, SYSCTL_DEFAULTS))
         self.conn_tab_size = CONN_TAB_SIZE
 
         self._services: dict[tuple[int, int, int], Service] = {}
@@ -867,6 +889,65 @@ class Balancer:
         t = self._timeouts
         return states.timeout_array(t["tcp"], t["tcpfin"], t["udp"])
 
+    # --- sysctls ------------------------------------------------------------
+
+    def _check_sysctl(self, name: Any, value: Any) -> tuple[str, int]:
+        if not isinstance(name, str) or name not in self._sysctls:
+            raise BalancerError(f"unknown sysctl {name!r} (known: {', '.join(SYSCTL_NAMES)})")
+        lo, hi = SYSCTL_RANGES.get(name, (0, INT_MAX))
+        v = _strict_int(value)
+        if v is None:
+            raise BalancerError(f"sysctl {name}: {value!r} is not an integer")
+        if not lo <= v <= hi:
+            raise BalancerError(f"sysctl {name}: {v} is out of range ({lo}..{hi})")
+        return name, v
+
+    def set_sysctls(self, values: Any) -> dict[str, int]:
+        """Set several knobs at once ``{name: value}``: all are checked before
+        any changes; the engine gets the new array. Returns every knob."""
+        if not isinstance(values, dict):
+            raise BalancerError("sysctls: expected an object of name: value")
+        checked = [self._check_sysctl(k, v) for k, v in values.items()]
+        if checked:
+            self._sysctls.update(checked)
+            self.publish_sysctls(self.sysctl_array())
+        return self.sysctls()
+
+    def sysctl(self, name: Any = None, value: Any = None) -> dict[str, int]:
+        """``pylvs sysctl``: every knob (no name), one knob, or set one."""
+        if name is None:
+            return self.sysctls()
+        if value is None:
+            self._check_sysctl(name, 0)
+            return {name: self._sysctls[name]}
+        n, _ = self._check_sysctl(name, value)
+        return {n: self.set_sysctls({name: value})[n]}
+
+    def sysctls(self) -> dict[str, int]:
+        return dict(self._sysctls)
+
+    def sysctl_array(self) -> np.ndarray:
+        """int64[len(SYSCTL_NAMES)], as engine.set_sysctls takes it."""
+        return np.array([self._sysctls[n] for n in SYSCTL_NAMES], dtype=np.int64)
+
+    # --- engine counters ----------------------------------------------------
+
+    def stats(self) -> dict:
+        """``pylvs stats``: every engine counter by its stable name
+        (tables.STAT_NAMES), the conn table's use and limit, and the
+        service and dest slots in use and their limits."""
+        raw = self.counters.stats
+        info = {}
+        if self.engine_info is not None:
+            info = self.engine_info()
+        return {
+            "counters": {n: int(raw[i]) for i, n in enumerate(tables.STAT_NAMES)},
+            "conns": {"count": info.get("conn_count"), "limit": info.get("capacity"),
+                      "memory": info.get("memory")},
+            "services": {"count": len(self._services), "limit": self.counters.max_services},
+            "dests": {"count": len(self._dest_at), "limit": self.counters.max_dests},
+        }
+
     # --- views for clients and the runtime ----------------------------------
 
     def snapshot(self) -> dict:
@@ -957,6 +1038,9 @@ class Balancer:
         "snapshot": ("snapshot", ()),
         "conns": ("conns", ()),
         "steering_view": ("steering_view", ()),
+        "stats": ("stats", ()),
+        "sysctl": ("sysctl", ("name", "value")),
+        "set_sysctls": ("set_sysctls", ("values",)),
     }
 
     def apply(self, op: dict) -> Any:
