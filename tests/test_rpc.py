@@ -377,3 +377,47 @@ def test_clients_beyond_the_limit_are_refused_politely(tmp_path, monkeypatch):
         for c in held:
             c.close()
         d.stop()
+
+
+def tool(name, director, *argv):
+    from pylvs.cli import tools
+    out, err = io.StringIO(), io.StringIO()
+    rc = getattr(tools, name)(["--control", director.path, *argv], stdout=out, stderr=err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_pylvs_stats_prints_every_counter_by_name(director):
+    from pylvs.engine import tables
+    director.counters.stats[tables.STAT_INDEX["drop_table_full"]] = 12
+    director.balancer.engine_info = lambda: {"conn_count": 5, "capacity": 4194304,
+                                             "memory": 3 << 20}
+    adm_run(director, "-A", "-t", "10.0.0.1:80")
+    rc, out, err = tool("stats_main", director)
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[:3] == ["conns     5 of 4194304 (3.0 MiB)", "services  1 of 16",
+                         "dests     0 of 64"]
+    named = dict(ln.split() for ln in lines[4:])
+    assert list(named) == list(tables.STAT_NAMES) and named["drop_table_full"] == "12"
+    rc, out, err = tool("stats_main", director, "--json")
+    st = json.loads(out)
+    assert st["counters"]["drop_table_full"] == 12 and st["conns"]["limit"] == 4194304
+
+
+def test_pylvs_sysctl_lists_reads_and_sets(director):
+    from pylvs.control.balancer import SYSCTL_NAMES
+    sent = []
+    director.balancer.publish_sysctls = sent.append
+    rc, out, err = tool("sysctl_main", director)
+    assert rc == 0 and [ln.split(" = ")[0] for ln in out.splitlines()] == list(SYSCTL_NAMES)
+    assert tool("sysctl_main", director, "icmp_msgs_burst") == (
+        0, "icmp_msgs_burst = 50\n", "")
+    assert tool("sysctl_main", director, "icmp_msgs_burst=7", "expire_nodest_conn=1") == (
+        0, "icmp_msgs_burst = 7\nexpire_nodest_conn = 1\n", "")
+    assert len(sent) == 2
+    assert json.loads(tool("sysctl_main", director, "--json", "icmp_msgs_burst")[1]) == {
+        "icmp_msgs_burst": 7}
+    rc, out, err = tool("sysctl_main", director, "icmp_msgs_burst=lots")
+    assert rc == 1 and err == "pylvs sysctl: sysctl icmp_msgs_burst: 'lots' is not an integer\n"
+    rc, out, err = tool("sysctl_main", director, "nosuch")
+    assert rc == 1 and "unknown sysctl 'nosuch'" in err
