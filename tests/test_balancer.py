@@ -705,3 +705,23 @@ def test_stats_names_every_engine_counter(env):
     assert st["conns"] == {"count": 3, "limit": 100, "memory": None}
     assert st["services"] == {"count": 1, "limit": 4}
     assert st["dests"] == {"count": 1, "limit": 8}
+
+
+def test_held_batches_publish_once_and_any_other_change_publishes_them(env):
+    b, c, pubs, res = env
+    add = {"op": "add_service", "proto": "udp", "vaddr": VIP}
+    b.apply({"op": "batch", "more": True, "ops": [{**add, "vport": 1}]})
+    b.apply({"op": "batch", "more": True, "ops": [
+        {**add, "vport": 2},
+        {"op": "add_dest", "proto": "udp", "vaddr": VIP, "vport": 2, "daddr": "10.0.1.2",
+         "dport": 0, "fwd": "masq"}]})
+    assert pubs == [] and b._sched_view[1] is None   # not scheduled before published
+    b.apply({"op": "batch", "ops": [{**add, "vport": 3}]})
+    assert len(pubs) == 1 and int(pubs[0][0]["flags"].sum()) == 3
+    assert [v.daddr for v in b._sched_view[1][1]] == [ip("10.0.1.2")]
+    # Held, then someone else's single change: everything goes out.
+    b.apply({"op": "batch", "more": True, "ops": [{**add, "vport": 4}]})
+    b.del_service("udp", VIP, 1)
+    assert len(pubs) == 2 and int(pubs[1][0]["flags"].sum()) == 3
+    b.flush()
+    assert len(pubs) == 2   # nothing pending

@@ -10,6 +10,7 @@ import os
 import socket
 import stat
 import threading
+import time
 
 import pytest
 
@@ -276,6 +277,23 @@ def test_long_restore_travels_in_batches_below_the_line_limit(director, monkeypa
     assert (rc, err) == (255, "line 11: Service already exists\n")
     assert len(sizes) > 2 and max(sizes) <= 700 + 100
     assert len(director.balancer.services()) == 10
+    # Several requests, one publish: the batches before the last say "more".
+    assert len(director.published) == 1
+
+
+def test_held_batch_is_published_when_its_client_leaves(director):
+    c = rpc.Client(director.path).connect()
+    c.call({"op": "batch", "more": True,
+            "ops": [{"op": "add_service", "proto": "udp", "vaddr": "10.0.0.1", "vport": 53}]})
+    assert director.published == []
+    c.close()
+    deadline = time.monotonic() + 5
+    while not director.published and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(director.published) == 1 and director.published[0][0]["flags"].sum() == 1
+    with rpc.Client(director.path) as c:
+        with pytest.raises(rpc.RpcError, match="more must be true or false"):
+            c.call({"op": "batch", "more": 1, "ops": []})
 
 
 def test_adm_connection_listing(director):
@@ -369,7 +387,6 @@ def test_clients_beyond_the_limit_are_refused_politely(tmp_path, monkeypatch):
                     assert c.call(op="ping") == "pong"
                 break
             except rpc.RpcError:
-                import time
                 time.sleep(0.02)
         else:
             raise AssertionError("the freed slot never came back")

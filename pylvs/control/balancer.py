@@ -716,7 +716,8 @@ class Balancer:
                        only: Callable[[int], bool] | None = None) -> None:
         """Hand the scheduler the service's dests (``only``: the dest slots
         to keep). Inside a batch this waits for the batch's end."""
-        if self._batching and only is None:
+        if only is None and (self._batching or self._dirty):
+            # Changes wait to be published: flush() orders the two.
             self._sched_dirty[svc.slot] = svc
             return
         views = tuple(SchedDestView(d.slot, d.weight, d.daddr, self._dport(svc, d),
@@ -731,10 +732,9 @@ class Balancer:
     # --- publishing ---------------------------------------------------------
 
     def _changed(self) -> None:
-        if self._batching:
-            self._dirty = True
-        else:
-            self.republish()
+        self._dirty = True
+        if not self._batching:
+            self.flush()
 
     @staticmethod
     def _dport(svc: Service, d: Dest) -> int:
@@ -814,10 +814,11 @@ class Balancer:
             if not slots:
                 return
             self._dirty_dest.update(slots)
+        self._dirty = True
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self.republish()
+            self.flush()
             return
         if not self._publish_soon:
             self._publish_soon = True
@@ -825,10 +826,8 @@ class Balancer:
 
     def _deferred_publish(self) -> None:
         self._publish_soon = False
-        if self._batching:
-            self._dirty = True
-        else:
-            self.republish()
+        if not self._batching:
+            self.flush()
 
     refresh = on_resolved
 
@@ -1052,7 +1051,10 @@ class Balancer:
             ops = op.get("ops") or []
             if not isinstance(ops, list):
                 raise BalancerError("batch: ops must be a list of operations")
-            return self.apply_many(ops)
+            more = op.get("more", False)
+            if not isinstance(more, bool):
+                raise BalancerError("batch: more must be true or false")
+            return self.apply_many(ops, hold=more)
         if name == "ping":
             return "pong"
         spec = self._OPS.get(name) if isinstance(name, str) else None
@@ -1068,9 +1070,13 @@ class Balancer:
         except TypeError as e:
             raise BalancerError(f"{name}: {e}") from None
 
-    def apply_many(self, ops: Iterable[dict]) -> list[dict]:
+    def apply_many(self, ops: Iterable[dict], hold: bool = False) -> list[dict]:
         """Apply ops in order, publishing once at the end; as ``ipvsadm -R``,
-        an op that fails does not stop the ones after it."""
+        an op that fails does not stop the ones after it.
+
+        ``hold``: more batches follow (a long -R in several requests): the
+        publish waits for the next change made without ``hold``, or for
+        ``flush()`` (the control socket calls it when a client leaves)."""
         results = []
         self._batching += 1
         try:
@@ -1081,11 +1087,12 @@ class Balancer:
                     results.append({"ok": False, "error": str(e)})
         finally:
             self._batching -= 1
-            if not self._batching:
-                self._end_batch()
+            if not self._batching and not hold:
+                self.flush()
         return results
 
-    def _end_batch(self) -> None:
+    def flush(self) -> None:
+        """Publish what is pending (changes made in batches with ``hold``)."""
         # As outside a batch: a scheduler never names a dest the engine's
         # tables do not have yet, nor one already gone from them. Dests the
         # batch removed (or quiesced) leave the schedulers first, the tables

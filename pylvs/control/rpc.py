@@ -4,7 +4,8 @@ A unix stream socket, one JSON object per line each way:
 ``{"op": "add_service", ...}`` answered by ``{"ok": true, "result": ...}``
 or ``{"ok": false, "error": "No such service"}``. Operations are the
 Balancer's (see ``Balancer.apply``); ``batch`` runs a list of them with one
-publish at the end.
+publish at the end (``"more": true``: more batches follow, publish after the
+last one or when the client leaves).
 
 The socket is root-only: its directory is 0700, the socket 0600, and every
 connection's peer credentials (SO_PEERCRED) must be root or the director's
@@ -153,6 +154,11 @@ async def _serve_client(balancer: Balancer, reader: asyncio.StreamReader,
     finally:
         if clients is not None:
             clients.n -= 1
+        # A client that left in the middle of a held -R: publish its rules.
+        try:
+            balancer.flush()
+        except Exception:
+            log.exception("publishing after a client left failed")
 
 
 async def _serve_lines(balancer: Balancer, reader: asyncio.StreamReader,
@@ -263,7 +269,7 @@ async def start_server(path: str, balancer: Balancer, *,
     try:
         server = await asyncio.start_unix_server(
             lambda r, w: _serve_client(balancer, r, w, clients), path=path,
-            limit=MAX_REQUEST, backlog=max_clients)
+            limit=MAX_REQUEST)
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
@@ -300,7 +306,10 @@ class Client:
         req = {**(request or {}), **kw}
         self.connect()
         assert self._sock is not None and self._rfile is not None
-        self._sock.sendall(json.dumps(req).encode() + b"\n")
+        try:
+            self._sock.sendall(json.dumps(req).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # refused (too many clients): the reason is waiting to be read
         line = self._rfile.readline(MAX_RESPONSE + 1)
         if not line:
             raise ConnectionError(f"{self.path}: the director closed the connection")
