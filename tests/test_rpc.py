@@ -438,3 +438,25 @@ def test_pylvs_sysctl_lists_reads_and_sets(director):
     assert rc == 1 and err == "pylvs sysctl: sysctl icmp_msgs_burst: 'lots' is not an integer\n"
     rc, out, err = tool("sysctl_main", director, "nosuch")
     assert rc == 1 and "unknown sysctl 'nosuch'" in err
+
+
+def test_verbose_turns_debug_on_for_pylvs_only():
+    import logging
+
+    from pylvs.runtime import daemon
+    saved = {n: logging.getLogger(n).level for n in ("pylvs", *daemon.THIRD_PARTY_LOGGERS)}
+    root = logging.getLogger().level
+    try:
+        logging.getLogger().setLevel(logging.DEBUG)   # whatever the root says
+        daemon.setup_logging(verbose=True)
+        assert logging.getLogger("pylvs.rpc").isEnabledFor(logging.DEBUG)
+        for name in ("pyroute2", "pyroute2.netlink.nlsocket", "asyncio"):
+            assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
+            assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+        daemon.setup_logging(verbose=False)
+        assert not logging.getLogger("pylvs.rpc").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("pylvs.rpc").isEnabledFor(logging.INFO)
+    finally:
+        for n, lvl in saved.items():
+            logging.getLogger(n).setLevel(lvl)
+        logging.getLogger().setLevel(root)
