@@ -65,8 +65,11 @@ class Options:
     ifaces: list[str] = field(default_factory=list)
     control: str | None = None
     config: str | None = None
-    capacity: int = 1 << 16
+    capacity: int = 1 << 22      # conn limit (--conn-max); the table grows up to it
     engine: str = "c"
+    max_services: int = 16384
+    max_dests: int = 131072
+    sysctls: dict = field(default_factory=dict)   # --sysctl NAME=VALUE
     poll_timeout: float = 0.02   # the data thread's longest sleep
     expire_budget: int = 512     # conn slots the clock hand visits per loop
 
@@ -182,7 +185,7 @@ class Daemon:
         from ..engine import new_engine
         from ..io.afpacket import AfPacketBackend
 
-        self.counters = tables.Counters()
+        self.counters = tables.Counters(self.opts.max_services, self.opts.max_dests)
         if self._backend is None:
             self._backend = AfPacketBackend(self.ifaces)
         self.backend = self._backend
@@ -211,8 +214,25 @@ class Daemon:
             self.resolver.on_change = lambda daddr: self._call_in_loop(refresh, daddr)
         self.resolver.on_local_change = self._local_changed
         self.balancer.on_timeouts = self._set_timeouts
+        self._control_hooks()
         self.balancer.conns_source = self._conns
         self.balancer.clock = time.monotonic  # the time base forward() is given
+
+    def _control_hooks(self) -> None:
+        """`pylvs stats` reads the engine; --sysctl values go in at start."""
+        self.balancer.engine_info = self._engine_info
+        try:
+            self.balancer.set_sysctls(self.opts.sysctls)
+        except Exception as e:  # BalancerError: the message names the knob
+            raise SystemExit(f"pylvs run: --sysctl: {e}") from None
+        set_sysctls = getattr(self.engine, "set_sysctls", None)
+        if set_sysctls is not None and self.opts.sysctls:
+            set_sysctls(self.balancer.sysctl_array())   # not running yet: no lock
+
+    def _engine_info(self) -> dict:
+        e = self.engine
+        return {"conn_count": int(e.conn_count), "capacity": int(e.capacity),
+                "memory": getattr(e, "memory", None)}
 
     def _call_in_loop(self, fn, *args) -> None:
         loop = self._loop
@@ -342,13 +362,20 @@ class Daemon:
             os.close(fd)
             raise SystemExit("pylvs run: another pylvs director runs in this network namespace"
                              + (f" (pid {owner})" if owner else "")) from None
+        if os.fstat(fd).st_ino != _inode(path):
+            # A stopping director unlinked the file between our open and our
+            # lock: the lock we hold guards nothing; take the new file.
+            os.close(fd)
+            return self._claim_netns()
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._netns_lock = fd
+        self._netns_lock_path = path
 
     def run(self) -> int:
         self._loop = None
         self._read_config()
+        raise_nofile_limit()
         self._claim_netns()
         self._local = local_addresses()
         try:
@@ -378,8 +405,49 @@ class Daemon:
         lock = getattr(self, "_netns_lock", None)
         if lock is not None:
             self._netns_lock = None
+            # Removed while still held, so no other director can be holding
+            # it; a director killed outright leaves its file, and the next
+            # one takes it over (the lock died with the process).
+            try:
+                os.unlink(self._netns_lock_path)
+            except OSError:
+                pass
             os.close(lock)
         log.info("stopped")
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def raise_nofile_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every `pylvs adm` client
+    holds a descriptor, and the director must keep accepting them."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the file descriptor limit to %s: %s", hard, e)
+
+
+def setup_logging(verbose: bool) -> None:
+    """INFO for everyone; -v turns DEBUG on for pylvs's own loggers only.
+    Third-party libraries (pyroute2 logs every netlink message at DEBUG)
+    stay at WARNING whatever the root logger does."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s pylvs[%(process)d] %(levelname)s %(message)s")
+    logging.getLogger("pylvs").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+THIRD_PARTY_LOGGERS = ("pyroute2", "asyncio", "uvloop", "scapy")
 
 
 def _is_c_engine(engine) -> bool:
@@ -410,24 +478,77 @@ def _takes_args(fn, n: int) -> bool:
         return False
 
 
+def _sysctl_arg(text: str) -> tuple[str, str]:
+    import argparse
+
+    name, eq, value = text.partition("=")
+    if not eq or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _bounded(lo: int, hi: int):
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is out of range ({lo}..{hi})")
+        return v
+    return parse
+
+
+def _help_formatter():
+    import argparse
+
+    class Help(argparse.ArgumentDefaultsHelpFormatter):
+        # Every option says its default; one that words it itself keeps it.
+        def _get_help_string(self, action):
+            h = action.help or ""
+            return h if "default:" in h else super()._get_help_string(action)
+    return Help
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from ..engine import DEFAULT_CAPACITY, IMPLS
+    from ..control import balancer as bal
+    from ..engine import IMPLS
 
-    ap = argparse.ArgumentParser(prog="pylvs run", description="Run the pylvs director.")
+    ap = argparse.ArgumentParser(prog="pylvs run", description="Run the pylvs director.",
+                                 formatter_class=_help_formatter())
     ap.add_argument("--iface", action="extend", nargs="+", default=[], metavar="IF",
-                    help="interfaces to serve; default: every Ethernet interface that is up")
-    ap.add_argument("--control", metavar="PATH", help="control socket (default: per namespace)")
-    ap.add_argument("-c", "--config", metavar="FILE", help="ipvsadm -S rules to apply at start")
-    ap.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="max conns")
+                    help="interfaces to serve (default: every Ethernet interface that is up)")
+    ap.add_argument("--control", metavar="PATH",
+                    help="control socket (default: /run/pylvs/ctl-<netns inode>.sock)")
+    ap.add_argument("-c", "--config", metavar="FILE", help="ipvsadm -S rules to apply at start (default: none)")
+    ap.add_argument("--conn-max", type=_bounded(1, 1 << 31), default=Options.capacity,
+                    metavar="N", help="most conns at once; the conn table grows with use up "
+                    "to this, about 100 bytes per conn")
+    ap.add_argument("--capacity", type=_bounded(1, 1 << 31), dest="conn_max",
+                    help=argparse.SUPPRESS)   # the old name of --conn-max
+    ap.add_argument("--max-services", type=_bounded(1, bal.MAX_SERVICES_LIMIT), metavar="N",
+                    default=bal.DEFAULT_MAX_SERVICES, help="most virtual services")
+    ap.add_argument("--max-dests", type=_bounded(1, 1 << 22), metavar="N",
+                    default=bal.DEFAULT_MAX_DESTS, help="most real servers (all services)")
+    ap.add_argument("--sysctl", type=_sysctl_arg, action="append", default=[],
+                    metavar="NAME=VALUE", help="set an engine knob at start (repeatable; default: "
+                    + ", ".join(f"{n}={v}" for n, v in zip(bal.SYSCTL_NAMES, bal.SYSCTL_DEFAULTS)) + ")")
     ap.add_argument("--engine", choices=IMPLS, default="c", help="data path engine")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
-                        format="%(asctime)s pylvs[%(process)d] %(levelname)s %(message)s")
+    try:  # a typo in a knob fails here, before anything starts
+        bal.Balancer(tables.Counters(1, 1)).set_sysctls(dict(a.sysctl))
+    except bal.BalancerError as e:
+        ap.error(f"--sysctl: {e}")
+    setup_logging(a.verbose)
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
-                   capacity=a.capacity, engine=a.engine)
+                   capacity=a.conn_max, engine=a.engine, max_services=a.max_services,
+                   max_dests=a.max_dests, sysctls=dict(a.sysctl))
     try:
         return Daemon(opts).run()
     except SystemExit:
