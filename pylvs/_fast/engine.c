@@ -713,8 +713,11 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
 }
 
 int pylvs_engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port,
-                       double now, uint16_t *out_port)
+                       double now, uint16_t *out_port, struct pylvs_emit *em)
 {
+    /* io branch only: the contract's signature so afpacket.c builds; the
+     * lead's engine fills `em`. */
+    (void)em;
     return engine_frame(e, frame, len, in_port, now, out_port, NULL);
 }
 

@@ -17,6 +17,7 @@
 #define PYLVS_V_PASS 0
 #define PYLVS_V_TX 1
 #define PYLVS_V_DROP 2
+#define PYLVS_V_EMIT 3   /* not sent itself: what the engine made of it is in the emit area */
 
 /* Global counter indices: as STAT_NAMES in pylvs/engine/tables.py. */
 enum pylvs_stat {
@@ -38,11 +39,26 @@ typedef struct pylvs_engine PylvsEngine;
 /* Is `obj` an instance of _fast.Engine? */
 int pylvs_engine_check(PyObject *obj);
 
+/* Frames the engine creates (ICMP errors, RSTs, IP fragments): each is a
+ * 10-byte all-zero virtio_net_hdr + a complete Ethernet frame at
+ * buf + off[i], len[i] bytes (header included), to leave on port[i]. */
+struct pylvs_emit {
+    uint8_t *buf; uint32_t cap, used;     /* bytes */
+    uint32_t n, max;                      /* frames */
+    uint32_t *off, *len; uint16_t *port;  /* per frame */
+};
+
+/* Room for one frame of `len` bytes (vnet header included) to leave on
+ * `port`; NULL (and nothing changed) when buf or the frame slots are full. */
+uint8_t *pylvs_emit_reserve(struct pylvs_emit *em, uint32_t len, uint16_t port);
+
 /* Process one frame in place. `frame` points at the virtio_net_hdr, `len`
  * counts it. Returns PYLVS_V_*; for PYLVS_V_TX, *out_port is the egress
- * port. Never raises (errors are counted). */
+ * port. Frames made in answer are appended to `em` (NULL: none are made).
+ * Never raises (errors are counted). */
 int pylvs_engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len,
-                       uint16_t in_port, double now, uint16_t *out_port);
+                       uint16_t in_port, double now, uint16_t *out_port,
+                       struct pylvs_emit *em);
 
 /* Run the expiry clock hand over up to `budget` conn slots. */
 long pylvs_engine_expire(PylvsEngine *e, double now, long budget);
