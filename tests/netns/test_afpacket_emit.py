@@ -9,6 +9,8 @@ import pytest
 
 from test_afpacket import scenario
 
+from pylvs.engine import tables
+
 pytestmark = pytest.mark.netns
 
 # Runs in the director's namespace after test_afpacket's PRELUDE.
@@ -123,3 +125,45 @@ b.close()
     assert res["sent"] == 2 and res["got"] == ["small ring", "small emitted"], res
     assert (st["tx_frames"], st["tx_errors"], st["emit_sent"], st["emit_errors"]) == (1, 1, 1, 1), st
     assert st["tx_emsgsize"] == 2 and res["last"] == errno.EMSGSIZE, res
+
+
+@pytest.mark.skipif(not hasattr(tables, "V_EMIT"), reason="needs the engine's emit area (issue 5)")
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_an_engine_reply_reaches_the_client(trio, impl):
+    # A UDP service without real servers: the engine answers ICMP port
+    # unreachable (ip_vs_leave), which forward() (C) or send() (Python
+    # batch) must put on the wire; steering keeps the kernel from answering.
+    res = scenario(trio, rf"""
+from pylvs.control.steering import Steering
+from pylvs.engine import new_engine
+svc = tables.empty_services(1)
+svc[0] = (ip("10.9.0.1"), 7, 17, tables.SVC_F_USED)
+dests = tables.empty_dests(1)
+engine = new_engine({impl!r}, 1024, counters=tables.Counters(), schedule=lambda s, c, p: -1)
+engine.set_tables(svc, dests)
+steering = Steering(["d0", "d1"])
+steering.apply(svc, dests, ["10.9.0.1", "10.9.1.1"])
+b = AfPacketBackend(["d0", "d1"])
+b.set_filter(svc, dests)
+client = in_ns(C, '''
+import socket, json
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.connect(("10.9.0.1", 7)); u.settimeout(3)
+u.send(b"anyone?")
+try:
+    u.recv(100); print(json.dumps("answer"))
+except ConnectionRefusedError:
+    print(json.dumps("refused"))
+except socket.timeout:
+    print(json.dumps("timeout"))
+''')
+deadline = time.monotonic() + 5
+while client.poll() is None and time.monotonic() < deadline:
+    b.forward(engine, time.monotonic(), 0.02)
+out, err = client.communicate(timeout=10)
+steering.remove()
+print(json.dumps(dict(client=json.loads(out.strip().splitlines()[-1]), stats=b.stats())))
+b.close()
+""")
+    assert res["client"] == "refused", res
+    assert res["stats"]["emit_sent"] >= 1 and res["stats"]["emit_errors"] == 0, res
