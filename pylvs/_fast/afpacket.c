@@ -17,6 +17,7 @@
  * the order they were made relative to the ring frames.
  */
 #include "engine.h"
+#include "ip_vs_icmp.h"  /* struct pylvs_emit */
 #include "structmember.h"
 
 #include <errno.h>

@@ -31,30 +31,9 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from ..engine import tables
+from ..engine.tables import NO_PORT, PORT_DTYPE, PORT_F_CHECK_MAC, PORT_F_USED, ROUTE_DTYPE
 
 log = logging.getLogger("pylvs.ports")
-
-# LEAD: the engine contract's tables (PLAN-issue5.md); replace this block by
-# the imports from pylvs.engine.tables once they are on main.
-if hasattr(tables, "PORT_DTYPE"):
-    from ..engine.tables import (NO_PORT, PORT_DTYPE, PORT_F_CHECK_MAC, PORT_F_USED,
-                                 ROUTE_DTYPE)
-else:
-    PORT_F_USED = 1       # the row describes an attached port
-    PORT_F_CHECK_MAC = 2  # drop frames whose Ethernet destination is not `mac`
-    PORT_DTYPE = np.dtype(
-        [
-            ("addr", "<u4"),       # primary IPv4 address, host order; 0: none
-            ("mtu", "<u4"),        # 0: unknown, no MTU check
-            ("mac", "u1", (6,)),
-            ("flags", "u1"),       # PORT_F_*
-            ("rp_filter", "u1"),   # 0 off, 1 strict, 2 loose
-        ],
-        align=True,
-    )
-    NO_PORT = 0xFFFF  # a route through an interface pylvs does not attach
-    ROUTE_DTYPE = np.dtype([("prefix", "<u4"), ("plen", "u1"), ("port", "<u2")], align=True)
 
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1

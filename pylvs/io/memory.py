@@ -48,10 +48,7 @@ class MemoryBackend:
         (a port beyond the list: counted in ``bad_port``); returns frames sent."""
         out = [(int(batch.out_port[i]), batch.frame(i))
                for i in range(batch.count) if batch.verdict[i] == tables.V_TX]
-        buf = batch.emit_buf
-        for k in range(int(batch.emit_n[0])):
-            off = int(batch.emit_off[k])
-            out.append((int(batch.emit_port[k]), buf[off:off + int(batch.emit_len[k])].tobytes()))
+        out += batch.emitted()
         n = 0
         for port, frame in out:
             if port < len(self.sent):

@@ -9,8 +9,6 @@ import pytest
 
 from test_afpacket import scenario
 
-from pylvs.engine import tables
-
 pytestmark = pytest.mark.netns
 
 # Runs in the director's namespace after test_afpacket's PRELUDE.
@@ -31,17 +29,6 @@ def udp_frame(dmac, smac, payload, ident=1):
                       socket.inet_aton("10.9.1.1"), socket.inet_aton("10.9.1.2"))
     iph = iph[:10] + struct.pack("!H", csum(iph)) + iph[12:]
     return tables.with_vnet(dmac + smac + b"\x08\x00" + iph + udp)
-
-def emit_area(batch):
-    # The Batch's emit area as the engine contract defines it; a Batch from
-    # before the lead's tables.py gets the same arrays here.
-    if not hasattr(batch, "emit_buf"):
-        batch.emit_buf = np.zeros(256 << 10, np.uint8)
-        batch.emit_off = np.zeros(4 * batch.size, np.uint32)
-        batch.emit_len = np.zeros(4 * batch.size, np.uint32)
-        batch.emit_port = np.zeros(4 * batch.size, np.uint16)
-        batch.emit_n = np.zeros(2, np.uint32)
-    return batch
 
 def emit(batch, frame, port):
     k, used = int(batch.emit_n[0]), int(batch.emit_n[1])
@@ -79,7 +66,7 @@ def test_send_delivers_the_emit_area_after_the_tx_frames(trio):
 server = serve()
 b = AfPacketBackend(["d0", "d1"])
 dmac, smac = bytes.fromhex({rmac!r}.replace(":", "")), b.ports[1].mac
-batch = emit_area(tables.Batch(8, 2048))
+batch = tables.Batch(8, 2048)
 i = batch.append(udp_frame(dmac, smac, b"ring frame"))
 batch.verdict[i], batch.out_port[i] = tables.V_TX, 1
 for k in range(3):
@@ -110,7 +97,7 @@ subprocess.run(["ip", "link", "set", "d1", "mtu", "1000"], check=True)
 server = serve()
 b = AfPacketBackend(["d0", "d1"])
 dmac, smac = bytes.fromhex({rmac!r}.replace(":", "")), b.ports[1].mac
-batch = emit_area(tables.Batch(8, 2048))
+batch = tables.Batch(8, 2048)
 for payload in (b"small ring" , b"big ring".ljust(1400, b".")):
     i = batch.append(udp_frame(dmac, smac, payload))
     batch.verdict[i], batch.out_port[i] = tables.V_TX, 1
@@ -127,7 +114,6 @@ b.close()
     assert st["tx_emsgsize"] == 2 and res["last"] == errno.EMSGSIZE, res
 
 
-@pytest.mark.skipif(not hasattr(tables, "V_EMIT"), reason="needs the engine's emit area (issue 5)")
 @pytest.mark.parametrize("impl", ["c", "python"])
 def test_an_engine_reply_reaches_the_client(trio, impl):
     # A UDP service without real servers: the engine answers ICMP port
