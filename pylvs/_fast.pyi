@@ -48,7 +48,17 @@ class Ring:
     tx_errors: int
     tx_bad_port: int
     sock_errors: int
+    emit_sent: int
+    emit_errors: int
+    tx_emsgsize: int
+    polls: int
+    poll_timeouts: int
+    fwd_calls: int
+    fwd_budget_cuts: int
+    fwd_blocks: int
+    fwd_max_blocks: int
     last_error: int
+    last_tx_error: int
     def __init__(self, fd: int, block_size: int = ..., block_nr: int = ...,
                  frame_size: int = ..., retire_ms: int = ...) -> None: ...
     def close(self) -> None: ...
@@ -59,6 +69,8 @@ def ring_recv(rings: Sequence[Ring], buf: np.ndarray, length: np.ndarray,
               in_port: np.ndarray, timeout_ms: int = 0) -> int: ...
 def ring_send(rings: Sequence[Ring], buf: np.ndarray, length: np.ndarray,
               verdict: np.ndarray, out_port: np.ndarray, count: int) -> int: ...
+def emit_send(rings: Sequence[Ring], emit_buf: np.ndarray, emit_off: np.ndarray,
+              emit_len: np.ndarray, emit_port: np.ndarray, emit_n: np.ndarray) -> int: ...
 # --- end AF_PACKET forwarder -----------------------------------------------
 
 # --- ICMP errors, resets, fragments, NAT ICMP (pylvs/_fast/ip_vs_icmp.c) ---
