@@ -49,6 +49,10 @@ enum pylvs_sysctl {
 /* The Engine object; its layout is private to the engine (ip_vs.h). */
 typedef struct pylvs_engine PylvsEngine;
 
+/* Frames the engine makes (ICMP errors, RSTs, IP fragments) go to an emit
+ * area (ip_vs_icmp.h); NULL: the caller has none and nothing is made. */
+struct pylvs_emit;
+
 /* Is `obj` an instance of _fast.Engine? */
 int pylvs_engine_check(PyObject *obj);
 
@@ -56,7 +60,8 @@ int pylvs_engine_check(PyObject *obj);
  * counts it. Returns PYLVS_V_*; for PYLVS_V_TX, *out_port is the egress
  * port. Never raises (errors are counted). */
 int pylvs_engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len,
-                       uint16_t in_port, double now, uint16_t *out_port);
+                       uint16_t in_port, double now, uint16_t *out_port,
+                       struct pylvs_emit *em);
 
 /* Run the expiry clock hand over up to `budget` conn slots. */
 long pylvs_engine_expire(PylvsEngine *e, double now, long budget);

@@ -192,6 +192,9 @@ static void engine_dealloc(PylvsEngine *self)
     release(&self->dests_view);
     for (int k = 0; k < N_BATCH_ARRAYS; k++)
         release(&self->batch_views[k]);
+    PyMem_Free(self->net.ports);
+    PyMem_Free(self->net.routes);
+    PyMem_Free(self->net.local);
     conn_table_free(self);
     PyMem_Free(self->svc_hash);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -229,6 +232,7 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     self->k0 = k0;
     self->k1 = k1;
+    self->ip_id = (uint16_t)k0;
     for (int i = 0; i < SYS__COUNT; i++)
         self->sysctl[i] = sysctl_defaults[i];
     if (load_transitions(self, transitions) < 0 || load_timeouts(self, timeouts) < 0 ||
@@ -432,22 +436,114 @@ static PyObject *engine_set_timeouts(PylvsEngine *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* Copy a checked table's rows, for the engine to own. */
+static void *copy_rows(const Py_buffer *v, size_t row)
+{
+    size_t n = (size_t)v->shape[0];
+    void *copy = PyMem_Malloc(n ? n * row : 1);
+    if (copy == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    memcpy(copy, v->buf, n * row);
+    return copy;
+}
+
+static PyObject *engine_set_ports(PylvsEngine *self, PyObject *arg)
+{
+    static const char *const fields[] = {"addr", "mtu", "mac", "flags", "rp_filter", NULL};
+    static const Py_ssize_t offsets[] = {offsetof(port_row, addr), offsetof(port_row, mtu),
+                                         offsetof(port_row, mac), offsetof(port_row, flags),
+                                         offsetof(port_row, rp_filter)};
+    if (refuse_if_busy(self) < 0)
+        return NULL;
+    Py_buffer v;
+    if (get_table(arg, "ports", "PORT_DTYPE", fields, offsets, sizeof(port_row), 65536, &v) < 0)
+        return NULL;
+    port_row *rows = copy_rows(&v, sizeof(port_row));
+    uint32_t n = (uint32_t)v.shape[0];
+    PyBuffer_Release(&v);
+    if (rows == NULL)
+        return NULL;
+    PyMem_Free(self->net.ports);
+    self->net.ports = rows;
+    self->net.nports = n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_set_routes(PylvsEngine *self, PyObject *args)
+{
+    static const char *const fields[] = {"prefix", "plen", "port", NULL};
+    static const Py_ssize_t offsets[] = {offsetof(route_row, prefix), offsetof(route_row, plen),
+                                         offsetof(route_row, port)};
+    PyObject *routes, *local;
+    if (!PyArg_ParseTuple(args, "OO:set_routes", &routes, &local))
+        return NULL;
+    if (refuse_if_busy(self) < 0)
+        return NULL;
+    Py_buffer rv, lv;
+    static const Py_ssize_t any[1] = {-1};
+    if (get_table(routes, "routes", "ROUTE_DTYPE", fields, offsets, sizeof(route_row),
+                  1u << 24, &rv) < 0)
+        return NULL;
+    if (get_array(local, "local", 'u', 4, "uint32", 1, any, 0, &lv) < 0) {
+        PyBuffer_Release(&rv);
+        return NULL;
+    }
+    route_row *r = NULL;
+    uint32_t *l = NULL;
+    const route_row *rin = rv.buf;
+    const uint32_t *lin = lv.buf;
+    for (Py_ssize_t i = 0; i < rv.shape[0]; i++) {
+        if (rin[i].plen > 32) {
+            PyErr_Format(PyExc_ValueError, "route prefix length %u is over 32", rin[i].plen);
+            goto fail;
+        }
+    }
+    for (Py_ssize_t i = 1; i < lv.shape[0]; i++) {
+        if (lin[i] < lin[i - 1]) {
+            PyErr_SetString(PyExc_ValueError, "local must be sorted ascending");
+            goto fail;
+        }
+    }
+    r = copy_rows(&rv, sizeof(route_row));
+    l = r ? copy_rows(&lv, sizeof(uint32_t)) : NULL;
+    if (l == NULL)
+        goto fail;
+    PyMem_Free(self->net.routes);
+    PyMem_Free(self->net.local);
+    self->net.routes = r;
+    self->net.nroutes = (uint32_t)rv.shape[0];
+    self->net.local = l;
+    self->net.nlocal = (uint32_t)lv.shape[0];
+    self->net.have_routes = 1;
+    PyBuffer_Release(&rv);
+    PyBuffer_Release(&lv);
+    Py_RETURN_NONE;
+fail:
+    PyMem_Free(r);
+    PyBuffer_Release(&rv);
+    PyBuffer_Release(&lv);
+    return NULL;
+}
+
 static PyObject *engine_set_sysctls(PylvsEngine *self, PyObject *arg)
 {
     static const Py_ssize_t shape[1] = {SYS__COUNT};
-    Py_buffer v;
-    if (refuse_if_busy(self) < 0 ||
-        get_array(arg, "sysctls", 'i', 8, "int64", 1, shape, 0, &v) < 0)
+    if (refuse_if_busy(self) < 0)
         return NULL;
-    const int64_t *x = v.buf;
+    Py_buffer v;
+    if (get_array(arg, "sysctls", 'i', 8, "int64", 1, shape, 0, &v) < 0)
+        return NULL;
+    const int64_t *in = v.buf;
     for (int i = 0; i < SYS__COUNT; i++) {
-        if (x[i] < 0) {
-            PyBuffer_Release(&v);
+        if (in[i] < 0) {
             PyErr_SetString(PyExc_ValueError, "sysctl values must not be negative");
+            PyBuffer_Release(&v);
             return NULL;
         }
     }
-    memcpy(self->sysctl, x, sizeof(self->sysctl));
+    memcpy(self->sysctl, in, sizeof(self->sysctl));
     PyBuffer_Release(&v);
     Py_RETURN_NONE;
 }
@@ -463,6 +559,11 @@ static const struct batch_array {
     {"in_port", "batch.in_port", "uint16", 2, 1, 0},
     {"verdict", "batch.verdict", "uint8", 1, 1, 1},
     {"out_port", "batch.out_port", "uint16", 2, 1, 1},
+    {"emit_buf", "batch.emit_buf", "uint8", 1, 1, 1},
+    {"emit_off", "batch.emit_off", "uint32", 4, 1, 1},
+    {"emit_len", "batch.emit_len", "uint32", 4, 1, 1},
+    {"emit_port", "batch.emit_port", "uint16", 2, 1, 1},
+    {"emit_n", "batch.emit_n", "uint32", 4, 1, 1},
 };
 
 static PyObject *engine_process(PylvsEngine *self, PyObject *args)
@@ -534,7 +635,30 @@ static PyObject *engine_process(PylvsEngine *self, PyObject *args)
     const uint16_t *ports = in_port->buf;
     uint8_t *verdicts = verdict->buf;
     uint16_t *outs = out_port->buf;
-    long tx = engine_batch(self, frames, slot, lens, ports, verdicts, outs, count, now);
+    const Py_buffer *ev = &self->batch_views[5];
+    if (self->batch_views[9].shape[0] < 2) {
+        PyErr_SetString(PyExc_ValueError, "batch.emit_n must hold (frames, bytes)");
+        goto done;
+    }
+    struct pylvs_emit em = {
+        .buf = ev->buf,
+        .cap = ev->shape[0] > UINT32_MAX ? UINT32_MAX : (uint32_t)ev->shape[0],
+        .used = 0,
+        .n = 0,
+        .off = self->batch_views[6].buf,
+        .len = self->batch_views[7].buf,
+        .port = self->batch_views[8].buf,
+    };
+    Py_ssize_t emax = self->batch_views[6].shape[0];
+    if (self->batch_views[7].shape[0] < emax)
+        emax = self->batch_views[7].shape[0];
+    if (self->batch_views[8].shape[0] < emax)
+        emax = self->batch_views[8].shape[0];
+    em.max = emax > UINT32_MAX ? UINT32_MAX : (uint32_t)emax;
+    uint32_t *emit_n = self->batch_views[9].buf;
+    long tx = engine_batch(self, frames, slot, lens, ports, verdicts, outs, count, now, &em);
+    emit_n[0] = em.n;
+    emit_n[1] = em.used;
     result = PyLong_FromLong(tx);
 done:
     for (int k = 0; k < N_BATCH_ARRAYS; k++)
@@ -619,10 +743,14 @@ static PyObject *engine_get_memory(PylvsEngine *self, void *closure)
 static PyMethodDef engine_methods[] = {
     {"set_tables", (PyCFunction)engine_set_tables, METH_VARARGS,
      "set_tables(services, dests): use these SERVICE_DTYPE / DEST_DTYPE arrays from now on."},
+    {"set_ports", (PyCFunction)engine_set_ports, METH_O,
+     "set_ports(ports): the I/O ports' facts (tables.PORT_DTYPE, index = port)"},
+    {"set_routes", (PyCFunction)engine_set_routes, METH_VARARGS,
+     "set_routes(routes, local): ROUTE_DTYPE (longest prefix first), uint32 ascending"},
+    {"set_sysctls", (PyCFunction)engine_set_sysctls, METH_O,
+     "set_sysctls(values): int64[N_SYSCTL] as tables.SYSCTL_NAMES"},
     {"set_timeouts", (PyCFunction)engine_set_timeouts, METH_O,
      "set_timeouts(timeouts): float64[12] seconds per state (UDP last)."},
-    {"set_sysctls", (PyCFunction)engine_set_sysctls, METH_O,
-     "set_sysctls(values): int64[N_SYSCTL], indexed as tables.SYSCTL_NAMES."},
     {"process", (PyCFunction)engine_process, METH_VARARGS,
      "process(batch, now) -> int: handle batch.count frames in place; returns the V_TX count."},
     {"expire", (PyCFunction)engine_expire, METH_VARARGS,

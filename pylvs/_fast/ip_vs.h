@@ -17,6 +17,8 @@
 #include <string.h>
 
 #include "csum.h"
+#include "ip_vs_accept.h"
+#include "ip_vs_icmp.h"
 #include "siphash.h"
 
 /* --- layouts shared with pylvs/engine/tables.py and states.py ------------ */
@@ -25,6 +27,7 @@
 #define DEST_F_USED 1
 #define DEST_F_RESOLVED 2
 #define FWD_MASQ 0
+#define PROTO_ICMP 1
 #define PROTO_TCP 6
 #define PROTO_UDP 17
 
@@ -59,6 +62,13 @@
 #define C_INACTIVE 1
 
 #define VNET_F_NEEDS_CSUM 1
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_TCPV6 4
+
+#define IP_DF 0x4000
+#define ICMP_DEST_UNREACH 3
+#define ICMP_PORT_UNREACH 3
+#define ICMP_FRAG_NEEDED 4
 
 /* SERVICE_DTYPE (align=True) */
 typedef struct {
@@ -122,11 +132,18 @@ struct bucket {
 #define PREFETCH_DISTANCE 4
 #endif
 
-#define N_BATCH_ARRAYS 5
+#define N_BATCH_ARRAYS 10
 
 #define KEY_IN 0
 #define KEY_OUT 1
 #define MAX_CAPACITY (1u << 26)
+
+/* A token bucket for the messages the engine makes on its own
+ * (docs/engine.md, rate limits): full at first use. */
+struct rate_bucket {
+    double tokens, last;
+    int primed;
+};
 
 /* The slab is reserved as address space for `capacity` conns and made
  * usable in units of SLAB_UNIT bytes (one huge page) as slots come into use;
@@ -179,6 +196,10 @@ struct pylvs_engine {
 
     int batch_cached;
     Py_buffer batch_views[N_BATCH_ARRAYS];
+
+    struct pylvs_net net;          /* ports, routes, local addresses (copies) */
+    struct rate_bucket icmp_rl, rst_rl;
+    uint16_t ip_id;                /* the next ICMP error's IP ID */
 };
 
 /* The established path is one function: GCC would otherwise leave these
@@ -293,6 +314,6 @@ int conn_table_check(PylvsEngine *e);
  * checked against it) through the pipeline; returns the V_TX count. */
 long engine_batch(PylvsEngine *e, uint8_t *frames, Py_ssize_t slot, const uint32_t *lens,
                   const uint16_t *ports, uint8_t *verdicts, uint16_t *outs, Py_ssize_t count,
-                  double now);
+                  double now, struct pylvs_emit *em);
 
 #endif

@@ -165,54 +165,49 @@ static long call_schedule(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cpor
 }
 
 /* A frame the miss path turns away: count it, give the verdict. */
-static struct conn *refuse(PylvsEngine *e, int *verdict, int stat, int v)
+static struct conn *refuse(PylvsEngine *e, int *verdict, int *why, int stat, int v)
 {
+    *why = stat;
     *verdict = finish(e, stat, v);
     return NULL;
 }
 
-/* No live conn for the frame: a new one if a service wants it (step 8).
- * Returns the new conn, or NULL with *verdict set and counted. Out of line:
- * it is the rare path, and it calls Python. */
+/* A new conn of service `s` for the frame (step 9, from the scheduler on).
+ * Returns it, or NULL with *verdict set and its counter (*why) counted.
+ * Out of line: it is the rare path, and it calls Python. */
 static __attribute__((noinline)) struct conn *
-conn_new(PylvsEngine *e, uint8_t proto, uint32_t saddr, uint16_t sport, uint32_t daddr,
-         uint16_t dport, uint8_t tcpflags, uint64_t h, const uint8_t *eth, uint16_t in_port,
-         double now, int *verdict)
+conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, uint32_t daddr,
+         uint16_t dport, uint64_t h, const uint8_t *eth, uint16_t in_port, double now,
+         int *verdict, int *why)
 {
-    int s = find_service(e, proto, daddr, dport);
-    if (s < 0)
-        return refuse(e, verdict, ST_PASS_NOT_OURS, PYLVS_V_PASS);
-    if (proto == PROTO_TCP &&
-        (!(tcpflags & TH_SYN) || (tcpflags & (TH_ACK | TH_RST))))
-        return refuse(e, verdict, ST_DROP_NO_CONN, PYLVS_V_DROP);
     /* At the limit, the conn to replace is chosen before the upcall, so a
      * full table refuses a flood without calling Python. */
     int64_t victim = -1;
     if (conn_table_full(e) && (victim = conn_victim(e, now)) < 0)
-        return refuse(e, verdict, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
+        return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
     long d = call_schedule(e, s, saddr, sport);
     if (d == -2)
-        return refuse(e, verdict, ST_SCHED_ERRORS, PYLVS_V_DROP);
+        return refuse(e, verdict, why, ST_SCHED_ERRORS, PYLVS_V_DROP);
     if (d < 0 || (unsigned long)d >= e->ndests)
-        return refuse(e, verdict, ST_DROP_NO_DEST, PYLVS_V_DROP);
+        return refuse(e, verdict, why, ST_DROP_NO_DEST, PYLVS_V_DROP);
     const dest_row *dest = &e->dests[d];
     if (!(dest->flags & DEST_F_USED) || dest->svc != (uint16_t)s)
-        return refuse(e, verdict, ST_DROP_NO_DEST, PYLVS_V_DROP);
+        return refuse(e, verdict, why, ST_DROP_NO_DEST, PYLVS_V_DROP);
 
     uint64_t hout = key_hash(e, proto, dest->daddr, dest->dport, saddr, sport);
     struct bucket *ob = index_find(e, hout, proto, dest->daddr, dest->dport, saddr, sport);
     if (ob != NULL) {
         uint32_t r = ob->ref - 1;
         if (e->conns[r >> 1].expires > now)
-            return refuse(e, verdict, ST_DROP_CONFLICT, PYLVS_V_DROP);
+            return refuse(e, verdict, why, ST_DROP_CONFLICT, PYLVS_V_DROP);
         conn_remove(e, r >> 1, ST_CONNS_EXPIRED); /* a dead holder does not block the key */
     }
     /* IN key == OUT key: client, VIP and real server are one address:port */
     if (dest->daddr == saddr && dest->dport == sport && saddr == daddr && sport == dport)
-        return refuse(e, verdict, ST_DROP_CONFLICT, PYLVS_V_DROP);
+        return refuse(e, verdict, why, ST_DROP_CONFLICT, PYLVS_V_DROP);
     uint32_t slot = conn_alloc(e, victim, now);
     if (slot == NO_SLOT) /* out of memory */
-        return refuse(e, verdict, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
+        return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
     struct conn *c = &e->conns[slot];
     c->proto = proto;
     c->caddr = saddr;
@@ -294,9 +289,211 @@ HOT void prefetch_conn(const PylvsEngine *e, const struct hint *h)
     }
 }
 
+/* --- what the engine makes and refuses (out of line: rare) ---------------- */
+
+static int rate_allow(struct rate_bucket *b, double now, int64_t per_sec, int64_t burst)
+{
+    if (!b->primed) {
+        b->tokens = (double)burst;
+        b->last = now;
+        b->primed = 1;
+    } else if (now > b->last) {
+        double t = b->tokens + (now - b->last) * (double)per_sec;
+        b->tokens = t < (double)burst ? t : (double)burst;
+        b->last = now;
+    }
+    if (b->tokens >= 1.0) {
+        b->tokens -= 1.0;
+        return 1;
+    }
+    return 0;
+}
+
+static int emit_room(const struct pylvs_emit *em, uint32_t need)
+{
+    return em != NULL && em->n < em->max && em->used <= em->cap && em->cap - em->used >= need;
+}
+
+/* A RST for a segment that matches no conn (docs/engine.md step 9). */
+static __attribute__((noinline)) void
+send_rst(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
+         uint32_t ihl, uint32_t tot, uint16_t in_port, double now)
+{
+    if (!rate_allow(&e->rst_rl, now, e->sysctl[SYS_TCP_RST_PER_SEC],
+                    e->sysctl[SYS_TCP_RST_BURST])) {
+        e->stats[ST_RST_RATELIMITED]++;
+        return;
+    }
+    if (!emit_room(em, PYLVS_VNET_HDR_LEN + 14 + 40)) {
+        e->stats[ST_EMIT_OVERFLOW]++;
+        return;
+    }
+    if (pylvs_tcp_reset(em, in_port, eth, ip, ip + ihl, tot - ihl)) {
+        e->stats[ST_EMIT_FRAMES]++;
+        e->stats[ST_RST_SENT]++;
+    }
+}
+
+/* An ICMP dest unreachable (code) about the frame's packet, back out of its
+ * port from `saddr`; frag-needed is never rate-limited (icmpv4_mask_allow). */
+static __attribute__((noinline)) void
+send_unreach(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
+             uint32_t tot, uint16_t in_port, double now, uint8_t code, uint32_t info,
+             uint32_t saddr)
+{
+    if (code != ICMP_FRAG_NEEDED &&
+        !rate_allow(&e->icmp_rl, now, e->sysctl[SYS_ICMP_MSGS_PER_SEC],
+                    e->sysctl[SYS_ICMP_MSGS_BURST])) {
+        e->stats[ST_ICMP_RATELIMITED]++;
+        return;
+    }
+    uint32_t quote = tot < PYLVS_ICMP_ERR_MAX - 28 ? tot : PYLVS_ICMP_ERR_MAX - 28;
+    if (!emit_room(em, PYLVS_VNET_HDR_LEN + 14 + 28 + quote)) {
+        e->stats[ST_EMIT_OVERFLOW]++;
+        return;
+    }
+    if (pylvs_icmp_error(em, in_port, eth, ip, tot, ICMP_DEST_UNREACH, code, info, saddr,
+                         e->ip_id)) {
+        e->ip_id++;
+        e->stats[ST_EMIT_FRAMES]++;
+        e->stats[code == ICMP_FRAG_NEEDED ? ST_ICMP_FRAG_NEEDED_SENT : ST_ICMP_UNREACH_SENT]++;
+    }
+}
+
+/* A frame step 7 refuses: dropped with the refusal's counter if it is ours
+ * (its tuple is indexed, live or not, or a service matches), else passed. */
+static __attribute__((noinline)) int
+refuse_frame(PylvsEngine *e, int stat, uint8_t proto, uint32_t saddr, uint16_t sport,
+             uint32_t daddr, uint16_t dport)
+{
+    uint64_t h = key_hash(e, proto, saddr, sport, daddr, dport);
+    if (index_find(e, h, proto, saddr, sport, daddr, dport) != NULL ||
+        find_service(e, proto, daddr, dport) >= 0)
+        return finish(e, stat, PYLVS_V_DROP);
+    return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+}
+
+#define MTU_FITS (-1)
+#define MTU_FRAGMENT (-2)
+
+/* Step 13 beyond the fast test: MTU_FITS, MTU_FRAGMENT, or the verdict
+ * counter of a refusal (answered with frag-needed when DF is set). */
+static __attribute__((noinline)) int
+mtu_slow(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *frame, const uint8_t *eth,
+         const uint8_t *ip, uint32_t ihl, uint32_t tot, uint8_t proto, uint32_t mtu,
+         uint16_t in_port, uint32_t icmp_saddr, double now)
+{
+    int gso = (frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0;
+    uint32_t need = tot;
+    if (gso) {
+        uint32_t gso_size = (uint32_t)frame[4] | (uint32_t)frame[5] << 8;
+        const uint8_t *l4 = ip + ihl;
+        uint32_t hdr = ihl + (proto == PROTO_TCP ? (uint32_t)(l4[12] >> 4) * 4 : 8);
+        if (gso_size)
+            need = hdr + gso_size;
+    }
+    if (need <= mtu)
+        return MTU_FITS;
+    uint8_t gso_kind = frame[1] & 0x7f;
+    if ((pylvs_rd16(ip + 6) & IP_DF) ||
+        (gso && (gso_kind == VNET_GSO_TCPV4 || gso_kind == VNET_GSO_TCPV6))) {
+        send_unreach(e, em, eth, ip, tot, in_port, now, ICMP_FRAG_NEEDED, mtu, icmp_saddr);
+        return ST_DROP_FRAG_NEEDED;
+    }
+    if (gso)
+        return ST_DROP_GSO_TOO_BIG;
+    return MTU_FRAGMENT;
+}
+
+/* Step 13: does the frame fit the egress port's MTU? */
+HOT int mtu_check(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *frame,
+                  const uint8_t *eth, const uint8_t *ip, uint32_t ihl, uint32_t tot,
+                  uint8_t proto, uint16_t egress, uint16_t in_port, uint32_t icmp_saddr,
+                  double now)
+{
+    const port_row *p = pylvs_port(&e->net, egress);
+    if (p == NULL || p->mtu == 0)
+        return MTU_FITS;
+    if (tot <= p->mtu && !((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0))
+        return MTU_FITS;
+    return mtu_slow(e, em, frame, eth, ip, ihl, tot, proto, p->mtu, in_port, icmp_saddr, now);
+}
+
+/* A rewritten frame with DF clear that is too big: its IP fragments leave
+ * through the emit area instead (V_EMIT). */
+static __attribute__((noinline)) int
+fragment_out(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
+             uint32_t tot, uint16_t egress)
+{
+    uint32_t k = pylvs_ip_fragment(em, egress, eth, ip, tot, e->net.ports[egress].mtu);
+    if (k == 0)
+        return finish(e, ST_EMIT_OVERFLOW, PYLVS_V_DROP);
+    e->stats[ST_EMIT_FRAMES] += k;
+    e->stats[ST_FRAG_OUT] += k;
+    return finish(e, ST_TX_FRAGMENTED, PYLVS_V_EMIT);
+}
+
+/* The ICMP path (docs/engine.md): an ICMP error about a NAT conn goes where
+ * the conn's packets go, translated (ip_vs_in_icmp / ip_vs_out_icmp). */
+static __attribute__((noinline)) int
+icmp_frame(PylvsEngine *e, uint8_t *eth, uint8_t *ip, uint32_t ihl, uint32_t tot,
+           uint16_t in_port, double now, uint16_t *out_port)
+{
+    struct pylvs_icmp_inner in;
+    if (!pylvs_icmp_inner(ip, tot, &in))
+        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+    /* The quoted packet went the other way: its reverse is the conn's key. */
+    uint64_t h = key_hash(e, in.proto, in.daddr, in.dport, in.saddr, in.sport);
+    struct bucket *b = index_find(e, h, in.proto, in.daddr, in.dport, in.saddr, in.sport);
+    if (b == NULL)
+        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+    uint32_t r = b->ref - 1;
+    struct conn *c = &e->conns[r >> 1];
+    if (c->expires <= now) {
+        conn_remove(e, r >> 1, ST_CONNS_EXPIRED);
+        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+    }
+    if (c->fwd != FWD_MASQ)
+        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+    int refusal = pylvs_refusal(&e->net, eth, ip, ihl, in_port);
+    if (refusal >= 0)
+        return finish(e, refusal, PYLVS_V_DROP);
+    if ((r & 1) == KEY_IN) {
+        /* From the client side, about a reply it got: to the real server. */
+        uint32_t d = c->dest;
+        if (d >= e->ndests)
+            return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
+        const dest_row *dest = &e->dests[d];
+        if (!(dest->flags & DEST_F_USED) || dest->svc != c->svc)
+            return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
+        if (!(dest->flags & DEST_F_RESOLVED))
+            return finish(e, ST_DROP_UNRESOLVED, PYLVS_V_DROP);
+        pylvs_nat_icmp(ip, tot, 0, c->daddr, c->dport);
+        memcpy(eth, dest->dmac, 6);
+        memcpy(eth + 6, dest->smac, 6);
+        *out_port = dest->out_port;
+        e->svc_stats[c->svc][T_INPKTS] += 1;
+        e->svc_stats[c->svc][T_INBYTES] += tot;
+        e->dest_stats[d][T_INPKTS] += 1;
+        e->dest_stats[d][T_INBYTES] += tot;
+    } else {
+        /* From the real server's side, about a packet from the client. */
+        pylvs_nat_icmp(ip, tot, 1, c->vaddr, c->vport);
+        memcpy(eth, c->cmac, 6);
+        memcpy(eth + 6, c->lmac, 6);
+        *out_port = c->in_port;
+        e->svc_stats[c->svc][T_OUTPKTS] += 1;
+        e->svc_stats[c->svc][T_OUTBYTES] += tot;
+        e->dest_stats[c->dest][T_OUTPKTS] += 1;
+        e->dest_stats[c->dest][T_OUTBYTES] += tot;
+    }
+    e->stats[ST_ICMP_FORWARDED]++;
+    return finish(e, ST_TX_FRAMES, PYLVS_V_TX);
+}
+
 static inline __attribute__((always_inline)) int
 engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, double now,
-             uint16_t *out_port, const struct hint *hint)
+             uint16_t *out_port, const struct hint *hint, struct pylvs_emit *em)
 {
     e->stats[ST_RX_FRAMES]++;
     /* Only C callers get here during the scheduler upcall (process() refuses
@@ -325,6 +522,8 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
     if (pylvs_rd16(ip + 6) & 0x3fff) /* MF or a fragment offset */
         return finish(e, ST_DROP_FRAGMENT, PYLVS_V_DROP);
     uint8_t proto = ip[9];
+    if (proto == PROTO_ICMP)
+        return icmp_frame(e, eth, ip, ihl, tot, in_port, now, out_port);
     if (proto != PROTO_TCP && proto != PROTO_UDP)
         return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
 
@@ -345,6 +544,10 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
 
     uint32_t saddr = pylvs_rd32(ip + 12), daddr = pylvs_rd32(ip + 16);
     uint16_t sport = pylvs_rd16(l4), dport = pylvs_rd16(l4 + 2);
+
+    int refusal = pylvs_refusal(&e->net, eth, ip, ihl, in_port);
+    if (__builtin_expect(refusal >= 0, 0))
+        return refuse_frame(e, refusal, proto, saddr, sport, daddr, dport);
 
     struct conn *c = NULL;
     int dir = KEY_IN;
@@ -374,11 +577,27 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
     }
 
     if (c == NULL) {
-        int verdict;
-        c = conn_new(e, proto, saddr, sport, daddr, dport, tcpflags, h, eth, in_port, now,
-                     &verdict);
-        if (c == NULL)
+        int s = find_service(e, proto, daddr, dport);
+        if (s < 0)
+            return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+        int m = pylvs_martian(&e->net, saddr, in_port);
+        if (m >= 0)
+            return finish(e, m, PYLVS_V_DROP);
+        if (proto == PROTO_TCP &&
+            (!(tcpflags & TH_SYN) || (tcpflags & (TH_ACK | TH_RST)))) {
+            /* Only a SYN makes a conn; the rest get the kernel stack's RST. */
+            if (!(tcpflags & TH_RST))
+                send_rst(e, em, eth, ip, ihl, tot, in_port, now);
+            return finish(e, ST_DROP_NO_CONN, PYLVS_V_DROP);
+        }
+        int verdict, why;
+        c = conn_new(e, s, proto, saddr, sport, daddr, dport, h, eth, in_port, now, &verdict,
+                     &why);
+        if (c == NULL) {
+            if (why == ST_DROP_NO_DEST) /* ip_vs_leave: refused at once */
+                send_unreach(e, em, eth, ip, tot, in_port, now, ICMP_PORT_UNREACH, 0, daddr);
             return verdict;
+        }
         dir = KEY_IN;
     }
 
@@ -398,28 +617,45 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
         e->dest_stats[d][T_INBYTES] += tot;
         if (!(dest->flags & DEST_F_RESOLVED))
             return finish(e, ST_DROP_UNRESOLVED, PYLVS_V_DROP);
+        int mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, dest->out_port, in_port,
+                            daddr, now);
+        if (__builtin_expect(mtu >= 0, 0))
+            return finish(e, mtu, PYLVS_V_DROP);
         *out_port = nat_xmit_in(e, c, dest, frame, eth, ip, l4, l4len, proto, daddr, dport);
+        if (__builtin_expect(mtu == MTU_FRAGMENT, 0))
+            return fragment_out(e, em, eth, ip, tot, *out_port);
     } else {
         conn_set_state(e, c, DIR_OUTPUT, tcpflags, now);
         e->svc_stats[c->svc][T_OUTPKTS] += 1;
         e->svc_stats[c->svc][T_OUTBYTES] += tot;
         e->dest_stats[c->dest][T_OUTPKTS] += 1;
         e->dest_stats[c->dest][T_OUTBYTES] += tot;
+        int mtu = MTU_FITS;
+        if (pylvs_port(&e->net, c->in_port) != NULL) {
+            const port_row *inp = pylvs_port(&e->net, in_port);
+            uint32_t src = inp != NULL && inp->addr ? inp->addr : c->vaddr;
+            mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, c->in_port, in_port, src,
+                            now);
+            if (__builtin_expect(mtu >= 0, 0))
+                return finish(e, mtu, PYLVS_V_DROP);
+        }
         *out_port = nat_xmit_out(e, c, frame, eth, ip, l4, l4len, proto, saddr, sport);
+        if (__builtin_expect(mtu == MTU_FRAGMENT, 0))
+            return fragment_out(e, em, eth, ip, tot, *out_port);
     }
     return finish(e, ST_TX_FRAMES, PYLVS_V_TX);
 }
 
 int pylvs_engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port,
-                       double now, uint16_t *out_port)
+                       double now, uint16_t *out_port, struct pylvs_emit *em)
 {
-    return engine_frame(e, frame, len, in_port, now, out_port, NULL);
+    return engine_frame(e, frame, len, in_port, now, out_port, NULL, em);
 }
 
 
 long engine_batch(PylvsEngine *e, uint8_t *frames, Py_ssize_t slot, const uint32_t *lens,
                   const uint16_t *ports, uint8_t *verdicts, uint16_t *outs, Py_ssize_t count,
-                  double now)
+                  double now, struct pylvs_emit *em)
 {
     /* A three-stage pipeline over the batch, so that the two random reads
      * of a lookup (index bucket, then conn) overlap with work on other
@@ -448,7 +684,7 @@ long engine_batch(PylvsEngine *e, uint8_t *frames, Py_ssize_t slot, const uint32
         if ((Py_ssize_t)li > slot)
             li = (uint32_t)slot;
         int v = engine_frame(e, frames + i * slot, li, ports[i], now, &op,
-                             &hints[i % RING]);
+                             &hints[i % RING], em);
         verdicts[i] = (uint8_t)v;
         if (v == PYLVS_V_TX) {
             outs[i] = op;
