@@ -39,6 +39,7 @@ CMAC = bytes.fromhex("020000000002")
 LMAC = bytes.fromhex("020000000001")
 SMAC = bytes.fromhex("020000000101")
 NOW = 1000.0
+DEFAULT_CONN_MAX = 1 << 22  # pylvs run --conn-max
 
 
 def _csum(data: bytes) -> int:
@@ -158,7 +159,20 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     ap.add_argument("--impl", action="append", choices=("c", "python"))
     ap.add_argument("--seconds", type=float, default=0.3 if quick else 1.0,
                     help="target duration of one run of the C engine")
+    ap.add_argument("--scenario", choices=("nat-established", "short-conns"),
+                    default="nat-established")
+    ap.add_argument("--rate", type=float, default=20_000,
+                    help="short-conns: new conns per simulated second")
+    ap.add_argument("--sim-seconds", type=float, default=150 if quick else 300,
+                    help="short-conns: simulated duration")
+    ap.add_argument("--limits", default=f"{DEFAULT_CONN_MAX},1000000",
+                    help="short-conns: conn limits to run, comma-separated")
     args = ap.parse_args(argv)
+    if args.scenario == "short-conns":
+        from . import short_conns
+        rows, summary = short_conns.run(args.rate, args.sim_seconds,
+                                        [int(x) for x in args.limits.split(",")])
+        return {"results": rows, "summary": summary}
     runs = runs or (3 if quick else 7)
     impls = args.impl or ["c", "python"]
 

@@ -346,7 +346,7 @@ def test_random_churn_at_a_small_limit_same_in_both_engines():
         now += rng.choice([0.0, 0.1, 0.5, 2.0, 15.0])
         items = []
         for _ in range(rng.randint(1, 20)):
-            cport = rng.randrange(1000, 1200)
+            cport = rng.randrange(1000, 1060)
             kind = rng.random()
             if kind < 0.35:
                 items.append(c(rng.choice(["S", "S", "A", "FA", "R", "SA"]), now, cport))

@@ -172,16 +172,26 @@ static int evict_class(const struct conn *c, double now)
 
 int64_t conn_victim(PylvsEngine *e, double now)
 {
-    int64_t second = -1;
+    /* The lowest class drawn, and in it the conn nearest its end: under a
+     * flood that is the oldest half-open entry, among TIME_WAIT ones the
+     * oldest, and a conn just opened (its handshake still running) is
+     * rarely taken. A dead conn ends the draws: none is better. */
+    int64_t best = -1;
+    int best_k = 2;
+    double best_exp = 0;
     for (int n = 0; n < EVICT_SAMPLES; n++) {
         uint32_t slot = (uint32_t)(((rng_next(e) >> 32) * (uint64_t)e->high) >> 32);
-        int k = evict_class(&e->conns[slot], now);
-        if (k == 0)
+        const struct conn *c = &e->conns[slot];
+        if (c->expires <= now)
             return slot;
-        if (k == 1 && second < 0)
-            second = slot;
+        int k = evict_class(c, now);
+        if (k >= 0 && (k < best_k || (k == best_k && c->expires < best_exp))) {
+            best = slot;
+            best_k = k;
+            best_exp = c->expires;
+        }
     }
-    return second;
+    return best;
 }
 
 uint32_t conn_alloc(PylvsEngine *e, int64_t victim, double now)

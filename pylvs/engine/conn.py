@@ -13,8 +13,10 @@ Python. What the two share bit for bit:
   sampling (``victim``): up to ``EVICT_SAMPLES`` slots drawn with splitmix64
   from a state seeded with ``k0 ^ k1`` (the hash key's two little-endian
   64-bit words), each ``slot = ((r >> 32) * high) >> 32``. Draws may repeat
-  a slot; each draw counts. The first class-0 sample is taken at once;
-  otherwise the first class-1 sample; otherwise none (``drop_table_full``).
+  a slot; each draw counts. A dead conn drawn is taken at once (no more
+  draws); otherwise, after all draws, the conn of the lowest class drawn and,
+  in that class, the smallest ``expires`` (ties: the first drawn); none
+  (only ESTABLISHED drawn): ``drop_table_full``.
 - Memory (``memory``): the C slab made usable (64 bytes a conn, in 2 MiB
   units, the whole table at once when it is smaller than one unit, rounded
   to 4 KiB) plus the index (8 bytes a bucket, 16 buckets at first, doubled
@@ -139,16 +141,16 @@ class ConnTable:
 
     def victim(self, now: float) -> Conn | None:
         """At the limit: the conn a new one may replace, or None."""
-        second = None
+        best, best_key = None, None
         high = self.high
         for _ in range(EVICT_SAMPLES):
             c = self.slots[((self._rand() >> 32) * high) >> 32]
-            k = evict_class(c, now)
-            if k == 0:
+            if c.expires <= now:
                 return c
-            if k == 1 and second is None:
-                second = c
-        return second
+            k = evict_class(c, now)
+            if k >= 0 and (best_key is None or (k, c.expires) < best_key):
+                best, best_key = c, (k, c.expires)
+        return best
 
     def add(self, c: Conn, victim: Conn | None, now: float) -> None:
         """Put `c` (its keys set) in a slot: when the table is full, `victim`
