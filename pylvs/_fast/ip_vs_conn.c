@@ -172,23 +172,25 @@ static int evict_class(const struct conn *c, double now)
 
 int64_t conn_victim(PylvsEngine *e, double now)
 {
-    /* The lowest class drawn, and in it the conn nearest its end: under a
-     * flood that is the oldest half-open entry, among TIME_WAIT ones the
-     * oldest, and a conn just opened (its handshake still running) is
-     * rarely taken. A dead conn ends the draws: none is better. */
+    /* The lowest class drawn, and in it the conn idle longest (its last
+     * packet: expires less its state's timeout): under a flood the oldest
+     * half-open entry, among TIME_WAIT ones the oldest, and a conn whose
+     * handshake is running now is not taken while an older one is drawn.
+     * A dead conn ends the draws: none is better. */
     int64_t best = -1;
     int best_k = 2;
-    double best_exp = 0;
+    double best_seen = 0;
     for (int n = 0; n < EVICT_SAMPLES; n++) {
         uint32_t slot = (uint32_t)(((rng_next(e) >> 32) * (uint64_t)e->high) >> 32);
         const struct conn *c = &e->conns[slot];
         if (c->expires <= now)
             return slot;
         int k = evict_class(c, now);
-        if (k >= 0 && (k < best_k || (k == best_k && c->expires < best_exp))) {
+        double seen = c->expires - e->timeouts[c->state];
+        if (k >= 0 && (k < best_k || (k == best_k && seen < best_seen))) {
             best = slot;
             best_k = k;
-            best_exp = c->expires;
+            best_seen = seen;
         }
     }
     return best;

@@ -15,8 +15,9 @@ Python. What the two share bit for bit:
   64-bit words), each ``slot = ((r >> 32) * high) >> 32``. Draws may repeat
   a slot; each draw counts. A dead conn drawn is taken at once (no more
   draws); otherwise, after all draws, the conn of the lowest class drawn and,
-  in that class, the smallest ``expires`` (ties: the first drawn); none
-  (only ESTABLISHED drawn): ``drop_table_full``.
+  in that class, the one idle longest: the smallest ``expires -
+  timeouts[state]`` (its last packet; ties: the first drawn); none (only
+  ESTABLISHED drawn): ``drop_table_full``.
 - Memory (``memory``): the C slab made usable (64 bytes a conn, in 2 MiB
   units, the whole table at once when it is smaller than one unit, rounded
   to 4 KiB) plus the index (8 bytes a bucket, 16 buckets at first, doubled
@@ -139,8 +140,9 @@ class ConnTable:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
         return z ^ (z >> 31)
 
-    def victim(self, now: float) -> Conn | None:
-        """At the limit: the conn a new one may replace, or None."""
+    def victim(self, now: float, timeouts: list[float]) -> Conn | None:
+        """At the limit: the conn a new one may replace, or None. `timeouts`
+        (seconds by state) date each conn's last packet."""
         best, best_key = None, None
         high = self.high
         for _ in range(EVICT_SAMPLES):
@@ -148,8 +150,9 @@ class ConnTable:
             if c.expires <= now:
                 return c
             k = evict_class(c, now)
-            if k >= 0 and (best_key is None or (k, c.expires) < best_key):
-                best, best_key = c, (k, c.expires)
+            key = (k, c.expires - timeouts[c.state])
+            if k >= 0 and (best_key is None or key < best_key):
+                best, best_key = c, key
         return best
 
     def add(self, c: Conn, victim: Conn | None, now: float) -> None:

@@ -761,7 +761,7 @@ class Engine:
         ct = self._ct
         victim = None
         if ct.full():
-            victim = ct.victim(now)
+            victim = ct.victim(now, self._timeouts)
             if victim is None:
                 pend[_DROP_TABLE_FULL] += 1
                 return V_DROP, None
