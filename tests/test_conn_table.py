@@ -231,10 +231,23 @@ FULL_ROWS = [
     FullRow("no class 0: UDP with a reply gives way, established stays", 2,
             est(2001) + [udp_q(3001), udp_r(3001)],
             delta("tx_frames", "conns_created", "conns_evicted"), TX, {(6, 2001)}),
+    FullRow("of two half-open conns the one idle longer gives way", 3,
+            est(2001) + [c("S", 0.0, 2002), c("S", 1.9, 2003)],
+            delta("tx_frames", "conns_created", "conns_evicted"), TX, {(6, 2001), (6, 2003)}),
+    FullRow("a dead conn gives way, counted as expired", 2,
+            [lambda env, sched: env.engine.set_timeouts(_short_syn_recv())] + est(2001)
+            + [c("S", 0.0, 2002)],
+            delta("tx_frames", "conns_created", "conns_expired"), TX, {(6, 2001)}),
     FullRow("an answered SYN_RECV conn gives way, established stays", 2,
             est(2001) + [c("S", 0.0, 2002), s("SA", 0.1, 2002)],
             delta("tx_frames", "conns_created", "conns_evicted"), TX, {(6, 2001)}),
 ]
+
+
+def _short_syn_recv():
+    t = states.timeout_array()
+    t[states.SYN_RECV] = 1.0     # the half-open conn of the row is dead at 2.0
+    return t
 
 
 @pytest.mark.parametrize("impl", IMPLS)
