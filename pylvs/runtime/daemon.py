@@ -24,9 +24,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..engine import tables
 
 log = logging.getLogger("pylvs")
+
+# Counters `pylvs run` logs when they grow (at most once per LOG_EVERY s each).
+WATCHED_IO = ("rx_dropped", "tx_errors", "tx_emsgsize", "emit_errors", "tx_bad_port",
+              "sock_errors", "rx_truncated", "rx_vlan", "rx_oversize")
+WATCHED_ENGINE = ("drop_table_full", "emit_overflow")
+LOG_EVERY = 10.0
 
 
 def default_interfaces() -> list[str]:
@@ -130,6 +138,7 @@ class Daemon:
                 self.engine.set_tables(services, dests)
         self.backend.set_filter(services, dests)
         self.steering.apply(services, dests, self._local)
+        self._push_routes()
 
     def _local_changed(self, addrs: frozenset[str]) -> None:
         # Resolver thread: hand over to the event loop.
@@ -142,6 +151,83 @@ class Daemon:
             self._local = addrs
             log.info("local addresses: %s", ", ".join(sorted(addrs)) or "none")
             self.steering.apply(self._services, self._dests, addrs)
+
+    # --- ports, routes, sysctls: what the engine knows of the namespace --------
+
+    def _io_hooks(self) -> None:
+        """Wire the NetWatcher (ports, routes, local addresses) and the
+        Balancer's sysctls to the engine; read the namespace once now, so
+        the engine has its ports before the first frame."""
+        self._pending_io: dict[str, tuple] = {}
+        self._io_lock = threading.Lock()
+        self._net = None
+        self._routes_sent: tuple | None = None
+        self.balancer.publish_sysctls = lambda values: self._engine_call("set_sysctls", values)
+        if getattr(self, "_netwatch", None) is None:
+            from ..control.ports import NetWatcher
+
+            self._netwatch = NetWatcher(self.backend.ports)
+        self.netwatch = self._netwatch
+        self.netwatch.on_change = self._net_changed
+        if self.netwatch.state is None:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:   # the event loop does not run yet
+                self.netwatch.poll(ipr)
+        self.netwatch.start()
+
+    def _net_changed(self, state) -> None:
+        # NetWatcher thread (or start-up).
+        self._net = state
+        self._engine_call("set_ports", state.ports)
+        self._push_routes()
+
+    def _push_routes(self) -> None:
+        """engine.set_routes(routes, local) when either changed; local is the
+        namespace's addresses and every service's VIP (the VIPs are the
+        director's own addresses even when no interface carries them)."""
+        net = self._net
+        if net is None:
+            return
+        svcs = self._services
+        vips = svcs["vaddr"][(svcs["flags"] & tables.SVC_F_USED) != 0].astype(np.uint32)
+        local = np.union1d(net.local, vips).astype(np.uint32)
+        with self._io_lock:
+            sent = self._routes_sent
+            if (sent is not None and sent[0] is net.routes
+                    and sent[1].tobytes() == local.tobytes()):
+                return
+            self._routes_sent = (net.routes, local)
+        self._engine_call("set_routes", net.routes, local)
+
+    def _engine_call(self, name: str, *args) -> None:
+        """engine.<name>(*args) between two forward calls of the data thread
+        (the latest call of each name wins), or at once when it is not
+        running."""
+        data = self._data_thread
+        if data is not None and data.is_alive():
+            with self._pending_lock:
+                self._pending_io[name] = args
+        else:
+            with self._engine_lock:
+                getattr(self.engine, name)(*args)
+
+    def _take_pending_io(self) -> None:
+        # Data thread.
+        with self._pending_lock:
+            calls, self._pending_io = self._pending_io, {}
+        with self._engine_lock:
+            for name, args in calls.items():
+                getattr(self.engine, name)(*args)
+
+    def _watched(self) -> dict[str, int]:
+        """The counters _watch logs: I/O losses and the engine's refusals
+        that mean a limit was hit."""
+        io = self.backend.stats() if hasattr(self.backend, "stats") else {}
+        out = {k: int(io.get(k, 0)) for k in WATCHED_IO if k in io}
+        named = self.counters.named()
+        out.update({k: named[k] for k in WATCHED_ENGINE if k in named})
+        return out
 
     # --- the data thread ----------------------------------------------------
 
@@ -162,6 +248,8 @@ class Daemon:
                             engine.set_timeouts(timeouts)
                     if pending is not None:
                         self._tables_taken.set()
+                if self._pending_io:
+                    self._take_pending_io()
                 backend.forward(self._fwd_engine, time.monotonic(), timeout)
                 with lock:
                     engine.expire(time.monotonic(), budget)
@@ -209,6 +297,7 @@ class Daemon:
         self._fwd_engine = self.engine
         if not _is_c_engine(self.engine):
             self._fwd_engine = _LockedEngine(self.engine, self._engine_lock)
+        self._io_hooks()
         # A resolved MAC changes the dest table: the Balancer re-publishes.
         refresh = (getattr(self.balancer, "on_resolved", None)
                    or getattr(self.balancer, "refresh", None))
@@ -265,22 +354,24 @@ class Daemon:
             log.error("%s: %s: %s", path, op, r.get("error"))
         log.info("applied %d of %d rules from %s", len(ops) - len(bad), len(ops), path)
 
-    async def _watch(self, period: float = 5.0) -> None:
-        # The data path counts its I/O troubles; say so in the log, once per
-        # change, so a down link or a full queue is not silent.
-        stats = getattr(self.backend, "stats", None)
-        if stats is None:
-            return
-        last = stats()
+    async def _watch(self, period: float = 1.0) -> None:
+        # Losses and refusals the data path counts are logged without -v,
+        # each counter at most once per LOG_EVERY seconds (with what it grew
+        # by since its last line), so a loss is never silent and a flood
+        # does not flood the log.
+        base = self._watched()
+        last_log: dict[str, float] = {}
+        ticks = 0
         while True:
             await asyncio.sleep(period)
-            now = stats()
-            log.debug("stats %s", now)
-            for k in ("rx_dropped", "tx_errors", "sock_errors", "rx_truncated", "rx_vlan",
-                      "rx_oversize", "tx_bad_port"):
-                if now.get(k, 0) > last.get(k, 0):
-                    log.warning("data path: %s +%d (total %d)", k, now[k] - last[k], now[k])
-            last = now
+            ticks += 1
+            now, cur = time.monotonic(), self._watched()
+            if ticks % 5 == 0 and log.isEnabledFor(logging.DEBUG) and hasattr(self.backend, "stats"):
+                log.debug("stats %s", self.backend.stats())
+            for k, v in cur.items():
+                if v > base.get(k, 0) and now - last_log.get(k, -LOG_EVERY) >= LOG_EVERY:
+                    log.warning("data path: %s +%d (total %d)", k, v - base.get(k, 0), v)
+                    base[k], last_log[k] = v, now
 
     async def _main(self) -> int:
         from ..control import rpc
@@ -396,7 +487,8 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self._stop.set()
-        for what, meth in (("steering", "remove"), ("resolver", "close"), ("backend", "close")):
+        for what, meth in (("steering", "remove"), ("resolver", "close"), ("netwatch", "close"),
+                           ("backend", "close")):
             obj = getattr(self, "_" + what, None)
             if obj is None:
                 continue
