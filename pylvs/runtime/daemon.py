@@ -310,15 +310,13 @@ class Daemon:
         self.balancer.clock = time.monotonic  # the time base forward() is given
 
     def _control_hooks(self) -> None:
-        """`pylvs stats` reads the engine; --sysctl values go in at start."""
+        """`pylvs stats` reads the engine; --sysctl values go in at start
+        (through publish_sysctls, wired by _io_hooks)."""
         self.balancer.engine_info = self._engine_info
         try:
             self.balancer.set_sysctls(self.opts.sysctls)
         except Exception as e:  # BalancerError: the message names the knob
             raise SystemExit(f"pylvs run: --sysctl: {e}") from None
-        set_sysctls = getattr(self.engine, "set_sysctls", None)
-        if set_sysctls is not None and self.opts.sysctls:
-            set_sysctls(self.balancer.sysctl_array())   # not running yet: no lock
 
     def _engine_info(self) -> dict:
         e = self.engine
