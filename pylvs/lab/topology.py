@@ -281,7 +281,8 @@ class Lab:
 
     def popen(self, ns: str, argv: list[str], key: str | None = None,
               **kw) -> subprocess.Popen:
-        """Start a process in ns; it is killed by down() (key names it)."""
+        """Start a process in ns (cwd: the repo); it is killed by down() (key names it)."""
+        kw.setdefault("cwd", _repo_root())
         p = subprocess.Popen(ns_exec_argv(ns, argv), **kw)
         self.procs[key or f"{ns}:{p.pid}"] = p
         self._write_record()
@@ -528,6 +529,11 @@ class Lab:
         if wait and not self.wait_resolved(self.rips[:len(weights)]):
             raise LabError(f"dests of {vip} not resolved: {self.director_log()[-2000:]}")
         return vip
+
+    def mac(self, ns: str, ifname: str) -> str:
+        """The MAC address of ifname in ns ("aa:bb:...")."""
+        p = self.run(ns, ["ip", "-j", "link", "show", ifname], timeout=10)
+        return json.loads(p.stdout)[0]["address"]
 
     def py(self, ns: str, code: str, timeout: float = 30.0, args=()):
         """Run Python code in ns (argv[1:] = args); its last stdout line, as JSON."""
