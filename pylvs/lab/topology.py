@@ -595,6 +595,9 @@ class Lab:
             f"eth1 dip {self.dip}/{PREFIXLEN}",
             f"  switch    {self.switch:<24} br0",
         ]
+        if self.router:
+            lines.insert(2, f"  router    {self.router_ns:<24} eth0 {FAR_NET}.1/{PREFIXLEN} "
+                            f"(mtu {self.router_mtu or 1500}), eth1 {ROUTER}/{PREFIXLEN}")
         for n, ns, rip in zip(self.rs_names, self.rs, self.rips):
             lines.append(f"  {n:<9} {ns:<24} eth0 rip {rip}/{PREFIXLEN} via {self.dip}"
                          f"  (http :{HTTP_PORT}, udp echo :{UDP_PORT})")
