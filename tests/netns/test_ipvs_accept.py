@@ -116,7 +116,7 @@ def test_frames_the_kernel_would_refuse_reach_no_real_server(director_lab):
     after = lab.stats()
     grew = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     want: dict[str, int] = {}
-    for kind, _, counter in CASES.values():
+    for _, _, counter in CASES.values():
         if counter:
             want[counter] = want.get(counter, 0) + 2  # one UDP, one TCP frame each
     for counter, n in want.items():
