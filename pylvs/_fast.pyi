@@ -1,4 +1,4 @@
-# --- Engine (pylvs/_fast/engine.c; contract: docs/engine.md) -----------------
+# --- Engine (pylvs/_fast/ip_vs*.{c,h}, engine_type.c; contract: docs/engine.md) -----------------
 from typing import Callable
 
 import numpy as np
@@ -48,7 +48,17 @@ class Ring:
     tx_errors: int
     tx_bad_port: int
     sock_errors: int
+    emit_sent: int
+    emit_errors: int
+    tx_emsgsize: int
+    polls: int
+    poll_timeouts: int
+    fwd_calls: int
+    fwd_budget_cuts: int
+    fwd_blocks: int
+    fwd_max_blocks: int
     last_error: int
+    last_tx_error: int
     def __init__(self, fd: int, block_size: int = ..., block_nr: int = ...,
                  frame_size: int = ..., retire_ms: int = ...) -> None: ...
     def close(self) -> None: ...
@@ -59,4 +69,23 @@ def ring_recv(rings: Sequence[Ring], buf: np.ndarray, length: np.ndarray,
               in_port: np.ndarray, timeout_ms: int = 0) -> int: ...
 def ring_send(rings: Sequence[Ring], buf: np.ndarray, length: np.ndarray,
               verdict: np.ndarray, out_port: np.ndarray, count: int) -> int: ...
+def emit_send(rings: Sequence[Ring], emit_buf: np.ndarray, emit_off: np.ndarray,
+              emit_len: np.ndarray, emit_port: np.ndarray, emit_n: np.ndarray) -> int: ...
 # --- end AF_PACKET forwarder -----------------------------------------------
+
+# --- ICMP errors, resets, fragments, NAT ICMP (pylvs/_fast/ip_vs_icmp.c) ---
+# Test hooks only: the engine calls the C functions directly. `emit` is
+# (buf uint8, off uint32, len uint32, port uint16, n uint32[2]), as
+# pylvs.engine.icmp.Emit.arrays; `frame` is an Ethernet frame whose IPv4
+# packet of ip_len bytes starts at byte 14. Twins: pylvs.engine.icmp.
+def _icmp_error(emit: tuple[np.ndarray, ...], port: int, frame: bytes, ip_len: int,
+                type: int, code: int, info: int, saddr: int, ip_id: int) -> int: ...
+def _tcp_reset(emit: tuple[np.ndarray, ...], port: int, frame: bytes, ip_len: int) -> int: ...
+def _ip_fragment(emit: tuple[np.ndarray, ...], port: int, frame: bytes, ip_len: int,
+                 mtu: int) -> int: ...
+def _icmp_inner(ip: bytes, ip_len: int) -> tuple[int, int, int, int, int, int, int, int, int,
+                                                  int] | None:
+    """(type, code, proto, saddr, sport, daddr, dport, icmp_off, inner_off, l4_off)."""
+    ...
+def _nat_icmp(ip: bytearray, ip_len: int, out: bool, addr: int, port: int) -> bool: ...
+# --- end ICMP -----------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from scapy.layers.inet import IP, TCP, UDP, IPOption
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
@@ -107,13 +107,17 @@ class Env:
                                  timeouts=timeouts, key=bytes(range(16)))
         self.engine.set_tables(*build_tables(services, dests))
         self.batch = tables.Batch(size=64, slot=4096)
+        self.emitted: list[tuple[int, bytes]] = []
 
     def send(self, frame: bytes, in_port: int = CLIENT_PORT, now: float = 0.0):
-        """Process one frame: (verdict, out_port, the frame afterwards)."""
+        """Process one frame: (verdict, out_port, the frame afterwards).
+        What the engine made (ICMP, RST, fragments) is left in ``self.emitted``
+        as (port, frame) pairs."""
         b = self.batch
         b.clear()
         b.append(frame, in_port)
         self.engine.process(b, now)
+        self.emitted = b.emitted()
         return int(b.verdict[0]), int(b.out_port[0]), b.frame(0)
 
     def send_many(self, frames, now: float = 0.0):
@@ -122,6 +126,7 @@ class Env:
         for frame, in_port in frames:
             b.append(frame, in_port)
         tx = self.engine.process(b, now)
+        self.emitted = b.emitted()
         return tx, [(int(b.verdict[i]), int(b.out_port[i]) if b.verdict[i] == tables.V_TX else 0,
                      b.frame(i)) for i in range(b.count)]
 
@@ -229,6 +234,7 @@ class Row:
     now: float = 0.0
     capacity: int = 64
     out_port: int | None = None  # None: the other side's port
+    emitted: list = field(default_factory=list)  # (port, frame) the engine must make
 
     def want_port(self) -> int:
         if self.out_port is not None:
@@ -314,3 +320,40 @@ def mangle(rng, frame: bytes) -> bytes:
     i = rng.randrange(min(len(b), 10 + 14 + 60))
     b[i] = rng.randrange(256)
     return bytes(b)
+
+
+# --- what the engine must make: answers built independently with scapy ----------
+
+FIRST_ICMP_ID = 0x0100  # the low 16 bits of Env's key bytes 0..7 read little-endian
+
+
+def rst_for(frame: bytes) -> bytes:
+    """The RST (with its zero vnet header) the kernel's tcp_v4_send_reset sends
+    for the Ethernet frame's TCP segment that matches no socket."""
+    p = Ether(frame)
+    ipl, t = p[IP], p[TCP]
+    payload = len(bytes(t.payload))
+    if "A" in t.flags:
+        seg = TCP(sport=t.dport, dport=t.sport, seq=t.ack, ack=0, flags="R", window=0)
+    else:
+        ack = (t.seq + payload + ("S" in t.flags) + ("F" in t.flags)) & 0xFFFFFFFF
+        seg = TCP(sport=t.dport, dport=t.sport, seq=0, ack=ack, flags="RA", window=0)
+    out = (Ether(src=p.dst, dst=p.src)
+           / IP(src=ipl.dst, dst=ipl.src, id=0, flags="DF", ttl=64, tos=ipl.tos & 0xFC) / seg)
+    return tables.with_vnet(raw(out))
+
+
+def icmp_error_for(frame: bytes, type_: int, code: int, src: str, ip_id: int = FIRST_ICMP_ID,
+                   mtu: int = 0) -> bytes:
+    """The ICMP error the kernel's icmp_send makes about the Ethernet frame's
+    IP packet: quoted up to 576 bytes of ICMP datagram, TOS 0xc0 | the
+    packet's, TTL 64."""
+    p = Ether(frame)
+    ipl = p[IP]
+    tot = ipl.len
+    quote = frame[14:14 + tot][:576 - 28]
+    icmp = ICMP(type=type_, code=code, nexthopmtu=mtu) if mtu else ICMP(type=type_, code=code)
+    out = (Ether(src=p.dst, dst=p.src)
+           / IP(src=src, dst=ipl.src, id=ip_id, ttl=64, tos=(ipl.tos & 0x1E) | 0xC0)
+           / icmp / Raw(quote))
+    return tables.with_vnet(raw(out))

@@ -75,7 +75,11 @@ def test_published_arrays_are_never_modified(env):
         assert np.array_equal(s0, s1) and np.array_equal(d0, d1)
     assert pubs[1][1][d]["weight"] == 1 and pubs[2][1][d]["weight"] == 7
     assert pubs[-1][0]["flags"].sum() == 0 and pubs[-1][1]["flags"].sum() == 0
-    assert len({id(s) for s, _ in pubs}) == len(pubs)
+    # A changed table is a new array; an unchanged one may be handed on.
+    for (s0, d0), (s1, d1) in zip(pubs, pubs[1:]):
+        assert s1 is not s0 or np.array_equal(s0, s1)
+        assert d1 is not d0 or np.array_equal(d0, d1)
+    assert pubs[1][1] is not pubs[2][1]
 
 
 def test_republish_after_resolution(env):
@@ -488,3 +492,236 @@ def test_upper_threshold_overloads_with_hysteresis(env):
     assert b.schedule(s, 1, 1) == -1           # 3 * 4 == 4 * 3: not below yet
     c.dest_conns[d2] = [0, 2]
     assert b.schedule(s, 1, 1) == d2
+
+
+# --- issue 5: port 0 dests, refusals, large tables ---------------------------
+
+def test_nat_dest_with_port_zero_uses_the_service_port(env):
+    """ipvsadm -a -t VIP:80 -r RIP:0 -m: conns go to RIP:80 (kernel
+    ip_vs_schedule: a zero dest port means the packet's port); replies from
+    RIP:80 are stolen; -L and -S still show :0."""
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    d = b.add_dest("tcp", VIP, 80, "10.0.1.2", 0, fwd="masq")
+    assert pubs[-1][1][d]["dport"] == 80
+    assert b.steering_view()["real_servers"] == [(6, ip("10.0.1.2"), 80)]
+    assert b._sched_view[0][1][0].dport == 80
+    assert b.snapshot()["services"][0]["dests"][0]["dport"] == 0
+    # The dest is still known by the port it was given.
+    b.edit_dest("tcp", VIP, 80, "10.0.1.2", 0, weight=5)
+    assert pubs[-1][1][d]["weight"] == 5 and pubs[-1][1][d]["dport"] == 80
+    b.del_dest("tcp", VIP, 80, "10.0.1.2", 0)
+    assert b.steering_view()["real_servers"] == []
+
+
+@pytest.mark.parametrize("daddr", ["255.255.255.255", "0.0.0.0", "0.1.2.3", "224.0.0.1",
+                                   "239.255.255.250", "10.0.1.255"])
+def test_non_unicast_real_servers_refused_with_ipvsadm_message(env, daddr):
+    """ip_vs_new_dest takes only RTN_UNICAST and RTN_LOCAL addresses; libipvs
+    words EINVAL as below. 10.0.1.255 is a subnet broadcast of the director."""
+    b, c, pubs, res = env
+    res.broadcasts = {ip("10.0.1.255")}
+    b.add_service("tcp", VIP, 80)
+    with pytest.raises(BalancerError) as ei:
+        b.add_dest("tcp", VIP, 80, daddr, 80, fwd="masq")
+    assert str(ei.value) == (
+        "Invalid operation.  Possibly wrong module version, address not unicast, ...")
+    assert b.snapshot()["services"][0]["dests"] == []
+    b.add_dest("tcp", VIP, 80, "10.0.1.254", 80, fwd="masq")
+
+
+@pytest.mark.parametrize("field,value", [("vport", 80.5), ("vport", 80.0), ("vport", True),
+                                         ("vport", "80.5"), ("dport", 8080.5),
+                                         ("dport", False), ("weight", 1.5), ("weight", True)])
+def test_numbers_on_the_control_socket_must_be_integers(env, field, value):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    op = {"op": "add_dest", "proto": "tcp", "vaddr": VIP, "vport": 80,
+          "daddr": "10.0.1.2", "dport": 80, "fwd": "masq", "weight": 1, field: value}
+    with pytest.raises(BalancerError):
+        b.apply(op)
+    assert b.snapshot()["services"][0]["dests"] == []
+    with pytest.raises(BalancerError, match="illegal virtual server port"):
+        b.apply({"op": "add_service", "proto": "udp", "vaddr": VIP, "vport": 53.5})
+
+
+def test_incremental_publish_matches_a_full_rebuild():
+    """Tables patched row by row equal the tables built from scratch, after
+    any mix of operations (single and batched)."""
+    import random
+    rnd = random.Random(5)
+    c = Counters(max_services=8, max_dests=32)
+    res = FakeResolver()
+    pubs = []
+    b = Balancer(c, resolver=res, publish=lambda s, d: pubs.append((s, d)))
+    for step in range(400):
+        port = rnd.randrange(1, 5)
+        da = f"10.0.1.{rnd.randrange(1, 12)}"
+        kind = rnd.random()
+        batch = []
+        if kind < 0.2:
+            batch.append({"op": "add_service", "proto": "tcp", "vaddr": VIP, "vport": port})
+        elif kind < 0.3:
+            batch.append({"op": "del_service", "proto": "tcp", "vaddr": VIP, "vport": port})
+        elif kind < 0.65:
+            batch.append({"op": "add_dest", "proto": "tcp", "vaddr": VIP, "vport": port,
+                          "daddr": da, "dport": rnd.choice([0, 80]), "fwd": "masq"})
+        elif kind < 0.8:
+            batch.append({"op": "edit_dest", "proto": "tcp", "vaddr": VIP, "vport": port,
+                          "daddr": da, "dport": 80, "weight": rnd.randrange(3)})
+        elif kind < 0.95:
+            batch.append({"op": "del_dest", "proto": "tcp", "vaddr": VIP, "vport": port,
+                          "daddr": da, "dport": rnd.choice([0, 80])})
+        else:
+            batch.append({"op": "clear"})
+        if rnd.random() < 0.3:
+            res.answers[ip(da)] = (1, bytes([2, 0, 0, 0, 0, step % 250]), b"\x02" * 6)
+            b.on_resolved(ip(da))
+        if rnd.random() < 0.5:
+            b.apply_many(batch * 2)
+        else:
+            b.apply_many(batch)
+        s_full, d_full = b.build_tables()
+        assert np.array_equal(b.services_table, s_full), step
+        assert np.array_equal(b.dests_table, d_full), step
+    assert pubs
+
+
+def test_batch_schedulers_never_name_an_unpublished_dest():
+    """Inside a batch the schedulers wait: when the tables are published a
+    removed dest is already out of its scheduler and an added one not in it."""
+    c = Counters(max_services=4, max_dests=8)
+    seen = []
+    b = Balancer(c)
+    b.publish = lambda s, d: seen.append(
+        (sorted(v.slot for v in b._sched_view[0][1]),
+         sorted(int(i) for i in np.nonzero(d["flags"])[0])))
+    b.add_service("tcp", VIP, 80, sched="rr")
+    old = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="masq")
+    seen.clear()
+    b.apply_many([
+        {"op": "del_dest", "proto": "tcp", "vaddr": VIP, "vport": 80, "daddr": "10.0.1.2",
+         "dport": 80},
+        {"op": "add_dest", "proto": "tcp", "vaddr": VIP, "vport": 80, "daddr": "10.0.1.3",
+         "dport": 80, "fwd": "masq"},
+    ])
+    (view, used), = seen
+    assert view == [] and old not in used and len(used) == 1
+    assert [v.slot for v in b._sched_view[0][1]] == used
+
+
+def test_ten_thousand_services_fit_the_default_limits():
+    """ipvsadm -R of 10,000 services with a dest each: one publish, every
+    rule applied; "Memory allocation problem" only beyond the limit."""
+    from pylvs.control.balancer import DEFAULT_MAX_DESTS, DEFAULT_MAX_SERVICES
+    assert DEFAULT_MAX_SERVICES >= 10_000 and DEFAULT_MAX_DESTS >= 100_000
+    c = Counters(DEFAULT_MAX_SERVICES, DEFAULT_MAX_DESTS)
+    pubs = []
+    b = Balancer(c, publish=lambda s, d: pubs.append(d))
+    ops = []
+    for i in range(10_000):
+        vip = f"10.{i >> 8}.{i & 255}.1"
+        ops.append({"op": "add_service", "proto": "tcp", "vaddr": vip, "vport": 80})
+        ops.append({"op": "add_dest", "proto": "tcp", "vaddr": vip, "vport": 80,
+                    "daddr": f"192.168.{i >> 8}.{i & 255}", "dport": 0, "fwd": "masq"})
+    assert all(r["ok"] for r in b.apply_many(ops))
+    assert len(pubs) == 1 and int((pubs[0]["flags"] != 0).sum()) == 10_000
+
+
+def test_memory_allocation_problem_only_beyond_the_configured_limit():
+    c = Counters(max_services=3, max_dests=5)
+    b = Balancer(c)
+    for port in (1, 2, 3):
+        b.add_service("udp", VIP, port)
+    with pytest.raises(BalancerError, match="^Memory allocation problem"):
+        b.add_service("udp", VIP, 4)
+    for i in range(5):
+        b.add_dest("udp", VIP, 1 + i % 3, f"10.0.1.{i + 1}", 53, fwd="masq")
+    with pytest.raises(BalancerError, match="^Memory allocation problem"):
+        b.add_dest("udp", VIP, 1, "10.0.1.99", 53, fwd="masq")
+    b.del_service("udp", VIP, 3)
+    b.add_service("udp", VIP, 4)
+    b.add_dest("udp", VIP, 4, "10.0.1.99", 53, fwd="masq")
+
+
+def test_deleted_dests_are_forgotten_by_the_resolver(env):
+    b, c, pubs, res = env
+    forgotten = []
+    res.forget = forgotten.append
+    b.add_service("tcp", VIP, 80)
+    b.add_service("tcp", VIP, 81)
+    b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="masq")
+    b.add_dest("tcp", VIP, 81, "10.0.1.2", 80, fwd="masq")
+    b.add_dest("tcp", VIP, 80, "10.0.1.3", 80, fwd="masq")
+    b.del_dest("tcp", VIP, 80, "10.0.1.2", 80)
+    assert forgotten == []          # still a dest of :81
+    b.clear()
+    assert sorted(forgotten) == [ip("10.0.1.2"), ip("10.0.1.3")]
+
+
+# --- sysctls and engine counters ------------------------------------------------
+
+def test_sysctls_validated_and_published(env):
+    from pylvs.control.balancer import SYSCTL_DEFAULTS, SYSCTL_NAMES
+    b, c, pubs, res = env
+    sent = []
+    b.publish_sysctls = sent.append
+    assert b.apply({"op": "sysctl"}) == dict(zip(SYSCTL_NAMES, SYSCTL_DEFAULTS))
+    assert b.apply({"op": "sysctl", "name": "expire_nodest_conn"}) == {"expire_nodest_conn": 0}
+    assert sent == []
+    assert b.apply({"op": "sysctl", "name": "expire_nodest_conn", "value": "1"}) == {
+        "expire_nodest_conn": 1}
+    assert sent[-1].dtype == np.int64 and len(sent[-1]) == len(SYSCTL_NAMES)
+    assert int(sent[-1][SYSCTL_NAMES.index("expire_nodest_conn")]) == 1
+    for op, msg in [
+        ({"name": "nosuch", "value": 1}, "unknown sysctl 'nosuch'"),
+        ({"name": "nosuch"}, "unknown sysctl 'nosuch'"),
+        ({"name": "icmp_msgs_per_sec", "value": "fast"}, "'fast' is not an integer"),
+        ({"name": "icmp_msgs_per_sec", "value": 1.5}, "1.5 is not an integer"),
+        ({"name": "icmp_msgs_per_sec", "value": True}, "True is not an integer"),
+        ({"name": "icmp_msgs_per_sec", "value": -1}, r"-1 is out of range \(0\.\.2147483647\)"),
+        ({"name": "expire_nodest_conn", "value": 2}, r"2 is out of range \(0\.\.1\)"),
+    ]:
+        with pytest.raises(BalancerError, match=msg):
+            b.apply({"op": "sysctl", **op})
+    # All or nothing.
+    with pytest.raises(BalancerError):
+        b.set_sysctls({"tcp_rst_burst": 5, "conn_reuse_mode": 9})
+    assert b.sysctls()["tcp_rst_burst"] == 50 and len(sent) == 1
+
+
+def test_stats_names_every_engine_counter(env):
+    from pylvs.engine import tables
+    b, c, pubs, res = env
+    c.stats[tables.STAT_INDEX["drop_no_dest"]] = 7
+    st = b.apply({"op": "stats"})
+    assert list(st["counters"]) == list(tables.STAT_NAMES)
+    assert st["counters"]["drop_no_dest"] == 7
+    assert st["conns"] == {"count": None, "limit": None, "memory": None}
+    b.engine_info = lambda: {"conn_count": 3, "capacity": 100}
+    b.add_service("tcp", VIP, 80)
+    b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="masq")
+    st = json.loads(json.dumps(b.stats()))
+    assert st["conns"] == {"count": 3, "limit": 100, "memory": None}
+    assert st["services"] == {"count": 1, "limit": 4}
+    assert st["dests"] == {"count": 1, "limit": 8}
+
+
+def test_held_batches_publish_once_and_any_other_change_publishes_them(env):
+    b, c, pubs, res = env
+    add = {"op": "add_service", "proto": "udp", "vaddr": VIP}
+    b.apply({"op": "batch", "more": True, "ops": [{**add, "vport": 1}]})
+    b.apply({"op": "batch", "more": True, "ops": [
+        {**add, "vport": 2},
+        {"op": "add_dest", "proto": "udp", "vaddr": VIP, "vport": 2, "daddr": "10.0.1.2",
+         "dport": 0, "fwd": "masq"}]})
+    assert pubs == [] and b._sched_view[1] is None   # not scheduled before published
+    b.apply({"op": "batch", "ops": [{**add, "vport": 3}]})
+    assert len(pubs) == 1 and int(pubs[0][0]["flags"].sum()) == 3
+    assert [v.daddr for v in b._sched_view[1][1]] == [ip("10.0.1.2")]
+    # Held, then someone else's single change: everything goes out.
+    b.apply({"op": "batch", "more": True, "ops": [{**add, "vport": 4}]})
+    b.del_service("udp", VIP, 1)
+    assert len(pubs) == 2 and int(pubs[1][0]["flags"].sum()) == 3
+    b.flush()
+    assert len(pubs) == 2   # nothing pending

@@ -21,7 +21,8 @@ RIP = "192.168.1.2"
 
 
 def frame(src: str, dst: str, proto: int, sport: int, dport: int, *,
-          ethertype: int = 0x0800, frag: int = 0, ihl: int = 5, payload: bytes = b"x" * 20) -> bytes:
+          ethertype: int = 0x0800, frag: int = 0, ihl: int = 5, payload: bytes = b"x" * 20,
+          icmp_type: int = 8) -> bytes:
     eth = b"\x02" * 6 + b"\x04" * 6 + struct.pack("!H", ethertype)
     opts = b"\x01" * ((ihl - 5) * 4)
     if proto == 6:
@@ -29,7 +30,7 @@ def frame(src: str, dst: str, proto: int, sport: int, dport: int, *,
     elif proto == 17:
         l4 = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0)
     else:
-        l4 = b"\x08\x00\x00\x00\x00\x00\x00\x00"
+        l4 = bytes([icmp_type]) + b"\x00" * 7
     total = ihl * 4 + len(l4) + len(payload)
     iph = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, 1, frag, 64, proto, 0,
                       socket.inet_aton(src), socket.inet_aton(dst))
@@ -54,7 +55,18 @@ CASES = [
     ("ssh to the director", frame("1.2.3.4", "10.0.0.2", 6, 40000, 22), False),
     ("real server other port", frame(RIP, "1.2.3.4", 6, 22, 40000), False),
     ("real server udp on tcp port", frame(RIP, "1.2.3.4", 17, 8080, 40000), False),
-    ("icmp to vip", frame("1.2.3.4", VIP, 1, 0, 0), False),
+    ("icmp echo to vip", frame("1.2.3.4", VIP, 1, 0, 0), False),
+    # ICMP errors that may quote a NAT conn (issue 5, item 4a).
+    ("icmp frag-needed to vip", frame("1.2.3.4", VIP, 1, 0, 0, icmp_type=3), True),
+    ("icmp source quench to vip", frame("1.2.3.4", VIP, 1, 0, 0, icmp_type=4), True),
+    ("icmp time exceeded to vip", frame("1.2.3.4", VIP, 1, 0, 0, icmp_type=11), True),
+    ("icmp error to vip, ip options", frame("1.2.3.4", VIP, 1, 0, 0, icmp_type=3, ihl=7), True),
+    ("icmp error from real server", frame(RIP, "1.2.3.4", 1, 0, 0, icmp_type=3), True),
+    ("icmp echo reply from real server", frame(RIP, "1.2.3.4", 1, 0, 0, icmp_type=0), False),
+    ("icmp redirect to vip", frame("1.2.3.4", VIP, 1, 0, 0, icmp_type=5), False),
+    ("icmp error to the director", frame("1.2.3.4", "10.0.0.2", 1, 0, 0, icmp_type=3), False),
+    ("icmp error non-first fragment", frame("1.2.3.4", VIP, 1, 0, 0, icmp_type=3, frag=0x0010), False),
+    ("icmp error without its type", frame("1.2.3.4", VIP, 1, 0, 0, icmp_type=3)[:34], False),
     ("non-first fragment", frame("1.2.3.4", VIP, 6, 40000, 80, frag=0x0010), False),
     ("arp", frame("1.2.3.4", VIP, 6, 40000, 80, ethertype=0x0806), False),
     ("ipv6 ethertype", frame("1.2.3.4", VIP, 6, 40000, 80, ethertype=0x86DD), False),
@@ -94,6 +106,16 @@ def test_kernel_agrees(prog):
     assert kernel_accepts(prog, [c[1] for c in CASES]) == want
 
 
+@pytest.mark.parametrize("pkttype", [1, 2, 3], ids=["broadcast", "multicast", "otherhost"])
+def test_only_frames_to_this_host_are_taken(prog, pkttype):
+    # ip_vs_in_hook ignores what is not PACKET_HOST; steering counts these.
+    for name, pkt, accept in CASES:
+        if accept:
+            assert bpf.run(prog, pkt) > 0, name
+        assert bpf.run(prog, pkt, pkttype) == 0, name
+    assert bpf.run(bpf.accept_ipv4_l4(), CASES[0][1], pkttype) == 0
+
+
 def test_empty_tables_reject_everything():
     prog = bpf.program([], [])
     assert all(bpf.run(prog, c[1]) == 0 for c in CASES)
@@ -118,12 +140,12 @@ def test_from_published_tables():
 
 def test_large_tables_need_far_jumps():
     # Enough keys that targets lie far beyond a conditional jump's 255 reach.
-    svc = [(6, bpf.ip("10.1.0.0") + i, 80 + (i % 7)) for i in range(250)]
+    svc = [(6, bpf.ip("10.1.0.0") + i, 80 + (i % 7)) for i in range(200)]
     dst = [(17, bpf.ip("172.16.0.0") + i, 53) for i in range(100)]
     prog = bpf.program(svc, dst)
     assert 1000 < len(prog) <= bpf.BPF_MAXINSNS
     assert any(k > 255 for code, jt, jf, k in prog if code == bpf.JMP | bpf.JA)
-    pkts = [frame("1.2.3.4", "10.1.0.249", 6, 1, 80 + (249 % 7)),  # last service
+    pkts = [frame("1.2.3.4", "10.1.0.199", 6, 1, 80 + (199 % 7)),  # last service
             frame("1.2.3.4", "10.1.0.0", 6, 1, 80),                # first
             frame("1.2.3.4", "10.1.0.5", 6, 1, 81),                # wrong port
             frame("172.16.0.99", "1.2.3.4", 17, 53, 1),            # last dest
@@ -139,6 +161,10 @@ def test_too_big_falls_back_to_all_tcp_udp():
     assert prog == bpf.accept_ipv4_l4()
     assert bpf.run(prog, frame("1.2.3.4", "9.9.9.9", 17, 1, 2)) > 0
     assert bpf.run(prog, frame("1.2.3.4", "9.9.9.9", 1, 0, 0)) == 0
+    assert bpf.run(prog, frame("1.2.3.4", "9.9.9.9", 1, 0, 0, icmp_type=3)) > 0
+    assert bpf.run(prog, frame("1.2.3.4", "9.9.9.9", 6, 1, 2, frag=0x0010)) == 0
+    assert kernel_accepts(prog, [frame("1.2.3.4", "9.9.9.9", 1, 0, 0, icmp_type=11),
+                                 frame("1.2.3.4", "9.9.9.9", 1, 0, 0)]) == [True, False]
 
 
 def test_accepts_a_gso_sized_frame(prog):
@@ -155,3 +181,8 @@ def test_only_nat_dests_are_stolen():
         dests[i]["daddr"], dests[i]["dport"], dests[i]["svc"] = bpf.ip(RIP) + i, 80, 0
         dests[i]["flags"], dests[i]["fwd"] = tables.DEST_F_USED, fwd
     assert bpf.dest_keys(services, dests) == [(6, bpf.ip(RIP), 80)]
+    # ICMP errors too: from the NAT dest's address only (a DR real server
+    # answers its clients directly, its errors are none of ours).
+    prog = bpf.for_tables(services, dests)
+    assert bpf.run(prog, frame(RIP, "1.2.3.4", 1, 0, 0, icmp_type=3)) > 0
+    assert bpf.run(prog, frame("192.168.1.3", "1.2.3.4", 1, 0, 0, icmp_type=3)) == 0

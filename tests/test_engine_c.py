@@ -306,14 +306,23 @@ def test_fill_to_capacity_then_table_full():
     res = send(e, [f.request(2000 + i) for i in range(cap)])
     assert verdicts(res) == [tables.V_TX] * cap
     assert e.conn_count == cap == e.capacity
-    assert verdicts(send(e, [f.request(9999)])) == [tables.V_DROP]
-    assert stat(c, "drop_table_full") == 1
     # every conn is found under both keys: nothing new created
     res = send(e, [f.request(2000 + i) for i in range(cap)] +
                [f.reply(2000 + i) for i in range(cap)], in_port=1)
     assert verdicts(res) == [tables.V_TX] * (2 * cap)
     assert stat(c, "conns_created") == cap
     assert int(c.dest_conns[1, tables.INACTIVE]) == cap
+    # full of UDP conns that saw a reply: a new one replaces one of them
+    assert verdicts(send(e, [f.request(9999)])) == [tables.V_TX]
+    assert stat(c, "conns_evicted") == 1 and stat(c, "drop_table_full") == 0
+    assert e.conn_count == cap
+    e._check()
+    # full of established TCP conns: nothing gives way
+    e, c = engine(capacity=3)
+    for p in range(3):
+        send(e, [tcp(sport=4000 + p, flags="S"), tcp(sport=4000 + p, flags="A")])
+    assert verdicts(send(e, [tcp(sport=5000, flags="S")])) == [tables.V_DROP]
+    assert stat(c, "drop_table_full") == 1 and stat(c, "conns_evicted") == 0
     e._check()
 
 
@@ -510,15 +519,17 @@ def test_different_keys_same_behaviour():
         else:
             ops.append(("send", now, f.request(p) if rng.random() < 0.6 else f.reply(p)))
     out = []
+    # Below the limit (400 ports, 400 conns at most): the key moves index
+    # entries only. At the limit it also seeds the eviction samples.
     for key in (bytes(16), bytes(range(16)), rng.randbytes(16)):
-        e, c = engine(capacity=40, key=key)
+        e, c = engine(capacity=400, key=key)
         res = []
         for op, t, arg in ops:
             res.append(e.expire(t, arg) if op == "expire" else send(e, [arg], t))
         out.append((res, e.conns(), c.stats.tolist(), c.dest_conns.tolist()))
         e._check()
     assert out[0] == out[1] == out[2]
-    assert out[0][2][tables.STAT_INDEX["drop_table_full"]] > 0
+    assert out[0][2][tables.STAT_INDEX["conns_expired"]] > 0
 
 
 def test_conns_contents():

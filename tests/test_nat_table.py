@@ -20,7 +20,8 @@ from scapy.packet import Raw, raw
 
 from engine_kit import (CIP, CLIENT_PORT, CMAC, IMPLS, LMAC, RIP, RMAC, RS_PORT, SMAC,
                         VIP, VIP2, Env, Row, SchedError, UnraisableCatcher, build_tables,
-                        delta, diff_bytes, ip, mangle, partial_vnet, random_frame, tcp, udp, v)
+                        delta, diff_bytes, icmp_error_for, ip, mangle, partial_vnet,
+                        random_frame, rst_for, tcp, udp, v)
 from pylvs.engine import states, tables
 from pylvs.engine.checksum import fold, ones_sum, pseudo_header_sum
 
@@ -29,6 +30,7 @@ NEEDS_CSUM = tables.VNET_F_NEEDS_CSUM
 
 # Frames that set up state for a row: (frame, in_port, now).
 SYN = (v(tcp()), CLIENT_PORT, 0.0)
+ACK = (v(tcp(flags="A")), CLIENT_PORT, 0.0)
 UDP_Q = (v(udp()), CLIENT_PORT, 0.0)
 
 
@@ -171,16 +173,22 @@ ROWS = [
         RS_PORT, partial_vnet(s2c_out(flags="A", payload=BIG), gso_type=tables.VNET_GSO_TCPV4,
                               gso_size=1448), TX, delta("tx_frames", "gso_frames"), before=[SYN]),
     # --- new conns: who may create one ---------------------------------------
-    Row("tcp ack without a conn is dropped", v(c2s(flags="A")), CLIENT_PORT, None, DROP,
-        delta("drop_no_conn")),
-    Row("tcp syn-ack without a conn is dropped", v(c2s(flags="SA")), CLIENT_PORT, None, DROP,
-        delta("drop_no_conn")),
-    Row("tcp rst without a conn is dropped", v(c2s(flags="R")), CLIENT_PORT, None, DROP,
-        delta("drop_no_conn")),
-    Row("tcp syn+rst without a conn is dropped", v(c2s(flags="SR")), CLIENT_PORT, None, DROP,
-        delta("drop_no_conn")),
-    Row("tcp fin without a conn is dropped", v(c2s(flags="F")), CLIENT_PORT, None, DROP,
-        delta("drop_no_conn")),
+    Row("tcp ack without a conn is dropped and answered with a rst", v(c2s(flags="A", ack=777)),
+        CLIENT_PORT, None, DROP, delta("drop_no_conn", "rst_sent", "emit_frames"),
+        emitted=[(CLIENT_PORT, rst_for(c2s(flags="A", ack=777)))]),
+    Row("tcp syn-ack without a conn: rst with seq = its ack", v(c2s(flags="SA", ack=99)),
+        CLIENT_PORT, None, DROP, delta("drop_no_conn", "rst_sent", "emit_frames"),
+        emitted=[(CLIENT_PORT, rst_for(c2s(flags="SA", ack=99)))]),
+    Row("tcp rst without a conn is dropped, never answered", v(c2s(flags="R")), CLIENT_PORT, None,
+        DROP, delta("drop_no_conn")),
+    Row("tcp syn+rst without a conn is dropped, never answered", v(c2s(flags="SR")), CLIENT_PORT,
+        None, DROP, delta("drop_no_conn")),
+    Row("tcp fin without a conn: rst|ack acking the fin", v(c2s(flags="F", payload=b"bye")),
+        CLIENT_PORT, None, DROP, delta("drop_no_conn", "rst_sent", "emit_frames"),
+        emitted=[(CLIENT_PORT, rst_for(c2s(flags="F", payload=b"bye")))]),
+    Row("tcp data without flags or a conn: rst|ack", v(c2s(flags="", payload=b"xy")),
+        CLIENT_PORT, None, DROP, delta("drop_no_conn", "rst_sent", "emit_frames"),
+        emitted=[(CLIENT_PORT, rst_for(c2s(flags="", payload=b"xy")))]),
     Row("no service on the port: pass", v(c2s(dport=8888)), CLIENT_PORT, None, PASS,
         delta("pass_not_ours")),
     Row("no service on the address: pass", v(c2s(dst="10.0.0.50")), CLIENT_PORT, None, PASS,
@@ -193,22 +201,29 @@ ROWS = [
         None, DROP, delta("drop_unresolved", "conns_created")),
     Row("dest with DR forwarding: not in this engine", v(c2s(dport=82)), CLIENT_PORT, None, DROP,
         delta("drop_fwd_method", "conns_created")),
-    Row("scheduler finds no dest", v(c2s(dport=83)), CLIENT_PORT, None, DROP,
-        delta("drop_no_dest")),
+    Row("scheduler finds no dest: icmp port unreachable from the vip", v(c2s(dport=83)),
+        CLIENT_PORT, None, DROP, delta("drop_no_dest", "icmp_unreach_sent", "emit_frames"),
+        emitted=[(CLIENT_PORT, icmp_error_for(c2s(dport=83), 3, 3, VIP))]),
     Row("scheduler raises: counted, reported, dropped", v(c2s(dport=84)), CLIENT_PORT, None, DROP,
         delta("sched_errors")),
     Row("scheduler answers another service's dest", v(c2s(dport=85)), CLIENT_PORT, None, DROP,
-        delta("drop_no_dest")),
+        delta("drop_no_dest", "icmp_unreach_sent", "emit_frames"),
+        emitted=[(CLIENT_PORT, icmp_error_for(c2s(dport=85), 3, 3, VIP))]),
     Row("real server side already in use: conflict", v(c2s(dst=VIP2)), CLIENT_PORT, None, DROP,
         delta("drop_conflict"), before=[SYN]),
-    Row("conn table full", v(c2s(sport=1001)), CLIENT_PORT, None, DROP,
-        delta("drop_table_full"), before=[SYN], capacity=1),
+    Row("conn table full of established conns", v(c2s(sport=1001)), CLIENT_PORT, None, DROP,
+        delta("drop_table_full"), before=[SYN, ACK], capacity=1),
+    Row("conn table full: a half-open conn gives way", v(c2s(sport=1001)), CLIENT_PORT,
+        v(c2s_out(sport=1001)), TX, delta("tx_frames", "conns_created", "conns_evicted"),
+        before=[SYN], capacity=1),
     Row("a freed slot is used again", v(c2s(sport=1001)), CLIENT_PORT, v(c2s_out(sport=1001)), TX,
         delta("tx_frames", "conns_created"), before=[SYN, _sweep], capacity=1, now=60.0),
-    Row("a full table is not swept on a miss", v(c2s(sport=1001)), CLIENT_PORT, None, DROP,
-        delta("drop_table_full"), before=[SYN], capacity=1, now=60.0),
+    Row("a full table: a dead conn gives way (counted as expired)", v(c2s(sport=1001)),
+        CLIENT_PORT, v(c2s_out(sport=1001)), TX,
+        delta("tx_frames", "conns_created", "conns_expired"), before=[SYN], capacity=1, now=60.0),
     Row("conn expired on lookup (expires <= now): ack has no conn", v(c2s(flags="A")),
-        CLIENT_PORT, None, DROP, delta("drop_no_conn", "conns_expired"), before=[SYN], now=60.0),
+        CLIENT_PORT, None, DROP, delta("drop_no_conn", "conns_expired", "rst_sent", "emit_frames"),
+        before=[SYN], now=60.0, emitted=[(CLIENT_PORT, rst_for(c2s(flags="A")))]),
     Row("conn not yet expired just before its time", v(c2s(flags="A")), CLIENT_PORT,
         v(c2s_out(flags="A")), TX, delta("tx_frames"), before=[SYN], now=59.999),
     Row("expired conn: a new syn makes a new conn", v(c2s()), CLIENT_PORT, v(c2s_out()), TX,
@@ -304,6 +319,10 @@ def test_row(row: Row, impl: str) -> None:
     else:
         assert out == row.expect, diff_bytes(out, row.expect)
         assert out_port == row.want_port()
+    assert len(env.emitted) == len(row.emitted), env.emitted
+    for (gport, got), (wport, want) in zip(env.emitted, row.emitted):
+        assert got == want, diff_bytes(got, want)
+        assert gport == wport
     if "sched_errors" in row.counters:
         assert len(reported.seen) == 1 and reported.seen[0][0] is SchedError
     else:
@@ -466,6 +485,7 @@ def test_random_traffic_same_in_both_engines(seed, hand):
             assert (vr, pr) == (vf, pf), f"{where} frame {i}: verdict/out_port python {vr}/{pr} c {vf}/{pf}; in {items[i][0].hex()}"
             assert fr == ff, f"{where} frame {i}: {diff_bytes(ff, fr)} (c vs python); in {items[i][0].hex()}"
         assert tx_r == tx_f and rep_r == rep_f, where
+        assert ref.emitted == fast.emitted, f"{where}: emitted frames differ"
         if rng.random() < 0.4:
             budget = capacity if hand == "sweep" else rng.randrange(1, capacity // 2)
             assert ref.engine.expire(now, budget) == fast.engine.expire(now, budget), where
@@ -477,14 +497,15 @@ def test_random_traffic_same_in_both_engines(seed, hand):
             t = states.timeout_array(*(rng.choice([0, 5, 30, 100]) for _ in range(3)))
             ref.engine.set_timeouts(t)
             fast.engine.set_timeouts(t)
-        assert sorted(ref.engine.conns()) == sorted(fast.engine.conns()), where
+        assert ref.engine.conns() == fast.engine.conns(), where  # slot order too
         assert ref.engine.conn_count == fast.engine.conn_count == len(ref.engine.conns()), where
+        assert ref.engine.memory == fast.engine.memory, where
         cr, cf = _counters_of(ref), _counters_of(fast)
         for k in cr:
             assert cr[k] == cf[k], f"{where}: {k} differ"
     # The run must have reached the interesting places.
     st = ref.counters.named()
-    for name in ("conns_created", "conns_expired", "tx_frames", "drop_no_conn", "drop_table_full",
+    for name in ("conns_created", "conns_expired", "tx_frames", "drop_no_conn", "conns_evicted",
                  "csum_partial_fixed", "gso_frames", "ip_options", "drop_conflict",
                  "sched_errors", "drop_unresolved", "drop_fwd_method"):
         assert st[name] > 0, f"{name} never happened"

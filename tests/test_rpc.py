@@ -10,6 +10,7 @@ import os
 import socket
 import stat
 import threading
+import time
 
 import pytest
 
@@ -227,11 +228,72 @@ def test_save_restore_round_trip(director):
 def test_restore_reports_refused_rules_and_goes_on(director):
     rc, out, err = adm_run(director, "-R", stdin=(
         "-A -t 10.0.0.1:80\n-A -t 10.0.0.1:80\n-A -t 10.0.0.2:80\n"))
-    assert rc == 0 and err == "Service already exists\n"   # the last line's status
+    assert rc == 255 and err == "line 2: Service already exists\n"
     assert adm_run(director, "-S", "-n")[1] == (
         "-A -t 10.0.0.1:80 -s wlc\n-A -t 10.0.0.2:80 -s wlc\n")
     rc, out, err = adm_run(director, "-R", stdin="-A -t 10.0.0.3:80\n-A -t 10.0.0.4\n")
-    assert rc == 2 and err == "Zero port specified for non-persistent service\n"
+    assert rc == 2 and err == "line 2: Zero port specified for non-persistent service\n"
+
+
+def test_restore_goes_on_after_lines_that_do_not_parse(director):
+    """As ipvsadm's restore_table: every line on its own. A missing option
+    argument, an unterminated quote, an unknown option: each reported with
+    its number, the good lines before and after applied, exit non-zero."""
+    rules = ("-A -t 10.0.0.1:80 -s rr\n"                       # 1
+             "-a -t 10.0.0.1:80 -r 10.0.1.2:80 -m\n"           # 2
+             "-a -t 10.0.0.1:80 -r '10.0.1.3:80 -m\n"          # 3 unterminated quote
+             "-a -t 10.0.0.1:80 -r 10.0.1.4:80 -m -w\n"        # 4 missing argument
+             "-A -t 10.0.0.2:80 --bogus\n"                     # 5 unknown option
+             "-a -t 10.0.0.1:80 -r 255.255.255.255:80 -m\n"    # 6 refused by the director
+             "-A -t 10.0.0.2:80\n"                             # 7
+             "-a -t 10.0.0.2:80 -r 10.0.1.5:0 -m\n")           # 8
+    rc, out, err = adm_run(director, "-R", stdin=rules)
+    lines = err.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["line 3", "line 4", "line 5", "line 6"]
+    assert "No closing quotation" in lines[0]
+    assert lines[1] == "line 4: -w: missing argument"
+    assert lines[3] == ("line 6: Invalid operation.  Possibly wrong module version, "
+                        "address not unicast, ...")
+    assert rc == 255
+    assert adm_run(director, "-S", "-n")[1] == (
+        "-A -t 10.0.0.1:80 -s rr\n"
+        "-a -t 10.0.0.1:80 -r 10.0.1.2:80 -m -w 1\n"
+        "-A -t 10.0.0.2:80 -s wlc\n"
+        "-a -t 10.0.0.2:80 -r 10.0.1.5:0 -m -w 1\n")
+
+
+def test_long_restore_travels_in_batches_below_the_line_limit(director, monkeypatch):
+    monkeypatch.setattr(adm, "BATCH_BYTES", 700)
+    sizes = []
+    real = rpc.Client.call
+
+    def spy(self, request=None, **kw):
+        sizes.append(len(json.dumps({**(request or {}), **kw})))
+        return real(self, request, **kw)
+    monkeypatch.setattr(rpc.Client, "call", spy)
+    rules = "".join(f"-A -u 10.0.0.1:{p}\n" for p in range(1, 11))
+    rules += "-A -u 10.0.0.1:1\n"
+    rc, out, err = adm_run(director, "-R", stdin=rules)
+    assert (rc, err) == (255, "line 11: Service already exists\n")
+    assert len(sizes) > 2 and max(sizes) <= 700 + 100
+    assert len(director.balancer.services()) == 10
+    # Several requests, one publish: the batches before the last say "more".
+    assert len(director.published) == 1
+
+
+def test_held_batch_is_published_when_its_client_leaves(director):
+    c = rpc.Client(director.path).connect()
+    c.call({"op": "batch", "more": True,
+            "ops": [{"op": "add_service", "proto": "udp", "vaddr": "10.0.0.1", "vport": 53}]})
+    assert director.published == []
+    c.close()
+    deadline = time.monotonic() + 5
+    while not director.published and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(director.published) == 1 and director.published[0][0]["flags"].sum() == 1
+    with rpc.Client(director.path) as c:
+        with pytest.raises(rpc.RpcError, match="more must be true or false"):
+            c.call({"op": "batch", "more": 1, "ops": []})
 
 
 def test_adm_connection_listing(director):
@@ -270,3 +332,131 @@ def test_peer_uid_is_read_from_the_socket():
     finally:
         a.close()
         b.close()
+
+
+def test_a_line_beyond_the_limit_is_refused_and_closed(tmp_path, monkeypatch):
+    """One client cannot make the director hold more than about two request
+    lines of rpc.MAX_REQUEST bytes: beyond it, an error and the connection
+    closes; other clients are served."""
+    monkeypatch.setattr(rpc, "MAX_REQUEST", 4096)
+    d = Director(str(tmp_path / "ctl.sock"))
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(d.path)
+        f = s.makefile("rwb")
+        # A whole line within the limit is fine...
+        f.write(b'{"op": "ping"' + b" " * 3000 + b'}\n')
+        f.flush()
+        assert json.loads(f.readline()) == {"ok": True, "result": "pong"}
+        # ...a half-sent one beyond it is not.
+        try:
+            f.write(b'{"op": "snapshot", "x": "' + b"y" * 20000)
+            f.flush()
+        except BrokenPipeError:
+            pass
+        resp = json.loads(f.readline())
+        assert resp == {"ok": False, "error": "malformed request: line too long "
+                                              "(limit 4096 bytes)"}
+        assert f.readline() == b""        # closed
+        s.close()
+        with rpc.Client(d.path) as c:
+            assert c.call(op="ping") == "pong"
+    finally:
+        d.stop()
+
+
+def test_clients_beyond_the_limit_are_refused_politely(tmp_path, monkeypatch):
+    monkeypatch.setattr(rpc, "MAX_CLIENTS", 3)
+    d = Director(str(tmp_path / "ctl.sock"))
+    held = []
+    try:
+        for _ in range(3):
+            c = rpc.Client(d.path).connect()
+            assert c.call(op="ping") == "pong"
+            held.append(c)
+        extra = rpc.Client(d.path, timeout=5)
+        with pytest.raises(rpc.RpcError, match=r"too many control connections \(3\)"):
+            extra.call(op="ping")
+        extra.close()
+        held.pop().close()
+        # A slot freed is a slot for the next client.
+        for _ in range(50):
+            try:
+                with rpc.Client(d.path) as c:
+                    assert c.call(op="ping") == "pong"
+                break
+            except rpc.RpcError:
+                time.sleep(0.02)
+        else:
+            raise AssertionError("the freed slot never came back")
+    finally:
+        for c in held:
+            c.close()
+        d.stop()
+
+
+def tool(name, director, *argv):
+    from pylvs.cli import tools
+    out, err = io.StringIO(), io.StringIO()
+    rc = getattr(tools, name)(["--control", director.path, *argv], stdout=out, stderr=err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_pylvs_stats_prints_every_counter_by_name(director):
+    from pylvs.engine import tables
+    director.counters.stats[tables.STAT_INDEX["drop_table_full"]] = 12
+    director.balancer.engine_info = lambda: {"conn_count": 5, "capacity": 4194304,
+                                             "memory": 3 << 20}
+    adm_run(director, "-A", "-t", "10.0.0.1:80")
+    rc, out, err = tool("stats_main", director)
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[:3] == ["conns     5 of 4194304 (3.0 MiB)", "services  1 of 16",
+                         "dests     0 of 64"]
+    named = dict(ln.split() for ln in lines[4:])
+    assert list(named) == list(tables.STAT_NAMES) and named["drop_table_full"] == "12"
+    rc, out, err = tool("stats_main", director, "--json")
+    st = json.loads(out)
+    assert st["counters"]["drop_table_full"] == 12 and st["conns"]["limit"] == 4194304
+
+
+def test_pylvs_sysctl_lists_reads_and_sets(director):
+    from pylvs.control.balancer import SYSCTL_NAMES
+    sent = []
+    director.balancer.publish_sysctls = sent.append
+    rc, out, err = tool("sysctl_main", director)
+    assert rc == 0 and [ln.split(" = ")[0] for ln in out.splitlines()] == list(SYSCTL_NAMES)
+    assert tool("sysctl_main", director, "icmp_msgs_burst") == (
+        0, "icmp_msgs_burst = 50\n", "")
+    assert tool("sysctl_main", director, "icmp_msgs_burst=7", "expire_nodest_conn=1") == (
+        0, "icmp_msgs_burst = 7\nexpire_nodest_conn = 1\n", "")
+    assert len(sent) == 2
+    assert json.loads(tool("sysctl_main", director, "--json", "icmp_msgs_burst")[1]) == {
+        "icmp_msgs_burst": 7}
+    rc, out, err = tool("sysctl_main", director, "icmp_msgs_burst=lots")
+    assert rc == 1 and err == "pylvs sysctl: sysctl icmp_msgs_burst: 'lots' is not an integer\n"
+    rc, out, err = tool("sysctl_main", director, "nosuch")
+    assert rc == 1 and "unknown sysctl 'nosuch'" in err
+
+
+def test_verbose_turns_debug_on_for_pylvs_only():
+    import logging
+
+    from pylvs.runtime import daemon
+    saved = {n: logging.getLogger(n).level for n in ("pylvs", *daemon.THIRD_PARTY_LOGGERS)}
+    root = logging.getLogger().level
+    try:
+        logging.getLogger().setLevel(logging.DEBUG)   # whatever the root says
+        daemon.setup_logging(verbose=True)
+        assert logging.getLogger("pylvs.rpc").isEnabledFor(logging.DEBUG)
+        for name in ("pyroute2", "pyroute2.netlink.nlsocket", "asyncio"):
+            assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
+            assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+        daemon.setup_logging(verbose=False)
+        assert not logging.getLogger("pylvs.rpc").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("pylvs.rpc").isEnabledFor(logging.INFO)
+    finally:
+        for n, lvl in saved.items():
+            logging.getLogger(n).setLevel(lvl)
+        logging.getLogger().setLevel(root)

@@ -11,8 +11,13 @@
  * just before the MAC header in the ring (tpacket_rcv reserves room for it),
  * so mac - 10 is a frame in the engine's format and nothing is copied until
  * sendmmsg() builds the outgoing skb.
+ *
+ * Frames the engine makes (ICMP errors, RSTs, fragments of a frame too big
+ * for its egress MTU) go to an emit area and join the same send queues, in
+ * the order they were made relative to the ring frames.
  */
 #include "engine.h"
+#include "ip_vs_icmp.h"  /* struct pylvs_emit */
 #include "structmember.h"
 
 #include <errno.h>
@@ -26,6 +31,14 @@
 #define MAX_PORTS 64
 #define TXQ 256           /* frames per sendmmsg() */
 #define MAX_HELD 512      /* blocks consumed but not yet released in one call */
+/* forward()'s emit area. It is sent and reset whenever less than
+ * EMIT_ROOM_BYTES or EMIT_ROOM_FRAMES are left before the next frame, which
+ * is room for the fragments of a 64 KiB frame at an MTU of 1280 and up
+ * (smaller MTUs may overflow it: the engine counts emit_overflow). */
+#define EMIT_BYTES (256u << 10)
+#define EMIT_FRAMES 1024u
+#define EMIT_ROOM_BYTES (96u << 10)
+#define EMIT_ROOM_FRAMES 64u
 
 typedef struct {
     PyObject_HEAD
@@ -38,11 +51,16 @@ typedef struct {
     unsigned pkt_left;
     unsigned long long rx_frames, rx_blocks, rx_truncated, rx_vlan, rx_oversize;
     unsigned long long tx_frames, tx_errors, tx_bad_port, sock_errors;
+    /* Frames from the engine's emit area sent / refused; tx_emsgsize: sends
+     * (of either kind) refused with EMSGSIZE, a frame bigger than the
+     * egress MTU. */
+    unsigned long long emit_sent, emit_errors, tx_emsgsize;
     /* How the data thread spends its calls (kept on the first ring): these
      * told a starved thread (calls cut by the budget, no polls) from a
      * thread that sleeps through arrivals (polls that time out). */
     unsigned long long polls, poll_timeouts, fwd_calls, fwd_budget_cuts, fwd_blocks, fwd_max_blocks;
     int last_error;               /* errno of the last socket error seen */
+    int last_tx_error;            /* errno of the last frame sendmmsg() refused */
     int busy;                     /* inside forward / ring_recv / ring_send */
 } RingObject;
 
@@ -150,9 +168,11 @@ static PyMemberDef ring_members[] = {
     {"block_nr", T_UINT, offsetof(RingObject, block_nr), READONLY, NULL},
     U64(rx_frames), U64(rx_blocks), U64(rx_truncated), U64(rx_vlan), U64(rx_oversize),
     U64(tx_frames), U64(tx_errors), U64(tx_bad_port), U64(sock_errors),
+    U64(emit_sent), U64(emit_errors), U64(tx_emsgsize),
     U64(polls), U64(poll_timeouts), U64(fwd_calls), U64(fwd_budget_cuts), U64(fwd_blocks),
     U64(fwd_max_blocks),
     {"last_error", T_INT, offsetof(RingObject, last_error), READONLY, NULL},
+    {"last_tx_error", T_INT, offsetof(RingObject, last_tx_error), READONLY, NULL},
     {NULL},
 };
 
@@ -267,8 +287,24 @@ static double wait_ready(RingObject **rings, int n, int timeout_ms)
 typedef struct {
     struct mmsghdr msg[TXQ];
     struct iovec iov[TXQ];
+    uint8_t emitted[TXQ];  /* from the emit area: counted apart */
     unsigned n;
 } TxQueue;
+
+static inline void tx_count(RingObject *r, const TxQueue *q, unsigned i, int sent)
+{
+    if (q->emitted[i]) {
+        if (sent)
+            r->emit_sent++;
+        else
+            r->emit_errors++;
+    } else {
+        if (sent)
+            r->tx_frames++;
+        else
+            r->tx_errors++;
+    }
+}
 
 static void txq_flush(RingObject *r, TxQueue *q)
 {
@@ -276,27 +312,32 @@ static void txq_flush(RingObject *r, TxQueue *q)
     while (i < q->n && tries++ < 2 * TXQ) {
         int s = sendmmsg(r->fd, q->msg + i, q->n - i, MSG_DONTWAIT);
         if (s > 0) {
-            i += (unsigned)s;
-            r->tx_frames += (unsigned)s;
+            for (unsigned end = i + (unsigned)s; i < end; i++)
+                tx_count(r, q, i, 1);
         } else if (s < 0 && errno == EINTR) {
             continue;
         } else {
             /* The frame at i was refused (ENOBUFS, EMSGSIZE, ...): lose it,
              * as a full NIC queue would, and go on with the rest. */
-            r->tx_errors++;
+            int err = s < 0 ? errno : 0;
+            r->last_tx_error = err;
+            if (err == EMSGSIZE)
+                r->tx_emsgsize++;
+            tx_count(r, q, i, 0);
             i++;
         }
     }
-    if (i < q->n)
-        r->tx_errors += q->n - i;
+    for (; i < q->n; i++)
+        tx_count(r, q, i, 0);
     q->n = 0;
 }
 
-static inline void txq_add(RingObject *r, TxQueue *q, uint8_t *frame, uint32_t len)
+static inline void txq_add(RingObject *r, TxQueue *q, uint8_t *frame, uint32_t len, int emitted)
 {
     unsigned k = q->n;
     q->iov[k].iov_base = frame;
     q->iov[k].iov_len = len;
+    q->emitted[k] = (uint8_t)emitted;
     memset(&q->msg[k], 0, sizeof q->msg[k]);
     q->msg[k].msg_hdr.msg_iov = &q->iov[k];
     q->msg[k].msg_hdr.msg_iovlen = 1;
@@ -321,10 +362,13 @@ static inline int frame_usable(RingObject *r, struct tpacket3_hdr *h)
 
 /* --- forward -------------------------------------------------------------- */
 
-static TxQueue *tx_queues; /* MAX_PORTS queues; used only with the GIL held */
+/* Used only with the GIL held: */
+static TxQueue *tx_queues;          /* MAX_PORTS queues */
+static struct pylvs_emit fwd_emit;  /* forward()'s emit area */
 
-/* The send queues are allocated on first use and live as long as the module. */
-static int ensure_tx_queues(void)
+/* The send queues and the emit area are allocated on first use and live as
+ * long as the module. */
+static int ensure_send_buffers(void)
 {
     if (!tx_queues) {
         tx_queues = PyMem_Calloc(MAX_PORTS, sizeof(TxQueue));
@@ -333,7 +377,46 @@ static int ensure_tx_queues(void)
             return -1;
         }
     }
+    if (!fwd_emit.buf) {
+        uint8_t *buf = PyMem_Malloc(EMIT_BYTES);
+        uint32_t *off = PyMem_Calloc(EMIT_FRAMES, sizeof *off);
+        uint32_t *len = PyMem_Calloc(EMIT_FRAMES, sizeof *len);
+        uint16_t *port = PyMem_Calloc(EMIT_FRAMES, sizeof *port);
+        if (!buf || !off || !len || !port) {
+            PyMem_Free(buf);
+            PyMem_Free(off);
+            PyMem_Free(len);
+            PyMem_Free(port);
+            PyErr_NoMemory();
+            return -1;
+        }
+        fwd_emit = (struct pylvs_emit){.buf = buf, .cap = EMIT_BYTES, .max = EMIT_FRAMES,
+                                       .off = off, .len = len, .port = port};
+    }
     return 0;
+}
+
+static void flush_all(RingObject **rings, int n)
+{
+    for (int p = 0; p < n; p++)
+        if (tx_queues[p].n)
+            txq_flush(rings[p], &tx_queues[p]);
+}
+
+/* Queue emitted frames [from, n) on the send queues of their ports. A frame
+ * for a port beyond the rings, or lying outside the buffer (emit areas given
+ * from Python), is counted in tx_bad_port. */
+static void emit_queue(RingObject **rings, int n, const struct pylvs_emit *em, uint32_t from)
+{
+    for (uint32_t k = from; k < em->n; k++) {
+        uint16_t o = em->port[k];
+        uint32_t off = em->off[k], len = em->len[k];
+        if (o >= n || len > em->cap || off > em->cap - len) {
+            rings[0]->tx_bad_port++;
+            continue;
+        }
+        txq_add(rings[o], &tx_queues[o], em->buf + off, len, 1);
+    }
 }
 
 static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
@@ -355,13 +438,15 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
     int n = get_rings(seq, rings, &fast);
     if (n < 0)
         return NULL;
-    if (ensure_tx_queues() < 0) {
+    if (ensure_send_buffers() < 0) {
         put_rings(rings, n, fast);
         return NULL;
     }
     now += wait_ready(rings, n, timeout_ms);
 
     PylvsEngine *e = (PylvsEngine *)engine;
+    struct pylvs_emit *em = &fwd_emit;
+    em->n = em->used = 0;
     struct tpacket_block_desc *held[MAX_HELD];
     int nheld = 0;
     long seen = 0;
@@ -401,12 +486,20 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
                     uint16_t out = 0;
                     r->rx_frames++;
                     seen++;
-                    if (pylvs_engine_frame(e, frame, len, (uint16_t)p, now, &out) == PYLVS_V_TX) {
+                    if (em->cap - em->used < EMIT_ROOM_BYTES || em->max - em->n < EMIT_ROOM_FRAMES) {
+                        /* The queues point into the emit area: send, then reuse it. */
+                        flush_all(rings, n);
+                        em->n = em->used = 0;
+                    }
+                    uint32_t emitted = em->n;
+                    if (pylvs_engine_frame(e, frame, len, (uint16_t)p, now, &out, em) == PYLVS_V_TX) {
                         if (out < n)
-                            txq_add(rings[out], &tx_queues[out], frame, len);
+                            txq_add(rings[out], &tx_queues[out], frame, len, 0);
                         else
                             r->tx_bad_port++;
                     }
+                    if (em->n != emitted)
+                        emit_queue(rings, n, em, emitted);
                 }
                 if (left > 1)
                     h = (struct tpacket3_hdr *)((uint8_t *)h + h->tp_next_offset);
@@ -423,9 +516,8 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
     if (seen >= budget)
         rings[0]->fwd_budget_cuts++;
     /* Frames point into the held blocks: send before giving them back. */
-    for (int p = 0; p < n; p++)
-        if (tx_queues[p].n)
-            txq_flush(rings[p], &tx_queues[p]);
+    flush_all(rings, n);
+    em->n = em->used = 0;
     for (int i = 0; i < nheld; i++)
         block_release(held[i]);
     put_rings(rings, n, fast);
@@ -435,19 +527,33 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
 /* --- recv / send: copies, for engines that take a Batch ------------------- */
 
 typedef struct {
-    Py_buffer buf, len, port;
-} BatchViews;
+    PyObject *obj;
+    Py_ssize_t itemsize;
+    int ndim;
+    const char *what;
+} ViewSpec;
 
-static int get_view(PyObject *o, Py_buffer *v, Py_ssize_t itemsize, int ndim, const char *what)
+/* Writable C-contiguous views of k arrays, all or none (released on error). */
+static int get_views(const ViewSpec *spec, Py_buffer *v, int k)
 {
-    if (PyObject_GetBuffer(o, v, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
-        return -1;
-    if (v->itemsize != itemsize || v->ndim != ndim) {
-        PyErr_Format(PyExc_ValueError, "%s: wrong item size or dimensions", what);
-        PyBuffer_Release(v);
+    for (int i = 0; i < k; i++) {
+        if (PyObject_GetBuffer(spec[i].obj, &v[i], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
+            if (v[i].itemsize == spec[i].itemsize && v[i].ndim == spec[i].ndim)
+                continue;
+            PyErr_Format(PyExc_ValueError, "%s: wrong item size or dimensions", spec[i].what);
+            PyBuffer_Release(&v[i]);
+        }
+        while (i--)
+            PyBuffer_Release(&v[i]);
         return -1;
     }
     return 0;
+}
+
+static void release_views(Py_buffer *v, int k)
+{
+    for (int i = 0; i < k; i++)
+        PyBuffer_Release(&v[i]);
 }
 
 static PyObject *afp_recv(PyObject *mod, PyObject *args, PyObject *kwds)
@@ -463,22 +569,13 @@ static PyObject *afp_recv(PyObject *mod, PyObject *args, PyObject *kwds)
     int n = get_rings(seq, rings, &fast);
     if (n < 0)
         return NULL;
-    Py_buffer vb, vl, vp;
-    if (get_view(obuf, &vb, 1, 2, "buf") < 0) {
+    ViewSpec spec[3] = {{obuf, 1, 2, "buf"}, {olen, 4, 1, "length"}, {oport, 2, 1, "in_port"}};
+    Py_buffer v[3];
+    if (get_views(spec, v, 3) < 0) {
         put_rings(rings, n, fast);
         return NULL;
     }
-    if (get_view(olen, &vl, 4, 1, "length") < 0) {
-        PyBuffer_Release(&vb);
-        put_rings(rings, n, fast);
-        return NULL;
-    }
-    if (get_view(oport, &vp, 2, 1, "in_port") < 0) {
-        PyBuffer_Release(&vb);
-        PyBuffer_Release(&vl);
-        put_rings(rings, n, fast);
-        return NULL;
-    }
+    Py_buffer vb = v[0], vl = v[1], vp = v[2];
     Py_ssize_t rows = vb.shape[0], slot = vb.shape[1];
     if (vl.shape[0] < rows)
         rows = vl.shape[0];
@@ -534,11 +631,17 @@ static PyObject *afp_recv(PyObject *mod, PyObject *args, PyObject *kwds)
             }
         }
     }
-    PyBuffer_Release(&vb);
-    PyBuffer_Release(&vl);
-    PyBuffer_Release(&vp);
+    release_views(v, 3);
     put_rings(rings, n, fast);
     return PyLong_FromSsize_t(got);
+}
+
+static unsigned long long sent_total(RingObject **rings, int n)
+{
+    unsigned long long t = 0;
+    for (int p = 0; p < n; p++)
+        t += rings[p]->tx_frames + rings[p]->emit_sent;
+    return t;
 }
 
 static PyObject *afp_send(PyObject *mod, PyObject *args, PyObject *kwds)
@@ -554,41 +657,21 @@ static PyObject *afp_send(PyObject *mod, PyObject *args, PyObject *kwds)
     int n = get_rings(seq, rings, &fast);
     if (n < 0)
         return NULL;
-    if (ensure_tx_queues() < 0) {
+    ViewSpec spec[4] = {{obuf, 1, 2, "buf"}, {olen, 4, 1, "length"}, {overd, 1, 1, "verdict"},
+                        {oport, 2, 1, "out_port"}};
+    Py_buffer v[4];
+    if (ensure_send_buffers() < 0 || get_views(spec, v, 4) < 0) {
         put_rings(rings, n, fast);
         return NULL;
     }
-    Py_buffer vb, vl, vv, vp;
-    int ok = 0;
-    if (get_view(obuf, &vb, 1, 2, "buf") == 0) {
-        if (get_view(olen, &vl, 4, 1, "length") == 0) {
-            if (get_view(overd, &vv, 1, 1, "verdict") == 0) {
-                if (get_view(oport, &vp, 2, 1, "out_port") == 0)
-                    ok = 1;
-                else
-                    PyBuffer_Release(&vv);
-            }
-            if (!ok)
-                PyBuffer_Release(&vl);
-        }
-        if (!ok)
-            PyBuffer_Release(&vb);
-    }
-    if (!ok) {
-        put_rings(rings, n, fast);
-        return NULL;
-    }
-    Py_ssize_t slot = vb.shape[1];
-    if (count > vb.shape[0]) count = vb.shape[0];
-    if (count > vl.shape[0]) count = vl.shape[0];
-    if (count > vv.shape[0]) count = vv.shape[0];
-    if (count > vp.shape[0]) count = vp.shape[0];
-    uint8_t *buf = vb.buf, *verd = vv.buf;
-    uint32_t *lens = vl.buf;
-    uint16_t *outp = vp.buf;
-    unsigned long long before = 0, after = 0;
-    for (int p = 0; p < n; p++)
-        before += rings[p]->tx_frames;
+    Py_ssize_t slot = v[0].shape[1];
+    for (int i = 0; i < 4; i++)
+        if (count > v[i].shape[0])
+            count = v[i].shape[0];
+    uint8_t *buf = v[0].buf, *verd = v[2].buf;
+    uint32_t *lens = v[1].buf;
+    uint16_t *outp = v[3].buf;
+    unsigned long long before = sent_total(rings, n);
     for (Py_ssize_t i = 0; i < count; i++) {
         if (verd[i] != PYLVS_V_TX)
             continue;
@@ -597,17 +680,51 @@ static PyObject *afp_send(PyObject *mod, PyObject *args, PyObject *kwds)
             rings[0]->tx_bad_port++;
             continue;
         }
-        txq_add(rings[o], &tx_queues[o], buf + i * slot, lens[i]);
+        txq_add(rings[o], &tx_queues[o], buf + i * slot, lens[i], 0);
     }
-    for (int p = 0; p < n; p++) {
-        if (tx_queues[p].n)
-            txq_flush(rings[p], &tx_queues[p]);
-        after += rings[p]->tx_frames;
+    flush_all(rings, n);
+    release_views(v, 4);
+    unsigned long long after = sent_total(rings, n);
+    put_rings(rings, n, fast);
+    return PyLong_FromUnsignedLongLong(after - before);
+}
+
+static PyObject *afp_emit_send(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"rings", "emit_buf", "emit_off", "emit_len", "emit_port", "emit_n", NULL};
+    PyObject *seq, *obuf, *ooff, *olen, *oport, *on;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO", kwlist, &seq, &obuf, &ooff, &olen,
+                                     &oport, &on))
+        return NULL;
+    RingObject *rings[MAX_PORTS];
+    PyObject *fast;
+    int n = get_rings(seq, rings, &fast);
+    if (n < 0)
+        return NULL;
+    ViewSpec spec[5] = {{obuf, 1, 1, "emit_buf"}, {ooff, 4, 1, "emit_off"}, {olen, 4, 1, "emit_len"},
+                        {oport, 2, 1, "emit_port"}, {on, 4, 1, "emit_n"}};
+    Py_buffer v[5];
+    if (ensure_send_buffers() < 0 || get_views(spec, v, 5) < 0) {
+        put_rings(rings, n, fast);
+        return NULL;
     }
-    PyBuffer_Release(&vb);
-    PyBuffer_Release(&vl);
-    PyBuffer_Release(&vv);
-    PyBuffer_Release(&vp);
+    if (v[4].shape[0] < 1 || v[0].shape[0] > UINT32_MAX) {
+        release_views(v, 5);
+        put_rings(rings, n, fast);
+        PyErr_SetString(PyExc_ValueError, "emit_n needs (frames, bytes); emit_buf at most 4 GiB");
+        return NULL;
+    }
+    uint32_t frames = ((uint32_t *)v[4].buf)[0];
+    for (int i = 1; i < 4; i++)
+        if (frames > v[i].shape[0])
+            frames = (uint32_t)v[i].shape[0];
+    struct pylvs_emit em = {.buf = v[0].buf, .cap = (uint32_t)v[0].shape[0], .n = frames,
+                            .max = frames, .off = v[1].buf, .len = v[2].buf, .port = v[3].buf};
+    unsigned long long before = sent_total(rings, n);
+    emit_queue(rings, n, &em, 0);
+    flush_all(rings, n);
+    release_views(v, 5);
+    unsigned long long after = sent_total(rings, n);
     put_rings(rings, n, fast);
     return PyLong_FromUnsignedLongLong(after - before);
 }
@@ -622,6 +739,10 @@ static PyMethodDef afp_functions[] = {
      "ring_recv(rings, buf, length, in_port, timeout_ms=0) -> frames copied"},
     {"ring_send", (PyCFunction)(void (*)(void))afp_send, METH_VARARGS | METH_KEYWORDS,
      "ring_send(rings, buf, length, verdict, out_port, count) -> frames sent"},
+    {"emit_send", (PyCFunction)(void (*)(void))afp_emit_send, METH_VARARGS | METH_KEYWORDS,
+     "emit_send(rings, emit_buf, emit_off, emit_len, emit_port, emit_n) -> frames sent\n\n"
+     "Send the first emit_n[0] frames of a Batch's emit area: frame k is\n"
+     "emit_buf[emit_off[k]:][:emit_len[k]] (vnet header included), on port emit_port[k]."},
     {NULL},
 };
 

@@ -1,10 +1,10 @@
 /* The engine's C interface inside the _fast extension.
  *
- * engine.c implements the Engine type (see docs/engine.md); other C files of
- * the extension (the AF_PACKET forwarder) call pylvs_engine_frame() on frames
- * that stay where they are (in a receive ring), so the hot loop never builds
- * a Python object per packet. The caller holds the GIL: a new flow may call
- * the Python scheduler.
+ * The engine (ip_vs.h and the files it lists; see docs/engine.md) implements
+ * the Engine type; other C files of the extension (the AF_PACKET forwarder)
+ * call pylvs_engine_frame() on frames that stay where they are (in a receive
+ * ring), so the hot loop never builds a Python object per packet. The caller
+ * holds the GIL: a new flow may call the Python scheduler.
  */
 #ifndef PYLVS_ENGINE_H
 #define PYLVS_ENGINE_H
@@ -17,6 +17,7 @@
 #define PYLVS_V_PASS 0
 #define PYLVS_V_TX 1
 #define PYLVS_V_DROP 2
+#define PYLVS_V_EMIT 3
 
 /* Global counter indices: as STAT_NAMES in pylvs/engine/tables.py. */
 enum pylvs_stat {
@@ -26,14 +27,31 @@ enum pylvs_stat {
     ST_DROP_UNRESOLVED, ST_DROP_FWD_METHOD, ST_DROP_CONFLICT,
     ST_CONNS_CREATED, ST_CONNS_EXPIRED, ST_IP_OPTIONS, ST_CSUM_PARTIAL_FIXED,
     ST_GSO_FRAMES, ST_SCHED_ERRORS,
+    ST_DROP_BAD_IP_CSUM, ST_DROP_L2_OTHER_HOST, ST_DROP_L2_BCAST, ST_DROP_SOURCE_ROUTE,
+    ST_DROP_MARTIAN, ST_DROP_RP_FILTER, ST_DROP_FRAG_NEEDED, ST_DROP_GSO_TOO_BIG,
+    ST_TX_FRAGMENTED, ST_ICMP_FORWARDED,
+    ST_EMIT_FRAMES, ST_EMIT_OVERFLOW, ST_ICMP_UNREACH_SENT, ST_ICMP_FRAG_NEEDED_SENT,
+    ST_RST_SENT, ST_ICMP_RATELIMITED, ST_RST_RATELIMITED, ST_FRAG_OUT, ST_CONNS_EVICTED,
+    ST_CONNS_REUSED,
     ST__COUNT
 };
-#define PYLVS_N_STATS 32
+#define PYLVS_N_STATS 64
+
+/* Sysctl indices: as SYSCTL_NAMES in pylvs/engine/tables.py. */
+enum pylvs_sysctl {
+    SYS_CONN_REUSE_MODE, SYS_EXPIRE_NODEST_CONN, SYS_ICMP_MSGS_PER_SEC, SYS_ICMP_MSGS_BURST,
+    SYS_TCP_RST_PER_SEC, SYS_TCP_RST_BURST,
+    SYS__COUNT
+};
 
 #define PYLVS_VNET_HDR_LEN 10
 
-/* The Engine object; its layout is private to engine.c. */
+/* The Engine object; its layout is private to the engine (ip_vs.h). */
 typedef struct pylvs_engine PylvsEngine;
+
+/* Frames the engine makes (ICMP errors, RSTs, IP fragments) go to an emit
+ * area (ip_vs_icmp.h); NULL: the caller has none and nothing is made. */
+struct pylvs_emit;
 
 /* Is `obj` an instance of _fast.Engine? */
 int pylvs_engine_check(PyObject *obj);
@@ -42,7 +60,8 @@ int pylvs_engine_check(PyObject *obj);
  * counts it. Returns PYLVS_V_*; for PYLVS_V_TX, *out_port is the egress
  * port. Never raises (errors are counted). */
 int pylvs_engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len,
-                       uint16_t in_port, double now, uint16_t *out_port);
+                       uint16_t in_port, double now, uint16_t *out_port,
+                       struct pylvs_emit *em);
 
 /* Run the expiry clock hand over up to `budget` conn slots. */
 long pylvs_engine_expire(PylvsEngine *e, double now, long budget);

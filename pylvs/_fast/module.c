@@ -1,5 +1,6 @@
 /* The one C extension of pylvs: the engine and the AF_PACKET forwarder. */
 #include "engine.h"
+#include "ip_vs_icmp.h"
 
 static struct PyModuleDef fast_module = {
     PyModuleDef_HEAD_INIT, "pylvs._fast",
@@ -12,7 +13,8 @@ PyMODINIT_FUNC PyInit__fast(void)
     PyObject *m = PyModule_Create(&fast_module);
     if (m == NULL)
         return NULL;
-    if (pylvs_engine_register(m) < 0 || pylvs_afpacket_register(m) < 0) {
+    if (pylvs_engine_register(m) < 0 || pylvs_afpacket_register(m) < 0 ||
+        pylvs_icmp_register(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -8,11 +8,13 @@ import sys
 COMMANDS = {
     "run": ("pylvs.runtime.daemon", "run the director"),
     "adm": ("pylvs.cli.adm", "ipvsadm-compatible control of a running director"),
+    "stats": ("pylvs.cli.tools:stats_main", "a running director's engine counters"),
+    "sysctl": ("pylvs.cli.tools:sysctl_main", "read or set a running director's knobs"),
     "lab": ("pylvs.cli.lab", "network-namespace labs"),
 }
 
-USAGE = "usage: pylvs {run,adm,lab} [args...]\n\n" + "".join(
-    f"  {name:<5} {what}\n" for name, (_, what) in COMMANDS.items())
+USAGE = f"usage: pylvs {{{','.join(COMMANDS)}}} [args...]\n\n" + "".join(
+    f"  {name:<6} {what}\n" for name, (_, what) in COMMANDS.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         sys.stderr.write(f"pylvs: unknown command {name!r}\n{USAGE}")
         return 2
-    modname = COMMANDS[name][0]
+    modname, _, func = COMMANDS[name][0].partition(":")
     # Lazy: one missing or broken subcommand must not take the others down.
     try:
         mod = importlib.import_module(modname)
     except ImportError as e:
         sys.stderr.write(f"pylvs {name}: not available ({modname}: {e})\n")
         return 2
-    entry = getattr(mod, "main", None)
+    entry = getattr(mod, func or "main", None)
     if entry is None:
-        sys.stderr.write(f"pylvs {name}: {modname} has no main()\n")
+        sys.stderr.write(f"pylvs {name}: {modname} has no {func or 'main'}()\n")
         return 2
     rc = entry(rest)
     return int(rc or 0)

@@ -22,6 +22,7 @@ gets its old service slot back when it is still free, for the same reason.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import ipaddress
 import threading
@@ -31,7 +32,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .. import sched as schedmod
-from ..engine import states
+from ..engine import states, tables
 from ..engine.tables import (
     ACTIVE, DEST_DTYPE, DEST_F_RESOLVED, DEST_F_USED, FWD_LOCAL, FWD_MASQ,
     FWD_NAMES, FWD_ROUTE, FWD_TUNNEL, INACTIVE, N_TRAFFIC, PROTO_TCP, PROTO_UDP,
@@ -43,6 +44,13 @@ PROTO_NAMES = {PROTO_TCP: "TCP", PROTO_UDP: "UDP", PROTO_SCTP: "SCTP"}
 
 IPVS_VERSION = "1.2.1"
 CONN_TAB_SIZE = 4096          # what ipvsadm's header shows as (size=...)
+# Table sizes of `pylvs run` (--max-services, --max-dests). The kernel has no
+# fixed cap; these cost about 60 bytes per service and 150 per dest slot
+# (tables, counters, rate estimator), 20 MB at the defaults. A dest row
+# names its service in 16 bits: at most 65536 services.
+DEFAULT_MAX_SERVICES = 16384
+DEFAULT_MAX_DESTS = 131072
+MAX_SERVICES_LIMIT = 1 << 16
 DEFAULT_PERSISTENT_TIMEOUT = 300
 MAX_TIMEOUT = 86400 * 31      # ipvsadm's upper bound for any timeout
 MAX_WEIGHT = 65535
@@ -78,6 +86,24 @@ E_ZERO_PORT = "Zero port specified for non-persistent service"
 E_OPS = "One-Packet Scheduling is only for UDP virtual services"
 E_WEIGHT = "illegal weight specified"
 E_NOMEM = "Memory allocation problem"
+# libipvs's text for EINVAL: ip_vs_new_dest refuses a real server whose
+# inet_addr_type is neither RTN_UNICAST nor RTN_LOCAL.
+E_INVAL = "Invalid operation.  Possibly wrong module version, address not unicast, ..."
+
+# The engine's run-time knobs (kernel /proc/sys/net/ipv4/vs names).
+try:
+    from ..engine.tables import SYSCTL_DEFAULTS, SYSCTL_NAMES
+except ImportError:  # NOTE(H-ctl): until the lead's tables.py lands on main
+    SYSCTL_NAMES = ("conn_reuse_mode", "expire_nodest_conn", "icmp_msgs_per_sec",
+                    "icmp_msgs_burst", "tcp_rst_per_sec", "tcp_rst_burst")
+    SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50)
+INT_MAX = 2**31 - 1
+# Accepted values; a knob not named here takes 0..INT_MAX (the kernel's
+# proc_dointvec_minmax with a zero minimum, as for icmp_msgs_per_sec).
+SYSCTL_RANGES = {
+    "conn_reuse_mode": (0, 3),      # a bitmap of two bits (ip-sysctl / ipvs-sysctl.rst)
+    "expire_nodest_conn": (0, 1),   # a boolean
+}
 
 TRAFFIC_KEYS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
 RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")
@@ -85,6 +111,48 @@ RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")
 
 class BalancerError(Exception):
     """An operation IPVS would refuse; the message is what ipvsadm prints."""
+
+
+class _FreeSlots:
+    """Free slot numbers in FIFO order, with O(1) take-out of any one.
+
+    A slot taken out of the middle (a service or dest revived in its old
+    slot) leaves a stale queue entry behind; entries carry the slot's
+    generation at the time it was freed, so a stale one is skipped."""
+
+    def __init__(self, n: int):
+        self._gen = [0] * n
+        self._q: collections.deque[tuple[int, int]] = collections.deque((i, 0) for i in range(n))
+        self._free = set(range(n))
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def __contains__(self, slot: int) -> bool:
+        return slot in self._free
+
+    def pop(self) -> int | None:
+        """The slot freed longest ago, or None."""
+        while self._q:
+            slot, gen = self._q.popleft()
+            if slot in self._free and gen == self._gen[slot]:
+                self._free.remove(slot)
+                return slot
+        return None
+
+    def take(self, slot: int) -> bool:
+        """Take ``slot`` out if it is free."""
+        if slot not in self._free:
+            return False
+        self._free.remove(slot)
+        self._gen[slot] += 1
+        return True
+
+    def put(self, slot: int) -> None:
+        if slot not in self._free:
+            self._gen[slot] += 1
+            self._free.add(slot)
+            self._q.append((slot, self._gen[slot]))
 
 
 # --- value normalisation (ops arrive from JSON, the CLI or Python callers) ---
@@ -115,24 +183,38 @@ def _addr(a: Any, what: str = "address") -> int:
         raise BalancerError(f"illegal {what} {a!r}") from None
 
 
+def _strict_int(v: Any) -> int | None:
+    """An int, or a string of decimal digits; None for anything else (bool,
+    float, 80.5, "80.0"): JSON callers must not have values truncated."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+        return int(v)
+    return None
+
+
 def _port(p: Any, what: str = "port") -> int:
-    try:
-        v = int(p)
-    except (TypeError, ValueError, OverflowError):
-        raise BalancerError(f"illegal {what} {p!r}") from None
-    if isinstance(p, bool) or not 0 <= v <= 65535:
+    v = _strict_int(p)
+    if v is None or not 0 <= v <= 65535:
         raise BalancerError(f"illegal {what} {p!r}")
     return v
 
 
 def _int_in(v: Any, lo: int, hi: int, msg: str) -> int:
-    try:
-        n = int(v)
-    except (TypeError, ValueError, OverflowError):
-        raise BalancerError(msg) from None
-    if isinstance(v, bool) or isinstance(v, float) and v != n or not lo <= n <= hi:
+    n = _strict_int(v)
+    if n is None or not lo <= n <= hi:
         raise BalancerError(msg)
     return n
+
+
+def _unicast_dest(daddr: int, broadcasts: Any = ()) -> None:
+    """Refuse what the kernel's inet_addr_type calls RTN_BROADCAST or
+    RTN_MULTICAST (ip_vs_new_dest): 0.0.0.0/8, 255.255.255.255, 224/4, and
+    the director's subnet broadcast addresses (``broadcasts``)."""
+    if daddr >> 24 == 0 or daddr == 0xFFFFFFFF or daddr >> 28 == 0xE or daddr in broadcasts:
+        raise BalancerError(E_INVAL)
 
 
 def _fwd(f: Any) -> int:
@@ -268,15 +350,33 @@ class Balancer:
         self.conns_source: Callable[[], list] | None = None
         self.clock: Callable[[], float] = time.monotonic
         self.on_timeouts: Callable[[np.ndarray], None] | None = None
+        # Called with the int64 sysctl array (SYSCTL_NAMES order) after a
+        # change; the runtime hands it to engine.set_sysctls.
+        self.publish_sysctls: Callable[[np.ndarray], None] = lambda values: None
+        # () -> {"conn_count", "capacity", "memory"?}: the engine's view, for
+        # `pylvs stats`; None when no engine is attached.
+        self.engine_info: Callable[[], dict] | None = None
+        self._sysctls = dict(zip(SYSCTL_NAMES, SYSCTL_DEFAULTS))
         self.conn_tab_size = CONN_TAB_SIZE
 
         self._services: dict[tuple[int, int, int], Service] = {}
-        self._svc_free: collections.deque[int] = collections.deque(range(counters.max_services))
-        self._dest_free: collections.deque[int] = collections.deque(range(counters.max_dests))
+        self._svc_free = _FreeSlots(counters.max_services)
+        self._dest_free = _FreeSlots(counters.max_dests)
         # Deleted but still referenced by conns: (svc key, daddr, dport) <-> slot.
         self._dest_trash: dict[tuple, int] = {}
         self._dest_trash_key: dict[int, tuple] = {}
         self._svc_last_slot: dict[tuple[int, int, int], int] = {}
+        self._svc_last_key: dict[int, tuple[int, int, int]] = {}
+        # Who holds a slot now, and the dest slots of each daddr (for the
+        # resolver's answers): the rows to rewrite after a change.
+        self._svc_at: dict[int, Service] = {}
+        self._dest_at: dict[int, tuple[Service, Dest]] = {}
+        self._by_daddr: dict[int, set[int]] = {}
+        self._dirty_svc: set[int] = set()
+        self._dirty_dest: set[int] = set()
+        self._full_rebuild = True
+        self._sched_dirty: dict[int, Service] = {}
+        self._publish_soon = False
 
         # The upcall's view, indexed by service slot: (scheduler, dests) or None.
         self._sched_view: list[tuple[schedmod.Scheduler, tuple[SchedDestView, ...], bool]
@@ -407,7 +507,10 @@ class Balancer:
         svc.timeout, svc.netmask, svc.pe, svc.ops = timeout, mask, pe, bool(ops)
         svc.scheduler = cls(frozenset(sched_flag_names(sched, bits)))
         self._services[key] = svc
+        self._svc_at[slot] = svc
+        self._dirty_svc.add(slot)
         self._svc_last_slot[key] = slot
+        self._svc_last_key[slot] = key
         self._refresh_sched(svc)
         self._changed()
         return slot
@@ -454,17 +557,21 @@ class Balancer:
 
     def _remove_service(self, svc: Service) -> None:
         self._sched_view[svc.slot] = None
+        self._sched_dirty.pop(svc.slot, None)
         for d in list(svc.dests.values()):
             self._release_dest(svc, d)
         svc.dests.clear()
         del self._services[svc.key]
-        self._svc_free.append(svc.slot)
+        del self._svc_at[svc.slot]
+        self._dirty_svc.add(svc.slot)
+        self._svc_free.put(svc.slot)
 
     # --- dests --------------------------------------------------------------
 
     def _dest_args(self, svc: Service, daddr: Any, dport: Any, fwd: Any, weight: Any,
                    u_threshold: Any, l_threshold: Any) -> tuple:
         da = _addr(daddr, "real server address")
+        _unicast_dest(da, getattr(self.resolver, "broadcasts", ()))
         dp = svc.vport if dport is None else _port(dport, "real server port")
         f = _fwd(fwd)
         w = _int_in(weight, 0, MAX_WEIGHT, E_WEIGHT)
@@ -491,7 +598,10 @@ class Balancer:
         if (da, dp) in svc.dests:
             raise BalancerError(E_DEST_EXISTS)
         slot = self._alloc_dest_slot((svc.key, da, dp))
-        svc.dests[(da, dp)] = Dest(slot, da, dp, f, w, ut, lt)
+        d = svc.dests[(da, dp)] = Dest(slot, da, dp, f, w, ut, lt)
+        self._dest_at[slot] = (svc, d)
+        self._by_daddr.setdefault(da, set()).add(slot)
+        self._dirty_dest.add(slot)
         # Tables first, then the scheduler: the engine should know a dest
         # before the upcall can name it.
         self._changed()
@@ -513,6 +623,7 @@ class Balancer:
             d.u_threshold if u_threshold is None else u_threshold,
             d.l_threshold if l_threshold is None else l_threshold)
         d.fwd, d.weight, d.u_threshold, d.l_threshold = f, w, ut, lt
+        self._dirty_dest.add(d.slot)
         if w == 0:
             self._refresh_sched(svc)   # quiesce before anything else sees it
             self._changed()
@@ -537,17 +648,16 @@ class Balancer:
 
     def _alloc_svc_slot(self, key: tuple[int, int, int]) -> int:
         old = self._svc_last_slot.get(key)
-        if old is not None and old in self._svc_free:
+        if old is not None and self._svc_free.take(old):
             # Back in its old slot: revived dests then match their old conns.
-            self._svc_free.remove(old)
             slot = old
         else:
-            if not self._svc_free:
+            slot = self._svc_free.pop()
+            if slot is None:
                 raise BalancerError(f"{E_NOMEM} (all {self.counters.max_services} service slots in use)")
-            slot = self._svc_free.popleft()
-            for k, s in list(self._svc_last_slot.items()):
-                if s == slot and k != key:
-                    del self._svc_last_slot[k]
+            prev = self._svc_last_key.pop(slot, None)
+            if prev is not None and prev != key:
+                del self._svc_last_slot[prev]
             self.counters.svc_stats[slot] = 0
         self._est_svc_last[slot] = self.counters.svc_stats[slot]
         self._est_svc_avg[slot] = 0
@@ -561,19 +671,17 @@ class Balancer:
         old = self._dest_trash.pop(trash_key, None)
         if old is not None:
             del self._dest_trash_key[old]
-            try:
-                self._dest_free.remove(old)
-            except ValueError:
-                pass
-            else:
+            if self._dest_free.take(old):
                 # Revived with its counters: its old conns count on it still.
                 return old
         # FIFO and skipping slots conns still name: a freed slot goes to the
         # back of the line, so it is not handed out again right away.
         for _ in range(len(self._dest_free)):
-            slot = self._dest_free.popleft()
+            slot = self._dest_free.pop()
+            if slot is None:
+                break
             if self._conns_on(slot):
-                self._dest_free.append(slot)
+                self._dest_free.put(slot)
                 continue
             tk = self._dest_trash_key.pop(slot, None)
             if tk is not None:
@@ -590,14 +698,32 @@ class Balancer:
             tk = (svc.key, d.daddr, d.dport)
             self._dest_trash[tk] = d.slot
             self._dest_trash_key[d.slot] = tk
-        self._dest_free.append(d.slot)
+        self._dest_at.pop(d.slot, None)
+        slots = self._by_daddr.get(d.daddr)
+        if slots is not None:
+            slots.discard(d.slot)
+            if not slots:
+                del self._by_daddr[d.daddr]
+                forget = getattr(self.resolver, "forget", None)
+                if forget is not None:
+                    forget(d.daddr)   # no dest uses it: stop resolving it
+        self._dirty_dest.add(d.slot)
+        self._dest_free.put(d.slot)
 
     # --- the scheduler view -------------------------------------------------
 
-    def _refresh_sched(self, svc: Service, force: bool = False) -> None:
-        views = tuple(SchedDestView(d.slot, d.weight, d.daddr, d.dport, d.u_threshold,
-                                    d.l_threshold)
-                      for d in svc.dests.values() if d.fwd in SUPPORTED_FWD)
+    def _refresh_sched(self, svc: Service, force: bool = False,
+                       only: Callable[[int], bool] | None = None) -> None:
+        """Hand the scheduler the service's dests (``only``: the dest slots
+        to keep). Inside a batch this waits for the batch's end."""
+        if only is None and (self._batching or self._dirty):
+            # Changes wait to be published: flush() orders the two.
+            self._sched_dirty[svc.slot] = svc
+            return
+        views = tuple(SchedDestView(d.slot, d.weight, d.daddr, self._dport(svc, d),
+                                    d.u_threshold, d.l_threshold)
+                      for d in svc.dests.values()
+                      if d.fwd in SUPPORTED_FWD and (only is None or only(d.slot)))
         with self._sched_lock:
             svc.scheduler.update(views)
             self._sched_view[svc.slot] = (svc.scheduler, views,
@@ -606,37 +732,70 @@ class Balancer:
     # --- publishing ---------------------------------------------------------
 
     def _changed(self) -> None:
-        if self._batching:
-            self._dirty = True
-        else:
-            self.republish()
+        self._dirty = True
+        if not self._batching:
+            self.flush()
+
+    @staticmethod
+    def _dport(svc: Service, d: Dest) -> int:
+        """The port a conn to ``d`` uses: a NAT dest given port 0 takes the
+        service's port (kernel ip_vs_schedule: a zero dest port means the
+        packet's destination port). The listing still shows 0."""
+        return d.dport or svc.vport
+
+    def _write_svc(self, svcs: np.ndarray, slot: int) -> None:
+        svc = self._svc_at.get(slot)
+        svcs[slot] = (svc.vaddr, svc.vport, svc.proto, SVC_F_USED) if svc else _ZERO_SVC
+
+    def _write_dest(self, dests: np.ndarray, slot: int, resolve) -> None:
+        ent = self._dest_at.get(slot)
+        if ent is None:
+            dests[slot] = _ZERO_DEST
+            return
+        svc, d = ent
+        flags, out_port, dmac, smac = DEST_F_USED, 0, _NO_MAC, _NO_MAC
+        ans = resolve(d.daddr) if resolve is not None else None
+        if ans is not None:
+            out_port, dmac, smac = ans
+            flags |= DEST_F_RESOLVED
+        dests[slot] = (d.daddr, self._dport(svc, d), svc.slot, d.weight, d.fwd, flags,
+                       out_port, tuple(bytes(dmac)), tuple(bytes(smac)))
 
     def build_tables(self) -> tuple[np.ndarray, np.ndarray]:
         """Fresh service and dest arrays for the current model."""
         svcs = np.zeros(self.counters.max_services, dtype=SERVICE_DTYPE)
         dests = np.zeros(self.counters.max_dests, dtype=DEST_DTYPE)
         resolve = getattr(self.resolver, "resolve", None)
-        for svc in self._services.values():
-            row = svcs[svc.slot]
-            row["vaddr"], row["vport"], row["proto"], row["flags"] = (
-                svc.vaddr, svc.vport, svc.proto, SVC_F_USED)
-            for d in svc.dests.values():
-                flags = DEST_F_USED
-                out_port, dmac, smac = 0, b"\0" * 6, b"\0" * 6
-                ans = resolve(d.daddr) if resolve is not None else None
-                if ans is not None:
-                    out_port, dmac, smac = ans
-                    flags |= DEST_F_RESOLVED
-                r = dests[d.slot]
-                r["daddr"], r["dport"], r["svc"], r["weight"] = d.daddr, d.dport, svc.slot, d.weight
-                r["fwd"], r["flags"], r["out_port"] = d.fwd, flags, out_port
-                r["dmac"] = np.frombuffer(bytes(dmac), dtype=np.uint8)
-                r["smac"] = np.frombuffer(bytes(smac), dtype=np.uint8)
+        for slot in self._svc_at:
+            self._write_svc(svcs, slot)
+        for slot in self._dest_at:
+            self._write_dest(dests, slot, resolve)
         return svcs, dests
 
     def republish(self) -> None:
-        """Build and publish new tables (also after the resolver learned a MAC)."""
-        svcs, dests = self.build_tables()
+        """Publish new tables (also after the resolver learned a MAC).
+
+        The new arrays are copies of the last published ones with the rows
+        changed since rewritten: a change costs a copy, not a rebuild of
+        every row."""
+        if self._full_rebuild:
+            svcs, dests = self.build_tables()
+        else:
+            # An array without changed rows is handed on as it is: published
+            # arrays are never written, so sharing one is safe.
+            svcs, dests = self.services_table, self.dests_table
+            if self._dirty_svc:
+                svcs = svcs.copy()
+                for slot in self._dirty_svc:
+                    self._write_svc(svcs, slot)
+            if self._dirty_dest:
+                dests = dests.copy()
+                resolve = getattr(self.resolver, "resolve", None)
+                for slot in self._dirty_dest:
+                    self._write_dest(dests, slot, resolve)
+        self._dirty_svc.clear()
+        self._dirty_dest.clear()
+        self._full_rebuild = False
         self.services_table, self.dests_table = svcs, dests
         self.generation += 1
         self._dirty = False
@@ -644,10 +803,31 @@ class Balancer:
             self.publish(svcs, dests)
 
     def on_resolved(self, daddr: int | None = None) -> None:
-        """The resolver learned or changed an answer: publish if a dest uses it."""
-        if daddr is None or any(d.daddr == daddr for s in self._services.values()
-                                for d in s.dests.values()):
-            self.republish()
+        """The resolver learned or changed an answer: publish if a dest uses it.
+
+        On an event loop the publish is deferred to the loop's next turn, so
+        answers for many dests arriving together cost one publish."""
+        if daddr is None:
+            self._full_rebuild = True
+        else:
+            slots = self._by_daddr.get(int(daddr))
+            if not slots:
+                return
+            self._dirty_dest.update(slots)
+        self._dirty = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if not self._publish_soon:
+            self._publish_soon = True
+            loop.call_soon(self._deferred_publish)
+
+    def _deferred_publish(self) -> None:
+        self._publish_soon = False
+        if not self._batching:
+            self.flush()
 
     refresh = on_resolved
 
@@ -707,6 +887,65 @@ class Balancer:
     def timeout_array(self) -> np.ndarray:
         t = self._timeouts
         return states.timeout_array(t["tcp"], t["tcpfin"], t["udp"])
+
+    # --- sysctls ------------------------------------------------------------
+
+    def _check_sysctl(self, name: Any, value: Any) -> tuple[str, int]:
+        if not isinstance(name, str) or name not in self._sysctls:
+            raise BalancerError(f"unknown sysctl {name!r} (known: {', '.join(SYSCTL_NAMES)})")
+        lo, hi = SYSCTL_RANGES.get(name, (0, INT_MAX))
+        v = _strict_int(value)
+        if v is None:
+            raise BalancerError(f"sysctl {name}: {value!r} is not an integer")
+        if not lo <= v <= hi:
+            raise BalancerError(f"sysctl {name}: {v} is out of range ({lo}..{hi})")
+        return name, v
+
+    def set_sysctls(self, values: Any) -> dict[str, int]:
+        """Set several knobs at once ``{name: value}``: all are checked before
+        any changes; the engine gets the new array. Returns every knob."""
+        if not isinstance(values, dict):
+            raise BalancerError("sysctls: expected an object of name: value")
+        checked = [self._check_sysctl(k, v) for k, v in values.items()]
+        if checked:
+            self._sysctls.update(checked)
+            self.publish_sysctls(self.sysctl_array())
+        return self.sysctls()
+
+    def sysctl(self, name: Any = None, value: Any = None) -> dict[str, int]:
+        """``pylvs sysctl``: every knob (no name), one knob, or set one."""
+        if name is None:
+            return self.sysctls()
+        if value is None:
+            self._check_sysctl(name, 0)
+            return {name: self._sysctls[name]}
+        n, _ = self._check_sysctl(name, value)
+        return {n: self.set_sysctls({name: value})[n]}
+
+    def sysctls(self) -> dict[str, int]:
+        return dict(self._sysctls)
+
+    def sysctl_array(self) -> np.ndarray:
+        """int64[len(SYSCTL_NAMES)], as engine.set_sysctls takes it."""
+        return np.array([self._sysctls[n] for n in SYSCTL_NAMES], dtype=np.int64)
+
+    # --- engine counters ----------------------------------------------------
+
+    def stats(self) -> dict:
+        """``pylvs stats``: every engine counter by its stable name
+        (tables.STAT_NAMES), the conn table's use and limit, and the
+        service and dest slots in use and their limits."""
+        raw = self.counters.stats
+        info = {}
+        if self.engine_info is not None:
+            info = self.engine_info()
+        return {
+            "counters": {n: int(raw[i]) for i, n in enumerate(tables.STAT_NAMES)},
+            "conns": {"count": info.get("conn_count"), "limit": info.get("capacity"),
+                      "memory": info.get("memory")},
+            "services": {"count": len(self._services), "limit": self.counters.max_services},
+            "dests": {"count": len(self._dest_at), "limit": self.counters.max_dests},
+        }
 
     # --- views for clients and the runtime ----------------------------------
 
@@ -775,7 +1014,7 @@ class Balancer:
             svcs.append(svc.key)
             for d in svc.dests.values():
                 if d.fwd == FWD_MASQ:
-                    reals.add((svc.proto, d.daddr, d.dport))
+                    reals.add((svc.proto, d.daddr, self._dport(svc, d)))
         return {"services": svcs, "real_servers": sorted(reals)}
 
     # --- operations as data (the RPC, -R, pylvs run -c) ---------------------
@@ -798,6 +1037,9 @@ class Balancer:
         "snapshot": ("snapshot", ()),
         "conns": ("conns", ()),
         "steering_view": ("steering_view", ()),
+        "stats": ("stats", ()),
+        "sysctl": ("sysctl", ("name", "value")),
+        "set_sysctls": ("set_sysctls", ("values",)),
     }
 
     def apply(self, op: dict) -> Any:
@@ -809,7 +1051,10 @@ class Balancer:
             ops = op.get("ops") or []
             if not isinstance(ops, list):
                 raise BalancerError("batch: ops must be a list of operations")
-            return self.apply_many(ops)
+            more = op.get("more", False)
+            if not isinstance(more, bool):
+                raise BalancerError("batch: more must be true or false")
+            return self.apply_many(ops, hold=more)
         if name == "ping":
             return "pong"
         spec = self._OPS.get(name) if isinstance(name, str) else None
@@ -825,9 +1070,13 @@ class Balancer:
         except TypeError as e:
             raise BalancerError(f"{name}: {e}") from None
 
-    def apply_many(self, ops: Iterable[dict]) -> list[dict]:
+    def apply_many(self, ops: Iterable[dict], hold: bool = False) -> list[dict]:
         """Apply ops in order, publishing once at the end; as ``ipvsadm -R``,
-        an op that fails does not stop the ones after it."""
+        an op that fails does not stop the ones after it.
+
+        ``hold``: more batches follow (a long -R in several requests): the
+        publish waits for the next change made without ``hold``, or for
+        ``flush()`` (the control socket calls it when a client leaves)."""
         results = []
         self._batching += 1
         try:
@@ -838,9 +1087,31 @@ class Balancer:
                     results.append({"ok": False, "error": str(e)})
         finally:
             self._batching -= 1
-            if not self._batching and self._dirty:
-                self.republish()
+            if not self._batching and not hold:
+                self.flush()
         return results
+
+    def flush(self) -> None:
+        """Publish what is pending (changes made in batches with ``hold``)."""
+        # As outside a batch: a scheduler never names a dest the engine's
+        # tables do not have yet, nor one already gone from them. Dests the
+        # batch removed (or quiesced) leave the schedulers first, the tables
+        # follow, then the added dests join.
+        pending, self._sched_dirty = self._sched_dirty, {}
+        pub = self.dests_table
+        if self._dirty and len(pub):
+            for svc in pending.values():
+                self._refresh_sched(svc, only=lambda slot, s=svc.slot: bool(
+                    pub[slot]["flags"] & DEST_F_USED) and int(pub[slot]["svc"]) == s)
+        if self._dirty:
+            self.republish()
+        for svc in pending.values():
+            self._refresh_sched(svc)
+
+
+_ZERO_SVC = np.zeros((), dtype=SERVICE_DTYPE)
+_ZERO_DEST = np.zeros((), dtype=DEST_DTYPE)
+_NO_MAC = b"\0" * 6
 
 
 def _traffic(row: np.ndarray) -> dict[str, int]:

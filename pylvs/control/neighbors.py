@@ -41,12 +41,20 @@ class Resolver:
     """
 
     def __init__(self, ports, *, interval: float = 0.1, refresh: float = 2.0,
+                 max_backoff: float = 30.0,
                  on_change: Optional[Callable[[int], None]] = None):
         self.ports = list(ports)
         self._by_ifindex = {p.ifindex: p for p in self.ports}
         self.interval = interval
         self.refresh = refresh
+        self.max_backoff = max_backoff
         self.on_change = on_change
+        # Thread state: backoff of unanswered addresses, last full round.
+        self._delay: dict[int, float] = {}
+        self._next_try: dict[int, float] = {}
+        self._last_refresh = float("-inf")
+        self.lookups = 0   # route lookups made
+        self.pokes = 0     # NTF_USE requests (each makes the kernel ARP)
         self._cache: dict[int, Answer] = {}
         self._wanted: set[int] = set()
         self._lock = threading.Lock()
@@ -57,6 +65,9 @@ class Resolver:
         # The namespace's own IPv4 addresses, refreshed by the thread: the
         # steering rules must not steal replies addressed to the director.
         self.local: frozenset[str] = frozenset()
+        # Their subnet broadcast addresses (host-order ints): IPVS refuses
+        # them as real servers.
+        self.broadcasts: frozenset[int] = frozenset()
         self.on_local_change: Optional[Callable[[frozenset[str]], None]] = None
 
     # --- any thread ---------------------------------------------------------
@@ -73,6 +84,7 @@ class Resolver:
         return ans
 
     def forget(self, daddr: int) -> None:
+        """No dest uses ``daddr`` any more: stop resolving it."""
         with self._lock:
             self._wanted.discard(int(daddr))
             self._cache.pop(int(daddr), None)
@@ -106,51 +118,51 @@ class Resolver:
         from pyroute2 import IPRoute
 
         ipr = IPRoute()
-        # A real server that does not answer ARP is asked less and less
-        # often (interval doubling up to `refresh`), not ten times a second.
-        delay: dict[int, float] = {}
-        next_try: dict[int, float] = {}
         try:
-            last_refresh = 0.0
             while not self._stop.is_set():
-                now = time.monotonic()
-                with self._lock:
-                    wanted = sorted(self._wanted)
-                    missing = [a for a in wanted if a not in self._cache]
-                for a in list(delay):
-                    if a not in missing:
-                        del delay[a], next_try[a]
-                if now - last_refresh >= self.refresh:
-                    last_refresh = now
-                    self._refresh_local(ipr)
-                    todo = wanted
-                else:
-                    todo = [a for a in missing if next_try.get(a, 0.0) <= now]
-                for a in missing:
-                    if a in todo:
-                        delay[a] = min(delay.get(a, self.interval / 2) * 2, self.refresh)
-                        next_try[a] = now + delay[a]
-                for daddr in todo:
-                    try:
-                        ans = self._lookup(ipr, daddr, poke=True)
-                    except Exception as e:  # a netlink hiccup must not kill the thread
-                        self.errors += 1
-                        log.warning("neighbour lookup of %s failed: %s",
-                                    ipaddress.IPv4Address(daddr), e)
-                        continue
-                    self._store(daddr, ans)
-                due = [t for a, t in next_try.items() if a in missing]
-                wait = min([self.refresh - (time.monotonic() - last_refresh), *[
-                    t - time.monotonic() for t in due]])
+                wait = self._cycle(ipr, time.monotonic())
                 self._wake.wait(max(0.01, wait))
                 self._wake.clear()
         finally:
             ipr.close()
 
+    def _cycle(self, ipr, now: float) -> float:
+        """One round of netlink work; returns the seconds until the next.
+
+        An address without an answer is tried at once, then after 0.1,
+        0.2, 0.4 ... seconds, at most every ``max_backoff``: a real server
+        that does not answer ARP costs a few requests a minute, not ten a
+        second. Addresses with an answer are re-checked every ``refresh``
+        seconds (one neighbour dump per interface for all of them), and
+        poked only when the kernel's entry is no longer REACHABLE, which
+        is when the kernel itself would probe a neighbour in use. An
+        address ``forget`` dropped is never looked at again."""
+        with self._lock:
+            wanted = set(self._wanted)
+            missing = wanted - self._cache.keys()
+        for a in list(self._delay):
+            if a not in missing:
+                del self._delay[a], self._next_try[a]
+        todo = [a for a in sorted(missing) if self._next_try.get(a, 0.0) <= now]
+        for a in todo:
+            self._delay[a] = min(self._delay.get(a, self.interval / 2) * 2, self.max_backoff)
+            self._next_try[a] = now + self._delay[a]
+        if now - self._last_refresh >= self.refresh:
+            self._last_refresh = now
+            self._refresh_local(ipr)
+            todo += sorted(wanted - missing)
+        if todo:
+            for daddr, ans in self._lookup_many(ipr, todo):
+                self._store(daddr, ans)
+        due = [self._next_try[a] for a in missing if a in self._next_try]
+        return min([self._last_refresh + self.refresh, *due]) - now
+
     def _refresh_local(self, ipr) -> None:
         try:
-            addrs = frozenset(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
-                              for a in ipr.get_addr(family=2))
+            msgs = list(ipr.get_addr(family=2))
+            addrs = frozenset(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS") for a in msgs)
+            self.broadcasts = frozenset(int(ipaddress.IPv4Address(b)) for b in (
+                a.get_attr("IFA_BROADCAST") for a in msgs) if b)
         except Exception as e:
             self.errors += 1
             log.warning("listing local addresses failed: %s", e)
@@ -186,8 +198,50 @@ class Resolver:
             except Exception:
                 log.exception("on_change callback failed")
 
-    def _lookup(self, ipr, daddr: int, poke: bool) -> Answer | None:
+    def _lookup_many(self, ipr, addrs: list[int]):
+        """(daddr, answer or None) for each address: a route lookup each, one
+        neighbour dump per egress interface, and NTF_USE for a next hop the
+        kernel does not hold REACHABLE (it then sends the ARP request)."""
+        hops = {}
+        for daddr in addrs:
+            try:
+                hops[daddr] = self._route(ipr, daddr)
+            except Exception as e:  # a netlink hiccup must not kill the thread
+                self.errors += 1
+                log.warning("route lookup of %s failed: %s", ipaddress.IPv4Address(daddr), e)
+        neigh: dict[tuple[int, str], tuple[str | None, int]] = {}
+        for oif in {h[0] for h in hops.values() if h is not None}:
+            try:
+                for n in ipr.neigh("dump", ifindex=oif):
+                    neigh[(oif, n.get_attr("NDA_DST"))] = (n.get_attr("NDA_LLADDR"), n["state"])
+            except Exception as e:
+                self.errors += 1
+                log.warning("neighbour dump on ifindex %d failed: %s", oif, e)
+        poked = set()
+        for daddr, h in hops.items():
+            if h is None:
+                yield daddr, None
+                continue
+            oif, hop = h
+            lladdr, state = neigh.get((oif, hop), (None, 0))
+            if not state & (NUD_REACHABLE | NUD_PERMANENT | NUD_NOARP) and (oif, hop) not in poked:
+                # Missing, failed or stale: have the kernel (re)send ARP itself.
+                poked.add((oif, hop))
+                self.pokes += 1
+                try:
+                    ipr.neigh("add", dst=hop, ifindex=oif, flags=NTF_USE, state=0)
+                except Exception as e:
+                    log.debug("NTF_USE for %s: %s", hop, e)
+            if lladdr is None or not state & NUD_VALID:
+                yield daddr, None
+            else:
+                yield daddr, (self._by_ifindex[oif].index,
+                              bytes.fromhex(lladdr.replace(":", "")), self._by_ifindex[oif].mac)
+
+    def _route(self, ipr, daddr: int) -> tuple[int, str] | None:
+        """(egress ifindex, next hop) of a dest the director can forward to."""
         dst = str(ipaddress.IPv4Address(daddr))
+        self.lookups += 1
         routes = ipr.route("get", dst=dst)
         if not routes:
             return None
@@ -195,21 +249,6 @@ class Resolver:
         if r["type"] != RTN_UNICAST:
             return None  # local, unreachable, blackhole...
         oif = r.get_attr("RTA_OIF")
-        port = self._by_ifindex.get(oif)
-        if port is None:
+        if oif not in self._by_ifindex:
             return None  # reached through an interface pylvs does not drive
-        hop = r.get_attr("RTA_GATEWAY") or dst
-        lladdr, state = None, 0
-        for n in ipr.neigh("dump", ifindex=oif):
-            if n.get_attr("NDA_DST") == hop:
-                lladdr, state = n.get_attr("NDA_LLADDR"), n["state"]
-                break
-        if poke and not (state & (NUD_REACHABLE | NUD_PERMANENT | NUD_NOARP)):
-            # Missing, failed or stale: have the kernel (re)send ARP itself.
-            try:
-                ipr.neigh("add", dst=hop, ifindex=oif, flags=NTF_USE, state=0)
-            except Exception as e:
-                log.debug("NTF_USE for %s: %s", hop, e)
-        if lladdr is None or not (state & NUD_VALID):
-            return None
-        return (port.index, bytes.fromhex(lladdr.replace(":", "")), port.mac)
+        return oif, r.get_attr("RTA_GATEWAY") or dst

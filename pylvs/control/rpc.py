@@ -4,7 +4,8 @@ A unix stream socket, one JSON object per line each way:
 ``{"op": "add_service", ...}`` answered by ``{"ok": true, "result": ...}``
 or ``{"ok": false, "error": "No such service"}``. Operations are the
 Balancer's (see ``Balancer.apply``); ``batch`` runs a list of them with one
-publish at the end.
+publish at the end (``"more": true``: more batches follow, publish after the
+last one or when the client leaves).
 
 The socket is root-only: its directory is 0700, the socket 0600, and every
 connection's peer credentials (SO_PEERCRED) must be root or the director's
@@ -31,7 +32,14 @@ log = logging.getLogger("pylvs.rpc")
 
 RUN_DIR = "/run/pylvs"
 ENV_PATH = "PYLVS_CONTROL"
-MAX_LINE = 16 << 20        # a whole -R restore may travel as one batch
+# What one client can make the director hold: a request line of at most
+# MAX_REQUEST bytes (the reader buffers up to twice that), MAX_CLIENTS
+# connections at once, and IDLE_TIMEOUT seconds of silence. `pylvs adm -R`
+# splits a long restore into batches below the line limit.
+MAX_REQUEST = 1 << 20
+MAX_CLIENTS = 64
+IDLE_TIMEOUT = 300.0
+MAX_RESPONSE = 1 << 30     # what a client accepts: a listing of every conn
 ESTIMATOR_INTERVAL = 2.0   # the kernel's rate estimator period
 
 
@@ -113,8 +121,48 @@ def handle_line(balancer: Balancer, line: bytes | str) -> dict:
         return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
 
 
+def _error_line(msg: str) -> bytes:
+    return json.dumps({"ok": False, "error": msg}).encode() + b"\n"
+
+
+class _Clients:
+    """How many control connections are open; beyond the limit a new one
+    gets one error line and is closed."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.n = 0
+
+
 async def _serve_client(balancer: Balancer, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> None:
+                        writer: asyncio.StreamWriter, clients: _Clients | None = None) -> None:
+    if clients is not None:
+        if clients.n >= clients.limit:
+            log.warning("control socket: %d clients already, one more refused", clients.n)
+            try:
+                writer.write(_error_line(f"too many control connections ({clients.limit}); "
+                                         "try again later"))
+                await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+            return
+        clients.n += 1
+    try:
+        await _serve_lines(balancer, reader, writer)
+    finally:
+        if clients is not None:
+            clients.n -= 1
+        # A client that left in the middle of a held -R: publish its rules.
+        try:
+            balancer.flush()
+        except Exception:
+            log.exception("publishing after a client left failed")
+
+
+async def _serve_lines(balancer: Balancer, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
     try:
         uid = _peer_uid(writer)
         if uid is not None and uid != 0 and uid != os.geteuid():
@@ -129,9 +177,12 @@ async def _serve_client(balancer: Balancer, reader: asyncio.StreamReader,
             return
         while True:
             try:
-                line = await reader.readline()
+                line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
+            except asyncio.TimeoutError:
+                return
             except (asyncio.LimitOverrunError, ValueError):
-                writer.write(b'{"ok": false, "error": "malformed request: line too long"}\n')
+                writer.write(_error_line(
+                    f"malformed request: line too long (limit {MAX_REQUEST} bytes)"))
                 await writer.drain()
                 return
             if not line:
@@ -207,14 +258,18 @@ class ControlServer(asyncio.AbstractServer):
         return self._server.sockets
 
 
-async def start_server(path: str, balancer: Balancer) -> ControlServer:
+async def start_server(path: str, balancer: Balancer, *,
+                       max_clients: int | None = None) -> ControlServer:
     """Serve ``balancer`` on the unix socket ``path``; while serving, run its
     rate estimator every 2 s (as the kernel's estimator timer)."""
     _prepare_path(path)
+    max_clients = max_clients or MAX_CLIENTS
+    clients = _Clients(max_clients)
     old = os.umask(0o177)
     try:
         server = await asyncio.start_unix_server(
-            lambda r, w: _serve_client(balancer, r, w), path=path, limit=MAX_LINE)
+            lambda r, w: _serve_client(balancer, r, w, clients), path=path,
+            limit=MAX_REQUEST)
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
@@ -251,8 +306,11 @@ class Client:
         req = {**(request or {}), **kw}
         self.connect()
         assert self._sock is not None and self._rfile is not None
-        self._sock.sendall(json.dumps(req).encode() + b"\n")
-        line = self._rfile.readline(MAX_LINE + 1)
+        try:
+            self._sock.sendall(json.dumps(req).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # refused (too many clients): the reason is waiting to be read
+        line = self._rfile.readline(MAX_RESPONSE + 1)
         if not line:
             raise ConnectionError(f"{self.path}: the director closed the connection")
         resp = json.loads(line)

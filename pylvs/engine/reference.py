@@ -4,15 +4,9 @@ It does what ``pylvs._fast.Engine`` does, bit for bit: the same verdicts,
 rewritten bytes, counters, conn states and expiry. Tests compare the two, and
 ``bench engine`` runs it as the ``python`` impl. Clarity beats speed here.
 
-Conn slots and the expiry clock hand (the C engine keeps the same order):
-
-- Conns live in ``capacity`` slots. Free slots form a LIFO stack initialised
-  so that slot 0 is handed out first, then 1, 2, ...; a freed slot is pushed
-  and is the next one handed out.
-- ``expire(now, budget)`` visits ``budget`` slots, starting where the previous
-  call stopped, walking 0 .. capacity-1 cyclically. A budget larger than the
-  capacity visits every slot once and still moves the hand by ``budget``
-  (mod capacity).
+Conn slots, the expiry clock hand, eviction at the limit and the table's
+memory are the conn table's business: pylvs/engine/conn.py (the C engine
+keeps the same order and draws the same samples).
 
 Choices where the contract leaves room (IPVS behaviour where there is one):
 
@@ -33,6 +27,9 @@ Choices where the contract leaves room (IPVS behaviour where there is one):
 - An OUT hit (step 10) is forwarded whatever became of the dest: the
   contract checks the dest on the IN side only.
 - A TCP SYN with FIN creates a conn (only SYN+ACK and RST are excluded).
+- An IN hit goes through the kernel's ip_vs_in rules first (``_in_rules``):
+  port reuse (conn_reuse_mode), weight-0 rescheduling and a gone dest
+  (expire_nodest_conn).
 - The scheduler's answer is taken with ``operator.index`` (as C's
   PyLong_AsLongAndOverflow): a non-integer is a ``sched_errors``, an integer
   too large for any slot a ``drop_no_dest``.
@@ -57,6 +54,8 @@ from typing import Callable
 import numpy as np
 
 from . import states, tables
+from . import icmp
+from .conn import CONNS_EXPIRED, CONNS_REUSED, MAX_LIMIT, Conn, ConnTable
 from .checksum import fold, ones_sum, pseudo_header_sum, sum_update32, update16, update32
 
 _ST = tables.STAT_INDEX
@@ -76,24 +75,40 @@ _DROP_UNRESOLVED = _ST["drop_unresolved"]
 _DROP_FWD_METHOD = _ST["drop_fwd_method"]
 _DROP_CONFLICT = _ST["drop_conflict"]
 _CONNS_CREATED = _ST["conns_created"]
-_CONNS_EXPIRED = _ST["conns_expired"]
 _IP_OPTIONS = _ST["ip_options"]
 _CSUM_PARTIAL_FIXED = _ST["csum_partial_fixed"]
 _GSO_FRAMES = _ST["gso_frames"]
 _SCHED_ERRORS = _ST["sched_errors"]
+_DROP_BAD_IP_CSUM = _ST["drop_bad_ip_csum"]
+_DROP_L2_OTHER_HOST = _ST["drop_l2_other_host"]
+_DROP_L2_BCAST = _ST["drop_l2_bcast"]
+_DROP_SOURCE_ROUTE = _ST["drop_source_route"]
+_DROP_MARTIAN = _ST["drop_martian"]
+_DROP_RP_FILTER = _ST["drop_rp_filter"]
+_DROP_FRAG_NEEDED = _ST["drop_frag_needed"]
+_DROP_GSO_TOO_BIG = _ST["drop_gso_too_big"]
+_TX_FRAGMENTED = _ST["tx_fragmented"]
+_ICMP_FORWARDED = _ST["icmp_forwarded"]
+_EMIT_FRAMES = _ST["emit_frames"]
+_EMIT_OVERFLOW = _ST["emit_overflow"]
+_ICMP_UNREACH_SENT = _ST["icmp_unreach_sent"]
+_ICMP_FRAG_NEEDED_SENT = _ST["icmp_frag_needed_sent"]
+_RST_SENT = _ST["rst_sent"]
+_ICMP_RATELIMITED = _ST["icmp_ratelimited"]
+_RST_RATELIMITED = _ST["rst_ratelimited"]
+_FRAG_OUT = _ST["frag_out"]
 
-MAX_CAPACITY = 1 << 26
-V_PASS, V_TX, V_DROP = tables.V_PASS, tables.V_TX, tables.V_DROP
-TCP, UDP = tables.PROTO_TCP, tables.PROTO_UDP
+_DO_FRAGMENT = -1  # _mtu_refusal: not a refusal, fragment after the rewrite
+V_PASS, V_TX, V_DROP, V_EMIT = tables.V_PASS, tables.V_TX, tables.V_DROP, tables.V_EMIT
+TCP, UDP, ICMP = tables.PROTO_TCP, tables.PROTO_UDP, 1
+_SYS = tables.SYSCTL_INDEX
+_IN_KEEP, _IN_RESCHED, _IN_DROPPED = 0, 1, 2  # _in_rules
+_IP_DF = 0x4000
+_ICMP_DEST_UNREACH, _ICMP_PORT_UNREACH, _ICMP_FRAG_NEEDED = 3, 3, 4
+_LSRR, _SSRR = 131, 137
 ETH = tables.VNET_HDR_LEN          # offset of the Ethernet header
 IP = ETH + 14                      # offset of the IPv4 header
 _TCP_SYN, _TCP_ACK, _TCP_RST = states.TCP_SYN, states.TCP_ACK, states.TCP_RST
-
-
-class _Conn:
-    __slots__ = ("proto", "caddr", "cport", "vaddr", "vport", "daddr", "dport",
-                 "state", "expires", "fwd", "dest", "svc", "cmac", "lmac",
-                 "in_port", "slot", "in_key", "out_key")
 
 
 def _report_unraisable(exc: BaseException, obj: object) -> None:
@@ -136,8 +151,8 @@ class Engine:
                  timeouts: np.ndarray, counters: tables.Counters,
                  schedule: Callable[[int, int, int], int]):
         capacity = operator.index(capacity)
-        if not 1 <= capacity <= MAX_CAPACITY:
-            raise ValueError(f"capacity must be 1..{MAX_CAPACITY}, not {capacity}")
+        if not 1 <= capacity <= MAX_LIMIT:
+            raise ValueError(f"capacity must be 1..{MAX_LIMIT}, not {capacity}")
         key = bytes(key)
         if len(key) != 16:
             raise ValueError(f"key must be 16 bytes, not {len(key)}")
@@ -151,35 +166,46 @@ class Engine:
         if not callable(schedule):
             raise TypeError("schedule must be callable")
         self._busy = False  # inside the scheduler upcall
-        self._capacity = capacity
-        self._key = key  # unused: a dict is the reference's index (see _index)
         self._trans = t.astype(np.int64).tolist()
         self.set_timeouts(timeouts)
         self._counters = counters
         self._schedule = schedule
+        self._pend = [0] * tables.N_STATS
         # The reference indexes conns in a dict of Python tuples. CPython's
         # tuple-of-int hash is not keyed, so clients could flood a chain; the
         # C engine hashes with keyed SipHash for that reason.
-        self._index: dict[tuple, tuple[_Conn, int]] = {}
-        self._slots: list[_Conn | None] = [None] * capacity
-        self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
-        self._hand = 0
-        self._count = 0
-        self._pend = [0] * tables.N_STATS
+        self._ct = ConnTable(capacity, key, counters, self._pend)
+        self._index = self._ct.index
+        self._sysctl = list(tables.SYSCTL_DEFAULTS)
         self._svc_by_key: dict[tuple[int, int, int], int] = {}
         self._dests: list[tuple] = []
         self._dest_table = tables.empty_dests(0)
         self._svc_table = tables.empty_services(0)
+        self._ports: list[tuple[int, int, bytes, int, int]] = []
+        self._routes: list[tuple[int, int, int]] | None = None  # None: never set
+        self._local: frozenset[int] = frozenset()
+        self._sysctl = list(tables.SYSCTL_DEFAULTS)
+        # Token buckets [tokens, last now or None] for the messages the
+        # engine makes on its own (docs/engine.md, rate limits).
+        self._icmp_bucket: list = [0.0, None]
+        self._rst_bucket: list = [0.0, None]
+        self._ip_id = int.from_bytes(key[:8], "little") & 0xFFFF
+        self._emit: icmp.Emit | None = None
 
     # --- configuration ----------------------------------------------------
 
     @property
     def capacity(self) -> int:
-        return self._capacity
+        return self._ct.limit
 
     @property
     def conn_count(self) -> int:
-        return self._count
+        return self._ct.count
+
+    @property
+    def memory(self) -> int:
+        """Bytes the C engine's conn table would hold now (conn.py)."""
+        return self._ct.memory
 
     def _refuse_if_busy(self) -> None:
         if self._busy:
@@ -219,46 +245,65 @@ class Engine:
         self._svc_table, self._dest_table = services, dests
         self._svc_by_key, self._dests = by_key, ds
 
+    def set_ports(self, ports: np.ndarray) -> None:
+        """The I/O ports' facts (PORT_DTYPE, index = port): address, MTU, MAC, rp_filter."""
+        self._refuse_if_busy()
+        if not isinstance(ports, np.ndarray) or ports.dtype != tables.PORT_DTYPE:
+            raise TypeError("ports must be an array of PORT_DTYPE")
+        if ports.ndim != 1:
+            raise ValueError("ports must be one-dimensional")
+        self._ports = [(int(r["addr"]), int(r["mtu"]), bytes(r["mac"].tobytes()),
+                        int(r["flags"]), int(r["rp_filter"])) for r in ports]
+
+    def set_routes(self, routes: np.ndarray, local: np.ndarray) -> None:
+        """The namespace's routes (ROUTE_DTYPE, longest prefix first) and its own
+        addresses (uint32, host order, ascending)."""
+        self._refuse_if_busy()
+        if not isinstance(routes, np.ndarray) or routes.dtype != tables.ROUTE_DTYPE:
+            raise TypeError("routes must be an array of ROUTE_DTYPE")
+        if not isinstance(local, np.ndarray) or local.dtype != np.uint32:
+            raise TypeError("local must be an array of uint32")
+        if routes.ndim != 1 or local.ndim != 1:
+            raise ValueError("routes and local must be one-dimensional")
+        if len(local) > 1 and not bool(np.all(local[1:] >= local[:-1])):
+            raise ValueError("local must be sorted ascending")
+        rs = []
+        for r in routes:
+            plen = int(r["plen"])
+            if plen > 32:
+                raise ValueError(f"route prefix length {plen} is over 32")
+            mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+            rs.append((int(r["prefix"]) & mask, mask, int(r["port"])))
+        self._routes = rs
+        self._local = frozenset(int(a) for a in local.tolist())
+
+    def set_sysctls(self, values: np.ndarray) -> None:
+        """The knobs of tables.SYSCTL_NAMES, int64[N_SYSCTL]; negative values are refused."""
+        self._refuse_if_busy()
+        v = np.asarray(values)
+        if v.dtype != np.int64:
+            raise TypeError("sysctls must have dtype int64")
+        if v.shape != (tables.N_SYSCTL,):
+            raise ValueError(f"sysctls must have shape ({tables.N_SYSCTL},)")
+        if int(v.min()) < 0:
+            raise ValueError("sysctl values must not be negative")
+        self._sysctl = [int(x) for x in v]
+
     # --- conns ------------------------------------------------------------
 
     def conns(self) -> list[tuple]:
         return [(c.proto, c.caddr, c.cport, c.vaddr, c.vport, c.daddr, c.dport,
                  c.state, c.expires, c.fwd, c.dest, c.svc)
-                for c in self._slots if c is not None]
+                for c in self._ct.conns()]
 
     def _lookup(self, key: tuple, now: float):
-        hit = self._index.get(key)
-        if hit is not None and hit[0].expires <= now:
-            self._unlink(hit[0])
-            return None
-        return hit
-
-    def _unlink(self, c: _Conn) -> None:
-        del self._index[c.in_key]
-        del self._index[c.out_key]
-        col = tables.ACTIVE if (c.proto == TCP and c.state == states.ESTABLISHED) else tables.INACTIVE
-        self._counters.dest_conns[c.dest, col] -= 1
-        self._slots[c.slot] = None
-        self._free.append(c.slot)
-        self._count -= 1
-        self._pend[_CONNS_EXPIRED] += 1
+        return self._ct.lookup(key, now)
 
     def expire(self, now: float, budget: int) -> int:
         now = float(now)
         budget = operator.index(budget)
         self._refuse_if_busy()
-        if budget <= 0:
-            return 0
-        cap = self._capacity
-        slots = self._slots
-        hand = self._hand
-        n = 0
-        for i in range(min(budget, cap)):
-            c = slots[(hand + i) % cap]
-            if c is not None and c.expires <= now:
-                self._unlink(c)
-                n += 1
-        self._hand = (hand + budget) % cap
+        n = self._ct.expire(now, budget)
         self._flush()
         return n
 
@@ -281,6 +326,9 @@ class Engine:
                 raise ValueError(f"batch.length[{i}] = {int(batch.length[i])} is longer than "
                                  f"the {slot}-byte slot")
         tx = 0
+        self._emit = icmp.Emit(batch.emit_buf, batch.emit_off, batch.emit_len,
+                               batch.emit_port, batch.emit_n)
+        self._emit.clear()
         try:
             for i in range(batch.count):
                 n = int(batch.length[i])
@@ -292,8 +340,146 @@ class Engine:
                     self._pend[_TX] += 1
                     tx += 1
         finally:
+            self._emit = None
             self._flush()
         return tx
+
+    # --- what the engine makes: ICMP errors, RSTs, fragments ---------------
+
+    def _allow(self, bucket: list, now: float, per_sec: int, burst: int) -> bool:
+        """A token bucket: full at first use, refilled by per_sec a second of `now`."""
+        if bucket[1] is None:
+            bucket[0], bucket[1] = float(burst), now
+        elif now > bucket[1]:
+            bucket[0] = min(float(burst), bucket[0] + (now - bucket[1]) * per_sec)
+            bucket[1] = now
+        if bucket[0] >= 1.0:
+            bucket[0] -= 1.0
+            return True
+        return False
+
+    def _room(self, need: int) -> bool:
+        """Room in the emit area for one frame of `need` bytes (as C's emit_room)."""
+        em = self._emit
+        return (em is not None and int(em.n[0]) < em.max
+                and len(em.buf) - int(em.n[1]) >= need)
+
+    def _send_rst(self, f: memoryview, ihl: int, totlen: int, in_port: int, now: float) -> None:
+        """Answer a TCP segment that matches no conn, as the kernel's stack would."""
+        sc, pend = self._sysctl, self._pend
+        if not self._allow(self._rst_bucket, now, sc[_SYS["tcp_rst_per_sec"]],
+                           sc[_SYS["tcp_rst_burst"]]):
+            pend[_RST_RATELIMITED] += 1
+            return
+        if not self._room(ETH + 14 + 40):
+            pend[_EMIT_OVERFLOW] += 1
+            return
+        ip = f[IP:IP + totlen]
+        if icmp.tcp_reset(self._emit, in_port, f[ETH:ETH + 14], ip, ip[ihl:], totlen - ihl):
+            pend[_EMIT_FRAMES] += 1
+            pend[_RST_SENT] += 1
+
+    def _send_icmp(self, f: memoryview, totlen: int, in_port: int, now: float, code: int,
+                   info: int, saddr: int) -> None:
+        """An ICMP dest unreachable about the frame, back out of its port.
+        Frag-needed is exempt from the rate limit (kernel icmpv4_mask_allow)."""
+        sc, pend = self._sysctl, self._pend
+        if code != _ICMP_FRAG_NEEDED and not self._allow(
+                self._icmp_bucket, now, sc[_SYS["icmp_msgs_per_sec"]], sc[_SYS["icmp_msgs_burst"]]):
+            pend[_ICMP_RATELIMITED] += 1
+            return
+        if not self._room(ETH + 14 + 28 + min(totlen, icmp.ICMP_ERR_MAX - 28)):
+            pend[_EMIT_OVERFLOW] += 1
+            return
+        if icmp.icmp_error(self._emit, in_port, f[ETH:ETH + 14], f[IP:IP + totlen], totlen,
+                           _ICMP_DEST_UNREACH, code, info, saddr, self._ip_id):
+            self._ip_id = (self._ip_id + 1) & 0xFFFF
+            pend[_EMIT_FRAMES] += 1
+            pend[_ICMP_FRAG_NEEDED_SENT if code == _ICMP_FRAG_NEEDED else _ICMP_UNREACH_SENT] += 1
+
+    # --- what the kernel's receive path would refuse -----------------------
+
+    def _port_row(self, port: int):
+        if port < len(self._ports) and self._ports[port][3] & tables.PORT_F_USED:
+            return self._ports[port]
+        return None
+
+    def _refusal(self, f: memoryview, ihl: int, in_port: int) -> int | None:
+        """The counter refusing a frame the kernel would not take in, or None:
+        not for this host's MAC (ip_rcv_core, ip_forward), a bad header
+        checksum (ip_rcv_core), malformed options or a source route
+        (ip_options_compile, accept_source_route=0)."""
+        p = self._port_row(in_port)
+        if p is not None and p[3] & tables.PORT_F_CHECK_MAC:
+            if f[ETH] & 1:
+                return _DROP_L2_BCAST
+            if bytes(f[ETH:ETH + 6]) != p[2]:
+                return _DROP_L2_OTHER_HOST
+        if fold(ones_sum(f[IP:IP + ihl])) != 0xFFFF:
+            return _DROP_BAD_IP_CSUM
+        i, end = IP + 20, IP + ihl
+        while i < end:
+            t = f[i]
+            if t == 0:
+                break
+            if t == 1:
+                i += 1
+                continue
+            if i + 1 >= end or f[i + 1] < 2 or i + f[i + 1] > end:
+                return _DROP_BAD_IP
+            if t == _LSRR or t == _SSRR:
+                return _DROP_SOURCE_ROUTE
+            i += f[i + 1]
+        return None
+
+    def _martian(self, saddr: int, in_port: int) -> int | None:
+        """The counter refusing a new flow's source, or None: martian sources
+        (kernel ip_route_input_slow: 0/8, 127/8, multicast, limited broadcast;
+        fib_validate_source: one of our own addresses) and the reverse path
+        check of the port's rp_filter (1 strict: the route back must leave by
+        the port the frame came in on; 2 loose: a route back must exist)."""
+        if (saddr >> 24 == 0 or saddr >> 24 == 127 or saddr >> 28 == 14
+                or saddr == 0xFFFFFFFF or saddr in self._local):
+            return _DROP_MARTIAN
+        p = self._port_row(in_port)
+        if p is not None and p[4] and self._routes is not None:
+            back = None
+            for prefix, mask, port in self._routes:
+                if saddr & mask == prefix:
+                    back = port
+                    break
+            if back is None or (p[4] == 1 and back != in_port):
+                return _DROP_RP_FILTER
+        return None
+
+    def _mtu_refusal(self, f: memoryview, ihl: int, totlen: int, proto: int, in_port: int,
+                     out_port: int, icmp_saddr: int, now: float) -> int | None:
+        """Step 12: does the packet fit the egress MTU? None: send it as it is.
+        Else the verdict counter: DF set (or TCP GSO) answered with ICMP
+        frag-needed carrying the MTU (RFC 1191, kernel ip_forward /
+        ip_vs ensure_mtu_is_adequate); a plain frame with DF clear is
+        fragmented later (_DO_FRAGMENT); a GSO frame without DF is dropped."""
+        p = self._port_row(out_port)
+        if p is None or p[1] == 0:
+            return None
+        mtu = p[1]
+        gso = f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE
+        if gso:
+            l4 = IP + ihl
+            hdr = ihl + ((f[l4 + 12] >> 4) * 4 if proto == TCP else 8)
+            gso_size = tables.VNET_HDR.unpack_from(f, 0)[3]
+            need = hdr + gso_size if gso_size else totlen
+        else:
+            need = totlen
+        if need <= mtu:
+            return None
+        df = (f[IP + 6] << 8 | f[IP + 7]) & _IP_DF
+        if df or (gso and (f[1] & 0x7F) in (tables.VNET_GSO_TCPV4, tables.VNET_GSO_TCPV6)):
+            self._send_icmp(f, totlen, in_port, now, _ICMP_FRAG_NEEDED, mtu, icmp_saddr)
+            return _DROP_FRAG_NEEDED
+        if gso:
+            return _DROP_GSO_TOO_BIG
+        return _DO_FRAGMENT
 
     def _frame(self, f: memoryview, n: int, in_port: int, now: float) -> tuple[int, int]:
         pend = self._pend
@@ -323,6 +509,8 @@ class Engine:
             return V_DROP, 0
         # 5: protocol.
         proto = f[IP + 9]
+        if proto == ICMP:
+            return self._icmp(f, ihl, totlen, in_port, now)
         if proto != TCP and proto != UDP:
             pend[_PASS_NOT_OURS] += 1
             return V_PASS, 0
@@ -347,72 +535,49 @@ class Engine:
         daddr = int.from_bytes(f[IP + 16:IP + 20], "big")
         sport = f[l4] << 8 | f[l4 + 1]
         dport = f[l4 + 2] << 8 | f[l4 + 3]
-
-        # 7: conn lookup.
         key = (proto, saddr, sport, daddr, dport)
+
+        # 7: what the kernel would not take in, if the frame is ours at all.
+        refusal = self._refusal(f, ihl, in_port)
+        if refusal is not None:
+            if key in self._index or (proto, daddr, dport) in self._svc_by_key:
+                pend[refusal] += 1
+                return V_DROP, 0
+            pend[_PASS_NOT_OURS] += 1
+            return V_PASS, 0
+
+        # 8: conn lookup.
         hit = self._lookup(key, now)
-        if (hit is not None and hit[1] == states.INPUT and hit[0].state == states.TIME_WAIT
-                and proto == TCP and tcp_flags & (_TCP_SYN | _TCP_ACK | _TCP_RST) == _TCP_SYN):
-            # conn_reuse_mode=1: a client that reuses its port while the old
-            # conn lingers in TIME_WAIT opens a new conn, scheduled afresh.
-            self._unlink(hit[0])
-            hit = None
+        if hit is not None and hit[1] == states.INPUT:
+            rule = self._in_rules(hit[0], proto, tcp_flags)
+            if rule == _IN_DROPPED:
+                return V_DROP, 0
+            if rule == _IN_RESCHED:
+                hit = None
         if hit is None:
-            # 8: a new conn, if a service wants it.
+            # 9: a new conn, if a service wants it.
             svc = self._svc_by_key.get((proto, daddr, dport))
             if svc is None:
                 pend[_PASS_NOT_OURS] += 1
                 return V_PASS, 0
+            refusal = self._martian(saddr, in_port)
+            if refusal is not None:
+                pend[refusal] += 1
+                return V_DROP, 0
             if proto == TCP and (not tcp_flags & _TCP_SYN or tcp_flags & (_TCP_ACK | _TCP_RST)):
                 pend[_DROP_NO_CONN] += 1
+                if not tcp_flags & _TCP_RST:
+                    self._send_rst(f, ihl, totlen, in_port, now)
                 return V_DROP, 0
-            self._busy = True
-            try:
-                d = operator.index(self._schedule(svc, saddr, sport))
-            except Exception as exc:  # reported, never propagated (as the C upcall)
-                _report_unraisable(exc, self._schedule)
-                pend[_SCHED_ERRORS] += 1
-                return V_DROP, 0
-            finally:
-                self._busy = False
-            dests = self._dests
-            if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
-                pend[_DROP_NO_DEST] += 1
-                return V_DROP, 0
-            dest = dests[d]
-            out_key = (proto, dest[0], dest[1], saddr, sport)
-            if out_key == key or self._lookup(out_key, now) is not None:
-                pend[_DROP_CONFLICT] += 1
-                return V_DROP, 0
-            if self._count >= self._capacity:
-                pend[_DROP_TABLE_FULL] += 1
-                return V_DROP, 0
-            c = _Conn()
-            c.proto, c.caddr, c.cport, c.vaddr, c.vport = proto, saddr, sport, daddr, dport
-            c.daddr, c.dport = dest[0], dest[1]
-            c.state = states.NONE
-            c.expires = now + self._timeouts[states.NONE]
-            c.fwd, c.dest, c.svc = dest[4], d, svc
-            c.cmac = bytes(f[ETH + 6:ETH + 12])
-            c.lmac = bytes(f[ETH:ETH + 6])
-            c.in_port = in_port
-            c.in_key, c.out_key = key, out_key
-            c.slot = self._free.pop()
-            self._slots[c.slot] = c
-            self._index[key] = (c, states.INPUT)
-            self._index[out_key] = (c, states.OUTPUT)
-            self._count += 1
-            pend[_CONNS_CREATED] += 1
-            cnt = self._counters
-            cnt.dest_conns[d, tables.INACTIVE] += 1
-            cnt.svc_stats[svc, tables.STAT_CONNS] += 1
-            cnt.dest_stats[d, tables.STAT_CONNS] += 1
-            hit = (c, states.INPUT)
+            verdict, hit = self._conn_new(f, key, svc, proto, saddr, sport, daddr, dport,
+                                          totlen, in_port, now)
+            if hit is None:
+                return verdict, 0
 
         c, direction = hit
         cnt = self._counters
         if direction == states.INPUT:
-            # 9: client -> real server.
+            # 10: client -> real server.
             dests = self._dests
             if c.dest >= len(dests) or not dests[c.dest][5] & tables.DEST_F_USED or dests[c.dest][2] != c.svc:
                 pend[_DROP_DEST_GONE] += 1
@@ -429,28 +594,38 @@ class Engine:
             if not dest[5] & tables.DEST_F_RESOLVED:
                 pend[_DROP_UNRESOLVED] += 1
                 return V_DROP, 0
+            out_port = dest[6]
+            mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, out_port, daddr, now)
+            if mtu is not None and mtu != _DO_FRAGMENT:
+                pend[mtu] += 1
+                return V_DROP, 0
             # Rewrite daddr:dport, then the MACs toward the real server.
             old_addr, new_addr, addr_at = daddr, c.daddr, IP + 16
             old_port, new_port, port_at = dport, c.dport, l4 + 2
             f[ETH:ETH + 6] = dest[7]
             f[ETH + 6:ETH + 12] = dest[8]
-            out_port = dest[6]
         else:
-            # 10: real server -> client.
+            # 11: real server -> client.
             cnt.svc_stats[c.svc, tables.STAT_OUTPKTS] += 1
             cnt.svc_stats[c.svc, tables.STAT_OUTBYTES] += totlen
             cnt.dest_stats[c.dest, tables.STAT_OUTPKTS] += 1
             cnt.dest_stats[c.dest, tables.STAT_OUTBYTES] += totlen
             self._set_state(c, direction, proto, tcp_flags, now)
+            out_port = c.in_port
+            p = self._port_row(in_port)
+            mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, out_port,
+                                    p[0] if p is not None and p[0] else c.vaddr, now)
+            if mtu is not None and mtu != _DO_FRAGMENT:
+                pend[mtu] += 1
+                return V_DROP, 0
             old_addr, new_addr, addr_at = saddr, c.vaddr, IP + 12
             old_port, new_port, port_at = sport, c.vport, l4
             f[ETH:ETH + 6] = c.cmac
             f[ETH + 6:ETH + 12] = c.lmac
-            out_port = c.in_port
 
         f[addr_at:addr_at + 4] = new_addr.to_bytes(4, "big")
         f[port_at:port_at + 2] = new_port.to_bytes(2, "big")
-        # 12: checksums.
+        # 13: checksums.
         hc = f[IP + 10] << 8 | f[IP + 11]
         f[IP + 10:IP + 12] = update32(hc, old_addr, new_addr).to_bytes(2, "big")
         csum_at = l4 + (16 if proto == TCP else 6)
@@ -478,9 +653,158 @@ class Engine:
                 if proto == UDP and check == 0:
                     check = 0xFFFF
                 f[csum_at:csum_at + 2] = check.to_bytes(2, "big")
+        if mtu == _DO_FRAGMENT:
+            # 14: DF clear and too big: IP fragments in the emit area instead.
+            k = icmp.ip_fragment(self._emit, out_port, f[ETH:ETH + 14], f[IP:IP + totlen],
+                                 totlen, self._ports[out_port][1])
+            if not k:
+                pend[_EMIT_OVERFLOW] += 1
+                return V_DROP, 0
+            pend[_EMIT_FRAMES] += k
+            pend[_FRAG_OUT] += k
+            pend[_TX_FRAGMENTED] += 1
+            return V_EMIT, 0
         return V_TX, out_port
 
-    def _set_state(self, c: _Conn, direction: int, proto: int, tcp_flags: int, now: float) -> None:
+    def _icmp(self, f: memoryview, ihl: int, totlen: int, in_port: int,
+              now: float) -> tuple[int, int]:
+        """An ICMP error about a NAT conn goes where the conn's packets go,
+        translated (kernel ip_vs_in_icmp / ip_vs_out_icmp); any other ICMP is
+        the kernel's."""
+        pend = self._pend
+        inner = icmp.icmp_inner(f[IP:IP + totlen], totlen)
+        if inner is None:
+            pend[_PASS_NOT_OURS] += 1
+            return V_PASS, 0
+        iproto, isaddr, isport = inner.proto, inner.saddr, inner.sport
+        idaddr, idport = inner.daddr, inner.dport
+        # The quoted packet went the other way: its reverse is the conn's key.
+        hit = self._lookup((iproto, idaddr, idport, isaddr, isport), now)
+        if hit is None or hit[0].fwd != tables.FWD_MASQ:
+            pend[_PASS_NOT_OURS] += 1
+            return V_PASS, 0
+        refusal = self._refusal(f, ihl, in_port)
+        if refusal is not None:
+            pend[refusal] += 1
+            return V_DROP, 0
+        c, direction = hit
+        cnt = self._counters
+        if direction == states.INPUT:
+            # From the client side, about a reply the client got: to the real server.
+            dests = self._dests
+            if c.dest >= len(dests) or not dests[c.dest][5] & tables.DEST_F_USED or dests[c.dest][2] != c.svc:
+                pend[_DROP_DEST_GONE] += 1
+                return V_DROP, 0
+            dest = dests[c.dest]
+            if not dest[5] & tables.DEST_F_RESOLVED:
+                pend[_DROP_UNRESOLVED] += 1
+                return V_DROP, 0
+            icmp.nat_icmp(f[IP:IP + totlen], totlen, False, c.daddr, c.dport)
+            f[ETH:ETH + 6] = dest[7]
+            f[ETH + 6:ETH + 12] = dest[8]
+            out_port = dest[6]
+            cnt.svc_stats[c.svc, tables.STAT_INPKTS] += 1
+            cnt.svc_stats[c.svc, tables.STAT_INBYTES] += totlen
+            cnt.dest_stats[c.dest, tables.STAT_INPKTS] += 1
+            cnt.dest_stats[c.dest, tables.STAT_INBYTES] += totlen
+        else:
+            # From the real server's side, about a packet it got: to the client.
+            icmp.nat_icmp(f[IP:IP + totlen], totlen, True, c.vaddr, c.vport)
+            f[ETH:ETH + 6] = c.cmac
+            f[ETH + 6:ETH + 12] = c.lmac
+            out_port = c.in_port
+            cnt.svc_stats[c.svc, tables.STAT_OUTPKTS] += 1
+            cnt.svc_stats[c.svc, tables.STAT_OUTBYTES] += totlen
+            cnt.dest_stats[c.dest, tables.STAT_OUTPKTS] += 1
+            cnt.dest_stats[c.dest, tables.STAT_OUTBYTES] += totlen
+        pend[_ICMP_FORWARDED] += 1
+        return V_TX, out_port
+
+    def _in_rules(self, c: Conn, proto: int, tcp_flags: int) -> int:
+        """The kernel's ip_vs_in rules for a live conn found by an IN lookup
+        (see conn_in_rules in ip_vs_core.c): a SYN reschedules a conn in
+        TIME_WAIT or CLOSE (conn_reuse_mode; bit 2 adds FIN_WAIT without a
+        reply) or one whose dest has weight 0 (expire_nodest_conn); a gone
+        dest drops the frame, or with expire_nodest_conn expires the conn
+        and schedules the frame afresh."""
+        dests = self._dests
+        dest_ok = c.dest < len(dests) and dests[c.dest][5] & tables.DEST_F_USED and dests[c.dest][2] == c.svc
+        nodest = self._sysctl[_SYS["expire_nodest_conn"]]
+        reuse = self._sysctl[_SYS["conn_reuse_mode"]]
+        # is_new_conn: a segment that would open a conn on a miss (see ip_vs_core.c).
+        if proto == TCP and tcp_flags & (_TCP_SYN | _TCP_ACK | _TCP_RST) == _TCP_SYN:
+            if nodest and dest_ok and dests[c.dest][3] == 0:
+                resched = True
+            elif reuse:
+                resched = (c.state in (states.TIME_WAIT, states.CLOSE)
+                           or bool(reuse & 2 and c.state == states.FIN_WAIT and not c.replied))
+            else:
+                resched = False
+            if resched:
+                self._ct.remove(c, CONNS_REUSED)
+                return _IN_RESCHED
+        if dest_ok:
+            return _IN_KEEP
+        if nodest:
+            self._ct.remove(c, CONNS_EXPIRED)
+            return _IN_RESCHED
+        self._pend[_DROP_DEST_GONE] += 1
+        return _IN_DROPPED
+
+    def _conn_new(self, f: memoryview, key: tuple, svc: int, proto: int, saddr: int,
+                  sport: int, daddr: int, dport: int, totlen: int, in_port: int, now: float):
+        """Step 9 from the room check on: (verdict, None) counted, or
+        (None, (conn, INPUT)) for a new conn of service `svc`."""
+        pend = self._pend
+        # At the limit the conn to replace is chosen before the upcall, so a
+        # full table refuses a flood without calling the scheduler.
+        ct = self._ct
+        victim = None
+        if ct.full():
+            victim = ct.victim(now)
+            if victim is None:
+                pend[_DROP_TABLE_FULL] += 1
+                return V_DROP, None
+        self._busy = True
+        try:
+            d = operator.index(self._schedule(svc, saddr, sport))
+        except Exception as exc:  # reported, never propagated (as the C upcall)
+            _report_unraisable(exc, self._schedule)
+            pend[_SCHED_ERRORS] += 1
+            return V_DROP, None
+        finally:
+            self._busy = False
+        dests = self._dests
+        if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
+            pend[_DROP_NO_DEST] += 1
+            # ip_vs_leave: the client hears at once that nobody serves.
+            self._send_icmp(f, totlen, in_port, now, _ICMP_PORT_UNREACH, 0, daddr)
+            return V_DROP, None
+        dest = dests[d]
+        out_key = (proto, dest[0], dest[1], saddr, sport)
+        if out_key == key or self._lookup(out_key, now) is not None:
+            pend[_DROP_CONFLICT] += 1
+            return V_DROP, None
+        c = Conn()
+        c.proto, c.caddr, c.cport, c.vaddr, c.vport = proto, saddr, sport, daddr, dport
+        c.daddr, c.dport = dest[0], dest[1]
+        c.state = states.NONE
+        c.expires = now + self._timeouts[states.NONE]
+        c.fwd, c.dest, c.svc = dest[4], d, svc
+        c.cmac = bytes(f[ETH + 6:ETH + 12])
+        c.lmac = bytes(f[ETH:ETH + 6])
+        c.in_port = in_port
+        c.in_key, c.out_key = key, out_key
+        c.replied = False
+        ct.add(c, victim, now)
+        pend[_CONNS_CREATED] += 1
+        cnt = self._counters
+        cnt.dest_conns[d, tables.INACTIVE] += 1
+        cnt.svc_stats[svc, tables.STAT_CONNS] += 1
+        cnt.dest_stats[d, tables.STAT_CONNS] += 1
+        return None, (c, states.INPUT)
+
+    def _set_state(self, c: Conn, direction: int, proto: int, tcp_flags: int, now: float) -> None:
         """11: the state transition, the active/inactive count, the new expiry."""
         if proto == TCP:
             old = c.state
@@ -509,3 +833,5 @@ class Engine:
         else:
             c.state = states.UDP_STATE
         c.expires = now + self._timeouts[c.state]
+        if direction == states.OUTPUT:
+            c.replied = True

@@ -41,6 +41,7 @@ MAX_FRAME = VNET_HDR_LEN + 14 + 65535
 V_PASS = 0  # not virtual-service traffic: the kernel's own copy stands
 V_TX = 1    # rewritten in place; send on out_port
 V_DROP = 2  # service traffic that must not go anywhere; counted by reason
+V_EMIT = 3  # not sent itself: what the engine made of it (IP fragments) is in the emit area
 
 # --- forwarding methods (numbered as the kernel's IP_VS_CONN_F_FWD_MASK) ---
 FWD_MASQ = 0
@@ -110,9 +111,88 @@ STAT_NAMES = (
     "csum_partial_fixed", # partial checksums completed (TP_STATUS_CSUMNOTREADY)
     "gso_frames",         # GSO frames forwarded with a partial checksum
     "sched_errors",       # the scheduler upcall raised
+    # -- verdict counters added for issue 5 (each frame bumps exactly one) --
+    "drop_bad_ip_csum",   # IPv4 header checksum wrong (kernel ip_rcv_core)
+    "drop_l2_other_host", # Ethernet dst is another host's MAC (PACKET_OTHERHOST)
+    "drop_l2_bcast",      # Ethernet dst is broadcast or multicast
+    "drop_source_route",  # IPv4 LSRR/SSRR option (accept_source_route=0)
+    "drop_martian",       # martian source: 0/8, 127/8, multicast, broadcast, ours
+    "drop_rp_filter",     # the reverse path check failed (rp_filter 1 or 2)
+    "drop_frag_needed",   # DF set and too big for the egress MTU: answered
+    "drop_gso_too_big",   # a GSO frame without DF whose segments exceed the MTU
+    "tx_fragmented",      # V_EMIT: sent as IP fragments (DF clear, too big)
+    "icmp_forwarded",     # V_TX: an ICMP error about a NAT conn, translated
+    # -- extra counters (any number per frame) --
+    "emit_frames",        # frames the engine made (ICMP, RST, fragments)
+    "emit_overflow",      # a frame to make found no room in the emit area
+    "icmp_unreach_sent",  # ICMP port unreachable: no dest for a new flow
+    "icmp_frag_needed_sent",  # ICMP fragmentation needed (path MTU)
+    "rst_sent",           # TCP RST for a segment that matches no conn
+    "icmp_ratelimited",   # an ICMP error not sent: icmp_msgs_per_sec
+    "rst_ratelimited",    # a RST not sent: tcp_rst_per_sec
+    "frag_out",           # IP fragments made
+    "conns_evicted",      # conns removed at the limit to make room
+    "conns_reused",       # conns expired by a new SYN (conn_reuse_mode)
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
-N_STATS = 32  # room to grow without changing the array's size
+N_STATS = 64  # room to grow without changing the array's size
+
+# --- ports, routes and sysctls (tables the engine indexes) ------------------
+
+PORT_F_USED = 1        # the row describes an attached port
+PORT_F_CHECK_MAC = 2   # drop service frames whose Ethernet dst is not `mac`
+
+# One row per I/O port (index = the backend's port number).
+PORT_DTYPE = np.dtype(
+    [
+        ("addr", "<u4"),       # the director's primary IPv4 address there (0: none)
+        ("mtu", "<u4"),        # egress MTU in bytes (0: unknown, no MTU check)
+        ("mac", "u1", (6,)),   # the port's MAC
+        ("flags", "u1"),       # PORT_F_*
+        ("rp_filter", "u1"),   # 0 off, 1 strict, 2 loose: max(all, iface) as the kernel
+    ],
+    align=True,
+)
+
+NO_PORT = 0xFFFF  # a route through an interface pylvs does not attach
+
+# The namespace's IPv4 routes, sorted by plen descending (first match wins).
+ROUTE_DTYPE = np.dtype(
+    [
+        ("prefix", "<u4"),     # host order, masked
+        ("plen", "u1"),
+        ("port", "<u2"),       # egress port, or NO_PORT
+    ],
+    align=True,
+)
+
+# Run-time knobs under the kernel's /proc/sys/net/ipv4/vs (and icmp) names,
+# handed to the engine as one int64 array indexed by position.
+SYSCTL_NAMES = (
+    "conn_reuse_mode",     # 1: a SYN on a TIME_WAIT/CLOSE conn is scheduled afresh
+    "expire_nodest_conn",  # 1: expire a conn whose dest is gone when a packet meets it
+    "icmp_msgs_per_sec",   # ICMP errors the engine may send per second (net.ipv4.icmp_msgs_per_sec)
+    "icmp_msgs_burst",     # ... and in a burst (net.ipv4.icmp_msgs_burst)
+    "tcp_rst_per_sec",     # RSTs for segments matching no conn, per second
+    "tcp_rst_burst",       # ... and in a burst
+)
+SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50)
+SYSCTL_INDEX = {name: i for i, name in enumerate(SYSCTL_NAMES)}
+N_SYSCTL = len(SYSCTL_NAMES)
+
+
+def default_sysctls() -> np.ndarray:
+    """The sysctl array with every knob at its default (int64[N_SYSCTL])."""
+    return np.array(SYSCTL_DEFAULTS, dtype=np.int64)
+
+
+def empty_ports(n: int) -> np.ndarray:
+    return np.zeros(n, dtype=PORT_DTYPE)
+
+
+def empty_routes(n: int) -> np.ndarray:
+    return np.zeros(n, dtype=ROUTE_DTYPE)
+
 
 # Per-service and per-dest traffic counters, columns:
 STAT_CONNS, STAT_INPKTS, STAT_OUTPKTS, STAT_INBYTES, STAT_OUTBYTES = range(5)
@@ -161,9 +241,16 @@ class Batch:
     ``buf[i, :length[i]]`` is frame i (virtio_net_hdr + Ethernet frame) that
     arrived on port ``in_port[i]``. The engine rewrites it in place (NAT
     keeps the length) and sets ``verdict[i]`` and, for V_TX, ``out_port[i]``.
+
+    Frames the engine makes (ICMP errors, RSTs, IP fragments) go to the emit
+    area: frame j is ``emit_buf[emit_off[j]:emit_off[j] + emit_len[j]]``
+    (a zero virtio_net_hdr + a complete Ethernet frame) to leave on
+    ``emit_port[j]``; ``emit_n`` = (frames, bytes used), reset by each
+    ``process``.
     """
 
-    def __init__(self, size: int = 256, slot: int = 2048):
+    def __init__(self, size: int = 256, slot: int = 2048, emit_bytes: int = 256 * 1024,
+                 emit_max: int | None = None):
         self.size = size
         self.slot = slot
         self.buf = np.zeros((size, slot), dtype=np.uint8)
@@ -172,9 +259,24 @@ class Batch:
         self.verdict = np.zeros(size, dtype=np.uint8)
         self.out_port = np.zeros(size, dtype=np.uint16)
         self.count = 0
+        emit_max = 4 * size if emit_max is None else emit_max
+        self.emit_buf = np.zeros(emit_bytes, dtype=np.uint8)
+        self.emit_off = np.zeros(emit_max, dtype=np.uint32)
+        self.emit_len = np.zeros(emit_max, dtype=np.uint32)
+        self.emit_port = np.zeros(emit_max, dtype=np.uint16)
+        self.emit_n = np.zeros(2, dtype=np.uint32)
 
     def clear(self) -> None:
         self.count = 0
+        self.emit_n[:] = 0
+
+    def emitted(self) -> list[tuple[int, bytes]]:
+        """The frames the last ``process`` made: (port, frame with vnet header)."""
+        out = []
+        for j in range(int(self.emit_n[0])):
+            off, n = int(self.emit_off[j]), int(self.emit_len[j])
+            out.append((int(self.emit_port[j]), self.emit_buf[off:off + n].tobytes()))
+        return out
 
     def append(self, frame: bytes, in_port: int = 0) -> int:
         """Add a frame (with its virtio_net_hdr); returns its index."""

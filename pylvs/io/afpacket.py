@@ -152,13 +152,20 @@ class AfPacketBackend:
         n = _fast.ring_recv(self.rings, batch.buf, batch.length, batch.in_port,
                             max(0, int(timeout * 1000)))
         batch.count = n
+        batch.emit_n[:] = 0   # nothing made yet: a send before process sends no stale frames
         batch.verdict[:n] = tables.V_PASS
         batch.out_port[:n] = 0
         return n
 
     def send(self, batch: tables.Batch) -> int:
-        return _fast.ring_send(self.rings, batch.buf, batch.length, batch.verdict,
-                               batch.out_port, batch.count)
+        """Send the batch's V_TX frames, then the frames the engine made
+        (its emit area: ICMP errors, RSTs, fragments); returns frames sent."""
+        n = _fast.ring_send(self.rings, batch.buf, batch.length, batch.verdict,
+                            batch.out_port, batch.count)
+        if batch.emit_n[0]:
+            n += _fast.emit_send(self.rings, batch.emit_buf, batch.emit_off, batch.emit_len,
+                                 batch.emit_port, batch.emit_n)
+        return n
 
     # --- control ----------------------------------------------------------
 
@@ -171,12 +178,15 @@ class AfPacketBackend:
             self._prog = prog
 
     def stats(self) -> dict[str, int]:
-        """Ring counters summed over ports, plus ``rx_dropped``: frames the
+        """Ring counters summed over ports (``tx_*``: frames given V_TX;
+        ``emit_*``: frames the engine made; ``tx_emsgsize``: sends of either
+        kind refused as bigger than the egress MTU), plus ``rx_dropped``: frames the
         kernel could not put in a full ring (the data thread fell behind),
         and ``rx_freezes``: how often the kernel found its next block still
         held by user space (tp_freeze_q_cnt)."""
         names = ("rx_frames", "rx_blocks", "rx_truncated", "rx_vlan", "rx_oversize",
                  "tx_frames", "tx_errors", "tx_bad_port", "sock_errors",
+                 "emit_sent", "emit_errors", "tx_emsgsize",
                  "polls", "poll_timeouts", "fwd_calls", "fwd_budget_cuts", "fwd_blocks")
         out = {n: sum(getattr(r, n) for r in self.rings) for n in names}
         with self._lock:

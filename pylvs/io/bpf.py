@@ -2,14 +2,25 @@
 
 The director's AF_PACKET sockets are taps (ETH_P_ALL): without a filter every
 frame on the wire (SSH, ARP, health checks, ...) would be copied into the ring.
-The filter accepts an IPv4 TCP/UDP frame when
+The filter accepts a frame addressed to this host's MAC (packet type
+PACKET_HOST) carrying IPv4 when
 
-- (proto, daddr, dport) is a service (client -> VIP traffic), or
-- (proto, saddr, sport) is a dest (real server -> client replies, VS-NAT),
+- TCP/UDP and (proto, daddr, dport) is a service (client -> VIP traffic), or
+- TCP/UDP and (proto, saddr, sport) is a VS-NAT dest (real server replies), or
+- an ICMP error (destination unreachable, source quench, time exceeded: the
+  types ip_vs_in_icmp / ip_vs_out_icmp handle) whose daddr is a VIP or whose
+  saddr is a VS-NAT dest's address (the engine translates those quoting a
+  NAT conn and passes the rest),
 
 and rejects everything else, including non-first fragments (no ports to
 match; the engine would drop them anyway). Programs are built here in Python
 and attached with SO_ATTACH_FILTER, which swaps the old one atomically.
+
+Frames of another packet type (another host's MAC, broadcast, multicast)
+are refused here because IPVS never sees them: ip_vs_in_hook ignores any
+skb whose pkt_type is not PACKET_HOST. The refusal is counted by the
+steering table (``not_host`` counter, pylvs/control/steering.py), which
+sees the same frames at ingress.
 
 Offsets are from the Ethernet header: AF_PACKET runs socket filters with the
 MAC header pushed back on.
@@ -35,6 +46,17 @@ RET_A = 0x10
 
 BPF_MAXINSNS = 4096
 ACCEPT_LEN = 0x40000  # snap length: more than a 64 KiB GSO frame
+
+# Ancillary loads (linux/filter.h): `ld [SKF_AD_OFF + SKF_AD_PKTTYPE]` reads
+# skb->pkt_type (linux/if_packet.h PACKET_HOST 0, BROADCAST 1, MULTICAST 2,
+# OTHERHOST 3).
+SKF_AD_OFF = 0xFFFFF000
+SKF_AD_PKTTYPE = 4
+PACKET_HOST = 0
+
+PROTO_ICMP = 1
+# ICMP errors IPVS relates to a conn (ip_vs_in_icmp / ip_vs_out_icmp).
+ICMP_ERRORS = (3, 4, 11)  # destination unreachable, source quench, time exceeded
 
 Insn = tuple[int, int, int, int]  # (code, jt, jf, k)
 
@@ -118,20 +140,46 @@ def reject_all() -> list[Insn]:
     return [(RET | K, 0, 0, 0)]
 
 
-def accept_ipv4_l4() -> list[Insn]:
-    """Coarse fallback for tables too big for one program: all IPv4 TCP/UDP."""
-    a = _Asm()
-    a.op(LD | H | ABS, 12)
-    a.if_eq(0x0800, "ip")
+def _head(a: _Asm, l4: str, icmp: str) -> None:
+    """PACKET_HOST, IPv4, not a non-first fragment; then TCP/UDP go to `l4`,
+    ICMP errors to `icmp` with X = IP header length, the rest to "reject"."""
+    a.op(LD | W | ABS, SKF_AD_OFF + SKF_AD_PKTTYPE)
+    a.if_eq(PACKET_HOST, "host")
+    a.jump("reject")
+    a.label("host")
+    a.op(LD | H | ABS, 12)               # ethertype
+    a.if_eq(0x0800, "ipv4")
+    a.jump("reject")
+    a.label("ipv4")
+    a.op(LD | H | ABS, 20)               # flags + fragment offset
+    a.if_set(0x1FFF, "reject")
+    a.op(LDX | B | MSH, 14)              # X = IP header length
+    a.op(LD | B | ABS, 23)               # IP protocol
+    a.if_eq(tables.PROTO_TCP, l4)
+    a.if_eq(tables.PROTO_UDP, l4)
+    a.if_eq(PROTO_ICMP, "icmp_type")
+    a.jump("reject")
+    a.label("icmp_type")
+    a.op(LD | B | IND, 14)               # ICMP type
+    for t in ICMP_ERRORS:
+        a.if_eq(t, icmp)
+    a.jump("reject")
+
+
+def _tail(a: _Asm) -> list[Insn]:
+    a.label("reject")
     a.op(RET | K, 0)
-    a.label("ip")
-    a.op(LD | B | ABS, 23)
-    a.if_eq(tables.PROTO_TCP, "yes")
-    a.if_eq(tables.PROTO_UDP, "yes")
-    a.op(RET | K, 0)
-    a.label("yes")
+    a.label("accept")
     a.op(RET | K, ACCEPT_LEN)
     return a.assemble()
+
+
+def accept_ipv4_l4() -> list[Insn]:
+    """Coarse fallback for tables too big for one program: every IPv4
+    TCP/UDP frame and ICMP error addressed to this host's MAC."""
+    a = _Asm()
+    _head(a, "accept", "accept")
+    return _tail(a)
 
 
 def _match(a: _Asm, keys: list[Key], addr_off: int, port_off: int, tag: str, nxt: str) -> None:
@@ -157,32 +205,30 @@ def _match(a: _Asm, keys: list[Key], addr_off: int, port_off: int, tag: str, nxt
             a.jump(nxt)
 
 
+def _match_addr(a: _Asm, addrs: list[int], off: int, nxt: str) -> None:
+    a.op(LD | W | ABS, off)
+    for addr in addrs:
+        a.if_eq(addr, "accept")
+    a.jump(nxt)
+
+
 def program(svc_keys: Iterable[Key], dst_keys: Iterable[Key]) -> list[Insn]:
-    """The filter for these service and dest keys."""
+    """The filter for these service and dest keys (ICMP errors to the
+    services' addresses and from the dests' addresses included)."""
     svc_keys, dst_keys = sorted(set(svc_keys)), sorted(set(dst_keys))
     if not svc_keys and not dst_keys:
         return reject_all()
     a = _Asm()
-    a.op(LD | H | ABS, 12)               # ethertype
-    a.if_eq(0x0800, "ipv4")
-    a.jump("reject")
-    a.label("ipv4")
-    a.op(LD | B | ABS, 23)               # IP protocol
-    a.if_eq(tables.PROTO_TCP, "l4")
-    a.if_eq(tables.PROTO_UDP, "l4")
-    a.jump("reject")
+    _head(a, "l4", "icmp")
     a.label("l4")
-    a.op(LD | H | ABS, 20)               # flags + fragment offset
-    a.if_set(0x1FFF, "reject")
-    a.op(LDX | B | MSH, 14)              # X = IP header length
     _match(a, svc_keys, 30, 14 + 2, "s", "dests")   # daddr, dport
     a.label("dests")
     _match(a, dst_keys, 26, 14 + 0, "d", "reject")  # saddr, sport
-    a.label("reject")
-    a.op(RET | K, 0)
-    a.label("accept")
-    a.op(RET | K, ACCEPT_LEN)
-    prog = a.assemble()
+    a.label("icmp")
+    _match_addr(a, sorted({addr for _, addr, _ in svc_keys}), 30, "icmp_from")  # to a VIP
+    a.label("icmp_from")
+    _match_addr(a, sorted({addr for _, addr, _ in dst_keys}), 26, "reject")     # from a dest
+    prog = _tail(a)
     if len(prog) > BPF_MAXINSNS:
         return accept_ipv4_l4()
     return prog
@@ -198,9 +244,10 @@ def pack(prog: list[Insn]) -> bytes:
     return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
 
 
-def run(prog: list[Insn], pkt: bytes) -> int:
+def run(prog: list[Insn], pkt: bytes, pkttype: int = PACKET_HOST) -> int:
     """Interpret a program on a packet the way the kernel does (the subset
-    used here plus the usual loads); returns the accept length (0 = drop)."""
+    used here plus the usual loads); returns the accept length (0 = drop).
+    ``pkttype`` is what the ancillary load SKF_AD_PKTTYPE reads."""
     acc = idx = 0
     mem = [0] * 16
     pc = 0
@@ -218,6 +265,10 @@ def run(prog: list[Insn], pkt: bytes) -> int:
                 v = n
             elif mode == MEM:
                 v = mem[k]
+            elif mode == ABS and k >= SKF_AD_OFF:
+                if k != SKF_AD_OFF + SKF_AD_PKTTYPE:
+                    raise NotImplementedError(f"ancillary load {k - SKF_AD_OFF}")
+                v = pkttype
             elif mode == MSH:
                 if k >= n:
                     return 0

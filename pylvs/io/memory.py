@@ -23,6 +23,7 @@ class MemoryBackend:
         self.rx: collections.deque[tuple[bytes, int]] = collections.deque()
         self.sent: list[list[bytes]] = [[] for _ in self.ports]
         self.filter: tuple | None = None
+        self.bad_port = 0
         self._cond = threading.Condition()
         self._batch: tables.Batch | None = None
         self.closed = False
@@ -43,13 +44,18 @@ class MemoryBackend:
         return batch.count
 
     def send(self, batch: tables.Batch) -> int:
+        """Deliver V_TX frames, then the batch's emit area, to ``sent[port]``
+        (a port beyond the list: counted in ``bad_port``); returns frames sent."""
+        out = [(int(batch.out_port[i]), batch.frame(i))
+               for i in range(batch.count) if batch.verdict[i] == tables.V_TX]
+        out += batch.emitted()
         n = 0
-        for i in range(batch.count):
-            if batch.verdict[i] == tables.V_TX:
-                port = int(batch.out_port[i])
-                if port < len(self.sent):
-                    self.sent[port].append(batch.frame(i))
-                    n += 1
+        for port, frame in out:
+            if port < len(self.sent):
+                self.sent[port].append(frame)
+                n += 1
+            else:
+                self.bad_port += 1
         return n
 
     def forward(self, engine, now: float, timeout: float) -> int:

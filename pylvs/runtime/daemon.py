@@ -24,9 +24,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..engine import tables
 
 log = logging.getLogger("pylvs")
+
+# Counters `pylvs run` logs when they grow (at most once per LOG_EVERY s each).
+WATCHED_IO = ("rx_dropped", "tx_errors", "tx_emsgsize", "emit_errors", "tx_bad_port",
+              "sock_errors", "rx_truncated", "rx_vlan", "rx_oversize")
+WATCHED_ENGINE = ("drop_table_full", "emit_overflow")
+LOG_EVERY = 10.0
 
 
 def default_interfaces() -> list[str]:
@@ -65,8 +73,11 @@ class Options:
     ifaces: list[str] = field(default_factory=list)
     control: str | None = None
     config: str | None = None
-    capacity: int = 1 << 16
+    capacity: int = 1 << 22      # conn limit (--conn-max); the table grows up to it
     engine: str = "c"
+    max_services: int = 16384
+    max_dests: int = 131072
+    sysctls: dict = field(default_factory=dict)   # --sysctl NAME=VALUE
     poll_timeout: float = 0.02   # the data thread's longest sleep
     expire_budget: int = 512     # conn slots the clock hand visits per loop
 
@@ -125,6 +136,7 @@ class Daemon:
                 self.engine.set_tables(services, dests)
         self.backend.set_filter(services, dests)
         self.steering.apply(services, dests, self._local)
+        self._push_routes()
 
     def _local_changed(self, addrs: frozenset[str]) -> None:
         # Resolver thread: hand over to the event loop.
@@ -137,6 +149,83 @@ class Daemon:
             self._local = addrs
             log.info("local addresses: %s", ", ".join(sorted(addrs)) or "none")
             self.steering.apply(self._services, self._dests, addrs)
+
+    # --- ports, routes, sysctls: what the engine knows of the namespace --------
+
+    def _io_hooks(self) -> None:
+        """Wire the NetWatcher (ports, routes, local addresses) and the
+        Balancer's sysctls to the engine; read the namespace once now, so
+        the engine has its ports before the first frame."""
+        self._pending_io: dict[str, tuple] = {}
+        self._io_lock = threading.Lock()
+        self._net = None
+        self._routes_sent: tuple | None = None
+        self.balancer.publish_sysctls = lambda values: self._engine_call("set_sysctls", values)
+        if getattr(self, "_netwatch", None) is None:
+            from ..control.ports import NetWatcher
+
+            self._netwatch = NetWatcher(self.backend.ports)
+        self.netwatch = self._netwatch
+        self.netwatch.on_change = self._net_changed
+        if self.netwatch.state is None:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:   # the event loop does not run yet
+                self.netwatch.poll(ipr)
+        self.netwatch.start()
+
+    def _net_changed(self, state) -> None:
+        # NetWatcher thread (or start-up).
+        self._net = state
+        self._engine_call("set_ports", state.ports)
+        self._push_routes()
+
+    def _push_routes(self) -> None:
+        """engine.set_routes(routes, local) when either changed; local is the
+        namespace's addresses and every service's VIP (the VIPs are the
+        director's own addresses even when no interface carries them)."""
+        net = self._net
+        if net is None:
+            return
+        svcs = self._services
+        vips = svcs["vaddr"][(svcs["flags"] & tables.SVC_F_USED) != 0].astype(np.uint32)
+        local = np.union1d(net.local, vips).astype(np.uint32)
+        with self._io_lock:
+            sent = self._routes_sent
+            if (sent is not None and sent[0] is net.routes
+                    and sent[1].tobytes() == local.tobytes()):
+                return
+            self._routes_sent = (net.routes, local)
+        self._engine_call("set_routes", net.routes, local)
+
+    def _engine_call(self, name: str, *args) -> None:
+        """engine.<name>(*args) between two forward calls of the data thread
+        (the latest call of each name wins), or at once when it is not
+        running."""
+        data = self._data_thread
+        if data is not None and data.is_alive():
+            with self._pending_lock:
+                self._pending_io[name] = args
+        else:
+            with self._engine_lock:
+                getattr(self.engine, name)(*args)
+
+    def _take_pending_io(self) -> None:
+        # Data thread.
+        with self._pending_lock:
+            calls, self._pending_io = self._pending_io, {}
+        with self._engine_lock:
+            for name, args in calls.items():
+                getattr(self.engine, name)(*args)
+
+    def _watched(self) -> dict[str, int]:
+        """The counters _watch logs: I/O losses and the engine's refusals
+        that mean a limit was hit."""
+        io = self.backend.stats() if hasattr(self.backend, "stats") else {}
+        out = {k: int(io.get(k, 0)) for k in WATCHED_IO if k in io}
+        named = self.counters.named()
+        out.update({k: named[k] for k in WATCHED_ENGINE if k in named})
+        return out
 
     # --- the data thread ----------------------------------------------------
 
@@ -157,6 +246,8 @@ class Daemon:
                             engine.set_timeouts(timeouts)
                     if pending is not None:
                         self._tables_taken.set()
+                if self._pending_io:
+                    self._take_pending_io()
                 backend.forward(self._fwd_engine, time.monotonic(), timeout)
                 with lock:
                     engine.expire(time.monotonic(), budget)
@@ -182,7 +273,7 @@ class Daemon:
         from ..engine import new_engine
         from ..io.afpacket import AfPacketBackend
 
-        self.counters = tables.Counters()
+        self.counters = tables.Counters(self.opts.max_services, self.opts.max_dests)
         if self._backend is None:
             self._backend = AfPacketBackend(self.ifaces)
         self.backend = self._backend
@@ -204,6 +295,7 @@ class Daemon:
         self._fwd_engine = self.engine
         if not _is_c_engine(self.engine):
             self._fwd_engine = _LockedEngine(self.engine, self._engine_lock)
+        self._io_hooks()
         # A resolved MAC changes the dest table: the Balancer re-publishes.
         refresh = (getattr(self.balancer, "on_resolved", None)
                    or getattr(self.balancer, "refresh", None))
@@ -211,8 +303,25 @@ class Daemon:
             self.resolver.on_change = lambda daddr: self._call_in_loop(refresh, daddr)
         self.resolver.on_local_change = self._local_changed
         self.balancer.on_timeouts = self._set_timeouts
+        self._control_hooks()
         self.balancer.conns_source = self._conns
         self.balancer.clock = time.monotonic  # the time base forward() is given
+
+    def _control_hooks(self) -> None:
+        """`pylvs stats` reads the engine; --sysctl values go in at start."""
+        self.balancer.engine_info = self._engine_info
+        try:
+            self.balancer.set_sysctls(self.opts.sysctls)
+        except Exception as e:  # BalancerError: the message names the knob
+            raise SystemExit(f"pylvs run: --sysctl: {e}") from None
+        set_sysctls = getattr(self.engine, "set_sysctls", None)
+        if set_sysctls is not None and self.opts.sysctls:
+            set_sysctls(self.balancer.sysctl_array())   # not running yet: no lock
+
+    def _engine_info(self) -> dict:
+        e = self.engine
+        return {"conn_count": int(e.conn_count), "capacity": int(e.capacity),
+                "memory": getattr(e, "memory", None)}
 
     def _call_in_loop(self, fn, *args) -> None:
         loop = self._loop
@@ -243,22 +352,24 @@ class Daemon:
             log.error("%s: %s: %s", path, op, r.get("error"))
         log.info("applied %d of %d rules from %s", len(ops) - len(bad), len(ops), path)
 
-    async def _watch(self, period: float = 5.0) -> None:
-        # The data path counts its I/O troubles; say so in the log, once per
-        # change, so a down link or a full queue is not silent.
-        stats = getattr(self.backend, "stats", None)
-        if stats is None:
-            return
-        last = stats()
+    async def _watch(self, period: float = 1.0) -> None:
+        # Losses and refusals the data path counts are logged without -v,
+        # each counter at most once per LOG_EVERY seconds (with what it grew
+        # by since its last line), so a loss is never silent and a flood
+        # does not flood the log.
+        base = self._watched()
+        last_log: dict[str, float] = {}
+        ticks = 0
         while True:
             await asyncio.sleep(period)
-            now = stats()
-            log.debug("stats %s", now)
-            for k in ("rx_dropped", "tx_errors", "sock_errors", "rx_truncated", "rx_vlan",
-                      "rx_oversize", "tx_bad_port"):
-                if now.get(k, 0) > last.get(k, 0):
-                    log.warning("data path: %s +%d (total %d)", k, now[k] - last[k], now[k])
-            last = now
+            ticks += 1
+            now, cur = time.monotonic(), self._watched()
+            if ticks % 5 == 0 and log.isEnabledFor(logging.DEBUG) and hasattr(self.backend, "stats"):
+                log.debug("stats %s", self.backend.stats())
+            for k, v in cur.items():
+                if v > base.get(k, 0) and now - last_log.get(k, -LOG_EVERY) >= LOG_EVERY:
+                    log.warning("data path: %s +%d (total %d)", k, v - base.get(k, 0), v)
+                    base[k], last_log[k] = v, now
 
     async def _main(self) -> int:
         from ..control import rpc
@@ -342,13 +453,20 @@ class Daemon:
             os.close(fd)
             raise SystemExit("pylvs run: another pylvs director runs in this network namespace"
                              + (f" (pid {owner})" if owner else "")) from None
+        if os.fstat(fd).st_ino != _inode(path):
+            # A stopping director unlinked the file between our open and our
+            # lock: the lock we hold guards nothing; take the new file.
+            os.close(fd)
+            return self._claim_netns()
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._netns_lock = fd
+        self._netns_lock_path = path
 
     def run(self) -> int:
         self._loop = None
         self._read_config()
+        raise_nofile_limit()
         self._claim_netns()
         self._local = local_addresses()
         try:
@@ -367,7 +485,8 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self._stop.set()
-        for what, meth in (("steering", "remove"), ("resolver", "close"), ("backend", "close")):
+        for what, meth in (("steering", "remove"), ("resolver", "close"), ("netwatch", "close"),
+                           ("backend", "close")):
             obj = getattr(self, "_" + what, None)
             if obj is None:
                 continue
@@ -378,8 +497,49 @@ class Daemon:
         lock = getattr(self, "_netns_lock", None)
         if lock is not None:
             self._netns_lock = None
+            # Removed while still held, so no other director can be holding
+            # it; a director killed outright leaves its file, and the next
+            # one takes it over (the lock died with the process).
+            try:
+                os.unlink(self._netns_lock_path)
+            except OSError:
+                pass
             os.close(lock)
         log.info("stopped")
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def raise_nofile_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every `pylvs adm` client
+    holds a descriptor, and the director must keep accepting them."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the file descriptor limit to %s: %s", hard, e)
+
+
+def setup_logging(verbose: bool) -> None:
+    """INFO for everyone; -v turns DEBUG on for pylvs's own loggers only.
+    Third-party libraries (pyroute2 logs every netlink message at DEBUG)
+    stay at WARNING whatever the root logger does."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s pylvs[%(process)d] %(levelname)s %(message)s")
+    logging.getLogger("pylvs").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+THIRD_PARTY_LOGGERS = ("pyroute2", "asyncio", "uvloop", "scapy")
 
 
 def _is_c_engine(engine) -> bool:
@@ -410,24 +570,77 @@ def _takes_args(fn, n: int) -> bool:
         return False
 
 
+def _sysctl_arg(text: str) -> tuple[str, str]:
+    import argparse
+
+    name, eq, value = text.partition("=")
+    if not eq or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _bounded(lo: int, hi: int):
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is out of range ({lo}..{hi})")
+        return v
+    return parse
+
+
+def _help_formatter():
+    import argparse
+
+    class Help(argparse.ArgumentDefaultsHelpFormatter):
+        # Every option says its default; one that words it itself keeps it.
+        def _get_help_string(self, action):
+            h = action.help or ""
+            return h if "default:" in h else super()._get_help_string(action)
+    return Help
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from ..engine import DEFAULT_CAPACITY, IMPLS
+    from ..control import balancer as bal
+    from ..engine import IMPLS
 
-    ap = argparse.ArgumentParser(prog="pylvs run", description="Run the pylvs director.")
+    ap = argparse.ArgumentParser(prog="pylvs run", description="Run the pylvs director.",
+                                 formatter_class=_help_formatter())
     ap.add_argument("--iface", action="extend", nargs="+", default=[], metavar="IF",
-                    help="interfaces to serve; default: every Ethernet interface that is up")
-    ap.add_argument("--control", metavar="PATH", help="control socket (default: per namespace)")
-    ap.add_argument("-c", "--config", metavar="FILE", help="ipvsadm -S rules to apply at start")
-    ap.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="max conns")
+                    help="interfaces to serve (default: every Ethernet interface that is up)")
+    ap.add_argument("--control", metavar="PATH",
+                    help="control socket (default: /run/pylvs/ctl-<netns inode>.sock)")
+    ap.add_argument("-c", "--config", metavar="FILE", help="ipvsadm -S rules to apply at start (default: none)")
+    ap.add_argument("--conn-max", type=_bounded(1, 1 << 31), default=Options.capacity,
+                    metavar="N", help="most conns at once; the conn table grows with use up "
+                    "to this, about 100 bytes per conn")
+    ap.add_argument("--capacity", type=_bounded(1, 1 << 31), dest="conn_max",
+                    help=argparse.SUPPRESS)   # the old name of --conn-max
+    ap.add_argument("--max-services", type=_bounded(1, bal.MAX_SERVICES_LIMIT), metavar="N",
+                    default=bal.DEFAULT_MAX_SERVICES, help="most virtual services")
+    ap.add_argument("--max-dests", type=_bounded(1, 1 << 22), metavar="N",
+                    default=bal.DEFAULT_MAX_DESTS, help="most real servers (all services)")
+    ap.add_argument("--sysctl", type=_sysctl_arg, action="append", default=[],
+                    metavar="NAME=VALUE", help="set an engine knob at start (repeatable; default: "
+                    + ", ".join(f"{n}={v}" for n, v in zip(bal.SYSCTL_NAMES, bal.SYSCTL_DEFAULTS)) + ")")
     ap.add_argument("--engine", choices=IMPLS, default="c", help="data path engine")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
-                        format="%(asctime)s pylvs[%(process)d] %(levelname)s %(message)s")
+    try:  # a typo in a knob fails here, before anything starts
+        bal.Balancer(tables.Counters(1, 1)).set_sysctls(dict(a.sysctl))
+    except bal.BalancerError as e:
+        ap.error(f"--sysctl: {e}")
+    setup_logging(a.verbose)
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
-                   capacity=a.capacity, engine=a.engine)
+                   capacity=a.conn_max, engine=a.engine, max_services=a.max_services,
+                   max_dests=a.max_dests, sysctls=dict(a.sysctl))
     try:
         return Daemon(opts).run()
     except SystemExit:

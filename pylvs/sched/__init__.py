@@ -10,10 +10,19 @@ from .base import Scheduler, SchedDest, overhead, register, _REGISTRY
 DEFAULT = "wlc"
 
 
+_loaded = False
+
+
 def _load_all() -> None:
+    # Once: every -A and -E looks a scheduler up, and listing the package
+    # directory each time made a 10,000-service -R spend seconds here.
+    global _loaded
+    if _loaded:
+        return
     for info in pkgutil.iter_modules(__path__):
         if info.name != "base":
             importlib.import_module(f"{__name__}.{info.name}")
+    _loaded = True
 
 
 def names() -> list[str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 
 import pytest
 
@@ -36,6 +38,12 @@ print(json.dumps(None))
         assert f'type filter hook ingress device "{dev}" priority -500; policy accept;' in text
     assert text.count("ip daddr . meta l4proto . th dport @services drop") == 2
     assert text.count("ip daddr != @local ip saddr . meta l4proto . th sport @realservers drop") == 2
+    # ICMP errors from a NAT real server to anyone but the director.
+    assert text.count("ip daddr != @local ip saddr @rsaddrs icmp type "
+                      "{ destination-unreachable, source-quench, time-exceeded } drop") == 2
+    assert "elements = { 10.9.1.2 }" in text  # rsaddrs
+    assert text.count("meta pkttype != host jump not_host") == 2
+    assert "counter not_host" in text
     # The root namespace is left alone.
     assert "pylvs" not in sh("nft", "list", "tables").stdout or True
 
@@ -142,3 +150,107 @@ print(json.dumps(None))
         for p in (rs, vip):
             p.kill()
             p.wait()
+
+
+ICMP_KIT = """
+import json, socket, struct, sys, time
+def csum(data):
+    if len(data) % 2: data += b"\\0"
+    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while s >> 16: s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+def send_frag_needed(dst, marker):
+    # ICMP destination unreachable / fragmentation needed (3/4), MTU 1200,
+    # quoting a UDP header; the marker rides in the quoted payload.
+    quoted = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(marker), 1, 0x4000, 64, 17, 0,
+                         socket.inet_aton(dst), socket.inet_aton("10.9.9.9"))
+    quoted += struct.pack("!HHHH", 40000, 53, 8 + len(marker), 0) + marker
+    body = struct.pack("!BBHHH", 3, 4, 0, 0, 1200) + quoted
+    body = body[:2] + struct.pack("!H", csum(body)) + body[4:]
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    s.sendto(body, (dst, 0))
+def dest_unreachs():
+    lines = [l.split() for l in open("/proc/net/snmp") if l.startswith("Icmp:")]
+    return int(lines[1][lines[0].index("InDestUnreachs")])
+"""
+
+LISTEN = ICMP_KIT + """
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+r.settimeout(1.5)
+print("ready", flush=True)
+got = 0
+try:
+    while True:
+        if b"rs-error" in r.recv(2048):
+            got += 1
+except socket.timeout:
+    pass
+print(json.dumps(got))
+"""
+
+
+def client_gets_rs_error(trio: Trio) -> int:
+    listener = trio.popen(trio.c, LISTEN)
+    assert listener.stdout.readline().strip() == "ready"
+    trio.py(trio.r, ICMP_KIT + "send_frag_needed('10.9.0.2', b'rs-error')\nprint('null')")
+    out, err = listener.communicate(timeout=10)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_icmp_errors_from_real_servers_are_not_forwarded_by_the_kernel(trio):
+    # issue 5, item 4a: the engine translates them; the kernel must not
+    # also forward them with the real server's address inside.
+    sh("ip", "netns", "exec", trio.d, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    assert client_gets_rs_error(trio) == 1  # the kernel routes it
+    steer(trio, """
+s = Steering(["d0", "d1"])
+s.apply([(17, ip("10.9.0.1"), 53)], [(17, ip("10.9.1.2"), 53)], ["10.9.0.1", "10.9.1.1"])
+print(json.dumps(None))
+""")
+    before = trio.py(trio.d, ICMP_KIT + "print(dest_unreachs())")
+    assert client_gets_rs_error(trio) == 0
+    # Errors to the director itself stay with the kernel: from the real
+    # server to its address, and from the client side to the VIP.
+    trio.py(trio.r, ICMP_KIT + "send_frag_needed('10.9.1.1', b'to me')\nprint('null')")
+    trio.py(trio.c, ICMP_KIT + "send_frag_needed('10.9.0.1', b'to vip')\nprint('null')")
+    deadline = time.monotonic() + 5
+    while trio.py(trio.d, ICMP_KIT + "print(dest_unreachs())") < before + 2:
+        assert time.monotonic() < deadline, "the director's kernel did not get its ICMP errors"
+        time.sleep(0.1)
+
+
+def test_frames_not_for_this_host_are_refused_and_counted(trio):
+    # IPVS ignores frames whose packet type is not PACKET_HOST; the socket
+    # filter refuses them and the steering table counts them.
+    dmac = trio.mac(trio.d, "d0")
+    res = steer(trio, rf"""
+import subprocess, sys, time
+from pylvs.io.afpacket import AfPacketBackend
+from pylvs.engine import tables
+svc = [(17, ip("10.9.0.1"), 7)]
+s = Steering(["d0"])
+s.apply(svc, [], ["10.9.0.1"])
+b = AfPacketBackend(["d0"])
+b.set_filter(svc, [])
+sender = '''
+import socket, struct
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+src = s.getsockname()[4]
+for dst in ({dmac!r}, "02:00:00:00:00:99", "ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01"):
+    udp = struct.pack("!HHHH", 40000, 7, 8 + len(dst), 0) + dst.encode()
+    iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                      socket.inet_aton("10.9.0.2"), socket.inet_aton("10.9.0.1"))
+    s.send(bytes.fromhex(dst.replace(":", "")) + src + b"\\x08\\x00" + iph + udp)
+'''
+subprocess.run(["ip", "netns", "exec", {trio.c!r}, sys.executable, "-c", sender], check=True)
+batch = tables.Batch(16, 2048)
+got = []
+deadline = time.monotonic() + 1
+while time.monotonic() < deadline:
+    for i in range(b.recv(batch, 0.1)):
+        got.append(batch.frame(i)[10 + 14 + 20 + 8:].decode())
+print(json.dumps(dict(got=got, not_host=s.not_host())))
+b.close()
+""")
+    assert res == dict(got=[dmac], not_host=3), res

@@ -1,0 +1,319 @@
+/* The engine's private layouts, constants and small helpers, shared by its
+ * C files (the split follows the kernel's net/netfilter/ipvs):
+ *
+ *   ip_vs_conn.c      the conn table: slab, index, removal, expiry
+ *   ip_vs_core.c      the per-frame pipeline and the miss path
+ *   ip_vs_xmit_nat.h  the NAT rewrite and checksum fix-up (inlined)
+ *   engine_type.c     the Python type around them
+ *
+ * engine.h stays the interface for the rest of the extension (afpacket.c);
+ * only the engine's own files include this header.
+ */
+#ifndef PYLVS_IP_VS_H
+#define PYLVS_IP_VS_H
+
+#include "engine.h"
+
+#include <string.h>
+
+#include "csum.h"
+#include "ip_vs_accept.h"
+#include "ip_vs_icmp.h"
+#include "siphash.h"
+
+/* --- layouts shared with pylvs/engine/tables.py and states.py ------------ */
+
+#define SVC_F_USED 1
+#define DEST_F_USED 1
+#define DEST_F_RESOLVED 2
+#define FWD_MASQ 0
+#define PROTO_ICMP 1
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+
+#define N_DIRS 3
+#define N_EVENTS 4
+#define N_TCP_STATES 11
+#define UDP_STATE N_TCP_STATES
+#define N_TIMEOUTS (N_TCP_STATES + 1)
+#define S_NONE 0
+#define S_ESTABLISHED 1
+#define S_FIN_WAIT 4 /* states.*, the kernel's numbering */
+#define S_TIME_WAIT 5
+#define S_CLOSE 6
+#define DIR_INPUT 0
+#define DIR_OUTPUT 1
+#define EV_SYN 0
+#define EV_FIN 1
+#define EV_ACK 2
+#define EV_RST 3
+#define TH_FIN 0x01
+#define TH_SYN 0x02
+#define TH_RST 0x04
+#define TH_ACK 0x10
+
+#define N_TRAFFIC 5
+#define T_CONNS 0
+#define T_INPKTS 1
+#define T_OUTPKTS 2
+#define T_INBYTES 3
+#define T_OUTBYTES 4
+#define C_ACTIVE 0
+#define C_INACTIVE 1
+
+#define VNET_F_NEEDS_CSUM 1
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_TCPV6 4
+
+#define IP_DF 0x4000
+#define ICMP_DEST_UNREACH 3
+#define ICMP_PORT_UNREACH 3
+#define ICMP_FRAG_NEEDED 4
+
+/* SERVICE_DTYPE (align=True) */
+typedef struct {
+    uint32_t vaddr;
+    uint16_t vport;
+    uint8_t proto;
+    uint8_t flags;
+} svc_row;
+
+/* DEST_DTYPE (align=True) */
+typedef struct {
+    uint32_t daddr;
+    uint16_t dport;
+    uint16_t svc;
+    uint32_t weight;
+    uint8_t fwd;
+    uint8_t flags;
+    uint16_t out_port;
+    uint8_t dmac[6];
+    uint8_t smac[6];
+} dest_row;
+
+_Static_assert(sizeof(svc_row) == 8, "SERVICE_DTYPE is 8 bytes");
+_Static_assert(sizeof(dest_row) == 28, "DEST_DTYPE is 28 bytes");
+
+/* --- conns and the index -------------------------------------------------- */
+
+/* One cache line per conn: an established frame touches one index entry and
+ * one line here. */
+struct conn {
+    uint32_t caddr, vaddr, daddr;
+    uint16_t cport, vport, dport;
+    uint8_t proto, state;
+    double expires;
+    uint32_t dest;
+    uint16_t svc;
+    uint16_t in_port;
+    uint8_t fwd;
+    uint8_t used;
+    uint8_t cmac[6];
+    uint8_t lmac[6];
+    uint8_t replied; /* an OUTPUT-direction packet was seen (the kernel's !NOOUTPUT) */
+} __attribute__((aligned(64)));
+
+/* The free list threads through free slots in their `dest` field. */
+#define NO_SLOT UINT32_MAX
+
+/* ref 0 is an empty bucket; otherwise ref - 1 = conn slot << 1 | direction.
+ * tag holds the low 32 bits of the key's hash: the home bucket is tag & mask,
+ * and comparing tags first keeps most foreign entries from costing a conn
+ * cache miss. */
+struct bucket {
+    uint32_t tag;
+    uint32_t ref;
+};
+
+/* Frames between prefetching a conn and using it; its index bucket is
+ * prefetched twice as far ahead. At ~30-40 ns of work per frame, 4 covers a
+ * DRAM miss (measured: 2 is too short, 8 no better). */
+#ifndef PREFETCH_DISTANCE
+#define PREFETCH_DISTANCE 4
+#endif
+
+#define N_BATCH_ARRAYS 10
+
+#define KEY_IN 0
+#define KEY_OUT 1
+#define MAX_CAPACITY (1u << 26)
+
+/* A token bucket for the messages the engine makes on its own
+ * (docs/engine.md, rate limits): full at first use. */
+struct rate_bucket {
+    double tokens, last;
+    int primed;
+};
+
+/* The slab is reserved as address space for `capacity` conns and made
+ * usable in units of SLAB_UNIT bytes (one huge page) as slots come into use;
+ * a table smaller than a unit is made usable whole, rounded to SLAB_PAGE.
+ * The index starts at INDEX_MIN buckets and doubles while 4 x conns would
+ * exceed it (two keys per conn, load <= 1/2). docs/engine.md, Conn table. */
+#define SLAB_UNIT (2u << 20)
+#define SLAB_PAGE 4096u
+#define INDEX_MIN 16u
+/* Slots drawn at the limit to find a conn to replace (docs/engine.md). */
+#define EVICT_SAMPLES 16
+
+struct pylvs_engine {
+    PyObject_HEAD
+    uint32_t capacity; /* the limit */
+    uint32_t conn_count;
+    struct conn *conns;
+    uint32_t high;      /* slots [0, high) have been used */
+    uint32_t free_head; /* LIFO list of freed slots below high, NO_SLOT if none */
+    size_t slab_ready;  /* bytes of the slab made usable */
+    size_t slab_size;   /* bytes reserved (capacity conns, rounded up) */
+    void *slab_map;     /* the reservation as mapped (aligned within) */
+    size_t slab_map_len;
+    struct bucket *index;
+    uint32_t mask;
+    uint32_t hand; /* the expiry clock hand over [0, high) */
+    uint64_t rng;  /* splitmix64 state for eviction samples, from k0 ^ k1 */
+    uint64_t k0, k1;
+    int64_t sysctl[SYS__COUNT]; /* tables.SYSCTL_NAMES */
+    uint8_t trans[N_DIRS][N_EVENTS][N_TCP_STATES];
+    double timeouts[N_TIMEOUTS];
+    int busy; /* inside the scheduler upcall: the tables must stay put */
+
+    PyObject *schedule;
+    PyObject *counters;
+    Py_buffer stats_view, svc_stats_view, dest_stats_view, dest_conns_view;
+    uint64_t *stats;
+    uint64_t (*svc_stats)[N_TRAFFIC];
+    uint64_t (*dest_stats)[N_TRAFFIC];
+    int32_t (*dest_conns)[2];
+    uint32_t max_services, max_dests;
+
+    int have_tables;
+    Py_buffer services_view, dests_view;
+    const svc_row *services;
+    const dest_row *dests;
+    uint32_t nservices, ndests;
+    int32_t *svc_hash; /* open addressing over used services: slot, or -1 */
+    uint32_t svc_mask;
+
+    int batch_cached;
+    Py_buffer batch_views[N_BATCH_ARRAYS];
+
+    struct pylvs_net net;          /* ports, routes, local addresses (copies) */
+    struct rate_bucket icmp_rl, rst_rl;
+    uint16_t ip_id;                /* the next ICMP error's IP ID */
+};
+
+/* The established path is one function: GCC would otherwise leave these
+ * out of line in a function as large as engine_frame. */
+#define HOT static inline __attribute__((always_inline))
+
+/* The 13-byte tuple (proto, a1, p1, a2, p2), addresses and ports in network
+ * byte order as on the wire, read as SipHash's two little-endian words. */
+HOT uint64_t key_hash(const PylvsEngine *e, uint8_t proto, uint32_t a1,
+                      uint16_t p1, uint32_t a2, uint16_t p2)
+{
+    uint32_t a1n = __builtin_bswap32(a1), a2n = __builtin_bswap32(a2);
+    uint16_t p1n = __builtin_bswap16(p1), p2n = __builtin_bswap16(p2);
+    uint64_t m0 = (uint64_t)proto | (uint64_t)a1n << 8 | (uint64_t)p1n << 40 |
+                  (uint64_t)(a2n & 0xff) << 56;
+    uint64_t m1 = (uint64_t)(a2n >> 8) | (uint64_t)p2n << 24 | (uint64_t)13 << 56;
+    return pylvs_siphash13_2w(e->k0, e->k1, m0, m1);
+}
+
+static inline uint64_t conn_key_hash(const PylvsEngine *e, const struct conn *c, int dir)
+{
+    if (dir == KEY_IN)
+        return key_hash(e, c->proto, c->caddr, c->cport, c->vaddr, c->vport);
+    return key_hash(e, c->proto, c->daddr, c->dport, c->caddr, c->cport);
+}
+
+/* The service hash's key: the 7-byte (proto, vaddr, vport), keyed too, so
+ * that service addresses cannot be chosen to collide. */
+HOT uint64_t svc_key_hash(const PylvsEngine *e, uint8_t proto, uint32_t vaddr, uint16_t vport)
+{
+    return key_hash(e, proto, vaddr, vport, 0, 0);
+}
+
+HOT int conn_matches(const struct conn *c, int dir, uint8_t proto, uint32_t a1,
+                     uint16_t p1, uint32_t a2, uint16_t p2)
+{
+    if (c->proto != proto)
+        return 0;
+    if (dir == KEY_IN)
+        return c->caddr == a1 && c->cport == p1 && c->vaddr == a2 && c->vport == p2;
+    return c->daddr == a1 && c->dport == p1 && c->caddr == a2 && c->cport == p2;
+}
+
+/* The bucket holding the key, or NULL. */
+HOT struct bucket *index_find(PylvsEngine *e, uint64_t h, uint8_t proto,
+                              uint32_t a1, uint16_t p1, uint32_t a2, uint16_t p2)
+{
+    uint32_t tag = (uint32_t)h;
+    uint32_t i = tag & e->mask;
+    for (;;) {
+        struct bucket *b = &e->index[i];
+        if (b->ref == 0)
+            return NULL;
+        if (b->tag == tag) {
+            uint32_t r = b->ref - 1;
+            if (conn_matches(&e->conns[r >> 1], r & 1, proto, a1, p1, a2, p2))
+                return b;
+        }
+        i = (i + 1) & e->mask;
+    }
+}
+
+HOT int finish(PylvsEngine *e, int stat, int verdict)
+{
+    e->stats[stat]++;
+    return verdict;
+}
+
+HOT int tcp_event(uint8_t flags)
+{
+    if (flags & TH_RST)
+        return EV_RST;
+    if (flags & TH_SYN)
+        return EV_SYN;
+    if (flags & TH_FIN)
+        return EV_FIN;
+    if (flags & TH_ACK)
+        return EV_ACK;
+    return -1;
+}
+
+/* --- ip_vs_conn.c -------------------------------------------------------- */
+
+/* An empty table for up to `capacity` conns: 0, or -1 with MemoryError set. */
+int conn_table_init(PylvsEngine *e, uint32_t capacity);
+void conn_table_free(PylvsEngine *e);
+void index_insert(PylvsEngine *e, uint64_t h, uint32_t slot, int dir);
+/* Take the conn in `slot` out of the index and its dest's counts, free the
+ * slot, and count it under `stat` (ST_CONNS_EXPIRED, _EVICTED, _REUSED). */
+void conn_remove(PylvsEngine *e, uint32_t slot, int stat);
+/* Bytes the conn table holds now (slab made usable + index). */
+size_t conn_table_memory(const PylvsEngine *e);
+
+static inline int conn_table_full(const PylvsEngine *e)
+{
+    return e->conn_count >= e->capacity;
+}
+
+/* At the limit: the slot of a conn a new one may replace, or -1 (none may
+ * be; the caller refuses with drop_table_full). Draws from e->rng. */
+int64_t conn_victim(PylvsEngine *e, double now);
+/* A slot for a new conn, ready for index_insert: when the table is full,
+ * `victim` (from conn_victim, same `now`) is removed first. Grows the slab
+ * and the index as needed. NO_SLOT when memory runs out. */
+uint32_t conn_alloc(PylvsEngine *e, int64_t victim, double now);
+/* Verify the index against the slab: 0, or -1 with AssertionError set. */
+int conn_table_check(PylvsEngine *e);
+
+/* --- ip_vs_core.c -------------------------------------------------------- */
+
+/* Run `count` frames of a batch (slots of `slot` bytes; every lens[i] was
+ * checked against it) through the pipeline; returns the V_TX count. */
+long engine_batch(PylvsEngine *e, uint8_t *frames, Py_ssize_t slot, const uint32_t *lens,
+                  const uint16_t *ports, uint8_t *verdicts, uint16_t *outs, Py_ssize_t count,
+                  double now, struct pylvs_emit *em);
+
+#endif

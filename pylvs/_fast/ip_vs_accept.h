@@ -1,0 +1,132 @@
+/* What the kernel's receive path would not take in (docs/engine.md steps 7
+ * and 9): frames for another host's MAC or a broadcast MAC, bad IPv4 header
+ * checksums, malformed options and source routes, martian sources and the
+ * reverse-path check of rp_filter.
+ *
+ * IPVS only ever sees packets the kernel accepted as addressed to this host
+ * (ip_rcv_core, ip_route_input_slow, fib_validate_source); pylvs taps the
+ * frames before the kernel, so it applies the same rules itself. The per-port
+ * facts and the routes come from the control plane (pylvs/control/ports.py)
+ * as tables; nothing here reads the kernel.
+ */
+#ifndef PYLVS_IP_VS_ACCEPT_H
+#define PYLVS_IP_VS_ACCEPT_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "csum.h"
+#include "engine.h"
+
+#define PORT_F_USED 1
+#define PORT_F_CHECK_MAC 2
+#define ROUTE_NO_PORT 0xffff
+
+/* PORT_DTYPE (align=True) */
+typedef struct {
+    uint32_t addr;
+    uint32_t mtu;
+    uint8_t mac[6];
+    uint8_t flags;
+    uint8_t rp_filter;
+} port_row;
+
+/* ROUTE_DTYPE (align=True) */
+typedef struct {
+    uint32_t prefix;
+    uint8_t plen;
+    uint8_t pad_;
+    uint16_t port;
+} route_row;
+
+_Static_assert(sizeof(port_row) == 16, "PORT_DTYPE is 16 bytes");
+_Static_assert(sizeof(route_row) == 8, "ROUTE_DTYPE is 8 bytes");
+
+/* The network facts the engine holds (copies: the control plane may drop
+ * its arrays once published). */
+struct pylvs_net {
+    port_row *ports;
+    uint32_t nports;
+    route_row *routes; /* longest prefix first */
+    uint32_t nroutes;
+    int have_routes;   /* set_routes was called: the reverse path is checked */
+    uint32_t *local;   /* ascending */
+    uint32_t nlocal;
+};
+
+static inline const port_row *pylvs_port(const struct pylvs_net *n, uint16_t port)
+{
+    if (port < n->nports && (n->ports[port].flags & PORT_F_USED))
+        return &n->ports[port];
+    return NULL;
+}
+
+/* The verdict counter refusing a frame of ours at step 7, or -1. `eth` is
+ * the Ethernet header, `ip` the IPv4 header of `ihl` bytes (validated). */
+static inline int pylvs_refusal(const struct pylvs_net *n, const uint8_t *eth,
+                                const uint8_t *ip, uint32_t ihl, uint16_t in_port)
+{
+    const port_row *p = pylvs_port(n, in_port);
+    if (p != NULL && (p->flags & PORT_F_CHECK_MAC)) {
+        if (eth[0] & 1)
+            return ST_DROP_L2_BCAST;
+        if (memcmp(eth, p->mac, 6) != 0)
+            return ST_DROP_L2_OTHER_HOST;
+    }
+    if (pylvs_fold(pylvs_csum_bytes(ip, ihl)) != 0xffff)
+        return ST_DROP_BAD_IP_CSUM;
+    for (uint32_t i = 20; i < ihl;) {
+        uint8_t t = ip[i];
+        if (t == 0)
+            break;
+        if (t == 1) {
+            i++;
+            continue;
+        }
+        if (i + 1 >= ihl || ip[i + 1] < 2 || i + ip[i + 1] > ihl)
+            return ST_DROP_BAD_IP;
+        if (t == 131 || t == 137) /* LSRR, SSRR */
+            return ST_DROP_SOURCE_ROUTE;
+        i += ip[i + 1];
+    }
+    return -1;
+}
+
+static inline int pylvs_is_local(const struct pylvs_net *n, uint32_t addr)
+{
+    uint32_t lo = 0, hi = n->nlocal;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (n->local[mid] < addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n->nlocal && n->local[lo] == addr;
+}
+
+/* The verdict counter refusing a new flow's source at step 9, or -1. */
+static inline int pylvs_martian(const struct pylvs_net *n, uint32_t saddr, uint16_t in_port)
+{
+    uint32_t top = saddr >> 24;
+    if (top == 0 || top == 127 || (saddr >> 28) == 14 || saddr == 0xffffffffu ||
+        pylvs_is_local(n, saddr))
+        return ST_DROP_MARTIAN;
+    const port_row *p = pylvs_port(n, in_port);
+    if (p != NULL && p->rp_filter && n->have_routes) {
+        int back = -1;
+        for (uint32_t i = 0; i < n->nroutes; i++) {
+            const route_row *r = &n->routes[i];
+            uint32_t mask = r->plen == 0 ? 0 : 0xffffffffu << (32 - r->plen);
+            if ((saddr & mask) == (r->prefix & mask)) {
+                back = r->port;
+                break;
+            }
+        }
+        if (back < 0 || (p->rp_filter == 1 && back != in_port))
+            return ST_DROP_RP_FILTER;
+    }
+    return -1;
+}
+
+#endif

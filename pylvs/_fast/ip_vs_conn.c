@@ -1,0 +1,347 @@
+/* The conn table (the kernel's ip_vs_conn.c): one slab of conns and one
+ * open-addressing index over it (linear probing, backward-shift deletion,
+ * keyed SipHash-1-3). Each conn sits in the index twice: under its IN key
+ * (client -> VIP) and its OUT key (real server -> client), so one probe
+ * classifies a frame's direction. Lookups are inline in ip_vs.h.
+ */
+#include "ip_vs.h"
+
+#include <stdlib.h>
+#include <sys/mman.h>
+
+/* Tables of a megabyte or more go in their own mapping with transparent huge
+ * pages asked for: a lookup in a 100k-conn table is two random reads, and
+ * with 4 KiB pages each would also miss the TLB. Zeroed, as calloc. */
+#define HUGE_PAGE (2u << 20)
+
+static void *table_alloc(size_t size)
+{
+    if (size < (1u << 20)) {
+        void *p = NULL;
+        if (posix_memalign(&p, 64, size) != 0)
+            return NULL;
+        memset(p, 0, size);
+        return p;
+    }
+    size = (size + HUGE_PAGE - 1) & ~(size_t)(HUGE_PAGE - 1);
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+#ifdef MADV_HUGEPAGE
+    madvise(p, size, MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
+static void table_free(void *p, size_t size)
+{
+    if (p == NULL)
+        return;
+    if (size < (1u << 20)) {
+        free(p);
+        return;
+    }
+    size = (size + HUGE_PAGE - 1) & ~(size_t)(HUGE_PAGE - 1);
+    munmap(p, size);
+}
+
+static size_t round_up(size_t n, size_t unit)
+{
+    return (n + unit - 1) / unit * unit;
+}
+
+int conn_table_init(PylvsEngine *e, uint32_t cap)
+{
+    e->capacity = cap;
+    e->high = 0;
+    e->free_head = NO_SLOT;
+    e->rng = e->k0 ^ e->k1;
+    /* Address space only: PROT_NONE pages cost no memory and no commit
+     * charge until slab_grow makes them usable. */
+    e->slab_size = round_up((size_t)cap * sizeof(struct conn), SLAB_PAGE);
+    size_t align = e->slab_size >= SLAB_UNIT ? SLAB_UNIT : SLAB_PAGE;
+    e->slab_map_len = round_up(e->slab_size, align) + (align > SLAB_PAGE ? align : 0);
+    void *m = mmap(NULL, e->slab_map_len, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+        e->slab_map = NULL;
+        PyErr_NoMemory();
+        return -1;
+    }
+    e->slab_map = m;
+    e->conns = (struct conn *)round_up((uintptr_t)m, align);
+    e->slab_ready = 0;
+    e->mask = INDEX_MIN - 1;
+    e->index = table_alloc((size_t)INDEX_MIN * sizeof(struct bucket));
+    if (e->index == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+void conn_table_free(PylvsEngine *e)
+{
+    if (e->slab_map != NULL)
+        munmap(e->slab_map, e->slab_map_len);
+    table_free(e->index, ((size_t)e->mask + 1) * sizeof(struct bucket));
+    e->slab_map = NULL;
+    e->conns = NULL;
+    e->index = NULL;
+}
+
+size_t conn_table_memory(const PylvsEngine *e)
+{
+    return e->slab_ready + ((size_t)e->mask + 1) * sizeof(struct bucket);
+}
+
+/* Make slots [0, slots) usable, a SLAB_UNIT at a time. */
+static int slab_grow(PylvsEngine *e, uint32_t slots)
+{
+    size_t need = (size_t)slots * sizeof(struct conn);
+    if (need <= e->slab_ready)
+        return 0;
+    size_t target = round_up(need, SLAB_UNIT);
+    if (target > e->slab_size)
+        target = e->slab_size;
+    uint8_t *at = (uint8_t *)e->conns + e->slab_ready;
+    if (mprotect(at, target - e->slab_ready, PROT_READ | PROT_WRITE) != 0)
+        return -1;
+#ifdef MADV_HUGEPAGE
+    if (target - e->slab_ready >= SLAB_UNIT)
+        madvise(at, target - e->slab_ready, MADV_HUGEPAGE);
+#endif
+    e->slab_ready = target;
+    return 0;
+}
+
+/* Double the index until it holds 4 x `conns` buckets (load <= 1/2), moving
+ * every entry by its tag; no key is hashed again. */
+static int index_grow(PylvsEngine *e, uint32_t conns)
+{
+    uint64_t need = 4 * (uint64_t)conns;
+    uint64_t n = (uint64_t)e->mask + 1;
+    if (need <= n)
+        return 0;
+    uint64_t nn = n;
+    while (nn < need)
+        nn <<= 1;
+    struct bucket *old = e->index, *idx = table_alloc((size_t)nn * sizeof(struct bucket));
+    if (idx == NULL)
+        return -1;
+    uint32_t mask = (uint32_t)(nn - 1);
+    for (uint64_t i = 0; i < n; i++) {
+        if (old[i].ref == 0)
+            continue;
+        uint32_t j = old[i].tag & mask;
+        while (idx[j].ref != 0)
+            j = (j + 1) & mask;
+        idx[j] = old[i];
+    }
+    e->index = idx;
+    e->mask = mask;
+    table_free(old, (size_t)n * sizeof(struct bucket));
+    return 0;
+}
+
+/* splitmix64 (Steele, Lea, Flood 2014): the reference engine draws the same
+ * numbers from the same state. */
+static uint64_t rng_next(PylvsEngine *e)
+{
+    uint64_t z = (e->rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* 0: reclaimed first (dead, TIME_WAIT, CLOSE, or never answered by the real
+ * server while not ESTABLISHED); 1: other non-ESTABLISHED; -1: never
+ * (ESTABLISHED). */
+static int evict_class(const struct conn *c, double now)
+{
+    if (c->expires <= now)
+        return 0;
+    if (c->proto == PROTO_TCP) {
+        if (c->state == S_ESTABLISHED)
+            return -1;
+        if (c->state == S_TIME_WAIT || c->state == S_CLOSE)
+            return 0;
+    }
+    return c->replied ? 1 : 0;
+}
+
+int64_t conn_victim(PylvsEngine *e, double now)
+{
+    int64_t second = -1;
+    for (int n = 0; n < EVICT_SAMPLES; n++) {
+        uint32_t slot = (uint32_t)(((rng_next(e) >> 32) * (uint64_t)e->high) >> 32);
+        int k = evict_class(&e->conns[slot], now);
+        if (k == 0)
+            return slot;
+        if (k == 1 && second < 0)
+            second = slot;
+    }
+    return second;
+}
+
+uint32_t conn_alloc(PylvsEngine *e, int64_t victim, double now)
+{
+    if (conn_table_full(e)) {
+        if (victim < 0 || (uint64_t)victim >= e->high || !e->conns[victim].used)
+            return NO_SLOT;
+        const struct conn *v = &e->conns[victim];
+        conn_remove(e, (uint32_t)victim, v->expires <= now ? ST_CONNS_EXPIRED : ST_CONNS_EVICTED);
+    }
+    if (index_grow(e, e->conn_count + 1) < 0)
+        return NO_SLOT;
+    uint32_t slot = e->free_head;
+    if (slot != NO_SLOT) {
+        e->free_head = e->conns[slot].dest;
+        return slot;
+    }
+    if (e->high >= e->capacity || slab_grow(e, e->high + 1) < 0)
+        return NO_SLOT;
+    return e->high++;
+}
+
+/* The load stays <= 1/2, so an empty bucket is always found. */
+void index_insert(PylvsEngine *e, uint64_t h, uint32_t slot, int dir)
+{
+    uint32_t tag = (uint32_t)h;
+    uint32_t i = tag & e->mask;
+    while (e->index[i].ref != 0)
+        i = (i + 1) & e->mask;
+    e->index[i].tag = tag;
+    e->index[i].ref = (slot << 1 | (uint32_t)dir) + 1;
+}
+
+/* Remove the entry `ref` and shift later members of the probe run back, so
+ * that no tombstones accumulate and every remaining key stays reachable
+ * from its home bucket without a gap. */
+static void index_delete(PylvsEngine *e, uint64_t h, uint32_t ref)
+{
+    uint32_t mask = e->mask;
+    uint32_t i = (uint32_t)h & mask;
+    while (e->index[i].ref != ref) {
+        if (e->index[i].ref == 0)
+            return; /* not indexed: cannot happen while the slab and index agree */
+        i = (i + 1) & mask;
+    }
+    uint32_t hole = i;
+    for (;;) {
+        i = (i + 1) & mask;
+        struct bucket *b = &e->index[i];
+        if (b->ref == 0)
+            break;
+        uint32_t home = b->tag & mask;
+        /* b may fill the hole only if the hole lies on its path from home */
+        if (((i - home) & mask) >= ((i - hole) & mask)) {
+            e->index[hole] = *b;
+            hole = i;
+        }
+    }
+    e->index[hole].ref = 0;
+    e->index[hole].tag = 0;
+}
+
+void conn_remove(PylvsEngine *e, uint32_t slot, int stat)
+{
+    struct conn *c = &e->conns[slot];
+    index_delete(e, conn_key_hash(e, c, KEY_IN), (slot << 1 | KEY_IN) + 1);
+    index_delete(e, conn_key_hash(e, c, KEY_OUT), (slot << 1 | KEY_OUT) + 1);
+    if (c->dest < e->max_dests)
+        e->dest_conns[c->dest][c->state == S_ESTABLISHED ? C_ACTIVE : C_INACTIVE] -= 1;
+    c->used = 0;
+    c->dest = e->free_head;
+    e->free_head = slot;
+    e->conn_count--;
+    e->stats[stat]++;
+}
+
+long pylvs_engine_expire(PylvsEngine *e, double now, long budget)
+{
+    uint32_t high = e->high;
+    if (budget <= 0 || high == 0 || e->busy)
+        return 0;
+    /* The hand ends where `budget` single steps would leave it, but a slot
+     * is never visited twice in one call: a second lap finds nothing more. */
+    uint32_t visits = (unsigned long)budget < high ? (uint32_t)budget : high;
+    uint32_t start = e->hand;
+    long expired = 0;
+    uint32_t pos = start;
+    for (uint32_t n = 0; n < visits; n++) {
+        struct conn *c = &e->conns[pos];
+        if (c->used && c->expires <= now) {
+            conn_remove(e, pos, ST_CONNS_EXPIRED);
+            expired++;
+        }
+        if (++pos == high)
+            pos = 0;
+    }
+    e->hand = (uint32_t)((start + (unsigned long)budget % high) % high);
+    return expired;
+}
+
+/* For tests (Engine._check): every used slot indexed under both keys and
+ * found by a lookup, nothing else indexed, no entry cut off from its home
+ * bucket by an empty one, the free list exactly the unused slots below
+ * high, and the load of the index at most 1/2. */
+int conn_table_check(PylvsEngine *self)
+{
+    uint64_t entries = 0;
+    for (uint32_t i = 0; i <= self->mask; i++) {
+        const struct bucket *b = &self->index[i];
+        if (b->ref == 0)
+            continue;
+        entries++;
+        uint32_t slot = (b->ref - 1) >> 1;
+        if (slot >= self->high || !self->conns[slot].used) {
+            PyErr_Format(PyExc_AssertionError, "bucket %u refers to free slot %u", i, slot);
+            return -1;
+        }
+        for (uint32_t j = b->tag & self->mask; j != i; j = (j + 1) & self->mask) {
+            if (self->index[j].ref == 0) {
+                PyErr_Format(PyExc_AssertionError, "bucket %u unreachable: empty bucket %u "
+                             "between it and its home", i, j);
+                return -1;
+            }
+        }
+    }
+    uint32_t used = 0;
+    for (uint32_t slot = 0; slot < self->high; slot++) {
+        const struct conn *c = &self->conns[slot];
+        if (!c->used)
+            continue;
+        used++;
+        for (int dir = KEY_IN; dir <= KEY_OUT; dir++) {
+            uint64_t h = conn_key_hash(self, c, dir);
+            struct bucket *b =
+                dir == KEY_IN
+                    ? index_find(self, h, c->proto, c->caddr, c->cport, c->vaddr, c->vport)
+                    : index_find(self, h, c->proto, c->daddr, c->dport, c->caddr, c->cport);
+            if (b == NULL || b->ref != ((slot << 1 | (uint32_t)dir) + 1) ||
+                b->tag != (uint32_t)h) {
+                PyErr_Format(PyExc_AssertionError, "conn in slot %u not found by its %s key",
+                             slot, dir == KEY_IN ? "IN" : "OUT");
+                return -1;
+            }
+        }
+    }
+    uint32_t nfree = 0;
+    for (uint32_t s = self->free_head; s != NO_SLOT; s = self->conns[s].dest) {
+        if (s >= self->high || self->conns[s].used || ++nfree > self->high) {
+            PyErr_Format(PyExc_AssertionError, "free list holds slot %u (high %u)", s,
+                         self->high);
+            return -1;
+        }
+    }
+    if (used != self->conn_count || entries != 2 * (uint64_t)used ||
+        nfree != self->high - used || 4 * (uint64_t)used > (uint64_t)self->mask + 1) {
+        PyErr_Format(PyExc_AssertionError,
+                     "%u conns used, conn_count %u, %llu index entries in %u buckets, "
+                     "%u free slots below high %u", used, self->conn_count,
+                     (unsigned long long)entries, self->mask + 1, nfree, self->high);
+        return -1;
+    }
+    return 0;
+}

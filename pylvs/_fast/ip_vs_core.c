@@ -1,0 +1,695 @@
+/* The per-frame pipeline (the kernel's ip_vs_core.c): parse and check a
+ * frame, find its conn (or make one on the miss path, which calls the Python
+ * scheduler), update the TCP state, NAT-rewrite, give the verdict. See
+ * docs/engine.md "Per frame". The established path is one function with
+ * everything it calls inlined (HOT); the miss path is out of line.
+ */
+#include "ip_vs.h"
+
+#include "ip_vs_xmit_nat.h"
+
+/* --- the frame path ------------------------------------------------------- */
+
+HOT void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8_t tcpflags,
+                        double now)
+{
+    uint8_t old = c->state, new_ = old;
+    if (c->proto == PROTO_TCP) {
+        int ev = tcp_event(tcpflags);
+        if (ev >= 0 && old < N_TCP_STATES)
+            new_ = e->trans[dir][ev][old];
+    } else {
+        new_ = UDP_STATE;
+    }
+    if ((old == S_ESTABLISHED) != (new_ == S_ESTABLISHED)) {
+        int32_t *dc = e->dest_conns[c->dest];
+        if (new_ == S_ESTABLISHED) {
+            dc[C_ACTIVE] += 1;
+            dc[C_INACTIVE] -= 1;
+        } else {
+            dc[C_ACTIVE] -= 1;
+            dc[C_INACTIVE] += 1;
+        }
+    }
+    c->state = new_;
+    c->expires = now + e->timeouts[new_];
+    if (dir == DIR_OUTPUT)
+        c->replied = 1;
+}
+
+/* The used service slot for (proto, vaddr, vport), or -1: one probe run in
+ * the hash set_tables built, whatever the number of services. */
+static int find_service(const PylvsEngine *e, uint8_t proto, uint32_t vaddr, uint16_t vport)
+{
+    if (e->svc_hash == NULL)
+        return -1;
+    uint32_t i = (uint32_t)svc_key_hash(e, proto, vaddr, vport) & e->svc_mask;
+    for (;;) {
+        int32_t s = e->svc_hash[i];
+        if (s < 0)
+            return -1;
+        const svc_row *r = &e->services[s];
+        if (r->proto == proto && r->vaddr == vaddr && r->vport == vport)
+            return s;
+        i = (i + 1) & e->svc_mask;
+    }
+}
+
+/* The dest of a conn is still the one it was made with (not deleted, its
+ * slot not handed to another service). */
+HOT int conn_dest_ok(const PylvsEngine *e, const struct conn *c)
+{
+    if (c->dest >= e->ndests)
+        return 0;
+    const dest_row *dest = &e->dests[c->dest];
+    return (dest->flags & DEST_F_USED) && dest->svc == c->svc;
+}
+
+/* A segment that would open a conn on a miss (step 8): the kernel's
+ * is_new_conn is the SYN bit alone, but a SYN with ACK or RST never makes a
+ * conn here, so it must not end one either. */
+HOT int is_new_conn(uint8_t proto, uint8_t tcpflags)
+{
+    return proto == PROTO_TCP && (tcpflags & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN;
+}
+
+/* An IN hit that the kernel's ip_vs_in looks at twice: a SYN (is_new_conn)
+ * or a conn whose dest is gone. */
+HOT int conn_in_suspect(const PylvsEngine *e, const struct conn *c, uint8_t proto,
+                        uint8_t tcpflags)
+{
+    return is_new_conn(proto, tcpflags) || !conn_dest_ok(e, c);
+}
+
+#define IN_KEEP 0    /* go on with the conn */
+#define IN_RESCHED 1 /* the conn is gone: schedule the frame afresh */
+#define IN_DROPPED 2 /* the frame is dropped (counted) */
+
+/* The kernel's ip_vs_in rules for a live conn found by an IN lookup, in its
+ * order (there is no conntrack here, so a rescheduled packet is never
+ * dropped for an old conntrack entry):
+ * 1. A SYN (is_new_conn): with
+ *    expire_nodest_conn and the dest's weight 0, or with conn_reuse_mode
+ *    and the conn in TIME_WAIT or CLOSE (or, with bit 2 of the mode, in
+ *    FIN_WAIT without a reply: is_new_conn_expected), the conn is expired
+ *    (conns_reused) and the SYN scheduled afresh.
+ * 2. The dest is gone (IP_VS_DEST_F_AVAILABLE cleared): with
+ *    expire_nodest_conn the conn is expired (conns_expired) and the frame
+ *    handled as a miss; without, the frame is dropped and the conn left as
+ *    it was (drop_dest_gone). */
+static __attribute__((noinline)) int
+conn_in_rules(PylvsEngine *e, uint32_t slot, uint8_t proto, uint8_t tcpflags)
+{
+    struct conn *c = &e->conns[slot];
+    int dest_ok = conn_dest_ok(e, c);
+    int64_t nodest = e->sysctl[SYS_EXPIRE_NODEST_CONN], reuse = e->sysctl[SYS_CONN_REUSE_MODE];
+    if (is_new_conn(proto, tcpflags)) {
+        int resched = 0;
+        if (nodest && dest_ok && e->dests[c->dest].weight == 0)
+            resched = 1;
+        else if (reuse)
+            resched = c->state == S_TIME_WAIT || c->state == S_CLOSE ||
+                      ((reuse & 2) && c->state == S_FIN_WAIT && !c->replied);
+        if (resched) {
+            conn_remove(e, slot, ST_CONNS_REUSED);
+            return IN_RESCHED;
+        }
+    }
+    if (dest_ok)
+        return IN_KEEP;
+    if (nodest) {
+        conn_remove(e, slot, ST_CONNS_EXPIRED);
+        return IN_RESCHED;
+    }
+    e->stats[ST_DROP_DEST_GONE]++;
+    return IN_DROPPED;
+}
+
+/* Ask the Python scheduler for a dest. Returns the slot, -1 for none, or -2
+ * when it raised (already reported). */
+static long call_schedule(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cport)
+{
+    if (e->schedule == NULL)
+        return -1;
+    PyObject *args[3];
+    args[0] = PyLong_FromLong(svc);
+    args[1] = PyLong_FromUnsignedLong(caddr);
+    args[2] = PyLong_FromLong(cport);
+    PyObject *res = NULL;
+    long d = -1;
+    int overflow = 0;
+    if (args[0] && args[1] && args[2]) {
+        PyObject *sched = e->schedule;
+        Py_INCREF(sched);
+        e->busy = 1;
+        res = PyObject_Vectorcall(sched, args, 3, NULL);
+        /* Reading the answer may run Python too (__index__, __del__). */
+        if (res != NULL) {
+            d = PyLong_AsLongAndOverflow(res, &overflow);
+            Py_DECREF(res);
+        }
+        e->busy = 0;
+        Py_DECREF(sched);
+    }
+    Py_XDECREF(args[0]);
+    Py_XDECREF(args[1]);
+    Py_XDECREF(args[2]);
+    if (res != NULL) {
+        if (overflow)
+            return -1; /* no dest has such a slot */
+        if (!(d == -1 && PyErr_Occurred()))
+            return d < 0 ? -1 : d;
+    }
+    PyErr_WriteUnraisable(e->schedule ? e->schedule : Py_None);
+    return -2;
+}
+
+/* A frame the miss path turns away: count it, give the verdict. */
+static struct conn *refuse(PylvsEngine *e, int *verdict, int *why, int stat, int v)
+{
+    *why = stat;
+    *verdict = finish(e, stat, v);
+    return NULL;
+}
+
+/* A new conn of service `s` for the frame (step 9, from the scheduler on).
+ * Returns it, or NULL with *verdict set and its counter (*why) counted.
+ * Out of line: it is the rare path, and it calls Python. */
+static __attribute__((noinline)) struct conn *
+conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, uint32_t daddr,
+         uint16_t dport, uint64_t h, const uint8_t *eth, uint16_t in_port, double now,
+         int *verdict, int *why)
+{
+    /* At the limit, the conn to replace is chosen before the upcall, so a
+     * full table refuses a flood without calling Python. */
+    int64_t victim = -1;
+    if (conn_table_full(e) && (victim = conn_victim(e, now)) < 0)
+        return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
+    long d = call_schedule(e, s, saddr, sport);
+    if (d == -2)
+        return refuse(e, verdict, why, ST_SCHED_ERRORS, PYLVS_V_DROP);
+    if (d < 0 || (unsigned long)d >= e->ndests)
+        return refuse(e, verdict, why, ST_DROP_NO_DEST, PYLVS_V_DROP);
+    const dest_row *dest = &e->dests[d];
+    if (!(dest->flags & DEST_F_USED) || dest->svc != (uint16_t)s)
+        return refuse(e, verdict, why, ST_DROP_NO_DEST, PYLVS_V_DROP);
+
+    uint64_t hout = key_hash(e, proto, dest->daddr, dest->dport, saddr, sport);
+    struct bucket *ob = index_find(e, hout, proto, dest->daddr, dest->dport, saddr, sport);
+    if (ob != NULL) {
+        uint32_t r = ob->ref - 1;
+        if (e->conns[r >> 1].expires > now)
+            return refuse(e, verdict, why, ST_DROP_CONFLICT, PYLVS_V_DROP);
+        conn_remove(e, r >> 1, ST_CONNS_EXPIRED); /* a dead holder does not block the key */
+    }
+    /* IN key == OUT key: client, VIP and real server are one address:port */
+    if (dest->daddr == saddr && dest->dport == sport && saddr == daddr && sport == dport)
+        return refuse(e, verdict, why, ST_DROP_CONFLICT, PYLVS_V_DROP);
+    uint32_t slot = conn_alloc(e, victim, now);
+    if (slot == NO_SLOT) /* out of memory */
+        return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
+    struct conn *c = &e->conns[slot];
+    c->proto = proto;
+    c->caddr = saddr;
+    c->cport = sport;
+    c->vaddr = daddr;
+    c->vport = dport;
+    c->daddr = dest->daddr;
+    c->dport = dest->dport;
+    c->state = S_NONE;
+    c->fwd = dest->fwd;
+    c->svc = (uint16_t)s;
+    c->dest = (uint32_t)d;
+    c->in_port = in_port;
+    c->expires = now + e->timeouts[S_NONE];
+    memcpy(c->cmac, eth + 6, 6);
+    memcpy(c->lmac, eth, 6);
+    c->replied = 0;
+    c->used = 1;
+    index_insert(e, h, slot, KEY_IN);
+    index_insert(e, hout, slot, KEY_OUT);
+    e->conn_count++;
+    e->stats[ST_CONNS_CREATED]++;
+    e->dest_conns[d][C_INACTIVE] += 1;
+    e->svc_stats[s][T_CONNS] += 1;
+    e->dest_stats[d][T_CONNS] += 1;
+    return c;
+}
+
+/* What the batch loop learnt about a frame ahead of time: its tuple and the
+ * tuple's hash, computed while the index bucket was being prefetched. */
+struct hint {
+    uint64_t hash;
+    uint32_t saddr, daddr;
+    uint16_t sport, dport;
+    uint8_t proto;
+    uint8_t valid;
+};
+
+/* The tuple of a frame that might be TCP or UDP over IPv4, read with just
+ * enough checks to stay inside the frame; the frame path validates for real
+ * and uses the result only if it names the same tuple. */
+HOT void frame_hint(const PylvsEngine *e, const uint8_t *f, uint32_t len, struct hint *h)
+{
+    h->valid = 0;
+    if (len < PYLVS_VNET_HDR_LEN + 14 + 20 || pylvs_rd16(f + PYLVS_VNET_HDR_LEN + 12) != 0x0800)
+        return;
+    const uint8_t *ip = f + PYLVS_VNET_HDR_LEN + 14;
+    uint32_t ihl = (uint32_t)(ip[0] & 0x0f) * 4;
+    if (ihl < 20 || PYLVS_VNET_HDR_LEN + 14 + ihl + 4 > len)
+        return;
+    if (ip[9] != PROTO_TCP && ip[9] != PROTO_UDP)
+        return;
+    h->proto = ip[9];
+    h->saddr = pylvs_rd32(ip + 12);
+    h->daddr = pylvs_rd32(ip + 16);
+    h->sport = pylvs_rd16(ip + ihl);
+    h->dport = pylvs_rd16(ip + ihl + 2);
+    h->hash = key_hash(e, h->proto, h->saddr, h->sport, h->daddr, h->dport);
+    h->valid = 1;
+}
+
+/* Start loading the conn that the hinted tuple will find, assuming its
+ * bucket is already on its way into the cache. */
+HOT void prefetch_conn(const PylvsEngine *e, const struct hint *h)
+{
+    if (!h->valid)
+        return;
+    uint32_t tag = (uint32_t)h->hash;
+    uint32_t i = tag & e->mask;
+    for (int n = 0; n < 4; n++) {
+        const struct bucket *b = &e->index[i];
+        if (b->ref == 0)
+            return;
+        if (b->tag == tag) {
+            __builtin_prefetch(&e->conns[(b->ref - 1) >> 1], 1);
+            return;
+        }
+        i = (i + 1) & e->mask;
+    }
+}
+
+/* --- what the engine makes and refuses (out of line: rare) ---------------- */
+
+static int rate_allow(struct rate_bucket *b, double now, int64_t per_sec, int64_t burst)
+{
+    if (!b->primed) {
+        b->tokens = (double)burst;
+        b->last = now;
+        b->primed = 1;
+    } else if (now > b->last) {
+        double t = b->tokens + (now - b->last) * (double)per_sec;
+        b->tokens = t < (double)burst ? t : (double)burst;
+        b->last = now;
+    }
+    if (b->tokens >= 1.0) {
+        b->tokens -= 1.0;
+        return 1;
+    }
+    return 0;
+}
+
+static int emit_room(const struct pylvs_emit *em, uint32_t need)
+{
+    return em != NULL && em->n < em->max && em->used <= em->cap && em->cap - em->used >= need;
+}
+
+/* A RST for a segment that matches no conn (docs/engine.md step 9). */
+static __attribute__((noinline)) void
+send_rst(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
+         uint32_t ihl, uint32_t tot, uint16_t in_port, double now)
+{
+    if (!rate_allow(&e->rst_rl, now, e->sysctl[SYS_TCP_RST_PER_SEC],
+                    e->sysctl[SYS_TCP_RST_BURST])) {
+        e->stats[ST_RST_RATELIMITED]++;
+        return;
+    }
+    if (!emit_room(em, PYLVS_VNET_HDR_LEN + 14 + 40)) {
+        e->stats[ST_EMIT_OVERFLOW]++;
+        return;
+    }
+    if (pylvs_tcp_reset(em, in_port, eth, ip, ip + ihl, tot - ihl)) {
+        e->stats[ST_EMIT_FRAMES]++;
+        e->stats[ST_RST_SENT]++;
+    }
+}
+
+/* An ICMP dest unreachable (code) about the frame's packet, back out of its
+ * port from `saddr`; frag-needed is never rate-limited (icmpv4_mask_allow). */
+static __attribute__((noinline)) void
+send_unreach(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
+             uint32_t tot, uint16_t in_port, double now, uint8_t code, uint32_t info,
+             uint32_t saddr)
+{
+    if (code != ICMP_FRAG_NEEDED &&
+        !rate_allow(&e->icmp_rl, now, e->sysctl[SYS_ICMP_MSGS_PER_SEC],
+                    e->sysctl[SYS_ICMP_MSGS_BURST])) {
+        e->stats[ST_ICMP_RATELIMITED]++;
+        return;
+    }
+    uint32_t quote = tot < PYLVS_ICMP_ERR_MAX - 28 ? tot : PYLVS_ICMP_ERR_MAX - 28;
+    if (!emit_room(em, PYLVS_VNET_HDR_LEN + 14 + 28 + quote)) {
+        e->stats[ST_EMIT_OVERFLOW]++;
+        return;
+    }
+    if (pylvs_icmp_error(em, in_port, eth, ip, tot, ICMP_DEST_UNREACH, code, info, saddr,
+                         e->ip_id)) {
+        e->ip_id++;
+        e->stats[ST_EMIT_FRAMES]++;
+        e->stats[code == ICMP_FRAG_NEEDED ? ST_ICMP_FRAG_NEEDED_SENT : ST_ICMP_UNREACH_SENT]++;
+    }
+}
+
+/* A frame step 7 refuses: dropped with the refusal's counter if it is ours
+ * (its tuple is indexed, live or not, or a service matches), else passed. */
+static __attribute__((noinline)) int
+refuse_frame(PylvsEngine *e, int stat, uint8_t proto, uint32_t saddr, uint16_t sport,
+             uint32_t daddr, uint16_t dport)
+{
+    uint64_t h = key_hash(e, proto, saddr, sport, daddr, dport);
+    if (index_find(e, h, proto, saddr, sport, daddr, dport) != NULL ||
+        find_service(e, proto, daddr, dport) >= 0)
+        return finish(e, stat, PYLVS_V_DROP);
+    return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+}
+
+#define MTU_FITS (-1)
+#define MTU_FRAGMENT (-2)
+
+/* Step 13 beyond the fast test: MTU_FITS, MTU_FRAGMENT, or the verdict
+ * counter of a refusal (answered with frag-needed when DF is set). */
+static __attribute__((noinline)) int
+mtu_slow(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *frame, const uint8_t *eth,
+         const uint8_t *ip, uint32_t ihl, uint32_t tot, uint8_t proto, uint32_t mtu,
+         uint16_t in_port, uint32_t icmp_saddr, double now)
+{
+    int gso = (frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0;
+    uint32_t need = tot;
+    if (gso) {
+        uint32_t gso_size = (uint32_t)frame[4] | (uint32_t)frame[5] << 8;
+        const uint8_t *l4 = ip + ihl;
+        uint32_t hdr = ihl + (proto == PROTO_TCP ? (uint32_t)(l4[12] >> 4) * 4 : 8);
+        if (gso_size)
+            need = hdr + gso_size;
+    }
+    if (need <= mtu)
+        return MTU_FITS;
+    uint8_t gso_kind = frame[1] & 0x7f;
+    if ((pylvs_rd16(ip + 6) & IP_DF) ||
+        (gso && (gso_kind == VNET_GSO_TCPV4 || gso_kind == VNET_GSO_TCPV6))) {
+        send_unreach(e, em, eth, ip, tot, in_port, now, ICMP_FRAG_NEEDED, mtu, icmp_saddr);
+        return ST_DROP_FRAG_NEEDED;
+    }
+    if (gso)
+        return ST_DROP_GSO_TOO_BIG;
+    return MTU_FRAGMENT;
+}
+
+/* Step 13: does the frame fit the egress port's MTU? */
+HOT int mtu_check(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *frame,
+                  const uint8_t *eth, const uint8_t *ip, uint32_t ihl, uint32_t tot,
+                  uint8_t proto, uint16_t egress, uint16_t in_port, uint32_t icmp_saddr,
+                  double now)
+{
+    const port_row *p = pylvs_port(&e->net, egress);
+    if (p == NULL || p->mtu == 0)
+        return MTU_FITS;
+    if (tot <= p->mtu && !((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0))
+        return MTU_FITS;
+    return mtu_slow(e, em, frame, eth, ip, ihl, tot, proto, p->mtu, in_port, icmp_saddr, now);
+}
+
+/* A rewritten frame with DF clear that is too big: its IP fragments leave
+ * through the emit area instead (V_EMIT). */
+static __attribute__((noinline)) int
+fragment_out(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
+             uint32_t tot, uint16_t egress)
+{
+    uint32_t k = pylvs_ip_fragment(em, egress, eth, ip, tot, e->net.ports[egress].mtu);
+    if (k == 0)
+        return finish(e, ST_EMIT_OVERFLOW, PYLVS_V_DROP);
+    e->stats[ST_EMIT_FRAMES] += k;
+    e->stats[ST_FRAG_OUT] += k;
+    return finish(e, ST_TX_FRAGMENTED, PYLVS_V_EMIT);
+}
+
+/* The ICMP path (docs/engine.md): an ICMP error about a NAT conn goes where
+ * the conn's packets go, translated (ip_vs_in_icmp / ip_vs_out_icmp). */
+static __attribute__((noinline)) int
+icmp_frame(PylvsEngine *e, uint8_t *eth, uint8_t *ip, uint32_t ihl, uint32_t tot,
+           uint16_t in_port, double now, uint16_t *out_port)
+{
+    struct pylvs_icmp_inner in;
+    if (!pylvs_icmp_inner(ip, tot, &in))
+        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+    /* The quoted packet went the other way: its reverse is the conn's key. */
+    uint64_t h = key_hash(e, in.proto, in.daddr, in.dport, in.saddr, in.sport);
+    struct bucket *b = index_find(e, h, in.proto, in.daddr, in.dport, in.saddr, in.sport);
+    if (b == NULL)
+        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+    uint32_t r = b->ref - 1;
+    struct conn *c = &e->conns[r >> 1];
+    if (c->expires <= now) {
+        conn_remove(e, r >> 1, ST_CONNS_EXPIRED);
+        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+    }
+    if (c->fwd != FWD_MASQ)
+        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+    int refusal = pylvs_refusal(&e->net, eth, ip, ihl, in_port);
+    if (refusal >= 0)
+        return finish(e, refusal, PYLVS_V_DROP);
+    if ((r & 1) == KEY_IN) {
+        /* From the client side, about a reply it got: to the real server. */
+        uint32_t d = c->dest;
+        if (d >= e->ndests)
+            return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
+        const dest_row *dest = &e->dests[d];
+        if (!(dest->flags & DEST_F_USED) || dest->svc != c->svc)
+            return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
+        if (!(dest->flags & DEST_F_RESOLVED))
+            return finish(e, ST_DROP_UNRESOLVED, PYLVS_V_DROP);
+        pylvs_nat_icmp(ip, tot, 0, c->daddr, c->dport);
+        memcpy(eth, dest->dmac, 6);
+        memcpy(eth + 6, dest->smac, 6);
+        *out_port = dest->out_port;
+        e->svc_stats[c->svc][T_INPKTS] += 1;
+        e->svc_stats[c->svc][T_INBYTES] += tot;
+        e->dest_stats[d][T_INPKTS] += 1;
+        e->dest_stats[d][T_INBYTES] += tot;
+    } else {
+        /* From the real server's side, about a packet from the client. */
+        pylvs_nat_icmp(ip, tot, 1, c->vaddr, c->vport);
+        memcpy(eth, c->cmac, 6);
+        memcpy(eth + 6, c->lmac, 6);
+        *out_port = c->in_port;
+        e->svc_stats[c->svc][T_OUTPKTS] += 1;
+        e->svc_stats[c->svc][T_OUTBYTES] += tot;
+        e->dest_stats[c->dest][T_OUTPKTS] += 1;
+        e->dest_stats[c->dest][T_OUTBYTES] += tot;
+    }
+    e->stats[ST_ICMP_FORWARDED]++;
+    return finish(e, ST_TX_FRAMES, PYLVS_V_TX);
+}
+
+static inline __attribute__((always_inline)) int
+engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, double now,
+             uint16_t *out_port, const struct hint *hint, struct pylvs_emit *em)
+{
+    e->stats[ST_RX_FRAMES]++;
+    /* Only C callers get here during the scheduler upcall (process() refuses
+     * re-entry): the miss path is half done, so a nested frame must not
+     * touch the table. The scheduler that re-entered is at fault. */
+    if (__builtin_expect(e->busy, 0))
+        return finish(e, ST_SCHED_ERRORS, PYLVS_V_DROP);
+    if (len < PYLVS_VNET_HDR_LEN + 14)
+        return finish(e, ST_DROP_TRUNCATED, PYLVS_V_DROP);
+    uint8_t *eth = frame + PYLVS_VNET_HDR_LEN;
+    if (pylvs_rd16(eth + 12) != 0x0800)
+        return finish(e, ST_PASS_NOT_IPV4, PYLVS_V_PASS);
+
+    uint8_t *ip = eth + 14;
+    uint32_t avail = len - (PYLVS_VNET_HDR_LEN + 14);
+    if (avail < 20)
+        return finish(e, ST_DROP_TRUNCATED, PYLVS_V_DROP);
+    uint32_t ihl = (uint32_t)(ip[0] & 0x0f) * 4;
+    if ((ip[0] >> 4) != 4 || ihl < 20 || ihl > avail)
+        return finish(e, ST_DROP_BAD_IP, PYLVS_V_DROP);
+    uint32_t tot = pylvs_rd16(ip + 2);
+    if (tot < ihl || tot > avail)
+        return finish(e, ST_DROP_BAD_IP, PYLVS_V_DROP);
+    if (ihl > 20)
+        e->stats[ST_IP_OPTIONS]++;
+    if (pylvs_rd16(ip + 6) & 0x3fff) /* MF or a fragment offset */
+        return finish(e, ST_DROP_FRAGMENT, PYLVS_V_DROP);
+    uint8_t proto = ip[9];
+    if (proto == PROTO_ICMP)
+        return icmp_frame(e, eth, ip, ihl, tot, in_port, now, out_port);
+    if (proto != PROTO_TCP && proto != PROTO_UDP)
+        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+
+    uint8_t *l4 = ip + ihl;
+    uint32_t l4len = tot - ihl;
+    uint8_t tcpflags = 0;
+    if (proto == PROTO_TCP) {
+        if (l4len < 20)
+            return finish(e, ST_DROP_BAD_L4, PYLVS_V_DROP);
+        uint32_t doff = (uint32_t)(l4[12] >> 4) * 4;
+        if (doff < 20 || doff > l4len)
+            return finish(e, ST_DROP_BAD_L4, PYLVS_V_DROP);
+        tcpflags = l4[13];
+    } else {
+        if (l4len < 8 || pylvs_rd16(l4 + 4) != l4len)
+            return finish(e, ST_DROP_BAD_L4, PYLVS_V_DROP);
+    }
+
+    uint32_t saddr = pylvs_rd32(ip + 12), daddr = pylvs_rd32(ip + 16);
+    uint16_t sport = pylvs_rd16(l4), dport = pylvs_rd16(l4 + 2);
+
+    int refusal = pylvs_refusal(&e->net, eth, ip, ihl, in_port);
+    if (__builtin_expect(refusal >= 0, 0))
+        return refuse_frame(e, refusal, proto, saddr, sport, daddr, dport);
+
+    struct conn *c = NULL;
+    int dir = KEY_IN;
+    uint64_t h;
+    if (hint != NULL && hint->valid && hint->proto == proto && hint->saddr == saddr &&
+        hint->daddr == daddr && hint->sport == sport && hint->dport == dport)
+        h = hint->hash;
+    else
+        h = key_hash(e, proto, saddr, sport, daddr, dport);
+    struct bucket *b = index_find(e, h, proto, saddr, sport, daddr, dport);
+    if (b != NULL) {
+        uint32_t r = b->ref - 1;
+        c = &e->conns[r >> 1];
+        dir = r & 1;
+        if (c->expires <= now) {
+            conn_remove(e, r >> 1, ST_CONNS_EXPIRED);
+            c = NULL;
+            dir = KEY_IN;
+        } else if (dir == KEY_IN &&
+                   __builtin_expect(conn_in_suspect(e, c, proto, tcpflags), 0)) {
+            int rule = conn_in_rules(e, r >> 1, proto, tcpflags);
+            if (rule == IN_DROPPED)
+                return PYLVS_V_DROP;
+            if (rule == IN_RESCHED)
+                c = NULL;
+        }
+    }
+
+    if (c == NULL) {
+        int s = find_service(e, proto, daddr, dport);
+        if (s < 0)
+            return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+        int m = pylvs_martian(&e->net, saddr, in_port);
+        if (m >= 0)
+            return finish(e, m, PYLVS_V_DROP);
+        if (proto == PROTO_TCP &&
+            (!(tcpflags & TH_SYN) || (tcpflags & (TH_ACK | TH_RST)))) {
+            /* Only a SYN makes a conn; the rest get the kernel stack's RST. */
+            if (!(tcpflags & TH_RST))
+                send_rst(e, em, eth, ip, ihl, tot, in_port, now);
+            return finish(e, ST_DROP_NO_CONN, PYLVS_V_DROP);
+        }
+        int verdict, why;
+        c = conn_new(e, s, proto, saddr, sport, daddr, dport, h, eth, in_port, now, &verdict,
+                     &why);
+        if (c == NULL) {
+            if (why == ST_DROP_NO_DEST) /* ip_vs_leave: refused at once */
+                send_unreach(e, em, eth, ip, tot, in_port, now, ICMP_PORT_UNREACH, 0, daddr);
+            return verdict;
+        }
+        dir = KEY_IN;
+    }
+
+    if (dir == KEY_IN) {
+        uint32_t d = c->dest;
+        if (d >= e->ndests)
+            return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
+        const dest_row *dest = &e->dests[d];
+        if (!(dest->flags & DEST_F_USED) || dest->svc != c->svc)
+            return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
+        if (c->fwd != FWD_MASQ)
+            return finish(e, ST_DROP_FWD_METHOD, PYLVS_V_DROP);
+        conn_set_state(e, c, DIR_INPUT, tcpflags, now);
+        e->svc_stats[c->svc][T_INPKTS] += 1;
+        e->svc_stats[c->svc][T_INBYTES] += tot;
+        e->dest_stats[d][T_INPKTS] += 1;
+        e->dest_stats[d][T_INBYTES] += tot;
+        if (!(dest->flags & DEST_F_RESOLVED))
+            return finish(e, ST_DROP_UNRESOLVED, PYLVS_V_DROP);
+        int mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, dest->out_port, in_port,
+                            daddr, now);
+        if (__builtin_expect(mtu >= 0, 0))
+            return finish(e, mtu, PYLVS_V_DROP);
+        *out_port = nat_xmit_in(e, c, dest, frame, eth, ip, l4, l4len, proto, daddr, dport);
+        if (__builtin_expect(mtu == MTU_FRAGMENT, 0))
+            return fragment_out(e, em, eth, ip, tot, *out_port);
+    } else {
+        conn_set_state(e, c, DIR_OUTPUT, tcpflags, now);
+        e->svc_stats[c->svc][T_OUTPKTS] += 1;
+        e->svc_stats[c->svc][T_OUTBYTES] += tot;
+        e->dest_stats[c->dest][T_OUTPKTS] += 1;
+        e->dest_stats[c->dest][T_OUTBYTES] += tot;
+        int mtu = MTU_FITS;
+        if (pylvs_port(&e->net, c->in_port) != NULL) {
+            const port_row *inp = pylvs_port(&e->net, in_port);
+            uint32_t src = inp != NULL && inp->addr ? inp->addr : c->vaddr;
+            mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, c->in_port, in_port, src,
+                            now);
+            if (__builtin_expect(mtu >= 0, 0))
+                return finish(e, mtu, PYLVS_V_DROP);
+        }
+        *out_port = nat_xmit_out(e, c, frame, eth, ip, l4, l4len, proto, saddr, sport);
+        if (__builtin_expect(mtu == MTU_FRAGMENT, 0))
+            return fragment_out(e, em, eth, ip, tot, *out_port);
+    }
+    return finish(e, ST_TX_FRAMES, PYLVS_V_TX);
+}
+
+int pylvs_engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port,
+                       double now, uint16_t *out_port, struct pylvs_emit *em)
+{
+    return engine_frame(e, frame, len, in_port, now, out_port, NULL, em);
+}
+
+
+long engine_batch(PylvsEngine *e, uint8_t *frames, Py_ssize_t slot, const uint32_t *lens,
+                  const uint16_t *ports, uint8_t *verdicts, uint16_t *outs, Py_ssize_t count,
+                  double now, struct pylvs_emit *em)
+{
+    /* A three-stage pipeline over the batch, so that the two random reads
+     * of a lookup (index bucket, then conn) overlap with work on other
+     * frames: frame i+2D gets hashed and its bucket prefetched, frame i+D
+     * gets its conn prefetched, frame i gets processed. */
+    enum { D = PREFETCH_DISTANCE, RING = 4 * PREFETCH_DISTANCE };
+    struct hint hints[RING];
+    long tx = 0;
+    for (Py_ssize_t i = -2 * D; i < count; i++) {
+        Py_ssize_t j = i + 2 * D;
+        if (j < count) {
+            struct hint *h = &hints[j % RING];
+            uint32_t lj = lens[j];
+            frame_hint(e, frames + j * slot, (Py_ssize_t)lj > slot ? (uint32_t)slot : lj, h);
+            if (h->valid)
+                __builtin_prefetch(&e->index[(uint32_t)h->hash & e->mask]);
+        }
+        j = i + D;
+        if (j >= 0 && j < count)
+            prefetch_conn(e, &hints[j % RING]);
+        if (i < 0)
+            continue;
+        uint16_t op = 0;
+        /* Checked above, but the scheduler upcall may have written it since. */
+        uint32_t li = lens[i];
+        if ((Py_ssize_t)li > slot)
+            li = (uint32_t)slot;
+        int v = engine_frame(e, frames + i * slot, li, ports[i], now, &op,
+                             &hints[i % RING], em);
+        verdicts[i] = (uint8_t)v;
+        if (v == PYLVS_V_TX) {
+            outs[i] = op;
+            tx++;
+        }
+    }
+    return tx;
+}

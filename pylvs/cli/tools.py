@@ -1,0 +1,111 @@
+"""`pylvs stats` and `pylvs sysctl`: a running director's engine counters
+and run-time knobs, over the control socket (as `pylvs adm`).
+
+Exit status: 0 done, 1 the director refused (unknown knob, bad value),
+2 bad command line or no director to talk to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, TextIO
+
+from ..control import rpc
+
+
+def _call(path: str | None, op: dict, factory: Callable[[str], Any] | None) -> Any:
+    client = (factory or rpc.Client)(path or rpc.default_path())
+    try:
+        return client.call(op)
+    finally:
+        client.close()
+
+
+def _run(prog: str, fn, out: TextIO, err: TextIO, factory) -> int:
+    try:
+        return fn(out, factory)
+    except rpc.RpcError as e:
+        err.write(f"{prog}: {e}\n")
+        return 1
+    except (OSError, ValueError) as e:
+        err.write(f"{prog}: cannot reach the pylvs control socket: {e}\n"
+                  "Is `pylvs run` running in this network namespace (or use --control)?\n")
+        return 2
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def format_stats(st: dict) -> str:
+    """The text `pylvs stats` prints: tables first, then every counter."""
+    conns, svcs, dests = st["conns"], st["services"], st["dests"]
+
+    def val(v):
+        return "-" if v is None else str(v)
+    lines = [f"conns     {val(conns['count'])} of {val(conns['limit'])}"
+             + (f" ({_human_bytes(conns['memory'])})" if conns.get("memory") is not None else ""),
+             f"services  {svcs['count']} of {svcs['limit']}",
+             f"dests     {dests['count']} of {dests['limit']}",
+             ""]
+    width = max(map(len, st["counters"]), default=0)
+    lines += [f"{name:<{width}}  {v}" for name, v in st["counters"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def stats_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
+               stderr: TextIO | None = None, client_factory=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="pylvs stats",
+        description="Print a running director's engine counters (by their stable "
+                    "names), its conn count and conn table limit, and the service "
+                    "and dest slots in use.")
+    ap.add_argument("--json", action="store_true", help="one JSON object")
+    ap.add_argument("--control", metavar="PATH", help="the director's control socket "
+                    "(default: this network namespace's)")
+    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+
+    def show(out, factory):
+        st = _call(a.control, {"op": "stats"}, factory)
+        out.write(json.dumps(st, indent=1) + "\n" if a.json else format_stats(st))
+        return 0
+    return _run("pylvs stats", show, out, err, client_factory)
+
+
+def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
+                stderr: TextIO | None = None, client_factory=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="pylvs sysctl",
+        description="Read or set a running director's engine knobs (the kernel's "
+                    "net.ipv4.vs names): no argument lists them all, NAME reads one, "
+                    "NAME=VALUE sets one.")
+    ap.add_argument("setting", nargs="*", metavar="NAME[=VALUE]")
+    ap.add_argument("--json", action="store_true", help="one JSON object")
+    ap.add_argument("--control", metavar="PATH", help="the director's control socket "
+                    "(default: this network namespace's)")
+    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+
+    def work(out, factory):
+        result: dict = {}
+        if not a.setting:
+            result = _call(a.control, {"op": "sysctl"}, factory)
+        for item in a.setting:
+            name, eq, value = item.partition("=")
+            op = {"op": "sysctl", "name": name}
+            if eq:
+                op["value"] = value
+            result.update(_call(a.control, op, factory))
+        if a.json:
+            out.write(json.dumps(result) + "\n")
+        else:
+            out.write("".join(f"{k} = {v}\n" for k, v in result.items()))
+        return 0
+    return _run("pylvs sysctl", work, out, err, client_factory)

@@ -1,0 +1,185 @@
+"""The reference engine's conn table (docs/engine.md, "Conn table").
+
+The C engine (pylvs/_fast/ip_vs_conn.c) keeps the same slots, in the same
+order, and draws the same eviction samples; this module says how in plain
+Python. What the two share bit for bit:
+
+- Slots. ``limit`` is the most conns the table holds (the kernel has no such
+  cap; pylvs has one so that memory stays bounded). A new conn takes the
+  slot freed last (a LIFO free list), else the next never-used slot
+  ``high``; slots ``[0, high)`` are the ones ever used.
+- Expiry. ``expire(now, budget)`` walks a clock hand over ``[0, high)``.
+- Eviction. When ``limit`` conns exist, a new one replaces one found by
+  sampling (``victim``): up to ``EVICT_SAMPLES`` slots drawn with splitmix64
+  from a state seeded with ``k0 ^ k1`` (the hash key's two little-endian
+  64-bit words), each ``slot = ((r >> 32) * high) >> 32``. Draws may repeat
+  a slot; each draw counts. The first class-0 sample is taken at once;
+  otherwise the first class-1 sample; otherwise none (``drop_table_full``).
+- Memory (``memory``): the C slab made usable (64 bytes a conn, in 2 MiB
+  units, the whole table at once when it is smaller than one unit, rounded
+  to 4 KiB) plus the index (8 bytes a bucket, 16 buckets at first, doubled
+  while 4 x conns would exceed it). The reference computes what the C
+  engine holds; its own Python objects are larger.
+"""
+
+from __future__ import annotations
+
+from . import states, tables
+
+_ST = tables.STAT_INDEX
+CONNS_EXPIRED = _ST["conns_expired"]
+CONNS_EVICTED = _ST["conns_evicted"]
+CONNS_REUSED = _ST["conns_reused"]
+
+MAX_LIMIT = 1 << 26
+CONN_BYTES = 64          # struct conn: one cache line
+BUCKET_BYTES = 8         # struct bucket: tag, ref
+SLAB_UNIT = 2 << 20      # the slab grows a huge page at a time
+SLAB_PAGE = 4096
+INDEX_MIN = 16
+EVICT_SAMPLES = 16
+
+_M64 = (1 << 64) - 1
+TCP = tables.PROTO_TCP
+
+
+def _round_up(n: int, unit: int) -> int:
+    return (n + unit - 1) // unit * unit
+
+
+class Conn:
+    __slots__ = ("proto", "caddr", "cport", "vaddr", "vport", "daddr", "dport",
+                 "state", "expires", "fwd", "dest", "svc", "cmac", "lmac",
+                 "in_port", "slot", "in_key", "out_key", "replied")
+
+
+def evict_class(c: Conn, now: float) -> int:
+    """0: reclaimed first (dead, TCP TIME_WAIT or CLOSE, or not ESTABLISHED
+    and never answered by the real server: half-open TCP, one-way UDP);
+    1: any other conn not ESTABLISHED; -1: never evicted (ESTABLISHED)."""
+    if c.expires <= now:
+        return 0
+    if c.proto == TCP:
+        if c.state == states.ESTABLISHED:
+            return -1
+        if c.state in (states.TIME_WAIT, states.CLOSE):
+            return 0
+    return 1 if c.replied else 0
+
+
+class ConnTable:
+    """Conns by slot, indexed by their IN and OUT keys.
+
+    ``index`` maps a key (proto, addr, port, addr, port) to (conn, direction)
+    with direction states.INPUT for the IN key (client -> VIP) and
+    states.OUTPUT for the OUT key (real server -> client). Removals bump a
+    counter in ``pend`` (the engine's pending global counters) and the dest's
+    ACTIVE or INACTIVE count in ``counters.dest_conns``.
+    """
+
+    def __init__(self, limit: int, key: bytes, counters: tables.Counters, pend: list[int]):
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"capacity must be 1..{MAX_LIMIT}, not {limit}")
+        self.limit = limit
+        self.counters = counters
+        self.pend = pend
+        self.index: dict[tuple, tuple[Conn, int]] = {}
+        self.slots: list[Conn | None] = []   # len(slots) == high
+        self.free: list[int] = []            # LIFO: pop() is the slot freed last
+        self.hand = 0
+        self.count = 0
+        self.nbuckets = INDEX_MIN
+        self.rng = int.from_bytes(key[:8], "little") ^ int.from_bytes(key[8:16], "little")
+
+    @property
+    def high(self) -> int:
+        return len(self.slots)
+
+    @property
+    def memory(self) -> int:
+        slab = 0
+        if self.high:
+            slab = min(_round_up(self.high * CONN_BYTES, SLAB_UNIT),
+                       _round_up(self.limit * CONN_BYTES, SLAB_PAGE))
+        return slab + self.nbuckets * BUCKET_BYTES
+
+    def full(self) -> bool:
+        return self.count >= self.limit
+
+    def conns(self) -> list[Conn]:
+        return [c for c in self.slots if c is not None]
+
+    def lookup(self, key: tuple, now: float):
+        """(conn, direction) for a live conn under `key`, else None; a dead
+        one found is removed on the spot (conns_expired)."""
+        hit = self.index.get(key)
+        if hit is not None and hit[0].expires <= now:
+            self.remove(hit[0], CONNS_EXPIRED)
+            return None
+        return hit
+
+    def remove(self, c: Conn, stat: int) -> None:
+        del self.index[c.in_key]
+        del self.index[c.out_key]
+        col = tables.ACTIVE if (c.proto == TCP and c.state == states.ESTABLISHED) else tables.INACTIVE
+        if c.dest < self.counters.max_dests:
+            self.counters.dest_conns[c.dest, col] -= 1
+        self.slots[c.slot] = None
+        self.free.append(c.slot)
+        self.count -= 1
+        self.pend[stat] += 1
+
+    def _rand(self) -> int:
+        """splitmix64 (Steele, Lea, Flood 2014)."""
+        self.rng = (self.rng + 0x9E3779B97F4A7C15) & _M64
+        z = self.rng
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        return z ^ (z >> 31)
+
+    def victim(self, now: float) -> Conn | None:
+        """At the limit: the conn a new one may replace, or None."""
+        second = None
+        high = self.high
+        for _ in range(EVICT_SAMPLES):
+            c = self.slots[((self._rand() >> 32) * high) >> 32]
+            k = evict_class(c, now)
+            if k == 0:
+                return c
+            if k == 1 and second is None:
+                second = c
+        return second
+
+    def add(self, c: Conn, victim: Conn | None, now: float) -> None:
+        """Put `c` (its keys set) in a slot: when the table is full, `victim`
+        (from victim(), same `now`) leaves first (conns_evicted, or
+        conns_expired if it was dead anyway)."""
+        if self.full():
+            self.remove(victim, CONNS_EXPIRED if victim.expires <= now else CONNS_EVICTED)
+        while 4 * (self.count + 1) > self.nbuckets:
+            self.nbuckets *= 2
+        if self.free:
+            c.slot = self.free.pop()
+            self.slots[c.slot] = c
+        else:
+            c.slot = len(self.slots)
+            self.slots.append(c)
+        self.index[c.in_key] = (c, states.INPUT)
+        self.index[c.out_key] = (c, states.OUTPUT)
+        self.count += 1
+
+    def expire(self, now: float, budget: int) -> int:
+        """Move the hand `budget` slots over [0, high), removing dead conns;
+        a budget beyond high visits each slot once and still moves the hand
+        by `budget` (mod high)."""
+        high = self.high
+        if budget <= 0 or high == 0:
+            return 0
+        n = 0
+        for i in range(min(budget, high)):
+            c = self.slots[(self.hand + i) % high]
+            if c is not None and c.expires <= now:
+                self.remove(c, CONNS_EXPIRED)
+                n += 1
+        self.hand = (self.hand + budget) % high
+        return n

@@ -1,0 +1,151 @@
+"""`pylvs run` and its control plane under load and misuse: the namespace
+lock file, 10,000 services by -R, `pylvs stats` / `pylvs sysctl`, many
+control connections and the descriptor limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from nsio import sh
+from test_run import RUN, Pair, running, stop, wait_ready
+
+pytestmark = pytest.mark.netns
+
+PYLVS = RUN[:-1]
+SMALL = ("--conn-max", "4096")   # these tests make no conns
+
+
+@pytest.fixture
+def pair(uid):
+    p = Pair(uid)
+    try:
+        yield p.up()
+    finally:
+        p.down()
+
+
+def in_ns(ns: str, *args: str, stdin: str | None = None, timeout: float = 120):
+    import subprocess
+    return subprocess.run(["ip", "netns", "exec", ns, *args], input=stdin, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def lock_path(ns: str) -> str:
+    ino = sh("ip", "netns", "exec", ns, "stat", "-L", "-c", "%i", "/proc/self/ns/net").stdout
+    return f"/run/pylvs/netns-{ino.strip()}.lock"
+
+
+def test_lock_file_removed_at_stop_and_a_stale_one_does_not_block(pair):
+    path = lock_path(pair.a)
+    with running(pair.a, "--iface", "eth0", *SMALL) as (p, log):
+        wait_ready(p, log)
+        assert open(path).read().strip() == str(p.pid)
+        assert stop(p) == 0
+        assert not os.path.exists(path)
+    # Killed outright: the file stays, the lock went with the process.
+    with running(pair.a, "--iface", "eth0", *SMALL) as (p, log):
+        wait_ready(p, log)
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+    assert os.path.exists(path)
+    sh("ip", "netns", "exec", pair.a, "nft", "delete", "table", "netdev", "pylvs", check=False)
+    with running(pair.a, "--iface", "eth0", *SMALL) as (p, log):
+        wait_ready(p, log)
+        assert open(path).read().strip() == str(p.pid)
+        assert stop(p) == 0
+        assert not os.path.exists(path)
+
+
+def test_restore_of_ten_thousand_services_and_the_stats(pair, tmp_path):
+    ctl = str(tmp_path / "ctl.sock")
+    rules = "".join(f"-A -t 10.{20 + (i >> 8)}.{i & 255}.1:80 -s rr\n"
+                    f"-a -t 10.{20 + (i >> 8)}.{i & 255}.1:80 -r 10.9.5.2:0 -m\n"
+                    for i in range(10_000))
+    with running(pair.a, "--iface", "eth0", "--control", ctl, *SMALL,
+                 "--sysctl", "expire_nodest_conn=1") as (p, log):
+        wait_ready(p, log)
+        t0 = time.monotonic()
+        r = in_ns(pair.a, *PYLVS, "adm", "--control", ctl, "-R", stdin=rules)
+        took = time.monotonic() - t0
+        assert (r.returncode, r.stderr) == (0, ""), r.stderr[-2000:]
+        print(f"pylvs adm -R of 10,000 services + 10,000 dests: {took:.2f} s")
+        assert took < 60
+        st = json.loads(in_ns(pair.a, *PYLVS, "stats", "--control", ctl, "--json").stdout)
+        assert st["services"] == {"count": 10_000, "limit": 16384}
+        assert st["dests"] == {"count": 10_000, "limit": 131072}
+        assert st["conns"]["count"] == 0 and st["conns"]["limit"] == 4096
+        assert "drop_no_dest" in st["counters"] and "rx_frames" in st["counters"]
+        saved = in_ns(pair.a, *PYLVS, "adm", "--control", ctl, "-S", "-n").stdout
+        assert saved.count("\n") == 20_000 and "-r 10.9.5.2:0 -m" in saved
+        # The start-time knob is there; the run-time way changes it.
+        r = in_ns(pair.a, *PYLVS, "sysctl", "--control", ctl, "expire_nodest_conn")
+        assert r.stdout == "expire_nodest_conn = 1\n"
+        r = in_ns(pair.a, *PYLVS, "sysctl", "--control", ctl, "icmp_msgs_burst=10")
+        assert (r.returncode, r.stdout) == (0, "icmp_msgs_burst = 10\n")
+        t0 = time.monotonic()
+        assert in_ns(pair.a, *PYLVS, "adm", "--control", ctl, "-C").returncode == 0
+        print(f"pylvs adm -C of them: {time.monotonic() - t0:.2f} s")
+        assert stop(p) == 0
+
+
+def test_many_control_connections(pair, tmp_path):
+    """The director raises its soft descriptor limit to the hard one; 64
+    clients at most, the others told so and closed; once they go, `pylvs
+    adm` works again."""
+    ctl = str(tmp_path / "ctl.sock")
+    import subprocess
+    import tempfile
+    log = tempfile.NamedTemporaryFile(prefix="pylvs-run-", suffix=".log", delete=False).name
+    cmd = " ".join([*RUN, "--iface", "eth0", "--control", ctl, *SMALL])
+    with open(log, "wb") as f:
+        p = subprocess.Popen(["ip", "netns", "exec", pair.a, "sh", "-c",
+                              f"ulimit -Sn 128 && exec {cmd}"], stdout=f,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    held = []
+    try:
+        wait_ready(p, log)
+        limits = open(f"/proc/{p.pid}/limits").read()
+        soft, hard = next(ln.split()[3:5] for ln in limits.splitlines()
+                          if ln.startswith("Max open files"))
+        assert soft == hard and int(soft) > 128
+        refused = 0
+        for _ in range(300):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(ctl)
+            held.append(s)
+            try:
+                s.sendall(b'{"op": "ping"}\n')
+            except BrokenPipeError:
+                pass   # refused and closed at once; the answer is there to read
+            resp = json.loads(s.makefile("rb").readline())
+            if not resp["ok"]:
+                assert resp["error"].startswith("too many control connections (64)")
+                refused += 1
+        assert refused == 300 - 64
+        r = in_ns(pair.a, *PYLVS, "adm", "--control", ctl, "-L", "-n")
+        assert r.returncode != 0 and "too many control connections" in r.stderr
+        for s in held:
+            s.close()
+        held.clear()
+        deadline = time.monotonic() + 10
+        while True:
+            r = in_ns(pair.a, *PYLVS, "adm", "--control", ctl, "-L", "-n")
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert r.returncode == 0 and "IP Virtual Server" in r.stdout
+        assert p.poll() is None
+        assert stop(p) == 0
+    finally:
+        for s in held:
+            s.close()
+        if p.poll() is None:
+            p.kill()
+        os.unlink(log)

@@ -1,0 +1,166 @@
+"""`pylvs run` hands the engine its ports, routes, local addresses and
+sysctls, between two forward calls, and logs lost frames without -v."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+
+import numpy as np
+import pytest
+
+import pylvs.engine
+from pylvs.control import ports as P
+from pylvs.engine import tables
+from pylvs.io.bpf import ip
+from pylvs.io.memory import MemoryBackend
+from pylvs.runtime import daemon as D
+
+
+class RecordingEngine:
+    """Records the set_* calls the daemon makes (the engine's own behaviour
+    with these tables is tested on the engines)."""
+
+    def __init__(self, *args, **kw):
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name):
+        if not name.startswith("set_"):
+            raise AttributeError(name)
+        return lambda *args: self.calls.append((name, *args))
+
+    def named(self, name):
+        return [c[1:] for c in self.calls if c[0] == name]
+
+
+class Steering:
+    def apply(self, *a):
+        pass
+
+    def remove(self):
+        pass
+
+
+class Resolver:
+    on_change = on_local_change = None
+
+    def resolve(self, daddr):
+        return None
+
+    def start(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class Watch:
+    state = None
+    on_change = None
+    started = closed = False
+
+    def start(self):
+        self.started = True
+
+    def close(self):
+        self.closed = True
+
+
+def state(mtu=1500, routes=((ip("10.0.0.0"), 24, 0),), local=(ip("10.0.0.2"),)):
+    ports = np.zeros(2, P.PORT_DTYPE)
+    ports["mtu"] = mtu
+    r = np.array(list(routes), dtype=P.ROUTE_DTYPE)
+    return P.NetState(ports, r, np.array(local, dtype=np.uint32))
+
+
+@pytest.fixture
+def daemon(monkeypatch):
+    monkeypatch.setattr(pylvs.engine, "new_engine", lambda *a, **kw: RecordingEngine())
+    d = D.Daemon(D.Options(ifaces=["a", "b"], engine="python"), backend=MemoryBackend(["a", "b"]),
+                 steering=Steering(), resolver=Resolver())
+    d._netwatch = Watch()
+    d._netwatch.state = state()   # as if read at start: no netlink here
+    d._build()
+    yield d
+    d._shutdown()
+
+
+def services(*vips):
+    s = tables.empty_services(4)
+    for i, v in enumerate(vips):
+        s[i] = (ip(v), 80, 6, tables.SVC_F_USED)
+    s[3] = (ip("10.0.9.9"), 80, 6, 0)   # a free slot is no VIP
+    return s
+
+
+def test_ports_routes_and_vips_reach_the_engine(daemon):
+    e, st = daemon.engine, state()
+    assert daemon.netwatch.on_change == daemon._net_changed and daemon.netwatch.started
+    daemon._net_changed(st)
+    assert e.named("set_ports") == [(st.ports,)]
+    (routes, local), = e.named("set_routes")
+    assert routes is st.routes and list(local) == [ip("10.0.0.2")]
+    # A VIP is one of the director's own addresses, configured or not.
+    daemon.publish(services("10.0.0.1", "10.0.0.2"), tables.empty_dests(2))
+    assert [list(c[1]) for c in e.named("set_routes")][-1] == [ip("10.0.0.1"), ip("10.0.0.2")]
+    n = len(e.named("set_routes"))
+    daemon.publish(services("10.0.0.1"), tables.empty_dests(2))   # same local set
+    assert len(e.named("set_routes")) == n
+    daemon._net_changed(state(routes=((0, 0, 1),)))
+    assert e.named("set_routes")[-1][0]["plen"][0] == 0
+    values = np.arange(6, dtype=np.int64)
+    daemon.balancer.publish_sysctls(values)
+    assert e.named("set_sysctls") == [(values,)]
+    daemon._shutdown()
+    assert daemon.netwatch.closed
+
+
+def test_changes_wait_for_the_data_thread_and_the_last_one_wins(daemon):
+    e = daemon.engine
+    stop = threading.Event()
+    daemon._data_thread = threading.Thread(target=stop.wait)
+    daemon._data_thread.start()
+    try:
+        before = len(e.calls)
+        daemon._net_changed(state(mtu=1400))
+        daemon._net_changed(state(mtu=1300))
+        daemon.balancer.publish_sysctls(np.ones(6, dtype=np.int64))
+        assert len(e.calls) == before   # nothing while a forward call may run
+        daemon._take_pending_io()       # what the data thread does between calls
+        new = e.calls[before:]
+        assert sorted(c[0] for c in new) == ["set_ports", "set_routes", "set_sysctls"]
+        assert e.named("set_ports")[-1][0]["mtu"][0] == 1300
+        assert daemon._pending_io == {}
+    finally:
+        stop.set()
+        daemon._data_thread.join()
+
+
+def test_losses_are_logged_at_most_once_per_period(daemon, monkeypatch, caplog):
+    io = dict(tx_errors=0, tx_emsgsize=0, emit_errors=0, rx_frames=0)
+    daemon.backend.stats = lambda: dict(io)
+    monkeypatch.setattr(D, "LOG_EVERY", 0.25)
+
+    async def run():
+        task = asyncio.ensure_future(daemon._watch(period=0.01))
+        for _ in range(30):   # 0.3 s of growth: one line, then one more
+            io["tx_emsgsize"] += 2
+            io["rx_frames"] += 100
+            daemon.counters.stats[tables.STAT_INDEX["drop_table_full"]] += 1
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="pylvs"):
+        asyncio.run(run())
+    lines = [r.getMessage() for r in caplog.records]
+    emsg = [m for m in lines if "tx_emsgsize" in m]
+    full = [m for m in lines if "drop_table_full" in m]
+    assert 1 <= len(emsg) <= 2 and 1 <= len(full) <= 2, lines
+    # Each line says what the counter grew by since the previous line.
+    got = [tuple(map(int, re.fullmatch(r"data path: tx_emsgsize \+(\d+) \(total (\d+)\)", m).groups()))
+           for m in emsg]
+    if len(got) == 2:
+        assert got[1][1] - got[0][1] == got[1][0]
+    assert not any("rx_frames" in m or "tx_errors" in m for m in lines), lines

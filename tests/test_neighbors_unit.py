@@ -1,0 +1,124 @@
+"""The Resolver's rounds against a fake netlink: deleted dests are forgotten,
+unanswered ones back off exponentially up to a cap, answered ones are
+re-checked with one neighbour dump and poked only when no longer REACHABLE."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pylvs.control.balancer import Balancer
+from pylvs.control.neighbors import NUD_REACHABLE, NUD_STALE, Resolver
+from pylvs.engine.tables import Counters
+from pylvs.io import Port
+
+MAC0 = b"\x02\x00\x00\x00\x00\x01"
+
+
+class Msg(dict):
+    def __init__(self, attrs, **fields):
+        super().__init__(fields)
+        self.attrs = attrs
+
+    def get_attr(self, name):
+        return self.attrs.get(name)
+
+
+class FakeNetlink:
+    """IPRoute's calls the Resolver makes, over a dict of neighbours
+    {ip: (mac, state)}; every 10.0.1.0/24 address is on ifindex 7."""
+
+    def __init__(self):
+        self.neighbours: dict[str, tuple[str, int]] = {}
+        self.route_gets: list[str] = []
+        self.dumps = 0
+        self.pokes: list[str] = []
+
+    def route(self, cmd, dst):
+        assert cmd == "get"
+        self.route_gets.append(dst)
+        return [Msg({"RTA_OIF": 7}, type=1)]
+
+    def neigh(self, cmd, **kw):
+        if cmd == "dump":
+            self.dumps += 1
+            return [Msg({"NDA_DST": ip, "NDA_LLADDR": mac}, state=st)
+                    for ip, (mac, st) in self.neighbours.items()]
+        assert cmd == "add" and kw["flags"] == 1
+        self.pokes.append(kw["dst"])
+        return []
+
+    def get_addr(self, family):
+        return [Msg({"IFA_LOCAL": "10.0.1.1", "IFA_BROADCAST": "10.0.1.255"})]
+
+
+def ip(s):
+    return int(ipaddress.IPv4Address(s))
+
+
+def resolver():
+    r = Resolver([Port(0, "eth0", 7, MAC0)], interval=0.1, refresh=2.0, max_backoff=8.0)
+    r.start = lambda: None   # the test drives the rounds
+    return r
+
+
+def test_unanswered_dest_backs_off_exponentially_up_to_the_cap():
+    r, nl = resolver(), FakeNetlink()
+    r.resolve(ip("10.0.1.77"))
+    now, tries = 0.0, []
+    while now < 60:
+        before = len(nl.pokes)
+        wait = r._cycle(nl, now)
+        if len(nl.pokes) > before:
+            tries.append(round(now, 2))
+        now += max(wait, 0.01)
+    gaps = [round(b - a, 2) for a, b in zip(tries, tries[1:])]
+    # 0.1, 0.2, ... doubling to the 8 s cap (the 2 s refresh rounds do not
+    # touch an unanswered address).
+    assert gaps[:7] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4]
+    assert set(gaps[7:]) == {8.0} and len(tries) < 15
+    assert r.broadcasts == {ip("10.0.1.255")}
+
+
+def test_answered_dests_rechecked_with_one_dump_and_poked_only_when_stale():
+    r, nl = resolver(), FakeNetlink()
+    changed = []
+    r.on_change = changed.append
+    addrs = [f"10.0.1.{i}" for i in range(10, 210)]
+    for i, a in enumerate(addrs):
+        nl.neighbours[a] = (f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}", NUD_REACHABLE)
+        r.resolve(ip(a))
+    r._cycle(nl, 0.0)
+    assert len(changed) == 200 and nl.dumps == 1 and nl.pokes == []
+    assert r.resolve(ip("10.0.1.10")) == (0, bytes.fromhex("020000000000"), MAC0)
+    # Within the refresh period nothing is asked.
+    nl.route_gets.clear()
+    r._cycle(nl, 1.0)
+    assert nl.route_gets == [] and nl.dumps == 1
+    # A refresh round: one dump for all; only the stale one is poked, and
+    # it keeps its answer meanwhile.
+    nl.neighbours["10.0.1.10"] = (nl.neighbours["10.0.1.10"][0], NUD_STALE)
+    r._cycle(nl, 2.0)
+    assert nl.dumps == 2 and nl.pokes == ["10.0.1.10"] and len(nl.route_gets) == 200
+    assert r.resolve(ip("10.0.1.10")) is not None
+
+
+def test_deleted_dests_are_forgotten():
+    """-C of 200 dests: the Balancer tells the resolver, which asks the
+    kernel about none of them again (no route lookups, no ARP)."""
+    r, nl = resolver(), FakeNetlink()
+    b = Balancer(Counters(4, 256), resolver=r)
+    b.add_service("tcp", "10.0.0.1", 80)
+    for i in range(200):
+        b.add_dest("tcp", "10.0.0.1", 80, f"10.0.1.{i + 10}", 80, fwd="masq")
+    for i in range(0, 200, 2):   # half of them answer
+        nl.neighbours[f"10.0.1.{i + 10}"] = ("02:00:00:00:00:09", NUD_REACHABLE)
+    now = 0.0
+    for _ in range(5):
+        now += r._cycle(nl, now)
+    assert len(set(nl.route_gets)) == 200
+    b.clear()
+    nl.route_gets.clear()
+    nl.pokes.clear()
+    for _ in range(30):
+        now += max(r._cycle(nl, now), 0.01)
+    assert nl.route_gets == [] and nl.pokes == [] and now > 60
