@@ -260,6 +260,7 @@ def test_restore_goes_on_after_lines_that_do_not_parse(director):
         "-a -t 10.0.0.1:80 -r 10.0.1.2:80 -m -w 1\n"
         "-A -t 10.0.0.2:80 -s wlc\n"
         "-a -t 10.0.0.2:80 -r 10.0.1.5:0 -m -w 1\n")
+    assert "  -> 10.0.1.5:0 " in adm_run(director, "-L", "-n")[1]
 
 
 def test_long_restore_travels_in_batches_below_the_line_limit(director, monkeypatch):

@@ -36,7 +36,7 @@ from ..engine import states, tables
 from ..engine.tables import (
     ACTIVE, DEST_DTYPE, DEST_F_RESOLVED, DEST_F_USED, FWD_LOCAL, FWD_MASQ,
     FWD_NAMES, FWD_ROUTE, FWD_TUNNEL, INACTIVE, N_TRAFFIC, PROTO_TCP, PROTO_UDP,
-    SERVICE_DTYPE, SVC_F_USED, Counters,
+    SERVICE_DTYPE, SVC_F_USED, SYSCTL_DEFAULTS, SYSCTL_NAMES, Counters,
 )
 
 PROTO_SCTP = 132
@@ -90,13 +90,6 @@ E_NOMEM = "Memory allocation problem"
 # inet_addr_type is neither RTN_UNICAST nor RTN_LOCAL.
 E_INVAL = "Invalid operation.  Possibly wrong module version, address not unicast, ..."
 
-# The engine's run-time knobs (kernel /proc/sys/net/ipv4/vs names).
-try:
-    from ..engine.tables import SYSCTL_DEFAULTS, SYSCTL_NAMES
-except ImportError:  # NOTE(H-ctl): until the lead's tables.py lands on main
-    SYSCTL_NAMES = ("conn_reuse_mode", "expire_nodest_conn", "icmp_msgs_per_sec",
-                    "icmp_msgs_burst", "tcp_rst_per_sec", "tcp_rst_burst")
-    SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50)
 INT_MAX = 2**31 - 1
 # Accepted values; a knob not named here takes 0..INT_MAX (the kernel's
 # proc_dointvec_minmax with a zero minimum, as for icmp_msgs_per_sec).

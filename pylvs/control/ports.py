@@ -36,7 +36,10 @@ from ..engine.tables import NO_PORT, PORT_DTYPE, PORT_F_CHECK_MAC, PORT_F_USED, 
 log = logging.getLogger("pylvs.ports")
 
 RT_TABLE_MAIN = 254
+RT_TABLE_LOCAL = 255
 RTN_UNICAST = 1
+RTN_LOCAL = 2
+RTN_BROADCAST = 3
 IFA_F_SECONDARY = 0x01
 SYSCTL_CONF = "/proc/sys/net/ipv4/conf"
 
@@ -45,7 +48,9 @@ SYSCTL_CONF = "/proc/sys/net/ipv4/conf"
 class NetState:
     """``ports``: PORT_DTYPE, one row per backend port (index = port number).
     ``routes``: ROUTE_DTYPE, longest prefix first. ``local``: uint32, sorted,
-    every IPv4 address of the namespace (host order)."""
+    every IPv4 address of the namespace and every broadcast address of the
+    local routing table (host order): the sources the kernel refuses as
+    martian (fib_validate_source)."""
 
     ports: np.ndarray
     routes: np.ndarray
@@ -151,6 +156,14 @@ def read_state(ipr, ports, root: str = SYSCTL_CONF) -> NetState:
     routes = []
     for msg in ipr.get_routes(family=socket.AF_INET):
         table = msg.get_attr("RTA_TABLE") or msg["table"]
+        if table == RT_TABLE_LOCAL and msg["type"] in (RTN_LOCAL, RTN_BROADCAST):
+            # fib_validate_source refuses a source whose route is not unicast:
+            # our own addresses and the broadcasts the kernel adds for each
+            # subnet (fib_add_ifaddr) alike.
+            dst = msg.get_attr("RTA_DST")
+            if dst and msg["dst_len"] == 32:
+                local.add(_ip(dst))
+            continue
         if table != RT_TABLE_MAIN:
             continue
         dst = msg.get_attr("RTA_DST")

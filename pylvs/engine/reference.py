@@ -98,6 +98,7 @@ _ICMP_RATELIMITED = _ST["icmp_ratelimited"]
 _RST_RATELIMITED = _ST["rst_ratelimited"]
 _FRAG_OUT = _ST["frag_out"]
 
+_NO_DEST = (0, 0, 0, 0, 0, 0, 0, bytes(6), bytes(6))  # a dest row with flags 0
 _DO_FRAGMENT = -1  # _mtu_refusal: not a refusal, fragment after the rewrite
 V_PASS, V_TX, V_DROP, V_EMIT = tables.V_PASS, tables.V_TX, tables.V_DROP, tables.V_EMIT
 TCP, UDP, ICMP = tables.PROTO_TCP, tables.PROTO_UDP, 1
@@ -230,18 +231,26 @@ class Engine:
             raise ValueError("services and dests must be one-dimensional")
         if len(services) > self._counters.max_services or len(dests) > self._counters.max_dests:
             raise ValueError("more slots than the counter arrays have rows")
+        # Only used rows are converted (the control plane publishes arrays
+        # with room for every slot it may ever use); the others read as
+        # flags 0, which every step treats as "no such dest".
         by_key: dict[tuple[int, int, int], int] = {}
-        for s, (vaddr, vport, proto, flags) in enumerate(services.tolist()):
-            if flags & tables.SVC_F_USED:
-                # The lowest slot wins if the control plane ever lists a
-                # service twice.
-                by_key.setdefault((proto, vaddr, vport), s)
-        ds = []
-        for d in range(len(dests)):
-            r = dests[d]
-            ds.append((int(r["daddr"]), int(r["dport"]), int(r["svc"]), int(r["weight"]),
-                       int(r["fwd"]), int(r["flags"]), int(r["out_port"]),
-                       bytes(r["dmac"].tobytes()), bytes(r["smac"].tobytes())))
+        used = np.flatnonzero(services["flags"] & tables.SVC_F_USED)
+        rows = services[used]
+        for s, vaddr, vport, proto in zip(used.tolist(), rows["vaddr"].tolist(),
+                                          rows["vport"].tolist(), rows["proto"].tolist()):
+            # The lowest slot wins if the control plane ever lists a service twice.
+            by_key.setdefault((proto, vaddr, vport), s)
+        ds = [_NO_DEST] * len(dests)
+        used = np.flatnonzero(dests["flags"])
+        rows = dests[used]
+        dmacs, smacs = rows["dmac"].tobytes(), rows["smac"].tobytes()
+        for i, (d, daddr, dport, svc, weight, fwd, flags, out_port) in enumerate(zip(
+                used.tolist(), rows["daddr"].tolist(), rows["dport"].tolist(),
+                rows["svc"].tolist(), rows["weight"].tolist(), rows["fwd"].tolist(),
+                rows["flags"].tolist(), rows["out_port"].tolist())):
+            ds[d] = (daddr, dport, svc, weight, fwd, flags, out_port,
+                     dmacs[6 * i:6 * i + 6], smacs[6 * i:6 * i + 6])
         self._svc_table, self._dest_table = services, dests
         self._svc_by_key, self._dests = by_key, ds
 

@@ -10,7 +10,9 @@ pylvs.lab.httpd --name rs1``). It answers:
   ``/bytes/N?rate=R`` paces the body at about R bytes per second (a long
   download that must span a change; curl 7.88's --limit-rate lets the
   first megabytes through at full speed, so the client cannot pace it);
-- ``GET /health``  -> ``ok``.
+- ``GET /health``  -> ``ok``;
+- ``PUT /sink`` (any body of Content-Length bytes) -> ``N SHA256HEX`` of
+  what arrived, so a client can check an upload through the director.
 
 UDP datagrams to ``--udp-port`` come back prefixed with ``NAME `` (the same
 reason as /whoami). The process prints ``ready`` on stdout once both sockets
@@ -20,6 +22,7 @@ are bound, so whoever started it can wait for that instead of sleeping.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import signal
 import socket
 import sys
@@ -110,6 +113,25 @@ class Handler(BaseHTTPRequestHandler):
         return self._small(b"not found\n", 404)
 
     do_HEAD = do_GET
+
+    def do_PUT(self):
+        if self.path.partition("?")[0] != "/sink":
+            return self._small(b"not found\n", 404)
+        try:
+            left = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return self._small(b"length required\n", 411)
+        if not 0 <= left <= MAX_BYTES:
+            return self._small(b"bad size\n", 400)
+        h, n = hashlib.sha256(), 0
+        while left > 0:
+            data = self.rfile.read(min(CHUNK, left))
+            if not data:
+                break  # the client went away: answer what arrived
+            h.update(data)
+            n += len(data)
+            left -= len(data)
+        return self._small(f"{n} {h.hexdigest()}\n".encode())
 
 
 class Server(ThreadingHTTPServer):

@@ -11,6 +11,17 @@
                           |  dip 10.0.1.1   |         +-------------+        +-----------+
                           +-----------------+
 
+With ``router=True`` a router namespace stands between the client and the
+director (the client is then one routed hop away, as on the Internet)::
+
+    client ns (10.0.2.2) ---- router ns (eth0 10.0.2.1 | eth1 10.0.0.2) ---- director eth0
+
+``router_mtu`` sets the MTU of the router's client-side interface (the
+client's own interface stays at 1500, so the client still advertises an MSS
+of 1460 and the router is the bottleneck that must send ICMP frag-needed);
+``server_mtu`` sets the MTU of the whole server segment (director eth1,
+bridge, real servers), the director's own egress toward the real servers.
+
 Every namespace name starts with the caller's prefix (``pl<uid>-``) so labs of
 concurrent tests never collide, and interfaces are created directly inside
 lab namespaces (a veth's peer is born in its target namespace): the root
@@ -41,6 +52,19 @@ Director only:
   otherwise send ICMP redirects for stray traffic between the two segments,
   which would pollute the "no ICMP from the director" capture.
 
+Router only (``router=True``):
+
+- ``net.ipv4.ip_forward=1``: it is an ordinary kernel router between the
+  client's segment and the director's; on its smaller-MTU link it answers a
+  DF packet that does not fit with ICMP frag-needed (RFC 1191), which is
+  what the path-MTU tests need from it. Its rp_filter stays strict: routes
+  are symmetric, every source arrives where the reply would leave.
+
+The director then routes the client's segment via the router
+(``10.0.2.0/24 via 10.0.0.2``), so the kernel's reverse-path check (and
+pylvs's, which follows the same routes) accepts the client's address on
+eth0.
+
 ``accept_local`` is not needed: no packet with a local source address
 arrives at the director. ``arp_ignore``/``arp_announce`` stay at their
 defaults: in VS-NAT the real servers do not hold the VIP (that is VS-DR's
@@ -59,6 +83,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +97,8 @@ CIP = f"{CLIENT_NET}.2"
 DIP0 = f"{CLIENT_NET}.1"      # the director's own address on the client side
 VIP = f"{CLIENT_NET}.100"
 DIP = f"{SERVER_NET}.1"
+FAR_NET = "10.0.2"           # the client's segment behind the router (router=True)
+ROUTER = f"{CLIENT_NET}.2"   # the router's address on the director's segment
 RIP_BASE = 11                 # rs1 = 10.0.1.11, rs2 = 10.0.1.12, ...
 PREFIXLEN = 24
 
@@ -184,6 +211,9 @@ class Lab:
     prefix: str = ""
     ip_forward: int = 0
     start_servers: bool = True
+    router: bool = False
+    router_mtu: int = 0       # the router's client-side interface (0: default 1500)
+    server_mtu: int = 0       # director eth1, bridge and real servers (0: default)
     python: str = sys.executable
     procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
 
@@ -200,12 +230,16 @@ class Lab:
         self.cip, self.vip, self.dip0, self.dip = CIP, VIP, DIP0, DIP
         self.rips = [f"{SERVER_NET}.{RIP_BASE + i}" for i in range(self.servers)]
         self.rs_names = [f"rs{i + 1}" for i in range(self.servers)]
+        self.router_ns = f"{self.prefix}router" if self.router else ""
+        if self.router:
+            self.cip = f"{FAR_NET}.2"
 
     # --- names and records ---------------------------------------------------
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.client, self.director, self.switch, *self.rs]
+        return [self.client, *([self.router_ns] if self.router else []), self.director,
+                self.switch, *self.rs]
 
     @property
     def record_path(self) -> Path:
@@ -225,6 +259,8 @@ class Lab:
                          "dip0": self.dip0, "vip": self.vip, "dip": self.dip,
                          "ip_forward": self.ip_forward},
             "switch": {"ns": self.switch, "bridge": "br0"},
+            "router": ({"ns": self.router_ns, "addrs": [f"{FAR_NET}.1", ROUTER],
+                        "client_side_mtu": self.router_mtu or 1500} if self.router else None),
             "real_servers": [{"name": n, "ns": ns, "rip": rip}
                              for n, ns, rip in zip(self.rs_names, self.rs, self.rips)],
             "pids": {k: p.pid for k, p in self.procs.items()},
@@ -245,7 +281,8 @@ class Lab:
 
     def popen(self, ns: str, argv: list[str], key: str | None = None,
               **kw) -> subprocess.Popen:
-        """Start a process in ns; it is killed by down() (key names it)."""
+        """Start a process in ns (cwd: the repo); it is killed by down() (key names it)."""
+        kw.setdefault("cwd", _repo_root())
         p = subprocess.Popen(ns_exec_argv(ns, argv), **kw)
         self.procs[key or f"{ns}:{p.pid}"] = p
         self._write_record()
@@ -300,19 +337,36 @@ class Lab:
                     "net.ipv4.conf.all.send_redirects=0",
                     "net.ipv4.conf.default.send_redirects=0")
 
+        # The director's eth0 peer is the client, or the router's eth1.
+        front, front_if = ((self.router_ns, "eth1") if self.router else (self.client, "eth0"))
         with NetNS(self.director) as d:
             d.link("add", ifname="eth0", kind="veth",
-                   peer={"ifname": "eth0", "net_ns_fd": self.client})
+                   peer={"ifname": front_if, "net_ns_fd": front})
             d.link("add", ifname="eth1", kind="veth",
                    peer={"ifname": "dir", "net_ns_fd": self.switch})
             _addr(d, "eth0", self.dip0)
             _addr(d, "eth0", self.vip)
             _addr(d, "eth1", self.dip)
+            _mtu(d, self.server_mtu, "eth1")
             _up(d, "lo", "eth0", "eth1")
+            if self.router:
+                d.route("add", dst=f"{FAR_NET}.0/{PREFIXLEN}", gateway=ROUTER)
+
+        if self.router:
+            self.sysctl(self.router_ns, "net.ipv4.ip_forward=1")
+            with NetNS(self.router_ns) as r:
+                r.link("add", ifname="eth0", kind="veth",
+                       peer={"ifname": "eth0", "net_ns_fd": self.client})
+                _addr(r, "eth0", f"{FAR_NET}.1")
+                _addr(r, "eth1", ROUTER)
+                _mtu(r, self.router_mtu, "eth0")
+                _up(r, "lo", "eth0", "eth1")
 
         with NetNS(self.client) as c:
             _addr(c, "eth0", self.cip)
             _up(c, "lo", "eth0")
+            if self.router:
+                c.route("add", dst="0.0.0.0/0", gateway=f"{FAR_NET}.1")
 
         with NetNS(self.switch) as s:
             # STP stays off (the default), so ports forward at once.
@@ -327,11 +381,13 @@ class Lab:
             for port in ports:
                 idx = s.link_lookup(ifname=port)[0]
                 s.link("set", index=idx, master=br)
+            _mtu(s, self.server_mtu, *ports, "br0")
             _up(s, "lo", "br0", *ports)
 
         for rs, rip in zip(self.rs, self.rips):
             with NetNS(rs) as r:
                 _addr(r, "eth0", rip)
+                _mtu(r, self.server_mtu, "eth0")
                 _up(r, "lo", "eth0")
                 # Replies to clients must come back through the director (VS-NAT).
                 r.route("add", dst="0.0.0.0/0", gateway=self.dip)
@@ -416,14 +472,77 @@ class Lab:
             time.sleep(0.05)
         return False
 
-    def adm(self, *args: str, check: bool = True, timeout: float = 15.0) -> str:
-        """`pylvs adm ARGS` in the director namespace; its stdout."""
-        p = self.run(self.director, self.pylvs_argv("adm", *args), timeout=timeout,
-                     check=False, cwd=_repo_root())
+    def adm(self, *args: str, check: bool = True, timeout: float = 15.0,
+            stdin: str | None = None) -> str:
+        """`pylvs adm ARGS` in the director namespace (stdin: text for -R); its stdout."""
+        p = self.adm_run(*args, timeout=timeout, stdin=stdin)
         if check and p.returncode != 0:
             raise LabError(f"pylvs adm {' '.join(args)} failed ({p.returncode}): "
                            f"{p.stderr.strip()} {p.stdout.strip()}")
         return p.stdout
+
+    def adm_run(self, *args: str, timeout: float = 15.0,
+                stdin: str | None = None) -> subprocess.CompletedProcess:
+        """`pylvs adm ARGS`, whatever its exit status (stdout, stderr, returncode)."""
+        return self.run(self.director, self.pylvs_argv("adm", *args), timeout=timeout,
+                        check=False, cwd=_repo_root(), input=stdin)
+
+    def stats(self) -> dict[str, int]:
+        """The director's engine counters by name, from `pylvs stats --json`.
+
+        The counters are looked up by name wherever the JSON document puts
+        them (top level or one section down), so a test names a counter
+        (``drop_no_dest``) without depending on the document's layout.
+        """
+        p = self.run(self.director, self.pylvs_argv("stats", "--json"), timeout=15,
+                     check=False, cwd=_repo_root())
+        if p.returncode != 0:
+            raise LabError(f"pylvs stats --json failed ({p.returncode}): "
+                           f"{p.stderr.strip()} {p.stdout.strip()}")
+        out: dict[str, int] = {}
+        level = [json.loads(p.stdout)]
+        while level:  # breadth first: the shallowest occurrence of a name wins
+            deeper = []
+            for obj in level:
+                items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+                for k, v in items:
+                    if isinstance(v, (dict, list)):
+                        deeper.append(v)
+                    elif isinstance(v, int) and not isinstance(v, bool):
+                        out.setdefault(str(k), v)
+            level = deeper
+        return out
+
+    def nat_service(self, proto: str, port: int, weights, rport: int | None = None,
+                    sched: str = "wlc", wait: bool = True) -> str:
+        """``-A`` VIP:port and one masq dest per weight (rs1, rs2, ...); "VIP:port".
+
+        wait: return once the director knows every dest's MAC (until then it
+        drops their frames, and a lone UDP datagram has no retransmission).
+        """
+        vip = f"{self.vip}:{port}"
+        flag = {"tcp": "-t", "udp": "-u"}[proto]
+        self.adm("-A", flag, vip, "-s", sched)
+        for rip, w in zip(self.rips, weights):
+            self.adm("-a", flag, vip, "-r", f"{rip}:{port if rport is None else rport}",
+                     "-m", "-w", str(w))
+        if wait and not self.wait_resolved(self.rips[:len(weights)]):
+            raise LabError(f"dests of {vip} not resolved: {self.director_log()[-2000:]}")
+        return vip
+
+    def mac(self, ns: str, ifname: str) -> str:
+        """The MAC address of ifname in ns ("aa:bb:...")."""
+        p = self.run(ns, ["ip", "-j", "link", "show", ifname], timeout=10)
+        return json.loads(p.stdout)[0]["address"]
+
+    def py(self, ns: str, code: str, timeout: float = 30.0, args=()):
+        """Run Python code in ns (argv[1:] = args); its last stdout line, as JSON."""
+        p = self.run(ns, [self.python, "-c", textwrap.dedent(code), *map(str, args)],
+                     timeout=timeout,
+                     check=False, cwd=_repo_root())
+        if p.returncode != 0:
+            raise LabError(f"python in {ns} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        return json.loads(p.stdout.strip().splitlines()[-1])
 
     # --- tearing down --------------------------------------------------------
 
@@ -476,6 +595,9 @@ class Lab:
             f"eth1 dip {self.dip}/{PREFIXLEN}",
             f"  switch    {self.switch:<24} br0",
         ]
+        if self.router:
+            lines.insert(2, f"  router    {self.router_ns:<24} eth0 {FAR_NET}.1/{PREFIXLEN} "
+                            f"(mtu {self.router_mtu or 1500}), eth1 {ROUTER}/{PREFIXLEN}")
         for n, ns, rip in zip(self.rs_names, self.rs, self.rips):
             lines.append(f"  {n:<9} {ns:<24} eth0 rip {rip}/{PREFIXLEN} via {self.dip}"
                          f"  (http :{HTTP_PORT}, udp echo :{UDP_PORT})")
@@ -499,6 +621,12 @@ class Lab:
 def _addr(ipr, ifname: str, address: str) -> None:
     idx = ipr.link_lookup(ifname=ifname)[0]
     ipr.addr("add", index=idx, address=address, prefixlen=PREFIXLEN)
+
+
+def _mtu(ipr, mtu: int, *ifnames: str) -> None:
+    for ifname in ifnames if mtu else ():
+        idx = ipr.link_lookup(ifname=ifname)[0]
+        ipr.link("set", index=idx, mtu=mtu)
 
 
 def _up(ipr, *ifnames: str) -> None:

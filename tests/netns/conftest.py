@@ -15,3 +15,34 @@ def trio(uid):
         yield t.up()
     finally:
         t.down()
+
+
+@pytest.fixture
+def director_lab(uid):
+    """``make(run_args=(), start=True, **Lab options)``: a VS-NAT lab with `pylvs run`.
+
+    Every lab made is torn down at the end even when the test fails (its
+    director log is printed then, which pytest shows for failures only).
+    """
+    from pylvs.lab.topology import Lab, netns_exists
+
+    labs: list[Lab] = []
+
+    def make(run_args=(), start: bool = True, **opts) -> Lab:
+        opts.setdefault("servers", 2)
+        lab = Lab(f"pl{uid}{len(labs) or ''}", **opts)
+        labs.append(lab)
+        lab.up()
+        if start:
+            lab.start_director(*run_args)
+        return lab
+
+    try:
+        yield make
+    finally:
+        for lab in labs:
+            print(f"--- director log ({lab.name}) ---\n{lab.director_log()[-6000:]}")
+            lab.stop_director()
+            errors = lab.down()
+            assert not errors, errors
+            assert not any(netns_exists(ns) for ns in lab.namespaces)

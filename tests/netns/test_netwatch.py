@@ -53,7 +53,9 @@ print(json.dumps(dict(first=first, second=show(second), errors=w.errors)))
         ["10.9.0.0", 24, 0], ["10.9.1.0", 24, 1],
         ["10.20.0.0", 16, 1], ["10.30.0.0", 16, 0xFFFF],
     ]
-    assert res["first"]["local"] == ["10.9.0.1", "10.9.0.100", "10.9.1.1", "127.0.0.1"]
+    # Our addresses and the subnet broadcasts the kernel adds (martian sources).
+    assert res["first"]["local"] == ["10.9.0.1", "10.9.0.100", "10.9.0.255", "10.9.1.1",
+                                     "10.9.1.255", "127.0.0.1", "127.255.255.255"]
     assert res["second"]["ports"][0]["mtu"] == 1300
     assert res["second"]["routes"][-1] == ["0.0.0.0", 0, 0]
     assert res["errors"] == 0

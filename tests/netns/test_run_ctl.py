@@ -149,3 +149,33 @@ def test_many_control_connections(pair, tmp_path):
         if p.poll() is None:
             p.kill()
         os.unlink(log)
+
+
+def test_cleared_real_servers_are_not_arped_for_any_more(pair, tmp_path):
+    """200 real servers nobody answers ARP for: the director asks the kernel
+    to resolve them (backing off); after -C it asks about none of them."""
+    ctl = str(tmp_path / "ctl.sock")
+    rules = "-A -t 10.9.5.1:80 -s rr\n" + "".join(
+        f"-a -t 10.9.5.1:80 -r 10.9.5.{i}:80 -m\n" for i in range(10, 210))
+    sh("ip", "netns", "exec", pair.a, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+
+    def arp_sent() -> int:
+        out = sh("ip", "netns", "exec", pair.a, "cat",
+                 "/sys/class/net/eth0/statistics/tx_packets").stdout
+        return int(out)
+
+    with running(pair.a, "--iface", "eth0", "--control", ctl, *SMALL) as (p, log):
+        wait_ready(p, log)
+        r = in_ns(pair.a, *PYLVS, "adm", "--control", ctl, "-R", stdin=rules)
+        assert (r.returncode, r.stderr) == (0, "")
+        time.sleep(1)
+        before = arp_sent()
+        time.sleep(2)
+        asked = arp_sent() - before
+        assert asked >= 200, asked     # every one of them is being resolved
+        assert in_ns(pair.a, *PYLVS, "adm", "--control", ctl, "-C").returncode == 0
+        time.sleep(4)                  # the kernel's own retries of the last pokes end
+        before = arp_sent()
+        time.sleep(3)
+        assert arp_sent() - before == 0
+        assert stop(p) == 0
