@@ -175,6 +175,12 @@ def test_accepts_a_gso_sized_frame(prog):
     assert kernel_accepts(prog, [big]) == [True]
 
 
+def test_key_lists_give_the_program_of_the_tables():
+    # set_filter takes key lists too (embedded directors, tests).
+    assert bpf.for_tables(SVC, DST) == bpf.program(SVC, DST)
+    assert bpf.for_tables(SVC, []) == bpf.program(SVC, [])
+
+
 def test_only_nat_dests_are_stolen():
     services = tables.empty_services(2)
     services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED)

@@ -312,12 +312,17 @@ def _program(svc: np.ndarray, dst: np.ndarray) -> list[Insn]:
 
 
 def for_tables(services, dests) -> list[Insn]:
-    """The filter for a published (services, dests) pair of tables.
+    """The filter for a published (services, dests) pair of tables (or
+    of (proto, addr, port) lists, as `keys_of` and `dest_keys` take them).
 
     Sized on the packed keys first: tables too big for one program (10,000
     services) cost a few numpy calls, not a program built and thrown away.
     """
-    return _program(_packed_services(services), _packed_dests(services, dests))
+    svc = (_packed_services(services) if isinstance(services, np.ndarray)
+           else _pack_keys(keys_of(services, "svc")))
+    dst = (_packed_dests(services, dests) if isinstance(dests, np.ndarray)
+           else _pack_keys(dest_keys(services, dests)))
+    return _program(svc, dst)
 
 
 def pack(prog: list[Insn]) -> bytes:
