@@ -181,6 +181,12 @@ def test_key_lists_give_the_program_of_the_tables():
     assert bpf.for_tables(SVC, []) == bpf.program(SVC, [])
 
 
+@pytest.mark.parametrize("key", [(6, bpf.ip(VIP), 1 << 16), (256, 1, 80), (6, -1, 80)])
+def test_a_key_out_of_range_is_refused(key):
+    with pytest.raises(ValueError, match="out of range"):
+        bpf.program([key], [])
+
+
 def test_only_nat_dests_are_stolen():
     services = tables.empty_services(2)
     services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED)

@@ -87,7 +87,16 @@ def _pack(proto, addr, port) -> np.ndarray:
 
 
 def _pack_keys(keys: list[Key]) -> np.ndarray:
-    return _pack(*zip(*keys)) if keys else np.zeros(0, _U)
+    """Packed keys of (proto, addr, port) tuples; ValueError for a field out
+    of its range (it would alias another key once packed)."""
+    if not keys:
+        return np.zeros(0, _U)
+    proto, addr, port = (np.asarray(col, np.int64) for col in zip(*keys))
+    for col, top, what in ((proto, 0xFF, "proto"), (addr, 0xFFFFFFFF, "addr"),
+                           (port, 0xFFFF, "port")):
+        if col.min() < 0 or col.max() > top:
+            raise ValueError(f"socket filter key: {what} out of range 0..{top}")
+    return _pack(proto, addr, port)
 
 
 def _unpack(packed: np.ndarray) -> list[Key]:
