@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import socket
 import struct
+import timeit
 
+import numpy as np
 import pytest
 
 from pylvs.engine import tables
@@ -173,6 +175,18 @@ def test_accepts_a_gso_sized_frame(prog):
     assert kernel_accepts(prog, [big]) == [True]
 
 
+def test_key_lists_give_the_program_of_the_tables():
+    # set_filter takes key lists too (embedded directors, tests).
+    assert bpf.for_tables(SVC, DST) == bpf.program(SVC, DST)
+    assert bpf.for_tables(SVC, []) == bpf.program(SVC, [])
+
+
+@pytest.mark.parametrize("key", [(6, bpf.ip(VIP), 1 << 16), (256, 1, 80), (6, -1, 80)])
+def test_a_key_out_of_range_is_refused(key):
+    with pytest.raises(ValueError, match="out of range"):
+        bpf.program([key], [])
+
+
 def test_only_nat_dests_are_stolen():
     services = tables.empty_services(2)
     services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED)
@@ -186,3 +200,55 @@ def test_only_nat_dests_are_stolen():
     prog = bpf.for_tables(services, dests)
     assert bpf.run(prog, frame(RIP, "1.2.3.4", 1, 0, 0, icmp_type=3)) > 0
     assert bpf.run(prog, frame("192.168.1.3", "1.2.3.4", 1, 0, 0, icmp_type=3)) == 0
+
+
+LENGTH_CASES = [
+    ("one service", [(6, bpf.ip(VIP), 80)], []),
+    ("dests only", [], [(17, bpf.ip(RIP), 53)]),
+    ("the fixture", SVC, DST),
+    ("two protos on one addr", [(6, bpf.ip(VIP), 80), (17, bpf.ip(VIP), 80)], DST),
+    ("duplicate keys", SVC + SVC, DST + DST),
+    ("far jumps", [(6, bpf.ip("10.1.0.0") + i, 80 + (i % 7)) for i in range(200)],
+     [(17 - 11 * (i % 2), bpf.ip("172.16.0.0") + i // 3, 53 + i) for i in range(120)]),
+]
+
+
+@pytest.mark.parametrize("name,svc,dst", LENGTH_CASES, ids=[c[0] for c in LENGTH_CASES])
+def test_length_is_known_before_building(name, svc, dst):
+    # program_length is what decides the fallback: it must be the length built.
+    assert bpf.program_length(svc, dst) == len(bpf.program(svc, dst))
+
+
+def test_longest_program_is_built_and_one_more_falls_back():
+    # One VIP, one protocol, n ports: 48 + 2n instructions, so 2024 ports make
+    # exactly BPF_MAXINSNS, which the kernel still takes (sk_chk_filter).
+    ports = [(6, bpf.ip(VIP), 1 + p) for p in range(2024)]
+    prog = bpf.program(ports, [])
+    assert len(prog) == bpf.BPF_MAXINSNS
+    last = frame("1.2.3.4", VIP, 6, 1, 2024)
+    assert kernel_accepts(prog, [last, frame("1.2.3.4", VIP, 6, 1, 2025)]) == [True, False]
+    assert bpf.program(ports + [(6, bpf.ip(VIP), 2025)], []) == bpf.accept_ipv4_l4()
+
+
+def test_ten_thousand_services_fall_back_in_milliseconds():
+    # Issue 5 item 9: sizing 10,000 services used to build the whole program
+    # (about a second per publish) before finding it too long.
+    n = 10_000
+    services = tables.empty_services(n + 1)
+    services["vaddr"][:n] = bpf.ip("10.8.0.0") + np.arange(n)
+    services["vport"][:n], services["proto"][:n] = 80, 6
+    services["flags"][:n] = tables.SVC_F_USED
+    dests = tables.empty_dests(2 * n)
+    dests["daddr"] = bpf.ip("172.20.0.0") + np.arange(2 * n)
+    dests["dport"], dests["svc"] = 8080, np.arange(2 * n) % n
+    dests["flags"], dests["fwd"] = tables.DEST_F_USED, tables.FWD_MASQ
+    best = min(timeit.repeat(lambda: bpf.for_tables(services, dests), number=1, repeat=3))
+    assert best < 0.05
+    prog = bpf.for_tables(services, dests)
+    assert prog == bpf.accept_ipv4_l4()
+    assert kernel_accepts(prog, [frame("1.2.3.4", "10.8.39.15", 6, 1, 80),    # the last VIP
+                                 frame("172.20.78.31", "1.2.3.4", 6, 8080, 1),  # the last dest
+                                 frame("1.2.3.4", "10.8.0.0", 1, 0, 0)]) == [True, True, False]
+    # The key lists the steering table is built from come from the same packing.
+    assert len(bpf.keys_of(services, "svc")) == n
+    assert bpf.dest_keys(services, dests)[-1] == (6, bpf.ip("172.20.78.31"), 8080)

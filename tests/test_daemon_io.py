@@ -7,6 +7,7 @@ import asyncio
 import logging
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -164,3 +165,60 @@ def test_losses_are_logged_at_most_once_per_period(daemon, monkeypatch, caplog):
     if len(got) == 2:
         assert got[1][1] - got[0][1] == got[1][0]
     assert not any("rx_frames" in m or "tx_errors" in m for m in lines), lines
+
+
+class CountingSteering(Steering):
+    """not_host as Steering's: a blocking call (nft) that may hang or fail."""
+
+    def __init__(self, packets=0, delay=0.0, error=None):
+        self.packets, self.delay, self.error = packets, delay, error
+        self.threads = []
+
+    def not_host(self):
+        self.threads.append(threading.current_thread())
+        time.sleep(self.delay)
+        if self.error:
+            raise self.error
+        return self.packets
+
+
+def stats_extra(daemon, steering):
+    daemon.steering = steering
+    ticks, took = [], []
+
+    async def run():
+        async def tick():   # the event loop must keep turning meanwhile
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+        t = asyncio.ensure_future(tick())
+        t0 = time.monotonic()
+        try:
+            return await daemon._stats_extra()
+        finally:
+            took.append(time.monotonic() - t0)
+            t.cancel()
+    return asyncio.run(run()), ticks, took[0]
+
+
+def test_stats_adds_the_io_counters_and_not_host_read_off_the_loop(daemon):
+    daemon.backend.stats = lambda: {"tx_emsgsize": np.uint64(3), "rx_dropped": 5}
+    steering = CountingSteering(packets=42, delay=0.1)
+    st, ticks, _ = stats_extra(daemon, steering)
+    assert st == {"io": {"tx_emsgsize": 3, "rx_dropped": 5}, "steering": {"not_host": 42}}
+    assert type(st["io"]["tx_emsgsize"]) is int   # JSON-ready
+    assert steering.threads[0] is not threading.main_thread()
+    assert len(ticks) >= 5   # 0.1 s of nft did not stop the loop
+
+
+def test_stats_without_an_nft_answer_shows_no_not_host(daemon, monkeypatch, caplog):
+    monkeypatch.setattr(D, "NOT_HOST_TIMEOUT", 0.2)
+    st, ticks, took = stats_extra(daemon, CountingSteering(delay=1.0))   # nft hangs
+    assert took < 0.9 and st["steering"] == {"not_host": None}
+    assert st["io"] == {}   # MemoryBackend keeps no ring counters
+    assert len(ticks) >= 10
+    from pylvs.control.steering import SteeringError
+    st, _, _ = stats_extra(daemon, CountingSteering(error=SteeringError("nft: no such table")))
+    assert st["steering"] == {"not_host": None}
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("within 0.2 s" in m for m in msgs) and any("no such table" in m for m in msgs)

@@ -24,8 +24,9 @@ from pylvs.engine.tables import Counters
 class Director:
     """A Balancer served on its own event loop thread, as `pylvs run` does."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, extras=None):
         self.path = path
+        self.extras = extras
         self.counters = Counters(max_services=16, max_dests=64)
         self.published = []
         self.balancer = Balancer(self.counters,
@@ -44,7 +45,8 @@ class Director:
 
         async def main():
             try:
-                self.server = await rpc.start_server(self.path, self.balancer)
+                self.server = await rpc.start_server(self.path, self.balancer,
+                                                     extras=self.extras)
             except BaseException as e:
                 self._error = e
                 self._ready.set()
@@ -420,6 +422,49 @@ def test_pylvs_stats_prints_every_counter_by_name(director):
     rc, out, err = tool("stats_main", director, "--json")
     st = json.loads(out)
     assert st["counters"]["drop_table_full"] == 12 and st["conns"]["limit"] == 4194304
+
+
+def test_pylvs_stats_adds_the_io_and_steering_sections(tmp_path):
+    # As `pylvs run` serves it: the daemon's extra for "stats" (tested in
+    # tests/test_daemon_io.py) merged into the Balancer's answer.
+    from pylvs.engine import tables
+    calls = []
+
+    async def extra():
+        calls.append("stats")
+        return {"io": {"rx_frames": 10, "tx_emsgsize": 2}, "steering": {"not_host": None}}
+    d = Director(str(tmp_path / "ctl.sock"), extras={"stats": extra})
+    try:
+        d.counters.stats[tables.STAT_INDEX["rx_frames"]] = 9
+        rc, out, err = tool("stats_main", d)
+        assert (rc, err) == (0, "")
+        engine, io_part, steering = out.split("\n\n")[1:]
+        assert engine.splitlines()[0].split() == ["rx_frames", "9"]
+        assert io_part.splitlines() == ["io.rx_frames    10", "io.tx_emsgsize  2"]
+        assert steering == "steering.not_host  -\n"   # nft did not answer
+        st = json.loads(tool("stats_main", d, "--json")[1])
+        assert list(st) == ["engine", "counters", "conns", "services", "dests", "io", "steering"]
+        assert st["engine"] == st["counters"] and st["engine"]["rx_frames"] == 9
+        assert st["io"]["rx_frames"] == 10 and st["steering"] == {"not_host": None}
+        # Other ops are left alone.
+        with rpc.Client(d.path) as c:
+            assert c.call(op="ping") == "pong" and "io" not in c.call(op="timeouts")
+        assert len(calls) == 2
+    finally:
+        d.stop()
+
+
+def test_a_failing_stats_extra_still_answers_the_engine_counters(tmp_path, caplog):
+    async def extra():
+        raise RuntimeError("backend gone")
+    d = Director(str(tmp_path / "ctl.sock"), extras={"stats": extra})
+    try:
+        with rpc.Client(d.path) as c:
+            st = c.call(op="stats")
+        assert "engine" in st and "io" not in st
+    finally:
+        d.stop()
+    assert any("backend gone" in r.exc_text for r in caplog.records if r.exc_text)
 
 
 def test_pylvs_sysctl_lists_reads_and_sets(director):

@@ -1,5 +1,5 @@
-"""`pylvs stats` and `pylvs sysctl`: a running director's engine counters
-and run-time knobs, over the control socket (as `pylvs adm`).
+"""`pylvs stats` and `pylvs sysctl`: a running director's counters (engine,
+I/O, steering) and run-time knobs, over the control socket (as `pylvs adm`).
 
 Exit status: 0 done, 1 the director refused (unknown knob, bad value),
 2 bad command line or no director to talk to.
@@ -43,8 +43,17 @@ def _human_bytes(n: int) -> str:
     raise AssertionError
 
 
+def _counter_lines(counters: dict, prefix: str = "") -> list[str]:
+    width = max((len(prefix + n) for n in counters), default=0)
+    return [f"{prefix + name:<{width}}  {'-' if v is None else v}"
+            for name, v in counters.items()]
+
+
 def format_stats(st: dict) -> str:
-    """The text `pylvs stats` prints: tables first, then every counter."""
+    """The text `pylvs stats` prints: tables first, then every engine
+    counter by name, then (from `pylvs run`) the I/O backend's as
+    ``io.NAME`` and the steering table's as ``steering.NAME``, each section
+    after a blank line (docs/control.md)."""
     conns, svcs, dests = st["conns"], st["services"], st["dests"]
 
     def val(v):
@@ -54,8 +63,10 @@ def format_stats(st: dict) -> str:
              f"services  {svcs['count']} of {svcs['limit']}",
              f"dests     {dests['count']} of {dests['limit']}",
              ""]
-    width = max(map(len, st["counters"]), default=0)
-    lines += [f"{name:<{width}}  {v}" for name, v in st["counters"].items()]
+    lines += _counter_lines(st.get("engine", st["counters"]))
+    for section in ("io", "steering"):
+        if st.get(section):
+            lines += [""] + _counter_lines(st[section], section + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -63,9 +74,11 @@ def stats_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
                stderr: TextIO | None = None, client_factory=None) -> int:
     ap = argparse.ArgumentParser(
         prog="pylvs stats",
-        description="Print a running director's engine counters (by their stable "
-                    "names), its conn count and conn table limit, and the service "
-                    "and dest slots in use.")
+        description="Print a running director's counters by their stable names "
+                    "(the engine's; io.*: the AF_PACKET rings', summed over ports; "
+                    "steering.not_host: frames to another host's MAC, broadcast or "
+                    "multicast refused), its conn count and conn table limit, and the "
+                    "service and dest slots in use (docs/control.md).")
     ap.add_argument("--json", action="store_true", help="one JSON object")
     ap.add_argument("--control", metavar="PATH", help="the director's control socket "
                     "(default: this network namespace's)")

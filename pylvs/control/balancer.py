@@ -926,14 +926,18 @@ class Balancer:
 
     def stats(self) -> dict:
         """``pylvs stats``: every engine counter by its stable name
-        (tables.STAT_NAMES), the conn table's use and limit, and the
-        service and dest slots in use and their limits."""
+        (tables.STAT_NAMES) under "engine" (and, the same object, under
+        "counters", the key's older name), the conn table's use and limit,
+        and the service and dest slots in use and their limits. (`pylvs
+        run` adds "io" and "steering" on the control socket.)"""
         raw = self.counters.stats
         info = {}
         if self.engine_info is not None:
             info = self.engine_info()
+        engine = {n: int(raw[i]) for i, n in enumerate(tables.STAT_NAMES)}
         return {
-            "counters": {n: int(raw[i]) for i, n in enumerate(tables.STAT_NAMES)},
+            "engine": engine,
+            "counters": engine,
             "conns": {"count": info.get("conn_count"), "limit": info.get("capacity"),
                       "memory": info.get("memory")},
             "services": {"count": len(self._services), "limit": self.counters.max_services},

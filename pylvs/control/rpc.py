@@ -24,7 +24,7 @@ import socket
 import stat
 import struct
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from .balancer import Balancer, BalancerError
 
@@ -104,14 +104,49 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
     return uid
 
 
-def handle_line(balancer: Balancer, line: bytes | str) -> dict:
-    """One request line to one response dict; never raises."""
+# Per op name, an async callable whose dict is merged into that op's result
+# on the control socket: answers the Balancer cannot give and that must not
+# block the event loop (the daemon's I/O and steering counters for "stats").
+Extras = dict[str, Callable[[], Awaitable[dict]]]
+
+
+def _parse(line: bytes | str) -> dict | str:
+    """The request object of a line, or the error message for a bad one."""
     try:
         req = json.loads(line)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        return {"ok": False, "error": f"malformed request: {e}"}
+        return f"malformed request: {e}"
     if not isinstance(req, dict) or "op" not in req:
-        return {"ok": False, "error": "malformed request: expected a JSON object with \"op\""}
+        return "malformed request: expected a JSON object with \"op\""
+    return req
+
+
+def handle_line(balancer: Balancer, line: bytes | str) -> dict:
+    """One request line to one response dict; never raises."""
+    req = _parse(line)
+    if isinstance(req, str):
+        return {"ok": False, "error": req}
+    return _answer(balancer, req)
+
+
+async def _handle_line_extras(balancer: Balancer, line: bytes, extras: Extras) -> dict:
+    """handle_line, then the op's extra (if any) merged into a dict result;
+    an extra that fails is logged and the Balancer's answer still goes out."""
+    req = _parse(line)
+    if isinstance(req, str):
+        return {"ok": False, "error": req}
+    resp = _answer(balancer, req)
+    op = req["op"]
+    extra = extras.get(op) if isinstance(op, str) else None
+    if extra is not None and resp["ok"] and isinstance(resp["result"], dict):
+        try:
+            resp["result"].update(await extra())
+        except Exception:
+            log.exception("control operation %r: its extra part failed", op)
+    return resp
+
+
+def _answer(balancer: Balancer, req: dict) -> dict:
     try:
         return {"ok": True, "result": balancer.apply(req)}
     except BalancerError as e:
@@ -135,7 +170,8 @@ class _Clients:
 
 
 async def _serve_client(balancer: Balancer, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter, clients: _Clients | None = None) -> None:
+                        writer: asyncio.StreamWriter, clients: _Clients | None = None,
+                        extras: Extras | None = None) -> None:
     if clients is not None:
         if clients.n >= clients.limit:
             log.warning("control socket: %d clients already, one more refused", clients.n)
@@ -150,7 +186,7 @@ async def _serve_client(balancer: Balancer, reader: asyncio.StreamReader,
             return
         clients.n += 1
     try:
-        await _serve_lines(balancer, reader, writer)
+        await _serve_lines(balancer, reader, writer, extras or {})
     finally:
         if clients is not None:
             clients.n -= 1
@@ -162,7 +198,7 @@ async def _serve_client(balancer: Balancer, reader: asyncio.StreamReader,
 
 
 async def _serve_lines(balancer: Balancer, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> None:
+                       writer: asyncio.StreamWriter, extras: Extras) -> None:
     try:
         uid = _peer_uid(writer)
         if uid is not None and uid != 0 and uid != os.geteuid():
@@ -189,7 +225,8 @@ async def _serve_lines(balancer: Balancer, reader: asyncio.StreamReader,
                 return
             if not line.strip():
                 continue
-            resp = handle_line(balancer, line)
+            resp = (await _handle_line_extras(balancer, line, extras) if extras
+                    else handle_line(balancer, line))
             try:
                 data = json.dumps(resp)
             except (TypeError, ValueError) as e:
@@ -259,16 +296,21 @@ class ControlServer(asyncio.AbstractServer):
 
 
 async def start_server(path: str, balancer: Balancer, *,
-                       max_clients: int | None = None) -> ControlServer:
+                       max_clients: int | None = None,
+                       extras: Extras | None = None) -> ControlServer:
     """Serve ``balancer`` on the unix socket ``path``; while serving, run its
-    rate estimator every 2 s (as the kernel's estimator timer)."""
+    rate estimator every 2 s (as the kernel's estimator timer).
+
+    ``extras``: {op name: async callable returning a dict} merged into that
+    op's result (`pylvs run` adds the I/O and steering counters to
+    ``stats``)."""
     _prepare_path(path)
     max_clients = max_clients or MAX_CLIENTS
     clients = _Clients(max_clients)
     old = os.umask(0o177)
     try:
         server = await asyncio.start_unix_server(
-            lambda r, w: _serve_client(balancer, r, w, clients), path=path,
+            lambda r, w: _serve_client(balancer, r, w, clients, extras), path=path,
             limit=MAX_REQUEST)
     finally:
         os.umask(old)

@@ -64,6 +64,62 @@ Insn = tuple[int, int, int, int]  # (code, jt, jf, k)
 Key = tuple[int, int, int]
 
 
+# Keys packed into one uint64 each, proto << 48 | addr << 16 | port: the
+# numeric order is the tuples' order, so a sort deduplicates 10,000s of rows
+# in a millisecond, and counting distinct addrs or (proto, addr) pairs is a
+# shift and another sort.
+_U = np.uint64
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (a sort: numpy 2's hashing np.unique is ten
+    times slower at these sizes)."""
+    values = np.sort(values)
+    if values.size < 2:
+        return values
+    return values[np.concatenate(([True], values[1:] != values[:-1]))]
+
+
+def _pack(proto, addr, port) -> np.ndarray:
+    """Sorted distinct packed keys of three parallel arrays."""
+    return _distinct((np.asarray(proto, _U) << _U(48)) | (np.asarray(addr, _U) << _U(16))
+                     | np.asarray(port, _U))
+
+
+def _pack_keys(keys: list[Key]) -> np.ndarray:
+    """Packed keys of (proto, addr, port) tuples; ValueError for a field out
+    of its range (it would alias another key once packed)."""
+    if not keys:
+        return np.zeros(0, _U)
+    proto, addr, port = (np.asarray(col, np.int64) for col in zip(*keys))
+    for col, top, what in ((proto, 0xFF, "proto"), (addr, 0xFFFFFFFF, "addr"),
+                           (port, 0xFFFF, "port")):
+        if col.min() < 0 or col.max() > top:
+            raise ValueError(f"socket filter key: {what} out of range 0..{top}")
+    return _pack(proto, addr, port)
+
+
+def _unpack(packed: np.ndarray) -> list[Key]:
+    return list(zip((packed >> _U(48)).tolist(),
+                    ((packed >> _U(16)) & _U(0xFFFFFFFF)).tolist(),
+                    (packed & _U(0xFFFF)).tolist()))
+
+
+def _packed_services(services: np.ndarray) -> np.ndarray:
+    rows = services[(services["flags"] & tables.SVC_F_USED) != 0]
+    return _pack(rows["proto"], rows["vaddr"], rows["vport"])
+
+
+def _packed_dests(services: np.ndarray, dests: np.ndarray) -> np.ndarray:
+    used = dests[((dests["flags"] & tables.DEST_F_USED) != 0)
+                 & (dests["fwd"] == tables.FWD_MASQ)]
+    svc = used["svc"].astype(np.intp)
+    used, svc = used[svc < len(services)], svc[svc < len(services)]
+    owner = services[svc]
+    live = (owner["flags"] & tables.SVC_F_USED) != 0
+    return _pack(owner["proto"][live], used["daddr"][live], used["dport"][live])
+
+
 def keys_of(table, kind: str) -> list[Key]:
     """(proto, addr, port) of the used rows of a SERVICE_DTYPE / DEST_DTYPE array,
     or of an iterable of such tuples.
@@ -72,8 +128,7 @@ def keys_of(table, kind: str) -> list[Key]:
     """
     if isinstance(table, np.ndarray):
         if kind == "svc":
-            rows = table[(table["flags"] & tables.SVC_F_USED) != 0]
-            return sorted({(int(r["proto"]), int(r["vaddr"]), int(r["vport"])) for r in rows})
+            return _unpack(_packed_services(table))
         raise ValueError("dest keys need the services: use dest_keys()")
     return sorted({(int(p), int(a), int(port)) for p, a, port in table})
 
@@ -86,14 +141,7 @@ def dest_keys(services, dests) -> list[Key]:
     """
     if not isinstance(dests, np.ndarray):
         return sorted({(int(p), int(a), int(port)) for p, a, port in dests})
-    out = set()
-    used = dests[((dests["flags"] & tables.DEST_F_USED) != 0)
-                 & (dests["fwd"] == tables.FWD_MASQ)]
-    for d in used:
-        s = int(d["svc"])
-        if s < len(services) and services[s]["flags"] & tables.SVC_F_USED:
-            out.add((int(services[s]["proto"]), int(d["daddr"]), int(d["dport"])))
-    return sorted(out)
+    return _unpack(_packed_dests(services, dests))
 
 
 class _Asm:
@@ -212,12 +260,53 @@ def _match_addr(a: _Asm, addrs: list[int], off: int, nxt: str) -> None:
     a.jump(nxt)
 
 
+# Instructions of each piece of `program` (a conditional jump is two: the
+# test and its `ja`); tests/test_bpf.py checks program_length against the
+# programs built.
+_HEAD_LEN = 28      # _head: 12 single ops + 8 two-instruction tests
+_TAIL_LEN = 2       # reject, accept
+
+
+def _match_len(packed: np.ndarray) -> int:
+    """Length of `_match` for these keys: a load and a final `ja`, a test per
+    addr, then per addr a load, a test per proto and a `ja`, and per
+    (addr, proto) a load, a test per port and a `ja`."""
+    addrs = _distinct((packed >> _U(16)) & _U(0xFFFFFFFF)).size
+    proto_addrs = _distinct(packed >> _U(16)).size
+    return 2 + 4 * addrs + 4 * proto_addrs + 2 * packed.size
+
+
+def _packed_length(svc: np.ndarray, dst: np.ndarray) -> int:
+    if not svc.size and not dst.size:
+        return len(reject_all())
+    n_vips = _distinct((svc >> _U(16)) & _U(0xFFFFFFFF)).size
+    n_rs = _distinct((dst >> _U(16)) & _U(0xFFFFFFFF)).size
+    return (_HEAD_LEN + _match_len(svc) + _match_len(dst)
+            + (2 + 2 * n_vips) + (2 + 2 * n_rs) + _TAIL_LEN)
+
+
+def program_length(svc_keys: Iterable[Key], dst_keys: Iterable[Key]) -> int:
+    """Instructions `program` would emit for these keys, computed from the
+    counts alone (no program built): how `program` and `for_tables` know
+    they must fall back before spending time on a program the kernel
+    refuses (sk_chk_filter: at most BPF_MAXINSNS)."""
+    return _packed_length(_pack_keys(list(svc_keys)), _pack_keys(list(dst_keys)))
+
+
 def program(svc_keys: Iterable[Key], dst_keys: Iterable[Key]) -> list[Insn]:
     """The filter for these service and dest keys (ICMP errors to the
-    services' addresses and from the dests' addresses included)."""
-    svc_keys, dst_keys = sorted(set(svc_keys)), sorted(set(dst_keys))
-    if not svc_keys and not dst_keys:
+    services' addresses and from the dests' addresses included); the
+    coarse `accept_ipv4_l4` when that filter would pass BPF_MAXINSNS."""
+    return _program(_pack_keys(list(svc_keys)), _pack_keys(list(dst_keys)))
+
+
+def _program(svc: np.ndarray, dst: np.ndarray) -> list[Insn]:
+    """`program` of packed keys: sized first, built only when it fits."""
+    if not svc.size and not dst.size:
         return reject_all()
+    if _packed_length(svc, dst) > BPF_MAXINSNS:
+        return accept_ipv4_l4()
+    svc_keys, dst_keys = _unpack(svc), _unpack(dst)
     a = _Asm()
     _head(a, "l4", "icmp")
     a.label("l4")
@@ -228,15 +317,21 @@ def program(svc_keys: Iterable[Key], dst_keys: Iterable[Key]) -> list[Insn]:
     _match_addr(a, sorted({addr for _, addr, _ in svc_keys}), 30, "icmp_from")  # to a VIP
     a.label("icmp_from")
     _match_addr(a, sorted({addr for _, addr, _ in dst_keys}), 26, "reject")     # from a dest
-    prog = _tail(a)
-    if len(prog) > BPF_MAXINSNS:
-        return accept_ipv4_l4()
-    return prog
+    return _tail(a)
 
 
 def for_tables(services, dests) -> list[Insn]:
-    """The filter for a published (services, dests) pair of tables."""
-    return program(keys_of(services, "svc"), dest_keys(services, dests))
+    """The filter for a published (services, dests) pair of tables (or
+    of (proto, addr, port) lists, as `keys_of` and `dest_keys` take them).
+
+    Sized on the packed keys first: tables too big for one program (10,000
+    services) cost a few numpy calls, not a program built and thrown away.
+    """
+    svc = (_packed_services(services) if isinstance(services, np.ndarray)
+           else _pack_keys(keys_of(services, "svc")))
+    dst = (_packed_dests(services, dests) if isinstance(dests, np.ndarray)
+           else _pack_keys(dest_keys(services, dests)))
+    return _program(svc, dst)
 
 
 def pack(prog: list[Insn]) -> bytes:

@@ -35,6 +35,9 @@ WATCHED_IO = ("rx_dropped", "tx_errors", "tx_emsgsize", "emit_errors", "tx_bad_p
               "sock_errors", "rx_truncated", "rx_vlan", "rx_oversize")
 WATCHED_ENGINE = ("drop_table_full", "emit_overflow")
 LOG_EVERY = 10.0
+# How long `pylvs stats` waits for the steering table's not_host counter
+# (an nft subprocess, run in a worker thread); after that it shows null.
+NOT_HOST_TIMEOUT = 5.0
 
 
 def default_interfaces() -> list[str]:
@@ -323,6 +326,26 @@ class Daemon:
         return {"conn_count": int(e.conn_count), "capacity": int(e.capacity),
                 "memory": getattr(e, "memory", None)}
 
+    async def _stats_extra(self) -> dict:
+        """What `pylvs stats` adds to the Balancer's answer (docs/control.md):
+        "io", the backend's counters summed over ports (`stats()`; {} for a
+        backend without counters), and "steering", {"not_host": packets or
+        None when nft did not answer within NOT_HOST_TIMEOUT s or failed}.
+        nft runs in the loop's default executor, never on the loop."""
+        io = self.backend.stats() if hasattr(self.backend, "stats") else {}
+        not_host = None
+        read = getattr(self.steering, "not_host", None)
+        if read is not None:
+            try:
+                not_host = int(await asyncio.wait_for(
+                    asyncio.get_running_loop().run_in_executor(None, read), NOT_HOST_TIMEOUT))
+            except asyncio.TimeoutError:
+                log.warning("pylvs stats: nft gave no not_host counter within %g s",
+                            NOT_HOST_TIMEOUT)
+            except Exception as e:  # SteeringError, nft missing: the rest still answers
+                log.warning("pylvs stats: not_host: %s", e)
+        return {"io": {k: int(v) for k, v in io.items()}, "steering": {"not_host": not_host}}
+
     def _call_in_loop(self, fn, *args) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -380,7 +403,8 @@ class Daemon:
             self._loop.add_signal_handler(sig, self._stop_event.set)
 
         path = self.opts.control or rpc.default_path()
-        server = await rpc.start_server(path, self.balancer)
+        server = await rpc.start_server(path, self.balancer,
+                                        extras={"stats": self._stats_extra})
         data = threading.Thread(target=self._data_loop, name="pylvs-data", daemon=True)
         self._data_thread = data
         data.start()

@@ -179,3 +179,64 @@ def test_cleared_real_servers_are_not_arped_for_any_more(pair, tmp_path):
         time.sleep(3)
         assert arp_sent() - before == 0
         assert stop(p) == 0
+
+
+# Run in the client namespace: 5 UDP datagrams to the service through the
+# kernel (to the director's MAC), then 3 frames to it at the broadcast MAC,
+# which IPVS never sees (ip_vs_in_hook: not PACKET_HOST).
+SEND_TO_SERVICE = r"""
+import socket, struct, sys
+vip, port = sys.argv[1], int(sys.argv[2])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(5):
+    u.sendto(b"to the director", (vip, port))
+def csum(b):
+    s = sum(struct.unpack("!10H", b))
+    s = (s & 0xFFFF) + (s >> 16)
+    return ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
+p = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+p.bind(("eth0", 0))
+src = p.getsockname()[4]
+for _ in range(3):
+    udp = struct.pack("!HHHH", 40000, port, 8 + 9, 0) + b"broadcast"
+    iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                      socket.inet_aton("10.9.5.2"), socket.inet_aton(vip))
+    iph = iph[:10] + struct.pack("!H", csum(iph)) + iph[12:]
+    p.send(b"\xff" * 6 + src + b"\x08\x00" + iph + udp)
+"""
+
+
+def test_stats_show_the_io_and_steering_counters(pair, tmp_path):
+    """`pylvs stats` through a running director: the engine's counters, the
+    AF_PACKET rings' (io) and the steering table's not_host."""
+    import sys
+    ctl = str(tmp_path / "ctl.sock")
+    with running(pair.a, "--iface", "eth0", "--control", ctl, *SMALL) as (p, log):
+        wait_ready(p, log)
+        r = in_ns(pair.a, *PYLVS, "adm", "--control", ctl, "-A", "-u", "10.9.5.1:7")
+        assert (r.returncode, r.stderr) == (0, "")
+        r = in_ns(pair.b, sys.executable, "-c", SEND_TO_SERVICE, "10.9.5.1", "7")
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 5
+        while True:
+            t0 = time.monotonic()
+            r = in_ns(pair.a, *PYLVS, "stats", "--control", ctl, "--json")
+            took = time.monotonic() - t0
+            assert (r.returncode, r.stderr) == (0, "")
+            st = json.loads(r.stdout)
+            if st["engine"]["rx_frames"] >= 5 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert took < 5
+        assert st["counters"] == st["engine"] and st["engine"]["rx_frames"] >= 5
+        io = st["io"]
+        assert io["rx_frames"] >= 5
+        assert {"tx_frames", "tx_errors", "tx_emsgsize", "emit_sent", "emit_errors",
+                "rx_dropped", "rx_freezes"} <= set(io)
+        assert all(isinstance(v, int) for v in io.values())
+        assert st["steering"] == {"not_host": 3}
+        text = in_ns(pair.a, *PYLVS, "stats", "--control", ctl).stdout.splitlines()
+        assert "steering.not_host  3" in text
+        named = dict(ln.split() for ln in text if len(ln.split()) == 2)
+        assert int(named["io.rx_frames"]) >= 5 and int(named["rx_frames"]) >= 5
+        assert stop(p) == 0
