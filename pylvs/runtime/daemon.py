@@ -620,6 +620,7 @@ def _bounded(lo: int, hi: int):
 # --conn-max: at 20,000 new short conns a second, each held 120 s in
 # TIME_WAIT (issue 5), 2.4 million conns live; the default leaves room.
 DEFAULT_CONN_MAX = 1 << 22
+MAX_CONN_MAX = 1 << 26  # the engine's limit (ENGINE_MAX_CAPACITY)
 
 
 def _help_formatter():
@@ -646,10 +647,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--control", metavar="PATH",
                     help="control socket (default: /run/pylvs/ctl-<netns inode>.sock)")
     ap.add_argument("-c", "--config", metavar="FILE", help="ipvsadm -S rules to apply at start (default: none)")
-    ap.add_argument("--conn-max", type=_bounded(1, 1 << 31), default=DEFAULT_CONN_MAX,
+    ap.add_argument("--conn-max", type=_bounded(1, MAX_CONN_MAX), default=DEFAULT_CONN_MAX,
                     metavar="N", help="most conns at once; the conn table grows with use up "
-                    "to this, about 100 bytes per conn")
-    ap.add_argument("--capacity", type=_bounded(1, 1 << 31), dest="conn_max",
+                    "to this, 96 to 128 bytes per conn")
+    ap.add_argument("--capacity", type=_bounded(1, MAX_CONN_MAX), dest="conn_max",
                     help=argparse.SUPPRESS)   # the old name of --conn-max
     ap.add_argument("--max-services", type=_bounded(1, bal.MAX_SERVICES_LIMIT), metavar="N",
                     default=bal.DEFAULT_MAX_SERVICES, help="most virtual services")
