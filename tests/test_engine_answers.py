@@ -209,6 +209,23 @@ ROWS = [
         CLIENT_PORT, DROP, counts("drop_bad_ip", "ip_options")),
     Row("an option with length 1", v(with_ipopt(tcp, b"\x07\x01\x00\x00")), CLIENT_PORT, DROP,
         counts("drop_bad_ip", "ip_options")),
+    Row("a record route pointer below 4", v(with_ipopt(tcp, b"\x07\x07\x03" + b"\0" * 4)),
+        CLIENT_PORT, DROP, counts("drop_bad_ip", "ip_options")),
+    Row("a full record route with no room for an address",
+        v(with_ipopt(tcp, b"\x07\x05\x04\0\0")), CLIENT_PORT, DROP,
+        counts("drop_bad_ip", "ip_options")),
+    Row("a timestamp pointer below 5", v(with_ipopt(tcp, b"\x44\x28\x00\x00" + b"\0" * 36)),
+        CLIENT_PORT, DROP, counts("drop_bad_ip", "ip_options")),
+    Row("a timestamp with room for one more stamp: forwarded",
+        v(with_ipopt(tcp, b"\x44\x08\x05\x00" + b"\0" * 4)), CLIENT_PORT, TX,
+        counts("tx_frames", "conns_created", "ip_options"),
+        expect=v(with_ipopt(c2s_out, b"\x44\x08\x05\x00" + b"\0" * 4)), out_port=RS_PORT),
+    Row("a full timestamp whose overflow count is 15", v(with_ipopt(
+        tcp, b"\x44\x08\x09\xf0" + b"\0" * 4)), CLIENT_PORT, DROP,
+        counts("drop_bad_ip", "ip_options")),
+    Row("a source route with a pointer below 4 is malformed first",
+        v(with_ipopt(tcp, b"\x83\x07\x02" + b"\0" * 4)), CLIENT_PORT, DROP,
+        counts("drop_bad_ip", "ip_options")),
     Row("record route is no source route: forwarded",
         v(with_ipopt(tcp, b"\x07\x07\x04" + b"\0" * 4)), CLIENT_PORT, TX,
         counts("tx_frames", "conns_created", "ip_options"),
@@ -343,6 +360,15 @@ ROWS = [
     Row("an icmp error for another host's MAC", v(icmp_about(
         ROUTER, VIP, REPLY_TO_CLIENT, mtu=1280, dst_mac=OTHER_MAC)), CLIENT_PORT, DROP,
         counts("drop_l2_other_host"), before=[NET, SYN]),
+    Row("an icmp error from a martian source is refused", v(icmp_about(
+        "127.0.0.1", VIP, REPLY_TO_CLIENT, mtu=1280)), CLIENT_PORT, DROP, counts("drop_martian"),
+        before=[SYN]),
+    Row("an icmp error from the director's own address is refused", v(icmp_about(
+        DIP_S, VIP, REPLY_TO_CLIENT, mtu=1280)), CLIENT_PORT, DROP, counts("drop_martian"),
+        before=[NET, SYN]),
+    Row("an icmp error failing rp_filter is refused", v(icmp_about(
+        "192.168.1.50", VIP, REPLY_TO_CLIENT, mtu=1280)), CLIENT_PORT, DROP,
+        counts("drop_rp_filter"), before=[NET, SYN]),
     Row("an echo request to the vip is the kernel's",
         v(raw(Ether(src=CMAC, dst=LMAC) / IP(src=CIP, dst=VIP) / ICMP(type=8) / Raw(b"ping"))),
         CLIENT_PORT, PASS, counts("pass_not_ours"), before=[SYN]),
@@ -401,6 +427,28 @@ def test_icmp_unreachable_is_rate_limited(impl):
         env.send(v(tcp(dport=83, sport=3000 + i)), CLIENT_PORT, 100.0 + i)
         ids.append(Ether(env.emitted[0][1][10:])[IP].id)
     assert ids == [FIRST_ICMP_ID + 4, FIRST_ICMP_ID + 5, FIRST_ICMP_ID + 6]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_icmp_is_limited_per_destination_as_the_kernel(impl):
+    """icmp_ratelimit (1000 ms, burst 6) per client on top of the global
+    bucket: a seventh refusal to one client waits; another client does not."""
+    env = Env(impl)
+    sent = []
+    for i in range(8):
+        env.send(v(tcp(dport=83, sport=5000 + i)), CLIENT_PORT, 0.5)
+        sent.append(len(env.emitted))
+    assert sent == [1] * 6 + [0, 0]
+    env.send(v(tcp(src="10.0.0.3", dport=83)), CLIENT_PORT, 0.5)
+    assert len(env.emitted) == 1
+    env.send(v(tcp(dport=83, sport=6000)), CLIENT_PORT, 1.5)    # one more second: one more
+    env.send(v(tcp(dport=83, sport=6001)), CLIENT_PORT, 1.5)
+    assert env.counters.stat("icmp_unreach_sent") == 8
+    assert env.counters.stat("icmp_ratelimited") == 3
+    sysctl(icmp_ratelimit=0)(env)                              # 0: no per-destination limit
+    for i in range(10):
+        env.send(v(tcp(dport=83, sport=7000 + i)), CLIENT_PORT, 2.0)
+    assert env.counters.stat("icmp_unreach_sent") == 18
 
 
 @pytest.mark.parametrize("impl", IMPLS)

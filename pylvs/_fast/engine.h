@@ -40,7 +40,7 @@ enum pylvs_stat {
 /* Sysctl indices: as SYSCTL_NAMES in pylvs/engine/tables.py. */
 enum pylvs_sysctl {
     SYS_CONN_REUSE_MODE, SYS_EXPIRE_NODEST_CONN, SYS_ICMP_MSGS_PER_SEC, SYS_ICMP_MSGS_BURST,
-    SYS_TCP_RST_PER_SEC, SYS_TCP_RST_BURST,
+    SYS_TCP_RST_PER_SEC, SYS_TCP_RST_BURST, SYS_ICMP_RATELIMIT,
     SYS__COUNT
 };
 

@@ -9,7 +9,7 @@
 #include <math.h>
 
 /* tables.SYSCTL_DEFAULTS */
-static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50};
+static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50, 1000};
 
 static PyTypeObject EngineType;
 

@@ -156,6 +156,14 @@ struct rate_bucket {
 /* Slots drawn at the limit to find a conn to replace (docs/engine.md). */
 #define EVICT_SAMPLES 32
 
+/* One destination's ICMP error allowance (inet_peer's rate_tokens, in ms). */
+#define ICMP_PEERS 1024
+struct icmp_peer {
+    uint32_t addr;
+    int used;
+    double tokens, last;
+};
+
 struct pylvs_engine {
     PyObject_HEAD
     uint32_t capacity; /* the limit */
@@ -199,6 +207,7 @@ struct pylvs_engine {
 
     struct pylvs_net net;          /* ports, routes, local addresses (copies) */
     struct rate_bucket icmp_rl, rst_rl;
+    struct icmp_peer peers[ICMP_PEERS]; /* the per-destination ICMP limit */
     uint16_t ip_id;                /* the next ICMP error's IP ID */
 };
 

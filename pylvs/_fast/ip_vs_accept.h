@@ -61,6 +61,36 @@ static inline const port_row *pylvs_port(const struct pylvs_net *n, uint16_t por
     return NULL;
 }
 
+/* Is the option at `o` (type, length `len` >= 2, within the header)
+ * malformed the way the kernel's ip_options_compile refuses on receive?
+ * Record route and source routes need a pointer >= 4 and room for the
+ * next address; a timestamp a pointer >= 5, room for its entry kind, or an
+ * overflow count below 15 once full. */
+static inline int pylvs_option_malformed(const uint8_t *o, uint32_t len)
+{
+    switch (o[0]) {
+    case 7:   /* RR */
+    case 131: /* LSRR */
+    case 137: /* SSRR */
+        if (len < 3 || o[2] < 4)
+            return 1;
+        return o[0] == 7 && o[2] <= len && o[2] + 3u > len;
+    case 68: /* TIMESTAMP */
+        if (len < 4 || o[2] < 5)
+            return 1;
+        if (o[2] <= len) {
+            uint8_t kind = o[3] & 0x0f;
+            if (kind == 0)
+                return o[2] + 3u > len;
+            if (kind == 1 || kind == 3)
+                return o[2] + 7u > len;
+            return 0;
+        }
+        return (o[3] >> 4) == 0x0f;
+    }
+    return 0;
+}
+
 /* The verdict counter refusing a frame of ours at step 7, or -1. `eth` is
  * the Ethernet header, `ip` the IPv4 header of `ihl` bytes (validated). */
 static inline int pylvs_refusal(const struct pylvs_net *n, const uint8_t *eth,
@@ -84,6 +114,9 @@ static inline int pylvs_refusal(const struct pylvs_net *n, const uint8_t *eth,
             continue;
         }
         if (i + 1 >= ihl || ip[i + 1] < 2 || i + ip[i + 1] > ihl)
+            return ST_DROP_BAD_IP;
+        int bad = pylvs_option_malformed(ip + i, ip[i + 1]);
+        if (bad)
             return ST_DROP_BAD_IP;
         if (t == 131 || t == 137) /* LSRR, SSRR */
             return ST_DROP_SOURCE_ROUTE;

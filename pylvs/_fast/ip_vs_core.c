@@ -309,6 +309,30 @@ static int rate_allow(struct rate_bucket *b, double now, int64_t per_sec, int64_
     return 0;
 }
 
+/* The kernel's per-destination ICMP limit (icmpv4_xrlim_allow,
+ * inet_peer_xrlim_allow): one error per icmp_ratelimit ms to a host, a
+ * burst of 6; a newcomer in a cache slot starts with a full burst. */
+static int peer_allow(PylvsEngine *e, uint32_t daddr, double now)
+{
+    int64_t rl = e->sysctl[SYS_ICMP_RATELIMIT];
+    struct icmp_peer *p = &e->peers[(uint32_t)(daddr * 0x9E3779B1u) >> 22];
+    if (!p->used || p->addr != daddr) {
+        p->used = 1;
+        p->addr = daddr;
+        p->tokens = 6.0 * (double)rl;
+        p->last = now;
+    } else if (now > p->last) {
+        double t = p->tokens + (now - p->last) * 1000.0;
+        p->tokens = t < 6.0 * (double)rl ? t : 6.0 * (double)rl;
+        p->last = now;
+    }
+    if (p->tokens >= (double)rl) {
+        p->tokens -= (double)rl;
+        return 1;
+    }
+    return 0;
+}
+
 static int emit_room(const struct pylvs_emit *em, uint32_t need)
 {
     return em != NULL && em->n < em->max && em->used <= em->cap && em->cap - em->used >= need;
@@ -342,8 +366,9 @@ send_unreach(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const ui
              uint32_t saddr)
 {
     if (code != ICMP_FRAG_NEEDED &&
-        !rate_allow(&e->icmp_rl, now, e->sysctl[SYS_ICMP_MSGS_PER_SEC],
-                    e->sysctl[SYS_ICMP_MSGS_BURST])) {
+        !(rate_allow(&e->icmp_rl, now, e->sysctl[SYS_ICMP_MSGS_PER_SEC],
+                     e->sysctl[SYS_ICMP_MSGS_BURST]) &&
+          peer_allow(e, pylvs_rd32(ip + 12), now))) {
         e->stats[ST_ICMP_RATELIMITED]++;
         return;
     }
@@ -456,6 +481,8 @@ icmp_frame(PylvsEngine *e, uint8_t *eth, uint8_t *ip, uint32_t ihl, uint32_t tot
     if (c->fwd != FWD_MASQ)
         return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
     int refusal = pylvs_refusal(&e->net, eth, ip, ihl, in_port);
+    if (refusal < 0) /* the kernel's route input refuses the error's own source first */
+        refusal = pylvs_martian(&e->net, pylvs_rd32(ip + 12), in_port);
     if (refusal >= 0)
         return finish(e, refusal, PYLVS_V_DROP);
     if ((r & 1) == KEY_IN) {

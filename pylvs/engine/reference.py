@@ -99,6 +99,7 @@ _RST_RATELIMITED = _ST["rst_ratelimited"]
 _FRAG_OUT = _ST["frag_out"]
 
 _NO_DEST = (0, 0, 0, 0, 0, 0, 0, bytes(6), bytes(6))  # a dest row with flags 0
+_N_PEERS = 1024   # the per-destination ICMP limit's cache (C: ICMP_PEERS)
 _DO_FRAGMENT = -1  # _mtu_refusal: not a refusal, fragment after the rewrite
 V_PASS, V_TX, V_DROP, V_EMIT = tables.V_PASS, tables.V_TX, tables.V_DROP, tables.V_EMIT
 TCP, UDP, ICMP = tables.PROTO_TCP, tables.PROTO_UDP, 1
@@ -110,6 +111,30 @@ _LSRR, _SSRR = 131, 137
 ETH = tables.VNET_HDR_LEN          # offset of the Ethernet header
 IP = ETH + 14                      # offset of the IPv4 header
 _TCP_SYN, _TCP_ACK, _TCP_RST = states.TCP_SYN, states.TCP_ACK, states.TCP_RST
+
+
+def _option_malformed(o) -> bool:
+    """An option (type, length, ...) the kernel's ip_options_compile refuses on
+    receive: record route and source routes need a pointer >= 4 and room for
+    the next address; a timestamp a pointer >= 5, room for its entry kind, or
+    an overflow count below 15 once full."""
+    t, n = o[0], len(o)
+    if t in (7, _LSRR, _SSRR):
+        if n < 3 or o[2] < 4:
+            return True
+        return t == 7 and o[2] <= n and o[2] + 3 > n
+    if t == 68:
+        if n < 4 or o[2] < 5:
+            return True
+        if o[2] <= n:
+            kind = o[3] & 0x0F
+            if kind == 0:
+                return o[2] + 3 > n
+            if kind in (1, 3):
+                return o[2] + 7 > n
+            return False
+        return o[3] >> 4 == 0x0F
+    return False
 
 
 def _report_unraisable(exc: BaseException, obj: object) -> None:
@@ -190,6 +215,7 @@ class Engine:
         # engine makes on its own (docs/engine.md, rate limits).
         self._icmp_bucket: list = [0.0, None]
         self._rst_bucket: list = [0.0, None]
+        self._peers: list = [None] * _N_PEERS  # [addr, tokens (ms), last now]
         self._ip_id = int.from_bytes(key[:8], "little") & 0xFFFF
         self._emit: icmp.Emit | None = None
 
@@ -367,6 +393,26 @@ class Engine:
             return True
         return False
 
+    def _peer_allow(self, daddr: int, now: float) -> bool:
+        """The kernel's per-destination ICMP limit (icmpv4_xrlim_allow,
+        inet_peer_xrlim_allow): one error per icmp_ratelimit ms to a host,
+        a burst of 6 (XRLIM_BURST_FACTOR). Peers live in a 1024-entry cache
+        indexed by a multiplicative hash of the address; a newcomer in a slot
+        starts with a full burst, as a new inet_peer does."""
+        rl = self._sysctl[_SYS["icmp_ratelimit"]]
+        i = ((daddr * 0x9E3779B1) & 0xFFFFFFFF) >> 22
+        peer = self._peers[i]
+        if peer is None or peer[0] != daddr:
+            peer = [daddr, 6.0 * rl, now]
+            self._peers[i] = peer
+        elif now > peer[2]:
+            peer[1] = min(6.0 * rl, peer[1] + (now - peer[2]) * 1000.0)
+            peer[2] = now
+        if peer[1] >= rl:
+            peer[1] -= rl
+            return True
+        return False
+
     def _room(self, need: int) -> bool:
         """Room in the emit area for one frame of `need` bytes (as C's emit_room)."""
         em = self._emit
@@ -393,8 +439,10 @@ class Engine:
         """An ICMP dest unreachable about the frame, back out of its port.
         Frag-needed is exempt from the rate limit (kernel icmpv4_mask_allow)."""
         sc, pend = self._sysctl, self._pend
-        if code != _ICMP_FRAG_NEEDED and not self._allow(
-                self._icmp_bucket, now, sc[_SYS["icmp_msgs_per_sec"]], sc[_SYS["icmp_msgs_burst"]]):
+        if code != _ICMP_FRAG_NEEDED and not (
+                self._allow(self._icmp_bucket, now, sc[_SYS["icmp_msgs_per_sec"]],
+                            sc[_SYS["icmp_msgs_burst"]])
+                and self._peer_allow(int.from_bytes(f[IP + 12:IP + 16], "big"), now)):
             pend[_ICMP_RATELIMITED] += 1
             return
         if not self._room(ETH + 14 + 28 + min(totlen, icmp.ICMP_ERR_MAX - 28)):
@@ -435,6 +483,8 @@ class Engine:
                 i += 1
                 continue
             if i + 1 >= end or f[i + 1] < 2 or i + f[i + 1] > end:
+                return _DROP_BAD_IP
+            if _option_malformed(f[i:i + f[i + 1]]):
                 return _DROP_BAD_IP
             if t == _LSRR or t == _SSRR:
                 return _DROP_SOURCE_ROUTE
@@ -693,6 +743,9 @@ class Engine:
             pend[_PASS_NOT_OURS] += 1
             return V_PASS, 0
         refusal = self._refusal(f, ihl, in_port)
+        if refusal is None:
+            # The kernel's route input refuses the error's own source first.
+            refusal = self._martian(int.from_bytes(f[IP + 12:IP + 16], "big"), in_port)
         if refusal is not None:
             pend[refusal] += 1
             return V_DROP, 0

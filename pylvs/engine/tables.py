@@ -175,8 +175,9 @@ SYSCTL_NAMES = (
     "icmp_msgs_burst",     # ... and in a burst (net.ipv4.icmp_msgs_burst)
     "tcp_rst_per_sec",     # RSTs for segments matching no conn, per second
     "tcp_rst_burst",       # ... and in a burst
+    "icmp_ratelimit",      # ms between ICMP errors to one destination, burst 6 (net.ipv4.icmp_ratelimit)
 )
-SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50)
+SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000)
 SYSCTL_INDEX = {name: i for i, name in enumerate(SYSCTL_NAMES)}
 N_SYSCTL = len(SYSCTL_NAMES)
 
