@@ -19,7 +19,6 @@ from engine_kit import CIP, CMAC, LMAC, RIP, RMAC, SMAC, VIP, ip, mac, partial_v
     scapy_rebuild, tcp, udp, v
 from pylvs import _fast
 from pylvs.engine import tables, tunnel
-from pylvs.engine.icmp import Emit
 from pylvs.engine.tunnel import Tun
 from test_icmp import both, ip_part, mutate, small_emit
 
@@ -138,7 +137,6 @@ def test_gue_checksum_that_sums_to_zero_is_sent_as_ffff():
     assert IP(f[24:])[UDP].chksum == 0xFFFF
 
 
-BIG_INNER = bytearray(ip_part(udp(payload=b"")))
 NOT_ENCAPSULATED = [
     # (description, inner, tunnel, run_encap kwargs)
     ("IHL 4", mutate(ip_part(tcp()), 0, b"\x44"), IPIP, {}),
@@ -161,11 +159,17 @@ NOT_ENCAPSULATED = [
 ]
 
 
+def assert_refused(run, data: bytes, t: Tun | None, kw: dict) -> None:
+    """run(data, t, **kw) returns 0 and leaves the emit area (one frame in it
+    unless kw's make_emit says otherwise) as it was."""
+    make = kw.get("make_emit", lambda: small_emit(filled=1))
+    r, frames = run(data, t, **{**kw, "make_emit": make})
+    assert r == 0 and frames == make().frames()
+
+
 @pytest.mark.parametrize("desc,inner,t,kw", NOT_ENCAPSULATED, ids=[r[0] for r in NOT_ENCAPSULATED])
 def test_encap_refuses_without_change(desc, inner, t, kw):
-    make = kw.get("make_emit", lambda: small_emit(filled=1))
-    r, frames = run_encap(inner, t, **{**kw, "make_emit": make})
-    assert r == 0 and frames == make().frames()
+    assert_refused(run_encap, inner, t, kw)
 
 
 def test_encap_exact_fit():
@@ -342,9 +346,7 @@ NOT_SEGMENTED = [
 
 @pytest.mark.parametrize("desc,vframe,t,kw", NOT_SEGMENTED, ids=[r[0] for r in NOT_SEGMENTED])
 def test_gso_refuses_all_or_nothing(desc, vframe, t, kw):
-    make = kw.get("make_emit", lambda: small_emit(filled=1))
-    r, frames = run_gso(vframe, t, **{**kw, "make_emit": make})
-    assert r == 0 and frames == make().frames()
+    assert_refused(run_gso, vframe, t, kw)
 
 
 def test_gso_exact_fit():

@@ -284,7 +284,8 @@ static int tun_from_tuple(PyObject *o, struct pylvs_tun *t)
     if (!PyTuple_Check(o) ||
         !PyArg_ParseTuple(o, "bbHHkk", &type, &csum, &sport, &dport, &saddr, &daddr)) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "tun must be (type, csum, sport, dport, saddr, daddr)");
+            PyErr_SetString(PyExc_TypeError,
+                            "tun must be (type, csum, sport, dport, saddr, daddr)");
         return -1;
     }
     *t = (struct pylvs_tun){.type = type, .csum = csum, .sport = sport, .dport = dport,
@@ -301,66 +302,57 @@ static int eth_ok(const Py_buffer *eth)
     return 1;
 }
 
-static PyObject *hook_tun_encap(PyObject *mod, PyObject *args)
+/* _tun_encap and _gso_segments take the same arguments (emit, port,
+ * eth_out, data, ip_len, tun, ip_id): data is the inner IPv4 packet for
+ * the first, a vnet header and Ethernet frame for the second (which also
+ * takes tun None: plain segments). */
+static PyObject *tun_hook(PyObject *args, int gso)
 {
     PyObject *arrays, *tun;
-    Py_buffer eth, ip;
+    Py_buffer eth, data;
     unsigned short port, ip_id;
     unsigned int ip_len;
-    if (!PyArg_ParseTuple(args, "OHy*y*IOH:_tun_encap", &arrays, &port, &eth, &ip, &ip_len, &tun,
-                          &ip_id))
+    if (!PyArg_ParseTuple(args, gso ? "OHy*y*IOH:_gso_segments" : "OHy*y*IOH:_tun_encap",
+                          &arrays, &port, &eth, &data, &ip_len, &tun, &ip_id))
         return NULL;
+    size_t head = gso ? VNET_LEN + ETH_LEN : 0;
     struct pylvs_emit em;
     struct pylvs_emit_views ev;
     struct pylvs_tun t;
     PyObject *res = NULL;
-    if ((size_t)ip.len < ip_len)
-        PyErr_SetString(PyExc_ValueError, "ip shorter than ip_len");
-    else if (eth_ok(&eth) && tun_from_tuple(tun, &t) == 0 &&
+    if ((size_t)data.len < head + ip_len)
+        PyErr_Format(PyExc_ValueError, "data shorter than %zu + ip_len", head);
+    else if (eth_ok(&eth) && ((gso && tun == Py_None) || tun_from_tuple(tun, &t) == 0) &&
              pylvs_emit_open(arrays, &em, &ev) == 0) {
+        const uint8_t *d = data.buf;
         uint32_t r;
+        if (gso)
+            r = pylvs_gso_segments(&em, port, eth.buf, d, d + head, ip_len,
+                                   tun == Py_None ? NULL : &t, ip_id);
         /* through the two named entry points, so both are what is tested */
-        if (t.type == PYLVS_TUN_IPIP)
-            r = pylvs_ipip_encap(&em, port, eth.buf, ip.buf, ip_len, t.saddr, t.daddr, ip_id);
+        else if (t.type == PYLVS_TUN_IPIP)
+            r = pylvs_ipip_encap(&em, port, eth.buf, d, ip_len, t.saddr, t.daddr, ip_id);
         else if (t.type == PYLVS_TUN_GUE)
-            r = pylvs_gue_encap(&em, port, eth.buf, ip.buf, ip_len, t.saddr, t.daddr, t.sport,
+            r = pylvs_gue_encap(&em, port, eth.buf, d, ip_len, t.saddr, t.daddr, t.sport,
                                 t.dport, t.csum, ip_id);
         else
-            r = pylvs_tun_encap(&em, port, eth.buf, ip.buf, ip_len, &t, ip_id);
+            r = pylvs_tun_encap(&em, port, eth.buf, d, ip_len, &t, ip_id);
         pylvs_emit_done(&em, &ev);
         res = PyLong_FromUnsignedLong(r);
     }
     PyBuffer_Release(&eth);
-    PyBuffer_Release(&ip);
+    PyBuffer_Release(&data);
     return res;
+}
+
+static PyObject *hook_tun_encap(PyObject *mod, PyObject *args)
+{
+    return tun_hook(args, 0);
 }
 
 static PyObject *hook_gso_segments(PyObject *mod, PyObject *args)
 {
-    PyObject *arrays, *tun;
-    Py_buffer eth, frame;
-    unsigned short port, ip_id;
-    unsigned int ip_len;
-    if (!PyArg_ParseTuple(args, "OHy*y*IOH:_gso_segments", &arrays, &port, &eth, &frame,
-                          &ip_len, &tun, &ip_id))
-        return NULL;
-    struct pylvs_emit em;
-    struct pylvs_emit_views ev;
-    struct pylvs_tun t;
-    PyObject *res = NULL;
-    if ((size_t)frame.len < VNET_LEN + ETH_LEN + (size_t)ip_len)
-        PyErr_SetString(PyExc_ValueError, "frame shorter than 24 + ip_len");
-    else if (eth_ok(&eth) && (tun == Py_None || tun_from_tuple(tun, &t) == 0) &&
-             pylvs_emit_open(arrays, &em, &ev) == 0) {
-        const uint8_t *f = frame.buf;
-        uint32_t r = pylvs_gso_segments(&em, port, eth.buf, f, f + VNET_LEN + ETH_LEN, ip_len,
-                                        tun == Py_None ? NULL : &t, ip_id);
-        pylvs_emit_done(&em, &ev);
-        res = PyLong_FromUnsignedLong(r);
-    }
-    PyBuffer_Release(&eth);
-    PyBuffer_Release(&frame);
-    return res;
+    return tun_hook(args, 1);
 }
 
 static PyObject *hook_csum_complete(PyObject *mod, PyObject *args)

@@ -146,7 +146,8 @@ def gso_parse(vnet: Bytes, ip: Bytes, ip_len: int) -> Gso | None:
     beyond the frame (14 + ip_len); an IPv4 header with 5 <= IHL, total
     length = ip_len, not a fragment. None otherwise.
     """
-    flags, gso, hdr_len, mss, csum_start, csum_offset = tables.VNET_HDR.unpack_from(bytes(vnet[:10]))
+    flags, gso, hdr_len, mss, csum_start, csum_offset = tables.VNET_HDR.unpack_from(
+        bytes(vnet[:VNET_LEN]))
     if not flags & tables.VNET_F_NEEDS_CSUM:
         return None
     if gso & ~VNET_GSO_ECN == tables.VNET_GSO_TCPV4:
