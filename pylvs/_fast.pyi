@@ -96,3 +96,23 @@ def _icmp_inner(ip: bytes, ip_len: int) -> tuple[int, int, int, int, int, int, i
     ...
 def _nat_icmp(ip: bytearray, ip_len: int, out: bool, addr: int, port: int) -> bool: ...
 # --- end ICMP -----------------------------------------------------------------
+
+# --- VS-Tun encapsulation, GSO segmentation (pylvs/_fast/ip_vs_xmit_tun.c) ---
+# Test hooks only: the engine calls the C functions directly. `emit` as
+# above; `tun` is (type 0 ipip | 1 gue, csum, sport, dport, saddr, daddr) as
+# pylvs.engine.tunnel.Tun; `frame` is a virtio_net_hdr, then an Ethernet
+# frame whose IPv4 packet of ip_len bytes starts at byte 24. Twins:
+# pylvs.engine.tunnel.
+def _tun_encap(emit: tuple[np.ndarray, ...], port: int, eth_out: bytes, ip: bytes, ip_len: int,
+               tun: tuple[int, int, int, int, int, int], ip_id: int) -> int:
+    """Frame length emitted (via pylvs_ipip_encap / pylvs_gue_encap), or 0."""
+    ...
+def _gso_segments(emit: tuple[np.ndarray, ...], port: int, eth_out: bytes, frame: bytes,
+                  ip_len: int, tun: tuple[int, int, int, int, int, int] | None,
+                  ip_id: int) -> int:
+    """Frames emitted (all or nothing), or 0."""
+    ...
+def _csum_complete(frame: bytearray, ip_len: int) -> int:
+    """1 completed, 0 no NEEDS_CSUM, -1 refused (frame unchanged)."""
+    ...
+# --- end VS-Tun ---------------------------------------------------------------

@@ -325,23 +325,14 @@ int pylvs_nat_icmp(uint8_t *ip, uint32_t ip_len, int out, uint32_t addr, uint16_
 
 /* --- test hooks ----------------------------------------------------------- */
 
-/* The emit area from a tuple (buf uint8, off uint32, len uint32, port
- * uint16, n uint32[2] = frames, bytes used): the arrays of Batch's emit
- * area or of pylvs.engine.icmp.Emit. */
-struct emit_views {
-    Py_buffer v[5];
-    int nv;
-    uint32_t *n;
-};
-
-static void emit_close(struct emit_views *ev)
+static void emit_close(struct pylvs_emit_views *ev)
 {
     for (int i = 0; i < ev->nv; i++)
         PyBuffer_Release(&ev->v[i]);
     ev->nv = 0;
 }
 
-static int emit_open(PyObject *arrays, struct pylvs_emit *em, struct emit_views *ev)
+int pylvs_emit_open(PyObject *arrays, struct pylvs_emit *em, struct pylvs_emit_views *ev)
 {
     static const Py_ssize_t itemsize[5] = {1, 4, 4, 2, 4};
     ev->nv = 0;
@@ -386,7 +377,7 @@ static int emit_open(PyObject *arrays, struct pylvs_emit *em, struct emit_views 
     return 0;
 }
 
-static void emit_done(struct pylvs_emit *em, struct emit_views *ev)
+void pylvs_emit_done(struct pylvs_emit *em, struct pylvs_emit_views *ev)
 {
     ev->n[0] = em->n;
     ev->n[1] = em->used;
@@ -415,13 +406,13 @@ static PyObject *hook_icmp_error(PyObject *mod, PyObject *args)
                           &code, &info, &saddr, &ip_id))
         return NULL;
     struct pylvs_emit em;
-    struct emit_views ev;
+    struct pylvs_emit_views ev;
     PyObject *res = NULL;
-    if (frame_ok(&frame, ip_len) && emit_open(arrays, &em, &ev) == 0) {
+    if (frame_ok(&frame, ip_len) && pylvs_emit_open(arrays, &em, &ev) == 0) {
         const uint8_t *f = frame.buf;
         uint32_t r = pylvs_icmp_error(&em, port, f, f + ETH_LEN, ip_len, type, code,
                                       (uint32_t)info, (uint32_t)saddr, ip_id);
-        emit_done(&em, &ev);
+        pylvs_emit_done(&em, &ev);
         res = PyLong_FromUnsignedLong(r);
     }
     PyBuffer_Release(&frame);
@@ -437,16 +428,16 @@ static PyObject *hook_tcp_reset(PyObject *mod, PyObject *args)
     if (!PyArg_ParseTuple(args, "OHy*I:_tcp_reset", &arrays, &port, &frame, &ip_len))
         return NULL;
     struct pylvs_emit em;
-    struct emit_views ev;
+    struct pylvs_emit_views ev;
     PyObject *res = NULL;
     if (frame_ok(&frame, ip_len)) {
         const uint8_t *f = frame.buf;
         uint32_t hl = ip_hlen(f + ETH_LEN, ip_len);
         if (hl == 0)
             PyErr_SetString(PyExc_ValueError, "bad IPv4 header");
-        else if (emit_open(arrays, &em, &ev) == 0) {
+        else if (pylvs_emit_open(arrays, &em, &ev) == 0) {
             uint32_t r = pylvs_tcp_reset(&em, port, f, f + ETH_LEN, f + ETH_LEN + hl, ip_len - hl);
-            emit_done(&em, &ev);
+            pylvs_emit_done(&em, &ev);
             res = PyLong_FromUnsignedLong(r);
         }
     }
@@ -463,12 +454,12 @@ static PyObject *hook_ip_fragment(PyObject *mod, PyObject *args)
     if (!PyArg_ParseTuple(args, "OHy*II:_ip_fragment", &arrays, &port, &frame, &ip_len, &mtu))
         return NULL;
     struct pylvs_emit em;
-    struct emit_views ev;
+    struct pylvs_emit_views ev;
     PyObject *res = NULL;
-    if (frame_ok(&frame, ip_len) && emit_open(arrays, &em, &ev) == 0) {
+    if (frame_ok(&frame, ip_len) && pylvs_emit_open(arrays, &em, &ev) == 0) {
         const uint8_t *f = frame.buf;
         uint32_t r = pylvs_ip_fragment(&em, port, f, f + ETH_LEN, ip_len, mtu);
-        emit_done(&em, &ev);
+        pylvs_emit_done(&em, &ev);
         res = PyLong_FromUnsignedLong(r);
     }
     PyBuffer_Release(&frame);

@@ -144,6 +144,20 @@ int pylvs_icmp_inner(const uint8_t *ip, uint32_t ip_len, struct pylvs_icmp_inner
  * checksum is not checked again). */
 int pylvs_nat_icmp(uint8_t *ip, uint32_t ip_len, int out, uint32_t addr, uint16_t port);
 
+/* Test-hook glue (here and in ip_vs_xmit_tun.c): the emit area from a tuple
+ * (buf uint8, off uint32, len uint32, port uint16, n uint32[2] = frames,
+ * bytes used), the arrays of Batch's emit area or of
+ * pylvs.engine.icmp.Emit. pylvs_emit_open fills *em and holds the buffers
+ * (-1 with a Python error set when the tuple is not such arrays);
+ * pylvs_emit_done writes n back and releases them. */
+struct pylvs_emit_views {
+    Py_buffer v[5];
+    int nv;
+    uint32_t *n;
+};
+int pylvs_emit_open(PyObject *arrays, struct pylvs_emit *em, struct pylvs_emit_views *ev);
+void pylvs_emit_done(struct pylvs_emit *em, struct pylvs_emit_views *ev);
+
 /* Test hooks _icmp_error, _tcp_reset, _ip_fragment, _icmp_inner, _nat_icmp
  * (pylvs/_fast.pyi). */
 int pylvs_icmp_register(PyObject *module);
