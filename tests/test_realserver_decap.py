@@ -112,3 +112,25 @@ def test_random_garbage_never_raises():
         name, got = decapsulate(bytes(b), LOCAL, VIPS, PORT)
         assert name in COUNTER_NAMES
         assert (got is None) == (name not in ACCEPT)
+
+
+FILTER_CASES = [
+    ("IPIP to this host", ipip(GOOD), 0, 0x0800, None, True),
+    ("GUE to the port", gue(GOOD), 0, 0x0800, PORT, True),
+    ("GUE when no --gue-port", gue(GOOD), 0, 0x0800, None, False),
+    ("UDP to another port", gue(GOOD, dport=PORT + 1), 0, 0x0800, PORT, False),
+    ("GUE non-first fragment", bytes(IP(src=DIP, dst=RIP, frag=100, proto=17) / Raw(b"\0" * 40)),
+     0, 0x0800, PORT, False),
+    ("IPIP to another host's MAC", ipip(GOOD), 3, 0x0800, PORT, False),
+    ("plain TCP", bytes(IP(src=CIP, dst=RIP) / TCP()), 0, 0x0800, PORT, False),
+    ("an ARP payload with byte 9 == 4", b"\0\1\x08\0\6\4\0\1\0\4" + b"\0" * 18, 0, 0x0806,
+     None, False),
+]
+
+
+@pytest.mark.parametrize("desc,pkt,pkttype,proto,port,accepted", FILTER_CASES,
+                         ids=[c[0] for c in FILTER_CASES])
+def test_socket_filter(desc, pkt, pkttype, proto, port, accepted):
+    from pylvs.io import bpf
+    from pylvs.realserver.run import tunnel_filter
+    assert bool(bpf.run(tunnel_filter(port), pkt, pkttype, proto)) == accepted

@@ -165,7 +165,8 @@ def _route(ipr, dst: str) -> dict | None:
     for r in ipr.get_routes(family=socket.AF_INET, table=254):
         if (r["dst_len"] == net.prefixlen and (r.get("RTA_DST") or "0.0.0.0") == str(
                 net.network_address) and not r.get("RTA_PRIORITY")):
-            return {"gateway": r.get("RTA_GATEWAY"), "oif": r.get("RTA_OIF")}
+            return {"gateway": r.get("RTA_GATEWAY"), "oif": r.get("RTA_OIF"),
+                    "proto": r["proto"]}
     return None
 
 
@@ -366,8 +367,9 @@ def _apply(ipr, s: dict, undo: bool = False) -> None:
         if not undo:
             ipr.route("replace", dst=s["dst"], gateway=s["gateway"], table=254)
         elif s["old"]:
-            ipr.route("replace", dst=s["dst"], gateway=s["old"]["gateway"],
-                      oif=s["old"]["oif"], table=254)
+            old = s["old"]
+            ipr.route("replace", dst=s["dst"], gateway=old["gateway"], oif=old["oif"],
+                      proto=old.get("proto", 3), table=254)
         elif _route(ipr, s["dst"]):
             ipr.route("del", dst=s["dst"], table=254)
 

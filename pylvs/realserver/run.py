@@ -3,7 +3,7 @@
 For kernels without the ipip module (and containers that may not load it).
 One process, one loop::
 
-    eth0 ──► AF_PACKET (SOCK_DGRAM, ETH_P_IP, cBPF: proto 4 or UDP to --gue-port)
+    eth0 ──► AF_PACKET tap (SOCK_DGRAM, ETH_P_ALL; cBPF: IPv4, proto 4 or UDP to --gue-port)
      │         └─► decap.decapsulate(): outer, GUE and inner checks, VIP match
      │                └─► write(TUN fd)  ──► the kernel receives the inner packet
      │                                       on the TUN device, delivers it to the
@@ -43,6 +43,7 @@ from . import config
 from .decap import ACCEPT, COUNTER_NAMES, decapsulate
 
 ETH_P_IP = 0x0800
+ETH_P_ALL = 0x0003
 NFT_TABLE = "pylvs_realserver"
 TUN_NAME = "plvsdec0"
 RCVBUF = 4 << 20
@@ -53,15 +54,19 @@ BUF = 65536 + 256
 def tunnel_filter(gue_port: int | None) -> list[bpf.Insn]:
     """cBPF for a SOCK_DGRAM packet socket (offsets from the IP header).
 
-    Accepts packets to this host's MAC (PACKET_HOST) that are IPIP (proto 4)
-    or, with ``gue_port``, UDP first fragments to that port; rejects the rest
-    so ordinary traffic is never copied to user space.
+    Accepts IPv4 packets to this host's MAC (PACKET_HOST) that are IPIP
+    (proto 4) or, with ``gue_port``, UDP first fragments to that port;
+    rejects the rest so ordinary traffic is never copied to user space.
     """
     a = bpf._Asm()
     a.op(bpf.LD | bpf.W | bpf.ABS, bpf.SKF_AD_OFF + bpf.SKF_AD_PKTTYPE)
     a.if_eq(bpf.PACKET_HOST, "host")
     a.jump("reject")
     a.label("host")
+    a.op(bpf.LD | bpf.H | bpf.ABS, bpf.SKF_AD_OFF + bpf.SKF_AD_PROTOCOL)
+    a.if_eq(ETH_P_IP, "ipv4")
+    a.jump("reject")
+    a.label("ipv4")
     a.op(bpf.LD | bpf.B | bpf.ABS, 9)       # protocol
     a.if_eq(4, "accept")
     if gue_port is not None:
@@ -112,8 +117,7 @@ class Decapsulator:
 
     def check(self) -> None:
         """Refuse (RealServerError) before creating anything when it could not work."""
-        if os.geteuid() != 0:
-            raise config.RealServerError("must run as root (AF_PACKET, TUN, nftables)")
+        config._check_root()
         with config._ipr() as ipr:
             if config._ifindex(ipr, self.iface) is None:
                 raise config.RealServerError(f"--iface {self.iface}: no such interface")
@@ -152,12 +156,15 @@ class Decapsulator:
                 with open(v6, "w") as f:
                     f.write("1\n")
             self.tun.up()
+            # ETH_P_ALL: a tap (ptype_all) runs before the netdev ingress hook
+            # that drops these packets; a socket bound to ETH_P_IP would be
+            # served after it (__netif_receive_skb_core) and see nothing.
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM,
-                                      socket.htons(ETH_P_IP))
+                                      socket.htons(ETH_P_ALL))
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
             self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             attach_filter(self.sock, tunnel_filter(self.gue_port))
-            self.sock.bind((self.iface, ETH_P_IP))
+            self.sock.bind((self.iface, ETH_P_ALL))
             self.sock.settimeout(0.5)
             # Only once the tap is open: from here on it sees what ingress drops.
             _nft(nft_script(self.iface, self.local, self.gue_port))
@@ -235,6 +242,7 @@ class Decapsulator:
 def run(iface: str | None, vips: list[str], gue_port: int | None,
         tun_name: str = TUN_NAME) -> int:
     """Run until SIGTERM/SIGINT; 0 on a clean stop. Raises RealServerError when refused."""
+    config._check_root()
     state = config.read_state()
     cfg = config.Config(**state["config"]) if state else None
     if not vips and cfg and cfg.fwd == "tun":
