@@ -79,6 +79,8 @@ def _status(a) -> int:
         sys.stdout.write(json.dumps(st, indent=1) + "\n")
         return 1 if warn else 0
     w = sys.stdout.write
+    if st["note"]:
+        w(f"note: {st['note']}\n")
     if not st["setup"]:
         w(f"not set up by pylvs here (no {st['state_file']})\n")
     else:

@@ -31,6 +31,7 @@ import ipaddress
 import json
 import os
 import socket
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,29 @@ def read_state(path: Path | None = None) -> dict | None:
     except (OSError, ValueError) as e:
         raise RealServerError(f"cannot read the state file {path}: {e}; remove it if it is "
                               f"stale") from e
+
+
+def _iface_id(ipr, name: str) -> str | None:
+    """ifindex/MAC of an interface: tells this namespace from a deleted one with the same inode."""
+    idx = _ifindex(ipr, name)
+    if idx is None:
+        return None
+    return f"{idx}/{ipr.get_links(idx)[0].get('IFLA_ADDRESS')}"
+
+
+def load_state(ipr) -> tuple[dict | None, str]:
+    """(this namespace's state or None, a note when a stale state file was discarded).
+
+    Namespace inodes are reused once a namespace is deleted; a state file
+    whose interface (ifindex and MAC) is not here belongs to a namespace that
+    no longer exists, whose settings went with it: it is removed.
+    """
+    state = read_state()
+    if state is None or state.get("iface_id") == _iface_id(ipr, state["config"]["iface"]):
+        return state, ""
+    state_path().unlink(missing_ok=True)
+    return None, (f"removed a stale {state_path()} (its interface {state['config']['iface']} "
+                  f"is not this namespace's: left by a deleted namespace)")
 
 
 def _write_state(state: dict) -> None:
@@ -413,7 +437,9 @@ def setup(cfg: Config) -> tuple[list[dict], str]:
     _check_root()
     with _ipr() as ipr:
         cfg = validate(cfg, ipr)
-        state = read_state()
+        state, stale = load_state(ipr)
+        if stale:
+            sys.stderr.write(f"pylvs realserver: {stale}\n")
         if state and state["config"] != asdict(cfg):
             old = Config(**state["config"])
             raise RealServerError(
@@ -441,7 +467,8 @@ def setup(cfg: Config) -> tuple[list[dict], str]:
         recorded = state["changes"] if state else []
         keys = {_key(s) for s in recorded}
         recorded += [s for s in applied if _key(s) not in keys]
-        _write_state({"version": 1, "config": asdict(cfg), "mode": mode, "changes": recorded})
+        _write_state({"version": 1, "config": asdict(cfg), "iface_id": _iface_id(ipr, cfg.iface),
+                      "mode": mode, "changes": recorded})
     return steps, mode
 
 
@@ -457,11 +484,13 @@ def teardown() -> list[tuple[dict, str]]:
     file. Raises RealServerError when not root.
     """
     _check_root()
-    state = read_state()
-    if state is None:
-        return []
     done = []
     with _ipr() as ipr:
+        state, stale = load_state(ipr)
+        if stale:
+            sys.stderr.write(f"pylvs realserver: {stale}\n")
+        if state is None:
+            return []
         for s in reversed(state["changes"]):
             note = ""
             if s["kind"] == "sysctl":
@@ -500,8 +529,9 @@ def status() -> dict:
     [{"name", "value", "verdict": "ok"|"warn", "why"}], "decapsulator":
     counters dict of a running `pylvs realserver run` or None}.
     """
-    state = read_state()
-    out = {"state_file": str(state_path()), "setup": state and state["config"],
+    with _ipr() as ipr:
+        state, stale = load_state(ipr)
+    out = {"state_file": str(state_path()), "setup": state and state["config"], "note": stale,
            "mode": state and state.get("mode"), "checks": [], "decapsulator": None}
     decap = read_state(state_path("-decap"))
     if decap and _alive(decap.get("pid")):

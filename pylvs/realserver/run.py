@@ -243,7 +243,8 @@ def run(iface: str | None, vips: list[str], gue_port: int | None,
         tun_name: str = TUN_NAME) -> int:
     """Run until SIGTERM/SIGINT; 0 on a clean stop. Raises RealServerError when refused."""
     config._check_root()
-    state = config.read_state()
+    with config._ipr() as ipr:
+        state, _ = config.load_state(ipr)
     cfg = config.Config(**state["config"]) if state else None
     if not vips and cfg and cfg.fwd == "tun":
         vips = cfg.vips

@@ -76,8 +76,8 @@ SETUPS = {
 def test_setup_status_teardown_round_trip(r, name):
     before = snapshot(r)
     p = rs(r, "setup", *SETUPS[name])
-    assert p.returncode == 0, p.stderr
-    assert "change(s) made and recorded" in p.stdout
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert "change(s) made and recorded" in p.stdout, (p.stdout, p.stderr)
     after = snapshot(r)
     conf = set(after["conf"])
     routes = after["routes"]
@@ -137,6 +137,25 @@ def test_second_setup_changes_nothing_and_teardown_still_restores(r):
     sh("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.conf.eth0.arp_ignore=0")
     p = rs(r, "setup", *args)
     assert "eth0.arp_ignore = 1 (was 0)" in p.stdout and "1 change(s)" in p.stdout
+    assert rs(r, "teardown").returncode == 0
+    assert snapshot(r) == before
+
+
+def test_stale_state_file_of_a_deleted_namespace_is_discarded(r):
+    # Namespace inodes are reused: a file left by a namespace that no longer
+    # exists must neither block setup nor be "restored" here.
+    before = snapshot(r)
+    stale = {"version": 1, "config": {"fwd": "dr", "vips": ["10.9.250.1"], "iface": "eth0",
+                                      "dip": "", "clients": []},
+             "iface_id": "999/02:00:00:00:00:01", "mode": "",
+             "changes": [{"kind": "sysctl", "dev": "lo", "name": "rp_filter", "old": 1, "new": 0,
+                          "changed": True, "why": ""}]}
+    os.makedirs("/run/pylvs", exist_ok=True)
+    with open(state_file(r), "w") as f:
+        json.dump(stale, f)
+    p = rs(r, "setup", *SETUPS["dr"])
+    assert p.returncode == 0, p.stderr
+    assert "stale" in p.stderr and "left by a deleted namespace" in p.stderr
     assert rs(r, "teardown").returncode == 0
     assert snapshot(r) == before
 
