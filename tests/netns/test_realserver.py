@@ -267,12 +267,7 @@ s.settimeout(20)
 print("listening", flush=True)
 c, peer = s.accept()
 c.settimeout(10)
-data = b""
-while len(data) < 32:
-    chunk = c.recv(64)
-    if not chunk:
-        break
-    data += chunk
+data = c.recv(32, socket.MSG_WAITALL)
 c.sendall(data[::-1])
 c.close()
 print(json.dumps({{"peer": peer[0], "got": data.hex()}}))
@@ -283,12 +278,7 @@ import json, os, socket
 data = os.urandom(32)
 s = socket.create_connection(({vip!r}, 8080), timeout=10)
 s.sendall(data)
-back = b""
-while len(back) < 32:
-    chunk = s.recv(64)
-    if not chunk:
-        break
-    back += chunk
+back = s.recv(32, socket.MSG_WAITALL)
 print(json.dumps({{"sent": data.hex(), "back": back.hex()}}))
 """
 
