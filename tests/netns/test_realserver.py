@@ -266,29 +266,38 @@ s.listen(1)
 s.settimeout(20)
 print("listening", flush=True)
 c, peer = s.accept()
-c.settimeout(10)
-data = c.recv(32, socket.MSG_WAITALL)
-c.sendall(data[::-1])
-c.close()
-print(json.dumps({{"peer": peer[0], "got": data.hex()}}))
+c.settimeout(20)
+got = []
+while data := c.recv(32, socket.MSG_WAITALL):
+    got.append(data.hex())
+    c.sendall(data[::-1])
+print(json.dumps({{"peer": peer[0], "got": got}}))
 """
 
+# Two rounds on one connection; between them the test sends malformed tunnel
+# packets, which must not disturb the established connection.
 CLIENT = r"""
-import json, os, socket
-data = os.urandom(32)
+import json, os, socket, sys
 s = socket.create_connection(({vip!r}, 8080), timeout=10)
-s.sendall(data)
-back = s.recv(32, socket.MSG_WAITALL)
-print(json.dumps({{"sent": data.hex(), "back": back.hex()}}))
+for _ in range(2):
+    data = os.urandom(32)
+    s.sendall(data)
+    back = s.recv(32, socket.MSG_WAITALL)
+    print(json.dumps({{"sent": data.hex(), "back": back.hex()}}), flush=True)
+    sys.stdin.readline()
 """
 
 BAD_PACKETS = r"""
 import json, socket
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.packet import Raw
 tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 bad_csum = bytes(IP(src="10.9.0.2", dst={vip!r}, chksum=0x1234) / TCP(dport=8080))
 for inner in (bad_csum, bad_csum[:12], bytes(IP(src="10.9.0.2", dst="10.9.201.1") / TCP())):
     tx.sendto(bytes(IP(src={dip!r}, dst={rip!r}, proto=4) / inner), ({rip!r}, 0))
+if {gue}:
+    gue_v1 = IP(src={dip!r}, dst={rip!r}) / UDP(sport=40000, dport={port}) / Raw(b"\x40\x04\0\0")
+    tx.sendto(bytes(gue_v1 / IP(src="10.9.0.2", dst={vip!r}) / TCP(dport=8080)), ({rip!r}, 0))
 print(json.dumps({{}}))
 """
 
@@ -335,7 +344,7 @@ def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
     dec = subprocess.Popen(["ip", "netns", "exec", r, PY, "-m", "pylvs.cli.main", "realserver",
                             "run", *gue], cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    server = relay = None
+    server = relay = client = None
     try:
         _line(dec, "decapsulating")
         assert f"ip daddr {RIP}" in _nft_table(r)
@@ -350,22 +359,30 @@ def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
                            stdin=subprocess.PIPE)
         _line(relay, "ready")
 
-        got = trio.py(c, CLIENT.format(vip=VIP))
-        assert got["back"] == bytes.fromhex(got["sent"])[::-1].hex()
-        out, err = server.communicate(timeout=20)
-        seen = json.loads(out.strip().splitlines()[-1])
-        assert seen == {"peer": "10.9.0.2", "got": got["sent"]}, err
+        client = trio.popen(c, CLIENT.format(vip=VIP), stdin=subprocess.PIPE)
+        first = json.loads(client.stdout.readline())
+        assert first["back"] == bytes.fromhex(first["sent"])[::-1].hex()
 
         counters = _counters_when(r, lambda k: k[f"decap_{mode}"] >= 3)
         assert counters["tx"] == counters[f"decap_{mode}"]
         assert not any(v for k, v in counters.items() if k.startswith("drop_")), counters
 
-        # Malformed tunnel packets: counted, the decapsulator keeps running.
-        trio.py(d, BAD_PACKETS.format(vip=VIP, rip=RIP, dip=DIP))
+        # Malformed tunnel packets: counted drops; the decapsulator and the
+        # established connection carry on.
+        trio.py(d, BAD_PACKETS.format(vip=VIP, rip=RIP, dip=DIP, gue=mode == "gue",
+                                      port=GUE_PORT))
         counters = _counters_when(r, lambda k: k["drop_inner_not_vip"] >= 1)
         assert counters["drop_inner_checksum"] == 1
         assert counters["drop_inner_truncated"] == 1
+        assert counters["drop_gue_version"] == (mode == "gue")
         assert dec.poll() is None
+        out, err = client.communicate(input="next\n", timeout=20)
+        assert client.returncode == 0, err
+        second = json.loads(out)
+        assert second["back"] == bytes.fromhex(second["sent"])[::-1].hex()
+        out, err = server.communicate(timeout=20)
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen == {"peer": "10.9.0.2", "got": [first["sent"], second["sent"]]}, err
 
         out, err = relay.communicate(input="stop\n", timeout=20)
         seen = json.loads(out.strip().splitlines()[-1])
@@ -385,7 +402,7 @@ def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
         assert sh("ip", "-n", r, "link", "show", "plvsdec0", check=False).returncode != 0
         assert _status(r)["decapsulator"] is None
     finally:
-        for p in (dec, server, relay):
+        for p in (dec, server, relay, client):
             if p is not None and p.poll() is None:
                 p.kill()
                 p.communicate()
