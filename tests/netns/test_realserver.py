@@ -404,6 +404,10 @@ def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
     finally:
         for p in (dec, server, relay, client):
             if p is not None and p.poll() is None:
-                p.kill()
-                p.communicate()
+                p.terminate()  # the decapsulator cleans up on SIGTERM
+                try:
+                    p.communicate(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.communicate()
         rs(r, "teardown")
