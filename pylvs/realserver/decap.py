@@ -65,8 +65,10 @@ DROPS = (
 )
 #: Every counter the decapsulator keeps, in report order. ``rx`` counts
 #: packets read, ``tx`` inner packets written to the TUN device,
-#: ``drop_tun_write`` inner packets the TUN device refused.
-COUNTER_NAMES = ("rx", IGNORE, *ACCEPT, "tx", *DROPS, "drop_tun_write")
+#: ``drop_tun_write`` inner packets the TUN device refused,
+#: ``drop_overrun`` packets the kernel dropped because the socket's receive
+#: buffer was full (PACKET_STATISTICS tp_drops: the decapsulator fell behind).
+COUNTER_NAMES = ("rx", IGNORE, *ACCEPT, "tx", *DROPS, "drop_tun_write", "drop_overrun")
 
 
 def _ipv4_header(pkt: memoryview) -> tuple[int, int] | str:

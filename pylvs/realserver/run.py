@@ -32,12 +32,14 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 
 from pylvs.io import bpf
-from pylvs.io.afpacket import PACKET_IGNORE_OUTGOING, SOL_PACKET, attach_filter
+from pylvs.io.afpacket import (PACKET_IGNORE_OUTGOING, PACKET_STATISTICS, SOL_PACKET,
+                               attach_filter)
 
 from . import config
 from .decap import ACCEPT, COUNTER_NAMES, decapsulate
@@ -205,10 +207,19 @@ class Decapsulator:
                 "vips": self.vips, "gue_port": self.gue_port, "local": self.local,
                 "counters": dict(self.counters)}
 
+    def _read_overruns(self) -> None:
+        if self.sock is None:
+            return
+        # struct tpacket_stats {tp_packets, tp_drops}; reading resets both.
+        _, drops = struct.unpack("II", self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        self.counters["drop_overrun"] += drops
+
     def write_stats(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and (self._written is not None and now - self._written[0] < 1.0
-                          or self._written and self._written[1] == self.counters):
+        if not force and self._written is not None and now - self._written[0] < 1.0:
+            return
+        self._read_overruns()
+        if not force and self._written and self._written[1] == self.counters:
             return
         config.STATE_DIR.mkdir(parents=True, exist_ok=True)
         tmp = self.stats_path.with_suffix(".tmp")
@@ -217,6 +228,7 @@ class Decapsulator:
         self._written = (now, dict(self.counters))
 
     def print_counters(self, out=None) -> None:
+        self._read_overruns()
         out = out or sys.stdout
         out.write("".join(f"  {k:<24} {v}\n" for k, v in self.counters.items()))
         out.flush()
