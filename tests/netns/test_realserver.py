@@ -365,6 +365,10 @@ def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
 
         counters = _counters_when(r, lambda k: k[f"decap_{mode}"] >= 3)
         assert counters["tx"] == counters[f"decap_{mode}"]
+        st = rs(r, "status")
+        assert st.returncode == 0, st.stdout  # every check ok while the decapsulator runs
+        assert "ok    rp_filter on plvsdec0: max(all=0, plvsdec0=0)" in st.stdout
+        assert "decapsulator: pid" in st.stdout
         assert not any(v for k, v in counters.items() if k.startswith("drop_")), counters
 
         # Malformed tunnel packets: counted drops; the decapsulator and the
