@@ -1,4 +1,5 @@
-"""The `pylvs` command: `run` (the director), `adm` (ipvsadm), `lab` (namespaces)."""
+"""The `pylvs` command: `run` (the director), `adm` (ipvsadm), `lab` (namespaces),
+`realserver` (the real-server side)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ COMMANDS = {
     "stats": ("pylvs.cli.tools:stats_main", "a running director's engine counters"),
     "sysctl": ("pylvs.cli.tools:sysctl_main", "read or set a running director's knobs"),
     "lab": ("pylvs.cli.lab", "network-namespace labs"),
+    "realserver": ("pylvs.realserver.cli", "the real-server side: setup/status/teardown/run"),
 }
 
 USAGE = f"usage: pylvs {{{','.join(COMMANDS)}}} [args...]\n\n" + "".join(
-    f"  {name:<6} {what}\n" for name, (_, what) in COMMANDS.items())
+    f"  {name:<10} {what}\n" for name, (_, what) in COMMANDS.items())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ ACCEPT_LEN = 0x40000  # snap length: more than a 64 KiB GSO frame
 # skb->pkt_type (linux/if_packet.h PACKET_HOST 0, BROADCAST 1, MULTICAST 2,
 # OTHERHOST 3).
 SKF_AD_OFF = 0xFFFFF000
+SKF_AD_PROTOCOL = 0  # skb->protocol, the ethertype in host order
 SKF_AD_PKTTYPE = 4
 PACKET_HOST = 0
 
@@ -339,10 +340,11 @@ def pack(prog: list[Insn]) -> bytes:
     return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
 
 
-def run(prog: list[Insn], pkt: bytes, pkttype: int = PACKET_HOST) -> int:
+def run(prog: list[Insn], pkt: bytes, pkttype: int = PACKET_HOST, protocol: int = 0x0800) -> int:
     """Interpret a program on a packet the way the kernel does (the subset
     used here plus the usual loads); returns the accept length (0 = drop).
-    ``pkttype`` is what the ancillary load SKF_AD_PKTTYPE reads."""
+    ``pkttype`` and ``protocol`` are what the ancillary loads SKF_AD_PKTTYPE
+    and SKF_AD_PROTOCOL read."""
     acc = idx = 0
     mem = [0] * 16
     pc = 0
@@ -361,9 +363,10 @@ def run(prog: list[Insn], pkt: bytes, pkttype: int = PACKET_HOST) -> int:
             elif mode == MEM:
                 v = mem[k]
             elif mode == ABS and k >= SKF_AD_OFF:
-                if k != SKF_AD_OFF + SKF_AD_PKTTYPE:
+                ancillary = {SKF_AD_PKTTYPE: pkttype, SKF_AD_PROTOCOL: protocol}
+                if k - SKF_AD_OFF not in ancillary:
                     raise NotImplementedError(f"ancillary load {k - SKF_AD_OFF}")
-                v = pkttype
+                v = ancillary[k - SKF_AD_OFF]
             elif mode == MSH:
                 if k >= n:
                     return 0

@@ -1,0 +1,299 @@
+"""``pylvs realserver run``: the user-space IPIP/GUE decapsulator of a Tun real server.
+
+For kernels without the ipip module (and containers that may not load it).
+One process, one loop::
+
+    eth0 ──► AF_PACKET tap (SOCK_DGRAM, ETH_P_ALL; cBPF: IPv4, proto 4 or UDP to --gue-port)
+     │         └─► decap.decapsulate(): outer, GUE and inner checks, VIP match
+     │                └─► write(TUN fd)  ──► the kernel receives the inner packet
+     │                                       on the TUN device, delivers it to the
+     │                                       VIP on lo; the reply leaves by the
+     │                                       routing table, straight to the client
+     └─► nft table netdev pylvs_realserver, ingress on eth0:
+           IPIP / GUE to this host's addresses on eth0: drop
+           (after the AF_PACKET tap has seen them, so the kernel's stack never
+           answers them with ICMP protocol / port unreachable)
+
+The TUN device (IFF_TUN | IFF_NO_PI: each write is exactly one IP packet)
+gets ``rp_filter=0`` of its own; the kernel uses the larger of ``all`` and
+the device's value, so ``all`` must not be strict (1): ``pylvs realserver
+setup --fwd tun`` sees to that, and this command refuses to start otherwise.
+
+Counters (decap.COUNTER_NAMES) go to a stats file,
+``/run/pylvs/realserver-<netns inode>-decap.json``, rewritten at most once a
+second while they change and read by ``pylvs realserver status``; SIGUSR1
+prints them, SIGTERM / SIGINT stop the loop, print them, and remove the nft
+table, the TUN device and the stats file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+from pylvs.io import bpf
+from pylvs.io.afpacket import (PACKET_IGNORE_OUTGOING, PACKET_STATISTICS, SOL_PACKET,
+                               attach_filter)
+
+from . import config
+from .decap import ACCEPT, COUNTER_NAMES, decapsulate
+
+ETH_P_IP = 0x0800
+ETH_P_ALL = 0x0003
+NFT_TABLE = "pylvs_realserver"
+TUN_NAME = "plvsdec0"
+RCVBUF = 4 << 20
+# An IPv4 packet is at most 64 KiB; GRO may hand the tap nothing larger.
+BUF = 65536 + 256
+
+
+def tunnel_filter(gue_port: int | None) -> list[bpf.Insn]:
+    """cBPF for a SOCK_DGRAM packet socket (offsets from the IP header).
+
+    Accepts IPv4 packets to this host's MAC (PACKET_HOST) that are IPIP
+    (proto 4) or, with ``gue_port``, UDP first fragments to that port;
+    rejects the rest so ordinary traffic is never copied to user space.
+    """
+    a = bpf._Asm()
+    a.op(bpf.LD | bpf.W | bpf.ABS, bpf.SKF_AD_OFF + bpf.SKF_AD_PKTTYPE)
+    a.if_eq(bpf.PACKET_HOST, "host")
+    a.jump("reject")
+    a.label("host")
+    a.op(bpf.LD | bpf.H | bpf.ABS, bpf.SKF_AD_OFF + bpf.SKF_AD_PROTOCOL)
+    a.if_eq(ETH_P_IP, "ipv4")
+    a.jump("reject")
+    a.label("ipv4")
+    a.op(bpf.LD | bpf.B | bpf.ABS, 9)       # protocol
+    a.if_eq(4, "accept")
+    if gue_port is not None:
+        a.if_eq(17, "udp")
+        a.jump("reject")
+        a.label("udp")
+        a.op(bpf.LD | bpf.H | bpf.ABS, 6)   # flags + fragment offset
+        a.if_set(0x1FFF, "reject")
+        a.op(bpf.LDX | bpf.B | bpf.MSH, 0)  # X = IP header length
+        a.op(bpf.LD | bpf.H | bpf.IND, 2)   # UDP destination port
+        a.if_eq(gue_port, "accept")
+    a.jump("reject")
+    return bpf._tail(a)
+
+
+def nft_script(iface: str, local: list[str], gue_port: int | None) -> str:
+    """The nftables table that keeps IPIP/GUE to this host from the kernel's stack."""
+    addrs = ", ".join(local)
+    gue = (f"    ip daddr {{ {addrs} }} udp dport {gue_port} counter drop\n"
+           if gue_port is not None else "")
+    return (f"table netdev {NFT_TABLE}\ndelete table netdev {NFT_TABLE}\n"
+            f"table netdev {NFT_TABLE} {{\n"
+            f"  chain ingress {{\n"
+            f'    type filter hook ingress device "{iface}" priority -500; policy accept;\n'
+            f"    ip daddr {{ {addrs} }} ip protocol 4 counter drop\n"
+            f"{gue}"
+            f"  }}\n}}\n")
+
+
+def _nft(script: str) -> None:
+    p = subprocess.run(["nft", "-f", "-"], input=script, text=True, capture_output=True,
+                       timeout=30)
+    if p.returncode:
+        raise config.RealServerError(f"nftables: {p.stderr.strip()}")
+
+
+class Decapsulator:
+    """The running decapsulator; :meth:`start` creates everything, :meth:`stop` removes it."""
+
+    def __init__(self, iface: str, vips: list[str], gue_port: int | None, tun_name: str):
+        self.iface, self.vips, self.gue_port, self.tun_name = iface, vips, gue_port, tun_name
+        self.counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self.local: list[str] = []
+        self.sock = self.tun = None
+        self.nft_installed = False
+        self.stats_path = config.state_path("-decap")
+        self._written = None
+
+    def check(self) -> None:
+        """Refuse (RealServerError) before creating anything when it could not work."""
+        config._check_root()
+        with config._ipr() as ipr:
+            if config._ifindex(ipr, self.iface) is None:
+                raise config.RealServerError(f"--iface {self.iface}: no such interface")
+            if config._ifindex(ipr, self.tun_name) is not None:
+                raise config.RealServerError(
+                    f"{self.tun_name} already exists: is another 'pylvs realserver run' "
+                    f"running here?")
+            addrs = config._addrs(ipr)
+        self.local = [a for a, _, dev in addrs if dev == self.iface]
+        self._local_b = frozenset(socket.inet_aton(a) for a in self.local)
+        self._vips_b = frozenset(socket.inet_aton(v) for v in self.vips)
+        if not self.local:
+            raise config.RealServerError(f"{self.iface} has no IPv4 address: IPIP/GUE from the "
+                                         f"director is sent to one of them (the RIP)")
+        mine = {a for a, _, _ in addrs}
+        missing = [v for v in self.vips if v not in mine]
+        if missing:
+            raise config.RealServerError(
+                f"VIP {', '.join(missing)} not configured on this host: the kernel would "
+                f"not accept the inner packets; run 'pylvs realserver setup --fwd tun' first")
+        if config.read_sysctl("all", "rp_filter") == 1:
+            raise config.RealServerError(
+                "net.ipv4.conf.all.rp_filter is 1 (strict): the kernel would drop every "
+                "decapsulated packet; run 'pylvs realserver setup --fwd tun' first")
+
+    def start(self) -> None:
+        import pytun
+        self.check()
+        try:
+            self.tun = pytun.TunTapDevice(name=self.tun_name,
+                                          flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+            config.write_sysctl(self.tun_name, "rp_filter", 0)
+            v6 = f"/proc/sys/net/ipv6/conf/{self.tun_name}/disable_ipv6"
+            if os.path.exists(v6):
+                # Nothing is routed out of this device: no IPv6 chatter queued on it.
+                with open(v6, "w") as f:
+                    f.write("1\n")
+            self.tun.up()
+            # ETH_P_ALL: a tap (ptype_all) runs before the netdev ingress hook
+            # that drops these packets; a socket bound to ETH_P_IP would be
+            # served after it (__netif_receive_skb_core) and see nothing.
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM,
+                                      socket.htons(ETH_P_ALL))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            attach_filter(self.sock, tunnel_filter(self.gue_port))
+            self.sock.bind((self.iface, ETH_P_ALL))
+            self.sock.settimeout(0.5)
+            # Only once the tap is open: from here on it sees what ingress drops.
+            _nft(nft_script(self.iface, self.local, self.gue_port))
+            self.nft_installed = True
+        except Exception:
+            self.stop()
+            raise
+        self.write_stats(force=True)
+
+    def handle(self, pkt: memoryview) -> None:
+        c = self.counters
+        c["rx"] += 1
+        name, inner = decapsulate(pkt, self._local_b, self._vips_b, self.gue_port)
+        c[name] += 1
+        if name in ACCEPT:
+            try:
+                os.write(self.tun.fileno(), inner)
+                c["tx"] += 1
+            except OSError:
+                c["drop_tun_write"] += 1
+
+    def loop(self, should_stop, on_usr1) -> None:
+        buf = bytearray(BUF)
+        view = memoryview(buf)
+        while not should_stop():
+            if on_usr1():
+                self.print_counters()
+            try:
+                n = self.sock.recv_into(buf)
+            except (TimeoutError, InterruptedError):
+                self.write_stats()
+                continue
+            self.handle(view[:n])
+            self.write_stats()
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), "iface": self.iface, "tun": self.tun_name,
+                "vips": self.vips, "gue_port": self.gue_port, "local": self.local,
+                "counters": dict(self.counters)}
+
+    def _read_overruns(self) -> None:
+        if self.sock is None:
+            return
+        # struct tpacket_stats {tp_packets, tp_drops}; reading resets both.
+        _, drops = struct.unpack("II", self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        self.counters["drop_overrun"] += drops
+
+    def write_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and self._written is not None and now - self._written[0] < 1.0:
+            return
+        self._read_overruns()
+        if not force and self._written and self._written[1] == self.counters:
+            return
+        config.STATE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = self.stats_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.stats()) + "\n")
+        tmp.replace(self.stats_path)
+        self._written = (now, dict(self.counters))
+
+    def print_counters(self, out=None) -> None:
+        self._read_overruns()
+        out = out or sys.stdout
+        out.write("".join(f"  {k:<24} {v}\n" for k, v in self.counters.items()))
+        out.flush()
+
+    def stop(self) -> None:
+        """Remove the nft table, the TUN device and the stats file (each step best effort)."""
+        if self.nft_installed:
+            try:
+                _nft(f"delete table netdev {NFT_TABLE}\n")
+            except Exception as e:
+                sys.stderr.write(f"pylvs realserver run: {e}\n")
+            self.nft_installed = False
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.tun is not None:
+            # Not persistent: closing the last fd deletes the device.
+            self.tun.close()
+            self.tun = None
+        self.stats_path.unlink(missing_ok=True)
+
+
+def run(iface: str | None, vips: list[str], gue_port: int | None,
+        tun_name: str = TUN_NAME) -> int:
+    """Run until SIGTERM/SIGINT; 0 on a clean stop. Raises RealServerError when refused."""
+    config._check_root()
+    with config._ipr() as ipr:
+        state, _ = config.load_state(ipr)
+    cfg = config.Config(**state["config"]) if state else None
+    if not vips and cfg and cfg.fwd == "tun":
+        vips = cfg.vips
+    if not vips:
+        raise config.RealServerError("give --vip (or run 'pylvs realserver setup --fwd tun' "
+                                     "first, whose VIPs are then used)")
+    vips = [config._parse_vip(v) for v in vips]
+    if gue_port is not None and not 0 < gue_port < 65536:
+        raise config.RealServerError(f"--gue-port {gue_port}: not a UDP port")
+    if not iface:
+        iface = cfg.iface if cfg and cfg.fwd == "tun" else None
+    if not iface:
+        with config._ipr() as ipr:
+            iface = config.default_iface(ipr)
+    if not iface:
+        raise config.RealServerError("no default route to take the interface from: give --iface")
+    d = Decapsulator(iface, vips, gue_port, tun_name)
+    flags = {"stop": False, "usr1": False}
+
+    def on_signal(signum, frame):
+        flags["usr1" if signum == signal.SIGUSR1 else "stop"] = True
+
+    def take_usr1() -> bool:
+        hit, flags["usr1"] = flags["usr1"], False
+        return hit
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, on_signal)
+    d.start()
+    gue = f", GUE on UDP port {gue_port}" if gue_port is not None else ""
+    print(f"pylvs realserver run: decapsulating IPIP{gue} to {', '.join(d.local)} on {iface} "
+          f"for VIP {', '.join(vips)} into {tun_name} (pid {os.getpid()}; SIGUSR1 prints "
+          f"counters; stats in {d.stats_path})", flush=True)
+    try:
+        d.loop(lambda: flags["stop"], take_usr1)
+    finally:
+        print("pylvs realserver run: stopping; counters:", flush=True)
+        d.print_counters()
+        d.stop()
+    return 0

@@ -1,0 +1,417 @@
+"""`pylvs realserver` in namespaces: setup/status/teardown, refusals, and the
+user-space decapsulator carrying a real TCP connection.
+
+The decapsulation topology is the trio of nsio (client c, "director" d, real
+server r). d runs a tiny relay written for the test: it takes the client's
+packets to the VIP off d0 (an nft ingress rule keeps d's own stack from
+answering them) and sends each inside IPIP or GUE to the RIP; the real
+server's replies go back through d's ordinary forwarding, never through the
+relay, as a VS-Tun real server's replies do::
+
+    c 10.9.0.2 ──► d0 [relay: IPIP/GUE to 10.9.1.2] d1 ──► eth0 10.9.1.2  r
+      ◄───────────── d forwards the reply (src VIP) ◄──────  VIP on lo, listener :8080
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from nsio import PY, REPO, Trio, sh
+
+pytestmark = pytest.mark.netns
+
+VIP = "10.9.200.1"
+RIP, DIP = "10.9.1.2", "10.9.1.1"
+GUE_PORT = 6080
+
+
+def rs(ns: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """`pylvs realserver ARGS` in a namespace."""
+    return subprocess.run(["ip", "netns", "exec", ns, PY, "-m", "pylvs.cli.main", "realserver",
+                           *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(ns: str) -> dict:
+    """Every IPv4 conf sysctl, address, route (all tables) and link flag of a namespace."""
+    conf = sh("ip", "netns", "exec", ns, "sh", "-c",
+              "cd /proc/sys/net/ipv4/conf && grep -r . */arp_* */rp_filter").stdout
+    addrs = json.loads(sh("ip", "-4", "-n", ns, "-j", "addr").stdout)
+    for link in addrs:
+        # Counters and timers move on their own.
+        for k in ("stats64", "operstate", "qdisc"):
+            link.pop(k, None)
+    routes = sh("ip", "-4", "-n", ns, "route", "show", "table", "all").stdout
+    return {"conf": sorted(conf.splitlines()), "addrs": addrs, "routes": routes}
+
+
+def state_file(ns: str) -> str:
+    ino = sh("ip", "netns", "exec", ns, "stat", "-L", "-c", "%i", "/proc/self/ns/net").stdout
+    return f"/run/pylvs/realserver-{ino.strip()}.json"
+
+
+@pytest.fixture
+def r(trio):
+    """The trio's real server with strict reverse-path filtering on `all`, as many distros ship."""
+    sh("ip", "netns", "exec", trio.r, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
+    yield trio.r
+    rs(trio.r, "teardown")
+
+
+SETUPS = {
+    "dr": ["--fwd", "dr", "--vip", VIP, "--vip", "10.9.200.2"],
+    "tun": ["--fwd", "tun", "--vip", VIP, "--iface", "eth0"],
+    "nat-default": ["--fwd", "nat", "--dip", "10.9.1.3"],
+    "nat-clients": ["--fwd", "nat", "--dip", "10.9.1.3", "--clients", "10.9.0.0/24"],
+}
+
+
+@pytest.mark.parametrize("name", SETUPS)
+def test_setup_status_teardown_round_trip(r, name):
+    before = snapshot(r)
+    p = rs(r, "setup", *SETUPS[name])
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert "change(s) made and recorded" in p.stdout, (p.stdout, p.stderr)
+    after = snapshot(r)
+    conf = set(after["conf"])
+    routes = after["routes"]
+    if name in ("dr", "tun"):
+        for line in ("all/arp_ignore:1", "eth0/arp_ignore:1", "all/arp_announce:2",
+                     "eth0/arp_announce:2"):
+            assert line in conf
+        assert f"local {VIP} dev lo" in routes
+        assert "arp_ignore" in p.stdout and "ARP problem" in p.stdout
+    if name == "tun":
+        # all lowered so the tunnel device's own 0 counts, every other device
+        # raised to the old strict value: their effective filtering is unchanged.
+        assert {"all/rp_filter:0", "eth0/rp_filter:1", "default/rp_filter:1",
+                "lo/rp_filter:1"} <= conf
+        assert "pylvs realserver run --iface eth0 --vip 10.9.200.1" in p.stdout
+    if name == "dr":
+        assert "all/rp_filter:1" in conf
+    if name == "nat-default":
+        assert "default via 10.9.1.3 dev eth0" in routes
+    if name == "nat-clients":
+        assert "10.9.0.0/24 via 10.9.1.3 dev eth0" in routes
+        assert "default via 10.9.1.1 dev eth0" in routes
+
+    st = rs(r, "status", "--json")
+    status = json.loads(st.stdout)
+    assert status["setup"]["fwd"] == SETUPS[name][1]
+    verdicts = {c["name"]: c["verdict"] for c in status["checks"]}
+    if name == "tun":
+        # No ipip module here and no decapsulator running yet: status says so.
+        assert status["mode"] == "decap" and verdicts["decapsulator"] == "warn"
+        assert st.returncode == 1
+    else:
+        assert set(verdicts.values()) == {"ok"}, status
+        assert st.returncode == 0
+
+    t = rs(r, "teardown")
+    assert t.returncode == 0, t.stderr
+    assert "undone" in t.stdout
+    assert snapshot(r) == before
+    assert not os.path.exists(state_file(r))
+    again = rs(r, "teardown")
+    assert again.returncode == 0 and "nothing to tear down" in again.stdout
+
+
+def test_second_setup_changes_nothing_and_teardown_still_restores(r):
+    before = snapshot(r)
+    args = SETUPS["tun"]
+    assert rs(r, "setup", *args).returncode == 0
+    mid, record = snapshot(r), open(state_file(r)).read()
+    p = rs(r, "setup", *args)
+    assert p.returncode == 0, p.stderr
+    assert "nothing changed: already set up" in p.stdout
+    assert "changed " not in p.stdout.replace("nothing changed", "")
+    assert snapshot(r) == mid and open(state_file(r)).read() == record
+    # Something changed behind setup's back is repaired, and the record keeps
+    # the value from before the first setup.
+    sh("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.conf.eth0.arp_ignore=0")
+    p = rs(r, "setup", *args)
+    assert "eth0.arp_ignore = 1 (was 0)" in p.stdout and "1 change(s)" in p.stdout
+    assert rs(r, "teardown").returncode == 0
+    assert snapshot(r) == before
+
+
+def test_stale_state_file_of_a_deleted_namespace_is_discarded(r):
+    # Namespace inodes are reused: a file left by a namespace that no longer
+    # exists must neither block setup nor be "restored" here.
+    before = snapshot(r)
+    stale = {"version": 1, "config": {"fwd": "dr", "vips": ["10.9.250.1"], "iface": "eth0",
+                                      "dip": "", "clients": []},
+             "iface_id": "999/02:00:00:00:00:01", "mode": "",
+             "changes": [{"kind": "sysctl", "dev": "lo", "name": "rp_filter", "old": 1, "new": 0,
+                          "changed": True, "why": ""}]}
+    os.makedirs("/run/pylvs", exist_ok=True)
+    with open(state_file(r), "w") as f:
+        json.dump(stale, f)
+    p = rs(r, "setup", *SETUPS["dr"])
+    assert p.returncode == 0, p.stderr
+    assert "stale" in p.stderr and "left by a deleted namespace" in p.stderr
+    assert rs(r, "teardown").returncode == 0
+    assert snapshot(r) == before
+
+
+def _as_nobody(ns: str, *args: str) -> subprocess.CompletedProcess:
+    # The interpreter lives under /root (unreadable for nobody): import first, then drop root.
+    code = ("import os, sys, shutil, gettext; from pylvs.realserver import cli, config, run; "
+            "os.setgid(65534); os.setuid(65534); "
+            f"sys.exit(cli.main({list(args)!r}))")
+    return subprocess.run(["ip", "netns", "exec", ns, PY, "-c", code], cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+
+
+REFUSALS = [
+    ("VIP not an address", ["setup", "--fwd", "dr", "--vip", "10.9.300.1"],
+     "is not an IPv4 address"),
+    ("VIP loopback", ["setup", "--fwd", "dr", "--vip", "127.0.0.2"], "not a unicast address"),
+    ("interface missing", ["setup", "--fwd", "dr", "--vip", VIP, "--iface", "nosuch0"],
+     "--iface nosuch0: no such interface"),
+    ("no VIP for DR", ["setup", "--fwd", "tun"], "needs at least one --vip"),
+    ("NAT without DIP", ["setup", "--fwd", "nat"], "needs --dip"),
+    ("NAT DIP not on a connected network", ["setup", "--fwd", "nat", "--dip", "10.9.5.1"],
+     "not on a network this host is directly connected to"),
+    ("NAT DIP is our own address", ["setup", "--fwd", "nat", "--dip", RIP],
+     "is an address of this host"),
+    ("VIP on the Ethernet interface", ["setup", "--fwd", "dr", "--vip", "10.9.1.77"],
+     "is configured on eth0"),
+    ("decapsulator before setup (strict rp_filter)", ["run", "--vip", VIP, "--iface", "eth0"],
+     "not configured on this host"),
+]
+
+
+@pytest.mark.parametrize("desc,args,message", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_refuses_before_changing_anything(r, desc, args, message):
+    sh("ip", "-n", r, "addr", "add", "10.9.1.77/24", "dev", "eth0")
+    before = snapshot(r)
+    p = rs(r, *args)
+    assert p.returncode == 1, p.stdout
+    assert message in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert snapshot(r) == before
+    assert not os.path.exists(state_file(r))
+    assert "pylvs_realserver" not in sh("ip", "netns", "exec", r, "nft", "list", "tables").stdout
+
+
+def test_refuses_conflicting_setup_and_non_root(r):
+    assert rs(r, "setup", *SETUPS["dr"]).returncode == 0
+    before, record = snapshot(r), open(state_file(r)).read()
+    p = rs(r, "setup", "--fwd", "tun", "--vip", VIP)
+    assert p.returncode == 1
+    assert "conflicting earlier setup in this namespace (fwd dr" in p.stderr
+    assert "run 'pylvs realserver teardown' first" in p.stderr
+    for args in (["setup", *SETUPS["dr"]], ["teardown"], ["run", "--vip", VIP]):
+        p = _as_nobody(r, *args)
+        assert p.returncode == 1 and "must run as root" in p.stderr, (args, p.stderr)
+    assert snapshot(r) == before and open(state_file(r)).read() == record
+
+
+RELAY = r"""
+import json, select, socket, sys, time
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.packet import Raw
+VIP, RIP, DIP, MODE, PORT = {vip!r}, {rip!r}, {dip!r}, {mode!r}, {port}
+def tap(dev):
+    # ETH_P_ALL: only such taps run before the netdev ingress drop on d0.
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(3))
+    s.bind((dev, 3))
+    return s
+d0, d1 = tap("d0"), tap("d1")
+tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+counts = {{"relayed": 0, "icmp_from_rs": 0}}
+print("ready", flush=True)
+deadline = time.time() + 60
+while time.time() < deadline:
+    ready, _, _ = select.select([d0, d1, sys.stdin], [], [], 0.2)
+    if sys.stdin in ready:
+        break
+    for s in ready:
+        data, addr = s.recvfrom(65535)
+        if addr[2] == socket.PACKET_OUTGOING or addr[1] != 0x0800:
+            continue
+        p = IP(data)
+        if s is d0 and p.dst == VIP:
+            # The client's veth leaves partial checksums: complete them as a
+            # director must before encapsulating.
+            del p.chksum
+            if TCP in p:
+                del p[TCP].chksum
+            inner = bytes(p)
+            if MODE == "ipip":
+                outer = IP(src=DIP, dst=RIP, proto=4) / Raw(inner)
+            else:
+                outer = IP(src=DIP, dst=RIP) / UDP(sport=40000 + p.sport % 1000, dport=PORT) \
+                    / Raw(b"\x00\x04\x00\x00" + inner)
+            tx.sendto(bytes(outer), (RIP, 0))
+            counts["relayed"] += 1
+        elif s is d1 and p.src == RIP and p.proto == 1:
+            counts["icmp_from_rs"] += 1
+print(json.dumps(counts), flush=True)
+"""
+
+SERVER = r"""
+import json, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(({vip!r}, 8080))
+s.listen(1)
+s.settimeout(20)
+print("listening", flush=True)
+c, peer = s.accept()
+c.settimeout(20)
+got = []
+while data := c.recv(32, socket.MSG_WAITALL):
+    got.append(data.hex())
+    c.sendall(data[::-1])
+print(json.dumps({{"peer": peer[0], "got": got}}))
+"""
+
+# Two rounds on one connection; between them the test sends malformed tunnel
+# packets, which must not disturb the established connection.
+CLIENT = r"""
+import json, os, socket, sys
+s = socket.create_connection(({vip!r}, 8080), timeout=10)
+for _ in range(2):
+    data = os.urandom(32)
+    s.sendall(data)
+    back = s.recv(32, socket.MSG_WAITALL)
+    print(json.dumps({{"sent": data.hex(), "back": back.hex()}}), flush=True)
+    sys.stdin.readline()
+"""
+
+BAD_PACKETS = r"""
+import json, socket
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.packet import Raw
+tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+bad_csum = bytes(IP(src="10.9.0.2", dst={vip!r}, chksum=0x1234) / TCP(dport=8080))
+for inner in (bad_csum, bad_csum[:12], bytes(IP(src="10.9.0.2", dst="10.9.201.1") / TCP())):
+    tx.sendto(bytes(IP(src={dip!r}, dst={rip!r}, proto=4) / inner), ({rip!r}, 0))
+if {gue}:
+    gue_v1 = IP(src={dip!r}, dst={rip!r}) / UDP(sport=40000, dport={port}) / Raw(b"\x40\x04\0\0")
+    tx.sendto(bytes(gue_v1 / IP(src="10.9.0.2", dst={vip!r}) / TCP(dport=8080)), ({rip!r}, 0))
+print(json.dumps({{}}))
+"""
+
+
+def _line(p: subprocess.Popen, want: str) -> None:
+    line = p.stdout.readline()
+    if want not in line:
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError(f"expected {want!r}, got {line!r}\n{out}\n{err}")
+
+
+def _nft_table(ns: str) -> str:
+    return sh("ip", "netns", "exec", ns, "nft", "list", "table", "netdev",
+              "pylvs_realserver").stdout
+
+
+def _status(ns: str) -> dict:
+    return json.loads(rs(ns, "status", "--json").stdout)
+
+
+def _counters_when(ns: str, ready) -> dict:
+    for _ in range(40):
+        d = _status(ns)["decapsulator"]
+        if d and ready(d["counters"]):
+            return d["counters"]
+        time.sleep(0.25)
+    raise AssertionError(f"decapsulator counters never got there: {d}")
+
+
+@pytest.mark.parametrize("mode", ["ipip", "gue"])
+def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
+    c, d, r = trio.c, trio.d, trio.r
+    sh("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
+    sh("ip", "netns", "exec", d, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    # d's own stack must not answer the client's packets to the VIP (it has
+    # no route there): the relay's taps see them before this ingress drop.
+    sh("ip", "netns", "exec", d, "nft",
+       f'add table netdev relay; add chain netdev relay in {{ type filter hook ingress '
+       f'device "d0" priority 0; }}; add rule netdev relay in ip daddr {VIP} drop')
+    setup = rs(r, "setup", "--fwd", "tun", "--vip", VIP)
+    assert setup.returncode == 0, setup.stderr
+    gue = ["--gue-port", str(GUE_PORT)] if mode == "gue" else []
+    dec = subprocess.Popen(["ip", "netns", "exec", r, PY, "-m", "pylvs.cli.main", "realserver",
+                            "run", *gue], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    server = relay = client = None
+    try:
+        _line(dec, "decapsulating")
+        assert f"ip daddr {RIP}" in _nft_table(r)
+        tun = json.loads(sh("ip", "-n", r, "-j", "link", "show", "plvsdec0").stdout)[0]
+        assert "UP" in tun["flags"]
+        assert sh("ip", "netns", "exec", r, "cat",
+                  "/proc/sys/net/ipv4/conf/plvsdec0/rp_filter").stdout.strip() == "0"
+
+        server = trio.popen(r, SERVER.format(vip=VIP))
+        _line(server, "listening")
+        relay = trio.popen(d, RELAY.format(vip=VIP, rip=RIP, dip=DIP, mode=mode, port=GUE_PORT),
+                           stdin=subprocess.PIPE)
+        _line(relay, "ready")
+
+        client = trio.popen(c, CLIENT.format(vip=VIP), stdin=subprocess.PIPE)
+        first = json.loads(client.stdout.readline())
+        assert first["back"] == bytes.fromhex(first["sent"])[::-1].hex()
+
+        counters = _counters_when(r, lambda k: k[f"decap_{mode}"] >= 3)
+        assert counters["tx"] == counters[f"decap_{mode}"]
+        st = rs(r, "status")
+        assert st.returncode == 0, st.stdout  # every check ok while the decapsulator runs
+        assert "ok    rp_filter on plvsdec0: max(all=0, plvsdec0=0)" in st.stdout
+        assert "decapsulator: pid" in st.stdout
+        assert not any(v for k, v in counters.items() if k.startswith("drop_")), counters
+
+        # Malformed tunnel packets: counted drops; the decapsulator and the
+        # established connection carry on.
+        trio.py(d, BAD_PACKETS.format(vip=VIP, rip=RIP, dip=DIP, gue=mode == "gue",
+                                      port=GUE_PORT))
+        counters = _counters_when(r, lambda k: k["drop_inner_not_vip"] >= 1)
+        assert counters["drop_inner_checksum"] == 1
+        assert counters["drop_inner_truncated"] == 1
+        assert counters["drop_gue_version"] == (mode == "gue")
+        assert dec.poll() is None
+        out, err = client.communicate(input="next\n", timeout=20)
+        assert client.returncode == 0, err
+        second = json.loads(out)
+        assert second["back"] == bytes.fromhex(second["sent"])[::-1].hex()
+        out, err = server.communicate(timeout=20)
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen == {"peer": "10.9.0.2", "got": [first["sent"], second["sent"]]}, err
+
+        out, err = relay.communicate(input="stop\n", timeout=20)
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen["relayed"] >= 3
+        # The kernel never saw the raw IPIP/GUE packets: no protocol/port unreachable.
+        assert seen["icmp_from_rs"] == 0, seen
+        dropped = sum(int(n) for n in re.findall(r"counter packets (\d+)", _nft_table(r)))
+        assert dropped >= seen["relayed"] + 3
+
+        dec.send_signal(signal.SIGUSR1)
+        dec.send_signal(signal.SIGTERM)
+        out, err = dec.communicate(timeout=20)
+        assert dec.returncode == 0, err
+        assert f"decap_{mode}" in out and "drop_inner_checksum" in out
+        assert "pylvs_realserver" not in sh("ip", "netns", "exec", r, "nft", "list",
+                                            "tables").stdout
+        assert sh("ip", "-n", r, "link", "show", "plvsdec0", check=False).returncode != 0
+        assert _status(r)["decapsulator"] is None
+    finally:
+        for p in (dec, server, relay, client):
+            if p is not None and p.poll() is None:
+                p.terminate()  # the decapsulator cleans up on SIGTERM
+                try:
+                    p.communicate(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.communicate()
+        rs(r, "teardown")

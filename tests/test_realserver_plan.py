@@ -1,0 +1,112 @@
+"""`pylvs realserver setup`'s plan for a Tun real server whose kernel has the ipip module.
+
+These machines have no ipip module, so the namespace tests only see the
+decapsulator branch; here a stand-in for pyroute2's IPRoute and a sysctl
+tree in a temporary directory give the plan a kernel with ``tunl0``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from pyroute2.netlink.exceptions import NetlinkError
+
+from pylvs.realserver import config
+
+IFF_UP = 1
+
+
+class FakeIPRoute:
+    """The few IPRoute calls config makes, over plain dicts."""
+
+    def __init__(self, links: dict[str, int], addrs: list[tuple[str, int, str]],
+                 can_load_ipip: bool = False):
+        self.links = {name: {"index": i + 1, "flags": flags, "IFLA_IFNAME": name,
+                             "IFLA_ADDRESS": f"02:00:00:00:00:{i:02x}"}
+                      for i, (name, flags) in enumerate(links.items())}
+        self.addrs = [{"IFA_ADDRESS": a, "prefixlen": p, "index": self.links[dev]["index"]}
+                      for a, p, dev in addrs]
+        self.can_load_ipip = can_load_ipip
+        self.calls: list[tuple] = []
+
+    def link_lookup(self, ifname):
+        return [self.links[ifname]["index"]] if ifname in self.links else []
+
+    def get_links(self, *index):
+        return [ln for ln in self.links.values() if not index or ln["index"] in index]
+
+    def get_addr(self, family):
+        return self.addrs
+
+    def get_routes(self, family, table):
+        return [{"dst_len": 0, "RTA_GATEWAY": "10.1.0.1", "RTA_OIF": self.links["eth0"]["index"],
+                 "proto": 3}]
+
+    def link(self, cmd, **kw):
+        self.calls.append(("link", cmd, kw))
+        if cmd == "add":
+            if not self.can_load_ipip:
+                raise NetlinkError(95, "Operation not supported")
+            # Loading the module creates tunl0 beside the probe.
+            self.links["tunl0"] = {"index": 90, "flags": 0, "IFLA_IFNAME": "tunl0"}
+            self.links[kw["ifname"]] = {"index": 91, "flags": 0, "IFLA_IFNAME": kw["ifname"]}
+        elif cmd == "del":
+            self.links = {n: ln for n, ln in self.links.items() if ln["index"] != kw["index"]}
+
+
+@pytest.fixture
+def conf(tmp_path, monkeypatch):
+    """A /proc/sys/net/ipv4/conf tree: all strict, every device's own value 0."""
+    def make(devs=("all", "default", "lo", "eth0", "tunl0"), all_rp=1):
+        for dev in devs:
+            d = tmp_path / dev
+            d.mkdir()
+            for name in ("arp_ignore", "arp_announce", "rp_filter"):
+                (d / name).write_text("0\n")
+        (tmp_path / "all" / "rp_filter").write_text(f"{all_rp}\n")
+        monkeypatch.setattr(config, "SYSCTL", tmp_path)
+        return tmp_path
+    return make
+
+
+def _changes(steps):
+    return {(s["kind"], s.get("dev"), s.get("name")): s.get("new") for s in steps if s["changed"]}
+
+
+def test_tun_with_the_kernel_module_uses_tunl0(conf):
+    conf()
+    ipr = FakeIPRoute({"lo": IFF_UP, "eth0": IFF_UP, "tunl0": 0}, [("10.1.0.2", 24, "eth0")])
+    cfg = config.validate(config.Config("tun", ["192.0.2.10"]), ipr)
+    steps, mode = config.plan(cfg, ipr)
+    assert mode == "kernel-ipip"
+    assert _changes(steps) == {
+        ("addr", "lo", None): None,
+        ("sysctl", "all", "arp_ignore"): 1, ("sysctl", "all", "arp_announce"): 2,
+        ("sysctl", "eth0", "arp_ignore"): 1, ("sysctl", "eth0", "arp_announce"): 2,
+        ("link_up", "tunl0", None): None,
+        # all lowered, every device but tunl0 raised to the old strict value,
+        # tunl0 itself 0: only tunl0's effective value changes.
+        ("sysctl", "all", "rp_filter"): 0, ("sysctl", "default", "rp_filter"): 1,
+        ("sysctl", "lo", "rp_filter"): 1, ("sysctl", "eth0", "rp_filter"): 1,
+    }
+    assert ipr.calls == []  # tunl0 existed: no probe
+
+
+def test_tun_probe_loads_the_module_and_removes_the_probe(conf):
+    conf(all_rp=2)
+    ipr = FakeIPRoute({"lo": IFF_UP, "eth0": IFF_UP}, [("10.1.0.2", 24, "eth0")],
+                      can_load_ipip=True)
+    steps, mode = config.plan(config.validate(config.Config("tun", ["192.0.2.10"]), ipr), ipr)
+    assert mode == "kernel-ipip"
+    assert [c[1] for c in ipr.calls] == ["add", "del"] and "tunl0" in ipr.links
+    assert not any(n.startswith("plvsprobe") for n in ipr.links)
+    # Loose 'all' (2) already lets decapsulated packets through: left alone.
+    assert ("sysctl", "all", "rp_filter") not in _changes(steps)
+
+
+def test_tun_without_the_module_leaves_it_to_the_decapsulator(conf):
+    conf(devs=("all", "default", "lo", "eth0"))
+    ipr = FakeIPRoute({"lo": IFF_UP, "eth0": IFF_UP}, [("10.1.0.2", 24, "eth0")])
+    steps, mode = config.plan(config.validate(config.Config("tun", ["192.0.2.10"]), ipr), ipr)
+    assert mode == "decap"
+    assert not any(s.get("dev") == "tunl0" for s in steps)
+    assert _changes(steps)[("sysctl", "all", "rp_filter")] == 0
