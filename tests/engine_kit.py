@@ -142,10 +142,14 @@ class Env:
 
 # --- frames ------------------------------------------------------------------
 
+IN_TTL = 64
+OUT_TTL = IN_TTL - 1   # every forwarded packet leaves one hop older
+
+
 def tcp(src=CIP, dst=VIP, sport=1000, dport=80, flags="S", smac=CMAC, dmac=LMAC,
-        payload=b"", seq=1000, ack=0, options=None, ip_id=7, ip_flags=0, **ipkw):
+        payload=b"", seq=1000, ack=0, options=None, ip_id=7, ip_flags=0, ttl=IN_TTL, **ipkw):
     """A TCP frame (Ethernet, no vnet header) with correct checksums."""
-    ipl = IP(src=src, dst=dst, id=ip_id, ttl=64, flags=ip_flags, **ipkw)
+    ipl = IP(src=src, dst=dst, id=ip_id, ttl=ttl, flags=ip_flags, **ipkw)
     if options is not None:
         ipl.options = options
     p = Ether(src=smac, dst=dmac) / ipl / TCP(sport=sport, dport=dport, flags=flags,
@@ -156,13 +160,23 @@ def tcp(src=CIP, dst=VIP, sport=1000, dport=80, flags="S", smac=CMAC, dmac=LMAC,
 
 
 def udp(src=CIP, dst=VIP, sport=1000, dport=53, smac=CMAC, dmac=LMAC,
-        payload=b"query", chksum=None, ip_id=7, options=None, **ipkw):
-    ipl = IP(src=src, dst=dst, id=ip_id, ttl=64, **ipkw)
+        payload=b"query", chksum=None, ip_id=7, options=None, ttl=IN_TTL, **ipkw):
+    ipl = IP(src=src, dst=dst, id=ip_id, ttl=ttl, **ipkw)
     if options is not None:
         ipl.options = options
     p = (Ether(src=smac, dst=dmac) / ipl
          / UDP(sport=sport, dport=dport, chksum=chksum) / Raw(payload))
     return raw(p)
+
+
+def tcp_out(**kw) -> bytes:
+    """A TCP frame as the director forwards it: TTL one less (tcp's other defaults)."""
+    return tcp(ttl=OUT_TTL, **kw)
+
+
+def udp_out(**kw) -> bytes:
+    """A UDP frame as the director forwards it: TTL one less."""
+    return udp(ttl=OUT_TTL, **kw)
 
 
 def v(frame: bytes, **kw) -> bytes:

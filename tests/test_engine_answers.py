@@ -28,7 +28,8 @@ from scapy.packet import Raw, raw
 
 from engine_kit import (CIP, CLIENT_PORT, CMAC, FIRST_ICMP_ID, IMPLS, LMAC, RIP, RMAC, RS_PORT,
                         SMAC, VIP, VIP2, Env, UnraisableCatcher, build_tables, diff_bytes,
-                        icmp_error_for, ip, mac, partial_vnet, rst_for, tcp, udp, v)
+                        icmp_error_for, ip, mac, partial_vnet, rst_for, tcp, tcp_out, udp,
+                        udp_out, v)
 from pylvs.engine import tables
 
 TX, PASS, DROP, EMIT = tables.V_TX, tables.V_PASS, tables.V_DROP, tables.V_EMIT
@@ -85,7 +86,7 @@ UDP_Q = (v(udp()), CLIENT_PORT, 0.0)
 
 
 def c2s_out(dport=8080, **kw):
-    return tcp(dst=RIP, dport=dport, smac=SMAC, dmac=RMAC, **kw)
+    return tcp_out(dst=RIP, dport=dport, smac=SMAC, dmac=RMAC, **kw)
 
 
 def s2c(flags="A", dmac=SMAC, **kw):
@@ -150,12 +151,20 @@ def ip_fragments(eth: bytes, mtu: int) -> list[bytes]:
     return out
 
 
+ICMP_TTL = 60
+
+
 def icmp_about(outer_src: str, outer_dst: str, quoted: bytes, type_=3, code=4, mtu=0,
-               src_mac=CMAC, dst_mac=LMAC) -> bytes:
+               src_mac=CMAC, dst_mac=LMAC, ttl=ICMP_TTL) -> bytes:
     """An ICMP error (Ethernet frame) from outer_src quoting `quoted` (an IP packet)."""
     icmp = ICMP(type=type_, code=code, nexthopmtu=mtu) if mtu else ICMP(type=type_, code=code)
-    return raw(Ether(src=src_mac, dst=dst_mac) / IP(src=outer_src, dst=outer_dst, id=99, ttl=60)
+    return raw(Ether(src=src_mac, dst=dst_mac) / IP(src=outer_src, dst=outer_dst, id=99, ttl=ttl)
                / icmp / Raw(quoted))
+
+
+def icmp_fwd(*args, **kw) -> bytes:
+    """icmp_about's frame as the director forwards it: TTL one less."""
+    return icmp_about(*args, ttl=ICMP_TTL - 1, **kw)
 
 
 def ip_of(eth_frame: bytes) -> bytes:
@@ -234,15 +243,15 @@ ROWS = [
         CLIENT_PORT, DROP, counts("drop_rp_filter"), before=[NET]),
     Row("rp_filter 2: any route back will do", v(tcp(src="192.168.1.7", sport=1000)),
         CLIENT_PORT, TX, counts("tx_frames", "conns_created"),
-        expect=v(tcp(src="192.168.1.7", dst=RIP, dport=8080, smac=SMAC, dmac=RMAC)),
+        expect=v(tcp_out(src="192.168.1.7", dst=RIP, dport=8080, smac=SMAC, dmac=RMAC)),
         out_port=RS_PORT, before=[net(rp_filter=2)]),
     Row("rp_filter 0: no reverse path check", v(tcp(src="192.168.1.7")), CLIENT_PORT, TX,
         counts("tx_frames", "conns_created"),
-        expect=v(tcp(src="192.168.1.7", dst=RIP, dport=8080, smac=SMAC, dmac=RMAC)),
+        expect=v(tcp_out(src="192.168.1.7", dst=RIP, dport=8080, smac=SMAC, dmac=RMAC)),
         out_port=RS_PORT, before=[net(rp_filter=0)]),
     Row("rp_filter 1: a client reached through the default route", v(tcp(src="203.0.113.9")),
         CLIENT_PORT, TX, counts("tx_frames", "conns_created"),
-        expect=v(tcp(src="203.0.113.9", dst=RIP, dport=8080, smac=SMAC, dmac=RMAC)),
+        expect=v(tcp_out(src="203.0.113.9", dst=RIP, dport=8080, smac=SMAC, dmac=RMAC)),
         out_port=RS_PORT, before=[NET]),
     Row("rp_filter 2 without a route back", v(tcp(src="203.0.113.9")), CLIENT_PORT, DROP,
         counts("drop_rp_filter"),
@@ -275,9 +284,9 @@ ROWS = [
         v(udp(payload=BIG)), CLIENT_PORT, EMIT,
         counts("tx_fragmented", "conns_created", "frag_out", "frag_out", "emit_frames",
                "emit_frames"),
-        expect=v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=BIG)),
+        expect=v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=BIG)),
         emitted=[(RS_PORT, f) for f in ip_fragments(
-            udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=BIG), 1280)],
+            udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=BIG), 1280)],
         before=[net(mtu_rs=1280)]),
     Row("a reply too big for the client's link, DF: frag-needed to the real server",
         v(s2c(flags="PA", payload=BIG, ip_flags="DF")), RS_PORT, DROP,
@@ -308,23 +317,23 @@ ROWS = [
     Row("frag-needed from a client-side router reaches the real server, translated",
         v(icmp_about(ROUTER, VIP, REPLY_TO_CLIENT, mtu=1280)), CLIENT_PORT, TX,
         counts("tx_frames", "icmp_forwarded"),
-        expect=v(icmp_about(ROUTER, RIP, REPLY_FROM_RS, mtu=1280, src_mac=SMAC, dst_mac=RMAC)),
+        expect=v(icmp_fwd(ROUTER, RIP, REPLY_FROM_RS, mtu=1280, src_mac=SMAC, dst_mac=RMAC)),
         out_port=RS_PORT, before=[SYN]),
     Row("a quote cut after 8 bytes of tcp header is translated too",
         v(icmp_about(ROUTER, VIP, REPLY_TO_CLIENT[:28], mtu=1280)), CLIENT_PORT, TX,
         counts("tx_frames", "icmp_forwarded"),
-        expect=v(icmp_about(ROUTER, RIP, REPLY_FROM_RS[:28], mtu=1280, src_mac=SMAC,
+        expect=v(icmp_fwd(ROUTER, RIP, REPLY_FROM_RS[:28], mtu=1280, src_mac=SMAC,
                             dst_mac=RMAC)),
         out_port=RS_PORT, before=[SYN]),
     Row("port unreachable from the real server reaches the client from the vip",
         v(icmp_about(RIP, CIP, QUERY_AT_RS, code=3, src_mac=RMAC, dst_mac=SMAC)), RS_PORT, TX,
         counts("tx_frames", "icmp_forwarded"),
-        expect=v(icmp_about(VIP, CIP, QUERY_FROM_CLIENT, code=3, src_mac=LMAC, dst_mac=CMAC)),
+        expect=v(icmp_fwd(VIP, CIP, QUERY_FROM_CLIENT, code=3, src_mac=LMAC, dst_mac=CMAC)),
         out_port=CLIENT_PORT, before=[UDP_Q]),
     Row("time exceeded from the real server's side", v(icmp_about(
         "192.168.1.250", CIP, ip_of(c2s_out()), type_=11, code=0, src_mac=RMAC, dst_mac=SMAC)),
         RS_PORT, TX, counts("tx_frames", "icmp_forwarded"),
-        expect=v(icmp_about(VIP, CIP, ip_of(tcp()), type_=11, code=0, src_mac=LMAC,
+        expect=v(icmp_fwd(VIP, CIP, ip_of(tcp()), type_=11, code=0, src_mac=LMAC,
                             dst_mac=CMAC)),
         out_port=CLIENT_PORT, before=[SYN]),
     Row("an icmp error quoting an unknown flow is the kernel's",

@@ -21,7 +21,7 @@ from scapy.packet import Raw, raw
 from engine_kit import (CIP, CLIENT_PORT, CMAC, IMPLS, LMAC, RIP, RMAC, RS_PORT, SMAC,
                         VIP, VIP2, Env, Row, SchedError, UnraisableCatcher, build_tables,
                         delta, diff_bytes, icmp_error_for, ip, mangle, partial_vnet,
-                        random_frame, rst_for, tcp, udp, v)
+                        random_frame, rst_for, tcp, tcp_out, udp, udp_out, v)
 from pylvs.engine import states, tables
 from pylvs.engine.checksum import fold, ones_sum, pseudo_header_sum
 
@@ -40,7 +40,7 @@ def c2s(**kw):
 
 
 def c2s_out(dport=8080, **kw):
-    return tcp(dst=RIP, dport=dport, smac=SMAC, dmac=RMAC, **kw)
+    return tcp_out(dst=RIP, dport=dport, smac=SMAC, dmac=RMAC, **kw)
 
 
 def s2c(flags="SA", **kw):
@@ -48,7 +48,7 @@ def s2c(flags="SA", **kw):
 
 
 def s2c_out(flags="SA", dmac=CMAC, **kw):
-    return tcp(src=VIP, dst=CIP, sport=80, dport=1000, smac=LMAC, dmac=dmac, flags=flags, **kw)
+    return tcp_out(src=VIP, dst=CIP, sport=80, dport=1000, smac=LMAC, dmac=dmac, flags=flags, **kw)
 
 
 def _udp_payload_for_ffff() -> bytes:
@@ -118,21 +118,21 @@ ROWS = [
         v(s2c_out(flags="A", dmac="02:00:00:00:00:77")), TX, delta("tx_frames"),
         before=[(v(tcp(smac="02:00:00:00:00:77")), 5, 0.0)], out_port=5),
     Row("udp query to vip:53 goes to rip:5353", v(udp()), CLIENT_PORT,
-        v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC)), TX, delta("tx_frames", "conns_created")),
+        v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC)), TX, delta("tx_frames", "conns_created")),
     Row("udp reply back to vip:53", v(udp(src=RIP, dst=CIP, sport=5353, dport=1000, smac=RMAC,
                                           dmac=SMAC, payload=b"answer")), RS_PORT,
-        v(udp(src=VIP, dst=CIP, sport=53, dport=1000, smac=LMAC, dmac=CMAC, payload=b"answer")),
+        v(udp_out(src=VIP, dst=CIP, sport=53, dport=1000, smac=LMAC, dmac=CMAC, payload=b"answer")),
         TX, delta("tx_frames"), before=[UDP_Q]),
     Row("udp checksum 0 (none) stays 0", v(udp(chksum=0)), CLIENT_PORT,
-        v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, chksum=0)), TX,
+        v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, chksum=0)), TX,
         delta("tx_frames", "conns_created")),
     Row("udp checksum that computes to 0 is sent as 0xffff", v(udp(payload=FFFF_PAYLOAD)),
-        CLIENT_PORT, v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=FFFF_PAYLOAD,
+        CLIENT_PORT, v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=FFFF_PAYLOAD,
                            chksum=0xFFFF)), TX, delta("tx_frames", "conns_created")),
     Row("ethernet padding after total length is kept", v(c2s() + PAD), CLIENT_PORT,
         v(c2s_out() + PAD), TX, delta("tx_frames", "conns_created")),
     Row("udp with ethernet padding", v(udp(payload=b"q") + PAD), CLIENT_PORT,
-        v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=b"q") + PAD), TX,
+        v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=b"q") + PAD), TX,
         delta("tx_frames", "conns_created")),
     Row("ip options are forwarded unchanged and counted",
         v(c2s(options=[IPOption(b"\x01\x01\x01\x00")])), CLIENT_PORT,
@@ -149,11 +149,11 @@ ROWS = [
         v(c2s_out(payload=b"x" * 33), flags=0, csum_start=34, csum_offset=16), TX,
         delta("tx_frames", "conns_created", "csum_partial_fixed")),
     Row("partial udp checksum is completed", partial_vnet(udp(payload=b"odd")), CLIENT_PORT,
-        v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=b"odd"), csum_start=34,
+        v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=b"odd"), csum_start=34,
           csum_offset=6), TX, delta("tx_frames", "conns_created", "csum_partial_fixed")),
     Row("partial udp checksum computing to 0 is sent as 0xffff",
         partial_vnet(udp(payload=FFFF_PAYLOAD)), CLIENT_PORT,
-        v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=FFFF_PAYLOAD, chksum=0xFFFF),
+        v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=FFFF_PAYLOAD, chksum=0xFFFF),
           csum_start=34, csum_offset=6), TX,
         delta("tx_frames", "conns_created", "csum_partial_fixed")),
     Row("partial checksum of a reply from a local real server",
