@@ -333,7 +333,7 @@ ROWS = [
     Row("time exceeded from the real server's side", v(icmp_about(
         "192.168.1.250", CIP, ip_of(c2s_out()), type_=11, code=0, src_mac=RMAC, dst_mac=SMAC)),
         RS_PORT, TX, counts("tx_frames", "icmp_forwarded"),
-        expect=v(icmp_fwd(VIP, CIP, ip_of(tcp()), type_=11, code=0, src_mac=LMAC,
+        expect=v(icmp_fwd(VIP, CIP, ip_of(tcp_out()), type_=11, code=0, src_mac=LMAC,
                             dst_mac=CMAC)),
         out_port=CLIENT_PORT, before=[SYN]),
     Row("an icmp error quoting an unknown flow is the kernel's",
@@ -497,14 +497,15 @@ def _random_frame(rng: random.Random, conns: list) -> tuple[bytes, int]:
     src = rng.choice([CIP] * 6 + ["10.0.0.3", "127.0.0.1", "192.168.1.9", "203.0.113.4", VIP])
     payload = rng.choice([b"", b"q", BIG[:600], BIG])
     flags = rng.choice(["DF", 0])
+    ttl = rng.choice([64] * 10 + [1, 2])
     if r < 0.35:
         f = tcp(src=src, sport=rng.randrange(1000, 1004), dport=rng.choice([80, 80, 83, 82]),
                 flags=rng.choice(["S", "S", "A", "PA", "F", "R", "SA"]), payload=payload,
-                dmac=dmac, ip_flags=flags)
+                dmac=dmac, ip_flags=flags, ttl=ttl)
         return v(f), CLIENT_PORT
     if r < 0.55:
-        f = udp(src=src, sport=rng.randrange(1000, 1004), payload=payload or b"u",
-                dmac=dmac, flags=flags)
+        f = udp(src=src, sport=rng.randrange(1000, 1004), dport=rng.choice([53, 53, 82]),
+                payload=payload or b"u", dmac=dmac, flags=flags, ttl=ttl)
         return v(f), CLIENT_PORT
     if r < 0.75 and conns:
         c = rng.choice(conns)
@@ -512,10 +513,10 @@ def _random_frame(rng: random.Random, conns: list) -> tuple[bytes, int]:
         a = lambda x: ".".join(str(x >> s & 255) for s in (24, 16, 8, 0))  # noqa: E731
         if proto == 6:
             f = tcp(src=a(daddr), dst=a(caddr), sport=dport, dport=cport, smac=RMAC, dmac=SMAC,
-                    flags="PA", payload=payload, ip_flags=flags)
+                    flags="PA", payload=payload, ip_flags=flags, ttl=ttl)
         else:
             f = udp(src=a(daddr), dst=a(caddr), sport=dport, dport=cport, smac=RMAC, dmac=SMAC,
-                    payload=payload or b"r", flags=flags)
+                    payload=payload or b"r", flags=flags, ttl=ttl)
         return v(f), RS_PORT
     if r < 0.9 and conns:
         c = rng.choice(conns)
@@ -525,10 +526,10 @@ def _random_frame(rng: random.Random, conns: list) -> tuple[bytes, int]:
         if rng.random() < 0.5:
             quoted = ip_of(mk(src=a(vaddr), dst=a(caddr), sport=vport, dport=cport))
             f = icmp_about(ROUTER, a(vaddr), quoted[:rng.choice([28, 40, 200])],
-                           code=rng.choice([4, 1]), mtu=rng.choice([0, 1280]))
+                           code=rng.choice([4, 1]), mtu=rng.choice([0, 1280]), ttl=ttl)
             return v(f), CLIENT_PORT
         quoted = ip_of(mk(src=a(caddr), dst=a(daddr), sport=cport, dport=dport))
-        f = icmp_about(a(daddr), a(caddr), quoted, code=3, src_mac=RMAC, dst_mac=SMAC)
+        f = icmp_about(a(daddr), a(caddr), quoted, code=3, src_mac=RMAC, dst_mac=SMAC, ttl=ttl)
         return v(f), RS_PORT
     f = tcp(sport=1000, flags="A", dmac=dmac)
     if rng.random() < 0.5:
@@ -556,5 +557,5 @@ def test_random_traffic_with_net_same_in_both_engines(seed):
     st = envs[0].counters.named()
     for name in ("icmp_forwarded", "tx_fragmented", "drop_frag_needed", "drop_l2_bcast",
                  "drop_martian", "drop_rp_filter", "rst_sent", "icmp_unreach_sent",
-                 "drop_bad_ip_csum", "rst_ratelimited"):
+                 "drop_bad_ip_csum", "rst_ratelimited", "drop_ttl", "icmp_time_exceeded_sent"):
         assert st[name] > 0, f"{name} never happened"
