@@ -343,9 +343,6 @@ ROWS = [
         v(icmp_about(ROUTER, VIP, REPLY_TO_CLIENT, mtu=1280)[:36] + b"\x00\x00"
           + icmp_about(ROUTER, VIP, REPLY_TO_CLIENT, mtu=1280)[38:]), CLIENT_PORT, PASS,
         counts("pass_not_ours"), before=[SYN]),
-    Row("an icmp error about a DR conn is left alone (for now)",
-        v(icmp_about(ROUTER, VIP, ip_of(tcp(src=VIP, dst=CIP, sport=82, dport=1000)))),
-        CLIENT_PORT, PASS, counts("pass_not_ours"), before=[(v(tcp(dport=82)), CLIENT_PORT, 0.0)]),
     Row("an icmp error about a conn whose dest is gone", v(icmp_about(
         ROUTER, VIP, REPLY_TO_CLIENT, mtu=1280)), CLIENT_PORT, DROP, counts("drop_dest_gone"),
         before=[SYN, _gone]),
