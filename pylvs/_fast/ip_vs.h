@@ -171,7 +171,7 @@ struct rate_bucket {
  * usable in units of SLAB_UNIT bytes (one huge page) as slots come into use;
  * a table smaller than a unit is made usable whole, rounded to SLAB_PAGE.
  * The index starts at INDEX_MIN buckets and doubles while 4 x conns would
- * exceed it (two keys per conn, load <= 1/2). docs/engine.md, Conn table. */
+ * exceed it (at most two keys per conn, load <= 1/2). docs/engine.md, Conn table. */
 #define SLAB_UNIT (2u << 20)
 #define SLAB_PAGE 4096u
 #define INDEX_MIN 16u

@@ -24,8 +24,14 @@ Choices where the contract leaves room (IPVS behaviour where there is one):
 - Only the flags byte of the virtio_net_hdr is cleared when a partial
   checksum is completed; the other fields stay as they came.
 - ``out_port[i]`` is written only for V_TX.
-- An OUT hit (step 10) is forwarded whatever became of the dest: the
+- An OUT hit (step 11) is forwarded whatever became of the dest: the
   contract checks the dest on the IN side only.
+- A conn's transmitter (``xmit``: NAT, DR, or none yet for Tun/Local) and
+  the state table of its client packets (``in_dir``) are bound when it is
+  made (kernel ip_vs_bind_xmit); frames switch on them and never consult
+  the dest's ``fwd`` again. Only NAT conns have an OUT key.
+- The TTL check (docs step 12a) comes after the state update and before
+  the MTU check; an ICMP error with TTL <= 1 is dropped unanswered.
 - A TCP SYN with FIN creates a conn (only SYN+ACK and RST are excluded).
 - An IN hit goes through the kernel's ip_vs_in rules first (``_in_rules``):
   port reuse (conn_reuse_mode), weight-0 rescheduling and a gone dest
