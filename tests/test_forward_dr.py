@@ -254,3 +254,19 @@ def test_dr_conns_have_one_index_key():
     assert env.engine.expire(1000.0, 64) == 30
     env.engine._check()
     assert env.engine.conn_count == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dr_conns_at_the_limit(impl):
+    """A DR conn is never answered through the director: half-open it gives
+    way at the limit (class 0); ESTABLISHED (the client's ACK, INPUT_ONLY) it
+    does not."""
+    env = Env(impl, capacity=1)
+    env.send(*DR_SYN)
+    verdict, _, _ = env.send(v(dr_in(sport=1001)), CLIENT_PORT, 1.0)
+    assert verdict == TX
+    assert env.counters.stat("conns_evicted") == 1
+    assert [c[2] for c in env.engine.conns()] == [1001]
+    env.send(v(dr_in(sport=1001, flags="A")), CLIENT_PORT, 1.0)
+    verdict, _, _ = env.send(v(dr_in(sport=1002)), CLIENT_PORT, 2.0)
+    assert verdict == DROP and env.counters.stat("drop_table_full") == 1
