@@ -273,7 +273,8 @@ ROWS = [
     Row("DF and too big for the real server's link: frag-needed with its MTU",
         v(tcp(flags="PA", payload=BIG, ip_flags="DF")), CLIENT_PORT, DROP,
         counts("drop_frag_needed", "icmp_frag_needed_sent", "emit_frames"),
-        emitted=[(CLIENT_PORT, icmp_error_for(tcp(flags="PA", payload=BIG, ip_flags="DF"),
+        # IPVS checks the MTU after the TTL decrement: the quote is one hop older.
+        emitted=[(CLIENT_PORT, icmp_error_for(tcp_out(flags="PA", payload=BIG, ip_flags="DF"),
                                               3, 4, VIP, mtu=1280))],
         before=[net(mtu_rs=1280), SYN]),
     Row("DF and exactly the MTU: forwarded", v(tcp(flags="PA", payload=BIG[:1240], ip_flags="DF")),
@@ -298,9 +299,10 @@ ROWS = [
         partial_vnet(tcp(flags="A", payload=BIG * 2, ip_flags="DF"),
                      gso_type=tables.VNET_GSO_TCPV4, gso_size=1448), CLIENT_PORT, DROP,
         counts("drop_frag_needed", "icmp_frag_needed_sent", "emit_frames"),
-        # The quote is the frame as it came: its TCP checksum field still partial.
+        # The quote: the frame as it came (TCP checksum field still partial)
+        # but for the TTL, decremented before the MTU check.
         emitted=[(CLIENT_PORT, icmp_error_for(
-            partial_vnet(tcp(flags="A", payload=BIG * 2, ip_flags="DF"))[10:], 3, 4, VIP,
+            partial_vnet(tcp_out(flags="A", payload=BIG * 2, ip_flags="DF"))[10:], 3, 4, VIP,
             mtu=1400))],
         before=[net(mtu_rs=1400), SYN]),
     Row("a tcp gso frame whose segments fit: forwarded whole",

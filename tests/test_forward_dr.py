@@ -110,8 +110,9 @@ ROWS = [
     Row("dr DF and too big: frag-needed from the vip",
         v(dr_in(flags="PA", payload=BIG, ip_flags="DF")), CLIENT_PORT, DROP,
         counts("drop_frag_needed", "icmp_frag_needed_sent", "emit_frames"),
-        emitted=[(CLIENT_PORT, icmp_error_for(dr_in(flags="PA", payload=BIG, ip_flags="DF"),
-                                              3, 4, VIP, mtu=1280))],
+        emitted=[(CLIENT_PORT, icmp_error_for(
+            tcp_out(dport=DR_PORT, flags="PA", payload=BIG, ip_flags="DF"), 3, 4, VIP,
+            mtu=1280))],
         before=[net(mtu_rs=1280), DR_SYN]),
     Row("dr DF clear and too big: fragments of the packet one hop older",
         v(udp(dport=DR_PORT, payload=BIG)), CLIENT_PORT, EMIT,

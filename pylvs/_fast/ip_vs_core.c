@@ -687,10 +687,17 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
         if (__builtin_expect(!xmit_ok(dest, ip), 0))
             return finish(e, xmit_refusal(e, em, dest, eth, ip, tot, in_port, now, daddr, 1),
                           PYLVS_V_DROP);
+        /* IPVS decrements before its MTU check (__ip_vs_get_out_rt): a
+         * frag-needed quotes the packet one hop older. A refused frame is
+         * given back as it came. */
+        uint32_t ttl_word = pylvs_rd32(ip + 8);
+        ip_decrease_ttl(ip);
         int mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, dest->out_port, in_port,
                             daddr, now);
-        if (__builtin_expect(mtu >= 0, 0))
+        if (__builtin_expect(mtu >= 0, 0)) {
+            pylvs_wr32(ip + 8, ttl_word);
             return finish(e, mtu, PYLVS_V_DROP);
+        }
         if (c->xmit == XMIT_NAT)
             *out_port = nat_xmit_in(e, c, dest, frame, eth, ip, l4, l4len, proto, daddr, dport);
         else
@@ -713,6 +720,8 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
             if (__builtin_expect(mtu >= 0, 0))
                 return finish(e, mtu, PYLVS_V_DROP);
         }
+        /* ip_forward: frag-needed above quoted the packet as it came. */
+        ip_decrease_ttl(ip);
         *out_port = nat_xmit_out(e, c, frame, eth, ip, l4, l4len, proto, saddr, sport);
         if (__builtin_expect(mtu == MTU_FRAGMENT, 0))
             return fragment_out(e, em, eth, ip, tot, *out_port);

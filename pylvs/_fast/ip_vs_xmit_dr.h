@@ -10,13 +10,13 @@
 
 #include "ip_vs.h"
 
-/* Client -> real server. Returns the egress port. */
+/* Client -> real server (the TTL already decremented). Returns the egress
+ * port. */
 HOT uint16_t dr_xmit(PylvsEngine *e, const dest_row *dest, uint8_t *frame, uint8_t *eth,
                      uint8_t *ip, uint8_t *l4, uint32_t l4len, uint8_t proto)
 {
     memcpy(eth, dest->dmac, 6);
     memcpy(eth + 6, dest->smac, 6);
-    ip_decrease_ttl(ip);
     /* No address or port changed: a GSO frame's partial sum stays right. */
     if (frame[0] & VNET_F_NEEDS_CSUM) {
         if (frame[1] != 0)

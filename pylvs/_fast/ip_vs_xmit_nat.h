@@ -49,7 +49,6 @@ HOT uint16_t nat_xmit_in(PylvsEngine *e, const struct conn *c, const dest_row *d
     memcpy(eth, dest->dmac, 6);
     memcpy(eth + 6, dest->smac, 6);
     fix_csums(e, frame, ip, l4, l4len, proto, daddr, c->daddr, dport, c->dport);
-    ip_decrease_ttl(ip);
     return dest->out_port;
 }
 
@@ -64,7 +63,6 @@ HOT uint16_t nat_xmit_out(PylvsEngine *e, const struct conn *c, uint8_t *frame, 
     memcpy(eth, c->cmac, 6);
     memcpy(eth + 6, c->lmac, 6);
     fix_csums(e, frame, ip, l4, l4len, proto, saddr, c->vaddr, sport, c->vport);
-    ip_decrease_ttl(ip);
     return c->in_port;
 }
 

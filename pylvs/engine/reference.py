@@ -31,7 +31,9 @@ Choices where the contract leaves room (IPVS behaviour where there is one):
   made (kernel ip_vs_bind_xmit); frames switch on them and never consult
   the dest's ``fwd`` again. Only NAT conns have an OUT key.
 - The TTL check (docs step 12a) comes after the state update and before
-  the MTU check; an ICMP error with TTL <= 1 is dropped unanswered.
+  the MTU check; the IN side decrements before the MTU check (IPVS), the
+  OUT side after it (ip_forward); an ICMP error with TTL <= 1 is dropped
+  unanswered.
 - A TCP SYN with FIN creates a conn (only SYN+ACK and RST are excluded).
 - An IN hit goes through the kernel's ip_vs_in rules first (``_in_rules``):
   port reuse (conn_reuse_mode), weight-0 rescheduling and a gone dest
@@ -658,15 +660,20 @@ class Engine:
                 pend[refusal] += 1
                 return V_DROP, 0
             out_port = dest[6]
+            # IPVS decrements before its MTU check (__ip_vs_get_out_rt): a
+            # frag-needed quotes the packet one hop older. A refused frame is
+            # given back as it came.
+            ttl_word = bytes(f[IP + 8:IP + 12])
+            _decrease_ttl(f)
             mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, out_port, daddr, now)
             if mtu is not None and mtu != _DO_FRAGMENT:
+                f[IP + 8:IP + 12] = ttl_word
                 pend[mtu] += 1
                 return V_DROP, 0
             f[ETH:ETH + 6] = dest[7]
             f[ETH + 6:ETH + 12] = dest[8]
             if c.xmit == XMIT_DR:
                 # The packet as it came but for the TTL (kernel ip_vs_dr_xmit).
-                _decrease_ttl(f)
                 if f[0] & tables.VNET_F_NEEDS_CSUM:
                     if f[1] != tables.VNET_GSO_NONE:
                         pend[_GSO_FRAMES] += 1   # no address changed: the partial sum holds
@@ -693,6 +700,8 @@ class Engine:
             if mtu is not None and mtu != _DO_FRAGMENT:
                 pend[mtu] += 1
                 return V_DROP, 0
+            # ip_forward: frag-needed above quoted the packet as it came.
+            _decrease_ttl(f)
             old_addr, new_addr, addr_at = saddr, c.vaddr, IP + 12
             old_port, new_port, port_at = sport, c.vport, l4
             f[ETH:ETH + 6] = c.cmac
@@ -719,7 +728,6 @@ class Engine:
                 if proto == UDP and check == 0:
                     check = 0xFFFF
                 f[csum_at:csum_at + 2] = check.to_bytes(2, "big")
-        _decrease_ttl(f)
         return self._leave(f, totlen, mtu, out_port)
 
     def _complete_csum(self, f: memoryview, l4: int, plen: int, proto: int) -> None:
