@@ -51,6 +51,10 @@ SERVICES = {
     5: (tables.PROTO_TCP, VIP, 84),   # the scheduler raises
     6: (tables.PROTO_TCP, VIP, 85),   # the scheduler answers another service's dest
     7: (tables.PROTO_TCP, VIP2, 80),  # its dest is dest 0's RIP:port too
+    8: (tables.PROTO_UDP, VIP, 82),   # its dest is DR
+    9: (tables.PROTO_TCP, VIP, 86),   # a DR dest whose MAC is not resolved
+    10: (tables.PROTO_TCP, VIP, 87),  # a DR dest not on a connected network
+    11: (tables.PROTO_TCP, VIP, 88),  # its dest is Tun (not forwarded yet)
 }
 RESOLVED = tables.DEST_F_USED | tables.DEST_F_RESOLVED
 DESTS = {
@@ -59,6 +63,10 @@ DESTS = {
     2: (2, RIP2, 8081, tables.FWD_MASQ, tables.DEST_F_USED),
     3: (3, RIP2, 82, tables.FWD_ROUTE, RESOLVED),
     4: (7, RIP, 8080, tables.FWD_MASQ, RESOLVED),
+    10: (8, RIP2, 82, tables.FWD_ROUTE, RESOLVED),
+    11: (9, RIP2, 86, tables.FWD_ROUTE, tables.DEST_F_USED),
+    12: (10, RIP2, 87, tables.FWD_ROUTE, RESOLVED | tables.DEST_F_NO_ROUTE),
+    13: (11, RIP2, 88, tables.FWD_TUNNEL, RESOLVED),
 }
 
 
@@ -69,7 +77,7 @@ class SchedError(RuntimeError):
 def _sched_fixed(svc: int, caddr: int, cport: int) -> int:
     if svc == 5:
         raise SchedError("the scheduler broke")
-    return {0: 0, 1: 1, 2: 2, 3: 3, 4: -1, 6: 0, 7: 4}[svc]
+    return {0: 0, 1: 1, 2: 2, 3: 3, 4: -1, 6: 0, 7: 4, 8: 10, 9: 11, 10: 12, 11: 13}[svc]
 
 
 def build_tables(services=SERVICES, dests=DESTS, gone=()) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +108,7 @@ class Env:
                  make_schedule: Callable[[tables.Counters], Callable] | None = None,
                  services=SERVICES, dests=DESTS):
         self.impl = impl
-        self.counters = tables.Counters(max_services=16, max_dests=16)
+        self.counters = tables.Counters(max_services=16, max_dests=32)
         if make_schedule is not None:
             schedule = make_schedule(self.counters)
         self.engine = new_engine(impl, capacity, counters=self.counters, schedule=schedule,
@@ -142,10 +150,14 @@ class Env:
 
 # --- frames ------------------------------------------------------------------
 
+IN_TTL = 64
+OUT_TTL = IN_TTL - 1   # every forwarded packet leaves one hop older
+
+
 def tcp(src=CIP, dst=VIP, sport=1000, dport=80, flags="S", smac=CMAC, dmac=LMAC,
-        payload=b"", seq=1000, ack=0, options=None, ip_id=7, ip_flags=0, **ipkw):
+        payload=b"", seq=1000, ack=0, options=None, ip_id=7, ip_flags=0, ttl=IN_TTL, **ipkw):
     """A TCP frame (Ethernet, no vnet header) with correct checksums."""
-    ipl = IP(src=src, dst=dst, id=ip_id, ttl=64, flags=ip_flags, **ipkw)
+    ipl = IP(src=src, dst=dst, id=ip_id, ttl=ttl, flags=ip_flags, **ipkw)
     if options is not None:
         ipl.options = options
     p = Ether(src=smac, dst=dmac) / ipl / TCP(sport=sport, dport=dport, flags=flags,
@@ -156,13 +168,23 @@ def tcp(src=CIP, dst=VIP, sport=1000, dport=80, flags="S", smac=CMAC, dmac=LMAC,
 
 
 def udp(src=CIP, dst=VIP, sport=1000, dport=53, smac=CMAC, dmac=LMAC,
-        payload=b"query", chksum=None, ip_id=7, options=None, **ipkw):
-    ipl = IP(src=src, dst=dst, id=ip_id, ttl=64, **ipkw)
+        payload=b"query", chksum=None, ip_id=7, options=None, ttl=IN_TTL, **ipkw):
+    ipl = IP(src=src, dst=dst, id=ip_id, ttl=ttl, **ipkw)
     if options is not None:
         ipl.options = options
     p = (Ether(src=smac, dst=dmac) / ipl
          / UDP(sport=sport, dport=dport, chksum=chksum) / Raw(payload))
     return raw(p)
+
+
+def tcp_out(**kw) -> bytes:
+    """A TCP frame as the director forwards it: TTL one less (tcp's other defaults)."""
+    return tcp(ttl=OUT_TTL, **kw)
+
+
+def udp_out(**kw) -> bytes:
+    """A UDP frame as the director forwards it: TTL one less."""
+    return udp(ttl=OUT_TTL, **kw)
 
 
 def v(frame: bytes, **kw) -> bytes:
@@ -290,7 +312,8 @@ OPTION_CHOICES = [None] * 6 + [[IPOption(b"\x01\x01\x01\x00")],
                                [IPOption(b"\x07\x07\x04" + b"\0" * 5)]]
 
 
-def random_frame(rng, proto, src, dst, sport, dport, smac, dmac, offload=True) -> bytes:
+def random_frame(rng, proto, src, dst, sport, dport, smac, dmac, offload=True,
+                 ttl=IN_TTL) -> bytes:
     """A well-formed TCP/UDP frame with random flags, payload, IP options,
     Ethernet padding and checksum mode (full, partial, GSO; UDP none)."""
     payload = bytes(rng.randrange(256) for _ in range(rng.choice([0, 0, 1, 2, 3, 17, 60, 333])))
@@ -298,10 +321,11 @@ def random_frame(rng, proto, src, dst, sport, dport, smac, dmac, offload=True) -
     ip_id = rng.randrange(65536)
     if proto == tables.PROTO_TCP:
         f = tcp(src, dst, sport, dport, rng.choice(FLAG_CHOICES), smac, dmac, payload,
-                seq=rng.randrange(2**32), ack=rng.randrange(2**32), options=opts, ip_id=ip_id)
+                seq=rng.randrange(2**32), ack=rng.randrange(2**32), options=opts, ip_id=ip_id,
+                ttl=ttl)
     else:
         f = udp(src, dst, sport, dport, smac, dmac, payload or b"u",
-                chksum=0 if rng.random() < 0.15 else None, ip_id=ip_id, options=opts)
+                chksum=0 if rng.random() < 0.15 else None, ip_id=ip_id, options=opts, ttl=ttl)
     pad = bytes(rng.randrange(256) for _ in range(rng.choice([0, 0, 0, 2, 6])))
     mode = rng.random() if offload else 0.0
     if mode < 0.6:

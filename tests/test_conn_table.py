@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from engine_kit import (CIP, CLIENT_PORT, DESTS, IMPLS, LMAC, RESOLVED, RIP, RIP2, RMAC, RS_PORT,
-                        SERVICES, SMAC, VIP, Env, build_tables, delta, diff_bytes, ip, tcp, udp, v,
+                        SERVICES, SMAC, VIP, Env, build_tables, delta, diff_bytes, ip, tcp, tcp_out,
+                        udp, v,
                         _sched_fixed)
 from pylvs.engine import conn as conn_mod
 from pylvs.engine import new_engine, states, tables
@@ -79,7 +80,7 @@ CLOSE = ESTABLISHED + [c("R", 1.0)]
 
 
 def to_rip(daddr=RIP, flags="S"):
-    return v(tcp(dst=daddr, dport=8080, smac=SMAC, dmac=RMAC, flags=flags))
+    return v(tcp_out(dst=daddr, dport=8080, smac=SMAC, dmac=RMAC, flags=flags))
 
 
 @dataclass

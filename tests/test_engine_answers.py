@@ -28,7 +28,8 @@ from scapy.packet import Raw, raw
 
 from engine_kit import (CIP, CLIENT_PORT, CMAC, FIRST_ICMP_ID, IMPLS, LMAC, RIP, RMAC, RS_PORT,
                         SMAC, VIP, VIP2, Env, UnraisableCatcher, build_tables, diff_bytes,
-                        icmp_error_for, ip, mac, partial_vnet, rst_for, tcp, udp, v)
+                        icmp_error_for, ip, mac, partial_vnet, rst_for, tcp, tcp_out, udp,
+                        udp_out, v)
 from pylvs.engine import tables
 
 TX, PASS, DROP, EMIT = tables.V_TX, tables.V_PASS, tables.V_DROP, tables.V_EMIT
@@ -85,7 +86,7 @@ UDP_Q = (v(udp()), CLIENT_PORT, 0.0)
 
 
 def c2s_out(dport=8080, **kw):
-    return tcp(dst=RIP, dport=dport, smac=SMAC, dmac=RMAC, **kw)
+    return tcp_out(dst=RIP, dport=dport, smac=SMAC, dmac=RMAC, **kw)
 
 
 def s2c(flags="A", dmac=SMAC, **kw):
@@ -150,12 +151,20 @@ def ip_fragments(eth: bytes, mtu: int) -> list[bytes]:
     return out
 
 
+ICMP_TTL = 60
+
+
 def icmp_about(outer_src: str, outer_dst: str, quoted: bytes, type_=3, code=4, mtu=0,
-               src_mac=CMAC, dst_mac=LMAC) -> bytes:
+               src_mac=CMAC, dst_mac=LMAC, ttl=ICMP_TTL) -> bytes:
     """An ICMP error (Ethernet frame) from outer_src quoting `quoted` (an IP packet)."""
     icmp = ICMP(type=type_, code=code, nexthopmtu=mtu) if mtu else ICMP(type=type_, code=code)
-    return raw(Ether(src=src_mac, dst=dst_mac) / IP(src=outer_src, dst=outer_dst, id=99, ttl=60)
+    return raw(Ether(src=src_mac, dst=dst_mac) / IP(src=outer_src, dst=outer_dst, id=99, ttl=ttl)
                / icmp / Raw(quoted))
+
+
+def icmp_fwd(*args, **kw) -> bytes:
+    """icmp_about's frame as the director forwards it: TTL one less."""
+    return icmp_about(*args, ttl=ICMP_TTL - 1, **kw)
 
 
 def ip_of(eth_frame: bytes) -> bytes:
@@ -251,15 +260,15 @@ ROWS = [
         CLIENT_PORT, DROP, counts("drop_rp_filter"), before=[NET]),
     Row("rp_filter 2: any route back will do", v(tcp(src="192.168.1.7", sport=1000)),
         CLIENT_PORT, TX, counts("tx_frames", "conns_created"),
-        expect=v(tcp(src="192.168.1.7", dst=RIP, dport=8080, smac=SMAC, dmac=RMAC)),
+        expect=v(tcp_out(src="192.168.1.7", dst=RIP, dport=8080, smac=SMAC, dmac=RMAC)),
         out_port=RS_PORT, before=[net(rp_filter=2)]),
     Row("rp_filter 0: no reverse path check", v(tcp(src="192.168.1.7")), CLIENT_PORT, TX,
         counts("tx_frames", "conns_created"),
-        expect=v(tcp(src="192.168.1.7", dst=RIP, dport=8080, smac=SMAC, dmac=RMAC)),
+        expect=v(tcp_out(src="192.168.1.7", dst=RIP, dport=8080, smac=SMAC, dmac=RMAC)),
         out_port=RS_PORT, before=[net(rp_filter=0)]),
     Row("rp_filter 1: a client reached through the default route", v(tcp(src="203.0.113.9")),
         CLIENT_PORT, TX, counts("tx_frames", "conns_created"),
-        expect=v(tcp(src="203.0.113.9", dst=RIP, dport=8080, smac=SMAC, dmac=RMAC)),
+        expect=v(tcp_out(src="203.0.113.9", dst=RIP, dport=8080, smac=SMAC, dmac=RMAC)),
         out_port=RS_PORT, before=[NET]),
     Row("rp_filter 2 without a route back", v(tcp(src="203.0.113.9")), CLIENT_PORT, DROP,
         counts("drop_rp_filter"),
@@ -281,7 +290,8 @@ ROWS = [
     Row("DF and too big for the real server's link: frag-needed with its MTU",
         v(tcp(flags="PA", payload=BIG, ip_flags="DF")), CLIENT_PORT, DROP,
         counts("drop_frag_needed", "icmp_frag_needed_sent", "emit_frames"),
-        emitted=[(CLIENT_PORT, icmp_error_for(tcp(flags="PA", payload=BIG, ip_flags="DF"),
+        # IPVS checks the MTU after the TTL decrement: the quote is one hop older.
+        emitted=[(CLIENT_PORT, icmp_error_for(tcp_out(flags="PA", payload=BIG, ip_flags="DF"),
                                               3, 4, VIP, mtu=1280))],
         before=[net(mtu_rs=1280), SYN]),
     Row("DF and exactly the MTU: forwarded", v(tcp(flags="PA", payload=BIG[:1240], ip_flags="DF")),
@@ -292,9 +302,9 @@ ROWS = [
         v(udp(payload=BIG)), CLIENT_PORT, EMIT,
         counts("tx_fragmented", "conns_created", "frag_out", "frag_out", "emit_frames",
                "emit_frames"),
-        expect=v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=BIG)),
+        expect=v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=BIG)),
         emitted=[(RS_PORT, f) for f in ip_fragments(
-            udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=BIG), 1280)],
+            udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=BIG), 1280)],
         before=[net(mtu_rs=1280)]),
     Row("a reply too big for the client's link, DF: frag-needed to the real server",
         v(s2c(flags="PA", payload=BIG, ip_flags="DF")), RS_PORT, DROP,
@@ -306,9 +316,10 @@ ROWS = [
         partial_vnet(tcp(flags="A", payload=BIG * 2, ip_flags="DF"),
                      gso_type=tables.VNET_GSO_TCPV4, gso_size=1448), CLIENT_PORT, DROP,
         counts("drop_frag_needed", "icmp_frag_needed_sent", "emit_frames"),
-        # The quote is the frame as it came: its TCP checksum field still partial.
+        # The quote: the frame as it came (TCP checksum field still partial)
+        # but for the TTL, decremented before the MTU check.
         emitted=[(CLIENT_PORT, icmp_error_for(
-            partial_vnet(tcp(flags="A", payload=BIG * 2, ip_flags="DF"))[10:], 3, 4, VIP,
+            partial_vnet(tcp_out(flags="A", payload=BIG * 2, ip_flags="DF"))[10:], 3, 4, VIP,
             mtu=1400))],
         before=[net(mtu_rs=1400), SYN]),
     Row("a tcp gso frame whose segments fit: forwarded whole",
@@ -325,23 +336,23 @@ ROWS = [
     Row("frag-needed from a client-side router reaches the real server, translated",
         v(icmp_about(ROUTER, VIP, REPLY_TO_CLIENT, mtu=1280)), CLIENT_PORT, TX,
         counts("tx_frames", "icmp_forwarded"),
-        expect=v(icmp_about(ROUTER, RIP, REPLY_FROM_RS, mtu=1280, src_mac=SMAC, dst_mac=RMAC)),
+        expect=v(icmp_fwd(ROUTER, RIP, REPLY_FROM_RS, mtu=1280, src_mac=SMAC, dst_mac=RMAC)),
         out_port=RS_PORT, before=[SYN]),
     Row("a quote cut after 8 bytes of tcp header is translated too",
         v(icmp_about(ROUTER, VIP, REPLY_TO_CLIENT[:28], mtu=1280)), CLIENT_PORT, TX,
         counts("tx_frames", "icmp_forwarded"),
-        expect=v(icmp_about(ROUTER, RIP, REPLY_FROM_RS[:28], mtu=1280, src_mac=SMAC,
+        expect=v(icmp_fwd(ROUTER, RIP, REPLY_FROM_RS[:28], mtu=1280, src_mac=SMAC,
                             dst_mac=RMAC)),
         out_port=RS_PORT, before=[SYN]),
     Row("port unreachable from the real server reaches the client from the vip",
         v(icmp_about(RIP, CIP, QUERY_AT_RS, code=3, src_mac=RMAC, dst_mac=SMAC)), RS_PORT, TX,
         counts("tx_frames", "icmp_forwarded"),
-        expect=v(icmp_about(VIP, CIP, QUERY_FROM_CLIENT, code=3, src_mac=LMAC, dst_mac=CMAC)),
+        expect=v(icmp_fwd(VIP, CIP, QUERY_FROM_CLIENT, code=3, src_mac=LMAC, dst_mac=CMAC)),
         out_port=CLIENT_PORT, before=[UDP_Q]),
     Row("time exceeded from the real server's side", v(icmp_about(
         "192.168.1.250", CIP, ip_of(c2s_out()), type_=11, code=0, src_mac=RMAC, dst_mac=SMAC)),
         RS_PORT, TX, counts("tx_frames", "icmp_forwarded"),
-        expect=v(icmp_about(VIP, CIP, ip_of(tcp()), type_=11, code=0, src_mac=LMAC,
+        expect=v(icmp_fwd(VIP, CIP, ip_of(tcp_out()), type_=11, code=0, src_mac=LMAC,
                             dst_mac=CMAC)),
         out_port=CLIENT_PORT, before=[SYN]),
     Row("an icmp error quoting an unknown flow is the kernel's",
@@ -351,9 +362,6 @@ ROWS = [
         v(icmp_about(ROUTER, VIP, REPLY_TO_CLIENT, mtu=1280)[:36] + b"\x00\x00"
           + icmp_about(ROUTER, VIP, REPLY_TO_CLIENT, mtu=1280)[38:]), CLIENT_PORT, PASS,
         counts("pass_not_ours"), before=[SYN]),
-    Row("an icmp error about a DR conn is left alone (for now)",
-        v(icmp_about(ROUTER, VIP, ip_of(tcp(src=VIP, dst=CIP, sport=82, dport=1000)))),
-        CLIENT_PORT, PASS, counts("pass_not_ours"), before=[(v(tcp(dport=82)), CLIENT_PORT, 0.0)]),
     Row("an icmp error about a conn whose dest is gone", v(icmp_about(
         ROUTER, VIP, REPLY_TO_CLIENT, mtu=1280)), CLIENT_PORT, DROP, counts("drop_dest_gone"),
         before=[SYN, _gone]),
@@ -530,20 +538,23 @@ def test_sysctl_names_match_engine_h():
 
 # --- both engines on random traffic with the network facts set ----------------------
 
-def _random_frame(rng: random.Random, conns: list) -> tuple[bytes, int]:
+def _random_frame(rng: random.Random, conns: list, rng2: random.Random) -> tuple[bytes, int]:
+    """A frame of the net world; rng2 draws what issue 6 added (TTL, DR targets)
+    so that rng's stream, and the cases it reaches, stay as they were."""
     r = rng.random()
     dmac = rng.choice([LMAC] * 8 + ["ff:ff:ff:ff:ff:ff", OTHER_MAC])
     src = rng.choice([CIP] * 6 + ["10.0.0.3", "127.0.0.1", "192.168.1.9", "203.0.113.4", VIP])
     payload = rng.choice([b"", b"q", BIG[:600], BIG])
     flags = rng.choice(["DF", 0])
+    ttl = rng2.choice([64] * 10 + [1, 2])
     if r < 0.35:
         f = tcp(src=src, sport=rng.randrange(1000, 1004), dport=rng.choice([80, 80, 83, 82]),
                 flags=rng.choice(["S", "S", "A", "PA", "F", "R", "SA"]), payload=payload,
-                dmac=dmac, ip_flags=flags)
+                dmac=dmac, ip_flags=flags, ttl=ttl)
         return v(f), CLIENT_PORT
     if r < 0.55:
-        f = udp(src=src, sport=rng.randrange(1000, 1004), payload=payload or b"u",
-                dmac=dmac, flags=flags)
+        f = udp(src=src, sport=rng.randrange(1000, 1004), dport=rng2.choice([53, 53, 82]),
+                payload=payload or b"u", dmac=dmac, flags=flags, ttl=ttl)
         return v(f), CLIENT_PORT
     if r < 0.75 and conns:
         c = rng.choice(conns)
@@ -551,10 +562,10 @@ def _random_frame(rng: random.Random, conns: list) -> tuple[bytes, int]:
         a = lambda x: ".".join(str(x >> s & 255) for s in (24, 16, 8, 0))  # noqa: E731
         if proto == 6:
             f = tcp(src=a(daddr), dst=a(caddr), sport=dport, dport=cport, smac=RMAC, dmac=SMAC,
-                    flags="PA", payload=payload, ip_flags=flags)
+                    flags="PA", payload=payload, ip_flags=flags, ttl=ttl)
         else:
             f = udp(src=a(daddr), dst=a(caddr), sport=dport, dport=cport, smac=RMAC, dmac=SMAC,
-                    payload=payload or b"r", flags=flags)
+                    payload=payload or b"r", flags=flags, ttl=ttl)
         return v(f), RS_PORT
     if r < 0.9 and conns:
         c = rng.choice(conns)
@@ -564,10 +575,10 @@ def _random_frame(rng: random.Random, conns: list) -> tuple[bytes, int]:
         if rng.random() < 0.5:
             quoted = ip_of(mk(src=a(vaddr), dst=a(caddr), sport=vport, dport=cport))
             f = icmp_about(ROUTER, a(vaddr), quoted[:rng.choice([28, 40, 200])],
-                           code=rng.choice([4, 1]), mtu=rng.choice([0, 1280]))
+                           code=rng.choice([4, 1]), mtu=rng.choice([0, 1280]), ttl=ttl)
             return v(f), CLIENT_PORT
         quoted = ip_of(mk(src=a(caddr), dst=a(daddr), sport=cport, dport=dport))
-        f = icmp_about(a(daddr), a(caddr), quoted, code=3, src_mac=RMAC, dst_mac=SMAC)
+        f = icmp_about(a(daddr), a(caddr), quoted, code=3, src_mac=RMAC, dst_mac=SMAC, ttl=ttl)
         return v(f), RS_PORT
     f = tcp(sport=1000, flags="A", dmac=dmac)
     if rng.random() < 0.5:
@@ -578,6 +589,7 @@ def _random_frame(rng: random.Random, conns: list) -> tuple[bytes, int]:
 @pytest.mark.parametrize("seed", range(3))
 def test_random_traffic_with_net_same_in_both_engines(seed):
     rng = random.Random(500 + seed)
+    rng2 = random.Random(600 + seed)
     envs = [Env("python"), Env("c")]
     for env in envs:
         net(mtu_rs=1280, mtu_client=1400)(env)
@@ -585,7 +597,8 @@ def test_random_traffic_with_net_same_in_both_engines(seed):
     now = 0.0
     for step in range(150):
         now += rng.choice([0, 0, 0.05, 0.3, 1, 7])
-        items = [_random_frame(rng, sorted(envs[0].engine.conns())) for _ in range(rng.randint(1, 8))]
+        items = [_random_frame(rng, sorted(envs[0].engine.conns()), rng2)
+                 for _ in range(rng.randint(1, 8))]
         outs = [env.send_many(items, now) for env in envs]
         where = f"seed {seed} step {step}"
         assert outs[0] == outs[1], where
@@ -595,5 +608,5 @@ def test_random_traffic_with_net_same_in_both_engines(seed):
     st = envs[0].counters.named()
     for name in ("icmp_forwarded", "tx_fragmented", "drop_frag_needed", "drop_l2_bcast",
                  "drop_martian", "drop_rp_filter", "rst_sent", "icmp_unreach_sent",
-                 "drop_bad_ip_csum", "rst_ratelimited"):
+                 "drop_bad_ip_csum", "rst_ratelimited", "drop_ttl", "icmp_time_exceeded_sent"):
         assert st[name] > 0, f"{name} never happened"

@@ -544,10 +544,10 @@ def test_conns_contents():
         (17, ip(CIP), 7, ip(VIP), 53, ip(RIP), 5353, states.UDP_STATE,
          11.0 + to[states.UDP_STATE], tables.FWD_MASQ, 1, UDP_SVC),
     ]
-    # a DR dest: the conn exists (fwd bound) but its frames are dropped, state NONE
-    assert verdicts(send(e, [tcp(dport=82, flags="S")], 12.0)) == [tables.V_DROP]
-    assert e.conns()[2] == (6, ip(CIP), 1000, ip(VIP), 82, ip(RIP), 82, states.NONE,
-                            12.0 + to[states.NONE], tables.FWD_ROUTE, 2, DR_SVC)
+    # a DR dest: the conn carries the method it was bound to
+    assert verdicts(send(e, [tcp(dport=82, flags="S")], 12.0)) == [tables.V_TX]
+    assert e.conns()[2] == (6, ip(CIP), 1000, ip(VIP), 82, ip(RIP), 82, states.SYN_RECV,
+                            12.0 + to[states.SYN_RECV], tables.FWD_ROUTE, 2, DR_SVC)
     assert e.conn_count == 3
 
 

@@ -21,7 +21,7 @@ from scapy.packet import Raw, raw
 from engine_kit import (CIP, CLIENT_PORT, CMAC, IMPLS, LMAC, RIP, RMAC, RS_PORT, SMAC,
                         VIP, VIP2, Env, Row, SchedError, UnraisableCatcher, build_tables,
                         delta, diff_bytes, icmp_error_for, ip, mangle, partial_vnet,
-                        random_frame, rst_for, tcp, udp, v)
+                        random_frame, rst_for, tcp, tcp_out, udp, udp_out, v)
 from pylvs.engine import states, tables
 from pylvs.engine.checksum import fold, ones_sum, pseudo_header_sum
 
@@ -40,7 +40,7 @@ def c2s(**kw):
 
 
 def c2s_out(dport=8080, **kw):
-    return tcp(dst=RIP, dport=dport, smac=SMAC, dmac=RMAC, **kw)
+    return tcp_out(dst=RIP, dport=dport, smac=SMAC, dmac=RMAC, **kw)
 
 
 def s2c(flags="SA", **kw):
@@ -48,7 +48,7 @@ def s2c(flags="SA", **kw):
 
 
 def s2c_out(flags="SA", dmac=CMAC, **kw):
-    return tcp(src=VIP, dst=CIP, sport=80, dport=1000, smac=LMAC, dmac=dmac, flags=flags, **kw)
+    return tcp_out(src=VIP, dst=CIP, sport=80, dport=1000, smac=LMAC, dmac=dmac, flags=flags, **kw)
 
 
 def _udp_payload_for_ffff() -> bytes:
@@ -89,9 +89,9 @@ def _shrunk(env: Env) -> None:
 
 def _dup_service(env: Env) -> None:
     svc, dst = build_tables()
-    more = tables.empty_services(10)
+    more = tables.empty_services(len(svc) + 1)
     more[:len(svc)] = svc
-    more[9] = svc[0]          # the same service again in a later slot
+    more[len(svc)] = svc[0]   # the same service again in a later slot
     env.engine.set_tables(more, dst)
 
 
@@ -118,21 +118,21 @@ ROWS = [
         v(s2c_out(flags="A", dmac="02:00:00:00:00:77")), TX, delta("tx_frames"),
         before=[(v(tcp(smac="02:00:00:00:00:77")), 5, 0.0)], out_port=5),
     Row("udp query to vip:53 goes to rip:5353", v(udp()), CLIENT_PORT,
-        v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC)), TX, delta("tx_frames", "conns_created")),
+        v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC)), TX, delta("tx_frames", "conns_created")),
     Row("udp reply back to vip:53", v(udp(src=RIP, dst=CIP, sport=5353, dport=1000, smac=RMAC,
                                           dmac=SMAC, payload=b"answer")), RS_PORT,
-        v(udp(src=VIP, dst=CIP, sport=53, dport=1000, smac=LMAC, dmac=CMAC, payload=b"answer")),
+        v(udp_out(src=VIP, dst=CIP, sport=53, dport=1000, smac=LMAC, dmac=CMAC, payload=b"answer")),
         TX, delta("tx_frames"), before=[UDP_Q]),
     Row("udp checksum 0 (none) stays 0", v(udp(chksum=0)), CLIENT_PORT,
-        v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, chksum=0)), TX,
+        v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, chksum=0)), TX,
         delta("tx_frames", "conns_created")),
     Row("udp checksum that computes to 0 is sent as 0xffff", v(udp(payload=FFFF_PAYLOAD)),
-        CLIENT_PORT, v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=FFFF_PAYLOAD,
+        CLIENT_PORT, v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=FFFF_PAYLOAD,
                            chksum=0xFFFF)), TX, delta("tx_frames", "conns_created")),
     Row("ethernet padding after total length is kept", v(c2s() + PAD), CLIENT_PORT,
         v(c2s_out() + PAD), TX, delta("tx_frames", "conns_created")),
     Row("udp with ethernet padding", v(udp(payload=b"q") + PAD), CLIENT_PORT,
-        v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=b"q") + PAD), TX,
+        v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=b"q") + PAD), TX,
         delta("tx_frames", "conns_created")),
     Row("ip options are forwarded unchanged and counted",
         v(c2s(options=[IPOption(b"\x01\x01\x01\x00")])), CLIENT_PORT,
@@ -149,11 +149,11 @@ ROWS = [
         v(c2s_out(payload=b"x" * 33), flags=0, csum_start=34, csum_offset=16), TX,
         delta("tx_frames", "conns_created", "csum_partial_fixed")),
     Row("partial udp checksum is completed", partial_vnet(udp(payload=b"odd")), CLIENT_PORT,
-        v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=b"odd"), csum_start=34,
+        v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=b"odd"), csum_start=34,
           csum_offset=6), TX, delta("tx_frames", "conns_created", "csum_partial_fixed")),
     Row("partial udp checksum computing to 0 is sent as 0xffff",
         partial_vnet(udp(payload=FFFF_PAYLOAD)), CLIENT_PORT,
-        v(udp(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=FFFF_PAYLOAD, chksum=0xFFFF),
+        v(udp_out(dst=RIP, dport=5353, smac=SMAC, dmac=RMAC, payload=FFFF_PAYLOAD, chksum=0xFFFF),
           csum_start=34, csum_offset=6), TX,
         delta("tx_frames", "conns_created", "csum_partial_fixed")),
     Row("partial checksum of a reply from a local real server",
@@ -199,7 +199,7 @@ ROWS = [
         delta("pass_not_ours")),
     Row("dest not resolved: dropped after the conn is made", v(c2s(dport=81)), CLIENT_PORT,
         None, DROP, delta("drop_unresolved", "conns_created")),
-    Row("dest with DR forwarding: not in this engine", v(c2s(dport=82)), CLIENT_PORT, None, DROP,
+    Row("dest with Tun forwarding: not forwarded yet", v(c2s(dport=88)), CLIENT_PORT, None, DROP,
         delta("drop_fwd_method", "conns_created")),
     Row("scheduler finds no dest: icmp port unreachable from the vip", v(c2s(dport=83)),
         CLIENT_PORT, None, DROP, delta("drop_no_dest", "icmp_unreach_sent", "emit_frames"),
@@ -335,16 +335,18 @@ from pylvs import sched as _sched  # noqa: E402
 
 RIP2, RIP3 = "192.168.1.3", "192.168.1.4"
 RESOLVED = tables.DEST_F_USED | tables.DEST_F_RESOLVED
-MASQ, ROUTE = tables.FWD_MASQ, tables.FWD_ROUTE
+MASQ, ROUTE, TUNNEL = tables.FWD_MASQ, tables.FWD_ROUTE, tables.FWD_TUNNEL
 DIFF_SERVICES = {
     0: (6, VIP, 80),      # wlc over dests 0-2
     1: (17, VIP, 53),     # rr over dests 3-4
     2: (6, VIP2, 443),    # wrr, weights 3, 1, 0
     3: (6, VIP, 81),      # an unresolved dest
-    4: (6, VIP, 82),      # a DR dest
+    4: (6, VIP, 82),      # a Tun dest (drop_fwd_method)
     5: (6, VIP, 84),      # the scheduler raises
     6: (17, VIP2, 53),    # lc; its dest is dest 3's RIP:port (conflicts)
     7: (6, VIP2, 80),     # rr; its dest is dest 0's RIP:port (conflicts)
+    8: (6, VIP, 85),      # wrr: DR, NAT and Tun dests side by side
+    9: (17, VIP, 82),     # rr over a DR dest and a NAT dest
 }
 DIFF_DESTS = {
     0: (0, RIP, 8080, MASQ, RESOLVED, 1),
@@ -356,15 +358,21 @@ DIFF_DESTS = {
     6: (2, RIP2, 443, MASQ, RESOLVED, 1),
     7: (2, RIP3, 443, MASQ, RESOLVED, 0),
     8: (3, RIP2, 81, MASQ, tables.DEST_F_USED, 1),
-    9: (4, RIP2, 82, ROUTE, RESOLVED, 1),
+    9: (4, RIP2, 82, TUNNEL, RESOLVED, 1),
     10: (6, RIP, 5353, MASQ, RESOLVED, 1),
     11: (7, RIP, 8080, MASQ, RESOLVED, 1),
+    12: (8, RIP2, 85, ROUTE, RESOLVED, 3),
+    13: (8, RIP3, 8085, MASQ, RESOLVED, 2),
+    14: (8, RIP, 85, TUNNEL, RESOLVED, 1),
+    15: (9, RIP2, 82, ROUTE, RESOLVED, 1),
+    16: (9, RIP3, 82, ROUTE, RESOLVED | tables.DEST_F_NO_ROUTE, 1),
 }
-DIFF_SCHED = {0: "wlc", 1: "rr", 2: "wrr", 3: "rr", 4: "rr", 6: "lc", 7: "rr"}
+DIFF_SCHED = {0: "wlc", 1: "rr", 2: "wrr", 3: "rr", 4: "rr", 6: "lc", 7: "rr", 8: "wrr", 9: "rr"}
 CLIENTS = ["10.0.0.2", "10.0.0.3", "10.0.0.4", "172.16.5.5", "203.0.113.9"]
 TARGETS = [(6, VIP, 80)] * 4 + [(17, VIP, 53)] * 2 + [(6, VIP2, 443)] * 2 + [
     (6, VIP, 81), (6, VIP, 82), (6, VIP, 84), (17, VIP2, 53), (17, VIP2, 53), (6, VIP2, 80), (6, VIP2, 80),
-    (6, VIP, 8888), (17, VIP, 9)]
+    (6, VIP, 8888), (17, VIP, 9), (6, VIP, 85), (17, VIP, 82)]
+TTLS = [64] * 12 + [0, 1, 2]
 FOREIGN = [
     v(raw(Ether(src=CMAC, dst="ff:ff:ff:ff:ff:ff") / ARP(pdst=VIP))),
     v(raw(Ether(src=CMAC, dst=LMAC) / IP(src=CIP, dst=VIP) / ICMP())),
@@ -418,13 +426,13 @@ def _random_item(rng, conns):
             proto, vaddr, vport = rng.choice(TARGETS)
             caddr = rng.choice(CLIENTS)
             frame = random_frame(rng, proto, caddr, vaddr, rng.randrange(1000, 1006), vport,
-                                 _client_mac(caddr), LMAC)
+                                 _client_mac(caddr), LMAC, ttl=rng.choice(TTLS))
             port = rng.choice([CLIENT_PORT, 2])
         else:
             c = rng.choice(conns)
             proto, caddr, cport, _, _, daddr, dport = c[:7]
             frame = random_frame(rng, proto, ipaddress_str(daddr), ipaddress_str(caddr),
-                                 dport, cport, RMAC, SMAC)
+                                 dport, cport, RMAC, SMAC, ttl=rng.choice(TTLS))
             port = RS_PORT
         if r > 0.8:
             frame = mangle(rng, frame)
@@ -490,7 +498,7 @@ def test_random_traffic_same_in_both_engines(seed, hand):
             budget = capacity if hand == "sweep" else rng.randrange(1, capacity // 2)
             assert ref.engine.expire(now, budget) == fast.engine.expire(now, budget), where
         if rng.random() < 0.03:
-            slot = rng.choice([1, 3, 5])
+            slot = rng.choice([1, 3, 5, 12])
             for impl, env in (("python", ref), ("c", fast)):
                 env.engine.set_tables(*controls[impl].toggle(slot))
         if rng.random() < 0.03:
@@ -500,14 +508,18 @@ def test_random_traffic_same_in_both_engines(seed, hand):
         assert ref.engine.conns() == fast.engine.conns(), where  # slot order too
         assert ref.engine.conn_count == fast.engine.conn_count == len(ref.engine.conns()), where
         assert ref.engine.memory == fast.engine.memory, where
+        fast.engine._check()  # the index holds exactly the keys of the conns (OUT: NAT only)
         cr, cf = _counters_of(ref), _counters_of(fast)
         for k in cr:
             assert cr[k] == cf[k], f"{where}: {k} differ"
     # The run must have reached the interesting places.
     st = ref.counters.named()
+    dr_in = ref.counters.dest_stats[[12, 15], tables.STAT_INPKTS]
+    assert dr_in.min() > 0, "a DR dest saw no packet"
     for name in ("conns_created", "conns_expired", "tx_frames", "drop_no_conn", "conns_evicted",
                  "csum_partial_fixed", "gso_frames", "ip_options", "drop_conflict",
-                 "sched_errors", "drop_unresolved", "drop_fwd_method"):
+                 "sched_errors", "drop_unresolved", "drop_fwd_method", "drop_ttl",
+                 "icmp_time_exceeded_sent", "drop_no_route"):
         assert st[name] > 0, f"{name} never happened"
 
 

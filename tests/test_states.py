@@ -249,13 +249,13 @@ def test_unresolved_dest_still_moves_state(env):
 
 
 def test_fwd_method_drop_leaves_new_conn_untouched(env):
-    # A DR dest: the conn is made (state NONE, expires now + timeouts[NONE])
-    # but the frame is dropped before the state update.
-    env.send(v(tcp(dport=82)), CLIENT_PORT, 0.0)
+    # A Tun dest (not forwarded yet): the conn is made (state NONE, expires
+    # now + timeouts[NONE]) but the frame is dropped before the state update.
+    env.send(v(tcp(dport=88)), CLIENT_PORT, 0.0)
     c = env.conn()
-    assert c[7] == NONE and c[8] == 2.0 and c[9] == tables.FWD_ROUTE
-    assert env.counters.dest_stats[3, tables.STAT_INPKTS] == 0
-    assert counts(env, 3) == [0, 1]
+    assert c[7] == NONE and c[8] == 2.0 and c[9] == tables.FWD_TUNNEL
+    assert env.counters.dest_stats[13, tables.STAT_INPKTS] == 0
+    assert counts(env, 13) == [0, 1]
 
 
 def test_traffic_counters(env):

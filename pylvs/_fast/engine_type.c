@@ -388,11 +388,13 @@ static PyObject *engine_set_tables(PylvsEngine *self, PyObject *args)
         offsetof(svc_row, vaddr), offsetof(svc_row, vport), offsetof(svc_row, proto),
         offsetof(svc_row, flags)};
     static const char *const dest_fields[] = {"daddr", "dport", "svc", "weight", "fwd",
-                                              "flags", "out_port", "dmac", "smac", NULL};
+                                              "flags", "out_port", "dmac", "smac",
+                                              "tun_type", "tun_flags", "tun_port", NULL};
     static const Py_ssize_t dest_offsets[] = {
         offsetof(dest_row, daddr), offsetof(dest_row, dport), offsetof(dest_row, svc),
         offsetof(dest_row, weight), offsetof(dest_row, fwd), offsetof(dest_row, flags),
-        offsetof(dest_row, out_port), offsetof(dest_row, dmac), offsetof(dest_row, smac)};
+        offsetof(dest_row, out_port), offsetof(dest_row, dmac), offsetof(dest_row, smac),
+        offsetof(dest_row, tun_type), offsetof(dest_row, tun_flags), offsetof(dest_row, tun_port)};
     PyObject *services, *dests;
     if (!PyArg_ParseTuple(args, "OO:set_tables", &services, &dests))
         return NULL;

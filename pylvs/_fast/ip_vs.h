@@ -4,6 +4,7 @@
  *   ip_vs_conn.c      the conn table: slab, index, removal, expiry
  *   ip_vs_core.c      the per-frame pipeline and the miss path
  *   ip_vs_xmit_nat.h  the NAT rewrite and checksum fix-up (inlined)
+ *   ip_vs_xmit_dr.h   the DR (route) rewrite: MACs and TTL only (inlined)
  *   engine_type.c     the Python type around them
  *
  * engine.h stays the interface for the rest of the extension (afpacket.c);
@@ -26,7 +27,11 @@
 #define SVC_F_USED 1
 #define DEST_F_USED 1
 #define DEST_F_RESOLVED 2
+#define DEST_F_NO_ROUTE 4
 #define FWD_MASQ 0
+#define FWD_LOCAL 1
+#define FWD_TUNNEL 2
+#define FWD_ROUTE 3
 #define PROTO_ICMP 1
 #define PROTO_TCP 6
 #define PROTO_UDP 17
@@ -43,6 +48,7 @@
 #define S_CLOSE 6
 #define DIR_INPUT 0
 #define DIR_OUTPUT 1
+#define DIR_INPUT_ONLY 2
 #define EV_SYN 0
 #define EV_FIN 1
 #define EV_ACK 2
@@ -69,6 +75,8 @@
 #define ICMP_DEST_UNREACH 3
 #define ICMP_PORT_UNREACH 3
 #define ICMP_FRAG_NEEDED 4
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_EXC_TTL 0
 
 /* SERVICE_DTYPE (align=True) */
 typedef struct {
@@ -89,10 +97,20 @@ typedef struct {
     uint16_t out_port;
     uint8_t dmac[6];
     uint8_t smac[6];
+    uint8_t tun_type;
+    uint8_t tun_flags;
+    uint16_t tun_port;
 } dest_row;
 
 _Static_assert(sizeof(svc_row) == 8, "SERVICE_DTYPE is 8 bytes");
-_Static_assert(sizeof(dest_row) == 28, "DEST_DTYPE is 28 bytes");
+_Static_assert(sizeof(dest_row) == 32, "DEST_DTYPE is 32 bytes");
+
+/* How a conn's packets leave, bound once when the conn is made from its
+ * dest's fwd (the kernel's ip_vs_bind_xmit); frames switch on it and never
+ * look at the dest to decide again. */
+#define XMIT_NAT 0  /* FWD_MASQ: rewritten both ways; the only kind with an OUT key */
+#define XMIT_DR 1   /* FWD_ROUTE: MACs and TTL only */
+#define XMIT_NONE 2 /* not supported yet (FWD_TUNNEL, FWD_LOCAL): drop_fwd_method */
 
 /* --- conns and the index -------------------------------------------------- */
 
@@ -111,7 +129,11 @@ struct conn {
     uint8_t cmac[6];
     uint8_t lmac[6];
     uint8_t replied; /* an OUTPUT-direction packet was seen (the kernel's !NOOUTPUT) */
+    uint8_t xmit;    /* XMIT_*, bound at creation */
+    uint8_t in_dir;  /* the state table of client packets: DIR_INPUT for NAT, else
+                      * DIR_INPUT_ONLY (the kernel's IP_VS_CONN_F_NOOUTPUT conns) */
 } __attribute__((aligned(64)));
+_Static_assert(sizeof(struct conn) == 64, "a conn is one cache line");
 
 /* The free list threads through free slots in their `dest` field. */
 #define NO_SLOT UINT32_MAX
@@ -149,7 +171,7 @@ struct rate_bucket {
  * usable in units of SLAB_UNIT bytes (one huge page) as slots come into use;
  * a table smaller than a unit is made usable whole, rounded to SLAB_PAGE.
  * The index starts at INDEX_MIN buckets and doubles while 4 x conns would
- * exceed it (two keys per conn, load <= 1/2). docs/engine.md, Conn table. */
+ * exceed it (at most two keys per conn, load <= 1/2). docs/engine.md, Conn table. */
 #define SLAB_UNIT (2u << 20)
 #define SLAB_PAGE 4096u
 #define INDEX_MIN 16u
@@ -228,6 +250,13 @@ HOT uint64_t key_hash(const PylvsEngine *e, uint8_t proto, uint32_t a1,
     return pylvs_siphash13_2w(e->k0, e->k1, m0, m1);
 }
 
+/* Only NAT conns are indexed under their OUT key: the replies of the others
+ * never pass the director (the kernel hashes only NAT dests for replies). */
+static inline int conn_has_out_key(const struct conn *c)
+{
+    return c->xmit == XMIT_NAT;
+}
+
 static inline uint64_t conn_key_hash(const PylvsEngine *e, const struct conn *c, int dir)
 {
     if (dir == KEY_IN)
@@ -288,6 +317,35 @@ HOT int tcp_event(uint8_t flags)
     if (flags & TH_ACK)
         return EV_ACK;
     return -1;
+}
+
+/* --- shared by the transmitters ------------------------------------------ */
+
+/* TTL - 1 with the header checksum updated (RFC 1624), as every forwarded
+ * packet (kernel ip_decrease_ttl); the caller has checked TTL > 1. */
+HOT void ip_decrease_ttl(uint8_t *ip)
+{
+    uint16_t old = pylvs_rd16(ip + 8);
+    ip[8]--;
+    pylvs_wr16(ip + 10, pylvs_csum_update(pylvs_rd16(ip + 10), pylvs_delta16(old, pylvs_rd16(ip + 8))));
+}
+
+/* A partial L4 checksum without GSO (TP_STATUS_CSUMNOTREADY) completed
+ * over pseudo header and segment; the vnet flags cleared. */
+HOT void csum_complete(PylvsEngine *e, uint8_t *frame, const uint8_t *ip, uint8_t *l4,
+                       uint32_t l4len, uint8_t proto)
+{
+    uint8_t *field = l4 + (proto == PROTO_TCP ? 16 : 6);
+    pylvs_wr16(field, 0);
+    uint64_t s = (uint64_t)pylvs_csum_bytes(l4, l4len) + (pylvs_rd32(ip + 12) >> 16) +
+                 (pylvs_rd32(ip + 12) & 0xffff) + (pylvs_rd32(ip + 16) >> 16) +
+                 (pylvs_rd32(ip + 16) & 0xffff) + proto + l4len;
+    uint16_t c = (uint16_t)~pylvs_fold(s);
+    if (c == 0 && proto == PROTO_UDP)
+        c = 0xffff;
+    pylvs_wr16(field, c);
+    frame[0] = 0;
+    e->stats[ST_CSUM_PARTIAL_FIXED]++;
 }
 
 /* --- ip_vs_conn.c -------------------------------------------------------- */

@@ -1,8 +1,8 @@
 /* The conn table (the kernel's ip_vs_conn.c): one slab of conns and one
  * open-addressing index over it (linear probing, backward-shift deletion,
- * keyed SipHash-1-3). Each conn sits in the index twice: under its IN key
- * (client -> VIP) and its OUT key (real server -> client), so one probe
- * classifies a frame's direction. Lookups are inline in ip_vs.h.
+ * keyed SipHash-1-3). Each conn sits in the index under its IN key (client
+ * -> VIP) and, for NAT conns only, its OUT key (real server -> client), so
+ * one probe classifies a frame's direction. Lookups are inline in ip_vs.h.
  */
 #include "ip_vs.h"
 
@@ -260,7 +260,8 @@ void conn_remove(PylvsEngine *e, uint32_t slot, int stat)
 {
     struct conn *c = &e->conns[slot];
     index_delete(e, conn_key_hash(e, c, KEY_IN), (slot << 1 | KEY_IN) + 1);
-    index_delete(e, conn_key_hash(e, c, KEY_OUT), (slot << 1 | KEY_OUT) + 1);
+    if (conn_has_out_key(c))
+        index_delete(e, conn_key_hash(e, c, KEY_OUT), (slot << 1 | KEY_OUT) + 1);
     if (c->dest < e->max_dests)
         e->dest_conns[c->dest][c->state == S_ESTABLISHED ? C_ACTIVE : C_INACTIVE] -= 1;
     c->used = 0;
@@ -294,7 +295,8 @@ long pylvs_engine_expire(PylvsEngine *e, double now, long budget)
     return expired;
 }
 
-/* For tests (Engine._check): every used slot indexed under both keys and
+/* For tests (Engine._check): every used slot indexed under its keys (IN, and
+ * OUT for NAT conns) and
  * found by a lookup, nothing else indexed, no entry cut off from its home
  * bucket by an empty one, the free list exactly the unused slots below
  * high, and the load of the index at most 1/2. */
@@ -320,12 +322,15 @@ int conn_table_check(PylvsEngine *self)
         }
     }
     uint32_t used = 0;
+    uint64_t keys = 0;
     for (uint32_t slot = 0; slot < self->high; slot++) {
         const struct conn *c = &self->conns[slot];
         if (!c->used)
             continue;
         used++;
-        for (int dir = KEY_IN; dir <= KEY_OUT; dir++) {
+        int last = conn_has_out_key(c) ? KEY_OUT : KEY_IN;
+        keys += (uint64_t)last + 1;
+        for (int dir = KEY_IN; dir <= last; dir++) {
             uint64_t h = conn_key_hash(self, c, dir);
             struct bucket *b =
                 dir == KEY_IN
@@ -347,7 +352,7 @@ int conn_table_check(PylvsEngine *self)
             return -1;
         }
     }
-    if (used != self->conn_count || entries != 2 * (uint64_t)used ||
+    if (used != self->conn_count || entries != keys ||
         nfree != self->high - used || 4 * (uint64_t)used > (uint64_t)self->mask + 1) {
         PyErr_Format(PyExc_AssertionError,
                      "%u conns used, conn_count %u, %llu index entries in %u buckets, "

@@ -1,11 +1,13 @@
 /* The per-frame pipeline (the kernel's ip_vs_core.c): parse and check a
  * frame, find its conn (or make one on the miss path, which calls the Python
- * scheduler), update the TCP state, NAT-rewrite, give the verdict. See
+ * scheduler), update the TCP state, hand it to the conn's transmitter (NAT
+ * or DR, bound when the conn was made), give the verdict. See
  * docs/engine.md "Per frame". The established path is one function with
  * everything it calls inlined (HOT); the miss path is out of line.
  */
 #include "ip_vs.h"
 
+#include "ip_vs_xmit_dr.h"
 #include "ip_vs_xmit_nat.h"
 
 /* --- the frame path ------------------------------------------------------- */
@@ -194,17 +196,22 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     if (!(dest->flags & DEST_F_USED) || dest->svc != (uint16_t)s)
         return refuse(e, verdict, why, ST_DROP_NO_DEST, PYLVS_V_DROP);
 
-    uint64_t hout = key_hash(e, proto, dest->daddr, dest->dport, saddr, sport);
-    struct bucket *ob = index_find(e, hout, proto, dest->daddr, dest->dport, saddr, sport);
-    if (ob != NULL) {
-        uint32_t r = ob->ref - 1;
-        if (e->conns[r >> 1].expires > now)
+    /* ip_vs_bind_xmit: the transmitter is chosen here, once. */
+    uint8_t xmit = dest->fwd == FWD_MASQ ? XMIT_NAT : dest->fwd == FWD_ROUTE ? XMIT_DR : XMIT_NONE;
+    uint64_t hout = 0;
+    if (xmit == XMIT_NAT) {
+        hout = key_hash(e, proto, dest->daddr, dest->dport, saddr, sport);
+        struct bucket *ob = index_find(e, hout, proto, dest->daddr, dest->dport, saddr, sport);
+        if (ob != NULL) {
+            uint32_t r = ob->ref - 1;
+            if (e->conns[r >> 1].expires > now)
+                return refuse(e, verdict, why, ST_DROP_CONFLICT, PYLVS_V_DROP);
+            conn_remove(e, r >> 1, ST_CONNS_EXPIRED); /* a dead holder does not block the key */
+        }
+        /* IN key == OUT key: client, VIP and real server are one address:port */
+        if (dest->daddr == saddr && dest->dport == sport && saddr == daddr && sport == dport)
             return refuse(e, verdict, why, ST_DROP_CONFLICT, PYLVS_V_DROP);
-        conn_remove(e, r >> 1, ST_CONNS_EXPIRED); /* a dead holder does not block the key */
     }
-    /* IN key == OUT key: client, VIP and real server are one address:port */
-    if (dest->daddr == saddr && dest->dport == sport && saddr == daddr && sport == dport)
-        return refuse(e, verdict, why, ST_DROP_CONFLICT, PYLVS_V_DROP);
     uint32_t slot = conn_alloc(e, victim, now);
     if (slot == NO_SLOT) /* out of memory */
         return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
@@ -225,9 +232,14 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     memcpy(c->cmac, eth + 6, 6);
     memcpy(c->lmac, eth, 6);
     c->replied = 0;
+    c->xmit = xmit;
+    /* Replies of DR/Tun conns bypass the director: the kernel marks them
+     * IP_VS_CONN_F_NOOUTPUT, and their client packets use INPUT_ONLY. */
+    c->in_dir = xmit == XMIT_NAT ? DIR_INPUT : DIR_INPUT_ONLY;
     c->used = 1;
     index_insert(e, h, slot, KEY_IN);
-    index_insert(e, hout, slot, KEY_OUT);
+    if (xmit == XMIT_NAT)
+        index_insert(e, hout, slot, KEY_OUT);
     e->conn_count++;
     e->stats[ST_CONNS_CREATED]++;
     e->dest_conns[d][C_INACTIVE] += 1;
@@ -358,14 +370,15 @@ send_rst(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_
     }
 }
 
-/* An ICMP dest unreachable (code) about the frame's packet, back out of its
- * port from `saddr`; frag-needed is never rate-limited (icmpv4_mask_allow). */
+/* An ICMP error (type, code) about the frame's packet, back out of its port
+ * from `saddr`; frag-needed is never rate-limited (icmpv4_mask_allow). */
 static __attribute__((noinline)) void
-send_unreach(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
-             uint32_t tot, uint16_t in_port, double now, uint8_t code, uint32_t info,
-             uint32_t saddr)
+send_icmp(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
+          uint32_t tot, uint16_t in_port, double now, uint8_t type, uint8_t code, uint32_t info,
+          uint32_t saddr)
 {
-    if (code != ICMP_FRAG_NEEDED &&
+    int frag_needed = type == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED;
+    if (!frag_needed &&
         !(rate_allow(&e->icmp_rl, now, e->sysctl[SYS_ICMP_MSGS_PER_SEC],
                      e->sysctl[SYS_ICMP_MSGS_BURST]) &&
           peer_allow(e, pylvs_rd32(ip + 12), now))) {
@@ -377,12 +390,54 @@ send_unreach(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const ui
         e->stats[ST_EMIT_OVERFLOW]++;
         return;
     }
-    if (pylvs_icmp_error(em, in_port, eth, ip, tot, ICMP_DEST_UNREACH, code, info, saddr,
-                         e->ip_id)) {
+    if (pylvs_icmp_error(em, in_port, eth, ip, tot, type, code, info, saddr, e->ip_id)) {
         e->ip_id++;
         e->stats[ST_EMIT_FRAMES]++;
-        e->stats[code == ICMP_FRAG_NEEDED ? ST_ICMP_FRAG_NEEDED_SENT : ST_ICMP_UNREACH_SENT]++;
+        e->stats[type == ICMP_TIME_EXCEEDED ? ST_ICMP_TIME_EXCEEDED_SENT
+                 : frag_needed              ? ST_ICMP_FRAG_NEEDED_SENT
+                                            : ST_ICMP_UNREACH_SENT]++;
     }
+}
+
+/* A frame to forward with TTL <= 1 (kernel ip_forward, IPVS decrement_ttl):
+ * drop_ttl, answered with ICMP time exceeded from `saddr` unless `answer`
+ * is 0 (an ICMP error is never answered with one). */
+static __attribute__((noinline)) int
+ttl_exceeded(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
+             uint32_t tot, uint16_t in_port, double now, uint32_t saddr, int answer)
+{
+    if (answer)
+        send_icmp(e, em, eth, ip, tot, in_port, now, ICMP_TIME_EXCEEDED, ICMP_EXC_TTL, 0, saddr);
+    return ST_DROP_TTL;
+}
+
+/* Why a client-side frame of a conn cannot leave toward its dest, in the
+ * kernel's order (the route, the TTL, the neighbour); called only when one
+ * of them fails. */
+static __attribute__((noinline)) int
+xmit_refusal(PylvsEngine *e, struct pylvs_emit *em, const dest_row *dest, const uint8_t *eth,
+             const uint8_t *ip, uint32_t tot, uint16_t in_port, double now, uint32_t saddr,
+             int answer)
+{
+    if (dest->flags & DEST_F_NO_ROUTE)
+        return ST_DROP_NO_ROUTE;
+    if (ip[8] <= 1)
+        return ttl_exceeded(e, em, eth, ip, tot, in_port, now, saddr, answer);
+    return ST_DROP_UNRESOLVED;
+}
+
+/* The fast test before xmit_refusal. */
+HOT int xmit_ok(const dest_row *dest, const uint8_t *ip)
+{
+    return (dest->flags & (DEST_F_RESOLVED | DEST_F_NO_ROUTE)) == DEST_F_RESOLVED && ip[8] > 1;
+}
+
+/* The source of an ICMP error about a reply (step 11): the in port's
+ * address, or the VIP when it has none. */
+static uint32_t reply_icmp_saddr(const PylvsEngine *e, const struct conn *c, uint16_t in_port)
+{
+    const port_row *inp = pylvs_port(&e->net, in_port);
+    return inp != NULL && inp->addr ? inp->addr : c->vaddr;
 }
 
 /* A frame step 7 refuses: dropped with the refusal's counter if it is ours
@@ -422,7 +477,8 @@ mtu_slow(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *frame, const uint
     uint8_t gso_kind = frame[1] & 0x7f;
     if ((pylvs_rd16(ip + 6) & IP_DF) ||
         (gso && (gso_kind == VNET_GSO_TCPV4 || gso_kind == VNET_GSO_TCPV6))) {
-        send_unreach(e, em, eth, ip, tot, in_port, now, ICMP_FRAG_NEEDED, mtu, icmp_saddr);
+        send_icmp(e, em, eth, ip, tot, in_port, now, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu,
+                  icmp_saddr);
         return ST_DROP_FRAG_NEEDED;
     }
     if (gso)
@@ -458,8 +514,10 @@ fragment_out(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const ui
     return finish(e, ST_TX_FRAGMENTED, PYLVS_V_EMIT);
 }
 
-/* The ICMP path (docs/engine.md): an ICMP error about a NAT conn goes where
- * the conn's packets go, translated (ip_vs_in_icmp / ip_vs_out_icmp). */
+/* The ICMP path (docs/engine.md): an ICMP error about a conn goes where the
+ * conn's packets go (ip_vs_in_icmp / ip_vs_out_icmp): translated for NAT,
+ * as it is for DR (ip_vs_icmp_xmit hands it to the conn's transmitter).
+ * Like any forwarded packet its TTL drops by one; it is never answered. */
 static __attribute__((noinline)) int
 icmp_frame(PylvsEngine *e, uint8_t *eth, uint8_t *ip, uint32_t ihl, uint32_t tot,
            uint16_t in_port, double now, uint16_t *out_port)
@@ -478,7 +536,7 @@ icmp_frame(PylvsEngine *e, uint8_t *eth, uint8_t *ip, uint32_t ihl, uint32_t tot
         conn_remove(e, r >> 1, ST_CONNS_EXPIRED);
         return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
     }
-    if (c->fwd != FWD_MASQ)
+    if (c->xmit == XMIT_NONE)
         return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
     int refusal = pylvs_refusal(&e->net, eth, ip, ihl, in_port);
     if (refusal < 0) /* the kernel's route input refuses the error's own source first */
@@ -493,9 +551,15 @@ icmp_frame(PylvsEngine *e, uint8_t *eth, uint8_t *ip, uint32_t ihl, uint32_t tot
         const dest_row *dest = &e->dests[d];
         if (!(dest->flags & DEST_F_USED) || dest->svc != c->svc)
             return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
-        if (!(dest->flags & DEST_F_RESOLVED))
-            return finish(e, ST_DROP_UNRESOLVED, PYLVS_V_DROP);
-        pylvs_nat_icmp(ip, tot, 0, c->daddr, c->dport);
+        if (!xmit_ok(dest, ip))
+            return finish(e, xmit_refusal(e, NULL, dest, eth, ip, tot, in_port, now, 0, 0),
+                          PYLVS_V_DROP);
+        if (c->xmit == XMIT_NAT) {
+            ip[8]--; /* pylvs_nat_icmp sums the outer header afresh */
+            pylvs_nat_icmp(ip, tot, 0, c->daddr, c->dport);
+        } else {
+            ip_decrease_ttl(ip);
+        }
         memcpy(eth, dest->dmac, 6);
         memcpy(eth + 6, dest->smac, 6);
         *out_port = dest->out_port;
@@ -504,7 +568,11 @@ icmp_frame(PylvsEngine *e, uint8_t *eth, uint8_t *ip, uint32_t ihl, uint32_t tot
         e->dest_stats[d][T_INPKTS] += 1;
         e->dest_stats[d][T_INBYTES] += tot;
     } else {
-        /* From the real server's side, about a packet from the client. */
+        /* From the real server's side, about a packet from the client (NAT
+         * only: no other conn has an OUT key). */
+        if (ip[8] <= 1)
+            return finish(e, ST_DROP_TTL, PYLVS_V_DROP);
+        ip[8]--;
         pylvs_nat_icmp(ip, tot, 1, c->vaddr, c->vport);
         memcpy(eth, c->cmac, 6);
         memcpy(eth + 6, c->lmac, 6);
@@ -622,7 +690,8 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
                      &why);
         if (c == NULL) {
             if (why == ST_DROP_NO_DEST) /* ip_vs_leave: refused at once */
-                send_unreach(e, em, eth, ip, tot, in_port, now, ICMP_PORT_UNREACH, 0, daddr);
+                send_icmp(e, em, eth, ip, tot, in_port, now, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH,
+                          0, daddr);
             return verdict;
         }
         dir = KEY_IN;
@@ -635,20 +704,31 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
         const dest_row *dest = &e->dests[d];
         if (!(dest->flags & DEST_F_USED) || dest->svc != c->svc)
             return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
-        if (c->fwd != FWD_MASQ)
+        if (__builtin_expect(c->xmit == XMIT_NONE, 0))
             return finish(e, ST_DROP_FWD_METHOD, PYLVS_V_DROP);
-        conn_set_state(e, c, DIR_INPUT, tcpflags, now);
+        conn_set_state(e, c, c->in_dir, tcpflags, now);
         e->svc_stats[c->svc][T_INPKTS] += 1;
         e->svc_stats[c->svc][T_INBYTES] += tot;
         e->dest_stats[d][T_INPKTS] += 1;
         e->dest_stats[d][T_INBYTES] += tot;
-        if (!(dest->flags & DEST_F_RESOLVED))
-            return finish(e, ST_DROP_UNRESOLVED, PYLVS_V_DROP);
+        if (__builtin_expect(!xmit_ok(dest, ip), 0))
+            return finish(e, xmit_refusal(e, em, dest, eth, ip, tot, in_port, now, daddr, 1),
+                          PYLVS_V_DROP);
+        /* IPVS decrements before its MTU check (__ip_vs_get_out_rt): a
+         * frag-needed quotes the packet one hop older. A refused frame is
+         * given back as it came. */
+        uint32_t ttl_word = pylvs_rd32(ip + 8);
+        ip_decrease_ttl(ip);
         int mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, dest->out_port, in_port,
                             daddr, now);
-        if (__builtin_expect(mtu >= 0, 0))
+        if (__builtin_expect(mtu >= 0, 0)) {
+            pylvs_wr32(ip + 8, ttl_word);
             return finish(e, mtu, PYLVS_V_DROP);
-        *out_port = nat_xmit_in(e, c, dest, frame, eth, ip, l4, l4len, proto, daddr, dport);
+        }
+        if (c->xmit == XMIT_NAT)
+            *out_port = nat_xmit_in(e, c, dest, frame, eth, ip, l4, l4len, proto, daddr, dport);
+        else
+            *out_port = dr_xmit(e, dest, frame, eth, ip, l4, l4len, proto);
         if (__builtin_expect(mtu == MTU_FRAGMENT, 0))
             return fragment_out(e, em, eth, ip, tot, *out_port);
     } else {
@@ -657,15 +737,18 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
         e->svc_stats[c->svc][T_OUTBYTES] += tot;
         e->dest_stats[c->dest][T_OUTPKTS] += 1;
         e->dest_stats[c->dest][T_OUTBYTES] += tot;
+        if (__builtin_expect(ip[8] <= 1, 0))
+            return finish(e, ttl_exceeded(e, em, eth, ip, tot, in_port, now,
+                                          reply_icmp_saddr(e, c, in_port), 1), PYLVS_V_DROP);
         int mtu = MTU_FITS;
         if (pylvs_port(&e->net, c->in_port) != NULL) {
-            const port_row *inp = pylvs_port(&e->net, in_port);
-            uint32_t src = inp != NULL && inp->addr ? inp->addr : c->vaddr;
-            mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, c->in_port, in_port, src,
-                            now);
+            mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, c->in_port, in_port,
+                            reply_icmp_saddr(e, c, in_port), now);
             if (__builtin_expect(mtu >= 0, 0))
                 return finish(e, mtu, PYLVS_V_DROP);
         }
+        /* ip_forward: frag-needed above quoted the packet as it came. */
+        ip_decrease_ttl(ip);
         *out_port = nat_xmit_out(e, c, frame, eth, ip, l4, l4len, proto, saddr, sport);
         if (__builtin_expect(mtu == MTU_FRAGMENT, 0))
             return fragment_out(e, em, eth, ip, tot, *out_port);

@@ -24,16 +24,7 @@ HOT void fix_csums(PylvsEngine *e, uint8_t *frame, uint8_t *ip, uint8_t *l4,
             pylvs_wr16(field, pylvs_fold((uint64_t)pylvs_rd16(field) + daddr_delta));
             e->stats[ST_GSO_FRAMES]++;
         } else {
-            pylvs_wr16(field, 0);
-            uint64_t s = (uint64_t)pylvs_csum_bytes(l4, l4len) + (pylvs_rd32(ip + 12) >> 16) +
-                         (pylvs_rd32(ip + 12) & 0xffff) + (pylvs_rd32(ip + 16) >> 16) +
-                         (pylvs_rd32(ip + 16) & 0xffff) + proto + l4len;
-            uint16_t c = (uint16_t)~pylvs_fold(s);
-            if (c == 0 && proto == PROTO_UDP)
-                c = 0xffff;
-            pylvs_wr16(field, c);
-            frame[0] = 0;
-            e->stats[ST_CSUM_PARTIAL_FIXED]++;
+            csum_complete(e, frame, ip, l4, l4len, proto);
         }
         return;
     }

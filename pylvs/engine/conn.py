@@ -53,7 +53,10 @@ def _round_up(n: int, unit: int) -> int:
 class Conn:
     __slots__ = ("proto", "caddr", "cport", "vaddr", "vport", "daddr", "dport",
                  "state", "expires", "fwd", "dest", "svc", "cmac", "lmac",
-                 "in_port", "slot", "in_key", "out_key", "replied")
+                 "in_port", "slot", "in_key", "out_key", "replied", "xmit", "in_dir")
+    # xmit: the reference engine's XMIT_* kind, bound at creation (ip_vs_bind_xmit);
+    # in_dir: the state table of client packets (INPUT for NAT, else INPUT_ONLY);
+    # out_key: None for all but NAT conns (only their replies pass the director).
 
 
 def evict_class(c: Conn, now: float) -> int:
@@ -75,7 +78,8 @@ class ConnTable:
 
     ``index`` maps a key (proto, addr, port, addr, port) to (conn, direction)
     with direction states.INPUT for the IN key (client -> VIP) and
-    states.OUTPUT for the OUT key (real server -> client). Removals bump a
+    states.OUTPUT for the OUT key (real server -> client), which only NAT
+    conns have (``out_key`` None otherwise). Removals bump a
     counter in ``pend`` (the engine's pending global counters) and the dest's
     ACTIVE or INACTIVE count in ``counters.dest_conns``.
     """
@@ -123,7 +127,8 @@ class ConnTable:
 
     def remove(self, c: Conn, stat: int) -> None:
         del self.index[c.in_key]
-        del self.index[c.out_key]
+        if c.out_key is not None:
+            del self.index[c.out_key]
         col = tables.ACTIVE if (c.proto == TCP and c.state == states.ESTABLISHED) else tables.INACTIVE
         if c.dest < self.counters.max_dests:
             self.counters.dest_conns[c.dest, col] -= 1
@@ -170,7 +175,8 @@ class ConnTable:
             c.slot = len(self.slots)
             self.slots.append(c)
         self.index[c.in_key] = (c, states.INPUT)
-        self.index[c.out_key] = (c, states.OUTPUT)
+        if c.out_key is not None:
+            self.index[c.out_key] = (c, states.OUTPUT)
         self.count += 1
 
     def expire(self, now: float, budget: int) -> int:

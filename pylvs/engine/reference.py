@@ -24,8 +24,16 @@ Choices where the contract leaves room (IPVS behaviour where there is one):
 - Only the flags byte of the virtio_net_hdr is cleared when a partial
   checksum is completed; the other fields stay as they came.
 - ``out_port[i]`` is written only for V_TX.
-- An OUT hit (step 10) is forwarded whatever became of the dest: the
+- An OUT hit (step 11) is forwarded whatever became of the dest: the
   contract checks the dest on the IN side only.
+- A conn's transmitter (``xmit``: NAT, DR, or none yet for Tun/Local) and
+  the state table of its client packets (``in_dir``) are bound when it is
+  made (kernel ip_vs_bind_xmit); frames switch on them and never consult
+  the dest's ``fwd`` again. Only NAT conns have an OUT key.
+- The TTL check (docs step 12a) comes after the state update and before
+  the MTU check; the IN side decrements before the MTU check (IPVS), the
+  OUT side after it (ip_forward); an ICMP error with TTL <= 1 is dropped
+  unanswered.
 - A TCP SYN with FIN creates a conn (only SYN+ACK and RST are excluded).
 - An IN hit goes through the kernel's ip_vs_in rules first (``_in_rules``):
   port reuse (conn_reuse_mode), weight-0 rescheduling and a gone dest
@@ -97,6 +105,9 @@ _RST_SENT = _ST["rst_sent"]
 _ICMP_RATELIMITED = _ST["icmp_ratelimited"]
 _RST_RATELIMITED = _ST["rst_ratelimited"]
 _FRAG_OUT = _ST["frag_out"]
+_DROP_TTL = _ST["drop_ttl"]
+_ICMP_TIME_EXCEEDED_SENT = _ST["icmp_time_exceeded_sent"]
+_DROP_NO_ROUTE = _ST["drop_no_route"]
 
 _NO_DEST = (0, 0, 0, 0, 0, 0, 0, bytes(6), bytes(6))  # a dest row with flags 0
 _N_PEERS = 1024   # the per-destination ICMP limit's cache (C: ICMP_PEERS)
@@ -107,6 +118,11 @@ _SYS = tables.SYSCTL_INDEX
 _IN_KEEP, _IN_RESCHED, _IN_DROPPED = 0, 1, 2  # _in_rules
 _IP_DF = 0x4000
 _ICMP_DEST_UNREACH, _ICMP_PORT_UNREACH, _ICMP_FRAG_NEEDED = 3, 3, 4
+_ICMP_TIME_EXCEEDED, _ICMP_EXC_TTL = 11, 0
+# How a conn's packets leave, bound when it is made (kernel ip_vs_bind_xmit);
+# as XMIT_* in ip_vs.h.
+XMIT_NAT, XMIT_DR, XMIT_NONE = 0, 1, 2
+_RESOLVED_OR_NO_ROUTE = tables.DEST_F_RESOLVED | tables.DEST_F_NO_ROUTE
 _LSRR, _SSRR = 131, 137
 ETH = tables.VNET_HDR_LEN          # offset of the Ethernet header
 IP = ETH + 14                      # offset of the IPv4 header
@@ -135,6 +151,15 @@ def _option_malformed(o) -> bool:
             return False
         return o[3] >> 4 == 0x0F
     return False
+
+
+def _decrease_ttl(f: memoryview) -> None:
+    """TTL - 1 with the header checksum updated (RFC 1624), as every
+    forwarded packet (kernel ip_decrease_ttl); the caller checked TTL > 1."""
+    old = f[IP + 8] << 8 | f[IP + 9]
+    f[IP + 8] -= 1
+    hc = f[IP + 10] << 8 | f[IP + 11]
+    f[IP + 10:IP + 12] = update16(hc, old, old - 0x100).to_bytes(2, "big")
 
 
 def _report_unraisable(exc: BaseException, obj: object) -> None:
@@ -434,12 +459,13 @@ class Engine:
             pend[_EMIT_FRAMES] += 1
             pend[_RST_SENT] += 1
 
-    def _send_icmp(self, f: memoryview, totlen: int, in_port: int, now: float, code: int,
-                   info: int, saddr: int) -> None:
-        """An ICMP dest unreachable about the frame, back out of its port.
-        Frag-needed is exempt from the rate limit (kernel icmpv4_mask_allow)."""
+    def _send_icmp(self, f: memoryview, totlen: int, in_port: int, now: float, icmp_type: int,
+                   code: int, info: int, saddr: int) -> None:
+        """An ICMP error about the frame, back out of its port. Frag-needed is
+        exempt from the rate limit (kernel icmpv4_mask_allow)."""
         sc, pend = self._sysctl, self._pend
-        if code != _ICMP_FRAG_NEEDED and not (
+        frag_needed = icmp_type == _ICMP_DEST_UNREACH and code == _ICMP_FRAG_NEEDED
+        if not frag_needed and not (
                 self._allow(self._icmp_bucket, now, sc[_SYS["icmp_msgs_per_sec"]],
                             sc[_SYS["icmp_msgs_burst"]])
                 and self._peer_allow(int.from_bytes(f[IP + 12:IP + 16], "big"), now)):
@@ -449,10 +475,38 @@ class Engine:
             pend[_EMIT_OVERFLOW] += 1
             return
         if icmp.icmp_error(self._emit, in_port, f[ETH:ETH + 14], f[IP:IP + totlen], totlen,
-                           _ICMP_DEST_UNREACH, code, info, saddr, self._ip_id):
+                           icmp_type, code, info, saddr, self._ip_id):
             self._ip_id = (self._ip_id + 1) & 0xFFFF
             pend[_EMIT_FRAMES] += 1
-            pend[_ICMP_FRAG_NEEDED_SENT if code == _ICMP_FRAG_NEEDED else _ICMP_UNREACH_SENT] += 1
+            pend[_ICMP_TIME_EXCEEDED_SENT if icmp_type == _ICMP_TIME_EXCEEDED
+                 else _ICMP_FRAG_NEEDED_SENT if frag_needed else _ICMP_UNREACH_SENT] += 1
+
+    def _ttl_exceeded(self, f: memoryview, totlen: int, in_port: int, now: float, saddr: int,
+                      answer: bool) -> int:
+        """A frame to forward with TTL <= 1 (kernel ip_forward, IPVS
+        decrement_ttl): drop_ttl, answered with ICMP time exceeded from
+        `saddr` unless `answer` is false (an ICMP error gets no ICMP error)."""
+        if answer:
+            self._send_icmp(f, totlen, in_port, now, _ICMP_TIME_EXCEEDED, _ICMP_EXC_TTL, 0, saddr)
+        return _DROP_TTL
+
+    def _xmit_refusal(self, f: memoryview, dest: tuple, totlen: int, in_port: int, now: float,
+                      saddr: int, answer: bool) -> int | None:
+        """Why a client-side frame of a conn cannot leave toward its dest, in
+        the kernel's order: the route (DEST_F_NO_ROUTE), the TTL, the
+        neighbour (DEST_F_RESOLVED); None when it can."""
+        if dest[5] & _RESOLVED_OR_NO_ROUTE == tables.DEST_F_RESOLVED and f[IP + 8] > 1:
+            return None
+        if dest[5] & tables.DEST_F_NO_ROUTE:
+            return _DROP_NO_ROUTE
+        if f[IP + 8] <= 1:
+            return self._ttl_exceeded(f, totlen, in_port, now, saddr, answer)
+        return _DROP_UNRESOLVED
+
+    def _reply_icmp_saddr(self, c: Conn, in_port: int) -> int:
+        """The source of an ICMP error about a reply: the in port's address, else the VIP."""
+        p = self._port_row(in_port)
+        return p[0] if p is not None and p[0] else c.vaddr
 
     # --- what the kernel's receive path would refuse -----------------------
 
@@ -534,7 +588,8 @@ class Engine:
             return None
         df = (f[IP + 6] << 8 | f[IP + 7]) & _IP_DF
         if df or (gso and (f[1] & 0x7F) in (tables.VNET_GSO_TCPV4, tables.VNET_GSO_TCPV6)):
-            self._send_icmp(f, totlen, in_port, now, _ICMP_FRAG_NEEDED, mtu, icmp_saddr)
+            self._send_icmp(f, totlen, in_port, now, _ICMP_DEST_UNREACH, _ICMP_FRAG_NEEDED, mtu,
+                            icmp_saddr)
             return _DROP_FRAG_NEEDED
         if gso:
             return _DROP_GSO_TOO_BIG
@@ -641,7 +696,7 @@ class Engine:
             if c.dest >= len(dests) or not dests[c.dest][5] & tables.DEST_F_USED or dests[c.dest][2] != c.svc:
                 pend[_DROP_DEST_GONE] += 1
                 return V_DROP, 0
-            if c.fwd != tables.FWD_MASQ:
+            if c.xmit == XMIT_NONE:
                 pend[_DROP_FWD_METHOD] += 1
                 return V_DROP, 0
             dest = dests[c.dest]
@@ -649,34 +704,54 @@ class Engine:
             cnt.svc_stats[c.svc, tables.STAT_INBYTES] += totlen
             cnt.dest_stats[c.dest, tables.STAT_INPKTS] += 1
             cnt.dest_stats[c.dest, tables.STAT_INBYTES] += totlen
-            self._set_state(c, direction, proto, tcp_flags, now)
-            if not dest[5] & tables.DEST_F_RESOLVED:
-                pend[_DROP_UNRESOLVED] += 1
+            self._set_state(c, c.in_dir, proto, tcp_flags, now)
+            refusal = self._xmit_refusal(f, dest, totlen, in_port, now, daddr, True)
+            if refusal is not None:
+                pend[refusal] += 1
                 return V_DROP, 0
             out_port = dest[6]
+            # IPVS decrements before its MTU check (__ip_vs_get_out_rt): a
+            # frag-needed quotes the packet one hop older. A refused frame is
+            # given back as it came.
+            ttl_word = bytes(f[IP + 8:IP + 12])
+            _decrease_ttl(f)
             mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, out_port, daddr, now)
             if mtu is not None and mtu != _DO_FRAGMENT:
+                f[IP + 8:IP + 12] = ttl_word
                 pend[mtu] += 1
                 return V_DROP, 0
-            # Rewrite daddr:dport, then the MACs toward the real server.
-            old_addr, new_addr, addr_at = daddr, c.daddr, IP + 16
-            old_port, new_port, port_at = dport, c.dport, l4 + 2
             f[ETH:ETH + 6] = dest[7]
             f[ETH + 6:ETH + 12] = dest[8]
+            if c.xmit == XMIT_DR:
+                # The packet as it came but for the TTL (kernel ip_vs_dr_xmit).
+                if f[0] & tables.VNET_F_NEEDS_CSUM:
+                    if f[1] != tables.VNET_GSO_NONE:
+                        pend[_GSO_FRAMES] += 1   # no address changed: the partial sum holds
+                    else:
+                        self._complete_csum(f, l4, plen, proto)
+                return self._leave(f, totlen, mtu, out_port)
+            # NAT: rewrite daddr:dport; the MACs are the real server's.
+            old_addr, new_addr, addr_at = daddr, c.daddr, IP + 16
+            old_port, new_port, port_at = dport, c.dport, l4 + 2
         else:
-            # 11: real server -> client.
+            # 11: real server -> client (NAT conns only have an OUT key).
             cnt.svc_stats[c.svc, tables.STAT_OUTPKTS] += 1
             cnt.svc_stats[c.svc, tables.STAT_OUTBYTES] += totlen
             cnt.dest_stats[c.dest, tables.STAT_OUTPKTS] += 1
             cnt.dest_stats[c.dest, tables.STAT_OUTBYTES] += totlen
             self._set_state(c, direction, proto, tcp_flags, now)
             out_port = c.in_port
-            p = self._port_row(in_port)
+            if f[IP + 8] <= 1:
+                pend[self._ttl_exceeded(f, totlen, in_port, now,
+                                        self._reply_icmp_saddr(c, in_port), True)] += 1
+                return V_DROP, 0
             mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, out_port,
-                                    p[0] if p is not None and p[0] else c.vaddr, now)
+                                    self._reply_icmp_saddr(c, in_port), now)
             if mtu is not None and mtu != _DO_FRAGMENT:
                 pend[mtu] += 1
                 return V_DROP, 0
+            # ip_forward: frag-needed above quoted the packet as it came.
+            _decrease_ttl(f)
             old_addr, new_addr, addr_at = saddr, c.vaddr, IP + 12
             old_port, new_port, port_at = sport, c.vport, l4
             f[ETH:ETH + 6] = c.cmac
@@ -684,7 +759,7 @@ class Engine:
 
         f[addr_at:addr_at + 4] = new_addr.to_bytes(4, "big")
         f[port_at:port_at + 2] = new_port.to_bytes(2, "big")
-        # 13: checksums.
+        # 14: checksums.
         hc = f[IP + 10] << 8 | f[IP + 11]
         f[IP + 10:IP + 12] = update32(hc, old_addr, new_addr).to_bytes(2, "big")
         csum_at = l4 + (16 if proto == TCP else 6)
@@ -695,16 +770,7 @@ class Engine:
             f[csum_at:csum_at + 2] = sum_update32(partial, old_addr, new_addr).to_bytes(2, "big")
             pend[_GSO_FRAMES] += 1
         elif vflags & tables.VNET_F_NEEDS_CSUM:
-            f[csum_at:csum_at + 2] = b"\0\0"
-            new_saddr = int.from_bytes(f[IP + 12:IP + 16], "big")
-            new_daddr = int.from_bytes(f[IP + 16:IP + 20], "big")
-            s = pseudo_header_sum(new_saddr, new_daddr, proto, plen) + ones_sum(f[l4:l4 + plen])
-            full = ~fold(s) & 0xFFFF
-            if proto == UDP and full == 0:
-                full = 0xFFFF
-            f[csum_at:csum_at + 2] = full.to_bytes(2, "big")
-            f[0] = 0
-            pend[_CSUM_PARTIAL_FIXED] += 1
+            self._complete_csum(f, l4, plen, proto)
         else:
             check = f[csum_at] << 8 | f[csum_at + 1]
             if not (proto == UDP and check == 0):
@@ -712,24 +778,45 @@ class Engine:
                 if proto == UDP and check == 0:
                     check = 0xFFFF
                 f[csum_at:csum_at + 2] = check.to_bytes(2, "big")
-        if mtu == _DO_FRAGMENT:
-            # 14: DF clear and too big: IP fragments in the emit area instead.
-            k = icmp.ip_fragment(self._emit, out_port, f[ETH:ETH + 14], f[IP:IP + totlen],
-                                 totlen, self._ports[out_port][1])
-            if not k:
-                pend[_EMIT_OVERFLOW] += 1
-                return V_DROP, 0
-            pend[_EMIT_FRAMES] += k
-            pend[_FRAG_OUT] += k
-            pend[_TX_FRAGMENTED] += 1
-            return V_EMIT, 0
-        return V_TX, out_port
+        return self._leave(f, totlen, mtu, out_port)
+
+    def _complete_csum(self, f: memoryview, l4: int, plen: int, proto: int) -> None:
+        """A partial L4 checksum without GSO (TP_STATUS_CSUMNOTREADY) computed
+        in full over pseudo header and segment; the vnet flags cleared."""
+        csum_at = l4 + (16 if proto == TCP else 6)
+        f[csum_at:csum_at + 2] = b"\0\0"
+        saddr = int.from_bytes(f[IP + 12:IP + 16], "big")
+        daddr = int.from_bytes(f[IP + 16:IP + 20], "big")
+        s = pseudo_header_sum(saddr, daddr, proto, plen) + ones_sum(f[l4:l4 + plen])
+        full = ~fold(s) & 0xFFFF
+        if proto == UDP and full == 0:
+            full = 0xFFFF
+        f[csum_at:csum_at + 2] = full.to_bytes(2, "big")
+        f[0] = 0
+        self._pend[_CSUM_PARTIAL_FIXED] += 1
+
+    def _leave(self, f: memoryview, totlen: int, mtu: int | None, out_port: int) -> tuple[int, int]:
+        """The rewritten frame leaves on out_port, or (13: DF clear and too
+        big) as IP fragments in the emit area instead."""
+        if mtu != _DO_FRAGMENT:
+            return V_TX, out_port
+        pend = self._pend
+        k = icmp.ip_fragment(self._emit, out_port, f[ETH:ETH + 14], f[IP:IP + totlen],
+                             totlen, self._ports[out_port][1])
+        if not k:
+            pend[_EMIT_OVERFLOW] += 1
+            return V_DROP, 0
+        pend[_EMIT_FRAMES] += k
+        pend[_FRAG_OUT] += k
+        pend[_TX_FRAGMENTED] += 1
+        return V_EMIT, 0
 
     def _icmp(self, f: memoryview, ihl: int, totlen: int, in_port: int,
               now: float) -> tuple[int, int]:
-        """An ICMP error about a NAT conn goes where the conn's packets go,
-        translated (kernel ip_vs_in_icmp / ip_vs_out_icmp); any other ICMP is
-        the kernel's."""
+        """An ICMP error about a conn goes where the conn's packets go (kernel
+        ip_vs_in_icmp / ip_vs_out_icmp): translated for NAT, as it is for DR;
+        its TTL drops by one and it is never answered. Any other ICMP is the
+        kernel's."""
         pend = self._pend
         inner = icmp.icmp_inner(f[IP:IP + totlen], totlen)
         if inner is None:
@@ -739,7 +826,7 @@ class Engine:
         idaddr, idport = inner.daddr, inner.dport
         # The quoted packet went the other way: its reverse is the conn's key.
         hit = self._lookup((iproto, idaddr, idport, isaddr, isport), now)
-        if hit is None or hit[0].fwd != tables.FWD_MASQ:
+        if hit is None or hit[0].xmit == XMIT_NONE:
             pend[_PASS_NOT_OURS] += 1
             return V_PASS, 0
         refusal = self._refusal(f, ihl, in_port)
@@ -758,10 +845,15 @@ class Engine:
                 pend[_DROP_DEST_GONE] += 1
                 return V_DROP, 0
             dest = dests[c.dest]
-            if not dest[5] & tables.DEST_F_RESOLVED:
-                pend[_DROP_UNRESOLVED] += 1
+            refusal = self._xmit_refusal(f, dest, totlen, in_port, now, 0, False)
+            if refusal is not None:
+                pend[refusal] += 1
                 return V_DROP, 0
-            icmp.nat_icmp(f[IP:IP + totlen], totlen, False, c.daddr, c.dport)
+            if c.xmit == XMIT_NAT:
+                f[IP + 8] -= 1  # nat_icmp sums the outer header afresh
+                icmp.nat_icmp(f[IP:IP + totlen], totlen, False, c.daddr, c.dport)
+            else:
+                _decrease_ttl(f)
             f[ETH:ETH + 6] = dest[7]
             f[ETH + 6:ETH + 12] = dest[8]
             out_port = dest[6]
@@ -771,6 +863,10 @@ class Engine:
             cnt.dest_stats[c.dest, tables.STAT_INBYTES] += totlen
         else:
             # From the real server's side, about a packet it got: to the client.
+            if f[IP + 8] <= 1:
+                pend[_DROP_TTL] += 1
+                return V_DROP, 0
+            f[IP + 8] -= 1
             icmp.nat_icmp(f[IP:IP + totlen], totlen, True, c.vaddr, c.vport)
             f[ETH:ETH + 6] = c.cmac
             f[ETH + 6:ETH + 12] = c.lmac
@@ -840,13 +936,20 @@ class Engine:
         if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
             pend[_DROP_NO_DEST] += 1
             # ip_vs_leave: the client hears at once that nobody serves.
-            self._send_icmp(f, totlen, in_port, now, _ICMP_PORT_UNREACH, 0, daddr)
+            self._send_icmp(f, totlen, in_port, now, _ICMP_DEST_UNREACH, _ICMP_PORT_UNREACH, 0,
+                            daddr)
             return V_DROP, None
         dest = dests[d]
-        out_key = (proto, dest[0], dest[1], saddr, sport)
-        if out_key == key or self._lookup(out_key, now) is not None:
-            pend[_DROP_CONFLICT] += 1
-            return V_DROP, None
+        # ip_vs_bind_xmit: the transmitter is chosen here, once; only NAT
+        # conns get an OUT key (the others' replies bypass the director).
+        fwd = dest[4]
+        xmit = XMIT_NAT if fwd == tables.FWD_MASQ else XMIT_DR if fwd == tables.FWD_ROUTE else XMIT_NONE
+        out_key = None
+        if xmit == XMIT_NAT:
+            out_key = (proto, dest[0], dest[1], saddr, sport)
+            if out_key == key or self._lookup(out_key, now) is not None:
+                pend[_DROP_CONFLICT] += 1
+                return V_DROP, None
         c = Conn()
         c.proto, c.caddr, c.cport, c.vaddr, c.vport = proto, saddr, sport, daddr, dport
         c.daddr, c.dport = dest[0], dest[1]
@@ -858,6 +961,9 @@ class Engine:
         c.in_port = in_port
         c.in_key, c.out_key = key, out_key
         c.replied = False
+        c.xmit = xmit
+        # The kernel's IP_VS_CONN_F_NOOUTPUT conns use the INPUT_ONLY table.
+        c.in_dir = states.INPUT if xmit == XMIT_NAT else states.INPUT_ONLY
         ct.add(c, victim, now)
         pend[_CONNS_CREATED] += 1
         cnt = self._counters

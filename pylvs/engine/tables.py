@@ -69,6 +69,8 @@ SERVICE_DTYPE = np.dtype(
 
 DEST_F_USED = 1      # the slot holds a dest (conns may still point at a freed slot)
 DEST_F_RESOLVED = 2  # out_port, dmac and smac are valid
+DEST_F_NO_ROUTE = 4  # not on a directly connected network (a DR dest needs one): frames
+                     # to it are dropped (drop_no_route)
 
 DEST_DTYPE = np.dtype(
     [
@@ -81,6 +83,9 @@ DEST_DTYPE = np.dtype(
         ("out_port", "<u2"),  # egress port index (see the I/O backend's port list)
         ("dmac", "u1", (6,)), # next-hop MAC (the real server's, on its L2 segment)
         ("smac", "u1", (6,)), # the director's MAC on out_port
+        ("tun_type", "u1"),   # FWD_TUNNEL: 0 ipip, 1 gue, 2 gre (ipvsadm's TUNNEL_TYPE_*)
+        ("tun_flags", "u1"),  # FWD_TUNNEL: bit0 nocsum, bit1 csum, bit2 remcsum (--tun-*)
+        ("tun_port", "<u2"),  # FWD_TUNNEL GUE: the UDP destination port (host order)
     ],
     align=True,
 )
@@ -121,7 +126,7 @@ STAT_NAMES = (
     "drop_frag_needed",   # DF set and too big for the egress MTU: answered
     "drop_gso_too_big",   # a GSO frame without DF whose segments exceed the MTU
     "tx_fragmented",      # V_EMIT: sent as IP fragments (DF clear, too big)
-    "icmp_forwarded",     # V_TX: an ICMP error about a NAT conn, translated
+    "icmp_forwarded",     # V_TX: an ICMP error about a conn, sent where its packets go
     # -- extra counters (any number per frame) --
     "emit_frames",        # frames the engine made (ICMP, RST, fragments)
     "emit_overflow",      # a frame to make found no room in the emit area
@@ -133,6 +138,10 @@ STAT_NAMES = (
     "frag_out",           # IP fragments made
     "conns_evicted",      # conns removed at the limit to make room
     "conns_reused",       # conns expired by a new SYN (conn_reuse_mode)
+    # -- added for issue 6 --
+    "drop_ttl",           # verdict: TTL <= 1, not forwarded (kernel ip_forward, decrement_ttl)
+    "icmp_time_exceeded_sent",  # extra: ICMP time exceeded answering a drop_ttl
+    "drop_no_route",      # verdict: the dest is DEST_F_NO_ROUTE (not on a connected network)
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 N_STATS = 64  # room to grow without changing the array's size
