@@ -37,6 +37,7 @@ DESCRIPTOR = Method(
     replies_via_director=True,
     in_direction=states.INPUT,
     uses_output=True,
+    needs_connected_network=False,
     port_remap_allowed=True,
     overhead=(),
 )

@@ -24,6 +24,8 @@ class Method:
     - ``in_direction``: the state table a client's packets follow
       (states.INPUT or states.INPUT_ONLY); ``uses_output``: the real
       server's replies follow states.OUTPUT;
+    - ``needs_connected_network``: the real server must be on a network
+      directly connected to the director (the frame only changes MACs);
     - ``port_remap_allowed``: a dest may listen on another port than the
       service's (ipvsadm forces the service's port for -g and -i);
     - ``overhead``: bytes the method adds in front of the packet, indexed
@@ -39,6 +41,7 @@ class Method:
     replies_via_director: bool
     in_direction: int
     uses_output: bool
+    needs_connected_network: bool
     port_remap_allowed: bool
     overhead: tuple[int, ...]
 

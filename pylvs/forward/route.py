@@ -40,6 +40,7 @@ DESCRIPTOR = Method(
     replies_via_director=False,
     in_direction=states.INPUT_ONLY,
     uses_output=False,
+    needs_connected_network=True,
     port_remap_allowed=False,
     overhead=(),
 )

@@ -69,6 +69,7 @@ DESCRIPTOR = Method(
     replies_via_director=False,
     in_direction=states.INPUT_ONLY,
     uses_output=False,
+    needs_connected_network=False,
     port_remap_allowed=False,
     overhead=(IPIP_OVERHEAD, GUE_OVERHEAD),  # by tun type: ipip, gue
 )
