@@ -59,6 +59,7 @@ class Resolver:
         # daddr -> its route's next hop is daddr itself (a directly
         # connected network), from the last route lookup.
         self._direct: dict[int, bool] = {}
+        self._moved: set[int] = set()   # resolver thread: direct changed, not reported yet
         self._wanted: set[int] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -166,6 +167,10 @@ class Resolver:
         if todo:
             for daddr, ans in self._lookup_many(ipr, todo):
                 self._store(daddr, ans)
+            # Moved between a connected and a routed network with the same
+            # answer: still a change for whoever reads ``connected``.
+            for daddr in sorted(self._moved):
+                self._changed(daddr)
         due = [self._next_try[a] for a in missing if a in self._next_try]
         return min([self._last_refresh + self.refresh, *due]) - now
 
@@ -206,6 +211,7 @@ class Resolver:
         self._changed(daddr)
 
     def _changed(self, daddr: int) -> None:
+        self._moved.discard(daddr)
         cb = self.on_change
         if cb is not None:
             try:
@@ -224,16 +230,13 @@ class Resolver:
             except Exception as e:  # a netlink hiccup must not kill the thread
                 self.errors += 1
                 log.warning("route lookup of %s failed: %s", ipaddress.IPv4Address(daddr), e)
-        moved = []
         with self._lock:
             for daddr, h in hops.items():
                 if h is not None and daddr in self._wanted:
                     direct = h[1] == str(ipaddress.IPv4Address(daddr))
                     if self._direct.get(daddr, direct) != direct and daddr in self._cache:
-                        moved.append(daddr)
+                        self._moved.add(daddr)
                     self._direct[daddr] = direct
-        for daddr in moved:
-            self._changed(daddr)
         neigh: dict[tuple[int, str], tuple[str | None, int]] = {}
         for oif in {h[0] for h in hops.values() if h is not None}:
             try:
