@@ -36,8 +36,9 @@ from .. import forward
 from .. import sched as schedmod
 from ..engine import states, tables
 from ..engine.tables import (
-    ACTIVE, DEST_DTYPE, DEST_F_NO_ROUTE, DEST_F_RESOLVED, DEST_F_USED, FWD_TUNNEL, INACTIVE, N_TRAFFIC, PROTO_TCP, PROTO_UDP, SERVICE_DTYPE,
-    SVC_F_USED, SYSCTL_DEFAULTS, SYSCTL_NAMES, Counters,
+    ACTIVE, DEST_DTYPE, DEST_F_NO_ROUTE, DEST_F_RESOLVED, DEST_F_USED, FWD_TUNNEL, INACTIVE,
+    N_TRAFFIC, PROTO_TCP, PROTO_UDP, SERVICE_DTYPE, SVC_F_USED, SYSCTL_DEFAULTS, SYSCTL_NAMES,
+    Counters,
 )
 from ..forward import tunnel
 
