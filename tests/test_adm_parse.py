@@ -47,7 +47,8 @@ def test_argument_attached_to_short_option_and_long_equals():
 def test_add_server_all_forms():
     want = {"op": "add_dest", "proto": "tcp", "vaddr": "10.0.0.1", "vport": 80,
             "daddr": "10.0.1.2", "dport": 8080, "fwd": "masq", "weight": 3,
-            "u_threshold": 0, "l_threshold": 0}
+            "u_threshold": 0, "l_threshold": 0, "tun_type": "ipip", "tun_port": 0,
+            "tun_flags": 0}
     assert op("-a", "-t", "10.0.0.1:80", "-r", "10.0.1.2:8080", "-m", "-w", "3") == want
     assert op("--add-server", "--tcp-service", "10.0.0.1:80", "--real-server",
               "10.0.1.2:8080", "--masquerading", "--weight", "3") == want
@@ -65,6 +66,84 @@ def test_default_forwarding_is_gatewaying_and_forces_the_service_port():
     assert o["fwd"] == "tunnel" and o["dport"] == 80
     assert op("-a", "-t", "10.0.0.1:80", "-r", "10.0.1.2:8080", "--gatewaying")["fwd"] == "route"
     assert op("-a", "-t", "10.0.0.1:80", "-r", "10.0.1.2:8080", "--ipip")["fwd"] == "tunnel"
+    # -e as well: the dest is named with the service's port.
+    o = op("-e", "-t", "10.0.0.1:80", "-r", "10.0.1.2:8080", "-g", "-w", "0")
+    assert (o["op"], o["fwd"], o["dport"], o["weight"]) == ("edit_dest", "route", 80, 0)
+    # Only NAT keeps the port it is given.
+    assert op("-e", "-t", "10.0.0.1:80", "-r", "10.0.1.2:8080", "-m")["dport"] == 8080
+
+
+def _tun(*extra):
+    o = op("-a", "-t", "10.0.0.1:80", "-r", "10.0.2.5", *extra)
+    return o["fwd"], o["tun_type"], o["tun_port"], o["tun_flags"]
+
+
+def test_tunnel_options():
+    assert _tun("-i") == ("tunnel", "ipip", 0, 0)
+    assert _tun("-i", "--tun-type", "ipip") == ("tunnel", "ipip", 0, 0)
+    assert _tun("-i", "--tun-type", "gue", "--tun-port", "6080") == ("tunnel", "gue", 6080, 0)
+    assert _tun("--ipip", "--tun-type=gue", "--tun-port=1", "--tun-csum") == (
+        "tunnel", "gue", 1, 1)
+    assert _tun("-i", "--tun-remcsum", "--tun-port", "65535", "--tun-type", "gue") == (
+        "tunnel", "gue", 65535, 2)
+    assert _tun("-i", "--tun-type", "gue", "--tun-port", "7", "--tun-nocsum") == (
+        "tunnel", "gue", 7, 0)
+    # GRE parses as ipvsadm parses it; the director is the one to refuse it.
+    assert _tun("-i", "--tun-type", "gre", "--tun-csum") == ("tunnel", "gre", 0, 1)
+    assert _tun("-i", "--tun-type", "gre") == ("tunnel", "gre", 0, 0)
+    o = op("-e", "-t", "10.0.0.1:80", "-r", "10.0.2.5", "-i", "--tun-type", "gue",
+           "--tun-port", "6080", "--tun-csum")
+    assert (o["op"], o["tun_type"], o["tun_port"], o["tun_flags"]) == ("edit_dest", "gue", 6080, 1)
+
+
+A_TUN = ["-a", "-t", "1.2.3.4:80", "-r", "5.6.7.8"]
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (A_TUN + ["-i", "--tun-type", "vxlan"], "illegal tunnel type specified"),
+    (A_TUN + ["-i", "--tun-type", "GUE"], "illegal tunnel type specified"),
+    (A_TUN + ["-i", "--tun-type", "gue", "--tun-port", "0"], "illegal tunnel port specified"),
+    (A_TUN + ["-i", "--tun-type", "gue", "--tun-port", "65536"], "illegal tunnel port specified"),
+    (A_TUN + ["-i", "--tun-type", "gue", "--tun-port", "x"], "illegal tunnel port specified"),
+    (A_TUN + ["-m", "--tun-type", "ipip"], "Tunnel options conflict with forward method"),
+    (A_TUN + ["--tun-type", "gue", "--tun-port", "9"], "Tunnel options conflict with forward method"),
+    (A_TUN + ["-g", "--tun-csum"], "Tunnel options conflict with forward method"),
+    (A_TUN + ["-m", "--tun-port", "9"], "Tunnel options conflict with forward method"),
+    (A_TUN + ["-i", "--tun-type", "gue"],
+     "You need to supply the 'tun-port' option for the 'gue' tunnel type"),
+    (A_TUN + ["-i", "--tun-type", "gue", "--tun-csum"],
+     "You need to supply the 'tun-port' option for the 'gue' tunnel type"),
+    (A_TUN + ["-i", "--tun-port", "6080"], "Illegal 'tun-port' option with the 'ipip' tunnel type"),
+    (A_TUN + ["-i", "--tun-nocsum"], "Illegal 'tun-nocsum' option with the 'ipip' tunnel type"),
+    (A_TUN + ["-i", "--tun-type", "ipip", "--tun-remcsum"],
+     "Illegal 'tun-remcsum' option with the 'ipip' tunnel type"),
+    (A_TUN + ["-i", "--tun-type", "gue", "--tun-port", "1", "--tun-csum", "--tun-nocsum"],
+     "The option 'tun-csum' conflicts with the 'tun-nocsum' option in the 'gue' tunnel type"),
+    (A_TUN + ["-i", "--tun-type", "gue", "--tun-port", "1", "--tun-remcsum", "--tun-csum"],
+     "The option 'tun-remcsum' conflicts with the 'tun-csum' option in the 'gue' tunnel type"),
+    (A_TUN + ["-i", "--tun-type", "gre", "--tun-port", "1"],
+     "Illegal 'tun-port' option with the 'gre' tunnel type"),
+    (A_TUN + ["-i", "--tun-type", "gre", "--tun-remcsum"],
+     "Illegal 'tun-remcsum' option with the 'gre' tunnel type"),
+    (A_TUN + ["-i", "--tun-type", "gue", "--tun-type", "gue"],
+     "multiple 'tun-type' options specified"),
+    (A_TUN + ["-i", "--tun-csum", "--tun-csum"], "multiple 'tun-csum' options specified"),
+    (A_TUN + ["-i", "-m"], "multiple 'forwarding-method' options specified"),
+    (["-A", "-t", "1.2.3.4:80", "--tun-type", "gue"],
+     "Illegal 'tun-type' option with the 'add-service' command"),
+    (["-d", "-t", "1.2.3.4:80", "-r", "5.6.7.8", "--tun-csum"],
+     "Illegal 'tun-csum' option with the 'delete-server' command"),
+    (["-L", "--tun-port", "1"], "Illegal 'tun-port' option with the 'list' command"),
+])
+def test_tunnel_option_errors(argv, msg):
+    assert err(*argv) == (2, msg)
+
+
+def test_list_tun_info():
+    c = parse("-L", "-n", "--tun-info")
+    assert adm._list_format(c) == "tun-info"
+    # The other formats win, as in ipvsadm's print_title.
+    assert adm._list_format(parse("-L", "--tun-info", "--stats")) == "stats"
 
 
 def test_persistent_optional_argument():
@@ -89,7 +168,7 @@ def test_edit_sends_every_attribute_as_ipvsadm_does():
     assert op("-e", "-t", "10.0.0.1:80", "-r", "10.0.1.2:80", "-m") == {
         "op": "edit_dest", "proto": "tcp", "vaddr": "10.0.0.1", "vport": 80,
         "daddr": "10.0.1.2", "dport": 80, "fwd": "masq", "weight": 1,
-        "u_threshold": 0, "l_threshold": 0}
+        "u_threshold": 0, "l_threshold": 0, "tun_type": "ipip", "tun_port": 0, "tun_flags": 0}
 
 
 def test_other_commands():

@@ -11,7 +11,8 @@ import pytest
 from pylvs.control.balancer import Balancer, BalancerError
 from pylvs.engine import states
 from pylvs.engine.tables import (
-    DEST_F_RESOLVED, DEST_F_USED, FWD_MASQ, SVC_F_USED, Counters,
+    DEST_F_NO_ROUTE, DEST_F_RESOLVED, DEST_F_USED, FWD_MASQ, FWD_ROUTE, FWD_TUNNEL, SVC_F_USED,
+    Counters,
 )
 
 VIP = "10.0.0.1"
@@ -26,9 +27,13 @@ def ip(s: str) -> int:
 class FakeResolver:
     def __init__(self):
         self.answers = {}
+        self.direct = {}
 
     def resolve(self, daddr):
         return self.answers.get(daddr)
+
+    def connected(self, daddr):
+        return self.direct.get(daddr)
 
 
 @pytest.fixture
@@ -131,27 +136,127 @@ def test_errors_with_ipvsadm_wording(env):
         b.add_dest("tcp", VIP, 80, "10.0.1.2", 80)
 
 
-def test_route_and_tunnel_not_supported_yet(env):
-    b, c, pubs, res = env
-    b.add_service("tcp", VIP, 80)
-    with pytest.raises(BalancerError, match="forwarding method route .*not supported yet"):
-        b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="route")
-    with pytest.raises(BalancerError, match="forwarding method tunnel .*not supported yet"):
-        b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="tunnel")
-    b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="masq")
-    with pytest.raises(BalancerError, match="not supported yet"):
-        b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="route")
+MAC_RS = b"\x02\x00\x00\x00\x00\x02"
+MAC_DIR = b"\x02\x00\x00\x00\x00\x01"
 
 
-def test_dr_port_rule(env, monkeypatch):
-    from pylvs.control import balancer as bm
+def test_mixed_methods_in_one_service_publish_their_rows(env):
+    b, c, pubs, res = env
+    s = b.add_service("tcp", VIP, 80)
+    nat = b.add_dest("tcp", VIP, 80, "10.0.1.2", 8080, fwd="masq")
+    dr = b.add_dest("tcp", VIP, 80, "10.0.1.3", None, fwd="route")
+    ipip = b.add_dest("tcp", VIP, 80, "10.0.2.4", 80, fwd="tunnel")
+    gue = b.add_dest("tcp", VIP, 80, "10.0.2.5", 80, fwd="ipip", tun_type="gue",
+                     tun_port=6080, tun_flags="csum")
+    rows = pubs[-1][1]
+    got = [tuple(int(rows[d][k]) for k in ("fwd", "dport", "tun_type", "tun_flags", "tun_port"))
+           for d in (nat, dr, ipip, gue)]
+    assert got == [(FWD_MASQ, 8080, 0, 0, 0), (FWD_ROUTE, 80, 0, 0, 0),
+                   (FWD_TUNNEL, 80, 0, 0, 0), (FWD_TUNNEL, 80, 1, 1, 6080)]
+    # Every method is scheduled: the engine binds the method per conn.
+    assert sorted(v.slot for v in b._sched_view[s][1]) == sorted([nat, dr, ipip, gue])
+    snap = {d["daddr"]: d for d in b.snapshot()["services"][0]["dests"]}
+    assert [(snap[a]["fwd"], snap[a]["fwd_name"], snap[a]["tun_type"], snap[a]["tun_port"],
+             snap[a]["tun_flags"]) for a in ("10.0.1.2", "10.0.1.3", "10.0.2.4", "10.0.2.5")] == [
+        ("masq", "Masq", "ipip", 0, 0), ("route", "Route", "ipip", 0, 0),
+        ("tunnel", "Tunnel", "ipip", 0, 0), ("tunnel", "Tunnel", "gue", 6080, 1)]
+    # Only NAT replies come back through the director.
+    assert b.steering_view()["real_servers"] == [(6, ip("10.0.1.2"), 8080)]
+
+
+def test_dr_and_tun_dests_keep_the_service_port(env):
     b, c, pubs, res = env
     b.add_service("tcp", VIP, 80)
-    # Once DR is supported the port rule is what stands in the way.
-    monkeypatch.setattr(bm, "SUPPORTED_FWD", frozenset({0, 2, 3}))
-    with pytest.raises(BalancerError, match="must equal the service port"):
-        b.add_dest("tcp", VIP, 80, "10.0.1.2", 8080, fwd="route")
-    b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="route")
+    for fwd in ("route", "tunnel", 3, 2):
+        with pytest.raises(BalancerError, match=r"must equal the service port \(80\)"):
+            b.add_dest("tcp", VIP, 80, "10.0.1.2", 8080, fwd=fwd)
+    assert b.add_dest("tcp", VIP, 80, "10.0.1.2", None, fwd="dr") is not None
+    assert b.snapshot()["services"][0]["dests"][0]["dport"] == 80
+
+
+@pytest.mark.parametrize("fwd, tun, msg", [
+    ("masq", {"tun_type": "gue", "tun_port": 6080}, "Tunnel options conflict with forward method"),
+    ("route", {"tun_flags": "csum"}, "Tunnel options conflict with forward method"),
+    ("route", {"tun_port": 1}, "Tunnel options conflict with forward method"),
+    ("tunnel", {"tun_type": "gue"}, "You need to supply the 'tun-port' option for the 'gue' tunnel type"),
+    ("tunnel", {"tun_port": 6080}, "Illegal 'tun-port' option with the 'ipip' tunnel type"),
+    ("tunnel", {"tun_flags": "remcsum"}, "Illegal 'tun-remcsum' option with the 'ipip' tunnel type"),
+    ("tunnel", {"tun_type": "gre", "tun_flags": "remcsum"},
+     "Illegal 'tun-remcsum' option with the 'gre' tunnel type"),
+    ("tunnel", {"tun_type": "gre", "tun_port": 9}, "Illegal 'tun-port' option with the 'gre' tunnel type"),
+    ("tunnel", {"tun_type": "gre"},
+     "tunnel type gre is not supported by this director yet (ipip or gue)"),
+    ("tunnel", {"tun_type": "gre", "tun_flags": "csum"},
+     "tunnel type gre is not supported by this director yet (ipip or gue)"),
+    ("tunnel", {"tun_type": "vxlan"}, "illegal tunnel type specified"),
+    ("tunnel", {"tun_type": "gue", "tun_port": 65536}, "illegal tunnel port specified"),
+    ("tunnel", {"tun_type": "gue", "tun_port": 1, "tun_flags": 3},
+     "illegal tunnel flags 3 (nocsum, csum or remcsum)"),
+    ("local", {}, "unknown forwarding method 'local' (masq, route or tunnel)"),
+    (True, {}, "unknown forwarding method True (masq, route or tunnel)"),
+])
+def test_refused_dests_change_nothing(env, fwd, tun, msg):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    b.add_dest("tcp", VIP, 80, "10.0.1.3", 80, fwd="tunnel", tun_type="gue", tun_port=5555)
+    before, n = b.snapshot(), len(pubs)
+    with pytest.raises(BalancerError) as ei:
+        b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd=fwd, **tun)
+    assert str(ei.value) == msg
+    with pytest.raises(BalancerError) as ei:
+        b.edit_dest("tcp", VIP, 80, "10.0.1.3", 80, fwd=fwd, **tun)
+    assert str(ei.value) == msg
+    assert b.snapshot() == before and len(pubs) == n
+
+
+def test_edit_dest_changes_the_method_of_the_row_only(env):
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    d = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="masq", weight=2)
+    c.dest_conns[d] = (1, 0)   # a running conn: the engine keeps its bound method
+    b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="tunnel", tun_type="gue", tun_port=6080,
+                tun_flags="tun-csum")
+    row = pubs[-1][1][d]
+    assert (int(row["fwd"]), int(row["tun_type"]), int(row["tun_port"]), int(row["tun_flags"]),
+            int(row["weight"])) == (FWD_TUNNEL, 1, 6080, 1, 2)
+    # Unset arguments keep the tunnel options ...
+    b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80, weight=5)
+    assert int(pubs[-1][1][d]["tun_port"]) == 6080
+    # ... which go when the dest stops being a tunnel dest.
+    b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="route")
+    row = pubs[-1][1][d]
+    assert (int(row["fwd"]), int(row["tun_type"]), int(row["tun_port"]), int(row["tun_flags"])) == (
+        FWD_ROUTE, 0, 0, 0)
+    assert b.snapshot()["services"][0]["dests"][0]["slot"] == d
+
+
+def test_dr_dest_off_a_connected_network_is_accepted_flagged_and_logged_once(env, caplog):
+    b, c, pubs, res = env
+    res.answers[ip("10.0.9.2")] = (1, MAC_RS, MAC_DIR)
+    res.direct = {ip("10.0.9.2"): False, ip("10.0.1.2"): True}
+    b.add_service("tcp", VIP, 80)
+    b.add_service("udp", VIP, 53)
+    with caplog.at_level("WARNING", logger="pylvs.balancer"):
+        dr = b.add_dest("tcp", VIP, 80, "10.0.9.2", 80, fwd="route")
+        ok = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, fwd="route")
+        tun = b.add_dest("udp", VIP, 53, "10.0.9.2", 53, fwd="tunnel")
+        b.edit_dest("tcp", VIP, 80, "10.0.9.2", 80, fwd="route", weight=4)
+        b.on_resolved(ip("10.0.9.2"))
+    rows = pubs[-1][1]
+    assert rows[dr]["flags"] == DEST_F_USED | DEST_F_RESOLVED | DEST_F_NO_ROUTE
+    assert rows[ok]["flags"] & DEST_F_NO_ROUTE == 0
+    assert rows[tun]["flags"] & DEST_F_NO_ROUTE == 0   # tunnels are routed by design
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == ["DR real server 10.0.9.2:80 of TCP 10.0.0.1:80 is not on a directly "
+                    "connected network: its frames are dropped (drop_no_route) until it is"]
+    # The route becomes direct: the flag goes, and a later change logs again.
+    res.direct[ip("10.0.9.2")] = True
+    b.on_resolved(ip("10.0.9.2"))
+    assert pubs[-1][1][dr]["flags"] & DEST_F_NO_ROUTE == 0
+    res.direct[ip("10.0.9.2")] = False
+    with caplog.at_level("WARNING", logger="pylvs.balancer"):
+        b.on_resolved(ip("10.0.9.2"))
+    assert len(caplog.records) == 2 and pubs[-1][1][dr]["flags"] & DEST_F_NO_ROUTE
 
 
 def test_persistence_is_stored_and_listed(env):

@@ -190,16 +190,34 @@ def test_a_key_out_of_range_is_refused(key):
 def test_only_nat_dests_are_stolen():
     services = tables.empty_services(2)
     services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED)
-    dests = tables.empty_dests(2)
-    for i, fwd in enumerate((tables.FWD_MASQ, tables.FWD_ROUTE)):
-        dests[i]["daddr"], dests[i]["dport"], dests[i]["svc"] = bpf.ip(RIP) + i, 80, 0
-        dests[i]["flags"], dests[i]["fwd"] = tables.DEST_F_USED, fwd
+    dests = _mixed_dests()
     assert bpf.dest_keys(services, dests) == [(6, bpf.ip(RIP), 80)]
-    # ICMP errors too: from the NAT dest's address only (a DR real server
-    # answers its clients directly, its errors are none of ours).
+    # ICMP errors too: from the NAT dest's address only (DR and Tun real
+    # servers answer their clients directly, their errors are none of ours).
     prog = bpf.for_tables(services, dests)
     assert bpf.run(prog, frame(RIP, "1.2.3.4", 1, 0, 0, icmp_type=3)) > 0
-    assert bpf.run(prog, frame("192.168.1.3", "1.2.3.4", 1, 0, 0, icmp_type=3)) == 0
+    for other in ("192.168.1.3", "192.168.1.4"):
+        assert bpf.run(prog, frame(other, "1.2.3.4", 1, 0, 0, icmp_type=3)) == 0
+        assert bpf.run(prog, frame(other, "1.2.3.4", 6, 80, 40000)) == 0
+
+
+def _mixed_dests():
+    """A NAT, a DR and a Tun dest of service 0 (RIP, RIP+1, RIP+2, port 80)."""
+    dests = tables.empty_dests(3)
+    for i, fwd in enumerate((tables.FWD_MASQ, tables.FWD_ROUTE, tables.FWD_TUNNEL)):
+        dests[i]["daddr"], dests[i]["dport"], dests[i]["svc"] = bpf.ip(RIP) + i, 80, 0
+        dests[i]["flags"], dests[i]["fwd"] = tables.DEST_F_USED, fwd
+    return dests
+
+
+def test_steering_sets_hold_only_nat_real_servers():
+    from pylvs.control.steering import Steering
+    services = tables.empty_services(1)
+    services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED)
+    lines = Steering._element_lines(services, _mixed_dests(), ["10.9.1.1"])
+    assert [ln for ln in lines if " realservers " in ln or " rsaddrs " in ln] == [
+        f"add element netdev pylvs realservers {{ {RIP} . 6 . 80 }}",
+        f"add element netdev pylvs rsaddrs {{ {RIP} }}"]
 
 
 LENGTH_CASES = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pylvs.cli import adm
 from pylvs.control import listing
 from pylvs.control.balancer import Balancer
 from pylvs.engine.tables import Counters
@@ -171,7 +172,7 @@ def test_save_format_and_order():
     ]}
     assert listing.save(snap) == (
         "-A -t 10.0.0.1:0 -s sh -p 60 -M 255.255.0.0 -b sh-port\n"
-        "-a -t 10.0.0.1:0 -r 10.0.1.1:0 -i -w 5\n"
+        "-a -t 10.0.0.1:0 -r 10.0.1.1:0 -i -w 5 --tun-type ipip\n"
         "-a -t 10.0.0.1:0 -r 10.0.1.2:0 -g -w 1\n"
         "-A -u 10.0.0.1:53 -s rr -o\n"
         "-a -u 10.0.0.1:53 -r 10.0.1.3:53 -m -w 2\n")
@@ -212,8 +213,90 @@ def test_listing_of_a_live_balancer_snapshot():
         "  -> 10.0.1.3:80                  Masq    2      4          2         \n")
 
 
-@pytest.mark.parametrize("fmt", ["default", "stats", "rate", "thresholds", "persistent-conn"])
+@pytest.mark.parametrize("fmt", ["default", "stats", "rate", "thresholds", "persistent-conn",
+                                 "tun-info"])
 def test_every_line_ends_with_newline(fmt):
     snap = {"services": [_svc("TCP", "10.0.0.1", 80, dests=[_dest("10.0.1.2", 80)])]}
     text = listing.list_all(snap, fmt)
     assert text.endswith("\n") and "\n\n" not in text
+
+
+def _mixed_balancer() -> Balancer:
+    """One service with every method and every GUE flag, and a UDP one."""
+    b = Balancer(Counters(max_services=8, max_dests=16))
+    b.add_service("tcp", "10.0.0.1", 80)
+    b.add_service("udp", "10.0.0.1", 53, sched="rr")
+    b.add_dest("tcp", "10.0.0.1", 80, "10.0.1.2", 8080, fwd="masq")
+    b.add_dest("tcp", "10.0.0.1", 80, "10.0.1.3", None, fwd="route", weight=3)
+    b.add_dest("tcp", "10.0.0.1", 80, "10.0.2.4", None, fwd="tunnel", weight=0)
+    b.add_dest("tcp", "10.0.0.1", 80, "10.0.2.5", None, fwd="tunnel", tun_type="gue",
+               tun_port=6080)
+    b.add_dest("tcp", "10.0.0.1", 80, "10.0.2.6", None, fwd="tunnel", tun_type="gue",
+               tun_port=65535, tun_flags="csum")
+    b.add_dest("udp", "10.0.0.1", 53, "10.0.2.7", None, fwd="tunnel", tun_type="gue",
+               tun_port=1, tun_flags="remcsum")
+    return b
+
+
+MIXED_SAVE = (
+    "-A -t 10.0.0.1:80 -s wlc\n"
+    "-a -t 10.0.0.1:80 -r 10.0.1.2:8080 -m -w 1\n"
+    "-a -t 10.0.0.1:80 -r 10.0.1.3:80 -g -w 3\n"
+    "-a -t 10.0.0.1:80 -r 10.0.2.4:80 -i -w 0 --tun-type ipip\n"
+    "-a -t 10.0.0.1:80 -r 10.0.2.5:80 -i -w 1 --tun-type gue --tun-port 6080 --tun-nocsum\n"
+    "-a -t 10.0.0.1:80 -r 10.0.2.6:80 -i -w 1 --tun-type gue --tun-port 65535 --tun-csum\n"
+    "-A -u 10.0.0.1:53 -s rr\n"
+    "-a -u 10.0.0.1:53 -r 10.0.2.7:53 -i -w 1 --tun-type gue --tun-port 1 --tun-remcsum\n")
+
+
+def test_mixed_methods_listed_as_ipvsadm():
+    assert listing.list_all(_mixed_balancer().snapshot()) == (
+        HEAD +
+        "TCP  10.0.0.1:80 wlc\n"
+        "  -> 10.0.1.2:8080                Masq    1      0          0         \n"
+        "  -> 10.0.1.3:80                  Route   3      0          0         \n"
+        "  -> 10.0.2.4:80                  Tunnel  0      0          0         \n"
+        "  -> 10.0.2.5:80                  Tunnel  1      0          0         \n"
+        "  -> 10.0.2.6:80                  Tunnel  1      0          0         \n"
+        "UDP  10.0.0.1:53 rr\n"
+        "  -> 10.0.2.7:53                  Tunnel  1      0          0         \n")
+
+
+def test_tun_info_listing_byte_exact():
+    assert listing.list_all(_mixed_balancer().snapshot(), listing.TUN_INFO) == (
+        "IP Virtual Server version 1.2.1 (size=4096)\n"
+        "Prot LocalAddress:Port Scheduler Flags\n"
+        "  -> RemoteAddress:Port           Forward TunnelInfo    Weight ActiveConn InActConn\n"
+        "TCP  10.0.0.1:80 wlc\n"
+        "  -> 10.0.1.2:8080                Masq    n/a           1      0          0         \n"
+        "  -> 10.0.1.3:80                  Route   n/a           3      0          0         \n"
+        "  -> 10.0.2.4:80                  Tunnel  ipip          0      0          0         \n"
+        "  -> 10.0.2.5:80                  Tunnel  gue:6080:-c   1      0          0         \n"
+        "  -> 10.0.2.6:80                  Tunnel  gue:65535:+c  1      0          0         \n"
+        "UDP  10.0.0.1:53 rr\n"
+        "  -> 10.0.2.7:53                  Tunnel  gue:1:r+c     1      0          0         \n")
+
+
+def test_gre_dests_listed_and_saved_as_ipvsadm():
+    # The director refuses GRE for now; a snapshot that has one (a later
+    # engine) is printed the way ipvsadm prints it.
+    snap = {"services": [_svc("TCP", "10.0.0.1", 80, dests=[
+        {**_dest("10.0.2.8", 80, fwd="tunnel"), "tun_type": "gre", "tun_flags": 1},
+        {**_dest("10.0.2.9", 80, fwd="tunnel"), "tun_type": "gre", "tun_flags": 0}])]}
+    assert listing.list_all(snap, listing.TUN_INFO).splitlines()[4:] == [
+        "  -> 10.0.2.8:80                  Tunnel  gre:+c        1      0          0         ",
+        "  -> 10.0.2.9:80                  Tunnel  gre:-c        1      0          0         "]
+    assert listing.save(snap).splitlines()[1:] == [
+        "-a -t 10.0.0.1:80 -r 10.0.2.8:80 -i -w 1 --tun-type gre --tun-csum",
+        "-a -t 10.0.0.1:80 -r 10.0.2.9:80 -i -w 1 --tun-type gre --tun-nocsum"]
+
+
+def test_save_restore_round_trip_with_every_tunnel_option():
+    text = listing.save(_mixed_balancer().snapshot())
+    assert text == MIXED_SAVE
+    fresh = Balancer(Counters(max_services=8, max_dests=16))
+    results = fresh.apply_many(adm.parse_restore(text))
+    assert all(r["ok"] for r in results), results
+    assert listing.save(fresh.snapshot()) == text
+    assert listing.list_all(fresh.snapshot(), listing.TUN_INFO) == listing.list_all(
+        _mixed_balancer().snapshot(), listing.TUN_INFO)

@@ -29,6 +29,7 @@ class FakeNetlink:
 
     def __init__(self):
         self.neighbours: dict[str, tuple[str, int]] = {}
+        self.gateways: dict[str, str] = {}   # dst -> gateway: a routed network
         self.route_gets: list[str] = []
         self.dumps = 0
         self.pokes: list[str] = []
@@ -36,7 +37,10 @@ class FakeNetlink:
     def route(self, cmd, dst):
         assert cmd == "get"
         self.route_gets.append(dst)
-        return [Msg({"RTA_OIF": 7}, type=1)]
+        attrs = {"RTA_OIF": 7}
+        if dst in self.gateways:
+            attrs["RTA_GATEWAY"] = self.gateways[dst]
+        return [Msg(attrs, type=1)]
 
     def neigh(self, cmd, **kw):
         if cmd == "dump":
@@ -122,3 +126,33 @@ def test_deleted_dests_are_forgotten():
     for _ in range(30):
         now += max(r._cycle(nl, now), 0.01)
     assert nl.route_gets == [] and nl.pokes == [] and now > 60
+
+
+def test_connected_tells_a_directly_connected_dest_from_a_routed_one():
+    """VS-DR needs the first: the Balancer flags a DR dest that is not."""
+    r, nl = resolver(), FakeNetlink()
+    changed = []
+    r.on_change = changed.append
+    nl.neighbours["10.0.1.2"] = ("02:00:00:00:00:02", NUD_REACHABLE)
+    nl.neighbours["10.0.1.254"] = ("02:00:00:00:00:fe", NUD_REACHABLE)
+    nl.gateways["10.0.9.2"] = "10.0.1.254"
+    for a in ("10.0.1.2", "10.0.9.2"):
+        assert r.connected(ip(a)) is None
+        r.resolve(ip(a))
+    r._cycle(nl, 0.0)
+    assert (r.connected(ip("10.0.1.2")), r.connected(ip("10.0.9.2"))) == (True, False)
+    assert r.resolve(ip("10.0.9.2"))[1] == bytes.fromhex("0200000000fe")
+    # The route changes to go through the router: reported once.
+    changed.clear()
+    nl.gateways["10.0.1.2"] = "10.0.1.254"
+    r._cycle(nl, 2.0)
+    assert r.connected(ip("10.0.1.2")) is False and changed == [ip("10.0.1.2")]
+    # A router that answers for its own address too (same MAC, proxy ARP):
+    # the answer stays, the move back is still reported.
+    changed.clear()
+    del nl.gateways["10.0.1.2"]
+    nl.neighbours["10.0.1.2"] = nl.neighbours["10.0.1.254"]
+    r._cycle(nl, 4.0)
+    assert r.connected(ip("10.0.1.2")) is True and changed == [ip("10.0.1.2")]
+    r.forget(ip("10.0.1.2"))
+    assert r.connected(ip("10.0.1.2")) is None

@@ -20,7 +20,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
+from .. import forward
 from ..control import listing, rpc
+from ..forward import tunnel
 
 PROG = "pylvs adm"
 VERSION = "pylvs adm 0.1.0 (ipvsadm v1.31 command line, IPVS v1.2.1)"
@@ -77,9 +79,8 @@ _TABLE: list[tuple[str, str | None, int, str]] = [
     ("persistent", "p", OPTARG, "p"),
     ("netmask", "M", REQARG, "M"),
     ("real-server", "r", REQARG, "r"),
-    ("masquerading", "m", NOARG, "m"),
-    ("ipip", "i", NOARG, "i"),
-    ("gatewaying", "g", NOARG, "g"),
+    *((long, m.flag[1], NOARG, m.flag) for m in forward.METHODS.values()
+      for long in m.long_options),
     ("weight", "w", REQARG, "w"),
     ("u-threshold", "x", REQARG, "x"),
     ("l-threshold", "y", REQARG, "y"),
@@ -202,8 +203,9 @@ OPT_ORDER = (
 _OPT_OF_TAG = {
     "n": "numeric", "c": "connection", "t": "service-address", "u": "service-address",
     "sctp": "service-address", "f": "service-address", "s": "scheduler", "p": "persistent",
-    "M": "netmask", "r": "real-server", "m": "forwarding-method", "i": "forwarding-method",
-    "g": "forwarding-method", "w": "weight", "x": "u-threshold", "y": "l-threshold",
+    "M": "netmask", "r": "real-server", **{m.flag: "forwarding-method" for m in
+                                            forward.METHODS.values()},
+    "w": "weight", "x": "u-threshold", "y": "l-threshold",
     "mcast-interface": "mcast-interface", "timeout": "timeout", "daemon": "daemon",
     "stats": "stats", "rate": "rate", "thresholds": "thresholds",
     "persistent-conn": "persistent-conn", "nosort": "nosort", "syncid": "syncid",
@@ -214,6 +216,7 @@ _OPT_OF_TAG = {
 }
 
 _TUN = ("tun-type", "tun-port", "tun-nocsum", "tun-csum", "tun-remcsum")
+_FWD_TAGS = frozenset(m.flag for m in forward.METHODS.values())
 _SYNC = ("mcast-interface", "syncid", "mcast-group", "mcast-port", "mcast-ttl", "sync-maxlen")
 # Per command: '+' required, '1' at most one of these, ' ' allowed; others illegal.
 _LEGAL: dict[str, dict[str, str]] = {
@@ -256,7 +259,10 @@ class Command:
     sched_flags: list[str] = field(default_factory=list)
     daddr: str | None = None
     dport: int | None = None
-    fwd: str = "route"              # ipvsadm's default forwarding method: -g
+    fwd: str = forward.DEFAULT.key  # ipvsadm's default forwarding method: -g
+    tun_type: int = tunnel.TUN_IPIP
+    tun_port: int = 0
+    tun_flags: int = tunnel.TUN_F_NOCSUM
     weight: int = 1
     u_threshold: int = 0
     l_threshold: int = 0
@@ -394,9 +400,23 @@ def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
         elif tag == "r":
             set_option("real-server")
             raw_dest = val or ""
-        elif tag in ("m", "i", "g"):
+        elif tag in _FWD_TAGS:
             set_option("forwarding-method")
-            c.fwd = {"m": "masq", "i": "tunnel", "g": "route"}[tag]
+            c.fwd = forward.by_flag(tag).key
+        elif tag == "tun-type":
+            set_option("tun-type")
+            if val not in tunnel.TUN_TYPES:
+                raise _fail("illegal tunnel type specified")
+            c.tun_type = tunnel.TUN_TYPES[val]
+        elif tag == "tun-port":
+            set_option("tun-port")
+            p = _number(val, 1, 65535)
+            if p is None:
+                raise _fail("illegal tunnel port specified")
+            c.tun_port = p
+        elif tag in tunnel.TUN_FLAG_OPTIONS:
+            set_option(tag)
+            c.tun_flags |= tunnel.TUN_FLAG_OPTIONS.index(tag)
         elif tag == "w":
             set_option("weight")
             w = _number(val, 0, 65535)
@@ -477,9 +497,17 @@ def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
             owner = _SCHED_FLAG_OWNERS.get(f)
             if owner and owner != c.sched:
                 raise _fail(f"incompatible scheduler flag `{f}'")
-    if c.cmd in ("a", "e") and not c.fwmark and c.fwd in ("route", "tunnel"):
-        # DR and Tun cannot change the port: ipvsadm quietly uses the service's.
-        c.dport = c.vport
+    if c.cmd in ("a", "e"):
+        method = forward.by_name(c.fwd)
+        if not c.fwmark and not method.port_remap_allowed:
+            # DR and Tun cannot change the port: ipvsadm quietly uses the service's.
+            c.dport = c.vport
+        tun_given = [o for o in _TUN if c.has(o)]
+        if tun_given and method.fwd != tunnel.DESCRIPTOR.fwd:
+            raise _fail("Tunnel options conflict with forward method")
+        msg = tunnel.option_error(c.tun_type, tun_given)
+        if msg is not None:
+            raise _fail(msg)
     if c.cmd == "L" and (c.has("connection") or c.has("timeout") or c.has("daemon")) and (
             c.fmt & {"stats", "persistent-conn", "rate", "thresholds"}):
         raise _fail("options conflicts in the list command")
@@ -540,7 +568,9 @@ def to_op(c: Command) -> dict | None:
     if c.cmd in ("a", "e"):
         return {"op": "add_dest" if c.cmd == "a" else "edit_dest", **_svc_fields(c),
                 "daddr": c.daddr, "dport": c.dport, "fwd": c.fwd, "weight": c.weight,
-                "u_threshold": c.u_threshold, "l_threshold": c.l_threshold}
+                "u_threshold": c.u_threshold, "l_threshold": c.l_threshold,
+                "tun_type": tunnel.TUN_TYPE_NAMES[c.tun_type], "tun_port": c.tun_port,
+                "tun_flags": c.tun_flags}
     if c.cmd == "d":
         return {"op": "del_dest", **_svc_fields(c), "daddr": c.daddr, "dport": c.dport}
     if c.cmd == "Z":
@@ -632,7 +662,7 @@ class _Conn:
 
 
 def _list_format(c: Command) -> str:
-    for f in ("stats", "rate", "thresholds", "persistent-conn"):
+    for f in ("stats", "rate", "thresholds", "persistent-conn", "tun-info"):
         if f in c.fmt:
             return f
     return listing.DEFAULT
@@ -778,8 +808,10 @@ Usage:
   {p} -R
   {p} -S [-n]
   {p} -a|e -t|u service-address -r server-address [-m|-g|-i] [-w weight] [-x upper] [-y lower]
+        [--tun-type ipip|gue --tun-port port --tun-nocsum|--tun-csum|--tun-remcsum]
   {p} -d -t|u service-address -r server-address
-  {p} -L|l [-n] [-c] [--stats|--rate|--thresholds|--persistent-conn] [--exact] [--nosort]
+  {p} -L|l [-n] [-c] [--stats|--rate|--thresholds|--persistent-conn|--tun-info] [--exact]
+        [--nosort]
   {p} -L --timeout
   {p} -Z [-t|u service-address]
   {p} --set tcp tcpfin udp
@@ -808,16 +840,22 @@ Options:
   --persistent   -p [timeout]     persistent service (stored; not applied yet)
   --netmask      -M netmask       persistence granularity
   --real-server  -r host[:port]   a real server (port defaults to the service's)
-  --masquerading -m               forward by NAT (supported)
-  --gatewaying   -g               direct routing (ipvsadm's default; not supported yet)
-  --ipip         -i               IPIP tunnelling (not supported yet)
+  --gatewaying   -g               direct routing (the default)
+  --ipip         -i               tunnelling (IPIP, or GUE with --tun-type gue)
+  --masquerading -m               masquerading (NAT)
+  --tun-type     ipip|gue|gre     tunnel type of an -i real server, default ipip
+                                  (gre is not supported by pylvs yet)
+  --tun-port     port             the GUE tunnel's UDP destination port (required)
+  --tun-nocsum                    GUE without UDP checksum (the default)
+  --tun-csum                      GUE with UDP checksum
+  --tun-remcsum                   GUE with remote checksum offload
   --weight       -w weight        0..65535, default 1 (0: no new conns)
   --u-threshold  -x n             upper conn threshold (overloaded at n conns)
   --l-threshold  -y n             lower conn threshold (available again below n)
   --numeric      -n               numeric output (addresses are always numeric)
   --connection   -c               list the conns
   --timeout                       list the timeouts
-  --stats / --rate / --thresholds / --persistent-conn   other listings
+  --stats / --rate / --thresholds / --persistent-conn / --tun-info   other listings
   --exact        -X               exact numbers in --stats and --rate
   --nosort                        list in the director's order
   --control PATH                  the director's control socket

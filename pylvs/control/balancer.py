@@ -25,19 +25,24 @@ from __future__ import annotations
 import asyncio
 import collections
 import ipaddress
+import logging
 import threading
 import time
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from .. import forward
 from .. import sched as schedmod
 from ..engine import states, tables
 from ..engine.tables import (
-    ACTIVE, DEST_DTYPE, DEST_F_RESOLVED, DEST_F_USED, FWD_LOCAL, FWD_MASQ,
-    FWD_NAMES, FWD_ROUTE, FWD_TUNNEL, INACTIVE, N_TRAFFIC, PROTO_TCP, PROTO_UDP,
-    SERVICE_DTYPE, SVC_F_USED, SYSCTL_DEFAULTS, SYSCTL_NAMES, Counters,
+    ACTIVE, DEST_DTYPE, DEST_F_NO_ROUTE, DEST_F_RESOLVED, DEST_F_USED, FWD_TUNNEL, INACTIVE,
+    N_TRAFFIC, PROTO_TCP, PROTO_UDP, SERVICE_DTYPE, SVC_F_USED, SYSCTL_DEFAULTS, SYSCTL_NAMES,
+    Counters,
 )
+from ..forward import tunnel
+
+log = logging.getLogger("pylvs.balancer")
 
 PROTO_SCTP = 132
 PROTO_NAMES = {PROTO_TCP: "TCP", PROTO_UDP: "UDP", PROTO_SCTP: "SCTP"}
@@ -66,15 +71,6 @@ _FLAG_BITS = {
     "mh-fallback": SCHED_F1, "mh-port": SCHED_F2,
 }
 
-FWD_BY_NAME = {
-    "masq": FWD_MASQ, "masquerading": FWD_MASQ, "nat": FWD_MASQ, "m": FWD_MASQ,
-    "route": FWD_ROUTE, "gatewaying": FWD_ROUTE, "dr": FWD_ROUTE, "droute": FWD_ROUTE, "g": FWD_ROUTE,
-    "tunnel": FWD_TUNNEL, "ipip": FWD_TUNNEL, "tun": FWD_TUNNEL, "i": FWD_TUNNEL,
-    "local": FWD_LOCAL,
-}
-FWD_KEYS = {FWD_MASQ: "masq", FWD_ROUTE: "route", FWD_TUNNEL: "tunnel", FWD_LOCAL: "local"}
-SUPPORTED_FWD = frozenset({FWD_MASQ})
-
 # ipvsadm / libipvs wording.
 E_SVC_EXISTS = "Service already exists"
 E_NO_SVC = "No such service"
@@ -86,6 +82,8 @@ E_ZERO_PORT = "Zero port specified for non-persistent service"
 E_OPS = "One-Packet Scheduling is only for UDP virtual services"
 E_WEIGHT = "illegal weight specified"
 E_NOMEM = "Memory allocation problem"
+# ipvsadm's refusal of tunnel options with -m or -g.
+E_TUN_FWD = "Tunnel options conflict with forward method"
 # libipvs's text for EINVAL: ip_vs_new_dest refuses a real server whose
 # inet_addr_type is neither RTN_UNICAST nor RTN_LOCAL.
 E_INVAL = "Invalid operation.  Possibly wrong module version, address not unicast, ..."
@@ -210,15 +208,56 @@ def _unicast_dest(daddr: int, broadcasts: Any = ()) -> None:
         raise BalancerError(E_INVAL)
 
 
-def _fwd(f: Any) -> int:
+def _fwd(f: Any) -> forward.Method:
+    try:
+        return forward.lookup(f)
+    except (KeyError, TypeError):
+        raise BalancerError(f"unknown forwarding method {f!r} (masq, route or tunnel)") from None
+
+
+def _tun_type(t: Any) -> int:
+    if isinstance(t, str) and t.strip().lower() in tunnel.TUN_TYPES:
+        return tunnel.TUN_TYPES[t.strip().lower()]
+    if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(tunnel.TUN_TYPE_NAMES):
+        return t
+    raise BalancerError("illegal tunnel type specified")
+
+
+def _tun_flags(f: Any) -> int:
+    """One of nocsum, csum, remcsum (or tun-nocsum, ...; or 0, 1, 2)."""
     if isinstance(f, str):
-        key = f.strip().lower()
-        if key not in FWD_BY_NAME:
-            raise BalancerError(f"unknown forwarding method {f!r} (masq, route or tunnel)")
-        return FWD_BY_NAME[key]
-    if f in FWD_NAMES:
-        return int(f)
-    raise BalancerError(f"unknown forwarding method {f!r} (masq, route or tunnel)")
+        name = f.strip().lower()
+        name = name if name.startswith("tun-") else "tun-" + name
+        if name in tunnel.TUN_FLAG_OPTIONS:
+            return tunnel.TUN_FLAG_OPTIONS.index(name)
+    elif isinstance(f, int) and not isinstance(f, bool) and 0 <= f < len(tunnel.TUN_FLAG_OPTIONS):
+        return f
+    raise BalancerError(f"illegal tunnel flags {f!r} (nocsum, csum or remcsum)")
+
+
+def _tun_args(m: forward.Method, tun_type: Any, tun_port: Any,
+              tun_flags: Any) -> tuple[int, int, int]:
+    """(tun_type, tun_port, tun_flags) of a dest, checked as ipvsadm checks
+    its tunnel options (None or 0: not given). Only tunnel dests take them;
+    GRE, which ipvsadm offers, is refused: the engine cannot send it."""
+    tt = 0 if tun_type is None else _tun_type(tun_type)
+    tp = 0 if tun_port is None else _int_in(tun_port, 0, 65535, "illegal tunnel port specified")
+    tf = 0 if tun_flags is None else _tun_flags(tun_flags)
+    if m.fwd != FWD_TUNNEL:
+        if tt or tp or tf:
+            raise BalancerError(E_TUN_FWD)
+        return 0, 0, 0
+    given = ["tun-port"] if tp else []
+    if tf:
+        given.append(tunnel.TUN_FLAG_OPTIONS[tf])
+    msg = tunnel.option_error(tt, given)
+    if msg is not None:
+        raise BalancerError(msg)
+    if tt not in tunnel.ENGINE_TUN_TYPES:
+        raise BalancerError(
+            f"tunnel type {tunnel.TUN_TYPE_NAMES[tt]} is not supported by this director yet "
+            "(ipip or gue)")
+    return tt, tp, tf
 
 
 def _flag_bits(flags: Any) -> int:
@@ -289,10 +328,11 @@ class SchedDestView:
 
 
 class Dest:
-    __slots__ = ("slot", "daddr", "dport", "fwd", "weight", "u_threshold", "l_threshold")
+    __slots__ = ("slot", "daddr", "dport", "fwd", "weight", "u_threshold", "l_threshold",
+                 "tun_type", "tun_port", "tun_flags")
 
     def __init__(self, slot: int, daddr: int, dport: int, fwd: int, weight: int,
-                 u_threshold: int, l_threshold: int):
+                 u_threshold: int, l_threshold: int, tun: tuple[int, int, int] = (0, 0, 0)):
         self.slot = slot
         self.daddr = daddr
         self.dport = dport
@@ -300,6 +340,7 @@ class Dest:
         self.weight = weight
         self.u_threshold = u_threshold
         self.l_threshold = l_threshold
+        self.tun_type, self.tun_port, self.tun_flags = tun
 
 
 class Service:
@@ -392,6 +433,8 @@ class Balancer:
 
         self._batching = 0
         self._dirty = False
+        # DR dests already logged as not directly connected: (svc key, daddr, dport).
+        self._no_route_logged: set[tuple] = set()
         self.services_table: np.ndarray = np.zeros(counters.max_services, dtype=SERVICE_DTYPE)
         self.dests_table: np.ndarray = np.zeros(counters.max_dests, dtype=DEST_DTYPE)
         self.generation = 0
@@ -562,36 +605,41 @@ class Balancer:
     # --- dests --------------------------------------------------------------
 
     def _dest_args(self, svc: Service, daddr: Any, dport: Any, fwd: Any, weight: Any,
-                   u_threshold: Any, l_threshold: Any) -> tuple:
+                   u_threshold: Any, l_threshold: Any, tun_type: Any = None,
+                   tun_port: Any = None, tun_flags: Any = None) -> tuple:
         da = _addr(daddr, "real server address")
         _unicast_dest(da, getattr(self.resolver, "broadcasts", ()))
         dp = svc.vport if dport is None else _port(dport, "real server port")
-        f = _fwd(fwd)
+        m = _fwd(fwd)
         w = _int_in(weight, 0, MAX_WEIGHT, E_WEIGHT)
         ut = _int_in(u_threshold or 0, 0, MAX_THRESHOLD, "illegal u_threshold specified")
         lt = _int_in(l_threshold or 0, 0, MAX_THRESHOLD, "illegal l_threshold specified")
-        if f not in SUPPORTED_FWD:
-            hint = {FWD_ROUTE: " (-g, ipvsadm's default)", FWD_TUNNEL: " (-i)"}.get(f, "")
-            raise BalancerError(
-                f"forwarding method {FWD_KEYS[f]}{hint} is not supported yet: "
-                "use masquerading (-m)")
-        if f in (FWD_ROUTE, FWD_TUNNEL) and dp != svc.vport:
+        tun = _tun_args(m, tun_type, tun_port, tun_flags)
+        if not m.port_remap_allowed and dp != svc.vport:
+            # ipvsadm gives -g and -i dests the service's port itself: only
+            # a caller other than `pylvs adm` gets here.
             raise BalancerError(
                 f"the real server port must equal the service port ({svc.vport}) "
-                f"with forwarding method {FWD_KEYS[f]}")
-        return da, dp, f, w, ut, lt
+                f"with forwarding method {m.key}")
+        return da, dp, m.fwd, w, ut, lt, tun
 
     def add_dest(self, proto: Any, vaddr: Any, vport: Any, daddr: Any, dport: Any = None,
                  fwd: Any = "masq", weight: Any = 1, u_threshold: Any = 0,
-                 l_threshold: Any = 0) -> int:
-        """ipvsadm -a. ``dport`` None means the service port. Returns the dest slot."""
+                 l_threshold: Any = 0, tun_type: Any = None, tun_port: Any = None,
+                 tun_flags: Any = None) -> int:
+        """ipvsadm -a. ``dport`` None means the service port. ``fwd``: a
+        method name (masq, route, tunnel, or an alias) or fwd number.
+        Tunnel dests take ``tun_type`` (ipip, gue), ``tun_port`` (gue's UDP
+        port, required for gue) and ``tun_flags`` (nocsum, csum, remcsum),
+        with ipvsadm's rules and messages. Returns the dest slot."""
         svc = self._get_svc(proto, vaddr, vport, E_SVC_UNDEF)
-        da, dp, f, w, ut, lt = self._dest_args(svc, daddr, dport, fwd, weight,
-                                               u_threshold, l_threshold)
+        da, dp, f, w, ut, lt, tun = self._dest_args(svc, daddr, dport, fwd, weight,
+                                                    u_threshold, l_threshold,
+                                                    tun_type, tun_port, tun_flags)
         if (da, dp) in svc.dests:
             raise BalancerError(E_DEST_EXISTS)
         slot = self._alloc_dest_slot((svc.key, da, dp))
-        d = svc.dests[(da, dp)] = Dest(slot, da, dp, f, w, ut, lt)
+        d = svc.dests[(da, dp)] = Dest(slot, da, dp, f, w, ut, lt, tun)
         self._dest_at[slot] = (svc, d)
         self._by_daddr.setdefault(da, set()).add(slot)
         self._dirty_dest.add(slot)
@@ -603,19 +651,29 @@ class Balancer:
 
     def edit_dest(self, proto: Any, vaddr: Any, vport: Any, daddr: Any, dport: Any = None,
                   fwd: Any = None, weight: Any = None, u_threshold: Any = None,
-                  l_threshold: Any = None) -> int:
-        """ipvsadm -e. Arguments left None keep their value (the CLI passes all)."""
+                  l_threshold: Any = None, tun_type: Any = None, tun_port: Any = None,
+                  tun_flags: Any = None) -> int:
+        """ipvsadm -e. Arguments left None keep their value (the CLI passes
+        all); the tunnel options, all left None, are dropped when the dest
+        stops being a tunnel dest. A change of method applies to new conns:
+        the engine binds a conn's method when it creates the conn."""
         svc = self._get_svc(proto, vaddr, vport, E_SVC_UNDEF)
         da = _addr(daddr, "real server address")
         dp = svc.vport if dport is None else _port(dport, "real server port")
         d = svc.dests.get((da, dp))
         if d is None:
             raise BalancerError(E_NO_DEST)
-        _, _, f, w, ut, lt = self._dest_args(
-            svc, da, dp, d.fwd if fwd is None else fwd, d.weight if weight is None else weight,
+        new_fwd = d.fwd if fwd is None else fwd
+        if tun_type is None and tun_port is None and tun_flags is None and (
+                _fwd(new_fwd).fwd == d.fwd):
+            tun_type, tun_port, tun_flags = d.tun_type, d.tun_port, d.tun_flags
+        _, _, f, w, ut, lt, tun = self._dest_args(
+            svc, da, dp, new_fwd, d.weight if weight is None else weight,
             d.u_threshold if u_threshold is None else u_threshold,
-            d.l_threshold if l_threshold is None else l_threshold)
+            d.l_threshold if l_threshold is None else l_threshold,
+            tun_type, tun_port, tun_flags)
         d.fwd, d.weight, d.u_threshold, d.l_threshold = f, w, ut, lt
+        d.tun_type, d.tun_port, d.tun_flags = tun
         self._dirty_dest.add(d.slot)
         if w == 0:
             self._refresh_sched(svc)   # quiesce before anything else sees it
@@ -692,6 +750,7 @@ class Balancer:
             self._dest_trash[tk] = d.slot
             self._dest_trash_key[d.slot] = tk
         self._dest_at.pop(d.slot, None)
+        self._no_route_logged.discard((svc.key, d.daddr, d.dport))
         slots = self._by_daddr.get(d.daddr)
         if slots is not None:
             slots.discard(d.slot)
@@ -716,7 +775,7 @@ class Balancer:
         views = tuple(SchedDestView(d.slot, d.weight, d.daddr, self._dport(svc, d),
                                     d.u_threshold, d.l_threshold)
                       for d in svc.dests.values()
-                      if d.fwd in SUPPORTED_FWD and (only is None or only(d.slot)))
+                      if only is None or only(d.slot))
         with self._sched_lock:
             svc.scheduler.update(views)
             self._sched_view[svc.slot] = (svc.scheduler, views,
@@ -751,8 +810,30 @@ class Balancer:
         if ans is not None:
             out_port, dmac, smac = ans
             flags |= DEST_F_RESOLVED
+        if forward.by_fwd(d.fwd).needs_connected_network and not self._connected(svc, d):
+            flags |= DEST_F_NO_ROUTE
         dests[slot] = (d.daddr, self._dport(svc, d), svc.slot, d.weight, d.fwd, flags,
-                       out_port, tuple(bytes(dmac)), tuple(bytes(smac)))
+                       out_port, tuple(bytes(dmac)), tuple(bytes(smac)),
+                       d.tun_type, d.tun_flags, d.tun_port)
+
+    def _connected(self, svc: Service, d: Dest) -> bool:
+        """False when the resolver knows the route to a DR dest goes through a
+        gateway. IPVS accepts such a dest (its frames then go nowhere
+        useful); the director says so in its log, once per dest and route
+        change, and the engine drops and counts the dest's frames."""
+        ask = getattr(self.resolver, "connected", None)
+        direct = ask(d.daddr) if ask is not None else None
+        key = (svc.key, d.daddr, d.dport)
+        if direct is False:
+            if key not in self._no_route_logged:
+                self._no_route_logged.add(key)
+                log.warning("DR real server %s:%d of %s %s:%d is not on a directly connected "
+                            "network: its frames are dropped (drop_no_route) until it is",
+                            ip_str(d.daddr), d.dport, PROTO_NAMES[svc.proto],
+                            ip_str(svc.vaddr), svc.vport)
+            return False
+        self._no_route_logged.discard(key)
+        return True
 
     def build_tables(self) -> tuple[np.ndarray, np.ndarray]:
         """Fresh service and dest arrays for the current model."""
@@ -953,9 +1034,12 @@ class Balancer:
         for svc in self._services.values():
             dests = []
             for d in svc.dests.values():
+                m = forward.by_fwd(d.fwd)
                 dests.append({
                     "daddr": ip_str(d.daddr), "dport": d.dport,
-                    "fwd": FWD_KEYS[d.fwd], "fwd_name": FWD_NAMES[d.fwd],
+                    "fwd": m.key, "fwd_name": m.name,
+                    "tun_type": tunnel.TUN_TYPE_NAMES[d.tun_type], "tun_port": d.tun_port,
+                    "tun_flags": d.tun_flags,
                     "weight": d.weight, "u_threshold": d.u_threshold,
                     "l_threshold": d.l_threshold,
                     "activeconns": int(c.dest_conns[d.slot, ACTIVE]),
@@ -1010,7 +1094,7 @@ class Balancer:
         for svc in self._services.values():
             svcs.append(svc.key)
             for d in svc.dests.values():
-                if d.fwd == FWD_MASQ:
+                if forward.by_fwd(d.fwd).replies_via_director:
                     reals.add((svc.proto, d.daddr, self._dport(svc, d)))
         return {"services": svcs, "real_servers": sorted(reals)}
 
@@ -1024,9 +1108,11 @@ class Balancer:
         "del_service": ("del_service", ("proto", "vaddr", "vport")),
         "clear": ("clear", ()),
         "add_dest": ("add_dest", ("proto", "vaddr", "vport", "daddr", "dport", "fwd",
-                                  "weight", "u_threshold", "l_threshold")),
+                                  "weight", "u_threshold", "l_threshold", "tun_type",
+                                  "tun_port", "tun_flags")),
         "edit_dest": ("edit_dest", ("proto", "vaddr", "vport", "daddr", "dport", "fwd",
-                                    "weight", "u_threshold", "l_threshold")),
+                                    "weight", "u_threshold", "l_threshold", "tun_type",
+                                    "tun_port", "tun_flags")),
         "del_dest": ("del_dest", ("proto", "vaddr", "vport", "daddr", "dport")),
         "zero": ("zero", ("proto", "vaddr", "vport")),
         "set_timeouts": ("set_timeouts", ("tcp", "tcpfin", "udp")),

@@ -15,14 +15,17 @@ from __future__ import annotations
 import ipaddress
 from typing import Iterable
 
-FORWARD_NAMES = {"masq": "Masq", "local": "Local", "tunnel": "Tunnel", "route": "Route"}
-FORWARD_SWITCHES = {"masq": "-m", "tunnel": "-i", "local": "-g", "route": "-g"}
+from .. import forward
+from ..forward import tunnel
+
 PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 PROTO_SWITCHES = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}
 
 # Output formats of -L (one at a time, as ipvsadm's FMT_* flags choose).
-DEFAULT, STATS, RATE, THRESHOLDS, PERSISTENT_CONN = (
-    "default", "stats", "rate", "thresholds", "persistent-conn")
+DEFAULT, STATS, RATE, THRESHOLDS, PERSISTENT_CONN, TUN_INFO = (
+    "default", "stats", "rate", "thresholds", "persistent-conn", "tun-info")
+# --tun-info's flag column, by tun_flags value (nocsum, csum, remcsum).
+TUN_FLAG_INFO = ("-c", "+c", "r+c")
 
 
 def _ip_key(a: str) -> int:
@@ -86,6 +89,10 @@ def title(fmt: str = DEFAULT) -> str:
     if fmt == PERSISTENT_CONN:
         return "%-33s %-9s %-11s %-10s %-10s\n  -> RemoteAddress:Port\n" % (
             "Prot LocalAddress:Port", "Weight", "PersistConn", "ActiveConn", "InActConn")
+    if fmt == TUN_INFO:
+        return ("Prot LocalAddress:Port Scheduler Flags\n"
+                "  -> RemoteAddress:Port           Forward TunnelInfo    Weight ActiveConn "
+                "InActConn\n")
     return ("Prot LocalAddress:Port Scheduler Flags\n"
             "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n")
 
@@ -143,8 +150,42 @@ def _dest_line(d: dict, fmt: str, exact: bool) -> str:
     if fmt == PERSISTENT_CONN:
         return "  -> %-28s %-9d %-11d %-10d %-10d" % (
             name, d["weight"], d.get("persistconns", 0), d["activeconns"], d["inactconns"])
+    method = forward.by_name(d["fwd"])
+    if fmt == TUN_INFO:
+        return "  -> %-28s %-7s %-13s %-6d %-10d %-10d" % (
+            name, method.name, tun_info(d), d["weight"], d["activeconns"], d["inactconns"])
     return "  -> %-28s %-7s %-6d %-10d %-10d" % (
-        name, FORWARD_NAMES[d["fwd"]], d["weight"], d["activeconns"], d["inactconns"])
+        name, method.name, d["weight"], d["activeconns"], d["inactconns"])
+
+
+def _tun_type(d: dict) -> int:
+    return tunnel.TUN_TYPES[d.get("tun_type", "ipip")]
+
+
+def tun_info(d: dict) -> str:
+    """--tun-info's TunnelInfo column: ``ipip``, ``gue:PORT:FLAGS``,
+    ``gre:FLAGS`` (FLAGS -c, +c or r+c), ``n/a`` for other methods."""
+    if forward.by_name(d["fwd"]).fwd != tunnel.DESCRIPTOR.fwd:
+        return "n/a"
+    tt = _tun_type(d)
+    flags = TUN_FLAG_INFO[d.get("tun_flags", 0)]
+    if tt == tunnel.TUN_GUE:
+        return "gue:%d:%s" % (d.get("tun_port", 0), flags)
+    if tt == tunnel.TUN_GRE:
+        return "gre:" + flags
+    return "ipip"
+
+
+def _tun_rule(d: dict) -> str:
+    """The tunnel options -S prints after a tunnel dest's weight (ipvsadm
+    1.31 names the type even for the default ipip)."""
+    tt = _tun_type(d)
+    flag = " --" + tunnel.TUN_FLAG_OPTIONS[d.get("tun_flags", 0)]
+    if tt == tunnel.TUN_GUE:
+        return " --tun-type gue --tun-port %d%s" % (d.get("tun_port", 0), flag)
+    if tt == tunnel.TUN_GRE:
+        return " --tun-type gre" + flag
+    return " --tun-type ipip"
 
 
 def service_entry(svc: dict, fmt: str = DEFAULT, exact: bool = False,
@@ -195,8 +236,10 @@ def save(snap: dict, nosort: bool = False) -> str:
             line += " -b %s" % ",".join(svc["flags"])
         out.append(line + "\n")
         for d in sorted_dests(svc["dests"], nosort):
-            out.append("-a %s -r %s %s -w %d\n" % (
-                rule, addrport(d["daddr"], d["dport"]), FORWARD_SWITCHES[d["fwd"]], d["weight"]))
+            method = forward.by_name(d["fwd"])
+            tun = _tun_rule(d) if method.fwd == tunnel.DESCRIPTOR.fwd else ""
+            out.append("-a %s -r %s %s -w %d%s\n" % (
+                rule, addrport(d["daddr"], d["dport"]), method.flag, d["weight"], tun))
     return "".join(out)
 
 

@@ -56,6 +56,10 @@ class Resolver:
         self.lookups = 0   # route lookups made
         self.pokes = 0     # NTF_USE requests (each makes the kernel ARP)
         self._cache: dict[int, Answer] = {}
+        # daddr -> its route's next hop is daddr itself (a directly
+        # connected network), from the last route lookup.
+        self._direct: dict[int, bool] = {}
+        self._moved: set[int] = set()   # resolver thread: direct changed, not reported yet
         self._wanted: set[int] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -83,11 +87,20 @@ class Resolver:
             self.start()
         return ans
 
+    def connected(self, daddr: int) -> bool | None:
+        """Whether the kernel's route to ``daddr`` is a directly connected
+        network (no gateway: what VS-DR needs); None before the first
+        lookup. ``on_change`` reports a change of it for an address that
+        has an answer."""
+        with self._lock:
+            return self._direct.get(int(daddr))
+
     def forget(self, daddr: int) -> None:
         """No dest uses ``daddr`` any more: stop resolving it."""
         with self._lock:
             self._wanted.discard(int(daddr))
             self._cache.pop(int(daddr), None)
+            self._direct.pop(int(daddr), None)
 
     def wait(self, daddr: int, timeout: float) -> Answer | None:
         """Block until daddr resolves (tests, start-up); never on an event loop."""
@@ -154,6 +167,10 @@ class Resolver:
         if todo:
             for daddr, ans in self._lookup_many(ipr, todo):
                 self._store(daddr, ans)
+            # Moved between a connected and a routed network with the same
+            # answer: still a change for whoever reads ``connected``.
+            for daddr in sorted(self._moved):
+                self._changed(daddr)
         due = [self._next_try[a] for a in missing if a in self._next_try]
         return min([self._last_refresh + self.refresh, *due]) - now
 
@@ -191,6 +208,10 @@ class Resolver:
                 return
             self._cache[daddr] = ans
         log.info("dest %s via port %d mac %s", ipaddress.IPv4Address(daddr), ans[0], ans[1].hex(":"))
+        self._changed(daddr)
+
+    def _changed(self, daddr: int) -> None:
+        self._moved.discard(daddr)
         cb = self.on_change
         if cb is not None:
             try:
@@ -209,6 +230,13 @@ class Resolver:
             except Exception as e:  # a netlink hiccup must not kill the thread
                 self.errors += 1
                 log.warning("route lookup of %s failed: %s", ipaddress.IPv4Address(daddr), e)
+        with self._lock:
+            for daddr, h in hops.items():
+                if h is not None and daddr in self._wanted:
+                    direct = h[1] == str(ipaddress.IPv4Address(daddr))
+                    if self._direct.get(daddr, direct) != direct and daddr in self._cache:
+                        self._moved.add(daddr)
+                    self._direct[daddr] = direct
         neigh: dict[tuple[int, str], tuple[str | None, int]] = {}
         for oif in {h[0] for h in hops.values() if h is not None}:
             try:

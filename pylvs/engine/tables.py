@@ -48,7 +48,7 @@ FWD_MASQ = 0
 FWD_LOCAL = 1
 FWD_TUNNEL = 2
 FWD_ROUTE = 3
-FWD_NAMES = {FWD_MASQ: "Masq", FWD_LOCAL: "Local", FWD_TUNNEL: "Tunnel", FWD_ROUTE: "Route"}
+# Their names, ipvsadm flags and properties: pylvs.forward.METHODS.
 
 PROTO_TCP = 6
 PROTO_UDP = 17
@@ -69,8 +69,7 @@ SERVICE_DTYPE = np.dtype(
 
 DEST_F_USED = 1      # the slot holds a dest (conns may still point at a freed slot)
 DEST_F_RESOLVED = 2  # out_port, dmac and smac are valid
-DEST_F_NO_ROUTE = 4  # not on a directly connected network (a DR dest needs one): frames
-                     # to it are dropped (drop_no_route)
+DEST_F_NO_ROUTE = 4  # a DR dest not on a directly connected network: drop, count
 
 DEST_DTYPE = np.dtype(
     [
@@ -83,9 +82,9 @@ DEST_DTYPE = np.dtype(
         ("out_port", "<u2"),  # egress port index (see the I/O backend's port list)
         ("dmac", "u1", (6,)), # next-hop MAC (the real server's, on its L2 segment)
         ("smac", "u1", (6,)), # the director's MAC on out_port
-        ("tun_type", "u1"),   # FWD_TUNNEL: 0 ipip, 1 gue, 2 gre (ipvsadm's TUNNEL_TYPE_*)
-        ("tun_flags", "u1"),  # FWD_TUNNEL: bit0 nocsum, bit1 csum, bit2 remcsum (--tun-*)
-        ("tun_port", "<u2"),  # FWD_TUNNEL GUE: the UDP destination port (host order)
+        ("tun_type", "u1"),   # FWD_TUNNEL: pylvs.forward.tunnel.TUN_* (0 ipip, 1 gue, 2 gre)
+        ("tun_flags", "u1"),  # FWD_TUNNEL: tunnel.TUN_F_* (0 nocsum, 1 csum, 2 remcsum)
+        ("tun_port", "<u2"),  # FWD_TUNNEL gue: UDP destination port, host order
     ],
     align=True,
 )

@@ -34,6 +34,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .. import forward
 from ..engine import tables
 
 # Opcodes (linux/filter.h, linux/bpf_common.h).
@@ -113,7 +114,7 @@ def _packed_services(services: np.ndarray) -> np.ndarray:
 
 def _packed_dests(services: np.ndarray, dests: np.ndarray) -> np.ndarray:
     used = dests[((dests["flags"] & tables.DEST_F_USED) != 0)
-                 & (dests["fwd"] == tables.FWD_MASQ)]
+                 & np.isin(dests["fwd"], forward.REPLY_FWDS)]
     svc = used["svc"].astype(np.intp)
     used, svc = used[svc < len(services)], svc[svc < len(services)]
     owner = services[svc]
@@ -135,10 +136,12 @@ def keys_of(table, kind: str) -> list[Key]:
 
 
 def dest_keys(services, dests) -> list[Key]:
-    """(proto, daddr, dport) of used VS-NAT dests; proto comes from their service.
+    """(proto, daddr, dport) of used dests whose method has replies come back
+    through the director (forward.REPLY_FWDS: VS-NAT); proto comes from
+    their service.
 
-    Only NAT replies come back through the director: DR and TUN real servers
-    answer clients directly, so their traffic is none of ours.
+    DR and TUN real servers answer clients directly, so their traffic is
+    none of ours.
     """
     if not isinstance(dests, np.ndarray):
         return sorted({(int(p), int(a), int(port)) for p, a, port in dests})

@@ -30,6 +30,7 @@ local = r.wait(ip("10.9.1.1"), 1)
 absent = r.wait(ip("10.9.1.77"), 1.5)  # nobody answers ARP
 out = dict(first=first, direct=[direct[0], direct[1].hex(), direct[2].hex()],
            routed=[routed[0], routed[1].hex()], local=local, absent=absent,
+           connected=[r.connected(ip("10.9.1.2")), r.connected(ip("10.9.7.9"))],
            changed=changed, d1=mac("d1").hex())
 r.close()
 print(json.dumps(out))
@@ -38,6 +39,8 @@ print(json.dumps(out))
     assert res["first"] is None
     assert res["direct"] == [1, rmac, res["d1"]]
     assert res["routed"] == [1, rmac]
+    # What VS-DR needs to know: only the first is on a connected network.
+    assert res["connected"] == [True, False]
     assert res["local"] is None and res["absent"] is None
     from pylvs.io.bpf import ip
     assert set(res["changed"]) == {ip("10.9.1.2"), ip("10.9.7.9")}
