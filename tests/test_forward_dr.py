@@ -101,8 +101,6 @@ ROWS = [
     Row("a dr reply sent through the director is not matched: no OUT key",
         v(tcp(src=RIP2, dst=CIP, sport=DR_PORT, dport=1000, smac=RMAC, dmac=SMAC, flags="SA")),
         RS_PORT, PASS, counts("pass_not_ours"), before=[DR_SYN]),
-    Row("tun dest: dropped until encapsulation lands", v(tcp(dport=88)), CLIENT_PORT, DROP,
-        counts("drop_fwd_method", "conns_created")),
     Row("a tun reply through the director is not matched: no OUT key",
         v(tcp(src=RIP2, dst=CIP, sport=88, dport=1000, smac=RMAC, dmac=SMAC, flags="SA")),
         RS_PORT, PASS, counts("pass_not_ours"), before=[TUN_SYN]),
@@ -158,8 +156,6 @@ ROWS = [
         emitted=[(CLIENT_PORT, time_exceeded(tcp(dport=86, ttl=1), VIP))]),
     Row("the route before the ttl: ttl 1 to a no-route dest", v(tcp(dport=87, ttl=1)),
         CLIENT_PORT, DROP, counts("drop_no_route", "conns_created")),
-    Row("the method before the ttl: ttl 1 to a tun dest", v(tcp(dport=88, ttl=1)), CLIENT_PORT,
-        DROP, counts("drop_fwd_method", "conns_created")),
     # --- ICMP errors about DR conns ---------------------------------------------------------
     Row("frag-needed from a client-side router about a dr reply reaches the real server",
         v(icmp_about(ROUTER, VIP, DR_REPLY, mtu=1280)), CLIENT_PORT, TX,

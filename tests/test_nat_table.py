@@ -199,8 +199,6 @@ ROWS = [
         delta("pass_not_ours")),
     Row("dest not resolved: dropped after the conn is made", v(c2s(dport=81)), CLIENT_PORT,
         None, DROP, delta("drop_unresolved", "conns_created")),
-    Row("dest with Tun forwarding: not forwarded yet", v(c2s(dport=88)), CLIENT_PORT, None, DROP,
-        delta("drop_fwd_method", "conns_created")),
     Row("scheduler finds no dest: icmp port unreachable from the vip", v(c2s(dport=83)),
         CLIENT_PORT, None, DROP, delta("drop_no_dest", "icmp_unreach_sent", "emit_frames"),
         emitted=[(CLIENT_PORT, icmp_error_for(c2s(dport=83), 3, 3, VIP))]),
@@ -518,7 +516,7 @@ def test_random_traffic_same_in_both_engines(seed, hand):
     assert dr_in.min() > 0, "a DR dest saw no packet"
     for name in ("conns_created", "conns_expired", "tx_frames", "drop_no_conn", "conns_evicted",
                  "csum_partial_fixed", "gso_frames", "ip_options", "drop_conflict",
-                 "sched_errors", "drop_unresolved", "drop_fwd_method", "drop_ttl",
+                 "sched_errors", "drop_unresolved", "tx_tunneled", "drop_ttl",
                  "icmp_time_exceeded_sent", "drop_no_route"):
         assert st[name] > 0, f"{name} never happened"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_kit import (CIP, CLIENT_PORT, IMPLS, RIP, RMAC, RS_PORT, SMAC, VIP, Env, ip, tcp, udp, v)
+from engine_kit import (CIP, CLIENT_PORT, IMPLS, RIP, RMAC, RS_PORT, SMAC, VIP, Env, build_tables, ip, tcp, udp, v)
 from pylvs.engine import states, tables
 from pylvs.engine.states import (CLOSE, CLOSE_WAIT, ESTABLISHED, FIN_WAIT, LAST_ACK, NONE,
                                  SYN_RECV, TIME_WAIT, UDP_STATE)
@@ -249,8 +249,12 @@ def test_unresolved_dest_still_moves_state(env):
 
 
 def test_fwd_method_drop_leaves_new_conn_untouched(env):
-    # A Tun dest (not forwarded yet): the conn is made (state NONE, expires
-    # now + timeouts[NONE]) but the frame is dropped before the state update.
+    # A GRE tunnel dest (not forwarded yet): the conn is made (state NONE,
+    # expires now + timeouts[NONE]) but the frame is dropped before the state
+    # update.
+    svc, dst = build_tables()
+    dst[13]["tun_type"] = 2
+    env.engine.set_tables(svc, dst)
     env.send(v(tcp(dport=88)), CLIENT_PORT, 0.0)
     c = env.conn()
     assert c[7] == NONE and c[8] == 2.0 and c[9] == tables.FWD_TUNNEL

@@ -192,6 +192,7 @@ static void engine_dealloc(PylvsEngine *self)
     release(&self->dests_view);
     for (int k = 0; k < N_BATCH_ARRAYS; k++)
         release(&self->batch_views[k]);
+    PyMem_Free(self->scratch);
     PyMem_Free(self->net.ports);
     PyMem_Free(self->net.routes);
     PyMem_Free(self->net.local);
@@ -467,6 +468,7 @@ static PyObject *engine_set_ports(PylvsEngine *self, PyObject *arg)
     PyBuffer_Release(&v);
     if (rows == NULL)
         return NULL;
+    PyMem_Free(self->scratch);
     PyMem_Free(self->net.ports);
     self->net.ports = rows;
     self->net.nports = n;

@@ -110,7 +110,11 @@ _Static_assert(sizeof(dest_row) == 32, "DEST_DTYPE is 32 bytes");
  * look at the dest to decide again. */
 #define XMIT_NAT 0  /* FWD_MASQ: rewritten both ways; the only kind with an OUT key */
 #define XMIT_DR 1   /* FWD_ROUTE: MACs and TTL only */
-#define XMIT_NONE 2 /* not supported yet (FWD_TUNNEL, FWD_LOCAL): drop_fwd_method */
+#define XMIT_NONE 2 /* not supported yet (FWD_LOCAL, GRE tunnels): drop_fwd_method */
+#define XMIT_TUN 3  /* FWD_TUNNEL, IPIP or GUE: encapsulated into the emit area */
+#define TUN_F_CSUM 1 /* dest tun_flags: pylvs.forward.tunnel.TUN_F_CSUM (--tun-csum) */
+/* Scratch room for the fragments of one packet before they are encapsulated. */
+#define SCRATCH_BYTES (64u * 1024 + 4096)
 
 /* --- conns and the index -------------------------------------------------- */
 
@@ -230,7 +234,8 @@ struct pylvs_engine {
     struct pylvs_net net;          /* ports, routes, local addresses (copies) */
     struct rate_bucket icmp_rl, rst_rl;
     struct icmp_peer peers[ICMP_PEERS]; /* the per-destination ICMP limit */
-    uint16_t ip_id;                /* the next ICMP error's IP ID */
+    uint16_t ip_id;                /* the next IP ID of a packet the engine makes */
+    uint8_t *scratch;              /* SCRATCH_BYTES, made on first use */
 };
 
 /* The established path is one function: GCC would otherwise leave these

@@ -9,6 +9,7 @@
 
 #include "ip_vs_xmit_dr.h"
 #include "ip_vs_xmit_nat.h"
+#include "ip_vs_xmit_tun.h"
 
 /* --- the frame path ------------------------------------------------------- */
 
@@ -197,7 +198,10 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
         return refuse(e, verdict, why, ST_DROP_NO_DEST, PYLVS_V_DROP);
 
     /* ip_vs_bind_xmit: the transmitter is chosen here, once. */
-    uint8_t xmit = dest->fwd == FWD_MASQ ? XMIT_NAT : dest->fwd == FWD_ROUTE ? XMIT_DR : XMIT_NONE;
+    uint8_t xmit = dest->fwd == FWD_MASQ    ? XMIT_NAT
+                   : dest->fwd == FWD_ROUTE ? XMIT_DR
+                   : dest->fwd == FWD_TUNNEL && pylvs_tun_overhead(dest->tun_type) ? XMIT_TUN
+                                                                                   : XMIT_NONE;
     uint64_t hout = 0;
     if (xmit == XMIT_NAT) {
         hout = key_hash(e, proto, dest->daddr, dest->dport, saddr, sport);
@@ -456,6 +460,17 @@ refuse_frame(PylvsEngine *e, int stat, uint8_t proto, uint32_t saddr, uint16_t s
 #define MTU_FITS (-1)
 #define MTU_FRAGMENT (-2)
 
+/* The MTU a packet may have to leave on `egress` once `overhead` bytes of
+ * tunnel headers are added (0: the port has no MTU, no check); never below
+ * RFC 791's 68. */
+static inline uint32_t egress_mtu(const PylvsEngine *e, uint16_t egress, uint32_t overhead)
+{
+    const port_row *p = pylvs_port(&e->net, egress);
+    if (p == NULL || p->mtu == 0)
+        return 0;
+    return p->mtu > overhead + 68 ? p->mtu - overhead : 68;
+}
+
 /* Step 13 beyond the fast test: MTU_FITS, MTU_FRAGMENT, or the verdict
  * counter of a refusal (answered with frag-needed when DF is set). */
 static __attribute__((noinline)) int
@@ -489,15 +504,15 @@ mtu_slow(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *frame, const uint
 /* Step 13: does the frame fit the egress port's MTU? */
 HOT int mtu_check(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *frame,
                   const uint8_t *eth, const uint8_t *ip, uint32_t ihl, uint32_t tot,
-                  uint8_t proto, uint16_t egress, uint16_t in_port, uint32_t icmp_saddr,
-                  double now)
+                  uint8_t proto, uint16_t egress, uint32_t overhead, uint16_t in_port,
+                  uint32_t icmp_saddr, double now)
 {
-    const port_row *p = pylvs_port(&e->net, egress);
-    if (p == NULL || p->mtu == 0)
+    uint32_t mtu = egress_mtu(e, egress, overhead);
+    if (mtu == 0)
         return MTU_FITS;
-    if (tot <= p->mtu && !((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0))
+    if (tot <= mtu && !((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0))
         return MTU_FITS;
-    return mtu_slow(e, em, frame, eth, ip, ihl, tot, proto, p->mtu, in_port, icmp_saddr, now);
+    return mtu_slow(e, em, frame, eth, ip, ihl, tot, proto, mtu, in_port, icmp_saddr, now);
 }
 
 /* A rewritten frame with DF clear that is too big: its IP fragments leave
@@ -512,6 +527,87 @@ fragment_out(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const ui
     e->stats[ST_EMIT_FRAMES] += k;
     e->stats[ST_FRAG_OUT] += k;
     return finish(e, ST_TX_FRAGMENTED, PYLVS_V_EMIT);
+}
+
+/* A packet with DF clear too big for the tunnel: its IP fragments (each
+ * fitting the MTU less the tunnel's headers), each encapsulated. All or
+ * nothing: the count of frames emitted, or 0. */
+#define TUN_FRAG_MAX 64
+static uint32_t tun_fragments(PylvsEngine *e, struct pylvs_emit *em, uint16_t egress,
+                              const uint8_t *eth_out, const uint8_t *ip, uint32_t tot,
+                              const struct pylvs_tun *t)
+{
+    uint32_t overhead = pylvs_tun_overhead(t->type);
+    if (e->scratch == NULL && (e->scratch = PyMem_Malloc(SCRATCH_BYTES)) == NULL)
+        return 0;
+    uint32_t off[TUN_FRAG_MAX], len[TUN_FRAG_MAX];
+    uint16_t port[TUN_FRAG_MAX];
+    struct pylvs_emit frags = {.buf = e->scratch, .cap = SCRATCH_BYTES, .max = TUN_FRAG_MAX,
+                               .off = off, .len = len, .port = port};
+    uint32_t k = pylvs_ip_fragment(&frags, egress, eth_out, ip, tot,
+                                   egress_mtu(e, egress, overhead));
+    uint32_t need = 0;
+    for (uint32_t i = 0; i < k; i++)
+        need += len[i] + overhead;
+    if (k == 0 || em == NULL || em->n + k > em->max || em->cap - em->used < need)
+        return 0;
+    uint32_t hdr = PYLVS_VNET_HDR_LEN + 14;
+    for (uint32_t i = 0; i < k; i++)
+        pylvs_tun_encap(em, egress, eth_out, frags.buf + off[i] + hdr, len[i] - hdr, t,
+                        (uint16_t)(e->ip_id + i));
+    e->stats[ST_FRAG_OUT] += k;
+    return k;
+}
+
+/* The GUE source port of a conn: spread over the kernel's default local
+ * port range 32768-60999 by a hash of the client side, as udp_flow_src_port
+ * spreads flows (a plain multiplicative hash, the same in the reference). */
+static inline uint16_t gue_sport(const struct conn *c)
+{
+    uint32_t h = c->caddr * 0x9E3779B1u ^ (uint32_t)c->cport * 0x85EBCA6Bu;
+    return (uint16_t)(32768u + h % 28232u);
+}
+
+/* VS-Tun (the kernel's ip_vs_tunnel_xmit): the packet (TTL already
+ * decremented) leaves encapsulated, IPIP or GUE, from the egress port's
+ * address to the RIP; a GSO frame is cut into segments first (no virtio GSO
+ * type describes IPIP), a partial checksum completed, a too-big packet with
+ * DF clear cut into IP fragments that are encapsulated one by one (so the
+ * real server reassembles the inner packet, not the tunnel's). Everything
+ * goes to the emit area: V_EMIT, tx_tunneled. */
+static __attribute__((noinline)) int
+tun_xmit(PylvsEngine *e, struct pylvs_emit *em, const struct conn *c, const dest_row *dest,
+         uint8_t *frame, uint8_t *ip, uint32_t ihl, uint32_t tot, uint8_t proto,
+         int fragment)
+{
+    uint8_t eth_out[14];
+    memcpy(eth_out, dest->dmac, 6);
+    memcpy(eth_out + 6, dest->smac, 6);
+    eth_out[12] = 0x08;
+    eth_out[13] = 0x00;
+    const port_row *p = pylvs_port(&e->net, dest->out_port);
+    struct pylvs_tun t = {
+        .type = dest->tun_type,
+        .csum = dest->tun_flags == TUN_F_CSUM,
+        .sport = gue_sport(c),
+        .dport = dest->tun_port,
+        .saddr = p != NULL && p->addr ? p->addr : c->vaddr,
+        .daddr = c->daddr,
+    };
+    uint32_t n;
+    if ((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0) {
+        n = pylvs_gso_segments(em, dest->out_port, eth_out, frame, ip, tot, &t, e->ip_id);
+    } else {
+        if (frame[0] & VNET_F_NEEDS_CSUM)
+            csum_complete(e, frame, ip, ip + ihl, tot - ihl, proto);
+        n = fragment ? tun_fragments(e, em, dest->out_port, eth_out, ip, tot, &t)
+                     : (pylvs_tun_encap(em, dest->out_port, eth_out, ip, tot, &t, e->ip_id) ? 1 : 0);
+    }
+    if (n == 0)
+        return finish(e, ST_EMIT_OVERFLOW, PYLVS_V_DROP);
+    e->ip_id = (uint16_t)(e->ip_id + n);
+    e->stats[ST_EMIT_FRAMES] += n;
+    return finish(e, ST_TX_TUNNELED, PYLVS_V_EMIT);
 }
 
 /* The ICMP path (docs/engine.md): an ICMP error about a conn goes where the
@@ -536,7 +632,7 @@ icmp_frame(PylvsEngine *e, uint8_t *eth, uint8_t *ip, uint32_t ihl, uint32_t tot
         conn_remove(e, r >> 1, ST_CONNS_EXPIRED);
         return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
     }
-    if (c->xmit == XMIT_NONE)
+    if (c->xmit == XMIT_NONE || c->xmit == XMIT_TUN) /* errors about tunnels: later */
         return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
     int refusal = pylvs_refusal(&e->net, eth, ip, ihl, in_port);
     if (refusal < 0) /* the kernel's route input refuses the error's own source first */
@@ -719,12 +815,15 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
          * given back as it came. */
         uint32_t ttl_word = pylvs_rd32(ip + 8);
         ip_decrease_ttl(ip);
-        int mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, dest->out_port, in_port,
-                            daddr, now);
+        uint32_t overhead = c->xmit == XMIT_TUN ? pylvs_tun_overhead(dest->tun_type) : 0;
+        int mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, dest->out_port, overhead,
+                            in_port, daddr, now);
         if (__builtin_expect(mtu >= 0, 0)) {
             pylvs_wr32(ip + 8, ttl_word);
             return finish(e, mtu, PYLVS_V_DROP);
         }
+        if (c->xmit == XMIT_TUN)
+            return tun_xmit(e, em, c, dest, frame, ip, ihl, tot, proto, mtu == MTU_FRAGMENT);
         if (c->xmit == XMIT_NAT)
             *out_port = nat_xmit_in(e, c, dest, frame, eth, ip, l4, l4len, proto, daddr, dport);
         else
@@ -742,7 +841,7 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
                                           reply_icmp_saddr(e, c, in_port), 1), PYLVS_V_DROP);
         int mtu = MTU_FITS;
         if (pylvs_port(&e->net, c->in_port) != NULL) {
-            mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, c->in_port, in_port,
+            mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, c->in_port, 0, in_port,
                             reply_icmp_saddr(e, c, in_port), now);
             if (__builtin_expect(mtu >= 0, 0))
                 return finish(e, mtu, PYLVS_V_DROP);

@@ -62,7 +62,7 @@ from typing import Callable
 import numpy as np
 
 from . import states, tables
-from . import icmp
+from . import icmp, tunnel
 from .conn import CONNS_EXPIRED, CONNS_REUSED, MAX_LIMIT, Conn, ConnTable
 from .checksum import fold, ones_sum, pseudo_header_sum, sum_update32, update16, update32
 
@@ -105,11 +105,12 @@ _RST_SENT = _ST["rst_sent"]
 _ICMP_RATELIMITED = _ST["icmp_ratelimited"]
 _RST_RATELIMITED = _ST["rst_ratelimited"]
 _FRAG_OUT = _ST["frag_out"]
+_TX_TUNNELED = _ST["tx_tunneled"]
 _DROP_TTL = _ST["drop_ttl"]
 _ICMP_TIME_EXCEEDED_SENT = _ST["icmp_time_exceeded_sent"]
 _DROP_NO_ROUTE = _ST["drop_no_route"]
 
-_NO_DEST = (0, 0, 0, 0, 0, 0, 0, bytes(6), bytes(6))  # a dest row with flags 0
+_NO_DEST = (0, 0, 0, 0, 0, 0, 0, bytes(6), bytes(6), 0, 0, 0)  # a dest row with flags 0
 _N_PEERS = 1024   # the per-destination ICMP limit's cache (C: ICMP_PEERS)
 _DO_FRAGMENT = -1  # _mtu_refusal: not a refusal, fragment after the rewrite
 V_PASS, V_TX, V_DROP, V_EMIT = tables.V_PASS, tables.V_TX, tables.V_DROP, tables.V_EMIT
@@ -121,7 +122,9 @@ _ICMP_DEST_UNREACH, _ICMP_PORT_UNREACH, _ICMP_FRAG_NEEDED = 3, 3, 4
 _ICMP_TIME_EXCEEDED, _ICMP_EXC_TTL = 11, 0
 # How a conn's packets leave, bound when it is made (kernel ip_vs_bind_xmit);
 # as XMIT_* in ip_vs.h.
-XMIT_NAT, XMIT_DR, XMIT_NONE = 0, 1, 2
+XMIT_NAT, XMIT_DR, XMIT_NONE, XMIT_TUN = 0, 1, 2, 3
+_TUN_F_CSUM = 1        # dest tun_flags: pylvs.forward.tunnel.TUN_F_CSUM
+_TUN_FRAG_MAX = 64     # fragments of one packet before encapsulation (C: TUN_FRAG_MAX)
 _RESOLVED_OR_NO_ROUTE = tables.DEST_F_RESOLVED | tables.DEST_F_NO_ROUTE
 _LSRR, _SSRR = 131, 137
 ETH = tables.VNET_HDR_LEN          # offset of the Ethernet header
@@ -296,12 +299,13 @@ class Engine:
         used = np.flatnonzero(dests["flags"])
         rows = dests[used]
         dmacs, smacs = rows["dmac"].tobytes(), rows["smac"].tobytes()
-        for i, (d, daddr, dport, svc, weight, fwd, flags, out_port) in enumerate(zip(
+        for i, (d, daddr, dport, svc, weight, fwd, flags, out_port, tt, tf, tp) in enumerate(zip(
                 used.tolist(), rows["daddr"].tolist(), rows["dport"].tolist(),
                 rows["svc"].tolist(), rows["weight"].tolist(), rows["fwd"].tolist(),
-                rows["flags"].tolist(), rows["out_port"].tolist())):
+                rows["flags"].tolist(), rows["out_port"].tolist(), rows["tun_type"].tolist(),
+                rows["tun_flags"].tolist(), rows["tun_port"].tolist())):
             ds[d] = (daddr, dport, svc, weight, fwd, flags, out_port,
-                     dmacs[6 * i:6 * i + 6], smacs[6 * i:6 * i + 6])
+                     dmacs[6 * i:6 * i + 6], smacs[6 * i:6 * i + 6], tt, tf, tp)
         self._svc_table, self._dest_table = services, dests
         self._svc_by_key, self._dests = by_key, ds
 
@@ -565,17 +569,24 @@ class Engine:
                 return _DROP_RP_FILTER
         return None
 
+    def _egress_mtu(self, port: int, overhead: int = 0) -> int:
+        """The MTU a packet may have leaving on `port` once `overhead` bytes of
+        tunnel headers are added (0: no MTU known, no check); never below 68."""
+        p = self._port_row(port)
+        if p is None or p[1] == 0:
+            return 0
+        return p[1] - overhead if p[1] > overhead + 68 else 68
+
     def _mtu_refusal(self, f: memoryview, ihl: int, totlen: int, proto: int, in_port: int,
-                     out_port: int, icmp_saddr: int, now: float) -> int | None:
+                     out_port: int, icmp_saddr: int, now: float, overhead: int = 0) -> int | None:
         """Step 12: does the packet fit the egress MTU? None: send it as it is.
         Else the verdict counter: DF set (or TCP GSO) answered with ICMP
         frag-needed carrying the MTU (RFC 1191, kernel ip_forward /
         ip_vs ensure_mtu_is_adequate); a plain frame with DF clear is
         fragmented later (_DO_FRAGMENT); a GSO frame without DF is dropped."""
-        p = self._port_row(out_port)
-        if p is None or p[1] == 0:
+        mtu = self._egress_mtu(out_port, overhead)
+        if mtu == 0:
             return None
-        mtu = p[1]
         gso = f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE
         if gso:
             l4 = IP + ihl
@@ -715,11 +726,15 @@ class Engine:
             # given back as it came.
             ttl_word = bytes(f[IP + 8:IP + 12])
             _decrease_ttl(f)
-            mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, out_port, daddr, now)
+            overhead = tunnel.tun_overhead(dest[9]) if c.xmit == XMIT_TUN else 0
+            mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, out_port, daddr, now,
+                                    overhead)
             if mtu is not None and mtu != _DO_FRAGMENT:
                 f[IP + 8:IP + 12] = ttl_word
                 pend[mtu] += 1
                 return V_DROP, 0
+            if c.xmit == XMIT_TUN:
+                return self._tun_xmit(f, c, dest, ihl, totlen, proto, mtu == _DO_FRAGMENT)
             f[ETH:ETH + 6] = dest[7]
             f[ETH + 6:ETH + 12] = dest[8]
             if c.xmit == XMIT_DR:
@@ -780,6 +795,64 @@ class Engine:
                 f[csum_at:csum_at + 2] = check.to_bytes(2, "big")
         return self._leave(f, totlen, mtu, out_port)
 
+    @staticmethod
+    def _gue_sport(c: Conn) -> int:
+        """The GUE source port of a conn, spread over 32768-60999 by a hash of
+        the client side (as C's gue_sport)."""
+        h = ((c.caddr * 0x9E3779B1) ^ (c.cport * 0x85EBCA6B)) & 0xFFFFFFFF
+        return 32768 + h % 28232
+
+    def _tun_xmit(self, f: memoryview, c: Conn, dest: tuple, ihl: int, totlen: int, proto: int,
+                  fragment: bool) -> tuple[int, int]:
+        """VS-Tun (kernel ip_vs_tunnel_xmit): the packet, its TTL already
+        decremented, leaves encapsulated (IPIP or GUE) in the emit area; a GSO
+        frame cut into segments first, a partial checksum completed, a too-big
+        packet with DF clear cut into IP fragments encapsulated one by one."""
+        pend = self._pend
+        out_port = dest[6]
+        eth_out = dest[7] + dest[8] + b"\x08\x00"
+        p = self._port_row(out_port)
+        t = tunnel.Tun(dest[9], int(dest[10] == _TUN_F_CSUM), self._gue_sport(c), dest[11],
+                       p[0] if p is not None and p[0] else c.vaddr, c.daddr)
+        ip = f[IP:IP + totlen]
+        if f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE:
+            n = tunnel.gso_segments(self._emit, out_port, eth_out, f[:ETH], ip, totlen, t,
+                                    self._ip_id)
+        else:
+            if f[0] & tables.VNET_F_NEEDS_CSUM:
+                self._complete_csum(f, IP + ihl, totlen - ihl, proto)
+            if fragment:
+                n = self._tun_fragments(out_port, eth_out, ip, totlen, t)
+            else:
+                n = 1 if tunnel.tun_encap(self._emit, out_port, eth_out, ip, totlen, t,
+                                          self._ip_id) else 0
+        if not n:
+            pend[_EMIT_OVERFLOW] += 1
+            return V_DROP, 0
+        self._ip_id = (self._ip_id + n) & 0xFFFF
+        pend[_EMIT_FRAMES] += n
+        pend[_TX_TUNNELED] += 1
+        return V_EMIT, 0
+
+    def _tun_fragments(self, port: int, eth_out: bytes, ip: memoryview, totlen: int,
+                       t: tunnel.Tun) -> int:
+        """The IP fragments of a packet too big for the tunnel, each fitting
+        the MTU less the tunnel's headers, each encapsulated: all or nothing."""
+        overhead = tunnel.tun_overhead(t.type)
+        scratch = icmp.Emit.new(64 * 1024 + 4096, _TUN_FRAG_MAX)
+        k = icmp.ip_fragment(scratch, port, eth_out, ip, totlen, self._egress_mtu(port, overhead))
+        frags = [fr for _, fr in scratch.frames()]
+        em = self._emit
+        need = sum(len(fr) + overhead for fr in frags)
+        if not k or int(em.n[0]) + k > em.max or len(em.buf) - int(em.n[1]) < need:
+            return 0
+        hdr = ETH + 14
+        for i, fr in enumerate(frags):
+            tunnel.tun_encap(em, port, eth_out, fr[hdr:], len(fr) - hdr, t,
+                             (self._ip_id + i) & 0xFFFF)
+        self._pend[_FRAG_OUT] += k
+        return k
+
     def _complete_csum(self, f: memoryview, l4: int, plen: int, proto: int) -> None:
         """A partial L4 checksum without GSO (TP_STATUS_CSUMNOTREADY) computed
         in full over pseudo header and segment; the vnet flags cleared."""
@@ -826,7 +899,7 @@ class Engine:
         idaddr, idport = inner.daddr, inner.dport
         # The quoted packet went the other way: its reverse is the conn's key.
         hit = self._lookup((iproto, idaddr, idport, isaddr, isport), now)
-        if hit is None or hit[0].xmit == XMIT_NONE:
+        if hit is None or hit[0].xmit in (XMIT_NONE, XMIT_TUN):  # errors about tunnels: later
             pend[_PASS_NOT_OURS] += 1
             return V_PASS, 0
         refusal = self._refusal(f, ihl, in_port)
@@ -943,7 +1016,14 @@ class Engine:
         # ip_vs_bind_xmit: the transmitter is chosen here, once; only NAT
         # conns get an OUT key (the others' replies bypass the director).
         fwd = dest[4]
-        xmit = XMIT_NAT if fwd == tables.FWD_MASQ else XMIT_DR if fwd == tables.FWD_ROUTE else XMIT_NONE
+        if fwd == tables.FWD_MASQ:
+            xmit = XMIT_NAT
+        elif fwd == tables.FWD_ROUTE:
+            xmit = XMIT_DR
+        elif fwd == tables.FWD_TUNNEL and tunnel.tun_overhead(dest[9]):
+            xmit = XMIT_TUN
+        else:
+            xmit = XMIT_NONE
         out_key = None
         if xmit == XMIT_NAT:
             out_key = (proto, dest[0], dest[1], saddr, sport)

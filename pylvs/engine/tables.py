@@ -141,6 +141,7 @@ STAT_NAMES = (
     "drop_ttl",           # verdict: TTL <= 1, not forwarded (kernel ip_forward, decrement_ttl)
     "icmp_time_exceeded_sent",  # extra: ICMP time exceeded answering a drop_ttl
     "drop_no_route",      # verdict: the dest is DEST_F_NO_ROUTE (not on a connected network)
+    "tx_tunneled",        # V_EMIT: sent encapsulated (VS-Tun, IPIP or GUE) from the emit area
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 N_STATS = 64  # room to grow without changing the array's size

@@ -1,0 +1,219 @@
+"""VS-Tun in the engine, both engines: IPIP and GUE encapsulation of client
+packets (kernel ip_vs_tunnel_xmit), GSO frames cut into segments first,
+the tunnel's MTU, DF-clear packets fragmented before encapsulation.
+
+The world is engine_kit's: service VIP:88 (slot 11) has one Tun dest,
+RIP2:88 (dest 13, IPIP unless a row changes it). Encapsulated frames leave
+on the real-server port from SMAC to RMAC; expected frames are built with
+scapy from the kernel's rules (outer TOS and DF copied from the inner
+header, TTL = the inner TTL after the decrement, IP ID from the engine's
+counter).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw, raw
+
+from engine_kit import (CIP, CLIENT_PORT, FIRST_ICMP_ID, IMPLS, RIP2, RMAC, RS_PORT, SMAC, VIP,
+                        Env, build_tables, icmp_error_for, partial_vnet, tcp, tcp_out, udp, v)
+from pylvs.engine import tables
+from test_engine_answers import (BIG, DIP_S, DROP, EMIT, NET, Row, counts, net, run_row)
+
+TUN_PORT = 88
+TUN_DEST = 13
+GUE_PORT = 6080
+
+
+def tun_in(**kw) -> bytes:
+    return tcp(dport=TUN_PORT, **kw)
+
+
+def gue_sport(caddr: str = CIP, cport: int = 1000) -> int:
+    a = int.from_bytes(bytes(int(x) for x in caddr.split(".")), "big")
+    return 32768 + (((a * 0x9E3779B1) ^ (cport * 0x85EBCA6B)) & 0xFFFFFFFF) % 28232
+
+
+def encap(inner_eth: bytes, src: str = VIP, ip_id: int = FIRST_ICMP_ID, gue: bool = False,
+          csum: bool = False) -> bytes:
+    """The frame the engine must make of an Ethernet frame whose IP packet
+    (TTL already decremented) goes to the Tun dest."""
+    inner = Ether(inner_eth)[IP]
+    outer = IP(src=src, dst=RIP2, id=ip_id, ttl=inner.ttl, tos=inner.tos,
+               flags="DF" if inner.flags.DF else 0, proto=17 if gue else 4)
+    body = raw(inner)
+    if gue:
+        u = UDP(sport=gue_sport(), dport=GUE_PORT) / Raw(b"\x00\x04\x00\x00" + body)
+        if not csum:
+            u.chksum = 0
+        p = Ether(src=SMAC, dst=RMAC) / outer / u
+    else:
+        p = Ether(src=SMAC, dst=RMAC) / outer / Raw(body)
+    return tables.with_vnet(raw(p))
+
+
+def gue(csum: bool):
+    """A `before` step: the Tun dest speaks GUE to GUE_PORT (--tun-csum or not)."""
+    def setup(env: Env) -> None:
+        svc, dst = build_tables()
+        dst[TUN_DEST]["tun_type"] = 1
+        dst[TUN_DEST]["tun_flags"] = 1 if csum else 0
+        dst[TUN_DEST]["tun_port"] = GUE_PORT
+        env.engine.set_tables(svc, dst)
+    return setup
+
+
+def gre(env: Env) -> None:
+    svc, dst = build_tables()
+    dst[TUN_DEST]["tun_type"] = 2
+    env.engine.set_tables(svc, dst)
+
+
+TUN = ("tx_tunneled", "emit_frames")
+
+ROWS = [
+    Row("tun syn: IPIP from the VIP (no port address known) to the RIP", v(tun_in()),
+        CLIENT_PORT, EMIT, counts(*TUN, "conns_created"), expect=v(tcp_out(dport=TUN_PORT)),
+        emitted=[(RS_PORT, encap(tcp_out(dport=TUN_PORT)))]),
+    Row("tun: the outer source is the egress port's address", v(tun_in(flags="A")),
+        CLIENT_PORT, EMIT, counts(*TUN), expect=v(tcp_out(dport=TUN_PORT, flags="A")),
+        emitted=[(RS_PORT, encap(tcp_out(dport=TUN_PORT, flags="A"), src=DIP_S, ip_id=FIRST_ICMP_ID + 1))],
+        before=[NET, (v(tun_in()), CLIENT_PORT, 0.0)]),
+    Row("tun: TOS and DF copied to the outer header",
+        v(tun_in(flags="S", ip_flags="DF", tos=0x28)), CLIENT_PORT, EMIT,
+        counts(*TUN, "conns_created"),
+        expect=v(tcp_out(dport=TUN_PORT, flags="S", ip_flags="DF", tos=0x28)),
+        emitted=[(RS_PORT, encap(tcp_out(dport=TUN_PORT, flags="S", ip_flags="DF",
+                                         tos=0x28)))]),
+    Row("tun: gue with a udp checksum", v(tun_in()), CLIENT_PORT, EMIT,
+        counts(*TUN, "conns_created"), expect=v(tcp_out(dport=TUN_PORT)),
+        emitted=[(RS_PORT, encap(tcp_out(dport=TUN_PORT), gue=True, csum=True))],
+        before=[gue(csum=True)]),
+    Row("tun: gue without a udp checksum", v(tun_in()), CLIENT_PORT, EMIT,
+        counts(*TUN, "conns_created"), expect=v(tcp_out(dport=TUN_PORT)),
+        emitted=[(RS_PORT, encap(tcp_out(dport=TUN_PORT), gue=True))],
+        before=[gue(csum=False)]),
+    Row("tun: a partial checksum is completed before encapsulation",
+        partial_vnet(tun_in(flags="PA", payload=b"abc")), CLIENT_PORT, EMIT,
+        counts(*TUN, "csum_partial_fixed"),
+        # Only the vnet flags byte is cleared (docs/engine.md).
+        expect=b"\0" + partial_vnet(tun_in(flags="PA", payload=b"abc"))[1:10]
+        + tcp_out(dport=TUN_PORT, flags="PA", payload=b"abc"),
+        emitted=[(RS_PORT, encap(tcp_out(dport=TUN_PORT, flags="PA", payload=b"abc"),
+                                 ip_id=FIRST_ICMP_ID + 1))],
+        before=[(v(tun_in()), CLIENT_PORT, 0.0)]),
+    Row("tun: DF and too big for the tunnel: frag-needed with the MTU less 20",
+        v(tun_in(flags="PA", payload=BIG, ip_flags="DF")), CLIENT_PORT, DROP,
+        counts("drop_frag_needed", "icmp_frag_needed_sent", "emit_frames"),
+        emitted=[(CLIENT_PORT, icmp_error_for(
+            tcp_out(dport=TUN_PORT, flags="PA", payload=BIG, ip_flags="DF"), 3, 4, VIP,
+            ip_id=FIRST_ICMP_ID + 1, mtu=1400 - 20))],
+        before=[net(mtu_rs=1400), (v(tun_in()), CLIENT_PORT, 0.0)]),
+    Row("tun: gue takes 32 bytes of the MTU",
+        v(tun_in(flags="PA", payload=BIG[:1350], ip_flags="DF")), CLIENT_PORT, DROP,
+        counts("drop_frag_needed", "icmp_frag_needed_sent", "emit_frames"),
+        emitted=[(CLIENT_PORT, icmp_error_for(
+            tcp_out(dport=TUN_PORT, flags="PA", payload=BIG[:1350], ip_flags="DF"), 3, 4, VIP,
+            ip_id=FIRST_ICMP_ID + 1, mtu=1400 - 32))],
+        before=[net(mtu_rs=1400), gue(csum=False), (v(tun_in()), CLIENT_PORT, 0.0)]),
+    Row("tun: a packet that fits the MTU with the tunnel's 20 bytes",
+        v(tun_in(flags="PA", payload=BIG[:1340], ip_flags="DF")), CLIENT_PORT, EMIT,
+        counts(*TUN),
+        expect=v(tcp_out(dport=TUN_PORT, flags="PA", payload=BIG[:1340], ip_flags="DF")),
+        emitted=[(RS_PORT, encap(tcp_out(dport=TUN_PORT, flags="PA", payload=BIG[:1340],
+                                         ip_flags="DF"), src=DIP_S, ip_id=FIRST_ICMP_ID + 1))],
+        before=[net(mtu_rs=1400), (v(tun_in()), CLIENT_PORT, 0.0)]),
+    Row("tun: ttl 1 is answered with time exceeded", v(tun_in(ttl=1)), CLIENT_PORT, DROP,
+        counts("drop_ttl", "icmp_time_exceeded_sent", "emit_frames", "conns_created"),
+        emitted=[(CLIENT_PORT, icmp_error_for(tun_in(ttl=1), 11, 0, VIP))]),
+    Row("tun: no room in the emit area", v(tun_in()), CLIENT_PORT, DROP,
+        counts("emit_overflow", "conns_created"), expect=v(tcp_out(dport=TUN_PORT)),
+        before=[lambda env: setattr(env, "batch", tables.Batch(size=4, slot=4096,
+                                                                emit_bytes=60))]),
+    Row("a gre tunnel dest is not forwarded (not supported yet)", v(tun_in()), CLIENT_PORT, DROP,
+        counts("drop_fwd_method", "conns_created"), before=[gre]),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("row", ROWS, ids=[r.desc for r in ROWS])
+def test_row(row: Row, impl: str) -> None:
+    run_row(row, impl)
+
+
+def _inner_packets(emitted: list[tuple[int, bytes]]) -> list:
+    """The inner IP packets of IPIP frames, each checked: outer header
+    checksum right, to the RIP, on the real-server port."""
+    out = []
+    for port, fr in emitted:
+        assert port == RS_PORT
+        p = Ether(fr[10:])
+        o = p[IP]
+        assert o.proto == 4 and o.dst == RIP2
+        chk = o.chksum
+        del o.chksum
+        assert IP(raw(o)).chksum == chk
+        out.append(IP(bytes(o.payload)))
+    return out
+
+
+@pytest.mark.parametrize("gso_size", [1440, 700])  # 1440 + 40 = the IPIP MTU of a 1500 link
+def test_tun_gso_frame_leaves_as_encapsulated_segments(gso_size):
+    """A 64 KiB-class GSO frame (veth offload) must reach the real server as
+    valid packets: segmented, each with full checksums, then encapsulated;
+    both engines byte for byte."""
+    payload = bytes(random.Random(3).randrange(256) for _ in range(3900))
+    frame = partial_vnet(tun_in(flags="PA", payload=payload, ip_flags="DF", seq=5000),
+                         gso_type=tables.VNET_GSO_TCPV4, gso_size=gso_size)
+    results = []
+    for impl in IMPLS:
+        env = Env(impl)
+        env.engine.set_ports(net.__globals__["ports"](mtu_rs=1500))
+        env.send(v(tun_in()), CLIENT_PORT, 0.0)
+        verdict, _, _ = env.send(frame, CLIENT_PORT, 0.0)
+        assert verdict == EMIT
+        results.append(env.emitted)
+        assert env.counters.stat("tx_tunneled") == 2
+    assert results[0] == results[1]
+    inner = _inner_packets(results[0])
+    n = -(-len(payload) // gso_size)
+    assert len(inner) == n
+    got = b""
+    for i, pkt in enumerate(inner):
+        t = pkt[TCP]
+        assert t.seq == 5000 + i * gso_size
+        assert pkt.ttl == 63 and pkt.flags.DF
+        for layer in (pkt, t):
+            chk = layer.chksum
+            del layer.chksum
+        rebuilt = IP(raw(pkt))
+        assert rebuilt.chksum == IP(bytes(results[0][i][1][10 + 14 + 20:])).chksum
+        assert rebuilt[TCP].chksum == IP(bytes(results[0][i][1][10 + 14 + 20:]))[TCP].chksum
+        got += bytes(t.payload)
+    assert got == payload
+
+
+def test_tun_df_clear_too_big_is_fragmented_then_encapsulated():
+    """DF clear and too big for the tunnel: the inner packet is cut into IP
+    fragments that each fit the MTU with the tunnel's headers, each
+    encapsulated, so the real server reassembles the inner packet."""
+    results = []
+    for impl in IMPLS:
+        env = Env(impl)
+        env.engine.set_ports(net.__globals__["ports"](mtu_rs=1280))
+        verdict, _, _ = env.send(v(udp(dport=TUN_PORT + 1000, payload=b"x")), CLIENT_PORT, 0.0)
+        verdict, _, _ = env.send(v(tun_in(flags="S", payload=BIG)), CLIENT_PORT, 0.0)
+        assert verdict == EMIT
+        results.append(env.emitted)
+        assert env.counters.stat("frag_out") == 2
+    assert results[0] == results[1]
+    frags = _inner_packets(results[0])
+    assert len(frags) == 2
+    assert all(len(raw(f)) + 20 <= 1280 for f in frags)
+    assert frags[0].flags.MF and not frags[1].flags.MF
+    whole = raw(frags[0])[20:] + raw(frags[1])[20:]
+    assert whole == raw(Ether(tcp_out(dport=TUN_PORT, flags="S", payload=BIG))[IP])[20:]
