@@ -35,6 +35,7 @@ WATCHED_IO = ("rx_dropped", "tx_errors", "tx_emsgsize", "emit_errors", "tx_bad_p
               "sock_errors", "rx_truncated", "rx_vlan", "rx_oversize")
 WATCHED_ENGINE = ("drop_table_full", "emit_overflow")
 LOG_EVERY = 10.0
+SIGHUP_MESSAGE = "SIGHUP: configuration reload is not implemented yet; still running"
 # How long `pylvs stats` waits for the steering table's not_host counter
 # (an nft subprocess, run in a worker thread); after that it shows null.
 NOT_HOST_TIMEOUT = 5.0
@@ -401,6 +402,10 @@ class Daemon:
         self._stop_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop_event.set)
+        # SIGHUP's default action kills the process without the clean-up
+        # below (the nft table would stay and black-hole the VIPs), and a
+        # closed terminal sends it.
+        self._loop.add_signal_handler(signal.SIGHUP, log.warning, SIGHUP_MESSAGE)
 
         path = self.opts.control or rpc.default_path()
         server = await rpc.start_server(path, self.balancer,

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from nsio import sh
-from test_run import RUN, Pair, running, stop, wait_ready
+from test_run import RUN, Pair, has_table, running, stop, wait_ready
 
 pytestmark = pytest.mark.netns
 
@@ -240,3 +240,31 @@ def test_stats_show_the_io_and_steering_counters(pair, tmp_path):
         named = dict(ln.split() for ln in text if len(ln.split()) == 2)
         assert int(named["io.rx_frames"]) >= 5 and int(named["rx_frames"]) >= 5
         assert stop(p) == 0
+
+
+@pytest.mark.parametrize("stop_sig", [signal.SIGTERM, signal.SIGINT])
+def test_sighup_does_not_stop_the_director(pair, stop_sig):
+    """A closed terminal sends SIGHUP: the director logs one line and keeps
+    serving; SIGTERM and SIGINT still stop it with its clean-up done (nft
+    table, control socket and lock file gone)."""
+    path = lock_path(pair.a)
+    ino = path.rsplit("-", 1)[1].split(".")[0]
+    ctl = f"/run/pylvs/ctl-{ino}.sock"
+    with running(pair.a, "--iface", "eth0", *SMALL) as (p, log):
+        wait_ready(p, log)
+        assert has_table(pair.a) and os.path.exists(ctl)
+        p.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "SIGHUP" not in open(log).read() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = in_ns(pair.a, *PYLVS, "adm", "-A", "-t", "10.9.0.1:80")
+        assert r.returncode == 0, r.stderr
+        assert p.poll() is None
+        text = open(log).read()
+        assert text.count("SIGHUP: configuration reload is not implemented yet; "
+                          "still running") == 1, text
+        p.send_signal(stop_sig)
+        assert p.wait(10) == 0
+        assert not has_table(pair.a)
+        assert not os.path.exists(path) and not os.path.exists(ctl)
+        assert "stopped" in open(log).read()
