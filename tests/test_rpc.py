@@ -481,13 +481,32 @@ def test_pylvs_sysctl_lists_reads_and_sets(director):
         0, "icmp_msgs_burst = 50\n", "")
     assert tool("sysctl_main", director, "icmp_msgs_burst=7", "expire_nodest_conn=1") == (
         0, "icmp_msgs_burst = 7\nexpire_nodest_conn = 1\n", "")
-    assert len(sent) == 2
+    assert len(sent) == 1   # one request, one publish
     assert json.loads(tool("sysctl_main", director, "--json", "icmp_msgs_burst")[1]) == {
         "icmp_msgs_burst": 7}
     rc, out, err = tool("sysctl_main", director, "icmp_msgs_burst=lots")
     assert rc == 1 and err == "pylvs sysctl: sysctl icmp_msgs_burst: 'lots' is not an integer\n"
     rc, out, err = tool("sysctl_main", director, "nosuch")
     assert rc == 1 and "unknown sysctl 'nosuch'" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ("icmp_msgs_burst=9", "conn_reuse_mode=bad"),
+    ("icmp_msgs_burst=9", "conn_reuse_mode=4"),
+    ("icmp_msgs_burst=9", "nosuch=1"),
+    ("icmp_msgs_burst=9", "nosuch"),
+    ("icmp_msgs_burst=9", "conn_reuse_mode=\u0661"),
+])
+def test_pylvs_sysctl_settings_apply_all_or_none(director, argv):
+    sent = []
+    director.balancer.publish_sysctls = sent.append
+    rc, out, err = tool("sysctl_main", director, *argv)
+    assert rc == 1 and err.startswith("pylvs sysctl: ") and out == ""
+    assert sent == [] and director.balancer.sysctls()["icmp_msgs_burst"] == 50
+    assert tool("sysctl_main", director, "conn_reuse_mode=0", "icmp_msgs_burst=9",
+                "icmp_msgs_burst") == (
+        0, "conn_reuse_mode = 0\nicmp_msgs_burst = 9\n", "")
+    assert len(sent) == 1
 
 
 def test_verbose_turns_debug_on_for_pylvs_only():

@@ -22,6 +22,7 @@ from typing import Any, Callable, TextIO
 
 from .. import forward
 from ..control import listing, rpc
+from ..control.text import ascii_int
 from ..forward import tunnel
 
 PROG = "pylvs adm"
@@ -280,11 +281,9 @@ class Command:
 
 
 def _number(s: str | None, lo: int, hi: int) -> int | None:
-    # strtol's acceptance, as ipvsadm's string_to_number.
-    if s is None or not re.fullmatch(r"\s*[+-]?\d+", s):
-        return None
-    v = int(s)
-    return v if lo <= v <= hi else None
+    # strtol's acceptance, as ipvsadm's string_to_number: nothing after the digits.
+    v = None if s is None or s[-1:].isspace() else ascii_int(s)
+    return v if v is not None and lo <= v <= hi else None
 
 
 def parse_timeout(s: str | None, lo: int, hi: int) -> int:
@@ -309,7 +308,7 @@ def _host(name: str) -> str | None:
 
 def parse_service(buf: str, proto: str) -> tuple[str, int | None] | None:
     """'host[:port]' -> (dotted address, port or None); None if unparseable."""
-    if not buf or buf.isdigit():
+    if not buf or re.fullmatch("[0-9]+", buf):
         return None
     if buf.startswith("[") or buf.count(":") > 1:
         raise _fail("IPv6 is not supported yet")

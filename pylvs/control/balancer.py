@@ -35,6 +35,7 @@ import numpy as np
 from .. import forward
 from .. import sched as schedmod
 from ..engine import states, tables
+from .text import ascii_int
 from ..engine.tables import (
     ACTIVE, DEST_DTYPE, DEST_F_NO_ROUTE, DEST_F_RESOLVED, DEST_F_USED, FWD_TUNNEL, INACTIVE,
     N_TRAFFIC, PROTO_TCP, PROTO_UDP, SERVICE_DTYPE, SVC_F_USED, SYSCTL_DEFAULTS, SYSCTL_NAMES,
@@ -181,8 +182,8 @@ def _strict_int(v: Any) -> int | None:
         return None
     if isinstance(v, int):
         return v
-    if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
-        return int(v)
+    if isinstance(v, str):
+        return ascii_int(v)
     return None
 
 
@@ -294,8 +295,9 @@ def _netmask(m: Any) -> int:
             return m
     elif isinstance(m, str):
         s = m.strip().lstrip("/")
-        if s.isdigit() and int(s) <= 32:
-            return (NETMASK_ALL << (32 - int(s))) & NETMASK_ALL
+        bits = ascii_int(s) if s.isdigit() else None
+        if bits is not None and bits <= 32:
+            return (NETMASK_ALL << (32 - bits)) & NETMASK_ALL
         try:
             return int(ipaddress.IPv4Address(s))
         except ValueError:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..control.text import ascii_int, excerpt
 from ..engine import tables
 
 log = logging.getLogger("pylvs")
@@ -612,10 +613,9 @@ def _bounded(lo: int, hi: int):
     import argparse
 
     def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        v = ascii_int(text)
+        if v is None:
+            raise argparse.ArgumentTypeError(f"not an integer: {excerpt(text)!r}")
         if not lo <= v <= hi:
             raise argparse.ArgumentTypeError(f"{v} is out of range ({lo}..{hi})")
         return v
