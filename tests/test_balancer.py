@@ -850,3 +850,20 @@ def test_numbers_in_operations_are_ascii_digits_only(env, op):
     with pytest.raises(BalancerError):
         b.apply(op)
     assert b.sysctls()["icmp_msgs_burst"] == 50 and len(b.snapshot()["services"]) <= 1
+
+
+def test_lower_threshold_above_the_upper_one_is_refused(env):
+    """ip_vs_add_dest and ip_vs_edit_dest refuse l_threshold > u_threshold
+    with ERANGE, also when no upper threshold is set; nothing changes."""
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    for ut, lt in [(10, 20), (0, 5)]:
+        with pytest.raises(BalancerError, match=r"^Numerical result out of range$"):
+            b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, u_threshold=ut, l_threshold=lt)
+    assert b.snapshot()["services"][0]["dests"] == []
+    b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, u_threshold=10, l_threshold=10)
+    n = len(pubs)
+    with pytest.raises(BalancerError, match=r"^Numerical result out of range$"):
+        b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80, u_threshold=9)
+    d = b.snapshot()["services"][0]["dests"][0]
+    assert (d["u_threshold"], d["l_threshold"]) == (10, 10) and len(pubs) == n

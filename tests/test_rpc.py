@@ -208,6 +208,9 @@ def test_adm_operation_errors_exit_255(director):
     assert adm_run(director, "-a", "-t", "10.0.0.1:80", "-r", "1.2.3.5", "-i",
                    "--tun-type", "gre") == (
         255, "", "tunnel type gre is not supported by this director yet (ipip or gue)\n")
+    for th in (["-x", "10", "-y", "20"], ["-y", "5"]):
+        assert adm_run(director, "-a", "-t", "10.0.0.1:80", "-r", "1.2.3.9", "-m", *th) == (
+            255, "", "Numerical result out of range\n")
     assert adm_run(director, "-S", "-n") == (
         0, "-A -t 10.0.0.1:80 -s wlc\n-a -t 10.0.0.1:80 -r 1.2.3.4:80 -g -w 1\n", "")
 

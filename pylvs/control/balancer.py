@@ -82,6 +82,7 @@ E_NO_SCHED = "Scheduler or persistence engine not found"
 E_ZERO_PORT = "Zero port specified for non-persistent service"
 E_OPS = "One-Packet Scheduling is only for UDP virtual services"
 E_WEIGHT = "illegal weight specified"
+E_RANGE = "Numerical result out of range"   # strerror(ERANGE)
 E_NOMEM = "Memory allocation problem"
 # ipvsadm's refusal of tunnel options with -m or -g.
 E_TUN_FWD = "Tunnel options conflict with forward method"
@@ -616,6 +617,10 @@ class Balancer:
         w = _int_in(weight, 0, MAX_WEIGHT, E_WEIGHT)
         ut = _int_in(u_threshold or 0, 0, MAX_THRESHOLD, "illegal u_threshold specified")
         lt = _int_in(l_threshold or 0, 0, MAX_THRESHOLD, "illegal l_threshold specified")
+        if lt > ut:
+            # ip_vs_add_dest / ip_vs_edit_dest: -ERANGE, even with no upper
+            # threshold; libipvs has no text of its own for it.
+            raise BalancerError(E_RANGE)
         tun = _tun_args(m, tun_type, tun_port, tun_flags)
         if not m.port_remap_allowed and dp != svc.vport:
             # ipvsadm gives -g and -i dests the service's port itself: only
