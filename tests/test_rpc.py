@@ -291,6 +291,24 @@ def test_long_restore_travels_in_batches_below_the_line_limit(director, monkeypa
     assert len(director.published) == 1
 
 
+def test_restore_skips_a_line_beyond_the_request_limit_and_goes_on(director):
+    """A line longer than the control socket takes (or whose operation,
+    JSON-escaped, would be) is reported and skipped; the director never
+    sees it, so the lines after it still apply."""
+    limit = rpc.MAX_REQUEST
+    rules = ("-A -t 10.0.0.1:80\n"
+             "-A -t 10.0.0.2:80 --pe " + "x" * limit + "\n"
+             "-A -t 10.0.0.3:80\n"
+             "-A -t 10.0.0.4:80 --pe " + "\x01" * (limit // 4) + "\n"
+             "-A -t 10.0.0.5:80\n")
+    rc, out, err = adm_run(director, "-R", stdin=rules)
+    assert err == (f"line 2: line too long (limit {limit} bytes)\n"
+                   f"line 4: line too long (limit {limit} bytes)\n")
+    assert rc != 0
+    assert adm_run(director, "-S", "-n")[1] == "".join(
+        f"-A -t 10.0.0.{i}:80 -s wlc\n" for i in (1, 3, 5))
+
+
 def test_held_batch_is_published_when_its_client_leaves(director):
     c = rpc.Client(director.path).connect()
     c.call({"op": "batch", "more": True,

@@ -580,6 +580,16 @@ def to_op(c: Command) -> dict | None:
     return None
 
 
+# A rule travels in one control request line of at most rpc.MAX_REQUEST
+# bytes: a longer line, or one whose operation would not fit, is refused
+# here (the director would close the connection, losing the lines after it).
+MAX_LINE = rpc.MAX_REQUEST
+def _line_too_long() -> AdmError:
+    return _fail(f"line too long (limit {MAX_LINE} bytes)")
+
+
+_BATCH_OVERHEAD = len(json.dumps({"op": "batch", "ops": [], "more": True})) + 1
+
 # Nothing shlex would treat specially: no quotes, escapes or comments.
 _PLAIN_LINE = re.compile(r"[^'\"\\#]*")
 
@@ -590,6 +600,9 @@ def restore_lines(text: str):
     quote); a leading word ``ipvsadm`` is dropped, blank lines and ``#``
     comments are skipped. Lines are independent, as ipvsadm reads them."""
     for no, line in enumerate(text.splitlines(), 1):
+        if len(line) > MAX_LINE or len(line.encode("utf-8", "surrogatepass")) > MAX_LINE:
+            yield no, None, _line_too_long()
+            continue
         if _PLAIN_LINE.fullmatch(line):
             words = line.split()   # what shlex makes of it, ten times faster
         else:
@@ -756,6 +769,11 @@ def restore(conn: _Conn, stdin: TextIO, out: TextIO, err: TextIO) -> int:
         op = to_op(c)
         if op is not None:
             n = len(json.dumps(op)) + 2
+            if n + _BATCH_OVERHEAD > MAX_LINE:
+                flush()
+                e = _line_too_long()
+                report(no, str(e), e.code)
+                continue
             if size + n > BATCH_BYTES:
                 flush(more=True)
             pending.append((no, op))
