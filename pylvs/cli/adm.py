@@ -617,8 +617,9 @@ def restore_lines(text: str):
             yield no, words, None
 
 
-def parse_restore(text: str) -> list[dict]:
-    """Operation dicts for a file of ``pylvs adm -S`` lines (``pylvs run -c``).
+def parse_restore(text: str) -> list[tuple[int, dict]]:
+    """(line number, operation dict) of each rule of a file of ``pylvs adm
+    -S`` lines (``pylvs run -c``).
 
     Raises AdmError naming the line for a line ipvsadm would refuse or one
     that is not a rule (a listing, say)."""
@@ -633,7 +634,7 @@ def parse_restore(text: str) -> list[dict]:
         op = to_op(c)
         if op is None:
             raise _fail(f"line {no}: not a rule command: {' '.join(words)}")
-        ops.append(op)
+        ops.append((no, op))
     return ops
 
 

@@ -364,18 +364,18 @@ class Daemon:
         loop.call_soon_threadsafe(call)
 
     async def _apply_config(self) -> None:
-        path, ops = self.opts.config, self._config_ops
+        path, rules = self.opts.config, self._config_ops
         if not path:
             return
-        # As ipvsadm -R: a bad line is reported and the others still apply,
-        # published once at the end.
-        results = self.balancer.apply_many(ops)
+        # As ipvsadm -R: a bad line is reported (as -R reports it) and the
+        # others still apply, published once at the end.
+        results = self.balancer.apply_many([op for _no, op in rules])
         if inspect.isawaitable(results):
             results = await results
-        bad = [(op, r) for op, r in zip(ops, results or []) if not r.get("ok", True)]
-        for op, r in bad:
-            log.error("%s: %s: %s", path, op, r.get("error"))
-        log.info("applied %d of %d rules from %s", len(ops) - len(bad), len(ops), path)
+        bad = [(no, r) for (no, _op), r in zip(rules, results or []) if not r.get("ok", True)]
+        for no, r in bad:
+            log.error("%s line %d: %s", path, no, r.get("error"))
+        log.info("applied %d of %d rules from %s", len(rules) - len(bad), len(rules), path)
 
     async def _watch(self, period: float = 1.0) -> None:
         # Losses and refusals the data path counts are logged without -v,
