@@ -324,3 +324,12 @@ def test_parse_restore_errors_name_the_line():
         adm.parse_restore("-L -n\n")
     with pytest.raises(adm.AdmError):
         adm.parse_restore("-R\n")
+
+
+def test_excerpt_cuts_and_escapes():
+    from pylvs.control.text import excerpt, quoted
+    assert excerpt("a" * 60) == "a" * 60 and excerpt("a" * 61) == "a" * 60 + "..."
+    assert excerpt("x\udcff\x00\n\u2028é") == "x\\xff\\x00\\n\\u2028é"
+    assert excerpt(b"\xff\xfeok") == "\\xff\\xfeok"
+    assert quoted("nosuch") == "'nosuch'" and quoted(1.5) == "1.5" and quoted(None) == "None"
+    assert err("-L", "x" * 1000)[1] == "unexpected argument " + "x" * 60 + "..."

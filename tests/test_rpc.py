@@ -123,6 +123,36 @@ def test_malformed_requests_never_kill_the_server(director):
         assert c.call(op="ping") == "pong"
 
 
+def test_errors_quote_a_short_escaped_excerpt_of_the_input(director):
+    """A huge or binary value comes back cut to a short prefix with its
+    non-printable characters escaped; undecodable bytes on the control
+    socket are named as such, not by a guessed codec."""
+    with rpc.Client(director.path) as c:
+        for op, want in [
+            ({"op": "x" * 1_000_000}, "unknown operation '" + "x" * 60 + "...'"),
+            ({"op": "sysctl", "name": "\x00\x1b[31m"}, "unknown sysctl '\\x00\\x1b[31m'"),
+            ({"op": "add_service", "proto": "tcp", "vaddr": "y" * 10_000, "vport": 80},
+             "illegal virtual server address '" + "y" * 60 + "...'"),
+        ]:
+            with pytest.raises(rpc.RpcError) as ei:
+                c.call(op)
+            assert str(ei.value).startswith(want) and len(str(ei.value)) < 200
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(director.path)
+    f = s.makefile("rwb")
+    for line in (b"\xff\xfe\n", b'{"op": "\xff"}\n'):
+        f.write(line)
+        f.flush()
+        assert json.loads(f.readline()) == {"ok": False,
+                                            "error": "malformed request: not UTF-8 JSON"}
+    s.close()
+    rc, out, err = adm_run(director, "-R", stdin=(
+        "-L " + "z" * 100_000 + "\n-A -t 10.0.0.1:80 --bogus\udcff\x07\n-A -t 10.0.0.1:80\n"))
+    assert err == ("line 1: unexpected argument " + "z" * 60 + "...\n"
+                   "line 2: --bogus\\xff\\x07: unknown option\n")
+    assert len(director.balancer.services()) == 1
+
+
 def test_deeply_nested_request_gets_an_error_answer(director):
     # json.loads raises RecursionError (not ValueError) on deep nesting: the
     # client must still get an answer, on the same connection.

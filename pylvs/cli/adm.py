@@ -22,7 +22,7 @@ from typing import Any, Callable, TextIO
 
 from .. import forward
 from ..control import listing, rpc
-from ..control.text import ascii_int
+from ..control.text import ascii_int, excerpt
 from ..forward import tunnel
 
 PROG = "pylvs adm"
@@ -133,17 +133,17 @@ def tokenize(argv: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
         if arg.startswith("--"):
             name, eq, val = arg[2:].partition("=")
             if name not in _LONG:
-                raise AdmError(f"{arg}: unknown option", EXIT_ERROR)
+                raise AdmError(f"{excerpt(arg)}: unknown option", EXIT_ERROR)
             kind, tag = _LONG[name]
             if kind == NOARG:
                 if eq:
-                    raise AdmError(f"{arg}: option does not take an argument", EXIT_ERROR)
+                    raise AdmError(f"{excerpt(arg)}: option does not take an argument", EXIT_ERROR)
                 opts.append((tag, None))
             elif eq:
                 opts.append((tag, val))
             elif kind == REQARG:
                 if i >= n:
-                    raise AdmError(f"{arg}: missing argument", EXIT_ERROR)
+                    raise AdmError(f"{excerpt(arg)}: missing argument", EXIT_ERROR)
                 opts.append((tag, argv[i]))
                 i += 1
             else:
@@ -159,7 +159,7 @@ def tokenize(argv: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
                 ch = arg[j]
                 j += 1
                 if ch not in _SHORT:
-                    raise AdmError(f"{arg}: unknown option", EXIT_ERROR)
+                    raise AdmError(f"{excerpt(arg)}: unknown option", EXIT_ERROR)
                 kind, tag = _SHORT[ch]
                 if kind == NOARG:
                     opts.append((tag, None))
@@ -169,7 +169,7 @@ def tokenize(argv: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
                     opts.append((tag, tail))
                 elif kind == REQARG:
                     if i >= n:
-                        raise AdmError(f"{arg}: missing argument", EXIT_ERROR)
+                        raise AdmError(f"{excerpt(arg)}: missing argument", EXIT_ERROR)
                     opts.append((tag, argv[i]))
                     i += 1
                 elif i < n and not argv[i].startswith("-"):
@@ -291,7 +291,7 @@ def parse_timeout(s: str | None, lo: int, hi: int) -> int:
         return DEFAULT_PERSISTENT_TIMEOUT
     v = _number(s, lo, hi)
     if v is None:
-        raise _fail(f"invalid timeout value `{s}' specified")
+        raise _fail(f"invalid timeout value `{excerpt(s)}' specified")
     return v
 
 
@@ -385,7 +385,7 @@ def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
             set_option("service-address")
             mark = _number(val, 1, 2**32 - 1)
             if mark is None:
-                raise _fail(f"invalid fwmark value `{val}' specified")
+                raise _fail(f"invalid fwmark value `{excerpt(val)}' specified")
             c.fwmark, c.proto = mark, "tcp"
         elif tag == "s":
             set_option("scheduler")
@@ -464,7 +464,7 @@ def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
         c.timeouts = tuple(parse_timeout(v, 0, MAX_TIMEOUT) for v in rest[:3])  # type: ignore[assignment]
         rest = rest[3:]
     if rest:
-        raise _fail(f"unexpected argument {rest[0]}")
+        raise _fail(f"unexpected argument {excerpt(rest[0])}")
     if not c.cmd:
         if not opts or all(t == "control" for t, _ in opts):
             c.cmd = "L"        # plain `ipvsadm` lists the table
@@ -492,10 +492,10 @@ def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
             c.sched = DEF_SCHED
         for f in c.sched_flags:
             if f not in ("flag-1", "flag-2", "flag-3") and f not in _SCHED_FLAG_OWNERS:
-                raise _fail(f"invalid scheduler flag `{f}'")
+                raise _fail(f"invalid scheduler flag `{excerpt(f)}'")
             owner = _SCHED_FLAG_OWNERS.get(f)
             if owner and owner != c.sched:
-                raise _fail(f"incompatible scheduler flag `{f}'")
+                raise _fail(f"incompatible scheduler flag `{excerpt(f)}'")
     if c.cmd in ("a", "e"):
         method = forward.by_name(c.fwd)
         if not c.fwmark and not method.port_remap_allowed:
@@ -633,7 +633,7 @@ def parse_restore(text: str) -> list[tuple[int, dict]]:
             raise AdmError(f"line {no}: {e}", e.code) from None
         op = to_op(c)
         if op is None:
-            raise _fail(f"line {no}: not a rule command: {' '.join(words)}")
+            raise _fail(f"line {no}: not a rule command: {excerpt(' '.join(words))}")
         ops.append((no, op))
     return ops
 

@@ -35,13 +35,13 @@ import numpy as np
 from .. import forward
 from .. import sched as schedmod
 from ..engine import states, tables
-from .text import ascii_int
 from ..engine.tables import (
     ACTIVE, DEST_DTYPE, DEST_F_NO_ROUTE, DEST_F_RESOLVED, DEST_F_USED, FWD_TUNNEL, INACTIVE,
     N_TRAFFIC, PROTO_TCP, PROTO_UDP, SERVICE_DTYPE, SVC_F_USED, SYSCTL_DEFAULTS, SYSCTL_NAMES,
     Counters,
 )
 from ..forward import tunnel
+from .text import ascii_int, excerpt, quoted
 
 log = logging.getLogger("pylvs.balancer")
 
@@ -157,23 +157,23 @@ def _proto(p: Any) -> int:
     if p == PROTO_SCTP:
         raise BalancerError("SCTP services are not supported yet")
     if p not in (PROTO_TCP, PROTO_UDP):
-        raise BalancerError(f"unknown protocol {p!r} (tcp or udp)")
+        raise BalancerError(f"unknown protocol {quoted(p)} (tcp or udp)")
     return int(p)
 
 
 def _addr(a: Any, what: str = "address") -> int:
     if isinstance(a, bool):
-        raise BalancerError(f"illegal {what} {a!r}")
+        raise BalancerError(f"illegal {what} {quoted(a)}")
     if isinstance(a, int):
         if 0 <= a <= 0xFFFFFFFF:
             return a
-        raise BalancerError(f"illegal {what} {a!r}")
+        raise BalancerError(f"illegal {what} {quoted(a)}")
     try:
         return int(ipaddress.IPv4Address(str(a)))
     except ValueError:
         if isinstance(a, str) and ":" in a:
             raise BalancerError("IPv6 is not supported yet") from None
-        raise BalancerError(f"illegal {what} {a!r}") from None
+        raise BalancerError(f"illegal {what} {quoted(a)}") from None
 
 
 def _strict_int(v: Any) -> int | None:
@@ -191,7 +191,7 @@ def _strict_int(v: Any) -> int | None:
 def _port(p: Any, what: str = "port") -> int:
     v = _strict_int(p)
     if v is None or not 0 <= v <= 65535:
-        raise BalancerError(f"illegal {what} {p!r}")
+        raise BalancerError(f"illegal {what} {quoted(p)}")
     return v
 
 
@@ -214,7 +214,8 @@ def _fwd(f: Any) -> forward.Method:
     try:
         return forward.lookup(f)
     except (KeyError, TypeError):
-        raise BalancerError(f"unknown forwarding method {f!r} (masq, route or tunnel)") from None
+        raise BalancerError(
+            f"unknown forwarding method {quoted(f)} (masq, route or tunnel)") from None
 
 
 def _tun_type(t: Any) -> int:
@@ -234,7 +235,7 @@ def _tun_flags(f: Any) -> int:
             return tunnel.TUN_FLAG_OPTIONS.index(name)
     elif isinstance(f, int) and not isinstance(f, bool) and 0 <= f < len(tunnel.TUN_FLAG_OPTIONS):
         return f
-    raise BalancerError(f"illegal tunnel flags {f!r} (nocsum, csum or remcsum)")
+    raise BalancerError(f"illegal tunnel flags {quoted(f)} (nocsum, csum or remcsum)")
 
 
 def _tun_args(m: forward.Method, tun_type: Any, tun_port: Any,
@@ -274,7 +275,7 @@ def _flag_bits(flags: Any) -> int:
     bits = 0
     for name in flags:
         if name not in _FLAG_BITS:
-            raise BalancerError(f"invalid scheduler flag `{name}'")
+            raise BalancerError(f"invalid scheduler flag `{excerpt(name)}'")
         bits |= _FLAG_BITS[name]
     return bits
 
@@ -512,7 +513,7 @@ class Balancer:
             return 0
         if persistent is True:
             return DEFAULT_PERSISTENT_TIMEOUT
-        return _int_in(persistent, 1, MAX_TIMEOUT, f"invalid timeout value `{persistent}' specified")
+        return _int_in(persistent, 1, MAX_TIMEOUT, f"invalid timeout value `{excerpt(str(persistent))}' specified")
 
     @staticmethod
     def _check_pe(pe: Any) -> str:
@@ -973,11 +974,11 @@ class Balancer:
 
     def _check_sysctl(self, name: Any, value: Any) -> tuple[str, int]:
         if not isinstance(name, str) or name not in self._sysctls:
-            raise BalancerError(f"unknown sysctl {name!r} (known: {', '.join(SYSCTL_NAMES)})")
+            raise BalancerError(f"unknown sysctl {quoted(name)} (known: {', '.join(SYSCTL_NAMES)})")
         lo, hi = SYSCTL_RANGES.get(name, (0, INT_MAX))
         v = _strict_int(value)
         if v is None:
-            raise BalancerError(f"sysctl {name}: {value!r} is not an integer")
+            raise BalancerError(f"sysctl {name}: {quoted(value)} is not an integer")
         if not lo <= v <= hi:
             raise BalancerError(f"sysctl {name}: {v} is out of range ({lo}..{hi})")
         return name, v
@@ -1149,11 +1150,11 @@ class Balancer:
             return "pong"
         spec = self._OPS.get(name) if isinstance(name, str) else None
         if spec is None:
-            raise BalancerError(f"unknown operation {name!r}")
+            raise BalancerError(f"unknown operation {quoted(name)}")
         meth, allowed = spec
         extra = set(op) - set(allowed) - {"op"}
         if extra:
-            raise BalancerError(f"{name}: unknown argument(s) {', '.join(sorted(extra))}")
+            raise BalancerError(f"{name}: unknown argument(s) {excerpt(', '.join(sorted(extra)))}")
         kwargs = {k: op[k] for k in allowed if k in op}
         try:
             return getattr(self, meth)(**kwargs)

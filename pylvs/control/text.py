@@ -24,6 +24,13 @@ def ascii_int(text: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def quoted(value: object) -> str:
+    """``value`` as repr() shows it, cut and escaped as excerpt() does."""
+    if isinstance(value, (str, bytes)):
+        return f"'{excerpt(value)}'"
+    return excerpt(repr(value))
+
+
 def excerpt(text: str | bytes, limit: int = EXCERPT_CHARS) -> str:
     """``text`` as an error message may quote it: at most ``limit``
     characters then "...", with control characters, undecodable bytes

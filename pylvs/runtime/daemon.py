@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..control.text import ascii_int, excerpt
+from ..control.text import ascii_int, quoted
 from ..engine import tables
 
 log = logging.getLogger("pylvs")
@@ -605,7 +605,7 @@ def _sysctl_arg(text: str) -> tuple[str, str]:
 
     name, eq, value = text.partition("=")
     if not eq or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {quoted(text)}")
     return name.strip(), value.strip()
 
 
@@ -615,7 +615,7 @@ def _bounded(lo: int, hi: int):
     def parse(text: str) -> int:
         v = ascii_int(text)
         if v is None:
-            raise argparse.ArgumentTypeError(f"not an integer: {excerpt(text)!r}")
+            raise argparse.ArgumentTypeError(f"not an integer: {quoted(text)}")
         if not lo <= v <= hi:
             raise argparse.ArgumentTypeError(f"{v} is out of range ({lo}..{hi})")
         return v
