@@ -82,6 +82,7 @@ E_NO_SCHED = "Scheduler or persistence engine not found"
 E_ZERO_PORT = "Zero port specified for non-persistent service"
 E_OPS = "One-Packet Scheduling is only for UDP virtual services"
 E_WEIGHT = "illegal weight specified"
+E_LOCAL_DEST = "local real servers (Local forwarding) are not supported yet"
 E_RANGE = "Numerical result out of range"   # strerror(ERANGE)
 E_NOMEM = "Memory allocation problem"
 # ipvsadm's refusal of tunnel options with -m or -g.
@@ -208,6 +209,14 @@ def _unicast_dest(daddr: int, broadcasts: Any = ()) -> None:
     the director's subnet broadcast addresses (``broadcasts``)."""
     if daddr >> 24 == 0 or daddr == 0xFFFFFFFF or daddr >> 28 == 0xE or daddr in broadcasts:
         raise BalancerError(E_INVAL)
+
+
+def _local_dest(daddr: int, local_nets: Any, vaddrs: Any) -> bool:
+    """Whether IPVS would deliver to ``daddr`` locally (inet_addr_type
+    RTN_LOCAL: 127.0.0.0/8, an address of the namespace in ``local_nets``
+    (prefix, mask) pairs, or a VIP of a service in ``vaddrs``)."""
+    return (daddr >> 24 == 127 or daddr in vaddrs
+            or any(daddr & mask == net for net, mask in local_nets))
 
 
 def _fwd(f: Any) -> forward.Method:
@@ -398,6 +407,7 @@ class Balancer:
         self.conn_tab_size = CONN_TAB_SIZE
 
         self._services: dict[tuple[int, int, int], Service] = {}
+        self._vaddrs: collections.Counter[int] = collections.Counter()  # services per VIP
         self._svc_free = _FreeSlots(counters.max_services)
         self._dest_free = _FreeSlots(counters.max_dests)
         # Deleted but still referenced by conns: (svc key, daddr, dport) <-> slot.
@@ -547,6 +557,7 @@ class Balancer:
         svc.timeout, svc.netmask, svc.pe, svc.ops = timeout, mask, pe, bool(ops)
         svc.scheduler = cls(frozenset(sched_flag_names(sched, bits)))
         self._services[key] = svc
+        self._vaddrs[svc.vaddr] += 1
         self._svc_at[slot] = svc
         self._dirty_svc.add(slot)
         self._svc_last_slot[key] = slot
@@ -602,6 +613,9 @@ class Balancer:
             self._release_dest(svc, d)
         svc.dests.clear()
         del self._services[svc.key]
+        self._vaddrs[svc.vaddr] -= 1
+        if not self._vaddrs[svc.vaddr]:
+            del self._vaddrs[svc.vaddr]
         del self._svc_at[svc.slot]
         self._dirty_svc.add(svc.slot)
         self._svc_free.put(svc.slot)
@@ -613,6 +627,8 @@ class Balancer:
                    tun_port: Any = None, tun_flags: Any = None) -> tuple:
         da = _addr(daddr, "real server address")
         _unicast_dest(da, getattr(self.resolver, "broadcasts", ()))
+        if _local_dest(da, getattr(self.resolver, "local_nets", ()), self._vaddrs):
+            raise BalancerError(E_LOCAL_DEST)
         dp = svc.vport if dport is None else _port(dport, "real server port")
         m = _fwd(fwd)
         w = _int_in(weight, 0, MAX_WEIGHT, E_WEIGHT)

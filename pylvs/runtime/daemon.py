@@ -501,6 +501,12 @@ class Daemon:
         self._local = local_addresses()
         try:
             self._build()
+            # The -c rules are checked against the namespace's addresses
+            # (local and broadcast real servers are refused): read them now,
+            # not when the resolver thread first gets to it.
+            refresh_local = getattr(self.resolver, "refresh_local", None)
+            if refresh_local is not None:
+                refresh_local()
             # The table goes in before any socket reads: a stale table from a
             # crashed run is replaced here.
             self.steering.apply(self._services, self._dests, self._local)

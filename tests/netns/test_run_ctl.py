@@ -268,3 +268,28 @@ def test_sighup_does_not_stop_the_director(pair, stop_sig):
         assert not has_table(pair.a)
         assert not os.path.exists(path) and not os.path.exists(ctl)
         assert "stopped" in open(log).read()
+
+
+def test_broadcast_and_local_real_servers_are_refused(pair, tmp_path):
+    """eth0 has 10.9.5.1/24 added without `brd +` (no IFA_BROADCAST): its
+    subnet broadcast 10.9.5.255 is still refused as IPVS refuses it, from
+    the -c file at start (logged by file and line) and from `pylvs adm`;
+    so are the director's own addresses (Local forwarding)."""
+    rules = tmp_path / "rules"
+    rules.write_text("-A -t 10.9.0.1:80 -s rr\n"
+                     "-a -t 10.9.0.1:80 -r 10.9.5.255:80 -m\n"
+                     "-a -t 10.9.0.1:80 -r 10.9.5.1:80 -m\n"
+                     "-a -t 10.9.0.1:80 -r 10.9.5.2:80 -m\n")
+    unicast = "Invalid operation.  Possibly wrong module version, address not unicast, ..."
+    local = "local real servers (Local forwarding) are not supported yet"
+    with running(pair.a, "--iface", "eth0", "-c", str(rules), *SMALL) as (p, log):
+        text = wait_ready(p, log)
+        assert f"{rules} line 2: {unicast}" in text and f"{rules} line 3: {local}" in text
+        assert "applied 2 of 4 rules" in text
+        for daddr, msg in [("10.9.5.255", unicast), ("127.0.0.1", local),
+                           ("10.9.0.1", local), ("10.9.5.1", local)]:
+            r = in_ns(pair.a, *PYLVS, "adm", "-a", "-t", "10.9.0.1:80", "-r", f"{daddr}:80", "-m")
+            assert (r.returncode, r.stderr) == (255, msg + "\n"), daddr
+        r = in_ns(pair.a, *PYLVS, "adm", "-S", "-n")
+        assert r.stdout == "-A -t 10.9.0.1:80 -s rr\n-a -t 10.9.0.1:80 -r 10.9.5.2:80 -m -w 1\n"
+        assert stop(p) == 0
