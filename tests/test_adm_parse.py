@@ -310,11 +310,12 @@ def test_parse_restore():
             "\n"
             "-a -t 10.0.0.1:80 -r 10.0.1.2:8080 -m -w 2\n"
             "-A -u 10.0.0.1:53 -s rr   # comment\n")
-    assert adm.parse_restore(text) == [
+    assert adm.parse_rules(text) == [
         (2, op("-A", "-t", "10.0.0.1:80", "-s", "wlc")),
         (4, op("-a", "-t", "10.0.0.1:80", "-r", "10.0.1.2:8080", "-m", "-w", "2")),
         (5, op("-A", "-u", "10.0.0.1:53", "-s", "rr")),
     ]
+    assert adm.parse_restore(text) == [op for _no, op in adm.parse_rules(text)]
 
 
 def test_parse_restore_errors_name_the_line():

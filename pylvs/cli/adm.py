@@ -617,9 +617,16 @@ def restore_lines(text: str):
             yield no, words, None
 
 
-def parse_restore(text: str) -> list[tuple[int, dict]]:
+def parse_restore(text: str) -> list[dict]:
+    """Operation dicts for a file of ``pylvs adm -S`` lines; raises as
+    parse_rules."""
+    return [op for _no, op in parse_rules(text)]
+
+
+def parse_rules(text: str) -> list[tuple[int, dict]]:
     """(line number, operation dict) of each rule of a file of ``pylvs adm
-    -S`` lines (``pylvs run -c``).
+    -S`` lines (``pylvs run -c``: a rule the director refuses is reported
+    by its line).
 
     Raises AdmError naming the line for a line ipvsadm would refuse or one
     that is not a rule (a listing, say)."""

@@ -458,7 +458,7 @@ class Daemon:
             except UnicodeDecodeError as e:
                 raise SystemExit(f"pylvs run: -c {self.opts.config}: not a text file ({e})") from None
             try:
-                self._config_ops = adm.parse_restore(text)
+                self._config_ops = adm.parse_rules(text)
             except adm.AdmError as e:
                 raise SystemExit(f"pylvs run: -c {self.opts.config}: {e}") from None
 
