@@ -523,7 +523,8 @@ class Balancer:
             return 0
         if persistent is True:
             return DEFAULT_PERSISTENT_TIMEOUT
-        return _int_in(persistent, 1, MAX_TIMEOUT, f"invalid timeout value `{excerpt(str(persistent))}' specified")
+        return _int_in(persistent, 1, MAX_TIMEOUT,
+                       f"invalid timeout value `{excerpt(str(persistent))}' specified")
 
     @staticmethod
     def _check_pe(pe: Any) -> str:
