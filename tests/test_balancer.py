@@ -830,3 +830,40 @@ def test_held_batches_publish_once_and_any_other_change_publishes_them(env):
     assert len(pubs) == 2 and int(pubs[1][0]["flags"].sum()) == 3
     b.flush()
     assert len(pubs) == 2   # nothing pending
+
+
+@pytest.mark.parametrize("op", [
+    {"op": "sysctl", "name": "conn_reuse_mode", "value": "\u0661"},
+    {"op": "sysctl", "name": "icmp_msgs_burst", "value": "+-5"},
+    {"op": "add_service", "proto": "tcp", "vaddr": VIP, "vport": "\uff18\uff10"},
+    {"op": "add_service", "proto": "tcp", "vaddr": VIP, "vport": 0, "persistent": 300,
+     "netmask": "/\uff12\uff14"},
+    {"op": "add_dest", "proto": "tcp", "vaddr": VIP, "vport": 80, "daddr": "10.0.1.2",
+     "fwd": "masq", "weight": "\uff13"},
+])
+def test_numbers_in_operations_are_ascii_digits_only(env, op):
+    """JSON strings are numbers only in ASCII digits (Python's int() would
+    take "٣" and "３"); a malformed sign is refused, not a crash."""
+    b, c, pubs, res = env
+    if op["op"] == "add_dest":
+        b.add_service("tcp", VIP, 80)
+    with pytest.raises(BalancerError):
+        b.apply(op)
+    assert b.sysctls()["icmp_msgs_burst"] == 50 and len(b.snapshot()["services"]) <= 1
+
+
+def test_lower_threshold_above_the_upper_one_is_refused(env):
+    """ip_vs_add_dest and ip_vs_edit_dest refuse l_threshold > u_threshold
+    with ERANGE, also when no upper threshold is set; nothing changes."""
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    for ut, lt in [(10, 20), (0, 5)]:
+        with pytest.raises(BalancerError, match=r"^Numerical result out of range$"):
+            b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, u_threshold=ut, l_threshold=lt)
+    assert b.snapshot()["services"][0]["dests"] == []
+    b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, u_threshold=10, l_threshold=10)
+    n = len(pubs)
+    with pytest.raises(BalancerError, match=r"^Numerical result out of range$"):
+        b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80, u_threshold=9)
+    d = b.snapshot()["services"][0]["dests"][0]
+    assert (d["u_threshold"], d["l_threshold"]) == (10, 10) and len(pubs) == n

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..control.text import ascii_int, quoted
 from ..engine import tables
 
 log = logging.getLogger("pylvs")
@@ -35,6 +36,7 @@ WATCHED_IO = ("rx_dropped", "tx_errors", "tx_emsgsize", "emit_errors", "tx_bad_p
               "sock_errors", "rx_truncated", "rx_vlan", "rx_oversize")
 WATCHED_ENGINE = ("drop_table_full", "emit_overflow")
 LOG_EVERY = 10.0
+SIGHUP_MESSAGE = "SIGHUP: configuration reload is not implemented yet; still running"
 # How long `pylvs stats` waits for the steering table's not_host counter
 # (an nft subprocess, run in a worker thread); after that it shows null.
 NOT_HOST_TIMEOUT = 5.0
@@ -362,18 +364,18 @@ class Daemon:
         loop.call_soon_threadsafe(call)
 
     async def _apply_config(self) -> None:
-        path, ops = self.opts.config, self._config_ops
+        path, rules = self.opts.config, self._config_ops
         if not path:
             return
-        # As ipvsadm -R: a bad line is reported and the others still apply,
-        # published once at the end.
-        results = self.balancer.apply_many(ops)
+        # As ipvsadm -R: a bad line is reported (as -R reports it) and the
+        # others still apply, published once at the end.
+        results = self.balancer.apply_many([op for _no, op in rules])
         if inspect.isawaitable(results):
             results = await results
-        bad = [(op, r) for op, r in zip(ops, results or []) if not r.get("ok", True)]
-        for op, r in bad:
-            log.error("%s: %s: %s", path, op, r.get("error"))
-        log.info("applied %d of %d rules from %s", len(ops) - len(bad), len(ops), path)
+        bad = [(no, r) for (no, _op), r in zip(rules, results or []) if not r.get("ok", True)]
+        for no, r in bad:
+            log.error("%s line %d: %s", path, no, r.get("error"))
+        log.info("applied %d of %d rules from %s", len(rules) - len(bad), len(rules), path)
 
     async def _watch(self, period: float = 1.0) -> None:
         # Losses and refusals the data path counts are logged without -v,
@@ -401,6 +403,10 @@ class Daemon:
         self._stop_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop_event.set)
+        # SIGHUP's default action kills the process without the clean-up
+        # below (the nft table would stay and black-hole the VIPs), and a
+        # closed terminal sends it.
+        self._loop.add_signal_handler(signal.SIGHUP, log.warning, SIGHUP_MESSAGE)
 
         path = self.opts.control or rpc.default_path()
         server = await rpc.start_server(path, self.balancer,
@@ -452,7 +458,7 @@ class Daemon:
             except UnicodeDecodeError as e:
                 raise SystemExit(f"pylvs run: -c {self.opts.config}: not a text file ({e})") from None
             try:
-                self._config_ops = adm.parse_restore(text)
+                self._config_ops = adm.parse_rules(text)
             except adm.AdmError as e:
                 raise SystemExit(f"pylvs run: -c {self.opts.config}: {e}") from None
 
@@ -495,6 +501,12 @@ class Daemon:
         self._local = local_addresses()
         try:
             self._build()
+            # The -c rules are checked against the namespace's addresses
+            # (local and broadcast real servers are refused): read them now,
+            # not when the resolver thread first gets to it.
+            refresh_local = getattr(self.resolver, "refresh_local", None)
+            if refresh_local is not None:
+                refresh_local()
             # The table goes in before any socket reads: a stale table from a
             # crashed run is replaced here.
             self.steering.apply(self._services, self._dests, self._local)
@@ -599,7 +611,7 @@ def _sysctl_arg(text: str) -> tuple[str, str]:
 
     name, eq, value = text.partition("=")
     if not eq or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {quoted(text)}")
     return name.strip(), value.strip()
 
 
@@ -607,10 +619,9 @@ def _bounded(lo: int, hi: int):
     import argparse
 
     def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        v = ascii_int(text)
+        if v is None:
+            raise argparse.ArgumentTypeError(f"not an integer: {quoted(text)}")
         if not lo <= v <= hi:
             raise argparse.ArgumentTypeError(f"{v} is out of range ({lo}..{hi})")
         return v
