@@ -85,6 +85,9 @@ class Options:
     sysctls: dict = field(default_factory=dict)   # --sysctl NAME=VALUE
     poll_timeout: float = 0.02   # the data thread's longest sleep
     expire_budget: int = 512     # conn slots the clock hand visits per loop
+    # False (--no-qdisc-bypass): send through the qdisc layer, so tcpdump on
+    # the director sees what pylvs transmits (slower; docs/io.md).
+    qdisc_bypass: bool = True
 
 
 class Daemon:
@@ -280,7 +283,7 @@ class Daemon:
 
         self.counters = tables.Counters(self.opts.max_services, self.opts.max_dests)
         if self._backend is None:
-            self._backend = AfPacketBackend(self.ifaces)
+            self._backend = AfPacketBackend(self.ifaces, qdisc_bypass=self.opts.qdisc_bypass)
         self.backend = self._backend
         if self._resolver is None:
             from ..control.neighbors import Resolver
@@ -417,9 +420,11 @@ class Daemon:
                 r = self.on_start(self.balancer)
                 if inspect.isawaitable(r):
                     await r
-            log.info("ready: %d port(s) %s, engine %s, control %s",
+            log.info("ready: %d port(s) %s, engine %s, control %s%s",
                      len(self.backend.ports), " ".join(p.name for p in self.backend.ports),
-                     self.opts.engine, path)
+                     self.opts.engine, path,
+                     "" if getattr(self.backend, "qdisc_bypass", True)
+                     else ", sending through the qdisc (visible to tcpdump)")
             notify_ready()
             await self._stop_event.wait()
         finally:
@@ -660,6 +665,11 @@ def main(argv: list[str] | None = None) -> int:
                     metavar="NAME=VALUE", help="set an engine knob at start (repeatable; default: "
                     + ", ".join(f"{n}={v}" for n, v in zip(bal.SYSCTL_NAMES, bal.SYSCTL_DEFAULTS)) + ")")
     ap.add_argument("--engine", choices=IMPLS, default="c", help="data path engine")
+    ap.add_argument("--no-qdisc-bypass", dest="qdisc_bypass", action="store_false",
+                    help="send through the kernel's qdisc layer instead of straight to the "
+                    "driver, so tcpdump on the director also sees the frames pylvs "
+                    "transmits (and tc qdiscs apply); slower (default: bypass, "
+                    "tcpdump shows only what arrives)")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
     a = ap.parse_args(argv)
@@ -670,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(a.verbose)
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
                    capacity=a.conn_max, engine=a.engine, max_services=a.max_services,
-                   max_dests=a.max_dests, sysctls=dict(a.sysctl))
+                   max_dests=a.max_dests, sysctls=dict(a.sysctl),
+                   qdisc_bypass=a.qdisc_bypass)
     try:
         return Daemon(opts).run()
     except SystemExit:
