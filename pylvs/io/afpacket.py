@@ -100,13 +100,15 @@ def _mac_of(name: str) -> bytes:
 class AfPacketBackend:
     def __init__(self, ifnames: list[str], *, block_size: int = BLOCK_SIZE,
                  block_nr: int = BLOCK_NR, retire_ms: int = RETIRE_MS,
-                 qdisc_bypass: bool = True):
+                 qdisc_bypass: bool = True, pcap: str | None = None):
         """One port per name in ``ifnames`` (index = the engine's port).
 
         ``qdisc_bypass``: set PACKET_QDISC_BYPASS on every socket (the fast
         default); False sends through the qdisc layer, where the kernel's
         taps (tcpdump on the director) see the transmitted frames.
-        Raises OSError for an interface not in this network namespace.
+        ``pcap``: a file to which every frame sent is also written
+        (pylvs/io/pcap.py). Raises OSError for an interface not in this
+        network namespace or a pcap file that cannot be created.
         """
         if not ifnames:
             raise ValueError("AfPacketBackend needs at least one interface")
@@ -118,6 +120,7 @@ class AfPacketBackend:
         self._kernel_drops = 0
         self._kernel_freezes = 0
         self.qdisc_bypass = qdisc_bypass
+        self.pcap = None
         try:
             for i, name in enumerate(ifnames):
                 try:
@@ -138,6 +141,9 @@ class AfPacketBackend:
                                              block_nr=block_nr, frame_size=FRAME_SIZE,
                                              retire_ms=retire_ms))
                 s.bind((name, ETH_P_ALL))
+            if pcap is not None:
+                from .pcap import PcapWriter
+                self.pcap = PcapWriter(pcap, self.rings)
         except BaseException:
             self.close()
             raise
@@ -197,7 +203,8 @@ class AfPacketBackend:
         kind refused as bigger than the egress MTU), plus ``rx_dropped``: frames the
         kernel could not put in a full ring (the data thread fell behind),
         and ``rx_freezes``: how often the kernel found its next block still
-        held by user space (tp_freeze_q_cnt)."""
+        held by user space (tp_freeze_q_cnt). With a pcap file, also
+        ``pcap_frames``, ``pcap_dropped``, ``pcap_write_errors``."""
         names = ("rx_frames", "rx_blocks", "rx_truncated", "rx_vlan", "rx_oversize",
                  "tx_frames", "tx_errors", "tx_bad_port", "sock_errors",
                  "emit_sent", "emit_errors", "tx_emsgsize",
@@ -215,9 +222,13 @@ class AfPacketBackend:
             out["rx_dropped"] = self._kernel_drops
             out["rx_freezes"] = self._kernel_freezes
         out["fwd_max_blocks"] = max((r.fwd_max_blocks for r in self.rings), default=0)
+        if self.pcap is not None:
+            out.update(self.pcap.stats())
         return out
 
     def close(self) -> None:
+        if self.pcap is not None:
+            self.pcap.stop()
         for r in self.rings:
             r.close()
         for s in self.socks:
