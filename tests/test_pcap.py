@@ -26,3 +26,10 @@ def test_capture_refuses_a_buffer_that_cannot_hold_the_largest_record(size):
 def test_capture_starts_empty():
     c = _fast.Capture()
     assert c.take() == b"" and (c.frames, c.dropped, c.bytes) == (0, 0, 0)
+
+
+def test_a_pcap_file_that_cannot_be_created_is_a_clear_error(tmp_path):
+    from pylvs.io.pcap import PcapWriter
+
+    with pytest.raises(OSError, match=r"cannot write the pcap file .*/no/dir/x.pcap: No such file"):
+        PcapWriter(str(tmp_path / "no" / "dir" / "x.pcap"), [])

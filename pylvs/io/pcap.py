@@ -47,7 +47,10 @@ class PcapWriter:
     def __init__(self, path: str, rings, *, buffer_bytes: int = 4 << 20,
                  period: float = 0.02):
         self.path = path
-        self._file = open(path, "wb")
+        try:
+            self._file = open(path, "wb")
+        except OSError as e:
+            raise OSError(f"cannot write the pcap file {path}: {e.strerror or e}") from None
         try:
             self._file.write(file_header())
             self._file.flush()
