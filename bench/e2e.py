@@ -18,6 +18,8 @@ Two impls of the director, in the same lab, alternating round by round:
 - ``pylvs-no-qdisc-bypass`` (only with ``--impl``): ``pylvs`` started with
   ``--no-qdisc-bypass`` (transmissions through the qdisc layer, visible to
   tcpdump on the director): what watching both sides costs.
+- ``pylvs-pcap`` (only with ``--impl``): ``pylvs`` with ``--pcap FILE``
+  (every frame sent also written to a pcap file in the lab's directory).
 
 Two ways of sharing the two cores, both measured (``--rps``):
 
@@ -57,6 +59,11 @@ from pylvs.lab.topology import Lab, LabError
 
 PORT = 9
 WARMUP = 1.0
+# Variants of the pylvs impl: name -> lab -> extra `pylvs run` arguments.
+VARIANTS = {
+    "pylvs-no-qdisc-bypass": lambda lab: ("--no-qdisc-bypass",),
+    "pylvs-pcap": lambda lab: ("--pcap", str(lab.log_path("sent").with_suffix(".pcap"))),
+}
 
 
 def trafgen_conf(lab: Lab, flows: int, base_port: int = 10000) -> str:
@@ -207,7 +214,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     # so the director gets the last core.
     ap.add_argument("--director-cpu", default=str((os.cpu_count() or 1) - 1))
     ap.add_argument("--impl", action="append",
-                    choices=("pylvs", "kernel-nft", "pylvs-no-qdisc-bypass"))
+                    choices=("pylvs", "kernel-nft", *VARIANTS))
     ap.add_argument("--rate", default="2000000pps",
                     help="trafgen's pacing for the 'max' load (above what the generator makes)")
     ap.add_argument("--rates", default="max",
@@ -253,7 +260,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                     if impl in errors:
                         continue
                     if impl.startswith("pylvs"):
-                        extra = ("--no-qdisc-bypass",) if impl == "pylvs-no-qdisc-bypass" else ()
+                        extra = VARIANTS.get(impl, lambda lab: ())(lab)
                         up, down = (lambda: pylvs_up(lab, args.director_cpu, *extra)), \
                             (lambda: pylvs_down(lab))
                     else:
@@ -316,11 +323,12 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
             rows["pylvs"]["ratio_of"] = "pylvs/kernel-nft"
             summary.append(f"{scenario(key)}: pylvs/kernel-nft = {ratio:.2f}"
                            + (" (first target >= 0.5)" if rate == "max" else ""))
-        nb = rows.get("pylvs-no-qdisc-bypass", {})
-        if nb.get("pps") and rows.get("pylvs", {}).get("pps"):
-            nb["ratio"] = nb["pps"] / rows["pylvs"]["pps"]
-            nb["ratio_of"] = "pylvs-no-qdisc-bypass/pylvs"
-            summary.append(f"{scenario(key)}: pylvs --no-qdisc-bypass / pylvs = {nb['ratio']:.2f}")
+        for name in VARIANTS:
+            v = rows.get(name, {})
+            if v.get("pps") and rows.get("pylvs", {}).get("pps"):
+                v["ratio"] = v["pps"] / rows["pylvs"]["pps"]
+                v["ratio_of"] = f"{name}/pylvs"
+                summary.append(f"{scenario(key)}: {name}/pylvs = {v['ratio']:.2f}")
         for row in rows.values():
             if row.get("offered_pps"):
                 summary.append(f"  {row['impl']}: offered {row['offered_pps']:,.0f} pps, "
