@@ -33,7 +33,8 @@ log = logging.getLogger("pylvs")
 
 # Counters `pylvs run` logs when they grow (at most once per LOG_EVERY s each).
 WATCHED_IO = ("rx_dropped", "tx_errors", "tx_emsgsize", "emit_errors", "tx_bad_port",
-              "sock_errors", "rx_truncated", "rx_vlan", "rx_oversize")
+              "sock_errors", "rx_truncated", "rx_vlan", "rx_oversize",
+              "pcap_dropped", "pcap_write_errors")
 WATCHED_ENGINE = ("drop_table_full", "emit_overflow")
 LOG_EVERY = 10.0
 SIGHUP_MESSAGE = "SIGHUP: configuration reload is not implemented yet; still running"
@@ -87,6 +88,10 @@ class Options:
     sysctls: dict = field(default_factory=dict)   # --sysctl NAME=VALUE
     poll_timeout: float = 0.02   # the data thread's longest sleep
     expire_budget: int = 512     # conn slots the clock hand visits per loop
+    # False (--no-qdisc-bypass): send through the qdisc layer, so tcpdump on
+    # the director sees what pylvs transmits (slower; docs/io.md).
+    qdisc_bypass: bool = True
+    pcap: str | None = None      # --pcap FILE: every frame sent, written there too
 
 
 class Daemon:
@@ -282,7 +287,8 @@ class Daemon:
 
         self.counters = tables.Counters(self.opts.max_services, self.opts.max_dests)
         if self._backend is None:
-            self._backend = AfPacketBackend(self.ifaces)
+            self._backend = AfPacketBackend(self.ifaces, qdisc_bypass=self.opts.qdisc_bypass,
+                                            pcap=self.opts.pcap)
         self.backend = self._backend
         if self._resolver is None:
             from ..control.neighbors import Resolver
@@ -423,9 +429,13 @@ class Daemon:
                 r = self.on_start(self.balancer)
                 if inspect.isawaitable(r):
                     await r
-            log.info("ready: %d port(s) %s, engine %s, control %s",
+            pcap = getattr(self.backend, "pcap", None)
+            log.info("ready: %d port(s) %s, engine %s, control %s%s%s",
                      len(self.backend.ports), " ".join(p.name for p in self.backend.ports),
-                     self.opts.engine, path)
+                     self.opts.engine, path,
+                     "" if getattr(self.backend, "qdisc_bypass", True)
+                     else ", sending through the qdisc (visible to tcpdump)",
+                     f", frames sent copied to {pcap.path}" if pcap else "")
             notify_ready()
             await self._stop_event.wait()
         finally:
@@ -671,6 +681,15 @@ def main(argv: list[str] | None = None) -> int:
                     metavar="NAME=VALUE", help="set an engine knob at start (repeatable; default: "
                     + ", ".join(f"{n}={v}" for n, v in zip(bal.SYSCTL_NAMES, bal.SYSCTL_DEFAULTS)) + ")")
     ap.add_argument("--engine", choices=IMPLS, default="c", help="data path engine")
+    ap.add_argument("--no-qdisc-bypass", dest="qdisc_bypass", action="store_false",
+                    help="send through the kernel's qdisc layer instead of straight to the "
+                    "driver, so tcpdump on the director also sees the frames pylvs "
+                    "transmits (and tc qdiscs apply); slower (default: bypass, "
+                    "tcpdump shows only what arrives)")
+    ap.add_argument("--pcap", metavar="FILE",
+                    help="also write every frame pylvs sends (forwarded and made: ICMP "
+                    "errors, RSTs, fragments, tunnel packets) to FILE, classic pcap, "
+                    "Ethernet; read it with tcpdump -r (default: none)")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
     a = ap.parse_args(argv)
@@ -681,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(a.verbose)
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
                    capacity=a.conn_max, engine=a.engine, max_services=a.max_services,
-                   max_dests=a.max_dests, sysctls=dict(a.sysctl))
+                   max_dests=a.max_dests, sysctls=dict(a.sysctl),
+                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap)
     try:
         return Daemon(opts).run()
     except SystemExit:
