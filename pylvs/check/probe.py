@@ -181,10 +181,15 @@ class Net:
     def exchange(self, ifname: str, frames: list[bytes], match: Callable[[Answer], object],
                  proto: int = ETH_P_IP, wait: float = 1.0, first: bool = False) -> list:
         """Send FRAMES on IF, then for ``wait`` seconds collect ``match(answer)``
-        for every frame of ethertype PROTO arriving on any interface (None
-        results are dropped). ``first``: return at the first match."""
+        for every frame of ethertype PROTO (untagged) arriving on any interface
+        (None results are dropped). ``first``: return at the first match."""
         from scapy.layers.l2 import Ether
-        rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+        # ETH_P_ALL: a tap (ptype_all) runs before the ingress hook, where
+        # `pylvs run`'s nftables rules drop replies of real servers that are
+        # not for the director; a socket for ETH_P_IP alone would be served
+        # after that hook and miss them.
+        rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        want = proto.to_bytes(2, "big")
         tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
             rx.setblocking(False)
@@ -201,7 +206,7 @@ class Net:
                         data, addr = rx.recvfrom(65535)
                     except BlockingIOError:
                         break
-                    if addr[2] == PACKET_OUTGOING:
+                    if addr[2] == PACKET_OUTGOING or data[12:14] != want:
                         continue
                     m = match(Answer(addr[0], addr[2], Ether(data)))
                     if m is not None:
