@@ -21,6 +21,11 @@ for):
     A DR (``-g``) frame changes only its MACs, so the real server must be
     on a network directly connected to the director: the kernel's route to
     the RIP (``ip route get``) must have no gateway.
+``dr``
+    A DR real server must accept packets for the VIP: a TCP SYN from the
+    director's address to VIP:port sent to the real server's MAC, as the
+    director forwards a client's packet, must be answered from VIP:port
+    (SYN-ACK or RST). Silence: it does not hold the VIP.
 ``arp-problem``
     On each segment with DR or Tun real servers, one broadcast ARP who-has
     for each VIP (and for each RIP, to learn their MACs) and every reply
@@ -51,7 +56,9 @@ for):
     down or filtered: nothing to conclude). The director's kernel answers
     the stray SYN-ACK with a RST (or drops it), so nothing stays open on the
     real server. TCP is used for UDP services too: a closed port's RST
-    travels the same route.
+    travels the same route. (With ``--client`` and ``ip_forward=1`` the
+    director's kernel forwards the stray SYN-ACK to that client, whose
+    stack answers it with a RST: harmless, but it is real traffic.)
 ``tun``
     A Tun real server must decapsulate and accept the inner packet for the
     VIP. Method: a TCP SYN from the director's own address (the route's
@@ -184,6 +191,38 @@ def check_dr_connected(snap: dict, net: Net) -> list[Result]:
                               "or use -i (Tun) for it"))
         else:
             out.append(Result("dr-connected", rip, OK, f"directly connected on {r.ifname}"))
+    return out
+
+
+def check_dr(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+    out = []
+    cache: dict = {}
+    seen = set()
+    for s, d in dests_by_fwd(snap, "route"):
+        rip, vip, port = d["daddr"], s["vaddr"], s["vport"]
+        r = net.route(rip)
+        if (rip, vip, port) in seen or r is None or r.gateway or not r.prefsrc:
+            continue   # dr-connected reports those without a direct route
+        seen.add((rip, vip, port))
+        subject = f"{rip} for {vip}:{port}"
+        mac = _next_hop_mac(net, r, cache)
+        if mac is None:
+            out.append(Result("dr", subject, WARN, "no ARP answer from it: not probed",
+                              f"check that {rip} is up"))
+            continue
+        sport = ephemeral_port()
+        frame = bytes(Ether(dst=mac, src=net.mac(r.ifname)) / IP(src=r.prefsrc, dst=vip, ttl=64)
+                      / TCP(sport=sport, dport=port, flags="S", seq=ephemeral_port() << 12))
+        if net.exchange(r.ifname, [frame], _tcp_reply(vip, port, r.prefsrc, sport),
+                        wait=wait, first=True):
+            out.append(Result("dr", subject, OK, f"accepts packets for {vip}:{port} sent to its MAC"))
+        else:
+            out.append(Result("dr", subject, FAIL,
+                              f"no answer from {vip}:{port} to a packet sent to its MAC: it "
+                              "does not hold the VIP (or nothing listens and no RST is sent)",
+                              f"on {rip} run `pylvs realserver setup --fwd dr --vip {vip}`"))
     return out
 
 
@@ -463,5 +502,6 @@ def run_checks(snap: dict, net: Net, clients: Iterable[str] = (),
     """Every check, in the order they are printed."""
     clients = list(clients)
     return [*check_services(snap), *check_vips(snap, net), *check_dr_connected(snap, net),
-            *check_arp_problem(snap, net, wait), *check_nat_route(snap, net, clients, wait),
+            *check_dr(snap, net, wait), *check_arp_problem(snap, net, wait),
+            *check_nat_route(snap, net, clients, wait),
             *check_tun(snap, net, wait), *check_settings(snap, net, clients)]

@@ -124,6 +124,14 @@ def test_dr_arp_problem_and_connected(director_lab):
     vip = lab.vip
     lab.adm("-A", "-t", f"{vip}:80", "-s", "rr")
     lab.adm("-a", "-t", f"{vip}:80", "-r", "10.0.1.11", "-g")
+    # rs1 does not hold the VIP: a frame for the VIP sent to its MAC goes unanswered.
+    rc, checks, _ = check(lab)
+    assert rc == 1
+    [dr] = results(checks, "dr")
+    assert dr["subject"] == f"10.0.1.11 for {vip}:80"
+    assert dr["verdict"] == "FAIL" and "does not hold the VIP" in dr["message"]
+    assert f"pylvs realserver setup --fwd dr --vip {vip}" in dr["fix"]
+    assert verdicts(checks, "arp-problem") == {"ok"}
     # rs1 holds the VIP on lo like a DR real server, but without arp_ignore:
     # it answers "who has VIP" on the segment.
     rs_cmd(lab, lab.rs[0], "ip", "addr", "add", f"{vip}/32", "dev", "lo")
@@ -134,7 +142,7 @@ def test_dr_arp_problem_and_connected(director_lab):
     rs1_mac = lab.mac(lab.rs[0], "eth0")
     assert f"real server 10.0.1.11 ({rs1_mac}) answers ARP for the VIP" in bad["message"]
     assert f"pylvs realserver setup --fwd dr --vip {vip}" in bad["fix"]
-    assert verdicts(checks, "dr-connected") == {"ok"}
+    assert verdicts(checks, "dr-connected") == {"ok"} and verdicts(checks, "dr") == {"ok"}
 
     realserver(lab, lab.rs[0], "setup", "--fwd", "dr", "--vip", vip)
     rc, checks, _ = check(lab)
@@ -149,6 +157,7 @@ def test_dr_arp_problem_and_connected(director_lab):
     [off] = results(checks, "dr-connected", "10.0.5.11")
     assert off["verdict"] == "FAIL" and "via gateway 10.0.1.12" in off["message"]
     assert verdicts(checks, "dr-connected", "10.0.1.11") == {"ok"}
+    assert {c["subject"] for c in results(checks, "dr")} == {f"10.0.1.11 for {vip}:80"}
 
 
 def test_tun_decapsulation_and_mtu(director_lab):
