@@ -31,6 +31,8 @@ class FakeNet:
         self.routes = routes or {}
         self.sysctls = sysctls or {}
         self.default = default
+        self.arp_answers: dict = {}   # address -> MACs answering its who-has
+        self.neighbours: dict = {}    # MAC -> address (the kernel's neighbour table)
 
     def addresses(self):
         return dict(self.addrs)
@@ -46,6 +48,15 @@ class FakeNet:
 
     def has_default_route(self):
         return self.default
+
+    def macs(self):   # the director's own
+        return {"02:00:00:00:00:01"}
+
+    def arp(self, ifname, targets, wait):
+        return [(t, mac) for t in targets for mac in self.arp_answers.get(t, ())]
+
+    def neighbour_macs(self):
+        return dict(self.neighbours)
 
 
 def test_services_need_a_dest_with_weight():
@@ -119,3 +130,29 @@ def test_cli_without_director_or_with_bad_arguments(tmp_path):
         with pytest.raises(SystemExit) as e:
             cli.main(bad, stdout=io.StringIO(), stderr=io.StringIO())
         assert e.value.code == 2
+
+
+def test_arp_problem_names_the_real_server_or_the_stranger():
+    on = lambda rip, gw=None: Route(rip, 3, "eth1", gw, "10.0.1.1", 1500)  # noqa: E731
+    net = FakeNet(routes={"10.0.1.11": on("10.0.1.11"), "10.0.1.12": on("10.0.1.12"),
+                          "10.0.1.13": on("10.0.1.13"), "10.9.9.9": on("10.9.9.9", "10.0.1.254")})
+    net.arp_answers = {"10.0.0.100": ["02:00:00:00:00:01", "02:00:00:00:00:12", "02:00:00:00:00:99"],
+                       "10.0.0.101": ["02:00:00:00:00:13"],
+                       "10.0.1.11": ["02:00:00:00:00:11"], "10.0.1.12": ["02:00:00:00:00:12"]}
+    # rs3 did not answer its own who-has: its MAC comes from the neighbour table.
+    net.neighbours = {"02:00:00:00:00:13": "10.0.1.13"}
+    snap = {"services": [svc(dests=[dest("10.0.1.11", "route"), dest("10.0.1.12", "route"),
+                                    dest("10.9.9.9", "tunnel")]),
+                         svc(vaddr="10.0.0.101", dests=[dest("10.0.1.13", "tunnel")])]}
+    out = checks.check_arp_problem(snap, net)
+    fails = [r for r in out if r.verdict == "FAIL"]
+    assert [r.subject for r in fails] == ["10.0.0.100 on eth1"] * 2 + ["10.0.0.101 on eth1"]
+    assert fails[0].message.startswith("real server 10.0.1.12 (02:00:00:00:00:12) answers ARP")
+    assert "--fwd dr --vip 10.0.0.100" in fails[0].fix
+    assert fails[1].message.startswith("02:00:00:00:00:99, not a real server of this director")
+    assert fails[2].message.startswith("real server 10.0.1.13 ")
+    assert "--fwd tun --vip 10.0.0.101" in fails[2].fix
+    [far] = [r for r in out if r.subject == "10.9.9.9"]
+    assert far.verdict == "warn" and "behind gateway 10.0.1.254" in far.message
+    net.arp_answers = {"10.0.0.100": ["02:00:00:00:00:01"]}
+    assert {r.verdict for r in checks.check_arp_problem(snap, net) if "on eth1" in r.subject} == {"ok"}
