@@ -10,7 +10,8 @@ import json
 import pytest
 
 from pylvs.check import checks
-from pylvs.check.probe import Route
+from pylvs.check.probe import ETH_P_ARP, ETH_P_IP, Route, answer_filter
+from pylvs.io import bpf
 from pylvs.cli import check as cli
 
 
@@ -93,8 +94,10 @@ def test_dr_real_server_must_be_directly_connected():
     r = {x.subject: x for x in checks.check_dr_connected(snap, net)}
     assert set(r) == {"10.0.1.11", "10.0.5.11", "10.0.9.11"}   # NAT dests are not DR's business
     assert r["10.0.1.11"].verdict == "ok"
-    assert r["10.0.5.11"].verdict == "FAIL" and "via gateway 10.0.1.12 on eth1" in r["10.0.5.11"].message
-    assert r["10.0.9.11"].verdict == "FAIL" and r["10.0.9.11"].message == "no route to this DR real server"
+    assert r["10.0.5.11"].verdict == "FAIL"
+    assert "via gateway 10.0.1.12 on eth1" in r["10.0.5.11"].message
+    assert r["10.0.9.11"].verdict == "FAIL"
+    assert r["10.0.9.11"].message == "no route to this DR real server"
 
 
 def test_rp_filter_per_client():
@@ -136,7 +139,8 @@ def test_arp_problem_names_the_real_server_or_the_stranger():
     on = lambda rip, gw=None: Route(rip, 3, "eth1", gw, "10.0.1.1", 1500)  # noqa: E731
     net = FakeNet(routes={"10.0.1.11": on("10.0.1.11"), "10.0.1.12": on("10.0.1.12"),
                           "10.0.1.13": on("10.0.1.13"), "10.9.9.9": on("10.9.9.9", "10.0.1.254")})
-    net.arp_answers = {"10.0.0.100": ["02:00:00:00:00:01", "02:00:00:00:00:12", "02:00:00:00:00:99"],
+    net.arp_answers = {"10.0.0.100": ["02:00:00:00:00:01", "02:00:00:00:00:12",
+                                      "02:00:00:00:00:99"],
                        "10.0.0.101": ["02:00:00:00:00:13"],
                        "10.0.1.11": ["02:00:00:00:00:11"], "10.0.1.12": ["02:00:00:00:00:12"]}
     # rs3 did not answer its own who-has: its MAC comes from the neighbour table.
@@ -156,3 +160,32 @@ def test_arp_problem_names_the_real_server_or_the_stranger():
     assert far.verdict == "warn" and "behind gateway 10.0.1.254" in far.message
     net.arp_answers = {"10.0.0.100": ["02:00:00:00:00:01"]}
     assert {r.verdict for r in checks.check_arp_problem(snap, net) if "on eth1" in r.subject} == {"ok"}
+
+
+def _frame(ethertype: int, body: bytes) -> bytes:
+    return b"\x02" * 6 + b"\x04" * 6 + ethertype.to_bytes(2, "big") + body
+
+
+def _ipv4(src: str) -> bytes:
+    return bytes([0x45, 0, 0, 40]) + bytes(8) + bpf.ip(src).to_bytes(4, "big") + bytes(24)
+
+
+def _arp(op: int) -> bytes:
+    return bytes.fromhex("000108000604") + bytes([0, op]) + bytes(20)
+
+
+@pytest.mark.parametrize("desc, proto, sources, frame, accepted", [
+    ("IPv4 from a probed address", ETH_P_IP, ["10.0.1.11", "10.0.0.100"],
+     _frame(0x0800, _ipv4("10.0.0.100")), True),
+    ("IPv4 from another address", ETH_P_IP, ["10.0.1.11", "10.0.0.100"],
+     _frame(0x0800, _ipv4("10.0.1.12")), False),
+    ("ARP while waiting for IPv4", ETH_P_IP, ["10.0.1.11"], _frame(0x0806, _arp(2)), False),
+    ("any IPv4 when no source is named", ETH_P_IP, [],
+     _frame(0x0800, _ipv4("192.0.2.1")), True),
+    ("ARP reply", ETH_P_ARP, [], _frame(0x0806, _arp(2)), True),
+    ("ARP request (someone else asking)", ETH_P_ARP, [], _frame(0x0806, _arp(1)), False),
+    ("IPv4 while waiting for ARP", ETH_P_ARP, [], _frame(0x0800, _ipv4("10.0.1.11")), False),
+])
+def test_answer_filter(desc, proto, sources, frame, accepted):
+    prog = answer_filter(proto, sources)
+    assert (bpf.run(prog, frame, protocol=int.from_bytes(frame[12:14], "big")) > 0) == accepted, desc

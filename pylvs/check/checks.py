@@ -216,7 +216,7 @@ def check_dr(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
         frame = bytes(Ether(dst=mac, src=net.mac(r.ifname)) / IP(src=r.prefsrc, dst=vip, ttl=64)
                       / TCP(sport=sport, dport=port, flags="S", seq=ephemeral_port() << 12))
         if net.exchange(r.ifname, [frame], _tcp_reply(vip, port, r.prefsrc, sport),
-                        wait=wait, first=True):
+                        wait=wait, first=True, sources=[vip]):
             out.append(Result("dr", subject, OK, f"accepts packets for {vip}:{port} sent to its MAC"))
         else:
             out.append(Result("dr", subject, FAIL,
@@ -338,7 +338,8 @@ def check_nat_route(snap: dict, net: Net, clients: Iterable[str] = (),
             m_cli = _tcp_reply(rip, port, src, ports["client"])
             got = net.exchange(r.ifname, frames,
                                lambda a: (("control", a) if m_ctl(a) else
-                                          ("client", a) if m_cli(a) else None), wait=wait)
+                                          ("client", a) if m_cli(a) else None),
+                               wait=wait, sources=[rip])
             client = [a for tag, a in got if tag == "client"]
             control = [a for tag, a in got if tag == "control"]
             via = f"replies to {src}"
@@ -426,7 +427,7 @@ def check_tun(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
                     and p[ICMP].code in (2, 3):
                 return "unreachable"
             return None
-        got = net.exchange(r.ifname, [frame], match, wait=wait, first=True)
+        got = net.exchange(r.ifname, [frame], match, wait=wait, first=True, sources=[vip, rip])
         kind = "tun"
         setup = f"on {rip}: pylvs realserver setup --fwd {kind} --vip {vip}"
         if got and got[0] == "answered":

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from ..control.ports import effective_rp_filter, read_sysctl
+from ..io import bpf
+from ..io.afpacket import attach_filter
 
 ETH_P_ALL, ETH_P_IP, ETH_P_ARP = 0x0003, 0x0800, 0x0806
 PACKET_HOST, PACKET_OUTGOING = 0, 4
@@ -179,10 +181,13 @@ class Net:
         return None
 
     def exchange(self, ifname: str, frames: list[bytes], match: Callable[[Answer], object],
-                 proto: int = ETH_P_IP, wait: float = 1.0, first: bool = False) -> list:
+                 proto: int = ETH_P_IP, wait: float = 1.0, first: bool = False,
+                 sources: Iterable[str] = ()) -> list:
         """Send FRAMES on IF, then for ``wait`` seconds collect ``match(answer)``
         for every frame of ethertype PROTO (untagged) arriving on any interface
-        (None results are dropped). ``first``: return at the first match."""
+        (None results are dropped). ``first``: return at the first match.
+        ``sources``: for IPv4, only packets from these addresses are read
+        (a socket filter keeps a busy director's traffic out of Python)."""
         from scapy.layers.l2 import Ether
         # ETH_P_ALL: a tap (ptype_all) runs before the ingress hook, where
         # `pylvs run`'s nftables rules drop replies of real servers that are
@@ -190,6 +195,7 @@ class Net:
         # after that hook and miss them.
         rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         want = proto.to_bytes(2, "big")
+        attach_filter(rx, answer_filter(proto, sources))
         tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
             rx.setblocking(False)
@@ -217,6 +223,28 @@ class Net:
         finally:
             rx.close()
             tx.close()
+
+
+def answer_filter(proto: int, sources: Iterable[str] = ()) -> list[bpf.Insn]:
+    """A classic BPF program (offsets from the Ethernet header) that accepts
+    untagged frames of ethertype PROTO: for ARP only replies (op 2), for
+    IPv4 only packets whose source is one of SOURCES (all when empty)."""
+    ok = (bpf.RET | bpf.K, 0, 0, bpf.ACCEPT_LEN)
+    drop = (bpf.RET | bpf.K, 0, 0, 0)
+    prog = [(bpf.LD | bpf.H | bpf.ABS, 0, 0, 12)]
+    if proto == ETH_P_ARP:
+        tests = [(bpf.LD | bpf.H | bpf.ABS, 0, 0, 20)], [2]   # ARP operation
+    else:
+        tests = [(bpf.LD | bpf.W | bpf.ABS, 0, 0, 26)], [bpf.ip(a) for a in sources]  # IPv4 saddr
+    load, values = tests
+    if not values:
+        return [*prog, (bpf.JMP | bpf.JEQ | bpf.K, 0, 1, proto), ok, drop]
+    n = len(values)
+    prog += [(bpf.JMP | bpf.JEQ | bpf.K, 0, n + 1, proto), *load]
+    for i, v in enumerate(values):
+        # jump to ok (after the remaining tests and the drop) or fall through
+        prog.append((bpf.JMP | bpf.JEQ | bpf.K, n - i, 0, v))
+    return [*prog, drop, ok]
 
 
 def ephemeral_port() -> int:
