@@ -189,3 +189,44 @@ def _arp(op: int) -> bytes:
 def test_answer_filter(desc, proto, sources, frame, accepted):
     prog = answer_filter(proto, sources)
     assert (bpf.run(prog, frame, protocol=int.from_bytes(frame[12:14], "big")) > 0) == accepted, desc
+
+
+class _Director:
+    """rpc.Client's stand-in: answers "snapshot" with SNAP."""
+
+    snap: dict = {}
+
+    def __init__(self, path):
+        pass
+
+    def call(self, op):
+        assert op == {"op": "snapshot"}
+        return self.snap
+
+    def close(self):
+        pass
+
+
+class _NetCM(FakeNet):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+@pytest.mark.parametrize("services, rc, first", [
+    ([], 0, "the director has no services: only its settings are checked"),
+    ([svc()], 1, "FAIL services     TCP 10.0.0.100:80: no dest: every new flow is refused"),
+])
+def test_cli_output_and_exit_status(monkeypatch, services, rc, first):
+    monkeypatch.setattr(cli.rpc, "Client", type("D", (_Director,), {"snap": {"services": services}}))
+    monkeypatch.setattr(cli, "Net", _NetCM)
+    out = io.StringIO()
+    assert cli.main([], stdout=out, stderr=io.StringIO()) == rc
+    assert out.getvalue().splitlines()[0].startswith(first)
+    out = io.StringIO()
+    assert cli.main(["--json"], stdout=out, stderr=io.StringIO()) == rc
+    doc = json.loads(out.getvalue())
+    assert doc["ok"] == (rc == 0)
+    assert {"ip_forward", "offloads"} <= {c["subject"] for c in doc["checks"]}

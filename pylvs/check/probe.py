@@ -7,8 +7,9 @@ director's, which is the point of the NAT probe), and answers are read from
 one AF_PACKET socket opened on every interface *before* the probe leaves.
 A packet socket is a tap (``ptype_all``), served before the nftables
 ingress hook that ``pylvs run`` installs, so answers are seen even when the
-director's own steering or the kernel drops them afterwards. Frames the
-director itself sends (PACKET_OUTGOING) are ignored.
+director's own steering or the kernel drops them afterwards. A socket
+filter (``answer_filter``) lets in only the frames a probe waits for, and
+frames the director itself sends (PACKET_OUTGOING) are ignored.
 
 Every wait is bounded by a deadline (``wait`` seconds, 1.0 by default);
 nothing here retries on its own. Raises OSError when the caller may not

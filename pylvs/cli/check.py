@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
         out.write(json.dumps({"ok": not failed,
                               "checks": [r.as_dict() for r in results]}, indent=1) + "\n")
     else:
-        if not results:
-            out.write("nothing to check: the director has no services\n")
+        if not snap.get("services"):
+            out.write("the director has no services: only its settings are checked\n")
         for r in results:
             out.write(r.line() + "\n")
     return 1 if failed else 0
