@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from ipaddress import ip_address
 from pylvs.control.balancer import Balancer, BalancerError
 from pylvs.engine import states
 from pylvs.engine.tables import (
@@ -867,3 +868,34 @@ def test_lower_threshold_above_the_upper_one_is_refused(env):
         b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80, u_threshold=9)
     d = b.snapshot()["services"][0]["dests"][0]
     assert (d["u_threshold"], d["l_threshold"]) == (10, 10) and len(pubs) == n
+
+
+def test_dest_moved_off_nat_keeps_its_replies_while_its_conns_live():
+    """-e binds new conns to the new method; running NAT conns keep theirs, so
+    their replies must still be taken (DEST_F_REPLIES, steering) until the
+    dest has no conn left."""
+    from pylvs.engine.tables import DEST_F_REPLIES, Counters
+    from pylvs.io import bpf
+    published = []
+    b = Balancer(Counters(max_services=8, max_dests=8),
+                 publish=lambda s, d: published.append((s, d)))
+    b.add_service("tcp", "10.0.0.1", 80, "rr")
+    slot = b.add_dest("tcp", "10.0.0.1", 80, "10.0.1.2", 80, "masq", 1)
+    b.counters.dest_conns[slot] = (1, 2)          # conns made while it was NAT
+    b.edit_dest("tcp", "10.0.0.1", 80, "10.0.1.2", 80, fwd="route")
+    svcs, dests = published[-1]
+    assert dests[slot]["flags"] & DEST_F_REPLIES
+    assert bpf.dest_keys(svcs, dests) == [(6, int(ip_address("10.0.1.2")), 80)]
+    assert b.steering_view()["real_servers"] == [(6, int(ip_address("10.0.1.2")), 80)]
+    b.release_replies()                           # conns left: nothing changes
+    assert published[-1][1][slot]["flags"] & DEST_F_REPLIES
+    b.counters.dest_conns[slot] = (0, 0)
+    b.release_replies()
+    svcs, dests = published[-1]
+    assert not dests[slot]["flags"] & DEST_F_REPLIES
+    assert bpf.dest_keys(svcs, dests) == []
+    assert b.steering_view()["real_servers"] == []
+    # A dest with no conns moved off NAT never keeps replies.
+    slot2 = b.add_dest("tcp", "10.0.0.1", 80, "10.0.1.3", 80, "masq", 1)
+    b.edit_dest("tcp", "10.0.0.1", 80, "10.0.1.3", 80, fwd="route")
+    assert not published[-1][1][slot2]["flags"] & DEST_F_REPLIES

@@ -36,7 +36,7 @@ from .. import forward
 from .. import sched as schedmod
 from ..engine import states, tables
 from ..engine.tables import (
-    ACTIVE, DEST_DTYPE, DEST_F_NO_ROUTE, DEST_F_RESOLVED, DEST_F_USED, FWD_TUNNEL, INACTIVE,
+    ACTIVE, DEST_DTYPE, DEST_F_NO_ROUTE, DEST_F_REPLIES, DEST_F_RESOLVED, DEST_F_USED, FWD_TUNNEL, INACTIVE,
     N_TRAFFIC, PROTO_TCP, PROTO_UDP, SERVICE_DTYPE, SVC_F_USED, SYSCTL_DEFAULTS, SYSCTL_NAMES,
     Counters,
 )
@@ -342,7 +342,7 @@ class SchedDestView:
 
 class Dest:
     __slots__ = ("slot", "daddr", "dport", "fwd", "weight", "u_threshold", "l_threshold",
-                 "tun_type", "tun_port", "tun_flags")
+                 "tun_type", "tun_port", "tun_flags", "replies_pending")
 
     def __init__(self, slot: int, daddr: int, dport: int, fwd: int, weight: int,
                  u_threshold: int, l_threshold: int, tun: tuple[int, int, int] = (0, 0, 0)):
@@ -354,6 +354,9 @@ class Dest:
         self.u_threshold = u_threshold
         self.l_threshold = l_threshold
         self.tun_type, self.tun_port, self.tun_flags = tun
+        # -e moved it off a method whose replies come through the director
+        # while its old conns may live on (they keep their method).
+        self.replies_pending = False
 
 
 class Service:
@@ -697,6 +700,11 @@ class Balancer:
             d.u_threshold if u_threshold is None else u_threshold,
             d.l_threshold if l_threshold is None else l_threshold,
             tun_type, tun_port, tun_flags)
+        replied = forward.by_fwd(d.fwd).replies_via_director
+        if forward.by_fwd(f).replies_via_director:
+            d.replies_pending = False
+        elif replied and self._conns_on(d.slot):
+            d.replies_pending = True
         d.fwd, d.weight, d.u_threshold, d.l_threshold = f, w, ut, lt
         d.tun_type, d.tun_port, d.tun_flags = tun
         self._dirty_dest.add(d.slot)
@@ -837,6 +845,8 @@ class Balancer:
             flags |= DEST_F_RESOLVED
         if forward.by_fwd(d.fwd).needs_connected_network and not self._connected(svc, d):
             flags |= DEST_F_NO_ROUTE
+        if d.replies_pending:
+            flags |= DEST_F_REPLIES
         dests[slot] = (d.daddr, self._dport(svc, d), svc.slot, d.weight, d.fwd, flags,
                        out_port, tuple(bytes(dmac)), tuple(bytes(smac)),
                        d.tun_type, d.tun_flags, d.tun_port)
@@ -946,6 +956,17 @@ class Balancer:
                 self.counters.dest_stats[d.slot] = 0
                 self._est_dest_last[d.slot] = 0
                 self._est_dest_avg[d.slot] = 0
+
+    def release_replies(self) -> None:
+        """Stop taking the replies of dests moved off NAT once none of their
+        conns is left (called with the estimator, every 2 seconds)."""
+        done = [d for svc in self._services.values() for d in svc.dests.values()
+                if d.replies_pending and not self._conns_on(d.slot)]
+        for d in done:
+            d.replies_pending = False
+            self._dirty_dest.add(d.slot)
+        if done:
+            self._changed()
 
     def estimate(self, now: float | None = None) -> None:
         """One step of the kernel's rate estimator (call every 2 seconds).
@@ -1119,7 +1140,7 @@ class Balancer:
         for svc in self._services.values():
             svcs.append(svc.key)
             for d in svc.dests.values():
-                if forward.by_fwd(d.fwd).replies_via_director:
+                if forward.by_fwd(d.fwd).replies_via_director or d.replies_pending:
                     reals.add((svc.proto, d.daddr, self._dport(svc, d)))
         return {"services": svcs, "real_servers": sorted(reals)}
 

@@ -253,6 +253,7 @@ async def _estimator(balancer: Balancer) -> None:
     while True:
         try:
             balancer.estimate(time.monotonic())
+            balancer.release_replies()
         except Exception:
             log.exception("rate estimator failed")
         await asyncio.sleep(ESTIMATOR_INTERVAL)
