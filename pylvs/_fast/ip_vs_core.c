@@ -559,6 +559,16 @@ static uint32_t tun_fragments(PylvsEngine *e, struct pylvs_emit *em, uint16_t eg
     return k;
 }
 
+/* The conn's dest while it is still the one the conn was made for (a dest
+ * deleted, or its slot reused by another service's, is gone), else NULL. */
+HOT const dest_row *conn_dest(const PylvsEngine *e, const struct conn *c)
+{
+    if (c->dest >= e->ndests)
+        return NULL;
+    const dest_row *dest = &e->dests[c->dest];
+    return (dest->flags & DEST_F_USED) && dest->svc == c->svc ? dest : NULL;
+}
+
 /* The GUE source port of a conn: spread over the kernel's default local
  * port range 32768-60999 by a hash of the client side, as udp_flow_src_port
  * spreads flows (a plain multiplicative hash, the same in the reference). */
@@ -642,10 +652,8 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
     if ((r & 1) == KEY_IN) {
         /* From the client side, about a reply it got: to the real server. */
         uint32_t d = c->dest;
-        if (d >= e->ndests)
-            return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
-        const dest_row *dest = &e->dests[d];
-        if (!(dest->flags & DEST_F_USED) || dest->svc != c->svc)
+        const dest_row *dest = conn_dest(e, c);
+        if (dest == NULL)
             return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
         if (!xmit_ok(dest, ip))
             return finish(e, xmit_refusal(e, NULL, dest, eth, ip, tot, in_port, now, 0, 0),
@@ -800,10 +808,8 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
 
     if (dir == KEY_IN) {
         uint32_t d = c->dest;
-        if (d >= e->ndests)
-            return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
-        const dest_row *dest = &e->dests[d];
-        if (!(dest->flags & DEST_F_USED) || dest->svc != c->svc)
+        const dest_row *dest = conn_dest(e, c);
+        if (dest == NULL)
             return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
         if (__builtin_expect(c->xmit == XMIT_NONE, 0))
             return finish(e, ST_DROP_FWD_METHOD, PYLVS_V_DROP);

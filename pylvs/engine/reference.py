@@ -514,6 +514,15 @@ class Engine:
 
     # --- what the kernel's receive path would refuse -----------------------
 
+    def _conn_dest(self, c: Conn) -> tuple | None:
+        """The conn's dest while it is still the one the conn was made for (a
+        dest deleted, or its slot reused by another service's, is gone)."""
+        if c.dest < len(self._dests):
+            dest = self._dests[c.dest]
+            if dest[5] & tables.DEST_F_USED and dest[2] == c.svc:
+                return dest
+        return None
+
     def _port_row(self, port: int):
         if port < len(self._ports) and self._ports[port][3] & tables.PORT_F_USED:
             return self._ports[port]
@@ -703,14 +712,13 @@ class Engine:
         cnt = self._counters
         if direction == states.INPUT:
             # 10: client -> real server.
-            dests = self._dests
-            if c.dest >= len(dests) or not dests[c.dest][5] & tables.DEST_F_USED or dests[c.dest][2] != c.svc:
+            dest = self._conn_dest(c)
+            if dest is None:
                 pend[_DROP_DEST_GONE] += 1
                 return V_DROP, 0
             if c.xmit == XMIT_NONE:
                 pend[_DROP_FWD_METHOD] += 1
                 return V_DROP, 0
-            dest = dests[c.dest]
             cnt.svc_stats[c.svc, tables.STAT_INPKTS] += 1
             cnt.svc_stats[c.svc, tables.STAT_INBYTES] += totlen
             cnt.dest_stats[c.dest, tables.STAT_INPKTS] += 1
@@ -913,11 +921,10 @@ class Engine:
         cnt = self._counters
         if direction == states.INPUT:
             # From the client side, about a reply the client got: to the real server.
-            dests = self._dests
-            if c.dest >= len(dests) or not dests[c.dest][5] & tables.DEST_F_USED or dests[c.dest][2] != c.svc:
+            dest = self._conn_dest(c)
+            if dest is None:
                 pend[_DROP_DEST_GONE] += 1
                 return V_DROP, 0
-            dest = dests[c.dest]
             refusal = self._xmit_refusal(f, dest, totlen, in_port, now, 0, False)
             if refusal is not None:
                 pend[refusal] += 1
