@@ -574,7 +574,7 @@ class Lab:
                 if kind in gateway:
                     r.route("add", dst="0.0.0.0/0", gateway=gateway[kind])
             if kind == "nat":
-                args = ["--fwd", "nat", "--dip", self.dip]
+                args = ["--fwd", "nat", "--dip", self.dip, "--iface", "eth0"]
             else:
                 args = ["--fwd", kind, "--vip", self.vip, "--iface", "eth0"]
             self.run(rs, self.pylvs_argv("realserver", "setup", *args), cwd=_repo_root())
@@ -800,14 +800,8 @@ class Lab:
                 except Exception:
                     pass
         self.procs.clear()
-        for rs, kind in zip(self.rs, self.kinds):
-            if self.routed and netns_exists(rs):
-                # Removes the state file /run/pylvs/realserver-<netns inode>.json.
-                try:
-                    self.run(rs, self.pylvs_argv("realserver", "teardown"), check=False,
-                             timeout=15, cwd=_repo_root())
-                except Exception as e:
-                    errors.append(f"{rs}: realserver teardown: {e}")
+        if self.routed:
+            errors += _realserver_teardown(self.python, self.rs)
         for ns in self.namespaces:
             try:
                 remove_netns(ns)
@@ -973,6 +967,8 @@ def destroy(name: str) -> list[str]:
         if netns_exists(ns):
             inside.update(ns_pids(ns))
     _kill_pids([p for p in pids if p in inside])
+    if rec.get("fwd", "nat") != "nat":
+        errors += _realserver_teardown(sys.executable, [r["ns"] for r in rec["real_servers"]])
     for ns in nss:
         remove_netns(ns)
         if netns_exists(ns):
@@ -980,6 +976,22 @@ def destroy(name: str) -> list[str]:
     if not errors:
         path.unlink(missing_ok=True)
         _remove_logs(name)
+    return errors
+
+
+def _realserver_teardown(python: str, namespaces: list[str]) -> list[str]:
+    """`pylvs realserver teardown` in each namespace that still exists.
+
+    Deleting the namespace would undo its settings anyway; teardown also
+    removes the state file /run/pylvs/realserver-<netns inode>.json.
+    """
+    errors = []
+    for ns in filter(netns_exists, namespaces):
+        try:
+            _run(ns_exec_argv(ns, [python, "-m", "pylvs.cli.main", "realserver", "teardown"]),
+                 timeout=15, check=False, cwd=_repo_root())
+        except Exception as e:  # keep tearing down
+            errors.append(f"{ns}: realserver teardown: {e}")
     return errors
 
 
