@@ -1,4 +1,4 @@
-"""The namespace labs shared by the tests, ``make demo`` and ``pylvs lab``.
+r"""The namespace labs shared by the tests, ``make demo`` and ``pylvs lab``.
 
 VS-NAT first; the routed labs for VS-DR, VS-Tun and mixed services below.
 
