@@ -206,8 +206,11 @@ def test_dr(selftest: Selftest):
     st.pylvs(1, "adm", "-a", "-t", f"{VIP}:{PORT}", "-r", f"{RIP}:{PORT}")  # -g, the default
     # The client's packet arrives on veth21 while the route back to the
     # client leaves by veth20: ipvs.sh turns rp_filter off ("avoid reverse
-    # route lookup") and so must we; realserver setup makes the VIP and ARP
-    # settings.
+    # route lookup") and so must we. `realserver setup --fwd dr` leaves
+    # rp_filter alone (docs/realserver.md: the client's packet arrives where
+    # the route back leaves, not true of this two-legged real server): with
+    # strict filtering the SYNs are dropped (TcpExtIPReversePathFilter) while
+    # `realserver status` says ok. Setup makes the VIP and ARP settings.
     st.sysctl(2, "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.veth21.rp_filter=0")
     st.pylvs(2, "realserver", "setup", "--fwd", "dr", "--vip", VIP, "--iface", "veth21")
     st.wait_resolved(RIP)
@@ -247,10 +250,11 @@ def test_tun(selftest: Selftest, tun):
     st.start_director(ip_forward=0)
     st.pylvs(1, "adm", "-A", "-t", f"{VIP}:{PORT}", "-s", "rr")
     st.pylvs(1, "adm", "-a", "-i", *tun, "-t", f"{VIP}:{PORT}", "-r", f"{RIP}:{PORT}")
-    # As for DR, the decapsulated packet's client source routes back by
-    # veth20, not veth21: ipvs.sh's rp_filter=0 on veth21 (setup --fwd tun
-    # lowers the strict 'all' and gives the TUN device its own 0).
-    st.sysctl(2, "net.ipv4.conf.veth21.rp_filter=0")
+    # ipvs.sh turns rp_filter off on all, tunl0 and veth21. Here setup
+    # --fwd tun lowers the strict 'all' to 0 and keeps every interface at 1,
+    # and the decapsulator gives its TUN device 0: the decapsulated packet
+    # (client source, routed back by veth20) arrives on the TUN device, the
+    # outer one (director's source, routed by veth21) on veth21: both pass.
     st.pylvs(2, "realserver", "setup", "--fwd", "tun", "--vip", VIP, "--iface", "veth21")
     log = st.log.with_name("decap.log")
     with open(log, "wb") as out:
