@@ -1,5 +1,5 @@
 #!/bin/sh
-# The VS-Tun walkthrough (README.md, steps 1-4 and 7) in one go, as root:
+# The VS-Tun walkthrough (README.md, steps 1-4 and 6) in one go, as root:
 #   netns-labs/tun/lab.sh [NAME]
 # The lab and the director are removed on exit, error or Ctrl-C.
 set -eu
