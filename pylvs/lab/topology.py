@@ -678,6 +678,12 @@ class Lab:
         while time.monotonic() < deadline:
             log = self.director_log()
             if all(f"dest {rip} via" in log for rip in rips):
+                # The resolver logs the MAC from its own thread, then queues
+                # the table refresh on the control loop; a control request
+                # made now is served after that refresh, so once it returns
+                # the engine has the resolved dest (otherwise the first SYN
+                # could still meet the old table: drop_unresolved).
+                self.adm("-L", "-n")
                 return True
             time.sleep(0.05)
         return False
