@@ -199,9 +199,12 @@ def _decap_counters(st: Selftest, ready) -> dict:
         time.sleep(0.2)
 
 
-def test_dr(selftest: Selftest):
+@pytest.mark.parametrize("ip_forward", [1, 0], ids=["ip_forward=1", "ip_forward=0"])
+def test_dr(selftest: Selftest, ip_forward):
+    """ipvs.sh's test_dr (ip_forward=1), and the same with the director's
+    kernel not forwarding (pylvs needs neither)."""
     st = selftest
-    st.start_director(ip_forward=1)
+    st.start_director(ip_forward=ip_forward)
     st.pylvs(1, "adm", "-A", "-t", f"{VIP}:{PORT}", "-s", "rr")
     st.pylvs(1, "adm", "-a", "-t", f"{VIP}:{PORT}", "-r", f"{RIP}:{PORT}")  # -g, the default
     # The client's packet arrives on veth21 while the route back to the
