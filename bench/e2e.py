@@ -15,6 +15,11 @@ Two impls of the director, in the same lab, alternating round by round:
 - ``kernel-nft``: no pylvs; the director namespace with ip_forward=1 and an
   nft nat prerouting rule ``dnat to numgen inc mod 3 map {...}``: the
   kernel's own conntrack + DNAT load balancing, the baseline.
+- ``pylvs-no-qdisc-bypass`` (only with ``--impl``): ``pylvs`` started with
+  ``--no-qdisc-bypass`` (transmissions through the qdisc layer, visible to
+  tcpdump on the director): what watching both sides costs.
+- ``pylvs-pcap`` (only with ``--impl``): ``pylvs`` with ``--pcap FILE``
+  (every frame sent also written to a pcap file in the lab's directory).
 
 Two ways of sharing the two cores, both measured (``--rps``):
 
@@ -54,6 +59,11 @@ from pylvs.lab.topology import Lab, LabError
 
 PORT = 9
 WARMUP = 1.0
+# Variants of the pylvs impl: name -> lab -> extra `pylvs run` arguments.
+VARIANTS = {
+    "pylvs-no-qdisc-bypass": lambda lab: ("--no-qdisc-bypass",),
+    "pylvs-pcap": lambda lab: ("--pcap", str(lab.log_path("sent").with_suffix(".pcap"))),
+}
 
 
 def trafgen_conf(lab: Lab, flows: int, base_port: int = 10000) -> str:
@@ -113,8 +123,8 @@ def kernel_nft_down(lab: Lab) -> None:
     lab.set_ip_forward(0)
 
 
-def pylvs_up(lab: Lab, cpu: str) -> None:
-    lab.start_director(taskset=cpu)
+def pylvs_up(lab: Lab, cpu: str, *run_args: str) -> None:
+    lab.start_director(*run_args, taskset=cpu)
     vip = f"{lab.vip}:{PORT}"
     lab.adm("-A", "-u", vip, "-s", "wlc")
     for rip in lab.rips:
@@ -203,7 +213,8 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     # trafgen pins its one worker to CPU 0 whatever the caller's affinity,
     # so the director gets the last core.
     ap.add_argument("--director-cpu", default=str((os.cpu_count() or 1) - 1))
-    ap.add_argument("--impl", action="append", choices=("pylvs", "kernel-nft"))
+    ap.add_argument("--impl", action="append",
+                    choices=("pylvs", "kernel-nft", *VARIANTS))
     ap.add_argument("--rate", default="2000000pps",
                     help="trafgen's pacing for the 'max' load (above what the generator makes)")
     ap.add_argument("--rates", default="max",
@@ -248,8 +259,12 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                 for impl in order:
                     if impl in errors:
                         continue
-                    up, down = ((lambda: pylvs_up(lab, args.director_cpu)), lambda: pylvs_down(lab)) \
-                        if impl == "pylvs" else ((lambda: kernel_nft_up(lab)), lambda: kernel_nft_down(lab))
+                    if impl.startswith("pylvs"):
+                        extra = VARIANTS.get(impl, lambda lab: ())(lab)
+                        up, down = (lambda: pylvs_up(lab, args.director_cpu, *extra)), \
+                            (lambda: pylvs_down(lab))
+                    else:
+                        up, down = (lambda: kernel_nft_up(lab)), (lambda: kernel_nft_down(lab))
                     try:
                         up()
                         for rate in rates:
@@ -308,6 +323,12 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
             rows["pylvs"]["ratio_of"] = "pylvs/kernel-nft"
             summary.append(f"{scenario(key)}: pylvs/kernel-nft = {ratio:.2f}"
                            + (" (first target >= 0.5)" if rate == "max" else ""))
+        for name in VARIANTS:
+            v = rows.get(name, {})
+            if v.get("pps") and rows.get("pylvs", {}).get("pps"):
+                v["ratio"] = v["pps"] / rows["pylvs"]["pps"]
+                v["ratio_of"] = f"{name}/pylvs"
+                summary.append(f"{scenario(key)}: {name}/pylvs = {v['ratio']:.2f}")
         for row in rows.values():
             if row.get("offered_pps"):
                 summary.append(f"  {row['impl']}: offered {row['offered_pps']:,.0f} pps, "

@@ -70,7 +70,12 @@ def flows(n: int) -> list[tuple[int, int]]:
             for i in range(n)]
 
 
-def tables_for_bench():
+# Scenario -> the forwarding method of its dests (the same traffic otherwise).
+FWD_OF = {"nat-established": tables.FWD_MASQ, "dr-established": tables.FWD_ROUTE,
+          "tun-established": tables.FWD_TUNNEL}
+
+
+def tables_for_bench(fwd: int = tables.FWD_MASQ):
     svcs = tables.empty_services(4)
     svcs[0] = (VIP, VPORT, tables.PROTO_TCP, tables.SVC_F_USED)
     dests = tables.empty_dests(8)
@@ -79,7 +84,7 @@ def tables_for_bench():
         dests[i]["dport"] = 80
         dests[i]["svc"] = 0
         dests[i]["weight"] = 1
-        dests[i]["fwd"] = tables.FWD_MASQ
+        dests[i]["fwd"] = fwd   # tun_type 0: IPIP
         dests[i]["flags"] = tables.DEST_F_USED | tables.DEST_F_RESOLVED
         dests[i]["out_port"] = 1
         dests[i]["dmac"] = list(bytes([2, 0, 0, 0, 1, 0x11 + i]))
@@ -90,7 +95,7 @@ def tables_for_bench():
 class Setup:
     """One engine of one impl, holding n established flows, and its frames."""
 
-    def __init__(self, impl: str, n: int, seed: int = 1):
+    def __init__(self, impl: str, n: int, seed: int = 1, fwd: int = tables.FWD_MASQ):
         self.impl = impl
         self.counters = tables.Counters()
         rr = [0]
@@ -101,7 +106,7 @@ class Setup:
 
         self.engine = new_engine(impl, capacity=max(n, 1024), counters=self.counters,
                                  schedule=schedule)
-        svcs, dests = tables_for_bench()
+        svcs, dests = tables_for_bench(fwd)
         self.engine.set_tables(svcs, dests)
         fl = flows(n)
         batch = tables.Batch(BATCH, 2048)
@@ -133,15 +138,19 @@ class Setup:
         b.length[:] = flen
         b.in_port[:] = 0
         b.count = BATCH
-        tx0 = self.counters.stat("tx_frames")
+        tx0 = self.sent()
         now = NOW
         t0 = time.perf_counter()
         for s in starts:
             b.buf[:, :flen] = pool[s:s + BATCH]
             eng.process(b, now)
         dt = time.perf_counter() - t0
-        sent = self.counters.stat("tx_frames") - tx0
+        sent = self.sent() - tx0
         return dt, sent
+
+    def sent(self) -> int:
+        """Frames that left: rewritten in place (NAT, DR) or encapsulated (Tun)."""
+        return self.counters.stat("tx_frames") + self.counters.stat("tx_tunneled")
 
     def copy_only(self, packets: int) -> float:
         b, pool, flen = self.batch, self.pool, self.flen
@@ -159,7 +168,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     ap.add_argument("--impl", action="append", choices=("c", "python"))
     ap.add_argument("--seconds", type=float, default=0.3 if quick else 1.0,
                     help="target duration of one run of the C engine")
-    ap.add_argument("--scenario", choices=("nat-established", "short-conns"),
+    ap.add_argument("--scenario", choices=(*FWD_OF, "short-conns"),
                     default="nat-established")
     ap.add_argument("--rate", type=float, default=20_000,
                     help="short-conns: new conns per simulated second")
@@ -178,12 +187,12 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
 
     rows, setups = {}, {}
     for impl in impls:
-        row = {"scenario": "nat-established", "impl": impl, "batch": BATCH,
+        row = {"scenario": args.scenario, "impl": impl, "batch": BATCH,
                "flows": args.flows, "frame_bytes": None, "copy_included": True}
         rows[impl] = row
         try:
             t0 = time.perf_counter()
-            st = Setup(impl, args.flows)
+            st = Setup(impl, args.flows, fwd=FWD_OF[args.scenario])
             row["setup_s"] = round(time.perf_counter() - t0, 2)
             row["frame_bytes"] = st.flen - tables.VNET_HDR_LEN
             # Calibrate the packet count so one run lasts about --seconds.
@@ -207,7 +216,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                 dt, sent = st.timed(st.packets)
                 want = (st.packets // BATCH) * BATCH
                 if sent != want:
-                    raise RuntimeError(f"{impl}: {sent} of {want} frames got V_TX: "
+                    raise RuntimeError(f"{impl}: {sent} of {want} frames left: "
                                        f"{st.counters.named()}")
                 row["samples"].append(sent / dt)
                 row["copy"].append(st.copy_only(st.packets) / want * 1e9)

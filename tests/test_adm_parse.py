@@ -253,6 +253,31 @@ def test_errors(argv, code, msg):
     assert err(*argv) == (code, msg)
 
 
+@pytest.mark.parametrize("argv, msg", [
+    (["-a", "-t", "1.2.3.4:80", "-r", "5.6.7.8", "-w", "\uff13"], "illegal weight specified"),
+    (["-a", "-t", "1.2.3.4:80", "-r", "5.6.7.8", "-x", "\u0661"], "illegal u_threshold specified"),
+    (["-A", "-t", "10.0.0.100:\uff18\uff10"], "illegal virtual server address[:port] specified"),
+    (["-a", "-t", "1.2.3.4:80", "-r", "5.6.7.8:\u0668\u0660", "-m"],
+     "illegal real server address[:port] specified"),
+    (["-A", "-t", "1.2.3.4:80", "-p", "\u0663\u0660\u0660"],
+     "invalid timeout value `\u0663\u0660\u0660' specified"),
+    (["--set", "1", "2", "\uff13"], "invalid timeout value `\uff13' specified"),
+    (["-A", "-f", "\u0661"], "invalid fwmark value `\u0661' specified"),
+    (["-a", "-t", "1.2.3.4:80", "-r", "5.6.7.8", "-w", "3 "], "illegal weight specified"),
+])
+def test_numbers_are_ascii_digits_only(argv, msg):
+    """Python's int() takes any Unicode digit; ipvsadm's strtol does not."""
+    assert err(*argv) == (2, msg)
+    assert op("-a", "-t", "1.2.3.4:80", "-r", "5.6.7.8", "-w", " +3")["weight"] == 3
+
+
+def test_ascii_int():
+    from pylvs.control.text import ascii_int
+    assert [ascii_int(s) for s in ("7", " -7 ", "+0", "007")] == [7, -7, 0, 7]
+    assert [ascii_int(s) for s in ("", "+", "+-5", "--5", "7.0", "\u0667", "\uff17", "1_000",
+                                   "7\u00a0", "0x7")] == [None] * 10
+
+
 def test_main_prints_errors_without_traceback():
     out, e = io.StringIO(), io.StringIO()
     rc = adm.main(["-A", "-t", "10.0.0.1"], stdout=out, stderr=e)
@@ -286,11 +311,12 @@ def test_parse_restore():
             "\n"
             "-a -t 10.0.0.1:80 -r 10.0.1.2:8080 -m -w 2\n"
             "-A -u 10.0.0.1:53 -s rr   # comment\n")
-    assert adm.parse_restore(text) == [
-        op("-A", "-t", "10.0.0.1:80", "-s", "wlc"),
-        op("-a", "-t", "10.0.0.1:80", "-r", "10.0.1.2:8080", "-m", "-w", "2"),
-        op("-A", "-u", "10.0.0.1:53", "-s", "rr"),
+    assert adm.parse_rules(text) == [
+        (2, op("-A", "-t", "10.0.0.1:80", "-s", "wlc")),
+        (4, op("-a", "-t", "10.0.0.1:80", "-r", "10.0.1.2:8080", "-m", "-w", "2")),
+        (5, op("-A", "-u", "10.0.0.1:53", "-s", "rr")),
     ]
+    assert adm.parse_restore(text) == [op for _no, op in adm.parse_rules(text)]
 
 
 def test_parse_restore_errors_name_the_line():
@@ -300,3 +326,12 @@ def test_parse_restore_errors_name_the_line():
         adm.parse_restore("-L -n\n")
     with pytest.raises(adm.AdmError):
         adm.parse_restore("-R\n")
+
+
+def test_excerpt_cuts_and_escapes():
+    from pylvs.control.text import excerpt, quoted
+    assert excerpt("a" * 60) == "a" * 60 and excerpt("a" * 61) == "a" * 60 + "..."
+    assert excerpt("x\udcff\x00\n\u2028é") == "x\\xff\\x00\\n\\u2028é"
+    assert excerpt(b"\xff\xfeok") == "\\xff\\xfeok"
+    assert quoted("nosuch") == "'nosuch'" and quoted(1.5) == "1.5" and quoted(None) == "None"
+    assert err("-L", "x" * 1000)[1] == "unexpected argument " + "x" * 60 + "..."

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from ipaddress import ip_address
 from pylvs.control.balancer import Balancer, BalancerError
 from pylvs.engine import states
 from pylvs.engine.tables import (
@@ -830,3 +831,71 @@ def test_held_batches_publish_once_and_any_other_change_publishes_them(env):
     assert len(pubs) == 2 and int(pubs[1][0]["flags"].sum()) == 3
     b.flush()
     assert len(pubs) == 2   # nothing pending
+
+
+@pytest.mark.parametrize("op", [
+    {"op": "sysctl", "name": "conn_reuse_mode", "value": "\u0661"},
+    {"op": "sysctl", "name": "icmp_msgs_burst", "value": "+-5"},
+    {"op": "add_service", "proto": "tcp", "vaddr": VIP, "vport": "\uff18\uff10"},
+    {"op": "add_service", "proto": "tcp", "vaddr": VIP, "vport": 0, "persistent": 300,
+     "netmask": "/\uff12\uff14"},
+    {"op": "add_dest", "proto": "tcp", "vaddr": VIP, "vport": 80, "daddr": "10.0.1.2",
+     "fwd": "masq", "weight": "\uff13"},
+])
+def test_numbers_in_operations_are_ascii_digits_only(env, op):
+    """JSON strings are numbers only in ASCII digits (Python's int() would
+    take "٣" and "３"); a malformed sign is refused, not a crash."""
+    b, c, pubs, res = env
+    if op["op"] == "add_dest":
+        b.add_service("tcp", VIP, 80)
+    with pytest.raises(BalancerError):
+        b.apply(op)
+    assert b.sysctls()["icmp_msgs_burst"] == 50 and len(b.snapshot()["services"]) <= 1
+
+
+def test_lower_threshold_above_the_upper_one_is_refused(env):
+    """ip_vs_add_dest and ip_vs_edit_dest refuse l_threshold > u_threshold
+    with ERANGE, also when no upper threshold is set; nothing changes."""
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 80)
+    for ut, lt in [(10, 20), (0, 5)]:
+        with pytest.raises(BalancerError, match=r"^Numerical result out of range$"):
+            b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, u_threshold=ut, l_threshold=lt)
+    assert b.snapshot()["services"][0]["dests"] == []
+    b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, u_threshold=10, l_threshold=10)
+    n = len(pubs)
+    with pytest.raises(BalancerError, match=r"^Numerical result out of range$"):
+        b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80, u_threshold=9)
+    d = b.snapshot()["services"][0]["dests"][0]
+    assert (d["u_threshold"], d["l_threshold"]) == (10, 10) and len(pubs) == n
+
+
+def test_dest_moved_off_nat_keeps_its_replies_while_its_conns_live():
+    """-e binds new conns to the new method; running NAT conns keep theirs, so
+    their replies must still be taken (DEST_F_REPLIES, steering) until the
+    dest has no conn left."""
+    from pylvs.engine.tables import DEST_F_REPLIES, Counters
+    from pylvs.io import bpf
+    published = []
+    b = Balancer(Counters(max_services=8, max_dests=8),
+                 publish=lambda s, d: published.append((s, d)))
+    b.add_service("tcp", "10.0.0.1", 80, "rr")
+    slot = b.add_dest("tcp", "10.0.0.1", 80, "10.0.1.2", 80, "masq", 1)
+    b.counters.dest_conns[slot] = (1, 2)          # conns made while it was NAT
+    b.edit_dest("tcp", "10.0.0.1", 80, "10.0.1.2", 80, fwd="route")
+    svcs, dests = published[-1]
+    assert dests[slot]["flags"] & DEST_F_REPLIES
+    assert bpf.dest_keys(svcs, dests) == [(6, int(ip_address("10.0.1.2")), 80)]
+    assert b.steering_view()["real_servers"] == [(6, int(ip_address("10.0.1.2")), 80)]
+    b.release_replies()                           # conns left: nothing changes
+    assert published[-1][1][slot]["flags"] & DEST_F_REPLIES
+    b.counters.dest_conns[slot] = (0, 0)
+    b.release_replies()
+    svcs, dests = published[-1]
+    assert not dests[slot]["flags"] & DEST_F_REPLIES
+    assert bpf.dest_keys(svcs, dests) == []
+    assert b.steering_view()["real_servers"] == []
+    # A dest with no conns moved off NAT never keeps replies.
+    slot2 = b.add_dest("tcp", "10.0.0.1", 80, "10.0.1.3", 80, "masq", 1)
+    b.edit_dest("tcp", "10.0.0.1", 80, "10.0.1.3", 80, fwd="route")
+    assert not published[-1][1][slot2]["flags"] & DEST_F_REPLIES

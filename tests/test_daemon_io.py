@@ -222,3 +222,18 @@ def test_stats_without_an_nft_answer_shows_no_not_host(daemon, monkeypatch, capl
     assert st["steering"] == {"not_host": None}
     msgs = [r.getMessage() for r in caplog.records]
     assert any("within 0.2 s" in m for m in msgs) and any("no such table" in m for m in msgs)
+
+
+def test_config_rules_refused_at_start_are_logged_by_file_line(daemon, tmp_path, caplog):
+    """`pylvs run -c FILE`: a rule the director refuses is logged as -R
+    reports it, ``FILE line N: <ipvsadm message>``; the others apply."""
+    path = tmp_path / "rules"
+    path.write_text("# rules\n-A -t 10.0.0.1:80\n\n-A -t 10.0.0.1:80\n-A -t 10.0.0.2:80\n")
+    daemon.opts.config = str(path)
+    daemon._read_config()
+    with caplog.at_level(logging.INFO, logger="pylvs"):
+        asyncio.run(daemon._apply_config())
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [f"{path} line 4: Service already exists"]
+    assert f"applied 2 of 3 rules from {path}" in caplog.text
+    assert len(daemon.balancer.services()) == 2

@@ -171,9 +171,6 @@ ROWS = [
     Row("an icmp error from the dr real server's side is not matched: no OUT key", v(icmp_about(
         RIP2, CIP, ip_of(dr_in()), code=3, src_mac=RMAC, dst_mac=SMAC)), RS_PORT, PASS,
         counts("pass_not_ours"), before=[DR_SYN]),
-    Row("an icmp error about a tun conn is the kernel's (for now)", v(icmp_about(
-        ROUTER, VIP, ip_of(tcp(src=VIP, dst=CIP, sport=88, dport=1000)))), CLIENT_PORT, PASS,
-        counts("pass_not_ours"), before=[TUN_SYN]),
     Row("an icmp error about a nat conn with ttl 1 is dropped, never answered",
         v(icmp_about(ROUTER, VIP, ip_of(tcp(src=VIP, dst=CIP, sport=80, dport=1000)), ttl=1)),
         CLIENT_PORT, DROP, counts("drop_ttl"), before=[SYN]),

@@ -22,7 +22,8 @@ from scapy.packet import Raw, raw
 from engine_kit import (CIP, CLIENT_PORT, FIRST_ICMP_ID, IMPLS, RIP2, RMAC, RS_PORT, SMAC, VIP,
                         Env, build_tables, icmp_error_for, partial_vnet, tcp, tcp_out, udp, v)
 from pylvs.engine import tables
-from test_engine_answers import (BIG, DIP_S, DROP, EMIT, NET, Row, counts, net, run_row)
+from test_engine_answers import (BIG, DIP_S, DROP, EMIT, NET, ROUTER, Row, counts, icmp_about,
+                                 ip_of, net, run_row)
 
 TUN_PORT = 88
 TUN_DEST = 13
@@ -83,6 +84,19 @@ def edited_to_unreachable_dr(env: Env) -> None:
 
 
 TUN = ("tx_tunneled", "emit_frames")
+
+
+def ttl_minus_one(eth_frame: bytes) -> bytes:
+    p = Ether(eth_frame)
+    p[IP].ttl -= 1
+    del p[IP].chksum
+    return raw(p)
+
+
+# A client-side router's frag-needed about a reply the Tun real server sent
+# the client straight (VIP:88 -> CIP:1000).
+TUN_REPLY = ip_of(tcp(src=VIP, dst=CIP, sport=TUN_PORT, dport=1000, flags="PA", payload=b"z" * 40))
+ROUTER_ICMP = icmp_about(ROUTER, VIP, TUN_REPLY, mtu=1280)
 
 ROWS = [
     Row("tun syn: IPIP from the VIP (no port address known) to the RIP", v(tun_in()),
@@ -150,6 +164,11 @@ ROWS = [
         expect=v(tcp_out(dport=TUN_PORT, flags="A")),
         emitted=[(RS_PORT, encap(tcp_out(dport=TUN_PORT, flags="A"), ip_id=FIRST_ICMP_ID + 1))],
         before=[(v(tun_in()), CLIENT_PORT, 0.0), edited_to_unreachable_dr]),
+    Row("an icmp error about a tun conn goes through the tunnel to its real server",
+        v(ROUTER_ICMP), CLIENT_PORT, EMIT, counts("icmp_forwarded", *TUN),
+        expect=v(ttl_minus_one(ROUTER_ICMP)),
+        emitted=[(RS_PORT, encap(ttl_minus_one(ROUTER_ICMP), ip_id=FIRST_ICMP_ID + 1))],
+        before=[(v(tun_in()), CLIENT_PORT, 0.0)]),
     Row("a gre tunnel dest is not forwarded (not supported yet)", v(tun_in()), CLIENT_PORT, DROP,
         counts("drop_fwd_method", "conns_created"), before=[gre]),
 ]

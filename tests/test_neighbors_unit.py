@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from pylvs.control.balancer import Balancer
+import pytest
+
+from pylvs.control.balancer import E_INVAL, E_LOCAL_DEST, Balancer, BalancerError
 from pylvs.control.neighbors import NUD_REACHABLE, NUD_STALE, Resolver
 from pylvs.engine.tables import Counters
 from pylvs.io import Port
@@ -51,8 +53,23 @@ class FakeNetlink:
         self.pokes.append(kw["dst"])
         return []
 
+    # 10.0.2.1/24 was added without `brd +`: no IFA_BROADCAST, but the
+    # kernel's broadcast route all the same.
+    addrs = [Msg({"IFA_LOCAL": "10.0.1.1", "IFA_BROADCAST": "10.0.1.255"}),
+             Msg({"IFA_LOCAL": "10.0.2.1"})]
+    routes = [Msg({"RTA_DST": "127.0.0.0", "RTA_TABLE": 255}, type=2, dst_len=8, table=255),
+              Msg({"RTA_DST": "10.0.1.1", "RTA_TABLE": 255}, type=2, dst_len=32, table=255),
+              Msg({"RTA_DST": "10.0.2.1", "RTA_TABLE": 255}, type=2, dst_len=32, table=255),
+              Msg({"RTA_DST": "10.0.1.255", "RTA_TABLE": 255}, type=3, dst_len=32, table=255),
+              Msg({"RTA_DST": "10.0.2.255", "RTA_TABLE": 255}, type=3, dst_len=32, table=255),
+              Msg({"RTA_DST": "10.0.3.0", "RTA_TABLE": 254}, type=1, dst_len=24, table=254)]
+
     def get_addr(self, family):
-        return [Msg({"IFA_LOCAL": "10.0.1.1", "IFA_BROADCAST": "10.0.1.255"})]
+        return list(self.addrs)
+
+    def get_routes(self, family, table):
+        assert family == 2 and table == 255
+        return list(self.routes)   # pyroute2 may not filter: the Resolver does
 
 
 def ip(s):
@@ -80,7 +97,7 @@ def test_unanswered_dest_backs_off_exponentially_up_to_the_cap():
     # touch an unanswered address).
     assert gaps[:7] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4]
     assert set(gaps[7:]) == {8.0} and len(tries) < 15
-    assert r.broadcasts == {ip("10.0.1.255")}
+    assert r.broadcasts == {ip("10.0.1.255"), ip("10.0.2.255")}
 
 
 def test_answered_dests_rechecked_with_one_dump_and_poked_only_when_stale():
@@ -156,3 +173,35 @@ def test_connected_tells_a_directly_connected_dest_from_a_routed_one():
     assert r.connected(ip("10.0.1.2")) is True and changed == [ip("10.0.1.2")]
     r.forget(ip("10.0.1.2"))
     assert r.connected(ip("10.0.1.2")) is None
+
+
+def test_broadcast_and_local_real_servers_are_refused():
+    """The local routing table names the director's own addresses (and
+    127/8) and the subnet broadcasts, also of an address added without
+    `brd +`: IPVS refuses a broadcast real server (EINVAL) and would
+    deliver to a local one itself (Local forwarding, not supported yet);
+    either is refused before anything changes. A VIP is local too."""
+    r, nl = resolver(), FakeNetlink()
+    r._cycle(nl, 0.0)
+    assert r.local_nets == ((ip("10.0.1.1"), 0xFFFFFFFF), (ip("10.0.2.1"), 0xFFFFFFFF),
+                            (ip("127.0.0.0"), 0xFF000000))
+    b = Balancer(Counters(4, 16), resolver=r)
+    b.add_service("tcp", "10.0.0.100", 80)
+    b.add_service("tcp", "10.0.0.101", 80)
+    for daddr, msg in [("10.0.2.255", E_INVAL), ("10.0.1.255", E_INVAL),
+                       ("127.0.0.1", E_LOCAL_DEST), ("127.5.6.7", E_LOCAL_DEST),
+                       ("10.0.1.1", E_LOCAL_DEST), ("10.0.2.1", E_LOCAL_DEST),
+                       ("10.0.0.100", E_LOCAL_DEST), ("10.0.0.101", E_LOCAL_DEST)]:
+        with pytest.raises(BalancerError) as ei:
+            b.add_dest("tcp", "10.0.0.100", 80, daddr, 80)
+        assert str(ei.value) == msg, daddr
+    assert b.snapshot()["services"][0]["dests"] == []
+    b.add_dest("tcp", "10.0.0.100", 80, "10.0.1.2", 80)
+    b.add_dest("tcp", "10.0.0.100", 80, "10.0.0.102", 80)
+    res = b.apply_many([{"op": "add_dest", "proto": "tcp", "vaddr": "10.0.0.100", "vport": 80,
+                         "daddr": "10.0.2.1", "dport": 80, "fwd": "masq"},
+                        {"op": "del_service", "proto": "tcp", "vaddr": "10.0.0.101", "vport": 80},
+                        {"op": "add_dest", "proto": "tcp", "vaddr": "10.0.0.100", "vport": 80,
+                         "daddr": "10.0.0.101", "dport": 80, "fwd": "masq"}])
+    assert res[0] == {"ok": False, "error": E_LOCAL_DEST} and res[2]["ok"]
+    assert E_LOCAL_DEST == "local real servers (Local forwarding) are not supported yet"

@@ -123,6 +123,36 @@ def test_malformed_requests_never_kill_the_server(director):
         assert c.call(op="ping") == "pong"
 
 
+def test_errors_quote_a_short_escaped_excerpt_of_the_input(director):
+    """A huge or binary value comes back cut to a short prefix with its
+    non-printable characters escaped; undecodable bytes on the control
+    socket are named as such, not by a guessed codec."""
+    with rpc.Client(director.path) as c:
+        for op, want in [
+            ({"op": "x" * 1_000_000}, "unknown operation '" + "x" * 60 + "...'"),
+            ({"op": "sysctl", "name": "\x00\x1b[31m"}, "unknown sysctl '\\x00\\x1b[31m'"),
+            ({"op": "add_service", "proto": "tcp", "vaddr": "y" * 10_000, "vport": 80},
+             "illegal virtual server address '" + "y" * 60 + "...'"),
+        ]:
+            with pytest.raises(rpc.RpcError) as ei:
+                c.call(op)
+            assert str(ei.value).startswith(want) and len(str(ei.value)) < 200
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(director.path)
+    f = s.makefile("rwb")
+    for line in (b"\xff\xfe\n", b'{"op": "\xff"}\n'):
+        f.write(line)
+        f.flush()
+        assert json.loads(f.readline()) == {"ok": False,
+                                            "error": "malformed request: not UTF-8 JSON"}
+    s.close()
+    rc, out, err = adm_run(director, "-R", stdin=(
+        "-L " + "z" * 100_000 + "\n-A -t 10.0.0.1:80 --bogus\udcff\x07\n-A -t 10.0.0.1:80\n"))
+    assert err == ("line 1: unexpected argument " + "z" * 60 + "...\n"
+                   "line 2: --bogus\\xff\\x07: unknown option\n")
+    assert len(director.balancer.services()) == 1
+
+
 def test_deeply_nested_request_gets_an_error_answer(director):
     # json.loads raises RecursionError (not ValueError) on deep nesting: the
     # client must still get an answer, on the same connection.
@@ -208,6 +238,9 @@ def test_adm_operation_errors_exit_255(director):
     assert adm_run(director, "-a", "-t", "10.0.0.1:80", "-r", "1.2.3.5", "-i",
                    "--tun-type", "gre") == (
         255, "", "tunnel type gre is not supported by this director yet (ipip or gue)\n")
+    for th in (["-x", "10", "-y", "20"], ["-y", "5"]):
+        assert adm_run(director, "-a", "-t", "10.0.0.1:80", "-r", "1.2.3.9", "-m", *th) == (
+            255, "", "Numerical result out of range\n")
     assert adm_run(director, "-S", "-n") == (
         0, "-A -t 10.0.0.1:80 -s wlc\n-a -t 10.0.0.1:80 -r 1.2.3.4:80 -g -w 1\n", "")
 
@@ -286,6 +319,24 @@ def test_long_restore_travels_in_batches_below_the_line_limit(director, monkeypa
     assert len(director.balancer.services()) == 10
     # Several requests, one publish: the batches before the last say "more".
     assert len(director.published) == 1
+
+
+def test_restore_skips_a_line_beyond_the_request_limit_and_goes_on(director):
+    """A line longer than the control socket takes (or whose operation,
+    JSON-escaped, would be) is reported and skipped; the director never
+    sees it, so the lines after it still apply."""
+    limit = rpc.MAX_REQUEST
+    rules = ("-A -t 10.0.0.1:80\n"
+             "-A -t 10.0.0.2:80 --pe " + "x" * limit + "\n"
+             "-A -t 10.0.0.3:80\n"
+             "-A -t 10.0.0.4:80 --pe " + "\x01" * (limit // 4) + "\n"
+             "-A -t 10.0.0.5:80\n")
+    rc, out, err = adm_run(director, "-R", stdin=rules)
+    assert err == (f"line 2: line too long (limit {limit} bytes)\n"
+                   f"line 4: line too long (limit {limit} bytes)\n")
+    assert rc != 0
+    assert adm_run(director, "-S", "-n")[1] == "".join(
+        f"-A -t 10.0.0.{i}:80 -s wlc\n" for i in (1, 3, 5))
 
 
 def test_held_batch_is_published_when_its_client_leaves(director):
@@ -481,13 +532,32 @@ def test_pylvs_sysctl_lists_reads_and_sets(director):
         0, "icmp_msgs_burst = 50\n", "")
     assert tool("sysctl_main", director, "icmp_msgs_burst=7", "expire_nodest_conn=1") == (
         0, "icmp_msgs_burst = 7\nexpire_nodest_conn = 1\n", "")
-    assert len(sent) == 2
+    assert len(sent) == 1   # one request, one publish
     assert json.loads(tool("sysctl_main", director, "--json", "icmp_msgs_burst")[1]) == {
         "icmp_msgs_burst": 7}
     rc, out, err = tool("sysctl_main", director, "icmp_msgs_burst=lots")
     assert rc == 1 and err == "pylvs sysctl: sysctl icmp_msgs_burst: 'lots' is not an integer\n"
     rc, out, err = tool("sysctl_main", director, "nosuch")
     assert rc == 1 and "unknown sysctl 'nosuch'" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ("icmp_msgs_burst=9", "conn_reuse_mode=bad"),
+    ("icmp_msgs_burst=9", "conn_reuse_mode=4"),
+    ("icmp_msgs_burst=9", "nosuch=1"),
+    ("icmp_msgs_burst=9", "nosuch"),
+    ("icmp_msgs_burst=9", "conn_reuse_mode=\u0661"),
+])
+def test_pylvs_sysctl_settings_apply_all_or_none(director, argv):
+    sent = []
+    director.balancer.publish_sysctls = sent.append
+    rc, out, err = tool("sysctl_main", director, *argv)
+    assert rc == 1 and err.startswith("pylvs sysctl: ") and out == ""
+    assert sent == [] and director.balancer.sysctls()["icmp_msgs_burst"] == 50
+    assert tool("sysctl_main", director, "conn_reuse_mode=0", "icmp_msgs_burst=9",
+                "icmp_msgs_burst") == (
+        0, "conn_reuse_mode = 0\nicmp_msgs_burst = 9\n", "")
+    assert len(sent) == 1
 
 
 def test_verbose_turns_debug_on_for_pylvs_only():

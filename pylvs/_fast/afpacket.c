@@ -15,7 +15,11 @@
  * Frames the engine makes (ICMP errors, RSTs, fragments of a frame too big
  * for its egress MTU) go to an emit area and join the same send queues, in
  * the order they were made relative to the ring frames.
+ *
+ * A Ring may be given a Capture (pylvs run --pcap): every frame it sends is
+ * then also copied there, as a pcap record (capture.c).
  */
+#include "capture.h"
 #include "engine.h"
 #include "ip_vs_icmp.h"  /* struct pylvs_emit */
 #include "structmember.h"
@@ -62,6 +66,7 @@ typedef struct {
     int last_error;               /* errno of the last socket error seen */
     int last_tx_error;            /* errno of the last frame sendmmsg() refused */
     int busy;                     /* inside forward / ring_recv / ring_send */
+    PylvsCapture *capture;        /* NULL, or where sent frames are copied */
 } RingObject;
 
 static PyTypeObject RingType;
@@ -141,6 +146,7 @@ static void ring_unmap(RingObject *self)
 static void ring_dealloc(RingObject *self)
 {
     ring_unmap(self);
+    Py_CLEAR(self->capture);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -156,8 +162,37 @@ static PyObject *ring_close(RingObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* Sends happen with the GIL held, so swapping the capture under the GIL
+ * never races a send, even while forward() waits in poll(). */
+static PyObject *ring_set_capture(RingObject *self, PyObject *cap)
+{
+    if (cap != Py_None && !pylvs_capture_check(cap)) {
+        PyErr_SetString(PyExc_TypeError, "set_capture needs a pylvs._fast.Capture or None");
+        return NULL;
+    }
+    PylvsCapture *old = self->capture;
+    self->capture = cap == Py_None ? NULL : (PylvsCapture *)cap;
+    Py_XINCREF(self->capture);
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ring_get_capture(RingObject *self, void *closure)
+{
+    PyObject *c = self->capture ? (PyObject *)self->capture : Py_None;
+    Py_INCREF(c);
+    return c;
+}
+
+static PyGetSetDef ring_getset[] = {
+    {"capture", (getter)ring_get_capture, NULL, "the Capture sent frames are copied to, or None", NULL},
+    {NULL},
+};
+
 static PyMethodDef ring_methods[] = {
     {"close", (PyCFunction)ring_close, METH_NOARGS, "Unmap the ring (the socket stays open)."},
+    {"set_capture", (PyCFunction)ring_set_capture, METH_O,
+     "set_capture(capture or None): copy every frame this ring sends from now on to a Capture."},
     {NULL},
 };
 
@@ -188,6 +223,7 @@ static PyTypeObject RingType = {
     .tp_dealloc = (destructor)ring_dealloc,
     .tp_methods = ring_methods,
     .tp_members = ring_members,
+    .tp_getset = ring_getset,
 };
 
 /* --- helpers shared by forward / recv / send ------------------------------ */
@@ -312,6 +348,8 @@ static void txq_flush(RingObject *r, TxQueue *q)
     while (i < q->n && tries++ < 2 * TXQ) {
         int s = sendmmsg(r->fd, q->msg + i, q->n - i, MSG_DONTWAIT);
         if (s > 0) {
+            if (r->capture)
+                pylvs_capture_add(r->capture, q->iov + i, (unsigned)s);
             for (unsigned end = i + (unsigned)s; i < end; i++)
                 tx_count(r, q, i, 1);
         } else if (s < 0 && errno == EINTR) {

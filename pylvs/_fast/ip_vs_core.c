@@ -625,8 +625,8 @@ tun_xmit(PylvsEngine *e, struct pylvs_emit *em, const struct conn *c, const dest
  * as it is for DR (ip_vs_icmp_xmit hands it to the conn's transmitter).
  * Like any forwarded packet its TTL drops by one; it is never answered. */
 static __attribute__((noinline)) int
-icmp_frame(PylvsEngine *e, uint8_t *eth, uint8_t *ip, uint32_t ihl, uint32_t tot,
-           uint16_t in_port, double now, uint16_t *out_port)
+icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, uint8_t *ip,
+           uint32_t ihl, uint32_t tot, uint16_t in_port, double now, uint16_t *out_port)
 {
     struct pylvs_icmp_inner in;
     if (!pylvs_icmp_inner(ip, tot, &in))
@@ -642,7 +642,7 @@ icmp_frame(PylvsEngine *e, uint8_t *eth, uint8_t *ip, uint32_t ihl, uint32_t tot
         conn_remove(e, r >> 1, ST_CONNS_EXPIRED);
         return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
     }
-    if (c->xmit == XMIT_NONE || c->xmit == XMIT_TUN) /* errors about tunnels: later */
+    if (c->xmit == XMIT_NONE)
         return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
     int refusal = pylvs_refusal(&e->net, eth, ip, ihl, in_port);
     if (refusal < 0) /* the kernel's route input refuses the error's own source first */
@@ -667,13 +667,18 @@ icmp_frame(PylvsEngine *e, uint8_t *eth, uint8_t *ip, uint32_t ihl, uint32_t tot
         } else {
             ip_decrease_ttl(ip);
         }
-        memcpy(eth, dest->dmac, 6);
-        memcpy(eth + 6, dest->smac, 6);
-        *out_port = dest->out_port;
         e->svc_stats[c->svc][T_INPKTS] += 1;
         e->svc_stats[c->svc][T_INBYTES] += tot;
         e->dest_stats[d][T_INPKTS] += 1;
         e->dest_stats[d][T_INBYTES] += tot;
+        if (c->xmit == XMIT_TUN) {
+            /* Through the tunnel, as the conn's packets (ip_vs_icmp_xmit). */
+            e->stats[ST_ICMP_FORWARDED]++;
+            return tun_xmit(e, em, c, dest, frame, ip, ihl, tot, PROTO_ICMP, 0);
+        }
+        memcpy(eth, dest->dmac, 6);
+        memcpy(eth + 6, dest->smac, 6);
+        *out_port = dest->out_port;
     } else {
         /* From the real server's side, about a packet from the client (NAT
          * only: no other conn has an OUT key). */
@@ -725,7 +730,7 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
         return finish(e, ST_DROP_FRAGMENT, PYLVS_V_DROP);
     uint8_t proto = ip[9];
     if (proto == PROTO_ICMP)
-        return icmp_frame(e, eth, ip, ihl, tot, in_port, now, out_port);
+        return icmp_frame(e, em, frame, eth, ip, ihl, tot, in_port, now, out_port);
     if (proto != PROTO_TCP && proto != PROTO_UDP)
         return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
 

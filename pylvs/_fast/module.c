@@ -1,4 +1,5 @@
 /* The one C extension of pylvs: the engine and the AF_PACKET forwarder. */
+#include "capture.h"
 #include "engine.h"
 #include "ip_vs_icmp.h"
 #include "ip_vs_xmit_tun.h"
@@ -15,7 +16,8 @@ PyMODINIT_FUNC PyInit__fast(void)
     if (m == NULL)
         return NULL;
     if (pylvs_engine_register(m) < 0 || pylvs_afpacket_register(m) < 0 ||
-        pylvs_icmp_register(m) < 0 || pylvs_tun_register(m) < 0) {
+        pylvs_icmp_register(m) < 0 || pylvs_tun_register(m) < 0 ||
+        pylvs_capture_register(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -22,6 +22,7 @@ from typing import Any, Callable, TextIO
 
 from .. import forward
 from ..control import listing, rpc
+from ..control.text import ascii_int, excerpt
 from ..forward import tunnel
 
 PROG = "pylvs adm"
@@ -132,17 +133,17 @@ def tokenize(argv: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
         if arg.startswith("--"):
             name, eq, val = arg[2:].partition("=")
             if name not in _LONG:
-                raise AdmError(f"{arg}: unknown option", EXIT_ERROR)
+                raise AdmError(f"{excerpt(arg)}: unknown option", EXIT_ERROR)
             kind, tag = _LONG[name]
             if kind == NOARG:
                 if eq:
-                    raise AdmError(f"{arg}: option does not take an argument", EXIT_ERROR)
+                    raise AdmError(f"{excerpt(arg)}: option does not take an argument", EXIT_ERROR)
                 opts.append((tag, None))
             elif eq:
                 opts.append((tag, val))
             elif kind == REQARG:
                 if i >= n:
-                    raise AdmError(f"{arg}: missing argument", EXIT_ERROR)
+                    raise AdmError(f"{excerpt(arg)}: missing argument", EXIT_ERROR)
                 opts.append((tag, argv[i]))
                 i += 1
             else:
@@ -158,7 +159,7 @@ def tokenize(argv: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
                 ch = arg[j]
                 j += 1
                 if ch not in _SHORT:
-                    raise AdmError(f"{arg}: unknown option", EXIT_ERROR)
+                    raise AdmError(f"{excerpt(arg)}: unknown option", EXIT_ERROR)
                 kind, tag = _SHORT[ch]
                 if kind == NOARG:
                     opts.append((tag, None))
@@ -168,7 +169,7 @@ def tokenize(argv: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
                     opts.append((tag, tail))
                 elif kind == REQARG:
                     if i >= n:
-                        raise AdmError(f"{arg}: missing argument", EXIT_ERROR)
+                        raise AdmError(f"{excerpt(arg)}: missing argument", EXIT_ERROR)
                     opts.append((tag, argv[i]))
                     i += 1
                 elif i < n and not argv[i].startswith("-"):
@@ -280,11 +281,9 @@ class Command:
 
 
 def _number(s: str | None, lo: int, hi: int) -> int | None:
-    # strtol's acceptance, as ipvsadm's string_to_number.
-    if s is None or not re.fullmatch(r"\s*[+-]?\d+", s):
-        return None
-    v = int(s)
-    return v if lo <= v <= hi else None
+    # strtol's acceptance, as ipvsadm's string_to_number: nothing after the digits.
+    v = None if s is None or s[-1:].isspace() else ascii_int(s)
+    return v if v is not None and lo <= v <= hi else None
 
 
 def parse_timeout(s: str | None, lo: int, hi: int) -> int:
@@ -292,7 +291,7 @@ def parse_timeout(s: str | None, lo: int, hi: int) -> int:
         return DEFAULT_PERSISTENT_TIMEOUT
     v = _number(s, lo, hi)
     if v is None:
-        raise _fail(f"invalid timeout value `{s}' specified")
+        raise _fail(f"invalid timeout value `{excerpt(s)}' specified")
     return v
 
 
@@ -309,7 +308,7 @@ def _host(name: str) -> str | None:
 
 def parse_service(buf: str, proto: str) -> tuple[str, int | None] | None:
     """'host[:port]' -> (dotted address, port or None); None if unparseable."""
-    if not buf or buf.isdigit():
+    if not buf or re.fullmatch("[0-9]+", buf):
         return None
     if buf.startswith("[") or buf.count(":") > 1:
         raise _fail("IPv6 is not supported yet")
@@ -386,7 +385,7 @@ def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
             set_option("service-address")
             mark = _number(val, 1, 2**32 - 1)
             if mark is None:
-                raise _fail(f"invalid fwmark value `{val}' specified")
+                raise _fail(f"invalid fwmark value `{excerpt(val)}' specified")
             c.fwmark, c.proto = mark, "tcp"
         elif tag == "s":
             set_option("scheduler")
@@ -465,7 +464,7 @@ def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
         c.timeouts = tuple(parse_timeout(v, 0, MAX_TIMEOUT) for v in rest[:3])  # type: ignore[assignment]
         rest = rest[3:]
     if rest:
-        raise _fail(f"unexpected argument {rest[0]}")
+        raise _fail(f"unexpected argument {excerpt(rest[0])}")
     if not c.cmd:
         if not opts or all(t == "control" for t, _ in opts):
             c.cmd = "L"        # plain `ipvsadm` lists the table
@@ -493,10 +492,10 @@ def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
             c.sched = DEF_SCHED
         for f in c.sched_flags:
             if f not in ("flag-1", "flag-2", "flag-3") and f not in _SCHED_FLAG_OWNERS:
-                raise _fail(f"invalid scheduler flag `{f}'")
+                raise _fail(f"invalid scheduler flag `{excerpt(f)}'")
             owner = _SCHED_FLAG_OWNERS.get(f)
             if owner and owner != c.sched:
-                raise _fail(f"incompatible scheduler flag `{f}'")
+                raise _fail(f"incompatible scheduler flag `{excerpt(f)}'")
     if c.cmd in ("a", "e"):
         method = forward.by_name(c.fwd)
         if not c.fwmark and not method.port_remap_allowed:
@@ -581,6 +580,16 @@ def to_op(c: Command) -> dict | None:
     return None
 
 
+# A rule travels in one control request line of at most rpc.MAX_REQUEST
+# bytes: a longer line, or one whose operation would not fit, is refused
+# here (the director would close the connection, losing the lines after it).
+MAX_LINE = rpc.MAX_REQUEST
+def _line_too_long() -> AdmError:
+    return _fail(f"line too long (limit {MAX_LINE} bytes)")
+
+
+_BATCH_OVERHEAD = len(json.dumps({"op": "batch", "ops": [], "more": True})) + 1
+
 # Nothing shlex would treat specially: no quotes, escapes or comments.
 _PLAIN_LINE = re.compile(r"[^'\"\\#]*")
 
@@ -591,6 +600,9 @@ def restore_lines(text: str):
     quote); a leading word ``ipvsadm`` is dropped, blank lines and ``#``
     comments are skipped. Lines are independent, as ipvsadm reads them."""
     for no, line in enumerate(text.splitlines(), 1):
+        if len(line) > MAX_LINE or len(line.encode("utf-8", "surrogatepass")) > MAX_LINE:
+            yield no, None, _line_too_long()
+            continue
         if _PLAIN_LINE.fullmatch(line):
             words = line.split()   # what shlex makes of it, ten times faster
         else:
@@ -606,7 +618,15 @@ def restore_lines(text: str):
 
 
 def parse_restore(text: str) -> list[dict]:
-    """Operation dicts for a file of ``pylvs adm -S`` lines (``pylvs run -c``).
+    """Operation dicts for a file of ``pylvs adm -S`` lines; raises as
+    parse_rules."""
+    return [op for _no, op in parse_rules(text)]
+
+
+def parse_rules(text: str) -> list[tuple[int, dict]]:
+    """(line number, operation dict) of each rule of a file of ``pylvs adm
+    -S`` lines (``pylvs run -c``: a rule the director refuses is reported
+    by its line).
 
     Raises AdmError naming the line for a line ipvsadm would refuse or one
     that is not a rule (a listing, say)."""
@@ -620,8 +640,8 @@ def parse_restore(text: str) -> list[dict]:
             raise AdmError(f"line {no}: {e}", e.code) from None
         op = to_op(c)
         if op is None:
-            raise _fail(f"line {no}: not a rule command: {' '.join(words)}")
-        ops.append(op)
+            raise _fail(f"line {no}: not a rule command: {excerpt(' '.join(words))}")
+        ops.append((no, op))
     return ops
 
 
@@ -757,6 +777,11 @@ def restore(conn: _Conn, stdin: TextIO, out: TextIO, err: TextIO) -> int:
         op = to_op(c)
         if op is not None:
             n = len(json.dumps(op)) + 2
+            if n + _BATCH_OVERHEAD > MAX_LINE:
+                flush()
+                e = _line_too_long()
+                report(no, str(e), e.code)
+                continue
             if size + n > BATCH_BYTES:
                 flush(more=True)
             pending.append((no, op))

@@ -19,7 +19,8 @@ import os
 import re
 import sys
 
-from pylvs.lab.topology import FWDS
+from ..control.text import ascii_int
+from ..lab.topology import FWDS
 
 DEFAULT_NAME = "pylvs"
 MAX_SERVERS = 200  # as topology.Lab
@@ -34,10 +35,7 @@ def _name(s: str) -> str:
 
 
 def _servers(s: str) -> int:
-    try:
-        n = int(s)
-    except ValueError:
-        n = 0
+    n = ascii_int(s) or 0
     if not 1 <= n <= MAX_SERVERS:
         raise argparse.ArgumentTypeError(f"must be 1..{MAX_SERVERS}, not {s!r}")
     return n

@@ -1,5 +1,5 @@
 """The `pylvs` command: `run` (the director), `adm` (ipvsadm), `lab` (namespaces),
-`realserver` (the real-server side)."""
+`realserver` (the real-server side), `check` (set-up errors)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ COMMANDS = {
     "sysctl": ("pylvs.cli.tools:sysctl_main", "read or set a running director's knobs"),
     "lab": ("pylvs.cli.lab", "network-namespace labs"),
     "realserver": ("pylvs.realserver.cli", "the real-server side: setup/status/teardown/run"),
+    "check": ("pylvs.cli.check", "check a running director's set-up against the network"),
 }
 
 USAGE = f"usage: pylvs {{{','.join(COMMANDS)}}} [args...]\n\n" + "".join(

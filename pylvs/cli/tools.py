@@ -96,9 +96,12 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
                 stderr: TextIO | None = None, client_factory=None) -> int:
     ap = argparse.ArgumentParser(
         prog="pylvs sysctl",
-        description="Read or set a running director's engine knobs (the kernel's "
-                    "net.ipv4.vs names): no argument lists them all, NAME reads one, "
-                    "NAME=VALUE sets one.")
+        description="Read or set a running director's engine knobs: "
+                    "conn_reuse_mode and expire_nodest_conn as the kernel's net.ipv4.vs.*, "
+                    "icmp_msgs_per_sec and icmp_msgs_burst as net.ipv4.*, tcp_rst_per_sec "
+                    "and tcp_rst_burst pylvs's own (RSTs for segments that match no "
+                    "conn). No argument lists them all, NAME reads one, NAME=VALUE "
+                    "sets one; the settings of one command apply together or not at all.")
     ap.add_argument("setting", nargs="*", metavar="NAME[=VALUE]")
     ap.add_argument("--json", action="store_true", help="one JSON object")
     ap.add_argument("--control", metavar="PATH", help="the director's control socket "
@@ -107,15 +110,25 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
     out, err = stdout or sys.stdout, stderr or sys.stderr
 
     def work(out, factory):
-        result: dict = {}
         if not a.setting:
             result = _call(a.control, {"op": "sysctl"}, factory)
-        for item in a.setting:
-            name, eq, value = item.partition("=")
-            op = {"op": "sysctl", "name": name}
-            if eq:
-                op["value"] = value
-            result.update(_call(a.control, op, factory))
+        else:
+            names, values = [], {}
+            for item in a.setting:
+                name, eq, value = item.partition("=")
+                names.append(name)
+                if eq:
+                    values[name] = value
+            # Names read first (an unknown one fails before anything is
+            # set), then every setting in one request: the director checks
+            # them all before it changes any.
+            result = {}
+            for name in names:
+                if name not in values:
+                    result.update(_call(a.control, {"op": "sysctl", "name": name}, factory))
+            if values:
+                every = _call(a.control, {"op": "set_sysctls", "values": values}, factory)
+                result = {name: every[name] for name in names}
         if a.json:
             out.write(json.dumps(result) + "\n")
         else:

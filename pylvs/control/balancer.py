@@ -36,11 +36,12 @@ from .. import forward
 from .. import sched as schedmod
 from ..engine import states, tables
 from ..engine.tables import (
-    ACTIVE, DEST_DTYPE, DEST_F_NO_ROUTE, DEST_F_RESOLVED, DEST_F_USED, FWD_TUNNEL, INACTIVE,
+    ACTIVE, DEST_DTYPE, DEST_F_NO_ROUTE, DEST_F_REPLIES, DEST_F_RESOLVED, DEST_F_USED, FWD_TUNNEL, INACTIVE,
     N_TRAFFIC, PROTO_TCP, PROTO_UDP, SERVICE_DTYPE, SVC_F_USED, SYSCTL_DEFAULTS, SYSCTL_NAMES,
     Counters,
 )
 from ..forward import tunnel
+from .text import ascii_int, excerpt, quoted
 
 log = logging.getLogger("pylvs.balancer")
 
@@ -81,6 +82,8 @@ E_NO_SCHED = "Scheduler or persistence engine not found"
 E_ZERO_PORT = "Zero port specified for non-persistent service"
 E_OPS = "One-Packet Scheduling is only for UDP virtual services"
 E_WEIGHT = "illegal weight specified"
+E_LOCAL_DEST = "local real servers (Local forwarding) are not supported yet"
+E_RANGE = "Numerical result out of range"   # strerror(ERANGE)
 E_NOMEM = "Memory allocation problem"
 # ipvsadm's refusal of tunnel options with -m or -g.
 E_TUN_FWD = "Tunnel options conflict with forward method"
@@ -155,23 +158,23 @@ def _proto(p: Any) -> int:
     if p == PROTO_SCTP:
         raise BalancerError("SCTP services are not supported yet")
     if p not in (PROTO_TCP, PROTO_UDP):
-        raise BalancerError(f"unknown protocol {p!r} (tcp or udp)")
+        raise BalancerError(f"unknown protocol {quoted(p)} (tcp or udp)")
     return int(p)
 
 
 def _addr(a: Any, what: str = "address") -> int:
     if isinstance(a, bool):
-        raise BalancerError(f"illegal {what} {a!r}")
+        raise BalancerError(f"illegal {what} {quoted(a)}")
     if isinstance(a, int):
         if 0 <= a <= 0xFFFFFFFF:
             return a
-        raise BalancerError(f"illegal {what} {a!r}")
+        raise BalancerError(f"illegal {what} {quoted(a)}")
     try:
         return int(ipaddress.IPv4Address(str(a)))
     except ValueError:
         if isinstance(a, str) and ":" in a:
             raise BalancerError("IPv6 is not supported yet") from None
-        raise BalancerError(f"illegal {what} {a!r}") from None
+        raise BalancerError(f"illegal {what} {quoted(a)}") from None
 
 
 def _strict_int(v: Any) -> int | None:
@@ -181,15 +184,15 @@ def _strict_int(v: Any) -> int | None:
         return None
     if isinstance(v, int):
         return v
-    if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
-        return int(v)
+    if isinstance(v, str):
+        return ascii_int(v)
     return None
 
 
 def _port(p: Any, what: str = "port") -> int:
     v = _strict_int(p)
     if v is None or not 0 <= v <= 65535:
-        raise BalancerError(f"illegal {what} {p!r}")
+        raise BalancerError(f"illegal {what} {quoted(p)}")
     return v
 
 
@@ -208,11 +211,20 @@ def _unicast_dest(daddr: int, broadcasts: Any = ()) -> None:
         raise BalancerError(E_INVAL)
 
 
+def _local_dest(daddr: int, local_nets: Any, vaddrs: Any) -> bool:
+    """Whether IPVS would deliver to ``daddr`` locally (inet_addr_type
+    RTN_LOCAL: 127.0.0.0/8, an address of the namespace in ``local_nets``
+    (prefix, mask) pairs, or a VIP of a service in ``vaddrs``)."""
+    return (daddr >> 24 == 127 or daddr in vaddrs
+            or any(daddr & mask == net for net, mask in local_nets))
+
+
 def _fwd(f: Any) -> forward.Method:
     try:
         return forward.lookup(f)
     except (KeyError, TypeError):
-        raise BalancerError(f"unknown forwarding method {f!r} (masq, route or tunnel)") from None
+        raise BalancerError(
+            f"unknown forwarding method {quoted(f)} (masq, route or tunnel)") from None
 
 
 def _tun_type(t: Any) -> int:
@@ -232,7 +244,7 @@ def _tun_flags(f: Any) -> int:
             return tunnel.TUN_FLAG_OPTIONS.index(name)
     elif isinstance(f, int) and not isinstance(f, bool) and 0 <= f < len(tunnel.TUN_FLAG_OPTIONS):
         return f
-    raise BalancerError(f"illegal tunnel flags {f!r} (nocsum, csum or remcsum)")
+    raise BalancerError(f"illegal tunnel flags {quoted(f)} (nocsum, csum or remcsum)")
 
 
 def _tun_args(m: forward.Method, tun_type: Any, tun_port: Any,
@@ -272,7 +284,7 @@ def _flag_bits(flags: Any) -> int:
     bits = 0
     for name in flags:
         if name not in _FLAG_BITS:
-            raise BalancerError(f"invalid scheduler flag `{name}'")
+            raise BalancerError(f"invalid scheduler flag `{excerpt(name)}'")
         bits |= _FLAG_BITS[name]
     return bits
 
@@ -294,8 +306,9 @@ def _netmask(m: Any) -> int:
             return m
     elif isinstance(m, str):
         s = m.strip().lstrip("/")
-        if s.isdigit() and int(s) <= 32:
-            return (NETMASK_ALL << (32 - int(s))) & NETMASK_ALL
+        bits = ascii_int(s) if s.isdigit() else None
+        if bits is not None and bits <= 32:
+            return (NETMASK_ALL << (32 - bits)) & NETMASK_ALL
         try:
             return int(ipaddress.IPv4Address(s))
         except ValueError:
@@ -329,7 +342,7 @@ class SchedDestView:
 
 class Dest:
     __slots__ = ("slot", "daddr", "dport", "fwd", "weight", "u_threshold", "l_threshold",
-                 "tun_type", "tun_port", "tun_flags")
+                 "tun_type", "tun_port", "tun_flags", "replies_pending")
 
     def __init__(self, slot: int, daddr: int, dport: int, fwd: int, weight: int,
                  u_threshold: int, l_threshold: int, tun: tuple[int, int, int] = (0, 0, 0)):
@@ -341,6 +354,9 @@ class Dest:
         self.u_threshold = u_threshold
         self.l_threshold = l_threshold
         self.tun_type, self.tun_port, self.tun_flags = tun
+        # -e moved it off a method whose replies come through the director
+        # while its old conns may live on (they keep their method).
+        self.replies_pending = False
 
 
 class Service:
@@ -394,6 +410,7 @@ class Balancer:
         self.conn_tab_size = CONN_TAB_SIZE
 
         self._services: dict[tuple[int, int, int], Service] = {}
+        self._vaddrs: collections.Counter[int] = collections.Counter()  # services per VIP
         self._svc_free = _FreeSlots(counters.max_services)
         self._dest_free = _FreeSlots(counters.max_dests)
         # Deleted but still referenced by conns: (svc key, daddr, dport) <-> slot.
@@ -509,7 +526,8 @@ class Balancer:
             return 0
         if persistent is True:
             return DEFAULT_PERSISTENT_TIMEOUT
-        return _int_in(persistent, 1, MAX_TIMEOUT, f"invalid timeout value `{persistent}' specified")
+        return _int_in(persistent, 1, MAX_TIMEOUT,
+                       f"invalid timeout value `{excerpt(str(persistent))}' specified")
 
     @staticmethod
     def _check_pe(pe: Any) -> str:
@@ -543,6 +561,7 @@ class Balancer:
         svc.timeout, svc.netmask, svc.pe, svc.ops = timeout, mask, pe, bool(ops)
         svc.scheduler = cls(frozenset(sched_flag_names(sched, bits)))
         self._services[key] = svc
+        self._vaddrs[svc.vaddr] += 1
         self._svc_at[slot] = svc
         self._dirty_svc.add(slot)
         self._svc_last_slot[key] = slot
@@ -598,6 +617,9 @@ class Balancer:
             self._release_dest(svc, d)
         svc.dests.clear()
         del self._services[svc.key]
+        self._vaddrs[svc.vaddr] -= 1
+        if not self._vaddrs[svc.vaddr]:
+            del self._vaddrs[svc.vaddr]
         del self._svc_at[svc.slot]
         self._dirty_svc.add(svc.slot)
         self._svc_free.put(svc.slot)
@@ -609,11 +631,17 @@ class Balancer:
                    tun_port: Any = None, tun_flags: Any = None) -> tuple:
         da = _addr(daddr, "real server address")
         _unicast_dest(da, getattr(self.resolver, "broadcasts", ()))
+        if _local_dest(da, getattr(self.resolver, "local_nets", ()), self._vaddrs):
+            raise BalancerError(E_LOCAL_DEST)
         dp = svc.vport if dport is None else _port(dport, "real server port")
         m = _fwd(fwd)
         w = _int_in(weight, 0, MAX_WEIGHT, E_WEIGHT)
         ut = _int_in(u_threshold or 0, 0, MAX_THRESHOLD, "illegal u_threshold specified")
         lt = _int_in(l_threshold or 0, 0, MAX_THRESHOLD, "illegal l_threshold specified")
+        if lt > ut:
+            # ip_vs_add_dest / ip_vs_edit_dest: -ERANGE, even with no upper
+            # threshold; libipvs has no text of its own for it.
+            raise BalancerError(E_RANGE)
         tun = _tun_args(m, tun_type, tun_port, tun_flags)
         if not m.port_remap_allowed and dp != svc.vport:
             # ipvsadm gives -g and -i dests the service's port itself: only
@@ -672,6 +700,11 @@ class Balancer:
             d.u_threshold if u_threshold is None else u_threshold,
             d.l_threshold if l_threshold is None else l_threshold,
             tun_type, tun_port, tun_flags)
+        replied = forward.by_fwd(d.fwd).replies_via_director
+        if forward.by_fwd(f).replies_via_director:
+            d.replies_pending = False
+        elif replied and self._conns_on(d.slot):
+            d.replies_pending = True
         d.fwd, d.weight, d.u_threshold, d.l_threshold = f, w, ut, lt
         d.tun_type, d.tun_port, d.tun_flags = tun
         self._dirty_dest.add(d.slot)
@@ -812,6 +845,8 @@ class Balancer:
             flags |= DEST_F_RESOLVED
         if forward.by_fwd(d.fwd).needs_connected_network and not self._connected(svc, d):
             flags |= DEST_F_NO_ROUTE
+        if d.replies_pending:
+            flags |= DEST_F_REPLIES
         dests[slot] = (d.daddr, self._dport(svc, d), svc.slot, d.weight, d.fwd, flags,
                        out_port, tuple(bytes(dmac)), tuple(bytes(smac)),
                        d.tun_type, d.tun_flags, d.tun_port)
@@ -922,6 +957,17 @@ class Balancer:
                 self._est_dest_last[d.slot] = 0
                 self._est_dest_avg[d.slot] = 0
 
+    def release_replies(self) -> None:
+        """Stop taking the replies of dests moved off NAT once none of their
+        conns is left (called with the estimator, every 2 seconds)."""
+        done = [d for svc in self._services.values() for d in svc.dests.values()
+                if d.replies_pending and not self._conns_on(d.slot)]
+        for d in done:
+            d.replies_pending = False
+            self._dirty_dest.add(d.slot)
+        if done:
+            self._changed()
+
     def estimate(self, now: float | None = None) -> None:
         """One step of the kernel's rate estimator (call every 2 seconds).
 
@@ -966,11 +1012,11 @@ class Balancer:
 
     def _check_sysctl(self, name: Any, value: Any) -> tuple[str, int]:
         if not isinstance(name, str) or name not in self._sysctls:
-            raise BalancerError(f"unknown sysctl {name!r} (known: {', '.join(SYSCTL_NAMES)})")
+            raise BalancerError(f"unknown sysctl {quoted(name)} (known: {', '.join(SYSCTL_NAMES)})")
         lo, hi = SYSCTL_RANGES.get(name, (0, INT_MAX))
         v = _strict_int(value)
         if v is None:
-            raise BalancerError(f"sysctl {name}: {value!r} is not an integer")
+            raise BalancerError(f"sysctl {name}: {quoted(value)} is not an integer")
         if not lo <= v <= hi:
             raise BalancerError(f"sysctl {name}: {v} is out of range ({lo}..{hi})")
         return name, v
@@ -1094,7 +1140,7 @@ class Balancer:
         for svc in self._services.values():
             svcs.append(svc.key)
             for d in svc.dests.values():
-                if forward.by_fwd(d.fwd).replies_via_director:
+                if forward.by_fwd(d.fwd).replies_via_director or d.replies_pending:
                     reals.add((svc.proto, d.daddr, self._dport(svc, d)))
         return {"services": svcs, "real_servers": sorted(reals)}
 
@@ -1142,11 +1188,11 @@ class Balancer:
             return "pong"
         spec = self._OPS.get(name) if isinstance(name, str) else None
         if spec is None:
-            raise BalancerError(f"unknown operation {name!r}")
+            raise BalancerError(f"unknown operation {quoted(name)}")
         meth, allowed = spec
         extra = set(op) - set(allowed) - {"op"}
         if extra:
-            raise BalancerError(f"{name}: unknown argument(s) {', '.join(sorted(extra))}")
+            raise BalancerError(f"{name}: unknown argument(s) {excerpt(', '.join(sorted(extra)))}")
         kwargs = {k: op[k] for k in allowed if k in op}
         try:
             return getattr(self, meth)(**kwargs)

@@ -23,6 +23,8 @@ from typing import Callable, Optional
 log = logging.getLogger("pylvs.neighbors")
 
 RTN_UNICAST = 1
+RTN_LOCAL, RTN_BROADCAST = 2, 3
+RT_TABLE_LOCAL = 255
 NTF_USE = 0x01
 # NUD states whose lladdr can be used.
 NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE = 0x02, 0x04, 0x08, 0x10
@@ -69,9 +71,13 @@ class Resolver:
         # The namespace's own IPv4 addresses, refreshed by the thread: the
         # steering rules must not steal replies addressed to the director.
         self.local: frozenset[str] = frozenset()
-        # Their subnet broadcast addresses (host-order ints): IPVS refuses
-        # them as real servers.
+        # The broadcast addresses of their subnets (host-order ints), and
+        # the local routing table's RTN_LOCAL routes as (prefix, mask)
+        # host-order ints (127.0.0.0/8, each address /32): what the
+        # kernel's inet_addr_type calls RTN_BROADCAST and RTN_LOCAL, which
+        # IPVS refuses, or delivers locally, as a real server.
         self.broadcasts: frozenset[int] = frozenset()
+        self.local_nets: tuple[tuple[int, int], ...] = ()
         self.on_local_change: Optional[Callable[[frozenset[str]], None]] = None
 
     # --- any thread ---------------------------------------------------------
@@ -174,12 +180,38 @@ class Resolver:
         due = [self._next_try[a] for a in missing if a in self._next_try]
         return min([self._last_refresh + self.refresh, *due]) - now
 
+    def refresh_local(self) -> None:
+        """Read the local addresses now, from the calling thread (start-up,
+        before the event loop runs: the rules of ``pylvs run -c`` are
+        checked against them)."""
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            self._refresh_local(ipr)
+
     def _refresh_local(self, ipr) -> None:
         try:
             msgs = list(ipr.get_addr(family=2))
             addrs = frozenset(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS") for a in msgs)
-            self.broadcasts = frozenset(int(ipaddress.IPv4Address(b)) for b in (
-                a.get_attr("IFA_BROADCAST") for a in msgs) if b)
+            broadcasts = {int(ipaddress.IPv4Address(b)) for b in (
+                a.get_attr("IFA_BROADCAST") for a in msgs) if b}
+            nets = set()
+            # An address added without `brd +` has no IFA_BROADCAST, but the
+            # kernel still adds the subnet's broadcast route (fib_add_ifaddr).
+            for r in ipr.get_routes(family=2, table=RT_TABLE_LOCAL):
+                if (r.get_attr("RTA_TABLE") or r["table"]) != RT_TABLE_LOCAL:
+                    continue
+                dst = r.get_attr("RTA_DST")
+                if dst is None:
+                    continue
+                a, plen = int(ipaddress.IPv4Address(dst)), r["dst_len"]
+                if r["type"] == RTN_BROADCAST and plen == 32:
+                    broadcasts.add(a)
+                elif r["type"] == RTN_LOCAL:
+                    mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+                    nets.add((a & mask, mask))
+            self.broadcasts = frozenset(broadcasts)
+            self.local_nets = tuple(sorted(nets))
         except Exception as e:
             self.errors += 1
             log.warning("listing local addresses failed: %s", e)

@@ -112,9 +112,16 @@ Extras = dict[str, Callable[[], Awaitable[dict]]]
 
 def _parse(line: bytes | str) -> dict | str:
     """The request object of a line, or the error message for a bad one."""
+    if isinstance(line, bytes):
+        # json.loads would guess UTF-16 or UTF-32 from the first bytes and
+        # answer with that codec's complaint.
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return "malformed request: not UTF-8 JSON"
     try:
         req = json.loads(line)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:
         return f"malformed request: {e}"
     if not isinstance(req, dict) or "op" not in req:
         return "malformed request: expected a JSON object with \"op\""
@@ -246,6 +253,7 @@ async def _estimator(balancer: Balancer) -> None:
     while True:
         try:
             balancer.estimate(time.monotonic())
+            balancer.release_replies()
         except Exception:
             log.exception("rate estimator failed")
         await asyncio.sleep(ESTIMATOR_INTERVAL)

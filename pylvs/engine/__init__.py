@@ -6,7 +6,7 @@ and ``pylvs.engine.reference.Engine`` (pure Python, the reference).
 
 from __future__ import annotations
 
-import os
+import secrets
 from typing import Callable
 
 import numpy as np
@@ -37,7 +37,7 @@ def new_engine(impl: str = "c", capacity: int = DEFAULT_CAPACITY, *,
     cls = engine_class(impl)
     return cls(
         capacity,
-        key=os.urandom(16) if key is None else key,
+        key=secrets.token_bytes(16) if key is None else key,
         transitions=states.TRANSITIONS,
         timeouts=states.timeout_array() if timeouts is None else timeouts,
         counters=counters,

@@ -902,7 +902,7 @@ class Engine:
         idaddr, idport = inner.daddr, inner.dport
         # The quoted packet went the other way: its reverse is the conn's key.
         hit = self._lookup((iproto, idaddr, idport, isaddr, isport), now)
-        if hit is None or hit[0].xmit in (XMIT_NONE, XMIT_TUN):  # errors about tunnels: later
+        if hit is None or hit[0].xmit == XMIT_NONE:
             pend[_PASS_NOT_OURS] += 1
             return V_PASS, 0
         refusal = self._refusal(f, ihl, in_port)
@@ -930,13 +930,17 @@ class Engine:
                 icmp.nat_icmp(f[IP:IP + totlen], totlen, False, c.daddr, c.dport)
             else:
                 _decrease_ttl(f)
-            f[ETH:ETH + 6] = dest[7]
-            f[ETH + 6:ETH + 12] = dest[8]
-            out_port = dest[6]
             cnt.svc_stats[c.svc, tables.STAT_INPKTS] += 1
             cnt.svc_stats[c.svc, tables.STAT_INBYTES] += totlen
             cnt.dest_stats[c.dest, tables.STAT_INPKTS] += 1
             cnt.dest_stats[c.dest, tables.STAT_INBYTES] += totlen
+            if c.xmit == XMIT_TUN:
+                # Through the tunnel, as the conn's packets (ip_vs_icmp_xmit).
+                pend[_ICMP_FORWARDED] += 1
+                return self._tun_xmit(f, c, dest, ihl, totlen, ICMP, False)
+            f[ETH:ETH + 6] = dest[7]
+            f[ETH + 6:ETH + 12] = dest[8]
+            out_port = dest[6]
         else:
             # From the real server's side, about a packet it got: to the client.
             if f[IP + 8] <= 1:

@@ -70,6 +70,9 @@ SERVICE_DTYPE = np.dtype(
 DEST_F_USED = 1      # the slot holds a dest (conns may still point at a freed slot)
 DEST_F_RESOLVED = 2  # out_port, dmac and smac are valid
 DEST_F_NO_ROUTE = 4  # a DR dest not on a directly connected network: drop, count
+DEST_F_REPLIES = 8   # the dest's method changed away from one whose replies come back
+                     # through the director while conns bound to it may live on: the
+                     # steering and socket filter still take its replies (pylvs/io/bpf.py)
 
 DEST_DTYPE = np.dtype(
     [

@@ -5,8 +5,12 @@ sees frames before nft netdev ingress (where steering drops the kernel's copy
 of stolen traffic). A BPF filter keeps everything but virtual-service traffic
 out of the ring. The socket has PACKET_VNET_HDR, so frames arrive and leave
 with a virtio_net_hdr (partial checksums and 64 KiB GSO frames survive the
-trip), PACKET_IGNORE_OUTGOING (our own transmissions are not read back) and
-PACKET_QDISC_BYPASS (sendmmsg goes straight to the driver).
+trip), PACKET_IGNORE_OUTGOING (our own transmissions are not read back) and,
+by default, PACKET_QDISC_BYPASS: sendmmsg hands frames straight to the
+driver (``__dev_direct_xmit``), skipping the qdisc and the taps that
+``dev_queue_xmit`` feeds, so packet sockets of the director (tcpdump) do not
+see what pylvs sends. ``qdisc_bypass=False`` (``pylvs run --no-qdisc-bypass``)
+sends through ``dev_queue_xmit``: tc qdiscs apply and tcpdump sees both sides.
 
 ``forward`` is the fast path (C, frames processed in the ring); ``recv`` and
 ``send`` copy through a Batch for engines written in Python.
@@ -95,7 +99,17 @@ def _mac_of(name: str) -> bytes:
 
 class AfPacketBackend:
     def __init__(self, ifnames: list[str], *, block_size: int = BLOCK_SIZE,
-                 block_nr: int = BLOCK_NR, retire_ms: int = RETIRE_MS):
+                 block_nr: int = BLOCK_NR, retire_ms: int = RETIRE_MS,
+                 qdisc_bypass: bool = True, pcap: str | None = None):
+        """One port per name in ``ifnames`` (index = the engine's port).
+
+        ``qdisc_bypass``: set PACKET_QDISC_BYPASS on every socket (the fast
+        default); False sends through the qdisc layer, where the kernel's
+        taps (tcpdump on the director) see the transmitted frames.
+        ``pcap``: a file to which every frame sent is also written
+        (pylvs/io/pcap.py). Raises OSError for an interface not in this
+        network namespace or a pcap file that cannot be created.
+        """
         if not ifnames:
             raise ValueError("AfPacketBackend needs at least one interface")
         self.ports: list[Port] = []
@@ -105,6 +119,8 @@ class AfPacketBackend:
         self._prog = bpf.reject_all()
         self._kernel_drops = 0
         self._kernel_freezes = 0
+        self.qdisc_bypass = qdisc_bypass
+        self.pcap = None
         try:
             for i, name in enumerate(ifnames):
                 try:
@@ -119,11 +135,15 @@ class AfPacketBackend:
                 attach_filter(s, self._prog)
                 s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)  # must precede the ring
                 s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-                s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+                if qdisc_bypass:
+                    s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
                 self.rings.append(_fast.Ring(s.fileno(), block_size=block_size,
                                              block_nr=block_nr, frame_size=FRAME_SIZE,
                                              retire_ms=retire_ms))
                 s.bind((name, ETH_P_ALL))
+            if pcap is not None:
+                from .pcap import PcapWriter
+                self.pcap = PcapWriter(pcap, self.rings)
         except BaseException:
             self.close()
             raise
@@ -183,7 +203,8 @@ class AfPacketBackend:
         kind refused as bigger than the egress MTU), plus ``rx_dropped``: frames the
         kernel could not put in a full ring (the data thread fell behind),
         and ``rx_freezes``: how often the kernel found its next block still
-        held by user space (tp_freeze_q_cnt)."""
+        held by user space (tp_freeze_q_cnt). With a pcap file, also
+        ``pcap_frames``, ``pcap_dropped``, ``pcap_write_errors``."""
         names = ("rx_frames", "rx_blocks", "rx_truncated", "rx_vlan", "rx_oversize",
                  "tx_frames", "tx_errors", "tx_bad_port", "sock_errors",
                  "emit_sent", "emit_errors", "tx_emsgsize",
@@ -201,9 +222,13 @@ class AfPacketBackend:
             out["rx_dropped"] = self._kernel_drops
             out["rx_freezes"] = self._kernel_freezes
         out["fwd_max_blocks"] = max((r.fwd_max_blocks for r in self.rings), default=0)
+        if self.pcap is not None:
+            out.update(self.pcap.stats())
         return out
 
     def close(self) -> None:
+        if self.pcap is not None:
+            self.pcap.stop()
         for r in self.rings:
             r.close()
         for s in self.socks:

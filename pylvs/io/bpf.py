@@ -114,7 +114,8 @@ def _packed_services(services: np.ndarray) -> np.ndarray:
 
 def _packed_dests(services: np.ndarray, dests: np.ndarray) -> np.ndarray:
     used = dests[((dests["flags"] & tables.DEST_F_USED) != 0)
-                 & np.isin(dests["fwd"], forward.REPLY_FWDS)]
+                 & (np.isin(dests["fwd"], forward.REPLY_FWDS)
+                    | ((dests["flags"] & tables.DEST_F_REPLIES) != 0))]
     svc = used["svc"].astype(np.intp)
     used, svc = used[svc < len(services)], svc[svc < len(services)]
     owner = services[svc]
@@ -137,7 +138,8 @@ def keys_of(table, kind: str) -> list[Key]:
 
 def dest_keys(services, dests) -> list[Key]:
     """(proto, daddr, dport) of used dests whose method has replies come back
-    through the director (forward.REPLY_FWDS: VS-NAT); proto comes from
+    through the director (forward.REPLY_FWDS: VS-NAT), or whose conns made
+    under such a method may still live (DEST_F_REPLIES); proto comes from
     their service.
 
     DR and TUN real servers answer clients directly, so their traffic is

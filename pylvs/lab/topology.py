@@ -865,6 +865,8 @@ class Lab:
         lines += [
             f"  {d} pylvs adm -L -n --stats",
             f"  ip netns exec {self.client} curl -s http://{self.vip}/whoami",
+            f"  {d} tcpdump -ni any tcp port 80   # what pylvs sends too: "
+            "pylvs run --no-qdisc-bypass",
             f"  pylvs lab down --name {self.name}",
         ]
         return "\n".join(lines)

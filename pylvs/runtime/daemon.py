@@ -26,15 +26,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..control.text import ascii_int, quoted
 from ..engine import tables
 
 log = logging.getLogger("pylvs")
 
 # Counters `pylvs run` logs when they grow (at most once per LOG_EVERY s each).
 WATCHED_IO = ("rx_dropped", "tx_errors", "tx_emsgsize", "emit_errors", "tx_bad_port",
-              "sock_errors", "rx_truncated", "rx_vlan", "rx_oversize")
+              "sock_errors", "rx_truncated", "rx_vlan", "rx_oversize",
+              "pcap_dropped", "pcap_write_errors")
 WATCHED_ENGINE = ("drop_table_full", "emit_overflow")
 LOG_EVERY = 10.0
+SIGHUP_MESSAGE = "SIGHUP: configuration reload is not implemented yet; still running"
 # How long `pylvs stats` waits for the steering table's not_host counter
 # (an nft subprocess, run in a worker thread); after that it shows null.
 NOT_HOST_TIMEOUT = 5.0
@@ -85,6 +88,10 @@ class Options:
     sysctls: dict = field(default_factory=dict)   # --sysctl NAME=VALUE
     poll_timeout: float = 0.02   # the data thread's longest sleep
     expire_budget: int = 512     # conn slots the clock hand visits per loop
+    # False (--no-qdisc-bypass): send through the qdisc layer, so tcpdump on
+    # the director sees what pylvs transmits (slower; docs/io.md).
+    qdisc_bypass: bool = True
+    pcap: str | None = None      # --pcap FILE: every frame sent, written there too
 
 
 class Daemon:
@@ -280,7 +287,8 @@ class Daemon:
 
         self.counters = tables.Counters(self.opts.max_services, self.opts.max_dests)
         if self._backend is None:
-            self._backend = AfPacketBackend(self.ifaces)
+            self._backend = AfPacketBackend(self.ifaces, qdisc_bypass=self.opts.qdisc_bypass,
+                                            pcap=self.opts.pcap)
         self.backend = self._backend
         if self._resolver is None:
             from ..control.neighbors import Resolver
@@ -362,18 +370,18 @@ class Daemon:
         loop.call_soon_threadsafe(call)
 
     async def _apply_config(self) -> None:
-        path, ops = self.opts.config, self._config_ops
+        path, rules = self.opts.config, self._config_ops
         if not path:
             return
-        # As ipvsadm -R: a bad line is reported and the others still apply,
-        # published once at the end.
-        results = self.balancer.apply_many(ops)
+        # As ipvsadm -R: a bad line is reported (as -R reports it) and the
+        # others still apply, published once at the end.
+        results = self.balancer.apply_many([op for _no, op in rules])
         if inspect.isawaitable(results):
             results = await results
-        bad = [(op, r) for op, r in zip(ops, results or []) if not r.get("ok", True)]
-        for op, r in bad:
-            log.error("%s: %s: %s", path, op, r.get("error"))
-        log.info("applied %d of %d rules from %s", len(ops) - len(bad), len(ops), path)
+        bad = [(no, r) for (no, _op), r in zip(rules, results or []) if not r.get("ok", True)]
+        for no, r in bad:
+            log.error("%s line %d: %s", path, no, r.get("error"))
+        log.info("applied %d of %d rules from %s", len(rules) - len(bad), len(rules), path)
 
     async def _watch(self, period: float = 1.0) -> None:
         # Losses and refusals the data path counts are logged without -v,
@@ -401,6 +409,10 @@ class Daemon:
         self._stop_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop_event.set)
+        # SIGHUP's default action kills the process without the clean-up
+        # below (the nft table would stay and black-hole the VIPs), and a
+        # closed terminal sends it.
+        self._loop.add_signal_handler(signal.SIGHUP, log.warning, SIGHUP_MESSAGE)
 
         path = self.opts.control or rpc.default_path()
         server = await rpc.start_server(path, self.balancer,
@@ -417,9 +429,13 @@ class Daemon:
                 r = self.on_start(self.balancer)
                 if inspect.isawaitable(r):
                     await r
-            log.info("ready: %d port(s) %s, engine %s, control %s",
+            pcap = getattr(self.backend, "pcap", None)
+            log.info("ready: %d port(s) %s, engine %s, control %s%s%s",
                      len(self.backend.ports), " ".join(p.name for p in self.backend.ports),
-                     self.opts.engine, path)
+                     self.opts.engine, path,
+                     "" if getattr(self.backend, "qdisc_bypass", True)
+                     else ", sending through the qdisc (visible to tcpdump)",
+                     f", frames sent copied to {pcap.path}" if pcap else "")
             notify_ready()
             await self._stop_event.wait()
         finally:
@@ -452,7 +468,7 @@ class Daemon:
             except UnicodeDecodeError as e:
                 raise SystemExit(f"pylvs run: -c {self.opts.config}: not a text file ({e})") from None
             try:
-                self._config_ops = adm.parse_restore(text)
+                self._config_ops = adm.parse_rules(text)
             except adm.AdmError as e:
                 raise SystemExit(f"pylvs run: -c {self.opts.config}: {e}") from None
 
@@ -495,6 +511,12 @@ class Daemon:
         self._local = local_addresses()
         try:
             self._build()
+            # The -c rules are checked against the namespace's addresses
+            # (local and broadcast real servers are refused): read them now,
+            # not when the resolver thread first gets to it.
+            refresh_local = getattr(self.resolver, "refresh_local", None)
+            if refresh_local is not None:
+                refresh_local()
             # The table goes in before any socket reads: a stale table from a
             # crashed run is replaced here.
             self.steering.apply(self._services, self._dests, self._local)
@@ -599,7 +621,7 @@ def _sysctl_arg(text: str) -> tuple[str, str]:
 
     name, eq, value = text.partition("=")
     if not eq or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {quoted(text)}")
     return name.strip(), value.strip()
 
 
@@ -607,10 +629,9 @@ def _bounded(lo: int, hi: int):
     import argparse
 
     def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        v = ascii_int(text)
+        if v is None:
+            raise argparse.ArgumentTypeError(f"not an integer: {quoted(text)}")
         if not lo <= v <= hi:
             raise argparse.ArgumentTypeError(f"{v} is out of range ({lo}..{hi})")
         return v
@@ -660,6 +681,15 @@ def main(argv: list[str] | None = None) -> int:
                     metavar="NAME=VALUE", help="set an engine knob at start (repeatable; default: "
                     + ", ".join(f"{n}={v}" for n, v in zip(bal.SYSCTL_NAMES, bal.SYSCTL_DEFAULTS)) + ")")
     ap.add_argument("--engine", choices=IMPLS, default="c", help="data path engine")
+    ap.add_argument("--no-qdisc-bypass", dest="qdisc_bypass", action="store_false",
+                    help="send through the kernel's qdisc layer instead of straight to the "
+                    "driver, so tcpdump on the director also sees the frames pylvs "
+                    "transmits (and tc qdiscs apply); slower (default: bypass, "
+                    "tcpdump shows only what arrives)")
+    ap.add_argument("--pcap", metavar="FILE",
+                    help="also write every frame pylvs sends (forwarded and made: ICMP "
+                    "errors, RSTs, fragments, tunnel packets) to FILE, classic pcap, "
+                    "Ethernet; read it with tcpdump -r (default: none)")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
     a = ap.parse_args(argv)
@@ -670,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(a.verbose)
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
                    capacity=a.conn_max, engine=a.engine, max_services=a.max_services,
-                   max_dests=a.max_dests, sysctls=dict(a.sysctl))
+                   max_dests=a.max_dests, sysctls=dict(a.sysctl),
+                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap)
     try:
         return Daemon(opts).run()
     except SystemExit:

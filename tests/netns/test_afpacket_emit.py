@@ -9,6 +9,10 @@ import pytest
 
 from test_afpacket import scenario
 
+from pylvs import _fast
+
+_SNAPLEN = _fast.PCAP_SNAPLEN
+
 pytestmark = pytest.mark.netns
 
 # Runs in the director's namespace after test_afpacket's PRELUDE.
@@ -153,3 +157,49 @@ b.close()
 """)
     assert res["client"] == "refused", res
     assert res["stats"]["emit_sent"] >= 1 and res["stats"]["emit_errors"] == 0, res
+
+
+def test_pcap_copy_of_sent_frames_drops_records_not_frames(trio, tmp_path):
+    # --pcap: a writer that falls behind (here: never drains before stop)
+    # must cost records, counted, never frames on the wire.
+    rmac = trio.mac(trio.r, "eth0")
+    pcap = tmp_path / "sent.pcap"
+    res = scenario(trio, KIT + rf"""
+from pylvs.io.pcap import PcapWriter
+b = AfPacketBackend(["d0", "d1"])
+try:
+    b.rings[0].set_capture(object())
+    type_error = False
+except TypeError:
+    type_error = True
+w = PcapWriter({str(pcap)!r}, b.rings, buffer_bytes=_fast.PCAP_SNAPLEN + 16, period=3600)
+dmac, smac = bytes.fromhex({rmac!r}.replace(":", "")), b.ports[1].mac
+batch = tables.Batch(64, 2048)
+first = None
+sent = 0
+for k in range(64):
+    batch.count = 0
+    for j in range(64):
+        f = udp_frame(dmac, smac, b"x" * 18, ident=k * 64 + j)
+        first = first or f
+        i = batch.append(f)
+        batch.verdict[i], batch.out_port[i] = tables.V_TX, 1
+    sent += b.send(batch)
+during = w.stats()
+w.stop()
+print(json.dumps(dict(sent=sent, during=during, type_error=type_error,
+                      first=first[tables.VNET_HDR.size:].hex(), stats=b.stats())))
+b.close()
+""")
+    from scapy.utils import RawPcapReader
+    n = 64 * 64
+    assert res["type_error"]
+    assert res["sent"] == n and res["stats"]["tx_frames"] == n, res["stats"]
+    d = res["during"]
+    # 60-byte frames, 76-byte records: the 256 KiB buffer holds 3449 of 4096.
+    assert d["pcap_frames"] == (_SNAPLEN + 16) // 76 and d["pcap_frames"] + d["pcap_dropped"] == n, d
+    records = list(RawPcapReader(str(pcap)))
+    assert len(records) == d["pcap_frames"]
+    data, meta = records[0]
+    assert data.hex() == res["first"] and meta.wirelen == meta.caplen == 60
+    assert {len(r[0]) for r in records} == {60}

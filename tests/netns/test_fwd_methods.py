@@ -157,11 +157,9 @@ def test_udp_across_methods(director_lab, ip_forward):
 # first method completes the download.
 EDITS = [
     # rs1 holds no VIP (a NAT real server): DR frames to it are not for it,
-    # and the running NAT conn's replies still need their OUT key.
-    pytest.param(NAT, "-m", "-g", id="nat-to-dr", marks=pytest.mark.xfail(strict=True, reason=(
-        "control bug: the reply steering (nft set realservers, the socket filter's dest "
-        "keys) follows the dest's current method, so -e -g removes rs1 and the running "
-        "NAT conn's replies no longer reach the engine (OutPkts stops)"))),
+    # and the running NAT conn's replies still need their OUT key and their
+    # steering (DEST_F_REPLIES keeps rs1 in the reply keys while it has conns).
+    pytest.param(NAT, "-m", "-g", id="nat-to-dr"),
     # rs3 is behind the router: not on a connected network, DR frames are
     # counted as drop_no_route, while the running conn keeps its tunnel.
     pytest.param(TUN, "-i", "-g", id="tun-to-dr"),

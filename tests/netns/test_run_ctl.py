@@ -13,7 +13,7 @@ import time
 import pytest
 
 from nsio import sh
-from test_run import RUN, Pair, running, stop, wait_ready
+from test_run import RUN, Pair, has_table, running, stop, wait_ready
 
 pytestmark = pytest.mark.netns
 
@@ -239,4 +239,57 @@ def test_stats_show_the_io_and_steering_counters(pair, tmp_path):
         assert "steering.not_host  3" in text
         named = dict(ln.split() for ln in text if len(ln.split()) == 2)
         assert int(named["io.rx_frames"]) >= 5 and int(named["rx_frames"]) >= 5
+        assert stop(p) == 0
+
+
+@pytest.mark.parametrize("stop_sig", [signal.SIGTERM, signal.SIGINT])
+def test_sighup_does_not_stop_the_director(pair, stop_sig):
+    """A closed terminal sends SIGHUP: the director logs one line and keeps
+    serving; SIGTERM and SIGINT still stop it with its clean-up done (nft
+    table, control socket and lock file gone)."""
+    path = lock_path(pair.a)
+    ino = path.rsplit("-", 1)[1].split(".")[0]
+    ctl = f"/run/pylvs/ctl-{ino}.sock"
+    with running(pair.a, "--iface", "eth0", *SMALL) as (p, log):
+        wait_ready(p, log)
+        assert has_table(pair.a) and os.path.exists(ctl)
+        p.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "SIGHUP" not in open(log).read() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = in_ns(pair.a, *PYLVS, "adm", "-A", "-t", "10.9.0.1:80")
+        assert r.returncode == 0, r.stderr
+        assert p.poll() is None
+        text = open(log).read()
+        assert text.count("SIGHUP: configuration reload is not implemented yet; "
+                          "still running") == 1, text
+        p.send_signal(stop_sig)
+        assert p.wait(10) == 0
+        assert not has_table(pair.a)
+        assert not os.path.exists(path) and not os.path.exists(ctl)
+        assert "stopped" in open(log).read()
+
+
+def test_broadcast_and_local_real_servers_are_refused(pair, tmp_path):
+    """eth0 has 10.9.5.1/24 added without `brd +` (no IFA_BROADCAST): its
+    subnet broadcast 10.9.5.255 is still refused as IPVS refuses it, from
+    the -c file at start (logged by file and line) and from `pylvs adm`;
+    so are the director's own addresses (Local forwarding)."""
+    rules = tmp_path / "rules"
+    rules.write_text("-A -t 10.9.0.1:80 -s rr\n"
+                     "-a -t 10.9.0.1:80 -r 10.9.5.255:80 -m\n"
+                     "-a -t 10.9.0.1:80 -r 10.9.5.1:80 -m\n"
+                     "-a -t 10.9.0.1:80 -r 10.9.5.2:80 -m\n")
+    unicast = "Invalid operation.  Possibly wrong module version, address not unicast, ..."
+    local = "local real servers (Local forwarding) are not supported yet"
+    with running(pair.a, "--iface", "eth0", "-c", str(rules), *SMALL) as (p, log):
+        text = wait_ready(p, log)
+        assert f"{rules} line 2: {unicast}" in text and f"{rules} line 3: {local}" in text
+        assert "applied 2 of 4 rules" in text
+        for daddr, msg in [("10.9.5.255", unicast), ("127.0.0.1", local),
+                           ("10.9.0.1", local), ("10.9.5.1", local)]:
+            r = in_ns(pair.a, *PYLVS, "adm", "-a", "-t", "10.9.0.1:80", "-r", f"{daddr}:80", "-m")
+            assert (r.returncode, r.stderr) == (255, msg + "\n"), daddr
+        r = in_ns(pair.a, *PYLVS, "adm", "-S", "-n")
+        assert r.stdout == "-A -t 10.9.0.1:80 -s rr\n-a -t 10.9.0.1:80 -r 10.9.5.2:80 -m -w 1\n"
         assert stop(p) == 0

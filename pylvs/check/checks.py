@@ -1,0 +1,508 @@
+"""The checks of `pylvs check`, run on the director against the running
+director's configuration (a ``snapshot`` from its control socket, the data
+``pylvs adm -S -n`` prints) and the director namespace's network.
+
+Each check yields Results: ``verdict`` is ``ok``, ``warn`` or ``FAIL``;
+``fix`` says in words what to do (empty for ok). The checks, what they send
+and why each matters (the set-up errors the LVS ``configure`` script looked
+for):
+
+``services``
+    Every virtual service needs a dest with weight > 0: otherwise each new
+    flow is refused with ICMP port unreachable (``ip_vs_leave``).
+``vip``
+    Each VIP must be an address of the director's namespace: the kernel
+    answers ARP for it only then, so routers deliver the VIP's frames to
+    the director at all. (pylvs takes the frames itself; the address is for
+    ARP, as with IPVS.) On ``lo`` the kernel still answers ARP for it on
+    interfaces whose effective ``arp_ignore`` is 0; with a higher value the
+    VIP must be routed to the director instead: warn.
+``dr-connected``
+    A DR (``-g``) frame changes only its MACs, so the real server must be
+    on a network directly connected to the director: the kernel's route to
+    the RIP (``ip route get``) must have no gateway.
+``dr``
+    A DR real server must accept packets for the VIP: a TCP SYN from the
+    director's address to VIP:port sent to the real server's MAC, as the
+    director forwards a client's packet, must be answered from VIP:port
+    (SYN-ACK or RST). Silence: it does not hold the VIP.
+``arp-problem``
+    On each segment with DR or Tun real servers, one broadcast ARP who-has
+    for each VIP (and for each RIP, to learn their MACs) and every reply
+    collected for ``wait`` seconds. A reply for a VIP from a MAC that is not
+    one of the director's is a real server that holds the VIP and answers
+    ARP for it: the router may learn it, and clients then reach that real
+    server directly, past the director. The MAC is named by its RIP (from
+    the RIPs' ARP replies, else the kernel's neighbour table).
+``nat-route``
+    A NAT real server must send its replies to clients through the director
+    (the director un-NATs them). Method: two TCP SYNs to RIP:port, sent as
+    whole frames to the real server's MAC (or its next hop's) from the
+    director's interface toward it, with different source addresses:
+
+    - *control*: source = the director's own address on that route (what
+      ``ip route get RIP`` picks). The real server reaches it directly, so
+      any SYN-ACK or RST proves the real server is alive at RIP:port;
+    - *client*: source = a client-side address: the VIP by default (the
+      address the director answers clients from, on the clients' side, so
+      a route "to the clients" through the director covers it), or each
+      ``--client`` address. The real server's SYN-ACK/RST for it leaves by
+      its route to the clients.
+
+    The client probe's answer seen arriving for the director's MAC: ok. Seen
+    for another MAC (a flooded frame to another router): FAIL naming that
+    MAC. Not seen while the control probe is answered: FAIL, the reply took
+    a route that bypasses the director. Neither answered: warn (real server
+    down or filtered: nothing to conclude). The director's kernel answers
+    the stray SYN-ACK with a RST (or drops it), so nothing stays open on the
+    real server. TCP is used for UDP services too: a closed port's RST
+    travels the same route. (With ``--client`` and ``ip_forward=1`` the
+    director's kernel forwards the stray SYN-ACK to that client, whose
+    stack answers it with a RST: harmless, but it is real traffic.)
+``tun``
+    A Tun real server must decapsulate and accept the inner packet for the
+    VIP. Method: a TCP SYN from the director's own address (the route's
+    source toward the RIP) to VIP:port, inside IPIP (or UDP + GUE to the
+    dest's tunnel port, with or without the outer checksum as the dest is
+    configured), sent to RIP. The real server answers from the VIP straight
+    to the director's address: a SYN-ACK or RST from VIP:port is ok. An
+    ICMP protocol unreachable (IPIP) or port unreachable (GUE) from the RIP
+    means nothing decapsulates there; silence means the packet was taken
+    but not answered (the VIP not held, rp_filter dropping decapsulated
+    packets, a decapsulator not running). And the tunnel MTU: the route's
+    MTU toward the RIP less the overhead (20 IPIP, 32 GUE) must be at least
+    576 (RFC 791's minimum datagram every host must accept), else clients'
+    full-sized packets cannot pass.
+``settings``
+    ``ip_forward``: informational; pylvs forwards in user space, so the
+    kernel's value changes nothing for virtual services (1 lets the kernel
+    route other traffic between the director's networks). Offloads:
+    informational; pylvs reads frames with PACKET_VNET_HDR, completes
+    partial checksums and segments GSO frames it sends itself, so no
+    ``ethtool -K`` setting is needed. ``rp_filter``: pylvs applies the
+    receiving interface's effective rp_filter (max of ``all`` and the
+    interface) to new flows as the kernel does; with strict mode (1) a
+    client whose route back leaves by another interface than the one its
+    packets arrive on (taken as the VIP's interface) is refused (counted
+    ``drop_rp_filter``), and with any mode a client with no route back at
+    all. Checked per ``--client`` address; without one, a missing default
+    route is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+from .probe import PACKET_HOST, Answer, Net, ephemeral_port
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+MIN_TUN_MTU = 576
+SERVICE_KINDS = ("masq", "route", "tunnel")
+
+
+@dataclass(frozen=True)
+class Result:
+    """One line of `pylvs check`: the check's name, what it is about, the
+    verdict, what was found, and the fix in words (empty when ok)."""
+
+    check: str
+    subject: str
+    verdict: str
+    message: str
+    fix: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        text = f"{self.verdict:<4} {self.check:<12} {self.subject}: {self.message}"
+        return text + (f"; fix: {self.fix}" if self.fix else "")
+
+
+def svc_name(s: dict) -> str:
+    return f"{s['proto']} {s['vaddr']}:{s['vport']}"
+
+
+def dests_by_fwd(snap: dict, key: str) -> list[tuple[dict, dict]]:
+    """(service, dest) pairs whose dest uses the forwarding method KEY."""
+    return [(s, d) for s in snap.get("services", []) for d in s.get("dests", [])
+            if d.get("fwd") == key]
+
+
+# --- configuration checks ------------------------------------------------------
+
+
+def check_services(snap: dict) -> list[Result]:
+    out = []
+    for s in snap.get("services", []):
+        dests = s.get("dests", [])
+        live = [d for d in dests if d.get("weight", 0) > 0]
+        if live:
+            out.append(Result("services", svc_name(s), OK,
+                              f"{len(live)} of {len(dests)} dest(s) with weight > 0"))
+            continue
+        what = "no dest" if not dests else "every dest has weight 0"
+        fix = (f"add one: pylvs adm -a {'-t' if s['proto'] == 'TCP' else '-u'} "
+               f"{s['vaddr']}:{s['vport']} -r RIP -w 1" if not dests else
+               "give a dest a weight: pylvs adm -e ... -r RIP -w 1")
+        out.append(Result("services", svc_name(s), FAIL,
+                          f"{what}: every new flow is refused (ICMP port unreachable)", fix))
+    return out
+
+
+def check_vips(snap: dict, net: Net) -> list[Result]:
+    addrs = net.addresses()
+    out = []
+    for vip in sorted({s["vaddr"] for s in snap.get("services", [])}):
+        where = addrs.get(vip)
+        if where is None:
+            out.append(Result("vip", vip, FAIL, "not an address of the director: nobody answers "
+                              "ARP for it, so its frames never reach the director",
+                              f"ip addr add {vip}/32 dev IF (IF: the clients' side)"))
+        elif where == "lo":
+            arp_ignore = net.sysctl("conf/all/arp_ignore") or 0
+            if arp_ignore:
+                out.append(Result("vip", vip, WARN,
+                                  f"on lo with all/arp_ignore={arp_ignore}: the kernel does "
+                                  "not answer ARP for it",
+                                  "route the VIP to the director, or put it on the "
+                                  "clients' interface"))
+            else:
+                out.append(Result("vip", vip, OK, "on lo; the kernel answers ARP for it "
+                                  "(arp_ignore 0)"))
+        else:
+            out.append(Result("vip", vip, OK, f"on {where}"))
+    return out
+
+
+def check_dr_connected(snap: dict, net: Net) -> list[Result]:
+    out = []
+    for rip in sorted({d["daddr"] for _, d in dests_by_fwd(snap, "route")}):
+        r = net.route(rip)
+        if r is None:
+            out.append(Result("dr-connected", rip, FAIL, "no route to this DR real server",
+                              "put it on a network directly connected to the director"))
+        elif r.gateway:
+            out.append(Result("dr-connected", rip, FAIL,
+                              f"reached via gateway {r.gateway} on {r.ifname}: a DR frame "
+                              "only changes MACs, it cannot cross a router",
+                              f"put {rip} on a network directly connected to the director, "
+                              "or use -i (Tun) for it"))
+        else:
+            out.append(Result("dr-connected", rip, OK, f"directly connected on {r.ifname}"))
+    return out
+
+
+def check_dr(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+    out = []
+    cache: dict = {}
+    seen = set()
+    for s, d in dests_by_fwd(snap, "route"):
+        rip, vip, port = d["daddr"], s["vaddr"], s["vport"]
+        r = net.route(rip)
+        if (rip, vip, port) in seen or r is None or r.gateway or not r.prefsrc:
+            continue   # dr-connected reports those without a direct route
+        seen.add((rip, vip, port))
+        subject = f"{rip} for {vip}:{port}"
+        mac = _next_hop_mac(net, r, cache)
+        if mac is None:
+            out.append(Result("dr", subject, WARN, "no ARP answer from it: not probed",
+                              f"check that {rip} is up"))
+            continue
+        sport = ephemeral_port()
+        frame = bytes(Ether(dst=mac, src=net.mac(r.ifname)) / IP(src=r.prefsrc, dst=vip, ttl=64)
+                      / TCP(sport=sport, dport=port, flags="S", seq=ephemeral_port() << 12))
+        if net.exchange(r.ifname, [frame], _tcp_reply(vip, port, r.prefsrc, sport),
+                        wait=wait, first=True, sources=[vip]):
+            out.append(Result("dr", subject, OK, f"accepts packets for {vip}:{port} sent to its MAC"))
+        else:
+            out.append(Result("dr", subject, FAIL,
+                              f"no answer from {vip}:{port} to a packet sent to its MAC: it "
+                              "does not hold the VIP (or nothing listens and no RST is sent)",
+                              f"on {rip} run `pylvs realserver setup --fwd dr --vip {vip}`"))
+    return out
+
+
+# --- the ARP problem -----------------------------------------------------------
+
+
+def check_arp_problem(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
+    # segment (interface) -> {vip: fwd key}, and the RIPs on it
+    segments: dict[str, dict[str, str]] = {}
+    rips: dict[str, set[str]] = {}
+    out = []
+    for s, d in dests_by_fwd(snap, "route") + dests_by_fwd(snap, "tunnel"):
+        r = net.route(d["daddr"])
+        if r is None or r.gateway:
+            if d["fwd"] == "tunnel" and r is not None:
+                out.append(Result("arp-problem", d["daddr"], WARN,
+                                  f"behind gateway {r.gateway}: its segment cannot be "
+                                  "probed from the director",
+                                  f"run `pylvs realserver status` on {d['daddr']}"))
+            continue   # a DR dest off-link: dr-connected reports it
+        segments.setdefault(r.ifname, {}).setdefault(s["vaddr"], d["fwd"])
+        rips.setdefault(r.ifname, set()).add(d["daddr"])
+    mine = net.macs()
+    for ifname in sorted(segments):
+        vips = segments[ifname]
+        answers = net.arp(ifname, [*vips, *sorted(rips[ifname])], wait)
+        rip_of = net.neighbour_macs()
+        rip_of.update({mac: ip for ip, mac in answers if ip in rips[ifname]})
+        for vip, fwd in vips.items():
+            thieves = sorted({mac for ip, mac in answers if ip == vip and mac not in mine})
+            if not thieves:
+                out.append(Result("arp-problem", f"{vip} on {ifname}", OK,
+                                  "no host but the director answers ARP for it"))
+            for mac in thieves:
+                rip = rip_of.get(mac)
+                if rip is None:
+                    out.append(Result("arp-problem", f"{vip} on {ifname}", FAIL,
+                                      f"{mac}, not a real server of this director, answers "
+                                      "ARP for the VIP", "find the host with that MAC and "
+                                      "remove the VIP from it (or keep it quiet with "
+                                      "arp_ignore=1, arp_announce=2)"))
+                    continue
+                kind = "dr" if fwd == "route" else "tun"
+                out.append(Result("arp-problem", f"{vip} on {ifname}", FAIL,
+                                  f"real server {rip} ({mac}) answers ARP for the VIP: "
+                                  "clients can reach it directly, past the director",
+                                  f"on {rip} run `pylvs realserver setup --fwd {kind} --vip "
+                                  f"{vip}` (VIP on lo /32, arp_ignore=1, arp_announce=2)"))
+    return out
+
+
+# --- probes through real servers ------------------------------------------------
+
+
+def _next_hop_mac(net: Net, r, cache: dict) -> str | None:
+    hop = r.gateway or r.dst
+    if (r.ifname, hop) not in cache:
+        known = {ip: mac for mac, ip in net.neighbour_macs().items()}
+        cache[(r.ifname, hop)] = known.get(hop) or net.resolve(r.ifname, hop)
+    return cache[(r.ifname, hop)]
+
+
+def _tcp_reply(src: str, sport: int, dst: str, dport: int):
+    """A matcher: the TCP segment src:sport -> dst:dport (SYN-ACK or RST)."""
+    from scapy.layers.inet import IP, TCP
+
+    def match(a: Answer):
+        p = a.pkt
+        if IP in p and TCP in p and p[IP].src == src and p[IP].dst == dst \
+                and p[TCP].sport == sport and p[TCP].dport == dport:
+            return a
+        return None
+    return match
+
+
+def check_nat_route(snap: dict, net: Net, clients: Iterable[str] = (),
+                    wait: float = 1.0) -> list[Result]:
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+    out = []
+    cache: dict = {}
+    mine = net.macs()
+    seen = set()
+    for s, d in dests_by_fwd(snap, "masq"):
+        rip, port = d["daddr"], d["dport"] or s["vport"]
+        for src in (list(clients) or [s["vaddr"]]):
+            if (rip, port, src) in seen:
+                continue
+            seen.add((rip, port, src))
+            subject = f"{rip}:{port}"
+            r = net.route(rip)
+            mac = r and _next_hop_mac(net, r, cache)
+            if r is None or mac is None:
+                out.append(Result("nat-route", subject, WARN,
+                                  "no route or no ARP answer from it: not probed",
+                                  f"check that {rip} is up and reachable"))
+                continue
+            own = r.prefsrc or next((a for a, i in net.addresses().items() if i == r.ifname), None)
+            if own is None:
+                out.append(Result("nat-route", subject, WARN,
+                                  f"the director has no address on {r.ifname}: not probed",
+                                  f"give {r.ifname} an address on {rip}'s network"))
+                continue
+            ports = {}
+            frames = []
+            for tag, sa in (("control", own), ("client", src)):
+                ports[tag] = ephemeral_port()
+                frames.append(bytes(Ether(dst=mac, src=net.mac(r.ifname))
+                                    / IP(src=sa, dst=rip, ttl=64)
+                                    / TCP(sport=ports[tag], dport=port, flags="S",
+                                          seq=ephemeral_port() << 12)))
+            m_ctl = _tcp_reply(rip, port, own, ports["control"])
+            m_cli = _tcp_reply(rip, port, src, ports["client"])
+            got = net.exchange(r.ifname, frames,
+                               lambda a: (("control", a) if m_ctl(a) else
+                                          ("client", a) if m_cli(a) else None),
+                               wait=wait, sources=[rip])
+            client = [a for tag, a in got if tag == "client"]
+            control = [a for tag, a in got if tag == "control"]
+            via = f"replies to {src}"
+            if any(a.pkttype == PACKET_HOST or a.pkt.dst.lower() in mine for a in client):
+                out.append(Result("nat-route", subject, OK, f"{via} come back through the director"))
+            elif client:
+                out.append(Result("nat-route", subject, FAIL,
+                                  f"{via} go to {client[0].pkt.dst}, not to the director",
+                                  f"on {rip}: pylvs realserver setup --fwd nat --dip {own} "
+                                  "(route to the clients via the director)"))
+            elif control:
+                out.append(Result("nat-route", subject, FAIL,
+                                  f"answers the director's own address but {via} never "
+                                  "reach the director: its route to the clients bypasses it",
+                                  f"on {rip}: pylvs realserver setup --fwd nat --dip {own} "
+                                  "(route to the clients via the director)"))
+            else:
+                out.append(Result("nat-route", subject, WARN,
+                                  f"no answer to a SYN from the director's {own} either "
+                                  "(down, or filtered): route not checked",
+                                  f"check that {rip}:{port} is up"))
+    return out
+
+
+def _tunnel_frame(net: Net, r, mac: str, d: dict, inner: bytes):
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
+    eth = Ether(dst=mac, src=net.mac(r.ifname))
+    own = r.prefsrc
+    if d.get("tun_type") == "gue":
+        # GUE version 0, no extension, proto 4 (IPv4) in the ctype/proto byte.
+        udp = UDP(sport=ephemeral_port(), dport=d["tun_port"])
+        if d.get("tun_flags", 0) == 0:
+            udp.chksum = 0
+        return bytes(eth / IP(src=own, dst=r.dst, ttl=64) / udp / Raw(b"\x00\x04\x00\x00" + inner))
+    return bytes(eth / IP(src=own, dst=r.dst, ttl=64, proto=4) / Raw(inner))
+
+
+def check_tun(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
+    from scapy.layers.inet import ICMP, IP, TCP
+    from ..forward import tunnel
+    out = []
+    cache: dict = {}
+    seen = set()
+    for s, d in dests_by_fwd(snap, "tunnel"):
+        rip, vip, port = d["daddr"], s["vaddr"], s["vport"]
+        ttype = d.get("tun_type", "ipip")
+        key = (rip, vip, port, ttype, d.get("tun_port"), d.get("tun_flags"))
+        if key in seen:
+            continue
+        seen.add(key)
+        subject = f"{rip} ({ttype}) for {vip}:{port}"
+        r = net.route(rip)
+        if r is None:
+            out.append(Result("tun", subject, FAIL, "no route to the real server",
+                              f"add a route to {rip}"))
+            continue
+        over = tunnel.DESCRIPTOR.header_overhead(tunnel.TUN_TYPES.get(ttype, 0))
+        room = r.mtu - over
+        if room < MIN_TUN_MTU:
+            out.append(Result("tun-mtu", subject, FAIL,
+                              f"path MTU {r.mtu} on {r.ifname} leaves {room} bytes inside the "
+                              f"tunnel, below {MIN_TUN_MTU}",
+                              f"raise the MTU toward {rip} to at least {MIN_TUN_MTU + over}"))
+        else:
+            out.append(Result("tun-mtu", subject, OK,
+                              f"{room} bytes inside the tunnel (MTU {r.mtu} on {r.ifname} - {over})"))
+        mac = _next_hop_mac(net, r, cache)
+        if mac is None or not r.prefsrc:
+            out.append(Result("tun", subject, WARN, "no ARP answer from the next hop: not probed",
+                              f"check that {r.gateway or rip} is up"))
+            continue
+        sport = ephemeral_port()
+        inner = bytes(IP(src=r.prefsrc, dst=vip, ttl=64)
+                      / TCP(sport=sport, dport=port, flags="S", seq=ephemeral_port() << 12))
+        frame = _tunnel_frame(net, r, mac, d, inner)
+        answered = _tcp_reply(vip, port, r.prefsrc, sport)
+
+        def match(a: Answer, answered=answered):
+            if answered(a):
+                return "answered"
+            p = a.pkt
+            if IP in p and ICMP in p and p[IP].src == rip and p[ICMP].type == 3 \
+                    and p[ICMP].code in (2, 3):
+                return "unreachable"
+            return None
+        got = net.exchange(r.ifname, [frame], match, wait=wait, first=True, sources=[vip, rip])
+        kind = "tun"
+        setup = f"on {rip}: pylvs realserver setup --fwd {kind} --vip {vip}"
+        if got and got[0] == "answered":
+            out.append(Result("tun", subject, OK, f"answers from {vip}:{port} through the tunnel"))
+        elif got:
+            out.append(Result("tun", subject, FAIL,
+                              f"{rip} answered ICMP {'protocol' if ttype == 'ipip' else 'port'} "
+                              f"unreachable: nothing decapsulates {ttype.upper()} there",
+                              f"{setup}, then (no ipip module) `pylvs realserver run --vip {vip}`"
+                              + (f" --gue-port {d['tun_port']}" if ttype == "gue" else "")))
+        else:
+            out.append(Result("tun", subject, FAIL,
+                              f"no answer from {vip}:{port} to a probe through the tunnel: "
+                              "the real server does not decapsulate it, does not hold the VIP, "
+                              "or drops it (rp_filter)",
+                              f"{setup}; check `pylvs realserver status` there"))
+    return out
+
+
+# --- settings ------------------------------------------------------------------
+
+
+def check_settings(snap: dict, net: Net, clients: Iterable[str] = ()) -> list[Result]:
+    out = []
+    fwd = net.sysctl("ip_forward")
+    out.append(Result("settings", "ip_forward", OK,
+                      f"{fwd}: informational, pylvs forwards virtual services in user space "
+                      "whatever the value"))
+    out.append(Result("settings", "offloads", OK,
+                      "irrelevant: pylvs completes partial checksums and segments GSO "
+                      "frames itself (PACKET_VNET_HDR)"))
+    addrs = net.addresses()
+    faces = sorted({addrs[s["vaddr"]] for s in snap.get("services", [])
+                    if addrs.get(s["vaddr"]) not in (None, "lo")})
+    clients = list(clients)
+    for ifname in faces:
+        rp = net.rp_filter(ifname)
+        subject = f"rp_filter on {ifname}"
+        if not rp:
+            out.append(Result("settings", subject, OK, "0: no reverse-path check"))
+            continue
+        if not clients:
+            if not net.has_default_route():
+                out.append(Result("settings", subject, WARN,
+                                  f"{rp} and no default route: only clients on routed "
+                                  "networks pass pylvs's reverse-path check",
+                                  "add a default route toward the clients, or rp_filter=0"))
+            else:
+                out.append(Result("settings", subject, OK,
+                                  f"{rp}; give --client ADDR to check a client's path"))
+            continue
+        for c in clients:
+            r = net.route(c)
+            if r is None:
+                out.append(Result("settings", f"{subject} for {c}", FAIL,
+                                  f"{rp} and no route back to {c}: its new flows are refused "
+                                  "(drop_rp_filter)", f"add a route to {c}"))
+            elif rp == 1 and r.ifname != ifname:
+                out.append(Result("settings", f"{subject} for {c}", FAIL,
+                                  f"strict (1) and the route back to {c} leaves by {r.ifname}: "
+                                  f"its new flows arriving on {ifname} are refused "
+                                  "(drop_rp_filter)",
+                                  f"route {c} via {ifname}, or set rp_filter=2 (loose) on "
+                                  f"all and {ifname}"))
+            else:
+                out.append(Result("settings", f"{subject} for {c}", OK,
+                                  f"{rp}; route back via {r.ifname}"))
+    return out
+
+
+def run_checks(snap: dict, net: Net, clients: Iterable[str] = (),
+               wait: float = 1.0) -> list[Result]:
+    """Every check, in the order they are printed."""
+    clients = list(clients)
+    return [*check_services(snap), *check_vips(snap, net), *check_dr_connected(snap, net),
+            *check_dr(snap, net, wait), *check_arp_problem(snap, net, wait),
+            *check_nat_route(snap, net, clients, wait),
+            *check_tun(snap, net, wait), *check_settings(snap, net, clients)]
