@@ -74,6 +74,15 @@ def gre(env: Env) -> None:
     env.engine.set_tables(svc, dst)
 
 
+def edited_to_unreachable_dr(env: Env) -> None:
+    """A `before` step: `-e` made the Tun dest a DR dest, and the balancer
+    flags it DEST_F_NO_ROUTE (it is not on a connected network)."""
+    svc, dst = build_tables()
+    dst[TUN_DEST]["fwd"] = tables.FWD_ROUTE
+    dst[TUN_DEST]["flags"] |= tables.DEST_F_NO_ROUTE
+    env.engine.set_tables(svc, dst)
+
+
 TUN = ("tx_tunneled", "emit_frames")
 
 
@@ -148,6 +157,13 @@ ROWS = [
         counts("emit_overflow", "conns_created"), expect=v(tcp_out(dport=TUN_PORT)),
         before=[lambda env: setattr(env, "batch", tables.Batch(size=4, slot=4096,
                                                                 emit_bytes=60))]),
+    # Found end to end (tests/netns/test_fwd_methods.py): the running
+    # conn's frames were counted as drop_no_route.
+    Row("tun: a conn keeps its tunnel after -e turned its dest into an unreachable DR dest",
+        v(tun_in(flags="A")), CLIENT_PORT, EMIT, counts(*TUN),
+        expect=v(tcp_out(dport=TUN_PORT, flags="A")),
+        emitted=[(RS_PORT, encap(tcp_out(dport=TUN_PORT, flags="A"), ip_id=FIRST_ICMP_ID + 1))],
+        before=[(v(tun_in()), CLIENT_PORT, 0.0), edited_to_unreachable_dr]),
     Row("an icmp error about a tun conn goes through the tunnel to its real server",
         v(ROUTER_ICMP), CLIENT_PORT, EMIT, counts("icmp_forwarded", *TUN),
         expect=v(ttl_minus_one(ROUTER_ICMP)),

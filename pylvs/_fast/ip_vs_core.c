@@ -415,15 +415,24 @@ ttl_exceeded(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const ui
     return ST_DROP_TTL;
 }
 
+/* DEST_F_NO_ROUTE concerns the DR transmitter only (a directly connected
+ * network is what DR needs): a conn bound to another method keeps going
+ * when `-e` turns its dest into an unreachable DR dest, as the kernel's
+ * conn keeps the xmit it was bound to. */
+static inline uint8_t no_route_flag(uint8_t xmit)
+{
+    return xmit == XMIT_DR ? DEST_F_NO_ROUTE : 0;
+}
+
 /* Why a client-side frame of a conn cannot leave toward its dest, in the
  * kernel's order (the route, the TTL, the neighbour); called only when one
  * of them fails. */
 static __attribute__((noinline)) int
-xmit_refusal(PylvsEngine *e, struct pylvs_emit *em, const dest_row *dest, const uint8_t *eth,
-             const uint8_t *ip, uint32_t tot, uint16_t in_port, double now, uint32_t saddr,
-             int answer)
+xmit_refusal(PylvsEngine *e, struct pylvs_emit *em, const dest_row *dest, uint8_t xmit,
+             const uint8_t *eth, const uint8_t *ip, uint32_t tot, uint16_t in_port, double now,
+             uint32_t saddr, int answer)
 {
-    if (dest->flags & DEST_F_NO_ROUTE)
+    if (dest->flags & no_route_flag(xmit))
         return ST_DROP_NO_ROUTE;
     if (ip[8] <= 1)
         return ttl_exceeded(e, em, eth, ip, tot, in_port, now, saddr, answer);
@@ -431,9 +440,10 @@ xmit_refusal(PylvsEngine *e, struct pylvs_emit *em, const dest_row *dest, const 
 }
 
 /* The fast test before xmit_refusal. */
-HOT int xmit_ok(const dest_row *dest, const uint8_t *ip)
+HOT int xmit_ok(const dest_row *dest, uint8_t xmit, const uint8_t *ip)
 {
-    return (dest->flags & (DEST_F_RESOLVED | DEST_F_NO_ROUTE)) == DEST_F_RESOLVED && ip[8] > 1;
+    uint8_t mask = DEST_F_RESOLVED | no_route_flag(xmit);
+    return (dest->flags & mask) == DEST_F_RESOLVED && ip[8] > 1;
 }
 
 /* The source of an ICMP error about a reply (step 11): the in port's
@@ -655,8 +665,9 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
         const dest_row *dest = conn_dest(e, c);
         if (dest == NULL)
             return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
-        if (!xmit_ok(dest, ip))
-            return finish(e, xmit_refusal(e, NULL, dest, eth, ip, tot, in_port, now, 0, 0),
+        if (!xmit_ok(dest, c->xmit, ip))
+            return finish(e, xmit_refusal(e, NULL, dest, c->xmit, eth, ip, tot, in_port, now,
+                                          0, 0),
                           PYLVS_V_DROP);
         if (c->xmit == XMIT_NAT) {
             ip[8]--; /* pylvs_nat_icmp sums the outer header afresh */
@@ -818,8 +829,9 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
         e->svc_stats[c->svc][T_INBYTES] += tot;
         e->dest_stats[d][T_INPKTS] += 1;
         e->dest_stats[d][T_INBYTES] += tot;
-        if (__builtin_expect(!xmit_ok(dest, ip), 0))
-            return finish(e, xmit_refusal(e, em, dest, eth, ip, tot, in_port, now, daddr, 1),
+        if (__builtin_expect(!xmit_ok(dest, c->xmit, ip), 0))
+            return finish(e, xmit_refusal(e, em, dest, c->xmit, eth, ip, tot, in_port, now,
+                                          daddr, 1),
                           PYLVS_V_DROP);
         /* IPVS decrements before its MTU check (__ip_vs_get_out_rt): a
          * frag-needed quotes the packet one hop older. A refused frame is

@@ -1,11 +1,15 @@
-"""`pylvs lab`: build, list and remove the VS-NAT namespace lab by hand.
+"""`pylvs lab`: build, list and remove the namespace labs by hand.
 
-    pylvs lab up [--name NAME] [--servers N] [--ip-forward 0|1]
+    pylvs lab up [--name NAME] [--fwd nat|dr|tun|mixed] [--servers N] [--ip-forward 0|1]
     pylvs lab down [--name NAME | --all]
     pylvs lab status
 
-The lab is the one the tests and `make demo` use (pylvs/lab/topology.py);
-netns-labs/nat/README.md walks through it.
+The labs are the ones the tests and `make demo` use (pylvs/lab/topology.py):
+``--fwd nat`` (the default) the VS-NAT lab netns-labs/nat/README.md walks
+through; ``dr``, ``tun`` and ``mixed`` the routed labs (client behind a
+router; DR real servers on the director's segment, Tun real servers on a
+network behind the router, mixed: NAT, DR and Tun in turn), their real
+servers prepared with `pylvs realserver setup` (and `run` for Tun).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import re
 import sys
 
 from ..control.text import ascii_int
+from ..lab.topology import FWDS
 
 DEFAULT_NAME = "pylvs"
 MAX_SERVERS = 200  # as topology.Lab
@@ -37,12 +42,16 @@ def _servers(s: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pylvs lab", description="VS-NAT namespace lab")
+    ap = argparse.ArgumentParser(prog="pylvs lab", description="namespace labs for VS-NAT, "
+                                                              "VS-DR and VS-Tun")
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="build the lab and start the real servers' httpd")
     up.add_argument("--name", type=_name, default=DEFAULT_NAME,
                     help=f"lab name; namespaces are called NAME-client, NAME-director, ... "
                          f"(default {DEFAULT_NAME})")
+    up.add_argument("--fwd", choices=FWDS, default="nat",
+                    help="nat (default): the VS-NAT lab; dr, tun: every real server of that "
+                         "method; mixed: NAT, DR and Tun real servers in turn")
     up.add_argument("--servers", type=_servers, default=3, help="number of real servers (default 3)")
     up.add_argument("--ip-forward", type=int, choices=(0, 1), default=0,
                     help="the director's net.ipv4.ip_forward (pylvs needs neither)")
@@ -63,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     if args.cmd == "up":
-        lab = topology.Lab(args.name, servers=args.servers, ip_forward=args.ip_forward)
+        lab = topology.Lab(args.name, servers=args.servers, ip_forward=args.ip_forward,
+                           fwd=args.fwd)
         try:
             lab.up()
         except topology.LabError as e:
@@ -90,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         for rec in recs:
             nss = rec.get("namespaces", [])
             alive = [ns for ns in nss if topology.netns_exists(ns)]
-            print(f"{rec['name']}: {len(alive)}/{len(nss)} namespaces present")
+            print(f"{rec['name']}: {rec.get('fwd', 'nat')}, {len(alive)}/{len(nss)} "
+                  f"namespaces present")
             for ns in nss:
                 print(f"  {'up  ' if ns in alive else 'gone'} {ns}")
             d = rec.get("director")

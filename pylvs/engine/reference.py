@@ -494,14 +494,17 @@ class Engine:
             self._send_icmp(f, totlen, in_port, now, _ICMP_TIME_EXCEEDED, _ICMP_EXC_TTL, 0, saddr)
         return _DROP_TTL
 
-    def _xmit_refusal(self, f: memoryview, dest: tuple, totlen: int, in_port: int, now: float,
-                      saddr: int, answer: bool) -> int | None:
+    def _xmit_refusal(self, f: memoryview, dest: tuple, xmit: int, totlen: int, in_port: int,
+                      now: float, saddr: int, answer: bool) -> int | None:
         """Why a client-side frame of a conn cannot leave toward its dest, in
-        the kernel's order: the route (DEST_F_NO_ROUTE), the TTL, the
-        neighbour (DEST_F_RESOLVED); None when it can."""
-        if dest[5] & _RESOLVED_OR_NO_ROUTE == tables.DEST_F_RESOLVED and f[IP + 8] > 1:
+        the kernel's order: the route (DEST_F_NO_ROUTE, for conns bound to
+        DR only: a conn bound to another method keeps going when ``-e``
+        makes its dest an unreachable DR dest), the TTL, the neighbour
+        (DEST_F_RESOLVED); None when it can."""
+        mask = _RESOLVED_OR_NO_ROUTE if xmit == XMIT_DR else tables.DEST_F_RESOLVED
+        if dest[5] & mask == tables.DEST_F_RESOLVED and f[IP + 8] > 1:
             return None
-        if dest[5] & tables.DEST_F_NO_ROUTE:
+        if dest[5] & mask & tables.DEST_F_NO_ROUTE:
             return _DROP_NO_ROUTE
         if f[IP + 8] <= 1:
             return self._ttl_exceeded(f, totlen, in_port, now, saddr, answer)
@@ -724,7 +727,7 @@ class Engine:
             cnt.dest_stats[c.dest, tables.STAT_INPKTS] += 1
             cnt.dest_stats[c.dest, tables.STAT_INBYTES] += totlen
             self._set_state(c, c.in_dir, proto, tcp_flags, now)
-            refusal = self._xmit_refusal(f, dest, totlen, in_port, now, daddr, True)
+            refusal = self._xmit_refusal(f, dest, c.xmit, totlen, in_port, now, daddr, True)
             if refusal is not None:
                 pend[refusal] += 1
                 return V_DROP, 0
@@ -925,7 +928,7 @@ class Engine:
             if dest is None:
                 pend[_DROP_DEST_GONE] += 1
                 return V_DROP, 0
-            refusal = self._xmit_refusal(f, dest, totlen, in_port, now, 0, False)
+            refusal = self._xmit_refusal(f, dest, c.xmit, totlen, in_port, now, 0, False)
             if refusal is not None:
                 pend[refusal] += 1
                 return V_DROP, 0

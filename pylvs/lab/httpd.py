@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -140,14 +141,32 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128  # bursts of short curls must not meet a full backlog
 
 
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # linux/in.h
+_PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+
+
 def udp_echo(sock: socket.socket, name: bytes) -> None:
+    """Echo each datagram from the address it was sent to.
+
+    A socket bound to 0.0.0.0 would answer from the address routing picks
+    (a DR or Tun real server's RIP), not from the VIP the client asked: a
+    client with a connected socket drops such a reply. IP_PKTINFO gives
+    the datagram's destination address, and the reply sets it as its
+    source (ip(7)), as a UDP service behind VS-DR or VS-Tun must.
+    """
+    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
     while True:
         try:
-            data, peer = sock.recvfrom(65535)
+            data, anc, _, peer = sock.recvmsg(65535, socket.CMSG_SPACE(_PKTINFO.size))
         except OSError:
             return
+        reply = []
+        for level, kind, value in anc:
+            if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(value) >= _PKTINFO.size:
+                _, _, daddr = _PKTINFO.unpack_from(value)
+                reply = [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, daddr, bytes(4)))]
         try:
-            sock.sendto(name + b" " + data, peer)
+            sock.sendmsg([name + b" " + data], reply, 0, peer)
         except OSError:
             pass
 

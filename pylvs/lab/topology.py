@@ -1,4 +1,6 @@
-"""The VS-NAT namespace lab shared by the tests, ``make demo`` and ``pylvs lab``.
+r"""The namespace labs shared by the tests, ``make demo`` and ``pylvs lab``.
+
+VS-NAT first; the routed labs for VS-DR, VS-Tun and mixed services below.
 
 ::
 
@@ -72,6 +74,64 @@ defaults: in VS-NAT the real servers do not hold the VIP (that is VS-DR's
 
 Veth offloads are left at their defaults (on): the data path must cope with
 partial checksums and GSO frames, and the lab should show it does.
+
+The routed labs: VS-DR, VS-Tun and mixed (``fwd="dr"|"tun"|"mixed"``)
+-----------------------------------------------------------------------
+
+DR and Tun real servers answer the client themselves, from the VIP, so the
+client must be reached by a path that does not lead back through the
+director: the client sits behind a router, and every real server's default
+route points at that router, never at the director::
+
+    client ns          router ns                 front ns (br0)        director ns
+    eth0 10.0.2.2 ---- eth0 10.0.2.1                                    eth0 dip0 10.0.0.1
+                       eth1 10.0.0.2 ----------- br0 ------------------      vip  10.0.0.100
+                                                  |  \                  eth1 dip  10.0.1.1 (NAT rs only)
+                                                  |   DR rsK eth0 10.0.0.1K, VIP on lo /32, gw 10.0.0.2
+                       eth2 10.0.3.1 ---- far ns (br0) --- Tun rsK eth0 10.0.3.1K, VIP on lo /32, gw 10.0.3.1
+                                                             (pylvs realserver run: IPIP + GUE :6080)
+    director eth1 ---- switch ns (br0) --- NAT rsK eth0 10.0.1.1K, gw = dip 10.0.1.1
+
+- DR (``fwd="dr"``): the director and the real servers share one L2 segment
+  (front) with the router, as in the classic LVS-DR set-up; the director
+  sends the client's frame to the real server's MAC on the same wire it came
+  in on. The real servers are prepared with ``pylvs realserver setup --fwd
+  dr`` (VIP on lo, ``arp_ignore=1``, ``arp_announce=2``), so only the director
+  answers the router's "who has VIP?" on that segment.
+- Tun (``fwd="tun"``): the real servers live on another network (far),
+  reached through the router; the director wraps the client's packet in IPIP
+  (or GUE) to the RIP and the router forwards it like any other packet. The
+  real servers are prepared with ``pylvs realserver setup --fwd tun`` and run
+  ``pylvs realserver run`` (these machines have no ipip module), which takes
+  IPIP and GUE to port 6080.
+- Mixed (``fwd="mixed"``): rs1 NAT, rs2 DR, rs3 Tun (and round again for
+  more servers), the three kinds of real server in one service.
+- NAT real servers of a routed lab sit on the director's eth1 segment as in
+  the VS-NAT lab and are prepared with ``pylvs realserver setup --fwd nat
+  --dip 10.0.1.1`` (default route via the director).
+
+Sysctls of the routed labs, beyond those of every lab namespace:
+
+- router ``net.ipv4.ip_forward=1``: it is an ordinary kernel router.
+- router ``net.ipv4.conf.eth2.rp_filter=2`` (loose, RFC 3704): a Tun real
+  server's reply leaves from the VIP, which the router reaches through eth1
+  (the front segment), but it arrives on eth2. Strict mode would drop every
+  reply; loose mode only asks for some route back to the source. The kernel
+  uses the larger of ``all`` (1) and the interface's value, so 2 on eth2
+  alone is enough and the other interfaces stay strict. This asymmetry is
+  VS-Tun's by design (the director is on the request path only); a real
+  network's routers must allow it too. DR replies need no such change: the
+  VIP is on the front segment, where they arrive.
+- director ``net.ipv4.ip_forward`` and ``send_redirects=0`` as in the NAT lab.
+  The director routes the client's network and the Tun network via the
+  router (10.0.0.2): pylvs's Tun transmitter sends the outer packet to the
+  router's MAC, as the kernel's route to the RIP says.
+- real servers: what ``pylvs realserver setup`` sets, each explained in its
+  output and in docs/realserver.md (``arp_ignore``/``arp_announce`` on
+  ``all`` and eth0 for DR and Tun; for Tun the strict ``all.rp_filter``
+  lowered to 0 with every interface raised to 1, so only the decapsulator's
+  TUN device runs without it). ``pylvs lab down`` runs ``pylvs realserver
+  teardown`` in each before removing it, so no state file is left behind.
 """
 
 from __future__ import annotations
@@ -104,6 +164,14 @@ PREFIXLEN = 24
 
 HTTP_PORT = 80
 UDP_PORT = 7
+
+# The routed labs (fwd "dr", "tun", "mixed"; see ROUTED_DOC).
+TUN_NET = "10.0.3"           # the Tun real servers' network, behind the router
+TUN_GW = f"{TUN_NET}.1"      # the router's address there
+GUE_PORT = 6080              # the Tun real servers' decapsulators also take GUE here
+FWDS = ("nat", "dr", "tun", "mixed")
+MIXED_KINDS = ("nat", "dr", "tun")  # rs1, rs2, rs3, rs4 ... in a mixed lab
+ADM_FLAG = {"nat": "-m", "dr": "-g", "tun": "-i"}
 
 COMMON_SYSCTLS = (
     "net.ipv6.conf.all.disable_ipv6=1",
@@ -214,6 +282,7 @@ class Lab:
     router: bool = False
     router_mtu: int = 0       # the router's client-side interface (0: default 1500)
     server_mtu: int = 0       # director eth1, bridge and real servers (0: default)
+    fwd: str = "nat"          # "nat" (this lab), or a routed lab: "dr", "tun", "mixed"
     python: str = sys.executable
     procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
 
@@ -230,6 +299,20 @@ class Lab:
         self.cip, self.vip, self.dip0, self.dip = CIP, VIP, DIP0, DIP
         self.rips = [f"{SERVER_NET}.{RIP_BASE + i}" for i in range(self.servers)]
         self.rs_names = [f"rs{i + 1}" for i in range(self.servers)]
+        if self.fwd not in FWDS:
+            raise ValueError(f"fwd must be one of {', '.join(FWDS)}")
+        # What each real server is: the lab's method, or NAT, DR, Tun in turn.
+        self.kinds = [MIXED_KINDS[i % 3] if self.fwd == "mixed" else self.fwd
+                      for i in range(self.servers)]
+        self.routed = self.fwd != "nat"
+        if self.routed:
+            self.router = True  # DR/Tun replies go to the client past the director
+            net = {"nat": SERVER_NET, "dr": CLIENT_NET, "tun": TUN_NET}
+            self.rips = [f"{net[k]}.{RIP_BASE + i}" for i, k in enumerate(self.kinds)]
+        self.front = f"{self.prefix}front" if self.routed else ""
+        self.far = f"{self.prefix}far" if "tun" in self.kinds else ""
+        if self.routed and "nat" not in self.kinds:
+            self.switch = ""  # no NAT segment: the director has eth0 only
         self.router_ns = f"{self.prefix}router" if self.router else ""
         if self.router:
             self.cip = f"{FAR_NET}.2"
@@ -238,8 +321,17 @@ class Lab:
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.client, *([self.router_ns] if self.router else []), self.director,
-                self.switch, *self.rs]
+        return [ns for ns in (self.client, self.router_ns, self.front, self.far,
+                              self.director, self.switch, *self.rs) if ns]
+
+    @property
+    def director_ifaces(self) -> list[str]:
+        """The director's interfaces: eth0, and eth1 where a NAT segment exists."""
+        return ["eth0", "eth1"] if self.switch else ["eth0"]
+
+    def servers_of(self, kind: str) -> list[int]:
+        """Indexes of the real servers of one kind ("nat", "dr", "tun")."""
+        return [i for i, k in enumerate(self.kinds) if k == kind]
 
     @property
     def record_path(self) -> Path:
@@ -255,14 +347,18 @@ class Lab:
             "prefix": self.prefix,
             "namespaces": self.namespaces,
             "client": {"ns": self.client, "iface": "eth0", "cip": self.cip},
-            "director": {"ns": self.director, "ifaces": ["eth0", "eth1"],
+            "fwd": self.fwd,
+            "director": {"ns": self.director, "ifaces": self.director_ifaces,
                          "dip0": self.dip0, "vip": self.vip, "dip": self.dip,
                          "ip_forward": self.ip_forward},
-            "switch": {"ns": self.switch, "bridge": "br0"},
+            "switch": {"ns": self.switch, "bridge": "br0"} if self.switch else None,
+            "front": {"ns": self.front, "bridge": "br0"} if self.front else None,
+            "far": {"ns": self.far, "bridge": "br0"} if self.far else None,
             "router": ({"ns": self.router_ns, "addrs": [f"{FAR_NET}.1", ROUTER],
                         "client_side_mtu": self.router_mtu or 1500} if self.router else None),
-            "real_servers": [{"name": n, "ns": ns, "rip": rip}
-                             for n, ns, rip in zip(self.rs_names, self.rs, self.rips)],
+            "real_servers": [{"name": n, "ns": ns, "rip": rip, "fwd": k}
+                             for n, ns, rip, k in zip(self.rs_names, self.rs, self.rips,
+                                                      self.kinds)],
             "pids": {k: p.pid for k, p in self.procs.items()},
             "created": time.time(),
         }
@@ -328,6 +424,9 @@ class Lab:
         return self
 
     def _build(self) -> None:
+        if self.routed:
+            self._build_routed()
+            return
         from pyroute2 import NetNS, netns
 
         for ns in self.namespaces:
@@ -392,8 +491,118 @@ class Lab:
                 # Replies to clients must come back through the director (VS-NAT).
                 r.route("add", dst="0.0.0.0/0", gateway=self.dip)
 
+    def _build_routed(self) -> None:
+        """The DR / Tun / mixed topology (module docstring, "The routed labs")."""
+        from pyroute2 import NetNS, netns
+
+        for ns in self.namespaces:
+            netns.create(ns)
+            self.sysctl(ns, *COMMON_SYSCTLS)
+        self.sysctl(self.director, f"net.ipv4.ip_forward={self.ip_forward}",
+                    "net.ipv4.conf.all.send_redirects=0",
+                    "net.ipv4.conf.default.send_redirects=0")
+        self.sysctl(self.router_ns, "net.ipv4.ip_forward=1")
+
+        bridges: dict[str, list[str]] = {self.front: ["dir", "router"]}
+        if self.far:
+            bridges[self.far] = ["router"]
+        if self.switch:
+            bridges[self.switch] = ["dir"]
+        with NetNS(self.router_ns) as r:
+            r.link("add", ifname="eth0", kind="veth",
+                   peer={"ifname": "eth0", "net_ns_fd": self.client})
+            r.link("add", ifname="eth1", kind="veth",
+                   peer={"ifname": "router", "net_ns_fd": self.front})
+            _addr(r, "eth0", f"{FAR_NET}.1")
+            _addr(r, "eth1", ROUTER)
+            _mtu(r, self.router_mtu, "eth0")
+            ifs = ["lo", "eth0", "eth1"]
+            if self.far:
+                r.link("add", ifname="eth2", kind="veth",
+                       peer={"ifname": "router", "net_ns_fd": self.far})
+                _addr(r, "eth2", TUN_GW)
+                ifs.append("eth2")
+            _up(r, *ifs)
+        if self.far:
+            # Loose: Tun replies come from the VIP, routed via eth1 (docstring).
+            self.sysctl(self.router_ns, "net.ipv4.conf.eth2.rp_filter=2")
+
+        with NetNS(self.director) as d:
+            d.link("add", ifname="eth0", kind="veth",
+                   peer={"ifname": "dir", "net_ns_fd": self.front})
+            _addr(d, "eth0", self.dip0)
+            _addr(d, "eth0", self.vip)
+            if self.switch:
+                d.link("add", ifname="eth1", kind="veth",
+                       peer={"ifname": "dir", "net_ns_fd": self.switch})
+                _addr(d, "eth1", self.dip)
+                _mtu(d, self.server_mtu, "eth1")
+            _up(d, "lo", *self.director_ifaces)
+            d.route("add", dst=f"{FAR_NET}.0/{PREFIXLEN}", gateway=ROUTER)
+            if self.far:
+                d.route("add", dst=f"{TUN_NET}.0/{PREFIXLEN}", gateway=ROUTER)
+
+        with NetNS(self.client) as c:
+            _addr(c, "eth0", self.cip)
+            _up(c, "lo", "eth0")
+            c.route("add", dst="0.0.0.0/0", gateway=f"{FAR_NET}.1")
+
+        segment = {"dr": self.front, "tun": self.far, "nat": self.switch}
+        for i, (rs, kind) in enumerate(zip(self.rs, self.kinds)):
+            bridges[segment[kind]].append(f"rs{i + 1}")
+            with NetNS(segment[kind]) as s:
+                s.link("add", ifname=f"rs{i + 1}", kind="veth",
+                       peer={"ifname": "eth0", "net_ns_fd": rs})
+        for ns, ports in bridges.items():
+            with NetNS(ns) as s:
+                # STP stays off (the default), so ports forward at once.
+                s.link("add", ifname="br0", kind="bridge")
+                br = s.link_lookup(ifname="br0")[0]
+                for port in ports:
+                    s.link("set", index=s.link_lookup(ifname=port)[0], master=br)
+                if ns == self.switch:
+                    _mtu(s, self.server_mtu, *ports, "br0")
+                _up(s, "lo", "br0", *ports)
+
+        gateway = {"dr": ROUTER, "tun": TUN_GW}
+        for rs, rip, kind in zip(self.rs, self.rips, self.kinds):
+            with NetNS(rs) as r:
+                _addr(r, "eth0", rip)
+                if kind == "nat":
+                    _mtu(r, self.server_mtu, "eth0")
+                _up(r, "lo", "eth0")
+                if kind in gateway:
+                    r.route("add", dst="0.0.0.0/0", gateway=gateway[kind])
+            if kind == "nat":
+                args = ["--fwd", "nat", "--dip", self.dip, "--iface", "eth0"]
+            else:
+                args = ["--fwd", kind, "--vip", self.vip, "--iface", "eth0"]
+            self.run(rs, self.pylvs_argv("realserver", "setup", *args), cwd=_repo_root())
+
+    def start_decapsulators(self, timeout: float = 10.0) -> None:
+        """`pylvs realserver run` (IPIP, and GUE to GUE_PORT) in every Tun real server."""
+        started = []
+        for i in self.servers_of("tun"):
+            log = self.log_path(f"decap-{self.rs_names[i]}")
+            with open(log, "wb") as out:
+                p = self.popen(self.rs[i], self.pylvs_argv(
+                    "realserver", "run", "--iface", "eth0", "--vip", self.vip,
+                    "--gue-port", str(GUE_PORT)), key=f"decap-{self.rs_names[i]}",
+                    stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+            started.append((p, log))
+        deadline = time.monotonic() + timeout
+        for p, log in started:
+            if not wait_for_file(log, "decapsulating", deadline - time.monotonic(), proc=p):
+                raise LabError(f"pylvs realserver run did not start: "
+                               f"{log.read_text(errors='replace')[-2000:]}")
+
     def start_real_servers(self, timeout: float = 10.0) -> None:
-        """Start pylvs.lab.httpd in every real server; wait for each 'ready'."""
+        """Start pylvs.lab.httpd in every real server; wait for each 'ready'.
+
+        In a routed lab, the Tun real servers' decapsulators first.
+        """
+        if self.far:
+            self.start_decapsulators(timeout)
         started = []
         for name, ns in zip(self.rs_names, self.rs):
             # stderr to a file: a pipe nobody drains could block the server,
@@ -423,7 +632,8 @@ class Lab:
                        taskset: str | None = None) -> subprocess.Popen:
         """Start `pylvs run` in the director namespace; wait for "ready"."""
         log = self.log_path("director")
-        argv = self.pylvs_argv("run", "--iface", "eth0", "--iface", "eth1", *extra)
+        ifaces = [a for i in self.director_ifaces for a in ("--iface", i)]
+        argv = self.pylvs_argv("run", *ifaces, *extra)
         if taskset:
             argv = ["taskset", "-c", taskset, *argv]
         with open(log, "wb") as err:
@@ -468,6 +678,12 @@ class Lab:
         while time.monotonic() < deadline:
             log = self.director_log()
             if all(f"dest {rip} via" in log for rip in rips):
+                # The resolver logs the MAC from its own thread, then queues
+                # the table refresh on the control loop; a control request
+                # made now is served after that refresh, so once it returns
+                # the engine has the resolved dest (otherwise the first SYN
+                # could still meet the old table: drop_unresolved).
+                self.adm("-L", "-n")
                 return True
             time.sleep(0.05)
         return False
@@ -530,6 +746,29 @@ class Lab:
             raise LabError(f"dests of {vip} not resolved: {self.director_log()[-2000:]}")
         return vip
 
+    def service(self, proto: str, port: int, weights, sched: str = "wlc",
+                tun: tuple[str, ...] = (), wait: bool = True) -> str:
+        """``-A`` VIP:port and one dest per weight (rs1, rs2, ...) with the
+        method of its kind (``-m``, ``-g``, ``-i`` + tun options); "VIP:port".
+
+        A weight of None leaves that real server out. tun: extra options for
+        the Tun dests (``("--tun-type", "gue", "--tun-port", "6080")``).
+        """
+        vip = f"{self.vip}:{port}"
+        flag = {"tcp": "-t", "udp": "-u"}[proto]
+        self.adm("-A", flag, vip, "-s", sched)
+        used = []
+        for rip, kind, w in zip(self.rips, self.kinds, weights):
+            if w is None:
+                continue
+            extra = tun if kind == "tun" else ()
+            self.adm("-a", flag, vip, "-r", f"{rip}:{port}", ADM_FLAG[kind], *extra,
+                     "-w", str(w))
+            used.append(rip)
+        if wait and not self.wait_resolved(used):
+            raise LabError(f"dests of {vip} not resolved: {self.director_log()[-2000:]}")
+        return vip
+
     def mac(self, ns: str, ifname: str) -> str:
         """The MAC address of ifname in ns ("aa:bb:...")."""
         p = self.run(ns, ["ip", "-j", "link", "show", ifname], timeout=10)
@@ -567,6 +806,8 @@ class Lab:
                 except Exception:
                     pass
         self.procs.clear()
+        if self.routed:
+            errors += _realserver_teardown(self.python, self.rs)
         for ns in self.namespaces:
             try:
                 remove_netns(ns)
@@ -588,28 +829,39 @@ class Lab:
     # --- help for humans -----------------------------------------------------
 
     def howto(self) -> str:
+        title = {"nat": "VS-NAT", "dr": "VS-DR", "tun": "VS-Tun",
+                 "mixed": "VS-NAT, VS-DR and VS-Tun in one service"}[self.fwd]
+        eth1 = f", eth1 dip {self.dip}/{PREFIXLEN}" if self.switch else ""
         lines = [
-            f"lab {self.name}: VS-NAT, {self.servers} real servers",
+            f"lab {self.name}: {title}, {self.servers} real servers",
             f"  client    {self.client:<24} eth0 cip {self.cip}/{PREFIXLEN}",
-            f"  director  {self.director:<24} eth0 {self.dip0}/{PREFIXLEN} + vip {self.vip}, "
-            f"eth1 dip {self.dip}/{PREFIXLEN}",
-            f"  switch    {self.switch:<24} br0",
+            f"  director  {self.director:<24} eth0 {self.dip0}/{PREFIXLEN} + vip {self.vip}"
+            f"{eth1}",
         ]
         if self.router:
+            far = f", eth2 {TUN_GW}/{PREFIXLEN}" if self.far else ""
             lines.insert(2, f"  router    {self.router_ns:<24} eth0 {FAR_NET}.1/{PREFIXLEN} "
-                            f"(mtu {self.router_mtu or 1500}), eth1 {ROUTER}/{PREFIXLEN}")
-        for n, ns, rip in zip(self.rs_names, self.rs, self.rips):
-            lines.append(f"  {n:<9} {ns:<24} eth0 rip {rip}/{PREFIXLEN} via {self.dip}"
-                         f"  (http :{HTTP_PORT}, udp echo :{UDP_PORT})")
+                            f"(mtu {self.router_mtu or 1500}), eth1 {ROUTER}/{PREFIXLEN}{far}")
+        for what, ns in (("front", self.front), ("far", self.far), ("switch", self.switch)):
+            if ns:
+                lines.append(f"  {what:<9} {ns:<24} br0")
+        gw = {"nat": self.dip, "dr": ROUTER, "tun": TUN_GW}
+        for n, ns, rip, kind in zip(self.rs_names, self.rs, self.rips, self.kinds):
+            vip = f", vip {self.vip} on lo" if kind != "nat" else ""
+            decap = f", pylvs realserver run (gue :{GUE_PORT})" if kind == "tun" else ""
+            lines.append(f"  {n:<9} {ns:<24} eth0 rip {rip}/{PREFIXLEN} via {gw[kind]}{vip}"
+                         f"  (http :{HTTP_PORT}, udp echo :{UDP_PORT}{decap})")
         d = f"ip netns exec {self.director}"
+        ifaces = " ".join(f"--iface {i}" for i in self.director_ifaces)
         lines += [
             "",
             "commands:",
-            f"  {d} pylvs run --iface eth0 --iface eth1 &",
+            f"  {d} pylvs run {ifaces} &",
             f"  {d} pylvs adm -A -t {self.vip}:80 -s wlc",
         ]
-        for i, rip in enumerate(self.rips):
-            lines.append(f"  {d} pylvs adm -a -t {self.vip}:80 -r {rip}:80 -m -w {i + 1}")
+        for i, (rip, kind) in enumerate(zip(self.rips, self.kinds)):
+            lines.append(f"  {d} pylvs adm -a -t {self.vip}:80 -r {rip}:80 {ADM_FLAG[kind]} "
+                         f"-w {i + 1}")
         lines += [
             f"  {d} pylvs adm -L -n --stats",
             f"  ip netns exec {self.client} curl -s http://{self.vip}/whoami",
@@ -723,6 +975,8 @@ def destroy(name: str) -> list[str]:
         if netns_exists(ns):
             inside.update(ns_pids(ns))
     _kill_pids([p for p in pids if p in inside])
+    if rec.get("fwd", "nat") != "nat":
+        errors += _realserver_teardown(sys.executable, [r["ns"] for r in rec["real_servers"]])
     for ns in nss:
         remove_netns(ns)
         if netns_exists(ns):
@@ -730,6 +984,22 @@ def destroy(name: str) -> list[str]:
     if not errors:
         path.unlink(missing_ok=True)
         _remove_logs(name)
+    return errors
+
+
+def _realserver_teardown(python: str, namespaces: list[str]) -> list[str]:
+    """`pylvs realserver teardown` in each namespace that still exists.
+
+    Deleting the namespace would undo its settings anyway; teardown also
+    removes the state file /run/pylvs/realserver-<netns inode>.json.
+    """
+    errors = []
+    for ns in filter(netns_exists, namespaces):
+        try:
+            _run(ns_exec_argv(ns, [python, "-m", "pylvs.cli.main", "realserver", "teardown"]),
+                 timeout=15, check=False, cwd=_repo_root())
+        except Exception as e:  # keep tearing down
+            errors.append(f"{ns}: realserver teardown: {e}")
     return errors
 
 

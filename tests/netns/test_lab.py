@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -63,12 +64,47 @@ def test_cli_up_status_down(uid):
         assert up.returncode == 0, up.stderr
         assert f"ip netns exec {name}-director" in up.stdout
         st = subprocess.run([*py, "status"], capture_output=True, text=True, timeout=30)
-        assert f"{name}: 5/5 namespaces present" in st.stdout
+        assert f"{name}: nat, 5/5 namespaces present" in st.stdout
     finally:
         down = subprocess.run([*py, "down", "--name", name], capture_output=True, text=True,
                               timeout=60)
     assert down.returncode == 0, down.stderr
     assert not netns_exists(f"{name}-director")
+
+
+def test_cli_routed_lab_prepares_and_restores_real_servers(uid):
+    """`lab up --fwd mixed`: NAT, DR and Tun real servers prepared by
+    `pylvs realserver setup` (the Tun one decapsulating), and `lab down`
+    tears them down, leaving no realserver state file."""
+    name = f"pl{uid}"
+    py = [sys.executable, "-m", "pylvs.cli.main"]
+
+    def rs_status(i: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", f"{name}-rs{i}", *py, "realserver",
+                               "status", "--json"], capture_output=True, text=True, timeout=30)
+
+    states = []
+    try:
+        up = subprocess.run([*py, "lab", "up", "--name", name, "--fwd", "mixed", "--servers", "3"],
+                            capture_output=True, text=True, timeout=90)
+        assert up.returncode == 0, up.stderr
+        assert "-r 10.0.1.11:80 -m" in up.stdout and "-r 10.0.0.12:80 -g" in up.stdout
+        assert "-r 10.0.3.13:80 -i" in up.stdout
+        st = subprocess.run([*py, "lab", "status"], capture_output=True, text=True, timeout=30)
+        assert f"{name}: mixed, 9/9 namespaces present" in st.stdout, st.stdout
+        for i, fwd in ((1, "nat"), (2, "dr"), (3, "tun")):
+            p = rs_status(i)
+            assert p.returncode == 0, p.stdout  # every setting ok
+            doc = json.loads(p.stdout)
+            assert doc["setup"]["fwd"] == fwd, doc
+            states.append(doc["state_file"])
+        assert json.loads(rs_status(3).stdout)["decapsulator"]["pid"] > 0
+    finally:
+        down = subprocess.run([*py, "lab", "down", "--name", name], capture_output=True,
+                              text=True, timeout=90)
+    assert down.returncode == 0, down.stderr
+    assert not netns_exists(f"{name}-rs3")
+    assert states and not any(os.path.exists(s) for s in states)
 
 
 def test_failed_build_removes_what_it_made(uid, monkeypatch):
