@@ -1,8 +1,10 @@
 """`make demo`: pylvs balancing real HTTP traffic in a namespace lab.
 
-Builds the VS-NAT lab (pylvs/lab/topology.py), starts `pylvs run` in the
-director namespace, adds a wlc service on VIP:80 with three real servers of
-weights 1, 2 and 3 through `pylvs adm`, sends a few hundred HTTP requests
+Builds a lab (pylvs/lab/topology.py; by default the mixed one: rs1 behind
+VS-NAT, rs2 VS-DR, rs3 VS-Tun through the user-space decapsulator; `--fwd
+nat|dr|tun` for one method), starts `pylvs run` in the director namespace,
+adds a wlc service on VIP:80 with three real servers of weights 1, 2 and 3
+through `pylvs adm`, each with its method, sends a few hundred HTTP requests
 with curl from the client namespace, shows the `pylvs adm -L -n --stats`
 listing and which real server answered how many requests, and removes the
 lab again - also after Ctrl-C, SIGTERM or a failure. Exits non-zero when
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pylvs.lab.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=REQUESTS)
     ap.add_argument("--scheduler", default="wlc")
+    ap.add_argument("--fwd", default="mixed", choices=("mixed", "nat", "dr", "tun"),
+                    help="the forwarding method of the real servers (mixed: one of each)")
     ap.add_argument("--keep", action="store_true",
                     help="leave the lab up at the end (remove it with `pylvs lab down --name NAME`)")
     args = ap.parse_args(argv)
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pylvs.lab.topology import Lab, LabError
+    from pylvs.lab.topology import ADM_FLAG, Lab, LabError
 
     con = Console(stderr=False, highlight=False)
     if os.geteuid() != 0:
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
 
-    lab = Lab(f"pldemo{uuid.uuid4().hex[:5]}", servers=len(WEIGHTS))
+    lab = Lab(f"pldemo{uuid.uuid4().hex[:5]}", servers=len(WEIGHTS), fwd=args.fwd)
     vip = f"{lab.vip}:80"
     ok = False
     try:
@@ -81,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         con.print(f"pylvs run is ready in [cyan]{lab.director}[/]")
 
         cmds = [("-A", "-t", vip, "-s", args.scheduler)]
-        for rip, w in zip(lab.rips, WEIGHTS):
-            cmds.append(("-a", "-t", vip, "-r", f"{rip}:80", "-m", "-w", str(w)))
+        for rip, kind, w in zip(lab.rips, lab.kinds, WEIGHTS):
+            cmds.append(("-a", "-t", vip, "-r", f"{rip}:80", ADM_FLAG[kind], "-w", str(w)))
         for c in cmds:
             con.print(f"  [dim]$[/] pylvs adm {' '.join(c)}")
             lab.adm(*c)
@@ -108,14 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         table = Table(title=f"who answered ({args.scheduler}, {took:.1f} s)")
         table.add_column("real server")
         table.add_column("rip")
+        table.add_column("method")
         table.add_column("weight", justify="right")
         table.add_column("answers", justify="right")
         table.add_column("share", justify="right")
         table.add_column("expected", justify="right")
         total_w = sum(WEIGHTS)
-        for name, rip, w in zip(lab.rs_names, lab.rips, WEIGHTS):
+        method = {"nat": "VS-NAT (-m)", "dr": "VS-DR (-g)", "tun": "VS-Tun (-i)"}
+        for name, rip, kind, w in zip(lab.rs_names, lab.rips, lab.kinds, WEIGHTS):
             c = counts.get(name, 0)
-            table.add_row(name, rip, str(w), str(c), f"{100 * c / n:.0f}%",
+            table.add_row(name, rip, method[kind], str(w), str(c), f"{100 * c / n:.0f}%",
                           f"{100 * w / total_w:.0f}%")
         failed = n - sum(counts[x] for x in lab.rs_names)
         con.print(table)

@@ -60,6 +60,11 @@ def state_file(ns: str) -> str:
 def r(trio):
     """The trio's real server with strict reverse-path filtering on `all`, as many distros ship."""
     sh("ip", "netns", "exec", trio.r, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
+    # A new namespace may reuse the inode of one a killed run left a state
+    # file for; that file is stale by definition (setup discards it too).
+    stale = state_file(trio.r)
+    if os.path.exists(stale):
+        os.unlink(stale)
     yield trio.r
     rs(trio.r, "teardown")
 
