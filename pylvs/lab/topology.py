@@ -806,8 +806,7 @@ class Lab:
                 except Exception:
                     pass
         self.procs.clear()
-        if self.routed:
-            errors += _realserver_teardown(self.python, self.rs)
+        errors += _realserver_teardown(self.python, self.rs)
         for ns in self.namespaces:
             try:
                 remove_netns(ns)
@@ -975,8 +974,8 @@ def destroy(name: str) -> list[str]:
         if netns_exists(ns):
             inside.update(ns_pids(ns))
     _kill_pids([p for p in pids if p in inside])
-    if rec.get("fwd", "nat") != "nat":
-        errors += _realserver_teardown(sys.executable, [r["ns"] for r in rec["real_servers"]])
+    errors += _realserver_teardown(sys.executable,
+                                   [r["ns"] for r in rec.get("real_servers", [])])
     for ns in nss:
         remove_netns(ns)
         if netns_exists(ns):
@@ -988,13 +987,25 @@ def destroy(name: str) -> list[str]:
 
 
 def _realserver_teardown(python: str, namespaces: list[str]) -> list[str]:
-    """`pylvs realserver teardown` in each namespace that still exists.
+    """`pylvs realserver teardown` in each namespace that was set up.
 
     Deleting the namespace would undo its settings anyway; teardown also
-    removes the state file /run/pylvs/realserver-<netns inode>.json.
+    removes the state file /run/pylvs/realserver-<netns inode>.json, which
+    would otherwise outlive the namespace. A routed lab sets up every real
+    server; a test may set up one of a NAT lab's. /run/netns/NAME is a bind
+    mount of the namespace's nsfs file, so its inode names the state file
+    and namespaces never set up cost no process.
     """
+    from pylvs.realserver.config import STATE_DIR as RS_STATE_DIR
+
     errors = []
     for ns in filter(netns_exists, namespaces):
+        try:
+            ino = os.stat(NETNS_DIR / ns).st_ino
+        except OSError:
+            continue
+        if not (RS_STATE_DIR / f"realserver-{ino}.json").exists():
+            continue
         try:
             _run(ns_exec_argv(ns, [python, "-m", "pylvs.cli.main", "realserver", "teardown"]),
                  timeout=15, check=False, cwd=_repo_root())

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,11 +14,14 @@ from pylvs.lab import topology
 from pylvs.lab.httpd import content
 from pylvs.lab.topology import Lab, netns_exists
 
+REPO = Path(__file__).resolve().parents[2]
+
 pytestmark = pytest.mark.netns
 
 
 def test_lab_builds_serves_and_leaves_nothing(uid, tmp_path):
     lab = Lab(f"pl{uid}", servers=2, ip_forward=1)
+    state = ""
     try:
         lab.up()
         rec = json.loads(lab.record_path.read_text())
@@ -40,10 +44,17 @@ def test_lab_builds_serves_and_leaves_nothing(uid, tmp_path):
         assert p.returncode != 0
         sysctl = lab.run(lab.director, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()
         assert sysctl == "1"
+        # A real server a test prepared is torn down with the lab: no state
+        # file outlives its namespace.
+        lab.run(lab.rs[0], lab.pylvs_argv("realserver", "setup", "--fwd", "nat", "--dip",
+                                          lab.dip, "--iface", "eth0"), cwd=str(REPO))
+        state = f"/run/pylvs/realserver-{os.stat(f'/run/netns/{lab.rs[0]}').st_ino}.json"
+        assert os.path.exists(state)
     finally:
         assert lab.down() == []
     assert not any(netns_exists(ns) for ns in lab.namespaces)
     assert not lab.record_path.exists()
+    assert state and not os.path.exists(state)
 
 
 def test_destroy_after_a_crash(uid):
