@@ -110,3 +110,22 @@ def test_tun_without_the_module_leaves_it_to_the_decapsulator(conf):
     assert mode == "decap"
     assert not any(s.get("dev") == "tunl0" for s in steps)
     assert _changes(steps)[("sysctl", "all", "rp_filter")] == 0
+
+
+@pytest.mark.parametrize("all_rp, eth0_rp, want", [
+    (1, 0, 2),      # strict 'all': the interface goes loose, 'all' stays
+    (0, 1, 2),      # strict interface: loose
+    (2, 0, None),   # loose already: nothing to change
+    (0, 0, None),   # no filtering: nothing to change
+])
+def test_dr_relaxes_a_strict_reverse_path_filter_on_its_interface(conf, all_rp, eth0_rp, want):
+    """A DR real server with two networks drops every client SYN under strict
+    rp_filter when the route to the client leaves by the other interface
+    (TcpExtIPReversePathFilter): setup makes the receiving interface loose."""
+    root = conf(devs=("all", "default", "lo", "eth0"), all_rp=all_rp)
+    (root / "eth0" / "rp_filter").write_text(f"{eth0_rp}\n")
+    ipr = FakeIPRoute({"lo": IFF_UP, "eth0": IFF_UP}, [("10.1.0.2", 24, "eth0")])
+    steps, mode = config.plan(config.validate(config.Config("dr", ["192.0.2.10"]), ipr), ipr)
+    changes = _changes(steps)
+    assert changes.get(("sysctl", "eth0", "rp_filter")) == want
+    assert ("sysctl", "all", "rp_filter") not in changes

@@ -61,6 +61,11 @@ WHY = {
                      "counts",
     "rp_filter_keep": "raised to the old 'all' value so this interface filters as before",
     "rp_filter_tunl0": "0: tunl0 receives decapsulated packets from any client",
+    "rp_filter_dr": "2 (loose): a client's packet to the VIP is accepted when some route "
+                    "leads back to the client; strict mode (1) drops it on a real server whose "
+                    "route to the client leaves by another interface (two networks, as in "
+                    "the kernel's ipvs.sh selftest), silently; the kernel uses the larger of "
+                    "'all' and the interface's value",
     "tunl0_up": "tunl0 (the kernel's ipip fallback device) receives IPIP packets addressed to "
                 "this host's addresses once it is up",
     "nat_route": "NAT replies must return through the director, which rewrites their source "
@@ -347,6 +352,8 @@ def plan(cfg: Config, ipr) -> tuple[list[dict], str]:
     for dev in ("all", cfg.iface):
         steps.append(_sysctl_change(dev, "arp_ignore", 1, WHY["arp_ignore"], ok=(1, 2, 8)))
         steps.append(_sysctl_change(dev, "arp_announce", 2, WHY["arp_announce"]))
+    if cfg.fwd == "dr" and _effective(cfg.iface, "rp_filter")[0] == 1:
+        steps.append(_sysctl_change(cfg.iface, "rp_filter", 2, WHY["rp_filter_dr"]))
     if cfg.fwd == "tun":
         if kernel_ipip(ipr):
             mode = "kernel-ipip"
@@ -555,6 +562,9 @@ def status() -> dict:
     checks.append(_check(f"arp_ignore on {cfg.iface}", how, v in (1, 2, 8), WHY["arp_ignore"]))
     v, how = _effective(cfg.iface, "arp_announce")
     checks.append(_check(f"arp_announce on {cfg.iface}", how, v == 2, WHY["arp_announce"]))
+    if cfg.fwd == "dr":
+        v, how = _effective(cfg.iface, "rp_filter")
+        checks.append(_check(f"rp_filter on {cfg.iface}", how, v != 1, WHY["rp_filter_dr"]))
     if cfg.fwd == "tun":
         tundev = "tunl0" if state.get("mode") == "kernel-ipip" else (
             out["decapsulator"] or {}).get("tun")
