@@ -119,6 +119,12 @@ class Decapsulator:
 
     def check(self) -> None:
         """Refuse (RealServerError) before creating anything when it could not work."""
+        n = self.tun_name
+        if not 0 < len(n) <= 15 or n in (".", "..") or any(c in "/:" or c.isspace() for c in n):
+            # The kernel's dev_valid_name; pytun would raise a bare error.
+            raise config.RealServerError(
+                f"--tun-name {n!r}: not a valid interface name (1 to 15 characters, "
+                f"no '/', ':' or spaces)")
         config._check_root()
         with config._ipr() as ipr:
             if config._ifindex(ipr, self.iface) is None:

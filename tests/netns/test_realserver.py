@@ -190,6 +190,11 @@ REFUSALS = [
      "is configured on eth0"),
     ("decapsulator before setup (strict rp_filter)", ["run", "--vip", VIP, "--iface", "eth0"],
      "not configured on this host"),
+    ("decapsulator with a TUN name the kernel refuses",
+     ["run", "--vip", VIP, "--iface", "eth0", "--tun-name", "thisnameiswaytoolong"],
+     "not a valid interface name"),
+    ("decapsulator with a slash in the TUN name",
+     ["run", "--vip", VIP, "--iface", "eth0", "--tun-name", "a/b"], "not a valid interface name"),
 ]
 
 
