@@ -2,55 +2,30 @@
 # The VS-Tun walkthrough (README.md, steps 1-4 and 6) in one go, as root:
 #   netns-labs/tun/lab.sh [NAME]
 # The lab and the director are removed on exit, error or Ctrl-C.
-set -eu
 NAME=${1:-lvs$$}
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-PY=${PYTHON:-$ROOT/.venv/bin/python}
-pylvs() { (cd "$ROOT" && "$PY" -m pylvs.cli.main "$@"); }
-D="ip netns exec $NAME-director"
-C="ip netns exec $NAME-client"
-VIP=10.0.0.100
-PID=
+. "$(dirname "$0")/../lab-common.sh"
 
-cleanup() {
-    trap - EXIT INT TERM
-    [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
-    pylvs lab down --name "$NAME" || true
-}
-trap cleanup EXIT INT TERM
+start_lab --fwd tun -- --iface eth0
 
-pylvs lab up --name "$NAME" --fwd tun
-LOG=$(mktemp)
-(cd "$ROOT" && exec $D "$PY" -m pylvs.cli.main run --iface eth0) 2>"$LOG" &
-PID=$!
-i=0
-until grep -q ready "$LOG"; do
-    i=$((i + 1)); [ $i -le 200 ] || { cat "$LOG"; echo "pylvs run not ready" >&2; exit 1; }
-    kill -0 $PID 2>/dev/null || { cat "$LOG"; exit 1; }
-    sleep 0.1
-done
-
-(cd "$ROOT" && $D "$PY" -m pylvs.cli.main adm -A -t $VIP:80 -s wrr)
+pylvs_in director adm -A -t $VIP:80 -s wrr
 w=1
 for rip in 10.0.3.11 10.0.3.12 10.0.3.13; do
     # -i: VS-Tun, IPIP (--tun-type gue --tun-port 6080 for GUE)
-    (cd "$ROOT" && $D "$PY" -m pylvs.cli.main adm -a -t $VIP:80 -r $rip:80 -i -w $w)
+    pylvs_in director adm -a -t $VIP:80 -r $rip:80 -i -w $w
     w=$((w + 1))
 done
-(cd "$ROOT" && $D "$PY" -m pylvs.cli.main adm -L -n)
+pylvs_in director adm -L -n
 echo "--- the real server rs1 as pylvs realserver set it up:"
-(cd "$ROOT" && ip netns exec "$NAME-rs1" "$PY" -m pylvs.cli.main realserver status) || true
+pylvs_in rs1 realserver status || true
 
 echo "--- 60 requests through the VIP, one connection each:"
-$C curl -s --max-time 30 -H 'Connection: close' \
-    $(i=0; while [ $i -lt 60 ]; do echo http://$VIP/whoami; i=$((i + 1)); done) | sort | uniq -c
+requests 60
 echo "--- InPkts count, OutPkts stay 0: the replies never pass the director"
-(cd "$ROOT" && $D "$PY" -m pylvs.cli.main adm -L -n --stats)
+pylvs_in director adm -L -n --stats
 echo "--- rs1's decapsulator (pylvs realserver run; counters written once a second)"
 echo "--- and the director's frames in and tunneled out; counters that are not 0:"
 sleep 1.5
-(cd "$ROOT" && ip netns exec "$NAME-rs1" "$PY" -m pylvs.cli.main realserver status) \
+pylvs_in rs1 realserver status \
     | sed -n '/^decapsulator/,$p' | grep -v ' 0$' || true
-(cd "$ROOT" && $D "$PY" -m pylvs.cli.main stats) | grep -E '^(rx_frames|tx_tunneled|drop_)' \
+pylvs_in director stats | grep -E '^(rx_frames|tx_tunneled|drop_)' \
     | grep -v ' 0$' || true
-rm -f "$LOG"
