@@ -13,6 +13,17 @@
 
 /* --- the frame path ------------------------------------------------------- */
 
+/* One packet of `bytes` (IP length) for the conn's service and dest, in the
+ * given direction's columns (T_INPKTS/T_INBYTES or T_OUTPKTS/T_OUTBYTES). */
+HOT void count_traffic(PylvsEngine *e, const struct conn *c, int pkts, int bytes_col,
+                       uint32_t bytes)
+{
+    e->svc_stats[c->svc][pkts] += 1;
+    e->svc_stats[c->svc][bytes_col] += bytes;
+    e->dest_stats[c->dest][pkts] += 1;
+    e->dest_stats[c->dest][bytes_col] += bytes;
+}
+
 HOT void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8_t tcpflags,
                         double now)
 {
@@ -661,7 +672,6 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
         return finish(e, refusal, PYLVS_V_DROP);
     if ((r & 1) == KEY_IN) {
         /* From the client side, about a reply it got: to the real server. */
-        uint32_t d = c->dest;
         const dest_row *dest = conn_dest(e, c);
         if (dest == NULL)
             return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
@@ -675,10 +685,7 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
         } else {
             ip_decrease_ttl(ip);
         }
-        e->svc_stats[c->svc][T_INPKTS] += 1;
-        e->svc_stats[c->svc][T_INBYTES] += tot;
-        e->dest_stats[d][T_INPKTS] += 1;
-        e->dest_stats[d][T_INBYTES] += tot;
+        count_traffic(e, c, T_INPKTS, T_INBYTES, tot);
         if (c->xmit == XMIT_TUN) {
             /* Through the tunnel, as the conn's packets (ip_vs_icmp_xmit). */
             e->stats[ST_ICMP_FORWARDED]++;
@@ -697,10 +704,7 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
         memcpy(eth, c->cmac, 6);
         memcpy(eth + 6, c->lmac, 6);
         *out_port = c->in_port;
-        e->svc_stats[c->svc][T_OUTPKTS] += 1;
-        e->svc_stats[c->svc][T_OUTBYTES] += tot;
-        e->dest_stats[c->dest][T_OUTPKTS] += 1;
-        e->dest_stats[c->dest][T_OUTBYTES] += tot;
+        count_traffic(e, c, T_OUTPKTS, T_OUTBYTES, tot);
     }
     e->stats[ST_ICMP_FORWARDED]++;
     return finish(e, ST_TX_FRAMES, PYLVS_V_TX);
@@ -818,17 +822,13 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
     }
 
     if (dir == KEY_IN) {
-        uint32_t d = c->dest;
         const dest_row *dest = conn_dest(e, c);
         if (dest == NULL)
             return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
         if (__builtin_expect(c->xmit == XMIT_NONE, 0))
             return finish(e, ST_DROP_FWD_METHOD, PYLVS_V_DROP);
         conn_set_state(e, c, c->in_dir, tcpflags, now);
-        e->svc_stats[c->svc][T_INPKTS] += 1;
-        e->svc_stats[c->svc][T_INBYTES] += tot;
-        e->dest_stats[d][T_INPKTS] += 1;
-        e->dest_stats[d][T_INBYTES] += tot;
+        count_traffic(e, c, T_INPKTS, T_INBYTES, tot);
         if (__builtin_expect(!xmit_ok(dest, c->xmit, ip), 0))
             return finish(e, xmit_refusal(e, em, dest, c->xmit, eth, ip, tot, in_port, now,
                                           daddr, 1),
@@ -855,10 +855,7 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
             return fragment_out(e, em, eth, ip, tot, *out_port);
     } else {
         conn_set_state(e, c, DIR_OUTPUT, tcpflags, now);
-        e->svc_stats[c->svc][T_OUTPKTS] += 1;
-        e->svc_stats[c->svc][T_OUTBYTES] += tot;
-        e->dest_stats[c->dest][T_OUTPKTS] += 1;
-        e->dest_stats[c->dest][T_OUTBYTES] += tot;
+        count_traffic(e, c, T_OUTPKTS, T_OUTBYTES, tot);
         if (__builtin_expect(ip[8] <= 1, 0))
             return finish(e, ttl_exceeded(e, em, eth, ip, tot, in_port, now,
                                           reply_icmp_saddr(e, c, in_port), 1), PYLVS_V_DROP);

@@ -517,6 +517,15 @@ class Engine:
 
     # --- what the kernel's receive path would refuse -----------------------
 
+    def _count_traffic(self, c: Conn, pkts: int, bytes_col: int, totlen: int) -> None:
+        """One packet of `totlen` bytes (IP length) for the conn's service and
+        dest, in one direction's columns."""
+        cnt = self._counters
+        cnt.svc_stats[c.svc, pkts] += 1
+        cnt.svc_stats[c.svc, bytes_col] += totlen
+        cnt.dest_stats[c.dest, pkts] += 1
+        cnt.dest_stats[c.dest, bytes_col] += totlen
+
     def _conn_dest(self, c: Conn) -> tuple | None:
         """The conn's dest while it is still the one the conn was made for (a
         dest deleted, or its slot reused by another service's, is gone)."""
@@ -712,7 +721,6 @@ class Engine:
                 return verdict, 0
 
         c, direction = hit
-        cnt = self._counters
         if direction == states.INPUT:
             # 10: client -> real server.
             dest = self._conn_dest(c)
@@ -722,10 +730,7 @@ class Engine:
             if c.xmit == XMIT_NONE:
                 pend[_DROP_FWD_METHOD] += 1
                 return V_DROP, 0
-            cnt.svc_stats[c.svc, tables.STAT_INPKTS] += 1
-            cnt.svc_stats[c.svc, tables.STAT_INBYTES] += totlen
-            cnt.dest_stats[c.dest, tables.STAT_INPKTS] += 1
-            cnt.dest_stats[c.dest, tables.STAT_INBYTES] += totlen
+            self._count_traffic(c, tables.STAT_INPKTS, tables.STAT_INBYTES, totlen)
             self._set_state(c, c.in_dir, proto, tcp_flags, now)
             refusal = self._xmit_refusal(f, dest, c.xmit, totlen, in_port, now, daddr, True)
             if refusal is not None:
@@ -761,10 +766,7 @@ class Engine:
             old_port, new_port, port_at = dport, c.dport, l4 + 2
         else:
             # 11: real server -> client (NAT conns only have an OUT key).
-            cnt.svc_stats[c.svc, tables.STAT_OUTPKTS] += 1
-            cnt.svc_stats[c.svc, tables.STAT_OUTBYTES] += totlen
-            cnt.dest_stats[c.dest, tables.STAT_OUTPKTS] += 1
-            cnt.dest_stats[c.dest, tables.STAT_OUTBYTES] += totlen
+            self._count_traffic(c, tables.STAT_OUTPKTS, tables.STAT_OUTBYTES, totlen)
             self._set_state(c, direction, proto, tcp_flags, now)
             out_port = c.in_port
             if f[IP + 8] <= 1:
@@ -921,7 +923,6 @@ class Engine:
             pend[refusal] += 1
             return V_DROP, 0
         c, direction = hit
-        cnt = self._counters
         if direction == states.INPUT:
             # From the client side, about a reply the client got: to the real server.
             dest = self._conn_dest(c)
@@ -937,10 +938,7 @@ class Engine:
                 icmp.nat_icmp(f[IP:IP + totlen], totlen, False, c.daddr, c.dport)
             else:
                 _decrease_ttl(f)
-            cnt.svc_stats[c.svc, tables.STAT_INPKTS] += 1
-            cnt.svc_stats[c.svc, tables.STAT_INBYTES] += totlen
-            cnt.dest_stats[c.dest, tables.STAT_INPKTS] += 1
-            cnt.dest_stats[c.dest, tables.STAT_INBYTES] += totlen
+            self._count_traffic(c, tables.STAT_INPKTS, tables.STAT_INBYTES, totlen)
             if c.xmit == XMIT_TUN:
                 # Through the tunnel, as the conn's packets (ip_vs_icmp_xmit).
                 pend[_ICMP_FORWARDED] += 1
@@ -958,10 +956,7 @@ class Engine:
             f[ETH:ETH + 6] = c.cmac
             f[ETH + 6:ETH + 12] = c.lmac
             out_port = c.in_port
-            cnt.svc_stats[c.svc, tables.STAT_OUTPKTS] += 1
-            cnt.svc_stats[c.svc, tables.STAT_OUTBYTES] += totlen
-            cnt.dest_stats[c.dest, tables.STAT_OUTPKTS] += 1
-            cnt.dest_stats[c.dest, tables.STAT_OUTBYTES] += totlen
+            self._count_traffic(c, tables.STAT_OUTPKTS, tables.STAT_OUTBYTES, totlen)
         pend[_ICMP_FORWARDED] += 1
         return V_TX, out_port
 
