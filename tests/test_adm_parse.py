@@ -247,6 +247,12 @@ def test_control_option():
     (["--set", "1", "2", "x"], 2, "invalid timeout value `x' specified"),
     (["-L", "extra"], 2, "unexpected argument extra"),
     (["-A", "-f", "0"], 2, "invalid fwmark value `0' specified"),
+    (["-a", "-f", "5", "-r", "10.0.1.11"], 2,
+     "firewall-mark services (-f) are not supported yet: use -t or -u with the virtual "
+     "address:port"),
+    (["-A", "-f", "5", "-s", "rr"], 2,
+     "firewall-mark services (-f) are not supported yet: use -t or -u with the virtual "
+     "address:port"),
     (["-A", "-t", "[::1]:80"], 2, "IPv6 is not supported yet"),
 ])
 def test_errors(argv, code, msg):

@@ -386,7 +386,10 @@ def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
             mark = _number(val, 1, 2**32 - 1)
             if mark is None:
                 raise _fail(f"invalid fwmark value `{excerpt(val)}' specified")
-            c.fwmark, c.proto = mark, "tcp"
+            # Refused here, as SCTP is: the director has no fwmark services,
+            # and a rule sent on would be refused later with an internal name.
+            raise _fail("firewall-mark services (-f) are not supported yet: use -t or -u "
+                        "with the virtual address:port")
         elif tag == "s":
             set_option("scheduler")
             c.sched = val
