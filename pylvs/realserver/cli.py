@@ -100,9 +100,16 @@ def _status(a) -> int:
 
 
 def _teardown(a) -> int:
+    from . import run
+    config._check_root()
+    # The decapsulator first: it needs the settings it runs under.
+    stopped = run.stop_running()
+    for line in stopped:
+        print(f"  {line}")
     done = config.teardown()
     if not done:
-        print("nothing to tear down (no setup recorded in this namespace)")
+        print("no setup recorded in this namespace" if stopped else
+              "nothing to tear down (no setup recorded in this namespace)")
         return 0
     for s, note in done:
         print(f"  {config.describe_undo(s)}"

@@ -97,15 +97,58 @@ def state_path(suffix: str = "") -> Path:
     return STATE_DIR / f"realserver-{netns_inode()}{suffix}.json"
 
 
-def read_state(path: Path | None = None) -> dict | None:
+def decap_lock_path() -> Path:
+    """The lock file of this namespace's ``pylvs realserver run`` (flock, see run.py)."""
+    return STATE_DIR / f"realserver-{netns_inode()}-decap.lock"
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
+               float: "a number", bool: "true/false", type(None): "null"}
+STEP_KINDS = ("sysctl", "link_up", "addr", "route")
+
+
+def _shape_error(st, decap: bool) -> str | None:
+    """What is wrong with a parsed state (or, ``decap``, decapsulator stats)
+    file, None when it has the shape this module (run.py) writes."""
+    if not isinstance(st, dict):
+        return f"it holds {_JSON_TYPES.get(type(st), 'something else')}, not an object"
+    if decap:
+        if not isinstance(st.get("pid"), int) or not isinstance(st.get("counters"), dict):
+            return "no pid or counters"
+        if not all(isinstance(st.get(k), str) for k in ("iface", "tun")):
+            return "no iface or tun"
+        return None
+    cfg = st.get("config")
+    if not isinstance(cfg, dict) or set(cfg) != set(Config.__dataclass_fields__):
+        return "no config with the fields fwd, vips, iface, dip, clients"
+    if cfg["fwd"] not in FWDS or not isinstance(cfg["iface"], str) or not isinstance(
+            cfg["dip"], str) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                                        for v in (cfg["vips"], cfg["clients"])):
+        return "a config field of the wrong type or value"
+    changes = st.get("changes")
+    if not isinstance(changes, list) or not all(
+            isinstance(c, dict) and c.get("kind") in STEP_KINDS for c in changes):
+        return "no list of changes"
+    return None
+
+
+def read_state(path: Path | None = None, decap: bool = False) -> dict | None:
+    """The parsed state file (``decap``: the decapsulator's stats file), None
+    when there is none; RealServerError naming the file when it cannot be
+    read or does not have the shape pylvs writes (never a traceback)."""
     path = path or state_path()
     try:
-        return json.loads(path.read_text())
+        st = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise RealServerError(f"cannot read the state file {path}: {e}; remove it if it is "
                               f"stale") from e
+    why = _shape_error(st, decap)
+    if why:
+        raise RealServerError(f"the state file {path} is not one pylvs wrote ({why}); "
+                              f"remove it (rm {path}) and check this host's settings by hand")
+    return st
 
 
 def _iface_id(ipr, name: str) -> str | None:
@@ -540,7 +583,7 @@ def status() -> dict:
         state, stale = load_state(ipr)
     out = {"state_file": str(state_path()), "setup": state and state["config"], "note": stale,
            "mode": state and state.get("mode"), "checks": [], "decapsulator": None}
-    decap = read_state(state_path("-decap"))
+    decap = read_state(state_path("-decap"), decap=True)
     if decap and _alive(decap.get("pid")):
         out["decapsulator"] = decap
     if not state:

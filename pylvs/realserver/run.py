@@ -19,6 +19,16 @@ gets ``rp_filter=0`` of its own; the kernel uses the larger of ``all`` and
 the device's value, so ``all`` must not be strict (1): ``pylvs realserver
 setup --fwd tun`` sees to that, and this command refuses to start otherwise.
 
+One decapsulator per network namespace: a second one would install the
+same nft table and remove it when it exits, under the first. Each run holds
+an flock on ``/run/pylvs/realserver-<netns inode>-decap.lock`` for its life
+and refuses to start while another holds it. The kernel drops an flock when
+its holder dies, however it dies, so a file left by a killed run (or by a
+deleted namespace whose inode this one reuses) blocks nothing. A run killed
+with SIGKILL leaves its nft table behind (it keeps IPIP/GUE from the stack);
+the next run replaces it, and ``pylvs realserver teardown`` removes it
+(:func:`stop_running`, which also stops a running decapsulator).
+
 Counters (decap.COUNTER_NAMES) go to a stats file,
 ``/run/pylvs/realserver-<netns inode>-decap.json``, rewritten at most once a
 second while they change and read by ``pylvs realserver status``; SIGUSR1
@@ -28,6 +38,7 @@ table, the TUN device and the stats file.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -105,6 +116,117 @@ def _nft(script: str) -> None:
         raise config.RealServerError(f"nftables: {p.stderr.strip()}")
 
 
+def table_installed() -> bool:
+    """Whether this namespace has the decapsulator's nft table (False without nft)."""
+    try:
+        p = subprocess.run(["nft", "list", "table", "netdev", NFT_TABLE], capture_output=True,
+                           timeout=30)
+    except FileNotFoundError:
+        return False
+    return p.returncode == 0
+
+
+# -- one decapsulator per namespace ------------------------------------------------
+
+LOCKS = "/proc/locks"
+
+
+def lock_holder(path, locks: str = LOCKS) -> int | None:
+    """The pid holding an flock on PATH, from /proc/locks; None when none does.
+
+    A /proc/locks line reads ``1: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF``
+    (major and minor in hex, fs/locks.c lock_get_status); ``->`` lines are
+    waiters, not holders.
+    """
+    try:
+        st = os.stat(path)
+        with open(locks) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in lines:
+        f = line.split()
+        if len(f) < 6 or f[1] != "FLOCK":
+            continue
+        try:
+            maj, mi, ino = f[5].split(":")
+            if (int(maj, 16), int(mi, 16), int(ino)) == want and int(f[4]) > 0:
+                return int(f[4])
+        except ValueError:
+            continue
+    return None
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def take_lock() -> int:
+    """Take this namespace's decapsulator lock for the life of the process; its fd.
+
+    Raises RealServerError naming the running decapsulator when another
+    holds it. The file is never removed: removing it while another process
+    has it open would let two runs each lock a different file.
+    """
+    config.STATE_DIR.mkdir(parents=True, exist_ok=True)
+    path = config.decap_lock_path()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    if not _try_lock(fd):
+        os.close(fd)
+        pid = lock_holder(path)
+        raise config.RealServerError(
+            f"another 'pylvs realserver run'{f' (pid {pid})' if pid else ''} is running in "
+            f"this network namespace; one decapsulator per namespace: stop it first "
+            f"('pylvs realserver teardown' stops it)")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def stop_running(wait: float = 10.0) -> list[str]:
+    """Stop this namespace's running decapsulator (SIGTERM, then up to WAIT
+    seconds for it to exit) and remove the nft table a killed one left.
+
+    Returns one line per thing done. Raises RealServerError when the
+    decapsulator does not exit in time (nothing else is done then).
+    """
+    done = []
+    path = config.decap_lock_path()
+    if path.exists():
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if not _try_lock(fd):
+                pid = lock_holder(path)
+                if pid is None:
+                    raise config.RealServerError(
+                        f"a 'pylvs realserver run' holds {path} but /proc/locks does not show "
+                        f"its pid: stop it, then run 'pylvs realserver teardown' again")
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + wait
+                while not _try_lock(fd):
+                    if time.monotonic() > deadline:
+                        raise config.RealServerError(
+                            f"the decapsulator (pid {pid}) did not exit within {wait:g} s of "
+                            f"SIGTERM: kill it (kill -9 {pid}), then run 'pylvs realserver "
+                            f"teardown' again")
+                    time.sleep(0.05)
+                done.append(f"decapsulator pid {pid} stopped (SIGTERM); it removed its nft "
+                            f"table and TUN device")
+        finally:
+            os.close(fd)
+    if table_installed():
+        _nft(f"delete table netdev {NFT_TABLE}\n")
+        done.append(f"nft table netdev {NFT_TABLE} removed (left by a decapsulator that was "
+                    f"killed; it kept IPIP/GUE from this host's stack)")
+    config.state_path("-decap").unlink(missing_ok=True)
+    return done
+
+
 class Decapsulator:
     """The running decapsulator; :meth:`start` creates everything, :meth:`stop` removes it."""
 
@@ -175,6 +297,10 @@ class Decapsulator:
             self.sock.bind((self.iface, ETH_P_ALL))
             self.sock.settimeout(0.5)
             # Only once the tap is open: from here on it sees what ingress drops.
+            if table_installed():
+                # The lock is ours, so no live decapsulator owns this table.
+                print(f"pylvs realserver run: replacing the nft table netdev {NFT_TABLE} "
+                      f"left by a killed run", flush=True)
             _nft(nft_script(self.iface, self.local, self.gue_port))
             self.nft_installed = True
         except Exception:
@@ -259,8 +385,17 @@ class Decapsulator:
 
 def run(iface: str | None, vips: list[str], gue_port: int | None,
         tun_name: str = TUN_NAME) -> int:
-    """Run until SIGTERM/SIGINT; 0 on a clean stop. Raises RealServerError when refused."""
+    """Run until SIGTERM/SIGINT; 0 on a clean stop. Raises RealServerError when refused
+    (another decapsulator runs in this namespace, or see Decapsulator.check)."""
     config._check_root()
+    lock = take_lock()
+    try:
+        return _run(iface, vips, gue_port, tun_name)
+    finally:
+        os.close(lock)
+
+
+def _run(iface: str | None, vips: list[str], gue_port: int | None, tun_name: str) -> int:
     with config._ipr() as ipr:
         state, _ = config.load_state(ipr)
     cfg = config.Config(**state["config"]) if state else None

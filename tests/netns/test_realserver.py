@@ -425,3 +425,135 @@ def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
                     p.kill()
                     p.communicate()
         rs(r, "teardown")
+
+
+# -- one decapsulator per namespace, recovery from a killed one, teardown --------
+
+def _start_decap(ns: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(["ip", "netns", "exec", ns, PY, "-m", "pylvs.cli.main", "realserver",
+                             "run", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _has_table(ns: str) -> bool:
+    return "pylvs_realserver" in sh("ip", "netns", "exec", ns, "nft", "list", "tables").stdout
+
+
+def _link_exists(ns: str, dev: str) -> bool:
+    return sh("ip", "-n", ns, "link", "show", dev, check=False).returncode == 0
+
+
+def _stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+
+
+def test_second_decapsulator_in_a_namespace_is_refused(r):
+    assert rs(r, "setup", *SETUPS["tun"]).returncode == 0
+    first = _start_decap(r)
+    try:
+        _line(first, "decapsulating")
+        table = _nft_table(r)
+        # Another TUN name gets past the device-name check: the lock refuses it.
+        for extra in ((), ("--tun-name", "plvsdec9", "--gue-port", "6080")):
+            p = rs(r, "run", *extra)
+            assert p.returncode == 1, p.stdout
+            assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+            assert (f"another 'pylvs realserver run' (pid " in p.stderr
+                    and "is running in this network namespace" in p.stderr), p.stderr
+            assert str(_status(r)["decapsulator"]["pid"]) in p.stderr
+        # The first one's table, device and stats are untouched, and it still runs.
+        assert _nft_table(r) == table and _link_exists(r, "plvsdec0")
+        assert not _link_exists(r, "plvsdec9")
+        assert first.poll() is None and _status(r)["decapsulator"]["tun"] == "plvsdec0"
+    finally:
+        _stop(first)
+    assert first.returncode == 0 and not _has_table(r)
+
+
+def test_killed_decapsulator_is_recovered_and_teardown_stops_a_running_one(r):
+    assert rs(r, "setup", *SETUPS["tun"]).returncode == 0
+    procs = []
+    try:
+        first = _start_decap(r)
+        procs.append(first)
+        _line(first, "decapsulating")
+        first.kill()
+        first.communicate(timeout=10)
+        # SIGKILL: no cleanup ran; the drop table stays (the TUN device goes with its fd).
+        assert _has_table(r) and not _link_exists(r, "plvsdec0")
+        assert _status(r)["decapsulator"] is None
+
+        # A new run is not blocked by the dead one's lock file and replaces its table.
+        second = _start_decap(r, "--gue-port", str(GUE_PORT))
+        procs.append(second)
+        _line(second, "replacing the nft table netdev pylvs_realserver left by a killed run")
+        _line(second, "decapsulating")
+        assert f"udp dport {GUE_PORT}" in _nft_table(r)
+        assert _status(r)["decapsulator"]["pid"] != first.pid
+
+        # teardown stops the running decapsulator (it cleans up after itself),
+        # then undoes setup.
+        t = rs(r, "teardown")
+        assert t.returncode == 0, t.stderr
+        assert "stopped (SIGTERM)" in t.stdout and "undone" in t.stdout, t.stdout
+        second.communicate(timeout=10)
+        assert second.returncode == 0
+        assert not _has_table(r) and not _link_exists(r, "plvsdec0")
+        assert not os.path.exists(state_file(r))
+
+        # Killed again, with nothing set up: teardown removes the table it left.
+        sh("ip", "-n", r, "addr", "add", f"{VIP}/32", "dev", "lo")
+        sh("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
+        third = _start_decap(r, "--vip", VIP, "--iface", "eth0")
+        procs.append(third)
+        _line(third, "decapsulating")
+        third.kill()
+        third.communicate(timeout=10)
+        assert _has_table(r)
+        t = rs(r, "teardown")
+        assert t.returncode == 0, t.stderr
+        assert "nft table netdev pylvs_realserver removed" in t.stdout, t.stdout
+        assert "no setup recorded in this namespace" in t.stdout
+        assert not _has_table(r)
+        again = rs(r, "teardown")
+        assert again.returncode == 0 and "nothing to tear down" in again.stdout
+    finally:
+        for p in procs:
+            _stop(p)
+
+
+def test_status_without_setup_and_malformed_state_files(r):
+    p = rs(r, "status")
+    assert p.returncode == 1 and "not set up by pylvs here" in p.stdout, (p.stdout, p.stderr)
+    p = rs(r, "status", "--json")
+    assert p.returncode == 1 and json.loads(p.stdout)["setup"] is None
+    os.makedirs("/run/pylvs", exist_ok=True)
+    path = state_file(r)
+    decap = path.replace(".json", "-decap.json")
+    try:
+        for which, text, why in [
+                (path, "[]", "it holds an array, not an object"),
+                (path, '{"config": {"fwd": "dr"}, "changes": []}', "no config with the fields"),
+                (path, '{"config": {"fwd": "x", "vips": [], "iface": "eth0", "dip": "", '
+                       '"clients": []}, "changes": []}', "wrong type or value"),
+                (path, "{not json", "cannot read the state file"),
+                (decap, '"text"', "it holds a string, not an object")]:
+            with open(which, "w") as f:
+                f.write(text)
+            # Only status reads the decapsulator's stats file.
+            for cmd in ("status",) if which == decap else ("status", "teardown", "setup"):
+                p = rs(r, cmd, *(SETUPS["dr"] if cmd == "setup" else ()))
+                assert p.returncode == 1, (cmd, text, p.stdout)
+                assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+                assert which in p.stderr and why in p.stderr, (cmd, p.stderr)
+            os.unlink(which)
+    finally:
+        for f in (path, decap):
+            if os.path.exists(f):
+                os.unlink(f)
