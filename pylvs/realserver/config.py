@@ -231,6 +231,13 @@ def _addrs(ipr) -> list[tuple[str, int, str]]:
             for a in ipr.get_addr(family=socket.AF_INET)]
 
 
+def _primary_addrs(ipr) -> set[str]:
+    """IPv4 addresses that are their subnet's primary address on an interface
+    (no IFA_F_SECONDARY): the interface's own address, usually how others reach it."""
+    return {a.get("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)
+            if not a.get("flags", 0) & 0x01}
+
+
 def _route(ipr, dst: str) -> dict | None:
     """The main-table route to ``dst`` (a prefix) with metric 0, as a small dict."""
     net = ipaddress.IPv4Network(dst)
@@ -307,8 +314,15 @@ def validate(cfg: Config, ipr) -> Config:
     if iface == "lo":
         raise RealServerError("--iface: the interface facing the director, not lo")
     addrs = _addrs(ipr)
+    primary = _primary_addrs(ipr)
     for vip in vips:
         for a, plen, dev in addrs:
+            if a == vip and dev != "lo" and a in primary:
+                raise RealServerError(
+                    f"--vip {vip} is {dev}'s own (primary) address: that is this host's "
+                    f"address, the RIP the director sends to, not the VIP; --vip takes the "
+                    f"service's address (the one in 'pylvs adm -A -t VIP:PORT' on the "
+                    f"director), which a DR/Tun real server holds on lo besides its own")
             if a == vip and dev != "lo":
                 raise RealServerError(
                     f"VIP {vip} is configured on {dev}: this host would answer ARP for it "

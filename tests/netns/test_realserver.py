@@ -188,6 +188,10 @@ REFUSALS = [
      "is an address of this host"),
     ("VIP on the Ethernet interface", ["setup", "--fwd", "dr", "--vip", "10.9.1.77"],
      "is configured on eth0"),
+    # The RIP given as the VIP: removing it from eth0, as for a VIP added
+    # there, would cut the host off; say what is wrong instead.
+    ("the RIP given as the VIP", ["setup", "--fwd", "tun", "--vip", RIP],
+     f"--vip {RIP} is eth0's own (primary) address: that is this host's address, the RIP"),
     ("decapsulator before setup (strict rp_filter)", ["run", "--vip", VIP, "--iface", "eth0"],
      "not configured on this host"),
     ("decapsulator with a TUN name the kernel refuses",
