@@ -97,7 +97,13 @@ def test_dr_real_server_must_be_directly_connected():
     assert r["10.0.5.11"].verdict == "FAIL"
     assert "via gateway 10.0.1.12 on eth1" in r["10.0.5.11"].message
     assert r["10.0.9.11"].verdict == "FAIL"
-    assert r["10.0.9.11"].message == "no route to this DR real server"
+    assert r["10.0.9.11"].message.startswith("no route to this DR real server")
+    # Frames to either are dropped: the fix says how DR can work, or which method can.
+    for rip in ("10.0.5.11", "10.0.9.11"):
+        assert "drop_no_route" in r[rip].message
+        assert r[rip].fix == ("give the director an address on the real server's network (DR "
+                              "needs both on one segment), or add the dest with -i (Tun) or -m "
+                              "(NAT) instead of -g")
 
 
 def test_rp_filter_per_client():
@@ -162,32 +168,204 @@ def test_arp_problem_names_the_real_server_or_the_stranger():
     assert {r.verdict for r in checks.check_arp_problem(snap, net) if "on eth1" in r.subject} == {"ok"}
 
 
+def test_arp_problem_fix_follows_the_real_servers_own_method():
+    # One VIP served by a Tun real server and a DR one on the same segment:
+    # the DR one answering ARP must be told DR's set-up, never Tun's.
+    on = lambda rip: Route(rip, 3, "eth1", None, "10.0.1.1", 1500)  # noqa: E731
+    net = FakeNet(routes={"10.0.1.12": on("10.0.1.12"), "10.0.1.13": on("10.0.1.13")})
+    net.arp_answers = {"10.0.0.100": ["02:00:00:00:00:12", "02:00:00:00:00:13"],
+                       "10.0.1.12": ["02:00:00:00:00:12"], "10.0.1.13": ["02:00:00:00:00:13"]}
+    snap = {"services": [svc(dests=[dest("10.0.1.13", "tunnel"), dest("10.0.1.12", "route")])]}
+    fixes = {r.message.split()[2]: r.fix for r in checks.check_arp_problem(snap, net)
+             if r.verdict == "FAIL"}
+    assert fixes == {
+        "10.0.1.12": "on 10.0.1.12 run `pylvs realserver setup --fwd dr --vip 10.0.0.100` (VIP "
+                     "on lo /32, arp_ignore=1, arp_announce=2)",
+        "10.0.1.13": "on 10.0.1.13 run `pylvs realserver setup --fwd tun --vip 10.0.0.100` (VIP "
+                     "on lo /32, arp_ignore=1, arp_announce=2)"}
+
+
+class ProbeNet(FakeNet):
+    """FakeNet that answers probes: ``respond(scapy frame) -> [scapy frames]``
+    stands for the network behind eth1; ``exchange`` feeds the answers to
+    the check's matcher as the real one does."""
+
+    def __init__(self, respond, **kw):
+        super().__init__(**kw)
+        self.respond = respond
+        self.sent: list = []
+
+    def mac(self, ifname):
+        return "02:00:00:00:00:01"
+
+    def resolve(self, ifname, addr, wait=1.0):
+        return "02:00:00:00:00:fe"
+
+    def exchange(self, ifname, frames, match, proto=ETH_P_IP, wait=1.0, first=False,
+                 sources=(), icmp=False):
+        from scapy.layers.l2 import Ether
+        from pylvs.check.probe import Answer, PACKET_HOST
+        found = []
+        for f in frames:
+            self.sent.append(Ether(f))
+            for reply in self.respond(Ether(f)):
+                m = match(Answer(ifname, PACKET_HOST, Ether(bytes(reply))))
+                if m is not None:
+                    found.append(m)
+                    if first:
+                        return found
+        return found
+
+
+def _inner(pkt):
+    """The packet inside a tunnel probe (IPIP, or UDP 8 + GUE 4 bytes)."""
+    from scapy.layers.inet import IP
+    return IP(bytes(pkt[IP].payload)[12 if pkt[IP].proto == 17 else 0:])
+
+
+def _reply_to(pkt, inner=False):
+    """A SYN-ACK answering the (inner, for a tunnel probe) SYN of PKT."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+    syn = _inner(pkt) if inner else pkt[IP]
+    return Ether() / IP(src=syn.dst, dst=syn.src) / TCP(sport=syn[TCP].dport,
+                                                        dport=syn[TCP].sport, flags="SA")
+
+
+def _icmp(src, pkt, type_, code, mtu=0):
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.l2 import Ether
+    quote = bytes(pkt[IP])[:28]
+    return Ether() / IP(src=src, dst=pkt[IP].src) / ICMP(type=type_, code=code,
+                                                        nexthopmtu=mtu) / quote
+
+
+@pytest.mark.parametrize("gateway", [None, "10.0.1.254"])
+def test_nat_route_fix_on_one_segment_or_behind_a_router(gateway):
+    from scapy.layers.inet import IP
+    rip = "10.0.1.11" if gateway is None else "10.0.5.11"
+    # The real server answers the director's own address only: its route to
+    # the clients (the VIP's side) bypasses the director.
+    net = ProbeNet(lambda f: [_reply_to(f)] if f[IP].src == "10.0.1.1" else [],
+                   routes={rip: Route(rip, 3, "eth1", gateway, "10.0.1.1", 1500)})
+    [r] = checks.check_nat_route({"services": [svc(dests=[dest(rip)])]}, net)
+    assert r.verdict == "FAIL" and "bypasses" in r.message
+    if gateway is None:
+        assert r.fix == ("on 10.0.1.11 run `pylvs realserver setup --fwd nat --dip 10.0.1.1` "
+                         "(its default route, or with --clients PREFIX its route to the "
+                         "clients, via the director)")
+    else:
+        # The DIP is not on the real server's network: setup --dip DIP would be refused.
+        assert "--dip 10.0.1.1" not in r.fix
+        assert r.fix.startswith("10.0.5.11 is behind the router 10.0.1.254, so its replies "
+                                "reach the director only if every hop routes the clients via it")
+        assert "via the director (10.0.1.1 on eth1, next to 10.0.1.254)" in r.fix
+
+
+TUN_ROUTE = Route("10.0.3.11", 3, "eth1", "10.0.1.254", "10.0.1.1", 1500)
+
+
+def _tun_path(mtu=1500, router="10.0.1.254", unreachable=False, black_hole=False):
+    """The network toward a Tun real server whose smallest link has MTU."""
+    from scapy.layers.inet import IP
+
+    def respond(f):
+        if f[IP].len > mtu:
+            return [] if black_hole else [_icmp(router, f, 3, 4, mtu)]
+        if unreachable:
+            return [_icmp(f[IP].dst, f, 3, 2 if f[IP].proto == 4 else 3)]
+        return [_reply_to(f, inner=True)]
+    return ProbeNet(respond, routes={"10.0.3.11": TUN_ROUTE})
+
+
+GUE = dest("10.0.3.11", "tunnel", tun_type="gue", tun_port=6080, tun_flags=0)
+
+
+def test_tun_fix_texts_quote_whole_commands():
+    out = checks.check_tun({"services": [svc(dests=[GUE])]}, _tun_path(unreachable=True))
+    [tun] = [r for r in out if r.check == "tun"]
+    assert tun.verdict == "FAIL" and "port unreachable" in tun.message
+    assert tun.fix == ("on 10.0.3.11 run `pylvs realserver setup --fwd tun --vip 10.0.0.100`, "
+                       "then, if it has no ipip module, `pylvs realserver run --vip 10.0.0.100 "
+                       "--gue-port 6080` there")
+    assert tun.fix.count("`") % 2 == 0
+
+
+@pytest.mark.parametrize("d, over", [(dest("10.0.3.11", "tunnel"), 20), (GUE, 32)])
+def test_tun_mtu_df_probe(d, over):
+    from scapy.layers.inet import IP
+    snap = {"services": [svc(dests=[d])]}
+
+    def mtu_line(net):
+        return next(r for r in checks.check_tun(snap, net) if r.check == "tun-mtu")
+
+    net = _tun_path()
+    r = mtu_line(net)
+    assert r.verdict == "ok" and f"a DF probe of 1500 bytes through the tunnel was answered"         in r.message and f"{1500 - over} bytes inside" in r.message
+    # The probes: DF set on the outer and inner headers, outer sizes from the route's MTU down.
+    probes = [f for f in net.sent if f[IP].flags.DF]
+    assert all(_inner(f).flags.DF and len(_inner(f)) == f[IP].len - over for f in probes)
+    assert [f[IP].len for f in probes] == [1500, 1492, 1480, 1476, 1460, 1450, 1400, 1380,
+                                           1280, 1200, 1100, 1000, 900, 800, 700, 576]
+
+    # A router on the path with a 1400-byte link answers frag-needed.
+    r = mtu_line(_tun_path(1400))
+    assert r.verdict == "FAIL"
+    assert r.message.startswith("the path MTU toward 10.0.3.11 is 1400, not the MTU 1500 on "
+                                "eth1: router 10.0.1.254 answered a DF probe of 1500 bytes with "
+                                f"frag-needed (MTU 1400), leaving {1400 - over} bytes inside")
+    assert r.fix.startswith("raise the MTU of the smaller link toward 10.0.3.11 to at least 1500")
+
+    # The same link behind a router that sends no ICMP: a black hole, bracketed.
+    r = mtu_line(_tun_path(1390, black_hole=True))
+    assert r.verdict == "FAIL"
+    assert r.message.startswith("a DF probe of 1380 bytes was answered, one of 1400 was not: "
+                                "the path MTU is 1380 to 1399, and no router reported "
+                                "frag-needed (a path-MTU black hole)")
+    assert "send ICMP frag-needed" in r.fix
+
+    # The tunnel itself does not answer: no DF probe, the computed room only.
+    r = mtu_line(_tun_path(unreachable=True))
+    assert r.verdict == "ok" and "no DF probe: the tunnel fails" in r.message
+
+
 def _frame(ethertype: int, body: bytes) -> bytes:
     return b"\x02" * 6 + b"\x04" * 6 + ethertype.to_bytes(2, "big") + body
 
 
-def _ipv4(src: str) -> bytes:
-    return bytes([0x45, 0, 0, 40]) + bytes(8) + bpf.ip(src).to_bytes(4, "big") + bytes(24)
+def _ipv4(src: str, proto: int = 6) -> bytes:
+    return (bytes([0x45, 0, 0, 40]) + bytes(5) + bytes([proto]) + bytes(2)
+            + bpf.ip(src).to_bytes(4, "big") + bytes(24))
 
 
 def _arp(op: int) -> bytes:
     return bytes.fromhex("000108000604") + bytes([0, op]) + bytes(20)
 
 
-@pytest.mark.parametrize("desc, proto, sources, frame, accepted", [
+@pytest.mark.parametrize("desc, proto, sources, frame, accepted, icmp", [
+    ("ICMP from a router (frag-needed about a probe)", ETH_P_IP, ["10.0.1.11"],
+     _frame(0x0800, _ipv4("10.0.0.2", proto=1)), True, True),
+    ("TCP from a router while ICMP is read", ETH_P_IP, ["10.0.1.11"],
+     _frame(0x0800, _ipv4("10.0.0.2")), False, True),
+    ("a probed address while ICMP is read", ETH_P_IP, ["10.0.1.11", "10.0.0.100"],
+     _frame(0x0800, _ipv4("10.0.0.100")), True, True),
+    ("ICMP from a router without icmp", ETH_P_IP, ["10.0.1.11"],
+     _frame(0x0800, _ipv4("10.0.0.2", proto=1)), False, False),
+    ("ICMP only: ARP refused", ETH_P_IP, [], _frame(0x0806, _arp(2)), False, True),
+    ("ICMP only: TCP refused", ETH_P_IP, [], _frame(0x0800, _ipv4("10.0.0.2")), False, True),
     ("IPv4 from a probed address", ETH_P_IP, ["10.0.1.11", "10.0.0.100"],
-     _frame(0x0800, _ipv4("10.0.0.100")), True),
+     _frame(0x0800, _ipv4("10.0.0.100")), True, False),
     ("IPv4 from another address", ETH_P_IP, ["10.0.1.11", "10.0.0.100"],
-     _frame(0x0800, _ipv4("10.0.1.12")), False),
-    ("ARP while waiting for IPv4", ETH_P_IP, ["10.0.1.11"], _frame(0x0806, _arp(2)), False),
+     _frame(0x0800, _ipv4("10.0.1.12")), False, False),
+    ("ARP while waiting for IPv4", ETH_P_IP, ["10.0.1.11"], _frame(0x0806, _arp(2)), False, False),
     ("any IPv4 when no source is named", ETH_P_IP, [],
-     _frame(0x0800, _ipv4("192.0.2.1")), True),
-    ("ARP reply", ETH_P_ARP, [], _frame(0x0806, _arp(2)), True),
-    ("ARP request (someone else asking)", ETH_P_ARP, [], _frame(0x0806, _arp(1)), False),
-    ("IPv4 while waiting for ARP", ETH_P_ARP, [], _frame(0x0800, _ipv4("10.0.1.11")), False),
+     _frame(0x0800, _ipv4("192.0.2.1")), True, False),
+    ("ARP reply", ETH_P_ARP, [], _frame(0x0806, _arp(2)), True, False),
+    ("ARP request (someone else asking)", ETH_P_ARP, [], _frame(0x0806, _arp(1)), False, False),
+    ("IPv4 while waiting for ARP", ETH_P_ARP, [], _frame(0x0800, _ipv4("10.0.1.11")), False, False),
 ])
-def test_answer_filter(desc, proto, sources, frame, accepted):
-    prog = answer_filter(proto, sources)
+def test_answer_filter(desc, proto, sources, frame, accepted, icmp):
+    prog = answer_filter(proto, sources, icmp)
     assert (bpf.run(prog, frame, protocol=int.from_bytes(frame[12:14], "big")) > 0) == accepted, desc
 
 

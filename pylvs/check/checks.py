@@ -98,6 +98,14 @@ from .probe import PACKET_HOST, Answer, Net, ephemeral_port
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 MIN_TUN_MTU = 576
+# Outer sizes a DF probe through the tunnel also tries when the full-sized
+# one is lost: common link MTUs (Ethernet, PPPoE, tunnels, IPv6's 1280) down
+# to RFC 791's 576, so the lost and the passed sizes bracket the real one.
+MTU_STEPS = (1500, 1492, 1480, 1476, 1460, 1450, 1400, 1380, 1280, 1200, 1100, 1000,
+             900, 800, 700, 576)
+DR_OFF_LINK_FIX = ("give the director an address on the real server's network (DR needs "
+                   "both on one segment), or add the dest with -i (Tun) or -m (NAT) instead "
+                   "of -g")
 SERVICE_KINDS = ("masq", "route", "tunnel")
 
 
@@ -181,14 +189,13 @@ def check_dr_connected(snap: dict, net: Net) -> list[Result]:
     for rip in sorted({d["daddr"] for _, d in dests_by_fwd(snap, "route")}):
         r = net.route(rip)
         if r is None:
-            out.append(Result("dr-connected", rip, FAIL, "no route to this DR real server",
-                              "put it on a network directly connected to the director"))
+            out.append(Result("dr-connected", rip, FAIL, "no route to this DR real server: "
+                              "the director drops its frames (drop_no_route)", DR_OFF_LINK_FIX))
         elif r.gateway:
             out.append(Result("dr-connected", rip, FAIL,
                               f"reached via gateway {r.gateway} on {r.ifname}: a DR frame "
-                              "only changes MACs, it cannot cross a router",
-                              f"put {rip} on a network directly connected to the director, "
-                              "or use -i (Tun) for it"))
+                              "only changes MACs, it cannot cross a router, so the director "
+                              "drops its frames (drop_no_route)", DR_OFF_LINK_FIX))
         else:
             out.append(Result("dr-connected", rip, OK, f"directly connected on {r.ifname}"))
     return out
@@ -233,6 +240,8 @@ def check_arp_problem(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
     # segment (interface) -> {vip: fwd key}, and the RIPs on it
     segments: dict[str, dict[str, str]] = {}
     rips: dict[str, set[str]] = {}
+    # (RIP, VIP) -> that real server's methods for the VIP: the fix names its own.
+    methods: dict[tuple[str, str], set[str]] = {}
     out = []
     for s, d in dests_by_fwd(snap, "route") + dests_by_fwd(snap, "tunnel"):
         r = net.route(d["daddr"])
@@ -245,13 +254,14 @@ def check_arp_problem(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
             continue   # a DR dest off-link: dr-connected reports it
         segments.setdefault(r.ifname, {}).setdefault(s["vaddr"], d["fwd"])
         rips.setdefault(r.ifname, set()).add(d["daddr"])
+        methods.setdefault((d["daddr"], s["vaddr"]), set()).add(d["fwd"])
     mine = net.macs()
     for ifname in sorted(segments):
         vips = segments[ifname]
         answers = net.arp(ifname, [*vips, *sorted(rips[ifname])], wait)
         rip_of = net.neighbour_macs()
         rip_of.update({mac: ip for ip, mac in answers if ip in rips[ifname]})
-        for vip, fwd in vips.items():
+        for vip in vips:
             thieves = sorted({mac for ip, mac in answers if ip == vip and mac not in mine})
             if not thieves:
                 out.append(Result("arp-problem", f"{vip} on {ifname}", OK,
@@ -261,11 +271,17 @@ def check_arp_problem(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
                 if rip is None:
                     out.append(Result("arp-problem", f"{vip} on {ifname}", FAIL,
                                       f"{mac}, not a real server of this director, answers "
-                                      "ARP for the VIP", "find the host with that MAC and "
-                                      "remove the VIP from it (or keep it quiet with "
-                                      "arp_ignore=1, arp_announce=2)"))
+                                      "ARP for the VIP: that host has the VIP as an address "
+                                      "of its own, so routers may send clients to it",
+                                      "find the host with that MAC and remove the VIP from "
+                                      "it (ip addr del VIP/PREFIX dev IF there); if it is a "
+                                      "real server with another address, give that one with "
+                                      "-r and let `pylvs realserver setup` put the VIP on its "
+                                      "lo"))
                     continue
-                kind = "dr" if fwd == "route" else "tun"
+                # A real server that is a DR dest (for this VIP) is told DR's
+                # set-up: tun's would only add a decapsulator it does not use.
+                kind = "dr" if "route" in methods.get((rip, vip), {"route"}) else "tun"
                 out.append(Result("arp-problem", f"{vip} on {ifname}", FAIL,
                                   f"real server {rip} ({mac}) answers ARP for the VIP: "
                                   "clients can reach it directly, past the director",
@@ -296,6 +312,18 @@ def _tcp_reply(src: str, sport: int, dst: str, dport: int):
             return a
         return None
     return match
+
+
+def _nat_route_fix(rip: str, r, own: str) -> str:
+    """How a NAT real server's replies are routed back through the director."""
+    if not r.gateway:
+        return (f"on {rip} run `pylvs realserver setup --fwd nat --dip {own}` (its default "
+                f"route, or with --clients PREFIX its route to the clients, via the director)")
+    return (f"{rip} is behind the router {r.gateway}, so its replies reach the director only "
+            f"if every hop routes the clients via it: on {rip}, the default route (or a route "
+            f"to the clients) via its router toward the director (`pylvs realserver setup "
+            f"--fwd nat --dip ROUTER`), and on each router between, the route to the clients "
+            f"via the director ({own} on {r.ifname}, next to {r.gateway})")
 
 
 def check_nat_route(snap: dict, net: Net, clients: Iterable[str] = (),
@@ -343,19 +371,18 @@ def check_nat_route(snap: dict, net: Net, clients: Iterable[str] = (),
             client = [a for tag, a in got if tag == "client"]
             control = [a for tag, a in got if tag == "control"]
             via = f"replies to {src}"
+            fix = _nat_route_fix(rip, r, own)
             if any(a.pkttype == PACKET_HOST or a.pkt.dst.lower() in mine for a in client):
                 out.append(Result("nat-route", subject, OK, f"{via} come back through the director"))
             elif client:
                 out.append(Result("nat-route", subject, FAIL,
                                   f"{via} go to {client[0].pkt.dst}, not to the director",
-                                  f"on {rip}: pylvs realserver setup --fwd nat --dip {own} "
-                                  "(route to the clients via the director)"))
+                                  fix))
             elif control:
                 out.append(Result("nat-route", subject, FAIL,
                                   f"answers the director's own address but {via} never "
                                   "reach the director: its route to the clients bypasses it",
-                                  f"on {rip}: pylvs realserver setup --fwd nat --dip {own} "
-                                  "(route to the clients via the director)"))
+                                  fix))
             else:
                 out.append(Result("nat-route", subject, WARN,
                                   f"no answer to a SYN from the director's {own} either "
@@ -364,23 +391,115 @@ def check_nat_route(snap: dict, net: Net, clients: Iterable[str] = (),
     return out
 
 
-def _tunnel_frame(net: Net, r, mac: str, d: dict, inner: bytes):
+def _tunnel_frame(net: Net, r, mac: str, d: dict, inner: bytes, df: bool = False) -> bytes:
+    """INNER inside IPIP (or UDP + GUE as the dest is configured) from the
+    route's source to the RIP, in a frame to MAC; ``df``: outer DF set."""
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
     from scapy.packet import Raw
     eth = Ether(dst=mac, src=net.mac(r.ifname))
-    own = r.prefsrc
+    outer = IP(src=r.prefsrc, dst=r.dst, ttl=64, flags="DF" if df else 0)
     if d.get("tun_type") == "gue":
         # GUE version 0, no extension, proto 4 (IPv4) in the ctype/proto byte.
         udp = UDP(sport=ephemeral_port(), dport=d["tun_port"])
         if d.get("tun_flags", 0) == 0:
             udp.chksum = 0
-        return bytes(eth / IP(src=own, dst=r.dst, ttl=64) / udp / Raw(b"\x00\x04\x00\x00" + inner))
-    return bytes(eth / IP(src=own, dst=r.dst, ttl=64, proto=4) / Raw(inner))
+        return bytes(eth / outer / udp / Raw(b"\x00\x04\x00\x00" + inner))
+    outer.proto = 4
+    return bytes(eth / outer / Raw(inner))
+
+
+def _syn(src: str, vip: str, port: int, sport: int, size: int = 0) -> bytes:
+    """A TCP SYN to VIP:port, padded with payload to SIZE bytes (DF set then):
+    a SYN carrying data is answered (SYN-ACK or RST) as a bare one is."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.packet import Raw
+    pkt = IP(src=src, dst=vip, ttl=64, flags="DF" if size else 0) / TCP(
+        sport=sport, dport=port, flags="S", seq=ephemeral_port() << 12)
+    return bytes(pkt / Raw(bytes(max(0, size - len(pkt))))) if size else bytes(pkt)
+
+
+def _probe_tun_mtu(net: Net, r, mac: str, d: dict, vip: str, port: int, over: int,
+                   wait: float) -> tuple[int | None, dict[int, bool], tuple | None]:
+    """DF probes through the tunnel, outer sizes r.mtu and the MTU_STEPS
+    below it, sent at once and collected for WAIT seconds.
+
+    Returns (the largest size answered or None, {size: answered}, the first
+    frag-needed as (router, its next-hop MTU, the probe size it quotes) or None).
+    """
+    from scapy.layers.inet import ICMP, IP, TCP, IPerror
+    sizes = [r.mtu, *(m for m in MTU_STEPS if m < r.mtu)]
+    by_sport = {}
+    frames = []
+    for size in sizes:
+        sport = ephemeral_port()
+        while sport in by_sport:
+            sport = ephemeral_port()
+        by_sport[sport] = size
+        frames.append(_tunnel_frame(net, r, mac, d, _syn(r.prefsrc, vip, port, sport,
+                                                         size - over), df=True))
+
+    def match(a: Answer):
+        p = a.pkt
+        if IP not in p:
+            return None
+        if ICMP in p:
+            q = p[ICMP]
+            if q.type == 3 and q.code == 4 and IPerror in p and p[IPerror].src == r.prefsrc \
+                    and p[IPerror].dst == r.dst:
+                return ("frag", p[IP].src, q.nexthopmtu, p[IPerror].len)
+            return None
+        if TCP in p and p[IP].src == vip and p[IP].dst == r.prefsrc and p[TCP].sport == port \
+                and p[TCP].dport in by_sport:
+            return ("answered", by_sport[p[TCP].dport])
+        return None
+    got = net.exchange(r.ifname, frames, match, wait=wait, sources=[vip], icmp=True)
+    answered = {size: False for size in sizes}
+    frag = None
+    for g in got:
+        if g[0] == "answered":
+            answered[g[1]] = True
+        elif frag is None:
+            frag = g[1:]
+    passed = [size for size, ok in answered.items() if ok]
+    return (max(passed) if passed else None), answered, frag
+
+
+def _tun_mtu_result(subject: str, rip: str, r, over: int, probe) -> Result:
+    """The tun-mtu line from a DF probe's outcome (see _probe_tun_mtu)."""
+    largest, answered, frag = probe
+    computed = f"MTU {r.mtu} on {r.ifname}"
+    if answered.get(r.mtu):
+        return Result("tun-mtu", subject, OK,
+                      f"{r.mtu - over} bytes inside the tunnel ({computed} - {over}); a DF "
+                      f"probe of {r.mtu} bytes through the tunnel was answered")
+    raise_fix = (f"raise the MTU of the smaller link toward {rip} to at least {r.mtu} (the "
+                 f"director sends up to {computed})")
+    if frag is not None:
+        router, mtu, size = frag
+        return Result("tun-mtu", subject, FAIL,
+                      f"the path MTU toward {rip} is {mtu}, not the {computed}: router "
+                      f"{router} answered a DF probe of {size} bytes with frag-needed (MTU "
+                      f"{mtu}), leaving {mtu - over} bytes inside the tunnel; each client's "
+                      f"larger packets are refused until path-MTU discovery lowers its size",
+                      raise_fix)
+    lost = min(size for size, ok in answered.items() if not ok and (largest is None
+                                                                    or size > largest))
+    if largest is None:
+        found = (f"no DF probe from {lost} bytes down to {min(answered)} was answered while a "
+                 f"small one was")
+    else:
+        found = (f"a DF probe of {largest} bytes was answered, one of {lost} was not: the path "
+                 f"MTU is {largest} to {lost - 1}")
+    return Result("tun-mtu", subject, FAIL,
+                  f"{found}, and no router reported frag-needed (a path-MTU black hole): "
+                  f"clients' full-sized packets through the tunnel are lost",
+                  f"{raise_fix}, or make the router before the smaller link send ICMP "
+                  f"frag-needed (it must not filter ICMP)")
 
 
 def check_tun(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
-    from scapy.layers.inet import ICMP, IP, TCP
+    from scapy.layers.inet import ICMP, IP
     from ..forward import tunnel
     out = []
     cache: dict = {}
@@ -400,23 +519,20 @@ def check_tun(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
             continue
         over = tunnel.DESCRIPTOR.header_overhead(tunnel.TUN_TYPES.get(ttype, 0))
         room = r.mtu - over
+        mtu_line = None
         if room < MIN_TUN_MTU:
-            out.append(Result("tun-mtu", subject, FAIL,
+            mtu_line = Result("tun-mtu", subject, FAIL,
                               f"path MTU {r.mtu} on {r.ifname} leaves {room} bytes inside the "
                               f"tunnel, below {MIN_TUN_MTU}",
-                              f"raise the MTU toward {rip} to at least {MIN_TUN_MTU + over}"))
-        else:
-            out.append(Result("tun-mtu", subject, OK,
-                              f"{room} bytes inside the tunnel (MTU {r.mtu} on {r.ifname} - {over})"))
+                              f"raise the MTU toward {rip} to at least {MIN_TUN_MTU + over}")
         mac = _next_hop_mac(net, r, cache)
         if mac is None or not r.prefsrc:
             out.append(Result("tun", subject, WARN, "no ARP answer from the next hop: not probed",
                               f"check that {r.gateway or rip} is up"))
+            out.append(mtu_line or _tun_mtu_computed(subject, r, over, "no next hop"))
             continue
         sport = ephemeral_port()
-        inner = bytes(IP(src=r.prefsrc, dst=vip, ttl=64)
-                      / TCP(sport=sport, dport=port, flags="S", seq=ephemeral_port() << 12))
-        frame = _tunnel_frame(net, r, mac, d, inner)
+        frame = _tunnel_frame(net, r, mac, d, _syn(r.prefsrc, vip, port, sport))
         answered = _tcp_reply(vip, port, r.prefsrc, sport)
 
         def match(a: Answer, answered=answered):
@@ -428,23 +544,33 @@ def check_tun(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
                 return "unreachable"
             return None
         got = net.exchange(r.ifname, [frame], match, wait=wait, first=True, sources=[vip, rip])
-        kind = "tun"
-        setup = f"on {rip}: pylvs realserver setup --fwd {kind} --vip {vip}"
+        setup = f"on {rip} run `pylvs realserver setup --fwd tun --vip {vip}`"
         if got and got[0] == "answered":
             out.append(Result("tun", subject, OK, f"answers from {vip}:{port} through the tunnel"))
+            if mtu_line is None:
+                mtu_line = _tun_mtu_result(subject, rip, r, over, _probe_tun_mtu(
+                    net, r, mac, d, vip, port, over, wait))
         elif got:
+            gue = f" --gue-port {d['tun_port']}" if ttype == "gue" else ""
             out.append(Result("tun", subject, FAIL,
                               f"{rip} answered ICMP {'protocol' if ttype == 'ipip' else 'port'} "
                               f"unreachable: nothing decapsulates {ttype.upper()} there",
-                              f"{setup}, then (no ipip module) `pylvs realserver run --vip {vip}`"
-                              + (f" --gue-port {d['tun_port']}" if ttype == "gue" else "")))
+                              f"{setup}, then, if it has no ipip module, `pylvs realserver run "
+                              f"--vip {vip}{gue}` there"))
         else:
             out.append(Result("tun", subject, FAIL,
                               f"no answer from {vip}:{port} to a probe through the tunnel: "
                               "the real server does not decapsulate it, does not hold the VIP, "
                               "or drops it (rp_filter)",
                               f"{setup}; check `pylvs realserver status` there"))
+        out.append(mtu_line or _tun_mtu_computed(subject, r, over, "the tunnel fails"))
     return out
+
+
+def _tun_mtu_computed(subject: str, r, over: int, why: str) -> Result:
+    return Result("tun-mtu", subject, OK,
+                  f"{r.mtu - over} bytes inside the tunnel (MTU {r.mtu} on {r.ifname} - {over}); "
+                  f"no DF probe: {why}")
 
 
 # --- settings ------------------------------------------------------------------

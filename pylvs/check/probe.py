@@ -183,12 +183,13 @@ class Net:
 
     def exchange(self, ifname: str, frames: list[bytes], match: Callable[[Answer], object],
                  proto: int = ETH_P_IP, wait: float = 1.0, first: bool = False,
-                 sources: Iterable[str] = ()) -> list:
+                 sources: Iterable[str] = (), icmp: bool = False) -> list:
         """Send FRAMES on IF, then for ``wait`` seconds collect ``match(answer)``
         for every frame of ethertype PROTO (untagged) arriving on any interface
         (None results are dropped). ``first``: return at the first match.
         ``sources``: for IPv4, only packets from these addresses are read
-        (a socket filter keeps a busy director's traffic out of Python)."""
+        (a socket filter keeps a busy director's traffic out of Python);
+        ``icmp``: ICMP from any address is read too."""
         from scapy.layers.l2 import Ether
         # ETH_P_ALL: a tap (ptype_all) runs before the ingress hook, where
         # `pylvs run`'s nftables rules drop replies of real servers that are
@@ -196,7 +197,7 @@ class Net:
         # after that hook and miss them.
         rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         want = proto.to_bytes(2, "big")
-        attach_filter(rx, answer_filter(proto, sources))
+        attach_filter(rx, answer_filter(proto, sources, icmp))
         tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
             rx.setblocking(False)
@@ -226,25 +227,27 @@ class Net:
             tx.close()
 
 
-def answer_filter(proto: int, sources: Iterable[str] = ()) -> list[bpf.Insn]:
+def answer_filter(proto: int, sources: Iterable[str] = (), icmp: bool = False) -> list[bpf.Insn]:
     """A classic BPF program (offsets from the Ethernet header) that accepts
     untagged frames of ethertype PROTO: for ARP only replies (op 2), for
-    IPv4 only packets whose source is one of SOURCES (all when empty)."""
+    IPv4 only packets whose source is one of SOURCES (all when empty and
+    not ``icmp``) and, with ``icmp``, every ICMP packet (a router's error
+    about a probe comes from an address nobody can name in advance)."""
     ok = (bpf.RET | bpf.K, 0, 0, bpf.ACCEPT_LEN)
     drop = (bpf.RET | bpf.K, 0, 0, 0)
-    prog = [(bpf.LD | bpf.H | bpf.ABS, 0, 0, 12)]
     if proto == ETH_P_ARP:
-        tests = [(bpf.LD | bpf.H | bpf.ABS, 0, 0, 20)], [2]   # ARP operation
+        tests = [((bpf.LD | bpf.H | bpf.ABS, 0, 0, 20), 2)]   # ARP operation: reply
     else:
-        tests = [(bpf.LD | bpf.W | bpf.ABS, 0, 0, 26)], [bpf.ip(a) for a in sources]  # IPv4 saddr
-    load, values = tests
-    if not values:
+        tests = [((bpf.LD | bpf.B | bpf.ABS, 0, 0, 23), 1)] if icmp else []  # IPv4 protocol
+        tests += [((bpf.LD | bpf.W | bpf.ABS, 0, 0, 26), bpf.ip(a)) for a in sources]
+    prog = [(bpf.LD | bpf.H | bpf.ABS, 0, 0, 12)]
+    if not tests:
         return [*prog, (bpf.JMP | bpf.JEQ | bpf.K, 0, 1, proto), ok, drop]
-    n = len(values)
-    prog += [(bpf.JMP | bpf.JEQ | bpf.K, 0, n + 1, proto), *load]
-    for i, v in enumerate(values):
-        # jump to ok (after the remaining tests and the drop) or fall through
-        prog.append((bpf.JMP | bpf.JEQ | bpf.K, n - i, 0, v))
+    k = len(tests)
+    # Each test is a load and a compare that jumps to ok; the last falls to drop.
+    prog.append((bpf.JMP | bpf.JEQ | bpf.K, 0, 2 * k, proto))
+    for i, (load, value) in enumerate(tests):
+        prog += [load, (bpf.JMP | bpf.JEQ | bpf.K, 2 * (k - i) - 1, 0, value)]
     return [*prog, drop, ok]
 
 
