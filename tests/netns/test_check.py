@@ -24,7 +24,7 @@ def check(lab, *args: str) -> tuple[int, list[dict], str]:
     """`pylvs check --json ARGS` in the director: (exit status, results, stderr)."""
     p = lab.run(lab.director, lab.pylvs_argv("check", "--json", "--wait", "0.6", *args),
                 check=False, timeout=60)
-    assert p.returncode in (0, 1), (p.returncode, p.stdout, p.stderr)
+    assert p.returncode in (0, 1) and p.stdout, (p.returncode, p.stdout, p.stderr)
     doc = json.loads(p.stdout)
     assert doc["ok"] == (p.returncode == 0)
     return p.returncode, doc["checks"], p.stderr
@@ -214,3 +214,56 @@ def _until_ok(lab, tries: int = 5):
             break
     return rc, checks, err
 
+
+
+def test_tun_mtu_df_probe_through_a_router(director_lab):
+    """A Tun real server behind a router whose link toward it is smaller than
+    the director's: the route MTU says 1500, a DF probe through the tunnel
+    finds the real path MTU (the router's frag-needed), or brackets it when
+    the smaller link drops silently (a black hole)."""
+    from pylvs.lab.topology import GUE_PORT, HTTP_PORT
+    lab = director_lab(fwd="tun", servers=2)
+    vip = lab.vip
+    # rs1 by IPIP, rs2 by GUE: the probe's outer header differs.
+    lab.adm("-A", "-t", f"{vip}:{HTTP_PORT}", "-s", "rr")
+    lab.adm("-a", "-t", f"{vip}:{HTTP_PORT}", "-r", lab.rips[0], "-i")
+    lab.adm("-a", "-t", f"{vip}:{HTTP_PORT}", "-r", lab.rips[1], "-i", "--tun-type", "gue",
+            "--tun-port", str(GUE_PORT))
+    rc, checks, _ = _until_ok(lab)
+    assert rc == 0, [c for c in checks if c["verdict"] != "ok"]
+    assert verdicts(checks, "tun") == {"ok"}
+    for c in results(checks, "tun-mtu"):
+        assert "a DF probe of 1500 bytes through the tunnel was answered" in c["message"], c
+
+    # The router's link to the Tun real servers' network shrinks to 1300:
+    # it answers a DF packet that does not fit with frag-needed.
+    rs_cmd(lab, lab.router_ns, "ip", "link", "set", "eth2", "mtu", "1300")
+    rc, checks, _ = check(lab)
+    assert rc == 1
+    assert verdicts(checks, "tun") == {"ok"}    # small packets still pass
+    for rip, over in ((lab.rips[0], 20), (lab.rips[1], 32)):
+        [mtu] = results(checks, "tun-mtu", rip)
+        assert mtu["verdict"] == "FAIL", mtu
+        assert mtu["message"].startswith(
+            f"the path MTU toward {rip} is 1300, not the MTU 1500 on eth0: router 10.0.0.2 "
+            f"answered a DF probe of 1500 bytes with frag-needed (MTU 1300), leaving "
+            f"{1300 - over} bytes inside the tunnel"), mtu
+        assert mtu["fix"].startswith(f"raise the MTU of the smaller link toward {rip} to at "
+                                     "least 1500")
+
+    # The fix, applied: the check passes again.
+    rs_cmd(lab, lab.router_ns, "ip", "link", "set", "eth2", "mtu", "1500")
+    rc, checks, _ = check(lab)
+    assert rc == 0, [c for c in checks if c["verdict"] != "ok"]
+
+    # A black hole: the bridge port behind the router takes only 1300-byte
+    # frames and drops larger ones silently (a veth drops what exceeds its
+    # peer's MTU); the router, whose own link is 1500, reports nothing.
+    rs_cmd(lab, lab.far, "ip", "link", "set", "router", "mtu", "1300")
+    rc, checks, _ = check(lab)
+    assert rc == 1
+    for rip in lab.rips:
+        [mtu] = results(checks, "tun-mtu", rip)
+        assert mtu["verdict"] == "FAIL", mtu
+        assert ("a DF probe of 1280 bytes was answered, one of 1380 was not: the path MTU is "
+                "1280 to 1379, and no router reported frag-needed") in mtu["message"], mtu
