@@ -72,7 +72,10 @@ for):
     packets, a decapsulator not running). And the tunnel MTU: the route's
     MTU toward the RIP less the overhead (20 IPIP, 32 GUE) must be at least
     576 (RFC 791's minimum datagram every host must accept), else clients'
-    full-sized packets cannot pass.
+    full-sized packets cannot pass. Once the tunnel answers, DF probes of
+    that outer size and of smaller common link MTUs (MTU_STEPS) go through
+    it at once: the full-sized one must be answered; a router's frag-needed
+    (RFC 1191) gives the real path MTU, silence brackets it (a black hole).
 ``settings``
     ``ip_forward``: informational; pylvs forwards in user space, so the
     kernel's value changes nothing for virtual services (1 lets the kernel
