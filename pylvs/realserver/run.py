@@ -24,7 +24,8 @@ same nft table and remove it when it exits, under the first. Each run holds
 an flock on ``/run/pylvs/realserver-<netns inode>-decap.lock`` for its life
 and refuses to start while another holds it. The kernel drops an flock when
 its holder dies, however it dies, so a file left by a killed run (or by a
-deleted namespace whose inode this one reuses) blocks nothing. A run killed
+deleted namespace whose inode this one reuses) blocks nothing; teardown
+removes the file. A run killed
 with SIGKILL leaves its nft table behind (it keeps IPIP/GUE from the stack);
 the next run replaces it, and ``pylvs realserver teardown`` removes it
 (:func:`stop_running`, which also stops a running decapsulator).
@@ -170,19 +171,29 @@ def take_lock() -> int:
     """Take this namespace's decapsulator lock for the life of the process; its fd.
 
     Raises RealServerError naming the running decapsulator when another
-    holds it. The file is never removed: removing it while another process
-    has it open would let two runs each lock a different file.
+    holds it. Teardown removes the file while holding the lock, so a lock
+    taken on a file no longer at PATH is let go and taken again (else two
+    runs could each hold a lock on a different file).
     """
     config.STATE_DIR.mkdir(parents=True, exist_ok=True)
     path = config.decap_lock_path()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    if not _try_lock(fd):
+    for _ in range(5):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            pid = lock_holder(path)
+            raise config.RealServerError(
+                f"another 'pylvs realserver run'{f' (pid {pid})' if pid else ''} is running in "
+                f"this network namespace; one decapsulator per namespace: stop it first "
+                f"('pylvs realserver teardown' stops it)")
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        pid = lock_holder(path)
-        raise config.RealServerError(
-            f"another 'pylvs realserver run'{f' (pid {pid})' if pid else ''} is running in "
-            f"this network namespace; one decapsulator per namespace: stop it first "
-            f"('pylvs realserver teardown' stops it)")
+    else:
+        raise config.RealServerError(f"cannot take the lock {path}: it keeps being removed")
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
@@ -217,6 +228,9 @@ def stop_running(wait: float = 10.0) -> list[str]:
                     time.sleep(0.05)
                 done.append(f"decapsulator pid {pid} stopped (SIGTERM); it removed its nft "
                             f"table and TUN device")
+            # Ours now: nothing is left to lock, so the file goes (take_lock
+            # copes with a file removed under it).
+            path.unlink(missing_ok=True)
         finally:
             os.close(fd)
     if table_installed():

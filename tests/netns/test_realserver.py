@@ -510,6 +510,7 @@ def test_killed_decapsulator_is_recovered_and_teardown_stops_a_running_one(r):
         assert second.returncode == 0
         assert not _has_table(r) and not _link_exists(r, "plvsdec0")
         assert not os.path.exists(state_file(r))
+        assert not os.path.exists(state_file(r).replace(".json", "-decap.lock"))
 
         # Killed again, with nothing set up: teardown removes the table it left.
         sh("ip", "-n", r, "addr", "add", f"{VIP}/32", "dev", "lo")
