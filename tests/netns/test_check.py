@@ -267,3 +267,50 @@ def test_tun_mtu_df_probe_through_a_router(director_lab):
         assert mtu["verdict"] == "FAIL", mtu
         assert ("a DF probe of 1280 bytes was answered, one of 1380 was not: the path MTU is "
                 "1280 to 1379, and no router reported frag-needed") in mtu["message"], mtu
+
+
+def test_nat_real_server_behind_a_router(director_lab, uid):
+    """A NAT real server one router away (rs2 routes for it): the fix must
+    not tell it to use the director as its gateway (setup would refuse a
+    DIP off its network); the fix as written, applied, makes check pass."""
+    from pylvs.lab.topology import remove_netns
+    lab = director_lab(servers=2)
+    far = f"pl{uid}far"
+    rip = "10.0.5.11"
+    subprocess.run(["ip", "netns", "add", far], check=True, timeout=15)
+    try:
+        rs_cmd(lab, lab.rs[1], "ip", "link", "add", "eth5", "type", "veth", "peer", "name",
+               "eth0", "netns", far)
+        rs_cmd(lab, lab.rs[1], "ip", "addr", "add", "10.0.5.1/24", "dev", "eth5")
+        rs_cmd(lab, lab.rs[1], "ip", "link", "set", "eth5", "up")
+        lab.sysctl(lab.rs[1], "net.ipv4.ip_forward=1")
+        for argv in (["ip", "addr", "add", f"{rip}/24", "dev", "eth0"],
+                     ["ip", "link", "set", "eth0", "up"], ["ip", "link", "set", "lo", "up"],
+                     ["ip", "route", "add", "default", "via", "10.0.5.1"]):
+            rs_cmd(lab, far, *argv)
+        rs_cmd(lab, lab.director, "ip", "route", "add", "10.0.5.0/24", "via", "10.0.1.12")
+        lab.adm("-A", "-t", f"{lab.vip}:80", "-s", "rr")
+        lab.adm("-a", "-t", f"{lab.vip}:80", "-r", f"{rip}:80", "-m")
+        rc, checks, _ = check(lab)
+        assert verdicts(checks, "nat-route", rip) == {"ok"}, checks   # rs2 routes via the DIP
+
+        # The router's route to the clients bypasses the director.
+        rs_cmd(lab, lab.rs[1], "ip", "route", "replace", "default", "via", "10.0.1.254")
+        rc, checks, _ = check(lab)
+        assert rc == 1
+        [bad] = results(checks, "nat-route", rip)
+        assert bad["verdict"] == "FAIL" and "bypasses" in bad["message"]
+        assert "--dip 10.0.1.1" not in bad["fix"]
+        assert bad["fix"].startswith(f"{rip} is behind the router 10.0.1.12")
+        assert "via the director (10.0.1.1 on eth1, next to 10.0.1.12)" in bad["fix"]
+
+        # The fix as it reads: the real server's default route via its router
+        # (setup --fwd nat --dip ROUTER), the router's route to the clients
+        # via the director.
+        realserver(lab, far, "setup", "--fwd", "nat", "--dip", "10.0.5.1")
+        rs_cmd(lab, lab.rs[1], "ip", "route", "replace", "default", "via", "10.0.1.1")
+        rc, checks, _ = check(lab)
+        assert verdicts(checks, "nat-route", rip) == {"ok"}, checks
+        realserver(lab, far, "teardown")
+    finally:
+        remove_netns(far)
