@@ -250,6 +250,10 @@ def test_control_option():
     (["-a", "-f", "5", "-r", "10.0.1.11"], 2,
      "firewall-mark services (-f) are not supported yet: use -t or -u with the virtual "
      "address:port"),
+    (["-a", "-t", "10.0.0.100:80", "-r", "10.0.0.100", "-g"], 255,
+     "real server 10.0.0.100 is the virtual address itself: a real server needs an address "
+     "of its own (its RIP) to be sent to; the director as its own real server (Local "
+     "forwarding) is not supported yet"),
     (["-A", "-f", "5", "-s", "rr"], 2,
      "firewall-mark services (-f) are not supported yet: use -t or -u with the virtual "
      "address:port"),

@@ -485,6 +485,14 @@ def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
         c.daddr, c.dport = parsed
         if c.dport is None:
             c.dport = c.vport
+        if c.daddr == c.vaddr:
+            # IPVS would deliver to the director itself (a local real
+            # server); the director refuses that, in words that do not say
+            # the usual cause: the VIP given where the RIP belongs.
+            raise AdmError(f"real server {c.daddr} is the virtual address itself: a real "
+                           f"server needs an address of its own (its RIP) to be sent to; "
+                           f"the director as its own real server (Local forwarding) is not "
+                           f"supported yet", EXIT_ERROR)
 
     if c.cmd in ("A", "E"):
         if not c.fwmark and not c.vport and not c.persistent:
