@@ -477,7 +477,7 @@ def _tun_mtu_result(subject: str, rip: str, r, over: int, probe) -> Result:
                       f"{r.mtu - over} bytes inside the tunnel ({computed} - {over}); a DF "
                       f"probe of {r.mtu} bytes through the tunnel was answered")
     raise_fix = (f"raise the MTU of the smaller link toward {rip} to at least {r.mtu} (the "
-                 f"director sends up to {computed})")
+                 f"director's own toward it: {computed})")
     if frag is not None:
         router, mtu, size = frag
         return Result("tun-mtu", subject, FAIL,
