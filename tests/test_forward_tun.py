@@ -282,13 +282,15 @@ def from_router(quoted: bytes, type_: int = 3, code: int = 4, mtu: int = 1400,
                         src_mac=ROUTER_MAC, dst_mac=SMAC))
 
 
-def to_client(mtu: int, ip_id: int, quoted: bytes) -> bytes:
-    """The frag-needed the client gets: from the VIP, out of the port its
-    conn came in on, to its MAC, quoting `quoted` (the inner packet's bytes)."""
+def to_client(mtu: int, ip_id: int, quoted: bytes, type_: int = 3, code: int = 4) -> bytes:
+    """The frag-needed (or relayed error) the client gets: from the VIP, out
+    of the port its conn came in on, to its MAC, quoting `quoted` (the inner
+    packet's bytes)."""
     inner = IP(quoted[:20])
+    icmp_ = ICMP(type=type_, code=code, nexthopmtu=mtu) if mtu else ICMP(type=type_, code=code)
     p = (Ether(src=LMAC, dst=CMAC)
          / IP(src=VIP, dst=CIP, id=ip_id, ttl=64, tos=(inner.tos & 0x1E) | 0xC0)
-         / ICMP(type=3, code=4, nexthopmtu=mtu) / Raw(quoted))
+         / icmp_ / Raw(quoted))
     return tables.with_vnet(raw(p))
 
 
@@ -384,11 +386,24 @@ PMTU_ROWS = [
     Row("tun pmtu: an inner packet without DF: learned, the client is not told",
         from_router(outer_sent(ip_flags=0)), RS_PORT, PASS, counts(*PMTU),
         before=[NET, SYN_DF]),
-    Row("tun pmtu: host unreachable about an outer packet is dropped, not passed to the client",
-        from_router(outer_sent(), code=1, mtu=0), RS_PORT, DROP, counts("drop_tun_icmp"),
+    Row("tun icmp: host unreachable about an outer packet is relayed to the client "
+        "(ip_vs_in_icmp), about the inner packet",
+        from_router(outer_sent(), code=1, mtu=0), RS_PORT, PASS,
+        counts("tun_icmp_relayed", "icmp_unreach_sent", "emit_frames"),
+        emitted=[(CLIENT_PORT, to_client(0, FIRST_ICMP_ID + 1, inner_quote(), code=1))],
         before=[NET, SYN_DF]),
-    Row("tun pmtu: time exceeded about an outer packet is dropped",
-        from_router(outer_sent(), type_=11, code=0, mtu=0), RS_PORT, DROP,
+    Row("tun icmp: time exceeded about an outer packet is relayed to the client",
+        from_router(outer_sent(), type_=11, code=0, mtu=0), RS_PORT, PASS,
+        counts("tun_icmp_relayed", "icmp_time_exceeded_sent", "emit_frames"),
+        emitted=[(CLIENT_PORT, to_client(0, FIRST_ICMP_ID + 1, inner_quote(), type_=11, code=0))],
+        before=[NET, SYN_DF]),
+    Row("tun icmp: a relayed error keeps the router's word after the code (a gateway, a pointer)",
+        from_router(outer_sent(), code=13, mtu=0x1234), RS_PORT, PASS,
+        counts("tun_icmp_relayed", "icmp_unreach_sent", "emit_frames"),
+        emitted=[(CLIENT_PORT, to_client(0x1234, FIRST_ICMP_ID + 1, inner_quote(), code=13))],
+        before=[NET, SYN_DF]),
+    Row("tun icmp: an error about a tunnel packet of no conn is dropped, not relayed",
+        from_router(outer_sent(sport=4444), code=1, mtu=0), RS_PORT, DROP,
         counts("drop_tun_icmp"), before=[NET, SYN_DF]),
     Row("tun pmtu: a quote of no conn is dropped",
         from_router(outer_sent(sport=4444)), RS_PORT, DROP, counts("drop_tun_icmp"),
@@ -521,4 +536,5 @@ def test_mangled_router_errors_agree_on_both_engines(gue_):
     # The mutations reach every outcome: learned, refused as tunnel errors,
     # and left to the ordinary path.
     assert final["tun_pmtu_learned"] and final["drop_tun_icmp"] and final["pass_not_ours"], final
+    assert final["tun_icmp_relayed"], final
 

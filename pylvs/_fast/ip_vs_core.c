@@ -743,8 +743,9 @@ static int tun_icmp_quote(const PylvsEngine *e, const uint8_t *ip, uint32_t ihl,
  * VIP quoting the inner packet as far as the router quoted it (the
  * packet as the director forwarded it: one hop older); V_PASS,
  * tun_pmtu_learned, for the director's kernel updates its own route from
- * its copy. Other errors, malformed quotes, and quotes of no Tun conn to
- * that RIP: V_DROP, drop_tun_icmp (the kernel's copy still stands: the
+ * its copy. Other errors (type 3, 4, 11) are relayed to the client as they
+ * came, about the inner packet: V_PASS, tun_icmp_relayed. Malformed quotes
+ * and quotes of no Tun conn to that RIP: V_DROP, drop_tun_icmp (the kernel's copy still stands: the
  * steering table never drops ICMP to the director's own addresses). */
 static __attribute__((noinline)) int
 tun_icmp(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
@@ -783,17 +784,22 @@ tun_icmp(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_
         c->daddr != pylvs_rd32(oh + 16) || dest->tun_type != q->type ||
         (q->type == PYLVS_TUN_GUE && pylvs_rd16(oh + q->outer_hl + 2) != dest->tun_port))
         return finish(e, ST_DROP_TUN_ICMP, PYLVS_V_DROP);
-    if (ip[ihl] != ICMP_DEST_UNREACH || ip[ihl + 1] != ICMP_FRAG_NEEDED)
-        return finish(e, ST_DROP_TUN_ICMP, PYLVS_V_DROP);
+    uint8_t eth_c[14]; /* as if the inner packet had come in from the client */
+    memcpy(eth_c, c->lmac, 6);
+    memcpy(eth_c + 6, c->cmac, 6);
+    eth_c[12] = 0x08;
+    eth_c[13] = 0x00;
+    if (ip[ihl] != ICMP_DEST_UNREACH || ip[ihl + 1] != ICMP_FRAG_NEEDED) {
+        /* ip_vs_in_icmp relays the other errors as they are (type, code
+         * and the word after them), about the inner packet. */
+        send_icmp(e, em, eth_c, in, avail, c->in_port, now, ip[ihl], ip[ihl + 1],
+                  pylvs_rd32(ip + ihl + 4), c->vaddr);
+        return finish(e, ST_TUN_ICMP_RELAYED, PYLVS_V_PASS);
+    }
     uint32_t mtu = pmtu_learn(e, c->daddr, dest->out_port, pylvs_rd16(ip + ihl + 6), now);
     if (pylvs_rd16(in + 6) & IP_DF) {
         /* ip_vs_in_icmp: the route's MTU less the tunnel's headers. */
         uint32_t ovh = pylvs_tun_overhead(q->type);
-        uint8_t eth_c[14]; /* as if the inner packet had come in from the client */
-        memcpy(eth_c, c->lmac, 6);
-        memcpy(eth_c + 6, c->cmac, 6);
-        eth_c[12] = 0x08;
-        eth_c[13] = 0x00;
         send_icmp(e, em, eth_c, in, avail, c->in_port, now, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED,
                   mtu > 68 + ovh ? mtu - ovh : mtu, c->vaddr);
     }

@@ -111,6 +111,7 @@ _ICMP_TIME_EXCEEDED_SENT = _ST["icmp_time_exceeded_sent"]
 _DROP_NO_ROUTE = _ST["drop_no_route"]
 _TUN_PMTU_LEARNED = _ST["tun_pmtu_learned"]
 _DROP_TUN_ICMP = _ST["drop_tun_icmp"]
+_TUN_ICMP_RELAYED = _ST["tun_icmp_relayed"]
 
 _NO_DEST = (0, 0, 0, 0, 0, 0, 0, bytes(6), bytes(6), 0, 0, 0)  # a dest row with flags 0
 _N_PEERS = 1024   # the per-destination ICMP limit's cache (C: ICMP_PEERS)
@@ -687,7 +688,9 @@ class Engine:
         frag-needed from the VIP with the path MTU less the tunnel's headers,
         quoting the inner packet as far as the router quoted it; V_PASS,
         tun_pmtu_learned (the director's kernel takes its copy too). Other
-        errors, malformed quotes, no such conn: V_DROP, drop_tun_icmp."""
+        errors (type 3, 4, 11) are relayed to the client as they came:
+        V_PASS, tun_icmp_relayed. Malformed quotes, no such conn: V_DROP,
+        drop_tun_icmp."""
         pend = self._pend
         refusal = self._refusal(f, ihl, in_port)
         if refusal is None:
@@ -718,15 +721,22 @@ class Engine:
         if (c is None or hit[1] != states.INPUT or c.xmit != XMIT_TUN or dest is None
                 or c.daddr != int.from_bytes(ip[o + 16:o + 20], "big") or dest[9] != kind
                 or (kind == tunnel.TUN_GUE
-                    and (ip[o + ohl + 2] << 8 | ip[o + ohl + 3]) != dest[11])
-                or ip[ihl] != _ICMP_DEST_UNREACH or ip[ihl + 1] != _ICMP_FRAG_NEEDED):
+                    and (ip[o + ohl + 2] << 8 | ip[o + ohl + 3]) != dest[11])):
             pend[_DROP_TUN_ICMP] += 1
             return V_DROP, 0
+        # As if the inner packet had come in from the client.
+        eth_c = c.lmac + c.cmac + b"\x08\x00"
+        if ip[ihl] != _ICMP_DEST_UNREACH or ip[ihl + 1] != _ICMP_FRAG_NEEDED:
+            # ip_vs_in_icmp relays the other errors as they are (type, code
+            # and the word after them), about the inner packet.
+            self._send_icmp_about(eth_c, ip[inner:inner + avail], avail, c.in_port, now,
+                                  ip[ihl], ip[ihl + 1],
+                                  int.from_bytes(ip[ihl + 4:ihl + 8], "big"), c.vaddr)
+            pend[_TUN_ICMP_RELAYED] += 1
+            return V_PASS, 0
         mtu = self._pmtu_learn(c.daddr, dest[6], ip[ihl + 6] << 8 | ip[ihl + 7], now)
         if (ip[inner + 6] << 8 | ip[inner + 7]) & _IP_DF:
             ovh = tunnel.tun_overhead(kind)
-            # As if the inner packet had come in from the client.
-            eth_c = c.lmac + c.cmac + b"\x08\x00"
             self._send_icmp_about(eth_c, ip[inner:inner + avail], avail, c.in_port, now,
                                   _ICMP_DEST_UNREACH, _ICMP_FRAG_NEEDED,
                                   mtu - ovh if mtu > 68 + ovh else mtu, c.vaddr)
