@@ -84,7 +84,7 @@ def plot(doc: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in doc["results"] if r.get("pps")]
-    fig, ax = plt.subplots(figsize=(max(7, 1.4 * len(rows)), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.9 * len(rows)), 4))
     labels = [f"{r['scenario']}\n{r['impl']}" for r in rows]
     med = [r["pps"] for r in rows]
     impls = list(dict.fromkeys(r["impl"] for r in rows))  # one colour per impl
@@ -98,7 +98,7 @@ def plot(doc: dict, png: Path) -> None:
     if any(r.get("offered_pps") for r in rows):
         ax.legend(loc="lower right")
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels)
+    ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("packets per second (median; dots: runs)")
     if rows and max(med) / max(min(med), 1) > 30:
         ax.set_yscale("log")
