@@ -88,3 +88,16 @@ def test_e2e_check_frame_garbage_is_a_problem_not_a_crash(frame):
 
     for fwd in ("nat", "dr", "tun"):
         assert check_frame(fwd, frame, mac=MAC, cip=CIP, vip=VIP, rip=RIP, outer_saddr=DIP0)
+
+
+@pytest.mark.parametrize("argv", [["--fwd", "tun", "--impl", "kernel-nft-fwd"],
+                                  ["--fwd", "dr", "--impl", "kernel-nft"],
+                                  ["--impl", "kernel-nft-fwd"]])
+def test_e2e_refuses_a_kernel_impl_of_another_method(argv, capsys):
+    from bench import e2e
+
+    # Refused while parsing the options: before any namespace is built.
+    with pytest.raises(SystemExit) as exc:
+        e2e.run(argv, runs=1, quick=True)
+    assert exc.value.code == 2
+    assert "is not a" in capsys.readouterr().err
