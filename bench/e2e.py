@@ -597,7 +597,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
         if "cfloor" in impls:
             try:
                 exe = build_cfloor(lab)
-            except LabError as e:
+            except (LabError, OSError) as e:  # OSError: no cc at all
                 errors["cfloor"] = str(e)
         n_conf = 0
         for mode in modes:
