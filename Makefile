@@ -26,6 +26,8 @@ test-fast: build
 bench: build
 	$(PY) -m bench engine --json bench/results/engine.json
 	$(PY) -m bench e2e --json bench/results/e2e.json
+	$(PY) -m bench e2e --fwd dr --json bench/results/e2e-dr.json
+	$(PY) -m bench e2e --fwd tun --json bench/results/e2e-tun.json
 
 deps: .stamp-apt
 

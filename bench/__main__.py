@@ -62,15 +62,17 @@ def _fmt_pps(v) -> str:
 def print_table(doc: dict) -> None:
     rows = doc["results"]
     print(f"\nbench {doc['bench']}")
-    print(f"{'scenario':<22} {'impl':<12} {'pps (median)':>14} {'ns/packet':>10} {'runs':>5}  notes")
+    print(f"{'scenario':<26} {'impl':<14} {'pps (median)':>14} {'ns/packet':>10} {'runs':>5}  notes")
     for r in rows:
         ns = r.get("ns_per_packet")
         notes = []
-        if "ratio" in r:
+        if "ratios" in r:
+            notes += [f"{k} = {v:.2f}" for k, v in r["ratios"].items()]
+        elif "ratio" in r:
             notes.append(f"ratio {r['ratio_of']} = {r['ratio']:.2f}")
         if "error" in r:
             notes.append(f"error: {r['error']}")
-        print(f"{r['scenario']:<22} {r['impl']:<12} {_fmt_pps(r.get('pps')):>14} "
+        print(f"{r['scenario']:<26} {r['impl']:<14} {_fmt_pps(r.get('pps')):>14} "
               f"{'-' if ns is None else f'{ns:.0f}':>10} {r.get('runs', '-'):>5}  {'; '.join(notes)}")
     for line in doc.get("summary", []):
         print(line)
@@ -82,10 +84,11 @@ def plot(doc: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in doc["results"] if r.get("pps")]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.9 * len(rows)), 4))
     labels = [f"{r['scenario']}\n{r['impl']}" for r in rows]
     med = [r["pps"] for r in rows]
-    ax.bar(range(len(rows)), med, color=["C0" if i % 2 == 0 else "C1" for i in range(len(rows))])
+    impls = list(dict.fromkeys(r["impl"] for r in rows))  # one colour per impl
+    ax.bar(range(len(rows)), med, color=[f"C{impls.index(r['impl']) % 10}" for r in rows])
     for i, r in enumerate(rows):
         samples = r.get("samples") or []
         ax.scatter([i] * len(samples), samples, color="k", s=8, zorder=3)
@@ -95,7 +98,7 @@ def plot(doc: dict, png: Path) -> None:
     if any(r.get("offered_pps") for r in rows):
         ax.legend(loc="lower right")
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels)
+    ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("packets per second (median; dots: runs)")
     if rows and max(med) / max(min(med), 1) > 30:
         ax.set_yscale("log")

@@ -270,3 +270,54 @@ def test_ten_thousand_services_fall_back_in_milliseconds():
     # The key lists the steering table is built from come from the same packing.
     assert len(bpf.keys_of(services, "svc")) == n
     assert bpf.dest_keys(services, dests)[-1] == (6, bpf.ip("172.20.78.31"), 8080)
+
+
+DIP = "192.168.1.1"  # the director's address toward the Tun real servers
+
+
+def _one_service_with(fwd: int):
+    services = tables.empty_services(1)
+    services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED)
+    dests = tables.empty_dests(1)
+    dests[0]["daddr"], dests[0]["dport"], dests[0]["svc"] = bpf.ip("192.168.2.3"), 80, 0
+    dests[0]["flags"], dests[0]["fwd"] = tables.DEST_F_USED, fwd
+    return services, dests
+
+
+def test_icmp_errors_to_the_directors_own_addresses_come_in_with_a_tun_dest():
+    """A router on a tunnel's path reports frag-needed about an outer packet
+    to the director's own address (the outer source): with a Tun dest the
+    filter lets ICMP errors to `own_addrs` in, and only errors."""
+    prog = bpf.for_tables(*_one_service_with(tables.FWD_TUNNEL), own_addrs=[bpf.ip(DIP)])
+    pkts = [frame("192.168.1.77", DIP, 1, 0, 0, icmp_type=3),
+            frame("192.168.1.77", DIP, 1, 0, 0, icmp_type=4),
+            frame("192.168.1.77", DIP, 1, 0, 0, icmp_type=11),
+            frame("192.168.1.77", DIP, 1, 0, 0, icmp_type=8),      # echo
+            frame("192.168.1.77", DIP, 6, 40000, 22),               # ssh
+            frame("192.168.1.77", "192.168.1.9", 1, 0, 0, icmp_type=3),  # another host
+            frame("1.2.3.4", VIP, 1, 0, 0, icmp_type=3)]            # to the VIP, as before
+    want = [True, True, True, False, False, False, True]
+    assert [bpf.run(prog, p) > 0 for p in pkts] == want
+    assert kernel_accepts(prog, pkts) == want
+
+
+@pytest.mark.parametrize("fwd", [tables.FWD_MASQ, tables.FWD_ROUTE])
+def test_no_tun_dest_no_icmp_to_the_director(fwd):
+    prog = bpf.for_tables(*_one_service_with(fwd), own_addrs=[bpf.ip(DIP)])
+    assert prog == bpf.for_tables(*_one_service_with(fwd))
+    assert bpf.run(prog, frame("192.168.1.77", DIP, 1, 0, 0, icmp_type=3)) == 0
+
+
+def test_a_deleted_tun_dest_takes_the_own_addresses_out():
+    services, dests = _one_service_with(tables.FWD_TUNNEL)
+    dests[0]["flags"] = 0
+    assert bpf.run(bpf.for_tables(services, dests, own_addrs=[bpf.ip(DIP)]),
+                   frame("192.168.1.77", DIP, 1, 0, 0, icmp_type=3)) == 0
+
+
+def test_length_with_own_addresses_is_known_before_building():
+    own = [bpf.ip(DIP), bpf.ip(VIP), bpf.ip("10.9.9.9")]  # the VIP is counted once
+    assert bpf.program_length(SVC, DST, own) == len(bpf.program(SVC, DST, own))
+    assert len(bpf.program(SVC, DST, own)) == len(bpf.program(SVC, DST)) + 4
+    with pytest.raises(ValueError, match="out of range"):
+        bpf.program(SVC, DST, [-1])

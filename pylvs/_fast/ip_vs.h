@@ -75,6 +75,8 @@
 #define ICMP_DEST_UNREACH 3
 #define ICMP_PORT_UNREACH 3
 #define ICMP_FRAG_NEEDED 4
+#define ICMP_SOURCE_QUENCH 4
+#define IP_OFFSET_MASK 0x1fff
 #define ICMP_TIME_EXCEEDED 11
 #define ICMP_EXC_TTL 0
 
@@ -190,6 +192,23 @@ struct icmp_peer {
     double tokens, last;
 };
 
+/* Path MTUs learned from routers on tunnel paths (docs/engine.md, "Tunnel
+ * path MTU"), one per real-server address as the kernel keeps one in the
+ * route to the RIP. A fixed open-addressed cache, slot
+ * (daddr * 0x9E3779B1 mod 2^32) >> 24, a newcomer replacing whoever holds
+ * its slot: entries are only made for RIPs with a live Tun conn, so the
+ * cache stays small, costs no allocation or probing on the data path, and
+ * forged errors cannot grow it; a RIP pushed out just falls back to the
+ * port MTU until its path's router says so again. */
+#define TUN_PMTU_SLOTS 256
+#define TUN_PMTU_EXPIRES 600.0 /* net.ipv4.route.mtu_expires, s */
+#define TUN_PMTU_MIN 552u      /* net.ipv4.route.min_pmtu */
+struct tun_pmtu {
+    uint32_t daddr;
+    uint32_t mtu; /* 0: empty */
+    double expires;
+};
+
 struct pylvs_engine {
     PyObject_HEAD
     uint32_t capacity; /* the limit */
@@ -234,6 +253,7 @@ struct pylvs_engine {
     struct pylvs_net net;          /* ports, routes, local addresses (copies) */
     struct rate_bucket icmp_rl, rst_rl;
     struct icmp_peer peers[ICMP_PEERS]; /* the per-destination ICMP limit */
+    struct tun_pmtu pmtu[TUN_PMTU_SLOTS]; /* learned tunnel path MTUs */
     uint16_t ip_id;                /* the next IP ID of a packet the engine makes */
     uint8_t *scratch;              /* SCRATCH_BYTES, made on first use */
 };

@@ -484,12 +484,51 @@ refuse_frame(PylvsEngine *e, int stat, uint8_t proto, uint32_t saddr, uint16_t s
 /* The MTU a packet may have to leave on `egress` once `overhead` bytes of
  * tunnel headers are added (0: the port has no MTU, no check); never below
  * RFC 791's 68. */
-static inline uint32_t egress_mtu(const PylvsEngine *e, uint16_t egress, uint32_t overhead)
+static inline uint32_t egress_mtu(const PylvsEngine *e, uint16_t egress, uint32_t overhead,
+                                  uint32_t learned)
 {
     const port_row *p = pylvs_port(&e->net, egress);
-    if (p == NULL || p->mtu == 0)
+    uint32_t mtu = p != NULL ? p->mtu : 0;
+    if (learned != 0 && (mtu == 0 || learned < mtu))
+        mtu = learned;
+    if (mtu == 0)
         return 0;
-    return p->mtu > overhead + 68 ? p->mtu - overhead : 68;
+    return mtu > overhead + 68 ? mtu - overhead : 68;
+}
+
+/* --- the tunnel path MTU (docs/engine.md, "Tunnel path MTU") ------------ */
+
+static inline struct tun_pmtu *pmtu_slot(PylvsEngine *e, uint32_t daddr)
+{
+    return &e->pmtu[(uint32_t)(daddr * 0x9E3779B1u) >> 24];
+}
+
+/* The path MTU learned towards daddr and not yet expired, or 0. */
+HOT uint32_t pmtu_get(PylvsEngine *e, uint32_t daddr, double now)
+{
+    const struct tun_pmtu *p = pmtu_slot(e, daddr);
+    return p->mtu != 0 && p->daddr == daddr && p->expires > now ? p->mtu : 0;
+}
+
+/* A router reported `reported` as the next-hop MTU for the outer packets
+ * to daddr, which leave on `egress`: the kernel's __ip_rt_update_pmtu. A
+ * value above the path's current MTU is no news; one below min_pmtu is
+ * taken as min_pmtu (never above the current one); either way the entry
+ * lives mtu_expires seconds from now. Returns the path MTU now in force. */
+static uint32_t pmtu_learn(PylvsEngine *e, uint32_t daddr, uint16_t egress, uint32_t reported,
+                           double now)
+{
+    uint32_t cur = egress_mtu(e, egress, 0, pmtu_get(e, daddr, now));
+    if (cur == 0)
+        cur = 0xffff; /* no port MTU known: the IPv4 maximum */
+    if (reported > cur)
+        return cur;
+    uint32_t mtu = reported;
+    if (mtu < TUN_PMTU_MIN)
+        mtu = cur < TUN_PMTU_MIN ? cur : TUN_PMTU_MIN;
+    *pmtu_slot(e, daddr) = (struct tun_pmtu){.daddr = daddr, .mtu = mtu,
+                                             .expires = now + TUN_PMTU_EXPIRES};
+    return mtu;
 }
 
 /* Step 13 beyond the fast test: MTU_FITS, MTU_FRAGMENT, or the verdict
@@ -522,13 +561,12 @@ mtu_slow(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *frame, const uint
     return MTU_FRAGMENT;
 }
 
-/* Step 13: does the frame fit the egress port's MTU? */
+/* Step 13: does the frame fit `mtu` (egress_mtu; 0: no check)? */
 HOT int mtu_check(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *frame,
                   const uint8_t *eth, const uint8_t *ip, uint32_t ihl, uint32_t tot,
-                  uint8_t proto, uint16_t egress, uint32_t overhead, uint16_t in_port,
-                  uint32_t icmp_saddr, double now)
+                  uint8_t proto, uint32_t mtu, uint16_t in_port, uint32_t icmp_saddr,
+                  double now)
 {
-    uint32_t mtu = egress_mtu(e, egress, overhead);
     if (mtu == 0)
         return MTU_FITS;
     if (tot <= mtu && !((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0))
@@ -551,12 +589,12 @@ fragment_out(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const ui
 }
 
 /* A packet with DF clear too big for the tunnel: its IP fragments (each
- * fitting the MTU less the tunnel's headers), each encapsulated. All or
+ * fitting `mtu`, the path's MTU less the tunnel's headers), each encapsulated. All or
  * nothing: the count of frames emitted, or 0. */
 #define TUN_FRAG_MAX 64
 static uint32_t tun_fragments(PylvsEngine *e, struct pylvs_emit *em, uint16_t egress,
                               const uint8_t *eth_out, const uint8_t *ip, uint32_t tot,
-                              const struct pylvs_tun *t)
+                              const struct pylvs_tun *t, uint32_t mtu)
 {
     uint32_t overhead = pylvs_tun_overhead(t->type);
     if (e->scratch == NULL && (e->scratch = PyMem_Malloc(SCRATCH_BYTES)) == NULL)
@@ -565,8 +603,7 @@ static uint32_t tun_fragments(PylvsEngine *e, struct pylvs_emit *em, uint16_t eg
     uint16_t port[TUN_FRAG_MAX];
     struct pylvs_emit frags = {.buf = e->scratch, .cap = SCRATCH_BYTES, .max = TUN_FRAG_MAX,
                                .off = off, .len = len, .port = port};
-    uint32_t k = pylvs_ip_fragment(&frags, egress, eth_out, ip, tot,
-                                   egress_mtu(e, egress, overhead));
+    uint32_t k = pylvs_ip_fragment(&frags, egress, eth_out, ip, tot, mtu);
     uint32_t need = 0;
     for (uint32_t i = 0; i < k; i++)
         need += len[i] + overhead;
@@ -604,12 +641,13 @@ static inline uint16_t gue_sport(const struct conn *c)
  * address to the RIP; a GSO frame is cut into segments first (no virtio GSO
  * type describes IPIP), a partial checksum completed, a too-big packet with
  * DF clear cut into IP fragments that are encapsulated one by one (so the
- * real server reassembles the inner packet, not the tunnel's). Everything
- * goes to the emit area: V_EMIT, tx_tunneled. */
+ * real server reassembles the inner packet, not the tunnel's) when
+ * frag_mtu (the fragments' MTU) is not 0. Everything goes to the emit
+ * area: V_EMIT, tx_tunneled. */
 static __attribute__((noinline)) int
 tun_xmit(PylvsEngine *e, struct pylvs_emit *em, const struct conn *c, const dest_row *dest,
          uint8_t *frame, uint8_t *ip, uint32_t ihl, uint32_t tot, uint8_t proto,
-         int fragment)
+         uint32_t frag_mtu)
 {
     uint8_t eth_out[14];
     memcpy(eth_out, dest->dmac, 6);
@@ -631,7 +669,7 @@ tun_xmit(PylvsEngine *e, struct pylvs_emit *em, const struct conn *c, const dest
     } else {
         if (frame[0] & VNET_F_NEEDS_CSUM)
             csum_complete(e, frame, ip, ip + ihl, tot - ihl, proto);
-        n = fragment ? tun_fragments(e, em, dest->out_port, eth_out, ip, tot, &t)
+        n = frag_mtu ? tun_fragments(e, em, dest->out_port, eth_out, ip, tot, &t, frag_mtu)
                      : (pylvs_tun_encap(em, dest->out_port, eth_out, ip, tot, &t, e->ip_id) ? 1 : 0);
     }
     if (n == 0)
@@ -639,6 +677,133 @@ tun_xmit(PylvsEngine *e, struct pylvs_emit *em, const struct conn *c, const dest
     e->ip_id = (uint16_t)(e->ip_id + n);
     e->stats[ST_EMIT_FRAMES] += n;
     return finish(e, ST_TX_TUNNELED, PYLVS_V_EMIT);
+}
+
+/* One of the director's own addresses: a port's, or one of `local`. */
+static int own_addr(const PylvsEngine *e, uint32_t addr)
+{
+    for (uint32_t i = 0; i < e->net.nports; i++)
+        if ((e->net.ports[i].flags & PORT_F_USED) && e->net.ports[i].addr == addr)
+            return 1;
+    return pylvs_is_local(&e->net, addr);
+}
+
+/* An ICMP error about a packet the director sent through a tunnel, as
+ * tun_icmp_quote finds it: offsets from the outer IP header. */
+struct tun_quote {
+    uint32_t outer;    /* the quoted outer IPv4 header */
+    uint32_t outer_hl; /* its IHL * 4 (0: malformed, or a non-first fragment) */
+    uint32_t inner;    /* the inner IPv4 header after the tunnel's (0: cut off) */
+    uint8_t type;      /* PYLVS_TUN_IPIP or PYLVS_TUN_GUE */
+};
+
+/* Is this ICMP error (type 3, 4 or 11) about one of the director's tunnel
+ * packets: sent to an address of the director's and quoting an outer
+ * header from that same address that carries IPIP, or UDP whose payload
+ * starts with the GUE header pylvs writes (00 04 00 00)? 1 and *q filled,
+ * or 0: the ordinary ICMP path decides. (The kernel's ip_vs_in_icmp asks
+ * for a local destination and a Tun dest at the quoted daddr; the conn
+ * check in tun_icmp covers the second.) */
+static int tun_icmp_quote(const PylvsEngine *e, const uint8_t *ip, uint32_t ihl, uint32_t tot,
+                          struct tun_quote *q)
+{
+    uint32_t o = ihl + 8;
+    if (tot < o + 20)
+        return 0;
+    uint8_t type = ip[ihl];
+    if (type != ICMP_DEST_UNREACH && type != ICMP_SOURCE_QUENCH && type != ICMP_TIME_EXCEEDED)
+        return 0;
+    const uint8_t *oh = ip + o;
+    uint32_t daddr = pylvs_rd32(ip + 16);
+    if ((oh[0] >> 4) != 4 || pylvs_rd32(oh + 12) != daddr)
+        return 0;
+    uint32_t hl = (uint32_t)(oh[0] & 15) * 4;
+    int whole = hl >= 20 && o + hl <= tot && !(pylvs_rd16(oh + 6) & IP_OFFSET_MASK);
+    uint32_t in = o + hl;
+    if (oh[9] == PYLVS_IPPROTO_IPIP) {
+        q->type = PYLVS_TUN_IPIP;
+    } else if (oh[9] == PROTO_UDP && whole && in + 12 <= tot && pylvs_rd32(oh + hl + 8) == 0x00040000) {
+        q->type = PYLVS_TUN_GUE;
+        in += 12;
+    } else {
+        return 0;
+    }
+    if (!own_addr(e, daddr))
+        return 0;
+    q->outer = o;
+    q->outer_hl = whole ? hl : 0;
+    q->inner = whole && in + 20 <= tot ? in : 0;
+    return 1;
+}
+
+/* The kernel's ip_vs_in_icmp for its tunnels: a router on the path to a
+ * Tun real server reports about an outer packet. Frag-needed is learned
+ * as the path MTU to the RIP (pmtu_learn), and a client whose packet had
+ * DF is told the MTU less the tunnel's headers, in a frag-needed from the
+ * VIP quoting the inner packet as far as the router quoted it (the
+ * packet as the director forwarded it: one hop older); V_PASS,
+ * tun_pmtu_learned, for the director's kernel updates its own route from
+ * its copy. Other errors (type 3, 4, 11) are relayed to the client as they
+ * came, about the inner packet: V_PASS, tun_icmp_relayed. Malformed quotes
+ * and quotes of no Tun conn to that RIP: V_DROP, drop_tun_icmp (the kernel's copy still stands: the
+ * steering table never drops ICMP to the director's own addresses). */
+static __attribute__((noinline)) int
+tun_icmp(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
+         uint32_t ihl, uint32_t tot, uint16_t in_port, double now, const struct tun_quote *q)
+{
+    int refusal = pylvs_refusal(&e->net, eth, ip, ihl, in_port);
+    if (refusal < 0)
+        refusal = pylvs_martian(&e->net, pylvs_rd32(ip + 12), in_port);
+    if (refusal >= 0)
+        return finish(e, refusal, PYLVS_V_DROP);
+    if (q->inner == 0 || pylvs_fold(pylvs_csum_bytes(ip + ihl, tot - ihl)) != 0xffff)
+        return finish(e, ST_DROP_TUN_ICMP, PYLVS_V_DROP);
+    const uint8_t *oh = ip + q->outer, *in = ip + q->inner;
+    uint32_t avail = tot - q->inner, hl = (uint32_t)(in[0] & 15) * 4;
+    uint8_t proto = in[9];
+    if ((in[0] >> 4) != 4 || hl < 20 || hl + 8 > avail || (pylvs_rd16(in + 6) & IP_OFFSET_MASK) ||
+        (proto != PROTO_TCP && proto != PROTO_UDP))
+        return finish(e, ST_DROP_TUN_ICMP, PYLVS_V_DROP);
+    if (pylvs_rd16(in + 2) < avail) /* no bytes beyond the inner packet in the answer */
+        avail = pylvs_rd16(in + 2) > hl + 8 ? pylvs_rd16(in + 2) : hl + 8;
+    /* The quoted packet went client -> VIP: the conn's IN key as it is. */
+    uint32_t caddr = pylvs_rd32(in + 12), vaddr = pylvs_rd32(in + 16);
+    uint16_t cport = pylvs_rd16(in + hl), vport = pylvs_rd16(in + hl + 2);
+    uint64_t h = key_hash(e, proto, caddr, cport, vaddr, vport);
+    struct bucket *b = index_find(e, h, proto, caddr, cport, vaddr, vport);
+    if (b == NULL)
+        return finish(e, ST_DROP_TUN_ICMP, PYLVS_V_DROP);
+    uint32_t r = b->ref - 1;
+    struct conn *c = &e->conns[r >> 1];
+    if (c->expires <= now) {
+        conn_remove(e, r >> 1, ST_CONNS_EXPIRED);
+        return finish(e, ST_DROP_TUN_ICMP, PYLVS_V_DROP);
+    }
+    const dest_row *dest = conn_dest(e, c);
+    if ((r & 1) != KEY_IN || c->xmit != XMIT_TUN || dest == NULL ||
+        c->daddr != pylvs_rd32(oh + 16) || dest->tun_type != q->type ||
+        (q->type == PYLVS_TUN_GUE && pylvs_rd16(oh + q->outer_hl + 2) != dest->tun_port))
+        return finish(e, ST_DROP_TUN_ICMP, PYLVS_V_DROP);
+    uint8_t eth_c[14]; /* as if the inner packet had come in from the client */
+    memcpy(eth_c, c->lmac, 6);
+    memcpy(eth_c + 6, c->cmac, 6);
+    eth_c[12] = 0x08;
+    eth_c[13] = 0x00;
+    if (ip[ihl] != ICMP_DEST_UNREACH || ip[ihl + 1] != ICMP_FRAG_NEEDED) {
+        /* ip_vs_in_icmp relays the other errors as they are (type, code
+         * and the word after them), about the inner packet. */
+        send_icmp(e, em, eth_c, in, avail, c->in_port, now, ip[ihl], ip[ihl + 1],
+                  pylvs_rd32(ip + ihl + 4), c->vaddr);
+        return finish(e, ST_TUN_ICMP_RELAYED, PYLVS_V_PASS);
+    }
+    uint32_t mtu = pmtu_learn(e, c->daddr, dest->out_port, pylvs_rd16(ip + ihl + 6), now);
+    if (pylvs_rd16(in + 6) & IP_DF) {
+        /* ip_vs_in_icmp: the route's MTU less the tunnel's headers. */
+        uint32_t ovh = pylvs_tun_overhead(q->type);
+        send_icmp(e, em, eth_c, in, avail, c->in_port, now, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED,
+                  mtu > 68 + ovh ? mtu - ovh : mtu, c->vaddr);
+    }
+    return finish(e, ST_TUN_PMTU_LEARNED, PYLVS_V_PASS);
 }
 
 /* The ICMP path (docs/engine.md): an ICMP error about a conn goes where the
@@ -649,6 +814,9 @@ static __attribute__((noinline)) int
 icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, uint8_t *ip,
            uint32_t ihl, uint32_t tot, uint16_t in_port, double now, uint16_t *out_port)
 {
+    struct tun_quote q;
+    if (tun_icmp_quote(e, ip, ihl, tot, &q))
+        return tun_icmp(e, em, eth, ip, ihl, tot, in_port, now, &q);
     struct pylvs_icmp_inner in;
     if (!pylvs_icmp_inner(ip, tot, &in))
         return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
@@ -838,15 +1006,20 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
          * given back as it came. */
         uint32_t ttl_word = pylvs_rd32(ip + 8);
         ip_decrease_ttl(ip);
-        uint32_t overhead = c->xmit == XMIT_TUN ? pylvs_tun_overhead(dest->tun_type) : 0;
-        int mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, dest->out_port, overhead,
-                            in_port, daddr, now);
+        uint32_t path_mtu =
+            c->xmit == XMIT_TUN
+                ? egress_mtu(e, dest->out_port, pylvs_tun_overhead(dest->tun_type),
+                             pmtu_get(e, c->daddr, now))
+                : egress_mtu(e, dest->out_port, 0, 0);
+        int mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, path_mtu, in_port, daddr,
+                            now);
         if (__builtin_expect(mtu >= 0, 0)) {
             pylvs_wr32(ip + 8, ttl_word);
             return finish(e, mtu, PYLVS_V_DROP);
         }
         if (c->xmit == XMIT_TUN)
-            return tun_xmit(e, em, c, dest, frame, ip, ihl, tot, proto, mtu == MTU_FRAGMENT);
+            return tun_xmit(e, em, c, dest, frame, ip, ihl, tot, proto,
+                            mtu == MTU_FRAGMENT ? path_mtu : 0);
         if (c->xmit == XMIT_NAT)
             *out_port = nat_xmit_in(e, c, dest, frame, eth, ip, l4, l4len, proto, daddr, dport);
         else
@@ -861,7 +1034,8 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
                                           reply_icmp_saddr(e, c, in_port), 1), PYLVS_V_DROP);
         int mtu = MTU_FITS;
         if (pylvs_port(&e->net, c->in_port) != NULL) {
-            mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, c->in_port, 0, in_port,
+            mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto,
+                            egress_mtu(e, c->in_port, 0, 0), in_port,
                             reply_icmp_saddr(e, c, in_port), now);
             if (__builtin_expect(mtu >= 0, 0))
                 return finish(e, mtu, PYLVS_V_DROP);

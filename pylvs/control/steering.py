@@ -24,7 +24,11 @@ namespace holds an ingress chain per interface and these sets:
   VIP, a local address, where no socket matches the quoted flow (the
   conn lives in pylvs, not in a kernel socket), so the kernel only counts
   it. Dropping it would lose errors about the director's own traffic.
-- ``local``: the director's addresses.
+- ``local``: the director's addresses. ICMP errors to them are never
+  dropped: with a VS-Tun dest the socket filter also hands the engine a
+  copy of those about the director's tunnel packets (a router on the path
+  reporting a smaller MTU), which it learns from; the kernel's copy still
+  updates the director's own route to the real server, as with IPVS.
 
 Frames to a service, from a real server, or ICMP errors as above whose
 packet type is not "host" (another host's MAC, broadcast, multicast: IPVS

@@ -109,9 +109,20 @@ _TX_TUNNELED = _ST["tx_tunneled"]
 _DROP_TTL = _ST["drop_ttl"]
 _ICMP_TIME_EXCEEDED_SENT = _ST["icmp_time_exceeded_sent"]
 _DROP_NO_ROUTE = _ST["drop_no_route"]
+_TUN_PMTU_LEARNED = _ST["tun_pmtu_learned"]
+_DROP_TUN_ICMP = _ST["drop_tun_icmp"]
+_TUN_ICMP_RELAYED = _ST["tun_icmp_relayed"]
 
 _NO_DEST = (0, 0, 0, 0, 0, 0, 0, bytes(6), bytes(6), 0, 0, 0)  # a dest row with flags 0
 _N_PEERS = 1024   # the per-destination ICMP limit's cache (C: ICMP_PEERS)
+# Learned tunnel path MTUs (C: struct tun_pmtu and its comment in ip_vs.h):
+# a fixed cache of 256 slots, slot (daddr * 0x9E3779B1 mod 2^32) >> 24, a
+# newcomer replacing the holder of its slot.
+_PMTU_SLOTS = 256
+_PMTU_EXPIRES = 600.0  # net.ipv4.route.mtu_expires, s
+_PMTU_MIN = 552        # net.ipv4.route.min_pmtu
+_IPPROTO_IPIP = 4
+_ICMP_SOURCE_QUENCH = 4
 _DO_FRAGMENT = -1  # _mtu_refusal: not a refusal, fragment after the rewrite
 V_PASS, V_TX, V_DROP, V_EMIT = tables.V_PASS, tables.V_TX, tables.V_DROP, tables.V_EMIT
 TCP, UDP, ICMP = tables.PROTO_TCP, tables.PROTO_UDP, 1
@@ -244,6 +255,7 @@ class Engine:
         self._icmp_bucket: list = [0.0, None]
         self._rst_bucket: list = [0.0, None]
         self._peers: list = [None] * _N_PEERS  # [addr, tokens (ms), last now]
+        self._pmtu: list = [None] * _PMTU_SLOTS  # (daddr, mtu, expires)
         self._ip_id = int.from_bytes(key[:8], "little") & 0xFFFF
         self._emit: icmp.Emit | None = None
 
@@ -467,18 +479,25 @@ class Engine:
                    code: int, info: int, saddr: int) -> None:
         """An ICMP error about the frame, back out of its port. Frag-needed is
         exempt from the rate limit (kernel icmpv4_mask_allow)."""
+        self._send_icmp_about(f[ETH:ETH + 14], f[IP:IP + totlen], totlen, in_port, now,
+                              icmp_type, code, info, saddr)
+
+    def _send_icmp_about(self, eth, ip, totlen: int, port: int, now: float, icmp_type: int,
+                         code: int, info: int, saddr: int) -> None:
+        """An ICMP error about the packet `ip` (totlen bytes) that came with
+        Ethernet header `eth`, out of `port` (C: send_icmp)."""
         sc, pend = self._sysctl, self._pend
         frag_needed = icmp_type == _ICMP_DEST_UNREACH and code == _ICMP_FRAG_NEEDED
         if not frag_needed and not (
                 self._allow(self._icmp_bucket, now, sc[_SYS["icmp_msgs_per_sec"]],
                             sc[_SYS["icmp_msgs_burst"]])
-                and self._peer_allow(int.from_bytes(f[IP + 12:IP + 16], "big"), now)):
+                and self._peer_allow(int.from_bytes(ip[12:16], "big"), now)):
             pend[_ICMP_RATELIMITED] += 1
             return
         if not self._room(ETH + 14 + 28 + min(totlen, icmp.ICMP_ERR_MAX - 28)):
             pend[_EMIT_OVERFLOW] += 1
             return
-        if icmp.icmp_error(self._emit, in_port, f[ETH:ETH + 14], f[IP:IP + totlen], totlen,
+        if icmp.icmp_error(self._emit, port, eth, ip, totlen,
                            icmp_type, code, info, saddr, self._ip_id):
             self._ip_id = (self._ip_id + 1) & 0xFFFF
             pend[_EMIT_FRAMES] += 1
@@ -590,22 +609,147 @@ class Engine:
                 return _DROP_RP_FILTER
         return None
 
-    def _egress_mtu(self, port: int, overhead: int = 0) -> int:
+    def _egress_mtu(self, port: int, overhead: int = 0, learned: int = 0) -> int:
         """The MTU a packet may have leaving on `port` once `overhead` bytes of
-        tunnel headers are added (0: no MTU known, no check); never below 68."""
+        tunnel headers are added (0: no MTU known, no check); never below 68.
+        `learned`: a learned path MTU (0: none) that lowers the port's."""
         p = self._port_row(port)
-        if p is None or p[1] == 0:
+        mtu = p[1] if p is not None else 0
+        if learned and (mtu == 0 or learned < mtu):
+            mtu = learned
+        if mtu == 0:
             return 0
-        return p[1] - overhead if p[1] > overhead + 68 else 68
+        return mtu - overhead if mtu > overhead + 68 else 68
+
+    # --- the tunnel path MTU (docs/engine.md, "Tunnel path MTU") -------------
+
+    @staticmethod
+    def _pmtu_slot(daddr: int) -> int:
+        return ((daddr * 0x9E3779B1) & 0xFFFFFFFF) >> 24
+
+    def _pmtu_get(self, daddr: int, now: float) -> int:
+        """The path MTU learned towards daddr and not yet expired, or 0."""
+        e = self._pmtu[self._pmtu_slot(daddr)]
+        return e[1] if e is not None and e[0] == daddr and e[2] > now else 0
+
+    def _pmtu_learn(self, daddr: int, egress: int, reported: int, now: float) -> int:
+        """A router's next-hop MTU for the outer packets to daddr (kernel
+        __ip_rt_update_pmtu): above the current path MTU it is no news; below
+        min_pmtu it is taken as min_pmtu (never above the current one); the
+        entry lives mtu_expires seconds. Returns the path MTU in force."""
+        cur = self._egress_mtu(egress, 0, self._pmtu_get(daddr, now)) or 0xFFFF
+        if reported > cur:
+            return cur
+        mtu = reported if reported >= _PMTU_MIN else min(cur, _PMTU_MIN)
+        self._pmtu[self._pmtu_slot(daddr)] = (daddr, mtu, now + _PMTU_EXPIRES)
+        return mtu
+
+    def _own_addr(self, addr: int) -> bool:
+        """One of the director's addresses: a port's, or one of `local`."""
+        return any(p[3] & tables.PORT_F_USED and p[0] == addr for p in self._ports) or \
+            addr in self._local
+
+    def _tun_icmp_quote(self, f: memoryview, ihl: int, totlen: int) -> tuple | None:
+        """(outer, outer_hl, inner, tun type) when this ICMP error (type 3, 4
+        or 11) is about one of the director's tunnel packets: to an address of
+        the director's, quoting an outer header from that same address that
+        carries IPIP, or UDP starting with pylvs's GUE header (00 04 00 00).
+        Offsets from the outer IP header; outer_hl 0: the outer header is
+        malformed or a non-first fragment; inner 0: cut off. None: the
+        ordinary ICMP path decides."""
+        ip = f[IP:IP + totlen]
+        o = ihl + 8
+        if totlen < o + 20 or ip[ihl] not in (_ICMP_DEST_UNREACH, _ICMP_SOURCE_QUENCH,
+                                              _ICMP_TIME_EXCEEDED):
+            return None
+        daddr = int.from_bytes(ip[16:20], "big")
+        if ip[o] >> 4 != 4 or int.from_bytes(ip[o + 12:o + 16], "big") != daddr:
+            return None
+        hl = (ip[o] & 15) * 4
+        whole = hl >= 20 and o + hl <= totlen and not (ip[o + 6] << 8 | ip[o + 7]) & 0x1FFF
+        inner = o + hl
+        if ip[o + 9] == _IPPROTO_IPIP:
+            kind = tunnel.TUN_IPIP
+        elif (ip[o + 9] == UDP and whole and inner + 12 <= totlen
+              and bytes(ip[o + hl + 8:o + hl + 12]) == b"\x00\x04\x00\x00"):
+            kind = tunnel.TUN_GUE
+            inner += 12
+        else:
+            return None
+        if not self._own_addr(daddr):
+            return None
+        return o, hl if whole else 0, inner if whole and inner + 20 <= totlen else 0, kind
+
+    def _tun_icmp(self, f: memoryview, ihl: int, totlen: int, in_port: int, now: float,
+                  quote: tuple) -> tuple[int, int]:
+        """The kernel's ip_vs_in_icmp for its tunnels (C: tun_icmp): a
+        router's frag-needed about an outer packet of a Tun conn is learned
+        (_pmtu_learn) and, when the inner packet had DF, the client gets a
+        frag-needed from the VIP with the path MTU less the tunnel's headers,
+        quoting the inner packet as far as the router quoted it; V_PASS,
+        tun_pmtu_learned (the director's kernel takes its copy too). Other
+        errors (type 3, 4, 11) are relayed to the client as they came:
+        V_PASS, tun_icmp_relayed. Malformed quotes, no such conn: V_DROP,
+        drop_tun_icmp."""
+        pend = self._pend
+        refusal = self._refusal(f, ihl, in_port)
+        if refusal is None:
+            refusal = self._martian(int.from_bytes(f[IP + 12:IP + 16], "big"), in_port)
+        if refusal is not None:
+            pend[refusal] += 1
+            return V_DROP, 0
+        o, ohl, inner, kind = quote
+        ip = f[IP:IP + totlen]
+        if not inner or ones_sum(ip[ihl:totlen]) != 0xFFFF:
+            pend[_DROP_TUN_ICMP] += 1
+            return V_DROP, 0
+        avail, hl, proto = totlen - inner, (ip[inner] & 15) * 4, ip[inner + 9]
+        if (ip[inner] >> 4 != 4 or hl < 20 or hl + 8 > avail
+                or (ip[inner + 6] << 8 | ip[inner + 7]) & 0x1FFF or proto not in (TCP, UDP)):
+            pend[_DROP_TUN_ICMP] += 1
+            return V_DROP, 0
+        inner_len = ip[inner + 2] << 8 | ip[inner + 3]
+        if inner_len < avail:  # no bytes beyond the inner packet in the answer
+            avail = max(inner_len, hl + 8)
+        # The quoted packet went client -> VIP: the conn's IN key as it is.
+        l4 = inner + hl
+        key = (proto, int.from_bytes(ip[inner + 12:inner + 16], "big"), ip[l4] << 8 | ip[l4 + 1],
+               int.from_bytes(ip[inner + 16:inner + 20], "big"), ip[l4 + 2] << 8 | ip[l4 + 3])
+        hit = self._lookup(key, now)
+        c = hit[0] if hit is not None else None
+        dest = self._conn_dest(c) if c is not None else None
+        if (c is None or hit[1] != states.INPUT or c.xmit != XMIT_TUN or dest is None
+                or c.daddr != int.from_bytes(ip[o + 16:o + 20], "big") or dest[9] != kind
+                or (kind == tunnel.TUN_GUE
+                    and (ip[o + ohl + 2] << 8 | ip[o + ohl + 3]) != dest[11])):
+            pend[_DROP_TUN_ICMP] += 1
+            return V_DROP, 0
+        # As if the inner packet had come in from the client.
+        eth_c = c.lmac + c.cmac + b"\x08\x00"
+        if ip[ihl] != _ICMP_DEST_UNREACH or ip[ihl + 1] != _ICMP_FRAG_NEEDED:
+            # ip_vs_in_icmp relays the other errors as they are (type, code
+            # and the word after them), about the inner packet.
+            self._send_icmp_about(eth_c, ip[inner:inner + avail], avail, c.in_port, now,
+                                  ip[ihl], ip[ihl + 1],
+                                  int.from_bytes(ip[ihl + 4:ihl + 8], "big"), c.vaddr)
+            pend[_TUN_ICMP_RELAYED] += 1
+            return V_PASS, 0
+        mtu = self._pmtu_learn(c.daddr, dest[6], ip[ihl + 6] << 8 | ip[ihl + 7], now)
+        if (ip[inner + 6] << 8 | ip[inner + 7]) & _IP_DF:
+            ovh = tunnel.tun_overhead(kind)
+            self._send_icmp_about(eth_c, ip[inner:inner + avail], avail, c.in_port, now,
+                                  _ICMP_DEST_UNREACH, _ICMP_FRAG_NEEDED,
+                                  mtu - ovh if mtu > 68 + ovh else mtu, c.vaddr)
+        pend[_TUN_PMTU_LEARNED] += 1
+        return V_PASS, 0
 
     def _mtu_refusal(self, f: memoryview, ihl: int, totlen: int, proto: int, in_port: int,
-                     out_port: int, icmp_saddr: int, now: float, overhead: int = 0) -> int | None:
-        """Step 12: does the packet fit the egress MTU? None: send it as it is.
+                     mtu: int, icmp_saddr: int, now: float) -> int | None:
+        """Step 12: does the packet fit `mtu` (_egress_mtu; 0: no check)? None: send it as it is.
         Else the verdict counter: DF set (or TCP GSO) answered with ICMP
         frag-needed carrying the MTU (RFC 1191, kernel ip_forward /
         ip_vs ensure_mtu_is_adequate); a plain frame with DF clear is
         fragmented later (_DO_FRAGMENT); a GSO frame without DF is dropped."""
-        mtu = self._egress_mtu(out_port, overhead)
         if mtu == 0:
             return None
         gso = f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE
@@ -742,15 +886,19 @@ class Engine:
             # given back as it came.
             ttl_word = bytes(f[IP + 8:IP + 12])
             _decrease_ttl(f)
-            overhead = tunnel.tun_overhead(dest[9]) if c.xmit == XMIT_TUN else 0
-            mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, out_port, daddr, now,
-                                    overhead)
+            if c.xmit == XMIT_TUN:
+                path_mtu = self._egress_mtu(out_port, tunnel.tun_overhead(dest[9]),
+                                            self._pmtu_get(c.daddr, now))
+            else:
+                path_mtu = self._egress_mtu(out_port)
+            mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, path_mtu, daddr, now)
             if mtu is not None and mtu != _DO_FRAGMENT:
                 f[IP + 8:IP + 12] = ttl_word
                 pend[mtu] += 1
                 return V_DROP, 0
             if c.xmit == XMIT_TUN:
-                return self._tun_xmit(f, c, dest, ihl, totlen, proto, mtu == _DO_FRAGMENT)
+                return self._tun_xmit(f, c, dest, ihl, totlen, proto,
+                                      path_mtu if mtu == _DO_FRAGMENT else 0)
             f[ETH:ETH + 6] = dest[7]
             f[ETH + 6:ETH + 12] = dest[8]
             if c.xmit == XMIT_DR:
@@ -773,7 +921,7 @@ class Engine:
                 pend[self._ttl_exceeded(f, totlen, in_port, now,
                                         self._reply_icmp_saddr(c, in_port), True)] += 1
                 return V_DROP, 0
-            mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, out_port,
+            mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, self._egress_mtu(out_port),
                                     self._reply_icmp_saddr(c, in_port), now)
             if mtu is not None and mtu != _DO_FRAGMENT:
                 pend[mtu] += 1
@@ -816,11 +964,12 @@ class Engine:
         return 32768 + h % 28232
 
     def _tun_xmit(self, f: memoryview, c: Conn, dest: tuple, ihl: int, totlen: int, proto: int,
-                  fragment: bool) -> tuple[int, int]:
+                  frag_mtu: int) -> tuple[int, int]:
         """VS-Tun (kernel ip_vs_tunnel_xmit): the packet, its TTL already
         decremented, leaves encapsulated (IPIP or GUE) in the emit area; a GSO
         frame cut into segments first, a partial checksum completed, a too-big
-        packet with DF clear cut into IP fragments encapsulated one by one."""
+        packet with DF clear cut into IP fragments of frag_mtu (when not 0)
+        encapsulated one by one."""
         pend = self._pend
         out_port = dest[6]
         eth_out = dest[7] + dest[8] + b"\x08\x00"
@@ -834,8 +983,8 @@ class Engine:
         else:
             if f[0] & tables.VNET_F_NEEDS_CSUM:
                 self._complete_csum(f, IP + ihl, totlen - ihl, proto)
-            if fragment:
-                n = self._tun_fragments(out_port, eth_out, ip, totlen, t)
+            if frag_mtu:
+                n = self._tun_fragments(out_port, eth_out, ip, totlen, t, frag_mtu)
             else:
                 n = 1 if tunnel.tun_encap(self._emit, out_port, eth_out, ip, totlen, t,
                                           self._ip_id) else 0
@@ -848,12 +997,13 @@ class Engine:
         return V_EMIT, 0
 
     def _tun_fragments(self, port: int, eth_out: bytes, ip: memoryview, totlen: int,
-                       t: tunnel.Tun) -> int:
+                       t: tunnel.Tun, mtu: int) -> int:
         """The IP fragments of a packet too big for the tunnel, each fitting
-        the MTU less the tunnel's headers, each encapsulated: all or nothing."""
+        `mtu` (the path's MTU less the tunnel's headers), each encapsulated:
+        all or nothing."""
         overhead = tunnel.tun_overhead(t.type)
         scratch = icmp.Emit.new(64 * 1024 + 4096, _TUN_FRAG_MAX)
-        k = icmp.ip_fragment(scratch, port, eth_out, ip, totlen, self._egress_mtu(port, overhead))
+        k = icmp.ip_fragment(scratch, port, eth_out, ip, totlen, mtu)
         frags = [fr for _, fr in scratch.frames()]
         em = self._emit
         need = sum(len(fr) + overhead for fr in frags)
@@ -904,6 +1054,9 @@ class Engine:
         its TTL drops by one and it is never answered. Any other ICMP is the
         kernel's."""
         pend = self._pend
+        quote = self._tun_icmp_quote(f, ihl, totlen)
+        if quote is not None:
+            return self._tun_icmp(f, ihl, totlen, in_port, now, quote)
         inner = icmp.icmp_inner(f[IP:IP + totlen], totlen)
         if inner is None:
             pend[_PASS_NOT_OURS] += 1
@@ -942,7 +1095,7 @@ class Engine:
             if c.xmit == XMIT_TUN:
                 # Through the tunnel, as the conn's packets (ip_vs_icmp_xmit).
                 pend[_ICMP_FORWARDED] += 1
-                return self._tun_xmit(f, c, dest, ihl, totlen, ICMP, False)
+                return self._tun_xmit(f, c, dest, ihl, totlen, ICMP, 0)
             f[ETH:ETH + 6] = dest[7]
             f[ETH + 6:ETH + 12] = dest[8]
             out_port = dest[6]

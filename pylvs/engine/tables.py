@@ -145,6 +145,9 @@ STAT_NAMES = (
     "icmp_time_exceeded_sent",  # extra: ICMP time exceeded answering a drop_ttl
     "drop_no_route",      # verdict: the dest is DEST_F_NO_ROUTE (not on a connected network)
     "tx_tunneled",        # V_EMIT: sent encapsulated (VS-Tun, IPIP or GUE) from the emit area
+    "tun_pmtu_learned",   # verdict (V_PASS): a router's frag-needed about a tunnel packet taken
+    "drop_tun_icmp",      # verdict: an ICMP error about a tunnel packet: malformed, or of no Tun conn
+    "tun_icmp_relayed",   # verdict (V_PASS): another error about a tunnel packet, relayed to the client
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 N_STATS = 64  # room to grow without changing the array's size

@@ -189,9 +189,10 @@ class AfPacketBackend:
 
     # --- control ----------------------------------------------------------
 
-    def set_filter(self, services, dests) -> None:
-        """Let only the traffic of these tables into the rings."""
-        prog = bpf.for_tables(services, dests)
+    def set_filter(self, services, dests, own_addrs=()) -> None:
+        """Let only the traffic of these tables into the rings (and ICMP
+        errors to ``own_addrs`` while a Tun dest exists: bpf.for_tables)."""
+        prog = bpf.for_tables(services, dests, own_addrs)
         with self._lock:
             for s in self.socks:
                 attach_filter(s, prog)

@@ -10,7 +10,10 @@ PACKET_HOST) carrying IPv4 when
 - an ICMP error (destination unreachable, source quench, time exceeded: the
   types ip_vs_in_icmp / ip_vs_out_icmp handle) whose daddr is a VIP or whose
   saddr is a VS-NAT dest's address (the engine translates those quoting a
-  NAT conn and passes the rest),
+  NAT conn and passes the rest), or, while a VS-Tun dest exists, whose daddr
+  is one of the director's own addresses (``own_addrs``: the sources of its
+  tunnel packets, to which a router on a tunnel's path reports a smaller
+  path MTU; the engine learns it, docs/engine.md "Tunnel path MTU"),
 
 and rejects everything else, including non-first fragments (no ports to
 match; the engine would drop them anyway). Programs are built here in Python
@@ -282,35 +285,48 @@ def _match_len(packed: np.ndarray) -> int:
     return 2 + 4 * addrs + 4 * proto_addrs + 2 * packed.size
 
 
-def _packed_length(svc: np.ndarray, dst: np.ndarray) -> int:
+def _icmp_to(svc: np.ndarray, own: Iterable[int]) -> np.ndarray:
+    """Sorted distinct addresses whose ICMP errors are taken: the VIPs and
+    `own` (host-order ints; ValueError when one is not an IPv4 address)."""
+    own = np.asarray(sorted(set(int(a) for a in own)), np.int64)
+    if own.size and (own.min() < 0 or own.max() > 0xFFFFFFFF):
+        raise ValueError("socket filter: an own address out of range 0..0xFFFFFFFF")
+    return _distinct(np.concatenate(((svc >> _U(16)) & _U(0xFFFFFFFF), own.astype(_U))))
+
+
+def _packed_length(svc: np.ndarray, dst: np.ndarray, icmp_to: np.ndarray) -> int:
     if not svc.size and not dst.size:
         return len(reject_all())
-    n_vips = _distinct((svc >> _U(16)) & _U(0xFFFFFFFF)).size
     n_rs = _distinct((dst >> _U(16)) & _U(0xFFFFFFFF)).size
     return (_HEAD_LEN + _match_len(svc) + _match_len(dst)
-            + (2 + 2 * n_vips) + (2 + 2 * n_rs) + _TAIL_LEN)
+            + (2 + 2 * icmp_to.size) + (2 + 2 * n_rs) + _TAIL_LEN)
 
 
-def program_length(svc_keys: Iterable[Key], dst_keys: Iterable[Key]) -> int:
+def program_length(svc_keys: Iterable[Key], dst_keys: Iterable[Key],
+                   own_addrs: Iterable[int] = ()) -> int:
     """Instructions `program` would emit for these keys, computed from the
     counts alone (no program built): how `program` and `for_tables` know
     they must fall back before spending time on a program the kernel
     refuses (sk_chk_filter: at most BPF_MAXINSNS)."""
-    return _packed_length(_pack_keys(list(svc_keys)), _pack_keys(list(dst_keys)))
+    svc = _pack_keys(list(svc_keys))
+    return _packed_length(svc, _pack_keys(list(dst_keys)), _icmp_to(svc, own_addrs))
 
 
-def program(svc_keys: Iterable[Key], dst_keys: Iterable[Key]) -> list[Insn]:
+def program(svc_keys: Iterable[Key], dst_keys: Iterable[Key],
+            own_addrs: Iterable[int] = ()) -> list[Insn]:
     """The filter for these service and dest keys (ICMP errors to the
-    services' addresses and from the dests' addresses included); the
-    coarse `accept_ipv4_l4` when that filter would pass BPF_MAXINSNS."""
-    return _program(_pack_keys(list(svc_keys)), _pack_keys(list(dst_keys)))
+    services' addresses and from the dests' addresses included, and to
+    `own_addrs`, host-order ints); the coarse `accept_ipv4_l4` when that
+    filter would pass BPF_MAXINSNS."""
+    svc = _pack_keys(list(svc_keys))
+    return _program(svc, _pack_keys(list(dst_keys)), _icmp_to(svc, own_addrs))
 
 
-def _program(svc: np.ndarray, dst: np.ndarray) -> list[Insn]:
+def _program(svc: np.ndarray, dst: np.ndarray, icmp_to: np.ndarray) -> list[Insn]:
     """`program` of packed keys: sized first, built only when it fits."""
     if not svc.size and not dst.size:
         return reject_all()
-    if _packed_length(svc, dst) > BPF_MAXINSNS:
+    if _packed_length(svc, dst, icmp_to) > BPF_MAXINSNS:
         return accept_ipv4_l4()
     svc_keys, dst_keys = _unpack(svc), _unpack(dst)
     a = _Asm()
@@ -320,15 +336,27 @@ def _program(svc: np.ndarray, dst: np.ndarray) -> list[Insn]:
     a.label("dests")
     _match(a, dst_keys, 26, 14 + 0, "d", "reject")  # saddr, sport
     a.label("icmp")
-    _match_addr(a, sorted({addr for _, addr, _ in svc_keys}), 30, "icmp_from")  # to a VIP
+    _match_addr(a, icmp_to.tolist(), 30, "icmp_from")                            # to a VIP, own
     a.label("icmp_from")
     _match_addr(a, sorted({addr for _, addr, _ in dst_keys}), 26, "reject")     # from a dest
     return _tail(a)
 
 
-def for_tables(services, dests) -> list[Insn]:
+def _has_tun_dest(services: np.ndarray, dests: np.ndarray) -> bool:
+    used = dests[((dests["flags"] & tables.DEST_F_USED) != 0)
+                 & (dests["fwd"] == tables.FWD_TUNNEL)]
+    svc = used["svc"].astype(np.intp)
+    svc = svc[svc < len(services)]
+    return bool(((services[svc]["flags"] & tables.SVC_F_USED) != 0).any())
+
+
+def for_tables(services, dests, own_addrs: Iterable[int] = ()) -> list[Insn]:
     """The filter for a published (services, dests) pair of tables (or
     of (proto, addr, port) lists, as `keys_of` and `dest_keys` take them).
+
+    ``own_addrs``: the director's own addresses (host-order ints, e.g. its
+    ports' addresses); ICMP errors to them are let in while the tables hold
+    a VS-Tun dest (always, for key lists, which carry no method).
 
     Sized on the packed keys first: tables too big for one program (10,000
     services) cost a few numpy calls, not a program built and thrown away.
@@ -337,7 +365,10 @@ def for_tables(services, dests) -> list[Insn]:
            else _pack_keys(keys_of(services, "svc")))
     dst = (_packed_dests(services, dests) if isinstance(dests, np.ndarray)
            else _pack_keys(dest_keys(services, dests)))
-    return _program(svc, dst)
+    if isinstance(dests, np.ndarray) and isinstance(services, np.ndarray) \
+            and not _has_tun_dest(services, dests):
+        own_addrs = ()
+    return _program(svc, dst, _icmp_to(svc, own_addrs))
 
 
 def pack(prog: list[Insn]) -> bytes:

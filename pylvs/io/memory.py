@@ -67,8 +67,9 @@ class MemoryBackend:
             self.send(self._batch)
         return n
 
-    def set_filter(self, services, dests) -> None:
+    def set_filter(self, services, dests, own_addrs=()) -> None:
         self.filter = (services, dests)
+        self.own_addrs = tuple(own_addrs)
 
     def close(self) -> None:
         self.closed = True

@@ -116,6 +116,7 @@ class Daemon:
         # runs them; the C engine is protected by the GIL, the lock is cheap.
         self._engine_lock = threading.Lock()
         self._pending_lock = threading.Lock()
+        self._filter_lock = threading.Lock()
         self._tables_taken = threading.Event()
         self._data_thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -146,9 +147,21 @@ class Daemon:
         else:
             with self._engine_lock:
                 self.engine.set_tables(services, dests)
-        self.backend.set_filter(services, dests)
+        self._apply_filter()
         self.steering.apply(services, dests, self._local)
         self._push_routes()
+
+    def _apply_filter(self) -> None:
+        """The socket filter for the latest tables and ports: the ports'
+        addresses are the sources of VS-Tun's outer packets, to which a
+        router on a tunnel's path reports a smaller path MTU (bpf.for_tables
+        takes them while a Tun dest exists). Called by the control thread
+        (tables) and the NetWatcher thread (ports): under one lock, the last
+        call sees both."""
+        with self._filter_lock:
+            net = getattr(self, "_net", None)
+            own = () if net is None else [int(a) for a in net.ports["addr"] if a]
+            self.backend.set_filter(self._services, self._dests, own_addrs=own)
 
     def _local_changed(self, addrs: frozenset[str]) -> None:
         # Resolver thread: hand over to the event loop.
@@ -188,8 +201,11 @@ class Daemon:
 
     def _net_changed(self, state) -> None:
         # NetWatcher thread (or start-up).
+        old = getattr(self, "_net", None)
         self._net = state
         self._engine_call("set_ports", state.ports)
+        if old is None or old.ports["addr"].tobytes() != state.ports["addr"].tobytes():
+            self._apply_filter()
         self._push_routes()
 
     def _push_routes(self) -> None:

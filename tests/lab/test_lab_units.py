@@ -24,3 +24,80 @@ def test_engine_bench_smoke(impl):
     (row,) = doc["results"]
     assert "error" not in row, row
     assert row["pps"] > 0 and row["runs"] == 2
+
+
+# --- bench e2e: the check of the frames captured at the sinks ----------------------
+
+MAC, CIP, VIP, RIP, DIP0 = "02:00:00:00:00:0b", "10.0.2.2", "10.0.0.100", "10.0.3.12", "10.0.0.1"
+
+
+def _frame(fwd, *, mac=MAC, src=CIP, dst=None, ttl=63, ip_opts=None, udp_opts=None,
+           payload=b"\x42" * 18, outer=None):
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    dst = dst or (RIP if fwd == "nat" else VIP)
+    inner = (IP(src=src, dst=dst, ttl=ttl, **(ip_opts or {}))
+             / UDP(sport=10007, dport=9, **(udp_opts or {})) / payload)
+    if fwd == "tun":
+        o = {"src": DIP0, "dst": RIP, "ttl": 62, "proto": 4, **(outer or {})}
+        return bytes(Ether(dst=mac, src="02:00:00:00:00:01") / IP(**o) / inner)
+    return bytes(Ether(dst=mac, src="02:00:00:00:00:01") / inner)
+
+
+E2E_FRAMES = [
+    # (description, fwd, frame kwargs, expected problem: "" = none, else a substring)
+    ("NAT: daddr rewritten, TTL - 1, checksums valid", "nat", {}, ""),
+    ("DR: the client's packet to the VIP at the real server's MAC", "dr", {}, ""),
+    ("Tun: IPIP from the director to the RIP around the DR packet", "tun", {}, ""),
+    ("a frame for another MAC", "dr", {"mac": "02:00:00:00:00:0c"}, "ether daddr"),
+    ("NAT that left the VIP in place", "nat", {"dst": VIP}, "expected 10.0.2.2 -> 10.0.3.12"),
+    ("a rewrite that broke the IP checksum", "nat", {"ip_opts": {"chksum": 0x1234}},
+     "IP header checksum"),
+    ("a rewrite that broke the UDP checksum", "nat", {"udp_opts": {"chksum": 0x1234}},
+     "UDP checksum"),
+    ("no checksum (0) is fine for UDP", "dr", {"udp_opts": {"chksum": 0}}, ""),
+    ("a TTL the director did not decrement", "dr", {"ttl": 64}, "TTL 64"),
+    ("a payload that is not the generator's", "dr", {"payload": b"\x00" * 18}, "payload"),
+    ("Tun to the wrong RIP", "tun", {"outer": {"dst": "10.0.3.13"}}, "outer 10.0.0.1 -> 10.0.3.13"),
+    ("Tun with an outer protocol other than IPIP", "tun", {"outer": {"proto": 41}},
+     "outer protocol 41"),
+    ("Tun with a broken outer checksum", "tun", {"outer": {"chksum": 0x1234}},
+     "outer header checksum"),
+    ("Tun whose outer TTL is not the inner one less the router's hop", "tun", {"outer": {"ttl": 64}},
+     "outer TTL 64"),
+]
+
+
+@pytest.mark.parametrize("desc,fwd,kw,problem", E2E_FRAMES, ids=[r[0] for r in E2E_FRAMES])
+def test_e2e_check_frame(desc, fwd, kw, problem):
+    from bench.e2e import check_frame
+
+    bad = check_frame(fwd, _frame(fwd, **kw), mac=MAC, cip=CIP, vip=VIP, rip=RIP,
+                      outer_saddr=DIP0)
+    if problem:
+        assert any(problem in b for b in bad), bad
+    else:
+        assert bad == []
+
+
+@pytest.mark.parametrize("frame", [b"", b"\x00" * 10, b"\xff" * 14 + b"\x08\x00",
+                                   bytes(14) + b"\x45" + bytes(40)])
+def test_e2e_check_frame_garbage_is_a_problem_not_a_crash(frame):
+    from bench.e2e import check_frame
+
+    for fwd in ("nat", "dr", "tun"):
+        assert check_frame(fwd, frame, mac=MAC, cip=CIP, vip=VIP, rip=RIP, outer_saddr=DIP0)
+
+
+@pytest.mark.parametrize("argv", [["--fwd", "tun", "--impl", "kernel-nft-fwd"],
+                                  ["--fwd", "dr", "--impl", "kernel-nft"],
+                                  ["--impl", "kernel-nft-fwd"]])
+def test_e2e_refuses_a_kernel_impl_of_another_method(argv, capsys):
+    from bench import e2e
+
+    # Refused while parsing the options: before any namespace is built.
+    with pytest.raises(SystemExit) as exc:
+        e2e.run(argv, runs=1, quick=True)
+    assert exc.value.code == 2
+    assert "is not a" in capsys.readouterr().err
