@@ -308,13 +308,19 @@ def test_tun_mtu_df_probe(d, over):
     assert [f[IP].len for f in probes] == [1500, 1492, 1480, 1476, 1460, 1450, 1400, 1380,
                                            1280, 1200, 1100, 1000, 900, 800, 700, 576]
 
-    # A router on the path with a 1400-byte link answers frag-needed.
+    # A router on the path with a 1400-byte link answers frag-needed: the
+    # director learns that and tells clients (works: warn); a link leaving
+    # less than 576 inside the tunnel cannot work.
     r = mtu_line(_tun_path(1400))
-    assert r.verdict == "FAIL"
+    assert r.verdict == "warn"
     assert r.message.startswith("the path MTU toward 10.0.3.11 is 1400, not the MTU 1500 on "
                                 "eth1: router 10.0.1.254 answered a DF probe of 1500 bytes with "
                                 f"frag-needed (MTU 1400), leaving {1400 - over} bytes inside")
+    assert "the director learns it" in r.message
     assert r.fix.startswith("raise the MTU of the smaller link toward 10.0.3.11 to at least 1500")
+    r = mtu_line(_tun_path(590))
+    assert r.verdict == "FAIL" and r.message.endswith(
+        f"leaving {590 - over} bytes inside the tunnel, below 576")
 
     # The same link behind a router that sends no ICMP: a black hole, bracketed.
     r = mtu_line(_tun_path(1390, black_hole=True))

@@ -75,7 +75,9 @@ for):
     full-sized packets cannot pass. Once the tunnel answers, DF probes of
     that outer size and of smaller common link MTUs (MTU_STEPS) go through
     it at once: the full-sized one must be answered; a router's frag-needed
-    (RFC 1191) gives the real path MTU, silence brackets it (a black hole).
+    (RFC 1191) gives the real path MTU (warn: the director learns it and
+    tells clients; FAIL below 576 inside), silence brackets it (a black
+    hole: FAIL).
 ``settings``
     ``ip_forward``: informational; pylvs forwards in user space, so the
     kernel's value changes nothing for virtual services (1 lets the kernel
@@ -480,12 +482,17 @@ def _tun_mtu_result(subject: str, rip: str, r, over: int, probe) -> Result:
                  f"director's own toward it: {computed})")
     if frag is not None:
         router, mtu, size = frag
-        return Result("tun-mtu", subject, FAIL,
-                      f"the path MTU toward {rip} is {mtu}, not the {computed}: router "
-                      f"{router} answered a DF probe of {size} bytes with frag-needed (MTU "
-                      f"{mtu}), leaving {mtu - over} bytes inside the tunnel; each client's "
-                      f"larger packets are refused until path-MTU discovery lowers its size",
-                      raise_fix)
+        found = (f"the path MTU toward {rip} is {mtu}, not the {computed}: router {router} "
+                 f"answered a DF probe of {size} bytes with frag-needed (MTU {mtu}), leaving "
+                 f"{mtu - over} bytes inside the tunnel")
+        if mtu - over < MIN_TUN_MTU:
+            return Result("tun-mtu", subject, FAIL, f"{found}, below {MIN_TUN_MTU}", raise_fix)
+        # The director learns this from the router's frag-needed and tells
+        # clients (ip_vs_in_icmp): it works, at the cost of a round trip
+        # per client and a client that accepts ICMP.
+        return Result("tun-mtu", subject, WARN,
+                      f"{found}; the director learns it from such answers and tells each "
+                      f"client with frag-needed, so a client that drops ICMP stalls", raise_fix)
     lost = min(size for size, ok in answered.items() if not ok and (largest is None
                                                                     or size > largest))
     if largest is None:
