@@ -72,9 +72,10 @@ for):
     packets, a decapsulator not running). And the tunnel MTU: the route's
     MTU toward the RIP less the overhead (20 IPIP, 32 GUE) must be at least
     576 (RFC 791's minimum datagram every host must accept), else clients'
-    full-sized packets cannot pass. Once the tunnel answers, DF probes of
-    that outer size and of smaller common link MTUs (MTU_STEPS) go through
-    it at once: the full-sized one must be answered; a router's frag-needed
+    full-sized packets cannot pass. Once the tunnel answers, a DF probe of
+    that outer size goes through it, then, if lost, smaller ones of common
+    link MTUs (MTU_STEPS) at once: the full-sized one must be answered; a
+    router's frag-needed
     (RFC 1191) gives the real path MTU (warn: the director learns it and
     tells clients; FAIL below 576 inside), silence brackets it (a black
     hole: FAIL).
@@ -96,6 +97,7 @@ for):
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
@@ -396,14 +398,15 @@ def check_nat_route(snap: dict, net: Net, clients: Iterable[str] = (),
     return out
 
 
-def _tunnel_frame(net: Net, r, mac: str, d: dict, inner: bytes, df: bool = False) -> bytes:
+def _tunnel_frame(net: Net, r, mac: str, d: dict, inner: bytes, df: bool = False,
+                  ip_id: int = 1) -> bytes:
     """INNER inside IPIP (or UDP + GUE as the dest is configured) from the
     route's source to the RIP, in a frame to MAC; ``df``: outer DF set."""
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
     from scapy.packet import Raw
     eth = Ether(dst=mac, src=net.mac(r.ifname))
-    outer = IP(src=r.prefsrc, dst=r.dst, ttl=64, flags="DF" if df else 0)
+    outer = IP(src=r.prefsrc, dst=r.dst, ttl=64, id=ip_id, flags="DF" if df else 0)
     if d.get("tun_type") == "gue":
         # GUE version 0, no extension, proto 4 (IPv4) in the ctype/proto byte.
         udp = UDP(sport=ephemeral_port(), dport=d["tun_port"])
@@ -426,23 +429,26 @@ def _syn(src: str, vip: str, port: int, sport: int, size: int = 0) -> bytes:
 
 def _probe_tun_mtu(net: Net, r, mac: str, d: dict, vip: str, port: int, over: int,
                    wait: float) -> tuple[int | None, dict[int, bool], tuple | None]:
-    """DF probes through the tunnel, outer sizes r.mtu and the MTU_STEPS
-    below it, sent at once and collected for WAIT seconds.
+    """DF probes through the tunnel: first one of outer size r.mtu (up to
+    WAIT seconds, ending at its answer or a router's frag-needed); when
+    neither comes, the MTU_STEPS below it, sent at once and collected for
+    WAIT seconds, to bracket the path MTU.
 
     Returns (the largest size answered or None, {size: answered}, the first
-    frag-needed as (router, its next-hop MTU, the probe size it quotes) or None).
+    frag-needed about a probe as (router, its next-hop MTU, the probe's size)
+    or None).
     """
     from scapy.layers.inet import ICMP, IP, TCP, IPerror
     sizes = [r.mtu, *(m for m in MTU_STEPS if m < r.mtu)]
-    by_sport = {}
-    frames = []
-    for size in sizes:
-        sport = ephemeral_port()
-        while sport in by_sport:
-            sport = ephemeral_port()
-        by_sport[sport] = size
-        frames.append(_tunnel_frame(net, r, mac, d, _syn(r.prefsrc, vip, port, sport,
-                                                         size - over), df=True))
+    # Each probe's inner source port and outer IP ID name its size in the
+    # answer and in a router's quote of it.
+    sports = random.sample(range(32768, 61000), len(sizes))
+    base = random.randrange(0, 0x10000 - len(sizes))
+    by_sport = dict(zip(sports, sizes))
+    by_id = {base + i: size for i, size in enumerate(sizes)}
+    frames = [_tunnel_frame(net, r, mac, d, _syn(r.prefsrc, vip, port, sport, size - over),
+                            df=True, ip_id=base + i)
+              for i, (sport, size) in enumerate(zip(sports, sizes))]
 
     def match(a: Answer):
         p = a.pkt
@@ -451,14 +457,18 @@ def _probe_tun_mtu(net: Net, r, mac: str, d: dict, vip: str, port: int, over: in
         if ICMP in p:
             q = p[ICMP]
             if q.type == 3 and q.code == 4 and IPerror in p and p[IPerror].src == r.prefsrc \
-                    and p[IPerror].dst == r.dst:
-                return ("frag", p[IP].src, q.nexthopmtu, p[IPerror].len)
+                    and p[IPerror].dst == r.dst and p[IPerror].id in by_id:
+                return ("frag", p[IP].src, q.nexthopmtu, by_id[p[IPerror].id])
             return None
         if TCP in p and p[IP].src == vip and p[IP].dst == r.prefsrc and p[TCP].sport == port \
                 and p[TCP].dport in by_sport:
             return ("answered", by_sport[p[TCP].dport])
         return None
-    got = net.exchange(r.ifname, frames, match, wait=wait, sources=[vip], icmp=True)
+
+    def send(frames: list[bytes], first: bool) -> list:
+        return net.exchange(r.ifname, frames, match, wait=wait, first=first, sources=[vip],
+                            icmp=True)
+    got = send(frames[:1], True) or send(frames[1:], False)
     answered = {size: False for size in sizes}
     frag = None
     for g in got:
