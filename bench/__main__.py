@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ("engine", "e2e")
+BENCHES = ("engine", "e2e", "conn-rate", "latency", "throughput")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
     args, rest = ap.parse_known_args(argv)
 
-    mod = importlib.import_module(f"bench.{args.name}")
+    mod = importlib.import_module(f"bench.{args.name.replace('-', '_')}")
     doc = mod.run(rest, runs=args.runs, quick=args.quick)
     doc = {"bench": args.name, **doc}
     doc.setdefault("meta", {}).update({
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         png = args.json.with_suffix(".png")
         try:
-            plot(doc, png)
+            getattr(mod, "plot", plot)(doc, png)
             print(f"wrote {args.json} and {png}")
         except ImportError:
             print(f"wrote {args.json} (matplotlib missing: no plot)")

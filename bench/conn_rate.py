@@ -1,0 +1,196 @@
+"""bench conn-rate: new TCP connections per second through a VS-NAT director.
+
+The VS-NAT lab of pylvs/lab/topology.py: the client namespace runs wrk
+(Debian's), one thread pinned to CPU 0, ``--conns`` concurrent connections,
+each request carrying ``Connection: close``: wrk reconnects after every
+response (its response_complete path closes and reopens when the response
+does not keep the connection alive), so every request is a new TCP
+connection, handshake to FIN. The real servers run bench/peers.c
+``tcp-server`` on port 80 (epoll, answers a 2-byte body with
+``Connection: close`` and closes first, so the TIME_WAIT sockets sit on the
+servers, as with nginx behind a load balancer).
+
+Impls (bench/netbench.py): ``pylvs`` (wlc, three Masq dests), ``kernel-nft``
+(conntrack DNAT, numgen round robin), ``haproxy`` (mode tcp, roundrobin:
+two TCP connections per client connection, the proxy's own core),
+``direct`` (the client on the servers' bridge, all connections to rs1).
+Directors pinned to the last core. Each impl is started afresh every round
+(an empty conn table for pylvs); conntrack entries of earlier kernel-nft
+rounds stay in the director namespace (about 120 s of TIME_WAIT each).
+
+Per round: wrk's completed requests per second (= connections per
+second), its socket errors, and the servers' accept counters sampled every
+second (``per_second``: the sum over the servers, interpolated to whole
+seconds of the round): a rate that falls as a table fills shows there.
+``sustained`` = the median of the last third of ``per_second`` over the
+median of its first third.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import threading
+import time
+import uuid
+
+from pylvs.lab.topology import Lab
+
+from . import netbench
+
+PORT = 80
+IMPLS = ("pylvs", "kernel-nft", "haproxy", "direct")
+
+
+class AcceptLog:
+    """The (monotonic time, accepted total) lines of one tcp-server, as they come."""
+
+    def __init__(self, proc):
+        self.points: list[tuple[float, int]] = []
+        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _read(self, proc) -> None:
+        for line in proc.stdout:
+            try:
+                self.points.append((time.monotonic(), json.loads(line)["accepted"]))
+            except (ValueError, KeyError):
+                continue
+
+    def at(self, t: float) -> float:
+        """The accepted total at time t, interpolated between samples."""
+        pts = self.points
+        if not pts:
+            return 0.0
+        for (t0, a0), (t1, a1) in zip(pts, pts[1:]):
+            if t0 <= t <= t1:
+                return a0 + (a1 - a0) * (t - t0) / (t1 - t0)
+        return float(pts[-1][1] if t > pts[-1][0] else pts[0][1])
+
+
+def parse_wrk(out: str) -> dict:
+    """wrk's summary: requests, requests per second, socket errors, non-2xx."""
+    res: dict = {}
+    m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
+    if m:
+        res["requests"] = int(m.group(1))
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if m:
+        res["rps"] = float(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    res["socket_errors"] = dict(zip(("connect", "read", "write", "timeout"),
+                                    map(int, m.groups()))) if m else {}
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    res["non_2xx"] = int(m.group(1)) if m else 0
+    return res
+
+
+def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench conn-rate")
+    ap.add_argument("--seconds", type=int, default=3 if quick else 20)
+    ap.add_argument("--conns", type=int, default=32, help="wrk's concurrent connections")
+    ap.add_argument("--impl", action="append", choices=IMPLS)
+    args = ap.parse_args(argv)
+    runs = runs or (1 if quick else 3)
+    impls = args.impl or list(IMPLS)
+    client_cpu, director_cpu = netbench.cores()
+    before = netbench.uptime()
+    lab = Lab(f"plcr{uuid.uuid4().hex[:5]}", servers=3, start_servers=False)
+    try:
+        lab.up()
+        direct_host = netbench.add_direct_path(lab)
+        # Every connection takes a client port; the servers and HAProxy keep
+        # TIME_WAIT (120 s in conntrack, 60 s in the stack): use every port.
+        for ns in (lab.client, lab.director):
+            lab.sysctl(ns, netbench.WIDE_PORTS)
+        exe = netbench.build_peers(lab)
+        logs = [AcceptLog(netbench.start_ready(lab, ns, [str(exe), "tcp-server", str(PORT)],
+                                               key=f"srv-{ns}"))
+                for ns in lab.rs]
+
+        def one(r: int, impl: str) -> dict:
+            host = direct_host if impl == "direct" else lab.vip
+            t0 = time.monotonic()
+            p = lab.run(lab.client, ["taskset", "-c", client_cpu, "wrk", "-t1",
+                                     f"-c{args.conns}", f"-d{args.seconds}s", "--timeout", "2s",
+                                     "-H", "Connection: close", f"http://{host}:{PORT}/"],
+                        timeout=args.seconds + 60)
+            t1 = time.monotonic()
+            time.sleep(1.2)  # the servers' next once-a-second line covers t1
+            res = parse_wrk(p.stdout)
+            if "rps" not in res:
+                raise RuntimeError(f"wrk printed no rate: {p.stdout[-500:]} {p.stderr[-500:]}")
+            ticks = [t0 + k for k in range(int(t1 - t0) + 1)]
+            totals = [sum(log.at(t) for log in logs) for t in ticks]
+            res["per_second"] = [round(b - a) for a, b in zip(totals, totals[1:])]
+            third = max(1, len(res["per_second"]) // 3)
+            first = statistics.median(res["per_second"][:third] or [0])
+            res["sustained"] = (statistics.median(res["per_second"][-third:]) / first
+                                if first else None)
+            print(f"round {r + 1}/{runs} {impl:<10} {res['rps']:>10,.0f} conns/s  "
+                  f"errors {res['socket_errors']}  per second {res['per_second']}", flush=True)
+            return res
+
+        samples, errors = netbench.interleaved(
+            impls, runs, one, lambda impl: netbench.impl_actions(
+                impl, lab, "tcp", PORT, director_cpu, [1, 1, 1]))
+    finally:
+        errs = lab.down()
+        if errs:
+            print("lab teardown:", errs)
+    after = netbench.uptime()
+
+    rows = {}
+    for impl in impls:
+        got = samples.get(impl, [])
+        rate = netbench.median_of(got, "rps")
+        row = {"scenario": f"tcp-connection-close-c{args.conns}", "impl": impl,
+               "runs": len(got), "samples": [s["rps"] for s in got], "seconds": args.seconds,
+               "conns_per_s": rate, "pps": rate, "ns_per_packet": None,
+               "sustained": netbench.median_of(got, "sustained"),
+               "per_second": [s["per_second"] for s in got],
+               "socket_errors": [s["socket_errors"] for s in got],
+               "non_2xx": [s["non_2xx"] for s in got]}
+        if impl in errors:
+            row["error"] = errors[impl]
+        rows[impl] = row
+    summary = netbench.ratio_rows(rows, "conns_per_s", "pylvs",
+                                  ["kernel-nft", "haproxy", "direct"], samples)
+    summary.append("targets: pylvs/kernel-nft >= 1.2, pylvs/haproxy >= 1.5, sustained")
+    summary += [f"{i}: rate in the last third of the run / first third = {r['sustained']:.2f}"
+                for i, r in rows.items() if r.get("sustained")]
+    return {"results": list(rows.values()), "summary": summary,
+            "meta": {"uptime_before": before, "uptime_after": after,
+                     "client": f"wrk -t1 -c{args.conns} -H 'Connection: close', cpu {client_cpu}",
+                     "director_cpu": director_cpu,
+                     "server": "bench/peers.c tcp-server in rs1..rs3 (direct: rs1 only)"}}
+
+
+def plot(doc: dict, png) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["results"] if r.get("conns_per_s")]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    ax.bar(range(len(rows)), [r["conns_per_s"] for r in rows],
+           color=[f"C{i}" for i in range(len(rows))])
+    for i, r in enumerate(rows):
+        ax.scatter([i] * len(r["samples"]), r["samples"], color="k", s=8, zorder=3)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["impl"] for r in rows])
+    ax.set_ylabel("new TCP connections per second (median; dots: rounds)")
+    for i, r in enumerate(rows):
+        for k, series in enumerate(r["per_second"]):
+            ax2.plot(range(1, len(series) + 1), series, color=f"C{i}", alpha=0.8,
+                     label=r["impl"] if k == 0 else None)
+    ax2.set_xlabel("second of the round")
+    ax2.set_ylabel("connections accepted by the servers per second")
+    ax2.legend()
+    ax2.set_ylim(bottom=0)
+    fig.suptitle(f"pylvs bench conn-rate ({doc.get('meta', {}).get('when', '')})")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
