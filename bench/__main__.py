@@ -70,6 +70,11 @@ def print_table(doc: dict) -> None:
             notes += [f"{k} = {v:.2f}" for k, v in r["ratios"].items()]
         elif "ratio" in r:
             notes.append(f"ratio {r['ratio_of']} = {r['ratio']:.2f}")
+        if r.get("gbps"):
+            notes.append(f"{r['gbps']:.2f} Gbit/s")
+        if r.get("p50_us"):
+            notes.append(f"rtt p50 {r['p50_us']:.0f} us, p99 {r['p99_us']:.0f} us, "
+                         f"p99.9 {r['p99_9_us']:.0f} us")
         if "error" in r:
             notes.append(f"error: {r['error']}")
         print(f"{r['scenario']:<26} {r['impl']:<14} {_fmt_pps(r.get('pps')):>14} "

@@ -1,0 +1,123 @@
+"""bench latency: the round trip a VS-NAT director adds, at a fixed moderate rate.
+
+The VS-NAT lab of pylvs/lab/topology.py: bench/peers.c ``udp-ping`` in the
+client namespace (pinned to CPU 0) sends ``--rate`` 32-byte UDP datagrams
+a second for ``--seconds``, each from the next of ``--flows`` sockets (so
+the director schedules ``--flows`` flows over its three dests, then meets
+them established), and waits for each answer before the next (ping-pong,
+at most one datagram in flight). The real servers run ``udp-echo`` on port
+7. Round-trip time per datagram with CLOCK_MONOTONIC; percentiles p50, p90,
+p99, p99.9 per round; the row's figure is the median over the rounds.
+
+Impls (bench/netbench.py): ``pylvs`` (wlc, three Masq dests, pinned to
+the last core), ``kernel-nft`` (conntrack DNAT), ``direct`` (the client on
+the servers' bridge, to rs1: no director). ``added_us`` = the impl's
+percentile less direct's: what the director adds (its own veth hop and
+the bridge crossing it needs included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+
+from pylvs.lab.topology import Lab
+
+from . import netbench
+
+PORT = 7
+IMPLS = ("pylvs", "kernel-nft", "direct")
+PCTS = ("p50_us", "p90_us", "p99_us", "p99_9_us")
+
+
+def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench latency")
+    ap.add_argument("--rate", type=float, default=2000, help="datagrams per second")
+    ap.add_argument("--seconds", type=float, default=2 if quick else 10)
+    ap.add_argument("--flows", type=int, default=64)
+    ap.add_argument("--impl", action="append", choices=IMPLS)
+    args = ap.parse_args(argv)
+    runs = runs or (1 if quick else 3)
+    impls = args.impl or list(IMPLS)
+    client_cpu, director_cpu = netbench.cores()
+    before = netbench.uptime()
+    lab = Lab(f"pllat{uuid.uuid4().hex[:5]}", servers=3, start_servers=False)
+    try:
+        lab.up()
+        direct_host = netbench.add_direct_path(lab)
+        exe = netbench.build_peers(lab)
+        for ns in lab.rs:
+            netbench.start_ready(lab, ns, [str(exe), "udp-echo", str(PORT)], key=f"echo-{ns}")
+
+        def one(r: int, impl: str) -> dict:
+            host = direct_host if impl == "direct" else lab.vip
+            p = lab.run(lab.client, ["taskset", "-c", client_cpu, str(exe), "udp-ping", host,
+                                     str(PORT), str(args.rate), str(args.seconds),
+                                     str(args.flows)], timeout=args.seconds * 3 + 30)
+            res = json.loads(p.stdout.strip().splitlines()[-1])
+            print(f"round {r + 1}/{runs} {impl:<10} " + "  ".join(
+                f"{k[:-3]} {res[k]:.1f} us" for k in PCTS) + f"  lost {res['lost']}", flush=True)
+            return res
+
+        samples, errors = netbench.interleaved(
+            impls, runs, one, lambda impl: netbench.impl_actions(
+                impl, lab, "udp", PORT, director_cpu, [1, 1, 1]))
+    finally:
+        errs = lab.down()
+        if errs:
+            print("lab teardown:", errs)
+    after = netbench.uptime()
+
+    rows = {}
+    for impl in impls:
+        got = samples.get(impl, [])
+        row = {"scenario": f"udp-pingpong-{args.rate:.0f}pps", "impl": impl, "runs": len(got),
+               "rate": args.rate, "seconds": args.seconds, "flows": args.flows,
+               "pps": None, "ns_per_packet": None, "rounds": got,
+               **{k: netbench.median_of(got, k) for k in (*PCTS, "mean_us", "max_us")},
+               "lost": sum(s["lost"] for s in got)}
+        if impl in errors:
+            row["error"] = errors[impl]
+        rows[impl] = row
+    summary = []
+    base = rows.get("direct", {})
+    for impl, row in rows.items():
+        if impl != "direct" and base.get("p50_us") and row.get("p50_us"):
+            row["added_us"] = {k: row[k] - base[k] for k in PCTS}
+            summary.append(f"{impl} adds " + ", ".join(
+                f"{k[:-3]} {v:+.1f} us" for k, v in row["added_us"].items()) + " over direct")
+    for impl, row in rows.items():
+        if row.get("p50_us"):
+            summary.append(f"{impl}: " + ", ".join(f"{k[:-3]} {row[k]:.1f} us" for k in PCTS)
+                           + f" (median of {row['runs']} rounds), lost {row['lost']}")
+    return {"results": list(rows.values()), "summary": summary,
+            "meta": {"uptime_before": before, "uptime_after": after,
+                     "client": f"bench/peers.c udp-ping, cpu {client_cpu}",
+                     "director_cpu": director_cpu,
+                     "server": "bench/peers.c udp-echo in rs1..rs3 (direct: rs1 only)"}}
+
+
+def plot(doc: dict, png) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["results"] if r.get("p50_us")]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(len(rows), 1)
+    for i, r in enumerate(rows):
+        xs = [k + (i - (len(rows) - 1) / 2) * width for k in range(len(PCTS))]
+        ax.bar(xs, [r[k] for k in PCTS], width, color=f"C{i}", label=r["impl"])
+        for k, x in enumerate(xs):
+            ax.scatter([x] * len(r["rounds"]), [s[PCTS[k]] for s in r["rounds"]], color="k",
+                       s=8, zorder=3)
+    ax.set_xticks(range(len(PCTS)))
+    ax.set_xticklabels([k[:-3].replace("_", ".") for k in PCTS])
+    ax.set_ylabel("UDP round trip, µs (median of rounds; dots: rounds)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title(f"pylvs bench latency ({doc.get('meta', {}).get('when', '')})")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
