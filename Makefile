@@ -5,9 +5,10 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := nftables iproute2 ethtool curl tcpdump netsniff-ng procps gcc python3-dev python3-venv
+APT_PACKAGES := nftables iproute2 ethtool curl tcpdump netsniff-ng procps gcc python3-dev python3-venv \
+	wrk haproxy iperf3
 # Tools whose absence means the apt step has not run on this machine.
-APT_TOOLS := nft ip ethtool curl tcpdump trafgen gcc
+APT_TOOLS := nft ip ethtool curl tcpdump trafgen gcc wrk haproxy iperf3
 FAST_SO = $(wildcard pylvs/_fast*.so)
 C_SOURCES := $(wildcard pylvs/_fast/*.c pylvs/_fast/*.h) setup.py
 
@@ -23,21 +24,37 @@ test: build
 test-fast: build
 	$(PY) -m pytest -q -m "not netns" tests
 
-bench: build
+# Only `make bench` needs these: perf and valgrind profile the engine
+# (bench/README.md, "Where the nanoseconds go").
+BENCH_APT_PACKAGES := linux-perf valgrind
+BENCH_APT_TOOLS := perf valgrind
+
+bench: build .stamp-apt-bench
 	$(PY) -m bench engine --json bench/results/engine.json
 	$(PY) -m bench e2e --json bench/results/e2e.json
 	$(PY) -m bench e2e --fwd dr --json bench/results/e2e-dr.json
 	$(PY) -m bench e2e --fwd tun --json bench/results/e2e-tun.json
+	$(PY) -m bench conn-rate --json bench/results/conn-rate.json
+	$(PY) -m bench latency --json bench/results/latency.json
+	$(PY) -m bench throughput --json bench/results/throughput.json
 
 deps: .stamp-apt
 
-.stamp-apt:
-	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+# $(call apt_install,TOOLS,PACKAGES): install PACKAGES when one of TOOLS is missing.
+define apt_install
+	@missing=""; for t in $(1); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages (missing:$$missing)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
 	fi
 	@touch $@
+endef
+
+.stamp-apt:
+	$(call apt_install,$(APT_TOOLS),$(APT_PACKAGES))
+
+.stamp-apt-bench: .stamp-apt
+	$(call apt_install,$(BENCH_APT_TOOLS),$(BENCH_APT_PACKAGES))
 
 $(VENV)/.stamp: pyproject.toml .stamp-apt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
