@@ -1,8 +1,9 @@
 """bench conn-rate: new TCP connections per second through a VS-NAT director.
 
 The VS-NAT lab of pylvs/lab/topology.py: the client namespace runs wrk
-(Debian's), one thread pinned to CPU 0, ``--conns`` concurrent connections,
-each request carrying ``Connection: close``: wrk reconnects after every
+(Debian's), one thread pinned to CPU 0, ``--conns`` concurrent connections
+(32 and 256 by default, one scenario each, both in every round), each
+request carrying ``Connection: close``: wrk reconnects after every
 response (its response_complete path closes and reopens when the response
 does not keep the connection alive), so every request is a new TCP
 connection, handshake to FIN. The real servers run bench/peers.c
@@ -90,11 +91,13 @@ def parse_wrk(out: str) -> dict:
 def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench conn-rate")
     ap.add_argument("--seconds", type=int, default=3 if quick else 20)
-    ap.add_argument("--conns", type=int, default=32, help="wrk's concurrent connections")
+    ap.add_argument("--conns", default="32,256",
+                    help="wrk's concurrent connections, comma separated: one scenario each")
     ap.add_argument("--impl", action="append", choices=IMPLS)
     args = ap.parse_args(argv)
     runs = runs or (1 if quick else 3)
     impls = args.impl or list(IMPLS)
+    levels = [int(x) for x in args.conns.split(",")]
     client_cpu, director_cpu = netbench.cores()
     before = netbench.uptime()
     lab = Lab(f"plcr{uuid.uuid4().hex[:5]}", servers=3, start_servers=False)
@@ -110,11 +113,11 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                                                key=f"srv-{ns}"))
                 for ns in lab.rs]
 
-        def one(r: int, impl: str) -> dict:
+        def wrk(r: int, impl: str, conns: int) -> dict:
             host = direct_host if impl == "direct" else lab.vip
             t0 = time.monotonic()
             p = lab.run(lab.client, ["taskset", "-c", client_cpu, "wrk", "-t1",
-                                     f"-c{args.conns}", f"-d{args.seconds}s", "--timeout", "2s",
+                                     f"-c{conns}", f"-d{args.seconds}s", "--timeout", "2s",
                                      "-H", "Connection: close", f"http://{host}:{PORT}/"],
                         timeout=args.seconds + 60)
             t1 = time.monotonic()
@@ -129,9 +132,12 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
             first = statistics.median(res["per_second"][:third] or [0])
             res["sustained"] = (statistics.median(res["per_second"][-third:]) / first
                                 if first else None)
-            print(f"round {r + 1}/{runs} {impl:<10} {res['rps']:>10,.0f} conns/s  "
+            print(f"round {r + 1}/{runs} c{conns:<4} {impl:<10} {res['rps']:>10,.0f} conns/s  "
                   f"errors {res['socket_errors']}  per second {res['per_second']}", flush=True)
             return res
+
+        def one(r: int, impl: str) -> dict:
+            return {c: wrk(r, impl, c) for c in levels}
 
         samples, errors = netbench.interleaved(
             impls, runs, one, lambda impl: netbench.impl_actions(
@@ -142,26 +148,30 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
             print("lab teardown:", errs)
     after = netbench.uptime()
 
-    rows = {}
-    for impl in impls:
-        got = samples.get(impl, [])
-        rate = netbench.median_of(got, "rps")
-        row = {"scenario": f"tcp-connection-close-c{args.conns}", "impl": impl,
-               "runs": len(got), "samples": [s["rps"] for s in got], "seconds": args.seconds,
-               "conns_per_s": rate, "pps": rate, "ns_per_packet": None,
-               "sustained": netbench.median_of(got, "sustained"),
-               "per_second": [s["per_second"] for s in got],
-               "socket_errors": [s["socket_errors"] for s in got],
-               "non_2xx": [s["non_2xx"] for s in got]}
-        if impl in errors:
-            row["error"] = errors[impl]
-        rows[impl] = row
-    summary = netbench.ratio_rows(rows, "conns_per_s", "pylvs",
-                                  ["kernel-nft", "haproxy", "direct"], samples)
+    results, summary = [], []
+    for conns in levels:
+        rows = {}
+        got_c = {impl: [s[conns] for s in samples.get(impl, [])] for impl in impls}
+        for impl in impls:
+            got = got_c[impl]
+            rate = netbench.median_of(got, "rps")
+            row = {"scenario": f"tcp-connection-close-c{conns}", "impl": impl, "conns": conns,
+                   "runs": len(got), "samples": [s["rps"] for s in got],
+                   "seconds": args.seconds, "conns_per_s": rate, "pps": rate,
+                   "ns_per_packet": None, "sustained": netbench.median_of(got, "sustained"),
+                   "per_second": [s["per_second"] for s in got],
+                   "socket_errors": [s["socket_errors"] for s in got],
+                   "non_2xx": [s["non_2xx"] for s in got]}
+            if impl in errors:
+                row["error"] = errors[impl]
+            rows[impl] = row
+        results += rows.values()
+        summary += [f"c{conns}: {line}" for line in netbench.ratio_rows(
+            rows, "conns_per_s", "pylvs", ["kernel-nft", "haproxy", "direct"], got_c, "rps")]
+        summary += [f"c{conns}: {i}: rate in the last third of the run / first third = "
+                    f"{r['sustained']:.2f}" for i, r in rows.items() if r.get("sustained")]
     summary.append("targets: pylvs/kernel-nft >= 1.2, pylvs/haproxy >= 1.5, sustained")
-    summary += [f"{i}: rate in the last third of the run / first third = {r['sustained']:.2f}"
-                for i, r in rows.items() if r.get("sustained")]
-    return {"results": list(rows.values()), "summary": summary,
+    return {"results": results, "summary": summary,
             "meta": {"uptime_before": before, "uptime_after": after,
                      "client": f"wrk -t1 -c{args.conns} -H 'Connection: close', cpu {client_cpu}",
                      "director_cpu": director_cpu,
@@ -175,18 +185,22 @@ def plot(doc: dict, png) -> None:
 
     rows = [r for r in doc["results"] if r.get("conns_per_s")]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
     ax.bar(range(len(rows)), [r["conns_per_s"] for r in rows],
-           color=[f"C{i}" for i in range(len(rows))])
+           color=[f"C{impls.index(r['impl'])}" for r in rows])
     for i, r in enumerate(rows):
         ax.scatter([i] * len(r["samples"]), r["samples"], color="k", s=8, zorder=3)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r["impl"] for r in rows])
+    ax.set_xticklabels([f"c{r['conns']}\n{r['impl']}" for r in rows], fontsize=8)
     ax.set_ylabel("new TCP connections per second (median; dots: rounds)")
-    for i, r in enumerate(rows):
+    top = max(r["conns"] for r in rows) if rows else 0
+    for r in rows:
+        if r["conns"] != top:
+            continue
         for k, series in enumerate(r["per_second"]):
-            ax2.plot(range(1, len(series) + 1), series, color=f"C{i}", alpha=0.8,
-                     label=r["impl"] if k == 0 else None)
-    ax2.set_xlabel("second of the round")
+            ax2.plot(range(1, len(series) + 1), series, color=f"C{impls.index(r['impl'])}",
+                     alpha=0.8, label=r["impl"] if k == 0 else None)
+    ax2.set_xlabel(f"second of the round (c{top}, every round)")
     ax2.set_ylabel("connections accepted by the servers per second")
     ax2.legend()
     ax2.set_ylim(bottom=0)

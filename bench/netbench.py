@@ -216,9 +216,11 @@ def median_of(got: list[dict], key: str):
 
 
 def ratio_rows(rows: dict[str, dict], key: str, num: str, bases: list[str],
-               samples: dict[str, list[dict]]) -> list[str]:
-    """Put num/base ratios of key (of medians, and the median of per-round
-    ratios) into rows[num]["ratios"]; the summary lines."""
+               samples: dict[str, list[dict]], sample_key: str | None = None) -> list[str]:
+    """Put num/base ratios of rows' key (of medians, and the median of the
+    per-round ratios of the samples' sample_key, key by default) into
+    rows[num]["ratios"]; the summary lines."""
+    sample_key = sample_key or key
     out = []
     a = rows.get(num, {}).get(key)
     for base in bases:
@@ -226,7 +228,8 @@ def ratio_rows(rows: dict[str, dict], key: str, num: str, bases: list[str],
         if not a or not b:
             continue
         rows[num].setdefault("ratios", {})[f"{num}/{base}"] = a / b
-        per = [x[key] / y[key] for x, y in zip(samples[num], samples[base]) if y.get(key)]
+        per = [x[sample_key] / y[sample_key] for x, y in zip(samples[num], samples[base])
+               if y.get(sample_key)]
         if per:
             rows[num].setdefault("ratios_per_round_median", {})[f"{num}/{base}"] = \
                 statistics.median(per)

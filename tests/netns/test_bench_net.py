@@ -36,7 +36,8 @@ def test_conn_rate_quick_round():
     from bench import conn_rate
 
     before = _namespaces("plcr")
-    doc = conn_rate.run(["--seconds", "2", "--impl", "pylvs", "--impl", "haproxy"],
+    doc = conn_rate.run(["--seconds", "2", "--conns", "64", "--impl", "pylvs",
+                         "--impl", "haproxy"],
                         runs=1, quick=True)
     rows = _rows(doc)
     assert set(rows) == {"pylvs", "haproxy"}
