@@ -96,6 +96,9 @@ from pathlib import Path
 
 from pylvs.lab.topology import Lab, LabError, wait_for_line
 
+from . import netbench
+from .netbench import kernel_nft_down, uptime as _uptime
+
 PORT = 9
 WARMUP = 1.0
 GEN_TTL = 64
@@ -328,21 +331,7 @@ def check_sinks(lab: Lab, timeout: float = 2.0) -> dict[str, str]:
 
 
 def kernel_nft_up(lab: Lab) -> None:
-    m = ", ".join(f"{i} : {rip}" for i, rip in enumerate(lab.rips))
-    lab.set_ip_forward(1)
-    lab.nft(lab.director, f"""
-table ip lb {{
-  chain pre {{
-    type nat hook prerouting priority dstnat; policy accept;
-    ip daddr {lab.vip} udp dport {PORT} dnat to numgen inc mod {len(lab.rips)} map {{ {m} }}
-  }}
-}}
-""")
-
-
-def kernel_nft_down(lab: Lab) -> None:
-    lab.run(lab.director, ["nft", "delete", "table", "ip", "lb"], check=False)
-    lab.set_ip_forward(0)
+    netbench.kernel_nft_up(lab, "udp", PORT, lab.rips)
 
 
 def kernel_nft_fwd_script(vip: str, out_mac: str, rs_macs: list[str], iface: str = "eth0") -> str:
@@ -526,13 +515,6 @@ def _stop_generator(lab: Lab, gen: subprocess.Popen) -> None:
             pass
     if gen.stderr:
         gen.stderr.close()
-
-
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "load average: %.2f, %.2f, %.2f" % os.getloadavg()
 
 
 def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:

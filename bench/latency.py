@@ -13,7 +13,9 @@ Impls (bench/netbench.py): ``pylvs`` (wlc, three Masq dests, pinned to
 the last core), ``kernel-nft`` (conntrack DNAT), ``direct`` (the client on
 the servers' bridge, to rs1: no director). ``added_us`` = the impl's
 percentile less direct's: what the director adds (its own veth hop and
-the bridge crossing it needs included).
+the bridge crossing it needs included). ``achieved_rate``: datagrams per
+second actually sent; ping-pong cannot go faster than one per round trip,
+so an impl whose round trip exceeds 1/rate runs slower than asked.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                                      str(args.flows)], timeout=args.seconds * 3 + 30)
             res = json.loads(p.stdout.strip().splitlines()[-1])
             print(f"round {r + 1}/{runs} {impl:<10} " + "  ".join(
-                f"{k[:-3]} {res[k]:.1f} us" for k in PCTS) + f"  lost {res['lost']}", flush=True)
+                f"{k[:-3]} {res[k]:.1f} us" for k in PCTS) + f"  lost {res['lost']}  "
+                f"{res['sent'] / res['elapsed_s']:.0f}/s achieved", flush=True)
             return res
 
         samples, errors = netbench.interleaved(
@@ -76,7 +79,9 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                "rate": args.rate, "seconds": args.seconds, "flows": args.flows,
                "pps": None, "ns_per_packet": None, "rounds": got,
                **{k: netbench.median_of(got, k) for k in (*PCTS, "mean_us", "max_us")},
-               "lost": sum(s["lost"] for s in got)}
+               "lost": sum(s["lost"] for s in got),
+               "achieved_rate": netbench.median_of(
+                   [{"r": s["sent"] / s["elapsed_s"]} for s in got if s.get("elapsed_s")], "r")}
         if impl in errors:
             row["error"] = errors[impl]
         rows[impl] = row

@@ -70,6 +70,27 @@ def start_ready(lab: Lab, ns: str, argv: list[str], key: str,
     return p
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0.0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_busy(lab: Lab, keys: list[str], run: Callable[[], dict]) -> dict:
+    """run() with the CPU use of lab.procs[keys] over it: run()'s result plus
+    ``cpu_busy`` {key: fraction of one core}. `ip netns exec` execs its
+    command, so the Popen's pid is the process itself."""
+    pids = {k: lab.procs[k].pid for k in keys if k in lab.procs}
+    c0, t0 = {k: cpu_seconds(p) for k, p in pids.items()}, time.monotonic()
+    res = run()
+    dt = time.monotonic() - t0
+    res["cpu_busy"] = {k: round((cpu_seconds(p) - c0[k]) / dt, 3) for k, p in pids.items()}
+    return res
+
+
 def add_direct_path(lab: Lab) -> str:
     """The `direct` impl's way to rs1 without the director; the address to use.
 

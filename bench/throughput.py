@@ -21,7 +21,9 @@ Impls, per lab (bench/netbench.py), interleaved round by round:
   encapsulate).
 
 The row's figure: the receiver's rate over the transfer
-(``end.sum_received``), median over rounds; the sender's retransmits.
+(``end.sum_received``), median over rounds; the sender's retransmits; and
+``cpu_busy``, the CPU use (fraction of one core) of `pylvs run` and of
+rs1's decapsulator over each transfer, which says which one is the limit.
 """
 
 from __future__ import annotations
@@ -64,13 +66,19 @@ def run_lab(fwd: str, impls: list[str], runs: int, seconds: float) -> tuple[list
 
         def one(r: int, impl: str) -> dict:
             host = direct_host if impl == "direct" else lab.vip
-            p = lab.run(lab.client, ["taskset", "-c", client_cpu, "iperf3", "-c", host,
-                                     "-p", str(PORT), "-t", str(seconds), "-J",
-                                     "--connect-timeout", "5000"],
-                        timeout=seconds + 60, check=False)
-            res = parse_iperf3(p.stdout)
+
+            def transfer() -> dict:
+                p = lab.run(lab.client, ["taskset", "-c", client_cpu, "iperf3", "-c", host,
+                                         "-p", str(PORT), "-t", str(seconds), "-J",
+                                         "--connect-timeout", "5000"],
+                            timeout=seconds + 60, check=False)
+                return parse_iperf3(p.stdout)
+
+            # Which process is the limit: the director's and the Tun
+            # decapsulator's CPU use over the transfer (1.0 = one core).
+            res = netbench.cpu_busy(lab, ["director", "decap-rs1"], transfer)
             print(f"round {r + 1}/{runs} {fwd:<4} {impl:<10} {res['bps'] / 1e9:6.2f} Gbit/s  "
-                  f"retransmits {res['retransmits']}", flush=True)
+                  f"retransmits {res['retransmits']}  cpu {res['cpu_busy']}", flush=True)
             return res
 
         # iperf3 -s needs a moment before its first client.
@@ -90,7 +98,8 @@ def run_lab(fwd: str, impls: list[str], runs: int, seconds: float) -> tuple[list
         row = {"scenario": f"iperf3-tcp-{fwd}", "impl": impl, "fwd": fwd, "runs": len(got),
                "seconds": seconds, "bps": bps, "gbps": bps / 1e9 if bps else None,
                "samples": [s["bps"] for s in got], "pps": None, "ns_per_packet": None,
-               "retransmits": [s["retransmits"] for s in got]}
+               "retransmits": [s["retransmits"] for s in got],
+               "cpu_busy": [s["cpu_busy"] for s in got]}
         if impl in errors:
             row["error"] = errors[impl]
         rows[impl] = row

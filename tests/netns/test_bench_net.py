@@ -63,6 +63,7 @@ def test_latency_quick_round():
         # Ping-pong at 500/s for 1 s: every datagram answered, in order of size.
         assert got["sent"] == 500 and got["lost"] == 0, (impl, got)
         assert 0 < got["min_us"] <= got["p50_us"] <= got["p99_us"] <= got["max_us"], got
+        assert 0 < row["achieved_rate"] <= 510, row
     assert set(rows["pylvs"]["added_us"]) == {"p50_us", "p90_us", "p99_us", "p99_9_us"}
     assert _namespaces("pllat") <= before
 
@@ -76,5 +77,8 @@ def test_throughput_dr_quick_round():
     assert set(rows) == {"pylvs", "direct"}
     for impl, row in rows.items():
         assert row["fwd"] == "dr" and row["bps"] > 1e6, (impl, row)
+    # The director's CPU use over the transfer is measured (it forwarded it).
+    assert rows["pylvs"]["cpu_busy"][0]["director"] > 0, rows["pylvs"]
+    assert rows["direct"]["cpu_busy"] == [{}], rows["direct"]
     assert set(rows["pylvs"]["ratios"]) == {"pylvs/direct"}
     assert _namespaces("plthr") <= before
