@@ -24,7 +24,9 @@ second), its socket errors, and the servers' accept counters sampled every
 second (``per_second``: the sum over the servers, interpolated to whole
 seconds of the round): a rate that falls as a table fills shows there.
 ``sustained`` = the median of the last third of ``per_second`` over the
-median of its first third.
+median of its first third. ``cpu_busy``: the CPU use (fraction of one
+core) of `pylvs run` or HAProxy over the round, which says whether the
+director's core is the limit.
 """
 
 from __future__ import annotations
@@ -116,13 +118,16 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
         def wrk(r: int, impl: str, conns: int) -> dict:
             host = direct_host if impl == "direct" else lab.vip
             t0 = time.monotonic()
-            p = lab.run(lab.client, ["taskset", "-c", client_cpu, "wrk", "-t1",
-                                     f"-c{conns}", f"-d{args.seconds}s", "--timeout", "2s",
-                                     "-H", "Connection: close", f"http://{host}:{PORT}/"],
-                        timeout=args.seconds + 60)
+            # The user-space directors' CPU use says whether their core is
+            # the limit (kernel-nft works in softirq: not a process).
+            res = netbench.cpu_busy(lab, ["director", "haproxy"], lambda: {"out": lab.run(
+                lab.client, ["taskset", "-c", client_cpu, "wrk", "-t1", f"-c{conns}",
+                             f"-d{args.seconds}s", "--timeout", "2s", "-H", "Connection: close",
+                             f"http://{host}:{PORT}/"], timeout=args.seconds + 60)})
             t1 = time.monotonic()
             time.sleep(1.2)  # the servers' next once-a-second line covers t1
-            res = parse_wrk(p.stdout)
+            p = res.pop("out")
+            res.update(parse_wrk(p.stdout))
             if "rps" not in res:
                 raise RuntimeError(f"wrk printed no rate: {p.stdout[-500:]} {p.stderr[-500:]}")
             ticks = [t0 + k for k in range(int(t1 - t0) + 1)]
@@ -133,7 +138,8 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
             res["sustained"] = (statistics.median(res["per_second"][-third:]) / first
                                 if first else None)
             print(f"round {r + 1}/{runs} c{conns:<4} {impl:<10} {res['rps']:>10,.0f} conns/s  "
-                  f"errors {res['socket_errors']}  per second {res['per_second']}", flush=True)
+                  f"errors {res['socket_errors']}  cpu {res['cpu_busy']}  "
+                  f"per second {res['per_second']}", flush=True)
             return res
 
         def one(r: int, impl: str) -> dict:
@@ -161,7 +167,8 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                    "ns_per_packet": None, "sustained": netbench.median_of(got, "sustained"),
                    "per_second": [s["per_second"] for s in got],
                    "socket_errors": [s["socket_errors"] for s in got],
-                   "non_2xx": [s["non_2xx"] for s in got]}
+                   "non_2xx": [s["non_2xx"] for s in got],
+                   "cpu_busy": [s["cpu_busy"] for s in got]}
             if impl in errors:
                 row["error"] = errors[impl]
             rows[impl] = row

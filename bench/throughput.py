@@ -16,14 +16,16 @@ Impls, per lab (bench/netbench.py), interleaved round by round:
 - tun: ``pylvs`` (``-i``, IPIP) with `pylvs realserver run`, the user-space
   decapsulator, in rs1 (these machines have no ipip module): it reads each
   IPIP packet from a raw socket and writes the inner one to a TUN device,
-  one Python system call pair per packet, and is the limit of this row, not
-  the director. ``direct`` as in dr. No kernel equivalent (nftables cannot
+  one Python system call pair per packet, expected to be the limit of this
+  row (``cpu_busy`` shows how busy it and the director are). ``direct`` as
+  in dr. No kernel equivalent (nftables cannot
   encapsulate).
 
 The row's figure: the receiver's rate over the transfer
 (``end.sum_received``), median over rounds; the sender's retransmits; and
 ``cpu_busy``, the CPU use (fraction of one core) of `pylvs run` and of
-rs1's decapsulator over each transfer, which says which one is the limit.
+rs1's decapsulator over each transfer (on a loaded machine a figure below
+1.0 may also mean a process waited for a CPU).
 """
 
 from __future__ import annotations
@@ -121,8 +123,8 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
         rows, lines = run_lab(fwd, list(IMPLS[fwd]), runs, args.seconds)
         results += rows
         summary += lines
-    summary.append("tun: the real server's user-space decapsulator (pylvs realserver run) "
-                   "is the limit of the pylvs row")
+    summary.append("tun: the real server decapsulates in user space (pylvs realserver run); "
+                   "cpu_busy gives its CPU use and the director's")
     return {"results": results, "summary": summary,
             "meta": {"uptime_before": before, "uptime_after": netbench.uptime(),
                      "client": "iperf3 -c, cpu 0", "director_cpu": netbench.cores()[1],
