@@ -1,0 +1,131 @@
+"""The TAP backend end to end: `pylvs run --tap` in the `--io tap` lab.
+
+The lab (pylvs/lab/topology.py, ``io="tap"``, netns-labs/tap/README.md) is
+the routed mixed lab whose director namespace only bridges: eth0 with tap0
+(the front segment: router, DR real servers) and eth1 with tap1 (the NAT
+real servers). pylvs owns 10.0.0.1/24, 10.0.1.1/24 and the VIP, answers ARP
+and ping for them and resolves its neighbours by ARP itself.
+
+The HTTP tests of test_fwd_methods.py (1 B, 100 KB, 10 MB downloads and a
+2 MB upload byte for byte through NAT, DR, Tun IPIP and GUE each alone;
+weights across the three methods; `-e` keeping running conns) run here
+unchanged over the TAP backend: they are imported, and this module's
+``mixed`` fixture gives them a TAP lab.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+
+from pylvs.lab.topology import Lab
+from test_fwd_methods import (PORT, assert_content, download,  # noqa: F401 (tests rerun here)
+                              test_edit_method_keeps_running_conns, test_http_byte_for_byte,
+                              test_mixed_service_distributes_by_weight, whoami_many)
+
+pytestmark = pytest.mark.netns
+
+MAC = "02:00:00:00:aa:01"   # the director's on tap0 (tap1: ...:02)
+
+
+@pytest.fixture
+def mixed(director_lab) -> Lab:
+    return director_lab(fwd="mixed", servers=3, io="tap", run_args=("--mac", MAC))
+
+
+PING = r"""
+import socket, struct, sys, json
+def csum(b):
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.settimeout(1)
+got = {}
+for dst in sys.argv[1:]:
+    body = struct.pack('!BBHHH', 8, 0, 0, 0x4242, 7) + b'pylvs-ping'
+    body = body[:2] + struct.pack('!H', csum(body)) + body[4:]
+    for _ in range(3):
+        s.sendto(body, (dst, 0))
+        try:
+            while True:
+                d, a = s.recvfrom(2000)
+                ihl = (d[0] & 15) * 4
+                if a[0] == dst and d[ihl] == 0 and d[ihl + 8:] == b'pylvs-ping':
+                    got[dst] = True
+                    break
+        except socket.timeout:
+            continue
+        break
+print(json.dumps(got))
+"""
+
+
+def test_ping_and_arp(mixed: Lab):
+    """Ping answered for the VIP (once a service holds it) and both DIPs,
+    from the client behind the router and from a NAT real server; the
+    neighbours learn the director's MAC, not the TAP device's."""
+    lab = mixed
+    lab.service("tcp", PORT, [1, None, None])
+    # (The router has no route to the NAT segment: the client cannot reach dip.)
+    got = lab.py(lab.client, PING, args=(lab.vip, lab.dip0))
+    assert got == {lab.vip: True, lab.dip0: True}
+    assert lab.py(lab.rs[0], PING, args=(lab.dip,)) == {lab.dip: True}
+    assert lab.mac(lab.director, "tap0") != MAC
+    neigh = lab.run(lab.router_ns, ["ip", "neigh", "show", lab.vip]).stdout
+    assert MAC in neigh, neigh
+    st = lab.stats()
+    assert st["echo_replies_sent"] >= 3 and st["arp_replies_sent"] >= 2, st
+    # A service on a new VIP: announced (gratuitous ARP), then pingable.
+    lab.adm("-A", "-t", "10.0.0.101:80", "-s", "rr")
+    assert lab.py(lab.client, PING, args=("10.0.0.101",)) == {"10.0.0.101": True}
+
+
+SEND = r"""
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+for h in sys.argv[2:]:
+    s.send(bytes.fromhex(h))
+print("{}")
+"""
+
+
+def test_malformed_frames_counted(mixed: Lab, tmp_path):
+    """Malformed frames written into the TAP (an AF_PACKET socket on tap0 in
+    the director namespace: the kernel transmits them to pylvs; through the
+    lab's bridges they would not come, br_netfilter drops bad IPv4 headers)
+    are counted where they fail, and the director goes on serving."""
+    lab = mixed
+    lab.service("tcp", PORT, [None, 1, None])
+    src = bytes.fromhex(lab.mac(lab.rs[1], "eth0").replace(":", ""))
+    dst = bytes.fromhex(MAC.replace(":", ""))
+    ip_hdr = lambda ihl_byte, proto=6: (bytes([ihl_byte, 0]) + struct.pack("!H", 40)  # noqa: E731
+                                        + bytes(4) + bytes([64, proto, 0, 0])
+                                        + socket.inet_aton(lab.rips[1])
+                                        + socket.inet_aton(lab.vip) + bytes(20))
+    frames = {
+        "drop_truncated": dst + src + b"\x08\x00" + bytes(6),        # IPv4, 6 bytes of header
+        "drop_bad_ip": dst + src + b"\x08\x00" + ip_hdr(0x44),     # IHL 4
+        "host_bad_frames": dst + src + b"\x08\x06" + bytes(10),    # ARP, 10 bytes of body
+    }
+    before = lab.stats()
+    for _ in range(3):
+        lab.py(lab.director, SEND, args=["tap0", *(f.hex() for f in frames.values())])
+    deadline = time.monotonic() + 5
+    while True:
+        st = lab.stats()
+        grown = {k: st[k] - before[k] for k in frames}
+        if all(v >= 3 for v in grown.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(v >= 3 for v in grown.values()), grown
+    assert lab.procs["director"].poll() is None
+    assert whoami_many(lab, 2) == ["rs2", "rs2"]
+    rc, code, err = download(lab, 100_000, tmp_path / "after")
+    assert (rc, code) == (0, "200"), err
+    assert_content(tmp_path / "after", 100_000)
