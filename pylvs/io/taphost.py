@@ -126,14 +126,19 @@ class Neigh:
 
 class HostState:
     """The NetState the daemon's network watcher would give (ports.NetState):
-    built once from the options, it never changes."""
+    built once from the options, it never changes. ``start`` reports it to
+    ``on_change`` (the daemon sets that first), as NetWatcher reports its
+    first reading."""
 
     def __init__(self, state):
         self.state = state
         self.on_change = None
+        self._started = False
 
     def start(self) -> None:
-        pass
+        if not self._started and self.on_change is not None:
+            self._started = True
+            self.on_change(self.state)
 
     def close(self) -> None:
         pass

@@ -16,6 +16,7 @@ unchanged over the TAP backend: they are imported, and this module's
 from __future__ import annotations
 
 import socket
+import subprocess
 import struct
 import time
 
@@ -129,3 +130,23 @@ def test_malformed_frames_counted(mixed: Lab, tmp_path):
     rc, code, err = download(lab, 100_000, tmp_path / "after")
     assert (rc, code) == (0, "200"), err
     assert_content(tmp_path / "after", 100_000)
+
+
+def test_tun_outer_source_is_the_dip(mixed: Lab, tmp_path):
+    """VS-Tun's outer packets leave from the egress port's --addr (dip0),
+    and the engine has the TAP ports' MTU: a client upload is answered with
+    frag-needed for the tunnel's smaller MTU instead of vanishing."""
+    lab = mixed
+    lab.service("tcp", PORT, [None, None, 1])
+    cap = lab.popen(lab.rs[2], ["timeout", "10", "tcpdump", "-nli", "eth0", "-c", "1",
+                                "ip proto 4"], stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    assert whoami_many(lab, 1) == ["rs3"]
+    out = cap.communicate(timeout=15)[0].decode()
+    assert f"{lab.dip0} > {lab.rips[2]}" in out, out
+    body = tmp_path / "up"
+    body.write_bytes(bytes(3_000_000))
+    p = lab.curl("/sink", "-T", str(body), max_time=20, check=False)
+    assert p.returncode == 0 and p.stdout.split()[0] == "3000000", p.stderr
+    assert lab.stats()["icmp_frag_needed_sent"] > 0
