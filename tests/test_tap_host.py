@@ -48,7 +48,8 @@ def make_host(gateway: str | None = GW):
     clock = Clock()
     host = TapHost([Iface(ip(DIP0), 24, 1500, mac(MAC0)), Iface(ip(DIP), 24, 1400, mac(MAC1))],
                    ip(gateway) if gateway else None,
-                   send=lambda port, frame: sent.append((port, frame)), clock=clock)
+                   send=lambda port, frame: sent.append((port, frame)), clock=clock,
+                   thread=False)
     host.set_vips([ip(VIP)])
     sent.clear()   # the VIP's announcements (test_announce checks them)
     return host, sent, clock
@@ -303,7 +304,7 @@ def test_send_errors_are_counted():
     def refuse(port, frame):
         raise OSError(5, "EIO")
 
-    host = TapHost([Iface(ip(DIP0), 24, 1500, mac(MAC0))], send=refuse)
+    host = TapHost([Iface(ip(DIP0), 24, 1500, mac(MAC0))], send=refuse, thread=False)
     host.handle(vnet(arp_req(CMAC, CIP, DIP0)), 0)
     assert host.counters["host_send_errors"] == 1
 
@@ -313,3 +314,37 @@ def test_runt_and_bad_port():
     host.handle(b"\0" * 12, 0)
     host.handle(vnet(arp_req(CMAC, CIP, DIP0)), 7)
     assert host.counters["host_bad_frames"] == 2 and sent == []
+
+
+# --- options of `pylvs run --tap` ---------------------------------------------
+
+RUN_ERRORS = [
+    (["--tap", "t0"], "1 --tap but 0 --addr"),
+    (["--tap", "t0", "--addr", "10.0.0.1"], "give the prefix length"),
+    (["--tap", "t0", "--addr", "10.0.0.300/24"], "--addr"),
+    (["--tap", "t0", "--addr", "10.0.0.1/24", "--mac", "01:00:00:00:00:01"], "not a unicast"),
+    (["--tap", "t0", "--addr", "10.0.0.1/24", "--mac", "zz"], "not a MAC"),
+    (["--tap", "t0", "--addr", "10.0.0.1/24", "--gateway", "x"], "--gateway 'x'"),
+    (["--tap", "t0", "--addr", "10.0.0.1/24", "--iface", "eth0"], "neither --iface"),
+    (["--addr", "10.0.0.1/24"], "go with --tap"),
+]
+
+
+@pytest.mark.parametrize("argv,message", RUN_ERRORS, ids=[" ".join(a) for a, _ in RUN_ERRORS])
+def test_run_option_errors(argv, message, capsys):
+    from pylvs.runtime import daemon
+
+    with pytest.raises(SystemExit) as e:
+        daemon.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_macs_and_addrs():
+    from pylvs.io import tap
+
+    for _ in range(20):
+        m = tap.random_mac()
+        assert len(m) == 6 and m[0] & 3 == 2   # unicast, locally administered
+    assert tap.parse_mac("02:00:00:00:aa:01") == bytes.fromhex("02000000aa01")
+    assert tap.parse_addr("10.0.1.1/24") == (ip("10.0.1.1"), 24)

@@ -154,13 +154,15 @@ class TapHost:
     source of ARP requests and of VS-Tun's outer packets). ``gateway``: the
     next hop of the default route (host order), inside one port's prefix,
     or None. ``send(port, frame)`` writes one frame; ``clock`` gives the
-    time base of the neighbour timers. Raises ValueError for a gateway no
-    prefix holds.
+    time base of the neighbour timers, which run in a thread of their own
+    started by the first ``resolve`` (``thread=False``: the caller calls
+    ``tick``). Raises ValueError for a gateway no prefix holds.
     """
 
     def __init__(self, ifaces: list[Iface], gateway: int | None = None, *,
                  send: Callable[[int, bytes], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, rp_filter: int = 1):
+                 clock: Callable[[], float] = time.monotonic, rp_filter: int = 1,
+                 thread: bool = True):
         self.ifaces = list(ifaces)
         self.gateway = gateway
         self.gw_port = None
@@ -180,6 +182,8 @@ class TapHost:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        if not thread:
+            self._stop.set()
         self.on_change: Optional[Callable[[int], None]] = None
         self.on_local_change: Optional[Callable[[frozenset[str]], None]] = None
         self.net = HostState(self._net_state())

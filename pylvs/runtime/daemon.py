@@ -759,7 +759,10 @@ def main(argv: list[str] | None = None) -> int:
                 tapmod.parse_mac(a.mac)
             if a.gateway:
                 import ipaddress
-                ipaddress.IPv4Address(a.gateway)
+                try:
+                    ipaddress.IPv4Address(a.gateway)
+                except ValueError:
+                    raise ValueError(f"--gateway {a.gateway!r}: not an IPv4 address") from None
         except ValueError as e:
             ap.error(str(e))
     elif a.tap_addrs or a.gateway or a.mac:
