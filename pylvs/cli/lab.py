@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         for rec in recs:
             nss = rec.get("namespaces", [])
             alive = [ns for ns in nss if topology.netns_exists(ns)]
-            print(f"{rec['name']}: {rec.get('fwd', 'nat')} ({rec.get('io', 'afpacket')}), "
-                  f"{len(alive)}/{len(nss)} "
+            io = " over tap" if rec.get("io") == "tap" else ""
+            print(f"{rec['name']}: {rec.get('fwd', 'nat')}{io}, {len(alive)}/{len(nss)} "
                   f"namespaces present")
             for ns in nss:
                 print(f"  {'up  ' if ns in alive else 'gone'} {ns}")
