@@ -44,6 +44,9 @@ import select
 import struct
 import threading
 
+import numpy as np
+
+from .. import _fast
 from ..engine import tables
 from . import Port
 from .taphost import Iface, TapHost, vips_of
@@ -54,6 +57,10 @@ TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 TUN_F_CSUM, TUN_F_TSO4 = 0x01, 0x02
 BATCH = 64   # frames read per forward call at most (each a read syscall)
+# The backend's counters, in the order _fast.tap_forward writes them (tap.c).
+TAP_COUNTERS = ("rx_frames", "rx_oversize", "tx_frames", "tx_errors", "emit_sent",
+                "emit_errors", "tx_bad_port", "polls", "poll_timeouts", "fwd_calls", "rx_errors")
+TAP_INDEX = {name: i for i, name in enumerate(TAP_COUNTERS)}
 EMIT_PER_FRAME = 96 << 10
 
 
@@ -123,9 +130,8 @@ class TapBackend:
         self.devs = []
         self.ports: list[Port] = []
         self._lock = threading.Lock()
-        self.counters = dict.fromkeys(("rx_frames", "rx_oversize", "tx_frames", "tx_errors",
-                                       "emit_sent", "emit_errors", "tx_bad_port", "polls",
-                                       "poll_timeouts", "fwd_calls"), 0)
+        # Written by _fast.tap_forward (tap.c) or the Python loop alike.
+        self._counts = np.zeros(len(TAP_COUNTERS), dtype=np.uint64)
         # Room in the emit area for every frame of a batch to be a 64 KiB
         # GSO frame cut into segments and tunneled (VS-Tun): what one frame
         # makes stays under 96 KiB in 64 frames (MTU 1280 and more;
@@ -151,8 +157,20 @@ class TapBackend:
 
     def forward(self, engine, now: float, timeout: float) -> int:
         """Read what the TAPs hold (waiting up to ``timeout`` s), run the
-        engine, write the results; returns the frames handed to the engine."""
-        self.counters["fwd_calls"] += 1
+        engine, write the results; returns the frames handed to the engine.
+        The C engine runs in _fast.tap_forward (system calls without the
+        GIL, V_PASS frames handed back for the host); other engines through
+        recv/process/send."""
+        ms = max(0, int(timeout * 1000))
+        if _fast.Engine is not None and isinstance(engine, _fast.Engine):
+            b = self._batch
+            n, passed = _fast.tap_forward(engine, self.fds, now, ms, b.buf,
+                                          (b.emit_buf, b.emit_off, b.emit_len, b.emit_port),
+                                          self._counts)
+            for port, frame in passed:
+                self.host.handle(frame, port)
+            return n
+        self._count("fwd_calls")
         n = self.recv(self._batch, timeout)
         if n:
             engine.process(self._batch, now)
@@ -163,9 +181,9 @@ class TapBackend:
         """Up to batch.size frames, each one read() (a TAP gives one frame a
         read), ports taken in turn; waits up to ``timeout`` s for the first."""
         batch.clear()
-        self.counters["polls"] += 1
+        self._count("polls")
         if not self._poll.poll(max(0, int(timeout * 1000))):
-            self.counters["poll_timeouts"] += 1
+            self._count("poll_timeouts")
             return 0
         live = list(range(len(self.fds)))
         while live and batch.count < batch.size:
@@ -180,15 +198,16 @@ class TapBackend:
                     continue
                 except OSError as e:   # EBADFD while the device goes away
                     log.debug("reading port %d: %s", port, e)
+                    self._count("rx_errors")
                     live.remove(port)
                     continue
                 if n >= batch.slot:
-                    self.counters["rx_oversize"] += 1
+                    self._count("rx_oversize")
                     continue
                 batch.length[i], batch.in_port[i] = n, port
                 batch.verdict[i], batch.out_port[i] = tables.V_PASS, 0
                 batch.count = i + 1
-        self.counters["rx_frames"] += batch.count
+        self._count("rx_frames", batch.count)
         return batch.count
 
     def send(self, batch: tables.Batch) -> int:
@@ -209,16 +228,19 @@ class TapBackend:
 
     def _write(self, port: int, frame, ok: str, bad: str) -> int:
         if port >= len(self.fds):
-            self.counters["tx_bad_port"] += 1
+            self._count("tx_bad_port")
             return 0
         try:
             os.write(self.fds[port], frame)
         except OSError as e:   # EIO without carrier, EINVAL for a bad vnet header
-            self.counters[bad] += 1
+            self._count(bad)
             log.debug("writing port %d: %s", port, e)
             return 0
-        self.counters[ok] += 1
+        self._count(ok)
         return 1
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self._counts[TAP_INDEX[name]] += n
 
     def write_frame(self, port: int, frame: bytes) -> None:
         """The host's way out (ARP requests and answers): one frame, vnet
@@ -237,7 +259,7 @@ class TapBackend:
         ``host_*``), and ``rx_dropped``: frames the kernel could not queue
         to the TAP (its ``tx_dropped`` in /proc/net/dev: this reader's
         namespace)."""
-        out = dict(self.counters)
+        out = {k: int(v) for k, v in zip(TAP_COUNTERS, self._counts)}
         out.update(self.host.counters)
         out["rx_dropped"] = sum(_tx_dropped(p.name) for p in self.ports)
         return out
