@@ -218,3 +218,32 @@ def test_backend_loops_in_a_namespace(uid, impl):
         assert any("echo-reply" in g for g in out["got"]), out
     finally:
         remove_netns(ns)
+
+
+QUEUES = r"""
+import json, subprocess
+from pylvs.io import tap
+bs = tap.open_workers(["t0"], 2, addrs=["10.9.0.1/24"])
+link = subprocess.run(["ip", "-d", "link", "show", "t0"], capture_output=True, text=True).stdout
+print(json.dumps({"shared": bs[1].host is bs[0].host, "fds": len({b.fds[0] for b in bs}),
+                  "macs": len({b.ports[0].mac for b in bs}), "link": link}))
+"""
+
+
+def test_one_queue_per_worker(uid):
+    """open_workers(n=2): two queues of one multi-queue TAP, one host."""
+    import json as _json
+
+    from pylvs.lab.topology import _repo_root, remove_netns
+
+    ns = f"pl{uid}-tapq"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", QUEUES],
+                           capture_output=True, text=True, timeout=60, cwd=_repo_root())
+        assert p.returncode == 0, p.stderr
+        out = _json.loads(p.stdout.strip().splitlines()[-1])
+        assert (out["shared"], out["fds"], out["macs"]) == (True, 2, 1), out
+        assert "multi_queue numqueues 2" in out["link"], out["link"]
+    finally:
+        remove_netns(ns)
