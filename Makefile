@@ -5,11 +5,12 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := nftables iproute2 ethtool curl tcpdump netsniff-ng procps gcc python3-dev python3-venv
+APT_PACKAGES := nftables iproute2 ethtool curl tcpdump netsniff-ng procps gcc python3-dev python3-venv \
+	clang llvm libbpf-dev bpftool
 # Tools whose absence means the apt step has not run on this machine.
-APT_TOOLS := nft ip ethtool curl tcpdump trafgen gcc
+APT_TOOLS := nft ip ethtool curl tcpdump trafgen gcc clang llvm-strip bpftool
 FAST_SO = $(wildcard pylvs/_fast*.so)
-C_SOURCES := $(wildcard pylvs/_fast/*.c pylvs/_fast/*.h) setup.py
+C_SOURCES := $(wildcard pylvs/_fast/*.c pylvs/_fast/*.h pylvs/bpf/*.c) setup.py
 
 .PHONY: demo test test-fast bench deps build clean lab-clean
 
@@ -56,4 +57,4 @@ lab-clean: build
 	$(PY) -m pylvs.cli.main lab down --all
 
 clean:
-	rm -rf build *.egg-info pylvs/_fast*.so .stamp-build
+	rm -rf build *.egg-info pylvs/_fast*.so pylvs/_bpf*.so pylvs/bpf/*.bpf.o .stamp-build

@@ -1,31 +1,65 @@
-"""nftables steering in the director's namespace (never the root one)."""
+"""Steering in the director's namespace (never the root one): the nft table
+and the tcx BPF program apply the same rules (pylvs/control/steering.py);
+the behaviour tests run on both (``S`` in the snippets is the class under
+test)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
 
 import pytest
 
-from nsio import Trio, sh
+import sys
+
+from nsio import REPO, Trio, sh
 
 pytestmark = pytest.mark.netns
+
+KINDS = ["bpf", "nft"]
+CLASSES = {"bpf": "BpfSteering", "nft": "NftSteering"}
 
 
 def nft(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return sh("ip", "netns", "exec", ns, "nft", *args, check=check)
 
 
-def steer(trio: Trio, body: str):
-    code = ("import json\nfrom pylvs.control.steering import Steering\n"
-            "from pylvs.io.bpf import ip\n" + body)
-    return trio.py(trio.d, code)
+def _prelude(kind: str) -> str:
+    return ("import json, sys\nfrom pylvs.control import steering\n"
+            f"from pylvs.control.steering import {CLASSES[kind]} as S\n"
+            "from pylvs.io.bpf import ip\n")
 
 
-def test_rules_match_the_listing(trio):
+def steer(trio: Trio, body: str, kind: str = "nft"):
+    return trio.py(trio.d, _prelude(kind) + body)
+
+
+@contextlib.contextmanager
+def steering_held(trio: Trio, kind: str, body: str):
+    """Steering set up by ``body`` (which binds ``s``) in a process of the
+    director's namespace that keeps it until the block ends (a BPF program
+    lives as long as its process)."""
+    code = _prelude(kind) + body + (
+        "\nprint('ready', flush=True)\nsys.stdin.read()\ns.remove()\n")
+    p = subprocess.Popen(["ip", "netns", "exec", trio.d, sys.executable, "-c", code],
+                         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        yield p
+    finally:
+        p.stdin.close()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def test_nft_rules_match_the_listing(trio):
     steer(trio, """
-s = Steering(["d0", "d1"])
+s = S(["d0", "d1"])
 s.apply([(6, ip("10.9.0.1"), 80), (17, ip("10.9.0.1"), 53)],
         [(6, ip("10.9.1.2"), 8080)], ["10.9.0.1", "10.9.1.1"])
 print(json.dumps(None))
@@ -44,34 +78,71 @@ print(json.dumps(None))
     assert "elements = { 10.9.1.2 }" in text  # rsaddrs
     assert text.count("meta pkttype != host jump not_host") == 2
     assert "counter not_host" in text
-    # The root namespace is left alone.
-    assert "pylvs" not in sh("nft", "list", "tables").stdout or True
 
 
-def test_update_replaces_set_contents(trio):
-    steer(trio, """
-s = Steering(["d0"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_update_replaces_set_contents(trio, kind):
+    res = steer(trio, """
+s = S(["d0"])
 s.apply([(6, ip("10.9.0.1"), 80)], [(6, ip("10.9.1.2"), 8080)], ["10.9.0.1"])
-s.apply([(6, ip("10.9.0.1"), 443)], [], ["10.9.0.1"])
-print(json.dumps(None))
-""")
-    text = nft(trio.d, "list", "table", "netdev", "pylvs").stdout
-    assert "10.9.0.1 . tcp . 443" in text
-    assert ". 80" not in text and "8080" not in text
+first = s.sets()
+s.apply([(6, ip("10.9.0.1"), 443), (17, ip("10.9.0.7"), 53)], [], ["10.9.0.1", "10.9.1.1"])
+print(json.dumps([first, s.sets()]))
+s.remove()
+""", kind)
+    a, v, r, rip = ip("10.9.0.1"), ip("10.9.0.7"), ip("10.9.1.1"), ip("10.9.1.2")
+    assert res[0] == {"services": [[6, a, 80]], "realservers": [[6, rip, 8080]],
+                      "rsaddrs": [rip], "vips": [a], "local": [a]}
+    assert res[1] == {"services": [[6, a, 443], [17, v, 53]], "realservers": [],
+                      "rsaddrs": [], "vips": [a, v], "local": [a, r]}
+
+
+def ip(text: str) -> int:
+    import ipaddress
+    return int(ipaddress.IPv4Address(text))
+
+
+def test_bpf_change_updates_the_maps_without_reattaching(trio):
+    # One program, one link per interface for the director's whole life: a
+    # table change rewrites map entries only, and another process sees the
+    # same sets through the attached program.
+    res = steer(trio, """
+from pylvs import _bpf
+import socket
+s = S(["d0", "d1"])
+def links():
+    return [(l.id, l.prog_id) for l in s.links]
+def attached():
+    return [_bpf.tcx_query(socket.if_nametoindex(n)) for n in ("d0", "d1")]
+before = (links(), attached())
+s.apply([(6, ip("10.9.0.1"), 80)], [(6, ip("10.9.1.2"), 8080)], ["10.9.0.1"])
+s.apply([(6, ip("10.9.0.1"), 81)], [], ["10.9.0.1"])
+after = (links(), attached(), steering.attached("d1"))
+s.remove()
+print(json.dumps([before, after, attached()]))
+""", "bpf")
+    (links0, att0), (links1, att1, seen), gone = res
+    prog = links0[0][1]
+    assert links0 == links1 and att0 == att1 == [[prog], [prog]]
+    assert links0[0][0] != links0[1][0] and links0[1][1] == prog  # one link per port
+    assert seen["prog_id"] == prog
+    assert seen["sets"]["services"] == [[6, ip("10.9.0.1"), 81]]
+    assert seen["sets"]["realservers"] == [] and seen["sets"]["local"] == [ip("10.9.0.1")]
+    assert gone == [[], []]
 
 
 def test_stale_table_is_replaced_and_removed_on_stop(trio):
     nft(trio.d, "add", "table", "netdev", "pylvs")
     nft(trio.d, "add", "chain", "netdev", "pylvs", "leftover")
     steer(trio, """
-s = Steering(["d0", "d1"])
+s = S(["d0", "d1"])
 s.apply([], [], [])
 print(json.dumps(None))
 """)
     text = nft(trio.d, "list", "table", "netdev", "pylvs").stdout
     assert "leftover" not in text and "chain in_d0" in text
     steer(trio, """
-s = Steering(["d0", "d1"])
+s = S(["d0", "d1"])
 s.remove()
 s.remove()  # already gone: still fine
 print(json.dumps(None))
@@ -79,13 +150,27 @@ print(json.dumps(None))
     assert nft(trio.d, "list", "table", "netdev", "pylvs", check=False).returncode != 0
 
 
+def test_bpf_start_removes_a_table_left_by_a_killed_nft_run(trio):
+    nft(trio.d, "add", "table", "netdev", "pylvs")
+    res = steer(trio, """
+s = steering.open_steering(["d0"])
+print(json.dumps(s.kind))
+""")
+    assert res == "bpf"
+    assert nft(trio.d, "list", "table", "netdev", "pylvs", check=False).returncode != 0
+
+
 def test_clear_errors(trio):
     res = steer(trio, """
-from pylvs.control.steering import SteeringError
+from pylvs.control.steering import SteeringError, NftSteering, BpfSteering
 out = []
-for kw, ifs in (({"nft": "/nonexistent/nft"}, ["d0"]), ({}, ['d0"; flush ruleset; "'])):
+for make in (lambda: NftSteering(["d0"], nft="/nonexistent/nft"),
+             lambda: NftSteering(['d0"; flush ruleset; "']),
+             lambda: BpfSteering(["nosuchif"]),
+             lambda: BpfSteering(["d0"], obj_path="/nonexistent.bpf.o"),
+             lambda: steering.open_steering(["d0"], "bpf", max_services=0)):
     try:
-        Steering(ifs, **kw).apply([], [], [])
+        make().apply([], [], [])
         out.append("no error")
     except SteeringError as e:
         out.append(str(e))
@@ -93,6 +178,9 @@ print(json.dumps(out))
 """)
     assert "'/nonexistent/nft' not found" in res[0]
     assert res[1].startswith("nftables: unusable interface name")
+    assert res[2] == "steering: no interface 'nosuchif' in this namespace"
+    assert res[3].startswith("BPF steering: opening BPF object /nonexistent.bpf.o"), res[3]
+    assert "max_entries 0 out of range" in res[4], res[4]
 
 
 SERVER = """
@@ -129,23 +217,25 @@ except OSError as e:
 """)
 
 
-def test_director_own_connection_to_real_server_is_not_stolen(trio):
+@pytest.mark.parametrize("kind", KINDS)
+def test_director_own_connection_to_real_server_is_not_stolen(trio, kind):
     rs = serve(trio, trio.r, "10.9.1.2", 8080)
     vip = serve(trio, trio.d, "10.9.0.1", 80)
     try:
         # Before steering: the kernel serves both.
         assert connect(trio, trio.d, "10.9.1.2", 8080) == "hello from 10.9.1.2"
         assert connect(trio, trio.c, "10.9.0.1", 80) == "hello from 10.9.0.1"
-        steer(trio, """
-s = Steering(["d0", "d1"])
+        with steering_held(trio, kind, """
+s = S(["d0", "d1"])
 s.apply([(6, ip("10.9.0.1"), 80)], [(6, ip("10.9.1.2"), 8080)], ["10.9.0.1", "10.9.1.1"])
-print(json.dumps(None))
-""")
-        # The director's health-check-like connection to the real server
-        # still works: its replies are addressed to a local address.
-        assert connect(trio, trio.d, "10.9.1.2", 8080) == "hello from 10.9.1.2"
-        # Service traffic no longer reaches the kernel: no answer, no RST.
-        assert connect(trio, trio.c, "10.9.0.1", 80) in ("TimeoutError", "timeout")
+"""):
+            # The director's health-check-like connection to the real server
+            # still works: its replies are addressed to a local address.
+            assert connect(trio, trio.d, "10.9.1.2", 8080) == "hello from 10.9.1.2"
+            # Service traffic no longer reaches the kernel: no answer, no RST.
+            assert connect(trio, trio.c, "10.9.0.1", 80) in ("TimeoutError", "timeout")
+        # Steering removed: the kernel has the VIP's traffic again.
+        assert connect(trio, trio.c, "10.9.0.1", 80) == "hello from 10.9.0.1"
     finally:
         for p in (rs, vip):
             p.kill()
@@ -197,29 +287,30 @@ def client_gets_rs_error(trio: Trio) -> int:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_icmp_errors_from_real_servers_are_not_forwarded_by_the_kernel(trio):
+@pytest.mark.parametrize("kind", KINDS)
+def test_icmp_errors_from_real_servers_are_not_forwarded_by_the_kernel(trio, kind):
     # issue 5, item 4a: the engine translates them; the kernel must not
     # also forward them with the real server's address inside.
     sh("ip", "netns", "exec", trio.d, "sysctl", "-qw", "net.ipv4.ip_forward=1")
     assert client_gets_rs_error(trio) == 1  # the kernel routes it
-    steer(trio, """
-s = Steering(["d0", "d1"])
+    with steering_held(trio, kind, """
+s = S(["d0", "d1"])
 s.apply([(17, ip("10.9.0.1"), 53)], [(17, ip("10.9.1.2"), 53)], ["10.9.0.1", "10.9.1.1"])
-print(json.dumps(None))
-""")
-    before = trio.py(trio.d, ICMP_KIT + "print(dest_unreachs())")
-    assert client_gets_rs_error(trio) == 0
-    # Errors to the director itself stay with the kernel: from the real
-    # server to its address, and from the client side to the VIP.
-    trio.py(trio.r, ICMP_KIT + "send_frag_needed('10.9.1.1', b'to me')\nprint('null')")
-    trio.py(trio.c, ICMP_KIT + "send_frag_needed('10.9.0.1', b'to vip')\nprint('null')")
-    deadline = time.monotonic() + 5
-    while trio.py(trio.d, ICMP_KIT + "print(dest_unreachs())") < before + 2:
-        assert time.monotonic() < deadline, "the director's kernel did not get its ICMP errors"
-        time.sleep(0.1)
+"""):
+        before = trio.py(trio.d, ICMP_KIT + "print(dest_unreachs())")
+        assert client_gets_rs_error(trio) == 0
+        # Errors to the director itself stay with the kernel: from the real
+        # server to its address, and from the client side to the VIP.
+        trio.py(trio.r, ICMP_KIT + "send_frag_needed('10.9.1.1', b'to me')\nprint('null')")
+        trio.py(trio.c, ICMP_KIT + "send_frag_needed('10.9.0.1', b'to vip')\nprint('null')")
+        deadline = time.monotonic() + 5
+        while trio.py(trio.d, ICMP_KIT + "print(dest_unreachs())") < before + 2:
+            assert time.monotonic() < deadline, "the director's kernel did not get its ICMP errors"
+            time.sleep(0.1)
 
 
-def test_frames_not_for_this_host_are_refused_and_counted(trio):
+@pytest.mark.parametrize("kind", KINDS)
+def test_frames_not_for_this_host_are_refused_and_counted(trio, kind):
     # IPVS ignores frames whose packet type is not PACKET_HOST; the socket
     # filter refuses them and the steering table counts them.
     dmac = trio.mac(trio.d, "d0")
@@ -228,7 +319,7 @@ import subprocess, sys, time
 from pylvs.io.afpacket import AfPacketBackend
 from pylvs.engine import tables
 svc = [(17, ip("10.9.0.1"), 7)]
-s = Steering(["d0"])
+s = S(["d0"])
 s.apply(svc, [], ["10.9.0.1"])
 b = AfPacketBackend(["d0"])
 b.set_filter(svc, [])
@@ -252,5 +343,6 @@ while time.monotonic() < deadline:
         got.append(batch.frame(i)[10 + 14 + 20 + 8:].decode())
 print(json.dumps(dict(got=got, not_host=s.not_host())))
 b.close()
-""")
+s.remove()
+""", kind)
     assert res == dict(got=[dmac], not_host=3), res
