@@ -76,6 +76,32 @@ class Trio:
         return json.loads(out.strip().splitlines()[-1])
 
 
+STEERING_STATE = """
+import ipaddress, json, sys
+from pylvs.control import steering
+PROTOS = {6: "tcp", 17: "udp", 132: "sctp"}
+def show(name, values):
+    if name not in steering.L4_SETS:
+        return [str(ipaddress.IPv4Address(a)) for a in values]
+    return [f"{ipaddress.IPv4Address(a)} . {PROTOS.get(p, p)} . {port}"
+            for p, a, port in values]
+st = steering.attached(sys.argv[1])
+kind, sets = ("bpf", st["sets"]) if st else ("nft", steering.NftSteering([sys.argv[1]]).sets())
+print(json.dumps(sets and {"kind": kind, "sets": {k: show(k, v) for k, v in sets.items()}}))
+"""
+
+
+def steering_state(ns: str, ifname: str = "eth0") -> dict | None:
+    """How the director in ``ns`` steers ``ifname``: {"kind": "bpf" | "nft",
+    "sets": {set name: ["10.9.0.1 . tcp . 80", ...] or ["10.9.0.1", ...]}},
+    or None when nothing steers (no tcx program of pylvs, no nft table)."""
+    p = subprocess.run(["ip", "netns", "exec", ns, PY, "-c", STEERING_STATE, ifname], cwd=REPO,
+                       capture_output=True, text=True, timeout=30)
+    if p.returncode:
+        raise AssertionError(f"reading the steering of {ns}: {p.stderr}")
+    return json.loads(p.stdout)
+
+
 def nft_tables(ns: str) -> str:
     return sh("ip", "netns", "exec", ns, "nft", "list", "tables").stdout
 

@@ -346,3 +346,83 @@ b.close()
 s.remove()
 """, kind)
     assert res == dict(got=[dmac], not_host=3), res
+
+
+# --- a killed director gives the VIP back to the kernel -------------------------
+
+TCX_GONE = """
+import json, socket, sys, time
+from pylvs import _bpf
+ifindexes = [socket.if_nametoindex(n) for n in sys.argv[1:]]
+print(json.dumps([_bpf.tcx_query(i) for i in ifindexes]), flush=True)
+sys.stdin.readline()
+end = time.monotonic() + 5
+while any(_bpf.tcx_query(i) for i in ifindexes) and time.monotonic() < end:
+    time.sleep(0.002)
+print(json.dumps([time.monotonic(), [_bpf.tcx_query(i) for i in ifindexes]]), flush=True)
+"""
+
+REFUSED = """
+import json, socket, sys, time
+vip = sys.argv[1]
+print("ready", flush=True)
+sys.stdin.readline()
+end, out = time.monotonic() + 5, None
+while out is None and time.monotonic() < end:
+    s = socket.socket()
+    s.settimeout(0.2)
+    t = time.monotonic()
+    try:
+        s.connect((vip, 80))
+        out = ["connected", time.monotonic(), 0]
+    except ConnectionRefusedError:
+        out = ["refused", time.monotonic(), time.monotonic() - t]
+    except OSError:
+        pass   # dropped: try again with a new connection
+    finally:
+        s.close()
+print(json.dumps(out), flush=True)
+"""
+
+
+def _probe(lab, ns: str, code: str, *args: str) -> subprocess.Popen:
+    return lab.popen(ns, [sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, text=True)
+
+
+def test_kill_9_gives_the_vip_back_to_the_kernel_and_a_restart_takes_it(director_lab):
+    lab = director_lab(servers=1)
+    assert "steering: BPF at tcx ingress" in lab.director_log()
+    lab.nat_service("tcp", 80, (1,))
+    loop = lab.popen(lab.client, ["sh", "-c", "for i in $(seq 40); do "
+                                  + " ".join(lab.curl_argv("/whoami", max_time=1))
+                                  + "; echo; sleep 0.05; done"],
+                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    gone = _probe(lab, lab.director, TCX_GONE, *lab.director_ifaces)
+    refused = _probe(lab, lab.client, REFUSED, lab.vip)
+    before = json.loads(gone.stdout.readline())
+    assert all(len(ids) == 1 for ids in before), before   # ours, on every port
+    assert refused.stdout.readline().strip() == "ready"
+    time.sleep(0.5)   # the curl loop is under way
+
+    director = lab.procs["director"]
+    killed = time.monotonic()
+    director.kill()
+    for p in (gone, refused):
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    director.wait(5)
+    at, left = json.loads(gone.stdout.readline())
+    assert left == [[] for _ in before] and at - killed < 1.0, (at - killed, left)
+    verdict, at, took = json.loads(refused.stdout.readline())
+    # The director's kernel answers the VIP again: a RST (nothing local
+    # listens on port 80), fast, not a hang.
+    assert verdict == "refused" and at - killed < 1.0 and took < 0.1, (verdict, at - killed, took)
+
+    answers = loop.communicate(timeout=60)[0].split()
+    assert "rs1" in answers, answers   # the loop was served before the kill
+
+    # A restarted director takes the VIP back.
+    lab.start_director()
+    lab.nat_service("tcp", 80, (1,))
+    assert lab.curl("/whoami", max_time=5).stdout.strip() == "rs1"
