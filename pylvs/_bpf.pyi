@@ -50,3 +50,7 @@ def prog_info(prog_id: int) -> dict:
 
 def map_from_id(map_id: int) -> Map:
     """Open a loaded map by id."""
+
+def prog_test_run(prog_id: int, frame: bytes) -> int:
+    """A loaded program's verdict on one Ethernet frame (BPF_PROG_TEST_RUN;
+    for tc programs a frame to MAC 00:00:00:00:00:00 is PACKET_HOST)."""

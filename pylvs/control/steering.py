@@ -79,6 +79,8 @@ FAMILY = "netdev"
 PRIORITY = -500
 SETS = ("services", "realservers", "rsaddrs", "vips", "local")
 L4_SETS = ("services", "realservers")   # (proto, addr, port) keys; the others addrs
+PROTO_NAMES = {6: "tcp", 17: "udp", 132: "sctp"}   # as nft lists them
+PROTO_NUMBERS = {v: k for k, v in PROTO_NAMES.items()}
 ICMP_ERRORS = "{ destination-unreachable, source-quench, time-exceeded }"  # bpf.ICMP_ERRORS
 
 
@@ -252,7 +254,9 @@ class NftSteering:
             for e in st.get("elem", []):
                 if isinstance(e, dict) and "concat" in e:
                     a, proto, port = e["concat"]
-                    num = socket.getprotobyname(proto) if isinstance(proto, str) else int(proto)
+                    num = PROTO_NUMBERS.get(proto) if isinstance(proto, str) else int(proto)
+                    if num is None:
+                        num = socket.getprotobyname(proto)
                     out[st["name"]].append((num, int(ipaddress.IPv4Address(a)), int(port)))
                 else:
                     out[st["name"]].append(int(ipaddress.IPv4Address(e)))
@@ -395,6 +399,29 @@ def attached(ifname: str) -> dict | None:
     return None
 
 
+
+
+def _readable(name: str, values: list) -> list[str]:
+    if name not in L4_SETS:
+        return [_addr(a) for a in values]
+    return [f"{_addr(a)} . {PROTO_NAMES.get(p, p)} . {port}" for p, a, port in values]
+
+
+def describe(ifname: str, nft: str = "nft") -> dict | None:
+    """How ``ifname`` is steered in this namespace, readable: {"kind": "bpf"
+    or "nft", "sets": {name: ["10.9.0.1 . tcp . 80", ...] or ["10.9.0.1",
+    ...]}}, or None when neither a pylvs tcx program nor the nft table is
+    there. ``python -m pylvs.control.steering IFNAME...`` prints it (root)."""
+    st = attached(ifname)
+    if st is not None:
+        kind, sets = "bpf", st["sets"]
+    else:
+        kind, sets = "nft", NftSteering([ifname], nft=nft).sets()
+    if sets is None:
+        return None
+    return {"kind": kind, "sets": {k: _readable(k, v) for k, v in sets.items()}}
+
+
 def remove_stale_nft_table(nft: str = "nft") -> bool:
     """Delete a ``netdev pylvs`` table left by a killed nft-steered run or an
     older pylvs (it would keep dropping the VIPs' frames); True if one was
@@ -435,3 +462,10 @@ def open_steering(ifnames: list[str], mode: str | None = None, **limits) -> "Bpf
     log.info("steering: BPF at tcx ingress of %s (detached by the kernel when pylvs exits)",
              ", ".join(ifnames))
     return st
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name in sys.argv[1:] or ["eth0"]:
+        print(name, json.dumps(describe(name), indent=1))

@@ -77,17 +77,9 @@ class Trio:
 
 
 STEERING_STATE = """
-import ipaddress, json, sys
-from pylvs.control import steering
-PROTOS = {6: "tcp", 17: "udp", 132: "sctp"}
-def show(name, values):
-    if name not in steering.L4_SETS:
-        return [str(ipaddress.IPv4Address(a)) for a in values]
-    return [f"{ipaddress.IPv4Address(a)} . {PROTOS.get(p, p)} . {port}"
-            for p, a, port in values]
-st = steering.attached(sys.argv[1])
-kind, sets = ("bpf", st["sets"]) if st else ("nft", steering.NftSteering([sys.argv[1]]).sets())
-print(json.dumps(sets and {"kind": kind, "sets": {k: show(k, v) for k, v in sets.items()}}))
+import json, sys
+from pylvs.control.steering import describe
+print(json.dumps(describe(sys.argv[1])))
 """
 
 

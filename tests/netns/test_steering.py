@@ -412,12 +412,16 @@ def test_kill_9_gives_the_vip_back_to_the_kernel_and_a_restart_takes_it(director
         p.stdin.write("go\n")
         p.stdin.flush()
     director.wait(5)
-    at, left = json.loads(gone.stdout.readline())
-    assert left == [[] for _ in before] and at - killed < 1.0, (at - killed, left)
-    verdict, at, took = json.loads(refused.stdout.readline())
+    gone_at, left = json.loads(gone.stdout.readline())
+    assert left == [[] for _ in before] and gone_at - killed < 1.0, (gone_at - killed, left)
+    seen = json.loads(refused.stdout.readline())
+    assert seen is not None, "the VIP still black-holed 5 s after the kill"
+    verdict, at, took = seen
     # The director's kernel answers the VIP again: a RST (nothing local
     # listens on port 80), fast, not a hang.
     assert verdict == "refused" and at - killed < 1.0 and took < 0.1, (verdict, at - killed, took)
+    print(f"after kill -9: tcx empty at +{gone_at - killed:.3f} s, "
+          f"connect refused at +{at - killed:.3f} s (in {took * 1000:.1f} ms)")
 
     answers = loop.communicate(timeout=60)[0].split()
     assert "rs1" in answers, answers   # the loop was served before the kill
@@ -426,3 +430,121 @@ def test_kill_9_gives_the_vip_back_to_the_kernel_and_a_restart_takes_it(director
     lab.start_director()
     lab.nat_service("tcp", 80, (1,))
     assert lab.curl("/whoami", max_time=5).stdout.strip() == "rs1"
+
+
+# --- the BPF program's rules, frame by frame (BPF_PROG_TEST_RUN) ----------------
+
+def _rule_cases():
+    from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import ARP, Ether
+    from scapy.packet import Raw
+
+    host, other = "00:00:00:00:00:00", "02:00:00:00:00:99"  # test runs use lo's MAC
+
+    def eth(dst=host):
+        return Ether(dst=dst, src="02:00:00:00:00:01")
+
+    def icmp(src, dst, type_, code=0, to=eth()):
+        return to / IP(src=src, dst=dst) / ICMP(type=type_, code=code) / IPerror(
+            src="10.9.0.2", dst="10.9.9.9") / UDPerror(sport=40000, dport=53)
+
+    to_svc = IP(src="10.9.0.2", dst="10.9.0.1") / TCP(sport=40000, dport=80)
+    reply = IP(src="10.9.1.2", dst="10.9.0.2") / TCP(sport=8080, dport=40000)
+    # (description, frame, dropped, not_host counted)
+    return [
+        ("TCP to a service", eth() / to_svc, True, 0),
+        ("UDP to a service", eth() / IP(src="10.9.0.2", dst="10.9.0.1") / UDP(dport=53), True, 0),
+        ("TCP to the VIP, no service on the port",
+         eth() / IP(src="10.9.0.2", dst="10.9.0.1") / TCP(dport=81), False, 0),
+        ("UDP to a TCP service's port",
+         eth() / IP(src="10.9.0.2", dst="10.9.0.1") / UDP(dport=80), False, 0),
+        ("to a service, IP options before the ports",
+         eth() / IP(src="10.9.0.2", dst="10.9.0.1", options=b"\x01\x01\x01\x00")
+         / TCP(dport=80), True, 0),
+        ("first fragment to a service", eth() / IP(src="10.9.0.2", dst="10.9.0.1", flags="MF")
+         / TCP(dport=80), True, 0),
+        ("non-first fragment to a service (no ports)",
+         eth() / IP(src="10.9.0.2", dst="10.9.0.1", proto=6, frag=185) / Raw(b"\0\x50" * 8),
+         False, 0),
+        ("NAT reply from a real server to a client", eth() / reply, True, 0),
+        ("real server's reply to the director's own address",
+         eth() / IP(src="10.9.1.2", dst="10.9.1.1") / TCP(sport=8080), False, 0),
+        ("from a real server's other port",
+         eth() / IP(src="10.9.1.2", dst="10.9.0.2") / TCP(sport=22), False, 0),
+        ("frag needed from a real server to a client", icmp("10.9.1.2", "10.9.0.2", 3, 4), True, 0),
+        ("time exceeded from a real server to a client", icmp("10.9.1.2", "10.9.0.2", 11), True, 0),
+        ("source quench from a real server to a client", icmp("10.9.1.2", "10.9.0.2", 4), True, 0),
+        ("echo request from a real server to a client",
+         eth() / IP(src="10.9.1.2", dst="10.9.0.2") / ICMP(type=8), False, 0),
+        ("ICMP error from a real server to the director", icmp("10.9.1.2", "10.9.1.1", 3, 4),
+         False, 0),
+        ("ICMP error to a VIP (engine and kernel both get it)",
+         icmp("10.9.0.2", "10.9.0.1", 3, 4), False, 0),
+        ("ARP", eth("ff:ff:ff:ff:ff:ff") / ARP(pdst="10.9.0.1"), False, 0),
+        ("IPv6", eth() / IPv6() / TCP(dport=80), False, 0),
+        ("truncated IP header", eth() / Raw(bytes(IP(dst="10.9.0.1"))[:12]), False, 0),
+        ("to a service, another host's MAC", eth(other) / to_svc, False, 1),
+        ("to a service, broadcast", eth("ff:ff:ff:ff:ff:ff") / to_svc, False, 1),
+        ("to a service, multicast", eth("01:00:5e:00:00:01") / to_svc, False, 1),
+        ("NAT reply, another host's MAC", eth(other) / reply, False, 1),
+        ("ICMP error to a VIP, broadcast", icmp("10.9.0.2", "10.9.0.1", 3, 4,
+                                                eth("ff:ff:ff:ff:ff:ff")), False, 1),
+        ("ICMP error from a real server, another host's MAC",
+         icmp("10.9.1.2", "10.9.0.2", 3, 4, eth(other)), False, 1),
+        ("another host's MAC, nothing of ours",
+         eth(other) / IP(src="10.9.0.2", dst="10.9.0.1") / TCP(dport=22), False, 0),
+    ]
+
+
+RULE_CASES = _rule_cases()
+
+
+def test_bpf_program_rules_frame_by_frame(trio):
+    frames = [bytes(c[1]).hex() for c in RULE_CASES]
+    res = steer(trio, f"""
+from pylvs import _bpf
+s = S(["d0"])
+s.apply([(6, ip("10.9.0.1"), 80), (17, ip("10.9.0.1"), 53)], [(6, ip("10.9.1.2"), 8080)],
+        ["10.9.0.1", "10.9.1.1"])
+prog = s.links[0].prog_id
+out = []
+for frame in {frames!r}:
+    before = s.not_host()
+    verdict = _bpf.prog_test_run(prog, bytes.fromhex(frame))
+    out.append([verdict, s.not_host() - before])
+s.remove()
+print(json.dumps(out))
+""", "bpf")
+    got = [(c[0], v == 2, n) for c, (v, n) in zip(RULE_CASES, res)]
+    assert all(v in (0, 2) for v, _ in res), res   # TC_ACT_OK or TC_ACT_SHOT only
+    assert got == [(c[0], c[2], c[3]) for c in RULE_CASES]
+
+
+def test_falls_back_to_nft_with_one_warning_when_bpf_cannot_attach(trio):
+    # As on a kernel without tcx: the BPF object does not load or attach.
+    res = steer(trio, """
+import logging
+lines = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        lines.append([record.levelname, record.getMessage()])
+logging.getLogger("pylvs").addHandler(Keep())
+logging.getLogger("pylvs").setLevel(logging.INFO)
+bad = "/nonexistent/steer.bpf.o"
+s = steering.open_steering(["d0"], obj_path=bad)
+s.apply([(6, ip("10.9.0.1"), 80)], [], ["10.9.0.1"])
+sets = s.sets()
+try:
+    steering.open_steering(["d0"], "bpf", obj_path=bad)
+    asked = "no error"
+except steering.SteeringError as e:
+    asked = str(e)
+print(json.dumps([s.kind, sets["services"], lines, asked]))
+s.remove()
+""")
+    kind, services, lines, asked = res
+    assert kind == "nft" and services == [[6, ip("10.9.0.1"), 80]]
+    assert len(lines) == 1 and lines[0][0] == "WARNING", lines
+    assert "falling back to nftables" in lines[0][1] and "/nonexistent/steer.bpf.o" in lines[0][1]
+    assert asked.startswith("BPF steering: opening BPF object /nonexistent/steer.bpf.o")
