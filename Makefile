@@ -7,8 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := nftables iproute2 ethtool curl tcpdump netsniff-ng procps gcc python3-dev python3-venv \
 	clang llvm libbpf-dev bpftool
-# Tools whose absence means the apt step has not run on this machine.
+# Tools whose absence means the apt step has not run on this machine (checked
+# again whenever this Makefile changes, so a new package reaches old checkouts).
 APT_TOOLS := nft ip ethtool curl tcpdump trafgen gcc clang llvm-strip bpftool
+# Files, likewise, of packages that install no command (libbpf-dev).
+APT_FILES := /usr/include/bpf/libbpf.h
 FAST_SO = $(wildcard pylvs/_fast*.so)
 C_SOURCES := $(wildcard pylvs/_fast/*.c pylvs/_fast/*.h pylvs/bpf/*.c) setup.py
 
@@ -32,8 +35,9 @@ bench: build
 
 deps: .stamp-apt
 
-.stamp-apt:
+.stamp-apt: Makefile
 	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	for f in $(APT_FILES); do [ -e $$f ] || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages (missing:$$missing)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
