@@ -325,7 +325,8 @@ RUN_ERRORS = [
     (["--tap", "t0", "--addr", "10.0.0.1/24", "--mac", "01:00:00:00:00:01"], "not a unicast"),
     (["--tap", "t0", "--addr", "10.0.0.1/24", "--mac", "zz"], "not a MAC"),
     (["--tap", "t0", "--addr", "10.0.0.1/24", "--gateway", "x"], "--gateway 'x'"),
-    (["--tap", "t0", "--addr", "10.0.0.1/24", "--iface", "eth0"], "neither --iface"),
+    (["--tap", "t0", "--addr", "10.0.0.1/24", "--iface", "eth0"], "none of --iface"),
+    (["--tap", "t0", "--addr", "10.0.0.1/24", "--steering", "nft"], "nothing to steer"),
     (["--addr", "10.0.0.1/24"], "go with --tap"),
 ]
 

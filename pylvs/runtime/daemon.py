@@ -98,6 +98,9 @@ class Options:
     tap_addrs: list[str] = field(default_factory=list)
     gateway: str | None = None
     mac: str | None = None
+    # --steering: "bpf", "nft", or None (bpf, nft where tcx cannot attach);
+    # pylvs/control/steering.py.
+    steering: str | None = None
 
 
 class Daemon:
@@ -319,8 +322,14 @@ class Daemon:
             self._resolver = Resolver(self.backend.ports)
         self.resolver = self._resolver
         if self._steering is None:
-            from ..control.steering import Steering
-            self._steering = Steering([p.name for p in self.backend.ports])
+            from ..control.steering import SteeringError, open_steering
+            try:
+                self._steering = open_steering([p.name for p in self.backend.ports],
+                                               self.opts.steering,
+                                               max_services=self.opts.max_services,
+                                               max_dests=self.opts.max_dests)
+            except SteeringError as e:
+                raise SystemExit(f"pylvs run: --steering {self.opts.steering}: {e}") from None
         self.steering = self._steering
         try:
             from ..control.balancer import Balancer
@@ -449,8 +458,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop_event.set)
         # SIGHUP's default action kills the process without the clean-up
-        # below (the nft table would stay and black-hole the VIPs), and a
-        # closed terminal sends it.
+        # below (an nft steering table would stay and black-hole the VIPs),
+        # and a closed terminal sends it.
         self._loop.add_signal_handler(signal.SIGHUP, log.warning, SIGHUP_MESSAGE)
 
         path = self.opts.control or rpc.default_path()
@@ -729,6 +738,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write every frame pylvs sends (forwarded and made: ICMP "
                     "errors, RSTs, fragments, tunnel packets) to FILE, classic pcap, "
                     "Ethernet; read it with tcpdump -r (default: none)")
+    ap.add_argument("--steering", choices=("bpf", "nft"),
+                    help="how the kernel is kept away from the frames pylvs takes: bpf, a tcx "
+                    "program the kernel detaches when pylvs dies; nft, a netdev table that "
+                    "stays (dropping the VIPs' traffic) after a kill -9 until the next start "
+                    "(default: bpf, nft where the kernel cannot attach tcx programs)")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
     ap.add_argument("--tap", action="append", default=[], metavar="NAME",
@@ -746,9 +760,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.tap:
         from ..io import tap as tapmod
 
-        if a.iface or a.pcap:
-            ap.error("--tap goes with neither --iface nor --pcap (capture on the TAP itself: "
-                     "tcpdump -i NAME sees both directions)")
+        if a.iface or a.pcap or a.steering:
+            ap.error("--tap goes with none of --iface, --pcap, --steering (nothing to steer "
+                     "behind a TAP; capture on the TAP itself: tcpdump -i NAME sees both ways)")
         try:
             if len(a.tap_addrs) != len(a.tap):
                 raise ValueError(f"{len(a.tap)} --tap but {len(a.tap_addrs)} --addr: "
@@ -775,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
                    capacity=a.conn_max, engine=a.engine, max_services=a.max_services,
                    max_dests=a.max_dests, sysctls=dict(a.sysctl),
-                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, tap=a.tap,
+                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, steering=a.steering, tap=a.tap,
                    tap_addrs=a.tap_addrs, gateway=a.gateway, mac=a.mac)
     try:
         return Daemon(opts).run()
