@@ -4,7 +4,7 @@
 (python-pytun) is one port. Every frame the kernel hands to the TAP (the
 bridge it is a port of, or a hypervisor's switch) reaches pylvs only, and
 what pylvs writes leaves through it; no AF_PACKET socket, no socket filter,
-no nft table, and the namespace's own addresses and routes play no part.
+no steering (BPF or nft), and the namespace's own addresses and routes play no part.
 The director's addresses, ARP and echo live in ``TapHost``
 (pylvs/io/taphost.py): the engine passes (V_PASS) what is not virtual-service
 traffic and ``send`` hands those frames to it.
@@ -335,8 +335,9 @@ def open_workers(names: list[str], n: int, *, addrs: list[str], gateway: str | N
 
 
 class NoSteering:
-    """What replaces the nft steering table behind a TAP: the kernel never
-    sees the director's frames, so there is nothing to keep from it."""
+    """What replaces steering (pylvs/control/steering.py) behind a TAP: the
+    kernel never sees the director's frames, so there is nothing to keep
+    from it."""
 
     def apply(self, services, dests, local) -> None:
         pass
