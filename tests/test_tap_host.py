@@ -324,6 +324,7 @@ RUN_ERRORS = [
     (["--tap", "t0", "--addr", "10.0.0.300/24"], "--addr"),
     (["--tap", "t0", "--addr", "10.0.0.1/24", "--mac", "01:00:00:00:00:01"], "not a unicast"),
     (["--tap", "t0", "--addr", "10.0.0.1/24", "--mac", "zz"], "not a MAC"),
+    (["--tap", "t0", "--addr", "10.0.0.1/24", "--mac", "zz:00:00:00:00:01"], "not a MAC"),
     (["--tap", "t0", "--addr", "10.0.0.1/24", "--gateway", "x"], "--gateway 'x'"),
     (["--tap", "t0", "--addr", "10.0.0.1/24", "--iface", "eth0"], "none of --iface"),
     (["--tap", "t0", "--addr", "10.0.0.1/24", "--steering", "nft"], "nothing to steer"),

@@ -42,7 +42,6 @@ import logging
 import os
 import select
 import struct
-import threading
 
 import numpy as np
 
@@ -78,7 +77,10 @@ def parse_mac(text: str) -> bytes:
     parts = text.split(":")
     if len(parts) != 6 or not all(len(p) == 2 for p in parts):
         raise ValueError(f"not a MAC address: {text!r}")
-    mac = bytes(int(p, 16) for p in parts)
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"not a MAC address: {text!r}") from None
     if mac[0] & 1 or mac == bytes(6):
         raise ValueError(f"not a unicast MAC address: {text!r}")
     return mac
@@ -129,7 +131,6 @@ class TapBackend:
         self.host = host
         self.devs = []
         self.ports: list[Port] = []
-        self._lock = threading.Lock()
         # Written by _fast.tap_forward (tap.c) or the Python loop alike.
         self._counts = np.zeros(len(TAP_COUNTERS), dtype=np.uint64)
         # Room in the emit area for every frame of a batch to be a 64 KiB
@@ -139,7 +140,6 @@ class TapBackend:
         # never meets a full area (emit_overflow).
         self._batch = tables.Batch(BATCH, tables.MAX_FRAME, emit_bytes=BATCH * EMIT_PER_FRAME,
                                    emit_max=BATCH * 64)
-        self._rows = [memoryview(self._batch.buf[i]) for i in range(BATCH)]
         try:
             for i, name in enumerate(names):
                 dev = open_tap(name)
