@@ -247,3 +247,21 @@ def test_one_queue_per_worker(uid):
         assert "multi_queue numqueues 2" in out["link"], out["link"]
     finally:
         remove_netns(ns)
+
+
+def test_restart_takes_the_vip_back(director_lab):
+    """A restarted director (a new random MAC) is reached at once: it
+    announces its addresses by gratuitous ARP, so the client's stale
+    neighbour entry for the VIP is replaced without waiting for it to age."""
+    lab = director_lab(io="tap")
+    lab.nat_service("tcp", PORT, [1, 1], sched="rr")
+    assert whoami_many(lab, 2) == ["rs1", "rs2"]
+    before = lab.run(lab.client, ["ip", "neigh", "show", lab.vip]).stdout.split()
+    lab.stop_director()
+    lab.start_director()
+    lab.nat_service("tcp", PORT, [1, 1], sched="rr")
+    p = lab.curl("/whoami", "--connect-timeout", "2", max_time=3, check=False)
+    assert p.returncode == 0 and p.stdout.strip() == "rs1", p.stderr
+    after = lab.run(lab.client, ["ip", "neigh", "show", lab.vip]).stdout.split()
+    mac = after[after.index("lladdr") + 1]
+    assert mac != before[before.index("lladdr") + 1]
