@@ -10,6 +10,7 @@ import pytest
 
 from ipaddress import ip_address
 from pylvs.control.balancer import Balancer, BalancerError
+from pylvs.io import bpf
 from pylvs.engine import states
 from pylvs.engine.tables import (
     DEST_F_NO_ROUTE, DEST_F_RESOLVED, DEST_F_USED, FWD_MASQ, FWD_ROUTE, FWD_TUNNEL, SVC_F_USED,
@@ -919,6 +920,12 @@ def test_deleted_service_held_while_its_conns_live(env):
     assert not dests[d]["flags"] & DEST_F_USED      # the engine drops their frames
     assert b.steering_view() == {"services": [(6, VIP_INT, 8080)],
                                  "real_servers": [(6, ip("10.0.1.2"), 80)]}
+    # What the socket filter and steering read: the published tables. The
+    # real server's replies on those conns stay ours (ip_vs_out translates
+    # them whatever the dest's state), or the director's kernel would
+    # forward them untranslated.
+    assert bpf.dest_keys(svcs, dests) == [(6, ip("10.0.1.2"), 80)]
+    assert bpf.keys_of(svcs, "svc") == [(6, VIP_INT, 8080)]
     assert b.snapshot()["services"] == []           # -L no longer shows it
     assert b.schedule(s, 1, 1) == -1
     other = b.add_service("tcp", VIP, 81)
@@ -937,9 +944,30 @@ def test_deleted_service_held_while_its_conns_live(env):
     assert b.steering_view() == {"services": [(6, VIP_INT, 8080)], "real_servers": []}
     b.release_replies()
     assert len(pubs) == n + 1 and not pubs[-1][0][s]["flags"] & SVC_F_USED
+    assert bpf.dest_keys(*pubs[-1]) == []
     assert b.steering_view() == {"services": [], "real_servers": []}
     for port in range(4):                           # every slot is free again
         b.add_service("tcp", VIP, 90 + port)
+
+
+def test_deleted_nat_dest_keeps_its_replies_in_the_tables_while_its_conns_live(env):
+    """ipvsadm -d of a NAT dest with conns: the published dest table keeps a
+    DEST_F_REPLIES row (not DEST_F_USED: nothing new is sent to it) so the
+    socket filter and steering still take its replies until the conns end."""
+    b, c, pubs, res = env
+    b.add_service("tcp", VIP, 8080)
+    d = b.add_dest("tcp", VIP, 8080, "10.0.1.2", 80, fwd="masq")
+    c.dest_conns[d] = [1, 0]
+    b.del_dest("tcp", VIP, 8080, "10.0.1.2", 80)
+    svcs, dests = pubs[-1]
+    assert not dests[d]["flags"] & DEST_F_USED
+    assert bpf.dest_keys(svcs, dests) == [(6, ip("10.0.1.2"), 80)]
+    b.release_replies()
+    assert bpf.dest_keys(*pubs[-1]) == [(6, ip("10.0.1.2"), 80)]
+    c.dest_conns[d] = [0, 0]
+    b.release_replies()
+    assert bpf.dest_keys(*pubs[-1]) == []
+    assert pubs[-1][1][d]["flags"] == 0
 
 
 def test_deleted_service_without_conns_goes_at_once(env):

@@ -428,8 +428,11 @@ class Balancer:
         # Deleted services whose dests still hold conns: slot -> key.
         self._svc_held: dict[int, tuple[int, int, int]] = {}
         # Trashed dests whose replies came through the director: slot ->
-        # (proto, daddr, dport), kept in the steering view while conns live.
-        self._trash_replies: dict[int, tuple[int, int, int]] = {}
+        # (proto, daddr, dport, svc slot, fwd), kept in the steering view and
+        # in the dest table (a DEST_F_REPLIES row without DEST_F_USED: the
+        # engine sends no new packet to it, the socket filter and steering
+        # still take its replies) while conns live.
+        self._trash_replies: dict[int, tuple[int, int, int, int, int]] = {}
         self._svc_last_key: dict[int, tuple[int, int, int]] = {}
         # Who holds a slot now, and the dest slots of each daddr (for the
         # resolver's answers): the rows to rewrite after a change.
@@ -803,7 +806,8 @@ class Balancer:
             self._dest_trash[tk] = d.slot
             self._dest_trash_key[d.slot] = tk
             if forward.by_fwd(d.fwd).replies_via_director or d.replies_pending:
-                self._trash_replies[d.slot] = (svc.proto, d.daddr, self._dport(svc, d))
+                self._trash_replies[d.slot] = (svc.proto, d.daddr, self._dport(svc, d),
+                                               svc.slot, d.fwd)
         self._dest_at.pop(d.slot, None)
         self._no_route_logged.discard((svc.key, d.daddr, d.dport))
         slots = self._by_daddr.get(d.daddr)
@@ -864,6 +868,14 @@ class Balancer:
         ent = self._dest_at.get(slot)
         if ent is None:
             dests[slot] = _ZERO_DEST
+            held = self._trash_replies.get(slot)
+            if held is not None:
+                # IPVS forwards a trashed dest's replies as long as its conns
+                # live (ip_vs_out does not look at the dest): keep them ours.
+                _, daddr, dport, svc_slot, fwd = held
+                row = dests[slot]
+                row["daddr"], row["dport"], row["svc"] = daddr, dport, svc_slot
+                row["fwd"], row["flags"] = fwd, DEST_F_REPLIES
             return
         svc, d = ent
         flags, out_port, dmac, smac = DEST_F_USED, 0, _NO_MAC, _NO_MAC
@@ -997,6 +1009,7 @@ class Balancer:
         gone = [slot for slot in self._trash_replies if not self._conns_on(slot)]
         for slot in gone:
             del self._trash_replies[slot]
+            self._dirty_dest.add(slot)
         freed = []
         if self._svc_held:
             live = {tk[0] for tk, slot in self._dest_trash.items() if self._conns_on(slot)}
@@ -1185,7 +1198,7 @@ class Balancer:
                 if forward.by_fwd(d.fwd).replies_via_director or d.replies_pending:
                     reals.add((svc.proto, d.daddr, self._dport(svc, d)))
         svcs += sorted(set(self._svc_held.values()) - set(svcs))
-        reals.update(k for slot, k in self._trash_replies.items() if self._conns_on(slot))
+        reals.update(k[:3] for slot, k in self._trash_replies.items() if self._conns_on(slot))
         return {"services": svcs, "real_servers": sorted(reals)}
 
     # --- operations as data (the RPC, -R, pylvs run -c) ---------------------

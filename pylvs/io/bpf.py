@@ -116,9 +116,10 @@ def _packed_services(services: np.ndarray) -> np.ndarray:
 
 
 def _packed_dests(services: np.ndarray, dests: np.ndarray) -> np.ndarray:
-    used = dests[((dests["flags"] & tables.DEST_F_USED) != 0)
-                 & (np.isin(dests["fwd"], forward.REPLY_FWDS)
-                    | ((dests["flags"] & tables.DEST_F_REPLIES) != 0))]
+    # DEST_F_REPLIES without DEST_F_USED: a deleted dest whose conns live.
+    used = dests[(((dests["flags"] & tables.DEST_F_USED) != 0)
+                  & np.isin(dests["fwd"], forward.REPLY_FWDS))
+                 | ((dests["flags"] & tables.DEST_F_REPLIES) != 0)]
     svc = used["svc"].astype(np.intp)
     used, svc = used[svc < len(services)], svc[svc < len(services)]
     owner = services[svc]
