@@ -7,6 +7,9 @@ tree in a temporary directory give the plan a kernel with ``tunl0``.
 
 from __future__ import annotations
 
+import ipaddress
+import re
+
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -38,7 +41,12 @@ class FakeIPRoute:
         return self.addrs
 
     def get_routes(self, family, table):
-        return [{"dst_len": 0, "RTA_GATEWAY": "10.1.0.1", "RTA_OIF": self.links["eth0"]["index"],
+        if table == 255:
+            # The local table's broadcast routes (type 3) the kernel adds per address.
+            return [{"type": 3, "dst_len": 32, "RTA_DST": str(ipaddress.IPv4Interface(
+                f"{a['IFA_ADDRESS']}/{a['prefixlen']}").network.broadcast_address)}
+                for a in self.addrs if a["prefixlen"] < 31]
+        return [{"type": 1, "dst_len": 0, "RTA_GATEWAY": "10.1.0.1", "RTA_OIF": self.links["eth0"]["index"],
                  "proto": 3}]
 
     def link(self, cmd, **kw):
@@ -129,3 +137,37 @@ def test_dr_relaxes_a_strict_reverse_path_filter_on_its_interface(conf, all_rp, 
     changes = _changes(steps)
     assert changes.get(("sysctl", "eth0", "rp_filter")) == want
     assert ("sysctl", "all", "rp_filter") not in changes
+
+
+@pytest.mark.parametrize("own_rp", [0, 1])
+def test_tun_setup_with_the_decapsulator_running_keeps_its_tun_device_at_0(
+        conf, monkeypatch, own_rp):
+    """Drift put 'all' back to strict while `pylvs realserver run` runs: setup
+    lowers 'all' and raises the other devices to keep their filtering, but the
+    decapsulator's own TUN device stays at (or goes back to) 0, unrecorded."""
+    root = conf(devs=("all", "default", "lo", "eth0", "plvsdec0"))
+    (root / "plvsdec0" / "rp_filter").write_text(f"{own_rp}\n")
+    monkeypatch.setattr(config, "running_decap", lambda: {"pid": 4242, "tun": "plvsdec0"},
+                        raising=False)
+    ipr = FakeIPRoute({"lo": IFF_UP, "eth0": IFF_UP, "plvsdec0": IFF_UP},
+                      [("10.1.0.2", 24, "eth0")])
+    steps, mode = config.plan(config.validate(config.Config("tun", ["192.0.2.10"]), ipr), ipr)
+    assert mode == "decap"
+    changes = _changes(steps)
+    assert changes[("sysctl", "all", "rp_filter")] == 0
+    assert changes[("sysctl", "eth0", "rp_filter")] == 1
+    own = [s for s in steps if s.get("dev") == "plvsdec0"]
+    assert [(s["new"], s["changed"], s.get("own")) for s in own] == [(0, own_rp != 0, True)]
+    assert "pylvs realserver run" in own[0]["why"]
+
+
+@pytest.mark.parametrize("vip, message", [
+    ("10.1.0.255", "--vip 10.1.0.255 is a broadcast address here"),
+    ("10.1.0.2", "--vip 10.1.0.2 is eth0's own (primary) address"),
+])
+def test_vip_refused_when_not_a_unicast_address_of_its_own(conf, vip, message):
+    conf()
+    ipr = FakeIPRoute({"lo": IFF_UP, "eth0": IFF_UP}, [("10.1.0.2", 24, "eth0")])
+    ipr.addrs[0]["flags"] = 0
+    with pytest.raises(config.RealServerError, match=re.escape(message)):
+        config.validate(config.Config("dr", [vip]), ipr)

@@ -60,6 +60,9 @@ def _setup(a) -> int:
         w(f"  {'changed' if s['changed'] else 'ok':<8} {config.describe(s)}\n{why(s['why'])}")
     if mode == "kernel-ipip":
         w("  Tun: the kernel's ipip module decapsulates (tunl0).\n")
+    elif mode == "decap" and (running := config.running_decap()):
+        tun = f", TUN device {running['tun']}" if running["tun"] else ""
+        w(f"  Tun: the user-space decapsulator runs (pid {running['pid']}{tun}).\n")
     elif mode == "decap":
         st = config.read_state() or {}
         c = config.Config(**st.get("config", {"fwd": "tun"}))

@@ -31,6 +31,7 @@ import ipaddress
 import json
 import os
 import socket
+import struct
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +62,9 @@ WHY = {
                      "counts",
     "rp_filter_keep": "raised to the old 'all' value so this interface filters as before",
     "rp_filter_tunl0": "0: tunl0 receives decapsulated packets from any client",
+    "rp_filter_own": "0: the TUN device of the running 'pylvs realserver run' (pylvs's own "
+                     "device, gone when it stops) receives decapsulated packets from any "
+                     "client; kept at 0, not recorded for teardown",
     "rp_filter_dr": "2 (loose): a client's packet to the VIP is accepted when some route "
                     "leads back to the client; strict mode (1) drops it on a real server whose "
                     "route to the client leaves by another interface (two networks, as in "
@@ -151,27 +155,58 @@ def read_state(path: Path | None = None, decap: bool = False) -> dict | None:
     return st
 
 
-def _iface_id(ipr, name: str) -> str | None:
-    """ifindex/MAC of an interface: tells this namespace from a deleted one with the same inode."""
-    idx = _ifindex(ipr, name)
-    if idx is None:
+SO_NETNS_COOKIE = 71  # include/uapi/asm-generic/socket.h; Linux >= 5.14
+
+
+def netns_cookie() -> int | None:
+    """This network namespace's cookie (SO_NETNS_COOKIE), None when the kernel has none.
+
+    Unlike the namespace's inode, a cookie is unique for the boot and never
+    reused (net_cookie in net/core/net_namespace.c), so it tells this
+    namespace from a deleted one whose inode this one reuses; and it does
+    not change with a MAC, an ifindex or a NIC swap.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            return struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+    except OSError:
         return None
-    return f"{idx}/{ipr.get_links(idx)[0].get('IFLA_ADDRESS')}"
 
 
-def load_state(ipr) -> tuple[dict | None, str]:
-    """(this namespace's state or None, a note when a stale state file was discarded).
+def netns_id() -> dict:
+    """What a state file records to say which namespace it belongs to."""
+    return {"inode": netns_inode(), "cookie": netns_cookie()}
 
-    Namespace inodes are reused once a namespace is deleted; a state file
-    whose interface (ifindex and MAC) is not here belongs to a namespace that
-    no longer exists, whose settings went with it: it is removed.
+
+def load_state(forget_stale: bool = True) -> tuple[dict | None, str]:
+    """(this namespace's state or None, a note about the state file or "").
+
+    A state file is this namespace's when its recorded netns cookie is this
+    namespace's. A different cookie means the file was left by a deleted
+    namespace whose inode this one reuses (its settings went with it): with
+    ``forget_stale`` (setup, teardown) the file is removed, else (status)
+    it is left for them and the note says so. Without a cookie on either
+    side (kernel < 5.14, or a file from an older pylvs) the file is taken
+    as this namespace's, since nothing tells otherwise, and the note says
+    it could not be confirmed: a file is never removed on a guess.
     """
     state = read_state()
-    if state is None or state.get("iface_id") == _iface_id(ipr, state["config"]["iface"]):
+    if state is None:
+        return None, ""
+    have, cookie = state.get("netns") or {}, netns_cookie()
+    if not isinstance(have, dict) or have.get("cookie") is None or cookie is None:
+        return state, (f"{state_path()} could not be confirmed to belong to this namespace "
+                       f"(no network namespace cookie recorded or supported); it is used as "
+                       f"this namespace's")
+    if have["cookie"] == cookie:
         return state, ""
+    if not forget_stale:
+        return None, (f"{state_path()} belongs to a deleted network namespace (netns cookie "
+                      f"{have['cookie']}, this one's is {cookie}); it is ignored, and "
+                      f"'pylvs realserver setup' or 'teardown' removes it")
     state_path().unlink(missing_ok=True)
-    return None, (f"removed a stale {state_path()} (its interface {state['config']['iface']} "
-                  f"is not this namespace's: left by a deleted namespace)")
+    return None, (f"removed a stale {state_path()} (netns cookie {have['cookie']}, this "
+                  f"namespace's is {cookie}: left by a deleted namespace)")
 
 
 def _write_state(state: dict) -> None:
@@ -296,6 +331,40 @@ def _parse_vip(v: str) -> str:
     return str(a)
 
 
+def _broadcasts(ipr) -> set[str]:
+    """Every address the kernel treats as a broadcast here: the ``broadcast``
+    routes of the local table (a subnet's broadcast address, added by
+    fib_add_ifaddr in net/ipv4/fib_frontend.c for each address)."""
+    return {r.get("RTA_DST") for r in ipr.get_routes(family=socket.AF_INET, table=255)
+            if r["type"] == 3}  # RTN_BROADCAST
+
+
+def check_vips_here(vips: list[str], ipr) -> None:
+    """RealServerError when a VIP cannot be a VIP on this host: a subnet's
+    broadcast address, this host's own (primary) address on an interface,
+    or an address configured on an interface other than lo. Shared by
+    ``setup`` and ``run``."""
+    addrs = _addrs(ipr)
+    primary = _primary_addrs(ipr)
+    bcast = _broadcasts(ipr)
+    for vip in vips:
+        if vip in bcast:
+            raise RealServerError(f"--vip {vip} is a broadcast address here (a subnet's "
+                                  f"broadcast): not a unicast address a service can use")
+        for a, plen, dev in addrs:
+            if a == vip and dev != "lo" and a in primary:
+                raise RealServerError(
+                    f"--vip {vip} is {dev}'s own (primary) address: that is this host's "
+                    f"address, the RIP the director sends to, not the VIP; --vip takes the "
+                    f"service's address (the one in 'pylvs adm -A -t VIP:PORT' on the "
+                    f"director), which a DR/Tun real server holds on lo besides its own")
+            if a == vip and dev != "lo":
+                raise RealServerError(
+                    f"VIP {vip} is configured on {dev}: this host would answer ARP for it "
+                    f"there (the ARP problem); remove it (ip addr del {vip}/{plen} dev {dev}) "
+                    f"and let setup put it on lo")
+
+
 def validate(cfg: Config, ipr) -> Config:
     """The config with defaults filled in, or RealServerError (nothing changed)."""
     if cfg.fwd not in FWDS:
@@ -314,20 +383,7 @@ def validate(cfg: Config, ipr) -> Config:
     if iface == "lo":
         raise RealServerError("--iface: the interface facing the director, not lo")
     addrs = _addrs(ipr)
-    primary = _primary_addrs(ipr)
-    for vip in vips:
-        for a, plen, dev in addrs:
-            if a == vip and dev != "lo" and a in primary:
-                raise RealServerError(
-                    f"--vip {vip} is {dev}'s own (primary) address: that is this host's "
-                    f"address, the RIP the director sends to, not the VIP; --vip takes the "
-                    f"service's address (the one in 'pylvs adm -A -t VIP:PORT' on the "
-                    f"director), which a DR/Tun real server holds on lo besides its own")
-            if a == vip and dev != "lo":
-                raise RealServerError(
-                    f"VIP {vip} is configured on {dev}: this host would answer ARP for it "
-                    f"there (the ARP problem); remove it (ip addr del {vip}/{plen} dev {dev}) "
-                    f"and let setup put it on lo")
+    check_vips_here(vips, ipr)
     clients = []
     if cfg.fwd == "nat":
         if not cfg.dip:
@@ -365,23 +421,45 @@ def _sysctl_change(dev: str, name: str, want: int, why: str, ok=None) -> dict:
             "new": cur if good else want, "changed": not good, "why": why}
 
 
-def _rp_filter_plan(tundev: str | None) -> list[dict]:
-    """Relax rp_filter for the tunnel device, leaving every other interface's effective value."""
+def _rp_filter_plan(tundev: str | None, own: str | None = None) -> list[dict]:
+    """Relax rp_filter for the tunnel device, leaving every other interface's effective value.
+
+    ``own``: the TUN device of a running ``pylvs realserver run``: pylvs's
+    own device, kept at 0 (never raised with the others) and not recorded,
+    since it goes away with the decapsulator.
+    """
     plan = []
     old_all = read_sysctl("all", "rp_filter") or 0
     if old_all == 1:
         plan.append(_sysctl_change("all", "rp_filter", 0, WHY["rp_filter_all"]))
         for dev in conf_devices():
-            if dev in ("all", tundev):
+            if dev in ("all", tundev, own):
                 continue
-            own = read_sysctl(dev, "rp_filter") or 0
-            if own < old_all:
+            if (read_sysctl(dev, "rp_filter") or 0) < old_all:
                 plan.append(_sysctl_change(dev, "rp_filter", old_all, WHY["rp_filter_keep"]))
     else:
         plan.append(_sysctl_change("all", "rp_filter", old_all, WHY["rp_filter"]))
     if tundev:
         plan.append(_sysctl_change(tundev, "rp_filter", 0, WHY["rp_filter_tunl0"], ok=(0, 2)))
+    if own and read_sysctl(own, "rp_filter") is not None:
+        plan.append({**_sysctl_change(own, "rp_filter", 0, WHY["rp_filter_own"]), "own": True})
     return plan
+
+
+def running_decap() -> dict | None:
+    """The stats of this namespace's running ``pylvs realserver run`` (pid,
+    iface, tun, vips, counters), None when none runs. Running means holding
+    the decapsulator lock (run.py); the stats file names its TUN device."""
+    from .run import lock_holder
+    pid = lock_holder(decap_lock_path())
+    if pid is None:
+        return None
+    try:
+        stats = read_state(state_path("-decap"), decap=True)
+    except RealServerError:
+        stats = None
+    return stats if stats and stats.get("pid") == pid else {
+        "pid": pid, "iface": "", "tun": "", "vips": [], "counters": {}}
 
 
 def plan(cfg: Config, ipr) -> tuple[list[dict], str]:
@@ -420,7 +498,7 @@ def plan(cfg: Config, ipr) -> tuple[list[dict], str]:
             steps += _rp_filter_plan("tunl0")
         else:
             mode = "decap"
-            steps += _rp_filter_plan(None)
+            steps += _rp_filter_plan(None, (running_decap() or {}).get("tun") or None)
     return steps, mode
 
 
@@ -501,7 +579,7 @@ def setup(cfg: Config) -> tuple[list[dict], str]:
     _check_root()
     with _ipr() as ipr:
         cfg = validate(cfg, ipr)
-        state, stale = load_state(ipr)
+        state, stale = load_state()
         if stale:
             sys.stderr.write(f"pylvs realserver: {stale}\n")
         if state and state["config"] != asdict(cfg):
@@ -530,8 +608,8 @@ def setup(cfg: Config) -> tuple[list[dict], str]:
         # that repairs something changed behind its back must not forget it.
         recorded = state["changes"] if state else []
         keys = {_key(s) for s in recorded}
-        recorded += [s for s in applied if _key(s) not in keys]
-        _write_state({"version": 1, "config": asdict(cfg), "iface_id": _iface_id(ipr, cfg.iface),
+        recorded += [s for s in applied if _key(s) not in keys and not s.get("own")]
+        _write_state({"version": 1, "config": asdict(cfg), "netns": netns_id(),
                       "mode": mode, "changes": recorded})
     return steps, mode
 
@@ -550,7 +628,7 @@ def teardown() -> list[tuple[dict, str]]:
     _check_root()
     done = []
     with _ipr() as ipr:
-        state, stale = load_state(ipr)
+        state, stale = load_state()
         if stale:
             sys.stderr.write(f"pylvs realserver: {stale}\n")
         if state is None:
@@ -593,8 +671,7 @@ def status() -> dict:
     [{"name", "value", "verdict": "ok"|"warn", "why"}], "decapsulator":
     counters dict of a running `pylvs realserver run` or None}.
     """
-    with _ipr() as ipr:
-        state, stale = load_state(ipr)
+    state, stale = load_state(forget_stale=False)
     out = {"state_file": str(state_path()), "setup": state and state["config"], "note": stale,
            "mode": state and state.get("mode"), "checks": [], "decapsulator": None}
     decap = read_state(state_path("-decap"), decap=True)

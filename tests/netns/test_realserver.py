@@ -146,23 +146,66 @@ def test_second_setup_changes_nothing_and_teardown_still_restores(r):
     assert snapshot(r) == before
 
 
+def _stale_record() -> dict:
+    return {"version": 1, "config": {"fwd": "dr", "vips": ["10.9.250.1"], "iface": "eth0",
+                                     "dip": "", "clients": []},
+            # A netns cookie is never reused within a boot: 1 is some other namespace's.
+            "netns": {"inode": 0, "cookie": 1}, "mode": "",
+            "changes": [{"kind": "sysctl", "dev": "lo", "name": "rp_filter", "old": 1, "new": 0,
+                         "changed": True, "why": ""}]}
+
+
 def test_stale_state_file_of_a_deleted_namespace_is_discarded(r):
     # Namespace inodes are reused: a file left by a namespace that no longer
-    # exists must neither block setup nor be "restored" here.
+    # exists must neither block setup nor be "restored" here; status only
+    # reports it and never removes it.
     before = snapshot(r)
-    stale = {"version": 1, "config": {"fwd": "dr", "vips": ["10.9.250.1"], "iface": "eth0",
-                                      "dip": "", "clients": []},
-             "iface_id": "999/02:00:00:00:00:01", "mode": "",
-             "changes": [{"kind": "sysctl", "dev": "lo", "name": "rp_filter", "old": 1, "new": 0,
-                          "changed": True, "why": ""}]}
     os.makedirs("/run/pylvs", exist_ok=True)
     with open(state_file(r), "w") as f:
-        json.dump(stale, f)
+        json.dump(_stale_record(), f)
+    st = rs(r, "status")
+    assert st.returncode == 1 and "belongs to a deleted network namespace" in st.stdout, st
+    assert "not set up by pylvs here" in st.stdout
+    assert os.path.exists(state_file(r))
     p = rs(r, "setup", *SETUPS["dr"])
     assert p.returncode == 0, p.stderr
     assert "stale" in p.stderr and "left by a deleted namespace" in p.stderr
     assert rs(r, "teardown").returncode == 0
     assert snapshot(r) == before
+
+
+@pytest.mark.parametrize("change", ["mac", "ifindex"])
+def test_setup_survives_a_mac_or_nic_change(r, change):
+    """The record belongs to the namespace, not to the interface: a new MAC or
+    a re-created interface (new ifindex) must not make status or teardown
+    forget what setup changed."""
+    before = snapshot(r)
+    assert rs(r, "setup", "--fwd", "dr", "--vip", VIP).returncode == 0
+    if change == "mac":
+        sh("ip", "-n", r, "link", "set", "eth0", "address", "02:00:00:00:99:01")
+    else:
+        # A NIC swap: the same name on a new device (a veth stands in for it).
+        sh("ip", "-n", r, "link", "set", "eth0", "down")
+        sh("ip", "-n", r, "link", "set", "eth0", "name", "eth9")
+        sh("ip", "-n", r, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+    st = rs(r, "status", "--json")
+    status = json.loads(st.stdout)
+    assert status["setup"] and status["setup"]["vips"] == [VIP], status
+    assert os.path.exists(state_file(r))
+    t = rs(r, "teardown")
+    assert t.returncode == 0 and "undone" in t.stdout, (t.stdout, t.stderr)
+    assert f"{VIP}/32 removed from lo" in t.stdout
+    if change == "ifindex":
+        sh("ip", "-n", r, "link", "del", "eth0")
+        sh("ip", "-n", r, "link", "set", "eth9", "name", "eth0")
+        sh("ip", "-n", r, "link", "set", "eth0", "up")
+        sh("ip", "-n", r, "route", "replace", "default", "via", "10.9.1.1")
+    after = snapshot(r)
+    # A swapped-out NIC keeps what was set on it; everything else is restored.
+    kept = (lambda c: c) if change == "mac" else (
+        lambda c: [x for x in c if not x.startswith("eth0/")])
+    assert kept(after["conf"]) == kept(before["conf"])
+    assert f"local {VIP} dev lo" not in after["routes"]
 
 
 def _as_nobody(ns: str, *args: str) -> subprocess.CompletedProcess:
@@ -178,6 +221,8 @@ REFUSALS = [
     ("VIP not an address", ["setup", "--fwd", "dr", "--vip", "10.9.300.1"],
      "is not an IPv4 address"),
     ("VIP loopback", ["setup", "--fwd", "dr", "--vip", "127.0.0.2"], "not a unicast address"),
+    ("VIP the subnet broadcast", ["setup", "--fwd", "dr", "--vip", "10.9.1.255"],
+     "--vip 10.9.1.255 is a broadcast address here"),
     ("interface missing", ["setup", "--fwd", "dr", "--vip", VIP, "--iface", "nosuch0"],
      "--iface nosuch0: no such interface"),
     ("no VIP for DR", ["setup", "--fwd", "tun"], "needs at least one --vip"),
@@ -192,6 +237,8 @@ REFUSALS = [
     # there, would cut the host off; say what is wrong instead.
     ("the RIP given as the VIP", ["setup", "--fwd", "tun", "--vip", RIP],
      f"--vip {RIP} is eth0's own (primary) address: that is this host's address, the RIP"),
+    ("decapsulator for the host's own address", ["run", "--vip", RIP, "--iface", "eth0"],
+     f"--vip {RIP} is eth0's own (primary) address"),
     ("decapsulator before setup (strict rp_filter)", ["run", "--vip", VIP, "--iface", "eth0"],
      "not configured on this host"),
     ("decapsulator with a TUN name the kernel refuses",
