@@ -359,6 +359,18 @@ for inner in (bad_csum, bad_csum[:12], bytes(IP(src="10.9.0.2", dst="10.9.201.1"
 if {gue}:
     gue_v1 = IP(src={dip!r}, dst={rip!r}) / UDP(sport=40000, dport={port}) / Raw(b"\x40\x04\0\0")
     tx.sendto(bytes(gue_v1 / IP(src="10.9.0.2", dst={vip!r}) / TCP(dport=8080)), ({rip!r}, 0))
+# Bad outer headers go out as whole frames: a raw IP socket's kernel would fix
+# the checksum and length or refuse the header (raw_send_hdrinc).
+good = bytes(IP(src={dip!r}, dst={rip!r}, proto=4) / IP(src="10.9.0.2", dst={vip!r}) / TCP())
+frames = [bytes(IP(src={dip!r}, dst={rip!r}, proto=4, chksum=0x1234)) + good[20:],  # checksum
+          bytes([0x4f]) + good[1:40],                                              # IHL 15
+          bytes([0x42]) + good[1:],                                                # IHL 2
+          good[:2] + (1000).to_bytes(2, "big") + good[4:]]                         # length
+eth = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+eth.bind(("d1", 0))
+dst, src = bytes.fromhex({rmac!r}.replace(":", "")), eth.getsockname()[4]
+for f in frames:
+    eth.send(dst + src + b"\x08\x00" + f)
 print(json.dumps({{}}))
 """
 
@@ -389,9 +401,11 @@ def _counters_when(ns: str, ready) -> dict:
     raise AssertionError(f"decapsulator counters never got there: {d}")
 
 
-@pytest.mark.parametrize("mode", ["ipip", "gue"])
-def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
-    c, d, r = trio.c, trio.d, trio.r
+def _tun_lab(trio: Trio, *run_args: str) -> subprocess.Popen:
+    """The trio as a Tun lab: r set up (from strict rp_filter), d forwarding
+    replies and keeping the client's packets to the VIP from its own stack;
+    returns `pylvs realserver run RUN_ARGS` started in r."""
+    d, r = trio.d, trio.r
     sh("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
     sh("ip", "netns", "exec", d, "sysctl", "-qw", "net.ipv4.ip_forward=1")
     # d's own stack must not answer the client's packets to the VIP (it has
@@ -401,10 +415,87 @@ def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
        f'device "d0" priority 0; }}; add rule netdev relay in ip daddr {VIP} drop')
     setup = rs(r, "setup", "--fwd", "tun", "--vip", VIP)
     assert setup.returncode == 0, setup.stderr
+    return _start_decap(r, *run_args)
+
+
+def _relay(trio: Trio, mode: str = "ipip") -> subprocess.Popen:
+    relay = trio.popen(trio.d, RELAY.format(vip=VIP, rip=RIP, dip=DIP, mode=mode, port=GUE_PORT),
+                       stdin=subprocess.PIPE)
+    _line(relay, "ready")
+    return relay
+
+
+def _round(client: subprocess.Popen) -> dict:
+    """One 32-byte round of CLIENT; asserts it came back reversed."""
+    got = json.loads(client.stdout.readline())
+    assert got["back"] == bytes.fromhex(got["sent"])[::-1].hex(), got
+    return got
+
+
+@pytest.mark.parametrize("change", ["flap", "recreate"])
+def test_decapsulator_survives_its_interface_going_down_or_being_recreated(trio: Trio, change):
+    c, d, r = trio.c, trio.d, trio.r
+    dec = _tun_lab(trio)
+    server = relay = client = None
+    try:
+        _line(dec, "decapsulating")
+        server = trio.popen(r, SERVER.format(vip=VIP))
+        _line(server, "listening")
+        relay = _relay(trio)
+        client = trio.popen(c, CLIENT.format(vip=VIP), stdin=subprocess.PIPE)
+        first = _round(client)
+        if change == "flap":
+            sh("ip", "-n", r, "link", "set", "eth0", "down")
+            sh("ip", "-n", r, "link", "set", "eth0", "up")
+        else:
+            # The relay's tap on d1 dies with the veth pair: a new relay after.
+            relay.communicate(input="stop\n", timeout=20)
+            sh("ip", "-n", r, "link", "del", "eth0")
+            sh("ip", "-n", r, "link", "add", "eth0", "type", "veth", "peer", "name", "d1",
+               "netns", d)
+            sh("ip", "-n", r, "addr", "add", f"{RIP}/24", "dev", "eth0")
+            sh("ip", "-n", d, "addr", "add", f"{DIP}/24", "dev", "d1")
+            sh("ip", "-n", d, "link", "set", "d1", "up")
+            sh("ip", "-n", r, "link", "set", "eth0", "up")
+        # Down flushes the routes through eth0; a network manager would put
+        # the default route back, as this does.
+        sh("ip", "-n", r, "route", "replace", "default", "via", DIP)
+        counters = _counters_when(r, lambda k: k["error_link"] >= 1 and (
+            change == "flap" or k["reattach"] >= 1))
+        assert dec.poll() is None, dec.communicate()
+        if change == "recreate":
+            relay = _relay(trio)
+            assert f"ip daddr {RIP}" in _nft_table(r)
+        client.stdin.write("next\n")
+        client.stdin.flush()
+        second = _round(client)
+        counters = _counters_when(r, lambda k: k["decap_ipip"] >= counters["decap_ipip"] + 1)
+        client.communicate(input="next\n", timeout=20)
+        out, err = server.communicate(timeout=20)
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen["got"] == [first["sent"], second["sent"]], err
+        dec.terminate()
+        out, err = dec.communicate(timeout=20)
+        assert dec.returncode == 0 and "Traceback" not in err, err
+        assert "carrying on" in err
+        assert ("is back" in err) == (change == "recreate"), err
+    finally:
+        for p in (dec, server, relay, client):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                try:
+                    p.communicate(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.communicate()
+        rs(r, "teardown")
+
+
+@pytest.mark.parametrize("mode", ["ipip", "gue"])
+def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
+    c, d, r = trio.c, trio.d, trio.r
     gue = ["--gue-port", str(GUE_PORT)] if mode == "gue" else []
-    dec = subprocess.Popen(["ip", "netns", "exec", r, PY, "-m", "pylvs.cli.main", "realserver",
-                            "run", *gue], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    dec = _tun_lab(trio, *gue)
     server = relay = client = None
     try:
         _line(dec, "decapsulating")
@@ -416,13 +507,9 @@ def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
 
         server = trio.popen(r, SERVER.format(vip=VIP))
         _line(server, "listening")
-        relay = trio.popen(d, RELAY.format(vip=VIP, rip=RIP, dip=DIP, mode=mode, port=GUE_PORT),
-                           stdin=subprocess.PIPE)
-        _line(relay, "ready")
-
+        relay = _relay(trio, mode)
         client = trio.popen(c, CLIENT.format(vip=VIP), stdin=subprocess.PIPE)
-        first = json.loads(client.stdout.readline())
-        assert first["back"] == bytes.fromhex(first["sent"])[::-1].hex()
+        first = _round(client)
 
         counters = _counters_when(r, lambda k: k[f"decap_{mode}"] >= 3)
         assert counters["tx"] == counters[f"decap_{mode}"]
@@ -435,8 +522,13 @@ def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
         # Malformed tunnel packets: counted drops; the decapsulator and the
         # established connection carry on.
         trio.py(d, BAD_PACKETS.format(vip=VIP, rip=RIP, dip=DIP, gue=mode == "gue",
-                                      port=GUE_PORT))
-        counters = _counters_when(r, lambda k: k["drop_inner_not_vip"] >= 1)
+                                      port=GUE_PORT, rmac=trio.mac(r, "eth0")))
+        counters = _counters_when(r, lambda k: k["drop_outer_length"] >= 1)
+        # The socket filter reads only the protocol (and GUE port): malformed
+        # outer headers reach the decapsulator and are counted there.
+        assert (counters["drop_outer_checksum"], counters["drop_outer_header"],
+                counters["drop_outer_length"]) == (1, 2, 1), counters
+        assert counters["drop_inner_not_vip"] == 1
         assert counters["drop_inner_checksum"] == 1
         assert counters["drop_inner_truncated"] == 1
         assert counters["drop_gue_version"] == (mode == "gue")
