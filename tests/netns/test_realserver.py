@@ -610,6 +610,12 @@ def test_second_decapsulator_in_a_namespace_is_refused(r):
             assert (f"another 'pylvs realserver run' (pid " in p.stderr
                     and "is running in this network namespace" in p.stderr), p.stderr
             assert str(_status(r)["decapsulator"]["pid"]) in p.stderr
+        # Bad arguments are reported as such, not as the running decapsulator.
+        for extra, message in ((("--gue-port", "0"), "--gue-port 0: not a UDP port"),
+                               (("--vip", RIP), f"--vip {RIP} is eth0's own (primary) address"),
+                               (("--iface", "nosuch0"), "--iface nosuch0: no such interface")):
+            p = rs(r, "run", *extra)
+            assert p.returncode == 1 and message in p.stderr, (extra, p.stderr)
         # The first one's table, device and stats are untouched, and it still runs.
         assert _nft_table(r) == table and _link_exists(r, "plvsdec0")
         assert not _link_exists(r, "plvsdec9")
@@ -617,6 +623,35 @@ def test_second_decapsulator_in_a_namespace_is_refused(r):
     finally:
         _stop(first)
     assert first.returncode == 0 and not _has_table(r)
+
+
+def test_setup_after_drift_while_the_decapsulator_runs(r):
+    """all.rp_filter put back to strict under a running decapsulator: setup
+    lowers it again and never raises rp_filter on the decapsulator's own TUN
+    device (strict filtering there drops every decapsulated packet)."""
+    assert rs(r, "setup", *SETUPS["tun"]).returncode == 0
+    dec = _start_decap(r)
+    try:
+        _line(dec, "decapsulating")
+        sh("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
+        p = rs(r, "setup", *SETUPS["tun"])
+        assert p.returncode == 0, p.stderr
+        assert "net.ipv4.conf.all.rp_filter = 0 (was 1)" in p.stdout, p.stdout
+        assert "net.ipv4.conf.plvsdec0.rp_filter = 0\n" in p.stdout, p.stdout
+        assert "pylvs's own" in p.stdout
+        # `ip netns exec` execs: the pid is the decapsulator's.
+        assert f"the user-space decapsulator runs (pid {dec.pid}, TUN device plvsdec0)" \
+            in p.stdout
+        assert "start the user-space decapsulator" not in p.stdout
+        conf = sh("ip", "netns", "exec", r, "cat", "/proc/sys/net/ipv4/conf/plvsdec0/rp_filter",
+                  "/proc/sys/net/ipv4/conf/all/rp_filter").stdout.split()
+        assert conf == ["0", "0"]
+        again = rs(r, "setup", *SETUPS["tun"])
+        assert "nothing changed: already set up" in again.stdout, again.stdout
+        st = rs(r, "status")
+        assert st.returncode == 0, st.stdout
+    finally:
+        _stop(dec)
 
 
 def test_killed_decapsulator_is_recovered_and_teardown_stops_a_running_one(r):
