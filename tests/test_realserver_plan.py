@@ -22,7 +22,8 @@ class FakeIPRoute:
     """The few IPRoute calls config makes, over plain dicts."""
 
     def __init__(self, links: dict[str, int], addrs: list[tuple[str, int, str]],
-                 can_load_ipip: bool = False):
+                 can_load_ipip: bool = False, default: bool = True):
+        self.default = default
         self.links = {name: {"index": i + 1, "flags": flags, "IFLA_IFNAME": name,
                              "IFLA_ADDRESS": f"02:00:00:00:00:{i:02x}"}
                       for i, (name, flags) in enumerate(links.items())}
@@ -46,7 +47,7 @@ class FakeIPRoute:
             return [{"type": 3, "dst_len": 32, "RTA_DST": str(ipaddress.IPv4Interface(
                 f"{a['IFA_ADDRESS']}/{a['prefixlen']}").network.broadcast_address)}
                 for a in self.addrs if a["prefixlen"] < 31]
-        return [{"type": 1, "dst_len": 0, "RTA_GATEWAY": "10.1.0.1", "RTA_OIF": self.links["eth0"]["index"],
+        return [] if not self.default else [{"type": 1, "dst_len": 0, "RTA_GATEWAY": "10.1.0.1", "RTA_OIF": self.links["eth0"]["index"],
                  "proto": 3}]
 
     def link(self, cmd, **kw):
@@ -171,3 +172,15 @@ def test_vip_refused_when_not_a_unicast_address_of_its_own(conf, vip, message):
     ipr.addrs[0]["flags"] = 0
     with pytest.raises(config.RealServerError, match=re.escape(message)):
         config.validate(config.Config("dr", [vip]), ipr)
+
+
+@pytest.mark.parametrize("default", [True, False])
+def test_nat_takes_the_interface_the_dip_is_connected_on(conf, default):
+    """`pylvs check`'s fix `setup --fwd nat --dip DIP` must work on a real
+    server with no default route, or one whose default route leaves by
+    another interface."""
+    conf(devs=("all", "default", "lo", "eth0", "eth1"))
+    ipr = FakeIPRoute({"lo": IFF_UP, "eth0": IFF_UP, "eth1": IFF_UP},
+                      [("10.1.0.2", 24, "eth0"), ("10.2.0.2", 24, "eth1")], default=default)
+    cfg = config.validate(config.Config("nat", dip="10.2.0.1"), ipr)
+    assert (cfg.iface, cfg.dip, cfg.clients) == ("eth1", "10.2.0.1", ["0.0.0.0/0"])

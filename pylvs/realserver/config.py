@@ -365,8 +365,30 @@ def check_vips_here(vips: list[str], ipr) -> None:
                     f"and let setup put it on lo")
 
 
+def _parse_dip(cfg: Config, addrs: list[tuple[str, int, str]]) -> tuple[str, str]:
+    """(the DIP, the interface on whose network it is directly connected)."""
+    if not cfg.dip:
+        raise RealServerError("--fwd nat needs --dip (the director's address on this network)")
+    try:
+        dip = ipaddress.IPv4Address(cfg.dip)
+    except ValueError:
+        raise RealServerError(f"--dip {cfg.dip!r} is not an IPv4 address") from None
+    if any(a == str(dip) for a, _, _ in addrs):
+        raise RealServerError(f"--dip {dip} is an address of this host")
+    on = [dev for a, p, dev in addrs
+          if dev != "lo" and dip in ipaddress.IPv4Interface(f"{a}/{p}").network]
+    if not on:
+        raise RealServerError(f"--dip {dip} is not on a network this host is directly "
+                              f"connected to: the director must be this host's next hop")
+    return str(dip), on[0]
+
+
 def validate(cfg: Config, ipr) -> Config:
-    """The config with defaults filled in, or RealServerError (nothing changed)."""
+    """The config with defaults filled in, or RealServerError (nothing changed).
+
+    The interface defaults to the one the DIP is directly connected on
+    (NAT), else the default route's.
+    """
     if cfg.fwd not in FWDS:
         raise RealServerError(f"--fwd must be one of {', '.join(FWDS)}, not {cfg.fwd!r}")
     vips = [_parse_vip(v) for v in cfg.vips]
@@ -375,41 +397,27 @@ def validate(cfg: Config, ipr) -> Config:
     if cfg.fwd == "nat" and vips:
         raise RealServerError("--fwd nat: a NAT real server does not hold the VIP (the "
                               "director rewrites it to the RIP); drop --vip")
-    iface = cfg.iface or default_iface(ipr)
+    if cfg.fwd != "nat" and (cfg.dip or cfg.clients):
+        raise RealServerError(f"--dip/--clients are for --fwd nat, not {cfg.fwd}")
+    addrs = _addrs(ipr)
+    dip, dip_iface = _parse_dip(cfg, addrs) if cfg.fwd == "nat" else ("", "")
+    iface = cfg.iface or dip_iface or default_iface(ipr)
     if not iface:
         raise RealServerError("no default route to take the interface from: give --iface")
     if _ifindex(ipr, iface) is None:
         raise RealServerError(f"--iface {iface}: no such interface")
     if iface == "lo":
         raise RealServerError("--iface: the interface facing the director, not lo")
-    addrs = _addrs(ipr)
     check_vips_here(vips, ipr)
+    if cfg.fwd != "nat":
+        return Config(cfg.fwd, sorted(set(vips), key=vips.index), iface)
     clients = []
-    if cfg.fwd == "nat":
-        if not cfg.dip:
-            raise RealServerError("--fwd nat needs --dip (the director's address on this "
-                                  "network)")
+    for c in cfg.clients or ["0.0.0.0/0"]:
         try:
-            dip = ipaddress.IPv4Address(cfg.dip)
-        except ValueError:
-            raise RealServerError(f"--dip {cfg.dip!r} is not an IPv4 address") from None
-        if any(a == str(dip) for a, _, _ in addrs):
-            raise RealServerError(f"--dip {dip} is an address of this host")
-        if not any(dip in ipaddress.IPv4Interface(f"{a}/{p}").network
-                   for a, p, dev in addrs if dev != "lo"):
-            raise RealServerError(f"--dip {dip} is not on a network this host is directly "
-                                  f"connected to: the director must be this host's next hop")
-        for c in cfg.clients or ["0.0.0.0/0"]:
-            try:
-                clients.append(str(ipaddress.IPv4Network(c)))
-            except ValueError as e:
-                raise RealServerError(f"--clients {c!r}: {e}") from None
-        cfg = Config("nat", [], iface, str(dip), clients)
-    else:
-        if cfg.dip or cfg.clients:
-            raise RealServerError(f"--dip/--clients are for --fwd nat, not {cfg.fwd}")
-        cfg = Config(cfg.fwd, sorted(set(vips), key=vips.index), iface)
-    return cfg
+            clients.append(str(ipaddress.IPv4Network(c)))
+        except ValueError as e:
+            raise RealServerError(f"--clients {c!r}: {e}") from None
+    return Config("nat", [], iface, dip, clients)
 
 
 def _sysctl_change(dev: str, name: str, want: int, why: str, ok=None) -> dict:
