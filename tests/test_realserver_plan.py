@@ -184,3 +184,29 @@ def test_nat_takes_the_interface_the_dip_is_connected_on(conf, default):
                       [("10.1.0.2", 24, "eth0"), ("10.2.0.2", 24, "eth1")], default=default)
     cfg = config.validate(config.Config("nat", dip="10.2.0.1"), ipr)
     assert (cfg.iface, cfg.dip, cfg.clients) == ("eth1", "10.2.0.1", ["0.0.0.0/0"])
+
+
+def test_dr_and_tun_on_one_host_leave_its_interface_loose(conf):
+    """A DR+Tun real server from strict 'all': Tun lowers 'all' and raises
+    every other device to keep its filtering, DR makes the interface loose;
+    one step for eth0, ending loose (2), never strict."""
+    conf(devs=("all", "default", "lo", "eth0"))
+    ipr = FakeIPRoute({"lo": IFF_UP, "eth0": IFF_UP}, [("10.1.0.2", 24, "eth0")])
+    steps, mode = config.plan(config.Config(config.DR_TUN, ["192.0.2.10"], "eth0"), ipr)
+    assert mode == "decap"
+    eth0 = [s for s in steps if (s.get("dev"), s.get("name")) == ("eth0", "rp_filter")]
+    assert [(s["old"], s["new"], s["changed"]) for s in eth0] == [(0, 2, True)]
+    changes = _changes(steps)
+    assert changes[("sysctl", "all", "rp_filter")] == 0
+    assert changes[("sysctl", "lo", "rp_filter")] == 1
+
+
+@pytest.mark.parametrize("old, new, want", [
+    ("dr", "tun", config.DR_TUN), ("tun", "dr", config.DR_TUN),
+    (config.DR_TUN, "dr", config.DR_TUN), ("dr", "nat", None), ("dr", "dr", None)])
+def test_dr_and_tun_setups_extend_each_other(old, new, want):
+    merged = config._extend(config.Config(old, ["192.0.2.10"], "eth0"),
+                            config.Config(new, ["192.0.2.11"], "eth0"))
+    assert (merged and merged.fwd) == want
+    if want:
+        assert merged.vips == ["192.0.2.10", "192.0.2.11"]

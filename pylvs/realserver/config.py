@@ -39,6 +39,9 @@ from pathlib import Path
 STATE_DIR = Path("/run/pylvs")
 SYSCTL = Path("/proc/sys/net/ipv4/conf")
 FWDS = ("dr", "tun", "nat")
+#: A real server that is a DR dest of one service and a Tun dest of another:
+#: what ``setup --fwd tun`` on a host set up for DR (or the reverse) records.
+DR_TUN = "dr+tun"
 
 WHY = {
     "lo_up": "lo must be up for the addresses on it to be used",
@@ -125,7 +128,7 @@ def _shape_error(st, decap: bool) -> str | None:
     cfg = st.get("config")
     if not isinstance(cfg, dict) or set(cfg) != set(Config.__dataclass_fields__):
         return "no config with the fields fwd, vips, iface, dip, clients"
-    if cfg["fwd"] not in FWDS or not isinstance(cfg["iface"], str) or not isinstance(
+    if cfg["fwd"] not in (*FWDS, DR_TUN) or not isinstance(cfg["iface"], str) or not isinstance(
             cfg["dip"], str) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
                                         for v in (cfg["vips"], cfg["clients"])):
         return "a config field of the wrong type or value"
@@ -495,9 +498,7 @@ def plan(cfg: Config, ipr) -> tuple[list[dict], str]:
     for dev in ("all", cfg.iface):
         steps.append(_sysctl_change(dev, "arp_ignore", 1, WHY["arp_ignore"], ok=(1, 2, 8)))
         steps.append(_sysctl_change(dev, "arp_announce", 2, WHY["arp_announce"]))
-    if cfg.fwd == "dr" and _effective(cfg.iface, "rp_filter")[0] == 1:
-        steps.append(_sysctl_change(cfg.iface, "rp_filter", 2, WHY["rp_filter_dr"]))
-    if cfg.fwd == "tun":
+    if is_tun(cfg.fwd):
         if kernel_ipip(ipr):
             mode = "kernel-ipip"
             steps.append({"kind": "link_up", "dev": "tunl0",
@@ -507,7 +508,44 @@ def plan(cfg: Config, ipr) -> tuple[list[dict], str]:
         else:
             mode = "decap"
             steps += _rp_filter_plan(None, (running_decap() or {}).get("tun") or None)
+    if is_dr(cfg.fwd):
+        _dr_rp_filter(steps, cfg.iface)
     return steps, mode
+
+
+def is_dr(fwd: str) -> bool:
+    return fwd in ("dr", DR_TUN)
+
+
+def is_tun(fwd: str) -> bool:
+    return fwd in ("tun", DR_TUN)
+
+
+def _dr_rp_filter(steps: list[dict], iface: str) -> None:
+    """Make ``iface``'s effective rp_filter loose when it would be strict once
+    STEPS are applied (a Tun plan may have raised it to keep its filtering)."""
+    def after(dev: str) -> tuple[int, dict | None]:
+        step = next((s for s in steps if s["kind"] == "sysctl" and s["dev"] == dev
+                     and s["name"] == "rp_filter"), None)
+        return (step["new"] if step else read_sysctl(dev, "rp_filter") or 0), step
+    (all_rp, _), (own, step) = after("all"), after(iface)
+    if max(all_rp, own) != 1:
+        return
+    if step:
+        step.update(new=2, changed=step["old"] != 2, why=WHY["rp_filter_dr"])
+    else:
+        steps.append(_sysctl_change(iface, "rp_filter", 2, WHY["rp_filter_dr"]))
+
+
+def _extend(old: Config, new: Config) -> Config | None:
+    """The set-up covering both an earlier DR and a Tun set-up (either order)
+    of the same interface, None when NEW conflicts with OLD. Both need the
+    VIPs on lo and the ARP sysctls; Tun adds decapsulation, DR a loose
+    rp_filter on the interface."""
+    kinds = {old.fwd, new.fwd}
+    if old.fwd == new.fwd or not kinds <= {"dr", "tun", DR_TUN} or old.iface != new.iface:
+        return None
+    return Config(DR_TUN, old.vips + [v for v in new.vips if v not in old.vips], old.iface)
 
 
 # -- applying and undoing one step ---------------------------------------------
@@ -591,12 +629,16 @@ def setup(cfg: Config) -> tuple[list[dict], str]:
         if stale:
             sys.stderr.write(f"pylvs realserver: {stale}\n")
         if state and state["config"] != asdict(cfg):
-            old = Config(**state["config"])
+            old, asked = Config(**state["config"]), cfg
+            cfg = _extend(old, asked)
+        if cfg is None:
             raise RealServerError(
                 f"conflicting earlier setup in this namespace (fwd {old.fwd}"
                 + (f", vip {' '.join(old.vips)}" if old.vips else "")
                 + (f", dip {old.dip}" if old.dip else "")
-                + f", iface {old.iface}): run 'pylvs realserver teardown' first")
+                + f", iface {old.iface}) that --fwd {asked.fwd} cannot extend (DR and Tun "
+                f"on one interface combine; nothing else does): run 'pylvs realserver "
+                f"teardown' first")
         steps, mode = plan(cfg, ipr)
         applied = []
         try:
@@ -704,10 +746,10 @@ def status() -> dict:
     checks.append(_check(f"arp_ignore on {cfg.iface}", how, v in (1, 2, 8), WHY["arp_ignore"]))
     v, how = _effective(cfg.iface, "arp_announce")
     checks.append(_check(f"arp_announce on {cfg.iface}", how, v == 2, WHY["arp_announce"]))
-    if cfg.fwd == "dr":
+    if is_dr(cfg.fwd):
         v, how = _effective(cfg.iface, "rp_filter")
         checks.append(_check(f"rp_filter on {cfg.iface}", how, v != 1, WHY["rp_filter_dr"]))
-    if cfg.fwd == "tun":
+    if is_tun(cfg.fwd):
         tundev = "tunl0" if state.get("mode") == "kernel-ipip" else (
             out["decapsulator"] or {}).get("tun")
         if tundev:

@@ -511,7 +511,7 @@ def _decapsulator(iface: str | None, vips: list[str], gue_port: int | None,
     """The Decapsulator the arguments (and an earlier ``setup --fwd tun``) ask for, checked."""
     state, _ = config.load_state(forget_stale=False)
     cfg = config.Config(**state["config"]) if state else None
-    if not vips and cfg and cfg.fwd == "tun":
+    if not vips and cfg and config.is_tun(cfg.fwd):
         vips = cfg.vips
     if not vips:
         raise config.RealServerError("give --vip (or run 'pylvs realserver setup --fwd tun' "
@@ -520,7 +520,7 @@ def _decapsulator(iface: str | None, vips: list[str], gue_port: int | None,
     if gue_port is not None and not 0 < gue_port < 65536:
         raise config.RealServerError(f"--gue-port {gue_port}: not a UDP port")
     if not iface:
-        iface = cfg.iface if cfg and cfg.fwd == "tun" else None
+        iface = cfg.iface if cfg and config.is_tun(cfg.fwd) else None
     if not iface:
         with config._ipr() as ipr:
             iface = config.default_iface(ipr)

@@ -208,6 +208,30 @@ def test_setup_survives_a_mac_or_nic_change(r, change):
     assert f"local {VIP} dev lo" not in after["routes"]
 
 
+@pytest.mark.parametrize("first, second", [("dr", "tun"), ("tun", "dr")])
+def test_dr_and_tun_setups_combine_and_teardown_restores_both(r, first, second):
+    """A real server that is a DR dest of one service and a Tun dest of
+    another: the second setup extends the first (as `pylvs check` advises
+    either), and teardown restores everything."""
+    before = snapshot(r)
+    assert rs(r, "setup", "--fwd", first, "--vip", VIP).returncode == 0
+    p = rs(r, "setup", "--fwd", second, "--vip", VIP)
+    assert p.returncode == 0, p.stderr
+    assert "DR and Tun: set up for both" in p.stdout, p.stdout
+    st = json.loads(rs(r, "status", "--json").stdout)
+    assert st["setup"]["fwd"] == "dr+tun" and st["mode"] == "decap"
+    verdicts = {c["name"]: c["verdict"] for c in st["checks"]}
+    # DR's loose filtering on eth0 and Tun's decapsulation part are both checked.
+    assert verdicts["rp_filter on eth0"] == "ok" and verdicts["decapsulator"] == "warn"
+    conf = set(snapshot(r)["conf"])
+    assert {"all/rp_filter:0", "eth0/rp_filter:2", "lo/rp_filter:1"} <= conf, conf
+    for fwd in ("dr", "tun"):
+        again = rs(r, "setup", "--fwd", fwd, "--vip", VIP)
+        assert "nothing changed: already set up" in again.stdout, again.stdout
+    assert rs(r, "teardown").returncode == 0
+    assert snapshot(r) == before
+
+
 def _as_nobody(ns: str, *args: str) -> subprocess.CompletedProcess:
     # The interpreter lives under /root (unreadable for nobody): import first, then drop root.
     code = ("import os, sys, shutil, gettext; from pylvs.realserver import cli, config, run; "
@@ -265,9 +289,10 @@ def test_refuses_before_changing_anything(r, desc, args, message):
 def test_refuses_conflicting_setup_and_non_root(r):
     assert rs(r, "setup", *SETUPS["dr"]).returncode == 0
     before, record = snapshot(r), open(state_file(r)).read()
-    p = rs(r, "setup", "--fwd", "tun", "--vip", VIP)
+    p = rs(r, "setup", "--fwd", "nat", "--dip", "10.9.1.3")
     assert p.returncode == 1
     assert "conflicting earlier setup in this namespace (fwd dr" in p.stderr
+    assert "that --fwd nat cannot extend" in p.stderr
     assert "run 'pylvs realserver teardown' first" in p.stderr
     for args in (["setup", *SETUPS["dr"]], ["teardown"], ["run", "--vip", VIP]):
         p = _as_nobody(r, *args)
