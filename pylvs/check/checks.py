@@ -16,7 +16,9 @@ for):
     the director at all. (pylvs takes the frames itself; the address is for
     ARP, as with IPVS.) On ``lo`` the kernel still answers ARP for it on
     interfaces whose effective ``arp_ignore`` is 0; with a higher value the
-    VIP must be routed to the director instead: warn.
+    VIP must be routed to the director instead: warn. A service on 0.0.0.0
+    is no wildcard (ip_vs_service_find matches the exact destination): warn,
+    and the real-server probes skip it.
 ``dr-connected``
     A DR (``-g``) frame changes only its MACs, so the real server must be
     on a network directly connected to the director: the kernel's route to
@@ -33,7 +35,9 @@ for):
     one of the director's is a real server that holds the VIP and answers
     ARP for it: the router may learn it, and clients then reach that real
     server directly, past the director. The MAC is named by its RIP (from
-    the RIPs' ARP replies, else the kernel's neighbour table).
+    the RIPs' ARP replies, else the kernel's neighbour table). A Tun real
+    server behind a router is on none of the director's segments: one ok
+    line per real server, not probed.
 ``nat-route``
     A NAT real server must send its replies to clients through the director
     (the director un-NATs them). Method: two TCP SYNs to RIP:port, sent as
@@ -78,7 +82,8 @@ for):
     router's frag-needed
     (RFC 1191) gives the real path MTU (warn: the director learns it and
     tells clients; FAIL below 576 inside), silence brackets it (a black
-    hole: FAIL).
+    hole: FAIL). No DF probe when the tunnel does not answer: warn, not
+    checked.
 ``settings``
     ``ip_forward``: informational; pylvs forwards in user space, so the
     kernel's value changes nothing for virtual services (1 lets the kernel

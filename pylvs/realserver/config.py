@@ -20,7 +20,8 @@ says why at length):
 is changed when anything is wrong, :class:`RealServerError` says what), then
 applies them in order, undoing what it applied if a step still fails, and
 records each change (old and new value) in the state file
-``/run/pylvs/realserver-<netns inode>.json``; :func:`teardown` replays the
+``/run/pylvs/realserver-<netns inode>.json`` with the namespace's cookie
+(:func:`load_state` says how a file is matched to its namespace); :func:`teardown` replays the
 record backwards. Addresses and routes go through pyroute2 (rtnetlink),
 sysctls through /proc/sys.
 """

@@ -30,6 +30,13 @@ with SIGKILL leaves its nft table behind (it keeps IPIP/GUE from the stack);
 the next run replaces it, and ``pylvs realserver teardown`` removes it
 (:func:`stop_running`, which also stops a running decapsulator).
 
+The interface going down makes recv fail (ENETDOWN): counted in
+``error_link``, logged at most every LOG_INTERVAL seconds, and the loop goes
+on (the kernel re-hooks the socket when the link comes up). An interface
+deleted and re-created under the same name gets a new socket and nft table
+(``reattach``); while it does not exist the loop looks for it every
+REATTACH_INTERVAL seconds until stopped.
+
 Counters (decap.COUNTER_NAMES) go to a stats file,
 ``/run/pylvs/realserver-<netns inode>-decap.json``, rewritten at most once a
 second while they change and read by ``pylvs realserver status``; SIGUSR1
