@@ -208,6 +208,19 @@ def test_setup_survives_a_mac_or_nic_change(r, change):
     assert f"local {VIP} dev lo" not in after["routes"]
 
 
+def test_nat_setup_without_a_default_route_takes_the_dips_interface(r):
+    """`pylvs check`'s nat-route fix, `setup --fwd nat --dip DIP`, as written,
+    on a real server with no default route."""
+    sh("ip", "-n", r, "route", "del", "default")
+    before = snapshot(r)
+    p = rs(r, "setup", "--fwd", "nat", "--dip", "10.9.1.3")
+    assert p.returncode == 0, p.stderr
+    assert "default via 10.9.1.3 dev eth0" in snapshot(r)["routes"]
+    assert json.loads(rs(r, "status", "--json").stdout)["setup"]["iface"] == "eth0"
+    assert rs(r, "teardown").returncode == 0
+    assert snapshot(r) == before
+
+
 @pytest.mark.parametrize("first, second", [("dr", "tun"), ("tun", "dr")])
 def test_dr_and_tun_setups_combine_and_teardown_restores_both(r, first, second):
     """A real server that is a DR dest of one service and a Tun dest of
