@@ -125,6 +125,13 @@ class Net:
         return Route(dst, oif, ifname, msg.get_attr("RTA_GATEWAY"),
                      msg.get_attr("RTA_PREFSRC"), mtu or self.links.get(oif, ("", "", 0))[2])
 
+    def broadcasts(self) -> set[str]:
+        """The addresses the kernel treats as broadcasts here (the local
+        table's broadcast routes: each subnet's broadcast address)."""
+        return {m.get_attr("RTA_DST") for m in self.ipr.get_routes(family=socket.AF_INET,
+                                                                    table=255)
+                if m["type"] == 3}   # RTN_BROADCAST
+
     def has_default_route(self) -> bool:
         """A unicast default route in the main table."""
         return any(m["type"] == 1 for m in self.ipr.get_routes(family=socket.AF_INET, dst_len=0,
