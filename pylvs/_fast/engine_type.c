@@ -321,6 +321,21 @@ static PyObject *locked(PylvsEngine *self, PyObject *arg, engine_meth fn)
     return r;
 }
 
+/* Reading from inside the upcall is allowed (as before workers): the
+ * calling thread already holds the lock. */
+static PyObject *locked_read(PylvsEngine *self, PyObject *arg, engine_meth fn)
+{
+    if (held_by_me(self))
+        return fn(self, arg);
+    return locked(self, arg, fn);
+}
+
+#define LOCKED_READ(fn)                                                  \
+    static PyObject *fn##_locked(PylvsEngine *self, PyObject *arg)      \
+    {                                                                    \
+        return locked_read(self, arg, (engine_meth)fn);                  \
+    }
+
 #define LOCKED(fn)                                                       \
     static PyObject *fn##_locked(PylvsEngine *self, PyObject *arg)      \
     {                                                                    \
@@ -815,7 +830,7 @@ LOCKED(engine_set_sysctls)
 LOCKED(engine_set_timeouts)
 LOCKED(engine_process)
 LOCKED(engine_expire)
-LOCKED(engine_conns)
+LOCKED_READ(engine_conns)
 LOCKED(engine_check_index)
 
 static PyMethodDef engine_methods[] = {
