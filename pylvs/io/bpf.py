@@ -546,7 +546,10 @@ def fanout_program(services, dests) -> list[Insn]:
       or a dest whose replies pass the director (a NAT reply, or a quoted
       reply from the VIP); else saddr.
 
-    A load beyond the frame ends the program with 0, as in the kernel.
+    The kernel runs it on the IP packet (fanout demux sees the skb at its
+    network header, unlike socket filters): offsets are from the IP header
+    and the ethertype comes from SKF_AD_PROTOCOL. A load beyond the packet
+    ends the program with 0, as in the kernel.
     Returned: `fanout_mix(client)`; the kernel takes it modulo the group's
     member count. Tables too big for BPF_MAXINSNS compare addresses only
     (a client that is itself a VIP or NAT real-server address may then be
@@ -556,26 +559,26 @@ def fanout_program(services, dests) -> list[Insn]:
     svc, frm = _fanout_sets(services, dests)
     mode = _fanout_mode(svc, frm)
     a = _Asm()
-    a.op(LD | H | ABS, 12)
+    a.op(LD | W | ABS, SKF_AD_OFF + SKF_AD_PROTOCOL)
     a.if_eq(0x0800, "ipv4")
     a.op(RET | K, 0)
     a.label("ipv4")
-    a.op(LD | IMM, 14)
+    a.op(LD | IMM, 0)
     a.op(MISC | TAX)                       # X = the header keyed
-    a.op(LD | B | ABS, 23)
+    a.op(LD | B | ABS, 9)
     a.if_eq(PROTO_ICMP, "icmp")
     a.jump("header")
     a.label("icmp")
-    a.op(LDX | B | MSH, 14)                # X = outer IHL
-    a.op(LD | B | IND, 14)                 # ICMP type
+    a.op(LDX | B | MSH, 0)                 # X = outer IHL
+    a.op(LD | B | IND, 0)                  # ICMP type
     for t in ICMP_ERRORS:
         a.if_eq(t, "quoted")
-    a.op(LD | IMM, 14)
+    a.op(LD | IMM, 0)
     a.op(MISC | TAX)
     a.jump("header")
     a.label("quoted")
     a.op(MISC | TXA)
-    a.op(ALU | ADD | K, 14 + 8)
+    a.op(ALU | ADD | K, 8)
     a.op(MISC | TAX)                       # X = the quoted IP header
     a.op(LD | B | IND, 9)
     a.if_eq(PROTO_IPIP, "inner")
@@ -672,17 +675,18 @@ def steer_index(frame: bytes, workers: int, services, dests) -> int:
     mode = _fanout_mode(svc_p, frm_p)
     if len(frame) < 14 or frame[12:14] != b"\x08\x00":
         return 0
+    frame = frame[14:]   # the program sees the IP packet
     svc, frm = set(_unpack(svc_p)), set(_unpack(frm_p))
     svc_a, frm_a = set(_addr_set(svc_p).tolist()), set(_addr_set(frm_p).tolist())
-    base = 14
-    if len(frame) < 24:
+    base = 0
+    if len(frame) < 10:
         return 0
-    if frame[23] == PROTO_ICMP:
-        ihl = (frame[14] & 0x0F) * 4
-        if 14 + ihl >= len(frame):
+    if frame[9] == PROTO_ICMP:
+        ihl = (frame[0] & 0x0F) * 4
+        if ihl >= len(frame):
             return 0
-        if frame[14 + ihl] in ICMP_ERRORS:
-            base = 14 + ihl + 8
+        if frame[ihl] in ICMP_ERRORS:
+            base = ihl + 8
             if base + 9 >= len(frame):
                 return 0
             if frame[base + 9] == PROTO_IPIP:

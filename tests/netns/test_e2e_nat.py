@@ -19,7 +19,9 @@ import pytest
 from pylvs.lab.httpd import content
 from pylvs.lab.topology import Lab, netns_exists, wait_for_file
 
-pytestmark = pytest.mark.netns
+# Every test here runs with one worker and with two (frames steered to the
+# worker of their client address: docs/io.md, "Workers").
+pytestmark = [pytest.mark.netns, pytest.mark.parametrize("workers", [1, 2], indirect=True)]
 
 VPORT = 80
 
