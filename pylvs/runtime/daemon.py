@@ -406,8 +406,8 @@ class Daemon:
             await asyncio.sleep(period)
             ticks += 1
             now, cur = time.monotonic(), self._watched()
-            if ticks % 5 == 0 and log.isEnabledFor(logging.DEBUG) and hasattr(self.backend, "stats"):
-                log.debug("stats %s", self.backend.stats())
+            if ticks % 5 == 0 and log.isEnabledFor(logging.DEBUG):
+                log.debug("stats %s", _sum_dicts(self._io_stats()))
             for k, v in cur.items():
                 if v > base.get(k, 0) and now - last_log.get(k, -LOG_EVERY) >= LOG_EVERY:
                     log.warning("data path: %s +%d (total %d)", k, v - base.get(k, 0), v)

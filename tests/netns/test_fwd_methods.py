@@ -24,7 +24,7 @@ from pylvs.lab.httpd import content
 from pylvs.lab.topology import GUE_PORT, Lab
 
 # NAT, DR and Tun with one worker and with two (docs/io.md, "Workers").
-pytestmark = [pytest.mark.netns, pytest.mark.parametrize("workers", [1, 2], indirect=True)]
+pytestmark = [pytest.mark.netns, pytest.mark.parametrize("workers", [1, 2], ids=["1worker", "2workers"], indirect=True)]
 
 PORT = 80
 NAT, DR, TUN = 0, 1, 2  # rs1, rs2, rs3 of a mixed lab
