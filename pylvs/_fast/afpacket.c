@@ -511,15 +511,18 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
         return NULL;
     }
     PylvsEngine *e = (PylvsEngine *)engine;
-    if (pylvs_engine_reentered(e)) {
-        PyErr_SetString(PyExc_RuntimeError, "forward() called from its engine's scheduler upcall");
-        return NULL;
-    }
     RingObject *rings[MAX_PORTS];
     PyObject *fast;
     int n = get_rings(seq, rings, &fast);
     if (n < 0)
         return NULL;
+    /* Its own lock is held by this thread: waiting for it would never end. */
+    if (pylvs_engine_reentered(e)) {
+        put_rings(rings, n, fast);
+        PyErr_SetString(PyExc_RuntimeError,
+                        "Engine is in use: forward() called from its scheduler upcall");
+        return NULL;
+    }
     SendBufs *bufs = send_buffers();
     if (!bufs) {
         put_rings(rings, n, fast);
