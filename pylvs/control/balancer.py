@@ -433,7 +433,7 @@ class Balancer:
         # The upcall's view, indexed by service slot: (scheduler, dests) or None.
         self._sched_view: list[tuple[schedmod.Scheduler, tuple[SchedDestView, ...], bool]
                                | None] = [None] * counters.max_services
-        # Dest slots flagged overloaded by -x (touched by the data thread only).
+        # Dest slots flagged overloaded by -x (touched by the workers, under _sched_lock).
         self._overloaded: set[int] = set()
         self._sched_lock = threading.Lock()
 
@@ -468,11 +468,13 @@ class Balancer:
         if view is None:
             return -1
         sched, dests, thresholds = view
-        if thresholds:
-            dests = self._not_overloaded(dests)
-        if not dests:
-            return -1
+        # Workers call this from several threads: the overload hysteresis
+        # and the scheduler's state change under one lock.
         with self._sched_lock:
+            if thresholds:
+                dests = self._not_overloaded(dests)
+            if not dests:
+                return -1
             d = sched.schedule(dests, self.counters.dest_conns, caddr, cport)
         return -1 if d is None else d.slot
 
