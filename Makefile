@@ -5,11 +5,15 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := nftables iproute2 ethtool curl tcpdump netsniff-ng procps gcc python3-dev python3-venv
-# Tools whose absence means the apt step has not run on this machine.
-APT_TOOLS := nft ip ethtool curl tcpdump trafgen gcc
+APT_PACKAGES := nftables iproute2 ethtool curl tcpdump netsniff-ng procps gcc python3-dev python3-venv \
+	clang llvm libbpf-dev bpftool
+# Tools whose absence means the apt step has not run on this machine (checked
+# again whenever this Makefile changes, so a new package reaches old checkouts).
+APT_TOOLS := nft ip ethtool curl tcpdump trafgen gcc clang llvm-strip bpftool
+# Files, likewise, of packages that install no command (libbpf-dev).
+APT_FILES := /usr/include/bpf/libbpf.h
 FAST_SO = $(wildcard pylvs/_fast*.so)
-C_SOURCES := $(wildcard pylvs/_fast/*.c pylvs/_fast/*.h) setup.py
+C_SOURCES := $(wildcard pylvs/_fast/*.c pylvs/_fast/*.h pylvs/bpf/*.c) setup.py
 
 .PHONY: demo test test-fast bench deps build clean lab-clean
 
@@ -31,8 +35,9 @@ bench: build
 
 deps: .stamp-apt
 
-.stamp-apt:
+.stamp-apt: Makefile
 	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	for f in $(APT_FILES); do [ -e $$f ] || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages (missing:$$missing)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
@@ -56,4 +61,4 @@ lab-clean: build
 	$(PY) -m pylvs.cli.main lab down --all
 
 clean:
-	rm -rf build *.egg-info pylvs/_fast*.so .stamp-build
+	rm -rf build *.egg-info pylvs/_fast*.so pylvs/_bpf*.so pylvs/bpf/*.bpf.o .stamp-build

@@ -96,6 +96,9 @@ class Options:
     # --workers: data-path threads, each with its engine and sockets
     # (capacity is split among them); 1 is the single data thread of old.
     workers: int = 1
+    # --steering: "bpf", "nft", or None (bpf, nft where tcx cannot attach);
+    # pylvs/control/steering.py.
+    steering: str | None = None
 
 
 class Daemon:
@@ -291,8 +294,14 @@ class Daemon:
             self._resolver = Resolver(self.backend.ports)
         self.resolver = self._resolver
         if self._steering is None:
-            from ..control.steering import Steering
-            self._steering = Steering([p.name for p in self.backend.ports])
+            from ..control.steering import SteeringError, open_steering
+            try:
+                self._steering = open_steering([p.name for p in self.backend.ports],
+                                               self.opts.steering,
+                                               max_services=self.opts.max_services,
+                                               max_dests=self.opts.max_dests)
+            except SteeringError as e:
+                raise SystemExit(f"pylvs run: --steering {self.opts.steering}: {e}") from None
         self.steering = self._steering
         try:
             from ..control.balancer import Balancer
@@ -421,8 +430,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop_event.set)
         # SIGHUP's default action kills the process without the clean-up
-        # below (the nft table would stay and black-hole the VIPs), and a
-        # closed terminal sends it.
+        # below (an nft steering table would stay and black-hole the VIPs),
+        # and a closed terminal sends it.
         self._loop.add_signal_handler(signal.SIGHUP, log.warning, SIGHUP_MESSAGE)
 
         path = self.opts.control or rpc.default_path()
@@ -713,6 +722,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write every frame pylvs sends (forwarded and made: ICMP "
                     "errors, RSTs, fragments, tunnel packets) to FILE, classic pcap, "
                     "Ethernet; read it with tcpdump -r (default: none)")
+    ap.add_argument("--steering", choices=("bpf", "nft"),
+                    help="how the kernel is kept away from the frames pylvs takes: bpf, a tcx "
+                    "program the kernel detaches when pylvs dies; nft, a netdev table that "
+                    "stays (dropping the VIPs' traffic) after a kill -9 until the next start "
+                    "(default: bpf, nft where the kernel cannot attach tcx programs)")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
     a = ap.parse_args(argv)
@@ -729,7 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
                    capacity=a.conn_max, engine=a.engine, max_services=a.max_services,
                    max_dests=a.max_dests, sysctls=dict(a.sysctl),
-                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, workers=workers)
+                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, workers=workers,
+                   steering=a.steering)
     try:
         return Daemon(opts).run()
     except SystemExit:

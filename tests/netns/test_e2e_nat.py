@@ -19,6 +19,8 @@ import pytest
 from pylvs.lab.httpd import content
 from pylvs.lab.topology import Lab, netns_exists, wait_for_file
 
+from nsio import steering_state
+
 # Every test here runs with one worker and with two (frames steered to the
 # worker of their client address: docs/io.md, "Workers").
 pytestmark = [pytest.mark.netns, pytest.mark.parametrize("workers", [1, 2], ids=["1worker", "2workers"], indirect=True)]
@@ -218,15 +220,9 @@ def test_delete_service_stops_forwarding_and_steering(lab: Lab):
 
 
 def _steered(lab: Lab, set_name: str) -> str:
-    """Elements of a set of the director's `netdev pylvs` table ('' if none)."""
-    p = lab.run(lab.director, ["nft", "-j", "list", "table", "netdev", "pylvs"], check=False)
-    if p.returncode != 0:
-        return ""  # the whole table is gone: nothing is steered
-    for obj in json.loads(p.stdout)["nftables"]:
-        s = obj.get("set")
-        if s and s.get("name") == set_name:
-            return json.dumps(s.get("elem", []))
-    return ""
+    """Elements of a steering set of the director ('' if nothing steers)."""
+    st = steering_state(lab.director, "eth0")
+    return json.dumps(st["sets"][set_name]) if st else ""
 
 
 # --- the director's own stack stays silent -------------------------------------
