@@ -394,7 +394,8 @@ class Balancer:
     dest's egress; ``publish(services, dests)`` receives every new table pair.
     Attributes the runtime may set after construction:
 
-    - ``conns_source``: ``() -> engine.conns()`` list, for ``-L -c``;
+    - ``conns_source``: ``() -> engine.conns()`` list, for ``-L -c`` (the
+      tuples may carry a 13th field, the worker holding the conn: "worker");
     - ``clock``: the engine's time base for conn expiry (default monotonic);
     - ``on_timeouts``: called with ``states.timeout_array(...)`` after
       ``set_timeouts``, to hand the new timeouts to the engine.
@@ -448,7 +449,7 @@ class Balancer:
         # The upcall's view, indexed by service slot: (scheduler, dests) or None.
         self._sched_view: list[tuple[schedmod.Scheduler, tuple[SchedDestView, ...], bool]
                                | None] = [None] * counters.max_services
-        # Dest slots flagged overloaded by -x (touched by the data thread only).
+        # Dest slots flagged overloaded by -x (touched by the workers, under _sched_lock).
         self._overloaded: set[int] = set()
         self._sched_lock = threading.Lock()
 
@@ -483,11 +484,13 @@ class Balancer:
         if view is None:
             return -1
         sched, dests, thresholds = view
-        if thresholds:
-            dests = self._not_overloaded(dests)
-        if not dests:
-            return -1
+        # Workers call this from several threads: the overload hysteresis
+        # and the scheduler's state change under one lock.
         with self._sched_lock:
+            if thresholds:
+                dests = self._not_overloaded(dests)
+            if not dests:
+                return -1
             d = sched.schedule(dests, self.counters.dest_conns, caddr, cport)
         return -1 if d is None else d.slot
 
@@ -763,7 +766,7 @@ class Balancer:
             prev = self._svc_last_key.pop(slot, None)
             if prev is not None and prev != key:
                 del self._svc_last_slot[prev]
-            self.counters.svc_stats[slot] = 0
+            self.counters.zero_svc(slot)
         self._est_svc_last[slot] = self.counters.svc_stats[slot]
         self._est_svc_avg[slot] = 0
         return slot
@@ -793,7 +796,7 @@ class Balancer:
             if tk is not None:
                 del self._dest_trash[tk]
             self._trash_replies.pop(slot, None)
-            self.counters.dest_stats[slot] = 0
+            self.counters.zero_dest(slot)
             self._est_dest_last[slot] = 0
             self._est_dest_avg[slot] = 0
             return slot
@@ -989,11 +992,11 @@ class Balancer:
         else:
             svcs = [self._get_svc(proto, vaddr, vport)]
         for svc in svcs:
-            self.counters.svc_stats[svc.slot] = 0
+            self.counters.zero_svc(svc.slot)
             self._est_svc_last[svc.slot] = 0
             self._est_svc_avg[svc.slot] = 0
             for d in svc.dests.values():
-                self.counters.dest_stats[d.slot] = 0
+                self.counters.zero_dest(d.slot)
                 self._est_dest_last[d.slot] = 0
                 self._est_dest_avg[d.slot] = 0
 
@@ -1129,6 +1132,8 @@ class Balancer:
     def snapshot(self) -> dict:
         """Everything ``pylvs adm -L`` and ``-S`` print, as plain JSON data."""
         c = self.counters
+        # Read once: with workers each read is a sum over them.
+        conns, svc_stats, dest_stats = c.dest_conns, c.svc_stats, c.dest_stats
         out = []
         for svc in self._services.values():
             dests = []
@@ -1141,10 +1146,10 @@ class Balancer:
                     "tun_flags": d.tun_flags,
                     "weight": d.weight, "u_threshold": d.u_threshold,
                     "l_threshold": d.l_threshold,
-                    "activeconns": int(c.dest_conns[d.slot, ACTIVE]),
-                    "inactconns": int(c.dest_conns[d.slot, INACTIVE]),
+                    "activeconns": int(conns[d.slot, ACTIVE]),
+                    "inactconns": int(conns[d.slot, INACTIVE]),
                     "persistconns": 0,
-                    "stats": _traffic(c.dest_stats[d.slot]),
+                    "stats": _traffic(dest_stats[d.slot]),
                     "rates": _rates(self._est_dest_avg[d.slot]),
                     "resolved": bool(self.dests_table[d.slot]["flags"] & DEST_F_RESOLVED),
                     "slot": d.slot,
@@ -1156,7 +1161,7 @@ class Balancer:
                 "flags": sched_flag_names(svc.sched_name, svc.sched_flags),
                 "persistent": bool(svc.timeout), "timeout": svc.timeout,
                 "netmask": ip_str(svc.netmask), "pe": svc.pe, "ops": svc.ops,
-                "stats": _traffic(c.svc_stats[svc.slot]),
+                "stats": _traffic(svc_stats[svc.slot]),
                 "rates": _rates(self._est_svc_avg[svc.slot]),
                 "slot": svc.slot, "dests": dests,
             })
@@ -1184,6 +1189,8 @@ class Balancer:
                 "daddr": ip_str(daddr), "dport": int(dport),
                 "state": sname, "expires": max(0, int(expires - now)),
             })
+            if len(t) > 12:   # `pylvs run` says which worker holds it
+                out[-1]["worker"] = int(t[12])
         return out
 
     def steering_view(self) -> dict[str, list[tuple[int, int, int]]]:

@@ -22,7 +22,9 @@ from pylvs.lab.topology import Lab, netns_exists, wait_for_file
 
 from nsio import steering_state
 
-pytestmark = pytest.mark.netns
+# Every test here runs with one worker and with two (frames steered to the
+# worker of their client address: docs/io.md, "Workers").
+pytestmark = [pytest.mark.netns, pytest.mark.parametrize("workers", [1, 2], ids=["1worker", "2workers"], indirect=True)]
 
 VPORT = 80
 
