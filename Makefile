@@ -6,11 +6,14 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := nftables iproute2 ethtool curl tcpdump netsniff-ng procps gcc python3-dev python3-venv \
-	wrk haproxy iperf3
-# Tools whose absence means the apt step has not run on this machine.
-APT_TOOLS := nft ip ethtool curl tcpdump trafgen gcc wrk haproxy iperf3
+	clang llvm libbpf-dev bpftool wrk haproxy iperf3
+# Tools whose absence means the apt step has not run on this machine (checked
+# again whenever this Makefile changes, so a new package reaches old checkouts).
+APT_TOOLS := nft ip ethtool curl tcpdump trafgen gcc clang llvm-strip bpftool wrk haproxy iperf3
+# Files, likewise, of packages that install no command (libbpf-dev).
+APT_FILES := /usr/include/bpf/libbpf.h
 FAST_SO = $(wildcard pylvs/_fast*.so)
-C_SOURCES := $(wildcard pylvs/_fast/*.c pylvs/_fast/*.h) setup.py
+C_SOURCES := $(wildcard pylvs/_fast/*.c pylvs/_fast/*.h pylvs/bpf/*.c) setup.py
 
 .PHONY: demo test test-fast bench deps build clean lab-clean
 
@@ -25,7 +28,7 @@ test-fast: build
 	$(PY) -m pytest -q -m "not netns" tests
 
 # Only `make bench` needs these: perf and valgrind profile the engine
-# (bench/README.md, "Where the nanoseconds go").
+# (bench/README.md, "Where the engine's nanoseconds go").
 BENCH_APT_PACKAGES := linux-perf valgrind
 BENCH_APT_TOOLS := perf valgrind
 
@@ -40,21 +43,23 @@ bench: build .stamp-apt-bench
 
 deps: .stamp-apt
 
-# $(call apt_install,TOOLS,PACKAGES): install PACKAGES when one of TOOLS is missing.
+# $(call apt_install,TOOLS,FILES,PACKAGES): install PACKAGES when one of the
+# commands TOOLS or one of the FILES is missing.
 define apt_install
 	@missing=""; for t in $(1); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	for f in $(2); do [ -e $$f ] || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages (missing:$$missing)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(3) >/dev/null; \
 	fi
 	@touch $@
 endef
 
-.stamp-apt:
-	$(call apt_install,$(APT_TOOLS),$(APT_PACKAGES))
+.stamp-apt: Makefile
+	$(call apt_install,$(APT_TOOLS),$(APT_FILES),$(APT_PACKAGES))
 
 .stamp-apt-bench: .stamp-apt
-	$(call apt_install,$(BENCH_APT_TOOLS),$(BENCH_APT_PACKAGES))
+	$(call apt_install,$(BENCH_APT_TOOLS),,$(BENCH_APT_PACKAGES))
 
 $(VENV)/.stamp: pyproject.toml .stamp-apt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,4 +78,4 @@ lab-clean: build
 	$(PY) -m pylvs.cli.main lab down --all
 
 clean:
-	rm -rf build *.egg-info pylvs/_fast*.so .stamp-build
+	rm -rf build *.egg-info pylvs/_fast*.so pylvs/_bpf*.so pylvs/bpf/*.bpf.o .stamp-build

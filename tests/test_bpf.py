@@ -211,10 +211,10 @@ def _mixed_dests():
 
 
 def test_steering_sets_hold_only_nat_real_servers():
-    from pylvs.control.steering import Steering
+    from pylvs.control.steering import NftSteering
     services = tables.empty_services(1)
     services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED)
-    lines = Steering._element_lines(services, _mixed_dests(), ["10.9.1.1"])
+    lines = NftSteering._element_lines(services, _mixed_dests(), ["10.9.1.1"])
     assert [ln for ln in lines if " realservers " in ln or " rsaddrs " in ln] == [
         f"add element netdev pylvs realservers {{ {RIP} . 6 . 80 }}",
         f"add element netdev pylvs rsaddrs {{ {RIP} }}"]

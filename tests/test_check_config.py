@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 
@@ -49,6 +50,9 @@ class FakeNet:
 
     def has_default_route(self):
         return self.default
+
+    def broadcasts(self):
+        return {"10.0.0.255", "10.0.1.255"}
 
     def macs(self):   # the director's own
         return {"02:00:00:00:00:01"}
@@ -153,7 +157,8 @@ def test_arp_problem_names_the_real_server_or_the_stranger():
     net.neighbours = {"02:00:00:00:00:13": "10.0.1.13"}
     snap = {"services": [svc(dests=[dest("10.0.1.11", "route"), dest("10.0.1.12", "route"),
                                     dest("10.9.9.9", "tunnel")]),
-                         svc(vaddr="10.0.0.101", dests=[dest("10.0.1.13", "tunnel")])]}
+                         svc(vaddr="10.0.0.101", dests=[dest("10.0.1.13", "tunnel"),
+                                                        dest("10.9.9.9", "tunnel")])]}
     out = checks.check_arp_problem(snap, net)
     fails = [r for r in out if r.verdict == "FAIL"]
     assert [r.subject for r in fails] == ["10.0.0.100 on eth1"] * 2 + ["10.0.0.101 on eth1"]
@@ -162,8 +167,10 @@ def test_arp_problem_names_the_real_server_or_the_stranger():
     assert fails[1].message.startswith("02:00:00:00:00:99, not a real server of this director")
     assert fails[2].message.startswith("real server 10.0.1.13 ")
     assert "--fwd tun --vip 10.0.0.101" in fails[2].fix
+    # A routed Tun real server cannot answer ARP on the director's segments:
+    # one ok line for it, however many services it serves.
     [far] = [r for r in out if r.subject == "10.9.9.9"]
-    assert far.verdict == "warn" and "behind gateway 10.0.1.254" in far.message
+    assert far.verdict == "ok" and "behind the router 10.0.1.254" in far.message
     net.arp_answers = {"10.0.0.100": ["02:00:00:00:00:01"]}
     assert {r.verdict for r in checks.check_arp_problem(snap, net) if "on eth1" in r.subject} == {"ok"}
 
@@ -285,10 +292,16 @@ def test_tun_fix_texts_quote_whole_commands():
     out = checks.check_tun({"services": [svc(dests=[GUE])]}, _tun_path(unreachable=True))
     [tun] = [r for r in out if r.check == "tun"]
     assert tun.verdict == "FAIL" and "port unreachable" in tun.message
-    assert tun.fix == ("on 10.0.3.11 run `pylvs realserver setup --fwd tun --vip 10.0.0.100`, "
-                       "then, if it has no ipip module, `pylvs realserver run --vip 10.0.0.100 "
-                       "--gue-port 6080` there")
+    assert tun.fix == ("on 10.0.3.11 run `pylvs realserver setup --fwd tun --vip 10.0.0.100`; "
+                       "if it has no ipip module (no tunl0), `pylvs realserver run --vip "
+                       "10.0.0.100 --gue-port 6080` must be running there")
     assert tun.fix.count("`") % 2 == 0
+    # Silence (the decapsulator not running, say): the fix names it too.
+    net = ProbeNet(lambda f: [], routes={"10.0.3.11": TUN_ROUTE})
+    [tun, mtu] = checks.check_tun({"services": [svc(dests=[GUE])]}, net)
+    assert tun.verdict == "FAIL" and "no answer" in tun.message
+    assert "`pylvs realserver run --vip 10.0.0.100 --gue-port 6080` must be running" in tun.fix
+    assert mtu.verdict == "warn" and "not checked: the tunnel does not answer" in mtu.message
 
 
 @pytest.mark.parametrize("d, over", [(dest("10.0.3.11", "tunnel"), 20), (GUE, 32)])
@@ -334,9 +347,9 @@ def test_tun_mtu_df_probe(d, over):
                                 "frag-needed (a path-MTU black hole)")
     assert "send ICMP frag-needed" in r.fix
 
-    # The tunnel itself does not answer: no DF probe, the computed room only.
+    # The tunnel itself does not answer: no DF probe, and not ok.
     r = mtu_line(_tun_path(unreachable=True))
-    assert r.verdict == "ok" and "no DF probe: the tunnel fails" in r.message
+    assert r.verdict == "warn" and r.message.startswith("not checked: the tunnel does not answer")
 
 
 def _frame(ethertype: int, body: bytes) -> bytes:
@@ -418,3 +431,35 @@ def test_cli_output_and_exit_status(monkeypatch, services, rc, first):
     doc = json.loads(out.getvalue())
     assert doc["ok"] == (rc == 0)
     assert {"ip_forward", "offloads"} <= {c["subject"] for c in doc["checks"]}
+
+
+@pytest.mark.parametrize("client, words", [
+    ("127.0.0.1", "not a unicast address a client can have"),
+    ("224.0.0.1", "not a unicast address a client can have"),
+    ("0.0.0.0", "not a unicast address a client can have"),
+    ("255.255.255.255", "not a unicast address a client can have"),
+    ("10.0.1.1", "is an address of the director (eth1)"),
+    ("10.0.0.255", "is a broadcast address of one of the director's networks"),
+])
+def test_client_that_cannot_be_a_client_is_refused(monkeypatch, client, words):
+    with pytest.raises(checks.CheckInputError, match=re.escape(words)):
+        checks.run_checks({"services": [svc()]}, FakeNet(), [client])
+    monkeypatch.setattr(cli.rpc, "Client", type("D", (_Director,), {"snap": {"services": []}}))
+    monkeypatch.setattr(cli, "Net", _NetCM)
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.main(["--client", client], stdout=out, stderr=err) == 2
+    assert out.getvalue() == "" and f"pylvs check: --client {client}" in err.getvalue()
+
+
+def test_service_on_0_0_0_0_is_explained_not_probed():
+    from scapy.layers.inet import IP
+    snap = {"services": [svc(vaddr="0.0.0.0", vport=81, dests=[dest("10.0.1.11")])]}
+    [vip] = checks.check_vips(snap, FakeNet())
+    assert vip.verdict == "warn" and "not a wildcard" in vip.message
+    assert "ip addr add" not in vip.fix
+    # Without --client there is no client-side address to probe NAT replies with.
+    net = ProbeNet(lambda f: [_reply_to(f)] if f[IP].src == "10.0.1.1" else [],
+                   routes={"10.0.1.11": Route("10.0.1.11", 3, "eth1", None, "10.0.1.1", 1500)})
+    assert checks.check_nat_route(snap, net) == [] and net.sent == []
+    [r] = checks.check_nat_route(snap, net, ["192.0.2.7"])
+    assert r.subject == "10.0.1.11:80" and all(f[IP].src != "0.0.0.0" for f in net.sent)

@@ -24,6 +24,8 @@ class RecordingEngine:
     """Records the set_* calls the daemon makes (the engine's own behaviour
     with these tables is tested on the engines)."""
 
+    conn_count, capacity, memory = 3, 100, 6400
+
     def __init__(self, *args, **kw):
         self.calls: list[tuple] = []
 
@@ -120,23 +122,24 @@ def test_ports_routes_and_vips_reach_the_engine(daemon):
 
 def test_changes_wait_for_the_data_thread_and_the_last_one_wins(daemon):
     e = daemon.engine
+    w, = daemon.workers
     stop = threading.Event()
-    daemon._data_thread = threading.Thread(target=stop.wait)
-    daemon._data_thread.start()
+    w.thread = threading.Thread(target=stop.wait)
+    w.thread.start()
     try:
         before = len(e.calls)
         daemon._net_changed(state(mtu=1400))
         daemon._net_changed(state(mtu=1300))
         daemon.balancer.publish_sysctls(np.ones(6, dtype=np.int64))
         assert len(e.calls) == before   # nothing while a forward call may run
-        daemon._take_pending_io()       # what the data thread does between calls
+        w.take_pending()                # what the worker does between calls
         new = e.calls[before:]
         assert sorted(c[0] for c in new) == ["set_ports", "set_routes", "set_sysctls"]
         assert e.named("set_ports")[-1][0]["mtu"][0] == 1300
-        assert daemon._pending_io == {}
+        assert w.pending_io == {}
     finally:
         stop.set()
-        daemon._data_thread.join()
+        w.thread.join()
 
 
 def test_losses_are_logged_at_most_once_per_period(daemon, monkeypatch, caplog):
@@ -149,7 +152,7 @@ def test_losses_are_logged_at_most_once_per_period(daemon, monkeypatch, caplog):
         for _ in range(30):   # 0.3 s of growth: one line, then one more
             io["tx_emsgsize"] += 2
             io["rx_frames"] += 100
-            daemon.counters.stats[tables.STAT_INDEX["drop_table_full"]] += 1
+            daemon.counters.parts[0].stats[tables.STAT_INDEX["drop_table_full"]] += 1
             await asyncio.sleep(0.01)
         task.cancel()
 
@@ -205,7 +208,10 @@ def test_stats_adds_the_io_counters_and_not_host_read_off_the_loop(daemon):
     daemon.backend.stats = lambda: {"tx_emsgsize": np.uint64(3), "rx_dropped": 5}
     steering = CountingSteering(packets=42, delay=0.1)
     st, ticks, _ = stats_extra(daemon, steering)
-    assert st == {"io": {"tx_emsgsize": 3, "rx_dropped": 5}, "steering": {"not_host": 42}}
+    assert st["io"] == {"tx_emsgsize": 3, "rx_dropped": 5}
+    assert st["steering"] == {"not_host": 42}
+    (w,) = st["workers"]
+    assert w["io"] == st["io"] and w["conns"] == {"conn_count": 3, "capacity": 100, "memory": 6400}
     assert type(st["io"]["tx_emsgsize"]) is int   # JSON-ready
     assert steering.threads[0] is not threading.main_thread()
     assert len(ticks) >= 5   # 0.1 s of nft did not stop the loop

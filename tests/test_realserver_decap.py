@@ -134,3 +134,42 @@ def test_socket_filter(desc, pkt, pkttype, proto, port, accepted):
     from pylvs.io import bpf
     from pylvs.realserver.run import tunnel_filter
     assert bool(bpf.run(tunnel_filter(port), pkt, pkttype, proto)) == accepted
+
+
+class _DeadSocket:
+    """A tap whose interface went away: every recv fails as the kernel makes it."""
+
+    def __init__(self, err):
+        self.err, self.closed = err, False
+
+    def recv_into(self, buf):
+        raise OSError(self.err, "link error")
+
+    def getsockopt(self, *a):
+        return bytes(8)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("err", [100, 6, 19])   # ENETDOWN, ENXIO, ENODEV
+def test_decapsulator_counts_link_errors_and_waits_for_a_deleted_interface(
+        tmp_path, monkeypatch, capsys, err):
+    from pylvs.realserver import config, run
+    monkeypatch.setattr(config, "STATE_DIR", tmp_path)
+    monkeypatch.setattr(run, "REATTACH_INTERVAL", 0.01)
+    d = run.Decapsulator("eth0", [VIP], None, "plvsdec0")
+    d.sock, d.ifindex = _DeadSocket(err), 7
+    dead = d.sock
+
+    def gone(name):
+        raise OSError(19, "No such device")
+    monkeypatch.setattr(run.socket, "if_nametoindex", gone)
+    turns = iter(range(5))
+    d.loop(lambda: next(turns, None) is None, lambda: False)
+    assert d.counters["error_link"] == 1 and d.counters["reattach"] == 0
+    assert dead.closed and d.sock is None
+    err_text = capsys.readouterr().err
+    assert "carrying on" in err_text
+    # Said once, however long it stays gone.
+    assert err_text.count("eth0 is gone; looking for it again every") == 1

@@ -7,6 +7,9 @@ tree in a temporary directory give the plan a kernel with ``tunl0``.
 
 from __future__ import annotations
 
+import ipaddress
+import re
+
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -19,7 +22,8 @@ class FakeIPRoute:
     """The few IPRoute calls config makes, over plain dicts."""
 
     def __init__(self, links: dict[str, int], addrs: list[tuple[str, int, str]],
-                 can_load_ipip: bool = False):
+                 can_load_ipip: bool = False, default: bool = True):
+        self.default = default
         self.links = {name: {"index": i + 1, "flags": flags, "IFLA_IFNAME": name,
                              "IFLA_ADDRESS": f"02:00:00:00:00:{i:02x}"}
                       for i, (name, flags) in enumerate(links.items())}
@@ -38,7 +42,12 @@ class FakeIPRoute:
         return self.addrs
 
     def get_routes(self, family, table):
-        return [{"dst_len": 0, "RTA_GATEWAY": "10.1.0.1", "RTA_OIF": self.links["eth0"]["index"],
+        if table == 255:
+            # The local table's broadcast routes (type 3) the kernel adds per address.
+            return [{"type": 3, "dst_len": 32, "RTA_DST": str(ipaddress.IPv4Interface(
+                f"{a['IFA_ADDRESS']}/{a['prefixlen']}").network.broadcast_address)}
+                for a in self.addrs if a["prefixlen"] < 31]
+        return [] if not self.default else [{"type": 1, "dst_len": 0, "RTA_GATEWAY": "10.1.0.1", "RTA_OIF": self.links["eth0"]["index"],
                  "proto": 3}]
 
     def link(self, cmd, **kw):
@@ -129,3 +138,75 @@ def test_dr_relaxes_a_strict_reverse_path_filter_on_its_interface(conf, all_rp, 
     changes = _changes(steps)
     assert changes.get(("sysctl", "eth0", "rp_filter")) == want
     assert ("sysctl", "all", "rp_filter") not in changes
+
+
+@pytest.mark.parametrize("own_rp", [0, 1])
+def test_tun_setup_with_the_decapsulator_running_keeps_its_tun_device_at_0(
+        conf, monkeypatch, own_rp):
+    """Drift put 'all' back to strict while `pylvs realserver run` runs: setup
+    lowers 'all' and raises the other devices to keep their filtering, but the
+    decapsulator's own TUN device stays at (or goes back to) 0, unrecorded."""
+    root = conf(devs=("all", "default", "lo", "eth0", "plvsdec0"))
+    (root / "plvsdec0" / "rp_filter").write_text(f"{own_rp}\n")
+    monkeypatch.setattr(config, "running_decap", lambda: {"pid": 4242, "tun": "plvsdec0"},
+                        raising=False)
+    ipr = FakeIPRoute({"lo": IFF_UP, "eth0": IFF_UP, "plvsdec0": IFF_UP},
+                      [("10.1.0.2", 24, "eth0")])
+    steps, mode = config.plan(config.validate(config.Config("tun", ["192.0.2.10"]), ipr), ipr)
+    assert mode == "decap"
+    changes = _changes(steps)
+    assert changes[("sysctl", "all", "rp_filter")] == 0
+    assert changes[("sysctl", "eth0", "rp_filter")] == 1
+    own = [s for s in steps if s.get("dev") == "plvsdec0"]
+    assert [(s["new"], s["changed"], s.get("own")) for s in own] == [(0, own_rp != 0, True)]
+    assert "pylvs realserver run" in own[0]["why"]
+
+
+@pytest.mark.parametrize("vip, message", [
+    ("10.1.0.255", "--vip 10.1.0.255 is a broadcast address here"),
+    ("10.1.0.2", "--vip 10.1.0.2 is eth0's own (primary) address"),
+])
+def test_vip_refused_when_not_a_unicast_address_of_its_own(conf, vip, message):
+    conf()
+    ipr = FakeIPRoute({"lo": IFF_UP, "eth0": IFF_UP}, [("10.1.0.2", 24, "eth0")])
+    ipr.addrs[0]["flags"] = 0
+    with pytest.raises(config.RealServerError, match=re.escape(message)):
+        config.validate(config.Config("dr", [vip]), ipr)
+
+
+@pytest.mark.parametrize("default", [True, False])
+def test_nat_takes_the_interface_the_dip_is_connected_on(conf, default):
+    """`pylvs check`'s fix `setup --fwd nat --dip DIP` must work on a real
+    server with no default route, or one whose default route leaves by
+    another interface."""
+    conf(devs=("all", "default", "lo", "eth0", "eth1"))
+    ipr = FakeIPRoute({"lo": IFF_UP, "eth0": IFF_UP, "eth1": IFF_UP},
+                      [("10.1.0.2", 24, "eth0"), ("10.2.0.2", 24, "eth1")], default=default)
+    cfg = config.validate(config.Config("nat", dip="10.2.0.1"), ipr)
+    assert (cfg.iface, cfg.dip, cfg.clients) == ("eth1", "10.2.0.1", ["0.0.0.0/0"])
+
+
+def test_dr_and_tun_on_one_host_leave_its_interface_loose(conf):
+    """A DR+Tun real server from strict 'all': Tun lowers 'all' and raises
+    every other device to keep its filtering, DR makes the interface loose;
+    one step for eth0, ending loose (2), never strict."""
+    conf(devs=("all", "default", "lo", "eth0"))
+    ipr = FakeIPRoute({"lo": IFF_UP, "eth0": IFF_UP}, [("10.1.0.2", 24, "eth0")])
+    steps, mode = config.plan(config.Config(config.DR_TUN, ["192.0.2.10"], "eth0"), ipr)
+    assert mode == "decap"
+    eth0 = [s for s in steps if (s.get("dev"), s.get("name")) == ("eth0", "rp_filter")]
+    assert [(s["old"], s["new"], s["changed"]) for s in eth0] == [(0, 2, True)]
+    changes = _changes(steps)
+    assert changes[("sysctl", "all", "rp_filter")] == 0
+    assert changes[("sysctl", "lo", "rp_filter")] == 1
+
+
+@pytest.mark.parametrize("old, new, want", [
+    ("dr", "tun", config.DR_TUN), ("tun", "dr", config.DR_TUN),
+    (config.DR_TUN, "dr", config.DR_TUN), ("dr", "nat", None), ("dr", "dr", None)])
+def test_dr_and_tun_setups_extend_each_other(old, new, want):
+    merged = config._extend(config.Config(old, ["192.0.2.10"], "eth0"),
+                            config.Config(new, ["192.0.2.11"], "eth0"))
+    assert (merged and merged.fwd) == want
+    if want:
+        assert merged.vips == ["192.0.2.10", "192.0.2.11"]

@@ -27,6 +27,8 @@
 #include <errno.h>
 #include <linux/if_packet.h>
 #include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -152,8 +154,8 @@ static void ring_dealloc(RingObject *self)
 
 static PyObject *ring_close(RingObject *self, PyObject *unused)
 {
-    /* forward() holds frames in the mapping across the scheduler upcall and
-     * the poll (GIL released): unmapping it then would pull it from under. */
+    /* forward() holds frames in the mapping for its whole call, which runs
+     * without the GIL: unmapping it then would pull it from under. */
     if (self->busy) {
         PyErr_SetString(PyExc_RuntimeError, "Ring is in use by forward/ring_recv/ring_send");
         return NULL;
@@ -162,10 +164,14 @@ static PyObject *ring_close(RingObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* Sends happen with the GIL held, so swapping the capture under the GIL
- * never races a send, even while forward() waits in poll(). */
+/* forward() sends without the GIL: the capture may change only while the
+ * ring is not in use. */
 static PyObject *ring_set_capture(RingObject *self, PyObject *cap)
 {
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Ring is in use by forward/ring_recv/ring_send");
+        return NULL;
+    }
     if (cap != Py_None && !pylvs_capture_check(cap)) {
         PyErr_SetString(PyExc_TypeError, "set_capture needs a pylvs._fast.Capture or None");
         return NULL;
@@ -284,9 +290,9 @@ static double mono(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Wait for a retired block on any ring; the only place the GIL is let go.
- * Returns the seconds spent waiting. */
-static double wait_ready(RingObject **rings, int n, int timeout_ms)
+/* Wait for a retired block on any ring, GIL not held. Returns the seconds
+ * spent waiting. */
+static double wait_ready_nogil(RingObject **rings, int n, int timeout_ms)
 {
     if (timeout_ms == 0 || any_ready(rings, n))
         return 0.0;
@@ -299,10 +305,8 @@ static double wait_ready(RingObject **rings, int n, int timeout_ms)
     double t0 = mono(), t1;
     int pr;
     rings[0]->polls++;
-    Py_BEGIN_ALLOW_THREADS
     pr = poll(pfd, n, timeout_ms);
     t1 = mono();
-    Py_END_ALLOW_THREADS
     if (pr == 0)
         rings[0]->poll_timeouts++;
     for (int i = 0; i < n; i++) {
@@ -318,6 +322,15 @@ static double wait_ready(RingObject **rings, int n, int timeout_ms)
         }
     }
     return t1 - t0;
+}
+
+static double wait_ready(RingObject **rings, int n, int timeout_ms)
+{
+    double waited;
+    Py_BEGIN_ALLOW_THREADS
+    waited = wait_ready_nogil(rings, n, timeout_ms);
+    Py_END_ALLOW_THREADS
+    return waited;
 }
 
 typedef struct {
@@ -400,41 +413,66 @@ static inline int frame_usable(RingObject *r, struct tpacket3_hdr *h)
 
 /* --- forward -------------------------------------------------------------- */
 
-/* Used only with the GIL held: */
-static TxQueue *tx_queues;          /* MAX_PORTS queues */
-static struct pylvs_emit fwd_emit;  /* forward()'s emit area */
+/* Each thread's send queues and forward()'s emit area: workers run forward
+ * at the same time without the GIL, so these are per thread (made on the
+ * thread's first call, freed when it exits). */
+typedef struct {
+    TxQueue q[MAX_PORTS];
+    struct pylvs_emit em;
+} SendBufs;
 
-/* The send queues and the emit area are allocated on first use and live as
- * long as the module. */
-static int ensure_send_buffers(void)
+static pthread_key_t bufs_key;
+static pthread_once_t bufs_once = PTHREAD_ONCE_INIT;
+static int bufs_key_ok;
+
+static void bufs_free(void *p)
 {
-    if (!tx_queues) {
-        tx_queues = PyMem_Calloc(MAX_PORTS, sizeof(TxQueue));
-        if (!tx_queues) {
-            PyErr_NoMemory();
-            return -1;
-        }
-    }
-    if (!fwd_emit.buf) {
-        uint8_t *buf = PyMem_Malloc(EMIT_BYTES);
-        uint32_t *off = PyMem_Calloc(EMIT_FRAMES, sizeof *off);
-        uint32_t *len = PyMem_Calloc(EMIT_FRAMES, sizeof *len);
-        uint16_t *port = PyMem_Calloc(EMIT_FRAMES, sizeof *port);
-        if (!buf || !off || !len || !port) {
-            PyMem_Free(buf);
-            PyMem_Free(off);
-            PyMem_Free(len);
-            PyMem_Free(port);
-            PyErr_NoMemory();
-            return -1;
-        }
-        fwd_emit = (struct pylvs_emit){.buf = buf, .cap = EMIT_BYTES, .max = EMIT_FRAMES,
-                                       .off = off, .len = len, .port = port};
-    }
-    return 0;
+    SendBufs *b = p;
+    if (!b)
+        return;
+    free(b->em.buf);
+    free(b->em.off);
+    free(b->em.len);
+    free(b->em.port);
+    free(b);
 }
 
-static void flush_all(RingObject **rings, int n)
+static void bufs_key_init(void)
+{
+    bufs_key_ok = pthread_key_create(&bufs_key, bufs_free) == 0;
+}
+
+/* This thread's buffers; NULL with MemoryError set (GIL held). */
+static SendBufs *send_buffers(void)
+{
+    pthread_once(&bufs_once, bufs_key_init);
+    if (!bufs_key_ok) {
+        PyErr_SetString(PyExc_RuntimeError, "no thread-specific key for send buffers");
+        return NULL;
+    }
+    SendBufs *b = pthread_getspecific(bufs_key);
+    if (b)
+        return b;
+    b = calloc(1, sizeof *b);
+    uint8_t *buf = malloc(EMIT_BYTES);
+    uint32_t *off = calloc(EMIT_FRAMES, sizeof *off);
+    uint32_t *len = calloc(EMIT_FRAMES, sizeof *len);
+    uint16_t *port = calloc(EMIT_FRAMES, sizeof *port);
+    if (!b || !buf || !off || !len || !port || pthread_setspecific(bufs_key, b) != 0) {
+        free(b);
+        free(buf);
+        free(off);
+        free(len);
+        free(port);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    b->em = (struct pylvs_emit){.buf = buf, .cap = EMIT_BYTES, .max = EMIT_FRAMES,
+                                .off = off, .len = len, .port = port};
+    return b;
+}
+
+static void flush_all(RingObject **rings, int n, TxQueue *tx_queues)
 {
     for (int p = 0; p < n; p++)
         if (tx_queues[p].n)
@@ -444,7 +482,8 @@ static void flush_all(RingObject **rings, int n)
 /* Queue emitted frames [from, n) on the send queues of their ports. A frame
  * for a port beyond the rings, or lying outside the buffer (emit areas given
  * from Python), is counted in tx_bad_port. */
-static void emit_queue(RingObject **rings, int n, const struct pylvs_emit *em, uint32_t from)
+static void emit_queue(RingObject **rings, int n, TxQueue *tx_queues, const struct pylvs_emit *em,
+                       uint32_t from)
 {
     for (uint32_t k = from; k < em->n; k++) {
         uint16_t o = em->port[k];
@@ -471,19 +510,33 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "forward() needs a pylvs._fast.Engine");
         return NULL;
     }
+    PylvsEngine *e = (PylvsEngine *)engine;
     RingObject *rings[MAX_PORTS];
     PyObject *fast;
     int n = get_rings(seq, rings, &fast);
     if (n < 0)
         return NULL;
-    if (ensure_send_buffers() < 0) {
+    /* Its own lock is held by this thread: waiting for it would never end. */
+    if (pylvs_engine_reentered(e)) {
+        put_rings(rings, n, fast);
+        PyErr_SetString(PyExc_RuntimeError,
+                        "Engine is in use: forward() called from its scheduler upcall");
+        return NULL;
+    }
+    SendBufs *bufs = send_buffers();
+    if (!bufs) {
         put_rings(rings, n, fast);
         return NULL;
     }
-    now += wait_ready(rings, n, timeout_ms);
+    TxQueue *tx_queues = bufs->q;
+    /* The whole call runs without the GIL (the rings are marked busy and
+     * the buffers are this thread's); the engine's lock is held while it
+     * runs, and its scheduler upcall takes the GIL back. */
+    PyThreadState *ts = PyEval_SaveThread();
+    now += wait_ready_nogil(rings, n, timeout_ms);
+    pylvs_engine_lock(e, ts);
 
-    PylvsEngine *e = (PylvsEngine *)engine;
-    struct pylvs_emit *em = &fwd_emit;
+    struct pylvs_emit *em = &bufs->em;
     em->n = em->used = 0;
     struct tpacket_block_desc *held[MAX_HELD];
     int nheld = 0;
@@ -526,7 +579,7 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
                     seen++;
                     if (em->cap - em->used < EMIT_ROOM_BYTES || em->max - em->n < EMIT_ROOM_FRAMES) {
                         /* The queues point into the emit area: send, then reuse it. */
-                        flush_all(rings, n);
+                        flush_all(rings, n, tx_queues);
                         em->n = em->used = 0;
                     }
                     uint32_t emitted = em->n;
@@ -537,7 +590,7 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
                             r->tx_bad_port++;
                     }
                     if (em->n != emitted)
-                        emit_queue(rings, n, em, emitted);
+                        emit_queue(rings, n, tx_queues, em, emitted);
                 }
                 if (left > 1)
                     h = (struct tpacket3_hdr *)((uint8_t *)h + h->tp_next_offset);
@@ -553,11 +606,13 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
         rings[0]->fwd_max_blocks = nheld;
     if (seen >= budget)
         rings[0]->fwd_budget_cuts++;
+    ts = pylvs_engine_unlock(e);
     /* Frames point into the held blocks: send before giving them back. */
-    flush_all(rings, n);
+    flush_all(rings, n, tx_queues);
     em->n = em->used = 0;
     for (int i = 0; i < nheld; i++)
         block_release(held[i]);
+    PyEval_RestoreThread(ts);
     put_rings(rings, n, fast);
     return PyLong_FromLong(seen);
 }
@@ -698,7 +753,8 @@ static PyObject *afp_send(PyObject *mod, PyObject *args, PyObject *kwds)
     ViewSpec spec[4] = {{obuf, 1, 2, "buf"}, {olen, 4, 1, "length"}, {overd, 1, 1, "verdict"},
                         {oport, 2, 1, "out_port"}};
     Py_buffer v[4];
-    if (ensure_send_buffers() < 0 || get_views(spec, v, 4) < 0) {
+    SendBufs *bufs = send_buffers();
+    if (!bufs || get_views(spec, v, 4) < 0) {
         put_rings(rings, n, fast);
         return NULL;
     }
@@ -718,9 +774,9 @@ static PyObject *afp_send(PyObject *mod, PyObject *args, PyObject *kwds)
             rings[0]->tx_bad_port++;
             continue;
         }
-        txq_add(rings[o], &tx_queues[o], buf + i * slot, lens[i], 0);
+        txq_add(rings[o], &bufs->q[o], buf + i * slot, lens[i], 0);
     }
-    flush_all(rings, n);
+    flush_all(rings, n, bufs->q);
     release_views(v, 4);
     unsigned long long after = sent_total(rings, n);
     put_rings(rings, n, fast);
@@ -742,7 +798,8 @@ static PyObject *afp_emit_send(PyObject *mod, PyObject *args, PyObject *kwds)
     ViewSpec spec[5] = {{obuf, 1, 1, "emit_buf"}, {ooff, 4, 1, "emit_off"}, {olen, 4, 1, "emit_len"},
                         {oport, 2, 1, "emit_port"}, {on, 4, 1, "emit_n"}};
     Py_buffer v[5];
-    if (ensure_send_buffers() < 0 || get_views(spec, v, 5) < 0) {
+    SendBufs *bufs = send_buffers();
+    if (!bufs || get_views(spec, v, 5) < 0) {
         put_rings(rings, n, fast);
         return NULL;
     }
@@ -759,8 +816,8 @@ static PyObject *afp_emit_send(PyObject *mod, PyObject *args, PyObject *kwds)
     struct pylvs_emit em = {.buf = v[0].buf, .cap = (uint32_t)v[0].shape[0], .n = frames,
                             .max = frames, .off = v[1].buf, .len = v[2].buf, .port = v[3].buf};
     unsigned long long before = sent_total(rings, n);
-    emit_queue(rings, n, &em, 0);
-    flush_all(rings, n);
+    emit_queue(rings, n, bufs->q, &em, 0);
+    flush_all(rings, n, bufs->q);
     release_views(v, 5);
     unsigned long long after = sent_total(rings, n);
     put_rings(rings, n, fast);

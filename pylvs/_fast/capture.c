@@ -3,8 +3,8 @@
  * byte order, then the Ethernet frame).
  *
  * Why a buffer filled by the data thread and taken whole by a writer thread:
- * the data thread must never wait for a disk. Appending is a memcpy under the
- * GIL it already holds; when the writer falls behind, records are dropped
+ * the data thread must never wait for a disk. Appending is a memcpy under a
+ * mutex held for that memcpy only (workers append without the GIL); when the writer falls behind, records are dropped
  * and counted rather than the data path slowed. take() hands over everything
  * buffered in one bytes object, so the writer pays one copy per period, not
  * one Python call per frame.
@@ -30,6 +30,7 @@ void pylvs_capture_add(PylvsCapture *c, const struct iovec *iov, unsigned n)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     uint32_t hdr[4] = {(uint32_t)ts.tv_sec, (uint32_t)(ts.tv_nsec / 1000), 0, 0};
+    pthread_mutex_lock(&c->mu);
     for (unsigned i = 0; i < n; i++) {
         if (iov[i].iov_len <= PYLVS_VNET_HDR_LEN)
             continue;
@@ -47,6 +48,7 @@ void pylvs_capture_add(PylvsCapture *c, const struct iovec *iov, unsigned n)
         c->frames++;
         c->bytes += len;
     }
+    pthread_mutex_unlock(&c->mu);
 }
 
 static int capture_init(PylvsCapture *self, PyObject *args, PyObject *kwds)
@@ -67,6 +69,10 @@ static int capture_init(PylvsCapture *self, PyObject *args, PyObject *kwds)
         PyErr_NoMemory();
         return -1;
     }
+    if (!self->mu_ready) {
+        pthread_mutex_init(&self->mu, NULL);
+        self->mu_ready = 1;
+    }
     PyMem_Free(self->buf);
     self->buf = buf;
     self->cap = (size_t)size;
@@ -77,14 +83,26 @@ static int capture_init(PylvsCapture *self, PyObject *args, PyObject *kwds)
 static void capture_dealloc(PylvsCapture *self)
 {
     PyMem_Free(self->buf);
+    if (self->mu_ready)
+        pthread_mutex_destroy(&self->mu);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyObject *capture_take(PylvsCapture *self, PyObject *unused)
 {
-    PyObject *out = PyBytes_FromStringAndSize((const char *)self->buf, (Py_ssize_t)self->used);
+    if (!self->mu_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "Capture not initialised");
+        return NULL;
+    }
+    /* Copied under the lock; a worker waits at most for this memcpy. */
+    PyObject *out;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->mu);
+    Py_END_ALLOW_THREADS
+    out = PyBytes_FromStringAndSize((const char *)self->buf, (Py_ssize_t)self->used);
     if (out)
         self->used = 0;
+    pthread_mutex_unlock(&self->mu);
     return out;
 }
 

@@ -4,6 +4,7 @@
 #define PYLVS_CAPTURE_H
 
 #include <Python.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <sys/uio.h>
 
@@ -15,11 +16,15 @@ typedef struct {
     uint8_t *buf;
     size_t cap, used;
     unsigned long long frames, dropped, bytes;
+    /* Workers append without the GIL (one Capture serves every worker's
+     * rings) while the writer thread takes: both under this lock. */
+    pthread_mutex_t mu;
+    int mu_ready;
 } PylvsCapture;
 
 /* Append the frames iov[0..n) (each starting with the vnet header, which is
  * left out) stamped with the current wall-clock time; frames that do not fit
- * are counted in `dropped`. Called with the GIL held, never fails. */
+ * are counted in `dropped`. Thread-safe, GIL not needed, never fails. */
 void pylvs_capture_add(PylvsCapture *c, const struct iovec *iov, unsigned n);
 
 int pylvs_capture_check(PyObject *o);

@@ -4,7 +4,9 @@
  * the Engine type; other C files of the extension (the AF_PACKET forwarder)
  * call pylvs_engine_frame() on frames that stay where they are (in a receive
  * ring), so the hot loop never builds a Python object per packet. The caller
- * holds the GIL: a new flow may call the Python scheduler.
+ * holds either the GIL or (forward, without the GIL) the engine's lock taken
+ * with pylvs_engine_lock: a new flow calls the Python scheduler, taking the
+ * GIL back for it.
  */
 #ifndef PYLVS_ENGINE_H
 #define PYLVS_ENGINE_H
@@ -64,11 +66,22 @@ int pylvs_engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len,
                        uint16_t in_port, double now, uint16_t *out_port,
                        struct pylvs_emit *em);
 
+/* Workers: forward() lets the GIL go and holds the engine's lock for its
+ * batch (every Python method takes the same lock). `nogil` is the caller's
+ * saved thread state: the scheduler upcall takes the GIL with it and lets
+ * it go again. unlock returns the (same) saved state. Called without the
+ * GIL. */
+void pylvs_engine_lock(PylvsEngine *e, PyThreadState *nogil);
+PyThreadState *pylvs_engine_unlock(PylvsEngine *e);
+/* Is this thread inside the engine's own scheduler upcall (GIL held)? */
+int pylvs_engine_reentered(PylvsEngine *e);
+
 /* Run the expiry clock hand over up to `budget` conn slots. */
 long pylvs_engine_expire(PylvsEngine *e, double now, long budget);
 
 /* Module set-up: each C file adds its types and functions. */
 int pylvs_engine_register(PyObject *module);
 int pylvs_afpacket_register(PyObject *module);
+int pylvs_tap_register(PyObject *module);
 
 #endif

@@ -192,7 +192,8 @@ static void engine_dealloc(PylvsEngine *self)
     release(&self->dests_view);
     for (int k = 0; k < N_BATCH_ARRAYS; k++)
         release(&self->batch_views[k]);
-    PyMem_Free(self->scratch);
+    pthread_mutex_destroy(&self->mu);
+    PyMem_RawFree(self->scratch);
     PyMem_Free(self->net.ports);
     PyMem_Free(self->net.routes);
     PyMem_Free(self->net.local);
@@ -231,6 +232,7 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     PylvsEngine *self = (PylvsEngine *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
+    pthread_mutex_init(&self->mu, NULL);
     self->k0 = k0;
     self->k1 = k1;
     self->ip_id = (uint16_t)k0;
@@ -261,6 +263,84 @@ static int refuse_if_busy(PylvsEngine *self)
     }
     return 0;
 }
+
+/* --- the engine lock (workers: docs/io.md) -------------------------------- */
+
+static int held_by_me(PylvsEngine *e)
+{
+    return e->busy && pthread_equal(__atomic_load_n(&e->owner, __ATOMIC_RELAXED), pthread_self());
+}
+
+void pylvs_engine_lock(PylvsEngine *e, PyThreadState *nogil)
+{
+    pthread_mutex_lock(&e->mu);
+    __atomic_store_n(&e->owner, pthread_self(), __ATOMIC_RELAXED);
+    e->nogil = nogil;
+}
+
+PyThreadState *pylvs_engine_unlock(PylvsEngine *e)
+{
+    PyThreadState *ts = e->nogil;
+    e->nogil = NULL;
+    pthread_mutex_unlock(&e->mu);
+    return ts;
+}
+
+int pylvs_engine_reentered(PylvsEngine *e)
+{
+    return held_by_me(e);
+}
+
+/* Take the lock for a method called from Python (GIL held). A worker that
+ * holds it may need the GIL for its upcall, so the GIL is let go while
+ * waiting; a scheduler calling back into its own engine is refused. */
+static int engine_enter(PylvsEngine *self)
+{
+    if (held_by_me(self)) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "Engine is inside a scheduler upcall and cannot be changed or re-entered");
+        return -1;
+    }
+    if (pthread_mutex_trylock(&self->mu) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&self->mu);
+        Py_END_ALLOW_THREADS
+    }
+    __atomic_store_n(&self->owner, pthread_self(), __ATOMIC_RELAXED);
+    return 0;
+}
+
+typedef PyObject *(*engine_meth)(PylvsEngine *, PyObject *);
+
+static PyObject *locked(PylvsEngine *self, PyObject *arg, engine_meth fn)
+{
+    if (engine_enter(self) < 0)
+        return NULL;
+    PyObject *r = fn(self, arg);
+    pthread_mutex_unlock(&self->mu);
+    return r;
+}
+
+/* Reading from inside the upcall is allowed (as before workers): the
+ * calling thread already holds the lock. */
+static PyObject *locked_read(PylvsEngine *self, PyObject *arg, engine_meth fn)
+{
+    if (held_by_me(self))
+        return fn(self, arg);
+    return locked(self, arg, fn);
+}
+
+#define LOCKED_READ(fn)                                                  \
+    static PyObject *fn##_locked(PylvsEngine *self, PyObject *arg)      \
+    {                                                                    \
+        return locked_read(self, arg, (engine_meth)fn);                  \
+    }
+
+#define LOCKED(fn)                                                       \
+    static PyObject *fn##_locked(PylvsEngine *self, PyObject *arg)      \
+    {                                                                    \
+        return locked(self, arg, (engine_meth)fn);                       \
+    }
 
 static PyObject *tables_module;
 
@@ -468,7 +548,6 @@ static PyObject *engine_set_ports(PylvsEngine *self, PyObject *arg)
     PyBuffer_Release(&v);
     if (rows == NULL)
         return NULL;
-    PyMem_Free(self->scratch);
     PyMem_Free(self->net.ports);
     self->net.ports = rows;
     self->net.nports = n;
@@ -744,26 +823,36 @@ static PyObject *engine_get_memory(PylvsEngine *self, void *closure)
     return PyLong_FromSize_t(conn_table_memory(self));
 }
 
+LOCKED(engine_set_tables)
+LOCKED(engine_set_ports)
+LOCKED(engine_set_routes)
+LOCKED(engine_set_sysctls)
+LOCKED(engine_set_timeouts)
+LOCKED(engine_process)
+LOCKED(engine_expire)
+LOCKED_READ(engine_conns)
+LOCKED(engine_check_index)
+
 static PyMethodDef engine_methods[] = {
-    {"set_tables", (PyCFunction)engine_set_tables, METH_VARARGS,
+    {"set_tables", (PyCFunction)engine_set_tables_locked, METH_VARARGS,
      "set_tables(services, dests): use these SERVICE_DTYPE / DEST_DTYPE arrays from now on."},
-    {"set_ports", (PyCFunction)engine_set_ports, METH_O,
+    {"set_ports", (PyCFunction)engine_set_ports_locked, METH_O,
      "set_ports(ports): the I/O ports' facts (tables.PORT_DTYPE, index = port)"},
-    {"set_routes", (PyCFunction)engine_set_routes, METH_VARARGS,
+    {"set_routes", (PyCFunction)engine_set_routes_locked, METH_VARARGS,
      "set_routes(routes, local): ROUTE_DTYPE (longest prefix first), uint32 ascending"},
-    {"set_sysctls", (PyCFunction)engine_set_sysctls, METH_O,
+    {"set_sysctls", (PyCFunction)engine_set_sysctls_locked, METH_O,
      "set_sysctls(values): int64[N_SYSCTL] as tables.SYSCTL_NAMES"},
-    {"set_timeouts", (PyCFunction)engine_set_timeouts, METH_O,
+    {"set_timeouts", (PyCFunction)engine_set_timeouts_locked, METH_O,
      "set_timeouts(timeouts): float64[12] seconds per state (UDP last)."},
-    {"process", (PyCFunction)engine_process, METH_VARARGS,
+    {"process", (PyCFunction)engine_process_locked, METH_VARARGS,
      "process(batch, now) -> int: handle batch.count frames in place; returns the V_TX count."},
-    {"expire", (PyCFunction)engine_expire, METH_VARARGS,
+    {"expire", (PyCFunction)engine_expire_locked, METH_VARARGS,
      "expire(now, budget) -> int: advance the clock hand budget slots, removing dead conns."},
-    {"conns", (PyCFunction)engine_conns, METH_NOARGS,
+    {"conns", (PyCFunction)engine_conns_locked, METH_NOARGS,
      "conns() -> list of (proto, caddr, cport, vaddr, vport, daddr, dport, state, expires,\n"
      "fwd, dest_slot, svc_slot), in slab order."},
     {"_key_hash", (PyCFunction)engine_key_hash, METH_VARARGS, NULL},
-    {"_check", (PyCFunction)engine_check_index, METH_NOARGS, NULL},
+    {"_check", (PyCFunction)engine_check_index_locked, METH_NOARGS, NULL},
     {NULL},
 };
 

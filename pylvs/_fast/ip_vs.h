@@ -15,6 +15,7 @@
 
 #include "engine.h"
 
+#include <pthread.h>
 #include <string.h>
 
 #include "csum.h"
@@ -229,6 +230,14 @@ struct pylvs_engine {
     uint8_t trans[N_DIRS][N_EVENTS][N_TCP_STATES];
     double timeouts[N_TIMEOUTS];
     int busy; /* inside the scheduler upcall: the tables must stay put */
+    /* Workers (docs/io.md): forward() runs the engine without the GIL,
+     * holding `mu` for its batch; every method called from Python takes
+     * `mu` too, so control may read conns or swap tables from any thread.
+     * `nogil` is the forward caller's saved thread state while the GIL is
+     * let go: the scheduler upcall takes the GIL back with it. */
+    pthread_mutex_t mu;
+    pthread_t owner; /* the thread holding mu (valid while it is held) */
+    PyThreadState *nogil;
 
     PyObject *schedule;
     PyObject *counters;
@@ -261,6 +270,13 @@ struct pylvs_engine {
 /* The established path is one function: GCC would otherwise leave these
  * out of line in a function as large as engine_frame. */
 #define HOT static inline __attribute__((always_inline))
+
+/* dest_conns is ONE array shared by every worker's engine (the kernel's
+ * atomic_t activeconns/inactconns): the scheduler reads the sum as is. */
+static inline void dest_conns_add(PylvsEngine *e, uint32_t dest, int col, int32_t v)
+{
+    __atomic_fetch_add(&e->dest_conns[dest][col], v, __ATOMIC_RELAXED);
+}
 
 /* The 13-byte tuple (proto, a1, p1, a2, p2), addresses and ports in network
  * byte order as on the wire, read as SipHash's two little-endian words. */

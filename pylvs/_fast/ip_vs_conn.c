@@ -263,7 +263,7 @@ void conn_remove(PylvsEngine *e, uint32_t slot, int stat)
     if (conn_has_out_key(c))
         index_delete(e, conn_key_hash(e, c, KEY_OUT), (slot << 1 | KEY_OUT) + 1);
     if (c->dest < e->max_dests)
-        e->dest_conns[c->dest][c->state == S_ESTABLISHED ? C_ACTIVE : C_INACTIVE] -= 1;
+        dest_conns_add(e, c->dest, c->state == S_ESTABLISHED ? C_ACTIVE : C_INACTIVE, -1);
     c->used = 0;
     c->dest = e->free_head;
     e->free_head = slot;

@@ -36,14 +36,9 @@ HOT void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8_t tcpflag
         new_ = UDP_STATE;
     }
     if ((old == S_ESTABLISHED) != (new_ == S_ESTABLISHED)) {
-        int32_t *dc = e->dest_conns[c->dest];
-        if (new_ == S_ESTABLISHED) {
-            dc[C_ACTIVE] += 1;
-            dc[C_INACTIVE] -= 1;
-        } else {
-            dc[C_ACTIVE] -= 1;
-            dc[C_INACTIVE] += 1;
-        }
+        int32_t v = new_ == S_ESTABLISHED ? 1 : -1;
+        dest_conns_add(e, c->dest, C_ACTIVE, v);
+        dest_conns_add(e, c->dest, C_INACTIVE, -v);
     }
     c->state = new_;
     c->expires = now + e->timeouts[new_];
@@ -139,12 +134,28 @@ conn_in_rules(PylvsEngine *e, uint32_t slot, uint8_t proto, uint8_t tcpflags)
     return IN_DROPPED;
 }
 
+static long call_schedule_gil(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cport);
+
 /* Ask the Python scheduler for a dest. Returns the slot, -1 for none, or -2
  * when it raised (already reported). */
 static long call_schedule(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cport)
 {
     if (e->schedule == NULL)
         return -1;
+    /* forward() runs without the GIL: take it for the upcall only. */
+    PyThreadState *ts = e->nogil;
+    if (ts != NULL) {
+        e->nogil = NULL;
+        PyEval_RestoreThread(ts);
+    }
+    long r = call_schedule_gil(e, svc, caddr, cport);
+    if (ts != NULL)
+        e->nogil = PyEval_SaveThread();
+    return r;
+}
+
+static long call_schedule_gil(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cport)
+{
     PyObject *args[3];
     args[0] = PyLong_FromLong(svc);
     args[1] = PyLong_FromUnsignedLong(caddr);
@@ -257,7 +268,7 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
         index_insert(e, hout, slot, KEY_OUT);
     e->conn_count++;
     e->stats[ST_CONNS_CREATED]++;
-    e->dest_conns[d][C_INACTIVE] += 1;
+    dest_conns_add(e, (uint32_t)d, C_INACTIVE, 1);
     e->svc_stats[s][T_CONNS] += 1;
     e->dest_stats[d][T_CONNS] += 1;
     return c;
@@ -597,7 +608,7 @@ static uint32_t tun_fragments(PylvsEngine *e, struct pylvs_emit *em, uint16_t eg
                               const struct pylvs_tun *t, uint32_t mtu)
 {
     uint32_t overhead = pylvs_tun_overhead(t->type);
-    if (e->scratch == NULL && (e->scratch = PyMem_Malloc(SCRATCH_BYTES)) == NULL)
+    if (e->scratch == NULL && (e->scratch = PyMem_RawMalloc(SCRATCH_BYTES)) == NULL)
         return 0;
     uint32_t off[TUN_FRAG_MAX], len[TUN_FRAG_MAX];
     uint16_t port[TUN_FRAG_MAX];

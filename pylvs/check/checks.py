@@ -16,7 +16,9 @@ for):
     the director at all. (pylvs takes the frames itself; the address is for
     ARP, as with IPVS.) On ``lo`` the kernel still answers ARP for it on
     interfaces whose effective ``arp_ignore`` is 0; with a higher value the
-    VIP must be routed to the director instead: warn.
+    VIP must be routed to the director instead: warn. A service on 0.0.0.0
+    is no wildcard (ip_vs_service_find matches the exact destination): warn,
+    and the real-server probes skip it.
 ``dr-connected``
     A DR (``-g``) frame changes only its MACs, so the real server must be
     on a network directly connected to the director: the kernel's route to
@@ -33,7 +35,9 @@ for):
     one of the director's is a real server that holds the VIP and answers
     ARP for it: the router may learn it, and clients then reach that real
     server directly, past the director. The MAC is named by its RIP (from
-    the RIPs' ARP replies, else the kernel's neighbour table).
+    the RIPs' ARP replies, else the kernel's neighbour table). A Tun real
+    server behind a router is on none of the director's segments: one ok
+    line per real server, not probed.
 ``nat-route``
     A NAT real server must send its replies to clients through the director
     (the director un-NATs them). Method: two TCP SYNs to RIP:port, sent as
@@ -78,7 +82,8 @@ for):
     router's frag-needed
     (RFC 1191) gives the real path MTU (warn: the director learns it and
     tells clients; FAIL below 576 inside), silence brackets it (a black
-    hole: FAIL).
+    hole: FAIL). No DF probe when the tunnel does not answer: warn, not
+    checked.
 ``settings``
     ``ip_forward``: informational; pylvs forwards in user space, so the
     kernel's value changes nothing for virtual services (1 lets the kernel
@@ -139,10 +144,39 @@ def svc_name(s: dict) -> str:
     return f"{s['proto']} {s['vaddr']}:{s['vport']}"
 
 
-def dests_by_fwd(snap: dict, key: str) -> list[tuple[dict, dict]]:
-    """(service, dest) pairs whose dest uses the forwarding method KEY."""
+ANY = "0.0.0.0"
+
+
+def dests_by_fwd(snap: dict, key: str, any_vaddr: bool = True) -> list[tuple[dict, dict]]:
+    """(service, dest) pairs whose dest uses the forwarding method KEY;
+    without ``any_vaddr``, not those of a service on 0.0.0.0 (no packet is
+    addressed to it: nothing to probe for, check_vips says so)."""
     return [(s, d) for s in snap.get("services", []) for d in s.get("dests", [])
-            if d.get("fwd") == key]
+            if d.get("fwd") == key and (any_vaddr or s["vaddr"] != ANY)]
+
+
+class CheckInputError(ValueError):
+    """An argument `pylvs check` cannot probe with; the message says why."""
+
+
+def check_clients(clients: Iterable[str], net: Net) -> None:
+    """CheckInputError unless every ``--client`` is a unicast address that is
+    not the director's own: the probes use it as a client's source address,
+    and a real server's reply to a loopback, multicast, broadcast or the
+    director's own address says nothing about its route to clients."""
+    import ipaddress
+    own = net.addresses()
+    for c in clients:
+        a = ipaddress.IPv4Address(c)
+        if a.is_unspecified or a.is_loopback or a.is_multicast or a.is_reserved \
+                or a.is_link_local:
+            raise CheckInputError(f"--client {c}: not a unicast address a client can have")
+        if c in own:
+            raise CheckInputError(f"--client {c} is an address of the director ({own[c]}): "
+                                  f"give a client's address, e.g. one from the clients' network")
+        if c in net.broadcasts():
+            raise CheckInputError(f"--client {c} is a broadcast address of one of the "
+                                  f"director's networks: not a client's address")
 
 
 # --- configuration checks ------------------------------------------------------
@@ -171,7 +205,15 @@ def check_vips(snap: dict, net: Net) -> list[Result]:
     out = []
     for vip in sorted({s["vaddr"] for s in snap.get("services", [])}):
         where = addrs.get(vip)
-        if where is None:
+        if vip == ANY:
+            # ip_vs_service_find matches a packet's exact destination address.
+            out.append(Result("vip", vip, WARN,
+                              "a service on 0.0.0.0 (accepted, as IPVS accepts it) is not a "
+                              "wildcard: no packet is addressed to 0.0.0.0, so it receives "
+                              "nothing, and the real-server probes skip it",
+                              "give the service the address clients use, or a firewall-mark "
+                              "service (-f) to take traffic to many addresses"))
+        elif where is None:
             out.append(Result("vip", vip, FAIL, "not an address of the director: nobody answers "
                               "ARP for it, so its frames never reach the director",
                               f"ip addr add {vip}/32 dev IF (IF: the clients' side)"))
@@ -214,7 +256,7 @@ def check_dr(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
     out = []
     cache: dict = {}
     seen = set()
-    for s, d in dests_by_fwd(snap, "route"):
+    for s, d in dests_by_fwd(snap, "route", any_vaddr=False):
         rip, vip, port = d["daddr"], s["vaddr"], s["vport"]
         r = net.route(rip)
         if (rip, vip, port) in seen or r is None or r.gateway or not r.prefsrc:
@@ -250,14 +292,19 @@ def check_arp_problem(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
     # (RIP, VIP) -> that real server's methods for the VIP: the fix names its own.
     methods: dict[tuple[str, str], set[str]] = {}
     out = []
-    for s, d in dests_by_fwd(snap, "route") + dests_by_fwd(snap, "tunnel"):
+    routed = set()
+    for s, d in (dests_by_fwd(snap, "route", any_vaddr=False)
+                 + dests_by_fwd(snap, "tunnel", any_vaddr=False)):
         r = net.route(d["daddr"])
         if r is None or r.gateway:
-            if d["fwd"] == "tunnel" and r is not None:
-                out.append(Result("arp-problem", d["daddr"], WARN,
-                                  f"behind gateway {r.gateway}: its segment cannot be "
-                                  "probed from the director",
-                                  f"run `pylvs realserver status` on {d['daddr']}"))
+            if d["fwd"] == "tunnel" and r is not None and d["daddr"] not in routed:
+                # Its ARP answers stay on its own segment, which is not the
+                # VIP's: it cannot draw the clients' traffic to the VIP.
+                routed.add(d["daddr"])
+                out.append(Result("arp-problem", d["daddr"], OK,
+                                  f"Tun real server behind the router {r.gateway}: not on a "
+                                  "segment of the director, so it cannot answer ARP for the "
+                                  "VIP there"))
             continue   # a DR dest off-link: dr-connected reports it
         segments.setdefault(r.ifname, {}).setdefault(s["vaddr"], d["fwd"])
         rips.setdefault(r.ifname, set()).add(d["daddr"])
@@ -341,9 +388,10 @@ def check_nat_route(snap: dict, net: Net, clients: Iterable[str] = (),
     cache: dict = {}
     mine = net.macs()
     seen = set()
-    for s, d in dests_by_fwd(snap, "masq"):
+    clients = list(clients)
+    for s, d in dests_by_fwd(snap, "masq", any_vaddr=bool(clients)):
         rip, port = d["daddr"], d["dport"] or s["vport"]
-        for src in (list(clients) or [s["vaddr"]]):
+        for src in (clients or [s["vaddr"]]):
             if (rip, port, src) in seen:
                 continue
             seen.add((rip, port, src))
@@ -524,7 +572,7 @@ def check_tun(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
     out = []
     cache: dict = {}
     seen = set()
-    for s, d in dests_by_fwd(snap, "tunnel"):
+    for s, d in dests_by_fwd(snap, "tunnel", any_vaddr=False):
         rip, vip, port = d["daddr"], s["vaddr"], s["vport"]
         ttype = d.get("tun_type", "ipip")
         key = (rip, vip, port, ttype, d.get("tun_port"), d.get("tun_flags"))
@@ -549,7 +597,8 @@ def check_tun(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
         if mac is None or not r.prefsrc:
             out.append(Result("tun", subject, WARN, "no ARP answer from the next hop: not probed",
                               f"check that {r.gateway or rip} is up"))
-            out.append(mtu_line or _tun_mtu_computed(subject, r, over, "no next hop"))
+            out.append(mtu_line or _tun_mtu_unchecked(subject, r, over,
+                                                      "no ARP answer from the next hop"))
             continue
         sport = ephemeral_port()
         frame = _tunnel_frame(net, r, mac, d, _syn(r.prefsrc, vip, port, sport))
@@ -564,33 +613,38 @@ def check_tun(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
                 return "unreachable"
             return None
         got = net.exchange(r.ifname, [frame], match, wait=wait, first=True, sources=[vip, rip])
+        gue = f" --gue-port {d['tun_port']}" if ttype == "gue" else ""
         setup = f"on {rip} run `pylvs realserver setup --fwd tun --vip {vip}`"
+        run = (f"if it has no ipip module (no tunl0), `pylvs realserver run --vip {vip}{gue}` "
+               f"must be running there")
         if got and got[0] == "answered":
             out.append(Result("tun", subject, OK, f"answers from {vip}:{port} through the tunnel"))
             if mtu_line is None:
                 mtu_line = _tun_mtu_result(subject, rip, r, over, _probe_tun_mtu(
                     net, r, mac, d, vip, port, over, wait))
         elif got:
-            gue = f" --gue-port {d['tun_port']}" if ttype == "gue" else ""
             out.append(Result("tun", subject, FAIL,
                               f"{rip} answered ICMP {'protocol' if ttype == 'ipip' else 'port'} "
                               f"unreachable: nothing decapsulates {ttype.upper()} there",
-                              f"{setup}, then, if it has no ipip module, `pylvs realserver run "
-                              f"--vip {vip}{gue}` there"))
+                              f"{setup}; {run}"))
         else:
             out.append(Result("tun", subject, FAIL,
                               f"no answer from {vip}:{port} to a probe through the tunnel: "
                               "the real server does not decapsulate it, does not hold the VIP, "
                               "or drops it (rp_filter)",
-                              f"{setup}; check `pylvs realserver status` there"))
-        out.append(mtu_line or _tun_mtu_computed(subject, r, over, "the tunnel fails"))
+                              f"{setup}; {run}; check `pylvs realserver status` there"))
+        out.append(mtu_line or _tun_mtu_unchecked(subject, r, over,
+                                                  "the tunnel does not answer"))
     return out
 
 
-def _tun_mtu_computed(subject: str, r, over: int, why: str) -> Result:
-    return Result("tun-mtu", subject, OK,
-                  f"{r.mtu - over} bytes inside the tunnel (MTU {r.mtu} on {r.ifname} - {over}); "
-                  f"no DF probe: {why}")
+def _tun_mtu_unchecked(subject: str, r, over: int, why: str) -> Result:
+    """The tun-mtu line when no DF probe could be sent: the route's MTU alone
+    proves nothing about the path, so not ok."""
+    return Result("tun-mtu", subject, WARN,
+                  f"not checked: {why} (the route's MTU {r.mtu} on {r.ifname} would leave "
+                  f"{r.mtu - over} bytes inside the tunnel)",
+                  "fix the tun line first, then run pylvs check again")
 
 
 # --- settings ------------------------------------------------------------------
@@ -646,8 +700,10 @@ def check_settings(snap: dict, net: Net, clients: Iterable[str] = ()) -> list[Re
 
 def run_checks(snap: dict, net: Net, clients: Iterable[str] = (),
                wait: float = 1.0) -> list[Result]:
-    """Every check, in the order they are printed."""
+    """Every check, in the order they are printed. Raises CheckInputError for a
+    ``clients`` address that cannot be a client's (check_clients)."""
     clients = list(clients)
+    check_clients(clients, net)
     return [*check_services(snap), *check_vips(snap, net), *check_dr_connected(snap, net),
             *check_dr(snap, net, wait), *check_arp_problem(snap, net, wait),
             *check_nat_route(snap, net, clients, wait),

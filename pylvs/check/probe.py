@@ -5,8 +5,8 @@ Probes are whole Ethernet frames written to an AF_PACKET socket bound to
 one interface (so a probe may carry a source address that is not the
 director's, which is the point of the NAT probe), and answers are read from
 one AF_PACKET socket opened on every interface *before* the probe leaves.
-A packet socket is a tap (``ptype_all``), served before the nftables
-ingress hook that ``pylvs run`` installs, so answers are seen even when the
+A packet socket is a tap (``ptype_all``), served before the tc and nftables
+ingress hooks where ``pylvs run`` steers, so answers are seen even when the
 director's own steering or the kernel drops them afterwards. A socket
 filter (``answer_filter``) lets in only the frames a probe waits for, and
 frames the director itself sends (PACKET_OUTGOING) are ignored.
@@ -125,6 +125,13 @@ class Net:
         return Route(dst, oif, ifname, msg.get_attr("RTA_GATEWAY"),
                      msg.get_attr("RTA_PREFSRC"), mtu or self.links.get(oif, ("", "", 0))[2])
 
+    def broadcasts(self) -> set[str]:
+        """The addresses the kernel treats as broadcasts here (the local
+        table's broadcast routes: each subnet's broadcast address)."""
+        return {m.get_attr("RTA_DST") for m in self.ipr.get_routes(family=socket.AF_INET,
+                                                                    table=255)
+                if m["type"] == 3}   # RTN_BROADCAST
+
     def has_default_route(self) -> bool:
         """A unicast default route in the main table."""
         return any(m["type"] == 1 for m in self.ipr.get_routes(family=socket.AF_INET, dst_len=0,
@@ -191,8 +198,8 @@ class Net:
         (a socket filter keeps a busy director's traffic out of Python);
         ``icmp``: ICMP from any address is read too."""
         from scapy.layers.l2 import Ether
-        # ETH_P_ALL: a tap (ptype_all) runs before the ingress hook, where
-        # `pylvs run`'s nftables rules drop replies of real servers that are
+        # ETH_P_ALL: a tap (ptype_all) runs before the ingress hooks, where
+        # `pylvs run`'s steering drops replies of real servers that are
         # not for the director; a socket for ETH_P_IP alone would be served
         # after that hook and miss them.
         rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))

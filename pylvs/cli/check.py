@@ -2,7 +2,8 @@
 (``ok`` / ``warn`` / ``FAIL`` and the fix), or ``--json``.
 
 Exit status: 0 nothing failed (warnings allowed), 1 a check FAILed,
-2 bad command line, no director to talk to, or no permission to probe.
+2 bad command line (a --client that cannot be a client's address included), no
+director to talk to, or no permission to probe.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from typing import TextIO
 
 from ..check import FAIL, run_checks
+from ..check.checks import CheckInputError
 from ..check.probe import Net
 from ..control import rpc
 
@@ -72,6 +74,9 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
             results = run_checks(snap, net, a.client, a.wait)
     except PermissionError as e:
         err.write(f"pylvs check: cannot open packet sockets ({e}): run it as root\n")
+        return 2
+    except CheckInputError as e:
+        err.write(f"pylvs check: {e}\n")
         return 2
     failed = any(r.verdict == FAIL for r in results)
     if a.json:

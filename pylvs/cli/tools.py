@@ -78,8 +78,11 @@ def stats_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
                     "(the engine's; io.*: the AF_PACKET rings', summed over ports; "
                     "steering.not_host: frames to another host's MAC, broadcast or "
                     "multicast refused), its conn count and conn table limit, and the "
-                    "service and dest slots in use (docs/control.md).")
-    ap.add_argument("--json", action="store_true", help="one JSON object")
+                    "service and dest slots in use (docs/control.md). With several "
+                    "workers every figure is the sum over them; --json adds "
+                    "\"workers\": each worker's engine, conns and io counters.")
+    ap.add_argument("--json", action="store_true",
+                    help="one JSON object (with the per-worker split)")
     ap.add_argument("--control", metavar="PATH", help="the director's control socket "
                     "(default: this network namespace's)")
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
@@ -103,7 +106,8 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
                     "conn). No argument lists them all, NAME reads one, NAME=VALUE "
                     "sets one; the settings of one command apply together or not at all.")
     ap.add_argument("setting", nargs="*", metavar="NAME[=VALUE]")
-    ap.add_argument("--json", action="store_true", help="one JSON object")
+    ap.add_argument("--json", action="store_true",
+                    help="one JSON object (with the per-worker split)")
     ap.add_argument("--control", metavar="PATH", help="the director's control socket "
                     "(default: this network namespace's)")
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)

@@ -1,9 +1,25 @@
-"""nftables steering: keep the kernel away from the frames the director steals.
+"""Steering: keep the kernel away from the frames the director steals.
 
-The AF_PACKET taps see a frame before nft netdev ingress, so dropping it at
-ingress leaves pylvs the only one handling it: the kernel neither forwards
-it, nor answers it with RST or ICMP. One table ``netdev pylvs`` per network
-namespace holds an ingress chain per interface and these sets:
+The AF_PACKET taps see a frame before tc ingress and nft netdev ingress, so
+dropping it at ingress leaves pylvs the only one handling it: the kernel
+neither forwards it, nor answers it with RST or ICMP. Two implementations
+apply the same rules to the same sets:
+
+- ``BpfSteering`` (the default): the BPF program pylvs/bpf/steer.bpf.c at
+  tc ingress (tcx) of every interface, attached through BPF links that only
+  the director's process holds (never pinned). When the director dies, even
+  by ``kill -9``, the kernel closes its descriptors and detaches the
+  program: the VIP traffic is the kernel's again (a connect gets a RST, or
+  is served by a local listener) instead of being dropped until the next
+  start. The sets are BPF hash maps, updated in place on every change
+  (no reload, no reattach); ``not_host`` is a per-CPU array counter.
+- ``NftSteering``: one table ``netdev pylvs`` per network namespace with an
+  ingress chain per interface. The fallback where tcx cannot attach (kernel
+  older than 6.6, no CAP_BPF). A director killed outright leaves this table
+  behind, black-holing the VIPs until the next start, which replaces it
+  (a BPF start removes it).
+
+``open_steering`` picks one (``pylvs run --steering``). The sets:
 
 - ``services``: (vaddr . proto . vport) of virtual services: client -> VIP
   traffic is dropped.
@@ -33,31 +49,62 @@ namespace holds an ingress chain per interface and these sets:
 Frames to a service, from a real server, or ICMP errors as above whose
 packet type is not "host" (another host's MAC, broadcast, multicast: IPVS
 ignores them, ip_vs_in_hook) are refused by the socket filter
-(pylvs/io/bpf.py) and counted here, in the named counter ``not_host``, then
-left to the kernel, which treats them as it would without IPVS.
+(pylvs/io/bpf.py) and counted here, in ``not_host``, then left to the
+kernel, which treats them as it would without IPVS. Non-first fragments
+carry no ports and match nothing.
 
-Everything goes through ``nft -f -`` so each change is one transaction.
+nft changes go through ``nft -f -`` so each is one transaction; BPF map
+changes add the new keys first (``local`` first of all) and delete the old
+ones after, so no frame of a kept key reaches the kernel meanwhile.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import re
+import socket
+import struct
 import subprocess
+from pathlib import Path
 
 from ..io import bpf
+
+log = logging.getLogger("pylvs")
 
 TABLE = "pylvs"
 FAMILY = "netdev"
 # Before anything else at ingress (tc, other netdev tables).
 PRIORITY = -500
 SETS = ("services", "realservers", "rsaddrs", "vips", "local")
+L4_SETS = ("services", "realservers")   # (proto, addr, port) keys; the others addrs
+PROTO_NAMES = {6: "tcp", 17: "udp", 132: "sctp"}   # as nft lists them
+PROTO_NUMBERS = {v: k for k, v in PROTO_NAMES.items()}
 ICMP_ERRORS = "{ destination-unreachable, source-quench, time-exceeded }"  # bpf.ICMP_ERRORS
+
+
+MODES = ("bpf", "nft")
+BPF_OBJECT = Path(__file__).resolve().parents[1] / "bpf" / "steer.bpf.o"
+BPF_PROG = "pylvs_steer"
+# Most local addresses the BPF "local" set holds.
+MAX_LOCAL = 16384
 
 
 class SteeringError(RuntimeError):
     pass
+
+
+def sets_of(services, dests, local_addrs) -> dict[str, list]:
+    """The five sets (module docstring) for these tables: "services" and
+    "realservers" as sorted (proto, addr, port) keys, the others as sorted
+    addrs; addrs are host-order ints."""
+    svc = bpf.keys_of(services, "svc")
+    rs = bpf.dest_keys(services, dests)
+    return {"services": svc, "realservers": rs,
+            "rsaddrs": sorted({a for _, a, _ in rs}),
+            "vips": sorted({a for _, a, _ in svc}),
+            "local": sorted({int(ipaddress.IPv4Address(a)) for a in local_addrs})}
 
 
 def _addr(a: int) -> str:
@@ -73,7 +120,11 @@ def _elements(keys) -> str:
     return ", ".join(f"{_addr(a)} . {p} . {port}" for p, a, port in keys)
 
 
-class Steering:
+class NftSteering:
+    """Steering by the nftables table ``netdev pylvs`` (module docstring)."""
+
+    kind = "nft"
+
     def __init__(self, ifnames: list[str], *, nft: str = "nft"):
         if not ifnames:
             raise ValueError("Steering needs at least one interface")
@@ -138,21 +189,12 @@ class Steering:
 
     @staticmethod
     def _element_lines(services, dests, local_addrs) -> list[str]:
-        svc = bpf.keys_of(services, "svc")
-        rs = bpf.dest_keys(services, dests)
-        addrs = {
-            "vips": sorted({a for _, a, _ in svc}),
-            "rsaddrs": sorted({a for _, a, _ in rs}),
-            "local": sorted({int(ipaddress.IPv4Address(a)) for a in local_addrs}),
-        }
         out = []
-        if svc:
-            out.append(f"add element {FAMILY} {TABLE} services {{ {_elements(svc)} }}")
-        if rs:
-            out.append(f"add element {FAMILY} {TABLE} realservers {{ {_elements(rs)} }}")
-        for name, values in addrs.items():
-            if values:
-                out.append(f"add element {FAMILY} {TABLE} {name} {{ {', '.join(map(_addr, values))} }}")
+        for name, values in sets_of(services, dests, local_addrs).items():
+            if not values:
+                continue
+            text = (_elements(values) if name in L4_SETS else ", ".join(map(_addr, values)))
+            out.append(f"add element {FAMILY} {TABLE} {name} {{ {text} }}")
         return out
 
     def apply(self, services, dests, local_addrs) -> None:
@@ -196,3 +238,234 @@ class Steering:
         if p.returncode:
             raise SteeringError(p.stderr.strip())
         return p.stdout
+
+    def sets(self) -> dict[str, list] | None:
+        """The table's sets as ``sets_of`` gives them (read back from nft),
+        or None when there is no table."""
+        p = subprocess.run([self.nft, "-j", "list", "table", FAMILY, TABLE], text=True,
+                           capture_output=True, timeout=30)
+        if p.returncode:
+            return None
+        out: dict[str, list] = {name: [] for name in SETS}
+        for item in json.loads(p.stdout).get("nftables", []):
+            st = item.get("set")
+            if not st or st.get("name") not in out:
+                continue
+            for e in st.get("elem", []):
+                if isinstance(e, dict) and "concat" in e:
+                    a, proto, port = e["concat"]
+                    num = PROTO_NUMBERS.get(proto) if isinstance(proto, str) else int(proto)
+                    if num is None:
+                        num = socket.getprotobyname(proto)
+                    out[st["name"]].append((num, int(ipaddress.IPv4Address(a)), int(port)))
+                else:
+                    out[st["name"]].append(int(ipaddress.IPv4Address(e)))
+        return {k: sorted(v) for k, v in out.items()}
+
+
+def _l4_keys(keys) -> bytes:
+    # struct l4_key of steer.bpf.c: addr, port (network order), proto, pad.
+    return b"".join(struct.pack("!IHBx", a, port, p) for p, a, port in keys)
+
+
+def _addr_keys(addrs) -> bytes:
+    return b"".join(struct.pack("!I", a) for a in addrs)
+
+
+def _decode(name: str, raw: bytes) -> list:
+    if name in L4_SETS:
+        return sorted((p, a, port) for a, port, p in struct.iter_unpack("!IHBx", raw))
+    return sorted(a for (a,) in struct.iter_unpack("!I", raw))
+
+
+def _why(e: Exception) -> str:
+    # pylvs._bpf's OSError text already names what failed (and what libbpf
+    # said): no "[Errno N]" before it; KeyError's text without its quotes.
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.strip()
+    return str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+
+
+def _ifindex(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError as e:
+        raise SteeringError(f"steering: no interface {name!r} in this namespace") from e
+
+
+class BpfSteering:
+    """Steering by the tcx BPF program pylvs/bpf/steer.bpf.c (module
+    docstring): loaded and attached at construction, with empty sets (it
+    passes everything until the first ``apply``).
+
+    ``max_services`` sizes "services" and "vips", ``max_dests``
+    "realservers" and "rsaddrs" (hash maps allocated as they fill);
+    ``apply`` raises SteeringError when a set outgrows its map. Raises
+    SteeringError when the program cannot be loaded or attached (no tcx
+    before kernel 6.6, no CAP_BPF/CAP_NET_ADMIN, pylvs._bpf not built),
+    detaching whatever it had attached.
+    """
+
+    kind = "bpf"
+
+    def __init__(self, ifnames: list[str], *, max_services: int = 16384,
+                 max_dests: int = 131072, obj_path: Path | str = BPF_OBJECT):
+        if not ifnames:
+            raise ValueError("Steering needs at least one interface")
+        self.ifnames = list(ifnames)
+        ifindexes = [_ifindex(n) for n in self.ifnames]
+        try:
+            from .. import _bpf
+        except ImportError as e:
+            raise SteeringError(f"BPF steering: pylvs._bpf is not built ({e})") from e
+        sizes = {"services": max_services, "vips": max_services, "realservers": max_dests,
+                 "rsaddrs": max_dests, "local": MAX_LOCAL}
+        self.links: list = []
+        self.maps: dict = {}
+        obj = None
+        try:
+            obj = _bpf.Object(str(obj_path), sizes)
+            self.maps = {name: obj.map(name) for name in (*SETS, "counters")}
+            for name, index in zip(self.ifnames, ifindexes):
+                self.links.append(obj.attach_tcx_ingress(BPF_PROG, index))
+        except (OSError, KeyError, ValueError) as e:
+            self.remove()
+            raise SteeringError(f"BPF steering: {_why(e)}") from e
+        finally:
+            if obj is not None:
+                obj.close()   # the links hold the program, self.maps the maps
+        self._current: dict[str, set] = {name: set() for name in SETS}
+
+    def apply(self, services, dests, local_addrs) -> None:
+        """Make the maps hold exactly these sets: new keys in first (local
+        first of all, so the director's own replies are never taken), then
+        old keys out; the program stays attached throughout."""
+        if not self.links:
+            raise SteeringError("BPF steering: already removed")
+        want = {k: set(v) for k, v in sets_of(services, dests, local_addrs).items()}
+        try:
+            for name in ("local", *SETS[:-1]):
+                add = want[name] - self._current[name]
+                if add:
+                    self.maps[name].update(self._encode(name, sorted(add)), b"\x01")
+                self._current[name] |= add
+            for name in (*SETS[:-1], "local"):
+                drop = self._current[name] - want[name]
+                if drop:
+                    self.maps[name].delete(self._encode(name, sorted(drop)))
+                self._current[name] -= drop
+        except OSError as e:
+            raise SteeringError(f"BPF steering: {_why(e)}") from e
+
+    @staticmethod
+    def _encode(name: str, values) -> bytes:
+        return _l4_keys(values) if name in L4_SETS else _addr_keys(values)
+
+    def sets(self) -> dict[str, list]:
+        """The maps' contents as ``sets_of`` gives them, read from the kernel."""
+        return {name: _decode(name, self.maps[name].keys()) for name in SETS}
+
+    def not_host(self) -> int:
+        """Frames refused as not PACKET_HOST (module docstring), summed over CPUs."""
+        return int(self.maps["counters"].sum_u64(0)) if self.maps else 0
+
+    def remove(self) -> None:
+        """Detach from every interface and drop the maps (again: no-op)."""
+        for link in self.links:
+            link.close()
+        for m in self.maps.values():
+            m.close()
+        self.links, self.maps = [], {}
+
+
+def attached(ifname: str) -> dict | None:
+    """What steers at tcx ingress of ``ifname`` in this namespace, seen from
+    any process (root): {"prog_id", "sets"} of a pylvs steering program, or
+    None when none is attached. For tests and debugging (bpftool before 7.3
+    does not show tcx)."""
+    from .. import _bpf
+
+    for prog_id in _bpf.tcx_query(_ifindex(ifname)):
+        info = _bpf.prog_info(prog_id)
+        if info["name"] != BPF_PROG:
+            continue
+        maps = [_bpf.map_from_id(i) for i in info["map_ids"]]
+        try:
+            return {"prog_id": prog_id,
+                    "sets": {m.name: _decode(m.name, m.keys()) for m in maps if m.name in SETS}}
+        finally:
+            for m in maps:
+                m.close()
+    return None
+
+
+
+
+def _readable(name: str, values: list) -> list[str]:
+    if name not in L4_SETS:
+        return [_addr(a) for a in values]
+    return [f"{_addr(a)} . {PROTO_NAMES.get(p, p)} . {port}" for p, a, port in values]
+
+
+def describe(ifname: str, nft: str = "nft") -> dict | None:
+    """How ``ifname`` is steered in this namespace, readable: {"kind": "bpf"
+    or "nft", "sets": {name: ["10.9.0.1 . tcp . 80", ...] or ["10.9.0.1",
+    ...]}}, or None when neither a pylvs tcx program nor the nft table is
+    there. ``python -m pylvs.control.steering IFNAME...`` prints it (root)."""
+    st = attached(ifname)
+    if st is not None:
+        kind, sets = "bpf", st["sets"]
+    else:
+        kind, sets = "nft", NftSteering([ifname], nft=nft).sets()
+    if sets is None:
+        return None
+    return {"kind": kind, "sets": {k: _readable(k, v) for k, v in sets.items()}}
+
+
+def remove_stale_nft_table(nft: str = "nft") -> bool:
+    """Delete a ``netdev pylvs`` table left by a killed nft-steered run or an
+    older pylvs (it would keep dropping the VIPs' frames); True if one was
+    there. Quiet when nft is not installed (then no table can exist)."""
+    try:
+        p = subprocess.run([nft, "list", "table", FAMILY, TABLE], capture_output=True,
+                           text=True, timeout=30)
+    except FileNotFoundError:
+        return False
+    if p.returncode:
+        return False
+    p = subprocess.run([nft, "delete", "table", FAMILY, TABLE], capture_output=True,
+                       text=True, timeout=30)
+    if p.returncode:
+        raise SteeringError(f"nftables: removing the stale table failed: {p.stderr.strip()}")
+    log.info("steering: removed the nft table %s %s left by an earlier run", FAMILY, TABLE)
+    return True
+
+
+def open_steering(ifnames: list[str], mode: str | None = None, **limits) -> "BpfSteering | NftSteering":
+    """Steering for ``ifnames``: ``mode`` "bpf" (SteeringError if it cannot
+    attach), "nft", or None: BPF, falling back to nft with one warning.
+    ``limits``: BpfSteering's max_services / max_dests."""
+    if mode not in (None, *MODES):
+        raise ValueError(f"steering mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "nft":
+        log.info("steering: nftables table %s %s (left behind if pylvs is killed)", FAMILY, TABLE)
+        return NftSteering(ifnames)
+    try:
+        st = BpfSteering(ifnames, **limits)
+    except SteeringError as e:
+        if mode == "bpf":
+            raise
+        log.warning("steering: %s; falling back to nftables, whose table a killed director "
+                    "leaves behind (black-holing the VIPs until the next start)", e)
+        return NftSteering(ifnames)
+    remove_stale_nft_table()
+    log.info("steering: BPF at tcx ingress of %s (detached by the kernel when pylvs exits)",
+             ", ".join(ifnames))
+    return st
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name in sys.argv[1:] or ["eth0"]:
+        print(name, json.dumps(describe(name), indent=1))

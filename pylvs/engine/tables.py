@@ -225,19 +225,84 @@ class Counters:
     counts as inactive.
     """
 
-    def __init__(self, max_services: int = 256, max_dests: int = 4096):
+    def __init__(self, max_services: int = 256, max_dests: int = 4096,
+                 dest_conns: np.ndarray | None = None):
+        """``dest_conns``: an int32 (max_dests, 2) array to share with other
+        Counters (workers: every engine adds to the same counts, atomically
+        in C); None makes a new one."""
         self.max_services = max_services
         self.max_dests = max_dests
         self.stats = np.zeros(N_STATS, dtype=np.uint64)
         self.svc_stats = np.zeros((max_services, N_TRAFFIC), dtype=np.uint64)
         self.dest_stats = np.zeros((max_dests, N_TRAFFIC), dtype=np.uint64)
-        self.dest_conns = np.zeros((max_dests, 2), dtype=np.int32)
+        if dest_conns is None:
+            dest_conns = np.zeros((max_dests, 2), dtype=np.int32)
+        elif dest_conns.shape != (max_dests, 2) or dest_conns.dtype != np.int32:
+            raise ValueError(f"dest_conns must be int32 ({max_dests}, 2)")
+        self.dest_conns = dest_conns
 
     def stat(self, name: str) -> int:
         return int(self.stats[STAT_INDEX[name]])
 
     def named(self) -> dict[str, int]:
         return {n: int(self.stats[i]) for i, n in enumerate(STAT_NAMES)}
+
+    def zero_svc(self, slot: int) -> None:
+        """Zero a service row's traffic counters (ipvsadm -Z, a new service)."""
+        self.svc_stats[slot] = 0
+
+    def zero_dest(self, slot: int) -> None:
+        self.dest_stats[slot] = 0
+
+
+class CounterSum:
+    """The Counters of several workers read as one (docs/io.md, "Workers"):
+    ``stats``, ``svc_stats`` and ``dest_stats`` are sums made at each read
+    (the kernel sums its per-CPU ip_vs_stats the same way), ``dest_conns``
+    is the one array every worker's engine shares. Writes go through
+    ``zero_svc`` / ``zero_dest``, which zero every worker's row. ``parts``:
+    the workers' Counters, in worker order."""
+
+    def __init__(self, max_services: int, max_dests: int, workers: int):
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.max_services = max_services
+        self.max_dests = max_dests
+        self.dest_conns = np.zeros((max_dests, 2), dtype=np.int32)
+        self.parts = [Counters(max_services, max_dests, self.dest_conns)
+                      for _ in range(workers)]
+
+    def _sum(self, name: str) -> np.ndarray:
+        arrays = [getattr(p, name) for p in self.parts]
+        if len(arrays) == 1:
+            return arrays[0].copy()
+        return np.sum(arrays, axis=0, dtype=np.uint64)
+
+    @property
+    def stats(self) -> np.ndarray:
+        return self._sum("stats")
+
+    @property
+    def svc_stats(self) -> np.ndarray:
+        return self._sum("svc_stats")
+
+    @property
+    def dest_stats(self) -> np.ndarray:
+        return self._sum("dest_stats")
+
+    def stat(self, name: str) -> int:
+        return sum(p.stat(name) for p in self.parts)
+
+    def named(self) -> dict[str, int]:
+        return {n: int(v) for n, v in zip(STAT_NAMES, self.stats)}
+
+    def zero_svc(self, slot: int) -> None:
+        for p in self.parts:
+            p.zero_svc(slot)
+
+    def zero_dest(self, slot: int) -> None:
+        for p in self.parts:
+            p.zero_dest(slot)
 
 
 def empty_services(n: int) -> np.ndarray:

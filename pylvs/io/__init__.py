@@ -18,3 +18,40 @@ class Port:
     name: str
     ifindex: int
     mac: bytes
+
+
+KINDS = ("afpacket",)
+
+
+def open_workers(kind: str, ifnames: list[str], n: int, **opts) -> list:
+    """``n`` instances of a backend kind over the same interfaces, one per
+    worker (docs/io.md, "Workers"): port numbers are the same in each. With
+    n > 1 each interface's sockets form one fanout group, joined in worker
+    order (worker i is member i; the kernel keeps that order when the
+    interface goes down and up: sockets rejoin in creation order). ``opts``
+    go to every instance, except ``pcap``: one file records the frames of
+    all workers (the first instance owns it). ValueError for an unknown
+    kind or n < 1; OSError from the sockets (everything opened is closed).
+    """
+    if n < 1:
+        raise ValueError("workers must be at least 1")
+    if kind != "afpacket":
+        raise ValueError(f"unknown backend {kind!r}; choose from {', '.join(KINDS)}")
+    from .afpacket import AfPacketBackend
+
+    if n == 1:
+        return [AfPacketBackend(ifnames, **opts)]
+    pcap = opts.pop("pcap", None)
+    out: list = []
+    try:
+        for _ in range(n):
+            ids = out[0].fanout_ids if out else [0] * len(ifnames)
+            out.append(AfPacketBackend(ifnames, fanout=ids, **opts))
+        if pcap is not None:
+            from .pcap import PcapWriter
+            out[0].pcap = PcapWriter(pcap, [r for b in out for r in b.rings])
+    except BaseException:
+        for b in out:
+            b.close()
+        raise
+    return out

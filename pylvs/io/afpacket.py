@@ -35,6 +35,10 @@ PACKET_QDISC_BYPASS = 20
 PACKET_IGNORE_OUTGOING = 23
 SO_ATTACH_FILTER = 26
 PACKET_STATISTICS = 6
+PACKET_FANOUT = 18
+PACKET_FANOUT_DATA = 22
+PACKET_FANOUT_CBPF = 6
+PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
 
 # A block holds at least one 64 KiB GSO frame with its headers; a short
 # retire timeout bounds the latency of a lone packet to about a millisecond.
@@ -48,12 +52,28 @@ FRAME_SIZE = 2048
 RETIRE_MS = 1
 
 
-def attach_filter(sock: socket.socket, prog: list[bpf.Insn]) -> None:
-    """SO_ATTACH_FILTER: replaces the socket's filter in one step."""
+def attach_filter(sock: socket.socket, prog: list[bpf.Insn], level: int = socket.SOL_SOCKET,
+                  option: int = SO_ATTACH_FILTER) -> None:
+    """SO_ATTACH_FILTER (or another option taking a struct sock_fprog, such
+    as PACKET_FANOUT_DATA): replaces the program in one step."""
     code = bpf.pack(prog)
     buf = ctypes.create_string_buffer(code, len(code))
     fprog = struct.pack("HL", len(prog), ctypes.addressof(buf))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    sock.setsockopt(level, option, fprog)
+
+
+def join_fanout(sock: socket.socket, group: int) -> int:
+    """Join the socket (bound) to PACKET_FANOUT_CBPF group ``group`` of its
+    interface, or to a new group with an id the kernel picks when ``group``
+    is 0 (PACKET_FANOUT_FLAG_UNIQUEID); returns the group id. Members are
+    numbered in join order (af_packet.c __fanout_link). OSError from the
+    kernel (EINVAL: an existing group of another type or device)."""
+    if group == 0:
+        sock.setsockopt(SOL_PACKET, PACKET_FANOUT,
+                        (PACKET_FANOUT_CBPF | PACKET_FANOUT_FLAG_UNIQUEID) << 16)
+        return struct.unpack("I", sock.getsockopt(SOL_PACKET, PACKET_FANOUT, 4))[0] & 0xFFFF
+    sock.setsockopt(SOL_PACKET, PACKET_FANOUT, group | PACKET_FANOUT_CBPF << 16)
+    return group
 
 
 SIOCGIFFLAGS = 0x8913
@@ -100,8 +120,15 @@ def _mac_of(name: str) -> bytes:
 class AfPacketBackend:
     def __init__(self, ifnames: list[str], *, block_size: int = BLOCK_SIZE,
                  block_nr: int = BLOCK_NR, retire_ms: int = RETIRE_MS,
-                 qdisc_bypass: bool = True, pcap: str | None = None):
+                 qdisc_bypass: bool = True, pcap: str | None = None,
+                 fanout: list[int] | None = None):
         """One port per name in ``ifnames`` (index = the engine's port).
+
+        ``fanout``: one worker's instance of several (``open_workers``): per
+        port, the PACKET_FANOUT_CBPF group its socket joins (0: a new group;
+        ``fanout_ids`` then holds the ids the kernel chose); ``set_filter``
+        also sets the group's steering program (bpf.fanout_program). None:
+        the only instance, no fanout.
 
         ``qdisc_bypass``: set PACKET_QDISC_BYPASS on every socket (the fast
         default); False sends through the qdisc layer, where the kernel's
@@ -121,6 +148,9 @@ class AfPacketBackend:
         self._kernel_freezes = 0
         self.qdisc_bypass = qdisc_bypass
         self.pcap = None
+        self.fanout_ids: list[int] | None = None if fanout is None else []
+        if fanout is not None and len(fanout) != len(ifnames):
+            raise ValueError("fanout needs one group id per interface")
         try:
             for i, name in enumerate(ifnames):
                 try:
@@ -141,6 +171,8 @@ class AfPacketBackend:
                                              block_nr=block_nr, frame_size=FRAME_SIZE,
                                              retire_ms=retire_ms))
                 s.bind((name, ETH_P_ALL))
+                if fanout is not None:   # after bind: only a bound socket may join
+                    self.fanout_ids.append(join_fanout(s, fanout[i]))
             if pcap is not None:
                 from .pcap import PcapWriter
                 self.pcap = PcapWriter(pcap, self.rings)
@@ -193,8 +225,13 @@ class AfPacketBackend:
         """Let only the traffic of these tables into the rings (and ICMP
         errors to ``own_addrs`` while a Tun dest exists: bpf.for_tables)."""
         prog = bpf.for_tables(services, dests, own_addrs)
+        steer = None if self.fanout_ids is None else bpf.fanout_program(services, dests)
         with self._lock:
             for s in self.socks:
+                # The steering program first: a frame of a new service must
+                # reach the worker its replies will reach.
+                if steer is not None:
+                    attach_filter(s, steer, SOL_PACKET, PACKET_FANOUT_DATA)
                 attach_filter(s, prog)
             self._prog = prog
 

@@ -47,6 +47,8 @@ IMM, ABS, IND, MEM, LEN, MSH = 0x00, 0x20, 0x40, 0x60, 0x80, 0xA0
 JA, JEQ, JGT, JGE, JSET = 0x00, 0x10, 0x20, 0x30, 0x40
 K, X = 0x00, 0x08
 RET_A = 0x10
+ADD, SUB, MUL, DIV, OR, AND, LSH, RSH, MOD = 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x90
+TAX, TXA = 0x00, 0x80
 
 BPF_MAXINSNS = 4096
 ACCEPT_LEN = 0x40000  # snap length: more than a 64 KiB GSO frame
@@ -116,9 +118,10 @@ def _packed_services(services: np.ndarray) -> np.ndarray:
 
 
 def _packed_dests(services: np.ndarray, dests: np.ndarray) -> np.ndarray:
-    used = dests[((dests["flags"] & tables.DEST_F_USED) != 0)
-                 & (np.isin(dests["fwd"], forward.REPLY_FWDS)
-                    | ((dests["flags"] & tables.DEST_F_REPLIES) != 0))]
+    # DEST_F_REPLIES without DEST_F_USED: a deleted dest whose conns live.
+    used = dests[(((dests["flags"] & tables.DEST_F_USED) != 0)
+                  & np.isin(dests["fwd"], forward.REPLY_FWDS))
+                 | ((dests["flags"] & tables.DEST_F_REPLIES) != 0)]
     svc = used["svc"].astype(np.intp)
     used, svc = used[svc < len(services)], svc[svc < len(services)]
     owner = services[svc]
@@ -436,9 +439,260 @@ def run(prog: list[Insn], pkt: bytes, pkttype: int = PACKET_HOST, protocol: int 
             else:
                 acc = idx
         elif cls == ALU:
-            raise NotImplementedError("ALU not used by these programs")
+            op, src = code & 0xF0, idx if code & X else k
+            if op in (DIV, MOD) and src == 0:
+                return 0  # the kernel ends the program, returning 0
+            acc = {ADD: lambda: acc + src, SUB: lambda: acc - src, MUL: lambda: acc * src,
+                   DIV: lambda: acc // src, MOD: lambda: acc % src, OR: lambda: acc | src,
+                   AND: lambda: acc & src, LSH: lambda: acc << (src & 31),
+                   RSH: lambda: acc >> (src & 31)}[op]() & 0xFFFFFFFF
     raise AssertionError("program ran off its end")
 
 
 def ip(s: str) -> int:
     return int(ipaddress.IPv4Address(s))
+
+
+# --- the fanout program: which worker gets a frame (docs/io.md, "Workers") ---
+#
+# PACKET_FANOUT_CBPF runs this on every frame reaching an interface's group
+# of sockets (one per worker) and delivers it to member ret % members
+# (net/packet/af_packet.c fanout_demux_bpf). It returns a mix of the frame's
+# *client address*, so both directions of a conn, and all conns of a client,
+# meet on one worker (its engine holds the conn).
+
+FANOUT_MIX = 0x9E3779B1  # Knuth's multiplicative constant, 2^32 / phi
+PROTO_IPIP = 4
+# Scratch memory slots of the program: the header being keyed, unpacked.
+_M_PROTO, _M_SADDR, _M_DADDR, _M_SPORT, _M_DPORT = range(5)
+# Above this many instructions the (proto, addr, port) sets fall back to
+# their addresses alone, then to "saddr" (docs/io.md).
+FANOUT_FULL, FANOUT_ADDRS, FANOUT_SADDR = "keys", "addrs", "saddr"
+
+
+def fanout_mix(addr: int) -> int:
+    """The 16-bit mix of a client address (host-order int) the program
+    returns: (addr * FANOUT_MIX mod 2^32) >> 16."""
+    return ((addr * FANOUT_MIX) & 0xFFFFFFFF) >> 16
+
+
+def _fanout_sets(services, dests) -> tuple[np.ndarray, np.ndarray]:
+    """Packed keys S (services) and F (services and the dests whose replies
+    pass the director) of published tables or of key lists."""
+    svc = (_packed_services(services) if isinstance(services, np.ndarray)
+           else _pack_keys(keys_of(services, "svc")))
+    dst = (_packed_dests(services, dests) if isinstance(dests, np.ndarray)
+           else _pack_keys(dest_keys(services, dests)))
+    return svc, _distinct(np.concatenate((svc, dst)))
+
+
+def _addr_set(packed: np.ndarray) -> np.ndarray:
+    return _distinct((packed >> _U(16)) & _U(0xFFFFFFFF))
+
+
+_FANOUT_HEAD_LEN = 63  # everything but the two matches (tests/test_fanout.py checks it)
+
+
+def _fanout_mode(svc: np.ndarray, frm: np.ndarray) -> str:
+    if _FANOUT_HEAD_LEN + _match_len(svc) + _match_len(frm) <= BPF_MAXINSNS:
+        return FANOUT_FULL
+    if _FANOUT_HEAD_LEN + 4 + 2 * (_addr_set(svc).size + _addr_set(frm).size) <= BPF_MAXINSNS:
+        return FANOUT_ADDRS
+    return FANOUT_SADDR
+
+
+def _mem_match(a: _Asm, packed: np.ndarray, mode: str, addr_m: int, port_m: int, tag: str,
+               hit: str, miss: str) -> None:
+    """Jump to `hit` when (proto, M[addr_m], M[port_m]) is in the packed set
+    (mode FANOUT_ADDRS: when M[addr_m] is one of its addresses)."""
+    if mode == FANOUT_ADDRS:
+        a.op(LD | MEM, addr_m)
+        for addr in _addr_set(packed).tolist():
+            a.if_eq(addr, hit)
+        a.jump(miss)
+        return
+    by_addr: dict[int, dict[int, set[int]]] = {}
+    for proto, addr, port in _unpack(packed):
+        by_addr.setdefault(addr, {}).setdefault(proto, set()).add(port)
+    a.op(LD | MEM, addr_m)
+    for addr in sorted(by_addr):
+        a.if_eq(addr, f"{tag}a{addr}")
+    a.jump(miss)
+    for addr in sorted(by_addr):
+        a.label(f"{tag}a{addr}")
+        a.op(LD | MEM, _M_PROTO)
+        for proto in sorted(by_addr[addr]):
+            a.if_eq(proto, f"{tag}a{addr}p{proto}")
+        a.jump(miss)
+        for proto in sorted(by_addr[addr]):
+            a.label(f"{tag}a{addr}p{proto}")
+            a.op(LD | MEM, port_m)
+            for port in sorted(by_addr[addr][proto]):
+                a.if_eq(port, hit)
+            a.jump(miss)
+
+
+def fanout_program(services, dests) -> list[Insn]:
+    """The PACKET_FANOUT_CBPF program for published tables (or key lists,
+    as `for_tables` takes them); `steer_index` is its Python twin.
+
+    The client address of an IPv4 frame (any other frame: 0):
+
+    - an ICMP error (types 3, 4, 11) is keyed by the IP header it quotes,
+      and when that header is an IPIP tunnel packet, by the inner header
+      (an error about a VS-Tun packet concerns the client's packet inside);
+    - of the header keyed (proto, saddr, sport, daddr, dport; ports only
+      for TCP/UDP, else 0): saddr when (proto, daddr, dport) is a service
+      (client to VIP); else daddr when (proto, saddr, sport) is a service
+      or a dest whose replies pass the director (a NAT reply, or a quoted
+      reply from the VIP); else saddr.
+
+    The kernel runs it on the IP packet (fanout demux sees the skb at its
+    network header, unlike socket filters): offsets are from the IP header
+    and the ethertype comes from SKF_AD_PROTOCOL. A load beyond the packet
+    ends the program with 0, as in the kernel.
+    Returned: `fanout_mix(client)`; the kernel takes it modulo the group's
+    member count. Tables too big for BPF_MAXINSNS compare addresses only
+    (a client that is itself a VIP or NAT real-server address may then be
+    split), and beyond that key every frame by saddr (NAT replies then
+    reach an arbitrary worker): `fanout_plan` says which.
+    """
+    svc, frm = _fanout_sets(services, dests)
+    mode = _fanout_mode(svc, frm)
+    a = _Asm()
+    a.op(LD | W | ABS, SKF_AD_OFF + SKF_AD_PROTOCOL)
+    a.if_eq(0x0800, "ipv4")
+    a.op(RET | K, 0)
+    a.label("ipv4")
+    a.op(LD | IMM, 0)
+    a.op(MISC | TAX)                       # X = the header keyed
+    a.op(LD | B | ABS, 9)
+    a.if_eq(PROTO_ICMP, "icmp")
+    a.jump("header")
+    a.label("icmp")
+    a.op(LDX | B | MSH, 0)                 # X = outer IHL
+    a.op(LD | B | IND, 0)                  # ICMP type
+    for t in ICMP_ERRORS:
+        a.if_eq(t, "quoted")
+    a.op(LD | IMM, 0)
+    a.op(MISC | TAX)
+    a.jump("header")
+    a.label("quoted")
+    a.op(MISC | TXA)
+    a.op(ALU | ADD | K, 8)
+    a.op(MISC | TAX)                       # X = the quoted IP header
+    a.op(LD | B | IND, 9)
+    a.if_eq(PROTO_IPIP, "inner")
+    a.jump("header")
+    a.label("inner")
+    a.op(LD | B | IND, 0)
+    a.op(ALU | AND | K, 0x0F)
+    a.op(ALU | LSH | K, 2)
+    a.op(ALU | ADD | X)
+    a.op(MISC | TAX)                       # X = the tunnelled header
+    a.label("header")
+    a.op(LD | B | IND, 9)
+    a.op(ST, _M_PROTO)
+    a.op(LD | W | IND, 12)
+    a.op(ST, _M_SADDR)
+    a.op(LD | W | IND, 16)
+    a.op(ST, _M_DADDR)
+    a.op(LD | IMM, 0)
+    a.op(ST, _M_SPORT)
+    a.op(ST, _M_DPORT)
+    a.op(LD | MEM, _M_PROTO)
+    a.if_eq(tables.PROTO_TCP, "ports")
+    a.if_eq(tables.PROTO_UDP, "ports")
+    a.jump("match")
+    a.label("ports")
+    a.op(LD | B | IND, 0)
+    a.op(ALU | AND | K, 0x0F)
+    a.op(ALU | LSH | K, 2)
+    a.op(ALU | ADD | X)
+    a.op(MISC | TAX)                       # X = the L4 header
+    a.op(LD | H | IND, 0)
+    a.op(ST, _M_SPORT)
+    a.op(LD | H | IND, 2)
+    a.op(ST, _M_DPORT)
+    a.label("match")
+    if mode == FANOUT_SADDR:
+        a.jump("saddr")
+    else:
+        _mem_match(a, svc, mode, _M_DADDR, _M_DPORT, "s", "saddr", "from")
+        a.label("from")
+        _mem_match(a, frm, mode, _M_SADDR, _M_SPORT, "f", "daddr", "saddr")
+    a.label("daddr")
+    a.op(LD | MEM, _M_DADDR)
+    a.jump("mix")
+    a.label("saddr")
+    a.op(LD | MEM, _M_SADDR)
+    a.label("mix")
+    a.op(ALU | MUL | K, FANOUT_MIX)
+    a.op(ALU | RSH | K, 16)
+    a.op(RET | RET_A)
+    return a.assemble()
+
+
+def fanout_plan(services, dests) -> str:
+    """How `fanout_program` keys these tables: FANOUT_FULL, FANOUT_ADDRS or
+    FANOUT_SADDR (see there)."""
+    return _fanout_mode(*_fanout_sets(services, dests))
+
+
+def _client_of(frame: bytes, base: int, svc: set, frm: set, svc_a: set, frm_a: set,
+               mode: str) -> int | None:
+    def get(off: int, width: int) -> int | None:
+        if off + width > len(frame):
+            return None
+        return int.from_bytes(frame[off:off + width], "big")
+
+    proto, saddr, daddr = get(base + 9, 1), get(base + 12, 4), get(base + 16, 4)
+    if proto is None or saddr is None or daddr is None:
+        return None
+    sport = dport = 0
+    if proto in (tables.PROTO_TCP, tables.PROTO_UDP):
+        vihl = get(base, 1)
+        l4 = base + (vihl & 0x0F) * 4
+        sport, dport = get(l4, 2), get(l4 + 2, 2)
+        if sport is None or dport is None:
+            return None
+    if mode == FANOUT_SADDR:
+        return saddr
+    if mode == FANOUT_ADDRS:
+        return saddr if daddr in svc_a else daddr if saddr in frm_a else saddr
+    if (proto, daddr, dport) in svc:
+        return saddr
+    return daddr if (proto, saddr, sport) in frm else saddr
+
+
+def steer_index(frame: bytes, workers: int, services, dests) -> int:
+    """The worker (0..workers-1) the fanout program sends this Ethernet
+    frame (no vnet header) to, with these tables: the program's rule
+    (`fanout_program`) written out in Python, for tests and tools.
+    ValueError for workers < 1."""
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    svc_p, frm_p = _fanout_sets(services, dests)
+    mode = _fanout_mode(svc_p, frm_p)
+    if len(frame) < 14 or frame[12:14] != b"\x08\x00":
+        return 0
+    frame = frame[14:]   # the program sees the IP packet
+    svc, frm = set(_unpack(svc_p)), set(_unpack(frm_p))
+    svc_a, frm_a = set(_addr_set(svc_p).tolist()), set(_addr_set(frm_p).tolist())
+    base = 0
+    if len(frame) < 10:
+        return 0
+    if frame[9] == PROTO_ICMP:
+        ihl = (frame[0] & 0x0F) * 4
+        if ihl >= len(frame):
+            return 0
+        if frame[ihl] in ICMP_ERRORS:
+            base = ihl + 8
+            if base + 9 >= len(frame):
+                return 0
+            if frame[base + 9] == PROTO_IPIP:
+                base += (frame[base] & 0x0F) * 4
+                if base >= len(frame):
+                    return 0
+    client = _client_of(frame, base, svc, frm, svc_a, frm_a, mode)
+    return 0 if client is None else fanout_mix(client) % workers

@@ -58,10 +58,16 @@ def _setup(a) -> int:
     why = _explainer()
     for s in steps:
         w(f"  {'changed' if s['changed'] else 'ok':<8} {config.describe(s)}\n{why(s['why'])}")
+    st = config.read_state() or {}
+    if st.get("config", {}).get("fwd") == config.DR_TUN:
+        w("  DR and Tun: set up for both (a DR dest of one service, a Tun dest of another);\n"
+          f"       VIPs {' '.join(st['config']['vips'])}.\n")
     if mode == "kernel-ipip":
         w("  Tun: the kernel's ipip module decapsulates (tunl0).\n")
+    elif mode == "decap" and (running := config.running_decap()):
+        tun = f", TUN device {running['tun']}" if running["tun"] else ""
+        w(f"  Tun: the user-space decapsulator runs (pid {running['pid']}{tun}).\n")
     elif mode == "decap":
-        st = config.read_state() or {}
         c = config.Config(**st.get("config", {"fwd": "tun"}))
         vips = " ".join(f"--vip {v}" for v in c.vips)
         w("  Tun: this kernel has no ipip module: start the user-space decapsulator,\n"

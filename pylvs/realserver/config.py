@@ -20,7 +20,8 @@ says why at length):
 is changed when anything is wrong, :class:`RealServerError` says what), then
 applies them in order, undoing what it applied if a step still fails, and
 records each change (old and new value) in the state file
-``/run/pylvs/realserver-<netns inode>.json``; :func:`teardown` replays the
+``/run/pylvs/realserver-<netns inode>.json`` with the namespace's cookie
+(:func:`load_state` says how a file is matched to its namespace); :func:`teardown` replays the
 record backwards. Addresses and routes go through pyroute2 (rtnetlink),
 sysctls through /proc/sys.
 """
@@ -31,6 +32,7 @@ import ipaddress
 import json
 import os
 import socket
+import struct
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +40,9 @@ from pathlib import Path
 STATE_DIR = Path("/run/pylvs")
 SYSCTL = Path("/proc/sys/net/ipv4/conf")
 FWDS = ("dr", "tun", "nat")
+#: A real server that is a DR dest of one service and a Tun dest of another:
+#: what ``setup --fwd tun`` on a host set up for DR (or the reverse) records.
+DR_TUN = "dr+tun"
 
 WHY = {
     "lo_up": "lo must be up for the addresses on it to be used",
@@ -61,6 +66,9 @@ WHY = {
                      "counts",
     "rp_filter_keep": "raised to the old 'all' value so this interface filters as before",
     "rp_filter_tunl0": "0: tunl0 receives decapsulated packets from any client",
+    "rp_filter_own": "0: the TUN device of the running 'pylvs realserver run' (pylvs's own "
+                     "device, gone when it stops) receives decapsulated packets from any "
+                     "client; kept at 0, not recorded for teardown",
     "rp_filter_dr": "2 (loose): a client's packet to the VIP is accepted when some route "
                     "leads back to the client; strict mode (1) drops it on a real server whose "
                     "route to the client leaves by another interface (two networks, as in "
@@ -121,7 +129,7 @@ def _shape_error(st, decap: bool) -> str | None:
     cfg = st.get("config")
     if not isinstance(cfg, dict) or set(cfg) != set(Config.__dataclass_fields__):
         return "no config with the fields fwd, vips, iface, dip, clients"
-    if cfg["fwd"] not in FWDS or not isinstance(cfg["iface"], str) or not isinstance(
+    if cfg["fwd"] not in (*FWDS, DR_TUN) or not isinstance(cfg["iface"], str) or not isinstance(
             cfg["dip"], str) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
                                         for v in (cfg["vips"], cfg["clients"])):
         return "a config field of the wrong type or value"
@@ -151,27 +159,58 @@ def read_state(path: Path | None = None, decap: bool = False) -> dict | None:
     return st
 
 
-def _iface_id(ipr, name: str) -> str | None:
-    """ifindex/MAC of an interface: tells this namespace from a deleted one with the same inode."""
-    idx = _ifindex(ipr, name)
-    if idx is None:
+SO_NETNS_COOKIE = 71  # include/uapi/asm-generic/socket.h; Linux >= 5.14
+
+
+def netns_cookie() -> int | None:
+    """This network namespace's cookie (SO_NETNS_COOKIE), None when the kernel has none.
+
+    Unlike the namespace's inode, a cookie is unique for the boot and never
+    reused (net_cookie in net/core/net_namespace.c), so it tells this
+    namespace from a deleted one whose inode this one reuses; and it does
+    not change with a MAC, an ifindex or a NIC swap.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            return struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+    except OSError:
         return None
-    return f"{idx}/{ipr.get_links(idx)[0].get('IFLA_ADDRESS')}"
 
 
-def load_state(ipr) -> tuple[dict | None, str]:
-    """(this namespace's state or None, a note when a stale state file was discarded).
+def netns_id() -> dict:
+    """What a state file records to say which namespace it belongs to."""
+    return {"inode": netns_inode(), "cookie": netns_cookie()}
 
-    Namespace inodes are reused once a namespace is deleted; a state file
-    whose interface (ifindex and MAC) is not here belongs to a namespace that
-    no longer exists, whose settings went with it: it is removed.
+
+def load_state(forget_stale: bool = True) -> tuple[dict | None, str]:
+    """(this namespace's state or None, a note about the state file or "").
+
+    A state file is this namespace's when its recorded netns cookie is this
+    namespace's. A different cookie means the file was left by a deleted
+    namespace whose inode this one reuses (its settings went with it): with
+    ``forget_stale`` (setup, teardown) the file is removed, else (status)
+    it is left for them and the note says so. Without a cookie on either
+    side (kernel < 5.14, or a file from an older pylvs) the file is taken
+    as this namespace's, since nothing tells otherwise, and the note says
+    it could not be confirmed: a file is never removed on a guess.
     """
     state = read_state()
-    if state is None or state.get("iface_id") == _iface_id(ipr, state["config"]["iface"]):
+    if state is None:
+        return None, ""
+    have, cookie = state.get("netns") or {}, netns_cookie()
+    if not isinstance(have, dict) or have.get("cookie") is None or cookie is None:
+        return state, (f"{state_path()} could not be confirmed to belong to this namespace "
+                       f"(no network namespace cookie recorded or supported); it is used as "
+                       f"this namespace's")
+    if have["cookie"] == cookie:
         return state, ""
+    if not forget_stale:
+        return None, (f"{state_path()} belongs to a deleted network namespace (netns cookie "
+                      f"{have['cookie']}, this one's is {cookie}); it is ignored, and "
+                      f"'pylvs realserver setup' or 'teardown' removes it")
     state_path().unlink(missing_ok=True)
-    return None, (f"removed a stale {state_path()} (its interface {state['config']['iface']} "
-                  f"is not this namespace's: left by a deleted namespace)")
+    return None, (f"removed a stale {state_path()} (netns cookie {have['cookie']}, this "
+                  f"namespace's is {cookie}: left by a deleted namespace)")
 
 
 def _write_state(state: dict) -> None:
@@ -296,26 +335,26 @@ def _parse_vip(v: str) -> str:
     return str(a)
 
 
-def validate(cfg: Config, ipr) -> Config:
-    """The config with defaults filled in, or RealServerError (nothing changed)."""
-    if cfg.fwd not in FWDS:
-        raise RealServerError(f"--fwd must be one of {', '.join(FWDS)}, not {cfg.fwd!r}")
-    vips = [_parse_vip(v) for v in cfg.vips]
-    if cfg.fwd in ("dr", "tun") and not vips:
-        raise RealServerError(f"--fwd {cfg.fwd} needs at least one --vip")
-    if cfg.fwd == "nat" and vips:
-        raise RealServerError("--fwd nat: a NAT real server does not hold the VIP (the "
-                              "director rewrites it to the RIP); drop --vip")
-    iface = cfg.iface or default_iface(ipr)
-    if not iface:
-        raise RealServerError("no default route to take the interface from: give --iface")
-    if _ifindex(ipr, iface) is None:
-        raise RealServerError(f"--iface {iface}: no such interface")
-    if iface == "lo":
-        raise RealServerError("--iface: the interface facing the director, not lo")
+def _broadcasts(ipr) -> set[str]:
+    """Every address the kernel treats as a broadcast here: the ``broadcast``
+    routes of the local table (a subnet's broadcast address, added by
+    fib_add_ifaddr in net/ipv4/fib_frontend.c for each address)."""
+    return {r.get("RTA_DST") for r in ipr.get_routes(family=socket.AF_INET, table=255)
+            if r["type"] == 3}  # RTN_BROADCAST
+
+
+def check_vips_here(vips: list[str], ipr) -> None:
+    """RealServerError when a VIP cannot be a VIP on this host: a subnet's
+    broadcast address, this host's own (primary) address on an interface,
+    or an address configured on an interface other than lo. Shared by
+    ``setup`` and ``run``."""
     addrs = _addrs(ipr)
     primary = _primary_addrs(ipr)
+    bcast = _broadcasts(ipr)
     for vip in vips:
+        if vip in bcast:
+            raise RealServerError(f"--vip {vip} is a broadcast address here (a subnet's "
+                                  f"broadcast): not a unicast address a service can use")
         for a, plen, dev in addrs:
             if a == vip and dev != "lo" and a in primary:
                 raise RealServerError(
@@ -328,32 +367,61 @@ def validate(cfg: Config, ipr) -> Config:
                     f"VIP {vip} is configured on {dev}: this host would answer ARP for it "
                     f"there (the ARP problem); remove it (ip addr del {vip}/{plen} dev {dev}) "
                     f"and let setup put it on lo")
+
+
+def _parse_dip(cfg: Config, addrs: list[tuple[str, int, str]]) -> tuple[str, str]:
+    """(the DIP, the interface on whose network it is directly connected)."""
+    if not cfg.dip:
+        raise RealServerError("--fwd nat needs --dip (the director's address on this network)")
+    try:
+        dip = ipaddress.IPv4Address(cfg.dip)
+    except ValueError:
+        raise RealServerError(f"--dip {cfg.dip!r} is not an IPv4 address") from None
+    if any(a == str(dip) for a, _, _ in addrs):
+        raise RealServerError(f"--dip {dip} is an address of this host")
+    on = [dev for a, p, dev in addrs
+          if dev != "lo" and dip in ipaddress.IPv4Interface(f"{a}/{p}").network]
+    if not on:
+        raise RealServerError(f"--dip {dip} is not on a network this host is directly "
+                              f"connected to: the director must be this host's next hop")
+    return str(dip), on[0]
+
+
+def validate(cfg: Config, ipr) -> Config:
+    """The config with defaults filled in, or RealServerError (nothing changed).
+
+    The interface defaults to the one the DIP is directly connected on
+    (NAT), else the default route's.
+    """
+    if cfg.fwd not in FWDS:
+        raise RealServerError(f"--fwd must be one of {', '.join(FWDS)}, not {cfg.fwd!r}")
+    vips = [_parse_vip(v) for v in cfg.vips]
+    if cfg.fwd in ("dr", "tun") and not vips:
+        raise RealServerError(f"--fwd {cfg.fwd} needs at least one --vip")
+    if cfg.fwd == "nat" and vips:
+        raise RealServerError("--fwd nat: a NAT real server does not hold the VIP (the "
+                              "director rewrites it to the RIP); drop --vip")
+    if cfg.fwd != "nat" and (cfg.dip or cfg.clients):
+        raise RealServerError(f"--dip/--clients are for --fwd nat, not {cfg.fwd}")
+    addrs = _addrs(ipr)
+    dip, dip_iface = _parse_dip(cfg, addrs) if cfg.fwd == "nat" else ("", "")
+    iface = cfg.iface or dip_iface or default_iface(ipr)
+    if not iface:
+        raise RealServerError("no default route to take the interface from: give --iface")
+    if _ifindex(ipr, iface) is None:
+        raise RealServerError(f"--iface {iface}: no such interface")
+    if iface == "lo":
+        raise RealServerError("--iface: the interface facing the director, not lo")
+    check_vips_here(vips, ipr)
+    if cfg.fwd != "nat":
+        return Config(cfg.fwd, sorted(set(vips), key=vips.index), iface)
     clients = []
-    if cfg.fwd == "nat":
-        if not cfg.dip:
-            raise RealServerError("--fwd nat needs --dip (the director's address on this "
-                                  "network)")
+    for c in cfg.clients or ["0.0.0.0/0"]:
         try:
-            dip = ipaddress.IPv4Address(cfg.dip)
-        except ValueError:
-            raise RealServerError(f"--dip {cfg.dip!r} is not an IPv4 address") from None
-        if any(a == str(dip) for a, _, _ in addrs):
-            raise RealServerError(f"--dip {dip} is an address of this host")
-        if not any(dip in ipaddress.IPv4Interface(f"{a}/{p}").network
-                   for a, p, dev in addrs if dev != "lo"):
-            raise RealServerError(f"--dip {dip} is not on a network this host is directly "
-                                  f"connected to: the director must be this host's next hop")
-        for c in cfg.clients or ["0.0.0.0/0"]:
-            try:
-                clients.append(str(ipaddress.IPv4Network(c)))
-            except ValueError as e:
-                raise RealServerError(f"--clients {c!r}: {e}") from None
-        cfg = Config("nat", [], iface, str(dip), clients)
-    else:
-        if cfg.dip or cfg.clients:
-            raise RealServerError(f"--dip/--clients are for --fwd nat, not {cfg.fwd}")
-        cfg = Config(cfg.fwd, sorted(set(vips), key=vips.index), iface)
-    return cfg
+            clients.append(str(ipaddress.IPv4Network(c)))
+        except ValueError as e:
+            raise RealServerError(f"--clients {c!r}: {e}") from None
+    return Config("nat", [], iface, dip, clients)
 
 
 def _sysctl_change(dev: str, name: str, want: int, why: str, ok=None) -> dict:
@@ -365,23 +433,45 @@ def _sysctl_change(dev: str, name: str, want: int, why: str, ok=None) -> dict:
             "new": cur if good else want, "changed": not good, "why": why}
 
 
-def _rp_filter_plan(tundev: str | None) -> list[dict]:
-    """Relax rp_filter for the tunnel device, leaving every other interface's effective value."""
+def _rp_filter_plan(tundev: str | None, own: str | None = None) -> list[dict]:
+    """Relax rp_filter for the tunnel device, leaving every other interface's effective value.
+
+    ``own``: the TUN device of a running ``pylvs realserver run``: pylvs's
+    own device, kept at 0 (never raised with the others) and not recorded,
+    since it goes away with the decapsulator.
+    """
     plan = []
     old_all = read_sysctl("all", "rp_filter") or 0
     if old_all == 1:
         plan.append(_sysctl_change("all", "rp_filter", 0, WHY["rp_filter_all"]))
         for dev in conf_devices():
-            if dev in ("all", tundev):
+            if dev in ("all", tundev, own):
                 continue
-            own = read_sysctl(dev, "rp_filter") or 0
-            if own < old_all:
+            if (read_sysctl(dev, "rp_filter") or 0) < old_all:
                 plan.append(_sysctl_change(dev, "rp_filter", old_all, WHY["rp_filter_keep"]))
     else:
         plan.append(_sysctl_change("all", "rp_filter", old_all, WHY["rp_filter"]))
     if tundev:
         plan.append(_sysctl_change(tundev, "rp_filter", 0, WHY["rp_filter_tunl0"], ok=(0, 2)))
+    if own and read_sysctl(own, "rp_filter") is not None:
+        plan.append({**_sysctl_change(own, "rp_filter", 0, WHY["rp_filter_own"]), "own": True})
     return plan
+
+
+def running_decap() -> dict | None:
+    """The stats of this namespace's running ``pylvs realserver run`` (pid,
+    iface, tun, vips, counters), None when none runs. Running means holding
+    the decapsulator lock (run.py); the stats file names its TUN device."""
+    from .run import lock_holder
+    pid = lock_holder(decap_lock_path())
+    if pid is None:
+        return None
+    try:
+        stats = read_state(state_path("-decap"), decap=True)
+    except RealServerError:
+        stats = None
+    return stats if stats and stats.get("pid") == pid else {
+        "pid": pid, "iface": "", "tun": "", "vips": [], "counters": {}}
 
 
 def plan(cfg: Config, ipr) -> tuple[list[dict], str]:
@@ -409,9 +499,7 @@ def plan(cfg: Config, ipr) -> tuple[list[dict], str]:
     for dev in ("all", cfg.iface):
         steps.append(_sysctl_change(dev, "arp_ignore", 1, WHY["arp_ignore"], ok=(1, 2, 8)))
         steps.append(_sysctl_change(dev, "arp_announce", 2, WHY["arp_announce"]))
-    if cfg.fwd == "dr" and _effective(cfg.iface, "rp_filter")[0] == 1:
-        steps.append(_sysctl_change(cfg.iface, "rp_filter", 2, WHY["rp_filter_dr"]))
-    if cfg.fwd == "tun":
+    if is_tun(cfg.fwd):
         if kernel_ipip(ipr):
             mode = "kernel-ipip"
             steps.append({"kind": "link_up", "dev": "tunl0",
@@ -420,8 +508,45 @@ def plan(cfg: Config, ipr) -> tuple[list[dict], str]:
             steps += _rp_filter_plan("tunl0")
         else:
             mode = "decap"
-            steps += _rp_filter_plan(None)
+            steps += _rp_filter_plan(None, (running_decap() or {}).get("tun") or None)
+    if is_dr(cfg.fwd):
+        _dr_rp_filter(steps, cfg.iface)
     return steps, mode
+
+
+def is_dr(fwd: str) -> bool:
+    return fwd in ("dr", DR_TUN)
+
+
+def is_tun(fwd: str) -> bool:
+    return fwd in ("tun", DR_TUN)
+
+
+def _dr_rp_filter(steps: list[dict], iface: str) -> None:
+    """Make ``iface``'s effective rp_filter loose when it would be strict once
+    STEPS are applied (a Tun plan may have raised it to keep its filtering)."""
+    def after(dev: str) -> tuple[int, dict | None]:
+        step = next((s for s in steps if s["kind"] == "sysctl" and s["dev"] == dev
+                     and s["name"] == "rp_filter"), None)
+        return (step["new"] if step else read_sysctl(dev, "rp_filter") or 0), step
+    (all_rp, _), (own, step) = after("all"), after(iface)
+    if max(all_rp, own) != 1:
+        return
+    if step:
+        step.update(new=2, changed=step["old"] != 2, why=WHY["rp_filter_dr"])
+    else:
+        steps.append(_sysctl_change(iface, "rp_filter", 2, WHY["rp_filter_dr"]))
+
+
+def _extend(old: Config, new: Config) -> Config | None:
+    """The set-up covering both an earlier DR and a Tun set-up (either order)
+    of the same interface, None when NEW conflicts with OLD. Both need the
+    VIPs on lo and the ARP sysctls; Tun adds decapsulation, DR a loose
+    rp_filter on the interface."""
+    kinds = {old.fwd, new.fwd}
+    if old.fwd == new.fwd or not kinds <= {"dr", "tun", DR_TUN} or old.iface != new.iface:
+        return None
+    return Config(DR_TUN, old.vips + [v for v in new.vips if v not in old.vips], old.iface)
 
 
 # -- applying and undoing one step ---------------------------------------------
@@ -501,16 +626,20 @@ def setup(cfg: Config) -> tuple[list[dict], str]:
     _check_root()
     with _ipr() as ipr:
         cfg = validate(cfg, ipr)
-        state, stale = load_state(ipr)
+        state, stale = load_state()
         if stale:
             sys.stderr.write(f"pylvs realserver: {stale}\n")
         if state and state["config"] != asdict(cfg):
-            old = Config(**state["config"])
+            old, asked = Config(**state["config"]), cfg
+            cfg = _extend(old, asked)
+        if cfg is None:
             raise RealServerError(
                 f"conflicting earlier setup in this namespace (fwd {old.fwd}"
                 + (f", vip {' '.join(old.vips)}" if old.vips else "")
                 + (f", dip {old.dip}" if old.dip else "")
-                + f", iface {old.iface}): run 'pylvs realserver teardown' first")
+                + f", iface {old.iface}) that --fwd {asked.fwd} cannot extend (DR and Tun "
+                f"on one interface combine; nothing else does): run 'pylvs realserver "
+                f"teardown' first")
         steps, mode = plan(cfg, ipr)
         applied = []
         try:
@@ -530,8 +659,8 @@ def setup(cfg: Config) -> tuple[list[dict], str]:
         # that repairs something changed behind its back must not forget it.
         recorded = state["changes"] if state else []
         keys = {_key(s) for s in recorded}
-        recorded += [s for s in applied if _key(s) not in keys]
-        _write_state({"version": 1, "config": asdict(cfg), "iface_id": _iface_id(ipr, cfg.iface),
+        recorded += [s for s in applied if _key(s) not in keys and not s.get("own")]
+        _write_state({"version": 1, "config": asdict(cfg), "netns": netns_id(),
                       "mode": mode, "changes": recorded})
     return steps, mode
 
@@ -550,7 +679,7 @@ def teardown() -> list[tuple[dict, str]]:
     _check_root()
     done = []
     with _ipr() as ipr:
-        state, stale = load_state(ipr)
+        state, stale = load_state()
         if stale:
             sys.stderr.write(f"pylvs realserver: {stale}\n")
         if state is None:
@@ -593,8 +722,7 @@ def status() -> dict:
     [{"name", "value", "verdict": "ok"|"warn", "why"}], "decapsulator":
     counters dict of a running `pylvs realserver run` or None}.
     """
-    with _ipr() as ipr:
-        state, stale = load_state(ipr)
+    state, stale = load_state(forget_stale=False)
     out = {"state_file": str(state_path()), "setup": state and state["config"], "note": stale,
            "mode": state and state.get("mode"), "checks": [], "decapsulator": None}
     decap = read_state(state_path("-decap"), decap=True)
@@ -619,10 +747,10 @@ def status() -> dict:
     checks.append(_check(f"arp_ignore on {cfg.iface}", how, v in (1, 2, 8), WHY["arp_ignore"]))
     v, how = _effective(cfg.iface, "arp_announce")
     checks.append(_check(f"arp_announce on {cfg.iface}", how, v == 2, WHY["arp_announce"]))
-    if cfg.fwd == "dr":
+    if is_dr(cfg.fwd):
         v, how = _effective(cfg.iface, "rp_filter")
         checks.append(_check(f"rp_filter on {cfg.iface}", how, v != 1, WHY["rp_filter_dr"]))
-    if cfg.fwd == "tun":
+    if is_tun(cfg.fwd):
         tundev = "tunl0" if state.get("mode") == "kernel-ipip" else (
             out["decapsulator"] or {}).get("tun")
         if tundev:

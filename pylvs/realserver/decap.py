@@ -67,8 +67,12 @@ DROPS = (
 #: packets read, ``tx`` inner packets written to the TUN device,
 #: ``drop_tun_write`` inner packets the TUN device refused,
 #: ``drop_overrun`` packets the kernel dropped because the socket's receive
-#: buffer was full (PACKET_STATISTICS tp_drops: the decapsulator fell behind).
-COUNTER_NAMES = ("rx", IGNORE, *ACCEPT, "tx", *DROPS, "drop_tun_write", "drop_overrun")
+#: buffer was full (PACKET_STATISTICS tp_drops: the decapsulator fell behind),
+#: ``error_link`` receive errors the interface caused (it went down or was
+#: deleted: ENETDOWN and the like; the decapsulator carries on),
+#: ``reattach`` times the tap was bound again to a re-created interface.
+COUNTER_NAMES = ("rx", IGNORE, *ACCEPT, "tx", *DROPS, "drop_tun_write", "drop_overrun",
+                 "error_link", "reattach")
 
 
 def _ipv4_header(pkt: memoryview) -> tuple[int, int] | str:

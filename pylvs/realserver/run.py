@@ -30,6 +30,13 @@ with SIGKILL leaves its nft table behind (it keeps IPIP/GUE from the stack);
 the next run replaces it, and ``pylvs realserver teardown`` removes it
 (:func:`stop_running`, which also stops a running decapsulator).
 
+The interface going down makes recv fail (ENETDOWN): counted in
+``error_link``, logged at most every LOG_INTERVAL seconds, and the loop goes
+on (the kernel re-hooks the socket when the link comes up). An interface
+deleted and re-created under the same name gets a new socket and nft table
+(``reattach``); while it does not exist the loop looks for it every
+REATTACH_INTERVAL seconds until stopped.
+
 Counters (decap.COUNTER_NAMES) go to a stats file,
 ``/run/pylvs/realserver-<netns inode>-decap.json``, rewritten at most once a
 second while they change and read by ``pylvs realserver status``; SIGUSR1
@@ -39,6 +46,7 @@ table, the TUN device and the stats file.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -63,6 +71,12 @@ TUN_NAME = "plvsdec0"
 RCVBUF = 4 << 20
 # An IPv4 packet is at most 64 KiB; GRO may hand the tap nothing larger.
 BUF = 65536 + 256
+# recv errors the interface causes, not the decapsulator: ENETDOWN when it
+# goes down or is deleted (packet_notifier sets sk_err), ENXIO/ENODEV when
+# the device behind the socket is gone.
+LINK_ERRNOS = frozenset({errno.ENETDOWN, errno.ENXIO, errno.ENODEV})
+LOG_INTERVAL = 10.0      # seconds between two link-error log lines
+REATTACH_INTERVAL = 1.0  # seconds between two looks for a deleted interface
 
 
 def tunnel_filter(gue_port: int | None) -> list[bpf.Insn]:
@@ -252,9 +266,13 @@ class Decapsulator:
         self.nft_installed = False
         self.stats_path = config.state_path("-decap")
         self._written = None
+        self._logged = None
+        self._gone = False
+        self.ifindex: int | None = None
 
     def check(self) -> None:
-        """Refuse (RealServerError) before creating anything when it could not work."""
+        """Refuse (RealServerError) before creating anything, and before taking
+        the lock, when the arguments could not work here."""
         n = self.tun_name
         if not 0 < len(n) <= 15 or n in (".", "..") or any(c in "/:" or c.isspace() for c in n):
             # The kernel's dev_valid_name; pytun would raise a bare error.
@@ -265,10 +283,7 @@ class Decapsulator:
         with config._ipr() as ipr:
             if config._ifindex(ipr, self.iface) is None:
                 raise config.RealServerError(f"--iface {self.iface}: no such interface")
-            if config._ifindex(ipr, self.tun_name) is not None:
-                raise config.RealServerError(
-                    f"{self.tun_name} already exists: is another 'pylvs realserver run' "
-                    f"running here?")
+            config.check_vips_here(self.vips, ipr)
             addrs = config._addrs(ipr)
         self.local = [a for a, _, dev in addrs if dev == self.iface]
         self._local_b = frozenset(socket.inet_aton(a) for a in self.local)
@@ -287,9 +302,33 @@ class Decapsulator:
                 "net.ipv4.conf.all.rp_filter is 1 (strict): the kernel would drop every "
                 "decapsulated packet; run 'pylvs realserver setup --fwd tun' first")
 
+    def _check_device(self) -> None:
+        with config._ipr() as ipr:
+            if config._ifindex(ipr, self.tun_name) is not None:
+                raise config.RealServerError(
+                    f"{self.tun_name} already exists: is another 'pylvs realserver run' "
+                    f"running here?")
+
+    def _open_socket(self) -> None:
+        """The AF_PACKET tap on ``iface`` (remembering its ifindex)."""
+        # ETH_P_ALL: a tap (ptype_all) runs before the netdev ingress hook
+        # that drops these packets; a socket bound to ETH_P_IP would be
+        # served after it (__netif_receive_skb_core) and see nothing.
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            attach_filter(sock, tunnel_filter(self.gue_port))
+            sock.bind((self.iface, ETH_P_ALL))
+            sock.settimeout(0.5)
+        except Exception:
+            sock.close()
+            raise
+        self.sock, self.ifindex = sock, socket.if_nametoindex(self.iface)
+
     def start(self) -> None:
         import pytun
-        self.check()
+        self._check_device()
         try:
             self.tun = pytun.TunTapDevice(name=self.tun_name,
                                           flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
@@ -300,16 +339,7 @@ class Decapsulator:
                 with open(v6, "w") as f:
                     f.write("1\n")
             self.tun.up()
-            # ETH_P_ALL: a tap (ptype_all) runs before the netdev ingress hook
-            # that drops these packets; a socket bound to ETH_P_IP would be
-            # served after it (__netif_receive_skb_core) and see nothing.
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM,
-                                      socket.htons(ETH_P_ALL))
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-            self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-            attach_filter(self.sock, tunnel_filter(self.gue_port))
-            self.sock.bind((self.iface, ETH_P_ALL))
-            self.sock.settimeout(0.5)
+            self._open_socket()
             # Only once the tap is open: from here on it sees what ingress drops.
             if table_installed():
                 # The lock is ours, so no live decapsulator owns this table.
@@ -340,13 +370,85 @@ class Decapsulator:
         while not should_stop():
             if on_usr1():
                 self.print_counters()
+            if self.sock is None:
+                # The interface is gone: look for it again at a bounded interval.
+                time.sleep(REATTACH_INTERVAL)
+                self.reattach()
+                continue
             try:
                 n = self.sock.recv_into(buf)
             except (TimeoutError, InterruptedError):
+                self.reattach()
                 self.write_stats()
+                continue
+            except OSError as e:
+                if e.errno not in LINK_ERRNOS:
+                    raise
+                self.link_error(e)
                 continue
             self.handle(view[:n])
             self.write_stats()
+
+    def link_error(self, e: OSError) -> None:
+        """A recv error the interface caused (down, deleted): counted in
+        ``error_link``, logged at most once per LOG_INTERVAL seconds; the
+        socket is re-bound when the interface was re-created."""
+        self.counters["error_link"] += 1
+        self.log(f"{self.iface}: {os.strerror(e.errno)} (errno {e.errno}); carrying on "
+                 f"({self.counters['error_link']} link error(s) so far)")
+        self.reattach()
+        self.write_stats(force=True)
+
+    def log(self, msg: str) -> None:
+        now = time.monotonic()
+        if self._logged is not None and now - self._logged < LOG_INTERVAL:
+            return
+        self._logged = now
+        sys.stderr.write(f"pylvs realserver run: {msg}\n")
+        sys.stderr.flush()
+
+    def reattach(self) -> None:
+        """Re-bind the tap (and re-install the nft table) when ``iface`` was
+        deleted and re-created (a new ifindex: the old socket is unbound, the
+        old ingress hook gone); close it while the interface does not exist.
+        A link going down and up keeps its ifindex: the kernel re-hooks the
+        socket itself (packet_notifier in net/packet/af_packet.c)."""
+        try:
+            idx = socket.if_nametoindex(self.iface)
+        except OSError:
+            idx = None
+        if idx == self.ifindex and self.sock is not None:
+            return
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if idx is None:
+            if not self._gone:
+                self._gone = True
+                sys.stderr.write(f"pylvs realserver run: {self.iface} is gone; looking for it "
+                                 f"again every {REATTACH_INTERVAL:g} s\n")
+                sys.stderr.flush()
+            return
+        with config._ipr() as ipr:
+            local = [a for a, _, dev in config._addrs(ipr) if dev == self.iface]
+        if not local:
+            return  # re-created but not addressed yet: try again later
+        try:
+            self._open_socket()
+            self.local = local
+            self._local_b = frozenset(socket.inet_aton(a) for a in local)
+            _nft(nft_script(self.iface, self.local, self.gue_port))
+        except (OSError, config.RealServerError) as e:
+            self.log(f"{self.iface}: cannot re-attach yet ({e}); trying again")
+            if self.sock is not None:
+                self.sock.close()
+                self.sock = None
+            return
+        self._gone = False
+        self.counters["reattach"] += 1
+        sys.stderr.write(f"pylvs realserver run: {self.iface} is back (ifindex {idx}); "
+                         f"decapsulating to {', '.join(local)} again\n")
+        sys.stderr.flush()
 
     def stats(self) -> dict:
         return {"pid": os.getpid(), "iface": self.iface, "tun": self.tun_name,
@@ -399,21 +501,24 @@ class Decapsulator:
 
 def run(iface: str | None, vips: list[str], gue_port: int | None,
         tun_name: str = TUN_NAME) -> int:
-    """Run until SIGTERM/SIGINT; 0 on a clean stop. Raises RealServerError when refused
-    (another decapsulator runs in this namespace, or see Decapsulator.check)."""
+    """Run until SIGTERM/SIGINT; 0 on a clean stop. Raises RealServerError when refused:
+    the arguments first (Decapsulator.check), then another decapsulator running in this
+    namespace (the lock)."""
     config._check_root()
+    d = _decapsulator(iface, vips, gue_port, tun_name)
     lock = take_lock()
     try:
-        return _run(iface, vips, gue_port, tun_name)
+        return _run(d)
     finally:
         os.close(lock)
 
 
-def _run(iface: str | None, vips: list[str], gue_port: int | None, tun_name: str) -> int:
-    with config._ipr() as ipr:
-        state, _ = config.load_state(ipr)
+def _decapsulator(iface: str | None, vips: list[str], gue_port: int | None,
+                  tun_name: str) -> "Decapsulator":
+    """The Decapsulator the arguments (and an earlier ``setup --fwd tun``) ask for, checked."""
+    state, _ = config.load_state(forget_stale=False)
     cfg = config.Config(**state["config"]) if state else None
-    if not vips and cfg and cfg.fwd == "tun":
+    if not vips and cfg and config.is_tun(cfg.fwd):
         vips = cfg.vips
     if not vips:
         raise config.RealServerError("give --vip (or run 'pylvs realserver setup --fwd tun' "
@@ -422,13 +527,18 @@ def _run(iface: str | None, vips: list[str], gue_port: int | None, tun_name: str
     if gue_port is not None and not 0 < gue_port < 65536:
         raise config.RealServerError(f"--gue-port {gue_port}: not a UDP port")
     if not iface:
-        iface = cfg.iface if cfg and cfg.fwd == "tun" else None
+        iface = cfg.iface if cfg and config.is_tun(cfg.fwd) else None
     if not iface:
         with config._ipr() as ipr:
             iface = config.default_iface(ipr)
     if not iface:
         raise config.RealServerError("no default route to take the interface from: give --iface")
     d = Decapsulator(iface, vips, gue_port, tun_name)
+    d.check()
+    return d
+
+
+def _run(d: "Decapsulator") -> int:
     flags = {"stop": False, "usr1": False}
 
     def on_signal(signum, frame):
@@ -441,9 +551,9 @@ def _run(iface: str | None, vips: list[str], gue_port: int | None, tun_name: str
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(s, on_signal)
     d.start()
-    gue = f", GUE on UDP port {gue_port}" if gue_port is not None else ""
-    print(f"pylvs realserver run: decapsulating IPIP{gue} to {', '.join(d.local)} on {iface} "
-          f"for VIP {', '.join(vips)} into {tun_name} (pid {os.getpid()}; SIGUSR1 prints "
+    gue = f", GUE on UDP port {d.gue_port}" if d.gue_port is not None else ""
+    print(f"pylvs realserver run: decapsulating IPIP{gue} to {', '.join(d.local)} on {d.iface} "
+          f"for VIP {', '.join(d.vips)} into {d.tun_name} (pid {os.getpid()}; SIGUSR1 prints "
           f"counters; stats in {d.stats_path})", flush=True)
     try:
         d.loop(lambda: flags["stop"], take_usr1)

@@ -1,8 +1,9 @@
 """`pylvs run`: the director process.
 
-Two threads share the work:
+The work is shared by:
 
-- the data thread runs the engine over the backend (``forward``) and the
+- the workers (pylvs/runtime/worker.py, ``--workers N``): each a thread
+  running its own engine over its own backend instance (``forward``) and the
   conn expiry clock hand, with new tables swapped in between calls;
 - the main thread runs the control plane on uvloop: the RPC server for
   ``pylvs adm`` and the Balancer, whose every change is *published*: new
@@ -92,6 +93,18 @@ class Options:
     # the director sees what pylvs transmits (slower; docs/io.md).
     qdisc_bypass: bool = True
     pcap: str | None = None      # --pcap FILE: every frame sent, written there too
+    # --tap NAME ... (pylvs/io/tap.py): TAP ports instead of interfaces, the
+    # director's addresses given here (--addr DIP/PLEN per TAP, --gateway).
+    tap: list[str] = field(default_factory=list)
+    tap_addrs: list[str] = field(default_factory=list)
+    gateway: str | None = None
+    mac: str | None = None
+    # --workers: data-path threads, each with its engine and sockets
+    # (capacity is split among them); 1 is the single data thread of old.
+    workers: int = 1
+    # --steering: "bpf", "nft", or None (bpf, nft where tcx cannot attach);
+    # pylvs/control/steering.py.
+    steering: str | None = None
 
 
 class Daemon:
@@ -103,50 +116,55 @@ class Daemon:
         # embedding (tests, labs) without a config file.
         self.on_start = on_start
         self.opts = opts
-        self.ifaces = opts.ifaces or default_interfaces()
+        self.ifaces = opts.tap or opts.ifaces or default_interfaces()
         if not self.ifaces:
             raise SystemExit("pylvs run: no interface is up in this network namespace; use --iface")
         for i, name in enumerate(self.ifaces):
             if name in self.ifaces[:i]:
                 raise SystemExit(f"pylvs run: --iface {name} given twice")
-        self._backend, self._steering, self._resolver = backend, steering, resolver
-        self._pending: tuple | None = None
-        self._pending_timeouts = None
-        # Python engines are not safe to read (conns) while the data thread
-        # runs them; the C engine is protected by the GIL, the lock is cheap.
-        self._engine_lock = threading.Lock()
-        self._pending_lock = threading.Lock()
+        if opts.workers < 1:
+            raise SystemExit("pylvs run: --workers must be at least 1")
+        if opts.workers > 1 and opts.engine != "c":
+            raise SystemExit("pylvs run: --workers above 1 needs the C engine (--engine c)")
+        # backend: one instance, or a list of one per worker (embedding).
+        if backend is not None and not isinstance(backend, (list, tuple)):
+            backend = [backend]
+        if backend is not None and len(backend) != opts.workers:
+            raise SystemExit(f"pylvs run: {len(backend)} backend(s) given for {opts.workers} workers")
+        self._backends, self._steering, self._resolver = backend, steering, resolver
         self._filter_lock = threading.Lock()
-        self._tables_taken = threading.Event()
-        self._data_thread: threading.Thread | None = None
+        self.workers: list = []
         self._stop = threading.Event()
-        self._data_error: BaseException | None = None
         self._services = tables.empty_services(0)
         self._dests = tables.empty_dests(0)
         self._local: frozenset[str] = frozenset()
-        self.loops = 0
+
+    @property
+    def loops(self) -> int:
+        """forward calls made by all workers."""
+        return sum(w.loops for w in self.workers)
+
+    @property
+    def _data_error(self) -> BaseException | None:
+        return next((w.error for w in self.workers if w.error is not None), None)
 
     # --- publishing tables (control thread) ---------------------------------
 
     def publish(self, services, dests) -> None:
         """The Balancer's publish callback: one consistent change everywhere.
 
-        The engine gets the tables first (the data thread swaps them in
-        between two forward calls; this waits for that, at most one poll
-        timeout), so by the time the filter and steering send a new
-        service's frames to user space and away from the kernel, the engine
-        knows the service and the first SYN is not lost.
+        Every worker's engine gets the tables first (each worker swaps them
+        in between two of its forward calls; this waits for all of them, at
+        most about one poll timeout), so by the time the filter and steering
+        send a new service's frames to user space and away from the kernel,
+        every engine knows the service and the first SYN is not lost.
         """
         self._services, self._dests = services, dests
-        data = self._data_thread
-        if data is not None and data.is_alive():
-            self._tables_taken.clear()
-            with self._pending_lock:
-                self._pending = (services, dests)
-            self._tables_taken.wait(max(0.2, 5 * self.opts.poll_timeout))
-        else:
-            with self._engine_lock:
-                self.engine.set_tables(services, dests)
+        for w in self.workers:
+            w.offer_tables(services, dests)
+        deadline = time.monotonic() + max(0.2, 5 * self.opts.poll_timeout)
+        for w in self.workers:
+            w.tables_taken.wait(max(0.0, deadline - time.monotonic()))
         self._apply_filter()
         self.steering.apply(services, dests, self._local)
         self._push_routes()
@@ -161,7 +179,8 @@ class Daemon:
         with self._filter_lock:
             net = getattr(self, "_net", None)
             own = () if net is None else [int(a) for a in net.ports["addr"] if a]
-            self.backend.set_filter(self._services, self._dests, own_addrs=own)
+            for b in self.backends:
+                b.set_filter(self._services, self._dests, own_addrs=own)
 
     def _local_changed(self, addrs: frozenset[str]) -> None:
         # Resolver thread: hand over to the event loop.
@@ -227,103 +246,85 @@ class Daemon:
         self._engine_call("set_routes", net.routes, local)
 
     def _engine_call(self, name: str, *args) -> None:
-        """engine.<name>(*args) between two forward calls of the data thread
-        (the latest call of each name wins), or at once when it is not
-        running."""
-        data = self._data_thread
-        if data is not None and data.is_alive():
-            with self._pending_lock:
-                self._pending_io[name] = args
-        else:
-            with self._engine_lock:
-                getattr(self.engine, name)(*args)
+        """engine.<name>(*args) on every worker's engine, between two of its
+        forward calls (the latest call of each name wins), or at once when
+        it is not running."""
+        for w in self.workers:
+            w.call(name, *args)
 
-    def _take_pending_io(self) -> None:
-        # Data thread.
-        with self._pending_lock:
-            calls, self._pending_io = self._pending_io, {}
-        with self._engine_lock:
-            for name, args in calls.items():
-                getattr(self.engine, name)(*args)
+    def _io_stats(self) -> list[dict]:
+        """Each worker's backend counters ({} for a backend without)."""
+        return [b.stats() if hasattr(b, "stats") else {} for b in self.backends]
 
     def _watched(self) -> dict[str, int]:
-        """The counters _watch logs: I/O losses and the engine's refusals
-        that mean a limit was hit."""
-        io = self.backend.stats() if hasattr(self.backend, "stats") else {}
+        """The counters _watch logs (summed over workers): I/O losses and
+        the engine's refusals that mean a limit was hit."""
+        io = _sum_dicts(self._io_stats())
         out = {k: int(io.get(k, 0)) for k in WATCHED_IO if k in io}
         named = self.counters.named()
         out.update({k: named[k] for k in WATCHED_ENGINE if k in named})
         return out
 
-    # --- the data thread ----------------------------------------------------
-
-    def _data_loop(self) -> None:
-        engine, backend = self.engine, self.backend
-        timeout, budget = self.opts.poll_timeout, self.opts.expire_budget
-        lock = self._engine_lock
-        try:
-            while not self._stop.is_set():
-                if self._pending is not None or self._pending_timeouts is not None:
-                    with self._pending_lock:
-                        pending, self._pending = self._pending, None
-                        timeouts, self._pending_timeouts = self._pending_timeouts, None
-                    with lock:
-                        if pending is not None:
-                            engine.set_tables(*pending)
-                        if timeouts is not None:
-                            engine.set_timeouts(timeouts)
-                    if pending is not None:
-                        self._tables_taken.set()
-                if self._pending_io:
-                    self._take_pending_io()
-                backend.forward(self._fwd_engine, time.monotonic(), timeout)
-                with lock:
-                    engine.expire(time.monotonic(), budget)
-                self.loops += 1
-        except BaseException as e:  # surfaced by run(): the director must not limp on
-            self._data_error = e
-            log.exception("data thread failed")
-            loop = self._loop
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(self._stop_event.set)
+    # --- the workers ----------------------------------------------------------
 
     def _set_timeouts(self, timeouts) -> None:
-        with self._pending_lock:
-            self._pending_timeouts = timeouts
+        for w in self.workers:
+            w.set_timeouts(timeouts)
 
     def _conns(self) -> list:
-        with self._engine_lock:
-            return self.engine.conns()
+        """Every worker's conns (``-L -c``), each tuple ending with the
+        index of the worker that holds it."""
+        return [t + (w.index,) for w in self.workers for t in w.conns()]
+
+    def _worker_failed(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._stop_event.set)
 
     # --- start-up and shut-down --------------------------------------------
 
     def _build(self) -> None:
         from ..engine import new_engine
-        from ..io.afpacket import AfPacketBackend
+        from ..io import open_workers
+        from .worker import LockedEngine, Worker
 
-        self.counters = tables.Counters(self.opts.max_services, self.opts.max_dests)
-        if self._backend is None:
-            self._backend = AfPacketBackend(self.ifaces, qdisc_bypass=self.opts.qdisc_bypass,
-                                            pcap=self.opts.pcap)
-        self.backend = self._backend
+        n = self.opts.workers
+        self.counters = tables.CounterSum(self.opts.max_services, self.opts.max_dests, n)
+        if self._backends is None and self.opts.tap:
+            self._build_tap()
+        if self._backends is None:
+            self._backends = open_workers("afpacket", self.ifaces, n,
+                                          qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap)
+        self.backends = list(self._backends)
+        self.backend = self.backends[0]
         if self._resolver is None:
             from ..control.neighbors import Resolver
             self._resolver = Resolver(self.backend.ports)
         self.resolver = self._resolver
         if self._steering is None:
-            from ..control.steering import Steering
-            self._steering = Steering([p.name for p in self.backend.ports])
+            from ..control.steering import SteeringError, open_steering
+            try:
+                self._steering = open_steering([p.name for p in self.backend.ports],
+                                               self.opts.steering,
+                                               max_services=self.opts.max_services,
+                                               max_dests=self.opts.max_dests)
+            except SteeringError as e:
+                raise SystemExit(f"pylvs run: --steering {self.opts.steering}: {e}") from None
         self.steering = self._steering
         try:
             from ..control.balancer import Balancer
         except ImportError as e:
             raise SystemExit(f"pylvs run: the control plane is missing ({e})") from e
         self.balancer = Balancer(self.counters, resolver=self.resolver, publish=self.publish)
-        self.engine = new_engine(self.opts.engine, self.opts.capacity,
-                                 counters=self.counters, schedule=self.balancer.schedule)
-        self._fwd_engine = self.engine
-        if not _is_c_engine(self.engine):
-            self._fwd_engine = _LockedEngine(self.engine, self._engine_lock)
+        # --conn-max is split: each worker's table holds its clients' conns.
+        capacity = -(-self.opts.capacity // n)
+        for i, (part, backend) in enumerate(zip(self.counters.parts, self.backends)):
+            engine = new_engine(self.opts.engine, capacity, counters=part,
+                                schedule=self.balancer.schedule)
+            lock = threading.Lock()
+            fwd = engine if _is_c_engine(engine) else LockedEngine(engine, lock)
+            self.workers.append(Worker(i, engine, backend, part, fwd_engine=fwd, lock=lock))
+        self.engine = self.workers[0].engine
         self._io_hooks()
         # A resolved MAC changes the dest table: the Balancer re-publishes.
         refresh = (getattr(self.balancer, "on_resolved", None)
@@ -336,6 +337,21 @@ class Daemon:
         self.balancer.conns_source = self._conns
         self.balancer.clock = time.monotonic  # the time base forward() is given
 
+    def _build_tap(self) -> None:
+        """The TAP backend brings its own resolver (user-space ARP), network
+        state (ports and routes from --addr/--gateway) and no steering."""
+        from ..io import tap
+
+        try:
+            self._backends = tap.open_workers(self.opts.tap, 1, addrs=self.opts.tap_addrs,
+                                              gateway=self.opts.gateway, mac=self.opts.mac)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"pylvs run: {e}") from None
+        host = self._backends[0].host
+        self._resolver, self._steering, self._netwatch = host, tap.NoSteering(), host.net
+        self._local = host.local
+        host.announce_all()
+
     def _control_hooks(self) -> None:
         """`pylvs stats` reads the engine; --sysctl values go in at start
         (through publish_sysctls, wired by _io_hooks)."""
@@ -346,17 +362,24 @@ class Daemon:
             raise SystemExit(f"pylvs run: --sysctl: {e}") from None
 
     def _engine_info(self) -> dict:
-        e = self.engine
-        return {"conn_count": int(e.conn_count), "capacity": int(e.capacity),
-                "memory": getattr(e, "memory", None)}
+        """The conn tables of all workers, summed (memory: None when an
+        engine does not say)."""
+        infos = [w.info() for w in self.workers]
+        mem = [i["memory"] for i in infos]
+        return {"conn_count": sum(i["conn_count"] for i in infos),
+                "capacity": sum(i["capacity"] for i in infos),
+                "memory": None if None in mem else sum(mem)}
 
     async def _stats_extra(self) -> dict:
         """What `pylvs stats` adds to the Balancer's answer (docs/control.md):
-        "io", the backend's counters summed over ports (`stats()`; {} for a
-        backend without counters), and "steering", {"not_host": packets or
-        None when nft did not answer within NOT_HOST_TIMEOUT s or failed}.
+        "io", the backends' counters summed over ports and workers
+        (`stats()`; {} for a backend without counters), "steering",
+        {"not_host": packets or None when nft did not answer within
+        NOT_HOST_TIMEOUT s or failed}, and "workers": per worker, in worker
+        order, its "engine" counters, "conns" and "io" (the sums' parts).
         nft runs in the loop's default executor, never on the loop."""
-        io = self.backend.stats() if hasattr(self.backend, "stats") else {}
+        per_io = self._io_stats()
+        io = _sum_dicts(per_io)
         not_host = None
         read = getattr(self.steering, "not_host", None)
         if read is not None:
@@ -368,7 +391,11 @@ class Daemon:
                             NOT_HOST_TIMEOUT)
             except Exception as e:  # SteeringError, nft missing: the rest still answers
                 log.warning("pylvs stats: not_host: %s", e)
-        return {"io": {k: int(v) for k, v in io.items()}, "steering": {"not_host": not_host}}
+        workers = [{"engine": w.counters.named(), "conns": w.info(),
+                    "io": {k: int(v) for k, v in wio.items()}}
+                   for w, wio in zip(self.workers, per_io)]
+        return {"io": {k: int(v) for k, v in io.items()}, "steering": {"not_host": not_host},
+                "workers": workers}
 
     def _call_in_loop(self, fn, *args) -> None:
         loop = self._loop
@@ -411,8 +438,8 @@ class Daemon:
             await asyncio.sleep(period)
             ticks += 1
             now, cur = time.monotonic(), self._watched()
-            if ticks % 5 == 0 and log.isEnabledFor(logging.DEBUG) and hasattr(self.backend, "stats"):
-                log.debug("stats %s", self.backend.stats())
+            if ticks % 5 == 0 and log.isEnabledFor(logging.DEBUG):
+                log.debug("stats %s", _sum_dicts(self._io_stats()))
             for k, v in cur.items():
                 if v > base.get(k, 0) and now - last_log.get(k, -LOG_EVERY) >= LOG_EVERY:
                     log.warning("data path: %s +%d (total %d)", k, v - base.get(k, 0), v)
@@ -426,16 +453,16 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop_event.set)
         # SIGHUP's default action kills the process without the clean-up
-        # below (the nft table would stay and black-hole the VIPs), and a
-        # closed terminal sends it.
+        # below (an nft steering table would stay and black-hole the VIPs),
+        # and a closed terminal sends it.
         self._loop.add_signal_handler(signal.SIGHUP, log.warning, SIGHUP_MESSAGE)
 
         path = self.opts.control or rpc.default_path()
         server = await rpc.start_server(path, self.balancer,
                                         extras={"stats": self._stats_extra})
-        data = threading.Thread(target=self._data_loop, name="pylvs-data", daemon=True)
-        self._data_thread = data
-        data.start()
+        for w in self.workers:
+            w.start(self._stop, self.opts.poll_timeout, self.opts.expire_budget,
+                    self._worker_failed)
         self.resolver.start()
         watch = asyncio.ensure_future(self._watch())
         try:
@@ -446,9 +473,9 @@ class Daemon:
                 if inspect.isawaitable(r):
                     await r
             pcap = getattr(self.backend, "pcap", None)
-            log.info("ready: %d port(s) %s, engine %s, control %s%s%s",
+            log.info("ready: %d port(s) %s, engine %s, %d worker(s), control %s%s%s",
                      len(self.backend.ports), " ".join(p.name for p in self.backend.ports),
-                     self.opts.engine, path,
+                     self.opts.engine, len(self.workers), path,
                      "" if getattr(self.backend, "qdisc_bypass", True)
                      else ", sending through the qdisc (visible to tcpdump)",
                      f", frames sent copied to {pcap.path}" if pcap else "")
@@ -467,7 +494,11 @@ class Daemon:
                         await asyncio.wait_for(wait_closed(), 2)
                     except (asyncio.TimeoutError, Exception):
                         pass
-            await asyncio.get_running_loop().run_in_executor(None, data.join, 5)
+            def join() -> None:
+                for w in self.workers:
+                    if w.thread is not None:
+                        w.thread.join(5)
+            await asyncio.get_running_loop().run_in_executor(None, join)
         return 1 if self._data_error else 0
 
     def _read_config(self) -> None:
@@ -524,7 +555,7 @@ class Daemon:
         self._read_config()
         raise_nofile_limit()
         self._claim_netns()
-        self._local = local_addresses()
+        self._local = frozenset() if self.opts.tap else local_addresses()
         try:
             self._build()
             # The -c rules are checked against the namespace's addresses
@@ -548,14 +579,16 @@ class Daemon:
     def _shutdown(self) -> None:
         self._stop.set()
         for what, meth in (("steering", "remove"), ("resolver", "close"), ("netwatch", "close"),
-                           ("backend", "close")):
-            obj = getattr(self, "_" + what, None)
-            if obj is None:
+                           ("backends", "close")):
+            objs = getattr(self, "_" + what, None)
+            if objs is None:
                 continue
-            try:
-                getattr(obj, meth)()
-            except Exception as e:
-                log.error("closing %s: %s", what, e)
+            # Worker 0's backend last: it owns the pcap file of them all.
+            for obj in (objs[::-1] if what == "backends" else [objs]):
+                try:
+                    getattr(obj, meth)()
+                except Exception as e:
+                    log.error("closing %s: %s", what, e)
         lock = getattr(self, "_netns_lock", None)
         if lock is not None:
             self._netns_lock = None
@@ -612,16 +645,16 @@ def _is_c_engine(engine) -> bool:
     return isinstance(engine, Engine)
 
 
-class _LockedEngine:
-    """A Python engine as the data thread drives it: process() under the lock
-    that the control thread takes to read conns."""
-
-    def __init__(self, engine, lock: threading.Lock):
-        self._engine, self._lock = engine, lock
-
-    def process(self, batch, now: float) -> int:
-        with self._lock:
-            return self._engine.process(batch, now)
+def _sum_dicts(dicts: list[dict]) -> dict:
+    """Counters of several workers as one: sums, except *_max_* (the max)."""
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            if k in out and "max" in k:
+                out[k] = max(out[k], v)
+            else:
+                out[k] = out.get(k, 0) + v
+    return out
 
 
 def _takes_args(fn, n: int) -> bool:
@@ -686,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-c", "--config", metavar="FILE", help="ipvsadm -S rules to apply at start (default: none)")
     ap.add_argument("--conn-max", type=_bounded(1, MAX_CONN_MAX), default=DEFAULT_CONN_MAX,
                     metavar="N", help="most conns at once; the conn table grows with use up "
-                    "to this, 96 to 128 bytes per conn")
+                    "to this, 96 to 128 bytes per conn; split evenly among the --workers "
+                    "(each worker's table holds N/workers, rounded up)")
     ap.add_argument("--capacity", type=_bounded(1, MAX_CONN_MAX), dest="conn_max",
                     help=argparse.SUPPRESS)   # the old name of --conn-max
     ap.add_argument("--max-services", type=_bounded(1, bal.MAX_SERVICES_LIMIT), metavar="N",
@@ -697,6 +731,11 @@ def main(argv: list[str] | None = None) -> int:
                     metavar="NAME=VALUE", help="set an engine knob at start (repeatable; default: "
                     + ", ".join(f"{n}={v}" for n, v in zip(bal.SYSCTL_NAMES, bal.SYSCTL_DEFAULTS)) + ")")
     ap.add_argument("--engine", choices=IMPLS, default="c", help="data path engine")
+    ap.add_argument("--workers", type=_bounded(1, 256), metavar="N", default=None,
+                    help="data-path threads, each with its own engine, conn table and sockets "
+                    "(frames steered by client address, docs/io.md); --conn-max is split "
+                    "evenly among them (default: one per CPU this process may use; 1 with "
+                    "--engine python)")
     ap.add_argument("--no-qdisc-bypass", dest="qdisc_bypass", action="store_false",
                     help="send through the kernel's qdisc layer instead of straight to the "
                     "driver, so tcpdump on the director also sees the frames pylvs "
@@ -706,18 +745,71 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write every frame pylvs sends (forwarded and made: ICMP "
                     "errors, RSTs, fragments, tunnel packets) to FILE, classic pcap, "
                     "Ethernet; read it with tcpdump -r (default: none)")
+    ap.add_argument("--steering", choices=("bpf", "nft"),
+                    help="how the kernel is kept away from the frames pylvs takes: bpf, a tcx "
+                    "program the kernel detaches when pylvs dies; nft, a netdev table that "
+                    "stays (dropping the VIPs' traffic) after a kill -9 until the next start "
+                    "(default: bpf, nft where the kernel cannot attach tcx programs)")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
+    ap.add_argument("--tap", action="append", default=[], metavar="NAME",
+                    help="serve TAP device NAME instead of interfaces (created if missing; "
+                    "repeatable, one --addr each): pylvs owns the director's addresses "
+                    "there and answers ARP and ping itself (docs/io.md, netns-labs/tap)")
+    ap.add_argument("--addr", action="append", default=[], metavar="DIP/PLEN", dest="tap_addrs",
+                    help="with --tap: the director's address and prefix on the TAP of the "
+                    "same rank (the source of its ARP requests and of VS-Tun packets)")
+    ap.add_argument("--gateway", metavar="GW", help="with --tap: the default route's next hop, "
+                    "inside one --addr prefix (default: none, only the prefixes are reached)")
+    ap.add_argument("--mac", metavar="MAC", help="with --tap: the director's MAC on the first "
+                    "TAP, +1 per further TAP (default: random, locally administered)")
     a = ap.parse_args(argv)
+    if a.tap:
+        from ..io import tap as tapmod
+
+        if a.iface or a.pcap or a.steering:
+            ap.error("--tap goes with none of --iface, --pcap, --steering (nothing to steer "
+                     "behind a TAP; capture on the TAP itself: tcpdump -i NAME sees both ways)")
+        try:
+            if len(a.tap_addrs) != len(a.tap):
+                raise ValueError(f"{len(a.tap)} --tap but {len(a.tap_addrs)} --addr: "
+                                 "give one DIP/PLEN per TAP")
+            for text in a.tap_addrs:
+                tapmod.parse_addr(text)
+            if a.mac:
+                tapmod.parse_mac(a.mac)
+            if a.gateway:
+                import ipaddress
+                try:
+                    ipaddress.IPv4Address(a.gateway)
+                except ValueError:
+                    raise ValueError(f"--gateway {a.gateway!r}: not an IPv4 address") from None
+        except ValueError as e:
+            ap.error(str(e))
+    elif a.tap_addrs or a.gateway or a.mac:
+        ap.error("--addr, --gateway and --mac go with --tap")
     try:  # a typo in a knob fails here, before anything starts
         bal.Balancer(tables.Counters(1, 1)).set_sysctls(dict(a.sysctl))
     except bal.BalancerError as e:
         ap.error(f"--sysctl: {e}")
     setup_logging(a.verbose)
+    from .worker import default_workers
+
+    # A multi-queue TAP spreads frames by the kernel's flow hash, not by
+    # client address, so a NAT reply could reach a worker without its conn:
+    # one worker until a TUNSETSTEERINGEBPF program keys queues as fanout does.
+    if a.tap and a.workers and a.workers > 1:
+        ap.error("--tap runs one worker (--workers 1): the TAP's queues are not yet "
+                 "steered by client address")
+    workers = 1 if a.tap else a.workers or (default_workers() if a.engine == "c" else 1)
+    if workers > 1 and a.engine != "c":
+        ap.error("--workers above 1 needs --engine c")
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
                    capacity=a.conn_max, engine=a.engine, max_services=a.max_services,
                    max_dests=a.max_dests, sysctls=dict(a.sysctl),
-                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap)
+                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, workers=workers,
+                   steering=a.steering, tap=a.tap, tap_addrs=a.tap_addrs, gateway=a.gateway,
+                   mac=a.mac)
     try:
         return Daemon(opts).run()
     except SystemExit:

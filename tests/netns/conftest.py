@@ -8,6 +8,30 @@ from nsio import Trio
 
 
 @pytest.fixture
+def workers(request) -> int:
+    """`pylvs run --workers N` for the labs of a test: 1 unless a module or
+    test parametrises it (``pytest.mark.parametrize("workers", [1, 2],
+    indirect=True)``), so the other suites run the single worker of old."""
+    return getattr(request, "param", 1)
+
+
+@pytest.fixture(autouse=True)
+def _lab_workers(workers, monkeypatch):
+    """Every lab director started by the test runs with ``workers``
+    (unless the test passes its own --workers)."""
+    from pylvs.lab.topology import Lab
+
+    start = Lab.start_director
+
+    def start_director(self, *extra, **kw):
+        if "--workers" not in extra:
+            extra = (*extra, "--workers", str(workers))
+        return start(self, *extra, **kw)
+
+    monkeypatch.setattr(Lab, "start_director", start_director)
+
+
+@pytest.fixture
 def trio(uid):
     """client -- director -- real server namespaces, removed even when the test fails."""
     t = Trio(uid)

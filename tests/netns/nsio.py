@@ -76,6 +76,24 @@ class Trio:
         return json.loads(out.strip().splitlines()[-1])
 
 
+STEERING_STATE = """
+import json, sys
+from pylvs.control.steering import describe
+print(json.dumps(describe(sys.argv[1])))
+"""
+
+
+def steering_state(ns: str, ifname: str = "eth0") -> dict | None:
+    """How the director in ``ns`` steers ``ifname``: {"kind": "bpf" | "nft",
+    "sets": {set name: ["10.9.0.1 . tcp . 80", ...] or ["10.9.0.1", ...]}},
+    or None when nothing steers (no tcx program of pylvs, no nft table)."""
+    p = subprocess.run(["ip", "netns", "exec", ns, PY, "-c", STEERING_STATE, ifname], cwd=REPO,
+                       capture_output=True, text=True, timeout=30)
+    if p.returncode:
+        raise AssertionError(f"reading the steering of {ns}: {p.stderr}")
+    return json.loads(p.stdout)
+
+
 def nft_tables(ns: str) -> str:
     return sh("ip", "netns", "exec", ns, "nft", "list", "tables").stdout
 

@@ -124,14 +124,14 @@ b.close()
 # A user-space L2 forwarder between the client and the real server: the
 # Python-engine path of forward() (recv -> process -> send).
 GSO_BODY = r"""
-from pylvs.control.steering import Steering
+from pylvs.control.steering import open_steering
 import numpy as np
 cmac = bytes.fromhex(CMAC.replace(":", "")); rmac = bytes.fromhex(RMAC.replace(":", ""))
 subprocess.run(["sysctl", "-qw", f"net.ipv4.ip_forward={IP_FORWARD}"], check=True)
 b = AfPacketBackend(["d0", "d1"])
 keys = [(6, ip("10.9.1.2"), 5001)]
 b.set_filter(keys, keys)
-st = Steering(["d0", "d1"])
+st = open_steering(["d0", "d1"])
 st.apply(keys, keys, ["10.9.0.1", "10.9.1.1"])
 
 class MacSwap:

@@ -124,14 +124,14 @@ def test_an_engine_reply_reaches_the_client(trio, impl):
     # unreachable (ip_vs_leave), which forward() (C) or send() (Python
     # batch) must put on the wire; steering keeps the kernel from answering.
     res = scenario(trio, rf"""
-from pylvs.control.steering import Steering
+from pylvs.control.steering import open_steering
 from pylvs.engine import new_engine
 svc = tables.empty_services(1)
 svc[0] = (ip("10.9.0.1"), 7, 17, tables.SVC_F_USED)
 dests = tables.empty_dests(1)
 engine = new_engine({impl!r}, 1024, counters=tables.Counters(), schedule=lambda s, c, p: -1)
 engine.set_tables(svc, dests)
-steering = Steering(["d0", "d1"])
+steering = open_steering(["d0", "d1"])
 steering.apply(svc, dests, ["10.9.0.1", "10.9.1.1"])
 b = AfPacketBackend(["d0", "d1"])
 b.set_filter(svc, dests)

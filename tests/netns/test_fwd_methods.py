@@ -23,7 +23,8 @@ import pytest
 from pylvs.lab.httpd import content
 from pylvs.lab.topology import GUE_PORT, Lab
 
-pytestmark = pytest.mark.netns
+# NAT, DR and Tun with one worker and with two (docs/io.md, "Workers").
+pytestmark = [pytest.mark.netns, pytest.mark.parametrize("workers", [1, 2], ids=["1worker", "2workers"], indirect=True)]
 
 PORT = 80
 NAT, DR, TUN = 0, 1, 2  # rs1, rs2, rs3 of a mixed lab

@@ -146,21 +146,101 @@ def test_second_setup_changes_nothing_and_teardown_still_restores(r):
     assert snapshot(r) == before
 
 
+def _stale_record() -> dict:
+    return {"version": 1, "config": {"fwd": "dr", "vips": ["10.9.250.1"], "iface": "eth0",
+                                     "dip": "", "clients": []},
+            # A netns cookie is never reused within a boot: 1 is some other namespace's.
+            "netns": {"inode": 0, "cookie": 1}, "mode": "",
+            "changes": [{"kind": "sysctl", "dev": "lo", "name": "rp_filter", "old": 1, "new": 0,
+                         "changed": True, "why": ""}]}
+
+
 def test_stale_state_file_of_a_deleted_namespace_is_discarded(r):
     # Namespace inodes are reused: a file left by a namespace that no longer
-    # exists must neither block setup nor be "restored" here.
+    # exists must neither block setup nor be "restored" here; status only
+    # reports it and never removes it.
     before = snapshot(r)
-    stale = {"version": 1, "config": {"fwd": "dr", "vips": ["10.9.250.1"], "iface": "eth0",
-                                      "dip": "", "clients": []},
-             "iface_id": "999/02:00:00:00:00:01", "mode": "",
-             "changes": [{"kind": "sysctl", "dev": "lo", "name": "rp_filter", "old": 1, "new": 0,
-                          "changed": True, "why": ""}]}
     os.makedirs("/run/pylvs", exist_ok=True)
     with open(state_file(r), "w") as f:
-        json.dump(stale, f)
+        json.dump(_stale_record(), f)
+    st = rs(r, "status")
+    assert st.returncode == 1 and "belongs to a deleted network namespace" in st.stdout, st
+    assert "not set up by pylvs here" in st.stdout
+    assert os.path.exists(state_file(r))
     p = rs(r, "setup", *SETUPS["dr"])
     assert p.returncode == 0, p.stderr
     assert "stale" in p.stderr and "left by a deleted namespace" in p.stderr
+    assert rs(r, "teardown").returncode == 0
+    assert snapshot(r) == before
+
+
+@pytest.mark.parametrize("change", ["mac", "ifindex"])
+def test_setup_survives_a_mac_or_nic_change(r, change):
+    """The record belongs to the namespace, not to the interface: a new MAC or
+    a re-created interface (new ifindex) must not make status or teardown
+    forget what setup changed."""
+    before = snapshot(r)
+    assert rs(r, "setup", "--fwd", "dr", "--vip", VIP).returncode == 0
+    if change == "mac":
+        sh("ip", "-n", r, "link", "set", "eth0", "address", "02:00:00:00:99:01")
+    else:
+        # A NIC swap: the same name on a new device (a veth stands in for it).
+        sh("ip", "-n", r, "link", "set", "eth0", "down")
+        sh("ip", "-n", r, "link", "set", "eth0", "name", "eth9")
+        sh("ip", "-n", r, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+    st = rs(r, "status", "--json")
+    status = json.loads(st.stdout)
+    assert status["setup"] and status["setup"]["vips"] == [VIP], status
+    assert os.path.exists(state_file(r))
+    t = rs(r, "teardown")
+    assert t.returncode == 0 and "undone" in t.stdout, (t.stdout, t.stderr)
+    assert f"{VIP}/32 removed from lo" in t.stdout
+    if change == "ifindex":
+        sh("ip", "-n", r, "link", "del", "eth0")
+        sh("ip", "-n", r, "link", "set", "eth9", "name", "eth0")
+        sh("ip", "-n", r, "link", "set", "eth0", "up")
+        sh("ip", "-n", r, "route", "replace", "default", "via", "10.9.1.1")
+    after = snapshot(r)
+    # A swapped-out NIC keeps what was set on it; everything else is restored.
+    kept = (lambda c: c) if change == "mac" else (
+        lambda c: [x for x in c if not x.startswith("eth0/")])
+    assert kept(after["conf"]) == kept(before["conf"])
+    assert f"local {VIP} dev lo" not in after["routes"]
+
+
+def test_nat_setup_without_a_default_route_takes_the_dips_interface(r):
+    """`pylvs check`'s nat-route fix, `setup --fwd nat --dip DIP`, as written,
+    on a real server with no default route."""
+    sh("ip", "-n", r, "route", "del", "default")
+    before = snapshot(r)
+    p = rs(r, "setup", "--fwd", "nat", "--dip", "10.9.1.3")
+    assert p.returncode == 0, p.stderr
+    assert "default via 10.9.1.3 dev eth0" in snapshot(r)["routes"]
+    assert json.loads(rs(r, "status", "--json").stdout)["setup"]["iface"] == "eth0"
+    assert rs(r, "teardown").returncode == 0
+    assert snapshot(r) == before
+
+
+@pytest.mark.parametrize("first, second", [("dr", "tun"), ("tun", "dr")])
+def test_dr_and_tun_setups_combine_and_teardown_restores_both(r, first, second):
+    """A real server that is a DR dest of one service and a Tun dest of
+    another: the second setup extends the first (as `pylvs check` advises
+    either), and teardown restores everything."""
+    before = snapshot(r)
+    assert rs(r, "setup", "--fwd", first, "--vip", VIP).returncode == 0
+    p = rs(r, "setup", "--fwd", second, "--vip", VIP)
+    assert p.returncode == 0, p.stderr
+    assert "DR and Tun: set up for both" in p.stdout, p.stdout
+    st = json.loads(rs(r, "status", "--json").stdout)
+    assert st["setup"]["fwd"] == "dr+tun" and st["mode"] == "decap"
+    verdicts = {c["name"]: c["verdict"] for c in st["checks"]}
+    # DR's loose filtering on eth0 and Tun's decapsulation part are both checked.
+    assert verdicts["rp_filter on eth0"] == "ok" and verdicts["decapsulator"] == "warn"
+    conf = set(snapshot(r)["conf"])
+    assert {"all/rp_filter:0", "eth0/rp_filter:2", "lo/rp_filter:1"} <= conf, conf
+    for fwd in ("dr", "tun"):
+        again = rs(r, "setup", "--fwd", fwd, "--vip", VIP)
+        assert "nothing changed: already set up" in again.stdout, again.stdout
     assert rs(r, "teardown").returncode == 0
     assert snapshot(r) == before
 
@@ -178,6 +258,8 @@ REFUSALS = [
     ("VIP not an address", ["setup", "--fwd", "dr", "--vip", "10.9.300.1"],
      "is not an IPv4 address"),
     ("VIP loopback", ["setup", "--fwd", "dr", "--vip", "127.0.0.2"], "not a unicast address"),
+    ("VIP the subnet broadcast", ["setup", "--fwd", "dr", "--vip", "10.9.1.255"],
+     "--vip 10.9.1.255 is a broadcast address here"),
     ("interface missing", ["setup", "--fwd", "dr", "--vip", VIP, "--iface", "nosuch0"],
      "--iface nosuch0: no such interface"),
     ("no VIP for DR", ["setup", "--fwd", "tun"], "needs at least one --vip"),
@@ -192,6 +274,8 @@ REFUSALS = [
     # there, would cut the host off; say what is wrong instead.
     ("the RIP given as the VIP", ["setup", "--fwd", "tun", "--vip", RIP],
      f"--vip {RIP} is eth0's own (primary) address: that is this host's address, the RIP"),
+    ("decapsulator for the host's own address", ["run", "--vip", RIP, "--iface", "eth0"],
+     f"--vip {RIP} is eth0's own (primary) address"),
     ("decapsulator before setup (strict rp_filter)", ["run", "--vip", VIP, "--iface", "eth0"],
      "not configured on this host"),
     ("decapsulator with a TUN name the kernel refuses",
@@ -218,9 +302,10 @@ def test_refuses_before_changing_anything(r, desc, args, message):
 def test_refuses_conflicting_setup_and_non_root(r):
     assert rs(r, "setup", *SETUPS["dr"]).returncode == 0
     before, record = snapshot(r), open(state_file(r)).read()
-    p = rs(r, "setup", "--fwd", "tun", "--vip", VIP)
+    p = rs(r, "setup", "--fwd", "nat", "--dip", "10.9.1.3")
     assert p.returncode == 1
     assert "conflicting earlier setup in this namespace (fwd dr" in p.stderr
+    assert "that --fwd nat cannot extend" in p.stderr
     assert "run 'pylvs realserver teardown' first" in p.stderr
     for args in (["setup", *SETUPS["dr"]], ["teardown"], ["run", "--vip", VIP]):
         p = _as_nobody(r, *args)
@@ -312,6 +397,18 @@ for inner in (bad_csum, bad_csum[:12], bytes(IP(src="10.9.0.2", dst="10.9.201.1"
 if {gue}:
     gue_v1 = IP(src={dip!r}, dst={rip!r}) / UDP(sport=40000, dport={port}) / Raw(b"\x40\x04\0\0")
     tx.sendto(bytes(gue_v1 / IP(src="10.9.0.2", dst={vip!r}) / TCP(dport=8080)), ({rip!r}, 0))
+# Bad outer headers go out as whole frames: a raw IP socket's kernel would fix
+# the checksum and length or refuse the header (raw_send_hdrinc).
+good = bytes(IP(src={dip!r}, dst={rip!r}, proto=4) / IP(src="10.9.0.2", dst={vip!r}) / TCP())
+frames = [bytes(IP(src={dip!r}, dst={rip!r}, proto=4, chksum=0x1234)) + good[20:],  # checksum
+          bytes([0x4f]) + good[1:40],                                              # IHL 15
+          bytes([0x42]) + good[1:],                                                # IHL 2
+          good[:2] + (1000).to_bytes(2, "big") + good[4:]]                         # length
+eth = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+eth.bind(("d1", 0))
+dst, src = bytes.fromhex({rmac!r}.replace(":", "")), eth.getsockname()[4]
+for f in frames:
+    eth.send(dst + src + b"\x08\x00" + f)
 print(json.dumps({{}}))
 """
 
@@ -342,9 +439,11 @@ def _counters_when(ns: str, ready) -> dict:
     raise AssertionError(f"decapsulator counters never got there: {d}")
 
 
-@pytest.mark.parametrize("mode", ["ipip", "gue"])
-def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
-    c, d, r = trio.c, trio.d, trio.r
+def _tun_lab(trio: Trio, *run_args: str) -> subprocess.Popen:
+    """The trio as a Tun lab: r set up (from strict rp_filter), d forwarding
+    replies and keeping the client's packets to the VIP from its own stack;
+    returns `pylvs realserver run RUN_ARGS` started in r."""
+    d, r = trio.d, trio.r
     sh("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
     sh("ip", "netns", "exec", d, "sysctl", "-qw", "net.ipv4.ip_forward=1")
     # d's own stack must not answer the client's packets to the VIP (it has
@@ -354,10 +453,87 @@ def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
        f'device "d0" priority 0; }}; add rule netdev relay in ip daddr {VIP} drop')
     setup = rs(r, "setup", "--fwd", "tun", "--vip", VIP)
     assert setup.returncode == 0, setup.stderr
+    return _start_decap(r, *run_args)
+
+
+def _relay(trio: Trio, mode: str = "ipip") -> subprocess.Popen:
+    relay = trio.popen(trio.d, RELAY.format(vip=VIP, rip=RIP, dip=DIP, mode=mode, port=GUE_PORT),
+                       stdin=subprocess.PIPE)
+    _line(relay, "ready")
+    return relay
+
+
+def _round(client: subprocess.Popen) -> dict:
+    """One 32-byte round of CLIENT; asserts it came back reversed."""
+    got = json.loads(client.stdout.readline())
+    assert got["back"] == bytes.fromhex(got["sent"])[::-1].hex(), got
+    return got
+
+
+@pytest.mark.parametrize("change", ["flap", "recreate"])
+def test_decapsulator_survives_its_interface_going_down_or_being_recreated(trio: Trio, change):
+    c, d, r = trio.c, trio.d, trio.r
+    dec = _tun_lab(trio)
+    server = relay = client = None
+    try:
+        _line(dec, "decapsulating")
+        server = trio.popen(r, SERVER.format(vip=VIP))
+        _line(server, "listening")
+        relay = _relay(trio)
+        client = trio.popen(c, CLIENT.format(vip=VIP), stdin=subprocess.PIPE)
+        first = _round(client)
+        if change == "flap":
+            sh("ip", "-n", r, "link", "set", "eth0", "down")
+            sh("ip", "-n", r, "link", "set", "eth0", "up")
+        else:
+            # The relay's tap on d1 dies with the veth pair: a new relay after.
+            relay.communicate(input="stop\n", timeout=20)
+            sh("ip", "-n", r, "link", "del", "eth0")
+            sh("ip", "-n", r, "link", "add", "eth0", "type", "veth", "peer", "name", "d1",
+               "netns", d)
+            sh("ip", "-n", r, "addr", "add", f"{RIP}/24", "dev", "eth0")
+            sh("ip", "-n", d, "addr", "add", f"{DIP}/24", "dev", "d1")
+            sh("ip", "-n", d, "link", "set", "d1", "up")
+            sh("ip", "-n", r, "link", "set", "eth0", "up")
+        # Down flushes the routes through eth0; a network manager would put
+        # the default route back, as this does.
+        sh("ip", "-n", r, "route", "replace", "default", "via", DIP)
+        counters = _counters_when(r, lambda k: k["error_link"] >= 1 and (
+            change == "flap" or k["reattach"] >= 1))
+        assert dec.poll() is None, dec.communicate()
+        if change == "recreate":
+            relay = _relay(trio)
+            assert f"ip daddr {RIP}" in _nft_table(r)
+        client.stdin.write("next\n")
+        client.stdin.flush()
+        second = _round(client)
+        counters = _counters_when(r, lambda k: k["decap_ipip"] >= counters["decap_ipip"] + 1)
+        client.communicate(input="next\n", timeout=20)
+        out, err = server.communicate(timeout=20)
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen["got"] == [first["sent"], second["sent"]], err
+        dec.terminate()
+        out, err = dec.communicate(timeout=20)
+        assert dec.returncode == 0 and "Traceback" not in err, err
+        assert "carrying on" in err
+        assert ("is back" in err) == (change == "recreate"), err
+    finally:
+        for p in (dec, server, relay, client):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                try:
+                    p.communicate(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.communicate()
+        rs(r, "teardown")
+
+
+@pytest.mark.parametrize("mode", ["ipip", "gue"])
+def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
+    c, d, r = trio.c, trio.d, trio.r
     gue = ["--gue-port", str(GUE_PORT)] if mode == "gue" else []
-    dec = subprocess.Popen(["ip", "netns", "exec", r, PY, "-m", "pylvs.cli.main", "realserver",
-                            "run", *gue], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    dec = _tun_lab(trio, *gue)
     server = relay = client = None
     try:
         _line(dec, "decapsulating")
@@ -369,13 +545,9 @@ def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
 
         server = trio.popen(r, SERVER.format(vip=VIP))
         _line(server, "listening")
-        relay = trio.popen(d, RELAY.format(vip=VIP, rip=RIP, dip=DIP, mode=mode, port=GUE_PORT),
-                           stdin=subprocess.PIPE)
-        _line(relay, "ready")
-
+        relay = _relay(trio, mode)
         client = trio.popen(c, CLIENT.format(vip=VIP), stdin=subprocess.PIPE)
-        first = json.loads(client.stdout.readline())
-        assert first["back"] == bytes.fromhex(first["sent"])[::-1].hex()
+        first = _round(client)
 
         counters = _counters_when(r, lambda k: k[f"decap_{mode}"] >= 3)
         assert counters["tx"] == counters[f"decap_{mode}"]
@@ -388,8 +560,13 @@ def test_decapsulator_carries_a_tcp_connection(trio: Trio, mode):
         # Malformed tunnel packets: counted drops; the decapsulator and the
         # established connection carry on.
         trio.py(d, BAD_PACKETS.format(vip=VIP, rip=RIP, dip=DIP, gue=mode == "gue",
-                                      port=GUE_PORT))
-        counters = _counters_when(r, lambda k: k["drop_inner_not_vip"] >= 1)
+                                      port=GUE_PORT, rmac=trio.mac(r, "eth0")))
+        counters = _counters_when(r, lambda k: k["drop_outer_length"] >= 1)
+        # The socket filter reads only the protocol (and GUE port): malformed
+        # outer headers reach the decapsulator and are counted there.
+        assert (counters["drop_outer_checksum"], counters["drop_outer_header"],
+                counters["drop_outer_length"]) == (1, 2, 1), counters
+        assert counters["drop_inner_not_vip"] == 1
         assert counters["drop_inner_checksum"] == 1
         assert counters["drop_inner_truncated"] == 1
         assert counters["drop_gue_version"] == (mode == "gue")
@@ -471,6 +648,12 @@ def test_second_decapsulator_in_a_namespace_is_refused(r):
             assert (f"another 'pylvs realserver run' (pid " in p.stderr
                     and "is running in this network namespace" in p.stderr), p.stderr
             assert str(_status(r)["decapsulator"]["pid"]) in p.stderr
+        # Bad arguments are reported as such, not as the running decapsulator.
+        for extra, message in ((("--gue-port", "0"), "--gue-port 0: not a UDP port"),
+                               (("--vip", RIP), f"--vip {RIP} is eth0's own (primary) address"),
+                               (("--iface", "nosuch0"), "--iface nosuch0: no such interface")):
+            p = rs(r, "run", *extra)
+            assert p.returncode == 1 and message in p.stderr, (extra, p.stderr)
         # The first one's table, device and stats are untouched, and it still runs.
         assert _nft_table(r) == table and _link_exists(r, "plvsdec0")
         assert not _link_exists(r, "plvsdec9")
@@ -478,6 +661,35 @@ def test_second_decapsulator_in_a_namespace_is_refused(r):
     finally:
         _stop(first)
     assert first.returncode == 0 and not _has_table(r)
+
+
+def test_setup_after_drift_while_the_decapsulator_runs(r):
+    """all.rp_filter put back to strict under a running decapsulator: setup
+    lowers it again and never raises rp_filter on the decapsulator's own TUN
+    device (strict filtering there drops every decapsulated packet)."""
+    assert rs(r, "setup", *SETUPS["tun"]).returncode == 0
+    dec = _start_decap(r)
+    try:
+        _line(dec, "decapsulating")
+        sh("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
+        p = rs(r, "setup", *SETUPS["tun"])
+        assert p.returncode == 0, p.stderr
+        assert "net.ipv4.conf.all.rp_filter = 0 (was 1)" in p.stdout, p.stdout
+        assert "net.ipv4.conf.plvsdec0.rp_filter = 0\n" in p.stdout, p.stdout
+        assert "pylvs's own" in p.stdout
+        # `ip netns exec` execs: the pid is the decapsulator's.
+        assert f"the user-space decapsulator runs (pid {dec.pid}, TUN device plvsdec0)" \
+            in p.stdout
+        assert "start the user-space decapsulator" not in p.stdout
+        conf = sh("ip", "netns", "exec", r, "cat", "/proc/sys/net/ipv4/conf/plvsdec0/rp_filter",
+                  "/proc/sys/net/ipv4/conf/all/rp_filter").stdout.split()
+        assert conf == ["0", "0"]
+        again = rs(r, "setup", *SETUPS["tun"])
+        assert "nothing changed: already set up" in again.stdout, again.stdout
+        st = rs(r, "status")
+        assert st.returncode == 0, st.stdout
+    finally:
+        _stop(dec)
 
 
 def test_killed_decapsulator_is_recovered_and_teardown_stops_a_running_one(r):

@@ -1,0 +1,122 @@
+"""The PACKET_FANOUT_CBPF steering program (pylvs/io/bpf.py fanout_program)
+against its Python twin (steer_index) and the rule of docs/io.md: every
+frame of a client, both ways and inside ICMP errors, goes to the worker of
+fanout_mix(client address). The kernel's agreement is checked end to end in
+tests/netns/test_workers.py."""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import ARP, Ether
+
+from pylvs.io import bpf
+from pylvs.io.bpf import ip
+
+VIP, RIP, TUN_RIP, CIP, DIP = "10.0.0.100", "10.0.1.11", "10.0.3.11", "192.0.2.7", "10.0.0.1"
+SVC = [(6, ip(VIP), 80), (17, ip(VIP), 53)]
+NAT = [(6, ip(RIP), 8080), (17, ip(RIP), 53)]
+
+
+def eth(pkt) -> bytes:
+    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / pkt)
+
+
+def quoting(outer_src: str, outer_dst: str, inner, icmp_type: int = 3, code: int = 4):
+    return IP(src=outer_src, dst=outer_dst) / ICMP(type=icmp_type, code=code) / inner
+
+
+# (description, frame, the client address it belongs to; None: index 0)
+CASES = [
+    ("client to VIP, TCP", eth(IP(src=CIP, dst=VIP) / TCP(sport=40000, dport=80)), CIP),
+    ("client to VIP, UDP", eth(IP(src=CIP, dst=VIP) / UDP(sport=40000, dport=53)), CIP),
+    ("client to VIP with IP options",
+     eth(IP(src=CIP, dst=VIP, options=b"\x01\x01\x01\x00") / TCP(sport=40000, dport=80)), CIP),
+    ("NAT reply from RIP:rport", eth(IP(src=RIP, dst=CIP) / TCP(sport=8080, dport=40000)), CIP),
+    ("NAT reply, UDP", eth(IP(src=RIP, dst=CIP) / UDP(sport=53, dport=40000)), CIP),
+    ("RIP from another port: not a reply, keyed by saddr",
+     eth(IP(src=RIP, dst=CIP) / TCP(sport=22, dport=40000)), RIP),
+    ("a router's error about a reply the director sent from the VIP",
+     eth(quoting("198.51.100.1", VIP, IP(src=VIP, dst=CIP) / TCP(sport=80, dport=40000))), CIP),
+    ("a NAT real server's error about a forwarded packet",
+     eth(quoting(RIP, CIP, IP(src=CIP, dst=RIP) / TCP(sport=40000, dport=8080))), CIP),
+    ("an error about a VS-Tun (IPIP) packet: keyed by the inner packet",
+     eth(quoting("10.0.3.254", DIP, IP(src=DIP, dst=TUN_RIP, proto=4)
+                 / IP(src=CIP, dst=VIP) / TCP(sport=40000, dport=80), code=4)), CIP),
+    ("time exceeded is an error too",
+     eth(quoting("198.51.100.1", VIP, IP(src=VIP, dst=CIP) / UDP(sport=53, dport=40000),
+                 icmp_type=11, code=0)), CIP),
+    ("echo request to the VIP: not an error, keyed by saddr",
+     eth(IP(src=CIP, dst=VIP) / ICMP(type=8)), CIP),
+    ("an error whose quoted header is cut short: 0",
+     eth(IP(src="198.51.100.1", dst=VIP) / ICMP(type=3, code=4) / bytes(IP(src=VIP, dst=CIP))[:12]),
+     None),
+    ("ARP: 0", bytes(Ether() / ARP(psrc=CIP, pdst=VIP)), None),
+]
+
+
+def kernel_index(prog, frame: bytes, n: int) -> int:
+    """What af_packet.c fanout_demux_bpf picks: the program run on the IP
+    packet (network header), its return value modulo the member count."""
+    proto = int.from_bytes(frame[12:14], "big")
+    return bpf.run(prog, frame[14:], protocol=proto) % n
+
+
+@pytest.mark.parametrize("desc,frame,client", CASES, ids=[c[0] for c in CASES])
+def test_program_and_python_twin_agree_with_the_rule(desc, frame, client):
+    prog = bpf.fanout_program(SVC, NAT)
+    assert len(prog) <= bpf.BPF_MAXINSNS
+    for n in (2, 3, 4, 7):
+        want = 0 if client is None else bpf.fanout_mix(ip(client)) % n
+        assert kernel_index(prog, frame, n) == want, (desc, n)
+        assert bpf.steer_index(frame, n, SVC, NAT) == want, (desc, n)
+
+
+def test_many_clients_spread_over_the_workers():
+    prog = bpf.fanout_program(SVC, NAT)
+    seen = [kernel_index(prog, eth(IP(src=f"192.0.2.{i}", dst=VIP) / TCP(sport=1, dport=80)), 4)
+            for i in range(1, 61)]
+    assert set(seen) == {0, 1, 2, 3}
+    assert max(seen.count(k) for k in range(4)) <= 30
+
+
+def test_published_tables_key_like_key_lists():
+    from pylvs.engine import tables
+
+    services = tables.empty_services(2)
+    services[0] = (ip(VIP), 80, 6, tables.SVC_F_USED)
+    dests = tables.empty_dests(2)
+    dests[0]["daddr"], dests[0]["dport"], dests[0]["svc"] = ip(RIP), 8080, 0
+    dests[0]["fwd"], dests[0]["flags"] = tables.FWD_MASQ, tables.DEST_F_USED
+    assert bpf.fanout_program(services, dests) == bpf.fanout_program([SVC[0]], [NAT[0]])
+
+
+def test_big_tables_fall_back_to_addresses_then_to_saddr():
+    # 500 services on 500 addresses: the full key match would not fit.
+    svc = [(6, ip("10.10.0.0") + i, 80) for i in range(500)]
+    nat = [(6, ip("10.20.0.0") + i, 8080) for i in range(500)]
+    assert bpf.fanout_plan(svc, nat) == bpf.FANOUT_ADDRS
+    prog = bpf.fanout_program(svc, nat)
+    assert len(prog) <= bpf.BPF_MAXINSNS
+    reply = eth(IP(src="10.20.0.5", dst=CIP) / TCP(sport=9999, dport=40000))
+    for n in (2, 3):   # addresses only: a reply from any port of a RIP is keyed by daddr
+        assert kernel_index(prog, reply, n) == bpf.steer_index(reply, n, svc, nat) \
+            == bpf.fanout_mix(ip(CIP)) % n
+    huge = [(6, ip("10.30.0.0") + i, 80) for i in range(3000)]
+    assert bpf.fanout_plan(huge, nat) == bpf.FANOUT_SADDR
+    prog = bpf.fanout_program(huge, nat)
+    assert len(prog) <= bpf.BPF_MAXINSNS
+    assert kernel_index(prog, reply, 3) == bpf.steer_index(reply, 3, huge, nat) \
+        == bpf.fanout_mix(ip("10.20.0.5")) % 3
+
+
+@pytest.mark.parametrize("svc,nat", [([], []), (SVC, NAT), (SVC, []), ([], NAT)])
+def test_program_length_is_known_before_building(svc, nat):
+    packed_svc, packed_frm = bpf._fanout_sets(svc, nat)
+    want = bpf._FANOUT_HEAD_LEN + bpf._match_len(packed_svc) + bpf._match_len(packed_frm)
+    assert len(bpf.fanout_program(svc, nat)) == want
+
+
+def test_bad_worker_count_is_refused():
+    with pytest.raises(ValueError):
+        bpf.steer_index(CASES[0][1], 0, SVC, NAT)
