@@ -95,6 +95,9 @@ class Options:
     # --steering: "bpf", "nft", or None (bpf, nft where tcx cannot attach);
     # pylvs/control/steering.py.
     steering: str | None = None
+    # --io: "afpacket" or "xdp" (AF_XDP, AF_PACKET where XDP cannot attach;
+    # pylvs/io/xdp.py).
+    io: str = "afpacket"
 
 
 class Daemon:
@@ -302,12 +305,12 @@ class Daemon:
 
     def _build(self) -> None:
         from ..engine import new_engine
-        from ..io.afpacket import AfPacketBackend
+        from ..io.xdp import open_backend
 
         self.counters = tables.Counters(self.opts.max_services, self.opts.max_dests)
         if self._backend is None:
-            self._backend = AfPacketBackend(self.ifaces, qdisc_bypass=self.opts.qdisc_bypass,
-                                            pcap=self.opts.pcap)
+            self._backend = open_backend(self.ifaces, self.opts.io,
+                                         qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap)
         self.backend = self._backend
         if self._resolver is None:
             from ..control.neighbors import Resolver
@@ -322,6 +325,9 @@ class Daemon:
                                                max_dests=self.opts.max_dests)
             except SteeringError as e:
                 raise SystemExit(f"pylvs run: --steering {self.opts.steering}: {e}") from None
+            steer = getattr(self.backend, "steer", None)   # XDP: its sets follow steering's
+            if steer is not None:
+                self._steering = steer(self._steering)
         self.steering = self._steering
         try:
             from ..control.balancer import Balancer
@@ -720,6 +726,12 @@ def main(argv: list[str] | None = None) -> int:
                     "program the kernel detaches when pylvs dies; nft, a netdev table that "
                     "stays (dropping the VIPs' traffic) after a kill -9 until the next start "
                     "(default: bpf, nft where the kernel cannot attach tcx programs)")
+    ap.add_argument("--io", choices=("afpacket", "xdp"), default="afpacket",
+                    help="how frames reach the engine: afpacket, TPACKET_V3 rings of "
+                    "AF_PACKET taps; xdp, AF_XDP sockets fed by an XDP program that takes "
+                    "only the virtual services' traffic and drops excess load before the "
+                    "kernel builds socket buffers (C engine only; falls back to afpacket "
+                    "with a warning where XDP cannot attach)")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
     a = ap.parse_args(argv)
@@ -731,7 +743,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
                    capacity=a.conn_max, engine=a.engine, max_services=a.max_services,
                    max_dests=a.max_dests, sysctls=dict(a.sysctl),
-                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, steering=a.steering)
+                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, steering=a.steering, io=a.io)
+    if a.io == "xdp" and a.engine != "c":
+        ap.error("--io xdp runs the C engine only (--engine c)")
     try:
         return Daemon(opts).run()
     except SystemExit:
