@@ -63,5 +63,6 @@ def xdp_query(ifindex: int) -> dict:
     """{"prog_id": int, "mode": "none"|"native"|"generic"|"offload"|"multi",
     "link": bool}: the interface's XDP program and whether a BPF link holds it."""
 
-def xdp_detach(ifindex: int, prog_id: int) -> None:
-    """Detach prog_id if netlink attached it there (OSError otherwise)."""
+def xdp_detach(ifindex: int, prog_id: int, generic: bool = False) -> None:
+    """Detach prog_id if netlink attached it there in native (generic) mode
+    (OSError otherwise)."""

@@ -747,22 +747,24 @@ static PyObject *xdp_query(PyObject *mod, PyObject *args)
 }
 
 PyDoc_STRVAR(xdp_detach_doc,
-"xdp_detach(ifindex: int, prog_id: int) -> None\n\n"
-"Detach the XDP program prog_id from the interface if it is still the one\n"
-"attached there by netlink (a program held by a link cannot be detached\n"
-"this way: OSError EBUSY).");
+"xdp_detach(ifindex: int, prog_id: int, generic: bool = False) -> None\n\n"
+"Detach the XDP program prog_id, attached by netlink in native (or generic)\n"
+"mode, from the interface if it is still the one there (OSError EEXIST\n"
+"otherwise; a program held by a link cannot be detached this way).");
 
 static PyObject *xdp_detach(PyObject *mod, PyObject *args)
 {
 	unsigned int ifindex, prog_id;
+	int generic = 0;
 	LIBBPF_OPTS(bpf_xdp_attach_opts, opts);
 
-	if (!PyArg_ParseTuple(args, "II", &ifindex, &prog_id))
+	if (!PyArg_ParseTuple(args, "II|p", &ifindex, &prog_id, &generic))
 		return NULL;
 	opts.old_prog_fd = bpf_prog_get_fd_by_id(prog_id);
 	if (opts.old_prog_fd < 0)
 		return os_error(errno, "opening an XDP program by id");
-	int err = bpf_xdp_detach((int)ifindex, XDP_FLAGS_REPLACE, &opts);
+	int err = bpf_xdp_detach((int)ifindex, XDP_FLAGS_REPLACE
+				 | (generic ? XDP_FLAGS_SKB_MODE : XDP_FLAGS_DRV_MODE), &opts);
 	close(opts.old_prog_fd);
 	if (err)
 		return os_error(err, "detaching an XDP program");

@@ -27,8 +27,9 @@
  * whose queue has no XSK falls back to XDP_PASS (bpf_redirect_map's
  * default), where steering and the AF_PACKET tap treat it as before.
  *
- * Counters (per-CPU, [index]): 0 redirected, 1 not_host (frames of the sets
- * above to another MAC), 2 no_xsk (redirect fell back to the stack).
+ * Counters (per-CPU, [index]): 0 redirected, 1 no_xsk (redirect fell back
+ * to the stack). Frames of the sets to another MAC are passed, and counted
+ * by steering (not_host), which sees them next.
  *
  * The program is attached through a BPF link only the director holds: the
  * kernel detaches it when the director dies.
@@ -85,7 +86,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 3);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");
@@ -155,17 +156,11 @@ int pylvs_xdp(struct xdp_md *ctx)
 	pi = bpf_map_lookup_elem(&ports, &ifindex);
 	if (!pi)
 		return XDP_PASS;
-	if (!same_mac(eth->h_dest, pi->mac)) {
-		count(1);
+	if (!same_mac(eth->h_dest, pi->mac))
 		return XDP_PASS;
-	}
-	if (ctx->rx_queue_index >= MAX_QUEUES) {
-		count(2);
-		return XDP_PASS;
-	}
 	key = (__u32)pi->slot * MAX_QUEUES + ctx->rx_queue_index;
-	if (!bpf_map_lookup_elem(&xsks, &key)) {
-		count(2);
+	if (ctx->rx_queue_index >= MAX_QUEUES || !bpf_map_lookup_elem(&xsks, &key)) {
+		count(1);
 		return XDP_PASS;
 	}
 	count(0);

@@ -52,7 +52,7 @@ log = logging.getLogger("pylvs")
 BPF_OBJECT = Path(__file__).resolve().parents[1] / "bpf" / "xdp_steer.bpf.o"
 BPF_PROG = "pylvs_xdp"
 MAX_QUEUES = 64           # as xdp_steer.bpf.c
-COUNTERS = ("xdp_redirected", "xdp_not_host", "xdp_no_xsk")   # its counters map
+COUNTERS = ("xdp_redirected", "xdp_no_xsk")   # its counters map
 XSK_COUNTERS = ("rx_frames", "rx_no_headroom", "tx_frames", "tx_copied", "tx_no_room",
                 "tx_bad_port", "emit_sent", "emit_no_room", "tx_kicks", "tx_kick_errors",
                 "polls", "poll_timeouts", "fwd_calls", "fwd_budget_cuts")
@@ -78,7 +78,7 @@ def remove_stale(ifindex: int, name: str) -> bool:
         raise XdpUnavailable(f"{name} already has an XDP program ({prog!r}, id {q['prog_id']})")
     if q["link"]:
         raise XdpUnavailable(f"{name}: pylvs's XDP program is held by another process's link")
-    _bpf.xdp_detach(ifindex, q["prog_id"])
+    _bpf.xdp_detach(ifindex, q["prog_id"], q["mode"] == "generic")
     log.info("xdp: removed the XDP program left on %s by an earlier run", name)
     return True
 
@@ -124,11 +124,11 @@ class XdpBackend:
             from .. import _bpf
         except ImportError as e:
             raise XdpUnavailable(f"pylvs._bpf is not built ({e})") from e
-        for p in self.ports:
-            remove_stale(p.ifindex, p.name)
         sizes = {"services": max_services, "realservers": max_dests, "rsaddrs": max_dests}
         obj = None
         try:
+            for p in self.ports:
+                remove_stale(p.ifindex, p.name)
             obj = _bpf.Object(str(BPF_OBJECT), sizes)
             self.maps = {n: obj.map(n) for n in (*self._current, "ports", "xsks", "counters")}
             for p in self.ports:
@@ -202,9 +202,9 @@ class XdpBackend:
         of a TX slot ...), the kernel's XDP_STATISTICS summed over sockets
         (``xsk_rx_ring_full``: frames dropped at XDP because the RX ring was
         full, the director behind; ``xsk_rx_dropped``: dropped otherwise,
-        e.g. bigger than a chunk), and the program's ``xdp_redirected``,
-        ``xdp_not_host``, ``xdp_no_xsk``. ``rx_dropped`` includes the
-        XSKs' drops."""
+        e.g. bigger than a chunk), and the program's ``xdp_redirected`` and
+        ``xdp_no_xsk`` (frames on a queue without an XSK: passed to the stack
+        instead). ``rx_dropped`` includes the XSKs' drops."""
         out = self.taps.stats()
         for name in XSK_COUNTERS:
             out["xsk_" + name] = sum(getattr(x, name) for x in self.xsks)
