@@ -75,7 +75,7 @@ typedef struct {
     struct xring rx, tx, fill, comp;
     unsigned tx_pending;   /* descriptors put on the TX ring since the last kick */
     struct pylvs_emit em;  /* this worker's emit area (the first socket's is used) */
-    unsigned long long rx_frames, rx_no_headroom, tx_frames, tx_copied, tx_no_room, tx_bad_port,
+    unsigned long long rx_frames, rx_no_headroom, rx_oversize, tx_frames, tx_copied, tx_no_room, tx_bad_port,
         emit_sent, emit_no_room, tx_kicks, tx_kick_errors, polls, poll_timeouts, fwd_calls,
         fwd_budget_cuts;
     int last_tx_error;
@@ -405,7 +405,7 @@ static PyMemberDef xsk_members[] = {
     {"queue", T_UINT, offsetof(XskObject, queue), READONLY, NULL},
     {"zerocopy", T_INT, offsetof(XskObject, zerocopy), READONLY,
      "1: bound with XDP_ZEROCOPY; 0: copy mode"},
-    XU64(rx_frames), XU64(rx_no_headroom), XU64(tx_frames), XU64(tx_copied), XU64(tx_no_room),
+    XU64(rx_frames), XU64(rx_no_headroom), XU64(rx_oversize), XU64(tx_frames), XU64(tx_copied), XU64(tx_no_room),
     XU64(tx_bad_port), XU64(emit_sent), XU64(emit_no_room), XU64(tx_kicks), XU64(tx_kick_errors),
     XU64(polls), XU64(poll_timeouts), XU64(fwd_calls), XU64(fwd_budget_cuts),
     {"last_tx_error", T_INT, offsetof(XskObject, last_tx_error), READONLY, NULL},
@@ -618,7 +618,220 @@ static PyObject *xsk_forward(PyObject *mod, PyObject *args, PyObject *kwds)
     return PyLong_FromLong(seen);
 }
 
+/* --- recv / send: copies, for engines that take a Batch ------------------- */
+
+/* A writable C-contiguous view with this item size and dimensions. */
+static int get_view(PyObject *o, Py_buffer *v, Py_ssize_t itemsize, int ndim, const char *what)
+{
+    if (PyObject_GetBuffer(o, v, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return -1;
+    if (v->itemsize != itemsize || v->ndim != ndim) {
+        PyBuffer_Release(v);
+        PyErr_Format(PyExc_ValueError, "%s: wrong item size or dimensions", what);
+        return -1;
+    }
+    return 0;
+}
+
+static void put_xsks(XskObject **x, int n, PyObject *fast)
+{
+    for (int i = 0; i < n; i++)
+        x[i]->busy = 0;
+    Py_DECREF(fast);
+}
+
+static PyObject *xsk_recv(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"xsks", "buf", "length", "in_port", "timeout_ms", NULL};
+    PyObject *seq, *obuf, *olen, *oport;
+    int timeout_ms = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|i", kwlist, &seq, &obuf, &olen, &oport,
+                                     &timeout_ms))
+        return NULL;
+    XskObject *x[XMAX_PORTS];
+    PyObject *fast;
+    int n = get_xsks(seq, x, &fast);
+    if (n < 0)
+        return NULL;
+    Py_buffer vb, vl, vp;
+    if (get_view(obuf, &vb, 1, 2, "buf") < 0) {
+        put_xsks(x, n, fast);
+        return NULL;
+    }
+    if (get_view(olen, &vl, 4, 1, "length") < 0) {
+        PyBuffer_Release(&vb);
+        put_xsks(x, n, fast);
+        return NULL;
+    }
+    if (get_view(oport, &vp, 2, 1, "in_port") < 0) {
+        PyBuffer_Release(&vb);
+        PyBuffer_Release(&vl);
+        put_xsks(x, n, fast);
+        return NULL;
+    }
+    Py_ssize_t rows = vb.shape[0], slot = vb.shape[1], got = 0;
+    if (vl.shape[0] < rows)
+        rows = vl.shape[0];
+    if (vp.shape[0] < rows)
+        rows = vp.shape[0];
+    uint8_t *out = vb.buf;
+    uint32_t *lens = vl.buf;
+    uint16_t *ports = vp.buf;
+    for (int p = 0; p < n; p++) {
+        comp_reap(x[p]);
+        fill_refill(x[p]);
+    }
+    if (rows > 0)
+        wait_rx(x, n, timeout_ms);
+    for (int p = 0; p < n && got < rows; p++) {
+        XskObject *r = x[p];
+        uint32_t avail = ring_ready(&r->rx), i;
+        struct xdp_desc *descs = r->rx.desc;
+        for (i = 0; i < avail && got < rows; i++) {
+            struct xdp_desc d = descs[(r->rx.head + i) & r->rx.mask];
+            r->rx_frames++;
+            if (d.len + PYLVS_VNET_HDR_LEN > (uint64_t)slot) {
+                r->rx_oversize++;
+            } else {
+                uint8_t *row = out + got * slot;
+                memset(row, 0, PYLVS_VNET_HDR_LEN);
+                memcpy(row + PYLVS_VNET_HDR_LEN, r->umem + d.addr, d.len);
+                lens[got] = d.len + PYLVS_VNET_HDR_LEN;
+                ports[got] = (uint16_t)p;
+                got++;
+            }
+            r->free_stack[r->nfree++] = chunk_of(r, d.addr);
+        }
+        if (i)
+            ring_consumed(&r->rx, i);
+        fill_refill(r);
+    }
+    PyBuffer_Release(&vb);
+    PyBuffer_Release(&vl);
+    PyBuffer_Release(&vp);
+    put_xsks(x, n, fast);
+    return PyLong_FromSsize_t(got);
+}
+
+static unsigned long long xsk_sent(XskObject **x, int n)
+{
+    unsigned long long t = 0;
+    for (int p = 0; p < n; p++)
+        t += x[p]->tx_frames + x[p]->emit_sent;
+    return t;
+}
+
+static PyObject *xsk_send(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"xsks", "buf", "length", "verdict", "out_port", "count", NULL};
+    PyObject *seq, *obuf, *olen, *overd, *oport;
+    Py_ssize_t count;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOn", kwlist, &seq, &obuf, &olen, &overd,
+                                     &oport, &count))
+        return NULL;
+    XskObject *x[XMAX_PORTS];
+    PyObject *fast;
+    int n = get_xsks(seq, x, &fast);
+    if (n < 0)
+        return NULL;
+    Py_buffer v[4];
+    const struct { PyObject *o; Py_ssize_t size; int ndim; const char *what; } spec[4] = {
+        {obuf, 1, 2, "buf"}, {olen, 4, 1, "length"}, {overd, 1, 1, "verdict"},
+        {oport, 2, 1, "out_port"}};
+    for (int i = 0; i < 4; i++) {
+        if (get_view(spec[i].o, &v[i], spec[i].size, spec[i].ndim, spec[i].what) < 0) {
+            while (i--)
+                PyBuffer_Release(&v[i]);
+            put_xsks(x, n, fast);
+            return NULL;
+        }
+        if (count > v[i].shape[0])
+            count = v[i].shape[0];
+    }
+    Py_ssize_t slot = v[0].shape[1];
+    uint8_t *buf = v[0].buf, *verd = v[2].buf;
+    uint32_t *lens = v[1].buf;
+    uint16_t *outp = v[3].buf;
+    unsigned long long before = xsk_sent(x, n);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (verd[i] != PYLVS_V_TX)
+            continue;
+        uint16_t o = outp[i];
+        if (o >= n || lens[i] > slot)
+            x[0]->tx_bad_port++;
+        else if (tx_copy(x[o], buf + i * slot, lens[i]))
+            x[o]->tx_frames++;
+        else
+            x[o]->tx_no_room++;
+    }
+    for (int p = 0; p < n; p++)
+        tx_kick(x[p]);
+    unsigned long long after = xsk_sent(x, n);
+    for (int i = 0; i < 4; i++)
+        PyBuffer_Release(&v[i]);
+    put_xsks(x, n, fast);
+    return PyLong_FromUnsignedLongLong(after - before);
+}
+
+static PyObject *xsk_emit_send(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"xsks", "emit_buf", "emit_off", "emit_len", "emit_port", "emit_n", NULL};
+    PyObject *seq, *o[5];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO", kwlist, &seq, &o[0], &o[1], &o[2],
+                                     &o[3], &o[4]))
+        return NULL;
+    XskObject *x[XMAX_PORTS];
+    PyObject *fast;
+    int n = get_xsks(seq, x, &fast);
+    if (n < 0)
+        return NULL;
+    static const Py_ssize_t sizes[5] = {1, 4, 4, 2, 4};
+    static const char *what[5] = {"emit_buf", "emit_off", "emit_len", "emit_port", "emit_n"};
+    Py_buffer v[5];
+    for (int i = 0; i < 5; i++)
+        if (get_view(o[i], &v[i], sizes[i], 1, what[i]) < 0) {
+            while (i--)
+                PyBuffer_Release(&v[i]);
+            put_xsks(x, n, fast);
+            return NULL;
+        }
+    unsigned long long before = xsk_sent(x, n);
+    if (v[4].shape[0] >= 1 && v[0].shape[0] <= UINT32_MAX) {
+        uint32_t frames = ((uint32_t *)v[4].buf)[0], cap = (uint32_t)v[0].shape[0];
+        for (int i = 1; i < 4; i++)
+            if (frames > v[i].shape[0])
+                frames = (uint32_t)v[i].shape[0];
+        uint32_t *off = v[1].buf, *len = v[2].buf;
+        uint16_t *port = v[3].buf;
+        for (uint32_t k = 0; k < frames; k++) {
+            /* Frames given from Python may lie outside the buffer. */
+            if (port[k] >= n || len[k] > cap || off[k] > cap - len[k])
+                x[0]->tx_bad_port++;
+            else if (tx_copy(x[port[k]], (uint8_t *)v[0].buf + off[k], len[k]))
+                x[port[k]]->emit_sent++;
+            else
+                x[port[k]]->emit_no_room++;
+        }
+        for (int p = 0; p < n; p++)
+            tx_kick(x[p]);
+    }
+    unsigned long long after = xsk_sent(x, n);
+    for (int i = 0; i < 5; i++)
+        PyBuffer_Release(&v[i]);
+    put_xsks(x, n, fast);
+    return PyLong_FromUnsignedLongLong(after - before);
+}
+
 static PyMethodDef xsk_functions[] = {
+    {"xsk_recv", (PyCFunction)(void (*)(void))xsk_recv, METH_VARARGS | METH_KEYWORDS,
+     "xsk_recv(xsks, buf, length, in_port, timeout_ms=0) -> frames copied\n\n"
+     "Copy received frames into a Batch's rows, each behind a zeroed vnet header."},
+    {"xsk_send", (PyCFunction)(void (*)(void))xsk_send, METH_VARARGS | METH_KEYWORDS,
+     "xsk_send(xsks, buf, length, verdict, out_port, count) -> frames sent\n\n"
+     "Send a Batch's V_TX rows (vnet header dropped) on their ports' TX rings."},
+    {"xsk_emit_send", (PyCFunction)(void (*)(void))xsk_emit_send, METH_VARARGS | METH_KEYWORDS,
+     "xsk_emit_send(xsks, emit_buf, emit_off, emit_len, emit_port, emit_n) -> frames sent\n\n"
+     "Send the first emit_n[0] frames of a Batch's emit area on their ports' TX rings."},
     {"xsk_forward", (PyCFunction)(void (*)(void))xsk_forward, METH_VARARGS | METH_KEYWORDS,
      "xsk_forward(engine, xsks, now, timeout_ms=0, budget=4096) -> frames seen\n\n"
      "Wait up to timeout_ms for a frame on any XSK (index = engine port), run the\n"

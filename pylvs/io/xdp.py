@@ -43,6 +43,7 @@ import threading
 from pathlib import Path
 
 from .. import _fast
+from ..engine import tables
 from . import Port
 from ..control.steering import _why, sets_of, sync_sets
 from .afpacket import AfPacketBackend
@@ -53,7 +54,7 @@ BPF_OBJECT = Path(__file__).resolve().parents[1] / "bpf" / "xdp_steer.bpf.o"
 BPF_PROG = "pylvs_xdp"
 MAX_QUEUES = 64           # as xdp_steer.bpf.c
 COUNTERS = ("xdp_redirected", "xdp_no_xsk")   # its counters map
-XSK_COUNTERS = ("rx_frames", "rx_no_headroom", "tx_frames", "tx_copied", "tx_no_room",
+XSK_COUNTERS = ("rx_frames", "rx_no_headroom", "rx_oversize", "tx_frames", "tx_copied", "tx_no_room",
                 "tx_bad_port", "emit_sent", "emit_no_room", "tx_kicks", "tx_kick_errors",
                 "polls", "poll_timeouts", "fwd_calls", "fwd_budget_cuts")
 KERNEL_COUNTERS = ("rx_dropped", "rx_ring_full", "rx_fill_ring_empty_descs",
@@ -166,14 +167,50 @@ class XdpBackend:
 
     # --- the data path ----------------------------------------------------
 
-    def forward(self, engine, now: float, timeout: float) -> int:
+    def forward(self, engine, now: float, timeout: float, batch: tables.Batch | None = None) -> int:
         """The tapped frames (no wait), then the XSKs (waiting up to
-        ``timeout`` seconds); returns the frames handed to the engine.
-        Needs the C engine (TypeError otherwise)."""
-        if _fast.Engine is None or not isinstance(engine, _fast.Engine):
-            raise TypeError("the AF_XDP backend runs the C engine (pylvs._fast.Engine) only")
-        n = _fast.forward(engine, self.taps.rings, now, 0)
-        return n + _fast.xsk_forward(engine, self.xsks, now, 0 if n else max(0, int(timeout * 1000)))
+        ``timeout`` seconds); returns the frames handed to the engine. The C
+        engine runs on frames in place; other engines get copies in a Batch
+        (``recv``, ``process``, ``send``)."""
+        ms = max(0, int(timeout * 1000))
+        if _fast.Engine is not None and isinstance(engine, _fast.Engine):
+            n = _fast.forward(engine, self.taps.rings, now, 0)
+            return n + _fast.xsk_forward(engine, self.xsks, now, 0 if n else ms)
+        batch = batch if batch is not None else self._batch()
+        n = self.recv(batch, timeout)
+        if n:
+            engine.process(batch, now)
+            self.send(batch)
+        return n
+
+    def _batch(self) -> tables.Batch:
+        b = getattr(self, "_pybatch", None)
+        if b is None:
+            b = self._pybatch = tables.Batch(256, tables.MAX_FRAME)
+        return b
+
+    def recv(self, batch: tables.Batch, timeout: float) -> int:
+        """Copy frames into ``batch`` (engine format: vnet header first):
+        the taps' first (no wait), then the XSKs' (waiting up to ``timeout``
+        seconds when the taps had none); returns the count."""
+        n = self.taps.recv(batch, 0)
+        rows = slice(n, None)
+        n += _fast.xsk_recv(self.xsks, batch.buf[rows], batch.length[rows], batch.in_port[rows],
+                            0 if n else max(0, int(timeout * 1000)))
+        batch.count = n
+        batch.verdict[:n] = tables.V_PASS
+        batch.out_port[:n] = 0
+        return n
+
+    def send(self, batch: tables.Batch) -> int:
+        """Send the V_TX frames, then the engine's emit area, on the XSK TX
+        rings of their ports; returns frames sent."""
+        n = _fast.xsk_send(self.xsks, batch.buf, batch.length, batch.verdict, batch.out_port,
+                           batch.count)
+        if batch.emit_n[0]:
+            n += _fast.xsk_emit_send(self.xsks, batch.emit_buf, batch.emit_off, batch.emit_len,
+                                     batch.emit_port, batch.emit_n)
+        return n
 
     # --- control ----------------------------------------------------------
 

@@ -730,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="how frames reach the engine: afpacket, TPACKET_V3 rings of "
                     "AF_PACKET taps; xdp, AF_XDP sockets fed by an XDP program that takes "
                     "only the virtual services' traffic and drops excess load before the "
-                    "kernel builds socket buffers (C engine only; falls back to afpacket "
+                    "kernel builds socket buffers (falls back to afpacket "
                     "with a warning where XDP cannot attach)")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
@@ -744,8 +744,6 @@ def main(argv: list[str] | None = None) -> int:
                    capacity=a.conn_max, engine=a.engine, max_services=a.max_services,
                    max_dests=a.max_dests, sysctls=dict(a.sysctl),
                    qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, steering=a.steering, io=a.io)
-    if a.io == "xdp" and a.engine != "c":
-        ap.error("--io xdp runs the C engine only (--engine c)")
     try:
         return Daemon(opts).run()
     except SystemExit:

@@ -133,6 +133,22 @@ def test_http_over_af_xdp(mixed: Lab, tmp_path, rs):
         assert st["xsk_tx_frames"] > 0, st
 
 
+def test_python_engine_over_af_xdp(director_lab, tmp_path):
+    """The reference engine gets copies in a Batch (recv/process/send over
+    the XSKs): a NAT download byte for byte, every frame through the XSKs."""
+    lab = director_lab(servers=1, start=False)
+    checksums_off(lab)
+    lab.start_director(*XDP, "--engine", "python")
+    lab.nat_service("tcp", PORT, (1,))
+    out = tmp_path / "bytes"
+    rc, code, err = download(lab, 300_000, out)
+    assert (rc, code) == (0, "200"), f"curl rc {rc} HTTP {code!r}: {err}"
+    assert_content(out, 300_000)
+    st = lab.stats()
+    assert st["xsk_rx_frames"] > 100 and st["xsk_tx_frames"] == st["xsk_rx_frames"], st
+    assert st["rx_blocks"] == 0 and st["xsk_tx_no_room"] == 0, st
+
+
 # --- interfaces left as found ---------------------------------------------------
 
 def test_stop_and_kill_9_leave_no_xdp_program(director_lab):
