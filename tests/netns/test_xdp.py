@@ -93,6 +93,47 @@ def test_xdp_program_takes_what_steering_drops(trio):
     assert got == want
 
 
+ATTACH_MODES = """
+import json, logging, socket
+from pylvs import _bpf
+from pylvs.io.xdp import XdpBackend
+lines = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        lines.append(record.getMessage())
+logging.getLogger("pylvs").addHandler(Keep())
+logging.getLogger("pylvs").setLevel(logging.INFO)
+out = {}
+for name, generic in (("d0", None), ("dm0", None), ("d0", True)):
+    with XdpBackend([name], generic=generic) as b:
+        q = _bpf.xdp_query(socket.if_nametoindex(name))
+        out[f"{name} {generic}"] = [b.describe(), q["mode"], q["link"]]
+    out[f"{name} {generic} after"] = _bpf.xdp_query(socket.if_nametoindex(name))["mode"]
+print(json.dumps([out, lines]))
+"""
+
+
+def test_native_where_the_driver_has_it_generic_elsewhere(trio):
+    """veth: native; a bridge (no XDP in its driver): generic, with a
+    log line saying why; generic on request. Copy mode on both, logged.
+    Each leaves the device without a program when closed."""
+    subprocess.run(["ip", "-n", trio.d, "link", "add", "dm0", "type", "bridge"], check=True)
+    subprocess.run(["ip", "-n", trio.d, "link", "set", "dm0", "up"], check=True)
+    out, lines = trio.py(trio.d, ATTACH_MODES)
+    zc = {"queue": 0, "zerocopy": False}
+    assert out == {
+        "d0 None": [[{"port": "d0", "mode": "native", **zc}], "native", True],
+        "d0 None after": "none",
+        "dm0 None": [[{"port": "dm0", "mode": "generic", **zc}], "generic", True],
+        "dm0 None after": "none",
+        "d0 True": [[{"port": "d0", "mode": "generic", **zc}], "generic", True],
+        "d0 True after": "none",
+    }
+    assert any(line.startswith("xdp: dm0: no native XDP (") and "using generic XDP" in line
+               for line in lines), lines
+    assert "xdp: d0: native XDP, AF_XDP socket on queue 0 in copy mode" in lines, lines
+
+
 # --- HTTP through each method over AF_XDP ---------------------------------------
 
 @pytest.fixture
