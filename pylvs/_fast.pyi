@@ -80,6 +80,11 @@ def emit_send(rings: Sequence[Ring], emit_buf: np.ndarray, emit_off: np.ndarray,
               emit_len: np.ndarray, emit_port: np.ndarray, emit_n: np.ndarray) -> int: ...
 # --- end AF_PACKET forwarder -----------------------------------------------
 
+# --- TAP forwarder (tap.c) ------------------------------------------------------
+def tap_forward(engine: Engine, fds: Sequence[int], now: float, timeout_ms: int,
+                buf: np.ndarray, emit: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                counters: np.ndarray) -> tuple[int, list[tuple[int, bytes]]]: ...
+
 # --- ICMP errors, resets, fragments, NAT ICMP (pylvs/_fast/ip_vs_icmp.c) ---
 # Test hooks only: the engine calls the C functions directly. `emit` is
 # (buf uint8, off uint32, len uint32, port uint16, n uint32[2]), as

@@ -899,3 +899,53 @@ def test_dest_moved_off_nat_keeps_its_replies_while_its_conns_live():
     slot2 = b.add_dest("tcp", "10.0.0.1", 80, "10.0.1.3", 80, "masq", 1)
     b.edit_dest("tcp", "10.0.0.1", 80, "10.0.1.3", 80, fwd="route")
     assert not published[-1][1][slot2]["flags"] & DEST_F_REPLIES
+
+
+def test_deleted_service_held_while_its_conns_live(env):
+    """ipvsadm -D of a service whose NAT dest still has conns: as in the
+    kernel, those conns are not reset. The service's key stays in the
+    published table and the steering view (its frames reach the engine,
+    which drops them: the dest is gone), and its NAT reply key in the view;
+    no other service takes the slot. Re-added, the service and its dest get
+    their old slots back and the conns find them. Once the conns are gone
+    the estimator's pass releases the key and the slot."""
+    b, c, pubs, res = env
+    s = b.add_service("tcp", VIP, 8080)
+    d = b.add_dest("tcp", VIP, 8080, "10.0.1.2", 80, fwd="masq")
+    c.dest_conns[d] = [1, 0]
+    b.del_service("tcp", VIP, 8080)
+    svcs, dests = pubs[-1]
+    assert svcs[s]["flags"] & SVC_F_USED and (int(svcs[s]["vaddr"]), int(svcs[s]["vport"])) == (VIP_INT, 8080)
+    assert not dests[d]["flags"] & DEST_F_USED      # the engine drops their frames
+    assert b.steering_view() == {"services": [(6, VIP_INT, 8080)],
+                                 "real_servers": [(6, ip("10.0.1.2"), 80)]}
+    assert b.snapshot()["services"] == []           # -L no longer shows it
+    assert b.schedule(s, 1, 1) == -1
+    other = b.add_service("tcp", VIP, 81)
+    assert other != s
+    b.del_service("tcp", VIP, 81)
+    b.release_replies()                             # conns live: still held
+    assert b.steering_view()["services"] == [(6, VIP_INT, 8080)]
+    # Re-added: old slots, so the conns find their dest again.
+    assert b.add_service("tcp", VIP, 8080) == s
+    assert b.add_dest("tcp", VIP, 8080, "10.0.1.2", 80, fwd="masq") == d
+    assert pubs[-1][1][d]["flags"] & DEST_F_USED and int(pubs[-1][1][d]["svc"]) == s
+    # Deleted again; the conns then end: key, reply key and slot released.
+    b.del_service("tcp", VIP, 8080)
+    n = len(pubs)
+    c.dest_conns[d] = [0, 0]
+    assert b.steering_view() == {"services": [(6, VIP_INT, 8080)], "real_servers": []}
+    b.release_replies()
+    assert len(pubs) == n + 1 and not pubs[-1][0][s]["flags"] & SVC_F_USED
+    assert b.steering_view() == {"services": [], "real_servers": []}
+    for port in range(4):                           # every slot is free again
+        b.add_service("tcp", VIP, 90 + port)
+
+
+def test_deleted_service_without_conns_goes_at_once(env):
+    b, c, pubs, res = env
+    s = b.add_service("tcp", VIP, 8080)
+    b.add_dest("tcp", VIP, 8080, "10.0.1.2", 80, fwd="masq")
+    b.del_service("tcp", VIP, 8080)
+    assert not pubs[-1][0][s]["flags"] & SVC_F_USED
+    assert b.steering_view() == {"services": [], "real_servers": []}

@@ -7,9 +7,12 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from pyroute2.netlink.exceptions import NetlinkError
 
 from pylvs.control.balancer import E_INVAL, E_LOCAL_DEST, Balancer, BalancerError
 from pylvs.control.neighbors import NUD_REACHABLE, NUD_STALE, Resolver
+
+NUD_FAILED = 0x20
 from pylvs.engine.tables import Counters
 from pylvs.io import Port
 
@@ -49,7 +52,11 @@ class FakeNetlink:
             self.dumps += 1
             return [Msg({"NDA_DST": ip, "NDA_LLADDR": mac}, state=st)
                     for ip, (mac, st) in self.neighbours.items()]
-        assert cmd == "add" and kw["flags"] == 1
+        # neigh_add (net/core/neighbour.c): NLM_F_EXCL ("add") on an
+        # existing entry is EEXIST before NTF_USE is looked at.
+        assert cmd in ("add", "replace") and kw["flags"] == 1
+        if cmd == "add" and kw["dst"] in self.neighbours:
+            raise NetlinkError(17, "File exists")
         self.pokes.append(kw["dst"])
         return []
 
@@ -205,3 +212,45 @@ def test_broadcast_and_local_real_servers_are_refused():
                          "daddr": "10.0.0.101", "dport": 80, "fwd": "masq"}])
     assert res[0] == {"ok": False, "error": E_LOCAL_DEST} and res[2]["ok"]
     assert E_LOCAL_DEST == "local real servers (Local forwarding) are not supported yet"
+
+
+@pytest.mark.parametrize("gateway", [None, "10.0.1.254"], ids=["direct", "routed"])
+def test_changed_mac_is_re_resolved_and_published(gateway):
+    """A real server (or, for a routed dest such as a Tun or NAT one behind a
+    router, its next hop) changes its MAC: the kernel entry goes STALE with
+    the old lladdr, then FAILED. Each is poked so the kernel re-resolves
+    (an existing entry too), the last answer stays meanwhile, a FAILED one is
+    poked again with backoff, and the new MAC is published once the kernel
+    learns it."""
+    r, nl = resolver(), FakeNetlink()
+    changed = []
+    r.on_change = changed.append
+    hop = gateway or "10.0.1.2"
+    if gateway:
+        nl.gateways["10.0.9.2"] = gateway
+    daddr = ip("10.0.9.2" if gateway else "10.0.1.2")
+    nl.neighbours[hop] = ("02:00:00:00:00:02", NUD_REACHABLE)
+    r.resolve(daddr)
+    r._cycle(nl, 0.0)
+    assert changed == [daddr] and nl.pokes == []
+    old = r.resolve(daddr)
+    nl.neighbours[hop] = ("02:00:00:00:00:02", NUD_STALE)
+    r._cycle(nl, 2.0)
+    assert nl.pokes == [hop] and r.resolve(daddr) == old
+    # The kernel's unicast probes to the old MAC got no answer.
+    nl.neighbours[hop] = (None, NUD_FAILED)
+    now, tries = 2.0, []
+    while now < 70:
+        now += 2.0
+        before = len(nl.pokes)
+        r._cycle(nl, now)
+        if len(nl.pokes) > before:
+            tries.append(now)
+        assert r.resolve(daddr) == old
+    assert [b - a for a, b in zip(tries, tries[1:])] == [2.0, 4.0] + [8.0] * 7
+    assert tries[0] == 4.0
+    # The kernel learned the new MAC: published at the next round.
+    nl.neighbours[hop] = ("02:00:00:00:00:25", NUD_REACHABLE)
+    r._cycle(nl, now + 2.0)
+    assert r.resolve(daddr)[1] == bytes.fromhex("020000000025")
+    assert changed == [daddr, daddr] and r._fail_delay == {}

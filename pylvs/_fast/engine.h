@@ -70,6 +70,7 @@ long pylvs_engine_expire(PylvsEngine *e, double now, long budget);
 /* Module set-up: each C file adds its types and functions. */
 int pylvs_engine_register(PyObject *module);
 int pylvs_afpacket_register(PyObject *module);
+int pylvs_tap_register(PyObject *module);
 int pylvs_xdp_register(PyObject *module);  /* xdp.c: AF_XDP */
 
 #endif

@@ -296,21 +296,45 @@ def parse_timeout(s: str | None, lo: int, hi: int) -> int:
 
 
 def _host(name: str) -> str | None:
+    """Dotted IPv4 address of a name as ipvsadm reads it (inet_aton, then a
+    host lookup); None for a name that is neither. A NUL cannot be in a C
+    string, so no name holding one is valid, nor one the socket module
+    cannot encode (bytes that are not UTF-8 read from -R's stdin): it raises
+    ValueError for those rather than answer."""
+    if "\0" in name:
+        return None
     try:
         return socket.inet_ntoa(socket.inet_aton(name))
-    except OSError:
+    except (OSError, ValueError):
         pass
     try:
         return socket.gethostbyname(name)
-    except (OSError, UnicodeError):
+    except (OSError, UnicodeError, ValueError):
         return None
+
+
+def _is_ipv6(s: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6, s)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def parse_service(buf: str, proto: str) -> tuple[str, int | None] | None:
-    """'host[:port]' -> (dotted address, port or None); None if unparseable."""
+    """'host[:port]' -> (dotted address, port or None); None if unparseable.
+
+    Raises AdmError for an IPv6 address ('[addr]:port' or a bare address
+    inet_pton takes as IPv6), as ipvsadm's parse_service tells them from
+    IPv4 ones; anything else with more colons is malformed (None)."""
     if not buf or re.fullmatch("[0-9]+", buf):
         return None
-    if buf.startswith("[") or buf.count(":") > 1:
+    if buf.startswith("["):
+        inner, close, after = buf[1:].partition("]")
+        if close and after.startswith(":") and _is_ipv6(inner):
+            raise _fail("IPv6 is not supported yet")
+        return None
+    if _is_ipv6(buf):
         raise _fail("IPv6 is not supported yet")
     host, colon, port = buf.rpartition(":")
     if not colon:
@@ -324,7 +348,7 @@ def parse_service(buf: str, proto: str) -> tuple[str, int | None] | None:
     if p is None:
         try:
             p = socket.getservbyname(port, proto)
-        except (OSError, TypeError):
+        except (OSError, TypeError, ValueError, UnicodeError):
             return None
     return addr, p
 

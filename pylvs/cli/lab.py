@@ -1,6 +1,7 @@
 """`pylvs lab`: build, list and remove the namespace labs by hand.
 
-    pylvs lab up [--name NAME] [--fwd nat|dr|tun|mixed] [--servers N] [--ip-forward 0|1]
+    pylvs lab up [--name NAME] [--fwd nat|dr|tun|mixed] [--io afpacket|tap] [--servers N]
+                 [--ip-forward 0|1]
     pylvs lab down [--name NAME | --all]
     pylvs lab status
 
@@ -10,6 +11,9 @@ through; ``dr``, ``tun`` and ``mixed`` the routed labs (client behind a
 router; DR real servers on the director's segment, Tun real servers on a
 network behind the router, mixed: NAT, DR and Tun in turn), their real
 servers prepared with `pylvs realserver setup` (and `run` for Tun).
+``--io tap``: the same lab, but the director's namespace only bridges each
+of its interfaces with a TAP, and `pylvs run --tap` owns the director's
+addresses (netns-labs/tap/README.md).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import re
 import sys
 
 from ..control.text import ascii_int
-from ..lab.topology import FWDS
+from ..lab.topology import FWDS, IOS
 
 DEFAULT_NAME = "pylvs"
 MAX_SERVERS = 200  # as topology.Lab
@@ -52,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--fwd", choices=FWDS, default="nat",
                     help="nat (default): the VS-NAT lab; dr, tun: every real server of that "
                          "method; mixed: NAT, DR and Tun real servers in turn")
+    up.add_argument("--io", choices=IOS, default="afpacket",
+                    help="afpacket (default): pylvs run --iface on the director's interfaces; "
+                         "tap: each interface bridged with a TAP, pylvs run --tap")
     up.add_argument("--servers", type=_servers, default=3, help="number of real servers (default 3)")
     up.add_argument("--ip-forward", type=int, choices=(0, 1), default=0,
                     help="the director's net.ipv4.ip_forward (pylvs needs neither)")
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd == "up":
         lab = topology.Lab(args.name, servers=args.servers, ip_forward=args.ip_forward,
-                           fwd=args.fwd)
+                           fwd=args.fwd, io=args.io)
         try:
             lab.up()
         except topology.LabError as e:
@@ -100,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         for rec in recs:
             nss = rec.get("namespaces", [])
             alive = [ns for ns in nss if topology.netns_exists(ns)]
-            print(f"{rec['name']}: {rec.get('fwd', 'nat')}, {len(alive)}/{len(nss)} "
+            io = " over tap" if rec.get("io") == "tap" else ""
+            print(f"{rec['name']}: {rec.get('fwd', 'nat')}{io}, {len(alive)}/{len(nss)} "
                   f"namespaces present")
             for ns in nss:
                 print(f"  {'up  ' if ns in alive else 'gone'} {ns}")

@@ -16,8 +16,16 @@ object, whose state (rr position, wrr weights) the control thread updates.
 Slots: a dest slot is not reused while ``counters.dest_conns[slot]`` is
 non-zero, because conns in the engine still name it. As in the kernel's dest
 trash, a dest that is deleted and added back while its old conns live gets
-its old slot again, so those conns keep flowing; a deleted service re-added
-gets its old service slot back when it is still free, for the same reason.
+its old slot again, so those conns keep flowing. A deleted service whose
+dests still hold conns keeps its slot (no other service gets it) and its
+row in the published service table, so steering still hands its frames to
+the engine, which drops those of the old conns (drop_dest_gone, as ip_vs_in
+drops a conn's packet while its dest is not available); re-added, it takes
+that slot back and its re-added dests their old slots, and the conns resume.
+The hold ends when the last of those conns is gone (``release_replies``,
+the estimator's periodic pass); until then a new conn to the deleted
+service is refused as one to a service without dests, where the kernel,
+which has no steering, would hand it to the local stack.
 """
 
 from __future__ import annotations
@@ -417,6 +425,11 @@ class Balancer:
         self._dest_trash: dict[tuple, int] = {}
         self._dest_trash_key: dict[int, tuple] = {}
         self._svc_last_slot: dict[tuple[int, int, int], int] = {}
+        # Deleted services whose dests still hold conns: slot -> key.
+        self._svc_held: dict[int, tuple[int, int, int]] = {}
+        # Trashed dests whose replies came through the director: slot ->
+        # (proto, daddr, dport), kept in the steering view while conns live.
+        self._trash_replies: dict[int, tuple[int, int, int]] = {}
         self._svc_last_key: dict[int, tuple[int, int, int]] = {}
         # Who holds a slot now, and the dest slots of each daddr (for the
         # resolver's answers): the rows to rewrite after a change.
@@ -613,6 +626,7 @@ class Balancer:
     def _remove_service(self, svc: Service) -> None:
         self._sched_view[svc.slot] = None
         self._sched_dirty.pop(svc.slot, None)
+        held = any(self._conns_on(d.slot) for d in svc.dests.values())
         for d in list(svc.dests.values()):
             self._release_dest(svc, d)
         svc.dests.clear()
@@ -622,7 +636,10 @@ class Balancer:
             del self._vaddrs[svc.vaddr]
         del self._svc_at[svc.slot]
         self._dirty_svc.add(svc.slot)
-        self._svc_free.put(svc.slot)
+        if held:
+            self._svc_held[svc.slot] = svc.key
+        else:
+            self._svc_free.put(svc.slot)
 
     # --- dests --------------------------------------------------------------
 
@@ -732,7 +749,8 @@ class Balancer:
 
     def _alloc_svc_slot(self, key: tuple[int, int, int]) -> int:
         old = self._svc_last_slot.get(key)
-        if old is not None and self._svc_free.take(old):
+        if old is not None and (self._svc_held.get(old) == key or self._svc_free.take(old)):
+            self._svc_held.pop(old, None)
             # Back in its old slot: revived dests then match their old conns.
             slot = old
         else:
@@ -755,6 +773,7 @@ class Balancer:
         old = self._dest_trash.pop(trash_key, None)
         if old is not None:
             del self._dest_trash_key[old]
+            self._trash_replies.pop(old, None)
             if self._dest_free.take(old):
                 # Revived with its counters: its old conns count on it still.
                 return old
@@ -770,6 +789,7 @@ class Balancer:
             tk = self._dest_trash_key.pop(slot, None)
             if tk is not None:
                 del self._dest_trash[tk]
+            self._trash_replies.pop(slot, None)
             self.counters.dest_stats[slot] = 0
             self._est_dest_last[slot] = 0
             self._est_dest_avg[slot] = 0
@@ -782,6 +802,8 @@ class Balancer:
             tk = (svc.key, d.daddr, d.dport)
             self._dest_trash[tk] = d.slot
             self._dest_trash_key[d.slot] = tk
+            if forward.by_fwd(d.fwd).replies_via_director or d.replies_pending:
+                self._trash_replies[d.slot] = (svc.proto, d.daddr, self._dport(svc, d))
         self._dest_at.pop(d.slot, None)
         self._no_route_logged.discard((svc.key, d.daddr, d.dport))
         slots = self._by_daddr.get(d.daddr)
@@ -830,7 +852,13 @@ class Balancer:
 
     def _write_svc(self, svcs: np.ndarray, slot: int) -> None:
         svc = self._svc_at.get(slot)
-        svcs[slot] = (svc.vaddr, svc.vport, svc.proto, SVC_F_USED) if svc else _ZERO_SVC
+        if svc is not None:
+            svcs[slot] = (svc.vaddr, svc.vport, svc.proto, SVC_F_USED)
+        elif slot in self._svc_held:
+            proto, vaddr, vport = self._svc_held[slot]
+            svcs[slot] = (vaddr, vport, proto, SVC_F_USED)
+        else:
+            svcs[slot] = _ZERO_SVC
 
     def _write_dest(self, dests: np.ndarray, slot: int, resolve) -> None:
         ent = self._dest_at.get(slot)
@@ -875,7 +903,7 @@ class Balancer:
         svcs = np.zeros(self.counters.max_services, dtype=SERVICE_DTYPE)
         dests = np.zeros(self.counters.max_dests, dtype=DEST_DTYPE)
         resolve = getattr(self.resolver, "resolve", None)
-        for slot in self._svc_at:
+        for slot in (*self._svc_at, *self._svc_held):
             self._write_svc(svcs, slot)
         for slot in self._dest_at:
             self._write_dest(dests, slot, resolve)
@@ -958,14 +986,26 @@ class Balancer:
                 self._est_dest_avg[d.slot] = 0
 
     def release_replies(self) -> None:
-        """Stop taking the replies of dests moved off NAT once none of their
-        conns is left (called with the estimator, every 2 seconds)."""
+        """Stop taking the replies of dests moved off NAT, and the frames of
+        deleted services, once none of their conns is left (called with the
+        estimator, every 2 seconds)."""
         done = [d for svc in self._services.values() for d in svc.dests.values()
                 if d.replies_pending and not self._conns_on(d.slot)]
         for d in done:
             d.replies_pending = False
             self._dirty_dest.add(d.slot)
-        if done:
+        gone = [slot for slot in self._trash_replies if not self._conns_on(slot)]
+        for slot in gone:
+            del self._trash_replies[slot]
+        freed = []
+        if self._svc_held:
+            live = {tk[0] for tk, slot in self._dest_trash.items() if self._conns_on(slot)}
+            freed = [slot for slot, key in self._svc_held.items() if key not in live]
+        for slot in freed:
+            del self._svc_held[slot]
+            self._dirty_svc.add(slot)
+            self._svc_free.put(slot)
+        if done or gone or freed:
             self._changed()
 
     def estimate(self, now: float | None = None) -> None:
@@ -1135,13 +1175,17 @@ class Balancer:
 
     def steering_view(self) -> dict[str, list[tuple[int, int, int]]]:
         """Sockets to steal: services (proto, vaddr, vport) and real servers
-        (proto, daddr, dport) whose replies come back through the director."""
+        (proto, daddr, dport) whose replies come back through the director;
+        also those of deleted services and dests while their conns live
+        (see the module docstring)."""
         svcs, reals = [], set()
         for svc in self._services.values():
             svcs.append(svc.key)
             for d in svc.dests.values():
                 if forward.by_fwd(d.fwd).replies_via_director or d.replies_pending:
                     reals.add((svc.proto, d.daddr, self._dport(svc, d)))
+        svcs += sorted(set(self._svc_held.values()) - set(svcs))
+        reals.update(k for slot, k in self._trash_replies.items() if self._conns_on(slot))
         return {"services": svcs, "real_servers": sorted(reals)}
 
     # --- operations as data (the RPC, -R, pylvs run -c) ---------------------

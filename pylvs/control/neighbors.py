@@ -3,9 +3,14 @@
 The director forwards in user space, but the kernel still owns routing and
 ARP. For a dest address the Resolver asks the kernel (netlink, pyroute2):
 ``route get`` gives the egress interface and gateway, the neighbour table the
-next hop's MAC. A missing neighbour entry is created with NTF_USE, which
-makes the kernel send the ARP request itself; the caller gets None and
-retries, or waits for ``on_change``.
+next hop's MAC. A next hop the kernel does not hold REACHABLE is "used"
+with NTF_USE, which runs the kernel's neighbour state machine as a transmit
+would (neigh_event_send, net/core/neighbour.c): a missing or FAILED entry
+goes INCOMPLETE and the kernel broadcasts ARP, a STALE one goes DELAY then
+PROBE. That is how kernel IPVS, whose transmits go through the same state
+machine, learns that a real server changed its MAC; the new lladdr is
+published through ``on_change``. The caller gets None and retries, or waits
+for ``on_change``.
 
 All netlink traffic happens in the Resolver's own thread: pyroute2 does not
 work on the uvloop event loop the control plane runs on. ``resolve`` only
@@ -54,6 +59,10 @@ class Resolver:
         # Thread state: backoff of unanswered addresses, last full round.
         self._delay: dict[int, float] = {}
         self._next_try: dict[int, float] = {}
+        # Backoff of pokes for answered addresses whose next hop the kernel
+        # lost (FAILED): every refresh, then doubling to max_backoff.
+        self._fail_delay: dict[int, float] = {}
+        self._fail_next: dict[int, float] = {}
         self._last_refresh = float("-inf")
         self.lookups = 0   # route lookups made
         self.pokes = 0     # NTF_USE requests (each makes the kernel ARP)
@@ -154,14 +163,20 @@ class Resolver:
         second. Addresses with an answer are re-checked every ``refresh``
         seconds (one neighbour dump per interface for all of them), and
         poked only when the kernel's entry is no longer REACHABLE, which
-        is when the kernel itself would probe a neighbour in use. An
-        address ``forget`` dropped is never looked at again."""
+        is when the kernel itself would probe a neighbour in use; one whose
+        entry is FAILED keeps its last answer and is poked again after
+        ``refresh``, then twice as long each time, at most every
+        ``max_backoff``. An address ``forget`` dropped is never looked at
+        again."""
         with self._lock:
             wanted = set(self._wanted)
             missing = wanted - self._cache.keys()
         for a in list(self._delay):
             if a not in missing:
                 del self._delay[a], self._next_try[a]
+        for a in list(self._fail_delay):
+            if a not in wanted:
+                del self._fail_delay[a], self._fail_next[a]
         todo = [a for a in sorted(missing) if self._next_try.get(a, 0.0) <= now]
         for a in todo:
             self._delay[a] = min(self._delay.get(a, self.interval / 2) * 2, self.max_backoff)
@@ -171,7 +186,7 @@ class Resolver:
             self._refresh_local(ipr)
             todo += sorted(wanted - missing)
         if todo:
-            for daddr, ans in self._lookup_many(ipr, todo):
+            for daddr, ans in self._lookup_many(ipr, todo, now):
                 self._store(daddr, ans)
             # Moved between a connected and a routed network with the same
             # answer: still a change for whoever reads ``connected``.
@@ -251,7 +266,7 @@ class Resolver:
             except Exception:
                 log.exception("on_change callback failed")
 
-    def _lookup_many(self, ipr, addrs: list[int]):
+    def _lookup_many(self, ipr, addrs: list[int], now: float = 0.0):
         """(daddr, answer or None) for each address: a route lookup each, one
         neighbour dump per egress interface, and NTF_USE for a next hop the
         kernel does not hold REACHABLE (it then sends the ARP request)."""
@@ -284,19 +299,40 @@ class Resolver:
                 continue
             oif, hop = h
             lladdr, state = neigh.get((oif, hop), (None, 0))
+            usable = lladdr is not None and state & NUD_VALID
+            if usable or daddr not in self._cache:
+                self._fail_delay.pop(daddr, None)
+                self._fail_next.pop(daddr, None)
             if not state & (NUD_REACHABLE | NUD_PERMANENT | NUD_NOARP) and (oif, hop) not in poked:
-                # Missing, failed or stale: have the kernel (re)send ARP itself.
+                if not usable and daddr in self._cache:
+                    if now < self._fail_next.get(daddr, now):
+                        yield daddr, None
+                        continue
+                    delay = min(self._fail_delay.get(daddr, self.refresh / 2) * 2, self.max_backoff)
+                    self._fail_delay[daddr], self._fail_next[daddr] = delay, now + delay
                 poked.add((oif, hop))
-                self.pokes += 1
-                try:
-                    ipr.neigh("add", dst=hop, ifindex=oif, flags=NTF_USE, state=0)
-                except Exception as e:
-                    log.debug("NTF_USE for %s: %s", hop, e)
-            if lladdr is None or not state & NUD_VALID:
+                self._poke(ipr, oif, hop)
+            if not usable:
                 yield daddr, None
             else:
                 yield daddr, (self._by_ifindex[oif].index,
                               bytes.fromhex(lladdr.replace(":", "")), self._by_ifindex[oif].mac)
+
+    def _poke(self, ipr, oif: int, hop: str) -> None:
+        """Have the kernel resolve ``hop`` as if it transmitted to it.
+
+        "replace" (NLM_F_CREATE | NLM_F_REPLACE) rather than "add": neigh_add
+        answers EEXIST to NLM_F_EXCL before looking at NTF_USE, so "add"
+        only ever worked for a missing entry and left a STALE or FAILED one
+        (a real server that changed its MAC) untouched. With NTF_USE the
+        kernel calls neigh_event_send and ignores the state and lladdr of
+        the request, so nothing is overwritten."""
+        self.pokes += 1
+        try:
+            ipr.neigh("replace", dst=hop, ifindex=oif, flags=NTF_USE, state=0)
+        except Exception as e:
+            self.errors += 1
+            log.warning("NTF_USE for %s on ifindex %d failed: %s", hop, oif, e)
 
     def _route(self, ipr, daddr: int) -> tuple[int, str] | None:
         """(egress ifindex, next hop) of a dest the director can forward to."""

@@ -170,6 +170,7 @@ TUN_NET = "10.0.3"           # the Tun real servers' network, behind the router
 TUN_GW = f"{TUN_NET}.1"      # the router's address there
 GUE_PORT = 6080              # the Tun real servers' decapsulators also take GUE here
 FWDS = ("nat", "dr", "tun", "mixed")
+IOS = ("afpacket", "tap")
 MIXED_KINDS = ("nat", "dr", "tun")  # rs1, rs2, rs3, rs4 ... in a mixed lab
 ADM_FLAG = {"nat": "-m", "dr": "-g", "tun": "-i"}
 
@@ -283,6 +284,7 @@ class Lab:
     router_mtu: int = 0       # the router's client-side interface (0: default 1500)
     server_mtu: int = 0       # director eth1, bridge and real servers (0: default)
     fwd: str = "nat"          # "nat" (this lab), or a routed lab: "dr", "tun", "mixed"
+    io: str = "afpacket"      # "tap": the director is pylvs behind TAPs (TAP_DOC)
     python: str = sys.executable
     procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
 
@@ -301,6 +303,8 @@ class Lab:
         self.rs_names = [f"rs{i + 1}" for i in range(self.servers)]
         if self.fwd not in FWDS:
             raise ValueError(f"fwd must be one of {', '.join(FWDS)}")
+        if self.io not in IOS:
+            raise ValueError(f"io must be one of {', '.join(IOS)}")
         # What each real server is: the lab's method, or NAT, DR, Tun in turn.
         self.kinds = [MIXED_KINDS[i % 3] if self.fwd == "mixed" else self.fwd
                       for i in range(self.servers)]
@@ -329,6 +333,50 @@ class Lab:
         """The director's interfaces: eth0, and eth1 where a NAT segment exists."""
         return ["eth0", "eth1"] if self.switch else ["eth0"]
 
+    @property
+    def director_taps(self) -> list[str]:
+        """io="tap": tapK, bridged with ethK in the director namespace."""
+        return [f"tap{k}" for k in range(len(self.director_ifaces))] if self.io == "tap" else []
+
+    def run_args(self) -> list[str]:
+        """`pylvs run` options for this lab's director: its interfaces, or
+        its TAPs with the addresses pylvs owns there (and the router as
+        gateway in a lab that has one)."""
+        if self.io != "tap":
+            return [a for i in self.director_ifaces for a in ("--iface", i)]
+        args = []
+        for tap, addr in zip(self.director_taps, (self.dip0, self.dip)):
+            args += ["--tap", tap, "--addr", f"{addr}/{PREFIXLEN}"]
+        return args + (["--gateway", ROUTER] if self.router else [])
+
+    def _tap_ports(self) -> None:
+        """io="tap": in the director namespace, ethK and a persistent
+        multi-queue TAP tapK meet in bridge brK (TAP_DOC). The kernel there
+        only switches frames: no address, no route."""
+        if self.io != "tap":
+            return
+        from pyroute2 import NetNS
+
+        if (NETNS_DIR / self.director).exists() and self.run(
+                self.director, ["sh", "-c", "test -d /proc/sys/net/bridge"],
+                check=False).returncode == 0:
+            # br_netfilter is loaded on this host: bridged IPv4 would pass
+            # the director namespace's iptables/arptables (none: the
+            # namespace is new), keep the kernel out of the frames entirely.
+            self.sysctl(self.director, "net.bridge.bridge-nf-call-iptables=0",
+                        "net.bridge.bridge-nf-call-arptables=0")
+        for k, (eth, tap) in enumerate(zip(self.director_ifaces, self.director_taps)):
+            self.run(self.director, ["ip", "tuntap", "add", "dev", tap, "mode", "tap",
+                                     "multi_queue", "vnet_hdr"], timeout=10)
+            with NetNS(self.director) as d:
+                d.link("add", ifname=f"br{k}", kind="bridge")
+                br = d.link_lookup(ifname=f"br{k}")[0]
+                for port in (eth, tap):
+                    d.link("set", index=d.link_lookup(ifname=port)[0], master=br)
+                if k == 1:
+                    _mtu(d, self.server_mtu, tap, f"br{k}")
+                _up(d, f"br{k}", tap)
+
     def servers_of(self, kind: str) -> list[int]:
         """Indexes of the real servers of one kind ("nat", "dr", "tun")."""
         return [i for i, k in enumerate(self.kinds) if k == kind]
@@ -348,7 +396,9 @@ class Lab:
             "namespaces": self.namespaces,
             "client": {"ns": self.client, "iface": "eth0", "cip": self.cip},
             "fwd": self.fwd,
+            "io": self.io,
             "director": {"ns": self.director, "ifaces": self.director_ifaces,
+                         "taps": self.director_taps,
                          "dip0": self.dip0, "vip": self.vip, "dip": self.dip,
                          "ip_forward": self.ip_forward},
             "switch": {"ns": self.switch, "bridge": "br0"} if self.switch else None,
@@ -443,13 +493,17 @@ class Lab:
                    peer={"ifname": front_if, "net_ns_fd": front})
             d.link("add", ifname="eth1", kind="veth",
                    peer={"ifname": "dir", "net_ns_fd": self.switch})
-            _addr(d, "eth0", self.dip0)
-            _addr(d, "eth0", self.vip)
-            _addr(d, "eth1", self.dip)
             _mtu(d, self.server_mtu, "eth1")
             _up(d, "lo", "eth0", "eth1")
-            if self.router:
-                d.route("add", dst=f"{FAR_NET}.0/{PREFIXLEN}", gateway=ROUTER)
+            if self.io == "tap":
+                pass   # the addresses and routes are pylvs's: _tap_ports below
+            else:
+                _addr(d, "eth0", self.dip0)
+                _addr(d, "eth0", self.vip)
+                _addr(d, "eth1", self.dip)
+                if self.router:
+                    d.route("add", dst=f"{FAR_NET}.0/{PREFIXLEN}", gateway=ROUTER)
+        self._tap_ports()
 
         if self.router:
             self.sysctl(self.router_ns, "net.ipv4.ip_forward=1")
@@ -530,17 +584,20 @@ class Lab:
         with NetNS(self.director) as d:
             d.link("add", ifname="eth0", kind="veth",
                    peer={"ifname": "dir", "net_ns_fd": self.front})
-            _addr(d, "eth0", self.dip0)
-            _addr(d, "eth0", self.vip)
             if self.switch:
                 d.link("add", ifname="eth1", kind="veth",
                        peer={"ifname": "dir", "net_ns_fd": self.switch})
-                _addr(d, "eth1", self.dip)
                 _mtu(d, self.server_mtu, "eth1")
             _up(d, "lo", *self.director_ifaces)
-            d.route("add", dst=f"{FAR_NET}.0/{PREFIXLEN}", gateway=ROUTER)
-            if self.far:
-                d.route("add", dst=f"{TUN_NET}.0/{PREFIXLEN}", gateway=ROUTER)
+            if self.io != "tap":
+                _addr(d, "eth0", self.dip0)
+                _addr(d, "eth0", self.vip)
+                if self.switch:
+                    _addr(d, "eth1", self.dip)
+                d.route("add", dst=f"{FAR_NET}.0/{PREFIXLEN}", gateway=ROUTER)
+                if self.far:
+                    d.route("add", dst=f"{TUN_NET}.0/{PREFIXLEN}", gateway=ROUTER)
+        self._tap_ports()
 
         with NetNS(self.client) as c:
             _addr(c, "eth0", self.cip)
@@ -632,8 +689,7 @@ class Lab:
                        taskset: str | None = None) -> subprocess.Popen:
         """Start `pylvs run` in the director namespace; wait for "ready"."""
         log = self.log_path("director")
-        ifaces = [a for i in self.director_ifaces for a in ("--iface", i)]
-        argv = self.pylvs_argv("run", *ifaces, *extra)
+        argv = self.pylvs_argv("run", *self.run_args(), *extra)
         if taskset:
             argv = ["taskset", "-c", taskset, *argv]
         with open(log, "wb") as err:
@@ -850,12 +906,16 @@ class Lab:
             decap = f", pylvs realserver run (gue :{GUE_PORT})" if kind == "tun" else ""
             lines.append(f"  {n:<9} {ns:<24} eth0 rip {rip}/{PREFIXLEN} via {gw[kind]}{vip}"
                          f"  (http :{HTTP_PORT}, udp echo :{UDP_PORT}{decap})")
+        if self.io == "tap":
+            pairs = zip(self.director_ifaces, self.director_taps)
+            lines.append("  director  " + ", ".join(f"br{k}: {e} + {t}" for k, (e, t) in
+                                                    enumerate(pairs))
+                         + " (the addresses above are pylvs's, not the kernel's)")
         d = f"ip netns exec {self.director}"
-        ifaces = " ".join(f"--iface {i}" for i in self.director_ifaces)
         lines += [
             "",
             "commands:",
-            f"  {d} pylvs run {ifaces} &",
+            f"  {d} pylvs run {' '.join(self.run_args())} &",
             f"  {d} pylvs adm -A -t {self.vip}:80 -s wlc",
         ]
         for i, (rip, kind) in enumerate(zip(self.rips, self.kinds)):
@@ -864,8 +924,10 @@ class Lab:
         lines += [
             f"  {d} pylvs adm -L -n --stats",
             f"  ip netns exec {self.client} curl -s http://{self.vip}/whoami",
-            f"  {d} tcpdump -ni any tcp port 80   # what pylvs sends too: "
-            "pylvs run --no-qdisc-bypass",
+            (f"  {d} tcpdump -ni tap0 tcp port 80   # both ways: a TAP sees all pylvs does"
+             if self.io == "tap" else
+             f"  {d} tcpdump -ni any tcp port 80   # what pylvs sends too: "
+             "pylvs run --no-qdisc-bypass"),
             f"  pylvs lab down --name {self.name}",
         ]
         return "\n".join(lines)

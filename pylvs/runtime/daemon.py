@@ -92,6 +92,12 @@ class Options:
     # the director sees what pylvs transmits (slower; docs/io.md).
     qdisc_bypass: bool = True
     pcap: str | None = None      # --pcap FILE: every frame sent, written there too
+    # --tap NAME ... (pylvs/io/tap.py): TAP ports instead of interfaces, the
+    # director's addresses given here (--addr DIP/PLEN per TAP, --gateway).
+    tap: list[str] = field(default_factory=list)
+    tap_addrs: list[str] = field(default_factory=list)
+    gateway: str | None = None
+    mac: str | None = None
     # --steering: "bpf", "nft", or None (bpf, nft where tcx cannot attach);
     # pylvs/control/steering.py.
     steering: str | None = None
@@ -109,7 +115,7 @@ class Daemon:
         # embedding (tests, labs) without a config file.
         self.on_start = on_start
         self.opts = opts
-        self.ifaces = opts.ifaces or default_interfaces()
+        self.ifaces = opts.tap or opts.ifaces or default_interfaces()
         if not self.ifaces:
             raise SystemExit("pylvs run: no interface is up in this network namespace; use --iface")
         for i, name in enumerate(self.ifaces):
@@ -308,6 +314,8 @@ class Daemon:
         from ..io.xdp import open_backend
 
         self.counters = tables.Counters(self.opts.max_services, self.opts.max_dests)
+        if self._backend is None and self.opts.tap:
+            self._build_tap()
         if self._backend is None:
             self._backend = open_backend(self.ifaces, self.opts.io,
                                          qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap)
@@ -350,6 +358,21 @@ class Daemon:
         self._control_hooks()
         self.balancer.conns_source = self._conns
         self.balancer.clock = time.monotonic  # the time base forward() is given
+
+    def _build_tap(self) -> None:
+        """The TAP backend brings its own resolver (user-space ARP), network
+        state (ports and routes from --addr/--gateway) and no steering."""
+        from ..io import tap
+
+        try:
+            self._backend = tap.open_workers(self.opts.tap, 1, addrs=self.opts.tap_addrs,
+                                             gateway=self.opts.gateway, mac=self.opts.mac)[0]
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"pylvs run: {e}") from None
+        host = self._backend.host
+        self._resolver, self._steering, self._netwatch = host, tap.NoSteering(), host.net
+        self._local = host.local
+        host.announce_all()
 
     def _control_hooks(self) -> None:
         """`pylvs stats` reads the engine; --sysctl values go in at start
@@ -539,7 +562,7 @@ class Daemon:
         self._read_config()
         raise_nofile_limit()
         self._claim_netns()
-        self._local = local_addresses()
+        self._local = frozenset() if self.opts.tap else local_addresses()
         try:
             self._build()
             # The -c rules are checked against the namespace's addresses
@@ -734,7 +757,42 @@ def main(argv: list[str] | None = None) -> int:
                     "with a warning where XDP cannot attach)")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
+    ap.add_argument("--tap", action="append", default=[], metavar="NAME",
+                    help="serve TAP device NAME instead of interfaces (created if missing; "
+                    "repeatable, one --addr each): pylvs owns the director's addresses "
+                    "there and answers ARP and ping itself (docs/io.md, netns-labs/tap)")
+    ap.add_argument("--addr", action="append", default=[], metavar="DIP/PLEN", dest="tap_addrs",
+                    help="with --tap: the director's address and prefix on the TAP of the "
+                    "same rank (the source of its ARP requests and of VS-Tun packets)")
+    ap.add_argument("--gateway", metavar="GW", help="with --tap: the default route's next hop, "
+                    "inside one --addr prefix (default: none, only the prefixes are reached)")
+    ap.add_argument("--mac", metavar="MAC", help="with --tap: the director's MAC on the first "
+                    "TAP, +1 per further TAP (default: random, locally administered)")
     a = ap.parse_args(argv)
+    if a.tap:
+        from ..io import tap as tapmod
+
+        if a.iface or a.pcap or a.steering or a.io != "afpacket":
+            ap.error("--tap goes with none of --iface, --pcap, --steering, --io (nothing to steer "
+                     "behind a TAP; capture on the TAP itself: tcpdump -i NAME sees both ways)")
+        try:
+            if len(a.tap_addrs) != len(a.tap):
+                raise ValueError(f"{len(a.tap)} --tap but {len(a.tap_addrs)} --addr: "
+                                 "give one DIP/PLEN per TAP")
+            for text in a.tap_addrs:
+                tapmod.parse_addr(text)
+            if a.mac:
+                tapmod.parse_mac(a.mac)
+            if a.gateway:
+                import ipaddress
+                try:
+                    ipaddress.IPv4Address(a.gateway)
+                except ValueError:
+                    raise ValueError(f"--gateway {a.gateway!r}: not an IPv4 address") from None
+        except ValueError as e:
+            ap.error(str(e))
+    elif a.tap_addrs or a.gateway or a.mac:
+        ap.error("--addr, --gateway and --mac go with --tap")
     try:  # a typo in a knob fails here, before anything starts
         bal.Balancer(tables.Counters(1, 1)).set_sysctls(dict(a.sysctl))
     except bal.BalancerError as e:
@@ -743,7 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
                    capacity=a.conn_max, engine=a.engine, max_services=a.max_services,
                    max_dests=a.max_dests, sysctls=dict(a.sysctl),
-                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, steering=a.steering, io=a.io)
+                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, steering=a.steering, tap=a.tap,
+                   tap_addrs=a.tap_addrs, gateway=a.gateway, mac=a.mac, io=a.io)
     try:
         return Daemon(opts).run()
     except SystemExit:

@@ -12,6 +12,7 @@ import collections
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -212,15 +213,28 @@ def test_delete_service_stops_forwarding_and_steering(lab: Lab):
     lab.adm("-D", "-t", vip)
     p = lab.run(lab.client, lab.curl_argv("/whoami", max_time=3), timeout=10, check=False)
     assert p.returncode != 0, f"still answered after -D: {p.stdout!r}"
-    assert lab.vip not in _steered(lab, "services")
+    # The six conns (TIME_WAIT) still hold the deleted service's key, as
+    # they hold its dests in the kernel's trash (see
+    # test_deleted_service_conns_resume_when_re_added).
+    assert lab.vip in _steered(lab, "services")
     assert not any(rip in _steered(lab, "realservers") for rip in lab.rips)
     assert "TCP" not in lab.adm("-L", "-n").split("RemoteAddress")[-1]
+    # A service that made no conns leaves steering at once.
+    lab.adm("-A", "-t", f"{lab.vip}:81", "-s", "rr")
+    lab.adm("-a", "-t", f"{lab.vip}:81", "-r", f"{lab.rips[0]}:81", "-m")
+    assert lab.rips[0] in _steered(lab, "realservers")
+    lab.adm("-D", "-t", f"{lab.vip}:81")
+    assert not any(rip in _steered(lab, "realservers") for rip in lab.rips)
+    assert ". 81" not in _steered(lab, "services")
 
 
 def _steered(lab: Lab, set_name: str) -> str:
-    """Elements of a steering set of the director ('' if nothing steers)."""
+    """Elements of a steering set of the director's eth0, BPF or nft ('' if
+    nothing steers), as "10.0.0.100 . tcp . 80" strings joined."""
+    from nsio import steering_state
+
     st = steering_state(lab.director, "eth0")
-    return json.dumps(st["sets"][set_name]) if st else ""
+    return " | ".join(st["sets"].get(set_name, [])) if st else ""
 
 
 # --- the director's own stack stays silent -------------------------------------
@@ -280,3 +294,94 @@ def test_director_stack_sends_no_rst_no_icmp(lab_fwd: Lab, tmp_path):
     # by index, and only there do the indexes mean eth0 and eth1.
     seen = lab.run(lab.director, ["tcpdump", "-n", "-r", str(pcap)]).stdout
     assert seen.strip() == "", f"RST/ICMP on the director's interfaces:\n{seen[:3000]}"
+
+
+def _slow_download(lab: Lab, out, n: int, rate: int, max_time: float) -> subprocess.Popen:
+    """curl of /bytes/n paced at rate B/s through VIP:8080, once bytes arrive."""
+    p = subprocess.Popen(["ip", "netns", "exec", lab.client, *lab.curl_argv(
+        f"/bytes/{n}?rate={rate}", "-o", str(out), port=8080, max_time=max_time)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 5
+    while not (out.exists() and out.stat().st_size > 0):
+        assert time.monotonic() < deadline and p.poll() is None, "download never started"
+        time.sleep(0.05)
+    return p
+
+
+PACED_UPLOAD = r"""
+import hashlib, json, socket, sys, time
+vip, n = sys.argv[1], int(sys.argv[2])
+body = bytes(range(256)) * (n // 256)
+s = socket.create_connection((vip, 8080), timeout=20)
+s.sendall(b"PUT /sink HTTP/1.1\r\nHost: vip\r\nContent-Length: %d\r\n\r\n" % len(body))
+print("started", flush=True)
+for i in range(0, len(body), 4096):   # about 200 kB/s: the client talks all along
+    s.sendall(body[i:i + 4096])
+    time.sleep(0.02)
+reply = b""
+while not reply.endswith(b"\n") or b"\r\n\r\n" not in reply:
+    d = s.recv(4096)
+    if not d:
+        break
+    reply += d
+print(json.dumps([reply.split(b"\r\n\r\n", 1)[-1].decode().strip(),
+                  "%d %s" % (len(body), hashlib.sha256(body).hexdigest())]))
+"""
+
+
+def test_deleted_service_conns_resume_when_re_added(lab: Lab, tmp_path):
+    """Kernel IPVS keeps a deleted service's conns (their dests wait in the
+    trash; their packets are dropped meanwhile): -D then -R re-adding the
+    service and its dest 0.3 s later, a paced download and a paced upload
+    (whose client sends all along, so its segments meet the gap) complete
+    byte for byte, where the director's kernel used to reset them."""
+    vip = lab.nat_service("tcp", 8080, [1], rport=80)
+    n = 1_500_000
+    out = tmp_path / "slow"
+    slow = _slow_download(lab, out, n, 300_000, 20)
+    up = subprocess.Popen(["ip", "netns", "exec", lab.client, sys.executable, "-c", PACED_UPLOAD,
+                           lab.vip, str(600_000)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        assert up.stdout.readline().strip() == "started"
+        time.sleep(0.3)
+        lab.adm("-D", "-t", vip)
+        time.sleep(0.3)
+        lab.adm("-R", stdin=f"-A -t {vip} -s wlc\n-a -t {vip} -r {lab.rips[0]}:80 -m\n")
+        _, err = slow.communicate(timeout=30)
+        up_out, up_err = up.communicate(timeout=30)
+    finally:
+        for p in (slow, up):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert slow.returncode == 0, err
+    got = out.read_bytes()
+    assert len(got) == n and got == content(0, n)
+    assert up.returncode == 0, up_err
+    answer, want = json.loads(up_out.strip().splitlines()[-1])
+    assert answer == want
+
+
+def test_deleted_service_stalls_then_is_released(lab: Lab, tmp_path):
+    """-D without re-adding: the download stalls without a reset while its
+    conn lives (IPVS drops the packets of a conn whose dest is gone); once
+    the conn expires (tcp timeout 3 s here) the estimator's pass releases
+    the service's steering entry."""
+    lab.adm("--set", "3", "3", "3")
+    vip = lab.nat_service("tcp", 8080, [1], rport=80)
+    out = tmp_path / "slow"
+    slow = _slow_download(lab, out, 3_000_000, 300_000, 30)
+    try:
+        lab.adm("-D", "-t", vip)
+        time.sleep(2)
+        assert slow.poll() is None, slow.communicate()
+        assert lab.vip in _steered(lab, "services")
+        deadline = time.monotonic() + 15
+        while lab.vip in _steered(lab, "services"):
+            assert time.monotonic() < deadline, "steering entry never released"
+            time.sleep(0.5)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+        slow.communicate()

@@ -44,3 +44,29 @@ print(json.dumps(out))
     assert res["local"] is None and res["absent"] is None
     from pylvs.io.bpf import ip
     assert set(res["changed"]) == {ip("10.9.1.2"), ip("10.9.7.9")}
+
+
+def test_dr_real_server_changing_its_mac_is_reached_again(director_lab):
+    """`ip link set eth0 address ...` on a VS-DR real server (no gratuitous
+    ARP: arp_notify is 0): the director's kernel entry goes STALE with the
+    old MAC; pylvs must make the kernel re-resolve it (as a kernel IPVS
+    transmit does) and use the new MAC. The director's neighbour timers are
+    shortened so the kernel's own STALE -> DELAY -> PROBE -> FAILED -> ARP
+    sequence takes seconds, not a minute."""
+    import time
+
+    lab = director_lab(fwd="dr", servers=1)
+    for key, value in (("base_reachable_time_ms", 1000), ("delay_first_probe_time", 1),
+                       ("retrans_time_ms", 200)):
+        sh("ip", "netns", "exec", lab.director, "sysctl", "-qw",
+           f"net.ipv4.neigh.eth0.{key}={value}")
+    lab.service("tcp", 80, [1])
+    assert lab.curl("/whoami", max_time=5).returncode == 0
+    new = "02:00:00:00:00:25"
+    sh("ip", "netns", "exec", lab.rs[0], "ip", "link", "set", "eth0", "address", new)
+    t0, ok = time.monotonic(), False
+    while not ok and time.monotonic() - t0 < 30:
+        ok = lab.curl("/whoami", max_time=1, check=False).returncode == 0
+    took = time.monotonic() - t0
+    assert ok and took < 20, (took, lab.director_log()[-3000:])
+    assert f"dest {lab.rips[0]} via port 0 mac {new}" in lab.director_log()
