@@ -57,6 +57,9 @@ Impls, in the same lab, alternating round by round:
   tcpdump on the director): what watching both sides costs.
 - ``pylvs-pcap`` (only with ``--impl``): ``pylvs`` with ``--pcap FILE``
   (every frame sent also written to a pcap file in the lab's directory).
+- ``pylvs-xdp`` (only with ``--impl``): ``pylvs`` with ``--io xdp`` (AF_XDP
+  sockets fed by an XDP program on the director's ports, copy mode on veth).
+  trafgen's frames carry full checksums, which XDP frames need.
 
 Two ways of sharing the two cores, both measured (``--rps``):
 
@@ -123,6 +126,7 @@ KERNEL_IMPLS = {"nat": "kernel-nft", "dr": "kernel-nft-fwd"}
 VARIANTS = {
     "pylvs-no-qdisc-bypass": lambda lab: ("--no-qdisc-bypass",),
     "pylvs-pcap": lambda lab: ("--pcap", str(lab.log_path("sent").with_suffix(".pcap"))),
+    "pylvs-xdp": lambda lab: ("--io", "xdp"),
 }
 IMPLS = ("pylvs", "kernel-nft", "kernel-nft-fwd", "cfloor", *VARIANTS)
 

@@ -39,6 +39,10 @@ class Object:
     def attach_tcx_ingress(self, prog: str, ifindex: int) -> Link:
         """Attach the named program first at tcx ingress of the interface
         (kernel >= 6.6; OSError EINVAL without tcx, EPERM without CAP_BPF)."""
+    def attach_xdp(self, prog: str, ifindex: int, generic: bool = False) -> Link:
+        """Attach the named XDP program through a BPF link, native (driver)
+        mode or generic (skb) mode (OSError EOPNOTSUPP: no native XDP;
+        EBUSY/EEXIST: another XDP program is there)."""
     def close(self) -> None:
         """Free the object; its Links and Maps stay valid."""
 
@@ -54,3 +58,11 @@ def map_from_id(map_id: int) -> Map:
 def prog_test_run(prog_id: int, frame: bytes) -> int:
     """A loaded program's verdict on one Ethernet frame (BPF_PROG_TEST_RUN;
     for tc programs a frame to MAC 00:00:00:00:00:00 is PACKET_HOST)."""
+
+def xdp_query(ifindex: int) -> dict:
+    """{"prog_id": int, "mode": "none"|"native"|"generic"|"offload"|"multi",
+    "link": bool}: the interface's XDP program and whether a BPF link holds it."""
+
+def xdp_detach(ifindex: int, prog_id: int, generic: bool = False) -> None:
+    """Detach prog_id if netlink attached it there in native (generic) mode
+    (OSError otherwise)."""

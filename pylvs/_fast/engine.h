@@ -83,5 +83,6 @@ long pylvs_engine_expire(PylvsEngine *e, double now, long budget);
 int pylvs_engine_register(PyObject *module);
 int pylvs_afpacket_register(PyObject *module);
 int pylvs_tap_register(PyObject *module);
+int pylvs_xdp_register(PyObject *module);  /* xdp.c: AF_XDP */
 
 #endif

@@ -17,7 +17,8 @@ PyMODINIT_FUNC PyInit__fast(void)
         return NULL;
     if (pylvs_engine_register(m) < 0 || pylvs_afpacket_register(m) < 0 ||
         pylvs_icmp_register(m) < 0 || pylvs_tun_register(m) < 0 ||
-        pylvs_capture_register(m) < 0 || pylvs_tap_register(m) < 0) {
+        pylvs_capture_register(m) < 0 || pylvs_tap_register(m) < 0 ||
+        pylvs_xdp_register(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -27,6 +27,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
+#include <linux/if_link.h>
 
 #define TCX_INGRESS 46      /* enum bpf_attach_type BPF_TCX_INGRESS */
 #define TCX_EGRESS 47       /* BPF_TCX_EGRESS */
@@ -530,6 +531,38 @@ static PyObject *object_attach(ObjectObject *self, PyObject *args)
 	return link_from_fd(fd, ifindex);
 }
 
+PyDoc_STRVAR(object_attach_xdp_doc,
+"attach_xdp(prog: str, ifindex: int, generic: bool = False) -> Link\n\n"
+"Attach the named XDP program to the interface through a new BPF link:\n"
+"in the driver (native mode), or in the generic skb path when generic.\n"
+"OSError as the kernel refused (EOPNOTSUPP: no native XDP in the driver;\n"
+"EBUSY/EEXIST: another XDP program is attached; EPERM; ENODEV).");
+
+static PyObject *object_attach_xdp(ObjectObject *self, PyObject *args)
+{
+	const char *name;
+	unsigned int ifindex;
+	int generic = 0;
+	struct bpf_program *prog;
+	LIBBPF_OPTS(bpf_link_create_opts, opts);
+	int fd;
+
+	if (!object_open(self) || !PyArg_ParseTuple(args, "sI|p", &name, &ifindex, &generic))
+		return NULL;
+	prog = bpf_object__find_program_by_name(self->obj, name);
+	if (!prog)
+		return PyErr_Format(PyExc_KeyError, "no BPF program %s", name);
+	opts.flags = generic ? XDP_FLAGS_SKB_MODE : XDP_FLAGS_DRV_MODE;
+	fd = bpf_link_create(bpf_program__fd(prog), (int)ifindex, BPF_XDP, &opts);
+	if (fd < 0) {
+		char what[128];
+		snprintf(what, sizeof(what), "attaching %s (%s XDP) to ifindex %u", name,
+			 generic ? "generic" : "native", ifindex);
+		return os_error(errno, what);
+	}
+	return link_from_fd(fd, ifindex);
+}
+
 static PyObject *object_close(ObjectObject *self, PyObject *unused)
 {
 	/* Links keep their program: closing the object detaches nothing. */
@@ -543,6 +576,7 @@ static PyObject *object_close(ObjectObject *self, PyObject *unused)
 static PyMethodDef object_methods[] = {
 	{"map", (PyCFunction)object_map, METH_VARARGS, object_map_doc},
 	{"attach_tcx_ingress", (PyCFunction)object_attach, METH_VARARGS, object_attach_doc},
+	{"attach_xdp", (PyCFunction)object_attach_xdp, METH_VARARGS, object_attach_xdp_doc},
 	{"close", (PyCFunction)object_close, METH_NOARGS, "close() -> None"},
 	{NULL}
 };
@@ -671,6 +705,72 @@ static PyObject *prog_test_run(PyObject *mod, PyObject *args)
 	return PyLong_FromUnsignedLong(opts.retval);
 }
 
+PyDoc_STRVAR(xdp_query_doc,
+"xdp_query(ifindex: int) -> dict\n\n"
+"{'prog_id': int, 'mode': str, 'link': bool} of the XDP program attached to\n"
+"the interface (prog_id 0, mode 'none' when there is none); 'link': it is\n"
+"held by a BPF link (else attached by netlink, which outlives its owner).");
+
+static PyObject *xdp_query(PyObject *mod, PyObject *args)
+{
+	unsigned int ifindex;
+	LIBBPF_OPTS(bpf_xdp_query_opts, opts);
+	static const char *modes[] = {"none", "native", "generic", "offload", "multi"};
+	int link = 0;
+
+	if (!PyArg_ParseTuple(args, "I", &ifindex))
+		return NULL;
+	if (bpf_xdp_query((int)ifindex, 0, &opts))
+		return os_error(errno, "querying the XDP program of an interface");
+	if (opts.prog_id) {
+		/* Netlink does not say who holds the program: walk the links. */
+		__u32 id = 0;
+		while (!bpf_link_get_next_id(id, &id)) {
+			struct bpf_link_info info;
+			__u32 len = sizeof(info);
+			int fd = bpf_link_get_fd_by_id(id);
+
+			if (fd < 0)
+				continue;
+			memset(&info, 0, sizeof(info));
+			if (!bpf_obj_get_info_by_fd(fd, &info, &len) && info.type == BPF_LINK_TYPE_XDP
+			    && info.xdp.ifindex == ifindex && info.prog_id == opts.prog_id)
+				link = 1;
+			close(fd);
+			if (link)
+				break;
+		}
+	}
+	return Py_BuildValue("{s:I,s:s,s:O}", "prog_id", opts.prog_id, "mode",
+			     opts.attach_mode < 5 ? modes[opts.attach_mode] : "unknown",
+			     "link", link ? Py_True : Py_False);
+}
+
+PyDoc_STRVAR(xdp_detach_doc,
+"xdp_detach(ifindex: int, prog_id: int, generic: bool = False) -> None\n\n"
+"Detach the XDP program prog_id, attached by netlink in native (or generic)\n"
+"mode, from the interface if it is still the one there (OSError EEXIST\n"
+"otherwise; a program held by a link cannot be detached this way).");
+
+static PyObject *xdp_detach(PyObject *mod, PyObject *args)
+{
+	unsigned int ifindex, prog_id;
+	int generic = 0;
+	LIBBPF_OPTS(bpf_xdp_attach_opts, opts);
+
+	if (!PyArg_ParseTuple(args, "II|p", &ifindex, &prog_id, &generic))
+		return NULL;
+	opts.old_prog_fd = bpf_prog_get_fd_by_id(prog_id);
+	if (opts.old_prog_fd < 0)
+		return os_error(errno, "opening an XDP program by id");
+	int err = bpf_xdp_detach((int)ifindex, XDP_FLAGS_REPLACE
+				 | (generic ? XDP_FLAGS_SKB_MODE : XDP_FLAGS_DRV_MODE), &opts);
+	close(opts.old_prog_fd);
+	if (err)
+		return os_error(err, "detaching an XDP program");
+	Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(map_from_id_doc, "map_from_id(map_id: int) -> Map\n\nOpen a loaded map by its id.");
 
 static PyObject *map_from_id(PyObject *mod, PyObject *args)
@@ -690,6 +790,8 @@ static PyMethodDef module_methods[] = {
 	{"tcx_query", tcx_query, METH_VARARGS, tcx_query_doc},
 	{"prog_info", prog_info, METH_VARARGS, prog_info_doc},
 	{"map_from_id", map_from_id, METH_VARARGS, map_from_id_doc},
+	{"xdp_query", xdp_query, METH_VARARGS, xdp_query_doc},
+	{"xdp_detach", xdp_detach, METH_VARARGS, xdp_detach_doc},
 	{"prog_test_run", prog_test_run, METH_VARARGS, prog_test_run_doc},
 	{NULL}
 };

@@ -272,6 +272,29 @@ def _addr_keys(addrs) -> bytes:
     return b"".join(struct.pack("!I", a) for a in addrs)
 
 
+def _encode(name: str, values) -> bytes:
+    return _l4_keys(values) if name in L4_SETS else _addr_keys(values)
+
+
+def sync_sets(maps: dict, current: dict[str, set], want: dict[str, list]) -> None:
+    """Make the BPF hash maps ``maps[name]`` (of steer.bpf.c's key layouts)
+    hold ``want[name]`` for every name in both, ``current`` being what they
+    hold now (updated as it goes): new keys first, "local" first of all, then
+    old keys out, so no kept key is missing meanwhile. OSError from the map
+    (E2BIG: full), ``current`` then still true."""
+    names = [n for n in ("local", *SETS[:-1]) if n in maps and n in want]
+    for name in names:
+        add = set(want[name]) - current[name]
+        if add:
+            maps[name].update(_encode(name, sorted(add)), b"\x01")
+        current[name] |= add
+    for name in reversed(names):
+        drop = current[name] - set(want[name])
+        if drop:
+            maps[name].delete(_encode(name, sorted(drop)))
+        current[name] -= drop
+
+
 def _decode(name: str, raw: bytes) -> list:
     if name in L4_SETS:
         return sorted((p, a, port) for a, port, p in struct.iter_unpack("!IHBx", raw))
@@ -342,24 +365,10 @@ class BpfSteering:
         old keys out; the program stays attached throughout."""
         if not self.links:
             raise SteeringError("BPF steering: already removed")
-        want = {k: set(v) for k, v in sets_of(services, dests, local_addrs).items()}
         try:
-            for name in ("local", *SETS[:-1]):
-                add = want[name] - self._current[name]
-                if add:
-                    self.maps[name].update(self._encode(name, sorted(add)), b"\x01")
-                self._current[name] |= add
-            for name in (*SETS[:-1], "local"):
-                drop = self._current[name] - want[name]
-                if drop:
-                    self.maps[name].delete(self._encode(name, sorted(drop)))
-                self._current[name] -= drop
+            sync_sets(self.maps, self._current, sets_of(services, dests, local_addrs))
         except OSError as e:
             raise SteeringError(f"BPF steering: {_why(e)}") from e
-
-    @staticmethod
-    def _encode(name: str, values) -> bytes:
-        return _l4_keys(values) if name in L4_SETS else _addr_keys(values)
 
     def sets(self) -> dict[str, list]:
         """The maps' contents as ``sets_of`` gives them, read from the kernel."""

@@ -105,6 +105,9 @@ class Options:
     # --steering: "bpf", "nft", or None (bpf, nft where tcx cannot attach);
     # pylvs/control/steering.py.
     steering: str | None = None
+    # --io: "afpacket" or "xdp" (AF_XDP, AF_PACKET where XDP cannot attach;
+    # pylvs/io/xdp.py).
+    io: str = "afpacket"
 
 
 class Daemon:
@@ -286,12 +289,17 @@ class Daemon:
     def _build(self) -> None:
         from ..engine import new_engine
         from ..io import open_workers
+        from ..io.xdp import open_backend
         from .worker import LockedEngine, Worker
 
         n = self.opts.workers
         self.counters = tables.CounterSum(self.opts.max_services, self.opts.max_dests, n)
         if self._backends is None and self.opts.tap:
             self._build_tap()
+        if self._backends is None and self.opts.io == "xdp":
+            # One XSK per port on rx queue 0: one worker (docs/io.md).
+            self._backends = [open_backend(self.ifaces, "xdp", qdisc_bypass=self.opts.qdisc_bypass,
+                                           pcap=self.opts.pcap)]
         if self._backends is None:
             self._backends = open_workers("afpacket", self.ifaces, n,
                                           qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap)
@@ -310,6 +318,9 @@ class Daemon:
                                                max_dests=self.opts.max_dests)
             except SteeringError as e:
                 raise SystemExit(f"pylvs run: --steering {self.opts.steering}: {e}") from None
+            steer = getattr(self.backend, "steer", None)   # XDP: its sets follow steering's
+            if steer is not None:
+                self._steering = steer(self._steering)
         self.steering = self._steering
         try:
             from ..control.balancer import Balancer
@@ -750,6 +761,12 @@ def main(argv: list[str] | None = None) -> int:
                     "program the kernel detaches when pylvs dies; nft, a netdev table that "
                     "stays (dropping the VIPs' traffic) after a kill -9 until the next start "
                     "(default: bpf, nft where the kernel cannot attach tcx programs)")
+    ap.add_argument("--io", choices=("afpacket", "xdp"), default="afpacket",
+                    help="how frames reach the engine: afpacket, TPACKET_V3 rings of "
+                    "AF_PACKET taps; xdp, AF_XDP sockets fed by an XDP program that takes "
+                    "only the virtual services' traffic and drops excess load before the "
+                    "kernel builds socket buffers (falls back to afpacket "
+                    "with a warning where XDP cannot attach)")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
     ap.add_argument("--tap", action="append", default=[], metavar="NAME",
@@ -767,8 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.tap:
         from ..io import tap as tapmod
 
-        if a.iface or a.pcap or a.steering:
-            ap.error("--tap goes with none of --iface, --pcap, --steering (nothing to steer "
+        if a.iface or a.pcap or a.steering or a.io != "afpacket":
+            ap.error("--tap goes with none of --iface, --pcap, --steering, --io (nothing to steer "
                      "behind a TAP; capture on the TAP itself: tcpdump -i NAME sees both ways)")
         try:
             if len(a.tap_addrs) != len(a.tap):
@@ -801,7 +818,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.tap and a.workers and a.workers > 1:
         ap.error("--tap runs one worker (--workers 1): the TAP's queues are not yet "
                  "steered by client address")
-    workers = 1 if a.tap else a.workers or (default_workers() if a.engine == "c" else 1)
+    # AF_XDP: an XSK receives only from its own rx queue, and the queue is
+    # the NIC's choice, not a client-address key: one worker for now.
+    if a.io == "xdp" and a.workers and a.workers > 1:
+        ap.error("--io xdp runs one worker (--workers 1): its queues are not yet "
+                 "steered by client address")
+    workers = (1 if a.tap or a.io == "xdp"
+               else a.workers or (default_workers() if a.engine == "c" else 1))
     if workers > 1 and a.engine != "c":
         ap.error("--workers above 1 needs --engine c")
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
@@ -809,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
                    max_dests=a.max_dests, sysctls=dict(a.sysctl),
                    qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, workers=workers,
                    steering=a.steering, tap=a.tap, tap_addrs=a.tap_addrs, gateway=a.gateway,
-                   mac=a.mac)
+                   mac=a.mac, io=a.io)
     try:
         return Daemon(opts).run()
     except SystemExit:

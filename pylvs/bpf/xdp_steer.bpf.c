@@ -1,0 +1,170 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+/*
+ * XDP: hand the director's frames to its AF_XDP sockets (pylvs run --io xdp).
+ *
+ * A frame redirected to an XSK never becomes an skb: the kernel's stack,
+ * its taps and tc never see it. So this program redirects exactly the
+ * frames the steering program (steer.bpf.c) would drop after the engine
+ * took its copy, the frames that are the engine's alone:
+ *
+ *   - to this interface's MAC (IPVS ignores other packet types,
+ *     ip_vs_in_hook), IPv4, not a non-first fragment, and
+ *   - (daddr, dport, proto) is a virtual service, or
+ *   - daddr is not one of the director's addresses (`local`) and either
+ *     (saddr, sport, proto) is a VS-NAT dest (a real server's reply) or it
+ *     is an ICMP error (types 3, 4, 11) from a VS-NAT dest's address.
+ *
+ * Everything else is XDP_PASS. The frames that both the engine and the
+ * kernel need (ICMP errors to a VIP or to the director's own addresses, a
+ * real server's reply to the director itself) are passed, and the backend
+ * takes the engine's copy from an AF_PACKET tap as in the AF_PACKET mode
+ * (pylvs/io/xdp.py). So whatever the engine then decides, pass included,
+ * the kernel's share is what it is with AF_PACKET plus steering.
+ *
+ * The sets are the hash maps below, rewritten by control on every table
+ * change (no reload). `ports` maps an ifindex to its MAC and its slot; the
+ * XSK of (slot, rx queue) is at xsks[slot * MAX_QUEUES + queue]. A frame
+ * whose queue has no XSK falls back to XDP_PASS (bpf_redirect_map's
+ * default), where steering and the AF_PACKET tap treat it as before.
+ *
+ * Counters (per-CPU, [index]): 0 redirected, 1 no_xsk (redirect fell back
+ * to the stack). Frames of the sets to another MAC are passed, and counted
+ * by steering (not_host), which sees them next.
+ *
+ * The program is attached through a BPF link only the director holds: the
+ * kernel detaches it when the director dies.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define IP_OFFSET 0x1fff
+#define MAX_QUEUES 64
+
+struct l4_key {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct port_info {
+	__u8 mac[6];
+	__u16 slot;
+};
+
+#define SET(name, key_t)                                       \
+	struct {                                               \
+		__uint(type, BPF_MAP_TYPE_HASH);               \
+		__uint(map_flags, BPF_F_NO_PREALLOC);          \
+		__uint(max_entries, 1024);                     \
+		__type(key, key_t);                            \
+		__type(value, __u8);                           \
+	} name SEC(".maps")
+
+SET(services, struct l4_key);
+SET(realservers, struct l4_key);
+SET(rsaddrs, __be32);
+SET(local, __be32);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, struct port_info);
+} ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_XSKMAP);
+	__uint(max_entries, 64 * MAX_QUEUES);
+	__type(key, __u32);
+	__type(value, __u32);
+} xsks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+static __always_inline void count(__u32 i)
+{
+	__u64 *n = bpf_map_lookup_elem(&counters, &i);
+
+	if (n)
+		*n += 1;
+}
+
+static __always_inline int in_set(void *map, const void *key)
+{
+	return bpf_map_lookup_elem(map, key) != NULL;
+}
+
+static __always_inline int icmp_error(__u8 type)
+{
+	return type == 3 || type == 4 || type == 11;
+}
+
+static __always_inline int same_mac(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2]
+	    && a[3] == b[3] && a[4] == b[4] && a[5] == b[5];
+}
+
+SEC("xdp")
+int pylvs_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph;
+	struct l4_key svc = {}, rs = {};
+	struct port_info *pi;
+	__u8 *l4;
+	__u32 ifindex = ctx->ingress_ifindex, ihl, key;
+	int ours;
+
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return XDP_PASS;
+	iph = (void *)(eth + 1);
+	if ((void *)(iph + 1) > end)
+		return XDP_PASS;
+	ihl = iph->ihl * 4;
+	if (iph->version != 4 || ihl < sizeof(*iph) || (iph->frag_off & bpf_htons(IP_OFFSET)))
+		return XDP_PASS;
+	l4 = (__u8 *)iph + ihl;
+	if ((void *)(l4 + 4) > end)
+		return XDP_PASS;
+	svc.addr = iph->daddr;
+	svc.proto = iph->protocol;
+	__builtin_memcpy(&svc.port, l4 + 2, 2);
+	rs.addr = iph->saddr;
+	rs.proto = iph->protocol;
+	__builtin_memcpy(&rs.port, l4, 2);
+
+	ours = in_set(&services, &svc);
+	if (!ours && !in_set(&local, &iph->daddr))
+		ours = in_set(&realservers, &rs)
+		    || (iph->protocol == IPPROTO_ICMP && icmp_error(l4[0])
+			&& in_set(&rsaddrs, &iph->saddr));
+	if (!ours)
+		return XDP_PASS;
+	pi = bpf_map_lookup_elem(&ports, &ifindex);
+	if (!pi)
+		return XDP_PASS;
+	if (!same_mac(eth->h_dest, pi->mac))
+		return XDP_PASS;
+	key = (__u32)pi->slot * MAX_QUEUES + ctx->rx_queue_index;
+	if (ctx->rx_queue_index >= MAX_QUEUES || !bpf_map_lookup_elem(&xsks, &key)) {
+		count(1);
+		return XDP_PASS;
+	}
+	count(0);
+	return bpf_redirect_map(&xsks, key, XDP_PASS);
+}
+
+char LICENSE[] SEC("license") = "GPL";

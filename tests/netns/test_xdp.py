@@ -1,0 +1,341 @@
+"""`pylvs run --io xdp`: the XDP program's rules, HTTP through NAT, DR and
+Tun over AF_XDP, interfaces left as found (stop, kill -9, a leftover
+program), and the fallback to AF_PACKET.
+
+The peers that send towards the director (client, real servers) have tx
+checksum offload turned off: an XDP frame carries no "checksum partial"
+state (docs/io.md, "The AF_XDP backend"), which a real NIC never needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sysconfig
+import time
+
+import pytest
+
+from pylvs.lab.httpd import content
+from pylvs.lab.topology import Lab
+from test_fwd_methods import DR, NAT, TUN, assert_content, download, only
+from test_steering import RULE_CASES, _probe
+
+pytestmark = pytest.mark.netns
+
+PORT = 80
+XDP = ("--io", "xdp")
+
+XDP_OF = """
+import json, socket, sys
+from pylvs import _bpf
+out = []
+for name in sys.argv[1:]:
+    q = _bpf.xdp_query(socket.if_nametoindex(name))
+    q["name"] = _bpf.prog_info(q["prog_id"])["name"] if q["prog_id"] else None
+    out.append(q)
+print(json.dumps(out))
+"""
+
+
+def xdp_of(lab: Lab) -> list[dict]:
+    """The XDP program of each director port: prog_id, mode, link, name."""
+    return lab.py(lab.director, XDP_OF, args=lab.director_ifaces)
+
+
+def no_xdp(lab: Lab) -> list[dict]:
+    return [{"prog_id": 0, "mode": "none", "link": False, "name": None}
+            for _ in lab.director_ifaces]
+
+
+def checksums_off(lab: Lab) -> None:
+    for ns in (lab.client, *lab.rs):
+        lab.run(ns, ["ethtool", "-K", "eth0", "tx", "off"])
+
+
+# --- the program's rules, frame by frame (BPF_PROG_TEST_RUN) --------------------
+
+RULES = """
+import json, struct, sys
+from pylvs import _bpf
+from pylvs.control.steering import sets_of, sync_sets
+from pylvs.io import xdp
+from pylvs.io.bpf import ip
+obj = _bpf.Object(str(xdp.BPF_OBJECT))
+maps = {n: obj.map(n) for n in ("services", "realservers", "rsaddrs", "local", "ports", "counters")}
+sync_sets(maps, {n: set() for n in ("services", "realservers", "rsaddrs", "local")},
+          sets_of([(6, ip("10.9.0.1"), 80), (17, ip("10.9.0.1"), 53)],
+                  [(6, ip("10.9.1.2"), 8080)], ["10.9.0.1", "10.9.1.1"]))
+# Test runs receive on lo (ifindex 1, MAC 00:00:00:00:00:00), rx queue 0;
+# no XSK in the map, so a frame the program would redirect is counted no_xsk.
+maps["ports"].update(struct.pack("I", 1), bytes(6) + struct.pack("H", 0))
+link = obj.attach_xdp(xdp.BPF_PROG, 1, True)
+out = []
+for frame in FRAMES:
+    before = [maps["counters"].sum_u64(i) for i in range(2)]
+    verdict = _bpf.prog_test_run(link.prog_id, bytes.fromhex(frame))
+    out.append([verdict] + [maps["counters"].sum_u64(i) - b for i, b in enumerate(before)])
+link.close()
+print(json.dumps(out))
+"""
+
+
+def test_xdp_program_takes_what_steering_drops(trio):
+    """Every frame steering would drop (the engine's alone) is one XDP
+    redirects; every other one passes (XDP_PASS = 2), frames to another
+    MAC included (steering counts those, next)."""
+    frames = [bytes(c[1]).hex() for c in RULE_CASES]
+    res = trio.py(trio.d, f"FRAMES = {frames!r}\n" + RULES)
+    got = [(c[0], verdict, bool(no_xsk)) for c, (verdict, _, no_xsk) in zip(RULE_CASES, res)]
+    want = [(c[0], 2, c[2]) for c in RULE_CASES]
+    assert got == want
+
+
+ATTACH_MODES = """
+import json, logging, socket
+from pylvs import _bpf
+from pylvs.io.xdp import XdpBackend
+lines = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        lines.append(record.getMessage())
+logging.getLogger("pylvs").addHandler(Keep())
+logging.getLogger("pylvs").setLevel(logging.INFO)
+out = {}
+for name, generic in (("d0", None), ("dm0", None), ("d0", True)):
+    with XdpBackend([name], generic=generic) as b:
+        q = _bpf.xdp_query(socket.if_nametoindex(name))
+        out[f"{name} {generic}"] = [b.describe(), q["mode"], q["link"]]
+    out[f"{name} {generic} after"] = _bpf.xdp_query(socket.if_nametoindex(name))["mode"]
+print(json.dumps([out, lines]))
+"""
+
+
+def test_native_where_the_driver_has_it_generic_elsewhere(trio):
+    """veth: native; a bridge (no XDP in its driver): generic, with a
+    log line saying why; generic on request. Copy mode on both, logged.
+    Each leaves the device without a program when closed."""
+    subprocess.run(["ip", "-n", trio.d, "link", "add", "dm0", "type", "bridge"], check=True)
+    subprocess.run(["ip", "-n", trio.d, "link", "set", "dm0", "up"], check=True)
+    out, lines = trio.py(trio.d, ATTACH_MODES)
+    zc = {"queue": 0, "zerocopy": False}
+    assert out == {
+        "d0 None": [[{"port": "d0", "mode": "native", **zc}], "native", True],
+        "d0 None after": "none",
+        "dm0 None": [[{"port": "dm0", "mode": "generic", **zc}], "generic", True],
+        "dm0 None after": "none",
+        "d0 True": [[{"port": "d0", "mode": "generic", **zc}], "generic", True],
+        "d0 True after": "none",
+    }
+    assert any(line.startswith("xdp: dm0: no native XDP (") and "using generic XDP" in line
+               for line in lines), lines
+    assert "xdp: d0: native XDP, AF_XDP socket on queue 0 in copy mode" in lines, lines
+
+
+# --- HTTP through each method over AF_XDP ---------------------------------------
+
+@pytest.fixture
+def mixed(director_lab) -> Lab:
+    lab = director_lab(fwd="mixed", servers=3, start=False)
+    checksums_off(lab)
+    lab.start_director(*XDP)
+    return lab
+
+
+@pytest.mark.parametrize("rs", [NAT, DR, TUN], ids=["nat", "dr", "tun"])
+def test_http_over_af_xdp(mixed: Lab, tmp_path, rs):
+    """1 B, 100 KB and 10 MB downloads and a 2 MB upload, byte for byte,
+    every frame of them through the XSKs (none through the AF_PACKET taps)."""
+    lab = mixed
+    log = lab.director_log()
+    assert "native XDP, AF_XDP socket on queue 0 in copy mode" in log, log
+    assert "falling back" not in log
+    lab.service("tcp", PORT, only(rs))
+    for n in (1, 100_000, 10 << 20):
+        out = tmp_path / f"bytes-{n}"
+        rc, code, err = download(lab, n, out)
+        assert (rc, code) == (0, "200"), f"{n} bytes: curl rc {rc} HTTP {code!r}: {err}"
+        assert_content(out, n)
+    body = tmp_path / "up"
+    body.write_bytes(content(0, 2 << 20))
+    p = lab.curl("/sink", "-T", str(body), max_time=20, check=False)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [str(2 << 20), hashlib.sha256(body.read_bytes()).hexdigest()]
+    st = lab.stats()
+    assert st["xdp_redirected"] > 1000 and st["xsk_rx_frames"] == st["xdp_redirected"], st
+    assert st["rx_blocks"] == 0, st   # nothing of it came by the taps
+    trouble = ("drop_no_route", "drop_unresolved", "emit_overflow", "xsk_tx_no_room",
+               "xsk_emit_no_room", "xsk_rx_no_headroom", "xsk_rx_dropped", "xsk_tx_bad_port")
+    assert {k: st[k] for k in trouble} == dict.fromkeys(trouble, 0), st
+    if rs == TUN:
+        assert st["tx_tunneled"] > 0 and st["xsk_emit_sent"] > 0, st
+    else:
+        assert st["xsk_tx_frames"] > 0, st
+
+
+def test_python_engine_over_af_xdp(director_lab, tmp_path):
+    """The reference engine gets copies in a Batch (recv/process/send over
+    the XSKs): a NAT download byte for byte, every frame through the XSKs."""
+    lab = director_lab(servers=1, start=False)
+    checksums_off(lab)
+    lab.start_director(*XDP, "--engine", "python")
+    lab.nat_service("tcp", PORT, (1,))
+    out = tmp_path / "bytes"
+    rc, code, err = download(lab, 300_000, out)
+    assert (rc, code) == (0, "200"), f"curl rc {rc} HTTP {code!r}: {err}"
+    assert_content(out, 300_000)
+    st = lab.stats()
+    assert st["xsk_rx_frames"] > 100 and st["xsk_tx_frames"] == st["xsk_rx_frames"], st
+    assert st["rx_blocks"] == 0 and st["xsk_tx_no_room"] == 0, st
+
+
+SEND_UDP = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(int(sys.argv[2])):
+    s.sendto(b"x" * 18, (sys.argv[1], 9))
+print(0)
+"""
+
+
+def test_excess_load_is_dropped_at_xdp_and_counted(director_lab):
+    """The director stopped (SIGSTOP) while 6000 datagrams arrive: its RX
+    ring takes 2048 (its size), the kernel drops the rest at the redirect
+    (no skb is built for them), and `pylvs stats` accounts for every
+    redirected frame."""
+    lab = director_lab(servers=1, start=False)
+    checksums_off(lab)
+    lab.start_director(*XDP)
+    lab.service("udp", 9, [1])
+    director = lab.procs["director"]
+    director.send_signal(signal.SIGSTOP)
+    try:
+        lab.py(lab.client, SEND_UDP, args=(lab.vip, 6000))
+        time.sleep(0.2)
+    finally:
+        director.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while True:   # until the ring is drained (bounded)
+        st = lab.stats()
+        lost = st["xsk_rx_ring_full"] + st["xsk_rx_dropped"]
+        if st["xsk_rx_frames"] + lost == st["xdp_redirected"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert st["xdp_redirected"] >= 4000, st
+    # The RX ring's 2048, and at most veth's own ring (256) that its NAPI
+    # had not yet run XDP on when the director woke.
+    assert 0 < st["xsk_rx_frames"] <= 2048 + 256, st
+    assert st["tx_frames"] == st["xsk_rx_frames"], st
+    assert st["xsk_rx_frames"] + lost == st["xdp_redirected"], st
+    assert st["rx_dropped"] >= lost, st
+
+
+# --- interfaces left as found ---------------------------------------------------
+
+def test_stop_and_kill_9_leave_no_xdp_program(director_lab):
+    lab = director_lab(servers=1, start=False)
+    checksums_off(lab)
+    assert xdp_of(lab) == no_xdp(lab)
+    lab.start_director(*XDP)
+    on = xdp_of(lab)
+    assert [(q["name"], q["mode"], q["link"]) for q in on] == \
+        [("pylvs_xdp", "native", True)] * len(on), on
+    lab.nat_service("tcp", PORT, (1,))
+    assert lab.curl("/whoami", max_time=5).stdout.strip() == "rs1"
+    assert lab.stop_director() == 0
+    assert xdp_of(lab) == no_xdp(lab)
+
+    lab.start_director(*XDP)
+    gone = _probe(lab, lab.director, XDP_GONE, *lab.director_ifaces)
+    assert json.loads(gone.stdout.readline()) == [True] * len(lab.director_ifaces)
+    director = lab.procs["director"]
+    killed = time.monotonic()
+    director.kill()
+    gone.stdin.write("go\n")
+    gone.stdin.flush()
+    director.wait(5)
+    at, left = json.loads(gone.stdout.readline())
+    assert left == [False] * len(lab.director_ifaces) and at - killed < 1.0, (at - killed, left)
+    del lab.procs["director"]
+
+    # A restart attaches again and forwards.
+    lab.start_director(*XDP)
+    assert [q["link"] for q in xdp_of(lab)] == [True] * len(lab.director_ifaces)
+    lab.nat_service("tcp", PORT, (1,))
+    assert lab.curl("/whoami", max_time=5).stdout.strip() == "rs1"
+    assert lab.stop_director() == 0
+    assert xdp_of(lab) == no_xdp(lab)
+
+
+XDP_GONE = """
+import json, socket, sys, time
+from pylvs import _bpf
+ifindexes = [socket.if_nametoindex(n) for n in sys.argv[1:]]
+attached = lambda: [_bpf.xdp_query(i)["prog_id"] != 0 for i in ifindexes]
+print(json.dumps(attached()), flush=True)
+sys.stdin.readline()
+end = time.monotonic() + 5
+while any(attached()) and time.monotonic() < end:
+    time.sleep(0.002)
+print(json.dumps([time.monotonic(), attached()]), flush=True)
+"""
+
+
+def _ip_link_xdp(lab: Lab, obj, section: str, ifname: str = "eth0") -> None:
+    # Attached by netlink (ip link), as a tool other than pylvs would: it
+    # stays after its loader exits.
+    lab.run(lab.director, ["ip", "link", "set", "dev", ifname, "xdpgeneric", "obj", str(obj),
+                           "sec", section])
+
+
+def test_start_removes_a_leftover_pylvs_program(director_lab):
+    from pylvs.io.xdp import BPF_OBJECT
+
+    lab = director_lab(servers=1, start=False)
+    checksums_off(lab)
+    _ip_link_xdp(lab, BPF_OBJECT, "xdp")
+    left = xdp_of(lab)[0]
+    assert (left["name"], left["link"]) == ("pylvs_xdp", False), left
+    lab.start_director(*XDP)
+    assert "removed the XDP program left on eth0" in lab.director_log()
+    assert [q["link"] for q in xdp_of(lab)] == [True] * len(lab.director_ifaces)
+    lab.nat_service("tcp", PORT, (1,))
+    assert lab.curl("/whoami", max_time=5).stdout.strip() == "rs1"
+    assert lab.stop_director() == 0
+    assert xdp_of(lab) == no_xdp(lab)
+
+
+FOREIGN = """
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+SEC("xdp") int someone_else(struct xdp_md *ctx) { return XDP_PASS; }
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+def test_falls_back_to_af_packet_with_one_line_when_xdp_cannot_attach(director_lab, tmp_path):
+    """Another XDP program on a port: --io xdp runs on AF_PACKET, says so
+    in one warning, forwards, and leaves that program where it was."""
+    src, obj = tmp_path / "foreign.bpf.c", tmp_path / "foreign.bpf.o"
+    src.write_text(FOREIGN)
+    triplet = sysconfig.get_config_var("MULTIARCH")   # asm/types.h, as setup.py
+    subprocess.run(["clang", "-O2", "-target", "bpf", f"-I/usr/include/{triplet}", "-c",
+                    str(src), "-o", str(obj)], check=True)
+    lab = director_lab(servers=1, start=False)
+    _ip_link_xdp(lab, obj, "xdp")
+    foreign = xdp_of(lab)[0]
+    assert foreign["name"] == "someone_else"
+    lab.start_director(*XDP)
+    log = lab.director_log()
+    lines = [line for line in log.splitlines() if "falling back to AF_PACKET" in line]
+    assert len(lines) == 1 and "WARNING" in lines[0], log
+    assert "eth0 already has an XDP program ('someone_else'" in lines[0], lines
+    lab.nat_service("tcp", PORT, (1,))
+    assert lab.curl("/whoami", max_time=5).stdout.strip() == "rs1"
+    st = lab.stats()
+    assert "xdp_redirected" not in st and st["rx_blocks"] > 0, st
+    assert lab.stop_director() == 0
+    after = xdp_of(lab)
+    assert after[0] == foreign and after[1:] == no_xdp(lab)[1:], after
