@@ -309,7 +309,9 @@ def test_nat_real_server_behind_a_router(director_lab, uid):
         [bad] = results(checks, "nat-route", rip)
         assert bad["verdict"] == "FAIL" and "bypasses" in bad["message"]
         assert "--dip 10.0.1.1" not in bad["fix"]
-        assert bad["fix"].startswith(f"{rip} is behind the router 10.0.1.12")
+        # Probed from the VIP: the fix first says how to probe from a client.
+        assert bad["fix"].startswith("the probe used the VIP as the client's address")
+        assert f"otherwise {rip} is behind the router 10.0.1.12" in bad["fix"]
         assert "via the director (10.0.1.1 on eth1, next to 10.0.1.12)" in bad["fix"]
 
         # The fix as it reads: the real server's default route via its router
