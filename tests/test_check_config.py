@@ -255,17 +255,33 @@ def test_nat_route_fix_on_one_segment_or_behind_a_router(gateway):
     # the clients (the VIP's side) bypasses the director.
     net = ProbeNet(lambda f: [_reply_to(f)] if f[IP].src == "10.0.1.1" else [],
                    routes={rip: Route(rip, 3, "eth1", gateway, "10.0.1.1", 1500)})
-    [r] = checks.check_nat_route({"services": [svc(dests=[dest(rip)])]}, net)
+    snap = {"services": [svc(dests=[dest(rip)])]}
+    [r] = checks.check_nat_route(snap, net)
     assert r.verdict == "FAIL" and "bypasses" in r.message
+    # Probed from the VIP: a real server that routes only some clients back
+    # (setup --clients) is told to probe with one of them.
+    some = ("the probe used the VIP as the client's address: when only some clients are "
+            "routed back through the director (`pylvs realserver setup --fwd nat --clients "
+            "PREFIX`), run `pylvs check --client ADDR` with an address of one of them "
+            "instead; otherwise ")
+    assert r.fix.startswith(some)
+    [with_client] = checks.check_nat_route(snap, net, ["192.0.2.7"])
+    assert with_client.verdict == "FAIL" and "pylvs check --client" not in with_client.fix
+    assert with_client.fix == r.fix[len(some):]
     if gateway is None:
-        assert r.fix == ("on 10.0.1.11 run `pylvs realserver setup --fwd nat --dip 10.0.1.1` "
-                         "(its default route, or with --clients PREFIX its route to the "
-                         "clients, via the director)")
+        # setup refuses a second, different nat setup: never advise it alone.
+        assert with_client.fix == (
+            "on 10.0.1.11 run `pylvs realserver setup --fwd nat --dip 10.0.1.1` (its default "
+            "route, or with --clients PREFIX its route to the clients, via the director); if "
+            "10.0.1.11 already has a nat setup (`pylvs realserver status` there), run `pylvs "
+            "realserver teardown` there first and set up again with every client prefix in "
+            "one --clients list")
     else:
         # The DIP is not on the real server's network: setup --dip DIP would be refused.
         assert "--dip 10.0.1.1" not in r.fix
-        assert r.fix.startswith("10.0.5.11 is behind the router 10.0.1.254, so its replies "
-                                "reach the director only if every hop routes the clients via it")
+        assert with_client.fix.startswith(
+            "10.0.5.11 is behind the router 10.0.1.254, so its replies reach the director "
+            "only if every hop routes the clients via it")
         assert "via the director (10.0.1.1 on eth1, next to 10.0.1.254)" in r.fix
 
 
@@ -292,9 +308,15 @@ def test_tun_fix_texts_quote_whole_commands():
     out = checks.check_tun({"services": [svc(dests=[GUE])]}, _tun_path(unreachable=True))
     [tun] = [r for r in out if r.check == "tun"]
     assert tun.verdict == "FAIL" and "port unreachable" in tun.message
-    assert tun.fix == ("on 10.0.3.11 run `pylvs realserver setup --fwd tun --vip 10.0.0.100`; "
-                       "if it has no ipip module (no tunl0), `pylvs realserver run --vip "
-                       "10.0.0.100 --gue-port 6080` must be running there")
+    # One decapsulator per namespace: a real server decapsulating on another
+    # port cannot start a second one, so the fix names both sides.
+    assert tun.fix == (
+        "either the dest's tunnel port is wrong: `pylvs adm -e -t 10.0.0.100:80 -r 10.0.3.11 "
+        "-i --tun-type gue --tun-port PORT` with the --gue-port 10.0.3.11's `pylvs realserver "
+        "run` was started with; or 10.0.3.11 needs a decapsulator on 6080: on 10.0.3.11 run "
+        "`pylvs realserver setup --fwd tun --vip 10.0.0.100`, then `pylvs realserver run "
+        "--vip 10.0.0.100 --gue-port 6080` there, after stopping one that runs on another "
+        "port (one decapsulator per namespace)")
     assert tun.fix.count("`") % 2 == 0
     # Silence (the decapsulator not running, say): the fix names it too.
     net = ProbeNet(lambda f: [], routes={"10.0.3.11": TUN_ROUTE})
@@ -393,16 +415,18 @@ def test_answer_filter(desc, proto, sources, frame, accepted, icmp):
 
 
 class _Director:
-    """rpc.Client's stand-in: answers "snapshot" with SNAP."""
+    """rpc.Client's stand-in: answers "snapshot" with SNAP, "stats" with TAP
+    as its "tap" ports (what `pylvs run --tap NAME` answers)."""
 
     snap: dict = {}
+    tap: list = []
 
     def __init__(self, path):
         pass
 
     def call(self, op):
-        assert op == {"op": "snapshot"}
-        return self.snap
+        assert op in ({"op": "snapshot"}, {"op": "stats"})
+        return self.snap if op["op"] == "snapshot" else {"io": {}, "tap": self.tap}
 
     def close(self):
         pass
@@ -431,6 +455,22 @@ def test_cli_output_and_exit_status(monkeypatch, services, rc, first):
     doc = json.loads(out.getvalue())
     assert doc["ok"] == (rc == 0)
     assert {"ip_forward", "offloads"} <= {c["subject"] for c in doc["checks"]}
+
+
+def test_tap_director_is_refused_in_one_line_not_with_false_fails(monkeypatch):
+    """A --tap director's VIP and routes are not the kernel's: instead of FAILs
+    (VIP not an address, no route) whose fixes go against the TAP design,
+    one line saying it is not supported yet, exit 2, no probe."""
+    snap = {"services": [svc(dests=[dest("10.0.1.11", fwd="tunnel")])]}
+    monkeypatch.setattr(cli.rpc, "Client", type("D", (_Director,), {"snap": snap,
+                                                                       "tap": ["pltap0"]}))
+    monkeypatch.setattr(cli, "Net", lambda: pytest.fail("probed a TAP director"))
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.main([], stdout=out, stderr=err) == 2
+    assert out.getvalue() == ""
+    [line] = err.getvalue().splitlines()
+    assert "TAP ports (pltap0)" in line and "kernel stack" in line
+    assert "not supported for --tap yet" in line
 
 
 @pytest.mark.parametrize("client, words", [

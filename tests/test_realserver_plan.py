@@ -108,8 +108,35 @@ def test_tun_probe_loads_the_module_and_removes_the_probe(conf):
     assert mode == "kernel-ipip"
     assert [c[1] for c in ipr.calls] == ["add", "del"] and "tunl0" in ipr.links
     assert not any(n.startswith("plvsprobe") for n in ipr.links)
-    # Loose 'all' (2) already lets decapsulated packets through: left alone.
-    assert ("sysctl", "all", "rp_filter") not in _changes(steps)
+    # Loose 'all' (2) still drops on tunl0, which has no address: lowered to 0.
+    assert _changes(steps)[("sysctl", "all", "rp_filter")] == 0
+
+
+@pytest.mark.parametrize("all_rp", [1, 2])
+@pytest.mark.parametrize("tundev", ["tunl0", "plvsdec0"])
+@pytest.mark.parametrize("tun_rp", [0, 1, 2])
+def test_tun_device_ends_at_effective_0_from_strict_or_loose(conf, monkeypatch, all_rp,
+                                                              tundev, tun_rp):
+    """A tunnel device has no IPv4 address, so fib_validate_source drops
+    decapsulated packets on it in loose mode (2) as in strict mode (1): 'all'
+    and the device both go to 0, whatever they were, and every other device
+    is raised to the old 'all' so that its effective value stays."""
+    root = conf(devs=("all", "default", "lo", "eth0", tundev), all_rp=all_rp)
+    (root / tundev / "rp_filter").write_text(f"{tun_rp}\n")
+    links = {"lo": IFF_UP, "eth0": IFF_UP, tundev: IFF_UP}
+    if tundev == "plvsdec0":
+        monkeypatch.setattr(config, "running_decap", lambda: {"pid": 4242, "tun": tundev})
+    ipr = FakeIPRoute(links, [("10.1.0.2", 24, "eth0")])
+    steps, mode = config.plan(config.validate(config.Config("tun", ["192.0.2.10"]), ipr), ipr)
+    assert mode == ("kernel-ipip" if tundev == "tunl0" else "decap")
+    after = {(s["dev"]): s["new"] for s in steps if s["kind"] == "sysctl"
+             and s["name"] == "rp_filter"}
+    assert after["all"] == 0 and after[tundev] == 0
+    assert {d: after[d] for d in ("default", "lo", "eth0")} == dict.fromkeys(
+        ("default", "lo", "eth0"), all_rp)
+    all_step = next(s for s in steps if s.get("dev") == "all" and s["name"] == "rp_filter")
+    assert all_step["changed"] and all_step["old"] == all_rp
+    assert "no address" in all_step["why"] and "loose" in all_step["why"]
 
 
 def test_tun_without_the_module_leaves_it_to_the_decapsulator(conf):

@@ -368,12 +368,21 @@ def _tcp_reply(src: str, sport: int, dst: str, dport: int):
     return match
 
 
-def _nat_route_fix(rip: str, r, own: str) -> str:
-    """How a NAT real server's replies are routed back through the director."""
+def _nat_route_fix(rip: str, r, own: str, from_vip: bool) -> str:
+    """How a NAT real server's replies are routed back through the director;
+    ``from_vip``: the client probe's source was the VIP (no ``--client``)."""
+    some = ("the probe used the VIP as the client's address: when only some clients are "
+            "routed back through the director (`pylvs realserver setup --fwd nat --clients "
+            "PREFIX`), run `pylvs check --client ADDR` with an address of one of them "
+            "instead; otherwise " if from_vip else "")
     if not r.gateway:
-        return (f"on {rip} run `pylvs realserver setup --fwd nat --dip {own}` (its default "
-                f"route, or with --clients PREFIX its route to the clients, via the director)")
-    return (f"{rip} is behind the router {r.gateway}, so its replies reach the director only "
+        # setup refuses a second, different nat setup (config.setup): say how to redo it.
+        return (f"{some}on {rip} run `pylvs realserver setup --fwd nat --dip {own}` (its "
+                f"default route, or with --clients PREFIX its route to the clients, via the "
+                f"director); if {rip} already has a nat setup (`pylvs realserver status` "
+                f"there), run `pylvs realserver teardown` there first and set up again with "
+                f"every client prefix in one --clients list")
+    return (some + f"{rip} is behind the router {r.gateway}, so its replies reach the director only "
             f"if every hop routes the clients via it: on {rip}, the default route (or a route "
             f"to the clients) via its router toward the director (`pylvs realserver setup "
             f"--fwd nat --dip ROUTER`), and on each router between, the route to the clients "
@@ -426,7 +435,7 @@ def check_nat_route(snap: dict, net: Net, clients: Iterable[str] = (),
             client = [a for tag, a in got if tag == "client"]
             control = [a for tag, a in got if tag == "control"]
             via = f"replies to {src}"
-            fix = _nat_route_fix(rip, r, own)
+            fix = _nat_route_fix(rip, r, own, not clients)
             if any(a.pkttype == PACKET_HOST or a.pkt.dst.lower() in mine for a in client):
                 out.append(Result("nat-route", subject, OK, f"{via} come back through the director"))
             elif client:
@@ -623,10 +632,20 @@ def check_tun(snap: dict, net: Net, wait: float = 1.0) -> list[Result]:
                 mtu_line = _tun_mtu_result(subject, rip, r, over, _probe_tun_mtu(
                     net, r, mac, d, vip, port, over, wait))
         elif got:
+            fix = f"{setup}; {run}"
+            if ttype == "gue":
+                # One decapsulator per namespace (realserver/run.py): the port
+                # may be wrong on either side.
+                opt = "-t" if s["proto"] == "TCP" else "-u"
+                fix = (f"either the dest's tunnel port is wrong: `pylvs adm -e {opt} {vip}:{port} "
+                       f"-r {rip} -i --tun-type gue --tun-port PORT` with the --gue-port {rip}'s "
+                       f"`pylvs realserver run` was started with; or {rip} needs "
+                       f"a decapsulator on {d['tun_port']}: {setup}, then `pylvs realserver "
+                       f"run --vip {vip}{gue}` there, after stopping one that runs on another "
+                       f"port (one decapsulator per namespace)")
             out.append(Result("tun", subject, FAIL,
                               f"{rip} answered ICMP {'protocol' if ttype == 'ipip' else 'port'} "
-                              f"unreachable: nothing decapsulates {ttype.upper()} there",
-                              f"{setup}; {run}"))
+                              f"unreachable: nothing decapsulates {ttype.upper()} there", fix))
         else:
             out.append(Result("tun", subject, FAIL,
                               f"no answer from {vip}:{port} to a probe through the tunnel: "

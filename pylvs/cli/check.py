@@ -3,7 +3,9 @@
 
 Exit status: 0 nothing failed (warnings allowed), 1 a check FAILed,
 2 bad command line (a --client that cannot be a client's address included), no
-director to talk to, or no permission to probe.
+director to talk to, no permission to probe, or a ``--tap`` director (its
+addresses and routes live in pylvs, not in the kernel stack the probes use:
+not supported yet).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
         client = rpc.Client(a.control or rpc.default_path())
         try:
             snap = client.call({"op": "snapshot"})
+            taps = client.call({"op": "stats"}).get("tap") or []
         finally:
             client.close()
     except rpc.RpcError as e:
@@ -68,6 +71,12 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
     except (OSError, ValueError) as e:
         err.write(f"pylvs check: cannot reach the pylvs control socket: {e}\n"
                   "Is `pylvs run` running in this network namespace (or use --control)?\n")
+        return 2
+    if taps:
+        err.write(f"pylvs check: the director runs on TAP ports ({', '.join(taps)}): pylvs "
+                  f"check probes through the director's kernel stack (its addresses, routes, "
+                  f"ARP), which a --tap director does not use, so it is not supported for "
+                  f"--tap yet\n")
         return 2
     try:
         with Net() as net:

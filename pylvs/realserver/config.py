@@ -8,11 +8,13 @@ says why at length):
   kernel uses the larger of the two values: net/ipv4/devinet.c,
   ``IN_DEV_ARP_IGNORE`` / ``IN_DEV_ARP_ANNOUNCE``), ``lo`` up.
 - Tun also: the tunnel device (the kernel's ``tunl0`` when the ipip module
-  exists, else the TUN device of ``pylvs realserver run``) must not run
-  strict reverse-path filtering (``IN_DEV_RPFILTER`` is also the larger of
-  ``all`` and the device's value; fib_validate_source in
-  net/ipv4/fib_frontend.c drops a decapsulated packet whose source, the
-  client, routes out of another interface).
+  exists, else the TUN device of ``pylvs realserver run``) must run no
+  reverse-path filtering at all, its effective ``rp_filter`` 0
+  (``IN_DEV_RPFILTER`` is also the larger of ``all`` and the device's value;
+  fib_validate_source in net/ipv4/fib_frontend.c drops a decapsulated
+  packet whose source, the client, routes out of another interface in
+  strict mode, and in loose mode too on a device without an IPv4 address,
+  which the tunnel device is).
 - NAT: the default route (or the route to each ``--clients`` prefix) via the
   director's DIP.
 
@@ -57,15 +59,19 @@ WHY = {
     "arp_announce": "2: the sender address of ARP requests this host sends is the best local "
                     "address for the target's network, never the VIP; otherwise neighbours "
                     "would learn VIP -> this host's MAC from the requests themselves",
-    "rp_filter": "strict reverse-path filtering (1) drops a packet whose source does not route "
-                 "back out of the interface it arrived on; a decapsulated packet arrives on the "
-                 "tunnel device with the client as source, which routes out of the Ethernet "
-                 "interface, so strict mode would drop it; the kernel uses the larger of 'all' "
-                 "and the device's value",
-    "rp_filter_all": "'all' lowered from strict to 0 so that the tunnel device's own value "
-                     "counts",
+    "rp_filter": "0 on the tunnel device: a decapsulated packet arrives there with the client "
+                 "as source; strict mode (1) drops it since the client routes out of the "
+                 "Ethernet interface, and loose mode (2) drops it too because the tunnel "
+                 "device has no IPv4 address (fib_validate_source in "
+                 "net/ipv4/fib_frontend.c rejects the source on a device without an address "
+                 "whenever rp_filter is on); the kernel uses the larger of 'all' and the "
+                 "device's value, so 'all' must be 0 as well",
+    "rp_filter_all": "'all' lowered to 0 so that the tunnel device's own 0 counts: the "
+                     "device has no address, so loose mode (2) drops decapsulated packets "
+                     "there as strict mode (1) does",
     "rp_filter_keep": "raised to the old 'all' value so this interface filters as before",
-    "rp_filter_tunl0": "0: tunl0 receives decapsulated packets from any client",
+    "rp_filter_tunl0": "0: tunl0 receives decapsulated packets from any client (with no "
+                       "address on it, 1 and 2 both drop them)",
     "rp_filter_own": "0: the TUN device of the running 'pylvs realserver run' (pylvs's own "
                      "device, gone when it stops) receives decapsulated packets from any "
                      "client; kept at 0, not recorded for teardown",
@@ -442,7 +448,8 @@ def _rp_filter_plan(tundev: str | None, own: str | None = None) -> list[dict]:
     """
     plan = []
     old_all = read_sysctl("all", "rp_filter") or 0
-    if old_all == 1:
+    # Strict and loose alike: the tunnel device has no address (WHY["rp_filter"]).
+    if old_all:
         plan.append(_sysctl_change("all", "rp_filter", 0, WHY["rp_filter_all"]))
         for dev in conf_devices():
             if dev in ("all", tundev, own):
@@ -452,7 +459,7 @@ def _rp_filter_plan(tundev: str | None, own: str | None = None) -> list[dict]:
     else:
         plan.append(_sysctl_change("all", "rp_filter", old_all, WHY["rp_filter"]))
     if tundev:
-        plan.append(_sysctl_change(tundev, "rp_filter", 0, WHY["rp_filter_tunl0"], ok=(0, 2)))
+        plan.append(_sysctl_change(tundev, "rp_filter", 0, WHY["rp_filter_tunl0"]))
     if own and read_sysctl(own, "rp_filter") is not None:
         plan.append({**_sysctl_change(own, "rp_filter", 0, WHY["rp_filter_own"]), "own": True})
     return plan
@@ -755,12 +762,12 @@ def status() -> dict:
             out["decapsulator"] or {}).get("tun")
         if tundev:
             v, how = _effective(tundev, "rp_filter")
-            checks.append(_check(f"rp_filter on {tundev}", how, v in (0, 2), WHY["rp_filter"]))
+            checks.append(_check(f"rp_filter on {tundev}", how, v == 0, WHY["rp_filter"]))
         else:
             checks.append(_check("decapsulator", "not running", False,
                                  "no ipip module: start 'pylvs realserver run' to decapsulate"))
             a = read_sysctl("all", "rp_filter")
-            checks.append(_check("rp_filter on all", a, a != 1, WHY["rp_filter"]))
+            checks.append(_check("rp_filter on all", a, a == 0, WHY["rp_filter"]))
     return out
 
 

@@ -16,8 +16,11 @@ One process, one loop::
 
 The TUN device (IFF_TUN | IFF_NO_PI: each write is exactly one IP packet)
 gets ``rp_filter=0`` of its own; the kernel uses the larger of ``all`` and
-the device's value, so ``all`` must not be strict (1): ``pylvs realserver
-setup --fwd tun`` sees to that, and this command refuses to start otherwise.
+the device's value, so ``all`` must be 0 too (the device has no IPv4
+address, and fib_validate_source in net/ipv4/fib_frontend.c rejects the
+source on such a device in loose mode (2) as in strict mode (1)):
+``pylvs realserver setup --fwd tun`` sees to that, and this command refuses
+to start otherwise.
 
 One decapsulator per network namespace: a second one would install the
 same nft table and remove it when it exits, under the first. Each run holds
@@ -297,10 +300,13 @@ class Decapsulator:
             raise config.RealServerError(
                 f"VIP {', '.join(missing)} not configured on this host: the kernel would "
                 f"not accept the inner packets; run 'pylvs realserver setup --fwd tun' first")
-        if config.read_sysctl("all", "rp_filter") == 1:
+        rp = config.read_sysctl("all", "rp_filter")
+        if rp:
+            mode = "strict" if rp == 1 else "loose"
             raise config.RealServerError(
-                "net.ipv4.conf.all.rp_filter is 1 (strict): the kernel would drop every "
-                "decapsulated packet; run 'pylvs realserver setup --fwd tun' first")
+                f"net.ipv4.conf.all.rp_filter is {rp} ({mode}): the TUN device has no "
+                f"address, so the kernel would drop every decapsulated packet; run "
+                f"'pylvs realserver setup --fwd tun' first")
 
     def _check_device(self) -> None:
         with config._ipr() as ipr:

@@ -386,8 +386,9 @@ class Daemon:
         "io", the backends' counters summed over ports and workers
         (`stats()`; {} for a backend without counters), "steering",
         {"not_host": packets or None when nft did not answer within
-        NOT_HOST_TIMEOUT s or failed}, and "workers": per worker, in worker
-        order, its "engine" counters, "conns" and "io" (the sums' parts).
+        NOT_HOST_TIMEOUT s or failed}, "workers": per worker, in worker
+        order, its "engine" counters, "conns" and "io" (the sums' parts), and
+        "tap": the TAP ports of a ``--tap`` director ([] otherwise).
         nft runs in the loop's default executor, never on the loop."""
         per_io = self._io_stats()
         io = _sum_dicts(per_io)
@@ -406,7 +407,7 @@ class Daemon:
                     "io": {k: int(v) for k, v in wio.items()}}
                    for w, wio in zip(self.workers, per_io)]
         return {"io": {k: int(v) for k, v in io.items()}, "steering": {"not_host": not_host},
-                "workers": workers}
+                "workers": workers, "tap": list(self.opts.tap)}
 
     def _call_in_loop(self, fn, *args) -> None:
         loop = self._loop

@@ -177,7 +177,7 @@ def test_tun_decapsulation_and_mtu(director_lab):
     [gue] = results(checks, "tun", "10.0.1.12 (gue)")
     assert gue["verdict"] == "FAIL" and "port unreachable" in gue["message"]
     assert "--gue-port 6080" in gue["fix"]
-    assert "`pylvs realserver run --vip" in gue["fix"] and "must be running there" in gue["fix"]
+    assert "`pylvs realserver run --vip" in gue["fix"] and "--tun-port PORT" in gue["fix"]
     # No tunnel, no DF probe: the MTU is not claimed to be fine.
     assert verdicts(checks, "tun-mtu") == {"warn"}
     assert all(c["message"].startswith("not checked: the tunnel does not answer")
@@ -309,7 +309,9 @@ def test_nat_real_server_behind_a_router(director_lab, uid):
         [bad] = results(checks, "nat-route", rip)
         assert bad["verdict"] == "FAIL" and "bypasses" in bad["message"]
         assert "--dip 10.0.1.1" not in bad["fix"]
-        assert bad["fix"].startswith(f"{rip} is behind the router 10.0.1.12")
+        # Probed from the VIP: the fix first says how to probe from a client.
+        assert bad["fix"].startswith("the probe used the VIP as the client's address")
+        assert f"otherwise {rip} is behind the router 10.0.1.12" in bad["fix"]
         assert "via the director (10.0.1.1 on eth1, next to 10.0.1.12)" in bad["fix"]
 
         # The fix as it reads: the real server's default route via its router
@@ -322,3 +324,40 @@ def test_nat_real_server_behind_a_router(director_lab, uid):
         realserver(lab, far, "teardown")
     finally:
         remove_netns(far)
+
+
+def test_tun_loose_rp_filter_drift_fails_and_the_fix_as_written_repairs_it(director_lab):
+    """all.rp_filter put to 2 (loose) on a Tun real server behind the user-space
+    decapsulator: its TUN device has no address, so loose filtering drops every
+    decapsulated packet there too. check FAILs, status warns, and check's fix
+    (`pylvs realserver setup --fwd tun --vip VIP`, as written) makes both pass
+    and a client's request work again."""
+    from pylvs.lab.topology import HTTP_PORT
+    lab = director_lab(fwd="tun", servers=1)
+    vip, rs = lab.vip, lab.rs[0]
+    lab.adm("-A", "-t", f"{vip}:{HTTP_PORT}", "-s", "rr")
+    lab.adm("-a", "-t", f"{vip}:{HTTP_PORT}", "-r", lab.rips[0], "-i")
+    rc, checks, _ = _until_ok(lab)
+    assert rc == 0, [c for c in checks if c["verdict"] != "ok"]
+
+    lab.sysctl(rs, "net.ipv4.conf.all.rp_filter=2")
+    rc, checks, _ = check(lab)
+    [tun] = results(checks, "tun")
+    assert rc == 1 and tun["verdict"] == "FAIL", tun
+    assert lab.curl("/whoami", max_time=2, check=False).returncode != 0
+    p = lab.run(rs, lab.pylvs_argv("realserver", "status", "--json"), check=False)
+    st = json.loads(p.stdout)
+    assert p.returncode == 1
+    [rp] = [c for c in st["checks"] if c["name"].startswith("rp_filter on plvsdec")]
+    assert rp["verdict"] == "warn" and "all=2" in rp["value"], rp
+
+    fix = f"pylvs realserver setup --fwd tun --vip {vip}"
+    assert fix in tun["fix"]
+    p = realserver(lab, rs, *fix.split()[2:])
+    assert "net.ipv4.conf.all.rp_filter = 0 (was 2)" in p.stdout, p.stdout
+    assert "has no address" in " ".join(p.stdout.split()), p.stdout
+    rc, checks, _ = _until_ok(lab)
+    assert rc == 0, [c for c in checks if c["verdict"] != "ok"]
+    assert lab.curl("/whoami").returncode == 0
+    st = json.loads(realserver(lab, rs, "status", "--json").stdout)
+    assert all(c["verdict"] == "ok" for c in st["checks"]), st["checks"]
