@@ -442,9 +442,8 @@ class Daemon:
         but the published table does not carry are re-published here.
         Without dests it returns at once."""
         resolve = getattr(self.resolver, "resolve", None)
-        used = self.balancer.dests_table
-        used = used[(used["flags"] & tables.DEST_F_USED) != 0] if len(used) else used
-        daddrs = sorted({int(a) for a in used["daddr"]}) if len(used) else []
+        dests = self.balancer.dests_table
+        daddrs = sorted({int(a) for a in dests["daddr"][(dests["flags"] & tables.DEST_F_USED) != 0]})
         if resolve is None or not daddrs:
             return
         no_route = getattr(self.resolver, "no_route", lambda daddr: False)
