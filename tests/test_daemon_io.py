@@ -243,3 +243,95 @@ def test_config_rules_refused_at_start_are_logged_by_file_line(daemon, tmp_path,
     assert errors == [f"{path} line 4: Service already exists"]
     assert f"applied 2 of 3 rules from {path}" in caplog.text
     assert len(daemon.balancer.services()) == 2
+
+
+class AnsweringResolver(Resolver):
+    """Answers what the test puts in ``answers``, without calling
+    on_change: as when the resolver's callback is still on its way to the
+    control loop."""
+
+    def __init__(self):
+        self.answers: dict[int, tuple] = {}
+        self.unroutable: set[int] = set()
+
+    def resolve(self, daddr):
+        return self.answers.get(int(daddr))
+
+    def no_route(self, daddr):
+        return int(daddr) in self.unroutable
+
+
+RS_MAC, OWN_MAC = b"\x02\x00\x00\x00\x00\x0b", b"\x02\x00\x00\x00\x00\x01"
+
+
+def udp_service(daemon, *rips):
+    r = AnsweringResolver()
+    daemon.resolver = daemon.balancer.resolver = r
+    daemon.balancer.add_service("udp", "10.0.0.100", 53, sched="rr")
+    for rip in rips:
+        daemon.balancer.add_dest("udp", "10.0.0.100", 53, rip, 53, fwd="masq")
+    return r
+
+
+def timed_start(daemon, timeout):
+    t0 = time.monotonic()
+    asyncio.run(daemon._await_dests(timeout=timeout))
+    return time.monotonic() - t0
+
+
+def test_start_waits_for_the_dests_macs_and_the_tables_carrying_them(daemon):
+    r = udp_service(daemon, "10.0.1.11")
+    late = threading.Timer(0.1, r.answers.__setitem__, (ip("10.0.1.11"), (1, RS_MAC, OWN_MAC)))
+    late.start()
+    took = timed_start(daemon, 2.0)
+    late.join()
+    assert 0.1 <= took < 1.0
+    _, dests = daemon.engine.named("set_tables")[-1]
+    row = dests[dests["daddr"] == ip("10.0.1.11")][0]
+    assert row["flags"] & tables.DEST_F_RESOLVED
+    assert (row["out_port"], row["dmac"].tobytes()) == (1, RS_MAC)
+
+
+def test_start_waits_no_longer_than_the_bound_nor_for_a_dest_without_route(daemon, caplog):
+    r = udp_service(daemon, "10.0.1.11", "10.0.1.12")
+    r.unroutable.add(ip("10.0.1.12"))
+    with caplog.at_level(logging.WARNING, logger="pylvs"):
+        took = timed_start(daemon, 0.3)
+    assert 0.3 <= took < 1.0
+    assert "1 dest(s) still unresolved after 0.3 s: 10.0.1.11;" in caplog.text
+    r.unroutable.add(ip("10.0.1.11"))
+    assert timed_start(daemon, 2.0) < 0.2
+
+
+def test_start_without_dests_does_not_wait(daemon):
+    n = len(daemon.engine.calls)
+    assert timed_start(daemon, 2.0) < 0.05
+    assert len(daemon.engine.calls) == n
+
+
+def test_tables_taken_only_once_the_latest_offer_is_in(daemon):
+    """A publish made while the data thread swaps in the previous tables
+    is not "taken" until the thread took it too."""
+    e = daemon.engine
+    w, = daemon.workers
+    stop = threading.Event()
+    w.thread = threading.Thread(target=stop.wait)
+    w.thread.start()
+    swapped = []
+
+    def set_tables(services, dests):
+        swapped.append(services)
+        if services == "old":
+            w.offer_tables("new", "new")   # control, during the swap
+
+    e.set_tables = set_tables
+    try:
+        w.offer_tables("old", "old")
+        assert not w.tables_taken.is_set()
+        w.take_pending()
+        assert swapped == ["old"] and not w.tables_taken.is_set()
+        w.take_pending()
+        assert swapped == ["old", "new"] and w.tables_taken.is_set()
+    finally:
+        stop.set()
+        w.thread.join()

@@ -35,6 +35,7 @@ class FakeNetlink:
     def __init__(self):
         self.neighbours: dict[str, tuple[str, int]] = {}
         self.gateways: dict[str, str] = {}   # dst -> gateway: a routed network
+        self.kinds: dict[str, int] = {}      # dst -> route type other than RTN_UNICAST
         self.route_gets: list[str] = []
         self.dumps = 0
         self.pokes: list[str] = []
@@ -45,7 +46,7 @@ class FakeNetlink:
         attrs = {"RTA_OIF": 7}
         if dst in self.gateways:
             attrs["RTA_GATEWAY"] = self.gateways[dst]
-        return [Msg(attrs, type=1)]
+        return [Msg(attrs, type=self.kinds.get(dst, 1))]
 
     def neigh(self, cmd, **kw):
         if cmd == "dump":
@@ -128,6 +129,28 @@ def test_answered_dests_rechecked_with_one_dump_and_poked_only_when_stale():
     r._cycle(nl, 2.0)
     assert nl.dumps == 2 and nl.pokes == ["10.0.1.10"] and len(nl.route_gets) == 200
     assert r.resolve(ip("10.0.1.10")) is not None
+
+
+def test_a_dest_without_a_route_through_our_ports_is_told_apart():
+    """no_route: start-up does not wait for an answer that cannot come (a
+    local or unreachable address), but does for one whose ARP is pending."""
+    r, nl = resolver(), FakeNetlink()
+    nl.kinds["10.0.1.5"] = 7   # RTN_UNREACHABLE
+    for a in ("10.0.1.5", "10.0.1.77"):
+        r.resolve(ip(a))
+    assert not r.no_route(ip("10.0.1.5"))   # not looked up yet
+    r._cycle(nl, 0.0)
+    assert r.no_route(ip("10.0.1.5")) and not r.no_route(ip("10.0.1.77"))
+    # The route appears: the next try finds it, and the answer.
+    del nl.kinds["10.0.1.5"]
+    nl.neighbours["10.0.1.5"] = ("02:00:00:00:00:05", NUD_REACHABLE)
+    r._cycle(nl, 0.2)
+    assert not r.no_route(ip("10.0.1.5")) and r.resolve(ip("10.0.1.5")) is not None
+    nl.kinds["10.0.1.77"] = 7
+    r._cycle(nl, 0.5)
+    assert r.no_route(ip("10.0.1.77"))
+    r.forget(ip("10.0.1.77"))
+    assert not r.no_route(ip("10.0.1.77"))
 
 
 def test_deleted_dests_are_forgotten():

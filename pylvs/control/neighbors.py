@@ -71,6 +71,9 @@ class Resolver:
         # connected network), from the last route lookup.
         self._direct: dict[int, bool] = {}
         self._moved: set[int] = set()   # resolver thread: direct changed, not reported yet
+        # Addresses whose last route lookup found no way out through our
+        # ports (unreachable, local, another interface).
+        self._no_route: set[int] = set()
         self._wanted: set[int] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -110,12 +113,21 @@ class Resolver:
         with self._lock:
             return self._direct.get(int(daddr))
 
+    def no_route(self, daddr: int) -> bool:
+        """Whether the last route lookup of ``daddr`` found no unicast route
+        through one of our ports (unreachable, blackhole, a local address,
+        another interface): it gets no answer until the routes change, so
+        start-up does not wait for it."""
+        with self._lock:
+            return int(daddr) in self._no_route
+
     def forget(self, daddr: int) -> None:
         """No dest uses ``daddr`` any more: stop resolving it."""
         with self._lock:
             self._wanted.discard(int(daddr))
             self._cache.pop(int(daddr), None)
             self._direct.pop(int(daddr), None)
+            self._no_route.discard(int(daddr))
 
     def wait(self, daddr: int, timeout: float) -> Answer | None:
         """Block until daddr resolves (tests, start-up); never on an event loop."""
@@ -279,11 +291,16 @@ class Resolver:
                 log.warning("route lookup of %s failed: %s", ipaddress.IPv4Address(daddr), e)
         with self._lock:
             for daddr, h in hops.items():
-                if h is not None and daddr in self._wanted:
-                    direct = h[1] == str(ipaddress.IPv4Address(daddr))
-                    if self._direct.get(daddr, direct) != direct and daddr in self._cache:
-                        self._moved.add(daddr)
-                    self._direct[daddr] = direct
+                if daddr not in self._wanted:
+                    continue
+                if h is None:
+                    self._no_route.add(daddr)
+                    continue
+                self._no_route.discard(daddr)
+                direct = h[1] == str(ipaddress.IPv4Address(daddr))
+                if self._direct.get(daddr, direct) != direct and daddr in self._cache:
+                    self._moved.add(daddr)
+                self._direct[daddr] = direct
         neigh: dict[tuple[int, str], tuple[str | None, int]] = {}
         for oif in {h[0] for h in hops.values() if h is not None}:
             try:

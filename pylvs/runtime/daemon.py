@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import logging
 import os
 import signal
@@ -42,6 +43,10 @@ SIGHUP_MESSAGE = "SIGHUP: configuration reload is not implemented yet; still run
 # How long `pylvs stats` waits for the steering table's not_host counter
 # (an nft subprocess, run in a worker thread); after that it shows null.
 NOT_HOST_TIMEOUT = 5.0
+# At start, "ready" waits at most this long (seconds) for the MACs of the
+# dests configured so far, then at most as long for every worker to take
+# the tables carrying them.
+READY_WAIT = 2.0
 
 
 def default_interfaces() -> list[str]:
@@ -438,6 +443,60 @@ class Daemon:
             log.error("%s line %d: %s", path, no, r.get("error"))
         log.info("applied %d of %d rules from %s", len(rules) - len(bad), len(rules), path)
 
+    async def _await_dests(self, timeout: float = READY_WAIT, step: float = 0.01) -> None:
+        """Hold "ready" until the data path can forward to every dest known
+        now: each one's next hop resolved (or found to have no route
+        through our ports, or ``timeout`` s passed: the log names the
+        rest), and the tables carrying those answers taken by every worker
+        (at most ``timeout`` s more). The resolver's answers reach the
+        tables through a deferred publish (Balancer.on_resolved) that may
+        still be on its way to the loop, so rows the resolver can answer
+        but the published table does not carry are re-published here.
+        Without dests it returns at once."""
+        resolve = getattr(self.resolver, "resolve", None)
+        dests = self.balancer.dests_table
+        daddrs = sorted({int(a) for a in dests["daddr"][(dests["flags"] & tables.DEST_F_USED) != 0]})
+        if resolve is None or not daddrs:
+            return
+        no_route = getattr(self.resolver, "no_route", lambda daddr: False)
+
+        def waiting() -> list[int]:
+            return [a for a in daddrs if resolve(a) is None and not no_route(a)]
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        left = waiting()
+        while left and loop.time() < deadline:
+            await asyncio.sleep(step)
+            left = waiting()
+        if left:
+            log.warning("%d dest(s) still unresolved after %g s: %s; their packets are "
+                        "dropped (drop_unresolved) until the MAC is known", len(left), timeout,
+                        ", ".join(str(ipaddress.IPv4Address(a)) for a in left))
+        for a in self._stale_daddrs(resolve):
+            self.balancer.on_resolved(a)
+        self.balancer.flush()
+        deadline = loop.time() + timeout
+        while not all(w.tables_taken.is_set() for w in self.workers):
+            if loop.time() >= deadline:
+                log.warning("not every worker took the latest tables within %g s", timeout)
+                break
+            await asyncio.sleep(step)
+
+    def _stale_daddrs(self, resolve) -> set[int]:
+        """Dest addresses whose published rows lack the resolver's answer."""
+        stale = set()
+        for row in self.balancer.dests_table:
+            if not row["flags"] & tables.DEST_F_USED:
+                continue
+            ans = resolve(int(row["daddr"]))
+            if ans is None:
+                continue
+            if (not row["flags"] & tables.DEST_F_RESOLVED or int(row["out_port"]) != ans[0]
+                    or row["dmac"].tobytes() != bytes(ans[1])):
+                stale.add(int(row["daddr"]))
+        return stale
+
     async def _watch(self, period: float = 1.0) -> None:
         # Losses and refusals the data path counts are logged without -v,
         # each counter at most once per LOG_EVERY seconds (with what it grew
@@ -484,6 +543,7 @@ class Daemon:
                 r = self.on_start(self.balancer)
                 if inspect.isawaitable(r):
                     await r
+            await self._await_dests()
             pcap = getattr(self.backend, "pcap", None)
             log.info("ready: %d port(s) %s, engine %s, %d worker(s), control %s%s%s",
                      len(self.backend.ports), " ".join(p.name for p in self.backend.ports),

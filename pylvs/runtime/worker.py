@@ -49,11 +49,11 @@ class Worker:
 
     def offer_tables(self, services, dests) -> None:
         """Hand new tables to the thread (taken between two forward calls;
-        ``tables_taken`` is set then), or set them now when it is not
-        running."""
+        ``tables_taken`` is set once the latest tables offered are in the
+        engine), or set them now when it is not running."""
         if self.running:
-            self.tables_taken.clear()
             with self._pending_lock:
+                self.tables_taken.clear()
                 self._tables = (services, dests)
         else:
             with self.lock:
@@ -100,7 +100,10 @@ class Worker:
             for name, args in calls.items():
                 getattr(self.engine, name)(*args)
         if tables is not None:
-            self.tables_taken.set()
+            with self._pending_lock:
+                # Newer tables offered during this swap: "taken" is for them.
+                if self._tables is None:
+                    self.tables_taken.set()
 
     def _has_pending(self) -> bool:
         return self._tables is not None or self._timeouts is not None or bool(self.pending_io)
