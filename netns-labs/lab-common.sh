@@ -37,7 +37,7 @@ start_lab() {
         2>"$LOG" &
     PID=$!
     i=0
-    until grep -q ready "$LOG"; do
+    until grep -q " ready: " "$LOG"; do
         i=$((i + 1)); [ $i -le 200 ] || { cat "$LOG"; echo "pylvs run not ready" >&2; exit 1; }
         kill -0 $PID 2>/dev/null || { cat "$LOG"; exit 1; }
         sleep 0.1

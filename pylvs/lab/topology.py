@@ -696,7 +696,7 @@ class Lab:
             p = self.popen(self.director, argv, key="director", stdout=err, stderr=err,
                            stdin=subprocess.DEVNULL, cwd=_repo_root(),
                            start_new_session=True)
-        if not wait_for_file(log, "ready", timeout, proc=p):
+        if not wait_for_file(log, " ready: ", timeout, proc=p):
             text = log.read_text(errors="replace")[-3000:]
             self.stop_director()
             raise LabError(f"pylvs run did not log 'ready' within {timeout}s:\n{text}")

@@ -126,7 +126,7 @@ class Selftest:
             p = self.popen(1, [PY, "-m", "pylvs.cli.main", "run", "--iface", "veth10",
                                "--iface", "veth12"], stdout=out, stderr=out,
                            stdin=subprocess.DEVNULL, start_new_session=True)
-        assert wait_for_file(self.log, "ready", 20, proc=p), self.log.read_text()
+        assert wait_for_file(self.log, " ready: ", 20, proc=p), self.log.read_text()
 
     def wait_resolved(self, addr: str) -> None:
         deadline = time.monotonic() + 5
