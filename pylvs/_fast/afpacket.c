@@ -1,5 +1,14 @@
-/* AF_PACKET forwarder: TPACKET_V3 receive rings, the engine run on frames in
- * place, and sendmmsg() batches per egress port.
+/* AF_PACKET forwarder: TPACKET_V3 or TPACKET_V2 receive rings, the engine
+ * run on frames in place, and sendmmsg() batches per egress port.
+ *
+ * Why two ring versions: a V3 block reaches user space only when it is full
+ * or its retire timer fires, and the timer counts in jiffies (4 ms at
+ * HZ=250, whatever retire_ms asks), so at moderate rates each frame waits up
+ * to that long. A V2 ring hands over each frame as soon as the kernel has
+ * written it (per-frame tp_status, a wake-up per frame). V2 frames have a
+ * fixed size: a frame bigger than its slot (a 64 KiB GSO frame) is queued on
+ * the socket as well (PACKET_COPY_THRESH, TP_STATUS_COPY) and read with
+ * recv().
  *
  * The sockets are created and configured in Python (pylvs/io/afpacket.py):
  * ETH_P_ALL bound to one interface, PACKET_VNET_HDR, PACKET_IGNORE_OUTGOING,
@@ -52,10 +61,14 @@ typedef struct {
     uint8_t *map;
     size_t map_len;
     unsigned block_size, block_nr;
-    unsigned blk;                 /* next block to look at */
+    unsigned version;             /* TPACKET_V2 or TPACKET_V3 */
+    unsigned frame_size, frame_nr;
+    unsigned blk;                 /* V3: next block to look at */
+    unsigned frm;                 /* V2: next frame to look at */
     struct tpacket3_hdr *pkt;     /* cursor inside the open block (recv) */
     unsigned pkt_left;
     unsigned long long rx_frames, rx_blocks, rx_truncated, rx_vlan, rx_oversize;
+    unsigned long long rx_copied;  /* V2: frames too big for a slot, read with recv() */
     unsigned long long tx_frames, tx_errors, tx_bad_port, sock_errors;
     /* Frames from the engine's emit area sent / refused; tx_emsgsize: sends
      * (of either kind) refused with EMSGSIZE, a frame bigger than the
@@ -88,14 +101,34 @@ static inline void block_release(struct tpacket_block_desc *bd)
     __atomic_store_n(&bd->hdr.bh1.block_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
 }
 
+/* V2 frames: block_size is a multiple of frame_size, so they are contiguous. */
+static inline struct tpacket2_hdr *ring_frame(RingObject *r, unsigned i)
+{
+    return (struct tpacket2_hdr *)(r->map + (size_t)i * r->frame_size);
+}
+
+static inline uint32_t frame_status(struct tpacket2_hdr *h)
+{
+    return __atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE);
+}
+
+static inline void frame_release(struct tpacket2_hdr *h)
+{
+    __atomic_store_n(&h->tp_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+}
+
 static int ring_init(RingObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "block_size", "block_nr", "frame_size", "retire_ms", NULL};
+    static char *kwlist[] = {"fd", "block_size", "block_nr", "frame_size", "retire_ms", "version", NULL};
     int fd;
-    unsigned block_size = 1u << 18, block_nr = 16, frame_size = 2048, retire_ms = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|IIII", kwlist, &fd, &block_size,
-                                     &block_nr, &frame_size, &retire_ms))
+    unsigned block_size = 1u << 18, block_nr = 16, frame_size = 2048, retire_ms = 1, version = 3;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|IIIII", kwlist, &fd, &block_size,
+                                     &block_nr, &frame_size, &retire_ms, &version))
         return -1;
+    if (version != 2 && version != 3) {
+        PyErr_SetString(PyExc_ValueError, "version must be 2 (TPACKET_V2) or 3 (TPACKET_V3)");
+        return -1;
+    }
     if (self->map) {
         PyErr_SetString(PyExc_RuntimeError, "Ring already initialised");
         return -1;
@@ -104,7 +137,7 @@ static int ring_init(RingObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "block_size must be a multiple of frame_size");
         return -1;
     }
-    int ver = TPACKET_V3;
+    int ver = version == 2 ? TPACKET_V2 : TPACKET_V3;
     if (setsockopt(fd, SOL_PACKET, PACKET_VERSION, &ver, sizeof ver) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
@@ -116,7 +149,9 @@ static int ring_init(RingObject *self, PyObject *args, PyObject *kwds)
     req.tp_frame_size = frame_size;
     req.tp_frame_nr = (block_size / frame_size) * block_nr;
     req.tp_retire_blk_tov = retire_ms;
-    if (setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof req) < 0) {
+    /* A tpacket_req3 starts with the fields of a tpacket_req, the V2 request. */
+    socklen_t req_len = version == 2 ? sizeof(struct tpacket_req) : sizeof req;
+    if (setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &req, req_len) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
@@ -131,6 +166,10 @@ static int ring_init(RingObject *self, PyObject *args, PyObject *kwds)
     self->map_len = len;
     self->block_size = block_size;
     self->block_nr = block_nr;
+    self->version = version;
+    self->frame_size = frame_size;
+    self->frame_nr = req.tp_frame_nr;
+    self->frm = 0;
     self->blk = 0;
     self->pkt = NULL;
     self->pkt_left = 0;
@@ -207,7 +246,9 @@ static PyMemberDef ring_members[] = {
     {"fd", T_INT, offsetof(RingObject, fd), READONLY, NULL},
     {"block_size", T_UINT, offsetof(RingObject, block_size), READONLY, NULL},
     {"block_nr", T_UINT, offsetof(RingObject, block_nr), READONLY, NULL},
-    U64(rx_frames), U64(rx_blocks), U64(rx_truncated), U64(rx_vlan), U64(rx_oversize),
+    {"version", T_UINT, offsetof(RingObject, version), READONLY, "2 (TPACKET_V2) or 3 (TPACKET_V3)"},
+    {"frame_nr", T_UINT, offsetof(RingObject, frame_nr), READONLY, NULL},
+    U64(rx_frames), U64(rx_copied), U64(rx_blocks), U64(rx_truncated), U64(rx_vlan), U64(rx_oversize),
     U64(tx_frames), U64(tx_errors), U64(tx_bad_port), U64(sock_errors),
     U64(emit_sent), U64(emit_errors), U64(tx_emsgsize),
     U64(polls), U64(poll_timeouts), U64(fwd_calls), U64(fwd_budget_cuts), U64(fwd_blocks),
@@ -220,8 +261,9 @@ static PyMemberDef ring_members[] = {
 static PyTypeObject RingType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "pylvs._fast.Ring",
-    .tp_doc = "Ring(fd, block_size=262144, block_nr=16, frame_size=2048, retire_ms=1)\n\n"
-              "The TPACKET_V3 receive ring of a configured AF_PACKET socket.",
+    .tp_doc = "Ring(fd, block_size=262144, block_nr=16, frame_size=2048, retire_ms=1, version=3)\n\n"
+              "The TPACKET_V3 (or, version=2, TPACKET_V2) receive ring of a configured AF_PACKET\n"
+              "socket. retire_ms applies to V3 only. OSError from the kernel's setsockopt/mmap.",
     .tp_basicsize = sizeof(RingObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
@@ -275,10 +317,17 @@ static void put_rings(RingObject **rings, int n, PyObject *fast)
     Py_DECREF(fast);
 }
 
+static inline int ring_ready(RingObject *r)
+{
+    if (r->version == 2)
+        return frame_status(ring_frame(r, r->frm)) & TP_STATUS_USER;
+    return r->pkt_left || block_ready(ring_block(r, r->blk));
+}
+
 static int any_ready(RingObject **rings, int n)
 {
     for (int i = 0; i < n; i++)
-        if (rings[i]->pkt_left || block_ready(ring_block(rings[i], rings[i]->blk)))
+        if (ring_ready(rings[i]))
             return 1;
     return 0;
 }
@@ -397,14 +446,14 @@ static inline void txq_add(RingObject *r, TxQueue *q, uint8_t *frame, uint32_t l
 }
 
 /* Is this ring frame one the engine may see? Counts the reasons it is not. */
-static inline int frame_usable(RingObject *r, struct tpacket3_hdr *h)
+static inline int frame_usable(RingObject *r, uint32_t snaplen, uint32_t len, uint32_t status)
 {
-    if (h->tp_snaplen < h->tp_len) {
+    if (snaplen < len) {
         r->rx_truncated++;
         return 0;
     }
     /* A VLAN tag taken out by offload would be lost on the way out. */
-    if (h->tp_status & TP_STATUS_VLAN_VALID) {
+    if (status & TP_STATUS_VLAN_VALID) {
         r->rx_vlan++;
         return 0;
     }
@@ -416,9 +465,14 @@ static inline int frame_usable(RingObject *r, struct tpacket3_hdr *h)
 /* Each thread's send queues and forward()'s emit area: workers run forward
  * at the same time without the GIL, so these are per thread (made on the
  * thread's first call, freed when it exits). */
+/* Room for the largest frame the engine takes (vnet header, Ethernet
+ * header, 64 KiB IP packet; tables.MAX_FRAME). */
+#define BIG_FRAME (PYLVS_VNET_HDR_LEN + 14 + 65535)
+
 typedef struct {
     TxQueue q[MAX_PORTS];
     struct pylvs_emit em;
+    uint8_t big[BIG_FRAME];  /* a V2 frame read with recv() (TP_STATUS_COPY) */
 } SendBufs;
 
 static pthread_key_t bufs_key;
@@ -496,6 +550,96 @@ static void emit_queue(RingObject **rings, int n, TxQueue *tx_queues, const stru
     }
 }
 
+/* Read the frame a V2 ring slot stands for when it was too big for it
+ * (TP_STATUS_COPY: the kernel queued it on the socket too) into buf; its
+ * length with the vnet header, or 0 after counting why there is none. */
+static uint32_t copy_recv(RingObject *r, uint8_t *buf, size_t cap)
+{
+    ssize_t got;
+    do
+        got = recv(r->fd, buf, cap, MSG_DONTWAIT | MSG_TRUNC);
+    while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        r->rx_truncated++;
+        return 0;
+    }
+    if ((size_t)got > cap) {
+        r->rx_oversize++;
+        return 0;
+    }
+    r->rx_copied++;
+    return (uint32_t)got;
+}
+
+/* What forward() runs every frame with. */
+typedef struct {
+    PylvsEngine *e;
+    RingObject **rings;
+    int n;
+    TxQueue *tx_queues;
+    struct pylvs_emit *em;
+    double now;
+    long seen;
+} FwdCtx;
+
+/* Run the engine on one frame (vnet header first) that arrived on port p
+ * and queue what it sends. */
+static inline void fwd_frame(FwdCtx *c, uint8_t *frame, uint32_t len, int p)
+{
+    struct pylvs_emit *em = c->em;
+    uint16_t out = 0;
+    c->rings[p]->rx_frames++;
+    c->seen++;
+    if (em->cap - em->used < EMIT_ROOM_BYTES || em->max - em->n < EMIT_ROOM_FRAMES) {
+        /* The queues point into the emit area: send, then reuse it. */
+        flush_all(c->rings, c->n, c->tx_queues);
+        em->n = em->used = 0;
+    }
+    uint32_t emitted = em->n;
+    if (pylvs_engine_frame(c->e, frame, len, (uint16_t)p, c->now, &out, em) == PYLVS_V_TX) {
+        if (out < c->n)
+            txq_add(c->rings[out], &c->tx_queues[out], frame, len, 0);
+        else
+            c->rings[p]->tx_bad_port++;
+    }
+    if (em->n != emitted)
+        emit_queue(c->rings, c->n, c->tx_queues, em, emitted);
+}
+
+/* Frames of a V2 ring taken per port and round, so that one busy port does
+ * not starve the others within a call. */
+#define V2_ROUND 64
+
+/* Take up to V2_ROUND ready frames of V2 ring p; they stay TP_STATUS_USER
+ * (forward() hands them back after sending). Returns how many. */
+static unsigned fwd_v2(FwdCtx *c, int p, unsigned room, uint8_t *big)
+{
+    RingObject *r = c->rings[p];
+    unsigned k = 0;
+    if (room > V2_ROUND)
+        room = V2_ROUND;
+    while (k < room) {
+        struct tpacket2_hdr *h = ring_frame(r, r->frm);
+        uint32_t st = frame_status(h);
+        if (!(st & TP_STATUS_USER))
+            break;
+        if (st & TP_STATUS_COPY) {
+            uint32_t len = copy_recv(r, big, BIG_FRAME);
+            if (len) {
+                fwd_frame(c, big, len, p);
+                /* The queues now point into big, which the next copy reuses. */
+                flush_all(c->rings, c->n, c->tx_queues);
+            }
+        } else if (frame_usable(r, h->tp_snaplen, h->tp_len, st)) {
+            fwd_frame(c, (uint8_t *)h + h->tp_mac - PYLVS_VNET_HDR_LEN,
+                      h->tp_snaplen + PYLVS_VNET_HDR_LEN, p);
+        }
+        r->frm = (r->frm + 1) % r->frame_nr;
+        k++;
+    }
+    return k;
+}
+
 static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"engine", "rings", "now", "timeout_ms", "budget", NULL};
@@ -538,20 +682,30 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
 
     struct pylvs_emit *em = &bufs->em;
     em->n = em->used = 0;
+    FwdCtx c = {.e = e, .rings = rings, .n = n, .tx_queues = tx_queues, .em = em, .now = now};
     struct tpacket_block_desc *held[MAX_HELD];
     int nheld = 0;
-    long seen = 0;
+    unsigned long long units = 0;   /* V3 blocks and V2 frames taken */
     int progress = 1;
-    unsigned taken[MAX_PORTS] = {0};
-    /* Round robin over the ports, one block at a time, so one busy port
-     * cannot starve the others within a call. */
-    while (progress && seen < budget && nheld < MAX_HELD) {
+    unsigned taken[MAX_PORTS] = {0}, first[MAX_PORTS];
+    for (int p = 0; p < n; p++)
+        first[p] = rings[p]->frm;
+    /* Round robin over the ports, one block (or V2_ROUND frames) at a time,
+     * so one busy port cannot starve the others within a call. */
+    while (progress && c.seen < budget && nheld < MAX_HELD) {
         progress = 0;
         for (int p = 0; p < n && nheld < MAX_HELD; p++) {
             RingObject *r = rings[p];
-            /* Held blocks stay TP_STATUS_USER until the end of the call:
-             * going round a full ring would meet them again and run the
-             * engine twice on frames it already rewrote. */
+            /* Held blocks and frames stay TP_STATUS_USER until the end of
+             * the call: going round a full ring would meet them again and
+             * run the engine twice on frames it already rewrote. */
+            if (r->version == 2) {
+                unsigned k = fwd_v2(&c, p, r->frame_nr - taken[p], bufs->big);
+                taken[p] += k;
+                units += k;
+                progress |= k != 0;
+                continue;
+            }
             if (taken[p] >= r->block_nr)
                 continue;
             struct tpacket_block_desc *bd = ring_block(r, r->blk);
@@ -571,40 +725,23 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
             }
             progress = 1;
             for (; left; left--) {
-                if (frame_usable(r, h)) {
-                    uint8_t *frame = (uint8_t *)h + h->tp_mac - PYLVS_VNET_HDR_LEN;
-                    uint32_t len = h->tp_snaplen + PYLVS_VNET_HDR_LEN;
-                    uint16_t out = 0;
-                    r->rx_frames++;
-                    seen++;
-                    if (em->cap - em->used < EMIT_ROOM_BYTES || em->max - em->n < EMIT_ROOM_FRAMES) {
-                        /* The queues point into the emit area: send, then reuse it. */
-                        flush_all(rings, n, tx_queues);
-                        em->n = em->used = 0;
-                    }
-                    uint32_t emitted = em->n;
-                    if (pylvs_engine_frame(e, frame, len, (uint16_t)p, now, &out, em) == PYLVS_V_TX) {
-                        if (out < n)
-                            txq_add(rings[out], &tx_queues[out], frame, len, 0);
-                        else
-                            r->tx_bad_port++;
-                    }
-                    if (em->n != emitted)
-                        emit_queue(rings, n, tx_queues, em, emitted);
-                }
+                if (frame_usable(r, h->tp_snaplen, h->tp_len, h->tp_status))
+                    fwd_frame(&c, (uint8_t *)h + h->tp_mac - PYLVS_VNET_HDR_LEN,
+                              h->tp_snaplen + PYLVS_VNET_HDR_LEN, p);
                 if (left > 1)
                     h = (struct tpacket3_hdr *)((uint8_t *)h + h->tp_next_offset);
             }
             held[nheld++] = bd;
             taken[p]++;
+            units++;
             r->blk = (r->blk + 1) % r->block_nr;
         }
     }
     rings[0]->fwd_calls++;
-    rings[0]->fwd_blocks += nheld;
-    if ((unsigned long long)nheld > rings[0]->fwd_max_blocks)
-        rings[0]->fwd_max_blocks = nheld;
-    if (seen >= budget)
+    rings[0]->fwd_blocks += units;
+    if (units > rings[0]->fwd_max_blocks)
+        rings[0]->fwd_max_blocks = units;
+    if (c.seen >= budget)
         rings[0]->fwd_budget_cuts++;
     ts = pylvs_engine_unlock(e);
     /* Frames point into the held blocks: send before giving them back. */
@@ -612,9 +749,13 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
     em->n = em->used = 0;
     for (int i = 0; i < nheld; i++)
         block_release(held[i]);
+    for (int p = 0; p < n; p++)
+        if (rings[p]->version == 2)
+            for (unsigned i = 0; i < taken[p]; i++)
+                frame_release(ring_frame(rings[p], (first[p] + i) % rings[p]->frame_nr));
     PyEval_RestoreThread(ts);
     put_rings(rings, n, fast);
-    return PyLong_FromLong(seen);
+    return PyLong_FromLong(c.seen);
 }
 
 /* --- recv / send: copies, for engines that take a Batch ------------------- */
@@ -647,6 +788,41 @@ static void release_views(Py_buffer *v, int k)
 {
     for (int i = 0; i < k; i++)
         PyBuffer_Release(&v[i]);
+}
+
+/* Copy the ready frames of V2 ring r (port p) into rows [got, rows) of
+ * out, giving each slot back at once; returns the frames copied. */
+static Py_ssize_t recv_v2(RingObject *r, int p, uint8_t *out, Py_ssize_t slot, uint32_t *lens,
+                          uint16_t *ports, Py_ssize_t got, Py_ssize_t rows)
+{
+    Py_ssize_t k = 0;
+    while (got + k < rows) {
+        struct tpacket2_hdr *h = ring_frame(r, r->frm);
+        uint32_t st = frame_status(h), len = 0;
+        uint8_t *dst = out + (got + k) * slot;
+        if (!(st & TP_STATUS_USER))
+            break;
+        if (st & TP_STATUS_COPY) {
+            len = copy_recv(r, dst, (size_t)slot);
+        } else if (frame_usable(r, h->tp_snaplen, h->tp_len, st)) {
+            len = h->tp_snaplen + PYLVS_VNET_HDR_LEN;
+            if (len > slot) {
+                r->rx_oversize++;
+                len = 0;
+            } else {
+                memcpy(dst, (uint8_t *)h + h->tp_mac - PYLVS_VNET_HDR_LEN, len);
+            }
+        }
+        frame_release(h);
+        r->frm = (r->frm + 1) % r->frame_nr;
+        if (len) {
+            lens[got + k] = len;
+            ports[got + k] = (uint16_t)p;
+            r->rx_frames++;
+            k++;
+        }
+    }
+    return k;
 }
 
 static PyObject *afp_recv(PyObject *mod, PyObject *args, PyObject *kwds)
@@ -685,6 +861,11 @@ static PyObject *afp_recv(PyObject *mod, PyObject *args, PyObject *kwds)
         progress = 0;
         for (int p = 0; p < n && got < rows; p++) {
             RingObject *r = rings[p];
+            if (r->version == 2) {
+                got += recv_v2(r, p, out, slot, lens, ports, got, rows);
+                progress |= ring_ready(r) && got < rows;
+                continue;
+            }
             struct tpacket_block_desc *bd = ring_block(r, r->blk);
             if (!r->pkt_left) {
                 if (!block_ready(bd))
@@ -702,7 +883,7 @@ static PyObject *afp_recv(PyObject *mod, PyObject *args, PyObject *kwds)
             progress = 1;
             while (r->pkt_left && got < rows) {
                 struct tpacket3_hdr *h = r->pkt;
-                if (frame_usable(r, h)) {
+                if (frame_usable(r, h->tp_snaplen, h->tp_len, h->tp_status)) {
                     uint32_t len = h->tp_snaplen + PYLVS_VNET_HDR_LEN;
                     if (len > slot) {
                         r->rx_oversize++;
@@ -827,9 +1008,9 @@ static PyObject *afp_emit_send(PyObject *mod, PyObject *args, PyObject *kwds)
 static PyMethodDef afp_functions[] = {
     {"forward", (PyCFunction)(void (*)(void))afp_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(engine, rings, now, timeout_ms=0, budget=4096) -> frames seen\n\n"
-     "Wait up to timeout_ms for a retired block, run the engine on every frame of\n"
-     "the ready blocks in place, send V_TX frames with one sendmmsg() per port\n"
-     "batch, then give the blocks back to the kernel."},
+     "Wait up to timeout_ms for a retired block (V3) or a frame (V2), run the\n"
+     "engine on every ready frame in place, send V_TX frames with one sendmmsg()\n"
+     "per port batch, then give the blocks or frames back to the kernel."},
     {"ring_recv", (PyCFunction)(void (*)(void))afp_recv, METH_VARARGS | METH_KEYWORDS,
      "ring_recv(rings, buf, length, in_port, timeout_ms=0) -> frames copied"},
     {"ring_send", (PyCFunction)(void (*)(void))afp_send, METH_VARARGS | METH_KEYWORDS,

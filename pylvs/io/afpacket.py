@@ -1,4 +1,4 @@
-"""The AF_PACKET backend: one TPACKET_V3 receive ring per interface.
+"""The AF_PACKET backend: one TPACKET_V2 or V3 receive ring per interface.
 
 Each port is an AF_PACKET socket bound with ETH_P_ALL to one interface, so it
 sees frames before nft netdev ingress (where steering drops the kernel's copy
@@ -39,6 +39,8 @@ PACKET_FANOUT = 18
 PACKET_FANOUT_DATA = 22
 PACKET_FANOUT_CBPF = 6
 PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
+PACKET_COPY_THRESH = 7
+SO_RCVBUFFORCE = 33
 
 # A block holds at least one 64 KiB GSO frame with its headers; a short
 # retire timeout bounds the latency of a lone packet to about a millisecond.
@@ -50,6 +52,14 @@ BLOCK_SIZE = 1 << 17
 BLOCK_NR = 64
 FRAME_SIZE = 2048
 RETIRE_MS = 1
+# TPACKET_V2 (``ring="v2"``): the same 8 MiB as 4096 slots of 2 KiB, each
+# handed to user space as soon as it is written (no retire timer: V3 blocks
+# retire on jiffies, 4 ms at HZ=250, whatever RETIRE_MS asks). A frame too
+# big for its slot (a GSO frame) is also queued on the socket
+# (PACKET_COPY_THRESH) and read with recv(): COPY_RCVBUF bytes of them.
+RINGS = ("v2", "v3")
+DEFAULT_RING = "v2"
+COPY_RCVBUF = 8 << 20
 
 
 def attach_filter(sock: socket.socket, prog: list[bpf.Insn], level: int = socket.SOL_SOCKET,
@@ -121,7 +131,7 @@ class AfPacketBackend:
     def __init__(self, ifnames: list[str], *, block_size: int = BLOCK_SIZE,
                  block_nr: int = BLOCK_NR, retire_ms: int = RETIRE_MS,
                  qdisc_bypass: bool = True, pcap: str | None = None,
-                 fanout: list[int] | None = None):
+                 fanout: list[int] | None = None, ring: str = DEFAULT_RING):
         """One port per name in ``ifnames`` (index = the engine's port).
 
         ``fanout``: one worker's instance of several (``open_workers``): per
@@ -134,9 +144,14 @@ class AfPacketBackend:
         default); False sends through the qdisc layer, where the kernel's
         taps (tcpdump on the director) see the transmitted frames.
         ``pcap``: a file to which every frame sent is also written
-        (pylvs/io/pcap.py). Raises OSError for an interface not in this
-        network namespace or a pcap file that cannot be created.
+        (pylvs/io/pcap.py). ``ring``: "v3" (TPACKET_V3 blocks, RETIRE_MS)
+        or "v2" (TPACKET_V2 frames, no retire wait). Raises OSError for an
+        interface not in this network namespace or a pcap file that cannot
+        be created; ValueError for another ``ring``.
         """
+        if ring not in RINGS:
+            raise ValueError(f"ring must be one of {RINGS}, not {ring!r}")
+        self.ring = ring
         if not ifnames:
             raise ValueError("AfPacketBackend needs at least one interface")
         self.ports: list[Port] = []
@@ -167,9 +182,16 @@ class AfPacketBackend:
                 s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
                 if qdisc_bypass:
                     s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+                if ring == "v2":
+                    s.setsockopt(SOL_PACKET, PACKET_COPY_THRESH, 1)
+                    try:   # CAP_NET_ADMIN lifts net.core.rmem_max
+                        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, COPY_RCVBUF)
+                    except OSError:
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, COPY_RCVBUF)
                 self.rings.append(_fast.Ring(s.fileno(), block_size=block_size,
                                              block_nr=block_nr, frame_size=FRAME_SIZE,
-                                             retire_ms=retire_ms))
+                                             retire_ms=retire_ms,
+                                             version=2 if ring == "v2" else 3))
                 s.bind((name, ETH_P_ALL))
                 if fanout is not None:   # after bind: only a bound socket may join
                     self.fanout_ids.append(join_fanout(s, fanout[i]))
@@ -241,20 +263,24 @@ class AfPacketBackend:
         kind refused as bigger than the egress MTU), plus ``rx_dropped``: frames the
         kernel could not put in a full ring (the data thread fell behind),
         and ``rx_freezes``: how often the kernel found its next block still
-        held by user space (tp_freeze_q_cnt). With a pcap file, also
+        held by user space (tp_freeze_q_cnt; always 0 with a V2 ring),
+        and ``rx_copied``: V2 frames too big for a slot, read with recv().
+        With a pcap file, also
         ``pcap_frames``, ``pcap_dropped``, ``pcap_write_errors``."""
-        names = ("rx_frames", "rx_blocks", "rx_truncated", "rx_vlan", "rx_oversize",
+        names = ("rx_frames", "rx_blocks", "rx_copied", "rx_truncated", "rx_vlan", "rx_oversize",
                  "tx_frames", "tx_errors", "tx_bad_port", "sock_errors",
                  "emit_sent", "emit_errors", "tx_emsgsize",
                  "polls", "poll_timeouts", "fwd_calls", "fwd_budget_cuts", "fwd_blocks")
         out = {n: sum(getattr(r, n) for r in self.rings) for n in names}
         with self._lock:
             for s in self.socks:
-                # struct tpacket_stats_v3; reading resets the kernel's counts.
+                # struct tpacket_stats_v3, or struct tpacket_stats (no
+                # freeze count) for V2; reading resets the kernel's counts.
                 try:
-                    _, drops, freezes = struct.unpack("III", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12))
+                    raw = s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
                 except OSError:
                     continue
+                _, drops, freezes = struct.unpack("III", raw.ljust(12, b"\0"))
                 self._kernel_drops += drops
                 self._kernel_freezes += freezes
             out["rx_dropped"] = self._kernel_drops

@@ -98,6 +98,7 @@ class Options:
     # the director sees what pylvs transmits (slower; docs/io.md).
     qdisc_bypass: bool = True
     pcap: str | None = None      # --pcap FILE: every frame sent, written there too
+    ring: str | None = None      # --ring v2|v3: AF_PACKET ring version (None: the default)
     # --tap NAME ... (pylvs/io/tap.py): TAP ports instead of interfaces, the
     # director's addresses given here (--addr DIP/PLEN per TAP, --gateway).
     tap: list[str] = field(default_factory=list)
@@ -307,7 +308,8 @@ class Daemon:
                                            pcap=self.opts.pcap)]
         if self._backends is None:
             self._backends = open_workers("afpacket", self.ifaces, n,
-                                          qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap)
+                                          qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap,
+                                          **({"ring": self.opts.ring} if self.opts.ring else {}))
         self.backends = list(self._backends)
         self.backend = self.backends[0]
         if self._resolver is None:
@@ -765,6 +767,11 @@ DEFAULT_CONN_MAX = 1 << 22
 MAX_CONN_MAX = 1 << 26  # the engine's limit (ENGINE_MAX_CAPACITY)
 
 
+def _default_ring() -> str:
+    from ..io.afpacket import DEFAULT_RING
+    return DEFAULT_RING
+
+
 def _help_formatter():
     import argparse
 
@@ -813,6 +820,10 @@ def main(argv: list[str] | None = None) -> int:
                     "driver, so tcpdump on the director also sees the frames pylvs "
                     "transmits (and tc qdiscs apply); slower (default: bypass, "
                     "tcpdump shows only what arrives)")
+    ap.add_argument("--ring", choices=("v2", "v3"),
+                    help="AF_PACKET receive ring: v2 hands each frame over as soon as it "
+                    "arrives, v3 in blocks retired when full or by a timer of at least one "
+                    "jiffy (4 ms at HZ=250) (default: %s; docs/io.md)" % _default_ring())
     ap.add_argument("--pcap", metavar="FILE",
                     help="also write every frame pylvs sends (forwarded and made: ICMP "
                     "errors, RSTs, fragments, tunnel packets) to FILE, classic pcap, "
@@ -891,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
                    capacity=a.conn_max, engine=a.engine, max_services=a.max_services,
                    max_dests=a.max_dests, sysctls=dict(a.sysctl),
-                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, workers=workers,
+                   qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, ring=a.ring, workers=workers,
                    steering=a.steering, tap=a.tap, tap_addrs=a.tap_addrs, gateway=a.gateway,
                    mac=a.mac, io=a.io)
     try:
