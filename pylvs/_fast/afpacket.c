@@ -635,6 +635,7 @@ static unsigned fwd_v2(FwdCtx *c, int p, unsigned room, uint8_t *big)
                       h->tp_snaplen + PYLVS_VNET_HDR_LEN, p);
         }
         r->frm = (r->frm + 1) % r->frame_nr;
+        r->rx_blocks++;   /* a V2 slot is the ring's unit, as a V3 block is */
         k++;
     }
     return k;
@@ -815,6 +816,7 @@ static Py_ssize_t recv_v2(RingObject *r, int p, uint8_t *out, Py_ssize_t slot, u
         }
         frame_release(h);
         r->frm = (r->frm + 1) % r->frame_nr;
+        r->rx_blocks++;
         if (len) {
             lens[got + k] = len;
             ports[got + k] = (uint16_t)p;
