@@ -52,13 +52,15 @@ BLOCK_SIZE = 1 << 17
 BLOCK_NR = 64
 FRAME_SIZE = 2048
 RETIRE_MS = 1
-# TPACKET_V2 (``ring="v2"``): the same 8 MiB as 4096 slots of 2 KiB, each
-# handed to user space as soon as it is written (no retire timer: V3 blocks
-# retire on jiffies, 4 ms at HZ=250, whatever RETIRE_MS asks). A frame too
-# big for its slot (a GSO frame) is also queued on the socket
-# (PACKET_COPY_THRESH) and read with recv(): COPY_RCVBUF bytes of them.
+# TPACKET_V2 (``ring="v2"``, pylvs run --ring v2): the same 8 MiB as 4096
+# slots of 2 KiB, each handed to user space as soon as it is written (no
+# retire timer: V3 blocks retire on jiffies, 4 ms at HZ=250, whatever
+# RETIRE_MS asks). A frame too big for its slot (a GSO frame) is also queued
+# on the socket (PACKET_COPY_THRESH) and read with recv(): COPY_RCVBUF bytes
+# of them. V3 stays the default: with V2 the kernel wakes the poller per
+# frame and the 64-byte batch rate fell by about a third (docs/io.md).
 RINGS = ("v2", "v3")
-DEFAULT_RING = "v2"
+DEFAULT_RING = "v3"
 COPY_RCVBUF = 8 << 20
 
 
