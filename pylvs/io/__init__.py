@@ -20,6 +20,28 @@ class Port:
     mac: bytes
 
 
+class CopyLoop:
+    """The forward path for engines written in Python, shared by the
+    backends: ``recv`` into a Batch, ``process``, ``send`` (the C engine
+    has its own loop in each backend)."""
+
+    def _copy_forward(self, engine, now: float, timeout: float, batch=None) -> int:
+        batch = batch if batch is not None else self._batch()
+        n = self.recv(batch, timeout)
+        if n:
+            engine.process(batch, now)
+            self.send(batch)
+        return n
+
+    def _batch(self):
+        from ..engine import tables
+
+        b = getattr(self, "_pybatch", None)
+        if b is None:
+            b = self._pybatch = tables.Batch(256, tables.MAX_FRAME)
+        return b
+
+
 KINDS = ("afpacket",)
 
 

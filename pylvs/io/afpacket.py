@@ -26,7 +26,7 @@ import threading
 from .. import _fast
 from ..engine import tables
 from . import bpf
-from . import Port
+from . import CopyLoop, Port
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -129,7 +129,7 @@ def _mac_of(name: str) -> bytes:
     return interface_info(name)[2]
 
 
-class AfPacketBackend:
+class AfPacketBackend(CopyLoop):
     def __init__(self, ifnames: list[str], *, block_size: int = BLOCK_SIZE,
                  block_nr: int = BLOCK_NR, retire_ms: int = RETIRE_MS,
                  qdisc_bypass: bool = True, pcap: str | None = None,
@@ -211,18 +211,7 @@ class AfPacketBackend:
         ms = max(0, int(timeout * 1000))
         if _fast.Engine is not None and isinstance(engine, _fast.Engine):
             return _fast.forward(engine, self.rings, now, ms)
-        batch = batch if batch is not None else self._batch()
-        n = self.recv(batch, timeout)
-        if n:
-            engine.process(batch, now)
-            self.send(batch)
-        return n
-
-    def _batch(self) -> tables.Batch:
-        b = getattr(self, "_pybatch", None)
-        if b is None:
-            b = self._pybatch = tables.Batch(256, tables.MAX_FRAME)
-        return b
+        return self._copy_forward(engine, now, timeout, batch)
 
     def recv(self, batch: tables.Batch, timeout: float) -> int:
         n = _fast.ring_recv(self.rings, batch.buf, batch.length, batch.in_port,

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from .. import _fast
 from ..engine import tables
-from . import Port
+from . import CopyLoop, Port
 from ..control.steering import _why, sets_of, sync_sets
 from .afpacket import AfPacketBackend
 
@@ -84,7 +84,7 @@ def remove_stale(ifindex: int, name: str) -> bool:
     return True
 
 
-class XdpBackend:
+class XdpBackend(CopyLoop):
     """Ports with an XSK each (queue ``queue``) and the AF_PACKET taps for
     the frames the kernel keeps (module docstring).
 
@@ -176,18 +176,7 @@ class XdpBackend:
         if _fast.Engine is not None and isinstance(engine, _fast.Engine):
             n = _fast.forward(engine, self.taps.rings, now, 0)
             return n + _fast.xsk_forward(engine, self.xsks, now, 0 if n else ms)
-        batch = batch if batch is not None else self._batch()
-        n = self.recv(batch, timeout)
-        if n:
-            engine.process(batch, now)
-            self.send(batch)
-        return n
-
-    def _batch(self) -> tables.Batch:
-        b = getattr(self, "_pybatch", None)
-        if b is None:
-            b = self._pybatch = tables.Batch(256, tables.MAX_FRAME)
-        return b
+        return self._copy_forward(engine, now, timeout, batch)
 
     def recv(self, batch: tables.Batch, timeout: float) -> int:
         """Copy frames into ``batch`` (engine format: vnet header first):
