@@ -17,13 +17,18 @@ import sysconfig
 import time
 
 import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import Ether
 
+from pylvs.io import bpf
 from pylvs.lab.httpd import content
 from pylvs.lab.topology import Lab
 from test_fwd_methods import DR, NAT, TUN, assert_content, download, only
 from test_steering import RULE_CASES, _probe
+from test_workers import CLIENTS, check_round, director_view, send_round
 
 pytestmark = pytest.mark.netns
+ONE_AND_TWO = pytest.mark.parametrize("workers", [1, 2], indirect=True)
 
 PORT = 80
 XDP = ("--io", "xdp")
@@ -93,6 +98,87 @@ def test_xdp_program_takes_what_steering_drops(trio):
     assert got == want
 
 
+# --- which worker: the program's key against the fanout's (BPF_PROG_TEST_RUN) -----
+
+VIP, RIP, OTHER = "10.9.0.1", "10.9.1.2", "10.9.7.7"
+STEER_SERVICES = [(6, bpf.ip(VIP), 80), (17, bpf.ip(VIP), 53)]
+STEER_DESTS = [(6, bpf.ip(RIP), 8080), (17, bpf.ip(RIP), 5353)]
+
+
+def _steer_frames() -> list[tuple[str, bytes]]:
+    """Frames the program redirects, of 40 clients: to the VIP (TCP, UDP),
+    NAT replies, ICMP errors from a real server quoting the client's
+    packet, one quoting an IPIP packet, one truncated in the quote."""
+    eth = Ether(dst="00:00:00:00:00:00")
+    out = []
+    for i in range(40):
+        c = f"10.{i % 7}.{i}.{3 * i + 1}"
+        out += [
+            (f"{c} tcp to vip", eth / IP(src=c, dst=VIP) / TCP(sport=1000 + i, dport=80)),
+            (f"{c} udp to vip", eth / IP(src=c, dst=VIP) / UDP(sport=2000 + i, dport=53)),
+            (f"{c} nat reply", eth / IP(src=RIP, dst=c) / TCP(sport=8080, dport=1000 + i)),
+            (f"{c} udp nat reply", eth / IP(src=RIP, dst=c) / UDP(sport=5353, dport=2000 + i)),
+            (f"{c} icmp error from rs", eth / IP(src=RIP, dst=c) / ICMP(type=3, code=3)
+             / IP(src=c, dst=RIP) / UDP(sport=2000 + i, dport=5353)),
+        ]
+    out += [
+        ("icmp error quoting ipip", eth / IP(src=RIP, dst=OTHER) / ICMP(type=3, code=4)
+         / IP(src=OTHER, dst=RIP, proto=4) / IP(src="10.3.3.3", dst=VIP) / TCP(sport=5, dport=80)),
+        ("icmp error truncated quote", eth / IP(src=RIP, dst=OTHER) / ICMP(type=11)
+         / bytes(IP(src=OTHER, dst=RIP) / UDP(sport=5353, dport=9))[:8]),
+    ]
+    return [(name, bytes(f)) for name, f in out]
+
+
+STEER = """
+import json, struct
+from pylvs import _bpf
+from pylvs.control.steering import SETS, sets_of, sync_sets
+from pylvs.io import xdp
+obj = _bpf.Object(str(xdp.BPF_OBJECT))
+maps = {n: obj.map(n) for n in (*SETS, "ports", "steer", "counters")}
+sync_sets(maps, {n: set() for n in SETS}, sets_of(SERVICES, DESTS, ["10.9.0.1", "10.9.1.1"]))
+maps["ports"].update(struct.pack("I", 1), bytes(6) + struct.pack("H", 0))
+link = obj.attach_xdp(xdp.BPF_PROG, 1, True)
+out = []
+for workers, plan in CONFIGS:
+    maps["steer"].update(struct.pack("I", 0), struct.pack("II", workers, xdp.PLANS[plan]))
+    got = []
+    for frame in FRAMES:
+        before = [maps["counters"].sum_u64(2 + w) for w in range(workers)]
+        assert _bpf.prog_test_run(link.prog_id, bytes.fromhex(frame)) == 2   # no XSK: passed
+        hit = [w for w in range(workers) if maps["counters"].sum_u64(2 + w) != before[w]]
+        got.append(hit)
+    out.append(got)
+link.close()
+print(json.dumps(out))
+"""
+
+CONFIGS = [(2, bpf.FANOUT_FULL), (3, bpf.FANOUT_FULL), (5, bpf.FANOUT_FULL),
+           (3, bpf.FANOUT_ADDRS), (3, bpf.FANOUT_SADDR)]
+
+
+def test_xdp_program_picks_the_worker_steer_index_predicts(trio, monkeypatch):
+    """For N workers, every frame the program redirects is counted for
+    exactly one worker: the one bpf.steer_index (the AF_PACKET fanout's
+    rule) gives, under each of the fanout's plans (full keys; addresses
+    only and saddr, the plans of tables too big for the classic program)."""
+    frames = _steer_frames()
+    res = trio.py(trio.d, f"FRAMES = {[f.hex() for _, f in frames]!r}\n"
+                          f"SERVICES, DESTS = {STEER_SERVICES!r}, {STEER_DESTS!r}\n"
+                          f"CONFIGS = {CONFIGS!r}\n" + STEER)
+    for (workers, plan), got in zip(CONFIGS, res):
+        monkeypatch.setattr(bpf, "_fanout_mode", lambda svc, frm, plan=plan: plan)
+        want = [[bpf.steer_index(f, workers, STEER_SERVICES, STEER_DESTS)] for _, f in frames]
+        assert [(n, g) for (n, _), g in zip(frames, got)] == \
+            [(n, w) for (n, _), w in zip(frames, want)], (workers, plan)
+        assert len({w for w, in want}) == workers, (workers, plan)   # every worker is used
+    # Both directions of a client's conn, and its ICMP errors, on one worker.
+    full = res[0]
+    for i in range(40):
+        assert len({w for w, in full[5 * i:5 * i + 5]}) == 1, frames[5 * i][0]
+
+
 ATTACH_MODES = """
 import json, logging, socket
 from pylvs import _bpf
@@ -109,6 +195,9 @@ for name, generic in (("d0", None), ("dm0", None), ("d0", True)):
         q = _bpf.xdp_query(socket.if_nametoindex(name))
         out[f"{name} {generic}"] = [b.describe(), q["mode"], q["link"]]
     out[f"{name} {generic} after"] = _bpf.xdp_query(socket.if_nametoindex(name))["mode"]
+with XdpBackend(["d0"], workers=2) as b:
+    out["d0 2 workers"] = [d for w in b.siblings for d in w.describe()]
+out["d0 2 workers after"] = _bpf.xdp_query(socket.if_nametoindex("d0"))["mode"]
 print(json.dumps([out, lines]))
 """
 
@@ -120,7 +209,7 @@ def test_native_where_the_driver_has_it_generic_elsewhere(trio):
     subprocess.run(["ip", "-n", trio.d, "link", "add", "dm0", "type", "bridge"], check=True)
     subprocess.run(["ip", "-n", trio.d, "link", "set", "dm0", "up"], check=True)
     out, lines = trio.py(trio.d, ATTACH_MODES)
-    zc = {"queue": 0, "zerocopy": False}
+    zc = {"queue": 0, "zerocopy": False, "worker": 0, "shared": False}
     assert out == {
         "d0 None": [[{"port": "d0", "mode": "native", **zc}], "native", True],
         "d0 None after": "none",
@@ -128,10 +217,16 @@ def test_native_where_the_driver_has_it_generic_elsewhere(trio):
         "dm0 None after": "none",
         "d0 True": [[{"port": "d0", "mode": "generic", **zc}], "generic", True],
         "d0 True after": "none",
+        # One UMEM: worker 1's socket bound to worker 0's with XDP_SHARED_UMEM.
+        "d0 2 workers": [{"port": "d0", "mode": "native", **zc},
+                         {"port": "d0", "mode": "native", **zc, "worker": 1, "shared": True}],
+        "d0 2 workers after": "none",
     }
     assert any(line.startswith("xdp: dm0: no native XDP (") and "using generic XDP" in line
                for line in lines), lines
     assert "xdp: d0: native XDP, AF_XDP socket on queue 0 in copy mode" in lines, lines
+    assert ("xdp: d0: native XDP, AF_XDP socket on queue 0 in copy mode, shared by 2 workers"
+            in lines), lines
 
 
 # --- HTTP through each method over AF_XDP ---------------------------------------
@@ -144,13 +239,17 @@ def mixed(director_lab) -> Lab:
     return lab
 
 
+@ONE_AND_TWO
 @pytest.mark.parametrize("rs", [NAT, DR, TUN], ids=["nat", "dr", "tun"])
-def test_http_over_af_xdp(mixed: Lab, tmp_path, rs):
+def test_http_over_af_xdp(mixed: Lab, tmp_path, rs, workers):
     """1 B, 100 KB and 10 MB downloads and a 2 MB upload, byte for byte,
-    every frame of them through the XSKs (none through the AF_PACKET taps)."""
+    every frame of them through the XSKs (none through the AF_PACKET taps),
+    with one worker and with two sharing each port's UMEM."""
     lab = mixed
     log = lab.director_log()
-    assert "native XDP, AF_XDP socket on queue 0 in copy mode" in log, log
+    line = "native XDP, AF_XDP socket on queue 0 in copy mode"
+    line += f", shared by {workers} workers\n" if workers > 1 else "\n"
+    assert log.count(line) == len(lab.director_ifaces), log
     assert "falling back" not in log
     lab.service("tcp", PORT, only(rs))
     for n in (1, 100_000, 10 << 20):
