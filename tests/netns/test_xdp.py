@@ -274,6 +274,34 @@ def test_http_over_af_xdp(mixed: Lab, tmp_path, rs, workers):
         assert st["xsk_tx_frames"] > 0, st
 
 
+def test_both_directions_of_every_client_reach_its_worker_over_af_xdp(director_lab):
+    """60 client addresses, two UDP flows each, through VS-NAT with 2
+    workers over AF_XDP: every conn is held by the worker bpf.steer_index
+    predicts for both its directions (else its reply would find no conn
+    and the client no answer), every frame came through an XSK, and the
+    program steered frames to both workers."""
+    lab = director_lab(servers=3, start=False)
+    checksums_off(lab)
+    lab.start_director(*XDP, "--workers", "2")
+    for a in CLIENTS:
+        lab.run(lab.client, ["ip", "addr", "add", f"{a}/24", "dev", "eth0"])
+    lab.nat_service("udp", 7, (1, 1, 1))
+    sent = send_round(lab)
+    view = director_view(lab)
+    per_worker = check_round(lab, sent, view)
+    assert set(per_worker) == {0, 1}, per_worker
+    io = [w["io"] for w in view["stats"]["workers"]]
+    assert all(w["xdp_steered"] > 0 and w["xsk_rx_frames"] > 0 for w in io), io
+    total = view["stats"]["io"]
+    assert total["xsk_rx_frames"] == total["xdp_redirected"] == sum(w["xdp_steered"] for w in io)
+    assert total["rx_blocks"] == 0 and total["xdp_no_xsk"] == 0, total
+    # Counters and listings are sums over the workers.
+    engine = [w["engine"]["conns_created"] for w in view["stats"]["workers"]]
+    assert view["stats"]["engine"]["conns_created"] == sum(engine) == len(sent), engine
+    listing = lab.adm("-L", "-n", "-c")
+    assert sum(1 for line in listing.splitlines() if line.startswith("UDP")) == len(sent)
+
+
 def test_python_engine_over_af_xdp(director_lab, tmp_path):
     """The reference engine gets copies in a Batch (recv/process/send over
     the XSKs): a NAT download byte for byte, every frame through the XSKs."""
@@ -333,6 +361,7 @@ def test_excess_load_is_dropped_at_xdp_and_counted(director_lab):
 
 # --- interfaces left as found ---------------------------------------------------
 
+@ONE_AND_TWO
 def test_stop_and_kill_9_leave_no_xdp_program(director_lab):
     lab = director_lab(servers=1, start=False)
     checksums_off(lab)
@@ -406,6 +435,13 @@ def test_start_removes_a_leftover_pylvs_program(director_lab):
     assert xdp_of(lab) == no_xdp(lab)
 
 
+CONNS_STATS = """
+import json
+from pylvs.control import rpc
+with rpc.Client() as c:
+    print(json.dumps(c.call(op="stats")))
+"""
+
 FOREIGN = """
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -414,9 +450,12 @@ char LICENSE[] SEC("license") = "GPL";
 """
 
 
-def test_falls_back_to_af_packet_with_one_line_when_xdp_cannot_attach(director_lab, tmp_path):
-    """Another XDP program on a port: --io xdp runs on AF_PACKET, says so
-    in one warning, forwards, and leaves that program where it was."""
+@ONE_AND_TWO
+def test_falls_back_to_af_packet_with_one_line_when_xdp_cannot_attach(director_lab, tmp_path,
+                                                                      workers):
+    """Another XDP program on a port: --io xdp runs on AF_PACKET (with as
+    many workers), says so in one warning, forwards, and leaves that
+    program where it was."""
     src, obj = tmp_path / "foreign.bpf.c", tmp_path / "foreign.bpf.o"
     src.write_text(FOREIGN)
     triplet = sysconfig.get_config_var("MULTIARCH")   # asm/types.h, as setup.py
@@ -435,6 +474,7 @@ def test_falls_back_to_af_packet_with_one_line_when_xdp_cannot_attach(director_l
     assert lab.curl("/whoami", max_time=5).stdout.strip() == "rs1"
     st = lab.stats()
     assert "xdp_redirected" not in st and st["rx_blocks"] > 0, st
+    assert len(lab.py(lab.director, CONNS_STATS)["workers"]) == workers
     assert lab.stop_director() == 0
     after = xdp_of(lab)
     assert after[0] == foreign and after[1:] == no_xdp(lab)[1:], after
