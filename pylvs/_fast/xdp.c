@@ -28,6 +28,7 @@
 #include "engine.h"
 #include "ip_vs_icmp.h"  /* struct pylvs_emit */
 #include "structmember.h"
+#include "views.h"
 
 #include <errno.h>
 #include <linux/if_xdp.h>
@@ -572,19 +573,6 @@ static int get_xsks(PyObject *seq, XskObject **x, PyObject **fast)
     return (int)n;
 }
 
-/* A writable C-contiguous view with this item size and dimensions. */
-static int get_view(PyObject *o, Py_buffer *v, Py_ssize_t itemsize, int ndim, const char *what)
-{
-    if (PyObject_GetBuffer(o, v, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
-        return -1;
-    if (v->itemsize != itemsize || v->ndim != ndim) {
-        PyBuffer_Release(v);
-        PyErr_Format(PyExc_ValueError, "%s: wrong item size or dimensions", what);
-        return -1;
-    }
-    return 0;
-}
-
 static void put_xsks(XskObject **x, int n, PyObject *fast)
 {
     for (int i = 0; i < n; i++)
@@ -780,30 +768,20 @@ static PyObject *xsk_recv(PyObject *mod, PyObject *args, PyObject *kwds)
     int n = get_xsks(seq, x, &fast);
     if (n < 0)
         return NULL;
-    Py_buffer vb, vl, vp;
-    if (get_view(obuf, &vb, 1, 2, "buf") < 0) {
+    ViewSpec spec[3] = {{obuf, 1, 2, "buf"}, {olen, 4, 1, "length"}, {oport, 2, 1, "in_port"}};
+    Py_buffer v[3];
+    if (get_views(spec, v, 3) < 0) {
         put_xsks(x, n, fast);
         return NULL;
     }
-    if (get_view(olen, &vl, 4, 1, "length") < 0) {
-        PyBuffer_Release(&vb);
-        put_xsks(x, n, fast);
-        return NULL;
-    }
-    if (get_view(oport, &vp, 2, 1, "in_port") < 0) {
-        PyBuffer_Release(&vb);
-        PyBuffer_Release(&vl);
-        put_xsks(x, n, fast);
-        return NULL;
-    }
-    Py_ssize_t rows = vb.shape[0], slot = vb.shape[1], got = 0;
-    if (vl.shape[0] < rows)
-        rows = vl.shape[0];
-    if (vp.shape[0] < rows)
-        rows = vp.shape[0];
-    uint8_t *out = vb.buf;
-    uint32_t *lens = vl.buf;
-    uint16_t *ports = vp.buf;
+    Py_ssize_t rows = v[0].shape[0], slot = v[0].shape[1], got = 0;
+    if (v[1].shape[0] < rows)
+        rows = v[1].shape[0];
+    if (v[2].shape[0] < rows)
+        rows = v[2].shape[0];
+    uint8_t *out = v[0].buf;
+    uint32_t *lens = v[1].buf;
+    uint16_t *ports = v[2].buf;
     for (int p = 0; p < n; p++) {
         comp_reap(x[p]);
         fill_refill(x[p]);
@@ -836,9 +814,7 @@ static PyObject *xsk_recv(PyObject *mod, PyObject *args, PyObject *kwds)
             ring_consumed(&r->rx, i);
         fill_refill(r);
     }
-    PyBuffer_Release(&vb);
-    PyBuffer_Release(&vl);
-    PyBuffer_Release(&vp);
+    release_views(v, 3);
     put_xsks(x, n, fast);
     return PyLong_FromSsize_t(got);
 }
@@ -864,20 +840,16 @@ static PyObject *xsk_send(PyObject *mod, PyObject *args, PyObject *kwds)
     int n = get_xsks(seq, x, &fast);
     if (n < 0)
         return NULL;
+    ViewSpec spec[4] = {{obuf, 1, 2, "buf"}, {olen, 4, 1, "length"}, {overd, 1, 1, "verdict"},
+                        {oport, 2, 1, "out_port"}};
     Py_buffer v[4];
-    const struct { PyObject *o; Py_ssize_t size; int ndim; const char *what; } spec[4] = {
-        {obuf, 1, 2, "buf"}, {olen, 4, 1, "length"}, {overd, 1, 1, "verdict"},
-        {oport, 2, 1, "out_port"}};
-    for (int i = 0; i < 4; i++) {
-        if (get_view(spec[i].o, &v[i], spec[i].size, spec[i].ndim, spec[i].what) < 0) {
-            while (i--)
-                PyBuffer_Release(&v[i]);
-            put_xsks(x, n, fast);
-            return NULL;
-        }
+    if (get_views(spec, v, 4) < 0) {
+        put_xsks(x, n, fast);
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++)
         if (count > v[i].shape[0])
             count = v[i].shape[0];
-    }
     Py_ssize_t slot = v[0].shape[1];
     uint8_t *buf = v[0].buf, *verd = v[2].buf;
     uint32_t *lens = v[1].buf;
@@ -897,8 +869,7 @@ static PyObject *xsk_send(PyObject *mod, PyObject *args, PyObject *kwds)
     for (int p = 0; p < n; p++)
         tx_kick(x[p]);
     unsigned long long after = xsk_sent(x, n);
-    for (int i = 0; i < 4; i++)
-        PyBuffer_Release(&v[i]);
+    release_views(v, 4);
     put_xsks(x, n, fast);
     return PyLong_FromUnsignedLongLong(after - before);
 }
@@ -915,16 +886,14 @@ static PyObject *xsk_emit_send(PyObject *mod, PyObject *args, PyObject *kwds)
     int n = get_xsks(seq, x, &fast);
     if (n < 0)
         return NULL;
-    static const Py_ssize_t sizes[5] = {1, 4, 4, 2, 4};
-    static const char *what[5] = {"emit_buf", "emit_off", "emit_len", "emit_port", "emit_n"};
+    ViewSpec spec[5] = {{o[0], 1, 1, "emit_buf"}, {o[1], 4, 1, "emit_off"},
+                        {o[2], 4, 1, "emit_len"}, {o[3], 2, 1, "emit_port"},
+                        {o[4], 4, 1, "emit_n"}};
     Py_buffer v[5];
-    for (int i = 0; i < 5; i++)
-        if (get_view(o[i], &v[i], sizes[i], 1, what[i]) < 0) {
-            while (i--)
-                PyBuffer_Release(&v[i]);
-            put_xsks(x, n, fast);
-            return NULL;
-        }
+    if (get_views(spec, v, 5) < 0) {
+        put_xsks(x, n, fast);
+        return NULL;
+    }
     unsigned long long before = xsk_sent(x, n);
     if (v[4].shape[0] >= 1 && v[0].shape[0] <= UINT32_MAX) {
         uint32_t frames = ((uint32_t *)v[4].buf)[0], cap = (uint32_t)v[0].shape[0];
@@ -946,8 +915,7 @@ static PyObject *xsk_emit_send(PyObject *mod, PyObject *args, PyObject *kwds)
             tx_kick(x[p]);
     }
     unsigned long long after = xsk_sent(x, n);
-    for (int i = 0; i < 5; i++)
-        PyBuffer_Release(&v[i]);
+    release_views(v, 5);
     put_xsks(x, n, fast);
     return PyLong_FromUnsignedLongLong(after - before);
 }
