@@ -32,6 +32,7 @@
 #include "engine.h"
 #include "ip_vs_icmp.h"  /* struct pylvs_emit */
 #include "structmember.h"
+#include "views.h"
 
 #include <errno.h>
 #include <linux/if_packet.h>
@@ -760,36 +761,6 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
 }
 
 /* --- recv / send: copies, for engines that take a Batch ------------------- */
-
-typedef struct {
-    PyObject *obj;
-    Py_ssize_t itemsize;
-    int ndim;
-    const char *what;
-} ViewSpec;
-
-/* Writable C-contiguous views of k arrays, all or none (released on error). */
-static int get_views(const ViewSpec *spec, Py_buffer *v, int k)
-{
-    for (int i = 0; i < k; i++) {
-        if (PyObject_GetBuffer(spec[i].obj, &v[i], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
-            if (v[i].itemsize == spec[i].itemsize && v[i].ndim == spec[i].ndim)
-                continue;
-            PyErr_Format(PyExc_ValueError, "%s: wrong item size or dimensions", spec[i].what);
-            PyBuffer_Release(&v[i]);
-        }
-        while (i--)
-            PyBuffer_Release(&v[i]);
-        return -1;
-    }
-    return 0;
-}
-
-static void release_views(Py_buffer *v, int k)
-{
-    for (int i = 0; i < k; i++)
-        PyBuffer_Release(&v[i]);
-}
 
 /* Copy the ready frames of V2 ring r (port p) into rows [got, rows) of
  * out, giving each slot back at once; returns the frames copied. */

@@ -294,22 +294,17 @@ class Daemon:
 
     def _build(self) -> None:
         from ..engine import new_engine
-        from ..io import open_workers
-        from ..io.xdp import open_backend
+        from ..io.xdp import open_backends
         from .worker import LockedEngine, Worker
 
         n = self.opts.workers
         self.counters = tables.CounterSum(self.opts.max_services, self.opts.max_dests, n)
         if self._backends is None and self.opts.tap:
             self._build_tap()
-        if self._backends is None and self.opts.io == "xdp":
-            # One XSK per port on rx queue 0: one worker (docs/io.md).
-            self._backends = [open_backend(self.ifaces, "xdp", qdisc_bypass=self.opts.qdisc_bypass,
-                                           pcap=self.opts.pcap)]
-        if self._backends is None:
-            self._backends = open_workers("afpacket", self.ifaces, n,
-                                          qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap,
-                                          **({"ring": self.opts.ring} if self.opts.ring else {}))
+        if self._backends is None:   # --io xdp falls back to afpacket (docs/io.md)
+            self._backends = open_backends(self.ifaces, self.opts.io, n,
+                                           qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap,
+                                           **({"ring": self.opts.ring} if self.opts.ring else {}))
         self.backends = list(self._backends)
         self.backend = self.backends[0]
         if self._resolver is None:
@@ -890,13 +885,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.tap and a.workers and a.workers > 1:
         ap.error("--tap runs one worker (--workers 1): the TAP's queues are not yet "
                  "steered by client address")
-    # AF_XDP: an XSK receives only from its own rx queue, and the queue is
-    # the NIC's choice, not a client-address key: one worker for now.
-    if a.io == "xdp" and a.workers and a.workers > 1:
-        ap.error("--io xdp runs one worker (--workers 1): its queues are not yet "
-                 "steered by client address")
-    workers = (1 if a.tap or a.io == "xdp"
-               else a.workers or (default_workers() if a.engine == "c" else 1))
+    workers = 1 if a.tap else a.workers or (default_workers() if a.engine == "c" else 1)
     if workers > 1 and a.engine != "c":
         ap.error("--workers above 1 needs --engine c")
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
