@@ -98,7 +98,7 @@ class Options:
     # the director sees what pylvs transmits (slower; docs/io.md).
     qdisc_bypass: bool = True
     pcap: str | None = None      # --pcap FILE: every frame sent, written there too
-    ring: str | None = None      # --ring v2|v3: AF_PACKET ring version (None: the default)
+    ring: str | None = None      # --ring auto|v2|v3: AF_PACKET rings (None: the default)
     # --tap NAME ... (pylvs/io/tap.py): TAP ports instead of interfaces, the
     # director's addresses given here (--addr DIP/PLEN per TAP, --gateway).
     tap: list[str] = field(default_factory=list)
@@ -815,10 +815,12 @@ def main(argv: list[str] | None = None) -> int:
                     "driver, so tcpdump on the director also sees the frames pylvs "
                     "transmits (and tc qdiscs apply); slower (default: bypass, "
                     "tcpdump shows only what arrives)")
-    ap.add_argument("--ring", choices=("v2", "v3"),
+    ap.add_argument("--ring", choices=("auto", "v2", "v3"),
                     help="AF_PACKET receive ring: v2 hands each frame over as soon as it "
                     "arrives, v3 in blocks retired when full or by a timer of at least one "
-                    "jiffy (4 ms at HZ=250) (default: %s; docs/io.md)" % _default_ring())
+                    "jiffy (4 ms at HZ=250), auto has both and moves frames to v3 above "
+                    "60k frames/s per worker and back to v2 below 20k "
+                    "(default: %s; docs/io.md)" % _default_ring())
     ap.add_argument("--pcap", metavar="FILE",
                     help="also write every frame pylvs sends (forwarded and made: ICMP "
                     "errors, RSTs, fragments, tunnel packets) to FILE, classic pcap, "
