@@ -22,10 +22,23 @@ Each TAP is opened with:
   bytes is read in one ``read`` (DESIGN.md: a TAP read needs room for the
   whole frame, more than the MTU with GSO);
 - ``IFF_MULTI_QUEUE``: each open of the same name is one more queue of the
-  device, so N workers can each own one (``open_workers``). Which queue a
-  frame goes to is the tun driver's choice (its flow table, by the flow hash
-  of the last frame the queue sent); steering by client address
-  (docs/io.md) would need TUNSETSTEERINGEBPF.
+  device, numbered in open order, so worker i owns queue i of every TAP
+  (``open_workers``).
+
+Which queue a frame the kernel sends to the TAP goes to is, with more than
+one worker, the choice of the steering program pylvs/bpf/tap_steer.bpf.c
+(``TapSteering``, TUNSETSTEERINGEBPF): the client address of the frame,
+mixed and taken modulo the queues, the rule of the AF_PACKET fanout
+(docs/io.md, "Workers"), so both directions of a conn reach the worker that
+holds it. Frames without a client address (ARP) go to queue 0. What pylvs
+writes may go through any queue: the kernel takes a written frame as
+received on the device whichever queue it came through.
+
+The director's host (ARP, echo, neighbours: ``TapHost``) is one for all
+workers: a worker hands it the frames its engine passed and answers from
+its own thread (ARP reaches worker 0, an echo request the worker of its
+sender); the neighbour table is under the host's lock, and its timer thread
+sends through worker 0's queues.
 
 The director's MAC on a port is not the TAP device's own: the bridge keeps a
 port's own address as a local FDB entry and delivers frames to it to the
@@ -42,10 +55,13 @@ import logging
 import os
 import select
 import struct
+import threading
+from pathlib import Path
 
 import numpy as np
 
 from .. import _fast
+from ..control.steering import _why, sets_of, sync_sets
 from ..engine import tables
 from . import Port
 from .taphost import Iface, TapHost, vips_of
@@ -54,6 +70,10 @@ log = logging.getLogger("pylvs.tap")
 
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETSTEERINGEBPF = 0x800454E0   # _IOR('T', 224, int)
+BPF_OBJECT = Path(__file__).resolve().parents[1] / "bpf" / "tap_steer.bpf.o"
+BPF_PROG = "pylvs_tap_steer"
+STEER_SETS = ("services", "realservers")   # its maps, as steering.sets_of names them
 TUN_F_CSUM, TUN_F_TSO4 = 0x01, 0x02
 BATCH = 64   # frames read per forward call at most (each a read syscall)
 # The backend's counters, in the order _fast.tap_forward writes them (tap.c).
@@ -123,12 +143,18 @@ class TapBackend:
     """One queue of each TAP in ``names`` (index = the engine's port), with
     the director's MAC ``macs[i]`` there, sharing ``host`` (the director's
     addresses, ARP, echo; set before the first frame) with the other
-    workers' instances. Same methods as AfPacketBackend."""
+    workers' instances. Same methods as AfPacketBackend.
+
+    ``primary``: the instance that reports the host's counters and the
+    devices' (one per director, worker 0's, so that sums over workers
+    count them once) and holds ``steering`` (a TapSteering or None)."""
 
     def __init__(self, names: list[str], macs: list[bytes], host: TapHost | None = None):
         if not names:
             raise ValueError("TapBackend needs at least one TAP")
         self.host = host
+        self.primary = True
+        self.steering: TapSteering | None = None
         self.devs = []
         self.ports: list[Port] = []
         # Written by _fast.tap_forward (tap.c) or the Python loop alike.
@@ -251,20 +277,30 @@ class TapBackend:
 
     def set_filter(self, services, dests, own_addrs=()) -> None:
         """No filter: a TAP carries only the director's traffic. The
-        services' VIPs become the host's addresses (ARP, echo)."""
+        services' VIPs become the host's addresses (ARP, echo), and the
+        steering program's sets follow the tables (OSError when a set
+        outgrows its map)."""
+        if not self.primary:
+            return
         self.host.set_vips(vips_of(services))
+        if self.steering is not None:
+            self.steering.apply(services, dests)
 
     def stats(self) -> dict[str, int]:
-        """This queue's counters, the host's (``arp_*``, ``echo_*``,
-        ``host_*``), and ``rx_dropped``: frames the kernel could not queue
-        to the TAP (its ``tx_dropped`` in /proc/net/dev: this reader's
-        namespace)."""
+        """This queue's counters; the primary instance adds the host's
+        (``arp_*``, ``echo_*``, ``host_*``) and ``rx_dropped``: frames the
+        kernel could not queue to the TAPs (their ``tx_dropped`` in
+        /proc/net/dev: this reader's namespace)."""
         out = {k: int(v) for k, v in zip(TAP_COUNTERS, self._counts)}
-        out.update(self.host.counters)
-        out["rx_dropped"] = sum(_tx_dropped(p.name) for p in self.ports)
+        if self.primary:
+            out.update(self.host.counters)
+            out["rx_dropped"] = sum(_tx_dropped(p.name) for p in self.ports)
         return out
 
     def close(self) -> None:
+        if self.steering is not None:
+            self.steering.close()   # through our queues: before they close
+            self.steering = None
         for d in self.devs:
             try:
                 d.close()
@@ -302,12 +338,91 @@ def _tx_dropped(name: str) -> int:
     return 0
 
 
+class TapSteering:
+    """The steering program (pylvs/bpf/tap_steer.bpf.c) set on every TAP
+    through ``fds`` (one queue of each), with its two maps sized
+    ``max_services`` and ``max_dests``; ``apply`` fills them, ``close``
+    detaches the program from every TAP. OSError when it cannot be loaded
+    or set (no CAP_BPF, pylvs._bpf not built, a kernel refusal), having
+    detached what it had set."""
+
+    def __init__(self, fds: list[int], *, max_services: int = 16384, max_dests: int = 131072):
+        try:
+            from .. import _bpf
+        except ImportError as e:
+            raise OSError(f"pylvs._bpf is not built ({e})") from None
+        self.fds: list[int] = []
+        self.maps: dict = {}
+        self.prog_id = 0
+        self._lock = threading.Lock()
+        self._current: dict[str, set] = {name: set() for name in STEER_SETS}
+        self._tables = None
+        obj = None
+        try:
+            obj = _bpf.Object(str(BPF_OBJECT), {"services": max_services,
+                                                "realservers": max_dests})
+            self.maps = {name: obj.map(name) for name in STEER_SETS}
+            for fd in fds:
+                self.prog_id = obj.attach_tun_steering(BPF_PROG, fd)
+                self.fds.append(fd)
+        except (OSError, KeyError, ValueError) as e:
+            self.close()
+            raise OSError(f"TAP queue steering: {_why(e)}") from None
+        finally:
+            if obj is not None:
+                obj.close()   # the devices hold the program, self.maps the maps
+
+    def apply(self, services, dests) -> None:
+        """Make the maps hold these tables' sets (steering.sets_of: new keys
+        first, then old ones out). The same tables again: nothing to do."""
+        with self._lock:
+            if self._tables is not None and self._tables[0] is services \
+                    and self._tables[1] is dests:
+                return
+            sync_sets(self.maps, self._current, sets_of(services, dests, ()))
+            self._tables = (services, dests)
+
+    def close(self) -> None:
+        """Detach the program from every TAP (a persistent one is left as
+        found) and drop the maps; again: no-op."""
+        for fd in self.fds:
+            detach_steering(fd)
+        for m in self.maps.values():
+            m.close()
+        self.fds, self.maps = [], {}
+
+
+def detach_steering(fd: int) -> bool:
+    """Take the steering program off the TAP that ``fd`` is a queue of,
+    if it has one (a pylvs killed outright leaves its program on a
+    persistent TAP); False when the kernel refused."""
+    try:
+        fcntl.ioctl(fd, TUNSETSTEERINGEBPF, struct.pack("i", -1))
+    except OSError as e:
+        log.debug("detaching the steering program of TAP fd %d: %s", fd, e)
+        return False
+    return True
+
+
+def queues_open(name: str) -> int | None:
+    """How many queues of TAP ``name`` are attached now (its tx queues in
+    sysfs), or None where this namespace's sysfs does not show it."""
+    try:
+        return sum(1 for q in os.listdir(f"/sys/class/net/{name}/queues") if q.startswith("tx-"))
+    except OSError:
+        return None
+
+
 def open_workers(names: list[str], n: int, *, addrs: list[str], gateway: str | None = None,
-                 mac: str | None = None) -> list[TapBackend]:
+                 mac: str | None = None, max_services: int = 16384,
+                 max_dests: int = 131072) -> list[TapBackend]:
     """``n`` backends (one a worker), each with its own queue of every TAP,
-    sharing one TapHost. ``addrs[i]`` ("DIP/PLEN") belongs to ``names[i]``.
-    Raises ValueError for bad options, OSError for a TAP that cannot be
-    opened."""
+    sharing one TapHost; with n > 1 the first also holds the TapSteering
+    (its maps sized ``max_services``, ``max_dests``) that sends each frame
+    to its worker's queue. ``addrs[i]`` ("DIP/PLEN") belongs to
+    ``names[i]``. Raises ValueError for bad options, OSError for a TAP that
+    cannot be opened, that has queues some other process holds (worker i
+    must own queue i), or whose steering program cannot be set."""
     if len(addrs) != len(names):
         raise ValueError(f"{len(names)} --tap but {len(addrs)} --addr: give one DIP/PLEN per TAP")
     base = parse_mac(mac) if mac else random_mac()
@@ -321,6 +436,19 @@ def open_workers(names: list[str], n: int, *, addrs: list[str], gateway: str | N
         for _ in range(max(1, n)):
             backends.append(TapBackend(names, macs, backends[0].host if backends else None))
         first = backends[0]
+        for b in backends[1:]:
+            b.primary = False
+        for name in names:
+            held = queues_open(name)
+            if held is not None and held != len(backends):
+                raise OSError(f"TAP {name!r} has {held} queues attached, pylvs opened "
+                              f"{len(backends)}: another process holds the others")
+        if len(backends) > 1:
+            first.steering = TapSteering(first.fds, max_services=max_services,
+                                         max_dests=max_dests)
+        else:
+            for fd in first.fds:   # one queue: a leftover program has nothing to choose
+                detach_steering(fd)
         # The DIP's port MTU is the TAP's (frames bigger than it would be
         # dropped by the bridge's next port).
         ifaces = [Iface(a, plen, dev.mtu, m) for (a, plen), dev, m in zip(parsed, first.devs, macs)]

@@ -352,12 +352,15 @@ class Daemon:
 
     def _build_tap(self) -> None:
         """The TAP backend brings its own resolver (user-space ARP), network
-        state (ports and routes from --addr/--gateway) and no steering."""
+        state (ports and routes from --addr/--gateway) and no steering (its
+        queues' steering program follows the tables through set_filter)."""
         from ..io import tap
 
         try:
-            self._backends = tap.open_workers(self.opts.tap, 1, addrs=self.opts.tap_addrs,
-                                              gateway=self.opts.gateway, mac=self.opts.mac)
+            self._backends = tap.open_workers(self.opts.tap, self.opts.workers,
+                                              addrs=self.opts.tap_addrs, gateway=self.opts.gateway,
+                                              mac=self.opts.mac, max_services=self.opts.max_services,
+                                              max_dests=self.opts.max_dests)
         except (ValueError, OSError) as e:
             raise SystemExit(f"pylvs run: {e}") from None
         host = self._backends[0].host
@@ -881,13 +884,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(a.verbose)
     from .worker import default_workers
 
-    # A multi-queue TAP spreads frames by the kernel's flow hash, not by
-    # client address, so a NAT reply could reach a worker without its conn:
-    # one worker until a TUNSETSTEERINGEBPF program keys queues as fanout does.
-    if a.tap and a.workers and a.workers > 1:
-        ap.error("--tap runs one worker (--workers 1): the TAP's queues are not yet "
-                 "steered by client address")
-    workers = 1 if a.tap else a.workers or (default_workers() if a.engine == "c" else 1)
+    workers = a.workers or (default_workers() if a.engine == "c" else 1)
     if workers > 1 and a.engine != "c":
         ap.error("--workers above 1 needs --engine c")
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
