@@ -24,6 +24,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "steer_key.h"
+
 /* tcx verdicts (linux/bpf.h TCX_PASS, TCX_DROP; the same numbers as
  * TC_ACT_OK and TC_ACT_SHOT, which older headers have). */
 #define VERDICT_PASS TC_ACT_OK
@@ -32,30 +34,11 @@
 #define IP_OFFSET 0x1fff  /* fragment offset, in 8-byte units */
 #define PACKET_HOST 0
 
-/* (addr, port, proto) of a virtual service or a VS-NAT dest. */
-struct l4_key {
-	__be32 addr;
-	__be16 port;
-	__u8 proto;
-	__u8 pad;  /* always 0: part of the hashed key */
-};
-
-/* Sizes are set by the loader before load (the director's limits). */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1024);
-	__type(key, struct l4_key);
-	__type(value, __u8);
-} services SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1024);
-	__type(key, struct l4_key);
-	__type(value, __u8);
-} realservers SEC(".maps");
+/* (addr, port, proto) of a virtual service or a VS-NAT dest: struct l4_key
+ * (steer_key.h). Sizes are set by the loader before load (the director's
+ * limits). */
+L4_SET(services);
+L4_SET(realservers);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

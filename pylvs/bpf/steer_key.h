@@ -1,11 +1,12 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
- * The worker of a frame, in eBPF: the rule of pylvs.io.bpf.fanout_program
- * and steer_index (docs/io.md, "Workers"), for programs that see the frame
- * from its Ethernet header and have no instruction limit, so they always
- * key by (proto, addr, port) (fanout_plan's "keys").
+ * The key of steering's sets, and the worker of a frame in eBPF: the rule
+ * of pylvs.io.bpf.fanout_program and steer_index (docs/io.md, "Workers"),
+ * for programs that see the frame from its Ethernet header and have no
+ * instruction limit, so they always key by (proto, addr, port)
+ * (fanout_plan's "keys").
  *
- * The includer defines, before including this file:
+ * For steer_client_mix the includer defines, before including this file:
  *   STEER_CTX                    the program's context type;
  *   STEER_LOAD(ctx, off, p, n)   copy n bytes at offset off of the frame
  *                                to p; 0 on success (bpf_skb_load_bytes,
@@ -32,6 +33,19 @@ struct l4_key {
 	__u8 proto;
 	__u8 pad;  /* always 0: part of the hashed key */
 };
+
+/* A hash map of struct l4_key (value: 1), sized by the loader before load
+ * (the director's limits). */
+#define L4_SET(name)                                    \
+	struct {                                        \
+		__uint(type, BPF_MAP_TYPE_HASH);        \
+		__uint(map_flags, BPF_F_NO_PREALLOC);   \
+		__uint(max_entries, 1024);              \
+		__type(key, struct l4_key);             \
+		__type(value, __u8);                    \
+	} name SEC(".maps")
+
+#ifdef STEER_LOAD
 
 /* The 16-bit mix of a client address (host order): bpf.fanout_mix. */
 static __always_inline __u32 steer_mix(__u32 client)
@@ -109,5 +123,7 @@ static __always_inline __u32 steer_client_mix(STEER_CTX *ctx, void *services,
 		return steer_mix(bpf_ntohl(h.daddr));
 	return steer_mix(bpf_ntohl(h.saddr));
 }
+
+#endif /* STEER_LOAD */
 
 #endif

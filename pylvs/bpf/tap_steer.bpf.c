@@ -24,22 +24,8 @@
 #define STEER_LOAD(ctx, off, p, n) bpf_skb_load_bytes(ctx, off, p, n)
 #include "steer_key.h"
 
-/* Sizes are set by the loader before load (the director's limits). */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1024);
-	__type(key, struct l4_key);
-	__type(value, __u8);
-} services SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1024);
-	__type(key, struct l4_key);
-	__type(value, __u8);
-} realservers SEC(".maps");
+L4_SET(services);
+L4_SET(realservers);
 
 SEC("socket")
 int pylvs_tap_steer(struct __sk_buff *skb)

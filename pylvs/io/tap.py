@@ -4,7 +4,8 @@
 (python-pytun) is one port. Every frame the kernel hands to the TAP (the
 bridge it is a port of, or a hypervisor's switch) reaches pylvs only, and
 what pylvs writes leaves through it; no AF_PACKET socket, no socket filter,
-no steering (BPF or nft), and the namespace's own addresses and routes play no part.
+no steering away from the kernel (BPF or nft), and the namespace's own
+addresses and routes play no part.
 The director's addresses, ARP and echo live in ``TapHost``
 (pylvs/io/taphost.py): the engine passes (V_PASS) what is not virtual-service
 traffic and ``send`` hands those frames to it.
@@ -61,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _fast
-from ..control.steering import _why, sets_of, sync_sets
+from ..control.steering import _why, load_object, sets_of, sync_sets
 from ..engine import tables
 from . import Port
 from .taphost import Iface, TapHost, vips_of
@@ -347,30 +348,25 @@ class TapSteering:
     detached what it had set."""
 
     def __init__(self, fds: list[int], *, max_services: int = 16384, max_dests: int = 131072):
-        try:
-            from .. import _bpf
-        except ImportError as e:
-            raise OSError(f"pylvs._bpf is not built ({e})") from None
         self.fds: list[int] = []
         self.maps: dict = {}
         self.prog_id = 0
         self._lock = threading.Lock()
         self._current: dict[str, set] = {name: set() for name in STEER_SETS}
         self._tables = None
-        obj = None
-        try:
-            obj = _bpf.Object(str(BPF_OBJECT), {"services": max_services,
-                                                "realservers": max_dests})
-            self.maps = {name: obj.map(name) for name in STEER_SETS}
+
+        def attach(obj) -> None:
             for fd in fds:
                 self.prog_id = obj.attach_tun_steering(BPF_PROG, fd)
                 self.fds.append(fd)
+        try:
+            self.maps = load_object(BPF_OBJECT, {"services": max_services,
+                                                 "realservers": max_dests}, STEER_SETS, attach)
+        except ImportError as e:
+            raise OSError(f"TAP queue steering: pylvs._bpf is not built ({e})") from None
         except (OSError, KeyError, ValueError) as e:
             self.close()
             raise OSError(f"TAP queue steering: {_why(e)}") from None
-        finally:
-            if obj is not None:
-                obj.close()   # the devices hold the program, self.maps the maps
 
     def apply(self, services, dests) -> None:
         """Make the maps hold these tables' sets (steering.sets_of: new keys

@@ -28,6 +28,10 @@ and the daemon's network watcher (``state``, ``start``, ``close``;
 pylvs/control/ports.py). Frames go out through ``send(port, frame)``, a frame
 being a 10-byte virtio_net_hdr and an Ethernet frame, as everywhere in pylvs.
 
+One TapHost serves all the workers of a director: each hands it the frames
+its engine passed (``handle``, from the worker's thread, several at once),
+so the neighbour table and the counters are under locks.
+
 Rules that differ from the kernel's, on purpose: an answer (ARP reply, echo
 reply) leaves on the port the request came in on, to the request's Ethernet
 source, as the engine's own answers do (docs/engine.md, "The emit area"),

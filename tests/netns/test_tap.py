@@ -294,7 +294,12 @@ steering.apply([tuple(k) for k in svc], [tuple(k) for k in dst])
 # header (eth_type_trans); the TAP's transmit path gives it the frame from
 # its own: a dummy IPv4 header in front makes the two the same.
 pad = bytes(12) + b"\x08\x00"
-out = [_bpf.prog_test_run(steering.prog_id, pad + bytes.fromhex(h)) for h in sys.argv[2:]]
+out = {"values": [_bpf.prog_test_run(steering.prog_id, pad + bytes.fromhex(h))
+                  for h in sys.argv[2:]]}
+try:
+    tap.TapSteering(bs[0].fds, max_services=0)
+except OSError as e:
+    out["error"] = str(e)
 for b in bs[::-1]:
     b.close()
 print(json.dumps(out))
@@ -348,16 +353,19 @@ def _in_fresh_netns(uid, tag: str, code: str, *args: str) -> dict | list:
 
 def test_steering_program_is_the_fanout_rule(uid):
     """tap_steer.bpf.c, run by the kernel on each frame of the table, gives
-    the value the AF_PACKET fanout program gives (bpf.steer_index)."""
+    the value the AF_PACKET fanout program gives (bpf.steer_index); a
+    program that cannot be loaded is a clear error."""
     import json as _json
 
     frames = [bytes(f) for _, f in STEER_CASES]
-    got = _in_fresh_netns(uid, "steer", STEER, _json.dumps([STEER_SVC, STEER_DST]),
+    out = _in_fresh_netns(uid, "steer", STEER, _json.dumps([STEER_SVC, STEER_DST]),
                           *(f.hex() for f in frames))
+    got = out["values"]
     want = [bpf.steer_index(f, 1 << 16, STEER_SVC, STEER_DST) for f in frames]
     assert {d: g for (d, _), g in zip(STEER_CASES, got)} == \
         {d: w for (d, _), w in zip(STEER_CASES, want)}
     assert want[0] == want[2] == want[3] != 0   # one client, both ways
+    assert out["error"].startswith("TAP queue steering: map services: max_entries 0"), out
 
 
 LEFTOVER = r"""
