@@ -401,12 +401,19 @@ def detach_steering(fd: int) -> bool:
 
 
 def queues_open(name: str) -> int | None:
-    """How many queues of TAP ``name`` are attached now (its tx queues in
-    sysfs), or None where this namespace's sysfs does not show it."""
+    """How many queues of TAP ``name`` are attached now (the tun driver's
+    IFLA_TUN_NUM_QUEUES, read by netlink in this namespace), or None when
+    the kernel does not say."""
     try:
-        return sum(1 for q in os.listdir(f"/sys/class/net/{name}/queues") if q.startswith("tx-"))
-    except OSError:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            info = ipr.link("get", ifname=name)[0].get_attr("IFLA_LINKINFO")
+            n = info.get_attr("IFLA_INFO_DATA").get_attr("IFLA_TUN_NUM_QUEUES")
+    except Exception as e:  # noqa: BLE001 - pyroute2 missing, NetlinkError, no such attribute
+        log.debug("counting the queues of %s: %s", name, e)
         return None
+    return None if n is None else int(n)
 
 
 def open_workers(names: list[str], n: int, *, addrs: list[str], gateway: str | None = None,
