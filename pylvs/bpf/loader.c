@@ -3,10 +3,11 @@
  *
  * Object: open and load a compiled BPF object file (maps sized first);
  * Object.attach_tcx_ingress(): a BPF link attaching one of its programs at
- * tc ingress (tcx) of an interface; Object.attach_tun_steering(): a TAP's
- * queue-steering program (TUNSETSTEERINGEBPF), which the device holds. The link is never pinned: its file
+ * tc ingress (tcx) of an interface. The link is never pinned: its file
  * descriptor (close-on-exec, as every BPF fd) is the only reference, so
  * when the process dies the kernel detaches the program.
+ * Object.attach_tun_steering(): a TAP's queue-steering program
+ * (TUNSETSTEERINGEBPF), which the device holds, not a link.
  * Map: update, delete and list keys in bulk, sum a per-CPU counter.
  * tcx_query / prog_info / map_from_id: what is attached where, for tests
  * and for looking at a running director from outside; prog_test_run: a

@@ -422,10 +422,12 @@ def open_workers(names: list[str], n: int, *, addrs: list[str], gateway: str | N
     """``n`` backends (one a worker), each with its own queue of every TAP,
     sharing one TapHost; with n > 1 the first also holds the TapSteering
     (its maps sized ``max_services``, ``max_dests``) that sends each frame
-    to its worker's queue. ``addrs[i]`` ("DIP/PLEN") belongs to
+    to its worker's queue, and where that program cannot be set (no
+    CAP_BPF: a TAP its user owns needs no other privilege) a warning says
+    so and one backend is returned. ``addrs[i]`` ("DIP/PLEN") belongs to
     ``names[i]``. Raises ValueError for bad options, OSError for a TAP that
-    cannot be opened, that has queues some other process holds (worker i
-    must own queue i), or whose steering program cannot be set."""
+    cannot be opened or that has queues some other process holds (worker i
+    must own queue i)."""
     if len(addrs) != len(names):
         raise ValueError(f"{len(names)} --tap but {len(addrs)} --addr: give one DIP/PLEN per TAP")
     base = parse_mac(mac) if mac else random_mac()
@@ -447,9 +449,18 @@ def open_workers(names: list[str], n: int, *, addrs: list[str], gateway: str | N
                 raise OSError(f"TAP {name!r} has {held} queues attached, pylvs opened "
                               f"{len(backends)}: another process holds the others")
         if len(backends) > 1:
-            first.steering = TapSteering(first.fds, max_services=max_services,
-                                         max_dests=max_dests)
-        else:
+            try:
+                first.steering = TapSteering(first.fds, max_services=max_services,
+                                             max_dests=max_dests)
+            except OSError as e:
+                # The tun driver's own choice would split a conn's two
+                # directions between workers: one worker, as with XDP's
+                # fallback to AF_PACKET, rather than no director.
+                log.warning("%s: one worker instead of %d", e, len(backends))
+                for b in backends[1:]:
+                    b.close()
+                del backends[1:]
+        if len(backends) == 1:
             for fd in first.fds:   # one queue: a leftover program has nothing to choose
                 detach_steering(fd)
         # The DIP's port MTU is the TAP's (frames bigger than it would be

@@ -297,10 +297,11 @@ class Daemon:
         from ..io.xdp import open_backends
         from .worker import LockedEngine, Worker
 
+        if self._backends is None and self.opts.tap:
+            self._build_tap()   # one worker where its queues cannot be steered
+            self.opts.workers = len(self._backends)
         n = self.opts.workers
         self.counters = tables.CounterSum(self.opts.max_services, self.opts.max_dests, n)
-        if self._backends is None and self.opts.tap:
-            self._build_tap()
         if self._backends is None:   # --io xdp falls back to afpacket (docs/io.md)
             self._backends = open_backends(self.ifaces, self.opts.io, n,
                                            qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap,

@@ -307,6 +307,18 @@ except OSError as e:
     out["error"] = str(e)
 for b in bs[::-1]:
     b.close()
+# Where the program cannot be set: one worker, and a warning says why.
+import logging
+warnings = []
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+
+logging.getLogger("pylvs.tap").addHandler(Keep())
+tap.BPF_OBJECT = "/nonexistent.bpf.o"
+one = tap.open_workers(["t2"], 2, addrs=["10.9.0.1/24"])
+out["fallback"] = [len(one), tap.queues_open("t2"), warnings]
 print(json.dumps(out))
 """
 
@@ -359,7 +371,8 @@ def _in_fresh_netns(uid, tag: str, code: str, *args: str) -> dict | list:
 def test_steering_program_is_the_fanout_rule(uid):
     """tap_steer.bpf.c, run by the kernel on each frame of the table, gives
     the value the AF_PACKET fanout program gives (bpf.steer_index); a
-    program that cannot be loaded is a clear error."""
+    program that cannot be loaded is a clear error, and open_workers then
+    gives one worker with a warning."""
     import json as _json
 
     frames = [bytes(f) for _, f in STEER_CASES]
@@ -371,6 +384,10 @@ def test_steering_program_is_the_fanout_rule(uid):
         {d: w for (d, _), w in zip(STEER_CASES, want)}
     assert want[0] == want[2] == want[3] != 0   # one client, both ways
     assert out["error"].startswith("TAP queue steering: map services: max_entries 0"), out
+    n, queues, (warning,) = out["fallback"]
+    assert (n, queues) == (1, 1), out
+    assert warning.startswith("TAP queue steering: opening BPF object /nonexistent.bpf.o")
+    assert warning.endswith("one worker instead of 2"), warning
 
 
 LEFTOVER = r"""
