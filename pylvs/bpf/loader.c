@@ -567,6 +567,22 @@ static PyObject *object_attach_xdp(ObjectObject *self, PyObject *args)
 	return link_from_fd(fd, ifindex);
 }
 
+/* The loaded program's fd (the object keeps it); -1 with KeyError when the
+ * object has no such program, or ValueError when it is closed. */
+static int program_fd(ObjectObject *self, const char *name)
+{
+	struct bpf_program *prog;
+
+	if (!object_open(self))
+		return -1;
+	prog = bpf_object__find_program_by_name(self->obj, name);
+	if (!prog) {
+		PyErr_Format(PyExc_KeyError, "no BPF program %s", name);
+		return -1;
+	}
+	return bpf_program__fd(prog);
+}
+
 PyDoc_STRVAR(object_attach_tun_doc,
 "attach_tun_steering(prog: str, fd: int) -> int\n\n"
 "Make the named socket-filter program the steering program of the TUN/TAP\n"
@@ -581,22 +597,16 @@ static PyObject *object_attach_tun(ObjectObject *self, PyObject *args)
 {
 	const char *name;
 	int fd, prog_fd;
-	struct bpf_program *prog;
-	struct bpf_prog_info info;
+	struct bpf_prog_info info = {0};
 	__u32 len = sizeof(info);
 
-	if (!object_open(self) || !PyArg_ParseTuple(args, "si", &name, &fd))
+	if (!PyArg_ParseTuple(args, "si", &name, &fd) || (prog_fd = program_fd(self, name)) < 0)
 		return NULL;
-	prog = bpf_object__find_program_by_name(self->obj, name);
-	if (!prog)
-		return PyErr_Format(PyExc_KeyError, "no BPF program %s", name);
-	prog_fd = bpf_program__fd(prog);
 	if (ioctl(fd, TUNSETSTEERINGEBPF, &prog_fd) < 0) {
 		char what[128];
 		snprintf(what, sizeof(what), "setting %s as steering program of TAP fd %d", name, fd);
 		return os_error(errno, what);
 	}
-	memset(&info, 0, sizeof(info));
 	if (bpf_obj_get_info_by_fd(prog_fd, &info, &len))
 		return os_error(errno, "reading a BPF program's info");
 	return PyLong_FromUnsignedLong(info.id);
