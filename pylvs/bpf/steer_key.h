@@ -26,7 +26,8 @@
 #define STEER_MIX 0x9E3779B1u   /* bpf.FANOUT_MIX */
 #define STEER_PROTO_IPIP 4
 
-/* (addr, port, proto) in network byte order: steer.bpf.c's key. */
+/* (addr, port, proto) of a service or a dest, in network byte order: the
+ * key of steering's maps (pylvs/control/steering.py _l4_keys packs it). */
 struct l4_key {
 	__be32 addr;
 	__be16 port;
