@@ -34,35 +34,14 @@
 #define IP_OFFSET 0x1fff  /* fragment offset, in 8-byte units */
 #define PACKET_HOST 0
 
-/* (addr, port, proto) of a virtual service or a VS-NAT dest: struct l4_key
- * (steer_key.h). Sizes are set by the loader before load (the director's
- * limits). */
-L4_SET(services);
-L4_SET(realservers);
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1024);
-	__type(key, __be32);
-	__type(value, __u8);
-} rsaddrs SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1024);
-	__type(key, __be32);
-	__type(value, __u8);
-} vips SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1024);
-	__type(key, __be32);
-	__type(value, __u8);
-} local SEC(".maps");
+/* The sets (steer_key.h STEER_SET): (addr, port, proto) of the virtual
+ * services and of the VS-NAT dests (struct l4_key), the dests' addresses,
+ * the VIPs, the director's own addresses. */
+STEER_SET(services, struct l4_key);
+STEER_SET(realservers, struct l4_key);
+STEER_SET(rsaddrs, __be32);
+STEER_SET(vips, __be32);
+STEER_SET(local, __be32);
 
 /* [0]: not_host, frames of the sets above whose packet type is not
  * PACKET_HOST (the socket filter refuses them, pylvs/io/bpf.py). */

@@ -1,20 +1,22 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
- * The key of steering's sets, and the worker of a frame in eBPF: the rule
+ * The keys of steering's sets, and the worker of a frame in eBPF: the rule
  * of pylvs.io.bpf.fanout_program and steer_index (docs/io.md, "Workers"),
- * for programs that see the frame from its Ethernet header and have no
- * instruction limit, so they always key by (proto, addr, port)
- * (fanout_plan's "keys").
+ * plan included (bpf.fanout_plan: the classic program's fallbacks for
+ * tables too big for it, which this one follows so that every backend
+ * sends a client to the same worker), for programs that see the frame from
+ * its Ethernet header.
  *
  * For steer_client_mix the includer defines, before including this file:
  *   STEER_CTX                    the program's context type;
  *   STEER_LOAD(ctx, off, p, n)   copy n bytes at offset off of the frame
  *                                to p; 0 on success (bpf_skb_load_bytes,
  *                                bpf_xdp_load_bytes);
- * and passes steer_client_mix its hash maps of struct l4_key, filled as
- * pylvs.control.steering's sync_sets fills them: `services` (proto, VIP,
- * vport of every virtual service) and `realservers` (proto, RIP, rport of
- * the dests whose replies pass the director).
+ * and passes steer_client_mix the plan and its hash maps, filled as
+ * pylvs.control.steering's sync_sets fills them from sets_of: `services`
+ * (proto, VIP, vport of every virtual service) and `realservers` (proto,
+ * RIP, rport of the dests whose replies pass the director) of struct
+ * l4_key; `vips` and `rsaddrs`, their addresses (__be32).
  */
 #ifndef PYLVS_STEER_KEY_H
 #define PYLVS_STEER_KEY_H
@@ -26,6 +28,11 @@
 #define STEER_MIX 0x9E3779B1u   /* bpf.FANOUT_MIX */
 #define STEER_PROTO_IPIP 4
 
+/* bpf.fanout_plan's plans, by the codes of pylvs/io/xdp.py PLANS. */
+#define STEER_PLAN_KEYS 0
+#define STEER_PLAN_ADDRS 1
+#define STEER_PLAN_SADDR 2
+
 /* (addr, port, proto) of a service or a dest, in network byte order: the
  * key of steering's maps (pylvs/control/steering.py _l4_keys packs it). */
 struct l4_key {
@@ -35,14 +42,14 @@ struct l4_key {
 	__u8 pad;  /* always 0: part of the hashed key */
 };
 
-/* A hash map of struct l4_key (value: 1), sized by the loader before load
+/* A set: a hash map of key_t (value: 1), sized by the loader before load
  * (the director's limits). */
-#define L4_SET(name)                                    \
+#define STEER_SET(name, key_t)                          \
 	struct {                                        \
 		__uint(type, BPF_MAP_TYPE_HASH);        \
 		__uint(map_flags, BPF_F_NO_PREALLOC);   \
 		__uint(max_entries, 1024);              \
-		__type(key, struct l4_key);             \
+		__type(key, key_t);                     \
 		__type(value, __u8);                    \
 	} name SEC(".maps")
 
@@ -64,8 +71,8 @@ static __always_inline int steer_icmp_error(__u8 type)
  * whenever a field the rule needs lies beyond the frame (as the cBPF
  * program's failed loads end it with 0). Offsets below are from the IP
  * header at ETH_HLEN. */
-static __always_inline __u32 steer_client_mix(STEER_CTX *ctx, void *services,
-						 void *realservers)
+static __always_inline __u32 steer_client_mix(STEER_CTX *ctx, __u32 plan, void *services,
+						 void *realservers, void *vips, void *rsaddrs)
 {
 	struct {
 		__u8 proto;
@@ -109,6 +116,15 @@ static __always_inline __u32 steer_client_mix(STEER_CTX *ctx, void *services,
 		off = base + (b & 0x0f) * 4;
 		if (STEER_LOAD(ctx, ETH_HLEN + off, ports, sizeof(ports)))
 			return 0;
+	}
+	if (plan == STEER_PLAN_SADDR)
+		return steer_mix(bpf_ntohl(h.saddr));
+	if (plan == STEER_PLAN_ADDRS) {
+		if (bpf_map_lookup_elem(vips, &h.daddr))
+			return steer_mix(bpf_ntohl(h.saddr));
+		if (bpf_map_lookup_elem(vips, &h.saddr) || bpf_map_lookup_elem(rsaddrs, &h.saddr))
+			return steer_mix(bpf_ntohl(h.daddr));
+		return steer_mix(bpf_ntohl(h.saddr));
 	}
 	to.addr = h.daddr;
 	to.port = ports[1];

@@ -64,8 +64,9 @@ import numpy as np
 from .. import _fast
 from ..control.steering import _why, load_object, sets_of, sync_sets
 from ..engine import tables
-from . import Port
+from . import Port, bpf
 from .taphost import Iface, TapHost, vips_of
+from .xdp import PLANS
 
 log = logging.getLogger("pylvs.tap")
 
@@ -74,7 +75,7 @@ TUNSETVNETHDRSZ = 0x400454D8
 TUNSETSTEERINGEBPF = 0x800454E0   # _IOR('T', 224, int)
 BPF_OBJECT = Path(__file__).resolve().parents[1] / "bpf" / "tap_steer.bpf.o"
 BPF_PROG = "pylvs_tap_steer"
-STEER_SETS = ("services", "realservers")   # its maps, as steering.sets_of names them
+STEER_SETS = ("services", "realservers", "vips", "rsaddrs")   # its sets (steering.sets_of)
 TUN_F_CSUM, TUN_F_TSO4 = 0x01, 0x02
 BATCH = 64   # frames read per forward call at most (each a read syscall)
 # The backend's counters, in the order _fast.tap_forward writes them (tap.c).
@@ -360,8 +361,9 @@ class TapSteering:
                 self.prog_id = obj.attach_tun_steering(BPF_PROG, fd)
                 self.fds.append(fd)
         try:
-            self.maps = load_object(BPF_OBJECT, {"services": max_services,
-                                                 "realservers": max_dests}, STEER_SETS, attach)
+            sizes = {"services": max_services, "vips": max_services, "realservers": max_dests,
+                     "rsaddrs": max_dests}
+            self.maps = load_object(BPF_OBJECT, sizes, (*STEER_SETS, "plan"), attach)
         except ImportError as e:
             raise OSError(f"TAP queue steering: pylvs._bpf is not built ({e})") from None
         except (OSError, KeyError, ValueError) as e:
@@ -370,12 +372,16 @@ class TapSteering:
 
     def apply(self, services, dests) -> None:
         """Make the maps hold these tables' sets (steering.sets_of: new keys
-        first, then old ones out). The same tables again: nothing to do."""
+        first, then old ones out) and their fanout plan (bpf.fanout_plan,
+        as the AF_PACKET fanout and the XDP program key them). The same
+        tables again: nothing to do."""
         with self._lock:
             if self._tables is not None and self._tables[0] is services \
                     and self._tables[1] is dests:
                 return
             sync_sets(self.maps, self._current, sets_of(services, dests, ()))
+            self.maps["plan"].update(struct.pack("I", 0),
+                                     struct.pack("I", PLANS[bpf.fanout_plan(services, dests)]))
             self._tables = (services, dests)
 
     def close(self) -> None:

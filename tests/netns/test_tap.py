@@ -291,16 +291,17 @@ STEER = r"""
 import json, sys
 from pylvs import _bpf
 from pylvs.io import tap
-svc, dst = json.loads(sys.argv[1])
 bs = tap.open_workers(["t0"], 2, addrs=["10.9.0.1/24"])
 steering = bs[0].steering
-steering.apply([tuple(k) for k in svc], [tuple(k) for k in dst])
 # BPF_PROG_TEST_RUN gives a socket filter the frame past a first Ethernet
 # header (eth_type_trans); the TAP's transmit path gives it the frame from
 # its own: a dummy IPv4 header in front makes the two the same.
 pad = bytes(12) + b"\x08\x00"
-out = {"values": [_bpf.prog_test_run(steering.prog_id, pad + bytes.fromhex(h))
-                  for h in sys.argv[2:]]}
+out = {"values": []}
+for svc, dst in json.loads(sys.argv[1]):   # one table after the other
+    steering.apply([tuple(k) for k in svc], [tuple(k) for k in dst])
+    out["values"].append([_bpf.prog_test_run(steering.prog_id, pad + bytes.fromhex(h))
+                          for h in sys.argv[2:]])
 try:
     tap.TapSteering(bs[0].fds, max_services=0)
 except OSError as e:
@@ -370,19 +371,28 @@ def _in_fresh_netns(uid, tag: str, code: str, *args: str) -> dict | list:
 
 def test_steering_program_is_the_fanout_rule(uid):
     """tap_steer.bpf.c, run by the kernel on each frame of the table, gives
-    the value the AF_PACKET fanout program gives (bpf.steer_index); a
-    program that cannot be loaded is a clear error, and open_workers then
-    gives one worker with a warning."""
+    the value the AF_PACKET fanout program gives (bpf.steer_index), with
+    the table above and with services added until the classic program
+    falls back to addresses, then to saddr (bpf.fanout_plan); a program
+    that cannot be loaded is a clear error, and open_workers then gives one
+    worker with a warning."""
     import json as _json
 
     frames = [bytes(f) for _, f in STEER_CASES]
-    out = _in_fresh_netns(uid, "steer", STEER, _json.dumps([STEER_SVC, STEER_DST]),
-                          *(f.hex() for f in frames))
-    got = out["values"]
-    want = [bpf.steer_index(f, 1 << 16, STEER_SVC, STEER_DST) for f in frames]
-    assert {d: g for (d, _), g in zip(STEER_CASES, got)} == \
-        {d: w for (d, _), w in zip(STEER_CASES, want)}
-    assert want[0] == want[2] == want[3] != 0   # one client, both ways
+    # Services on other addresses: 1000 make the classic program compare
+    # addresses only, 1100 key everything by saddr.
+    tables_ = [(STEER_SVC + [(6, bpf.ip("10.50.0.0") + i, 80) for i in range(k)], STEER_DST)
+               for k in (0, 1000, 1100)]
+    assert [bpf.fanout_plan(*t) for t in tables_] == [bpf.FANOUT_FULL, bpf.FANOUT_ADDRS,
+                                                       bpf.FANOUT_SADDR]
+    out = _in_fresh_netns(uid, "steer", STEER, _json.dumps(tables_), *(f.hex() for f in frames))
+    for t, got in zip(tables_, out["values"]):
+        want = [bpf.steer_index(f, 1 << 16, *t) for f in frames]
+        assert {d: g for (d, _), g in zip(STEER_CASES, got)} == \
+            {d: w for (d, _), w in zip(STEER_CASES, want)}, bpf.fanout_plan(*t)
+    keys, addrs, _saddr = out["values"]
+    assert keys[0] == keys[2] == keys[3] != 0   # one client, both ways
+    assert keys[4] != addrs[4]   # a dest's other port: saddr, then (addresses) daddr
     assert out["error"].startswith("TAP queue steering: map services: max_entries 0"), out
     n, queues, (warning,) = out["fallback"]
     assert (n, queues) == (1, 1), out
