@@ -322,9 +322,12 @@ def load_object(path, sizes: dict[str, int], maps, attach) -> dict:
     ``attach(obj)``, then free the object: what ``attach`` made (links, a
     device's reference) holds the program, and the maps returned (name ->
     _bpf.Map) hold the maps. OSError, KeyError, ValueError from
-    pylvs._bpf, the maps opened closed again; ImportError when it is not
+    pylvs._bpf, the maps opened closed again; OSError too when it is not
     built."""
-    from .. import _bpf
+    try:
+        from .. import _bpf
+    except ImportError as e:
+        raise OSError(f"pylvs._bpf is not built ({e})") from None
 
     opened: dict = {}
     obj = _bpf.Object(str(path), sizes)
@@ -372,8 +375,6 @@ class BpfSteering:
                 self.links.append(obj.attach_tcx_ingress(BPF_PROG, index))
         try:
             self.maps = load_object(obj_path, sizes, (*SETS, "counters"), attach)
-        except ImportError as e:
-            raise SteeringError(f"BPF steering: pylvs._bpf is not built ({e})") from e
         except (OSError, KeyError, ValueError) as e:
             self.remove()
             raise SteeringError(f"BPF steering: {_why(e)}") from e

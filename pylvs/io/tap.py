@@ -360,12 +360,10 @@ class TapSteering:
             for fd in fds:
                 self.prog_id = obj.attach_tun_steering(BPF_PROG, fd)
                 self.fds.append(fd)
+        sizes = {"services": max_services, "vips": max_services, "realservers": max_dests,
+                 "rsaddrs": max_dests}
         try:
-            sizes = {"services": max_services, "vips": max_services, "realservers": max_dests,
-                     "rsaddrs": max_dests}
             self.maps = load_object(BPF_OBJECT, sizes, (*STEER_SETS, "plan"), attach)
-        except ImportError as e:
-            raise OSError(f"TAP queue steering: pylvs._bpf is not built ({e})") from None
         except (OSError, KeyError, ValueError) as e:
             self.close()
             raise OSError(f"TAP queue steering: {_why(e)}") from None
