@@ -51,6 +51,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "steer_key.h"   /* struct l4_key, STEER_SET */
+
 #define IP_OFFSET 0x1fff
 #define MAX_QUEUES 64
 #define MAX_WORKERS 256
@@ -67,32 +69,16 @@ struct steer_cfg {
 	__u32 plan;
 };
 
-struct l4_key {
-	__be32 addr;
-	__be16 port;
-	__u8 proto;
-	__u8 pad;
-};
-
 struct port_info {
 	__u8 mac[6];
 	__u16 slot;
 };
 
-#define SET(name, key_t)                                       \
-	struct {                                               \
-		__uint(type, BPF_MAP_TYPE_HASH);               \
-		__uint(map_flags, BPF_F_NO_PREALLOC);          \
-		__uint(max_entries, 1024);                     \
-		__type(key, key_t);                            \
-		__type(value, __u8);                           \
-	} name SEC(".maps")
-
-SET(services, struct l4_key);
-SET(realservers, struct l4_key);
-SET(rsaddrs, __be32);
-SET(vips, __be32);
-SET(local, __be32);
+STEER_SET(services, struct l4_key);
+STEER_SET(realservers, struct l4_key);
+STEER_SET(rsaddrs, __be32);
+STEER_SET(vips, __be32);
+STEER_SET(local, __be32);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -297,10 +297,11 @@ class Daemon:
         from ..io.xdp import open_backends
         from .worker import LockedEngine, Worker
 
+        if self._backends is None and self.opts.tap:
+            self._build_tap()   # one worker where its queues cannot be steered
+            self.opts.workers = len(self._backends)
         n = self.opts.workers
         self.counters = tables.CounterSum(self.opts.max_services, self.opts.max_dests, n)
-        if self._backends is None and self.opts.tap:
-            self._build_tap()
         if self._backends is None:   # --io xdp falls back to afpacket (docs/io.md)
             self._backends = open_backends(self.ifaces, self.opts.io, n,
                                            qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap,
@@ -352,12 +353,15 @@ class Daemon:
 
     def _build_tap(self) -> None:
         """The TAP backend brings its own resolver (user-space ARP), network
-        state (ports and routes from --addr/--gateway) and no steering."""
+        state (ports and routes from --addr/--gateway) and no steering (its
+        queues' steering program follows the tables through set_filter)."""
         from ..io import tap
 
         try:
-            self._backends = tap.open_workers(self.opts.tap, 1, addrs=self.opts.tap_addrs,
-                                              gateway=self.opts.gateway, mac=self.opts.mac)
+            self._backends = tap.open_workers(self.opts.tap, self.opts.workers,
+                                              addrs=self.opts.tap_addrs, gateway=self.opts.gateway,
+                                              mac=self.opts.mac, max_services=self.opts.max_services,
+                                              max_dests=self.opts.max_dests)
         except (ValueError, OSError) as e:
             raise SystemExit(f"pylvs run: {e}") from None
         host = self._backends[0].host
@@ -881,13 +885,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(a.verbose)
     from .worker import default_workers
 
-    # A multi-queue TAP spreads frames by the kernel's flow hash, not by
-    # client address, so a NAT reply could reach a worker without its conn:
-    # one worker until a TUNSETSTEERINGEBPF program keys queues as fanout does.
-    if a.tap and a.workers and a.workers > 1:
-        ap.error("--tap runs one worker (--workers 1): the TAP's queues are not yet "
-                 "steered by client address")
-    workers = 1 if a.tap else a.workers or (default_workers() if a.engine == "c" else 1)
+    workers = a.workers or (default_workers() if a.engine == "c" else 1)
     if workers > 1 and a.engine != "c":
         ap.error("--workers above 1 needs --engine c")
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,
