@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_s = time.perf_counter() - t0
     sent, dt = 0, 0.0
     if not args.setup_only:
-        dt, sent = st.timed(args.packets)
+        dt, _, sent = st.timed(args.packets)
     print(json.dumps({"flows": args.flows, "packets": sent, "setup_frames": 2 * args.flows,
                       "setup_s": round(setup_s, 2), "timed_s": round(dt, 2),
                       "ns_per_packet": round(dt / sent * 1e9, 1) if sent else None}))

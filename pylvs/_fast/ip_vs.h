@@ -366,9 +366,8 @@ HOT int tcp_event(uint8_t flags)
  * packet (kernel ip_decrease_ttl); the caller has checked TTL > 1. */
 HOT void ip_decrease_ttl(uint8_t *ip)
 {
-    uint16_t old = pylvs_rd16(ip + 8);
     ip[8]--;
-    pylvs_wr16(ip + 10, pylvs_csum_update(pylvs_rd16(ip + 10), pylvs_delta16(old, pylvs_rd16(ip + 8))));
+    pylvs_wr16(ip + 10, pylvs_csum_update(pylvs_rd16(ip + 10), PYLVS_TTL_DEC_DELTA));
 }
 
 /* A partial L4 checksum without GSO (TP_STATUS_CSUMNOTREADY) completed
