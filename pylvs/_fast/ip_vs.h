@@ -156,9 +156,12 @@ struct bucket {
 
 /* Frames between prefetching a conn and using it; its index bucket is
  * prefetched twice as far ahead. At ~30-40 ns of work per frame, 4 covers a
- * DRAM miss (measured: 2 is too short, 8 no better). */
+ * DRAM miss on a quiet machine (measured: 2 is too short, 8 no better);
+ * on a shared one, where other tenants' cache traffic and preemption let
+ * lines go or arrive late, 8 was faster in 6 of 8 interleaved rounds
+ * (median per-round ratio 0.88; bench/README.md). */
 #ifndef PREFETCH_DISTANCE
-#define PREFETCH_DISTANCE 4
+#define PREFETCH_DISTANCE 8
 #endif
 
 #define N_BATCH_ARRAYS 10
