@@ -144,6 +144,8 @@ def test_siphash_reference_vectors():
 
 
 def test_key_hash_is_siphash13_of_the_13_byte_tuple():
+    # The conn index's key: SipHash-1-3 keyed by `key` of (a1, a2, p1, p2,
+    # proto) as little-endian host-order values (ip_vs.h, key_hash).
     rng = random.Random(5)
     for _ in range(200):
         key = rng.randbytes(16)
@@ -151,7 +153,7 @@ def test_key_hash_is_siphash13_of_the_13_byte_tuple():
         proto = rng.choice([6, 17])
         a1, a2 = rng.getrandbits(32), rng.getrandbits(32)
         p1, p2 = rng.getrandbits(16), rng.getrandbits(16)
-        data = struct.pack("!BIHIH", proto, a1, p1, a2, p2)
+        data = struct.pack("<IIHHB", a1, a2, p1, p2, proto)
         assert e._key_hash(proto, a1, p1, a2, p2) == _fast._siphash(key, data, 1, 3)
 
 

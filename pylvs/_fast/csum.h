@@ -60,11 +60,22 @@ PYLVS_INLINE uint64_t pylvs_delta16(uint16_t old, uint16_t new_)
     return (uint64_t)(uint16_t)~old + new_;
 }
 
-/* RFC 1624 eqn. 3: HC' = ~(~HC + delta), for a checksum field (complemented sum). */
+/* RFC 1624 eqn. 3: HC' = ~(~HC + delta), for a checksum field (complemented sum).
+ * `delta` is a sum of a few pylvs_delta* terms (far below 2^32 - 2^16), so
+ * two end-around carries fold it; zero still only comes from all-zero
+ * summands. */
 PYLVS_INLINE uint16_t pylvs_csum_update(uint16_t csum, uint64_t delta)
 {
-    return (uint16_t)~pylvs_fold((uint16_t)~csum + delta);
+    uint32_t s = (uint32_t)((uint16_t)~csum + delta);
+    s = (s & 0xffffu) + (s >> 16);
+    s = (s & 0xffffu) + (s >> 16);
+    return (uint16_t)~s;
 }
+
+/* The delta of a TTL decremented by one: the header word (TTL << 8 |
+ * protocol) loses 0x100, and ~old + (old - 0x100) = 0xffff - 0x100 for any
+ * old word with TTL >= 1. */
+#define PYLVS_TTL_DEC_DELTA 0xfeffu
 
 /* Ones' complement sum of a byte range, as a host-order 16-bit value. */
 PYLVS_INLINE uint16_t pylvs_csum_bytes(const uint8_t *p, uint32_t len)

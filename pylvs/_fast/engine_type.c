@@ -659,8 +659,19 @@ static PyObject *engine_process(PylvsEngine *self, PyObject *args)
         return NULL;
     PyObject *arrays[N_BATCH_ARRAYS] = {NULL};
     PyObject *result = NULL;
+    /* Interned names, made once: PyObject_GetAttrString would build and
+     * hash a new str per attribute and call, a microsecond per batch. */
+    static PyObject *names[N_BATCH_ARRAYS + 1];
+    if (names[N_BATCH_ARRAYS] == NULL) {
+        for (int k = 0; k <= N_BATCH_ARRAYS; k++) {
+            if (names[k] == NULL &&
+                (names[k] = PyUnicode_InternFromString(k < N_BATCH_ARRAYS ? batch_arrays[k].attr
+                                                                          : "count")) == NULL)
+                return NULL;
+        }
+    }
     for (int k = 0; k < N_BATCH_ARRAYS; k++) {
-        arrays[k] = PyObject_GetAttrString(batch, batch_arrays[k].attr);
+        arrays[k] = PyObject_GetAttr(batch, names[k]);
         if (arrays[k] == NULL)
             goto done;
     }
@@ -692,7 +703,7 @@ static PyObject *engine_process(PylvsEngine *self, PyObject *args)
     const Py_buffer *buf = &self->batch_views[0], *length = &self->batch_views[1],
                     *in_port = &self->batch_views[2], *verdict = &self->batch_views[3],
                     *out_port = &self->batch_views[4];
-    PyObject *count_obj = PyObject_GetAttrString(batch, "count");
+    PyObject *count_obj = PyObject_GetAttr(batch, names[N_BATCH_ARRAYS]);
     if (count_obj == NULL)
         goto done;
     Py_ssize_t count = PyNumber_AsSsize_t(count_obj, PyExc_OverflowError);

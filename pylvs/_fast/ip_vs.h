@@ -156,9 +156,12 @@ struct bucket {
 
 /* Frames between prefetching a conn and using it; its index bucket is
  * prefetched twice as far ahead. At ~30-40 ns of work per frame, 4 covers a
- * DRAM miss (measured: 2 is too short, 8 no better). */
+ * DRAM miss on a quiet machine (measured: 2 is too short, 8 no better);
+ * on a shared one, where other tenants' cache traffic and preemption let
+ * lines go or arrive late, 8 was faster in 6 of 8 interleaved rounds
+ * (median per-round ratio 0.88; bench/README.md). */
 #ifndef PREFETCH_DISTANCE
-#define PREFETCH_DISTANCE 4
+#define PREFETCH_DISTANCE 8
 #endif
 
 #define N_BATCH_ARRAYS 10
@@ -278,16 +281,28 @@ static inline void dest_conns_add(PylvsEngine *e, uint32_t dest, int col, int32_
     __atomic_fetch_add(&e->dest_conns[dest][col], v, __ATOMIC_RELAXED);
 }
 
-/* The 13-byte tuple (proto, a1, p1, a2, p2), addresses and ports in network
- * byte order as on the wire, read as SipHash's two little-endian words. */
+/* SipHash-1-3 of the 13-byte tuple laid out as it sits in registers: the
+ * message is a1, a2 (4 bytes each), p1, p2 (2 bytes each), proto, all
+ * little-endian host-order values, read as SipHash's two little-endian
+ * words, so no byte is swapped or moved to build them.
+ *
+ * Why SipHash and not the kernel IPVS's jhash_3words with a random seed
+ * (ip_vs_conn.c, ip_vs_conn_hashkey): the conn table is filled by
+ * clients' choice of caddr and cport, and a seeded non-cryptographic mix
+ * offers no bound on how well an attacker who probes it can aim keys at
+ * one probe run; SipHash is a keyed PRF (Aumasson and Bernstein, 2012)
+ * and with a 128-bit random key per engine its outputs cannot be
+ * predicted. Netfilter made the same move for the conntrack and NAT
+ * tables ("netfilter: conntrack: switch to siphash", Linux 5.15), and
+ * SipHash-1-3 is what CPython keys its str hashes with. It costs ~75
+ * instructions per frame here (bench/README.md, "Where the engine's
+ * nanoseconds go"), computed a pipeline stage ahead of its use. */
 HOT uint64_t key_hash(const PylvsEngine *e, uint8_t proto, uint32_t a1,
                       uint16_t p1, uint32_t a2, uint16_t p2)
 {
-    uint32_t a1n = __builtin_bswap32(a1), a2n = __builtin_bswap32(a2);
-    uint16_t p1n = __builtin_bswap16(p1), p2n = __builtin_bswap16(p2);
-    uint64_t m0 = (uint64_t)proto | (uint64_t)a1n << 8 | (uint64_t)p1n << 40 |
-                  (uint64_t)(a2n & 0xff) << 56;
-    uint64_t m1 = (uint64_t)(a2n >> 8) | (uint64_t)p2n << 24 | (uint64_t)13 << 56;
+    uint64_t m0 = (uint64_t)a1 | (uint64_t)a2 << 32;
+    uint64_t m1 = (uint64_t)p1 | (uint64_t)p2 << 16 | (uint64_t)proto << 32 |
+                  (uint64_t)13 << 56;
     return pylvs_siphash13_2w(e->k0, e->k1, m0, m1);
 }
 
@@ -366,9 +381,8 @@ HOT int tcp_event(uint8_t flags)
  * packet (kernel ip_decrease_ttl); the caller has checked TTL > 1. */
 HOT void ip_decrease_ttl(uint8_t *ip)
 {
-    uint16_t old = pylvs_rd16(ip + 8);
     ip[8]--;
-    pylvs_wr16(ip + 10, pylvs_csum_update(pylvs_rd16(ip + 10), pylvs_delta16(old, pylvs_rd16(ip + 8))));
+    pylvs_wr16(ip + 10, pylvs_csum_update(pylvs_rd16(ip + 10), PYLVS_TTL_DEC_DELTA));
 }
 
 /* A partial L4 checksum without GSO (TP_STATUS_CSUMNOTREADY) completed

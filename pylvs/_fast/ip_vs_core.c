@@ -572,15 +572,20 @@ mtu_slow(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *frame, const uint
     return MTU_FRAGMENT;
 }
 
+/* Step 13's fast test: the frame fits `mtu` (egress_mtu; 0: no check) as
+ * it is, no GSO segment size to look at. */
+HOT int mtu_fits(const uint8_t *frame, uint32_t tot, uint32_t mtu)
+{
+    return mtu == 0 || (tot <= mtu && !((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0));
+}
+
 /* Step 13: does the frame fit `mtu` (egress_mtu; 0: no check)? */
 HOT int mtu_check(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *frame,
                   const uint8_t *eth, const uint8_t *ip, uint32_t ihl, uint32_t tot,
                   uint8_t proto, uint32_t mtu, uint16_t in_port, uint32_t icmp_saddr,
                   double now)
 {
-    if (mtu == 0)
-        return MTU_FITS;
-    if (tot <= mtu && !((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0))
+    if (mtu_fits(frame, tot, mtu))
         return MTU_FITS;
     return mtu_slow(e, em, frame, eth, ip, ihl, tot, proto, mtu, in_port, icmp_saddr, now);
 }
@@ -1012,6 +1017,13 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
             return finish(e, xmit_refusal(e, em, dest, c->xmit, eth, ip, tot, in_port, now,
                                           daddr, 1),
                           PYLVS_V_DROP);
+        /* The common case, NAT to a path the frame fits: the TTL, the
+         * addresses and the checksums in one pass. */
+        if (__builtin_expect(c->xmit == XMIT_NAT, 1) &&
+            __builtin_expect(mtu_fits(frame, tot, egress_mtu(e, dest->out_port, 0, 0)), 1)) {
+            *out_port = nat_xmit_in(e, c, dest, frame, eth, ip, l4, l4len, proto, daddr, dport, 1);
+            return finish(e, ST_TX_FRAMES, PYLVS_V_TX);
+        }
         /* IPVS decrements before its MTU check (__ip_vs_get_out_rt): a
          * frag-needed quotes the packet one hop older. A refused frame is
          * given back as it came. */
@@ -1032,7 +1044,7 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
             return tun_xmit(e, em, c, dest, frame, ip, ihl, tot, proto,
                             mtu == MTU_FRAGMENT ? path_mtu : 0);
         if (c->xmit == XMIT_NAT)
-            *out_port = nat_xmit_in(e, c, dest, frame, eth, ip, l4, l4len, proto, daddr, dport);
+            *out_port = nat_xmit_in(e, c, dest, frame, eth, ip, l4, l4len, proto, daddr, dport, 0);
         else
             *out_port = dr_xmit(e, dest, frame, eth, ip, l4, l4len, proto);
         if (__builtin_expect(mtu == MTU_FRAGMENT, 0))
