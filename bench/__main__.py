@@ -89,7 +89,8 @@ def plot(doc: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in doc["results"] if r.get("pps")]
-    fig, ax = plt.subplots(figsize=(max(7, 1.9 * len(rows)), 4))
+    fig, ax = plt.subplots(figsize=(max(7, min(1.9, 16 / max(len(rows), 1) + 0.5) * len(rows)),
+                                    4.5))
     # "udp64-1000flows-overload+rps" -> "udp64-overload+rps": labels that fit a bar.
     labels = ["{}\n{}".format(r["scenario"].replace(f"-{r.get('flows')}flows", ""), r["impl"])
               for r in rows]
@@ -116,7 +117,8 @@ def plot(doc: dict, png: Path) -> None:
     if any(r.get("offered_pps") for r in rows):
         ax.legend(loc="upper right", fontsize=7)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xticklabels(labels, fontsize=8, rotation=60 if len(rows) > 12 else 0,
+                       ha="right" if len(rows) > 12 else "center")
     ax.set_ylabel("packets per second (median; dots: runs)")
     if rows and max(med) / max(min(med), 1) > 30:
         ax.set_yscale("log")

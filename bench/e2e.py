@@ -719,7 +719,7 @@ def overload_row(name: str, impl: str, got: list[dict], args) -> dict:
     return {"scenario": name, "impl": impl, "fwd": args.fwd, "runs": len(got), "rps": True,
             "samples": [s["pps"] for s in got], "pps": med, "median": med,
             "ns_per_packet": 1e9 / med if med else None, "seconds": args.seconds,
-            "frame_bytes": 64, "ramp_pps": [float(x) for x in args.ramp.split(",")],
+            "flows": args.flows, "frame_bytes": 64, "ramp_pps": [float(x) for x in args.ramp.split(",")],
             "capacity_pps": _median(per, "capacity_pps"),
             "offered_pps": _median(per, "attempted_pps"),
             "into_director_pps": _median(per, "into_director_pps"),
@@ -740,7 +740,8 @@ def flood_row(name: str, impl: str, got: list[dict], args) -> dict:
     med = _median(per, "est_flood_pps")
     return {"scenario": name, "impl": impl, "fwd": args.fwd, "runs": len(got), "rps": True,
             "samples": [s["est_flood_pps"] for s in per], "pps": med, "median": med,
-            "ns_per_packet": None, "seconds": args.seconds, "est_gap": args.flood_gap,
+            "ns_per_packet": None, "seconds": args.seconds, "flows": args.flows,
+            "est_gap": args.flood_gap,
             "est_alone_pps": _median(per, "est_alone_pps"),
             "est_kept": _median(per, "est_kept"),
             "flood_offered_pps": _median(per, "flood_offered_pps"),
