@@ -60,10 +60,11 @@ Impls, in the same lab, alternating round by round:
 - ``pylvs-xdp`` (nat default): ``pylvs`` with ``--io xdp`` (AF_XDP
   sockets fed by an XDP program on the director's ports, copy mode on veth).
   trafgen's frames carry full checksums, which XDP frames need.
-- ``pylvs-w2`` (nat default): ``pylvs`` with ``--workers 2``, pinned to every
-  core (the generator's too: a 2-core machine has no third). Its rows carry
-  ``scaling``: 2 workers / 1, who set each figure (limit_check), and the
-  generator's own rate in both.
+- ``pylvs-w2``, ``pylvs-xdp-w2`` (nat default): ``pylvs`` (AF_PACKET, and
+  ``--io xdp``) with ``--workers 2``, pinned to every core (the generator's
+  too: a 2-core machine has no third). Their rows carry ``scaling``: 2
+  workers / 1 of the same backend, who set each figure (limit_check), and
+  the generator's own rate in both.
 - ``pylvs-tap`` (nat default): ``pylvs`` behind TAPs (``--tap``, ``--mac``
   TAP_MAC) in a second lab of the same shape built with ``io="tap"``, whose
   director namespace bridges eth0/eth1 to tap0/tap1 (netns-labs/tap/); the
@@ -146,7 +147,8 @@ CFLOOR_SRC = Path(__file__).resolve().with_name("cfloor.c")
 FWDS = ("nat", "dr", "tun")
 # Impls run by default, per method.
 DEFAULT_IMPLS = {
-    "nat": ("pylvs", "pylvs-w2", "pylvs-xdp", "pylvs-tap", "kernel-nft", "cfloor"),
+    "nat": ("pylvs", "pylvs-w2", "pylvs-xdp", "pylvs-xdp-w2", "pylvs-tap", "kernel-nft",
+            "cfloor"),
     "dr": ("pylvs", "kernel-nft-fwd", "cfloor"),
     "tun": ("pylvs", "cfloor"),
 }
@@ -163,11 +165,16 @@ VARIANTS = {
     "pylvs-no-qdisc-bypass": lambda lab: ("--no-qdisc-bypass",),
     "pylvs-pcap": lambda lab: ("--pcap", str(lab.log_path("sent").with_suffix(".pcap"))),
     "pylvs-xdp": lambda lab: ("--io", "xdp"),
+    "pylvs-ring-v3": lambda lab: ("--ring", "v3"),
+    "pylvs-ring-v2": lambda lab: ("--ring", "v2"),
     "pylvs-w2": lambda lab: ("--workers", "2"),
+    "pylvs-xdp-w2": lambda lab: ("--io", "xdp", "--workers", "2"),
     "pylvs-tap": lambda lab: ("--mac", TAP_MAC),
 }
-# pylvs-w2 runs on every core (taskset), the others on the director's.
-ALL_CORES_IMPLS = ("pylvs-w2",)
+# The 2-worker impls run on every core (taskset), the others on the director's.
+ALL_CORES_IMPLS = ("pylvs-w2", "pylvs-xdp-w2")
+# (1 worker, 2 workers) of one backend: the scaling check's pairs.
+SCALING = (("pylvs", "pylvs-w2"), ("pylvs-xdp", "pylvs-xdp-w2"))
 # pylvs-tap runs in a second lab, built with io="tap" (pylvs/lab/topology.py).
 TAP_IMPLS = ("pylvs-tap",)
 TAP_MAC = "02:00:00:00:be:01"   # pylvs's MAC on tap0 in that lab (--mac)
@@ -772,26 +779,30 @@ def extra_ratio_lines(name: str, rows: dict[str, dict], kernel_impl: str | None)
 
 
 def scaling_lines(scen: str, rows: dict[str, dict]) -> list[str]:
-    """2 workers against 1 (``scaling`` in the pylvs-w2 row), with who set
-    each figure (limit_check) and the generator's own rate in both."""
-    one, two = rows.get("pylvs", {}), rows.get("pylvs-w2", {})
-    if not one.get("pps") or not two.get("pps"):
-        return []
-    gen1, gen2 = one["offered_pps"], two["offered_pps"]
-    if two["limit"] == "generator":
-        verdict = ("the generator is the limit with 2 workers (they delivered what reached "
-                   "them): the ratio is a lower bound")
-    elif one["limit"] == "generator":
-        verdict = "the generator is the limit with 1 worker: the ratio means nothing"
-    else:
-        verdict = "the director is the limit in both: the ratio is the workers' scaling"
-    if gen2 < 0.9 * gen1:
-        verdict += (f"; the generator itself sent {100 * (1 - gen2 / gen1):.0f}% less with 2 "
-                    "workers (the second worker shares its core)")
-    two["scaling"] = {"pylvs-w2/pylvs": two["pps"] / one["pps"], "limit_w1": one["limit"],
-                      "limit_w2": two["limit"], "generator_pps_w1": gen1,
-                      "generator_pps_w2": gen2, "verdict": verdict}
-    return [f"{scen}: 2 workers / 1 = {two['pps'] / one['pps']:.2f}: {verdict}"]
+    """2 workers against 1 for each backend of SCALING (``scaling`` in the
+    2-worker row), with who set each figure (limit_check) and the
+    generator's own rate in both."""
+    out = []
+    for w1, w2 in SCALING:
+        one, two = rows.get(w1, {}), rows.get(w2, {})
+        if not one.get("pps") or not two.get("pps"):
+            continue
+        gen1, gen2 = one["offered_pps"], two["offered_pps"]
+        if two["limit"] == "generator":
+            verdict = ("the generator is the limit with 2 workers (they delivered what "
+                       "reached them): the ratio is a lower bound")
+        elif one["limit"] == "generator":
+            verdict = "the generator is the limit with 1 worker: the ratio means nothing"
+        else:
+            verdict = "the director is the limit in both: the ratio is the workers' scaling"
+        if gen2 < 0.9 * gen1:
+            verdict += (f"; the generator itself sent {100 * (1 - gen2 / gen1):.0f}% less with "
+                        "2 workers (the second worker shares its core)")
+        two["scaling"] = {f"{w2}/{w1}": two["pps"] / one["pps"], "limit_w1": one["limit"],
+                          "limit_w2": two["limit"], "generator_pps_w1": gen1,
+                          "generator_pps_w2": gen2, "verdict": verdict}
+        out.append(f"{scen}: {w2}/{w1} = {two['pps'] / one['pps']:.2f}: {verdict}")
+    return out
 
 
 def limit_check(row: dict, got: list[dict]) -> dict:

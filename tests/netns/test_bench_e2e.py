@@ -83,5 +83,7 @@ def test_bench_e2e_nat_overload_flood_workers_tap_quick_round():
     assert rows[("udp64-1000flows-flood+rps", "kernel-nft")]["flood_delivered_pps"] > 0
     scaling = rows[("udp64-1000flows+rps", "pylvs-w2")]["scaling"]
     assert set(scaling) >= {"pylvs-w2/pylvs", "limit_w1", "limit_w2", "verdict"}
+    assert scaling["pylvs-w2/pylvs"] == rows[("udp64-1000flows+rps", "pylvs-w2")]["pps"] / \
+        rows[("udp64-1000flows+rps", "pylvs")]["pps"]
     assert "pylvs-w2/kernel-nft" in rows[("udp64-1000flows-overload+rps", "pylvs-w2")]["ratios"]
     assert _bench_namespaces() <= before
