@@ -64,7 +64,9 @@ Impls, in the same lab, alternating round by round:
   ``--io xdp``) with ``--workers 2``, pinned to every core (the generator's
   too: a 2-core machine has no third). Their rows carry ``scaling``: 2
   workers / 1 of the same backend, who set each figure (limit_check), and
-  the generator's own rate in both.
+  the generator's own rate in both. Workers are steered by client address:
+  with the default ``--clients 1`` every flow lands on one worker; use
+  ``--clients 16`` (client_addrs) to measure scaling.
 - ``pylvs-tap`` (nat default): ``pylvs`` behind TAPs (``--tap``, ``--mac``
   TAP_MAC) in a second lab of the same shape built with ``io="tap"``, whose
   director namespace bridges eth0/eth1 to tap0/tap1 (netns-labs/tap/); the
@@ -202,12 +204,34 @@ def generator(lab: Lab) -> Generator:
     return Generator(lab.client, "eth0", lab.mac(lab.client, "eth0"), dmac)
 
 
-def trafgen_conf(lab: Lab, gen: Generator, flows: int, base_port: int = 10000) -> str:
+# With --clients N > 1 the headline flows come from N client addresses,
+# these last octets of the client's /24 on (none is the director, the VIP
+# or the flood's): workers are steered by client address, so one address
+# keeps every flow on one worker.
+CLIENTS_FROM = 20
+
+
+def client_addrs(lab: Lab, n: int) -> list[str]:
+    """The headline flows' source addresses: the client's own for n = 1,
+    else n addresses of its /24 from CLIENTS_FROM on."""
+    if n <= 1:
+        return [lab.cip]
+    net = lab.cip.rsplit(".", 1)[0]
+    return [f"{net}.{CLIENTS_FROM + k}" for k in range(n)]
+
+
+def trafgen_conf(lab: Lab, gen: Generator, flows: int, base_port: int = 10000,
+                 clients: int = 1) -> str:
     # 14 + 20 + 8 + 18 = 60 bytes on the wire before the FCS: a 64-byte frame.
+    # Two runtime counters (source address, source port) step together per
+    # frame: lcm(clients, flows) distinct flows.
+    addrs = client_addrs(lab, clients)
+    saddr = f"saddr={addrs[0]}" if clients <= 1 else \
+        f"saddr={addrs[0]}, saddr[3]=dinc({CLIENTS_FROM}, {CLIENTS_FROM + clients - 1})"
     return (
         "{\n"
         f"  eth(da={gen.dmac}, sa={gen.smac}, type=0x0800),\n"
-        f"  ipv4(saddr={lab.cip}, daddr={lab.vip}, ttl={GEN_TTL}),\n"
+        f"  ipv4({saddr}, daddr={lab.vip}, ttl={GEN_TTL}),\n"
         f"  udp(sp=dinc({base_port}, {base_port + flows - 1}), dp={PORT}),\n"
         f"  fill(0x{PAYLOAD[0]:02x}, {len(PAYLOAD)})\n"
         "}\n"
@@ -400,15 +424,22 @@ print(json.dumps(got))
 """
 
 
-def check_sinks(lab: Lab, timeout: float = 2.0) -> dict[str, str]:
-    """Capture one bench frame at each sink and check it: {rs name: "ok" or what is wrong}."""
+def check_sinks(lab: Lab, timeout: float = 2.0, cips: tuple[str, ...] = ()) -> dict[str, str]:
+    """Capture one bench frame at each sink and check it: {rs name: "ok" or what is wrong}.
+
+    cips: the client addresses the frames may come from (--clients);
+    default: lab.cip alone."""
     out = {}
     for i, ns in enumerate(lab.rs):
         got = lab.py(ns, CAPTURE, timeout=timeout + 10, args=(timeout,))
         if got is None:
             out[lab.rs_names[i]] = f"no frame within {timeout} s"
             continue
-        bad = check_frame(lab.fwd, bytes.fromhex(got), mac=lab.mac(ns, "eth0"), cip=lab.cip,
+        frame = bytes.fromhex(got)
+        # The inner source address (Tun: behind the 20-byte outer header).
+        src = _ip(frame[26 + (20 if lab.fwd == "tun" else 0):][:4])
+        cip = src if src in cips else lab.cip
+        bad = check_frame(lab.fwd, frame, mac=lab.mac(ns, "eth0"), cip=cip,
                           vip=lab.vip, rip=lab.rips[i], outer_saddr=lab.dip0)
         out[lab.rs_names[i]] = "; ".join(bad) if bad else "ok"
     return out
@@ -544,7 +575,8 @@ def director_counters(lab: Lab, pylvs: bool) -> dict[str, float]:
 
 
 def one_round(lab: Lab, gen: Generator, loads: list[Load], seconds: float,
-              check: bool = False, warmup: float = WARMUP, pylvs: bool = False) -> dict:
+              check: bool = False, warmup: float = WARMUP, pylvs: bool = False,
+              cips: tuple[str, ...] = ()) -> dict:
     """Run the loads' generators for warm-up + seconds; delivered and offered pps.
 
     Result: ``pps`` (all bench frames at the sinks), ``est_pps`` (those from
@@ -570,7 +602,7 @@ def one_round(lab: Lab, gen: Generator, loads: list[Load], seconds: float,
             if proc.poll() is not None:
                 raise LabError(f"trafgen exited: {proc.stderr.read().decode()[-1000:]}")
         if check:
-            res["sample_check"] = check_sinks(lab)
+            res["sample_check"] = check_sinks(lab, cips=cips)
         s0, g0, t0 = sink_counts(lab), if_counters(lab, gen.ns, gen.iface, "tx_packets",
                                                    "tx_dropped"), time.monotonic()
         d0 = director_counters(lab, pylvs)
@@ -830,6 +862,9 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     ap.add_argument("--warmup", type=float, default=0.5 if quick else WARMUP,
                     help="seconds of traffic before each window (conns, ARP, sample check)")
     ap.add_argument("--flows", type=int, default=1000)
+    ap.add_argument("--clients", type=int, default=1,
+                    help="client addresses of the headline flows (workers are steered by "
+                         "client address: 1 keeps every flow on one worker)")
     # trafgen pins its one worker to CPU 0 whatever the caller's affinity,
     # so the director gets the last core.
     ap.add_argument("--director-cpu", default=str((os.cpu_count() or 1) - 1))
@@ -903,13 +938,15 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                 errors["cfloor"] = str(e)
         n_conf = 0
 
-        def fresh_conf(lab: Lab, gen: Generator, text: str | None = None) -> Path:
+        def fresh_conf(lab: Lab, gen: Generator, text: str | None = None,
+                       clients: int = args.clients) -> Path:
             # Fresh source ports each time: no impl meets flows (conns,
             # conntrack entries) left by the one before.
             nonlocal n_conf
             conf = lab.log_path(f"trafgen{n_conf}").with_suffix(".cfg")
             conf.write_text(text or trafgen_conf(
-                lab, gen, args.flows, base_port=10000 + (args.flows * n_conf) % 50000))
+                lab, gen, args.flows, base_port=10000 + (args.flows * n_conf) % 50000,
+                clients=clients))
             n_conf += 1
             return conf
 
@@ -943,7 +980,8 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
             def window(loads: list[Load], seconds: float, check: bool = False,
                        warmup: float = args.warmup) -> dict:
                 return one_round(lab, gen, loads, seconds, check=check, warmup=warmup,
-                                 pylvs=impl.startswith("pylvs"))
+                                 pylvs=impl.startswith("pylvs"),
+                                 cips=tuple(client_addrs(lab, args.clients)))
 
             def say(what: str, res: dict) -> None:
                 print(f"round {r + 1}/{runs} {what:<26} {impl:<14} delivered "
@@ -963,7 +1001,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                 out["overload"] = overload_round(lab, gen, window, conf, args, ramp, peak)
                 say(f"{base_name}-overload+rps", out["overload"])
             if mode == "on" and extra["flood"]:
-                est = fresh_conf(lab, gen)
+                est = fresh_conf(lab, gen, clients=1)  # the sinks' "est": lab.cip's
                 alone = window([Load(est, f"gap:{args.flood_gap}")], args.seconds)
                 flooded = window([Load(est, f"gap:{args.flood_gap}"),
                                   Load(fresh_conf(lab, gen, flood_conf(lab, gen)), args.rate)],

@@ -53,6 +53,7 @@ def test_bench_e2e_nat_overload_flood_workers_tap_quick_round():
 
     before = _bench_namespaces()
     doc = e2e.run(["--rps", "on", "--seconds", "0.5", "--warmup", "0.3", "--ramp", "50000",
+                   "--clients", "4",
                    "--ramp-seconds", "0.5", "--impl", "pylvs", "--impl", "pylvs-w2",
                    "--impl", "pylvs-tap", "--impl", "kernel-nft"], runs=1, quick=True)
     rows = {(r["scenario"], r["impl"]): r for r in doc["results"]}
