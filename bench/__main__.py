@@ -89,21 +89,36 @@ def plot(doc: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in doc["results"] if r.get("pps")]
-    fig, ax = plt.subplots(figsize=(max(7, 1.9 * len(rows)), 4))
-    labels = [f"{r['scenario']}\n{r['impl']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(7, min(1.9, 16 / max(len(rows), 1) + 0.5) * len(rows)),
+                                    4.5))
+    # "udp64-1000flows-overload+rps" -> "udp64-overload+rps": labels that fit a bar.
+    labels = ["{}\n{}".format(r["scenario"].replace(f"-{r.get('flows')}flows", ""), r["impl"])
+              for r in rows]
     med = [r["pps"] for r in rows]
     impls = list(dict.fromkeys(r["impl"] for r in rows))  # one colour per impl
     ax.bar(range(len(rows)), med, color=[f"C{impls.index(r['impl']) % 10}" for r in rows])
+    seen: set[str] = set()
     for i, r in enumerate(rows):
         samples = r.get("samples") or []
         ax.scatter([i] * len(samples), samples, color="k", s=8, zorder=3)
         if r.get("offered_pps"):
             ax.scatter([i], [r["offered_pps"]], marker="_", s=900, color="r", zorder=4,
-                       label="offered (generator)" if i == 0 else None)
+                       label="offered (generator)" if "offered" not in seen else None)
+            seen.add("offered")
+        if r.get("capacity_pps"):
+            ax.scatter([i], [r["capacity_pps"]], marker="_", s=900, color="b", zorder=4,
+                       label="capacity (same rounds)" if "capacity" not in seen else None)
+            seen.add("capacity")
+        if r.get("est_alone_pps"):
+            ax.scatter([i], [r["est_alone_pps"]], marker="_", s=900, color="g", zorder=4,
+                       label="established flows without the flood"
+                       if "alone" not in seen else None)
+            seen.add("alone")
     if any(r.get("offered_pps") for r in rows):
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper right", fontsize=7)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xticklabels(labels, fontsize=8, rotation=60 if len(rows) > 12 else 0,
+                       ha="right" if len(rows) > 12 else "center")
     ax.set_ylabel("packets per second (median; dots: runs)")
     if rows and max(med) / max(min(med), 1) > 30:
         ax.set_yscale("log")

@@ -37,9 +37,6 @@ import re
 import statistics
 import threading
 import time
-import uuid
-
-from pylvs.lab.topology import Lab
 
 from . import netbench
 
@@ -100,59 +97,48 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     runs = runs or (1 if quick else 3)
     impls = args.impl or list(IMPLS)
     levels = [int(x) for x in args.conns.split(",")]
-    client_cpu, director_cpu = netbench.cores()
-    before = netbench.uptime()
-    lab = Lab(f"plcr{uuid.uuid4().hex[:5]}", servers=3, start_servers=False)
-    try:
-        lab.up()
-        direct_host = netbench.add_direct_path(lab)
+    logs: list[AcceptLog] = []
+
+    def setup(ctx: netbench.NatLab) -> None:
         # Every connection takes a client port; the servers and HAProxy keep
         # TIME_WAIT (120 s in conntrack, 60 s in the stack): use every port.
-        for ns in (lab.client, lab.director):
-            lab.sysctl(ns, netbench.WIDE_PORTS)
-        exe = netbench.build_peers(lab)
-        logs = [AcceptLog(netbench.start_ready(lab, ns, [str(exe), "tcp-server", str(PORT)],
-                                               key=f"srv-{ns}"))
-                for ns in lab.rs]
+        for ns in (ctx.lab.client, ctx.lab.director):
+            ctx.lab.sysctl(ns, netbench.WIDE_PORTS)
+        logs.extend(AcceptLog(netbench.start_ready(
+            ctx.lab, ns, [str(ctx.exe), "tcp-server", str(PORT)], key=f"srv-{ns}"))
+            for ns in ctx.lab.rs)
 
-        def wrk(r: int, impl: str, conns: int) -> dict:
-            host = direct_host if impl == "direct" else lab.vip
-            t0 = time.monotonic()
-            # The user-space directors' CPU use says whether their core is
-            # the limit (kernel-nft works in softirq: not a process).
-            res = netbench.cpu_busy(lab, ["director", "haproxy"], lambda: {"out": lab.run(
-                lab.client, ["taskset", "-c", client_cpu, "wrk", "-t1", f"-c{conns}",
-                             f"-d{args.seconds}s", "--timeout", "2s", "-H", "Connection: close",
-                             f"http://{host}:{PORT}/"], timeout=args.seconds + 60)})
-            t1 = time.monotonic()
-            time.sleep(1.2)  # the servers' next once-a-second line covers t1
-            p = res.pop("out")
-            res.update(parse_wrk(p.stdout))
-            if "rps" not in res:
-                raise RuntimeError(f"wrk printed no rate: {p.stdout[-500:]} {p.stderr[-500:]}")
-            ticks = [t0 + k for k in range(int(t1 - t0) + 1)]
-            totals = [sum(log.at(t) for log in logs) for t in ticks]
-            res["per_second"] = [round(b - a) for a, b in zip(totals, totals[1:])]
-            third = max(1, len(res["per_second"]) // 3)
-            first = statistics.median(res["per_second"][:third] or [0])
-            res["sustained"] = (statistics.median(res["per_second"][-third:]) / first
-                                if first else None)
-            print(f"round {r + 1}/{runs} c{conns:<4} {impl:<10} {res['rps']:>10,.0f} conns/s  "
-                  f"errors {res['socket_errors']}  cpu {res['cpu_busy']}  "
-                  f"per second {res['per_second']}", flush=True)
-            return res
+    def wrk(ctx: netbench.NatLab, r: int, impl: str, conns: int) -> dict:
+        lab = ctx.lab
+        host = ctx.direct_host if impl == "direct" else lab.vip
+        t0 = time.monotonic()
+        # The user-space directors' CPU use says whether their core is
+        # the limit (kernel-nft works in softirq: not a process).
+        res = netbench.cpu_busy(lab, ["director", "haproxy"], lambda: {"out": lab.run(
+            lab.client, ["taskset", "-c", ctx.client_cpu, "wrk", "-t1", f"-c{conns}",
+                         f"-d{args.seconds}s", "--timeout", "2s", "-H", "Connection: close",
+                         f"http://{host}:{PORT}/"], timeout=args.seconds + 60)})
+        t1 = time.monotonic()
+        time.sleep(1.2)  # the servers' next once-a-second line covers t1
+        p = res.pop("out")
+        res.update(parse_wrk(p.stdout))
+        if "rps" not in res:
+            raise RuntimeError(f"wrk printed no rate: {p.stdout[-500:]} {p.stderr[-500:]}")
+        ticks = [t0 + k for k in range(int(t1 - t0) + 1)]
+        totals = [sum(log.at(t) for log in logs) for t in ticks]
+        res["per_second"] = [round(b - a) for a, b in zip(totals, totals[1:])]
+        third = max(1, len(res["per_second"]) // 3)
+        first = statistics.median(res["per_second"][:third] or [0])
+        res["sustained"] = (statistics.median(res["per_second"][-third:]) / first
+                            if first else None)
+        print(f"round {r + 1}/{runs} c{conns:<4} {impl:<10} {res['rps']:>10,.0f} conns/s  "
+              f"errors {res['socket_errors']}  cpu {res['cpu_busy']}  "
+              f"per second {res['per_second']}", flush=True)
+        return res
 
-        def one(r: int, impl: str) -> dict:
-            return {c: wrk(r, impl, c) for c in levels}
-
-        samples, errors = netbench.interleaved(
-            impls, runs, one, lambda impl: netbench.impl_actions(
-                impl, lab, "tcp", PORT, director_cpu, [1, 1, 1]))
-    finally:
-        errs = lab.down()
-        if errs:
-            print("lab teardown:", errs)
-    after = netbench.uptime()
+    samples, errors, meta = netbench.nat_lab_rounds(
+        "plcr", impls, runs, "tcp", PORT, setup,
+        lambda ctx, r, impl: {c: wrk(ctx, r, impl, c) for c in levels})
 
     results, summary = [], []
     for conns in levels:
@@ -179,9 +165,8 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                     f"{r['sustained']:.2f}" for i, r in rows.items() if r.get("sustained")]
     summary.append("targets: pylvs/kernel-nft >= 1.2, pylvs/haproxy >= 1.5, sustained")
     return {"results": results, "summary": summary,
-            "meta": {"uptime_before": before, "uptime_after": after,
-                     "client": f"wrk -t1 -c{args.conns} -H 'Connection: close', cpu {client_cpu}",
-                     "director_cpu": director_cpu,
+            "meta": {**meta, "client": f"wrk -t1 -c{args.conns} -H 'Connection: close', "
+                                       f"cpu {netbench.cores()[0]}",
                      "server": "bench/peers.c tcp-server in rs1..rs3 (direct: rs1 only)"}}
 
 

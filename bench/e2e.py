@@ -57,9 +57,45 @@ Impls, in the same lab, alternating round by round:
   tcpdump on the director): what watching both sides costs.
 - ``pylvs-pcap`` (only with ``--impl``): ``pylvs`` with ``--pcap FILE``
   (every frame sent also written to a pcap file in the lab's directory).
-- ``pylvs-xdp`` (only with ``--impl``): ``pylvs`` with ``--io xdp`` (AF_XDP
+- ``pylvs-xdp`` (nat default): ``pylvs`` with ``--io xdp`` (AF_XDP
   sockets fed by an XDP program on the director's ports, copy mode on veth).
   trafgen's frames carry full checksums, which XDP frames need.
+- ``pylvs-w2``, ``pylvs-xdp-w2`` (nat default): ``pylvs`` (AF_PACKET, and
+  ``--io xdp``) with ``--workers 2``, pinned to every core (the generator's
+  too: a 2-core machine has no third). Their rows carry ``scaling``: 2
+  workers / 1 of the same backend, who set each figure (limit_check), and
+  the generator's own rate in both. Workers are steered by client address:
+  with the default ``--clients 1`` every flow lands on one worker; use
+  ``--clients 16`` (client_addrs) to measure scaling.
+- ``pylvs-tap`` (nat default): ``pylvs`` behind TAPs (``--tap``, ``--mac``
+  TAP_MAC) in a second lab of the same shape built with ``io="tap"``, whose
+  director namespace bridges eth0/eth1 to tap0/tap1 (netns-labs/tap/); the
+  generator sends to pylvs's MAC there. Same sinks, checks and windows.
+
+Every row of the headline scenarios says who set its figure (limit_check):
+``limit`` "director" when it lost more than LOST_DIRECTOR of what reached
+its eth0, with where (``director_drops_pps``: pylvs's backend rx_dropped,
+the eth0 backlog's rx_dropped), else "generator" (it kept up: the figure
+is a lower bound).
+
+With RPS on, two more scenarios per impl, in the same round as its
+headline window (each director then has its own core for all its work and
+the generator the other):
+
+- ``-overload+rps``: a capacity ramp (the headline flows at each
+  ``--ramp`` load, paced by a tbf qdisc on the generator's interface:
+  police()), then the generator unpaced for ``--seconds``. The capacity is
+  the most the impl delivered in the round; the row gives what was offered
+  (``offered_pps``: the generator interface's tx_packets + tx_dropped),
+  ``offered_over_capacity`` (the target: >= 2, ``overload_reached``) and
+  ``delivered_over_capacity`` (1.0: the rate held at its peak).
+- ``-flood+rps``: established flows (the client's 1000 source ports,
+  paced by trafgen ``--gap``) alone, then with a second trafgen flooding
+  VIP:PORT with new flows (flood_conf: other source addresses of the
+  client's /24, a random source port each frame) as fast as it goes. The
+  sinks count the client's frames apart (counter ``est``): ``pps`` = the
+  established flows under the flood, ``est_kept`` = that over the same
+  flows alone.
 
 Two ways of sharing the two cores, both measured (``--rps``):
 
@@ -106,11 +142,15 @@ PORT = 9
 WARMUP = 1.0
 GEN_TTL = 64
 PAYLOAD = b"\x42" * 18
+# The flood's source addresses: these last octets of the client's /24 (none
+# is the client, the director or the VIP).
+FLOOD_HOSTS = (128, 254)
 CFLOOR_SRC = Path(__file__).resolve().with_name("cfloor.c")
 FWDS = ("nat", "dr", "tun")
 # Impls run by default, per method.
 DEFAULT_IMPLS = {
-    "nat": ("pylvs", "kernel-nft", "cfloor"),
+    "nat": ("pylvs", "pylvs-w2", "pylvs-xdp", "pylvs-xdp-w2", "pylvs-tap", "kernel-nft",
+            "cfloor"),
     "dr": ("pylvs", "kernel-nft-fwd", "cfloor"),
     "tun": ("pylvs", "cfloor"),
 }
@@ -129,7 +169,19 @@ VARIANTS = {
     "pylvs-xdp": lambda lab: ("--io", "xdp"),
     "pylvs-ring-v3": lambda lab: ("--ring", "v3"),
     "pylvs-ring-v2": lambda lab: ("--ring", "v2"),
+    "pylvs-w2": lambda lab: ("--workers", "2"),
+    "pylvs-xdp-w2": lambda lab: ("--io", "xdp", "--workers", "2"),
+    "pylvs-tap": lambda lab: ("--mac", TAP_MAC),
 }
+# The 2-worker impls run on every core (taskset), the others on the director's.
+ALL_CORES_IMPLS = ("pylvs-w2", "pylvs-xdp-w2")
+# (1 worker, 2 workers) of one backend: the scaling check's pairs.
+SCALING = (("pylvs", "pylvs-w2"), ("pylvs-xdp", "pylvs-xdp-w2"))
+# pylvs-tap runs in a second lab, built with io="tap" (pylvs/lab/topology.py).
+TAP_IMPLS = ("pylvs-tap",)
+TAP_MAC = "02:00:00:00:be:01"   # pylvs's MAC on tap0 in that lab (--mac)
+# Past this fraction of what reached it lost, the director is the limit.
+LOST_DIRECTOR = 0.05
 IMPLS = ("pylvs", "kernel-nft", "kernel-nft-fwd", "cfloor", *VARIANTS)
 
 
@@ -144,39 +196,89 @@ class Generator:
 
 
 def generator(lab: Lab) -> Generator:
+    # In a TAP lab the director is pylvs behind tap0, at its own MAC.
+    dmac = TAP_MAC if lab.io == "tap" else lab.mac(lab.director, "eth0")
     if lab.routed:
         # The frames the router would forward, sent from its front interface.
-        return Generator(lab.router_ns, "eth1", lab.mac(lab.router_ns, "eth1"),
-                         lab.mac(lab.director, "eth0"))
-    return Generator(lab.client, "eth0", lab.mac(lab.client, "eth0"),
-                     lab.mac(lab.director, "eth0"))
+        return Generator(lab.router_ns, "eth1", lab.mac(lab.router_ns, "eth1"), dmac)
+    return Generator(lab.client, "eth0", lab.mac(lab.client, "eth0"), dmac)
 
 
-def trafgen_conf(lab: Lab, gen: Generator, flows: int, base_port: int = 10000) -> str:
+# With --clients N > 1 the headline flows come from N client addresses,
+# these last octets of the client's /24 on (none is the director, the VIP
+# or the flood's): workers are steered by client address, so one address
+# keeps every flow on one worker.
+CLIENTS_FROM = 20
+
+
+def client_addrs(lab: Lab, n: int) -> list[str]:
+    """The headline flows' source addresses: the client's own for n = 1,
+    else n addresses of its /24 from CLIENTS_FROM on."""
+    if n <= 1:
+        return [lab.cip]
+    net = lab.cip.rsplit(".", 1)[0]
+    return [f"{net}.{CLIENTS_FROM + k}" for k in range(n)]
+
+
+def trafgen_conf(lab: Lab, gen: Generator, flows: int, base_port: int = 10000,
+                 clients: int = 1) -> str:
     # 14 + 20 + 8 + 18 = 60 bytes on the wire before the FCS: a 64-byte frame.
+    # Two runtime counters (source address, source port) step together per
+    # frame: lcm(clients, flows) distinct flows.
+    addrs = client_addrs(lab, clients)
+    saddr = f"saddr={addrs[0]}" if clients <= 1 else \
+        f"saddr={addrs[0]}, saddr[3]=dinc({CLIENTS_FROM}, {CLIENTS_FROM + clients - 1})"
     return (
         "{\n"
         f"  eth(da={gen.dmac}, sa={gen.smac}, type=0x0800),\n"
-        f"  ipv4(saddr={lab.cip}, daddr={lab.vip}, ttl={GEN_TTL}),\n"
+        f"  ipv4({saddr}, daddr={lab.vip}, ttl={GEN_TTL}),\n"
         f"  udp(sp=dinc({base_port}, {base_port + flows - 1}), dp={PORT}),\n"
         f"  fill(0x{PAYLOAD[0]:02x}, {len(PAYLOAD)})\n"
         "}\n"
     )
 
 
+def flood_conf(lab: Lab, gen: Generator) -> str:
+    """The flood of new flows: 64-byte frames to VIP:PORT from the client's
+    /24, the last octet of the source address cycling over FLOOD_HOSTS and a
+    random source port in every frame, so nearly every frame is a flow no
+    director has seen. The sources stay routable from the director (the
+    same /24 as the client): a reverse-path check does not drop them."""
+    net = lab.cip.rsplit(".", 1)[0]
+    lo, hi = FLOOD_HOSTS
+    return (
+        "{\n"
+        f"  eth(da={gen.dmac}, sa={gen.smac}, type=0x0800),\n"
+        f"  ipv4(saddr={net}.{lo}, saddr[3]=dinc({lo}, {hi}), daddr={lab.vip}, ttl={GEN_TTL}),\n"
+        f"  udp(sp=drnd(), dp={PORT}),\n"
+        f"  fill(0x{PAYLOAD[0]:02x}, {len(PAYLOAD)})\n"
+        "}\n"
+    )
+
+
 def sink_nft(lab: Lab, i: int) -> str:
-    """The nft table of sink i: count and drop at ingress what is for it."""
+    """The nft table of sink i: count and drop at ingress what is for it.
+
+    Counter ``rx``: every bench frame; ``est``: those from the client's own
+    address (lab.cip), i.e. the established flows, not the flood's
+    (flood_conf) other source addresses. In Tun the client's address is the
+    inner saddr: 20 bytes of outer header + 12, read raw.
+    """
     if lab.fwd == "nat":
         match = f"udp dport {PORT}"
     elif lab.fwd == "dr":
         match = f"ether daddr {lab.mac(lab.rs[i], 'eth0')} ip daddr {lab.vip} udp dport {PORT}"
     else:
         match = f"ether daddr {lab.mac(lab.rs[i], 'eth0')} ip protocol 4 ip daddr {lab.rips[i]}"
+    cip = f"@nh,256,32 0x{bytes(map(int, lab.cip.split('.'))).hex()}" if lab.fwd == "tun" \
+        else f"ip saddr {lab.cip}"
     return f"""
 table netdev sink {{
   counter rx {{ }}
+  counter est {{ }}
   chain in {{
     type filter hook ingress device "eth0" priority 0; policy accept;
+    {match} {cip} counter name "est"
     {match} counter name "rx" drop
   }}
 }}
@@ -202,18 +304,21 @@ def pin_bridges(lab: Lab) -> None:
                              "master", "static"])
 
 
-def sink_counts(lab: Lab) -> list[int]:
+def sink_counts(lab: Lab) -> list[dict[str, int]]:
+    """Per sink, its counters by name: {"rx": frames, "est": of them, the client's}."""
     out = []
     for ns in lab.rs:
-        p = lab.run(ns, ["nft", "-j", "list", "counter", "netdev", "sink", "rx"])
-        for obj in json.loads(p.stdout)["nftables"]:
-            if "counter" in obj:
-                out.append(int(obj["counter"]["packets"]))
+        p = lab.run(ns, ["nft", "-j", "list", "counters", "table", "netdev", "sink"])
+        out.append({obj["counter"]["name"]: int(obj["counter"]["packets"])
+                    for obj in json.loads(p.stdout)["nftables"] if "counter" in obj})
     return out
 
 
-def tx_packets(lab: Lab, gen: Generator) -> int:
-    return int(lab.run(gen.ns, ["cat", f"/sys/class/net/{gen.iface}/statistics/tx_packets"]).stdout)
+def if_counters(lab: Lab, ns: str, iface: str, *names: str) -> list[int]:
+    """Counters of /sys/class/net/IFACE/statistics in ns, in the order asked."""
+    p = lab.run(ns, ["sh", "-c", "cd /sys/class/net/%s/statistics && cat %s"
+                     % (iface, " ".join(names))])
+    return [int(x) for x in p.stdout.split()]
 
 
 # --- checking what arrives --------------------------------------------------------
@@ -319,15 +424,22 @@ print(json.dumps(got))
 """
 
 
-def check_sinks(lab: Lab, timeout: float = 2.0) -> dict[str, str]:
-    """Capture one bench frame at each sink and check it: {rs name: "ok" or what is wrong}."""
+def check_sinks(lab: Lab, timeout: float = 2.0, cips: tuple[str, ...] = ()) -> dict[str, str]:
+    """Capture one bench frame at each sink and check it: {rs name: "ok" or what is wrong}.
+
+    cips: the client addresses the frames may come from (--clients);
+    default: lab.cip alone."""
     out = {}
     for i, ns in enumerate(lab.rs):
         got = lab.py(ns, CAPTURE, timeout=timeout + 10, args=(timeout,))
         if got is None:
             out[lab.rs_names[i]] = f"no frame within {timeout} s"
             continue
-        bad = check_frame(lab.fwd, bytes.fromhex(got), mac=lab.mac(ns, "eth0"), cip=lab.cip,
+        frame = bytes.fromhex(got)
+        # The inner source address (Tun: behind the 20-byte outer header).
+        src = _ip(frame[26 + (20 if lab.fwd == "tun" else 0):][:4])
+        cip = src if src in cips else lab.cip
+        bad = check_frame(lab.fwd, frame, mac=lab.mac(ns, "eth0"), cip=cip,
                           vip=lab.vip, rip=lab.rips[i], outer_saddr=lab.dip0)
         out[lab.rs_names[i]] = "; ".join(bad) if bad else "ok"
     return out
@@ -380,13 +492,8 @@ def pylvs_down(lab: Lab) -> None:
 
 
 def build_cfloor(lab: Lab) -> Path:
-    """Compile bench/cfloor.c into the lab's directory (removed with the lab)."""
-    exe = lab.log_path("cfloor").with_suffix(".bin")
-    p = subprocess.run(["cc", "-O2", "-Wall", "-o", str(exe), str(CFLOOR_SRC)],
-                       capture_output=True, text=True, timeout=120)
-    if p.returncode != 0:
-        raise LabError(f"cc -O2 {CFLOOR_SRC} failed: {p.stderr.strip()}")
-    return exe
+    """bench/cfloor.c, compiled into the lab's directory (netbench.build_c)."""
+    return netbench.build_c(lab, CFLOOR_SRC)
 
 
 def cfloor_argv(lab: Lab) -> list[str]:
@@ -443,36 +550,102 @@ def cfloor_down(lab: Lab) -> dict:
     return stats
 
 
-def one_round(lab: Lab, gen: Generator, conf: Path, seconds: float, rate: str,
-              check: bool = False, warmup: float = WARMUP) -> dict:
-    """Run the generator for warm-up + seconds; delivered and offered pps.
+@dataclass
+class Load:
+    """One trafgen of a window: its config, its pacing (pacing_args) and
+    whether it sends through the qdisc layer (where police() acts) rather
+    than bypassing it as trafgen does by default."""
 
+    conf: Path
+    pacing: str
+    qdisc: bool = False
+
+
+def director_counters(lab: Lab, pylvs: bool) -> dict[str, float]:
+    """What the director lost so far: its eth0's rx_dropped (the RPS backlog
+    and the bridge's drops, every impl) and, for pylvs, its backends'
+    ``rx_dropped`` (ring or XSK full, the TAP's queue full: frames the
+    kernel had for pylvs and could not give it) and ``rx_frames``."""
+    out = {"t": time.monotonic(),
+           "if_rx_dropped": if_counters(lab, lab.director, "eth0", "rx_dropped")[0]}
+    if pylvs:
+        st = lab.stats()
+        out.update(pylvs_rx_dropped=st.get("rx_dropped", 0), pylvs_rx_frames=st.get("rx_frames", 0))
+    return out
+
+
+def one_round(lab: Lab, gen: Generator, loads: list[Load], seconds: float,
+              check: bool = False, warmup: float = WARMUP, pylvs: bool = False,
+              cips: tuple[str, ...] = ()) -> dict:
+    """Run the loads' generators for warm-up + seconds; delivered and offered pps.
+
+    Result: ``pps`` (all bench frames at the sinks), ``est_pps`` (those from
+    lab.cip), ``offered_pps`` (the generator interface's tx_packets: what
+    reached the director's eth0), ``gen_tx_dropped_pps`` (what that
+    interface could not hand over: the director's backlog full), and
+    ``director``: the director_counters deltas over the window, per second.
     check: capture and check one frame at each sink after the warm-up,
     before the window (``sample_check`` in the result).
     """
-    proc = lab.popen(gen.ns, ["trafgen", "--dev", gen.iface,
-                              "--conf", str(conf), "--cpus", "1", "--no-sock-mem",
-                              "--notouch-irq", "--no-cpu-stats",
-                              *pacing_args(rate)],
-                     key="trafgen", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                     stdin=subprocess.DEVNULL, start_new_session=True)
+    procs = []
     res: dict = {}
     try:
+        for k, load in enumerate(loads):
+            procs.append(lab.popen(
+                gen.ns, ["trafgen", "--dev", gen.iface, "--conf", str(load.conf), "--cpus", "1",
+                         "--no-sock-mem", "--notouch-irq", "--no-cpu-stats",
+                         *(["--qdisc-path"] if load.qdisc else []), *pacing_args(load.pacing)],
+                key=f"trafgen{k}", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL, start_new_session=True))
         time.sleep(warmup)
-        if proc.poll() is not None:
-            raise LabError(f"trafgen exited: {proc.stderr.read().decode()[-1000:]}")
+        for proc in procs:
+            if proc.poll() is not None:
+                raise LabError(f"trafgen exited: {proc.stderr.read().decode()[-1000:]}")
         if check:
-            res["sample_check"] = check_sinks(lab)
-        s0, g0, t0 = sink_counts(lab), tx_packets(lab, gen), time.monotonic()
+            res["sample_check"] = check_sinks(lab, cips=cips)
+        s0, g0, t0 = sink_counts(lab), if_counters(lab, gen.ns, gen.iface, "tx_packets",
+                                                   "tx_dropped"), time.monotonic()
+        d0 = director_counters(lab, pylvs)
         time.sleep(seconds)
-        s1, g1, t1 = sink_counts(lab), tx_packets(lab, gen), time.monotonic()
+        d1 = director_counters(lab, pylvs)
+        s1, g1, t1 = sink_counts(lab), if_counters(lab, gen.ns, gen.iface, "tx_packets",
+                                                   "tx_dropped"), time.monotonic()
     finally:
-        lab.procs.pop("trafgen", None)
-        _stop_generator(lab, proc)
+        for k, proc in enumerate(procs):
+            lab.procs.pop(f"trafgen{k}", None)
+            _stop_generator(lab, proc)
     dt = t1 - t0
-    per_sink = [(b - a) / dt for a, b in zip(s0, s1)]
-    return {"pps": sum(per_sink), "offered_pps": (g1 - g0) / dt, "per_sink_pps": per_sink,
-            **res}
+    per_sink = [(b["rx"] - a["rx"]) / dt for a, b in zip(s0, s1)]
+    ddt = d1.pop("t") - d0.pop("t")
+    return {"pps": sum(per_sink), "est_pps": sum(b["est"] - a["est"] for a, b in zip(s0, s1)) / dt,
+            "offered_pps": (g1[0] - g0[0]) / dt, "gen_tx_dropped_pps": (g1[1] - g0[1]) / dt,
+            "per_sink_pps": per_sink,
+            "director": {k: (d1[k] - d0[k]) / ddt for k in d0}, **res}
+
+
+def police(lab: Lab, gen: Generator, pps: float | None) -> None:
+    """Pace what the generator interface sends to pps (None: no limit).
+
+    A tbf qdisc at the generator interface's root, its rate pps 60-byte
+    frames (tbf counts skb->len: the frame without FCS) and a bucket of
+    4 ms of them: a trafgen sending through the qdisc path (Load.qdisc) as
+    fast as it can is held to pps, waiting on its own core (the qdisc's
+    queue full, its send fails with ENOBUFS and trafgen retries), before
+    the director. With a 64-frame bucket tbf gave a third of the rate asked
+    on the loaded machine (its watchdog wakes late and a small bucket
+    loses the tokens of the delay); with 4 ms, 0.64-0.82 of it (measured
+    2026-11-30 on a veth pair: 41 k for 50 k, 68 k for 100 k, 127 k for
+    200 k, the generator's maximum then): the ramp records the rate
+    reached. trafgen's own --rate sends each second's quota in one burst,
+    and --gap cannot go past ~60 kpps here (pacing_args); this kernel has
+    no police action (CONFIG_NET_ACT_POLICE is off).
+    """
+    lab.run(gen.ns, ["tc", "qdisc", "del", "dev", gen.iface, "root"], check=False)
+    if pps:
+        frame = 60
+        lab.run(gen.ns, ["tc", "qdisc", "add", "dev", gen.iface, "root", "tbf",
+                         "rate", f"{int(pps * frame * 8)}bit", "burst", str(max(64, int(pps * 0.004)) * frame),
+                         "limit", str(max(256, int(pps * 0.008)) * frame)])
 
 
 def pacing_args(pacing: str) -> list[str]:
@@ -523,6 +696,164 @@ def _stop_generator(lab: Lab, gen: subprocess.Popen) -> None:
         gen.stderr.close()
 
 
+def bed_up(lab: Lab) -> Generator:
+    """Build a lab for the bench: sinks counting at their ingress, static
+    FDB entries where frames must not flood; its generator."""
+    lab.up()
+    if lab.routed:
+        pin_bridges(lab)
+    for i, ns in enumerate(lab.rs):
+        lab.nft(ns, sink_nft(lab, i))
+    if lab.io == "tap":
+        # pylvs's MAC behind tap0 (--mac): learned from its gratuitous ARP,
+        # but a static entry never ages into flooding the load to eth1.
+        lab.run(lab.director, ["bridge", "fdb", "replace", TAP_MAC, "dev", "tap0", "master",
+                               "static"])
+    return generator(lab)
+
+
+def overload_round(lab: Lab, gen: Generator, window, conf: Path, args, ramp: list[float],
+                   peak: float) -> dict:
+    """One impl's capacity ramp, then its overload window (RPS on).
+
+    The ramp: the established flows of conf at each of the ramp's loads,
+    paced by police(); the capacity is the most the impl delivered in this
+    round (ramp steps, the round's unpaced window ``peak``, the overload
+    window itself). The overload window: the generator unpaced, as fast as
+    it goes; ``attempted_pps`` = its interface's tx_packets + tx_dropped (the
+    frames it put on the wire, whether or not the director's backlog took
+    them), compared with the capacity.
+    """
+    steps = []
+    try:
+        for pps in ramp:
+            police(lab, gen, pps)
+            res = window([Load(conf, args.rate, qdisc=True)], args.ramp_seconds, warmup=0.5)
+            steps.append({"asked_pps": pps, "offered_pps": res["offered_pps"], "pps": res["pps"]})
+    finally:
+        police(lab, gen, None)
+    res = window([Load(conf, args.rate)], args.seconds)
+    capacity = max([peak, res["pps"], *(s["pps"] for s in steps)])
+    res.update(ramp=steps, capacity_pps=capacity,
+               attempted_pps=res["offered_pps"] + res["gen_tx_dropped_pps"])
+    return res
+
+
+def _median(got: list[dict], key: str):
+    vals = [s[key] for s in got if s.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def overload_row(name: str, impl: str, got: list[dict], args) -> dict:
+    """The overload scenario's row: delivered under overload against the
+    capacity measured in the same rounds (medians; per-round figures in
+    ``rounds``)."""
+    per = [{"capacity_pps": s["capacity_pps"], "attempted_pps": s["attempted_pps"],
+            "into_director_pps": s["offered_pps"], "pps": s["pps"],
+            "offered_over_capacity": s["attempted_pps"] / s["capacity_pps"],
+            "delivered_over_capacity": s["pps"] / s["capacity_pps"], "ramp": s["ramp"],
+            "director_drops_pps": s["director"]} for s in got if s["capacity_pps"]]
+    med = _median(got, "pps")
+    over = _median(per, "offered_over_capacity")
+    return {"scenario": name, "impl": impl, "fwd": args.fwd, "runs": len(got), "rps": True,
+            "samples": [s["pps"] for s in got], "pps": med, "median": med,
+            "ns_per_packet": 1e9 / med if med else None, "seconds": args.seconds,
+            "flows": args.flows, "frame_bytes": 64, "ramp_pps": [float(x) for x in args.ramp.split(",")],
+            "capacity_pps": _median(per, "capacity_pps"),
+            "offered_pps": _median(per, "attempted_pps"),
+            "into_director_pps": _median(per, "into_director_pps"),
+            "offered_over_capacity": over, "overload_reached": bool(over and over >= 2.0),
+            "delivered_over_capacity": _median(per, "delivered_over_capacity"), "rounds": per}
+
+
+def flood_row(name: str, impl: str, got: list[dict], args) -> dict:
+    """The flood scenario's row: the established flows' delivered rate under
+    the flood (``pps``) against the same flows alone in the same round."""
+    per = [{"est_alone_pps": s["alone"]["est_pps"], "est_flood_pps": s["flood"]["est_pps"],
+            "est_kept": s["flood"]["est_pps"] / s["alone"]["est_pps"]
+            if s["alone"]["est_pps"] else None,
+            "flood_offered_pps": s["flood"]["offered_pps"] + s["flood"]["gen_tx_dropped_pps"]
+            - s["alone"]["offered_pps"] - s["alone"]["gen_tx_dropped_pps"],
+            "flood_delivered_pps": s["flood"]["pps"] - s["flood"]["est_pps"],
+            "director_drops_pps": s["flood"]["director"]} for s in got]
+    med = _median(per, "est_flood_pps")
+    return {"scenario": name, "impl": impl, "fwd": args.fwd, "runs": len(got), "rps": True,
+            "samples": [s["est_flood_pps"] for s in per], "pps": med, "median": med,
+            "ns_per_packet": None, "seconds": args.seconds, "flows": args.flows,
+            "est_gap": args.flood_gap,
+            "est_alone_pps": _median(per, "est_alone_pps"),
+            "est_kept": _median(per, "est_kept"),
+            "flood_offered_pps": _median(per, "flood_offered_pps"),
+            "flood_delivered_pps": _median(per, "flood_delivered_pps"), "rounds": per}
+
+
+def extra_ratio_lines(name: str, rows: dict[str, dict], kernel_impl: str | None) -> list[str]:
+    """Ratios of each pylvs impl's overload or flood figure to the kernel's
+    and cfloor's (``ratios``: of medians); the summary lines."""
+    out = []
+    for impl, row in rows.items():
+        if "capacity_pps" in row and row.get("capacity_pps"):
+            out.append(f"{name}: {impl}: capacity {row['capacity_pps']:,.0f} pps, offered "
+                       f"{row['offered_over_capacity']:.1f}x of it, delivered "
+                       f"{row['delivered_over_capacity']:.2f}x of it")
+        if row.get("est_kept") is not None:
+            out.append(f"{name}: {impl}: established flows {row['est_alone_pps']:,.0f} pps "
+                       f"alone, {row['pps']:,.0f} under a flood of "
+                       f"{row['flood_offered_pps']:,.0f} pps ({row['est_kept']:.2f}x kept)")
+        if not impl.startswith("pylvs") or not row.get("pps"):
+            continue
+        for base in (kernel_impl, "cfloor"):
+            if base and rows.get(base, {}).get("pps"):
+                ratio = row["pps"] / rows[base]["pps"]
+                row.setdefault("ratios", {})[f"{impl}/{base}"] = ratio
+                out.append(f"{name}: {impl}/{base} = {ratio:.2f}")
+    return out
+
+
+def scaling_lines(scen: str, rows: dict[str, dict]) -> list[str]:
+    """2 workers against 1 for each backend of SCALING (``scaling`` in the
+    2-worker row), with who set each figure (limit_check) and the
+    generator's own rate in both."""
+    out = []
+    for w1, w2 in SCALING:
+        one, two = rows.get(w1, {}), rows.get(w2, {})
+        if not one.get("pps") or not two.get("pps"):
+            continue
+        gen1, gen2 = one["offered_pps"], two["offered_pps"]
+        if two["limit"] == "generator":
+            verdict = ("the generator is the limit with 2 workers (they delivered what "
+                       "reached them): the ratio is a lower bound")
+        elif one["limit"] == "generator":
+            verdict = "the generator is the limit with 1 worker: the ratio means nothing"
+        else:
+            verdict = "the director is the limit in both: the ratio is the workers' scaling"
+        if gen2 < 0.9 * gen1:
+            verdict += (f"; the generator itself sent {100 * (1 - gen2 / gen1):.0f}% less with "
+                        "2 workers (the second worker shares its core)")
+        two["scaling"] = {f"{w2}/{w1}": two["pps"] / one["pps"], "limit_w1": one["limit"],
+                          "limit_w2": two["limit"], "generator_pps_w1": gen1,
+                          "generator_pps_w2": gen2, "verdict": verdict}
+        out.append(f"{scen}: {w2}/{w1} = {two['pps'] / one['pps']:.2f}: {verdict}")
+    return out
+
+
+def limit_check(row: dict, got: list[dict]) -> dict:
+    """Who set a row's figure: the generator or the director (``limit``).
+
+    The director is the limit when it lost what reached it: offered (its
+    eth0's share of the generator's tx) less delivered over 5% of offered,
+    with where it lost it (``director``: pylvs's backend ``rx_dropped``, the
+    eth0 backlog's ``if_rx_dropped``, per second). Otherwise it kept up and
+    its figure is the generator's rate: a lower bound of what it can do.
+    """
+    offered = statistics.median(s["offered_pps"] for s in got)
+    lost = 1 - row["pps"] / offered if offered else 0.0
+    where = {k: statistics.median(s["director"][k] for s in got) for k in got[0]["director"]}
+    return {"offered_pps": offered, "lost_fraction": lost, "director_drops_pps": where,
+            "gen_tx_dropped_pps": statistics.median(s["gen_tx_dropped_pps"] for s in got),
+            "limit": "director" if lost > LOST_DIRECTOR else "generator"}
+
+
 def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench e2e")
     ap.add_argument("--fwd", choices=FWDS, default="nat",
@@ -531,6 +862,9 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     ap.add_argument("--warmup", type=float, default=0.5 if quick else WARMUP,
                     help="seconds of traffic before each window (conns, ARP, sample check)")
     ap.add_argument("--flows", type=int, default=1000)
+    ap.add_argument("--clients", type=int, default=1,
+                    help="client addresses of the headline flows (workers are steered by "
+                         "client address: 1 keeps every flow on one worker)")
     # trafgen pins its one worker to CPU 0 whatever the caller's affinity,
     # so the director gets the last core.
     ap.add_argument("--director-cpu", default=str((os.cpu_count() or 1) - 1))
@@ -545,6 +879,15 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                          "with trafgen --gap 1/rate (evenly spaced, lands below the rate)")
     ap.add_argument("--rps", choices=("off", "on", "both"), default="both",
                     help="RPS of the director's eth0 to the director's core (see the docstring)")
+    ap.add_argument("--overload", choices=("on", "off"), default="on",
+                    help="with RPS on: the capacity ramp, then the overload window (docstring)")
+    ap.add_argument("--ramp", default="100000,200000,300000",
+                    help="the capacity ramp's loads in pps (tc-policed), comma separated")
+    ap.add_argument("--ramp-seconds", type=float, default=1.0 if quick else 2.0)
+    ap.add_argument("--flood", choices=("on", "off"), default="on",
+                    help="with RPS on: established flows alone, then under a flood of new flows")
+    ap.add_argument("--flood-gap", default="20us",
+                    help="trafgen --gap of the established flows in the flood scenario")
     args = ap.parse_args(argv)
     fwd = args.fwd
     runs = runs or (2 if quick else 5)
@@ -554,95 +897,146 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
             ap.error(f"--impl {impl} is not a {fwd} director (kernel baseline for {fwd}: "
                      f"{KERNEL[fwd]})")
     gen_cpu = "0"
+    all_cpus = f"0-{(os.cpu_count() or 1) - 1}"
 
     rates = [x.strip() for x in args.rates.split(",") if x.strip()]
     pace = {x: args.rate if x == "max" else f"gap:{1e6 / float(x):.0f}us" for x in rates}
+    ramp = [float(x) for x in args.ramp.split(",") if x.strip()]
     modes = ["off", "on"] if args.rps == "both" else [args.rps]
     # Scenario keys: (rps mode, rate).
     keys = [(m, x) for m in modes for x in rates]
+    extra = {"overload": "on" in modes and args.overload == "on",
+             "flood": "on" in modes and args.flood == "on"}
+    base_name = f"udp64-{args.flows}flows" + ("" if fwd == "nat" else f"-{fwd}")
 
     def scenario(key) -> str:
         mode, rate = key
-        base = f"udp64-{args.flows}flows" + ("" if fwd == "nat" else f"-{fwd}")
+        base = base_name
         if rate != "max":
             base += f"@{int(float(rate)) // 1000}kpps"
         return base + ("+rps" if mode == "on" else "")
 
     samples: dict[tuple, list[dict]] = {(k, i): [] for k in keys for i in impls}
+    overload: dict[str, list[dict]] = {i: [] for i in impls}
+    flood: dict[str, list[dict]] = {i: [] for i in impls}
     checks: dict[str, dict] = {}
     cfloor_stats: dict[str, list[dict]] = {}
     errors: dict[str, str] = {}
     uptime_before = _uptime()
-    lab = Lab(f"plbench{uuid.uuid4().hex[:5]}", servers=3, start_servers=False, fwd=fwd)
+    labs = {"afpacket": Lab(f"plbench{uuid.uuid4().hex[:5]}", servers=3, start_servers=False,
+                            fwd=fwd)}
+    if any(i in TAP_IMPLS for i in impls):
+        labs["tap"] = Lab(f"plbench{uuid.uuid4().hex[:5]}", servers=3, start_servers=False,
+                          fwd=fwd, io="tap")
     try:
-        lab.up()
-        if lab.routed:
-            pin_bridges(lab)
-        for i, ns in enumerate(lab.rs):
-            lab.nft(ns, sink_nft(lab, i))
-        gen = generator(lab)
+        gens = {name: bed_up(lab) for name, lab in labs.items()}
         exe = None
         if "cfloor" in impls:
             try:
-                exe = build_cfloor(lab)
+                exe = build_cfloor(labs["afpacket"])
             except (LabError, OSError) as e:  # OSError: no cc at all
                 errors["cfloor"] = str(e)
         n_conf = 0
+
+        def fresh_conf(lab: Lab, gen: Generator, text: str | None = None,
+                       clients: int = args.clients) -> Path:
+            # Fresh source ports each time: no impl meets flows (conns,
+            # conntrack entries) left by the one before.
+            nonlocal n_conf
+            conf = lab.log_path(f"trafgen{n_conf}").with_suffix(".cfg")
+            conf.write_text(text or trafgen_conf(
+                lab, gen, args.flows, base_port=10000 + (args.flows * n_conf) % 50000,
+                clients=clients))
+            n_conf += 1
+            return conf
+
+        def actions(impl: str, mode: str) -> tuple:
+            lab = labs["tap" if impl in TAP_IMPLS else "afpacket"]
+            gen = gens["tap" if impl in TAP_IMPLS else "afpacket"]
+            if impl.startswith("pylvs"):
+                run_args = VARIANTS.get(impl, lambda lab: ())(lab)
+                cpu = all_cpus if impl in ALL_CORES_IMPLS else args.director_cpu
+                up, down = (lambda: pylvs_up(lab, cpu, *run_args)), (lambda: pylvs_down(lab))
+            elif impl == "cfloor":
+                up, down = (lambda: cfloor_up(lab, exe, args.director_cpu)), \
+                    (lambda: cfloor_down(lab))
+            elif impl == "kernel-nft-fwd":
+                up, down = (lambda: kernel_nft_fwd_up(lab)), (lambda: kernel_nft_fwd_down(lab))
+            else:
+                up, down = (lambda: kernel_nft_up(lab)), (lambda: kernel_nft_down(lab))
+
+            def down_all() -> None:
+                police(lab, gen, None)
+                stats = down()
+                if impl == "cfloor":
+                    cfloor_stats.setdefault(mode, []).append(stats)
+            return up, down_all
+
+        def session(r: int, impl: str, mode: str) -> dict:
+            """Every window of one impl's round in one RPS mode, with it up."""
+            lab = labs["tap" if impl in TAP_IMPLS else "afpacket"]
+            gen = gens["tap" if impl in TAP_IMPLS else "afpacket"]
+
+            def window(loads: list[Load], seconds: float, check: bool = False,
+                       warmup: float = args.warmup) -> dict:
+                return one_round(lab, gen, loads, seconds, check=check, warmup=warmup,
+                                 pylvs=impl.startswith("pylvs"),
+                                 cips=tuple(client_addrs(lab, args.clients)))
+
+            def say(what: str, res: dict) -> None:
+                print(f"round {r + 1}/{runs} {what:<26} {impl:<14} delivered "
+                      f"{res['pps']:>10,.0f} pps  offered {res['offered_pps']:>10,.0f} pps",
+                      flush=True)
+            out: dict = {"rates": {}}
+            for rate in rates:
+                conf = fresh_conf(lab, gen)
+                res = window([Load(conf, pace[rate])], args.seconds, check=impl not in checks)
+                if "sample_check" in res:
+                    checks[impl] = res.pop("sample_check")
+                    print(f"sample check {impl}: {checks[impl]}", flush=True)
+                out["rates"][rate] = res
+                say(scenario((mode, rate)), res)
+            if mode == "on" and extra["overload"]:
+                peak = max(res["pps"] for res in out["rates"].values())
+                out["overload"] = overload_round(lab, gen, window, conf, args, ramp, peak)
+                say(f"{base_name}-overload+rps", out["overload"])
+            if mode == "on" and extra["flood"]:
+                est = fresh_conf(lab, gen, clients=1)  # the sinks' "est": lab.cip's
+                alone = window([Load(est, f"gap:{args.flood_gap}")], args.seconds)
+                flooded = window([Load(est, f"gap:{args.flood_gap}"),
+                                  Load(fresh_conf(lab, gen, flood_conf(lab, gen)), args.rate)],
+                                 args.seconds)
+                out["flood"] = {"alone": alone, "flood": flooded}
+                print(f"round {r + 1}/{runs} {base_name + '-flood+rps':<26} {impl:<14} "
+                      f"established {alone['est_pps']:>9,.0f} pps alone, "
+                      f"{flooded['est_pps']:>9,.0f} under the flood (flood: "
+                      f"{flooded['pps'] - flooded['est_pps']:,.0f} pps delivered, "
+                      f"{flooded['offered_pps'] - alone['offered_pps']:,.0f} offered)", flush=True)
+            return out
+
         for mode in modes:
             mask = format(1 << int(args.director_cpu), "x") if mode == "on" else "0"
-            lab.run(lab.director, ["sh", "-c",
-                                   f"echo {mask} > /sys/class/net/eth0/queues/rx-0/rps_cpus"])
-            for r in range(runs):
-                # Alternate which impl goes first, so drift hits both alike.
-                order = impls if r % 2 == 0 else list(reversed(impls))
-                for impl in order:
-                    if impl in errors:
-                        continue
-                    if impl.startswith("pylvs"):
-                        extra = VARIANTS.get(impl, lambda lab: ())(lab)
-                        up, down = (lambda: pylvs_up(lab, args.director_cpu, *extra)), \
-                            (lambda: pylvs_down(lab))
-                    elif impl == "cfloor":
-                        up, down = (lambda: cfloor_up(lab, exe, args.director_cpu)), \
-                            (lambda: cfloor_down(lab))
-                    elif impl == "kernel-nft-fwd":
-                        up, down = (lambda: kernel_nft_fwd_up(lab)), \
-                            (lambda: kernel_nft_fwd_down(lab))
-                    else:
-                        up, down = (lambda: kernel_nft_up(lab)), (lambda: kernel_nft_down(lab))
-                    try:
-                        up()
-                        for rate in rates:
-                            # Fresh source ports each time: no impl meets flows
-                            # (conns, conntrack entries) left by the one before.
-                            conf = lab.log_path(f"trafgen{n_conf}").with_suffix(".cfg")
-                            conf.write_text(trafgen_conf(
-                                lab, gen, args.flows,
-                                base_port=10000 + (args.flows * n_conf) % 50000))
-                            n_conf += 1
-                            res = one_round(lab, gen, conf, args.seconds, pace[rate],
-                                            check=impl not in checks, warmup=args.warmup)
-                            if "sample_check" in res:
-                                checks[impl] = res.pop("sample_check")
-                                print(f"sample check {impl}: {checks[impl]}", flush=True)
-                            samples[((mode, rate), impl)].append(res)
-                            print(f"round {r + 1}/{runs} {scenario((mode, rate)):<26} {impl:<14} "
-                                  f"delivered {res['pps']:>10,.0f} pps  offered "
-                                  f"{res['offered_pps']:>10,.0f} pps", flush=True)
-                    except Exception as e:
-                        errors[impl] = f"{type(e).__name__}: {e}"
-                        print(f"{impl}: {errors[impl]}", flush=True)
-                    finally:
-                        try:
-                            stats = down()
-                            if impl == "cfloor":
-                                cfloor_stats.setdefault(mode, []).append(stats)
-                        except Exception as e:
-                            errors.setdefault(impl, f"teardown: {e}")
+            for lab in labs.values():
+                lab.run(lab.director, ["sh", "-c",
+                                       f"echo {mask} > /sys/class/net/eth0/queues/rx-0/rps_cpus"])
+            # Rounds interleaved, the first impl alternating, so drift hits all alike.
+            got, errs = netbench.interleaved(
+                [i for i in impls if i not in errors], runs,
+                lambda r, impl: session(r, impl, mode), lambda impl: actions(impl, mode))
+            errors.update(errs)
+            for impl, sessions in got.items():
+                for out in sessions:
+                    for rate, res in out["rates"].items():
+                        samples[((mode, rate), impl)].append(res)
+                    if "overload" in out:
+                        overload[impl].append(out["overload"])
+                    if "flood" in out:
+                        flood[impl].append(out["flood"])
     finally:
-        errs = lab.down()
-        if errs:
-            print("lab teardown:", errs)
+        for lab in labs.values():
+            errs = lab.down()
+            if errs:
+                print("lab teardown:", errs)
     uptime_after = _uptime()
 
     results = []
@@ -659,12 +1053,11 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                    "frame_bytes": 64, "pacing": pace[rate], "rps": mode == "on"}
             if pps:
                 med = statistics.median(pps)
-                offered = statistics.median(s["offered_pps"] for s in got)
                 row.update(pps=med, median=med, ns_per_packet=1e9 / med if med else None,
-                           offered_pps=offered,
-                           delivered_fraction=med / offered if offered else None,
                            per_sink_pps=[statistics.median(x) for x in
                                          zip(*(s["per_sink_pps"] for s in got))])
+                row.update(limit_check(row, got))
+                row["delivered_fraction"] = med / row["offered_pps"] if row["offered_pps"] else None
             else:
                 row.update(pps=None, ns_per_packet=None)
             if impl in checks:
@@ -672,7 +1065,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                 if any(v != "ok" for v in checks[impl].values()):
                     row["error"] = f"sample check failed: {checks[impl]}"
             if impl == "cfloor" and mode in cfloor_stats:
-                # Per round, over every rate of the round: rx, tx, ring drops.
+                # Per round, over every scenario of the round: rx, tx, ring drops.
                 row["cfloor_counters"] = cfloor_stats[mode]
             if impl in errors:
                 row["error"] = errors[impl]
@@ -701,10 +1094,20 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                 v["ratio"] = v["pps"] / rows["pylvs"]["pps"]
                 v["ratio_of"] = f"{name}/pylvs"
                 summary.append(f"{scenario(key)}: {name}/pylvs = {v['ratio']:.2f}")
+        summary += scaling_lines(scenario(key), rows)
         for row in rows.values():
             if row.get("offered_pps"):
                 summary.append(f"  {row['impl']}: offered {row['offered_pps']:,.0f} pps, "
-                               f"delivered {100 * row['delivered_fraction']:.0f}%")
+                               f"delivered {100 * row['delivered_fraction']:.0f}%, limit: "
+                               f"{row['limit']}")
+    for name, got, make in ((f"{base_name}-overload+rps", overload, overload_row),
+                            (f"{base_name}-flood+rps", flood, flood_row)):
+        rows = {impl: make(name, impl, got[impl], args) for impl in impls if got[impl]}
+        for impl, row in rows.items():
+            if impl in errors:
+                row["error"] = errors[impl]
+        results += rows.values()
+        summary += extra_ratio_lines(name, rows, kernel_impl)
     summary.append(f"kernel equivalent ({fwd}): {KERNEL[fwd]}")
     summary.append(f"director cpu {args.director_cpu} (+rps: and the receive work of its eth0), "
                    f"generator (trafgen) "
@@ -712,4 +1115,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     return {"fwd": fwd, "kernel": KERNEL[fwd], "results": results, "summary": summary,
             "meta": {"uptime_before": uptime_before, "uptime_after": uptime_after,
                      "generator": "router ns eth1 (frames as routed)" if fwd != "nat"
-                     else "client ns eth0"}}
+                     else "client ns eth0",
+                     "tap_lab": "pylvs-tap runs in a second lab of the same shape whose "
+                                "director namespace bridges eth0/eth1 to tap0/tap1"
+                                if "tap" in labs else None}}

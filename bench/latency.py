@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import uuid
-
-from pylvs.lab.topology import Lab
 
 from . import netbench
 
@@ -42,35 +39,26 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     args = ap.parse_args(argv)
     runs = runs or (1 if quick else 3)
     impls = args.impl or list(IMPLS)
-    client_cpu, director_cpu = netbench.cores()
-    before = netbench.uptime()
-    lab = Lab(f"pllat{uuid.uuid4().hex[:5]}", servers=3, start_servers=False)
-    try:
-        lab.up()
-        direct_host = netbench.add_direct_path(lab)
-        exe = netbench.build_peers(lab)
-        for ns in lab.rs:
-            netbench.start_ready(lab, ns, [str(exe), "udp-echo", str(PORT)], key=f"echo-{ns}")
 
-        def one(r: int, impl: str) -> dict:
-            host = direct_host if impl == "direct" else lab.vip
-            p = lab.run(lab.client, ["taskset", "-c", client_cpu, str(exe), "udp-ping", host,
-                                     str(PORT), str(args.rate), str(args.seconds),
-                                     str(args.flows)], timeout=args.seconds * 3 + 30)
-            res = json.loads(p.stdout.strip().splitlines()[-1])
-            print(f"round {r + 1}/{runs} {impl:<10} " + "  ".join(
-                f"{k[:-3]} {res[k]:.1f} us" for k in PCTS) + f"  lost {res['lost']}  "
-                f"{res['sent'] / res['elapsed_s']:.0f}/s achieved", flush=True)
-            return res
+    def setup(ctx: netbench.NatLab) -> None:
+        for ns in ctx.lab.rs:
+            netbench.start_ready(ctx.lab, ns, [str(ctx.exe), "udp-echo", str(PORT)],
+                                 key=f"echo-{ns}")
 
-        samples, errors = netbench.interleaved(
-            impls, runs, one, lambda impl: netbench.impl_actions(
-                impl, lab, "udp", PORT, director_cpu, [1, 1, 1]))
-    finally:
-        errs = lab.down()
-        if errs:
-            print("lab teardown:", errs)
-    after = netbench.uptime()
+    def one(ctx: netbench.NatLab, r: int, impl: str) -> dict:
+        host = ctx.direct_host if impl == "direct" else ctx.lab.vip
+        p = ctx.lab.run(ctx.lab.client, ["taskset", "-c", ctx.client_cpu, str(ctx.exe),
+                                         "udp-ping", host, str(PORT), str(args.rate),
+                                         str(args.seconds), str(args.flows)],
+                        timeout=args.seconds * 3 + 30)
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"round {r + 1}/{runs} {impl:<10} " + "  ".join(
+            f"{k[:-3]} {res[k]:.1f} us" for k in PCTS) + f"  lost {res['lost']}  "
+            f"{res['sent'] / res['elapsed_s']:.0f}/s achieved", flush=True)
+        return res
+
+    samples, errors, meta = netbench.nat_lab_rounds("pllat", impls, runs, "udp", PORT, setup,
+                                                    one)
 
     rows = {}
     for impl in impls:
@@ -97,9 +85,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
             summary.append(f"{impl}: " + ", ".join(f"{k[:-3]} {row[k]:.1f} us" for k in PCTS)
                            + f" (median of {row['runs']} rounds), lost {row['lost']}")
     return {"results": list(rows.values()), "summary": summary,
-            "meta": {"uptime_before": before, "uptime_after": after,
-                     "client": f"bench/peers.c udp-ping, cpu {client_cpu}",
-                     "director_cpu": director_cpu,
+            "meta": {**meta, "client": f"bench/peers.c udp-ping, cpu {netbench.cores()[0]}",
                      "server": "bench/peers.c udp-echo in rs1..rs3 (direct: rs1 only)"}}
 
 

@@ -26,6 +26,8 @@ import os
 import statistics
 import subprocess
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -48,14 +50,21 @@ def cores() -> tuple[str, str]:
     return "0", str((os.cpu_count() or 1) - 1)
 
 
-def build_peers(lab: Lab) -> Path:
-    """Compile bench/peers.c into the lab's directory (removed with the lab)."""
-    exe = lab.log_path("peers").with_suffix(".bin")
-    p = subprocess.run(["cc", "-O2", "-Wall", "-o", str(exe), str(PEERS_SRC)],
+def build_c(lab: Lab, src: Path) -> Path:
+    """Compile one of bench/'s C programs with ``cc -O2 -Wall`` into the
+    lab's directory (removed with the lab); the executable. LabError with
+    the compiler's message if it fails, OSError if there is no cc."""
+    exe = lab.log_path(src.stem).with_suffix(".bin")
+    p = subprocess.run(["cc", "-O2", "-Wall", "-o", str(exe), str(src)],
                        capture_output=True, text=True, timeout=120)
     if p.returncode != 0:
-        raise LabError(f"cc -O2 {PEERS_SRC} failed: {p.stderr.strip()}")
+        raise LabError(f"cc -O2 {src} failed: {p.stderr.strip()}")
     return exe
+
+
+def build_peers(lab: Lab) -> Path:
+    """bench/peers.c, compiled (build_c)."""
+    return build_c(lab, PEERS_SRC)
 
 
 def start_ready(lab: Lab, ns: str, argv: list[str], key: str,
@@ -229,6 +238,48 @@ def interleaved(impls: list[str], runs: int, one: Callable[[int, str], dict],
                 except Exception as e:
                     errors.setdefault(impl, f"teardown: {type(e).__name__}: {e}")
     return samples, errors
+
+
+@dataclass
+class NatLab:
+    """What a round of `bench conn-rate` or `bench latency` works with."""
+
+    lab: Lab
+    exe: Path           # bench/peers.c, compiled into the lab's directory
+    direct_host: str    # the `direct` impl's address of rs1 (add_direct_path)
+    client_cpu: str
+    director_cpu: str
+
+
+def nat_lab_rounds(prefix: str, impls: list[str], runs: int, proto: str, port: int,
+                   setup: Callable[[NatLab], None],
+                   one: Callable[[NatLab, int, str], dict]) -> tuple[dict, dict, dict]:
+    """The round loop of the VS-NAT lab benches: a lab named prefix + a
+    random suffix, the direct path and bench/peers.c, setup(ctx) once (the
+    real servers' peers), then the impls interleaved (interleaved: each one
+    set up by impl_actions for proto/port over the three real servers,
+    one(ctx, round, impl) measuring it); the lab is removed even on failure.
+
+    Returns (samples {impl: [one()'s results]}, errors {impl: text},
+    meta {"uptime_before", "uptime_after", "director_cpu"}).
+    """
+    client_cpu, director_cpu = cores()
+    before = uptime()
+    lab = Lab(f"{prefix}{uuid.uuid4().hex[:5]}", servers=3, start_servers=False)
+    try:
+        lab.up()
+        ctx = NatLab(lab, direct_host=add_direct_path(lab), exe=build_peers(lab),
+                     client_cpu=client_cpu, director_cpu=director_cpu)
+        setup(ctx)
+        samples, errors = interleaved(
+            impls, runs, lambda r, impl: one(ctx, r, impl), lambda impl: impl_actions(
+                impl, lab, proto, port, director_cpu, [1] * len(lab.rips)))
+    finally:
+        errs = lab.down()
+        if errs:
+            print("lab teardown:", errs)
+    return samples, errors, {"uptime_before": before, "uptime_after": uptime(),
+                             "director_cpu": director_cpu}
 
 
 def median_of(got: list[dict], key: str):
