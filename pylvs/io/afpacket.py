@@ -133,7 +133,8 @@ class AfPacketBackend(CopyLoop):
     def __init__(self, ifnames: list[str], *, block_size: int = BLOCK_SIZE,
                  block_nr: int = BLOCK_NR, retire_ms: int = RETIRE_MS,
                  qdisc_bypass: bool = True, pcap: str | None = None,
-                 fanout: list[int] | None = None, ring: str = DEFAULT_RING):
+                 fanout: list[int] | None = None, ring: str = DEFAULT_RING,
+                 local: bool = False):
         """One port per name in ``ifnames`` (index = the engine's port).
 
         ``fanout``: one worker's instance of several (``open_workers``): per
@@ -147,7 +148,10 @@ class AfPacketBackend(CopyLoop):
         taps (tcpdump on the director) see the transmitted frames.
         ``pcap``: a file to which every frame sent is also written
         (pylvs/io/pcap.py). ``ring``: "v3" (TPACKET_V3 blocks, RETIRE_MS)
-        or "v2" (TPACKET_V2 frames, no retire wait). Raises OSError for an
+        or "v2" (TPACKET_V2 frames, no retire wait). ``local``: one more
+        port, the loopback interface, for clients on the director itself
+        (pylvs/io/local.py): it takes only their requests and sends on a raw
+        IP socket. Raises OSError for an
         interface not in this network namespace or a pcap file that cannot
         be created; ValueError for another ``ring``.
         """
@@ -166,6 +170,11 @@ class AfPacketBackend(CopyLoop):
         self.qdisc_bypass = qdisc_bypass
         self.pcap = None
         self.fanout_ids: list[int] | None = None if fanout is None else []
+        self.local = local
+        self._raw: list[socket.socket] = []
+        if local:
+            from .local import loopback_name
+            ifnames = [*ifnames, loopback_name()]
         if fanout is not None and len(fanout) != len(ifnames):
             raise ValueError("fanout needs one group id per interface")
         try:
@@ -174,7 +183,8 @@ class AfPacketBackend(CopyLoop):
                     ifindex = socket.if_nametoindex(name)
                 except OSError:
                     raise OSError(f"no interface {name!r} in this network namespace") from None
-                self.ports.append(Port(i, name, ifindex, _mac_of(name)))
+                is_lo = local and i == len(ifnames) - 1
+                self.ports.append(Port(i, name, ifindex, _mac_of(name), local=is_lo))
                 # Protocol 0 until bound: nothing is queued before the filter
                 # and the ring are in place.
                 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
@@ -194,6 +204,10 @@ class AfPacketBackend(CopyLoop):
                                              block_nr=block_nr, frame_size=FRAME_SIZE,
                                              retire_ms=retire_ms,
                                              version=2 if ring == "v2" else 3))
+                if is_lo:
+                    from .local import raw_socket
+                    self._raw.append(raw_socket())
+                    self.rings[-1].set_local_fd(self._raw[-1].fileno())
                 s.bind((name, ETH_P_ALL))
                 if fanout is not None:   # after bind: only a bound socket may join
                     self.fanout_ids.append(join_fanout(s, fanout[i]))
@@ -237,15 +251,16 @@ class AfPacketBackend(CopyLoop):
     def set_filter(self, services, dests, own_addrs=()) -> None:
         """Let only the traffic of these tables into the rings (and ICMP
         errors to ``own_addrs`` while a Tun dest exists: bpf.for_tables)."""
-        prog = bpf.for_tables(services, dests, own_addrs)
+        prog = bpf.for_tables(services, dests, own_addrs, from_services=self.local)
+        lo_prog = bpf.for_local(services) if self.local else prog
         steer = None if self.fanout_ids is None else bpf.fanout_program(services, dests)
         with self._lock:
-            for s in self.socks:
+            for s, port in zip(self.socks, self.ports):
                 # The steering program first: a frame of a new service must
                 # reach the worker its replies will reach.
                 if steer is not None:
                     attach_filter(s, steer, SOL_PACKET, PACKET_FANOUT_DATA)
-                attach_filter(s, prog)
+                attach_filter(s, lo_prog if port.local else prog)
             self._prog = prog
 
     def stats(self) -> dict[str, int]:
@@ -286,10 +301,11 @@ class AfPacketBackend(CopyLoop):
             self.pcap.stop()
         for r in self.rings:
             r.close()
-        for s in self.socks:
+        for s in self.socks + self._raw:
             s.close()
         self.rings = []
         self.socks = []
+        self._raw = []
 
     def __enter__(self):
         return self
