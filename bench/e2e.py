@@ -127,6 +127,8 @@ VARIANTS = {
     "pylvs-no-qdisc-bypass": lambda lab: ("--no-qdisc-bypass",),
     "pylvs-pcap": lambda lab: ("--pcap", str(lab.log_path("sent").with_suffix(".pcap"))),
     "pylvs-xdp": lambda lab: ("--io", "xdp"),
+    "pylvs-ring-v3": lambda lab: ("--ring", "v3"),
+    "pylvs-ring-v2": lambda lab: ("--ring", "v2"),
 }
 IMPLS = ("pylvs", "kernel-nft", "kernel-nft-fwd", "cfloor", *VARIANTS)
 

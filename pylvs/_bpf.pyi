@@ -43,6 +43,11 @@ class Object:
         """Attach the named XDP program through a BPF link, native (driver)
         mode or generic (skb) mode (OSError EOPNOTSUPP: no native XDP;
         EBUSY/EEXIST: another XDP program is there)."""
+    def attach_tun_steering(self, prog: str, fd: int) -> int:
+        """Make the named socket-filter program the queue-steering program
+        of the TUN/TAP device ``fd`` is a queue of (TUNSETSTEERINGEBPF): the
+        device holds it until replaced or detached (ioctl with -1). Returns
+        the program's id (OSError EINVAL: not a socket filter; EBADFD)."""
     def close(self) -> None:
         """Free the object; its Links and Maps stay valid."""
 

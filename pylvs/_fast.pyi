@@ -42,7 +42,7 @@ from typing import Sequence
 import numpy as np
 
 class Ring:
-    """The TPACKET_V3 receive ring of a configured AF_PACKET socket."""
+    """The TPACKET_V3 (or V2) receive ring of a configured AF_PACKET socket."""
     fd: int
     block_size: int
     block_nr: int
@@ -66,9 +66,19 @@ class Ring:
     fwd_max_blocks: int
     last_error: int
     last_tx_error: int
+    version: int
+    frame_nr: int
+    rx_copied: int
+    capture: object | None   # a pylvs._fast.Capture (capture.c)
+    lane: Ring | None
     def __init__(self, fd: int, block_size: int = ..., block_nr: int = ...,
-                 frame_size: int = ..., retire_ms: int = ...) -> None: ...
+                 frame_size: int = ..., retire_ms: int = ..., version: int = ...) -> None: ...
     def close(self) -> None: ...
+    def set_capture(self, capture: object | None) -> None: ...
+    def set_lane(self, lane: Ring | None) -> None:
+        """Also read this TPACKET_V2 ring's frames as this ring's port
+        (forward, ring_recv). ValueError: not V2, itself, or has a lane;
+        RuntimeError: a ring is in use."""
 
 def forward(engine: Engine, rings: Sequence[Ring], now: float, timeout_ms: int = 0,
             budget: int = 4096) -> int: ...

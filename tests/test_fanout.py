@@ -72,6 +72,25 @@ def test_program_and_python_twin_agree_with_the_rule(desc, frame, client):
         assert bpf.steer_index(frame, n, SVC, NAT) == want, (desc, n)
 
 
+@pytest.mark.parametrize("lane", [0, 1])
+@pytest.mark.parametrize("desc,frame,client", CASES, ids=[c[0] for c in CASES])
+def test_lanes_program_picks_the_worker_then_its_lane(desc, frame, client, lane):
+    # --ring auto: two members per worker (V3 ring 2k, V2 lane 2k+1); the
+    # worker is the one the plain program picks, whatever the lane.
+    for n in (1, 2, 3):
+        prog = bpf.fanout_program(SVC, NAT, lanes=(n, lane))
+        # A frame the program cannot key (client None) ends with 0, as the
+        # kernel ends a load beyond the packet: worker 0's V3 ring.
+        want = 0 if client is None else 2 * bpf.steer_index(frame, n, SVC, NAT) + lane
+        assert kernel_index(prog, frame, 2 * n) == want, (desc, n)
+
+
+def test_lanes_program_refuses_bad_lanes():
+    for bad in ((0, 0), (2, 2), (1, -1)):
+        with pytest.raises(ValueError):
+            bpf.fanout_program(SVC, NAT, lanes=bad)
+
+
 def test_many_clients_spread_over_the_workers():
     prog = bpf.fanout_program(SVC, NAT)
     seen = [kernel_index(prog, eth(IP(src=f"192.0.2.{i}", dst=VIP) / TCP(sport=1, dport=80)), 4)

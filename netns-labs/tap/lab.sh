@@ -34,3 +34,12 @@ io = json.load(sys.stdin)["io"]
 for k in ("arp_replies_sent", "arp_requests_sent", "arp_learned", "echo_replies_sent",
           "host_bad_frames", "rx_frames", "tx_frames", "emit_sent", "rx_dropped"):
     print(f"{k:<20} {io[k]}")'
+
+echo "--- one queue of each TAP per worker; what each worker read (one client address"
+echo "    here, so all its conns are on one worker: the steering key is the client):"
+ip -n "$NAME-director" -d link show tap0 | grep -o 'numqueues [0-9]*'
+pylvs_in director stats --json | "$PY" -c '
+import json, sys
+for i, w in enumerate(json.load(sys.stdin)["workers"]):
+    rx, conns = w["io"]["rx_frames"], w["conns"]["conn_count"]
+    print(f"worker {i}: rx_frames {rx}, conns {conns}")'

@@ -33,6 +33,7 @@
 #include "engine.h"
 #include "ip_vs_icmp.h"  /* struct pylvs_emit */
 #include "structmember.h"
+#include "views.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -59,7 +60,7 @@
 #define EMIT_ROOM_BYTES (96u << 10)
 #define EMIT_ROOM_FRAMES 64u
 
-typedef struct {
+typedef struct RingObject {
     PyObject_HEAD
     int fd;
     uint8_t *map;
@@ -91,6 +92,11 @@ typedef struct {
      * the local stack receives with a route attached, where a frame sent
      * on lo would meet the route input's martian-source check. */
     int local_fd;
+    /* A second ring on the same port (set_lane): a TPACKET_V2 ring whose
+     * frames count as the port's. The adaptive ring (pylvs run --ring auto)
+     * gives each V3 ring a V2 lane and moves the port's frames between
+     * them with the fanout program. */
+    struct RingObject *lane;
 } RingObject;
 
 static PyTypeObject RingType;
@@ -198,6 +204,7 @@ static void ring_dealloc(RingObject *self)
 {
     ring_unmap(self);
     Py_CLEAR(self->capture);
+    Py_CLEAR(self->lane);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -256,8 +263,40 @@ static PyObject *ring_set_local_fd(RingObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* forward() reads the lane without the GIL: it may change only while
+ * neither ring is in use. */
+static PyObject *ring_set_lane(RingObject *self, PyObject *arg)
+{
+    if (arg != Py_None && !PyObject_TypeCheck(arg, &RingType)) {
+        PyErr_SetString(PyExc_TypeError, "set_lane needs a Ring or None");
+        return NULL;
+    }
+    RingObject *lane = arg == Py_None ? NULL : (RingObject *)arg;
+    if (self->busy || (lane && lane->busy)) {
+        PyErr_SetString(PyExc_RuntimeError, "Ring is in use by forward/ring_recv/ring_send");
+        return NULL;
+    }
+    if (lane && (lane == self || lane->lane || lane->version != 2)) {
+        PyErr_SetString(PyExc_ValueError, "a lane is another TPACKET_V2 Ring without a lane");
+        return NULL;
+    }
+    RingObject *old = self->lane;
+    Py_XINCREF(lane);
+    self->lane = lane;
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ring_get_lane(RingObject *self, void *closure)
+{
+    PyObject *l = self->lane ? (PyObject *)self->lane : Py_None;
+    Py_INCREF(l);
+    return l;
+}
+
 static PyGetSetDef ring_getset[] = {
     {"capture", (getter)ring_get_capture, NULL, "the Capture sent frames are copied to, or None", NULL},
+    {"lane", (getter)ring_get_lane, NULL, "the V2 Ring read as part of this port, or None", NULL},
     {NULL},
 };
 
@@ -268,6 +307,8 @@ static PyMethodDef ring_methods[] = {
     {"set_local_fd", (PyCFunction)ring_set_local_fd, METH_O,
      "set_local_fd(fd or -1): send this port's frames as IP packets on the raw socket fd\n"
      "(socket(AF_INET, SOCK_RAW, IPPROTO_RAW)) instead of the AF_PACKET socket."},
+    {"set_lane", (PyCFunction)ring_set_lane, METH_O,
+     "set_lane(ring or None): also read this V2 Ring's frames as this port's (forward, ring_recv)."},
     {NULL},
 };
 
@@ -329,22 +370,29 @@ static int get_rings(PyObject *seq, RingObject **rings, PyObject **fast)
             Py_CLEAR(*fast);
             return -1;
         }
-        if (((RingObject *)o)->busy) {
+        RingObject *r = (RingObject *)o;
+        if (r->busy || (r->lane && (r->lane->busy || !r->lane->map))) {
             PyErr_SetString(PyExc_RuntimeError, "Ring is in use by forward/ring_recv/ring_send");
             Py_CLEAR(*fast);
             return -1;
         }
-        rings[i] = (RingObject *)o;
+        rings[i] = r;
     }
-    for (Py_ssize_t i = 0; i < n; i++)
+    for (Py_ssize_t i = 0; i < n; i++) {
         rings[i]->busy = 1;
+        if (rings[i]->lane)
+            rings[i]->lane->busy = 1;
+    }
     return (int)n;
 }
 
 static void put_rings(RingObject **rings, int n, PyObject *fast)
 {
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n; i++) {
         rings[i]->busy = 0;
+        if (rings[i]->lane)
+            rings[i]->lane->busy = 0;
+    }
     Py_DECREF(fast);
 }
 
@@ -358,7 +406,7 @@ static inline int ring_ready(RingObject *r)
 static int any_ready(RingObject **rings, int n)
 {
     for (int i = 0; i < n; i++)
-        if (ring_ready(rings[i]))
+        if (ring_ready(rings[i]) || (rings[i]->lane && ring_ready(rings[i]->lane)))
             return 1;
     return 0;
 }
@@ -376,29 +424,33 @@ static double wait_ready_nogil(RingObject **rings, int n, int timeout_ms)
 {
     if (timeout_ms == 0 || any_ready(rings, n))
         return 0.0;
-    struct pollfd pfd[MAX_PORTS];
-    for (int i = 0; i < n; i++) {
-        pfd[i].fd = rings[i]->fd;
-        pfd[i].events = POLLIN | POLLERR;
-        pfd[i].revents = 0;
-    }
+    struct pollfd pfd[2 * MAX_PORTS];
+    RingObject *of[2 * MAX_PORTS];
+    int m = 0;
+    for (int i = 0; i < n; i++)
+        for (RingObject *r = rings[i]; r; r = r == rings[i] ? r->lane : NULL) {
+            pfd[m].fd = r->fd;
+            pfd[m].events = POLLIN | POLLERR;
+            pfd[m].revents = 0;
+            of[m++] = r;
+        }
     double t0 = mono(), t1;
     int pr;
     rings[0]->polls++;
-    pr = poll(pfd, n, timeout_ms);
+    pr = poll(pfd, m, timeout_ms);
     t1 = mono();
     if (pr == 0)
         rings[0]->poll_timeouts++;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < m; i++) {
         if (pfd[i].revents & POLLERR) {
             /* A pending socket error (ENETDOWN when the link goes down)
              * keeps poll() returning at once: read it to clear it, or the
              * data thread would spin. */
             int err = 0;
             socklen_t len = sizeof err;
-            getsockopt(rings[i]->fd, SOL_SOCKET, SO_ERROR, &err, &len);
-            rings[i]->sock_errors++;
-            rings[i]->last_error = err;
+            getsockopt(of[i]->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+            of[i]->sock_errors++;
+            of[i]->last_error = err;
         }
     }
     return t1 - t0;
@@ -699,11 +751,11 @@ static inline void fwd_frame(FwdCtx *c, uint8_t *frame, uint32_t len, int p)
  * not starve the others within a call. */
 #define V2_ROUND 64
 
-/* Take up to V2_ROUND ready frames of V2 ring p; they stay TP_STATUS_USER
- * (forward() hands them back after sending). Returns how many. */
-static unsigned fwd_v2(FwdCtx *c, int p, unsigned room, uint8_t *big)
+/* Take up to V2_ROUND ready frames of V2 ring r (port p's ring or its
+ * lane); they stay TP_STATUS_USER (forward() hands them back after
+ * sending). Returns how many. */
+static unsigned fwd_v2(FwdCtx *c, RingObject *r, int p, unsigned room, uint8_t *big)
 {
-    RingObject *r = c->rings[p];
     unsigned k = 0;
     if (room > V2_ROUND)
         room = V2_ROUND;
@@ -778,19 +830,28 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
     unsigned long long units = 0;   /* V3 blocks and V2 frames taken */
     int progress = 1;
     unsigned taken[MAX_PORTS] = {0}, first[MAX_PORTS];
-    for (int p = 0; p < n; p++)
+    unsigned ltaken[MAX_PORTS] = {0}, lfirst[MAX_PORTS];
+    for (int p = 0; p < n; p++) {
         first[p] = rings[p]->frm;
+        lfirst[p] = rings[p]->lane ? rings[p]->lane->frm : 0;
+    }
     /* Round robin over the ports, one block (or V2_ROUND frames) at a time,
      * so one busy port cannot starve the others within a call. */
     while (progress && c.seen < budget && nheld < MAX_HELD) {
         progress = 0;
         for (int p = 0; p < n && nheld < MAX_HELD; p++) {
             RingObject *r = rings[p];
+            if (r->lane) {
+                unsigned k = fwd_v2(&c, r->lane, p, r->lane->frame_nr - ltaken[p], bufs->big);
+                ltaken[p] += k;
+                units += k;
+                progress |= k != 0;
+            }
             /* Held blocks and frames stay TP_STATUS_USER until the end of
              * the call: going round a full ring would meet them again and
              * run the engine twice on frames it already rewrote. */
             if (r->version == 2) {
-                unsigned k = fwd_v2(&c, p, r->frame_nr - taken[p], bufs->big);
+                unsigned k = fwd_v2(&c, r, p, r->frame_nr - taken[p], bufs->big);
                 taken[p] += k;
                 units += k;
                 progress |= k != 0;
@@ -839,46 +900,19 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
     em->n = em->used = 0;
     for (int i = 0; i < nheld; i++)
         block_release(held[i]);
-    for (int p = 0; p < n; p++)
+    for (int p = 0; p < n; p++) {
         if (rings[p]->version == 2)
             for (unsigned i = 0; i < taken[p]; i++)
                 frame_release(ring_frame(rings[p], (first[p] + i) % rings[p]->frame_nr));
+        for (unsigned i = 0; i < ltaken[p]; i++)
+            frame_release(ring_frame(rings[p]->lane, (lfirst[p] + i) % rings[p]->lane->frame_nr));
+    }
     PyEval_RestoreThread(ts);
     put_rings(rings, n, fast);
     return PyLong_FromLong(c.seen);
 }
 
 /* --- recv / send: copies, for engines that take a Batch ------------------- */
-
-typedef struct {
-    PyObject *obj;
-    Py_ssize_t itemsize;
-    int ndim;
-    const char *what;
-} ViewSpec;
-
-/* Writable C-contiguous views of k arrays, all or none (released on error). */
-static int get_views(const ViewSpec *spec, Py_buffer *v, int k)
-{
-    for (int i = 0; i < k; i++) {
-        if (PyObject_GetBuffer(spec[i].obj, &v[i], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
-            if (v[i].itemsize == spec[i].itemsize && v[i].ndim == spec[i].ndim)
-                continue;
-            PyErr_Format(PyExc_ValueError, "%s: wrong item size or dimensions", spec[i].what);
-            PyBuffer_Release(&v[i]);
-        }
-        while (i--)
-            PyBuffer_Release(&v[i]);
-        return -1;
-    }
-    return 0;
-}
-
-static void release_views(Py_buffer *v, int k)
-{
-    for (int i = 0; i < k; i++)
-        PyBuffer_Release(&v[i]);
-}
 
 /* Copy the ready frames of V2 ring r (port p) into rows [got, rows) of
  * out, giving each slot back at once; returns the frames copied. */
@@ -952,6 +986,10 @@ static PyObject *afp_recv(PyObject *mod, PyObject *args, PyObject *kwds)
         progress = 0;
         for (int p = 0; p < n && got < rows; p++) {
             RingObject *r = rings[p];
+            if (r->lane && got < rows) {
+                got += recv_v2(r->lane, p, out, slot, lens, ports, got, rows);
+                progress |= ring_ready(r->lane) && got < rows;
+            }
             if (r->version == 2) {
                 got += recv_v2(r, p, out, slot, lens, ports, got, rows);
                 progress |= ring_ready(r) && got < rows;

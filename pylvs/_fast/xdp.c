@@ -28,10 +28,12 @@
 #include "engine.h"
 #include "ip_vs_icmp.h"  /* struct pylvs_emit */
 #include "structmember.h"
+#include "views.h"
 
 #include <errno.h>
 #include <linux/if_xdp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -62,22 +64,37 @@ struct xring {
     size_t map_len;
 };
 
+/* The UMEM and its fill and completion rings. The kernel gives one pair of
+ * these to every socket bound to the same (interface, queue) with
+ * XDP_SHARED_UMEM (Documentation/networking/af_xdp.rst): each is a
+ * single-producer single-consumer ring, so the workers whose sockets share
+ * them take `mu` around every use. Freed with its last socket. */
+struct xpool {
+    uint8_t *umem;
+    size_t umem_len;
+    unsigned frame_size, nframes;
+    struct xring fill, comp;
+    pthread_mutex_t mu;
+    int refs;              /* sockets using it (changed with the GIL held) */
+};
+
 typedef struct {
     PyObject_HEAD
     int fd;
     unsigned ifindex, queue;
     int zerocopy;
-    uint8_t *umem;
-    size_t umem_len;
-    unsigned frame_size, nframes;
-    uint64_t *free_stack;
+    int shared;            /* bound with XDP_SHARED_UMEM to another socket's pool */
+    struct xpool *pool;
+    uint8_t *umem;         /* pool->umem */
+    unsigned frame_size;
+    uint64_t *free_stack;  /* this socket's free chunks (room for all of the pool's) */
     unsigned nfree;
-    struct xring rx, tx, fill, comp;
+    struct xring rx, tx;
     unsigned tx_pending;   /* descriptors put on the TX ring since the last kick */
     struct pylvs_emit em;  /* this worker's emit area (the first socket's is used) */
-    unsigned long long rx_frames, rx_no_headroom, rx_oversize, tx_frames, tx_copied, tx_no_room, tx_bad_port,
-        emit_sent, emit_no_room, tx_kicks, tx_kick_errors, polls, poll_timeouts, fwd_calls,
-        fwd_budget_cuts;
+    unsigned long long rx_frames, rx_no_headroom, rx_oversize, tx_frames, tx_copied, tx_no_room,
+        tx_bad_port, emit_sent, emit_no_room, tx_kicks, tx_kick_errors, polls, poll_timeouts,
+        fwd_calls, fwd_budget_cuts;
     int last_tx_error;
     int busy;
 } XskObject;
@@ -101,6 +118,14 @@ static int ring_map(int fd, struct xring *r, const struct xdp_ring_offset *off, 
     r->size = size;
     r->mask = size - 1;
     return 0;
+}
+
+static void ring_unmap(struct xring *r)
+{
+    if (r->map) {
+        munmap(r->map, r->map_len);
+        r->map = NULL;
+    }
 }
 
 /* Entries waiting for us on a ring the kernel produces (rx, comp). */
@@ -137,27 +162,35 @@ static inline uint64_t chunk_of(XskObject *x, uint64_t addr)
     return addr - addr % x->frame_size;
 }
 
+/* The fill ring from this socket's free chunks, TX_RESERVE kept back. */
 static void fill_refill(XskObject *x)
 {
-    uint32_t room = ring_room(&x->fill);
+    struct xpool *p = x->pool;
+    pthread_mutex_lock(&p->mu);
+    uint32_t room = ring_room(&p->fill);
     uint32_t n = x->nfree > TX_RESERVE ? x->nfree - TX_RESERVE : 0;
     if (n > room)
         n = room;
-    uint64_t *d = x->fill.desc;
+    uint64_t *d = p->fill.desc;
     for (uint32_t i = 0; i < n; i++)
-        d[(x->fill.head + i) & x->fill.mask] = x->free_stack[--x->nfree];
+        d[(p->fill.head + i) & p->fill.mask] = x->free_stack[--x->nfree];
     if (n)
-        ring_produced(&x->fill, n);
+        ring_produced(&p->fill, n);
+    pthread_mutex_unlock(&p->mu);
 }
 
+/* Sent chunks (of any socket of the pool) back to this socket's stack. */
 static void comp_reap(XskObject *x)
 {
-    uint32_t n = ring_ready(&x->comp);
-    uint64_t *d = x->comp.desc;
+    struct xpool *p = x->pool;
+    pthread_mutex_lock(&p->mu);
+    uint32_t n = ring_ready(&p->comp);
+    uint64_t *d = p->comp.desc;
     for (uint32_t i = 0; i < n; i++)
-        x->free_stack[x->nfree++] = chunk_of(x, d[(x->comp.head + i) & x->comp.mask]);
+        x->free_stack[x->nfree++] = chunk_of(x, d[(p->comp.head + i) & p->comp.mask]);
     if (n)
-        ring_consumed(&x->comp, n);
+        ring_consumed(&p->comp, n);
+    pthread_mutex_unlock(&p->mu);
 }
 
 static void tx_kick(XskObject *x)
@@ -213,24 +246,34 @@ static int tx_copy(XskObject *x, const uint8_t *frame, uint32_t len)
     return 0;
 }
 
+static void pool_put(struct xpool *p)
+{
+    if (--p->refs > 0)
+        return;
+    ring_unmap(&p->fill);
+    ring_unmap(&p->comp);
+    if (p->umem)
+        munmap(p->umem, p->umem_len);
+    pthread_mutex_destroy(&p->mu);
+    PyMem_RawFree(p);
+}
+
 static void xsk_free(XskObject *x)
 {
-    struct xring *rings[4] = {&x->rx, &x->tx, &x->fill, &x->comp};
-    for (int i = 0; i < 4; i++)
-        if (rings[i]->map) {
-            munmap(rings[i]->map, rings[i]->map_len);
-            rings[i]->map = NULL;
-        }
+    ring_unmap(&x->rx);
+    ring_unmap(&x->tx);
     if (x->fd >= 0) {
         close(x->fd);
         x->fd = -1;
     }
-    if (x->umem) {
-        munmap(x->umem, x->umem_len);
+    if (x->pool) {
+        pool_put(x->pool);
+        x->pool = NULL;
         x->umem = NULL;
     }
     PyMem_Free(x->free_stack);
     x->free_stack = NULL;
+    x->nfree = 0;
     PyMem_Free(x->em.buf);
     PyMem_Free(x->em.off);
     PyMem_Free(x->em.len);
@@ -243,58 +286,126 @@ static int set_ring(int fd, int opt, unsigned size)
     return setsockopt(fd, SOL_XDP, opt, &size, sizeof size);
 }
 
+/* A new pool: the UMEM registered on fd, its fill and completion rings
+ * sized and mapped. NULL with errno set and *what naming the step. */
+static struct xpool *pool_new(int fd, unsigned nframes, unsigned frame_size, unsigned ring_size,
+                              const char **what)
+{
+    struct xpool *p = PyMem_RawCalloc(1, sizeof *p);
+    if (!p) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    pthread_mutex_init(&p->mu, NULL);
+    p->refs = 1;
+    p->nframes = nframes;
+    p->frame_size = frame_size;
+    *what = "allocating the UMEM";
+    p->umem_len = (size_t)nframes * frame_size;
+    p->umem = mmap(NULL, p->umem_len, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (p->umem == MAP_FAILED) {
+        p->umem = NULL;
+        goto fail;
+    }
+    *what = "registering the UMEM (XDP_UMEM_REG)";
+    struct xdp_umem_reg reg = {.addr = (uint64_t)(uintptr_t)p->umem, .len = p->umem_len,
+                               .chunk_size = frame_size, .headroom = 0};
+    if (setsockopt(fd, SOL_XDP, XDP_UMEM_REG, &reg, sizeof reg) < 0)
+        goto fail;
+    *what = "sizing the fill and completion rings";
+    if (set_ring(fd, XDP_UMEM_FILL_RING, ring_size) < 0
+        || set_ring(fd, XDP_UMEM_COMPLETION_RING, ring_size) < 0)
+        goto fail;
+    *what = "mapping the fill and completion rings";
+    struct xdp_mmap_offsets off;
+    socklen_t olen = sizeof off;
+    if (getsockopt(fd, SOL_XDP, XDP_MMAP_OFFSETS, &off, &olen) < 0
+        || ring_map(fd, &p->fill, &off.fr, ring_size, sizeof(uint64_t), XDP_UMEM_PGOFF_FILL_RING)
+        || ring_map(fd, &p->comp, &off.cr, ring_size, sizeof(uint64_t),
+                    XDP_UMEM_PGOFF_COMPLETION_RING))
+        goto fail;
+    p->comp.head = __atomic_load_n(p->comp.consumer, __ATOMIC_ACQUIRE);
+    p->fill.head = __atomic_load_n(p->fill.producer, __ATOMIC_ACQUIRE);
+    return p;
+fail:;
+    int err = errno;
+    pool_put(p);
+    errno = err;
+    return NULL;
+}
+
+/* OSError(errno, "<what> (ifindex, queue): <strerror>"), errno kept. */
+static void xsk_error(const char *what, unsigned ifindex, unsigned queue, int err)
+{
+    PyObject *msg = PyUnicode_FromFormat("%s (ifindex %u, queue %u): %s", what, ifindex, queue,
+                                         strerror(err));
+    PyObject *a = msg ? Py_BuildValue("(iO)", err, msg) : NULL;
+    Py_XDECREF(msg);
+    if (a) {
+        PyErr_SetObject(PyExc_OSError, a);
+        Py_DECREF(a);
+    }
+}
+
 static int xsk_init(XskObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"ifindex", "queue", "nframes", "frame_size", "ring_size",
-                             "zerocopy", NULL};
-    unsigned ifindex, queue = 0, nframes = 8192, frame_size = 4096, ring_size = 2048;
+                             "zerocopy", "share", "chunks", NULL};
+    unsigned ifindex, queue = 0, nframes = 8192, frame_size = 4096, ring_size = 2048, chunks = 0;
     int zerocopy = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "I|IIIIp", kwlist, &ifindex, &queue, &nframes,
-                                     &frame_size, &ring_size, &zerocopy))
+    PyObject *share = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "I|IIIIpOI", kwlist, &ifindex, &queue, &nframes,
+                                     &frame_size, &ring_size, &zerocopy, &share, &chunks))
         return -1;
-    if (self->umem || self->fd > 0) {
+    if (self->pool || self->fd >= 0) {
         PyErr_SetString(PyExc_RuntimeError, "Xsk already initialised");
         return -1;
     }
-    if (frame_size < 2048 || frame_size & (frame_size - 1) || ring_size < 64
-        || ring_size & (ring_size - 1) || nframes < 2 * ring_size + TX_RESERVE) {
-        PyErr_SetString(PyExc_ValueError, "frame_size and ring_size must be powers of two "
-                        "(frame_size >= 2048, ring_size >= 64), nframes >= 2 * ring_size + 512");
+    if (ring_size < 64 || ring_size & (ring_size - 1)) {
+        PyErr_SetString(PyExc_ValueError, "ring_size must be a power of two >= 64");
         return -1;
     }
-    self->fd = -1;
+    XskObject *owner = NULL;
+    if (share != Py_None) {
+        owner = (XskObject *)share;
+        if (!PyObject_TypeCheck(share, &XskType) || owner->fd < 0 || owner->busy) {
+            PyErr_SetString(PyExc_TypeError, "share must be an open Xsk not in use");
+            return -1;
+        }
+        /* Another queue or interface would need fill and completion rings
+         * of its own: not done here. */
+        if (owner->ifindex != ifindex || owner->queue != queue) {
+            PyErr_SetString(PyExc_ValueError, "share: an Xsk of the same ifindex and queue");
+            return -1;
+        }
+    } else if (frame_size < 2048 || frame_size & (frame_size - 1)
+               || nframes < 2 * ring_size + TX_RESERVE) {
+        PyErr_SetString(PyExc_ValueError, "frame_size must be a power of two >= 2048, "
+                        "nframes >= 2 * ring_size + 512");
+        return -1;
+    }
     self->ifindex = ifindex;
     self->queue = queue;
-    self->frame_size = frame_size;
-    self->nframes = nframes;
     const char *what = "creating the AF_XDP socket";
     self->fd = socket(AF_XDP, SOCK_RAW | SOCK_CLOEXEC, 0);
     if (self->fd < 0)
         goto fail;
-    what = "allocating the UMEM";
-    self->umem_len = (size_t)nframes * frame_size;
-    self->umem = mmap(NULL, self->umem_len, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-    if (self->umem == MAP_FAILED) {
-        self->umem = NULL;
+    if (owner) {
+        self->pool = owner->pool;
+        self->pool->refs++;
+    } else if (!(self->pool = pool_new(self->fd, nframes, frame_size, ring_size, &what))) {
         goto fail;
     }
-    self->free_stack = PyMem_Calloc(nframes, sizeof *self->free_stack);
+    self->umem = self->pool->umem;
+    self->frame_size = self->pool->frame_size;
+    self->free_stack = PyMem_Calloc(self->pool->nframes, sizeof *self->free_stack);
     if (!self->free_stack) {
         errno = ENOMEM;
         goto fail;
     }
-    for (unsigned i = 0; i < nframes; i++)
-        self->free_stack[self->nfree++] = (uint64_t)(nframes - 1 - i) * frame_size;
-    what = "registering the UMEM (XDP_UMEM_REG)";
-    struct xdp_umem_reg reg = {.addr = (uint64_t)(uintptr_t)self->umem, .len = self->umem_len,
-                               .chunk_size = frame_size, .headroom = 0};
-    if (setsockopt(self->fd, SOL_XDP, XDP_UMEM_REG, &reg, sizeof reg) < 0)
-        goto fail;
     what = "sizing the AF_XDP rings";
-    if (set_ring(self->fd, XDP_UMEM_FILL_RING, ring_size) < 0
-        || set_ring(self->fd, XDP_UMEM_COMPLETION_RING, ring_size) < 0
-        || set_ring(self->fd, XDP_RX_RING, ring_size) < 0
+    if (set_ring(self->fd, XDP_RX_RING, ring_size) < 0
         || set_ring(self->fd, XDP_TX_RING, ring_size) < 0)
         goto fail;
     what = "mapping the AF_XDP rings";
@@ -303,20 +414,31 @@ static int xsk_init(XskObject *self, PyObject *args, PyObject *kwds)
     if (getsockopt(self->fd, SOL_XDP, XDP_MMAP_OFFSETS, &off, &olen) < 0)
         goto fail;
     if (ring_map(self->fd, &self->rx, &off.rx, ring_size, sizeof(struct xdp_desc), XDP_PGOFF_RX_RING)
-        || ring_map(self->fd, &self->tx, &off.tx, ring_size, sizeof(struct xdp_desc), XDP_PGOFF_TX_RING)
-        || ring_map(self->fd, &self->fill, &off.fr, ring_size, sizeof(uint64_t), XDP_UMEM_PGOFF_FILL_RING)
-        || ring_map(self->fd, &self->comp, &off.cr, ring_size, sizeof(uint64_t),
-                    XDP_UMEM_PGOFF_COMPLETION_RING))
+        || ring_map(self->fd, &self->tx, &off.tx, ring_size, sizeof(struct xdp_desc), XDP_PGOFF_TX_RING))
         goto fail;
     self->rx.head = __atomic_load_n(self->rx.consumer, __ATOMIC_ACQUIRE);
-    self->comp.head = __atomic_load_n(self->comp.consumer, __ATOMIC_ACQUIRE);
     self->tx.head = __atomic_load_n(self->tx.producer, __ATOMIC_ACQUIRE);
-    self->fill.head = __atomic_load_n(self->fill.producer, __ATOMIC_ACQUIRE);
-    fill_refill(self);
-    /* Zero-copy where the driver offers it, else copy mode. */
     what = "binding the AF_XDP socket";
     struct sockaddr_xdp sxdp = {.sxdp_family = AF_XDP, .sxdp_ifindex = ifindex,
                                 .sxdp_queue_id = queue};
+    if (owner) {
+        /* The mode and need_wakeup come with the owner's pool (a flag
+         * here would be EINVAL). */
+        sxdp.sxdp_flags = XDP_SHARED_UMEM;
+        sxdp.sxdp_shared_umem_fd = (uint32_t)owner->fd;
+        if (bind(self->fd, (struct sockaddr *)&sxdp, sizeof sxdp) < 0)
+            goto fail;
+        self->shared = 1;
+        self->zerocopy = owner->zerocopy;
+        /* Its share of the free chunks, the owner keeping TX_RESERVE. */
+        while (chunks-- && owner->nfree > TX_RESERVE)
+            self->free_stack[self->nfree++] = owner->free_stack[--owner->nfree];
+        return 0;
+    }
+    for (unsigned i = 0; i < nframes; i++)
+        self->free_stack[self->nfree++] = (uint64_t)(nframes - 1 - i) * frame_size;
+    fill_refill(self);
+    /* Zero-copy where the driver offers it, else copy mode. */
     int bound = -1;
     if (zerocopy) {
         sxdp.sxdp_flags = XDP_USE_NEED_WAKEUP | XDP_ZEROCOPY;
@@ -333,23 +455,7 @@ static int xsk_init(XskObject *self, PyObject *args, PyObject *kwds)
 fail:;
     int err = errno;
     xsk_free(self);
-    PyErr_Format(PyExc_OSError, "%s (ifindex %u, queue %u): %s", what, ifindex, queue, strerror(err));
-    PyObject *exc = PyErr_Occurred();
-    if (exc) {
-        /* Keep errno readable as OSError.errno. */
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyObject *msg = value ? PyObject_Str(value) : NULL;
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(tb);
-        PyObject *a = msg ? Py_BuildValue("(iO)", err, msg) : NULL;
-        Py_XDECREF(msg);
-        if (a) {
-            PyErr_SetObject(PyExc_OSError, a);
-            Py_DECREF(a);
-        }
-    }
+    xsk_error(what, ifindex, queue, err);
     return -1;
 }
 
@@ -387,12 +493,15 @@ static PyObject *xsk_statistics(XskObject *self, PyObject *unused)
     return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "rx_dropped", st.rx_dropped,
                          "rx_invalid_descs", st.rx_invalid_descs, "tx_invalid_descs",
                          st.tx_invalid_descs, "rx_ring_full", st.rx_ring_full,
-                         "rx_fill_ring_empty_descs", st.rx_fill_ring_empty_descs,
+                         /* the pool's count: its owner reports it */
+                         "rx_fill_ring_empty_descs",
+                         self->shared ? 0ULL : (unsigned long long)st.rx_fill_ring_empty_descs,
                          "tx_ring_empty_descs", st.tx_ring_empty_descs);
 }
 
 static PyMethodDef xsk_methods[] = {
-    {"close", (PyCFunction)xsk_close, METH_NOARGS, "Close the socket and free the UMEM."},
+    {"close", (PyCFunction)xsk_close, METH_NOARGS,
+     "Close the socket; the UMEM goes with the last socket that shares it."},
     {"statistics", (PyCFunction)xsk_statistics, METH_NOARGS,
      "statistics() -> dict: the kernel's XDP_STATISTICS of this socket (running totals)."},
     {NULL},
@@ -405,6 +514,9 @@ static PyMemberDef xsk_members[] = {
     {"queue", T_UINT, offsetof(XskObject, queue), READONLY, NULL},
     {"zerocopy", T_INT, offsetof(XskObject, zerocopy), READONLY,
      "1: bound with XDP_ZEROCOPY; 0: copy mode"},
+    {"shared", T_INT, offsetof(XskObject, shared), READONLY,
+     "1: bound with XDP_SHARED_UMEM to another Xsk's UMEM"},
+    {"nfree", T_UINT, offsetof(XskObject, nfree), READONLY, "free chunks this socket holds"},
     XU64(rx_frames), XU64(rx_no_headroom), XU64(rx_oversize), XU64(tx_frames), XU64(tx_copied), XU64(tx_no_room),
     XU64(tx_bad_port), XU64(emit_sent), XU64(emit_no_room), XU64(tx_kicks), XU64(tx_kick_errors),
     XU64(polls), XU64(poll_timeouts), XU64(fwd_calls), XU64(fwd_budget_cuts),
@@ -415,10 +527,16 @@ static PyMemberDef xsk_members[] = {
 static PyTypeObject XskType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "pylvs._fast.Xsk",
-    .tp_doc = "Xsk(ifindex, queue=0, nframes=8192, frame_size=4096, ring_size=2048, zerocopy=True)\n\n"
+    .tp_doc = "Xsk(ifindex, queue=0, nframes=8192, frame_size=4096, ring_size=2048, zerocopy=True,\n"
+              "    share=None, chunks=0)\n\n"
               "An AF_XDP socket bound to one rx queue of an interface, with its own UMEM\n"
               "and rings (need_wakeup on; zero-copy when the driver offers it and\n"
-              "zerocopy is true, else copy mode). OSError naming the step that failed.",
+              "zerocopy is true, else copy mode). With share=another Xsk of the same\n"
+              "ifindex and queue: bound with XDP_SHARED_UMEM to its UMEM (and so its\n"
+              "fill and completion rings, used under the pool's lock), with RX and TX\n"
+              "rings of ring_size of its own and up to `chunks` of the other's free\n"
+              "chunks; nframes, frame_size and zerocopy are then the other's.\n"
+              "OSError naming the step that failed; ValueError for bad sizes.",
     .tp_basicsize = sizeof(XskObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = xsk_new,
@@ -453,6 +571,13 @@ static int get_xsks(PyObject *seq, XskObject **x, PyObject **fast)
     for (Py_ssize_t i = 0; i < n; i++)
         x[i]->busy = 1;
     return (int)n;
+}
+
+static void put_xsks(XskObject **x, int n, PyObject *fast)
+{
+    for (int i = 0; i < n; i++)
+        x[i]->busy = 0;
+    Py_DECREF(fast);
 }
 
 static int emit_alloc(struct pylvs_emit *em)
@@ -494,7 +619,9 @@ static void emit_out(XskObject **x, int n, struct pylvs_emit *em)
     em->n = em->used = 0;
 }
 
-static double wait_rx(XskObject **x, int n, int timeout_ms)
+/* Wait (GIL released by the caller) up to timeout_ms for a frame on any
+ * RX ring; returns the seconds waited. */
+static double wait_rx_nogil(XskObject **x, int n, int timeout_ms)
 {
     for (int i = 0; i < n; i++)
         if (ring_ready(&x[i]->rx))
@@ -505,13 +632,10 @@ static double wait_rx(XskObject **x, int n, int timeout_ms)
     for (int i = 0; i < n; i++)
         pfd[i] = (struct pollfd){.fd = x[i]->fd, .events = POLLIN};
     struct timespec t0, t1;
-    int pr;
     x[0]->polls++;
-    Py_BEGIN_ALLOW_THREADS
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    pr = poll(pfd, n, timeout_ms);
+    int pr = poll(pfd, n, timeout_ms);
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    Py_END_ALLOW_THREADS
     if (pr == 0)
         x[0]->poll_timeouts++;
     return (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
@@ -531,27 +655,38 @@ static PyObject *xsk_forward(PyObject *mod, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "xsk_forward() needs a pylvs._fast.Engine");
         return NULL;
     }
+    PylvsEngine *e = (PylvsEngine *)engine;
     XskObject *x[XMAX_PORTS];
     PyObject *fast;
     int n = get_xsks(seq, x, &fast);
     if (n < 0)
         return NULL;
-    struct pylvs_emit *em = &x[0]->em;
-    if (emit_alloc(em) < 0) {
-        for (int i = 0; i < n; i++)
-            x[i]->busy = 0;
-        Py_DECREF(fast);
+    /* Its own lock is held by this thread: waiting for it would never end. */
+    if (pylvs_engine_reentered(e)) {
+        put_xsks(x, n, fast);
+        PyErr_SetString(PyExc_RuntimeError,
+                        "Engine is in use: xsk_forward() called from its scheduler upcall");
         return NULL;
     }
+    struct pylvs_emit *em = &x[0]->em;
+    if (emit_alloc(em) < 0) {
+        put_xsks(x, n, fast);
+        return NULL;
+    }
+    /* The whole call runs without the GIL (the sockets are marked busy and
+     * are this worker's; the pools' rings are taken under their locks);
+     * the engine's lock is held while frames run, and its scheduler upcall
+     * takes the GIL back (docs/io.md, "Workers"). */
+    PyThreadState *ts = PyEval_SaveThread();
     for (int p = 0; p < n; p++) {
         comp_reap(x[p]);
         fill_refill(x[p]);
         /* The kernel stopped taking from the fill ring while it was empty. */
-        if (need_wakeup(&x[p]->fill))
+        if (need_wakeup(&x[p]->pool->fill))
             recvfrom(x[p]->fd, NULL, 0, MSG_DONTWAIT, NULL, NULL);
     }
-    now += wait_rx(x, n, timeout_ms);
-    PylvsEngine *e = (PylvsEngine *)engine;
+    now += wait_rx_nogil(x, n, timeout_ms);
+    pylvs_engine_lock(e, ts);
     em->n = em->used = 0;
     long seen = 0;
     int progress = 1;
@@ -607,38 +742,18 @@ static PyObject *xsk_forward(PyObject *mod, PyObject *args, PyObject *kwds)
             fill_refill(r);
         }
     }
-    for (int p = 0; p < n; p++) {
-        tx_kick(x[p]);
-        x[p]->busy = 0;
-    }
     x[0]->fwd_calls++;
     if (seen >= budget)
         x[0]->fwd_budget_cuts++;
-    Py_DECREF(fast);
+    ts = pylvs_engine_unlock(e);
+    for (int p = 0; p < n; p++)
+        tx_kick(x[p]);
+    PyEval_RestoreThread(ts);
+    put_xsks(x, n, fast);
     return PyLong_FromLong(seen);
 }
 
 /* --- recv / send: copies, for engines that take a Batch ------------------- */
-
-/* A writable C-contiguous view with this item size and dimensions. */
-static int get_view(PyObject *o, Py_buffer *v, Py_ssize_t itemsize, int ndim, const char *what)
-{
-    if (PyObject_GetBuffer(o, v, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
-        return -1;
-    if (v->itemsize != itemsize || v->ndim != ndim) {
-        PyBuffer_Release(v);
-        PyErr_Format(PyExc_ValueError, "%s: wrong item size or dimensions", what);
-        return -1;
-    }
-    return 0;
-}
-
-static void put_xsks(XskObject **x, int n, PyObject *fast)
-{
-    for (int i = 0; i < n; i++)
-        x[i]->busy = 0;
-    Py_DECREF(fast);
-}
 
 static PyObject *xsk_recv(PyObject *mod, PyObject *args, PyObject *kwds)
 {
@@ -653,36 +768,29 @@ static PyObject *xsk_recv(PyObject *mod, PyObject *args, PyObject *kwds)
     int n = get_xsks(seq, x, &fast);
     if (n < 0)
         return NULL;
-    Py_buffer vb, vl, vp;
-    if (get_view(obuf, &vb, 1, 2, "buf") < 0) {
+    ViewSpec spec[3] = {{obuf, 1, 2, "buf"}, {olen, 4, 1, "length"}, {oport, 2, 1, "in_port"}};
+    Py_buffer v[3];
+    if (get_views(spec, v, 3) < 0) {
         put_xsks(x, n, fast);
         return NULL;
     }
-    if (get_view(olen, &vl, 4, 1, "length") < 0) {
-        PyBuffer_Release(&vb);
-        put_xsks(x, n, fast);
-        return NULL;
-    }
-    if (get_view(oport, &vp, 2, 1, "in_port") < 0) {
-        PyBuffer_Release(&vb);
-        PyBuffer_Release(&vl);
-        put_xsks(x, n, fast);
-        return NULL;
-    }
-    Py_ssize_t rows = vb.shape[0], slot = vb.shape[1], got = 0;
-    if (vl.shape[0] < rows)
-        rows = vl.shape[0];
-    if (vp.shape[0] < rows)
-        rows = vp.shape[0];
-    uint8_t *out = vb.buf;
-    uint32_t *lens = vl.buf;
-    uint16_t *ports = vp.buf;
+    Py_ssize_t rows = v[0].shape[0], slot = v[0].shape[1], got = 0;
+    if (v[1].shape[0] < rows)
+        rows = v[1].shape[0];
+    if (v[2].shape[0] < rows)
+        rows = v[2].shape[0];
+    uint8_t *out = v[0].buf;
+    uint32_t *lens = v[1].buf;
+    uint16_t *ports = v[2].buf;
     for (int p = 0; p < n; p++) {
         comp_reap(x[p]);
         fill_refill(x[p]);
     }
-    if (rows > 0)
-        wait_rx(x, n, timeout_ms);
+    if (rows > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        wait_rx_nogil(x, n, timeout_ms);
+        Py_END_ALLOW_THREADS
+    }
     for (int p = 0; p < n && got < rows; p++) {
         XskObject *r = x[p];
         uint32_t avail = ring_ready(&r->rx), i;
@@ -706,9 +814,7 @@ static PyObject *xsk_recv(PyObject *mod, PyObject *args, PyObject *kwds)
             ring_consumed(&r->rx, i);
         fill_refill(r);
     }
-    PyBuffer_Release(&vb);
-    PyBuffer_Release(&vl);
-    PyBuffer_Release(&vp);
+    release_views(v, 3);
     put_xsks(x, n, fast);
     return PyLong_FromSsize_t(got);
 }
@@ -734,20 +840,16 @@ static PyObject *xsk_send(PyObject *mod, PyObject *args, PyObject *kwds)
     int n = get_xsks(seq, x, &fast);
     if (n < 0)
         return NULL;
+    ViewSpec spec[4] = {{obuf, 1, 2, "buf"}, {olen, 4, 1, "length"}, {overd, 1, 1, "verdict"},
+                        {oport, 2, 1, "out_port"}};
     Py_buffer v[4];
-    const struct { PyObject *o; Py_ssize_t size; int ndim; const char *what; } spec[4] = {
-        {obuf, 1, 2, "buf"}, {olen, 4, 1, "length"}, {overd, 1, 1, "verdict"},
-        {oport, 2, 1, "out_port"}};
-    for (int i = 0; i < 4; i++) {
-        if (get_view(spec[i].o, &v[i], spec[i].size, spec[i].ndim, spec[i].what) < 0) {
-            while (i--)
-                PyBuffer_Release(&v[i]);
-            put_xsks(x, n, fast);
-            return NULL;
-        }
+    if (get_views(spec, v, 4) < 0) {
+        put_xsks(x, n, fast);
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++)
         if (count > v[i].shape[0])
             count = v[i].shape[0];
-    }
     Py_ssize_t slot = v[0].shape[1];
     uint8_t *buf = v[0].buf, *verd = v[2].buf;
     uint32_t *lens = v[1].buf;
@@ -767,8 +869,7 @@ static PyObject *xsk_send(PyObject *mod, PyObject *args, PyObject *kwds)
     for (int p = 0; p < n; p++)
         tx_kick(x[p]);
     unsigned long long after = xsk_sent(x, n);
-    for (int i = 0; i < 4; i++)
-        PyBuffer_Release(&v[i]);
+    release_views(v, 4);
     put_xsks(x, n, fast);
     return PyLong_FromUnsignedLongLong(after - before);
 }
@@ -785,16 +886,14 @@ static PyObject *xsk_emit_send(PyObject *mod, PyObject *args, PyObject *kwds)
     int n = get_xsks(seq, x, &fast);
     if (n < 0)
         return NULL;
-    static const Py_ssize_t sizes[5] = {1, 4, 4, 2, 4};
-    static const char *what[5] = {"emit_buf", "emit_off", "emit_len", "emit_port", "emit_n"};
+    ViewSpec spec[5] = {{o[0], 1, 1, "emit_buf"}, {o[1], 4, 1, "emit_off"},
+                        {o[2], 4, 1, "emit_len"}, {o[3], 2, 1, "emit_port"},
+                        {o[4], 4, 1, "emit_n"}};
     Py_buffer v[5];
-    for (int i = 0; i < 5; i++)
-        if (get_view(o[i], &v[i], sizes[i], 1, what[i]) < 0) {
-            while (i--)
-                PyBuffer_Release(&v[i]);
-            put_xsks(x, n, fast);
-            return NULL;
-        }
+    if (get_views(spec, v, 5) < 0) {
+        put_xsks(x, n, fast);
+        return NULL;
+    }
     unsigned long long before = xsk_sent(x, n);
     if (v[4].shape[0] >= 1 && v[0].shape[0] <= UINT32_MAX) {
         uint32_t frames = ((uint32_t *)v[4].buf)[0], cap = (uint32_t)v[0].shape[0];
@@ -816,8 +915,7 @@ static PyObject *xsk_emit_send(PyObject *mod, PyObject *args, PyObject *kwds)
             tx_kick(x[p]);
     }
     unsigned long long after = xsk_sent(x, n);
-    for (int i = 0; i < 5; i++)
-        PyBuffer_Release(&v[i]);
+    release_views(v, 5);
     put_xsks(x, n, fast);
     return PyLong_FromUnsignedLongLong(after - before);
 }

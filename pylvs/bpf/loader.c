@@ -6,6 +6,8 @@
  * tc ingress (tcx) of an interface. The link is never pinned: its file
  * descriptor (close-on-exec, as every BPF fd) is the only reference, so
  * when the process dies the kernel detaches the program.
+ * Object.attach_tun_steering(): a TAP's queue-steering program
+ * (TUNSETSTEERINGEBPF), which the device holds, not a link.
  * Map: update, delete and list keys in bulk, sum a per-CPU counter.
  * tcx_query / prog_info / map_from_id: what is attached where, for tests
  * and for looking at a running director from outside; prog_test_run: a
@@ -22,12 +24,14 @@
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <linux/bpf.h>
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 #include <linux/if_link.h>
+#include <linux/if_tun.h>
 
 #define TCX_INGRESS 46      /* enum bpf_attach_type BPF_TCX_INGRESS */
 #define TCX_EGRESS 47       /* BPF_TCX_EGRESS */
@@ -563,6 +567,51 @@ static PyObject *object_attach_xdp(ObjectObject *self, PyObject *args)
 	return link_from_fd(fd, ifindex);
 }
 
+/* The loaded program's fd (the object keeps it); -1 with KeyError when the
+ * object has no such program, or ValueError when it is closed. */
+static int program_fd(ObjectObject *self, const char *name)
+{
+	struct bpf_program *prog;
+
+	if (!object_open(self))
+		return -1;
+	prog = bpf_object__find_program_by_name(self->obj, name);
+	if (!prog) {
+		PyErr_Format(PyExc_KeyError, "no BPF program %s", name);
+		return -1;
+	}
+	return bpf_program__fd(prog);
+}
+
+PyDoc_STRVAR(object_attach_tun_doc,
+"attach_tun_steering(prog: str, fd: int) -> int\n\n"
+"Make the named socket-filter program the steering program of the TUN/TAP\n"
+"device that ``fd`` (one of its queues) belongs to (TUNSETSTEERINGEBPF):\n"
+"drivers/net/tun.c then picks each transmitted frame's queue as the program's\n"
+"return value modulo the queues attached. The device holds the program until\n"
+"another replaces it or it is detached (fd -1 through the same ioctl). Returns\n"
+"the program's id. OSError as the kernel refused (EINVAL: not a socket filter\n"
+"program; EBADFD: fd is not attached to a device).");
+
+static PyObject *object_attach_tun(ObjectObject *self, PyObject *args)
+{
+	const char *name;
+	int fd, prog_fd;
+	struct bpf_prog_info info = {0};
+	__u32 len = sizeof(info);
+
+	if (!PyArg_ParseTuple(args, "si", &name, &fd) || (prog_fd = program_fd(self, name)) < 0)
+		return NULL;
+	if (ioctl(fd, TUNSETSTEERINGEBPF, &prog_fd) < 0) {
+		char what[128];
+		snprintf(what, sizeof(what), "setting %s as steering program of TAP fd %d", name, fd);
+		return os_error(errno, what);
+	}
+	if (bpf_obj_get_info_by_fd(prog_fd, &info, &len))
+		return os_error(errno, "reading a BPF program's info");
+	return PyLong_FromUnsignedLong(info.id);
+}
+
 static PyObject *object_close(ObjectObject *self, PyObject *unused)
 {
 	/* Links keep their program: closing the object detaches nothing. */
@@ -577,6 +626,8 @@ static PyMethodDef object_methods[] = {
 	{"map", (PyCFunction)object_map, METH_VARARGS, object_map_doc},
 	{"attach_tcx_ingress", (PyCFunction)object_attach, METH_VARARGS, object_attach_doc},
 	{"attach_xdp", (PyCFunction)object_attach_xdp, METH_VARARGS, object_attach_xdp_doc},
+	{"attach_tun_steering", (PyCFunction)object_attach_tun, METH_VARARGS,
+	 object_attach_tun_doc},
 	{"close", (PyCFunction)object_close, METH_NOARGS, "close() -> None"},
 	{NULL}
 };

@@ -24,6 +24,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "steer_key.h"
+
 /* tcx verdicts (linux/bpf.h TCX_PASS, TCX_DROP; the same numbers as
  * TC_ACT_OK and TC_ACT_SHOT, which older headers have). */
 #define VERDICT_PASS TC_ACT_OK
@@ -32,54 +34,14 @@
 #define IP_OFFSET 0x1fff  /* fragment offset, in 8-byte units */
 #define PACKET_HOST 0
 
-/* (addr, port, proto) of a virtual service or a VS-NAT dest. */
-struct l4_key {
-	__be32 addr;
-	__be16 port;
-	__u8 proto;
-	__u8 pad;  /* always 0: part of the hashed key */
-};
-
-/* Sizes are set by the loader before load (the director's limits). */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1024);
-	__type(key, struct l4_key);
-	__type(value, __u8);
-} services SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1024);
-	__type(key, struct l4_key);
-	__type(value, __u8);
-} realservers SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1024);
-	__type(key, __be32);
-	__type(value, __u8);
-} rsaddrs SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1024);
-	__type(key, __be32);
-	__type(value, __u8);
-} vips SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1024);
-	__type(key, __be32);
-	__type(value, __u8);
-} local SEC(".maps");
+/* The sets (steer_key.h STEER_SET): (addr, port, proto) of the virtual
+ * services and of the VS-NAT dests (struct l4_key), the dests' addresses,
+ * the VIPs, the director's own addresses. */
+STEER_SET(services, struct l4_key);
+STEER_SET(realservers, struct l4_key);
+STEER_SET(rsaddrs, __be32);
+STEER_SET(vips, __be32);
+STEER_SET(local, __be32);
 
 /* (caddr, cport, proto) of clients on the director itself, learnt from
  * their requests at ingress of the loopback port (docs/io.md, "Clients on

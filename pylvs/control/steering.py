@@ -316,6 +316,34 @@ def _ifindex(name: str) -> int:
         raise SteeringError(f"steering: no interface {name!r} in this namespace") from e
 
 
+def load_object(path, sizes: dict[str, int], maps, attach) -> dict:
+    """Open and load the compiled BPF object at ``path`` (the named maps
+    sized by ``sizes``), open its maps named in ``maps``, call
+    ``attach(obj)``, then free the object: what ``attach`` made (links, a
+    device's reference) holds the program, and the maps returned (name ->
+    _bpf.Map) hold the maps. OSError, KeyError, ValueError from
+    pylvs._bpf, the maps opened closed again; OSError too when it is not
+    built."""
+    try:
+        from .. import _bpf
+    except ImportError as e:
+        raise OSError(f"pylvs._bpf is not built ({e})") from None
+
+    opened: dict = {}
+    obj = _bpf.Object(str(path), sizes)
+    try:
+        for name in maps:
+            opened[name] = obj.map(name)
+        attach(obj)
+    except BaseException:
+        for m in opened.values():
+            m.close()
+        raise
+    finally:
+        obj.close()
+    return opened
+
+
 class BpfSteering:
     """Steering by the tcx BPF program pylvs/bpf/steer.bpf.c (module
     docstring): loaded and attached at construction, with empty sets (it
@@ -337,26 +365,19 @@ class BpfSteering:
             raise ValueError("Steering needs at least one interface")
         self.ifnames = list(ifnames)
         ifindexes = [_ifindex(n) for n in self.ifnames]
-        try:
-            from .. import _bpf
-        except ImportError as e:
-            raise SteeringError(f"BPF steering: pylvs._bpf is not built ({e})") from e
         sizes = {"services": max_services, "vips": max_services, "realservers": max_dests,
                  "rsaddrs": max_dests, "local": MAX_LOCAL}
         self.links: list = []
         self.maps: dict = {}
-        obj = None
-        try:
-            obj = _bpf.Object(str(obj_path), sizes)
-            self.maps = {name: obj.map(name) for name in (*SETS, "counters")}
-            for name, index in zip(self.ifnames, ifindexes):
+
+        def attach(obj) -> None:
+            for index in ifindexes:
                 self.links.append(obj.attach_tcx_ingress(BPF_PROG, index))
+        try:
+            self.maps = load_object(obj_path, sizes, (*SETS, "counters"), attach)
         except (OSError, KeyError, ValueError) as e:
             self.remove()
             raise SteeringError(f"BPF steering: {_why(e)}") from e
-        finally:
-            if obj is not None:
-                obj.close()   # the links hold the program, self.maps the maps
         self._current: dict[str, set] = {name: set() for name in SETS}
 
     def apply(self, services, dests, local_addrs) -> None:

@@ -52,7 +52,8 @@ def open_workers(kind: str, ifnames: list[str], n: int, **opts) -> list:
     """``n`` instances of a backend kind over the same interfaces, one per
     worker (docs/io.md, "Workers"): port numbers are the same in each. With
     n > 1 each interface's sockets form one fanout group, joined in worker
-    order (worker i is member i; the kernel keeps that order when the
+    order (worker i is member i, or members 2i and 2i+1 with the adaptive
+    ring, ``ring="auto"``: its V3 ring and V2 lane; the kernel keeps that order when the
     interface goes down and up: sockets rejoin in creation order). ``opts``
     go to every instance, except ``pcap``: one file records the frames of
     all workers (the first instance owns it). ValueError for an unknown
@@ -62,11 +63,13 @@ def open_workers(kind: str, ifnames: list[str], n: int, **opts) -> list:
         raise ValueError("workers must be at least 1")
     if kind != "afpacket":
         raise ValueError(f"unknown backend {kind!r}; choose from {', '.join(KINDS)}")
-    from .afpacket import AfPacketBackend
+    from .afpacket import DEFAULT_RING, AfPacketBackend, LaneSwitch
 
     if n == 1:
         return [AfPacketBackend(ifnames, **opts)]
     pcap = opts.pop("pcap", None)
+    if opts.get("ring", DEFAULT_RING) == "auto":
+        opts["lanes"] = LaneSwitch(n)   # one choice for every worker's group members
     out: list = []
     try:
         for _ in range(n):

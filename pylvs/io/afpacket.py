@@ -1,4 +1,4 @@
-"""The AF_PACKET backend: one TPACKET_V2 or V3 receive ring per interface.
+"""The AF_PACKET backend: TPACKET_V3 and TPACKET_V2 receive rings per interface.
 
 Each port is an AF_PACKET socket bound with ETH_P_ALL to one interface, so it
 sees frames before nft netdev ingress (where steering drops the kernel's copy
@@ -57,11 +57,25 @@ RETIRE_MS = 1
 # retire timer: V3 blocks retire on jiffies, 4 ms at HZ=250, whatever
 # RETIRE_MS asks). A frame too big for its slot (a GSO frame) is also queued
 # on the socket (PACKET_COPY_THRESH) and read with recv(): COPY_RCVBUF bytes
-# of them. V3 stays the default: with V2 the kernel wakes the poller per
-# frame and the 64-byte batch rate fell by about a third (docs/io.md).
-RINGS = ("v2", "v3")
-DEFAULT_RING = "v3"
+# of them. With V2 alone the kernel wakes the poller per frame and the
+# 64-byte batch rate fell by about a third (docs/io.md); with V3 alone a lone
+# frame waits for the retire timer. ``ring="auto"`` (the default) has both:
+# each port's socket has a V3 ring and a second socket on the same interface
+# a V2 ring (its "lane"), both members of one fanout group, and the group's
+# program sends every frame to the lane while the rate is low and to the V3
+# ring while it is high (LaneSwitch).
+RINGS = ("auto", "v2", "v3")
+DEFAULT_RING = "auto"
 COPY_RCVBUF = 8 << 20
+# LaneSwitch: frames per second per worker above which frames go to the V3
+# rings, and below which they come back to the V2 lanes, measured over
+# LANE_WINDOW seconds. The gap is hysteresis, so a rate near one edge does
+# not flip the program every window. Up: well under the ~220k 64-byte frames
+# per second a V2 ring carried per worker; down: where a V3 block takes
+# longer than its retire timer to fill anyway.
+LANE_UP_PPS = 60_000
+LANE_DOWN_PPS = 20_000
+LANE_WINDOW = 0.1
 
 
 def attach_filter(sock: socket.socket, prog: list[bpf.Insn], level: int = socket.SOL_SOCKET,
@@ -129,35 +143,121 @@ def _mac_of(name: str) -> bytes:
     return interface_info(name)[2]
 
 
+class LaneSwitch:
+    """Where the adaptive ring (``ring="auto"``) puts each worker's frames:
+    its V3 ring (lane 0: blocks, the batch rate) or its V2 lane (lane 1: a
+    frame handed over as soon as it is written, the latency). One switch
+    serves every instance of a backend (``open_workers``): the fanout
+    groups' program is shared, so the choice is global. It starts on the V2
+    lanes (an idle director answers its first frames at once).
+
+    ``observe(frames, now)`` (seconds, monotonic) is called after each
+    forward call; every LANE_WINDOW seconds it compares the frames per
+    second per worker with LANE_UP_PPS / LANE_DOWN_PPS and, when the lane
+    changes, replaces the groups' program (PACKET_FANOUT_DATA, atomic in
+    af_packet.c). Frames of a flow already queued on the other ring are
+    read in the same forward call, ring first, then its lane: a switch may
+    reorder a few frames of a flow once."""
+
+    def __init__(self, workers: int, *, up_pps: float = LANE_UP_PPS,
+                 down_pps: float = LANE_DOWN_PPS, window: float = LANE_WINDOW):
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        if not 0 <= down_pps < up_pps or window <= 0:
+            raise ValueError("need 0 <= down_pps < up_pps and window > 0")
+        self.workers = workers
+        self.up_pps, self.down_pps, self.window = up_pps, down_pps, window
+        self.lane = 1
+        self.switches = 0
+        self._lock = threading.Lock()
+        self._tables = None
+        self._progs: tuple | None = None
+        self._socks: list[socket.socket] = []   # one member per group
+        self._frames = 0
+        self._t0: float | None = None
+
+    def program(self, services, dests) -> list[bpf.Insn]:
+        """The current lane's fanout program for these tables (both lanes'
+        programs are built here, once per table publication)."""
+        with self._lock:
+            if self._tables is None or self._tables[0] is not services or self._tables[1] is not dests:
+                self._progs = tuple(bpf.fanout_program(services, dests, lanes=(self.workers, lane))
+                                    for lane in (0, 1))
+                self._tables = (services, dests)
+            return self._progs[self.lane]
+
+    def add_group(self, sock: socket.socket) -> None:
+        """A member of a fanout group whose program follows the switch."""
+        with self._lock:
+            self._socks.append(sock)
+
+    def observe(self, frames: int, now: float) -> None:
+        self._frames += frames
+        if self._t0 is None:
+            self._t0 = now
+            return
+        dt = now - self._t0
+        if dt < self.window:
+            return
+        rate = self._frames / dt / self.workers
+        self._frames, self._t0 = 0, now
+        want = self.lane
+        if self.lane == 1 and rate > self.up_pps:
+            want = 0
+        elif self.lane == 0 and rate < self.down_pps:
+            want = 1
+        if want != self.lane:
+            self.set_lane(want)
+
+    def set_lane(self, lane: int) -> None:
+        """Send every worker's frames to lane 0 (V3) or 1 (V2) from now on."""
+        with self._lock:
+            self.lane = lane
+            self.switches += 1
+            if self._progs is None:
+                return
+            for s in self._socks:
+                try:
+                    attach_filter(s, self._progs[lane], SOL_PACKET, PACKET_FANOUT_DATA)
+                except OSError:   # the socket closed under us: the next publish sets it
+                    pass
+
+
 class AfPacketBackend(CopyLoop):
     def __init__(self, ifnames: list[str], *, block_size: int = BLOCK_SIZE,
                  block_nr: int = BLOCK_NR, retire_ms: int = RETIRE_MS,
                  qdisc_bypass: bool = True, pcap: str | None = None,
                  fanout: list[int] | None = None, ring: str = DEFAULT_RING,
-                 local: bool = False):
+                 lanes: LaneSwitch | None = None, local: bool = False):
         """One port per name in ``ifnames`` (index = the engine's port).
 
         ``fanout``: one worker's instance of several (``open_workers``): per
         port, the PACKET_FANOUT_CBPF group its socket joins (0: a new group;
         ``fanout_ids`` then holds the ids the kernel chose); ``set_filter``
         also sets the group's steering program (bpf.fanout_program). None:
-        the only instance, no fanout.
+        the only instance, no fanout (but see ``ring="auto"``).
 
         ``qdisc_bypass``: set PACKET_QDISC_BYPASS on every socket (the fast
         default); False sends through the qdisc layer, where the kernel's
         taps (tcpdump on the director) see the transmitted frames.
         ``pcap``: a file to which every frame sent is also written
-        (pylvs/io/pcap.py). ``ring``: "v3" (TPACKET_V3 blocks, RETIRE_MS)
-        or "v2" (TPACKET_V2 frames, no retire wait). ``local``: one more
-        port, the loopback interface, for clients on the director itself
-        (pylvs/io/local.py): it takes only their requests and sends on a raw
-        IP socket. Raises OSError for an
-        interface not in this network namespace or a pcap file that cannot
-        be created; ValueError for another ``ring``.
+        (pylvs/io/pcap.py). ``ring``: "v3" (TPACKET_V3 blocks, RETIRE_MS),
+        "v2" (TPACKET_V2 frames, no retire wait) or "auto" (both per port,
+        the V2 ring as the V3 ring's lane, both in one fanout group, the
+        group's program choosing by rate: ``lanes``, the LaneSwitch shared
+        by every instance, or a new one for a lone instance). ``local``: one
+        more port, the loopback interface, for clients on the director
+        itself (pylvs/io/local.py): it takes only their requests and sends
+        on a raw IP socket. Raises OSError
+        for an interface not in this network namespace or a pcap file that
+        cannot be created; ValueError for another ``ring``.
         """
         if ring not in RINGS:
             raise ValueError(f"ring must be one of {RINGS}, not {ring!r}")
         self.ring = ring
+        self.lanes = None if ring != "auto" else lanes if lanes is not None else LaneSwitch(1)
+        if self.lanes is not None and fanout is None:
+            fanout = [0] * len(ifnames)
         if not ifnames:
             raise ValueError("AfPacketBackend needs at least one interface")
         self.ports: list[Port] = []
@@ -170,8 +270,11 @@ class AfPacketBackend(CopyLoop):
         self.qdisc_bypass = qdisc_bypass
         self.pcap = None
         self.fanout_ids: list[int] | None = None if fanout is None else []
+        self.lane_rings: list = []
+        self._lane_owner = False   # the instance that made the groups reports the switch
         self.local = local
         self._raw: list[socket.socket] = []
+        self._lo_socks: list[socket.socket] = []   # the loopback port's (ring, lane)
         if local:
             from .local import loopback_name
             ifnames = [*ifnames, loopback_name()]
@@ -185,32 +288,27 @@ class AfPacketBackend(CopyLoop):
                     raise OSError(f"no interface {name!r} in this network namespace") from None
                 is_lo = local and i == len(ifnames) - 1
                 self.ports.append(Port(i, name, ifindex, _mac_of(name), local=is_lo))
-                # Protocol 0 until bound: nothing is queued before the filter
-                # and the ring are in place.
-                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-                self.socks.append(s)
-                attach_filter(s, self._prog)
-                s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)  # must precede the ring
-                s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-                if qdisc_bypass:
-                    s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
-                if ring == "v2":
-                    s.setsockopt(SOL_PACKET, PACKET_COPY_THRESH, 1)
-                    try:   # CAP_NET_ADMIN lifts net.core.rmem_max
-                        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, COPY_RCVBUF)
-                    except OSError:
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, COPY_RCVBUF)
-                self.rings.append(_fast.Ring(s.fileno(), block_size=block_size,
-                                             block_nr=block_nr, frame_size=FRAME_SIZE,
-                                             retire_ms=retire_ms,
-                                             version=2 if ring == "v2" else 3))
+                first = len(self.socks)
+                s, r = self._open_ring(name, 2 if ring == "v2" else 3, block_size, block_nr,
+                                       retire_ms, qdisc_bypass)
+                self.rings.append(r)
                 if is_lo:
                     from .local import raw_socket
                     self._raw.append(raw_socket())
-                    self.rings[-1].set_local_fd(self._raw[-1].fileno())
-                s.bind((name, ETH_P_ALL))
+                    r.set_local_fd(self._raw[-1].fileno())
                 if fanout is not None:   # after bind: only a bound socket may join
                     self.fanout_ids.append(join_fanout(s, fanout[i]))
+                if self.lanes is not None:
+                    # The lane joins right after its ring: worker k's members
+                    # are 2k (V3) and 2k+1 (V2), as the program numbers them.
+                    ls, lr = self._open_ring(name, 2, block_size, block_nr, retire_ms, qdisc_bypass)
+                    join_fanout(ls, self.fanout_ids[i])
+                    r.set_lane(lr)
+                    if fanout[i] == 0:
+                        self.lanes.add_group(s)
+                        self._lane_owner = True
+                if is_lo:
+                    self._lo_socks = self.socks[first:]
             if pcap is not None:
                 from .pcap import PcapWriter
                 self.pcap = PcapWriter(pcap, self.rings)
@@ -218,14 +316,43 @@ class AfPacketBackend(CopyLoop):
             self.close()
             raise
 
+    def _open_ring(self, name: str, version: int, block_size: int, block_nr: int,
+                   retire_ms: int, qdisc_bypass: bool):
+        """A configured socket bound to ``name`` and its ring (version 2 or 3)."""
+        # Protocol 0 until bound: nothing is queued before the filter
+        # and the ring are in place.
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.socks.append(s)
+        attach_filter(s, self._prog)
+        s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)  # must precede the ring
+        s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        if qdisc_bypass:
+            s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+        if version == 2:
+            s.setsockopt(SOL_PACKET, PACKET_COPY_THRESH, 1)
+            try:   # CAP_NET_ADMIN lifts net.core.rmem_max
+                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, COPY_RCVBUF)
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, COPY_RCVBUF)
+        r = _fast.Ring(s.fileno(), block_size=block_size, block_nr=block_nr,
+                       frame_size=FRAME_SIZE, retire_ms=retire_ms, version=version)
+        if version == 2 and self.lanes is not None:
+            self.lane_rings.append(r)
+        s.bind((name, ETH_P_ALL))
+        return s, r
+
     # --- the data path ----------------------------------------------------
 
     def forward(self, engine, now: float, timeout: float, batch: tables.Batch | None = None) -> int:
         """Receive, run the engine, send; returns the frames handed to the engine."""
         ms = max(0, int(timeout * 1000))
         if _fast.Engine is not None and isinstance(engine, _fast.Engine):
-            return _fast.forward(engine, self.rings, now, ms)
-        return self._copy_forward(engine, now, timeout, batch)
+            n = _fast.forward(engine, self.rings, now, ms)
+        else:
+            n = self._copy_forward(engine, now, timeout, batch)
+        if self.lanes is not None:
+            self.lanes.observe(n, now)
+        return n
 
     def recv(self, batch: tables.Batch, timeout: float) -> int:
         n = _fast.ring_recv(self.rings, batch.buf, batch.length, batch.in_port,
@@ -253,14 +380,19 @@ class AfPacketBackend(CopyLoop):
         errors to ``own_addrs`` while a Tun dest exists: bpf.for_tables)."""
         prog = bpf.for_tables(services, dests, own_addrs, from_services=self.local)
         lo_prog = bpf.for_local(services) if self.local else prog
-        steer = None if self.fanout_ids is None else bpf.fanout_program(services, dests)
+        if self.lanes is not None:
+            steer = self.lanes.program(services, dests)
+        elif self.fanout_ids is not None:
+            steer = bpf.fanout_program(services, dests)
+        else:
+            steer = None
         with self._lock:
-            for s, port in zip(self.socks, self.ports):
+            for s in self.socks:
                 # The steering program first: a frame of a new service must
                 # reach the worker its replies will reach.
                 if steer is not None:
                     attach_filter(s, steer, SOL_PACKET, PACKET_FANOUT_DATA)
-                attach_filter(s, lo_prog if port.local else prog)
+                attach_filter(s, lo_prog if s in self._lo_socks else prog)
             self._prog = prog
 
     def stats(self) -> dict[str, int]:
@@ -277,7 +409,14 @@ class AfPacketBackend(CopyLoop):
                  "tx_frames", "tx_errors", "tx_bad_port", "sock_errors",
                  "emit_sent", "emit_errors", "tx_emsgsize",
                  "polls", "poll_timeouts", "fwd_calls", "fwd_budget_cuts", "fwd_blocks")
-        out = {n: sum(getattr(r, n) for r in self.rings) for n in names}
+        out = {n: sum(getattr(r, n) for r in self.rings + self.lane_rings) for n in names}
+        if self.lanes is not None:
+            out["rx_lane_slots"] = sum(r.rx_blocks for r in self.lane_rings)
+        if self._lane_owner:
+            # Where frames go now (0: the V3 rings, 1: the V2 lanes): one
+            # switch for all workers, reported once so that sums stay true.
+            out["ring_lane"] = self.lanes.lane
+            out["ring_lane_switches"] = self.lanes.switches
         with self._lock:
             for s in self.socks:
                 # struct tpacket_stats_v3, or struct tpacket_stats (no
@@ -300,10 +439,13 @@ class AfPacketBackend(CopyLoop):
         if self.pcap is not None:
             self.pcap.stop()
         for r in self.rings:
+            r.set_lane(None)
+        for r in self.rings + self.lane_rings:
             r.close()
         for s in self.socks + self._raw:
             s.close()
         self.rings = []
+        self.lane_rings = []
         self.socks = []
         self._raw = []
 

@@ -556,7 +556,7 @@ def _mem_match(a: _Asm, packed: np.ndarray, mode: str, addr_m: int, port_m: int,
             a.jump(miss)
 
 
-def fanout_program(services, dests) -> list[Insn]:
+def fanout_program(services, dests, *, lanes: tuple[int, int] | None = None) -> list[Insn]:
     """The PACKET_FANOUT_CBPF program for published tables (or key lists,
     as `for_tables` takes them); `steer_index` is its Python twin.
 
@@ -576,7 +576,11 @@ def fanout_program(services, dests) -> list[Insn]:
     and the ethertype comes from SKF_AD_PROTOCOL. A load beyond the packet
     ends the program with 0, as in the kernel.
     Returned: `fanout_mix(client)`; the kernel takes it modulo the group's
-    member count. Tables too big for BPF_MAXINSNS compare addresses only
+    member count. With ``lanes=(workers, lane)`` (the adaptive ring: each
+    worker has two members, its V3 ring then its V2 lane, af_packet.c
+    numbering members in join order), the member itself:
+    ``(fanout_mix(client) % workers) * 2 + lane``; a frame it cannot key
+    (not IPv4, or cut short) still gets 0: worker 0's V3 ring. Tables too big for BPF_MAXINSNS compare addresses only
     (a client that is itself a VIP or NAT real-server address may then be
     split), and beyond that key every frame by saddr (NAT replies then
     reach an arbitrary worker): `fanout_plan` says which.
@@ -584,6 +588,8 @@ def fanout_program(services, dests) -> list[Insn]:
     svc, frm = _fanout_sets(services, dests)
     mode = _fanout_mode(svc, frm)
     a = _Asm()
+    if lanes is not None and (lanes[0] < 1 or lanes[1] not in (0, 1)):
+        raise ValueError(f"lanes must be (workers >= 1, lane 0 or 1), not {lanes!r}")
     a.op(LD | W | ABS, SKF_AD_OFF + SKF_AD_PROTOCOL)
     a.if_eq(0x0800, "ipv4")
     a.op(RET | K, 0)
@@ -653,6 +659,10 @@ def fanout_program(services, dests) -> list[Insn]:
     a.label("mix")
     a.op(ALU | MUL | K, FANOUT_MIX)
     a.op(ALU | RSH | K, 16)
+    if lanes is not None:
+        a.op(ALU | MOD | K, lanes[0])
+        a.op(ALU | MUL | K, 2)
+        a.op(ALU | ADD | K, lanes[1])
     a.op(RET | RET_A)
     return a.assemble()
 

@@ -4,7 +4,8 @@
 (python-pytun) is one port. Every frame the kernel hands to the TAP (the
 bridge it is a port of, or a hypervisor's switch) reaches pylvs only, and
 what pylvs writes leaves through it; no AF_PACKET socket, no socket filter,
-no steering (BPF or nft), and the namespace's own addresses and routes play no part.
+no steering away from the kernel (BPF or nft), and the namespace's own
+addresses and routes play no part.
 The director's addresses, ARP and echo live in ``TapHost``
 (pylvs/io/taphost.py): the engine passes (V_PASS) what is not virtual-service
 traffic and ``send`` hands those frames to it.
@@ -22,10 +23,23 @@ Each TAP is opened with:
   bytes is read in one ``read`` (DESIGN.md: a TAP read needs room for the
   whole frame, more than the MTU with GSO);
 - ``IFF_MULTI_QUEUE``: each open of the same name is one more queue of the
-  device, so N workers can each own one (``open_workers``). Which queue a
-  frame goes to is the tun driver's choice (its flow table, by the flow hash
-  of the last frame the queue sent); steering by client address
-  (docs/io.md) would need TUNSETSTEERINGEBPF.
+  device, numbered in open order, so worker i owns queue i of every TAP
+  (``open_workers``).
+
+Which queue a frame the kernel sends to the TAP goes to is, with more than
+one worker, the choice of the steering program pylvs/bpf/tap_steer.bpf.c
+(``TapSteering``, TUNSETSTEERINGEBPF): the client address of the frame,
+mixed and taken modulo the queues, the rule of the AF_PACKET fanout
+(docs/io.md, "Workers"), so both directions of a conn reach the worker that
+holds it. Frames without a client address (ARP) go to queue 0. What pylvs
+writes may go through any queue: the kernel takes a written frame as
+received on the device whichever queue it came through.
+
+The director's host (ARP, echo, neighbours: ``TapHost``) is one for all
+workers: a worker hands it the frames its engine passed and answers from
+its own thread (ARP reaches worker 0, an echo request the worker of its
+sender); the neighbour table is under the host's lock, and its timer thread
+sends through worker 0's queues.
 
 The director's MAC on a port is not the TAP device's own: the bridge keeps a
 port's own address as a local FDB entry and delivers frames to it to the
@@ -42,18 +56,26 @@ import logging
 import os
 import select
 import struct
+import threading
+from pathlib import Path
 
 import numpy as np
 
 from .. import _fast
+from ..control.steering import _why, load_object, sets_of, sync_sets
 from ..engine import tables
-from . import Port
+from . import Port, bpf
 from .taphost import Iface, TapHost, vips_of
+from .xdp import PLANS
 
 log = logging.getLogger("pylvs.tap")
 
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETSTEERINGEBPF = 0x800454E0   # _IOR('T', 224, int)
+BPF_OBJECT = Path(__file__).resolve().parents[1] / "bpf" / "tap_steer.bpf.o"
+BPF_PROG = "pylvs_tap_steer"
+STEER_SETS = ("services", "realservers", "vips", "rsaddrs")   # its sets (steering.sets_of)
 TUN_F_CSUM, TUN_F_TSO4 = 0x01, 0x02
 BATCH = 64   # frames read per forward call at most (each a read syscall)
 # The backend's counters, in the order _fast.tap_forward writes them (tap.c).
@@ -123,12 +145,18 @@ class TapBackend:
     """One queue of each TAP in ``names`` (index = the engine's port), with
     the director's MAC ``macs[i]`` there, sharing ``host`` (the director's
     addresses, ARP, echo; set before the first frame) with the other
-    workers' instances. Same methods as AfPacketBackend."""
+    workers' instances. Same methods as AfPacketBackend.
+
+    ``primary``: the instance that reports the host's counters and the
+    devices' (one per director, worker 0's, so that sums over workers
+    count them once) and holds ``steering`` (a TapSteering or None)."""
 
     def __init__(self, names: list[str], macs: list[bytes], host: TapHost | None = None):
         if not names:
             raise ValueError("TapBackend needs at least one TAP")
         self.host = host
+        self.primary = True
+        self.steering: TapSteering | None = None
         self.devs = []
         self.ports: list[Port] = []
         # Written by _fast.tap_forward (tap.c) or the Python loop alike.
@@ -251,20 +279,30 @@ class TapBackend:
 
     def set_filter(self, services, dests, own_addrs=()) -> None:
         """No filter: a TAP carries only the director's traffic. The
-        services' VIPs become the host's addresses (ARP, echo)."""
+        services' VIPs become the host's addresses (ARP, echo), and the
+        steering program's sets follow the tables (OSError when a set
+        outgrows its map)."""
+        if not self.primary:
+            return
         self.host.set_vips(vips_of(services))
+        if self.steering is not None:
+            self.steering.apply(services, dests)
 
     def stats(self) -> dict[str, int]:
-        """This queue's counters, the host's (``arp_*``, ``echo_*``,
-        ``host_*``), and ``rx_dropped``: frames the kernel could not queue
-        to the TAP (its ``tx_dropped`` in /proc/net/dev: this reader's
-        namespace)."""
+        """This queue's counters; the primary instance adds the host's
+        (``arp_*``, ``echo_*``, ``host_*``) and ``rx_dropped``: frames the
+        kernel could not queue to the TAPs (their ``tx_dropped`` in
+        /proc/net/dev: this reader's namespace)."""
         out = {k: int(v) for k, v in zip(TAP_COUNTERS, self._counts)}
-        out.update(self.host.counters)
-        out["rx_dropped"] = sum(_tx_dropped(p.name) for p in self.ports)
+        if self.primary:
+            out.update(self.host.counters)
+            out["rx_dropped"] = sum(_tx_dropped(p.name) for p in self.ports)
         return out
 
     def close(self) -> None:
+        if self.steering is not None:
+            self.steering.close()   # through our queues: before they close
+            self.steering = None
         for d in self.devs:
             try:
                 d.close()
@@ -302,12 +340,98 @@ def _tx_dropped(name: str) -> int:
     return 0
 
 
+class TapSteering:
+    """The steering program (pylvs/bpf/tap_steer.bpf.c) set on every TAP
+    through ``fds`` (one queue of each), with its two maps sized
+    ``max_services`` and ``max_dests``; ``apply`` fills them, ``close``
+    detaches the program from every TAP. OSError when it cannot be loaded
+    or set (no CAP_BPF, pylvs._bpf not built, a kernel refusal), having
+    detached what it had set."""
+
+    def __init__(self, fds: list[int], *, max_services: int = 16384, max_dests: int = 131072):
+        self.fds: list[int] = []
+        self.maps: dict = {}
+        self.prog_id = 0
+        self._lock = threading.Lock()
+        self._current: dict[str, set] = {name: set() for name in STEER_SETS}
+        self._tables = None
+
+        def attach(obj) -> None:
+            for fd in fds:
+                self.prog_id = obj.attach_tun_steering(BPF_PROG, fd)
+                self.fds.append(fd)
+        sizes = {"services": max_services, "vips": max_services, "realservers": max_dests,
+                 "rsaddrs": max_dests}
+        try:
+            self.maps = load_object(BPF_OBJECT, sizes, (*STEER_SETS, "plan"), attach)
+        except (OSError, KeyError, ValueError) as e:
+            self.close()
+            raise OSError(f"TAP queue steering: {_why(e)}") from None
+
+    def apply(self, services, dests) -> None:
+        """Make the maps hold these tables' sets (steering.sets_of: new keys
+        first, then old ones out) and their fanout plan (bpf.fanout_plan,
+        as the AF_PACKET fanout and the XDP program key them). The same
+        tables again: nothing to do."""
+        with self._lock:
+            if self._tables is not None and self._tables[0] is services \
+                    and self._tables[1] is dests:
+                return
+            sync_sets(self.maps, self._current, sets_of(services, dests, ()))
+            self.maps["plan"].update(struct.pack("I", 0),
+                                     struct.pack("I", PLANS[bpf.fanout_plan(services, dests)]))
+            self._tables = (services, dests)
+
+    def close(self) -> None:
+        """Detach the program from every TAP (a persistent one is left as
+        found) and drop the maps; again: no-op."""
+        for fd in self.fds:
+            detach_steering(fd)
+        for m in self.maps.values():
+            m.close()
+        self.fds, self.maps = [], {}
+
+
+def detach_steering(fd: int) -> bool:
+    """Take the steering program off the TAP that ``fd`` is a queue of,
+    if it has one (a pylvs killed outright leaves its program on a
+    persistent TAP); False when the kernel refused."""
+    try:
+        fcntl.ioctl(fd, TUNSETSTEERINGEBPF, struct.pack("i", -1))
+    except OSError as e:
+        log.debug("detaching the steering program of TAP fd %d: %s", fd, e)
+        return False
+    return True
+
+
+def queues_open(name: str) -> int | None:
+    """How many queues of TAP ``name`` are attached now (the tun driver's
+    IFLA_TUN_NUM_QUEUES, read by netlink in this namespace), or None when
+    the kernel does not say."""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            info = ipr.link("get", ifname=name)[0].get_attr("IFLA_LINKINFO")
+            n = info.get_attr("IFLA_INFO_DATA").get_attr("IFLA_TUN_NUM_QUEUES")
+    except Exception as e:  # noqa: BLE001 - pyroute2 missing, NetlinkError, no such attribute
+        log.debug("counting the queues of %s: %s", name, e)
+        return None
+    return None if n is None else int(n)
+
+
 def open_workers(names: list[str], n: int, *, addrs: list[str], gateway: str | None = None,
-                 mac: str | None = None) -> list[TapBackend]:
+                 mac: str | None = None, max_services: int = 16384,
+                 max_dests: int = 131072) -> list[TapBackend]:
     """``n`` backends (one a worker), each with its own queue of every TAP,
-    sharing one TapHost. ``addrs[i]`` ("DIP/PLEN") belongs to ``names[i]``.
-    Raises ValueError for bad options, OSError for a TAP that cannot be
-    opened."""
+    sharing one TapHost; with n > 1 the first also holds the TapSteering
+    (its maps sized ``max_services``, ``max_dests``) that sends each frame
+    to its worker's queue, and where that program cannot be set (no
+    CAP_BPF: a TAP its user owns needs no other privilege) a warning says
+    so and one backend is returned. ``addrs[i]`` ("DIP/PLEN") belongs to
+    ``names[i]``. Raises ValueError for bad options, OSError for a TAP that
+    cannot be opened or that has queues some other process holds (worker i
+    must own queue i)."""
     if len(addrs) != len(names):
         raise ValueError(f"{len(names)} --tap but {len(addrs)} --addr: give one DIP/PLEN per TAP")
     base = parse_mac(mac) if mac else random_mac()
@@ -321,6 +445,28 @@ def open_workers(names: list[str], n: int, *, addrs: list[str], gateway: str | N
         for _ in range(max(1, n)):
             backends.append(TapBackend(names, macs, backends[0].host if backends else None))
         first = backends[0]
+        for b in backends[1:]:
+            b.primary = False
+        for name in names:
+            held = queues_open(name)
+            if held is not None and held != len(backends):
+                raise OSError(f"TAP {name!r} has {held} queues attached, pylvs opened "
+                              f"{len(backends)}: another process holds the others")
+        if len(backends) > 1:
+            try:
+                first.steering = TapSteering(first.fds, max_services=max_services,
+                                             max_dests=max_dests)
+            except OSError as e:
+                # The tun driver's own choice would split a conn's two
+                # directions between workers: one worker, as with XDP's
+                # fallback to AF_PACKET, rather than no director.
+                log.warning("%s: one worker instead of %d", e, len(backends))
+                for b in backends[1:]:
+                    b.close()
+                del backends[1:]
+        if len(backends) == 1:
+            for fd in first.fds:   # one queue: a leftover program has nothing to choose
+                detach_steering(fd)
         # The DIP's port MTU is the TAP's (frames bigger than it would be
         # dropped by the bridge's next port).
         ifaces = [Iface(a, plen, dev.mtu, m) for (a, plen), dev, m in zip(parsed, first.devs, macs)]

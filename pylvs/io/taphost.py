@@ -28,6 +28,10 @@ and the daemon's network watcher (``state``, ``start``, ``close``;
 pylvs/control/ports.py). Frames go out through ``send(port, frame)``, a frame
 being a 10-byte virtio_net_hdr and an Ethernet frame, as everywhere in pylvs.
 
+One TapHost serves all the workers of a director: each hands it the frames
+its engine passed (``handle``, from the worker's thread, several at once),
+so the neighbour table and the counters are under locks.
+
 Rules that differ from the kernel's, on purpose: an answer (ARP reply, echo
 reply) leaves on the port the request came in on, to the request's Ethernet
 source, as the engine's own answers do (docs/engine.md, "The emit area"),
@@ -179,6 +183,7 @@ class TapHost:
         self._wanted: dict[int, tuple[int, int]] = {}   # daddr -> (port, next hop)
         self._ip_id = int.from_bytes(os.urandom(2), "little")
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -368,12 +373,12 @@ class TapHost:
                 n.next_probe = now + (n.backoff if n.state == INCOMPLETE else RETRANS_TIME)
                 due = min(due, n.next_probe)
             affected = [d for d, key in self._wanted.items() if key in failed]
-            self.counters["arp_failed"] += len(failed)
+            self._count("arp_failed", len(failed))
         for port, hop in failed:
             log.warning("neighbour %s on port %d does not answer ARP: forgotten",
                         ip_str(hop), port)
         for port, hop, dmac in requests:
-            self.counters["arp_requests_sent"] += 1
+            self._count("arp_requests_sent")
             self._out(port, self._arp(port, ARPOP_REQUEST, dmac, self.ifaces[port].addr,
                                       bytes(6), hop))
         self._report(affected)
@@ -397,39 +402,39 @@ class TapHost:
         ``host_bad_frames``, the rest that is not for us ``host_ignored``."""
         frame = bytes(frame)
         if len(frame) < VNET_HDR_LEN + 14 or port >= len(self.ifaces):
-            self.counters["host_bad_frames"] += 1
+            self._count("host_bad_frames")
             return 0
         eth = frame[VNET_HDR_LEN:]
         dst = eth[:6]
         # What the kernel would see as PACKET_OTHERHOST (the bridge floods
         # unknown unicast): arp_rcv and ip_rcv drop it.
         if dst != self.ifaces[port].mac and not dst[0] & 1:
-            self.counters["host_ignored"] += 1
+            self._count("host_ignored")
             return 0
         etype = int.from_bytes(eth[12:14], "big")
         if etype == ETH_P_ARP:
             return self._handle_arp(eth, port)
         if etype == ETH_P_IP and dst == self.ifaces[port].mac:
             return self._handle_ip(frame, eth, port)
-        self.counters["host_ignored"] += 1
+        self._count("host_ignored")
         return 0
 
     def _handle_arp(self, eth: bytes, port: int) -> int:
         if len(eth) < 14 + _ARP.size:
-            self.counters["host_bad_frames"] += 1
+            self._count("host_bad_frames")
             return 0
         htype, ptype, hlen, plen, op, sha, spa, _tha, tpa = _ARP.unpack_from(eth, 14)
         if (htype, ptype, hlen, plen) != (ARPHRD_ETHER, ETH_P_IP, 6, 4) or op not in (1, 2):
-            self.counters["host_bad_frames"] += 1
+            self._count("host_bad_frames")
             return 0
         sip, tip = int.from_bytes(spa, "big"), int.from_bytes(tpa, "big")
         if sha[0] & 1 or sip >> 28 == 0xE or sip >> 24 == 0x7F:
             # arp_process: multicast senders and loopback/multicast addresses.
-            self.counters["host_bad_frames"] += 1
+            self._count("host_bad_frames")
             return 0
         self._learn(port, sip, sha)
         if op == ARPOP_REQUEST and tip in self.addrs and sip != tip:
-            self.counters["arp_replies_sent"] += 1
+            self._count("arp_replies_sent")
             self._out(port, self._arp(port, ARPOP_REPLY, sha, tip, sha, sip))
             return 1
         return 0
@@ -444,7 +449,7 @@ class TapHost:
                                                                0, RETRANS_TIME)
             affected = [d for d, key in self._wanted.items() if key == (port, sip)]
         if changed:
-            self.counters["arp_learned"] += 1
+            self._count("arp_learned")
             for d in affected:
                 log.info("dest %s via port %d mac %s", ip_str(d), port, sha.hex(":"))
             self._report(affected)
@@ -452,26 +457,26 @@ class TapHost:
     def _handle_ip(self, frame: bytes, eth: bytes, port: int) -> int:
         ip = eth[14:]
         if len(ip) < 20 or ip[0] >> 4 != 4 or ip[0] & 15 < 5:
-            self.counters["host_bad_frames"] += 1
+            self._count("host_bad_frames")
             return 0
         ihl = (ip[0] & 15) * 4
         tot = int.from_bytes(ip[2:4], "big")
         if tot < ihl or tot > len(ip) or checksum(ip[:ihl]) != 0:
-            self.counters["host_bad_frames"] += 1
+            self._count("host_bad_frames")
             return 0
         daddr = int.from_bytes(ip[16:20], "big")
         frag = int.from_bytes(ip[6:8], "big") & 0x3FFF
         if ip[9] != 1 or daddr not in self.addrs or frag:
             # Not ICMP, not ours, or a fragment (nothing here reassembles).
-            self.counters["host_ignored"] += 1
+            self._count("host_ignored")
             return 0
         icmp = ip[ihl:tot]
         if len(icmp) < 8 or (frame[0] & 1 == 0 and checksum(icmp) != 0):
             # vnet flag NEEDS_CSUM: the sum is partial, the kernel trusts it.
-            self.counters["host_bad_frames"] += 1
+            self._count("host_bad_frames")
             return 0
         if icmp[0] != ICMP_ECHO or icmp[1] != 0:
-            self.counters["host_ignored"] += 1
+            self._count("host_ignored")
             return 0
         # icmp_reply: the request's TOS, DF clear (the ICMP socket's
         # IP_PMTUDISC_DONT), TTL 64 (sysctl_ip_default_ttl), no options.
@@ -482,7 +487,7 @@ class TapHost:
                           0, ip[16:20], ip[12:16])
         hdr = hdr[:10] + checksum(hdr).to_bytes(2, "big") + hdr[12:]
         out = ZERO_VNET + eth[6:12] + self.ifaces[port].mac + ETH_P_IP.to_bytes(2, "big")
-        self.counters["echo_replies_sent"] += 1
+        self._count("echo_replies_sent")
         self._out(port, out + hdr + body)
         return 1
 
@@ -495,13 +500,18 @@ class TapHost:
         # Padded to the 60-byte Ethernet minimum, as the kernel's ARP is.
         return ZERO_VNET + dmac + mac + ETH_P_ARP.to_bytes(2, "big") + body + bytes(18)
 
+    def _count(self, name: str, n: int = 1) -> None:
+        # Worker threads answer at once (each the frames of its queue).
+        with self._count_lock:
+            self.counters[name] += n
+
     def _out(self, port: int, frame: bytes) -> None:
         if self.send is None:
             return
         try:
             self.send(port, frame)
         except OSError as e:
-            self.counters["host_send_errors"] += 1
+            self._count("host_send_errors")
             log.debug("sending on port %d: %s", port, e)
 
 

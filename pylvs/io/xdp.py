@@ -20,12 +20,22 @@ dropped the kernel's copy). Steering (tcx or nft) stays in place: it still
 drops a stolen frame that XDP passed (a queue with no XSK, the program not
 attached yet or gone).
 
+Workers (``--workers N``): every worker has an XSK on each port, all N
+bound to the same rx queue with XDP_SHARED_UMEM (one UMEM per port, the
+fill and completion rings shared under a lock, RX and TX rings per
+socket), and the program picks the worker's XSK with the fanout key of
+the AF_PACKET taps (client address, same mix, modulo N: bpf.steer_index),
+so a conn's frames meet on one worker whichever way they come in. Only
+that one rx queue is read by XSKs: on a device with several, the other
+queues' frames pass to the stack, where the taps (one fanout group per
+port) and steering handle them as with AF_PACKET (docs/io.md).
+
 Attach: native (driver) mode first, generic (skb) mode where the driver
 has none, through a BPF link that only this process holds: when pylvs
 dies the kernel detaches the program and closes the sockets. An XDP program
 named ``pylvs_xdp`` attached by netlink (not by a link) is a leftover and
 is removed; any other XDP program on a port makes XDP unavailable, and
-``open_backend`` falls back to AF_PACKET with one warning.
+``open_backends`` falls back to AF_PACKET with one warning.
 
 Frames are at most ``frame_size`` - 256 bytes (the kernel's XDP headroom);
 veth, with an XDP program, stops its peer's GSO. XDP frames carry no
@@ -44,21 +54,28 @@ from pathlib import Path
 
 from .. import _fast
 from ..engine import tables
-from . import CopyLoop, Port
-from ..control.steering import _why, sets_of, sync_sets
-from .afpacket import AfPacketBackend
+from . import CopyLoop, Port, bpf, open_workers
+from ..control.steering import SETS, _why, sets_of, sync_sets
 
 log = logging.getLogger("pylvs")
 
 BPF_OBJECT = Path(__file__).resolve().parents[1] / "bpf" / "xdp_steer.bpf.o"
 BPF_PROG = "pylvs_xdp"
 MAX_QUEUES = 64           # as xdp_steer.bpf.c
-COUNTERS = ("xdp_redirected", "xdp_no_xsk")   # its counters map
+MAX_WORKERS = 256         # as xdp_steer.bpf.c (and --workers)
+TX_RESERVE = 512          # as xdp.c: free chunks each socket keeps back from the fill ring
+COUNTERS = ("xdp_redirected", "xdp_no_xsk")   # its counters map; then one per worker
 XSK_COUNTERS = ("rx_frames", "rx_no_headroom", "rx_oversize", "tx_frames", "tx_copied", "tx_no_room",
                 "tx_bad_port", "emit_sent", "emit_no_room", "tx_kicks", "tx_kick_errors",
                 "polls", "poll_timeouts", "fwd_calls", "fwd_budget_cuts")
 KERNEL_COUNTERS = ("rx_dropped", "rx_ring_full", "rx_fill_ring_empty_descs",
                    "rx_invalid_descs", "tx_invalid_descs")
+
+
+def xsk_key(slot: int, queue: int, worker: int, workers: int) -> int:
+    """The XSKMAP index of worker ``worker``'s socket on (port slot, rx
+    queue), as xdp_steer.bpf.c computes it."""
+    return (slot * MAX_QUEUES + queue) * workers + worker
 
 
 class XdpUnavailable(RuntimeError):
@@ -84,62 +101,110 @@ def remove_stale(ifindex: int, name: str) -> bool:
     return True
 
 
+PLANS = {bpf.FANOUT_FULL: 0, bpf.FANOUT_ADDRS: 1, bpf.FANOUT_SADDR: 2}   # steer.plan codes
+
+
+def umem_frames(nframes: int, ring_size: int, workers: int) -> int:
+    """Chunks of one port's UMEM for ``workers`` sockets sharing it: at
+    least ``nframes``, and enough for the fill ring plus, per worker, an RX
+    ring's worth and the TX reserve (512) each keeps back from the fill
+    ring."""
+    if workers == 1:
+        return nframes
+    return max(nframes, ring_size + workers * (ring_size + TX_RESERVE))
+
+
 class XdpBackend(CopyLoop):
-    """Ports with an XSK each (queue ``queue``) and the AF_PACKET taps for
-    the frames the kernel keeps (module docstring).
+    """Worker 0's instance: ports with an XSK each (queue ``queue``) and
+    the AF_PACKET taps for the frames the kernel keeps (module docstring).
+    With ``workers`` > 1 it also opens the other workers' instances
+    (``siblings``, worker order, this one first): each has an XSK per port
+    bound to the same queue with XDP_SHARED_UMEM and its own taps (one
+    fanout group per port, ``pylvs.io.open_workers``); the program picks the
+    worker's XSK by the fanout key. This instance owns the program (links,
+    maps): its ``close`` closes the siblings too.
 
     ``generic``: None tries native XDP then generic; True/False forces one.
     ``zerocopy``: ask for XDP_ZEROCOPY first (copy mode where refused).
-    ``afpacket``: AfPacketBackend's keyword arguments (qdisc_bypass, pcap).
-    Raises XdpUnavailable when the program cannot be loaded or attached or
-    a socket cannot be bound (everything opened so far is closed), OSError
-    for an interface not in this namespace.
+    ``nframes``: chunks per port's UMEM (``umem_frames`` grows it for
+    workers). ``afpacket``: AfPacketBackend's keyword arguments
+    (qdisc_bypass, pcap, ring). Raises XdpUnavailable when the program
+    cannot be loaded or attached or a socket cannot be bound (everything
+    opened so far is closed), OSError for an interface not in this
+    namespace, ValueError for a queue or worker count out of range.
     """
 
     kind = "xdp"
 
-    def __init__(self, ifnames: list[str], *, queue: int = 0, generic: bool | None = None,
-                 zerocopy: bool = True, nframes: int = 8192, frame_size: int = 4096,
-                 ring_size: int = 2048, max_services: int = 16384, max_dests: int = 131072,
-                 **afpacket):
+    def __init__(self, ifnames: list[str], *, workers: int = 1, queue: int = 0,
+                 generic: bool | None = None, zerocopy: bool = True, nframes: int = 8192,
+                 frame_size: int = 4096, ring_size: int = 2048, max_services: int = 16384,
+                 max_dests: int = 131072, **afpacket):
         if not 0 <= queue < MAX_QUEUES:
             raise ValueError(f"queue {queue}: expected 0..{MAX_QUEUES - 1}")
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"workers {workers}: expected 1..{MAX_WORKERS}")
+        self.index, self.group, self.workers = 0, self, workers
         self.queue = queue
         self.links: list = []
         self.xsks: list = []
         self.maps: dict = {}
         self.modes: list[str] = []
         self._lock = threading.Lock()
-        self._current: dict[str, set] = {n: set() for n in ("services", "realservers",
-                                                            "rsaddrs", "local")}
-        self.taps = AfPacketBackend(ifnames, **afpacket)
+        self._current: dict[str, set] = {n: set() for n in SETS}
+        self.siblings: list[XdpBackend] = [self]
+        taps = open_workers("afpacket", ifnames, workers, **afpacket)
+        self.taps = taps[0]
         self.ports: list[Port] = self.taps.ports
         try:
-            self._open(generic, zerocopy, nframes, frame_size, ring_size, max_services, max_dests)
+            for i, t in enumerate(taps[1:], 1):
+                self.siblings.append(self._sibling(i, t))
+            self._open(generic, zerocopy, umem_frames(nframes, ring_size, workers), frame_size,
+                       ring_size, max_services, max_dests)
         except BaseException:
+            for t in taps[len(self.siblings):]:
+                t.close()
             self.close()
             raise
+
+    def _sibling(self, index: int, taps) -> "XdpBackend":
+        b = object.__new__(XdpBackend)
+        b.index, b.group, b.workers, b.queue = index, self, self.workers, self.queue
+        b.taps, b.ports, b.xsks, b.modes, b.siblings = taps, taps.ports, [], self.modes, []
+        return b
 
     def _open(self, generic, zerocopy, nframes, frame_size, ring_size, max_services, max_dests):
         try:
             from .. import _bpf
         except ImportError as e:
             raise XdpUnavailable(f"pylvs._bpf is not built ({e})") from e
-        sizes = {"services": max_services, "realservers": max_dests, "rsaddrs": max_dests}
+        n = self.workers
+        sizes = {"services": max_services, "realservers": max_dests, "rsaddrs": max_dests,
+                 "vips": max_services, "xsks": len(self.ports) * MAX_QUEUES * n}
         obj = None
         try:
             for p in self.ports:
                 remove_stale(p.ifindex, p.name)
             obj = _bpf.Object(str(BPF_OBJECT), sizes)
-            self.maps = {n: obj.map(n) for n in (*self._current, "ports", "xsks", "counters")}
+            self.maps = {n: obj.map(n) for n in (*self._current, "ports", "xsks", "steer",
+                                                 "counters")}
+            self._set_plan(bpf.FANOUT_FULL)
+            # Sharers take their chunks from the owner's free ones (the
+            # fill ring already holds ring_size): an even split.
+            chunks = (nframes - ring_size) // n
             for p in self.ports:
                 self.maps["ports"].update(struct.pack("I", p.ifindex),
                                           p.mac + struct.pack("H", p.index))
-                xsk = _fast.Xsk(p.ifindex, self.queue, nframes=nframes, frame_size=frame_size,
-                                ring_size=ring_size, zerocopy=zerocopy)
-                self.xsks.append(xsk)
-                self.maps["xsks"].update(struct.pack("I", p.index * MAX_QUEUES + self.queue),
-                                         struct.pack("I", xsk.fd))
+                owner = None
+                for w, b in enumerate(self.siblings):
+                    xsk = (_fast.Xsk(p.ifindex, self.queue, nframes=nframes, frame_size=frame_size,
+                                     ring_size=ring_size, zerocopy=zerocopy) if owner is None else
+                           _fast.Xsk(p.ifindex, self.queue, ring_size=ring_size, share=owner,
+                                     chunks=chunks))
+                    owner = owner or xsk
+                    b.xsks.append(xsk)
+                    self.maps["xsks"].update(struct.pack("I", xsk_key(p.index, self.queue, w, n)),
+                                             struct.pack("I", xsk.fd))
             for p in self.ports:
                 self.links.append(self._attach(obj, p, generic))
         except (OSError, KeyError, ValueError) as e:
@@ -148,8 +213,12 @@ class XdpBackend(CopyLoop):
             if obj is not None:
                 obj.close()   # the links hold the program, self.maps the maps
         for p, xsk, mode in zip(self.ports, self.xsks, self.modes):
-            log.info("xdp: %s: %s XDP, AF_XDP socket on queue %d in %s mode", p.name, mode,
-                     self.queue, "zero-copy" if xsk.zerocopy else "copy")
+            log.info("xdp: %s: %s XDP, AF_XDP socket on queue %d in %s mode%s", p.name, mode,
+                     self.queue, "zero-copy" if xsk.zerocopy else "copy",
+                     f", shared by {n} workers" if n > 1 else "")
+
+    def _set_plan(self, plan: str) -> None:
+        self.maps["steer"].update(struct.pack("I", 0), struct.pack("II", self.workers, PLANS[plan]))
 
     def _attach(self, obj, port: Port, generic: bool | None):
         if not generic:
@@ -211,10 +280,15 @@ class XdpBackend(CopyLoop):
     def set_sets(self, services, dests, local_addrs) -> None:
         """The XDP program's sets for these tables and the director's
         addresses (``local_addrs``: strings or host-order ints), as
-        steering.sets_of gives them. OSError when a set outgrows its map
-        (max_services, max_dests)."""
-        with self._lock:
-            sync_sets(self.maps, self._current, sets_of(services, dests, local_addrs))
+        steering.sets_of gives them, and the fanout plan of these tables
+        (bpf.fanout_plan, as the taps' fanout program uses). OSError when a
+        set outgrows its map (max_services, max_dests). One call for all
+        workers: the maps are the program's."""
+        g = self.group
+        with g._lock:
+            sync_sets(g.maps, g._current, sets_of(services, dests, local_addrs))
+            if g.workers > 1:
+                g._set_plan(bpf.fanout_plan(services, dests))
 
     def steer(self, steering) -> "XdpSteering":
         """``steering`` (BpfSteering or NftSteering) that also sets the XDP
@@ -223,14 +297,18 @@ class XdpBackend(CopyLoop):
         return XdpSteering(steering, self)
 
     def stats(self) -> dict[str, int]:
-        """The taps' counters (AfPacketBackend.stats), ``xsk_*``: the XSKs'
-        (frames received, sent, copied to another port's UMEM, lost for want
-        of a TX slot ...), the kernel's XDP_STATISTICS summed over sockets
-        (``xsk_rx_ring_full``: frames dropped at XDP because the RX ring was
-        full, the director behind; ``xsk_rx_dropped``: dropped otherwise,
-        e.g. bigger than a chunk), and the program's ``xdp_redirected`` and
-        ``xdp_no_xsk`` (frames on a queue without an XSK: passed to the stack
-        instead). ``rx_dropped`` includes the XSKs' drops."""
+        """This worker's counters: its taps' (AfPacketBackend.stats),
+        ``xsk_*``: its XSKs' (frames received, sent, copied to another
+        port's UMEM, lost for want of a TX slot ...), the kernel's
+        XDP_STATISTICS summed over its sockets (``xsk_rx_ring_full``: frames
+        dropped at XDP because its RX ring was full, the worker behind;
+        ``xsk_rx_dropped``: dropped otherwise, e.g. bigger than a chunk;
+        ``xsk_rx_fill_ring_empty_descs``: the shared fill ring's, on worker
+        0 only), and the program's ``xdp_redirected``, ``xdp_no_xsk``
+        (frames on a queue without an XSK: passed to the stack instead) and
+        ``xdp_steered`` (frames the program picked this worker for). Summed
+        over workers, the program's counters are worker 0's (0 elsewhere).
+        ``rx_dropped`` includes the XSKs' drops."""
         out = self.taps.stats()
         for name in XSK_COUNTERS:
             out["xsk_" + name] = sum(getattr(x, name) for x in self.xsks)
@@ -241,25 +319,37 @@ class XdpBackend(CopyLoop):
                 kernel[k] += st[k]
         out.update({"xsk_" + k: v for k, v in kernel.items()})
         out["rx_dropped"] = out.get("rx_dropped", 0) + kernel["rx_dropped"] + kernel["rx_ring_full"]
-        counters = self.maps.get("counters")
+        counters = self.group.maps.get("counters")
         for i, name in enumerate(COUNTERS):
-            out[name] = int(counters.sum_u64(i)) if counters is not None else 0
+            out[name] = int(counters.sum_u64(i)) if counters is not None and self.index == 0 else 0
+        out["xdp_steered"] = (int(counters.sum_u64(2 + self.index)) if counters is not None
+                              else 0)
         return out
 
     def describe(self) -> list[dict]:
-        """Per port: name, XDP mode, queue, zero-copy."""
-        return [{"port": p.name, "mode": m, "queue": self.queue, "zerocopy": bool(x.zerocopy)}
+        """Per port: name, XDP mode, queue, zero-copy, worker, whether the
+        UMEM is shared (XDP_SHARED_UMEM with worker 0's socket)."""
+        return [{"port": p.name, "mode": m, "queue": self.queue, "zerocopy": bool(x.zerocopy),
+                 "worker": self.index, "shared": bool(x.shared)}
                 for p, m, x in zip(self.ports, self.modes, self.xsks)]
 
     def close(self) -> None:
-        # The program first: from then on the kernel keeps every frame.
-        for link in self.links:
-            link.close()
+        """Worker 0: the program first (from then on the kernel keeps every
+        frame), then every worker's sockets and taps; another worker: its
+        own. Closing twice does nothing."""
+        if self.group is self:
+            for link in self.links:
+                link.close()
+            self.links = []
+            for b in self.siblings[1:]:
+                b.close()
         for x in self.xsks:
             x.close()
-        for m in self.maps.values():
-            m.close()
-        self.links, self.xsks, self.maps = [], [], {}
+        self.xsks = []
+        if self.group is self:
+            for m in self.maps.values():
+                m.close()
+            self.maps = {}
         self.taps.close()
 
     def __enter__(self):
@@ -291,15 +381,16 @@ class XdpSteering:
         return getattr(self.inner, name)
 
 
-def open_backend(ifnames: list[str], io: str = "afpacket", **opts):
-    """The backend for ``pylvs run --io``: "afpacket", or "xdp", which
-    falls back to AF_PACKET with one warning when XDP is unavailable.
-    ``opts``: AfPacketBackend's keyword arguments."""
+def open_backends(ifnames: list[str], io: str = "afpacket", workers: int = 1, **opts) -> list:
+    """The backends of ``pylvs run --io``, one per worker (worker order):
+    "afpacket" (``pylvs.io.open_workers``), or "xdp" (XdpBackend and its
+    siblings), which falls back to AF_PACKET with one warning when XDP is
+    unavailable. ``opts``: AfPacketBackend's keyword arguments."""
     if io == "xdp":
         try:
-            return XdpBackend(ifnames, **opts)
+            return XdpBackend(ifnames, workers=workers, **opts).siblings
         except XdpUnavailable as e:
             log.warning("xdp: cannot attach (%s); falling back to AF_PACKET", e)
     elif io != "afpacket":
         raise ValueError(f"--io {io!r}: expected afpacket or xdp")
-    return AfPacketBackend(ifnames, **opts)
+    return open_workers("afpacket", ifnames, workers, **opts)

@@ -98,7 +98,7 @@ class Options:
     # the director sees what pylvs transmits (slower; docs/io.md).
     qdisc_bypass: bool = True
     pcap: str | None = None      # --pcap FILE: every frame sent, written there too
-    ring: str | None = None      # --ring v2|v3: AF_PACKET ring version (None: the default)
+    ring: str | None = None      # --ring auto|v2|v3: AF_PACKET rings (None: the default)
     # --tap NAME ... (pylvs/io/tap.py): TAP ports instead of interfaces, the
     # director's addresses given here (--addr DIP/PLEN per TAP, --gateway).
     tap: list[str] = field(default_factory=list)
@@ -316,24 +316,21 @@ class Daemon:
 
     def _build(self) -> None:
         from ..engine import new_engine
-        from ..io import open_workers
-        from ..io.xdp import open_backend
+        from ..io.xdp import open_backends
         from .worker import LockedEngine, Worker
 
+        if self._backends is None and self.opts.tap:
+            self._build_tap()   # one worker where its queues cannot be steered
+            self.opts.workers = len(self._backends)
         n = self.opts.workers
         self.counters = tables.CounterSum(self.opts.max_services, self.opts.max_dests, n)
-        if self._backends is None and self.opts.tap:
-            self._build_tap()
-        if self._backends is None and self.opts.io == "xdp":
-            # One XSK per port on rx queue 0: one worker (docs/io.md).
-            self._backends = [open_backend(self.ifaces, "xdp", qdisc_bypass=self.opts.qdisc_bypass,
-                                           pcap=self.opts.pcap)]
-        if self._backends is None:
-            local = self._open_local()
-            self._backends = open_workers("afpacket", self.ifaces, n,
-                                          qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap,
-                                          **({"ring": self.opts.ring} if self.opts.ring else {}),
-                                          **({"local": True} if local else {}))
+        if self._backends is None:   # --io xdp falls back to afpacket (docs/io.md)
+            # Clients on the director come in by an AF_PACKET loopback port.
+            local = self.opts.io == "afpacket" and self._open_local()
+            self._backends = open_backends(self.ifaces, self.opts.io, n,
+                                           qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap,
+                                           **({"ring": self.opts.ring} if self.opts.ring else {}),
+                                           **({"local": True} if local else {}))
         self.backends = list(self._backends)
         self.backend = self.backends[0]
         if self._resolver is None:
@@ -402,12 +399,15 @@ class Daemon:
 
     def _build_tap(self) -> None:
         """The TAP backend brings its own resolver (user-space ARP), network
-        state (ports and routes from --addr/--gateway) and no steering."""
+        state (ports and routes from --addr/--gateway) and no steering (its
+        queues' steering program follows the tables through set_filter)."""
         from ..io import tap
 
         try:
-            self._backends = tap.open_workers(self.opts.tap, 1, addrs=self.opts.tap_addrs,
-                                              gateway=self.opts.gateway, mac=self.opts.mac)
+            self._backends = tap.open_workers(self.opts.tap, self.opts.workers,
+                                              addrs=self.opts.tap_addrs, gateway=self.opts.gateway,
+                                              mac=self.opts.mac, max_services=self.opts.max_services,
+                                              max_dests=self.opts.max_dests)
         except (ValueError, OSError) as e:
             raise SystemExit(f"pylvs run: {e}") from None
         host = self._backends[0].host
@@ -865,10 +865,12 @@ def main(argv: list[str] | None = None) -> int:
                     "driver, so tcpdump on the director also sees the frames pylvs "
                     "transmits (and tc qdiscs apply); slower (default: bypass, "
                     "tcpdump shows only what arrives)")
-    ap.add_argument("--ring", choices=("v2", "v3"),
+    ap.add_argument("--ring", choices=("auto", "v2", "v3"),
                     help="AF_PACKET receive ring: v2 hands each frame over as soon as it "
                     "arrives, v3 in blocks retired when full or by a timer of at least one "
-                    "jiffy (4 ms at HZ=250) (default: %s; docs/io.md)" % _default_ring())
+                    "jiffy (4 ms at HZ=250), auto has both and moves frames to v3 above "
+                    "60k frames/s per worker and back to v2 below 20k "
+                    "(default: %s; docs/io.md)" % _default_ring())
     ap.add_argument("--pcap", metavar="FILE",
                     help="also write every frame pylvs sends (forwarded and made: ICMP "
                     "errors, RSTs, fragments, tunnel packets) to FILE, classic pcap, "
@@ -932,19 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(a.verbose)
     from .worker import default_workers
 
-    # A multi-queue TAP spreads frames by the kernel's flow hash, not by
-    # client address, so a NAT reply could reach a worker without its conn:
-    # one worker until a TUNSETSTEERINGEBPF program keys queues as fanout does.
-    if a.tap and a.workers and a.workers > 1:
-        ap.error("--tap runs one worker (--workers 1): the TAP's queues are not yet "
-                 "steered by client address")
-    # AF_XDP: an XSK receives only from its own rx queue, and the queue is
-    # the NIC's choice, not a client-address key: one worker for now.
-    if a.io == "xdp" and a.workers and a.workers > 1:
-        ap.error("--io xdp runs one worker (--workers 1): its queues are not yet "
-                 "steered by client address")
-    workers = (1 if a.tap or a.io == "xdp"
-               else a.workers or (default_workers() if a.engine == "c" else 1))
+    workers = a.workers or (default_workers() if a.engine == "c" else 1)
     if workers > 1 and a.engine != "c":
         ap.error("--workers above 1 needs --engine c")
     opts = Options(ifaces=a.iface, control=a.control, config=a.config,

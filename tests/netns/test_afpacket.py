@@ -208,7 +208,7 @@ def test_gso_frames_forwarded_intact(trio, ip_forward, ring):
         assert res["stats"]["rx_copied"] > 0, res
 
 
-@pytest.mark.parametrize("ring", ["v2", "v3"])
+@pytest.mark.parametrize("ring", ["v2", "v3", "auto"])
 def test_c_forward_sees_every_frame_and_gives_blocks_back(trio, ring):
     # More retired blocks (V2: frames) than the ring has: they must go back
     # to the kernel.
@@ -244,8 +244,10 @@ b.close()
     assert res["seen"] > 1000
     if ring == "v3":
         assert res["stats"]["rx_blocks"] > 2 * res["block_nr"]
-    else:
+    elif ring == "v2":
         assert res["seen"] > 2 * res["frame_nr"]
+    else:   # forward() alone never switches: an idle director's frames go to the V2 lanes
+        assert res["stats"]["rx_lane_slots"] == res["seen"] and res["stats"]["ring_lane"] == 1
     assert res["rx"] == res["seen"]  # the engine counted every frame forward gave it
 
 
@@ -269,7 +271,7 @@ b.close()
     assert res["stats"]["sock_errors"] >= 1 and res["err"] == errno.ENETDOWN
 
 
-@pytest.mark.parametrize("ring", ["v2", "v3"])
+@pytest.mark.parametrize("ring", ["v2", "v3", "auto"])
 def test_full_ring_frames_are_processed_once(trio, ring):
     # Let the ring fill up while nobody reads, then drain it: every frame
     # must reach the engine exactly once (held blocks stay "user" until the
@@ -300,6 +302,49 @@ b.close()
     assert res["stats"]["rx_dropped"] > 0, res  # the ring did fill up
     assert res["seen"] + res["stats"]["rx_dropped"] == 2000, res
     assert res["rx"] == res["seen"]
+
+
+def test_adaptive_ring_moves_frames_between_rings_and_loses_none(trio):
+    # --ring auto: a burst moves the group's frames to the V3 rings, idleness
+    # back to the V2 lanes; every frame reaches the engine exactly once
+    # across the switches. Thresholds are lowered so a Python sender crosses
+    # them on any machine.
+    res = scenario(trio, r"""
+from pylvs.engine import new_engine
+from pylvs.io.afpacket import LaneSwitch
+counters = tables.Counters()
+engine = new_engine("c", 4096, counters=counters, schedule=lambda s, c, p: -1)
+sw = LaneSwitch(1, up_pps=300, down_pps=50, window=0.05)
+b = AfPacketBackend(["d0", "d1"], ring="auto", lanes=sw)
+b.set_filter([(17, ip("10.9.0.1"), 7)], [])
+client = in_ns(C, '''
+import socket, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for k in range(3000):
+    u.sendto(b"x" * 100, ("10.9.0.1", 7))
+    if k % 100 == 0:
+        time.sleep(0.005)
+''')
+seen, lanes = 0, set()
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and seen + b.stats()["rx_dropped"] < 3000:
+    seen += b.forward(engine, time.monotonic(), 0.02)
+    lanes.add(sw.lane)
+busy = b.stats()
+t = time.monotonic()
+while time.monotonic() - t < 0.5:   # idle: back to the lanes
+    seen += b.forward(engine, time.monotonic(), 0.02)
+client.wait(10)
+print(json.dumps(dict(seen=seen, rx=counters.stat("rx_frames"), busy=busy, lanes=sorted(lanes),
+                      after=b.stats())))
+b.close()
+""")
+    busy, after = res["busy"], res["after"]
+    assert res["seen"] + after["rx_dropped"] == 3000, res
+    assert res["rx"] == res["seen"], res
+    assert res["lanes"] == [0, 1], res          # it went to V3 under load
+    assert busy["rx_lane_slots"] > 0 and busy["rx_blocks"] > busy["rx_lane_slots"], res
+    assert after["ring_lane"] == 1 and after["ring_lane_switches"] >= 2, res
 
 
 def test_scheduler_cannot_close_or_reenter_the_rings_forward_holds(trio):

@@ -44,7 +44,7 @@ deadline = time.monotonic() + 5
 while seen < 300 and time.monotonic() < deadline:
     seen += _fast.forward(engine, b.rings, time.monotonic(), 20)
 print(json.dumps(dict(idle=after_idle, cut=cut, seen=seen, stats=b.stats(),
-                      ring_blocks=sum(r.rx_blocks for r in b.rings))))
+                      ring_blocks=sum(r.rx_blocks for r in b.rings + b.lane_rings))))
 b.close()
 """)
     assert res["idle"] == dict(seen=0, polls=1, timeouts=1, calls=1, blocks=0), res

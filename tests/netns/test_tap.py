@@ -10,7 +10,8 @@ The HTTP tests of test_fwd_methods.py (1 B, 100 KB, 10 MB downloads and a
 2 MB upload byte for byte through NAT, DR, Tun IPIP and GUE each alone;
 weights across the three methods; `-e` keeping running conns) run here
 unchanged over the TAP backend: they are imported, and this module's
-``mixed`` fixture gives them a TAP lab.
+``mixed`` fixture gives them a TAP lab; the downloads run with 1 and 2
+workers (one TAP queue each, steered by tap_steer.bpf.c).
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ import sys
 import time
 
 import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import ARP, Ether
 
+import test_fwd_methods as fwd
+from pylvs.io import bpf
 from pylvs.lab.topology import Lab
 from test_fwd_methods import (PORT, assert_content, download,  # noqa: F401 (tests rerun here)
-                              test_edit_method_keeps_running_conns, test_http_byte_for_byte,
+                              test_edit_method_keeps_running_conns,
                               test_mixed_service_distributes_by_weight, whoami_many)
+from test_workers import CLIENTS, check_round, director_view, send_round
 
 pytestmark = pytest.mark.netns
 
@@ -36,6 +42,18 @@ MAC = "02:00:00:00:aa:01"   # the director's on tap0 (tap1: ...:02)
 @pytest.fixture
 def mixed(director_lab) -> Lab:
     return director_lab(fwd="mixed", servers=3, io="tap", run_args=("--mac", MAC))
+
+
+# Every method with one worker; with two, one of each method (the GUE
+# variants differ only in the tunnel's header, not in what is steered).
+HTTP_CASES = ([pytest.param(1, *m[1:], id=f"{m[0]}-1worker") for m in fwd.METHODS]
+              + [pytest.param(2, *m[1:], id=f"{m[0]}-2workers") for m in fwd.METHODS[:3]])
+
+
+@pytest.mark.parametrize("workers,rs,tun", HTTP_CASES, indirect=["workers"])
+def test_http_byte_for_byte(mixed: Lab, tmp_path, rs, tun):
+    """test_fwd_methods's downloads and upload over the TAP lab."""
+    fwd.test_http_byte_for_byte(mixed, tmp_path, rs, tun)
 
 
 PING = r"""
@@ -265,3 +283,210 @@ def test_restart_takes_the_vip_back(director_lab):
     after = lab.run(lab.client, ["ip", "neigh", "show", lab.vip]).stdout.split()
     mac = after[after.index("lladdr") + 1]
     assert mac != before[before.index("lladdr") + 1]
+
+
+# --- workers: one TAP queue each, steered by client address ----------------------
+
+STEER = r"""
+import json, sys
+from pylvs import _bpf
+from pylvs.io import tap
+bs = tap.open_workers(["t0"], 2, addrs=["10.9.0.1/24"])
+steering = bs[0].steering
+# BPF_PROG_TEST_RUN gives a socket filter the frame past a first Ethernet
+# header (eth_type_trans); the TAP's transmit path gives it the frame from
+# its own: a dummy IPv4 header in front makes the two the same.
+pad = bytes(12) + b"\x08\x00"
+out = {"values": []}
+for svc, dst in json.loads(sys.argv[1]):   # one table after the other
+    steering.apply([tuple(k) for k in svc], [tuple(k) for k in dst])
+    out["values"].append([_bpf.prog_test_run(steering.prog_id, pad + bytes.fromhex(h))
+                          for h in sys.argv[2:]])
+try:
+    tap.TapSteering(bs[0].fds, max_services=0)
+except OSError as e:
+    out["error"] = str(e)
+for b in bs[::-1]:
+    b.close()
+# Where the program cannot be set: one worker, and a warning says why.
+import logging
+warnings = []
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+
+logging.getLogger("pylvs.tap").addHandler(Keep())
+tap.BPF_OBJECT = "/nonexistent.bpf.o"
+one = tap.open_workers(["t2"], 2, addrs=["10.9.0.1/24"])
+out["fallback"] = [len(one), tap.queues_open("t2"), warnings]
+print(json.dumps(out))
+"""
+
+VIP, RIP, CADDR, ROUTER, DIP = "10.0.0.100", "10.0.1.2", "192.0.2.77", "10.0.0.254", "10.0.1.1"
+STEER_SVC = [(17, bpf.ip(VIP), 53), (6, bpf.ip(VIP), 80)]
+STEER_DST = [(17, bpf.ip(RIP), 5353)]
+
+# (description, Ethernet frame): the program's value must be the fanout
+# program's mix (steer_index with 2**16 workers is the mix itself).
+STEER_CASES = [
+    ("UDP client to VIP: caddr", Ether() / IP(src=CADDR, dst=VIP) / UDP(sport=4000, dport=53)),
+    ("TCP client to VIP: caddr", Ether() / IP(src=CADDR, dst=VIP) / TCP(sport=4000, dport=80)),
+    ("NAT reply from the dest: daddr",
+     Ether() / IP(src=RIP, dst=CADDR) / UDP(sport=5353, dport=4000)),
+    ("reply from the VIP: daddr", Ether() / IP(src=VIP, dst=CADDR) / TCP(sport=80, dport=4000)),
+    ("a dest's other port: saddr", Ether() / IP(src=RIP, dst=CADDR) / UDP(sport=99, dport=4000)),
+    ("not a service: saddr", Ether() / IP(src=CADDR, dst=VIP) / UDP(sport=4000, dport=54)),
+    ("echo request to the VIP: saddr", Ether() / IP(src=CADDR, dst=VIP) / ICMP()),
+    ("ICMP error about a NAT reply: the quoted daddr",
+     Ether() / IP(src=ROUTER, dst=RIP) / ICMP(type=3, code=4)
+     / IP(src=RIP, dst=CADDR) / UDP(sport=5353, dport=4000)),
+    ("ICMP error about a tunnel packet: the inner saddr",
+     Ether() / IP(src=ROUTER, dst=DIP) / ICMP(type=3, code=4)
+     / IP(src=DIP, dst=RIP, proto=4) / IP(src=CADDR, dst=VIP) / TCP(sport=4000, dport=80)),
+    ("ICMP error cut inside the quoted header: 0",
+     Ether() / IP(src=ROUTER, dst=RIP) / ICMP(type=11) / bytes(6)),
+    ("UDP header cut short: 0", Ether() / IP(src=CADDR, dst=VIP, proto=17) / bytes(3)),
+    ("IPv4 header cut short: 0", Ether(type=0x0800) / bytes(12)),
+    ("ARP: 0", Ether() / ARP(psrc=CADDR, pdst=VIP)),
+    ("IPv6: 0", Ether(type=0x86DD) / bytes(40)),
+]
+
+
+def _in_fresh_netns(uid, tag: str, code: str, *args: str) -> dict | list:
+    import json as _json
+
+    from pylvs.lab.topology import _repo_root, remove_netns
+
+    ns = f"pl{uid}-{tag}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code, *args],
+                           capture_output=True, text=True, timeout=60, cwd=_repo_root())
+        assert p.returncode == 0, p.stderr
+        return _json.loads(p.stdout.strip().splitlines()[-1])
+    finally:
+        remove_netns(ns)
+
+
+def test_steering_program_is_the_fanout_rule(uid):
+    """tap_steer.bpf.c, run by the kernel on each frame of the table, gives
+    the value the AF_PACKET fanout program gives (bpf.steer_index), with
+    the table above and with services added until the classic program
+    falls back to addresses, then to saddr (bpf.fanout_plan); a program
+    that cannot be loaded is a clear error, and open_workers then gives one
+    worker with a warning."""
+    import json as _json
+
+    frames = [bytes(f) for _, f in STEER_CASES]
+    # Services on other addresses: 1000 make the classic program compare
+    # addresses only, 1100 key everything by saddr.
+    tables_ = [(STEER_SVC + [(6, bpf.ip("10.50.0.0") + i, 80) for i in range(k)], STEER_DST)
+               for k in (0, 1000, 1100)]
+    assert [bpf.fanout_plan(*t) for t in tables_] == [bpf.FANOUT_FULL, bpf.FANOUT_ADDRS,
+                                                       bpf.FANOUT_SADDR]
+    out = _in_fresh_netns(uid, "steer", STEER, _json.dumps(tables_), *(f.hex() for f in frames))
+    for t, got in zip(tables_, out["values"]):
+        want = [bpf.steer_index(f, 1 << 16, *t) for f in frames]
+        assert {d: g for (d, _), g in zip(STEER_CASES, got)} == \
+            {d: w for (d, _), w in zip(STEER_CASES, want)}, bpf.fanout_plan(*t)
+    keys, addrs, _saddr = out["values"]
+    assert keys[0] == keys[2] == keys[3] != 0   # one client, both ways
+    assert keys[4] != addrs[4]   # a dest's other port: saddr, then (addresses) daddr
+    assert out["error"].startswith("TAP queue steering: map services: max_entries 0"), out
+    n, queues, (warning,) = out["fallback"]
+    assert (n, queues) == (1, 1), out
+    assert warning.startswith("TAP queue steering: opening BPF object /nonexistent.bpf.o")
+    assert warning.endswith("one worker instead of 2"), warning
+
+
+LEFTOVER = r"""
+import json, os, subprocess, sys
+from pylvs import _bpf
+from pylvs.io import tap
+
+def alive(prog_id):
+    try:
+        _bpf.prog_info(prog_id)
+        return True
+    except OSError:
+        return False
+
+def gone(prog_id):
+    # The device drops its program after an RCU grace period.
+    import time
+    for _ in range(100):
+        if not alive(prog_id):
+            return True
+        time.sleep(0.02)
+    return False
+
+if sys.argv[1] == "child":
+    bs = tap.open_workers(["t1"], 2, addrs=["10.9.0.1/24"])
+    print(bs[0].steering.prog_id, flush=True)
+    os._exit(0)   # as after kill -9: nothing closed
+subprocess.run(["ip", "tuntap", "add", "t1", "mode", "tap", "multi_queue", "vnet_hdr"], check=True)
+out = {}
+bs = tap.open_workers(["t1"], 2, addrs=["10.9.0.1/24"])
+pid = bs[0].steering.prog_id
+for b in bs[::-1]:
+    b.close()
+out["stop"] = gone(pid)
+child = subprocess.run([sys.executable, "-c", sys.argv[2], "child", sys.argv[2]],
+                       capture_output=True, text=True, check=True)
+pid = int(child.stdout.split()[-1])
+out["left_by_kill"] = alive(pid)
+bs = tap.open_workers(["t1"], 1, addrs=["10.9.0.1/24"])
+out["one_worker_start"] = gone(pid)
+out["queues"] = tap.queues_open("t1")
+try:   # bs still holds its queue
+    tap.open_workers(["t1"], 2, addrs=["10.9.0.1/24"])
+except OSError as e:
+    out["second"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_steering_program_left_on_a_persistent_tap_only_by_kill(uid):
+    """A stop detaches the program from a persistent TAP; one left by a
+    director that died outright is taken off by the next start (here with
+    one worker, which sets none); a TAP whose queues another process holds
+    is refused, since worker i must own queue i."""
+    out = _in_fresh_netns(uid, "stale", LEFTOVER, "parent", LEFTOVER)
+    assert out["stop"] and out["left_by_kill"] and out["one_worker_start"], out
+    assert out["queues"] == 1, out
+    assert "another process holds" in out["second"], out
+
+
+@pytest.mark.parametrize("workers", [2], ids=["2workers"], indirect=True)
+def test_both_directions_of_every_client_reach_its_worker(director_lab, workers):
+    """60 clients x 2 UDP flows through VS-NAT over the TAP lab: each conn
+    is held by the worker bpf.steer_index names, and every reply came back
+    (a reply steered to the other worker would find no conn there and never
+    reach the client). Counters are sums over the workers."""
+    lab = director_lab(io="tap", servers=3)
+    for a in CLIENTS:
+        lab.run(lab.client, ["ip", "addr", "add", f"{a}/24", "dev", "eth0"])
+    lab.nat_service("udp", 7, (1, 1, 1))
+    sent = send_round(lab)
+    view = director_view(lab)
+    assert set(check_round(lab, sent, view)) == {0, 1}
+    io = view["stats"]["io"]
+    per_worker = [w["io"] for w in view["stats"]["workers"]]
+    assert all(w["rx_frames"] > 0 for w in per_worker), per_worker
+    assert io["rx_frames"] == sum(w["rx_frames"] for w in per_worker)
+    # The host's counters (ARP) are the director's, counted once.
+    assert io["arp_replies_sent"] == per_worker[0]["arp_replies_sent"] > 0, per_worker
+    assert "arp_replies_sent" not in per_worker[1]
+    assert sum(1 for line in lab.adm("-L", "-n", "-c").splitlines()
+               if line.startswith("UDP")) == len(sent)
+    # Echo requests to the VIP reach the worker of their source: both
+    # workers' threads answer for the one host.
+    by_worker = {bpf.steer_index(bytes(Ether() / IP(src=a, dst=lab.vip) / ICMP()), 2, [], []): a
+                 for a in CLIENTS}
+    assert set(by_worker) == {0, 1}
+    before = lab.stats()["echo_replies_sent"]
+    for a in by_worker.values():
+        p = lab.run(lab.client, ["ping", "-c", "1", "-W", "2", "-I", a, lab.vip], check=False)
+        assert p.returncode == 0, (a, p.stdout, p.stderr)
+    assert lab.stats()["echo_replies_sent"] == before + 2

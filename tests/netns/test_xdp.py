@@ -17,13 +17,18 @@ import sysconfig
 import time
 
 import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import Ether
 
+from pylvs.io import bpf
 from pylvs.lab.httpd import content
 from pylvs.lab.topology import Lab
 from test_fwd_methods import DR, NAT, TUN, assert_content, download, only
 from test_steering import RULE_CASES, _probe
+from test_workers import CLIENTS, check_round, director_view, send_round
 
 pytestmark = pytest.mark.netns
+ONE_AND_TWO = pytest.mark.parametrize("workers", [1, 2], indirect=True)
 
 PORT = 80
 XDP = ("--io", "xdp")
@@ -93,6 +98,87 @@ def test_xdp_program_takes_what_steering_drops(trio):
     assert got == want
 
 
+# --- which worker: the program's key against the fanout's (BPF_PROG_TEST_RUN) -----
+
+VIP, RIP, OTHER = "10.9.0.1", "10.9.1.2", "10.9.7.7"
+STEER_SERVICES = [(6, bpf.ip(VIP), 80), (17, bpf.ip(VIP), 53)]
+STEER_DESTS = [(6, bpf.ip(RIP), 8080), (17, bpf.ip(RIP), 5353)]
+
+
+def _steer_frames() -> list[tuple[str, bytes]]:
+    """Frames the program redirects, of 40 clients: to the VIP (TCP, UDP),
+    NAT replies, ICMP errors from a real server quoting the client's
+    packet, one quoting an IPIP packet, one truncated in the quote."""
+    eth = Ether(dst="00:00:00:00:00:00")
+    out = []
+    for i in range(40):
+        c = f"10.{i % 7}.{i}.{3 * i + 1}"
+        out += [
+            (f"{c} tcp to vip", eth / IP(src=c, dst=VIP) / TCP(sport=1000 + i, dport=80)),
+            (f"{c} udp to vip", eth / IP(src=c, dst=VIP) / UDP(sport=2000 + i, dport=53)),
+            (f"{c} nat reply", eth / IP(src=RIP, dst=c) / TCP(sport=8080, dport=1000 + i)),
+            (f"{c} udp nat reply", eth / IP(src=RIP, dst=c) / UDP(sport=5353, dport=2000 + i)),
+            (f"{c} icmp error from rs", eth / IP(src=RIP, dst=c) / ICMP(type=3, code=3)
+             / IP(src=c, dst=RIP) / UDP(sport=2000 + i, dport=5353)),
+        ]
+    out += [
+        ("icmp error quoting ipip", eth / IP(src=RIP, dst=OTHER) / ICMP(type=3, code=4)
+         / IP(src=OTHER, dst=RIP, proto=4) / IP(src="10.3.3.3", dst=VIP) / TCP(sport=5, dport=80)),
+        ("icmp error truncated quote", eth / IP(src=RIP, dst=OTHER) / ICMP(type=11)
+         / bytes(IP(src=OTHER, dst=RIP) / UDP(sport=5353, dport=9))[:8]),
+    ]
+    return [(name, bytes(f)) for name, f in out]
+
+
+STEER = """
+import json, struct
+from pylvs import _bpf
+from pylvs.control.steering import SETS, sets_of, sync_sets
+from pylvs.io import xdp
+obj = _bpf.Object(str(xdp.BPF_OBJECT))
+maps = {n: obj.map(n) for n in (*SETS, "ports", "steer", "counters")}
+sync_sets(maps, {n: set() for n in SETS}, sets_of(SERVICES, DESTS, ["10.9.0.1", "10.9.1.1"]))
+maps["ports"].update(struct.pack("I", 1), bytes(6) + struct.pack("H", 0))
+link = obj.attach_xdp(xdp.BPF_PROG, 1, True)
+out = []
+for workers, plan in CONFIGS:
+    maps["steer"].update(struct.pack("I", 0), struct.pack("II", workers, xdp.PLANS[plan]))
+    got = []
+    for frame in FRAMES:
+        before = [maps["counters"].sum_u64(2 + w) for w in range(workers)]
+        assert _bpf.prog_test_run(link.prog_id, bytes.fromhex(frame)) == 2   # no XSK: passed
+        hit = [w for w in range(workers) if maps["counters"].sum_u64(2 + w) != before[w]]
+        got.append(hit)
+    out.append(got)
+link.close()
+print(json.dumps(out))
+"""
+
+CONFIGS = [(2, bpf.FANOUT_FULL), (3, bpf.FANOUT_FULL), (5, bpf.FANOUT_FULL),
+           (3, bpf.FANOUT_ADDRS), (3, bpf.FANOUT_SADDR)]
+
+
+def test_xdp_program_picks_the_worker_steer_index_predicts(trio, monkeypatch):
+    """For N workers, every frame the program redirects is counted for
+    exactly one worker: the one bpf.steer_index (the AF_PACKET fanout's
+    rule) gives, under each of the fanout's plans (full keys; addresses
+    only and saddr, the plans of tables too big for the classic program)."""
+    frames = _steer_frames()
+    res = trio.py(trio.d, f"FRAMES = {[f.hex() for _, f in frames]!r}\n"
+                          f"SERVICES, DESTS = {STEER_SERVICES!r}, {STEER_DESTS!r}\n"
+                          f"CONFIGS = {CONFIGS!r}\n" + STEER)
+    for (workers, plan), got in zip(CONFIGS, res):
+        monkeypatch.setattr(bpf, "_fanout_mode", lambda svc, frm, plan=plan: plan)
+        want = [[bpf.steer_index(f, workers, STEER_SERVICES, STEER_DESTS)] for _, f in frames]
+        assert [(n, g) for (n, _), g in zip(frames, got)] == \
+            [(n, w) for (n, _), w in zip(frames, want)], (workers, plan)
+        assert len({w for w, in want}) == workers, (workers, plan)   # every worker is used
+    # Both directions of a client's conn, and its ICMP errors, on one worker.
+    full = res[0]
+    for i in range(40):
+        assert len({w for w, in full[5 * i:5 * i + 5]}) == 1, frames[5 * i][0]
+
+
 ATTACH_MODES = """
 import json, logging, socket
 from pylvs import _bpf
@@ -109,6 +195,9 @@ for name, generic in (("d0", None), ("dm0", None), ("d0", True)):
         q = _bpf.xdp_query(socket.if_nametoindex(name))
         out[f"{name} {generic}"] = [b.describe(), q["mode"], q["link"]]
     out[f"{name} {generic} after"] = _bpf.xdp_query(socket.if_nametoindex(name))["mode"]
+with XdpBackend(["d0"], workers=2) as b:
+    out["d0 2 workers"] = [d for w in b.siblings for d in w.describe()]
+out["d0 2 workers after"] = _bpf.xdp_query(socket.if_nametoindex("d0"))["mode"]
 print(json.dumps([out, lines]))
 """
 
@@ -120,7 +209,7 @@ def test_native_where_the_driver_has_it_generic_elsewhere(trio):
     subprocess.run(["ip", "-n", trio.d, "link", "add", "dm0", "type", "bridge"], check=True)
     subprocess.run(["ip", "-n", trio.d, "link", "set", "dm0", "up"], check=True)
     out, lines = trio.py(trio.d, ATTACH_MODES)
-    zc = {"queue": 0, "zerocopy": False}
+    zc = {"queue": 0, "zerocopy": False, "worker": 0, "shared": False}
     assert out == {
         "d0 None": [[{"port": "d0", "mode": "native", **zc}], "native", True],
         "d0 None after": "none",
@@ -128,10 +217,16 @@ def test_native_where_the_driver_has_it_generic_elsewhere(trio):
         "dm0 None after": "none",
         "d0 True": [[{"port": "d0", "mode": "generic", **zc}], "generic", True],
         "d0 True after": "none",
+        # One UMEM: worker 1's socket bound to worker 0's with XDP_SHARED_UMEM.
+        "d0 2 workers": [{"port": "d0", "mode": "native", **zc},
+                         {"port": "d0", "mode": "native", **zc, "worker": 1, "shared": True}],
+        "d0 2 workers after": "none",
     }
     assert any(line.startswith("xdp: dm0: no native XDP (") and "using generic XDP" in line
                for line in lines), lines
     assert "xdp: d0: native XDP, AF_XDP socket on queue 0 in copy mode" in lines, lines
+    assert ("xdp: d0: native XDP, AF_XDP socket on queue 0 in copy mode, shared by 2 workers"
+            in lines), lines
 
 
 # --- HTTP through each method over AF_XDP ---------------------------------------
@@ -144,13 +239,17 @@ def mixed(director_lab) -> Lab:
     return lab
 
 
+@ONE_AND_TWO
 @pytest.mark.parametrize("rs", [NAT, DR, TUN], ids=["nat", "dr", "tun"])
-def test_http_over_af_xdp(mixed: Lab, tmp_path, rs):
+def test_http_over_af_xdp(mixed: Lab, tmp_path, rs, workers):
     """1 B, 100 KB and 10 MB downloads and a 2 MB upload, byte for byte,
-    every frame of them through the XSKs (none through the AF_PACKET taps)."""
+    every frame of them through the XSKs (none through the AF_PACKET taps),
+    with one worker and with two sharing each port's UMEM."""
     lab = mixed
     log = lab.director_log()
-    assert "native XDP, AF_XDP socket on queue 0 in copy mode" in log, log
+    line = "native XDP, AF_XDP socket on queue 0 in copy mode"
+    line += f", shared by {workers} workers\n" if workers > 1 else "\n"
+    assert log.count(line) == len(lab.director_ifaces), log
     assert "falling back" not in log
     lab.service("tcp", PORT, only(rs))
     for n in (1, 100_000, 10 << 20):
@@ -173,6 +272,101 @@ def test_http_over_af_xdp(mixed: Lab, tmp_path, rs):
         assert st["tx_tunneled"] > 0 and st["xsk_emit_sent"] > 0, st
     else:
         assert st["xsk_tx_frames"] > 0, st
+
+
+def test_two_workers_forward_at_once_over_one_umem(director_lab, tmp_path):
+    """Two clients whose addresses steer to different workers download
+    10 MB each at the same time through VS-NAT: both byte for byte, each
+    worker forwarding its client's frames while the other does, over the
+    fill and completion rings the two share."""
+    lab = director_lab(servers=1, start=False)
+    checksums_off(lab)
+    lab.start_director(*XDP, "--workers", "2")
+    lab.nat_service("tcp", PORT, (1,))
+    svc, dst = [(6, bpf.ip(lab.vip), PORT)], [(6, bpf.ip(lab.rips[0]), PORT)]
+    frame = lambda a: bytes(Ether() / IP(src=a, dst=lab.vip) / TCP(sport=1, dport=PORT))
+    by_worker = {}
+    for a in CLIENTS:
+        by_worker.setdefault(bpf.steer_index(frame(a), 2, svc, dst), a)
+    clients = [by_worker[0], by_worker[1]]
+    n = 10 << 20
+    procs = []
+    for i, a in enumerate(clients):
+        lab.run(lab.client, ["ip", "addr", "add", f"{a}/24", "dev", "eth0"])
+        argv = lab.curl_argv(f"/bytes/{n}", "--interface", a, "-o", str(tmp_path / f"c{i}"),
+                             max_time=60)
+        procs.append(lab.popen(lab.client, argv, key=f"curl{i}"))
+    for p in procs:
+        assert p.wait(70) == 0
+    for i in range(2):
+        assert_content(tmp_path / f"c{i}", n)
+    workers = lab.py(lab.director, CONNS_STATS)["workers"]
+    assert [w["io"]["xsk_rx_frames"] > 1000 for w in workers] == [True, True], workers
+    assert [w["io"]["xsk_tx_no_room"] + w["io"]["xsk_rx_dropped"] for w in workers] == [0, 0]
+
+
+def multiqueue_front(lab: Lab, queues: int) -> None:
+    """Replace the client -- director veth pair by one with ``queues`` rx
+    and tx queues a side, addresses and routes as they were. veth hands a
+    frame to the peer's rx queue of the sender's tx queue, which the
+    client picks per socket: its flows spread over the director's queues."""
+    def state(ns):
+        addrs = [f"{a['local']}/{a['prefixlen']}" for a in json.loads(lab.run(
+            ns, ["ip", "-j", "-4", "addr", "show", "dev", "eth0"]).stdout)[0]["addr_info"]]
+        routes = [r for r in json.loads(lab.run(ns, ["ip", "-j", "-4", "route", "show"]).stdout)
+                  if r.get("dev") == "eth0" and r.get("protocol") != "kernel"]
+        return addrs, routes
+
+    kept = {ns: state(ns) for ns in (lab.client, lab.director)}
+    lab.run(lab.director, ["ip", "link", "del", "eth0"])
+    q = str(queues)
+    lab.run(lab.director, ["ip", "link", "add", "eth0", "numtxqueues", q, "numrxqueues", q,
+                           "type", "veth", "peer", "name", "eth0", "netns", lab.client,
+                           "numtxqueues", q, "numrxqueues", q])
+    for ns, (addrs, routes) in kept.items():
+        for a in addrs:
+            lab.run(ns, ["ip", "addr", "add", a, "dev", "eth0"])
+        lab.run(ns, ["ip", "link", "set", "eth0", "up"])
+        for r in routes:
+            lab.run(ns, ["ip", "route", "add", r["dst"], *(["via", r["gateway"]] if "gateway" in r
+                                                            else []), "dev", "eth0"])
+
+
+@pytest.mark.parametrize("queues", [1, 2])
+def test_both_directions_of_every_client_reach_its_worker_over_af_xdp(director_lab, queues):
+    """60 client addresses, two UDP flows each, through VS-NAT with 2
+    workers over AF_XDP: every conn is held by the worker bpf.steer_index
+    predicts for both its directions (else its reply would find no conn
+    and the client no answer), and the program steered frames to both
+    workers. With one rx queue every frame came through an XSK; with two
+    on the client side, the frames of queue 1 pass to the stack and reach
+    the same workers through the AF_PACKET taps' fanout."""
+    lab = director_lab(servers=3, start=False)
+    if queues > 1:
+        multiqueue_front(lab, queues)
+    checksums_off(lab)
+    lab.start_director(*XDP, "--workers", "2")
+    for a in CLIENTS:
+        lab.run(lab.client, ["ip", "addr", "add", f"{a}/24", "dev", "eth0"])
+    lab.nat_service("udp", 7, (1, 1, 1))
+    sent = send_round(lab)
+    view = director_view(lab)
+    per_worker = check_round(lab, sent, view)
+    assert set(per_worker) == {0, 1}, per_worker
+    io = [w["io"] for w in view["stats"]["workers"]]
+    assert all(w["xdp_steered"] > 0 and w["xsk_rx_frames"] > 0 for w in io), io
+    total = view["stats"]["io"]
+    assert total["xsk_rx_frames"] == total["xdp_redirected"], total
+    assert total["xdp_redirected"] + total["xdp_no_xsk"] == sum(w["xdp_steered"] for w in io)
+    if queues == 1:
+        assert total["rx_blocks"] == 0 and total["xdp_no_xsk"] == 0, total
+    else:   # queue 1's requests: passed, and taken by the taps
+        assert total["xdp_no_xsk"] > 0 and total["rx_frames"] >= total["xdp_no_xsk"], total
+    # Counters and listings are sums over the workers.
+    engine = [w["engine"]["conns_created"] for w in view["stats"]["workers"]]
+    assert view["stats"]["engine"]["conns_created"] == sum(engine) == len(sent), engine
+    listing = lab.adm("-L", "-n", "-c")
+    assert sum(1 for line in listing.splitlines() if line.startswith("UDP")) == len(sent)
 
 
 def test_python_engine_over_af_xdp(director_lab, tmp_path):
@@ -200,6 +394,7 @@ print(0)
 """
 
 
+@ONE_AND_TWO
 def test_excess_load_is_dropped_at_xdp_and_counted(director_lab):
     """The director stopped (SIGSTOP) while 6000 datagrams arrive: its RX
     ring takes 2048 (its size), the kernel drops the rest at the redirect
@@ -234,6 +429,7 @@ def test_excess_load_is_dropped_at_xdp_and_counted(director_lab):
 
 # --- interfaces left as found ---------------------------------------------------
 
+@ONE_AND_TWO
 def test_stop_and_kill_9_leave_no_xdp_program(director_lab):
     lab = director_lab(servers=1, start=False)
     checksums_off(lab)
@@ -307,6 +503,13 @@ def test_start_removes_a_leftover_pylvs_program(director_lab):
     assert xdp_of(lab) == no_xdp(lab)
 
 
+CONNS_STATS = """
+import json
+from pylvs.control import rpc
+with rpc.Client() as c:
+    print(json.dumps(c.call(op="stats")))
+"""
+
 FOREIGN = """
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -315,9 +518,12 @@ char LICENSE[] SEC("license") = "GPL";
 """
 
 
-def test_falls_back_to_af_packet_with_one_line_when_xdp_cannot_attach(director_lab, tmp_path):
-    """Another XDP program on a port: --io xdp runs on AF_PACKET, says so
-    in one warning, forwards, and leaves that program where it was."""
+@ONE_AND_TWO
+def test_falls_back_to_af_packet_with_one_line_when_xdp_cannot_attach(director_lab, tmp_path,
+                                                                      workers):
+    """Another XDP program on a port: --io xdp runs on AF_PACKET (with as
+    many workers), says so in one warning, forwards, and leaves that
+    program where it was."""
     src, obj = tmp_path / "foreign.bpf.c", tmp_path / "foreign.bpf.o"
     src.write_text(FOREIGN)
     triplet = sysconfig.get_config_var("MULTIARCH")   # asm/types.h, as setup.py
@@ -336,6 +542,7 @@ def test_falls_back_to_af_packet_with_one_line_when_xdp_cannot_attach(director_l
     assert lab.curl("/whoami", max_time=5).stdout.strip() == "rs1"
     st = lab.stats()
     assert "xdp_redirected" not in st and st["rx_blocks"] > 0, st
+    assert len(lab.py(lab.director, CONNS_STATS)["workers"]) == workers
     assert lab.stop_director() == 0
     after = xdp_of(lab)
     assert after[0] == foreign and after[1:] == no_xdp(lab)[1:], after
