@@ -257,7 +257,7 @@ class AfPacketBackend(CopyLoop):
         self.ring = ring
         self.lanes = None if ring != "auto" else lanes if lanes is not None else LaneSwitch(1)
         if self.lanes is not None and fanout is None:
-            fanout = [0] * len(ifnames)
+            fanout = [0] * (len(ifnames) + local)   # local: the loopback port's group too
         if not ifnames:
             raise ValueError("AfPacketBackend needs at least one interface")
         self.ports: list[Port] = []
