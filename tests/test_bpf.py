@@ -321,3 +321,37 @@ def test_length_with_own_addresses_is_known_before_building():
     assert len(bpf.program(SVC, DST, own)) == len(bpf.program(SVC, DST)) + 4
     with pytest.raises(ValueError, match="out of range"):
         bpf.program(SVC, DST, [-1])
+
+
+# --- clients on the director itself (docs/io.md, "Clients on the director") ---
+
+LOCAL_CASES = [
+    # (description, frame, ports' filter with from_services, loopback port's filter)
+    ("a local client's request", frame("10.0.0.254", VIP, 6, 40000, 80), True, True),
+    ("a DR/Tun real server's reply from the VIP", frame(VIP, "10.0.0.254", 6, 80, 40000),
+     True, False),
+    ("a reply from another VIP port", frame(VIP, "10.0.0.254", 6, 81, 40000), False, False),
+    ("a NAT real server's reply", frame(RIP, "10.0.0.254", 6, 8080, 40000), True, False),
+    ("an ICMP error to the VIP", frame("1.2.3.4", VIP, 1, 0, 0, icmp_type=3), True, False),
+]
+
+
+@pytest.mark.parametrize("name,pkt,ports,lo", LOCAL_CASES, ids=[c[0] for c in LOCAL_CASES])
+def test_local_client_filters(name, pkt, ports, lo):
+    services, dests = SVC, DST
+    port_prog = bpf.for_tables(services, dests, from_services=True)
+    lo_prog = bpf.for_local(services)
+    assert (bpf.run(port_prog, pkt) > 0) == ports
+    assert (bpf.run(lo_prog, pkt) > 0) == lo
+    assert kernel_accepts(port_prog, [pkt]) == [ports]
+    assert kernel_accepts(lo_prog, [pkt]) == [lo]
+    # Without local clients the ports take no frame from a VIP.
+    assert (bpf.run(bpf.for_tables(services, dests), pkt) > 0) == (ports and name != (
+        "a DR/Tun real server's reply from the VIP"))
+
+
+def test_length_with_replies_from_services_is_known_before_building():
+    svc, dst = bpf._pack_keys(SVC), bpf._pack_keys(DST)
+    icmp_to = bpf._icmp_to(svc, ())
+    assert bpf._packed_length(svc, dst, icmp_to, True) == len(
+        bpf._program(svc, dst, icmp_to, True))

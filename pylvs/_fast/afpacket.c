@@ -29,18 +29,22 @@
  * then also copied there, as a pcap record (capture.c).
  */
 #include "capture.h"
+#include "csum.h"
 #include "engine.h"
 #include "ip_vs_icmp.h"  /* struct pylvs_emit */
 #include "structmember.h"
 #include "views.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <linux/if_packet.h>
+#include <linux/virtio_net.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -83,6 +87,11 @@ typedef struct RingObject {
     int last_tx_error;            /* errno of the last frame sendmmsg() refused */
     int busy;                     /* inside forward / ring_recv / ring_send */
     PylvsCapture *capture;        /* NULL, or where sent frames are copied */
+    /* The loopback port (docs/io.md, "Clients on the director"): frames
+     * for it are sent as IP packets on this raw socket (-1: none), which
+     * the local stack receives with a route attached, where a frame sent
+     * on lo would meet the route input's martian-source check. */
+    int local_fd;
     /* A second ring on the same port (set_lane): a TPACKET_V2 ring whose
      * frames count as the port's. The adaptive ring (pylvs run --ring auto)
      * gives each V3 ring a V2 lane and moves the port's frames between
@@ -168,6 +177,7 @@ static int ring_init(RingObject *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->fd = fd;
+    self->local_fd = -1;
     self->map = map;
     self->map_len = len;
     self->block_size = block_size;
@@ -236,6 +246,23 @@ static PyObject *ring_get_capture(RingObject *self, void *closure)
     return c;
 }
 
+static PyObject *ring_set_local_fd(RingObject *self, PyObject *arg)
+{
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Ring is in use by forward/ring_recv/ring_send");
+        return NULL;
+    }
+    if (fd < -1 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "local_fd must be a descriptor or -1");
+        return NULL;
+    }
+    self->local_fd = (int)fd;
+    Py_RETURN_NONE;
+}
+
 /* forward() reads the lane without the GIL: it may change only while
  * neither ring is in use. */
 static PyObject *ring_set_lane(RingObject *self, PyObject *arg)
@@ -277,6 +304,9 @@ static PyMethodDef ring_methods[] = {
     {"close", (PyCFunction)ring_close, METH_NOARGS, "Unmap the ring (the socket stays open)."},
     {"set_capture", (PyCFunction)ring_set_capture, METH_O,
      "set_capture(capture or None): copy every frame this ring sends from now on to a Capture."},
+    {"set_local_fd", (PyCFunction)ring_set_local_fd, METH_O,
+     "set_local_fd(fd or -1): send this port's frames as IP packets on the raw socket fd\n"
+     "(socket(AF_INET, SOCK_RAW, IPPROTO_RAW)) instead of the AF_PACKET socket."},
     {"set_lane", (PyCFunction)ring_set_lane, METH_O,
      "set_lane(ring or None): also read this V2 Ring's frames as this port's (forward, ring_recv)."},
     {NULL},
@@ -296,6 +326,7 @@ static PyMemberDef ring_members[] = {
     U64(fwd_max_blocks),
     {"last_error", T_INT, offsetof(RingObject, last_error), READONLY, NULL},
     {"last_tx_error", T_INT, offsetof(RingObject, last_tx_error), READONLY, NULL},
+    {"local_fd", T_INT, offsetof(RingObject, local_fd), READONLY, NULL},
     {NULL},
 };
 
@@ -456,9 +487,67 @@ static inline void tx_count(RingObject *r, const TxQueue *q, unsigned i, int sen
     }
 }
 
+/* Finish a partial checksum (vnet NEEDS_CSUM: the field holds the
+ * pseudo-header sum, the rest is the sender's to add over csum_start..end):
+ * a packet handed to the local stack by a raw socket is checked in full
+ * (CHECKSUM_NONE). `end` is the IP packet's end, padding excluded. */
+static int local_csum(uint8_t *frame, uint32_t end)
+{
+    if (!(frame[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM))
+        return 1;
+    uint16_t start, off;
+    memcpy(&start, frame + 6, 2);   /* virtio_net_hdr: host byte order */
+    memcpy(&off, frame + 8, 2);
+    uint32_t s = PYLVS_VNET_HDR_LEN + start, f = s + off;
+    if (s < PYLVS_VNET_HDR_LEN + 14 + 20 || f + 2 > end)
+        return 0;
+    uint16_t c = (uint16_t)~pylvs_fold(pylvs_csum_bytes(frame + s, end - s));
+    if (c == 0 && frame[PYLVS_VNET_HDR_LEN + 14 + 9] == 17)
+        c = 0xffff;   /* UDP: 0 means "no checksum" (RFC 768) */
+    pylvs_wr16(frame + f, c);
+    frame[0] &= (uint8_t)~VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    return 1;
+}
+
+/* The loopback port's queue: each frame's IP packet (Ethernet header and
+ * padding off) sent on the raw socket to its daddr. A GSO frame goes whole:
+ * the local stack takes a packet up to 64 KiB. */
+static void local_flush(RingObject *r, TxQueue *q)
+{
+    for (unsigned i = 0; i < q->n; i++) {
+        uint8_t *frame = q->iov[i].iov_base;
+        uint32_t len = (uint32_t)q->iov[i].iov_len, hdr = PYLVS_VNET_HDR_LEN + 14;
+        int sent = 0;
+        if (len >= hdr + 20) {
+            uint8_t *ip = frame + hdr;
+            uint32_t tot = pylvs_rd16(ip + 2);
+            if (tot >= 20 && tot <= len - hdr && local_csum(frame, hdr + tot)) {
+                struct sockaddr_in to = {.sin_family = AF_INET};
+                memcpy(&to.sin_addr, ip + 16, 4);
+                ssize_t w;
+                do
+                    w = sendto(r->local_fd, ip, tot, MSG_DONTWAIT, (struct sockaddr *)&to, sizeof to);
+                while (w < 0 && errno == EINTR);
+                sent = w == (ssize_t)tot;
+                if (w < 0) {
+                    r->last_tx_error = errno;
+                    if (errno == EMSGSIZE)
+                        r->tx_emsgsize++;
+                }
+            }
+        }
+        tx_count(r, q, i, sent);
+    }
+    q->n = 0;
+}
+
 static void txq_flush(RingObject *r, TxQueue *q)
 {
     unsigned i = 0, tries = 0;
+    if (r->local_fd >= 0) {
+        local_flush(r, q);
+        return;
+    }
     while (i < q->n && tries++ < 2 * TXQ) {
         int s = sendmmsg(r->fd, q->msg + i, q->n - i, MSG_DONTWAIT);
         if (s > 0) {

@@ -20,6 +20,9 @@
 
 #define PORT_F_USED 1
 #define PORT_F_CHECK_MAC 2
+/* The loopback port: frames of clients on the director itself (docs/io.md,
+ * "Clients on the director"); their local source is not a martian. */
+#define PORT_F_LOCAL 4
 #define ROUTE_NO_PORT 0xffff
 
 /* PORT_DTYPE (align=True) */
@@ -160,11 +163,15 @@ static inline int pylvs_is_local(const struct pylvs_net *n, uint32_t addr)
 /* The verdict counter refusing a new flow's source at step 9, or -1. */
 static inline int pylvs_martian(const struct pylvs_net *n, uint32_t saddr, uint16_t in_port)
 {
+    const port_row *p = pylvs_port(n, in_port);
+    /* Sent by this host: the kernel's LOCAL_OUT hook (ip_vs_local_request4)
+     * sees it before any route input, which is what refuses these. */
+    if (p != NULL && (p->flags & PORT_F_LOCAL))
+        return -1;
     uint32_t top = saddr >> 24;
     if (top == 0 || top == 127 || (saddr >> 28) == 14 || saddr == 0xffffffffu ||
         pylvs_is_local(n, saddr))
         return ST_DROP_MARTIAN;
-    const port_row *p = pylvs_port(n, in_port);
     if (p != NULL && p->rp_filter && n->have_routes) {
         int back = -1;
         for (uint32_t i = 0; i < n->nroutes; i++) {

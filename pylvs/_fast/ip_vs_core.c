@@ -894,6 +894,34 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
     return finish(e, ST_TX_FRAMES, PYLVS_V_TX);
 }
 
+/* A frame no conn and no service claims: is it a VS-DR/Tun real server's
+ * reply to a client on the director itself (docs/io.md, "Clients on the
+ * director")? It comes from vaddr:vport to caddr:cport, the reverse of the
+ * conn's IN key; the conn's client frames came in on the loopback port.
+ * The kernel would drop it as a martian (its source, the VIP, is a local
+ * address), so it goes, unchanged, out of that port, which hands it to the
+ * local stack. Else the kernel's, as before. Out of line: the rare path. */
+static __attribute__((noinline)) int
+local_reply(PylvsEngine *e, uint8_t proto, uint32_t saddr, uint16_t sport, uint32_t daddr,
+            uint16_t dport, uint32_t tot, uint16_t in_port, double now, uint16_t *out_port)
+{
+    const port_row *in = pylvs_port(&e->net, in_port);
+    if (in == NULL || (in->flags & PORT_F_LOCAL))
+        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+    uint64_t h = key_hash(e, proto, daddr, dport, saddr, sport);
+    struct bucket *b = index_find(e, h, proto, daddr, dport, saddr, sport);
+    if (b == NULL || ((b->ref - 1) & 1) != KEY_IN)
+        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+    struct conn *c = &e->conns[(b->ref - 1) >> 1];
+    const port_row *lp = pylvs_port(&e->net, c->in_port);
+    if (c->expires <= now || (c->xmit != XMIT_DR && c->xmit != XMIT_TUN) || lp == NULL ||
+        !(lp->flags & PORT_F_LOCAL))
+        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+    count_traffic(e, c, T_OUTPKTS, T_OUTBYTES, tot);
+    *out_port = c->in_port;
+    return finish(e, ST_TX_FRAMES, PYLVS_V_TX);
+}
+
 static inline __attribute__((always_inline)) int
 engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, double now,
              uint16_t *out_port, const struct hint *hint, struct pylvs_emit *em)
@@ -982,7 +1010,8 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
     if (c == NULL) {
         int s = find_service(e, proto, daddr, dport);
         if (s < 0)
-            return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+            return local_reply(e, proto, saddr, sport, daddr, dport, tot, in_port, now,
+                               out_port);
         int m = pylvs_martian(&e->net, saddr, in_port);
         if (m >= 0)
             return finish(e, m, PYLVS_V_DROP);

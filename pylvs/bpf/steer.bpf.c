@@ -43,6 +43,23 @@ STEER_SET(rsaddrs, __be32);
 STEER_SET(vips, __be32);
 STEER_SET(local, __be32);
 
+/* (caddr, cport, proto) of clients on the director itself, learnt from
+ * their requests at ingress of the loopback port (docs/io.md, "Clients on
+ * the director"): a real server's reply to one of them (to a local
+ * address) is the engine's, not the kernel's, which would answer it with a
+ * RST (NAT: no socket has that peer) or drop it (DR/Tun: its source, the
+ * VIP, is local). LRU: a client's entry goes when newer ones need room. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct l4_key);
+	__type(value, __u8);
+} local_clients SEC(".maps");
+
+/* Every network namespace's loopback device has this ifindex
+ * (include/net/flow.h LOOPBACK_IFINDEX). */
+#define LOOPBACK_IFINDEX 1
+
 /* [0]: not_host, frames of the sets above whose packet type is not
  * PACKET_HOST (the socket filter refuses them, pylvs/io/bpf.py). */
 struct {
@@ -109,10 +126,28 @@ int pylvs_steer(struct __sk_buff *skb)
 		}
 		return VERDICT_PASS;
 	}
-	if (in_set(&services, &svc))
+	if (in_set(&services, &svc)) {
+		if (skb->ifindex == LOOPBACK_IFINDEX) {
+			struct l4_key cl = {.addr = iph.saddr, .proto = iph.protocol};
+			__u8 one = 1;
+
+			__builtin_memcpy(&cl.port, &l4[0], 2);
+			bpf_map_update_elem(&local_clients, &cl, &one, BPF_ANY);
+		}
 		return VERDICT_DROP;
-	if (in_set(&local, &iph.daddr))
+	}
+	if (in_set(&local, &iph.daddr)) {
+		/* A NAT real server's reply, or a DR/Tun one (from the VIP), to
+		 * a client on the director; the director's own connections to
+		 * the real servers stay the kernel's. */
+		struct l4_key cl = {.addr = iph.daddr, .proto = iph.protocol};
+
+		__builtin_memcpy(&cl.port, &l4[2], 2);
+		if (skb->ifindex != LOOPBACK_IFINDEX && in_set(&local_clients, &cl)
+		    && (in_set(&realservers, &rs) || in_set(&services, &rs)))
+			return VERDICT_DROP;
 		return VERDICT_PASS;
+	}
 	if (in_set(&realservers, &rs))
 		return VERDICT_DROP;
 	if (is_icmp_error && in_set(&rsaddrs, &iph.saddr))

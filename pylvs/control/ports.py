@@ -31,7 +31,8 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from ..engine.tables import NO_PORT, PORT_DTYPE, PORT_F_CHECK_MAC, PORT_F_USED, ROUTE_DTYPE
+from ..engine.tables import (NO_PORT, PORT_DTYPE, PORT_F_CHECK_MAC, PORT_F_LOCAL, PORT_F_USED,
+                             ROUTE_DTYPE)
 
 log = logging.getLogger("pylvs.ports")
 
@@ -85,6 +86,11 @@ def port_table(ports, links: dict[int, tuple[int, bytes]], primary: dict[int, in
         row["addr"] = primary.get(p.ifindex, 0)
         row["mtu"] = mtu
         row["flags"] = PORT_F_USED
+        if getattr(p, "local", False):
+            # Loopback (pylvs/io/local.py): no MAC to check, and its
+            # clients' local sources pass no reverse-path test.
+            row["flags"] |= PORT_F_LOCAL
+            continue
         if len(mac) == 6:
             row["mac"] = np.frombuffer(mac, dtype=np.uint8)
             row["flags"] |= PORT_F_CHECK_MAC

@@ -589,12 +589,37 @@ class Engine:
             i += f[i + 1]
         return None
 
+    def _is_local_port(self, port: int) -> bool:
+        p = self._port_row(port)
+        return p is not None and bool(p[3] & tables.PORT_F_LOCAL)
+
+    def _local_reply(self, proto: int, saddr: int, sport: int, daddr: int, dport: int,
+                     totlen: int, in_port: int, now: float) -> tuple[int, int]:
+        """A frame no conn and no service claims: a VS-DR/Tun real server's
+        reply (from vaddr:vport) to a client on the director itself, whose
+        frames came in on the loopback port, goes out there unchanged, to
+        the local stack (docs/io.md, "Clients on the director"); anything
+        else is the kernel's."""
+        if not self._is_local_port(in_port):
+            hit = self._lookup((proto, daddr, dport, saddr, sport), now)
+            if hit is not None and hit[1] == states.INPUT:
+                c = hit[0]
+                if c.xmit in (XMIT_DR, XMIT_TUN) and self._is_local_port(c.in_port):
+                    self._count_traffic(c, tables.STAT_OUTPKTS, tables.STAT_OUTBYTES, totlen)
+                    return V_TX, c.in_port
+        self._pend[_PASS_NOT_OURS] += 1
+        return V_PASS, 0
+
     def _martian(self, saddr: int, in_port: int) -> int | None:
         """The counter refusing a new flow's source, or None: martian sources
         (kernel ip_route_input_slow: 0/8, 127/8, multicast, limited broadcast;
         fib_validate_source: one of our own addresses) and the reverse path
         check of the port's rp_filter (1 strict: the route back must leave by
-        the port the frame came in on; 2 loose: a route back must exist)."""
+        the port the frame came in on; 2 loose: a route back must exist).
+        None for the loopback port: what this host sends, the kernel's IPVS
+        takes at LOCAL_OUT (ip_vs_local_request4), before any route input."""
+        if self._is_local_port(in_port):
+            return None
         if (saddr >> 24 == 0 or saddr >> 24 == 127 or saddr >> 28 == 14
                 or saddr == 0xFFFFFFFF or saddr in self._local):
             return _DROP_MARTIAN
@@ -848,8 +873,7 @@ class Engine:
             # 9: a new conn, if a service wants it.
             svc = self._svc_by_key.get((proto, daddr, dport))
             if svc is None:
-                pend[_PASS_NOT_OURS] += 1
-                return V_PASS, 0
+                return self._local_reply(proto, saddr, sport, daddr, dport, totlen, in_port, now)
             refusal = self._martian(saddr, in_port)
             if refusal is not None:
                 pend[refusal] += 1

@@ -156,6 +156,7 @@ N_STATS = 64  # room to grow without changing the array's size
 
 PORT_F_USED = 1        # the row describes an attached port
 PORT_F_CHECK_MAC = 2   # drop service frames whose Ethernet dst is not `mac`
+PORT_F_LOCAL = 4       # loopback: clients on the director itself (docs/io.md)
 
 # One row per I/O port (index = the backend's port number).
 PORT_DTYPE = np.dtype(

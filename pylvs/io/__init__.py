@@ -12,12 +12,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Port:
-    """An interface the director forwards on; ``index`` is the engine's port number."""
+    """An interface the director forwards on; ``index`` is the engine's port
+    number. ``local``: the loopback port, the way in and out of clients on
+    the director itself (pylvs/io/local.py)."""
 
     index: int
     name: str
     ifindex: int
     mac: bytes
+    local: bool = False
 
 
 class CopyLoop:
@@ -70,7 +73,8 @@ def open_workers(kind: str, ifnames: list[str], n: int, **opts) -> list:
     out: list = []
     try:
         for _ in range(n):
-            ids = out[0].fanout_ids if out else [0] * len(ifnames)
+            # local=True adds the loopback port (pylvs/io/local.py), a group too.
+            ids = out[0].fanout_ids if out else [0] * (len(ifnames) + bool(opts.get("local")))
             out.append(AfPacketBackend(ifnames, fanout=ids, **opts))
         if pcap is not None:
             from .pcap import PcapWriter

@@ -228,7 +228,7 @@ class AfPacketBackend(CopyLoop):
                  block_nr: int = BLOCK_NR, retire_ms: int = RETIRE_MS,
                  qdisc_bypass: bool = True, pcap: str | None = None,
                  fanout: list[int] | None = None, ring: str = DEFAULT_RING,
-                 lanes: LaneSwitch | None = None):
+                 lanes: LaneSwitch | None = None, local: bool = False):
         """One port per name in ``ifnames`` (index = the engine's port).
 
         ``fanout``: one worker's instance of several (``open_workers``): per
@@ -245,7 +245,10 @@ class AfPacketBackend(CopyLoop):
         "v2" (TPACKET_V2 frames, no retire wait) or "auto" (both per port,
         the V2 ring as the V3 ring's lane, both in one fanout group, the
         group's program choosing by rate: ``lanes``, the LaneSwitch shared
-        by every instance, or a new one for a lone instance). Raises OSError
+        by every instance, or a new one for a lone instance). ``local``: one
+        more port, the loopback interface, for clients on the director
+        itself (pylvs/io/local.py): it takes only their requests and sends
+        on a raw IP socket. Raises OSError
         for an interface not in this network namespace or a pcap file that
         cannot be created; ValueError for another ``ring``.
         """
@@ -254,7 +257,7 @@ class AfPacketBackend(CopyLoop):
         self.ring = ring
         self.lanes = None if ring != "auto" else lanes if lanes is not None else LaneSwitch(1)
         if self.lanes is not None and fanout is None:
-            fanout = [0] * len(ifnames)
+            fanout = [0] * (len(ifnames) + local)   # local: the loopback port's group too
         if not ifnames:
             raise ValueError("AfPacketBackend needs at least one interface")
         self.ports: list[Port] = []
@@ -269,6 +272,12 @@ class AfPacketBackend(CopyLoop):
         self.fanout_ids: list[int] | None = None if fanout is None else []
         self.lane_rings: list = []
         self._lane_owner = False   # the instance that made the groups reports the switch
+        self.local = local
+        self._raw: list[socket.socket] = []
+        self._lo_socks: list[socket.socket] = []   # the loopback port's (ring, lane)
+        if local:
+            from .local import loopback_name
+            ifnames = [*ifnames, loopback_name()]
         if fanout is not None and len(fanout) != len(ifnames):
             raise ValueError("fanout needs one group id per interface")
         try:
@@ -277,10 +286,16 @@ class AfPacketBackend(CopyLoop):
                     ifindex = socket.if_nametoindex(name)
                 except OSError:
                     raise OSError(f"no interface {name!r} in this network namespace") from None
-                self.ports.append(Port(i, name, ifindex, _mac_of(name)))
+                is_lo = local and i == len(ifnames) - 1
+                self.ports.append(Port(i, name, ifindex, _mac_of(name), local=is_lo))
+                first = len(self.socks)
                 s, r = self._open_ring(name, 2 if ring == "v2" else 3, block_size, block_nr,
                                        retire_ms, qdisc_bypass)
                 self.rings.append(r)
+                if is_lo:
+                    from .local import raw_socket
+                    self._raw.append(raw_socket())
+                    r.set_local_fd(self._raw[-1].fileno())
                 if fanout is not None:   # after bind: only a bound socket may join
                     self.fanout_ids.append(join_fanout(s, fanout[i]))
                 if self.lanes is not None:
@@ -292,6 +307,8 @@ class AfPacketBackend(CopyLoop):
                     if fanout[i] == 0:
                         self.lanes.add_group(s)
                         self._lane_owner = True
+                if is_lo:
+                    self._lo_socks = self.socks[first:]
             if pcap is not None:
                 from .pcap import PcapWriter
                 self.pcap = PcapWriter(pcap, self.rings)
@@ -361,7 +378,8 @@ class AfPacketBackend(CopyLoop):
     def set_filter(self, services, dests, own_addrs=()) -> None:
         """Let only the traffic of these tables into the rings (and ICMP
         errors to ``own_addrs`` while a Tun dest exists: bpf.for_tables)."""
-        prog = bpf.for_tables(services, dests, own_addrs)
+        prog = bpf.for_tables(services, dests, own_addrs, from_services=self.local)
+        lo_prog = bpf.for_local(services) if self.local else prog
         if self.lanes is not None:
             steer = self.lanes.program(services, dests)
         elif self.fanout_ids is not None:
@@ -374,7 +392,7 @@ class AfPacketBackend(CopyLoop):
                 # reach the worker its replies will reach.
                 if steer is not None:
                     attach_filter(s, steer, SOL_PACKET, PACKET_FANOUT_DATA)
-                attach_filter(s, prog)
+                attach_filter(s, lo_prog if s in self._lo_socks else prog)
             self._prog = prog
 
     def stats(self) -> dict[str, int]:
@@ -424,11 +442,12 @@ class AfPacketBackend(CopyLoop):
             r.set_lane(None)
         for r in self.rings + self.lane_rings:
             r.close()
-        for s in self.socks:
+        for s in self.socks + self._raw:
             s.close()
         self.rings = []
         self.lane_rings = []
         self.socks = []
+        self._raw = []
 
     def __enter__(self):
         return self

@@ -297,11 +297,12 @@ def _icmp_to(svc: np.ndarray, own: Iterable[int]) -> np.ndarray:
     return _distinct(np.concatenate(((svc >> _U(16)) & _U(0xFFFFFFFF), own.astype(_U))))
 
 
-def _packed_length(svc: np.ndarray, dst: np.ndarray, icmp_to: np.ndarray) -> int:
+def _packed_length(svc: np.ndarray, dst: np.ndarray, icmp_to: np.ndarray,
+                   from_svc: bool = False) -> int:
     if not svc.size and not dst.size:
         return len(reject_all())
     n_rs = _distinct((dst >> _U(16)) & _U(0xFFFFFFFF)).size
-    return (_HEAD_LEN + _match_len(svc) + _match_len(dst)
+    return (_HEAD_LEN + _match_len(svc) + _match_len(dst) + (_match_len(svc) if from_svc else 0)
             + (2 + 2 * icmp_to.size) + (2 + 2 * n_rs) + _TAIL_LEN)
 
 
@@ -325,11 +326,14 @@ def program(svc_keys: Iterable[Key], dst_keys: Iterable[Key],
     return _program(svc, _pack_keys(list(dst_keys)), _icmp_to(svc, own_addrs))
 
 
-def _program(svc: np.ndarray, dst: np.ndarray, icmp_to: np.ndarray) -> list[Insn]:
-    """`program` of packed keys: sized first, built only when it fits."""
+def _program(svc: np.ndarray, dst: np.ndarray, icmp_to: np.ndarray,
+             from_svc: bool = False) -> list[Insn]:
+    """`program` of packed keys: sized first, built only when it fits.
+    ``from_svc``: also TCP/UDP frames whose (proto, saddr, sport) is a
+    service (`for_tables`)."""
     if not svc.size and not dst.size:
         return reject_all()
-    if _packed_length(svc, dst, icmp_to) > BPF_MAXINSNS:
+    if _packed_length(svc, dst, icmp_to, from_svc) > BPF_MAXINSNS:
         return accept_ipv4_l4()
     svc_keys, dst_keys = _unpack(svc), _unpack(dst)
     a = _Asm()
@@ -337,7 +341,10 @@ def _program(svc: np.ndarray, dst: np.ndarray, icmp_to: np.ndarray) -> list[Insn
     a.label("l4")
     _match(a, svc_keys, 30, 14 + 2, "s", "dests")   # daddr, dport
     a.label("dests")
-    _match(a, dst_keys, 26, 14 + 0, "d", "reject")  # saddr, sport
+    _match(a, dst_keys, 26, 14 + 0, "d", "from_svc" if from_svc else "reject")  # saddr, sport
+    if from_svc:
+        a.label("from_svc")
+        _match(a, svc_keys, 26, 14 + 0, "v", "reject")   # saddr, sport: from a VIP
     a.label("icmp")
     _match_addr(a, icmp_to.tolist(), 30, "icmp_from")                            # to a VIP, own
     a.label("icmp_from")
@@ -353,13 +360,19 @@ def _has_tun_dest(services: np.ndarray, dests: np.ndarray) -> bool:
     return bool(((services[svc]["flags"] & tables.SVC_F_USED) != 0).any())
 
 
-def for_tables(services, dests, own_addrs: Iterable[int] = ()) -> list[Insn]:
+def for_tables(services, dests, own_addrs: Iterable[int] = (), *,
+               from_services: bool = False) -> list[Insn]:
     """The filter for a published (services, dests) pair of tables (or
     of (proto, addr, port) lists, as `keys_of` and `dest_keys` take them).
 
     ``own_addrs``: the director's own addresses (host-order ints, e.g. its
     ports' addresses); ICMP errors to them are let in while the tables hold
     a VS-Tun dest (always, for key lists, which carry no method).
+
+    ``from_services``: also let in TCP/UDP frames sent from a service's
+    (proto, vaddr, vport): a VS-DR/Tun real server's replies to a client on
+    the director itself, which the engine hands to the local stack
+    (docs/io.md, "Clients on the director").
 
     Sized on the packed keys first: tables too big for one program (10,000
     services) cost a few numpy calls, not a program built and thrown away.
@@ -371,7 +384,18 @@ def for_tables(services, dests, own_addrs: Iterable[int] = ()) -> list[Insn]:
     if isinstance(dests, np.ndarray) and isinstance(services, np.ndarray) \
             and not _has_tun_dest(services, dests):
         own_addrs = ()
-    return _program(svc, dst, _icmp_to(svc, own_addrs))
+    return _program(svc, dst, _icmp_to(svc, own_addrs), from_services)
+
+
+def for_local(services) -> list[Insn]:
+    """The filter of the loopback port (pylvs/io/local.py): only frames to
+    a service (proto, daddr, dport), the requests of clients on the
+    director itself; the replies pylvs hands to the local stack there are
+    not taken back."""
+    svc = (_packed_services(services) if isinstance(services, np.ndarray)
+           else _pack_keys(keys_of(services, "svc")))
+    empty = np.zeros(0, _U)
+    return _program(svc, empty, empty)
 
 
 def pack(prog: list[Insn]) -> bytes:

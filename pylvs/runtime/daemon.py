@@ -114,6 +114,9 @@ class Options:
     # --io: "afpacket" or "xdp" (AF_XDP, AF_PACKET where XDP cannot attach;
     # pylvs/io/xdp.py).
     io: str = "afpacket"
+    # Clients on the director itself are balanced (pylvs/io/local.py;
+    # AF_PACKET only); --no-local-clients leaves them to the kernel.
+    local_clients: bool = True
 
 
 class Daemon:
@@ -177,6 +180,7 @@ class Daemon:
         self._apply_filter()
         self.steering.apply(services, dests, self._local)
         self._push_routes()
+        self._local_sources()
 
     def _apply_filter(self) -> None:
         """The socket filter for the latest tables and ports: the ports'
@@ -202,6 +206,8 @@ class Daemon:
             self._local = addrs
             log.info("local addresses: %s", ", ".join(sorted(addrs)) or "none")
             self.steering.apply(self._services, self._dests, addrs)
+            self._local_vips = None   # a VIP's interface or addresses may have changed
+            self._local_sources()
 
     # --- ports, routes, sysctls: what the engine knows of the namespace --------
 
@@ -254,6 +260,22 @@ class Daemon:
             self._routes_sent = (net.routes, local)
         self._engine_call("set_routes", net.routes, local)
 
+    def _local_sources(self) -> None:
+        """Preferred sources for local connects to the services' VIPs
+        (pylvs/io/local.py); control thread."""
+        src = getattr(self, "_local_src", None)
+        if src is None:
+            return
+        svcs = self._services
+        vips = frozenset(int(v) for v in svcs["vaddr"][(svcs["flags"] & tables.SVC_F_USED) != 0])
+        if vips == getattr(self, "_local_vips", None):
+            return
+        try:
+            src.apply(vips)
+            self._local_vips = vips
+        except OSError as e:
+            log.error("local clients: %s", e)
+
     def _engine_call(self, name: str, *args) -> None:
         """engine.<name>(*args) on every worker's engine, between two of its
         forward calls (the latest call of each name wins), or at once when
@@ -303,9 +325,12 @@ class Daemon:
         n = self.opts.workers
         self.counters = tables.CounterSum(self.opts.max_services, self.opts.max_dests, n)
         if self._backends is None:   # --io xdp falls back to afpacket (docs/io.md)
+            # Clients on the director come in by an AF_PACKET loopback port.
+            local = self.opts.io == "afpacket" and self._open_local()
             self._backends = open_backends(self.ifaces, self.opts.io, n,
                                            qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap,
-                                           **({"ring": self.opts.ring} if self.opts.ring else {}))
+                                           **({"ring": self.opts.ring} if self.opts.ring else {}),
+                                           **({"local": True} if local else {}))
         self.backends = list(self._backends)
         self.backend = self.backends[0]
         if self._resolver is None:
@@ -325,6 +350,9 @@ class Daemon:
             if steer is not None:
                 self._steering = steer(self._steering)
         self.steering = self._steering
+        if getattr(self, "_local_src", None) is not None and getattr(self.steering, "kind", "") == "nft":
+            log.warning("local clients: the nft steering table passes NAT replies to local "
+                        "clients to the kernel, which resets them; only DR/Tun ones work")
         try:
             from ..control.balancer import Balancer
         except ImportError as e:
@@ -350,6 +378,24 @@ class Daemon:
         self._control_hooks()
         self.balancer.conns_source = self._conns
         self.balancer.clock = time.monotonic  # the time base forward() is given
+
+    def _open_local(self) -> bool:
+        """Clients on the director itself (pylvs/io/local.py): their source
+        routes' anchor, if --no-local-clients or --steering nft (whose table
+        cannot tell their replies from the director's own) does not say no."""
+        self._local_src = None
+        if not self.opts.local_clients or self.opts.steering == "nft":
+            return False
+        from ..io.local import LocalSource
+
+        try:
+            self._local_src = LocalSource()
+        except OSError as e:
+            log.warning("local clients: not balanced (%s)", e)
+            return False
+        log.info("local clients: connects from this host to a virtual service are balanced "
+                 "(loopback port, source routes through %s)", self._local_src.name)
+        return True
 
     def _build_tap(self) -> None:
         """The TAP backend brings its own resolver (user-space ARP), network
@@ -651,8 +697,8 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self._stop.set()
-        for what, meth in (("steering", "remove"), ("resolver", "close"), ("netwatch", "close"),
-                           ("backends", "close")):
+        for what, meth in (("steering", "remove"), ("local_src", "close"), ("resolver", "close"),
+                           ("netwatch", "close"), ("backends", "close")):
             objs = getattr(self, "_" + what, None)
             if objs is None:
                 continue
@@ -840,6 +886,9 @@ def main(argv: list[str] | None = None) -> int:
                     "only the virtual services' traffic and drops excess load before the "
                     "kernel builds socket buffers (falls back to afpacket "
                     "with a warning where XDP cannot attach)")
+    ap.add_argument("--no-local-clients", dest="local_clients", action="store_false",
+                    help="leave connects from the director itself to a virtual service to its "
+                    "kernel (default: pylvs balances them, docs/io.md \"Clients on the director\")")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
     ap.add_argument("--tap", action="append", default=[], metavar="NAME",
@@ -893,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
                    max_dests=a.max_dests, sysctls=dict(a.sysctl),
                    qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, ring=a.ring, workers=workers,
                    steering=a.steering, tap=a.tap, tap_addrs=a.tap_addrs, gateway=a.gateway,
-                   mac=a.mac, io=a.io)
+                   mac=a.mac, io=a.io, local_clients=a.local_clients)
     try:
         return Daemon(opts).run()
     except SystemExit:
