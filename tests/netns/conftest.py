@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 
 import pytest
@@ -109,15 +108,12 @@ class LabPool:
     @staticmethod
     def restart_servers(lab) -> None:
         """Stop the real servers' httpd and decapsulators; start new ones."""
-        for key in [k for k in lab.procs if k.startswith(("httpd-", "decap-"))]:
-            p = lab.procs.pop(key)
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(timeout=5)
+        from pylvs.lab.topology import _kill_pids
+
+        # `ip netns exec` execs the server: the Popen's pid is the server's.
+        procs = [lab.procs.pop(k) for k in list(lab.procs) if k.startswith(("httpd-", "decap-"))]
+        _kill_pids([p.pid for p in procs], grace=5)
+        for p in procs:
             if p.stdout:
                 p.stdout.close()
         lab.start_real_servers()
