@@ -178,12 +178,13 @@ def test_wlc_distribution_follows_weights(lab: Lab):
 
 def test_quiesce_keeps_running_download(lab: Lab, tmp_path):
     vip = add_service(lab, (1, 1, 1))
-    n = 1536 * 1024
+    n = 3 << 20
     out, hdr = tmp_path / "long", tmp_path / "long.hdr"
-    # About 300 KB/s, so the download lasts about 5 s, long enough to span
-    # the change. The real server paces it (?rate=): curl 7.88's --limit-rate
-    # lets the first megabytes through at full speed. curl limits too, so
-    # its receive window stays small as well.
+    # About 300 KB/s, so the download lasts about 10 s, long enough to span
+    # the change and the 30 new requests on a loaded machine (5 s was not,
+    # with the suite's other xdist workers busy). The real server paces it
+    # (?rate=): curl 7.88's --limit-rate lets the first megabytes through
+    # at full speed. curl limits too, so its receive window stays small.
     long = subprocess.Popen(
         ["ip", "netns", "exec", lab.client,
          *lab.curl_argv(f"/bytes/{n}?rate=300000", "--limit-rate", "300k", "-o", str(out),
