@@ -20,8 +20,15 @@ C_SOURCES := $(wildcard pylvs/_fast/*.c pylvs/_fast/*.h pylvs/bpf/*.c) setup.py
 demo: build
 	$(PY) -m pylvs.lab.demo
 
+# The namespace tests mostly wait (paced downloads, timeouts, processes
+# starting): TEST_JOBS pytest-xdist workers run them side by side, each test
+# in namespaces of its own names. worksteal: a worker that runs out takes
+# half of the busiest one's queue, so no worker is left alone with a run of
+# slow tests at the end. TEST_JOBS=0: one process, no xdist.
+TEST_JOBS ?= 3
+
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal tests
 
 # Only the tests that need no namespaces (fast feedback while editing).
 test-fast: build

@@ -1,9 +1,10 @@
 """End to end: real clients, a real pylvs director, real servers, VS-NAT.
 
-Every test builds its own lab (pylvs/lab/topology.py) with a unique prefix,
-starts `pylvs run` in the director namespace, configures it with `pylvs adm`
-and talks HTTP (curl) or UDP from the client namespace to the VIP. The
-fixture removes the lab even when the test fails.
+The tests share one lab (pylvs/lab/topology.py) with a unique prefix; each
+starts its own `pylvs run` and real servers in it (tests/netns/conftest.py,
+``pooled_lab``), configures the director with `pylvs adm` and talks HTTP
+(curl) or UDP from the client namespace to the VIP. The lab is removed at
+the end of the module, and at once after a test that failed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import pytest
 
 from pylvs.lab.httpd import content
-from pylvs.lab.topology import Lab, netns_exists, wait_for_file
+from pylvs.lab.topology import Lab, wait_for_file
 
 from nsio import steering_state
 
@@ -29,29 +30,14 @@ pytestmark = [pytest.mark.netns, pytest.mark.parametrize("workers", [1, 2], ids=
 VPORT = 80
 
 
-def _director_lab(uid: str, ip_forward: int = 0):
-    lab = Lab(f"pl{uid}", servers=3, ip_forward=ip_forward)
-    lab.up()
-    try:
-        lab.start_director()
-        yield lab
-    finally:
-        # Shown by pytest only when the test failed.
-        print(f"--- director log ({lab.name}) ---\n{lab.director_log()[-6000:]}")
-        lab.stop_director()
-        errors = lab.down()
-        assert not errors, errors
-        assert not any(netns_exists(ns) for ns in lab.namespaces)
-
-
 @pytest.fixture
-def lab(uid):
-    yield from _director_lab(uid)
+def lab(pooled_lab):
+    return pooled_lab(servers=3)
 
 
 @pytest.fixture(params=[0, 1], ids=["ip_forward=0", "ip_forward=1"])
-def lab_fwd(uid, request):
-    yield from _director_lab(uid, request.param)
+def lab_fwd(pooled_lab, request):
+    return pooled_lab(servers=3, ip_forward=request.param)
 
 
 def add_service(lab: Lab, weights, sched: str = "wlc", proto: str = "-t",
@@ -191,12 +177,13 @@ def test_wlc_distribution_follows_weights(lab: Lab):
 
 def test_quiesce_keeps_running_download(lab: Lab, tmp_path):
     vip = add_service(lab, (1, 1, 1))
-    n = 1536 * 1024
+    n = 3 << 20
     out, hdr = tmp_path / "long", tmp_path / "long.hdr"
-    # About 300 KB/s, so the download lasts about 5 s, long enough to span
-    # the change. The real server paces it (?rate=): curl 7.88's --limit-rate
-    # lets the first megabytes through at full speed. curl limits too, so
-    # its receive window stays small as well.
+    # About 300 KB/s, so the download lasts about 10 s, long enough to span
+    # the change and the 30 new requests on a loaded machine (5 s was not,
+    # with the suite's other xdist workers busy). The real server paces it
+    # (?rate=): curl 7.88's --limit-rate lets the first megabytes through
+    # at full speed. curl limits too, so its receive window stays small.
     long = subprocess.Popen(
         ["ip", "netns", "exec", lab.client,
          *lab.curl_argv(f"/bytes/{n}?rate=300000", "--limit-rate", "300k", "-o", str(out),

@@ -1,13 +1,14 @@
 """HTTP through each forwarding method, and NAT, DR and Tun in one service.
 
-Every test builds a routed lab (pylvs/lab/topology.py, ``fwd="mixed"``: rs1
+The tests share a routed lab (pylvs/lab/topology.py, ``fwd="mixed"``: rs1
 NAT on the director's eth1 segment, rs2 DR on the front segment, rs3 Tun
-behind the router with `pylvs realserver run`), starts `pylvs run` and
-talks HTTP (curl) from the client behind the router. Veth offloads stay on,
+behind the router with `pylvs realserver run`); each starts its own `pylvs
+run`, real servers and decapsulators in it (tests/netns/conftest.py,
+``pooled_lab``) and talks HTTP (curl) from the client behind the router. Veth offloads stay on,
 so the director sees partial checksums and 64 KiB GSO frames from the
 client's side (uploads) and must complete or segment them before it
-rewrites or encapsulates. The fixture removes the lab even when a test
-fails.
+rewrites or encapsulates. The lab is removed at the end of the module, and
+at once after a test that failed.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ METHODS = [("nat", NAT, ()), ("dr", DR, ()), ("tun-ipip", TUN, ()),
 
 
 @pytest.fixture
-def mixed(director_lab) -> Lab:
-    return director_lab(fwd="mixed", servers=3)
+def mixed(pooled_lab) -> Lab:
+    return pooled_lab(fwd="mixed", servers=3)
 
 
 def only(i: int, weight: int = 1) -> list:
@@ -136,11 +137,11 @@ def test_mixed_service_distributes_by_weight(mixed: Lab):
 
 
 @pytest.mark.parametrize("ip_forward", [0, 1], ids=["ip_forward=0", "ip_forward=1"])
-def test_udp_across_methods(director_lab, ip_forward):
+def test_udp_across_methods(pooled_lab, ip_forward):
     """UDP echo through NAT, DR and Tun dests of one service (wrr 1:1:1):
     every datagram answered intact, from the VIP, by each real server in
     turn, whatever the director's own ip_forward."""
-    lab = director_lab(fwd="mixed", servers=3, ip_forward=ip_forward)
+    lab = pooled_lab(fwd="mixed", servers=3, ip_forward=ip_forward)
     lab.service("udp", 7, [1, 1, 1], sched="wrr")
     p = lab.run(lab.client, [lab.python, "-m", "pylvs.lab.udpping", lab.vip, "7",
                              "--count", "30", "--timeout", "2"], timeout=60)
