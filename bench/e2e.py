@@ -1114,6 +1114,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                    f"cpu {gen_cpu}, {args.seconds} s per round after {args.warmup} s warm-up")
     return {"fwd": fwd, "kernel": KERNEL[fwd], "results": results, "summary": summary,
             "meta": {"uptime_before": uptime_before, "uptime_after": uptime_after,
+                     "labs": [lab.name for lab in labs.values()],
                      "generator": "router ns eth1 (frames as routed)" if fwd != "nat"
                      else "client ns eth0",
                      "tap_lab": "pylvs-tap runs in a second lab of the same shape whose "

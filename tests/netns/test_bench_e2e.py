@@ -17,15 +17,18 @@ from pylvs.lab.topology import NETNS_DIR
 pytestmark = pytest.mark.netns
 
 
-def _bench_namespaces() -> set[str]:
-    return {p for p in os.listdir(NETNS_DIR) if p.startswith("plbench")} \
+def _left_behind(doc: dict) -> set[str]:
+    """The namespaces of this run's labs still present (by name: another
+    bench test may run its own labs at the same time under xdist)."""
+    labs = doc["meta"]["labs"]
+    assert labs, doc["meta"]
+    return {p for p in os.listdir(NETNS_DIR) if p.startswith(tuple(labs))} \
         if NETNS_DIR.is_dir() else set()
 
 
 def test_bench_e2e_dr_quick_round():
     from bench import e2e
 
-    before = _bench_namespaces()
     doc = e2e.run(["--fwd", "dr", "--rps", "off", "--seconds", "0.5", "--warmup", "0.5"],
                   runs=1, quick=True)
     assert doc["fwd"] == "dr" and doc["kernel"].startswith("kernel-nft-fwd")
@@ -40,7 +43,7 @@ def test_bench_e2e_dr_quick_round():
     assert set(rows["pylvs"]["ratios"]) == {"pylvs/kernel-nft-fwd", "pylvs/cfloor"}
     counters = rows["cfloor"]["cfloor_counters"][0]
     assert counters["tx"] > 0 and counters["drop_bad"] == 0, counters
-    assert _bench_namespaces() <= before
+    assert not _left_behind(doc)
 
 
 def test_bench_e2e_nat_overload_flood_workers_tap_quick_round():
@@ -51,7 +54,6 @@ def test_bench_e2e_nat_overload_flood_workers_tap_quick_round():
     scaling verdict; the TAP impl's second lab is built, checked and gone."""
     from bench import e2e
 
-    before = _bench_namespaces()
     doc = e2e.run(["--rps", "on", "--seconds", "0.5", "--warmup", "0.3", "--ramp", "50000",
                    "--clients", "4",
                    "--ramp-seconds", "0.5", "--impl", "pylvs", "--impl", "pylvs-w2",
@@ -87,4 +89,4 @@ def test_bench_e2e_nat_overload_flood_workers_tap_quick_round():
     assert scaling["pylvs-w2/pylvs"] == rows[("udp64-1000flows+rps", "pylvs-w2")]["pps"] / \
         rows[("udp64-1000flows+rps", "pylvs")]["pps"]
     assert "pylvs-w2/kernel-nft" in rows[("udp64-1000flows-overload+rps", "pylvs-w2")]["ratios"]
-    assert _bench_namespaces() <= before
+    assert not _left_behind(doc)
