@@ -13,7 +13,7 @@ APT_TOOLS := nft ip ethtool curl tcpdump trafgen ping gcc clang llvm-strip bpfto
 # Files, likewise, of packages that install no command (libbpf-dev).
 APT_FILES := /usr/include/bpf/libbpf.h
 FAST_SO = $(wildcard pylvs/_fast*.so)
-C_SOURCES := $(wildcard pylvs/_fast/*.c pylvs/_fast/*.h pylvs/bpf/*.c) setup.py
+C_SOURCES := $(wildcard pylvs/_fast/*.c pylvs/_fast/*.h pylvs/bpf/*.c pylvs/bpf/*.h) setup.py
 
 .PHONY: demo test test-fast bench deps build clean lab-clean
 
