@@ -5,15 +5,24 @@
  * Only linux/if_xdp.h and system calls: no libbpf or libxdp here (the XDP
  * program and the XSKMAP entry are pylvs._bpf's business, in Python).
  *
- * The UMEM: `nframes` chunks of `frame_size` bytes (aligned mode), all in
- * one pool per socket: a stack of free chunk addresses. Chunks go from the
- * stack to the fill ring; the kernel writes a received frame into one and
- * hands it back on the RX ring; after the engine ran, a chunk goes back to
- * the stack, or, for a frame that leaves by the port it came in on, straight
- * onto the TX ring (no copy); a frame for another port, or one the engine
- * made, is copied into a chunk of that port's pool. The completion ring
- * returns sent chunks to their stack. The fill ring is topped up from the
- * stack, keeping TX_RESERVE chunks back for transmission.
+ * The UMEM: `nframes` chunks of `frame_size` bytes (aligned mode). Free
+ * chunks sit on stacks: each socket's own (used without a lock) and the
+ * pool's, common to the sockets that share the UMEM (under its lock).
+ * Chunks go from the stacks to the fill ring; the kernel writes a received
+ * frame into one and hands it back on the RX ring; after the engine ran, a
+ * chunk goes back to the socket's stack, or, for a frame that leaves by the
+ * port it came in on, straight onto the TX ring (no copy); a frame for
+ * another port, or one the engine made, is copied into a chunk of that
+ * port's UMEM. The completion ring returns sent chunks. The fill ring is
+ * topped up from the stacks, keeping TX_RESERVE chunks back for
+ * transmission.
+ *
+ * A socket's own stack is a cache: whatever it holds above SOCK_KEEP after
+ * reaping or filling goes to the pool's stack, and one that runs short
+ * takes from there. Without that, a worker with no traffic hoards chunks:
+ * it reaps the shared completion ring on every poll timeout (the busy
+ * worker's sent chunks) and cannot hand them back while the fill ring is
+ * full, until the busy worker has none left to send with.
  *
  * The engine's frames start with a 10-byte virtio_net_hdr: the kernel
  * leaves XDP_PACKET_HEADROOM (256 bytes) before the data of every chunk,
@@ -50,6 +59,7 @@
 #define XMAX_PORTS 64
 #define XDP_PACKET_HEADROOM 256  /* include/linux/bpf.h (not in the UAPI headers) */
 #define TX_RESERVE 512u     /* chunks the fill ring never takes */
+#define SOCK_KEEP (2 * TX_RESERVE)  /* most a socket keeps to itself after a locked step */
 #define EMIT_BYTES (256u << 10)
 #define EMIT_FRAMES 1024u
 #define EMIT_ROOM_BYTES (96u << 10)
@@ -74,6 +84,8 @@ struct xpool {
     size_t umem_len;
     unsigned frame_size, nframes;
     struct xring fill, comp;
+    uint64_t *free_stack;  /* free chunks no socket holds (under mu) */
+    unsigned nfree;
     pthread_mutex_t mu;
     int refs;              /* sockets using it (changed with the GIL held) */
 };
@@ -87,7 +99,7 @@ typedef struct {
     struct xpool *pool;
     uint8_t *umem;         /* pool->umem */
     unsigned frame_size;
-    uint64_t *free_stack;  /* this socket's free chunks (room for all of the pool's) */
+    uint64_t *free_stack;  /* this socket's free chunks, no lock (room for all of the pool's) */
     unsigned nfree;
     struct xring rx, tx;
     unsigned tx_pending;   /* descriptors put on the TX ring since the last kick */
@@ -162,24 +174,46 @@ static inline uint64_t chunk_of(XskObject *x, uint64_t addr)
     return addr - addr % x->frame_size;
 }
 
-/* The fill ring from this socket's free chunks, TX_RESERVE kept back. */
+/* Move up to `n` chunks from the top of one stack to another. */
+static inline unsigned stack_move(uint64_t *to, unsigned *nto, uint64_t *from, unsigned *nfrom,
+                                  unsigned n)
+{
+    if (n > *nfrom)
+        n = *nfrom;
+    memcpy(to + *nto, from + *nfrom - n, n * sizeof *to);
+    *nto += n;
+    *nfrom -= n;
+    return n;
+}
+
+/* (pool lock held) What this socket holds above SOCK_KEEP to the pool. */
+static inline void sock_spill(XskObject *x)
+{
+    if (x->nfree > SOCK_KEEP)
+        stack_move(x->pool->free_stack, &x->pool->nfree, x->free_stack, &x->nfree,
+                   x->nfree - SOCK_KEEP);
+}
+
+/* The fill ring from this socket's free chunks, then the pool's, keeping
+ * TX_RESERVE back in each. */
 static void fill_refill(XskObject *x)
 {
     struct xpool *p = x->pool;
     pthread_mutex_lock(&p->mu);
-    uint32_t room = ring_room(&p->fill);
-    uint32_t n = x->nfree > TX_RESERVE ? x->nfree - TX_RESERVE : 0;
-    if (n > room)
-        n = room;
+    uint32_t room = ring_room(&p->fill), n = 0;
     uint64_t *d = p->fill.desc;
-    for (uint32_t i = 0; i < n; i++)
-        d[(p->fill.head + i) & p->fill.mask] = x->free_stack[--x->nfree];
+    while (n < room && x->nfree > TX_RESERVE)
+        d[(p->fill.head + n++) & p->fill.mask] = x->free_stack[--x->nfree];
+    while (n < room && p->nfree > TX_RESERVE)
+        d[(p->fill.head + n++) & p->fill.mask] = p->free_stack[--p->nfree];
     if (n)
         ring_produced(&p->fill, n);
+    sock_spill(x);
     pthread_mutex_unlock(&p->mu);
 }
 
-/* Sent chunks (of any socket of the pool) back to this socket's stack. */
+/* Sent chunks (of any socket of the pool) to this socket's stack, topped
+ * up from the pool's to TX_RESERVE, the excess given back to the pool. */
 static void comp_reap(XskObject *x)
 {
     struct xpool *p = x->pool;
@@ -190,12 +224,19 @@ static void comp_reap(XskObject *x)
         x->free_stack[x->nfree++] = chunk_of(x, d[(p->comp.head + i) & p->comp.mask]);
     if (n)
         ring_consumed(&p->comp, n);
+    if (x->nfree < TX_RESERVE)
+        stack_move(x->free_stack, &x->nfree, p->free_stack, &p->nfree, TX_RESERVE - x->nfree);
+    sock_spill(x);
     pthread_mutex_unlock(&p->mu);
 }
 
-static void tx_kick(XskObject *x)
+/* Ask the kernel to send what this socket's TX ring holds. In copy mode a
+ * kick sends at most a batch (32 by default, xsk_generic_xmit) and nothing
+ * while the completion ring has no room: `force` kicks a full ring again
+ * even when nothing was added since. */
+static void tx_kick(XskObject *x, int force)
 {
-    if (!x->tx_pending)
+    if (!x->tx_pending && !force)
         return;
     x->tx_pending = 0;
     if (!need_wakeup(&x->tx))
@@ -213,8 +254,8 @@ static void tx_kick(XskObject *x)
 static int tx_post(XskObject *x, uint64_t addr, uint32_t len)
 {
     if (!ring_room(&x->tx)) {
-        tx_kick(x);
-        comp_reap(x);
+        comp_reap(x);   /* first: the kernel sends only with completion ring room */
+        tx_kick(x, 1);
         if (!ring_room(&x->tx))
             return 0;
     }
@@ -224,7 +265,7 @@ static int tx_post(XskObject *x, uint64_t addr, uint32_t len)
     d->options = 0;
     ring_produced(&x->tx, 1);
     if (++x->tx_pending >= 64)
-        tx_kick(x);
+        tx_kick(x, 0);
     return 1;
 }
 
@@ -233,8 +274,11 @@ static int tx_copy(XskObject *x, const uint8_t *frame, uint32_t len)
 {
     if (len <= PYLVS_VNET_HDR_LEN || len - PYLVS_VNET_HDR_LEN > x->frame_size - XDP_PACKET_HEADROOM)
         return 0;
-    if (!x->nfree)
+    if (!x->nfree) {
+        /* The chunks may all be on the TX ring, waiting for a kick. */
+        tx_kick(x, 0);
         comp_reap(x);
+    }
     if (!x->nfree)
         return 0;
     uint64_t chunk = x->free_stack[--x->nfree];
@@ -255,6 +299,7 @@ static void pool_put(struct xpool *p)
     if (p->umem)
         munmap(p->umem, p->umem_len);
     pthread_mutex_destroy(&p->mu);
+    PyMem_RawFree(p->free_stack);
     PyMem_RawFree(p);
 }
 
@@ -267,6 +312,11 @@ static void xsk_free(XskObject *x)
         x->fd = -1;
     }
     if (x->pool) {
+        /* Its free chunks stay with the UMEM for the other sockets. */
+        pthread_mutex_lock(&x->pool->mu);
+        if (x->free_stack)
+            stack_move(x->pool->free_stack, &x->pool->nfree, x->free_stack, &x->nfree, x->nfree);
+        pthread_mutex_unlock(&x->pool->mu);
         pool_put(x->pool);
         x->pool = NULL;
         x->umem = NULL;
@@ -300,6 +350,12 @@ static struct xpool *pool_new(int fd, unsigned nframes, unsigned frame_size, uns
     p->refs = 1;
     p->nframes = nframes;
     p->frame_size = frame_size;
+    *what = "allocating the free chunk stack";
+    p->free_stack = PyMem_RawCalloc(nframes, sizeof *p->free_stack);
+    if (!p->free_stack) {
+        errno = ENOMEM;
+        goto fail;
+    }
     *what = "allocating the UMEM";
     p->umem_len = (size_t)nframes * frame_size;
     p->umem = mmap(NULL, p->umem_len, PROT_READ | PROT_WRITE,
@@ -351,12 +407,12 @@ static void xsk_error(const char *what, unsigned ifindex, unsigned queue, int er
 static int xsk_init(XskObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"ifindex", "queue", "nframes", "frame_size", "ring_size",
-                             "zerocopy", "share", "chunks", NULL};
-    unsigned ifindex, queue = 0, nframes = 8192, frame_size = 4096, ring_size = 2048, chunks = 0;
+                             "zerocopy", "share", NULL};
+    unsigned ifindex, queue = 0, nframes = 8192, frame_size = 4096, ring_size = 2048;
     int zerocopy = 1;
     PyObject *share = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "I|IIIIpOI", kwlist, &ifindex, &queue, &nframes,
-                                     &frame_size, &ring_size, &zerocopy, &share, &chunks))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "I|IIIIpO", kwlist, &ifindex, &queue, &nframes,
+                                     &frame_size, &ring_size, &zerocopy, &share))
         return -1;
     if (self->pool || self->fd >= 0) {
         PyErr_SetString(PyExc_RuntimeError, "Xsk already initialised");
@@ -430,10 +486,7 @@ static int xsk_init(XskObject *self, PyObject *args, PyObject *kwds)
             goto fail;
         self->shared = 1;
         self->zerocopy = owner->zerocopy;
-        /* Its share of the free chunks, the owner keeping TX_RESERVE. */
-        while (chunks-- && owner->nfree > TX_RESERVE)
-            self->free_stack[self->nfree++] = owner->free_stack[--owner->nfree];
-        return 0;
+        return 0;   /* its chunks come from the pool's stack as it needs them */
     }
     for (unsigned i = 0; i < nframes; i++)
         self->free_stack[self->nfree++] = (uint64_t)(nframes - 1 - i) * frame_size;
@@ -516,7 +569,8 @@ static PyMemberDef xsk_members[] = {
      "1: bound with XDP_ZEROCOPY; 0: copy mode"},
     {"shared", T_INT, offsetof(XskObject, shared), READONLY,
      "1: bound with XDP_SHARED_UMEM to another Xsk's UMEM"},
-    {"nfree", T_UINT, offsetof(XskObject, nfree), READONLY, "free chunks this socket holds"},
+    {"nfree", T_UINT, offsetof(XskObject, nfree), READONLY,
+     "free chunks this socket holds (at most 1024 after a reap or refill)"},
     XU64(rx_frames), XU64(rx_no_headroom), XU64(rx_oversize), XU64(tx_frames), XU64(tx_copied), XU64(tx_no_room),
     XU64(tx_bad_port), XU64(emit_sent), XU64(emit_no_room), XU64(tx_kicks), XU64(tx_kick_errors),
     XU64(polls), XU64(poll_timeouts), XU64(fwd_calls), XU64(fwd_budget_cuts),
@@ -528,14 +582,15 @@ static PyTypeObject XskType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "pylvs._fast.Xsk",
     .tp_doc = "Xsk(ifindex, queue=0, nframes=8192, frame_size=4096, ring_size=2048, zerocopy=True,\n"
-              "    share=None, chunks=0)\n\n"
+              "    share=None)\n\n"
               "An AF_XDP socket bound to one rx queue of an interface, with its own UMEM\n"
               "and rings (need_wakeup on; zero-copy when the driver offers it and\n"
               "zerocopy is true, else copy mode). With share=another Xsk of the same\n"
               "ifindex and queue: bound with XDP_SHARED_UMEM to its UMEM (and so its\n"
               "fill and completion rings, used under the pool's lock), with RX and TX\n"
-              "rings of ring_size of its own and up to `chunks` of the other's free\n"
-              "chunks; nframes, frame_size and zerocopy are then the other's.\n"
+              "rings of ring_size of its own, taking free chunks from the UMEM's\n"
+              "common stack as it needs them; nframes, frame_size and zerocopy are\n"
+              "then the other's.\n"
               "OSError naming the step that failed; ValueError for bad sizes.",
     .tp_basicsize = sizeof(XskObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -747,7 +802,7 @@ static PyObject *xsk_forward(PyObject *mod, PyObject *args, PyObject *kwds)
         x[0]->fwd_budget_cuts++;
     ts = pylvs_engine_unlock(e);
     for (int p = 0; p < n; p++)
-        tx_kick(x[p]);
+        tx_kick(x[p], 0);
     PyEval_RestoreThread(ts);
     put_xsks(x, n, fast);
     return PyLong_FromLong(seen);
@@ -867,7 +922,7 @@ static PyObject *xsk_send(PyObject *mod, PyObject *args, PyObject *kwds)
             x[o]->tx_no_room++;
     }
     for (int p = 0; p < n; p++)
-        tx_kick(x[p]);
+        tx_kick(x[p], 0);
     unsigned long long after = xsk_sent(x, n);
     release_views(v, 4);
     put_xsks(x, n, fast);
@@ -912,7 +967,7 @@ static PyObject *xsk_emit_send(PyObject *mod, PyObject *args, PyObject *kwds)
                 x[port[k]]->emit_no_room++;
         }
         for (int p = 0; p < n; p++)
-            tx_kick(x[p]);
+            tx_kick(x[p], 0);
     }
     unsigned long long after = xsk_sent(x, n);
     release_views(v, 5);

@@ -107,8 +107,7 @@ PLANS = {bpf.FANOUT_FULL: 0, bpf.FANOUT_ADDRS: 1, bpf.FANOUT_SADDR: 2}   # steer
 def umem_frames(nframes: int, ring_size: int, workers: int) -> int:
     """Chunks of one port's UMEM for ``workers`` sockets sharing it: at
     least ``nframes``, and enough for the fill ring plus, per worker, an RX
-    ring's worth and the TX reserve (512) each keeps back from the fill
-    ring."""
+    ring's worth and the TX reserve (512) kept back from the fill ring."""
     if workers == 1:
         return nframes
     return max(nframes, ring_size + workers * (ring_size + TX_RESERVE))
@@ -189,9 +188,6 @@ class XdpBackend(CopyLoop):
             self.maps = {n: obj.map(n) for n in (*self._current, "ports", "xsks", "steer",
                                                  "counters")}
             self._set_plan(bpf.FANOUT_FULL)
-            # Sharers take their chunks from the owner's free ones (the
-            # fill ring already holds ring_size): an even split.
-            chunks = (nframes - ring_size) // n
             for p in self.ports:
                 self.maps["ports"].update(struct.pack("I", p.ifindex),
                                           p.mac + struct.pack("H", p.index))
@@ -199,8 +195,7 @@ class XdpBackend(CopyLoop):
                 for w, b in enumerate(self.siblings):
                     xsk = (_fast.Xsk(p.ifindex, self.queue, nframes=nframes, frame_size=frame_size,
                                      ring_size=ring_size, zerocopy=zerocopy) if owner is None else
-                           _fast.Xsk(p.ifindex, self.queue, ring_size=ring_size, share=owner,
-                                     chunks=chunks))
+                           _fast.Xsk(p.ifindex, self.queue, ring_size=ring_size, share=owner))
                     owner = owner or xsk
                     b.xsks.append(xsk)
                     self.maps["xsks"].update(struct.pack("I", xsk_key(p.index, self.queue, w, n)),
@@ -299,7 +294,10 @@ class XdpBackend(CopyLoop):
     def stats(self) -> dict[str, int]:
         """This worker's counters: its taps' (AfPacketBackend.stats),
         ``xsk_*``: its XSKs' (frames received, sent, copied to another
-        port's UMEM, lost for want of a TX slot ...), the kernel's
+        port's UMEM, lost for want of a free chunk or a TX slot ...;
+        ``xsk_free_chunks``: free chunks its sockets hold, a gauge: at
+        most 1024 a port after it last reaped or refilled, the rest free
+        for any worker), the kernel's
         XDP_STATISTICS summed over its sockets (``xsk_rx_ring_full``: frames
         dropped at XDP because its RX ring was full, the worker behind;
         ``xsk_rx_dropped``: dropped otherwise, e.g. bigger than a chunk;
@@ -312,6 +310,7 @@ class XdpBackend(CopyLoop):
         out = self.taps.stats()
         for name in XSK_COUNTERS:
             out["xsk_" + name] = sum(getattr(x, name) for x in self.xsks)
+        out["xsk_free_chunks"] = sum(x.nfree for x in self.xsks)
         kernel = dict.fromkeys(KERNEL_COUNTERS, 0)
         for x in self.xsks:
             st = x.statistics()
