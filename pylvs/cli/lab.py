@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                          "method; mixed: NAT, DR and Tun real servers in turn")
     up.add_argument("--io", choices=IOS, default="afpacket",
                     help="afpacket (default): pylvs run --iface on the director's interfaces; "
+                         "xdp: the same with --io xdp, and the other namespaces' tx checksum "
+                         "offload off (XDP frames carry no partial-checksum note); "
                          "tap: each interface bridged with a TAP, pylvs run --tap")
     up.add_argument("--servers", type=_servers, default=3, help="number of real servers (default 3)")
     up.add_argument("--ip-forward", type=int, choices=(0, 1), default=0,

@@ -170,7 +170,7 @@ TUN_NET = "10.0.3"           # the Tun real servers' network, behind the router
 TUN_GW = f"{TUN_NET}.1"      # the router's address there
 GUE_PORT = 6080              # the Tun real servers' decapsulators also take GUE here
 FWDS = ("nat", "dr", "tun", "mixed")
-IOS = ("afpacket", "tap")
+IOS = ("afpacket", "xdp", "tap")
 MIXED_KINDS = ("nat", "dr", "tun")  # rs1, rs2, rs3, rs4 ... in a mixed lab
 ADM_FLAG = {"nat": "-m", "dr": "-g", "tun": "-i"}
 
@@ -284,7 +284,8 @@ class Lab:
     router_mtu: int = 0       # the router's client-side interface (0: default 1500)
     server_mtu: int = 0       # director eth1, bridge and real servers (0: default)
     fwd: str = "nat"          # "nat" (this lab), or a routed lab: "dr", "tun", "mixed"
-    io: str = "afpacket"      # "tap": the director is pylvs behind TAPs (TAP_DOC)
+    io: str = "afpacket"      # "tap": the director is pylvs behind TAPs (TAP_DOC);
+    #                           "xdp": pylvs run --io xdp, the peers' tx checksum offload off
     python: str = sys.executable
     procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
 
@@ -343,7 +344,8 @@ class Lab:
         its TAPs with the addresses pylvs owns there (and the router as
         gateway in a lab that has one)."""
         if self.io != "tap":
-            return [a for i in self.director_ifaces for a in ("--iface", i)]
+            return [a for i in self.director_ifaces for a in ("--iface", i)] \
+                + (["--io", "xdp"] if self.io == "xdp" else [])
         args = []
         for tap, addr in zip(self.director_taps, (self.dip0, self.dip)):
             args += ["--tap", tap, "--addr", f"{addr}/{PREFIXLEN}"]
@@ -466,12 +468,30 @@ class Lab:
         self._write_record()
         try:
             self._build()
+            if self.io == "xdp":
+                self._full_checksums()
             if self.start_servers:
                 self.start_real_servers()
         except BaseException:
             self.down()
             raise
         return self
+
+    def _full_checksums(self) -> None:
+        """io="xdp": every namespace but the director's sends complete
+        checksums (`ethtool -K IF tx off`). Between namespaces of one host a
+        veth hands over CHECKSUM_PARTIAL skbs, whose TCP/UDP checksum field
+        holds only the pseudo-header sum; XDP frames carry no note of that
+        (no vnet header, unlike AF_PACKET's), so pylvs would forward them
+        unfinished and the real servers drop them. Frames from a real NIC
+        arrive complete."""
+        for ns in self.namespaces:
+            if ns == self.director:
+                continue
+            # `ip netns exec` mounts the namespace's own /sys.
+            for ifname in self.run(ns, ["ls", "/sys/class/net"]).stdout.split():
+                if ifname != "lo":
+                    self.run(ns, ["ethtool", "-K", ifname, "tx", "off"], check=False)
 
     def _build(self) -> None:
         if self.routed:

@@ -327,6 +327,9 @@ class Daemon:
         if self._backends is None:   # --io xdp falls back to afpacket (docs/io.md)
             # Clients on the director come in by an AF_PACKET loopback port.
             local = self.opts.io == "afpacket" and self._open_local()
+            if self.opts.io != "afpacket" and self.opts.local_clients:
+                log.info("local clients: not balanced with --io %s (its frame loop drives only "
+                         "its own sockets; docs/io.md, \"Clients on the director\")", self.opts.io)
             self._backends = open_backends(self.ifaces, self.opts.io, n,
                                            qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap,
                                            **({"ring": self.opts.ring} if self.opts.ring else {}),
@@ -906,9 +909,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.tap:
         from ..io import tap as tapmod
 
-        if a.iface or a.pcap or a.steering or a.io != "afpacket":
-            ap.error("--tap goes with none of --iface, --pcap, --steering, --io (nothing to steer "
-                     "behind a TAP; capture on the TAP itself: tcpdump -i NAME sees both ways)")
+        if a.iface or a.pcap or a.steering or a.ring or a.io != "afpacket":
+            ap.error("--tap goes with none of --iface, --pcap, --steering, --ring, --io (nothing "
+                     "to steer behind a TAP, no AF_PACKET ring; capture on the TAP itself: "
+                     "tcpdump -i NAME sees both ways)")
+        for i, name in enumerate(a.tap):
+            if name in a.tap[:i]:
+                ap.error(f"--tap {name} given twice")
         try:
             if len(a.tap_addrs) != len(a.tap):
                 raise ValueError(f"{len(a.tap)} --tap but {len(a.tap_addrs)} --addr: "

@@ -233,10 +233,9 @@ def test_native_where_the_driver_has_it_generic_elsewhere(trio):
 
 @pytest.fixture
 def mixed(director_lab) -> Lab:
-    lab = director_lab(fwd="mixed", servers=3, start=False)
-    checksums_off(lab)
-    lab.start_director(*XDP)
-    return lab
+    # The lab a user gets from `pylvs lab up --io xdp`: the director started
+    # with --io xdp, the other namespaces sending complete checksums.
+    return director_lab(fwd="mixed", servers=3, io="xdp")
 
 
 @ONE_AND_TWO
