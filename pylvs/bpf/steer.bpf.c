@@ -34,14 +34,8 @@
 #define IP_OFFSET 0x1fff  /* fragment offset, in 8-byte units */
 #define PACKET_HOST 0
 
-/* The sets (steer_key.h STEER_SET): (addr, port, proto) of the virtual
- * services and of the VS-NAT dests (struct l4_key), the dests' addresses,
- * the VIPs, the director's own addresses. */
-STEER_SET(services, struct l4_key);
-STEER_SET(realservers, struct l4_key);
-STEER_SET(rsaddrs, __be32);
-STEER_SET(vips, __be32);
-STEER_SET(local, __be32);
+/* The sets control fills (steer_key.h). */
+STEER_SETS();
 
 /* (caddr, cport, proto) of clients on the director itself, learnt from
  * their requests at ingress of the loopback port (docs/io.md, "Clients on

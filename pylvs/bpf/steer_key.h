@@ -53,6 +53,17 @@ struct l4_key {
 		__type(value, __u8);                    \
 	} name SEC(".maps")
 
+/* The sets the tcx steering and the XDP programs both read, filled by
+ * control (pylvs/control/steering.py sets_of): (addr, port, proto) of the
+ * virtual services and of the VS-NAT dests (struct l4_key), the dests'
+ * addresses, the VIPs, the director's own addresses. */
+#define STEER_SETS()                                    \
+	STEER_SET(services, struct l4_key);             \
+	STEER_SET(realservers, struct l4_key);          \
+	STEER_SET(rsaddrs, __be32);                     \
+	STEER_SET(vips, __be32);                        \
+	STEER_SET(local, __be32)
+
 #ifdef STEER_LOAD
 
 /* The 16-bit mix of a client address (host order): bpf.fanout_mix. */

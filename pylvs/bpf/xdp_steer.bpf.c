@@ -74,11 +74,8 @@ struct port_info {
 	__u16 slot;
 };
 
-STEER_SET(services, struct l4_key);
-STEER_SET(realservers, struct l4_key);
-STEER_SET(rsaddrs, __be32);
-STEER_SET(vips, __be32);
-STEER_SET(local, __be32);
+/* The sets control fills (steer_key.h). */
+STEER_SETS();
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
