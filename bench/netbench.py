@@ -181,14 +181,7 @@ def haproxy_up(lab: Lab, port: int, rips: list[str], cpu: str) -> None:
 
 
 def haproxy_down(lab: Lab) -> None:
-    p = lab.procs.pop("haproxy", None)
-    if p is not None:
-        p.terminate()
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=5)
+    lab.stop("haproxy")
 
 
 def impl_actions(impl: str, lab: Lab, proto: str, port: int, cpu: str,

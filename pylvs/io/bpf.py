@@ -615,11 +615,7 @@ def fanout_program(services, dests, *, lanes: tuple[int, int] | None = None) -> 
     a.if_eq(PROTO_IPIP, "inner")
     a.jump("header")
     a.label("inner")
-    a.op(LD | B | IND, 0)
-    a.op(ALU | AND | K, 0x0F)
-    a.op(ALU | LSH | K, 2)
-    a.op(ALU | ADD | X)
-    a.op(MISC | TAX)                       # X = the tunnelled header
+    _skip_ip_header(a)                     # X = the tunnelled header
     a.label("header")
     a.op(LD | B | IND, 9)
     a.op(ST, _M_PROTO)
@@ -635,11 +631,7 @@ def fanout_program(services, dests, *, lanes: tuple[int, int] | None = None) -> 
     a.if_eq(tables.PROTO_UDP, "ports")
     a.jump("match")
     a.label("ports")
-    a.op(LD | B | IND, 0)
-    a.op(ALU | AND | K, 0x0F)
-    a.op(ALU | LSH | K, 2)
-    a.op(ALU | ADD | X)
-    a.op(MISC | TAX)                       # X = the L4 header
+    _skip_ip_header(a)                     # X = the L4 header
     a.op(LD | H | IND, 0)
     a.op(ST, _M_SPORT)
     a.op(LD | H | IND, 2)
@@ -665,6 +657,15 @@ def fanout_program(services, dests, *, lanes: tuple[int, int] | None = None) -> 
         a.op(ALU | ADD | K, lanes[1])
     a.op(RET | RET_A)
     return a.assemble()
+
+
+def _skip_ip_header(a: "_Asm") -> None:
+    """X += the IHL * 4 of the IP header at X (the header after it)."""
+    a.op(LD | B | IND, 0)
+    a.op(ALU | AND | K, 0x0F)
+    a.op(ALU | LSH | K, 2)
+    a.op(ALU | ADD | X)
+    a.op(MISC | TAX)
 
 
 def fanout_plan(services, dests) -> str:

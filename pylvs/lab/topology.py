@@ -728,9 +728,10 @@ class Lab:
         except OSError:
             return ""
 
-    def stop_director(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM `pylvs run`; returns its exit status (None if not running)."""
-        p = self.procs.pop("director", None)
+    def stop(self, key: str, timeout: float = 5.0) -> int | None:
+        """SIGTERM the process started under ``key``, SIGKILL it after
+        ``timeout`` seconds; its exit status (None if there is none)."""
+        p = self.procs.pop(key, None)
         if p is None:
             return None
         if p.poll() is None:
@@ -740,8 +741,14 @@ class Lab:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=5)
-        self._write_record()
         return p.returncode
+
+    def stop_director(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM `pylvs run`; returns its exit status (None if not running)."""
+        rc = self.stop("director", timeout)
+        if rc is not None:
+            self._write_record()
+        return rc
 
     def wait_resolved(self, rips: list[str], timeout: float = 5.0) -> bool:
         """Wait until the director logs each rip's MAC (bounded).
