@@ -66,6 +66,18 @@ int pylvs_engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len,
                        uint16_t in_port, double now, uint16_t *out_port,
                        struct pylvs_emit *em);
 
+/* Process up to PYLVS_ENGINE_RUN_MAX frames in place, as many calls of
+ * pylvs_engine_frame would, in a pipeline that overlaps each frame's conn
+ * lookup with work on the others (ip_vs_core.c). frames[i] points at a
+ * virtio_net_hdr, lens[i] counts it, ports[i] is its in port; verdicts[i]
+ * gets its PYLVS_V_*, outs[i] its egress port when that is PYLVS_V_TX.
+ * Returns the PYLVS_V_TX count. The frames a call makes go to `em` in the
+ * order of the frames that made them. */
+#define PYLVS_ENGINE_RUN_MAX 256
+long pylvs_engine_run(PylvsEngine *e, uint8_t *const *frames, const uint32_t *lens,
+                      const uint16_t *ports, uint8_t *verdicts, uint16_t *outs, int count,
+                      double now, struct pylvs_emit *em);
+
 /* Workers: forward() lets the GIL go and holds the engine's lock for its
  * batch (every Python method takes the same lock). `nogil` is the caller's
  * saved thread state: the scheduler upcall takes the GIL with it and lets

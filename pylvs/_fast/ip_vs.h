@@ -233,6 +233,7 @@ struct pylvs_engine {
     uint8_t trans[N_DIRS][N_EVENTS][N_TCP_STATES];
     double timeouts[N_TIMEOUTS];
     int busy; /* inside the scheduler upcall: the tables must stay put */
+    uint64_t upcalls; /* scheduler upcalls made: Python ran, frames may have changed */
     /* Workers (docs/io.md): forward() runs the engine without the GIL,
      * holding `mu` for its batch; every method called from Python takes
      * `mu` too, so control may read conns or swap tables from any thread.
@@ -297,13 +298,20 @@ static inline void dest_conns_add(PylvsEngine *e, uint32_t dest, int col, int32_
  * SipHash-1-3 is what CPython keys its str hashes with. It costs ~75
  * instructions per frame here (bench/README.md, "Where the engine's
  * nanoseconds go"), computed a pipeline stage ahead of its use. */
+HOT uint64_t key_word0(uint32_t a1, uint32_t a2)
+{
+    return (uint64_t)a1 | (uint64_t)a2 << 32;
+}
+
+HOT uint64_t key_word1(uint8_t proto, uint16_t p1, uint16_t p2)
+{
+    return (uint64_t)p1 | (uint64_t)p2 << 16 | (uint64_t)proto << 32 | (uint64_t)13 << 56;
+}
+
 HOT uint64_t key_hash(const PylvsEngine *e, uint8_t proto, uint32_t a1,
                       uint16_t p1, uint32_t a2, uint16_t p2)
 {
-    uint64_t m0 = (uint64_t)a1 | (uint64_t)a2 << 32;
-    uint64_t m1 = (uint64_t)p1 | (uint64_t)p2 << 16 | (uint64_t)proto << 32 |
-                  (uint64_t)13 << 56;
-    return pylvs_siphash13_2w(e->k0, e->k1, m0, m1);
+    return pylvs_siphash13_2w(e->k0, e->k1, key_word0(a1, a2), key_word1(proto, p1, p2));
 }
 
 /* Only NAT conns are indexed under their OUT key: the replies of the others
@@ -431,6 +439,10 @@ uint32_t conn_alloc(PylvsEngine *e, int64_t victim, double now);
 int conn_table_check(PylvsEngine *e);
 
 /* --- ip_vs_core.c -------------------------------------------------------- */
+
+/* Run the frames of one pylvs_engine_run (engine.h) through the
+ * pipeline; lens[i] are their lengths (within their buffers). Returns the
+ * V_TX count. */
 
 /* Run `count` frames of a batch (slots of `slot` bytes; every lens[i] was
  * checked against it) through the pipeline; returns the V_TX count. */
