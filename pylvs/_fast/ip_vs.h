@@ -161,7 +161,10 @@ struct bucket {
  * lines go or arrive late, 8 was faster in 6 of 8 interleaved rounds
  * (median per-round ratio 0.88; bench/README.md). */
 #ifndef PREFETCH_DISTANCE
-#define PREFETCH_DISTANCE 8
+#define PREFETCH_DISTANCE 16
+#endif
+#ifndef BUCKET_DISTANCE
+#define BUCKET_DISTANCE (2 * PREFETCH_DISTANCE)
 #endif
 
 #define N_BATCH_ARRAYS 10

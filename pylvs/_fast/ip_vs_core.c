@@ -1154,25 +1154,24 @@ static void parse_group(const PylvsEngine *e, uint8_t *const *frames, const uint
         pk[lane[l]].hash = h[l];
 }
 
-long pylvs_engine_run(PylvsEngine *e, uint8_t *const *frames, const uint32_t *lens,
-                      const uint16_t *ports, uint8_t *verdicts, uint16_t *outs, int count,
-                      double now, struct pylvs_emit *em)
+int pylvs_engine_run(PylvsEngine *e, uint8_t *const *frames, const uint32_t *lens,
+                     const uint16_t *ports, uint8_t *verdicts, uint16_t *outs, int count,
+                     double now, struct pylvs_emit *em, const struct pylvs_emit_room *room)
 {
     /* A pipeline over the frames, so that the two random reads of a lookup
      * (index bucket, then conn) overlap with work on other frames: frames
-     * i+2D.. get parsed and hashed (PARSE_GROUP at a time) and frame i+2D
+     * i+DB.. get parsed and hashed (PARSE_GROUP at a time) and frame i+DB
      * its bucket prefetched, frame i+D its conn, frame i is processed. A
      * scheduler upcall runs Python, which may write the frames: those parsed
      * before it are parsed again when their turn comes. */
-    enum { D = PREFETCH_DISTANCE };
+    enum { D = PREFETCH_DISTANCE, DB = BUCKET_DISTANCE };
     struct pkt pk[PYLVS_ENGINE_RUN_MAX];
     if (count > PYLVS_ENGINE_RUN_MAX)
         count = PYLVS_ENGINE_RUN_MAX;
     int parsed = 0, stale = 0;
     uint64_t upcalls = e->upcalls;
-    long tx = 0;
-    for (int i = -2 * D; i < count; i++) {
-        int j = i + 2 * D;
+    for (int i = -DB; i < count; i++) {
+        int j = i + DB;
         if (j < count) {
             if (j == parsed) {
                 int n = count - parsed < PARSE_GROUP ? count - parsed : PARSE_GROUP;
@@ -1187,6 +1186,9 @@ long pylvs_engine_run(PylvsEngine *e, uint8_t *const *frames, const uint32_t *le
             prefetch_conn(e, &pk[j]);
         if (i < 0)
             continue;
+        if (room != NULL && i > 0 &&
+            (em->cap - em->used < room->bytes || em->max - em->n < room->frames))
+            return i;
         uint16_t op = 0;
         int v = engine_frame(e, frames[i], lens[i], ports[i], now, &op,
                              i < stale ? NULL : &pk[i], em);
@@ -1195,12 +1197,12 @@ long pylvs_engine_run(PylvsEngine *e, uint8_t *const *frames, const uint32_t *le
             stale = parsed;
         }
         verdicts[i] = (uint8_t)v;
-        if (v == PYLVS_V_TX) {
+        if (v == PYLVS_V_TX)
             outs[i] = op;
-            tx++;
-        }
+        if (room != NULL)
+            room->emit_end[i] = em->n;
     }
-    return tx;
+    return count;
 }
 
 long engine_batch(PylvsEngine *e, uint8_t *frames, Py_ssize_t slot, const uint32_t *lens,
@@ -1218,7 +1220,9 @@ long engine_batch(PylvsEngine *e, uint8_t *frames, Py_ssize_t slot, const uint32
              * run may have written it since. */
             len[i] = (Py_ssize_t)lens[c0 + i] > slot ? (uint32_t)slot : lens[c0 + i];
         }
-        tx += pylvs_engine_run(e, ptr, len, ports + c0, verdicts + c0, outs + c0, n, now, em);
+        pylvs_engine_run(e, ptr, len, ports + c0, verdicts + c0, outs + c0, n, now, em, NULL);
+        for (int i = 0; i < n; i++)
+            tx += verdicts[c0 + i] == PYLVS_V_TX;
     }
     return tx;
 }
