@@ -373,17 +373,16 @@ HOT int finish(PylvsEngine *e, int stat, int verdict)
     return verdict;
 }
 
+/* The state table's event for a segment's flags, the first of RST, SYN,
+ * FIN, ACK that is set, or -1: a table over those four bits (FIN, SYN and
+ * RST are bits 0-2, ACK is bit 4, moved to bit 3). */
 HOT int tcp_event(uint8_t flags)
 {
-    if (flags & TH_RST)
-        return EV_RST;
-    if (flags & TH_SYN)
-        return EV_SYN;
-    if (flags & TH_FIN)
-        return EV_FIN;
-    if (flags & TH_ACK)
-        return EV_ACK;
-    return -1;
+    static const int8_t ev[16] = {
+        -1,     EV_FIN, EV_SYN, EV_SYN, EV_RST, EV_RST, EV_RST, EV_RST,
+        EV_ACK, EV_FIN, EV_SYN, EV_SYN, EV_RST, EV_RST, EV_RST, EV_RST,
+    };
+    return ev[(flags & (TH_FIN | TH_SYN | TH_RST)) | (flags & TH_ACK) >> 1];
 }
 
 /* --- shared by the transmitters ------------------------------------------ */

@@ -64,14 +64,14 @@ static int find_service(const PylvsEngine *e, uint8_t proto, uint32_t vaddr, uin
     }
 }
 
-/* The dest of a conn is still the one it was made with (not deleted, its
- * slot not handed to another service). */
-HOT int conn_dest_ok(const PylvsEngine *e, const struct conn *c)
+/* The conn's dest while it is still the one the conn was made for (a dest
+ * deleted, or its slot reused by another service's, is gone), else NULL. */
+HOT const dest_row *conn_dest(const PylvsEngine *e, const struct conn *c)
 {
     if (c->dest >= e->ndests)
-        return 0;
+        return NULL;
     const dest_row *dest = &e->dests[c->dest];
-    return (dest->flags & DEST_F_USED) && dest->svc == c->svc;
+    return (dest->flags & DEST_F_USED) && dest->svc == c->svc ? dest : NULL;
 }
 
 /* A segment that would open a conn on a miss (step 8): the kernel's
@@ -80,14 +80,6 @@ HOT int conn_dest_ok(const PylvsEngine *e, const struct conn *c)
 HOT int is_new_conn(uint8_t proto, uint8_t tcpflags)
 {
     return proto == PROTO_TCP && (tcpflags & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN;
-}
-
-/* An IN hit that the kernel's ip_vs_in looks at twice: a SYN (is_new_conn)
- * or a conn whose dest is gone. */
-HOT int conn_in_suspect(const PylvsEngine *e, const struct conn *c, uint8_t proto,
-                        uint8_t tcpflags)
-{
-    return is_new_conn(proto, tcpflags) || !conn_dest_ok(e, c);
 }
 
 #define IN_KEEP 0    /* go on with the conn */
@@ -110,7 +102,7 @@ static __attribute__((noinline)) int
 conn_in_rules(PylvsEngine *e, uint32_t slot, uint8_t proto, uint8_t tcpflags)
 {
     struct conn *c = &e->conns[slot];
-    int dest_ok = conn_dest_ok(e, c);
+    int dest_ok = conn_dest(e, c) != NULL;
     int64_t nodest = e->sysctl[SYS_EXPIRE_NODEST_CONN], reuse = e->sysctl[SYS_CONN_REUSE_MODE];
     if (is_new_conn(proto, tcpflags)) {
         int resched = 0;
@@ -316,7 +308,8 @@ HOT int frame_parse(const uint8_t *frame, uint32_t len, struct pkt *p)
     if (avail < 20)
         return parse_refused(p, ST_DROP_TRUNCATED, PYLVS_V_DROP);
     uint32_t ihl = (uint32_t)(ip[0] & 0x0f) * 4;
-    if ((ip[0] >> 4) != 4 || ihl < 20 || ihl > avail)
+    /* version 4 and IHL >= 5: 0x45..0x4f */
+    if ((uint8_t)(ip[0] - 0x45) > 0x0a || ihl > avail)
         return parse_refused(p, ST_DROP_BAD_IP, PYLVS_V_DROP);
     uint32_t tot = pylvs_rd16(ip + 2);
     if (tot < ihl || tot > avail)
@@ -680,16 +673,6 @@ static uint32_t tun_fragments(PylvsEngine *e, struct pylvs_emit *em, uint16_t eg
     return k;
 }
 
-/* The conn's dest while it is still the one the conn was made for (a dest
- * deleted, or its slot reused by another service's, is gone), else NULL. */
-HOT const dest_row *conn_dest(const PylvsEngine *e, const struct conn *c)
-{
-    if (c->dest >= e->ndests)
-        return NULL;
-    const dest_row *dest = &e->dests[c->dest];
-    return (dest->flags & DEST_F_USED) && dest->svc == c->svc ? dest : NULL;
-}
-
 /* The GUE source port of a conn: spread over the kernel's default local
  * port range 32768-60999 by a hash of the client side, as udp_flow_src_port
  * spreads flows (a plain multiplicative hash, the same in the reference). */
@@ -981,9 +964,11 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
      * touch the table. The scheduler that re-entered is at fault. */
     if (__builtin_expect(e->busy, 0))
         return finish(e, ST_SCHED_ERRORS, PYLVS_V_DROP);
-    struct pkt own = {0}; /* {0}: GCC cannot see that each code sets what it reads */
+    struct pkt own;
     const struct pkt *p = pre;
     if (p == NULL) {
+        /* Zeroed: GCC cannot see that each code sets what it reads. */
+        memset(&own, 0, sizeof own);
         frame_parse(frame, len, &own);
         p = &own;
     }
@@ -1009,6 +994,7 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
         return refuse_frame(e, refusal, proto, saddr, sport, daddr, dport);
 
     struct conn *c = NULL;
+    const dest_row *dest = NULL; /* an IN hit's, once checked */
     int dir = KEY_IN;
     uint64_t h = pre != NULL ? pre->hash : key_hash(e, proto, saddr, sport, daddr, dport);
     struct bucket *b = index_find(e, h, proto, saddr, sport, daddr, dport);
@@ -1020,13 +1006,19 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
             conn_remove(e, r >> 1, ST_CONNS_EXPIRED);
             c = NULL;
             dir = KEY_IN;
-        } else if (dir == KEY_IN &&
-                   __builtin_expect(conn_in_suspect(e, c, proto, tcpflags), 0)) {
-            int rule = conn_in_rules(e, r >> 1, proto, tcpflags);
-            if (rule == IN_DROPPED)
-                return PYLVS_V_DROP;
-            if (rule == IN_RESCHED)
-                c = NULL;
+        } else if (dir == KEY_IN) {
+            /* A SYN (is_new_conn) or a conn whose dest is gone: the
+             * kernel's ip_vs_in looks at these twice. */
+            dest = conn_dest(e, c);
+            if (__builtin_expect(dest == NULL || is_new_conn(proto, tcpflags), 0)) {
+                int rule = conn_in_rules(e, r >> 1, proto, tcpflags);
+                if (rule == IN_DROPPED)
+                    return PYLVS_V_DROP;
+                if (rule == IN_RESCHED) {
+                    c = NULL;
+                    dest = NULL;
+                }
+            }
         }
     }
 
@@ -1058,7 +1050,8 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
     }
 
     if (dir == KEY_IN) {
-        const dest_row *dest = conn_dest(e, c);
+        if (dest == NULL) /* a new conn's (IN_KEEP leaves only conns with one) */
+            dest = conn_dest(e, c);
         if (dest == NULL)
             return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
         if (__builtin_expect(c->xmit == XMIT_NONE, 0))
