@@ -155,11 +155,10 @@ struct bucket {
 };
 
 /* Frames between prefetching a conn and using it; its index bucket is
- * prefetched twice as far ahead. At ~30-40 ns of work per frame, 4 covers a
- * DRAM miss on a quiet machine (measured: 2 is too short, 8 no better);
- * on a shared one, where other tenants' cache traffic and preemption let
- * lines go or arrive late, 8 was faster in 6 of 8 interleaved rounds
- * (median per-round ratio 0.88; bench/README.md). */
+ * prefetched BUCKET_DISTANCE frames ahead. Measured in interleaved rounds
+ * (bench/README.md): 16 beat 8 and 4 (median per-round ratios 0.95 and
+ * 0.93), and 16/48, 8/32 and 12/24 (conn/bucket) were no better than
+ * 16/32. */
 #ifndef PREFETCH_DISTANCE
 #define PREFETCH_DISTANCE 16
 #endif
@@ -298,9 +297,11 @@ static inline void dest_conns_add(PylvsEngine *e, uint32_t dest, int col, int32_
  * and with a 128-bit random key per engine its outputs cannot be
  * predicted. Netfilter made the same move for the conntrack and NAT
  * tables ("netfilter: conntrack: switch to siphash", Linux 5.15), and
- * SipHash-1-3 is what CPython keys its str hashes with. It costs ~75
- * instructions per frame here (bench/README.md, "Where the engine's
- * nanoseconds go"), computed a pipeline stage ahead of its use. */
+ * SipHash-1-3 is what CPython keys its str hashes with. One hash is ~75
+ * instructions; the batch path (pylvs_engine_run) hashes eight tuples at
+ * once in AVX-512 lanes where the CPU has them (pylvs_siphash13_2w_x8,
+ * ~11 instructions a frame; bench/README.md, "Where the engine's
+ * nanoseconds go"), a pipeline stage ahead of their use. */
 HOT uint64_t key_word0(uint32_t a1, uint32_t a2)
 {
     return (uint64_t)a1 | (uint64_t)a2 << 32;
