@@ -790,8 +790,10 @@ static void fwd_run(FwdCtx *c, uint8_t *const *frames, const uint32_t *lens, int
 }
 
 /* Frames of a V2 ring taken per port and round, so that one busy port does
- * not starve the others within a call. */
+ * not starve the others within a call (at most PYLVS_ENGINE_RUN_MAX: they
+ * go through the engine as one run). */
 #define V2_ROUND 64
+_Static_assert(V2_ROUND <= PYLVS_ENGINE_RUN_MAX, "a V2 round is one engine run");
 
 /* Take up to V2_ROUND ready frames of V2 ring r (port p's ring or its
  * lane); they stay TP_STATUS_USER (forward() hands them back after
@@ -799,6 +801,9 @@ static void fwd_run(FwdCtx *c, uint8_t *const *frames, const uint32_t *lens, int
 static unsigned fwd_v2(FwdCtx *c, RingObject *r, int p, unsigned room, uint8_t *big)
 {
     unsigned k = 0;
+    uint8_t *run[V2_ROUND];
+    uint32_t run_len[V2_ROUND];
+    int nrun = 0;
     if (room > V2_ROUND)
         room = V2_ROUND;
     while (k < room) {
@@ -807,6 +812,10 @@ static unsigned fwd_v2(FwdCtx *c, RingObject *r, int p, unsigned room, uint8_t *
         if (!(st & TP_STATUS_USER))
             break;
         if (st & TP_STATUS_COPY) {
+            if (nrun) { /* the frames before it go first */
+                fwd_run(c, run, run_len, nrun, p);
+                nrun = 0;
+            }
             uint32_t len = copy_recv(r, big, BIG_FRAME);
             if (len) {
                 fwd_frame(c, big, len, p);
@@ -814,13 +823,15 @@ static unsigned fwd_v2(FwdCtx *c, RingObject *r, int p, unsigned room, uint8_t *
                 flush_all(c->rings, c->n, c->tx_queues);
             }
         } else if (frame_usable(r, h->tp_snaplen, h->tp_len, st)) {
-            fwd_frame(c, (uint8_t *)h + h->tp_mac - PYLVS_VNET_HDR_LEN,
-                      h->tp_snaplen + PYLVS_VNET_HDR_LEN, p);
+            run[nrun] = (uint8_t *)h + h->tp_mac - PYLVS_VNET_HDR_LEN;
+            run_len[nrun++] = h->tp_snaplen + PYLVS_VNET_HDR_LEN;
         }
         r->frm = (r->frm + 1) % r->frame_nr;
         r->rx_blocks++;   /* a V2 slot is the ring's unit, as a V3 block is */
         k++;
     }
+    if (nrun)
+        fwd_run(c, run, run_len, nrun, p);
     return k;
 }
 
