@@ -747,6 +747,12 @@ static PyObject *xsk_forward(PyObject *mod, PyObject *args, PyObject *kwds)
     int progress = 1;
     while (progress && seen < budget) {
         progress = 0;
+        /* Receive pressure (the engine's upcall limit): an eighth of any
+         * port's rx ring waiting means the worker is behind. */
+        int backlog = 0;
+        for (int p = 0; p < n && !backlog; p++)
+            backlog = ring_ready(&x[p]->rx) >= x[p]->rx.size / 8;
+        pylvs_engine_set_pressure(e, backlog);
         for (int p = 0; p < n && seen < budget; p++) {
             XskObject *r = x[p];
             uint32_t avail = ring_ready(&r->rx);

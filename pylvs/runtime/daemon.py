@@ -317,7 +317,7 @@ class Daemon:
     def _build(self) -> None:
         from ..engine import new_engine
         from ..io.xdp import open_backends
-        from .worker import LockedEngine, Worker
+        from .worker import LockedEngine, UpcallMeter, Worker
 
         if self._backends is None and self.opts.tap:
             self._build_tap()   # one worker where its queues cannot be steered
@@ -364,11 +364,12 @@ class Daemon:
         # --conn-max is split: each worker's table holds its clients' conns.
         capacity = -(-self.opts.capacity // n)
         for i, (part, backend) in enumerate(zip(self.counters.parts, self.backends)):
-            engine = new_engine(self.opts.engine, capacity, counters=part,
-                                schedule=self.balancer.schedule)
+            meter = UpcallMeter(self.balancer.schedule)
+            engine = new_engine(self.opts.engine, capacity, counters=part, schedule=meter)
             lock = threading.Lock()
             fwd = engine if _is_c_engine(engine) else LockedEngine(engine, lock)
-            self.workers.append(Worker(i, engine, backend, part, fwd_engine=fwd, lock=lock))
+            self.workers.append(Worker(i, engine, backend, part, fwd_engine=fwd, lock=lock,
+                                       meter=meter))
         self.engine = self.workers[0].engine
         self._io_hooks()
         # A resolved MAC changes the dest table: the Balancer re-publishes.
