@@ -57,6 +57,8 @@ import struct
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from .. import _fast
 from ..engine import tables
 from . import CopyLoop, Port, bpf, open_workers
@@ -330,13 +332,33 @@ class XdpBackend(CopyLoop):
 
     def send(self, batch: tables.Batch) -> int:
         """Send the V_TX frames, then the engine's emit area, on the XSK TX
-        rings of their ports; returns frames sent."""
-        n = _fast.xsk_send(self.xsks, batch.buf, batch.length, batch.verdict, batch.out_port,
-                           batch.count)
-        if batch.emit_n[0]:
-            n += _fast.xsk_emit_send(self.xsks, batch.emit_buf, batch.emit_off, batch.emit_len,
-                                     batch.emit_port, batch.emit_n)
-        return n
+        rings of their ports (the loopback port's, which has no XSK, on its
+        AF_PACKET socket); returns frames sent."""
+        lo = [p.index for p in self.ports if p.local]
+        c, e = batch.count, int(batch.emit_n[0])
+        verdict, emit = batch.verdict, np.arange(e)
+        n = 0
+        if lo:
+            to_lo = np.isin(batch.out_port[:c], lo) & (verdict[:c] == tables.V_TX)
+            emit_lo = np.isin(batch.emit_port[:e], lo)
+            if to_lo.any() or emit_lo.any():
+                only = np.where(to_lo, tables.V_TX, tables.V_PASS).astype(verdict.dtype)
+                n += _fast.ring_send(self.taps.rings, batch.buf, batch.length, only,
+                                     batch.out_port, c)
+                n += self._emit_send(_fast.emit_send, self.taps.rings, batch, emit[emit_lo])
+                verdict = np.where(to_lo, tables.V_PASS, verdict[:c]).astype(verdict.dtype)
+                emit = emit[~emit_lo]
+        n += _fast.xsk_send(self.xsks, batch.buf, batch.length, verdict, batch.out_port, c)
+        return n + self._emit_send(_fast.xsk_emit_send, self.xsks, batch, emit)
+
+    @staticmethod
+    def _emit_send(send, socks, batch: tables.Batch, rows) -> int:
+        """Frames ``rows`` of the batch's emit area by ``send`` (emit_send
+        or xsk_emit_send) on ``socks``."""
+        if not len(rows):
+            return 0
+        return send(socks, batch.emit_buf, batch.emit_off[rows], batch.emit_len[rows],
+                    batch.emit_port[rows], np.array([len(rows)], dtype=batch.emit_n.dtype))
 
     # --- control ----------------------------------------------------------
 
