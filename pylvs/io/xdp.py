@@ -32,6 +32,12 @@ tap), they come in. A worker sends a port's frames on its socket of rx
 queue ``worker % queues`` (its own tx queue where there are as many
 queues as workers).
 
+Clients on the director itself (pylvs/io/local.py): the loopback port is
+one more AF_PACKET tap (no XSK, no XDP on ``lo``). The real servers'
+replies to them are to one of the director's addresses, which the program
+passes, so their frames never touch an XSK; with the Python engine
+``send`` puts the loopback port's rows on its socket.
+
 Attach: native (driver) mode first, generic (skb) mode where the driver
 has none, through a BPF link that only this process holds: when pylvs
 dies the kernel detaches the program and closes the sockets. An XDP program
