@@ -76,6 +76,7 @@ BPF_OBJECT = Path(__file__).resolve().parents[1] / "bpf" / "xdp_steer.bpf.o"
 BPF_PROG = "pylvs_xdp"
 MAX_QUEUES = 64           # as xdp_steer.bpf.c
 MAX_WORKERS = 256         # as xdp_steer.bpf.c (and --workers)
+MAX_XSKS = 1024           # as xdp.c: sockets in one worker's frame loop
 TX_RESERVE = 512          # as xdp.c: free chunks each socket keeps back from the fill ring
 COUNTERS = ("xdp_redirected", "xdp_no_xsk")   # its counters map; then one per worker
 XSK_COUNTERS = ("rx_frames", "rx_no_headroom", "rx_oversize", "tx_frames", "tx_copied", "tx_no_room",
@@ -161,7 +162,8 @@ class XdpBackend(CopyLoop):
     owns the program (links, maps): its ``close`` closes the siblings too.
 
     ``queues``: at most this many rx queues a port (from queue 0); None:
-    all that ``rx_queues`` reports (up to 64). A queue past the first whose
+    all that ``rx_queues`` reports (up to 64, and 1024 sockets a worker
+    over all ports). A queue past the first whose
     socket cannot be bound is left to the taps, with a warning.
 
     ``generic``: None tries native XDP then generic; True/False forces one.
@@ -262,6 +264,11 @@ class XdpBackend(CopyLoop):
         that queue's fill and completion rings."""
         n = self.workers
         nq = min(rx_queues(p.name), self.max_queues, MAX_QUEUES)
+        if nq > MAX_XSKS // len(self.xdp_ports):
+            nq = MAX_XSKS // len(self.xdp_ports)
+            log.warning("xdp: %s: AF_XDP sockets on its first %d rx queues only (at most %d "
+                        "sockets a worker); the others go through the AF_PACKET taps",
+                        p.name, nq, MAX_XSKS)
         nframes = umem_frames(nframes, ring_size, n, nq)
         owner, made = None, []   # made[q][w]
         for q in range(nq):

@@ -497,7 +497,9 @@ def test_frames_of_rx_queue_1_reach_each_worker_through_its_xsk(director_lab, tm
         after = lab.py(lab.director, CONNS_STATS)["workers"]
         grew = [a["io"].get("xsk_rx_frames_q1", 0) - b["io"].get("xsk_rx_frames_q1", 0)
                 for a, b in zip(after, before)]
-        assert grew[w] > 100 and grew[1 - w] == 0, (w, grew)
+        # The handshake, the request and the ACKs (a few dozen: the client
+        # acknowledges GRO'd segments).
+        assert grew[w] >= 10 and grew[1 - w] == 0, (w, grew)
     io = [x["io"] for x in lab.py(lab.director, CONNS_STATS)["workers"]]
     assert [x["rx_blocks"] + x["xdp_no_xsk"] + x["xsk_rx_dropped"] for x in io] == [0, 0], io
 
