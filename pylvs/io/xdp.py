@@ -163,8 +163,8 @@ class XdpBackend(CopyLoop):
 
     ``queues``: at most this many rx queues a port (from queue 0); None:
     all that ``rx_queues`` reports (up to 64, and 1024 sockets a worker
-    over all ports). A queue past the first whose
-    socket cannot be bound is left to the taps, with a warning.
+    over all ports). A queue past the first whose socket cannot be bound
+    is left to the taps, with a warning.
 
     ``generic``: None tries native XDP then generic; True/False forces one.
     ``zerocopy``: ask for XDP_ZEROCOPY first (copy mode where refused).
