@@ -222,11 +222,13 @@ static void fill_refill(XskObject *x)
     uint64_t *d = q->fill.desc;
     while (n < room && x->nfree > TX_RESERVE)
         d[(q->fill.head + n++) & q->fill.mask] = x->free_stack[--x->nfree];
-    pthread_mutex_lock(&p->mu);
-    while (n < room && p->nfree > TX_RESERVE)
-        d[(q->fill.head + n++) & q->fill.mask] = p->free_stack[--p->nfree];
-    sock_spill(x);
-    pthread_mutex_unlock(&p->mu);
+    if (n < room || x->nfree > SOCK_KEEP) {   /* else the pool's lock is not needed */
+        pthread_mutex_lock(&p->mu);
+        while (n < room && p->nfree > TX_RESERVE)
+            d[(q->fill.head + n++) & q->fill.mask] = p->free_stack[--p->nfree];
+        sock_spill(x);
+        pthread_mutex_unlock(&p->mu);
+    }
     if (n)
         ring_produced(&q->fill, n);
     pthread_mutex_unlock(&q->mu);
@@ -246,6 +248,8 @@ static void comp_reap(XskObject *x)
     if (n)
         ring_consumed(&q->comp, n);
     pthread_mutex_unlock(&q->mu);
+    if (x->nfree >= TX_RESERVE && x->nfree <= SOCK_KEEP)
+        return;
     pthread_mutex_lock(&p->mu);
     if (x->nfree < TX_RESERVE)
         stack_move(x->free_stack, &x->nfree, p->free_stack, &p->nfree, TX_RESERVE - x->nfree);
