@@ -115,7 +115,7 @@ class Options:
     # pylvs/io/xdp.py).
     io: str = "afpacket"
     # Clients on the director itself are balanced (pylvs/io/local.py;
-    # AF_PACKET only); --no-local-clients leaves them to the kernel.
+    # not with --tap); --no-local-clients leaves them to the kernel.
     local_clients: bool = True
 
 
@@ -325,11 +325,9 @@ class Daemon:
         n = self.opts.workers
         self.counters = tables.CounterSum(self.opts.max_services, self.opts.max_dests, n)
         if self._backends is None:   # --io xdp falls back to afpacket (docs/io.md)
-            # Clients on the director come in by an AF_PACKET loopback port.
-            local = self.opts.io == "afpacket" and self._open_local()
-            if self.opts.io != "afpacket" and self.opts.local_clients:
-                log.info("local clients: not balanced with --io %s (its frame loop drives only "
-                         "its own sockets; docs/io.md, \"Clients on the director\")", self.opts.io)
+            # Clients on the director come in by an AF_PACKET loopback port
+            # (with --io xdp: one of the taps beside the XSKs).
+            local = self._open_local()
             self._backends = open_backends(self.ifaces, self.opts.io, n,
                                            qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap,
                                            **({"ring": self.opts.ring} if self.opts.ring else {}),
