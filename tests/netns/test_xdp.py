@@ -384,12 +384,13 @@ def test_one_worker_with_all_the_traffic_keeps_forwarding(director_lab, busy):
     w = io[busy]
     assert io[1 - busy]["xsk_rx_frames"] == 0, io
     # A frame the XSK took is never lost. A machine busy with other work
-    # (CI runs three test processes on two cores) leaves some on the link
-    # when the RX ring is full, 1.7% in one CI run; the stall this test
-    # guards against stopped forwarding for good, losing most of the rest.
+    # (CI runs three test processes on two cores) leaves some behind: at
+    # the XSK's full RX ring (1.7% in one CI run) or, before XDP runs, at
+    # the veth's own ring (0.3% in another); the stall this test guards
+    # against stopped forwarding for good, losing most of the rest.
     assert (got, w["xsk_tx_frames"], w["xsk_tx_no_room"]) == (w["xsk_rx_frames"],) * 2 + (0,), w
-    assert w["xsk_rx_frames"] + w["xsk_rx_ring_full"] == DATAGRAMS, w
-    assert w["xsk_rx_ring_full"] <= DATAGRAMS // 10, w
+    assert w["xsk_rx_frames"] + w["xsk_rx_ring_full"] <= DATAGRAMS, w
+    assert w["xsk_rx_frames"] >= DATAGRAMS * 9 // 10, w
     # The idle worker keeps at most 1024 free chunks a port to itself.
     assert io[1 - busy]["xsk_free_chunks"] <= 2 * 1024, io[1 - busy]
 
