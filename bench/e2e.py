@@ -172,13 +172,17 @@ VARIANTS = {
     "pylvs-w2": lambda lab: ("--workers", "2"),
     "pylvs-xdp-w2": lambda lab: ("--io", "xdp", "--workers", "2"),
     "pylvs-tap": lambda lab: ("--mac", TAP_MAC),
+    # The upcall limit off (docs/engine.md): the flood row's A/B.
+    "pylvs-nolimit": lambda lab: ("--sysctl", "upcall_share=100"),
+    "pylvs-xdp-nolimit": lambda lab: ("--io", "xdp", "--sysctl", "upcall_share=100"),
+    "pylvs-tap-nolimit": lambda lab: ("--mac", TAP_MAC, "--sysctl", "upcall_share=100"),
 }
 # The 2-worker impls run on every core (taskset), the others on the director's.
 ALL_CORES_IMPLS = ("pylvs-w2", "pylvs-xdp-w2")
 # (1 worker, 2 workers) of one backend: the scaling check's pairs.
 SCALING = (("pylvs", "pylvs-w2"), ("pylvs-xdp", "pylvs-xdp-w2"))
 # pylvs-tap runs in a second lab, built with io="tap" (pylvs/lab/topology.py).
-TAP_IMPLS = ("pylvs-tap",)
+TAP_IMPLS = ("pylvs-tap", "pylvs-tap-nolimit")
 TAP_MAC = "02:00:00:00:be:01"   # pylvs's MAC on tap0 in that lab (--mac)
 # Past this fraction of what reached it lost, the director is the limit.
 LOST_DIRECTOR = 0.05

@@ -32,6 +32,22 @@ class Engine:
     def memory(self) -> int:
         """Bytes the conn table holds now (slab in use + index)."""
         ...
+    @property
+    def pressure(self) -> bool:
+        """The receive ring is backed up: new flows may spend only the
+        ``upcall_share`` sysctl's percent of the time in the scheduler
+        upcall; the frame loops set it (docs/engine.md, "Upcall limit")."""
+        ...
+    @pressure.setter
+    def pressure(self, on: bool) -> None: ...
+    @property
+    def upcall_cost(self) -> float:
+        """Seconds one scheduler upcall takes, as control measured it; the
+        upcall limit meters with it (0: unknown, no limit). ValueError
+        outside 0..1."""
+        ...
+    @upcall_cost.setter
+    def upcall_cost(self, seconds: float) -> None: ...
 
 def _siphash(key: bytes, data: bytes, c: int = 1, d: int = 3) -> int: ...
 # --- end Engine ---------------------------------------------------------------

@@ -211,7 +211,8 @@ def test_stats_adds_the_io_counters_and_not_host_read_off_the_loop(daemon):
     assert st["io"] == {"tx_emsgsize": 3, "rx_dropped": 5}
     assert st["steering"] == {"not_host": 42}
     (w,) = st["workers"]
-    assert w["io"] == st["io"] and w["conns"] == {"conn_count": 3, "capacity": 100, "memory": 6400}
+    assert w["io"] == st["io"] and w["conns"] == {"conn_count": 3, "capacity": 100, "memory": 6400,
+                                                  "upcall_cost": None}
     assert type(st["io"]["tx_emsgsize"]) is int   # JSON-ready
     assert steering.threads[0] is not threading.main_thread()
     assert len(ticks) >= 5   # 0.1 s of nft did not stop the loop

@@ -835,6 +835,20 @@ static unsigned fwd_v2(FwdCtx *c, RingObject *r, int p, unsigned room, uint8_t *
     return k;
 }
 
+/* Receive pressure (the engine's upcall limit): an eighth of ring r is
+ * ready beyond what this call has `taken` of it. Units are filled in ring
+ * order, so one look, a unit that far ahead, tells. */
+static int ring_backlog(RingObject *r, unsigned taken)
+{
+    if (r->version == 2) {
+        unsigned k = r->frame_nr / 8;
+        return taken + k < r->frame_nr &&
+               (frame_status(ring_frame(r, (r->frm + k) % r->frame_nr)) & TP_STATUS_USER);
+    }
+    unsigned k = r->block_nr / 8;
+    return taken + k < r->block_nr && block_ready(ring_block(r, (r->blk + k) % r->block_nr));
+}
+
 static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"engine", "rings", "now", "timeout_ms", "budget", NULL};
@@ -892,6 +906,12 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
      * so one busy port cannot starve the others within a call. */
     while (progress && c.seen < budget && nheld < MAX_HELD) {
         progress = 0;
+        /* Any port backed up: the worker is behind on all of them. */
+        int backlog = 0;
+        for (int p = 0; p < n && !backlog; p++)
+            backlog = ring_backlog(rings[p], taken[p]) ||
+                      (rings[p]->lane && ring_backlog(rings[p]->lane, ltaken[p]));
+        pylvs_engine_set_pressure(e, backlog);
         for (int p = 0; p < n && nheld < MAX_HELD; p++) {
             RingObject *r = rings[p];
             if (r->lane) {

@@ -36,6 +36,7 @@ enum pylvs_stat {
     ST_RST_SENT, ST_ICMP_RATELIMITED, ST_RST_RATELIMITED, ST_FRAG_OUT, ST_CONNS_EVICTED,
     ST_CONNS_REUSED, ST_DROP_TTL, ST_ICMP_TIME_EXCEEDED_SENT, ST_DROP_NO_ROUTE,
     ST_TX_TUNNELED, ST_TUN_PMTU_LEARNED, ST_DROP_TUN_ICMP, ST_TUN_ICMP_RELAYED,
+    ST_DROP_UPCALL_LIMIT,
     ST__COUNT
 };
 #define PYLVS_N_STATS 64
@@ -43,7 +44,7 @@ enum pylvs_stat {
 /* Sysctl indices: as SYSCTL_NAMES in pylvs/engine/tables.py. */
 enum pylvs_sysctl {
     SYS_CONN_REUSE_MODE, SYS_EXPIRE_NODEST_CONN, SYS_ICMP_MSGS_PER_SEC, SYS_ICMP_MSGS_BURST,
-    SYS_TCP_RST_PER_SEC, SYS_TCP_RST_BURST, SYS_ICMP_RATELIMIT,
+    SYS_TCP_RST_PER_SEC, SYS_TCP_RST_BURST, SYS_ICMP_RATELIMIT, SYS_UPCALL_SHARE,
     SYS__COUNT
 };
 
@@ -97,6 +98,12 @@ void pylvs_engine_lock(PylvsEngine *e, PyThreadState *nogil);
 PyThreadState *pylvs_engine_unlock(PylvsEngine *e);
 /* Is this thread inside the engine's own scheduler upcall (GIL held)? */
 int pylvs_engine_reentered(PylvsEngine *e);
+
+/* The caller's receive ring is backed up (1) or not (0): while it is, new
+ * flows may spend only the `upcall_share` sysctl's percent of the time in
+ * the scheduler upcall (docs/engine.md, "Upcall limit"). Set by each
+ * backend's frame loop as often as it looks at its ring. */
+void pylvs_engine_set_pressure(PylvsEngine *e, int on);
 
 /* Run the expiry clock hand over up to `budget` conn slots. */
 long pylvs_engine_expire(PylvsEngine *e, double now, long budget);

@@ -9,7 +9,7 @@
 #include <math.h>
 
 /* tables.SYSCTL_DEFAULTS */
-static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50, 1000};
+static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50, 1000, 50};
 
 static PyTypeObject EngineType;
 
@@ -822,6 +822,50 @@ static PyObject *engine_get_conn_count(PylvsEngine *self, void *closure)
     return PyLong_FromUnsignedLong(self->conn_count);
 }
 
+static PyObject *engine_get_pressure(PylvsEngine *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->pressure);
+}
+
+/* One int a backend's frame loop also writes between frames: no lock. */
+static int engine_set_pressure(PylvsEngine *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    int on = value == NULL ? -1 : PyObject_IsTrue(value);
+    if (on < 0) {
+        if (value == NULL)
+            PyErr_SetString(PyExc_AttributeError, "pressure cannot be deleted");
+        return -1;
+    }
+    pylvs_engine_set_pressure(self, on);
+    return 0;
+}
+
+static PyObject *engine_get_upcall_cost(PylvsEngine *self, void *closure)
+{
+    (void)closure;
+    return PyFloat_FromDouble(self->upcall_cost);
+}
+
+static int engine_set_upcall_cost(PylvsEngine *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "upcall_cost cannot be deleted");
+        return -1;
+    }
+    double v = PyFloat_AsDouble(value);
+    if (v == -1.0 && PyErr_Occurred())
+        return -1;
+    if (!(v >= 0.0 && v <= 1.0)) {
+        PyErr_SetString(PyExc_ValueError, "upcall_cost must be 0..1 seconds");
+        return -1;
+    }
+    self->upcall_cost = v;
+    return 0;
+}
+
 static PyObject *engine_get_capacity(PylvsEngine *self, void *closure)
 {
     (void)closure;
@@ -872,6 +916,11 @@ static PyGetSetDef engine_getset[] = {
     {"capacity", (getter)engine_get_capacity, NULL, "the most conns the table holds", NULL},
     {"memory", (getter)engine_get_memory, NULL,
      "bytes the conn table holds now (slab in use + index); grows with use", NULL},
+    {"pressure", (getter)engine_get_pressure, (setter)engine_set_pressure,
+     "the receive ring is backed up: upcalls are limited to upcall_share (bool; "
+     "the frame loops set it)", NULL},
+    {"upcall_cost", (getter)engine_get_upcall_cost, (setter)engine_set_upcall_cost,
+     "seconds one scheduler upcall takes, as control measured it (0: unknown, no limit)", NULL},
     {NULL},
 };
 

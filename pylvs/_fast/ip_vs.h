@@ -271,7 +271,19 @@ struct pylvs_engine {
     struct tun_pmtu pmtu[TUN_PMTU_SLOTS]; /* learned tunnel path MTUs */
     uint16_t ip_id;                /* the next IP ID of a packet the engine makes */
     uint8_t *scratch;              /* SCRATCH_BYTES, made on first use */
+
+    /* The upcall limit (docs/engine.md, "Upcall limit"): while `pressure`
+     * is set by the backend, each scheduler upcall draws `upcall_cost`
+     * seconds (control measures it) from the `upcall` bucket, which refills
+     * at upcall_share percent of `now`'s pace up to UPCALL_WINDOW's worth. */
+    int pressure;
+    double upcall_cost;
+    struct rate_bucket upcall;
 };
+
+/* The upcall limit's bucket holds this many seconds of `now` at the share:
+ * 10 ms at 50% lets 5 ms of upcalls through at once when pressure starts. */
+#define UPCALL_WINDOW 0.01
 
 /* The established path is one function: GCC would otherwise leave these
  * out of line in a function as large as engine_frame. */

@@ -182,6 +182,44 @@ static long call_schedule_gil(PylvsEngine *e, int svc, uint32_t caddr, uint16_t 
     return -2;
 }
 
+/* --- the upcall limit (docs/engine.md, "Upcall limit") ------------------- */
+
+void pylvs_engine_set_pressure(PylvsEngine *e, int on)
+{
+    e->pressure = on;
+}
+
+/* Receive pressure, a share below 100% and a known upcall cost: upcalls
+ * are metered. */
+static int upcall_limited(const PylvsEngine *e)
+{
+    return e->pressure && e->sysctl[SYS_UPCALL_SHARE] < 100 && e->upcall_cost > 0.0 &&
+           e->schedule != NULL;
+}
+
+/* The bucket holds seconds of upcall time. It refills at the share of
+ * `now`'s pace, up to UPCALL_WINDOW's worth; an upcall may start while any
+ * is left and takes `upcall_cost` (control's measure of one upcall), so the
+ * bucket may go below zero. Sans-IO: `now` and the cost are given. */
+static int upcall_allowed(PylvsEngine *e, double now)
+{
+    struct rate_bucket *b = &e->upcall;
+    double share = (double)e->sysctl[SYS_UPCALL_SHARE] / 100.0, cap = share * UPCALL_WINDOW;
+    if (!b->primed) {
+        b->tokens = cap;
+        b->last = now;
+        b->primed = 1;
+    } else if (now > b->last) {
+        double t = b->tokens + (now - b->last) * share;
+        b->tokens = t < cap ? t : cap;
+        b->last = now;
+    }
+    if (b->tokens <= 0.0)
+        return 0;
+    b->tokens -= e->upcall_cost;
+    return 1;
+}
+
 /* A frame the miss path turns away: count it, give the verdict. */
 static struct conn *refuse(PylvsEngine *e, int *verdict, int *why, int stat, int v)
 {
@@ -203,6 +241,8 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     int64_t victim = -1;
     if (conn_table_full(e) && (victim = conn_victim(e, now)) < 0)
         return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
+    if (upcall_limited(e) && !upcall_allowed(e, now))
+        return refuse(e, verdict, why, ST_DROP_UPCALL_LIMIT, PYLVS_V_DROP);
     long d = call_schedule(e, s, saddr, sport);
     if (d == -2)
         return refuse(e, verdict, why, ST_SCHED_ERRORS, PYLVS_V_DROP);

@@ -135,6 +135,7 @@ static PyObject *tap_forward(PyObject *mod, PyObject *args, PyObject *kwds)
     uint16_t inport[1024], outport[1024];
     uint8_t verdict[1024];
     Py_ssize_t n = 0;
+    int backlog = 0;
     c[TC_FWD_CALLS]++;
     c[TC_POLLS]++;
 
@@ -169,6 +170,10 @@ static PyObject *tap_forward(PyObject *mod, PyObject *args, PyObject *kwds)
                 n++;
             }
         }
+        /* Receive pressure (the engine's upcall limit): the batch filled up
+         * before a queue ran dry, so frames are waiting. A TAP queue shows
+         * no fill level to look at. */
+        backlog = n == rows && nlive > 0;
     }
     Py_END_ALLOW_THREADS
     c[TC_RX_FRAMES] += n;
@@ -176,6 +181,7 @@ static PyObject *tap_forward(PyObject *mod, PyObject *args, PyObject *kwds)
     struct pylvs_emit em = {.buf = veb.buf, .cap = (uint32_t)veb.len, .used = 0, .n = 0,
                             .max = (uint32_t)veo.shape[0], .off = veo.buf, .len = vel.buf,
                             .port = vep.buf};
+    pylvs_engine_set_pressure((PylvsEngine *)engine, backlog);
     /* The engine's pipeline, PYLVS_ENGINE_RUN_MAX frames at a time; frame
      * i's output is emit_from[i] up to emit_from[i + 1]. */
     emit_from[0] = em.n;

@@ -1,6 +1,6 @@
-/* AF_XDP forwarder: one XSK per (interface, rx queue), its UMEM, its four
- * rings, the engine run on frames in the UMEM, V_TX and emitted frames out
- * of the egress port's TX ring (pylvs run --io xdp; pylvs/io/xdp.py).
+/* AF_XDP forwarder: XSKs per (interface, rx queue, worker), one UMEM per
+ * interface, the engine run on frames in the UMEM, V_TX and emitted frames
+ * out of the egress port's TX ring (pylvs run --io xdp; pylvs/io/xdp.py).
  *
  * Only linux/if_xdp.h and system calls: no libbpf or libxdp here (the XDP
  * program and the XSKMAP entry are pylvs._bpf's business, in Python).
@@ -8,6 +8,9 @@
  * The UMEM: `nframes` chunks of `frame_size` bytes (aligned mode). Free
  * chunks sit on stacks: each socket's own (used without a lock) and the
  * pool's, common to the sockets that share the UMEM (under its lock).
+ * Every rx queue a UMEM serves has a fill and a completion ring of its own
+ * (struct xfq), shared by the sockets bound to that queue (under the
+ * queue's lock; taken before the pool's when both are held).
  * Chunks go from the stacks to the fill ring; the kernel writes a received
  * frame into one and hands it back on the RX ring; after the engine ran, a
  * chunk goes back to the socket's stack, or, for a frame that leaves by the
@@ -56,7 +59,8 @@
 #define SOL_XDP 283
 #endif
 
-#define XMAX_PORTS 64
+#define XMAX_PORTS 64      /* engine ports */
+#define XMAX_XSKS 1024     /* sockets in one call: ports x rx queues */
 #define XDP_PACKET_HEADROOM 256  /* include/linux/bpf.h (not in the UAPI headers) */
 #define TX_RESERVE 512u     /* chunks the fill ring never takes */
 #define SOCK_KEEP (2 * TX_RESERVE)  /* most a socket keeps to itself after a locked step */
@@ -74,18 +78,28 @@ struct xring {
     size_t map_len;
 };
 
-/* The UMEM and its fill and completion rings. The kernel gives one pair of
- * these to every socket bound to the same (interface, queue) with
- * XDP_SHARED_UMEM (Documentation/networking/af_xdp.rst): each is a
- * single-producer single-consumer ring, so the workers whose sockets share
- * them take `mu` around every use. Freed with its last socket. */
+/* The UMEM and the free chunks no socket holds. Freed with its last
+ * socket. */
 struct xpool {
     uint8_t *umem;
     size_t umem_len;
     unsigned frame_size, nframes;
-    struct xring fill, comp;
     uint64_t *free_stack;  /* free chunks no socket holds (under mu) */
     unsigned nfree;
+    pthread_mutex_t mu;
+    int refs;              /* sockets using it (changed with the GIL held) */
+};
+
+/* The fill and completion rings of one (interface, rx queue). The kernel
+ * gives one pair to all the sockets bound to the same queue with
+ * XDP_SHARED_UMEM, and wants a pair of its own, set up on the socket
+ * before bind, for a socket that shares the UMEM from another queue
+ * (Documentation/networking/af_xdp.rst, "XDP_SHARED_UMEM bind flag"):
+ * each is a single-producer single-consumer ring, so the workers whose
+ * sockets share them take `mu` around every use. Freed with its last
+ * socket. */
+struct xfq {
+    struct xring fill, comp;
     pthread_mutex_t mu;
     int refs;              /* sockets using it (changed with the GIL held) */
 };
@@ -94,9 +108,12 @@ typedef struct {
     PyObject_HEAD
     int fd;
     unsigned ifindex, queue;
+    unsigned port;         /* the engine's port number of this interface */
     int zerocopy;
-    int shared;            /* bound with XDP_SHARED_UMEM to another socket's pool */
+    int shared;            /* bound with XDP_SHARED_UMEM to another socket's UMEM */
+    int fq_owner;          /* made its queue's fill and completion rings */
     struct xpool *pool;
+    struct xfq *fq;
     uint8_t *umem;         /* pool->umem */
     unsigned frame_size;
     uint64_t *free_stack;  /* this socket's free chunks, no lock (room for all of the pool's) */
@@ -199,31 +216,41 @@ static inline void sock_spill(XskObject *x)
 static void fill_refill(XskObject *x)
 {
     struct xpool *p = x->pool;
-    pthread_mutex_lock(&p->mu);
-    uint32_t room = ring_room(&p->fill), n = 0;
-    uint64_t *d = p->fill.desc;
+    struct xfq *q = x->fq;
+    pthread_mutex_lock(&q->mu);
+    uint32_t room = ring_room(&q->fill), n = 0;
+    uint64_t *d = q->fill.desc;
     while (n < room && x->nfree > TX_RESERVE)
-        d[(p->fill.head + n++) & p->fill.mask] = x->free_stack[--x->nfree];
-    while (n < room && p->nfree > TX_RESERVE)
-        d[(p->fill.head + n++) & p->fill.mask] = p->free_stack[--p->nfree];
+        d[(q->fill.head + n++) & q->fill.mask] = x->free_stack[--x->nfree];
+    if (n < room || x->nfree > SOCK_KEEP) {   /* else the pool's lock is not needed */
+        pthread_mutex_lock(&p->mu);
+        while (n < room && p->nfree > TX_RESERVE)
+            d[(q->fill.head + n++) & q->fill.mask] = p->free_stack[--p->nfree];
+        sock_spill(x);
+        pthread_mutex_unlock(&p->mu);
+    }
     if (n)
-        ring_produced(&p->fill, n);
-    sock_spill(x);
-    pthread_mutex_unlock(&p->mu);
+        ring_produced(&q->fill, n);
+    pthread_mutex_unlock(&q->mu);
 }
 
-/* Sent chunks (of any socket of the pool) to this socket's stack, topped
+/* Sent chunks (of any socket of the queue) to this socket's stack, topped
  * up from the pool's to TX_RESERVE, the excess given back to the pool. */
 static void comp_reap(XskObject *x)
 {
     struct xpool *p = x->pool;
-    pthread_mutex_lock(&p->mu);
-    uint32_t n = ring_ready(&p->comp);
-    uint64_t *d = p->comp.desc;
+    struct xfq *q = x->fq;
+    pthread_mutex_lock(&q->mu);
+    uint32_t n = ring_ready(&q->comp);
+    uint64_t *d = q->comp.desc;
     for (uint32_t i = 0; i < n; i++)
-        x->free_stack[x->nfree++] = chunk_of(x, d[(p->comp.head + i) & p->comp.mask]);
+        x->free_stack[x->nfree++] = chunk_of(x, d[(q->comp.head + i) & q->comp.mask]);
     if (n)
-        ring_consumed(&p->comp, n);
+        ring_consumed(&q->comp, n);
+    pthread_mutex_unlock(&q->mu);
+    if (x->nfree >= TX_RESERVE && x->nfree <= SOCK_KEEP)
+        return;
+    pthread_mutex_lock(&p->mu);
     if (x->nfree < TX_RESERVE)
         stack_move(x->free_stack, &x->nfree, p->free_stack, &p->nfree, TX_RESERVE - x->nfree);
     sock_spill(x);
@@ -290,12 +317,20 @@ static int tx_copy(XskObject *x, const uint8_t *frame, uint32_t len)
     return 0;
 }
 
+static void fq_put(struct xfq *q)
+{
+    if (--q->refs > 0)
+        return;
+    ring_unmap(&q->fill);
+    ring_unmap(&q->comp);
+    pthread_mutex_destroy(&q->mu);
+    PyMem_RawFree(q);
+}
+
 static void pool_put(struct xpool *p)
 {
     if (--p->refs > 0)
         return;
-    ring_unmap(&p->fill);
-    ring_unmap(&p->comp);
     if (p->umem)
         munmap(p->umem, p->umem_len);
     pthread_mutex_destroy(&p->mu);
@@ -310,6 +345,10 @@ static void xsk_free(XskObject *x)
     if (x->fd >= 0) {
         close(x->fd);
         x->fd = -1;
+    }
+    if (x->fq) {
+        fq_put(x->fq);
+        x->fq = NULL;
     }
     if (x->pool) {
         /* Its free chunks stay with the UMEM for the other sockets. */
@@ -336,10 +375,42 @@ static int set_ring(int fd, int opt, unsigned size)
     return setsockopt(fd, SOL_XDP, opt, &size, sizeof size);
 }
 
-/* A new pool: the UMEM registered on fd, its fill and completion rings
- * sized and mapped. NULL with errno set and *what naming the step. */
-static struct xpool *pool_new(int fd, unsigned nframes, unsigned frame_size, unsigned ring_size,
-                              const char **what)
+/* A new fill and completion ring pair of fd (before its bind), sized and
+ * mapped. NULL with errno set and *what naming the step. */
+static struct xfq *fq_new(int fd, unsigned ring_size, const char **what)
+{
+    struct xfq *q = PyMem_RawCalloc(1, sizeof *q);
+    if (!q) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    pthread_mutex_init(&q->mu, NULL);
+    q->refs = 1;
+    *what = "sizing the fill and completion rings";
+    if (set_ring(fd, XDP_UMEM_FILL_RING, ring_size) < 0
+        || set_ring(fd, XDP_UMEM_COMPLETION_RING, ring_size) < 0)
+        goto fail;
+    *what = "mapping the fill and completion rings";
+    struct xdp_mmap_offsets off;
+    socklen_t olen = sizeof off;
+    if (getsockopt(fd, SOL_XDP, XDP_MMAP_OFFSETS, &off, &olen) < 0
+        || ring_map(fd, &q->fill, &off.fr, ring_size, sizeof(uint64_t), XDP_UMEM_PGOFF_FILL_RING)
+        || ring_map(fd, &q->comp, &off.cr, ring_size, sizeof(uint64_t),
+                    XDP_UMEM_PGOFF_COMPLETION_RING))
+        goto fail;
+    q->comp.head = __atomic_load_n(q->comp.consumer, __ATOMIC_ACQUIRE);
+    q->fill.head = __atomic_load_n(q->fill.producer, __ATOMIC_ACQUIRE);
+    return q;
+fail:;
+    int err = errno;
+    fq_put(q);
+    errno = err;
+    return NULL;
+}
+
+/* A new pool: the UMEM, registered on fd. NULL with errno set and *what
+ * naming the step. */
+static struct xpool *pool_new(int fd, unsigned nframes, unsigned frame_size, const char **what)
 {
     struct xpool *p = PyMem_RawCalloc(1, sizeof *p);
     if (!p) {
@@ -369,20 +440,6 @@ static struct xpool *pool_new(int fd, unsigned nframes, unsigned frame_size, uns
                                .chunk_size = frame_size, .headroom = 0};
     if (setsockopt(fd, SOL_XDP, XDP_UMEM_REG, &reg, sizeof reg) < 0)
         goto fail;
-    *what = "sizing the fill and completion rings";
-    if (set_ring(fd, XDP_UMEM_FILL_RING, ring_size) < 0
-        || set_ring(fd, XDP_UMEM_COMPLETION_RING, ring_size) < 0)
-        goto fail;
-    *what = "mapping the fill and completion rings";
-    struct xdp_mmap_offsets off;
-    socklen_t olen = sizeof off;
-    if (getsockopt(fd, SOL_XDP, XDP_MMAP_OFFSETS, &off, &olen) < 0
-        || ring_map(fd, &p->fill, &off.fr, ring_size, sizeof(uint64_t), XDP_UMEM_PGOFF_FILL_RING)
-        || ring_map(fd, &p->comp, &off.cr, ring_size, sizeof(uint64_t),
-                    XDP_UMEM_PGOFF_COMPLETION_RING))
-        goto fail;
-    p->comp.head = __atomic_load_n(p->comp.consumer, __ATOMIC_ACQUIRE);
-    p->fill.head = __atomic_load_n(p->fill.producer, __ATOMIC_ACQUIRE);
     return p;
 fail:;
     int err = errno;
@@ -407,13 +464,17 @@ static void xsk_error(const char *what, unsigned ifindex, unsigned queue, int er
 static int xsk_init(XskObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"ifindex", "queue", "nframes", "frame_size", "ring_size",
-                             "zerocopy", "share", NULL};
-    unsigned ifindex, queue = 0, nframes = 8192, frame_size = 4096, ring_size = 2048;
+                             "zerocopy", "share", "port", NULL};
+    unsigned ifindex, queue = 0, nframes = 8192, frame_size = 4096, ring_size = 2048, port = 0;
     int zerocopy = 1;
     PyObject *share = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "I|IIIIpO", kwlist, &ifindex, &queue, &nframes,
-                                     &frame_size, &ring_size, &zerocopy, &share))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "I|IIIIpOI", kwlist, &ifindex, &queue, &nframes,
+                                     &frame_size, &ring_size, &zerocopy, &share, &port))
         return -1;
+    if (port >= XMAX_PORTS) {
+        PyErr_Format(PyExc_ValueError, "port must be below %d", XMAX_PORTS);
+        return -1;
+    }
     if (self->pool || self->fd >= 0) {
         PyErr_SetString(PyExc_RuntimeError, "Xsk already initialised");
         return -1;
@@ -429,10 +490,11 @@ static int xsk_init(XskObject *self, PyObject *args, PyObject *kwds)
             PyErr_SetString(PyExc_TypeError, "share must be an open Xsk not in use");
             return -1;
         }
-        /* Another queue or interface would need fill and completion rings
-         * of its own: not done here. */
-        if (owner->ifindex != ifindex || owner->queue != queue) {
-            PyErr_SetString(PyExc_ValueError, "share: an Xsk of the same ifindex and queue");
+        /* Sharing across interfaces is left out: the chunks would go
+         * back and forth between ports with no copy, and one port's UMEM
+         * would serve two (docs/io.md, "The rings"). */
+        if (owner->ifindex != ifindex) {
+            PyErr_SetString(PyExc_ValueError, "share: an Xsk of the same ifindex");
             return -1;
         }
     } else if (frame_size < 2048 || frame_size & (frame_size - 1)
@@ -443,6 +505,7 @@ static int xsk_init(XskObject *self, PyObject *args, PyObject *kwds)
     }
     self->ifindex = ifindex;
     self->queue = queue;
+    self->port = port;
     const char *what = "creating the AF_XDP socket";
     self->fd = socket(AF_XDP, SOCK_RAW | SOCK_CLOEXEC, 0);
     if (self->fd < 0)
@@ -450,8 +513,18 @@ static int xsk_init(XskObject *self, PyObject *args, PyObject *kwds)
     if (owner) {
         self->pool = owner->pool;
         self->pool->refs++;
-    } else if (!(self->pool = pool_new(self->fd, nframes, frame_size, ring_size, &what))) {
+    } else if (!(self->pool = pool_new(self->fd, nframes, frame_size, &what))) {
         goto fail;
+    }
+    /* The same queue as the socket shared: its rings (the kernel refuses a
+     * pair of our own then); another queue, or no sharing: a new pair. */
+    if (owner && owner->queue == queue) {
+        self->fq = owner->fq;
+        self->fq->refs++;
+    } else if (!(self->fq = fq_new(self->fd, ring_size, &what))) {
+        goto fail;
+    } else {
+        self->fq_owner = 1;
     }
     self->umem = self->pool->umem;
     self->frame_size = self->pool->frame_size;
@@ -478,8 +551,11 @@ static int xsk_init(XskObject *self, PyObject *args, PyObject *kwds)
     struct sockaddr_xdp sxdp = {.sxdp_family = AF_XDP, .sxdp_ifindex = ifindex,
                                 .sxdp_queue_id = queue};
     if (owner) {
-        /* The mode and need_wakeup come with the owner's pool (a flag
-         * here would be EINVAL). */
+        /* The mode and need_wakeup come with the owner's UMEM (a flag
+         * here would be EINVAL). A new queue's fill ring gets chunks
+         * before the bind, as the owner's does. */
+        if (self->fq_owner)
+            fill_refill(self);
         sxdp.sxdp_flags = XDP_SHARED_UMEM;
         sxdp.sxdp_shared_umem_fd = (uint32_t)owner->fd;
         if (bind(self->fd, (struct sockaddr *)&sxdp, sizeof sxdp) < 0)
@@ -546,9 +622,9 @@ static PyObject *xsk_statistics(XskObject *self, PyObject *unused)
     return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "rx_dropped", st.rx_dropped,
                          "rx_invalid_descs", st.rx_invalid_descs, "tx_invalid_descs",
                          st.tx_invalid_descs, "rx_ring_full", st.rx_ring_full,
-                         /* the pool's count: its owner reports it */
+                         /* the queue's fill ring's count: the socket that made it reports it */
                          "rx_fill_ring_empty_descs",
-                         self->shared ? 0ULL : (unsigned long long)st.rx_fill_ring_empty_descs,
+                         self->fq_owner ? (unsigned long long)st.rx_fill_ring_empty_descs : 0ULL,
                          "tx_ring_empty_descs", st.tx_ring_empty_descs);
 }
 
@@ -565,6 +641,8 @@ static PyMemberDef xsk_members[] = {
     {"fd", T_INT, offsetof(XskObject, fd), READONLY, "the AF_XDP socket (for the XSKMAP)"},
     {"ifindex", T_UINT, offsetof(XskObject, ifindex), READONLY, NULL},
     {"queue", T_UINT, offsetof(XskObject, queue), READONLY, NULL},
+    {"port", T_UINT, offsetof(XskObject, port), READONLY,
+     "the engine's port number: frames received are given it, frames for it are sent here"},
     {"zerocopy", T_INT, offsetof(XskObject, zerocopy), READONLY,
      "1: bound with XDP_ZEROCOPY; 0: copy mode"},
     {"shared", T_INT, offsetof(XskObject, shared), READONLY,
@@ -582,15 +660,16 @@ static PyTypeObject XskType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "pylvs._fast.Xsk",
     .tp_doc = "Xsk(ifindex, queue=0, nframes=8192, frame_size=4096, ring_size=2048, zerocopy=True,\n"
-              "    share=None)\n\n"
+              "    share=None, port=0)\n\n"
               "An AF_XDP socket bound to one rx queue of an interface, with its own UMEM\n"
               "and rings (need_wakeup on; zero-copy when the driver offers it and\n"
               "zerocopy is true, else copy mode). With share=another Xsk of the same\n"
-              "ifindex and queue: bound with XDP_SHARED_UMEM to its UMEM (and so its\n"
-              "fill and completion rings, used under the pool's lock), with RX and TX\n"
-              "rings of ring_size of its own, taking free chunks from the UMEM's\n"
-              "common stack as it needs them; nframes, frame_size and zerocopy are\n"
-              "then the other's.\n"
+              "ifindex: bound with XDP_SHARED_UMEM to its UMEM, with RX and TX rings of\n"
+              "ring_size of its own, taking free chunks from the UMEM's common stack as\n"
+              "it needs them; on the other's queue it uses that queue's fill and\n"
+              "completion rings (under their lock), on another queue it makes that\n"
+              "queue's pair (ring_size); nframes, frame_size and zerocopy are then the\n"
+              "other's. port: the engine's port number of the interface (below 64).\n"
               "OSError naming the step that failed; ValueError for bad sizes.",
     .tp_basicsize = sizeof(XskObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -603,14 +682,17 @@ static PyTypeObject XskType = {
 
 /* --- forward -------------------------------------------------------------- */
 
-static int get_xsks(PyObject *seq, XskObject **x, PyObject **fast)
+/* The sockets of seq in x, marked busy, and in tx[port] the first of
+ * them on each engine port (NULL: none), the one frames for that port
+ * leave by. */
+static int get_xsks(PyObject *seq, XskObject **x, XskObject **tx, PyObject **fast)
 {
     *fast = PySequence_Fast(seq, "xsks must be a sequence of Xsk");
     if (!*fast)
         return -1;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(*fast);
-    if (n < 1 || n > XMAX_PORTS) {
-        PyErr_Format(PyExc_ValueError, "between 1 and %d Xsk", XMAX_PORTS);
+    if (n < 1 || n > XMAX_XSKS) {
+        PyErr_Format(PyExc_ValueError, "between 1 and %d Xsk", XMAX_XSKS);
         Py_CLEAR(*fast);
         return -1;
     }
@@ -623,9 +705,18 @@ static int get_xsks(PyObject *seq, XskObject **x, PyObject **fast)
         }
         x[i] = (XskObject *)o;
     }
-    for (Py_ssize_t i = 0; i < n; i++)
+    memset(tx, 0, XMAX_PORTS * sizeof *tx);
+    for (Py_ssize_t i = 0; i < n; i++) {
         x[i]->busy = 1;
+        if (!tx[x[i]->port])
+            tx[x[i]->port] = x[i];
+    }
     return (int)n;
+}
+
+static inline XskObject *tx_of(XskObject **tx, unsigned port)
+{
+    return port < XMAX_PORTS ? tx[port] : NULL;
 }
 
 static void put_xsks(XskObject **x, int n, PyObject *fast)
@@ -658,18 +749,18 @@ static int emit_alloc(struct pylvs_emit *em)
 }
 
 /* Emitted frames are copied out at once: the area is reset per frame. */
-static void emit_out(XskObject **x, int n, struct pylvs_emit *em)
+static void emit_out(XskObject **x, XskObject **tx, struct pylvs_emit *em)
 {
     for (uint32_t k = 0; k < em->n; k++) {
-        uint16_t o = em->port[k];
-        if (o >= n) {
+        XskObject *t = tx_of(tx, em->port[k]);
+        if (!t) {
             x[0]->tx_bad_port++;
             continue;
         }
-        if (tx_copy(x[o], em->buf + em->off[k], em->len[k]))
-            x[o]->emit_sent++;
+        if (tx_copy(t, em->buf + em->off[k], em->len[k]))
+            t->emit_sent++;
         else
-            x[o]->emit_no_room++;
+            t->emit_no_room++;
     }
     em->n = em->used = 0;
 }
@@ -683,7 +774,7 @@ static double wait_rx_nogil(XskObject **x, int n, int timeout_ms)
             return 0.0;
     if (timeout_ms == 0)
         return 0.0;
-    struct pollfd pfd[XMAX_PORTS];
+    struct pollfd pfd[XMAX_XSKS];
     for (int i = 0; i < n; i++)
         pfd[i] = (struct pollfd){.fd = x[i]->fd, .events = POLLIN};
     struct timespec t0, t1;
@@ -711,9 +802,9 @@ static PyObject *xsk_forward(PyObject *mod, PyObject *args, PyObject *kwds)
         return NULL;
     }
     PylvsEngine *e = (PylvsEngine *)engine;
-    XskObject *x[XMAX_PORTS];
+    XskObject *x[XMAX_XSKS], *tx[XMAX_PORTS];
     PyObject *fast;
-    int n = get_xsks(seq, x, &fast);
+    int n = get_xsks(seq, x, tx, &fast);
     if (n < 0)
         return NULL;
     /* Its own lock is held by this thread: waiting for it would never end. */
@@ -737,7 +828,7 @@ static PyObject *xsk_forward(PyObject *mod, PyObject *args, PyObject *kwds)
         comp_reap(x[p]);
         fill_refill(x[p]);
         /* The kernel stopped taking from the fill ring while it was empty. */
-        if (need_wakeup(&x[p]->pool->fill))
+        if (need_wakeup(&x[p]->fq->fill))
             recvfrom(x[p]->fd, NULL, 0, MSG_DONTWAIT, NULL, NULL);
     }
     now += wait_rx_nogil(x, n, timeout_ms);
@@ -747,6 +838,12 @@ static PyObject *xsk_forward(PyObject *mod, PyObject *args, PyObject *kwds)
     int progress = 1;
     while (progress && seen < budget) {
         progress = 0;
+        /* Receive pressure (the engine's upcall limit): an eighth of any
+         * port's rx ring waiting means the worker is behind. */
+        int backlog = 0;
+        for (int p = 0; p < n && !backlog; p++)
+            backlog = ring_ready(&x[p]->rx) >= x[p]->rx.size / 8;
+        pylvs_engine_set_pressure(e, backlog);
         for (int p = 0; p < n && seen < budget; p++) {
             XskObject *r = x[p];
             uint32_t avail = ring_ready(&r->rx);
@@ -769,29 +866,32 @@ static PyObject *xsk_forward(PyObject *mod, PyObject *args, PyObject *kwds)
                 uint8_t *frame = r->umem + d.addr - PYLVS_VNET_HDR_LEN;
                 memset(frame, 0, PYLVS_VNET_HDR_LEN);
                 uint16_t out = 0;
-                int v = pylvs_engine_frame(e, frame, d.len + PYLVS_VNET_HDR_LEN, (uint16_t)p, now,
-                                           &out, em);
+                int v = pylvs_engine_frame(e, frame, d.len + PYLVS_VNET_HDR_LEN,
+                                           (uint16_t)r->port, now, &out, em);
                 int kept = 0;
                 if (v == PYLVS_V_TX) {
-                    if (out >= n) {
+                    XskObject *t = tx_of(tx, out);
+                    if (!t) {
                         r->tx_bad_port++;
-                    } else if (out == p) {
+                    } else if (out == r->port) {
+                        /* Back out of the interface it came in on: this
+                         * socket's TX ring, the chunk as it is. */
                         kept = tx_post(r, d.addr, d.len);
                         if (kept)
                             r->tx_frames++;
                         else
                             r->tx_no_room++;
-                    } else if (tx_copy(x[out], frame, d.len + PYLVS_VNET_HDR_LEN)) {
-                        x[out]->tx_frames++;
-                        x[out]->tx_copied++;
+                    } else if (tx_copy(t, frame, d.len + PYLVS_VNET_HDR_LEN)) {
+                        t->tx_frames++;
+                        t->tx_copied++;
                     } else {
-                        x[out]->tx_no_room++;
+                        t->tx_no_room++;
                     }
                 }
                 if (!kept)
                     r->free_stack[r->nfree++] = chunk;
                 if (em->n)
-                    emit_out(x, n, em);
+                    emit_out(x, tx, em);
             }
             ring_consumed(&r->rx, avail);
             fill_refill(r);
@@ -818,9 +918,9 @@ static PyObject *xsk_recv(PyObject *mod, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|i", kwlist, &seq, &obuf, &olen, &oport,
                                      &timeout_ms))
         return NULL;
-    XskObject *x[XMAX_PORTS];
+    XskObject *x[XMAX_XSKS], *tx[XMAX_PORTS];
     PyObject *fast;
-    int n = get_xsks(seq, x, &fast);
+    int n = get_xsks(seq, x, tx, &fast);
     if (n < 0)
         return NULL;
     ViewSpec spec[3] = {{obuf, 1, 2, "buf"}, {olen, 4, 1, "length"}, {oport, 2, 1, "in_port"}};
@@ -860,7 +960,7 @@ static PyObject *xsk_recv(PyObject *mod, PyObject *args, PyObject *kwds)
                 memset(row, 0, PYLVS_VNET_HDR_LEN);
                 memcpy(row + PYLVS_VNET_HDR_LEN, r->umem + d.addr, d.len);
                 lens[got] = d.len + PYLVS_VNET_HDR_LEN;
-                ports[got] = (uint16_t)p;
+                ports[got] = (uint16_t)r->port;
                 got++;
             }
             r->free_stack[r->nfree++] = chunk_of(r, d.addr);
@@ -890,9 +990,9 @@ static PyObject *xsk_send(PyObject *mod, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOn", kwlist, &seq, &obuf, &olen, &overd,
                                      &oport, &count))
         return NULL;
-    XskObject *x[XMAX_PORTS];
+    XskObject *x[XMAX_XSKS], *tx[XMAX_PORTS];
     PyObject *fast;
-    int n = get_xsks(seq, x, &fast);
+    int n = get_xsks(seq, x, tx, &fast);
     if (n < 0)
         return NULL;
     ViewSpec spec[4] = {{obuf, 1, 2, "buf"}, {olen, 4, 1, "length"}, {overd, 1, 1, "verdict"},
@@ -913,13 +1013,13 @@ static PyObject *xsk_send(PyObject *mod, PyObject *args, PyObject *kwds)
     for (Py_ssize_t i = 0; i < count; i++) {
         if (verd[i] != PYLVS_V_TX)
             continue;
-        uint16_t o = outp[i];
-        if (o >= n || lens[i] > slot)
+        XskObject *t = tx_of(tx, outp[i]);
+        if (!t || lens[i] > slot)
             x[0]->tx_bad_port++;
-        else if (tx_copy(x[o], buf + i * slot, lens[i]))
-            x[o]->tx_frames++;
+        else if (tx_copy(t, buf + i * slot, lens[i]))
+            t->tx_frames++;
         else
-            x[o]->tx_no_room++;
+            t->tx_no_room++;
     }
     for (int p = 0; p < n; p++)
         tx_kick(x[p], 0);
@@ -936,9 +1036,9 @@ static PyObject *xsk_emit_send(PyObject *mod, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO", kwlist, &seq, &o[0], &o[1], &o[2],
                                      &o[3], &o[4]))
         return NULL;
-    XskObject *x[XMAX_PORTS];
+    XskObject *x[XMAX_XSKS], *tx[XMAX_PORTS];
     PyObject *fast;
-    int n = get_xsks(seq, x, &fast);
+    int n = get_xsks(seq, x, tx, &fast);
     if (n < 0)
         return NULL;
     ViewSpec spec[5] = {{o[0], 1, 1, "emit_buf"}, {o[1], 4, 1, "emit_off"},
@@ -959,12 +1059,13 @@ static PyObject *xsk_emit_send(PyObject *mod, PyObject *args, PyObject *kwds)
         uint16_t *port = v[3].buf;
         for (uint32_t k = 0; k < frames; k++) {
             /* Frames given from Python may lie outside the buffer. */
-            if (port[k] >= n || len[k] > cap || off[k] > cap - len[k])
+            XskObject *t = tx_of(tx, port[k]);
+            if (!t || len[k] > cap || off[k] > cap - len[k])
                 x[0]->tx_bad_port++;
-            else if (tx_copy(x[port[k]], (uint8_t *)v[0].buf + off[k], len[k]))
-                x[port[k]]->emit_sent++;
+            else if (tx_copy(t, (uint8_t *)v[0].buf + off[k], len[k]))
+                t->emit_sent++;
             else
-                x[port[k]]->emit_no_room++;
+                t->emit_no_room++;
         }
         for (int p = 0; p < n; p++)
             tx_kick(x[p], 0);
@@ -987,9 +1088,10 @@ static PyMethodDef xsk_functions[] = {
      "Send the first emit_n[0] frames of a Batch's emit area on their ports' TX rings."},
     {"xsk_forward", (PyCFunction)(void (*)(void))xsk_forward, METH_VARARGS | METH_KEYWORDS,
      "xsk_forward(engine, xsks, now, timeout_ms=0, budget=4096) -> frames seen\n\n"
-     "Wait up to timeout_ms for a frame on any XSK (index = engine port), run the\n"
-     "engine on each in its UMEM chunk, send V_TX frames and the frames the\n"
-     "engine made on the TX ring of their port."},
+     "Wait up to timeout_ms for a frame on any XSK (its port: the engine port),\n"
+     "run the engine on each in its UMEM chunk, send V_TX frames and the frames\n"
+     "the engine made on the TX ring of the first XSK of their port in xsks (a\n"
+     "frame back out of the port it came in on: the receiving XSK's)."},
     {NULL},
 };
 

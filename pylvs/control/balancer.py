@@ -105,6 +105,7 @@ INT_MAX = 2**31 - 1
 SYSCTL_RANGES = {
     "conn_reuse_mode": (0, 3),      # a bitmap of two bits (ip-sysctl / ipvs-sysctl.rst)
     "expire_nodest_conn": (0, 1),   # a boolean
+    "upcall_share": (0, 100),       # a percentage (docs/engine.md, "Upcall limit")
 }
 
 TRAFFIC_KEYS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")

@@ -112,6 +112,11 @@ _DROP_NO_ROUTE = _ST["drop_no_route"]
 _TUN_PMTU_LEARNED = _ST["tun_pmtu_learned"]
 _DROP_TUN_ICMP = _ST["drop_tun_icmp"]
 _TUN_ICMP_RELAYED = _ST["tun_icmp_relayed"]
+_DROP_UPCALL_LIMIT = _ST["drop_upcall_limit"]
+_UPCALL_SHARE = tables.SYSCTL_INDEX["upcall_share"]
+# The upcall limit's bucket holds this many seconds of `now` at the share
+# (ip_vs.h UPCALL_WINDOW).
+_UPCALL_WINDOW = 0.01
 
 _NO_DEST = (0, 0, 0, 0, 0, 0, 0, bytes(6), bytes(6), 0, 0, 0)  # a dest row with flags 0
 _N_PEERS = 1024   # the per-destination ICMP limit's cache (C: ICMP_PEERS)
@@ -258,6 +263,9 @@ class Engine:
         self._pmtu: list = [None] * _PMTU_SLOTS  # (daddr, mtu, expires)
         self._ip_id = int.from_bytes(key[:8], "little") & 0xFFFF
         self._emit: icmp.Emit | None = None
+        self.pressure = False  # the receive ring is backed up (docs/engine.md, "Upcall limit")
+        self._upcall_cost = 0.0
+        self._upcall_bucket: list = [0.0, None]  # [seconds of upcall time, last now]
 
     # --- configuration ----------------------------------------------------
 
@@ -273,6 +281,19 @@ class Engine:
     def memory(self) -> int:
         """Bytes the C engine's conn table would hold now (conn.py)."""
         return self._ct.memory
+
+    @property
+    def upcall_cost(self) -> float:
+        """Seconds one scheduler upcall takes, as control measured it (0:
+        unknown, no limit); ValueError outside 0..1."""
+        return self._upcall_cost
+
+    @upcall_cost.setter
+    def upcall_cost(self, seconds: float) -> None:
+        v = float(seconds)
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("upcall_cost must be 0..1 seconds")
+        self._upcall_cost = v
 
     def _refuse_if_busy(self) -> None:
         if self._busy:
@@ -1168,6 +1189,23 @@ class Engine:
         self._pend[_DROP_DEST_GONE] += 1
         return _IN_DROPPED
 
+    def _upcall_allowed(self, now: float) -> bool:
+        """The upcall limit (docs/engine.md, "Upcall limit"): the bucket, in
+        seconds of upcall time, refills at the upcall_share percent of
+        ``now``'s pace up to _UPCALL_WINDOW's worth; an upcall may start
+        while any is left and takes ``upcall_cost``."""
+        b = self._upcall_bucket
+        share = self._sysctl[_UPCALL_SHARE] / 100.0
+        cap = share * _UPCALL_WINDOW
+        if b[1] is None:
+            b[0], b[1] = cap, now
+        elif now > b[1]:
+            b[0], b[1] = min(cap, b[0] + (now - b[1]) * share), now
+        if b[0] <= 0.0:
+            return False
+        b[0] -= self._upcall_cost
+        return True
+
     def _conn_new(self, f: memoryview, key: tuple, svc: int, proto: int, saddr: int,
                   sport: int, daddr: int, dport: int, totlen: int, in_port: int, now: float):
         """Step 9 from the room check on: (verdict, None) counted, or
@@ -1182,6 +1220,10 @@ class Engine:
             if victim is None:
                 pend[_DROP_TABLE_FULL] += 1
                 return V_DROP, None
+        if (self.pressure and self._sysctl[_UPCALL_SHARE] < 100 and self._upcall_cost > 0
+                and not self._upcall_allowed(now)):
+            pend[_DROP_UPCALL_LIMIT] += 1
+            return V_DROP, None
         self._busy = True
         try:
             d = operator.index(self._schedule(svc, saddr, sport))

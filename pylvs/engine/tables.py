@@ -148,6 +148,8 @@ STAT_NAMES = (
     "tun_pmtu_learned",   # verdict (V_PASS): a router's frag-needed about a tunnel packet taken
     "drop_tun_icmp",      # verdict: an ICMP error about a tunnel packet: malformed, or of no Tun conn
     "tun_icmp_relayed",   # verdict (V_PASS): another error about a tunnel packet, relayed to the client
+    # -- added for issue 7 --
+    "drop_upcall_limit",  # verdict: a new flow while the receive ring is backed up and upcall_share is spent
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 N_STATS = 64  # room to grow without changing the array's size
@@ -192,8 +194,9 @@ SYSCTL_NAMES = (
     "tcp_rst_per_sec",     # RSTs for segments matching no conn, per second
     "tcp_rst_burst",       # ... and in a burst
     "icmp_ratelimit",      # ms between ICMP errors to one destination, burst 6 (net.ipv4.icmp_ratelimit)
+    "upcall_share",        # percent of time new flows' scheduler upcalls may take while the ring backs up (100: no limit)
 )
-SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000)
+SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50)
 SYSCTL_INDEX = {name: i for i, name in enumerate(SYSCTL_NAMES)}
 N_SYSCTL = len(SYSCTL_NAMES)
 

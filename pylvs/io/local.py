@@ -6,7 +6,8 @@ LOCAL_OUT hook (net/netfilter/ipvs/ip_vs_core.c, ip_vs_local_request4). The
 VIP is one of the director's own addresses, so the kernel sends such a
 connect through the loopback device, where pylvs meets it:
 
-- **in**: an AF_PACKET port on ``lo`` (``AfPacketBackend(local=True)``). The
+- **in**: an AF_PACKET port on ``lo`` (``AfPacketBackend(local=True)``;
+  with ``--io xdp``, one of the XDP backend's AF_PACKET taps). The
   loopback transmit re-enters the frame at lo's receive path, where the
   port's socket (in the workers' fanout group, keyed by client address as on
   every port) takes it and the steering program at tcx ingress of ``lo``

@@ -20,15 +20,23 @@ dropped the kernel's copy). Steering (tcx or nft) stays in place: it still
 drops a stolen frame that XDP passed (a queue with no XSK, the program not
 attached yet or gone).
 
-Workers (``--workers N``): every worker has an XSK on each port, all N
-bound to the same rx queue with XDP_SHARED_UMEM (one UMEM per port, the
-fill and completion rings shared under a lock, RX and TX rings per
-socket), and the program picks the worker's XSK with the fanout key of
-the AF_PACKET taps (client address, same mix, modulo N: bpf.steer_index),
-so a conn's frames meet on one worker whichever way they come in. Only
-that one rx queue is read by XSKs: on a device with several, the other
-queues' frames pass to the stack, where the taps (one fanout group per
-port) and steering handle them as with AF_PACKET (docs/io.md).
+Queues and workers (``--workers N``): every worker has an XSK on each rx
+queue of each port (the queues the driver reports, ETHTOOL_GCHANNELS),
+all of a port's sockets bound with XDP_SHARED_UMEM to one UMEM, each
+queue with its own fill and completion rings shared under a lock by its
+N sockets, RX and TX rings per socket. The program picks the XSK of the
+frame's rx queue and of the worker the fanout key of the AF_PACKET taps
+gives (client address, same mix, modulo N: bpf.steer_index), so a conn's
+frames meet on one worker whichever queue, and whichever way (XSK or
+tap), they come in. A worker sends a port's frames on its socket of rx
+queue ``worker % queues`` (its own tx queue where there are as many
+queues as workers).
+
+Clients on the director itself (pylvs/io/local.py): the loopback port is
+one more AF_PACKET tap (no XSK, no XDP on ``lo``). The real servers'
+replies to them are to one of the director's addresses, which the program
+passes, so their frames never touch an XSK; with the Python engine
+``send`` puts the loopback port's rows on its socket.
 
 Attach: native (driver) mode first, generic (skb) mode where the driver
 has none, through a BPF link that only this process holds: when pylvs
@@ -46,11 +54,16 @@ the labs do in this mode.
 
 from __future__ import annotations
 
+import array
+import errno
+import fcntl
 import logging
 import socket
 import struct
 import threading
 from pathlib import Path
+
+import numpy as np
 
 from .. import _fast
 from ..engine import tables
@@ -63,6 +76,7 @@ BPF_OBJECT = Path(__file__).resolve().parents[1] / "bpf" / "xdp_steer.bpf.o"
 BPF_PROG = "pylvs_xdp"
 MAX_QUEUES = 64           # as xdp_steer.bpf.c
 MAX_WORKERS = 256         # as xdp_steer.bpf.c (and --workers)
+MAX_XSKS = 1024           # as xdp.c: sockets in one worker's frame loop
 TX_RESERVE = 512          # as xdp.c: free chunks each socket keeps back from the fill ring
 COUNTERS = ("xdp_redirected", "xdp_no_xsk")   # its counters map; then one per worker
 XSK_COUNTERS = ("rx_frames", "rx_no_headroom", "rx_oversize", "tx_frames", "tx_copied", "tx_no_room",
@@ -70,6 +84,29 @@ XSK_COUNTERS = ("rx_frames", "rx_no_headroom", "rx_oversize", "tx_frames", "tx_c
                 "polls", "poll_timeouts", "fwd_calls", "fwd_budget_cuts")
 KERNEL_COUNTERS = ("rx_dropped", "rx_ring_full", "rx_fill_ring_empty_descs",
                    "rx_invalid_descs", "tx_invalid_descs")
+
+
+SIOCETHTOOL = 0x8946         # linux/sockios.h
+ETHTOOL_GCHANNELS = 0x3c      # linux/ethtool.h
+
+
+def rx_queues(name: str) -> int:
+    """The rx queues of interface ``name`` that an XSK can be bound to:
+    its combined plus rx-only channels (ETHTOOL_GCHANNELS, struct
+    ethtool_channels: cmd, 4 maxima, rx, tx, other, combined counts), at
+    least 1; 1 for a driver without channels (bridges, bonds: no
+    get_channels, EOPNOTSUPP), where queue 0 is the only one XDP sees
+    apart from generic mode's. OSError for other failures."""
+    ch = array.array("I", [ETHTOOL_GCHANNELS] + [0] * 8)
+    ifr = struct.pack("16sP", name.encode(), ch.buffer_info()[0]).ljust(40, b"\0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifr)
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP:
+                return 1
+            raise
+    return max(1, ch[5] + ch[8])
 
 
 def xsk_key(slot: int, queue: int, worker: int, workers: int) -> int:
@@ -104,24 +141,30 @@ def remove_stale(ifindex: int, name: str) -> bool:
 PLANS = {bpf.FANOUT_FULL: 0, bpf.FANOUT_ADDRS: 1, bpf.FANOUT_SADDR: 2}   # steer.plan codes
 
 
-def umem_frames(nframes: int, ring_size: int, workers: int) -> int:
-    """Chunks of one port's UMEM for ``workers`` sockets sharing it: at
-    least ``nframes``, and enough for the fill ring plus, per worker, an RX
-    ring's worth and the TX reserve (512) kept back from the fill ring."""
-    if workers == 1:
+def umem_frames(nframes: int, ring_size: int, workers: int, queues: int = 1) -> int:
+    """Chunks of one port's UMEM for ``workers`` sockets on each of
+    ``queues`` rx queues sharing it: at least ``nframes``, and enough for
+    each queue's fill ring plus, per socket, an RX ring's worth and the TX
+    reserve (512) kept back from the fill ring."""
+    if workers * queues == 1:
         return nframes
-    return max(nframes, ring_size + workers * (ring_size + TX_RESERVE))
+    return max(nframes, queues * ring_size + workers * queues * (ring_size + TX_RESERVE))
 
 
 class XdpBackend(CopyLoop):
-    """Worker 0's instance: ports with an XSK each (queue ``queue``) and
-    the AF_PACKET taps for the frames the kernel keeps (module docstring).
+    """Worker 0's instance: ports with an XSK on each rx queue and the
+    AF_PACKET taps for the frames the kernel keeps (module docstring).
     With ``workers`` > 1 it also opens the other workers' instances
-    (``siblings``, worker order, this one first): each has an XSK per port
-    bound to the same queue with XDP_SHARED_UMEM and its own taps (one
-    fanout group per port, ``pylvs.io.open_workers``); the program picks the
-    worker's XSK by the fanout key. This instance owns the program (links,
-    maps): its ``close`` closes the siblings too.
+    (``siblings``, worker order, this one first): each has an XSK per (port,
+    rx queue), bound with XDP_SHARED_UMEM to the port's UMEM, and its own
+    taps (one fanout group per port, ``pylvs.io.open_workers``); the program
+    picks the XSK by the frame's rx queue and the fanout key. This instance
+    owns the program (links, maps): its ``close`` closes the siblings too.
+
+    ``queues``: at most this many rx queues a port (from queue 0); None:
+    all that ``rx_queues`` reports (up to 64, and 1024 sockets a worker
+    over all ports). A queue past the first whose socket cannot be bound
+    is left to the taps, with a warning.
 
     ``generic``: None tries native XDP then generic; True/False forces one.
     ``zerocopy``: ask for XDP_ZEROCOPY first (copy mode where refused).
@@ -131,20 +174,23 @@ class XdpBackend(CopyLoop):
     cannot be loaded or attached or a socket cannot be bound (everything
     opened so far is closed), OSError for an interface not in this
     namespace, ValueError for a queue or worker count out of range.
+    ``xsks``: this worker's sockets, each port's in queue order from queue
+    ``index % queues`` (the first is the one it sends on).
     """
 
     kind = "xdp"
 
-    def __init__(self, ifnames: list[str], *, workers: int = 1, queue: int = 0,
+    def __init__(self, ifnames: list[str], *, workers: int = 1, queues: int | None = None,
                  generic: bool | None = None, zerocopy: bool = True, nframes: int = 8192,
                  frame_size: int = 4096, ring_size: int = 2048, max_services: int = 16384,
                  max_dests: int = 131072, **afpacket):
-        if not 0 <= queue < MAX_QUEUES:
-            raise ValueError(f"queue {queue}: expected 0..{MAX_QUEUES - 1}")
+        if queues is not None and not 1 <= queues <= MAX_QUEUES:
+            raise ValueError(f"queues {queues}: expected 1..{MAX_QUEUES}")
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers {workers}: expected 1..{MAX_WORKERS}")
         self.index, self.group, self.workers = 0, self, workers
-        self.queue = queue
+        self.max_queues = queues or MAX_QUEUES
+        self.queues: list[int] = []   # per port: rx queues with XSKs
         self.links: list = []
         self.xsks: list = []
         self.maps: dict = {}
@@ -158,8 +204,7 @@ class XdpBackend(CopyLoop):
         try:
             for i, t in enumerate(taps[1:], 1):
                 self.siblings.append(self._sibling(i, t))
-            self._open(generic, zerocopy, umem_frames(nframes, ring_size, workers), frame_size,
-                       ring_size, max_services, max_dests)
+            self._open(generic, zerocopy, nframes, frame_size, ring_size, max_services, max_dests)
         except BaseException:
             for t in taps[len(self.siblings):]:
                 t.close()
@@ -168,7 +213,7 @@ class XdpBackend(CopyLoop):
 
     def _sibling(self, index: int, taps) -> "XdpBackend":
         b = object.__new__(XdpBackend)
-        b.index, b.group, b.workers, b.queue = index, self, self.workers, self.queue
+        b.index, b.group, b.workers, b.queues = index, self, self.workers, self.queues
         b.taps, b.ports, b.xsks, b.modes, b.siblings = taps, taps.ports, [], self.modes, []
         return b
 
@@ -182,35 +227,78 @@ class XdpBackend(CopyLoop):
                  "vips": max_services, "xsks": len(self.ports) * MAX_QUEUES * n}
         obj = None
         try:
-            for p in self.ports:
+            for p in self.xdp_ports:
                 remove_stale(p.ifindex, p.name)
             obj = _bpf.Object(str(BPF_OBJECT), sizes)
             self.maps = {n: obj.map(n) for n in (*self._current, "ports", "xsks", "steer",
                                                  "counters")}
             self._set_plan(bpf.FANOUT_FULL)
-            for p in self.ports:
+            for p in self.xdp_ports:
                 self.maps["ports"].update(struct.pack("I", p.ifindex),
                                           p.mac + struct.pack("H", p.index))
-                owner = None
-                for w, b in enumerate(self.siblings):
-                    xsk = (_fast.Xsk(p.ifindex, self.queue, nframes=nframes, frame_size=frame_size,
-                                     ring_size=ring_size, zerocopy=zerocopy) if owner is None else
-                           _fast.Xsk(p.ifindex, self.queue, ring_size=ring_size, share=owner))
-                    owner = owner or xsk
-                    b.xsks.append(xsk)
-                    self.maps["xsks"].update(struct.pack("I", xsk_key(p.index, self.queue, w, n)),
-                                             struct.pack("I", xsk.fd))
-            for p in self.ports:
+                self.queues.append(self._open_queues(p, zerocopy, nframes, frame_size, ring_size))
+            for p in self.xdp_ports:
                 self.links.append(self._attach(obj, p, generic))
         except (OSError, KeyError, ValueError) as e:
             raise XdpUnavailable(_why(e)) from e
         finally:
             if obj is not None:
                 obj.close()   # the links hold the program, self.maps the maps
-        for p, xsk, mode in zip(self.ports, self.xsks, self.modes):
-            log.info("xdp: %s: %s XDP, AF_XDP socket on queue %d in %s mode%s", p.name, mode,
-                     self.queue, "zero-copy" if xsk.zerocopy else "copy",
+        for p, nq, mode in zip(self.xdp_ports, self.queues, self.modes):
+            xsk = next(x for x in self.xsks if x.port == p.index)
+            log.info("xdp: %s: %s XDP, %s in %s mode%s", p.name, mode,
+                     "AF_XDP socket on queue 0" if nq == 1 else f"AF_XDP sockets on queues 0-{nq - 1}",
+                     "zero-copy" if xsk.zerocopy else "copy",
                      f", shared by {n} workers" if n > 1 else "")
+
+    @property
+    def xdp_ports(self) -> list[Port]:
+        """The ports with an XDP program and XSKs: all but the loopback one."""
+        return [p for p in self.ports if not p.local]
+
+    def _open_queues(self, p: Port, zerocopy, nframes, frame_size, ring_size) -> int:
+        """Every worker's XSK on each rx queue of port ``p``, in the XSKMAP,
+        appended to the workers' ``xsks`` (their sending queue first);
+        returns the queues bound. One UMEM: the first socket registers it,
+        the others share it (XDP_SHARED_UMEM), each on a new queue making
+        that queue's fill and completion rings."""
+        n = self.workers
+        nq = min(rx_queues(p.name), self.max_queues, MAX_QUEUES)
+        if nq > MAX_XSKS // len(self.xdp_ports):
+            nq = MAX_XSKS // len(self.xdp_ports)
+            log.warning("xdp: %s: AF_XDP sockets on its first %d rx queues only (at most %d "
+                        "sockets a worker); the others go through the AF_PACKET taps",
+                        p.name, nq, MAX_XSKS)
+        nframes = umem_frames(nframes, ring_size, n, nq)
+        owner, made = None, []   # made[q][w]
+        for q in range(nq):
+            row: list = []
+            try:
+                for w in range(n):
+                    share = row[0] if row else owner
+                    row.append(_fast.Xsk(p.ifindex, q, nframes=nframes, frame_size=frame_size,
+                                         ring_size=ring_size, zerocopy=zerocopy, port=p.index)
+                               if share is None else
+                               _fast.Xsk(p.ifindex, q, ring_size=ring_size, share=share,
+                                         port=p.index))
+            except OSError as e:
+                for x in row:
+                    x.close()
+                if q == 0:
+                    raise
+                log.warning("xdp: %s: no AF_XDP socket on rx queue %d (%s): queues %d-%d go "
+                            "through the AF_PACKET taps", p.name, q, _why(e), q, nq - 1)
+                break
+            owner = owner or row[0]
+            made.append(row)
+        for q, row in enumerate(made):
+            for w, xsk in enumerate(row):
+                self.maps["xsks"].update(struct.pack("I", xsk_key(p.index, q, w, n)),
+                                         struct.pack("I", xsk.fd))
+        for w, b in enumerate(self.siblings):
+            first = w % len(made)
+            b.xsks.extend(made[(first + q) % len(made)][w] for q in range(len(made)))
+        return len(made)
 
     def _set_plan(self, plan: str) -> None:
         self.maps["steer"].update(struct.pack("I", 0), struct.pack("II", self.workers, PLANS[plan]))
@@ -257,13 +345,33 @@ class XdpBackend(CopyLoop):
 
     def send(self, batch: tables.Batch) -> int:
         """Send the V_TX frames, then the engine's emit area, on the XSK TX
-        rings of their ports; returns frames sent."""
-        n = _fast.xsk_send(self.xsks, batch.buf, batch.length, batch.verdict, batch.out_port,
-                           batch.count)
-        if batch.emit_n[0]:
-            n += _fast.xsk_emit_send(self.xsks, batch.emit_buf, batch.emit_off, batch.emit_len,
-                                     batch.emit_port, batch.emit_n)
-        return n
+        rings of their ports (the loopback port's, which has no XSK, on its
+        AF_PACKET socket); returns frames sent."""
+        lo = [p.index for p in self.ports if p.local]
+        c, e = batch.count, int(batch.emit_n[0])
+        verdict, emit = batch.verdict, np.arange(e)
+        n = 0
+        if lo:
+            to_lo = np.isin(batch.out_port[:c], lo) & (verdict[:c] == tables.V_TX)
+            emit_lo = np.isin(batch.emit_port[:e], lo)
+            if to_lo.any() or emit_lo.any():
+                only = np.where(to_lo, tables.V_TX, tables.V_PASS).astype(verdict.dtype)
+                n += _fast.ring_send(self.taps.rings, batch.buf, batch.length, only,
+                                     batch.out_port, c)
+                n += self._emit_send(_fast.emit_send, self.taps.rings, batch, emit[emit_lo])
+                verdict = np.where(to_lo, tables.V_PASS, verdict[:c]).astype(verdict.dtype)
+                emit = emit[~emit_lo]
+        n += _fast.xsk_send(self.xsks, batch.buf, batch.length, verdict, batch.out_port, c)
+        return n + self._emit_send(_fast.xsk_emit_send, self.xsks, batch, emit)
+
+    @staticmethod
+    def _emit_send(send, socks, batch: tables.Batch, rows) -> int:
+        """Frames ``rows`` of the batch's emit area by ``send`` (emit_send
+        or xsk_emit_send) on ``socks``."""
+        if not len(rows):
+            return 0
+        return send(socks, batch.emit_buf, batch.emit_off[rows], batch.emit_len[rows],
+                    batch.emit_port[rows], np.array([len(rows)], dtype=batch.emit_n.dtype))
 
     # --- control ----------------------------------------------------------
 
@@ -304,13 +412,19 @@ class XdpBackend(CopyLoop):
         ``xsk_rx_fill_ring_empty_descs``: the shared fill ring's, on worker
         0 only), and the program's ``xdp_redirected``, ``xdp_no_xsk``
         (frames on a queue without an XSK: passed to the stack instead) and
-        ``xdp_steered`` (frames the program picked this worker for). Summed
+        ``xdp_steered`` (frames the program picked this worker for);
+        ``xsk_rx_frames_q<Q>``: its XSKs' frames from rx queue Q, where a
+        port has more than one queue (none otherwise). Summed
         over workers, the program's counters are worker 0's (0 elsewhere).
         ``rx_dropped`` includes the XSKs' drops."""
         out = self.taps.stats()
         for name in XSK_COUNTERS:
             out["xsk_" + name] = sum(getattr(x, name) for x in self.xsks)
         out["xsk_free_chunks"] = sum(x.nfree for x in self.xsks)
+        if any(x.queue for x in self.xsks):
+            for x in sorted(self.xsks, key=lambda x: x.queue):
+                key = f"xsk_rx_frames_q{x.queue}"
+                out[key] = out.get(key, 0) + x.rx_frames
         kernel = dict.fromkeys(KERNEL_COUNTERS, 0)
         for x in self.xsks:
             st = x.statistics()
@@ -326,11 +440,13 @@ class XdpBackend(CopyLoop):
         return out
 
     def describe(self) -> list[dict]:
-        """Per port: name, XDP mode, queue, zero-copy, worker, whether the
-        UMEM is shared (XDP_SHARED_UMEM with worker 0's socket)."""
-        return [{"port": p.name, "mode": m, "queue": self.queue, "zerocopy": bool(x.zerocopy),
-                 "worker": self.index, "shared": bool(x.shared)}
-                for p, m, x in zip(self.ports, self.modes, self.xsks)]
+        """Per XSK of this worker (``xsks`` order): port name, XDP mode, rx
+        queue, zero-copy, worker, whether the UMEM is shared
+        (XDP_SHARED_UMEM: every socket of a port but the first)."""
+        mode = dict(zip((p.index for p in self.xdp_ports), self.modes))
+        return [{"port": self.ports[x.port].name, "mode": mode[x.port], "queue": x.queue,
+                 "zerocopy": bool(x.zerocopy), "worker": self.index, "shared": bool(x.shared)}
+                for x in self.xsks]
 
     def close(self) -> None:
         """Worker 0: the program first (from then on the kernel keeps every

@@ -115,7 +115,7 @@ class Options:
     # pylvs/io/xdp.py).
     io: str = "afpacket"
     # Clients on the director itself are balanced (pylvs/io/local.py;
-    # AF_PACKET only); --no-local-clients leaves them to the kernel.
+    # not with --tap); --no-local-clients leaves them to the kernel.
     local_clients: bool = True
 
 
@@ -317,7 +317,7 @@ class Daemon:
     def _build(self) -> None:
         from ..engine import new_engine
         from ..io.xdp import open_backends
-        from .worker import LockedEngine, Worker
+        from .worker import LockedEngine, UpcallMeter, Worker
 
         if self._backends is None and self.opts.tap:
             self._build_tap()   # one worker where its queues cannot be steered
@@ -325,11 +325,9 @@ class Daemon:
         n = self.opts.workers
         self.counters = tables.CounterSum(self.opts.max_services, self.opts.max_dests, n)
         if self._backends is None:   # --io xdp falls back to afpacket (docs/io.md)
-            # Clients on the director come in by an AF_PACKET loopback port.
-            local = self.opts.io == "afpacket" and self._open_local()
-            if self.opts.io != "afpacket" and self.opts.local_clients:
-                log.info("local clients: not balanced with --io %s (its frame loop drives only "
-                         "its own sockets; docs/io.md, \"Clients on the director\")", self.opts.io)
+            # Clients on the director come in by an AF_PACKET loopback port
+            # (with --io xdp: one of the taps beside the XSKs).
+            local = self._open_local()
             self._backends = open_backends(self.ifaces, self.opts.io, n,
                                            qdisc_bypass=self.opts.qdisc_bypass, pcap=self.opts.pcap,
                                            **({"ring": self.opts.ring} if self.opts.ring else {}),
@@ -364,11 +362,12 @@ class Daemon:
         # --conn-max is split: each worker's table holds its clients' conns.
         capacity = -(-self.opts.capacity // n)
         for i, (part, backend) in enumerate(zip(self.counters.parts, self.backends)):
-            engine = new_engine(self.opts.engine, capacity, counters=part,
-                                schedule=self.balancer.schedule)
+            meter = UpcallMeter(self.balancer.schedule)
+            engine = new_engine(self.opts.engine, capacity, counters=part, schedule=meter)
             lock = threading.Lock()
             fwd = engine if _is_c_engine(engine) else LockedEngine(engine, lock)
-            self.workers.append(Worker(i, engine, backend, part, fwd_engine=fwd, lock=lock))
+            self.workers.append(Worker(i, engine, backend, part, fwd_engine=fwd, lock=lock,
+                                       meter=meter))
         self.engine = self.workers[0].engine
         self._io_hooks()
         # A resolved MAC changes the dest table: the Balancer re-publishes.

@@ -17,14 +17,40 @@ import time
 log = logging.getLogger("pylvs")
 
 
+class UpcallMeter:
+    """A worker's scheduler upcall, timed: ``cost`` is the moving mean of
+    what one call takes (seconds, time.perf_counter; each call weighs 1/64),
+    which the worker gives its engine as ``upcall_cost`` for the upcall
+    limit (docs/engine.md, "Upcall limit"). The time to take the GIL back
+    before the call is not in it."""
+
+    WEIGHT = 1 / 64
+
+    def __init__(self, schedule, cost: float = 20e-6):
+        """``schedule``: the Balancer's (svc_slot, caddr, cport) -> dest slot;
+        ``cost``: the first guess, seconds, until calls are timed."""
+        self._schedule = schedule
+        self.cost = cost
+
+    def __call__(self, svc_slot: int, caddr: int, cport: int) -> int:
+        t0 = time.perf_counter()
+        try:
+            return self._schedule(svc_slot, caddr, cport)
+        finally:
+            self.cost += (time.perf_counter() - t0 - self.cost) * self.WEIGHT
+
+
 class Worker:
     """One data-path thread. ``index``: its number (the fanout member it
     reads); ``fwd_engine``: what ``backend.forward`` is given (the engine,
-    or for a Python engine a wrapper that takes ``lock``)."""
+    or for a Python engine a wrapper that takes ``lock``); ``meter``: its
+    engine's timed scheduler, whose cost the thread hands the engine before
+    each forward call (None: the engine's upcall_cost is left as it is)."""
 
     def __init__(self, index: int, engine, backend, counters, *, fwd_engine=None,
-                 lock: threading.Lock | None = None):
+                 lock: threading.Lock | None = None, meter: UpcallMeter | None = None):
         self.index = index
+        self.meter = meter
         self.engine = engine
         self.backend = backend
         self.counters = counters
@@ -81,7 +107,8 @@ class Worker:
     def info(self) -> dict:
         e = self.engine
         return {"conn_count": int(e.conn_count), "capacity": int(e.capacity),
-                "memory": getattr(e, "memory", None)}
+                "memory": getattr(e, "memory", None),
+                "upcall_cost": getattr(e, "upcall_cost", None)}
 
     # --- the thread ------------------------------------------------------
 
@@ -110,11 +137,13 @@ class Worker:
 
     def run(self, stop: threading.Event, poll_timeout: float, expire_budget: int,
             on_error) -> None:
-        engine, backend, lock = self.engine, self.backend, self.lock
+        engine, backend, lock, meter = self.engine, self.backend, self.lock, self.meter
         try:
             while not stop.is_set():
                 if self._has_pending():
                     self.take_pending()
+                if meter is not None:
+                    engine.upcall_cost = min(meter.cost, 1.0)
                 backend.forward(self.fwd_engine, time.monotonic(), poll_timeout)
                 with lock:
                     engine.expire(time.monotonic(), expire_budget)

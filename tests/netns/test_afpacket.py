@@ -388,3 +388,52 @@ b.close()
 """)
     assert res["stats"]["drop_no_dest"] == 5, res
     assert res["calls"] and all(r != "done" and "in use" in r for _, r in res["calls"]), res
+
+
+@pytest.mark.parametrize("ring", ["v2", "v3"])
+def test_a_backed_up_ring_is_pressure_for_the_upcall_limit(trio, ring):
+    # 2000 datagrams with no conn (the scheduler finds no dest, so each is
+    # a new flow) wait in the ring before anyone reads: while an eighth
+    # of the ring is still ready ahead, the engine is told of pressure and
+    # (upcall_share 0) calls no scheduler; once the backlog is down to
+    # less, the rest are scheduled. Every frame is one or the other.
+    res = scenario(trio, f"RING = {ring!r}\n" + r"""
+from pylvs import _fast
+from pylvs.engine import new_engine
+counters = tables.Counters()
+seen_pressure = []
+def sched(s, c, p):
+    seen_pressure.append(engine.pressure)
+    return -1
+engine = new_engine("c", 4096, counters=counters, schedule=sched)
+svc = tables.empty_services(1)
+svc[0] = (ip("10.9.0.1"), 7, 17, 1)
+engine.set_tables(svc, tables.empty_dests(0))
+vals = tables.default_sysctls()
+vals[tables.SYSCTL_INDEX["upcall_share"]] = 0
+engine.set_sysctls(vals)
+engine.upcall_cost = 1e-5
+b = AfPacketBackend(["d0", "d1"], block_nr=64, block_size=1 << 16, ring=RING)
+b.set_filter([(17, ip("10.9.0.1"), 7)], [])
+client = in_ns(C, '''
+import socket, time
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(50)]
+for k in range(2000):
+    socks[k % 50].sendto(b"x" * 100, ("10.9.0.1", 7))
+    if k % 50 == 49:
+        time.sleep(0.002)
+''')
+client.wait(20)
+time.sleep(0.1)
+seen = 0
+for _ in range(20):
+    seen += _fast.forward(engine, b.rings, time.monotonic(), 10)
+print(json.dumps(dict(seen=seen, stats=counters.named(), io=b.stats(), calls=len(seen_pressure),
+                      any_pressure=any(seen_pressure))))
+b.close()
+""")
+    st = res["stats"]
+    assert res["io"]["rx_dropped"] == 0, res     # the ring held them all
+    assert st["drop_upcall_limit"] >= 500, res  # the backlog was pressure
+    assert res["calls"] > 0 and not res["any_pressure"], res  # the tail was not
+    assert st["drop_upcall_limit"] + st["drop_no_dest"] == res["seen"] == 2000, res

@@ -1,11 +1,12 @@
 """Clients on the director itself (docs/io.md, "Clients on the director"):
 a process in the director's namespace that connects to a virtual service is
-balanced like any client, for VS-NAT, VS-DR and VS-Tun and with 1 and 2
-workers, and when pylvs stops (or is killed) the kernel has the VIP again
-with nothing of pylvs's left (tcx programs, the route anchor, routes).
+balanced like any client, for VS-NAT, VS-DR and VS-Tun, with 1 and 2
+workers, over AF_PACKET and with --io xdp, and when pylvs stops (or is
+killed) the kernel has the VIP again with nothing of pylvs's left (tcx
+programs, the route anchor, routes).
 
-One lab per forwarding method for the module; each test starts its own
-director. The DR and Tun labs carry the VIP as a /32 of its own, so the
+One lab per forwarding method and backend for the module; each test starts
+its own director. The DR and Tun labs carry the VIP as a /32 of its own, so the
 kernel prefers the VIP itself as the source of a local connect (a real
 server holding the VIP would answer itself): these exercise pylvs's source
 routes. The NAT lab keeps the VIP as a secondary address (the kernel then
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.netns
 
 FWDS = ["nat", "dr", "tun"]
 WORKERS = [1, 2]
+IOS = ["afpacket", "xdp"]
 
 # Run in the director's namespace: what a local connect to VIP:80 meets
 # (connected / refused / timeout), the tcx programs on every interface,
@@ -74,13 +76,15 @@ def kernel_state(lab: Lab) -> dict:
 
 @pytest.fixture(scope="module")
 def labs():
-    """{fwd: Lab}, each built on first use and removed at the end of the module."""
-    made: dict[str, Lab] = {}
+    """{(fwd, io): Lab}, each built on first use and removed at the end of
+    the module (io="xdp": the director started with --io xdp, the other
+    namespaces sending complete checksums, as `pylvs lab up --io xdp`)."""
+    made: dict[tuple[str, str], Lab] = {}
 
-    def get(fwd: str) -> Lab:
-        if fwd not in made:
-            lab = Lab(f"pl{uuid.uuid4().hex[:6]}", servers=2, fwd=fwd)
-            made[fwd] = lab
+    def get(fwd: str, io: str = "afpacket") -> Lab:
+        if (fwd, io) not in made:
+            lab = Lab(f"pl{uuid.uuid4().hex[:6]}", servers=2, fwd=fwd, io=io)
+            made[fwd, io] = lab
             lab.up()
             if fwd != "nat":
                 # The VIP as an address of its own (module docstring).
@@ -90,7 +94,7 @@ def labs():
                 lab.run(lab.director, ["ip", "addr", "del", cidr, "dev", "eth0"])
                 lab.run(lab.director, ["ip", "addr", "add", f"{lab.vip}/32", "dev", "eth0"])
             lab.found = kernel_state(lab)
-        return made[fwd]
+        return made[fwd, io]
 
     try:
         yield get
@@ -104,10 +108,10 @@ def labs():
 
 @pytest.fixture
 def lab(labs, request):
-    """The lab of the test's `fwd` with a director of `workers` serving
-    VIP:80 round robin over rs1 and rs2; stopped at the end (its log shown
-    for a failure)."""
-    lab = labs(request.getfixturevalue("fwd"))
+    """The lab of the test's `fwd` and `io` with a director of `workers`
+    serving VIP:80 round robin over rs1 and rs2; stopped at the end (its
+    log shown for a failure)."""
+    lab = labs(request.getfixturevalue("fwd"), request.getfixturevalue("io"))
     lab.start_director()
     try:
         if lab.fwd == "nat":
@@ -126,8 +130,13 @@ def local_curl(lab: Lab, path: str, *extra: str, max_time: float = 10.0) -> subp
 
 @pytest.mark.parametrize("workers", WORKERS, indirect=True)
 @pytest.mark.parametrize("fwd", FWDS)
+@pytest.mark.parametrize("io", IOS)
 def test_local_client_is_balanced_and_nothing_is_left_after_stop_or_kill_9(lab, fwd, workers,
-                                                                          tmp_path):
+                                                                          io, tmp_path):
+    if io == "xdp":   # XDP attached, and the loopback port beside the XSKs
+        log = lab.director_log()
+        assert "AF_XDP socket on queue 0" in log and "falling back" not in log, log
+        assert "local clients: connects from this host" in log, log
     # Round robin over two real servers: the answers alternate.
     names = [local_curl(lab, "/whoami", max_time=5).stdout.strip() for _ in range(4)]
     assert sorted(set(names)) == ["rs1", "rs2"] and all(
@@ -190,4 +199,26 @@ def test_no_local_clients_leaves_them_to_the_kernel(labs):
             n for n, ids in st["tcx"].items() if ids}, st
         assert lab.curl("/whoami", max_time=5).stdout.strip() == "rs1"   # remote clients still
     finally:
+        lab.stop_director()
+
+
+def test_local_client_with_the_python_engine_over_xdp(labs, tmp_path):
+    """The reference engine over --io xdp gets the loopback port's frames
+    in the same Batch as the XSKs': its replies to the local client leave
+    by the loopback port's socket, not an XSK (there is none on lo), and a
+    1 MiB download arrives intact."""
+    lab = labs("nat", "xdp")
+    lab.start_director("--engine", "python")
+    try:
+        lab.nat_service("tcp", 80, (1, 1), sched="rr")
+        names = [local_curl(lab, "/whoami", max_time=5).stdout.strip() for _ in range(2)]
+        assert sorted(names) == ["rs1", "rs2"], names
+        n = 1 << 20
+        out = tmp_path / "got"
+        local_curl(lab, f"/bytes/{n}", "-o", str(out), max_time=30)
+        assert out.read_bytes() == content(0, n)
+        st = lab.stats()
+        assert st["xsk_tx_bad_port"] == 0 and st["rx_blocks"] > 0, st
+    finally:
+        print(f"--- director log ({lab.name}) ---\n{lab.director_log()[-6000:]}")
         lab.stop_director()
