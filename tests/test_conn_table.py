@@ -16,15 +16,23 @@ import numpy as np
 import pytest
 
 from engine_kit import (CIP, CLIENT_PORT, DESTS, IMPLS, LMAC, RESOLVED, RIP, RIP2, RMAC, RS_PORT,
-                        SERVICES, SMAC, VIP, Env, build_tables, delta, diff_bytes, ip, tcp, tcp_out,
-                        udp, v,
-                        _sched_fixed)
+                        SERVICES, SMAC, VIP, Env, build_tables, delta, diff_bytes, ip, mac, tcp,
+                        tcp_out, udp, v, _sched_fixed)
 from pylvs.engine import conn as conn_mod
 from pylvs.engine import new_engine, states, tables
 
 TX, DROP = tables.V_TX, tables.V_DROP
 ALT = 5  # another dest of service 0, on RIP2:8080
 ALT_DESTS = {**DESTS, ALT: (0, RIP2, 8080, tables.FWD_MASQ, RESOLVED)}
+# ALT's own MAC: a frame rescheduled to it must leave with its Ethernet
+# header, not the old dest's.
+ALT_MAC = "02:00:00:00:01:03"
+
+
+def alt_tables(dests=ALT_DESTS, gone=()):
+    svc, dst = build_tables(SERVICES, dests, gone)
+    dst[ALT]["dmac"] = np.frombuffer(mac(ALT_MAC), np.uint8)
+    return svc, dst
 
 
 class Sched:
@@ -44,7 +52,9 @@ class Sched:
 
 def make_env(impl: str, capacity: int = 64) -> tuple[Env, Sched]:
     s = Sched()
-    return Env(impl, capacity=capacity, schedule=s, dests=ALT_DESTS), s
+    env = Env(impl, capacity=capacity, schedule=s, dests=ALT_DESTS)
+    env.engine.set_tables(*alt_tables())
+    return env, s
 
 
 def set_sysctl(**values):
@@ -60,7 +70,7 @@ def dest0(weight=1, gone=False):
     """Dest 0 deleted, or with this weight; the scheduler moves to ALT."""
     def step(env: Env, sched: Sched) -> None:
         dests = {**ALT_DESTS, 0: (*ALT_DESTS[0], weight)}
-        env.engine.set_tables(*build_tables(SERVICES, dests, gone=(0,) if gone else ()))
+        env.engine.set_tables(*alt_tables(dests, gone=(0,) if gone else ()))
         sched.alt = True
     return step
 
@@ -80,7 +90,8 @@ CLOSE = ESTABLISHED + [c("R", 1.0)]
 
 
 def to_rip(daddr=RIP, flags="S"):
-    return v(tcp_out(dst=daddr, dport=8080, smac=SMAC, dmac=RMAC, flags=flags))
+    return v(tcp_out(dst=daddr, dport=8080, smac=SMAC, dmac=ALT_MAC if daddr == RIP2 else RMAC,
+                     flags=flags))
 
 
 @dataclass

@@ -714,6 +714,49 @@ def test_lengths_changed_during_the_upcall_stay_inside_the_slots():
     assert b.verdict[1] == tables.V_DROP and stat(c, "drop_bad_ip") == 1
 
 
+def test_frames_the_scheduler_rewrites_are_parsed_again():
+    # The batch path parses and hashes frames ahead of their turn; the
+    # scheduler is Python and may rewrite a later frame of the batch first:
+    # that frame must be handled as it is then, and its conn indexed under
+    # its key as it is then.
+    b = tables.Batch(size=12, slot=256)
+    for k in range(12):
+        b.append(tcp(sport=4000 + k))
+    sport_at = tables.VNET_HDR_LEN + 14 + 20
+
+    def meddle(s, a, p):
+        if p == 4000:
+            b.buf[5, sport_at:sport_at + 2] = np.frombuffer(struct.pack("!H", 4999), np.uint8)
+        return s
+
+    e, c = engine(schedule=meddle)
+    assert e.process(b, 0.0) == 12
+    e._check()
+    assert sorted(cn[2] for cn in e.conns()) == sorted({4000 + k for k in range(12)} - {4005}
+                                                       | {4999})
+    acks = send(e, [tcp(sport=4999, flags="A")])
+    assert verdicts(acks) == [tables.V_TX] and stat(c, "conns_created") == 12
+
+
+def test_conns_made_in_a_batch_are_found_by_their_keys():
+    # The batch path hashes tuples eight at a time (ip_vs_core.c,
+    # parse_group); the conns it makes must sit where the one-at-a-time
+    # hash of the conn table looks for them (_check), and be hit again.
+    # UDP frames in between move the TCP ones across the eight lanes.
+    e, c = engine(capacity=256)
+    frames = []
+    for k in range(21):
+        frames.append(tcp(sport=2000 + k))
+        if k % 5 == 0:
+            frames.append(udp(sport=3000 + k))
+    assert verdicts(send(e, frames)) == [tables.V_TX] * len(frames)
+    e._check()
+    assert e.conn_count == len(frames)
+    acks = send(e, [tcp(sport=2000 + k, flags="A") for k in range(21)])
+    assert verdicts(acks) == [tables.V_TX] * 21
+    assert stat(c, "conns_created") == len(frames)
+
+
 # --- references ------------------------------------------------------------
 
 

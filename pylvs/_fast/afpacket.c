@@ -678,9 +678,9 @@ static void flush_all(RingObject **rings, int n, TxQueue *tx_queues)
  * for a port beyond the rings, or lying outside the buffer (emit areas given
  * from Python), is counted in tx_bad_port. */
 static void emit_queue(RingObject **rings, int n, TxQueue *tx_queues, const struct pylvs_emit *em,
-                       uint32_t from)
+                       uint32_t from, uint32_t to)
 {
-    for (uint32_t k = from; k < em->n; k++) {
+    for (uint32_t k = from; k < to; k++) {
         uint16_t o = em->port[k];
         uint32_t off = em->off[k], len = em->len[k];
         if (o >= n || len > em->cap || off > em->cap - len) {
@@ -723,33 +723,77 @@ typedef struct {
     long seen;
 } FwdCtx;
 
-/* Run the engine on one frame (vnet header first) that arrived on port p
- * and queue what it sends. */
-static inline void fwd_frame(FwdCtx *c, uint8_t *frame, uint32_t len, int p)
+/* Make room in the emit area for the next frame's output. */
+static inline void emit_make_room(FwdCtx *c)
 {
     struct pylvs_emit *em = c->em;
-    uint16_t out = 0;
-    c->rings[p]->rx_frames++;
-    c->seen++;
     if (em->cap - em->used < EMIT_ROOM_BYTES || em->max - em->n < EMIT_ROOM_FRAMES) {
         /* The queues point into the emit area: send, then reuse it. */
         flush_all(c->rings, c->n, c->tx_queues);
         em->n = em->used = 0;
     }
-    uint32_t emitted = em->n;
-    if (pylvs_engine_frame(c->e, frame, len, (uint16_t)p, c->now, &out, em) == PYLVS_V_TX) {
+}
+
+/* Queue a frame of port p the engine gave `verdict` and `out`, then what
+ * it made, em's frames [emitted, emit_end). */
+static inline void fwd_out(FwdCtx *c, uint8_t *frame, uint32_t len, int p, int verdict,
+                           uint16_t out, uint32_t emitted, uint32_t emit_end)
+{
+    if (verdict == PYLVS_V_TX) {
         if (out < c->n)
             txq_add(c->rings[out], &c->tx_queues[out], frame, len, 0);
         else
             c->rings[p]->tx_bad_port++;
     }
-    if (em->n != emitted)
-        emit_queue(c->rings, c->n, c->tx_queues, em, emitted);
+    if (emit_end != emitted)
+        emit_queue(c->rings, c->n, c->tx_queues, c->em, emitted, emit_end);
+}
+
+/* Run the engine on one frame (vnet header first) that arrived on port p
+ * and queue what it sends. */
+static inline void fwd_frame(FwdCtx *c, uint8_t *frame, uint32_t len, int p)
+{
+    uint16_t out = 0;
+    c->rings[p]->rx_frames++;
+    c->seen++;
+    emit_make_room(c);
+    uint32_t emitted = c->em->n;
+    int v = pylvs_engine_frame(c->e, frame, len, (uint16_t)p, c->now, &out, c->em);
+    fwd_out(c, frame, len, p, v, out, emitted, c->em->n);
+}
+
+/* fwd_frame for n frames of port p (n <= PYLVS_ENGINE_RUN_MAX), through
+ * the engine's pipeline (pylvs_engine_run), which stops where the emit
+ * area needs sending; what they send is queued in the same order. */
+static void fwd_run(FwdCtx *c, uint8_t *const *frames, const uint32_t *lens, int n, int p)
+{
+    uint16_t ports[PYLVS_ENGINE_RUN_MAX], outs[PYLVS_ENGINE_RUN_MAX];
+    uint8_t verdicts[PYLVS_ENGINE_RUN_MAX];
+    uint32_t emit_end[PYLVS_ENGINE_RUN_MAX];
+    for (int i = 0; i < n; i++)
+        ports[i] = (uint16_t)p;
+    c->rings[p]->rx_frames += n;
+    c->seen += n;
+    for (int done = 0; done < n;) {
+        emit_make_room(c);
+        struct pylvs_emit_room room = {.bytes = EMIT_ROOM_BYTES, .frames = EMIT_ROOM_FRAMES,
+                                       .emit_end = emit_end + done};
+        uint32_t emitted = c->em->n;
+        int k = pylvs_engine_run(c->e, frames + done, lens + done, ports + done,
+                                 verdicts + done, outs + done, n - done, c->now, c->em, &room);
+        for (int i = done; i < done + k; i++) {
+            fwd_out(c, frames[i], lens[i], p, verdicts[i], outs[i], emitted, emit_end[i]);
+            emitted = emit_end[i];
+        }
+        done += k;
+    }
 }
 
 /* Frames of a V2 ring taken per port and round, so that one busy port does
- * not starve the others within a call. */
+ * not starve the others within a call (at most PYLVS_ENGINE_RUN_MAX: they
+ * go through the engine as one run). */
 #define V2_ROUND 64
+_Static_assert(V2_ROUND <= PYLVS_ENGINE_RUN_MAX, "a V2 round is one engine run");
 
 /* Take up to V2_ROUND ready frames of V2 ring r (port p's ring or its
  * lane); they stay TP_STATUS_USER (forward() hands them back after
@@ -757,6 +801,9 @@ static inline void fwd_frame(FwdCtx *c, uint8_t *frame, uint32_t len, int p)
 static unsigned fwd_v2(FwdCtx *c, RingObject *r, int p, unsigned room, uint8_t *big)
 {
     unsigned k = 0;
+    uint8_t *run[V2_ROUND];
+    uint32_t run_len[V2_ROUND];
+    int nrun = 0;
     if (room > V2_ROUND)
         room = V2_ROUND;
     while (k < room) {
@@ -765,6 +812,10 @@ static unsigned fwd_v2(FwdCtx *c, RingObject *r, int p, unsigned room, uint8_t *
         if (!(st & TP_STATUS_USER))
             break;
         if (st & TP_STATUS_COPY) {
+            if (nrun) { /* the frames before it go first */
+                fwd_run(c, run, run_len, nrun, p);
+                nrun = 0;
+            }
             uint32_t len = copy_recv(r, big, BIG_FRAME);
             if (len) {
                 fwd_frame(c, big, len, p);
@@ -772,13 +823,15 @@ static unsigned fwd_v2(FwdCtx *c, RingObject *r, int p, unsigned room, uint8_t *
                 flush_all(c->rings, c->n, c->tx_queues);
             }
         } else if (frame_usable(r, h->tp_snaplen, h->tp_len, st)) {
-            fwd_frame(c, (uint8_t *)h + h->tp_mac - PYLVS_VNET_HDR_LEN,
-                      h->tp_snaplen + PYLVS_VNET_HDR_LEN, p);
+            run[nrun] = (uint8_t *)h + h->tp_mac - PYLVS_VNET_HDR_LEN;
+            run_len[nrun++] = h->tp_snaplen + PYLVS_VNET_HDR_LEN;
         }
         r->frm = (r->frm + 1) % r->frame_nr;
         r->rx_blocks++;   /* a V2 slot is the ring's unit, as a V3 block is */
         k++;
     }
+    if (nrun)
+        fwd_run(c, run, run_len, nrun, p);
     return k;
 }
 
@@ -895,13 +948,23 @@ static PyObject *afp_forward(PyObject *mod, PyObject *args, PyObject *kwds)
                 continue;
             }
             progress = 1;
+            uint8_t *run[PYLVS_ENGINE_RUN_MAX];
+            uint32_t run_len[PYLVS_ENGINE_RUN_MAX];
+            int nrun = 0;
             for (; left; left--) {
-                if (frame_usable(r, h->tp_snaplen, h->tp_len, h->tp_status))
-                    fwd_frame(&c, (uint8_t *)h + h->tp_mac - PYLVS_VNET_HDR_LEN,
-                              h->tp_snaplen + PYLVS_VNET_HDR_LEN, p);
+                if (frame_usable(r, h->tp_snaplen, h->tp_len, h->tp_status)) {
+                    run[nrun] = (uint8_t *)h + h->tp_mac - PYLVS_VNET_HDR_LEN;
+                    run_len[nrun++] = h->tp_snaplen + PYLVS_VNET_HDR_LEN;
+                    if (nrun == PYLVS_ENGINE_RUN_MAX) {
+                        fwd_run(&c, run, run_len, nrun, p);
+                        nrun = 0;
+                    }
+                }
                 if (left > 1)
                     h = (struct tpacket3_hdr *)((uint8_t *)h + h->tp_next_offset);
             }
+            if (nrun)
+                fwd_run(&c, run, run_len, nrun, p);
             held[nheld++] = bd;
             taken[p]++;
             units++;
@@ -1146,7 +1209,7 @@ static PyObject *afp_emit_send(PyObject *mod, PyObject *args, PyObject *kwds)
     struct pylvs_emit em = {.buf = v[0].buf, .cap = (uint32_t)v[0].shape[0], .n = frames,
                             .max = frames, .off = v[1].buf, .len = v[2].buf, .port = v[3].buf};
     unsigned long long before = sent_total(rings, n);
-    emit_queue(rings, n, bufs->q, &em, 0);
+    emit_queue(rings, n, bufs->q, &em, 0, em.n);
     flush_all(rings, n, bufs->q);
     release_views(v, 5);
     unsigned long long after = sent_total(rings, n);

@@ -67,6 +67,28 @@ int pylvs_engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len,
                        uint16_t in_port, double now, uint16_t *out_port,
                        struct pylvs_emit *em);
 
+/* What pylvs_engine_run leaves in the emit area, for a caller that sends
+ * it while the run goes on: the run stops before a frame (not the first)
+ * when less than `bytes` or `frames` are left, and emit_end[i] gets em->n
+ * after frame i, so that frame i's own output is emit_end[i - 1] (0 for the
+ * first) up to emit_end[i]. */
+struct pylvs_emit_room {
+    uint32_t bytes, frames;
+    uint32_t *emit_end;
+};
+
+/* Process up to PYLVS_ENGINE_RUN_MAX frames in place, as calls of
+ * pylvs_engine_frame one by one would, in a pipeline that overlaps each
+ * frame's conn lookup with work on the others (ip_vs_core.c). frames[i]
+ * points at a virtio_net_hdr, lens[i] counts it, ports[i] is its in port;
+ * verdicts[i] gets its PYLVS_V_*, outs[i] its egress port when that is
+ * PYLVS_V_TX. `room`: see above, or NULL (the run never stops early).
+ * Returns the number of frames processed, from the first. */
+#define PYLVS_ENGINE_RUN_MAX 256
+int pylvs_engine_run(PylvsEngine *e, uint8_t *const *frames, const uint32_t *lens,
+                     const uint16_t *ports, uint8_t *verdicts, uint16_t *outs, int count,
+                     double now, struct pylvs_emit *em, const struct pylvs_emit_room *room);
+
 /* Workers: forward() lets the GIL go and holds the engine's lock for its
  * batch (every Python method takes the same lock). `nogil` is the caller's
  * saved thread state: the scheduler upcall takes the GIL with it and lets

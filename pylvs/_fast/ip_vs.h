@@ -155,13 +155,15 @@ struct bucket {
 };
 
 /* Frames between prefetching a conn and using it; its index bucket is
- * prefetched twice as far ahead. At ~30-40 ns of work per frame, 4 covers a
- * DRAM miss on a quiet machine (measured: 2 is too short, 8 no better);
- * on a shared one, where other tenants' cache traffic and preemption let
- * lines go or arrive late, 8 was faster in 6 of 8 interleaved rounds
- * (median per-round ratio 0.88; bench/README.md). */
+ * prefetched BUCKET_DISTANCE frames ahead. Measured in interleaved rounds
+ * (bench/README.md): 16 beat 8 and 4 (median per-round ratios 0.95 and
+ * 0.93), and 16/48, 8/32 and 12/24 (conn/bucket) were no better than
+ * 16/32. */
 #ifndef PREFETCH_DISTANCE
-#define PREFETCH_DISTANCE 8
+#define PREFETCH_DISTANCE 16
+#endif
+#ifndef BUCKET_DISTANCE
+#define BUCKET_DISTANCE (2 * PREFETCH_DISTANCE)
 #endif
 
 #define N_BATCH_ARRAYS 10
@@ -233,6 +235,7 @@ struct pylvs_engine {
     uint8_t trans[N_DIRS][N_EVENTS][N_TCP_STATES];
     double timeouts[N_TIMEOUTS];
     int busy; /* inside the scheduler upcall: the tables must stay put */
+    uint64_t upcalls; /* scheduler upcalls made: Python ran, frames may have changed */
     /* Workers (docs/io.md): forward() runs the engine without the GIL,
      * holding `mu` for its batch; every method called from Python takes
      * `mu` too, so control may read conns or swap tables from any thread.
@@ -306,16 +309,25 @@ static inline void dest_conns_add(PylvsEngine *e, uint32_t dest, int col, int32_
  * and with a 128-bit random key per engine its outputs cannot be
  * predicted. Netfilter made the same move for the conntrack and NAT
  * tables ("netfilter: conntrack: switch to siphash", Linux 5.15), and
- * SipHash-1-3 is what CPython keys its str hashes with. It costs ~75
- * instructions per frame here (bench/README.md, "Where the engine's
- * nanoseconds go"), computed a pipeline stage ahead of its use. */
+ * SipHash-1-3 is what CPython keys its str hashes with. One hash is ~75
+ * instructions; the batch path (pylvs_engine_run) hashes eight tuples at
+ * once in AVX-512 lanes where the CPU has them (pylvs_siphash13_2w_x8,
+ * ~11 instructions a frame; bench/README.md, "Where the engine's
+ * nanoseconds go"), a pipeline stage ahead of their use. */
+HOT uint64_t key_word0(uint32_t a1, uint32_t a2)
+{
+    return (uint64_t)a1 | (uint64_t)a2 << 32;
+}
+
+HOT uint64_t key_word1(uint8_t proto, uint16_t p1, uint16_t p2)
+{
+    return (uint64_t)p1 | (uint64_t)p2 << 16 | (uint64_t)proto << 32 | (uint64_t)13 << 56;
+}
+
 HOT uint64_t key_hash(const PylvsEngine *e, uint8_t proto, uint32_t a1,
                       uint16_t p1, uint32_t a2, uint16_t p2)
 {
-    uint64_t m0 = (uint64_t)a1 | (uint64_t)a2 << 32;
-    uint64_t m1 = (uint64_t)p1 | (uint64_t)p2 << 16 | (uint64_t)proto << 32 |
-                  (uint64_t)13 << 56;
-    return pylvs_siphash13_2w(e->k0, e->k1, m0, m1);
+    return pylvs_siphash13_2w(e->k0, e->k1, key_word0(a1, a2), key_word1(proto, p1, p2));
 }
 
 /* Only NAT conns are indexed under their OUT key: the replies of the others
@@ -374,17 +386,16 @@ HOT int finish(PylvsEngine *e, int stat, int verdict)
     return verdict;
 }
 
+/* The state table's event for a segment's flags, the first of RST, SYN,
+ * FIN, ACK that is set, or -1: a table over those four bits (FIN, SYN and
+ * RST are bits 0-2, ACK is bit 4, moved to bit 3). */
 HOT int tcp_event(uint8_t flags)
 {
-    if (flags & TH_RST)
-        return EV_RST;
-    if (flags & TH_SYN)
-        return EV_SYN;
-    if (flags & TH_FIN)
-        return EV_FIN;
-    if (flags & TH_ACK)
-        return EV_ACK;
-    return -1;
+    static const int8_t ev[16] = {
+        -1,     EV_FIN, EV_SYN, EV_SYN, EV_RST, EV_RST, EV_RST, EV_RST,
+        EV_ACK, EV_FIN, EV_SYN, EV_SYN, EV_RST, EV_RST, EV_RST, EV_RST,
+    };
+    return ev[(flags & (TH_FIN | TH_SYN | TH_RST)) | (flags & TH_ACK) >> 1];
 }
 
 /* --- shared by the transmitters ------------------------------------------ */
@@ -443,6 +454,10 @@ uint32_t conn_alloc(PylvsEngine *e, int64_t victim, double now);
 int conn_table_check(PylvsEngine *e);
 
 /* --- ip_vs_core.c -------------------------------------------------------- */
+
+/* Run the frames of one pylvs_engine_run (engine.h) through the
+ * pipeline; lens[i] are their lengths (within their buffers). Returns the
+ * V_TX count. */
 
 /* Run `count` frames of a batch (slots of `slot` bytes; every lens[i] was
  * checked against it) through the pipeline; returns the V_TX count. */

@@ -362,3 +362,27 @@ int conn_table_check(PylvsEngine *self)
     }
     return 0;
 }
+
+/* siphash.h. target_clones makes an AVX-512 and a baseline body and an
+ * ifunc that picks one when the library is loaded. */
+__attribute__((target_clones("avx512f", "avx2", "default"))) void
+pylvs_siphash13_2w_x8(uint64_t k0, uint64_t k1, const pylvs_u64x8 *m0, const pylvs_u64x8 *m1,
+                      pylvs_u64x8 *out)
+{
+    const pylvs_u64x8 zero = {0};
+    pylvs_u64x8 v0 = zero + (k0 ^ 0x736f6d6570736575ULL);
+    pylvs_u64x8 v1 = zero + (k1 ^ 0x646f72616e646f6dULL);
+    pylvs_u64x8 v2 = zero + (k0 ^ 0x6c7967656e657261ULL);
+    pylvs_u64x8 v3 = zero + (k1 ^ 0x7465646279746573ULL);
+    v3 ^= *m0;
+    PYLVS_SIPROUND_R(v0, v1, v2, v3, PYLVS_VROTL64);
+    v0 ^= *m0;
+    v3 ^= *m1;
+    PYLVS_SIPROUND_R(v0, v1, v2, v3, PYLVS_VROTL64);
+    v0 ^= *m1;
+    v2 ^= 0xff;
+    PYLVS_SIPROUND_R(v0, v1, v2, v3, PYLVS_VROTL64);
+    PYLVS_SIPROUND_R(v0, v1, v2, v3, PYLVS_VROTL64);
+    PYLVS_SIPROUND_R(v0, v1, v2, v3, PYLVS_VROTL64);
+    *out = v0 ^ v1 ^ v2 ^ v3;
+}

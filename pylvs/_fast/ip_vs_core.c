@@ -64,14 +64,14 @@ static int find_service(const PylvsEngine *e, uint8_t proto, uint32_t vaddr, uin
     }
 }
 
-/* The dest of a conn is still the one it was made with (not deleted, its
- * slot not handed to another service). */
-HOT int conn_dest_ok(const PylvsEngine *e, const struct conn *c)
+/* The conn's dest while it is still the one the conn was made for (a dest
+ * deleted, or its slot reused by another service's, is gone), else NULL. */
+HOT const dest_row *conn_dest(const PylvsEngine *e, const struct conn *c)
 {
     if (c->dest >= e->ndests)
-        return 0;
+        return NULL;
     const dest_row *dest = &e->dests[c->dest];
-    return (dest->flags & DEST_F_USED) && dest->svc == c->svc;
+    return (dest->flags & DEST_F_USED) && dest->svc == c->svc ? dest : NULL;
 }
 
 /* A segment that would open a conn on a miss (step 8): the kernel's
@@ -80,14 +80,6 @@ HOT int conn_dest_ok(const PylvsEngine *e, const struct conn *c)
 HOT int is_new_conn(uint8_t proto, uint8_t tcpflags)
 {
     return proto == PROTO_TCP && (tcpflags & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN;
-}
-
-/* An IN hit that the kernel's ip_vs_in looks at twice: a SYN (is_new_conn)
- * or a conn whose dest is gone. */
-HOT int conn_in_suspect(const PylvsEngine *e, const struct conn *c, uint8_t proto,
-                        uint8_t tcpflags)
-{
-    return is_new_conn(proto, tcpflags) || !conn_dest_ok(e, c);
 }
 
 #define IN_KEEP 0    /* go on with the conn */
@@ -110,7 +102,7 @@ static __attribute__((noinline)) int
 conn_in_rules(PylvsEngine *e, uint32_t slot, uint8_t proto, uint8_t tcpflags)
 {
     struct conn *c = &e->conns[slot];
-    int dest_ok = conn_dest_ok(e, c);
+    int dest_ok = conn_dest(e, c) != NULL;
     int64_t nodest = e->sysctl[SYS_EXPIRE_NODEST_CONN], reuse = e->sysctl[SYS_CONN_REUSE_MODE];
     if (is_new_conn(proto, tcpflags)) {
         int resched = 0;
@@ -143,6 +135,7 @@ static long call_schedule(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cpor
     if (e->schedule == NULL)
         return -1;
     /* forward() runs without the GIL: take it for the upcall only. */
+    e->upcalls++;
     PyThreadState *ts = e->nogil;
     if (ts != NULL) {
         e->nogil = NULL;
@@ -314,46 +307,93 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     return c;
 }
 
-/* What the batch loop learnt about a frame ahead of time: its tuple and the
- * tuple's hash, computed while the index bucket was being prefetched. */
-struct hint {
-    uint64_t hash;
+/* What frame_parse found in a frame. */
+#define PARSE_TUPLE 0   /* a TCP or UDP segment, for the conn path */
+#define PARSE_ICMP 1    /* an ICMP packet, for icmp_frame */
+#define PARSE_REFUSED 2 /* finished at once with `stat` and `verdict` */
+
+struct pkt {
+    uint64_t hash; /* key_hash of the tuple (PARSE_TUPLE, batch path only) */
     uint32_t saddr, daddr;
     uint16_t sport, dport;
-    uint8_t proto;
-    uint8_t valid;
+    uint16_t ihl, tot; /* valid from the IP total length check on */
+    uint16_t stat;
+    uint8_t verdict;
+    uint8_t proto, tcpflags;
+    uint8_t code;    /* PARSE_* */
+    uint8_t options; /* an IPv4 header with options got past the length checks */
 };
 
-/* The tuple of a frame that might be TCP or UDP over IPv4, read with just
- * enough checks to stay inside the frame; the frame path validates for real
- * and uses the result only if it names the same tuple. */
-HOT void frame_hint(const PylvsEngine *e, const uint8_t *f, uint32_t len, struct hint *h)
+static inline int parse_refused(struct pkt *p, int stat, int verdict)
 {
-    h->valid = 0;
-    if (len < PYLVS_VNET_HDR_LEN + 14 + 20 || pylvs_rd16(f + PYLVS_VNET_HDR_LEN + 12) != 0x0800)
-        return;
-    const uint8_t *ip = f + PYLVS_VNET_HDR_LEN + 14;
-    uint32_t ihl = (uint32_t)(ip[0] & 0x0f) * 4;
-    if (ihl < 20 || PYLVS_VNET_HDR_LEN + 14 + ihl + 4 > len)
-        return;
-    if (ip[9] != PROTO_TCP && ip[9] != PROTO_UDP)
-        return;
-    h->proto = ip[9];
-    h->saddr = pylvs_rd32(ip + 12);
-    h->daddr = pylvs_rd32(ip + 16);
-    h->sport = pylvs_rd16(ip + ihl);
-    h->dport = pylvs_rd16(ip + ihl + 2);
-    h->hash = key_hash(e, h->proto, h->saddr, h->sport, h->daddr, h->dport);
-    h->valid = 1;
+    p->stat = (uint16_t)stat;
+    p->verdict = (uint8_t)verdict;
+    return p->code = PARSE_REFUSED;
 }
 
-/* Start loading the conn that the hinted tuple will find, assuming its
- * bucket is already on its way into the cache. */
-HOT void prefetch_conn(const PylvsEngine *e, const struct hint *h)
+/* Steps 1-6 of docs/engine.md, "Per frame": the frame (vnet header first,
+ * `len` bytes) is checked as far as its TCP or UDP header, and its tuple
+ * read. Reads the frame only; the batch path runs it a stage ahead of the
+ * rest of the frame's work. */
+HOT int frame_parse(const uint8_t *frame, uint32_t len, struct pkt *p)
 {
-    if (!h->valid)
+    p->options = 0;
+    if (len < PYLVS_VNET_HDR_LEN + 14)
+        return parse_refused(p, ST_DROP_TRUNCATED, PYLVS_V_DROP);
+    const uint8_t *eth = frame + PYLVS_VNET_HDR_LEN;
+    if (pylvs_rd16(eth + 12) != 0x0800)
+        return parse_refused(p, ST_PASS_NOT_IPV4, PYLVS_V_PASS);
+    const uint8_t *ip = eth + 14;
+    uint32_t avail = len - (PYLVS_VNET_HDR_LEN + 14);
+    if (avail < 20)
+        return parse_refused(p, ST_DROP_TRUNCATED, PYLVS_V_DROP);
+    uint32_t ihl = (uint32_t)(ip[0] & 0x0f) * 4;
+    /* version 4 and IHL >= 5: 0x45..0x4f */
+    if ((uint8_t)(ip[0] - 0x45) > 0x0a || ihl > avail)
+        return parse_refused(p, ST_DROP_BAD_IP, PYLVS_V_DROP);
+    uint32_t tot = pylvs_rd16(ip + 2);
+    if (tot < ihl || tot > avail)
+        return parse_refused(p, ST_DROP_BAD_IP, PYLVS_V_DROP);
+    p->ihl = (uint16_t)ihl;
+    p->tot = (uint16_t)tot;
+    p->options = ihl > 20;
+    if (pylvs_rd16(ip + 6) & 0x3fff) /* MF or a fragment offset */
+        return parse_refused(p, ST_DROP_FRAGMENT, PYLVS_V_DROP);
+    uint8_t proto = ip[9];
+    p->proto = proto;
+    if (proto == PROTO_ICMP)
+        return p->code = PARSE_ICMP;
+    if (proto != PROTO_TCP && proto != PROTO_UDP)
+        return parse_refused(p, ST_PASS_NOT_OURS, PYLVS_V_PASS);
+
+    const uint8_t *l4 = ip + ihl;
+    uint32_t l4len = tot - ihl;
+    p->tcpflags = 0;
+    if (proto == PROTO_TCP) {
+        if (l4len < 20)
+            return parse_refused(p, ST_DROP_BAD_L4, PYLVS_V_DROP);
+        uint32_t doff = (uint32_t)(l4[12] >> 4) * 4;
+        if (doff < 20 || doff > l4len)
+            return parse_refused(p, ST_DROP_BAD_L4, PYLVS_V_DROP);
+        p->tcpflags = l4[13];
+    } else {
+        if (l4len < 8 || pylvs_rd16(l4 + 4) != l4len)
+            return parse_refused(p, ST_DROP_BAD_L4, PYLVS_V_DROP);
+    }
+    p->saddr = pylvs_rd32(ip + 12);
+    p->daddr = pylvs_rd32(ip + 16);
+    p->sport = pylvs_rd16(l4);
+    p->dport = pylvs_rd16(l4 + 2);
+    return p->code = PARSE_TUPLE;
+}
+
+/* Start loading the conn that a parsed frame will find, assuming its
+ * bucket is already on its way into the cache. */
+HOT void prefetch_conn(const PylvsEngine *e, const struct pkt *p)
+{
+    if (p->code != PARSE_TUPLE)
         return;
-    uint32_t tag = (uint32_t)h->hash;
+    uint32_t tag = (uint32_t)p->hash;
     uint32_t i = tag & e->mask;
     for (int n = 0; n < 4; n++) {
         const struct bucket *b = &e->index[i];
@@ -673,16 +713,6 @@ static uint32_t tun_fragments(PylvsEngine *e, struct pylvs_emit *em, uint16_t eg
     return k;
 }
 
-/* The conn's dest while it is still the one the conn was made for (a dest
- * deleted, or its slot reused by another service's, is gone), else NULL. */
-HOT const dest_row *conn_dest(const PylvsEngine *e, const struct conn *c)
-{
-    if (c->dest >= e->ndests)
-        return NULL;
-    const dest_row *dest = &e->dests[c->dest];
-    return (dest->flags & DEST_F_USED) && dest->svc == c->svc ? dest : NULL;
-}
-
 /* The GUE source port of a conn: spread over the kernel's default local
  * port range 32768-60999 by a hash of the client side, as udp_flow_src_port
  * spreads flows (a plain multiplicative hash, the same in the reference). */
@@ -962,9 +992,11 @@ local_reply(PylvsEngine *e, uint8_t proto, uint32_t saddr, uint16_t sport, uint3
     return finish(e, ST_TX_FRAMES, PYLVS_V_TX);
 }
 
+/* One frame through the pipeline. `pre` is frame_parse's result for it with
+ * the tuple's hash, made by the batch path ahead of time, or NULL. */
 static inline __attribute__((always_inline)) int
 engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, double now,
-             uint16_t *out_port, const struct hint *hint, struct pylvs_emit *em)
+             uint16_t *out_port, const struct pkt *pre, struct pylvs_emit *em)
 {
     e->stats[ST_RX_FRAMES]++;
     /* Only C callers get here during the scheduler upcall (process() refuses
@@ -972,62 +1004,39 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
      * touch the table. The scheduler that re-entered is at fault. */
     if (__builtin_expect(e->busy, 0))
         return finish(e, ST_SCHED_ERRORS, PYLVS_V_DROP);
-    if (len < PYLVS_VNET_HDR_LEN + 14)
-        return finish(e, ST_DROP_TRUNCATED, PYLVS_V_DROP);
-    uint8_t *eth = frame + PYLVS_VNET_HDR_LEN;
-    if (pylvs_rd16(eth + 12) != 0x0800)
-        return finish(e, ST_PASS_NOT_IPV4, PYLVS_V_PASS);
-
-    uint8_t *ip = eth + 14;
-    uint32_t avail = len - (PYLVS_VNET_HDR_LEN + 14);
-    if (avail < 20)
-        return finish(e, ST_DROP_TRUNCATED, PYLVS_V_DROP);
-    uint32_t ihl = (uint32_t)(ip[0] & 0x0f) * 4;
-    if ((ip[0] >> 4) != 4 || ihl < 20 || ihl > avail)
-        return finish(e, ST_DROP_BAD_IP, PYLVS_V_DROP);
-    uint32_t tot = pylvs_rd16(ip + 2);
-    if (tot < ihl || tot > avail)
-        return finish(e, ST_DROP_BAD_IP, PYLVS_V_DROP);
-    if (ihl > 20)
+    struct pkt own;
+    const struct pkt *p = pre;
+    if (p == NULL) {
+        /* Zeroed: GCC cannot see that each code sets what it reads. */
+        memset(&own, 0, sizeof own);
+        frame_parse(frame, len, &own);
+        p = &own;
+    }
+    if (__builtin_expect(p->options, 0))
         e->stats[ST_IP_OPTIONS]++;
-    if (pylvs_rd16(ip + 6) & 0x3fff) /* MF or a fragment offset */
-        return finish(e, ST_DROP_FRAGMENT, PYLVS_V_DROP);
-    uint8_t proto = ip[9];
-    if (proto == PROTO_ICMP)
-        return icmp_frame(e, em, frame, eth, ip, ihl, tot, in_port, now, out_port);
-    if (proto != PROTO_TCP && proto != PROTO_UDP)
-        return finish(e, ST_PASS_NOT_OURS, PYLVS_V_PASS);
-
-    uint8_t *l4 = ip + ihl;
-    uint32_t l4len = tot - ihl;
-    uint8_t tcpflags = 0;
-    if (proto == PROTO_TCP) {
-        if (l4len < 20)
-            return finish(e, ST_DROP_BAD_L4, PYLVS_V_DROP);
-        uint32_t doff = (uint32_t)(l4[12] >> 4) * 4;
-        if (doff < 20 || doff > l4len)
-            return finish(e, ST_DROP_BAD_L4, PYLVS_V_DROP);
-        tcpflags = l4[13];
-    } else {
-        if (l4len < 8 || pylvs_rd16(l4 + 4) != l4len)
-            return finish(e, ST_DROP_BAD_L4, PYLVS_V_DROP);
+    uint8_t *eth = frame + PYLVS_VNET_HDR_LEN;
+    uint8_t *ip = eth + 14;
+    if (__builtin_expect(p->code != PARSE_TUPLE, 0)) {
+        if (p->code == PARSE_ICMP)
+            return icmp_frame(e, em, frame, eth, ip, p->ihl, p->tot, in_port, now, out_port);
+        return finish(e, p->stat, p->verdict);
     }
 
-    uint32_t saddr = pylvs_rd32(ip + 12), daddr = pylvs_rd32(ip + 16);
-    uint16_t sport = pylvs_rd16(l4), dport = pylvs_rd16(l4 + 2);
+    uint32_t ihl = p->ihl, tot = p->tot;
+    uint8_t *l4 = ip + ihl;
+    uint32_t l4len = tot - ihl;
+    uint8_t proto = p->proto, tcpflags = p->tcpflags;
+    uint32_t saddr = p->saddr, daddr = p->daddr;
+    uint16_t sport = p->sport, dport = p->dport;
 
     int refusal = pylvs_refusal(&e->net, eth, ip, ihl, in_port);
     if (__builtin_expect(refusal >= 0, 0))
         return refuse_frame(e, refusal, proto, saddr, sport, daddr, dport);
 
     struct conn *c = NULL;
+    const dest_row *dest = NULL; /* an IN hit's, once checked */
     int dir = KEY_IN;
-    uint64_t h;
-    if (hint != NULL && hint->valid && hint->proto == proto && hint->saddr == saddr &&
-        hint->daddr == daddr && hint->sport == sport && hint->dport == dport)
-        h = hint->hash;
-    else
-        h = key_hash(e, proto, saddr, sport, daddr, dport);
+    uint64_t h = pre != NULL ? pre->hash : key_hash(e, proto, saddr, sport, daddr, dport);
     struct bucket *b = index_find(e, h, proto, saddr, sport, daddr, dport);
     if (b != NULL) {
         uint32_t r = b->ref - 1;
@@ -1037,13 +1046,19 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
             conn_remove(e, r >> 1, ST_CONNS_EXPIRED);
             c = NULL;
             dir = KEY_IN;
-        } else if (dir == KEY_IN &&
-                   __builtin_expect(conn_in_suspect(e, c, proto, tcpflags), 0)) {
-            int rule = conn_in_rules(e, r >> 1, proto, tcpflags);
-            if (rule == IN_DROPPED)
-                return PYLVS_V_DROP;
-            if (rule == IN_RESCHED)
-                c = NULL;
+        } else if (dir == KEY_IN) {
+            /* A SYN (is_new_conn) or a conn whose dest is gone: the
+             * kernel's ip_vs_in looks at these twice. */
+            dest = conn_dest(e, c);
+            if (__builtin_expect(dest == NULL || is_new_conn(proto, tcpflags), 0)) {
+                int rule = conn_in_rules(e, r >> 1, proto, tcpflags);
+                if (rule == IN_DROPPED)
+                    return PYLVS_V_DROP;
+                if (rule == IN_RESCHED) {
+                    c = NULL;
+                    dest = NULL;
+                }
+            }
         }
     }
 
@@ -1075,7 +1090,8 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
     }
 
     if (dir == KEY_IN) {
-        const dest_row *dest = conn_dest(e, c);
+        if (dest == NULL) /* a new conn's (IN_KEEP leaves only conns with one) */
+            dest = conn_dest(e, c);
         if (dest == NULL)
             return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
         if (__builtin_expect(c->xmit == XMIT_NONE, 0))
@@ -1148,43 +1164,98 @@ int pylvs_engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in
 }
 
 
+/* Parse up to 8 frames and hash the tuples of those for the conn path, all
+ * in one pylvs_siphash13_2w_x8. */
+#define PARSE_GROUP 8
+static void parse_group(const PylvsEngine *e, uint8_t *const *frames, const uint32_t *lens,
+                        int n, struct pkt *pk)
+{
+    pylvs_u64x8 m0 = {0}, m1 = {0}, h;
+    int lane[PARSE_GROUP], k = 0;
+    for (int i = 0; i < n; i++) {
+        struct pkt *p = &pk[i];
+        if (frame_parse(frames[i], lens[i], p) != PARSE_TUPLE)
+            continue;
+        m0[k] = key_word0(p->saddr, p->daddr);
+        m1[k] = key_word1(p->proto, p->sport, p->dport);
+        lane[k++] = i;
+    }
+    if (k == 0)
+        return;
+    pylvs_siphash13_2w_x8(e->k0, e->k1, &m0, &m1, &h);
+    for (int l = 0; l < k; l++)
+        pk[lane[l]].hash = h[l];
+}
+
+int pylvs_engine_run(PylvsEngine *e, uint8_t *const *frames, const uint32_t *lens,
+                     const uint16_t *ports, uint8_t *verdicts, uint16_t *outs, int count,
+                     double now, struct pylvs_emit *em, const struct pylvs_emit_room *room)
+{
+    /* A pipeline over the frames, so that the two random reads of a lookup
+     * (index bucket, then conn) overlap with work on other frames: frames
+     * i+DB.. get parsed and hashed (PARSE_GROUP at a time) and frame i+DB
+     * its bucket prefetched, frame i+D its conn, frame i is processed. A
+     * scheduler upcall runs Python, which may write the frames: those parsed
+     * before it are parsed again when their turn comes. */
+    enum { D = PREFETCH_DISTANCE, DB = BUCKET_DISTANCE };
+    struct pkt pk[PYLVS_ENGINE_RUN_MAX];
+    if (count > PYLVS_ENGINE_RUN_MAX)
+        count = PYLVS_ENGINE_RUN_MAX;
+    int parsed = 0, stale = 0;
+    uint64_t upcalls = e->upcalls;
+    for (int i = -DB; i < count; i++) {
+        int j = i + DB;
+        if (j < count) {
+            if (j == parsed) {
+                int n = count - parsed < PARSE_GROUP ? count - parsed : PARSE_GROUP;
+                parse_group(e, frames + parsed, lens + parsed, n, pk + parsed);
+                parsed += n;
+            }
+            if (pk[j].code == PARSE_TUPLE)
+                __builtin_prefetch(&e->index[(uint32_t)pk[j].hash & e->mask]);
+        }
+        j = i + D;
+        if (j >= 0 && j < count)
+            prefetch_conn(e, &pk[j]);
+        if (i < 0)
+            continue;
+        if (room != NULL && i > 0 &&
+            (em->cap - em->used < room->bytes || em->max - em->n < room->frames))
+            return i;
+        uint16_t op = 0;
+        int v = engine_frame(e, frames[i], lens[i], ports[i], now, &op,
+                             i < stale ? NULL : &pk[i], em);
+        if (__builtin_expect(e->upcalls != upcalls, 0)) {
+            upcalls = e->upcalls;
+            stale = parsed;
+        }
+        verdicts[i] = (uint8_t)v;
+        if (v == PYLVS_V_TX)
+            outs[i] = op;
+        if (room != NULL)
+            room->emit_end[i] = em->n;
+    }
+    return count;
+}
+
 long engine_batch(PylvsEngine *e, uint8_t *frames, Py_ssize_t slot, const uint32_t *lens,
                   const uint16_t *ports, uint8_t *verdicts, uint16_t *outs, Py_ssize_t count,
                   double now, struct pylvs_emit *em)
 {
-    /* A three-stage pipeline over the batch, so that the two random reads
-     * of a lookup (index bucket, then conn) overlap with work on other
-     * frames: frame i+2D gets hashed and its bucket prefetched, frame i+D
-     * gets its conn prefetched, frame i gets processed. */
-    enum { D = PREFETCH_DISTANCE, RING = 4 * PREFETCH_DISTANCE };
-    struct hint hints[RING];
+    uint8_t *ptr[PYLVS_ENGINE_RUN_MAX];
+    uint32_t len[PYLVS_ENGINE_RUN_MAX];
     long tx = 0;
-    for (Py_ssize_t i = -2 * D; i < count; i++) {
-        Py_ssize_t j = i + 2 * D;
-        if (j < count) {
-            struct hint *h = &hints[j % RING];
-            uint32_t lj = lens[j];
-            frame_hint(e, frames + j * slot, (Py_ssize_t)lj > slot ? (uint32_t)slot : lj, h);
-            if (h->valid)
-                __builtin_prefetch(&e->index[(uint32_t)h->hash & e->mask]);
+    for (Py_ssize_t c0 = 0; c0 < count; c0 += PYLVS_ENGINE_RUN_MAX) {
+        int n = count - c0 < PYLVS_ENGINE_RUN_MAX ? (int)(count - c0) : PYLVS_ENGINE_RUN_MAX;
+        for (int i = 0; i < n; i++) {
+            ptr[i] = frames + (c0 + i) * slot;
+            /* Checked by the caller, but a scheduler upcall of an earlier
+             * run may have written it since. */
+            len[i] = (Py_ssize_t)lens[c0 + i] > slot ? (uint32_t)slot : lens[c0 + i];
         }
-        j = i + D;
-        if (j >= 0 && j < count)
-            prefetch_conn(e, &hints[j % RING]);
-        if (i < 0)
-            continue;
-        uint16_t op = 0;
-        /* Checked above, but the scheduler upcall may have written it since. */
-        uint32_t li = lens[i];
-        if ((Py_ssize_t)li > slot)
-            li = (uint32_t)slot;
-        int v = engine_frame(e, frames + i * slot, li, ports[i], now, &op,
-                             &hints[i % RING], em);
-        verdicts[i] = (uint8_t)v;
-        if (v == PYLVS_V_TX) {
-            outs[i] = op;
-            tx++;
-        }
+        pylvs_engine_run(e, ptr, len, ports + c0, verdicts + c0, outs + c0, n, now, em, NULL);
+        for (int i = 0; i < n; i++)
+            tx += verdicts[c0 + i] == PYLVS_V_TX;
     }
     return tx;
 }

@@ -14,13 +14,15 @@
 
 #define PYLVS_ROTL64(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
 
-#define PYLVS_SIPROUND(v0, v1, v2, v3)                                       \
+/* One SipRound with the rotation `rotl`: scalar words, or vectors of them. */
+#define PYLVS_SIPROUND_R(v0, v1, v2, v3, rotl)                               \
     do {                                                                     \
-        v0 += v1; v1 = PYLVS_ROTL64(v1, 13); v1 ^= v0; v0 = PYLVS_ROTL64(v0, 32); \
-        v2 += v3; v3 = PYLVS_ROTL64(v3, 16); v3 ^= v2;                       \
-        v0 += v3; v3 = PYLVS_ROTL64(v3, 21); v3 ^= v0;                       \
-        v2 += v1; v1 = PYLVS_ROTL64(v1, 17); v1 ^= v2; v2 = PYLVS_ROTL64(v2, 32); \
+        v0 += v1; v1 = rotl(v1, 13); v1 ^= v0; v0 = rotl(v0, 32);            \
+        v2 += v3; v3 = rotl(v3, 16); v3 ^= v2;                               \
+        v0 += v3; v3 = rotl(v3, 21); v3 ^= v0;                               \
+        v2 += v1; v1 = rotl(v1, 17); v1 ^= v2; v2 = rotl(v2, 32);            \
     } while (0)
+#define PYLVS_SIPROUND(v0, v1, v2, v3) PYLVS_SIPROUND_R(v0, v1, v2, v3, PYLVS_ROTL64)
 
 static inline uint64_t pylvs_le64(const uint8_t *p)
 {
@@ -84,5 +86,19 @@ pylvs_siphash13_2w(uint64_t k0, uint64_t k1, uint64_t m0, uint64_t m1)
     PYLVS_SIPROUND(v0, v1, v2, v3);
     return v0 ^ v1 ^ v2 ^ v3;
 }
+
+/* Eight independent messages for pylvs_siphash13_2w_x8, lane k of each
+ * vector being message k (GCC vector extensions: one AVX-512 register
+ * where the CPU has them, pairs of SSE registers elsewhere). */
+typedef uint64_t pylvs_u64x8 __attribute__((vector_size(64)));
+#define PYLVS_VROTL64(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+
+/* pylvs_siphash13_2w of eight messages at once, lane by lane the same
+ * function: the batch path hashes its frames' tuples eight at a time (a
+ * SipRound is 14 dependent scalar steps; eight lanes of it cost about what
+ * one does). Defined in ip_vs_conn.c, built for AVX-512 and for any
+ * x86-64 and picked when the library loads. */
+void pylvs_siphash13_2w_x8(uint64_t k0, uint64_t k1, const pylvs_u64x8 *m0,
+                           const pylvs_u64x8 *m1, pylvs_u64x8 *out);
 
 #endif
