@@ -8,6 +8,8 @@
  * when the process dies the kernel detaches the program.
  * Object.attach_tun_steering(): a TAP's queue-steering program
  * (TUNSETSTEERINGEBPF), which the device holds, not a link.
+ * Object.prog_fd(): a program's descriptor for attachments made by socket
+ * option (the AF_PACKET fanout program, PACKET_FANOUT_DATA).
  * Map: update, delete and list keys in bulk, sum a per-CPU counter.
  * tcx_query / prog_info / map_from_id: what is attached where, for tests
  * and for looking at a running director from outside; prog_test_run: a
@@ -612,6 +614,32 @@ static PyObject *object_attach_tun(ObjectObject *self, PyObject *args)
 	return PyLong_FromUnsignedLong(info.id);
 }
 
+PyDoc_STRVAR(object_prog_fd_doc,
+"prog_fd(prog: str) -> (fd, id)\n\n"
+"A new close-on-exec descriptor of the named program, the caller's to close,\n"
+"and the program's id: for attachments made through a socket option, such\n"
+"as PACKET_FANOUT_DATA of a PACKET_FANOUT_EBPF group, which take the program\n"
+"by descriptor and hold it themselves. OSError when it cannot be duplicated.");
+
+static PyObject *object_prog_fd(ObjectObject *self, PyObject *args)
+{
+	const char *name;
+	int prog_fd, fd;
+
+	if (!PyArg_ParseTuple(args, "s", &name) || (prog_fd = program_fd(self, name)) < 0)
+		return NULL;
+
+	struct bpf_prog_info info = {0};
+	__u32 len = sizeof(info);
+
+	if (bpf_obj_get_info_by_fd(prog_fd, &info, &len))
+		return os_error(errno, "reading a BPF program's info");
+	fd = fcntl(prog_fd, F_DUPFD_CLOEXEC, 3);
+	if (fd < 0)
+		return os_error(errno, "duplicating a BPF program's descriptor");
+	return Py_BuildValue("(iI)", fd, info.id);
+}
+
 static PyObject *object_close(ObjectObject *self, PyObject *unused)
 {
 	/* Links keep their program: closing the object detaches nothing. */
@@ -628,6 +656,7 @@ static PyMethodDef object_methods[] = {
 	{"attach_xdp", (PyCFunction)object_attach_xdp, METH_VARARGS, object_attach_xdp_doc},
 	{"attach_tun_steering", (PyCFunction)object_attach_tun, METH_VARARGS,
 	 object_attach_tun_doc},
+	{"prog_fd", (PyCFunction)object_prog_fd, METH_VARARGS, object_prog_fd_doc},
 	{"close", (PyCFunction)object_close, METH_NOARGS, "close() -> None"},
 	{NULL}
 };
