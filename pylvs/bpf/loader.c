@@ -595,12 +595,25 @@ PyDoc_STRVAR(object_attach_tun_doc,
 "the program's id. OSError as the kernel refused (EINVAL: not a socket filter\n"
 "program; EBADFD: fd is not attached to a device).");
 
+/* The id of the program behind prog_fd into *id; -1 with OSError set. */
+static int program_id(int prog_fd, __u32 *id)
+{
+	struct bpf_prog_info info = {0};
+	__u32 len = sizeof(info);
+
+	if (bpf_obj_get_info_by_fd(prog_fd, &info, &len)) {
+		os_error(errno, "reading a BPF program's info");
+		return -1;
+	}
+	*id = info.id;
+	return 0;
+}
+
 static PyObject *object_attach_tun(ObjectObject *self, PyObject *args)
 {
 	const char *name;
 	int fd, prog_fd;
-	struct bpf_prog_info info = {0};
-	__u32 len = sizeof(info);
+	__u32 id;
 
 	if (!PyArg_ParseTuple(args, "si", &name, &fd) || (prog_fd = program_fd(self, name)) < 0)
 		return NULL;
@@ -609,9 +622,9 @@ static PyObject *object_attach_tun(ObjectObject *self, PyObject *args)
 		snprintf(what, sizeof(what), "setting %s as steering program of TAP fd %d", name, fd);
 		return os_error(errno, what);
 	}
-	if (bpf_obj_get_info_by_fd(prog_fd, &info, &len))
-		return os_error(errno, "reading a BPF program's info");
-	return PyLong_FromUnsignedLong(info.id);
+	if (program_id(prog_fd, &id) < 0)
+		return NULL;
+	return PyLong_FromUnsignedLong(id);
 }
 
 PyDoc_STRVAR(object_prog_fd_doc,
@@ -626,18 +639,15 @@ static PyObject *object_prog_fd(ObjectObject *self, PyObject *args)
 	const char *name;
 	int prog_fd, fd;
 
-	if (!PyArg_ParseTuple(args, "s", &name) || (prog_fd = program_fd(self, name)) < 0)
+	__u32 id;
+
+	if (!PyArg_ParseTuple(args, "s", &name) || (prog_fd = program_fd(self, name)) < 0 ||
+	    program_id(prog_fd, &id) < 0)
 		return NULL;
-
-	struct bpf_prog_info info = {0};
-	__u32 len = sizeof(info);
-
-	if (bpf_obj_get_info_by_fd(prog_fd, &info, &len))
-		return os_error(errno, "reading a BPF program's info");
 	fd = fcntl(prog_fd, F_DUPFD_CLOEXEC, 3);
 	if (fd < 0)
 		return os_error(errno, "duplicating a BPF program's descriptor");
-	return Py_BuildValue("(iI)", fd, info.id);
+	return Py_BuildValue("(iI)", fd, id);
 }
 
 static PyObject *object_close(ObjectObject *self, PyObject *unused)
