@@ -41,9 +41,13 @@ class BuildWithBpf(build_ext):
                      "(Debian: apt-get install clang llvm libbpf-dev), or run `make deps`.")
         if not os.path.exists("/usr/include/bpf/bpf_helpers.h"):
             sys.exit("error: libbpf headers (bpf/bpf_helpers.h) not found: install libbpf-dev")
+        # Every program includes the shared headers: a changed header
+        # rebuilds them all.
+        headers = glob.glob("pylvs/bpf/*.h")
         for src in BPF_SOURCES:
             obj = src[:-2] + ".o"
-            if not os.path.exists(obj) or os.path.getmtime(obj) < os.path.getmtime(src):
+            newest = max(os.path.getmtime(f) for f in (src, *headers))
+            if not os.path.exists(obj) or os.path.getmtime(obj) < newest:
                 cmd = [clang, "-O2", "-g", "-Wall", "-target", "bpf", *multiarch_include(),
                        "-c", src, "-o", obj]
                 self.announce(" ".join(cmd), level=2)

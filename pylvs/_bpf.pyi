@@ -48,6 +48,11 @@ class Object:
         of the TUN/TAP device ``fd`` is a queue of (TUNSETSTEERINGEBPF): the
         device holds it until replaced or detached (ioctl with -1). Returns
         the program's id (OSError EINVAL: not a socket filter; EBADFD)."""
+    def prog_fd(self, prog: str) -> tuple[int, int]:
+        """(fd, id): a new close-on-exec descriptor of the named program,
+        the caller's to close (for PACKET_FANOUT_DATA of a
+        PACKET_FANOUT_EBPF group, which holds the program itself once
+        set), and the program's id."""
     def close(self) -> None:
         """Free the object; its Links and Maps stay valid."""
 

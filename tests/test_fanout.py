@@ -1,8 +1,10 @@
-"""The PACKET_FANOUT_CBPF steering program (pylvs/io/bpf.py fanout_program)
-against its Python twin (steer_index) and the rule of docs/io.md: every
-frame of a client, both ways and inside ICMP errors, goes to the worker of
-fanout_mix(client address). The kernel's agreement is checked end to end in
-tests/netns/test_workers.py."""
+"""The fanout steering programs against their Python twin (steer_index) and
+the rule of docs/io.md: every frame of a client, both ways and inside ICMP
+errors, goes to the worker of fanout_mix(client address). The eBPF program
+(pylvs/bpf/fanout.bpf.c, what workers run) keys any table size by the full
+rule; the classic PACKET_FANOUT_CBPF one (pylvs/io/bpf.py fanout_program,
+the fallback without eBPF) falls back for big tables (fanout_plan). The
+kernel's agreement is checked end to end in tests/netns/test_workers.py."""
 
 from __future__ import annotations
 
@@ -118,15 +120,58 @@ def test_big_tables_fall_back_to_addresses_then_to_saddr():
     prog = bpf.fanout_program(svc, nat)
     assert len(prog) <= bpf.BPF_MAXINSNS
     reply = eth(IP(src="10.20.0.5", dst=CIP) / TCP(sport=9999, dport=40000))
+    plan = bpf.FANOUT_ADDRS
     for n in (2, 3):   # addresses only: a reply from any port of a RIP is keyed by daddr
-        assert kernel_index(prog, reply, n) == bpf.steer_index(reply, n, svc, nat) \
+        assert kernel_index(prog, reply, n) == bpf.steer_index(reply, n, svc, nat, plan) \
             == bpf.fanout_mix(ip(CIP)) % n
     huge = [(6, ip("10.30.0.0") + i, 80) for i in range(3000)]
     assert bpf.fanout_plan(huge, nat) == bpf.FANOUT_SADDR
     prog = bpf.fanout_program(huge, nat)
     assert len(prog) <= bpf.BPF_MAXINSNS
-    assert kernel_index(prog, reply, 3) == bpf.steer_index(reply, 3, huge, nat) \
-        == bpf.fanout_mix(ip("10.20.0.5")) % 3
+    nat_reply = eth(IP(src="10.20.0.5", dst=CIP) / TCP(sport=8080, dport=40000))
+    for frame in (reply, nat_reply):   # keyed by saddr: a NAT reply lands anywhere
+        assert kernel_index(prog, frame, 3) \
+            == bpf.steer_index(frame, 3, huge, nat, bpf.FANOUT_SADDR) \
+            == bpf.fanout_mix(ip("10.20.0.5")) % 3
+    # The full rule, which the eBPF programs follow at any size: the NAT
+    # reply goes to its client's worker.
+    assert bpf.steer_index(nat_reply, 3, huge, nat) == bpf.fanout_mix(ip(CIP)) % 3
+
+
+# --- the eBPF program (BPF_PROG_TEST_RUN runs a socket filter on the skb at
+# its network header, as fanout demux does) ----------------------------------
+
+def fanout_steering(workers: int, lanes: bool = False):
+    from pylvs.io.afpacket import FanoutSteering
+
+    try:
+        return FanoutSteering(workers, lanes=lanes, max_services=4096, max_dests=4096)
+    except OSError as e:   # pragma: no cover - CI runs as root with clang-built objects
+        pytest.fail(f"the eBPF fanout program does not load: {e}")
+
+
+@pytest.mark.parametrize("lanes", [False, True])
+def test_ebpf_program_follows_the_rule_at_any_table_size(lanes):
+    from pylvs import _bpf
+
+    huge = SVC + [(6, ip("10.30.0.0") + i, 80) for i in range(3000)]
+    for svc in (SVC, huge):
+        fs = fanout_steering(3, lanes)
+        try:
+            fs.apply(svc, NAT)
+            for lane in (0, 1):
+                fs.set_lane(lane)
+                for desc, frame, client in CASES:
+                    got = _bpf.prog_test_run(fs.prog_id, frame)
+                    want = bpf.steer_index(frame, 1 << 16, svc, NAT)
+                    if lanes:
+                        want = (want % 3) * 2 + lane
+                    if client is not None:
+                        assert got == want, (desc, len(svc), lane)
+                    else:   # cannot be keyed: worker 0 (the lane with lanes)
+                        assert got == (lane if lanes else 0), (desc, len(svc), lane)
+        finally:
+            fs.close()
 
 
 @pytest.mark.parametrize("svc,nat", [([], []), (SVC, NAT), (SVC, []), ([], NAT)])

@@ -52,6 +52,10 @@ def dr_reply(client: str = DIP_C) -> bytes:
 CASES = [
     ("a SYN from the director's own address on the loopback port makes a conn",
      [], local_syn(DR_PORT), LOCAL, TX, None, None, {"conns_created": 1}),
+    ("a SYN from 127.0.0.1 never leaves for a real server (ip_vs_xmit.c: "
+     "stopping traffic from loopback address)",
+     [], v(tcp(src="127.0.0.1", dst=VIP, dport=80, smac=ZERO, dmac=ZERO)), LOCAL, DROP,
+     None, None, {"drop_martian": 1}),
     ("the same SYN on a client port is a martian (fib_validate_source)",
      [], local_syn(DR_PORT, LMAC), CLIENT, DROP, None, None, {"drop_martian": 1}),
     ("a DR real server's reply to the local client leaves by the loopback port unchanged",

@@ -27,3 +27,11 @@ def test_refused_with_one_line(argv, want, capsys):
     err = capsys.readouterr().err
     assert want in err, err
     assert "Traceback" not in err
+
+
+def test_loopback_is_not_a_port_to_forward_on():
+    # With clients on the director, lo was opened twice ("ports: lo ..., lo ...").
+    from pylvs.runtime.daemon import Daemon, Options
+
+    with pytest.raises(SystemExit, match="loopback interface is not a port"):
+        Daemon(Options(ifaces=["lo"]))

@@ -164,11 +164,13 @@ static inline int pylvs_is_local(const struct pylvs_net *n, uint32_t addr)
 static inline int pylvs_martian(const struct pylvs_net *n, uint32_t saddr, uint16_t in_port)
 {
     const port_row *p = pylvs_port(n, in_port);
-    /* Sent by this host: the kernel's LOCAL_OUT hook (ip_vs_local_request4)
-     * sees it before any route input, which is what refuses these. */
-    if (p != NULL && (p->flags & PORT_F_LOCAL))
-        return -1;
     uint32_t top = saddr >> 24;
+    /* Sent by this host: the kernel's LOCAL_OUT hook (ip_vs_local_request4)
+     * sees it before any route input, which is what refuses these; but a
+     * loopback source never leaves for a real server (every dest here is
+     * remote): ip_vs_xmit.c, "Stopping traffic from loopback address". */
+    if (p != NULL && (p->flags & PORT_F_LOCAL))
+        return top == 127 ? ST_DROP_MARTIAN : -1;
     if (top == 0 || top == 127 || (saddr >> 28) == 14 || saddr == 0xffffffffu ||
         pylvs_is_local(n, saddr))
         return ST_DROP_MARTIAN;

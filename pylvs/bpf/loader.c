@@ -8,6 +8,8 @@
  * when the process dies the kernel detaches the program.
  * Object.attach_tun_steering(): a TAP's queue-steering program
  * (TUNSETSTEERINGEBPF), which the device holds, not a link.
+ * Object.prog_fd(): a program's descriptor for attachments made by socket
+ * option (the AF_PACKET fanout program, PACKET_FANOUT_DATA).
  * Map: update, delete and list keys in bulk, sum a per-CPU counter.
  * tcx_query / prog_info / map_from_id: what is attached where, for tests
  * and for looking at a running director from outside; prog_test_run: a
@@ -593,12 +595,25 @@ PyDoc_STRVAR(object_attach_tun_doc,
 "the program's id. OSError as the kernel refused (EINVAL: not a socket filter\n"
 "program; EBADFD: fd is not attached to a device).");
 
+/* The id of the program behind prog_fd into *id; -1 with OSError set. */
+static int program_id(int prog_fd, __u32 *id)
+{
+	struct bpf_prog_info info = {0};
+	__u32 len = sizeof(info);
+
+	if (bpf_obj_get_info_by_fd(prog_fd, &info, &len)) {
+		os_error(errno, "reading a BPF program's info");
+		return -1;
+	}
+	*id = info.id;
+	return 0;
+}
+
 static PyObject *object_attach_tun(ObjectObject *self, PyObject *args)
 {
 	const char *name;
 	int fd, prog_fd;
-	struct bpf_prog_info info = {0};
-	__u32 len = sizeof(info);
+	__u32 id;
 
 	if (!PyArg_ParseTuple(args, "si", &name, &fd) || (prog_fd = program_fd(self, name)) < 0)
 		return NULL;
@@ -607,9 +622,32 @@ static PyObject *object_attach_tun(ObjectObject *self, PyObject *args)
 		snprintf(what, sizeof(what), "setting %s as steering program of TAP fd %d", name, fd);
 		return os_error(errno, what);
 	}
-	if (bpf_obj_get_info_by_fd(prog_fd, &info, &len))
-		return os_error(errno, "reading a BPF program's info");
-	return PyLong_FromUnsignedLong(info.id);
+	if (program_id(prog_fd, &id) < 0)
+		return NULL;
+	return PyLong_FromUnsignedLong(id);
+}
+
+PyDoc_STRVAR(object_prog_fd_doc,
+"prog_fd(prog: str) -> (fd, id)\n\n"
+"A new close-on-exec descriptor of the named program, the caller's to close,\n"
+"and the program's id: for attachments made through a socket option, such\n"
+"as PACKET_FANOUT_DATA of a PACKET_FANOUT_EBPF group, which take the program\n"
+"by descriptor and hold it themselves. OSError when it cannot be duplicated.");
+
+static PyObject *object_prog_fd(ObjectObject *self, PyObject *args)
+{
+	const char *name;
+	int prog_fd, fd;
+
+	__u32 id;
+
+	if (!PyArg_ParseTuple(args, "s", &name) || (prog_fd = program_fd(self, name)) < 0 ||
+	    program_id(prog_fd, &id) < 0)
+		return NULL;
+	fd = fcntl(prog_fd, F_DUPFD_CLOEXEC, 3);
+	if (fd < 0)
+		return os_error(errno, "duplicating a BPF program's descriptor");
+	return Py_BuildValue("(iI)", fd, id);
 }
 
 static PyObject *object_close(ObjectObject *self, PyObject *unused)
@@ -628,6 +666,7 @@ static PyMethodDef object_methods[] = {
 	{"attach_xdp", (PyCFunction)object_attach_xdp, METH_VARARGS, object_attach_xdp_doc},
 	{"attach_tun_steering", (PyCFunction)object_attach_tun, METH_VARARGS,
 	 object_attach_tun_doc},
+	{"prog_fd", (PyCFunction)object_prog_fd, METH_VARARGS, object_prog_fd_doc},
 	{"close", (PyCFunction)object_close, METH_NOARGS, "close() -> None"},
 	{NULL}
 };

@@ -12,6 +12,11 @@
  *   STEER_LOAD(ctx, off, p, n)   copy n bytes at offset off of the frame
  *                                to p; 0 on success (bpf_skb_load_bytes,
  *                                bpf_xdp_load_bytes);
+ * and, for a program that sees the packet from its IP header (the AF_PACKET
+ * fanout program: fanout demux runs on the skb at its network header):
+ *   STEER_L3                     the IP header's offset (default ETH_HLEN);
+ *   STEER_IS_IPV4(ctx)           true for an IPv4 packet (default: the
+ *                                Ethernet type at offset 12 is IPv4);
  * and passes steer_client_mix the plan and its hash maps, filled as
  * pylvs.control.steering's sync_sets fills them from sets_of: `services`
  * (proto, VIP, vport of every virtual service) and `realservers` (proto,
@@ -66,6 +71,20 @@ struct l4_key {
 
 #ifdef STEER_LOAD
 
+#ifndef STEER_L3
+#define STEER_L3 ETH_HLEN
+#endif
+
+#ifndef STEER_IS_IPV4
+#define STEER_IS_IPV4(ctx) steer_eth_ipv4(ctx)
+static __always_inline int steer_eth_ipv4(STEER_CTX *ctx)
+{
+	__be16 etype;
+
+	return !STEER_LOAD(ctx, 12, &etype, 2) && etype == bpf_htons(ETH_P_IP);
+}
+#endif
+
 /* The 16-bit mix of a client address (host order): bpf.fanout_mix. */
 static __always_inline __u32 steer_mix(__u32 client)
 {
@@ -81,7 +100,7 @@ static __always_inline int steer_icmp_error(__u8 type)
 /* steer_mix of the frame's client address; 0 for anything but IPv4 and
  * whenever a field the rule needs lies beyond the frame (as the cBPF
  * program's failed loads end it with 0). Offsets below are from the IP
- * header at ETH_HLEN. */
+ * header at STEER_L3. */
 static __always_inline __u32 steer_client_mix(STEER_CTX *ctx, __u32 plan, void *services,
 						 void *realservers, void *vips, void *rsaddrs)
 {
@@ -92,40 +111,40 @@ static __always_inline __u32 steer_client_mix(STEER_CTX *ctx, __u32 plan, void *
 		__be32 daddr;
 	} __attribute__((packed)) h;
 	struct l4_key to = {}, from = {};
-	__be16 etype, ports[2] = {0, 0};
+	__be16 ports[2] = {0, 0};
 	__u8 b;
 	__u32 base = 0, off;
 
-	if (STEER_LOAD(ctx, 12, &etype, 2) || etype != bpf_htons(ETH_P_IP))
+	if (!STEER_IS_IPV4(ctx))
 		return 0;
-	if (STEER_LOAD(ctx, ETH_HLEN + 9, &b, 1))
+	if (STEER_LOAD(ctx, STEER_L3 + 9, &b, 1))
 		return 0;
 	if (b == IPPROTO_ICMP) {
 		/* An ICMP error is keyed by the header it quotes, and an error
 		 * about a tunnel packet by the client's packet inside. */
-		if (STEER_LOAD(ctx, ETH_HLEN, &b, 1))
+		if (STEER_LOAD(ctx, STEER_L3, &b, 1))
 			return 0;
 		off = (b & 0x0f) * 4;
-		if (STEER_LOAD(ctx, ETH_HLEN + off, &b, 1))
+		if (STEER_LOAD(ctx, STEER_L3 + off, &b, 1))
 			return 0;
 		if (steer_icmp_error(b)) {
 			base = off + 8;
-			if (STEER_LOAD(ctx, ETH_HLEN + base + 9, &b, 1))
+			if (STEER_LOAD(ctx, STEER_L3 + base + 9, &b, 1))
 				return 0;
 			if (b == STEER_PROTO_IPIP) {
-				if (STEER_LOAD(ctx, ETH_HLEN + base, &b, 1))
+				if (STEER_LOAD(ctx, STEER_L3 + base, &b, 1))
 					return 0;
 				base += (b & 0x0f) * 4;
 			}
 		}
 	}
-	if (base > 0xffff || STEER_LOAD(ctx, ETH_HLEN + base + 9, &h, sizeof(h)))
+	if (base > 0xffff || STEER_LOAD(ctx, STEER_L3 + base + 9, &h, sizeof(h)))
 		return 0;
 	if (h.proto == IPPROTO_TCP || h.proto == IPPROTO_UDP) {
-		if (STEER_LOAD(ctx, ETH_HLEN + base, &b, 1))
+		if (STEER_LOAD(ctx, STEER_L3 + base, &b, 1))
 			return 0;
 		off = base + (b & 0x0f) * 4;
-		if (STEER_LOAD(ctx, ETH_HLEN + off, ports, sizeof(ports)))
+		if (STEER_LOAD(ctx, STEER_L3 + off, ports, sizeof(ports)))
 			return 0;
 	}
 	if (plan == STEER_PLAN_SADDR)

@@ -638,9 +638,12 @@ class Engine:
         check of the port's rp_filter (1 strict: the route back must leave by
         the port the frame came in on; 2 loose: a route back must exist).
         None for the loopback port: what this host sends, the kernel's IPVS
-        takes at LOCAL_OUT (ip_vs_local_request4), before any route input."""
+        takes at LOCAL_OUT (ip_vs_local_request4), before any route input;
+        except a loopback source, which never leaves for a real server (all
+        are remote here): ip_vs_xmit.c, "Stopping traffic from loopback
+        address"."""
         if self._is_local_port(in_port):
-            return None
+            return _DROP_MARTIAN if saddr >> 24 == 127 else None
         if (saddr >> 24 == 0 or saddr >> 24 == 127 or saddr >> 28 == 14
                 or saddr == 0xFFFFFFFF or saddr in self._local):
             return _DROP_MARTIAN

@@ -7,7 +7,10 @@ folders do, so the runtime and the tests can swap one for another.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+log = logging.getLogger("pylvs")
 
 
 @dataclass(frozen=True)
@@ -63,13 +66,21 @@ def open_workers(kind: str, ifnames: list[str], n: int, **opts) -> list:
         raise ValueError("workers must be at least 1")
     if kind != "afpacket":
         raise ValueError(f"unknown backend {kind!r}; choose from {', '.join(KINDS)}")
-    from .afpacket import DEFAULT_RING, AfPacketBackend, LaneSwitch
+    from .afpacket import DEFAULT_RING, AfPacketBackend, FanoutSteering, LaneSwitch
 
     if n == 1:
         return [AfPacketBackend(ifnames, **opts)]
     pcap = opts.pop("pcap", None)
-    if opts.get("ring", DEFAULT_RING) == "auto":
+    auto = opts.get("ring", DEFAULT_RING) == "auto"
+    try:
+        opts["fanout_steer"] = FanoutSteering(n, lanes=auto)
+    except OSError as e:
+        log.warning("workers: %s; the classic fanout program keys tables too big for it "
+                    "by address, then by source address alone (NAT replies may then reach "
+                    "a worker without their conn; docs/io.md, \"Workers\")", e)
+    if auto:
         opts["lanes"] = LaneSwitch(n)   # one choice for every worker's group members
+        opts["lanes"].steer = opts.get("fanout_steer")
     out: list = []
     try:
         for _ in range(n):
@@ -82,5 +93,7 @@ def open_workers(kind: str, ifnames: list[str], n: int, **opts) -> list:
     except BaseException:
         for b in out:
             b.close()
+        if not out and opts.get("fanout_steer") is not None:
+            opts["fanout_steer"].close()
         raise
     return out

@@ -22,6 +22,7 @@ import ctypes
 import socket
 import struct
 import threading
+from pathlib import Path
 
 from .. import _fast
 from ..engine import tables
@@ -38,6 +39,7 @@ PACKET_STATISTICS = 6
 PACKET_FANOUT = 18
 PACKET_FANOUT_DATA = 22
 PACKET_FANOUT_CBPF = 6
+PACKET_FANOUT_EBPF = 7
 PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
 PACKET_COPY_THRESH = 7
 SO_RCVBUFFORCE = 33
@@ -88,17 +90,17 @@ def attach_filter(sock: socket.socket, prog: list[bpf.Insn], level: int = socket
     sock.setsockopt(level, option, fprog)
 
 
-def join_fanout(sock: socket.socket, group: int) -> int:
-    """Join the socket (bound) to PACKET_FANOUT_CBPF group ``group`` of its
-    interface, or to a new group with an id the kernel picks when ``group``
-    is 0 (PACKET_FANOUT_FLAG_UNIQUEID); returns the group id. Members are
+def join_fanout(sock: socket.socket, group: int, kind: int = PACKET_FANOUT_CBPF) -> int:
+    """Join the socket (bound) to fanout group ``group`` of its interface,
+    of ``kind`` (PACKET_FANOUT_CBPF or PACKET_FANOUT_EBPF), or to a new
+    group with an id the kernel picks when ``group`` is 0
+    (PACKET_FANOUT_FLAG_UNIQUEID); returns the group id. Members are
     numbered in join order (af_packet.c __fanout_link). OSError from the
     kernel (EINVAL: an existing group of another type or device)."""
     if group == 0:
-        sock.setsockopt(SOL_PACKET, PACKET_FANOUT,
-                        (PACKET_FANOUT_CBPF | PACKET_FANOUT_FLAG_UNIQUEID) << 16)
+        sock.setsockopt(SOL_PACKET, PACKET_FANOUT, (kind | PACKET_FANOUT_FLAG_UNIQUEID) << 16)
         return struct.unpack("I", sock.getsockopt(SOL_PACKET, PACKET_FANOUT, 4))[0] & 0xFFFF
-    sock.setsockopt(SOL_PACKET, PACKET_FANOUT, group | PACKET_FANOUT_CBPF << 16)
+    sock.setsockopt(SOL_PACKET, PACKET_FANOUT, group | kind << 16)
     return group
 
 
@@ -173,6 +175,9 @@ class LaneSwitch:
         self._tables = None
         self._progs: tuple | None = None
         self._socks: list[socket.socket] = []   # one member per group
+        # The eBPF fanout program, when the groups run it: the lane is then
+        # one map update, not a program per group.
+        self.steer: FanoutSteering | None = None
         self._frames = 0
         self._t0: float | None = None
 
@@ -214,6 +219,9 @@ class LaneSwitch:
         with self._lock:
             self.lane = lane
             self.switches += 1
+            if self.steer is not None:
+                self.steer.set_lane(lane)
+                return
             if self._progs is None:
                 return
             for s in self._socks:
@@ -223,19 +231,107 @@ class LaneSwitch:
                     pass
 
 
+FANOUT_OBJECT = Path(__file__).resolve().parents[1] / "bpf" / "fanout.bpf.o"
+FANOUT_PROG = "pylvs_fanout"
+FANOUT_SETS = ("services", "realservers", "vips", "rsaddrs")   # its sets (steering.sets_of)
+
+
+class FanoutSteering:
+    """The eBPF fanout program (pylvs/bpf/fanout.bpf.c) every fanout group
+    of a backend's workers runs (PACKET_FANOUT_EBPF): the steering rule of
+    docs/io.md keyed by (proto, addr, port) whatever the tables' size,
+    where the classic program falls back to addresses, then to the source
+    address alone (bpf.fanout_plan), which sends NAT replies to a worker
+    without their conn. One object serves every instance (``open_workers``);
+    its sets follow the tables (``apply``), the ring choice is one map
+    update (``set_lane``), and the groups hold the program once ``attach``
+    gave it to them.
+
+    ``workers``: members are numbered per worker; ``lanes``: two members a
+    worker (the adaptive ring: V3 ring, V2 lane), ``lane`` the one frames
+    go to. ``max_services`` / ``max_dests`` size the sets (allocated as
+    they fill). OSError when the program cannot be loaded (no CAP_BPF,
+    pylvs._bpf not built)."""
+
+    def __init__(self, workers: int, *, lanes: bool = False, lane: int = 1,
+                 max_services: int = 16384, max_dests: int = 131072):
+        from ..control.steering import _why, load_object
+
+        self.workers, self.lanes, self.lane = workers, lanes, lane
+        self.fd, self.prog_id = -1, 0
+        self._lock = threading.Lock()
+        self._current: dict[str, set] = {name: set() for name in FANOUT_SETS}
+        self._tables = None
+
+        def attach(obj) -> None:
+            self.fd, self.prog_id = obj.prog_fd(FANOUT_PROG)
+        sizes = {"services": max_services, "vips": max_services, "realservers": max_dests,
+                 "rsaddrs": max_dests}
+        try:
+            self.maps = load_object(FANOUT_OBJECT, sizes, (*FANOUT_SETS, "conf"), attach)
+        except (OSError, KeyError, ValueError) as e:
+            raise OSError(f"the eBPF fanout program: {_why(e)}") from None
+        self._write_conf()
+
+    def _write_conf(self) -> None:
+        plan = 0   # STEER_PLAN_KEYS
+        self.maps["conf"].update(struct.pack("I", 0), struct.pack(
+            "IIII", plan, self.workers, int(self.lanes), self.lane))
+
+    def attach(self, sock: socket.socket) -> None:
+        """Make the program the steering of the PACKET_FANOUT_EBPF group
+        ``sock`` is a member of (PACKET_FANOUT_DATA: the group holds it)."""
+        sock.setsockopt(SOL_PACKET, PACKET_FANOUT_DATA, struct.pack("i", self.fd))
+
+    def apply(self, services, dests) -> None:
+        """The sets of these tables (steering.sets_of: new keys first, then
+        old ones out); the same tables again: nothing to do. OSError (E2BIG)
+        when a set outgrows its map."""
+        from ..control.steering import sets_of, sync_sets
+
+        with self._lock:
+            if self._tables is not None and self._tables[0] is services \
+                    and self._tables[1] is dests:
+                return
+            sync_sets(self.maps, self._current, sets_of(services, dests, ()))
+            self._tables = (services, dests)
+
+    def set_lane(self, lane: int) -> None:
+        """With lanes: every worker's frames to its V3 ring (0) or V2 lane (1)."""
+        with self._lock:
+            self.lane = lane
+            self._write_conf()
+
+    def close(self) -> None:
+        """Drop this process's hold on the program and its maps (groups that
+        still exist keep them); again: no-op."""
+        import os
+
+        for m in getattr(self, "maps", {}).values():
+            m.close()
+        self.maps = {}
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class AfPacketBackend(CopyLoop):
     def __init__(self, ifnames: list[str], *, block_size: int = BLOCK_SIZE,
                  block_nr: int = BLOCK_NR, retire_ms: int = RETIRE_MS,
                  qdisc_bypass: bool = True, pcap: str | None = None,
                  fanout: list[int] | None = None, ring: str = DEFAULT_RING,
-                 lanes: LaneSwitch | None = None, local: bool = False):
+                 lanes: LaneSwitch | None = None, local: bool = False,
+                 fanout_steer: FanoutSteering | None = None):
         """One port per name in ``ifnames`` (index = the engine's port).
 
         ``fanout``: one worker's instance of several (``open_workers``): per
         port, the PACKET_FANOUT_CBPF group its socket joins (0: a new group;
         ``fanout_ids`` then holds the ids the kernel chose); ``set_filter``
         also sets the group's steering program (bpf.fanout_program). None:
-        the only instance, no fanout (but see ``ring="auto"``).
+        the only instance, no fanout (but see ``ring="auto"``). ``fanout_steer``:
+        the groups run this eBPF program (PACKET_FANOUT_EBPF; the instance
+        that makes a group gives it the program and closes it at the end)
+        instead of the classic one.
 
         ``qdisc_bypass``: set PACKET_QDISC_BYPASS on every socket (the fast
         default); False sends through the qdisc layer, where the kernel's
@@ -270,6 +366,9 @@ class AfPacketBackend(CopyLoop):
         self.qdisc_bypass = qdisc_bypass
         self.pcap = None
         self.fanout_ids: list[int] | None = None if fanout is None else []
+        self.fanout_steer = fanout_steer
+        self._steer_owner = False
+        kind = PACKET_FANOUT_CBPF if fanout_steer is None else PACKET_FANOUT_EBPF
         self.lane_rings: list = []
         self._lane_owner = False   # the instance that made the groups reports the switch
         self.local = local
@@ -297,12 +396,15 @@ class AfPacketBackend(CopyLoop):
                     self._raw.append(raw_socket())
                     r.set_local_fd(self._raw[-1].fileno())
                 if fanout is not None:   # after bind: only a bound socket may join
-                    self.fanout_ids.append(join_fanout(s, fanout[i]))
+                    self.fanout_ids.append(join_fanout(s, fanout[i], kind))
+                    if fanout_steer is not None and fanout[i] == 0:
+                        fanout_steer.attach(s)
+                        self._steer_owner = True
                 if self.lanes is not None:
                     # The lane joins right after its ring: worker k's members
                     # are 2k (V3) and 2k+1 (V2), as the program numbers them.
                     ls, lr = self._open_ring(name, 2, block_size, block_nr, retire_ms, qdisc_bypass)
-                    join_fanout(ls, self.fanout_ids[i])
+                    join_fanout(ls, self.fanout_ids[i], kind)
                     r.set_lane(lr)
                     if fanout[i] == 0:
                         self.lanes.add_group(s)
@@ -380,7 +482,12 @@ class AfPacketBackend(CopyLoop):
         errors to ``own_addrs`` while a Tun dest exists: bpf.for_tables)."""
         prog = bpf.for_tables(services, dests, own_addrs, from_services=self.local)
         lo_prog = bpf.for_local(services) if self.local else prog
-        if self.lanes is not None:
+        if self.fanout_steer is not None:
+            # Its sets first: a frame of a new service must reach the
+            # worker its replies will reach.
+            self.fanout_steer.apply(services, dests)
+            steer = None
+        elif self.lanes is not None:
             steer = self.lanes.program(services, dests)
         elif self.fanout_ids is not None:
             steer = bpf.fanout_program(services, dests)
@@ -394,6 +501,14 @@ class AfPacketBackend(CopyLoop):
                     attach_filter(s, steer, SOL_PACKET, PACKET_FANOUT_DATA)
                 attach_filter(s, lo_prog if s in self._lo_socks else prog)
             self._prog = prog
+
+    def steer_plan(self, services, dests) -> str:
+        """How this backend's fanout keys these tables: bpf.FANOUT_FULL with
+        the eBPF program (or no fanout), else the classic program's
+        bpf.fanout_plan."""
+        if self.fanout_steer is not None or self.fanout_ids is None:
+            return bpf.FANOUT_FULL
+        return bpf.fanout_plan(services, dests)
 
     def stats(self) -> dict[str, int]:
         """Ring counters summed over ports (``tx_*``: frames given V_TX;
@@ -438,6 +553,8 @@ class AfPacketBackend(CopyLoop):
     def close(self) -> None:
         if self.pcap is not None:
             self.pcap.stop()
+        if self._steer_owner:
+            self.fanout_steer.close()
         for r in self.rings:
             r.set_lane(None)
         for r in self.rings + self.lane_rings:

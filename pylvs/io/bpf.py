@@ -700,15 +700,19 @@ def _client_of(frame: bytes, base: int, svc: set, frm: set, svc_a: set, frm_a: s
     return daddr if (proto, saddr, sport) in frm else saddr
 
 
-def steer_index(frame: bytes, workers: int, services, dests) -> int:
-    """The worker (0..workers-1) the fanout program sends this Ethernet
-    frame (no vnet header) to, with these tables: the program's rule
-    (`fanout_program`) written out in Python, for tests and tools.
-    ValueError for workers < 1."""
+def steer_index(frame: bytes, workers: int, services, dests,
+                plan: str = FANOUT_FULL) -> int:
+    """The worker (0..workers-1) this Ethernet frame (no vnet header) goes
+    to with these tables: the steering rule (docs/io.md, "Workers") written
+    out in Python, for tests and tools. ``plan``: FANOUT_FULL, the rule the
+    eBPF programs follow whatever the tables' size (the AF_PACKET fanout
+    program pylvs/bpf/fanout.bpf.c, the XDP and TAP programs); the classic
+    fanout program (`fanout_program`, the fallback without eBPF) keys by
+    `fanout_plan(services, dests)`. ValueError for workers < 1."""
     if workers < 1:
         raise ValueError("workers must be at least 1")
     svc_p, frm_p = _fanout_sets(services, dests)
-    mode = _fanout_mode(svc_p, frm_p)
+    mode = plan
     if len(frame) < 14 or frame[12:14] != b"\x08\x00":
         return 0
     frame = frame[14:]   # the program sees the IP packet

@@ -370,16 +370,15 @@ class TapSteering:
 
     def apply(self, services, dests) -> None:
         """Make the maps hold these tables' sets (steering.sets_of: new keys
-        first, then old ones out) and their fanout plan (bpf.fanout_plan,
-        as the AF_PACKET fanout and the XDP program key them). The same
-        tables again: nothing to do."""
+        first, then old ones out), keyed by (proto, addr, port) whatever
+        their size (bpf.FANOUT_FULL, as the AF_PACKET fanout and the XDP
+        programs key them). The same tables again: nothing to do."""
         with self._lock:
             if self._tables is not None and self._tables[0] is services \
                     and self._tables[1] is dests:
                 return
             sync_sets(self.maps, self._current, sets_of(services, dests, ()))
-            self.maps["plan"].update(struct.pack("I", 0),
-                                     struct.pack("I", PLANS[bpf.fanout_plan(services, dests)]))
+            self.maps["plan"].update(struct.pack("I", 0), struct.pack("I", PLANS[bpf.FANOUT_FULL]))
             self._tables = (services, dests)
 
     def close(self) -> None:

@@ -383,15 +383,15 @@ class XdpBackend(CopyLoop):
     def set_sets(self, services, dests, local_addrs) -> None:
         """The XDP program's sets for these tables and the director's
         addresses (``local_addrs``: strings or host-order ints), as
-        steering.sets_of gives them, and the fanout plan of these tables
-        (bpf.fanout_plan, as the taps' fanout program uses). OSError when a
+        steering.sets_of gives them, and the plan the taps' fanout program
+        keys these tables by (AfPacketBackend.steer_plan). OSError when a
         set outgrows its map (max_services, max_dests). One call for all
         workers: the maps are the program's."""
         g = self.group
         with g._lock:
             sync_sets(g.maps, g._current, sets_of(services, dests, local_addrs))
             if g.workers > 1:
-                g._set_plan(bpf.fanout_plan(services, dests))
+                g._set_plan(self.taps.steer_plan(services, dests))
 
     def steer(self, steering) -> "XdpSteering":
         """``steering`` (BpfSteering or NftSteering) that also sets the XDP

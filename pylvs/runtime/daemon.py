@@ -134,6 +134,10 @@ class Daemon:
         for i, name in enumerate(self.ifaces):
             if name in self.ifaces[:i]:
                 raise SystemExit(f"pylvs run: --iface {name} given twice")
+        if not opts.tap and _is_loopback(self.ifaces):
+            raise SystemExit("pylvs run: --iface: the loopback interface is not a port to "
+                             "forward on (clients on the director itself are balanced "
+                             "through it already; docs/io.md, \"Clients on the director\")")
         if opts.workers < 1:
             raise SystemExit("pylvs run: --workers must be at least 1")
         if opts.workers > 1 and opts.engine != "c":
@@ -783,6 +787,16 @@ def _takes_args(fn, n: int) -> bool:
         inspect.signature(fn).bind(*range(n))
         return True
     except (TypeError, ValueError):
+        return False
+
+
+def _is_loopback(ifnames: list[str]) -> bool:
+    """Is one of these this namespace's loopback interface (ifindex 1)?"""
+    import socket
+
+    try:
+        return socket.if_indextoname(1) in ifnames
+    except OSError:
         return False
 
 

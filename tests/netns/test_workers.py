@@ -147,3 +147,20 @@ def test_counters_and_listings_are_sums_over_workers(lab2: Lab):
     rows = [line.split() for line in lab2.adm("-L", "-n").splitlines() if "->" in line
             and "Masq" in line]
     assert sum(int(r[-1]) for r in rows) == n   # InActConn
+
+
+def test_tables_too_big_for_the_classic_program_keep_nat_on_its_worker(lab2: Lab):
+    """1,500 more NAT services on their own VIP addresses: the classic
+    fanout program would key by source address alone (bpf.fanout_plan
+    "saddr") and send the real servers' replies to a worker without their
+    conn; the eBPF program the workers run keys by the full rule at any
+    size, so every client still gets its answers from its worker."""
+    extra = [f"10.50.{i // 250}.{i % 250 + 1}" for i in range(1500)]
+    assert bpf.fanout_plan([(6, bpf.ip(a), 80) for a in extra],
+                           [(6, bpf.ip(lab2.rips[0]), 80)]) == bpf.FANOUT_SADDR
+    rules = "".join(f"-A -t {a}:80 -s rr\n-a -t {a}:80 -r {lab2.rips[0]}:80 -m\n" for a in extra)
+    p = lab2.adm_run("-R", stdin=rules, timeout=60)
+    assert p.returncode == 0, p.stderr
+    sent = send_round(lab2)
+    per_worker = check_round(lab2, sent, director_view(lab2))
+    assert set(per_worker) == {0, 1}, per_worker

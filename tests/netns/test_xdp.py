@@ -159,18 +159,18 @@ CONFIGS = [(2, bpf.FANOUT_FULL), (3, bpf.FANOUT_FULL), (5, bpf.FANOUT_FULL),
            (3, bpf.FANOUT_ADDRS), (3, bpf.FANOUT_SADDR)]
 
 
-def test_xdp_program_picks_the_worker_steer_index_predicts(trio, monkeypatch):
+def test_xdp_program_picks_the_worker_steer_index_predicts(trio):
     """For N workers, every frame the program redirects is counted for
     exactly one worker: the one bpf.steer_index (the AF_PACKET fanout's
-    rule) gives, under each of the fanout's plans (full keys; addresses
-    only and saddr, the plans of tables too big for the classic program)."""
+    rule) gives, under each plan (full keys, what it runs with the eBPF
+    fanout; addresses only and saddr, which it follows when the taps fall
+    back to the classic fanout program and the tables are too big for it)."""
     frames = _steer_frames()
     res = trio.py(trio.d, f"FRAMES = {[f.hex() for _, f in frames]!r}\n"
                           f"SERVICES, DESTS = {STEER_SERVICES!r}, {STEER_DESTS!r}\n"
                           f"CONFIGS = {CONFIGS!r}\n" + STEER)
     for (workers, plan), got in zip(CONFIGS, res):
-        monkeypatch.setattr(bpf, "_fanout_mode", lambda svc, frm, plan=plan: plan)
-        want = [[bpf.steer_index(f, workers, STEER_SERVICES, STEER_DESTS)] for _, f in frames]
+        want = [[bpf.steer_index(f, workers, STEER_SERVICES, STEER_DESTS, plan)] for _, f in frames]
         assert [(n, g) for (n, _), g in zip(frames, got)] == \
             [(n, w) for (n, _), w in zip(frames, want)], (workers, plan)
         assert len({w for w, in want}) == workers, (workers, plan)   # every worker is used
