@@ -41,7 +41,8 @@ import time
 from . import netbench
 
 PORT = 80
-IMPLS = ("pylvs", "kernel-nft", "haproxy", "direct")
+DEFAULT_IMPLS = ("pylvs", "kernel-nft", "haproxy", "direct")
+IMPLS = (*DEFAULT_IMPLS, "pylvs-nolimit")   # --sysctl upcall_share=100: the limit's A/B
 
 
 class AcceptLog:
@@ -95,7 +96,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     ap.add_argument("--impl", action="append", choices=IMPLS)
     args = ap.parse_args(argv)
     runs = runs or (1 if quick else 3)
-    impls = args.impl or list(IMPLS)
+    impls = args.impl or list(DEFAULT_IMPLS)
     levels = [int(x) for x in args.conns.split(",")]
     logs: list[AcceptLog] = []
 

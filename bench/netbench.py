@@ -191,9 +191,12 @@ def impl_actions(impl: str, lab: Lab, proto: str, port: int, cpu: str,
     weights: one per real server, None leaves it out (rs1 alone: [1, None, None]).
     """
     rips = [rip for rip, w in zip(lab.rips, weights) if w is not None]
-    if impl == "pylvs":
+    if impl in ("pylvs", "pylvs-nolimit"):
+        # -nolimit: the upcall limit off (docs/engine.md), its A/B.
+        extra = ("--sysctl", "upcall_share=100") if impl == "pylvs-nolimit" else ()
+
         def up():
-            lab.start_director(taskset=cpu)
+            lab.start_director(*extra, taskset=cpu)
             lab.service(proto, port, weights, sched="wlc")
         return up, lab.stop_director
     if impl == "kernel-nft":
