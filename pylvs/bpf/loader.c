@@ -638,7 +638,6 @@ static PyObject *object_prog_fd(ObjectObject *self, PyObject *args)
 {
 	const char *name;
 	int prog_fd, fd;
-
 	__u32 id;
 
 	if (!PyArg_ParseTuple(args, "s", &name) || (prog_fd = program_fd(self, name)) < 0 ||
