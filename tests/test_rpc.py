@@ -580,3 +580,19 @@ def test_verbose_turns_debug_on_for_pylvs_only():
         for n, lvl in saved.items():
             logging.getLogger(n).setLevel(lvl)
         logging.getLogger().setLevel(root)
+
+
+def test_replies_are_encoded_in_pieces_as_json_would():
+    # A big listing (-L -c) is encoded PIECE items at a time, so the GIL is
+    # let go between pieces; the text is json.dumps's, byte for byte.
+    import json
+
+    from pylvs.control.rpc import PIECE, dumps_in_pieces
+
+    conns = [{"caddr": f"10.0.0.{i % 250}", "cport": i, "state": "UDP"} for i in range(3 * PIECE + 5)]
+    for obj in ({"ok": True, "result": conns}, {"ok": True, "result": {"conns": conns, "n": 1}},
+                {"ok": False, "error": "x"}, {"ok": True, "result": []}, {1: [2], True: None},
+                [conns[:3]], "text", 5):
+        assert dumps_in_pieces(obj) == json.dumps(obj)
+    with pytest.raises(TypeError):
+        dumps_in_pieces({"ok": True, "result": [object()] * (PIECE + 1)})

@@ -771,13 +771,15 @@ static PyObject *engine_expire(PylvsEngine *self, PyObject *args)
     return PyLong_FromLong(pylvs_engine_expire(self, now, budget));
 }
 
-static PyObject *engine_conns(PylvsEngine *self, PyObject *unused)
+/* The conns of slots [*slot, high) as tuples, at most `count` of them
+ * (count < 0: all); *slot is left at the next slot to look at. */
+static PyObject *conn_tuples(PylvsEngine *self, uint32_t *slot, long count)
 {
-    (void)unused;
     PyObject *list = PyList_New(0);
     if (list == NULL)
         return NULL;
-    for (uint32_t i = 0; i < self->high; i++) {
+    uint32_t i = *slot;
+    for (; i < self->high && (count < 0 || PyList_GET_SIZE(list) < count); i++) {
         const struct conn *c = &self->conns[i];
         if (!c->used)
             continue;
@@ -792,7 +794,34 @@ static PyObject *engine_conns(PylvsEngine *self, PyObject *unused)
         }
         Py_DECREF(t);
     }
+    *slot = i;
     return list;
+}
+
+static PyObject *engine_conns(PylvsEngine *self, PyObject *unused)
+{
+    (void)unused;
+    uint32_t slot = 0;
+    return conn_tuples(self, &slot, -1);
+}
+
+/* conns_chunk(start, count): a listing in pieces, so that the engine's lock
+ * (which the frame loop needs) is held for one piece at a time. */
+static PyObject *engine_conns_chunk(PylvsEngine *self, PyObject *args)
+{
+    unsigned long start;
+    long count;
+    if (!PyArg_ParseTuple(args, "kl:conns_chunk", &start, &count))
+        return NULL;
+    if (count < 1) {
+        PyErr_SetString(PyExc_ValueError, "conns_chunk: count must be at least 1");
+        return NULL;
+    }
+    uint32_t slot = start < self->high ? (uint32_t)start : self->high;
+    PyObject *list = conn_tuples(self, &slot, count);
+    if (list == NULL)
+        return NULL;
+    return Py_BuildValue("(Nl)", list, slot < self->high ? (long)slot : -1L);
 }
 
 /* The conn-index hash of a tuple, for tests that check the two-word fast
@@ -886,6 +915,7 @@ LOCKED(engine_set_timeouts)
 LOCKED(engine_process)
 LOCKED(engine_expire)
 LOCKED_READ(engine_conns)
+LOCKED_READ(engine_conns_chunk)
 LOCKED(engine_check_index)
 
 static PyMethodDef engine_methods[] = {
@@ -906,6 +936,9 @@ static PyMethodDef engine_methods[] = {
     {"conns", (PyCFunction)engine_conns_locked, METH_NOARGS,
      "conns() -> list of (proto, caddr, cport, vaddr, vport, daddr, dport, state, expires,\n"
      "fwd, dest_slot, svc_slot), in slab order."},
+    {"conns_chunk", (PyCFunction)engine_conns_chunk_locked, METH_VARARGS,
+     "conns_chunk(start, count) -> (list, next): as conns(), from slot start, at most count\n"
+     "conns; next is the slot to go on from, -1 at the end. The lock is held for one chunk."},
     {"_key_hash", (PyCFunction)engine_key_hash, METH_VARARGS, NULL},
     {"_check", (PyCFunction)engine_check_index_locked, METH_NOARGS, NULL},
     {NULL},

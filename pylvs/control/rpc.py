@@ -163,6 +163,26 @@ def _answer(balancer: Balancer, req: dict) -> dict:
         return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
 
 
+# json.dumps runs in C without letting the GIL go: one call on the listing
+# of a big conn table (`-L -c`) held it for half a second, and the workers'
+# loops, which take the GIL between two frame batches, waited that long.
+PIECE = 2000
+
+
+def dumps_in_pieces(obj) -> str:
+    """json.dumps(obj), the same text, made PIECE list items at a time (a
+    dict's values and lists one level down are split; deeper values go
+    whole), so other threads get the GIL between pieces. TypeError and
+    ValueError as json.dumps."""
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        return "{" + ", ".join(f"{json.dumps(k)}: {dumps_in_pieces(v)}"
+                               for k, v in obj.items()) + "}"
+    if isinstance(obj, list) and len(obj) > PIECE:
+        return "[" + ", ".join(json.dumps(obj[i:i + PIECE])[1:-1]
+                               for i in range(0, len(obj), PIECE)) + "]"
+    return json.dumps(obj)
+
+
 def _error_line(msg: str) -> bytes:
     return json.dumps({"ok": False, "error": msg}).encode() + b"\n"
 
@@ -235,7 +255,7 @@ async def _serve_lines(balancer: Balancer, reader: asyncio.StreamReader,
             resp = (await _handle_line_extras(balancer, line, extras) if extras
                     else handle_line(balancer, line))
             try:
-                data = json.dumps(resp)
+                data = dumps_in_pieces(resp)
             except (TypeError, ValueError) as e:
                 data = json.dumps({"ok": False, "error": f"internal error: {e}"})
             writer.write(data.encode() + b"\n")

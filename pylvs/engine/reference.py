@@ -393,6 +393,18 @@ class Engine:
                  c.state, c.expires, c.fwd, c.dest, c.svc)
                 for c in self._ct.conns()]
 
+    def conns_chunk(self, start: int, count: int) -> tuple[list[tuple], int]:
+        """conns() in pieces: at most ``count`` from position ``start`` of
+        the listing, and where to go on from (-1: the end). The reference
+        numbers positions in its listing, the C engine slab slots: both
+        only ever hand back what the previous call returned."""
+        start, count = operator.index(start), operator.index(count)
+        if count < 1:
+            raise ValueError("conns_chunk: count must be at least 1")
+        every = self.conns()
+        nxt = start + count
+        return every[start:nxt], nxt if nxt < len(every) else -1
+
     def _lookup(self, key: tuple, now: float):
         return self._ct.lookup(key, now)
 
