@@ -1,4 +1,4 @@
-"""The schedulers rr, wrr, lc and wlc, with kernel semantics."""
+"""The schedulers rr, wrr, lc, wlc, sed and nq, with kernel semantics."""
 
 from __future__ import annotations
 
@@ -39,10 +39,10 @@ def picks(s: sched.Scheduler, ds: list[Dest], n: int, c=None) -> str:
 
 
 def test_registry():
-    assert {"rr", "wrr", "lc", "wlc"} <= set(sched.names())
+    assert {"rr", "wrr", "lc", "wlc", "sed", "nq"} <= set(sched.names())
     assert sched.get("wlc").name == "wlc"
     assert sched.DEFAULT == "wlc"
-    for name in ("rr", "wrr", "lc", "wlc"):
+    for name in ("rr", "wrr", "lc", "wlc", "sed", "nq"):
         module = sys.modules[sched.get(name).__module__]
         assert module.__name__.endswith("." + name) and module.__doc__, f"{name}.py must state its formula"
 
@@ -201,7 +201,71 @@ def test_wlc_big_counts_do_not_overflow():
     assert picks(sched.get("wlc")(), ds, 1, c) == "B"
 
 
-@pytest.mark.parametrize("name", ["rr", "wrr", "lc", "wlc"])
+# --- sed -----------------------------------------------------------------------
+
+def test_sed_active_plus_one_per_weight():
+    # (5+1)/3 = 2 vs (1+1)/1 = 2 vs (2+1)/2 = 1.5: C; inactive conns do not count.
+    ds = dests(3, 1, 2)
+    c = conns({0: (5, 900), 1: (1, 0), 2: (2, 0)})
+    assert picks(sched.get("sed")(), ds, 1, c) == "C"
+
+
+def test_sed_idle_dests_by_weight_not_order():
+    # All idle: 1/w is least for the heaviest, which wlc (0/w, a tie) would not pick.
+    ds = dests(1, 4, 2)
+    assert picks(sched.get("sed")(), ds, 1) == "B"
+    assert picks(sched.get("wlc")(), ds, 1) == "A"
+
+
+def test_sed_first_wins_ties_and_skips_weight_zero():
+    ds = dests(0, 2, 2)
+    c = conns({1: (3, 0), 2: (3, 0)})
+    assert picks(sched.get("sed")(), ds, 1, c) == "B"
+
+
+def test_sed_scripted_sequence_follows_the_counts():
+    """New conns that become active, one after another: the picks follow
+    (active+1)/weight, weights 1, 2, 3."""
+    s, ds = sched.get("sed")(), dests(1, 2, 3)
+    c = conns({})
+    got = ""
+    for _ in range(12):
+        d = s.schedule(ds, c, 0x0A000002, 1000)
+        got += "ABC"[ds.index(d)]
+        c[d.slot, 0] += 1
+    # Expected by hand: C(1/3) B(1/2) C(2/3) A(1/1 tie: A first) ...
+    want = ""
+    active = [0, 0, 0]
+    for _ in range(12):
+        best = min(range(3), key=lambda i: ((active[i] + 1) / (i + 1), i))
+        want += "ABC"[best]
+        active[best] += 1
+    assert got == want and got.count("C") == 6 and got.count("A") == 2
+
+
+# --- nq ------------------------------------------------------------------------
+
+def test_nq_idle_dest_first_whatever_its_weight():
+    # B is idle (no active conn; inactive ones do not count): taken at once,
+    # though C, idle too and heavier, is what sed would pick.
+    ds = dests(5, 1, 9)
+    c = conns({0: (1, 0), 1: (0, 50), 2: (0, 0)})
+    assert picks(sched.get("nq")(), ds, 1, c) == "B"
+
+
+def test_nq_without_idle_dests_is_sed():
+    ds = dests(3, 1, 2)
+    c = conns({0: (5, 0), 1: (1, 0), 2: (2, 0)})
+    assert picks(sched.get("nq")(), ds, 1, c) == picks(sched.get("sed")(), ds, 1, c) == "C"
+
+
+def test_nq_idle_weight_zero_is_still_skipped():
+    ds = dests(0, 1)
+    c = conns({0: (0, 0), 1: (7, 0)})
+    assert picks(sched.get("nq")(), ds, 1, c) == "B"
+
+
+@pytest.mark.parametrize("name", ["rr", "wrr", "lc", "wlc", "sed", "nq"])
 def test_weight_zero_never_picked(name):
     s = sched.get(name)()
     ds = dests(0, 3, 0, 1)

@@ -56,3 +56,24 @@ def register(name: str) -> Callable[[type[Scheduler]], type[Scheduler]]:
 def overhead(conns: np.ndarray, slot: int) -> int:
     """IPVS's ip_vs_dest_conn_overhead: active conns weigh 256 inactive ones."""
     return int(conns[slot, 0]) * 256 + int(conns[slot, 1])
+
+
+def least_per_weight(dests: Sequence[SchedDest], cost: Callable[[int], int],
+                     at_once: Callable[[int], bool] | None = None) -> SchedDest | None:
+    """The dest with the least cost(slot) / weight, compared by
+    cross-multiplying (h1 * w2 > h2 * w1, as ip_vs_wlc.c and its kin do);
+    weight 0 skipped, the first in list order winning a tie; a dest whose
+    cost ``at_once`` accepts is taken as soon as it is met (nq's idle
+    dest). None when every dest has weight 0."""
+    least = None
+    loh = 0
+    for d in dests:
+        if d.weight <= 0:
+            continue
+        doh = cost(d.slot)
+        if at_once is not None and at_once(doh):
+            return d
+        if least is None or loh * d.weight > doh * least.weight:
+            least, loh = d, doh
+    return least
+

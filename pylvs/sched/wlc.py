@@ -12,19 +12,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import SchedDest, Scheduler, overhead, register
+from .base import SchedDest, Scheduler, least_per_weight, overhead, register
 
 
 @register("wlc")
 class WeightedLeastConnection(Scheduler):
     def schedule(self, dests: Sequence[SchedDest], conns: np.ndarray,
                  caddr: int, cport: int) -> SchedDest | None:
-        least = None
-        loh = 0
-        for d in dests:
-            if d.weight <= 0:
-                continue
-            doh = overhead(conns, d.slot)
-            if least is None or loh * d.weight > doh * least.weight:
-                least, loh = d, doh
-        return least
+        return least_per_weight(dests, lambda slot: overhead(conns, slot))
