@@ -1,4 +1,4 @@
-"""The schedulers rr, wrr, lc, wlc, sed and nq, with kernel semantics."""
+"""The schedulers rr, wrr, lc, wlc, sed, nq, fo and ovf, with kernel semantics."""
 
 from __future__ import annotations
 
@@ -39,10 +39,10 @@ def picks(s: sched.Scheduler, ds: list[Dest], n: int, c=None) -> str:
 
 
 def test_registry():
-    assert {"rr", "wrr", "lc", "wlc", "sed", "nq"} <= set(sched.names())
+    assert {"rr", "wrr", "lc", "wlc", "sed", "nq", "fo", "ovf"} <= set(sched.names())
     assert sched.get("wlc").name == "wlc"
     assert sched.DEFAULT == "wlc"
-    for name in ("rr", "wrr", "lc", "wlc", "sed", "nq"):
+    for name in ("rr", "wrr", "lc", "wlc", "sed", "nq", "fo", "ovf"):
         module = sys.modules[sched.get(name).__module__]
         assert module.__name__.endswith("." + name) and module.__doc__, f"{name}.py must state its formula"
 
@@ -265,11 +265,50 @@ def test_nq_idle_weight_zero_is_still_skipped():
     assert picks(sched.get("nq")(), ds, 1, c) == "B"
 
 
-@pytest.mark.parametrize("name", ["rr", "wrr", "lc", "wlc", "sed", "nq"])
+# --- fo ------------------------------------------------------------------------
+
+def test_fo_highest_weight_whatever_the_load():
+    ds = dests(2, 5, 5, 1)
+    c = conns({1: (10_000, 10_000)})
+    assert picks(sched.get("fo")(), ds, 3, c) == "BBB"   # first of the two heaviest
+
+
+def test_fo_fails_over_when_the_heaviest_is_quiesced():
+    assert picks(sched.get("fo")(), dests(2, 0, 1), 2) == "AA"
+    assert picks(sched.get("fo")(), dests(0, 0), 1) == "-"
+
+
+# --- ovf -----------------------------------------------------------------------
+
+def test_ovf_fills_the_heaviest_to_its_weight_then_overflows():
+    """Conns that stay active: the weight-3 dest takes them while its
+    active conns are <= 3 (so 4 of them), then the weight-2 one (3), then
+    none: refused."""
+    s, ds = sched.get("ovf")(), dests(2, 3)
+    c = conns({})
+    got = ""
+    for _ in range(9):
+        d = s.schedule(ds, c, 0x0A000002, 1000)
+        got += "-" if d is None else "AB"[ds.index(d)]
+        if d is not None:
+            c[d.slot, 0] += 1
+    assert got == "BBBBAAA--"
+
+
+def test_ovf_counts_active_only_and_skips_weight_zero():
+    ds = dests(0, 1, 1)
+    c = conns({0: (0, 0), 1: (1, 500), 2: (0, 0)})
+    assert picks(sched.get("ovf")(), ds, 1, c) == "B"   # 1 active <= weight 1: still available
+    c[1, 0] = 2
+    assert picks(sched.get("ovf")(), ds, 1, c) == "C"
+
+
+@pytest.mark.parametrize("name", ["rr", "wrr", "lc", "wlc", "sed", "nq", "fo", "ovf"])
 def test_weight_zero_never_picked(name):
     s = sched.get(name)()
     ds = dests(0, 3, 0, 1)
     s.update(ds)
-    c = conns({0: (0, 0), 1: (5, 5), 2: (0, 0), 3: (9, 9)})
+    # Active conns within the weights, so ovf has dests available too.
+    c = conns({0: (0, 0), 1: (2, 5), 2: (0, 0), 3: (1, 9)})
     got = picks(s, ds, 40, c)
     assert set(got) <= {"B", "D"} and "-" not in got
