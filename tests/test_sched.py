@@ -29,6 +29,19 @@ def conns(rows: dict[int, tuple[int, int]], n: int = 16) -> np.ndarray:
     return a
 
 
+def picks_staying_active(s: sched.Scheduler, ds: list[Dest], n: int) -> str:
+    """n new conns, each staying active (its dest's activeconns + 1), as
+    picks() spells them."""
+    c = conns({})
+    out = []
+    for _ in range(n):
+        d = s.schedule(ds, c, 0x0A000002, 1000)
+        out.append("-" if d is None else "ABCDEFGH"[ds.index(d)])
+        if d is not None:
+            c[d.slot, 0] += 1
+    return "".join(out)
+
+
 def picks(s: sched.Scheduler, ds: list[Dest], n: int, c=None) -> str:
     c = conns({}) if c is None else c
     out = []
@@ -226,14 +239,8 @@ def test_sed_first_wins_ties_and_skips_weight_zero():
 def test_sed_scripted_sequence_follows_the_counts():
     """New conns that become active, one after another: the picks follow
     (active+1)/weight, weights 1, 2, 3."""
-    s, ds = sched.get("sed")(), dests(1, 2, 3)
-    c = conns({})
-    got = ""
-    for _ in range(12):
-        d = s.schedule(ds, c, 0x0A000002, 1000)
-        got += "ABC"[ds.index(d)]
-        c[d.slot, 0] += 1
-    # Expected by hand: C(1/3) B(1/2) C(2/3) A(1/1 tie: A first) ...
+    got = picks_staying_active(sched.get("sed")(), dests(1, 2, 3), 12)
+    # A model of the rule, ties to the first: C (1/3), B (1/2), C (2/3), ...
     want = ""
     active = [0, 0, 0]
     for _ in range(12):
@@ -284,15 +291,7 @@ def test_ovf_fills_the_heaviest_to_its_weight_then_overflows():
     """Conns that stay active: the weight-3 dest takes them while its
     active conns are <= 3 (so 4 of them), then the weight-2 one (3), then
     none: refused."""
-    s, ds = sched.get("ovf")(), dests(2, 3)
-    c = conns({})
-    got = ""
-    for _ in range(9):
-        d = s.schedule(ds, c, 0x0A000002, 1000)
-        got += "-" if d is None else "AB"[ds.index(d)]
-        if d is not None:
-            c[d.slot, 0] += 1
-    assert got == "BBBBAAA--"
+    assert picks_staying_active(sched.get("ovf")(), dests(2, 3), 9) == "BBBBAAA--"
 
 
 def test_ovf_counts_active_only_and_skips_weight_zero():

@@ -35,7 +35,6 @@ STEER_SET(rsaddrs, __be32);
 
 /* [0]: set by control (FanoutSteering). */
 struct fanout_conf {
-	__u32 plan;     /* STEER_PLAN_*: always KEYS, kept for steer_key.h */
 	__u32 workers;  /* members are numbered per worker (>= 1) */
 	__u32 lanes;    /* 1: two members per worker (V3 ring, V2 lane) */
 	__u32 lane;     /* with lanes: 0 the V3 rings, 1 the V2 lanes */
@@ -56,7 +55,7 @@ int pylvs_fanout(struct __sk_buff *skb)
 
 	if (!c)
 		return 0;
-	mix = steer_client_mix(skb, c->plan, &services, &realservers, &vips, &rsaddrs);
+	mix = steer_client_mix(skb, STEER_PLAN_KEYS, &services, &realservers, &vips, &rsaddrs);
 	if (!c->lanes || !c->workers)
 		return mix;
 	return (mix % c->workers) * 2 + (c->lane & 1);

@@ -29,22 +29,10 @@ STEER_SET(realservers, struct l4_key);
 STEER_SET(vips, __be32);
 STEER_SET(rsaddrs, __be32);
 
-/* [0]: the plan of the published tables (STEER_PLAN_*), set by control
- * with the sets. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u32);
-} plan SEC(".maps");
-
 SEC("socket")
 int pylvs_tap_steer(struct __sk_buff *skb)
 {
-	__u32 zero = 0, *p = bpf_map_lookup_elem(&plan, &zero);
-
-	return steer_client_mix(skb, p ? *p : STEER_PLAN_KEYS, &services, &realservers, &vips,
-				&rsaddrs);
+	return steer_client_mix(skb, STEER_PLAN_KEYS, &services, &realservers, &vips, &rsaddrs);
 }
 
 char LICENSE[] SEC("license") = "GPL";

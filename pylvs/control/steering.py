@@ -67,6 +67,7 @@ import re
 import socket
 import struct
 import subprocess
+import threading
 from pathlib import Path
 
 from ..io import bpf
@@ -293,6 +294,39 @@ def sync_sets(maps: dict, current: dict[str, set], want: dict[str, list]) -> Non
         if drop:
             maps[name].delete(_encode(name, sorted(drop)))
         current[name] -= drop
+
+
+# The sets of steer_key.h's steer_client_mix, which the eBPF fanout
+# (pylvs/bpf/fanout.bpf.c) and TAP steering (tap_steer.bpf.c) programs read.
+CLIENT_SETS = ("services", "realservers", "vips", "rsaddrs")
+
+
+def client_set_sizes(max_services: int, max_dests: int) -> dict[str, int]:
+    """max_entries of the CLIENT_SETS maps for the director's limits."""
+    return {"services": max_services, "vips": max_services, "realservers": max_dests,
+            "rsaddrs": max_dests}
+
+
+class ClientSets:
+    """The CLIENT_SETS maps of a loaded program and what they hold, kept
+    following the published tables (``follow``), one caller at a time."""
+
+    def __init__(self, maps: dict):
+        self.maps = maps
+        self._current: dict[str, set] = {name: set() for name in CLIENT_SETS}
+        self._tables = None
+        self._lock = threading.Lock()
+
+    def follow(self, services, dests) -> None:
+        """Make the maps hold these tables' sets (sets_of; sync_sets: new
+        keys first, then old ones out); the same tables again: nothing to
+        do. OSError (E2BIG) when a set outgrows its map."""
+        with self._lock:
+            if self._tables is not None and self._tables[0] is services \
+                    and self._tables[1] is dests:
+                return
+            sync_sets(self.maps, self._current, sets_of(services, dests, ()))
+            self._tables = (services, dests)
 
 
 def _decode(name: str, raw: bytes) -> list:

@@ -388,22 +388,29 @@ class Engine:
 
     # --- conns ------------------------------------------------------------
 
+    @staticmethod
+    def _conn_tuple(c: Conn) -> tuple:
+        return (c.proto, c.caddr, c.cport, c.vaddr, c.vport, c.daddr, c.dport,
+                c.state, c.expires, c.fwd, c.dest, c.svc)
+
     def conns(self) -> list[tuple]:
-        return [(c.proto, c.caddr, c.cport, c.vaddr, c.vport, c.daddr, c.dport,
-                 c.state, c.expires, c.fwd, c.dest, c.svc)
-                for c in self._ct.conns()]
+        return [self._conn_tuple(c) for c in self._ct.conns()]
 
     def conns_chunk(self, start: int, count: int) -> tuple[list[tuple], int]:
-        """conns() in pieces: at most ``count`` from position ``start`` of
-        the listing, and where to go on from (-1: the end). The reference
-        numbers positions in its listing, the C engine slab slots: both
-        only ever hand back what the previous call returned."""
+        """conns() in pieces, as the C engine: from slot ``start``, at most
+        ``count`` conns, and the slot to go on from (-1 at the end).
+        ValueError for count < 1."""
         start, count = operator.index(start), operator.index(count)
         if count < 1:
             raise ValueError("conns_chunk: count must be at least 1")
-        every = self.conns()
-        nxt = start + count
-        return every[start:nxt], nxt if nxt < len(every) else -1
+        slots = self._ct.slots
+        out: list[tuple] = []
+        i = max(0, start)
+        while i < len(slots) and len(out) < count:
+            if slots[i] is not None:
+                out.append(self._conn_tuple(slots[i]))
+            i += 1
+        return out, i if i < len(slots) else -1
 
     def _lookup(self, key: tuple, now: float):
         return self._ct.lookup(key, now)

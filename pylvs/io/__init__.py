@@ -79,8 +79,8 @@ def open_workers(kind: str, ifnames: list[str], n: int, **opts) -> list:
                     "by address, then by source address alone (NAT replies may then reach "
                     "a worker without their conn; docs/io.md, \"Workers\")", e)
     if auto:
-        opts["lanes"] = LaneSwitch(n)   # one choice for every worker's group members
-        opts["lanes"].steer = opts.get("fanout_steer")
+        # One choice for every worker's group members.
+        opts["lanes"] = LaneSwitch(n, steer=opts.get("fanout_steer"))
     out: list = []
     try:
         for _ in range(n):

@@ -156,13 +156,15 @@ class LaneSwitch:
     ``observe(frames, now)`` (seconds, monotonic) is called after each
     forward call; every LANE_WINDOW seconds it compares the frames per
     second per worker with LANE_UP_PPS / LANE_DOWN_PPS and, when the lane
-    changes, replaces the groups' program (PACKET_FANOUT_DATA, atomic in
-    af_packet.c). Frames of a flow already queued on the other ring are
+    changes, replaces the groups' classic program (PACKET_FANOUT_DATA,
+    atomic in af_packet.c), or with ``steer`` (the groups run the eBPF
+    FanoutSteering program) writes the lane into its map. Frames of a flow already queued on the other ring are
     read in the same forward call, ring first, then its lane: a switch may
     reorder a few frames of a flow once."""
 
     def __init__(self, workers: int, *, up_pps: float = LANE_UP_PPS,
-                 down_pps: float = LANE_DOWN_PPS, window: float = LANE_WINDOW):
+                 down_pps: float = LANE_DOWN_PPS, window: float = LANE_WINDOW,
+                 steer: "FanoutSteering | None" = None):
         if workers < 1:
             raise ValueError("workers must be at least 1")
         if not 0 <= down_pps < up_pps or window <= 0:
@@ -177,7 +179,7 @@ class LaneSwitch:
         self._socks: list[socket.socket] = []   # one member per group
         # The eBPF fanout program, when the groups run it: the lane is then
         # one map update, not a program per group.
-        self.steer: FanoutSteering | None = None
+        self.steer = steer
         self._frames = 0
         self._t0: float | None = None
 
@@ -233,7 +235,6 @@ class LaneSwitch:
 
 FANOUT_OBJECT = Path(__file__).resolve().parents[1] / "bpf" / "fanout.bpf.o"
 FANOUT_PROG = "pylvs_fanout"
-FANOUT_SETS = ("services", "realservers", "vips", "rsaddrs")   # its sets (steering.sets_of)
 
 
 class FanoutSteering:
@@ -255,28 +256,26 @@ class FanoutSteering:
 
     def __init__(self, workers: int, *, lanes: bool = False, lane: int = 1,
                  max_services: int = 16384, max_dests: int = 131072):
-        from ..control.steering import _why, load_object
+        from ..control.steering import (CLIENT_SETS, ClientSets, _why, client_set_sizes,
+                                        load_object)
 
         self.workers, self.lanes, self.lane = workers, lanes, lane
         self.fd, self.prog_id = -1, 0
         self._lock = threading.Lock()
-        self._current: dict[str, set] = {name: set() for name in FANOUT_SETS}
-        self._tables = None
 
         def attach(obj) -> None:
             self.fd, self.prog_id = obj.prog_fd(FANOUT_PROG)
-        sizes = {"services": max_services, "vips": max_services, "realservers": max_dests,
-                 "rsaddrs": max_dests}
         try:
-            self.maps = load_object(FANOUT_OBJECT, sizes, (*FANOUT_SETS, "conf"), attach)
+            self.maps = load_object(FANOUT_OBJECT, client_set_sizes(max_services, max_dests),
+                                    (*CLIENT_SETS, "conf"), attach)
         except (OSError, KeyError, ValueError) as e:
             raise OSError(f"the eBPF fanout program: {_why(e)}") from None
+        self._sets = ClientSets(self.maps)
         self._write_conf()
 
     def _write_conf(self) -> None:
-        plan = 0   # STEER_PLAN_KEYS
         self.maps["conf"].update(struct.pack("I", 0), struct.pack(
-            "IIII", plan, self.workers, int(self.lanes), self.lane))
+            "III", self.workers, int(self.lanes), self.lane))
 
     def attach(self, sock: socket.socket) -> None:
         """Make the program the steering of the PACKET_FANOUT_EBPF group
@@ -284,17 +283,9 @@ class FanoutSteering:
         sock.setsockopt(SOL_PACKET, PACKET_FANOUT_DATA, struct.pack("i", self.fd))
 
     def apply(self, services, dests) -> None:
-        """The sets of these tables (steering.sets_of: new keys first, then
-        old ones out); the same tables again: nothing to do. OSError (E2BIG)
-        when a set outgrows its map."""
-        from ..control.steering import sets_of, sync_sets
-
-        with self._lock:
-            if self._tables is not None and self._tables[0] is services \
-                    and self._tables[1] is dests:
-                return
-            sync_sets(self.maps, self._current, sets_of(services, dests, ()))
-            self._tables = (services, dests)
+        """The sets of these tables (steering.ClientSets); the same tables
+        again: nothing to do. OSError (E2BIG) when a set outgrows its map."""
+        self._sets.follow(services, dests)
 
     def set_lane(self, lane: int) -> None:
         """With lanes: every worker's frames to its V3 ring (0) or V2 lane (1)."""

@@ -56,17 +56,16 @@ import logging
 import os
 import select
 import struct
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from .. import _fast
-from ..control.steering import _why, load_object, sets_of, sync_sets
+from ..control.steering import (CLIENT_SETS, ClientSets, _why, client_set_sizes,
+                                load_object)
 from ..engine import tables
-from . import Port, bpf
+from . import Port
 from .taphost import Iface, TapHost, vips_of
-from .xdp import PLANS
 
 log = logging.getLogger("pylvs.tap")
 
@@ -75,7 +74,6 @@ TUNSETVNETHDRSZ = 0x400454D8
 TUNSETSTEERINGEBPF = 0x800454E0   # _IOR('T', 224, int)
 BPF_OBJECT = Path(__file__).resolve().parents[1] / "bpf" / "tap_steer.bpf.o"
 BPF_PROG = "pylvs_tap_steer"
-STEER_SETS = ("services", "realservers", "vips", "rsaddrs")   # its sets (steering.sets_of)
 TUN_F_CSUM, TUN_F_TSO4 = 0x01, 0x02
 BATCH = 64   # frames read per forward call at most (each a read syscall)
 # The backend's counters, in the order _fast.tap_forward writes them (tap.c).
@@ -352,34 +350,25 @@ class TapSteering:
         self.fds: list[int] = []
         self.maps: dict = {}
         self.prog_id = 0
-        self._lock = threading.Lock()
-        self._current: dict[str, set] = {name: set() for name in STEER_SETS}
-        self._tables = None
 
         def attach(obj) -> None:
             for fd in fds:
                 self.prog_id = obj.attach_tun_steering(BPF_PROG, fd)
                 self.fds.append(fd)
-        sizes = {"services": max_services, "vips": max_services, "realservers": max_dests,
-                 "rsaddrs": max_dests}
         try:
-            self.maps = load_object(BPF_OBJECT, sizes, (*STEER_SETS, "plan"), attach)
+            self.maps = load_object(BPF_OBJECT, client_set_sizes(max_services, max_dests),
+                                    CLIENT_SETS, attach)
         except (OSError, KeyError, ValueError) as e:
             self.close()
             raise OSError(f"TAP queue steering: {_why(e)}") from None
+        self._sets = ClientSets(self.maps)
 
     def apply(self, services, dests) -> None:
-        """Make the maps hold these tables' sets (steering.sets_of: new keys
-        first, then old ones out), keyed by (proto, addr, port) whatever
-        their size (bpf.FANOUT_FULL, as the AF_PACKET fanout and the XDP
-        programs key them). The same tables again: nothing to do."""
-        with self._lock:
-            if self._tables is not None and self._tables[0] is services \
-                    and self._tables[1] is dests:
-                return
-            sync_sets(self.maps, self._current, sets_of(services, dests, ()))
-            self.maps["plan"].update(struct.pack("I", 0), struct.pack("I", PLANS[bpf.FANOUT_FULL]))
-            self._tables = (services, dests)
+        """Make the maps hold these tables' sets (steering.ClientSets), which
+        the program keys by (proto, addr, port) whatever their size, as the
+        AF_PACKET fanout and the XDP programs do. The same tables again:
+        nothing to do."""
+        self._sets.follow(services, dests)
 
     def close(self) -> None:
         """Detach the program from every TAP (a persistent one is left as

@@ -109,15 +109,11 @@ class Worker:
         """The engine's conns, read a chunk at a time (conns_chunk); conns
         made or ended meanwhile may be missed or listed as they were, as a
         listing of the kernel's table walked under RCU may."""
-        chunk = getattr(self.engine, "conns_chunk", None)
-        if chunk is None:
-            with self.lock:
-                return self.engine.conns()
         out: list = []
         start = 0
         while start >= 0:
             with self.lock:
-                part, start = chunk(start, self.CONNS_CHUNK)
+                part, start = self.engine.conns_chunk(start, self.CONNS_CHUNK)
             out.extend(part)
         return out
 
