@@ -262,8 +262,10 @@ void conn_remove(PylvsEngine *e, uint32_t slot, int stat)
     index_delete(e, conn_key_hash(e, c, KEY_IN), (slot << 1 | KEY_IN) + 1);
     if (conn_has_out_key(c))
         index_delete(e, conn_key_hash(e, c, KEY_OUT), (slot << 1 | KEY_OUT) + 1);
-    if (c->dest < e->max_dests)
+    if (c->dest < e->max_dests) {
         dest_conns_add(e, c->dest, c->state == S_ESTABLISHED ? C_ACTIVE : C_INACTIVE, -1);
+        dest_overload_unbind(e, c->dest);
+    }
     c->used = 0;
     c->dest = e->free_head;
     e->free_head = slot;

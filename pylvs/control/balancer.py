@@ -49,6 +49,8 @@ from ..engine.tables import (
     Counters,
 )
 from ..forward import tunnel
+from ..engine.sched_c import unavailable_as_weight_0
+from .sched_tables import SchedTables
 from .text import ascii_int, excerpt, quoted
 
 log = logging.getLogger("pylvs.balancer")
@@ -450,9 +452,15 @@ class Balancer:
         # The upcall's view, indexed by service slot: (scheduler, dests) or None.
         self._sched_view: list[tuple[schedmod.Scheduler, tuple[SchedDestView, ...], bool]
                                | None] = [None] * counters.max_services
-        # Dest slots flagged overloaded by -x (touched by the workers, under _sched_lock).
-        self._overloaded: set[int] = set()
         self._sched_lock = threading.Lock()
+        # The schedulers the engines run themselves (sched_tables.py): after
+        # each change publish_sched(svcs, dests, thresholds) hands the tables
+        # to every engine's set_sched; c_sched False asks Python for every one.
+        self._c_tables = SchedTables(counters)
+        self.publish_sched: Callable[[np.ndarray, np.ndarray, np.ndarray], None] = \
+            lambda svcs, dests, thresholds: None
+        self._c_sched = True
+        self._c_hold = 0   # inside flush: one publish_sched at its end
 
         self._timeouts = {"tcp": states.DEFAULT_TIMEOUTS["ESTABLISHED"],
                           "tcpfin": states.DEFAULT_TIMEOUTS["FIN_WAIT"],
@@ -496,26 +504,28 @@ class Balancer:
         return -1 if d is None else d.slot
 
     def _not_overloaded(self, dests: tuple[SchedDestView, ...]) -> tuple[SchedDestView, ...]:
-        """Dests not overloaded by their -x/-y thresholds, with the kernel's
-        hysteresis: overloaded once activeconns + inactconns reach the upper
-        threshold, available again below the lower one (or below 3/4 of the
-        upper one when no lower threshold is set)."""
-        conns = self.counters.dest_conns
-        over = self._overloaded
-        out = []
-        for d in dests:
-            if d.u_threshold:
-                n = int(conns[d.slot, ACTIVE]) + int(conns[d.slot, INACTIVE])
-                if d.slot in over:
-                    if (n < d.l_threshold) if d.l_threshold else (n * 4 < d.u_threshold * 3):
-                        over.discard(d.slot)
-                    else:
-                        continue
-                elif n >= d.u_threshold:
-                    over.add(d.slot)
-                    continue
-            out.append(d)
-        return tuple(out)
+        """The dests, those with the overload flag the engines keep in
+        counters.dest_flags (set once activeconns + inactconns reach -x,
+        cleared below -y, or below 3/4 of -x without one: the kernel's
+        ip_vs_bind_dest / ip_vs_unbind_dest) seen with weight 0, which every
+        scheduler skips as the kernel's skip an overloaded dest."""
+        return tuple(unavailable_as_weight_0(
+            dests, self.counters.dest_flags,
+            lambda d: SchedDestView(d.slot, 0, d.daddr, d.dport, d.u_threshold, d.l_threshold)))
+
+    @property
+    def c_sched(self) -> bool:
+        """True (the default): the engines run rr, wrr, lc, wlc, sed, nq, fo
+        and ovf themselves (docs/engine.md, "Schedulers in C"); False: every
+        new conn asks the Python scheduler (``pylvs run --sched-impl
+        python``), as tests and benchmarks compare."""
+        return self._c_sched
+
+    @c_sched.setter
+    def c_sched(self, on: bool) -> None:
+        self._c_sched = bool(on)
+        self._c_tables.rebuild(self._c_sched)
+        self.publish_sched(*self._c_tables.published())
 
     # --- lookups ------------------------------------------------------------
 
@@ -632,6 +642,8 @@ class Balancer:
 
     def _remove_service(self, svc: Service) -> None:
         self._sched_view[svc.slot] = None
+        self._c_tables.remove(svc.slot)
+        self.publish_sched(*self._c_tables.published())
         self._sched_dirty.pop(svc.slot, None)
         held = any(self._conns_on(d.slot) for d in svc.dests.values())
         for d in list(svc.dests.values()):
@@ -843,6 +855,10 @@ class Balancer:
             svc.scheduler.update(views)
             self._sched_view[svc.slot] = (svc.scheduler, views,
                                           any(v.u_threshold for v in views))
+            self._c_tables.update(svc.slot, svc.sched_name, svc.sched_flags, svc.scheduler,
+                                  views, self._c_sched)
+        if not self._c_hold:
+            self.publish_sched(*self._c_tables.published())
 
     # --- publishing ---------------------------------------------------------
 
@@ -1287,6 +1303,14 @@ class Balancer:
 
     def flush(self) -> None:
         """Publish what is pending (changes made in batches with ``hold``)."""
+        self._c_hold += 1
+        try:
+            self._flush_pending()
+        finally:
+            self._c_hold -= 1
+        self.publish_sched(*self._c_tables.published())
+
+    def _flush_pending(self) -> None:
         # As outside a batch: a scheduler never names a dest the engine's
         # tables do not have yet, nor one already gone from them. Dests the
         # batch removed (or quiesced) leave the schedulers first, the tables

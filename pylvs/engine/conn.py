@@ -27,6 +27,8 @@ Python. What the two share bit for bit:
 
 from __future__ import annotations
 
+from typing import Callable
+
 from . import states, tables
 
 _ST = tables.STAT_INDEX
@@ -97,6 +99,8 @@ class ConnTable:
         self.count = 0
         self.nbuckets = INDEX_MIN
         self.rng = int.from_bytes(key[:8], "little") ^ int.from_bytes(key[8:16], "little")
+        # Called with a dest slot after a conn left it (the engine's overload flag).
+        self.unbind: Callable[[int], None] = lambda d: None
 
     @property
     def high(self) -> int:
@@ -132,6 +136,7 @@ class ConnTable:
         col = tables.ACTIVE if (c.proto == TCP and c.state == states.ESTABLISHED) else tables.INACTIVE
         if c.dest < self.counters.max_dests:
             self.counters.dest_conns[c.dest, col] -= 1
+            self.unbind(c.dest)
         self.slots[c.slot] = None
         self.free.append(c.slot)
         self.count -= 1

@@ -62,7 +62,7 @@ from typing import Callable
 import numpy as np
 
 from . import states, tables
-from . import icmp, tunnel
+from . import icmp, sched_c, tunnel
 from .conn import CONNS_EXPIRED, CONNS_REUSED, MAX_LIMIT, Conn, ConnTable
 from .checksum import fold, ones_sum, pseudo_header_sum, sum_update32, update16, update32
 
@@ -245,6 +245,9 @@ class Engine:
         # tuple-of-int hash is not keyed, so clients could flood a chain; the
         # C engine hashes with keyed SipHash for that reason.
         self._ct = ConnTable(capacity, key, counters, self._pend)
+        # Schedulers run by the engine and the overload flag (sched_c.py).
+        self._sched = sched_c.EngineSched(counters)
+        self._ct.unbind = lambda d: sched_c.unbind(counters, self._sched.thresholds, d)
         self._index = self._ct.index
         self._sysctl = list(tables.SYSCTL_DEFAULTS)
         self._svc_by_key: dict[tuple[int, int, int], int] = {}
@@ -341,6 +344,11 @@ class Engine:
                      dmacs[6 * i:6 * i + 6], smacs[6 * i:6 * i + 6], tt, tf, tp)
         self._svc_table, self._dest_table = services, dests
         self._svc_by_key, self._dests = by_key, ds
+
+    def set_sched(self, sched_svcs: np.ndarray, sched_dests: np.ndarray,
+                  thresholds: np.ndarray) -> None:
+        self._refuse_if_busy()
+        self._sched.set(sched_svcs, sched_dests, thresholds)
 
     def set_ports(self, ports: np.ndarray) -> None:
         """The I/O ports' facts (PORT_DTYPE, index = port): address, MTU, MAC, rp_filter."""
@@ -1243,18 +1251,20 @@ class Engine:
                 pend[_DROP_TABLE_FULL] += 1
                 return V_DROP, None
         if (self.pressure and self._sysctl[_UPCALL_SHARE] < 100 and self._upcall_cost > 0
-                and not self._upcall_allowed(now)):
+                and self._sched.needs_upcall(svc) and not self._upcall_allowed(now)):
             pend[_DROP_UPCALL_LIMIT] += 1
             return V_DROP, None
-        self._busy = True
-        try:
-            d = operator.index(self._schedule(svc, saddr, sport))
-        except Exception as exc:  # reported, never propagated (as the C upcall)
-            _report_unraisable(exc, self._schedule)
-            pend[_SCHED_ERRORS] += 1
-            return V_DROP, None
-        finally:
-            self._busy = False
+        d = self._sched.pick(svc, saddr, sport)
+        if d == sched_c.ASK_PYTHON:
+            self._busy = True
+            try:
+                d = operator.index(self._schedule(svc, saddr, sport))
+            except Exception as exc:  # reported, never propagated (as the C upcall)
+                _report_unraisable(exc, self._schedule)
+                pend[_SCHED_ERRORS] += 1
+                return V_DROP, None
+            finally:
+                self._busy = False
         dests = self._dests
         if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
             pend[_DROP_NO_DEST] += 1
@@ -1298,6 +1308,7 @@ class Engine:
         pend[_CONNS_CREATED] += 1
         cnt = self._counters
         cnt.dest_conns[d, tables.INACTIVE] += 1
+        sched_c.bind(cnt, self._sched.thresholds, d)
         cnt.svc_stats[svc, tables.STAT_CONNS] += 1
         cnt.dest_stats[d, tables.STAT_CONNS] += 1
         return None, (c, states.INPUT)

@@ -1,0 +1,138 @@
+"""The reference engine's side of pylvs/_fast/ip_vs_sched.c: the overload
+flag kept as the kernel's ip_vs_bind_dest / ip_vs_unbind_dest keep it, and
+the choice between a scheduler run by the engine and the upcall, over the
+tables ``set_sched`` takes (tables.SCHED_SVC_DTYPE, SCHED_DEST_DTYPE,
+DEST_THRESH_DTYPE). The pick itself is the Python scheduler's (pylvs/sched,
+the reference), run on the published list; rr's and wrr's position is read
+from and written back to ``counters.sched_state`` (the words
+ip_vs_sched.h names), which every worker's engine shares.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .. import sched as schedmod
+from . import tables
+
+ASK_PYTHON = -3  # pick(): the service has no scheduler in the engine
+
+_KIND_NAMES = {v: k for k, v in tables.SCHED_KINDS.items()}
+# Scheduler attributes kept in sched_state words 1.. (ip_vs_sched.h SW_*).
+_STATE_ATTRS = {"rr": ("_pos", "_last_slot"), "wrr": ("_cl", "_cw", "_mw", "_di")}
+
+
+def bind(counters: tables.Counters, thresholds: np.ndarray, d: int) -> None:
+    """A conn was bound to dest slot d (its count already up): -x reached
+    sets DEST_F_OVERLOAD (ip_vs_bind_dest)."""
+    if d >= len(thresholds) or d >= counters.max_dests:
+        return
+    u = int(thresholds[d]["u_threshold"])
+    if u and int(counters.dest_conns[d].sum()) >= u:
+        counters.dest_flags[d] |= tables.DEST_F_OVERLOAD
+
+
+def unbind(counters: tables.Counters, thresholds: np.ndarray, d: int) -> None:
+    """A conn left dest slot d (its count already down): below -y, or
+    without -y below 3/4 of -x, or without -x, the flag clears
+    (ip_vs_unbind_dest)."""
+    if d >= counters.max_dests:
+        return
+    u = l = 0
+    if d < len(thresholds):
+        u, l = int(thresholds[d]["u_threshold"]), int(thresholds[d]["l_threshold"])
+    n = int(counters.dest_conns[d].sum())
+    if (n < l) if l else (n * 4 < u * 3) if u else True:
+        counters.dest_flags[d] &= ~np.uint8(tables.DEST_F_OVERLOAD)
+
+
+def unavailable_as_weight_0(dests: Sequence, flags: np.ndarray, make) -> Sequence:
+    """``dests`` with the overloaded ones (``flags``: counters.dest_flags)
+    replaced by ``make(d)``, a copy of d with weight 0: every scheduler skips a dest
+    for either reason alike (the kernel's ``IP_VS_DEST_F_OVERLOAD ||
+    weight == 0``, wrr's ``weight >= cw`` with cw >= 1), and the list keeps
+    its length, so rr's and wrr's positions stay those of the kernel's list."""
+    if not any(flags[d.slot] & tables.DEST_F_OVERLOAD for d in dests):
+        return dests
+    return [make(d) if flags[d.slot] & tables.DEST_F_OVERLOAD else d for d in dests]
+
+
+class _Dest:
+    __slots__ = ("slot", "weight")
+
+    def __init__(self, slot: int, weight: int):
+        self.slot, self.weight = slot, weight
+
+
+def check_tables(svcs: np.ndarray, dests: np.ndarray, thresholds: np.ndarray,
+                 max_services: int, max_dests: int) -> None:
+    """The checks the C engine's set_sched makes: TypeError for a wrong
+    dtype, ValueError for rows out of range or an unknown kind."""
+    for a, dt in ((svcs, tables.SCHED_SVC_DTYPE), (dests, tables.SCHED_DEST_DTYPE),
+                  (thresholds, tables.DEST_THRESH_DTYPE)):
+        if a.dtype != dt or a.ndim != 1:
+            raise TypeError(f"set_sched wants one-dimensional arrays of {dt}")
+    if len(svcs) > max_services or len(thresholds) > max_dests:
+        raise ValueError("more rows than the counter arrays have")
+    kinds = svcs["kind"]
+    if len(kinds) and int(kinds.max()) > max(tables.SCHED_KINDS.values()):
+        raise ValueError("unknown scheduler kind")
+    used = kinds != tables.SCHED_UPCALL
+    if np.any(svcs["first"][used].astype(np.int64) + svcs["count"][used] > len(dests)):
+        raise ValueError("sched_svcs name dests beyond those given")
+    if len(dests) and int(dests["slot"].max()) >= max_dests:
+        raise ValueError("sched_dests name a slot beyond the counters")
+
+
+class EngineSched:
+    """One reference engine's scheduler tables and its picks."""
+
+    def __init__(self, counters: tables.Counters):
+        self.counters = counters
+        svcs, dests, thresholds = tables.empty_sched(0, 0)
+        self.svcs, self.thresholds = svcs, thresholds
+        self._lists: dict[int, tuple[_Dest, ...]] = {}
+        self._dests = dests
+        self._objs = {k: schedmod.get(name)() for k, name in _KIND_NAMES.items()}
+
+    def set(self, svcs: np.ndarray, dests: np.ndarray, thresholds: np.ndarray) -> None:
+        check_tables(svcs, dests, thresholds, self.counters.max_services,
+                     self.counters.max_dests)
+        self.svcs, self._dests, self.thresholds = svcs, dests, thresholds
+        self._lists = {}
+
+    def needs_upcall(self, svc: int) -> bool:
+        return svc >= len(self.svcs) or int(self.svcs[svc]["kind"]) == tables.SCHED_UPCALL
+
+    def _list(self, svc: int) -> tuple[_Dest, ...]:
+        dl = self._lists.get(svc)
+        if dl is None:
+            row = self.svcs[svc]
+            first, count = int(row["first"]), int(row["count"])
+            part = self._dests[first:first + count]
+            dl = tuple(_Dest(s, w) for s, w in zip(part["slot"].tolist(),
+                                                   part["weight"].tolist()))
+            self._lists[svc] = dl
+        return dl
+
+    def pick(self, svc: int, caddr: int, cport: int) -> int:
+        """The dest slot the service's scheduler picks, -1 for none, or
+        ASK_PYTHON."""
+        if self.needs_upcall(svc):
+            return ASK_PYTHON
+        kind = int(self.svcs[svc]["kind"])
+        obj = self._objs[kind]
+        dests = unavailable_as_weight_0(self._list(svc), self.counters.dest_flags,
+                                        lambda d: _Dest(d.slot, 0))
+        attrs = _STATE_ATTRS.get(_KIND_NAMES[kind], ())
+        st = self.counters.sched_state[svc]
+        for i, a in enumerate(attrs):
+            setattr(obj, a, int(st[1 + i]))
+        if kind == tables.SCHED_KINDS["wrr"]:
+            obj._fresh = False   # the state words hold its update already
+        d = obj.schedule(dests, self.counters.dest_conns, caddr, cport) if dests else None
+        for i, a in enumerate(attrs):
+            st[1 + i] = getattr(obj, a)
+        return -1 if d is None else d.slot

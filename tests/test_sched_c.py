@@ -1,0 +1,334 @@
+"""Schedulers run by the engine (pylvs/_fast/ip_vs_sched.c) against the
+Python schedulers (pylvs/sched, the reference), and the overload flag the
+engines keep as the kernel's ip_vs_bind_dest / ip_vs_unbind_dest.
+
+A scripted sequence of new conns, established and closed ones, weight,
+threshold and dest-list changes runs through a Balancer and its engines
+four ways: the C engine scheduling itself and forced to the upcall
+(Balancer.c_sched False), the reference engine both ways; with one worker
+and with two (two engines on one CounterSum, new conns alternating between
+them, as two workers share counts, flags and the rr/wrr state). Every way
+must pick the same real server for every SYN and leave the same counts and
+flags after every step.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import numpy as np
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+from scapy.packet import raw
+
+from pylvs import sched as schedmod
+from pylvs.control.balancer import Balancer
+from pylvs.engine import new_engine, states, tables
+
+VIP, CIP = "10.0.0.1", "10.0.0.2"
+LMAC, CMAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
+RIPS = [f"192.168.1.{i}" for i in range(2, 10)]
+KINDS = sorted(tables.SCHED_KINDS)
+ETH = tables.VNET_HDR_LEN
+# Conns end by RST (CLOSE, 1 s) and the clock hand; nothing else expires
+# while a script runs.
+TIMEOUTS = np.full(states.N_TIMEOUTS, 1e6)
+TIMEOUTS[states.STATE_NAMES.index("CLOSE")] = 1.0
+
+
+def ip(a: str) -> int:
+    return int(ipaddress.IPv4Address(a))
+
+
+def seg(cport: int, flags: str) -> bytes:
+    f = Ether(src=CMAC, dst=LMAC) / IP(src=CIP, dst=VIP) / TCP(sport=cport, dport=80, flags=flags)
+    return tables.with_vnet(raw(f))
+
+
+class Resolver:
+    def resolve(self, daddr):
+        return (1, b"\x02\0\0\0\x01\x02", b"\x02\0\0\0\x01\x01")
+
+    def connected(self, daddr):
+        return True
+
+
+class World:
+    """A Balancer with one service and ``workers`` engines of one impl."""
+
+    def __init__(self, impl: str, workers: int, c_sched: bool, sched: str, flags=()):
+        self.counters = tables.CounterSum(8, 32, workers)
+        self.b = Balancer(self.counters, resolver=Resolver(), publish=self._publish)
+        self.upcalls = 0
+        self.engines = [new_engine(impl, 4096, counters=part, schedule=self._upcall,
+                                   timeouts=TIMEOUTS, key=bytes(range(16)))
+                        for part in self.counters.parts]
+        self.b.publish_sched = lambda *t: [e.set_sched(*t) for e in self.engines]
+        self.b.c_sched = c_sched
+        self.b.add_service("tcp", VIP, 80, sched=sched, flags=list(flags))
+        self.batch = tables.Batch(size=4, slot=256)
+        self.now = 0.0
+        self.next_port = 1000
+        self.conns: dict[int, int] = {}  # conn id (client port) -> engine index
+
+    def _upcall(self, svc: int, caddr: int, cport: int) -> int:
+        self.upcalls += 1
+        return self.b.schedule(svc, caddr, cport)
+
+    def _publish(self, svcs, dests):
+        for e in self.engines:
+            e.set_tables(svcs, dests)
+
+    def send(self, cport: int, flags: str) -> str | None:
+        """One segment through the conn's engine: the RIP it went to, or None."""
+        b = self.batch
+        b.clear()
+        b.append(seg(cport, flags))
+        self.engines[self.conns[cport]].process(b, self.now)
+        if b.verdict[0] != tables.V_TX:
+            return None
+        return str(ipaddress.IPv4Address(bytes(b.buf[0, ETH + 30:ETH + 34])))
+
+    # --- script steps ------------------------------------------------------
+
+    def syn(self, n: int) -> list:
+        out = []
+        for _ in range(n):
+            cport, self.next_port = self.next_port, self.next_port + 1
+            self.conns[cport] = cport % len(self.engines)
+            out.append(self.send(cport, "S"))
+        return out
+
+    def ack(self, *ids: int) -> list:
+        """Established: the nth conns made (those the engine kept)."""
+        return [self.send(1000 + i, "A") for i in ids]
+
+    def rst(self, *ids: int) -> list:
+        """Closed and, a clock tick later, gone (a RST in SYN_RECV leaves
+        the state as it is, in the kernel's table: an ACK first)."""
+        out = [self.send(1000 + i, "A") and self.send(1000 + i, "R") for i in ids]
+        self.now += 2.0
+        for e in self.engines:
+            e.expire(self.now, 1 << 20)
+        return out
+
+    def dest(self, i: int, **kw) -> None:
+        self.b.edit_dest("tcp", VIP, 80, RIPS[i], 80, **kw)
+
+    def add(self, i: int, weight: int = 1, **kw) -> None:
+        self.b.add_dest("tcp", VIP, 80, RIPS[i], 80, fwd="masq", weight=weight, **kw)
+
+    def delete(self, i: int) -> None:
+        self.b.del_dest("tcp", VIP, 80, RIPS[i], 80)
+
+    def state(self) -> dict:
+        """Per RIP listed: active, inactive, overload flag."""
+        out = {}
+        for svc in self.b.snapshot()["services"]:
+            for d in svc["dests"]:
+                out[ipaddress.IPv4Address(d["daddr"]).exploded if isinstance(d["daddr"], int)
+                    else d["daddr"]] = (d["activeconns"], d["inactconns"],
+                                        int(self.counters.dest_flags[d["slot"]]))
+        return out
+
+
+# Each step: (method, args, kwargs). Weights, thresholds and the list change
+# between bursts of new conns; some conns become established (active count,
+# 256 inactive ones' worth for lc/wlc), some close and leave.
+SCRIPT = [
+    ("add", (0,), {"weight": 3}), ("add", (1,), {"weight": 2}), ("add", (2,), {"weight": 1}),
+    ("syn", (12,), {}),
+    ("ack", (0, 1, 2, 5, 8), {}),
+    ("syn", (7,), {}),
+    ("dest", (1,), {"weight": 0}),
+    ("syn", (5,), {}),
+    ("rst", (3, 4, 6, 7, 9), {}),
+    ("add", (3,), {"weight": 4}),
+    ("syn", (9,), {}),
+    ("dest", (1,), {"weight": 5}),
+    ("ack", (12, 13, 14, 20, 21), {}),
+    ("syn", (8,), {}),
+    ("delete", (0,), {}),
+    ("syn", (6,), {}),
+    ("add", (4,), {"weight": 2}), ("add", (0,), {"weight": 6}),
+    ("syn", (10,), {}),
+    ("rst", tuple(range(10, 30)), {}),
+    ("syn", (10,), {}),
+]
+
+# -x/-y on top: dests fill up, get flagged, drain and come back.
+THRESHOLD_SCRIPT = [
+    ("add", (0,), {"weight": 5, "u_threshold": 4, "l_threshold": 2}),
+    ("add", (1,), {"weight": 2, "u_threshold": 6}),
+    ("add", (2,), {"weight": 1}),
+    ("syn", (14,), {}),
+    ("ack", (0, 1, 2), {}),
+    ("syn", (6,), {}),
+    ("rst", (0, 1, 3, 4, 5), {}),
+    ("syn", (6,), {}),
+    ("dest", (0,), {"u_threshold": 20, "l_threshold": 2}),
+    ("syn", (6,), {}),
+    ("rst", tuple(range(6, 26)), {}),
+    ("syn", (12,), {}),
+]
+
+
+def run(script, impl: str, workers: int, c_sched: bool, sched: str) -> list:
+    w = World(impl, workers, c_sched, sched)
+    trace = []
+    for name, args, kw in script:
+        picked = getattr(w, name)(*args, **kw)
+        trace.append((name, args, picked if name == "syn" else None, w.state()))
+    return trace
+
+
+WAYS = [("c", 1, True), ("c", 2, True), ("python", 1, True), ("python", 2, True),
+        ("python", 1, False)]
+
+
+@pytest.mark.parametrize("sched", KINDS)
+def test_c_schedulers_pick_as_the_python_ones(sched):
+    """Row by row: the C engine scheduling itself, with one and two
+    workers, and the reference engine both ways, against the C engine
+    asking the Python scheduler for every conn."""
+    want = run(SCRIPT, "c", 1, False, sched)
+    assert any(p for _, _, p, _ in want if p) and None not in want[3][2]
+    for impl, workers, c_sched in WAYS:
+        got = run(SCRIPT, impl, workers, c_sched, sched)
+        for i, (g, e) in enumerate(zip(got, want)):
+            assert g == e, f"{impl} x{workers} c_sched={c_sched}: step {i} {e[0]}{e[1]}"
+
+
+@pytest.mark.parametrize("sched", KINDS)
+def test_thresholds_hold_off_dests_the_same_way(sched):
+    want = run(THRESHOLD_SCRIPT, "c", 1, False, sched)
+    assert any(flag for *_, st in want for (_, _, flag) in st.values())
+    for impl, workers, c_sched in WAYS:
+        assert run(THRESHOLD_SCRIPT, impl, workers, c_sched, sched) == want, (impl, workers)
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_wrr_published_example_through_the_engine(impl, workers):
+    """Weights 4, 3, 2 listed in that order interleave as A A B A B C A B C
+    (ip_vs_wrr.c's comment)."""
+    w = World(impl, workers, True, "wrr")
+    w.add(0, weight=4)
+    w.add(1, weight=3)
+    if [v.weight for v in w.b._sched_view[0][1]] == [3, 4]:   # newest first
+        w.delete(1)
+        w.delete(0)
+        order = ((2, 2), (1, 3), (0, 4))
+    else:
+        order = ((2, 2),)
+    for i, weight in order:
+        w.add(i, weight=weight)
+    assert [v.weight for v in w.b._sched_view[0][1]] == [4, 3, 2]
+    a, b, c = RIPS[0], RIPS[1], RIPS[2]
+    # Added one by one, the dests left cw at 1 (dest_changed keeps a cw
+    # that fits): one pass at weight >= 1 first, then the cycles from mw.
+    assert w.syn(21) == [a, b, c] + [a, a, b, a, b, c, a, b, c] * 2
+
+
+# --- the overload flag (ip_vs_bind_dest / ip_vs_unbind_dest) ---------------
+
+# (description, -x, -y, steps, flag after each step): "+n" n new conns,
+# "-n" n conns closed and gone, "a" the oldest open conn established.
+OVERLOAD = [
+    ("set at -x, cleared below -y", 4, 2,
+     ["+3", "+1", "-1", "-1", "-1", "+1"], [0, 1, 1, 1, 0, 0]),
+    ("no -y: cleared below 3/4 of -x", 4, 0,
+     ["+4", "-1", "-1", "+2"], [1, 1, 0, 1]),
+    ("established conns count too", 3, 1,
+     ["+2", "a", "+1", "-2", "-1"], [0, 0, 1, 1, 0]),
+    ("no -x: never set", 0, 0, ["+6", "-6"], [0, 0]),
+    ("-y equal to -x: refused conns leave it set", 2, 2,
+     ["+2", "-1", "+1", "+1", "-1"], [1, 0, 1, 1, 0]),
+]
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("desc,u,l,steps,flags", OVERLOAD, ids=[r[0] for r in OVERLOAD])
+def test_overload_flag_follows_the_kernel(impl, workers, desc, u, l, steps, flags):
+    w = World(impl, workers, True, "wlc")
+    w.add(0, weight=1, u_threshold=u, l_threshold=l)
+    slot = w.b.snapshot()["services"][0]["dests"][0]["slot"]
+    open_ids: list[int] = []
+    made = 0
+    got = []
+    for step in steps:
+        if step == "a":
+            w.ack(open_ids[0])
+        elif step[0] == "+":
+            n = int(step[1:])
+            # An overloaded dest takes no new conn: count those it took.
+            picked = w.syn(n)
+            open_ids += [made + i for i, p in enumerate(picked) if p]
+            made += n
+        else:
+            n = int(step[1:])
+            gone, open_ids = open_ids[:n], open_ids[n:]
+            w.rst(*gone)
+        got.append(int(w.counters.dest_flags[slot]))
+    assert got == flags, desc
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_an_overloaded_dest_gets_no_new_conn(impl):
+    w = World(impl, 1, True, "rr")
+    w.add(0, weight=1, u_threshold=2, l_threshold=1)
+    w.add(1, weight=1)
+    x, y = RIPS[0], RIPS[1]
+    p, q = (str(ipaddress.IPv4Address(v.daddr)) for v in w.b._sched_view[0][1])
+    picked = w.syn(4)
+    assert picked == [p, q, p, q]                    # x reached -x 2 with its second
+    assert w.syn(2) == [y, y]
+    w.rst(*[i for i, a in enumerate(picked) if a == x])   # 0 < -y 1: back
+    assert w.syn(2) == [x, y]
+
+
+# --- the switch and the tables ---------------------------------------------
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_c_sched_switch_decides_who_schedules(impl):
+    """c_sched on: no upcall for a kind the engine runs; off (pylvs run
+    --sched-impl python): one per new conn; on again: none, and the rr turn
+    goes on where the engine left it."""
+    w = World(impl, 1, True, "rr")
+    for i in range(3):
+        w.add(i)
+    first = w.syn(4)
+    assert w.upcalls == 0 and len(set(first)) == 3
+    w.b.c_sched = False
+    w.syn(3)
+    assert w.upcalls == 3
+    w.b.c_sched = True
+    assert w.syn(2) == first[1:3] and w.upcalls == 3
+
+
+def test_set_sched_refuses_tables_that_do_not_fit():
+    for impl in ("c", "python"):
+        counters = tables.Counters(4, 8)
+        e = new_engine(impl, 16, counters=counters, schedule=lambda *a: -1)
+        svcs, dests, thresh = tables.empty_sched(4, 8)
+        e.set_sched(svcs, dests, thresh)
+        bad = svcs.copy()
+        bad[1] = (tables.SCHED_KINDS["rr"], 0, 0, 0, 3)
+        with pytest.raises(ValueError):
+            e.set_sched(bad, dests, thresh)        # a run beyond the dests given
+        bad[1] = (99, 0, 0, 0, 0)
+        with pytest.raises(ValueError):
+            e.set_sched(bad, dests, thresh)        # no such kind
+        far = np.array([(8, 1)], dtype=tables.SCHED_DEST_DTYPE)
+        with pytest.raises(ValueError):
+            e.set_sched(svcs, far, thresh)         # a slot the counters do not have
+        with pytest.raises(ValueError):
+            e.set_sched(*tables.empty_sched(5, 8)) # more services than counters
+        with pytest.raises(TypeError):
+            e.set_sched(svcs, dests, np.zeros(8, dtype=np.uint64))
+
+
+def test_every_c_kind_is_a_python_scheduler():
+    assert set(tables.SCHED_KINDS) <= set(schedmod.names())
