@@ -15,6 +15,19 @@ from pylvs import sched
 class Dest:
     slot: int
     weight: int
+    daddr: int = 0
+    dest_port: int = 0
+    last_weight: int | None = None
+
+    def __post_init__(self):
+        if self.last_weight is None:
+            self.last_weight = self.weight
+
+
+def ctx(c=None, caddr=0x0A000002, cport=1000, daddr=0xC0A80001, dport=80, now=0.0,
+        over=()) -> sched.SchedCtx:
+    return sched.SchedCtx(conns({}) if c is None else c, caddr, cport, daddr, dport, now,
+                          set(over).__contains__)
 
 
 def dests(*weights: int, slots=None) -> list[Dest]:
@@ -35,7 +48,7 @@ def picks_staying_active(s: sched.Scheduler, ds: list[Dest], n: int) -> str:
     c = conns({})
     out = []
     for _ in range(n):
-        d = s.schedule(ds, c, 0x0A000002, 1000)
+        d = s.schedule(ds, ctx(c))
         out.append("-" if d is None else "ABCDEFGH"[ds.index(d)])
         if d is not None:
             c[d.slot, 0] += 1
@@ -46,7 +59,7 @@ def picks(s: sched.Scheduler, ds: list[Dest], n: int, c=None) -> str:
     c = conns({}) if c is None else c
     out = []
     for _ in range(n):
-        d = s.schedule(ds, c, 0x0A000002, 1000)
+        d = s.schedule(ds, ctx(c))
         out.append("-" if d is None else "ABCDEFGH"[ds.index(d)])
     return "".join(out)
 
@@ -73,7 +86,7 @@ def test_rr_ignores_weight_but_skips_zero():
 def test_rr_none_when_all_quiesced_or_empty():
     s = sched.get("rr")()
     assert picks(s, dests(0, 0), 2) == "--"
-    assert s.schedule([], conns({}), 0, 0) is None
+    assert s.schedule([], ctx()) is None
 
 
 def test_rr_keeps_its_turn_across_updates():
@@ -123,7 +136,7 @@ def test_wrr_none_when_all_quiesced():
     s, ds = wrr(0, 0, 0)
     assert picks(s, ds, 2) == "--"
     s, ds = wrr()
-    assert s.schedule(ds, conns({}), 0, 0) is None
+    assert s.schedule(ds, ctx()) is None
 
 
 def test_wrr_works_without_an_update():

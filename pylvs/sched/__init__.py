@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import Scheduler, SchedDest, overhead, register, _REGISTRY
+from .base import (Scheduler, SchedCtx, SchedDest, available, never_overloaded, overhead, register,
+                   _REGISTRY)
 
 DEFAULT = "wlc"
 
@@ -20,7 +21,7 @@ def _load_all() -> None:
     if _loaded:
         return
     for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
+        if info.name not in ("base", "hashes"):
             importlib.import_module(f"{__name__}.{info.name}")
     _loaded = True
 
@@ -36,4 +37,5 @@ def get(name: str) -> type[Scheduler]:
     return _REGISTRY[name]
 
 
-__all__ = ["Scheduler", "SchedDest", "overhead", "register", "names", "get", "DEFAULT"]
+__all__ = ["Scheduler", "SchedCtx", "SchedDest", "available", "never_overloaded", "overhead",
+           "register", "names", "get", "DEFAULT"]

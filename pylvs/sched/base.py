@@ -5,6 +5,16 @@ ip_vs_wlc.c) that states its formula in its docstring and registers itself
 with ``@register("name")``. The engine calls the service's scheduler when a
 new flow arrives (an upcall from C), so ``schedule`` is on the new-connection
 path: keep it free of allocation-heavy work.
+
+Dest order: ``dests`` is the service's list as the kernel keeps it, newest
+first (ip_vs_ctl.c's __ip_vs_update_dest adds a dest with list_add_rcu at the
+head; ``-e`` leaves it in place). Round-robin turns, tie breaks and the
+sh/dh/mh table layouts all follow that order.
+
+Availability: a dest is *available* when its weight is > 0 and it is not
+overloaded by its ``-x``/``-y`` thresholds (the kernel's IP_VS_DEST_F_OVERLOAD,
+``ctx.overloaded(slot)``). ``dests`` holds every dest of the service; each
+scheduler applies those two tests itself, at the point its kernel file does.
 """
 
 from __future__ import annotations
@@ -21,6 +31,38 @@ class SchedDest(Protocol):
     weight: int  # 0 = quiesced: no new conns, established ones continue
 
 
+def never_overloaded(slot: int) -> bool:
+    """The overload test of a service without -x thresholds."""
+    return False
+
+
+class SchedCtx:
+    """What the kernel's schedule(svc, skb, iph) sees besides the dest list.
+
+    - ``conns``: int array [max_dests, 2], ``conns[slot, 0]`` the dest's
+      activeconns, ``conns[slot, 1]`` its inactconns (tables.ACTIVE,
+      tables.INACTIVE; counters.dest_conns, live from the engines);
+    - ``caddr, cport``: the client's address and port, host order;
+    - ``daddr, dport``: the packet's destination (the service's vaddr and
+      the packet's destination port), host order;
+    - ``now``: seconds on the balancer's clock (float), for expiry;
+    - ``overloaded(slot) -> bool``: the dest's IP_VS_DEST_F_OVERLOAD flag.
+    """
+
+    __slots__ = ("conns", "caddr", "cport", "daddr", "dport", "now", "overloaded")
+
+    def __init__(self, conns: np.ndarray, caddr: int = 0, cport: int = 0,
+                 daddr: int = 0, dport: int = 0, now: float = 0.0,
+                 overloaded: Callable[[int], bool] = never_overloaded):
+        self.conns = conns
+        self.caddr = caddr
+        self.cport = cport
+        self.daddr = daddr
+        self.dport = dport
+        self.now = now
+        self.overloaded = overloaded
+
+
 class Scheduler:
     """Base class. Subclasses implement ``schedule``; stateful ones ``update``."""
 
@@ -30,15 +72,12 @@ class Scheduler:
         self.flags = flags
 
     def update(self, dests: Sequence[SchedDest]) -> None:
-        """The service's dest list or weights changed (as the kernel's update_service)."""
+        """The service's dest list or weights changed (the kernel's
+        add_dest / del_dest / upd_dest hooks)."""
 
-    def schedule(self, dests: Sequence[SchedDest], conns: np.ndarray,
-                 caddr: int, cport: int) -> SchedDest | None:
-        """Pick a dest for a new conn from client caddr:cport, or None.
-
-        ``conns[d.slot, 0]`` is d's activeconns and ``conns[d.slot, 1]`` its
-        inactconns (tables.ACTIVE, tables.INACTIVE), live from the engine.
-        """
+    def schedule(self, dests: Sequence[SchedDest], ctx: SchedCtx) -> SchedDest | None:
+        """Pick a dest of ``dests`` (newest first) for a new conn, or None
+        when the kernel's scheduler would return NULL."""
         raise NotImplementedError
 
 
@@ -53,22 +92,27 @@ def register(name: str) -> Callable[[type[Scheduler]], type[Scheduler]]:
     return deco
 
 
+def available(d: SchedDest, ctx: SchedCtx) -> bool:
+    """Weight > 0 and not overloaded: may take a new conn."""
+    return d.weight > 0 and not ctx.overloaded(d.slot)
+
+
 def overhead(conns: np.ndarray, slot: int) -> int:
     """IPVS's ip_vs_dest_conn_overhead: active conns weigh 256 inactive ones."""
     return int(conns[slot, 0]) * 256 + int(conns[slot, 1])
 
 
-def least_per_weight(dests: Sequence[SchedDest], cost: Callable[[int], int],
+def least_per_weight(dests: Sequence[SchedDest], ctx: SchedCtx, cost: Callable[[int], int],
                      at_once: Callable[[int], bool] | None = None) -> SchedDest | None:
-    """The dest with the least cost(slot) / weight, compared by
+    """The available dest with the least cost(slot) / weight, compared by
     cross-multiplying (h1 * w2 > h2 * w1, as ip_vs_wlc.c and its kin do);
-    weight 0 skipped, the first in list order winning a tie; a dest whose
-    cost ``at_once`` accepts is taken as soon as it is met (nq's idle
-    dest). None when every dest has weight 0."""
+    the first in list order winning a tie; a dest whose cost ``at_once``
+    accepts is taken as soon as it is met (nq's idle dest). None when no
+    dest is available."""
     least = None
     loh = 0
     for d in dests:
-        if d.weight <= 0:
+        if not available(d, ctx):
             continue
         doh = cost(d.slot)
         if at_once is not None and at_once(doh):
@@ -76,4 +120,3 @@ def least_per_weight(dests: Sequence[SchedDest], cost: Callable[[int], int],
         if least is None or loh * d.weight > doh * least.weight:
             least, loh = d, doh
     return least
-
