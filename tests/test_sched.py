@@ -1,14 +1,22 @@
-"""The schedulers rr, wrr, lc, wlc, sed, nq, fo and ovf, with kernel semantics."""
+"""Every IPVS scheduler (rr, wrr, lc, wlc, sed, nq, fo, ovf, sh, dh, mh, lblc, lblcr,
+twos) with the kernel's semantics: its rule, tie order (the kernel's dest list,
+newest first), hash tables and flags."""
 
 from __future__ import annotations
 
+import ipaddress
+import random
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
 from pylvs import sched
+from pylvs.control import listing
+from pylvs.control.balancer import Balancer
+from pylvs.engine.tables import Counters
 
 
 @dataclass
@@ -64,11 +72,15 @@ def picks(s: sched.Scheduler, ds: list[Dest], n: int, c=None) -> str:
     return "".join(out)
 
 
+ALL = ("rr", "wrr", "lc", "wlc", "sed", "nq", "fo", "ovf", "sh", "dh", "mh", "lblc", "lblcr",
+       "twos")
+
+
 def test_registry():
-    assert {"rr", "wrr", "lc", "wlc", "sed", "nq", "fo", "ovf"} <= set(sched.names())
+    assert set(sched.names()) == set(ALL)
     assert sched.get("wlc").name == "wlc"
     assert sched.DEFAULT == "wlc"
-    for name in ("rr", "wrr", "lc", "wlc", "sed", "nq", "fo", "ovf"):
+    for name in ALL:
         module = sys.modules[sched.get(name).__module__]
         assert module.__name__.endswith("." + name) and module.__doc__, f"{name}.py must state its formula"
 
@@ -315,12 +327,234 @@ def test_ovf_counts_active_only_and_skips_weight_zero():
     assert picks(sched.get("ovf")(), ds, 1, c) == "C"
 
 
-@pytest.mark.parametrize("name", ["rr", "wrr", "lc", "wlc", "sed", "nq", "fo", "ovf"])
-def test_weight_zero_never_picked(name):
-    s = sched.get(name)()
-    ds = dests(0, 3, 0, 1)
-    s.update(ds)
+HASHED = {"sh": ("sh-fallback",), "dh": (), "mh": ("mh-fallback",)}
+
+
+def spread_picks(s: sched.Scheduler, ds: list[Dest], n: int, c=None, over=(), now=0.0) -> str:
+    """n new conns from n different clients to n different daddrs, as
+    picks() spells them."""
+    c = conns({}) if c is None else c
+    out = []
+    for i in range(n):
+        d = s.schedule(ds, ctx(c, caddr=0x0A000000 + 7919 * i, cport=1024 + i,
+                               daddr=0xC0A80000 + 31 * i, over=over, now=now))
+        out.append("-" if d is None else "ABCDEFGH"[ds.index(d)])
+    return "".join(out)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_weight_zero_and_overloaded_never_picked(name):
+    """Weight 0 and an -x overloaded dest are unavailable to every
+    scheduler; a hash scheduler whose bucket holds one returns none unless
+    its fallback flag is set."""
+    ds = dests(0, 3, 2, 1)
     # Active conns within the weights, so ovf has dests available too.
     c = conns({0: (0, 0), 1: (2, 5), 2: (0, 0), 3: (1, 9)})
-    got = picks(s, ds, 40, c)
-    assert set(got) <= {"B", "D"} and "-" not in got
+    for flags in ((), HASHED.get(name, ())):
+        s = sched.get(name)(frozenset(flags))
+        s.update(ds)
+        got = spread_picks(s, ds, 60, c, over={ds[2].slot})
+        if name in HASHED and not flags:
+            assert set(got) <= {"B", "D", "-"}
+        else:
+            assert set(got) <= {"B", "D"} and "-" not in got, (name, flags, got)
+
+
+# --- every count-based scheduler against a model of its kernel rule ------------
+
+def _avail(ds, over):
+    return [(i, d) for i, d in enumerate(ds) if d.weight > 0 and d.slot not in over]
+
+
+def _oh(c, d):
+    return int(c[d.slot, 0]) * 256 + int(c[d.slot, 1])
+
+
+def _least(cands, key):
+    return min(cands, key=lambda t: (key(t[1]), t[0]))[1] if cands else None
+
+
+def model_lc(ds, c, over, state):
+    return _least(_avail(ds, over), lambda d: _oh(c, d))
+
+
+def model_wlc(ds, c, over, state):
+    return _least(_avail(ds, over), lambda d: Fraction(_oh(c, d), d.weight))
+
+
+def model_sed(ds, c, over, state):
+    return _least(_avail(ds, over), lambda d: Fraction(int(c[d.slot, 0]) + 1, d.weight))
+
+
+def model_nq(ds, c, over, state):
+    idle = [d for _, d in _avail(ds, over) if c[d.slot, 0] == 0]
+    return idle[0] if idle else model_sed(ds, c, over, state)
+
+
+def model_fo(ds, c, over, state):
+    return _least(_avail(ds, over), lambda d: -d.weight)
+
+
+def model_ovf(ds, c, over, state):
+    return _least([(i, d) for i, d in _avail(ds, over) if c[d.slot, 0] <= d.weight],
+                  lambda d: -d.weight)
+
+
+def model_rr(ds, c, over, state):
+    """The next available dest after the last pick, cyclically."""
+    last = state.get("last", -1)
+    for step in range(1, len(ds) + 1):
+        i = (last + step) % len(ds)
+        if ds[i].weight > 0 and ds[i].slot not in over:
+            state["last"] = i
+            return ds[i]
+    return None
+
+
+def model_twos(ds, c, over, state):
+    """Two weighted draws from the same random stream; the less loaded per
+    weight wins, the first draw on a tie."""
+    rng = state.setdefault("rng", random.Random(7))
+    av = [d for _, d in _avail(ds, over)]
+    if not av:
+        return None
+    total = sum(d.weight for d in av) + 1
+    draws = [rng.getrandbits(32) % total for _ in range(2)]
+    chosen = []
+    for r in draws:
+        acc = 0
+        for d in av:
+            acc += d.weight
+            if r <= acc:
+                chosen.append(d)
+                break
+    a, b = chosen
+    return b if Fraction(_oh(c, b), b.weight) < Fraction(_oh(c, a), a.weight) else a
+
+
+MODELS = {"lc": model_lc, "wlc": model_wlc, "sed": model_sed, "nq": model_nq,
+          "fo": model_fo, "ovf": model_ovf, "rr": model_rr, "twos": model_twos}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_scripted_sequence_against_the_kernel_rule(name, seed):
+    """A scripted day of a service: new conns stay active on their dest,
+    active conns finish (become inactive) and inactive ones expire, weights
+    change (the scheduler's update hook runs) and dests go in and out of -x
+    overload. Every pick equals the model's."""
+    rng = random.Random(seed)
+    ds = dests(*(rng.randint(0, 4) for _ in range(5)), slots=[9, 3, 12, 0, 6])
+    c = conns({})
+    s = sched.get(name)(seed=7) if name == "twos" else sched.get(name)()
+    s.update(ds)
+    state: dict = {}
+    over: set[int] = set()
+    for step in range(400):
+        r = rng.random()
+        if r < 0.6:
+            got = s.schedule(ds, ctx(c, over=over))
+            want = MODELS[name](ds, c, over, state)
+            assert got is want, (step, got, want)
+            if got is not None:
+                c[got.slot, 0] += 1
+        elif r < 0.8:
+            busy = [d for d in ds if c[d.slot, 0] > 0]
+            if busy:
+                d = rng.choice(busy)
+                c[d.slot, 0] -= 1
+                c[d.slot, 1] += 1
+        elif r < 0.9:
+            idle = [d for d in ds if c[d.slot, 1] > 0]
+            if idle:
+                c[rng.choice(idle).slot, 1] -= 1
+        elif r < 0.95:
+            rng.choice(ds).weight = rng.randint(0, 4)
+            s.update(ds)
+        else:
+            over ^= {rng.choice(ds).slot}
+
+
+# --- the kernel's dest order through the Balancer ----------------------------
+
+VIP = "10.0.0.2"
+
+
+def balancer(sched_name, *weights, flags=None, **dest_kw):
+    b = Balancer(Counters(max_services=4, max_dests=32))
+    s = b.add_service("tcp", VIP, 80, sched=sched_name, flags=flags)
+    names = {}
+    for i, w in enumerate(weights):
+        names[b.add_dest("tcp", VIP, 80, f"10.0.1.{i + 1}", 80, weight=w, **dest_kw)] = "ABCDEFGH"[i]
+    return b, s, names
+
+
+def bpicks(b, s, names, n, caddr=1, cport=1):
+    return "".join(names.get(b.schedule(s, caddr, cport), "-") for _ in range(n))
+
+
+def test_rr_through_the_balancer_is_newest_first():
+    b, s, names = balancer("rr", 1, 1, 1)            # added A, B, C: the list is C, B, A
+    assert bpicks(b, s, names, 6) == "CBACBA"
+    b.edit_dest("tcp", VIP, 80, "10.0.1.3", 80, weight=2)   # -e: C stays where it is
+    assert bpicks(b, s, names, 3) == "CBA"
+    b.del_dest("tcp", VIP, 80, "10.0.1.2", 80)
+    # Re-added, B is the newest: the list is B, C, A, and the turn after A.
+    names[b.add_dest("tcp", VIP, 80, "10.0.1.2", 80)] = "B"
+    assert bpicks(b, s, names, 6) == "BCABCA"
+
+
+def test_wrr_published_example_and_the_kernel_add_sequence():
+    """The LVS example (weights 4, 3, 2: A A B A B C A B C) holds for a
+    list built at once. ipvsadm adds dests one by one, and the kernel's
+    ip_vs_wrr_dest_changed runs each time: after -a A (weight 4) alone the
+    gcd is 4, so mw = cw = 1, and cw stays 1 as B and C join; the first
+    pass over C, B, A is for weight >= 1, then cw restarts at 4."""
+    s, ds = wrr(4, 3, 2)
+    assert picks(s, ds, 9) == "AABABCABC"
+    b, sv, names = balancer("wrr", 4, 3, 2)
+    assert bpicks(b, sv, names, 3 + 9 * 2) == "CBA" + "ABACBACBA" * 2
+
+
+def test_wlc_and_lc_ties_go_to_the_newest_dest():
+    for name in ("lc", "wlc", "sed", "fo"):
+        b, s, names = balancer(name, 1, 1, 1)
+        assert bpicks(b, s, names, 1) == "C", name
+
+
+def test_balancer_context_daddr_dport_now_and_overload():
+    b, s, names = balancer("rr", 1, 1, u_threshold=2)
+    seen = []
+
+    class Spy(sched.Scheduler):
+        def schedule(self, dests, ctx):
+            seen.append((ctx.caddr, ctx.cport, ctx.daddr, ctx.dport, ctx.now,
+                         [ctx.overloaded(d.slot) for d in dests], [d.slot for d in dests]))
+            return dests[0]
+
+    svc = b._services[(6, int(ipaddress.IPv4Address(VIP)), 80)]
+    svc.scheduler = Spy()
+    b._refresh_sched(svc, force=True)
+    b.clock = lambda: 1234.5
+    a, bb = sorted(names)
+    b.counters.dest_conns[bb] = (1, 1)                 # B reached -x 2: overloaded
+    assert b.schedule(s, 0x0B000001, 40000) == bb
+    assert b.schedule(s, 0x0B000001, 40001, dport=8080) == bb
+    assert seen[0] == (0x0B000001, 40000, int(ipaddress.IPv4Address(VIP)), 80, 1234.5,
+                       [True, False], [bb, a])
+    assert seen[1][3] == 8080
+
+
+def test_flags_reach_the_scheduler_and_the_listing():
+    b, s, names = balancer("sh", 1, 1, flags="flag-1,flag-2")
+    sch = b._sched_view[s][0]
+    assert sch.fallback and sch.use_port
+    line = listing.list_all(b.snapshot()).splitlines()[3]
+    assert line == f"TCP  {VIP}:80 sh (sh-fallback,sh-port)"
+    b.edit_service("tcp", VIP, 80, sched="mh", flags="mh-port")
+    sch = b._sched_view[s][0]
+    assert not sch.fallback and sch.use_port and listing.list_all(
+        b.snapshot()).splitlines()[3] == f"TCP  {VIP}:80 mh (mh-port)"
+    b.edit_service("tcp", VIP, 80, sched="rr", flags="flag-1,flag-3")
+    assert listing.list_all(b.snapshot()).splitlines()[3] == f"TCP  {VIP}:80 rr (flag-1,flag-3)"
+    assert "-b flag-1,flag-3" in listing.save(b.snapshot())
