@@ -5,8 +5,11 @@ newest first), hash tables and flags."""
 from __future__ import annotations
 
 import ipaddress
+import math
+import pathlib
 import random
 import sys
+import zlib
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -558,3 +561,396 @@ def test_flags_reach_the_scheduler_and_the_listing():
     b.edit_service("tcp", VIP, 80, sched="rr", flags="flag-1,flag-3")
     assert listing.list_all(b.snapshot()).splitlines()[3] == f"TCP  {VIP}:80 rr (flag-1,flag-3)"
     assert "-b flag-1,flag-3" in listing.save(b.snapshot())
+
+
+# --- the kernel's hash functions ------------------------------------------------
+
+def test_hash_32_is_the_golden_ratio_multiplier():
+    from pylvs.sched.hashes import GOLDEN_RATIO_32, hash_32
+    phi = (1 + 5 ** 0.5) / 2
+    # include/linux/hash.h: 2^32 / phi, negated mod 2^32 (0x9E3779B9 -> 0x61C88647).
+    assert GOLDEN_RATIO_32 == 2 ** 32 - round(2 ** 32 / phi)
+    for v in (0, 1, 0x0A000002, 0xFFFFFFFF, 0xC0A80001 + 443):
+        assert hash_32(v, 8) == (v * GOLDEN_RATIO_32 % 2 ** 32) // 2 ** 24
+
+
+@pytest.mark.parametrize("n, want", [
+    # lib/siphash_kunit.c's hsiphash vectors (64-bit), key 00 01 .. 0f, input 00 01 .. n-1.
+    (0, 0x050FC4DC), (1, 0x7D57CA93), (4, 0x88D38328), (7, 0x9BB11140),
+    (8, 0x8D299A8E), (15, 0x2A519956), (16, 0x7D908B66)])
+def test_hsiphash_kernel_vectors(n, want):
+    from pylvs.sched.hashes import siphash13
+    key = (0x0706050403020100, 0x0F0E0D0C0B0A0908)
+    assert siphash13(*key, bytes(range(n))) & 0xFFFFFFFF == want
+
+
+def test_siphash13_equals_pythons_own_with_a_zero_key():
+    """CPython 3.11+ hashes bytes with SipHash-1-3; PYTHONHASHSEED=0 zeroes
+    its key: an independent implementation to compare with (b"" is special:
+    CPython hashes it to 0)."""
+    import subprocess
+    msgs = [b"\x01\x02\x03\x04", b"maglev!", b"12345678", b"0123456789abcdef0"]
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; print(sys.hash_info.algorithm);"
+         f"print(*[hash(m) % 2**64 for m in {msgs!r}])"],
+        env={"PYTHONHASHSEED": "0"}, capture_output=True, text=True, check=True).stdout.split()
+    if out[0] != "siphash13":
+        pytest.skip(f"this Python hashes with {out[0]}")
+    from pylvs.sched.hashes import siphash13
+    for m, h in zip(msgs, out[1:]):
+        want = int(h)
+        got = siphash13(0, 0, m)
+        # CPython maps a hash of -1 to -2.
+        assert got == want or (got == 2 ** 64 - 1 and want == 2 ** 64 - 2)
+
+
+# --- sh -----------------------------------------------------------------------
+
+def sh(*weights, flags=()):
+    s = sched.get("sh")(frozenset(flags))
+    ds = dests(*weights, slots=[10 + i for i in range(len(weights))])
+    s.update(ds)
+    return s, ds
+
+
+def test_sh_table_deals_weight_buckets_in_list_order():
+    s, ds = sh(2, 1, 0)
+    # A A B C, repeated: weight 0 still takes one bucket (unavailable there).
+    assert list(s.table[:8]) == [10, 10, 11, 12, 10, 10, 11, 12]
+    assert s.table.dtype == np.int32 and len(s.table) == 256
+    assert [int((s.table == 10 + i).sum()) for i in range(3)] == [128, 64, 64]
+    s.update([])
+    assert (s.table == -1).all()
+
+
+def test_sh_bucket_is_hash_32_of_caddr_plus_port():
+    s, ds = sh(1, 1, 1)
+    sp, _ = sh(1, 1, 1, flags=("sh-port",))
+    caddr = 0x0A000002
+    assert s.bucket(caddr, 5555) == s.bucket(caddr, 1) == (caddr * 0x61C88647 % 2 ** 32) >> 24
+    assert sp.bucket(caddr, 5555) == ((caddr + 5555) * 0x61C88647 % 2 ** 32) >> 24
+    for caddr in (0x0A000002, 0xC0A80164, 0x7F000001):
+        d = s.schedule(ds, ctx(caddr=caddr))
+        assert d.slot == s.table[s.bucket(caddr, 0)]
+
+
+def test_sh_same_client_same_dest_and_weights_spread_clients():
+    s, ds = sh(3, 1)
+    rng = random.Random(5)
+    clients = [rng.getrandbits(32) for _ in range(20000)]
+    got = [s.schedule(ds, ctx(caddr=a, cport=rng.randrange(65536))).slot for a in clients]
+    assert got == [s.schedule(ds, ctx(caddr=a, cport=1)).slot for a in clients]
+    share = got.count(10) / len(got)
+    assert 0.70 < share < 0.80                     # 192 of 256 buckets: 3/4
+
+
+def test_sh_port_spreads_one_client_over_dests():
+    s, ds = sh(1, 1, 1, 1, flags=("sh-port",))
+    got = {s.schedule(ds, ctx(caddr=0x0A000002, cport=p)).slot for p in range(1024, 1100)}
+    assert got == {10, 11, 12, 13}
+
+
+def test_sh_unavailable_bucket_none_or_fallback():
+    s, ds = sh(1, 1, 1, 1)
+    sf, dsf = sh(1, 1, 1, 1, flags=("sh-fallback",))
+    caddr = next(a for a in range(1, 10000) if s.table[s.bucket(a, 0)] == 11)
+    assert s.schedule(ds, ctx(caddr=caddr)).slot == 11
+    over = {11}
+    assert s.schedule(ds, ctx(caddr=caddr, over=over)) is None
+    # Fallback: buckets (2 * b + i) mod 256, the first available one.
+    b = s.bucket(caddr, 0)
+    want = next(int(sf.table[(2 * b + i) % 256]) for i in range(256)
+                if sf.table[(2 * b + i) % 256] != 11)
+    assert sf.schedule(dsf, ctx(caddr=caddr, over=over)).slot == want
+    dsf[1].weight = 0                # quiesced: weight 0 keeps one bucket, as weight 1 did
+    sf.update(dsf)
+    assert sf.table[b] == 11 and sf.schedule(dsf, ctx(caddr=caddr)).slot == want
+    for d in dsf:
+        d.weight = 0
+    sf.update(dsf)
+    assert sf.schedule(dsf, ctx(caddr=caddr)) is None
+
+
+# --- dh -----------------------------------------------------------------------
+
+def test_dh_table_ignores_weights_and_keys_the_daddr():
+    s = sched.get("dh")()
+    ds = dests(5, 1, 0, slots=[4, 5, 6])
+    s.update(ds)
+    assert list(s.table[:6]) == [4, 5, 6, 4, 5, 6]
+    daddr = 0xC0A80001
+    assert s.bucket(daddr) == (daddr * 0x61C88647 % 2 ** 32) >> 24
+    # One service address: every client goes to one dest.
+    got = {s.schedule(ds, ctx(caddr=a, daddr=daddr)).slot for a in range(1, 500)}
+    assert len(got) == 1
+    spread = [s.schedule(ds, ctx(daddr=0xC0A80000 + i)) for i in range(3000)]
+    assert {d.slot for d in spread if d} == {4, 5} and spread.count(None) > 800
+
+
+# --- mh -----------------------------------------------------------------------
+
+def mh_dests(*weights, base=0x0A000101):
+    return [Dest(20 + i, w, daddr=base + i, dest_port=80) for i, w in enumerate(weights)]
+
+
+def maglev_model(ds):
+    """The Maglev table as the paper states it (section 3.4), with the
+    kernel's hashes and turns, written independently of pylvs.sched.mh."""
+    from pylvs.sched.hashes import hsiphash_u32
+    M = 4093
+    k1, k2 = (2654435761,) * 2, (2654446892,) * 2
+    ws = [d.last_weight for d in ds]
+    g = 0
+    for w in ws:
+        g = math.gcd(g, w)
+    if not g:
+        return [-1] * M
+    shift = max(0, (max(ws) // g).bit_length() - 6)
+    turns = [max((w // g) >> shift, 1 if w else 0) for w in ws]
+
+    def prefs(d):
+        key = (d.daddr + d.dest_port) % 2 ** 32
+        offset, skip = hsiphash_u32(k1, key) % M, hsiphash_u32(k2, key) % (M - 1) + 1
+        j = 0
+        while True:
+            yield (offset + j * skip) % M
+            j += 1
+
+    gens = [prefs(d) for d in ds]
+    entry = [-1] * M
+    filled = 0
+    while filled < M:
+        for i, d in enumerate(ds):
+            for _ in range(turns[i]):
+                c = next(gens[i])
+                while entry[c] >= 0:
+                    c = next(gens[i])
+                entry[c] = d.slot
+                filled += 1
+                if filled == M:
+                    return entry
+    return entry
+
+
+def mh(ds, flags=()):
+    s = sched.get("mh")(frozenset(flags))
+    s.update(ds)
+    return s
+
+
+def test_mh_table_is_the_maglev_table_with_the_kernel_hashes():
+    for weights in ((1, 1, 1), (3, 1, 2, 0), (100, 1000, 7)):
+        ds = mh_dests(*weights)
+        s = mh(ds)
+        assert s.table.dtype == np.int32 and len(s.table) == 4093
+        assert list(s.table) == maglev_model(ds), weights
+
+
+def test_mh_turns_shift_large_weights():
+    from pylvs.sched.mh import turns
+    assert turns([4, 2, 6]) == [2, 1, 3]             # / gcd 2
+    assert turns([1, 200]) == [1, 50]                # 200 needs 8 bits: >> 2; 1 >> 2 = 0 -> 1
+    assert turns([0, 0]) == [0, 0]
+    assert turns([65535, 1]) == [63, 1]              # 16 bits: >> 10
+
+
+def test_mh_tables_identical_between_runs():
+    """Nothing random or process-dependent: another interpreter with
+    another hash seed builds the same table."""
+    import subprocess
+    ds = mh_dests(2, 1, 1, 3)
+    s = mh(ds)
+    code = ("import sys, zlib; sys.path.insert(0, %r)\n"
+            "from pylvs.sched.mh import build_table\n"
+            "class D:\n"
+            "    def __init__(s, slot, w, a): s.slot, s.weight, s.last_weight, s.daddr, s.dest_port = slot, w, w, a, 80\n"
+            "ds = [D(20 + i, w, 0x0A000101 + i) for i, w in enumerate((2, 1, 1, 3))]\n"
+            "print(zlib.crc32(build_table(ds).tobytes()))\n") % (str(pathlib.Path(sched.__file__).parents[2]),)
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed},
+                             capture_output=True, text=True, check=True).stdout
+        assert int(out) == zlib.crc32(s.table.tobytes())
+    assert (mh(mh_dests(2, 1, 1, 3)).table == s.table).all()
+
+
+def test_mh_weights_proportional():
+    ds = mh_dests(1, 2, 3, 4)
+    s = mh(ds)
+    counts = [int((s.table == d.slot).sum()) for d in ds]
+    for w, n in zip((1, 2, 3, 4), counts):
+        assert abs(n - 4093 * w / 10) < 4093 * 0.01, counts
+
+
+@pytest.mark.parametrize("n", [5, 10, 20])
+def test_mh_disruption_when_one_of_n_leaves_is_about_1_over_n(n):
+    ds = mh_dests(*[1] * n)
+    before = mh(ds).table.copy()
+    gone = ds[n // 2]
+    after = mh([d for d in ds if d is not gone]).table
+    moved = int((before != after).sum()) / 4093
+    owned = int((before == gone.slot).sum()) / 4093
+    assert abs(owned - 1 / n) < 0.2 / n
+    # Only the leaving dest's entries must move; Maglev moves a few more.
+    assert 1 / n * 0.95 < moved < 1 / n * 1.6, moved
+
+
+def test_mh_quiesced_dest_keeps_its_entries_and_fallback():
+    ds = mh_dests(1, 1, 1)
+    s = mh(ds)
+    table = s.table.copy()
+    ds[1].weight = 0                 # -e -w 0: last_weight stays 1
+    s.update(ds)
+    assert (s.table == table).all()
+    sf = mh(ds, ("mh-fallback",))
+    caddr = next(a for a in range(1, 10000) if s.table[s.bucket(a, 0)] == ds[1].slot)
+    assert s.schedule(ds, ctx(caddr=caddr)) is None
+    d = sf.schedule(ds, ctx(caddr=caddr))
+    assert d is not None and d is not ds[1]
+    from pylvs.sched.hashes import hsiphash_u32
+    b = s.bucket(caddr, 0)
+    want = next(int(table[hsiphash_u32((2654435761,) * 2, (b + i) % 4093 + caddr) % 4093])
+                for i in range(4093)
+                if table[hsiphash_u32((2654435761,) * 2, (b + i) % 4093 + caddr) % 4093] != ds[1].slot)
+    assert d.slot == want
+    ds[0].last_weight = ds[1].last_weight = ds[2].last_weight = 0
+    s.update(ds)
+    assert (s.table == -1).all() and s.schedule(ds, ctx()) is None
+
+
+def test_mh_port_flag_and_bucket():
+    from pylvs.sched.hashes import hsiphash_u32
+    ds = mh_dests(1, 1, 1, 1)
+    s, sp = mh(ds), mh(ds, ("mh-port",))
+    caddr = 0x0A000002
+    assert s.bucket(caddr, 999) == hsiphash_u32((2654435761,) * 2, caddr) % 4093
+    assert sp.bucket(caddr, 999) == hsiphash_u32((2654435761,) * 2, caddr + 999) % 4093
+    assert len({sp.schedule(ds, ctx(caddr=caddr, cport=p)).slot for p in range(2000, 2100)}) == 4
+    assert len({s.schedule(ds, ctx(caddr=caddr, cport=p)).slot for p in range(2000, 2100)}) == 1
+
+
+# --- lblc / lblcr ---------------------------------------------------------------
+
+def lb(name, *weights):
+    s = sched.get(name)()
+    ds = dests(*weights)
+    s.update(ds)
+    return s, ds
+
+
+def test_lblc_cache_reuse_then_overload_rule():
+    s, ds = lb("lblc", 2, 2)
+    c = conns({})
+    X = 0xC0A80001
+    first = s.schedule(ds, ctx(c, daddr=X, now=1))
+    assert first is ds[0]                             # wlc, tie to the first
+    c[0, 0] = 2                                       # A: 2 active, not > weight 2
+    assert s.schedule(ds, ctx(c, daddr=X, now=2)) is ds[0]
+    assert s.schedule(ds, ctx(c, daddr=0xC0A80002, now=2)) is ds[1]   # another daddr: wlc
+    c[0, 0] = 3                                       # > weight, and B has 0 * 2 < 2
+    assert s.schedule(ds, ctx(c, daddr=X, now=3)) is ds[1]
+    c[0, 0] = 0                                       # cached now: B, kept while fine
+    c[1, 0] = 2
+    assert s.schedule(ds, ctx(c, daddr=X, now=4)) is ds[1]
+    c[1, 0] = 3
+    c[0, 0] = 1                                       # A: 1 * 2 < 2 is false: no one is light
+    assert s.schedule(ds, ctx(c, daddr=X, now=5)) is ds[1]
+    ds[1].weight = 0                                  # quiesced: chosen afresh
+    s.update(ds)
+    assert s.schedule(ds, ctx(c, daddr=X, now=6)) is ds[0]
+
+
+def test_lblc_ignores_the_x_overload_flag_on_a_hit():
+    s, ds = lb("lblc", 1, 1)
+    X = 7
+    assert s.schedule(ds, ctx(daddr=X)) is ds[0]
+    assert s.schedule(ds, ctx(daddr=X, over={ds[0].slot})) is ds[0]
+    assert s.schedule(ds, ctx(daddr=8, over={ds[0].slot})) is ds[1]
+
+
+def test_lblc_expiry_on_the_30_minute_full_check():
+    """Ticks every 60 s from the first conn; the 30th (t0 + 1800) drops
+    entries unused for lblc_expiration seconds."""
+    s, ds = lb("lblc", 1, 1)
+    s.expiration = 500
+    c = conns({})
+    X, Y = 1, 2
+    assert s.schedule(ds, ctx(c, daddr=X, now=0)) is ds[0]
+    assert s.schedule(ds, ctx(c, daddr=Y, now=0)) is ds[0]
+    c[0, 1] = 5                                        # A is now the busier one
+    assert s.schedule(ds, ctx(c, daddr=X, now=1000)) is ds[0]     # hit: last use 1000
+    assert s.schedule(ds, ctx(c, daddr=Y, now=1500)) is ds[0]     # hit: last use 1500
+    # t = 1800: X unused since 1000 (>= 500 s): dropped; Y (1500) stays.
+    assert s.schedule(ds, ctx(c, daddr=X, now=1801)) is ds[1]
+    assert s.schedule(ds, ctx(c, daddr=Y, now=1802)) is ds[0]
+    # Full checks at 3600 and 5400: Y, used at 3599, survives the first
+    # (3600 < 3599 + 500) and not the second.
+    assert s.schedule(ds, ctx(c, daddr=Y, now=3599)) is ds[0]
+    assert s.schedule(ds, ctx(c, daddr=X, now=3601)) is ds[1]
+    assert Y in s.cache.entries
+    assert s.schedule(ds, ctx(c, daddr=Y, now=5401)) is ds[1]
+
+
+def test_lblc_default_expiration_is_a_day():
+    s, ds = lb("lblc", 1, 1)
+    assert s.expiration == 86400
+    c = conns({})
+    assert s.schedule(ds, ctx(c, daddr=1, now=0)) is ds[0]
+    c[0, 1] = 9
+    assert s.schedule(ds, ctx(c, daddr=1, now=86000)) is ds[0]
+    assert s.schedule(ds, ctx(c, daddr=2, now=86000 + 86400 + 1800)) is ds[1]
+    assert s.schedule(ds, ctx(c, daddr=1, now=86000 + 86400 + 1801)) is ds[1]
+
+
+def test_lblcr_set_grows_on_overload_and_sheds_after_expiration():
+    s, ds = lb("lblcr", 2, 2, 2)
+    s.expiration = 100
+    c = conns({})
+    X = 0xC0A80001
+    assert s.schedule(ds, ctx(c, daddr=X, now=0)) is ds[0]
+    assert s.members(X) == [ds[0].slot]
+    c[0, 0] = 3                                        # A overloaded (3 > 2), B, C light
+    assert s.schedule(ds, ctx(c, daddr=X, now=10)) is ds[1]
+    assert s.members(X) == [ds[1].slot, ds[0].slot]    # newest member first
+    c[1, 0] = 1
+    # The set's least loaded member: B (256 / 2) over A (768 / 2).
+    assert s.schedule(ds, ctx(c, daddr=X, now=20)) is ds[1]
+    c[1, 0] = 3                                        # both members overloaded: C joins
+    assert s.schedule(ds, ctx(c, daddr=X, now=30)) is ds[2]
+    assert s.members(X) == [2, 1, 0]
+    c[2, 0] = 1
+    # Last changed at 30; at 131 (> 30 + 100) the most loaded member goes:
+    # A and B tie at 768 / 2, the first in the set (B) is dropped.
+    assert s.schedule(ds, ctx(c, daddr=X, now=131)) is ds[2]
+    assert s.members(X) == [2, 0]
+    assert s.schedule(ds, ctx(c, daddr=X, now=200)) is ds[2]
+    assert s.members(X) == [2, 0]                     # changed at 131: not yet
+    assert s.schedule(ds, ctx(c, daddr=X, now=232)) is ds[2]
+    assert s.members(X) == [2]
+
+
+def test_lblcr_deleted_dest_leaves_the_sets():
+    s, ds = lb("lblcr", 1, 1)
+    assert s.schedule(ds, ctx(daddr=5)) is ds[0]
+    s.update(ds[1:])
+    assert s.members(5) == []
+    assert s.schedule(ds[1:], ctx(daddr=5)) is ds[1]
+
+
+# --- twos -----------------------------------------------------------------------
+
+def test_twos_seeded_reproducible_and_weighted():
+    ds = dests(1, 3, 6)
+    a = spread_picks(sched.get("twos")(seed=3), ds, 200)
+    assert a == spread_picks(sched.get("twos")(seed=3), ds, 200)
+    # Idle dests tie: the first draw wins, drawn in proportion to weight.
+    got = spread_picks(sched.get("twos")(seed=11), ds, 5000)
+    assert abs(got.count("C") / 5000 - 6 / 11) < 0.03
+    assert abs(got.count("A") / 5000 - 2 / 11) < 0.03   # r = 0 also lands on the first
+
+
+def test_twos_less_loaded_of_two_wins():
+    ds = dests(1, 1)
+    c = conns({0: (10, 0)})
+    got = spread_picks(sched.get("twos")(seed=1), ds, 3000, c)
+    # B wins unless both draws are A: (2/3)^2 of the time A only.
+    assert abs(got.count("A") / 3000 - 4 / 9) < 0.04
