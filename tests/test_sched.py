@@ -584,6 +584,14 @@ def test_hsiphash_kernel_vectors(n, want):
     assert siphash13(*key, bytes(range(n))) & 0xFFFFFFFF == want
 
 
+def test_hsiphash_u32_is_siphash13_of_four_little_endian_bytes():
+    from pylvs.sched.hashes import hsiphash_u32, siphash13
+    rng = random.Random(4)
+    for _ in range(500):
+        key, v = (rng.getrandbits(64), rng.getrandbits(64)), rng.getrandbits(32)
+        assert hsiphash_u32(key, v) == siphash13(*key, v.to_bytes(4, "little")) & 0xFFFFFFFF
+
+
 def test_siphash13_equals_pythons_own_with_a_zero_key():
     """CPython 3.11+ hashes bytes with SipHash-1-3; PYTHONHASHSEED=0 zeroes
     its key: an independent implementation to compare with (b"" is special:

@@ -68,8 +68,28 @@ def siphash13(k0: int, k1: int, data: bytes) -> int:
 
 
 def hsiphash_u32(key: tuple[int, int], v: int) -> int:
-    """hsiphash(&v, 4, key) of a u32 on a 64-bit kernel."""
-    return siphash13(key[0], key[1], (v & U32).to_bytes(4, "little")) & U32
+    """hsiphash(&v, 4, key) of a u32 on a 64-bit kernel: siphash13 of the
+    4 little-endian bytes of v, cut to 32 bits. Unrolled (the upcall of mh
+    hashes each new client): one message word, b = 4 << 56 | v."""
+    k0, k1 = key
+    v0, v1, v2, v3 = _SIP_C[0] ^ k0, _SIP_C[1] ^ k1, _SIP_C[2] ^ k0, _SIP_C[3] ^ k1
+    b = (4 << 56) | (v & U32)
+    v3 ^= b
+    for r in range(4):
+        if r == 1:
+            v0 ^= b
+            v2 ^= 0xFF
+        v0 = (v0 + v1) & U64
+        v1 = ((v1 << 13) | (v1 >> 51)) & U64 ^ v0
+        v0 = ((v0 << 32) | (v0 >> 32)) & U64
+        v2 = (v2 + v3) & U64
+        v3 = ((v3 << 16) | (v3 >> 48)) & U64 ^ v2
+        v0 = (v0 + v3) & U64
+        v3 = ((v3 << 21) | (v3 >> 43)) & U64 ^ v0
+        v2 = (v2 + v1) & U64
+        v1 = ((v1 << 17) | (v1 >> 47)) & U64 ^ v2
+        v2 = ((v2 << 32) | (v2 >> 32)) & U64
+    return (v0 ^ v1 ^ v2 ^ v3) & U32
 
 
 def fill_cyclic(slots: list[int], turns: list[int], size: int) -> np.ndarray:
