@@ -19,7 +19,8 @@ scheduler applies those two tests itself, at the point its kernel file does.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -36,6 +37,7 @@ def never_overloaded(slot: int) -> bool:
     return False
 
 
+@dataclass(slots=True)
 class SchedCtx:
     """What the kernel's schedule(svc, skb, iph) sees besides the dest list.
 
@@ -49,18 +51,13 @@ class SchedCtx:
     - ``overloaded(slot) -> bool``: the dest's IP_VS_DEST_F_OVERLOAD flag.
     """
 
-    __slots__ = ("conns", "caddr", "cport", "daddr", "dport", "now", "overloaded")
-
-    def __init__(self, conns: np.ndarray, caddr: int = 0, cport: int = 0,
-                 daddr: int = 0, dport: int = 0, now: float = 0.0,
-                 overloaded: Callable[[int], bool] = never_overloaded):
-        self.conns = conns
-        self.caddr = caddr
-        self.cport = cport
-        self.daddr = daddr
-        self.dport = dport
-        self.now = now
-        self.overloaded = overloaded
+    conns: np.ndarray
+    caddr: int = 0
+    cport: int = 0
+    daddr: int = 0
+    dport: int = 0
+    now: float = 0.0
+    overloaded: Callable[[int], bool] = never_overloaded
 
 
 class Scheduler:
@@ -120,3 +117,38 @@ def least_per_weight(dests: Sequence[SchedDest], ctx: SchedCtx, cost: Callable[[
         if least is None or loh * d.weight > doh * least.weight:
             least, loh = d, doh
     return least
+
+
+class HashTableScheduler(Scheduler):
+    """sh, dh and mh: a table of dest slots (``table``, numpy int32, -1
+    empty) built in ``update``, looked up by a hash of the packet."""
+
+    table_size = 0
+
+    def __init__(self, flags: frozenset[str] = frozenset()):
+        super().__init__(flags)
+        self.table = np.full(self.table_size, -1, dtype=np.int32)
+        self._by_slot: dict[int, SchedDest] = {}
+
+    def update(self, dests: Sequence[SchedDest]) -> None:
+        self._by_slot = {d.slot: d for d in dests}
+        self.table = self.build(dests)
+
+    def build(self, dests: Sequence[SchedDest]) -> np.ndarray:
+        raise NotImplementedError
+
+    def pick(self, index: int, ctx: SchedCtx,
+             fallback: Iterable[int] | None = None) -> SchedDest | None:
+        """The dest at ``table[index]`` if available; else, given the
+        ``fallback`` indices, the first available dest at them, stopping
+        at an empty entry (ip_vs_sh/mh_get_fallback)."""
+        d = self._by_slot.get(int(self.table[index]))
+        if d is None or available(d, ctx):
+            return d
+        for i in fallback or ():
+            d = self._by_slot.get(int(self.table[i]))
+            if d is None:
+                return None
+            if available(d, ctx):
+                return d
+        return None

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import SchedCtx, SchedDest, Scheduler, available, register
+from .base import HashTableScheduler, SchedCtx, SchedDest, register
 from .hashes import fill_cyclic, hash_32
 
 TAB_BITS = 8
@@ -25,15 +25,11 @@ TAB_SIZE = 1 << TAB_BITS
 
 
 @register("dh")
-class DestinationHashing(Scheduler):
-    def __init__(self, flags: frozenset[str] = frozenset()):
-        super().__init__(flags)
-        self.table = np.full(TAB_SIZE, -1, dtype=np.int32)
-        self._by_slot: dict[int, SchedDest] = {}
+class DestinationHashing(HashTableScheduler):
+    table_size = TAB_SIZE
 
-    def update(self, dests: Sequence[SchedDest]) -> None:
-        self._by_slot = {d.slot: d for d in dests}
-        self.table = fill_cyclic([d.slot for d in dests], [1] * len(dests), TAB_SIZE)
+    def build(self, dests: Sequence[SchedDest]) -> np.ndarray:
+        return fill_cyclic([d.slot for d in dests], [1] * len(dests), TAB_SIZE)
 
     @staticmethod
     def bucket(daddr: int, dport: int = 0) -> int:
@@ -42,5 +38,4 @@ class DestinationHashing(Scheduler):
         return hash_32(daddr, TAB_BITS)
 
     def schedule(self, dests: Sequence[SchedDest], ctx: SchedCtx) -> SchedDest | None:
-        d = self._by_slot.get(int(self.table[self.bucket(ctx.daddr)]))
-        return d if d is not None and available(d, ctx) else None
+        return self.pick(self.bucket(ctx.daddr), ctx)

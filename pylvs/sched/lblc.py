@@ -88,20 +88,27 @@ class ExpiringCache:
                     return
 
 
-@register("lblc")
-class LocalityBasedLeastConnection(Scheduler):
+class CachingScheduler(Scheduler):
+    """lblc and lblcr: a scheduler with an ExpiringCache keyed by daddr."""
+
     def __init__(self, flags: frozenset[str] = frozenset()):
         super().__init__(flags)
         self.cache = ExpiringCache()
 
     @property
     def expiration(self) -> float:
-        """Seconds an unused entry lives (the lblc_expiration sysctl)."""
+        """Seconds an unused entry lives (the lblc_expiration or
+        lblcr_expiration sysctl; lblcr's sets shed a member after as long
+        without change)."""
         return self.cache.expiration
 
     @expiration.setter
     def expiration(self, seconds: float) -> None:
         self.cache.expiration = seconds
+
+
+@register("lblc")
+class LocalityBasedLeastConnection(CachingScheduler):
 
     def update(self, dests: Sequence[SchedDest]) -> None:
         present = {d.slot for d in dests}

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .base import SchedCtx, SchedDest, Scheduler, least_per_weight, overhead, register
-from .lblc import ExpiringCache, overloaded, wlc
+from .base import SchedCtx, SchedDest, least_per_weight, overhead, register
+from .lblc import CachingScheduler, overloaded, wlc
 
 
 def most_loaded(members: Sequence[SchedDest], ctx: SchedCtx) -> SchedDest | None:
@@ -50,21 +50,7 @@ def most_loaded(members: Sequence[SchedDest], ctx: SchedCtx) -> SchedDest | None
 
 
 @register("lblcr")
-class LocalityBasedLeastConnectionReplication(Scheduler):
-    def __init__(self, flags: frozenset[str] = frozenset()):
-        super().__init__(flags)
-        self.cache = ExpiringCache()
-
-    @property
-    def expiration(self) -> float:
-        """Seconds an unused entry lives, and a set stays unchanged before
-        it sheds a member (the lblcr_expiration sysctl)."""
-        return self.cache.expiration
-
-    @expiration.setter
-    def expiration(self, seconds: float) -> None:
-        self.cache.expiration = seconds
-
+class LocalityBasedLeastConnectionReplication(CachingScheduler):
     def update(self, dests: Sequence[SchedDest]) -> None:
         present = {d.slot for d in dests}
         entries = self.cache.entries

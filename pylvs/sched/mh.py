@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import SchedCtx, SchedDest, Scheduler, available, register
+from .base import HashTableScheduler, SchedCtx, SchedDest, register
 from .hashes import U32, hsiphash_u32
 
 TAB_SIZE = 4093
@@ -90,20 +90,18 @@ def build_table(dests: Sequence[SchedDest]) -> np.ndarray:
 
 
 @register("mh")
-class MaglevHashing(Scheduler):
+class MaglevHashing(HashTableScheduler):
+    table_size = TAB_SIZE
+
     def __init__(self, flags: frozenset[str] = frozenset()):
         super().__init__(flags)
         self.fallback = "mh-fallback" in flags
         self.use_port = "mh-port" in flags
-        self.table = np.full(TAB_SIZE, -1, dtype=np.int32)
-        self._by_slot: dict[int, SchedDest] = {}
 
-    def update(self, dests: Sequence[SchedDest]) -> None:
-        self._by_slot = {d.slot: d for d in dests}
-        if len(dests) <= TAB_SIZE:
-            # The kernel refuses to rebuild for more dests than entries
-            # (-EINVAL from ip_vs_mh_reassign) and keeps the table it had.
-            self.table = build_table(dests)
+    def build(self, dests: Sequence[SchedDest]) -> np.ndarray:
+        # The kernel refuses to rebuild for more dests than entries
+        # (-EINVAL from ip_vs_mh_reassign) and keeps the table it had.
+        return build_table(dests) if len(dests) <= TAB_SIZE else self.table
 
     def bucket(self, caddr: int, cport: int) -> int:
         """The entry of client caddr:cport (host order): an index into ``table``."""
@@ -111,18 +109,7 @@ class MaglevHashing(Scheduler):
 
     def schedule(self, dests: Sequence[SchedDest], ctx: SchedCtx) -> SchedDest | None:
         ihash = self.bucket(ctx.caddr, ctx.cport)
-        d = self._by_slot.get(int(self.table[ihash]))
-        if d is None or available(d, ctx):
-            return d
-        if not self.fallback:
-            return None
         port = ctx.cport if self.use_port else 0
-        for offset in range(TAB_SIZE):
-            roffset = (offset + ihash) % TAB_SIZE
-            d = self._by_slot.get(int(self.table[_hashkey(ctx.caddr, port, KEY1, roffset)
-                                                 % TAB_SIZE]))
-            if d is None:
-                return None
-            if available(d, ctx):
-                return d
-        return None
+        return self.pick(ihash, ctx, (
+            _hashkey(ctx.caddr, port, KEY1, (offset + ihash) % TAB_SIZE) % TAB_SIZE
+            for offset in range(TAB_SIZE)) if self.fallback else None)

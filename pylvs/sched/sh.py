@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import SchedCtx, SchedDest, Scheduler, available, register
+from .base import HashTableScheduler, SchedCtx, SchedDest, register
 from .hashes import U32, fill_cyclic, hash_32
 
 TAB_BITS = 8
@@ -29,19 +29,16 @@ TAB_MASK = TAB_SIZE - 1
 
 
 @register("sh")
-class SourceHashing(Scheduler):
-    fallback_flag, port_flag = "sh-fallback", "sh-port"
+class SourceHashing(HashTableScheduler):
+    table_size = TAB_SIZE
 
     def __init__(self, flags: frozenset[str] = frozenset()):
         super().__init__(flags)
-        self.fallback = self.fallback_flag in flags
-        self.use_port = self.port_flag in flags
-        self.table = np.full(TAB_SIZE, -1, dtype=np.int32)
-        self._by_slot: dict[int, SchedDest] = {}
+        self.fallback = "sh-fallback" in flags
+        self.use_port = "sh-port" in flags
 
-    def update(self, dests: Sequence[SchedDest]) -> None:
-        self._by_slot = {d.slot: d for d in dests}
-        self.table = fill_cyclic([d.slot for d in dests], [d.weight for d in dests], TAB_SIZE)
+    def build(self, dests: Sequence[SchedDest]) -> np.ndarray:
+        return fill_cyclic([d.slot for d in dests], [d.weight for d in dests], TAB_SIZE)
 
     def _hash(self, caddr: int, cport: int, offset: int) -> int:
         port = cport if self.use_port else 0
@@ -53,16 +50,6 @@ class SourceHashing(Scheduler):
 
     def schedule(self, dests: Sequence[SchedDest], ctx: SchedCtx) -> SchedDest | None:
         ihash = self.bucket(ctx.caddr, ctx.cport)
-        d = self._by_slot.get(int(self.table[ihash]))
-        if d is None or available(d, ctx):
-            return d
-        if not self.fallback:
-            return None
-        for offset in range(TAB_SIZE):
-            d = self._by_slot.get(int(self.table[self._hash(ctx.caddr, ctx.cport,
-                                                            (offset + ihash) & TAB_MASK)]))
-            if d is None:
-                return None
-            if available(d, ctx):
-                return d
-        return None
+        return self.pick(ihash, ctx, (
+            self._hash(ctx.caddr, ctx.cport, (offset + ihash) & TAB_MASK)
+            for offset in range(TAB_SIZE)) if self.fallback else None)
