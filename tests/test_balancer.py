@@ -773,7 +773,9 @@ def test_sysctls_validated_and_published(env):
     b, c, pubs, res = env
     sent = []
     b.publish_sysctls = sent.append
-    assert b.apply({"op": "sysctl"}) == dict(zip(SYSCTL_NAMES, SYSCTL_DEFAULTS))
+    from pylvs.sched import SYSCTLS
+    assert b.apply({"op": "sysctl"}) == {**dict(zip(SYSCTL_NAMES, SYSCTL_DEFAULTS)),
+                                         **{n: r[0] for n, r in SYSCTLS.items()}}
     assert b.apply({"op": "sysctl", "name": "expire_nodest_conn"}) == {"expire_nodest_conn": 0}
     assert sent == []
     assert b.apply({"op": "sysctl", "name": "expire_nodest_conn", "value": "1"}) == {

@@ -962,3 +962,33 @@ def test_twos_less_loaded_of_two_wins():
     got = spread_picks(sched.get("twos")(seed=1), ds, 3000, c)
     # B wins unless both draws are A: (2/3)^2 of the time A only.
     assert abs(got.count("A") / 3000 - 4 / 9) < 0.04
+
+
+def test_lblc_expiration_sysctls_reach_the_schedulers():
+    from pylvs.control.balancer import BalancerError
+    from pylvs.engine.tables import SYSCTL_NAMES
+    b, s, names = balancer("lblc", 1, 1)
+    assert b.sysctl("lblc_expiration") == {"lblc_expiration": 86400}
+    assert b.sysctl()["lblcr_expiration"] == 86400
+    assert b._sched_view[s][0].expiration == 86400
+    b.sysctl("lblc_expiration", 300)
+    assert b._sched_view[s][0].expiration == 300
+    s2 = b.add_service("tcp", VIP, 81, sched="lblcr")
+    b.add_dest("tcp", VIP, 81, "10.0.1.1", 81)
+    assert b._sched_view[s2][0].expiration == 86400
+    b.set_sysctls({"lblcr_expiration": 60})
+    assert b._sched_view[s2][0].expiration == 60 and b._sched_view[s][0].expiration == 300
+    with pytest.raises(BalancerError, match="out of range"):
+        b.sysctl("lblc_expiration", 2**31 // 1000 + 1)
+    assert len(b.sysctl_array()) == len(SYSCTL_NAMES)   # the engine never sees them
+    # The cache follows the knob: an entry unused for 300 s goes at the
+    # 30-minute check.
+    sch = b._sched_view[s][0]
+    clock = [0.0]
+    b.clock = lambda: clock[0]
+    first = b.schedule(s, 1, 1)
+    b.counters.dest_conns[first] = (0, 5)          # busier for wlc, not overloaded
+    clock[0] = 1000.0
+    assert b.schedule(s, 1, 1) == first
+    clock[0] = 1801.0
+    assert b.schedule(s, 1, 1) != first and len(sch.cache.entries) == 1

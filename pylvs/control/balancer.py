@@ -107,6 +107,7 @@ SYSCTL_RANGES = {
     "expire_nodest_conn": (0, 1),   # a boolean
     "upcall_share": (0, 100),       # a percentage (docs/engine.md, "Upcall limit")
 }
+SYSCTL_RANGES.update({name: r[1:] for name, r in schedmod.SYSCTLS.items()})
 
 TRAFFIC_KEYS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
 RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")
@@ -428,6 +429,9 @@ class Balancer:
         # `pylvs stats`; None when no engine is attached.
         self.engine_info: Callable[[], dict] | None = None
         self._sysctls = dict(zip(SYSCTL_NAMES, SYSCTL_DEFAULTS))
+        # The schedulers' knobs (lblc_expiration, ...): listed and set with
+        # the engine's, never in sysctl_array().
+        self._sysctls.update({name: r[0] for name, r in schedmod.SYSCTLS.items()})
         self.conn_tab_size = CONN_TAB_SIZE
 
         self._services: dict[tuple[int, int, int], Service] = {}
@@ -858,6 +862,7 @@ class Balancer:
                       for d in reversed(svc.dests.values())
                       if only is None or only(d.slot))
         with self._sched_lock:
+            svc.scheduler.configure(self._sysctls)
             svc.scheduler.update(views)
             self._sched_view[svc.slot] = (svc.scheduler, views,
                                           any(v.u_threshold for v in views),
@@ -1106,6 +1111,9 @@ class Balancer:
         if checked:
             self._sysctls.update(checked)
             self.publish_sysctls(self.sysctl_array())
+            with self._sched_lock:
+                for svc in self._services.values():
+                    svc.scheduler.configure(self._sysctls)
         return self.sysctls()
 
     def sysctl(self, name: Any = None, value: Any = None) -> dict[str, int]:

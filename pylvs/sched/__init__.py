@@ -10,6 +10,16 @@ from .base import (Scheduler, SchedCtx, SchedDest, available, never_overloaded, 
 
 DEFAULT = "wlc"
 
+# The kernel's net.ipv4.vs.* knobs of schedulers: name -> (default, least,
+# most). Seconds, as proc_dointvec_jiffies reads them (at most INT_MAX /
+# HZ, HZ = 1000). The Balancer lists and sets them with the engine's
+# sysctls and hands them to every scheduler (Scheduler.configure); no
+# engine reads them.
+SYSCTLS = {
+    "lblc_expiration": (24 * 60 * 60, 0, (2**31 - 1) // 1000),
+    "lblcr_expiration": (24 * 60 * 60, 0, (2**31 - 1) // 1000),
+}
+
 
 _loaded = False
 
@@ -37,5 +47,5 @@ def get(name: str) -> type[Scheduler]:
     return _REGISTRY[name]
 
 
-__all__ = ["Scheduler", "SchedCtx", "SchedDest", "available", "never_overloaded", "overhead",
+__all__ = ["SYSCTLS", "Scheduler", "SchedCtx", "SchedDest", "available", "never_overloaded", "overhead",
            "register", "names", "get", "DEFAULT"]

@@ -20,7 +20,7 @@ scheduler applies those two tests itself, at the point its kernel file does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -71,6 +71,10 @@ class Scheduler:
     def update(self, dests: Sequence[SchedDest]) -> None:
         """The service's dest list or weights changed (the kernel's
         add_dest / del_dest / upd_dest hooks)."""
+
+    def configure(self, sysctls: Mapping[str, int]) -> None:
+        """The sysctls (name: value) as they are now; a scheduler takes its
+        own (sched.SYSCTLS) from them."""
 
     def schedule(self, dests: Sequence[SchedDest], ctx: SchedCtx) -> SchedDest | None:
         """Pick a dest of ``dests`` (newest first) for a new conn, or None

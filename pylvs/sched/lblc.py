@@ -26,7 +26,7 @@ a deleted dest's entry until it is next used, and then replaces it).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from .base import SchedCtx, SchedDest, Scheduler, least_per_weight, overhead, register
 
@@ -105,6 +105,9 @@ class CachingScheduler(Scheduler):
     @expiration.setter
     def expiration(self, seconds: float) -> None:
         self.cache.expiration = seconds
+
+    def configure(self, sysctls: Mapping[str, int]) -> None:
+        self.expiration = sysctls.get(self.name + "_expiration", self.expiration)
 
 
 @register("lblc")
