@@ -992,3 +992,19 @@ def test_lblc_expiration_sysctls_reach_the_schedulers():
     assert b.schedule(s, 1, 1) == first
     clock[0] = 1801.0
     assert b.schedule(s, 1, 1) != first and len(sch.cache.entries) == 1
+
+
+def test_edit_flags_alone_keeps_the_scheduler_state():
+    """-E -b on the same scheduler: the kernel rewrites svc->flags only."""
+    b, s, names = balancer("rr", 1, 1, 1)
+    assert bpicks(b, s, names, 2) == "CB"
+    b.edit_service("tcp", VIP, 80, flags="flag-2")
+    assert bpicks(b, s, names, 2) == "AC"
+    b, s, names = balancer("sh", 1, 1, 1, 1)
+    sch = b._sched_view[s][0]
+    assert len({b.schedule(s, 0x0A000002, p) for p in range(1000, 1060)}) == 1
+    b.edit_service("tcp", VIP, 80, flags="sh-port")
+    assert b._sched_view[s][0] is sch and sch.use_port and not sch.fallback
+    assert len({b.schedule(s, 0x0A000002, p) for p in range(1000, 1060)}) == 4
+    b.edit_service("tcp", VIP, 80, sched="mh")       # a new scheduler; the bit is mh-port now
+    assert b._sched_view[s][0] is not sch and b._sched_view[s][0].use_port

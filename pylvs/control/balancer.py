@@ -627,12 +627,18 @@ class Balancer:
             raise BalancerError(E_ZERO_PORT)
         if new_ops and svc.proto != PROTO_UDP:
             raise BalancerError(E_OPS)
-        if new_sched != svc.sched_name or bits != svc.sched_flags:
+        if new_sched != svc.sched_name:
             # A new scheduler object: the kernel also binds a fresh scheduler
             # on a change of -s; conns already made are not touched.
             svc.scheduler = cls(frozenset(sched_flag_names(new_sched, bits)))
             svc.sched_name, svc.sched_flags = new_sched, bits
             self._refresh_sched(svc, force=True)
+        elif bits != svc.sched_flags:
+            # -b alone: ip_vs_edit_service rewrites svc->flags and keeps the
+            # scheduler and its state (rr's turn, lblc's cache).
+            with self._sched_lock:
+                svc.scheduler.flags = frozenset(sched_flag_names(new_sched, bits))
+            svc.sched_flags = bits
         svc.timeout, svc.netmask, svc.pe, svc.ops = timeout, mask, new_pe, new_ops
         self._changed()
         return svc.slot

@@ -66,6 +66,8 @@ class Scheduler:
     name = ""
 
     def __init__(self, flags: frozenset[str] = frozenset()):
+        # The names ipvsadm shows for the service's flag bits (sh-port,
+        # flag-1, ...); -E may change them later, read them when used.
         self.flags = flags
 
     def update(self, dests: Sequence[SchedDest]) -> None:

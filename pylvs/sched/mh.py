@@ -93,10 +93,13 @@ def build_table(dests: Sequence[SchedDest]) -> np.ndarray:
 class MaglevHashing(HashTableScheduler):
     table_size = TAB_SIZE
 
-    def __init__(self, flags: frozenset[str] = frozenset()):
-        super().__init__(flags)
-        self.fallback = "mh-fallback" in flags
-        self.use_port = "mh-port" in flags
+    @property
+    def fallback(self) -> bool:
+        return "mh-fallback" in self.flags
+
+    @property
+    def use_port(self) -> bool:
+        return "mh-port" in self.flags
 
     def build(self, dests: Sequence[SchedDest]) -> np.ndarray:
         # The kernel refuses to rebuild for more dests than entries

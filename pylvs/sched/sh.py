@@ -32,10 +32,13 @@ TAB_MASK = TAB_SIZE - 1
 class SourceHashing(HashTableScheduler):
     table_size = TAB_SIZE
 
-    def __init__(self, flags: frozenset[str] = frozenset()):
-        super().__init__(flags)
-        self.fallback = "sh-fallback" in flags
-        self.use_port = "sh-port" in flags
+    @property
+    def fallback(self) -> bool:
+        return "sh-fallback" in self.flags
+
+    @property
+    def use_port(self) -> bool:
+        return "sh-port" in self.flags
 
     def build(self, dests: Sequence[SchedDest]) -> np.ndarray:
         return fill_cyclic([d.slot for d in dests], [d.weight for d in dests], TAB_SIZE)
