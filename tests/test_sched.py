@@ -517,6 +517,16 @@ def test_wrr_published_example_and_the_kernel_add_sequence():
     assert picks(s, ds, 9) == "AABABCABC"
     b, sv, names = balancer("wrr", 4, 3, 2)
     assert bpicks(b, sv, names, 3 + 9 * 2) == "CBA" + "ABACBACBA" * 2
+    # The same rules restored in one batch (pylvs adm -R): the same steps.
+    b = Balancer(Counters(max_services=4, max_dests=32))
+    b.apply_many([{"op": "add_service", "proto": "tcp", "vaddr": VIP, "vport": 80, "sched": "wrr"}]
+                 + [{"op": "add_dest", "proto": "tcp", "vaddr": VIP, "vport": 80,
+                     "daddr": f"10.0.1.{i + 1}", "dport": 80, "weight": w}
+                    for i, w in enumerate((4, 3, 2))])
+    s2 = b.services()[0].slot
+    names2 = {d.slot: "ABC"[int(str(ipaddress.IPv4Address(d.daddr)).rsplit(".", 1)[1]) - 1]
+              for d in b._sched_view[s2][1]}
+    assert bpicks(b, s2, names2, 3 + 9) == "CBA" + "ABACBACBA"
 
 
 def test_wlc_and_lc_ties_go_to_the_newest_dest():

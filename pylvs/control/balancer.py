@@ -868,9 +868,20 @@ class Balancer:
                       for d in reversed(svc.dests.values())
                       if only is None or only(d.slot))
         with self._sched_lock:
-            svc.scheduler.configure(self._sysctls)
-            svc.scheduler.update(views)
-            self._sched_view[svc.slot] = (svc.scheduler, views,
+            sched = svc.scheduler
+            sched.configure(self._sysctls)
+            if sched.stepwise:
+                # The kernel calls add_dest once per dest: a batch (-R)
+                # adding several replays those steps, newest last.
+                old = self._sched_view[svc.slot]
+                known = {v.slot for v in old[1]} if old else set()
+                added = 0
+                while added < len(views) and views[added].slot not in known:
+                    added += 1
+                for k in range(added - 1, 0, -1):
+                    sched.update(views[k:])
+            sched.update(views)
+            self._sched_view[svc.slot] = (sched, views,
                                           any(v.u_threshold for v in views),
                                           svc.vaddr, svc.vport)
 

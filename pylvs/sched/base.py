@@ -64,6 +64,10 @@ class Scheduler:
     """Base class. Subclasses implement ``schedule``; stateful ones ``update``."""
 
     name = ""
+    # update() depends on the order of changes, not only on the new list
+    # (wrr's current weight): the Balancer then hands it the dests a batch
+    # added one at a time, as the kernel's add_dest hook sees them.
+    stepwise = False
 
     def __init__(self, flags: frozenset[str] = frozenset()):
         # The names ipvsadm shows for the service's flag bits (sh-port,

@@ -18,6 +18,8 @@ from .base import SchedCtx, SchedDest, Scheduler, register
 
 @register("wrr")
 class WeightedRoundRobin(Scheduler):
+    stepwise = True
+
     def __init__(self, flags: frozenset[str] = frozenset()):
         super().__init__(flags)
         self._cl = -1   # index of the last pick; -1 is the list head
