@@ -332,3 +332,18 @@ def test_set_sched_refuses_tables_that_do_not_fit():
 
 def test_every_c_kind_is_a_python_scheduler():
     assert set(tables.SCHED_KINDS) <= set(schedmod.names())
+
+
+@pytest.mark.parametrize("sched", ["rr", "wrr"])
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_a_restored_batch_starts_where_python_does(sched, impl):
+    """ipvsadm -R: dests a batch adds reach the scheduler as the kernel's
+    one add_dest at a time (Scheduler.stepwise); the engine's rr/wrr state
+    takes the same steps."""
+    def picks(c_sched: bool) -> list:
+        w = World(impl, 2, c_sched, sched)
+        w.b.apply_many([{"op": "add_dest", "proto": "tcp", "vaddr": VIP, "vport": 80,
+                         "daddr": RIPS[i], "dport": 80, "fwd": "masq", "weight": weight}
+                        for i, weight in enumerate((4, 6, 2, 6))])
+        return w.syn(24)
+    assert picks(True) == picks(False)

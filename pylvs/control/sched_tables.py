@@ -68,11 +68,7 @@ class SchedTables:
             if slot not in kept:
                 thresh[slot] = 0
         self._members[svc_slot] = tuple(kept)
-        fresh = self._sched_obj.get(svc_slot) is not scheduler
-        self._sched_obj[svc_slot] = scheduler
-        if kind in (SCHED_KINDS["rr"], SCHED_KINDS["wrr"]):
-            from .. import _fast
-            _fast.sched_update(self.counters.sched_state, svc_slot, kind, run, fresh)
+        self._step(svc_slot, kind, scheduler, run)
         self._rows[svc_slot] = (kind, sched_flags, run)
         first = int(svcs[svc_slot]["first"])
         if len(run) > self._room.get(svc_slot, 0):
@@ -81,6 +77,20 @@ class SchedTables:
         svcs[svc_slot] = (kind if c_sched else SCHED_UPCALL, sched_flags, 0, first, len(run))
         if self._end - self._reserved > max(1024, self._reserved):
             self.rebuild(c_sched)
+
+    def step(self, svc_slot: int, sched_name: str, scheduler: object, views: Sequence) -> None:
+        """One of the kernel's per-dest add_dest calls a batch replays
+        (Scheduler.stepwise) before ``update`` gives the final list: the
+        rr/wrr state moves as the Python scheduler's does."""
+        run = np.array([(v.slot, v.weight) for v in views], dtype=tables.SCHED_DEST_DTYPE)
+        self._step(svc_slot, SCHED_KINDS.get(sched_name, SCHED_UPCALL), scheduler, run)
+
+    def _step(self, svc_slot: int, kind: int, scheduler: object, run: np.ndarray) -> None:
+        fresh = self._sched_obj.get(svc_slot) is not scheduler
+        self._sched_obj[svc_slot] = scheduler
+        if kind in (SCHED_KINDS["rr"], SCHED_KINDS["wrr"]):
+            from .. import _fast
+            _fast.sched_update(self.counters.sched_state, svc_slot, kind, run, fresh)
 
     def _reserve(self, svc_slot: int, n: int) -> int:
         """Room for n rows at the end of `dests` (grown as needed): the first."""

@@ -10,8 +10,6 @@ ip_vs_sched.h names), which every worker's engine shares.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 from .. import sched as schedmod
@@ -46,17 +44,6 @@ def unbind(counters: tables.Counters, thresholds: np.ndarray, d: int) -> None:
     n = int(counters.dest_conns[d].sum())
     if (n < l) if l else (n * 4 < u * 3) if u else True:
         counters.dest_flags[d] &= ~np.uint8(tables.DEST_F_OVERLOAD)
-
-
-def unavailable_as_weight_0(dests: Sequence, flags: np.ndarray, make) -> Sequence:
-    """``dests`` with the overloaded ones (``flags``: counters.dest_flags)
-    replaced by ``make(d)``, a copy of d with weight 0: every scheduler skips a dest
-    for either reason alike (the kernel's ``IP_VS_DEST_F_OVERLOAD ||
-    weight == 0``, wrr's ``weight >= cw`` with cw >= 1), and the list keeps
-    its length, so rr's and wrr's positions stay those of the kernel's list."""
-    if not any(flags[d.slot] & tables.DEST_F_OVERLOAD for d in dests):
-        return dests
-    return [make(d) if flags[d.slot] & tables.DEST_F_OVERLOAD else d for d in dests]
 
 
 class _Dest:
@@ -124,15 +111,17 @@ class EngineSched:
             return ASK_PYTHON
         kind = int(self.svcs[svc]["kind"])
         obj = self._objs[kind]
-        dests = unavailable_as_weight_0(self._list(svc), self.counters.dest_flags,
-                                        lambda d: _Dest(d.slot, 0))
+        dests = self._list(svc)
         attrs = _STATE_ATTRS.get(_KIND_NAMES[kind], ())
         st = self.counters.sched_state[svc]
         for i, a in enumerate(attrs):
             setattr(obj, a, int(st[1 + i]))
         if kind == tables.SCHED_KINDS["wrr"]:
             obj._fresh = False   # the state words hold its update already
-        d = obj.schedule(dests, self.counters.dest_conns, caddr, cport) if dests else None
+        flags = self.counters.dest_flags
+        ctx = schedmod.SchedCtx(self.counters.dest_conns, caddr, cport,
+                                overloaded=lambda slot: bool(flags[slot] & tables.DEST_F_OVERLOAD))
+        d = obj.schedule(dests, ctx) if dests else None
         for i, a in enumerate(attrs):
             st[1 + i] = getattr(obj, a)
         return -1 if d is None else d.slot
