@@ -15,6 +15,7 @@ flags after every step.
 from __future__ import annotations
 
 import ipaddress
+import random
 
 import numpy as np
 import pytest
@@ -29,7 +30,8 @@ from pylvs.engine import new_engine, states, tables
 VIP, CIP = "10.0.0.1", "10.0.0.2"
 LMAC, CMAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 RIPS = [f"192.168.1.{i}" for i in range(2, 10)]
-KINDS = sorted(tables.SCHED_KINDS)
+KINDS = sorted(set(tables.SCHED_KINDS) - set(tables.SCHED_TABLE_SIZES))
+HASHED = sorted(tables.SCHED_TABLE_SIZES)
 ETH = tables.VNET_HDR_LEN
 # Conns end by RST (CLOSE, 1 s) and the clock hand; nothing else expires
 # while a script runs.
@@ -41,8 +43,9 @@ def ip(a: str) -> int:
     return int(ipaddress.IPv4Address(a))
 
 
-def seg(cport: int, flags: str) -> bytes:
-    f = Ether(src=CMAC, dst=LMAC) / IP(src=CIP, dst=VIP) / TCP(sport=cport, dport=80, flags=flags)
+def seg(cport: int, flags: str, caddr: str = CIP) -> bytes:
+    f = (Ether(src=CMAC, dst=LMAC) / IP(src=caddr, dst=VIP)
+         / TCP(sport=cport, dport=80, flags=flags))
     return tables.with_vnet(raw(f))
 
 
@@ -66,11 +69,12 @@ class World:
                         for part in self.counters.parts]
         self.b.publish_sched = lambda *t: [e.set_sched(*t) for e in self.engines]
         self.b.c_sched = c_sched
-        self.b.add_service("tcp", VIP, 80, sched=sched, flags=list(flags))
+        self.b.add_service("tcp", VIP, 80, sched=sched, flags=",".join(flags))
         self.batch = tables.Batch(size=4, slot=256)
         self.now = 0.0
         self.next_port = 1000
-        self.conns: dict[int, int] = {}  # conn id (client port) -> engine index
+        # conn id (client port) -> (engine index, client address)
+        self.conns: dict[int, tuple[int, str]] = {}
 
     def _upcall(self, svc: int, caddr: int, cport: int) -> int:
         self.upcalls += 1
@@ -84,19 +88,23 @@ class World:
         """One segment through the conn's engine: the RIP it went to, or None."""
         b = self.batch
         b.clear()
-        b.append(seg(cport, flags))
-        self.engines[self.conns[cport]].process(b, self.now)
+        worker, caddr = self.conns[cport]
+        b.append(seg(cport, flags, caddr))
+        self.engines[worker].process(b, self.now)
         if b.verdict[0] != tables.V_TX:
             return None
         return str(ipaddress.IPv4Address(bytes(b.buf[0, ETH + 30:ETH + 34])))
 
     # --- script steps ------------------------------------------------------
 
-    def syn(self, n: int) -> list:
+    def syn(self, n: int, clients: list[str] | None = None) -> list:
+        """n new conns, from CIP or from ``clients`` in turn (a worker per
+        client address, as steering hands them)."""
         out = []
-        for _ in range(n):
+        for k in range(n):
             cport, self.next_port = self.next_port, self.next_port + 1
-            self.conns[cport] = cport % len(self.engines)
+            caddr = clients[k % len(clients)] if clients else CIP
+            self.conns[cport] = (ip(caddr) if clients else cport) % len(self.engines), caddr
             out.append(self.send(cport, "S"))
         return out
 
@@ -312,22 +320,27 @@ def test_set_sched_refuses_tables_that_do_not_fit():
     for impl in ("c", "python"):
         counters = tables.Counters(4, 8)
         e = new_engine(impl, 16, counters=counters, schedule=lambda *a: -1)
-        svcs, dests, thresh = tables.empty_sched(4, 8)
-        e.set_sched(svcs, dests, thresh)
+        svcs, dests, thresh, tab = tables.empty_sched(4, 8)
+        e.set_sched(svcs, dests, thresh, tab)
         bad = svcs.copy()
-        bad[1] = (tables.SCHED_KINDS["rr"], 0, 0, 0, 3)
+        bad[1] = (tables.SCHED_KINDS["rr"], 0, 0, 0, 3, 0)
         with pytest.raises(ValueError):
-            e.set_sched(bad, dests, thresh)        # a run beyond the dests given
-        bad[1] = (99, 0, 0, 0, 0)
+            e.set_sched(bad, dests, thresh, tab)   # a run beyond the dests given
+        bad[1] = (99, 0, 0, 0, 0, 0)
         with pytest.raises(ValueError):
-            e.set_sched(bad, dests, thresh)        # no such kind
+            e.set_sched(bad, dests, thresh, tab)   # no such kind
+        bad[1] = (tables.SCHED_KINDS["mh"], 0, 0, 0, 0, 0)
+        with pytest.raises(ValueError):            # 4093 entries, 256 given
+            e.set_sched(bad, dests, thresh, np.full(256, -1, dtype=np.int32))
+        bad[1] = (tables.SCHED_KINDS["sh"], 0, 0, 0, 0, 0)
+        e.set_sched(bad, dests, thresh, np.full(256, -1, dtype=np.int32))
         far = np.array([(8, 1)], dtype=tables.SCHED_DEST_DTYPE)
         with pytest.raises(ValueError):
-            e.set_sched(svcs, far, thresh)         # a slot the counters do not have
+            e.set_sched(svcs, far, thresh, tab)    # a slot the counters do not have
         with pytest.raises(ValueError):
-            e.set_sched(*tables.empty_sched(5, 8)) # more services than counters
+            e.set_sched(*tables.empty_sched(5, 8))  # more services than counters
         with pytest.raises(TypeError):
-            e.set_sched(svcs, dests, np.zeros(8, dtype=np.uint64))
+            e.set_sched(svcs, dests, np.zeros(8, dtype=np.uint64), tab)
 
 
 def test_every_c_kind_is_a_python_scheduler():
@@ -347,3 +360,54 @@ def test_a_restored_batch_starts_where_python_does(sched, impl):
                         for i, weight in enumerate((4, 6, 2, 6))])
         return w.syn(24)
     assert picks(True) == picks(False)
+
+
+# --- sh, dh, mh: the engine hashes, control builds the table ----------------
+
+HASH_FLAGS = [(), ("fallback",), ("port",), ("fallback", "port")]
+
+
+HASH_CASES = [(s, f) for s in HASHED for f in HASH_FLAGS if s != "dh" or not f]  # dh: no -b
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+@pytest.mark.parametrize("sched,flags", HASH_CASES,
+                         ids=[f"{s}-{'-'.join(f) or 'none'}" for s, f in HASH_CASES])
+def test_hash_lookups_equal_the_python_choice_on_random_clients(sched, flags, impl):
+    """Random clients (seeded) against dests of weights 3, 1, 0, 2, 1, the
+    fourth overloaded: the engine's bucket, fallback walk and availability
+    give the Python scheduler's pick for every one; then a weight change."""
+    rnd = random.Random(f"{sched}{flags}")
+    clients = [str(ipaddress.IPv4Address(rnd.getrandbits(32) & 0x0AFFFFFF | 0x0A000000))
+               for _ in range(60)]
+
+    def picks(c_sched: bool) -> list:
+        w = World(impl, 2, c_sched, sched, flags=[f"{sched}-{f}" for f in flags])
+        for i, weight in enumerate((3, 1, 0, 2, 1)):
+            w.add(i, weight=weight, u_threshold=1000)
+        # As the engines set it once 1000 conns are bound.
+        slot = {d["daddr"]: d["slot"] for d in w.b.snapshot()["services"][0]["dests"]}
+        w.counters.dest_flags[slot[RIPS[3]]] = tables.DEST_F_OVERLOAD
+        out = w.syn(120, clients)
+        w.dest(1, weight=0)
+        w.dest(2, weight=4)
+        return out + w.syn(120, clients)
+    want = picks(False)
+    assert len(set(want) - {None}) >= (1 if sched == "dh" else 2)
+    assert picks(True) == want
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_sh_fallback_flag_edited_alone_reaches_the_engine(impl):
+    """-E -b sh-fallback keeps the scheduler (its table) and the engine
+    starts walking for a client whose bucket's dest is quiesced."""
+    w = World(impl, 1, True, "sh")
+    w.add(0, weight=1)
+    w.add(1, weight=1)
+    quiesced = RIPS[0]
+    w.dest(0, weight=0)
+    clients = [f"10.9.0.{i}" for i in range(1, 40)]
+    before = w.syn(len(clients), clients)
+    assert None in before and quiesced not in before
+    w.b.edit_service("tcp", VIP, 80, flags="sh-fallback")
+    assert w.syn(len(clients), clients) == [RIPS[1]] * len(clients)

@@ -207,6 +207,7 @@ static void engine_dealloc(PylvsEngine *self)
     release(&self->sched_svc_view);
     release(&self->sched_dest_view);
     release(&self->thresh_view);
+    release(&self->sched_table_view);
     release(&self->services_view);
     release(&self->dests_view);
     for (int k = 0; k < N_BATCH_ARRAYS; k++)
@@ -531,27 +532,29 @@ static PyObject *engine_set_tables(PylvsEngine *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* set_sched(sched_svcs, sched_dests, thresholds): the tables of the
+/* set_sched(sched_svcs, sched_dests, thresholds, sched_table): the tables of the
  * schedulers in C and the dests' thresholds (ip_vs_sched.h), held like the
  * service and dest tables: published arrays are never written again. */
 static PyObject *engine_set_sched(PylvsEngine *self, PyObject *args)
 {
-    static const char *const svc_fields[] = {"kind", "flags", "first", "count", NULL};
+    static const char *const svc_fields[] = {"kind", "flags", "first", "count", "table", NULL};
     static const Py_ssize_t svc_offsets[] = {
         offsetof(sched_svc_row, kind), offsetof(sched_svc_row, flags),
-        offsetof(sched_svc_row, first), offsetof(sched_svc_row, count)};
+        offsetof(sched_svc_row, first), offsetof(sched_svc_row, count),
+        offsetof(sched_svc_row, table)};
+    static const Py_ssize_t any[1] = {-1};
     static const char *const dest_fields[] = {"slot", "weight", NULL};
     static const Py_ssize_t dest_offsets[] = {offsetof(sched_dest_row, slot),
                                               offsetof(sched_dest_row, weight)};
     static const char *const thresh_fields[] = {"u_threshold", "l_threshold", NULL};
     static const Py_ssize_t thresh_offsets[] = {offsetof(dest_thresh_row, u_threshold),
                                                 offsetof(dest_thresh_row, l_threshold)};
-    PyObject *svcs, *dests, *thresh;
-    if (!PyArg_ParseTuple(args, "OOO:set_sched", &svcs, &dests, &thresh))
+    PyObject *svcs, *dests, *thresh, *table;
+    if (!PyArg_ParseTuple(args, "OOOO:set_sched", &svcs, &dests, &thresh, &table))
         return NULL;
     if (refuse_if_busy(self) < 0)
         return NULL;
-    Py_buffer v[3];
+    Py_buffer v[4];
     memset(v, 0, sizeof(v));
     if (get_table(svcs, "sched_svcs", "SCHED_SVC_DTYPE", svc_fields, svc_offsets,
                   sizeof(sched_svc_row), self->max_services, &v[0]) < 0 ||
@@ -559,18 +562,23 @@ static PyObject *engine_set_sched(PylvsEngine *self, PyObject *args)
                   sizeof(sched_dest_row), UINT32_MAX, &v[1]) < 0 ||
         get_table(thresh, "thresholds", "DEST_THRESH_DTYPE", thresh_fields, thresh_offsets,
                   sizeof(dest_thresh_row), self->max_dests, &v[2]) < 0 ||
+        get_array(table, "sched_table", 'i', 4, "int32", 1, any, 0, &v[3]) < 0 ||
         sched_check_tables(v[0].buf, (uint32_t)v[0].shape[0], v[1].buf,
-                           (uint32_t)v[1].shape[0], self->max_dests) < 0) {
-        for (int k = 0; k < 3; k++)
+                           (uint32_t)v[1].shape[0], v[3].buf, (uint32_t)v[3].shape[0],
+                           self->max_dests) < 0) {
+        for (int k = 0; k < 4; k++)
             release(&v[k]);
         return NULL;
     }
     release(&self->sched_svc_view);
     release(&self->sched_dest_view);
     release(&self->thresh_view);
+    release(&self->sched_table_view);
     self->sched_svc_view = v[0];
     self->sched_dest_view = v[1];
     self->thresh_view = v[2];
+    self->sched_table_view = v[3];
+    self->sched_table = v[3].buf;
     self->sched_svc = v[0].buf;
     self->sched_dest = v[1].buf;
     self->thresh = v[2].buf;
@@ -990,8 +998,9 @@ static PyMethodDef engine_methods[] = {
     {"set_tables", (PyCFunction)engine_set_tables_locked, METH_VARARGS,
      "set_tables(services, dests): use these SERVICE_DTYPE / DEST_DTYPE arrays from now on."},
     {"set_sched", (PyCFunction)engine_set_sched_locked, METH_VARARGS,
-     "set_sched(sched_svcs, sched_dests, thresholds): the schedulers run in C and the\n"
-     "dests' -x/-y (tables.SCHED_SVC_DTYPE, SCHED_DEST_DTYPE, DEST_THRESH_DTYPE)."},
+     "set_sched(sched_svcs, sched_dests, thresholds, sched_table): the schedulers run in C\n"
+     "and the dests' -x/-y (tables.SCHED_SVC_DTYPE, SCHED_DEST_DTYPE, DEST_THRESH_DTYPE,\n"
+     "int32 sh/dh/mh buckets holding indices into their service's dests, -1 empty)."},
     {"set_ports", (PyCFunction)engine_set_ports_locked, METH_O,
      "set_ports(ports): the I/O ports' facts (tables.PORT_DTYPE, index = port)"},
     {"set_routes", (PyCFunction)engine_set_routes_locked, METH_VARARGS,

@@ -133,7 +133,7 @@ static long call_schedule_gil(PylvsEngine *e, int svc, uint32_t caddr, uint16_t 
  * -1 for none, or -2 when Python raised (already reported). */
 static long call_schedule(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cport)
 {
-    long picked = sched_pick(e, svc);
+    long picked = sched_pick(e, svc, caddr, cport);
     if (picked != SCHED_ASK_PYTHON)
         return picked;
     if (e->schedule == NULL)

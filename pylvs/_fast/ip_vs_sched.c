@@ -184,6 +184,68 @@ static long wrr_pick(const PylvsEngine *e, const sched_dest_row *l, uint32_t n, 
     return found;
 }
 
+/* --- the hash ones: control builds the table, the engine hashes ---------- */
+
+/* include/linux/hash.h hash_32 (the generic one, as on x86-64). */
+static inline uint32_t hash_32(uint32_t val, unsigned bits)
+{
+    return (uint32_t)(val * 0x61C88647u) >> (32 - bits);
+}
+
+/* lib/siphash.c hsiphash() of one u32 on a 64-bit kernel: SipHash-1-3 of
+ * its 4 bytes in memory order, the low 32 bits; ip_vs_mh.c's key 1. */
+static inline uint32_t mh_hash(uint32_t v)
+{
+    uint8_t b[4] = {(uint8_t)v, (uint8_t)(v >> 8), (uint8_t)(v >> 16), (uint8_t)(v >> 24)};
+    return (uint32_t)pylvs_siphash(2654435761u, 2654435761u, b, 4, 1, 3);
+}
+
+/* The entry's dest if available; else with a fallback walk (`probe(i)`,
+ * the entries ip_vs_sh/mh_get_fallback try) the first available one, an
+ * empty entry ending the walk; -1 for none. */
+static long table_pick(const PylvsEngine *e, const sched_svc_row *s, const int32_t *tab,
+                       uint32_t entry, uint32_t tries, uint32_t caddr, uint32_t port)
+{
+    const sched_dest_row *l = e->sched_dest + s->first;
+    int32_t i = tab[entry];
+    if (i < 0 || (uint32_t)i >= s->count)
+        return -1;
+    if (available(e, &l[i]))
+        return l[i].slot;
+    for (uint32_t off = 0; off < tries; off++) {
+        uint32_t at = s->kind == SK_SH
+                          ? (off + 2 * entry) & (SH_TAB_SIZE - 1)
+                          : mh_hash((off + entry) % MH_TAB_SIZE + port + caddr) % MH_TAB_SIZE;
+        i = tab[at];
+        if (i < 0 || (uint32_t)i >= s->count)
+            return -1;
+        if (available(e, &l[i]))
+            return l[i].slot;
+    }
+    return -1;
+}
+
+/* sh (ip_vs_sh.c): bucket hash_32(caddr + port, 8); dh (ip_vs_dh.c):
+ * hash_32(daddr, 8); mh (ip_vs_mh.c): hsiphash(caddr + port) mod 4093.
+ * port = the client's with sh-port / mh-port, else 0. */
+static long hash_pick(const PylvsEngine *e, int svc, const sched_svc_row *s, uint32_t caddr,
+                      uint16_t cport)
+{
+    const int32_t *tab = e->sched_table + s->table;
+    uint32_t port = s->flags & SVC_F_SCHED2 ? cport : 0;
+    if (s->kind == SK_DH) {
+        if ((uint32_t)svc >= e->nservices)
+            return -1;
+        return table_pick(e, s, tab, hash_32(e->services[svc].vaddr, SH_TAB_BITS), 0, 0, 0);
+    }
+    int fallback = (s->flags & SVC_F_SCHED1) != 0;
+    if (s->kind == SK_SH)
+        return table_pick(e, s, tab, hash_32(caddr + port, SH_TAB_BITS),
+                          fallback ? SH_TAB_SIZE : 0, caddr, port);
+    return table_pick(e, s, tab, mh_hash(caddr + port) % MH_TAB_SIZE,
+                      fallback ? MH_TAB_SIZE : 0, caddr, port);
+}
+
 /* --- the choice ------------------------------------------------------------ */
 
 int sched_needs_upcall(const PylvsEngine *e, int svc)
@@ -191,7 +253,7 @@ int sched_needs_upcall(const PylvsEngine *e, int svc)
     return (uint32_t)svc >= e->nsched_svc || e->sched_svc[svc].kind == SK_UPCALL;
 }
 
-long sched_pick(PylvsEngine *e, int svc)
+long sched_pick(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cport)
 {
     if (sched_needs_upcall(e, svc))
         return SCHED_ASK_PYTHON;
@@ -212,13 +274,23 @@ long sched_pick(PylvsEngine *e, int svc)
     case SK_FO:
     case SK_OVF:
         return heaviest(e, l, n, s->kind);
+    case SK_SH:
+    case SK_DH:
+    case SK_MH:
+        return hash_pick(e, svc, s, caddr, cport);
     default:
         return least_cost(e, l, n, s->kind);
     }
 }
 
+static uint32_t table_size(int kind)
+{
+    return kind == SK_MH ? MH_TAB_SIZE : kind == SK_SH || kind == SK_DH ? SH_TAB_SIZE : 0;
+}
+
 int sched_check_tables(const sched_svc_row *svcs, uint32_t nsvcs, const sched_dest_row *dests,
-                       uint32_t ndests, uint32_t max_dests)
+                       uint32_t ndests, const int32_t *table, uint32_t ntable,
+                       uint32_t max_dests)
 {
     for (uint32_t s = 0; s < nsvcs; s++) {
         const sched_svc_row *r = &svcs[s];
@@ -231,6 +303,11 @@ int sched_check_tables(const sched_svc_row *svcs, uint32_t nsvcs, const sched_de
             ((uint64_t)r->first + r->count > ndests)) {
             PyErr_Format(PyExc_ValueError, "sched_svcs[%u]: dests %u..%u beyond the %u given",
                          s, r->first, r->first + r->count, ndests);
+            return -1;
+        }
+        if ((uint64_t)r->table + table_size(r->kind) > ntable) {
+            PyErr_Format(PyExc_ValueError, "sched_svcs[%u]: its table at %u is beyond the "
+                         "%u entries given", s, r->table, ntable);
             return -1;
         }
     }

@@ -21,9 +21,19 @@
 /* tables.SCHED_KINDS (SK_: SCHED_RR is POSIX's); SK_UPCALL: Python decides. */
 enum sched_kind {
     SK_UPCALL, SK_RR, SK_WRR, SK_LC, SK_WLC, SK_SED, SK_NQ, SK_FO,
-    SK_OVF,
+    SK_OVF, SK_SH, SK_DH, SK_MH,
     SK_COUNT
 };
+
+/* The service's -b bits (IP_VS_SVC_F_SCHED1, _SCHED2): sh/mh-fallback,
+ * sh/mh-port. */
+#define SVC_F_SCHED1 0x08
+#define SVC_F_SCHED2 0x10
+
+/* The hash schedulers' table sizes (pylvs/sched/sh.py, dh.py, mh.py). */
+#define SH_TAB_BITS 8
+#define SH_TAB_SIZE (1u << SH_TAB_BITS)
+#define MH_TAB_SIZE 4093u
 
 /* tables.DEST_F_OVERLOAD, a bit of counters.dest_flags. */
 #define DEST_F_OVERLOAD 1
@@ -44,6 +54,7 @@ typedef struct {
     uint16_t pad;
     uint32_t first;
     uint32_t count;
+    uint32_t table; /* sh, dh, mh: their table's first entry in sched_table */
 } sched_svc_row;
 
 typedef struct {
@@ -56,7 +67,7 @@ typedef struct {
     uint32_t l_threshold;
 } dest_thresh_row;
 
-_Static_assert(sizeof(sched_svc_row) == 12, "SCHED_SVC_DTYPE is 12 bytes");
+_Static_assert(sizeof(sched_svc_row) == 16, "SCHED_SVC_DTYPE is 16 bytes");
 _Static_assert(sizeof(sched_dest_row) == 8, "SCHED_DEST_DTYPE is 8 bytes");
 _Static_assert(sizeof(dest_thresh_row) == 8, "DEST_THRESH_DTYPE is 8 bytes");
 
@@ -65,7 +76,7 @@ _Static_assert(sizeof(dest_thresh_row) == 8, "DEST_THRESH_DTYPE is 8 bytes");
 
 /* The dest slot the service's C scheduler picks, -1 for none, or
  * SCHED_ASK_PYTHON. Never calls Python. */
-long sched_pick(PylvsEngine *e, int svc);
+long sched_pick(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cport);
 
 /* Does a new conn of this service need the Python scheduler? */
 int sched_needs_upcall(const PylvsEngine *e, int svc);
@@ -79,7 +90,8 @@ void dest_overload_unbind(PylvsEngine *e, uint32_t d);
 /* The published tables were checked (engine_type.c set_sched): rows in
  * range, kinds known. */
 int sched_check_tables(const sched_svc_row *svcs, uint32_t nsvcs, const sched_dest_row *dests,
-                       uint32_t ndests, uint32_t max_dests);
+                       uint32_t ndests, const int32_t *table, uint32_t ntable,
+                       uint32_t max_dests);
 
 /* _fast.sched_update(state, svc, kind, dests, reset): module function. */
 int pylvs_sched_register(PyObject *module);

@@ -469,11 +469,10 @@ class Balancer:
                                      int, int] | None] = [None] * counters.max_services
         self._sched_lock = threading.Lock()
         # The schedulers the engines run themselves (sched_tables.py): after
-        # each change publish_sched(svcs, dests, thresholds) hands the tables
-        # to every engine's set_sched; c_sched False asks Python for every one.
+        # each change publish_sched(svcs, dests, thresholds, table) hands the
+        # tables to every engine's set_sched; c_sched False: Python for all.
         self._c_tables = SchedTables(counters)
-        self.publish_sched: Callable[[np.ndarray, np.ndarray, np.ndarray], None] = \
-            lambda svcs, dests, thresholds: None
+        self.publish_sched: Callable[..., None] = lambda svcs, dests, thresholds, table: None
         self._c_sched = True
         self._c_hold = 0   # inside flush: one publish_sched at its end
 
@@ -644,7 +643,9 @@ class Balancer:
             # scheduler and its state (rr's turn, lblc's cache).
             with self._sched_lock:
                 svc.scheduler.flags = frozenset(sched_flag_names(new_sched, bits))
+                self._c_tables.set_flags(svc.slot, bits)
             svc.sched_flags = bits
+            self.publish_sched(*self._c_tables.published())
         svc.timeout, svc.netmask, svc.pe, svc.ops = timeout, mask, new_pe, new_ops
         self._changed()
         return svc.slot

@@ -346,9 +346,9 @@ class Engine:
         self._svc_by_key, self._dests = by_key, ds
 
     def set_sched(self, sched_svcs: np.ndarray, sched_dests: np.ndarray,
-                  thresholds: np.ndarray) -> None:
+                  thresholds: np.ndarray, sched_table: np.ndarray) -> None:
         self._refuse_if_busy()
-        self._sched.set(sched_svcs, sched_dests, thresholds)
+        self._sched.set(sched_svcs, sched_dests, thresholds, sched_table)
 
     def set_ports(self, ports: np.ndarray) -> None:
         """The I/O ports' facts (PORT_DTYPE, index = port): address, MTU, MAC, rp_filter."""
@@ -1254,7 +1254,7 @@ class Engine:
                 and self._sched.needs_upcall(svc) and not self._upcall_allowed(now)):
             pend[_DROP_UPCALL_LIMIT] += 1
             return V_DROP, None
-        d = self._sched.pick(svc, saddr, sport)
+        d = self._sched.pick(svc, saddr, sport, daddr)
         if d == sched_c.ASK_PYTHON:
             self._busy = True
             try:

@@ -54,11 +54,11 @@ class _Dest:
 
 
 def check_tables(svcs: np.ndarray, dests: np.ndarray, thresholds: np.ndarray,
-                 max_services: int, max_dests: int) -> None:
+                 table: np.ndarray, max_services: int, max_dests: int) -> None:
     """The checks the C engine's set_sched makes: TypeError for a wrong
     dtype, ValueError for rows out of range or an unknown kind."""
     for a, dt in ((svcs, tables.SCHED_SVC_DTYPE), (dests, tables.SCHED_DEST_DTYPE),
-                  (thresholds, tables.DEST_THRESH_DTYPE)):
+                  (thresholds, tables.DEST_THRESH_DTYPE), (table, np.dtype(np.int32))):
         if a.dtype != dt or a.ndim != 1:
             raise TypeError(f"set_sched wants one-dimensional arrays of {dt}")
     if len(svcs) > max_services or len(thresholds) > max_dests:
@@ -71,6 +71,10 @@ def check_tables(svcs: np.ndarray, dests: np.ndarray, thresholds: np.ndarray,
         raise ValueError("sched_svcs name dests beyond those given")
     if len(dests) and int(dests["slot"].max()) >= max_dests:
         raise ValueError("sched_dests name a slot beyond the counters")
+    for name, size in tables.SCHED_TABLE_SIZES.items():
+        hashed = kinds == tables.SCHED_KINDS[name]
+        if np.any(svcs["table"][hashed].astype(np.int64) + size > len(table)):
+            raise ValueError(f"a {name} table beyond the sched_table given")
 
 
 class EngineSched:
@@ -78,17 +82,18 @@ class EngineSched:
 
     def __init__(self, counters: tables.Counters):
         self.counters = counters
-        svcs, dests, thresholds = tables.empty_sched(0, 0)
-        self.svcs, self.thresholds = svcs, thresholds
+        self.svcs, self._dests, self.thresholds, self._table = tables.empty_sched(0, 0)
         self._lists: dict[int, tuple[_Dest, ...]] = {}
-        self._dests = dests
-        self._objs = {k: schedmod.get(name)() for k, name in _KIND_NAMES.items()}
+        self._objs = {k: schedmod.get(name)() for k, name in _KIND_NAMES.items()
+                      if name not in tables.SCHED_TABLE_SIZES}
+        self._hashed: dict[int, schedmod.Scheduler] = {}
 
-    def set(self, svcs: np.ndarray, dests: np.ndarray, thresholds: np.ndarray) -> None:
-        check_tables(svcs, dests, thresholds, self.counters.max_services,
+    def set(self, svcs: np.ndarray, dests: np.ndarray, thresholds: np.ndarray,
+            table: np.ndarray) -> None:
+        check_tables(svcs, dests, thresholds, table, self.counters.max_services,
                      self.counters.max_dests)
-        self.svcs, self._dests, self.thresholds = svcs, dests, thresholds
-        self._lists = {}
+        self.svcs, self._dests, self.thresholds, self._table = svcs, dests, thresholds, table
+        self._lists, self._hashed = {}, {}
 
     def needs_upcall(self, svc: int) -> bool:
         return svc >= len(self.svcs) or int(self.svcs[svc]["kind"]) == tables.SCHED_UPCALL
@@ -104,13 +109,33 @@ class EngineSched:
             self._lists[svc] = dl
         return dl
 
-    def pick(self, svc: int, caddr: int, cport: int) -> int:
-        """The dest slot the service's scheduler picks, -1 for none, or
-        ASK_PYTHON."""
+    def _hash_sched(self, svc: int, kind: int) -> schedmod.Scheduler:
+        """sh, dh or mh with the published table (as dest slots) and -b bits."""
+        obj = self._hashed.get(svc)
+        if obj is None:
+            name, row = _KIND_NAMES[kind], self.svcs[svc]
+            bits = int(row["flags"])
+            flags = {f"{name}-fallback"} if bits & 0x08 else set()
+            flags |= {f"{name}-port"} if bits & 0x10 else set()
+            obj = schedmod.get(name)(frozenset(flags))
+            dl = self._list(svc)
+            at = int(row["table"])
+            idx = self._table[at:at + tables.SCHED_TABLE_SIZES[name]]
+            slots = np.array([d.slot for d in dl] + [-1], dtype=np.int32)
+            # The table the Python scheduler built, and its dests by slot
+            # (what its update() leaves), read back from what C reads.
+            obj.table = slots[np.where((idx >= 0) & (idx < len(dl)), idx, -1)]
+            obj._by_slot = {d.slot: d for d in dl}
+            self._hashed[svc] = obj
+        return obj
+
+    def pick(self, svc: int, caddr: int, cport: int, daddr: int) -> int:
+        """The dest slot the service's scheduler picks for a new conn from
+        caddr:cport to daddr (host order), -1 for none, or ASK_PYTHON."""
         if self.needs_upcall(svc):
             return ASK_PYTHON
         kind = int(self.svcs[svc]["kind"])
-        obj = self._objs[kind]
+        obj = self._objs.get(kind) or self._hash_sched(svc, kind)
         dests = self._list(svc)
         attrs = _STATE_ATTRS.get(_KIND_NAMES[kind], ())
         st = self.counters.sched_state[svc]
@@ -119,7 +144,7 @@ class EngineSched:
         if kind == tables.SCHED_KINDS["wrr"]:
             obj._fresh = False   # the state words hold its update already
         flags = self.counters.dest_flags
-        ctx = schedmod.SchedCtx(self.counters.dest_conns, caddr, cport,
+        ctx = schedmod.SchedCtx(self.counters.dest_conns, caddr, cport, daddr,
                                 overloaded=lambda slot: bool(flags[slot] & tables.DEST_F_OVERLOAD))
         d = obj.schedule(dests, ctx) if dests else None
         for i, a in enumerate(attrs):

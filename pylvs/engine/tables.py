@@ -223,10 +223,15 @@ DEST_F_OVERLOAD = 1  # IP_VS_DEST_F_OVERLOAD: -x reached, not yet below -y
 # Schedulers the engine runs itself, by ``-s`` name; SCHED_UPCALL (any
 # other name, or Balancer.c_sched off) calls the Python scheduler.
 SCHED_UPCALL = 0
-SCHED_KINDS = {"rr": 1, "wrr": 2, "lc": 3, "wlc": 4, "sed": 5, "nq": 6, "fo": 7, "ovf": 8}
+SCHED_KINDS = {"rr": 1, "wrr": 2, "lc": 3, "wlc": 4, "sed": 5, "nq": 6, "fo": 7, "ovf": 8,
+               "sh": 9, "dh": 10, "mh": 11}
+# sh, dh, mh: buckets per table (their Scheduler.table_size).
+SCHED_TABLE_SIZES = {"sh": 256, "dh": 256, "mh": 4093}
 
 # One row per service slot: its scheduler and its dests' run in SCHED_DEST
-# rows [first, first + count), in the order its Python scheduler sees them.
+# rows [first, first + count), in the order its Python scheduler sees them;
+# sh, dh, mh also their table, SCHED_TABLE_SIZES int32 entries of the
+# sched_table array from `table` on: indices into the run, -1 empty.
 SCHED_SVC_DTYPE = np.dtype(
     [
         ("kind", "u1"),      # SCHED_KINDS value or SCHED_UPCALL
@@ -234,6 +239,7 @@ SCHED_SVC_DTYPE = np.dtype(
         ("pad", "<u2"),
         ("first", "<u4"),
         ("count", "<u4"),
+        ("table", "<u4"),
     ],
     align=True,
 )
@@ -245,11 +251,12 @@ DEST_THRESH_DTYPE = np.dtype([("u_threshold", "<u4"), ("l_threshold", "<u4")], a
 SCHED_STATE_WORDS = 8
 
 
-def empty_sched(max_services: int, max_dests: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def empty_sched(max_services: int, max_dests: int) -> tuple[np.ndarray, ...]:
     """Scheduler tables with no C scheduler and no thresholds:
-    (SCHED_SVC_DTYPE[max_services], SCHED_DEST_DTYPE[0], DEST_THRESH_DTYPE[max_dests])."""
+    (SCHED_SVC_DTYPE[max_services], SCHED_DEST_DTYPE[0],
+    DEST_THRESH_DTYPE[max_dests], int32[0] sched_table)."""
     return (np.zeros(max_services, dtype=SCHED_SVC_DTYPE), np.zeros(0, dtype=SCHED_DEST_DTYPE),
-            np.zeros(max_dests, dtype=DEST_THRESH_DTYPE))
+            np.zeros(max_dests, dtype=DEST_THRESH_DTYPE), np.zeros(0, dtype=np.int32))
 
 
 # Per-service and per-dest traffic counters, columns:
