@@ -411,3 +411,22 @@ def test_sh_fallback_flag_edited_alone_reaches_the_engine(impl):
     assert None in before and quiesced not in before
     w.b.edit_service("tcp", VIP, 80, flags="sh-fallback")
     assert w.syn(len(clients), clients) == [RIPS[1]] * len(clients)
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_the_upcall_limit_spares_services_the_engine_schedules(impl):
+    """Under receive pressure with upcall_share spent, a SYN that would call
+    Python is dropped (drop_upcall_limit); one the engine schedules itself
+    costs no upcall and is never limited."""
+    def dropped(c_sched: bool) -> int:
+        w = World(impl, 1, c_sched, "wlc")
+        w.add(0)
+        e = w.engines[0]
+        values = tables.default_sysctls()
+        values[tables.SYSCTL_INDEX["upcall_share"]] = 1
+        e.set_sysctls(values)
+        e.pressure, e.upcall_cost = True, 1.0   # one upcall spends the bucket
+        w.syn(20)
+        return w.counters.stat("drop_upcall_limit")
+    assert dropped(True) == 0
+    assert dropped(False) == 19
