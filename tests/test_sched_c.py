@@ -67,7 +67,8 @@ class World:
         self.engines = [new_engine(impl, 4096, counters=part, schedule=self._upcall,
                                    timeouts=TIMEOUTS, key=bytes(range(16)))
                         for part in self.counters.parts]
-        self.b.publish_sched = lambda *t: [e.set_sched(*t) for e in self.engines]
+        self.published: tuple = ()
+        self.b.publish_sched = self._publish_sched
         self.b.c_sched = c_sched
         self.b.add_service("tcp", VIP, 80, sched=sched, flags=",".join(flags))
         self.batch = tables.Batch(size=4, slot=256)
@@ -79,6 +80,11 @@ class World:
     def _upcall(self, svc: int, caddr: int, cport: int) -> int:
         self.upcalls += 1
         return self.b.schedule(svc, caddr, cport)
+
+    def _publish_sched(self, *t):
+        self.published = t
+        for e in self.engines:
+            e.set_sched(*t)
 
     def _publish(self, svcs, dests):
         for e in self.engines:
@@ -430,3 +436,15 @@ def test_the_upcall_limit_spares_services_the_engine_schedules(impl):
         return w.counters.stat("drop_upcall_limit")
     assert dropped(True) == 0
     assert dropped(False) == 19
+
+
+def test_a_deleted_service_leaves_no_scheduler_and_no_thresholds():
+    w = World("c", 1, True, "rr")
+    w.add(0, u_threshold=5, l_threshold=2)
+    d = w.b.snapshot()["services"][0]["dests"][0]["slot"]
+    svcs, _, thresh, _ = w.published
+    assert svcs[0]["kind"] == tables.SCHED_KINDS["rr"] and tuple(thresh[d]) == (5, 2)
+    w.b.del_service("tcp", VIP, 80)
+    svcs, _, thresh, _ = w.published
+    assert svcs[0]["kind"] == 0 and tuple(thresh[d]) == (0, 0)
+    assert w.syn(1) == [None] and w.counters.stat("pass_not_ours") == 1

@@ -664,8 +664,7 @@ class Balancer:
 
     def _remove_service(self, svc: Service) -> None:
         self._sched_view[svc.slot] = None
-        self._c_tables.remove(svc.slot)
-        self.publish_sched(*self._c_tables.published())
+        self._c_tables.remove(svc.slot)   # published by the flush that follows
         self._sched_dirty.pop(svc.slot, None)
         held = any(self._conns_on(d.slot) for d in svc.dests.values())
         for d in list(svc.dests.values()):
@@ -1350,7 +1349,8 @@ class Balancer:
             self._flush_pending()
         finally:
             self._c_hold -= 1
-        self.publish_sched(*self._c_tables.published())
+        if self._c_tables.dirty:
+            self.publish_sched(*self._c_tables.published())
 
     def _flush_pending(self) -> None:
         # As outside a batch: a scheduler never names a dest the engine's

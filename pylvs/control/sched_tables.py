@@ -78,8 +78,10 @@ class SchedTables:
         self._members: dict[int, tuple[int, ...]] = {}
         self._sched_obj: dict[int, object] = {}
         self._shared = False                # the arrays were handed out: copy first
+        self.dirty = False                  # changed since published()
 
     def _own(self) -> None:
+        self.dirty = True
         if self._shared:
             self.svcs, self.thresholds = self.svcs.copy(), self.thresholds.copy()
             self._runs.array, self._tabs.array = self._runs.array.copy(), self._tabs.array.copy()
@@ -173,7 +175,7 @@ class SchedTables:
 
     def published(self) -> tuple[np.ndarray, ...]:
         """(svcs, dests, thresholds, sched_table), not written again."""
-        self._shared = True
+        self._shared, self.dirty = True, False
         return self.svcs, self._runs.array, self.thresholds, self._tabs.array
 
 
