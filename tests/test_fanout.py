@@ -105,7 +105,7 @@ def test_published_tables_key_like_key_lists():
     from pylvs.engine import tables
 
     services = tables.empty_services(2)
-    services[0] = (ip(VIP), 80, 6, tables.SVC_F_USED)
+    services[0] = (ip(VIP), 80, 6, tables.SVC_F_USED, 0, 0)
     dests = tables.empty_dests(2)
     dests[0]["daddr"], dests[0]["dport"], dests[0]["svc"] = ip(RIP), 8080, 0
     dests[0]["fwd"], dests[0]["flags"] = tables.FWD_MASQ, tables.DEST_F_USED
