@@ -127,7 +127,7 @@ def test_empty_tables_reject_everything():
 def test_from_published_tables():
     services = tables.empty_services(4)
     services[1] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED, 0, 0)
-    services[2] = (bpf.ip(VIP), 53, 17, 0)  # free slot: not a service
+    services[2] = (bpf.ip(VIP), 53, 17, 0, 0, 0)  # free slot: not a service
     dests = tables.empty_dests(4)
     dests[0]["daddr"], dests[0]["dport"], dests[0]["svc"] = bpf.ip(RIP), 8080, 1
     dests[0]["flags"] = tables.DEST_F_USED

@@ -299,6 +299,16 @@ def sync_sets(maps: dict, current: dict[str, set], want: dict[str, list]) -> Non
 # The sets of steer_key.h's steer_client_mix, which the eBPF fanout
 # (pylvs/bpf/fanout.bpf.c) and TAP steering (tap_steer.bpf.c) programs read.
 CLIENT_SETS = ("services", "realservers", "vips", "rsaddrs")
+# Their one-entry map of the client-address bits steering ignores
+# (steer_key.h STEER_MASK: ~bpf.client_mask of the tables).
+STEER_MASK = "steer_mask"
+
+
+def write_mask(maps: dict, services) -> None:
+    """Put ~client_mask(services) in the program's STEER_MASK map (OSError
+    from the map)."""
+    maps[STEER_MASK].update(struct.pack("I", 0),
+                            struct.pack("I", ~bpf.client_mask(services) & 0xFFFFFFFF))
 
 
 def client_set_sizes(max_services: int, max_dests: int) -> dict[str, int]:
@@ -326,6 +336,7 @@ class ClientSets:
                     and self._tables[1] is dests:
                 return
             sync_sets(self.maps, self._current, sets_of(services, dests, ()))
+            write_mask(self.maps, services)
             self._tables = (services, dests)
 
 
