@@ -244,6 +244,20 @@ def test_template_waits_while_it_controls_conns():
     same_tables(worlds)
 
 
+def test_controlling_template_met_late_by_a_lookup_waits_as_the_hand_would():
+    worlds = both()
+    for w in worlds:
+        w.service("rr", persistent=10)
+        first = w.syn(0.0)
+        w.established(0.0)
+        # No clock hand ran: at 20 the template's timer is past, but it
+        # controls a conn, so it was never to go; it now runs by 60 s.
+        assert w.syn(20.0, sport=1001) == first
+        assert w.templates()[0][6] == 80.0
+        w.check()
+    same_tables(worlds)
+
+
 def test_dead_template_met_before_the_clock_hand_is_not_used():
     worlds = both()
     for w in worlds:

@@ -291,9 +291,14 @@ static long persist_dest(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, u
     uint64_t h = key_hash(e, tproto, snet, 0, daddr, tvport);
     struct bucket *b = index_find(e, h, tproto, snet, 0, daddr, tvport);
     uint32_t slot = b != NULL ? (b->ref - 1) >> 1 : NO_SLOT;
-    if (slot != NO_SLOT && e->conns[slot].expires <= now && !tpl_held(&e->conns[slot])) {
-        conn_remove(e, slot, ST_CONNS_EXPIRED); /* dead, awaiting the clock hand */
-        slot = NO_SLOT;
+    if (slot != NO_SLOT && e->conns[slot].expires <= now) {
+        /* Its timer fired before the clock hand came: as the hand would. */
+        if (tpl_held(&e->conns[slot])) {
+            e->conns[slot].tpl_timeout = TPL_LATE_TIMEOUT;
+        } else {
+            conn_remove(e, slot, ST_CONNS_EXPIRED);
+            slot = NO_SLOT;
+        }
     }
     long d;
     if (slot != NO_SLOT && tpl_valid(e, slot, s)) {

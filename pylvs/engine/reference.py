@@ -63,7 +63,8 @@ import numpy as np
 
 from . import states, tables
 from . import icmp, tunnel
-from .conn import CONNS_EXPIRED, CONNS_REUSED, MAX_LIMIT, TPL_PROTO, Conn, ConnTable, tpl_held
+from .conn import (CONNS_EXPIRED, CONNS_REUSED, MAX_LIMIT, TPL_LATE_TIMEOUT, TPL_PROTO, Conn,
+                   ConnTable, tpl_held)
 from .checksum import fold, ones_sum, pseudo_header_sum, sum_update32, update16, update32
 
 _ST = tables.STAT_INDEX
@@ -1347,9 +1348,12 @@ class Engine:
         ct = self._ct
         hit = self._index.get(key)
         t = hit[0] if hit is not None else None
-        if t is not None and t.expires <= now and not tpl_held(t):
-            ct.remove(t, CONNS_EXPIRED)   # dead, awaiting the clock hand
-            t = None
+        if t is not None and t.expires <= now:   # its timer fired before the clock hand came
+            if tpl_held(t):
+                t.tpl_timeout = TPL_LATE_TIMEOUT
+            else:
+                ct.remove(t, CONNS_EXPIRED)
+                t = None
         if t is not None and self._tpl_valid(t, svc):
             if victim is t:
                 victim = self._victim_but(now, t)
