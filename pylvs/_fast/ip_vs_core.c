@@ -234,6 +234,23 @@ static int64_t victim_but(PylvsEngine *e, double now, uint32_t keep)
     return v == (int64_t)keep ? -1 : v;
 }
 
+/* What a new conn or template takes from its key and its dest. */
+static void conn_fill(struct conn *c, uint8_t proto, uint32_t caddr, uint16_t cport,
+                      uint32_t vaddr, uint16_t vport, const dest_row *dest, uint16_t dport,
+                      int s, long d)
+{
+    c->proto = proto;
+    c->caddr = caddr;
+    c->cport = cport;
+    c->vaddr = vaddr;
+    c->vport = vport;
+    c->daddr = dest->daddr;
+    c->dport = dport;
+    c->fwd = dest->fwd;
+    c->svc = (uint16_t)s;
+    c->dest = (uint32_t)d;
+}
+
 /* A new template of service s for dest d in a free slot (or `victim`'s);
  * NO_SLOT when none is had. Its timer is set by the caller. */
 static uint32_t tpl_new(PylvsEngine *e, int s, long d, uint8_t tproto, uint32_t snet,
@@ -243,18 +260,9 @@ static uint32_t tpl_new(PylvsEngine *e, int s, long d, uint8_t tproto, uint32_t 
     uint32_t slot = conn_alloc(e, victim, now);
     if (slot == NO_SLOT)
         return NO_SLOT;
-    const dest_row *dest = &e->dests[d];
     struct conn *t = &e->conns[slot];
     memset(t, 0, sizeof(*t));
-    t->proto = tproto;
-    t->caddr = snet;
-    t->vaddr = vaddr;
-    t->vport = tvport;
-    t->daddr = dest->daddr;
-    t->dport = tdport;
-    t->fwd = dest->fwd;
-    t->svc = (uint16_t)s;
-    t->dest = (uint32_t)d;
+    conn_fill(t, tproto, snet, 0, vaddr, tvport, &e->dests[d], tdport, s, d);
     t->xmit = XMIT_NONE;
     t->flags = CONN_F_TEMPLATE;
     t->tpl_timeout = e->services[s].timeout;
@@ -428,17 +436,8 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     if (slot == NO_SLOT) /* out of memory */
         return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
     struct conn *c = &e->conns[slot];
-    c->proto = proto;
-    c->caddr = saddr;
-    c->cport = sport;
-    c->vaddr = daddr;
-    c->vport = dport;
-    c->daddr = dest->daddr;
-    c->dport = rport;
+    conn_fill(c, proto, saddr, sport, daddr, dport, dest, rport, s, d);
     c->state = S_NONE;
-    c->fwd = dest->fwd;
-    c->svc = (uint16_t)s;
-    c->dest = (uint32_t)d;
     c->in_port = in_port;
     c->expires = now + e->timeouts[S_NONE];
     memcpy(c->cmac, eth + 6, 6);

@@ -146,10 +146,14 @@ def test_template_expires_after_a_short_timeout(lab: Lab):
 
 
 @pytest.mark.parametrize("workers", [1, 2], indirect=True)
-def test_port_zero_service_serves_every_port_of_the_vip(lab: Lab):
+@pytest.mark.parametrize("steering", ["bpf", "nft"])
+def test_port_zero_service_serves_every_port_of_the_vip(pooled_lab, steering):
     """-A -t VIP:0 -p: accepted only with persistence; the NAT dests given
     port 0 take the packet's port (80 here), and their replies reach the
-    client through the worker holding the conn."""
+    client through the worker holding the conn; both steering modes take
+    every port of a port-0 service and its real servers."""
+    lab = pooled_lab(run_args=("--steering", steering), servers=3)
+    lab.run(lab.client, ["ip", "addr", "replace", f"{CLIENT_B}/24", "dev", "eth0"])
     p = lab.adm_run("-A", "-t", f"{lab.vip}:0", "-s", "rr")
     assert p.returncode != 0 and "Zero port specified for non-persistent service" in p.stderr
     lab.adm("-A", "-t", f"{lab.vip}:0", "-s", "rr", "-p", "300")
