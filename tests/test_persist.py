@@ -420,3 +420,50 @@ def test_listings_show_templates_as_ipvsadm():
     assert snap["services"][0]["dests"][0]["persistconns"] == 1
     text = listing.list_all(snap, listing.PERSISTENT_CONN)
     assert text.splitlines()[-1] == "  -> 192.168.1.2:80               1         1           1          0         "
+
+
+# --- the two engines step by step, at the limit -----------------------------
+
+@pytest.mark.parametrize("seed", range(6))
+def test_engines_agree_on_random_persistent_traffic_at_the_limit(seed):
+    """Random SYNs, handshakes, UDP datagrams and replies from a few client
+    networks, expiry passes and weight changes on a 12-conn table, where
+    templates and conns evict each other: after every step both engines
+    hold the same conns and counts, and the C table checks out."""
+    import random
+
+    rng = random.Random(seed)
+    worlds = [World(impl, capacity=12) for impl in IMPLS]
+    for w in worlds:
+        w.service("wlc", persistent=6, netmask="255.255.255.252")
+        w.service("rr", port=53, proto="udp", persistent=4, netmask="255.255.255.252")
+    clients = [f"10.0.0.{i}" for i in range(2, 14)]
+    now = 0.0
+    for step in range(250):
+        now += rng.choice((0.0, 0.1, 0.5, 2.0))
+        kind = rng.random()
+        src, sport = rng.choice(clients), rng.randrange(1000, 1030)
+        for w in worlds:
+            if kind < 0.45:
+                w.send(tcp(src=src, sport=sport), now)
+            elif kind < 0.6:
+                w.send(udp(src=src, sport=sport), now)
+            elif kind < 0.75:
+                conns = [c for c in w.engine.conns() if not c[9] & TPL]
+                if conns:
+                    c = conns[step % len(conns)]
+                    rs = "%d.%d.%d.%d" % tuple(c[5].to_bytes(4, "big"))
+                    cl = "%d.%d.%d.%d" % tuple(c[1].to_bytes(4, "big"))
+                    frame = (tcp(src=rs, dst=cl, sport=c[6], dport=c[2], flags="SA", smac=RMAC,
+                                 dmac=SMAC) if c[0] == tables.PROTO_TCP else
+                             udp(src=rs, dst=cl, sport=c[6], dport=c[2], smac=RMAC, dmac=SMAC))
+                    w.send(frame, now, RS_PORT)
+                    w.send(tcp(src=cl, sport=c[2], flags="A"), now)
+            elif kind < 0.9:
+                w.engine.expire(now, 5)
+            else:
+                rip = RIPS[step % 3]
+                w.b.edit_dest("tcp", VIP, 80, rip, 80, weight=step % 2)
+                w.b.set_sysctls({"expire_quiescent_template": (step // 3) % 2})
+        same_tables(worlds)
+        worlds[1].check()

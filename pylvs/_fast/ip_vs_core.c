@@ -226,12 +226,17 @@ static int tpl_valid(PylvsEngine *e, uint32_t slot, int s)
     return 0;
 }
 
-/* A conn to replace at the limit other than `keep` (the template the new
- * conn will name), or -1. */
+/* A conn to replace at the limit, or -1, never `keep`: the template the
+ * new conn will name counts as controlling it already while the draw runs
+ * (class -1, not dead). */
 static int64_t victim_but(PylvsEngine *e, double now, uint32_t keep)
 {
-    int64_t v = conn_table_full(e) ? conn_victim(e, now) : -1;
-    return v == (int64_t)keep ? -1 : v;
+    if (!conn_table_full(e))
+        return -1;
+    e->conns[keep].control++;
+    int64_t v = conn_victim(e, now);
+    e->conns[keep].control--;
+    return v;
 }
 
 /* What a new conn or template takes from its key and its dest. */
@@ -266,6 +271,7 @@ static uint32_t tpl_new(PylvsEngine *e, int s, long d, uint8_t tproto, uint32_t 
     t->xmit = XMIT_NONE;
     t->flags = CONN_F_TEMPLATE;
     t->tpl_timeout = e->services[s].timeout;
+    t->expires = now + t->tpl_timeout;
     t->used = 1;
     index_insert(e, h, slot, KEY_IN);
     e->conn_count++;

@@ -1304,6 +1304,9 @@ class Engine:
         c.xmit = xmit
         # The kernel's IP_VS_CONN_F_NOOUTPUT conns use the INPUT_ONLY table.
         c.in_dir = states.INPUT if xmit == XMIT_NAT else states.INPUT_ONLY
+        if ct.full() and victim is None:   # no conn may give way (victim_but)
+            pend[_DROP_TABLE_FULL] += 1
+            return V_DROP, None
         if tpl is not None:   # ip_vs_control_add
             c.control = tpl
             tpl.n_control += 1
@@ -1331,8 +1334,14 @@ class Engine:
             self._busy = False
 
     def _victim_but(self, now: float, keep: Conn):
-        v = self._ct.victim(now, self._timeouts) if self._ct.full() else None
-        return None if v is keep else v
+        """victim_but in ip_vs_core.c: `keep` counts as held during the draw."""
+        if not self._ct.full():
+            return None
+        keep.n_control += 1
+        try:
+            return self._ct.victim(now, self._timeouts)
+        finally:
+            keep.n_control -= 1
 
     def _persist_dest(self, svc: int, proto: int, saddr: int, sport: int, daddr: int,
                       dport: int, now: float, victim):
@@ -1371,6 +1380,9 @@ class Engine:
             t.in_port, t.replied, t.xmit, t.in_dir = 0, False, XMIT_NONE, 0
             t.in_key, t.out_key = key, None
             t.template, t.tpl_timeout = True, timeout
+            t.expires = now + timeout
+            if ct.full() and victim is None:
+                return d, None, victim   # no room (tpl_new: NO_SLOT)
             ct.add(t, victim, now)
             self._pend[_CONNS_CREATED] += 1
             self._counters.dest_persist[d] += 1
