@@ -22,7 +22,7 @@ from pylvs.control import listing
 from pylvs.control.balancer import Balancer, BalancerError, E_ZERO_PORT
 from pylvs.engine import new_engine, states, tables
 
-from engine_kit import (CIP, CMAC, LMAC, RIP, RIP2, RMAC, SMAC, VIP, ip, mac, tcp, udp, v)
+from engine_kit import CIP, RIP, RIP2, RMAC, SMAC, VIP, ip, mac, tcp, udp, v
 
 IMPLS = ["python", "c"]
 RIP3 = "192.168.1.4"
