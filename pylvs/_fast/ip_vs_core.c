@@ -44,6 +44,8 @@ HOT void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8_t tcpflag
     c->expires = now + e->timeouts[new_];
     if (dir == DIR_OUTPUT)
         c->replied = 1;
+    else if (c->in_pkts < 255)
+        c->in_pkts++;
 }
 
 /* The used service slot for (proto, vaddr, vport), or -1: one probe run in
@@ -72,6 +74,37 @@ HOT const dest_row *conn_dest(const PylvsEngine *e, const struct conn *c)
         return NULL;
     const dest_row *dest = &e->dests[c->dest];
     return (dest->flags & DEST_F_USED) && dest->svc == c->svc ? dest : NULL;
+}
+
+/* May a TCP segment that matches no conn make one (step 9)? A SYN without
+ * ACK or RST; with sloppy_tcp any segment but a RST, as the kernel's
+ * tcp_conn_schedule, so a director taking over running flows (after a
+ * failover) serves them from their next segment. */
+HOT int tcp_may_open(const PylvsEngine *e, uint8_t tcpflags)
+{
+    if (tcpflags & TH_RST)
+        return 0;
+    return e->sysctl[SYS_SLOPPY_TCP] || (tcpflags & (TH_SYN | TH_ACK)) == TH_SYN;
+}
+
+/* drop_packet (the kernel's ip_vs_todrop): with a rate set by control, one
+ * in every `drop_rate` new-flow packets is dropped. */
+static int defense_todrop(PylvsEngine *e)
+{
+    if (--e->drop_counter > 0)
+        return 0;
+    e->drop_counter = e->drop_rate;
+    return 1;
+}
+
+/* A one-packet conn made by the frame just processed leaves the table now,
+ * as the kernel's ip_vs_conn_put expires an OPS conn at once. */
+static __attribute__((noinline)) void ops_done(PylvsEngine *e)
+{
+    uint32_t slot = e->ops_slot;
+    e->ops_slot = NO_SLOT;
+    if (e->conns[slot].used)
+        conn_remove(e, slot, ST_CONNS_EXPIRED);
 }
 
 /* A segment that would open a conn on a miss (step 8): the kernel's
@@ -295,6 +328,7 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     /* Replies of DR/Tun conns bypass the director: the kernel marks them
      * IP_VS_CONN_F_NOOUTPUT, and their client packets use INPUT_ONLY. */
     c->in_dir = xmit == XMIT_NAT ? DIR_INPUT : DIR_INPUT_ONLY;
+    c->in_pkts = 0;
     c->used = 1;
     index_insert(e, h, slot, KEY_IN);
     if (xmit == XMIT_NAT)
@@ -964,6 +998,32 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
     return finish(e, ST_TX_FRAMES, PYLVS_V_TX);
 }
 
+/* nat_icmp_send (the kernel's ip_vs_out, ip_vs_has_real_service): a packet
+ * from a NAT real server (saddr:sport is a used FWD_MASQ dest of a service
+ * of this protocol) that matches no conn is dropped and answered with ICMP
+ * port unreachable from the in port's address, unless it is a TCP RST.
+ * Returns the verdict, or -1 when the rule does not apply. */
+static __attribute__((noinline)) int
+rs_no_conn(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
+           uint32_t tot, uint8_t proto, uint8_t tcpflags, uint32_t saddr, uint16_t sport,
+           uint16_t in_port, double now)
+{
+    if (proto == PROTO_TCP && (tcpflags & TH_RST))
+        return -1;
+    for (uint32_t d = 0; d < e->ndests; d++) {
+        const dest_row *r = &e->dests[d];
+        if (!(r->flags & DEST_F_USED) || r->fwd != FWD_MASQ || r->daddr != saddr ||
+            r->dport != sport || r->svc >= e->nservices || e->services[r->svc].proto != proto)
+            continue;
+        const port_row *p = pylvs_port(&e->net, in_port);
+        if (p != NULL && p->addr)
+            send_icmp(e, em, eth, ip, tot, in_port, now, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0,
+                      p->addr);
+        return finish(e, ST_DROP_RS_NO_CONN, PYLVS_V_DROP);
+    }
+    return -1;
+}
+
 /* A frame no conn and no service claims: is it a VS-DR/Tun real server's
  * reply to a client on the director itself (docs/io.md, "Clients on the
  * director")? It comes from vaddr:vport to caddr:cport, the reverse of the
@@ -1064,19 +1124,27 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
 
     if (c == NULL) {
         int s = find_service(e, proto, daddr, dport);
-        if (s < 0)
+        if (s < 0) {
+            if (__builtin_expect(e->sysctl[SYS_NAT_ICMP_SEND] != 0, 0)) {
+                int v = rs_no_conn(e, em, eth, ip, tot, proto, tcpflags, saddr, sport, in_port,
+                                   now);
+                if (v >= 0)
+                    return v;
+            }
             return local_reply(e, proto, saddr, sport, daddr, dport, tot, in_port, now,
                                out_port);
+        }
         int m = pylvs_martian(&e->net, saddr, in_port);
         if (m >= 0)
             return finish(e, m, PYLVS_V_DROP);
-        if (proto == PROTO_TCP &&
-            (!(tcpflags & TH_SYN) || (tcpflags & (TH_ACK | TH_RST)))) {
+        if (proto == PROTO_TCP && !tcp_may_open(e, tcpflags)) {
             /* Only a SYN makes a conn; the rest get the kernel stack's RST. */
             if (!(tcpflags & TH_RST))
                 send_rst(e, em, eth, ip, ihl, tot, in_port, now);
             return finish(e, ST_DROP_NO_CONN, PYLVS_V_DROP);
         }
+        if (__builtin_expect(e->drop_rate != 0, 0) && defense_todrop(e))
+            return finish(e, ST_DROP_DEFENSE, PYLVS_V_DROP);
         int verdict, why;
         c = conn_new(e, s, proto, saddr, sport, daddr, dport, h, eth, in_port, now, &verdict,
                      &why);
@@ -1086,6 +1154,8 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
                           0, daddr);
             return verdict;
         }
+        if ((e->services[s].flags & SVC_F_ONE_PACKET) && proto == PROTO_UDP)
+            e->ops_slot = (uint32_t)(c - e->conns);
         dir = KEY_IN;
     }
 
@@ -1160,7 +1230,10 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
 int pylvs_engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port,
                        double now, uint16_t *out_port, struct pylvs_emit *em)
 {
-    return engine_frame(e, frame, len, in_port, now, out_port, NULL, em);
+    int v = engine_frame(e, frame, len, in_port, now, out_port, NULL, em);
+    if (__builtin_expect(e->ops_slot != NO_SLOT, 0))
+        ops_done(e);
+    return v;
 }
 
 
@@ -1225,6 +1298,8 @@ int pylvs_engine_run(PylvsEngine *e, uint8_t *const *frames, const uint32_t *len
         uint16_t op = 0;
         int v = engine_frame(e, frames[i], lens[i], ports[i], now, &op,
                              i < stale ? NULL : &pk[i], em);
+        if (__builtin_expect(e->ops_slot != NO_SLOT, 0))
+            ops_done(e);
         if (__builtin_expect(e->upcalls != upcalls, 0)) {
             upcalls = e->upcalls;
             stale = parsed;

@@ -106,6 +106,12 @@ SYSCTL_RANGES = {
     "conn_reuse_mode": (0, 3),      # a bitmap of two bits (ip-sysctl / ipvs-sysctl.rst)
     "expire_nodest_conn": (0, 1),   # a boolean
     "upcall_share": (0, 100),       # a percentage (docs/engine.md, "Upcall limit")
+    "sloppy_tcp": (0, 1),
+    "nat_icmp_send": (0, 1),
+    "pmtu_disc": (0, 1),
+    "drop_entry": (0, 3),           # the kernel's proc_do_defense_mode: 0..3
+    "drop_packet": (0, 3),
+    "secure_tcp": (0, 3),
 }
 
 TRAFFIC_KEYS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
@@ -615,6 +621,7 @@ class Balancer:
             svc.sched_name, svc.sched_flags = new_sched, bits
             self._refresh_sched(svc, force=True)
         svc.timeout, svc.netmask, svc.pe, svc.ops = timeout, mask, new_pe, new_ops
+        self._dirty_svc.add(svc.slot)
         self._changed()
         return svc.slot
 
@@ -861,7 +868,8 @@ class Balancer:
     def _write_svc(self, svcs: np.ndarray, slot: int) -> None:
         svc = self._svc_at.get(slot)
         if svc is not None:
-            svcs[slot] = (svc.vaddr, svc.vport, svc.proto, SVC_F_USED)
+            svcs[slot] = (svc.vaddr, svc.vport, svc.proto,
+                          SVC_F_USED | (tables.SVC_F_ONE_PACKET if svc.ops else 0))
         elif slot in self._svc_held:
             proto, vaddr, vport = self._svc_held[slot]
             svcs[slot] = (vaddr, vport, proto, SVC_F_USED)

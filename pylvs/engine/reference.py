@@ -113,6 +113,8 @@ _TUN_PMTU_LEARNED = _ST["tun_pmtu_learned"]
 _DROP_TUN_ICMP = _ST["drop_tun_icmp"]
 _TUN_ICMP_RELAYED = _ST["tun_icmp_relayed"]
 _DROP_UPCALL_LIMIT = _ST["drop_upcall_limit"]
+_DROP_DEFENSE = _ST["drop_defense"]
+_DROP_RS_NO_CONN = _ST["drop_rs_no_conn"]
 _UPCALL_SHARE = tables.SYSCTL_INDEX["upcall_share"]
 # The upcall limit's bucket holds this many seconds of `now` at the share
 # (ip_vs.h UPCALL_WINDOW).
@@ -214,6 +216,19 @@ def _unraisable_args(*fields):
 _UNRAISABLE_TYPE = None
 
 
+def _check_transitions(transitions) -> list:
+    """A TCP state table (uint8 [3, 4, 11]) as nested lists; TypeError or
+    ValueError as the C engine's."""
+    t = np.asarray(transitions)
+    if t.dtype != np.uint8:
+        raise TypeError("transitions must have dtype uint8")
+    if t.shape != (3, 4, states.N_TCP_STATES):
+        raise ValueError(f"transitions must have shape (3, 4, {states.N_TCP_STATES})")
+    if int(t.min()) < 0 or int(t.max()) >= states.N_TCP_STATES:
+        raise ValueError("transitions must name TCP states")
+    return t.astype(np.int64).tolist()
+
+
 class Engine:
     """The reference engine. See docs/engine.md for what every method does."""
 
@@ -226,17 +241,11 @@ class Engine:
         key = bytes(key)
         if len(key) != 16:
             raise ValueError(f"key must be 16 bytes, not {len(key)}")
-        t = np.asarray(transitions)
-        if t.dtype != np.uint8:
-            raise TypeError("transitions must have dtype uint8")
-        if t.shape != (3, 4, states.N_TCP_STATES):
-            raise ValueError(f"transitions must have shape (3, 4, {states.N_TCP_STATES})")
-        if int(t.min()) < 0 or int(t.max()) >= states.N_TCP_STATES:
-            raise ValueError("transitions must name TCP states")
+        trans = _check_transitions(transitions)
         if not callable(schedule):
             raise TypeError("schedule must be callable")
         self._busy = False  # inside the scheduler upcall
-        self._trans = t.astype(np.int64).tolist()
+        self._trans = trans
         self.set_timeouts(timeouts)
         self._counters = counters
         self._schedule = schedule
@@ -266,6 +275,12 @@ class Engine:
         self.pressure = False  # the receive ring is backed up (docs/engine.md, "Upcall limit")
         self._upcall_cost = 0.0
         self._upcall_bucket: list = [0.0, None]  # [seconds of upcall time, last now]
+        # Defence (docs/engine.md, "Defence"): drop_packet's rate and
+        # countdown, set by control; a one-packet conn made by the frame
+        # being processed, removed once it is done.
+        self._drop_rate = 0
+        self._drop_counter = 0
+        self._ops_conn: Conn | None = None
 
     # --- configuration ----------------------------------------------------
 
@@ -309,6 +324,31 @@ class Engine:
         if not np.all(np.isfinite(t)):
             raise ValueError("timeouts must be finite numbers")
         self._timeouts = [float(x) for x in t]
+
+    def set_transitions(self, transitions: np.ndarray) -> None:
+        """The TCP state table from now on (uint8 [3, 4, 11]): control hands
+        states.TRANSITIONS_DOS while secure_tcp is on, else TRANSITIONS."""
+        self._refuse_if_busy()
+        self._trans = _check_transitions(transitions)
+
+    def set_drop_rate(self, rate: int, counter: int = -1) -> None:
+        """drop_packet: drop 1 in `rate` new-flow packets (0: none); a
+        `counter` >= 0 restarts the countdown (the kernel's drop_counter)."""
+        rate, counter = operator.index(rate), operator.index(counter)
+        if rate < 0:
+            raise ValueError("drop rate must not be negative")
+        self._drop_rate = rate
+        if counter >= 0:
+            self._drop_counter = counter
+
+    def drop_entries(self, now: float) -> int:
+        """drop_entry: the kernel's ip_vs_random_dropentry (conn.py,
+        ConnTable.drop_entries); returns the conns dropped."""
+        self._refuse_if_busy()
+        try:
+            return self._ct.drop_entries(float(now), self._timeouts)
+        finally:
+            self._flush()
 
     def set_tables(self, services: np.ndarray, dests: np.ndarray) -> None:
         self._refuse_if_busy()
@@ -450,6 +490,8 @@ class Engine:
                 n = int(batch.length[i])
                 self._pend[_RX] += 1
                 verdict, out_port = self._frame(batch.buf[i].data, n, int(batch.in_port[i]), now)
+                if self._ops_conn is not None:
+                    self._ops_done()
                 batch.verdict[i] = verdict
                 if verdict == V_TX:
                     batch.out_port[i] = out_port
@@ -632,6 +674,49 @@ class Engine:
     def _is_local_port(self, port: int) -> bool:
         p = self._port_row(port)
         return p is not None and bool(p[3] & tables.PORT_F_LOCAL)
+
+    def _tcp_may_open(self, tcp_flags: int) -> bool:
+        """May a TCP segment matching no conn make one? A SYN without ACK or
+        RST; with sloppy_tcp any segment but a RST (tcp_conn_schedule)."""
+        if tcp_flags & _TCP_RST:
+            return False
+        return bool(self._sysctl[_SYS["sloppy_tcp"]]) or (
+            tcp_flags & (_TCP_SYN | _TCP_ACK)) == _TCP_SYN
+
+    def _todrop(self) -> bool:
+        """drop_packet's countdown (the kernel's ip_vs_todrop)."""
+        self._drop_counter -= 1
+        if self._drop_counter > 0:
+            return False
+        self._drop_counter = self._drop_rate
+        return True
+
+    def _ops_done(self) -> None:
+        """A one-packet conn leaves the table once its frame is done (the
+        kernel's ip_vs_conn_put of an OPS conn)."""
+        c, self._ops_conn = self._ops_conn, None
+        if self._ct.slots[c.slot] is c:
+            self._ct.remove(c, CONNS_EXPIRED)
+
+    def _rs_no_conn(self, f: memoryview, totlen: int, proto: int, tcp_flags: int, saddr: int,
+                    sport: int, in_port: int, now: float) -> bool:
+        """nat_icmp_send (ip_vs_out, ip_vs_has_real_service): a packet from a
+        NAT real server matching no conn, not a TCP RST, is dropped
+        (drop_rs_no_conn) and answered with ICMP port unreachable from the
+        in port's address. False when the rule does not apply."""
+        if proto == TCP and tcp_flags & _TCP_RST:
+            return False
+        svcs = self._svc_table
+        for d in self._dests:
+            if (d[5] & tables.DEST_F_USED and d[4] == tables.FWD_MASQ and d[0] == saddr
+                    and d[1] == sport and d[2] < len(svcs) and int(svcs[d[2]]["proto"]) == proto):
+                p = self._port_row(in_port)
+                if p is not None and p[0]:
+                    self._send_icmp(f, totlen, in_port, now, _ICMP_DEST_UNREACH,
+                                    _ICMP_PORT_UNREACH, 0, p[0])
+                self._pend[_DROP_RS_NO_CONN] += 1
+                return True
+        return False
 
     def _local_reply(self, proto: int, saddr: int, sport: int, daddr: int, dport: int,
                      totlen: int, in_port: int, now: float) -> tuple[int, int]:
@@ -916,20 +1001,28 @@ class Engine:
             # 9: a new conn, if a service wants it.
             svc = self._svc_by_key.get((proto, daddr, dport))
             if svc is None:
+                if self._sysctl[_SYS["nat_icmp_send"]] and self._rs_no_conn(
+                        f, totlen, proto, tcp_flags, saddr, sport, in_port, now):
+                    return V_DROP, 0
                 return self._local_reply(proto, saddr, sport, daddr, dport, totlen, in_port, now)
             refusal = self._martian(saddr, in_port)
             if refusal is not None:
                 pend[refusal] += 1
                 return V_DROP, 0
-            if proto == TCP and (not tcp_flags & _TCP_SYN or tcp_flags & (_TCP_ACK | _TCP_RST)):
+            if proto == TCP and not self._tcp_may_open(tcp_flags):
                 pend[_DROP_NO_CONN] += 1
                 if not tcp_flags & _TCP_RST:
                     self._send_rst(f, ihl, totlen, in_port, now)
+                return V_DROP, 0
+            if self._drop_rate and self._todrop():
+                pend[_DROP_DEFENSE] += 1
                 return V_DROP, 0
             verdict, hit = self._conn_new(f, key, svc, proto, saddr, sport, daddr, dport,
                                           totlen, in_port, now)
             if hit is None:
                 return verdict, 0
+            if proto == UDP and int(self._svc_table[svc]["flags"]) & tables.SVC_F_ONE_PACKET:
+                self._ops_conn = hit[0]
 
         c, direction = hit
         if direction == states.INPUT:
@@ -1294,6 +1387,7 @@ class Engine:
         c.xmit = xmit
         # The kernel's IP_VS_CONN_F_NOOUTPUT conns use the INPUT_ONLY table.
         c.in_dir = states.INPUT if xmit == XMIT_NAT else states.INPUT_ONLY
+        c.in_pkts = 0
         ct.add(c, victim, now)
         pend[_CONNS_CREATED] += 1
         cnt = self._counters
@@ -1333,3 +1427,5 @@ class Engine:
         c.expires = now + self._timeouts[c.state]
         if direction == states.OUTPUT:
             c.replied = True
+        elif c.in_pkts < 255:
+            c.in_pkts += 1

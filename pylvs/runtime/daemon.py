@@ -569,6 +569,16 @@ class Daemon:
                     log.warning("data path: %s +%d (total %d)", k, v - base.get(k, 0), v)
                     base[k], last_log[k] = v, now
 
+    def _defense(self):
+        """drop_entry, drop_packet, secure_tcp once a second (control/defense.py):
+        available memory counts the free conn slots of every worker's engine."""
+        from ..control.defense import Defense
+
+        def room() -> int:
+            return sum(int(w.engine.capacity) - int(w.engine.conn_count) for w in self.workers)
+
+        return Defense(self.balancer, self._engine_call, room)
+
     async def _main(self) -> int:
         from ..control import rpc
 
@@ -589,6 +599,7 @@ class Daemon:
                     self._worker_failed)
         self.resolver.start()
         watch = asyncio.ensure_future(self._watch())
+        defense = asyncio.ensure_future(self._defense().run())
         try:
             self.balancer.republish()  # the engine starts with (empty) tables
             await self._apply_config()
@@ -609,6 +620,7 @@ class Daemon:
         finally:
             log.info("stopping")
             watch.cancel()
+            defense.cancel()
             self._stop.set()
             close = getattr(server, "close", None)
             if close is not None:
