@@ -477,3 +477,48 @@ def test_sysctls_have_the_kernels_defaults_and_ranges():
     arr = b.sysctl_array()
     assert arr[tables.SYSCTL_INDEX["secure_tcp"]] == 3
     assert len(arr) == tables.N_SYSCTL == len(tables.SYSCTL_DEFAULTS)
+
+
+# --- expire_nodest_conn: the flush when a dest is deleted -------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_expire_nodest_flushes_the_conns_of_deleted_dests_only(impl):
+    env = Env(impl)
+    for p in (1, 2):
+        assert env.send(c2s("S", sport=p), CLIENT_PORT, 0.0)[0] == TX             # dest 0
+        assert env.send(c2s("S", sport=p, dport=82), CLIENT_PORT, 0.0)[0] == TX   # dest 3
+    assert env.engine.expire_nodest() == 0
+    env.engine.set_tables(*build_tables(gone=(0,)))
+    before = env.counters.stat("conns_expired")
+    assert env.engine.expire_nodest() == 2
+    assert sorted((c[10], c[2]) for c in env.engine.conns()) == [(3, 1), (3, 2)]
+    assert env.counters.stat("conns_expired") - before == 2
+    assert env.counters.dest_conns[0].tolist() == [0, 0]
+
+
+def dest_rows(*rows) -> np.ndarray:
+    d = tables.empty_dests(len(rows))
+    for i, (flags, svc) in enumerate(rows):
+        d[i]["flags"], d[i]["svc"] = flags, svc
+    return d
+
+
+U = tables.DEST_F_USED
+# (description, old (flags, svc) rows, new rows, a dest went)
+GONE_ROWS = [
+    ("no old table", None, [(U, 0)], False),
+    ("nothing changed", [(U, 0), (0, 0)], [(U, 0), (0, 0)], False),
+    ("a dest added", [(U, 0)], [(U, 0), (U, 1)], False),
+    ("a dest deleted", [(U, 0), (U, 1)], [(U, 0), (0, 0)], True),
+    ("its slot taken by another service's dest", [(U, 0)], [(U, 2)], True),
+    ("a shorter table", [(U, 0), (U, 0)], [(U, 0)], True),
+    ("a trashed dest kept for its replies is gone", [(U, 0)],
+     [(tables.DEST_F_REPLIES, 0)], True),
+]
+
+
+@pytest.mark.parametrize("row", GONE_ROWS, ids=[r[0] for r in GONE_ROWS])
+def test_dests_gone(row):
+    _, old, new, gone = row
+    assert tables.dests_gone(None if old is None else dest_rows(*old), dest_rows(*new)) is gone

@@ -545,6 +545,14 @@ static PyObject *engine_set_drop_rate(PylvsEngine *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *engine_expire_nodest(PylvsEngine *self, PyObject *unused)
+{
+    (void)unused;
+    if (refuse_if_busy(self) < 0)
+        return NULL;
+    return PyLong_FromLong(conn_expire_nodest(self));
+}
+
 static PyObject *engine_drop_entries(PylvsEngine *self, PyObject *args)
 {
     double now;
@@ -951,6 +959,7 @@ LOCKED(engine_set_timeouts)
 LOCKED(engine_set_transitions)
 LOCKED(engine_set_drop_rate)
 LOCKED(engine_drop_entries)
+LOCKED(engine_expire_nodest)
 LOCKED(engine_process)
 LOCKED(engine_expire)
 LOCKED_READ(engine_conns)
@@ -974,6 +983,9 @@ static PyMethodDef engine_methods[] = {
     {"set_drop_rate", (PyCFunction)engine_set_drop_rate_locked, METH_VARARGS,
      "set_drop_rate(rate, counter=-1): drop_packet drops 1 in rate new-flow packets (0: none);\n"
      "counter >= 0 restarts the countdown (the kernel's drop_counter)."},
+    {"expire_nodest", (PyCFunction)engine_expire_nodest_locked, METH_NOARGS,
+     "expire_nodest() -> int: expire every conn whose dest is gone (expire_nodest_conn's\n"
+     "flush after a dest is deleted)."},
     {"drop_entries", (PyCFunction)engine_drop_entries_locked, METH_VARARGS,
      "drop_entries(now) -> int: drop_entry's random scan of 1/32 of the table (conns_dropped)."},
     {"process", (PyCFunction)engine_process_locked, METH_VARARGS,

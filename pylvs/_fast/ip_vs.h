@@ -471,6 +471,11 @@ int conn_table_check(PylvsEngine *e);
 
 /* --- ip_vs_core.c -------------------------------------------------------- */
 
+/* expire_nodest_conn's flush (the kernel's ip_vs_expire_nodest_conn_flush,
+ * queued when a dest is deleted): every conn whose dest is gone is
+ * expired; returns how many. */
+long conn_expire_nodest(PylvsEngine *e);
+
 /* Run the frames of one pylvs_engine_run (engine.h) through the
  * pipeline; lens[i] are their lengths (within their buffers). Returns the
  * V_TX count. */

@@ -76,6 +76,19 @@ HOT const dest_row *conn_dest(const PylvsEngine *e, const struct conn *c)
     return (dest->flags & DEST_F_USED) && dest->svc == c->svc ? dest : NULL;
 }
 
+long conn_expire_nodest(PylvsEngine *e)
+{
+    long n = 0;
+    for (uint32_t slot = 0; slot < e->high; slot++) {
+        const struct conn *c = &e->conns[slot];
+        if (c->used && conn_dest(e, c) == NULL) {
+            conn_remove(e, slot, ST_CONNS_EXPIRED);
+            n++;
+        }
+    }
+    return n;
+}
+
 /* May a TCP segment that matches no conn make one (step 9)? A SYN without
  * ACK or RST; with sloppy_tcp any segment but a RST, as the kernel's
  * tcp_conn_schedule, so a director taking over running flows (after a

@@ -1077,7 +1077,7 @@ class Balancer:
 
     def _check_sysctl(self, name: Any, value: Any) -> tuple[str, int]:
         if not isinstance(name, str) or name not in self._sysctls:
-            raise BalancerError(f"unknown sysctl {quoted(name)} (known: {', '.join(SYSCTL_NAMES)})")
+            raise BalancerError(f"unknown sysctl {quoted(name)} (`pylvs sysctl` lists them all)")
         lo, hi = SYSCTL_RANGES.get(name, (0, INT_MAX))
         v = _strict_int(value)
         if v is None:

@@ -350,6 +350,17 @@ class Engine:
         finally:
             self._flush()
 
+    def expire_nodest(self) -> int:
+        """expire_nodest_conn's flush after a dest is deleted (the kernel's
+        ip_vs_expire_nodest_conn_flush): every conn whose dest is gone is
+        expired (conns_expired); returns how many."""
+        self._refuse_if_busy()
+        gone = [c for c in self._ct.conns() if self._conn_dest(c) is None]
+        for c in gone:
+            self._ct.remove(c, CONNS_EXPIRED)
+        self._flush()
+        return len(gone)
+
     def set_tables(self, services: np.ndarray, dests: np.ndarray) -> None:
         self._refuse_if_busy()
         if services.dtype != tables.SERVICE_DTYPE or dests.dtype != tables.DEST_DTYPE:

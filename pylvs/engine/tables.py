@@ -331,6 +331,18 @@ def empty_dests(n: int) -> np.ndarray:
     return np.zeros(n, dtype=DEST_DTYPE)
 
 
+def dests_gone(old: np.ndarray | None, new: np.ndarray) -> bool:
+    """Did a dest of `old` go (its slot no longer used, or used by another
+    service's dest) in `new`? Both DEST_DTYPE arrays; None: no old table."""
+    if old is None or len(old) == 0:
+        return False
+    n = min(len(old), len(new))
+    was = (old["flags"] & DEST_F_USED) != 0
+    still = np.zeros(len(old), dtype=bool)
+    still[:n] = ((new["flags"][:n] & DEST_F_USED) != 0) & (new["svc"][:n] == old["svc"][:n])
+    return bool(np.any(was & ~still))
+
+
 # --- batches of frames ----------------------------------------------------
 
 

@@ -175,12 +175,17 @@ class Daemon:
         send a new service's frames to user space and away from the kernel,
         every engine knows the service and the first SYN is not lost.
         """
+        old = getattr(self, "_dests", None)
         self._services, self._dests = services, dests
         for w in self.workers:
             w.offer_tables(services, dests)
         deadline = time.monotonic() + max(0.2, 5 * self.opts.poll_timeout)
         for w in self.workers:
             w.tables_taken.wait(max(0.0, deadline - time.monotonic()))
+        if self.balancer.sysctls()["expire_nodest_conn"] and tables.dests_gone(old, dests):
+            # The kernel queues ip_vs_expire_nodest_conn_flush when a dest
+            # is deleted: its conns go at once, not at their next packet.
+            self._engine_call("expire_nodest")
         self._apply_filter()
         self.steering.apply(services, dests, self._local)
         self._push_routes()
