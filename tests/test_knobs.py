@@ -522,3 +522,108 @@ GONE_ROWS = [
 def test_dests_gone(row):
     _, old, new, gone = row
     assert tables.dests_gone(None if old is None else dest_rows(*old), dest_rows(*new)) is gone
+
+
+# --- pmtu_disc: tunnelled DF packets too big are fragmented, not refused ---------------
+
+
+def tunnel_run(impl: str, pmtu_disc: int, frame: bytes, mtu_rs: int = 1000):
+    """A Tun conn (IPIP to RIP2) on a link of mtu_rs, then `frame` on it:
+    (verdict, emitted, counters moved)."""
+    from test_engine_answers import ports as net_ports
+    from test_forward_tun import tun_in
+
+    env = Env(impl)
+    env.engine.set_ports(net_ports(mtu_rs=mtu_rs))
+    sysctls(env, pmtu_disc=pmtu_disc)
+    assert env.send(v(tun_in()), CLIENT_PORT, 0.0)[0] == tables.V_EMIT
+    verdicts, moved = counted(env, [(frame, CLIENT_PORT, 0.5)])
+    return verdicts[0], env.emitted, moved
+
+
+def outer_packets(emitted) -> list:
+    from scapy.layers.inet import IP as ScapyIP
+    from scapy.layers.l2 import Ether
+
+    out = []
+    for port, fr in emitted:
+        assert port == RS_PORT
+        o = Ether(fr[10:])[ScapyIP]
+        assert o.proto == 4 and o.dst == "192.168.1.3"
+        out.append(o)
+    return out
+
+
+def reassembled(outer: list) -> bytes:
+    """The payload of IP fragments (in order) put back together."""
+    from scapy.packet import raw
+
+    assert all(o.id == outer[0].id for o in outer)
+    assert [bool(o.flags.MF) for o in outer] == [True] * (len(outer) - 1) + [False]
+    data = b""
+    for o in outer:
+        assert o.frag * 8 == len(data)
+        data += raw(o)[o.ihl * 4:o.len]
+    return data
+
+
+@pytest.mark.parametrize("pmtu_disc,outer_df", [(1, True), (0, False)])
+def test_pmtu_disc_outer_df(pmtu_disc, outer_df):
+    from test_forward_tun import tun_in
+
+    got = [tunnel_run(impl, pmtu_disc, v(tun_in(flags="A", ip_flags="DF"))) for impl in IMPLS]
+    assert got[0][1] == got[1][1]
+    verdict, emitted, _ = got[0]
+    (o,) = outer_packets(emitted)
+    assert bool(o.flags.DF) is outer_df
+
+
+def test_pmtu_disc_0_fragments_the_outer_packet_of_a_df_packet_too_big():
+    from scapy.layers.inet import IP as ScapyIP
+    from scapy.layers.l2 import Ether
+    from scapy.packet import raw
+    from test_engine_answers import BIG
+    from test_forward_tun import tun_in
+
+    frame = v(tun_in(flags="PA", payload=BIG[:1200], ip_flags="DF"))
+    verdict, _, moved = tunnel_run("c", 1, frame)
+    assert verdict == DROP and moved.get("drop_frag_needed") == 1
+    got = [tunnel_run(impl, 0, frame) for impl in IMPLS]
+    assert got[0] == got[1]
+    verdict, emitted, moved = got[0]
+    assert verdict == tables.V_EMIT
+    assert moved == {"rx_frames": 1, "tx_tunneled": 1, "emit_frames": 2, "frag_out": 2}
+    outer = outer_packets(emitted)
+    assert len(outer) == 2 and all(o.len <= 1000 for o in outer)
+    inner = ScapyIP(reassembled(outer))
+    want = Ether(frame[10:])[ScapyIP]
+    want.ttl -= 1
+    del want.chksum
+    assert raw(inner) == raw(ScapyIP(raw(want)))   # intact, DF and all: one hop older
+
+
+def test_pmtu_disc_0_gso_segments_too_big_are_fragmented_each():
+    import random
+
+    from scapy.layers.inet import IP as ScapyIP, TCP as ScapyTCP
+    from engine_kit import partial_vnet
+    from test_forward_tun import tun_in
+
+    payload = bytes(random.Random(5).randrange(256) for _ in range(2900))
+    frame = partial_vnet(tun_in(flags="PA", payload=payload, ip_flags="DF", seq=7000),
+                         gso_type=tables.VNET_GSO_TCPV4, gso_size=1448)
+    got = [tunnel_run(impl, 0, frame) for impl in IMPLS]
+    assert got[0] == got[1]
+    verdict, emitted, moved = got[0]
+    # Segments of 1448 + 40 + 20 bytes: two fragments each on a 1000 link;
+    # the last segment (4 bytes) fits whole.
+    assert verdict == tables.V_EMIT and moved["frag_out"] == 4
+    outer = outer_packets(emitted)
+    ids = sorted({o.id for o in outer}, key=[o.id for o in outer].index)
+    assert len(ids) == 3
+    data = b""
+    for pid in ids:
+        seg = ScapyIP(reassembled([o for o in outer if o.id == pid]))
+        assert seg[ScapyTCP].seq == 7000 + len(data) and seg.flags.DF
+        data += bytes(seg[ScapyTCP].payload)
+    assert data == payload

@@ -769,18 +769,90 @@ static inline uint16_t gue_sport(const struct conn *c)
     return (uint16_t)(32768u + h % 28232u);
 }
 
+/* The size of the largest outer packet a frame makes in the tunnel `t`:
+ * for a GSO frame one segment (headers + gso_size), else the packet. */
+static uint32_t tun_outer_size(const uint8_t *frame, const uint8_t *ip, uint32_t ihl,
+                               uint32_t tot, uint8_t proto, const struct pylvs_tun *t)
+{
+    uint32_t size = tot;
+    if ((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0) {
+        uint32_t gso_size = (uint32_t)frame[4] | (uint32_t)frame[5] << 8;
+        const uint8_t *l4 = ip + ihl;
+        uint32_t hdr = ihl + (proto == PROTO_TCP ? (uint32_t)(l4[12] >> 4) * 4 : 8);
+        if (gso_size && hdr + gso_size < tot)
+            size = hdr + gso_size;
+    }
+    return size + pylvs_tun_overhead(t->type);
+}
+
+/* pmtu_disc 0 (the kernel's ip_vs_tunnel_xmit with df 0): the packet, or
+ * each GSO segment, is encapsulated whole with the outer DF clear, and an
+ * outer packet bigger than `outer_mtu` (the path's) is cut into IP
+ * fragments of the outer packet, as the kernel's ip_fragment after the
+ * tunnel: the real server reassembles the outer packet. All or nothing:
+ * the frames emitted, or 0; *ids gets the outer packets made (each takes
+ * an IP ID, its fragments share it). */
+static uint32_t tun_outer(PylvsEngine *e, struct pylvs_emit *em, uint16_t egress,
+                          const uint8_t *eth_out, uint8_t *frame, uint8_t *ip, uint32_t ihl,
+                          uint32_t tot, uint8_t proto, const struct pylvs_tun *t,
+                          uint32_t outer_mtu, uint32_t *ids)
+{
+    if (em == NULL ||
+        (e->scratch == NULL && (e->scratch = PyMem_RawMalloc(SCRATCH_BYTES)) == NULL))
+        return 0;
+    uint32_t off[TUN_FRAG_MAX], len[TUN_FRAG_MAX];
+    uint16_t port[TUN_FRAG_MAX];
+    struct pylvs_emit outer = {.buf = e->scratch, .cap = SCRATCH_BYTES, .max = TUN_FRAG_MAX,
+                               .off = off, .len = len, .port = port};
+    uint32_t k;
+    if ((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0) {
+        k = pylvs_gso_segments(&outer, egress, eth_out, frame, ip, tot, t, e->ip_id);
+    } else {
+        if (frame[0] & VNET_F_NEEDS_CSUM)
+            csum_complete(e, frame, ip, ip + ihl, tot - ihl, proto);
+        k = pylvs_tun_encap(&outer, egress, eth_out, ip, tot, t, e->ip_id) ? 1 : 0;
+    }
+    uint32_t saved_n = em->n, saved_used = em->used, frags = 0;
+    const uint32_t hdr = PYLVS_VNET_HDR_LEN + 14;
+    for (uint32_t i = 0; i < k; i++) {
+        const uint8_t *f = outer.buf + off[i];
+        uint32_t olen = len[i] - hdr;
+        if (olen <= outer_mtu) {
+            uint8_t *d = pylvs_emit_reserve(em, len[i], egress);
+            if (d == NULL)
+                goto undo;
+            memcpy(d, f, len[i]);
+            continue;
+        }
+        uint32_t m = pylvs_ip_fragment(em, egress, eth_out, f + hdr, olen, outer_mtu);
+        if (m == 0)
+            goto undo;
+        frags += m;
+    }
+    if (k == 0)
+        return 0;
+    e->stats[ST_FRAG_OUT] += frags;
+    *ids = k;
+    return em->n - saved_n;
+undo:
+    em->n = saved_n;
+    em->used = saved_used;
+    return 0;
+}
+
 /* VS-Tun (the kernel's ip_vs_tunnel_xmit): the packet (TTL already
  * decremented) leaves encapsulated, IPIP or GUE, from the egress port's
  * address to the RIP; a GSO frame is cut into segments first (no virtio GSO
  * type describes IPIP), a partial checksum completed, a too-big packet with
  * DF clear cut into IP fragments that are encapsulated one by one (so the
  * real server reassembles the inner packet, not the tunnel's) when
- * frag_mtu (the fragments' MTU) is not 0. Everything goes to the emit
- * area: V_EMIT, tx_tunneled. */
+ * frag_mtu (the fragments' MTU) is not 0; with outer_mtu not 0 (pmtu_disc
+ * 0), the outer packets are cut to it instead (tun_outer). Everything goes
+ * to the emit area: V_EMIT, tx_tunneled. */
 static __attribute__((noinline)) int
 tun_xmit(PylvsEngine *e, struct pylvs_emit *em, const struct conn *c, const dest_row *dest,
          uint8_t *frame, uint8_t *ip, uint32_t ihl, uint32_t tot, uint8_t proto,
-         uint32_t frag_mtu)
+         uint32_t frag_mtu, uint32_t outer_mtu)
 {
     uint8_t eth_out[14];
     memcpy(eth_out, dest->dmac, 6);
@@ -795,9 +867,13 @@ tun_xmit(PylvsEngine *e, struct pylvs_emit *em, const struct conn *c, const dest
         .dport = dest->tun_port,
         .saddr = p != NULL && p->addr ? p->addr : c->vaddr,
         .daddr = c->daddr,
+        .nodf = e->sysctl[SYS_PMTU_DISC] == 0,
     };
-    uint32_t n;
-    if ((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0) {
+    uint32_t n, ids = 0;
+    if (outer_mtu != 0 && tun_outer_size(frame, ip, ihl, tot, proto, &t) > outer_mtu) {
+        n = tun_outer(e, em, dest->out_port, eth_out, frame, ip, ihl, tot, proto, &t, outer_mtu,
+                      &ids);
+    } else if ((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0) {
         n = pylvs_gso_segments(em, dest->out_port, eth_out, frame, ip, tot, &t, e->ip_id);
     } else {
         if (frame[0] & VNET_F_NEEDS_CSUM)
@@ -807,7 +883,7 @@ tun_xmit(PylvsEngine *e, struct pylvs_emit *em, const struct conn *c, const dest
     }
     if (n == 0)
         return finish(e, ST_EMIT_OVERFLOW, PYLVS_V_DROP);
-    e->ip_id = (uint16_t)(e->ip_id + n);
+    e->ip_id = (uint16_t)(e->ip_id + (ids ? ids : n));
     e->stats[ST_EMIT_FRAMES] += n;
     return finish(e, ST_TX_TUNNELED, PYLVS_V_EMIT);
 }
@@ -990,7 +1066,7 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
         if (c->xmit == XMIT_TUN) {
             /* Through the tunnel, as the conn's packets (ip_vs_icmp_xmit). */
             e->stats[ST_ICMP_FORWARDED]++;
-            return tun_xmit(e, em, c, dest, frame, ip, ihl, tot, PROTO_ICMP, 0);
+            return tun_xmit(e, em, c, dest, frame, ip, ihl, tot, PROTO_ICMP, 0, 0);
         }
         memcpy(eth, dest->dmac, 6);
         memcpy(eth + 6, dest->smac, 6);
@@ -1202,15 +1278,21 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
                 ? egress_mtu(e, dest->out_port, pylvs_tun_overhead(dest->tun_type),
                              pmtu_get(e, c->daddr, now))
                 : egress_mtu(e, dest->out_port, 0, 0);
-        int mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, path_mtu, in_port, daddr,
-                            now);
+        /* pmtu_disc 0: a tunnelled packet is never refused for its size
+         * (ensure_mtu_is_adequate); the outer packet is fragmented instead. */
+        int nodf = c->xmit == XMIT_TUN && e->sysctl[SYS_PMTU_DISC] == 0;
+        int mtu = nodf ? MTU_FITS
+                       : mtu_check(e, em, frame, eth, ip, ihl, tot, proto, path_mtu, in_port,
+                                   daddr, now);
         if (__builtin_expect(mtu >= 0, 0)) {
             pylvs_wr32(ip + 8, ttl_word);
             return finish(e, mtu, PYLVS_V_DROP);
         }
         if (c->xmit == XMIT_TUN)
             return tun_xmit(e, em, c, dest, frame, ip, ihl, tot, proto,
-                            mtu == MTU_FRAGMENT ? path_mtu : 0);
+                            mtu == MTU_FRAGMENT ? path_mtu : 0,
+                            nodf ? egress_mtu(e, dest->out_port, 0, pmtu_get(e, c->daddr, now))
+                                 : 0);
         if (c->xmit == XMIT_NAT)
             *out_port = nat_xmit_in(e, c, dest, frame, eth, ip, l4, l4len, proto, daddr, dport, 0);
         else

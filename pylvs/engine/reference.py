@@ -1062,14 +1062,19 @@ class Engine:
                                             self._pmtu_get(c.daddr, now))
             else:
                 path_mtu = self._egress_mtu(out_port)
-            mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, path_mtu, daddr, now)
+            # pmtu_disc 0: a tunnelled packet is never refused for its size
+            # (ensure_mtu_is_adequate); the outer packet is fragmented instead.
+            nodf = c.xmit == XMIT_TUN and self._sysctl[_SYS["pmtu_disc"]] == 0
+            mtu = None if nodf else self._mtu_refusal(f, ihl, totlen, proto, in_port, path_mtu,
+                                                      daddr, now)
             if mtu is not None and mtu != _DO_FRAGMENT:
                 f[IP + 8:IP + 12] = ttl_word
                 pend[mtu] += 1
                 return V_DROP, 0
             if c.xmit == XMIT_TUN:
-                return self._tun_xmit(f, c, dest, ihl, totlen, proto,
-                                      path_mtu if mtu == _DO_FRAGMENT else 0)
+                return self._tun_xmit(
+                    f, c, dest, ihl, totlen, proto, path_mtu if mtu == _DO_FRAGMENT else 0,
+                    self._egress_mtu(out_port, 0, self._pmtu_get(c.daddr, now)) if nodf else 0)
             f[ETH:ETH + 6] = dest[7]
             f[ETH + 6:ETH + 12] = dest[8]
             if c.xmit == XMIT_DR:
@@ -1135,20 +1140,25 @@ class Engine:
         return 32768 + h % 28232
 
     def _tun_xmit(self, f: memoryview, c: Conn, dest: tuple, ihl: int, totlen: int, proto: int,
-                  frag_mtu: int) -> tuple[int, int]:
+                  frag_mtu: int, outer_mtu: int = 0) -> tuple[int, int]:
         """VS-Tun (kernel ip_vs_tunnel_xmit): the packet, its TTL already
         decremented, leaves encapsulated (IPIP or GUE) in the emit area; a GSO
         frame cut into segments first, a partial checksum completed, a too-big
         packet with DF clear cut into IP fragments of frag_mtu (when not 0)
-        encapsulated one by one."""
+        encapsulated one by one; with outer_mtu (pmtu_disc 0) the outer
+        packets cut to it instead (_tun_outer)."""
         pend = self._pend
         out_port = dest[6]
         eth_out = dest[7] + dest[8] + b"\x08\x00"
         p = self._port_row(out_port)
         t = tunnel.Tun(dest[9], int(dest[10] == _TUN_F_CSUM), self._gue_sport(c), dest[11],
-                       p[0] if p is not None and p[0] else c.vaddr, c.daddr)
+                       p[0] if p is not None and p[0] else c.vaddr, c.daddr,
+                       int(self._sysctl[_SYS["pmtu_disc"]] == 0))
         ip = f[IP:IP + totlen]
-        if f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE:
+        ids = 0
+        if outer_mtu and self._tun_outer_size(f, ihl, totlen, proto, t) > outer_mtu:
+            n, ids = self._tun_outer(f, out_port, eth_out, ihl, totlen, proto, t, outer_mtu)
+        elif f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE:
             n = tunnel.gso_segments(self._emit, out_port, eth_out, f[:ETH], ip, totlen, t,
                                     self._ip_id)
         else:
@@ -1162,10 +1172,61 @@ class Engine:
         if not n:
             pend[_EMIT_OVERFLOW] += 1
             return V_DROP, 0
-        self._ip_id = (self._ip_id + n) & 0xFFFF
+        self._ip_id = (self._ip_id + (ids or n)) & 0xFFFF
         pend[_EMIT_FRAMES] += n
         pend[_TX_TUNNELED] += 1
         return V_EMIT, 0
+
+    @staticmethod
+    def _tun_outer_size(f: memoryview, ihl: int, totlen: int, proto: int, t: tunnel.Tun) -> int:
+        """The largest outer packet the frame makes: for a GSO frame one
+        segment (headers + gso_size), else the packet; plus the tunnel."""
+        size = totlen
+        if f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE:
+            gso_size = f[4] | f[5] << 8
+            l4 = IP + ihl
+            hdr = ihl + ((f[l4 + 12] >> 4) * 4 if proto == TCP else 8)
+            if gso_size and hdr + gso_size < totlen:
+                size = hdr + gso_size
+        return size + tunnel.tun_overhead(t.type)
+
+    def _tun_outer(self, f: memoryview, port: int, eth_out: bytes, ihl: int, totlen: int,
+                   proto: int, t: tunnel.Tun, outer_mtu: int) -> tuple[int, int]:
+        """pmtu_disc 0 (the kernel's ip_vs_tunnel_xmit with df 0): the packet,
+        or each GSO segment, encapsulated whole with the outer DF clear, and
+        each outer packet bigger than `outer_mtu` cut into IP fragments of
+        the outer packet (the kernel's ip_fragment after the tunnel). All or
+        nothing: (frames emitted, outer packets made), or (0, 0)."""
+        scratch = icmp.Emit.new(64 * 1024 + 4096, _TUN_FRAG_MAX)
+        ip = f[IP:IP + totlen]
+        if f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE:
+            k = tunnel.gso_segments(scratch, port, eth_out, f[:ETH], ip, totlen, t, self._ip_id)
+        else:
+            if f[0] & tables.VNET_F_NEEDS_CSUM:
+                self._complete_csum(f, IP + ihl, totlen - ihl, proto)
+            k = 1 if tunnel.tun_encap(scratch, port, eth_out, ip, totlen, t, self._ip_id) else 0
+        em = self._emit
+        saved = (int(em.n[0]), int(em.n[1]))
+        frags = 0
+        hdr = ETH + 14
+        for _, fr in scratch.frames()[:k]:
+            olen = len(fr) - hdr
+            if olen <= outer_mtu:
+                d = em.reserve(len(fr), port)
+                if d is None:
+                    break
+                d[:] = fr
+                continue
+            m = icmp.ip_fragment(em, port, eth_out, fr[hdr:], olen, outer_mtu)
+            if not m:
+                break
+            frags += m
+        else:
+            if k:
+                self._pend[_FRAG_OUT] += frags
+                return int(em.n[0]) - saved[0], k
+        em.n[0], em.n[1] = saved
+        return 0, 0
 
     def _tun_fragments(self, port: int, eth_out: bytes, ip: memoryview, totlen: int,
                        t: tunnel.Tun, mtu: int) -> int:
