@@ -76,6 +76,7 @@ HOT const dest_row *conn_dest(const PylvsEngine *e, const struct conn *c)
     return (dest->flags & DEST_F_USED) && dest->svc == c->svc ? dest : NULL;
 }
 
+/* ip_vs.h; a scan of every slot, as the kernel's flush walks its table. */
 long conn_expire_nodest(PylvsEngine *e)
 {
     long n = 0;
@@ -1091,7 +1092,9 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
  * from a NAT real server (saddr:sport is a used FWD_MASQ dest of a service
  * of this protocol) that matches no conn is dropped and answered with ICMP
  * port unreachable from the in port's address, unless it is a TCP RST.
- * Returns the verdict, or -1 when the rule does not apply. */
+ * Returns the verdict, or -1 when the rule does not apply. The dest table
+ * is scanned (the kernel hashes its real servers for this): only while the
+ * sysctl is set, and only for frames that no conn and no service claim. */
 static __attribute__((noinline)) int
 rs_no_conn(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
            uint32_t tot, uint8_t proto, uint8_t tcpflags, uint32_t saddr, uint16_t sport,

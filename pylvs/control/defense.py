@@ -29,11 +29,14 @@ kernel, while the flood eviction of docs/engine.md keeps working beneath.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..engine import states
+
+log = logging.getLogger(__name__)
 
 PAGE = 4096
 # What one conn costs at most: its 64-byte slab entry and up to 64 bytes of
@@ -141,5 +144,8 @@ class Defense:
         import asyncio
 
         while True:
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # a failed second must not end the defence
+                log.exception("defence update failed")
             await asyncio.sleep(period)
