@@ -41,3 +41,48 @@ def test_one_packet_scheduling_spreads_one_sockets_datagrams(director_lab, worke
     assert "40123" not in lab.adm("-L", "-n", "-c")   # no conn stays
     st = lab.stats()
     assert st["conns_created"] == 10 and st["conns_expired"] >= 10, st
+
+
+HOLD = """
+import socket, sys
+from pylvs.lab.clients import whoami
+s = socket.socket()
+s.bind(("0.0.0.0", 40200))
+s.connect((sys.argv[1], 80))
+print(whoami(s), flush=True)
+sys.stdin.readline()
+print(whoami(s), flush=True)
+sys.stdin.readline()
+"""
+
+
+def _expire_of(lab, cport: int) -> int:
+    """Seconds left of the conn from client port `cport` (`-L -n -c`)."""
+    for line in lab.adm("-L", "-n", "-c").splitlines():
+        if f":{cport} " in line:
+            mm, ss = line.split()[1].split(":")
+            return int(mm) * 60 + int(ss)
+    raise AssertionError(f"no conn from port {cport}")
+
+
+@pytest.mark.parametrize("workers", [1, 2], indirect=True)
+def test_set_reaches_a_running_conn_at_its_next_packet(director_lab, workers):
+    import subprocess
+
+    lab = director_lab(servers=1)
+    lab.nat_service("tcp", 80, (1,))
+    p = lab.popen(lab.client, [lab.python, "-c", HOLD, lab.vip], stdin=subprocess.PIPE,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "rs1", p.stderr.read() if p.poll() else ""
+        assert _expire_of(lab, 40200) > 14 * 60          # ESTABLISHED: 15 minutes
+        lab.adm("--set", "30", "0", "0")
+        assert _expire_of(lab, 40200) > 14 * 60          # no packet yet: the old timer
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "rs1"
+        assert _expire_of(lab, 40200) <= 30              # the new table at the next packet
+        assert "30 120 300" in lab.adm("-L", "--timeout")
+    finally:
+        p.kill()
+        p.wait()
