@@ -145,7 +145,9 @@ def test_syn_flood_fills_the_table_downloads_and_new_clients_go_on(director_lab,
     nominal = DOWNLOAD_BYTES / DOWNLOAD_RATE
     for r in results:
         assert isinstance(r, dict) and r["bytes"] == DOWNLOAD_BYTES and r["intact"], r
-        assert r["secs"] < 2 * nominal and r["max_gap"] < 1.5, (r, st)
+        # On time, and never stalled for long (a lost segment's retransmit
+        # timer starts at 200 ms; 3 s would be three losses in a row).
+        assert r["secs"] < 2.5 * nominal and r["max_gap"] < 3.0, (r, st)
     assert legit["ok"] == 8, (legit, st)
     assert during == {"secure_tcp": 2, "drop_entry": 2}, (during, st)
     # The table was full (evictions at the limit) and drop_entry took
