@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_kit import (CIP, CLIENT_PORT, IMPLS, LMAC, RIP, RMAC, RS_PORT, SMAC, VIP, Env,
+from engine_kit import (CIP, CLIENT_PORT, IMPLS, LMAC, RIP, RMAC, RS_PORT, SMAC, Env,
                         build_tables, icmp_error_for, ip, mac, rst_for, tcp, udp, v)
 from pylvs.control import defense
 from pylvs.control.balancer import Balancer, BalancerError
