@@ -60,7 +60,8 @@ class Resolver:
 class World:
     """A Balancer with one service and ``workers`` engines of one impl."""
 
-    def __init__(self, impl: str, workers: int, c_sched: bool, sched: str, flags=()):
+    def __init__(self, impl: str, workers: int, c_sched: bool, sched: str, flags=(),
+                 persistent: int = 0):
         self.counters = tables.CounterSum(8, 32, workers)
         self.b = Balancer(self.counters, resolver=Resolver(), publish=self._publish)
         self.upcalls = 0
@@ -70,7 +71,8 @@ class World:
         self.published: tuple = ()
         self.b.publish_sched = self._publish_sched
         self.b.c_sched = c_sched
-        self.b.add_service("tcp", VIP, 80, sched=sched, flags=",".join(flags))
+        self.b.add_service("tcp", VIP, 80, sched=sched, flags=",".join(flags),
+                           persistent=persistent)
         self.batch = tables.Batch(size=4, slot=256)
         self.now = 0.0
         self.next_port = 1000
@@ -448,3 +450,24 @@ def test_a_deleted_service_leaves_no_scheduler_and_no_thresholds():
     svcs, _, thresh, _ = w.published
     assert svcs[0]["kind"] == 0 and tuple(thresh[d]) == (0, 0)
     assert w.syn(1) == [None] and w.counters.stat("pass_not_ours") == 1
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+@pytest.mark.parametrize("sched", ["rr", "wlc", "sh"])
+def test_persistence_wraps_the_engine_scheduler(impl, sched):
+    """-p: a client's later conns follow its template whoever picked the
+    first; the scheduler in the engine picks for new clients only, as the
+    upcall does, with the same counts and flags after."""
+    clients = [f"10.7.0.{i}" for i in range(1, 7)]
+
+    def run(c_sched: bool):
+        w = World(impl, 2, c_sched, sched, persistent=300)
+        for i in range(3):
+            w.add(i, weight=i + 1, u_threshold=9)
+        first = w.syn(6, clients)
+        again = w.syn(12, clients)
+        return first, again, w.state()
+    got, want = run(True), run(False)
+    assert got == want
+    first, again, _ = got
+    assert again == first * 2 and len(set(first)) >= 2

@@ -9,7 +9,8 @@
 #include <math.h>
 
 /* tables.SYSCTL_DEFAULTS */
-static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50, 1000, 50};
+static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50, 1000, 50,
+                                                     0, 0, 1, 0, 0, 0, 1024, 10, 0};
 
 static PyTypeObject EngineType;
 
@@ -137,6 +138,7 @@ static int load_counters(PylvsEngine *e, PyObject *counters)
     static const Py_ssize_t stats_shape[1] = {PYLVS_N_STATS};
     static const Py_ssize_t traffic_shape[2] = {-1, N_TRAFFIC};
     static const Py_ssize_t conns_shape[2] = {-1, 2};
+    static const Py_ssize_t persist_shape[1] = {-1};
     if (get_attr_array(counters, "stats", "counters.stats", 'u', 8, "uint64", 1, stats_shape,
                        1, &e->stats_view) < 0 ||
         get_attr_array(counters, "svc_stats", "counters.svc_stats", 'u', 8, "uint64", 2,
@@ -144,7 +146,9 @@ static int load_counters(PylvsEngine *e, PyObject *counters)
         get_attr_array(counters, "dest_stats", "counters.dest_stats", 'u', 8, "uint64", 2,
                        traffic_shape, 1, &e->dest_stats_view) < 0 ||
         get_attr_array(counters, "dest_conns", "counters.dest_conns", 'i', 4, "int32", 2,
-                       conns_shape, 1, &e->dest_conns_view) < 0)
+                       conns_shape, 1, &e->dest_conns_view) < 0 ||
+        get_attr_array(counters, "dest_persist", "counters.dest_persist", 'i', 4, "int32", 1,
+                       persist_shape, 1, &e->dest_persist_view) < 0)
         return -1;
     static const Py_ssize_t state_shape[2] = {-1, SCHED_STATE_WORDS};
     if (get_attr_array(counters, "dest_flags", "counters.dest_flags", 'u', 1, "uint8", 1,
@@ -160,9 +164,11 @@ static int load_counters(PylvsEngine *e, PyObject *counters)
     }
     e->dest_flags = e->dest_flags_view.buf;
     e->sched_state = e->sched_state_view.buf;
-    if (e->dest_stats_view.shape[0] != e->dest_conns_view.shape[0]) {
+    if (e->dest_stats_view.shape[0] != e->dest_conns_view.shape[0] ||
+        e->dest_stats_view.shape[0] != e->dest_persist_view.shape[0]) {
         PyErr_SetString(PyExc_ValueError,
-                        "counters.dest_stats and counters.dest_conns must have one row per dest");
+                        "counters.dest_stats, dest_conns and dest_persist must have one row "
+                        "per dest");
         return -1;
     }
     if (e->svc_stats_view.shape[0] > 65536 || e->dest_stats_view.shape[0] > (1 << 30)) {
@@ -173,6 +179,7 @@ static int load_counters(PylvsEngine *e, PyObject *counters)
     e->svc_stats = e->svc_stats_view.buf;
     e->dest_stats = e->dest_stats_view.buf;
     e->dest_conns = e->dest_conns_view.buf;
+    e->dest_persist = e->dest_persist_view.buf;
     e->max_services = (uint32_t)e->svc_stats_view.shape[0];
     e->max_dests = (uint32_t)e->dest_stats_view.shape[0];
     return 0;
@@ -202,6 +209,7 @@ static void engine_dealloc(PylvsEngine *self)
     release(&self->svc_stats_view);
     release(&self->dest_stats_view);
     release(&self->dest_conns_view);
+    release(&self->dest_persist_view);
     release(&self->dest_flags_view);
     release(&self->sched_state_view);
     release(&self->sched_svc_view);
@@ -258,6 +266,7 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->ip_id = (uint16_t)k0;
     for (int i = 0; i < SYS__COUNT; i++)
         self->sysctl[i] = sysctl_defaults[i];
+    self->ops_slot = NO_SLOT;
     if (load_transitions(self, transitions) < 0 || load_timeouts(self, timeouts) < 0 ||
         load_counters(self, counters) < 0)
         goto fail;
@@ -484,10 +493,11 @@ static int32_t *build_svc_hash(const PylvsEngine *e, const svc_row *services, ui
 
 static PyObject *engine_set_tables(PylvsEngine *self, PyObject *args)
 {
-    static const char *const svc_fields[] = {"vaddr", "vport", "proto", "flags", NULL};
+    static const char *const svc_fields[] = {"vaddr", "vport", "proto", "flags", "timeout",
+                                             "netmask", NULL};
     static const Py_ssize_t svc_offsets[] = {
         offsetof(svc_row, vaddr), offsetof(svc_row, vport), offsetof(svc_row, proto),
-        offsetof(svc_row, flags)};
+        offsetof(svc_row, flags), offsetof(svc_row, timeout), offsetof(svc_row, netmask)};
     static const char *const dest_fields[] = {"daddr", "dport", "svc", "weight", "fwd",
                                               "flags", "out_port", "dmac", "smac",
                                               "tun_type", "tun_flags", "tun_port", NULL};
@@ -520,6 +530,11 @@ static PyObject *engine_set_tables(PylvsEngine *self, PyObject *args)
     PyMem_Free(self->svc_hash);
     self->svc_hash = svc_hash;
     self->svc_mask = svc_mask;
+    self->nullsvc = 0;
+    for (Py_ssize_t i = 0; i < sv.shape[0]; i++) {
+        const svc_row *r = (const svc_row *)sv.buf + i;
+        self->nullsvc += (r->flags & SVC_F_USED) && r->vport == 0;
+    }
     release(&self->services_view);
     release(&self->dests_view);
     self->services_view = sv;
@@ -592,6 +607,48 @@ static PyObject *engine_set_timeouts(PylvsEngine *self, PyObject *arg)
     if (refuse_if_busy(self) < 0 || load_timeouts(self, arg) < 0)
         return NULL;
     Py_RETURN_NONE;
+}
+
+/* --- defence (docs/engine.md, "Defence"): what control decides each second */
+
+static PyObject *engine_set_transitions(PylvsEngine *self, PyObject *arg)
+{
+    if (refuse_if_busy(self) < 0 || load_transitions(self, arg) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_set_drop_rate(PylvsEngine *self, PyObject *args)
+{
+    long long rate, counter = -1;
+    if (!PyArg_ParseTuple(args, "L|L:set_drop_rate", &rate, &counter))
+        return NULL;
+    if (rate < 0) {
+        PyErr_SetString(PyExc_ValueError, "drop rate must not be negative");
+        return NULL;
+    }
+    self->drop_rate = rate;
+    if (counter >= 0)
+        self->drop_counter = counter;
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_expire_nodest(PylvsEngine *self, PyObject *unused)
+{
+    (void)unused;
+    if (refuse_if_busy(self) < 0)
+        return NULL;
+    return PyLong_FromLong(conn_expire_nodest(self));
+}
+
+static PyObject *engine_drop_entries(PylvsEngine *self, PyObject *args)
+{
+    double now;
+    if (!PyArg_ParseTuple(args, "d:drop_entries", &now))
+        return NULL;
+    if (refuse_if_busy(self) < 0)
+        return NULL;
+    return PyLong_FromLong(conn_drop_entries(self, now));
 }
 
 /* Copy a checked table's rows, for the engine to own. */
@@ -858,10 +915,13 @@ static PyObject *conn_tuples(PylvsEngine *self, uint32_t *slot, long count)
         const struct conn *c = &self->conns[i];
         if (!c->used)
             continue;
-        PyObject *t = Py_BuildValue("(BkHkHkHBdBII)", c->proto, (unsigned long)c->caddr,
-                                    c->cport, (unsigned long)c->vaddr, c->vport,
+        int tpl = (c->flags & CONN_F_TEMPLATE) != 0;
+        PyObject *t = Py_BuildValue("(BkHkHkHBdIII)", (uint8_t)(c->proto & ~TPL_PROTO),
+                                    (unsigned long)c->caddr, c->cport,
+                                    (unsigned long)c->vaddr, c->vport,
                                     (unsigned long)c->daddr, c->dport, c->state, c->expires,
-                                    c->fwd, (unsigned int)c->dest, (unsigned int)c->svc);
+                                    (unsigned int)c->fwd | (tpl ? CONN_F_TEMPLATE_TUPLE : 0u),
+                                    (unsigned int)c->dest, (unsigned int)c->svc);
         if (t == NULL || PyList_Append(list, t) < 0) {
             Py_XDECREF(t);
             Py_DECREF(list);
@@ -988,6 +1048,10 @@ LOCKED(engine_set_ports)
 LOCKED(engine_set_routes)
 LOCKED(engine_set_sysctls)
 LOCKED(engine_set_timeouts)
+LOCKED(engine_set_transitions)
+LOCKED(engine_set_drop_rate)
+LOCKED(engine_drop_entries)
+LOCKED(engine_expire_nodest)
 LOCKED(engine_process)
 LOCKED(engine_expire)
 LOCKED_READ(engine_conns)
@@ -1009,6 +1073,17 @@ static PyMethodDef engine_methods[] = {
      "set_sysctls(values): int64[N_SYSCTL] as tables.SYSCTL_NAMES"},
     {"set_timeouts", (PyCFunction)engine_set_timeouts_locked, METH_O,
      "set_timeouts(timeouts): float64[12] seconds per state (UDP last)."},
+    {"set_transitions", (PyCFunction)engine_set_transitions_locked, METH_O,
+     "set_transitions(t): uint8[3, 4, 11], the TCP state table (states.TRANSITIONS or\n"
+     "TRANSITIONS_DOS while secure_tcp is on)."},
+    {"set_drop_rate", (PyCFunction)engine_set_drop_rate_locked, METH_VARARGS,
+     "set_drop_rate(rate, counter=-1): drop_packet drops 1 in rate new-flow packets (0: none);\n"
+     "counter >= 0 restarts the countdown (the kernel's drop_counter)."},
+    {"expire_nodest", (PyCFunction)engine_expire_nodest_locked, METH_NOARGS,
+     "expire_nodest() -> int: expire every conn whose dest is gone (expire_nodest_conn's\n"
+     "flush after a dest is deleted)."},
+    {"drop_entries", (PyCFunction)engine_drop_entries_locked, METH_VARARGS,
+     "drop_entries(now) -> int: drop_entry's random scan of 1/32 of the table (conns_dropped)."},
     {"process", (PyCFunction)engine_process_locked, METH_VARARGS,
      "process(batch, now) -> int: handle batch.count frames in place; returns the V_TX count."},
     {"expire", (PyCFunction)engine_expire_locked, METH_VARARGS,

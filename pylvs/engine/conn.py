@@ -35,6 +35,7 @@ _ST = tables.STAT_INDEX
 CONNS_EXPIRED = _ST["conns_expired"]
 CONNS_EVICTED = _ST["conns_evicted"]
 CONNS_REUSED = _ST["conns_reused"]
+CONNS_DROPPED = _ST["conns_dropped"]
 
 MAX_LIMIT = 1 << 26
 CONN_BYTES = 64          # struct conn: one cache line
@@ -52,19 +53,43 @@ def _round_up(n: int, unit: int) -> int:
     return (n + unit - 1) // unit * unit
 
 
+TPL_PROTO = 0x80         # or'ed into a template's protocol: no frame's tuple reaches it
+TPL_LATE_TIMEOUT = 60    # s: a template expiring while it controls conns waits again
+
+
 class Conn:
     __slots__ = ("proto", "caddr", "cport", "vaddr", "vport", "daddr", "dport",
                  "state", "expires", "fwd", "dest", "svc", "cmac", "lmac",
-                 "in_port", "slot", "in_key", "out_key", "replied", "xmit", "in_dir")
+                 "in_port", "slot", "in_key", "out_key", "replied", "xmit", "in_dir",
+                 "template", "control", "n_control", "tpl_timeout", "in_pkts")
     # xmit: the reference engine's XMIT_* kind, bound at creation (ip_vs_bind_xmit);
     # in_dir: the state table of client packets (INPUT for NAT, else INPUT_ONLY);
-    # out_key: None for all but NAT conns (only their replies pass the director).
+    # out_key: None for all but NAT conns (only their replies pass the director),
+    # and for an invalidated template also in_key (out of the index);
+    # template: a persistence template (docs/engine.md, "Persistence"), whose
+    # n_control counts the conns naming it in `control` (the kernel's
+    # cp->control, n_control); tpl_timeout: a template's timeout in s;
+    # in_pkts: client packets, saturating at 255 (drop_entry's todrop_entry).
+
+    def __init__(self) -> None:
+        self.template = False
+        self.control = None
+        self.n_control = 0
+        self.in_pkts = 0
+
+
+def tpl_held(c: Conn) -> bool:
+    """A template that controls conns: it never leaves the table."""
+    return c.template and c.n_control > 0
 
 
 def evict_class(c: Conn, now: float) -> int:
     """0: reclaimed first (dead, TCP TIME_WAIT or CLOSE, or not ESTABLISHED
     and never answered by the real server: half-open TCP, one-way UDP);
-    1: any other conn not ESTABLISHED; -1: never evicted (ESTABLISHED)."""
+    1: any other conn not ESTABLISHED; -1: never evicted (ESTABLISHED).
+    A template: -1 while it controls conns, else 0 until ASSURED, then 1."""
+    if c.template:
+        return -1 if c.n_control else (1 if c.state & tables.CTPL_ASSURED else 0)
     if c.expires <= now:
         return 0
     if c.proto == TCP:
@@ -99,6 +124,7 @@ class ConnTable:
         self.count = 0
         self.nbuckets = INDEX_MIN
         self.rng = int.from_bytes(key[:8], "little") ^ int.from_bytes(key[8:16], "little")
+        self.todrop_counter = [0] * 9   # drop_entry's countdown per in_pkts (kernel's static)
         # Called with a dest slot after a conn left it (the engine's overload flag).
         self.unbind: Callable[[int], None] = lambda d: None
 
@@ -130,12 +156,21 @@ class ConnTable:
         return hit
 
     def remove(self, c: Conn, stat: int) -> None:
-        del self.index[c.in_key]
+        if c.in_key is not None:
+            del self.index[c.in_key]
         if c.out_key is not None:
             del self.index[c.out_key]
-        col = tables.ACTIVE if (c.proto == TCP and c.state == states.ESTABLISHED) else tables.INACTIVE
+        if c.template:
+            if c.dest < self.counters.max_dests:
+                self.counters.dest_persist[c.dest] -= 1
+        else:
+            col = tables.ACTIVE if (c.proto == TCP and c.state == states.ESTABLISHED) else tables.INACTIVE
+            if c.control is not None:
+                c.control.n_control -= 1
+                c.control = None
+            if c.dest < self.counters.max_dests:
+                self.counters.dest_conns[c.dest, col] -= 1
         if c.dest < self.counters.max_dests:
-            self.counters.dest_conns[c.dest, col] -= 1
             self.unbind(c.dest)
         self.slots[c.slot] = None
         self.free.append(c.slot)
@@ -157,7 +192,7 @@ class ConnTable:
         high = self.high
         for _ in range(EVICT_SAMPLES):
             c = self.slots[((self._rand() >> 32) * high) >> 32]
-            if c.expires <= now:
+            if c.expires <= now and not tpl_held(c):
                 return c
             k = evict_class(c, now)
             key = (k, c.expires - timeouts[c.state])
@@ -179,10 +214,57 @@ class ConnTable:
         else:
             c.slot = len(self.slots)
             self.slots.append(c)
-        self.index[c.in_key] = (c, states.INPUT)
+        if c.in_key is not None:
+            self.index[c.in_key] = (c, states.INPUT)
         if c.out_key is not None:
             self.index[c.out_key] = (c, states.OUTPUT)
         self.count += 1
+
+    def unhash(self, c: Conn) -> None:
+        """An invalidated template leaves the index and shows cport 0, vport
+        and dport 65535 (the kernel rehashes it there) until it expires."""
+        if c.in_key is not None:
+            del self.index[c.in_key]
+            c.in_key = None
+            c.cport, c.vport, c.dport = 0, 0xFFFF, 0xFFFF
+
+    def _todrop_entry(self, c: Conn, now: float, timeouts: list[float]) -> bool:
+        """The kernel's todrop_entry: a conn whose last packet is less than
+        60 s old stays, so does one with no or more than 8 client packets;
+        of those with i (1..8), every i-th met goes, the first at once."""
+        if now + timeouts[c.state] < c.expires + 60.0:
+            return False
+        i = c.in_pkts
+        if i == 0 or i > 8:
+            return False
+        self.todrop_counter[i] -= 1
+        if self.todrop_counter[i] > 0:
+            return False
+        self.todrop_counter[i] = i
+        return True
+
+    def drop_entries(self, now: float, timeouts: list[float]) -> int:
+        """drop_entry, the kernel's ip_vs_random_dropentry: ceil(high / 32)
+        slots drawn as ``victim`` draws them (the kernel looks at 1/32 of
+        its table a second); free slots and dead conns are passed over.
+        Half-open TCP (SYN_RECV, SYNACK) goes at once, ESTABLISHED TCP and
+        UDP as ``_todrop_entry`` says, other TCP states stay. Returns the
+        conns removed (conns_dropped)."""
+        high = self.high
+        dropped = 0
+        for _ in range((high + 31) >> 5):
+            c = self.slots[((self._rand() >> 32) * high) >> 32]
+            if c is None or c.expires <= now or c.template:   # templates stay, as in C
+                continue
+            if c.proto == TCP:
+                drop = c.state in (states.SYN_RECV, states.SYNACK) or (
+                    c.state == states.ESTABLISHED and self._todrop_entry(c, now, timeouts))
+            else:
+                drop = self._todrop_entry(c, now, timeouts)
+            if drop:
+                self.remove(c, CONNS_DROPPED)
+                dropped += 1
+        return dropped
 
     def expire(self, now: float, budget: int) -> int:
         """Move the hand `budget` slots over [0, high), removing dead conns;
@@ -195,6 +277,10 @@ class ConnTable:
         for i in range(min(budget, high)):
             c = self.slots[(self.hand + i) % high]
             if c is not None and c.expires <= now:
+                if tpl_held(c):   # ip_vs_conn_expire: it waits again, by this timeout now
+                    c.tpl_timeout = TPL_LATE_TIMEOUT
+                    c.expires = now + TPL_LATE_TIMEOUT
+                    continue
                 self.remove(c, CONNS_EXPIRED)
                 n += 1
         self.hand = (self.hand + budget) % high

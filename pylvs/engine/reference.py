@@ -63,7 +63,8 @@ import numpy as np
 
 from . import states, tables
 from . import icmp, sched_c, tunnel
-from .conn import CONNS_EXPIRED, CONNS_REUSED, MAX_LIMIT, Conn, ConnTable
+from .conn import (CONNS_EXPIRED, CONNS_REUSED, MAX_LIMIT, TPL_LATE_TIMEOUT, TPL_PROTO, Conn,
+                   ConnTable, tpl_held)
 from .checksum import fold, ones_sum, pseudo_header_sum, sum_update32, update16, update32
 
 _ST = tables.STAT_INDEX
@@ -113,7 +114,10 @@ _TUN_PMTU_LEARNED = _ST["tun_pmtu_learned"]
 _DROP_TUN_ICMP = _ST["drop_tun_icmp"]
 _TUN_ICMP_RELAYED = _ST["tun_icmp_relayed"]
 _DROP_UPCALL_LIMIT = _ST["drop_upcall_limit"]
+_DROP_DEFENSE = _ST["drop_defense"]
+_DROP_RS_NO_CONN = _ST["drop_rs_no_conn"]
 _UPCALL_SHARE = tables.SYSCTL_INDEX["upcall_share"]
+_FTP_PORT = 21   # ip_vs_sched_persist: an FTP service's templates have vport 0
 # The upcall limit's bucket holds this many seconds of `now` at the share
 # (ip_vs.h UPCALL_WINDOW).
 _UPCALL_WINDOW = 0.01
@@ -214,6 +218,19 @@ def _unraisable_args(*fields):
 _UNRAISABLE_TYPE = None
 
 
+def _check_transitions(transitions) -> list:
+    """A TCP state table (uint8 [3, 4, 11]) as nested lists; TypeError or
+    ValueError as the C engine's."""
+    t = np.asarray(transitions)
+    if t.dtype != np.uint8:
+        raise TypeError("transitions must have dtype uint8")
+    if t.shape != (3, 4, states.N_TCP_STATES):
+        raise ValueError(f"transitions must have shape (3, 4, {states.N_TCP_STATES})")
+    if int(t.min()) < 0 or int(t.max()) >= states.N_TCP_STATES:
+        raise ValueError("transitions must name TCP states")
+    return t.astype(np.int64).tolist()
+
+
 class Engine:
     """The reference engine. See docs/engine.md for what every method does."""
 
@@ -226,17 +243,11 @@ class Engine:
         key = bytes(key)
         if len(key) != 16:
             raise ValueError(f"key must be 16 bytes, not {len(key)}")
-        t = np.asarray(transitions)
-        if t.dtype != np.uint8:
-            raise TypeError("transitions must have dtype uint8")
-        if t.shape != (3, 4, states.N_TCP_STATES):
-            raise ValueError(f"transitions must have shape (3, 4, {states.N_TCP_STATES})")
-        if int(t.min()) < 0 or int(t.max()) >= states.N_TCP_STATES:
-            raise ValueError("transitions must name TCP states")
+        trans = _check_transitions(transitions)
         if not callable(schedule):
             raise TypeError("schedule must be callable")
         self._busy = False  # inside the scheduler upcall
-        self._trans = t.astype(np.int64).tolist()
+        self._trans = trans
         self.set_timeouts(timeouts)
         self._counters = counters
         self._schedule = schedule
@@ -251,6 +262,8 @@ class Engine:
         self._index = self._ct.index
         self._sysctl = list(tables.SYSCTL_DEFAULTS)
         self._svc_by_key: dict[tuple[int, int, int], int] = {}
+        self._svc_persist: dict[int, tuple[int, int, int]] = {}  # slot: (timeout, netmask, vport)
+        self._nullsvc = 0   # used services of port 0
         self._dests: list[tuple] = []
         self._dest_table = tables.empty_dests(0)
         self._svc_table = tables.empty_services(0)
@@ -269,6 +282,12 @@ class Engine:
         self.pressure = False  # the receive ring is backed up (docs/engine.md, "Upcall limit")
         self._upcall_cost = 0.0
         self._upcall_bucket: list = [0.0, None]  # [seconds of upcall time, last now]
+        # Defence (docs/engine.md, "Defence"): drop_packet's rate and
+        # countdown, set by control; a one-packet conn made by the frame
+        # being processed, removed once it is done.
+        self._drop_rate = 0
+        self._drop_counter = 0
+        self._ops_conn: Conn | None = None
 
     # --- configuration ----------------------------------------------------
 
@@ -313,6 +332,49 @@ class Engine:
             raise ValueError("timeouts must be finite numbers")
         self._timeouts = [float(x) for x in t]
 
+    def set_transitions(self, transitions: np.ndarray) -> None:
+        """The TCP state table from now on (uint8 [3, 4, 11]): control hands
+        states.TRANSITIONS_DOS while secure_tcp is on, else TRANSITIONS."""
+        self._refuse_if_busy()
+        self._trans = _check_transitions(transitions)
+
+    def set_drop_rate(self, rate: int, counter: int = -1) -> None:
+        """drop_packet: drop 1 in `rate` new-flow packets (0: none); a
+        `counter` >= 0 restarts the countdown (the kernel's drop_counter)."""
+        rate, counter = operator.index(rate), operator.index(counter)
+        if rate < 0:
+            raise ValueError("drop rate must not be negative")
+        self._drop_rate = rate
+        if counter >= 0:
+            self._drop_counter = counter
+
+    def drop_entries(self, now: float) -> int:
+        """drop_entry: the kernel's ip_vs_random_dropentry (conn.py,
+        ConnTable.drop_entries); returns the conns dropped."""
+        self._refuse_if_busy()
+        try:
+            return self._ct.drop_entries(float(now), self._timeouts)
+        finally:
+            self._flush()
+
+    def expire_nodest(self) -> int:
+        """expire_nodest_conn's flush after a dest is deleted (the kernel's
+        ip_vs_expire_nodest_conn_flush): every conn whose dest is gone is
+        expired (conns_expired); returns how many."""
+        self._refuse_if_busy()
+        n = 0
+        for c in self._ct.conns():   # slot order, as the C engine's scan
+            if self._conn_dest(c) is not None or tpl_held(c):
+                continue
+            tpl = c.control
+            self._ct.remove(c, CONNS_EXPIRED)
+            n += 1
+            if tpl is not None and tpl.n_control == 0 and tpl.slot < c.slot:
+                self._ct.remove(tpl, CONNS_EXPIRED)
+                n += 1
+        self._flush()
+        return n
+
     def set_tables(self, services: np.ndarray, dests: np.ndarray) -> None:
         self._refuse_if_busy()
         if services.dtype != tables.SERVICE_DTYPE or dests.dtype != tables.DEST_DTYPE:
@@ -327,10 +389,15 @@ class Engine:
         by_key: dict[tuple[int, int, int], int] = {}
         used = np.flatnonzero(services["flags"] & tables.SVC_F_USED)
         rows = services[used]
-        for s, vaddr, vport, proto in zip(used.tolist(), rows["vaddr"].tolist(),
-                                          rows["vport"].tolist(), rows["proto"].tolist()):
+        persist: dict[int, tuple[int, int, int]] = {}
+        for s, vaddr, vport, proto, timeout, netmask in zip(
+                used.tolist(), rows["vaddr"].tolist(), rows["vport"].tolist(),
+                rows["proto"].tolist(), rows["timeout"].tolist(), rows["netmask"].tolist()):
             # The lowest slot wins if the control plane ever lists a service twice.
             by_key.setdefault((proto, vaddr, vport), s)
+            persist[s] = (timeout, netmask, vport)
+        self._svc_persist = persist
+        self._nullsvc = int(np.count_nonzero(rows["vport"] == 0))
         ds = [_NO_DEST] * len(dests)
         used = np.flatnonzero(dests["flags"])
         rows = dests[used]
@@ -398,6 +465,9 @@ class Engine:
 
     @staticmethod
     def _conn_tuple(c: Conn) -> tuple:
+        if c.template:
+            return (c.proto & ~TPL_PROTO, c.caddr, c.cport, c.vaddr, c.vport, c.daddr, c.dport,
+                    c.state, c.expires, c.fwd | tables.CONN_F_TEMPLATE, c.dest, c.svc)
         return (c.proto, c.caddr, c.cport, c.vaddr, c.vport, c.daddr, c.dport,
                 c.state, c.expires, c.fwd, c.dest, c.svc)
 
@@ -458,6 +528,8 @@ class Engine:
                 n = int(batch.length[i])
                 self._pend[_RX] += 1
                 verdict, out_port = self._frame(batch.buf[i].data, n, int(batch.in_port[i]), now)
+                if self._ops_conn is not None:
+                    self._ops_done()
                 batch.verdict[i] = verdict
                 if verdict == V_TX:
                     batch.out_port[i] = out_port
@@ -640,6 +712,49 @@ class Engine:
     def _is_local_port(self, port: int) -> bool:
         p = self._port_row(port)
         return p is not None and bool(p[3] & tables.PORT_F_LOCAL)
+
+    def _tcp_may_open(self, tcp_flags: int) -> bool:
+        """May a TCP segment matching no conn make one? A SYN without ACK or
+        RST; with sloppy_tcp any segment but a RST (tcp_conn_schedule)."""
+        if tcp_flags & _TCP_RST:
+            return False
+        return bool(self._sysctl[_SYS["sloppy_tcp"]]) or (
+            tcp_flags & (_TCP_SYN | _TCP_ACK)) == _TCP_SYN
+
+    def _todrop(self) -> bool:
+        """drop_packet's countdown (the kernel's ip_vs_todrop)."""
+        self._drop_counter -= 1
+        if self._drop_counter > 0:
+            return False
+        self._drop_counter = self._drop_rate
+        return True
+
+    def _ops_done(self) -> None:
+        """A one-packet conn leaves the table once its frame is done (the
+        kernel's ip_vs_conn_put of an OPS conn)."""
+        c, self._ops_conn = self._ops_conn, None
+        if self._ct.slots[c.slot] is c:
+            self._ct.remove(c, CONNS_EXPIRED)
+
+    def _rs_no_conn(self, f: memoryview, totlen: int, proto: int, tcp_flags: int, saddr: int,
+                    sport: int, in_port: int, now: float) -> bool:
+        """nat_icmp_send (ip_vs_out, ip_vs_has_real_service): a packet from a
+        NAT real server matching no conn, not a TCP RST, is dropped
+        (drop_rs_no_conn) and answered with ICMP port unreachable from the
+        in port's address. False when the rule does not apply."""
+        if proto == TCP and tcp_flags & _TCP_RST:
+            return False
+        svcs = self._svc_table
+        for d in self._dests:
+            if (d[5] & tables.DEST_F_USED and d[4] == tables.FWD_MASQ and d[0] == saddr
+                    and d[1] == sport and d[2] < len(svcs) and int(svcs[d[2]]["proto"]) == proto):
+                p = self._port_row(in_port)
+                if p is not None and p[0]:
+                    self._send_icmp(f, totlen, in_port, now, _ICMP_DEST_UNREACH,
+                                    _ICMP_PORT_UNREACH, 0, p[0])
+                self._pend[_DROP_RS_NO_CONN] += 1
+                return True
+        return False
 
     def _local_reply(self, proto: int, saddr: int, sport: int, daddr: int, dport: int,
                      totlen: int, in_port: int, now: float) -> tuple[int, int]:
@@ -906,7 +1021,7 @@ class Engine:
         # 7: what the kernel would not take in, if the frame is ours at all.
         refusal = self._refusal(f, ihl, in_port)
         if refusal is not None:
-            if key in self._index or (proto, daddr, dport) in self._svc_by_key:
+            if key in self._index or self._find_service(proto, daddr, dport) is not None:
                 pend[refusal] += 1
                 return V_DROP, 0
             pend[_PASS_NOT_OURS] += 1
@@ -922,22 +1037,30 @@ class Engine:
                 hit = None
         if hit is None:
             # 9: a new conn, if a service wants it.
-            svc = self._svc_by_key.get((proto, daddr, dport))
+            svc = self._find_service(proto, daddr, dport)
             if svc is None:
+                if self._sysctl[_SYS["nat_icmp_send"]] and self._rs_no_conn(
+                        f, totlen, proto, tcp_flags, saddr, sport, in_port, now):
+                    return V_DROP, 0
                 return self._local_reply(proto, saddr, sport, daddr, dport, totlen, in_port, now)
             refusal = self._martian(saddr, in_port)
             if refusal is not None:
                 pend[refusal] += 1
                 return V_DROP, 0
-            if proto == TCP and (not tcp_flags & _TCP_SYN or tcp_flags & (_TCP_ACK | _TCP_RST)):
+            if proto == TCP and not self._tcp_may_open(tcp_flags):
                 pend[_DROP_NO_CONN] += 1
                 if not tcp_flags & _TCP_RST:
                     self._send_rst(f, ihl, totlen, in_port, now)
+                return V_DROP, 0
+            if self._drop_rate and self._todrop():
+                pend[_DROP_DEFENSE] += 1
                 return V_DROP, 0
             verdict, hit = self._conn_new(f, key, svc, proto, saddr, sport, daddr, dport,
                                           totlen, in_port, now)
             if hit is None:
                 return verdict, 0
+            if proto == UDP and int(self._svc_table[svc]["flags"]) & tables.SVC_F_ONE_PACKET:
+                self._ops_conn = hit[0]
 
         c, direction = hit
         if direction == states.INPUT:
@@ -966,14 +1089,19 @@ class Engine:
                                             self._pmtu_get(c.daddr, now))
             else:
                 path_mtu = self._egress_mtu(out_port)
-            mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, path_mtu, daddr, now)
+            # pmtu_disc 0: a tunnelled packet is never refused for its size
+            # (ensure_mtu_is_adequate); the outer packet is fragmented instead.
+            nodf = c.xmit == XMIT_TUN and self._sysctl[_SYS["pmtu_disc"]] == 0
+            mtu = None if nodf else self._mtu_refusal(f, ihl, totlen, proto, in_port, path_mtu,
+                                                      daddr, now)
             if mtu is not None and mtu != _DO_FRAGMENT:
                 f[IP + 8:IP + 12] = ttl_word
                 pend[mtu] += 1
                 return V_DROP, 0
             if c.xmit == XMIT_TUN:
-                return self._tun_xmit(f, c, dest, ihl, totlen, proto,
-                                      path_mtu if mtu == _DO_FRAGMENT else 0)
+                return self._tun_xmit(
+                    f, c, dest, ihl, totlen, proto, path_mtu if mtu == _DO_FRAGMENT else 0,
+                    self._egress_mtu(out_port, 0, self._pmtu_get(c.daddr, now)) if nodf else 0)
             f[ETH:ETH + 6] = dest[7]
             f[ETH + 6:ETH + 12] = dest[8]
             if c.xmit == XMIT_DR:
@@ -1039,20 +1167,25 @@ class Engine:
         return 32768 + h % 28232
 
     def _tun_xmit(self, f: memoryview, c: Conn, dest: tuple, ihl: int, totlen: int, proto: int,
-                  frag_mtu: int) -> tuple[int, int]:
+                  frag_mtu: int, outer_mtu: int = 0) -> tuple[int, int]:
         """VS-Tun (kernel ip_vs_tunnel_xmit): the packet, its TTL already
         decremented, leaves encapsulated (IPIP or GUE) in the emit area; a GSO
         frame cut into segments first, a partial checksum completed, a too-big
         packet with DF clear cut into IP fragments of frag_mtu (when not 0)
-        encapsulated one by one."""
+        encapsulated one by one; with outer_mtu (pmtu_disc 0) the outer
+        packets cut to it instead (_tun_outer)."""
         pend = self._pend
         out_port = dest[6]
         eth_out = dest[7] + dest[8] + b"\x08\x00"
         p = self._port_row(out_port)
         t = tunnel.Tun(dest[9], int(dest[10] == _TUN_F_CSUM), self._gue_sport(c), dest[11],
-                       p[0] if p is not None and p[0] else c.vaddr, c.daddr)
+                       p[0] if p is not None and p[0] else c.vaddr, c.daddr,
+                       int(self._sysctl[_SYS["pmtu_disc"]] == 0))
         ip = f[IP:IP + totlen]
-        if f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE:
+        ids = 0
+        if outer_mtu and self._tun_outer_size(f, ihl, totlen, proto, t) > outer_mtu:
+            n, ids = self._tun_outer(f, out_port, eth_out, ihl, totlen, proto, t, outer_mtu)
+        elif f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE:
             n = tunnel.gso_segments(self._emit, out_port, eth_out, f[:ETH], ip, totlen, t,
                                     self._ip_id)
         else:
@@ -1066,10 +1199,61 @@ class Engine:
         if not n:
             pend[_EMIT_OVERFLOW] += 1
             return V_DROP, 0
-        self._ip_id = (self._ip_id + n) & 0xFFFF
+        self._ip_id = (self._ip_id + (ids or n)) & 0xFFFF
         pend[_EMIT_FRAMES] += n
         pend[_TX_TUNNELED] += 1
         return V_EMIT, 0
+
+    @staticmethod
+    def _tun_outer_size(f: memoryview, ihl: int, totlen: int, proto: int, t: tunnel.Tun) -> int:
+        """The largest outer packet the frame makes: for a GSO frame one
+        segment (headers + gso_size), else the packet; plus the tunnel."""
+        size = totlen
+        if f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE:
+            gso_size = f[4] | f[5] << 8
+            l4 = IP + ihl
+            hdr = ihl + ((f[l4 + 12] >> 4) * 4 if proto == TCP else 8)
+            if gso_size and hdr + gso_size < totlen:
+                size = hdr + gso_size
+        return size + tunnel.tun_overhead(t.type)
+
+    def _tun_outer(self, f: memoryview, port: int, eth_out: bytes, ihl: int, totlen: int,
+                   proto: int, t: tunnel.Tun, outer_mtu: int) -> tuple[int, int]:
+        """pmtu_disc 0 (the kernel's ip_vs_tunnel_xmit with df 0): the packet,
+        or each GSO segment, encapsulated whole with the outer DF clear, and
+        each outer packet bigger than `outer_mtu` cut into IP fragments of
+        the outer packet (the kernel's ip_fragment after the tunnel). All or
+        nothing: (frames emitted, outer packets made), or (0, 0)."""
+        scratch = icmp.Emit.new(64 * 1024 + 4096, _TUN_FRAG_MAX)
+        ip = f[IP:IP + totlen]
+        if f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE:
+            k = tunnel.gso_segments(scratch, port, eth_out, f[:ETH], ip, totlen, t, self._ip_id)
+        else:
+            if f[0] & tables.VNET_F_NEEDS_CSUM:
+                self._complete_csum(f, IP + ihl, totlen - ihl, proto)
+            k = 1 if tunnel.tun_encap(scratch, port, eth_out, ip, totlen, t, self._ip_id) else 0
+        em = self._emit
+        saved = (int(em.n[0]), int(em.n[1]))
+        frags = 0
+        hdr = ETH + 14
+        for _, fr in scratch.frames()[:k]:
+            olen = len(fr) - hdr
+            if olen <= outer_mtu:
+                d = em.reserve(len(fr), port)
+                if d is None:
+                    break
+                d[:] = fr
+                continue
+            m = icmp.ip_fragment(em, port, eth_out, fr[hdr:], olen, outer_mtu)
+            if not m:
+                break
+            frags += m
+        else:
+            if k:
+                self._pend[_FRAG_OUT] += frags
+                return int(em.n[0]) - saved[0], k
+        em.n[0], em.n[1] = saved
+        return 0, 0
 
     def _tun_fragments(self, port: int, eth_out: bytes, ip: memoryview, totlen: int,
                        t: tunnel.Tun, mtu: int) -> int:
@@ -1254,17 +1438,12 @@ class Engine:
                 and self._sched.needs_upcall(svc) and not self._upcall_allowed(now)):
             pend[_DROP_UPCALL_LIMIT] += 1
             return V_DROP, None
-        d = self._sched.pick(svc, saddr, sport, daddr)
-        if d == sched_c.ASK_PYTHON:
-            self._busy = True
-            try:
-                d = operator.index(self._schedule(svc, saddr, sport))
-            except Exception as exc:  # reported, never propagated (as the C upcall)
-                _report_unraisable(exc, self._schedule)
-                pend[_SCHED_ERRORS] += 1
-                return V_DROP, None
-            finally:
-                self._busy = False
+        try:
+            d, tpl, victim = self._persist_dest(svc, proto, saddr, sport, daddr, dport, now, victim)
+        except Exception as exc:  # reported, never propagated (as the C upcall)
+            _report_unraisable(exc, self._schedule)
+            pend[_SCHED_ERRORS] += 1
+            return V_DROP, None
         dests = self._dests
         if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
             pend[_DROP_NO_DEST] += 1
@@ -1284,15 +1463,16 @@ class Engine:
             xmit = XMIT_TUN
         else:
             xmit = XMIT_NONE
+        rport = dest[1] if dest[1] and dport == self._svc_persist[svc][2] else dport
         out_key = None
         if xmit == XMIT_NAT:
-            out_key = (proto, dest[0], dest[1], saddr, sport)
+            out_key = (proto, dest[0], rport, saddr, sport)
             if out_key == key or self._lookup(out_key, now) is not None:
                 pend[_DROP_CONFLICT] += 1
                 return V_DROP, None
         c = Conn()
         c.proto, c.caddr, c.cport, c.vaddr, c.vport = proto, saddr, sport, daddr, dport
-        c.daddr, c.dport = dest[0], dest[1]
+        c.daddr, c.dport = dest[0], rport
         c.state = states.NONE
         c.expires = now + self._timeouts[states.NONE]
         c.fwd, c.dest, c.svc = dest[4], d, svc
@@ -1304,6 +1484,13 @@ class Engine:
         c.xmit = xmit
         # The kernel's IP_VS_CONN_F_NOOUTPUT conns use the INPUT_ONLY table.
         c.in_dir = states.INPUT if xmit == XMIT_NAT else states.INPUT_ONLY
+        if ct.full() and victim is None:   # no conn may give way (victim_but)
+            pend[_DROP_TABLE_FULL] += 1
+            return V_DROP, None
+        if tpl is not None:   # ip_vs_control_add
+            c.control = tpl
+            tpl.n_control += 1
+        c.in_pkts = 0
         ct.add(c, victim, now)
         pend[_CONNS_CREATED] += 1
         cnt = self._counters
@@ -1312,6 +1499,92 @@ class Engine:
         cnt.svc_stats[svc, tables.STAT_CONNS] += 1
         cnt.dest_stats[d, tables.STAT_CONNS] += 1
         return None, (c, states.INPUT)
+
+    def _find_service(self, proto: int, vaddr: int, vport: int) -> int | None:
+        """The service slot of (proto, vaddr, vport), else of its port-0
+        service (the kernel's ip_vs_service_find: "catch-all port"), or None."""
+        s = self._svc_by_key.get((proto, vaddr, vport))
+        if s is None and self._nullsvc and vport:
+            s = self._svc_by_key.get((proto, vaddr, 0))
+        return s
+
+    def _call_schedule(self, svc: int, saddr: int, sport: int) -> int:
+        """call_schedule in ip_vs_core.c: the engine's scheduler, else the upcall."""
+        d = self._sched.pick(svc, saddr, sport, int(self._svc_table[svc]["vaddr"]))
+        if d != sched_c.ASK_PYTHON:
+            return d
+        self._busy = True
+        try:
+            return operator.index(self._schedule(svc, saddr, sport))
+        finally:
+            self._busy = False
+
+    def _victim_but(self, now: float, keep: Conn):
+        """victim_but in ip_vs_core.c: `keep` counts as held during the draw."""
+        if not self._ct.full():
+            return None
+        keep.n_control += 1
+        try:
+            return self._ct.victim(now, self._timeouts)
+        finally:
+            keep.n_control -= 1
+
+    def _persist_dest(self, svc: int, proto: int, saddr: int, sport: int, daddr: int,
+                      dport: int, now: float, victim):
+        """(dest slot, template or None, victim): persist_dest in
+        ip_vs_core.c (docs/engine.md, "Persistence"). The scheduler's
+        exception propagates."""
+        timeout, netmask, vport = self._svc_persist[svc]
+        if not timeout:
+            return (self._call_schedule(svc, saddr, sport) if vport == dport else -1), None, victim
+        whole = dport == vport and vport != _FTP_PORT
+        tvport = dport if whole else 0
+        key = (proto | TPL_PROTO, saddr & netmask, 0, daddr, tvport)
+        ct = self._ct
+        hit = self._index.get(key)
+        t = hit[0] if hit is not None else None
+        if t is not None and t.expires <= now:   # its timer fired before the clock hand came
+            if tpl_held(t):
+                t.tpl_timeout = TPL_LATE_TIMEOUT
+            else:
+                ct.remove(t, CONNS_EXPIRED)
+                t = None
+        if t is not None and self._tpl_valid(t, svc):
+            if victim is t:
+                victim = self._victim_but(now, t)
+        else:
+            d = self._call_schedule(svc, saddr, sport)
+            dests = self._dests
+            if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
+                return d, None, victim
+            dest = dests[d]
+            t = Conn()
+            t.proto, t.caddr, t.cport, t.vaddr, t.vport = key
+            t.daddr, t.dport = dest[0], dest[1] if whole else 0
+            t.state, t.fwd, t.svc, t.dest = tables.CTPL_NONE, dest[4], svc, d
+            t.cmac = t.lmac = bytes(6)
+            t.in_port, t.replied, t.xmit, t.in_dir = 0, False, XMIT_NONE, 0
+            t.in_key, t.out_key = key, None
+            t.template, t.tpl_timeout = True, timeout
+            t.expires = now + timeout
+            if ct.full() and victim is None:
+                return d, None, victim   # no room (tpl_new: NO_SLOT)
+            ct.add(t, victim, now)
+            self._pend[_CONNS_CREATED] += 1
+            self._counters.dest_persist[d] += 1
+            sched_c.bind(self._counters, self._sched.thresholds, d)
+            victim = self._victim_but(now, t)
+        t.expires = now + t.tpl_timeout
+        return t.dest, t, victim
+
+    def _tpl_valid(self, t: Conn, svc: int) -> bool:
+        """ip_vs_check_template; an invalid template leaves the index."""
+        dest = self._conn_dest(t)
+        if (dest is not None and t.svc == svc
+                and not (self._sysctl[_SYS["expire_quiescent_template"]] and dest[3] == 0)):
+            return True
+        self._ct.unhash(t)
+        return False
 
     def _set_state(self, c: Conn, direction: int, proto: int, tcp_flags: int, now: float) -> None:
         """11: the state transition, the active/inactive count, the new expiry."""
@@ -1344,3 +1617,9 @@ class Engine:
         c.expires = now + self._timeouts[c.state]
         if direction == states.OUTPUT:
             c.replied = True
+        elif c.in_pkts < 255:
+            c.in_pkts += 1
+        # ip_vs_control_assure_ct: TCP on reaching ESTABLISHED, UDP on a reply.
+        if c.control is not None and (c.state == states.ESTABLISHED != old if proto == TCP
+                                      else direction == states.OUTPUT):
+            c.control.state |= tables.CTPL_ASSURED

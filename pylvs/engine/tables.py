@@ -56,6 +56,7 @@ PROTO_UDP = 17
 # --- tables built by the control plane ------------------------------------
 
 SVC_F_USED = 1  # the slot holds a service
+SVC_F_ONE_PACKET = 4  # -o: each UDP datagram scheduled alone, no conn kept (IP_VS_SVC_F_ONEPACKET)
 
 SERVICE_DTYPE = np.dtype(
     [
@@ -63,6 +64,10 @@ SERVICE_DTYPE = np.dtype(
         ("vport", "<u2"),
         ("proto", "u1"),
         ("flags", "u1"),
+        # Persistence (-p, -M; kernel ip_vs_sched_persist): 0 = not persistent,
+        # else the template timeout in seconds; netmask host order (-M, /32 default).
+        ("timeout", "<u4"),
+        ("netmask", "<u4"),
     ],
     align=True,
 )
@@ -150,6 +155,10 @@ STAT_NAMES = (
     "tun_icmp_relayed",   # verdict (V_PASS): another error about a tunnel packet, relayed to the client
     # -- added for issue 7 --
     "drop_upcall_limit",  # verdict: a new flow while the receive ring is backed up and upcall_share is spent
+    # -- added for issue 8 (knobs) --
+    "drop_defense",       # verdict: a new flow's packet dropped by drop_packet's rate (kernel ip_vs_todrop)
+    "conns_dropped",      # extra: conns removed by drop_entry (kernel ip_vs_random_dropentry)
+    "drop_rs_no_conn",    # verdict: a NAT real server's packet matching no conn, nat_icmp_send=1
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 N_STATS = 64  # room to grow without changing the array's size
@@ -195,8 +204,18 @@ SYSCTL_NAMES = (
     "tcp_rst_burst",       # ... and in a burst
     "icmp_ratelimit",      # ms between ICMP errors to one destination, burst 6 (net.ipv4.icmp_ratelimit)
     "upcall_share",        # percent of time new flows' scheduler upcalls may take while the ring backs up (100: no limit)
+    # -- issue 8 (Documentation/networking/ipvs-sysctl.rst; docs/engine.md, "Defence") --
+    "sloppy_tcp",          # 1: any TCP segment but a RST may make a conn (take over flows after a failover)
+    "nat_icmp_send",       # 1: a NAT real server's packet matching no conn gets ICMP port unreachable
+    "pmtu_disc",           # 0: tunnelled DF packets too big are fragmented, not answered with frag-needed
+    "drop_entry",          # 0 off, 1/2 automatic (2: on now), 3 always: randomly drop conns (control)
+    "drop_packet",         # 0 off, 1/2 automatic, 3 always: drop 1 in rate new-flow packets (control)
+    "secure_tcp",          # 0 off, 1/2 automatic, 3 always: the TCP state table tcp_states_dos (control)
+    "amemthresh",          # pages of available memory below which the automatic modes turn on
+    "am_droprate",         # drop_packet's rate in mode 3
+    "expire_quiescent_template",  # 1: a template whose dest has weight 0 is invalid when next checked
 )
-SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50)
+SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0, 0, 1, 0, 0, 0, 1024, 10, 0)
 SYSCTL_INDEX = {name: i for i, name in enumerate(SYSCTL_NAMES)}
 N_SYSCTL = len(SYSCTL_NAMES)
 
@@ -262,8 +281,15 @@ def empty_sched(max_services: int, max_dests: int) -> tuple[np.ndarray, ...]:
 # Per-service and per-dest traffic counters, columns:
 STAT_CONNS, STAT_INPKTS, STAT_OUTPKTS, STAT_INBYTES, STAT_OUTBYTES = range(5)
 N_TRAFFIC = 5
-# Per-dest conn counts, columns:
+# Per-dest conn counts, columns (the kernel's activeconns, inactconns; its
+# persistconns, the templates, are Counters.dest_persist):
 ACTIVE, INACTIVE = 0, 1
+# conns() tuples: the `fwd` field of a template carries this bit too (the
+# kernel's IP_VS_CONN_F_TEMPLATE in cp->flags).
+CONN_F_TEMPLATE = 0x1000
+# Template states (the kernel's IP_VS_CTPL_S_*, names as ip_vs_state_name).
+CTPL_NONE, CTPL_ASSURED = 0, 1
+CTPL_NAMES = ("NONE", "ASSURED")
 
 
 class Counters:
@@ -275,19 +301,22 @@ class Counters:
     """
 
     def __init__(self, max_services: int = 256, max_dests: int = 4096,
-                 dest_conns: np.ndarray | None = None, dest_flags: np.ndarray | None = None,
-                 sched_state: np.ndarray | None = None):
+                 dest_conns: np.ndarray | None = None, dest_persist: np.ndarray | None = None,
+                 dest_flags: np.ndarray | None = None, sched_state: np.ndarray | None = None):
         """``dest_conns``: an int32 (max_dests, 2) array to share with other
         Counters (workers: every engine adds to the same counts, atomically
-        in C); ``dest_flags`` (uint8[max_dests], DEST_F_OVERLOAD) and
+        in C); None makes a new one. ``dest_persist``: int32 (max_dests,),
+        the persistence templates naming each dest (the kernel's
+        persistconns), ``dest_flags`` (uint8[max_dests], DEST_F_OVERLOAD) and
         ``sched_state`` (int32 (max_services, SCHED_STATE_WORDS)) are shared
-        the same way; None makes a new one."""
+        the same way."""
         self.max_services = max_services
         self.max_dests = max_dests
         self.stats = np.zeros(N_STATS, dtype=np.uint64)
         self.svc_stats = np.zeros((max_services, N_TRAFFIC), dtype=np.uint64)
         self.dest_stats = np.zeros((max_dests, N_TRAFFIC), dtype=np.uint64)
         self.dest_conns = _shared(dest_conns, "dest_conns", (max_dests, 2), np.int32)
+        self.dest_persist = _shared(dest_persist, "dest_persist", (max_dests,), np.int32)
         self.dest_flags = _shared(dest_flags, "dest_flags", (max_dests,), np.uint8)
         self.sched_state = _shared(sched_state, "sched_state",
                                    (max_services, SCHED_STATE_WORDS), np.int32)
@@ -329,10 +358,10 @@ class CounterSum:
         self.max_services = max_services
         self.max_dests = max_dests
         first = Counters(max_services, max_dests)
-        self.dest_conns, self.dest_flags = first.dest_conns, first.dest_flags
-        self.sched_state = first.sched_state
+        self.dest_conns, self.dest_persist = first.dest_conns, first.dest_persist
+        self.dest_flags, self.sched_state = first.dest_flags, first.sched_state
         self.parts = [first] + [Counters(max_services, max_dests, self.dest_conns,
-                                         self.dest_flags, self.sched_state)
+                                         self.dest_persist, self.dest_flags, self.sched_state)
                                 for _ in range(workers - 1)]
 
     def _sum(self, name: str) -> np.ndarray:
@@ -374,6 +403,18 @@ def empty_services(n: int) -> np.ndarray:
 
 def empty_dests(n: int) -> np.ndarray:
     return np.zeros(n, dtype=DEST_DTYPE)
+
+
+def dests_gone(old: np.ndarray | None, new: np.ndarray) -> bool:
+    """Did a dest of `old` go (its slot no longer used, or used by another
+    service's dest) in `new`? Both DEST_DTYPE arrays; None: no old table."""
+    if old is None or len(old) == 0:
+        return False
+    n = min(len(old), len(new))
+    was = (old["flags"] & DEST_F_USED) != 0
+    still = np.zeros(len(old), dtype=bool)
+    still[:n] = ((new["flags"][:n] & DEST_F_USED) != 0) & (new["svc"][:n] == old["svc"][:n])
+    return bool(np.any(was & ~still))
 
 
 # --- batches of frames ----------------------------------------------------
