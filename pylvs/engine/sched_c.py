@@ -2,10 +2,12 @@
 flag kept as the kernel's ip_vs_bind_dest / ip_vs_unbind_dest keep it, and
 the choice between a scheduler run by the engine and the upcall, over the
 tables ``set_sched`` takes (tables.SCHED_SVC_DTYPE, SCHED_DEST_DTYPE,
-DEST_THRESH_DTYPE). The pick itself is the Python scheduler's (pylvs/sched,
-the reference), run on the published list; rr's and wrr's position is read
-from and written back to ``counters.sched_state`` (the words
-ip_vs_sched.h names), which every worker's engine shares.
+DEST_THRESH_DTYPE, the sh/dh/mh buckets). The pick itself is the Python
+scheduler's (pylvs/sched, the reference), run on the published list: rr's
+and wrr's position is read from and written back to
+``counters.sched_state`` (the words ip_vs_sched.h names), which every
+worker's engine shares, and sh, dh and mh get the published table back as
+dest slots, so the engine's hashing is what the tests compare.
 """
 
 from __future__ import annotations
