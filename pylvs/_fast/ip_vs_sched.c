@@ -107,11 +107,22 @@ static long heaviest(const PylvsEngine *e, const sched_dest_row *l, uint32_t n, 
 
 /* --- the stateful ones, under their row's lock ----------------------------- */
 
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Held for one pick or one update (a walk of the service's list), never
+ * across a call that may block or take the GIL. */
 static inline void row_lock(int32_t *st)
 {
     while (__atomic_exchange_n(&st[SW_LOCK], 1, __ATOMIC_ACQUIRE))
         while (__atomic_load_n(&st[SW_LOCK], __ATOMIC_RELAXED))
-            __builtin_ia32_pause();
+            cpu_relax();
 }
 
 static inline void row_unlock(int32_t *st)
