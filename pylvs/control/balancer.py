@@ -418,7 +418,9 @@ class Balancer:
       tuples may carry a 13th field, the worker holding the conn: "worker");
     - ``clock``: the engine's time base for conn expiry (default monotonic);
     - ``on_timeouts``: called with ``states.timeout_array(...)`` after
-      ``set_timeouts``, to hand the new timeouts to the engine.
+      ``set_timeouts``, to hand the new timeouts to the engine;
+    - ``publish_sched(svcs, dests, thresholds, table)``: every engine's
+      ``set_sched`` (docs/engine.md, "Schedulers in C"), and ``c_sched``.
     """
 
     def __init__(self, counters: Counters, resolver=None,
