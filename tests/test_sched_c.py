@@ -471,3 +471,45 @@ def test_persistence_wraps_the_engine_scheduler(impl, sched):
     assert got == want
     first, again, _ = got
     assert again == first * 2 and len(set(first)) >= 2
+
+
+def random_script(seed: int, steps: int = 40) -> list:
+    """A seeded mix of the steps SCRIPT uses: new conns, established and
+    closed ones, weight and threshold edits, dests added and deleted."""
+    rnd = random.Random(seed)
+    script, live, made = [], {0}, 0
+    script.append(("add", (0,), {"weight": 2}))
+    for _ in range(steps):
+        op = rnd.choice(["syn", "syn", "syn", "ack", "rst", "weight", "thresh", "add", "del"])
+        if op == "syn":
+            n = rnd.randint(1, 8)
+            script.append(("syn", (n,), {}))
+            made += n
+        elif op in ("ack", "rst") and made:
+            ids = tuple(sorted(rnd.sample(range(made), min(made, rnd.randint(1, 5)))))
+            script.append((op, ids, {}))
+        elif op == "weight":
+            script.append(("dest", (rnd.choice(sorted(live)),), {"weight": rnd.randint(0, 5)}))
+        elif op == "thresh":
+            u = rnd.choice([0, 2, 4, 8])
+            script.append(("dest", (rnd.choice(sorted(live)),),
+                           {"u_threshold": u, "l_threshold": rnd.randint(0, u)}))
+        elif op == "add" and len(live) < len(RIPS):
+            i = min(set(range(len(RIPS))) - live)
+            live.add(i)
+            script.append(("add", (i,), {"weight": rnd.randint(0, 5)}))
+        elif op == "del" and len(live) > 1:
+            i = rnd.choice(sorted(live))
+            live.discard(i)
+            script.append(("delete", (i,), {}))
+    return script
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("sched", KINDS + HASHED)
+def test_random_scripts_pick_as_the_python_ones(sched, seed):
+    script = random_script(seed)
+    want = run(script, "c", 1, False, sched)
+    got = run(script, "c", 2, True, sched)
+    for i, (g, e) in enumerate(zip(got, want)):
+        assert g == e, f"step {i} {e[0]}{e[1]}"
