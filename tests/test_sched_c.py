@@ -209,7 +209,9 @@ def test_c_schedulers_pick_as_the_python_ones(sched):
     workers, and the reference engine both ways, against the C engine
     asking the Python scheduler for every conn."""
     want = run(SCRIPT, "c", 1, False, sched)
-    assert any(p for _, _, p, _ in want if p) and None not in want[3][2]
+    # The script makes picks (ovf runs out of dests in places: half-open
+    # conns count active, as the kernel's tcp_state_active_table).
+    assert any(p for _, _, p, _ in want if p) and any(d is not None for d in want[3][2])
     for impl, workers, c_sched in WAYS:
         got = run(SCRIPT, impl, workers, c_sched, sched)
         for i, (g, e) in enumerate(zip(got, want)):

@@ -42,15 +42,15 @@ def test_engines_share_dest_conns_and_sum_the_rest():
     assert send(b, tcp(src="192.0.2.2", flags="S")) == tables.V_TX
     # One array for both: what the scheduler reads is the sum.
     assert cs.parts[0].dest_conns is cs.parts[1].dest_conns is cs.dest_conns
-    assert list(cs.dest_conns[0]) == [0, 2]
+    assert list(cs.dest_conns[0]) == [2, 0]   # half-open conns are active (tcp_state_active_table)
     # Traffic and engine counters: one row per worker, summed when read.
     assert cs.parts[0].svc_stats[0, CONNS] == cs.parts[1].svc_stats[0, CONNS] == 1
     assert cs.svc_stats[0, CONNS] == 2 and cs.dest_stats[0, CONNS] == 2
     assert cs.stat("conns_created") == 2 and cs.named()["rx_frames"] == 2
-    # The ACK makes a's conn established: one active, one inactive, still one array.
-    send(a, tcp(src="192.0.2.1", flags="A"))
+    # A FIN ends a's handshake: one active, one inactive (TIME_WAIT), one array.
+    send(a, tcp(src="192.0.2.1", flags="F"))
     assert list(cs.dest_conns[0]) == [1, 1]
-    assert b.expire(1e6, 64) == 1 and list(cs.dest_conns[0]) == [1, 0]
+    assert b.expire(1e6, 64) == 1 and list(cs.dest_conns[0]) == [0, 1]
     cs.zero_svc(0)
     cs.zero_dest(0)
     assert not cs.svc_stats[0].any() and not cs.dest_stats[0].any()

@@ -51,6 +51,14 @@
 #define S_TIME_WAIT 5
 #define S_CLOSE 6
 #define S_SYNACK 10
+#define S_SYN_SENT 2
+/* The TCP states a conn counts as active in (its dest's activeconns): the
+ * kernel's tcp_state_active_table (ip_vs_proto_tcp.c, since Linux 4.8's
+ * "count pre-established TCP states as active"), so least-connection
+ * schedulers see handshakes in progress. Every other state, and UDP, is
+ * inactive. */
+#define ACTIVE_STATES ((1u << S_ESTABLISHED) | (1u << S_SYN_SENT) | (1u << S_SYN_RECV) | \
+                       (1u << S_SYNACK))
 #define DIR_INPUT 0
 #define DIR_OUTPUT 1
 #define DIR_INPUT_ONLY 2
@@ -342,6 +350,11 @@ struct pylvs_engine {
 /* The established path is one function: GCC would otherwise leave these
  * out of line in a function as large as engine_frame. */
 #define HOT static inline __attribute__((always_inline))
+
+static inline int state_active(uint8_t state)
+{
+    return state < N_TCP_STATES && (ACTIVE_STATES >> state) & 1u;
+}
 
 /* dest_conns is ONE array shared by every worker's engine (the kernel's
  * atomic_t activeconns/inactconns): the scheduler reads the sum as is. */

@@ -35,8 +35,8 @@ HOT void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8_t tcpflag
     } else {
         new_ = UDP_STATE;
     }
-    if ((old == S_ESTABLISHED) != (new_ == S_ESTABLISHED)) {
-        int32_t v = new_ == S_ESTABLISHED ? 1 : -1;
+    if (state_active(old) != state_active(new_)) {
+        int32_t v = state_active(new_) ? 1 : -1;
         dest_conns_add(e, c->dest, C_ACTIVE, v);
         dest_conns_add(e, c->dest, C_INACTIVE, -v);
     }

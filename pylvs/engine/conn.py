@@ -164,7 +164,7 @@ class ConnTable:
             if c.dest < self.counters.max_dests:
                 self.counters.dest_persist[c.dest] -= 1
         else:
-            col = tables.ACTIVE if (c.proto == TCP and c.state == states.ESTABLISHED) else tables.INACTIVE
+            col = tables.ACTIVE if (c.proto == TCP and c.state in states.ACTIVE) else tables.INACTIVE
             if c.control is not None:
                 c.control.n_control -= 1
                 c.control = None

@@ -1601,8 +1601,8 @@ class Engine:
             else:
                 ev = -1
             new = self._trans[direction][ev][old] if ev >= 0 else old
-            was_active = old == states.ESTABLISHED
-            is_active = new == states.ESTABLISHED
+            was_active = old in states.ACTIVE
+            is_active = new in states.ACTIVE
             if was_active != is_active:
                 dc = self._counters.dest_conns
                 if is_active:

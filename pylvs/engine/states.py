@@ -45,6 +45,12 @@ STATE_NAMES = (
 ) = range(len(STATE_NAMES))
 N_TCP_STATES = len(STATE_NAMES)
 
+# The TCP states a conn counts as active in (its dest's activeconns): the
+# kernel's tcp_state_active_table (ip_vs_proto_tcp.c; Linux 4.8, "count
+# pre-established TCP states as active"). Every other state, and UDP, is
+# inactive.
+ACTIVE = frozenset((ESTABLISHED, SYN_SENT, SYN_RECV, SYNACK))
+
 # UDP conns have one state; it takes the slot after the TCP states in the
 # timeout array so that one array serves both protocols.
 UDP_STATE = N_TCP_STATES

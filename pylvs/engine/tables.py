@@ -296,8 +296,9 @@ class Counters:
     """The arrays the engine writes and everyone else reads (no copies).
 
     Bytes are IP packet lengths (as IPVS counts skb->len at the IP layer).
-    A conn is active only in TCP ESTABLISHED; every other state, and UDP,
-    counts as inactive.
+    A TCP conn is active in ESTABLISHED, SYN_SENT, SYN_RECV and SYNACK
+    (states.ACTIVE, the kernel's tcp_state_active_table); every other state,
+    and UDP, counts as inactive.
     """
 
     def __init__(self, max_services: int = 256, max_dests: int = 4096,
