@@ -182,11 +182,17 @@ struct rate_bucket {
 /* The slab is reserved as address space for `capacity` conns and made
  * usable in units of SLAB_UNIT bytes (one huge page) as slots come into use;
  * a table smaller than a unit is made usable whole, rounded to SLAB_PAGE.
- * The index starts at INDEX_MIN buckets and doubles while 4 x conns would
- * exceed it (at most two keys per conn, load <= 1/2). docs/engine.md, Conn table. */
+ * The index starts at INDEX_MIN buckets and doubles while INDEX_PER_CONN x
+ * conns would exceed it: at most two keys per conn, so a load <= 2/3 (a
+ * successful linear probe reads 2 buckets on average, a failed one 5, all
+ * 8-byte buckets, mostly one cache line). At 10 M conns that is 2^25
+ * buckets, 256 MiB, where 4 per conn (load <= 1/2) took 512 MiB: the
+ * index is half of what a lookup's random reads range over (bench/README.md,
+ * "Table scale"). docs/engine.md, Conn table. */
 #define SLAB_UNIT (2u << 20)
 #define SLAB_PAGE 4096u
 #define INDEX_MIN 16u
+#define INDEX_PER_CONN 3
 /* Slots drawn at the limit to find a conn to replace (docs/engine.md). */
 #define EVICT_SAMPLES 32
 
