@@ -6,7 +6,7 @@ built as a template with caddr and cport zero, and the frames of many flows
 are copies of it with caddr (IP source) and cport (TCP source port) written
 in and both checksums fixed by adding the new words to the template's sum
 (one's complement sums commute: RFC 1071; RFC 1624 for the update). The
-result equals ``tcp_frame`` byte for byte (tests/test_bench_flowgen.py).
+result equals ``tcp_frame`` byte for byte (tests/lab/test_lab_units.py).
 
 Flows are numbered 0..n-1; flow i's (caddr, cport) comes from
 ``flow_tuples`` (distinct for every i < 2**32 / 64512 * 64512).
