@@ -61,16 +61,17 @@ class Case:
         self.counters = tables.Counters()
         self.engine = None
         b = Balancer(self.counters, resolver=_Resolver(), publish=self._publish)
-        if impl == "c":
-            if not hasattr(b, "c_sched"):
-                raise RuntimeError("Balancer.c_sched is not on this branch (the C "
-                                   "schedulers): no impl c")
-            b.c_sched = True
-        elif hasattr(b, "c_sched"):
-            b.c_sched = False
         self.balancer = b
         self.engine = new_engine("c", capacity=MAX_FLOWS, counters=self.counters,
                                  schedule=b.schedule)
+        if hasattr(b, "c_sched"):
+            # Wired as pylvs run wires it (runtime/daemon.py): the scheduler
+            # tables go to the engine's set_sched.
+            b.publish_sched = lambda *t: self.engine.set_sched(*t)
+            b.c_sched = impl == "c"
+        elif impl == "c":
+            raise RuntimeError("Balancer.c_sched is not on this branch (the C "
+                               "schedulers): no impl c")
         b.add_service("tcp", VIP, VPORT, sched=sched)
         for i in range(DESTS):
             b.add_dest("tcp", VIP, VPORT, 0x0A000100 + 11 + i, 80, fwd="masq",
