@@ -166,6 +166,13 @@ struct bucket {
 #define BUCKET_DISTANCE (2 * PREFETCH_DISTANCE)
 #endif
 
+/* From this many index buckets (16 MiB of index, some 350 k to 700 k conns
+ * and a table past the L3 cache) the lookup pipeline prefetches a parse
+ * group at a time (pylvs_engine_run). */
+#ifndef GROUPED_MIN_BUCKETS
+#define GROUPED_MIN_BUCKETS (1u << 21)
+#endif
+
 #define N_BATCH_ARRAYS 10
 
 #define KEY_IN 0

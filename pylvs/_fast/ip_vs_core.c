@@ -1193,35 +1193,46 @@ int pylvs_engine_run(PylvsEngine *e, uint8_t *const *frames, const uint32_t *len
 {
     /* A pipeline over the frames, so that the two random reads of a lookup
      * (index bucket, then conn) overlap with work on other frames: frames
-     * i+DB.. get parsed and hashed and their buckets prefetched, frames
-     * i+D.. their conns, frame i is processed. The prefetches go out a
-     * PARSE_GROUP at a time, back to back: in a table of millions each is
-     * also a TLB miss, and a prefetch holds up retirement until its page
-     * walk is done; issued together, the walks overlap one another instead
-     * of each stalling the frame work between them (bench/README.md,
-     * "Table scale"). A scheduler upcall runs Python, which may write the
-     * frames: those parsed before it are parsed again when their turn
-     * comes. */
+     * i+DB.. get parsed and hashed (PARSE_GROUP at a time) and frame i+DB
+     * its bucket prefetched, frame i+D its conn, frame i is processed. In
+     * a table larger than the caches (GROUPED_MIN_BUCKETS) the prefetches
+     * go out a PARSE_GROUP at a time instead, back to back: there each one
+     * also misses the TLB, a prefetch holds up retirement until its page
+     * walk is done, and issued together the walks overlap one another
+     * instead of each stalling the frame work between them (10 M flows:
+     * 0.93x the CPU time of one at a time; at 100 k flows, where the table
+     * is in L3, 1.1x, so one at a time there; bench/README.md, "Table
+     * scale"). A scheduler upcall runs Python, which may write the frames:
+     * those parsed before it are parsed again when their turn comes. */
     enum { D = PREFETCH_DISTANCE, DB = BUCKET_DISTANCE, G = PARSE_GROUP };
     _Static_assert(D % G == 0 && DB % G == 0 && DB > D,
                    "the prefetch distances are whole parse groups");
+    const int grouped = e->mask >= GROUPED_MIN_BUCKETS - 1;
     struct pkt pk[PYLVS_ENGINE_RUN_MAX];
     if (count > PYLVS_ENGINE_RUN_MAX)
         count = PYLVS_ENGINE_RUN_MAX;
     int parsed = 0, stale = 0;
     uint64_t upcalls = e->upcalls;
     for (int i = -DB; i < count; i++) {
-        if ((i & (G - 1)) == 0) { /* -DB is a multiple of G */
-            int j = i + DB;
-            if (j < count) {
-                int n = count - j < G ? count - j : G;
-                parse_group(e, frames + j, lens + j, n, pk + j);
-                parsed = j + n;
-                for (int k = j; k < parsed; k++)
+        int j = i + DB;
+        if (j < count) {
+            if (j == parsed) { /* j is a multiple of G */
+                int n = count - parsed < G ? count - parsed : G;
+                parse_group(e, frames + parsed, lens + parsed, n, pk + parsed);
+                parsed += n;
+                for (int k = j; grouped && k < parsed; k++)
                     if (pk[k].code == PARSE_TUPLE)
                         __builtin_prefetch(&e->index[(uint32_t)pk[k].hash & e->mask]);
             }
-            for (int k = i + D < 0 ? 0 : i + D; k < i + D + G && k < count; k++)
+            if (!grouped && pk[j].code == PARSE_TUPLE)
+                __builtin_prefetch(&e->index[(uint32_t)pk[j].hash & e->mask]);
+        }
+        j = i + D;
+        if (!grouped) {
+            if (j >= 0 && j < count)
+                prefetch_conn(e, &pk[j]);
+        } else if ((i & (G - 1)) == 0) { /* -DB is a multiple of G */
+            for (int k = j < 0 ? 0 : j; k < j + G && k < count; k++)
                 prefetch_conn(e, &pk[k]);
         }
         if (i < 0)
