@@ -389,7 +389,7 @@ def test_schedule_rr_cycles_and_skips_weight_zero(env):
     d2 = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80)
     d3 = b.add_dest("tcp", VIP, 80, "10.0.1.3", 80)
     picks = [b.schedule(s, 1, 1000 + i) for i in range(6)]
-    assert picks == [d1, d2, d3, d1, d2, d3]
+    assert picks == [d3, d2, d1, d3, d2, d1]       # the kernel's list: newest first
     b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80, weight=0)
     assert {b.schedule(s, 1, 1) for _ in range(4)} == {d1, d3}
 
@@ -399,11 +399,11 @@ def test_schedule_wlc_uses_live_conn_counts(env):
     s = b.add_service("tcp", VIP, 80, sched="wlc")
     d1 = b.add_dest("tcp", VIP, 80, "10.0.1.1", 80, weight=1)
     d2 = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, weight=3)
-    assert b.schedule(s, 1, 1) == d1       # tie: first in list
-    c.dest_conns[d1] = [1, 0]               # overhead 256 / 1
-    assert b.schedule(s, 1, 1) == d2
-    c.dest_conns[d2] = [3, 0]               # 768 / 3 == 256 / 1: first wins
+    assert b.schedule(s, 1, 1) == d2       # tie: first in list, the newest
+    c.dest_conns[d2] = [3, 0]               # overhead 768 / 3
     assert b.schedule(s, 1, 1) == d1
+    c.dest_conns[d1] = [1, 0]               # 256 / 1 == 768 / 3: first wins
+    assert b.schedule(s, 1, 1) == d2
     c.dest_conns[d2] = [4, 0]
     assert b.schedule(s, 1, 1) == d1
 
@@ -773,7 +773,9 @@ def test_sysctls_validated_and_published(env):
     b, c, pubs, res = env
     sent = []
     b.publish_sysctls = sent.append
-    assert b.apply({"op": "sysctl"}) == dict(zip(SYSCTL_NAMES, SYSCTL_DEFAULTS))
+    from pylvs.sched import SYSCTLS
+    assert b.apply({"op": "sysctl"}) == {**dict(zip(SYSCTL_NAMES, SYSCTL_DEFAULTS)),
+                                         **{n: r[0] for n, r in SYSCTLS.items()}}
     assert b.apply({"op": "sysctl", "name": "expire_nodest_conn"}) == {"expire_nodest_conn": 0}
     assert sent == []
     assert b.apply({"op": "sysctl", "name": "expire_nodest_conn", "value": "1"}) == {

@@ -72,6 +72,43 @@ def test_sort_order_protocol_address_port_and_dests():
     assert listing.list_all(snap, nosort=True).splitlines()[3] == "UDP  10.0.0.1:53 rr"
 
 
+@pytest.mark.parametrize("addrs, want", [
+    # Within 2^31 of each other: numeric order.
+    (["10.0.1.10", "10.0.1.9", "127.0.0.1"], ["10.0.1.9", "10.0.1.10", "127.0.0.1"]),
+    # 2^31 or more apart, ipvsadm's (int)(a - b) turns the order round.
+    (["10.0.0.1", "192.168.0.1"], ["192.168.0.1", "10.0.0.1"]),
+    (["192.168.0.1", "10.0.0.1"], ["192.168.0.1", "10.0.0.1"]),
+])
+def test_dest_order_is_libipvs_wrapped_difference(addrs, want):
+    snap = {"services": [_svc("TCP", "10.0.0.2", 80, dests=[_dest(a, 80) for a in addrs])]}
+    got = [line.split()[1].rsplit(":", 1)[0] for line in listing.list_all(snap).splitlines()[4:]]
+    assert got == want
+
+
+def test_services_wrapped_address_order():
+    snap = {"services": [_svc("TCP", "10.0.0.1", 80), _svc("TCP", "200.0.0.1", 80)]}
+    assert [ln.split()[1] for ln in listing.list_all(snap).splitlines()[3:]] == [
+        "200.0.0.1:80", "10.0.0.1:80"]
+
+
+def test_nosort_lists_dests_newest_first_as_the_kernel():
+    """A Balancer's snapshot keeps the kernel's list order (each dest added at
+    the head; -e leaves a dest in place; a deleted and re-added one is new
+    again): --nosort shows it, the default sorts it."""
+    b = Balancer(Counters(max_services=4, max_dests=16))
+    b.add_service("tcp", "10.0.0.2", 80, sched="rr")
+    for a in ("10.0.1.1", "10.0.1.2", "10.0.1.3"):
+        b.add_dest("tcp", "10.0.0.2", 80, a, 80)
+    b.edit_dest("tcp", "10.0.0.2", 80, "10.0.1.2", 80, weight=5)
+    b.del_dest("tcp", "10.0.0.2", 80, "10.0.1.1", 80)
+    b.add_dest("tcp", "10.0.0.2", 80, "10.0.1.1", 80)
+
+    def order(**kw):
+        return [ln.split()[1] for ln in listing.list_all(b.snapshot(), **kw).splitlines()[4:]]
+    assert order(nosort=True) == ["10.0.1.1:80", "10.0.1.3:80", "10.0.1.2:80"]
+    assert order() == ["10.0.1.1:80", "10.0.1.2:80", "10.0.1.3:80"]
+
+
 def test_service_line_flags_persistence_mask_ops():
     snap = {"services": [
         _svc("TCP", "10.0.0.1", 0, "sh", flags=["sh-fallback", "sh-port"], persistent=True,
@@ -88,9 +125,11 @@ def test_forward_names_and_wide_numbers():
     snap = {"services": [_svc("TCP", "1.2.3.4", 80, dests=[
         _dest("255.255.255.255", 65535, 65535, 1234567890, 4294967295, fwd="route"),
         _dest("1.1.1.1", 80, 0, fwd="tunnel")])]}
+    # libipvs compares addresses by their u32 difference as an int: 1.1.1.1 -
+    # 255.255.255.255 wraps to a positive number, so 255.255.255.255 comes first.
     assert listing.list_all(snap).splitlines()[4:] == [
-        "  -> 1.1.1.1:80                   Tunnel  0      0          0         ",
         "  -> 255.255.255.255:65535        Route   65535  1234567890 4294967295",
+        "  -> 1.1.1.1:80                   Tunnel  0      0          0         ",
     ]
 
 

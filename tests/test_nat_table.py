@@ -409,7 +409,7 @@ class DiffControl:
         if svc == 5:
             raise SchedError("broken scheduler")
         sch, ds = self.per_svc[svc]
-        d = sch.schedule(ds, self.counters.dest_conns, caddr, cport)
+        d = sch.schedule(ds, _sched.SchedCtx(self.counters.dest_conns, caddr, cport))
         return -1 if d is None else d.slot
 
 

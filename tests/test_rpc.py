@@ -527,7 +527,8 @@ def test_pylvs_sysctl_lists_reads_and_sets(director):
     sent = []
     director.balancer.publish_sysctls = sent.append
     rc, out, err = tool("sysctl_main", director)
-    assert rc == 0 and [ln.split(" = ")[0] for ln in out.splitlines()] == list(SYSCTL_NAMES)
+    from pylvs.sched import SYSCTLS
+    assert rc == 0 and [ln.split(" = ")[0] for ln in out.splitlines()] == [*SYSCTL_NAMES, *SYSCTLS]
     assert tool("sysctl_main", director, "icmp_msgs_burst") == (
         0, "icmp_msgs_burst = 50\n", "")
     assert tool("sysctl_main", director, "icmp_msgs_burst=7", "expire_nodest_conn=1") == (

@@ -107,6 +107,7 @@ SYSCTL_RANGES = {
     "expire_nodest_conn": (0, 1),   # a boolean
     "upcall_share": (0, 100),       # a percentage (docs/engine.md, "Upcall limit")
 }
+SYSCTL_RANGES.update({name: r[1:] for name, r in schedmod.SYSCTLS.items()})
 
 TRAFFIC_KEYS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
 RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")
@@ -332,18 +333,27 @@ def ip_str(a: int) -> str:
 # --- the model --------------------------------------------------------------
 
 class SchedDestView:
-    """What a scheduler sees of a dest: rebuilt on every change, never mutated."""
+    """What a scheduler sees of a dest: rebuilt on every change, never mutated.
 
-    __slots__ = ("slot", "weight", "daddr", "dport", "u_threshold", "l_threshold")
+    ``dport`` is the port conns to it use (the service's for a dest of port
+    0); ``dest_port`` the port as configured (the kernel's dest->port, which
+    mh hashes); ``last_weight`` its last weight other than 0 (the kernel's
+    dest->last_weight: mh keeps a quiesced dest's table entries)."""
+
+    __slots__ = ("slot", "weight", "daddr", "dport", "u_threshold", "l_threshold",
+                 "dest_port", "last_weight")
 
     def __init__(self, slot: int, weight: int, daddr: int, dport: int,
-                 u_threshold: int, l_threshold: int):
+                 u_threshold: int, l_threshold: int, dest_port: int | None = None,
+                 last_weight: int | None = None):
         self.slot = slot
         self.weight = weight
         self.daddr = daddr
         self.dport = dport
         self.u_threshold = u_threshold
         self.l_threshold = l_threshold
+        self.dest_port = dport if dest_port is None else dest_port
+        self.last_weight = weight if last_weight is None else last_weight
 
     def __repr__(self) -> str:
         return f"<dest {ip_str(self.daddr)}:{self.dport} slot={self.slot} w={self.weight}>"
@@ -351,7 +361,7 @@ class SchedDestView:
 
 class Dest:
     __slots__ = ("slot", "daddr", "dport", "fwd", "weight", "u_threshold", "l_threshold",
-                 "tun_type", "tun_port", "tun_flags", "replies_pending")
+                 "tun_type", "tun_port", "tun_flags", "replies_pending", "last_weight")
 
     def __init__(self, slot: int, daddr: int, dport: int, fwd: int, weight: int,
                  u_threshold: int, l_threshold: int, tun: tuple[int, int, int] = (0, 0, 0)):
@@ -360,6 +370,8 @@ class Dest:
         self.dport = dport
         self.fwd = fwd
         self.weight = weight
+        # The last weight other than 0 (ip_vs_ctl.c's __ip_vs_update_dest).
+        self.last_weight = weight
         self.u_threshold = u_threshold
         self.l_threshold = l_threshold
         self.tun_type, self.tun_port, self.tun_flags = tun
@@ -417,6 +429,9 @@ class Balancer:
         # `pylvs stats`; None when no engine is attached.
         self.engine_info: Callable[[], dict] | None = None
         self._sysctls = dict(zip(SYSCTL_NAMES, SYSCTL_DEFAULTS))
+        # The schedulers' knobs (lblc_expiration, ...): listed and set with
+        # the engine's, never in sysctl_array().
+        self._sysctls.update({name: r[0] for name, r in schedmod.SYSCTLS.items()})
         self.conn_tab_size = CONN_TAB_SIZE
 
         self._services: dict[tuple[int, int, int], Service] = {}
@@ -447,9 +462,10 @@ class Balancer:
         self._sched_dirty: dict[int, Service] = {}
         self._publish_soon = False
 
-        # The upcall's view, indexed by service slot: (scheduler, dests) or None.
-        self._sched_view: list[tuple[schedmod.Scheduler, tuple[SchedDestView, ...], bool]
-                               | None] = [None] * counters.max_services
+        # The upcall's view, indexed by service slot: (scheduler, dests newest
+        # first, any -x threshold, vaddr, vport) or None.
+        self._sched_view: list[tuple[schedmod.Scheduler, tuple[SchedDestView, ...], bool,
+                                     int, int] | None] = [None] * counters.max_services
         # Dest slots flagged overloaded by -x (touched by the workers, under _sched_lock).
         self._overloaded: set[int] = set()
         self._sched_lock = threading.Lock()
@@ -476,46 +492,49 @@ class Balancer:
 
     # --- the engine's upcall (data thread) ---------------------------------
 
-    def schedule(self, svc_slot: int, caddr: int, cport: int) -> int:
-        """Pick a dest slot for a new conn of service ``svc_slot``, or -1."""
+    def schedule(self, svc_slot: int, caddr: int, cport: int, dport: int | None = None) -> int:
+        """Pick a dest slot for a new conn of service ``svc_slot`` from
+        caddr:cport (host order), or -1. ``dport``: the packet's destination
+        port; None means the service's port (the same for every service
+        with a port; port-0 services pass the packet's)."""
         try:
             view = self._sched_view[svc_slot]
         except IndexError:
             return -1
         if view is None:
             return -1
-        sched, dests, thresholds = view
+        sched, dests, thresholds, vaddr, vport = view
+        if not dests:
+            return -1
         # Workers call this from several threads: the overload hysteresis
         # and the scheduler's state change under one lock.
         with self._sched_lock:
             if thresholds:
-                dests = self._not_overloaded(dests)
-            if not dests:
-                return -1
-            d = sched.schedule(dests, self.counters.dest_conns, caddr, cport)
+                self._update_overload(dests)
+                overloaded = self._overloaded.__contains__
+            else:
+                overloaded = schedmod.never_overloaded
+            ctx = schedmod.SchedCtx(self.counters.dest_conns, caddr, cport, vaddr,
+                                    vport if dport is None else dport, self.clock(),
+                                    overloaded)
+            d = sched.schedule(dests, ctx)
         return -1 if d is None else d.slot
 
-    def _not_overloaded(self, dests: tuple[SchedDestView, ...]) -> tuple[SchedDestView, ...]:
-        """Dests not overloaded by their -x/-y thresholds, with the kernel's
+    def _update_overload(self, dests: tuple[SchedDestView, ...]) -> None:
+        """The -x/-y overload flags of ``dests``, with the kernel's
         hysteresis: overloaded once activeconns + inactconns reach the upper
         threshold, available again below the lower one (or below 3/4 of the
         upper one when no lower threshold is set)."""
         conns = self.counters.dest_conns
         over = self._overloaded
-        out = []
         for d in dests:
             if d.u_threshold:
                 n = int(conns[d.slot, ACTIVE]) + int(conns[d.slot, INACTIVE])
                 if d.slot in over:
                     if (n < d.l_threshold) if d.l_threshold else (n * 4 < d.u_threshold * 3):
                         over.discard(d.slot)
-                    else:
-                        continue
                 elif n >= d.u_threshold:
                     over.add(d.slot)
-                    continue
-            out.append(d)
-        return tuple(out)
 
     # --- lookups ------------------------------------------------------------
 
@@ -608,12 +627,18 @@ class Balancer:
             raise BalancerError(E_ZERO_PORT)
         if new_ops and svc.proto != PROTO_UDP:
             raise BalancerError(E_OPS)
-        if new_sched != svc.sched_name or bits != svc.sched_flags:
+        if new_sched != svc.sched_name:
             # A new scheduler object: the kernel also binds a fresh scheduler
             # on a change of -s; conns already made are not touched.
             svc.scheduler = cls(frozenset(sched_flag_names(new_sched, bits)))
             svc.sched_name, svc.sched_flags = new_sched, bits
             self._refresh_sched(svc, force=True)
+        elif bits != svc.sched_flags:
+            # -b alone: ip_vs_edit_service rewrites svc->flags and keeps the
+            # scheduler and its state (rr's turn, lblc's cache).
+            with self._sched_lock:
+                svc.scheduler.flags = frozenset(sched_flag_names(new_sched, bits))
+            svc.sched_flags = bits
         svc.timeout, svc.netmask, svc.pe, svc.ops = timeout, mask, new_pe, new_ops
         self._changed()
         return svc.slot
@@ -730,6 +755,8 @@ class Balancer:
         elif replied and self._conns_on(d.slot):
             d.replies_pending = True
         d.fwd, d.weight, d.u_threshold, d.l_threshold = f, w, ut, lt
+        if w:
+            d.last_weight = w
         d.tun_type, d.tun_port, d.tun_flags = tun
         self._dirty_dest.add(d.slot)
         if w == 0:
@@ -835,14 +862,28 @@ class Balancer:
             # Changes wait to be published: flush() orders the two.
             self._sched_dirty[svc.slot] = svc
             return
+        # Newest first, as the kernel's list (svc.dests is oldest first).
         views = tuple(SchedDestView(d.slot, d.weight, d.daddr, self._dport(svc, d),
-                                    d.u_threshold, d.l_threshold)
-                      for d in svc.dests.values()
+                                    d.u_threshold, d.l_threshold, d.dport, d.last_weight)
+                      for d in reversed(svc.dests.values())
                       if only is None or only(d.slot))
         with self._sched_lock:
-            svc.scheduler.update(views)
-            self._sched_view[svc.slot] = (svc.scheduler, views,
-                                          any(v.u_threshold for v in views))
+            sched = svc.scheduler
+            sched.configure(self._sysctls)
+            if sched.stepwise:
+                # The kernel calls add_dest once per dest: a batch (-R)
+                # adding several replays those steps, newest last.
+                old = self._sched_view[svc.slot]
+                known = {v.slot for v in old[1]} if old else set()
+                added = 0
+                while added < len(views) and views[added].slot not in known:
+                    added += 1
+                for k in range(added - 1, 0, -1):
+                    sched.update(views[k:])
+            sched.update(views)
+            self._sched_view[svc.slot] = (sched, views,
+                                          any(v.u_threshold for v in views),
+                                          svc.vaddr, svc.vport)
 
     # --- publishing ---------------------------------------------------------
 
@@ -1087,6 +1128,9 @@ class Balancer:
         if checked:
             self._sysctls.update(checked)
             self.publish_sysctls(self.sysctl_array())
+            with self._sched_lock:
+                for svc in self._services.values():
+                    svc.scheduler.configure(self._sysctls)
         return self.sysctls()
 
     def sysctl(self, name: Any = None, value: Any = None) -> dict[str, int]:
@@ -1138,7 +1182,7 @@ class Balancer:
         out = []
         for svc in self._services.values():
             dests = []
-            for d in svc.dests.values():
+            for d in reversed(svc.dests.values()):   # the kernel's order, newest first
                 m = forward.by_fwd(d.fwd)
                 dests.append({
                     "daddr": ip_str(d.daddr), "dport": d.dport,

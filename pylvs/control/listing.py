@@ -12,6 +12,7 @@ necessarily the operator's. ``-n`` is accepted and changes nothing.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Iterable
 
@@ -38,21 +39,44 @@ def addrport(addr: str, port: int) -> str:
     return f"{addr}:{port}"
 
 
+def _wrapped(a: int, b: int) -> int:
+    """``(int)(a - b)`` of two u32: libipvs compares addresses (and fwmarks)
+    by this difference, so two that are 2^31 or more apart compare the
+    other way round (10.0.0.1 sorts after 192.168.0.1)."""
+    r = (a - b) & 0xFFFFFFFF
+    return r - (1 << 32) if r & 0x80000000 else r
+
+
+def _cmp_services(s1: dict, s2: dict) -> int:
+    """libipvs's ipvs_cmp_services: fwmark, protocol, address, port."""
+    return (_wrapped(s1.get("fwmark", 0), s2.get("fwmark", 0))
+            or PROTO_NUMBERS.get(s1["proto"], 0) - PROTO_NUMBERS.get(s2["proto"], 0)
+            or _wrapped(_ip_key(s1["vaddr"]), _ip_key(s2["vaddr"]))
+            or s1.get("vport", 0) - s2.get("vport", 0))
+
+
+def _cmp_dests(d1: dict, d2: dict) -> int:
+    """libipvs's ipvs_cmp_dests: address, then port."""
+    return _wrapped(_ip_key(d1["daddr"]), _ip_key(d2["daddr"])) or d1["dport"] - d2["dport"]
+
+
 def sorted_services(services: Iterable[dict], nosort: bool = False) -> list[dict]:
-    """ipvsadm's order: fwmark, then protocol number, address, port."""
+    """ipvsadm's order (its comparison, wrapped differences included);
+    with ``nosort``, the snapshot's order (services as they were added: the
+    kernel's hash-table order depends on its memory layout)."""
     services = list(services)
     if nosort:
         return services
-    return sorted(services, key=lambda s: (
-        s.get("fwmark", 0), PROTO_NUMBERS.get(s["proto"], 0),
-        _ip_key(s["vaddr"]) if not s.get("fwmark") else 0, s.get("vport", 0)))
+    return sorted(services, key=functools.cmp_to_key(_cmp_services))
 
 
 def sorted_dests(dests: Iterable[dict], nosort: bool = False) -> list[dict]:
+    """ipvsadm's order; with ``nosort`` the kernel's list order, newest
+    first, as the snapshot gives it."""
     dests = list(dests)
     if nosort:
         return dests
-    return sorted(dests, key=lambda d: (_ip_key(d["daddr"]), d["dport"]))
+    return sorted(dests, key=functools.cmp_to_key(_cmp_dests))
 
 
 def largenum(n: int, exact: bool = False) -> str:

@@ -1,9 +1,8 @@
 """Weighted failover (``-s fo``), as the kernel's ip_vs_fo.c.
 
 Every new conn goes to the available dest with the highest weight: the
-first in list order among equals. Weight 0 (and, as for every scheduler,
-a dest over its ``-x`` threshold, which the Balancer leaves out of
-``dests``) is not available. Conn counts play no part: the others are
+first in list order among equals. Weight 0 and a dest overloaded by its
+``-x`` threshold are not available. Conn counts play no part: the others are
 spares that take over only when the heavier ones are quiesced or gone.
 """
 
@@ -11,17 +10,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-
-from .base import SchedDest, Scheduler, register
+from .base import SchedCtx, SchedDest, Scheduler, register
 
 
 @register("fo")
 class WeightedFailover(Scheduler):
-    def schedule(self, dests: Sequence[SchedDest], conns: np.ndarray,
-                 caddr: int, cport: int) -> SchedDest | None:
+    def schedule(self, dests: Sequence[SchedDest], ctx: SchedCtx) -> SchedDest | None:
         best = None
         for d in dests:
-            if d.weight > (0 if best is None else best.weight):
+            if not ctx.overloaded(d.slot) and d.weight > (0 if best is None else best.weight):
                 best = d
         return best

@@ -3,7 +3,7 @@
 Every new conn goes to the dest with the highest weight among those whose
 active conns do not exceed their weight (activeconns <= weight), the first
 in list order among equals: the heaviest dest fills up to its weight, then
-the next one takes the overflow. Weight 0 is never available; with every
+the next one takes the overflow. Weight 0 and an overloaded dest are never available; with every
 dest full, there is none (the conn is refused, as the kernel's returns
 NULL).
 """
@@ -12,18 +12,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-
-from .base import SchedDest, Scheduler, register
+from .base import SchedCtx, SchedDest, Scheduler, available, register
 
 
 @register("ovf")
 class WeightedOverflow(Scheduler):
-    def schedule(self, dests: Sequence[SchedDest], conns: np.ndarray,
-                 caddr: int, cport: int) -> SchedDest | None:
+    def schedule(self, dests: Sequence[SchedDest], ctx: SchedCtx) -> SchedDest | None:
         best = None
         for d in dests:
-            if d.weight <= 0 or int(conns[d.slot, 0]) > d.weight:
+            if not available(d, ctx) or int(ctx.conns[d.slot, 0]) > d.weight:
                 continue
             if best is None or d.weight > best.weight:
                 best = d

@@ -3,7 +3,7 @@
 Pick the dest with the least (activeconns + 1) / weight: the delay a new
 conn expects if the dest serves its active conns at a rate proportional to
 its weight. Inactive conns do not count (unlike wlc). Ratios are compared
-by cross-multiplying, (h1 * w2 > h2 * w1); dests of weight 0 are skipped and
+by cross-multiplying, (h1 * w2 > h2 * w1); dests of weight 0 or overloaded are skipped and
 the first dest in list order wins a tie.
 """
 
@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import SchedDest, Scheduler, least_per_weight, register
+from .base import SchedCtx, SchedDest, Scheduler, least_per_weight, register
 
 
 def expected_delay(conns: np.ndarray, slot: int) -> int:
@@ -23,6 +23,5 @@ def expected_delay(conns: np.ndarray, slot: int) -> int:
 
 @register("sed")
 class ShortestExpectedDelay(Scheduler):
-    def schedule(self, dests: Sequence[SchedDest], conns: np.ndarray,
-                 caddr: int, cport: int) -> SchedDest | None:
-        return least_per_weight(dests, lambda slot: expected_delay(conns, slot))
+    def schedule(self, dests: Sequence[SchedDest], ctx: SchedCtx) -> SchedDest | None:
+        return least_per_weight(dests, ctx, lambda slot: expected_delay(ctx.conns, slot))

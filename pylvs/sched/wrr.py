@@ -4,7 +4,8 @@ A current weight ``cw`` starts at ``mw = max(weights) - (gcd - 1)`` and steps
 down by ``di = gcd(weights > 0)`` each time the list is walked to its end
 (back to ``mw`` below 1). Walking the list from the last pick, the next dest
 with ``weight >= cw`` is picked. Over one cycle each dest gets ``weight/gcd``
-conns, interleaved: weights 4, 3, 2 give A A B A B C A B C.
+conns, interleaved: weights 4, 3, 2 give A A B A B C A B C. An overloaded
+dest is passed over; weight 0 never reaches ``cw`` >= 1.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import numpy as np
-
-from .base import SchedDest, Scheduler, register
+from .base import SchedCtx, SchedDest, Scheduler, register
 
 
 @register("wrr")
 class WeightedRoundRobin(Scheduler):
+    stepwise = True
+
     def __init__(self, flags: frozenset[str] = frozenset()):
         super().__init__(flags)
         self._cl = -1   # index of the last pick; -1 is the list head
@@ -43,8 +44,7 @@ class WeightedRoundRobin(Scheduler):
         elif self._di > 1:
             self._cw = (self._cw // self._di) * self._di + 1
 
-    def schedule(self, dests: Sequence[SchedDest], conns: np.ndarray,
-                 caddr: int, cport: int) -> SchedDest | None:
+    def schedule(self, dests: Sequence[SchedDest], ctx: SchedCtx) -> SchedDest | None:
         if self._fresh:
             self.update(dests)
         if self._mw <= 0:
@@ -56,7 +56,7 @@ class WeightedRoundRobin(Scheduler):
         last_pass = restarted = False
         while True:
             for i in range(pos + 1, n):
-                if dests[i].weight >= self._cw:
+                if dests[i].weight >= self._cw and not ctx.overloaded(dests[i].slot):
                     self._cl = i
                     return dests[i]
                 if i == stop:
