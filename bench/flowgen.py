@@ -20,6 +20,7 @@ import struct
 import numpy as np
 
 from pylvs.engine import tables
+from pylvs.io.taphost import checksum as _csum
 
 VIP = int(ipaddress.IPv4Address("10.0.0.100"))
 VPORT = 80
@@ -30,15 +31,6 @@ IP_OFF = tables.VNET_HDR_LEN + 14
 TCP_OFF = IP_OFF + 20
 CLIENT_BASE = 0x0A400000  # 10.64.0.0: clients fill 10.64.0.0/10 and beyond
 PORTS = 64512             # source ports 1024..65535 per client address
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = int(np.frombuffer(data, dtype=">u2").sum(dtype=np.uint64))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return (~s) & 0xFFFF
 
 
 def tcp_frame(caddr: int, cport: int, flags: int, payload: bytes = b"") -> bytes:
