@@ -49,7 +49,7 @@ FWD_OF = {"nat-established": tables.FWD_MASQ, "dr-established": tables.FWD_ROUTE
 
 def tables_for_bench(fwd: int = tables.FWD_MASQ):
     svcs = tables.empty_services(4)
-    svcs[0] = (VIP, VPORT, tables.PROTO_TCP, tables.SVC_F_USED)
+    svcs[0] = (VIP, VPORT, tables.PROTO_TCP, tables.SVC_F_USED, 0, 0)
     dests = tables.empty_dests(8)
     for i, rip in enumerate(RIPS):
         dests[i]["daddr"] = rip

@@ -102,7 +102,7 @@ def run_one(limit: int, rate: float, sim_seconds: float) -> dict:
     counters = tables.Counters(max_services=4, max_dests=4)
     e = new_engine("c", limit, counters=counters, schedule=lambda s, a, p: 0)
     svc = tables.empty_services(1)
-    svc[0] = (VIP, 80, tables.PROTO_TCP, tables.SVC_F_USED)
+    svc[0] = (VIP, 80, tables.PROTO_TCP, tables.SVC_F_USED, 0, 0)
     dst = tables.empty_dests(1)
     dst[0]["daddr"], dst[0]["dport"], dst[0]["svc"], dst[0]["weight"] = RIP, 8080, 0, 1
     dst[0]["fwd"], dst[0]["flags"] = tables.FWD_MASQ, tables.DEST_F_USED | tables.DEST_F_RESOLVED

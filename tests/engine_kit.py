@@ -84,7 +84,7 @@ def build_tables(services=SERVICES, dests=DESTS, gone=()) -> tuple[np.ndarray, n
     """Service and dest arrays; dest rows may carry a sixth item, the weight."""
     svc = tables.empty_services(max(services) + 1)
     for s, (proto, vaddr, vport) in services.items():
-        svc[s] = (ip(vaddr), vport, proto, tables.SVC_F_USED)
+        svc[s] = (ip(vaddr), vport, proto, tables.SVC_F_USED, 0, 0)
     dst = tables.empty_dests(max(dests) + 1)
     for d, (s, daddr, dport, fwd, flags, *weight) in dests.items():
         dst[d]["daddr"] = ip(daddr)

@@ -126,8 +126,8 @@ def test_empty_tables_reject_everything():
 
 def test_from_published_tables():
     services = tables.empty_services(4)
-    services[1] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED)
-    services[2] = (bpf.ip(VIP), 53, 17, 0)  # free slot: not a service
+    services[1] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED, 0, 0)
+    services[2] = (bpf.ip(VIP), 53, 17, 0, 0, 0)  # free slot: not a service
     dests = tables.empty_dests(4)
     dests[0]["daddr"], dests[0]["dport"], dests[0]["svc"] = bpf.ip(RIP), 8080, 1
     dests[0]["flags"] = tables.DEST_F_USED
@@ -189,7 +189,7 @@ def test_a_key_out_of_range_is_refused(key):
 
 def test_only_nat_dests_are_stolen():
     services = tables.empty_services(2)
-    services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED)
+    services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED, 0, 0)
     dests = _mixed_dests()
     assert bpf.dest_keys(services, dests) == [(6, bpf.ip(RIP), 80)]
     # ICMP errors too: from the NAT dest's address only (DR and Tun real
@@ -213,7 +213,7 @@ def _mixed_dests():
 def test_steering_sets_hold_only_nat_real_servers():
     from pylvs.control.steering import NftSteering
     services = tables.empty_services(1)
-    services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED)
+    services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED, 0, 0)
     lines = NftSteering._element_lines(services, _mixed_dests(), ["10.9.1.1"])
     assert [ln for ln in lines if " realservers " in ln or " rsaddrs " in ln] == [
         f"add element netdev pylvs realservers {{ {RIP} . 6 . 80 }}",
@@ -277,7 +277,7 @@ DIP = "192.168.1.1"  # the director's address toward the Tun real servers
 
 def _one_service_with(fwd: int):
     services = tables.empty_services(1)
-    services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED)
+    services[0] = (bpf.ip(VIP), 80, 6, tables.SVC_F_USED, 0, 0)
     dests = tables.empty_dests(1)
     dests[0]["daddr"], dests[0]["dport"], dests[0]["svc"] = bpf.ip("192.168.2.3"), 80, 0
     dests[0]["flags"], dests[0]["fwd"] = tables.DEST_F_USED, fwd

@@ -416,7 +416,7 @@ def test_ten_thousand_services(impl):
     svc = tables.empty_services(n)
     dst = tables.empty_dests(n)
     for k in range(n):
-        svc[k] = (ip(VIP) + k // 1000, 1000 + k % 1000, tables.PROTO_TCP, tables.SVC_F_USED)
+        svc[k] = (ip(VIP) + k // 1000, 1000 + k % 1000, tables.PROTO_TCP, tables.SVC_F_USED, 0, 0)
         dst[k]["daddr"], dst[k]["dport"], dst[k]["svc"] = ip(RIP), 8000, k
         dst[k]["weight"], dst[k]["fwd"], dst[k]["flags"] = 1, tables.FWD_MASQ, RESOLVED
         dst[k]["out_port"] = RS_PORT

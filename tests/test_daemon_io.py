@@ -93,8 +93,8 @@ def daemon(monkeypatch):
 def services(*vips):
     s = tables.empty_services(4)
     for i, v in enumerate(vips):
-        s[i] = (ip(v), 80, 6, tables.SVC_F_USED)
-    s[3] = (ip("10.0.9.9"), 80, 6, 0)   # a free slot is no VIP
+        s[i] = (ip(v), 80, 6, tables.SVC_F_USED, 0, 0)
+    s[3] = (ip("10.0.9.9"), 80, 6, 0, 0, 0)   # a free slot is no VIP
     return s
 
 

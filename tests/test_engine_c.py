@@ -42,9 +42,9 @@ def mac(m: str) -> bytes:
 
 def make_tables():
     svc = tables.empty_services(4)
-    svc[TCP_SVC] = (ip(VIP), 80, tables.PROTO_TCP, tables.SVC_F_USED)
-    svc[UDP_SVC] = (ip(VIP), 53, tables.PROTO_UDP, tables.SVC_F_USED)
-    svc[DR_SVC] = (ip(VIP), 82, tables.PROTO_TCP, tables.SVC_F_USED)
+    svc[TCP_SVC] = (ip(VIP), 80, tables.PROTO_TCP, tables.SVC_F_USED, 0, 0)
+    svc[UDP_SVC] = (ip(VIP), 53, tables.PROTO_UDP, tables.SVC_F_USED, 0, 0)
+    svc[DR_SVC] = (ip(VIP), 82, tables.PROTO_TCP, tables.SVC_F_USED, 0, 0)
     dst = tables.empty_dests(4)
     for d, (s, port, fwd) in enumerate([(TCP_SVC, 8080, tables.FWD_MASQ),
                                         (UDP_SVC, 5353, tables.FWD_MASQ),
@@ -489,7 +489,7 @@ def test_expired_holder_of_the_out_key_is_no_conflict():
     # Two services share the dest RIP:8080, so a client's second conn through
     # the other VIP would take the same OUT key.
     svc, dst = make_tables()
-    svc[3] = (ip("10.0.0.9"), 80, tables.PROTO_TCP, tables.SVC_F_USED)
+    svc[3] = (ip("10.0.0.9"), 80, tables.PROTO_TCP, tables.SVC_F_USED, 0, 0)
     dst[3] = dst[0]
     dst[3]["svc"] = 3
     e, c = engine(schedule=lambda s, a, p: {0: 0, 3: 3}.get(s, s))

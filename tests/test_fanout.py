@@ -105,7 +105,7 @@ def test_published_tables_key_like_key_lists():
     from pylvs.engine import tables
 
     services = tables.empty_services(2)
-    services[0] = (ip(VIP), 80, 6, tables.SVC_F_USED)
+    services[0] = (ip(VIP), 80, 6, tables.SVC_F_USED, 0, 0)
     dests = tables.empty_dests(2)
     dests[0]["daddr"], dests[0]["dport"], dests[0]["svc"] = ip(RIP), 8080, 0
     dests[0]["fwd"], dests[0]["flags"] = tables.FWD_MASQ, tables.DEST_F_USED
@@ -184,3 +184,104 @@ def test_program_length_is_known_before_building(svc, nat):
 def test_bad_worker_count_is_refused():
     with pytest.raises(ValueError):
         bpf.steer_index(CASES[0][1], 0, SVC, NAT)
+
+
+# --- persistence: the client address masked, port-0 services ---------------
+#
+# Every client one template covers (caddr & -M netmask) must reach the worker
+# that holds the template: all rules key the client address ANDed with
+# bpf.client_mask, the AND of the persistent services' netmasks. A port-0
+# service takes every port, and its dests (port 0) answer from any.
+
+VIP0, RIP0 = "10.0.0.200", "10.0.1.20"
+
+
+def persist_tables(services, nats):
+    """Published tables: services (proto, vip, port, timeout, netmask),
+    NAT dests (service index, rip, rport)."""
+    from pylvs.engine import tables
+
+    svc = tables.empty_services(len(services) + 1)
+    for i, (proto, vip, port, timeout, mask) in enumerate(services):
+        svc[i] = (ip(vip), port, proto, tables.SVC_F_USED, timeout, ip(mask))
+    svc[len(services)] = (ip("10.9.9.9"), 1, 6, 0, 300, ip("255.0.0.0"))   # unused row
+    dst = tables.empty_dests(len(nats))
+    for j, (s, rip, rport) in enumerate(nats):
+        dst[j]["daddr"], dst[j]["dport"], dst[j]["svc"] = ip(rip), rport, s
+        dst[j]["fwd"], dst[j]["flags"] = tables.FWD_MASQ, tables.DEST_F_USED
+    return svc, dst
+
+
+PERSIST_TABLES = persist_tables(
+    [(6, VIP, 80, 0, "255.255.255.255"),            # not persistent: its netmask is no matter
+     (6, VIP0, 0, 300, "255.255.255.0"),           # port 0, -M /24
+     (17, VIP0, 0, 300, "255.255.0.0"),            # port 0, -M /16: the AND is /16
+     (6, VIP, 443, 60, "255.255.255.255")],
+    [(0, RIP, 8080), (1, RIP0, 0), (2, RIP0, 0), (3, RIP, 443)])
+
+# (description, frame, the client address it belongs to)
+PERSIST_CASES = [
+    ("client to a port-0 service, any port",
+     eth(IP(src=CIP, dst=VIP0) / TCP(sport=40000, dport=5001)), CIP),
+    ("another client of the same /16", eth(IP(src="192.0.77.9", dst=VIP0) / TCP(sport=1, dport=22)),
+     "192.0.77.9"),
+    ("UDP to the port-0 service", eth(IP(src=CIP, dst=VIP0) / UDP(sport=4, dport=53)), CIP),
+    ("NAT reply from a port-0 dest, any port",
+     eth(IP(src=RIP0, dst=CIP) / TCP(sport=5001, dport=40000)), CIP),
+    ("a non-persistent service's client: masked too (one mask for all)",
+     eth(IP(src="192.0.200.1", dst=VIP) / TCP(sport=40000, dport=80)), "192.0.200.1"),
+    ("NAT reply of the port-80 dest", eth(IP(src=RIP, dst=CIP) / TCP(sport=8080, dport=9)), CIP),
+    ("RIP from another port is not a reply of the port-80 dest",
+     eth(IP(src=RIP, dst=CIP) / TCP(sport=22, dport=9)), RIP),
+]
+
+
+def test_client_mask_ands_the_persistent_services_netmasks():
+    svc, _ = PERSIST_TABLES
+    assert bpf.client_mask(svc) == ip("255.255.0.0")
+    assert bpf.client_mask(svc[:1]) == 0xFFFFFFFF         # none persistent: /32
+    assert bpf.client_mask(SVC) == 0xFFFFFFFF             # key lists carry no persistence
+
+
+@pytest.mark.parametrize("desc,frame,client", PERSIST_CASES, ids=[c[0] for c in PERSIST_CASES])
+def test_masked_and_port_zero_rules_agree(desc, frame, client):
+    svc, dst = PERSIST_TABLES
+    prog = bpf.fanout_program(svc, dst)
+    assert len(prog) == bpf._FANOUT_HEAD_LEN + sum(map(bpf._match_len, bpf._fanout_sets(svc, dst)))
+    for n in (2, 3, 4, 7):
+        want = bpf.fanout_mix(ip(client) & ip("255.255.0.0")) % n
+        assert kernel_index(prog, frame, n) == want, (desc, n)
+        assert bpf.steer_index(frame, n, svc, dst) == want, (desc, n)
+
+
+def test_clients_of_one_template_network_share_a_worker():
+    svc, dst = persist_tables([(6, VIP, 80, 300, "255.255.255.0")], [(0, RIP, 8080)])
+    prog = bpf.fanout_program(svc, dst)
+    for n in (2, 3, 4):
+        seen = {kernel_index(prog, eth(IP(src=f"192.0.2.{i}", dst=VIP) / TCP(sport=i, dport=80)), n)
+                for i in range(1, 255)}
+        assert len(seen) == 1
+        nets = {bpf.steer_index(eth(IP(src=f"192.0.{k}.1", dst=VIP) / TCP(sport=1, dport=80)),
+                                n, svc, dst) for k in range(40)}
+        assert len(nets) == n   # other /24s still spread
+
+
+def test_ebpf_program_masks_and_takes_port_zero():
+    from pylvs import _bpf
+
+    svc, dst = PERSIST_TABLES
+    fs = fanout_steering(3)
+    try:
+        fs.apply(svc, dst)
+        for desc, frame, client in PERSIST_CASES + CASES:
+            got = _bpf.prog_test_run(fs.prog_id, frame)
+            want = bpf.steer_index(frame, 1 << 16, svc, dst)
+            if client is not None:
+                assert got == want, desc
+        # Back to no persistent service: /32 again.
+        plain = persist_tables([(6, VIP, 80, 0, "255.255.255.0")], [(0, RIP, 8080)])
+        fs.apply(*plain)
+        frame = PERSIST_CASES[4][1]
+        assert _bpf.prog_test_run(fs.prog_id, frame) == bpf.fanout_mix(ip("192.0.200.1"))
+    finally:
+        fs.close()

@@ -9,7 +9,7 @@
 #include <math.h>
 
 /* tables.SYSCTL_DEFAULTS */
-static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50, 1000, 50};
+static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50, 1000, 50, 0};
 
 static PyTypeObject EngineType;
 
@@ -137,6 +137,7 @@ static int load_counters(PylvsEngine *e, PyObject *counters)
     static const Py_ssize_t stats_shape[1] = {PYLVS_N_STATS};
     static const Py_ssize_t traffic_shape[2] = {-1, N_TRAFFIC};
     static const Py_ssize_t conns_shape[2] = {-1, 2};
+    static const Py_ssize_t persist_shape[1] = {-1};
     if (get_attr_array(counters, "stats", "counters.stats", 'u', 8, "uint64", 1, stats_shape,
                        1, &e->stats_view) < 0 ||
         get_attr_array(counters, "svc_stats", "counters.svc_stats", 'u', 8, "uint64", 2,
@@ -144,11 +145,15 @@ static int load_counters(PylvsEngine *e, PyObject *counters)
         get_attr_array(counters, "dest_stats", "counters.dest_stats", 'u', 8, "uint64", 2,
                        traffic_shape, 1, &e->dest_stats_view) < 0 ||
         get_attr_array(counters, "dest_conns", "counters.dest_conns", 'i', 4, "int32", 2,
-                       conns_shape, 1, &e->dest_conns_view) < 0)
+                       conns_shape, 1, &e->dest_conns_view) < 0 ||
+        get_attr_array(counters, "dest_persist", "counters.dest_persist", 'i', 4, "int32", 1,
+                       persist_shape, 1, &e->dest_persist_view) < 0)
         return -1;
-    if (e->dest_stats_view.shape[0] != e->dest_conns_view.shape[0]) {
+    if (e->dest_stats_view.shape[0] != e->dest_conns_view.shape[0] ||
+        e->dest_stats_view.shape[0] != e->dest_persist_view.shape[0]) {
         PyErr_SetString(PyExc_ValueError,
-                        "counters.dest_stats and counters.dest_conns must have one row per dest");
+                        "counters.dest_stats, dest_conns and dest_persist must have one row "
+                        "per dest");
         return -1;
     }
     if (e->svc_stats_view.shape[0] > 65536 || e->dest_stats_view.shape[0] > (1 << 30)) {
@@ -159,6 +164,7 @@ static int load_counters(PylvsEngine *e, PyObject *counters)
     e->svc_stats = e->svc_stats_view.buf;
     e->dest_stats = e->dest_stats_view.buf;
     e->dest_conns = e->dest_conns_view.buf;
+    e->dest_persist = e->dest_persist_view.buf;
     e->max_services = (uint32_t)e->svc_stats_view.shape[0];
     e->max_dests = (uint32_t)e->dest_stats_view.shape[0];
     return 0;
@@ -188,6 +194,7 @@ static void engine_dealloc(PylvsEngine *self)
     release(&self->svc_stats_view);
     release(&self->dest_stats_view);
     release(&self->dest_conns_view);
+    release(&self->dest_persist_view);
     release(&self->services_view);
     release(&self->dests_view);
     for (int k = 0; k < N_BATCH_ARRAYS; k++)
@@ -464,10 +471,11 @@ static int32_t *build_svc_hash(const PylvsEngine *e, const svc_row *services, ui
 
 static PyObject *engine_set_tables(PylvsEngine *self, PyObject *args)
 {
-    static const char *const svc_fields[] = {"vaddr", "vport", "proto", "flags", NULL};
+    static const char *const svc_fields[] = {"vaddr", "vport", "proto", "flags", "timeout",
+                                             "netmask", NULL};
     static const Py_ssize_t svc_offsets[] = {
         offsetof(svc_row, vaddr), offsetof(svc_row, vport), offsetof(svc_row, proto),
-        offsetof(svc_row, flags)};
+        offsetof(svc_row, flags), offsetof(svc_row, timeout), offsetof(svc_row, netmask)};
     static const char *const dest_fields[] = {"daddr", "dport", "svc", "weight", "fwd",
                                               "flags", "out_port", "dmac", "smac",
                                               "tun_type", "tun_flags", "tun_port", NULL};
@@ -500,6 +508,11 @@ static PyObject *engine_set_tables(PylvsEngine *self, PyObject *args)
     PyMem_Free(self->svc_hash);
     self->svc_hash = svc_hash;
     self->svc_mask = svc_mask;
+    self->nullsvc = 0;
+    for (Py_ssize_t i = 0; i < sv.shape[0]; i++) {
+        const svc_row *r = (const svc_row *)sv.buf + i;
+        self->nullsvc += (r->flags & SVC_F_USED) && r->vport == 0;
+    }
     release(&self->services_view);
     release(&self->dests_view);
     self->services_view = sv;
@@ -783,10 +796,13 @@ static PyObject *conn_tuples(PylvsEngine *self, uint32_t *slot, long count)
         const struct conn *c = &self->conns[i];
         if (!c->used)
             continue;
-        PyObject *t = Py_BuildValue("(BkHkHkHBdBII)", c->proto, (unsigned long)c->caddr,
-                                    c->cport, (unsigned long)c->vaddr, c->vport,
+        int tpl = (c->flags & CONN_F_TEMPLATE) != 0;
+        PyObject *t = Py_BuildValue("(BkHkHkHBdIII)", (uint8_t)(c->proto & ~TPL_PROTO),
+                                    (unsigned long)c->caddr, c->cport,
+                                    (unsigned long)c->vaddr, c->vport,
                                     (unsigned long)c->daddr, c->dport, c->state, c->expires,
-                                    c->fwd, (unsigned int)c->dest, (unsigned int)c->svc);
+                                    (unsigned int)c->fwd | (tpl ? CONN_F_TEMPLATE_TUPLE : 0u),
+                                    (unsigned int)c->dest, (unsigned int)c->svc);
         if (t == NULL || PyList_Append(list, t) < 0) {
             Py_XDECREF(t);
             Py_DECREF(list);

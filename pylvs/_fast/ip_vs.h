@@ -87,6 +87,8 @@ typedef struct {
     uint16_t vport;
     uint8_t proto;
     uint8_t flags;
+    uint32_t timeout; /* persistence: template timeout in s, 0 = not persistent */
+    uint32_t netmask; /* persistence granularity (-M), host order */
 } svc_row;
 
 /* DEST_DTYPE (align=True) */
@@ -105,7 +107,7 @@ typedef struct {
     uint16_t tun_port;
 } dest_row;
 
-_Static_assert(sizeof(svc_row) == 8, "SERVICE_DTYPE is 8 bytes");
+_Static_assert(sizeof(svc_row) == 16, "SERVICE_DTYPE is 16 bytes");
 _Static_assert(sizeof(dest_row) == 32, "DEST_DTYPE is 32 bytes");
 
 /* How a conn's packets leave, bound once when the conn is made from its
@@ -133,14 +135,37 @@ struct conn {
     uint16_t in_port;
     uint8_t fwd;
     uint8_t used;
-    uint8_t cmac[6];
-    uint8_t lmac[6];
+    union {
+        struct {
+            uint8_t cmac[6];
+            uint8_t lmac[6];
+        };
+        uint32_t tpl_timeout; /* a template's timeout in s (it has no MACs) */
+    };
     uint8_t replied; /* an OUTPUT-direction packet was seen (the kernel's !NOOUTPUT) */
     uint8_t xmit;    /* XMIT_*, bound at creation */
     uint8_t in_dir;  /* the state table of client packets: DIR_INPUT for NAT, else
                       * DIR_INPUT_ONLY (the kernel's IP_VS_CONN_F_NOOUTPUT conns) */
+    uint8_t flags;   /* CONN_F_* */
+    /* A conn: its template's slot + 1 (0: none; the kernel's cp->control).
+     * A template: the conns it controls (the kernel's n_control). */
+    uint32_t control;
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct conn) == 64, "a conn is one cache line");
+
+/* Persistence templates (docs/engine.md, "Persistence"; kernel
+ * ip_vs_sched_persist): a template is a conn in the same table with
+ * CONN_F_TEMPLATE, indexed under its IN key with TPL_PROTO or'ed into the
+ * protocol, so that no frame's tuple (TCP or UDP) can reach it. The
+ * template state (`state`) is CTPL_S_*. */
+#define CONN_F_TEMPLATE 1
+#define CONN_F_UNHASHED 2 /* an invalidated template: out of the index until it expires */
+#define TPL_PROTO 0x80
+#define CTPL_S_ASSURED 1
+#define TPL_LATE_TIMEOUT 60 /* s: a template expiring while it controls conns
+                             * waits this long again (ip_vs_conn_expire) */
+#define FTP_PORT 21
+#define CONN_F_TEMPLATE_TUPLE 0x1000 /* the tuple's fwd bit: tables.CONN_F_TEMPLATE */
 
 /* The free list threads through free slots in their `dest` field. */
 #define NO_SLOT UINT32_MAX
@@ -260,11 +285,12 @@ struct pylvs_engine {
 
     PyObject *schedule;
     PyObject *counters;
-    Py_buffer stats_view, svc_stats_view, dest_stats_view, dest_conns_view;
+    Py_buffer stats_view, svc_stats_view, dest_stats_view, dest_conns_view, dest_persist_view;
     uint64_t *stats;
     uint64_t (*svc_stats)[N_TRAFFIC];
     uint64_t (*dest_stats)[N_TRAFFIC];
     int32_t (*dest_conns)[2];
+    int32_t *dest_persist; /* templates per dest (persistconns), shared like dest_conns */
     uint32_t max_services, max_dests;
 
     int have_tables;
@@ -273,6 +299,7 @@ struct pylvs_engine {
     const dest_row *dests;
     uint32_t nservices, ndests;
     int32_t *svc_hash; /* open addressing over used services: slot, or -1 */
+    uint32_t nullsvc;  /* used services of port 0: find_service falls back to them */
     uint32_t svc_mask;
 
     int batch_cached;
@@ -307,6 +334,11 @@ struct pylvs_engine {
 static inline void dest_conns_add(PylvsEngine *e, uint32_t dest, int col, int32_t v)
 {
     __atomic_fetch_add(&e->dest_conns[dest][col], v, __ATOMIC_RELAXED);
+}
+
+static inline void dest_persist_add(PylvsEngine *e, uint32_t dest, int32_t v)
+{
+    __atomic_fetch_add(&e->dest_persist[dest], v, __ATOMIC_RELAXED);
 }
 
 /* SipHash-1-3 of the 13-byte tuple laid out as it sits in registers: the
@@ -441,6 +473,13 @@ HOT void csum_complete(PylvsEngine *e, uint8_t *frame, const uint8_t *ip, uint8_
 
 /* --- ip_vs_conn.c -------------------------------------------------------- */
 
+/* A template that controls conns: it never leaves the table (its expiry
+ * waits, it is never evicted), so a conn's `control` stays valid. */
+static inline int tpl_held(const struct conn *c)
+{
+    return (c->flags & CONN_F_TEMPLATE) && c->control != 0;
+}
+
 /* An empty table for up to `capacity` conns: 0, or -1 with MemoryError set. */
 int conn_table_init(PylvsEngine *e, uint32_t capacity);
 void conn_table_free(PylvsEngine *e);
@@ -448,6 +487,10 @@ void index_insert(PylvsEngine *e, uint64_t h, uint32_t slot, int dir);
 /* Take the conn in `slot` out of the index and its dest's counts, free the
  * slot, and count it under `stat` (ST_CONNS_EXPIRED, _EVICTED, _REUSED). */
 void conn_remove(PylvsEngine *e, uint32_t slot, int stat);
+/* Take an invalidated template out of the index (ip_vs_check_template): it
+ * shows cport 0, vport and dport 65535, as the kernel rehashes it there,
+ * until its timer removes it. */
+void conn_unhash(PylvsEngine *e, uint32_t slot);
 /* Bytes the conn table holds now (slab made usable + index). */
 size_t conn_table_memory(const PylvsEngine *e);
 

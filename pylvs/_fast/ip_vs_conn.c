@@ -154,11 +154,23 @@ static uint64_t rng_next(PylvsEngine *e)
     return z ^ (z >> 31);
 }
 
+/* A template: never while it controls conns; else first when no conn of
+ * it ever got established or answered (not ASSURED: the kernel's
+ * ip_vs_random_dropentry drops those too), else with the second class. */
+static int tpl_evict_class(const struct conn *c)
+{
+    if (c->control != 0)
+        return -1;
+    return c->state & CTPL_S_ASSURED ? 1 : 0;
+}
+
 /* 0: reclaimed first (dead, TIME_WAIT, CLOSE, or never answered by the real
  * server while not ESTABLISHED); 1: other non-ESTABLISHED; -1: never
  * (ESTABLISHED). */
 static int evict_class(const struct conn *c, double now)
 {
+    if (c->flags & CONN_F_TEMPLATE)
+        return tpl_evict_class(c);
     if (c->expires <= now)
         return 0;
     if (c->proto == PROTO_TCP) {
@@ -183,7 +195,7 @@ int64_t conn_victim(PylvsEngine *e, double now)
     for (int n = 0; n < EVICT_SAMPLES; n++) {
         uint32_t slot = (uint32_t)(((rng_next(e) >> 32) * (uint64_t)e->high) >> 32);
         const struct conn *c = &e->conns[slot];
-        if (c->expires <= now)
+        if (c->expires <= now && !tpl_held(c))
             return slot;
         int k = evict_class(c, now);
         double seen = c->expires - e->timeouts[c->state];
@@ -259,16 +271,35 @@ static void index_delete(PylvsEngine *e, uint64_t h, uint32_t ref)
 void conn_remove(PylvsEngine *e, uint32_t slot, int stat)
 {
     struct conn *c = &e->conns[slot];
-    index_delete(e, conn_key_hash(e, c, KEY_IN), (slot << 1 | KEY_IN) + 1);
+    if (!(c->flags & CONN_F_UNHASHED))
+        index_delete(e, conn_key_hash(e, c, KEY_IN), (slot << 1 | KEY_IN) + 1);
     if (conn_has_out_key(c))
         index_delete(e, conn_key_hash(e, c, KEY_OUT), (slot << 1 | KEY_OUT) + 1);
-    if (c->dest < e->max_dests)
-        dest_conns_add(e, c->dest, c->state == S_ESTABLISHED ? C_ACTIVE : C_INACTIVE, -1);
+    if (c->dest < e->max_dests) {
+        if (c->flags & CONN_F_TEMPLATE)
+            dest_persist_add(e, c->dest, -1);
+        else
+            dest_conns_add(e, c->dest, c->state == S_ESTABLISHED ? C_ACTIVE : C_INACTIVE, -1);
+    }
+    if (!(c->flags & CONN_F_TEMPLATE) && c->control != 0)
+        e->conns[c->control - 1].control--; /* ip_vs_control_del */
     c->used = 0;
     c->dest = e->free_head;
     e->free_head = slot;
     e->conn_count--;
     e->stats[stat]++;
+}
+
+void conn_unhash(PylvsEngine *e, uint32_t slot)
+{
+    struct conn *c = &e->conns[slot];
+    if (c->flags & CONN_F_UNHASHED)
+        return;
+    index_delete(e, conn_key_hash(e, c, KEY_IN), (slot << 1 | KEY_IN) + 1);
+    c->flags |= CONN_F_UNHASHED;
+    c->cport = 0;
+    c->vport = 0xffff;
+    c->dport = 0xffff;
 }
 
 long pylvs_engine_expire(PylvsEngine *e, double now, long budget)
@@ -285,14 +316,53 @@ long pylvs_engine_expire(PylvsEngine *e, double now, long budget)
     for (uint32_t n = 0; n < visits; n++) {
         struct conn *c = &e->conns[pos];
         if (c->used && c->expires <= now) {
-            conn_remove(e, pos, ST_CONNS_EXPIRED);
-            expired++;
+            if (tpl_held(c)) {
+                /* ip_vs_conn_expire: a template that controls conns waits
+                 * again, and from now on by this timeout. */
+                c->tpl_timeout = TPL_LATE_TIMEOUT;
+                c->expires = now + TPL_LATE_TIMEOUT;
+            } else {
+                conn_remove(e, pos, ST_CONNS_EXPIRED);
+                expired++;
+            }
         }
         if (++pos == high)
             pos = 0;
     }
     e->hand = (uint32_t)((start + (unsigned long)budget % high) % high);
     return expired;
+}
+
+/* Every conn's `control` names a used template, and every template's count
+ * is the number of conns naming it. */
+static int tpl_check(PylvsEngine *self)
+{
+    for (uint32_t slot = 0; slot < self->high; slot++) {
+        const struct conn *c = &self->conns[slot];
+        if (!c->used || !(c->flags & CONN_F_TEMPLATE))
+            continue;
+        uint32_t n = 0;
+        for (uint32_t i = 0; i < self->high; i++) {
+            const struct conn *o = &self->conns[i];
+            n += o->used && !(o->flags & CONN_F_TEMPLATE) && o->control == slot + 1;
+        }
+        if (n != c->control) {
+            PyErr_Format(PyExc_AssertionError, "template in slot %u controls %u conns, "
+                         "counts %u", slot, n, c->control);
+            return -1;
+        }
+    }
+    for (uint32_t slot = 0; slot < self->high; slot++) {
+        const struct conn *c = &self->conns[slot];
+        if (!c->used || (c->flags & CONN_F_TEMPLATE) || c->control == 0)
+            continue;
+        const struct conn *t = c->control - 1 < self->high ? &self->conns[c->control - 1] : NULL;
+        if (t == NULL || !t->used || !(t->flags & CONN_F_TEMPLATE)) {
+            PyErr_Format(PyExc_AssertionError, "conn in slot %u names no template", slot);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 /* For tests (Engine._check): every used slot indexed under its keys (IN, and
@@ -323,14 +393,17 @@ int conn_table_check(PylvsEngine *self)
     }
     uint32_t used = 0;
     uint64_t keys = 0;
+    if (tpl_check(self) < 0)
+        return -1;
     for (uint32_t slot = 0; slot < self->high; slot++) {
         const struct conn *c = &self->conns[slot];
         if (!c->used)
             continue;
         used++;
+        int first = c->flags & CONN_F_UNHASHED ? KEY_OUT : KEY_IN;
         int last = conn_has_out_key(c) ? KEY_OUT : KEY_IN;
-        keys += (uint64_t)last + 1;
-        for (int dir = KEY_IN; dir <= last; dir++) {
+        keys += (uint64_t)(last - first + 1);
+        for (int dir = first; dir <= last; dir++) {
             uint64_t h = conn_key_hash(self, c, dir);
             struct bucket *b =
                 dir == KEY_IN

@@ -44,11 +44,30 @@ HOT void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8_t tcpflag
     c->expires = now + e->timeouts[new_];
     if (dir == DIR_OUTPUT)
         c->replied = 1;
+    /* ip_vs_control_assure_ct: TCP on reaching ESTABLISHED, UDP on a reply. */
+    if (c->control != 0 &&
+        (c->proto == PROTO_TCP ? new_ == S_ESTABLISHED && old != S_ESTABLISHED : dir == DIR_OUTPUT))
+        e->conns[c->control - 1].state |= CTPL_S_ASSURED;
 }
 
-/* The used service slot for (proto, vaddr, vport), or -1: one probe run in
- * the hash set_tables built, whatever the number of services. */
+static int find_service_exact(const PylvsEngine *e, uint8_t proto, uint32_t vaddr,
+                              uint16_t vport);
+
+/* The used service slot for (proto, vaddr, vport), else the port-0 service
+ * of (proto, vaddr) (the kernel's ip_vs_service_find: "catch-all port"),
+ * or -1. */
 static int find_service(const PylvsEngine *e, uint8_t proto, uint32_t vaddr, uint16_t vport)
+{
+    int s = find_service_exact(e, proto, vaddr, vport);
+    if (s < 0 && e->nullsvc != 0 && vport != 0)
+        s = find_service_exact(e, proto, vaddr, 0);
+    return s;
+}
+
+/* One probe run in the hash set_tables built, whatever the number of
+ * services. */
+static int find_service_exact(const PylvsEngine *e, uint8_t proto, uint32_t vaddr,
+                              uint16_t vport)
 {
     if (e->svc_hash == NULL)
         return -1;
@@ -182,6 +201,152 @@ static long call_schedule_gil(PylvsEngine *e, int svc, uint32_t caddr, uint16_t 
     return -2;
 }
 
+/* --- persistence (docs/engine.md, "Persistence") -------------------------- */
+
+/* The port a new conn to `dest` goes to: the dest's, unless it is 0 or the
+ * frame came to another port than the service's (a port-0 service), when
+ * the frame's stays (the kernel's ip_vs_sched_persist and ip_vs_schedule). */
+static uint16_t conn_dport(const svc_row *svc, const dest_row *dest, uint16_t dport)
+{
+    return dest->dport != 0 && dport == svc->vport ? dest->dport : dport;
+}
+
+/* ip_vs_check_template: the template's dest is still the one it was made
+ * for (not deleted), of this service, and not quiescent (weight 0) while
+ * expire_quiescent_template is set. An invalid one leaves the index and
+ * lives on, unused, until its timer (conn_unhash). */
+static int tpl_valid(PylvsEngine *e, uint32_t slot, int s)
+{
+    const struct conn *t = &e->conns[slot];
+    const dest_row *dest = conn_dest(e, t);
+    if (dest != NULL && t->svc == (uint16_t)s &&
+        !(e->sysctl[SYS_EXPIRE_QUIESCENT_TEMPLATE] && dest->weight == 0))
+        return 1;
+    conn_unhash(e, slot);
+    return 0;
+}
+
+/* A conn to replace at the limit, or -1, never `keep`: the template the
+ * new conn will name counts as controlling it already while the draw runs
+ * (class -1, not dead). */
+static int64_t victim_but(PylvsEngine *e, double now, uint32_t keep)
+{
+    if (!conn_table_full(e))
+        return -1;
+    e->conns[keep].control++;
+    int64_t v = conn_victim(e, now);
+    e->conns[keep].control--;
+    return v;
+}
+
+/* What a new conn or template takes from its key and its dest. */
+static void conn_fill(struct conn *c, uint8_t proto, uint32_t caddr, uint16_t cport,
+                      uint32_t vaddr, uint16_t vport, const dest_row *dest, uint16_t dport,
+                      int s, long d)
+{
+    c->proto = proto;
+    c->caddr = caddr;
+    c->cport = cport;
+    c->vaddr = vaddr;
+    c->vport = vport;
+    c->daddr = dest->daddr;
+    c->dport = dport;
+    c->fwd = dest->fwd;
+    c->svc = (uint16_t)s;
+    c->dest = (uint32_t)d;
+}
+
+/* A new template of service s for dest d in a free slot (or `victim`'s);
+ * NO_SLOT when none is had. Its timer is set by the caller. */
+static uint32_t tpl_new(PylvsEngine *e, int s, long d, uint8_t tproto, uint32_t snet,
+                        uint32_t vaddr, uint16_t tvport, uint16_t tdport, uint64_t h,
+                        int64_t victim, double now)
+{
+    uint32_t slot = conn_alloc(e, victim, now);
+    if (slot == NO_SLOT)
+        return NO_SLOT;
+    struct conn *t = &e->conns[slot];
+    memset(t, 0, sizeof(*t));
+    conn_fill(t, tproto, snet, 0, vaddr, tvport, &e->dests[d], tdport, s, d);
+    t->xmit = XMIT_NONE;
+    t->flags = CONN_F_TEMPLATE;
+    t->tpl_timeout = e->services[s].timeout;
+    t->expires = now + t->tpl_timeout;
+    t->used = 1;
+    index_insert(e, h, slot, KEY_IN);
+    e->conn_count++;
+    e->stats[ST_CONNS_CREATED]++;
+    dest_persist_add(e, (uint32_t)d, 1);
+    return slot;
+}
+
+/* The dest of a new conn of service s (conn_new's one call for it). A
+ * persistent service (timeout > 0) looks up the client's template, keyed
+ * (proto, caddr & netmask, cport 0, vaddr, vport; vport 0 for a port-0
+ * service, whose frames come to other ports, and for FTP), and takes its
+ * dest while it is valid; otherwise the scheduler chooses and a template
+ * is made for the choice. Either way the template's timer starts again
+ * (ip_vs_conn_put). *ct gets its slot for persist_bind (NO_SLOT: none). At
+ * the limit a new template takes *victim's place and *victim is drawn
+ * again for the conn. A non-persistent service takes only frames to its
+ * own port. Returns as call_schedule. */
+static long persist_dest(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport,
+                         uint32_t daddr, uint16_t dport, double now, int64_t *victim,
+                         uint32_t *ct)
+{
+    const svc_row *svc = &e->services[s];
+    *ct = NO_SLOT;
+    if (svc->timeout == 0)
+        return svc->vport == dport ? call_schedule(e, s, saddr, sport) : -1;
+    int whole = dport == svc->vport && svc->vport != FTP_PORT;
+    uint8_t tproto = proto | TPL_PROTO;
+    uint32_t snet = saddr & svc->netmask;
+    uint16_t tvport = whole ? dport : 0;
+    uint64_t h = key_hash(e, tproto, snet, 0, daddr, tvport);
+    struct bucket *b = index_find(e, h, tproto, snet, 0, daddr, tvport);
+    uint32_t slot = b != NULL ? (b->ref - 1) >> 1 : NO_SLOT;
+    if (slot != NO_SLOT && e->conns[slot].expires <= now) {
+        /* Its timer fired before the clock hand came: as the hand would. */
+        if (tpl_held(&e->conns[slot])) {
+            e->conns[slot].tpl_timeout = TPL_LATE_TIMEOUT;
+        } else {
+            conn_remove(e, slot, ST_CONNS_EXPIRED);
+            slot = NO_SLOT;
+        }
+    }
+    long d;
+    if (slot != NO_SLOT && tpl_valid(e, slot, s)) {
+        d = e->conns[slot].dest;
+        if (*victim == (int64_t)slot)
+            *victim = victim_but(e, now, slot);
+    } else {
+        d = call_schedule(e, s, saddr, sport);
+        if (d < 0 || (unsigned long)d >= e->ndests || !(e->dests[d].flags & DEST_F_USED) ||
+            e->dests[d].svc != (uint16_t)s)
+            return d;
+        slot = tpl_new(e, s, d, tproto, snet, daddr, tvport, whole ? e->dests[d].dport : 0, h,
+                       *victim, now);
+        if (slot == NO_SLOT)
+            return d;
+        *victim = victim_but(e, now, slot);
+    }
+    struct conn *t = &e->conns[slot];
+    t->expires = now + t->tpl_timeout;
+    *ct = slot;
+    return d;
+}
+
+/* A new conn's link to its template (ip_vs_control_add), or none. */
+static void persist_bind(PylvsEngine *e, struct conn *c, uint32_t ct)
+{
+    c->flags = 0;
+    c->control = 0;
+    if (ct != NO_SLOT) {
+        c->control = ct + 1;
+        e->conns[ct].control++;
+    }
+}
+
 /* --- the upcall limit (docs/engine.md, "Upcall limit") ------------------- */
 
 void pylvs_engine_set_pressure(PylvsEngine *e, int on)
@@ -243,7 +408,8 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
         return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
     if (upcall_limited(e) && !upcall_allowed(e, now))
         return refuse(e, verdict, why, ST_DROP_UPCALL_LIMIT, PYLVS_V_DROP);
-    long d = call_schedule(e, s, saddr, sport);
+    uint32_t ct;
+    long d = persist_dest(e, s, proto, saddr, sport, daddr, dport, now, &victim, &ct);
     if (d == -2)
         return refuse(e, verdict, why, ST_SCHED_ERRORS, PYLVS_V_DROP);
     if (d < 0 || (unsigned long)d >= e->ndests)
@@ -251,6 +417,7 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     const dest_row *dest = &e->dests[d];
     if (!(dest->flags & DEST_F_USED) || dest->svc != (uint16_t)s)
         return refuse(e, verdict, why, ST_DROP_NO_DEST, PYLVS_V_DROP);
+    uint16_t rport = conn_dport(&e->services[s], dest, dport);
 
     /* ip_vs_bind_xmit: the transmitter is chosen here, once. */
     uint8_t xmit = dest->fwd == FWD_MASQ    ? XMIT_NAT
@@ -259,8 +426,8 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
                                                                                    : XMIT_NONE;
     uint64_t hout = 0;
     if (xmit == XMIT_NAT) {
-        hout = key_hash(e, proto, dest->daddr, dest->dport, saddr, sport);
-        struct bucket *ob = index_find(e, hout, proto, dest->daddr, dest->dport, saddr, sport);
+        hout = key_hash(e, proto, dest->daddr, rport, saddr, sport);
+        struct bucket *ob = index_find(e, hout, proto, dest->daddr, rport, saddr, sport);
         if (ob != NULL) {
             uint32_t r = ob->ref - 1;
             if (e->conns[r >> 1].expires > now)
@@ -268,24 +435,15 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
             conn_remove(e, r >> 1, ST_CONNS_EXPIRED); /* a dead holder does not block the key */
         }
         /* IN key == OUT key: client, VIP and real server are one address:port */
-        if (dest->daddr == saddr && dest->dport == sport && saddr == daddr && sport == dport)
+        if (dest->daddr == saddr && rport == sport && saddr == daddr && sport == dport)
             return refuse(e, verdict, why, ST_DROP_CONFLICT, PYLVS_V_DROP);
     }
     uint32_t slot = conn_alloc(e, victim, now);
     if (slot == NO_SLOT) /* out of memory */
         return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
     struct conn *c = &e->conns[slot];
-    c->proto = proto;
-    c->caddr = saddr;
-    c->cport = sport;
-    c->vaddr = daddr;
-    c->vport = dport;
-    c->daddr = dest->daddr;
-    c->dport = dest->dport;
+    conn_fill(c, proto, saddr, sport, daddr, dport, dest, rport, s, d);
     c->state = S_NONE;
-    c->fwd = dest->fwd;
-    c->svc = (uint16_t)s;
-    c->dest = (uint32_t)d;
     c->in_port = in_port;
     c->expires = now + e->timeouts[S_NONE];
     memcpy(c->cmac, eth + 6, 6);
@@ -296,6 +454,7 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
      * IP_VS_CONN_F_NOOUTPUT, and their client packets use INPUT_ONLY. */
     c->in_dir = xmit == XMIT_NAT ? DIR_INPUT : DIR_INPUT_ONLY;
     c->used = 1;
+    persist_bind(e, c, ct);
     index_insert(e, h, slot, KEY_IN);
     if (xmit == XMIT_NAT)
         index_insert(e, hout, slot, KEY_OUT);

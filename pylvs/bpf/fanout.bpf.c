@@ -32,6 +32,7 @@ STEER_SET(services, struct l4_key);
 STEER_SET(realservers, struct l4_key);
 STEER_SET(vips, __be32);
 STEER_SET(rsaddrs, __be32);
+STEER_MASK();
 
 /* [0]: set by control (FanoutSteering). */
 struct fanout_conf {
@@ -55,7 +56,8 @@ int pylvs_fanout(struct __sk_buff *skb)
 
 	if (!c)
 		return 0;
-	mix = steer_client_mix(skb, STEER_PLAN_KEYS, &services, &realservers, &vips, &rsaddrs);
+	mix = steer_client_mix(skb, STEER_PLAN_KEYS, &services, &realservers, &vips, &rsaddrs,
+			       &steer_mask);
 	if (!c->lanes || !c->workers)
 		return mix;
 	return (mix % c->workers) * 2 + (c->lane & 1);

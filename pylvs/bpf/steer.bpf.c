@@ -109,7 +109,7 @@ int pylvs_steer(struct __sk_buff *skb)
 
 	if (skb->pkt_type != PACKET_HOST) {
 		/* IPVS ignores it (ip_vs_in_hook); counted, left to the kernel. */
-		if (in_set(&services, &svc) || in_set(&realservers, &rs)
+		if (steer_l4_in(&services, &svc) || steer_l4_in(&realservers, &rs)
 		    || (is_icmp_error && (in_set(&vips, &iph.daddr)
 					  || in_set(&rsaddrs, &iph.saddr)))) {
 			__u32 zero = 0;
@@ -120,7 +120,7 @@ int pylvs_steer(struct __sk_buff *skb)
 		}
 		return VERDICT_PASS;
 	}
-	if (in_set(&services, &svc)) {
+	if (steer_l4_in(&services, &svc)) {
 		if (skb->ifindex == LOOPBACK_IFINDEX) {
 			struct l4_key cl = {.addr = iph.saddr, .proto = iph.protocol};
 			__u8 one = 1;
@@ -138,11 +138,11 @@ int pylvs_steer(struct __sk_buff *skb)
 
 		__builtin_memcpy(&cl.port, &l4[2], 2);
 		if (skb->ifindex != LOOPBACK_IFINDEX && in_set(&local_clients, &cl)
-		    && (in_set(&realservers, &rs) || in_set(&services, &rs)))
+		    && (steer_l4_in(&realservers, &rs) || steer_l4_in(&services, &rs)))
 			return VERDICT_DROP;
 		return VERDICT_PASS;
 	}
-	if (in_set(&realservers, &rs))
+	if (steer_l4_in(&realservers, &rs))
 		return VERDICT_DROP;
 	if (is_icmp_error && in_set(&rsaddrs, &iph.saddr))
 		return VERDICT_DROP;

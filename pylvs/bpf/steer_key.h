@@ -62,6 +62,41 @@ struct l4_key {
  * control (pylvs/control/steering.py sets_of): (addr, port, proto) of the
  * virtual services and of the VS-NAT dests (struct l4_key), the dests'
  * addresses, the VIPs, the director's own addresses. */
+/* [0]: the address bits steering ignores, host order: ~bpf.client_mask,
+ * the AND of the persistent services' -M netmasks, so that every client
+ * one template covers (caddr & netmask) reaches the worker holding it; 0
+ * (/32, also before control first writes it): none. */
+#define STEER_MASK()                                    \
+	struct {                                        \
+		__uint(type, BPF_MAP_TYPE_ARRAY);       \
+		__uint(max_entries, 1);                 \
+		__type(key, __u32);                     \
+		__type(value, __u32);                   \
+	} steer_mask SEC(".maps")
+
+/* The client address (host order) as steering mixes it. */
+static __always_inline __u32 steer_masked(void *mask_map, __u32 client)
+{
+	__u32 zero = 0, *hostbits = bpf_map_lookup_elem(mask_map, &zero);
+
+	return hostbits ? client & ~*hostbits : client;
+}
+
+/* A (proto, addr, port) set holds the key or its port-0 wildcard: a port-0
+ * service takes every port (the kernel's ip_vs_service_find falls back to
+ * it), and its dests, given port 0, answer from the client's port. */
+static __always_inline int steer_l4_in(void *map, const struct l4_key *k)
+{
+	struct l4_key any = *k;
+
+	if (bpf_map_lookup_elem(map, k))
+		return 1;
+	if (!k->port)
+		return 0;
+	any.port = 0;
+	return bpf_map_lookup_elem(map, &any) != NULL;
+}
+
 #define STEER_SETS()                                    \
 	STEER_SET(services, struct l4_key);             \
 	STEER_SET(realservers, struct l4_key);          \
@@ -97,12 +132,25 @@ static __always_inline int steer_icmp_error(__u8 type)
 	return type == 3 || type == 4 || type == 11;
 }
 
-/* steer_mix of the frame's client address; 0 for anything but IPv4 and
- * whenever a field the rule needs lies beyond the frame (as the cBPF
+/* steer_mix of the frame's client address, masked (steer_masked); 0 for
+ * anything but IPv4 and whenever a field the rule needs lies beyond the frame (as the cBPF
  * program's failed loads end it with 0). Offsets below are from the IP
  * header at STEER_L3. */
+static __always_inline __u32 steer_client(STEER_CTX *ctx, __u32 plan, void *services,
+					     void *realservers, void *vips, void *rsaddrs);
+
 static __always_inline __u32 steer_client_mix(STEER_CTX *ctx, __u32 plan, void *services,
-						 void *realservers, void *vips, void *rsaddrs)
+						 void *realservers, void *vips, void *rsaddrs,
+						 void *mask_map)
+{
+	return steer_mix(steer_masked(mask_map,
+				      steer_client(ctx, plan, services, realservers, vips, rsaddrs)));
+}
+
+/* The frame's client address (host order) by the rule above; 0 where the
+ * rule cannot read what it needs. */
+static __always_inline __u32 steer_client(STEER_CTX *ctx, __u32 plan, void *services,
+					     void *realservers, void *vips, void *rsaddrs)
 {
 	struct {
 		__u8 proto;
@@ -148,13 +196,13 @@ static __always_inline __u32 steer_client_mix(STEER_CTX *ctx, __u32 plan, void *
 			return 0;
 	}
 	if (plan == STEER_PLAN_SADDR)
-		return steer_mix(bpf_ntohl(h.saddr));
+		return bpf_ntohl(h.saddr);
 	if (plan == STEER_PLAN_ADDRS) {
 		if (bpf_map_lookup_elem(vips, &h.daddr))
-			return steer_mix(bpf_ntohl(h.saddr));
+			return bpf_ntohl(h.saddr);
 		if (bpf_map_lookup_elem(vips, &h.saddr) || bpf_map_lookup_elem(rsaddrs, &h.saddr))
-			return steer_mix(bpf_ntohl(h.daddr));
-		return steer_mix(bpf_ntohl(h.saddr));
+			return bpf_ntohl(h.daddr);
+		return bpf_ntohl(h.saddr);
 	}
 	to.addr = h.daddr;
 	to.port = ports[1];
@@ -164,11 +212,11 @@ static __always_inline __u32 steer_client_mix(STEER_CTX *ctx, __u32 plan, void *
 	from.proto = h.proto;
 	/* Client to VIP: the source. A reply from the VIP or a NAT dest: the
 	 * destination. Anything else: the source. */
-	if (bpf_map_lookup_elem(services, &to))
-		return steer_mix(bpf_ntohl(h.saddr));
-	if (bpf_map_lookup_elem(services, &from) || bpf_map_lookup_elem(realservers, &from))
-		return steer_mix(bpf_ntohl(h.daddr));
-	return steer_mix(bpf_ntohl(h.saddr));
+	if (steer_l4_in(services, &to))
+		return bpf_ntohl(h.saddr);
+	if (steer_l4_in(services, &from) || steer_l4_in(realservers, &from))
+		return bpf_ntohl(h.daddr);
+	return bpf_ntohl(h.saddr);
 }
 
 #endif /* STEER_LOAD */

@@ -28,11 +28,13 @@ STEER_SET(services, struct l4_key);
 STEER_SET(realservers, struct l4_key);
 STEER_SET(vips, __be32);
 STEER_SET(rsaddrs, __be32);
+STEER_MASK();
 
 SEC("socket")
 int pylvs_tap_steer(struct __sk_buff *skb)
 {
-	return steer_client_mix(skb, STEER_PLAN_KEYS, &services, &realservers, &vips, &rsaddrs);
+	return steer_client_mix(skb, STEER_PLAN_KEYS, &services, &realservers, &vips, &rsaddrs,
+				&steer_mask);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -76,6 +76,7 @@ struct port_info {
 
 /* The sets control fills (steer_key.h). */
 STEER_SETS();
+STEER_MASK();
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -182,11 +183,11 @@ static __always_inline __u32 client_of(__u8 *ip, void *end, __u32 plan)
 	}
 	svc.addr = daddr;
 	svc.proto = proto;
-	if (in_set(&services, &svc))
+	if (steer_l4_in(&services, &svc))
 		return bpf_ntohl(saddr);
 	frm.addr = saddr;
 	frm.proto = proto;
-	if (in_set(&services, &frm) || in_set(&realservers, &frm))
+	if (steer_l4_in(&services, &frm) || steer_l4_in(&realservers, &frm))
 		return bpf_ntohl(daddr);
 	return bpf_ntohl(saddr);
 }
@@ -198,7 +199,7 @@ static __always_inline __u32 worker_of(__u8 *ip, void *end, struct steer_cfg *cf
 
 	if (!cfg || cfg->workers <= 1)
 		return 0;
-	client = client_of(ip, end, cfg->plan);
+	client = steer_masked(&steer_mask, client_of(ip, end, cfg->plan));
 	return ((client * FANOUT_MIX) >> 16) % cfg->workers;
 }
 
@@ -234,9 +235,9 @@ int pylvs_xdp(struct xdp_md *ctx)
 	rs.proto = iph->protocol;
 	__builtin_memcpy(&rs.port, l4, 2);
 
-	ours = in_set(&services, &svc);
+	ours = steer_l4_in(&services, &svc);
 	if (!ours && !in_set(&local, &iph->daddr))
-		ours = in_set(&realservers, &rs)
+		ours = steer_l4_in(&realservers, &rs)
 		    || (iph->protocol == IPPROTO_ICMP && icmp_error(l4[0])
 			&& in_set(&rsaddrs, &iph->saddr));
 	if (!ours)

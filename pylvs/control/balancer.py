@@ -44,7 +44,7 @@ from .. import forward
 from .. import sched as schedmod
 from ..engine import states, tables
 from ..engine.tables import (
-    ACTIVE, DEST_DTYPE, DEST_F_NO_ROUTE, DEST_F_REPLIES, DEST_F_RESOLVED, DEST_F_USED, FWD_TUNNEL, INACTIVE,
+    ACTIVE, CONN_F_TEMPLATE, CTPL_NAMES, DEST_DTYPE, DEST_F_NO_ROUTE, DEST_F_REPLIES, DEST_F_RESOLVED, DEST_F_USED, FWD_TUNNEL, INACTIVE,
     N_TRAFFIC, PROTO_TCP, PROTO_UDP, SERVICE_DTYPE, SVC_F_USED, SYSCTL_DEFAULTS, SYSCTL_NAMES,
     Counters,
 )
@@ -803,6 +803,11 @@ class Balancer:
         c = self.counters.dest_conns[slot]
         return bool(c[ACTIVE] or c[INACTIVE])
 
+    def _slot_named(self, slot: int) -> bool:
+        """Conns or persistence templates still name the dest slot: it is
+        not reused (a template would send its clients to the newcomer)."""
+        return self._conns_on(slot) or bool(self.counters.dest_persist[slot])
+
     def _alloc_dest_slot(self, trash_key: tuple) -> int:
         old = self._dest_trash.pop(trash_key, None)
         if old is not None:
@@ -817,7 +822,7 @@ class Balancer:
             slot = self._dest_free.pop()
             if slot is None:
                 break
-            if self._conns_on(slot):
+            if self._slot_named(slot):
                 self._dest_free.put(slot)
                 continue
             tk = self._dest_trash_key.pop(slot, None)
@@ -832,7 +837,7 @@ class Balancer:
                             "or held by conns)")
 
     def _release_dest(self, svc: Service, d: Dest) -> None:
-        if self._conns_on(d.slot):
+        if self._slot_named(d.slot):
             tk = (svc.key, d.daddr, d.dport)
             self._dest_trash[tk] = d.slot
             self._dest_trash_key[d.slot] = tk
@@ -902,10 +907,10 @@ class Balancer:
     def _write_svc(self, svcs: np.ndarray, slot: int) -> None:
         svc = self._svc_at.get(slot)
         if svc is not None:
-            svcs[slot] = (svc.vaddr, svc.vport, svc.proto, SVC_F_USED)
+            svcs[slot] = (svc.vaddr, svc.vport, svc.proto, SVC_F_USED, svc.timeout, svc.netmask)
         elif slot in self._svc_held:
             proto, vaddr, vport = self._svc_held[slot]
-            svcs[slot] = (vaddr, vport, proto, SVC_F_USED)
+            svcs[slot] = (vaddr, vport, proto, SVC_F_USED, 0, NETMASK_ALL)
         else:
             svcs[slot] = _ZERO_SVC
 
@@ -1179,6 +1184,7 @@ class Balancer:
         c = self.counters
         # Read once: with workers each read is a sum over them.
         conns, svc_stats, dest_stats = c.dest_conns, c.svc_stats, c.dest_stats
+        persist = c.dest_persist
         out = []
         for svc in self._services.values():
             dests = []
@@ -1193,7 +1199,7 @@ class Balancer:
                     "l_threshold": d.l_threshold,
                     "activeconns": int(conns[d.slot, ACTIVE]),
                     "inactconns": int(conns[d.slot, INACTIVE]),
-                    "persistconns": 0,
+                    "persistconns": int(persist[d.slot]),
                     "stats": _traffic(dest_stats[d.slot]),
                     "rates": _rates(self._est_dest_avg[d.slot]),
                     "resolved": bool(self.dests_table[d.slot]["flags"] & DEST_F_RESOLVED),
@@ -1220,10 +1226,12 @@ class Balancer:
         now = self.clock()
         out = []
         for t in self.conns_source():
-            proto, caddr, cport, vaddr, vport, daddr, dport, state, expires = t[:9]
+            proto, caddr, cport, vaddr, vport, daddr, dport, state, expires, flags = t[:10]
             if expires <= now:
                 continue   # dead, waiting for the engine's clock hand
-            if proto == PROTO_UDP or state >= states.N_TCP_STATES:
+            if flags & CONN_F_TEMPLATE:   # ip_vs_state_name of a template
+                sname = CTPL_NAMES[state] if state < len(CTPL_NAMES) else "ERR!"
+            elif proto == PROTO_UDP or state >= states.N_TCP_STATES:
                 sname = "UDP"
             else:
                 sname = states.STATE_NAMES[state]

@@ -80,6 +80,8 @@ FAMILY = "netdev"
 PRIORITY = -500
 SETS = ("services", "realservers", "rsaddrs", "vips", "local")
 L4_SETS = ("services", "realservers")   # (proto, addr, port) keys; the others addrs
+# nft: the (addr, proto) of their port-0 keys, which match any port.
+ANY_SETS = {"services": "services_any", "realservers": "realservers_any"}
 PROTO_NAMES = {6: "tcp", 17: "udp", 132: "sctp"}   # as nft lists them
 PROTO_NUMBERS = {v: k for k, v in PROTO_NAMES.items()}
 ICMP_ERRORS = "{ destination-unreachable, source-quench, time-exceeded }"  # bpf.ICMP_ERRORS
@@ -161,6 +163,10 @@ class NftSteering:
             f"table {FAMILY} {TABLE} {{",
             "  set services { type ipv4_addr . inet_proto . inet_service; }",
             "  set realservers { type ipv4_addr . inet_proto . inet_service; }",
+            # Their port-0 keys (a port-0 service, its dests given port 0):
+            # every port of the address (ANY_SETS).
+            "  set services_any { type ipv4_addr . inet_proto; }",
+            "  set realservers_any { type ipv4_addr . inet_proto; }",
             "  set rsaddrs { type ipv4_addr; }",
             "  set vips { type ipv4_addr; }",
             "  set local { type ipv4_addr; }",
@@ -170,6 +176,8 @@ class NftSteering:
             "  chain not_host {",
             '    ip daddr . meta l4proto . th dport @services counter name "not_host" accept',
             '    ip saddr . meta l4proto . th sport @realservers counter name "not_host" accept',
+            '    ip daddr . meta l4proto @services_any counter name "not_host" accept',
+            '    ip saddr . meta l4proto @realservers_any counter name "not_host" accept',
             f'    ip daddr @vips icmp type {ICMP_ERRORS} counter name "not_host" accept',
             f'    ip saddr @rsaddrs icmp type {ICMP_ERRORS} counter name "not_host" accept',
             "  }",
@@ -180,7 +188,9 @@ class NftSteering:
                 f'    type filter hook ingress device "{ifname}" priority {PRIORITY}; policy accept;',
                 "    meta pkttype != host jump not_host",
                 "    ip daddr . meta l4proto . th dport @services drop",
+                "    ip daddr . meta l4proto @services_any drop",
                 "    ip daddr != @local ip saddr . meta l4proto . th sport @realservers drop",
+                "    ip daddr != @local ip saddr . meta l4proto @realservers_any drop",
                 f"    ip daddr != @local ip saddr @rsaddrs icmp type {ICMP_ERRORS} drop",
                 "  }",
             ]
@@ -196,6 +206,11 @@ class NftSteering:
                 continue
             text = (_elements(values) if name in L4_SETS else ", ".join(map(_addr, values)))
             out.append(f"add element {FAMILY} {TABLE} {name} {{ {text} }}")
+            anyport = sorted({(a, p) for p, a, port in values if port == 0}) \
+                if name in L4_SETS else ()
+            if anyport:
+                text = ", ".join(f"{_addr(a)} . {p}" for a, p in anyport)
+                out.append(f"add element {FAMILY} {TABLE} {ANY_SETS[name]} {{ {text} }}")
         return out
 
     def apply(self, services, dests, local_addrs) -> None:
@@ -209,7 +224,7 @@ class NftSteering:
             self._run(self.script(services, dests, local_addrs), "installing the steering table")
             self.installed = True
             return
-        lines = [f"flush set {FAMILY} {TABLE} {name}" for name in SETS]
+        lines = [f"flush set {FAMILY} {TABLE} {name}" for name in (*SETS, *ANY_SETS.values())]
         lines += self._element_lines(services, dests, local_addrs)
         self._run("\n".join(lines) + "\n", "updating the steering sets")
 
@@ -299,6 +314,16 @@ def sync_sets(maps: dict, current: dict[str, set], want: dict[str, list]) -> Non
 # The sets of steer_key.h's steer_client_mix, which the eBPF fanout
 # (pylvs/bpf/fanout.bpf.c) and TAP steering (tap_steer.bpf.c) programs read.
 CLIENT_SETS = ("services", "realservers", "vips", "rsaddrs")
+# Their one-entry map of the client-address bits steering ignores
+# (steer_key.h STEER_MASK: ~bpf.client_mask of the tables).
+STEER_MASK = "steer_mask"
+
+
+def write_mask(maps: dict, services) -> None:
+    """Put ~client_mask(services) in the program's STEER_MASK map (OSError
+    from the map)."""
+    maps[STEER_MASK].update(struct.pack("I", 0),
+                            struct.pack("I", ~bpf.client_mask(services) & 0xFFFFFFFF))
 
 
 def client_set_sizes(max_services: int, max_dests: int) -> dict[str, int]:
@@ -326,6 +351,7 @@ class ClientSets:
                     and self._tables[1] is dests:
                 return
             sync_sets(self.maps, self._current, sets_of(services, dests, ()))
+            write_mask(self.maps, services)
             self._tables = (services, dests)
 
 

@@ -51,19 +51,41 @@ def _round_up(n: int, unit: int) -> int:
     return (n + unit - 1) // unit * unit
 
 
+TPL_PROTO = 0x80         # or'ed into a template's protocol: no frame's tuple reaches it
+TPL_LATE_TIMEOUT = 60    # s: a template expiring while it controls conns waits again
+
+
 class Conn:
     __slots__ = ("proto", "caddr", "cport", "vaddr", "vport", "daddr", "dport",
                  "state", "expires", "fwd", "dest", "svc", "cmac", "lmac",
-                 "in_port", "slot", "in_key", "out_key", "replied", "xmit", "in_dir")
+                 "in_port", "slot", "in_key", "out_key", "replied", "xmit", "in_dir",
+                 "template", "control", "n_control", "tpl_timeout")
     # xmit: the reference engine's XMIT_* kind, bound at creation (ip_vs_bind_xmit);
     # in_dir: the state table of client packets (INPUT for NAT, else INPUT_ONLY);
-    # out_key: None for all but NAT conns (only their replies pass the director).
+    # out_key: None for all but NAT conns (only their replies pass the director),
+    # and for an invalidated template also in_key (out of the index);
+    # template: a persistence template (docs/engine.md, "Persistence"), whose
+    # n_control counts the conns naming it in `control` (the kernel's
+    # cp->control, n_control); tpl_timeout: a template's timeout in s.
+
+    def __init__(self) -> None:
+        self.template = False
+        self.control = None
+        self.n_control = 0
+
+
+def tpl_held(c: Conn) -> bool:
+    """A template that controls conns: it never leaves the table."""
+    return c.template and c.n_control > 0
 
 
 def evict_class(c: Conn, now: float) -> int:
     """0: reclaimed first (dead, TCP TIME_WAIT or CLOSE, or not ESTABLISHED
     and never answered by the real server: half-open TCP, one-way UDP);
-    1: any other conn not ESTABLISHED; -1: never evicted (ESTABLISHED)."""
+    1: any other conn not ESTABLISHED; -1: never evicted (ESTABLISHED).
+    A template: -1 while it controls conns, else 0 until ASSURED, then 1."""
+    if c.template:
+        return -1 if c.n_control else (1 if c.state & tables.CTPL_ASSURED else 0)
     if c.expires <= now:
         return 0
     if c.proto == TCP:
@@ -127,12 +149,20 @@ class ConnTable:
         return hit
 
     def remove(self, c: Conn, stat: int) -> None:
-        del self.index[c.in_key]
+        if c.in_key is not None:
+            del self.index[c.in_key]
         if c.out_key is not None:
             del self.index[c.out_key]
-        col = tables.ACTIVE if (c.proto == TCP and c.state == states.ESTABLISHED) else tables.INACTIVE
-        if c.dest < self.counters.max_dests:
-            self.counters.dest_conns[c.dest, col] -= 1
+        if c.template:
+            if c.dest < self.counters.max_dests:
+                self.counters.dest_persist[c.dest] -= 1
+        else:
+            col = tables.ACTIVE if (c.proto == TCP and c.state == states.ESTABLISHED) else tables.INACTIVE
+            if c.control is not None:
+                c.control.n_control -= 1
+                c.control = None
+            if c.dest < self.counters.max_dests:
+                self.counters.dest_conns[c.dest, col] -= 1
         self.slots[c.slot] = None
         self.free.append(c.slot)
         self.count -= 1
@@ -153,7 +183,7 @@ class ConnTable:
         high = self.high
         for _ in range(EVICT_SAMPLES):
             c = self.slots[((self._rand() >> 32) * high) >> 32]
-            if c.expires <= now:
+            if c.expires <= now and not tpl_held(c):
                 return c
             k = evict_class(c, now)
             key = (k, c.expires - timeouts[c.state])
@@ -175,10 +205,19 @@ class ConnTable:
         else:
             c.slot = len(self.slots)
             self.slots.append(c)
-        self.index[c.in_key] = (c, states.INPUT)
+        if c.in_key is not None:
+            self.index[c.in_key] = (c, states.INPUT)
         if c.out_key is not None:
             self.index[c.out_key] = (c, states.OUTPUT)
         self.count += 1
+
+    def unhash(self, c: Conn) -> None:
+        """An invalidated template leaves the index and shows cport 0, vport
+        and dport 65535 (the kernel rehashes it there) until it expires."""
+        if c.in_key is not None:
+            del self.index[c.in_key]
+            c.in_key = None
+            c.cport, c.vport, c.dport = 0, 0xFFFF, 0xFFFF
 
     def expire(self, now: float, budget: int) -> int:
         """Move the hand `budget` slots over [0, high), removing dead conns;
@@ -191,6 +230,10 @@ class ConnTable:
         for i in range(min(budget, high)):
             c = self.slots[(self.hand + i) % high]
             if c is not None and c.expires <= now:
+                if tpl_held(c):   # ip_vs_conn_expire: it waits again, by this timeout now
+                    c.tpl_timeout = TPL_LATE_TIMEOUT
+                    c.expires = now + TPL_LATE_TIMEOUT
+                    continue
                 self.remove(c, CONNS_EXPIRED)
                 n += 1
         self.hand = (self.hand + budget) % high

@@ -63,7 +63,8 @@ import numpy as np
 
 from . import states, tables
 from . import icmp, tunnel
-from .conn import CONNS_EXPIRED, CONNS_REUSED, MAX_LIMIT, Conn, ConnTable
+from .conn import (CONNS_EXPIRED, CONNS_REUSED, MAX_LIMIT, TPL_LATE_TIMEOUT, TPL_PROTO, Conn,
+                   ConnTable, tpl_held)
 from .checksum import fold, ones_sum, pseudo_header_sum, sum_update32, update16, update32
 
 _ST = tables.STAT_INDEX
@@ -114,6 +115,7 @@ _DROP_TUN_ICMP = _ST["drop_tun_icmp"]
 _TUN_ICMP_RELAYED = _ST["tun_icmp_relayed"]
 _DROP_UPCALL_LIMIT = _ST["drop_upcall_limit"]
 _UPCALL_SHARE = tables.SYSCTL_INDEX["upcall_share"]
+_FTP_PORT = 21   # ip_vs_sched_persist: an FTP service's templates have vport 0
 # The upcall limit's bucket holds this many seconds of `now` at the share
 # (ip_vs.h UPCALL_WINDOW).
 _UPCALL_WINDOW = 0.01
@@ -248,6 +250,8 @@ class Engine:
         self._index = self._ct.index
         self._sysctl = list(tables.SYSCTL_DEFAULTS)
         self._svc_by_key: dict[tuple[int, int, int], int] = {}
+        self._svc_persist: dict[int, tuple[int, int, int]] = {}  # slot: (timeout, netmask, vport)
+        self._nullsvc = 0   # used services of port 0
         self._dests: list[tuple] = []
         self._dest_table = tables.empty_dests(0)
         self._svc_table = tables.empty_services(0)
@@ -324,10 +328,15 @@ class Engine:
         by_key: dict[tuple[int, int, int], int] = {}
         used = np.flatnonzero(services["flags"] & tables.SVC_F_USED)
         rows = services[used]
-        for s, vaddr, vport, proto in zip(used.tolist(), rows["vaddr"].tolist(),
-                                          rows["vport"].tolist(), rows["proto"].tolist()):
+        persist: dict[int, tuple[int, int, int]] = {}
+        for s, vaddr, vport, proto, timeout, netmask in zip(
+                used.tolist(), rows["vaddr"].tolist(), rows["vport"].tolist(),
+                rows["proto"].tolist(), rows["timeout"].tolist(), rows["netmask"].tolist()):
             # The lowest slot wins if the control plane ever lists a service twice.
             by_key.setdefault((proto, vaddr, vport), s)
+            persist[s] = (timeout, netmask, vport)
+        self._svc_persist = persist
+        self._nullsvc = int(np.count_nonzero(rows["vport"] == 0))
         ds = [_NO_DEST] * len(dests)
         used = np.flatnonzero(dests["flags"])
         rows = dests[used]
@@ -390,6 +399,9 @@ class Engine:
 
     @staticmethod
     def _conn_tuple(c: Conn) -> tuple:
+        if c.template:
+            return (c.proto & ~TPL_PROTO, c.caddr, c.cport, c.vaddr, c.vport, c.daddr, c.dport,
+                    c.state, c.expires, c.fwd | tables.CONN_F_TEMPLATE, c.dest, c.svc)
         return (c.proto, c.caddr, c.cport, c.vaddr, c.vport, c.daddr, c.dport,
                 c.state, c.expires, c.fwd, c.dest, c.svc)
 
@@ -898,7 +910,7 @@ class Engine:
         # 7: what the kernel would not take in, if the frame is ours at all.
         refusal = self._refusal(f, ihl, in_port)
         if refusal is not None:
-            if key in self._index or (proto, daddr, dport) in self._svc_by_key:
+            if key in self._index or self._find_service(proto, daddr, dport) is not None:
                 pend[refusal] += 1
                 return V_DROP, 0
             pend[_PASS_NOT_OURS] += 1
@@ -914,7 +926,7 @@ class Engine:
                 hit = None
         if hit is None:
             # 9: a new conn, if a service wants it.
-            svc = self._svc_by_key.get((proto, daddr, dport))
+            svc = self._find_service(proto, daddr, dport)
             if svc is None:
                 return self._local_reply(proto, saddr, sport, daddr, dport, totlen, in_port, now)
             refusal = self._martian(saddr, in_port)
@@ -1246,15 +1258,12 @@ class Engine:
                 and not self._upcall_allowed(now)):
             pend[_DROP_UPCALL_LIMIT] += 1
             return V_DROP, None
-        self._busy = True
         try:
-            d = operator.index(self._schedule(svc, saddr, sport))
+            d, tpl, victim = self._persist_dest(svc, proto, saddr, sport, daddr, dport, now, victim)
         except Exception as exc:  # reported, never propagated (as the C upcall)
             _report_unraisable(exc, self._schedule)
             pend[_SCHED_ERRORS] += 1
             return V_DROP, None
-        finally:
-            self._busy = False
         dests = self._dests
         if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
             pend[_DROP_NO_DEST] += 1
@@ -1274,15 +1283,16 @@ class Engine:
             xmit = XMIT_TUN
         else:
             xmit = XMIT_NONE
+        rport = dest[1] if dest[1] and dport == self._svc_persist[svc][2] else dport
         out_key = None
         if xmit == XMIT_NAT:
-            out_key = (proto, dest[0], dest[1], saddr, sport)
+            out_key = (proto, dest[0], rport, saddr, sport)
             if out_key == key or self._lookup(out_key, now) is not None:
                 pend[_DROP_CONFLICT] += 1
                 return V_DROP, None
         c = Conn()
         c.proto, c.caddr, c.cport, c.vaddr, c.vport = proto, saddr, sport, daddr, dport
-        c.daddr, c.dport = dest[0], dest[1]
+        c.daddr, c.dport = dest[0], rport
         c.state = states.NONE
         c.expires = now + self._timeouts[states.NONE]
         c.fwd, c.dest, c.svc = dest[4], d, svc
@@ -1294,6 +1304,12 @@ class Engine:
         c.xmit = xmit
         # The kernel's IP_VS_CONN_F_NOOUTPUT conns use the INPUT_ONLY table.
         c.in_dir = states.INPUT if xmit == XMIT_NAT else states.INPUT_ONLY
+        if ct.full() and victim is None:   # no conn may give way (victim_but)
+            pend[_DROP_TABLE_FULL] += 1
+            return V_DROP, None
+        if tpl is not None:   # ip_vs_control_add
+            c.control = tpl
+            tpl.n_control += 1
         ct.add(c, victim, now)
         pend[_CONNS_CREATED] += 1
         cnt = self._counters
@@ -1301,6 +1317,87 @@ class Engine:
         cnt.svc_stats[svc, tables.STAT_CONNS] += 1
         cnt.dest_stats[d, tables.STAT_CONNS] += 1
         return None, (c, states.INPUT)
+
+    def _find_service(self, proto: int, vaddr: int, vport: int) -> int | None:
+        """The service slot of (proto, vaddr, vport), else of its port-0
+        service (the kernel's ip_vs_service_find: "catch-all port"), or None."""
+        s = self._svc_by_key.get((proto, vaddr, vport))
+        if s is None and self._nullsvc and vport:
+            s = self._svc_by_key.get((proto, vaddr, 0))
+        return s
+
+    def _call_schedule(self, svc: int, saddr: int, sport: int) -> int:
+        self._busy = True
+        try:
+            return operator.index(self._schedule(svc, saddr, sport))
+        finally:
+            self._busy = False
+
+    def _victim_but(self, now: float, keep: Conn):
+        """victim_but in ip_vs_core.c: `keep` counts as held during the draw."""
+        if not self._ct.full():
+            return None
+        keep.n_control += 1
+        try:
+            return self._ct.victim(now, self._timeouts)
+        finally:
+            keep.n_control -= 1
+
+    def _persist_dest(self, svc: int, proto: int, saddr: int, sport: int, daddr: int,
+                      dport: int, now: float, victim):
+        """(dest slot, template or None, victim): persist_dest in
+        ip_vs_core.c (docs/engine.md, "Persistence"). The scheduler's
+        exception propagates."""
+        timeout, netmask, vport = self._svc_persist[svc]
+        if not timeout:
+            return (self._call_schedule(svc, saddr, sport) if vport == dport else -1), None, victim
+        whole = dport == vport and vport != _FTP_PORT
+        tvport = dport if whole else 0
+        key = (proto | TPL_PROTO, saddr & netmask, 0, daddr, tvport)
+        ct = self._ct
+        hit = self._index.get(key)
+        t = hit[0] if hit is not None else None
+        if t is not None and t.expires <= now:   # its timer fired before the clock hand came
+            if tpl_held(t):
+                t.tpl_timeout = TPL_LATE_TIMEOUT
+            else:
+                ct.remove(t, CONNS_EXPIRED)
+                t = None
+        if t is not None and self._tpl_valid(t, svc):
+            if victim is t:
+                victim = self._victim_but(now, t)
+        else:
+            d = self._call_schedule(svc, saddr, sport)
+            dests = self._dests
+            if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
+                return d, None, victim
+            dest = dests[d]
+            t = Conn()
+            t.proto, t.caddr, t.cport, t.vaddr, t.vport = key
+            t.daddr, t.dport = dest[0], dest[1] if whole else 0
+            t.state, t.fwd, t.svc, t.dest = tables.CTPL_NONE, dest[4], svc, d
+            t.cmac = t.lmac = bytes(6)
+            t.in_port, t.replied, t.xmit, t.in_dir = 0, False, XMIT_NONE, 0
+            t.in_key, t.out_key = key, None
+            t.template, t.tpl_timeout = True, timeout
+            t.expires = now + timeout
+            if ct.full() and victim is None:
+                return d, None, victim   # no room (tpl_new: NO_SLOT)
+            ct.add(t, victim, now)
+            self._pend[_CONNS_CREATED] += 1
+            self._counters.dest_persist[d] += 1
+            victim = self._victim_but(now, t)
+        t.expires = now + t.tpl_timeout
+        return t.dest, t, victim
+
+    def _tpl_valid(self, t: Conn, svc: int) -> bool:
+        """ip_vs_check_template; an invalid template leaves the index."""
+        dest = self._conn_dest(t)
+        if (dest is not None and t.svc == svc
+                and not (self._sysctl[_SYS["expire_quiescent_template"]] and dest[3] == 0)):
+            return True
+        self._ct.unhash(t)
+        return False
 
     def _set_state(self, c: Conn, direction: int, proto: int, tcp_flags: int, now: float) -> None:
         """11: the state transition, the active/inactive count, the new expiry."""
@@ -1333,3 +1430,7 @@ class Engine:
         c.expires = now + self._timeouts[c.state]
         if direction == states.OUTPUT:
             c.replied = True
+        # ip_vs_control_assure_ct: TCP on reaching ESTABLISHED, UDP on a reply.
+        if c.control is not None and (c.state == states.ESTABLISHED != old if proto == TCP
+                                      else direction == states.OUTPUT):
+            c.control.state |= tables.CTPL_ASSURED

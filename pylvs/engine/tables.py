@@ -63,6 +63,10 @@ SERVICE_DTYPE = np.dtype(
         ("vport", "<u2"),
         ("proto", "u1"),
         ("flags", "u1"),
+        # Persistence (-p, -M; kernel ip_vs_sched_persist): 0 = not persistent,
+        # else the template timeout in seconds; netmask host order (-M, /32 default).
+        ("timeout", "<u4"),
+        ("netmask", "<u4"),
     ],
     align=True,
 )
@@ -195,8 +199,9 @@ SYSCTL_NAMES = (
     "tcp_rst_burst",       # ... and in a burst
     "icmp_ratelimit",      # ms between ICMP errors to one destination, burst 6 (net.ipv4.icmp_ratelimit)
     "upcall_share",        # percent of time new flows' scheduler upcalls may take while the ring backs up (100: no limit)
+    "expire_quiescent_template",  # 1: a template whose dest has weight 0 is invalid when next checked
 )
-SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50)
+SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0)
 SYSCTL_INDEX = {name: i for i, name in enumerate(SYSCTL_NAMES)}
 N_SYSCTL = len(SYSCTL_NAMES)
 
@@ -217,8 +222,15 @@ def empty_routes(n: int) -> np.ndarray:
 # Per-service and per-dest traffic counters, columns:
 STAT_CONNS, STAT_INPKTS, STAT_OUTPKTS, STAT_INBYTES, STAT_OUTBYTES = range(5)
 N_TRAFFIC = 5
-# Per-dest conn counts, columns:
+# Per-dest conn counts, columns (the kernel's activeconns, inactconns; its
+# persistconns, the templates, are Counters.dest_persist):
 ACTIVE, INACTIVE = 0, 1
+# conns() tuples: the `fwd` field of a template carries this bit too (the
+# kernel's IP_VS_CONN_F_TEMPLATE in cp->flags).
+CONN_F_TEMPLATE = 0x1000
+# Template states (the kernel's IP_VS_CTPL_S_*, names as ip_vs_state_name).
+CTPL_NONE, CTPL_ASSURED = 0, 1
+CTPL_NAMES = ("NONE", "ASSURED")
 
 
 class Counters:
@@ -230,10 +242,12 @@ class Counters:
     """
 
     def __init__(self, max_services: int = 256, max_dests: int = 4096,
-                 dest_conns: np.ndarray | None = None):
+                 dest_conns: np.ndarray | None = None, dest_persist: np.ndarray | None = None):
         """``dest_conns``: an int32 (max_dests, 2) array to share with other
         Counters (workers: every engine adds to the same counts, atomically
-        in C); None makes a new one."""
+        in C); None makes a new one. ``dest_persist``: int32 (max_dests,),
+        the persistence templates naming each dest (the kernel's
+        persistconns), shared the same way."""
         self.max_services = max_services
         self.max_dests = max_dests
         self.stats = np.zeros(N_STATS, dtype=np.uint64)
@@ -244,6 +258,11 @@ class Counters:
         elif dest_conns.shape != (max_dests, 2) or dest_conns.dtype != np.int32:
             raise ValueError(f"dest_conns must be int32 ({max_dests}, 2)")
         self.dest_conns = dest_conns
+        if dest_persist is None:
+            dest_persist = np.zeros(max_dests, dtype=np.int32)
+        elif dest_persist.shape != (max_dests,) or dest_persist.dtype != np.int32:
+            raise ValueError(f"dest_persist must be int32 ({max_dests},)")
+        self.dest_persist = dest_persist
 
     def stat(self, name: str) -> int:
         return int(self.stats[STAT_INDEX[name]])
@@ -273,7 +292,8 @@ class CounterSum:
         self.max_services = max_services
         self.max_dests = max_dests
         self.dest_conns = np.zeros((max_dests, 2), dtype=np.int32)
-        self.parts = [Counters(max_services, max_dests, self.dest_conns)
+        self.dest_persist = np.zeros(max_dests, dtype=np.int32)
+        self.parts = [Counters(max_services, max_dests, self.dest_conns, self.dest_persist)
                       for _ in range(workers)]
 
     def _sum(self, name: str) -> np.ndarray:

@@ -256,8 +256,8 @@ class FanoutSteering:
 
     def __init__(self, workers: int, *, lanes: bool = False, lane: int = 1,
                  max_services: int = 16384, max_dests: int = 131072):
-        from ..control.steering import (CLIENT_SETS, ClientSets, _why, client_set_sizes,
-                                        load_object)
+        from ..control.steering import (CLIENT_SETS, STEER_MASK, ClientSets, _why,
+                                        client_set_sizes, load_object)
 
         self.workers, self.lanes, self.lane = workers, lanes, lane
         self.fd, self.prog_id = -1, 0
@@ -267,7 +267,7 @@ class FanoutSteering:
             self.fd, self.prog_id = obj.prog_fd(FANOUT_PROG)
         try:
             self.maps = load_object(FANOUT_OBJECT, client_set_sizes(max_services, max_dests),
-                                    (*CLIENT_SETS, "conf"), attach)
+                                    (*CLIENT_SETS, STEER_MASK, "conf"), attach)
         except (OSError, KeyError, ValueError) as e:
             raise OSError(f"the eBPF fanout program: {_why(e)}") from None
         self._sets = ClientSets(self.maps)

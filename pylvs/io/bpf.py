@@ -260,9 +260,21 @@ def _match(a: _Asm, keys: list[Key], addr_off: int, port_off: int, tag: str, nxt
         for proto in sorted(by_addr[addr]):
             a.label(f"{tag}a{addr}p{proto}")
             a.op(LD | H | IND, port_off)
-            for port in sorted(by_addr[addr][proto]):
-                a.if_eq(port, "accept")
+            _port_tests(a, by_addr[addr][proto], "accept")
             a.jump(nxt)
+
+
+def _port_tests(a: _Asm, ports: set[int], hit: str) -> None:
+    """Jump to `hit` when A is one of `ports`; port 0 (a port-0 service, or
+    a dest given port 0 under one: the kernel's ip_vs_service_find falls
+    back to it for every port) matches any. Two instructions a port, as
+    `_match_len` counts, the port-0 ones an unconditional jump."""
+    for port in sorted(ports):
+        if port == 0:
+            a.jump(hit)
+            a.jump(hit)
+        else:
+            a.if_eq(port, hit)
 
 
 def _match_addr(a: _Asm, addrs: list[int], off: int, nxt: str) -> None:
@@ -514,7 +526,22 @@ def _addr_set(packed: np.ndarray) -> np.ndarray:
     return _distinct((packed >> _U(16)) & _U(0xFFFFFFFF))
 
 
-_FANOUT_HEAD_LEN = 63  # everything but the two matches (tests/test_fanout.py checks it)
+_FANOUT_HEAD_LEN = 64  # everything but the two matches (tests/test_fanout.py checks it)
+
+
+def client_mask(services) -> int:
+    """The mask every steering rule ANDs the client address with before
+    mixing it (host order): the AND of the -M netmasks of the persistent
+    services of a published SERVICE_DTYPE table, so that all clients one
+    template covers (caddr & netmask) reach the worker holding it; /32
+    when no service is persistent (and for key lists, which carry no
+    persistence)."""
+    if not isinstance(services, np.ndarray):
+        return 0xFFFFFFFF
+    rows = services[((services["flags"] & tables.SVC_F_USED) != 0) & (services["timeout"] > 0)]
+    if not rows.size:
+        return 0xFFFFFFFF
+    return int(np.bitwise_and.reduce(rows["netmask"].astype(np.uint32)))
 
 
 def _fanout_mode(svc: np.ndarray, frm: np.ndarray) -> str:
@@ -551,8 +578,7 @@ def _mem_match(a: _Asm, packed: np.ndarray, mode: str, addr_m: int, port_m: int,
         for proto in sorted(by_addr[addr]):
             a.label(f"{tag}a{addr}p{proto}")
             a.op(LD | MEM, port_m)
-            for port in sorted(by_addr[addr][proto]):
-                a.if_eq(port, hit)
+            _port_tests(a, by_addr[addr][proto], hit)
             a.jump(miss)
 
 
@@ -569,13 +595,16 @@ def fanout_program(services, dests, *, lanes: tuple[int, int] | None = None) -> 
       for TCP/UDP, else 0): saddr when (proto, daddr, dport) is a service
       (client to VIP); else daddr when (proto, saddr, sport) is a service
       or a dest whose replies pass the director (a NAT reply, or a quoted
-      reply from the VIP); else saddr.
+      reply from the VIP); else saddr. A key of port 0 (a port-0 service,
+      a dest given port 0 under one) matches every port.
 
     The kernel runs it on the IP packet (fanout demux sees the skb at its
     network header, unlike socket filters): offsets are from the IP header
     and the ethertype comes from SKF_AD_PROTOCOL. A load beyond the packet
     ends the program with 0, as in the kernel.
-    Returned: `fanout_mix(client)`; the kernel takes it modulo the group's
+    Returned: `fanout_mix(client & client_mask(services))` (the mask
+    keeps every client of one persistence template on one worker); the
+    kernel takes it modulo the group's
     member count. With ``lanes=(workers, lane)`` (the adaptive ring: each
     worker has two members, its V3 ring then its V2 lane, af_packet.c
     numbering members in join order), the member itself:
@@ -649,6 +678,7 @@ def fanout_program(services, dests, *, lanes: tuple[int, int] | None = None) -> 
     a.label("saddr")
     a.op(LD | MEM, _M_SADDR)
     a.label("mix")
+    a.op(ALU | AND | K, client_mask(services))
     a.op(ALU | MUL | K, FANOUT_MIX)
     a.op(ALU | RSH | K, 16)
     if lanes is not None:
@@ -695,9 +725,9 @@ def _client_of(frame: bytes, base: int, svc: set, frm: set, svc_a: set, frm_a: s
         return saddr
     if mode == FANOUT_ADDRS:
         return saddr if daddr in svc_a else daddr if saddr in frm_a else saddr
-    if (proto, daddr, dport) in svc:
+    if (proto, daddr, dport) in svc or (proto, daddr, 0) in svc:
         return saddr
-    return daddr if (proto, saddr, sport) in frm else saddr
+    return daddr if (proto, saddr, sport) in frm or (proto, saddr, 0) in frm else saddr
 
 
 def steer_index(frame: bytes, workers: int, services, dests,
@@ -734,4 +764,4 @@ def steer_index(frame: bytes, workers: int, services, dests,
                 if base >= len(frame):
                     return 0
     client = _client_of(frame, base, svc, frm, svc_a, frm_a, mode)
-    return 0 if client is None else fanout_mix(client) % workers
+    return 0 if client is None else fanout_mix(client & client_mask(services)) % workers

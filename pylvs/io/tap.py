@@ -61,8 +61,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import _fast
-from ..control.steering import (CLIENT_SETS, ClientSets, _why, client_set_sizes,
-                                load_object)
+from ..control.steering import (CLIENT_SETS, STEER_MASK, ClientSets, _why,
+                                client_set_sizes, load_object)
 from ..engine import tables
 from . import Port
 from .taphost import Iface, TapHost, vips_of
@@ -357,7 +357,7 @@ class TapSteering:
                 self.fds.append(fd)
         try:
             self.maps = load_object(BPF_OBJECT, client_set_sizes(max_services, max_dests),
-                                    CLIENT_SETS, attach)
+                                    (*CLIENT_SETS, STEER_MASK), attach)
         except (OSError, KeyError, ValueError) as e:
             self.close()
             raise OSError(f"TAP queue steering: {_why(e)}") from None

@@ -68,7 +68,7 @@ import numpy as np
 from .. import _fast
 from ..engine import tables
 from . import CopyLoop, Port, bpf, open_workers
-from ..control.steering import SETS, _why, sets_of, sync_sets
+from ..control.steering import SETS, STEER_MASK, _why, sets_of, sync_sets, write_mask
 
 log = logging.getLogger("pylvs")
 
@@ -231,7 +231,7 @@ class XdpBackend(CopyLoop):
                 remove_stale(p.ifindex, p.name)
             obj = _bpf.Object(str(BPF_OBJECT), sizes)
             self.maps = {n: obj.map(n) for n in (*self._current, "ports", "xsks", "steer",
-                                                 "counters")}
+                                                 "counters", STEER_MASK)}
             self._set_plan(bpf.FANOUT_FULL)
             for p in self.xdp_ports:
                 self.maps["ports"].update(struct.pack("I", p.ifindex),
@@ -390,6 +390,7 @@ class XdpBackend(CopyLoop):
         g = self.group
         with g._lock:
             sync_sets(g.maps, g._current, sets_of(services, dests, local_addrs))
+            write_mask(g.maps, services)
             if g.workers > 1:
                 g._set_plan(self.taps.steer_plan(services, dests))
 

@@ -368,7 +368,7 @@ def sched(s, c, p):
     return -1
 engine = new_engine("c", 64, counters=counters, schedule=sched)
 svc = tables.empty_services(1)
-svc[0] = (ip("10.9.0.1"), 7, 17, 1)
+svc[0] = (ip("10.9.0.1"), 7, 17, 1, 0, 0)
 engine.set_tables(svc, tables.empty_dests(0))
 b = AfPacketBackend(["d0", "d1"])
 b.set_filter([(17, ip("10.9.0.1"), 7)], [])
@@ -407,7 +407,7 @@ def sched(s, c, p):
     return -1
 engine = new_engine("c", 4096, counters=counters, schedule=sched)
 svc = tables.empty_services(1)
-svc[0] = (ip("10.9.0.1"), 7, 17, 1)
+svc[0] = (ip("10.9.0.1"), 7, 17, 1, 0, 0)
 engine.set_tables(svc, tables.empty_dests(0))
 vals = tables.default_sysctls()
 vals[tables.SYSCTL_INDEX["upcall_share"]] = 0

@@ -127,7 +127,7 @@ def test_an_engine_reply_reaches_the_client(trio, impl):
 from pylvs.control.steering import open_steering
 from pylvs.engine import new_engine
 svc = tables.empty_services(1)
-svc[0] = (ip("10.9.0.1"), 7, 17, tables.SVC_F_USED)
+svc[0] = (ip("10.9.0.1"), 7, 17, tables.SVC_F_USED, 0, 0)
 dests = tables.empty_dests(1)
 engine = new_engine({impl!r}, 1024, counters=tables.Counters(), schedule=lambda s, c, p: -1)
 engine.set_tables(svc, dests)
