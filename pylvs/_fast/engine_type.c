@@ -9,7 +9,8 @@
 #include <math.h>
 
 /* tables.SYSCTL_DEFAULTS */
-static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50, 1000, 50, 0};
+static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50, 1000, 50,
+                                                     0, 0, 1, 0, 0, 0, 1024, 10, 0};
 
 static PyTypeObject EngineType;
 
@@ -245,6 +246,7 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->ip_id = (uint16_t)k0;
     for (int i = 0; i < SYS__COUNT; i++)
         self->sysctl[i] = sysctl_defaults[i];
+    self->ops_slot = NO_SLOT;
     if (load_transitions(self, transitions) < 0 || load_timeouts(self, timeouts) < 0 ||
         load_counters(self, counters) < 0)
         goto fail;
@@ -530,6 +532,48 @@ static PyObject *engine_set_timeouts(PylvsEngine *self, PyObject *arg)
     if (refuse_if_busy(self) < 0 || load_timeouts(self, arg) < 0)
         return NULL;
     Py_RETURN_NONE;
+}
+
+/* --- defence (docs/engine.md, "Defence"): what control decides each second */
+
+static PyObject *engine_set_transitions(PylvsEngine *self, PyObject *arg)
+{
+    if (refuse_if_busy(self) < 0 || load_transitions(self, arg) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_set_drop_rate(PylvsEngine *self, PyObject *args)
+{
+    long long rate, counter = -1;
+    if (!PyArg_ParseTuple(args, "L|L:set_drop_rate", &rate, &counter))
+        return NULL;
+    if (rate < 0) {
+        PyErr_SetString(PyExc_ValueError, "drop rate must not be negative");
+        return NULL;
+    }
+    self->drop_rate = rate;
+    if (counter >= 0)
+        self->drop_counter = counter;
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_expire_nodest(PylvsEngine *self, PyObject *unused)
+{
+    (void)unused;
+    if (refuse_if_busy(self) < 0)
+        return NULL;
+    return PyLong_FromLong(conn_expire_nodest(self));
+}
+
+static PyObject *engine_drop_entries(PylvsEngine *self, PyObject *args)
+{
+    double now;
+    if (!PyArg_ParseTuple(args, "d:drop_entries", &now))
+        return NULL;
+    if (refuse_if_busy(self) < 0)
+        return NULL;
+    return PyLong_FromLong(conn_drop_entries(self, now));
 }
 
 /* Copy a checked table's rows, for the engine to own. */
@@ -928,6 +972,10 @@ LOCKED(engine_set_ports)
 LOCKED(engine_set_routes)
 LOCKED(engine_set_sysctls)
 LOCKED(engine_set_timeouts)
+LOCKED(engine_set_transitions)
+LOCKED(engine_set_drop_rate)
+LOCKED(engine_drop_entries)
+LOCKED(engine_expire_nodest)
 LOCKED(engine_process)
 LOCKED(engine_expire)
 LOCKED_READ(engine_conns)
@@ -945,6 +993,17 @@ static PyMethodDef engine_methods[] = {
      "set_sysctls(values): int64[N_SYSCTL] as tables.SYSCTL_NAMES"},
     {"set_timeouts", (PyCFunction)engine_set_timeouts_locked, METH_O,
      "set_timeouts(timeouts): float64[12] seconds per state (UDP last)."},
+    {"set_transitions", (PyCFunction)engine_set_transitions_locked, METH_O,
+     "set_transitions(t): uint8[3, 4, 11], the TCP state table (states.TRANSITIONS or\n"
+     "TRANSITIONS_DOS while secure_tcp is on)."},
+    {"set_drop_rate", (PyCFunction)engine_set_drop_rate_locked, METH_VARARGS,
+     "set_drop_rate(rate, counter=-1): drop_packet drops 1 in rate new-flow packets (0: none);\n"
+     "counter >= 0 restarts the countdown (the kernel's drop_counter)."},
+    {"expire_nodest", (PyCFunction)engine_expire_nodest_locked, METH_NOARGS,
+     "expire_nodest() -> int: expire every conn whose dest is gone (expire_nodest_conn's\n"
+     "flush after a dest is deleted)."},
+    {"drop_entries", (PyCFunction)engine_drop_entries_locked, METH_VARARGS,
+     "drop_entries(now) -> int: drop_entry's random scan of 1/32 of the table (conns_dropped)."},
     {"process", (PyCFunction)engine_process_locked, METH_VARARGS,
      "process(batch, now) -> int: handle batch.count frames in place; returns the V_TX count."},
     {"expire", (PyCFunction)engine_expire_locked, METH_VARARGS,

@@ -26,6 +26,7 @@
 /* --- layouts shared with pylvs/engine/tables.py and states.py ------------ */
 
 #define SVC_F_USED 1
+#define SVC_F_ONE_PACKET 4 /* -o: the kernel's IP_VS_SVC_F_ONEPACKET */
 #define DEST_F_USED 1
 #define DEST_F_RESOLVED 2
 #define DEST_F_NO_ROUTE 4
@@ -44,9 +45,11 @@
 #define N_TIMEOUTS (N_TCP_STATES + 1)
 #define S_NONE 0
 #define S_ESTABLISHED 1
+#define S_SYN_RECV 3
 #define S_FIN_WAIT 4 /* states.*, the kernel's numbering */
 #define S_TIME_WAIT 5
 #define S_CLOSE 6
+#define S_SYNACK 10
 #define DIR_INPUT 0
 #define DIR_OUTPUT 1
 #define DIR_INPUT_ONLY 2
@@ -129,6 +132,7 @@ struct conn {
     uint32_t caddr, vaddr, daddr;
     uint16_t cport, vport, dport;
     uint8_t proto, state;
+    uint8_t in_pkts; /* client packets, saturating at 255 (drop_entry's todrop_entry) */
     double expires;
     uint32_t dest;
     uint16_t svc;
@@ -319,6 +323,15 @@ struct pylvs_engine {
     int pressure;
     double upcall_cost;
     struct rate_bucket upcall;
+
+    /* Defence (docs/engine.md, "Defence"), set by control once a second as
+     * the kernel's defense_work: drop_packet's rate and countdown
+     * (ip_vs_todrop), drop_entry's per-in_pkts countdowns (todrop_entry). */
+    int64_t drop_rate, drop_counter;
+    int8_t todrop_counter[9];
+    /* A one-packet (-o) conn made by the frame being processed: removed once
+     * the frame is done (the kernel's ip_vs_conn_put of an OPS conn). */
+    uint32_t ops_slot;
 };
 
 /* The upcall limit's bucket holds this many seconds of `now` at the share:
@@ -506,10 +519,18 @@ int64_t conn_victim(PylvsEngine *e, double now);
  * `victim` (from conn_victim, same `now`) is removed first. Grows the slab
  * and the index as needed. NO_SLOT when memory runs out. */
 uint32_t conn_alloc(PylvsEngine *e, int64_t victim, double now);
+/* drop_entry: the kernel's ip_vs_random_dropentry over ceil(high / 32)
+ * random slots; returns the conns removed (conns_dropped). */
+long conn_drop_entries(PylvsEngine *e, double now);
 /* Verify the index against the slab: 0, or -1 with AssertionError set. */
 int conn_table_check(PylvsEngine *e);
 
 /* --- ip_vs_core.c -------------------------------------------------------- */
+
+/* expire_nodest_conn's flush (the kernel's ip_vs_expire_nodest_conn_flush,
+ * queued when a dest is deleted): every conn whose dest is gone is
+ * expired; returns how many. */
+long conn_expire_nodest(PylvsEngine *e);
 
 /* Run the frames of one pylvs_engine_run (engine.h) through the
  * pipeline; lens[i] are their lengths (within their buffers). Returns the

@@ -365,6 +365,55 @@ static int tpl_check(PylvsEngine *self)
     return 0;
 }
 
+/* The kernel's todrop_entry: a conn whose last packet is less than 60 s old
+ * stays (now + its state's timeout < expires + 60), so does one with no
+ * or more than 8 client packets; of those with i (1..8), every i-th met
+ * goes, the first at once (one countdown per i, kept across calls). */
+static int todrop_entry(PylvsEngine *e, const struct conn *c, double now)
+{
+    if (now + e->timeouts[c->state] < c->expires + 60.0)
+        return 0;
+    uint8_t i = c->in_pkts;
+    if (i == 0 || i > 8)
+        return 0;
+    if (--e->todrop_counter[i] > 0)
+        return 0;
+    e->todrop_counter[i] = (int8_t)i;
+    return 1;
+}
+
+long conn_drop_entries(PylvsEngine *e, double now)
+{
+    /* The kernel scans 1/32 of its hash buckets at random each second:
+     * each conn is looked at with chance 1/32. Here a slot of [0, high) is
+     * drawn ceil(high / 32) times (e->rng, as eviction); free slots and
+     * dead conns (expiry's business) are passed over. Half-open TCP
+     * (SYN_RECV, SYNACK) goes at once; ESTABLISHED TCP and every UDP conn
+     * as todrop_entry says; other TCP states stay. */
+    uint32_t high = e->high;
+    uint32_t draws = (uint32_t)(((uint64_t)high + 31) >> 5);
+    long dropped = 0;
+    for (uint32_t n = 0; n < draws; n++) {
+        uint32_t slot = (uint32_t)(((rng_next(e) >> 32) * (uint64_t)high) >> 32);
+        const struct conn *c = &e->conns[slot];
+        /* Templates stay (ip_vs_random_dropentry passes over them): their
+         * clients would lose persistence, and they hold no state to free. */
+        if (!c->used || c->expires <= now || (c->flags & CONN_F_TEMPLATE))
+            continue;
+        int drop;
+        if (c->proto == PROTO_TCP)
+            drop = c->state == S_SYN_RECV || c->state == S_SYNACK ||
+                   (c->state == S_ESTABLISHED && todrop_entry(e, c, now));
+        else
+            drop = todrop_entry(e, c, now);
+        if (drop) {
+            conn_remove(e, slot, ST_CONNS_DROPPED);
+            dropped++;
+        }
+    }
+    return dropped;
+}
+
 /* For tests (Engine._check): every used slot indexed under its keys (IN, and
  * OUT for NAT conns) and
  * found by a lookup, nothing else indexed, no entry cut off from its home

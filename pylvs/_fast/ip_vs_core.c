@@ -44,6 +44,8 @@ HOT void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8_t tcpflag
     c->expires = now + e->timeouts[new_];
     if (dir == DIR_OUTPUT)
         c->replied = 1;
+    else if (c->in_pkts < 255)
+        c->in_pkts++;
     /* ip_vs_control_assure_ct: TCP on reaching ESTABLISHED, UDP on a reply. */
     if (c->control != 0 &&
         (c->proto == PROTO_TCP ? new_ == S_ESTABLISHED && old != S_ESTABLISHED : dir == DIR_OUTPUT))
@@ -91,6 +93,60 @@ HOT const dest_row *conn_dest(const PylvsEngine *e, const struct conn *c)
         return NULL;
     const dest_row *dest = &e->dests[c->dest];
     return (dest->flags & DEST_F_USED) && dest->svc == c->svc ? dest : NULL;
+}
+
+/* ip_vs.h; a scan of every slot, as the kernel's flush walks its table. A
+ * template that still controls conns is passed over and goes with the last
+ * of them (ip_vs_expire_nodest_conn_flush), so no conn names a freed slot. */
+long conn_expire_nodest(PylvsEngine *e)
+{
+    long n = 0;
+    for (uint32_t slot = 0; slot < e->high; slot++) {
+        const struct conn *c = &e->conns[slot];
+        if (!c->used || conn_dest(e, c) != NULL)
+            continue;
+        if ((c->flags & CONN_F_TEMPLATE) && c->control != 0)
+            continue;
+        uint32_t tpl = (c->flags & CONN_F_TEMPLATE) ? 0 : c->control;
+        conn_remove(e, slot, ST_CONNS_EXPIRED);
+        n++;
+        if (tpl != 0 && e->conns[tpl - 1].control == 0 && tpl - 1 < slot) {
+            conn_remove(e, tpl - 1, ST_CONNS_EXPIRED);
+            n++;
+        }
+    }
+    return n;
+}
+
+/* May a TCP segment that matches no conn make one (step 9)? A SYN without
+ * ACK or RST; with sloppy_tcp any segment but a RST, as the kernel's
+ * tcp_conn_schedule, so a director taking over running flows (after a
+ * failover) serves them from their next segment. */
+HOT int tcp_may_open(const PylvsEngine *e, uint8_t tcpflags)
+{
+    if (tcpflags & TH_RST)
+        return 0;
+    return e->sysctl[SYS_SLOPPY_TCP] || (tcpflags & (TH_SYN | TH_ACK)) == TH_SYN;
+}
+
+/* drop_packet (the kernel's ip_vs_todrop): with a rate set by control, one
+ * in every `drop_rate` new-flow packets is dropped. */
+static int defense_todrop(PylvsEngine *e)
+{
+    if (--e->drop_counter > 0)
+        return 0;
+    e->drop_counter = e->drop_rate;
+    return 1;
+}
+
+/* A one-packet conn made by the frame just processed leaves the table now,
+ * as the kernel's ip_vs_conn_put expires an OPS conn at once. */
+static __attribute__((noinline)) void ops_done(PylvsEngine *e)
+{
+    uint32_t slot = e->ops_slot;
+    e->ops_slot = NO_SLOT;
+    if (e->conns[slot].used)
+        conn_remove(e, slot, ST_CONNS_EXPIRED);
 }
 
 /* A segment that would open a conn on a miss (step 8): the kernel's
@@ -453,6 +509,7 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     /* Replies of DR/Tun conns bypass the director: the kernel marks them
      * IP_VS_CONN_F_NOOUTPUT, and their client packets use INPUT_ONLY. */
     c->in_dir = xmit == XMIT_NAT ? DIR_INPUT : DIR_INPUT_ONLY;
+    c->in_pkts = 0;
     c->used = 1;
     persist_bind(e, c, ct);
     index_insert(e, h, slot, KEY_IN);
@@ -881,18 +938,90 @@ static inline uint16_t gue_sport(const struct conn *c)
     return (uint16_t)(32768u + h % 28232u);
 }
 
+/* The size of the largest outer packet a frame makes in the tunnel `t`:
+ * for a GSO frame one segment (headers + gso_size), else the packet. */
+static uint32_t tun_outer_size(const uint8_t *frame, const uint8_t *ip, uint32_t ihl,
+                               uint32_t tot, uint8_t proto, const struct pylvs_tun *t)
+{
+    uint32_t size = tot;
+    if ((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0) {
+        uint32_t gso_size = (uint32_t)frame[4] | (uint32_t)frame[5] << 8;
+        const uint8_t *l4 = ip + ihl;
+        uint32_t hdr = ihl + (proto == PROTO_TCP ? (uint32_t)(l4[12] >> 4) * 4 : 8);
+        if (gso_size && hdr + gso_size < tot)
+            size = hdr + gso_size;
+    }
+    return size + pylvs_tun_overhead(t->type);
+}
+
+/* pmtu_disc 0 (the kernel's ip_vs_tunnel_xmit with df 0): the packet, or
+ * each GSO segment, is encapsulated whole with the outer DF clear, and an
+ * outer packet bigger than `outer_mtu` (the path's) is cut into IP
+ * fragments of the outer packet, as the kernel's ip_fragment after the
+ * tunnel: the real server reassembles the outer packet. All or nothing:
+ * the frames emitted, or 0; *ids gets the outer packets made (each takes
+ * an IP ID, its fragments share it). */
+static uint32_t tun_outer(PylvsEngine *e, struct pylvs_emit *em, uint16_t egress,
+                          const uint8_t *eth_out, uint8_t *frame, uint8_t *ip, uint32_t ihl,
+                          uint32_t tot, uint8_t proto, const struct pylvs_tun *t,
+                          uint32_t outer_mtu, uint32_t *ids)
+{
+    if (em == NULL ||
+        (e->scratch == NULL && (e->scratch = PyMem_RawMalloc(SCRATCH_BYTES)) == NULL))
+        return 0;
+    uint32_t off[TUN_FRAG_MAX], len[TUN_FRAG_MAX];
+    uint16_t port[TUN_FRAG_MAX];
+    struct pylvs_emit outer = {.buf = e->scratch, .cap = SCRATCH_BYTES, .max = TUN_FRAG_MAX,
+                               .off = off, .len = len, .port = port};
+    uint32_t k;
+    if ((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0) {
+        k = pylvs_gso_segments(&outer, egress, eth_out, frame, ip, tot, t, e->ip_id);
+    } else {
+        if (frame[0] & VNET_F_NEEDS_CSUM)
+            csum_complete(e, frame, ip, ip + ihl, tot - ihl, proto);
+        k = pylvs_tun_encap(&outer, egress, eth_out, ip, tot, t, e->ip_id) ? 1 : 0;
+    }
+    uint32_t saved_n = em->n, saved_used = em->used, frags = 0;
+    const uint32_t hdr = PYLVS_VNET_HDR_LEN + 14;
+    for (uint32_t i = 0; i < k; i++) {
+        const uint8_t *f = outer.buf + off[i];
+        uint32_t olen = len[i] - hdr;
+        if (olen <= outer_mtu) {
+            uint8_t *d = pylvs_emit_reserve(em, len[i], egress);
+            if (d == NULL)
+                goto undo;
+            memcpy(d, f, len[i]);
+            continue;
+        }
+        uint32_t m = pylvs_ip_fragment(em, egress, eth_out, f + hdr, olen, outer_mtu);
+        if (m == 0)
+            goto undo;
+        frags += m;
+    }
+    if (k == 0)
+        return 0;
+    e->stats[ST_FRAG_OUT] += frags;
+    *ids = k;
+    return em->n - saved_n;
+undo:
+    em->n = saved_n;
+    em->used = saved_used;
+    return 0;
+}
+
 /* VS-Tun (the kernel's ip_vs_tunnel_xmit): the packet (TTL already
  * decremented) leaves encapsulated, IPIP or GUE, from the egress port's
  * address to the RIP; a GSO frame is cut into segments first (no virtio GSO
  * type describes IPIP), a partial checksum completed, a too-big packet with
  * DF clear cut into IP fragments that are encapsulated one by one (so the
  * real server reassembles the inner packet, not the tunnel's) when
- * frag_mtu (the fragments' MTU) is not 0. Everything goes to the emit
- * area: V_EMIT, tx_tunneled. */
+ * frag_mtu (the fragments' MTU) is not 0; with outer_mtu not 0 (pmtu_disc
+ * 0), the outer packets are cut to it instead (tun_outer). Everything goes
+ * to the emit area: V_EMIT, tx_tunneled. */
 static __attribute__((noinline)) int
 tun_xmit(PylvsEngine *e, struct pylvs_emit *em, const struct conn *c, const dest_row *dest,
          uint8_t *frame, uint8_t *ip, uint32_t ihl, uint32_t tot, uint8_t proto,
-         uint32_t frag_mtu)
+         uint32_t frag_mtu, uint32_t outer_mtu)
 {
     uint8_t eth_out[14];
     memcpy(eth_out, dest->dmac, 6);
@@ -907,9 +1036,13 @@ tun_xmit(PylvsEngine *e, struct pylvs_emit *em, const struct conn *c, const dest
         .dport = dest->tun_port,
         .saddr = p != NULL && p->addr ? p->addr : c->vaddr,
         .daddr = c->daddr,
+        .nodf = e->sysctl[SYS_PMTU_DISC] == 0,
     };
-    uint32_t n;
-    if ((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0) {
+    uint32_t n, ids = 0;
+    if (outer_mtu != 0 && tun_outer_size(frame, ip, ihl, tot, proto, &t) > outer_mtu) {
+        n = tun_outer(e, em, dest->out_port, eth_out, frame, ip, ihl, tot, proto, &t, outer_mtu,
+                      &ids);
+    } else if ((frame[0] & VNET_F_NEEDS_CSUM) && frame[1] != 0) {
         n = pylvs_gso_segments(em, dest->out_port, eth_out, frame, ip, tot, &t, e->ip_id);
     } else {
         if (frame[0] & VNET_F_NEEDS_CSUM)
@@ -919,7 +1052,7 @@ tun_xmit(PylvsEngine *e, struct pylvs_emit *em, const struct conn *c, const dest
     }
     if (n == 0)
         return finish(e, ST_EMIT_OVERFLOW, PYLVS_V_DROP);
-    e->ip_id = (uint16_t)(e->ip_id + n);
+    e->ip_id = (uint16_t)(e->ip_id + (ids ? ids : n));
     e->stats[ST_EMIT_FRAMES] += n;
     return finish(e, ST_TX_TUNNELED, PYLVS_V_EMIT);
 }
@@ -1102,7 +1235,7 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
         if (c->xmit == XMIT_TUN) {
             /* Through the tunnel, as the conn's packets (ip_vs_icmp_xmit). */
             e->stats[ST_ICMP_FORWARDED]++;
-            return tun_xmit(e, em, c, dest, frame, ip, ihl, tot, PROTO_ICMP, 0);
+            return tun_xmit(e, em, c, dest, frame, ip, ihl, tot, PROTO_ICMP, 0, 0);
         }
         memcpy(eth, dest->dmac, 6);
         memcpy(eth + 6, dest->smac, 6);
@@ -1121,6 +1254,34 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
     }
     e->stats[ST_ICMP_FORWARDED]++;
     return finish(e, ST_TX_FRAMES, PYLVS_V_TX);
+}
+
+/* nat_icmp_send (the kernel's ip_vs_out, ip_vs_has_real_service): a packet
+ * from a NAT real server (saddr:sport is a used FWD_MASQ dest of a service
+ * of this protocol) that matches no conn is dropped and answered with ICMP
+ * port unreachable from the in port's address, unless it is a TCP RST.
+ * Returns the verdict, or -1 when the rule does not apply. The dest table
+ * is scanned (the kernel hashes its real servers for this): only while the
+ * sysctl is set, and only for frames that no conn and no service claim. */
+static __attribute__((noinline)) int
+rs_no_conn(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_t *ip,
+           uint32_t tot, uint8_t proto, uint8_t tcpflags, uint32_t saddr, uint16_t sport,
+           uint16_t in_port, double now)
+{
+    if (proto == PROTO_TCP && (tcpflags & TH_RST))
+        return -1;
+    for (uint32_t d = 0; d < e->ndests; d++) {
+        const dest_row *r = &e->dests[d];
+        if (!(r->flags & DEST_F_USED) || r->fwd != FWD_MASQ || r->daddr != saddr ||
+            r->dport != sport || r->svc >= e->nservices || e->services[r->svc].proto != proto)
+            continue;
+        const port_row *p = pylvs_port(&e->net, in_port);
+        if (p != NULL && p->addr)
+            send_icmp(e, em, eth, ip, tot, in_port, now, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0,
+                      p->addr);
+        return finish(e, ST_DROP_RS_NO_CONN, PYLVS_V_DROP);
+    }
+    return -1;
 }
 
 /* A frame no conn and no service claims: is it a VS-DR/Tun real server's
@@ -1223,19 +1384,27 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
 
     if (c == NULL) {
         int s = find_service(e, proto, daddr, dport);
-        if (s < 0)
+        if (s < 0) {
+            if (__builtin_expect(e->sysctl[SYS_NAT_ICMP_SEND] != 0, 0)) {
+                int v = rs_no_conn(e, em, eth, ip, tot, proto, tcpflags, saddr, sport, in_port,
+                                   now);
+                if (v >= 0)
+                    return v;
+            }
             return local_reply(e, proto, saddr, sport, daddr, dport, tot, in_port, now,
                                out_port);
+        }
         int m = pylvs_martian(&e->net, saddr, in_port);
         if (m >= 0)
             return finish(e, m, PYLVS_V_DROP);
-        if (proto == PROTO_TCP &&
-            (!(tcpflags & TH_SYN) || (tcpflags & (TH_ACK | TH_RST)))) {
+        if (proto == PROTO_TCP && !tcp_may_open(e, tcpflags)) {
             /* Only a SYN makes a conn; the rest get the kernel stack's RST. */
             if (!(tcpflags & TH_RST))
                 send_rst(e, em, eth, ip, ihl, tot, in_port, now);
             return finish(e, ST_DROP_NO_CONN, PYLVS_V_DROP);
         }
+        if (__builtin_expect(e->drop_rate != 0, 0) && defense_todrop(e))
+            return finish(e, ST_DROP_DEFENSE, PYLVS_V_DROP);
         int verdict, why;
         c = conn_new(e, s, proto, saddr, sport, daddr, dport, h, eth, in_port, now, &verdict,
                      &why);
@@ -1245,6 +1414,8 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
                           0, daddr);
             return verdict;
         }
+        if ((e->services[s].flags & SVC_F_ONE_PACKET) && proto == PROTO_UDP)
+            e->ops_slot = (uint32_t)(c - e->conns);
         dir = KEY_IN;
     }
 
@@ -1278,15 +1449,21 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
                 ? egress_mtu(e, dest->out_port, pylvs_tun_overhead(dest->tun_type),
                              pmtu_get(e, c->daddr, now))
                 : egress_mtu(e, dest->out_port, 0, 0);
-        int mtu = mtu_check(e, em, frame, eth, ip, ihl, tot, proto, path_mtu, in_port, daddr,
-                            now);
+        /* pmtu_disc 0: a tunnelled packet is never refused for its size
+         * (ensure_mtu_is_adequate); the outer packet is fragmented instead. */
+        int nodf = c->xmit == XMIT_TUN && e->sysctl[SYS_PMTU_DISC] == 0;
+        int mtu = nodf ? MTU_FITS
+                       : mtu_check(e, em, frame, eth, ip, ihl, tot, proto, path_mtu, in_port,
+                                   daddr, now);
         if (__builtin_expect(mtu >= 0, 0)) {
             pylvs_wr32(ip + 8, ttl_word);
             return finish(e, mtu, PYLVS_V_DROP);
         }
         if (c->xmit == XMIT_TUN)
             return tun_xmit(e, em, c, dest, frame, ip, ihl, tot, proto,
-                            mtu == MTU_FRAGMENT ? path_mtu : 0);
+                            mtu == MTU_FRAGMENT ? path_mtu : 0,
+                            nodf ? egress_mtu(e, dest->out_port, 0, pmtu_get(e, c->daddr, now))
+                                 : 0);
         if (c->xmit == XMIT_NAT)
             *out_port = nat_xmit_in(e, c, dest, frame, eth, ip, l4, l4len, proto, daddr, dport, 0);
         else
@@ -1319,7 +1496,10 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
 int pylvs_engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port,
                        double now, uint16_t *out_port, struct pylvs_emit *em)
 {
-    return engine_frame(e, frame, len, in_port, now, out_port, NULL, em);
+    int v = engine_frame(e, frame, len, in_port, now, out_port, NULL, em);
+    if (__builtin_expect(e->ops_slot != NO_SLOT, 0))
+        ops_done(e);
+    return v;
 }
 
 
@@ -1402,6 +1582,8 @@ int pylvs_engine_run(PylvsEngine *e, uint8_t *const *frames, const uint32_t *len
         uint16_t op = 0;
         int v = engine_frame(e, frames[i], lens[i], ports[i], now, &op,
                              i < stale ? NULL : &pk[i], em);
+        if (__builtin_expect(e->ops_slot != NO_SLOT, 0))
+            ops_done(e);
         if (__builtin_expect(e->upcalls != upcalls, 0)) {
             upcalls = e->upcalls;
             stale = parsed;

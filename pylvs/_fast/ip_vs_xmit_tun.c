@@ -88,7 +88,7 @@ static void tun_headers(uint8_t *f, const uint8_t *eth_out, const struct pylvs_t
     o[1] = in[1];
     pylvs_wr16(o + 2, (uint16_t)(ovh + inner_len));
     pylvs_wr16(o + 4, ip_id);
-    pylvs_wr16(o + 6, pylvs_rd16(in + 6) & IP_DF);
+    pylvs_wr16(o + 6, t->nodf ? 0 : pylvs_rd16(in + 6) & IP_DF);
     o[8] = in[8];
     o[9] = t->type == PYLVS_TUN_GUE ? PROTO_UDP : PYLVS_IPPROTO_IPIP;
     pylvs_wr32(o + 12, t->saddr);
@@ -274,22 +274,23 @@ int pylvs_csum_complete(uint8_t *vnet, uint8_t *ip, uint32_t ip_len)
 
 /* --- test hooks ----------------------------------------------------------- */
 
-/* A Python (type, csum, sport, dport, saddr, daddr) tuple, as
+/* A Python (type, csum, sport, dport, saddr, daddr[, nodf]) tuple, as
  * pylvs.engine.tunnel.Tun, into *t; -1 with TypeError otherwise. */
 static int tun_from_tuple(PyObject *o, struct pylvs_tun *t)
 {
-    unsigned char type, csum;
+    unsigned char type, csum, nodf = 0;
     unsigned short sport, dport;
     unsigned long saddr, daddr;
-    if (!PyTuple_Check(o) ||
-        !PyArg_ParseTuple(o, "bbHHkk", &type, &csum, &sport, &dport, &saddr, &daddr)) {
+    if (!PyTuple_Check(o) || !PyArg_ParseTuple(o, "bbHHkk|b", &type, &csum, &sport, &dport,
+                                               &saddr, &daddr, &nodf)) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_TypeError,
                             "tun must be (type, csum, sport, dport, saddr, daddr)");
         return -1;
     }
     *t = (struct pylvs_tun){.type = type, .csum = csum, .sport = sport, .dport = dport,
-                            .saddr = (uint32_t)saddr, .daddr = (uint32_t)daddr};
+                            .saddr = (uint32_t)saddr, .daddr = (uint32_t)daddr,
+                            .nodf = nodf};
     return 0;
 }
 

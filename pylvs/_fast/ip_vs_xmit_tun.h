@@ -36,6 +36,7 @@ struct pylvs_tun {
     uint8_t csum;            /* GUE: 1 = UDP checksum computed (--tun-csum), 0 = none */
     uint16_t sport, dport;   /* GUE: UDP source (a flow hash) and tun_port */
     uint32_t saddr, daddr;   /* outer: the egress port's address, the RIP */
+    uint8_t nodf;            /* 1: the outer DF is clear whatever the inner's (pmtu_disc 0) */
 };
 
 /* 20 (IPIP), 32 (GUE), or 0 for a type not built. */
@@ -48,7 +49,8 @@ uint32_t pylvs_tun_overhead(uint8_t type);
  * Emit on `port` the packet at `ip` encapsulated as the kernel's
  * ip_vs_tunnel_xmit does (and ipvs_gue_encap for GUE): zero vnet header,
  * the 14 bytes at eth_out, outer IPv4 (version 4, IHL 5, TOS = the inner
- * TOS byte, ID ip_id, DF copied from the inner header (pmtu_disc), MF and
+ * TOS byte, ID ip_id, DF copied from the inner header (clear with t->nodf:
+ * the kernel's pmtu_disc 0), MF and
  * offset 0, TTL = the inner TTL (already decremented by the caller),
  * protocol 4 (IPIP) or 17 (GUE), t->saddr -> t->daddr, header checksum);
  * GUE: UDP t->sport -> t->dport, length 12 + ip_len, checksum over the

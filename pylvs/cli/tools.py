@@ -99,12 +99,14 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
                 stderr: TextIO | None = None, client_factory=None) -> int:
     ap = argparse.ArgumentParser(
         prog="pylvs sysctl",
-        description="Read or set a running director's engine knobs: "
-                    "conn_reuse_mode and expire_nodest_conn as the kernel's net.ipv4.vs.*, "
-                    "icmp_msgs_per_sec and icmp_msgs_burst as net.ipv4.*, tcp_rst_per_sec "
-                    "and tcp_rst_burst pylvs's own (RSTs for segments that match no "
-                    "conn). No argument lists them all, NAME reads one, NAME=VALUE "
-                    "sets one; the settings of one command apply together or not at all.")
+        description="Read or set a running director's knobs: conn_reuse_mode, "
+                    "expire_nodest_conn, sloppy_tcp, nat_icmp_send, pmtu_disc, drop_entry, "
+                    "drop_packet, secure_tcp, amemthresh and am_droprate as the kernel's "
+                    "net.ipv4.vs.*, icmp_msgs_per_sec, icmp_msgs_burst and icmp_ratelimit "
+                    "as net.ipv4.*, tcp_rst_per_sec, tcp_rst_burst and upcall_share "
+                    "pylvs's own (README, the sysctl table). No argument lists them all, "
+                    "NAME reads one, NAME=VALUE sets one; the settings of one command "
+                    "apply together or not at all.")
     ap.add_argument("setting", nargs="*", metavar="NAME[=VALUE]")
     ap.add_argument("--json", action="store_true",
                     help="one JSON object (with the per-worker split)")

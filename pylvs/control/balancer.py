@@ -106,6 +106,12 @@ SYSCTL_RANGES = {
     "conn_reuse_mode": (0, 3),      # a bitmap of two bits (ip-sysctl / ipvs-sysctl.rst)
     "expire_nodest_conn": (0, 1),   # a boolean
     "upcall_share": (0, 100),       # a percentage (docs/engine.md, "Upcall limit")
+    "sloppy_tcp": (0, 1),
+    "nat_icmp_send": (0, 1),
+    "pmtu_disc": (0, 1),
+    "drop_entry": (0, 3),           # the kernel's proc_do_defense_mode: 0..3
+    "drop_packet": (0, 3),
+    "secure_tcp": (0, 3),
 }
 SYSCTL_RANGES.update({name: r[1:] for name, r in schedmod.SYSCTLS.items()})
 
@@ -640,6 +646,7 @@ class Balancer:
                 svc.scheduler.flags = frozenset(sched_flag_names(new_sched, bits))
             svc.sched_flags = bits
         svc.timeout, svc.netmask, svc.pe, svc.ops = timeout, mask, new_pe, new_ops
+        self._dirty_svc.add(svc.slot)
         self._changed()
         return svc.slot
 
@@ -907,7 +914,9 @@ class Balancer:
     def _write_svc(self, svcs: np.ndarray, slot: int) -> None:
         svc = self._svc_at.get(slot)
         if svc is not None:
-            svcs[slot] = (svc.vaddr, svc.vport, svc.proto, SVC_F_USED, svc.timeout, svc.netmask)
+            svcs[slot] = (svc.vaddr, svc.vport, svc.proto,
+                          SVC_F_USED | (tables.SVC_F_ONE_PACKET if svc.ops else 0),
+                          svc.timeout, svc.netmask)
         elif slot in self._svc_held:
             proto, vaddr, vport = self._svc_held[slot]
             svcs[slot] = (vaddr, vport, proto, SVC_F_USED, 0, NETMASK_ALL)
@@ -1115,7 +1124,7 @@ class Balancer:
 
     def _check_sysctl(self, name: Any, value: Any) -> tuple[str, int]:
         if not isinstance(name, str) or name not in self._sysctls:
-            raise BalancerError(f"unknown sysctl {quoted(name)} (known: {', '.join(SYSCTL_NAMES)})")
+            raise BalancerError(f"unknown sysctl {quoted(name)} (`pylvs sysctl` lists them all)")
         lo, hi = SYSCTL_RANGES.get(name, (0, INT_MAX))
         v = _strict_int(value)
         if v is None:

@@ -33,6 +33,7 @@ _ST = tables.STAT_INDEX
 CONNS_EXPIRED = _ST["conns_expired"]
 CONNS_EVICTED = _ST["conns_evicted"]
 CONNS_REUSED = _ST["conns_reused"]
+CONNS_DROPPED = _ST["conns_dropped"]
 
 MAX_LIMIT = 1 << 26
 CONN_BYTES = 64          # struct conn: one cache line
@@ -59,19 +60,21 @@ class Conn:
     __slots__ = ("proto", "caddr", "cport", "vaddr", "vport", "daddr", "dport",
                  "state", "expires", "fwd", "dest", "svc", "cmac", "lmac",
                  "in_port", "slot", "in_key", "out_key", "replied", "xmit", "in_dir",
-                 "template", "control", "n_control", "tpl_timeout")
+                 "template", "control", "n_control", "tpl_timeout", "in_pkts")
     # xmit: the reference engine's XMIT_* kind, bound at creation (ip_vs_bind_xmit);
     # in_dir: the state table of client packets (INPUT for NAT, else INPUT_ONLY);
     # out_key: None for all but NAT conns (only their replies pass the director),
     # and for an invalidated template also in_key (out of the index);
     # template: a persistence template (docs/engine.md, "Persistence"), whose
     # n_control counts the conns naming it in `control` (the kernel's
-    # cp->control, n_control); tpl_timeout: a template's timeout in s.
+    # cp->control, n_control); tpl_timeout: a template's timeout in s;
+    # in_pkts: client packets, saturating at 255 (drop_entry's todrop_entry).
 
     def __init__(self) -> None:
         self.template = False
         self.control = None
         self.n_control = 0
+        self.in_pkts = 0
 
 
 def tpl_held(c: Conn) -> bool:
@@ -120,6 +123,7 @@ class ConnTable:
         self.count = 0
         self.nbuckets = INDEX_MIN
         self.rng = int.from_bytes(key[:8], "little") ^ int.from_bytes(key[8:16], "little")
+        self.todrop_counter = [0] * 9   # drop_entry's countdown per in_pkts (kernel's static)
 
     @property
     def high(self) -> int:
@@ -218,6 +222,44 @@ class ConnTable:
             del self.index[c.in_key]
             c.in_key = None
             c.cport, c.vport, c.dport = 0, 0xFFFF, 0xFFFF
+
+    def _todrop_entry(self, c: Conn, now: float, timeouts: list[float]) -> bool:
+        """The kernel's todrop_entry: a conn whose last packet is less than
+        60 s old stays, so does one with no or more than 8 client packets;
+        of those with i (1..8), every i-th met goes, the first at once."""
+        if now + timeouts[c.state] < c.expires + 60.0:
+            return False
+        i = c.in_pkts
+        if i == 0 or i > 8:
+            return False
+        self.todrop_counter[i] -= 1
+        if self.todrop_counter[i] > 0:
+            return False
+        self.todrop_counter[i] = i
+        return True
+
+    def drop_entries(self, now: float, timeouts: list[float]) -> int:
+        """drop_entry, the kernel's ip_vs_random_dropentry: ceil(high / 32)
+        slots drawn as ``victim`` draws them (the kernel looks at 1/32 of
+        its table a second); free slots and dead conns are passed over.
+        Half-open TCP (SYN_RECV, SYNACK) goes at once, ESTABLISHED TCP and
+        UDP as ``_todrop_entry`` says, other TCP states stay. Returns the
+        conns removed (conns_dropped)."""
+        high = self.high
+        dropped = 0
+        for _ in range((high + 31) >> 5):
+            c = self.slots[((self._rand() >> 32) * high) >> 32]
+            if c is None or c.expires <= now or c.template:   # templates stay, as in C
+                continue
+            if c.proto == TCP:
+                drop = c.state in (states.SYN_RECV, states.SYNACK) or (
+                    c.state == states.ESTABLISHED and self._todrop_entry(c, now, timeouts))
+            else:
+                drop = self._todrop_entry(c, now, timeouts)
+            if drop:
+                self.remove(c, CONNS_DROPPED)
+                dropped += 1
+        return dropped
 
     def expire(self, now: float, budget: int) -> int:
         """Move the hand `budget` slots over [0, high), removing dead conns;

@@ -114,6 +114,8 @@ _TUN_PMTU_LEARNED = _ST["tun_pmtu_learned"]
 _DROP_TUN_ICMP = _ST["drop_tun_icmp"]
 _TUN_ICMP_RELAYED = _ST["tun_icmp_relayed"]
 _DROP_UPCALL_LIMIT = _ST["drop_upcall_limit"]
+_DROP_DEFENSE = _ST["drop_defense"]
+_DROP_RS_NO_CONN = _ST["drop_rs_no_conn"]
 _UPCALL_SHARE = tables.SYSCTL_INDEX["upcall_share"]
 _FTP_PORT = 21   # ip_vs_sched_persist: an FTP service's templates have vport 0
 # The upcall limit's bucket holds this many seconds of `now` at the share
@@ -216,6 +218,19 @@ def _unraisable_args(*fields):
 _UNRAISABLE_TYPE = None
 
 
+def _check_transitions(transitions) -> list:
+    """A TCP state table (uint8 [3, 4, 11]) as nested lists; TypeError or
+    ValueError as the C engine's."""
+    t = np.asarray(transitions)
+    if t.dtype != np.uint8:
+        raise TypeError("transitions must have dtype uint8")
+    if t.shape != (3, 4, states.N_TCP_STATES):
+        raise ValueError(f"transitions must have shape (3, 4, {states.N_TCP_STATES})")
+    if int(t.min()) < 0 or int(t.max()) >= states.N_TCP_STATES:
+        raise ValueError("transitions must name TCP states")
+    return t.astype(np.int64).tolist()
+
+
 class Engine:
     """The reference engine. See docs/engine.md for what every method does."""
 
@@ -228,17 +243,11 @@ class Engine:
         key = bytes(key)
         if len(key) != 16:
             raise ValueError(f"key must be 16 bytes, not {len(key)}")
-        t = np.asarray(transitions)
-        if t.dtype != np.uint8:
-            raise TypeError("transitions must have dtype uint8")
-        if t.shape != (3, 4, states.N_TCP_STATES):
-            raise ValueError(f"transitions must have shape (3, 4, {states.N_TCP_STATES})")
-        if int(t.min()) < 0 or int(t.max()) >= states.N_TCP_STATES:
-            raise ValueError("transitions must name TCP states")
+        trans = _check_transitions(transitions)
         if not callable(schedule):
             raise TypeError("schedule must be callable")
         self._busy = False  # inside the scheduler upcall
-        self._trans = t.astype(np.int64).tolist()
+        self._trans = trans
         self.set_timeouts(timeouts)
         self._counters = counters
         self._schedule = schedule
@@ -270,6 +279,12 @@ class Engine:
         self.pressure = False  # the receive ring is backed up (docs/engine.md, "Upcall limit")
         self._upcall_cost = 0.0
         self._upcall_bucket: list = [0.0, None]  # [seconds of upcall time, last now]
+        # Defence (docs/engine.md, "Defence"): drop_packet's rate and
+        # countdown, set by control; a one-packet conn made by the frame
+        # being processed, removed once it is done.
+        self._drop_rate = 0
+        self._drop_counter = 0
+        self._ops_conn: Conn | None = None
 
     # --- configuration ----------------------------------------------------
 
@@ -313,6 +328,49 @@ class Engine:
         if not np.all(np.isfinite(t)):
             raise ValueError("timeouts must be finite numbers")
         self._timeouts = [float(x) for x in t]
+
+    def set_transitions(self, transitions: np.ndarray) -> None:
+        """The TCP state table from now on (uint8 [3, 4, 11]): control hands
+        states.TRANSITIONS_DOS while secure_tcp is on, else TRANSITIONS."""
+        self._refuse_if_busy()
+        self._trans = _check_transitions(transitions)
+
+    def set_drop_rate(self, rate: int, counter: int = -1) -> None:
+        """drop_packet: drop 1 in `rate` new-flow packets (0: none); a
+        `counter` >= 0 restarts the countdown (the kernel's drop_counter)."""
+        rate, counter = operator.index(rate), operator.index(counter)
+        if rate < 0:
+            raise ValueError("drop rate must not be negative")
+        self._drop_rate = rate
+        if counter >= 0:
+            self._drop_counter = counter
+
+    def drop_entries(self, now: float) -> int:
+        """drop_entry: the kernel's ip_vs_random_dropentry (conn.py,
+        ConnTable.drop_entries); returns the conns dropped."""
+        self._refuse_if_busy()
+        try:
+            return self._ct.drop_entries(float(now), self._timeouts)
+        finally:
+            self._flush()
+
+    def expire_nodest(self) -> int:
+        """expire_nodest_conn's flush after a dest is deleted (the kernel's
+        ip_vs_expire_nodest_conn_flush): every conn whose dest is gone is
+        expired (conns_expired); returns how many."""
+        self._refuse_if_busy()
+        n = 0
+        for c in self._ct.conns():   # slot order, as the C engine's scan
+            if self._conn_dest(c) is not None or tpl_held(c):
+                continue
+            tpl = c.control
+            self._ct.remove(c, CONNS_EXPIRED)
+            n += 1
+            if tpl is not None and tpl.n_control == 0 and tpl.slot < c.slot:
+                self._ct.remove(tpl, CONNS_EXPIRED)
+                n += 1
+        self._flush()
+        return n
 
     def set_tables(self, services: np.ndarray, dests: np.ndarray) -> None:
         self._refuse_if_busy()
@@ -462,6 +520,8 @@ class Engine:
                 n = int(batch.length[i])
                 self._pend[_RX] += 1
                 verdict, out_port = self._frame(batch.buf[i].data, n, int(batch.in_port[i]), now)
+                if self._ops_conn is not None:
+                    self._ops_done()
                 batch.verdict[i] = verdict
                 if verdict == V_TX:
                     batch.out_port[i] = out_port
@@ -644,6 +704,49 @@ class Engine:
     def _is_local_port(self, port: int) -> bool:
         p = self._port_row(port)
         return p is not None and bool(p[3] & tables.PORT_F_LOCAL)
+
+    def _tcp_may_open(self, tcp_flags: int) -> bool:
+        """May a TCP segment matching no conn make one? A SYN without ACK or
+        RST; with sloppy_tcp any segment but a RST (tcp_conn_schedule)."""
+        if tcp_flags & _TCP_RST:
+            return False
+        return bool(self._sysctl[_SYS["sloppy_tcp"]]) or (
+            tcp_flags & (_TCP_SYN | _TCP_ACK)) == _TCP_SYN
+
+    def _todrop(self) -> bool:
+        """drop_packet's countdown (the kernel's ip_vs_todrop)."""
+        self._drop_counter -= 1
+        if self._drop_counter > 0:
+            return False
+        self._drop_counter = self._drop_rate
+        return True
+
+    def _ops_done(self) -> None:
+        """A one-packet conn leaves the table once its frame is done (the
+        kernel's ip_vs_conn_put of an OPS conn)."""
+        c, self._ops_conn = self._ops_conn, None
+        if self._ct.slots[c.slot] is c:
+            self._ct.remove(c, CONNS_EXPIRED)
+
+    def _rs_no_conn(self, f: memoryview, totlen: int, proto: int, tcp_flags: int, saddr: int,
+                    sport: int, in_port: int, now: float) -> bool:
+        """nat_icmp_send (ip_vs_out, ip_vs_has_real_service): a packet from a
+        NAT real server matching no conn, not a TCP RST, is dropped
+        (drop_rs_no_conn) and answered with ICMP port unreachable from the
+        in port's address. False when the rule does not apply."""
+        if proto == TCP and tcp_flags & _TCP_RST:
+            return False
+        svcs = self._svc_table
+        for d in self._dests:
+            if (d[5] & tables.DEST_F_USED and d[4] == tables.FWD_MASQ and d[0] == saddr
+                    and d[1] == sport and d[2] < len(svcs) and int(svcs[d[2]]["proto"]) == proto):
+                p = self._port_row(in_port)
+                if p is not None and p[0]:
+                    self._send_icmp(f, totlen, in_port, now, _ICMP_DEST_UNREACH,
+                                    _ICMP_PORT_UNREACH, 0, p[0])
+                self._pend[_DROP_RS_NO_CONN] += 1
+                return True
+        return False
 
     def _local_reply(self, proto: int, saddr: int, sport: int, daddr: int, dport: int,
                      totlen: int, in_port: int, now: float) -> tuple[int, int]:
@@ -928,20 +1031,28 @@ class Engine:
             # 9: a new conn, if a service wants it.
             svc = self._find_service(proto, daddr, dport)
             if svc is None:
+                if self._sysctl[_SYS["nat_icmp_send"]] and self._rs_no_conn(
+                        f, totlen, proto, tcp_flags, saddr, sport, in_port, now):
+                    return V_DROP, 0
                 return self._local_reply(proto, saddr, sport, daddr, dport, totlen, in_port, now)
             refusal = self._martian(saddr, in_port)
             if refusal is not None:
                 pend[refusal] += 1
                 return V_DROP, 0
-            if proto == TCP and (not tcp_flags & _TCP_SYN or tcp_flags & (_TCP_ACK | _TCP_RST)):
+            if proto == TCP and not self._tcp_may_open(tcp_flags):
                 pend[_DROP_NO_CONN] += 1
                 if not tcp_flags & _TCP_RST:
                     self._send_rst(f, ihl, totlen, in_port, now)
+                return V_DROP, 0
+            if self._drop_rate and self._todrop():
+                pend[_DROP_DEFENSE] += 1
                 return V_DROP, 0
             verdict, hit = self._conn_new(f, key, svc, proto, saddr, sport, daddr, dport,
                                           totlen, in_port, now)
             if hit is None:
                 return verdict, 0
+            if proto == UDP and int(self._svc_table[svc]["flags"]) & tables.SVC_F_ONE_PACKET:
+                self._ops_conn = hit[0]
 
         c, direction = hit
         if direction == states.INPUT:
@@ -970,14 +1081,19 @@ class Engine:
                                             self._pmtu_get(c.daddr, now))
             else:
                 path_mtu = self._egress_mtu(out_port)
-            mtu = self._mtu_refusal(f, ihl, totlen, proto, in_port, path_mtu, daddr, now)
+            # pmtu_disc 0: a tunnelled packet is never refused for its size
+            # (ensure_mtu_is_adequate); the outer packet is fragmented instead.
+            nodf = c.xmit == XMIT_TUN and self._sysctl[_SYS["pmtu_disc"]] == 0
+            mtu = None if nodf else self._mtu_refusal(f, ihl, totlen, proto, in_port, path_mtu,
+                                                      daddr, now)
             if mtu is not None and mtu != _DO_FRAGMENT:
                 f[IP + 8:IP + 12] = ttl_word
                 pend[mtu] += 1
                 return V_DROP, 0
             if c.xmit == XMIT_TUN:
-                return self._tun_xmit(f, c, dest, ihl, totlen, proto,
-                                      path_mtu if mtu == _DO_FRAGMENT else 0)
+                return self._tun_xmit(
+                    f, c, dest, ihl, totlen, proto, path_mtu if mtu == _DO_FRAGMENT else 0,
+                    self._egress_mtu(out_port, 0, self._pmtu_get(c.daddr, now)) if nodf else 0)
             f[ETH:ETH + 6] = dest[7]
             f[ETH + 6:ETH + 12] = dest[8]
             if c.xmit == XMIT_DR:
@@ -1043,20 +1159,25 @@ class Engine:
         return 32768 + h % 28232
 
     def _tun_xmit(self, f: memoryview, c: Conn, dest: tuple, ihl: int, totlen: int, proto: int,
-                  frag_mtu: int) -> tuple[int, int]:
+                  frag_mtu: int, outer_mtu: int = 0) -> tuple[int, int]:
         """VS-Tun (kernel ip_vs_tunnel_xmit): the packet, its TTL already
         decremented, leaves encapsulated (IPIP or GUE) in the emit area; a GSO
         frame cut into segments first, a partial checksum completed, a too-big
         packet with DF clear cut into IP fragments of frag_mtu (when not 0)
-        encapsulated one by one."""
+        encapsulated one by one; with outer_mtu (pmtu_disc 0) the outer
+        packets cut to it instead (_tun_outer)."""
         pend = self._pend
         out_port = dest[6]
         eth_out = dest[7] + dest[8] + b"\x08\x00"
         p = self._port_row(out_port)
         t = tunnel.Tun(dest[9], int(dest[10] == _TUN_F_CSUM), self._gue_sport(c), dest[11],
-                       p[0] if p is not None and p[0] else c.vaddr, c.daddr)
+                       p[0] if p is not None and p[0] else c.vaddr, c.daddr,
+                       int(self._sysctl[_SYS["pmtu_disc"]] == 0))
         ip = f[IP:IP + totlen]
-        if f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE:
+        ids = 0
+        if outer_mtu and self._tun_outer_size(f, ihl, totlen, proto, t) > outer_mtu:
+            n, ids = self._tun_outer(f, out_port, eth_out, ihl, totlen, proto, t, outer_mtu)
+        elif f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE:
             n = tunnel.gso_segments(self._emit, out_port, eth_out, f[:ETH], ip, totlen, t,
                                     self._ip_id)
         else:
@@ -1070,10 +1191,61 @@ class Engine:
         if not n:
             pend[_EMIT_OVERFLOW] += 1
             return V_DROP, 0
-        self._ip_id = (self._ip_id + n) & 0xFFFF
+        self._ip_id = (self._ip_id + (ids or n)) & 0xFFFF
         pend[_EMIT_FRAMES] += n
         pend[_TX_TUNNELED] += 1
         return V_EMIT, 0
+
+    @staticmethod
+    def _tun_outer_size(f: memoryview, ihl: int, totlen: int, proto: int, t: tunnel.Tun) -> int:
+        """The largest outer packet the frame makes: for a GSO frame one
+        segment (headers + gso_size), else the packet; plus the tunnel."""
+        size = totlen
+        if f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE:
+            gso_size = f[4] | f[5] << 8
+            l4 = IP + ihl
+            hdr = ihl + ((f[l4 + 12] >> 4) * 4 if proto == TCP else 8)
+            if gso_size and hdr + gso_size < totlen:
+                size = hdr + gso_size
+        return size + tunnel.tun_overhead(t.type)
+
+    def _tun_outer(self, f: memoryview, port: int, eth_out: bytes, ihl: int, totlen: int,
+                   proto: int, t: tunnel.Tun, outer_mtu: int) -> tuple[int, int]:
+        """pmtu_disc 0 (the kernel's ip_vs_tunnel_xmit with df 0): the packet,
+        or each GSO segment, encapsulated whole with the outer DF clear, and
+        each outer packet bigger than `outer_mtu` cut into IP fragments of
+        the outer packet (the kernel's ip_fragment after the tunnel). All or
+        nothing: (frames emitted, outer packets made), or (0, 0)."""
+        scratch = icmp.Emit.new(64 * 1024 + 4096, _TUN_FRAG_MAX)
+        ip = f[IP:IP + totlen]
+        if f[0] & tables.VNET_F_NEEDS_CSUM and f[1] != tables.VNET_GSO_NONE:
+            k = tunnel.gso_segments(scratch, port, eth_out, f[:ETH], ip, totlen, t, self._ip_id)
+        else:
+            if f[0] & tables.VNET_F_NEEDS_CSUM:
+                self._complete_csum(f, IP + ihl, totlen - ihl, proto)
+            k = 1 if tunnel.tun_encap(scratch, port, eth_out, ip, totlen, t, self._ip_id) else 0
+        em = self._emit
+        saved = (int(em.n[0]), int(em.n[1]))
+        frags = 0
+        hdr = ETH + 14
+        for _, fr in scratch.frames()[:k]:
+            olen = len(fr) - hdr
+            if olen <= outer_mtu:
+                d = em.reserve(len(fr), port)
+                if d is None:
+                    break
+                d[:] = fr
+                continue
+            m = icmp.ip_fragment(em, port, eth_out, fr[hdr:], olen, outer_mtu)
+            if not m:
+                break
+            frags += m
+        else:
+            if k:
+                self._pend[_FRAG_OUT] += frags
+                return int(em.n[0]) - saved[0], k
+        em.n[0], em.n[1] = saved
+        return 0, 0
 
     def _tun_fragments(self, port: int, eth_out: bytes, ip: memoryview, totlen: int,
                        t: tunnel.Tun, mtu: int) -> int:
@@ -1310,6 +1482,7 @@ class Engine:
         if tpl is not None:   # ip_vs_control_add
             c.control = tpl
             tpl.n_control += 1
+        c.in_pkts = 0
         ct.add(c, victim, now)
         pend[_CONNS_CREATED] += 1
         cnt = self._counters
@@ -1430,6 +1603,8 @@ class Engine:
         c.expires = now + self._timeouts[c.state]
         if direction == states.OUTPUT:
             c.replied = True
+        elif c.in_pkts < 255:
+            c.in_pkts += 1
         # ip_vs_control_assure_ct: TCP on reaching ESTABLISHED, UDP on a reply.
         if c.control is not None and (c.state == states.ESTABLISHED != old if proto == TCP
                                       else direction == states.OUTPUT):

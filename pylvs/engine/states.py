@@ -82,7 +82,7 @@ def _rows(text: str) -> list[list[int]]:
 _INPUT = _rows("""
 sSR sES sES sSR sSR sSR sSR sSR sSR sSR sSR
 sCL sCW sSS sTW sTW sTW sCL sCW sLA sLI sTW
-sCL sES sSS sES sFW sTW sCL sCW sCL sLI sES
+sES sES sSS sES sFW sTW sCL sCW sCL sLI sES
 sCL sCL sCL sSR sCL sCL sCL sCL sLA sLI sSR
 """)
 _OUTPUT = _rows("""
@@ -94,12 +94,40 @@ sCL sCL sSS sCL sCL sTW sCL sCL sCL sCL sCL
 _INPUT_ONLY = _rows("""
 sSR sES sES sSR sSR sSR sSR sSR sSR sSR sSR
 sCL sFW sSS sTW sFW sTW sCL sCW sLA sLI sTW
-sCL sES sSS sES sFW sTW sCL sCW sCL sLI sES
+sES sES sSS sES sFW sTW sCL sCW sCL sLI sES
 sCL sCL sCL sSR sCL sCL sCL sCL sLA sLI sCL
 """)
 
 TRANSITIONS = np.array([_INPUT, _OUTPUT, _INPUT_ONLY], dtype=np.uint8)
 TRANSITIONS.flags.writeable = False
+
+# The kernel's tcp_states_dos, in force while secure_tcp is 2 or 3
+# (tcp_timeout_change): a client's ACK no longer completes a handshake
+# the real server has not answered (SYN_RECV + ack stays SYN_RECV on
+# INPUT), the server's SYN+ACK moves SYN_RECV to SYNACK, and a DR/Tun
+# conn's first SYN starts in SYNACK. Only the table changes, not the
+# timeouts. docs/engine.md, "Defence".
+_INPUT_DOS = _rows("""
+sSR sES sES sSR sSR sSR sSR sSR sSR sSR sSA
+sCL sCW sSS sTW sTW sTW sCL sCW sLA sLI sSA
+sES sES sSS sSR sFW sTW sCL sCW sCL sLI sSA
+sCL sCL sCL sSR sCL sCL sCL sCL sLA sLI sCL
+""")
+_OUTPUT_DOS = _rows("""
+sSS sES sSS sSA sSS sSS sSS sSS sSS sLI sSA
+sTW sFW sSS sTW sFW sTW sCL sTW sLA sLI sTW
+sES sES sSS sES sFW sTW sCL sCW sLA sES sES
+sCL sCL sSS sCL sCL sTW sCL sCL sCL sCL sCL
+""")
+_INPUT_ONLY_DOS = _rows("""
+sSA sES sES sSR sSA sSA sSA sSA sSA sSA sSA
+sCL sFW sSS sTW sFW sTW sCL sCW sLA sLI sTW
+sES sES sSS sES sFW sTW sCL sCW sCL sLI sES
+sCL sCL sCL sSR sCL sCL sCL sCL sLA sLI sCL
+""")
+
+TRANSITIONS_DOS = np.array([_INPUT_DOS, _OUTPUT_DOS, _INPUT_ONLY_DOS], dtype=np.uint8)
+TRANSITIONS_DOS.flags.writeable = False
 
 # Seconds, as the kernel's tcp_timeouts and udp_timeouts.
 DEFAULT_TIMEOUTS = {

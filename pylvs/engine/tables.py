@@ -56,6 +56,7 @@ PROTO_UDP = 17
 # --- tables built by the control plane ------------------------------------
 
 SVC_F_USED = 1  # the slot holds a service
+SVC_F_ONE_PACKET = 4  # -o: each UDP datagram scheduled alone, no conn kept (IP_VS_SVC_F_ONEPACKET)
 
 SERVICE_DTYPE = np.dtype(
     [
@@ -154,6 +155,10 @@ STAT_NAMES = (
     "tun_icmp_relayed",   # verdict (V_PASS): another error about a tunnel packet, relayed to the client
     # -- added for issue 7 --
     "drop_upcall_limit",  # verdict: a new flow while the receive ring is backed up and upcall_share is spent
+    # -- added for issue 8 (knobs) --
+    "drop_defense",       # verdict: a new flow's packet dropped by drop_packet's rate (kernel ip_vs_todrop)
+    "conns_dropped",      # extra: conns removed by drop_entry (kernel ip_vs_random_dropentry)
+    "drop_rs_no_conn",    # verdict: a NAT real server's packet matching no conn, nat_icmp_send=1
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 N_STATS = 64  # room to grow without changing the array's size
@@ -199,9 +204,18 @@ SYSCTL_NAMES = (
     "tcp_rst_burst",       # ... and in a burst
     "icmp_ratelimit",      # ms between ICMP errors to one destination, burst 6 (net.ipv4.icmp_ratelimit)
     "upcall_share",        # percent of time new flows' scheduler upcalls may take while the ring backs up (100: no limit)
+    # -- issue 8 (Documentation/networking/ipvs-sysctl.rst; docs/engine.md, "Defence") --
+    "sloppy_tcp",          # 1: any TCP segment but a RST may make a conn (take over flows after a failover)
+    "nat_icmp_send",       # 1: a NAT real server's packet matching no conn gets ICMP port unreachable
+    "pmtu_disc",           # 0: tunnelled DF packets too big are fragmented, not answered with frag-needed
+    "drop_entry",          # 0 off, 1/2 automatic (2: on now), 3 always: randomly drop conns (control)
+    "drop_packet",         # 0 off, 1/2 automatic, 3 always: drop 1 in rate new-flow packets (control)
+    "secure_tcp",          # 0 off, 1/2 automatic, 3 always: the TCP state table tcp_states_dos (control)
+    "amemthresh",          # pages of available memory below which the automatic modes turn on
+    "am_droprate",         # drop_packet's rate in mode 3
     "expire_quiescent_template",  # 1: a template whose dest has weight 0 is invalid when next checked
 )
-SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0)
+SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0, 0, 1, 0, 0, 0, 1024, 10, 0)
 SYSCTL_INDEX = {name: i for i, name in enumerate(SYSCTL_NAMES)}
 N_SYSCTL = len(SYSCTL_NAMES)
 
@@ -335,6 +349,18 @@ def empty_services(n: int) -> np.ndarray:
 
 def empty_dests(n: int) -> np.ndarray:
     return np.zeros(n, dtype=DEST_DTYPE)
+
+
+def dests_gone(old: np.ndarray | None, new: np.ndarray) -> bool:
+    """Did a dest of `old` go (its slot no longer used, or used by another
+    service's dest) in `new`? Both DEST_DTYPE arrays; None: no old table."""
+    if old is None or len(old) == 0:
+        return False
+    n = min(len(old), len(new))
+    was = (old["flags"] & DEST_F_USED) != 0
+    still = np.zeros(len(old), dtype=bool)
+    still[:n] = ((new["flags"][:n] & DEST_F_USED) != 0) & (new["svc"][:n] == old["svc"][:n])
+    return bool(np.any(was & ~still))
 
 
 # --- batches of frames ----------------------------------------------------

@@ -47,6 +47,7 @@ class Tun(NamedTuple):
     dport: int = 0     # GUE: tun_port
     saddr: int = 0     # outer source: the egress port's address
     daddr: int = 0     # outer destination: the RIP
+    nodf: int = 0      # 1: the outer DF is clear whatever the inner's (pmtu_disc 0)
 
 
 def tun_overhead(tun_type: int) -> int:
@@ -64,7 +65,8 @@ def _tun_headers(f: memoryview, eth_out: Bytes, t: Tun, inner_len: int, ip_id: i
     inner = o + ovh
     gue = t.type == TUN_GUE
     f[o:o + IP_LEN] = (bytes((0x45, f[inner + 1])) + (ovh + inner_len).to_bytes(2, "big")
-                       + ip_id.to_bytes(2, "big") + (_rd16(f, inner + 6) & IP_DF).to_bytes(2, "big")
+                       + ip_id.to_bytes(2, "big")
+                       + (0 if t.nodf else _rd16(f, inner + 6) & IP_DF).to_bytes(2, "big")
                        + bytes((f[inner + 8], PROTO_UDP if gue else IPPROTO_IPIP)) + bytes(2)
                        + t.saddr.to_bytes(4, "big") + t.daddr.to_bytes(4, "big"))
     _set_ip_check(f, o, IP_LEN)

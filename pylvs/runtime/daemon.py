@@ -175,12 +175,17 @@ class Daemon:
         send a new service's frames to user space and away from the kernel,
         every engine knows the service and the first SYN is not lost.
         """
+        old = getattr(self, "_dests", None)
         self._services, self._dests = services, dests
         for w in self.workers:
             w.offer_tables(services, dests)
         deadline = time.monotonic() + max(0.2, 5 * self.opts.poll_timeout)
         for w in self.workers:
             w.tables_taken.wait(max(0.0, deadline - time.monotonic()))
+        if self.balancer.sysctls()["expire_nodest_conn"] and tables.dests_gone(old, dests):
+            # The kernel queues ip_vs_expire_nodest_conn_flush when a dest
+            # is deleted: its conns go at once, not at their next packet.
+            self._engine_call("expire_nodest")
         self._apply_filter()
         self.steering.apply(services, dests, self._local)
         self._push_routes()
@@ -569,6 +574,16 @@ class Daemon:
                     log.warning("data path: %s +%d (total %d)", k, v - base.get(k, 0), v)
                     base[k], last_log[k] = v, now
 
+    def _defense(self):
+        """drop_entry, drop_packet, secure_tcp once a second (control/defense.py):
+        available memory counts the free conn slots of every worker's engine."""
+        from ..control.defense import Defense
+
+        def room() -> int:
+            return sum(int(w.engine.capacity) - int(w.engine.conn_count) for w in self.workers)
+
+        return Defense(self.balancer, self._engine_call, room)
+
     async def _main(self) -> int:
         from ..control import rpc
 
@@ -589,6 +604,7 @@ class Daemon:
                     self._worker_failed)
         self.resolver.start()
         watch = asyncio.ensure_future(self._watch())
+        defense = asyncio.ensure_future(self._defense().run())
         try:
             self.balancer.republish()  # the engine starts with (empty) tables
             await self._apply_config()
@@ -609,6 +625,7 @@ class Daemon:
         finally:
             log.info("stopping")
             watch.cancel()
+            defense.cancel()
             self._stop.set()
             close = getattr(server, "close", None)
             if close is not None:
