@@ -1,5 +1,5 @@
 /* What a random read costs by the address space it ranges over: the probe
- * behind bench/README.md, "Table scale" (where the established lookup's
+ * behind bench/README.md, "table-scale" (where the established lookup's
  * time goes at 10 M flows).
  *
  *   cc -O2 -o /tmp/pagewalk bench/pagewalk.c

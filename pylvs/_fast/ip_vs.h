@@ -222,9 +222,10 @@ struct rate_bucket {
  * conns would exceed it: at most two keys per conn, so a load <= 2/3 (a
  * successful linear probe reads 2 buckets on average, a failed one 5, all
  * 8-byte buckets, mostly one cache line). At 10 M conns that is 2^25
- * buckets, 256 MiB, where 4 per conn (load <= 1/2) took 512 MiB: the
- * index is half of what a lookup's random reads range over (bench/README.md,
- * "Table scale"). docs/engine.md, Conn table. */
+ * buckets, 256 MiB, where 4 per conn (load <= 1/2) took 512 MiB: a
+ * lookup's random reads range over less, and at that size their cost is
+ * mostly address translation, which follows the range (bench/README.md,
+ * "table-scale"). docs/engine.md, Conn table. */
 #define SLAB_UNIT (2u << 20)
 #define SLAB_PAGE 4096u
 #define INDEX_MIN 16u

@@ -1540,8 +1540,8 @@ int pylvs_engine_run(PylvsEngine *e, uint8_t *const *frames, const uint32_t *len
      * walk is done, and issued together the walks overlap one another
      * instead of each stalling the frame work between them (10 M flows:
      * 0.93x the CPU time of one at a time; at 100 k flows, where the table
-     * is in L3, 1.1x, so one at a time there; bench/README.md, "Table
-     * scale"). A scheduler upcall runs Python, which may write the frames:
+     * is in L3, 1.1x, so one at a time there; bench/README.md,
+     * "table-scale"). A scheduler upcall runs Python, which may write the frames:
      * those parsed before it are parsed again when their turn comes. */
     enum { D = PREFETCH_DISTANCE, DB = BUCKET_DISTANCE, G = PARSE_GROUP };
     _Static_assert(D % G == 0 && DB % G == 0 && DB > D,
