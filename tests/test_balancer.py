@@ -11,7 +11,7 @@ import pytest
 from ipaddress import ip_address
 from pylvs.control.balancer import Balancer, BalancerError
 from pylvs.io import bpf
-from pylvs.engine import states
+from pylvs.engine import states, tables
 from pylvs.engine.tables import (
     DEST_F_NO_ROUTE, DEST_F_RESOLVED, DEST_F_USED, FWD_MASQ, FWD_ROUTE, FWD_TUNNEL, SVC_F_USED,
     Counters,
@@ -581,24 +581,27 @@ def test_json_infinity_and_odd_batches_are_refused_as_bad_values(env):
         b.apply({"op": "batch", "ops": 5})
 
 
-def test_upper_threshold_overloads_with_hysteresis(env):
+def test_overloaded_dests_are_skipped_and_a_raised_threshold_ends_it(env):
+    """The upcall leaves out dests whose overload flag the engines set
+    (their -x/-y hysteresis: tests/test_sched_c.py); editing a dest's -x to
+    0 or higher clears the flag, as __ip_vs_update_dest does, a lower or
+    equal one keeps it."""
     b, c, pubs, res = env
     s = b.add_service("tcp", VIP, 80, sched="rr")
     d1 = b.add_dest("tcp", VIP, 80, "10.0.1.1", 80, u_threshold=4, l_threshold=2)
     d2 = b.add_dest("tcp", VIP, 80, "10.0.1.2", 80, u_threshold=4)
-    c.dest_conns[d1] = [3, 1]                  # reached -x 4: overloaded
+    c.dest_flags[d1] = tables.DEST_F_OVERLOAD
     assert {b.schedule(s, 1, 1) for _ in range(4)} == {d2}
-    c.dest_conns[d1] = [2, 0]                  # not below -y 2 yet
-    assert {b.schedule(s, 1, 1) for _ in range(4)} == {d2}
-    c.dest_conns[d1] = [1, 0]                  # below -y: available again
-    assert d1 in {b.schedule(s, 1, 1) for _ in range(4)}
-    c.dest_conns[d2] = [0, 4]                  # no -y: back below 3/4 of -x
-    c.dest_conns[d1] = [4, 0]
+    b.edit_dest("tcp", VIP, 80, "10.0.1.1", 80, u_threshold=4, l_threshold=1)
+    assert c.dest_flags[d1] == tables.DEST_F_OVERLOAD
+    b.edit_dest("tcp", VIP, 80, "10.0.1.1", 80, u_threshold=3, l_threshold=1)
+    assert c.dest_flags[d1] == tables.DEST_F_OVERLOAD
+    c.dest_flags[d2] = tables.DEST_F_OVERLOAD
     assert b.schedule(s, 1, 1) == -1
-    c.dest_conns[d2] = [0, 3]
-    assert b.schedule(s, 1, 1) == -1           # 3 * 4 == 4 * 3: not below yet
-    c.dest_conns[d2] = [0, 2]
-    assert b.schedule(s, 1, 1) == d2
+    b.edit_dest("tcp", VIP, 80, "10.0.1.1", 80, u_threshold=5, l_threshold=1)
+    assert c.dest_flags[d1] == 0 and b.schedule(s, 1, 1) == d1
+    b.edit_dest("tcp", VIP, 80, "10.0.1.2", 80, u_threshold=0)
+    assert c.dest_flags[d2] == 0
 
 
 # --- issue 5: port 0 dests, refusals, large tables ---------------------------

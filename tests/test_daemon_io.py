@@ -336,3 +336,28 @@ def test_tables_taken_only_once_the_latest_offer_is_in(daemon):
     finally:
         stop.set()
         w.thread.join()
+
+
+@pytest.mark.parametrize("impl,kind", [("c", tables.SCHED_KINDS["wrr"]), ("python", 0)])
+def test_sched_impl_decides_what_the_engines_schedule(monkeypatch, impl, kind):
+    """--sched-impl c (the default): the engines get the service's wrr in
+    their scheduler tables; python: every service asks the upcall."""
+    monkeypatch.setattr(pylvs.engine, "new_engine", lambda *a, **kw: RecordingEngine())
+    d = D.Daemon(D.Options(ifaces=["a", "b"], engine="python", sched_impl=impl),
+                 backend=MemoryBackend(["a", "b"]), steering=Steering(), resolver=Resolver())
+    d._netwatch = Watch()
+    d._netwatch.state = state()
+    d._build()
+    try:
+        slot = d.balancer.add_service("tcp", "10.0.0.1", 80, sched="wrr")
+        d.balancer.add_dest("tcp", "10.0.0.1", 80, "10.0.0.5", 80, fwd="masq", weight=2)
+        svcs, dests, thresholds, table = d.engine.named("set_sched")[-1]
+        assert int(svcs[slot]["kind"]) == kind and int(svcs[slot]["count"]) == 1
+    finally:
+        d._shutdown()
+
+
+def test_sched_impl_choices(capsys):
+    with pytest.raises(SystemExit):
+        D.main(["--sched-impl", "rust"])
+    assert "--sched-impl: invalid choice: 'rust' (choose from 'c', 'python')" in capsys.readouterr().err

@@ -179,6 +179,18 @@ def test_program_length_is_known_before_building(svc, nat):
     packed_svc, packed_frm = bpf._fanout_sets(svc, nat)
     want = bpf._FANOUT_HEAD_LEN + bpf._match_len(packed_svc) + bpf._match_len(packed_frm)
     assert len(bpf.fanout_program(svc, nat)) == want
+    assert len(bpf.fanout_program(svc, nat, lanes=(2, 1))) == want + bpf._FANOUT_LANES_LEN
+
+
+def test_lanes_count_in_the_plan():
+    """A table that just fits without lanes falls back to addresses with
+    them, so the program never exceeds BPF_MAXINSNS (1,000 services on one
+    VIP made 4,097 instructions)."""
+    svc = [(6, bpf.ip(VIP), 10000 + i) for i in range(1000)]
+    nat = [(6, bpf.ip(RIP), 80)]
+    for lanes in (None, (1, 0), (2, 1)):
+        assert len(bpf.fanout_program(svc, nat, lanes=lanes)) <= bpf.BPF_MAXINSNS, lanes
+    assert bpf.fanout_plan(svc, nat, lanes=True) == bpf.FANOUT_ADDRS
 
 
 def test_bad_worker_count_is_refused():

@@ -19,6 +19,7 @@ import pytest
 from pylvs import sched
 from pylvs.control import listing
 from pylvs.control.balancer import Balancer
+from pylvs.engine import tables
 from pylvs.engine.tables import Counters
 
 
@@ -550,7 +551,7 @@ def test_balancer_context_daddr_dport_now_and_overload():
     b._refresh_sched(svc, force=True)
     b.clock = lambda: 1234.5
     a, bb = sorted(names)
-    b.counters.dest_conns[bb] = (1, 1)                 # B reached -x 2: overloaded
+    b.counters.dest_flags[bb] = tables.DEST_F_OVERLOAD  # as the engines set it at -x 2
     assert b.schedule(s, 0x0B000001, 40000) == bb
     assert b.schedule(s, 0x0B000001, 40001, dport=8080) == bb
     assert seen[0] == (0x0B000001, 40000, int(ipaddress.IPv4Address(VIP)), 80, 1234.5,

@@ -36,7 +36,7 @@ static int format_is(const Py_buffer *v, char kind, Py_ssize_t itemsize)
 
 /* Get a C-contiguous numeric array view of `obj`, checked against the
  * expected type and shape (-1: any extent). `what` names it in errors. */
-static int get_array(PyObject *obj, const char *what, char kind, Py_ssize_t itemsize,
+int get_array(PyObject *obj, const char *what, char kind, Py_ssize_t itemsize,
                      const char *tname, int ndim, const Py_ssize_t *shape, int writable,
                      Py_buffer *out)
 {
@@ -150,6 +150,20 @@ static int load_counters(PylvsEngine *e, PyObject *counters)
         get_attr_array(counters, "dest_persist", "counters.dest_persist", 'i', 4, "int32", 1,
                        persist_shape, 1, &e->dest_persist_view) < 0)
         return -1;
+    static const Py_ssize_t state_shape[2] = {-1, SCHED_STATE_WORDS};
+    if (get_attr_array(counters, "dest_flags", "counters.dest_flags", 'u', 1, "uint8", 1,
+                       conns_shape, 1, &e->dest_flags_view) < 0 ||
+        get_attr_array(counters, "sched_state", "counters.sched_state", 'i', 4, "int32", 2,
+                       state_shape, 1, &e->sched_state_view) < 0)
+        return -1;
+    if (e->dest_flags_view.shape[0] != e->dest_conns_view.shape[0] ||
+        e->sched_state_view.shape[0] != e->svc_stats_view.shape[0]) {
+        PyErr_SetString(PyExc_ValueError, "counters.dest_flags must have one row per dest and "
+                                          "counters.sched_state one per service");
+        return -1;
+    }
+    e->dest_flags = e->dest_flags_view.buf;
+    e->sched_state = e->sched_state_view.buf;
     if (e->dest_stats_view.shape[0] != e->dest_conns_view.shape[0] ||
         e->dest_stats_view.shape[0] != e->dest_persist_view.shape[0]) {
         PyErr_SetString(PyExc_ValueError,
@@ -196,6 +210,12 @@ static void engine_dealloc(PylvsEngine *self)
     release(&self->dest_stats_view);
     release(&self->dest_conns_view);
     release(&self->dest_persist_view);
+    release(&self->dest_flags_view);
+    release(&self->sched_state_view);
+    release(&self->sched_svc_view);
+    release(&self->sched_dest_view);
+    release(&self->thresh_view);
+    release(&self->sched_table_view);
     release(&self->services_view);
     release(&self->dests_view);
     for (int k = 0; k < N_BATCH_ARRAYS; k++)
@@ -406,7 +426,7 @@ static int check_dtype(PyObject *arr, const char *what, const char *dtype_name,
     return 0;
 }
 
-static int get_table(PyObject *arr, const char *what, const char *dtype_name,
+int get_table(PyObject *arr, const char *what, const char *dtype_name,
                      const char *const *fields, const Py_ssize_t *offsets, Py_ssize_t size,
                      uint32_t max_rows, Py_buffer *out)
 {
@@ -524,6 +544,61 @@ static PyObject *engine_set_tables(PylvsEngine *self, PyObject *args)
     self->nservices = (uint32_t)sv.shape[0];
     self->ndests = (uint32_t)dv.shape[0];
     self->have_tables = 1;
+    Py_RETURN_NONE;
+}
+
+/* set_sched(sched_svcs, sched_dests, thresholds, sched_table): the tables of the
+ * schedulers in C and the dests' thresholds (ip_vs_sched.h), held like the
+ * service and dest tables: published arrays are never written again. */
+static PyObject *engine_set_sched(PylvsEngine *self, PyObject *args)
+{
+    static const char *const svc_fields[] = {"kind", "flags", "first", "count", "table", NULL};
+    static const Py_ssize_t svc_offsets[] = {
+        offsetof(sched_svc_row, kind), offsetof(sched_svc_row, flags),
+        offsetof(sched_svc_row, first), offsetof(sched_svc_row, count),
+        offsetof(sched_svc_row, table)};
+    static const Py_ssize_t any[1] = {-1};
+    static const char *const dest_fields[] = {"slot", "weight", NULL};
+    static const Py_ssize_t dest_offsets[] = {offsetof(sched_dest_row, slot),
+                                              offsetof(sched_dest_row, weight)};
+    static const char *const thresh_fields[] = {"u_threshold", "l_threshold", NULL};
+    static const Py_ssize_t thresh_offsets[] = {offsetof(dest_thresh_row, u_threshold),
+                                                offsetof(dest_thresh_row, l_threshold)};
+    PyObject *svcs, *dests, *thresh, *table;
+    if (!PyArg_ParseTuple(args, "OOOO:set_sched", &svcs, &dests, &thresh, &table))
+        return NULL;
+    if (refuse_if_busy(self) < 0)
+        return NULL;
+    Py_buffer v[4];
+    memset(v, 0, sizeof(v));
+    if (get_table(svcs, "sched_svcs", "SCHED_SVC_DTYPE", svc_fields, svc_offsets,
+                  sizeof(sched_svc_row), self->max_services, &v[0]) < 0 ||
+        get_table(dests, "sched_dests", "SCHED_DEST_DTYPE", dest_fields, dest_offsets,
+                  sizeof(sched_dest_row), UINT32_MAX, &v[1]) < 0 ||
+        get_table(thresh, "thresholds", "DEST_THRESH_DTYPE", thresh_fields, thresh_offsets,
+                  sizeof(dest_thresh_row), self->max_dests, &v[2]) < 0 ||
+        get_array(table, "sched_table", 'i', 4, "int32", 1, any, 0, &v[3]) < 0 ||
+        sched_check_tables(v[0].buf, (uint32_t)v[0].shape[0], v[1].buf,
+                           (uint32_t)v[1].shape[0], v[3].buf, (uint32_t)v[3].shape[0],
+                           self->max_dests) < 0) {
+        for (int k = 0; k < 4; k++)
+            release(&v[k]);
+        return NULL;
+    }
+    release(&self->sched_svc_view);
+    release(&self->sched_dest_view);
+    release(&self->thresh_view);
+    release(&self->sched_table_view);
+    self->sched_svc_view = v[0];
+    self->sched_dest_view = v[1];
+    self->thresh_view = v[2];
+    self->sched_table_view = v[3];
+    self->sched_table = v[3].buf;
+    self->sched_svc = v[0].buf;
+    self->sched_dest = v[1].buf;
+    self->thresh = v[2].buf;
+    self->nsched_svc = (uint32_t)v[0].shape[0];
+    self->nthresh = (uint32_t)v[2].shape[0];
     Py_RETURN_NONE;
 }
 
@@ -968,6 +1043,7 @@ static PyObject *engine_get_memory(PylvsEngine *self, void *closure)
 }
 
 LOCKED(engine_set_tables)
+LOCKED(engine_set_sched)
 LOCKED(engine_set_ports)
 LOCKED(engine_set_routes)
 LOCKED(engine_set_sysctls)
@@ -985,6 +1061,10 @@ LOCKED(engine_check_index)
 static PyMethodDef engine_methods[] = {
     {"set_tables", (PyCFunction)engine_set_tables_locked, METH_VARARGS,
      "set_tables(services, dests): use these SERVICE_DTYPE / DEST_DTYPE arrays from now on."},
+    {"set_sched", (PyCFunction)engine_set_sched_locked, METH_VARARGS,
+     "set_sched(sched_svcs, sched_dests, thresholds, sched_table): the schedulers run in C\n"
+     "and the dests' -x/-y (tables.SCHED_SVC_DTYPE, SCHED_DEST_DTYPE, DEST_THRESH_DTYPE,\n"
+     "int32 sh/dh/mh buckets holding indices into their service's dests, -1 empty)."},
     {"set_ports", (PyCFunction)engine_set_ports_locked, METH_O,
      "set_ports(ports): the I/O ports' facts (tables.PORT_DTYPE, index = port)"},
     {"set_routes", (PyCFunction)engine_set_routes_locked, METH_VARARGS,

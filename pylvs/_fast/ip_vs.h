@@ -21,6 +21,7 @@
 #include "csum.h"
 #include "ip_vs_accept.h"
 #include "ip_vs_icmp.h"
+#include "ip_vs_sched.h"
 #include "siphash.h"
 
 /* --- layouts shared with pylvs/engine/tables.py and states.py ------------ */
@@ -333,6 +334,19 @@ struct pylvs_engine {
     /* A one-packet (-o) conn made by the frame being processed: removed once
      * the frame is done (the kernel's ip_vs_conn_put of an OPS conn). */
     uint32_t ops_slot;
+
+    /* Schedulers in C and the overload flag (ip_vs_sched.h): the shared
+     * counters.dest_flags and .sched_state, and the tables set_sched took
+     * (nsched_svc 0: every service asks Python). */
+    Py_buffer dest_flags_view, sched_state_view, sched_svc_view, sched_dest_view, thresh_view,
+        sched_table_view;
+    uint8_t *dest_flags;
+    int32_t (*sched_state)[SCHED_STATE_WORDS];
+    const sched_svc_row *sched_svc;
+    const sched_dest_row *sched_dest;
+    const dest_thresh_row *thresh;
+    const int32_t *sched_table; /* sh/dh/mh buckets: indices into the service's run, -1 none */
+    uint32_t nsched_svc, nthresh;
 };
 
 /* The upcall limit's bucket holds this many seconds of `now` at the share:

@@ -280,6 +280,7 @@ void conn_remove(PylvsEngine *e, uint32_t slot, int stat)
             dest_persist_add(e, c->dest, -1);
         else
             dest_conns_add(e, c->dest, c->state == S_ESTABLISHED ? C_ACTIVE : C_INACTIVE, -1);
+        dest_overload_unbind(e, c->dest);
     }
     if (!(c->flags & CONN_F_TEMPLATE) && c->control != 0)
         e->conns[c->control - 1].control--; /* ip_vs_control_del */

@@ -203,10 +203,14 @@ conn_in_rules(PylvsEngine *e, uint32_t slot, uint8_t proto, uint8_t tcpflags)
 
 static long call_schedule_gil(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cport);
 
-/* Ask the Python scheduler for a dest. Returns the slot, -1 for none, or -2
- * when it raised (already reported). */
+/* The dest for a new conn of the service: its C scheduler's pick when it
+ * has one (ip_vs_sched.c), else the Python scheduler's. Returns the slot,
+ * -1 for none, or -2 when Python raised (already reported). */
 static long call_schedule(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cport)
 {
+    long picked = sched_pick(e, svc, caddr, cport);
+    if (picked != SCHED_ASK_PYTHON)
+        return picked;
     if (e->schedule == NULL)
         return -1;
     /* forward() runs without the GIL: take it for the upcall only. */
@@ -333,6 +337,7 @@ static uint32_t tpl_new(PylvsEngine *e, int s, long d, uint8_t tproto, uint32_t 
     e->conn_count++;
     e->stats[ST_CONNS_CREATED]++;
     dest_persist_add(e, (uint32_t)d, 1);
+    dest_overload_bind(e, (uint32_t)d); /* ip_vs_bind_dest checks templates too */
     return slot;
 }
 
@@ -462,7 +467,7 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     int64_t victim = -1;
     if (conn_table_full(e) && (victim = conn_victim(e, now)) < 0)
         return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
-    if (upcall_limited(e) && !upcall_allowed(e, now))
+    if (upcall_limited(e) && sched_needs_upcall(e, s) && !upcall_allowed(e, now))
         return refuse(e, verdict, why, ST_DROP_UPCALL_LIMIT, PYLVS_V_DROP);
     uint32_t ct;
     long d = persist_dest(e, s, proto, saddr, sport, daddr, dport, now, &victim, &ct);
@@ -518,6 +523,7 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     e->conn_count++;
     e->stats[ST_CONNS_CREATED]++;
     dest_conns_add(e, (uint32_t)d, C_INACTIVE, 1);
+    dest_overload_bind(e, (uint32_t)d);
     e->svc_stats[s][T_CONNS] += 1;
     e->dest_stats[d][T_CONNS] += 1;
     return c;

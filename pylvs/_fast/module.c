@@ -2,6 +2,7 @@
 #include "capture.h"
 #include "engine.h"
 #include "ip_vs_icmp.h"
+#include "ip_vs_sched.h"
 #include "ip_vs_xmit_tun.h"
 
 static struct PyModuleDef fast_module = {
@@ -18,7 +19,7 @@ PyMODINIT_FUNC PyInit__fast(void)
     if (pylvs_engine_register(m) < 0 || pylvs_afpacket_register(m) < 0 ||
         pylvs_icmp_register(m) < 0 || pylvs_tun_register(m) < 0 ||
         pylvs_capture_register(m) < 0 || pylvs_tap_register(m) < 0 ||
-        pylvs_xdp_register(m) < 0) {
+        pylvs_xdp_register(m) < 0 || pylvs_sched_register(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

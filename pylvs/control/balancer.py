@@ -44,11 +44,12 @@ from .. import forward
 from .. import sched as schedmod
 from ..engine import states, tables
 from ..engine.tables import (
-    ACTIVE, CONN_F_TEMPLATE, CTPL_NAMES, DEST_DTYPE, DEST_F_NO_ROUTE, DEST_F_REPLIES, DEST_F_RESOLVED, DEST_F_USED, FWD_TUNNEL, INACTIVE,
+    ACTIVE, CONN_F_TEMPLATE, CTPL_NAMES, DEST_DTYPE, DEST_F_NO_ROUTE, DEST_F_OVERLOAD, DEST_F_REPLIES, DEST_F_RESOLVED, DEST_F_USED, FWD_TUNNEL, INACTIVE,
     N_TRAFFIC, PROTO_TCP, PROTO_UDP, SERVICE_DTYPE, SVC_F_USED, SYSCTL_DEFAULTS, SYSCTL_NAMES,
     Counters,
 )
 from ..forward import tunnel
+from .sched_tables import SchedTables
 from .text import ascii_int, excerpt, quoted
 
 log = logging.getLogger("pylvs.balancer")
@@ -417,7 +418,9 @@ class Balancer:
       tuples may carry a 13th field, the worker holding the conn: "worker");
     - ``clock``: the engine's time base for conn expiry (default monotonic);
     - ``on_timeouts``: called with ``states.timeout_array(...)`` after
-      ``set_timeouts``, to hand the new timeouts to the engine.
+      ``set_timeouts``, to hand the new timeouts to the engine;
+    - ``publish_sched(svcs, dests, thresholds, table)``: every engine's
+      ``set_sched`` (docs/engine.md, "Schedulers in C"), and ``c_sched``.
     """
 
     def __init__(self, counters: Counters, resolver=None,
@@ -472,9 +475,14 @@ class Balancer:
         # first, any -x threshold, vaddr, vport) or None.
         self._sched_view: list[tuple[schedmod.Scheduler, tuple[SchedDestView, ...], bool,
                                      int, int] | None] = [None] * counters.max_services
-        # Dest slots flagged overloaded by -x (touched by the workers, under _sched_lock).
-        self._overloaded: set[int] = set()
         self._sched_lock = threading.Lock()
+        # The schedulers the engines run themselves (sched_tables.py): after
+        # each change publish_sched(svcs, dests, thresholds, table) hands the
+        # tables to every engine's set_sched; c_sched False: Python for all.
+        self._c_tables = SchedTables(counters)
+        self.publish_sched: Callable[..., None] = lambda svcs, dests, thresholds, table: None
+        self._c_sched = True
+        self._c_hold = 0   # inside flush: one publish_sched at its end
 
         self._timeouts = {"tcp": states.DEFAULT_TIMEOUTS["ESTABLISHED"],
                           "tcpfin": states.DEFAULT_TIMEOUTS["FIN_WAIT"],
@@ -515,32 +523,31 @@ class Balancer:
         # Workers call this from several threads: the overload hysteresis
         # and the scheduler's state change under one lock.
         with self._sched_lock:
-            if thresholds:
-                self._update_overload(dests)
-                overloaded = self._overloaded.__contains__
-            else:
-                overloaded = schedmod.never_overloaded
+            # The overload flag the engines keep (counters.dest_flags: set
+            # at -x, cleared below -y, as ip_vs_bind_dest/ip_vs_unbind_dest).
+            overloaded = self._overloaded if thresholds else schedmod.never_overloaded
             ctx = schedmod.SchedCtx(self.counters.dest_conns, caddr, cport, vaddr,
                                     vport if dport is None else dport, self.clock(),
                                     overloaded)
             d = sched.schedule(dests, ctx)
         return -1 if d is None else d.slot
 
-    def _update_overload(self, dests: tuple[SchedDestView, ...]) -> None:
-        """The -x/-y overload flags of ``dests``, with the kernel's
-        hysteresis: overloaded once activeconns + inactconns reach the upper
-        threshold, available again below the lower one (or below 3/4 of the
-        upper one when no lower threshold is set)."""
-        conns = self.counters.dest_conns
-        over = self._overloaded
-        for d in dests:
-            if d.u_threshold:
-                n = int(conns[d.slot, ACTIVE]) + int(conns[d.slot, INACTIVE])
-                if d.slot in over:
-                    if (n < d.l_threshold) if d.l_threshold else (n * 4 < d.u_threshold * 3):
-                        over.discard(d.slot)
-                elif n >= d.u_threshold:
-                    over.add(d.slot)
+    def _overloaded(self, slot: int) -> bool:
+        return bool(self.counters.dest_flags[slot] & DEST_F_OVERLOAD)
+
+    @property
+    def c_sched(self) -> bool:
+        """True (the default): the engines run rr, wrr, lc, wlc, sed, nq, fo
+        and ovf themselves (docs/engine.md, "Schedulers in C"); False: every
+        new conn asks the Python scheduler (``pylvs run --sched-impl
+        python``), as tests and benchmarks compare."""
+        return self._c_sched
+
+    @c_sched.setter
+    def c_sched(self, on: bool) -> None:
+        self._c_sched = bool(on)
+        self._c_tables.rebuild(self._c_sched)
+        self.publish_sched(*self._c_tables.published())
 
     # --- lookups ------------------------------------------------------------
 
@@ -644,7 +651,9 @@ class Balancer:
             # scheduler and its state (rr's turn, lblc's cache).
             with self._sched_lock:
                 svc.scheduler.flags = frozenset(sched_flag_names(new_sched, bits))
+                self._c_tables.set_flags(svc.slot, bits)
             svc.sched_flags = bits
+            self.publish_sched(*self._c_tables.published())
         svc.timeout, svc.netmask, svc.pe, svc.ops = timeout, mask, new_pe, new_ops
         self._dirty_svc.add(svc.slot)
         self._changed()
@@ -664,6 +673,7 @@ class Balancer:
 
     def _remove_service(self, svc: Service) -> None:
         self._sched_view[svc.slot] = None
+        self._c_tables.remove(svc.slot)   # published by the flush that follows
         self._sched_dirty.pop(svc.slot, None)
         held = any(self._conns_on(d.slot) for d in svc.dests.values())
         for d in list(svc.dests.values()):
@@ -892,10 +902,15 @@ class Balancer:
                     added += 1
                 for k in range(added - 1, 0, -1):
                     sched.update(views[k:])
+                    self._c_tables.step(svc.slot, svc.sched_name, sched, views[k:])
             sched.update(views)
             self._sched_view[svc.slot] = (sched, views,
                                           any(v.u_threshold for v in views),
                                           svc.vaddr, svc.vport)
+            self._c_tables.update(svc.slot, svc.sched_name, svc.sched_flags, sched, views,
+                                  self._c_sched)
+        if not self._c_hold:
+            self.publish_sched(*self._c_tables.published())
 
     # --- publishing ---------------------------------------------------------
 
@@ -1348,6 +1363,15 @@ class Balancer:
 
     def flush(self) -> None:
         """Publish what is pending (changes made in batches with ``hold``)."""
+        self._c_hold += 1
+        try:
+            self._flush_pending()
+        finally:
+            self._c_hold -= 1
+        if self._c_tables.dirty:
+            self.publish_sched(*self._c_tables.published())
+
+    def _flush_pending(self) -> None:
         # As outside a batch: a scheduler never names a dest the engine's
         # tables do not have yet, nor one already gone from them. Dests the
         # batch removed (or quiesced) leave the schedulers first, the tables

@@ -27,6 +27,8 @@ Python. What the two share bit for bit:
 
 from __future__ import annotations
 
+from typing import Callable
+
 from . import states, tables
 
 _ST = tables.STAT_INDEX
@@ -124,6 +126,8 @@ class ConnTable:
         self.nbuckets = INDEX_MIN
         self.rng = int.from_bytes(key[:8], "little") ^ int.from_bytes(key[8:16], "little")
         self.todrop_counter = [0] * 9   # drop_entry's countdown per in_pkts (kernel's static)
+        # Called with a dest slot after a conn left it (the engine's overload flag).
+        self.unbind: Callable[[int], None] = lambda d: None
 
     @property
     def high(self) -> int:
@@ -167,6 +171,8 @@ class ConnTable:
                 c.control = None
             if c.dest < self.counters.max_dests:
                 self.counters.dest_conns[c.dest, col] -= 1
+        if c.dest < self.counters.max_dests:
+            self.unbind(c.dest)
         self.slots[c.slot] = None
         self.free.append(c.slot)
         self.count -= 1

@@ -62,7 +62,7 @@ from typing import Callable
 import numpy as np
 
 from . import states, tables
-from . import icmp, tunnel
+from . import icmp, sched_c, tunnel
 from .conn import (CONNS_EXPIRED, CONNS_REUSED, MAX_LIMIT, TPL_LATE_TIMEOUT, TPL_PROTO, Conn,
                    ConnTable, tpl_held)
 from .checksum import fold, ones_sum, pseudo_header_sum, sum_update32, update16, update32
@@ -256,6 +256,9 @@ class Engine:
         # tuple-of-int hash is not keyed, so clients could flood a chain; the
         # C engine hashes with keyed SipHash for that reason.
         self._ct = ConnTable(capacity, key, counters, self._pend)
+        # Schedulers run by the engine and the overload flag (sched_c.py).
+        self._sched = sched_c.EngineSched(counters)
+        self._ct.unbind = lambda d: sched_c.unbind(counters, self._sched.thresholds, d)
         self._index = self._ct.index
         self._sysctl = list(tables.SYSCTL_DEFAULTS)
         self._svc_by_key: dict[tuple[int, int, int], int] = {}
@@ -408,6 +411,11 @@ class Engine:
                      dmacs[6 * i:6 * i + 6], smacs[6 * i:6 * i + 6], tt, tf, tp)
         self._svc_table, self._dest_table = services, dests
         self._svc_by_key, self._dests = by_key, ds
+
+    def set_sched(self, sched_svcs: np.ndarray, sched_dests: np.ndarray,
+                  thresholds: np.ndarray, sched_table: np.ndarray) -> None:
+        self._refuse_if_busy()
+        self._sched.set(sched_svcs, sched_dests, thresholds, sched_table)
 
     def set_ports(self, ports: np.ndarray) -> None:
         """The I/O ports' facts (PORT_DTYPE, index = port): address, MTU, MAC, rp_filter."""
@@ -1427,7 +1435,7 @@ class Engine:
                 pend[_DROP_TABLE_FULL] += 1
                 return V_DROP, None
         if (self.pressure and self._sysctl[_UPCALL_SHARE] < 100 and self._upcall_cost > 0
-                and not self._upcall_allowed(now)):
+                and self._sched.needs_upcall(svc) and not self._upcall_allowed(now)):
             pend[_DROP_UPCALL_LIMIT] += 1
             return V_DROP, None
         try:
@@ -1487,6 +1495,7 @@ class Engine:
         pend[_CONNS_CREATED] += 1
         cnt = self._counters
         cnt.dest_conns[d, tables.INACTIVE] += 1
+        sched_c.bind(cnt, self._sched.thresholds, d)
         cnt.svc_stats[svc, tables.STAT_CONNS] += 1
         cnt.dest_stats[d, tables.STAT_CONNS] += 1
         return None, (c, states.INPUT)
@@ -1500,6 +1509,10 @@ class Engine:
         return s
 
     def _call_schedule(self, svc: int, saddr: int, sport: int) -> int:
+        """call_schedule in ip_vs_core.c: the engine's scheduler, else the upcall."""
+        d = self._sched.pick(svc, saddr, sport, int(self._svc_table[svc]["vaddr"]))
+        if d != sched_c.ASK_PYTHON:
+            return d
         self._busy = True
         try:
             return operator.index(self._schedule(svc, saddr, sport))
@@ -1559,6 +1572,7 @@ class Engine:
             ct.add(t, victim, now)
             self._pend[_CONNS_CREATED] += 1
             self._counters.dest_persist[d] += 1
+            sched_c.bind(self._counters, self._sched.thresholds, d)
             victim = self._victim_but(now, t)
         t.expires = now + t.tpl_timeout
         return t.dest, t, victim

@@ -233,6 +233,51 @@ def empty_routes(n: int) -> np.ndarray:
     return np.zeros(n, dtype=ROUTE_DTYPE)
 
 
+# --- scheduling in the engine (docs/engine.md, "Schedulers in C") ---------
+
+# Counters.dest_flags bits, set and cleared by the engines as a conn binds
+# or unbinds a dest (the kernel's ip_vs_bind_dest / ip_vs_unbind_dest).
+DEST_F_OVERLOAD = 1  # IP_VS_DEST_F_OVERLOAD: -x reached, not yet below -y
+
+# Schedulers the engine runs itself, by ``-s`` name; SCHED_UPCALL (any
+# other name, or Balancer.c_sched off) calls the Python scheduler.
+SCHED_UPCALL = 0
+SCHED_KINDS = {"rr": 1, "wrr": 2, "lc": 3, "wlc": 4, "sed": 5, "nq": 6, "fo": 7, "ovf": 8,
+               "sh": 9, "dh": 10, "mh": 11}
+# sh, dh, mh: buckets per table (their Scheduler.table_size).
+SCHED_TABLE_SIZES = {"sh": 256, "dh": 256, "mh": 4093}
+
+# One row per service slot: its scheduler and its dests' run in SCHED_DEST
+# rows [first, first + count), in the order its Python scheduler sees them;
+# sh, dh, mh also their table, SCHED_TABLE_SIZES int32 entries of the
+# sched_table array from `table` on: indices into the run, -1 empty.
+SCHED_SVC_DTYPE = np.dtype(
+    [
+        ("kind", "u1"),      # SCHED_KINDS value or SCHED_UPCALL
+        ("flags", "u1"),     # the service's -b bits (IP_VS_SVC_F_SCHED1..3)
+        ("pad", "<u2"),
+        ("first", "<u4"),
+        ("count", "<u4"),
+        ("table", "<u4"),
+    ],
+    align=True,
+)
+SCHED_DEST_DTYPE = np.dtype([("slot", "<u4"), ("weight", "<i4")], align=True)
+# One row per dest slot: -x and -y (0: none), for the overload flag.
+DEST_THRESH_DTYPE = np.dtype([("u_threshold", "<u4"), ("l_threshold", "<u4")], align=True)
+# Counters.sched_state row: int32 words a stateful scheduler keeps for its
+# service, shared by every worker's engine (word 0 is the row's lock).
+SCHED_STATE_WORDS = 8
+
+
+def empty_sched(max_services: int, max_dests: int) -> tuple[np.ndarray, ...]:
+    """Scheduler tables with no C scheduler and no thresholds:
+    (SCHED_SVC_DTYPE[max_services], SCHED_DEST_DTYPE[0],
+    DEST_THRESH_DTYPE[max_dests], int32[0] sched_table)."""
+    return (np.zeros(max_services, dtype=SCHED_SVC_DTYPE), np.zeros(0, dtype=SCHED_DEST_DTYPE),
+            np.zeros(max_dests, dtype=DEST_THRESH_DTYPE), np.zeros(0, dtype=np.int32))
+
+
 # Per-service and per-dest traffic counters, columns:
 STAT_CONNS, STAT_INPKTS, STAT_OUTPKTS, STAT_INBYTES, STAT_OUTBYTES = range(5)
 N_TRAFFIC = 5
@@ -256,27 +301,25 @@ class Counters:
     """
 
     def __init__(self, max_services: int = 256, max_dests: int = 4096,
-                 dest_conns: np.ndarray | None = None, dest_persist: np.ndarray | None = None):
+                 dest_conns: np.ndarray | None = None, dest_persist: np.ndarray | None = None,
+                 dest_flags: np.ndarray | None = None, sched_state: np.ndarray | None = None):
         """``dest_conns``: an int32 (max_dests, 2) array to share with other
         Counters (workers: every engine adds to the same counts, atomically
         in C); None makes a new one. ``dest_persist``: int32 (max_dests,),
         the persistence templates naming each dest (the kernel's
-        persistconns), shared the same way."""
+        persistconns), ``dest_flags`` (uint8[max_dests], DEST_F_OVERLOAD) and
+        ``sched_state`` (int32 (max_services, SCHED_STATE_WORDS)) are shared
+        the same way."""
         self.max_services = max_services
         self.max_dests = max_dests
         self.stats = np.zeros(N_STATS, dtype=np.uint64)
         self.svc_stats = np.zeros((max_services, N_TRAFFIC), dtype=np.uint64)
         self.dest_stats = np.zeros((max_dests, N_TRAFFIC), dtype=np.uint64)
-        if dest_conns is None:
-            dest_conns = np.zeros((max_dests, 2), dtype=np.int32)
-        elif dest_conns.shape != (max_dests, 2) or dest_conns.dtype != np.int32:
-            raise ValueError(f"dest_conns must be int32 ({max_dests}, 2)")
-        self.dest_conns = dest_conns
-        if dest_persist is None:
-            dest_persist = np.zeros(max_dests, dtype=np.int32)
-        elif dest_persist.shape != (max_dests,) or dest_persist.dtype != np.int32:
-            raise ValueError(f"dest_persist must be int32 ({max_dests},)")
-        self.dest_persist = dest_persist
+        self.dest_conns = _shared(dest_conns, "dest_conns", (max_dests, 2), np.int32)
+        self.dest_persist = _shared(dest_persist, "dest_persist", (max_dests,), np.int32)
+        self.dest_flags = _shared(dest_flags, "dest_flags", (max_dests,), np.uint8)
+        self.sched_state = _shared(sched_state, "sched_state",
+                                   (max_services, SCHED_STATE_WORDS), np.int32)
 
     def stat(self, name: str) -> int:
         return int(self.stats[STAT_INDEX[name]])
@@ -292,11 +335,20 @@ class Counters:
         self.dest_stats[slot] = 0
 
 
+def _shared(a: np.ndarray | None, what: str, shape: tuple, dtype) -> np.ndarray:
+    if a is None:
+        return np.zeros(shape, dtype=dtype)
+    if a.shape != shape or a.dtype != dtype:
+        raise ValueError(f"{what} must be {np.dtype(dtype).name} {shape}")
+    return a
+
+
 class CounterSum:
     """The Counters of several workers read as one (docs/io.md, "Workers"):
     ``stats``, ``svc_stats`` and ``dest_stats`` are sums made at each read
     (the kernel sums its per-CPU ip_vs_stats the same way), ``dest_conns``
-    is the one array every worker's engine shares. Writes go through
+    (with ``dest_flags`` and ``sched_state``) is the one array every
+    worker's engine shares. Writes go through
     ``zero_svc`` / ``zero_dest``, which zero every worker's row. ``parts``:
     the workers' Counters, in worker order."""
 
@@ -305,10 +357,12 @@ class CounterSum:
             raise ValueError("workers must be at least 1")
         self.max_services = max_services
         self.max_dests = max_dests
-        self.dest_conns = np.zeros((max_dests, 2), dtype=np.int32)
-        self.dest_persist = np.zeros(max_dests, dtype=np.int32)
-        self.parts = [Counters(max_services, max_dests, self.dest_conns, self.dest_persist)
-                      for _ in range(workers)]
+        first = Counters(max_services, max_dests)
+        self.dest_conns, self.dest_persist = first.dest_conns, first.dest_persist
+        self.dest_flags, self.sched_state = first.dest_flags, first.sched_state
+        self.parts = [first] + [Counters(max_services, max_dests, self.dest_conns,
+                                         self.dest_persist, self.dest_flags, self.sched_state)
+                                for _ in range(workers - 1)]
 
     def _sum(self, name: str) -> np.ndarray:
         arrays = [getattr(p, name) for p in self.parts]

@@ -499,7 +499,7 @@ class AfPacketBackend(CopyLoop):
         bpf.fanout_plan."""
         if self.fanout_steer is not None or self.fanout_ids is None:
             return bpf.FANOUT_FULL
-        return bpf.fanout_plan(services, dests)
+        return bpf.fanout_plan(services, dests, self.lanes is not None)
 
     def stats(self) -> dict[str, int]:
         """Ring counters summed over ports (``tx_*``: frames given V_TX;

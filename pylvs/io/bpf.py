@@ -527,6 +527,7 @@ def _addr_set(packed: np.ndarray) -> np.ndarray:
 
 
 _FANOUT_HEAD_LEN = 64  # everything but the two matches (tests/test_fanout.py checks it)
+_FANOUT_LANES_LEN = 3  # what lanes=(workers, lane) adds to it
 
 
 def client_mask(services) -> int:
@@ -544,10 +545,11 @@ def client_mask(services) -> int:
     return int(np.bitwise_and.reduce(rows["netmask"].astype(np.uint32)))
 
 
-def _fanout_mode(svc: np.ndarray, frm: np.ndarray) -> str:
-    if _FANOUT_HEAD_LEN + _match_len(svc) + _match_len(frm) <= BPF_MAXINSNS:
+def _fanout_mode(svc: np.ndarray, frm: np.ndarray, lanes: bool = False) -> str:
+    head = _FANOUT_HEAD_LEN + (_FANOUT_LANES_LEN if lanes else 0)
+    if head + _match_len(svc) + _match_len(frm) <= BPF_MAXINSNS:
         return FANOUT_FULL
-    if _FANOUT_HEAD_LEN + 4 + 2 * (_addr_set(svc).size + _addr_set(frm).size) <= BPF_MAXINSNS:
+    if head + 4 + 2 * (_addr_set(svc).size + _addr_set(frm).size) <= BPF_MAXINSNS:
         return FANOUT_ADDRS
     return FANOUT_SADDR
 
@@ -615,7 +617,7 @@ def fanout_program(services, dests, *, lanes: tuple[int, int] | None = None) -> 
     reach an arbitrary worker): `fanout_plan` says which.
     """
     svc, frm = _fanout_sets(services, dests)
-    mode = _fanout_mode(svc, frm)
+    mode = _fanout_mode(svc, frm, lanes is not None)
     a = _Asm()
     if lanes is not None and (lanes[0] < 1 or lanes[1] not in (0, 1)):
         raise ValueError(f"lanes must be (workers >= 1, lane 0 or 1), not {lanes!r}")
@@ -698,10 +700,11 @@ def _skip_ip_header(a: "_Asm") -> None:
     a.op(MISC | TAX)
 
 
-def fanout_plan(services, dests) -> str:
-    """How `fanout_program` keys these tables: FANOUT_FULL, FANOUT_ADDRS or
+def fanout_plan(services, dests, lanes: bool = False) -> str:
+    """How `fanout_program` keys these tables (``lanes``: built with
+    lanes=, three instructions longer): FANOUT_FULL, FANOUT_ADDRS or
     FANOUT_SADDR (see there)."""
-    return _fanout_mode(*_fanout_sets(services, dests))
+    return _fanout_mode(*_fanout_sets(services, dests), lanes)
 
 
 def _client_of(frame: bytes, base: int, svc: set, frm: set, svc_a: set, frm_a: set,

@@ -117,6 +117,9 @@ class Options:
     # Clients on the director itself are balanced (pylvs/io/local.py;
     # not with --tap); --no-local-clients leaves them to the kernel.
     local_clients: bool = True
+    # --sched-impl: "c", the engines run rr, wrr, lc, wlc, sed, nq, fo, ovf
+    # themselves; "python", every new conn asks the Python scheduler.
+    sched_impl: str = "c"
 
 
 class Daemon:
@@ -430,6 +433,8 @@ class Daemon:
         """`pylvs stats` reads the engine; --sysctl values go in at start
         (through publish_sysctls, wired by _io_hooks)."""
         self.balancer.engine_info = self._engine_info
+        self.balancer.publish_sched = lambda *t: self._engine_call("set_sched", *t)
+        self.balancer.c_sched = self.opts.sched_impl == "c"
         try:
             self.balancer.set_sysctls(self.opts.sysctls)
         except Exception as e:  # BalancerError: the message names the knob
@@ -888,6 +893,10 @@ def main(argv: list[str] | None = None) -> int:
                     metavar="NAME=VALUE", help="set an engine knob at start (repeatable; default: "
                     + ", ".join(f"{n}={v}" for n, v in zip(bal.SYSCTL_NAMES, bal.SYSCTL_DEFAULTS)) + ")")
     ap.add_argument("--engine", choices=IMPLS, default="c", help="data path engine")
+    ap.add_argument("--sched-impl", choices=("c", "python"), default="c",
+                    help="c: the engine runs rr, wrr, lc, wlc, sed, nq, fo and ovf itself; "
+                    "python: every new conn calls the Python scheduler (the reference; "
+                    "docs/engine.md, \"Schedulers in C\")")
     ap.add_argument("--workers", type=_bounded(1, 256), metavar="N", default=None,
                     help="data-path threads, each with its own engine, conn table and sockets "
                     "(frames steered by client address, docs/io.md); --conn-max is split "
@@ -979,7 +988,7 @@ def main(argv: list[str] | None = None) -> int:
                    max_dests=a.max_dests, sysctls=dict(a.sysctl),
                    qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, ring=a.ring, workers=workers,
                    steering=a.steering, tap=a.tap, tap_addrs=a.tap_addrs, gateway=a.gateway,
-                   mac=a.mac, io=a.io, local_clients=a.local_clients)
+                   mac=a.mac, io=a.io, local_clients=a.local_clients, sched_impl=a.sched_impl)
     try:
         return Daemon(opts).run()
     except SystemExit:
