@@ -142,6 +142,8 @@ PORT = 9
 WARMUP = 1.0
 GEN_TTL = 64
 PAYLOAD = b"\x42" * 18
+# --flood-kind -> the scenario's name part (and the session's key).
+FLOOD_KINDS = {"udp": "flood", "syn": "synflood"}
 # The flood's source addresses: these last octets of the client's /24 (none
 # is the client, the director or the VIP).
 FLOOD_HOSTS = (128, 254)
@@ -242,20 +244,26 @@ def trafgen_conf(lab: Lab, gen: Generator, flows: int, base_port: int = 10000,
     )
 
 
-def flood_conf(lab: Lab, gen: Generator) -> str:
-    """The flood of new flows: 64-byte frames to VIP:PORT from the client's
-    /24, the last octet of the source address cycling over FLOOD_HOSTS and a
+def flood_conf(lab: Lab, gen: Generator, kind: str = "udp") -> str:
+    """The flood of new flows: frames to VIP:PORT from the client's /24,
+    the last octet of the source address cycling over FLOOD_HOSTS and a
     random source port in every frame, so nearly every frame is a flow no
     director has seen. The sources stay routable from the director (the
-    same /24 as the client): a reverse-path check does not drop them."""
+    same /24 as the client): a reverse-path check does not drop them.
+
+    kind "udp": 64-byte UDP frames (to the UDP service of the established
+    flows); "syn": TCP SYNs (54-byte frames, a random sequence number) to
+    the TCP service on the same VIP:PORT (FLOOD_KINDS), each a half-open
+    conn for a director, a conntrack entry for the kernel."""
     net = lab.cip.rsplit(".", 1)[0]
     lo, hi = FLOOD_HOSTS
+    l4 = (f"  udp(sp=drnd(), dp={PORT}),\n  fill(0x{PAYLOAD[0]:02x}, {len(PAYLOAD)})\n"
+          if kind == "udp" else f"  tcp(sp=drnd(), dp={PORT}, seq=drnd(), syn),\n")
     return (
         "{\n"
         f"  eth(da={gen.dmac}, sa={gen.smac}, type=0x0800),\n"
         f"  ipv4(saddr={net}.{lo}, saddr[3]=dinc({lo}, {hi}), daddr={lab.vip}, ttl={GEN_TTL}),\n"
-        f"  udp(sp=drnd(), dp={PORT}),\n"
-        f"  fill(0x{PAYLOAD[0]:02x}, {len(PAYLOAD)})\n"
+        f"{l4}"
         "}\n"
     )
 
@@ -263,15 +271,18 @@ def flood_conf(lab: Lab, gen: Generator) -> str:
 def sink_nft(lab: Lab, i: int) -> str:
     """The nft table of sink i: count and drop at ingress what is for it.
 
-    Counter ``rx``: every bench frame; ``est``: those from the client's own
+    Counter ``rx``: every bench frame (UDP or TCP to PORT); ``est``: those from the client's own
     address (lab.cip), i.e. the established flows, not the flood's
     (flood_conf) other source addresses. In Tun the client's address is the
     inner saddr: 20 bytes of outer header + 12, read raw.
     """
+    # UDP and TCP: the SYN flood's frames are counted (and dropped, so no
+    # server answers them with a RST) as the UDP flood's are.
+    port = f"meta l4proto {{ tcp, udp }} th dport {PORT}"
     if lab.fwd == "nat":
-        match = f"udp dport {PORT}"
+        match = port
     elif lab.fwd == "dr":
-        match = f"ether daddr {lab.mac(lab.rs[i], 'eth0')} ip daddr {lab.vip} udp dport {PORT}"
+        match = f"ether daddr {lab.mac(lab.rs[i], 'eth0')} ip daddr {lab.vip} {port}"
     else:
         match = f"ether daddr {lab.mac(lab.rs[i], 'eth0')} ip protocol 4 ip daddr {lab.rips[i]}"
     cip = f"@nh,256,32 0x{bytes(map(int, lab.cip.split('.'))).hex()}" if lab.fwd == "tun" \
@@ -453,7 +464,7 @@ def check_sinks(lab: Lab, timeout: float = 2.0, cips: tuple[str, ...] = ()) -> d
 
 
 def kernel_nft_up(lab: Lab) -> None:
-    netbench.kernel_nft_up(lab, "udp", PORT, lab.rips)
+    netbench.kernel_nft_up(lab, "udp", PORT, lab.rips, also_tcp=True)
 
 
 def kernel_nft_fwd_script(vip: str, out_mac: str, rs_macs: list[str], iface: str = "eth0") -> str:
@@ -489,6 +500,8 @@ def kernel_nft_fwd_down(lab: Lab) -> None:
 def pylvs_up(lab: Lab, cpu: str, *run_args: str) -> None:
     lab.start_director(*run_args, taskset=cpu)
     lab.service("udp", PORT, [1] * len(lab.rips), sched="wlc")
+    # The SYN flood's target (flood_conf "syn"); idle otherwise.
+    lab.service("tcp", PORT, [1] * len(lab.rips), sched="wlc")
 
 
 def pylvs_down(lab: Lab) -> None:
@@ -890,11 +903,18 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     ap.add_argument("--ramp-seconds", type=float, default=1.0 if quick else 2.0)
     ap.add_argument("--flood", choices=("on", "off"), default="on",
                     help="with RPS on: established flows alone, then under a flood of new flows")
+    ap.add_argument("--flood-kind", default=None,
+                    help="the floods, comma-separated: udp (new UDP flows), syn (TCP SYNs "
+                    "from random sources); default udp,syn for nat, udp for dr and tun")
     ap.add_argument("--flood-gap", default="20us",
                     help="trafgen --gap of the established flows in the flood scenario")
     args = ap.parse_args(argv)
     fwd = args.fwd
     runs = runs or (2 if quick else 5)
+    kinds = [k.strip() for k in (args.flood_kind or ("udp,syn" if fwd == "nat" else "udp"))
+             .split(",") if k.strip()]
+    if any(k not in FLOOD_KINDS for k in kinds):
+        ap.error(f"--flood-kind: one of {', '.join(FLOOD_KINDS)}, comma-separated")
     impls = args.impl or list(DEFAULT_IMPLS[fwd])
     for impl in impls:
         if impl.startswith("kernel-") and KERNEL_IMPLS.get(fwd) != impl:
@@ -923,6 +943,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     samples: dict[tuple, list[dict]] = {(k, i): [] for k in keys for i in impls}
     overload: dict[str, list[dict]] = {i: [] for i in impls}
     flood: dict[str, list[dict]] = {i: [] for i in impls}
+    synflood: dict[str, list[dict]] = {i: [] for i in impls}
     checks: dict[str, dict] = {}
     cfloor_stats: dict[str, list[dict]] = {}
     errors: dict[str, str] = {}
@@ -1007,15 +1028,18 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
             if mode == "on" and extra["flood"]:
                 est = fresh_conf(lab, gen, clients=1)  # the sinks' "est": lab.cip's
                 alone = window([Load(est, f"gap:{args.flood_gap}")], args.seconds)
-                flooded = window([Load(est, f"gap:{args.flood_gap}"),
-                                  Load(fresh_conf(lab, gen, flood_conf(lab, gen)), args.rate)],
-                                 args.seconds)
-                out["flood"] = {"alone": alone, "flood": flooded}
-                print(f"round {r + 1}/{runs} {base_name + '-flood+rps':<26} {impl:<14} "
-                      f"established {alone['est_pps']:>9,.0f} pps alone, "
-                      f"{flooded['est_pps']:>9,.0f} under the flood (flood: "
-                      f"{flooded['pps'] - flooded['est_pps']:,.0f} pps delivered, "
-                      f"{flooded['offered_pps'] - alone['offered_pps']:,.0f} offered)", flush=True)
+                for kind in kinds:
+                    flooded = window([Load(est, f"gap:{args.flood_gap}"),
+                                      Load(fresh_conf(lab, gen, flood_conf(lab, gen, kind)),
+                                           args.rate)], args.seconds)
+                    key = FLOOD_KINDS[kind]
+                    out[key] = {"alone": alone, "flood": flooded}
+                    print(f"round {r + 1}/{runs} {f'{base_name}-{key}+rps':<26} {impl:<14} "
+                          f"established {alone['est_pps']:>9,.0f} pps alone, "
+                          f"{flooded['est_pps']:>9,.0f} under the flood (flood: "
+                          f"{flooded['pps'] - flooded['est_pps']:,.0f} pps delivered, "
+                          f"{flooded['offered_pps'] - alone['offered_pps']:,.0f} offered)",
+                          flush=True)
             return out
 
         for mode in modes:
@@ -1036,6 +1060,8 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                         overload[impl].append(out["overload"])
                     if "flood" in out:
                         flood[impl].append(out["flood"])
+                    if "synflood" in out:
+                        synflood[impl].append(out["synflood"])
     finally:
         for lab in labs.values():
             errs = lab.down()
@@ -1105,7 +1131,8 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
                                f"delivered {100 * row['delivered_fraction']:.0f}%, limit: "
                                f"{row['limit']}")
     for name, got, make in ((f"{base_name}-overload+rps", overload, overload_row),
-                            (f"{base_name}-flood+rps", flood, flood_row)):
+                            (f"{base_name}-flood+rps", flood, flood_row),
+                            (f"{base_name}-synflood+rps", synflood, flood_row)):
         rows = {impl: make(name, impl, got[impl], args) for impl in impls if got[impl]}
         for impl, row in rows.items():
             if impl in errors:

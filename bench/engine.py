@@ -22,54 +22,24 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import random
+import resource
 import statistics
-import struct
 import time
 
 import numpy as np
 
 from pylvs.engine import new_engine, tables
 
+from .flowgen import VIP, VPORT, FrameMaker, flow_tuples
+
 BATCH = 256
 FLOWS = 100_000
 PAYLOAD = 64
-VIP = int(ipaddress.IPv4Address("10.0.0.100"))
-VPORT = 80
 RIPS = [int(ipaddress.IPv4Address(f"10.0.1.{11 + i}")) for i in range(3)]
-CMAC = bytes.fromhex("020000000002")
-LMAC = bytes.fromhex("020000000001")
 SMAC = bytes.fromhex("020000000101")
 NOW = 1000.0
 DEFAULT_CONN_MAX = 1 << 22  # pylvs run --conn-max
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = int(np.frombuffer(data, dtype=">u2").sum(dtype=np.uint64))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return (~s) & 0xFFFF
-
-
-def tcp_frame(caddr: int, cport: int, flags: int, payload: bytes = b"") -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", cport, VPORT, 1000, 1 if flags & 0x10 else 0,
-                      5 << 4, flags, 65535, 0, 0) + payload
-    pseudo = struct.pack("!IIBBH", caddr, VIP, 0, 6, len(tcp))
-    c = _csum(pseudo + tcp)
-    tcp = tcp[:16] + struct.pack("!H", c) + tcp[18:]
-    ip = struct.pack("!BBHHHBBHII", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0, caddr, VIP)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
-    eth = LMAC + CMAC + b"\x08\x00"
-    return tables.with_vnet(eth + ip + tcp)
-
-
-def flows(n: int) -> list[tuple[int, int]]:
-    # Many clients, many ports: 10.64.0.0/10 x ports 1024.. gives distinct tuples.
-    base = int(ipaddress.IPv4Address("10.64.0.0"))
-    return [(base + (i // 50000) * 256 + (i % 250) + 1, 1024 + (i // 250) % 50000)
-            for i in range(n)]
+SETUP_CHUNK = 4096  # frames per process() call while conns are made
 
 
 # Scenario -> the forwarding method of its dests (the same traffic otherwise).
@@ -94,8 +64,36 @@ def tables_for_bench(fwd: int = tables.FWD_MASQ):
     return svcs, dests
 
 
+def rss_bytes() -> int:
+    """This process's resident set size now (/proc/self/statm), bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def make_conns(engine, n: int, start: int = 0, now: float = NOW) -> None:
+    """Establish flows start..start+n-1 (flowgen numbering) in `engine`: a
+    SYN (-> SYN_RECV, scheduled) and the client's ACK (-> ESTABLISHED) for
+    each, SETUP_CHUNK flows at a time."""
+    syn, ack = FrameMaker(0x02), FrameMaker(0x10)
+    batch = tables.Batch(SETUP_CHUNK, 128)
+    for lo in range(start, start + n, SETUP_CHUNK):
+        k = min(SETUP_CHUNK, start + n - lo)
+        caddr, cport = flow_tuples(np.arange(lo, lo + k))
+        for fm in (syn, ack):
+            batch.clear()
+            fm.fill(batch.buf, caddr, cport)
+            batch.length[:k] = fm.length
+            batch.in_port[:k] = 0
+            batch.count = k
+            engine.process(batch, now)
+
+
 class Setup:
-    """One engine of one impl, holding n established flows, and its frames."""
+    """One engine of one impl, holding n established flows, and its frames.
+
+    ``table_rss`` is what the process's RSS grew by while the conns were
+    made (the slab and index pages touched, plus the set-up's own buffers,
+    a few MB); ``engine.memory`` is the table's own count of its bytes."""
 
     def __init__(self, impl: str, n: int, seed: int = 1, fwd: int = tables.FWD_MASQ):
         self.impl = impl
@@ -106,40 +104,31 @@ class Setup:
             rr[0] = (rr[0] + 1) % len(RIPS)
             return rr[0]
 
+        rss0 = rss_bytes()
         self.engine = new_engine(impl, capacity=max(n, 1024), counters=self.counters,
                                  schedule=schedule)
         svcs, dests = tables_for_bench(fwd)
         self.engine.set_tables(svcs, dests)
-        fl = flows(n)
-        batch = tables.Batch(BATCH, 2048)
-        # Create the conns: SYN (-> SYN_RECV), then the client's ACK (-> ESTABLISHED).
-        for flags in (0x02, 0x10):
-            for i in range(0, n, BATCH):
-                batch.clear()
-                for caddr, cport in fl[i:i + BATCH]:
-                    batch.append(tcp_frame(caddr, cport, flags), in_port=0)
-                self.engine.process(batch, NOW)
+        make_conns(self.engine, n)
         if self.engine.conn_count != n:
             raise RuntimeError(f"{impl}: {self.engine.conn_count} conns after set-up, want {n}")
-        order = list(range(n))
-        random.Random(seed).shuffle(order)
+        self.table_rss = rss_bytes() - rss0
         payload = bytes(range(PAYLOAD))
-        sample = tcp_frame(*fl[0], 0x18, payload)
-        self.flen = len(sample)
+        est = FrameMaker(0x18, payload)
+        self.flen = est.length
         # Every byte any forwarding method rewrites (MACs, TTL, addresses,
         # ports, checksums) lies in the headers; the payload is never
         # written. The pool keeps only the headers, one row per flow in
-        # walk order; the payload is written into the batch once.
+        # walk order (a random permutation of the flows); the payload is
+        # written into the batch once.
         self.head = self.flen - PAYLOAD
-        self.sample = np.frombuffer(sample, dtype=np.uint8)
-        self.pool = np.zeros((n, self.head), dtype=np.uint8)
-        for row, i in enumerate(order):
-            frame = tcp_frame(*fl[i], 0x18, payload)
-            if frame[self.head:] != payload:
-                raise RuntimeError("the frame's headers are not its first "
-                                   f"{self.head} bytes")
-            self.pool[row] = np.frombuffer(frame[:self.head], dtype=np.uint8)
-        self.batch = batch
+        self.sample = est.template
+        order = np.random.default_rng(seed).permutation(n)
+        self.pool = np.empty((n, self.head), dtype=np.uint8)
+        for lo in range(0, n, 1 << 20):
+            caddr, cport = flow_tuples(order[lo:lo + (1 << 20)])
+            est.fill(self.pool[lo:], caddr, cport, width=self.head)
+        self.batch = tables.Batch(BATCH, 2048)
         self.n = n
 
     def _reloads(self, packets: int) -> list:
@@ -193,8 +182,13 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     ap.add_argument("--impl", action="append", choices=("c", "python"))
     ap.add_argument("--seconds", type=float, default=0.3 if quick else 1.0,
                     help="target duration of one run of the C engine")
-    ap.add_argument("--scenario", choices=(*FWD_OF, "short-conns"),
+    ap.add_argument("--scenario", choices=(*FWD_OF, "short-conns", "table-scale", "new-conn"),
                     default="nat-established")
+    ap.add_argument("--sizes", default=None,
+                    help="table-scale: table sizes in flows, comma-separated "
+                    "(default 10000,1000000,10000000; --quick 10000,200000)")
+    ap.add_argument("--sched", action="append",
+                    help="new-conn: schedulers to run (default: every -s name)")
     ap.add_argument("--rate", type=float, default=20_000,
                     help="short-conns: new conns per simulated second")
     ap.add_argument("--sim-seconds", type=float, default=150 if quick else 300,
@@ -209,6 +203,17 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
         return {"results": rows, "summary": summary}
     runs = runs or (3 if quick else 7)
     impls = args.impl or ["c", "python"]
+    if args.scenario == "table-scale":
+        from . import table_scale
+        sizes = args.sizes or ("10000,200000" if quick else table_scale.DEFAULT_SIZES)
+        rows, summary = table_scale.run([int(x) for x in sizes.split(",")], runs,
+                                        args.seconds)
+        return {"results": rows, "summary": summary}
+    if args.scenario == "new-conn":
+        from . import new_conn
+        rows, summary = new_conn.run(args.sched or new_conn.sched_names(), impls, runs,
+                                     0.1 if quick else args.seconds / 4)
+        return {"results": rows, "summary": summary}
 
     rows, setups = {}, {}
     for impl in impls:

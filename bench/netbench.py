@@ -121,14 +121,18 @@ def add_direct_path(lab: Lab) -> str:
 # --- the directors ------------------------------------------------------------------
 
 
-def kernel_nft_up(lab: Lab, proto: str, port: int, rips: list[str]) -> None:
+def kernel_nft_up(lab: Lab, proto: str, port: int, rips: list[str],
+                  also_tcp: bool = False) -> None:
+    """DNAT of VIP:port (proto) to the rips in turn; also_tcp: TCP to the
+    same port as well (bench e2e's SYN flood)."""
     m = ", ".join(f"{i} : {rip}" for i, rip in enumerate(rips))
+    match = f"meta l4proto {{ {proto}, tcp }} th" if also_tcp else proto
     lab.set_ip_forward(1)
     lab.nft(lab.director, f"""
 table ip lb {{
   chain pre {{
     type nat hook prerouting priority dstnat; policy accept;
-    ip daddr {lab.vip} {proto} dport {port} dnat to numgen inc mod {len(rips)} map {{ {m} }}
+    ip daddr {lab.vip} {match} dport {port} dnat to numgen inc mod {len(rips)} map {{ {m} }}
   }}
 }}
 """)

@@ -353,7 +353,7 @@ def test_memory_formula_small_table():
         env.send(*udp_q(3001))
         assert env.engine.memory == 4096 + 16 * 8   # 50 x 64 bytes, rounded to 4 KiB, whole
         env.send_many([udp_q(3002 + i)[:2] for i in range(10)])
-        assert env.engine.memory == 4096 + 64 * 8   # 11 conns: 44 index entries wanted
+        assert env.engine.memory == 4096 + 64 * 8   # 11 conns: 33 index entries wanted
 
 
 # --- random traffic at a small limit, both engines -----------------------------

@@ -204,6 +204,13 @@ struct bucket {
 #define BUCKET_DISTANCE (2 * PREFETCH_DISTANCE)
 #endif
 
+/* From this many index buckets (16 MiB of index, some 350 k to 700 k conns
+ * and a table past the L3 cache) the lookup pipeline prefetches a parse
+ * group at a time (pylvs_engine_run). */
+#ifndef GROUPED_MIN_BUCKETS
+#define GROUPED_MIN_BUCKETS (1u << 21)
+#endif
+
 #define N_BATCH_ARRAYS 10
 
 #define KEY_IN 0
@@ -220,11 +227,18 @@ struct rate_bucket {
 /* The slab is reserved as address space for `capacity` conns and made
  * usable in units of SLAB_UNIT bytes (one huge page) as slots come into use;
  * a table smaller than a unit is made usable whole, rounded to SLAB_PAGE.
- * The index starts at INDEX_MIN buckets and doubles while 4 x conns would
- * exceed it (at most two keys per conn, load <= 1/2). docs/engine.md, Conn table. */
+ * The index starts at INDEX_MIN buckets and doubles while INDEX_PER_CONN x
+ * conns would exceed it: at most two keys per conn, so a load <= 2/3 (a
+ * successful linear probe reads 2 buckets on average, a failed one 5, all
+ * 8-byte buckets, mostly one cache line). At 10 M conns that is 2^25
+ * buckets, 256 MiB, where 4 per conn (load <= 1/2) took 512 MiB: a
+ * lookup's random reads range over less, and at that size their cost is
+ * mostly address translation, which follows the range (bench/README.md,
+ * "table-scale"). docs/engine.md, Conn table. */
 #define SLAB_UNIT (2u << 20)
 #define SLAB_PAGE 4096u
 #define INDEX_MIN 16u
+#define INDEX_PER_CONN 3
 /* Slots drawn at the limit to find a conn to replace (docs/engine.md). */
 #define EVICT_SAMPLES 32
 

@@ -115,11 +115,11 @@ static int slab_grow(PylvsEngine *e, uint32_t slots)
     return 0;
 }
 
-/* Double the index until it holds 4 x `conns` buckets (load <= 1/2), moving
+/* Double the index until it holds INDEX_PER_CONN x `conns` buckets, moving
  * every entry by its tag; no key is hashed again. */
 static int index_grow(PylvsEngine *e, uint32_t conns)
 {
-    uint64_t need = 4 * (uint64_t)conns;
+    uint64_t need = INDEX_PER_CONN * (uint64_t)conns;
     uint64_t n = (uint64_t)e->mask + 1;
     if (need <= n)
         return 0;
@@ -228,7 +228,7 @@ uint32_t conn_alloc(PylvsEngine *e, int64_t victim, double now)
     return e->high++;
 }
 
-/* The load stays <= 1/2, so an empty bucket is always found. */
+/* The load stays <= 2/3, so an empty bucket is always found. */
 void index_insert(PylvsEngine *e, uint64_t h, uint32_t slot, int dir)
 {
     uint32_t tag = (uint32_t)h;
@@ -419,7 +419,7 @@ long conn_drop_entries(PylvsEngine *e, double now)
  * OUT for NAT conns) and
  * found by a lookup, nothing else indexed, no entry cut off from its home
  * bucket by an empty one, the free list exactly the unused slots below
- * high, and the load of the index at most 1/2. */
+ * high, and INDEX_PER_CONN buckets or more per conn. */
 int conn_table_check(PylvsEngine *self)
 {
     uint64_t entries = 0;
@@ -476,7 +476,7 @@ int conn_table_check(PylvsEngine *self)
         }
     }
     if (used != self->conn_count || entries != keys ||
-        nfree != self->high - used || 4 * (uint64_t)used > (uint64_t)self->mask + 1) {
+        nfree != self->high - used || INDEX_PER_CONN * (uint64_t)used > (uint64_t)self->mask + 1) {
         PyErr_Format(PyExc_AssertionError,
                      "%u conns used, conn_count %u, %llu index entries in %u buckets, "
                      "%u free slots below high %u", used, self->conn_count,

@@ -43,6 +43,7 @@ BUCKET_BYTES = 8         # struct bucket: tag, ref
 SLAB_UNIT = 2 << 20      # the slab grows a huge page at a time
 SLAB_PAGE = 4096
 INDEX_MIN = 16
+INDEX_PER_CONN = 3      # buckets per conn at least: load <= 2/3 (ip_vs.h)
 EVICT_SAMPLES = 32
 
 _M64 = (1 << 64) - 1
@@ -206,7 +207,7 @@ class ConnTable:
         conns_expired if it was dead anyway)."""
         if self.full():
             self.remove(victim, CONNS_EXPIRED if victim.expires <= now else CONNS_EVICTED)
-        while 4 * (self.count + 1) > self.nbuckets:
+        while INDEX_PER_CONN * (self.count + 1) > self.nbuckets:
             self.nbuckets *= 2
         if self.free:
             c.slot = self.free.pop()

@@ -881,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-c", "--config", metavar="FILE", help="ipvsadm -S rules to apply at start (default: none)")
     ap.add_argument("--conn-max", type=_bounded(1, MAX_CONN_MAX), default=DEFAULT_CONN_MAX,
                     metavar="N", help="most conns at once; the conn table grows with use up "
-                    "to this, 96 to 128 bytes per conn; split evenly among the --workers "
+                    "to this, 88 to 112 bytes per conn; split evenly among the --workers "
                     "(each worker's table holds N/workers, rounded up)")
     ap.add_argument("--capacity", type=_bounded(1, MAX_CONN_MAX), dest="conn_max",
                     help=argparse.SUPPRESS)   # the old name of --conn-max

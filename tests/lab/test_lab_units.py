@@ -26,6 +26,59 @@ def test_engine_bench_smoke(impl):
     assert row["pps"] > 0 and row["runs"] == 2
 
 
+def test_flowgen_frames_equal_the_scalar_builder():
+    """bench/flowgen.py's vectorized frames are tcp_frame's byte for byte,
+    checksums included, for random flows and the numbering's edges."""
+    import numpy as np
+
+    from bench.flowgen import PORTS, FrameMaker, flow_tuples, tcp_frame
+
+    rng = np.random.default_rng(3)
+    index = np.concatenate([[0, PORTS - 1, PORTS, 10_000_000 - 1],
+                            rng.integers(0, 1 << 31, 200)])
+    caddr, cport = flow_tuples(index)
+    assert len(set(zip(caddr.tolist(), cport.tolist()))) == len(set(index.tolist()))
+    # Addresses whose sums carry in one's complement, beside the numbering's.
+    caddr = np.concatenate([caddr, [0xFFFFFFFF, 0xFFFF0000, 0x0000FFFF, 1]]).astype(np.uint32)
+    cport = np.concatenate([cport, [0xFFFF, 1, 0xFFFF, 0]]).astype(np.uint16)
+    for flags, payload in ((0x02, b""), (0x10, b""), (0x18, bytes(range(64)))):
+        got = FrameMaker(flags, payload).frames(caddr, cport)
+        for i in range(len(caddr)):
+            assert got[i].tobytes() == tcp_frame(int(caddr[i]), int(cport[i]), flags, payload)
+
+
+def test_engine_bench_table_scale_smoke():
+    from bench import engine
+
+    doc = engine.run(["--scenario", "table-scale", "--sizes", "2000,50000",
+                      "--seconds", "0.02"], runs=2)
+    small, big = doc["results"]
+    for row, n in ((small, 2000), (big, 50000)):
+        assert "error" not in row, row
+        assert row["flows"] == n and row["runs"] == 2 and row["pps"] > 0
+        assert row["bytes_per_conn"] == round(row["memory"] / n, 1)
+    assert big["ratio"] == big["pps"] / small["pps"]
+    assert any("lookup rate at 50,000 flows" in line for line in doc["summary"])
+
+
+def test_engine_bench_new_conn_smoke():
+    """Each SYN of a run makes a conn (checked by the bench itself); the
+    python impl rows have figures, and impl c either has or says why not."""
+    from bench import engine
+
+    doc = engine.run(["--scenario", "new-conn", "--sched", "rr", "--sched", "wlc",
+                      "--seconds", "0.02"], runs=2)
+    rows = {(r["sched"], r["impl"]): r for r in doc["results"]}
+    assert set(rows) == {(s, i) for s in ("rr", "wlc") for i in ("c", "python")}
+    for sched in ("rr", "wlc"):
+        py = rows[(sched, "python")]
+        assert "error" not in py and py["runs"] == 2 and py["pps"] > 0, py
+        # Eight dests of weights 1..4: every one got conns of the last run.
+        assert len(py["conns_per_dest"]) == 8 and min(py["conns_per_dest"]) > 0
+        c = rows[(sched, "c")]
+        assert c.get("pps") or "c_sched" in c["error"], c
+
+
 # --- bench e2e: the check of the frames captured at the sinks ----------------------
 
 MAC, CIP, VIP, RIP, DIP0 = "02:00:00:00:00:0b", "10.0.2.2", "10.0.0.100", "10.0.3.12", "10.0.0.1"

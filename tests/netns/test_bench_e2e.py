@@ -50,7 +50,8 @@ def test_bench_e2e_nat_overload_flood_workers_tap_quick_round():
     """One short +rps round of the NAT bench with pylvs (1 and 2 workers,
     AF_PACKET and TAP) and the kernel: the headline rows carry who set their
     figure (limit check), the overload row its capacity ramp, the flood row
-    the established flows alone and under the flood, the 2-worker row its
+    the established flows alone and under the UDP flood and the SYN flood,
+    the 2-worker row its
     scaling verdict; the TAP impl's second lab is built, checked and gone."""
     from bench import e2e
 
@@ -83,6 +84,14 @@ def test_bench_e2e_nat_overload_flood_workers_tap_quick_round():
         assert "error" not in flood, (impl, flood)
         assert flood["est_alone_pps"] > 0 and flood["flood_offered_pps"] > 0, flood
         assert flood["est_kept"] == flood["pps"] / flood["est_alone_pps"]
+        # The SYN flood: TCP SYNs from random sources to the TCP service on
+        # the same VIP:port, beside the same established UDP flows.
+        syn = rows[("udp64-1000flows-synflood+rps", impl)]
+        assert "error" not in syn, (impl, syn)
+        assert syn["est_alone_pps"] > 0 and syn["flood_offered_pps"] > 0, syn
+        assert syn["est_alone_pps"] == flood["est_alone_pps"]   # one alone window for both
+        # Every director forwards SYNs: the TCP service takes them.
+        assert syn["flood_delivered_pps"] > 0, (impl, syn)
     assert rows[("udp64-1000flows-flood+rps", "kernel-nft")]["flood_delivered_pps"] > 0
     scaling = rows[("udp64-1000flows+rps", "pylvs-w2")]["scaling"]
     assert set(scaling) >= {"pylvs-w2/pylvs", "limit_w1", "limit_w2", "verdict"}
