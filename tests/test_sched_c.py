@@ -442,6 +442,27 @@ def test_the_upcall_limit_spares_services_the_engine_schedules(impl):
     assert dropped(False) == 19
 
 
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_the_upcall_limit_spares_a_persistent_clients_template(impl):
+    """A client whose persistence template names its dest needs no
+    scheduler, so the upcall limit never turns it away; a new client of the
+    same (Python-scheduled) service is metered."""
+    w = World(impl, 1, False, "wlc", persistent=300)
+    w.add(0)
+    w.add(1)
+    first = w.syn(1, ["10.7.0.1"])     # its template, made without pressure
+    e = w.engines[0]
+    values = tables.default_sysctls()
+    values[tables.SYSCTL_INDEX["upcall_share"]] = 1
+    e.set_sysctls(values)
+    e.pressure, e.upcall_cost = True, 1.0   # one upcall spends the bucket
+    assert w.syn(5, ["10.7.0.1"]) == first * 5
+    assert w.counters.stat("drop_upcall_limit") == 0
+    fresh = w.syn(3, ["10.7.0.2", "10.7.0.3", "10.7.0.4"])
+    assert fresh[0] is not None and fresh[1:] == [None, None]
+    assert w.counters.stat("drop_upcall_limit") == 2
+
+
 def test_a_deleted_service_leaves_no_scheduler_and_no_thresholds():
     w = World("c", 1, True, "rr")
     w.add(0, u_threshold=5, l_threshold=2)

@@ -202,17 +202,26 @@ conn_in_rules(PylvsEngine *e, uint32_t slot, uint8_t proto, uint8_t tcpflags)
 }
 
 static long call_schedule_gil(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cport);
+static int upcall_limited(const PylvsEngine *e);
+static int upcall_allowed(PylvsEngine *e, double now);
+
+/* call_schedule's answer when the upcall limit turns the frame away. */
+#define SCHED_LIMITED (-3)
 
 /* The dest for a new conn of the service: its C scheduler's pick when it
- * has one (ip_vs_sched.c), else the Python scheduler's. Returns the slot,
- * -1 for none, or -2 when Python raised (already reported). */
-static long call_schedule(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cport)
+ * has one (ip_vs_sched.c), else the Python scheduler's, if the upcall limit
+ * lets it run (so neither a C pick nor a persistence template's hit is ever
+ * metered). Returns the slot, -1 for none, -2 when Python raised (already
+ * reported), or SCHED_LIMITED. */
+static long call_schedule(PylvsEngine *e, int svc, uint32_t caddr, uint16_t cport, double now)
 {
     long picked = sched_pick(e, svc, caddr, cport);
     if (picked != SCHED_ASK_PYTHON)
         return picked;
     if (e->schedule == NULL)
         return -1;
+    if (upcall_limited(e) && !upcall_allowed(e, now))
+        return SCHED_LIMITED;
     /* forward() runs without the GIL: take it for the upcall only. */
     e->upcalls++;
     PyThreadState *ts = e->nogil;
@@ -358,7 +367,7 @@ static long persist_dest(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, u
     const svc_row *svc = &e->services[s];
     *ct = NO_SLOT;
     if (svc->timeout == 0)
-        return svc->vport == dport ? call_schedule(e, s, saddr, sport) : -1;
+        return svc->vport == dport ? call_schedule(e, s, saddr, sport, now) : -1;
     int whole = dport == svc->vport && svc->vport != FTP_PORT;
     uint8_t tproto = proto | TPL_PROTO;
     uint32_t snet = saddr & svc->netmask;
@@ -381,7 +390,7 @@ static long persist_dest(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, u
         if (*victim == (int64_t)slot)
             *victim = victim_but(e, now, slot);
     } else {
-        d = call_schedule(e, s, saddr, sport);
+        d = call_schedule(e, s, saddr, sport, now);
         if (d < 0 || (unsigned long)d >= e->ndests || !(e->dests[d].flags & DEST_F_USED) ||
             e->dests[d].svc != (uint16_t)s)
             return d;
@@ -467,10 +476,10 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     int64_t victim = -1;
     if (conn_table_full(e) && (victim = conn_victim(e, now)) < 0)
         return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
-    if (upcall_limited(e) && sched_needs_upcall(e, s) && !upcall_allowed(e, now))
-        return refuse(e, verdict, why, ST_DROP_UPCALL_LIMIT, PYLVS_V_DROP);
     uint32_t ct;
     long d = persist_dest(e, s, proto, saddr, sport, daddr, dport, now, &victim, &ct);
+    if (d == SCHED_LIMITED)
+        return refuse(e, verdict, why, ST_DROP_UPCALL_LIMIT, PYLVS_V_DROP);
     if (d == -2)
         return refuse(e, verdict, why, ST_SCHED_ERRORS, PYLVS_V_DROP);
     if (d < 0 || (unsigned long)d >= e->ndests)

@@ -114,6 +114,7 @@ _TUN_PMTU_LEARNED = _ST["tun_pmtu_learned"]
 _DROP_TUN_ICMP = _ST["drop_tun_icmp"]
 _TUN_ICMP_RELAYED = _ST["tun_icmp_relayed"]
 _DROP_UPCALL_LIMIT = _ST["drop_upcall_limit"]
+_SCHED_LIMITED = -3   # _call_schedule: the upcall limit said no (SCHED_LIMITED)
 _DROP_DEFENSE = _ST["drop_defense"]
 _DROP_RS_NO_CONN = _ST["drop_rs_no_conn"]
 _UPCALL_SHARE = tables.SYSCTL_INDEX["upcall_share"]
@@ -1434,15 +1435,14 @@ class Engine:
             if victim is None:
                 pend[_DROP_TABLE_FULL] += 1
                 return V_DROP, None
-        if (self.pressure and self._sysctl[_UPCALL_SHARE] < 100 and self._upcall_cost > 0
-                and self._sched.needs_upcall(svc) and not self._upcall_allowed(now)):
-            pend[_DROP_UPCALL_LIMIT] += 1
-            return V_DROP, None
         try:
             d, tpl, victim = self._persist_dest(svc, proto, saddr, sport, daddr, dport, now, victim)
         except Exception as exc:  # reported, never propagated (as the C upcall)
             _report_unraisable(exc, self._schedule)
             pend[_SCHED_ERRORS] += 1
+            return V_DROP, None
+        if d == _SCHED_LIMITED:
+            pend[_DROP_UPCALL_LIMIT] += 1
             return V_DROP, None
         dests = self._dests
         if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
@@ -1508,11 +1508,15 @@ class Engine:
             s = self._svc_by_key.get((proto, vaddr, 0))
         return s
 
-    def _call_schedule(self, svc: int, saddr: int, sport: int) -> int:
-        """call_schedule in ip_vs_core.c: the engine's scheduler, else the upcall."""
+    def _call_schedule(self, svc: int, saddr: int, sport: int, now: float) -> int:
+        """call_schedule in ip_vs_core.c: the engine's scheduler, else the
+        upcall if the upcall limit lets it run (_SCHED_LIMITED if not)."""
         d = self._sched.pick(svc, saddr, sport, int(self._svc_table[svc]["vaddr"]))
         if d != sched_c.ASK_PYTHON:
             return d
+        if (self.pressure and self._sysctl[_UPCALL_SHARE] < 100 and self._upcall_cost > 0
+                and not self._upcall_allowed(now)):
+            return _SCHED_LIMITED
         self._busy = True
         try:
             return operator.index(self._schedule(svc, saddr, sport))
@@ -1536,7 +1540,7 @@ class Engine:
         exception propagates."""
         timeout, netmask, vport = self._svc_persist[svc]
         if not timeout:
-            return (self._call_schedule(svc, saddr, sport) if vport == dport else -1), None, victim
+            return (self._call_schedule(svc, saddr, sport, now) if vport == dport else -1), None, victim
         whole = dport == vport and vport != _FTP_PORT
         tvport = dport if whole else 0
         key = (proto | TPL_PROTO, saddr & netmask, 0, daddr, tvport)
@@ -1553,7 +1557,7 @@ class Engine:
             if victim is t:
                 victim = self._victim_but(now, t)
         else:
-            d = self._call_schedule(svc, saddr, sport)
+            d = self._call_schedule(svc, saddr, sport, now)
             dests = self._dests
             if not 0 <= d < len(dests) or not dests[d][5] & tables.DEST_F_USED or dests[d][2] != svc:
                 return d, None, victim
