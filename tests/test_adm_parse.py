@@ -230,6 +230,8 @@ def test_control_option():
     (["-L", "-c", "-t", "1.2.3.4:80"], 2,
      "The option 'service-address' conflicts with the 'connection' option in the 'list' command"),
     (["-L", "-c", "--stats"], 2, "options conflicts in the list command"),
+    (["-L", "--timeout", "--persistent-conn"], 2, "options conflicts in the list command"),
+    (["-L", "--daemon", "--persistent-conn"], 2, "options conflicts in the list command"),
     (["-A", "-t", "nosuch.invalid:80"], 2, "illegal virtual server address[:port] specified"),
     (["-A", "-t", "10.0.0.1:99999"], 2, "illegal virtual server address[:port] specified"),
     (["-A", "-t", "8080"], 2, "illegal virtual server address[:port] specified"),

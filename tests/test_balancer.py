@@ -793,6 +793,7 @@ def test_sysctls_validated_and_published(env):
         ({"name": "icmp_msgs_per_sec", "value": True}, "True is not an integer"),
         ({"name": "icmp_msgs_per_sec", "value": -1}, r"-1 is out of range \(0\.\.2147483647\)"),
         ({"name": "expire_nodest_conn", "value": 2}, r"2 is out of range \(0\.\.1\)"),
+        ({"name": "expire_quiescent_template", "value": 2}, r"2 is out of range \(0\.\.1\)"),
     ]:
         with pytest.raises(BalancerError, match=msg):
             b.apply({"op": "sysctl", **op})

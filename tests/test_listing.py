@@ -237,6 +237,24 @@ def test_conn_listing():
         "UDP 00:07  UDP         10.0.2.5:5353      10.0.0.1:53        10.0.1.3:53\n")
 
 
+def test_conn_listing_with_persistent_conn_has_the_pe_columns():
+    """ipvsadm's list_conn: -c --persistent-conn heads the persistence
+    engine's columns; rows without pe data print as without the option."""
+    rows = [{"proto": "TCP", "caddr": "10.0.2.0", "cport": 0, "vaddr": "10.0.0.1",
+             "vport": 80, "daddr": "10.0.1.2", "dport": 80, "state": "NONE", "expires": 290}]
+    assert listing.conns(rows, pe_columns=True) == (
+        "IPVS connection entries\n"
+        "pro expire state       source             virtual            destination        "
+        "pe name          pe_data\n"
+        "TCP 04:50  NONE        10.0.2.0:0         10.0.0.1:80        10.0.1.2:80\n")
+
+
+def test_pe_is_saved_without_persistence_as_ipvsadm_does():
+    b = Balancer(Counters(max_services=8, max_dests=16))
+    b.add_service("udp", "10.0.0.1", 5060, pe="sip")
+    assert "-A -u 10.0.0.1:5060 -s wlc --pe sip\n" in listing.save(b.snapshot())
+
+
 def test_listing_of_a_live_balancer_snapshot():
     c = Counters(max_services=8, max_dests=16)
     b = Balancer(c)

@@ -542,8 +542,12 @@ def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
         msg = tunnel.option_error(c.tun_type, tun_given)
         if msg is not None:
             raise _fail(msg)
-    if c.cmd == "L" and (c.has("connection") or c.has("timeout") or c.has("daemon")) and (
-            c.fmt & {"stats", "persistent-conn", "rate", "thresholds"}):
+    # ipvsadm.c's CMD_LIST rule: -c takes --persistent-conn (its header then
+    # has the persistence engine's columns), --timeout and --daemon do not.
+    if c.cmd == "L" and (
+            ((c.has("connection") or c.has("timeout") or c.has("daemon"))
+             and c.fmt & {"stats", "rate", "thresholds"})
+            or ((c.has("timeout") or c.has("daemon")) and "persistent-conn" in c.fmt)):
         raise _fail("options conflicts in the list command")
     return c
 
@@ -736,7 +740,8 @@ def execute(c: Command, conn: _Conn, stdin: TextIO, out: TextIO, err: TextIO,
     if c.cmd == "L":
         exact, nosort = "exact" in c.fmt, "nosort" in c.fmt
         if c.has("connection"):
-            out.write(listing.conns(conn.call({"op": "conns"})))
+            out.write(listing.conns(conn.call({"op": "conns"}),
+                                    pe_columns="persistent-conn" in c.fmt))
         elif c.has("service-address"):
             snap = conn.call({"op": "snapshot"})
             svc = listing.find_service(snap, c.proto.upper(), c.vaddr, c.vport, c.fwmark)
@@ -897,8 +902,11 @@ Options:
   --udp-service  -u host[:port]   a UDP virtual service
   --scheduler    -s name          scheduler, default {DEF_SCHED}
   --sched-flags  -b flags         scheduler flags (sh-port, sh-fallback, flag-1, ...)
-  --persistent   -p [timeout]     persistent service (stored; not applied yet)
-  --netmask      -M netmask       persistence granularity
+  --persistent   -p [timeout]     persistent service: a client's conns go to one real
+                                  server until [timeout] s (default 300) after its last
+  --netmask      -M netmask       persistence granularity (clients grouped by it)
+  --ops          -o               one-packet scheduling (UDP services only)
+  --pe           name             persistence engine (stored and listed, not applied)
   --real-server  -r host[:port]   a real server (port defaults to the service's)
   --gatewaying   -g               direct routing (the default)
   --ipip         -i               tunnelling (IPIP, or GUE with --tun-type gue)

@@ -100,8 +100,9 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
     ap = argparse.ArgumentParser(
         prog="pylvs sysctl",
         description="Read or set a running director's knobs: conn_reuse_mode, "
-                    "expire_nodest_conn, sloppy_tcp, nat_icmp_send, pmtu_disc, drop_entry, "
-                    "drop_packet, secure_tcp, amemthresh and am_droprate as the kernel's "
+                    "expire_nodest_conn, expire_quiescent_template, sloppy_tcp, nat_icmp_send, "
+                    "pmtu_disc, drop_entry, drop_packet, secure_tcp, amemthresh, am_droprate, "
+                    "lblc_expiration and lblcr_expiration as the kernel's "
                     "net.ipv4.vs.*, icmp_msgs_per_sec, icmp_msgs_burst and icmp_ratelimit "
                     "as net.ipv4.*, tcp_rst_per_sec, tcp_rst_burst and upcall_share "
                     "pylvs's own (README, the sysctl table). No argument lists them all, "

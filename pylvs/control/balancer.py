@@ -106,6 +106,7 @@ INT_MAX = 2**31 - 1
 SYSCTL_RANGES = {
     "conn_reuse_mode": (0, 3),      # a bitmap of two bits (ip-sysctl / ipvs-sysctl.rst)
     "expire_nodest_conn": (0, 1),   # a boolean
+    "expire_quiescent_template": (0, 1),
     "upcall_share": (0, 100),       # a percentage (docs/engine.md, "Upcall limit")
     "sloppy_tcp": (0, 1),
     "nat_icmp_send": (0, 1),

@@ -252,8 +252,8 @@ def save(snap: dict, nosort: bool = False) -> str:
             line += " -p %d" % svc["timeout"]
             if svc.get("netmask", "255.255.255.255") != "255.255.255.255":
                 line += " -M %s" % svc["netmask"]
-            if svc.get("pe"):
-                line += " --pe %s" % svc["pe"]
+        if svc.get("pe"):   # saved with or without -p, as ipvsadm's -S does
+            line += " --pe %s" % svc["pe"]
         if svc.get("ops"):
             line += " -o"
         if svc.get("flags"):
@@ -272,10 +272,16 @@ def timeouts(t: dict) -> str:
     return "Timeout (tcp tcpfin udp): %d %d %d\n" % (t["tcp"], t["tcpfin"], t["udp"])
 
 
-def conns(rows: Iterable[dict]) -> str:
-    """``ipvsadm -L -c -n``; expiry as MM:SS (minutes are not capped at 59)."""
-    out = ["IPVS connection entries\n",
-           "pro expire %-11s %-18s %-18s %s\n" % ("state", "source", "virtual", "destination")]
+def conns(rows: Iterable[dict], pe_columns: bool = False) -> str:
+    """``ipvsadm -L -c -n``; expiry as MM:SS (minutes are not capped at 59).
+    ``pe_columns`` (``--persistent-conn``): ipvsadm's header with the
+    persistence engine's name and data; no conn has them (no --pe is
+    applied), so the rows are the same, as ipvsadm prints such rows."""
+    head = ("pro expire %-11s %-18s %-18s %-18s %-16s %s\n"
+            % ("state", "source", "virtual", "destination", "pe name", "pe_data")
+            if pe_columns else
+            "pro expire %-11s %-18s %-18s %s\n" % ("state", "source", "virtual", "destination"))
+    out = ["IPVS connection entries\n", head]
     for c in rows:
         exp = max(0, int(c["expires"]))
         out.append("%-3s %-6s %-11s %-18s %-18s %s\n" % (

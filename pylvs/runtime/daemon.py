@@ -117,8 +117,8 @@ class Options:
     # Clients on the director itself are balanced (pylvs/io/local.py;
     # not with --tap); --no-local-clients leaves them to the kernel.
     local_clients: bool = True
-    # --sched-impl: "c", the engines run rr, wrr, lc, wlc, sed, nq, fo, ovf
-    # themselves; "python", every new conn asks the Python scheduler.
+    # --sched-impl: "c", the engines run rr, wrr, lc, wlc, sed, nq, fo, ovf,
+    # sh, dh and mh themselves; "python", every new conn asks the Python scheduler.
     sched_impl: str = "c"
 
 
@@ -822,6 +822,15 @@ def _is_loopback(ifnames: list[str]) -> bool:
         return False
 
 
+def _sysctl_defaults() -> dict[str, int]:
+    """Every knob `--sysctl` and `pylvs sysctl` take, with its default:
+    the engine's (tables.SYSCTL_NAMES) and the schedulers' (sched.SYSCTLS)."""
+    from .. import sched as schedmod
+    out = dict(zip(tables.SYSCTL_NAMES, tables.SYSCTL_DEFAULTS))
+    out.update({name: r[0] for name, r in schedmod.SYSCTLS.items()})
+    return out
+
+
 def _sysctl_arg(text: str) -> tuple[str, str]:
     import argparse
 
@@ -890,11 +899,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-dests", type=_bounded(1, 1 << 22), metavar="N",
                     default=bal.DEFAULT_MAX_DESTS, help="most real servers (all services)")
     ap.add_argument("--sysctl", type=_sysctl_arg, action="append", default=[],
-                    metavar="NAME=VALUE", help="set an engine knob at start (repeatable; default: "
-                    + ", ".join(f"{n}={v}" for n, v in zip(bal.SYSCTL_NAMES, bal.SYSCTL_DEFAULTS)) + ")")
+                    metavar="NAME=VALUE", help="set a knob at start (repeatable; default: "
+                    + ", ".join(f"{n}={v}" for n, v in _sysctl_defaults().items()) + ")")
     ap.add_argument("--engine", choices=IMPLS, default="c", help="data path engine")
     ap.add_argument("--sched-impl", choices=("c", "python"), default="c",
-                    help="c: the engine runs rr, wrr, lc, wlc, sed, nq, fo and ovf itself; "
+                    help="c: the engine runs rr, wrr, lc, wlc, sed, nq, fo, ovf, sh, dh and mh "
+                    "itself (lblc, lblcr and twos always call Python); "
                     "python: every new conn calls the Python scheduler (the reference; "
                     "docs/engine.md, \"Schedulers in C\")")
     ap.add_argument("--workers", type=_bounded(1, 256), metavar="N", default=None,
