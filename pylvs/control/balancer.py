@@ -72,9 +72,7 @@ MAX_WEIGHT = 65535
 MAX_THRESHOLD = 2**31 - 1
 NETMASK_ALL = 0xFFFFFFFF
 
-# Scheduler flag bits, as IP_VS_SVC_F_SCHED1..3. Their names depend on the
-# scheduler (sh and mh name the first two), as ipvsadm prints them.
-SCHED_F1, SCHED_F2, SCHED_F3 = 0x08, 0x10, 0x20
+SCHED_F1, SCHED_F2, SCHED_F3 = schedmod.SCHED_F1, schedmod.SCHED_F2, schedmod.SCHED_F3
 _FLAG_BITS = {
     "flag-1": SCHED_F1, "flag-2": SCHED_F2, "flag-3": SCHED_F3,
     "sh-fallback": SCHED_F1, "sh-port": SCHED_F2,
@@ -116,6 +114,16 @@ SYSCTL_RANGES = {
     "secure_tcp": (0, 3),
 }
 SYSCTL_RANGES.update({name: r[1:] for name, r in schedmod.SYSCTLS.items()})
+
+def sysctl_defaults() -> dict[str, int]:
+    """Every knob `pylvs sysctl` and `--sysctl` take, at its default: the
+    engine's (tables.SYSCTL_NAMES), then the schedulers' (sched.SYSCTLS:
+    lblc_expiration, ...; listed and set with the engine's, never in
+    sysctl_array())."""
+    out = dict(zip(SYSCTL_NAMES, SYSCTL_DEFAULTS))
+    out.update({name: r[0] for name, r in schedmod.SYSCTLS.items()})
+    return out
+
 
 TRAFFIC_KEYS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
 RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")
@@ -307,13 +315,7 @@ def _flag_bits(flags: Any) -> int:
     return bits
 
 
-def sched_flag_names(sched_name: str, bits: int) -> list[str]:
-    """The flag names ipvsadm shows for these bits under this scheduler."""
-    if sched_name in ("sh", "mh"):
-        names = [f"{sched_name}-fallback", f"{sched_name}-port", "flag-3"]
-    else:
-        names = ["flag-1", "flag-2", "flag-3"]
-    return [n for n, b in zip(names, (SCHED_F1, SCHED_F2, SCHED_F3)) if bits & b]
+sched_flag_names = schedmod.flag_names
 
 
 def _netmask(m: Any) -> int:
@@ -438,10 +440,7 @@ class Balancer:
         # () -> {"conn_count", "capacity", "memory"?}: the engine's view, for
         # `pylvs stats`; None when no engine is attached.
         self.engine_info: Callable[[], dict] | None = None
-        self._sysctls = dict(zip(SYSCTL_NAMES, SYSCTL_DEFAULTS))
-        # The schedulers' knobs (lblc_expiration, ...): listed and set with
-        # the engine's, never in sysctl_array().
-        self._sysctls.update({name: r[0] for name, r in schedmod.SYSCTLS.items()})
+        self._sysctls = sysctl_defaults()
         self.conn_tab_size = CONN_TAB_SIZE
 
         self._services: dict[tuple[int, int, int], Service] = {}

@@ -116,10 +116,7 @@ class EngineSched:
         obj = self._hashed.get(svc)
         if obj is None:
             name, row = _KIND_NAMES[kind], self.svcs[svc]
-            bits = int(row["flags"])
-            flags = {f"{name}-fallback"} if bits & 0x08 else set()
-            flags |= {f"{name}-port"} if bits & 0x10 else set()
-            obj = schedmod.get(name)(frozenset(flags))
+            obj = schedmod.get(name)(frozenset(schedmod.flag_names(name, int(row["flags"]))))
             dl = self._list(svc)
             at = int(row["table"])
             idx = self._table[at:at + tables.SCHED_TABLE_SIZES[name]]

@@ -822,15 +822,6 @@ def _is_loopback(ifnames: list[str]) -> bool:
         return False
 
 
-def _sysctl_defaults() -> dict[str, int]:
-    """Every knob `--sysctl` and `pylvs sysctl` take, with its default:
-    the engine's (tables.SYSCTL_NAMES) and the schedulers' (sched.SYSCTLS)."""
-    from .. import sched as schedmod
-    out = dict(zip(tables.SYSCTL_NAMES, tables.SYSCTL_DEFAULTS))
-    out.update({name: r[0] for name, r in schedmod.SYSCTLS.items()})
-    return out
-
-
 def _sysctl_arg(text: str) -> tuple[str, str]:
     import argparse
 
@@ -900,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
                     default=bal.DEFAULT_MAX_DESTS, help="most real servers (all services)")
     ap.add_argument("--sysctl", type=_sysctl_arg, action="append", default=[],
                     metavar="NAME=VALUE", help="set a knob at start (repeatable; default: "
-                    + ", ".join(f"{n}={v}" for n, v in _sysctl_defaults().items()) + ")")
+                    + ", ".join(f"{n}={v}" for n, v in bal.sysctl_defaults().items()) + ")")
     ap.add_argument("--engine", choices=IMPLS, default="c", help="data path engine")
     ap.add_argument("--sched-impl", choices=("c", "python"), default="c",
                     help="c: the engine runs rr, wrr, lc, wlc, sed, nq, fo, ovf, sh, dh and mh "

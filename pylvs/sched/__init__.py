@@ -10,6 +10,19 @@ from .base import (Scheduler, SchedCtx, SchedDest, available, never_overloaded, 
 
 DEFAULT = "wlc"
 
+# Scheduler flag bits (-b), as IP_VS_SVC_F_SCHED1..3. Their names depend on
+# the scheduler (sh and mh name the first two), as ipvsadm prints them.
+SCHED_F1, SCHED_F2, SCHED_F3 = 0x08, 0x10, 0x20
+
+
+def flag_names(sched_name: str, bits: int) -> list[str]:
+    """The flag names ipvsadm shows for these -b bits under this scheduler."""
+    if sched_name in ("sh", "mh"):
+        names_ = [f"{sched_name}-fallback", f"{sched_name}-port", "flag-3"]
+    else:
+        names_ = ["flag-1", "flag-2", "flag-3"]
+    return [n for n, b in zip(names_, (SCHED_F1, SCHED_F2, SCHED_F3)) if bits & b]
+
 # The kernel's net.ipv4.vs.* knobs of schedulers: name -> (default, least,
 # most). Seconds, as proc_dointvec_jiffies reads them (at most INT_MAX /
 # HZ, HZ = 1000). The Balancer lists and sets them with the engine's
@@ -47,5 +60,5 @@ def get(name: str) -> type[Scheduler]:
     return _REGISTRY[name]
 
 
-__all__ = ["SYSCTLS", "Scheduler", "SchedCtx", "SchedDest", "available", "never_overloaded", "overhead",
+__all__ = ["SCHED_F1", "SCHED_F2", "SCHED_F3", "SYSCTLS", "flag_names", "Scheduler", "SchedCtx", "SchedDest", "available", "never_overloaded", "overhead",
            "register", "names", "get", "DEFAULT"]
