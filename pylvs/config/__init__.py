@@ -1,0 +1,2 @@
+"""Configuration files a director reads: keepalived.conf (``keepalived``)
+and the data model it produces (``model``)."""
