@@ -6,10 +6,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := nftables iproute2 ethtool curl tcpdump netsniff-ng procps iputils-ping gcc python3-dev python3-venv \
-	clang llvm libbpf-dev bpftool wrk haproxy iperf3
+	clang llvm libbpf-dev bpftool wrk haproxy iperf3 keepalived tshark
 # Tools whose absence means the apt step has not run on this machine (checked
 # again whenever this Makefile changes, so a new package reaches old checkouts).
-APT_TOOLS := nft ip ethtool curl tcpdump trafgen ping gcc clang llvm-strip bpftool wrk haproxy iperf3
+APT_TOOLS := nft ip ethtool curl tcpdump trafgen ping gcc clang llvm-strip bpftool wrk haproxy iperf3 keepalived tshark
 # Files, likewise, of packages that install no command (libbpf-dev).
 APT_FILES := /usr/include/bpf/libbpf.h
 FAST_SO = $(wildcard pylvs/_fast*.so)
