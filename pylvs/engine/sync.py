@@ -36,7 +36,7 @@ SYNC_DTYPE = np.dtype([
     ("dport", np.uint16),
     ("fwmark", np.uint32),
     ("timeout", np.uint32),
-])
+], align=True)   # a C struct with natural alignment (the engines' view)
 
 # IP_VS_CONN_F_* (include/uapi/linux/ip_vs.h): the bits that travel in sync.
 CONN_F_FWD_MASK = 0x0007        # IP_VS_CONN_F_MASQ 0, LOCALNODE 1, TUNNEL 2, DROUTE 3
