@@ -477,6 +477,11 @@ class Daemon:
         return {"io": {k: int(v) for k, v in io.items()}, "steering": {"not_host": not_host},
                 "workers": workers, "tap": list(self.opts.tap)}
 
+    async def _health_extra(self) -> dict:
+        """What `pylvs status` shows: the HealthManager's checks and
+        services (docs/health.md)."""
+        return {"checks": self.health.status(), "services": self.health.services()}
+
     def _call_in_loop(self, fn, *args) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -602,8 +607,13 @@ class Daemon:
         self._loop.add_signal_handler(signal.SIGHUP, log.warning, SIGHUP_MESSAGE)
 
         path = self.opts.control or rpc.default_path()
+        # Health checks (pylvs.health): configured by a keepalived.conf's
+        # checkers (HealthManager.configure), shown by `pylvs status`.
+        from ..health.manager import HealthManager
+        self.health = HealthManager(self.balancer)
         server = await rpc.start_server(path, self.balancer,
-                                        extras={"stats": self._stats_extra})
+                                        extras={"stats": self._stats_extra,
+                                                "health": self._health_extra})
         for w in self.workers:
             w.start(self._stop, self.opts.poll_timeout, self.opts.expire_budget,
                     self._worker_failed)
@@ -618,6 +628,7 @@ class Daemon:
                 if inspect.isawaitable(r):
                     await r
             await self._await_dests()
+            await self.health.start()
             pcap = getattr(self.backend, "pcap", None)
             log.info("ready: %d port(s) %s, engine %s, %d worker(s), control %s%s%s",
                      len(self.backend.ports), " ".join(p.name for p in self.backend.ports),
@@ -629,6 +640,7 @@ class Daemon:
             await self._stop_event.wait()
         finally:
             log.info("stopping")
+            await self.health.stop()
             watch.cancel()
             defense.cancel()
             self._stop.set()

@@ -1,0 +1,65 @@
+"""Health checks end to end (issue 9 items 1, 5, 7, 8): `pylvs run` with an
+HTTP_GET-checked service in a VS-NAT lab (rs1, rs2 real servers, rs3 the
+sorry server). A real server's HTTP server dies: the director stops
+forwarding to it within one delay_loop plus the retries, `pylvs status`
+says why, `-S` still saves it; both die: the sorry server answers; one
+comes back: it forwards again and the sorry server leaves. With 1 and 2
+workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from pylvs.lab import health
+
+DELAY, TIMEOUT, RETRY, DBR = 0.5, 0.5, 1, 0.3
+# keepalived's bound for a dead server's removal, plus polling and a
+# loaded machine's slack.
+BOUND = DELAY + RETRY * (DBR + TIMEOUT) + TIMEOUT + 1.5
+
+
+def whoami(lab, n: int = 8) -> set[str]:
+    out = set()
+    for _ in range(n):
+        p = lab.curl("/whoami", "-H", "Connection: close", check=False, max_time=3)
+        if p.returncode == 0:
+            out.add(p.stdout.strip())
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2], indirect=True)
+def test_real_server_dies_leaves_and_comes_back_with_the_sorry_server(director_lab, workers):
+    lab = director_lab(servers=3, start=False)
+    health.start_director(lab, "--workers", str(workers), "--delay-loop", str(DELAY),
+                          "--connect-timeout", str(TIMEOUT), "--retry", str(RETRY),
+                          "--delay-before-retry", str(DBR))
+    rs1, rs2, sorry = lab.rips
+    assert health.wait_for(lab, lambda f: f == {rs1: 1, rs2: 1}, 5) is not None
+    assert whoami(lab) == {"rs1", "rs2"}
+
+    took = health.removal_time(lab, 0, timeout=10)
+    print(f"death to removal: {took:.2f} s (bound {BOUND:.2f} s)")
+    assert took is not None and took <= BOUND
+    assert health.forwarding(lab) == {rs2: 1}
+    assert whoami(lab) == {"rs2"}
+    # The operator's rules still hold rs1; the status view says why it is out.
+    assert f"-a -t {lab.vip}:80 -r {rs1}:80 -m -w 1" in lab.adm("-S", "-n")
+    st = json.loads(lab.run(lab.director, lab.pylvs_argv("status", "--json")).stdout)
+    row = next(c for c in st["checks"] if c["real_server"] == f"{rs1}:80")
+    assert row["state"] == "down" and "refused" in row["result"] and row["kind"] == "HTTP_GET"
+    text = lab.run(lab.director, lab.pylvs_argv("status")).stdout
+    assert f"{rs1}:80" in text and "down" in text and "quorum up" in text
+
+    # Quorum lost: the sorry server takes the clients.
+    health.stop_httpd(lab, 1)
+    assert health.wait_for(lab, lambda f: f == {sorry: 1}, BOUND) is not None
+    assert whoami(lab, 4) == {"rs3"}
+    assert sorry not in lab.adm("-S", "-n")
+
+    # rs1 back: forwarding to it again, the sorry server gone.
+    health.start_httpd(lab, 0)
+    assert health.wait_for(lab, lambda f: f == {rs1: 1}, BOUND) is not None
+    assert whoami(lab, 4) == {"rs1"}
