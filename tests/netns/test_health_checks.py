@@ -110,3 +110,108 @@ def test_checkers_against_real_servers(servers):
     wrong = [(desc, ok, words, got) for (desc, _f, _a, _p, ok, words), got in zip(TABLE, results)
              if got[0] != ok or words not in got[1]]
     assert not wrong, wrong
+
+
+# --- down, up and flapping, on the manager's timers ---------------------------
+
+D, T, RETRY, DBR = 0.5, 0.4, 1, 0.25
+DOWN_BOUND = D + RETRY * (DBR + T) + T     # keepalived's worst case for a death
+UP_BOUND = D + T                           # and for a return
+SLACK = 1.0                                # a loaded machine's scheduling
+
+WATCH = """
+import asyncio, json, sys, time
+from pylvs.config.model import CheckSpec, RealServer, UrlSpec, VirtualServer
+from pylvs.health.manager import HealthManager
+
+flag, duration = sys.argv[1], float(sys.argv[2])
+common = dict(delay_loop=%(D)r, connect_timeout=%(T)r, retry=%(RETRY)r, delay_before_retry=%(DBR)r)
+url = (UrlSpec("/", frozenset({200})),)
+kinds = [("TCP_CHECK", 8001, {}), ("HTTP_GET", 8001, {"urls": url}),
+         ("SSL_GET", 8443, {"urls": url}),
+         ("UDP_CHECK", 9001, {"payload": b"x", "require_reply": b"PONG"}),
+         ("PING_CHECK", 1, {}), ("MISC_CHECK", 2, {"misc_path": "test -e " + flag})]
+services = [VirtualServer("TCP", "10.9.0.100", 80 + i, real_servers=(
+    RealServer("%(RS)s", port, checks=(CheckSpec(kind, **common, **extra),)),))
+    for i, (kind, port, extra) in enumerate(kinds)]
+names = {80 + i: k for i, (k, _p, _e) in enumerate(kinds)}
+events = []
+
+class Recorder:
+    def set_dest_health(self, proto, vaddr, vport, daddr, dport, up, inhibit=False, weight=None):
+        events.append((time.time(), names[vport], up))
+
+async def main():
+    m = HealthManager(Recorder())
+    m.configure(services)
+    await m.start()
+    await asyncio.sleep(duration)
+    await m.stop()
+    print(json.dumps(events))
+
+asyncio.run(main())
+""" % {"D": D, "T": T, "RETRY": RETRY, "DBR": DBR, "RS": RS}
+
+BLOCK = """table inet hc {
+  chain input {
+    type filter hook input priority 0; policy accept;
+    tcp dport { 8001, 8443 } reject with tcp reset
+    udp dport 9001 reject
+    icmp type echo-request drop
+  }
+}
+"""
+
+
+def test_every_checker_down_up_and_a_flap_shorter_than_the_retries(servers, tmp_path):
+    """Blocked (RST, ICMP unreachable, ping dropped, the MISC_CHECK's file
+    gone): every checker goes down within delay_loop + retry *
+    (delay_before_retry + connect_timeout) + connect_timeout; unblocked,
+    up within delay_loop + connect_timeout; a 0.1 s outage, shorter than
+    delay_before_retry, takes none down."""
+    import time
+
+    trio = servers
+    flag = tmp_path / "up"
+    flag.touch()
+
+    def block(on: bool) -> None:
+        if on:
+            subprocess.run(["ip", "netns", "exec", trio.r, "nft", "-f", "-"], input=BLOCK,
+                           text=True, check=True, timeout=10)
+            flag.unlink()
+        else:
+            sh("ip", "netns", "exec", trio.r, "nft", "delete", "table", "inet", "hc")
+            flag.touch()
+
+    kinds = ["TCP_CHECK", "HTTP_GET", "SSL_GET", "UDP_CHECK", "PING_CHECK", "MISC_CHECK"]
+    p = subprocess.Popen(["ip", "netns", "exec", trio.d, PY, "-c", WATCH, str(flag), "7.5"],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        start = time.time()
+        time.sleep(1.0)
+        t_down = time.time()
+        block(True)
+        time.sleep(DOWN_BOUND + SLACK)
+        t_up = time.time()
+        block(False)
+        time.sleep(UP_BOUND + SLACK)
+        t_flap = time.time()
+        for _ in range(3):
+            block(True)
+            time.sleep(0.1)
+            block(False)
+            time.sleep(0.5)
+        out, err = p.communicate(timeout=15)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    events = json.loads(out.strip().splitlines()[-1])
+    for kind in kinds:
+        mine = [(t, up) for t, k, up in events if k == kind]
+        # Up from the start (set once by configure), down once, up once.
+        assert [up for _t, up in mine] == [True, False, True], (kind, mine)
+        assert mine[0][0] < start + 1.0
+        assert 0 < mine[1][0] - t_down <= DOWN_BOUND + SLACK, (kind, mine[1][0] - t_down)
+        assert 0 < mine[2][0] - t_up <= UP_BOUND + SLACK, (kind, mine[2][0] - t_up)
+        assert mine[2][0] < t_flap
