@@ -18,12 +18,14 @@ Run inside the director's namespace::
         --rip 10.0.1.12 --sorry 10.0.1.13 [--delay-loop 1] [--workers N]
 
 It logs "ready" as `pylvs run` does, once the service, its dests and the
-health checks are in.
+health checks are in. ``python -m pylvs.lab.health check`` builds a lab,
+tells the lab's story (netns-labs/health/README.md) and removes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -97,34 +99,128 @@ def start_httpd(lab, i: int, timeout: float = 10.0) -> None:
 _DEST = re.compile(r"^  -> (\d+\.\d+\.\d+\.\d+):\d+\s+\S+\s+(\d+)", re.M)
 
 
-def forwarding(lab) -> dict[str, int]:
-    """{real server address: weight} of what forwards (`pylvs adm -L -n`)."""
-    return {a: int(w) for a, w in _DEST.findall(lab.adm("-L", "-n"))}
+def forwarding(lab, control: str | None = None) -> dict[str, int]:
+    """{real server address: weight} of what forwards: `pylvs adm -L -n`,
+    or with ``control`` (the director's --control path) the same from its
+    snapshot, without a process per look (for timing)."""
+    if control is None:
+        return {a: int(w) for a, w in _DEST.findall(lab.adm("-L", "-n"))}
+    from ..control import rpc
+
+    with rpc.Client(control) as c:
+        snap = c.call({"op": "snapshot"})
+    return {d["daddr"]: d["weight"] for s in snap["services"] for d in s["dests"]
+            if d.get("forwarding", True)}
 
 
-def wait_for(lab, want, timeout: float, step: float = 0.05) -> float | None:
-    """Poll ``forwarding(lab)`` until ``want(it)`` is true; the seconds it
-    took, None after ``timeout``."""
+def wait_for(lab, want, timeout: float, step: float = 0.05,
+             control: str | None = None) -> float | None:
+    """Poll ``forwarding(lab, control)`` until ``want(it)`` is true; the
+    seconds it took, None after ``timeout``."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if want(forwarding(lab)):
+        if want(forwarding(lab, control)):
             return time.monotonic() - t0
         time.sleep(step)
     return None
 
 
-def removal_time(lab, i: int, timeout: float = 30.0) -> float | None:
-    """Kill real server i's HTTP server; seconds until the director stops
-    forwarding to it (`pylvs adm -L`), None after ``timeout``."""
+def removal_time(lab, i: int, timeout: float = 30.0, control: str | None = None,
+                 step: float = 0.05) -> float | None:
+    """Kill real server i's HTTP server; seconds from the kill until the
+    director stops forwarding to it, None after ``timeout``."""
     rip = lab.rips[i]
     t0 = time.monotonic()
     stop_httpd(lab, i)
-    took = wait_for(lab, lambda f: rip not in f, timeout)
+    took = wait_for(lab, lambda f: rip not in f, timeout, step, control)
     return None if took is None else time.monotonic() - t0
+
+
+def return_time(lab, i: int, timeout: float = 30.0, control: str | None = None,
+                step: float = 0.05) -> float | None:
+    """Start real server i's HTTP server; seconds from its "ready" until
+    the director forwards to it again, None after ``timeout``."""
+    rip = lab.rips[i]
+    start_httpd(lab, i)
+    return wait_for(lab, lambda f: rip in f, timeout, step, control)
+
+
+def _requests(lab, n: int) -> dict[str, int]:
+    """n HTTP requests to the VIP, one connection each: answers per real server."""
+    counts: dict[str, int] = {}
+    for _ in range(n):
+        p = lab.curl("/whoami", "-H", "Connection: close", check=False, max_time=3)
+        who = p.stdout.strip() if p.returncode == 0 else f"curl error {p.returncode}"
+        counts[who] = counts.get(who, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def check_main(argv: list[str]) -> int:
+    """The lab's one-command check (netns-labs/health/lab.sh): up, the
+    story, down. Exit status 0 when every step did what it should."""
+    from .topology import Lab
+
+    ap = argparse.ArgumentParser(prog="python -m pylvs.lab.health check")
+    ap.add_argument("--name", default=f"hl{os.getpid()}")
+    ap.add_argument("--workers", type=int, default=1)
+    a = ap.parse_args(argv)
+    d, t, r, b = 1.0, 1.0, 1, 0.5
+    bound = d + r * (b + t) + t
+    lab = Lab(a.name, servers=3)
+    failed = []
+
+    def step(title: str, ok: bool, detail: str = "") -> None:
+        print(f"{'ok  ' if ok else 'FAIL'} {title}" + (f": {detail}" if detail else ""))
+        if not ok:
+            failed.append(title)
+
+    def show(*args: str) -> None:
+        print(f"# pylvs {' '.join(args)}")
+        print(lab.run(lab.director, lab.pylvs_argv(*args)).stdout.rstrip())
+
+    try:
+        lab.up()
+        start_director(lab, "--workers", str(a.workers), "--delay-loop", str(d),
+                       "--connect-timeout", str(t), "--retry", str(r),
+                       "--delay-before-retry", str(b))
+        rs1, rs2, sorry = lab.rips
+        step("rs1 and rs2 forward", wait_for(lab, lambda f: f == {rs1: 1, rs2: 1}, 5) is not None)
+        show("adm", "-L", "-n")
+        step("requests reach rs1 and rs2", set(_requests(lab, 10)) == {"rs1", "rs2"})
+        took = removal_time(lab, 0, bound + 5)
+        step("rs1's HTTP server killed: rs1 leaves", took is not None and took <= bound + 1,
+             f"{took:.2f} s after the kill (bound {bound:.1f} s)" if took else "never")
+        show("adm", "-L", "-n")
+        show("status")
+        step("requests reach rs2 only", set(_requests(lab, 6)) == {"rs2"})
+        step("-S still saves rs1", f"-r {rs1}:80 -m -w 1" in lab.adm("-S", "-n"))
+        stop_httpd(lab, 1)
+        step("rs2 killed too: the sorry server (rs3) takes the clients",
+             wait_for(lab, lambda f: f == {sorry: 1}, bound + 5) is not None)
+        show("adm", "-L", "-n")
+        step("requests reach rs3 only", set(_requests(lab, 6)) == {"rs3"}, str(_requests(lab, 2)))
+        start_httpd(lab, 0)
+        took = wait_for(lab, lambda f: f == {rs1: 1}, d + t + 5)
+        step("rs1's HTTP server back: rs1 forwards, the sorry server leaves", took is not None,
+             f"{took:.2f} s after its start" if took is not None else "never")
+        show("adm", "-L", "-n")
+        show("status")
+        step("requests reach rs1 only", set(_requests(lab, 6)) == {"rs1"})
+    finally:
+        lab.stop_director()
+        errors = lab.down()
+        if errors:
+            print("teardown:", errors)
+    print("health lab: " + ("all steps ok" if not failed else f"{len(failed)} step(s) failed"))
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..runtime.daemon import Daemon, Options, setup_logging
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        return check_main(argv[1:])
 
     ap = argparse.ArgumentParser(prog="python -m pylvs.lab.health",
                                  description=__doc__.split("\n\n")[0])
@@ -139,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--delay-before-retry", type=float, default=0.5)
     ap.add_argument("--inhibit", action="store_true", help="inhibit_on_failure")
     ap.add_argument("-v", "--verbose", action="store_true")
-    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    a = ap.parse_args(argv)
     setup_logging(a.verbose)
     config = lab_config(a.rip, a.sorry, a.delay_loop, a.connect_timeout, a.retry,
                         a.delay_before_retry, a.inhibit)
