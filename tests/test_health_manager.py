@@ -268,3 +268,34 @@ def test_misc_timeout_kills_the_command():
 def test_misc_bad_commands_fail_clearly(cmd, words):
     r = misc(cmd)
     assert not r.ok and words in r.text.lower()
+
+
+# --- the status view -----------------------------------------------------------
+
+def test_status_view_text_and_the_control_operation():
+    from pylvs.cli.status import format_status
+
+    spec = CheckSpec("HTTP_GET", retry=0)
+    v = vs(rs(R1, checks=[spec]), rs(R2, checks=[spec]), sorry_server=SorryServer(SORRY, 80))
+    b = balancer_for(v)
+    # Without a HealthManager the director answers, with nothing to show.
+    assert b.apply({"op": "health"}) == {"checks": [], "services": []}
+    assert format_status(b.apply({"op": "health"})).startswith("no health checks")
+    m = HealthManager(b)
+    m.configure([v])
+    p = probe(m, R1, spec)
+    p.result(Result(False, "GET /: connection refused"))
+    st = {"checks": m.status(), "services": m.services()}
+    text = format_status(st, now=p.since + 12)
+    lines = text.splitlines()
+    assert lines[0] == (f"TCP {VIP}:80  quorum up (alive weight 1, quorum 1, hysteresis 0)  "
+                        f"sorry server {SORRY}:80 off")
+    assert lines[2].split() == ["SERVICE", "REAL", "SERVER", "CHECK", "STATE", "SINCE", "LAST",
+                                "RESULT"]
+    row = next(line for line in lines if f"{R1}:80" in line)
+    assert "HTTP_GET" in row and " down " in row and "(12 s ago)" in row
+    assert row.endswith("GET /: connection refused")
+    p2 = probe(m, R2, spec)
+    p2.result(FAIL)
+    assert "sorry server 10.0.1.9:80 ACTIVE" in format_status(
+        {"checks": m.status(), "services": m.services()})
