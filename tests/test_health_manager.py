@@ -299,3 +299,36 @@ def test_status_view_text_and_the_control_operation():
     p2.result(FAIL)
     assert "sorry server 10.0.1.9:80 ACTIVE" in format_status(
         {"checks": m.status(), "services": m.services()})
+
+
+def test_stop_ends_a_probe_whose_check_swallows_the_cancel():
+    """Before Python 3.12 asyncio.wait_for may swallow a cancel; stop()
+    must end the probe all the same (the director's shutdown waits on it)."""
+    async def stubborn(spec, addr, port):
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            pass
+        return OK
+
+    async def main():
+        spec = CheckSpec("TCP_CHECK", delay_loop=0.01)
+        v = vs(rs(R1, checks=[spec]))
+        m = HealthManager(balancer_for(v))
+        m.configure([v])
+        p = probe(m, R1, spec)
+        p.check = stubborn
+        await m.start()
+        await asyncio.sleep(0.02)
+        await asyncio.wait_for(m.stop(), 2)
+        return p
+
+    # In a thread of its own: a stop() that never ends must fail the test,
+    # not hang it.
+    import threading
+
+    box = []
+    t = threading.Thread(target=lambda: box.append(asyncio.run(main())), daemon=True)
+    t.start()
+    t.join(10)
+    assert box and box[0].task is None

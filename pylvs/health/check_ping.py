@@ -101,4 +101,5 @@ async def check(spec: CheckSpec, addr: str, port: int) -> Result:
         return Result(False, f"ping {host}: {os_error_text(e)}")
     finally:
         sock.close()
-    return Result(True, f"ping {host}: reply in {(time.monotonic() - sent) * 1000:.1f} ms")
+    return Result(True, f"ping {host}: reply in {(time.monotonic() - sent) * 1000:.1f} ms "
+                        f"({'raw' if raw else 'datagram'} socket)")

@@ -82,6 +82,7 @@ class Probe:
         self.since = time.time()
         self.last = None            # unix time of the last result
         self.task: asyncio.Task | None = None
+        self._stopped = False
 
     @property
     def key(self) -> tuple:
@@ -89,27 +90,30 @@ class Probe:
 
     def start(self) -> None:
         if self.task is None:
+            self._stopped = False
             self.task = asyncio.ensure_future(self._run())
 
     def cancel(self) -> None:
-        """Stop probing (from synchronous code; the task ends on the loop)."""
+        """Stop probing (from synchronous code; the task ends on the loop).
+        The flag as well as the cancel: before Python 3.12, asyncio.wait_for
+        may swallow a cancel that meets its inner future's completion, and
+        the loop must end all the same."""
+        self._stopped = True
         if self.task is not None:
             self.task.cancel()
             self.task = None
 
     async def stop(self) -> None:
-        task, self.task = self.task, None
-        if task is not None:
+        task = self.task
+        self.cancel()
+        while task is not None and not task.done():
+            await asyncio.wait({task}, timeout=0.1)
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
 
     async def _run(self) -> None:
         if self.spec.warmup > 0:
             await asyncio.sleep(random.uniform(0, self.spec.warmup))
-        while True:
+        while not self._stopped:
             try:
                 r = await self.check(self.spec, self.addr, self.port)
             except asyncio.CancelledError:
@@ -117,6 +121,8 @@ class Probe:
             except Exception as e:  # a checker bug costs one result, not the loop
                 log.exception("%s of %s:%d failed", self.spec.kind, self.addr, self.port)
                 r = Result(False, f"internal error: {type(e).__name__}: {e}")
+            if self._stopped:
+                return
             await asyncio.sleep(self.result(r))
 
     def result(self, r: Result) -> float:

@@ -7,6 +7,7 @@ killed. Ports (TCP unless said):
     8003 accepts and never answers         8004 answers garbage and closes
     8005 accepts and resets (RST)          8006 nothing listens (refused)
     8007 HTTP 200 after a 3 s pause        8443 HTTPS 200 (with CERT KEY)
+    8008 HTTP 200 for "Host: www.example", 404 for any other Host
     UDP 9001 echoes "PONG" + the datagram  UDP 9002 nothing listens
     UDP 9003 bound, never answers
 """
@@ -46,6 +47,17 @@ def answer(payload: bytes, pause: float = 0.0):
     return serve
 
 
+async def by_host(reader, writer):
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    except Exception:
+        head = b""
+    ok = b"\r\nhost: www.example\r\n" in head.lower()
+    writer.write(http(b"200 OK") if ok else http(b"404 Not Found"))
+    await writer.drain()
+    writer.close()
+
+
 async def silent(reader, writer):
     await asyncio.sleep(3600)
 
@@ -67,7 +79,7 @@ class Echo(asyncio.DatagramProtocol):
 async def main(addr: str, cert: str | None, key: str | None) -> None:
     handlers = {8001: answer(http(b"200 OK")), 8002: answer(http(b"500 Internal Server Error")),
                 8003: silent, 8004: answer(b"SSH-2.0-OpenSSH_9.2\r\n\x00\xff garbage"),
-                8005: reset, 8007: answer(http(b"200 OK"), pause=3.0)}
+                8005: reset, 8007: answer(http(b"200 OK"), pause=3.0), 8008: by_host}
     servers = [await asyncio.start_server(h, addr, port) for port, h in handlers.items()]
     if cert:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
