@@ -196,24 +196,27 @@ class _Reader:
                                         "by pylvs")
             toks = _line_tokens(line, here)
             if toks and toks[0].text in _INCLUDES and not toks[0].quoted:
-                self._include(toks, here, stack)
+                self._include(toks[0].text, line, here, stack)
                 continue
             self.tokens.extend(toks)
 
-    def _include(self, toks: list[Token], where: Where, stack: tuple[str, ...]) -> None:
-        if toks[0].text != "include":
-            raise ConfigError(where, f"{toks[0].text} (an include with checks) is not "
+    def _include(self, word: str, line: str, where: Where, stack: tuple[str, ...]) -> None:
+        if word != "include":
+            raise ConfigError(where, f"{word} (an include with checks) is not "
                                      "supported by pylvs; use include")
-        if len(toks) != 2 or toks[1].brace:
+        # The pattern from the line itself: its csh braces are not blocks.
+        m = _INCLUDE_ARG.fullmatch(line)
+        if m is None:
             raise ConfigError(where, "include takes one file name (a glob pattern)")
-        pattern = toks[1].text
+        pattern = m.group(1) if m.group(1) is not None else m.group(2)
+        shown = pattern
         base = os.path.dirname(where.file) or "."
         if not os.path.isabs(pattern):
             pattern = os.path.join(base, pattern)
         try:
             patterns = _brace_expand(pattern)
         except ValueError as e:
-            raise ConfigError(where, f"include {toks[1].text}: {e}") from None
+            raise ConfigError(where, f"include {shown}: {e}") from None
         names: list[str] = []
         for p in patterns:
             if globmod.has_magic(p):
@@ -221,11 +224,12 @@ class _Reader:
             else:
                 names.append(p)
         if not names:
-            self.warnings.append(f"{where}: include {toks[1].text}: no file matches")
+            self.warnings.append(f"{where}: include {shown}: no file matches")
         for name in names:
             self.read(name, where, stack)
 
 
+_INCLUDE_ARG = re.compile(r'\s*include\s+(?:"((?:[^"\\]|\\.)*)"|([^\s"#!]+))\s*(?:[#!].*)?')
 _INCLUDES = ("include", "includer", "includem", "includew", "includeb", "include_check")
 _ADVANCED = {"@": "conditional configuration ('@')",
              "$": "parameter substitution ('$')",

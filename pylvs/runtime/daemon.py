@@ -39,7 +39,7 @@ WATCHED_IO = ("rx_dropped", "tx_errors", "tx_emsgsize", "emit_errors", "tx_bad_p
               "pcap_dropped", "pcap_write_errors")
 WATCHED_ENGINE = ("drop_table_full", "emit_overflow")
 LOG_EVERY = 10.0
-SIGHUP_MESSAGE = "SIGHUP: configuration reload is not implemented yet; still running"
+SIGHUP_MESSAGE = "SIGHUP: no configuration file (-c) to reload; still running"
 # How long `pylvs stats` waits for the steering table's not_host counter
 # (an nft subprocess, run in a worker thread); after that it shows null.
 NOT_HOST_TIMEOUT = 5.0
@@ -492,19 +492,112 @@ class Daemon:
 
         loop.call_soon_threadsafe(call)
 
+    # --- the configuration file (-c): applied at start, SIGHUP, `pylvs reload`
+
     async def _apply_config(self) -> None:
-        path, rules = self.opts.config, self._config_ops
-        if not path:
+        """Apply the -c file read by _read_config, then hand its virtual
+        servers to the health checks (services and dests first)."""
+        from ..config import apply as config_apply
+
+        loaded = self._config
+        if loaded is None:
             return
-        # As ipvsadm -R: a bad line is reported (as -R reports it) and the
-        # others still apply, published once at the end.
-        results = self.balancer.apply_many([op for _no, op in rules])
+        for msg in loaded.refused:
+            log.error("%s", msg)
+        if loaded.kind == "rules":
+            # As ipvsadm -R: a bad line is reported (as -R reports it) and
+            # the others still apply, published once at the end.
+            rules = loaded.rules
+            results = await self._apply_ops([op for _no, op in rules])
+            bad = {no: r for (no, _op), r in zip(rules, results) if not r.get("ok", True)}
+            for no, r in bad.items():
+                log.error("%s line %d: %s", loaded.path, no, r.get("error"))
+            log.info("applied %d of %d rules from %s", len(rules) - len(bad), len(rules),
+                     loaded.path)
+            self._config_state = config_apply.from_rules(
+                [(no, op) for no, op in rules if no not in bad], loaded.path)
+        else:
+            ops = config_apply.full_ops(loaded.services)
+            results = await self._apply_ops([op for op, _w in ops])
+            errs = config_apply.errors(ops, results)
+            for e in errs:
+                log.error("%s", e)
+            self._config_state = (config_apply.settle(loaded.services, ops, results), None)
+            log.info("applied %s: %d virtual server(s), %d operation(s) refused", loaded.path,
+                     len(loaded.services), len(errs))
+        self._configure_health(loaded)
+
+    async def _apply_ops(self, ops: list[dict]) -> list[dict]:
+        results = self.balancer.apply_many(ops)
         if inspect.isawaitable(results):
             results = await results
-        bad = [(no, r) for (no, _op), r in zip(rules, results or []) if not r.get("ok", True)]
-        for no, r in bad:
-            log.error("%s line %d: %s", path, no, r.get("error"))
-        log.info("applied %d of %d rules from %s", len(rules) - len(bad), len(rules), path)
+        return list(results or [])
+
+    def _configure_health(self, loaded) -> None:
+        # Contract 1 (PLAN-issue9.md): after the services and dests exist.
+        if getattr(self, "health", None):
+            self.health.configure(loaded.virtual_servers)
+
+    async def reload(self) -> dict:
+        """Re-read the -c file and apply only the difference (SIGHUP and
+        `pylvs reload`): unchanged services and dests are not touched, so
+        no established conn notices. A file that does not parse changes
+        nothing (raises BalancerError with its file:line message); the
+        operations the Balancer refuses are logged and returned. Result:
+        {"file", "format", "services", "operations": {op name: count},
+        "errors": [...], "refused": [...], "warnings": [...]}."""
+        from ..config import apply as config_apply
+        from ..control.balancer import BalancerError
+
+        path = self.opts.config
+        if not path:
+            raise BalancerError("no configuration file to reload (pylvs run -c FILE)")
+        async with self._reload_lock:
+            try:
+                loaded = await asyncio.get_running_loop().run_in_executor(
+                    None, config_apply.load, path)
+            except config_apply.ConfigError as e:
+                log.error("reload: %s; the running configuration is kept", e)
+                raise BalancerError(f"{e}; the running configuration is kept") from None
+            for w in loaded.warnings:
+                log.warning("%s", w)
+            for msg in loaded.refused:
+                log.error("%s", msg)
+            old, old_timeouts = self._config_state
+            ops = config_apply.diff_ops(old, loaded.services, old_timeouts, loaded.timeouts)
+            results = await self._apply_ops([op for op, _w in ops])
+            errs = config_apply.errors(ops, results)
+            for e in errs:
+                log.error("reload: %s", e)
+            self._config = loaded
+            self._config_state = (config_apply.settle(loaded.services, ops, results),
+                                  loaded.timeouts)
+            self._configure_health(loaded)
+            counts: dict[str, int] = {}
+            for op, _w in ops:
+                counts[op["op"]] = counts.get(op["op"], 0) + 1
+            log.info("reloaded %s (%s): %d service(s), %s", path, loaded.kind,
+                     len(loaded.services), ", ".join(f"{n} {k}" for k, n in counts.items())
+                     or "nothing changed")
+            return {"file": path, "format": loaded.kind, "services": len(loaded.services),
+                    "operations": counts, "errors": errs, "refused": list(loaded.refused),
+                    "warnings": list(loaded.warnings)}
+
+    async def _reload_op(self, _req: dict) -> dict:
+        return await self.reload()
+
+    def _sighup(self) -> None:
+        if not self.opts.config:
+            log.warning(SIGHUP_MESSAGE)
+            return
+
+        async def run() -> None:
+            try:
+                await self.reload()
+            except Exception as e:  # BalancerError: logged by reload already
+                if type(e).__name__ != "BalancerError":
+                    log.exception("reload failed")
+        asyncio.ensure_future(run())
 
     async def _await_dests(self, timeout: float = READY_WAIT, step: float = 0.01) -> None:
         """Hold "ready" until the data path can forward to every dest known
@@ -596,14 +689,16 @@ class Daemon:
         self._stop_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop_event.set)
-        # SIGHUP's default action kills the process without the clean-up
-        # below (an nft steering table would stay and black-hole the VIPs),
-        # and a closed terminal sends it.
-        self._loop.add_signal_handler(signal.SIGHUP, log.warning, SIGHUP_MESSAGE)
+        # SIGHUP re-reads the -c file (without one, its default action would
+        # kill the process without the clean-up below: an nft steering
+        # table would stay and black-hole the VIPs).
+        self._reload_lock = asyncio.Lock()
+        self._loop.add_signal_handler(signal.SIGHUP, self._sighup)
 
         path = self.opts.control or rpc.default_path()
         server = await rpc.start_server(path, self.balancer,
-                                        extras={"stats": self._stats_extra})
+                                        extras={"stats": self._stats_extra},
+                                        handlers={"reload": self._reload_op})
         for w in self.workers:
             w.start(self._stop, self.opts.poll_timeout, self.opts.expire_budget,
                     self._worker_failed)
@@ -650,21 +745,17 @@ class Daemon:
 
     def _read_config(self) -> None:
         # Parsed before anything starts: a typo fails the start, not later.
-        self._config_ops = []
-        if self.opts.config:
-            from ..cli import adm
+        from ..config import apply as config_apply
 
+        self._config = None
+        self._config_state = ({}, None)
+        if self.opts.config:
             try:
-                with open(self.opts.config) as f:
-                    text = f.read()
-            except OSError as e:
-                raise SystemExit(f"pylvs run: -c {self.opts.config}: {e.strerror}") from None
-            except UnicodeDecodeError as e:
-                raise SystemExit(f"pylvs run: -c {self.opts.config}: not a text file ({e})") from None
-            try:
-                self._config_ops = adm.parse_rules(text)
-            except adm.AdmError as e:
-                raise SystemExit(f"pylvs run: -c {self.opts.config}: {e}") from None
+                self._config = config_apply.load(self.opts.config)
+            except config_apply.ConfigError as e:
+                raise SystemExit(f"pylvs run: -c: {e}") from None
+            for w in self._config.warnings:
+                log.warning("%s", w)
 
     def _claim_netns(self) -> None:
         # One director per network namespace: each owns "table netdev pylvs",
@@ -878,7 +969,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="interfaces to serve (default: every Ethernet interface that is up)")
     ap.add_argument("--control", metavar="PATH",
                     help="control socket (default: /run/pylvs/ctl-<netns inode>.sock)")
-    ap.add_argument("-c", "--config", metavar="FILE", help="ipvsadm -S rules to apply at start (default: none)")
+    ap.add_argument("-c", "--config", metavar="FILE",
+                    help="a keepalived.conf (its virtual_server blocks) or pylvs adm -S rules, "
+                         "told apart by the first word; applied at start, re-read on SIGHUP "
+                         "and `pylvs reload` (docs/config.md; default: none)")
     ap.add_argument("--conn-max", type=_bounded(1, MAX_CONN_MAX), default=DEFAULT_CONN_MAX,
                     metavar="N", help="most conns at once; the conn table grows with use up "
                     "to this, 88 to 112 bytes per conn; split evenly among the --workers "
