@@ -735,3 +735,45 @@ def test_start_refuses_a_broken_file(tmp_path):
     with pytest.raises(SystemExit, match=rf"^pylvs run: -c: {path}:2: unknown keyword 'bad'"):
         daemon_for(path, balancer())
     assert os.path.exists(path)
+
+
+def test_pylvs_reload_prints_the_outcome():
+    import io
+
+    from pylvs.cli import tools
+    from pylvs.control import rpc
+
+    class Client:
+        answer: object = None
+
+        def __init__(self, _path):
+            pass
+
+        def call(self, op):
+            assert op == {"op": "reload"}
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+        def close(self):
+            pass
+
+    def run(answer):
+        Client.answer = answer
+        out, err = io.StringIO(), io.StringIO()
+        rc = tools.reload_main([], stdout=out, stderr=err, client_factory=Client)
+        return rc, out.getvalue(), err.getvalue()
+
+    ok = {"file": "/k.conf", "format": "keepalived", "services": 2,
+          "operations": {"edit_dest": 1, "add_dest": 2}, "errors": [], "refused": [],
+          "warnings": ["/k.conf:1: global_defs: ignored (pylvs does not run it)"]}
+    assert run(ok) == (0, "reloaded /k.conf (keepalived): 2 service(s); 1 edit_dest, "
+                          "2 add_dest\n",
+                       "warning: /k.conf:1: global_defs: ignored (pylvs does not run it)\n")
+    assert run({**ok, "operations": {}, "warnings": [],
+                "errors": ["/k.conf:4: add_dest tcp 10.0.0.1:80 -> 10.0.0.1:80: refused"]}) == (
+        1, "reloaded /k.conf (keepalived): 2 service(s); nothing changed\n",
+        "/k.conf:4: add_dest tcp 10.0.0.1:80 -> 10.0.0.1:80: refused\n")
+    broken = rpc.RpcError("/k.conf:3: unknown keyword 'wieght' in real_server; the running "
+                          "configuration is kept")
+    assert run(broken) == (1, "", f"pylvs reload: {broken}\n")
