@@ -14,7 +14,7 @@ import pytest
 
 from pylvs.config import apply as config_apply
 from pylvs.config import keepalived as ka
-from pylvs.config.model import CheckSpec, UrlSpec
+from pylvs.config.model import CheckSpec, SorryServer, UrlSpec
 from pylvs.control import listing
 from pylvs.control.balancer import Balancer, BalancerError
 from pylvs.engine.tables import Counters
@@ -76,7 +76,7 @@ def test_reference_sample(tmp_path):
     assert (vs.protocol, vs.vaddr, vs.vport, vs.fwmark) == ("TCP", "10.10.10.2", 80, 0)
     assert (vs.lvs_sched, vs.lvs_method, vs.persistence_timeout) == ("wlc", "NAT", 50)
     assert (vs.delay_loop, vs.quorum, vs.hysteresis) == (6.0, 1, 0)
-    assert (vs.sorry_server.addr, vs.sorry_server.port) == ("192.168.200.200", 80)
+    assert vs.sorry_server == SorryServer("192.168.200.200", 80, "NAT", False)
     assert str(vs.where) == f"{path}:1"
     (rs,) = vs.real_servers
     assert (rs.addr, rs.port, rs.weight, rs.inhibit_on_failure) == ("192.168.200.2", 80, 1, True)

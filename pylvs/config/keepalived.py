@@ -676,9 +676,10 @@ class _Builder:
                 reals.append(rs)
             sorry = v.get("sorry_server")
             if sorry is not None:
-                method = v.get("sorry_method")
+                # Its method: its own, else the virtual server's (keepalived.conf(5)).
+                method = v.get("sorry_method") or v.get("method", ("NAT",))
                 sorry = SorryServer(sorry[0], vport if sorry[1] is None else sorry[1],
-                                    method[0] if method else None,
+                                    method[0],
                                     v.get("sorry_server_inhibit", False))
             out.append(VirtualServer(
                 protocol=v.get("protocol", "TCP"), vaddr=vaddr, vport=vport, fwmark=fwmark,

@@ -591,12 +591,15 @@ class Daemon:
             log.warning(SIGHUP_MESSAGE)
             return
 
+        from ..control.balancer import BalancerError
+
         async def run() -> None:
             try:
                 await self.reload()
-            except Exception as e:  # BalancerError: logged by reload already
-                if type(e).__name__ != "BalancerError":
-                    log.exception("reload failed")
+            except BalancerError:
+                pass   # logged by reload, the running configuration kept
+            except Exception:
+                log.exception("reload failed; the running configuration is kept")
         asyncio.ensure_future(run())
 
     async def _await_dests(self, timeout: float = READY_WAIT, step: float = 0.01) -> None:
