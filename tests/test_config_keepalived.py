@@ -190,6 +190,7 @@ def test_dr_with_persistence_and_keepalived_1_spellings(tmp_path):
 
 TUN_MIXED = """\
 virtual_server 10.0.0.50 80 {
+    protocol TCP
     lvs_sched wrr
     lvs_method TUN type gue port 6080 csum
     real_server 10.1.0.1 80 { weight 2 }
@@ -200,7 +201,7 @@ virtual_server 10.0.0.50 80 {
         lvs_method NAT
         weight 5
     }
-    real_server 10.1.0.4 8080 {    # DR takes the service's port, as ipvsadm gives it
+    real_server 10.1.0.4 8080 {    # DR takes the service's port (keepalived resets it)
         lvs_method DR
         PING_CHECK { delay_loop 2 }
     }
@@ -210,7 +211,11 @@ virtual_server 10.0.0.50 53 {
     ops
     lvs_sched rr
     real_server 10.1.0.1 53 {
-        UDP_CHECK { payload 00 01 "Ab12f" require_reply 00 min_reply_length 2 }
+        UDP_CHECK {
+            payload 00 01 Ab12f
+            require_reply 00
+            min_reply_length 2
+        }
     }
 }
 """
@@ -223,7 +228,9 @@ def test_tunnel_methods_per_real_server(tmp_path):
     assert (gue.lvs_method, gue.tun_type, gue.tun_port, gue.tun_flags) == ("TUN", "gue", 6080,
                                                                           "csum")
     assert (ipip.lvs_method, ipip.tun_type, ipip.tun_port) == ("TUN", "ipip", 0)
-    assert (nat.lvs_method, nat.port, dr.lvs_method, dr.port) == ("NAT", 8080, "DR", 8080)
+    assert (nat.lvs_method, nat.port, dr.lvs_method, dr.port) == ("NAT", 8080, "DR", 80)
+    assert cfg.warnings == (f"{tmp_path}/keepalived.conf:13: real_server: port 8080 is not the "
+                            "service's 80: DR takes the service's, as keepalived resets it",)
     (ping,) = dr.checks
     assert (ping.kind, ping.delay_loop, ping.warmup) == ("PING_CHECK", 2.0, 2.0)
     (udp,) = dns.real_servers[0].checks
@@ -248,6 +255,7 @@ virtual_server_group WEB {
     10.0.0.20 8080
 }
 virtual_server group WEB {
+    protocol TCP
     lvs_sched lc
     delay_loop 3
     retry 4                          # inherited by every checker below
@@ -263,6 +271,7 @@ virtual_server group WEB {
     }
 }
 virtual_server 10.0.0.30 443 {
+    protocol TCP
     real_server 10.2.0.1 443 { TCP_CHECK { connect_port 80 } }
     real_server 10.2.0.2 443 { TCP_CHECK { connect_port 80 } }
 }
@@ -280,9 +289,10 @@ def test_several_virtual_servers_share_real_servers(tmp_path):
     assert [u.path for u in http.urls] == ["/", "/ready"]
     assert http.urls[1].regex == "^ok" and http.urls[1].regex_no_match
     assert g1.real_servers[1].checks[0].delay_loop == 1.0
-    # A real server port omitted... given here; the group member's own port for NAT.
+    # NAT real servers keep their port in every member of the group.
     third = cfg.virtual_servers[2]
     assert [rs.port for rs in third.real_servers] == [80, 80]
+    assert cfg.warnings == ()
     # The same checker on the same real server in two services: equal specs
     # (the health manager runs one probe for them).
     s443 = cfg.virtual_servers[3]
@@ -307,19 +317,54 @@ def test_includes_with_globs_braces_and_relative_paths(tmp_path):
         }
     """)
     write(tmp_path, "etc/rs/one.inc", "real_server 10.1.0.1 80 { weight 7 }\n")
-    write(tmp_path, "etc/extra/vs.conf", "virtual_server 10.0.0.3 80 { }\n")
+    write(tmp_path, "etc/extra/vs.conf", "virtual_server 10.0.0.3 80 { real_server 10.1.0.3 80 { } }\n")
     write(tmp_path, "etc/more/vs.conf", "virtual_server 10.0.0.4 80 { bogus_keyword }\n")
     with pytest.raises(ka.ConfigError) as ei:
         ka.parse_file(main)
     assert str(ei.value) == (f"{tmp_path}/etc/more/vs.conf:1: unknown keyword 'bogus_keyword' "
                              "in virtual_server")
-    write(tmp_path, "etc/more/vs.conf", "virtual_server 10.0.0.4 80 { }\n")
+    write(tmp_path, "etc/more/vs.conf", "virtual_server 10.0.0.4 80 {\n"
+                                        " protocol TCP\n real_server 10.1.0.4 80 { }\n}\n")
     cfg = ka.parse_file(main)
     assert [vs.vaddr for vs in cfg.virtual_servers] == ["10.0.0.1", "10.0.0.2", "10.0.0.3",
                                                         "10.0.0.4"]
     assert cfg.virtual_servers[0].real_servers[0].weight == 7
     assert len(cfg.files) == 6
-    assert cfg.warnings == (f"{main}:3: include empty/*.conf: no file matches",)
+    assert cfg.warnings[0] == f"{main}:3: include empty/*.conf: no file matches"
+    assert [w.split(": ", 2)[1] for w in cfg.warnings[1:]] == ["virtual_server"] * 3  # no protocol
+
+
+KEEPALIVED = "/usr/sbin/keepalived"
+
+
+@pytest.mark.skipif(not os.path.exists(KEEPALIVED), reason="keepalived not installed (make)")
+@pytest.mark.parametrize("name", ["REFERENCE", "DR_PERSIST", "TUN_MIXED", "SHARED", "BASE"])
+def test_the_sample_configurations_are_keepalived_s_own(tmp_path, name):
+    """keepalived 2.2.7 itself (`keepalived -t`) reads each sample without
+    a config error: they are configurations an operator has, not ones
+    only pylvs accepts."""
+    import re
+    import subprocess
+
+    path = write(tmp_path, "keepalived.conf", globals()[name])
+    p = subprocess.run([KEEPALIVED, "-t", "-l", "-f", path], capture_output=True, text=True,
+                       timeout=30)
+    said = p.stdout + p.stderr
+    errors = [ln for ln in said.splitlines()
+              if re.search(r"Line \d+\)", ln) and "deprecated" not in ln]
+    assert not errors, said   # (its exit status counts its notes: no default scheduler, ...)
+
+
+@pytest.mark.skipif(not os.path.exists(KEEPALIVED), reason="keepalived not installed (make)")
+def test_keepalived_only_logs_a_misspelt_keyword_pylvs_refuses_it(tmp_path):
+    import subprocess
+
+    path = write(tmp_path, "keepalived.conf", BASE.replace("lvs_sched rr", "lvs_shed rr"))
+    p = subprocess.run([KEEPALIVED, "-t", "-l", "-f", path], capture_output=True, text=True,
+                       timeout=30)
+    assert "Unknown keyword 'lvs_shed'" in p.stdout + p.stderr   # a note; it would run
+    with pytest.raises(ka.ConfigError, match=r":3: unknown keyword 'lvs_shed' in virtual_server"):
+        ka.parse_file(path)
 
 
 # --- warnings: one per block or keyword pylvs does not act on ----------------
@@ -331,6 +376,7 @@ def test_one_warning_per_unimplemented_block_or_keyword(tmp_path):
         vrrp_instance A { state BACKUP }
         vrrp_instance B { state BACKUP }
         virtual_server 10.0.0.1 80 {
+            protocol TCP
             ha_suspend
             smtp_alert
             real_server 10.1.0.1 80 {
@@ -341,11 +387,68 @@ def test_one_warning_per_unimplemented_block_or_keyword(tmp_path):
     """)
     names = [(w.split(": ")[0].rsplit(":", 1)[1], w.split(": ")[1]) for w in cfg.warnings]
     assert names == [("1", "global_defs"), ("2", "vrrp_script"), ("3", "vrrp_instance"),
-                     ("4", "vrrp_instance"), ("6", "ha_suspend"), ("7", "smtp_alert"),
-                     ("9", "DNS_CHECK"), ("10", "user")]
+                     ("4", "vrrp_instance"), ("7", "ha_suspend"), ("8", "smtp_alert"),
+                     ("10", "DNS_CHECK"), ("11", "user")]
     assert cfg.vrrp_instances == ("A", "B")
     misc = cfg.virtual_servers[0].real_servers[0].checks
     assert [c.misc_path for c in misc] == ["/bin/check arg"]
+
+
+CORRECTED = """\
+virtual_server 10.0.0.1 80 {
+    ops
+}
+virtual_server 10.0.0.2 0 {
+    ops
+    quorum 5
+    hysteresis 2
+    lvs_method DR
+    real_server 10.1.0.1 80 { weight 2 }
+    real_server 10.1.0.1 { weight 3 }
+    real_server 10.1.0.2 8080 { lvs_method NAT }
+    sorry_server 10.1.0.9 8080
+}
+"""
+
+
+def test_what_keepalived_corrects_is_corrected_and_named(tmp_path):
+    """keepalived's validate_check_config() corrections, made the same way
+    with a warning each: no real servers (ignored), no protocol (UDP), ops
+    without UDP... (here UDP, kept), port 0 without persistence (360 s), a
+    DR real server's port (the service's), a duplicate real server (the
+    second ignored), quorum above the total weight, hysteresis not below
+    quorum; a DR sorry server takes the service's port."""
+    cfg = parse(tmp_path, CORRECTED)
+    conf = f"{tmp_path}/keepalived.conf"
+    (vs,) = cfg.virtual_servers
+    assert (vs.protocol, vs.ops, vs.vport, vs.persistence_timeout) == ("UDP", True, 0, 360)
+    assert [(rs.addr, rs.port, rs.weight, rs.lvs_method) for rs in vs.real_servers] == [
+        ("10.1.0.1", 0, 2, "DR"), ("10.1.0.2", 8080, 1, "NAT")]
+    assert (vs.quorum, vs.hysteresis) == (3, 2)
+    assert (vs.sorry_server.port, vs.sorry_server.lvs_method) == (0, "DR")
+    assert cfg.warnings == (
+        f"{conf}:1: virtual_server: no real servers: ignored, as keepalived ignores it",
+        f"{conf}:4: virtual_server: no protocol: UDP, as keepalived sets it (the kernel's "
+        "default); say protocol TCP for TCP",
+        f"{conf}:4: virtual_server: a port 0 service must be persistent: persistence_timeout "
+        "360, as keepalived sets it",
+        f"{conf}:9: real_server: port 80 is not the service's 0: DR takes the service's, as "
+        "keepalived resets it",
+        f"{conf}:10: real_server: 10.1.0.1 0 already defined at {conf}:9: this one ignored, "
+        "as keepalived ignores it",
+        f"{conf}:4: virtual_server: quorum 5 above the real servers' total weight 3: 3, as "
+        "keepalived sets it")
+    b = balancer()
+    assert apply_all(b, config_apply.from_keepalived(cfg)) == []
+    assert saved(b) == ("-A -u 10.0.0.2:0 -s wlc -p 360 -o\n"
+                        "-a -u 10.0.0.2:0 -r 10.1.0.1:0 -g -w 2\n"
+                        "-a -u 10.0.0.2:0 -r 10.1.0.2:8080 -m -w 1\n")
+    text = CORRECTED.replace("virtual_server 10.0.0.2 0 {", "virtual_server 10.0.0.2 0 {\n"
+                             "    protocol TCP").replace("hysteresis 2", "hysteresis 4")
+    cfg = parse(tmp_path, text, "tcp.conf")
+    assert not cfg.virtual_servers[0].ops and cfg.virtual_servers[0].hysteresis == 2
+    assert any("hysteresis 4 not below quorum 3: 2" in w for w in cfg.warnings)
+    assert any("ops (one-packet scheduling) needs UDP: cleared" in w for w in cfg.warnings)
 
 
 # --- bad input: file:line, never a crash -------------------------------------
@@ -388,13 +491,9 @@ BAD = [
      ":2: lb_algo: unknown scheduler 'wrrr'"),
     ("bad protocol", "virtual_server 10.0.0.1 80 {\n protocol ICMP\n}\n",
      ":2: protocol: 'ICMP' is not TCP, UDP or SCTP"),
-    ("port 0 not persistent", "virtual_server 10.0.0.1 0 { }\n",
-     ":1: a virtual server without a port must be persistent"),
-    ("duplicate service", "virtual_server 10.0.0.1 80 { }\nvirtual_server 10.0.0.1 80 { }\n",
-     ":2: virtual server TCP 10.0.0.1:80 already defined at"),
-    ("duplicate real server",
-     "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 { }\n real_server 10.1.0.1 80 { }\n}\n",
-     ":3: real_server 10.1.0.1 80 already defined at"),
+    ("duplicate service", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 { }\n}\n"
+     "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.2 80 { }\n}\n",
+     ":4: virtual server UDP 10.0.0.1:80 already defined at"),
     ("thresholds", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  lthreshold 5\n }\n}\n",
      ":2: lthreshold above uthreshold"),
     ("HTTP_GET without url",
@@ -508,11 +607,13 @@ def keep(tmp_path, text: str):
 
 BASE = """\
 virtual_server 10.0.0.1 80 {
+    protocol TCP
     lvs_sched rr
     real_server 10.1.0.1 80 { weight 1 }
     real_server 10.1.0.2 80 { weight 2 }
 }
 virtual_server 10.0.0.2 80 {
+    protocol TCP
     real_server 10.1.0.1 80 { }
 }
 """
@@ -591,27 +692,27 @@ def test_reload_applies_only_the_difference(tmp_path, new_text, expected):
 
 
 def test_refused_services_are_named_and_the_rest_applies(tmp_path):
-    loaded = keep(tmp_path, """\
+    cfg = parse(tmp_path, """\
         virtual_server fwmark 7 {
             real_server 10.1.0.1 80 { }
         }
         virtual_server 10.0.0.1 80 {
             protocol SCTP
+            real_server 10.1.0.1 80 { }
         }
         virtual_server 10.0.0.1 81 {
+            protocol TCP
             lvs_method DR
             real_server 10.1.0.1 81 { }
-            real_server 10.1.0.1 82 { }
         }
     """)
+    loaded = config_apply.from_keepalived(cfg)
     conf = f"{tmp_path}/keepalived.conf"
     assert loaded.refused == [
         f"{conf}:1: virtual_server fwmark 7: fwmark services are not supported by pylvs yet; "
         "skipped",
         f"{conf}:4: virtual_server 10.0.0.1 80: SCTP services are not supported by pylvs; "
-        "skipped",
-        f"{conf}:10: real_server 10.1.0.1 82: the same dest as {conf}:9 (DR dests take the "
-        "service's port); skipped"]
+        "skipped"]
     assert [vs.vport for vs in loaded.virtual_servers] == [81]
     b = balancer()
     assert apply_all(b, loaded) == []
@@ -625,7 +726,7 @@ def test_refused_operations_are_retried_by_the_next_reload(tmp_path):
     ops = config_apply.full_ops(loaded.services)
     results = b.apply_many([op for op, _w in ops])
     errs = config_apply.errors(ops, results)
-    assert errs == [f"{tmp_path}/keepalived.conf:6: add_service tcp 10.0.0.2:80: "
+    assert errs == [f"{tmp_path}/keepalived.conf:7: add_service tcp 10.0.0.2:80: "
                     "Service already exists"]
     state = config_apply.settle(loaded.services, ops, results)
     assert ("tcp", "10.0.0.2", 80, 0) not in state

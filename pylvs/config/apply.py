@@ -16,8 +16,8 @@ port N`` and ``nocsum|csum|remcsum`` → ``--tun-type``/``--tun-port``/
 default); ``persistence_timeout`` → ``-p``; ``persistence_granularity``
 → ``-M``; ``sh-port``... ``flag-3`` → ``-b``; ``ops`` → ``-o``;
 ``weight`` → ``-w``; ``uthreshold``/``lthreshold`` → ``-x``/``-y``. DR and
-TUN dests take the service's port (as ipvsadm gives them); a real server
-port other than the service's stays the health checks' port.
+TUN dests take the service's port (the parser already gave it to them, as
+keepalived does).
 ``sorry_server``, ``quorum``, ``inhibit_on_failure`` and the checkers are
 the health manager's (pylvs.health), not operations here.
 
@@ -143,11 +143,6 @@ def from_keepalived(cfg: KeepalivedConfig, path: str = "") -> Loaded:
             fwd = _FWD[method]
             dport = rs.port if fwd == "masq" else vs.vport
             rwhere = str(rs.where) if rs.where else where
-            if (rs.addr, dport) in svc.dests:
-                refused.append(f"{rwhere}: real_server {rs.addr} {rs.port}: the same dest as "
-                               f"{svc.dest_where[rs.addr, dport]} ({method} dests take the "
-                               "service's port); skipped")
-                continue
             attrs = {"fwd": fwd, "weight": rs.weight, "u_threshold": rs.uthreshold,
                      "l_threshold": rs.lthreshold}
             if fwd == "tunnel":

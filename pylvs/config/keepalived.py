@@ -579,10 +579,13 @@ def _netmask(tok: Token) -> str:
 class _Builder:
     def __init__(self, warnings: list[str]):
         self.warnings = warnings
-        self._warned: set[tuple] = set()
+        self._warned: set[str] = set()
 
     def warn(self, st: Stmt, what: str) -> None:
-        self.warnings.append(f"{st.where}: {st.name}: {what}")
+        line = f"{st.where}: {st.name}: {what}"
+        if line not in self._warned:    # once, even for every member of a group
+            self._warned.add(line)
+            self.warnings.append(line)
 
     def unused(self, st: Stmt, spec: Spec) -> bool:
         """Warn for a keyword pylvs does not act on; True if it is one."""
@@ -659,37 +662,65 @@ class _Builder:
             if self.unused(c, spec):
                 continue
             self.vs_keyword(c, v)
+        # What keepalived's validate_check_config() corrects, corrected the
+        # same way and named in a warning (keepalived logs it too).
+        if not v["real"]:
+            self.warn(st, "no real servers: ignored, as keepalived ignores it")
+            return []
+        protocol = v.get("protocol")
+        if protocol is None and not all(m[2] for m in members):
+            self.warn(st, "no protocol: UDP, as keepalived sets it (the kernel's default); "
+                          "say protocol TCP for TCP")
+            protocol = "UDP"
+        if v.get("ops") and protocol != "UDP":
+            self.warn(st, "ops (one-packet scheduling) needs UDP: cleared, as keepalived does")
+            v["ops"] = False
+        persist = v.get("persistence_timeout", 0)
+        if not persist and any(not m[1] and not m[2] for m in members):
+            self.warn(st, "a port 0 service must be persistent: persistence_timeout "
+                          f"{model.DEFAULT_PERSISTENCE_TIMEOUT}, as keepalived sets it")
+            persist = model.DEFAULT_PERSISTENCE_TIMEOUT
+        method = v.get("method", ("NAT",))
         out = []
         for vaddr, vport, fwmark, where in members:
-            persist = v.get("persistence_timeout", 0)
-            if vport == 0 and not fwmark and not persist:
-                raise ConfigError(where, "a virtual server without a port must be persistent "
-                                         "(persistence_timeout)")
             reals = []
             seen: dict[tuple[str, int], Where] = {}
             for rst in v["real"]:
-                rs = self.real_server(rst, v, vport)
+                rs = self.real_server(rst, v, vport, fwmark)
                 if (rs.addr, rs.port) in seen:
-                    raise ConfigError(rst.where, f"real_server {rs.addr} {rs.port} already "
-                                                 f"defined at {seen[rs.addr, rs.port]}")
+                    self.warn(rst, f"{rs.addr} {rs.port} already defined at "
+                                   f"{seen[rs.addr, rs.port]}: this one ignored, as "
+                                   "keepalived ignores it")
+                    continue
                 seen[rs.addr, rs.port] = rst.where
                 reals.append(rs)
+            quorum, hysteresis = v.get("quorum", 1), v.get("hysteresis", 0)
+            total = sum(rs.weight for rs in reals)
+            if quorum > total:
+                self.warn(st, f"quorum {quorum} above the real servers' total weight {total}: "
+                              f"{total}, as keepalived sets it")
+                quorum = total
+            if hysteresis and hysteresis >= quorum:
+                self.warn(st, f"hysteresis {hysteresis} not below quorum {quorum}: "
+                              f"{max(quorum - 1, 0)}, as keepalived sets it")
+                hysteresis = max(quorum - 1, 0)
             sorry = v.get("sorry_server")
             if sorry is not None:
-                # Its method: its own, else the virtual server's (keepalived.conf(5)).
-                method = v.get("sorry_method") or v.get("method", ("NAT",))
-                sorry = SorryServer(sorry[0], vport if sorry[1] is None else sorry[1],
-                                    method[0],
+                # Its method: its own, else the virtual server's; DR/TUN: the
+                # service's port (keepalived.conf(5), validate_check_config).
+                smethod = v.get("sorry_method") or method
+                sport = sorry[1] if sorry[1] is not None and smethod[0] == "NAT" else vport
+                sorry = SorryServer(sorry[0], sport, smethod[0],
                                     v.get("sorry_server_inhibit", False))
             out.append(VirtualServer(
-                protocol=v.get("protocol", "TCP"), vaddr=vaddr, vport=vport, fwmark=fwmark,
-                lvs_sched=v.get("lvs_sched"), lvs_method=v.get("method", ("NAT",))[0],
+                protocol=protocol or "TCP", vaddr=vaddr, vport=vport, fwmark=fwmark,
+                lvs_sched=v.get("lvs_sched"), lvs_method=method[0],
                 persistence_timeout=persist,
                 persistence_granularity=v.get("persistence_granularity"),
                 sched_flags=tuple(sorted(set(v["flags"]))), ops=v.get("ops", False),
                 delay_loop=v.get("delay_loop", model.DEFAULT_DELAY_LOOP),
-                quorum=v.get("quorum", 1), quorum_up=v.get("quorum_up"),
-                quorum_down=v.get("quorum_down"), hysteresis=v.get("hysteresis", 0),
+                quorum=quorum, quorum_up=v.get("quorum_up"),
+                quorum_down=v.get("quorum_down"), hysteresis=hysteresis,
                 alpha=v.get("alpha", False), omega=v.get("omega", False),
                 sorry_server=sorry, real_servers=tuple(reals), where=st.where))
         return out
@@ -764,9 +795,9 @@ class _Builder:
             self.warn(c, "user/group ignored: the script runs as pylvs's user")
         d[c.name] = c.args[0].text
 
-    def real_server(self, st: Stmt, v: dict, vport: int) -> RealServer:
+    def real_server(self, st: Stmt, v: dict, vport: int, fwmark: int) -> RealServer:
         addr = _ipv4(st.args[0], "real_server")
-        port = _port(st.args[1], "real server") if len(st.args) > 1 else vport
+        port = _port(st.args[1], "real server") if len(st.args) > 1 else 0
         r: dict = {}
         checks: list[tuple[str, Stmt]] = []
         for c in st.children or ():
@@ -794,6 +825,15 @@ class _Builder:
             # ip_vs_add_dest refuses it (-ERANGE), even with no upper threshold.
             raise ConfigError(st.where, "lthreshold above uthreshold")
         method = r.get("method") or v.get("method") or ("NAT", "ipip", 0, None)
+        # The port, as keepalived settles it: none given, the service's; DR
+        # and TUN always the service's (0 for fwmark), a different one reset.
+        if method[0] != "NAT" and fwmark:
+            port = 0
+        elif not port or (method[0] != "NAT" and port != vport):
+            if port:
+                self.warn(st, f"port {port} is not the service's {vport}: {method[0]} takes "
+                              f"the service's, as keepalived resets it")
+            port = vport
         specs = tuple(self.check(kind, c, r, v) for kind, c in checks)
         return RealServer(
             addr=addr, port=port, weight=r.get("weight", 1), lvs_method=method[0],

@@ -93,7 +93,7 @@ def test_reload_under_traffic_breaks_no_connection(director_lab, tmp_path):
         assert "1 edit_dest, 1 add_dest" in text, text[-2000:]
         # 3. A new service (a NAT port remap), with `pylvs reload`.
         path.write_text(conf(lab, 3, f"    real_server {rs3} 80 {{ weight 2 }}\n")
-                        + f"virtual_server {lab.vip} 8080 {{\n"
+                        + f"virtual_server {lab.vip} 8080 {{\n    protocol TCP\n"
                           f"    real_server {rs3} 80 {{ }}\n}}\n")
         r = lab.run(lab.director, lab.pylvs_argv("reload"), check=False)
         assert r.returncode == 0, r.stderr
