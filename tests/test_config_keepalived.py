@@ -71,7 +71,16 @@ virtual_server 10.10.10.2 80 {          # or: virtual_server fwmark 1 { ... }
 def test_reference_sample(tmp_path):
     path = write(tmp_path, "keepalived.conf", REFERENCE)
     cfg = ka.parse_file(path)
-    assert cfg.warnings == () and cfg.files == (path,)
+    assert cfg.files == (path,)
+    # keepalived 2.2.7 reads one keyword a line (between braces) and drops
+    # the rest silently (`keepalived -t` says nothing of a `status_code
+    # 999` there): pylvs applies them, naming each.
+    assert [(w.split(": ")[0], w.split(": ")[1]) for w in cfg.warnings] == [
+        (f"{path}:13", "status_code"), (f"{path}:13", "retry"),
+        (f"{path}:13", "delay_before_retry"), (f"{path}:14", "connect_timeout"),
+        (f"{path}:15", "misc_timeout"), (f"{path}:15", "misc_dynamic")]
+    assert cfg.warnings[0].endswith("after another keyword's value on its line: keepalived "
+                                    "ignores it there, pylvs applies it")
     (vs,) = cfg.virtual_servers
     assert (vs.protocol, vs.vaddr, vs.vport, vs.fwmark) == ("TCP", "10.10.10.2", 80, 0)
     assert (vs.lvs_sched, vs.lvs_method, vs.persistence_timeout) == ("wlc", "NAT", 50)
@@ -262,7 +271,11 @@ virtual_server group WEB {
     real_server 10.2.0.1 80 {
         HTTP_GET {
             url { path / }
-            url { path /ready regex "^ok" regex_no_match }
+            url {
+                path /ready
+                regex "^ok"
+                regex_no_match
+            }
         }
     }
     real_server 10.2.0.2 80 {
@@ -381,14 +394,17 @@ def test_one_warning_per_unimplemented_block_or_keyword(tmp_path):
             smtp_alert
             real_server 10.1.0.1 80 {
                 DNS_CHECK { type A name example.com }
-                MISC_CHECK { misc_path "/bin/check arg" user nobody }
+                MISC_CHECK {
+                    misc_path "/bin/check arg"
+                    user nobody
+                }
             }
         }
     """)
     names = [(w.split(": ")[0].rsplit(":", 1)[1], w.split(": ")[1]) for w in cfg.warnings]
     assert names == [("1", "global_defs"), ("2", "vrrp_script"), ("3", "vrrp_instance"),
                      ("4", "vrrp_instance"), ("7", "ha_suspend"), ("8", "smtp_alert"),
-                     ("10", "DNS_CHECK"), ("11", "user")]
+                     ("10", "DNS_CHECK"), ("13", "user")]
     assert cfg.vrrp_instances == ("A", "B")
     misc = cfg.virtual_servers[0].real_servers[0].checks
     assert [c.misc_path for c in misc] == ["/bin/check arg"]

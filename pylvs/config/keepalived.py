@@ -7,7 +7,9 @@ TCP_CHECK, HTTP_GET, SSL_GET, UDP_CHECK, MISC_CHECK and PING_CHECK, with
 every timing resolved as keepalived inherits it (checker, else real
 server, else virtual server, else keepalived's default). The grammar is
 keepalived's: blocks in ``{ }`` (the brace may open on the next line, and
-a block may sit on one line: ``url { path /health status_code 200 }``),
+a block may sit on one line: ``url { path /health status_code 200 }``;
+keepalived reads one keyword per line and silently drops what follows its
+value, pylvs reads every keyword and warns where keepalived would not),
 comments from ``#`` or ``!`` to the end of the line, ``"quoted strings"``,
 a line continued by a trailing ``\\``, ``include PATTERN`` anywhere (glob
 and csh braces, relative to the including file's directory),
@@ -371,9 +373,10 @@ _TOP.specs["vrrp_instance"] = Spec(1, 1, block=LINES, need_block=True,
 
 
 class _Parser:
-    def __init__(self, tokens: list[Token]):
+    def __init__(self, tokens: list[Token], warnings: list[str]):
         self.t = tokens
         self.i = 0
+        self.warnings = warnings
 
     def parse(self) -> list[Stmt]:
         return self._block(_TOP, None, 0)
@@ -418,6 +421,12 @@ class _Parser:
         spec = None if kw.quoted else schema.specs.get(kw.text)
         if spec is None:
             raise ConfigError(kw.where, f"unknown keyword {kw.text!r} in {schema.name}")
+        if not kw.bol and not t[self.i - 1].brace:
+            # keepalived 2.2 takes one keyword per line (between braces) and
+            # drops what follows its values without a word: pylvs reads it,
+            # and says so, for a configuration that moves either way.
+            self.warnings.append(f"{kw.where}: {kw.text}: after another keyword's value on "
+                                 "its line: keepalived ignores it there, pylvs applies it")
         self.i += 1
         args: list[Token] = []
         while (self.i < len(t) and not t[self.i].bol and not t[self.i].brace
@@ -1001,8 +1010,8 @@ def parse_text(text: str, name: str = "<text>") -> KeepalivedConfig:
 
 
 def _finish(reader: _Reader) -> KeepalivedConfig:
-    stmts = _Parser(reader.tokens).parse()
     warnings = list(reader.warnings)
+    stmts = _Parser(reader.tokens, warnings).parse()
     cfg = _Builder(warnings).top(stmts)
     return KeepalivedConfig(virtual_servers=cfg.virtual_servers,
                             vrrp_instances=cfg.vrrp_instances,
