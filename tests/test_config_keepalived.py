@@ -894,3 +894,38 @@ def test_pylvs_reload_prints_the_outcome():
     broken = rpc.RpcError("/k.conf:3: unknown keyword 'wieght' in real_server; the running "
                           "configuration is kept")
     assert run(broken) == (1, "", f"pylvs reload: {broken}\n")
+
+
+def test_mangled_configurations_give_an_error_or_a_config_never_a_crash(tmp_path):
+    """Hundreds of random edits of the samples (braces, quotes, comment
+    characters, continuations, numbers, words cut): each parses or raises
+    ConfigError naming a file, and what parses applies to a Balancer
+    without an exception (refusals are results)."""
+    import random
+
+    rng = random.Random(9)
+    pieces = ["{", "}", '"', "#", "!", "\\\n", "\n", " 0", " -1", " 99999999999", " 1.5",
+              " real_server", " include", " x", "\0", " 10.0.0.1", "\t", " TUN type gue"]
+    samples = [REFERENCE, DR_PERSIST, TUN_MIXED, SHARED, CORRECTED, BASE]
+    outcomes = {"parsed": 0, "refused": 0}
+    for i in range(400):
+        text = rng.choice(samples)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(text))
+            if rng.random() < 0.5:
+                text = text[:at] + rng.choice(pieces) + text[at:]
+            else:
+                text = text[:at] + text[at + rng.randint(1, 8):]
+        path = tmp_path / f"m{i}.conf"
+        path.write_text(text)
+        try:
+            cfg = ka.parse_file(str(path))
+        except ka.ConfigError as e:
+            assert str(e).startswith(str(tmp_path)), (str(e), text)
+            outcomes["refused"] += 1
+            continue
+        outcomes["parsed"] += 1
+        loaded = config_apply.from_keepalived(cfg)
+        ops = config_apply.full_ops(loaded.services)
+        config_apply.errors(ops, balancer().apply_many([op for op, _w in ops]))
+    assert outcomes["parsed"] > 20 and outcomes["refused"] > 100, outcomes
