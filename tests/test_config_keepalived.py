@@ -929,3 +929,40 @@ def test_mangled_configurations_give_an_error_or_a_config_never_a_crash(tmp_path
         ops = config_apply.full_ops(loaded.services)
         config_apply.errors(ops, balancer().apply_many([op for op, _w in ops]))
     assert outcomes["parsed"] > 20 and outcomes["refused"] > 100, outcomes
+
+
+def test_control_socket_answers_reload_with_the_daemon_handler(tmp_path):
+    """`{"op": "reload"}` on the control socket reaches the handler `pylvs
+    run` gives (not the Balancer): its result, or its BalancerError as the
+    error; the Balancer's ops still answer on the same socket."""
+    from pylvs.control import rpc
+
+    path = str(tmp_path / "run" / "ctl.sock")
+    calls = []
+
+    async def reload(req):
+        calls.append(req)
+        if req.get("broken"):
+            raise BalancerError("k.conf:3: unknown keyword 'x'; the running configuration "
+                                "is kept")
+        return {"file": "k.conf", "operations": {}}
+
+    async def main():
+        server = await rpc.start_server(path, balancer(), handlers={"reload": reload})
+        loop = asyncio.get_running_loop()
+
+        def client():
+            with rpc.Client(path) as c:
+                ok = c.call({"op": "reload"})
+                with pytest.raises(rpc.RpcError, match="the running configuration is kept"):
+                    c.call({"op": "reload", "broken": True})
+                return ok, c.call({"op": "ping"})
+        try:
+            return await loop.run_in_executor(None, client)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    ok, pong = asyncio.run(main())
+    assert ok == {"file": "k.conf", "operations": {}} and pong == "pong"
+    assert calls == [{"op": "reload"}, {"op": "reload", "broken": True}]
