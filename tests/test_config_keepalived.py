@@ -822,7 +822,6 @@ def test_daemon_reload_keeps_the_old_config_when_the_new_file_is_broken(tmp_path
     d = daemon_for(path, b)
 
     async def run():
-        d._reload_lock = asyncio.Lock()
         await d._apply_config()
         before = saved(b)
         assert d.health.calls == [(("TCP", "10.0.0.1", 80, 0), ("TCP", "10.0.0.2", 80, 0))]

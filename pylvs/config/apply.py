@@ -34,9 +34,11 @@ what it did not configure.
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 from .. import forward
 from . import keepalived
@@ -46,6 +48,8 @@ from .model import KeepalivedConfig, VirtualServer
 # (proto "tcp"/"udp"/"sctp", vaddr text or None, vport, fwmark)
 SvcKey = tuple[str, "str | None", int, int]
 DestKey = tuple[str, int]
+
+log = logging.getLogger("pylvs")
 
 _FWD = {"NAT": "masq", "DR": "route", "TUN": "tunnel"}
 _SVC_ATTRS = ("sched", "flags", "persistent", "netmask", "ops", "pe")
@@ -330,3 +334,87 @@ def errors(ops: list[Op], results: list[dict]) -> list[str]:
             out.append(f"{where + ': ' if where else ''}{what} {op.get('proto', '')} "
                        f"{target}: {r.get('error')}".replace("  ", " "))
     return out
+
+
+# --- a director's -c file ------------------------------------------------------
+
+ApplyOps = Callable[[list], Awaitable[list]]   # Balancer.apply_many, awaited
+
+
+class ConfigFile:
+    """The ``pylvs run -c`` file of a director: read (and refused, raising
+    ConfigError) at construction, applied at start by ``apply``, re-read by
+    ``reload``, which applies only the difference with what the last load
+    left in force. ``apply_ops(ops) -> results`` runs operations as
+    ``Balancer.apply_many`` (one publish). Logs to the "pylvs" logger."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.loaded = load(path)
+        self._state: State = {}
+        self._timeouts: Any = None
+        self._lock: asyncio.Lock | None = None
+        for w in self.loaded.warnings:
+            log.warning("%s", w)
+
+    async def apply(self, apply_ops: ApplyOps) -> None:
+        loaded = self.loaded
+        for msg in loaded.refused:
+            log.error("%s", msg)
+        if loaded.kind == "rules":
+            # As ipvsadm -R: a bad line is reported (as -R reports it) and
+            # the others still apply, published once at the end.
+            rules = loaded.rules
+            results = await apply_ops([op for _no, op in rules])
+            bad = {no: r for (no, _op), r in zip(rules, results) if not r.get("ok", True)}
+            for no, r in bad.items():
+                log.error("%s line %d: %s", loaded.path, no, r.get("error"))
+            log.info("applied %d of %d rules from %s", len(rules) - len(bad), len(rules),
+                     loaded.path)
+            self._state, self._timeouts = from_rules(
+                [(no, op) for no, op in rules if no not in bad], loaded.path)
+            return
+        ops = full_ops(loaded.services)
+        results = await apply_ops([op for op, _w in ops])
+        errs = errors(ops, results)
+        for e in errs:
+            log.error("%s", e)
+        self._state = settle(loaded.services, ops, results)
+        log.info("applied %s: %d virtual server(s), %d operation(s) refused", loaded.path,
+                 len(loaded.services), len(errs))
+
+    async def reload(self, apply_ops: ApplyOps) -> dict:
+        """Re-read the file (in the loop's executor) and apply the
+        difference. A file that does not parse changes nothing: raises
+        ConfigError ("...; the running configuration is kept"), logged.
+        Result: {"file", "format", "services", "operations": {op name:
+        count}, "errors", "refused", "warnings"}."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            try:
+                loaded = await asyncio.get_running_loop().run_in_executor(None, load, self.path)
+            except ConfigError as e:
+                log.error("reload: %s; the running configuration is kept", e)
+                raise ConfigError(e.where, f"{e.msg}; the running configuration is kept") \
+                    from None
+            for w in loaded.warnings:
+                log.warning("%s", w)
+            for msg in loaded.refused:
+                log.error("%s", msg)
+            ops = diff_ops(self._state, loaded.services, self._timeouts, loaded.timeouts)
+            results = await apply_ops([op for op, _w in ops])
+            errs = errors(ops, results)
+            for e in errs:
+                log.error("reload: %s", e)
+            self.loaded = loaded
+            self._state, self._timeouts = settle(loaded.services, ops, results), loaded.timeouts
+            counts: dict[str, int] = {}
+            for op, _w in ops:
+                counts[op["op"]] = counts.get(op["op"], 0) + 1
+            log.info("reloaded %s (%s): %d service(s), %s", self.path, loaded.kind,
+                     len(loaded.services), ", ".join(f"{n} {k}" for k, n in counts.items())
+                     or "nothing changed")
+            return {"file": self.path, "format": loaded.kind, "services": len(loaded.services),
+                    "operations": counts, "errors": errs, "refused": list(loaded.refused),
+                    "warnings": list(loaded.warnings)}

@@ -493,39 +493,12 @@ class Daemon:
         loop.call_soon_threadsafe(call)
 
     # --- the configuration file (-c): applied at start, SIGHUP, `pylvs reload`
+    # (pylvs.config.apply.ConfigFile; docs/config.md)
 
     async def _apply_config(self) -> None:
-        """Apply the -c file read by _read_config, then hand its virtual
-        servers to the health checks (services and dests first)."""
-        from ..config import apply as config_apply
-
-        loaded = self._config
-        if loaded is None:
-            return
-        for msg in loaded.refused:
-            log.error("%s", msg)
-        if loaded.kind == "rules":
-            # As ipvsadm -R: a bad line is reported (as -R reports it) and
-            # the others still apply, published once at the end.
-            rules = loaded.rules
-            results = await self._apply_ops([op for _no, op in rules])
-            bad = {no: r for (no, _op), r in zip(rules, results) if not r.get("ok", True)}
-            for no, r in bad.items():
-                log.error("%s line %d: %s", loaded.path, no, r.get("error"))
-            log.info("applied %d of %d rules from %s", len(rules) - len(bad), len(rules),
-                     loaded.path)
-            self._config_state = config_apply.from_rules(
-                [(no, op) for no, op in rules if no not in bad], loaded.path)
-        else:
-            ops = config_apply.full_ops(loaded.services)
-            results = await self._apply_ops([op for op, _w in ops])
-            errs = config_apply.errors(ops, results)
-            for e in errs:
-                log.error("%s", e)
-            self._config_state = (config_apply.settle(loaded.services, ops, results), None)
-            log.info("applied %s: %d virtual server(s), %d operation(s) refused", loaded.path,
-                     len(loaded.services), len(errs))
-        self._configure_health(loaded)
+        if self._config is not None:
+            await self._config.apply(self._apply_ops)
+            self._configure_health()
 
     async def _apply_ops(self, ops: list[dict]) -> list[dict]:
         results = self.balancer.apply_many(ops)
@@ -533,71 +506,38 @@ class Daemon:
             results = await results
         return list(results or [])
 
-    def _configure_health(self, loaded) -> None:
+    def _configure_health(self) -> None:
         # Contract 1 (PLAN-issue9.md): after the services and dests exist.
         if getattr(self, "health", None):
-            self.health.configure(loaded.virtual_servers)
+            self.health.configure(self._config.loaded.virtual_servers)
 
-    async def reload(self) -> dict:
-        """Re-read the -c file and apply only the difference (SIGHUP and
-        `pylvs reload`): unchanged services and dests are not touched, so
-        no established conn notices. A file that does not parse changes
-        nothing (raises BalancerError with its file:line message); the
-        operations the Balancer refuses are logged and returned. Result:
-        {"file", "format", "services", "operations": {op name: count},
-        "errors": [...], "refused": [...], "warnings": [...]}."""
-        from ..config import apply as config_apply
+    async def reload(self, _req: dict | None = None) -> dict:
+        """Re-read the -c file and apply only the difference (SIGHUP, and
+        the control op "reload" of `pylvs reload`); BalancerError when
+        there is no file or it does not parse (nothing changed then)."""
+        from ..config.keepalived import ConfigError
         from ..control.balancer import BalancerError
 
-        path = self.opts.config
-        if not path:
+        if self._config is None:
             raise BalancerError("no configuration file to reload (pylvs run -c FILE)")
-        async with self._reload_lock:
-            try:
-                loaded = await asyncio.get_running_loop().run_in_executor(
-                    None, config_apply.load, path)
-            except config_apply.ConfigError as e:
-                log.error("reload: %s; the running configuration is kept", e)
-                raise BalancerError(f"{e}; the running configuration is kept") from None
-            for w in loaded.warnings:
-                log.warning("%s", w)
-            for msg in loaded.refused:
-                log.error("%s", msg)
-            old, old_timeouts = self._config_state
-            ops = config_apply.diff_ops(old, loaded.services, old_timeouts, loaded.timeouts)
-            results = await self._apply_ops([op for op, _w in ops])
-            errs = config_apply.errors(ops, results)
-            for e in errs:
-                log.error("reload: %s", e)
-            self._config = loaded
-            self._config_state = (config_apply.settle(loaded.services, ops, results),
-                                  loaded.timeouts)
-            self._configure_health(loaded)
-            counts: dict[str, int] = {}
-            for op, _w in ops:
-                counts[op["op"]] = counts.get(op["op"], 0) + 1
-            log.info("reloaded %s (%s): %d service(s), %s", path, loaded.kind,
-                     len(loaded.services), ", ".join(f"{n} {k}" for k, n in counts.items())
-                     or "nothing changed")
-            return {"file": path, "format": loaded.kind, "services": len(loaded.services),
-                    "operations": counts, "errors": errs, "refused": list(loaded.refused),
-                    "warnings": list(loaded.warnings)}
-
-    async def _reload_op(self, _req: dict) -> dict:
-        return await self.reload()
+        try:
+            result = await self._config.reload(self._apply_ops)
+        except ConfigError as e:
+            raise BalancerError(str(e)) from None
+        self._configure_health()
+        return result
 
     def _sighup(self) -> None:
-        if not self.opts.config:
+        if self._config is None:
             log.warning(SIGHUP_MESSAGE)
             return
-
         from ..control.balancer import BalancerError
 
         async def run() -> None:
             try:
                 await self.reload()
             except BalancerError:
-                pass   # logged by reload, the running configuration kept
+                pass   # logged; the running configuration is kept
             except Exception:
                 log.exception("reload failed; the running configuration is kept")
         asyncio.ensure_future(run())
@@ -695,13 +635,12 @@ class Daemon:
         # SIGHUP re-reads the -c file (without one, its default action would
         # kill the process without the clean-up below: an nft steering
         # table would stay and black-hole the VIPs).
-        self._reload_lock = asyncio.Lock()
         self._loop.add_signal_handler(signal.SIGHUP, self._sighup)
 
         path = self.opts.control or rpc.default_path()
         server = await rpc.start_server(path, self.balancer,
                                         extras={"stats": self._stats_extra},
-                                        handlers={"reload": self._reload_op})
+                                        handlers={"reload": self.reload})
         for w in self.workers:
             w.start(self._stop, self.opts.poll_timeout, self.opts.expire_budget,
                     self._worker_failed)
@@ -751,14 +690,11 @@ class Daemon:
         from ..config import apply as config_apply
 
         self._config = None
-        self._config_state = ({}, None)
         if self.opts.config:
             try:
-                self._config = config_apply.load(self.opts.config)
+                self._config = config_apply.ConfigFile(self.opts.config)
             except config_apply.ConfigError as e:
                 raise SystemExit(f"pylvs run: -c: {e}") from None
-            for w in self._config.warnings:
-                log.warning("%s", w)
 
     def _claim_netns(self) -> None:
         # One director per network namespace: each owns "table netdev pylvs",
