@@ -965,3 +965,28 @@ def test_control_socket_answers_reload_with_the_daemon_handler(tmp_path):
     ok, pong = asyncio.run(main())
     assert ok == {"file": "k.conf", "operations": {}} and pong == "pong"
     assert calls == [{"op": "reload"}, {"op": "reload", "broken": True}]
+
+
+def test_fifos_devices_and_token_floods_are_refused_without_hanging(tmp_path, monkeypatch):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)   # nobody writes: opening it for reading would block
+    for path in (str(fifo), "/dev/zero", str(tmp_path)):
+        with pytest.raises(ka.ConfigError, match=f"^{path}: not a regular file"):
+            ka.parse_file(path)
+        with pytest.raises(ka.ConfigError, match=f"^{path}: not a regular file"):
+            config_apply.load(path)
+    inc = write(tmp_path, "inc.conf", f"include {fifo}\n")
+    with pytest.raises(ka.ConfigError, match=f"^{inc}:1: {fifo}: not a regular file"):
+        ka.parse_file(inc)
+    # The token budget counts across lines and files (a smaller one here,
+    # to keep the test short; the real one bounds memory to ~100 MB).
+    monkeypatch.setattr(ka, "MAX_TOKENS", 1000)
+    write(tmp_path, "many.inc", "{ } " * 300 + "\n")
+    braces = write(tmp_path, "braces.conf", "global_defs " + "{ } " * 200 + "\n"
+                   "include many.inc\ninclude many.inc\n")
+    with pytest.raises(ka.ConfigError, match=rf"^{tmp_path}/many.inc:1: more than 1000 words"):
+        ka.parse_file(braces)
+    monkeypatch.undo()
+    deep = write(tmp_path, "deep_pattern.conf", "include " + "{" * 500 + "a" + "}" * 500 + "\n")
+    with pytest.raises(ka.ConfigError, match="more than 32 braces"):
+        ka.parse_file(deep)

@@ -94,15 +94,9 @@ class Loaded:
 def load(path: str) -> Loaded:
     """Read and parse ``path`` (either format). Raises ConfigError whose
     text names the file and line."""
+    data = keepalived.read_limited(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(keepalived.MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(None, f"{path}: {e.strerror or e}") from None
-    if len(head) > keepalived.MAX_FILE_BYTES:
-        raise ConfigError(None, f"{path}: larger than {keepalived.MAX_FILE_BYTES} bytes")
-    try:
-        text = head.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(None, f"{path}: not a text file ({e})") from None
     if keepalived.looks_like_keepalived(text):

@@ -28,8 +28,9 @@ and FILE checkers; ...) are accepted and named in one warning each
 (``KeepalivedConfig.warnings``), never silently dropped.
 
 Limits (never hang, never exhaust memory): MAX_FILE_BYTES per file,
-MAX_TOTAL_BYTES in all, MAX_FILES files, include depth MAX_INCLUDE_DEPTH,
-block nesting MAX_NESTING; an include loop is an error.
+MAX_TOTAL_BYTES in all, MAX_FILES files, MAX_TOKENS words and braces,
+include depth MAX_INCLUDE_DEPTH, block nesting MAX_NESTING; an include
+loop is an error, and so is a FIFO or device (only regular files are read).
 
 IPv4 only, as pylvs: an IPv6 address is an error naming its line.
 """
@@ -41,6 +42,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 from .. import sched as schedmod
@@ -53,6 +55,8 @@ MAX_TOTAL_BYTES = 32 << 20
 MAX_FILES = 1000
 MAX_INCLUDE_DEPTH = 8
 MAX_NESTING = 16
+MAX_TOKENS = 1_000_000         # words and braces in all files (memory bound)
+MAX_PATTERN_BRACES = 32        # csh braces in one include pattern
 MAX_GROUP_MEMBERS = 65536      # addresses a virtual_server_group range may expand to
 MAX_TIMER = 86400.0 * 365      # seconds: far beyond any sane delay
 MAX_PERSISTENCE = 86400 * 31   # ipvsadm's MAX_TIMEOUT
@@ -71,7 +75,7 @@ class ConfigError(Exception):
 
 # --- tokens -----------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Token:
     text: str
     where: Where
@@ -105,9 +109,11 @@ def _logical_lines(text: str):
         yield start, pending
 
 
-def _line_tokens(line: str, where: Where) -> list[Token]:
+def _line_tokens(line: str, where: Where, budget: int) -> list[Token]:
     out: list[Token] = []
     for m in _TOKEN.finditer(line):
+        if len(out) >= budget:
+            raise ConfigError(where, f"more than {MAX_TOKENS} words and braces in all")
         q, brace, comment, word, lone = m.groups()
         if comment is not None:
             break
@@ -149,6 +155,33 @@ def _brace_expand(pattern: str, limit: int = MAX_FILES) -> list[str]:
     return [pattern]
 
 
+def read_limited(path: str, where: Where | None = None) -> bytes:
+    """A regular file's bytes, at most MAX_FILE_BYTES (ConfigError beyond,
+    and for a FIFO, device or directory: reading one could block forever
+    or never end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(where, f"{path}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(where, f"{path}: not a regular file")
+        chunks, size = [], 0
+        while size <= MAX_FILE_BYTES:
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise ConfigError(where, f"{path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_FILE_BYTES:
+        raise ConfigError(where, f"{path}: larger than {MAX_FILE_BYTES} bytes")
+    return b"".join(chunks)
+
+
 class _Reader:
     """Files to one token list, includes followed, within the limits."""
 
@@ -167,15 +200,7 @@ class _Reader:
             raise ConfigError(where, f"includes nested deeper than {MAX_INCLUDE_DEPTH} files")
         if len(self.files) >= MAX_FILES:
             raise ConfigError(where, f"more than {MAX_FILES} files read")
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
-        except IsADirectoryError:
-            raise ConfigError(where, f"{path}: is a directory") from None
-        except OSError as e:
-            raise ConfigError(where, f"{path}: {e.strerror or e}") from None
-        if len(data) > MAX_FILE_BYTES:
-            raise ConfigError(where, f"{path}: larger than {MAX_FILE_BYTES} bytes")
+        data = read_limited(path, where)
         self.total += len(data)
         if self.total > MAX_TOTAL_BYTES:
             raise ConfigError(where, f"the files together are larger than {MAX_TOTAL_BYTES} bytes")
@@ -196,7 +221,7 @@ class _Reader:
             if first in _ADVANCED:
                 raise ConfigError(here, f"keepalived's {_ADVANCED[first]} is not supported "
                                         "by pylvs")
-            toks = _line_tokens(line, here)
+            toks = _line_tokens(line, here, MAX_TOKENS - len(self.tokens))
             if toks and toks[0].text in _INCLUDES and not toks[0].quoted:
                 self._include(toks[0].text, line, here, stack)
                 continue
@@ -216,6 +241,8 @@ class _Reader:
         if not os.path.isabs(pattern):
             pattern = os.path.join(base, pattern)
         try:
+            if pattern.count("{") > MAX_PATTERN_BRACES:
+                raise ValueError(f"more than {MAX_PATTERN_BRACES} braces")
             patterns = _brace_expand(pattern)
         except ValueError as e:
             raise ConfigError(where, f"include {shown}: {e}") from None
