@@ -104,8 +104,8 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
                     "pmtu_disc, drop_entry, drop_packet, secure_tcp, amemthresh, am_droprate, "
                     "lblc_expiration and lblcr_expiration as the kernel's "
                     "net.ipv4.vs.*, icmp_msgs_per_sec, icmp_msgs_burst and icmp_ratelimit "
-                    "as net.ipv4.*, tcp_rst_per_sec, tcp_rst_burst and upcall_share "
-                    "pylvs's own (README, the sysctl table). No argument lists them all, "
+                    "as net.ipv4.*, tcp_rst_per_sec, tcp_rst_burst, upcall_share "
+                    "and pressure_conn_rate pylvs's own (README, the sysctl table). No argument lists them all, "
                     "NAME reads one, NAME=VALUE sets one; the settings of one command "
                     "apply together or not at all.")
     ap.add_argument("setting", nargs="*", metavar="NAME[=VALUE]")
