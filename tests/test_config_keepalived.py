@@ -990,3 +990,24 @@ def test_fifos_devices_and_token_floods_are_refused_without_hanging(tmp_path, mo
     deep = write(tmp_path, "deep_pattern.conf", "include " + "{" * 500 + "a" + "}" * 500 + "\n")
     with pytest.raises(ka.ConfigError, match="more than 32 braces"):
         ka.parse_file(deep)
+
+
+def test_daemon_publishes_the_dests_together_with_their_health(tmp_path):
+    """The file's dests reach the engines in the same publish as the
+    health checks' first say (an `alpha` dest never forwards before its
+    checks pass): nothing is published between the operations and
+    health.configure, once after it."""
+    path = write(tmp_path, "keepalived.conf", BASE)
+    published = []
+    b = Balancer(Counters(512, 1024), publish=lambda s, d: published.append(len(published)))
+    d = daemon_for(path, b)
+    seen = []
+    d.health.configure = lambda vss: seen.append(len(published))
+
+    async def run():
+        await d._apply_config()
+        assert seen == [0] and len(published) == 1
+        write(tmp_path, "keepalived.conf", BASE.replace("weight 2", "weight 3"))
+        await d.reload()
+        assert seen == [0, 1] and len(published) == 2
+    asyncio.run(run())

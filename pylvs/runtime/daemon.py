@@ -501,15 +501,21 @@ class Daemon:
             self._configure_health()
 
     async def _apply_ops(self, ops: list[dict]) -> list[dict]:
-        results = self.balancer.apply_many(ops)
+        # Held: published by _configure_health together with the health
+        # state, so an `alpha` dest (down until its checks pass) never
+        # forwards in between.
+        results = self.balancer.apply_many(ops, hold=True)
         if inspect.isawaitable(results):
             results = await results
         return list(results or [])
 
     def _configure_health(self) -> None:
         # Contract 1 (PLAN-issue9.md): after the services and dests exist.
-        if getattr(self, "health", None):
-            self.health.configure(self._config.loaded.virtual_servers)
+        try:
+            if getattr(self, "health", None):
+                self.health.configure(self._config.loaded.virtual_servers)
+        finally:
+            self.balancer.flush()
 
     async def reload(self, _req: dict | None = None) -> dict:
         """Re-read the -c file and apply only the difference (SIGHUP, and
@@ -523,7 +529,10 @@ class Daemon:
         try:
             result = await self._config.reload(self._apply_ops)
         except ConfigError as e:
-            raise BalancerError(str(e)) from None
+            raise BalancerError(str(e)) from None   # refused before any operation
+        except BaseException:
+            self.balancer.flush()   # what was applied still goes out
+            raise
         self._configure_health()
         return result
 
