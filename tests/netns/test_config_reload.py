@@ -1,8 +1,9 @@
-"""`pylvs run -c keepalived.conf` and a reload under traffic (issue 9,
-item 7): real HTTP downloads run through the director while the file
-changes and SIGHUP (then `pylvs reload`) arrives; not one download breaks,
-and what changed is in force (the edited dest's weight, a new dest, a new
-service), with 1 and 2 workers."""
+"""`pylvs run -c keepalived.conf` (issue 9, items 2 and 7): a keepalived
+configuration with NAT, DR and TUN real servers side by side drives the
+three methods; and a reload under traffic: real HTTP downloads run through
+the director while the file changes and SIGHUP (then `pylvs reload`)
+arrives; not one download breaks, and what changed is in force (the edited
+dest's weight, a new dest, a new service), with 1 and 2 workers."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import time
 import pytest
 
 from pylvs.lab.httpd import content
+from pylvs.lab.topology import GUE_PORT
 
-pytestmark = pytest.mark.parametrize("workers", [1, 2], indirect=True)
 
 DOWNLOADS = 12
 SIZE, RATE = 2 << 20, 256 << 10     # about 8 s each, paced by the real server
@@ -58,6 +59,7 @@ def wait_log(lab, needle: str, count: int, timeout: float = 10.0) -> str:
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("workers", [1, 2], indirect=True)
 def test_reload_under_traffic_breaks_no_connection(director_lab, tmp_path):
     lab = director_lab(servers=3, start=False)
     rs1, rs2, rs3 = lab.rips
@@ -124,4 +126,52 @@ def test_reload_under_traffic_breaks_no_connection(director_lab, tmp_path):
     assert lab.run(lab.client, lab.curl_argv("/whoami", port=8080)).stdout == "rs3\n"
     names = {lab.curl("/whoami").stdout.strip() for _ in range(6)}
     assert names == {"rs1", "rs2", "rs3"}, names
+    assert lab.stop_director() == 0
+
+
+def test_keepalived_conf_drives_nat_dr_and_tun_side_by_side(director_lab, tmp_path):
+    """A routed lab (rs1 NAT, rs2 DR, rs3 Tun behind the router with `pylvs
+    realserver run`): keepalived's lb_kind DR for the service, lvs_method
+    NAT and TUN (GUE, checksummed) for two of its real servers; every real
+    server answers through the director, each by its method."""
+    lab = director_lab(fwd="mixed", servers=3, start=False)
+    nat, dr, tun = lab.rips
+    path = tmp_path / "keepalived.conf"
+    path.write_text(f"""\
+vrrp_instance VI_1 {{
+    state MASTER
+    interface eth0
+    virtual_router_id 51
+    virtual_ipaddress {{
+        {lab.vip}/24
+    }}
+}}
+virtual_server {lab.vip} 80 {{
+    protocol TCP
+    lb_algo rr
+    lb_kind DR
+    real_server {nat} 80 {{
+        lvs_method NAT
+    }}
+    real_server {dr} 80 {{
+        TCP_CHECK {{
+            connect_timeout 3
+        }}
+    }}
+    real_server {tun} 80 {{
+        lvs_method TUN type gue port {GUE_PORT} csum
+    }}
+}}
+""")
+    lab.start_director("-c", str(path))
+    assert f"{path}:1: vrrp_instance: ignored (VRRP is keepalived's" in lab.director_log()
+    assert sorted(lab.adm("-S", "-n").splitlines()) == sorted([
+        f"-A -t {lab.vip}:80 -s rr",
+        f"-a -t {lab.vip}:80 -r {nat}:80 -m -w 1",
+        f"-a -t {lab.vip}:80 -r {dr}:80 -g -w 1",
+        f"-a -t {lab.vip}:80 -r {tun}:80 -i -w 1 --tun-type gue --tun-port {GUE_PORT} "
+        "--tun-csum"])
+    assert lab.wait_resolved([nat, dr])
+    names = [lab.curl("/whoami", max_time=5).stdout.strip() for _ in range(6)]
+    assert sorted(names) == ["rs1", "rs1", "rs2", "rs2", "rs3", "rs3"], names
     assert lab.stop_director() == 0
