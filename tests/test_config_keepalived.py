@@ -1011,3 +1011,15 @@ def test_daemon_publishes_the_dests_together_with_their_health(tmp_path):
         await d.reload()
         assert seen == [0, 1] and len(published) == 2
     asyncio.run(run())
+
+
+def test_refusals_are_named_with_the_director_s_own_words(tmp_path):
+    loaded = keep(tmp_path, BASE.replace("10.1.0.2 80", "10.0.0.1 80"))  # the VIP as a RIP
+    b = balancer()
+    errs = apply_all(b, loaded)
+    assert len(errs) == 1 and errs[0].startswith(
+        f"{tmp_path}/keepalived.conf:5: add_dest tcp 10.0.0.1:80 -> 10.0.0.1:80: ")
+    assert "  " not in errs[0].split(": ", 1)[0]
+    msg = b.apply_many([{"op": "add_dest", "proto": "tcp", "vaddr": "10.0.0.1", "vport": 80,
+                         "daddr": "10.0.0.1", "dport": 80, "fwd": "masq"}])[0]["error"]
+    assert errs[0].endswith(": " + msg)

@@ -321,12 +321,12 @@ def errors(ops: list[Op], results: list[dict]) -> list[str]:
     out = []
     for (op, where), r in zip(ops, results):
         if not r.get("ok", True):
-            what = op["op"]
-            target = (f"{op.get('vaddr')}:{op.get('vport')}" if "vaddr" in op else "")
+            words = [op["op"]]
+            if "vaddr" in op:
+                words.append(f"{op.get('proto')} {op['vaddr']}:{op.get('vport')}")
             if "daddr" in op:
-                target += f" -> {op['daddr']}:{op['dport']}"
-            out.append(f"{where + ': ' if where else ''}{what} {op.get('proto', '')} "
-                       f"{target}: {r.get('error')}".replace("  ", " "))
+                words.append(f"-> {op['daddr']}:{op['dport']}")
+            out.append(f"{where + ': ' if where else ''}{' '.join(words)}: {r.get('error')}")
     return out
 
 
