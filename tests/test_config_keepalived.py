@@ -785,7 +785,7 @@ def test_the_same_rules_in_either_format_give_the_same_director(tmp_path):
 
 def test_load_errors_name_file_and_line(tmp_path):
     p = write(tmp_path, "r", "-A -t 10.0.0.1:80\n-a -t 10.0.0.1:80 -r\n")
-    with pytest.raises(ka.ConfigError, match=rf"^{p}:2: "):
+    with pytest.raises(ka.ConfigError, match=rf"^{p}: line 2: "):
         config_apply.load(p)
     with pytest.raises(ka.ConfigError, match=rf"^{tmp_path}/nope: No such file"):
         config_apply.load(str(tmp_path / "nope"))
@@ -848,7 +848,7 @@ def test_daemon_reload_keeps_the_old_config_when_the_new_file_is_broken(tmp_path
 
 def test_start_refuses_a_broken_file(tmp_path):
     path = write(tmp_path, "keepalived.conf", "virtual_server 10.0.0.1 80 {\n bad\n}\n")
-    with pytest.raises(SystemExit, match=rf"^pylvs run: -c: {path}:2: unknown keyword 'bad'"):
+    with pytest.raises(SystemExit, match=rf"^pylvs run: -c {path}:2: unknown keyword 'bad'"):
         daemon_for(path, balancer())
     assert os.path.exists(path)
 

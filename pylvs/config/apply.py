@@ -105,13 +105,8 @@ def load(path: str) -> Loaded:
 
     try:
         rules = adm.parse_rules(text)
-    except adm.AdmError as e:
-        # "line N: ..." → "FILE:N: ..."
-        msg = str(e)
-        if msg.startswith("line "):
-            no, _, rest = msg[5:].partition(": ")
-            msg = f"{path}:{no}: {rest}"
-        raise ConfigError(None, msg) from None
+    except adm.AdmError as e:   # "line N: ...", as pylvs adm -R says it
+        raise ConfigError(None, f"{path}: {e}") from None
     services, timeouts = from_rules(rules, path)
     return Loaded(path, "rules", services, timeouts, rules=rules)
 

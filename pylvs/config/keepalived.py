@@ -495,10 +495,7 @@ def _int(tok: Token, lo: int, hi: int, what: str) -> int:
 
 def _timer(tok: Token, what: str, positive: bool = False) -> float:
     s = tok.text
-    try:
-        v = float(s) if re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", s) else math.nan
-    except ValueError:
-        v = math.nan
+    v = float(s) if re.fullmatch(r"[0-9]{1,12}(\.[0-9]{0,9})?|\.[0-9]{1,9}", s) else math.nan
     if not (0 < v <= MAX_TIMER if positive else 0 <= v <= MAX_TIMER):
         raise ConfigError(tok.where, f"{what}: {s!r} is not a time in seconds "
                                      f"({'above 0' if positive else '0 or more'}, "

@@ -703,7 +703,7 @@ class Daemon:
             try:
                 self._config = config_apply.ConfigFile(self.opts.config)
             except config_apply.ConfigError as e:
-                raise SystemExit(f"pylvs run: -c: {e}") from None
+                raise SystemExit(f"pylvs run: -c {e}") from None
 
     def _claim_netns(self) -> None:
         # One director per network namespace: each owns "table netdev pylvs",
