@@ -3,8 +3,8 @@ from its return to its reinstatement (issue 9 item 8).
 
     .venv/bin/python -m bench.health [--runs 5] [--json bench/results/health.json]
 
-One VS-NAT lab (pylvs.lab.health: rs1, rs2 HTTP_GET-checked on /health,
-rs3 the sorry server), for each timing configuration: ``--runs`` times,
+One VS-NAT lab (pylvs.lab.health: `pylvs run -c keepalived.conf`, rs1,
+rs2 HTTP_GET-checked on /health, rs3 the sorry server), for each timing configuration: ``--runs`` times,
 rs1's HTTP server is killed (SIGTERM; the kernel then refuses its port)
 at another point of the probe cycle in each run (0, 1/runs, 2/runs ...
 of delay_loop after a probe), and the director's table is read every
@@ -59,8 +59,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
         lab.up()
         for name, d, t, r, b in configs:
             health.start_director(lab, "--control", control, "--workers", str(a.workers),
-                                  "--delay-loop", str(d), "--connect-timeout", str(t),
-                                  "--retry", str(r), "--delay-before-retry", str(b))
+                                  timings=(d, t, r, b))
             bound = d + r * (b + t) + t
             gone, back = [], []
             for k in range(runs):

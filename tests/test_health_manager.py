@@ -332,3 +332,24 @@ def test_stop_ends_a_probe_whose_check_swallows_the_cancel():
     t.start()
     t.join(10)
     assert box and box[0].task is None
+
+
+def test_dr_real_server_is_the_service_port_dest_whatever_port_it_is_checked_on():
+    spec = CheckSpec("TCP_CHECK", retry=0)
+    v = VirtualServer("TCP", VIP, 80, lvs_method="DR", sorry_server=SorryServer(SORRY, 8080),
+                      real_servers=(RealServer(R1, 8080, checks=(spec,)),))
+    b = Balancer(Counters(max_services=8, max_dests=16))
+    b.add_service("tcp", VIP, 80, sched="rr")
+    b.add_dest("tcp", VIP, 80, R1, 80, fwd="route")
+    m = HealthManager(b)
+    m.configure([v])
+    assert probe_at(m, R1, 8080, spec).port == 8080
+    probe_at(m, R1, 8080, spec).result(FAIL)
+    # Out, and the sorry server in on the service's port, routed.
+    snap = b.snapshot()["services"][0]["dests"]
+    assert {(d["daddr"], d["dport"], d["fwd"], d["forwarding"]) for d in snap} == {
+        (R1, 80, "route", False), (SORRY, 80, "route", True)}
+
+
+def probe_at(m, addr, port, spec):
+    return m._probes[(addr, port, spec)]

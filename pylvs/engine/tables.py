@@ -159,6 +159,7 @@ STAT_NAMES = (
     "drop_defense",       # verdict: a new flow's packet dropped by drop_packet's rate (kernel ip_vs_todrop)
     "conns_dropped",      # extra: conns removed by drop_entry (kernel ip_vs_random_dropentry)
     "drop_rs_no_conn",    # verdict: a NAT real server's packet matching no conn, nat_icmp_send=1
+    "drop_pressure",      # verdict: a new flow while the receive ring is backed up, pressure_conn_rate spent
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 N_STATS = 64  # room to grow without changing the array's size
@@ -214,8 +215,9 @@ SYSCTL_NAMES = (
     "amemthresh",          # pages of available memory below which the automatic modes turn on
     "am_droprate",         # drop_packet's rate in mode 3
     "expire_quiescent_template",  # 1: a template whose dest has weight 0 is invalid when next checked
+    "pressure_conn_rate",  # new conns a worker admits per second while the ring backs up (0: no limit)
 )
-SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0, 0, 1, 0, 0, 0, 1024, 10, 0)
+SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0, 0, 1, 0, 0, 0, 1024, 10, 0, 1000)
 SYSCTL_INDEX = {name: i for i, name in enumerate(SYSCTL_NAMES)}
 N_SYSCTL = len(SYSCTL_NAMES)
 

@@ -60,6 +60,13 @@ FWD = {"NAT": "masq", "DR": "route", "TUN": "tunnel"}
 NOTIFY_TIMEOUT = 30.0
 
 
+def _dport(vs: VirtualServer, port: int, method: str | None) -> int:
+    """The dest's port in the Balancer: a DR or TUN dest takes the service's
+    (ipvsadm and keepalived's ipvswrapper.c give it the virtual port; only
+    NAT maps ports), whatever port its checkers probe."""
+    return port if (method or vs.lvs_method) == "NAT" else vs.vport
+
+
 def service_name(key: tuple) -> str:
     """'TCP 10.0.0.1:80' or 'FWM 7' for a VirtualServer.key."""
     proto, vaddr, vport, fwmark = key
@@ -244,7 +251,7 @@ class HealthManager:
             keep = {(m.rs.addr, m.rs.port) for m in new.members} if new else set()
             for m in old.members:
                 if (m.rs.addr, m.rs.port) not in keep:
-                    self._set(old.vs, m.rs.addr, m.rs.port, True, False, None)
+                    self._set(old.vs, m.rs, True, False, None)
             s = old.vs.sorry_server
             if s is not None and (new is None or new.vs.sorry_server != s):
                 self._sorry(old.vs, "off")
@@ -302,27 +309,28 @@ class HealthManager:
             if m.alive is not None and now != m.alive:
                 self._notify(m.rs.notify_up if now else m.rs.notify_down)
             m.alive = now
-            self._set(vs, m.rs.addr, m.rs.port, now and not sorry, m.rs.inhibit_on_failure,
-                      m.dynamic_weight())
+            self._set(vs, m.rs, now and not sorry, m.rs.inhibit_on_failure, m.dynamic_weight())
         if not sorry and vs.sorry_server is not None:
             self._sorry(vs, "inhibit" if vs.sorry_server.inhibit else "off")
         st.sorry_on = sorry
 
-    def _set(self, vs: VirtualServer, addr: str, port: int, up: bool, inhibit: bool,
+    def _set(self, vs: VirtualServer, rs: RealServer, up: bool, inhibit: bool,
              weight: int | None) -> None:
+        port = _dport(vs, rs.port, rs.lvs_method)
         try:
-            self.balancer.set_dest_health(vs.protocol, vs.vaddr, vs.vport, addr, port, up,
+            self.balancer.set_dest_health(vs.protocol, vs.vaddr, vs.vport, rs.addr, port, up,
                                           inhibit=inhibit, weight=weight)
         except BalancerError as e:
             # The operator deleted it (or it was never added): nothing to steer.
-            log.debug("health of %s:%d in %s: %s", addr, port, service_name(vs.key), e)
+            log.debug("health of %s:%d in %s: %s", rs.addr, port, service_name(vs.key), e)
 
     def _sorry(self, vs: VirtualServer, state: str) -> None:
         s = vs.sorry_server
-        fwd = FWD.get(s.lvs_method or vs.lvs_method, "masq")
+        method = s.lvs_method or vs.lvs_method
         try:
-            self.balancer.set_sorry_server(vs.protocol, vs.vaddr, vs.vport, s.addr, s.port,
-                                           fwd, state)
+            self.balancer.set_sorry_server(vs.protocol, vs.vaddr, vs.vport, s.addr,
+                                           _dport(vs, s.port, method), FWD.get(method, "masq"),
+                                           state)
         except BalancerError as e:
             log.warning("sorry server %s:%d of %s: %s", s.addr, s.port, service_name(vs.key), e)
 

@@ -1,25 +1,10 @@
-"""The health-check lab's director (netns-labs/health/, tests/netns/
-test_health_e2e.py): `pylvs run` with one HTTP service whose real servers
-are health-checked, configured from Python as a keepalived.conf would::
-
-    virtual_server VIP 80 {
-        delay_loop D   lvs_sched rr   lvs_method NAT   protocol TCP
-        quorum 1   sorry_server SORRY 80
-        real_server RIP 80 {          # one per --rip
-            weight 1
-            HTTP_GET { url { path /health status_code 200 }
-                       connect_timeout T  retry R  delay_before_retry B }
-        }
-    }
-
-Run inside the director's namespace::
-
-    python -m pylvs.lab.health --iface eth0 --iface eth1 --rip 10.0.1.11 \\
-        --rip 10.0.1.12 --sorry 10.0.1.13 [--delay-loop 1] [--workers N]
-
-It logs "ready" as `pylvs run` does, once the service, its dests and the
-health checks are in. ``python -m pylvs.lab.health check`` builds a lab,
-tells the lab's story (netns-labs/health/README.md) and removes it.
+"""The health-check lab (netns-labs/health/, tests/netns/test_health_e2e.py,
+bench/health.py): `pylvs run -c keepalived.conf` in a VS-NAT lab, one HTTP
+service whose real servers rs1..rsN-1 are checked with HTTP_GET and rsN is
+the sorry server. ``keepalived_conf()`` writes the configuration
+(netns-labs/health/keepalived.conf is its default);
+``python -m pylvs.lab.health check`` builds a lab, tells the lab's story
+(netns-labs/health/README.md) and removes it.
 """
 
 from __future__ import annotations
@@ -31,46 +16,62 @@ import subprocess
 import sys
 import time
 
-from ..config.model import CheckSpec, RealServer, SorryServer, UrlSpec, VirtualServer
 from .topology import HTTP_PORT, UDP_PORT, VIP, LabError, _repo_root, wait_for_file, wait_for_line
 
-
-def lab_config(rips: list[str], sorry: str | None, delay_loop: float = 1.0,
-               connect_timeout: float = 1.0, retry: int = 1,
-               delay_before_retry: float = 0.5, inhibit: bool = False) -> list[VirtualServer]:
-    """The lab's one virtual server, as the parser would give it."""
-    check = CheckSpec("HTTP_GET", delay_loop=delay_loop, connect_timeout=connect_timeout,
-                      retry=retry, delay_before_retry=delay_before_retry,
-                      urls=(UrlSpec("/health", frozenset({200})),))
-    return [VirtualServer(
-        "TCP", VIP, HTTP_PORT, lvs_sched="rr", lvs_method="NAT", delay_loop=delay_loop,
-        quorum=1, sorry_server=SorryServer(sorry, HTTP_PORT) if sorry else None,
-        real_servers=tuple(RealServer(r, HTTP_PORT, weight=1, inhibit_on_failure=inhibit,
-                                      checks=(check,)) for r in rips))]
+# delay_loop, connect_timeout, retry, delay_before_retry of the lab's checks.
+TIMINGS = (1.0, 1.0, 1, 0.5)
 
 
-def apply(balancer, health, config: list[VirtualServer]) -> None:
-    """Services and dests into the Balancer (the operator's part), then the
-    health checks over them."""
-    for vs in config:
-        balancer.add_service(vs.protocol, vs.vaddr, vs.vport, sched=vs.lvs_sched)
-        for rs in vs.real_servers:
-            balancer.add_dest(vs.protocol, vs.vaddr, vs.vport, rs.addr, rs.port,
-                              fwd={"NAT": "masq", "DR": "route", "TUN": "tunnel"}[vs.lvs_method],
-                              weight=rs.weight)
-    health.configure(config)
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def keepalived_conf(rips: list[str], sorry: str | None, delay_loop: float = TIMINGS[0],
+                    connect_timeout: float = TIMINGS[1], retry: int = TIMINGS[2],
+                    delay_before_retry: float = TIMINGS[3], inhibit: bool = False) -> str:
+    """The lab's keepalived.conf: one virtual server on the lab's VIP:80."""
+    lines = ["# The health lab's director (netns-labs/health/README.md):",
+             "#   pylvs run -c keepalived.conf --iface eth0 --iface eth1",
+             f"virtual_server {VIP} {HTTP_PORT} {{",
+             f"    delay_loop {_num(delay_loop)}",
+             "    lvs_sched rr",
+             "    lvs_method NAT",
+             "    protocol TCP",
+             "    quorum 1"]
+    if sorry:
+        lines.append(f"    sorry_server {sorry} {HTTP_PORT}")
+    for rip in rips:
+        lines += [f"    real_server {rip} {HTTP_PORT} {{",
+                  "        weight 1"]
+        if inhibit:
+            lines.append("        inhibit_on_failure")
+        lines += ["        HTTP_GET {",
+                  "            url {",
+                  "                path /health",
+                  "                status_code 200",
+                  "            }",
+                  f"            connect_timeout {_num(connect_timeout)}",
+                  f"            retry {retry}",
+                  f"            delay_before_retry {_num(delay_before_retry)}",
+                  "        }",
+                  "    }"]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 # --- driving a lab from outside (tests, the lab's check) ---------------------
 
 
-def start_director(lab, *extra: str, timeout: float = 20.0) -> subprocess.Popen:
-    """This module's director in ``lab``'s director namespace, its real
-    servers rs1..rsN-1 and rsN the sorry server; waits for "ready"."""
+def start_director(lab, *extra: str, timings: tuple = TIMINGS, inhibit: bool = False,
+                   timeout: float = 20.0) -> subprocess.Popen:
+    """`pylvs run -c keepalived.conf` in ``lab``'s director namespace, its
+    real servers rs1..rsN-1 and rsN the sorry server, the checks with
+    ``timings`` (delay_loop, connect_timeout, retry, delay_before_retry);
+    waits for "ready"."""
+    conf = lab.log_path("keepalived").with_suffix(".conf")
+    conf.write_text(keepalived_conf(lab.rips[:-1], lab.rips[-1], *timings, inhibit=inhibit))
     log = lab.log_path("director")
-    rips = [a for r in lab.rips[:-1] for a in ("--rip", r)]
-    argv = [lab.python, "-m", "pylvs.lab.health", *lab.run_args(), *rips,
-            "--sorry", lab.rips[-1], *extra]
+    argv = lab.pylvs_argv("run", "-c", str(conf), *lab.run_args(), *extra)
     with open(log, "wb") as err:
         p = lab.popen(lab.director, argv, key="director", stdout=err, stderr=err,
                       stdin=subprocess.DEVNULL, start_new_session=True)
@@ -164,7 +165,7 @@ def check_main(argv: list[str]) -> int:
     ap.add_argument("--name", default=f"hl{os.getpid()}")
     ap.add_argument("--workers", type=int, default=1)
     a = ap.parse_args(argv)
-    d, t, r, b = 1.0, 1.0, 1, 0.5
+    d, t, r, b = TIMINGS
     bound = d + r * (b + t) + t
     lab = Lab(a.name, servers=3)
     failed = []
@@ -174,33 +175,38 @@ def check_main(argv: list[str]) -> int:
         if not ok:
             failed.append(title)
 
+    # Looks go through an explicit control socket, polled from here: a
+    # `pylvs adm` process per look would blur the timings on a busy machine.
+    ctl = f"/run/pylvs/{lab.name}.sock"
+
     def show(*args: str) -> None:
         print(f"# pylvs {' '.join(args)}")
-        print(lab.run(lab.director, lab.pylvs_argv(*args)).stdout.rstrip())
+        print(lab.run(lab.director, lab.pylvs_argv(*args, "--control", ctl)).stdout.rstrip())
 
     try:
         lab.up()
-        start_director(lab, "--workers", str(a.workers), "--delay-loop", str(d),
-                       "--connect-timeout", str(t), "--retry", str(r),
-                       "--delay-before-retry", str(b))
+        start_director(lab, "--workers", str(a.workers), "--control", ctl)
+        print(f"# {lab.log_path('keepalived').with_suffix('.conf')}")
+        print(keepalived_conf(lab.rips[:-1], lab.rips[-1]), end="")
         rs1, rs2, sorry = lab.rips
-        step("rs1 and rs2 forward", wait_for(lab, lambda f: f == {rs1: 1, rs2: 1}, 5) is not None)
+        step("rs1 and rs2 forward",
+             wait_for(lab, lambda f: f == {rs1: 1, rs2: 1}, 5, control=ctl) is not None)
         show("adm", "-L", "-n")
         step("requests reach rs1 and rs2", set(_requests(lab, 10)) == {"rs1", "rs2"})
-        took = removal_time(lab, 0, bound + 5)
+        took = removal_time(lab, 0, bound + 5, control=ctl, step=0.02)
         step("rs1's HTTP server killed: rs1 leaves", took is not None and took <= bound + 1,
              f"{took:.2f} s after the kill (bound {bound:.1f} s)" if took else "never")
         show("adm", "-L", "-n")
         show("status")
         step("requests reach rs2 only", set(_requests(lab, 6)) == {"rs2"})
-        step("-S still saves rs1", f"-r {rs1}:80 -m -w 1" in lab.adm("-S", "-n"))
+        step("-S still saves rs1", f"-r {rs1}:80 -m -w 1" in lab.adm("-S", "-n", "--control", ctl))
         stop_httpd(lab, 1)
         step("rs2 killed too: the sorry server (rs3) takes the clients",
-             wait_for(lab, lambda f: f == {sorry: 1}, bound + 5) is not None)
+             wait_for(lab, lambda f: f == {sorry: 1}, bound + 5, control=ctl) is not None)
         show("adm", "-L", "-n")
         step("requests reach rs3 only", set(_requests(lab, 6)) == {"rs3"}, str(_requests(lab, 2)))
         start_httpd(lab, 0)
-        took = wait_for(lab, lambda f: f == {rs1: 1}, d + t + 5)
+        took = wait_for(lab, lambda f: f == {rs1: 1}, d + t + 5, control=ctl, step=0.02)
         step("rs1's HTTP server back: rs1 forwards, the sorry server leaves", took is not None,
              f"{took:.2f} s after its start" if took is not None else "never")
         show("adm", "-L", "-n")
@@ -216,32 +222,18 @@ def check_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..runtime.daemon import Daemon, Options, setup_logging
-
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check"]:
         return check_main(argv[1:])
+    if argv[:1] == ["conf"]:
+        from .topology import RIP_BASE, SERVER_NET
 
-    ap = argparse.ArgumentParser(prog="python -m pylvs.lab.health",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--iface", action="append", default=[])
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--control")
-    ap.add_argument("--rip", action="append", default=[], required=True)
-    ap.add_argument("--sorry")
-    ap.add_argument("--delay-loop", type=float, default=1.0)
-    ap.add_argument("--connect-timeout", type=float, default=1.0)
-    ap.add_argument("--retry", type=int, default=1)
-    ap.add_argument("--delay-before-retry", type=float, default=0.5)
-    ap.add_argument("--inhibit", action="store_true", help="inhibit_on_failure")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    a = ap.parse_args(argv)
-    setup_logging(a.verbose)
-    config = lab_config(a.rip, a.sorry, a.delay_loop, a.connect_timeout, a.retry,
-                        a.delay_before_retry, a.inhibit)
-    daemon = Daemon(Options(ifaces=a.iface, workers=a.workers, control=a.control))
-    daemon.on_start = lambda balancer: apply(balancer, daemon.health, config)
-    return daemon.run()
+        sys.stdout.write(keepalived_conf([f"{SERVER_NET}.{RIP_BASE}", f"{SERVER_NET}.{RIP_BASE + 1}"],
+                                         f"{SERVER_NET}.{RIP_BASE + 2}"))
+        return 0
+    sys.stderr.write("usage: python -m pylvs.lab.health check [--name NAME] [--workers N]\n"
+                     "       python -m pylvs.lab.health conf    # the lab's keepalived.conf\n")
+    return 2
 
 
 if __name__ == "__main__":
