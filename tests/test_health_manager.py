@@ -353,3 +353,31 @@ def test_dr_real_server_is_the_service_port_dest_whatever_port_it_is_checked_on(
 
 def probe_at(m, addr, port, spec):
     return m._probes[(addr, port, spec)]
+
+
+def test_a_change_of_several_dests_is_one_publish():
+    """Quorum lost: the sorry server in and every real server out reach
+    the data path as one table; configure() with alpha checks publishes
+    once too, so no alpha dest forwards before its checks pass."""
+    spec = CheckSpec("TCP_CHECK", retry=0)
+    alpha = CheckSpec("TCP_CHECK", alpha=True)
+    v = vs(rs(R1, checks=[spec]), rs(R2, checks=[spec]), rs("10.0.1.4", checks=[spec]),
+           quorum=3, sorry_server=SorryServer(SORRY, 80))
+    tables = []
+    b = balancer_for(v)
+    b.publish = lambda s, d: tables.append(d)
+    m = HealthManager(b)
+    m.configure([v])
+    tables.clear()
+    probe(m, R1, spec).result(FAIL)
+    assert len(tables) == 1 and forwarding(b) == {SORRY: 1}
+    va = vs(rs(R1, checks=[alpha]), rs(R2, checks=[alpha]))
+    b2 = balancer_for()
+    b2.add_service("tcp", VIP, 80, sched="rr")
+    published = []
+    b2.publish = lambda s, d: published.append(d.copy())
+    with b2.held():
+        for r in va.real_servers:
+            b2.add_dest("tcp", VIP, 80, r.addr, 80, fwd="masq")
+        HealthManager(b2).configure([va])
+    assert len(published) == 1 and forwarding(b2) == {}

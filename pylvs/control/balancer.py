@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import logging
 import threading
@@ -829,6 +830,20 @@ class Balancer:
 
     # --- the health overlay (pylvs.health) -----------------------------------
 
+    @contextlib.contextmanager
+    def held(self):
+        """Changes made inside go out in one publish at the end (as a
+        batch): the health checks' say about several dests at once (quorum
+        lost: every real server out, the sorry server in) is one change
+        for the data path. Nested: the outermost one publishes."""
+        self._batching += 1
+        try:
+            yield self
+        finally:
+            self._batching -= 1
+            if not self._batching:
+                self.flush()
+
     def set_dest_health(self, proto: Any, vaddr: Any, vport: Any, daddr: Any, dport: Any,
                         up: bool, inhibit: bool = False, weight: int | None = None) -> bool:
         """What the health checks say of a dest, kept apart from the
@@ -900,16 +915,11 @@ class Balancer:
             return self._set_health(svc, d, state == "inhibit", True, None)
         # Added and set in one publish: an inhibited sorry server never
         # forwards with weight 1 in between.
-        self._batching += 1
-        try:
+        with self.held():
             self.add_dest(proto, vaddr, vport, daddr, dp, fwd, 1)
             d = svc.dests[(da, dp)]
             d.sorry = True
             self._set_health(svc, d, state == "inhibit", True, None)
-        finally:
-            self._batching -= 1
-            if not self._batching:
-                self.flush()
         return True
 
     # --- slots --------------------------------------------------------------

@@ -33,6 +33,7 @@ Every method runs on the event loop thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import shlex
@@ -206,6 +207,7 @@ class HealthManager:
         keep their state and timers, new ones start, removed ones stop.
         Call after the services and dests are in the Balancer."""
         wanted: dict[tuple, Probe] = {}
+        old_services = self._services
         services: dict[tuple, ServiceState] = {}
         by_probe: dict[tuple, list[Member]] = {}
         for vs in virtual_servers:
@@ -235,18 +237,20 @@ class HealthManager:
         for key, p in self._probes.items():
             if key not in wanted:
                 p.cancel()
-        self._forget(services)
         self._probes, self._services, self._by_probe = wanted, services, by_probe
-        for st in services.values():
-            self._apply(st)
+        with self._held():
+            self._forget(old_services, services)
+            for st in services.values():
+                self._apply(st)
         if self._running:
             for p in wanted.values():
                 p.start()
 
-    def _forget(self, services: dict[tuple, ServiceState]) -> None:
+    def _forget(self, old_services: dict[tuple, ServiceState],
+                services: dict[tuple, ServiceState]) -> None:
         """Hand back to the operator what the checks no longer watch: dests
         taken out come back, a sorry server no longer configured goes."""
-        for key, old in self._services.items():
+        for key, old in old_services.items():
             new = services.get(key)
             keep = {(m.rs.addr, m.rs.port) for m in new.members} if new else set()
             for m in old.members:
@@ -275,12 +279,18 @@ class HealthManager:
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
+    def _held(self):
+        """The Balancer's one-publish scope (Balancer.held), if it has one."""
+        held = getattr(self.balancer, "held", None)
+        return held() if held is not None else contextlib.nullcontext()
+
     def _probe_changed(self, probe: Probe) -> None:
         seen = set()
-        for m in self._by_probe.get(probe.key, ()):
-            if m.vs.key not in seen:
-                seen.add(m.vs.key)
-                self._apply(self._services[m.vs.key])
+        with self._held():
+            for m in self._by_probe.get(probe.key, ()):
+                if m.vs.key not in seen:
+                    seen.add(m.vs.key)
+                    self._apply(self._services[m.vs.key])
 
     # --- keepalived's ipwrapper rules ---------------------------------------------
 
