@@ -381,3 +381,32 @@ def test_a_change_of_several_dests_is_one_publish():
             b2.add_dest("tcp", VIP, 80, r.addr, 80, fwd="masq")
         HealthManager(b2).configure([va])
     assert len(published) == 1 and forwarding(b2) == {}
+
+
+def test_notify_and_quorum_commands_run_on_changes(tmp_path):
+    log = tmp_path / "events"
+
+    def cmd(word):
+        return f"{sys.executable} -c \"open('{log}', 'a').write('{word}\\n')\""
+
+    spec = CheckSpec("TCP_CHECK", retry=0)
+    v = vs(rs(R1, checks=[spec], notify_up=cmd("rs-up"), notify_down=cmd("rs-down")),
+           quorum_up=cmd("quorum-up"), quorum_down=cmd("quorum-down"))
+
+    async def main():
+        m = HealthManager(balancer_for(v))
+        m.configure([v])
+        p = probe(m, R1, spec)
+        p.result(FAIL)
+        await asyncio.sleep(0.01)
+        p.result(OK)
+        for _ in range(200):
+            if log.exists() and len(log.read_text().split()) == 4:
+                break
+            await asyncio.sleep(0.05)
+        await m.stop()
+
+    asyncio.run(main())
+    # No command at the start (nothing changed); then in the order of the
+    # changes, the real server's before the quorum's (ipwrapper.c).
+    assert log.read_text().split() == ["rs-down", "quorum-down", "rs-up", "quorum-up"]

@@ -25,7 +25,8 @@ keepalived.conf(5):
   gaining it back does the reverse. ``sorry_server_inhibit`` keeps the
   sorry server in with weight 0 while quorum holds. ``quorum_up`` /
   ``quorum_down`` and the real servers' ``notify_up`` / ``notify_down``
-  commands run on those changes (split into words, no shell).
+  commands run on those changes (split into words, no shell), one after
+  another in the order of the changes.
 
 Every method runs on the event loop thread.
 """
@@ -199,6 +200,7 @@ class HealthManager:
         self._by_probe: dict[tuple, list[Member]] = {}
         self._running = False
         self._tasks: set[asyncio.Task] = set()
+        self._last_notify: asyncio.Task | None = None
 
     # --- configuration -------------------------------------------------------
 
@@ -274,10 +276,11 @@ class HealthManager:
         for t in list(self._tasks):
             t.cancel()
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+        return t
 
     def _held(self):
         """The Balancer's one-publish scope (Balancer.held), if it has one."""
@@ -310,7 +313,6 @@ class HealthManager:
             log.info("%s quorum for %s: %d alive weight, quorum %d hysteresis %d",
                      "gained" if up else "lost", service_name(vs.key), total, vs.quorum,
                      vs.hysteresis)
-            self._notify(vs.quorum_up if up else vs.quorum_down)
         sorry = vs.sorry_server is not None and not up
         if sorry:
             self._sorry(vs, "on")   # in before the real servers leave
@@ -323,6 +325,9 @@ class HealthManager:
         if not sorry and vs.sorry_server is not None:
             self._sorry(vs, "inhibit" if vs.sorry_server.inhibit else "off")
         st.sorry_on = sorry
+        if was is not None and up != was:
+            # After the real server's own, as ipwrapper.c's perform_svr_state.
+            self._notify(vs.quorum_up if up else vs.quorum_down)
 
     def _set(self, vs: VirtualServer, rs: RealServer, up: bool, inhibit: bool,
              weight: int | None) -> None:
@@ -345,8 +350,10 @@ class HealthManager:
             log.warning("sorry server %s:%d of %s: %s", s.addr, s.port, service_name(vs.key), e)
 
     def _notify(self, command: str | None) -> None:
+        # One after another, in the order of the changes: a real server's
+        # notify_down ends before its notify_up starts.
         if command:
-            self._spawn(_run_notify(command))
+            self._last_notify = self._spawn(_run_notify(command, self._last_notify))
 
     # --- the status view ---------------------------------------------------------
 
@@ -389,7 +396,9 @@ class HealthManager:
         return out
 
 
-async def _run_notify(command: str) -> None:
+async def _run_notify(command: str, after: asyncio.Task | None) -> None:
+    if after is not None:
+        await asyncio.wait({after})
     try:
         proc = await asyncio.create_subprocess_exec(
             *shlex.split(command), stdin=asyncio.subprocess.DEVNULL,
