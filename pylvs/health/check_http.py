@@ -42,16 +42,51 @@ def request(spec: CheckSpec, url: UrlSpec, host: str, port: int) -> bytes:
             "User-Agent: pylvs-health\r\nConnection: close\r\n\r\n").encode("latin-1")
 
 
+def dechunk(body: bytes) -> bytes:
+    """A ``Transfer-Encoding: chunked`` body decoded (RFC 9112 7.1; chunk
+    extensions and trailers ignored); ValueError when its framing lies."""
+    out, i = [], 0
+    while True:
+        eol = body.find(b"\n", i)
+        if eol < 0:
+            raise ValueError("chunked body cut short")
+        size_text = body[i:eol].split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise ValueError(f"bad chunk size {size_text[:20]!r}") from None
+        if size == 0:
+            return b"".join(out)
+        start = eol + 1
+        if start + size > len(body):
+            raise ValueError("chunked body cut short")
+        out.append(body[start:start + size])
+        i = start + size
+        if body[i:i + 2] == b"\r\n":
+            i += 2
+        elif body[i:i + 1] == b"\n":
+            i += 1
+        else:
+            raise ValueError("chunk not followed by CRLF")
+
+
 def judge(url: UrlSpec, response: bytes) -> str | None:
     """None when ``response`` (head and body as received) passes ``url``'s
-    tests, else the reason."""
+    tests, else the reason. A chunked body is decoded before the digest
+    and the regex see it."""
     head, sep, body = response.partition(b"\r\n\r\n")
     if not sep:
         head, sep, body = response.partition(b"\n\n")
-    line = head.split(b"\n", 1)[0].rstrip(b"\r")
+    line, _, fields = head.partition(b"\n")
+    line = line.rstrip(b"\r")
     m = _STATUS.match(line)
     if m is None:
         return f"not an HTTP status line: {line[:60]!r}"
+    if re.search(rb"(?im)^transfer-encoding:[^\n]*\bchunked\b", fields):
+        try:
+            body = dechunk(body)
+        except ValueError as e:
+            return str(e)
     code = int(m.group(1))
     if url.status_codes:
         if code not in url.status_codes:
@@ -92,6 +127,9 @@ async def check(spec: CheckSpec, addr: str, port: int) -> Result:
     ctx = _ssl_context() if spec.kind == "SSL_GET" else None
     urls = spec.urls or (UrlSpec("/"),)
     for url in urls:
+        if not url.path.isprintable() or any(c.isspace() for c in url.path):
+            # It would split or end the request line.
+            return Result(False, f"url path {url.path[:40]!r}: spaces or control characters")
         try:
             response = await _fetch(spec, url, host, p, ctx)
         except ValueError as e:
