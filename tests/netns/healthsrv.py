@@ -8,6 +8,7 @@ killed. Ports (TCP unless said):
     8005 accepts and resets (RST)          8006 nothing listens (refused)
     8007 HTTP 200 after a 3 s pause        8443 HTTPS 200 (with CERT KEY)
     8008 HTTP 200 for "Host: www.example", 404 for any other Host
+    8009 garbage at once, before any request
     UDP 9001 echoes "PONG" + the datagram  UDP 9002 nothing listens
     UDP 9003 bound, never answers
 """
@@ -58,6 +59,13 @@ async def by_host(reader, writer):
     writer.close()
 
 
+async def blurt(reader, writer):
+    writer.write(b"\x15\x03\x01\x00\x02\x02\x50 not TLS, not HTTP\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(1)
+    writer.close()
+
+
 async def silent(reader, writer):
     await asyncio.sleep(3600)
 
@@ -79,7 +87,8 @@ class Echo(asyncio.DatagramProtocol):
 async def main(addr: str, cert: str | None, key: str | None) -> None:
     handlers = {8001: answer(http(b"200 OK")), 8002: answer(http(b"500 Internal Server Error")),
                 8003: silent, 8004: answer(b"SSH-2.0-OpenSSH_9.2\r\n\x00\xff garbage"),
-                8005: reset, 8007: answer(http(b"200 OK"), pause=3.0), 8008: by_host}
+                8005: reset, 8007: answer(http(b"200 OK"), pause=3.0), 8008: by_host,
+                8009: blurt}
     servers = [await asyncio.start_server(h, addr, port) for port, h in handlers.items()]
     if cert:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
