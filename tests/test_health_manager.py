@@ -410,3 +410,30 @@ def test_notify_and_quorum_commands_run_on_changes(tmp_path):
     # No command at the start (nothing changed); then in the order of the
     # changes, the real server's before the quorum's (ipwrapper.c).
     assert log.read_text().split() == ["rs-down", "quorum-down", "rs-up", "quorum-up"]
+
+
+def test_a_check_that_never_ends_fails_after_its_budget():
+    from pylvs.health.manager import verdict_budget
+
+    async def forever(spec, addr, port):
+        await asyncio.sleep(3600)
+
+    async def main():
+        spec = CheckSpec("HTTP_GET", delay_loop=0.1, connect_timeout=0.05, retry=0)
+        v = vs(rs(R1, checks=[spec]))
+        b = balancer_for(v)
+        m = HealthManager(b)
+        m.configure([v])
+        p = probe(m, R1, spec)
+        p.check = forever
+        await m.start()
+        for _ in range(100):
+            if not p.up:
+                break
+            await asyncio.sleep(0.02)
+        await m.stop()
+        return b, p
+
+    b, p = asyncio.run(main())
+    assert not p.up and p.text == "no verdict within 0.15 s" and forwarding(b) == {}
+    assert verdict_budget(CheckSpec("MISC_CHECK", delay_loop=2, misc_timeout=10)) == 15

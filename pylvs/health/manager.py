@@ -75,6 +75,15 @@ def service_name(key: tuple) -> str:
     return f"FWM {fwmark}" if fwmark else f"{proto} {vaddr}:{vport}"
 
 
+def verdict_budget(spec: CheckSpec) -> float:
+    """The longest one probe may take, whatever the server does: each
+    checker bounds every connect and read by connect_timeout (MISC_CHECK
+    by misc_timeout), and a server sending its answer slowly enough to
+    pass each read is cut off here."""
+    longest = max(spec.delay_loop, spec.connect_timeout, spec.misc_timeout or 0.0)
+    return longest + spec.connect_timeout
+
+
 class Probe:
     """One checker of one real server, run on a timer; shared by every
     service that has that real server with an equal CheckSpec."""
@@ -122,9 +131,13 @@ class Probe:
     async def _run(self) -> None:
         if self.spec.warmup > 0:
             await asyncio.sleep(random.uniform(0, self.spec.warmup))
+        budget = verdict_budget(self.spec)
         while not self._stopped:
             try:
-                r = await self.check(self.spec, self.addr, self.port)
+                r = await asyncio.wait_for(self.check(self.spec, self.addr, self.port), budget)
+            except asyncio.TimeoutError:
+                # A server trickling its answer a byte per connect_timeout.
+                r = Result(False, f"no verdict within {budget:g} s")
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a checker bug costs one result, not the loop
