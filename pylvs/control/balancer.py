@@ -873,8 +873,8 @@ class Balancer:
         d.health_down, d.inhibit, d.health_weight = new
         if was == (d.forwarding, d.active_weight):
             return True
-        if d.health_weight:
-            d.last_weight = d.health_weight
+        if d.active_weight:
+            d.last_weight = d.active_weight   # what mh keeps for a quiesced dest
         self._dirty_dest.add(d.slot)
         if not d.forwarding or not d.active_weight:
             # Out of the schedulers before the tables drop it, as del_dest.
