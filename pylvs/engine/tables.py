@@ -159,6 +159,16 @@ STAT_NAMES = (
     "drop_defense",       # verdict: a new flow's packet dropped by drop_packet's rate (kernel ip_vs_todrop)
     "conns_dropped",      # extra: conns removed by drop_entry (kernel ip_vs_random_dropentry)
     "drop_rs_no_conn",    # verdict: a NAT real server's packet matching no conn, nat_icmp_send=1
+    # -- added for issue 9 (connection sync; docs/engine.md, "Sync") --
+    "drop_sync_no_mac",   # verdict: a NAT reply of a conn installed by sync before its client's first frame
+    "sync_queued",        # extra: records queued for sync_drain (master)
+    "sync_queue_full",    # extra: records not queued, the queue held sync_qlen_max
+    "sync_installed",     # extra: conns and templates created by sync_install (backup)
+    "sync_updated",       # extra: existing conns and templates updated by sync_install
+    "sync_rejected",      # extra: records that make no sense (proto, fwd, state, flags, ports)
+    "sync_no_dest",       # extra: records whose service or dest this engine does not have
+    "sync_stale",         # extra: the INACTIVE record of a conn already replaced (ignored)
+    "sync_table_full",    # extra: records not installed, the table full and no conn may give way
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 N_STATS = 64  # room to grow without changing the array's size
@@ -214,9 +224,21 @@ SYSCTL_NAMES = (
     "amemthresh",          # pages of available memory below which the automatic modes turn on
     "am_droprate",         # drop_packet's rate in mode 3
     "expire_quiescent_template",  # 1: a template whose dest has weight 0 is invalid when next checked
+    # -- issue 9: connection sync (ipvs-sysctl.rst; docs/engine.md, "Sync") --
+    "sync_threshold",      # the kernel's sync_threshold pair, first: send at pkts % sync_period == this
+    "sync_period",         # ... second (DEFAULT_SYNC_PERIOD); 0: only at pkts == sync_threshold
+    "sync_refresh_period", # s: resend a conn when its expiry moved this far (0: the threshold rule)
+    "sync_retries",        # 0..3: resends of an unchanged conn, sync_refresh_period / 8 apart
+    "sync_qlen_max",       # records the master's queue holds (set when master mode starts)
+    "sync_persist_mode",   # 1: conns of persistent services are not sent, only their templates
+    "sync_version",        # 0 or 1: the wire format (pylvs.sync); the engine's records are the same
 )
-SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0, 0, 1, 0, 0, 0, 1024, 10, 0)
+SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0, 0, 1, 0, 0, 0, 1024, 10, 0,
+                   3, 50, 0, 0, 65536, 0, 1)
 SYSCTL_INDEX = {name: i for i, name in enumerate(SYSCTL_NAMES)}
+# The sync record (pylvs.engine.sync), here too so the C engine checks it
+# against its struct as the other tables.
+from .sync import SYNC_DTYPE  # noqa: E402
 N_SYSCTL = len(SYSCTL_NAMES)
 
 
