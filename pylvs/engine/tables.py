@@ -236,9 +236,6 @@ SYSCTL_NAMES = (
 SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0, 0, 1, 0, 0, 0, 1024, 10, 0,
                    3, 50, 0, 0, 65536, 0, 1)
 SYSCTL_INDEX = {name: i for i, name in enumerate(SYSCTL_NAMES)}
-# The sync record (pylvs.engine.sync), here too so the C engine checks it
-# against its struct as the other tables.
-from .sync import SYNC_DTYPE  # noqa: E402
 N_SYSCTL = len(SYSCTL_NAMES)
 
 
@@ -516,3 +513,9 @@ def with_vnet(frame: bytes, flags: int = 0, gso_type: int = VNET_GSO_NONE,
 def strip_vnet(frame: bytes) -> tuple[tuple[int, ...], bytes]:
     """Split a frame into its virtio_net_hdr fields and the Ethernet frame."""
     return VNET_HDR.unpack_from(frame), frame[VNET_HDR_LEN:]
+
+
+# The sync record (pylvs.engine.sync), here too so that the C engine checks
+# it against its struct as it does the other tables. Last: sync.py reads
+# this module's names when it is imported first.
+from .sync import SYNC_DTYPE  # noqa: E402
