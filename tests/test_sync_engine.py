@@ -20,8 +20,9 @@ import threading
 
 import numpy as np
 import pytest
-from scapy.layers.inet import IP
+from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import Ether
+from scapy.packet import raw
 
 from pylvs.engine import new_engine, states, tables
 from pylvs.engine import sync as esync
@@ -555,11 +556,19 @@ def test_round_trip_template_keeps_new_conns():
         assert Ether(out[tables.VNET_HDR_LEN:])[IP].dst == RIP
 
 
+def rs_icmp() -> bytes:
+    """The real server's port unreachable about a client packet it got."""
+    inner = IP(src=CIP, dst=RIP) / TCP(sport=1000, dport=8080, flags="A")
+    return v(raw(Ether(src=RMAC, dst=SMAC) / IP(src=RIP, dst=CIP) / ICMP(type=3, code=3)
+                 / raw(inner)[:28]))
+
+
 def test_reply_before_client_frame():
     """A NAT conn installed by sync does not know its client's MAC and port
-    until the client's next frame: a reply that comes first is dropped and
-    counted (the real server sends it again), the client's frame teaches
-    them, and the next reply leaves as on the master."""
+    until the client's next frame: a reply (or an ICMP error from the real
+    server) that comes first is dropped and counted (the real server sends
+    it again), the client's frame teaches them, and the next reply leaves as
+    on the master."""
     for impl in IMPLS:
         master = World(impl)
         master.engine.set_sync_master(True)
@@ -568,12 +577,14 @@ def test_reply_before_client_frame():
         backup = World(impl)
         backup.install(master.drain(), 1.0)
         assert backup.send(reply(), in_port=RS_PORT, now=2.0)[0] == tables.V_DROP
-        assert backup.stats()["drop_sync_no_mac"] == 1
+        assert backup.send(rs_icmp(), in_port=RS_PORT, now=2.0)[0] == tables.V_DROP
+        assert backup.stats()["drop_sync_no_mac"] == 2
         assert [c[7] for c in backup.engine.conns()] == [EST]   # untouched
         backup.send(ack(), now=2.0)
         master.send(ack(), now=2.0)
-        assert backup.send(reply(), in_port=RS_PORT, now=2.5) == \
-            master.send(reply(), in_port=RS_PORT, now=2.5)
+        for f in (reply(), rs_icmp()):
+            got = backup.send(f, in_port=RS_PORT, now=2.5)
+            assert got == master.send(f, in_port=RS_PORT, now=2.5) and got[0] == tables.V_TX
 
 
 def test_bulk_chunks():

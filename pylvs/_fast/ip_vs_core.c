@@ -1258,6 +1258,8 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
     } else {
         /* From the real server's side, about a packet from the client (NAT
          * only: no other conn has an OUT key). */
+        if (c->flags & CONN_F_NO_L2) /* installed by sync, its client not heard yet */
+            return finish(e, ST_DROP_SYNC_NO_MAC, PYLVS_V_DROP);
         if (ip[8] <= 1)
             return finish(e, ST_DROP_TTL, PYLVS_V_DROP);
         ip[8]--;

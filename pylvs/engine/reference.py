@@ -1578,6 +1578,9 @@ class Engine:
             out_port = dest[6]
         else:
             # From the real server's side, about a packet it got: to the client.
+            if c.no_l2:   # installed by sync, its client not heard yet
+                pend[_DROP_SYNC_NO_MAC] += 1
+                return V_DROP, 0
             if f[IP + 8] <= 1:
                 pend[_DROP_TTL] += 1
                 return V_DROP, 0
