@@ -28,7 +28,7 @@ from pylvs.engine import new_engine, states, tables
 from pylvs.engine import sync as esync
 from pylvs.engine.sync import SYNC_DTYPE
 
-from engine_kit import (CIP, CIP2, CMAC, DESTS, LMAC, RIP, RIP2, RMAC, SERVICES, SMAC, VIP,
+from engine_kit import (CIP, DESTS, RIP, RIP2, RMAC, SERVICES, SMAC, VIP,
                         Env, build_tables, ip, tcp, udp, v)
 
 IMPLS = ["python", "c"]

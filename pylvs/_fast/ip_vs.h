@@ -620,6 +620,8 @@ PyObject *pylvs_sync_chunk(PylvsEngine *e, PyObject *args);
 /* The used service slot for (proto, vaddr, vport), else the port-0 service
  * of (proto, vaddr), or -1 (the kernel's ip_vs_service_find). */
 int find_service(const PylvsEngine *e, uint8_t proto, uint32_t vaddr, uint16_t vport);
+/* The transmitter of a conn to this dest (the kernel's ip_vs_bind_xmit). */
+uint8_t conn_bind_xmit(const dest_row *dest);
 
 /* expire_nodest_conn's flush (the kernel's ip_vs_expire_nodest_conn_flush,
  * queued when a dest is deleted): every conn whose dest is gone is

@@ -405,6 +405,14 @@ static long persist_dest(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, u
     return d;
 }
 
+uint8_t conn_bind_xmit(const dest_row *dest)
+{
+    return dest->fwd == FWD_MASQ    ? XMIT_NAT
+           : dest->fwd == FWD_ROUTE ? XMIT_DR
+           : dest->fwd == FWD_TUNNEL && pylvs_tun_overhead(dest->tun_type) ? XMIT_TUN
+                                                                           : XMIT_NONE;
+}
+
 /* A new conn's link to its template (ip_vs_control_add), or none. */
 static void persist_bind(PylvsEngine *e, struct conn *c, uint32_t ct)
 {
@@ -489,10 +497,7 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     uint16_t rport = conn_dport(&e->services[s], dest, dport);
 
     /* ip_vs_bind_xmit: the transmitter is chosen here, once. */
-    uint8_t xmit = dest->fwd == FWD_MASQ    ? XMIT_NAT
-                   : dest->fwd == FWD_ROUTE ? XMIT_DR
-                   : dest->fwd == FWD_TUNNEL && pylvs_tun_overhead(dest->tun_type) ? XMIT_TUN
-                                                                                   : XMIT_NONE;
+    uint8_t xmit = conn_bind_xmit(dest);
     uint64_t hout = 0;
     if (xmit == XMIT_NAT) {
         hout = key_hash(e, proto, dest->daddr, rport, saddr, sport);

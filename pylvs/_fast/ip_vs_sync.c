@@ -8,8 +8,6 @@
 
 #include <math.h>
 
-#include "ip_vs_xmit_tun.h"
-
 /* The kernel's IP_VS_CONN_F_* bits (include/uapi/linux/ip_vs.h). */
 #define IPVS_F_FWD_MASK 0x0007
 #define IPVS_F_SYNC 0x0020
@@ -324,11 +322,7 @@ static int sync_new(PylvsEngine *e, const struct sync_rec *r, int tpl, int s, lo
     uint8_t proto = (uint8_t)(tpl ? r->proto | TPL_PROTO : r->proto);
     /* ip_vs_bind_dest: a synced conn takes the forwarding method of this
      * director's dest. */
-    uint8_t xmit = tpl                        ? XMIT_NONE
-                   : dest->fwd == FWD_MASQ    ? XMIT_NAT
-                   : dest->fwd == FWD_ROUTE   ? XMIT_DR
-                   : dest->fwd == FWD_TUNNEL && pylvs_tun_overhead(dest->tun_type) ? XMIT_TUN
-                                                                                   : XMIT_NONE;
+    uint8_t xmit = tpl ? XMIT_NONE : conn_bind_xmit(dest);
     uint64_t hout = 0;
     if (xmit == XMIT_NAT) {
         hout = key_hash(e, proto, r->daddr, r->dport, r->caddr, r->cport);

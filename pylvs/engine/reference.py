@@ -157,6 +157,18 @@ IP = ETH + 14                      # offset of the IPv4 header
 _TCP_SYN, _TCP_ACK, _TCP_RST = states.TCP_SYN, states.TCP_ACK, states.TCP_RST
 
 
+def _bind_xmit(dest: tuple) -> int:
+    """The XMIT_* kind of a conn to this dest row (the kernel's ip_vs_bind_xmit)."""
+    fwd = dest[4]
+    if fwd == tables.FWD_MASQ:
+        return XMIT_NAT
+    if fwd == tables.FWD_ROUTE:
+        return XMIT_DR
+    if fwd == tables.FWD_TUNNEL and tunnel.tun_overhead(dest[9]):
+        return XMIT_TUN
+    return XMIT_NONE
+
+
 def _option_malformed(o) -> bool:
     """An option (type, length, ...) the kernel's ip_options_compile refuses on
     receive: record route and source routes need a pointer >= 4 and room for
@@ -625,16 +637,7 @@ class Engine:
             return "sync_no_dest"
         dest = self._dests[d]
         fwd = dest[4]   # ip_vs_bind_dest: this director's dest decides the method
-        if tpl:
-            xmit = XMIT_NONE
-        elif fwd == tables.FWD_MASQ:
-            xmit = XMIT_NAT
-        elif fwd == tables.FWD_ROUTE:
-            xmit = XMIT_DR
-        elif fwd == tables.FWD_TUNNEL and tunnel.tun_overhead(dest[9]):
-            xmit = XMIT_TUN
-        else:
-            xmit = XMIT_NONE
+        xmit = XMIT_NONE if tpl else _bind_xmit(dest)
         out_key = None
         if xmit == XMIT_NAT:
             out_key = (proto, daddr, dport, caddr, cport)
@@ -1674,15 +1677,7 @@ class Engine:
         dest = dests[d]
         # ip_vs_bind_xmit: the transmitter is chosen here, once; only NAT
         # conns get an OUT key (the others' replies bypass the director).
-        fwd = dest[4]
-        if fwd == tables.FWD_MASQ:
-            xmit = XMIT_NAT
-        elif fwd == tables.FWD_ROUTE:
-            xmit = XMIT_DR
-        elif fwd == tables.FWD_TUNNEL and tunnel.tun_overhead(dest[9]):
-            xmit = XMIT_TUN
-        else:
-            xmit = XMIT_NONE
+        xmit = _bind_xmit(dest)
         rport = dest[1] if dest[1] and dport == self._svc_persist[svc][2] else dport
         out_key = None
         if xmit == XMIT_NAT:
