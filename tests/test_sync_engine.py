@@ -661,3 +661,24 @@ def test_sync_sysctl_defaults():
     assert (d["sync_threshold"], d["sync_period"], d["sync_refresh_period"], d["sync_retries"],
             d["sync_persist_mode"], d["sync_version"]) == (3, 50, 0, 0, 0, 1)
     assert d["sync_qlen_max"] == 65536
+
+
+def test_balancer_sync_sysctls():
+    """`pylvs sysctl` takes the sync knobs under their kernel names, in the
+    kernel's ranges, and hands them to the engine."""
+    from pylvs.control.balancer import Balancer, BalancerError
+
+    got = []
+    b = Balancer(tables.Counters(max_services=8, max_dests=16), publish=lambda s, d: None)
+    b.publish_sysctls = got.append
+    b.set_sysctls({"sync_threshold": 1, "sync_period": 10, "sync_retries": 3,
+                   "sync_refresh_period": 30, "sync_persist_mode": 1, "sync_qlen_max": 100})
+    arr = got[-1]
+    for name, value in (("sync_threshold", 1), ("sync_period", 10), ("sync_retries", 3),
+                        ("sync_refresh_period", 30), ("sync_persist_mode", 1),
+                        ("sync_qlen_max", 100), ("sync_version", 1)):
+        assert arr[tables.SYSCTL_INDEX[name]] == value, name
+    for name, bad in (("sync_retries", 4), ("sync_persist_mode", 2), ("sync_version", 2),
+                      ("sync_qlen_max", 0), ("sync_threshold", -1)):
+        with pytest.raises(BalancerError):
+            b.sysctl(name, bad)
