@@ -595,12 +595,19 @@ struct sync_rec {
 };
 _Static_assert(sizeof(struct sync_rec) == 40, "SYNC_DTYPE is 40 bytes");
 
+/* Whole seconds (floor) mod 2^16: the clock of sync_end. */
+static inline uint16_t sync_sec16(double t)
+{
+    int64_t s = (int64_t)t;
+    return (uint16_t)(s - ((double)s > t));
+}
+
 /* A new conn's or template's sync memory (the kernel's ip_vs_conn_new:
  * old_state 0, sync_endtime now). */
 static inline void sync_conn_init(struct conn *c, double now)
 {
     c->sync_old = 0;
-    c->sync_end = (uint16_t)(int64_t)now;
+    c->sync_end = sync_sec16(now);
 }
 
 /* The master's hook, for every client frame of a conn (the kernel's

@@ -31,12 +31,6 @@
 #define SYNC_QLEN_LIMIT (1u << 24)
 #define NO_PORT16 0xffff /* tables.NO_PORT: a synced conn's port until its client's frame */
 
-/* Whole seconds mod 2^16: the clock of sync_end. */
-static uint16_t sec16(double t)
-{
-    return (uint16_t)(int64_t)floor(t);
-}
-
 static double conn_timeout(const PylvsEngine *e, const struct conn *c)
 {
     return (c->flags & CONN_F_TEMPLATE) ? (double)c->tpl_timeout : e->timeouts[c->state];
@@ -49,7 +43,7 @@ static int sync_needed(PylvsEngine *e, struct conn *c, uint32_t pkts, double now
 {
     int tpl = (c->flags & CONN_F_TEMPLATE) != 0;
     double timeout = conn_timeout(e, c);
-    uint16_t orig = c->sync_end, n = sec16(now + timeout);
+    uint16_t orig = c->sync_end, n = sync_sec16(now + timeout);
     unsigned retries = 0;
     const int64_t *sys = e->sysctl;
     if (tpl) {
@@ -75,7 +69,7 @@ static int sync_needed(PylvsEngine *e, struct conn *c, uint32_t pkts, double now
             unsigned r = (c->sync_old >> 4) & 3;
             if ((int64_t)r >= sys[SYS_SYNC_RETRIES])
                 return 0;
-            if ((int16_t)(uint16_t)(orig - sec16(now + timeout - (double)(refresh >> 3))) > 0)
+            if ((int16_t)(uint16_t)(orig - sync_sec16(now + timeout - (double)(refresh >> 3))) > 0)
                 return 0;
             retries = r + 1;
         }
