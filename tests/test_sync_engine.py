@@ -722,3 +722,23 @@ def test_master_random_against_reference(seed):
         logs.append(log)
     assert logs[0] == logs[1]
     assert logs[0][-1][0].get("sync_queued", 0) > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_scheduler_reentry(impl):
+    """A scheduler calling back into its own engine: queue and table
+    changes are refused (RuntimeError, reported as a scheduler error), a
+    chunk of the table may be read (as conns_chunk)."""
+    seen = []
+
+    def schedule(svc, caddr, cport):
+        out = np.zeros(4, SYNC_DTYPE)
+        seen.append(w.engine.sync_chunk(0, out)[0])
+        for call in (lambda: w.engine.sync_drain(out), lambda: w.engine.set_sync_master(False),
+                     lambda: w.engine.sync_install(records([BACKUP_DEFAULT]), 0.0)):
+            with pytest.raises(RuntimeError):
+                call()
+        return 0
+    w = World(impl, schedule=schedule)
+    assert w.send(syn())[0] == tables.V_TX
+    assert seen == [0]

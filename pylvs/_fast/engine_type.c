@@ -1062,7 +1062,7 @@ LOCKED(engine_check_index)
 LOCKED(pylvs_sync_set_master)
 LOCKED(pylvs_sync_drain)
 LOCKED(pylvs_sync_install)
-LOCKED(pylvs_sync_chunk)
+LOCKED_READ(pylvs_sync_chunk)
 
 static PyMethodDef engine_methods[] = {
     {"set_tables", (PyCFunction)engine_set_tables_locked, METH_VARARGS,

@@ -517,6 +517,7 @@ class Engine:
         """Queue conns for sync_drain as the kernel's master (on), or stop and
         drop the queue (off). The queue holds sync_qlen_max records as set
         when master mode starts (1 .. 2**24)."""
+        self._refuse_if_busy()
         if not on:
             self._sync_q, self._sync_cap = None, 0
         elif self._sync_q is None:
@@ -560,6 +561,7 @@ class Engine:
     def sync_drain(self, out: np.ndarray) -> int:
         """Move up to len(out) queued records into out, oldest first; returns
         how many. 0 while master mode is off."""
+        self._refuse_if_busy()
         out = self._records(out, "out")
         if not out.flags.writeable:
             raise ValueError("out must be writable")
