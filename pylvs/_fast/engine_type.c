@@ -10,7 +10,7 @@
 
 /* tables.SYSCTL_DEFAULTS */
 static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50, 1000, 50,
-                                                     0, 0, 1, 0, 0, 0, 1024, 10, 0,
+                                                     0, 0, 1, 0, 0, 0, 1024, 10, 0, 1000,
                                                      3, 50, 0, 0, 65536, 0, 1};
 
 static PyTypeObject EngineType;

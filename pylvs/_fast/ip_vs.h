@@ -345,6 +345,7 @@ struct pylvs_engine {
     int pressure;
     double upcall_cost;
     struct rate_bucket upcall;
+    struct rate_bucket pressure_rl; /* pressure_conn_rate's bucket, in conns */
 
     /* Defence (docs/engine.md, "Defence"), set by control once a second as
      * the kernel's defense_work: drop_packet's rate and countdown
@@ -377,6 +378,8 @@ struct pylvs_engine {
 /* The upcall limit's bucket holds this many seconds of `now` at the share:
  * 10 ms at 50% lets 5 ms of upcalls through at once when pressure starts. */
 #define UPCALL_WINDOW 0.01
+/* s: pressure_conn_rate's burst (ip_vs_core.c pressure_admits). */
+#define PRESSURE_WINDOW 0.01
 
 /* The established path is one function: GCC would otherwise leave these
  * out of line in a function as large as engine_frame. */

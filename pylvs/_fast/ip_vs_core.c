@@ -462,6 +462,25 @@ static int upcall_allowed(PylvsEngine *e, double now)
     return 1;
 }
 
+static int rate_allow(struct rate_bucket *b, double now, int64_t per_sec, int64_t burst);
+
+/* While the receive ring backs up, a new conn waits its turn: the worker
+ * is behind, and every conn it makes costs a scheduling, a transmit and
+ * the real server's answer through the director, time the established
+ * flows' frames in the ring then lose (bench e2e, SYN flood: 0.4x of their
+ * rate kept with AF_PACKET before this). pressure_conn_rate new conns a
+ * second still pass, a burst of PRESSURE_WINDOW's worth (at least one),
+ * so new clients are served in a flood; 0 turns the limit off. The IPVS kernel has
+ * no such limit: its per-packet cost is in softirq, not behind a ring. */
+static int pressure_admits(PylvsEngine *e, double now)
+{
+    int64_t rate = e->sysctl[SYS_PRESSURE_CONN_RATE];
+    if (rate == 0)
+        return 1;
+    int64_t burst = (int64_t)((double)rate * PRESSURE_WINDOW);
+    return rate_allow(&e->pressure_rl, now, rate, burst > 0 ? burst : 1);
+}
+
 /* A frame the miss path turns away: count it, give the verdict. */
 static struct conn *refuse(PylvsEngine *e, int *verdict, int *why, int stat, int v)
 {
@@ -481,6 +500,8 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     /* At the limit, the conn to replace is chosen before the upcall, so a
      * full table refuses a flood without calling Python. */
     int64_t victim = -1;
+    if (e->pressure && !pressure_admits(e, now))
+        return refuse(e, verdict, why, ST_DROP_PRESSURE, PYLVS_V_DROP);
     if (conn_table_full(e) && (victim = conn_victim(e, now)) < 0)
         return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
     uint32_t ct;

@@ -106,6 +106,7 @@ SYSCTL_RANGES = {
     "expire_nodest_conn": (0, 1),   # a boolean
     "expire_quiescent_template": (0, 1),
     "upcall_share": (0, 100),       # a percentage (docs/engine.md, "Upcall limit")
+    "pressure_conn_rate": (0, 1 << 30),  # conns/s; 0: no limit (docs/engine.md, "Upcall limit")
     "sloppy_tcp": (0, 1),
     "nat_icmp_send": (0, 1),
     "pmtu_disc": (0, 1),

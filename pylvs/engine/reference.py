@@ -126,6 +126,9 @@ _FTP_PORT = 21   # ip_vs_sched_persist: an FTP service's templates have vport 0
 # The upcall limit's bucket holds this many seconds of `now` at the share
 # (ip_vs.h UPCALL_WINDOW).
 _UPCALL_WINDOW = 0.01
+_PRESSURE_WINDOW = 0.01   # s: pressure_conn_rate's burst (ip_vs.h PRESSURE_WINDOW)
+_PRESSURE_CONN_RATE = tables.SYSCTL_INDEX["pressure_conn_rate"]
+_DROP_PRESSURE = _ST["drop_pressure"]
 
 _NO_DEST = (0, 0, 0, 0, 0, 0, 0, bytes(6), bytes(6), 0, 0, 0)  # a dest row with flags 0
 _N_PEERS = 1024   # the per-destination ICMP limit's cache (C: ICMP_PEERS)
@@ -299,6 +302,7 @@ class Engine:
         self.pressure = False  # the receive ring is backed up (docs/engine.md, "Upcall limit")
         self._upcall_cost = 0.0
         self._upcall_bucket: list = [0.0, None]  # [seconds of upcall time, last now]
+        self._pressure_bucket: list = [0.0, None]  # [conns, last now]: pressure_conn_rate
         # Defence (docs/engine.md, "Defence"): drop_packet's rate and
         # countdown, set by control; a one-packet conn made by the frame
         # being processed, removed once it is done.
@@ -1646,6 +1650,14 @@ class Engine:
         b[0] -= self._upcall_cost
         return True
 
+    def _pressure_admits(self, now: float) -> bool:
+        """pressure_admits in ip_vs_core.c: while the ring backs up, new
+        conns pass at pressure_conn_rate a second (0: all)."""
+        rate = int(self._sysctl[_PRESSURE_CONN_RATE])
+        if rate == 0:
+            return True
+        return self._allow(self._pressure_bucket, now, rate, max(1, int(rate * _PRESSURE_WINDOW)))
+
     def _conn_new(self, f: memoryview, key: tuple, svc: int, proto: int, saddr: int,
                   sport: int, daddr: int, dport: int, totlen: int, in_port: int, now: float):
         """Step 9 from the room check on: (verdict, None) counted, or
@@ -1653,6 +1665,9 @@ class Engine:
         pend = self._pend
         # At the limit the conn to replace is chosen before the upcall, so a
         # full table refuses a flood without calling the scheduler.
+        if self.pressure and not self._pressure_admits(now):
+            pend[_DROP_PRESSURE] += 1
+            return V_DROP, None
         ct = self._ct
         victim = None
         if ct.full():

@@ -159,6 +159,7 @@ STAT_NAMES = (
     "drop_defense",       # verdict: a new flow's packet dropped by drop_packet's rate (kernel ip_vs_todrop)
     "conns_dropped",      # extra: conns removed by drop_entry (kernel ip_vs_random_dropentry)
     "drop_rs_no_conn",    # verdict: a NAT real server's packet matching no conn, nat_icmp_send=1
+    "drop_pressure",      # verdict: a new flow while the receive ring is backed up, pressure_conn_rate spent
     # -- added for issue 9 (connection sync; docs/engine.md, "Sync") --
     "drop_sync_no_mac",   # verdict: a NAT reply of a conn installed by sync before its client's first frame
     "sync_queued",        # extra: records queued for sync_drain (master)
@@ -224,6 +225,7 @@ SYSCTL_NAMES = (
     "amemthresh",          # pages of available memory below which the automatic modes turn on
     "am_droprate",         # drop_packet's rate in mode 3
     "expire_quiescent_template",  # 1: a template whose dest has weight 0 is invalid when next checked
+    "pressure_conn_rate",  # new conns a worker admits per second while the ring backs up (0: no limit)
     # -- issue 9: connection sync (ipvs-sysctl.rst; docs/engine.md, "Sync") --
     "sync_threshold",      # the kernel's sync_threshold pair, first: send at pkts % sync_period == this
     "sync_period",         # ... second (DEFAULT_SYNC_PERIOD); 0: only at pkts == sync_threshold
@@ -233,7 +235,7 @@ SYSCTL_NAMES = (
     "sync_persist_mode",   # 1: conns of persistent services are not sent, only their templates
     "sync_version",        # 0 or 1: the wire format (pylvs.sync); the engine's records are the same
 )
-SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0, 0, 1, 0, 0, 0, 1024, 10, 0,
+SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0, 0, 1, 0, 0, 0, 1024, 10, 0, 1000,
                    3, 50, 0, 0, 65536, 0, 1)
 SYSCTL_INDEX = {name: i for i, name in enumerate(SYSCTL_NAMES)}
 N_SYSCTL = len(SYSCTL_NAMES)
