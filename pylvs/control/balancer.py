@@ -114,6 +114,11 @@ SYSCTL_RANGES = {
     "drop_entry": (0, 3),           # the kernel's proc_do_defense_mode: 0..3
     "drop_packet": (0, 3),
     "secure_tcp": (0, 3),
+    # connection sync (docs/engine.md, "Sync"): the kernel clamps retries to 0..3
+    "sync_retries": (0, 3),
+    "sync_persist_mode": (0, 1),
+    "sync_version": (0, 1),
+    "sync_qlen_max": (1, 1 << 24),  # records a master's queue holds (pylvs.engine.sync.QLEN_LIMIT)
 }
 SYSCTL_RANGES.update({name: r[1:] for name, r in schedmod.SYSCTLS.items()})
 
