@@ -193,7 +193,7 @@ def test_one_probe_per_real_server_and_check_shared_by_services():
 
 
 def test_configure_keeps_unchanged_probes_and_hands_back_removed_ones():
-    other = CheckSpec("TCP_CHECK", delay_loop=2)
+    other = CheckSpec("TCP_CHECK", connect_port=8080)
     v = vs(rs(R1), rs(R2))
     b = balancer_for(v)
     m = HealthManager(b)
@@ -203,8 +203,8 @@ def test_configure_keeps_unchanged_probes_and_hands_back_removed_ones():
         p1.result(FAIL)
         probe(m, R2).result(FAIL)
     assert forwarding(b) == {}
-    # R1's check unchanged: same probe, still down. R2's check changed: a
-    # new probe, starting up again. A real server no longer checked at all
+    # R1's check unchanged: same probe, still down. R2's check changed (it
+    # checks another port): a new probe, starting up again. A real server no longer checked at all
     # is the operator's again.
     m.configure([vs(rs(R1), rs(R2, checks=[other]))])
     assert probe(m, R1) is p1 and not p1.up
@@ -437,3 +437,27 @@ def test_a_check_that_never_ends_fails_after_its_budget():
     b, p = asyncio.run(main())
     assert not p.up and p.text == "no verdict within 0.15 s" and forwarding(b) == {}
     assert verdict_budget(CheckSpec("MISC_CHECK", delay_loop=2, misc_timeout=10)) == 15
+
+
+def test_a_checker_whose_timings_change_keeps_its_verdict():
+    """As keepalived's migrate_checkers: a reload that changes retry or
+    delay_loop does not bring a dead real server back; a changed target
+    (another url) is a new check, which starts up."""
+    v = vs(rs(R1), rs(R2))
+    b = balancer_for(v)
+    m = HealthManager(b)
+    m.configure([v])
+    for _ in range(3):
+        probe(m, R1).result(FAIL)
+    assert forwarding(b) == {R2: 1}
+    slower = CheckSpec("TCP_CHECK", delay_loop=30, retry=5, delay_before_retry=2)
+    m.configure([vs(rs(R1, checks=[slower]), rs(R2))])
+    p = probe(m, R1, slower)
+    assert not p.up and "refused" in p.text and forwarding(b) == {R2: 1}
+    # Still a check of its own: its retries count afresh from here.
+    assert p.retry_it == 0 and p.result(OK) == 30 and forwarding(b) == {R1: 1, R2: 1}
+    other = CheckSpec("TCP_CHECK", connect_port=81)
+    for _ in range(6):
+        p.result(FAIL)
+    m.configure([vs(rs(R1, checks=[other]), rs(R2))])
+    assert probe(m, R1, other).up and forwarding(b) == {R1: 1, R2: 1}

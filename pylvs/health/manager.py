@@ -39,7 +39,7 @@ import logging
 import random
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from ..config.model import CheckSpec, RealServer, VirtualServer
@@ -67,6 +67,16 @@ def _dport(vs: VirtualServer, port: int, method: str | None) -> int:
     (ipvsadm and keepalived's ipvswrapper.c give it the virtual port; only
     NAT maps ports), whatever port its checkers probe."""
     return port if (method or vs.lvs_method) == "NAT" else vs.vport
+
+
+_TIMINGS = {"delay_loop": 0.0, "connect_timeout": 0.0, "retry": 0, "delay_before_retry": 0.0,
+            "warmup": 0.0, "alpha": False, "misc_timeout": None}
+
+
+def _same_target(key: tuple) -> tuple:
+    """A probe key with the checker's timings left out: what it checks."""
+    addr, port, spec = key
+    return (addr, port, replace(spec, **_TIMINGS))
 
 
 def service_name(key: tuple) -> str:
@@ -105,6 +115,12 @@ class Probe:
     @property
     def key(self) -> tuple:
         return (self.addr, self.port, self.spec)
+
+    def inherit(self, old: "Probe | None") -> None:
+        """Take the verdict of ``old``, the same check with other timings."""
+        if old is not None and old.has_run:
+            self.up, self.has_run, self.weight = old.up, True, old.weight
+            self.text, self.since, self.last = old.text, old.since, old.last
 
     def start(self) -> None:
         if self.task is None:
@@ -223,6 +239,9 @@ class HealthManager:
         Call after the services and dests are in the Balancer."""
         wanted: dict[tuple, Probe] = {}
         old_services = self._services
+        # A checker whose timings alone changed keeps its verdict (as
+        # keepalived's migrate_checkers): a dead server stays out.
+        migrated = {_same_target(k): p for k, p in self._probes.items()}
         services: dict[tuple, ServiceState] = {}
         by_probe: dict[tuple, list[Member]] = {}
         for vs in virtual_servers:
@@ -238,8 +257,10 @@ class HealthManager:
                 probes = []
                 for spec in rs.checks:
                     key = (rs.addr, rs.port, spec)
-                    p = wanted.get(key) or self._probes.get(key) or Probe(
-                        rs.addr, rs.port, spec, self._probe_changed)
+                    p = wanted.get(key) or self._probes.get(key)
+                    if p is None:
+                        p = Probe(rs.addr, rs.port, spec, self._probe_changed)
+                        p.inherit(migrated.get(_same_target(key)))
                     wanted[key] = p
                     probes.append(p)
                 m = Member(vs, rs, probes)

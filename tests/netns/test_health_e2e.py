@@ -3,8 +3,9 @@ keepalived.conf` with an HTTP_GET-checked service in a VS-NAT lab (rs1, rs2 real
 sorry server). A real server's HTTP server dies: the director stops
 forwarding to it within one delay_loop plus the retries, `pylvs status`
 says why, `-S` still saves it; both die: the sorry server answers; one
-comes back: it forwards again and the sorry server leaves. With 1 and 2
-workers."""
+comes back: it forwards again and the sorry server leaves; a reload
+changing the checks' timings in between keeps the dead server out. With 1
+and 2 workers."""
 
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ import pytest
 from pylvs.lab import health
 
 DELAY, TIMEOUT, RETRY, DBR = 0.5, 0.5, 1, 0.3
-# keepalived's bound for a dead server's removal, plus polling and a
-# loaded machine's slack.
-BOUND = DELAY + RETRY * (DBR + TIMEOUT) + TIMEOUT + 1.5
+
+
+def bound(retry: int) -> float:
+    """keepalived's bound for a dead server's removal, plus polling and a
+    loaded machine's slack."""
+    return DELAY + retry * (DBR + TIMEOUT) + TIMEOUT + 1.5
+
+
+BOUND = bound(RETRY + 1)   # after the reload below, one retry more
 
 
 def whoami(lab, n: int = 8) -> set[str]:
@@ -43,8 +50,8 @@ def test_real_server_dies_leaves_and_comes_back_with_the_sorry_server(director_l
     assert whoami(lab) == {"rs1", "rs2"}
 
     took = health.removal_time(lab, 0, timeout=10, control=ctl, step=0.02)
-    print(f"death to removal: {took:.2f} s (bound {BOUND:.2f} s)")
-    assert took is not None and took <= BOUND
+    print(f"death to removal: {took:.2f} s (bound {bound(RETRY):.2f} s)")
+    assert took is not None and took <= bound(RETRY)
     listing = lab.adm("-L", "-n", "--control", ctl)
     assert f"-> {rs2}:80 " in listing and rs1 not in listing
     assert whoami(lab) == {"rs2"}
@@ -56,6 +63,13 @@ def test_real_server_dies_leaves_and_comes_back_with_the_sorry_server(director_l
     assert row["state"] == "down" and "refused" in row["result"] and row["kind"] == "HTTP_GET"
     text = lab.run(lab.director, lab.pylvs_argv("status", "--control", ctl)).stdout
     assert f"{rs1}:80" in text and "down" in text and "quorum up" in text
+
+    # A reload that changes the checks' timings keeps rs1's verdict
+    # (keepalived's migrate_checkers): it does not come back meanwhile.
+    conf = lab.log_path("keepalived").with_suffix(".conf")
+    conf.write_text(health.keepalived_conf([rs1, rs2], sorry, DELAY, TIMEOUT, RETRY + 1, DBR))
+    lab.run(lab.director, lab.pylvs_argv("reload", "--control", ctl))
+    assert health.wait_for(lab, lambda f: rs1 in f, 1.0, control=ctl) is None
 
     # Quorum lost: the sorry server takes the clients.
     health.stop_httpd(lab, 1)
