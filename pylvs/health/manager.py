@@ -27,6 +27,8 @@ keepalived.conf(5):
   ``quorum_down`` and the real servers' ``notify_up`` / ``notify_down``
   commands run on those changes (split into words, no shell), one after
   another in the order of the changes.
+- A reload (``configure``) keeps what did not change; a checker whose
+  timings alone changed keeps its verdict (keepalived's migrate_checkers).
 
 Every method runs on the event loop thread.
 """
