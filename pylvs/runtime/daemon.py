@@ -478,7 +478,8 @@ class Daemon:
                     "io": {k: int(v) for k, v in wio.items()}}
                    for w, wio in zip(self.workers, per_io)]
         return {"io": {k: int(v) for k, v in io.items()}, "steering": {"not_host": not_host},
-                "workers": workers, "tap": list(self.opts.tap), "sync": self.sync.stats()}
+                "workers": workers, "tap": list(self.opts.tap),
+                "sync": self.sync.stats() if getattr(self, "sync", None) else {}}
 
     def _call_in_loop(self, fn, *args) -> None:
         loop = self._loop

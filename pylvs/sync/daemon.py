@@ -52,7 +52,7 @@ RECV_BUDGET = 256      # datagrams a backup reads per wake-up before yielding th
 IFNAME_MAX = 15        # IP_VS_IFNAME_MAXLEN - 1: ipvsadm keeps that much of --mcast-interface
 
 ROLES = ("master", "backup")
-IP_PMTUDISC_DONT = 0
+IP_MTU_DISCOVER, IP_PMTUDISC_DONT = 10, 0   # linux/in.h (not in the socket module)
 SIOCGIFADDR, SIOCGIFMTU = 0x8915, 0x8921
 
 
@@ -155,7 +155,7 @@ def send_socket(cfg: SyncConfig, index: int, addr: str | None) -> socket.socket:
         s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, _mreqn("0.0.0.0", index))
         s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
         s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, cfg.mcast_ttl)
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+        s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
         if addr:
             s.bind((addr, 0))
         else:
