@@ -138,3 +138,235 @@ def test_daemons_over_a_veth_with_stand_in_engines(two_ns, tmp_path):
 def _dotted(v) -> str:
     v = int(v)
     return ".".join(str((v >> s) & 255) for s in (24, 16, 8, 0))
+
+
+# --- two `pylvs run` directors ---------------------------------------------
+
+SYNCID = "7"
+CLIENTS = [f"10.0.0.{i}" for i in range(2, 8)]   # the lab's cip, then extra addresses
+PER_CLIENT = 3
+HOLD = """
+import json, socket, sys, time
+vip, port, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = []
+for addr in sys.argv[4:]:
+    for _ in range(per):
+        s = socket.create_connection((vip, port), timeout=5, source_address=(addr, 0))
+        # Two segments after the handshake: the 3rd client packet is the one
+        # the kernel's rule (sync_threshold 3) announces; the request stays
+        # unfinished, so the real server keeps the conn open.
+        s.sendall(b"GET /whoami HTTP/1.1\\r\\n")
+        time.sleep(0.02)
+        s.sendall(b"Host: sync\\r\\n")
+        held.append(s)
+print(json.dumps([[addr, s.getsockname()[1]] for addr, s in
+                  ((s.getsockname()[0], s) for s in held)]), flush=True)
+time.sleep(60)
+"""
+
+
+class Backup:
+    """A second director in a namespace of the test's own, linked to the
+    lab's director by the sync link sy0 (10.77.0.1 ↔ 10.77.0.2)."""
+
+    def __init__(self, lab, ns: str, workers: int, logs: Path):
+        self.lab, self.ns, self.workers, self.logs = lab, ns, workers, logs
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        from pylvs.lab.topology import wait_for_file
+
+        self.starts += 1
+        log = self.logs / f"backup-{self.starts}.log"
+        argv = self.lab.pylvs_argv("run", "--iface", "sy0", "--workers", str(self.workers))
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *argv], stdout=f,
+                                         stderr=f, stdin=subprocess.DEVNULL, cwd=REPO,
+                                         start_new_session=True)
+        assert wait_for_file(log, " ready: ", 20, proc=self.proc), log.read_text()[-3000:]
+
+    def log_text(self) -> str:
+        return "".join((self.logs / f"backup-{i}.log").read_text(errors="replace")
+                       for i in range(1, self.starts + 1))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def adm(self, *args: str, check: bool = True) -> str:
+        p = subprocess.run(["ip", "netns", "exec", self.ns, *self.lab.pylvs_argv("adm", *args)],
+                           capture_output=True, text=True, timeout=20, cwd=REPO)
+        assert not check or p.returncode == 0, (args, p.returncode, p.stderr)
+        return p.stdout
+
+    def py(self, code: str):
+        p = subprocess.run(["ip", "netns", "exec", self.ns, sys.executable, "-c", code],
+                           capture_output=True, text=True, timeout=20, cwd=REPO)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    def stats(self) -> dict:
+        p = subprocess.run(["ip", "netns", "exec", self.ns, *self.lab.pylvs_argv("stats", "--json")],
+                           capture_output=True, text=True, timeout=20, cwd=REPO)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+
+@pytest.fixture
+def pair(director_lab, workers, uid, tmp_path):
+    """(lab with its director = the master, Backup), the same persistent
+    VS-NAT service on both, both sync daemons running (syncid 7)."""
+    lab = director_lab(servers=2)
+    ns = f"pl{uid}-bk"
+    backup = None
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        veth_pair(lab.director, ns, "sy0", "10.77.0.1/24", "10.77.0.2/24")
+        for addr in CLIENTS[1:]:
+            sh("ip", "-n", lab.client, "addr", "add", f"{addr}/24", "dev", "eth0")
+        backup = Backup(lab, ns, workers, tmp_path)
+        backup.start()
+        rules = RULES.format(vip=lab.vip, rs1=lab.rips[0], rs2=lab.rips[1])
+        lab.adm("-R", stdin=rules)
+        assert lab.wait_resolved(lab.rips[:2])
+        _restore(backup, rules)
+        lab.adm("--start-daemon", "master", "--mcast-interface", "sy0", "--syncid", SYNCID)
+        backup.adm("--start-daemon", "backup", "--mcast-interface", "sy0", "--syncid", SYNCID)
+        yield lab, backup
+    finally:
+        if backup is not None:
+            print(f"--- backup log ---\n{backup.log_text()[-6000:]}")
+            backup.stop()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+RULES = """-A -t {vip}:80 -s rr -p 300
+-a -t {vip}:80 -r {rs1}:80 -m -w 1
+-a -t {vip}:80 -r {rs2}:80 -m -w 1
+"""
+
+
+def _restore(backup: Backup, rules: str) -> None:
+    p = subprocess.run(["ip", "netns", "exec", backup.ns, *backup.lab.pylvs_argv("adm", "-R")],
+                       input=rules, capture_output=True, text=True, timeout=20, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+
+
+def conn_rows(listing: str) -> set[tuple]:
+    """`-L -c -n` rows without their expiry: (pro, state, source, virtual, destination)."""
+    rows = set()
+    for line in listing.splitlines()[2:]:
+        pro, _expire, state, src, vip, dst = line.split()
+        rows.add((pro, state, src, vip, dst))
+    return rows
+
+
+def wait_rows(backup: Backup, want: set, timeout: float) -> set:
+    deadline = time.monotonic() + timeout
+    got: set = set()
+    while time.monotonic() < deadline:
+        got = conn_rows(backup.adm("-L", "-c", "-n"))
+        if want <= got:
+            break
+        time.sleep(0.2)
+    return got
+
+
+@pytest.mark.parametrize("workers", [1, 2], indirect=True)
+def test_backup_installs_what_the_master_forwards_and_resyncs_after_restart(pair, workers):
+    lab, backup = pair
+    daemon_line = ("{} sync daemon (mcast=sy0, syncid=7, maxlen=1472, group=224.0.0.81, "
+                   "port=8848, ttl=1)\n")
+    assert lab.adm("-L", "--daemon") == daemon_line.format("master")
+    assert backup.adm("-L", "--daemon") == daemon_line.format("backup")
+
+    hold = lab.popen(lab.client, [sys.executable, "-c", HOLD, lab.vip, "80", str(PER_CLIENT),
+                                  *CLIENTS], stdout=subprocess.PIPE, text=True)
+    try:
+        held = json.loads(hold.stdout.readline())
+        assert len(held) == len(CLIENTS) * PER_CLIENT
+        master = conn_rows(lab.adm("-L", "-c", "-n"))
+        conns = {r for r in master if r[1] == "ESTABLISHED"}
+        assert {r[2] for r in conns} == {f"{a}:{p}" for a, p in held}
+        templates = {r for r in master if r[1] == "ASSURED" or r[1] == "NONE"}
+        assert {r[2].split(":")[0] for r in templates} == set(CLIENTS)
+        # Sent at the 3rd packet, a partial message flushed within 2 s.
+        got = wait_rows(backup, master, 6.0)
+        assert master <= got, sorted(master - got)
+
+        if workers > 1:   # each conn in the worker its client's frames reach
+            from pylvs.io import bpf
+            listed = backup.py("from pylvs.control import rpc; import json; "
+                               "print(json.dumps(rpc.Client().call({'op': 'conns'})))")
+            for c in listed:
+                assert c["worker"] == bpf.fanout_mix(bpf.ip(c["caddr"])) % workers, c
+
+        # A restarted backup hears nothing from these idle conns: the bulk
+        # resync brings the master's whole table back.
+        backup.stop()
+        backup.start()
+        _restore(backup, RULES.format(vip=lab.vip, rs1=lab.rips[0], rs2=lab.rips[1]))
+        assert conn_rows(backup.adm("-L", "-c", "-n")) == set()
+        t0 = time.monotonic()
+        backup.adm("--start-daemon", "backup", "--mcast-interface", "sy0", "--syncid", SYNCID)
+        got = wait_rows(backup, master, 5.0)
+        assert master <= got, sorted(master - got)
+        took = time.monotonic() - t0
+        assert took < 5.0
+        sync = backup.stats()["sync"]["backup"]
+        assert sync["bulk_complete"] is True and sync["installed"] >= len(master)
+        assert sum(sync["dropped"].values()) == 0
+        again = subprocess.run(["ip", "netns", "exec", backup.ns,
+                                *lab.pylvs_argv("adm", "--start-daemon", "backup",
+                                                "--mcast-interface", "sy0")],
+                               capture_output=True, text=True, timeout=20, cwd=REPO)
+        assert again.returncode != 0 and again.stderr == "Daemon has already run\n"
+    finally:
+        hold.kill()
+        hold.wait(timeout=5)
+
+
+def test_bad_packets_at_the_backup_are_counted_and_install_nothing(pair):
+    lab, backup = pair
+    before = conn_rows(backup.adm("-L", "-c", "-n"))
+    good = wire.encode(np.array([(6, 1, 0, 0x0A000063, 4242, 0x0A000064, 80, 0x0A00010B, 80, 0,
+                                  900)], dtype=wire.SYNC_DTYPE), int(SYNCID))[0]
+    bad = [good[:-1], good[:3], _replace(good, 1, 8), _replace(good, 5, 2),
+           _replace(good, 4, 2), bytes([1]) + good[1:], _replace(good, 10, 0x10)]
+    code = f"""
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+             socket.inet_aton("0.0.0.0") * 2 + struct.pack("i", socket.if_nametoindex("sy0")))
+for m in {[bytes(b) for b in bad]!r}:
+    s.sendto(m, ("224.0.0.81", 8848))
+print("[]")
+"""
+    lab.py(lab.director, code)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        dropped = backup.stats()["sync"]["backup"]["dropped"]
+        if sum(dropped.values()) >= len(bad):
+            break
+        time.sleep(0.1)
+    assert {k: v for k, v in dropped.items() if v} == {
+        "bad_size": 1, "short": 1, "wrong_syncid": 1, "bad_version": 1, "truncated": 1,
+        "v0": 1, "conn_version": 1}
+    assert conn_rows(backup.adm("-L", "-c", "-n")) == before
+    # The good message itself installs (the socket and syncid are right).
+    lab.py(lab.director, code.replace(repr([bytes(b) for b in bad]), repr([good])))
+    got = wait_rows(backup, {("TCP", "ESTABLISHED", "10.0.0.99:4242", f"{lab.vip}:80",
+                              f"{lab.rips[0]}:80")}, 5.0)
+    assert ("TCP", "ESTABLISHED", "10.0.0.99:4242", f"{lab.vip}:80", f"{lab.rips[0]}:80") in got
+
+
+def _replace(buf: bytes, off: int, val: int) -> bytes:
+    return buf[:off] + bytes([val]) + buf[off + 1:]
