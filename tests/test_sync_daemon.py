@@ -280,3 +280,16 @@ def test_adm_list_daemon():
     assert rc == 0 and calls == [{"op": "daemons"}]
     assert out == ("backup sync daemon (mcast=veth0, syncid=9, maxlen=1472, "
                    "group=224.0.0.81, port=8848, ttl=1)\n")
+
+
+def test_pylvs_stats_text_lists_the_sync_counters():
+    from pylvs.cli.tools import format_stats
+
+    st = {"conns": {"count": 0, "limit": 1, "memory": None}, "services": {"count": 0, "limit": 1},
+          "dests": {"count": 0, "limit": 1}, "engine": {"pkts": 1}, "counters": {},
+          "sync": {"backup": {"messages": 3, "installed": 80,
+                              "dropped": {"bad_size": 1, "v0": 0}, "bulk_complete": True}}}
+    text = format_stats(st)
+    assert "\nsync.backup.messages          3\n" in text
+    assert "sync.backup.dropped.bad_size  1\n" in text
+    assert "sync.backup.bulk_complete     True\n" in text
