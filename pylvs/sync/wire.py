@@ -49,10 +49,9 @@ SYNC_TTL = 1
 SYNC_PROTO_VER = 1
 
 HEADER = struct.Struct("!BBHBbH")          # struct ip_vs_sync_mesg
-CONN_V4 = struct.Struct("!BBHIHHHHII4s4s4s")   # struct ip_vs_sync_v4
 HEADER_LEN = HEADER.size                   # 8
 HEADER_V0_LEN = 4                          # struct ip_vs_sync_mesg_v0
-CONN_V4_LEN = CONN_V4.size                 # 36
+CONN_V4_LEN = 36                           # struct ip_vs_sync_v4 (WIRE_V4 below)
 CONN_V6_LEN = CONN_V4_LEN - 12 + 3 * 16     # 72
 MAX_CONNS = 255                            # nr_conns is a u8
 
@@ -112,23 +111,35 @@ def sync_maxlen(role: str, mtu: int = 1500, given: int = 0) -> int:
     return mtu - IPHDR_UDPHDR
 
 
-def _conn_bytes(rec) -> bytes:
-    """One record as struct ip_vs_sync_v4 (no options: pylvs keeps no
-    sequence adjustment or persistence-engine data)."""
-    return CONN_V4.pack(
-        0, int(rec["proto"]), CONN_V4_LEN,
-        int(rec["flags"]) & ~CONN_F_HASHED & 0xFFFFFFFF,   # as ip_vs_sync_conn sends them
-        int(rec["state"]), int(rec["cport"]), int(rec["vport"]), int(rec["dport"]),
-        int(rec["fwmark"]), int(rec["timeout"]),
-        int(rec["caddr"]).to_bytes(4, "big"), int(rec["vaddr"]).to_bytes(4, "big"),
-        int(rec["daddr"]).to_bytes(4, "big"))
+# struct ip_vs_sync_v4 as a numpy record (packed, big endian): records are
+# packed and unpacked a message at a time, not a field at a time.
+WIRE_V4 = np.dtype([("type", "u1"), ("proto", "u1"), ("ver_size", ">u2"), ("flags", ">u4"),
+                    ("state", ">u2"), ("cport", ">u2"), ("vport", ">u2"), ("dport", ">u2"),
+                    ("fwmark", ">u4"), ("timeout", ">u4"), ("caddr", ">u4"), ("vaddr", ">u4"),
+                    ("daddr", ">u4")])
+assert WIRE_V4.itemsize == CONN_V4_LEN
+_FIELDS = ("proto", "state", "cport", "vport", "dport", "fwmark", "timeout", "caddr", "vaddr",
+           "daddr")
 
 
-def message(syncid: int, conns: list[bytes]) -> bytes:
-    """A v1 message around already packed conns (each a multiple of 4
-    bytes long, so no padding falls between them)."""
-    body = b"".join(conns)
-    return HEADER.pack(0, syncid, HEADER_LEN + len(body), len(conns), SYNC_PROTO_VER, 0) + body
+def conns_bytes(records: np.ndarray) -> bytes:
+    """SYNC_DTYPE records as consecutive struct ip_vs_sync_v4 (36 bytes
+    each, no options: pylvs keeps no sequence adjustment or
+    persistence-engine data; flags without IP_VS_CONN_F_HASHED, as
+    ip_vs_sync_conn sends them)."""
+    w = np.zeros(len(records), dtype=WIRE_V4)
+    w["ver_size"] = CONN_V4_LEN
+    for f in _FIELDS:
+        w[f] = records[f]
+    w["flags"] = records["flags"] & np.uint32(~CONN_F_HASHED & 0xFFFFFFFF)
+    return w.tobytes()
+
+
+def message(syncid: int, body: bytes) -> bytes:
+    """A v1 message around ``body``, whole IPv4 conns without options (so
+    36 bytes each and no padding between them)."""
+    return HEADER.pack(0, syncid, HEADER_LEN + len(body), len(body) // CONN_V4_LEN,
+                       SYNC_PROTO_VER, 0) + body
 
 
 def per_message(maxlen: int) -> int:
@@ -147,62 +158,54 @@ def encode(records: np.ndarray, syncid: int, maxlen: int = DEFAULT_MAXLEN) -> li
     syncid out of range or a maxlen that holds no conn."""
     if not 0 <= syncid <= 255:
         raise ValueError(f"syncid {syncid} is out of range (0..255)")
-    n = per_message(maxlen)
-    conns = [_conn_bytes(r) for r in records]
-    return [message(syncid, conns[i:i + n]) for i in range(0, len(conns), n)]
+    step = per_message(maxlen) * CONN_V4_LEN
+    body = conns_bytes(records)
+    return [message(syncid, body[i:i + step]) for i in range(0, len(body), step)]
 
 
 class Buffer:
     """The master's sync buffer (ip_vs_sync_buff): conns go in as records
-    arrive; ``full`` messages are ready at once, the partial one when it is
+    arrive; full messages are ready at once, the partial one when it is
     ``flush_after`` seconds old (the kernel's IPVS_SYNC_FLUSH_TIME, 2 s:
     "do not delay entries in buffer for more than 2 seconds")."""
 
     def __init__(self, syncid: int, maxlen: int, flush_after: float = 2.0):
         self.syncid, self.flush_after = syncid, flush_after
         self.per_message = per_message(maxlen)
-        self._conns: list[bytes] = []
+        self._body = b""
         self._first = 0.0
         self.ready: list[bytes] = []
 
     def add(self, records: np.ndarray, now: float) -> None:
-        for r in records:
-            if not self._conns:
-                self._first = now
-            self._conns.append(_conn_bytes(r))
-            if len(self._conns) == self.per_message:
-                self.ready.append(message(self.syncid, self._conns))
-                self._conns = []
+        if not len(records):
+            return
+        if not self._body:
+            self._first = now
+        body = self._body + conns_bytes(records)
+        step = self.per_message * CONN_V4_LEN
+        full = len(body) // step * step
+        self.ready += [message(self.syncid, body[i:i + step]) for i in range(0, full, step)]
+        if full and full < len(body):
+            self._first = now   # the conns left over arrived now
+        self._body = body[full:]
 
     def take(self, now: float, force: bool = False) -> list[bytes]:
         """The messages due: the full ones, and the partial one once it is
         old enough (or with ``force``)."""
-        if self._conns and (force or now - self._first >= self.flush_after):
-            self.ready.append(message(self.syncid, self._conns))
-            self._conns = []
+        if self._body and (force or now - self._first >= self.flush_after):
+            self.ready.append(message(self.syncid, self._body))
+            self._body = b""
         out, self.ready = self.ready, []
         return out
 
     def __len__(self) -> int:
         """Conns waiting in the partial message."""
-        return len(self._conns)
+        return len(self._body) // CONN_V4_LEN
 
 
 def new_counts() -> Counter:
     """A counter with every reason at 0 (so `pylvs stats` lists them all)."""
     return Counter({k: 0 for k in DROP_REASONS + SKIP_REASONS})
-
-
-def _state_ok(proto: int, flags: int, state: int) -> str | None:
-    """The skip reason for a conn's protocol and state, or None
-    (ip_vs_proc_sync_conn: pp->num_states, IP_VS_CTPL_S_LAST)."""
-    if flags & CONN_F_TEMPLATE:
-        return None if state < CTPL_S_LAST else "skip_state"
-    if proto == tables.PROTO_TCP:
-        return None if state < states.N_TCP_STATES else "skip_state"
-    if proto == tables.PROTO_UDP:
-        return None if state < UDP_S_LAST else "skip_state"
-    return "skip_proto"
 
 
 def _options(buf: bytes, p: int, end: int) -> str | None:
@@ -245,74 +248,94 @@ def decode(buf: bytes, syncid: int, counts: Counter | None = None) -> np.ndarray
     the names of DROP_REASONS / SKIP_REASONS; records keep the flags as
     sent (the engine applies IP_VS_CONN_F_BACKUP_MASK)."""
     counts = counts if counts is not None else Counter()
-    out = np.zeros(0, dtype=SYNC_DTYPE)
     try:
-        reason, rows, skips = _decode(bytes(buf), syncid)
+        reason, out, skips = _decode(bytes(buf), syncid)
     except Exception:   # a bug must not cost the daemon; count it as bad framing
-        reason, rows, skips = "conn_size", [], []
+        reason, out, skips = "conn_size", None, []
     if reason is not None:
         counts[reason] += 1
-        return out
+        return np.zeros(0, dtype=SYNC_DTYPE)
     for s in skips:
         counts[s] += 1
-    if rows:
-        out = np.array(rows, dtype=SYNC_DTYPE)
     return out
 
 
-def _decode(buf: bytes, syncid: int) -> tuple[str | None, list[tuple], list[str]]:
+def _records(w: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Wire conns (WIRE_V4) → the SYNC_DTYPE records of those the kernel
+    would take, and the skip reason of each other (ip_vs_proc_sync_conn:
+    a template's state below IP_VS_CTPL_S_LAST, whatever its protocol; a
+    conn's protocol TCP or UDP and its state below that protocol's count)."""
+    template = (w["flags"] & CONN_F_TEMPLATE) != 0
+    tcp, udp = w["proto"] == tables.PROTO_TCP, w["proto"] == tables.PROTO_UDP
+    state = w["state"]
+    ok_state = np.where(template, state < CTPL_S_LAST,
+                        np.where(tcp, state < states.N_TCP_STATES, state < UDP_S_LAST))
+    bad_proto = ~template & ~tcp & ~udp
+    good = ~bad_proto & ok_state
+    skips: list[str] = []
+    if not good.all():
+        skips = ["skip_proto"] * int(bad_proto.sum()) \
+            + ["skip_state"] * int((~bad_proto & ~ok_state).sum())
+        w = w[good]
+    out = np.empty(len(w), dtype=SYNC_DTYPE)
+    for f in _FIELDS + ("flags",):
+        out[f] = w[f]
+    return out, skips
+
+
+def _decode(buf: bytes, syncid: int) -> tuple[str | None, np.ndarray | None, list[str]]:
     n = len(buf)
     if n < HEADER_V0_LEN:
-        return "short", [], []
+        return "short", None, []
     if int.from_bytes(buf[2:4], "big") != n:
-        return "bad_size", [], []
+        return "bad_size", None, []
     if syncid != 0 and buf[1] != syncid:
-        return "wrong_syncid", [], []
+        return "wrong_syncid", None, []
     if buf[0] != 0:
-        return "v0", [], []
+        return "v0", None, []
     if not is_v1(buf):
-        return ("short" if n < HEADER_LEN else "bad_version"), [], []
+        return ("short" if n < HEADER_LEN else "bad_version"), None, []
     nr = buf[4]
-    rows: list[tuple] = []
+    if n == HEADER_LEN + nr * CONN_V4_LEN:   # the usual message: IPv4 conns without options
+        w = np.frombuffer(buf, dtype=WIRE_V4, count=nr, offset=HEADER_LEN)
+        if (w["type"] == 0).all() and (w["ver_size"] == CONN_V4_LEN).all():
+            out, skips = _records(w)
+            return None, out, skips
+    taken: list[bytes] = []
     skips: list[str] = []
     p = HEADER_LEN
     end = HEADER_LEN
     for _ in range(nr):
         if p + CONN_V4_LEN > n:
-            return "truncated", [], []
+            return "truncated", None, []
         ver_size = int.from_bytes(buf[p + 2:p + 4], "big")
         size = ver_size & SVER_MASK
         if ver_size >> SVER_SHIFT:
-            return "conn_version", [], []
+            return "conn_version", None, []
         ctype = buf[p]
         if ctype & STYPE_F_INET6:
             fixed = CONN_V6_LEN
         elif ctype == 0:
             fixed = CONN_V4_LEN
         else:
-            return "bad_type", [], []
+            return "bad_type", None, []
         end = p + size
         if size < fixed or end > n:
-            return "conn_size", [], []
+            return "conn_size", None, []
         why = _options(buf, p + fixed, end)
         if why is not None and not why.startswith("skip_"):
-            return why, [], []
+            return why, None, []
         if why is None and ctype & STYPE_F_INET6:
             why = "skip_ipv6"
         if why is None:
-            (_t, proto, _vs, flags, state, cport, vport, dport, fwmark, timeout,
-             caddr, vaddr, daddr) = CONN_V4.unpack_from(buf, p)
-            why = _state_ok(proto, flags, state)
-            if why is None:
-                rows.append((proto, state, flags, int.from_bytes(caddr, "big"), cport,
-                             int.from_bytes(vaddr, "big"), vport,
-                             int.from_bytes(daddr, "big"), dport, fwmark, timeout))
-        if why is not None:
+            taken.append(buf[p:p + CONN_V4_LEN])
+        else:
             skips.append(why)
         p += (size + 3) & ~3   # the next conn starts 32-bit aligned
     if end != n and not (n == p and not any(buf[end:n])):
-        return "nr_conns", [], []   # (a zero tail up to the next 4-byte boundary is padding)
-    return None, rows, skips
+        return "nr_conns", None, []   # (a zero tail up to the next 4-byte boundary is padding)
+    out, more = _records(np.frombuffer(b"".join(taken), dtype=WIRE_V4))
+    return None, out, skips + more
 
 
 # --- pylvs's bulk resync messages (docs/sync.md, "Bulk resync") ----------
