@@ -293,3 +293,24 @@ def test_pylvs_stats_text_lists_the_sync_counters():
     assert "\nsync.backup.messages          3\n" in text
     assert "sync.backup.dropped.bad_size  1\n" in text
     assert "sync.backup.bulk_complete     True\n" in text
+
+
+RUN_REFUSALS = [
+    (["--start-daemon", "master", "--start-daemon", "master"], "master or backup given twice"),
+    (["--start-daemon", "primary"], "invalid choice: 'primary'"),
+    (["--syncid", "256"], "256 is out of range (0..255)"),
+    (["--mcast-group", "10.1.2.3"], "--mcast-group: invalid IPv4 mcast-group `10.1.2.3'"),
+    (["--mcast-port", "0"], "0 is out of range (1..65535)"),
+    (["--sync-maxlen", "65508"], "65508 is out of range (1..65507)"),
+]
+
+
+@pytest.mark.parametrize("argv,want", RUN_REFUSALS, ids=[r[1] for r in RUN_REFUSALS])
+def test_pylvs_run_refuses_bad_sync_options(argv, want, capsys):
+    from pylvs.runtime.daemon import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert want in err and "Traceback" not in err, err

@@ -993,6 +993,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if len(set(a.start_daemon)) != len(a.start_daemon):
         ap.error("--start-daemon: master or backup given twice")
+    if a.mcast_group is not None:
+        from ..sync.daemon import SyncConfig, SyncError
+        try:
+            SyncConfig.from_request({"state": "master", "mcast_group": a.mcast_group})
+        except SyncError as e:
+            ap.error(f"--mcast-group: {e}")
     sync_reqs = [{"state": role, "mcast_ifn": a.mcast_interface, "syncid": a.syncid,
                   "mcast_group": a.mcast_group, "mcast_port": a.mcast_port,
                   "mcast_ttl": a.mcast_ttl, "sync_maxlen": a.sync_maxlen}
