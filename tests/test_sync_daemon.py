@@ -314,3 +314,19 @@ def test_pylvs_run_refuses_bad_sync_options(argv, want, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert want in err and "Traceback" not in err, err
+
+
+def test_backup_warns_about_drops_at_most_every_10_s(caplog, monkeypatch):
+    b = daemon(sd.Backup, workers(1), syncid=4)
+    clock = [100.0]
+    monkeypatch.setattr(sd.time, "monotonic", lambda: clock[0])
+    caplog.set_level("WARNING", logger="pylvs.sync")
+    for when, buf in ((100.0, b"\0\4"), (101.0, b"\0\4"), (105.0, bytes(8)), (111.0, b"")):
+        clock[0] = when
+        b.receive(buf, when)
+        b._log_drops("10.77.0.1")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "sync backup: dropped short +1 (last from 10.77.0.1; pylvs stats: sync.backup.dropped)",
+        "sync backup: dropped bad_size +1, short +2 (last from 10.77.0.1; pylvs stats: "
+        "sync.backup.dropped)"]

@@ -49,6 +49,7 @@ BULK_CHUNK = 1024      # records per sync_chunk call (one engine lock hold)
 BULK_RATE = 2000       # bulk answer messages per second (~80,000 conns/s at 1472)
 BULK_RETRY = (1.0, 2.0, 4.0, 8.0)   # a backup re-asks after these many s without an END
 RECV_BUDGET = 256      # datagrams a backup reads per wake-up before yielding the loop
+LOG_EVERY = 10.0       # s between two warnings about dropped datagrams
 IFNAME_MAX = 15        # IP_VS_IFNAME_MAXLEN - 1: ipvsadm keeps that much of --mcast-interface
 
 ROLES = ("master", "backup")
@@ -375,6 +376,8 @@ class Backup(_Daemon):
     def __init__(self, *args):
         super().__init__(*args)
         self.drops = wire.new_counts()
+        self._logged: dict[str, int] = {}
+        self._logged_at = -LOG_EVERY
         self.nonce = int.from_bytes(os.urandom(4), "big")
         self.bulk_done = asyncio.Event()
 
@@ -408,17 +411,32 @@ class Backup(_Daemon):
     def _on_readable(self) -> None:
         for _ in range(RECV_BUDGET):
             try:
-                buf = self.inp.recv(self.maxlen)
+                buf, src = self.inp.recvfrom(self.maxlen)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 log.debug("sync backup: recv: %s", e)
                 return
+            dropped = sum(self.drops.values())
             try:
                 self.receive(buf, time.monotonic())
             except Exception:
                 log.exception("sync backup: a message failed to install")
                 self.stats["install_errors"] += 1
+            if sum(self.drops.values()) != dropped:
+                self._log_drops(src[0])
+
+    def _log_drops(self, src: str) -> None:
+        """A warning for dropped datagrams, at most every LOG_EVERY s, with
+        what was dropped since the last one (the last sender named)."""
+        now = time.monotonic()
+        if now - self._logged_at < LOG_EVERY:
+            return
+        delta = {k: v - self._logged.get(k, 0) for k, v in self.drops.items()
+                 if v != self._logged.get(k, 0)}
+        self._logged, self._logged_at = dict(self.drops), now
+        log.warning("sync backup: dropped %s (last from %s; pylvs stats: sync.backup.dropped)",
+                    ", ".join(f"{k} +{v}" for k, v in sorted(delta.items())), src)
 
     def receive(self, buf: bytes, now: float) -> int:
         """One datagram: installs its records; returns how many."""
