@@ -108,9 +108,9 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
 # on the control socket: answers the Balancer cannot give and that must not
 # block the event loop (the daemon's I/O and steering counters for "stats").
 Extras = dict[str, Callable[[], Awaitable[dict]]]
-# Per op name, an async callable answering that op itself (the request dict
-# in, the result out; RpcError for a refusal): operations on parts of the
-# director other than the Balancer (the sync daemons).
+# Per op name, an async callable answering that op instead of the Balancer
+# (the daemon's "reload"): called with the request dict; raising
+# BalancerError answers {"ok": false, "error": its text}.
 Handlers = dict[str, Callable[[dict], Awaitable[Any]]]
 
 
@@ -142,9 +142,9 @@ def handle_line(balancer: Balancer, line: bytes | str) -> dict:
 
 async def _handle_line_extras(balancer: Balancer, line: bytes, extras: Extras,
                               handlers: Handlers | None = None) -> dict:
-    """handle_line (or the op's handler), then the op's extra (if any)
-    merged into a dict result; an extra that fails is logged and the
-    Balancer's answer still goes out."""
+    """handle_line, then the op's extra (if any) merged into a dict result;
+    an extra that fails is logged and the Balancer's answer still goes out.
+    An op of ``handlers`` is answered by its handler alone."""
     req = _parse(line)
     if isinstance(req, str):
         return {"ok": False, "error": req}
@@ -153,9 +153,9 @@ async def _handle_line_extras(balancer: Balancer, line: bytes, extras: Extras,
     if handler is not None:
         try:
             return {"ok": True, "result": await handler(req)}
-        except RpcError as e:
+        except BalancerError as e:
             return {"ok": False, "error": str(e)}
-        except Exception as e:  # as _answer: a bug costs one request
+        except Exception as e:  # a bug must cost one request, not the director
             log.exception("control operation %r failed", op)
             return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
     resp = _answer(balancer, req)
@@ -349,7 +349,7 @@ async def start_server(path: str, balancer: Balancer, *,
     ``extras``: {op name: async callable returning a dict} merged into that
     op's result (`pylvs run` adds the I/O and steering counters to
     ``stats``); ``handlers``: {op name: async callable(request) -> result}
-    for operations the Balancer does not answer (the sync daemons)."""
+    answering ops the Balancer does not have (`pylvs run`'s ``reload``)."""
     _prepare_path(path)
     max_clients = max_clients or MAX_CLIENTS
     clients = _Clients(max_clients)

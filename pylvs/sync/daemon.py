@@ -522,15 +522,16 @@ class SyncDaemons:
         return out
 
     def handlers(self) -> dict:
-        """The control socket operations (pylvs.control.rpc handlers)."""
-        from ..control.rpc import RpcError
+        """The control socket operations (pylvs.control.rpc handlers; a
+        refusal answers {"ok": false, "error": ipvsadm's words})."""
+        from ..control.balancer import BalancerError
 
         def refusing(fn):
             async def op(req: dict):
                 try:
                     return await fn(req)
                 except SyncError as e:
-                    raise RpcError(str(e)) from None
+                    raise BalancerError(str(e)) from None
             return op
 
         async def daemons(_req: dict) -> list[dict]:
