@@ -94,7 +94,6 @@ def run_one(rate: float, sim_seconds: float) -> dict:
 def run_lab(seconds: float, conns: int = 8) -> dict:
     """Real HTTP conns through the VS-NAT lab, the master's counters."""
     import json
-    import subprocess
     import time
     import uuid
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_kit import CIP, CMAC, IMPLS, LMAC, RIP, RIP2, RMAC, RS_PORT, SMAC, VIP, Env, tcp, udp, v
+from engine_kit import CIP, IMPLS, RIP, RIP2, RMAC, RS_PORT, SMAC, VIP, Env, ip, tcp, udp, v
 from pylvs.engine import tables
 from pylvs.engine.sync import SYNC_DTYPE
 from pylvs.sync import wire
@@ -97,3 +97,69 @@ def test_bulk_chunks_cover_the_table_over_the_wire(impl):
     backup.engine.sync_install(recs, 1.0)
     key = lambda c: (c[0], c[1], c[2], c[3], c[4], c[5], c[6])  # noqa: E731
     assert sorted(map(key, backup.engine.conns())) == sorted(map(key, master.engine.conns()))
+
+
+# --- the daemons over real engines, one per worker ---------------------------
+
+def _workers(impl: str, n: int) -> tuple[list[Env], list]:
+    """n engines (Envs) and the workers the daemons see (engine, lock)."""
+    import threading
+    from types import SimpleNamespace
+
+    envs = [Env(impl, capacity=512) for _ in range(n)]
+    return envs, [SimpleNamespace(engine=e.engine, lock=threading.Lock()) for e in envs]
+
+
+def _daemon(kind, ws, syncid=5):
+    from pylvs.sync import daemon as sd
+
+    engines = sd._Engines(lambda: ws, lambda: np.zeros(0, dtype=tables.SERVICE_DTYPE))
+    cfg = sd.SyncConfig.from_request({"state": kind.__name__.lower(), "mcast_ifn": "lo",
+                                      "syncid": syncid})
+    return kind(cfg, engines, 1, None, 1500)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n", [1, 2])
+def test_backup_daemon_puts_each_conn_in_its_client_s_worker_engine(impl, n):
+    from pylvs.sync import daemon as sd
+
+    _envs, ws = _workers(impl, n)
+    b = _daemon(sd.Backup, ws)
+    clients = [0x0A000000 + 977 * i for i in range(60)]
+    recs = np.zeros(len(clients), dtype=SYNC_DTYPE)
+    recs["proto"], recs["state"], recs["flags"] = tables.PROTO_TCP, 1, tables.FWD_MASQ
+    recs["caddr"], recs["cport"] = clients, 40000
+    recs["vaddr"], recs["vport"] = ip(VIP), 80
+    recs["daddr"], recs["dport"] = ip(RIP), 8080
+    recs["timeout"] = 900
+    for m in wire.encode(recs, 5):
+        b.receive(m, now=1.0)
+    want = sd.worker_of(recs["caddr"], np.zeros(0, dtype=tables.SERVICE_DTYPE), n)
+    for i, w in enumerate(ws):
+        got = sorted(c[1] for c in w.engine.conns())
+        assert got == sorted(recs["caddr"][want == i].tolist())
+    assert b.stats["installed"] == len(clients)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_master_daemon_drains_every_worker_engine(impl):
+    from pylvs.sync import daemon as sd
+
+    envs, ws = _workers(impl, 2)
+    m = _daemon(sd.Master, ws)
+    for w in ws:
+        w.engine.set_sync_master(True)
+    sent = []
+    for i, env in enumerate(envs):   # each worker's own conns, three client packets each
+        for k in range(3):
+            sport = 30000 + 10 * i + k
+            c = dict(src=CIP, dst=VIP, sport=sport, dport=82)   # svc 3: DR, client side only
+            for f in (tcp(flags="S", seq=1, **c), tcp(flags="A", seq=2, ack=10, **c),
+                      tcp(flags="PA", seq=2, ack=10, payload=b"x", **c)):
+                env.send(v(f), now=1.0)
+            sent.append(sport)
+    msgs = m.drain(now=1.0) + m.drain(now=3.5)   # the partial message after 2 s
+    got = np.concatenate([wire.decode(x, 5) for x in msgs])
+    assert sorted(got["cport"].tolist()) == sorted(sent)
+    assert set(got["daddr"].tolist()) == {ip(RIP2)}
