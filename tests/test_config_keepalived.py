@@ -846,6 +846,37 @@ def test_daemon_reload_keeps_the_old_config_when_the_new_file_is_broken(tmp_path
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("blank", ["", "\n  \n", "! keepalived.conf\n# all gone\n"],
+                         ids=["empty", "blank lines", "only comments"])
+def test_reload_of_a_file_emptied_keeps_every_service(tmp_path, blank):
+    """A file cut to nothing (a full disk, `>` for `>>`) would read as -S
+    rules naming no service and delete them all, established conns
+    included: refused; a file that says "no services" still removes them."""
+    path = write(tmp_path, "keepalived.conf", BASE)
+    b = balancer()
+    d = daemon_for(path, b)
+
+    async def run():
+        await d._apply_config()
+        before = saved(b)
+        write(tmp_path, "keepalived.conf", blank)
+        with pytest.raises(BalancerError, match=rf"^{path}: no configuration in it \(empty, or "
+                                                r"only comments\): it would remove every "
+                                                r"service; .*the running configuration is kept$"):
+            await d.reload()
+        assert saved(b) == before and d._config.loaded.kind == "keepalived"
+        write(tmp_path, "keepalived.conf", "global_defs { }\n")
+        r = await d.reload()
+        assert r["operations"] == {"del_service": 2} and saved(b) == ""
+        # Nothing left to lose: an empty file reloads, and a new one applies.
+        write(tmp_path, "keepalived.conf", blank)
+        assert (await d.reload())["operations"] == {}
+        write(tmp_path, "keepalived.conf", BASE)
+        assert (await d.reload())["operations"] == {"add_service": 2, "add_dest": 3}
+        assert saved(b) == before
+    asyncio.run(run())
+
+
 def test_start_refuses_a_broken_file(tmp_path):
     path = write(tmp_path, "keepalived.conf", "virtual_server 10.0.0.1 80 {\n bad\n}\n")
     with pytest.raises(SystemExit, match=rf"^pylvs run: -c {path}:2: unknown keyword 'bad'"):

@@ -78,7 +78,9 @@ class Loaded:
     start; ``refused``: file:line messages for what the file says and pylvs
     cannot do (fwmark and SCTP services), the rest applies;
     ``virtual_servers``: the keepalived virtual servers applied (for the
-    health checks); ``warnings``: the parser's."""
+    health checks); ``warnings``: the parser's; ``blank``: the file has no
+    word at all (empty, or only comments), which a reload refuses while
+    services run (``ConfigFile.reload``)."""
 
     path: str
     kind: str
@@ -89,6 +91,7 @@ class Loaded:
     virtual_servers: tuple[VirtualServer, ...] = ()
     refused: list[str] = field(default_factory=list)
     warnings: tuple[str, ...] = ()
+    blank: bool = False
 
 
 def load(path: str) -> Loaded:
@@ -99,6 +102,9 @@ def load(path: str) -> Loaded:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(None, f"{path}: not a text file ({e})") from None
+    if keepalived.first_word(text) is None:
+        # Either format's comments (keepalived's `!` too), nothing else.
+        return Loaded(path, "rules", {}, blank=True)
     if keepalived.looks_like_keepalived(text):
         return from_keepalived(keepalived.parse_file(path), path)
     from ..cli import adm
@@ -383,6 +389,14 @@ class ConfigFile:
         async with self._lock:
             try:
                 loaded = await asyncio.get_running_loop().run_in_executor(None, load, self.path)
+                if loaded.blank and self._state:
+                    # Most likely a write cut short (a full disk, `>` for
+                    # `>>`, an editor's crash): never a reason to delete
+                    # every service. A file that means "none" says so.
+                    raise ConfigError(None, f"{self.path}: no configuration in it (empty, or "
+                                            "only comments): it would remove every service; "
+                                            "to remove them all, leave a keyword in the file "
+                                            "(a keepalived.conf of `global_defs { }` alone)")
             except ConfigError as e:
                 log.error("reload: %s; the running configuration is kept", e)
                 raise ConfigError(e.where, f"{e.msg}; the running configuration is kept") \

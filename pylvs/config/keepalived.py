@@ -1042,13 +1042,19 @@ def _finish(reader: _Reader) -> KeepalivedConfig:
                             warnings=tuple(warnings), files=tuple(reader.files))
 
 
+def first_word(text: str) -> str | None:
+    """The first word of a ``pylvs run -c`` file, blank lines and ``#``/``!``
+    comments skipped; None when it has none (empty, or only comments)."""
+    for line in text.splitlines():
+        toks = line.split()
+        if toks and toks[0][0] not in "#!":
+            return toks[0]
+    return None
+
+
 def looks_like_keepalived(text: str) -> bool:
     """True when a ``pylvs run -c`` file is a keepalived.conf rather than
     ``pylvs adm -S`` rules: its first word (comments and blank lines
     skipped) is neither an ipvsadm option (``-A``...) nor ``ipvsadm``."""
-    for line in text.splitlines():
-        toks = line.split()
-        if not toks or toks[0][0] in "#!":
-            continue
-        return not (toks[0].startswith("-") or toks[0] in ("ipvsadm", "pylvs-adm"))
-    return False
+    word = first_word(text)
+    return word is not None and not (word.startswith("-") or word in ("ipvsadm", "pylvs-adm"))
