@@ -347,11 +347,71 @@ def test_includes_with_globs_braces_and_relative_paths(tmp_path):
     assert [w.split(": ", 2)[1] for w in cfg.warnings[1:]] == ["virtual_server"] * 3  # no protocol
 
 
+# As an operator's lb01 has it: the protocol in lower case (keepalived 2.2
+# compares it with strcasecmp), quoted values, a group with a range.
+LB01 = """\
+global_defs {
+   notification_email {
+     "noc team <noc@example.com>"
+   }
+   router_id LVS_DEVEL
+}
+vrrp_instance VI_1 {
+    state MASTER
+    interface eth0
+    virtual_router_id 51
+    virtual_ipaddress {
+        10.0.0.100/24 dev eth0 label eth0:vip
+    }
+}
+virtual_server_group WEB {
+    10.0.0.100 80
+    10.0.0.101-102 80     # spare VIPs
+}
+virtual_server group WEB {
+    lb_algo wrr
+    lb_kind NAT
+    protocol tcp
+    real_server 10.0.1.11 80 {
+        weight "3"
+        HTTP_GET {
+            url {
+              path "/health"
+              status_code 200
+            }
+            connect_timeout 3
+        }
+    }
+}
+virtual_server "10.0.0.100" 53 {
+    protocol Udp
+    real_server 10.0.1.11 53 {
+    }
+}
+"""
+
+
+def test_an_operator_s_configuration_moves_over(tmp_path):
+    loaded = config_apply.from_keepalived(parse(tmp_path, LB01))
+    b = balancer()
+    assert apply_all(b, loaded) == []
+    assert saved(b) == "".join(
+        f"-A -t 10.0.0.{n}:80 -s wrr\n-a -t 10.0.0.{n}:80 -r 10.0.1.11:80 -m -w 3\n"
+        for n in (100, 101, 102)) + ("-A -u 10.0.0.100:53 -s wlc\n"
+                                     "-a -u 10.0.0.100:53 -r 10.0.1.11:53 -m -w 1\n")
+    # What keepalived itself does not take, pylvs refuses (keepalived logs
+    # it and runs the service with NAT and wlc instead).
+    for good, bad, line in (("lb_kind NAT", "lb_kind dr", 21), ("lb_algo wrr", "lb_algo WRR", 20)):
+        with pytest.raises(ka.ConfigError, match=rf":{line}: {bad.split()[0]}: .*'{bad.split()[1]}'"):
+            parse(tmp_path, LB01.replace(good, bad))
+
+
 KEEPALIVED = "/usr/sbin/keepalived"
 
 
 @pytest.mark.skipif(not os.path.exists(KEEPALIVED), reason="keepalived not installed (make)")
-@pytest.mark.parametrize("name", ["REFERENCE", "DR_PERSIST", "TUN_MIXED", "SHARED", "BASE"])
+@pytest.mark.parametrize("name", ["REFERENCE", "DR_PERSIST", "TUN_MIXED", "SHARED", "BASE",
+                                  "LB01"])
 def test_the_sample_configurations_are_keepalived_s_own(tmp_path, name):
     """keepalived 2.2.7 itself (`keepalived -t`) reads each sample without
     a config error: they are configurations an operator has, not ones

@@ -790,7 +790,8 @@ class _Builder:
         elif n == "sorry_server_lvs_method":
             v["sorry_method"] = _method(c)
         elif n == "protocol":
-            p = c.args[0].text
+            # Any case, as keepalived 2.2 compares it (strcasecmp, check_parser.c).
+            p = c.args[0].text.upper()
             if p not in ("TCP", "UDP", "SCTP"):
                 raise ConfigError(c.args[0].where, f"protocol: {p!r} is not TCP, UDP or SCTP")
             v["protocol"] = p
