@@ -26,7 +26,7 @@ dests present in both with the same attributes get no operation at all
 (their conns, counters and scheduler state stay), a changed one gets an
 ``edit_service``/``edit_dest`` (-E/-e, every attribute given, as ipvsadm
 sends them), a removed one ``del_service``/``del_dest`` (-D/-d: its conns
-drain as with ipvsadm), a new one ``add_*``. The old state is what the
+end as IPVS ends them, docs/config.md), a new one ``add_*``. The old state is what the
 last load applied (``settle``): services or dests added by hand with
 ``pylvs adm`` are never touched by a reload, as keepalived leaves alone
 what it did not configure.
