@@ -855,6 +855,26 @@ def test_load_errors_name_file_and_line(tmp_path):
         config_apply.load(str(bin_))
 
 
+def test_latin_1_comments_of_an_older_file_are_read(tmp_path):
+    """keepalived reads bytes: a comment in Latin-1 (an older file's `é`)
+    is no error there, nor here, in either format; such a byte in a word
+    is refused naming its line."""
+    conf = tmp_path / "keepalived.conf"
+    conf.write_bytes(b"# r\xe9partiteur (\xe9quipe r\xe9seau)\nvirtual_server 10.0.0.1 80 {\n"
+                     b"    protocol TCP\n    real_server 10.1.0.1 80 { weight 2 }  ! n\xb01\n}\n")
+    rules = tmp_path / "rules"
+    rules.write_bytes(b"# sauvegard\xe9\n-A -t 10.0.0.1:80 -s wlc\n"
+                      b"-a -t 10.0.0.1:80 -r 10.1.0.1:80 -m -w 2  # n\xb01\n")
+    b1, b2 = balancer(), balancer()
+    assert apply_all(b1, config_apply.load(str(conf))) == []
+    b2.apply_many([op for _no, op in config_apply.load(str(rules)).rules])
+    assert saved(b1) == saved(b2) == ("-A -t 10.0.0.1:80 -s wlc\n"
+                                      "-a -t 10.0.0.1:80 -r 10.1.0.1:80 -m -w 2\n")
+    conf.write_bytes(conf.read_bytes().replace(b"weight 2 }", b'weight 2 virtualhost "\xe9" }'))
+    with pytest.raises(ka.ConfigError, match=rf"^{conf}:4: not UTF-8 text \(outside a comment\)$"):
+        config_apply.load(str(conf))
+
+
 # --- the daemon's reload (SIGHUP and `pylvs reload`) ---------------------------
 
 class FakeHealth:

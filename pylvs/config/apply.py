@@ -98,10 +98,9 @@ def load(path: str) -> Loaded:
     """Read and parse ``path`` (either format). Raises ConfigError whose
     text names the file and line."""
     data = keepalived.read_limited(path)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(None, f"{path}: not a text file ({e})") from None
+    # Undecodable bytes stay (surrogates): the parsers name the line when
+    # one is in a word rather than in a comment.
+    text = data.decode("utf-8", "surrogateescape")
     if keepalived.first_word(text) is None:
         # Either format's comments (keepalived's `!` too), nothing else.
         return Loaded(path, "rules", {}, blank=True)

@@ -109,6 +109,9 @@ def _logical_lines(text: str):
         yield start, pending
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")   # bytes not UTF-8, kept by surrogateescape
+
+
 def _line_tokens(line: str, where: Where, budget: int) -> list[Token]:
     out: list[Token] = []
     for m in _TOKEN.finditer(line):
@@ -123,6 +126,8 @@ def _line_tokens(line: str, where: Where, budget: int) -> list[Token]:
             out.append(Token(_ESC.sub(r"\1", q), where, quoted=True, bol=not out))
         else:
             out.append(Token(brace or word, where, bol=not out))
+    if _NOT_UTF8.search(line) is not None and any(_NOT_UTF8.search(t.text) for t in out):
+        raise ConfigError(where, "not UTF-8 text (outside a comment)")
     return out
 
 
@@ -205,14 +210,13 @@ class _Reader:
         if self.total > MAX_TOTAL_BYTES:
             raise ConfigError(where, f"the files together are larger than {MAX_TOTAL_BYTES} bytes")
         self.files.append(path)
-        for no, raw in enumerate(data.split(b"\n"), 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ConfigError(Where(path, no), "not UTF-8 text") from None
-            if b"\0" in raw:
-                raise ConfigError(Where(path, no), "a NUL byte: not a text file")
-        self.lines(data.decode("utf-8"), path, stack + (real,))
+        if b"\0" in data:
+            no = data.count(b"\n", 0, data.index(b"\0")) + 1
+            raise ConfigError(Where(path, no), "a NUL byte: not a text file")
+        # Bytes that are not UTF-8 (a Latin-1 comment of an older file) are
+        # kept as surrogates: keepalived reads bytes, and only a word that
+        # holds them is refused (_line_tokens), naming its line.
+        self.lines(data.decode("utf-8", "surrogateescape"), path, stack + (real,))
 
     def lines(self, text: str, path: str, stack: tuple[str, ...]) -> None:
         for no, line in _logical_lines(text):
