@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -229,4 +230,43 @@ def test_weight_0_lets_conns_finish_removal_drops_them(director_lab, tmp_path):
                 p.communicate()
     assert [p.returncode for p in procs] == [0, 0], results
     assert all(o.read_bytes() == content(0, size) for o in outs)
+    assert lab.stop_director() == 0
+
+
+def test_sighup_during_start_is_neither_fatal_nor_lost(director_lab, tmp_path):
+    """A reload sent right after a start (a deploy's handler, `kill -HUP`)
+    arrives before the director's loop handles SIGHUP, whose default action
+    kills the process half set up: it is noted, and the file re-read once
+    the start's configuration is in."""
+    lab = director_lab(servers=2, start=False)
+    rs1, rs2 = lab.rips
+    path = tmp_path / "keepalived.conf"
+    path.write_text(conf(lab, 1))
+    sent = threading.Event()
+
+    def hup_once_read() -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            p = lab.procs.get("director")
+            if p is not None and "global_defs: ignored" in lab.director_log():
+                if " ready: " not in lab.director_log():
+                    path.write_text(conf(lab, 4))
+                    p.send_signal(signal.SIGHUP)
+                    sent.set()
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=hup_once_read)
+    t.start()
+    try:
+        lab.start_director("-c", str(path))
+    finally:
+        t.join()
+    assert sent.is_set(), "the file was read only after the director was ready"
+    text = wait_log(lab, "reloaded ", 1)
+    assert "reloaded " in text and "1 edit_dest" in text, text[-2000:]
+    assert lab.procs["director"].poll() is None
+    assert f"-a -t {lab.vip}:80 -r {rs2}:80 -m -w 4" in rules(lab)
+    assert lab.wait_resolved([rs1, rs2])
+    assert {lab.curl("/whoami").stdout.strip() for _ in range(4)} == {"rs1", "rs2"}
     assert lab.stop_director() == 0
