@@ -355,6 +355,7 @@ global_defs {
      "noc team <noc@example.com>"
    }
    router_id LVS_DEVEL
+   lvs_timeouts tcp 7200 udp 300
 }
 vrrp_instance VI_1 {
     state MASTER
@@ -393,16 +394,33 @@ virtual_server "10.0.0.100" 53 {
 
 def test_an_operator_s_configuration_moves_over(tmp_path):
     loaded = config_apply.from_keepalived(parse(tmp_path, LB01))
+    assert loaded.warnings[0] == (f"{tmp_path}/keepalived.conf:1: global_defs: ignored but for "
+                                  "lvs_timeouts (pylvs does not run it)")
     b = balancer()
+    before = b.timeouts()
     assert apply_all(b, loaded) == []
+    # global_defs' lvs_timeouts are LVS configuration: applied as ipvsadm
+    # --set 7200 0 300 (0: unchanged).
+    assert b.timeouts() == {**before, "tcp": 7200, "udp": 300}
+    # A reload that changes them sends them alone; one that drops them
+    # leaves the director's as they are (keepalived sets, never resets).
+    new = config_apply.from_keepalived(parse(tmp_path, LB01.replace("udp 300", "udp 60")))
+    sent, errs = reload_into(b, loaded, new)
+    assert errs == [] and sent == [{"op": "set_timeouts", "tcp": 7200, "tcpfin": 0, "udp": 60}]
+    gone = config_apply.from_keepalived(parse(tmp_path, LB01.replace("lvs_timeouts", "! ")))
+    assert reload_into(b, new, gone) == ([], [])
+    assert b.timeouts() == {**before, "tcp": 7200, "udp": 60}
     assert saved(b) == "".join(
         f"-A -t 10.0.0.{n}:80 -s wrr\n-a -t 10.0.0.{n}:80 -r 10.0.1.11:80 -m -w 3\n"
         for n in (100, 101, 102)) + ("-A -u 10.0.0.100:53 -s wlc\n"
                                      "-a -u 10.0.0.100:53 -r 10.0.1.11:53 -m -w 1\n")
     # What keepalived itself does not take, pylvs refuses (keepalived logs
     # it and runs the service with NAT and wlc instead).
-    for good, bad, line in (("lb_kind NAT", "lb_kind dr", 21), ("lb_algo wrr", "lb_algo WRR", 20)):
-        with pytest.raises(ka.ConfigError, match=rf":{line}: {bad.split()[0]}: .*'{bad.split()[1]}'"):
+    for good, bad, line in (("lb_kind NAT", "lb_kind dr", 22), ("lb_algo wrr", "lb_algo WRR", 21),
+                            ("tcp 7200", "tcp 7200 sctp 5", 6), ("udp 300", "udp", 6)):
+        with pytest.raises(ka.ConfigError, match=rf":{line}: (lb_kind: .*'dr'|lb_algo: .*'WRR'"
+                                                 r"|lvs_timeouts: unknown option 'sctp'"
+                                                 r"|lvs_timeouts: udp takes a number)"):
             parse(tmp_path, LB01.replace(good, bad))
 
 

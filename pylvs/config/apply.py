@@ -150,8 +150,8 @@ def from_keepalived(cfg: KeepalivedConfig, path: str = "") -> Loaded:
             svc.dest_where[rs.addr, dport] = rwhere
         services[key] = svc
         applied.append(vs)
-    return Loaded(path, "keepalived", services, config=cfg, virtual_servers=tuple(applied),
-                  refused=refused, warnings=cfg.warnings)
+    return Loaded(path, "keepalived", services, cfg.lvs_timeouts, config=cfg,
+                  virtual_servers=tuple(applied), refused=refused, warnings=cfg.warnings)
 
 
 def _svc_key(op: dict) -> SvcKey:
@@ -368,12 +368,12 @@ class ConfigFile:
             self._state, self._timeouts = from_rules(
                 [(no, op) for no, op in rules if no not in bad], loaded.path)
             return
-        ops = full_ops(loaded.services)
+        ops = full_ops(loaded.services, loaded.timeouts)
         results = await apply_ops([op for op, _w in ops])
         errs = errors(ops, results)
         for e in errs:
             log.error("%s", e)
-        self._state = settle(loaded.services, ops, results)
+        self._state, self._timeouts = settle(loaded.services, ops, results), loaded.timeouts
         log.info("applied %s: %d virtual server(s), %d operation(s) refused", loaded.path,
                  len(loaded.services), len(errs))
 

@@ -497,6 +497,28 @@ def _int(tok: Token, lo: int, hi: int, what: str) -> int:
     return int(s)
 
 
+def _lvs_timeouts(st: Stmt) -> tuple[int, int, int]:
+    """global_defs' ``lvs_timeouts [tcp N] [tcpfin N] [udp N]``: (tcp,
+    tcpfin, udp) seconds, 0 for one not given (unchanged, as ipvsadm
+    --set takes 0); keepalived's range, 0..MAX_PERSISTENCE (its
+    LVS_MAX_TIMEOUT); another word is an error, as keepalived -t says."""
+    if st.children is not None:
+        raise ConfigError(st.where, "lvs_timeouts takes no block")
+    got = {"tcp": 0, "tcpfin": 0, "udp": 0}
+    args = st.args
+    if not args:
+        raise ConfigError(st.where, "lvs_timeouts: tcp N, tcpfin N or udp N expected")
+    for i in range(0, len(args), 2):
+        name = args[i].text
+        if name not in got:
+            raise ConfigError(args[i].where, f"lvs_timeouts: unknown option {name!r} "
+                                             "(tcp, tcpfin or udp)")
+        if i + 1 >= len(args):
+            raise ConfigError(args[i].where, f"lvs_timeouts: {name} takes a number of seconds")
+        got[name] = _int(args[i + 1], 0, MAX_PERSISTENCE, f"lvs_timeouts {name}")
+    return got["tcp"], got["tcpfin"], got["udp"]
+
+
 def _timer(tok: Token, what: str, positive: bool = False) -> float:
     s = tok.text
     v = float(s) if re.fullmatch(r"[0-9]{1,12}(\.[0-9]{0,9})?|\.[0-9]{1,9}", s) else math.nan
@@ -634,12 +656,19 @@ class _Builder:
     def top(self, stmts: list[Stmt]) -> KeepalivedConfig:
         groups: dict[str, list[tuple[str | None, int, int, Where]]] = {}
         vrrp: list[str] = []
+        timeouts = None
         for st in stmts:
             if st.name == "virtual_server_group":
                 name = st.args[0].text
                 if name in groups:
                     raise ConfigError(st.where, f"virtual_server_group {name} defined twice")
                 groups[name] = self.group(st)
+            elif st.name == "global_defs" and any(c.name == "lvs_timeouts"
+                                                  for c in st.children or ()):
+                for c in st.children or ():
+                    if c.name == "lvs_timeouts":
+                        timeouts = _lvs_timeouts(c)
+                self.warn(st, f"ignored but for lvs_timeouts ({_NOT_RUN})")
             elif st.name != "virtual_server":
                 if st.name == "vrrp_instance":
                     vrrp.append(st.args[0].text)
@@ -655,7 +684,8 @@ class _Builder:
                                                 f"at {seen[vs.key]}")
                 seen[vs.key] = st.where
                 vss.append(vs)
-        return KeepalivedConfig(virtual_servers=tuple(vss), vrrp_instances=tuple(vrrp))
+        return KeepalivedConfig(virtual_servers=tuple(vss), vrrp_instances=tuple(vrrp),
+                                lvs_timeouts=timeouts)
 
     def group(self, st: Stmt) -> list[tuple[str | None, int, int, Where]]:
         """(vaddr, vport, fwmark, where) of each member."""
@@ -1044,7 +1074,8 @@ def _finish(reader: _Reader) -> KeepalivedConfig:
     cfg = _Builder(warnings).top(stmts)
     return KeepalivedConfig(virtual_servers=cfg.virtual_servers,
                             vrrp_instances=cfg.vrrp_instances,
-                            warnings=tuple(warnings), files=tuple(reader.files))
+                            warnings=tuple(warnings), files=tuple(reader.files),
+                            lvs_timeouts=cfg.lvs_timeouts)
 
 
 def first_word(text: str) -> str | None:
