@@ -665,6 +665,8 @@ class Daemon:
         try:
             self.balancer.republish()  # the engine starts with (empty) tables
             await self._apply_config()
+            if getattr(self, "_hup_pending", False):
+                self._sighup()
             if self.on_start is not None:
                 r = self.on_start(self.balancer)
                 if inspect.isawaitable(r):
@@ -765,6 +767,24 @@ class Daemon:
 
     def run(self) -> int:
         self._loop = None
+        # A SIGHUP before the loop handles it (a reload sent right after a
+        # start) neither kills the director half set up nor is lost: the
+        # file is re-read once the start's configuration is in (_main).
+        # The same after the loop (closing, it gives SIGHUP its default
+        # action back): a reload sent while stopping must not cut the
+        # steering's removal short.
+        self._hup_pending = False
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread:
+            prev_hup = signal.signal(signal.SIGHUP,
+                                     lambda *_: setattr(self, "_hup_pending", True))
+        try:
+            return self._run()
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGHUP, prev_hup)
+
+    def _run(self) -> int:
         self._read_config()
         raise_nofile_limit()
         self._claim_netns()
@@ -787,6 +807,8 @@ class Daemon:
                 runner = asyncio.run
             return runner(self._main())
         finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
             self._shutdown()
 
     def _shutdown(self) -> None:
