@@ -1,5 +1,6 @@
 """The `pylvs` command: `run` (the director), `adm` (ipvsadm), `lab` (namespaces),
-`realserver` (the real-server side), `check` (set-up errors)."""
+`realserver` (the real-server side), `check` (set-up errors), `status`
+(health checks)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ COMMANDS = {
     "lab": ("pylvs.cli.lab", "network-namespace labs"),
     "realserver": ("pylvs.realserver.cli", "the real-server side: setup/status/teardown/run"),
     "check": ("pylvs.cli.check", "check a running director's set-up against the network"),
+    "status": ("pylvs.cli.status", "a running director's health checks"),
 }
 
 USAGE = f"usage: pylvs {{{','.join(COMMANDS)}}} [args...]\n\n" + "".join(

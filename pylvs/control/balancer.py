@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import logging
 import threading
@@ -377,7 +378,8 @@ class SchedDestView:
 
 class Dest:
     __slots__ = ("slot", "daddr", "dport", "fwd", "weight", "u_threshold", "l_threshold",
-                 "tun_type", "tun_port", "tun_flags", "replies_pending", "last_weight")
+                 "tun_type", "tun_port", "tun_flags", "replies_pending", "last_weight",
+                 "health_down", "inhibit", "health_weight", "sorry")
 
     def __init__(self, slot: int, daddr: int, dport: int, fwd: int, weight: int,
                  u_threshold: int, l_threshold: int, tun: tuple[int, int, int] = (0, 0, 0)):
@@ -394,6 +396,27 @@ class Dest:
         # -e moved it off a method whose replies come through the director
         # while its old conns may live on (they keep their method).
         self.replies_pending = False
+        # The health overlay (set_dest_health): kept apart from ``weight``,
+        # which stays what the operator set (-S saves it).
+        self.health_down = False
+        self.inhibit = False
+        self.health_weight: int | None = None
+        self.sorry = False      # added by the health checks, not the operator
+
+    @property
+    def forwarding(self) -> bool:
+        """In the tables the engines forward with: a dest whose health is
+        down is out of them (keepalived's removal), unless inhibited."""
+        return not self.health_down or self.inhibit
+
+    @property
+    def active_weight(self) -> int:
+        """The weight the schedulers use (what `-L` shows): 0 while down
+        with inhibit_on_failure, misc_dynamic's weight while it gives one,
+        else the operator's."""
+        if self.health_down:
+            return 0
+        return self.weight if self.health_weight is None else self.health_weight
 
 
 class Service:
@@ -736,7 +759,14 @@ class Balancer:
         da, dp, f, w, ut, lt, tun = self._dest_args(svc, daddr, dport, fwd, weight,
                                                     u_threshold, l_threshold,
                                                     tun_type, tun_port, tun_flags)
-        if (da, dp) in svc.dests:
+        old = svc.dests.get((da, dp))
+        if old is not None and old.sorry:
+            # The operator adds what the health checks had put in as the
+            # sorry server: it becomes the operator's dest.
+            old.sorry = False
+            return self.edit_dest(proto, vaddr, vport, daddr, dport, fwd, weight, u_threshold,
+                                  l_threshold, tun_type, tun_port, tun_flags)
+        if old is not None:
             raise BalancerError(E_DEST_EXISTS)
         slot = self._alloc_dest_slot((svc.key, da, dp))
         d = svc.dests[(da, dp)] = Dest(slot, da, dp, f, w, ut, lt, tun)
@@ -761,7 +791,7 @@ class Balancer:
         da = _addr(daddr, "real server address")
         dp = svc.vport if dport is None else _port(dport, "real server port")
         d = svc.dests.get((da, dp))
-        if d is None:
+        if d is None or d.sorry:
             raise BalancerError(E_NO_DEST)
         new_fwd = d.fwd if fwd is None else fwd
         if tun_type is None and tun_port is None and tun_flags is None and (
@@ -795,12 +825,107 @@ class Balancer:
         svc = self._get_svc(proto, vaddr, vport, E_SVC_UNDEF)
         da = _addr(daddr, "real server address")
         dp = svc.vport if dport is None else _port(dport, "real server port")
-        d = svc.dests.pop((da, dp), None)
-        if d is None:
+        d = svc.dests.get((da, dp))
+        if d is None or d.sorry:
             raise BalancerError(E_NO_DEST)
+        del svc.dests[(da, dp)]
         self._release_dest(svc, d)
         self._refresh_sched(svc)
         self._changed()
+
+    # --- the health overlay (pylvs.health) -----------------------------------
+
+    @contextlib.contextmanager
+    def held(self):
+        """Changes made inside go out in one publish at the end (as a
+        batch): the health checks' say about several dests at once (quorum
+        lost: every real server out, the sorry server in) is one change
+        for the data path. Nested: the outermost one publishes."""
+        self._batching += 1
+        try:
+            yield self
+        finally:
+            self._batching -= 1
+            if not self._batching:
+                self.flush()
+
+    def set_dest_health(self, proto: Any, vaddr: Any, vport: Any, daddr: Any, dport: Any,
+                        up: bool, inhibit: bool = False, weight: int | None = None) -> bool:
+        """What the health checks say of a dest, kept apart from the
+        operator's weight. ``up`` False: out of the tables as after ``-d``
+        (keepalived removes a failed real server; its conns drain as the
+        kernel's do for a deleted dest), or, with ``inhibit``
+        (inhibit_on_failure), kept with weight 0. ``weight``: misc_dynamic's
+        weight (0..65535) while up; None: the operator's. Returns whether
+        anything changed; raises BalancerError for an unknown dest (the
+        operator may have deleted it) or a bad weight."""
+        svc = self._get_svc(proto, vaddr, vport, E_SVC_UNDEF)
+        da = _addr(daddr, "real server address")
+        dp = svc.vport if dport is None else _port(dport, "real server port")
+        d = svc.dests.get((da, dp))
+        if d is None or d.sorry:
+            raise BalancerError(E_NO_DEST)
+        if weight is not None:
+            weight = _int_in(weight, 0, MAX_WEIGHT, E_WEIGHT)
+        return self._set_health(svc, d, not up, bool(inhibit), weight)
+
+    def _set_health(self, svc: Service, d: Dest, down: bool, inhibit: bool,
+                    weight: int | None) -> bool:
+        new = (down, inhibit, weight)
+        if (d.health_down, d.inhibit, d.health_weight) == new:
+            return False
+        was = (d.forwarding, d.active_weight)
+        d.health_down, d.inhibit, d.health_weight = new
+        if was == (d.forwarding, d.active_weight):
+            return True
+        if d.active_weight:
+            d.last_weight = d.active_weight   # what mh keeps for a quiesced dest
+        self._dirty_dest.add(d.slot)
+        if not d.forwarding or not d.active_weight:
+            # Out of the schedulers before the tables drop it, as del_dest.
+            self._refresh_sched(svc)
+            self._changed()
+        else:
+            self._changed()
+            self._refresh_sched(svc)
+        return True
+
+    def set_sorry_server(self, proto: Any, vaddr: Any, vport: Any, daddr: Any, dport: Any,
+                         fwd: Any = "masq", state: str = "off") -> bool:
+        """keepalived's ``sorry_server`` of a service: ``state`` "on" (quorum
+        lost: a dest of weight 1), "inhibit" (sorry_server_inhibit while
+        quorum holds: a dest of weight 0) or "off" (removed; its conns
+        drain as after ``-d``). The dest is the health checks', not the
+        operator's: ``-L`` lists it, ``-S`` does not save it, ``-e``/``-d``
+        do not find it, ``-a`` of the same address takes it over. A real
+        server of the operator at that address is left alone. Returns
+        whether the tables changed."""
+        if state not in ("on", "inhibit", "off"):
+            raise BalancerError(f"sorry server state {quoted(state)} (on, inhibit or off)")
+        svc = self._get_svc(proto, vaddr, vport, E_SVC_UNDEF)
+        da = _addr(daddr, "real server address")
+        dp = svc.vport if dport is None else _port(dport, "real server port")
+        d = svc.dests.get((da, dp))
+        if d is not None and not d.sorry:
+            return False
+        if state == "off":
+            if d is None:
+                return False
+            del svc.dests[(da, dp)]
+            self._release_dest(svc, d)
+            self._refresh_sched(svc)
+            self._changed()
+            return True
+        if d is not None:
+            return self._set_health(svc, d, state == "inhibit", True, None)
+        # Added and set in one publish: an inhibited sorry server never
+        # forwards with weight 1 in between.
+        with self.held():
+            self.add_dest(proto, vaddr, vport, daddr, dp, fwd, 1)
+            d = svc.dests[(da, dp)]
+            d.sorry = True
+            self._set_health(svc, d, state == "inhibit", True, None)
+        return True
 
     # --- slots --------------------------------------------------------------
 
@@ -891,10 +1016,10 @@ class Balancer:
             self._sched_dirty[svc.slot] = svc
             return
         # Newest first, as the kernel's list (svc.dests is oldest first).
-        views = tuple(SchedDestView(d.slot, d.weight, d.daddr, self._dport(svc, d),
+        views = tuple(SchedDestView(d.slot, d.active_weight, d.daddr, self._dport(svc, d),
                                     d.u_threshold, d.l_threshold, d.dport, d.last_weight)
                       for d in reversed(svc.dests.values())
-                      if only is None or only(d.slot))
+                      if d.forwarding and (only is None or only(d.slot)))
         with self._sched_lock:
             sched = svc.scheduler
             sched.configure(self._sysctls)
@@ -958,6 +1083,16 @@ class Balancer:
                 row["fwd"], row["flags"] = fwd, DEST_F_REPLIES
             return
         svc, d = ent
+        if not d.forwarding:
+            # Out of the tables as after -d (its conns' packets are dropped,
+            # or expired with expire_nodest_conn), its slot kept for its
+            # return; a NAT dest's replies still come through us.
+            dests[slot] = _ZERO_DEST
+            if forward.by_fwd(d.fwd).replies_via_director or d.replies_pending:
+                row = dests[slot]
+                row["daddr"], row["dport"], row["svc"] = d.daddr, self._dport(svc, d), svc.slot
+                row["fwd"], row["flags"] = d.fwd, DEST_F_REPLIES
+            return
         flags, out_port, dmac, smac = DEST_F_USED, 0, _NO_MAC, _NO_MAC
         ans = resolve(d.daddr) if resolve is not None else None
         if ans is not None:
@@ -967,7 +1102,7 @@ class Balancer:
             flags |= DEST_F_NO_ROUTE
         if d.replies_pending:
             flags |= DEST_F_REPLIES
-        dests[slot] = (d.daddr, self._dport(svc, d), svc.slot, d.weight, d.fwd, flags,
+        dests[slot] = (d.daddr, self._dport(svc, d), svc.slot, d.active_weight, d.fwd, flags,
                        out_port, tuple(bytes(dmac)), tuple(bytes(smac)),
                        d.tun_type, d.tun_flags, d.tun_port)
 
@@ -1225,7 +1360,13 @@ class Balancer:
                     "fwd": m.key, "fwd_name": m.name,
                     "tun_type": tunnel.TUN_TYPE_NAMES[d.tun_type], "tun_port": d.tun_port,
                     "tun_flags": d.tun_flags,
-                    "weight": d.weight, "u_threshold": d.u_threshold,
+                    # "weight": what forwards (-L); "config_weight": what the
+                    # operator set (-S); "forwarding" False: out of the
+                    # tables (health down), listed by -S only.
+                    "weight": d.active_weight if d.forwarding else 0,
+                    "config_weight": d.weight, "forwarding": d.forwarding,
+                    "health": "down" if d.health_down else "up", "sorry": d.sorry,
+                    "u_threshold": d.u_threshold,
                     "l_threshold": d.l_threshold,
                     "activeconns": int(conns[d.slot, ACTIVE]),
                     "inactconns": int(conns[d.slot, INACTIVE]),
@@ -1316,7 +1457,14 @@ class Balancer:
         "stats": ("stats", ()),
         "sysctl": ("sysctl", ("name", "value")),
         "set_sysctls": ("set_sysctls", ("values",)),
+        "health": ("health", ()),
     }
+
+    def health(self) -> dict:
+        """``pylvs status``: the health checks' view. Without checks (no
+        keepalived.conf checkers) it is empty; `pylvs run` merges in its
+        HealthManager's status (docs/health.md)."""
+        return {"checks": [], "services": []}
 
     def apply(self, op: dict) -> Any:
         """Run one operation dict ``{"op": name, ...}``; raises BalancerError."""

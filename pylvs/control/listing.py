@@ -214,8 +214,11 @@ def _tun_rule(d: dict) -> str:
 
 def service_entry(svc: dict, fmt: str = DEFAULT, exact: bool = False,
                   nosort: bool = False) -> str:
+    """A service and the dests that forward (a dest the health checks took
+    out, ``"forwarding": false``, is not in the kernel's table either)."""
     lines = [_service_line(svc, fmt, exact)]
-    lines += [_dest_line(d, fmt, exact) for d in sorted_dests(svc["dests"], nosort)]
+    lines += [_dest_line(d, fmt, exact) for d in sorted_dests(svc["dests"], nosort)
+              if d.get("forwarding", True)]
     return "\n".join(lines) + "\n"
 
 
@@ -243,7 +246,8 @@ def find_service(snap: dict, proto: str, vaddr: str, vport: int, fwmark: int = 0
 
 
 def save(snap: dict, nosort: bool = False) -> str:
-    """``ipvsadm -S -n``: rules that ``-R`` restores."""
+    """``ipvsadm -S -n``: rules that ``-R`` restores: what the operator set
+    (weights as configured, dests the health checks took out included)."""
     out = []
     for svc in sorted_services(snap["services"], nosort):
         rule = service_rule(svc)
@@ -260,10 +264,13 @@ def save(snap: dict, nosort: bool = False) -> str:
             line += " -b %s" % ",".join(svc["flags"])
         out.append(line + "\n")
         for d in sorted_dests(svc["dests"], nosort):
+            if d.get("sorry"):
+                continue   # the health checks' sorry server, not a rule of the operator
             method = forward.by_name(d["fwd"])
             tun = _tun_rule(d) if method.fwd == tunnel.DESCRIPTOR.fwd else ""
             out.append("-a %s -r %s %s -w %d%s\n" % (
-                rule, addrport(d["daddr"], d["dport"]), method.flag, d["weight"], tun))
+                rule, addrport(d["daddr"], d["dport"]), method.flag,
+                d.get("config_weight", d["weight"]), tun))
     return "".join(out)
 
 

@@ -481,6 +481,11 @@ class Daemon:
                 "workers": workers, "tap": list(self.opts.tap),
                 "sync": self.sync.stats() if getattr(self, "sync", None) else {}}
 
+    async def _health_extra(self) -> dict:
+        """What `pylvs status` shows: the HealthManager's checks and
+        services (docs/health.md)."""
+        return {"checks": self.health.status(), "services": self.health.services()}
+
     def _call_in_loop(self, fn, *args) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -651,9 +656,14 @@ class Daemon:
         self._loop.add_signal_handler(signal.SIGHUP, self._sighup)
 
         path = self.opts.control or rpc.default_path()
+        # Health checks (pylvs.health): configured by a keepalived.conf's
+        # checkers (HealthManager.configure), shown by `pylvs status`.
+        from ..health.manager import HealthManager
+        self.health = HealthManager(self.balancer)
         self._sync_block()
         server = await rpc.start_server(path, self.balancer,
-                                        extras={"stats": self._stats_extra},
+                                        extras={"stats": self._stats_extra,
+                                                "health": self._health_extra},
                                         handlers={"reload": self.reload,
                                                   **self.sync.handlers()})
         for w in self.workers:
@@ -672,6 +682,7 @@ class Daemon:
                 if inspect.isawaitable(r):
                     await r
             await self._await_dests()
+            await self.health.start()
             await self._sync_start()
             pcap = getattr(self.backend, "pcap", None)
             log.info("ready: %d port(s) %s, engine %s, %d worker(s), control %s%s%s",
@@ -684,6 +695,7 @@ class Daemon:
             await self._stop_event.wait()
         finally:
             log.info("stopping")
+            await self.health.stop()
             await self.sync.close()
             watch.cancel()
             defense.cancel()

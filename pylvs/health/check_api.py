@@ -1,0 +1,65 @@
+"""What every checker shares: its result and its target.
+
+A checker is ``async def check(spec, addr, port) -> Result`` for one real
+server ``addr:port`` (dotted quad, host-order port) and one
+``pylvs.config.model.CheckSpec``. It never raises for what the network or
+the server does (refused, reset, silence, garbage): those are failed
+results whose ``text`` says what happened; it never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from dataclasses import dataclass
+
+from ..config.model import CheckSpec
+
+
+@dataclass(frozen=True)
+class Result:
+    """One probe's outcome. ``weight``: MISC_CHECK with misc_dynamic sets
+    the real server's weight (0..253); None leaves the configured one."""
+
+    ok: bool
+    text: str
+    weight: int | None = None
+
+
+def target(spec: CheckSpec, addr: str, port: int) -> tuple[str, int]:
+    """(connect_ip or the real server's address, connect_port or its port)."""
+    return (spec.connect_ip or addr,
+            spec.connect_port if spec.connect_port is not None else port)
+
+
+def os_error_text(e: BaseException) -> str:
+    """A short reason for a failed socket operation ("connection refused")."""
+    if isinstance(e, asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(e, OSError) and e.errno:
+        # asyncio's connect errors carry "Connect call failed (...)" as strerror.
+        return os.strerror(e.errno).lower()
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    return type(e).__name__
+
+
+async def open_tcp(spec: CheckSpec, host: str, port: int, ssl=None):
+    """A connected (reader, writer) within ``connect_timeout``, bound to
+    ``bindto`` when given; raises OSError or asyncio.TimeoutError."""
+    local = (spec.bindto, 0) if spec.bindto else None
+    return await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=ssl, local_addr=local,
+                                family=socket.AF_INET,
+                                server_hostname=(host if ssl else None)),
+        spec.connect_timeout)
+
+
+async def close_writer(writer) -> None:
+    """Close a stream without waiting on a peer that does not answer."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), 1.0)
+    except (OSError, asyncio.TimeoutError, Exception):
+        pass

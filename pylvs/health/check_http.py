@@ -1,0 +1,144 @@
+"""HTTP_GET and SSL_GET (keepalived's check_http.c / check_ssl.c).
+
+For each ``url``, in order: connect, send ``GET path HTTP/1.x`` with
+``Host:`` (the url's virtualhost, else the checker's, else the target
+address) and ``Connection: close``, read the whole response. The check
+passes when every url passes: the status code is one of ``status_code``
+(any 2xx when none is given), the body's MD5 is ``digest`` when given, and
+``regex`` is found in the body (not found, with ``regex_no_match``). Each
+connect and each read must finish within ``connect_timeout``; a response
+longer than MAX_RESPONSE bytes, a status line that is not HTTP, a reset or
+silence fail the check. SSL_GET does not verify the certificate (as
+keepalived without ``ca``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import ssl as ssl_mod
+
+from ..config.model import CheckSpec, UrlSpec
+from .check_api import Result, close_writer, open_tcp, os_error_text, target
+
+MAX_RESPONSE = 4 << 20   # bytes of one response (head and body) read at most
+_STATUS = re.compile(rb"HTTP/\d\.\d (\d{3})(?: |\r?$)")
+
+
+def _ssl_context() -> ssl_mod.SSLContext:
+    ctx = ssl_mod.SSLContext(ssl_mod.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl_mod.CERT_NONE
+    return ctx
+
+
+def request(spec: CheckSpec, url: UrlSpec, host: str, port: int) -> bytes:
+    vhost = url.virtualhost or spec.virtualhost or host
+    if port not in (80, 443) and not (url.virtualhost or spec.virtualhost):
+        vhost = f"{vhost}:{port}"
+    proto = "1.1" if spec.http_protocol == "1.1" else "1.0"
+    return (f"GET {url.path} HTTP/{proto}\r\nHost: {vhost}\r\n"
+            "User-Agent: pylvs-health\r\nConnection: close\r\n\r\n").encode("latin-1")
+
+
+def dechunk(body: bytes) -> bytes:
+    """A ``Transfer-Encoding: chunked`` body decoded (RFC 9112 7.1; chunk
+    extensions and trailers ignored); ValueError when its framing lies."""
+    out, i = [], 0
+    while True:
+        eol = body.find(b"\n", i)
+        if eol < 0:
+            raise ValueError("chunked body cut short")
+        size_text = body[i:eol].split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise ValueError(f"bad chunk size {size_text[:20]!r}") from None
+        if size == 0:
+            return b"".join(out)
+        start = eol + 1
+        if start + size > len(body):
+            raise ValueError("chunked body cut short")
+        out.append(body[start:start + size])
+        i = start + size
+        if body[i:i + 2] == b"\r\n":
+            i += 2
+        elif body[i:i + 1] == b"\n":
+            i += 1
+        else:
+            raise ValueError("chunk not followed by CRLF")
+
+
+def judge(url: UrlSpec, response: bytes) -> str | None:
+    """None when ``response`` (head and body as received) passes ``url``'s
+    tests, else the reason. A chunked body is decoded before the digest
+    and the regex see it."""
+    head, sep, body = response.partition(b"\r\n\r\n")
+    if not sep:
+        head, sep, body = response.partition(b"\n\n")
+    line, _, fields = head.partition(b"\n")
+    line = line.rstrip(b"\r")
+    m = _STATUS.match(line)
+    if m is None:
+        return f"not an HTTP status line: {line[:60]!r}"
+    if re.search(rb"(?im)^transfer-encoding:[^\n]*\bchunked\b", fields):
+        try:
+            body = dechunk(body)
+        except ValueError as e:
+            return str(e)
+    code = int(m.group(1))
+    if url.status_codes:
+        if code not in url.status_codes:
+            return f"status {code}, wanted {' '.join(map(str, sorted(url.status_codes)))}"
+    elif not 200 <= code <= 299:
+        return f"status {code}, wanted 2xx"
+    if url.digest is not None:
+        got = hashlib.md5(body).hexdigest()
+        if got != url.digest.lower():
+            return f"digest {got}, wanted {url.digest.lower()}"
+    if url.regex is not None:
+        found = re.search(url.regex.encode(), body) is not None
+        if found == url.regex_no_match:
+            return f"regex {url.regex!r} {'found' if found else 'not found'}"
+    return None
+
+
+async def _fetch(spec: CheckSpec, url: UrlSpec, host: str, port: int, ctx) -> bytes:
+    reader, writer = await open_tcp(spec, host, port, ssl=ctx)
+    try:
+        writer.write(request(spec, url, host, port))
+        await asyncio.wait_for(writer.drain(), spec.connect_timeout)
+        chunks, size = [], 0
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), spec.connect_timeout)
+            if not data:
+                return b"".join(chunks)
+            size += len(data)
+            if size > MAX_RESPONSE:
+                raise ValueError(f"response longer than {MAX_RESPONSE} bytes")
+            chunks.append(data)
+    finally:
+        await close_writer(writer)
+
+
+async def check(spec: CheckSpec, addr: str, port: int) -> Result:
+    host, p = target(spec, addr, port)
+    ctx = _ssl_context() if spec.kind == "SSL_GET" else None
+    urls = spec.urls or (UrlSpec("/"),)
+    for url in urls:
+        if not url.path.isprintable() or any(c.isspace() for c in url.path):
+            # It would split or end the request line.
+            return Result(False, f"url path {url.path[:40]!r}: spaces or control characters")
+        try:
+            response = await _fetch(spec, url, host, p, ctx)
+        except ValueError as e:
+            return Result(False, f"GET {url.path}: {e}")
+        except ssl_mod.SSLError as e:
+            return Result(False, f"GET {url.path}: TLS: {e.reason or e}")
+        except (OSError, asyncio.TimeoutError, EOFError) as e:
+            return Result(False, f"GET {url.path} from {host}:{p}: {os_error_text(e)}")
+        why = judge(url, response)
+        if why is not None:
+            return Result(False, f"GET {url.path}: {why}")
+    return Result(True, f"GET {' '.join(u.path for u in urls)}: ok")
