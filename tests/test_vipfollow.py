@@ -131,8 +131,11 @@ class RecordingSteering:
     def __init__(self):
         self.applied = []
 
-    def apply(self, services, dests, local):
-        self.applied.append(sets_of(services, dests, local)["services"])
+    def apply(self, services, dests, local, taken=None):
+        # What the kernel is kept from must not follow the VIPs.
+        assert sets_of(services, dests, local)["services"] == [(6, bpf.ip(VIP1), 80)]
+        self.applied.append(sets_of(services if taken is None else taken, dests,
+                                    local)["services"])
 
     def remove(self):
         pass

@@ -16,13 +16,21 @@ before the kernel routes them, so it follows the addresses itself:
   was lost to a full socket buffer).
 - ``standby_view`` marks the services whose VIP is not local with
   ``tables.SVC_F_STANDBY`` in a copy of the published table. That copy is
-  what the socket filter and the steering sets are built from
-  (pylvs/io/bpf.py leaves standby services out of the "services" and
-  "vips" keys), so a standby VIP's frames stay with the kernel, which
-  drops or routes them as it would without IPVS. The engines keep the full
-  tables: their conns stay (the kernel keeps its conns too, and a backup
-  director installs synced conns for services whose VIP it does not hold
-  yet), and the frames of a VIP that comes back meet them again.
+  what the socket filter (and with ``--io xdp`` the XDP redirect) is
+  built from (pylvs/io/bpf.py leaves standby services out of the
+  "services" and "vips" keys), so pylvs does not see a standby VIP's
+  frames. The engines keep the full tables: their conns stay (the kernel
+  keeps its conns too, and a backup director installs synced conns for
+  services whose VIP it does not hold yet), and the frames of a VIP that
+  comes back meet them again.
+- The steering (tcx / nft drop) keeps the full tables: the kernel never
+  gets a service's frames, a standby VIP's included. keepalived adds the
+  VIP and announces it at once; pylvs takes it a few milliseconds later.
+  Frames arriving in between would meet a kernel that holds the VIP and
+  no socket, and get a RST, breaking the conns the backup holds by sync;
+  dropped, they are retransmitted. Where the VIP is not local the kernel
+  would have dropped them too (not local, ``ip_forward=0``); a director
+  with ``ip_forward=1`` no longer routes them onwards.
 - The reply side is not affected: IPVS handles a VS-NAT real server's
   replies at FORWARD (``ip_vs_out_hook``), whatever the VIP, so the
   "realservers" keys stay as they were.

@@ -128,6 +128,7 @@ class FailoverLab:
     name: str
     advert_int: float = 1.0
     workers: int = 1
+    sync: bool = False        # directors started run the sync daemons (start_sync)
     python: str = sys.executable
     procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
 
@@ -283,12 +284,38 @@ class FailoverLab:
         cfg.write_text(rules())
         log = self.path(f"{d}.pylvs.log")
         with open(log, "ab") as out:
+            # The log keeps earlier runs (a killed director's): "ready" must
+            # come after this start's first byte.
+            start = out.tell()
             p = self.popen(ns, self.pylvs("run", "--iface", "eth0", "eth1", "-c", str(cfg),
                                           "--workers", str(self.workers), *extra),
                            f"pylvs-{d}", stdout=out, stderr=out)
-        if not wait_for_file(log, " ready: ", timeout, proc=p):
-            raise LabError(f"pylvs run in {d}: {log.read_text(errors='replace')[-3000:]}")
+        deadline = time.monotonic() + timeout
+        while b" ready: " not in log.read_bytes()[start:]:
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"pylvs run in {d}: {log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.05)
+        if self.sync:
+            self.start_sync(d)
         self.start_keepalived(d)
+
+    def start_sync(self, d: str) -> None:
+        """Both sync daemons in director ``d``, on eth1 with syncid VRID: the
+        master sends the conns this director forwards (none while it is
+        the backup), the backup installs what the other's master sends
+        (and asks it for the whole table when it starts). Both directors
+        run both all the time, so nothing changes when the VIP moves: no
+        keepalived notify script. LabError when refused."""
+        for state in ("master", "backup"):
+            p = self.adm(d, "--start-daemon", state, "--mcast-interface", SYNC_IFACE,
+                         "--syncid", str(VRID), check=False)
+            if p.returncode:
+                raise LabError(f"pylvs adm --start-daemon {state} in {d}: "
+                               f"{(p.stderr or p.stdout).strip()}")
+
+    def stop_sync(self, d: str) -> None:
+        for state in ("master", "backup"):
+            self.adm(d, "--stop-daemon", state, check=False)
 
     def start_keepalived(self, d: str) -> None:
         conf = self.path(f"{d}.keepalived.conf")
@@ -500,8 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("cmd", choices=("check", "up", "down"))
     ap.add_argument("--name", default=f"fo{os.getpid()}")
     ap.add_argument("--advert-int", type=float, default=1.0)
-    ap.add_argument("--sync", action="store_true",
-                    help="start the connection sync daemons (pylvs adm --start-daemon)")
+    ap.add_argument("--sync", choices=("auto", "on", "off"), default="auto",
+                    help="connection sync daemons (pylvs adm --start-daemon) on both "
+                    "directors; auto: where pylvs has them")
     a = ap.parse_args(argv)
     if a.cmd == "down":
         from .topology import destroy
@@ -510,38 +538,54 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if errors else 0
     lab = FailoverLab(a.name, advert_int=a.advert_int)
     lab.up()
+    keep = False
     try:
-        for d in DIRECTORS:
-            lab.start_director(d)
+        lab.start_director("dir1")
+        if a.sync != "off":
+            why = sync_refused(lab)
+            if why and a.sync == "on":
+                raise LabError(f"connection sync: {why}")
+            lab.sync = not why
+            if why:
+                print(f"connection sync: not available ({why}); the downloads will break")
+            else:
+                lab.start_sync("dir1")
+        lab.start_director("dir2")
         master = lab.wait_master()
-        print(f"lab {a.name}: {master} holds the VIP {VIP} and the DIP {DIP}")
-        if a.sync:
-            start_sync(lab, master)
+        print(f"lab {a.name}: {master} holds the VIP {VIP} and the DIP {DIP}; connection sync "
+              f"{'on' if lab.sync else 'off'}")
         if a.cmd == "up":
             print(f"pylvs lab down --name {a.name}   (or python -m pylvs.lab.failover down "
                   f"--name {a.name}) removes it")
             lab.procs.clear()   # they keep running
+            keep = True
             return 0
+        r = measure_takeover(lab)
+        print(f"VIP takeover: {r['seconds']} s from killing {r['master']} to the first answer "
+              f"through {r['backup']} (advert_int {a.advert_int:g} s)")
+        lab.revive(r["master"])
         for k, (_, _, port) in REAL_SERVERS.items():
             res = downloads_through_failover(lab, port)
             print(f"{k}: {res['intact']} of {res['conns']} downloads intact after killing "
-                  f"{res['killed']} ({res['backup']} took over); broken: {res['errors']}")
+                  f"{res['killed']} ({res['backup']} took over)"
+                  + (f"; broken: {res['errors']}" if res["errors"] else ""))
             lab.revive(res["killed"])
-            if a.sync:
-                start_sync(lab, res["backup"])
         return 0
     finally:
-        if a.cmd == "check":
+        if not keep:
             lab.down()
 
 
-def start_sync(lab: FailoverLab, master: str) -> None:
-    """The sync daemons: master on ``master``, backup on the other."""
-    for d in DIRECTORS:
+def sync_refused(lab: FailoverLab, d: str = "dir1") -> str | None:
+    """Why `pylvs adm --start-daemon` is refused in director ``d`` (its
+    `pylvs run` started), None when it is accepted (the daemon it
+    started is stopped again)."""
+    p = lab.adm(d, "--start-daemon", "master", "--mcast-interface", SYNC_IFACE,
+                "--syncid", str(VRID), check=False)
+    if p.returncode == 0:
         lab.adm(d, "--stop-daemon", "master", check=False)
-        lab.adm(d, "--stop-daemon", "backup", check=False)
-        lab.adm(d, "--start-daemon", "master" if d == master else "backup",
-                "--mcast-interface", SYNC_IFACE, "--syncid", str(VRID))
+        return None
+    return (p.stderr or p.stdout).strip() or f"exit status {p.returncode}"
 
 
 def downloads_through_failover(lab: FailoverLab, port: int, conns: int = 100,
@@ -579,10 +623,19 @@ def downloads_through_failover(lab: FailoverLab, port: int, conns: int = 100,
         if new.returncode == 0:
             break
         res.setdefault("new_conn_failures", []).append(new.stdout.strip()[-300:])
+    # Frames of the VIP:port service the backup forwarded (InPkts, -L --stats).
+    listing = lab.adm(backup, "-L", "-n", "--stats").stdout.split()
+    i = listing.index(f"{VIP}:{port}")
+    inpkts = int(listing[i + 2])
+    # The backup's refusals and sync counters, to tell why a download broke.
+    stats = json.loads(lab.run(ns, lab.pylvs("stats", "--json")).stdout).get("engine", {})
+    counters = {k: v for k, v in stats.items() if isinstance(v, int) and v
+                and k.startswith(("drop_", "rst_", "sync_", "icmp_"))}
     errors: dict[str, int] = {}
     for b in res["broken"]:
         errors[b["error"]] = errors.get(b["error"], 0) + 1
-    res.update(killed=master, backup=backup, backup_holds_vip=held,
+    res.update(killed=master, backup=backup, backup_holds_vip=held, backup_inpkts=inpkts,
+               backup_counters=counters,
                new_conn_ok=new.returncode == 0, errors=errors)
     del res["broken"]
     return res

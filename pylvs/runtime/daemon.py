@@ -251,8 +251,18 @@ class Daemon:
         return cached[1]
 
     def _steer(self) -> None:
-        self.steering.apply(self._taken(), self._dests, self._local)
-        if self._follow_vips():
+        """Steering keeps the kernel from every service's frames, a standby
+        VIP's too: the frames that reach the director in the moment between
+        keepalived adding the VIP (and announcing it) and pylvs taking it
+        are dropped, and retransmitted, instead of answered with the
+        kernel's RST (the conns a backup holds by sync would break). Only
+        what is taken (the socket filter, the XDP redirect) follows the
+        VIPs."""
+        view = self._taken()
+        if view is self._services:
+            self.steering.apply(self._services, self._dests, self._local)
+        else:
+            self.steering.apply(self._services, self._dests, self._local, view)
             self._log_vips_away()
 
     def _watch_addrs(self) -> None:

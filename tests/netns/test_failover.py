@@ -44,16 +44,6 @@ def lab():
         assert not errors, errors
 
 
-def sync_refused(lab) -> str | None:
-    """Why `pylvs adm --start-daemon` cannot run here (None: it can)."""
-    p = lab.adm("dir1", "--start-daemon", "master", "--mcast-interface", F.SYNC_IFACE,
-                "--syncid", str(F.VRID), check=False)
-    if p.returncode == 0:
-        lab.adm("dir1", "--stop-daemon", "master", check=False)
-        return None
-    return (p.stderr or p.stdout).strip()
-
-
 def test_vip_takeover_time(lab):
     r = F.measure_takeover(lab)
     print(f"VIP takeover: {r['seconds']} s from SIGKILL of {r['master']} to the first answer "
@@ -79,21 +69,36 @@ def test_without_sync_established_downloads_break(lab, method, port):
     assert r["intact"] <= 5, r
 
 
-@pytest.mark.parametrize("method,port", METHODS, ids=[m for m, _ in METHODS])
+# A NAT download's client only ACKs what it receives. The backup installs
+# a synced conn without the client's MAC and port (a sync record carries
+# none) and drops its real server's data until the client's next frame
+# teaches them (the engine's drop_sync_no_mac): that frame never comes.
+NAT_NO_MAC = pytest.mark.xfail(strict=True, reason=(
+    "the engine drops a synced NAT conn's replies until its client sends a frame "
+    "(drop_sync_no_mac); a download's client only ACKs what it gets, so it stalls"))
+SYNC_METHODS = [pytest.param(m, p, id=m, marks=NAT_NO_MAC if m == "nat" else ())
+                for m, p in METHODS]
+
+
+@pytest.mark.parametrize("method,port", SYNC_METHODS)
 def test_with_sync_established_downloads_survive(lab, method, port):
-    why = sync_refused(lab)
+    why = F.sync_refused(lab, lab.wait_master())
     if why is not None:
         pytest.skip(f"connection sync is not available: pylvs adm --start-daemon: {why}")
-    master = lab.wait_master()
-    F.start_sync(lab, master)
+    lab.sync = True
     try:
-        r = F.downloads_through_failover(lab, port)
-    finally:
         for d in F.DIRECTORS:
-            lab.adm(d, "--stop-daemon", "master", check=False)
-            lab.adm(d, "--stop-daemon", "backup", check=False)
-    print(f"{method} with sync: {r}")
-    lab.revive(r["killed"])
+            lab.start_sync(d)
+        r = F.downloads_through_failover(lab, port)
+        print(f"{method} with sync: {r}")
+        lab.revive(r["killed"])
+    finally:
+        lab.sync = False
+        for d in F.DIRECTORS:
+            lab.stop_sync(d)
     assert r["established"] == 100, r
     assert r["backup_holds_vip"] and r["new_conn_ok"], r
+    # They went on through the backup, not past it (DR and Tun clients'
+    # ACKs reach the VIP; NAT's data too).
+    assert r["backup_inpkts"] > 100, r
     assert r["intact"] >= 99, r
