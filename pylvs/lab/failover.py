@@ -568,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             res = downloads_through_failover(lab, port)
             print(f"{k}: {res['intact']} of {res['conns']} downloads intact after killing "
                   f"{res['killed']} ({res['backup']} took over)"
-                  + (f"; broken: {res['errors']}" if res["errors"] else ""))
+                  + (f"; broken: {res['errors']}; the backup's counters: "
+                     f"{res['backup_counters']}" if res["errors"] else ""))
             lab.revive(res["killed"])
         return 0
     finally:
@@ -606,6 +607,7 @@ def downloads_through_failover(lab: FailoverLab, port: int, conns: int = 100,
             out, err = p.communicate()
             raise LabError(f"downloads did not start: {out[-2000:]} {err[-2000:]}")
         time.sleep(kill_after)
+        sent = _sync_counters(lab, master)
         lab.kill_director(master)
         out, err = p.communicate(timeout=size / rate + idle + 60)
     finally:
@@ -631,6 +633,8 @@ def downloads_through_failover(lab: FailoverLab, port: int, conns: int = 100,
     stats = json.loads(lab.run(ns, lab.pylvs("stats", "--json")).stdout).get("engine", {})
     counters = {k: v for k, v in stats.items() if isinstance(v, int) and v
                 and k.startswith(("drop_", "rst_", "sync_", "icmp_"))}
+    if sent:
+        counters.update(master_sent=sent, backup_got=_sync_counters(lab, backup))
     errors: dict[str, int] = {}
     for b in res["broken"]:
         errors[b["error"]] = errors.get(b["error"], 0) + 1
@@ -639,6 +643,20 @@ def downloads_through_failover(lab: FailoverLab, port: int, conns: int = 100,
                new_conn_ok=new.returncode == 0, errors=errors)
     del res["broken"]
     return res
+
+
+def _sync_counters(lab: FailoverLab, d: str) -> dict:
+    """Director d's sync daemons' message and conn counts ({} without sync),
+    and its kernel's UDP receive buffer errors (a sync message lost there)."""
+    js = json.loads(lab.run(lab.directors[d], lab.pylvs("stats", "--json")).stdout)
+    out = {f"{state}_{k}": v for state, c in (js.get("sync") or {}).items()
+           if isinstance(c, dict) for k, v in c.items() if k in ("messages", "conns")}
+    if out:
+        snmp = lab.run(lab.directors[d], ["cat", "/proc/net/snmp"]).stdout.splitlines()
+        udp = [line.split() for line in snmp if line.startswith("Udp:")]
+        if len(udp) == 2:
+            out["udp_rcvbuf_errors"] = int(dict(zip(*udp)).get("RcvbufErrors", 0))
+    return out
 
 
 if __name__ == "__main__":
