@@ -154,7 +154,7 @@ class FailoverLab:
     def _write_record(self) -> None:
         # pylvs lab down --name NAME reads it (topology.destroy).
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        rec = {"name": self.name, "kind": "failover", "namespaces": self.namespaces,
+        rec = {"name": self.name, "fwd": "failover", "namespaces": self.namespaces,
                "pids": {k: p.pid for k, p in self.procs.items() if p.poll() is None},
                "real_servers": [{"ns": ns} for ns in self.rs.values()]}
         tmp = self.path("json.tmp")
