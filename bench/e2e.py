@@ -164,6 +164,7 @@ KERNEL = {
     "tun": "none: no ipip module, nftables cannot encapsulate",
 }
 KERNEL_IMPLS = {"nat": "kernel-nft", "dr": "kernel-nft-fwd"}
+NOLIMIT = ("--sysctl", "upcall_share=100", "--sysctl", "pressure_conn_rate=0")
 # Variants of the pylvs impl: name -> lab -> extra `pylvs run` arguments.
 VARIANTS = {
     "pylvs-no-qdisc-bypass": lambda lab: ("--no-qdisc-bypass",),
@@ -174,10 +175,11 @@ VARIANTS = {
     "pylvs-w2": lambda lab: ("--workers", "2"),
     "pylvs-xdp-w2": lambda lab: ("--io", "xdp", "--workers", "2"),
     "pylvs-tap": lambda lab: ("--mac", TAP_MAC),
-    # The upcall limit off (docs/engine.md): the flood row's A/B.
-    "pylvs-nolimit": lambda lab: ("--sysctl", "upcall_share=100"),
-    "pylvs-xdp-nolimit": lambda lab: ("--io", "xdp", "--sysctl", "upcall_share=100"),
-    "pylvs-tap-nolimit": lambda lab: ("--mac", TAP_MAC, "--sysctl", "upcall_share=100"),
+    # The upcall limit and pressure_conn_rate off (docs/engine.md): the
+    # flood rows' A/B.
+    "pylvs-nolimit": lambda lab: NOLIMIT,
+    "pylvs-xdp-nolimit": lambda lab: ("--io", "xdp", *NOLIMIT),
+    "pylvs-tap-nolimit": lambda lab: ("--mac", TAP_MAC, *NOLIMIT),
 }
 # The 2-worker impls run on every core (taskset), the others on the director's.
 ALL_CORES_IMPLS = ("pylvs-w2", "pylvs-xdp-w2")

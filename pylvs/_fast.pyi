@@ -34,6 +34,39 @@ class Engine:
         held for one piece, so the frame loop goes on between pieces.
         ValueError for count < 1."""
         ...
+    # Connection sync (docs/engine.md, "Sync"; kernel net/netfilter/ipvs/ip_vs_sync.c).
+    # Records are pylvs.engine.sync.SYNC_DTYPE (also tables.SYNC_DTYPE), host
+    # order; any other dtype: TypeError; not one-dimensional: ValueError.
+    def set_sync_master(self, on: bool) -> None:
+        """Master mode on: every client frame of a conn runs the kernel's rule
+        (ip_vs_sync_conn_needed: the sync_threshold / sync_period pair, TCP
+        state changes, sync_refresh_period and sync_retries,
+        sync_persist_mode) and queues the conn's record, then its template's;
+        the queue holds sync_qlen_max records as set now (1 .. 2**24), a
+        record beyond it is dropped and counted (sync_queue_full). Off: the
+        queue and its records are dropped, and frames cost nothing more.
+        MemoryError when the queue cannot be had."""
+    def sync_drain(self, out: np.ndarray) -> int:
+        """Move up to len(out) queued records into ``out`` (writable, else
+        ValueError), oldest first; returns how many (0 with master mode
+        off)."""
+    def sync_install(self, records: np.ndarray, now: float) -> int:
+        """The backup: create or update a conn or template per record as the
+        kernel's ip_vs_proc_conn (service by (proto, vaddr, vport), dest by
+        daddr:dport then daddr with port 0; the forwarding method this
+        director's dest has; state, in_pkts = sync_threshold, expiry now +
+        the record's timeout, s). Returns the records installed or updated;
+        every record bumps one counter: sync_installed, sync_updated,
+        sync_stale, sync_rejected (protocol not TCP/UDP, forwarding method
+        above 3, state out of range, template with a client port, NAT
+        real-server side held by another conn), sync_no_dest (fwmark, no such
+        service or dest here), sync_table_full. Never raises for a record's
+        contents. RuntimeError from inside a scheduler upcall."""
+    def sync_chunk(self, start: int, out: np.ndarray) -> tuple[int, int]:
+        """The bulk walk: the records of the conns and templates of slots
+        ``start``.. (the same records the master queues), as many as ``out``
+        holds: (records filled, the slot to go on from, -1 at the end). One
+        lock hold per call, so the frame loop goes on between chunks."""
     def _key_hash(self, proto: int, a1: int, p1: int, a2: int, p2: int) -> int: ...
     def _check(self) -> None: ...
     @property

@@ -434,6 +434,7 @@ def test_the_upcall_limit_spares_services_the_engine_schedules(impl):
         e = w.engines[0]
         values = tables.default_sysctls()
         values[tables.SYSCTL_INDEX["upcall_share"]] = 1
+        values[tables.SYSCTL_INDEX["pressure_conn_rate"]] = 0   # off: the upcall limit alone
         e.set_sysctls(values)
         e.pressure, e.upcall_cost = True, 1.0   # one upcall spends the bucket
         w.syn(20)
@@ -454,6 +455,7 @@ def test_the_upcall_limit_spares_a_persistent_clients_template(impl):
     e = w.engines[0]
     values = tables.default_sysctls()
     values[tables.SYSCTL_INDEX["upcall_share"]] = 1
+    values[tables.SYSCTL_INDEX["pressure_conn_rate"]] = 0   # off: the upcall limit alone
     e.set_sysctls(values)
     e.pressure, e.upcall_cost = True, 1.0   # one upcall spends the bucket
     assert w.syn(5, ["10.7.0.1"]) == first * 5

@@ -1,4 +1,5 @@
-"""The upcall limit (docs/engine.md, "Upcall limit"), on both engines.
+"""The upcall limit and pressure_conn_rate (docs/engine.md, "Upcall
+limit"), on both engines.
 
 While a backend says its receive ring is backed up (``engine.pressure``),
 new flows may spend only ``upcall_share`` percent of the time in the Python
@@ -28,14 +29,17 @@ class Sched:
         return _sched_fixed(svc, caddr, cport)
 
 
-def make(impl: str, share: int | None = None) -> tuple[Env, Sched]:
+def make(impl: str, share: int | None = None, rate: int = 0) -> tuple[Env, Sched]:
+    """An engine whose new flows go to Python; ``rate``: pressure_conn_rate
+    (0, the default here: off, the upcall limit alone)."""
     sched = Sched()
     env = Env(impl, capacity=256, schedule=sched)
     env.engine.upcall_cost = COST
+    vals = tables.default_sysctls()
     if share is not None:
-        vals = tables.default_sysctls()
         vals[tables.SYSCTL_INDEX["upcall_share"]] = share
-        env.engine.set_sysctls(vals)
+    vals[tables.SYSCTL_INDEX["pressure_conn_rate"]] = rate
+    env.engine.set_sysctls(vals)
     return env, sched
 
 
@@ -133,3 +137,62 @@ def test_upcall_share_is_a_checked_sysctl():
     assert b.sysctl("upcall_share", 20) == {"upcall_share": 20}
     with pytest.raises(BalancerError, match=r"out of range \(0..100\)"):
         b.sysctl("upcall_share", 101)
+
+
+# --- pressure_conn_rate: every new conn waits while the ring backs up ------
+
+RATE = 1000   # the default: conns a second, a burst of 10 ms's worth (10)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_under_pressure_new_conns_pass_at_the_rate_established_frames_all(impl):
+    env, sched = make(impl, share=100, rate=RATE)
+    est = established(env)
+    env.engine.pressure = True
+    _, rows = env.send_many(syns(5000, 20) + [(est, CLIENT_PORT)], now=1.0)
+    assert [r[0] for r in rows] == [TX] * 10 + [DROP] * 10 + [TX]
+    st = env.stats()
+    assert st["drop_pressure"] == 10 and "drop_upcall_limit" not in st
+    assert sched.calls == 1 + 10, "a refused SYN costs no scheduler call"
+    # 5.5 ms of `now` give 5 conns back; the same `now` none.
+    _, rows = env.send_many(syns(6000, 8), now=1.0055)
+    assert [r[0] for r in rows] == [TX] * 5 + [DROP] * 3
+    _, rows = env.send_many(syns(7000, 3), now=1.0055)
+    assert [r[0] for r in rows] == [DROP] * 3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pressure_conn_rate_0_is_off_and_without_pressure_all_pass(impl):
+    env, sched = make(impl, share=100, rate=0)
+    env.engine.pressure = True
+    _, rows = env.send_many(syns(5000, 30), now=1.0)
+    assert [r[0] for r in rows] == [TX] * 30
+    env, sched = make(impl, share=100, rate=1)
+    env.engine.pressure = True
+    _, rows = env.send_many(syns(5000, 4), now=1.0)
+    assert [r[0] for r in rows] == [TX] + [DROP] * 3, "a burst of at least one"
+    env.engine.pressure = False
+    _, rows = env.send_many(syns(6000, 30), now=1.0)
+    assert [r[0] for r in rows] == [TX] * 30
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pressure_conn_rate_comes_before_the_upcall_limit(impl):
+    """A conn the rate turns away never draws on the upcall bucket: of 20
+    SYNs, 10 pass the rate and 3 of those get the upcall time (5 ms at
+    2 ms each)."""
+    env, sched = make(impl, rate=RATE)
+    env.engine.pressure = True
+    env.send_many(syns(5000, 20), now=1.0)
+    st = env.stats()
+    assert (st["drop_pressure"], st["drop_upcall_limit"], sched.calls) == (10, 7, 3)
+
+
+def test_pressure_conn_rate_is_a_checked_sysctl():
+    from pylvs.control.balancer import Balancer, BalancerError
+
+    b = Balancer(tables.Counters(1, 1))
+    assert b.sysctl("pressure_conn_rate") == {"pressure_conn_rate": RATE}
+    assert b.sysctl("pressure_conn_rate", 0) == {"pressure_conn_rate": 0}
+    with pytest.raises(BalancerError, match="out of range"):
+        b.sysctl("pressure_conn_rate", -1)

@@ -10,7 +10,8 @@
 
 /* tables.SYSCTL_DEFAULTS */
 static const int64_t sysctl_defaults[SYS__COUNT] = {1, 0, 1000, 50, 1000, 50, 1000, 50,
-                                                     0, 0, 1, 0, 0, 0, 1024, 10, 0};
+                                                     0, 0, 1, 0, 0, 0, 1024, 10, 0, 1000,
+                                                     3, 50, 0, 0, 65536, 0, 1};
 
 static PyTypeObject EngineType;
 
@@ -221,6 +222,7 @@ static void engine_dealloc(PylvsEngine *self)
     for (int k = 0; k < N_BATCH_ARRAYS; k++)
         release(&self->batch_views[k]);
     pthread_mutex_destroy(&self->mu);
+    sync_free(self);
     PyMem_RawFree(self->scratch);
     PyMem_Free(self->net.ports);
     PyMem_Free(self->net.routes);
@@ -1057,6 +1059,10 @@ LOCKED(engine_expire)
 LOCKED_READ(engine_conns)
 LOCKED_READ(engine_conns_chunk)
 LOCKED(engine_check_index)
+LOCKED(pylvs_sync_set_master)
+LOCKED(pylvs_sync_drain)
+LOCKED(pylvs_sync_install)
+LOCKED_READ(pylvs_sync_chunk)
 
 static PyMethodDef engine_methods[] = {
     {"set_tables", (PyCFunction)engine_set_tables_locked, METH_VARARGS,
@@ -1094,6 +1100,14 @@ static PyMethodDef engine_methods[] = {
     {"conns_chunk", (PyCFunction)engine_conns_chunk_locked, METH_VARARGS,
      "conns_chunk(start, count) -> (list, next): as conns(), from slot start, at most count\n"
      "conns; next is the slot to go on from, -1 at the end. The lock is held for one chunk."},
+    {"set_sync_master", (PyCFunction)pylvs_sync_set_master_locked, METH_O,
+     "set_sync_master(on): queue conns for sync as the kernel's master (docs/engine.md, Sync)"},
+    {"sync_drain", (PyCFunction)pylvs_sync_drain_locked, METH_O,
+     "sync_drain(out: SYNC_DTYPE[n]) -> int: move up to n queued records into out"},
+    {"sync_install", (PyCFunction)pylvs_sync_install_locked, METH_VARARGS,
+     "sync_install(records: SYNC_DTYPE[n], now) -> int: create or update conns (backup)"},
+    {"sync_chunk", (PyCFunction)pylvs_sync_chunk_locked, METH_VARARGS,
+     "sync_chunk(start, out: SYNC_DTYPE[n]) -> (filled, next): the table as records"},
     {"_key_hash", (PyCFunction)engine_key_hash, METH_VARARGS, NULL},
     {"_check", (PyCFunction)engine_check_index_locked, METH_NOARGS, NULL},
     {NULL},

@@ -141,13 +141,19 @@ struct conn {
     uint32_t caddr, vaddr, daddr;
     uint16_t cport, vport, dport;
     uint8_t proto, state;
-    uint8_t in_pkts; /* client packets, saturating at 255 (drop_entry's todrop_entry) */
+    /* Client packets (the kernel's in_pkts, an atomic_t: it wraps), read by
+     * drop_entry's todrop_entry and the sync rule's pkts; a template's
+     * counts the sync calls of the conns it controls. */
+    uint32_t in_pkts;
     double expires;
     uint32_t dest;
     uint16_t svc;
     uint16_t in_port;
     uint8_t fwd;
     uint8_t used;
+    /* The kernel's sync_endtime: now + timeout when last sent, in whole
+     * seconds mod 2^16 (ip_vs_sync.c). */
+    uint16_t sync_end;
     union {
         struct {
             uint8_t cmac[6];
@@ -157,14 +163,17 @@ struct conn {
     };
     uint8_t replied; /* an OUTPUT-direction packet was seen (the kernel's !NOOUTPUT) */
     uint8_t xmit;    /* XMIT_*, bound at creation */
-    uint8_t in_dir;  /* the state table of client packets: DIR_INPUT for NAT, else
-                      * DIR_INPUT_ONLY (the kernel's IP_VS_CONN_F_NOOUTPUT conns) */
+    /* The sync rule's memory (ip_vs_sync.c): the state last sent (the
+     * kernel's old_state) in the low 4 bits, the refresh retries in bits 4-5. */
+    uint8_t sync_old;
     uint8_t flags;   /* CONN_F_* */
     /* A conn: its template's slot + 1 (0: none; the kernel's cp->control).
      * A template: the conns it controls (the kernel's n_control). */
     uint32_t control;
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct conn) == 64, "a conn is one cache line");
+_Static_assert(offsetof(struct conn, expires) == 24 && offsetof(struct conn, control) == 60,
+               "the sync fields fill holes: no field moved");
 
 /* Persistence templates (docs/engine.md, "Persistence"; kernel
  * ip_vs_sched_persist): a template is a conn in the same table with
@@ -173,6 +182,9 @@ _Static_assert(sizeof(struct conn) == 64, "a conn is one cache line");
  * template state (`state`) is CTPL_S_*. */
 #define CONN_F_TEMPLATE 1
 #define CONN_F_UNHASHED 2 /* an invalidated template: out of the index until it expires */
+#define CONN_F_SYNCED 4   /* installed by sync_install (the kernel's IP_VS_CONN_F_SYNC) */
+#define CONN_F_NO_L2 8    /* installed by sync: the client's MAC and port are learnt from
+                           * its first frame; replies wait for it (drop_sync_no_mac) */
 #define TPL_PROTO 0x80
 #define CTPL_S_ASSURED 1
 #define TPL_LATE_TIMEOUT 60 /* s: a template expiring while it controls conns
@@ -333,6 +345,7 @@ struct pylvs_engine {
     int pressure;
     double upcall_cost;
     struct rate_bucket upcall;
+    struct rate_bucket pressure_rl; /* pressure_conn_rate's bucket, in conns */
 
     /* Defence (docs/engine.md, "Defence"), set by control once a second as
      * the kernel's defense_work: drop_packet's rate and countdown
@@ -355,11 +368,18 @@ struct pylvs_engine {
     const dest_thresh_row *thresh;
     const int32_t *sched_table; /* sh/dh/mh buckets: indices into the service's run, -1 none */
     uint32_t nsched_svc, nthresh;
+
+    /* Sync master (ip_vs_sync.c): records queued by the frame path for
+     * sync_drain, a ring of sync_cap; NULL while master mode is off. */
+    struct sync_rec *sync_q;
+    uint32_t sync_cap, sync_head, sync_len;
 };
 
 /* The upcall limit's bucket holds this many seconds of `now` at the share:
  * 10 ms at 50% lets 5 ms of upcalls through at once when pressure starts. */
 #define UPCALL_WINDOW 0.01
+/* s: pressure_conn_rate's burst (ip_vs_core.c pressure_admits). */
+#define PRESSURE_WINDOW 0.01
 
 /* The established path is one function: GCC would otherwise leave these
  * out of line in a function as large as engine_frame. */
@@ -421,6 +441,13 @@ HOT uint64_t key_hash(const PylvsEngine *e, uint8_t proto, uint32_t a1,
 static inline int conn_has_out_key(const struct conn *c)
 {
     return c->xmit == XMIT_NAT;
+}
+
+/* The state table of client packets: DIR_INPUT for NAT, else DIR_INPUT_ONLY
+ * (the kernel's IP_VS_CONN_F_NOOUTPUT conns). */
+static inline int conn_in_dir(const struct conn *c)
+{
+    return c->xmit == XMIT_NAT ? DIR_INPUT : DIR_INPUT_ONLY;
 }
 
 static inline uint64_t conn_key_hash(const PylvsEngine *e, const struct conn *c, int dir)
@@ -553,7 +580,58 @@ long conn_drop_entries(PylvsEngine *e, double now);
 /* Verify the index against the slab: 0, or -1 with AssertionError set. */
 int conn_table_check(PylvsEngine *e);
 
+/* --- ip_vs_sync.c -------------------------------------------------------- */
+
+/* pylvs.engine.sync.SYNC_DTYPE (align=True), host order. */
+struct sync_rec {
+    uint8_t proto;
+    uint16_t state;
+    uint32_t flags;
+    uint32_t caddr;
+    uint16_t cport;
+    uint32_t vaddr;
+    uint16_t vport;
+    uint32_t daddr;
+    uint16_t dport;
+    uint32_t fwmark;
+    uint32_t timeout;
+};
+_Static_assert(sizeof(struct sync_rec) == 40, "SYNC_DTYPE is 40 bytes");
+
+/* Whole seconds (floor) mod 2^16: the clock of sync_end. */
+static inline uint16_t sync_sec16(double t)
+{
+    int64_t s = (int64_t)t;
+    return (uint16_t)(s - ((double)s > t));
+}
+
+/* A new conn's or template's sync memory (the kernel's ip_vs_conn_new:
+ * old_state 0, sync_endtime now). */
+static inline void sync_conn_init(struct conn *c, double now)
+{
+    c->sync_old = 0;
+    c->sync_end = sync_sec16(now);
+}
+
+/* The master's hook, for every client frame of a conn (the kernel's
+ * ip_vs_in_hook -> ip_vs_sync_conn): queue the conn and its template as the
+ * sync rule says. `ops`: a one-packet conn (never sent itself). */
+void sync_conn(PylvsEngine *e, struct conn *c, int ops, double now);
+/* The first client frame of a conn installed by sync: its MACs and port. */
+void sync_learn_l2(struct conn *c, const uint8_t *eth, uint16_t in_port);
+void sync_free(PylvsEngine *e);
+PyObject *pylvs_sync_set_master(PylvsEngine *e, PyObject *arg);
+PyObject *pylvs_sync_drain(PylvsEngine *e, PyObject *arg);
+PyObject *pylvs_sync_install(PylvsEngine *e, PyObject *args);
+PyObject *pylvs_sync_chunk(PylvsEngine *e, PyObject *args);
+
 /* --- ip_vs_core.c -------------------------------------------------------- */
+
+/* The used service slot for (proto, vaddr, vport), else the port-0 service
+ * of (proto, vaddr), or -1 (the kernel's ip_vs_service_find). */
+int find_service(const PylvsEngine *e, uint8_t proto, uint32_t vaddr, uint16_t vport);
+/* The transmitter of a conn to this dest (the kernel's ip_vs_bind_xmit). */
+uint8_t conn_bind_xmit(const dest_row *dest);
 
 /* expire_nodest_conn's flush (the kernel's ip_vs_expire_nodest_conn_flush,
  * queued when a dest is deleted): every conn whose dest is gone is

@@ -374,7 +374,7 @@ static int todrop_entry(PylvsEngine *e, const struct conn *c, double now)
 {
     if (now + e->timeouts[c->state] < c->expires + 60.0)
         return 0;
-    uint8_t i = c->in_pkts;
+    uint32_t i = c->in_pkts;
     if (i == 0 || i > 8)
         return 0;
     if (--e->todrop_counter[i] > 0)

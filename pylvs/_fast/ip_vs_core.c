@@ -44,7 +44,7 @@ HOT void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8_t tcpflag
     c->expires = now + e->timeouts[new_];
     if (dir == DIR_OUTPUT)
         c->replied = 1;
-    else if (c->in_pkts < 255)
+    else
         c->in_pkts++;
     /* ip_vs_control_assure_ct: TCP on reaching ESTABLISHED, UDP on a reply. */
     if (c->control != 0 &&
@@ -55,10 +55,8 @@ HOT void conn_set_state(PylvsEngine *e, struct conn *c, int dir, uint8_t tcpflag
 static int find_service_exact(const PylvsEngine *e, uint8_t proto, uint32_t vaddr,
                               uint16_t vport);
 
-/* The used service slot for (proto, vaddr, vport), else the port-0 service
- * of (proto, vaddr) (the kernel's ip_vs_service_find: "catch-all port"),
- * or -1. */
-static int find_service(const PylvsEngine *e, uint8_t proto, uint32_t vaddr, uint16_t vport)
+/* ip_vs.h: the kernel's ip_vs_service_find, with its "catch-all port". */
+int find_service(const PylvsEngine *e, uint8_t proto, uint32_t vaddr, uint16_t vport)
 {
     int s = find_service_exact(e, proto, vaddr, vport);
     if (s < 0 && e->nullsvc != 0 && vport != 0)
@@ -339,6 +337,7 @@ static uint32_t tpl_new(PylvsEngine *e, int s, long d, uint8_t tproto, uint32_t 
     conn_fill(t, tproto, snet, 0, vaddr, tvport, &e->dests[d], tdport, s, d);
     t->xmit = XMIT_NONE;
     t->flags = CONN_F_TEMPLATE;
+    sync_conn_init(t, now);
     t->tpl_timeout = e->services[s].timeout;
     t->expires = now + t->tpl_timeout;
     t->used = 1;
@@ -406,6 +405,14 @@ static long persist_dest(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, u
     return d;
 }
 
+uint8_t conn_bind_xmit(const dest_row *dest)
+{
+    return dest->fwd == FWD_MASQ    ? XMIT_NAT
+           : dest->fwd == FWD_ROUTE ? XMIT_DR
+           : dest->fwd == FWD_TUNNEL && pylvs_tun_overhead(dest->tun_type) ? XMIT_TUN
+                                                                           : XMIT_NONE;
+}
+
 /* A new conn's link to its template (ip_vs_control_add), or none. */
 static void persist_bind(PylvsEngine *e, struct conn *c, uint32_t ct)
 {
@@ -455,6 +462,25 @@ static int upcall_allowed(PylvsEngine *e, double now)
     return 1;
 }
 
+static int rate_allow(struct rate_bucket *b, double now, int64_t per_sec, int64_t burst);
+
+/* While the receive ring backs up, a new conn waits its turn: the worker
+ * is behind, and every conn it makes costs a scheduling, a transmit and
+ * the real server's answer through the director, time the established
+ * flows' frames in the ring then lose (bench e2e, SYN flood: 0.4x of their
+ * rate kept with AF_PACKET before this). pressure_conn_rate new conns a
+ * second still pass, a burst of PRESSURE_WINDOW's worth (at least one),
+ * so new clients are served in a flood; 0 turns the limit off. The IPVS kernel has
+ * no such limit: its per-packet cost is in softirq, not behind a ring. */
+static int pressure_admits(PylvsEngine *e, double now)
+{
+    int64_t rate = e->sysctl[SYS_PRESSURE_CONN_RATE];
+    if (rate == 0)
+        return 1;
+    int64_t burst = (int64_t)((double)rate * PRESSURE_WINDOW);
+    return rate_allow(&e->pressure_rl, now, rate, burst > 0 ? burst : 1);
+}
+
 /* A frame the miss path turns away: count it, give the verdict. */
 static struct conn *refuse(PylvsEngine *e, int *verdict, int *why, int stat, int v)
 {
@@ -474,6 +500,8 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     /* At the limit, the conn to replace is chosen before the upcall, so a
      * full table refuses a flood without calling Python. */
     int64_t victim = -1;
+    if (e->pressure && !pressure_admits(e, now))
+        return refuse(e, verdict, why, ST_DROP_PRESSURE, PYLVS_V_DROP);
     if (conn_table_full(e) && (victim = conn_victim(e, now)) < 0)
         return refuse(e, verdict, why, ST_DROP_TABLE_FULL, PYLVS_V_DROP);
     uint32_t ct;
@@ -490,10 +518,7 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     uint16_t rport = conn_dport(&e->services[s], dest, dport);
 
     /* ip_vs_bind_xmit: the transmitter is chosen here, once. */
-    uint8_t xmit = dest->fwd == FWD_MASQ    ? XMIT_NAT
-                   : dest->fwd == FWD_ROUTE ? XMIT_DR
-                   : dest->fwd == FWD_TUNNEL && pylvs_tun_overhead(dest->tun_type) ? XMIT_TUN
-                                                                                   : XMIT_NONE;
+    uint8_t xmit = conn_bind_xmit(dest);
     uint64_t hout = 0;
     if (xmit == XMIT_NAT) {
         hout = key_hash(e, proto, dest->daddr, rport, saddr, sport);
@@ -521,9 +546,10 @@ conn_new(PylvsEngine *e, int s, uint8_t proto, uint32_t saddr, uint16_t sport, u
     c->replied = 0;
     c->xmit = xmit;
     /* Replies of DR/Tun conns bypass the director: the kernel marks them
-     * IP_VS_CONN_F_NOOUTPUT, and their client packets use INPUT_ONLY. */
-    c->in_dir = xmit == XMIT_NAT ? DIR_INPUT : DIR_INPUT_ONLY;
+     * IP_VS_CONN_F_NOOUTPUT, and their client packets use INPUT_ONLY
+     * (conn_in_dir). */
     c->in_pkts = 0;
+    sync_conn_init(c, now);
     c->used = 1;
     persist_bind(e, c, ct);
     index_insert(e, h, slot, KEY_IN);
@@ -1258,6 +1284,8 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
     } else {
         /* From the real server's side, about a packet from the client (NAT
          * only: no other conn has an OUT key). */
+        if (c->flags & CONN_F_NO_L2) /* installed by sync, its client not heard yet */
+            return finish(e, ST_DROP_SYNC_NO_MAC, PYLVS_V_DROP);
         if (ip[8] <= 1)
             return finish(e, ST_DROP_TTL, PYLVS_V_DROP);
         ip[8]--;
@@ -1441,8 +1469,12 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
             return finish(e, ST_DROP_DEST_GONE, PYLVS_V_DROP);
         if (__builtin_expect(c->xmit == XMIT_NONE, 0))
             return finish(e, ST_DROP_FWD_METHOD, PYLVS_V_DROP);
-        conn_set_state(e, c, c->in_dir, tcpflags, now);
+        if (__builtin_expect(c->flags & CONN_F_NO_L2, 0))
+            sync_learn_l2(c, eth, in_port);
+        conn_set_state(e, c, conn_in_dir(c), tcpflags, now);
         count_traffic(e, c, T_INPKTS, T_INBYTES, tot);
+        if (__builtin_expect(e->sync_q != NULL, 0)) /* ip_vs_in_hook: after the state */
+            sync_conn(e, c, e->ops_slot == (uint32_t)(c - e->conns), now);
         if (__builtin_expect(!xmit_ok(dest, c->xmit, ip), 0))
             return finish(e, xmit_refusal(e, em, dest, c->xmit, eth, ip, tot, in_port, now,
                                           daddr, 1),
@@ -1486,6 +1518,8 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
         if (__builtin_expect(mtu == MTU_FRAGMENT, 0))
             return fragment_out(e, em, eth, ip, tot, *out_port);
     } else {
+        if (__builtin_expect(c->flags & CONN_F_NO_L2, 0))
+            return finish(e, ST_DROP_SYNC_NO_MAC, PYLVS_V_DROP);
         conn_set_state(e, c, DIR_OUTPUT, tcpflags, now);
         count_traffic(e, c, T_OUTPKTS, T_OUTBYTES, tot);
         if (__builtin_expect(ip[8] <= 1, 0))

@@ -11,6 +11,7 @@ COMMANDS = {
     "adm": ("pylvs.cli.adm", "ipvsadm-compatible control of a running director"),
     "stats": ("pylvs.cli.tools:stats_main", "a running director's engine counters"),
     "sysctl": ("pylvs.cli.tools:sysctl_main", "read or set a running director's knobs"),
+    "reload": ("pylvs.cli.tools:reload_main", "make a running director re-read its -c file"),
     "lab": ("pylvs.cli.lab", "network-namespace labs"),
     "realserver": ("pylvs.realserver.cli", "the real-server side: setup/status/teardown/run"),
     "check": ("pylvs.cli.check", "check a running director's set-up against the network"),

@@ -102,10 +102,12 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
         description="Read or set a running director's knobs: conn_reuse_mode, "
                     "expire_nodest_conn, expire_quiescent_template, sloppy_tcp, nat_icmp_send, "
                     "pmtu_disc, drop_entry, drop_packet, secure_tcp, amemthresh, am_droprate, "
-                    "lblc_expiration and lblcr_expiration as the kernel's "
+                    "lblc_expiration, lblcr_expiration, sync_threshold (with sync_period, "
+                    "its pair's second), sync_refresh_period, sync_retries, "
+                    "sync_persist_mode, sync_qlen_max and sync_version as the kernel's "
                     "net.ipv4.vs.*, icmp_msgs_per_sec, icmp_msgs_burst and icmp_ratelimit "
-                    "as net.ipv4.*, tcp_rst_per_sec, tcp_rst_burst and upcall_share "
-                    "pylvs's own (README, the sysctl table). No argument lists them all, "
+                    "as net.ipv4.*, tcp_rst_per_sec, tcp_rst_burst, upcall_share "
+                    "and pressure_conn_rate pylvs's own (README, the sysctl table). No argument lists them all, "
                     "NAME reads one, NAME=VALUE sets one; the settings of one command "
                     "apply together or not at all.")
     ap.add_argument("setting", nargs="*", metavar="NAME[=VALUE]")
@@ -142,3 +144,36 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
             out.write("".join(f"{k} = {v}\n" for k, v in result.items()))
         return 0
     return _run("pylvs sysctl", work, out, err, client_factory)
+
+
+def reload_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
+                stderr: TextIO | None = None, client_factory=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="pylvs reload",
+        description="Make a running director re-read its `pylvs run -c` file "
+                    "(keepalived.conf or pylvs adm -S rules) and apply only the "
+                    "difference: unchanged services and dests are not touched, so no "
+                    "established conn notices (as SIGHUP; docs/config.md). A file that "
+                    "does not parse changes nothing. Exit status 0 when all applied, 1 "
+                    "when the file was refused or an operation failed (named on stderr), "
+                    "2 when no director answers.")
+    ap.add_argument("--json", action="store_true", help="the director's answer as JSON")
+    ap.add_argument("--control", metavar="PATH", help="the director's control socket "
+                    "(default: this network namespace's)")
+    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+
+    def work(out, factory):
+        r = _call(a.control, {"op": "reload"}, factory)
+        if a.json:
+            out.write(json.dumps(r) + "\n")
+        else:
+            ops = ", ".join(f"{n} {k}" for k, n in r["operations"].items()) or "nothing changed"
+            out.write(f"reloaded {r['file']} ({r['format']}): {r['services']} service(s); "
+                      f"{ops}\n")
+            for line in r["warnings"]:
+                err.write(f"warning: {line}\n")
+        for line in r["refused"] + r["errors"]:
+            err.write(f"{line}\n")
+        return 1 if r["errors"] or r["refused"] else 0
+    return _run("pylvs reload", work, out, err, client_factory)

@@ -99,7 +99,10 @@ class CheckSpec:
 class RealServer:
     """``real_server ADDR PORT { }``. ``lvs_method`` None: the virtual
     server's. ``uthreshold``/``lthreshold`` are ipvsadm's -x/-y (0 = none).
-    ``inhibit_on_failure`` resolved from the virtual server's default."""
+    ``inhibit_on_failure`` resolved from the virtual server's default.
+    ``lvs_method`` "TUN": ``tun_type`` "ipip" | "gue", ``tun_port`` gue's
+    UDP port (0 for ipip), ``tun_flags`` None | "nocsum" | "csum" |
+    "remcsum" (``lvs_method TUN type gue port N csum``); None/0 otherwise."""
 
     addr: str
     port: int
@@ -112,6 +115,9 @@ class RealServer:
     notify_down: str | None = None
     checks: tuple[CheckSpec, ...] = ()
     where: Where | None = field(default=None, compare=False)
+    tun_type: str | None = None
+    tun_port: int = 0
+    tun_flags: str | None = None
 
 
 @dataclass(frozen=True)

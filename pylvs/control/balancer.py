@@ -106,12 +106,18 @@ SYSCTL_RANGES = {
     "expire_nodest_conn": (0, 1),   # a boolean
     "expire_quiescent_template": (0, 1),
     "upcall_share": (0, 100),       # a percentage (docs/engine.md, "Upcall limit")
+    "pressure_conn_rate": (0, 1 << 30),  # conns/s; 0: no limit (docs/engine.md, "Upcall limit")
     "sloppy_tcp": (0, 1),
     "nat_icmp_send": (0, 1),
     "pmtu_disc": (0, 1),
     "drop_entry": (0, 3),           # the kernel's proc_do_defense_mode: 0..3
     "drop_packet": (0, 3),
     "secure_tcp": (0, 3),
+    # connection sync (docs/engine.md, "Sync"): the kernel clamps retries to 0..3
+    "sync_retries": (0, 3),
+    "sync_persist_mode": (0, 1),
+    "sync_version": (0, 1),
+    "sync_qlen_max": (1, 1 << 24),  # records a master's queue holds (pylvs.engine.sync.QLEN_LIMIT)
 }
 SYSCTL_RANGES.update({name: r[1:] for name, r in schedmod.SYSCTLS.items()})
 

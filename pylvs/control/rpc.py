@@ -108,6 +108,10 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
 # on the control socket: answers the Balancer cannot give and that must not
 # block the event loop (the daemon's I/O and steering counters for "stats").
 Extras = dict[str, Callable[[], Awaitable[dict]]]
+# Per op name, an async callable answering that op instead of the Balancer
+# (the daemon's "reload"): called with the request dict; raising
+# BalancerError answers {"ok": false, "error": its text}.
+Handlers = dict[str, Callable[[dict], Awaitable[Any]]]
 
 
 def _parse(line: bytes | str) -> dict | str:
@@ -136,14 +140,25 @@ def handle_line(balancer: Balancer, line: bytes | str) -> dict:
     return _answer(balancer, req)
 
 
-async def _handle_line_extras(balancer: Balancer, line: bytes, extras: Extras) -> dict:
+async def _handle_line_extras(balancer: Balancer, line: bytes, extras: Extras,
+                              handlers: Handlers | None = None) -> dict:
     """handle_line, then the op's extra (if any) merged into a dict result;
-    an extra that fails is logged and the Balancer's answer still goes out."""
+    an extra that fails is logged and the Balancer's answer still goes out.
+    An op of ``handlers`` is answered by its handler alone."""
     req = _parse(line)
     if isinstance(req, str):
         return {"ok": False, "error": req}
-    resp = _answer(balancer, req)
     op = req["op"]
+    handler = (handlers or {}).get(op) if isinstance(op, str) else None
+    if handler is not None:
+        try:
+            return {"ok": True, "result": await handler(req)}
+        except BalancerError as e:
+            return {"ok": False, "error": str(e)}
+        except Exception as e:  # a bug must cost one request, not the director
+            log.exception("control operation %r failed", op)
+            return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+    resp = _answer(balancer, req)
     extra = extras.get(op) if isinstance(op, str) else None
     if extra is not None and resp["ok"] and isinstance(resp["result"], dict):
         try:
@@ -198,7 +213,7 @@ class _Clients:
 
 async def _serve_client(balancer: Balancer, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter, clients: _Clients | None = None,
-                        extras: Extras | None = None) -> None:
+                        extras: Extras | None = None, handlers: Handlers | None = None) -> None:
     if clients is not None:
         if clients.n >= clients.limit:
             log.warning("control socket: %d clients already, one more refused", clients.n)
@@ -213,7 +228,7 @@ async def _serve_client(balancer: Balancer, reader: asyncio.StreamReader,
             return
         clients.n += 1
     try:
-        await _serve_lines(balancer, reader, writer, extras or {})
+        await _serve_lines(balancer, reader, writer, extras or {}, handlers or {})
     finally:
         if clients is not None:
             clients.n -= 1
@@ -225,7 +240,8 @@ async def _serve_client(balancer: Balancer, reader: asyncio.StreamReader,
 
 
 async def _serve_lines(balancer: Balancer, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter, extras: Extras) -> None:
+                       writer: asyncio.StreamWriter, extras: Extras,
+                       handlers: Handlers | None = None) -> None:
     try:
         uid = _peer_uid(writer)
         if uid is not None and uid != 0 and uid != os.geteuid():
@@ -252,8 +268,8 @@ async def _serve_lines(balancer: Balancer, reader: asyncio.StreamReader,
                 return
             if not line.strip():
                 continue
-            resp = (await _handle_line_extras(balancer, line, extras) if extras
-                    else handle_line(balancer, line))
+            resp = (await _handle_line_extras(balancer, line, extras, handlers)
+                    if extras or handlers else handle_line(balancer, line))
             try:
                 data = dumps_in_pieces(resp)
             except (TypeError, ValueError) as e:
@@ -325,20 +341,22 @@ class ControlServer(asyncio.AbstractServer):
 
 async def start_server(path: str, balancer: Balancer, *,
                        max_clients: int | None = None,
-                       extras: Extras | None = None) -> ControlServer:
+                       extras: Extras | None = None,
+                       handlers: Handlers | None = None) -> ControlServer:
     """Serve ``balancer`` on the unix socket ``path``; while serving, run its
     rate estimator every 2 s (as the kernel's estimator timer).
 
     ``extras``: {op name: async callable returning a dict} merged into that
     op's result (`pylvs run` adds the I/O and steering counters to
-    ``stats``)."""
+    ``stats``); ``handlers``: {op name: async callable(request) -> result}
+    answering ops the Balancer does not have (`pylvs run`'s ``reload``)."""
     _prepare_path(path)
     max_clients = max_clients or MAX_CLIENTS
     clients = _Clients(max_clients)
     old = os.umask(0o177)
     try:
         server = await asyncio.start_unix_server(
-            lambda r, w: _serve_client(balancer, r, w, clients, extras), path=path,
+            lambda r, w: _serve_client(balancer, r, w, clients, extras, handlers), path=path,
             limit=MAX_REQUEST)
     finally:
         os.umask(old)

@@ -62,7 +62,8 @@ class Conn:
     __slots__ = ("proto", "caddr", "cport", "vaddr", "vport", "daddr", "dport",
                  "state", "expires", "fwd", "dest", "svc", "cmac", "lmac",
                  "in_port", "slot", "in_key", "out_key", "replied", "xmit", "in_dir",
-                 "template", "control", "n_control", "tpl_timeout", "in_pkts")
+                 "template", "control", "n_control", "tpl_timeout", "in_pkts",
+                 "synced", "no_l2", "sync_old", "sync_end")
     # xmit: the reference engine's XMIT_* kind, bound at creation (ip_vs_bind_xmit);
     # in_dir: the state table of client packets (INPUT for NAT, else INPUT_ONLY);
     # out_key: None for all but NAT conns (only their replies pass the director),
@@ -70,13 +71,21 @@ class Conn:
     # template: a persistence template (docs/engine.md, "Persistence"), whose
     # n_control counts the conns naming it in `control` (the kernel's
     # cp->control, n_control); tpl_timeout: a template's timeout in s;
-    # in_pkts: client packets, saturating at 255 (drop_entry's todrop_entry).
+    # in_pkts: client packets (the kernel's atomic_t, wrapping at 2**32; read
+    # by drop_entry's todrop_entry and the sync rule); synced: installed by
+    # sync_install (IP_VS_CONN_F_SYNC); no_l2: so installed and its client's
+    # MACs and port not learnt yet; sync_old, sync_end: the sync rule's
+    # memory (pylvs.engine.sync.needed).
 
     def __init__(self) -> None:
         self.template = False
         self.control = None
         self.n_control = 0
         self.in_pkts = 0
+        self.synced = False
+        self.no_l2 = False
+        self.sync_old = 0
+        self.sync_end = 0
 
 
 def tpl_held(c: Conn) -> bool:

@@ -55,6 +55,7 @@ finite, capacity 1 .. 2**26.
 
 from __future__ import annotations
 
+import collections
 import operator
 import sys
 from typing import Callable
@@ -62,7 +63,7 @@ from typing import Callable
 import numpy as np
 
 from . import states, tables
-from . import icmp, sched_c, tunnel
+from . import icmp, sched_c, sync, tunnel
 from .conn import (CONNS_EXPIRED, CONNS_REUSED, MAX_LIMIT, TPL_LATE_TIMEOUT, TPL_PROTO, Conn,
                    ConnTable, tpl_held)
 from .checksum import fold, ones_sum, pseudo_header_sum, sum_update32, update16, update32
@@ -117,11 +118,17 @@ _DROP_UPCALL_LIMIT = _ST["drop_upcall_limit"]
 _SCHED_LIMITED = -3   # _call_schedule: the upcall limit said no (SCHED_LIMITED)
 _DROP_DEFENSE = _ST["drop_defense"]
 _DROP_RS_NO_CONN = _ST["drop_rs_no_conn"]
+_DROP_SYNC_NO_MAC = _ST["drop_sync_no_mac"]
+_SYNC_QUEUED = _ST["sync_queued"]
+_SYNC_QUEUE_FULL = _ST["sync_queue_full"]
 _UPCALL_SHARE = tables.SYSCTL_INDEX["upcall_share"]
 _FTP_PORT = 21   # ip_vs_sched_persist: an FTP service's templates have vport 0
 # The upcall limit's bucket holds this many seconds of `now` at the share
 # (ip_vs.h UPCALL_WINDOW).
 _UPCALL_WINDOW = 0.01
+_PRESSURE_WINDOW = 0.01   # s: pressure_conn_rate's burst (ip_vs.h PRESSURE_WINDOW)
+_PRESSURE_CONN_RATE = tables.SYSCTL_INDEX["pressure_conn_rate"]
+_DROP_PRESSURE = _ST["drop_pressure"]
 
 _NO_DEST = (0, 0, 0, 0, 0, 0, 0, bytes(6), bytes(6), 0, 0, 0)  # a dest row with flags 0
 _N_PEERS = 1024   # the per-destination ICMP limit's cache (C: ICMP_PEERS)
@@ -151,6 +158,18 @@ _LSRR, _SSRR = 131, 137
 ETH = tables.VNET_HDR_LEN          # offset of the Ethernet header
 IP = ETH + 14                      # offset of the IPv4 header
 _TCP_SYN, _TCP_ACK, _TCP_RST = states.TCP_SYN, states.TCP_ACK, states.TCP_RST
+
+
+def _bind_xmit(dest: tuple) -> int:
+    """The XMIT_* kind of a conn to this dest row (the kernel's ip_vs_bind_xmit)."""
+    fwd = dest[4]
+    if fwd == tables.FWD_MASQ:
+        return XMIT_NAT
+    if fwd == tables.FWD_ROUTE:
+        return XMIT_DR
+    if fwd == tables.FWD_TUNNEL and tunnel.tun_overhead(dest[9]):
+        return XMIT_TUN
+    return XMIT_NONE
 
 
 def _option_malformed(o) -> bool:
@@ -283,12 +302,17 @@ class Engine:
         self.pressure = False  # the receive ring is backed up (docs/engine.md, "Upcall limit")
         self._upcall_cost = 0.0
         self._upcall_bucket: list = [0.0, None]  # [seconds of upcall time, last now]
+        self._pressure_bucket: list = [0.0, None]  # [conns, last now]: pressure_conn_rate
         # Defence (docs/engine.md, "Defence"): drop_packet's rate and
         # countdown, set by control; a one-packet conn made by the frame
         # being processed, removed once it is done.
         self._drop_rate = 0
         self._drop_counter = 0
         self._ops_conn: Conn | None = None
+        # Sync master (docs/engine.md, "Sync"): the records queued for
+        # sync_drain and the queue's size; None while master mode is off.
+        self._sync_q: collections.deque | None = None
+        self._sync_cap = 0
 
     # --- configuration ----------------------------------------------------
 
@@ -490,6 +514,201 @@ class Engine:
                 out.append(self._conn_tuple(slots[i]))
             i += 1
         return out, i if i < len(slots) else -1
+
+    # --- sync (docs/engine.md, "Sync"; C: ip_vs_sync.c) --------------------
+
+    def set_sync_master(self, on: bool) -> None:
+        """Queue conns for sync_drain as the kernel's master (on), or stop and
+        drop the queue (off). The queue holds sync_qlen_max records as set
+        when master mode starts (1 .. 2**24)."""
+        self._refuse_if_busy()
+        if not on:
+            self._sync_q, self._sync_cap = None, 0
+        elif self._sync_q is None:
+            self._sync_cap = min(max(self._sysctl[_SYS["sync_qlen_max"]], 1), sync.QLEN_LIMIT)
+            self._sync_q = collections.deque()
+
+    def _sync_conn(self, c: Conn, ops: bool, now: float) -> None:
+        """ip_vs_sync_conn: the conn (never a one-packet one) and its template."""
+        if not ops and sync.needed(c, c.in_pkts, now, self._sysctl, self._timeouts):
+            self._sync_queue(c)
+        t = c.control
+        if t is not None:
+            t.in_pkts = (t.in_pkts + 1) & 0xFFFFFFFF
+            if sync.needed(t, t.in_pkts, now, self._sysctl, self._timeouts):
+                self._sync_queue(t)
+
+    def _sync_queue(self, c: Conn) -> None:
+        if c.template and c.in_key is None:
+            return   # an invalidated template: nothing a backup could use
+        if len(self._sync_q) >= min(self._sysctl[_SYS["sync_qlen_max"]], self._sync_cap):
+            self._pend[_SYNC_QUEUE_FULL] += 1
+            return
+        self._sync_q.append(sync.record(c, self._timeouts))
+        self._pend[_SYNC_QUEUED] += 1
+
+    @staticmethod
+    def _sync_learn_l2(c: Conn, f: memoryview, in_port: int) -> None:
+        c.cmac = bytes(f[ETH + 6:ETH + 12])
+        c.lmac = bytes(f[ETH:ETH + 6])
+        c.in_port = in_port
+        c.no_l2 = False
+
+    @staticmethod
+    def _records(out: np.ndarray, what: str) -> np.ndarray:
+        if not isinstance(out, np.ndarray) or out.dtype != sync.SYNC_DTYPE:
+            raise TypeError(f"{what} must have dtype tables.SYNC_DTYPE")
+        if out.ndim != 1:
+            raise ValueError(f"{what} must be one-dimensional")
+        return out
+
+    def sync_drain(self, out: np.ndarray) -> int:
+        """Move up to len(out) queued records into out, oldest first; returns
+        how many. 0 while master mode is off."""
+        self._refuse_if_busy()
+        out = self._records(out, "out")
+        if not out.flags.writeable:
+            raise ValueError("out must be writable")
+        q = self._sync_q
+        n = min(len(out), len(q)) if q is not None else 0
+        for i in range(n):
+            out[i] = q.popleft()
+        return n
+
+    def sync_chunk(self, start: int, out: np.ndarray) -> tuple[int, int]:
+        """The table as records from slot ``start`` (templates included),
+        as many as ``out`` holds: (records filled, the slot to go on from or
+        -1 at the end)."""
+        start = operator.index(start)
+        out = self._records(out, "out")
+        if not out.flags.writeable:
+            raise ValueError("out must be writable")
+        slots = self._ct.slots
+        i, n = max(0, start), 0
+        while i < len(slots) and n < len(out):
+            c = slots[i]
+            if c is not None and not (c.template and c.in_key is None):
+                out[n] = sync.record(c, self._timeouts)
+                n += 1
+            i += 1
+        return n, i if i < len(slots) else -1
+
+    def sync_install(self, records: np.ndarray, now: float) -> int:
+        """Create or update conns and templates from records, as the kernel's
+        ip_vs_proc_conn; returns the records installed or updated. Each
+        record bumps one sync_* counter."""
+        self._refuse_if_busy()
+        records = self._records(records, "records")
+        now = float(now)
+        done = 0
+        try:
+            for r in records.tolist():
+                st = self._sync_install_one(*r, now)
+                self._pend[_ST[st]] += 1
+                done += st in ("sync_installed", "sync_updated")
+        finally:
+            self._flush()
+        return done
+
+    def _sync_install_one(self, proto: int, state: int, flags: int, caddr: int, cport: int,
+                          vaddr: int, vport: int, daddr: int, dport: int, fwmark: int,
+                          timeout: int, now: float) -> str:
+        why = sync.refusal(proto, state, flags, cport, fwmark)
+        if why is not None:
+            return why
+        tpl = bool(flags & sync.CONN_F_TEMPLATE)
+        key = (proto | TPL_PROTO if tpl else proto, caddr, cport, vaddr, vport)
+        hit = self._index.get(key)
+        if hit is not None and hit[1] != states.INPUT:
+            hit = None
+        c = hit[0] if hit is not None else None
+        if c is not None and c.expires <= now and not tpl_held(c):
+            self._ct.remove(c, CONNS_EXPIRED)
+            c = None
+        if c is not None and not tpl and (c.daddr != daddr or c.dport != dport):
+            # Another real server here: an active record replaces the conn,
+            # an inactive one is the last word of a conn already replaced.
+            if flags & sync.CONN_F_INACTIVE:
+                return "sync_stale"
+            self._ct.remove(c, CONNS_EXPIRED)
+            c = None
+        if c is not None:
+            self._sync_apply(c, proto, state, timeout, now)
+            return "sync_updated"
+        svc = self._find_service(proto, vaddr, vport)
+        if svc is None:
+            return "sync_no_dest"
+        d = self._sync_find_dest(svc, daddr, dport)
+        if d is None:
+            return "sync_no_dest"
+        dest = self._dests[d]
+        fwd = dest[4]   # ip_vs_bind_dest: this director's dest decides the method
+        xmit = XMIT_NONE if tpl else _bind_xmit(dest)
+        out_key = None
+        if xmit == XMIT_NAT:
+            out_key = (proto, daddr, dport, caddr, cport)
+            if out_key == key or self._lookup(out_key, now) is not None:
+                return "sync_rejected"   # another conn holds the real-server side
+        ct = self._ct
+        victim = ct.victim(now, self._timeouts) if ct.full() else None
+        if ct.full() and victim is None:
+            return "sync_table_full"
+        c = Conn()
+        c.proto, c.caddr, c.cport, c.vaddr, c.vport = key
+        c.daddr, c.dport, c.fwd, c.svc, c.dest = daddr, dport, fwd, svc, d
+        c.cmac = c.lmac = bytes(6)
+        c.in_port, c.replied, c.xmit = tables.NO_PORT, False, xmit
+        c.in_dir = states.INPUT if xmit == XMIT_NAT else states.INPUT_ONLY
+        c.in_key, c.out_key = key, out_key
+        c.template, c.synced, c.no_l2 = tpl, True, not tpl
+        c.tpl_timeout = 0
+        c.state = 0 if tpl else sync.engine_state(proto, state, False)
+        c.sync_end = sync.sec16(now)
+        c.expires = now
+        ct.add(c, victim, now)
+        self._pend[_CONNS_CREATED] += 1
+        cnt = self._counters
+        if tpl:
+            cnt.dest_persist[d] += 1
+        else:
+            active = proto == TCP and c.state in states.ACTIVE
+            cnt.dest_conns[d, tables.ACTIVE if active else tables.INACTIVE] += 1
+        sched_c.bind(cnt, self._sched.thresholds, d)
+        self._sync_apply(c, proto, state, timeout, now)
+        return "sync_installed"
+
+    def _sync_find_dest(self, svc: int, daddr: int, dport: int) -> int | None:
+        """The dest of the service at daddr:dport, else at daddr with port 0
+        (the kernel's ip_vs_find_dest)."""
+        zero = None
+        for d, row in enumerate(self._dests):
+            if row[5] & tables.DEST_F_USED and row[2] == svc and row[0] == daddr:
+                if row[1] == dport:
+                    return d
+                if row[1] == 0 and zero is None:
+                    zero = d
+        return zero
+
+    def _sync_apply(self, c: Conn, proto: int, state: int, timeout: int, now: float) -> None:
+        """What every install sets (ip_vs_proc_conn's tail): the state (the
+        dest's active/inactive count follows), the sync memory, in_pkts at
+        sync_threshold, the timer from the record's timeout."""
+        st = sync.engine_state(proto, state, c.template)
+        if not c.template and c.dest < self._counters.max_dests:
+            was = c.proto == TCP and c.state in states.ACTIVE
+            now_active = c.proto == TCP and st in states.ACTIVE
+            if was != now_active:
+                v = 1 if now_active else -1
+                self._counters.dest_conns[c.dest, tables.ACTIVE] += v
+                self._counters.dest_conns[c.dest, tables.INACTIVE] -= v
+        c.state = st
+        c.sync_old = st & 0x0F
+        c.in_pkts = self._sysctl[_SYS["sync_threshold"]] & 0xFFFFFFFF
+        if c.template:
+            c.tpl_timeout = timeout or sync.TPL_DEFAULT_TIMEOUT
+            c.expires = now + c.tpl_timeout
+        else:
+            c.expires = now + (timeout or self._timeouts[st])
 
     def _lookup(self, key: tuple, now: float):
         return self._ct.lookup(key, now)
@@ -1073,8 +1292,12 @@ class Engine:
             if c.xmit == XMIT_NONE:
                 pend[_DROP_FWD_METHOD] += 1
                 return V_DROP, 0
+            if c.no_l2:
+                self._sync_learn_l2(c, f, in_port)
             self._count_traffic(c, tables.STAT_INPKTS, tables.STAT_INBYTES, totlen)
             self._set_state(c, c.in_dir, proto, tcp_flags, now)
+            if self._sync_q is not None:   # ip_vs_in_hook: after the state
+                self._sync_conn(c, c is self._ops_conn, now)
             refusal = self._xmit_refusal(f, dest, c.xmit, totlen, in_port, now, daddr, True)
             if refusal is not None:
                 pend[refusal] += 1
@@ -1118,6 +1341,9 @@ class Engine:
             old_port, new_port, port_at = dport, c.dport, l4 + 2
         else:
             # 11: real server -> client (NAT conns only have an OUT key).
+            if c.no_l2:
+                pend[_DROP_SYNC_NO_MAC] += 1
+                return V_DROP, 0
             self._count_traffic(c, tables.STAT_OUTPKTS, tables.STAT_OUTBYTES, totlen)
             self._set_state(c, direction, proto, tcp_flags, now)
             out_port = c.in_port
@@ -1361,6 +1587,9 @@ class Engine:
             out_port = dest[6]
         else:
             # From the real server's side, about a packet it got: to the client.
+            if c.no_l2:   # installed by sync, its client not heard yet
+                pend[_DROP_SYNC_NO_MAC] += 1
+                return V_DROP, 0
             if f[IP + 8] <= 1:
                 pend[_DROP_TTL] += 1
                 return V_DROP, 0
@@ -1421,6 +1650,14 @@ class Engine:
         b[0] -= self._upcall_cost
         return True
 
+    def _pressure_admits(self, now: float) -> bool:
+        """pressure_admits in ip_vs_core.c: while the ring backs up, new
+        conns pass at pressure_conn_rate a second (0: all)."""
+        rate = int(self._sysctl[_PRESSURE_CONN_RATE])
+        if rate == 0:
+            return True
+        return self._allow(self._pressure_bucket, now, rate, max(1, int(rate * _PRESSURE_WINDOW)))
+
     def _conn_new(self, f: memoryview, key: tuple, svc: int, proto: int, saddr: int,
                   sport: int, daddr: int, dport: int, totlen: int, in_port: int, now: float):
         """Step 9 from the room check on: (verdict, None) counted, or
@@ -1428,6 +1665,9 @@ class Engine:
         pend = self._pend
         # At the limit the conn to replace is chosen before the upcall, so a
         # full table refuses a flood without calling the scheduler.
+        if self.pressure and not self._pressure_admits(now):
+            pend[_DROP_PRESSURE] += 1
+            return V_DROP, None
         ct = self._ct
         victim = None
         if ct.full():
@@ -1454,15 +1694,7 @@ class Engine:
         dest = dests[d]
         # ip_vs_bind_xmit: the transmitter is chosen here, once; only NAT
         # conns get an OUT key (the others' replies bypass the director).
-        fwd = dest[4]
-        if fwd == tables.FWD_MASQ:
-            xmit = XMIT_NAT
-        elif fwd == tables.FWD_ROUTE:
-            xmit = XMIT_DR
-        elif fwd == tables.FWD_TUNNEL and tunnel.tun_overhead(dest[9]):
-            xmit = XMIT_TUN
-        else:
-            xmit = XMIT_NONE
+        xmit = _bind_xmit(dest)
         rport = dest[1] if dest[1] and dport == self._svc_persist[svc][2] else dport
         out_key = None
         if xmit == XMIT_NAT:
@@ -1491,6 +1723,7 @@ class Engine:
             c.control = tpl
             tpl.n_control += 1
         c.in_pkts = 0
+        c.sync_end = sync.sec16(now)
         ct.add(c, victim, now)
         pend[_CONNS_CREATED] += 1
         cnt = self._counters
@@ -1571,6 +1804,7 @@ class Engine:
             t.in_key, t.out_key = key, None
             t.template, t.tpl_timeout = True, timeout
             t.expires = now + timeout
+            t.sync_end = sync.sec16(now)
             if ct.full() and victim is None:
                 return d, None, victim   # no room (tpl_new: NO_SLOT)
             ct.add(t, victim, now)
@@ -1621,8 +1855,8 @@ class Engine:
         c.expires = now + self._timeouts[c.state]
         if direction == states.OUTPUT:
             c.replied = True
-        elif c.in_pkts < 255:
-            c.in_pkts += 1
+        else:
+            c.in_pkts = (c.in_pkts + 1) & 0xFFFFFFFF
         # ip_vs_control_assure_ct: TCP on reaching ESTABLISHED, UDP on a reply.
         if c.control is not None and (c.state == states.ESTABLISHED != old if proto == TCP
                                       else direction == states.OUTPUT):

@@ -56,3 +56,117 @@ CONN_F_BACKUP_MASK = (CONN_F_FWD_MASK | CONN_F_NOOUTPUT | CONN_F_INACTIVE | CONN
 CONN_F_SYNC = 0x0020
 
 IP_VS_UDP_S_NORMAL = 0
+
+# --- the reference engine's sync rules (C: pylvs/_fast/ip_vs_sync.c) -------
+#
+# Imported after SYNC_DTYPE: tables.py imports this module for it.
+
+import math  # noqa: E402
+
+from . import states, tables  # noqa: E402
+
+CTPL_S_LAST = 2               # template states: NONE, ASSURED (IP_VS_CTPL_S_LAST)
+TPL_DEFAULT_TIMEOUT = 180     # s: a template's timeout when its record has none
+QLEN_LIMIT = 1 << 24          # the most records a master's queue holds
+# The TCP states in which a conn is sent (ip_vs_sync_conn_needed).
+SYNC_TCP_STATES = frozenset((states.ESTABLISHED, states.FIN_WAIT, states.CLOSE,
+                             states.CLOSE_WAIT, states.TIME_WAIT))
+_SYS = tables.SYSCTL_INDEX
+_THRESHOLD, _PERIOD = _SYS["sync_threshold"], _SYS["sync_period"]
+_REFRESH, _RETRIES = _SYS["sync_refresh_period"], _SYS["sync_retries"]
+_PERSIST_MODE = _SYS["sync_persist_mode"]
+
+
+def sec16(t: float) -> int:
+    """Whole seconds mod 2**16: the clock of a conn's ``sync_end`` (the
+    kernel's sync_endtime, in jiffies there)."""
+    return math.floor(t) & 0xFFFF
+
+
+def _s16(x: int) -> int:
+    x &= 0xFFFF
+    return x - 0x10000 if x & 0x8000 else x
+
+
+def conn_timeout(c, timeouts) -> float:
+    """The kernel's cp->timeout: a template's own, a conn's state's."""
+    return c.tpl_timeout if c.template else timeouts[c.state]
+
+
+def needed(c, pkts: int, now: float, sysctl: list[int], timeouts) -> bool:
+    """ip_vs_sync_conn_needed for a reference Conn: is it (or a template) to
+    be sent now, ``pkts`` its client packets (a template: the sync calls of
+    the conns it controls)? Updates ``sync_old`` (old state | retries << 4)
+    and ``sync_end`` when it is."""
+    timeout = conn_timeout(c, timeouts)
+    orig, n = c.sync_end, sec16(now + timeout)
+    retries = 0
+    skip_rules = False
+    if c.template:
+        pass
+    elif sysctl[_PERSIST_MODE] and c.control is not None:
+        return False
+    elif c.proto == tables.PROTO_TCP:
+        if c.state not in SYNC_TCP_STATES:
+            return False
+        skip_rules = c.state != c.sync_old & 0x0F and c.state != states.ESTABLISHED
+    if not skip_rules:
+        refresh = sysctl[_REFRESH]
+        if refresh > 0:
+            lim = min(float(refresh), max(timeout / 2, 10.0))
+            if abs(_s16(n - orig)) < lim:
+                r = c.sync_old >> 4 & 3
+                if r >= sysctl[_RETRIES]:
+                    return False
+                if _s16(orig - sec16(now + timeout - (refresh >> 3))) > 0:
+                    return False
+                retries = r + 1
+        period = sysctl[_PERIOD]
+        if period > 0:
+            if not c.template and pkts % period != sysctl[_THRESHOLD]:
+                return False
+        elif refresh <= 0 and pkts != sysctl[_THRESHOLD]:
+            return False
+    c.sync_old = (c.state & 0x0F) | retries << 4
+    c.sync_end = n
+    return True
+
+
+def record(c, timeouts) -> tuple:
+    """The SYNC_DTYPE record of a reference Conn (ip_vs_sync_conn's fill)."""
+    tcp = c.proto & 0x7F == tables.PROTO_TCP
+    flags = c.fwd & CONN_F_FWD_MASK
+    if c.fwd != tables.FWD_MASQ:
+        flags |= CONN_F_NOOUTPUT
+    if c.template or not (tcp and c.state in states.ACTIVE):
+        flags |= CONN_F_INACTIVE
+    if c.template:
+        flags |= CONN_F_TEMPLATE
+    if c.synced:
+        flags |= CONN_F_SYNC
+    state = c.state if c.template or tcp else IP_VS_UDP_S_NORMAL
+    return (c.proto & 0x7F, state, flags, c.caddr, c.cport, c.vaddr, c.vport, c.daddr,
+            c.dport, 0, int(conn_timeout(c, timeouts)))
+
+
+def refusal(proto: int, state: int, flags: int, cport: int, fwmark: int) -> str | None:
+    """Why a record cannot be installed before any table is looked at: the
+    counter's name ("sync_rejected": a protocol, forwarding method or state
+    the kernel's ip_vs_proc_sync_conn refuses, or a template with a client
+    port; "sync_no_dest": a fwmark, no such services here), or None."""
+    if proto not in (tables.PROTO_TCP, tables.PROTO_UDP) or flags & CONN_F_FWD_MASK > tables.FWD_ROUTE:
+        return "sync_rejected"
+    if flags & CONN_F_TEMPLATE:
+        bad = state >= CTPL_S_LAST or cport != 0
+    elif proto == tables.PROTO_TCP:
+        bad = state >= states.N_TCP_STATES
+    else:
+        bad = state != IP_VS_UDP_S_NORMAL
+    if bad:
+        return "sync_rejected"
+    return "sync_no_dest" if fwmark else None
+
+
+def engine_state(proto: int, state: int, template: bool) -> int:
+    """The engine's state for a record's: UDP's one state is states.UDP_STATE."""
+    return states.UDP_STATE if not template and proto == tables.PROTO_UDP else state

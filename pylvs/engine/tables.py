@@ -163,6 +163,17 @@ STAT_NAMES = (
     "drop_defense",       # verdict: a new flow's packet dropped by drop_packet's rate (kernel ip_vs_todrop)
     "conns_dropped",      # extra: conns removed by drop_entry (kernel ip_vs_random_dropentry)
     "drop_rs_no_conn",    # verdict: a NAT real server's packet matching no conn, nat_icmp_send=1
+    "drop_pressure",      # verdict: a new flow while the receive ring is backed up, pressure_conn_rate spent
+    # -- added for issue 9 (connection sync; docs/engine.md, "Sync") --
+    "drop_sync_no_mac",   # verdict: a NAT reply of a conn installed by sync before its client's first frame
+    "sync_queued",        # extra: records queued for sync_drain (master)
+    "sync_queue_full",    # extra: records not queued, the queue held sync_qlen_max
+    "sync_installed",     # extra: conns and templates created by sync_install (backup)
+    "sync_updated",       # extra: existing conns and templates updated by sync_install
+    "sync_rejected",      # extra: records that make no sense (proto, fwd, state, flags, ports)
+    "sync_no_dest",       # extra: records whose service or dest this engine does not have
+    "sync_stale",         # extra: the INACTIVE record of a conn already replaced (ignored)
+    "sync_table_full",    # extra: records not installed, the table full and no conn may give way
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 N_STATS = 64  # room to grow without changing the array's size
@@ -218,8 +229,18 @@ SYSCTL_NAMES = (
     "amemthresh",          # pages of available memory below which the automatic modes turn on
     "am_droprate",         # drop_packet's rate in mode 3
     "expire_quiescent_template",  # 1: a template whose dest has weight 0 is invalid when next checked
+    "pressure_conn_rate",  # new conns a worker admits per second while the ring backs up (0: no limit)
+    # -- issue 9: connection sync (ipvs-sysctl.rst; docs/engine.md, "Sync") --
+    "sync_threshold",      # the kernel's sync_threshold pair, first: send at pkts % sync_period == this
+    "sync_period",         # ... second (DEFAULT_SYNC_PERIOD); 0: only at pkts == sync_threshold
+    "sync_refresh_period", # s: resend a conn when its expiry moved this far (0: the threshold rule)
+    "sync_retries",        # 0..3: resends of an unchanged conn, sync_refresh_period / 8 apart
+    "sync_qlen_max",       # records the master's queue holds (set when master mode starts)
+    "sync_persist_mode",   # 1: conns of persistent services are not sent, only their templates
+    "sync_version",        # 0 or 1: the wire format (pylvs.sync); the engine's records are the same
 )
-SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0, 0, 1, 0, 0, 0, 1024, 10, 0)
+SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0, 0, 1, 0, 0, 0, 1024, 10, 0, 1000,
+                   3, 50, 0, 0, 65536, 0, 1)
 SYSCTL_INDEX = {name: i for i, name in enumerate(SYSCTL_NAMES)}
 N_SYSCTL = len(SYSCTL_NAMES)
 
@@ -498,3 +519,9 @@ def with_vnet(frame: bytes, flags: int = 0, gso_type: int = VNET_GSO_NONE,
 def strip_vnet(frame: bytes) -> tuple[tuple[int, ...], bytes]:
     """Split a frame into its virtio_net_hdr fields and the Ethernet frame."""
     return VNET_HDR.unpack_from(frame), frame[VNET_HDR_LEN:]
+
+
+# The sync record (pylvs.engine.sync), here too so that the C engine checks
+# it against its struct as it does the other tables. Last: sync.py reads
+# this module's names when it is imported first.
+from .sync import SYNC_DTYPE  # noqa: E402

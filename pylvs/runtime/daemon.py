@@ -39,7 +39,7 @@ WATCHED_IO = ("rx_dropped", "tx_errors", "tx_emsgsize", "emit_errors", "tx_bad_p
               "pcap_dropped", "pcap_write_errors")
 WATCHED_ENGINE = ("drop_table_full", "emit_overflow")
 LOG_EVERY = 10.0
-SIGHUP_MESSAGE = "SIGHUP: configuration reload is not implemented yet; still running"
+SIGHUP_MESSAGE = "SIGHUP: no configuration file (-c) to reload; still running"
 # How long `pylvs stats` waits for the steering table's not_host counter
 # (an nft subprocess, run in a worker thread); after that it shows null.
 NOT_HOST_TIMEOUT = 5.0
@@ -562,19 +562,64 @@ class Daemon:
 
         loop.call_soon_threadsafe(call)
 
+    # --- the configuration file (-c): applied at start, SIGHUP, `pylvs reload`
+    # (pylvs.config.apply.ConfigFile; docs/config.md)
+
     async def _apply_config(self) -> None:
-        path, rules = self.opts.config, self._config_ops
-        if not path:
-            return
-        # As ipvsadm -R: a bad line is reported (as -R reports it) and the
-        # others still apply, published once at the end.
-        results = self.balancer.apply_many([op for _no, op in rules])
+        if self._config is not None:
+            await self._config.apply(self._apply_ops)
+            self._configure_health()
+
+    async def _apply_ops(self, ops: list[dict]) -> list[dict]:
+        # Held: published by _configure_health together with the health
+        # state, so an `alpha` dest (down until its checks pass) never
+        # forwards in between.
+        results = self.balancer.apply_many(ops, hold=True)
         if inspect.isawaitable(results):
             results = await results
-        bad = [(no, r) for (no, _op), r in zip(rules, results or []) if not r.get("ok", True)]
-        for no, r in bad:
-            log.error("%s line %d: %s", path, no, r.get("error"))
-        log.info("applied %d of %d rules from %s", len(rules) - len(bad), len(rules), path)
+        return list(results or [])
+
+    def _configure_health(self) -> None:
+        # Contract 1 (PLAN-issue9.md): after the services and dests exist.
+        try:
+            if getattr(self, "health", None):
+                self.health.configure(self._config.loaded.virtual_servers)
+        finally:
+            self.balancer.flush()
+
+    async def reload(self, _req: dict | None = None) -> dict:
+        """Re-read the -c file and apply only the difference (SIGHUP, and
+        the control op "reload" of `pylvs reload`); BalancerError when
+        there is no file or it does not parse (nothing changed then)."""
+        from ..config.keepalived import ConfigError
+        from ..control.balancer import BalancerError
+
+        if self._config is None:
+            raise BalancerError("no configuration file to reload (pylvs run -c FILE)")
+        try:
+            result = await self._config.reload(self._apply_ops)
+        except ConfigError as e:
+            raise BalancerError(str(e)) from None   # refused before any operation
+        except BaseException:
+            self.balancer.flush()   # what was applied still goes out
+            raise
+        self._configure_health()
+        return result
+
+    def _sighup(self) -> None:
+        if self._config is None:
+            log.warning(SIGHUP_MESSAGE)
+            return
+        from ..control.balancer import BalancerError
+
+        async def run() -> None:
+            try:
+                await self.reload()
+            except BalancerError:
+                pass   # logged; the running configuration is kept
+            except Exception:
+                log.exception("reload failed; the running configuration is kept")
+        asyncio.ensure_future(run())
 
     async def _await_dests(self, timeout: float = READY_WAIT, step: float = 0.01) -> None:
         """Hold "ready" until the data path can forward to every dest known
@@ -668,14 +713,15 @@ class Daemon:
             self._watch_addrs()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop_event.set)
-        # SIGHUP's default action kills the process without the clean-up
-        # below (an nft steering table would stay and black-hole the VIPs),
-        # and a closed terminal sends it.
-        self._loop.add_signal_handler(signal.SIGHUP, log.warning, SIGHUP_MESSAGE)
+        # SIGHUP re-reads the -c file (without one, its default action would
+        # kill the process without the clean-up below: an nft steering
+        # table would stay and black-hole the VIPs).
+        self._loop.add_signal_handler(signal.SIGHUP, self._sighup)
 
         path = self.opts.control or rpc.default_path()
         server = await rpc.start_server(path, self.balancer,
-                                        extras={"stats": self._stats_extra})
+                                        extras={"stats": self._stats_extra},
+                                        handlers={"reload": self.reload})
         for w in self.workers:
             w.start(self._stop, self.opts.poll_timeout, self.opts.expire_budget,
                     self._worker_failed)
@@ -722,21 +768,14 @@ class Daemon:
 
     def _read_config(self) -> None:
         # Parsed before anything starts: a typo fails the start, not later.
-        self._config_ops = []
-        if self.opts.config:
-            from ..cli import adm
+        from ..config import apply as config_apply
 
+        self._config = None
+        if self.opts.config:
             try:
-                with open(self.opts.config) as f:
-                    text = f.read()
-            except OSError as e:
-                raise SystemExit(f"pylvs run: -c {self.opts.config}: {e.strerror}") from None
-            except UnicodeDecodeError as e:
-                raise SystemExit(f"pylvs run: -c {self.opts.config}: not a text file ({e})") from None
-            try:
-                self._config_ops = adm.parse_rules(text)
-            except adm.AdmError as e:
-                raise SystemExit(f"pylvs run: -c {self.opts.config}: {e}") from None
+                self._config = config_apply.ConfigFile(self.opts.config)
+            except config_apply.ConfigError as e:
+                raise SystemExit(f"pylvs run: -c {e}") from None
 
     def _claim_netns(self) -> None:
         # One director per network namespace: each owns "table netdev pylvs",
@@ -951,7 +990,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="interfaces to serve (default: every Ethernet interface that is up)")
     ap.add_argument("--control", metavar="PATH",
                     help="control socket (default: /run/pylvs/ctl-<netns inode>.sock)")
-    ap.add_argument("-c", "--config", metavar="FILE", help="ipvsadm -S rules to apply at start (default: none)")
+    ap.add_argument("-c", "--config", metavar="FILE",
+                    help="a keepalived.conf (its virtual_server blocks) or pylvs adm -S rules, "
+                         "told apart by the first word; applied at start, re-read on SIGHUP "
+                         "and `pylvs reload` (docs/config.md; default: none)")
     ap.add_argument("--conn-max", type=_bounded(1, MAX_CONN_MAX), default=DEFAULT_CONN_MAX,
                     metavar="N", help="most conns at once; the conn table grows with use up "
                     "to this, 88 to 112 bytes per conn; split evenly among the --workers "

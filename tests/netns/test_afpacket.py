@@ -411,6 +411,7 @@ svc[0] = (ip("10.9.0.1"), 7, 17, 1, 0, 0)
 engine.set_tables(svc, tables.empty_dests(0))
 vals = tables.default_sysctls()
 vals[tables.SYSCTL_INDEX["upcall_share"]] = 0
+vals[tables.SYSCTL_INDEX["pressure_conn_rate"]] = 0   # the upcall limit alone
 engine.set_sysctls(vals)
 engine.upcall_cost = 1e-5
 b = AfPacketBackend(["d0", "d1"], block_nr=64, block_size=1 << 16, ring=RING)

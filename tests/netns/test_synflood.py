@@ -140,7 +140,7 @@ def test_syn_flood_fills_the_table_downloads_and_new_clients_go_on(director_lab,
     st = lab.stats()
     print("synflood:", workers, sent, results, legit, during,
           {k: st.get(k) for k in ("conns_evicted", "conns_dropped", "drop_table_full",
-                                  "drop_upcall_limit", "conns_created")})
+                                  "drop_upcall_limit", "drop_pressure", "conns_created")})
     assert sent["secs"] < 15, (sent, err)
     nominal = DOWNLOAD_BYTES / DOWNLOAD_RATE
     for r in results:

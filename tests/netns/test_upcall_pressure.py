@@ -79,7 +79,10 @@ BACKENDS = {"afpacket": 1600, "xdp": 1600, "tap": 400}
 def test_established_flow_keeps_flowing_through_a_flood_of_new_flows(director_lab, io):
     lab = director_lab(servers=1, start=False, io=io)
     # The limit meters the Python scheduler: wlc would run in the engine.
-    lab.start_director("--sysctl", "upcall_share=0", "--sched-impl", "python")
+    # pressure_conn_rate off: the upcall limit alone decides (its own
+    # flood test: tests/netns/test_synflood.py).
+    lab.start_director("--sysctl", "upcall_share=0", "--sysctl", "pressure_conn_rate=0",
+                       "--sched-impl", "python")
     lab.nat_service("udp", PORT, (1,))
     new = BACKENDS[io]
     k = len(range(0, new, EVERY))

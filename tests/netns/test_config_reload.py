@@ -1,0 +1,177 @@
+"""`pylvs run -c keepalived.conf` (issue 9, items 2 and 7): a keepalived
+configuration with NAT, DR and TUN real servers side by side drives the
+three methods; and a reload under traffic: real HTTP downloads run through
+the director while the file changes and SIGHUP (then `pylvs reload`)
+arrives; not one download breaks, and what changed is in force (the edited
+dest's weight, a new dest, a new service), with 1 and 2 workers."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from pylvs.lab.httpd import content
+from pylvs.lab.topology import GUE_PORT
+
+
+DOWNLOADS = 12
+SIZE, RATE = 2 << 20, 256 << 10     # about 8 s each, paced by the real server
+
+
+def conf(lab, weight2: int, extra: str = "") -> str:
+    rs1, rs2, rs3 = lab.rips
+    return f"""\
+! pylvs reload test
+global_defs {{
+    router_id director
+}}
+virtual_server {lab.vip} 80 {{
+    lb_algo rr
+    lb_kind NAT
+    protocol TCP
+    real_server {rs1} 80 {{
+        weight 1
+    }}
+    real_server {rs2} 80 {{
+        weight {weight2}
+    }}
+{extra}}}
+"""
+
+
+def listing(lab) -> str:
+    return lab.adm("-L", "-n")
+
+
+def rules(lab) -> str:
+    return lab.adm("-S", "-n")
+
+
+def wait_log(lab, needle: str, count: int, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = lab.director_log()
+        if text.count(needle) >= count or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("workers", [1, 2], indirect=True)
+def test_reload_under_traffic_breaks_no_connection(director_lab, tmp_path):
+    lab = director_lab(servers=3, start=False)
+    rs1, rs2, rs3 = lab.rips
+    path = tmp_path / "keepalived.conf"
+    path.write_text(conf(lab, 1))
+    lab.start_director("-c", str(path))
+    assert lab.wait_resolved([rs1, rs2])
+    text = lab.director_log()
+    assert f"{path}:2: global_defs: ignored" in text
+    before = rules(lab)
+    assert before == (f"-A -t {lab.vip}:80 -s rr\n-a -t {lab.vip}:80 -r {rs1}:80 -m -w 1\n"
+                      f"-a -t {lab.vip}:80 -r {rs2}:80 -m -w 1\n")
+
+    outs = [tmp_path / f"dl{i}" for i in range(DOWNLOADS)]
+    procs = [subprocess.Popen(["ip", "netns", "exec", lab.client, *lab.curl_argv(
+        f"/bytes/{SIZE}?rate={RATE}", "-o", str(out), max_time=30)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out in outs]
+    try:
+        deadline = time.monotonic() + 5
+        while not all(o.exists() and o.stat().st_size > 0 for o in outs):
+            assert time.monotonic() < deadline, "downloads never started"
+            time.sleep(0.05)
+        # 1. A broken file: SIGHUP changes nothing, the error names the line.
+        path.write_text(conf(lab, 3).replace("weight 1", "weight 1 {"))
+        lab.procs["director"].send_signal(signal.SIGHUP)
+        text = wait_log(lab, "the running configuration is kept", 1)
+        assert f"{path}:10: weight takes no block; the running configuration is kept" in text
+        assert rules(lab) == before
+        # 2. rs2's weight changes, rs3 joins, the scheduler stays: SIGHUP.
+        path.write_text(conf(lab, 3, f"    real_server {rs3} 80 {{ weight 2 }}\n"))
+        lab.procs["director"].send_signal(signal.SIGHUP)
+        text = wait_log(lab, "reloaded ", 1)
+        assert "1 edit_dest, 1 add_dest" in text, text[-2000:]
+        # 3. A new service (a NAT port remap), with `pylvs reload`.
+        path.write_text(conf(lab, 3, f"    real_server {rs3} 80 {{ weight 2 }}\n")
+                        + f"virtual_server {lab.vip} 8080 {{\n    protocol TCP\n"
+                          f"    real_server {rs3} 80 {{ }}\n}}\n")
+        r = lab.run(lab.director, lab.pylvs_argv("reload"), check=False)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == (f"reloaded {path} (keepalived): 2 service(s); 1 add_service, "
+                            "1 add_dest\n")
+        ended = [(i, p.returncode, p.stderr.read()) for i, p in enumerate(procs)
+                 if p.poll() is not None]
+        assert not ended, f"downloads ended during the reloads: {ended}"
+        results = [p.communicate(timeout=30) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    broken = [(i, p.returncode, err) for i, (p, (_o, err)) in enumerate(zip(procs, results))
+              if p.returncode != 0]
+    assert not broken, broken
+    want = content(0, SIZE)
+    assert all(o.read_bytes() == want for o in outs)
+    after = listing(lab)
+    assert after.split(f"TCP  {lab.vip}:8080 wlc\n")[1].split() == [
+        "->", f"{rs3}:80", "Masq", "1", "0", "0"], after
+    lines = {ln.split()[1]: ln.split() for ln in after.split("8080")[0].splitlines()
+             if ln.startswith("  ->")}
+    assert lines[f"{rs2}:80"][3] == "3" and lines[f"{rs3}:80"][3] == "2", after
+    assert lab.wait_resolved([rs3])
+    # New conns use the new rules: the new service and the new dest answer.
+    assert lab.run(lab.client, lab.curl_argv("/whoami", port=8080)).stdout == "rs3\n"
+    names = {lab.curl("/whoami").stdout.strip() for _ in range(6)}
+    assert names == {"rs1", "rs2", "rs3"}, names
+    assert lab.stop_director() == 0
+
+
+def test_keepalived_conf_drives_nat_dr_and_tun_side_by_side(director_lab, tmp_path):
+    """A routed lab (rs1 NAT, rs2 DR, rs3 Tun behind the router with `pylvs
+    realserver run`): keepalived's lb_kind DR for the service, lvs_method
+    NAT and TUN (GUE, checksummed) for two of its real servers; every real
+    server answers through the director, each by its method."""
+    lab = director_lab(fwd="mixed", servers=3, start=False)
+    nat, dr, tun = lab.rips
+    path = tmp_path / "keepalived.conf"
+    path.write_text(f"""\
+vrrp_instance VI_1 {{
+    state MASTER
+    interface eth0
+    virtual_router_id 51
+    virtual_ipaddress {{
+        {lab.vip}/24
+    }}
+}}
+virtual_server {lab.vip} 80 {{
+    protocol TCP
+    lb_algo rr
+    lb_kind DR
+    real_server {nat} 80 {{
+        lvs_method NAT
+    }}
+    real_server {dr} 80 {{
+        TCP_CHECK {{
+            connect_timeout 3
+        }}
+    }}
+    real_server {tun} 80 {{
+        lvs_method TUN type gue port {GUE_PORT} csum
+    }}
+}}
+""")
+    lab.start_director("-c", str(path))
+    assert f"{path}:1: vrrp_instance: ignored (VRRP is keepalived's" in lab.director_log()
+    assert sorted(lab.adm("-S", "-n").splitlines()) == sorted([
+        f"-A -t {lab.vip}:80 -s rr",
+        f"-a -t {lab.vip}:80 -r {nat}:80 -m -w 1",
+        f"-a -t {lab.vip}:80 -r {dr}:80 -g -w 1",
+        f"-a -t {lab.vip}:80 -r {tun}:80 -i -w 1 --tun-type gue --tun-port {GUE_PORT} "
+        "--tun-csum"])
+    assert lab.wait_resolved([nat, dr])
+    names = [lab.curl("/whoami", max_time=5).stdout.strip() for _ in range(6)]
+    assert sorted(names) == ["rs1", "rs1", "rs2", "rs2", "rs3", "rs3"], names
+    assert lab.stop_director() == 0

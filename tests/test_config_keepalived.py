@@ -1,0 +1,1025 @@
+"""keepalived.conf, natively (issue 9, items 2 and 6): the REFERENCE sample
+and real-world style configurations become the model with every timing
+resolved, then the Balancer rules ipvsadm would hold; a reload applies
+only the difference; bad input is refused naming file:line, never a
+crash nor a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import textwrap
+
+import pytest
+
+from pylvs.config import apply as config_apply
+from pylvs.config import keepalived as ka
+from pylvs.config.model import CheckSpec, SorryServer, UrlSpec
+from pylvs.control import listing
+from pylvs.control.balancer import Balancer, BalancerError
+from pylvs.engine.tables import Counters
+
+
+def write(tmp_path, name: str, text: str) -> str:
+    p = tmp_path / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def parse(tmp_path, text: str, name: str = "keepalived.conf"):
+    return ka.parse_file(write(tmp_path, name, text))
+
+
+def balancer() -> Balancer:
+    return Balancer(Counters(512, 1024))
+
+
+def saved(b: Balancer) -> str:
+    return listing.save(b.snapshot())
+
+
+def apply_all(b: Balancer, loaded) -> list[str]:
+    ops = config_apply.full_ops(loaded.services, loaded.timeouts)
+    results = b.apply_many([op for op, _w in ops])
+    return config_apply.errors(ops, results)
+
+
+# --- the REFERENCE sample ---------------------------------------------------
+
+REFERENCE = """\
+virtual_server 10.10.10.2 80 {          # or: virtual_server fwmark 1 { ... }
+    delay_loop 6
+    lvs_sched wlc                        # lb_algo is an accepted synonym
+    lvs_method NAT                       # NAT | DR | TUN; lb_kind is a synonym; default NAT
+    protocol TCP
+    persistence_timeout 50
+    quorum 1
+    hysteresis 0
+    sorry_server 192.168.200.200 80
+    real_server 192.168.200.2 80 {
+        weight 1
+        inhibit_on_failure               # weight 0 on failure instead of removal
+        HTTP_GET { url { path /health status_code 200 } connect_timeout 3 retry 3 delay_before_retry 3 }
+        TCP_CHECK { connect_port 80 connect_timeout 3 }
+        MISC_CHECK { misc_path "/usr/local/bin/check" misc_timeout 5 misc_dynamic }
+    }
+}
+"""
+
+
+def test_reference_sample(tmp_path):
+    path = write(tmp_path, "keepalived.conf", REFERENCE)
+    cfg = ka.parse_file(path)
+    assert cfg.files == (path,)
+    # keepalived 2.2.7 reads one keyword a line (between braces) and drops
+    # the rest silently (`keepalived -t` says nothing of a `status_code
+    # 999` there): pylvs applies them, naming each.
+    assert [(w.split(": ")[0], w.split(": ")[1]) for w in cfg.warnings] == [
+        (f"{path}:13", "status_code"), (f"{path}:13", "retry"),
+        (f"{path}:13", "delay_before_retry"), (f"{path}:14", "connect_timeout"),
+        (f"{path}:15", "misc_timeout"), (f"{path}:15", "misc_dynamic")]
+    assert cfg.warnings[0].endswith("after another keyword's value on its line: keepalived "
+                                    "ignores it there, pylvs applies it")
+    (vs,) = cfg.virtual_servers
+    assert (vs.protocol, vs.vaddr, vs.vport, vs.fwmark) == ("TCP", "10.10.10.2", 80, 0)
+    assert (vs.lvs_sched, vs.lvs_method, vs.persistence_timeout) == ("wlc", "NAT", 50)
+    assert (vs.delay_loop, vs.quorum, vs.hysteresis) == (6.0, 1, 0)
+    assert vs.sorry_server == SorryServer("192.168.200.200", 80, "NAT", False)
+    assert str(vs.where) == f"{path}:1"
+    (rs,) = vs.real_servers
+    assert (rs.addr, rs.port, rs.weight, rs.inhibit_on_failure) == ("192.168.200.2", 80, 1, True)
+    http, tcp, misc = rs.checks
+    # Every timing resolved: the checker's own, else the virtual server's
+    # delay_loop, else keepalived's defaults (warmup: delay_loop; MISC
+    # retry 0; delay_before_retry 1 s outside HTTP).
+    assert http == CheckSpec("HTTP_GET", delay_loop=6.0, connect_timeout=3.0, retry=3,
+                             delay_before_retry=3.0, warmup=6.0,
+                             urls=(UrlSpec("/health", frozenset({200})),))
+    assert tcp == CheckSpec("TCP_CHECK", delay_loop=6.0, connect_timeout=3.0, retry=1,
+                            delay_before_retry=1.0, warmup=6.0, connect_port=80)
+    assert misc == CheckSpec("MISC_CHECK", delay_loop=6.0, connect_timeout=5.0, retry=0,
+                             delay_before_retry=1.0, warmup=6.0,
+                             misc_path="/usr/local/bin/check", misc_timeout=5.0,
+                             misc_dynamic=True)
+    assert str(misc.where) == f"{path}:15"
+    b = balancer()
+    assert apply_all(b, config_apply.from_keepalived(cfg)) == []
+    assert saved(b) == ("-A -t 10.10.10.2:80 -s wlc -p 50\n"
+                        "-a -t 10.10.10.2:80 -r 192.168.200.2:80 -m -w 1\n")
+
+
+# --- real-world style configurations ----------------------------------------
+
+DR_PERSIST = """\
+! Configuration File for keepalived
+global_defs {
+   notification_email {
+     admin@example.com
+   }
+   router_id LVS_DEVEL
+}
+
+vrrp_instance VI_1 {
+    state MASTER
+    interface eth0
+    virtual_router_id 51
+    priority 150
+    advert_int 1
+    authentication {
+        auth_type PASS
+        auth_pass 1111
+    }
+    virtual_ipaddress {
+        192.168.1.100/24 dev eth0
+    }
+}
+
+virtual_server 192.168.1.100 443
+{
+    delay_loop 10
+    lb_algo sh                     ! keepalived 1.x spelling
+    lb_kind DR
+    persistence_timeout
+    persistence_granularity 255.255.255.0
+    sh-port
+    sh-fallback
+    protocol TCP
+    real_server 192.168.1.11 443 {
+        weight 3
+        uthreshold 1000
+        lthreshold 200
+        SSL_GET {
+            url {
+              path "/status page"
+              digest 9B3A0C85A887A256D6939DA88AABD8CD
+              status_code 200-204 301
+            }
+            connect_timeout 2
+            nb_get_retry 2
+        }
+    }
+    real_server 192.168.1.12 443 {
+        weight 1
+        TCP_CHECK {
+            connect_timeout 2
+        }
+    }
+}
+"""
+
+
+def test_dr_with_persistence_and_keepalived_1_spellings(tmp_path):
+    cfg = parse(tmp_path, DR_PERSIST)
+    (vs,) = cfg.virtual_servers
+    assert (vs.lvs_sched, vs.lvs_method) == ("sh", "DR")
+    assert vs.persistence_timeout == 360          # persistence_timeout without a value
+    assert vs.persistence_granularity == "255.255.255.0"
+    assert vs.sched_flags == ("sh-fallback", "sh-port")
+    rs1, rs2 = vs.real_servers
+    assert (rs1.weight, rs1.uthreshold, rs1.lthreshold, rs1.lvs_method) == (3, 1000, 200, "DR")
+    (ssl,) = rs1.checks
+    assert (ssl.kind, ssl.retry, ssl.connect_timeout, ssl.delay_loop) == ("SSL_GET", 2, 2.0, 10.0)
+    assert ssl.delay_before_retry == 3.0           # HTTP_GET/SSL_GET's default
+    (url,) = ssl.urls
+    assert url.path == "/status page" and url.digest == "9b3a0c85a887a256d6939da88aabd8cd"
+    assert url.status_codes == frozenset({200, 201, 202, 203, 204, 301})
+    assert cfg.vrrp_instances == ("VI_1",)
+    assert [w.split(": ", 2)[1] for w in cfg.warnings] == ["global_defs", "vrrp_instance"]
+    assert cfg.warnings[1].startswith(f"{tmp_path}/keepalived.conf:9: vrrp_instance:")
+    b = balancer()
+    assert apply_all(b, config_apply.from_keepalived(cfg)) == []
+    assert saved(b) == (
+        "-A -t 192.168.1.100:443 -s sh -p 360 -M 255.255.255.0 -b sh-fallback,sh-port\n"
+        "-a -t 192.168.1.100:443 -r 192.168.1.11:443 -g -w 3\n"
+        "-a -t 192.168.1.100:443 -r 192.168.1.12:443 -g -w 1\n")
+    d = b.snapshot()["services"][0]["dests"][1]     # newest first, as the kernel lists
+    assert (d["daddr"], d["u_threshold"], d["l_threshold"]) == ("192.168.1.11", 1000, 200)
+
+
+TUN_MIXED = """\
+virtual_server 10.0.0.50 80 {
+    protocol TCP
+    lvs_sched wrr
+    lvs_method TUN type gue port 6080 csum
+    real_server 10.1.0.1 80 { weight 2 }
+    real_server 10.1.0.2 80 {
+        lvs_method TUN
+    }
+    real_server 10.1.0.3 8080 {    # NAT may remap the port
+        lvs_method NAT
+        weight 5
+    }
+    real_server 10.1.0.4 8080 {    # DR takes the service's port (keepalived resets it)
+        lvs_method DR
+        PING_CHECK { delay_loop 2 }
+    }
+}
+virtual_server 10.0.0.50 53 {
+    protocol UDP
+    ops
+    lvs_sched rr
+    real_server 10.1.0.1 53 {
+        UDP_CHECK {
+            payload 00 01 Ab12f
+            require_reply 00
+            min_reply_length 2
+        }
+    }
+}
+"""
+
+
+def test_tunnel_methods_per_real_server(tmp_path):
+    cfg = parse(tmp_path, TUN_MIXED)
+    web, dns = cfg.virtual_servers
+    gue, ipip, nat, dr = web.real_servers
+    assert (gue.lvs_method, gue.tun_type, gue.tun_port, gue.tun_flags) == ("TUN", "gue", 6080,
+                                                                          "csum")
+    assert (ipip.lvs_method, ipip.tun_type, ipip.tun_port) == ("TUN", "ipip", 0)
+    assert (nat.lvs_method, nat.port, dr.lvs_method, dr.port) == ("NAT", 8080, "DR", 80)
+    assert cfg.warnings == (f"{tmp_path}/keepalived.conf:13: real_server: port 8080 is not the "
+                            "service's 80: DR takes the service's, as keepalived resets it",)
+    (ping,) = dr.checks
+    assert (ping.kind, ping.delay_loop, ping.warmup) == ("PING_CHECK", 2.0, 2.0)
+    (udp,) = dns.real_servers[0].checks
+    assert udp.payload == bytes([0x00, 0x01, 0xAB, 0x12, 0x0F])
+    assert (udp.require_reply, udp.min_reply_length, udp.max_reply_length) == (b"\0", 2, 255)
+    assert dns.ops and dns.protocol == "UDP"
+    b = balancer()
+    assert apply_all(b, config_apply.from_keepalived(cfg)) == []
+    assert saved(b) == (
+        "-A -t 10.0.0.50:80 -s wrr\n"
+        "-a -t 10.0.0.50:80 -r 10.1.0.1:80 -i -w 2 --tun-type gue --tun-port 6080 --tun-csum\n"
+        "-a -t 10.0.0.50:80 -r 10.1.0.2:80 -i -w 1 --tun-type ipip\n"
+        "-a -t 10.0.0.50:80 -r 10.1.0.3:8080 -m -w 5\n"
+        "-a -t 10.0.0.50:80 -r 10.1.0.4:80 -g -w 1\n"
+        "-A -u 10.0.0.50:53 -s rr -o\n"
+        "-a -u 10.0.0.50:53 -r 10.1.0.1:53 -m -w 1\n")
+
+
+SHARED = """\
+virtual_server_group WEB {
+    10.0.0.10-11 80
+    10.0.0.20 8080
+}
+virtual_server group WEB {
+    protocol TCP
+    lvs_sched lc
+    delay_loop 3
+    retry 4                          # inherited by every checker below
+    real_server 10.2.0.1 80 {
+        HTTP_GET {
+            url { path / }
+            url {
+                path /ready
+                regex "^ok"
+                regex_no_match
+            }
+        }
+    }
+    real_server 10.2.0.2 80 {
+        delay_loop 1                 # the real server's own
+        TCP_CHECK { }
+    }
+}
+virtual_server 10.0.0.30 443 {
+    protocol TCP
+    real_server 10.2.0.1 443 { TCP_CHECK { connect_port 80 } }
+    real_server 10.2.0.2 443 { TCP_CHECK { connect_port 80 } }
+}
+"""
+
+
+def test_several_virtual_servers_share_real_servers(tmp_path):
+    cfg = parse(tmp_path, SHARED)
+    keys = [vs.key for vs in cfg.virtual_servers]
+    assert keys == [("TCP", "10.0.0.10", 80, 0), ("TCP", "10.0.0.11", 80, 0),
+                    ("TCP", "10.0.0.20", 8080, 0), ("TCP", "10.0.0.30", 443, 0)]
+    g1 = cfg.virtual_servers[0]
+    http = g1.real_servers[0].checks[0]
+    assert (http.retry, http.delay_loop) == (4, 3.0)
+    assert [u.path for u in http.urls] == ["/", "/ready"]
+    assert http.urls[1].regex == "^ok" and http.urls[1].regex_no_match
+    assert g1.real_servers[1].checks[0].delay_loop == 1.0
+    # NAT real servers keep their port in every member of the group.
+    third = cfg.virtual_servers[2]
+    assert [rs.port for rs in third.real_servers] == [80, 80]
+    assert cfg.warnings == ()
+    # The same checker on the same real server in two services: equal specs
+    # (the health manager runs one probe for them).
+    s443 = cfg.virtual_servers[3]
+    assert s443.real_servers[0].checks[0] == s443.real_servers[1].checks[0]
+    b = balancer()
+    assert apply_all(b, config_apply.from_keepalived(cfg)) == []
+    assert saved(b).count("-A ") == 4 and saved(b).count("-a ") == 8
+
+
+def test_includes_with_globs_braces_and_relative_paths(tmp_path):
+    main = write(tmp_path, "etc/keepalived.conf", """\
+        include conf.d/*.conf
+        include {extra,more}/vs.conf
+        include "empty/*.conf"
+    """)
+    write(tmp_path, "etc/conf.d/b.conf", """\
+        virtual_server 10.0.0.2 80 { real_server 10.1.0.2 80 { } }
+    """)
+    write(tmp_path, "etc/conf.d/a.conf", """\
+        virtual_server 10.0.0.1 80 {
+            include ../rs/*.inc
+        }
+    """)
+    write(tmp_path, "etc/rs/one.inc", "real_server 10.1.0.1 80 { weight 7 }\n")
+    write(tmp_path, "etc/extra/vs.conf", "virtual_server 10.0.0.3 80 { real_server 10.1.0.3 80 { } }\n")
+    write(tmp_path, "etc/more/vs.conf", "virtual_server 10.0.0.4 80 { bogus_keyword }\n")
+    with pytest.raises(ka.ConfigError) as ei:
+        ka.parse_file(main)
+    assert str(ei.value) == (f"{tmp_path}/etc/more/vs.conf:1: unknown keyword 'bogus_keyword' "
+                             "in virtual_server")
+    write(tmp_path, "etc/more/vs.conf", "virtual_server 10.0.0.4 80 {\n"
+                                        " protocol TCP\n real_server 10.1.0.4 80 { }\n}\n")
+    cfg = ka.parse_file(main)
+    assert [vs.vaddr for vs in cfg.virtual_servers] == ["10.0.0.1", "10.0.0.2", "10.0.0.3",
+                                                        "10.0.0.4"]
+    assert cfg.virtual_servers[0].real_servers[0].weight == 7
+    assert len(cfg.files) == 6
+    assert cfg.warnings[0] == f"{main}:3: include empty/*.conf: no file matches"
+    assert [w.split(": ", 2)[1] for w in cfg.warnings[1:]] == ["virtual_server"] * 3  # no protocol
+
+
+KEEPALIVED = "/usr/sbin/keepalived"
+
+
+@pytest.mark.skipif(not os.path.exists(KEEPALIVED), reason="keepalived not installed (make)")
+@pytest.mark.parametrize("name", ["REFERENCE", "DR_PERSIST", "TUN_MIXED", "SHARED", "BASE"])
+def test_the_sample_configurations_are_keepalived_s_own(tmp_path, name):
+    """keepalived 2.2.7 itself (`keepalived -t`) reads each sample without
+    a config error: they are configurations an operator has, not ones
+    only pylvs accepts."""
+    import re
+    import subprocess
+
+    path = write(tmp_path, "keepalived.conf", globals()[name])
+    p = subprocess.run([KEEPALIVED, "-t", "-l", "-f", path], capture_output=True, text=True,
+                       timeout=30)
+    said = p.stdout + p.stderr
+    errors = [ln for ln in said.splitlines()
+              if re.search(r"Line \d+\)", ln) and "deprecated" not in ln]
+    assert not errors, said   # (its exit status counts its notes: no default scheduler, ...)
+
+
+@pytest.mark.skipif(not os.path.exists(KEEPALIVED), reason="keepalived not installed (make)")
+def test_keepalived_only_logs_a_misspelt_keyword_pylvs_refuses_it(tmp_path):
+    import subprocess
+
+    path = write(tmp_path, "keepalived.conf", BASE.replace("lvs_sched rr", "lvs_shed rr"))
+    p = subprocess.run([KEEPALIVED, "-t", "-l", "-f", path], capture_output=True, text=True,
+                       timeout=30)
+    assert "Unknown keyword 'lvs_shed'" in p.stdout + p.stderr   # a note; it would run
+    with pytest.raises(ka.ConfigError, match=r":3: unknown keyword 'lvs_shed' in virtual_server"):
+        ka.parse_file(path)
+
+
+# --- warnings: one per block or keyword pylvs does not act on ----------------
+
+def test_one_warning_per_unimplemented_block_or_keyword(tmp_path):
+    cfg = parse(tmp_path, """\
+        global_defs { router_id X }
+        vrrp_script chk { script "/bin/true" }
+        vrrp_instance A { state BACKUP }
+        vrrp_instance B { state BACKUP }
+        virtual_server 10.0.0.1 80 {
+            protocol TCP
+            ha_suspend
+            smtp_alert
+            real_server 10.1.0.1 80 {
+                DNS_CHECK { type A name example.com }
+                MISC_CHECK {
+                    misc_path "/bin/check arg"
+                    user nobody
+                }
+            }
+        }
+    """)
+    names = [(w.split(": ")[0].rsplit(":", 1)[1], w.split(": ")[1]) for w in cfg.warnings]
+    assert names == [("1", "global_defs"), ("2", "vrrp_script"), ("3", "vrrp_instance"),
+                     ("4", "vrrp_instance"), ("7", "ha_suspend"), ("8", "smtp_alert"),
+                     ("10", "DNS_CHECK"), ("13", "user")]
+    assert cfg.vrrp_instances == ("A", "B")
+    misc = cfg.virtual_servers[0].real_servers[0].checks
+    assert [c.misc_path for c in misc] == ["/bin/check arg"]
+
+
+CORRECTED = """\
+virtual_server 10.0.0.1 80 {
+    ops
+}
+virtual_server 10.0.0.2 0 {
+    ops
+    quorum 5
+    hysteresis 2
+    lvs_method DR
+    real_server 10.1.0.1 80 { weight 2 }
+    real_server 10.1.0.1 { weight 3 }
+    real_server 10.1.0.2 8080 { lvs_method NAT }
+    sorry_server 10.1.0.9 8080
+}
+"""
+
+
+def test_what_keepalived_corrects_is_corrected_and_named(tmp_path):
+    """keepalived's validate_check_config() corrections, made the same way
+    with a warning each: no real servers (ignored), no protocol (UDP), ops
+    without UDP... (here UDP, kept), port 0 without persistence (360 s), a
+    DR real server's port (the service's), a duplicate real server (the
+    second ignored), quorum above the total weight, hysteresis not below
+    quorum; a DR sorry server takes the service's port."""
+    cfg = parse(tmp_path, CORRECTED)
+    conf = f"{tmp_path}/keepalived.conf"
+    (vs,) = cfg.virtual_servers
+    assert (vs.protocol, vs.ops, vs.vport, vs.persistence_timeout) == ("UDP", True, 0, 360)
+    assert [(rs.addr, rs.port, rs.weight, rs.lvs_method) for rs in vs.real_servers] == [
+        ("10.1.0.1", 0, 2, "DR"), ("10.1.0.2", 8080, 1, "NAT")]
+    assert (vs.quorum, vs.hysteresis) == (3, 2)
+    assert (vs.sorry_server.port, vs.sorry_server.lvs_method) == (0, "DR")
+    assert cfg.warnings == (
+        f"{conf}:1: virtual_server: no real servers: ignored, as keepalived ignores it",
+        f"{conf}:4: virtual_server: no protocol: UDP, as keepalived sets it (the kernel's "
+        "default); say protocol TCP for TCP",
+        f"{conf}:4: virtual_server: a port 0 service must be persistent: persistence_timeout "
+        "360, as keepalived sets it",
+        f"{conf}:9: real_server: port 80 is not the service's 0: DR takes the service's, as "
+        "keepalived resets it",
+        f"{conf}:10: real_server: 10.1.0.1 0 already defined at {conf}:9: this one ignored, "
+        "as keepalived ignores it",
+        f"{conf}:4: virtual_server: quorum 5 above the real servers' total weight 3: 3, as "
+        "keepalived sets it")
+    b = balancer()
+    assert apply_all(b, config_apply.from_keepalived(cfg)) == []
+    assert saved(b) == ("-A -u 10.0.0.2:0 -s wlc -p 360 -o\n"
+                        "-a -u 10.0.0.2:0 -r 10.1.0.1:0 -g -w 2\n"
+                        "-a -u 10.0.0.2:0 -r 10.1.0.2:8080 -m -w 1\n")
+    text = CORRECTED.replace("virtual_server 10.0.0.2 0 {", "virtual_server 10.0.0.2 0 {\n"
+                             "    protocol TCP").replace("hysteresis 2", "hysteresis 4")
+    cfg = parse(tmp_path, text, "tcp.conf")
+    assert not cfg.virtual_servers[0].ops and cfg.virtual_servers[0].hysteresis == 2
+    assert any("hysteresis 4 not below quorum 3: 2" in w for w in cfg.warnings)
+    assert any("ops (one-packet scheduling) needs UDP: cleared" in w for w in cfg.warnings)
+
+
+# --- bad input: file:line, never a crash -------------------------------------
+
+BAD = [
+    ("unknown keyword", "virtual_server 10.0.0.1 80 {\n  persistance_timeout 5\n}\n",
+     ":2: unknown keyword 'persistance_timeout' in virtual_server"),
+    ("unknown top-level keyword", "virtual_servers 10.0.0.1 80 { }\n",
+     ":1: unknown keyword 'virtual_servers' in the top level"),
+    ("unbalanced close", "virtual_server 10.0.0.1 80 { }\n}\n",
+     ":2: unbalanced '}': no block is open"),
+    ("never closed", "\nvirtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n}\n",
+     ":2: the block of 'virtual_server' opened here is never closed"),
+    ("brace without keyword", "{\n}\n", ":1: '{' without a keyword before it"),
+    ("no block", "virtual_server 10.0.0.1 80\n", ":1: virtual_server: '{' expected"),
+    ("block where none", "virtual_server 10.0.0.1 80 { delay_loop 5 { } }\n",
+     ":1: delay_loop takes no block"),
+    ("missing value", "virtual_server 10.0.0.1 80 {\n delay_loop\n}\n",
+     ":2: delay_loop: a value expected"),
+    ("extra value", "virtual_server 10.0.0.1 80 {\n delay_loop 5 6\n}\n",
+     ":2: delay_loop: unexpected value '6'"),
+    ("bad timer", "virtual_server 10.0.0.1 80 {\n delay_loop -1\n}\n",
+     ":2: delay_loop: '-1' is not a time in seconds"),
+    ("zero delay_loop", "virtual_server 10.0.0.1 80 {\n delay_loop 0\n}\n",
+     ":2: delay_loop: '0' is not a time in seconds (above 0"),
+    ("bad weight", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  weight 70000\n }\n}\n",
+     ":3: weight: '70000' is not an integer from 0 to 65535"),
+    ("bad address", "virtual_server 10.0.0.300 80 { }\n",
+     ":1: virtual server: '10.0.0.300' is not an IPv4 address"),
+    ("IPv6", "virtual_server 2001:db8::1 80 { }\n", ":1: virtual server: 2001:db8::1: IPv6"),
+    ("bad port", "virtual_server 10.0.0.1 http { }\n",
+     ":1: virtual server port: 'http' is not an integer"),
+    ("bad method", "virtual_server 10.0.0.1 80 {\n lvs_method MASQ\n}\n",
+     ":2: lvs_method: 'MASQ' is not NAT, DR or TUN"),
+    ("gre", "virtual_server 10.0.0.1 80 {\n lvs_method TUN type gre\n}\n",
+     ":2: lvs_method TUN type gre: not supported by pylvs"),
+    ("gue without port", "virtual_server 10.0.0.1 80 {\n lb_kind TUN type gue\n}\n",
+     ":2: lb_kind TUN type gue: port N expected"),
+    ("bad scheduler", "virtual_server 10.0.0.1 80 {\n lb_algo wrrr\n}\n",
+     ":2: lb_algo: unknown scheduler 'wrrr'"),
+    ("bad protocol", "virtual_server 10.0.0.1 80 {\n protocol ICMP\n}\n",
+     ":2: protocol: 'ICMP' is not TCP, UDP or SCTP"),
+    ("duplicate service", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 { }\n}\n"
+     "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.2 80 { }\n}\n",
+     ":4: virtual server UDP 10.0.0.1:80 already defined at"),
+    ("thresholds", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  lthreshold 5\n }\n}\n",
+     ":2: lthreshold above uthreshold"),
+    ("HTTP_GET without url",
+     "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  HTTP_GET { connect_timeout 1 }\n }\n}\n",
+     ":3: HTTP_GET: at least one url"),
+    ("bad regex",
+     "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  HTTP_GET { url { path / regex \"(\" } }\n }\n}\n",
+     ":3: regex: missing ), unterminated subpattern"),
+    ("bad digest",
+     "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  HTTP_GET { url { path / digest abc } }\n }\n}\n",
+     ":3: digest: 32 hexadecimal digits"),
+    ("bad status", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  HTTP_GET {\n   url { path / status_code 299-200 }\n  }\n }\n}\n",
+     ":4: status_code: empty range '299-200'"),
+    ("bad hex", "virtual_server 10.0.0.1 53 {\n real_server 10.1.0.1 53 {\n"
+     "  UDP_CHECK { payload 0g }\n }\n}\n", ":3: payload: '0g' is not hexadecimal"),
+    ("hex wildcard", "virtual_server 10.0.0.1 53 {\n real_server 10.1.0.1 53 {\n"
+     "  UDP_CHECK { require_reply 0x }\n }\n}\n", ":3: require_reply: wildcard nibbles"),
+    ("misc without path", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  MISC_CHECK { misc_dynamic }\n }\n}\n", ":3: MISC_CHECK: misc_path expected"),
+    ("bad bool", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  alpha maybe\n }\n}\n",
+     ":3: alpha: 'maybe' is not on/off"),
+    ("unterminated quote", "virtual_server 10.0.0.1 80 {\n virtualhost \"abc\n}\n",
+     ":2: unterminated quoted string"),
+    ("conditional", "@main virtual_server 10.0.0.1 80 { }\n",
+     ":1: keepalived's conditional configuration ('@') is not supported"),
+    ("substitution", "$VIP=10.0.0.1\n", ":1: keepalived's parameter substitution ('$')"),
+    ("missing group", "virtual_server group NOPE { }\n",
+     ":1: virtual_server_group NOPE is not defined"),
+    ("bad group member", "virtual_server_group G {\n 10.0.0.1-0 80\n}\n",
+     ":2: virtual_server_group: empty range '10.0.0.1-0'"),
+    ("huge group", "virtual_server_group G {\n 10.0.0.0/8 80\n}\n",
+     ":2: virtual_server_group: 10.0.0.0/8 has more than 65536 addresses"),
+    ("sip", "virtual_server 10.0.0.1 5060 {\n persistence_engine sip\n}\n",
+     ":2: persistence_engine sip: not supported by pylvs"),
+    ("include with checks", "includer /etc/x.conf\n", ":1: includer (an include with checks)"),
+    ("include missing", "include /nonexistent/pylvs/x.conf\n",
+     ":1: /nonexistent/pylvs/x.conf: No such file or directory"),
+    ("not UTF-8", b"virtual_server 10.0.0.1 80 {\n \xff\n}\n".decode("latin-1"),
+     ":2: not UTF-8 text"),
+    ("NUL byte", "virtual_server 10.0.0.1 80 {\x00}\n", ":1: a NUL byte"),
+]
+
+
+@pytest.mark.parametrize("text,expected", [(t, e) for _d, t, e in BAD],
+                         ids=[d for d, _t, _e in BAD])
+def test_bad_input_names_file_and_line(tmp_path, text, expected):
+    p = tmp_path / "keepalived.conf"
+    p.write_bytes(text.encode("latin-1") if "not UTF-8" in expected else text.encode())
+    with pytest.raises(ka.ConfigError) as ei:
+        ka.parse_file(str(p))
+    assert str(ei.value).startswith(str(p) + expected), str(ei.value)
+
+
+def test_limits_never_hang(tmp_path):
+    # A file larger than the limit is refused before it is parsed.
+    big = tmp_path / "big.conf"
+    with open(big, "w") as f:
+        f.write("! " + "x" * (ka.MAX_FILE_BYTES + 10) + "\n")
+    with pytest.raises(ka.ConfigError, match=f"larger than {ka.MAX_FILE_BYTES} bytes"):
+        ka.parse_file(str(big))
+    # An include of itself, and a loop through two files.
+    selfinc = write(tmp_path, "self.conf", "include self.conf\n")
+    with pytest.raises(ka.ConfigError, match=r"self.conf:1: include loop"):
+        ka.parse_file(selfinc)
+    write(tmp_path, "a.conf", "include b.conf\n")
+    write(tmp_path, "b.conf", "include a.conf\n")
+    with pytest.raises(ka.ConfigError, match=r"b.conf:1: include loop: .*a.conf includes itself"):
+        ka.parse_file(str(tmp_path / "a.conf"))
+    # A chain deeper than the limit.
+    for i in range(ka.MAX_INCLUDE_DEPTH + 3):
+        write(tmp_path, f"d{i}.conf", f"include d{i + 1}.conf\n")
+    write(tmp_path, f"d{ka.MAX_INCLUDE_DEPTH + 3}.conf", "\n")
+    with pytest.raises(ka.ConfigError, match="includes nested deeper than"):
+        ka.parse_file(str(tmp_path / "d0.conf"))
+    # Blocks nested without end (inside a block pylvs skips).
+    deep = write(tmp_path, "deep.conf", "global_defs " + "{ x " * 100 + "}" * 100 + "\n")
+    with pytest.raises(ka.ConfigError, match="blocks nested deeper than"):
+        ka.parse_file(deep)
+    # Brace expansion that multiplies.
+    bomb = write(tmp_path, "bomb.conf", "include " + "{a,b}" * 12 + "\n")
+    with pytest.raises(ka.ConfigError, match="expands to more than"):
+        ka.parse_file(bomb)
+
+
+def test_many_virtual_servers_parse_quickly(tmp_path):
+    import time
+
+    text = "".join(f"virtual_server 10.{i >> 8}.{i & 255}.1 80 {{\n"
+                   f"  real_server 10.200.0.1 80 {{ weight 1 TCP_CHECK {{ }} }}\n}}\n"
+                   for i in range(2000))
+    t0 = time.monotonic()
+    cfg = parse(tmp_path, text)
+    assert len(cfg.virtual_servers) == 2000
+    assert time.monotonic() - t0 < 10
+
+
+def test_format_detection():
+    assert ka.looks_like_keepalived("! comment\n\nvirtual_server 1.2.3.4 80 {\n}\n")
+    assert ka.looks_like_keepalived("include /etc/keepalived/*.conf\n")
+    assert not ka.looks_like_keepalived("# saved\n-A -t 1.2.3.4:80 -s rr\n")
+    assert not ka.looks_like_keepalived("ipvsadm -A -t 1.2.3.4:80\n")
+    assert not ka.looks_like_keepalived("")
+
+
+# --- config → Balancer operations; the difference of two ----------------------
+
+def keep(tmp_path, text: str):
+    return config_apply.from_keepalived(parse(tmp_path, text))
+
+
+BASE = """\
+virtual_server 10.0.0.1 80 {
+    protocol TCP
+    lvs_sched rr
+    real_server 10.1.0.1 80 { weight 1 }
+    real_server 10.1.0.2 80 { weight 2 }
+}
+virtual_server 10.0.0.2 80 {
+    protocol TCP
+    real_server 10.1.0.1 80 { }
+}
+"""
+
+
+class Recording:
+    """The operations a reload sends to a Balancer, and their results."""
+
+    def __init__(self, b: Balancer):
+        self.b = b
+        self.sent: list[dict] = []
+
+    def apply(self, ops):
+        self.sent = [op for op, _w in ops]
+        return self.b.apply_many(self.sent)
+
+
+def reload_into(b: Balancer, old, new) -> tuple[list[dict], list[str]]:
+    ops = config_apply.diff_ops(old.services, new.services, old.timeouts, new.timeouts)
+    results = b.apply_many([op for op, _w in ops])
+    return [op for op, _w in ops], config_apply.errors(ops, results)
+
+
+CHANGES = [
+    ("unchanged", BASE, []),
+    ("comments and layout only", "# a comment\n" + BASE.replace("{ weight 1 }",
+                                                               "{\n  weight 1 ! same\n}"), []),
+    ("weight changed", BASE.replace("weight 2", "weight 5"),
+     [("edit_dest", "10.0.0.1", "10.1.0.2", {"weight": 5, "fwd": "masq"})]),
+    ("real server added", BASE.replace("    real_server 10.1.0.2 80 { weight 2 }\n",
+                                       "    real_server 10.1.0.2 80 { weight 2 }\n"
+                                       "    real_server 10.1.0.3 80 { }\n"),
+     [("add_dest", "10.0.0.1", "10.1.0.3", {"weight": 1})]),
+    ("real server removed", BASE.replace("    real_server 10.1.0.2 80 { weight 2 }\n", ""),
+     [("del_dest", "10.0.0.1", "10.1.0.2", {})]),
+    ("service removed", BASE.split("virtual_server 10.0.0.2")[0],
+     [("del_service", "10.0.0.2", None, {})]),
+    ("scheduler changed", BASE.replace("lvs_sched rr", "lvs_sched wlc"),
+     [("edit_service", "10.0.0.1", None, {"sched": "wlc"})]),
+    ("persistence added", BASE.replace("lvs_sched rr", "lvs_sched rr\n persistence_timeout 30"),
+     [("edit_service", "10.0.0.1", None, {"persistent": 30})]),
+    ("method changed", BASE.replace("{ weight 1 }", "{ weight 1 lvs_method DR }"),
+     [("edit_dest", "10.0.0.1", "10.1.0.1", {"fwd": "route", "weight": 1})]),
+    ("service moved", BASE.replace("virtual_server 10.0.0.2 80", "virtual_server 10.0.0.2 81"),
+     [("del_service", "10.0.0.2", None, {}), ("add_service", "10.0.0.2", None, {"vport": 81}),
+      ("add_dest", "10.0.0.2", "10.1.0.1", {"dport": 80, "vport": 81})]),
+]
+
+
+@pytest.mark.parametrize("new_text,expected", [(t, e) for _d, t, e in CHANGES],
+                         ids=[d for d, _t, _e in CHANGES])
+def test_reload_applies_only_the_difference(tmp_path, new_text, expected):
+    b = balancer()
+    old = keep(tmp_path, BASE)
+    assert apply_all(b, old) == []
+    slots = {(s["vaddr"], s["vport"], d["daddr"]): d["slot"]
+             for s in b.snapshot()["services"] for d in s["dests"]}
+    new = config_apply.from_keepalived(parse(tmp_path, new_text, "new.conf"))
+    sent, errs = reload_into(b, old, new)
+    assert errs == []
+    got = [(op["op"], op["vaddr"], op.get("daddr")) for op in sent]
+    assert got == [(n, v, d) for n, v, d, _attrs in expected]
+    for op, (_n, _v, _d, attrs) in zip(sent, expected):
+        assert {k: op[k] for k in attrs} == attrs
+    # The Balancer now holds what the new file says, as a fresh start would.
+    fresh = balancer()
+    apply_all(fresh, new)
+    assert saved(b) == saved(fresh)
+    # Dests no operation named keep their slot (their conns and counters).
+    touched = {(op["vaddr"], op.get("daddr")) for op in sent}
+    for s in b.snapshot()["services"]:
+        for d in s["dests"]:
+            k = (s["vaddr"], s["vport"], d["daddr"])
+            if (s["vaddr"], d["daddr"]) not in touched and (s["vaddr"], None) not in touched:
+                assert d["slot"] == slots[k]
+
+
+def test_refused_services_are_named_and_the_rest_applies(tmp_path):
+    cfg = parse(tmp_path, """\
+        virtual_server fwmark 7 {
+            real_server 10.1.0.1 80 { }
+        }
+        virtual_server 10.0.0.1 80 {
+            protocol SCTP
+            real_server 10.1.0.1 80 { }
+        }
+        virtual_server 10.0.0.1 81 {
+            protocol TCP
+            lvs_method DR
+            real_server 10.1.0.1 81 { }
+        }
+    """)
+    loaded = config_apply.from_keepalived(cfg)
+    conf = f"{tmp_path}/keepalived.conf"
+    assert loaded.refused == [
+        f"{conf}:1: virtual_server fwmark 7: fwmark services are not supported by pylvs yet; "
+        "skipped",
+        f"{conf}:4: virtual_server 10.0.0.1 80: SCTP services are not supported by pylvs; "
+        "skipped"]
+    assert [vs.vport for vs in loaded.virtual_servers] == [81]
+    b = balancer()
+    assert apply_all(b, loaded) == []
+    assert saved(b) == "-A -t 10.0.0.1:81 -s wlc\n-a -t 10.0.0.1:81 -r 10.1.0.1:81 -g -w 1\n"
+
+
+def test_refused_operations_are_retried_by_the_next_reload(tmp_path):
+    b = balancer()
+    b.apply({"op": "add_service", "proto": "tcp", "vaddr": "10.0.0.2", "vport": 80})
+    loaded = keep(tmp_path, BASE)
+    ops = config_apply.full_ops(loaded.services)
+    results = b.apply_many([op for op, _w in ops])
+    errs = config_apply.errors(ops, results)
+    assert errs == [f"{tmp_path}/keepalived.conf:7: add_service tcp 10.0.0.2:80: "
+                    "Service already exists"]
+    state = config_apply.settle(loaded.services, ops, results)
+    assert ("tcp", "10.0.0.2", 80, 0) not in state
+    # The operator removes the service by hand; the next reload (same file) adds it.
+    b.apply({"op": "del_service", "proto": "tcp", "vaddr": "10.0.0.2", "vport": 80})
+    ops = config_apply.diff_ops(state, loaded.services)
+    assert [op["op"] for op, _w in ops] == ["add_service", "add_dest"]
+    assert config_apply.errors(ops, b.apply_many([op for op, _w in ops])) == []
+
+
+def test_rules_file_reload_is_a_difference_too(tmp_path):
+    old_rules = ("-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.1:80 -r 10.1.0.1:80 -m -w 1\n"
+                 "-a -t 10.0.0.1:80 -r 10.1.0.2:80 -m -w 1\n-A -u 10.0.0.1:53 -s rr\n")
+    new_rules = ("-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.1:80 -r 10.1.0.1:80 -m -w 1\n"
+                 "-a -t 10.0.0.1:80 -r 10.1.0.2:80 -m -w 4\n--set 0 0 60\n")
+    old = config_apply.load(write(tmp_path, "old.rules", old_rules))
+    new = config_apply.load(write(tmp_path, "new.rules", new_rules))
+    assert (old.kind, new.kind) == ("rules", "rules")
+    b = balancer()
+    b.apply_many([op for _no, op in old.rules])
+    sent, errs = reload_into(b, old, new)
+    assert errs == []
+    assert [op["op"] for op in sent] == ["del_service", "edit_dest", "set_timeouts"]
+    assert saved(b) == ("-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.1:80 -r 10.1.0.1:80 -m -w 1\n"
+                        "-a -t 10.0.0.1:80 -r 10.1.0.2:80 -m -w 4\n")
+    assert b.timeouts()["udp"] == 60
+
+
+def test_the_same_rules_in_either_format_give_the_same_director(tmp_path):
+    rules = config_apply.load(write(tmp_path, "r", (
+        "-A -t 192.168.1.100:443 -s sh -p 360 -M 255.255.255.0 -b sh-fallback,sh-port\n"
+        "-a -t 192.168.1.100:443 -r 192.168.1.11:443 -g -w 3 -x 1000 -y 200\n"
+        "-a -t 192.168.1.100:443 -r 192.168.1.12:443 -g -w 1\n")))
+    conf = config_apply.load(write(tmp_path, "k", DR_PERSIST))
+    b1, b2 = balancer(), balancer()
+    b1.apply_many([op for _no, op in rules.rules])
+    apply_all(b2, conf)
+    assert saved(b1) == saved(b2)
+
+
+def test_load_errors_name_file_and_line(tmp_path):
+    p = write(tmp_path, "r", "-A -t 10.0.0.1:80\n-a -t 10.0.0.1:80 -r\n")
+    with pytest.raises(ka.ConfigError, match=rf"^{p}: line 2: "):
+        config_apply.load(p)
+    with pytest.raises(ka.ConfigError, match=rf"^{tmp_path}/nope: No such file"):
+        config_apply.load(str(tmp_path / "nope"))
+    bin_ = tmp_path / "bin"
+    bin_.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ka.ConfigError, match="not a text file"):
+        config_apply.load(str(bin_))
+
+
+# --- the daemon's reload (SIGHUP and `pylvs reload`) ---------------------------
+
+class FakeHealth:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def configure(self, vss):
+        self.calls.append(tuple(vs.key for vs in vss))
+
+
+def daemon_for(path: str, b: Balancer):
+    from pylvs.runtime.daemon import Daemon, Options
+
+    d = Daemon.__new__(Daemon)   # the config block alone: no interfaces, no workers
+    d.opts = Options(config=path)
+    d.balancer = b
+    d.health = FakeHealth()
+    d._read_config()
+    return d
+
+
+def test_daemon_reload_keeps_the_old_config_when_the_new_file_is_broken(tmp_path):
+    path = write(tmp_path, "keepalived.conf", BASE)
+    b = balancer()
+    d = daemon_for(path, b)
+
+    async def run():
+        await d._apply_config()
+        before = saved(b)
+        assert d.health.calls == [(("TCP", "10.0.0.1", 80, 0), ("TCP", "10.0.0.2", 80, 0))]
+        write(tmp_path, "keepalived.conf", BASE.replace("weight 2", "weight 2 {"))
+        with pytest.raises(BalancerError, match=rf"^{path}:\d+: .*the running configuration "
+                                                "is kept"):
+            await d.reload()
+        assert saved(b) == before and len(d.health.calls) == 1
+        write(tmp_path, "keepalived.conf", BASE.replace("weight 2", "weight 3"))
+        r = await d.reload()
+        assert r["operations"] == {"edit_dest": 1} and r["errors"] == [] and r["format"] == \
+            "keepalived"
+        assert "-r 10.1.0.2:80 -m -w 3" in saved(b) and len(d.health.calls) == 2
+        # The file turns into -S rules: the difference again, health told
+        # there are no keepalived virtual servers any more.
+        write(tmp_path, "keepalived.conf", "-A -t 10.0.0.1:80 -s rr\n"
+                                           "-a -t 10.0.0.1:80 -r 10.1.0.1:80 -m -w 1\n")
+        r = await d.reload()
+        assert r["format"] == "rules" and r["errors"] == []
+        assert saved(b) == "-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.1:80 -r 10.1.0.1:80 -m -w 1\n"
+        assert d.health.calls[-1] == ()
+    asyncio.run(run())
+
+
+def test_start_refuses_a_broken_file(tmp_path):
+    path = write(tmp_path, "keepalived.conf", "virtual_server 10.0.0.1 80 {\n bad\n}\n")
+    with pytest.raises(SystemExit, match=rf"^pylvs run: -c {path}:2: unknown keyword 'bad'"):
+        daemon_for(path, balancer())
+    assert os.path.exists(path)
+
+
+def test_pylvs_reload_prints_the_outcome():
+    import io
+
+    from pylvs.cli import tools
+    from pylvs.control import rpc
+
+    class Client:
+        answer: object = None
+
+        def __init__(self, _path):
+            pass
+
+        def call(self, op):
+            assert op == {"op": "reload"}
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+        def close(self):
+            pass
+
+    def run(answer):
+        Client.answer = answer
+        out, err = io.StringIO(), io.StringIO()
+        rc = tools.reload_main([], stdout=out, stderr=err, client_factory=Client)
+        return rc, out.getvalue(), err.getvalue()
+
+    ok = {"file": "/k.conf", "format": "keepalived", "services": 2,
+          "operations": {"edit_dest": 1, "add_dest": 2}, "errors": [], "refused": [],
+          "warnings": ["/k.conf:1: global_defs: ignored (pylvs does not run it)"]}
+    assert run(ok) == (0, "reloaded /k.conf (keepalived): 2 service(s); 1 edit_dest, "
+                          "2 add_dest\n",
+                       "warning: /k.conf:1: global_defs: ignored (pylvs does not run it)\n")
+    assert run({**ok, "operations": {}, "warnings": [],
+                "errors": ["/k.conf:4: add_dest tcp 10.0.0.1:80 -> 10.0.0.1:80: refused"]}) == (
+        1, "reloaded /k.conf (keepalived): 2 service(s); nothing changed\n",
+        "/k.conf:4: add_dest tcp 10.0.0.1:80 -> 10.0.0.1:80: refused\n")
+    broken = rpc.RpcError("/k.conf:3: unknown keyword 'wieght' in real_server; the running "
+                          "configuration is kept")
+    assert run(broken) == (1, "", f"pylvs reload: {broken}\n")
+
+
+def test_mangled_configurations_give_an_error_or_a_config_never_a_crash(tmp_path):
+    """Hundreds of random edits of the samples (braces, quotes, comment
+    characters, continuations, numbers, words cut): each parses or raises
+    ConfigError naming a file, and what parses applies to a Balancer
+    without an exception (refusals are results)."""
+    import random
+
+    rng = random.Random(9)
+    pieces = ["{", "}", '"', "#", "!", "\\\n", "\n", " 0", " -1", " 99999999999", " 1.5",
+              " real_server", " include", " x", "\0", " 10.0.0.1", "\t", " TUN type gue"]
+    samples = [REFERENCE, DR_PERSIST, TUN_MIXED, SHARED, CORRECTED, BASE]
+    outcomes = {"parsed": 0, "refused": 0}
+    for i in range(400):
+        text = rng.choice(samples)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(text))
+            if rng.random() < 0.5:
+                text = text[:at] + rng.choice(pieces) + text[at:]
+            else:
+                text = text[:at] + text[at + rng.randint(1, 8):]
+        path = tmp_path / f"m{i}.conf"
+        path.write_text(text)
+        try:
+            cfg = ka.parse_file(str(path))
+        except ka.ConfigError as e:
+            assert str(e).startswith(str(tmp_path)), (str(e), text)
+            outcomes["refused"] += 1
+            continue
+        outcomes["parsed"] += 1
+        loaded = config_apply.from_keepalived(cfg)
+        ops = config_apply.full_ops(loaded.services)
+        config_apply.errors(ops, balancer().apply_many([op for op, _w in ops]))
+    assert outcomes["parsed"] > 20 and outcomes["refused"] > 100, outcomes
+
+
+def test_control_socket_answers_reload_with_the_daemon_handler(tmp_path):
+    """`{"op": "reload"}` on the control socket reaches the handler `pylvs
+    run` gives (not the Balancer): its result, or its BalancerError as the
+    error; the Balancer's ops still answer on the same socket."""
+    from pylvs.control import rpc
+
+    path = str(tmp_path / "run" / "ctl.sock")
+    calls = []
+
+    async def reload(req):
+        calls.append(req)
+        if req.get("broken"):
+            raise BalancerError("k.conf:3: unknown keyword 'x'; the running configuration "
+                                "is kept")
+        return {"file": "k.conf", "operations": {}}
+
+    async def main():
+        server = await rpc.start_server(path, balancer(), handlers={"reload": reload})
+        loop = asyncio.get_running_loop()
+
+        def client():
+            with rpc.Client(path) as c:
+                ok = c.call({"op": "reload"})
+                with pytest.raises(rpc.RpcError, match="the running configuration is kept"):
+                    c.call({"op": "reload", "broken": True})
+                return ok, c.call({"op": "ping"})
+        try:
+            return await loop.run_in_executor(None, client)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    ok, pong = asyncio.run(main())
+    assert ok == {"file": "k.conf", "operations": {}} and pong == "pong"
+    assert calls == [{"op": "reload"}, {"op": "reload", "broken": True}]
+
+
+def test_fifos_devices_and_token_floods_are_refused_without_hanging(tmp_path, monkeypatch):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)   # nobody writes: opening it for reading would block
+    for path in (str(fifo), "/dev/zero", str(tmp_path)):
+        with pytest.raises(ka.ConfigError, match=f"^{path}: not a regular file"):
+            ka.parse_file(path)
+        with pytest.raises(ka.ConfigError, match=f"^{path}: not a regular file"):
+            config_apply.load(path)
+    inc = write(tmp_path, "inc.conf", f"include {fifo}\n")
+    with pytest.raises(ka.ConfigError, match=f"^{inc}:1: {fifo}: not a regular file"):
+        ka.parse_file(inc)
+    # The token budget counts across lines and files (a smaller one here,
+    # to keep the test short; the real one bounds memory to ~100 MB).
+    monkeypatch.setattr(ka, "MAX_TOKENS", 1000)
+    write(tmp_path, "many.inc", "{ } " * 300 + "\n")
+    braces = write(tmp_path, "braces.conf", "global_defs " + "{ } " * 200 + "\n"
+                   "include many.inc\ninclude many.inc\n")
+    with pytest.raises(ka.ConfigError, match=rf"^{tmp_path}/many.inc:1: more than 1000 words"):
+        ka.parse_file(braces)
+    monkeypatch.undo()
+    deep = write(tmp_path, "deep_pattern.conf", "include " + "{" * 500 + "a" + "}" * 500 + "\n")
+    with pytest.raises(ka.ConfigError, match="more than 32 braces"):
+        ka.parse_file(deep)
+
+
+def test_daemon_publishes_the_dests_together_with_their_health(tmp_path):
+    """The file's dests reach the engines in the same publish as the
+    health checks' first say (an `alpha` dest never forwards before its
+    checks pass): nothing is published between the operations and
+    health.configure, once after it."""
+    path = write(tmp_path, "keepalived.conf", BASE)
+    published = []
+    b = Balancer(Counters(512, 1024), publish=lambda s, d: published.append(len(published)))
+    d = daemon_for(path, b)
+    seen = []
+    d.health.configure = lambda vss: seen.append(len(published))
+
+    async def run():
+        await d._apply_config()
+        assert seen == [0] and len(published) == 1
+        write(tmp_path, "keepalived.conf", BASE.replace("weight 2", "weight 3"))
+        await d.reload()
+        assert seen == [0, 1] and len(published) == 2
+    asyncio.run(run())
+
+
+def test_refusals_are_named_with_the_director_s_own_words(tmp_path):
+    loaded = keep(tmp_path, BASE.replace("10.1.0.2 80", "10.0.0.1 80"))  # the VIP as a RIP
+    b = balancer()
+    errs = apply_all(b, loaded)
+    assert len(errs) == 1 and errs[0].startswith(
+        f"{tmp_path}/keepalived.conf:5: add_dest tcp 10.0.0.1:80 -> 10.0.0.1:80: ")
+    assert "  " not in errs[0].split(": ", 1)[0]
+    msg = b.apply_many([{"op": "add_dest", "proto": "tcp", "vaddr": "10.0.0.1", "vport": 80,
+                         "daddr": "10.0.0.1", "dport": 80, "fwd": "masq"}])[0]["error"]
+    assert errs[0].endswith(": " + msg)
