@@ -4,7 +4,7 @@ SIGKILL (keepalived and pylvs) and the backup takes the VIP over.
 
 - the VIP takeover time: from the kill to the first request answered
   through the backup;
-- 100 paced downloads through each forwarding method, every byte checked,
+- 100 paced downloads (6 s each) through each forwarding method, every byte checked,
   the master killed mid-transfer: without connection sync the backup knows
   none of them and they break (a RST for DR/Tun, whose client's ACKs meet
   no conn; silence for NAT, whose real server's data meets none); with
@@ -66,6 +66,8 @@ def test_without_sync_established_downloads_break(lab, method, port):
     print(f"{method} without sync: {r}")
     lab.revive(r["killed"])
     assert r["established"] == 100, r
+    # The master died with seconds of every download left.
+    assert r["killed_after"] < r["transfer"] - 2, r
     # The backup took over and serves new connections...
     assert r["backup_holds_vip"] and r["new_conn_ok"], r
     # ...but has no conn for the running ones (the control of the test below).
@@ -100,6 +102,7 @@ def test_with_sync_established_downloads_survive(lab, method, port):
         for d in F.DIRECTORS:
             lab.stop_sync(d)
     assert r["established"] == 100, r
+    assert r["killed_after"] < r["transfer"] - 2, r
     assert r["backup_holds_vip"] and r["new_conn_ok"], r
     # They went on through the backup, not past it (DR and Tun clients'
     # ACKs reach the VIP; NAT's data too).
