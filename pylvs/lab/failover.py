@@ -590,10 +590,14 @@ def sync_refused(lab: FailoverLab, d: str = "dir1") -> str | None:
 
 
 def downloads_through_failover(lab: FailoverLab, port: int, conns: int = 100,
-                               size: int = 150_000, rate: int = 25_000,
-                               kill_after: float = 1.0, idle: float = 8.0) -> dict:
+                               size: int = 200_000, rate: int = 25_000,
+                               kill_after: float = 3.0, idle: float = 8.0) -> dict:
     """``conns`` paced downloads (pylvs/lab/paced.py) to VIP:port; once every
     one has its first bytes, wait ``kill_after`` s and kill the master.
+    The default wait is longer than the sync master's flush time (2 s, the
+    kernel's IPVS_SYNC_FLUSH_TIME): a conn announced less than that before
+    the master dies may still sit in its partly filled message, lost with
+    it, with IPVS as with pylvs.
     The fetch result plus "killed" and "backup"."""
     master = lab.wait_master()
     backup = next(d for d in DIRECTORS if d != master)

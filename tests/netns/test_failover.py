@@ -4,8 +4,8 @@ SIGKILL (keepalived and pylvs) and the backup takes the VIP over.
 
 - the VIP takeover time: from the kill to the first request answered
   through the backup;
-- 100 paced downloads (6 s each) through each forwarding method, every byte checked,
-  the master killed mid-transfer: without connection sync the backup knows
+- 100 paced downloads (8 s each) through each forwarding method, every byte checked,
+  the master killed 3 s into them: without connection sync the backup knows
   none of them and they break (a RST for DR/Tun, whose client's ACKs meet
   no conn; silence for NAT, whose real server's data meets none); with
   sync (`pylvs adm --start-daemon`) at least 99 of 100 finish intact.
