@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ("engine", "e2e", "conn-rate", "latency", "throughput")
+BENCHES = ("engine", "e2e", "conn-rate", "latency", "throughput", "sync")
+MODULES = {"sync": "sync_traffic"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
     args, rest = ap.parse_known_args(argv)
 
-    mod = importlib.import_module(f"bench.{args.name.replace('-', '_')}")
+    mod = importlib.import_module(f"bench.{MODULES.get(args.name, args.name.replace('-', '_'))}")
     doc = mod.run(rest, runs=args.runs, quick=args.quick)
     doc = {"bench": args.name, **doc}
     doc.setdefault("meta", {}).update({

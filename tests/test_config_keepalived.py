@@ -347,11 +347,89 @@ def test_includes_with_globs_braces_and_relative_paths(tmp_path):
     assert [w.split(": ", 2)[1] for w in cfg.warnings[1:]] == ["virtual_server"] * 3  # no protocol
 
 
+# As an operator's lb01 has it: the protocol in lower case (keepalived 2.2
+# compares it with strcasecmp), quoted values, a group with a range.
+LB01 = """\
+global_defs {
+   notification_email {
+     "noc team <noc@example.com>"
+   }
+   router_id LVS_DEVEL
+   lvs_timeouts tcp 7200 udp 300
+}
+vrrp_instance VI_1 {
+    state MASTER
+    interface eth0
+    virtual_router_id 51
+    virtual_ipaddress {
+        10.0.0.100/24 dev eth0 label eth0:vip
+    }
+}
+virtual_server_group WEB {
+    10.0.0.100 80
+    10.0.0.101-102 80     # spare VIPs
+}
+virtual_server group WEB {
+    lb_algo wrr
+    lb_kind NAT
+    protocol tcp
+    real_server 10.0.1.11 80 {
+        weight "3"
+        HTTP_GET {
+            url {
+              path "/health"
+              status_code 200
+            }
+            connect_timeout 3
+        }
+    }
+}
+virtual_server "10.0.0.100" 53 {
+    protocol Udp
+    real_server 10.0.1.11 53 {
+    }
+}
+"""
+
+
+def test_an_operator_s_configuration_moves_over(tmp_path):
+    loaded = config_apply.from_keepalived(parse(tmp_path, LB01))
+    assert loaded.warnings[0] == (f"{tmp_path}/keepalived.conf:1: global_defs: ignored but for "
+                                  "lvs_timeouts (pylvs does not run it)")
+    b = balancer()
+    before = b.timeouts()
+    assert apply_all(b, loaded) == []
+    # global_defs' lvs_timeouts are LVS configuration: applied as ipvsadm
+    # --set 7200 0 300 (0: unchanged).
+    assert b.timeouts() == {**before, "tcp": 7200, "udp": 300}
+    # A reload that changes them sends them alone; one that drops them
+    # leaves the director's as they are (keepalived sets, never resets).
+    new = config_apply.from_keepalived(parse(tmp_path, LB01.replace("udp 300", "udp 60")))
+    sent, errs = reload_into(b, loaded, new)
+    assert errs == [] and sent == [{"op": "set_timeouts", "tcp": 7200, "tcpfin": 0, "udp": 60}]
+    gone = config_apply.from_keepalived(parse(tmp_path, LB01.replace("lvs_timeouts", "! ")))
+    assert reload_into(b, new, gone) == ([], [])
+    assert b.timeouts() == {**before, "tcp": 7200, "udp": 60}
+    assert saved(b) == "".join(
+        f"-A -t 10.0.0.{n}:80 -s wrr\n-a -t 10.0.0.{n}:80 -r 10.0.1.11:80 -m -w 3\n"
+        for n in (100, 101, 102)) + ("-A -u 10.0.0.100:53 -s wlc\n"
+                                     "-a -u 10.0.0.100:53 -r 10.0.1.11:53 -m -w 1\n")
+    # What keepalived itself does not take, pylvs refuses (keepalived logs
+    # it and runs the service with NAT and wlc instead).
+    for good, bad, line in (("lb_kind NAT", "lb_kind dr", 22), ("lb_algo wrr", "lb_algo WRR", 21),
+                            ("tcp 7200", "tcp 7200 sctp 5", 6), ("udp 300", "udp", 6)):
+        with pytest.raises(ka.ConfigError, match=rf":{line}: (lb_kind: .*'dr'|lb_algo: .*'WRR'"
+                                                 r"|lvs_timeouts: unknown option 'sctp'"
+                                                 r"|lvs_timeouts: udp takes a number)"):
+            parse(tmp_path, LB01.replace(good, bad))
+
+
 KEEPALIVED = "/usr/sbin/keepalived"
 
 
 @pytest.mark.skipif(not os.path.exists(KEEPALIVED), reason="keepalived not installed (make)")
-@pytest.mark.parametrize("name", ["REFERENCE", "DR_PERSIST", "TUN_MIXED", "SHARED", "BASE"])
+@pytest.mark.parametrize("name", ["REFERENCE", "DR_PERSIST", "TUN_MIXED", "SHARED", "BASE",
+                                  "LB01"])
 def test_the_sample_configurations_are_keepalived_s_own(tmp_path, name):
     """keepalived 2.2.7 itself (`keepalived -t`) reads each sample without
     a config error: they are configurations an operator has, not ones
@@ -795,6 +873,26 @@ def test_load_errors_name_file_and_line(tmp_path):
         config_apply.load(str(bin_))
 
 
+def test_latin_1_comments_of_an_older_file_are_read(tmp_path):
+    """keepalived reads bytes: a comment in Latin-1 (an older file's `é`)
+    is no error there, nor here, in either format; such a byte in a word
+    is refused naming its line."""
+    conf = tmp_path / "keepalived.conf"
+    conf.write_bytes(b"# r\xe9partiteur (\xe9quipe r\xe9seau)\nvirtual_server 10.0.0.1 80 {\n"
+                     b"    protocol TCP\n    real_server 10.1.0.1 80 { weight 2 }  ! n\xb01\n}\n")
+    rules = tmp_path / "rules"
+    rules.write_bytes(b"# sauvegard\xe9\n-A -t 10.0.0.1:80 -s wlc\n"
+                      b"-a -t 10.0.0.1:80 -r 10.1.0.1:80 -m -w 2  # n\xb01\n")
+    b1, b2 = balancer(), balancer()
+    assert apply_all(b1, config_apply.load(str(conf))) == []
+    b2.apply_many([op for _no, op in config_apply.load(str(rules)).rules])
+    assert saved(b1) == saved(b2) == ("-A -t 10.0.0.1:80 -s wlc\n"
+                                      "-a -t 10.0.0.1:80 -r 10.1.0.1:80 -m -w 2\n")
+    conf.write_bytes(conf.read_bytes().replace(b"weight 2 }", b'weight 2 virtualhost "\xe9" }'))
+    with pytest.raises(ka.ConfigError, match=rf"^{conf}:4: not UTF-8 text \(outside a comment\)$"):
+        config_apply.load(str(conf))
+
+
 # --- the daemon's reload (SIGHUP and `pylvs reload`) ---------------------------
 
 class FakeHealth:
@@ -843,6 +941,37 @@ def test_daemon_reload_keeps_the_old_config_when_the_new_file_is_broken(tmp_path
         assert r["format"] == "rules" and r["errors"] == []
         assert saved(b) == "-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.1:80 -r 10.1.0.1:80 -m -w 1\n"
         assert d.health.calls[-1] == ()
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("blank", ["", "\n  \n", "! keepalived.conf\n# all gone\n"],
+                         ids=["empty", "blank lines", "only comments"])
+def test_reload_of_a_file_emptied_keeps_every_service(tmp_path, blank):
+    """A file cut to nothing (a full disk, `>` for `>>`) would read as -S
+    rules naming no service and delete them all, established conns
+    included: refused; a file that says "no services" still removes them."""
+    path = write(tmp_path, "keepalived.conf", BASE)
+    b = balancer()
+    d = daemon_for(path, b)
+
+    async def run():
+        await d._apply_config()
+        before = saved(b)
+        write(tmp_path, "keepalived.conf", blank)
+        with pytest.raises(BalancerError, match=rf"^{path}: no configuration in it \(empty, or "
+                                                r"only comments\): it would remove every "
+                                                r"service; .*the running configuration is kept$"):
+            await d.reload()
+        assert saved(b) == before and d._config.loaded.kind == "keepalived"
+        write(tmp_path, "keepalived.conf", "global_defs { }\n")
+        r = await d.reload()
+        assert r["operations"] == {"del_service": 2} and saved(b) == ""
+        # Nothing left to lose: an empty file reloads, and a new one applies.
+        write(tmp_path, "keepalived.conf", blank)
+        assert (await d.reload())["operations"] == {}
+        write(tmp_path, "keepalived.conf", BASE)
+        assert (await d.reload())["operations"] == {"add_service": 2, "add_dest": 3}
+        assert saved(b) == before
     asyncio.run(run())
 
 

@@ -271,6 +271,9 @@ class Command:
     timeouts: tuple[int, int, int] = (0, 0, 0)
     control: str | None = None
     sync_state: str | None = None
+    # --mcast-interface, --syncid, --mcast-group/port/ttl, --sync-maxlen as
+    # start_daemon fields (struct ipvs_daemon_t)
+    daemon: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -476,6 +479,20 @@ def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
             set_option("syncid")
             if _number(val, 0, 255) is None:
                 raise _fail("illegal syncid specified")
+            c.daemon["syncid"] = _number(val, 0, 255)
+        elif tag in _DAEMON_NUMBERS:
+            set_option(tag)
+            key, lo, hi = _DAEMON_NUMBERS[tag]
+            v = _number(val, lo, hi)
+            if v is None:
+                raise _fail(f"illegal {tag} specified")
+            c.daemon[key] = v
+        elif tag == "mcast-interface":
+            set_option(tag)
+            c.daemon["mcast_ifn"] = (val or "")[:15]   # ipvsadm: IP_VS_IFNAME_MAXLEN - 1
+        elif tag == "mcast-group":
+            set_option(tag)
+            c.daemon["mcast_group"] = _mcast_group(val or "")
         elif tag == "sort":
             pass  # sorting is the default; accepted for old scripts
         else:
@@ -550,6 +567,30 @@ def parse_args(argv: list[str], reading_stdin: bool = False) -> Command:
             or ((c.has("timeout") or c.has("daemon")) and "persistent-conn" in c.fmt)):
         raise _fail("options conflicts in the list command")
     return c
+
+
+# ipvsadm's checks of the sync daemon's numbers: option → (field, lo, hi).
+_DAEMON_NUMBERS = {"mcast-port": ("mcast_port", 1, 65535), "mcast-ttl": ("mcast_ttl", 1, 255),
+                   "sync-maxlen": ("sync_maxlen", 1, 65535 - 20 - 8)}
+
+
+def _mcast_group(text: str) -> str:
+    """--mcast-group as ipvsadm checks it (inet_pton, IN_MULTICAST)."""
+    import ipaddress
+
+    if ":" in text:
+        try:
+            ok = ipaddress.IPv6Address(text).is_multicast
+        except ValueError:
+            ok = False
+        raise _fail("IPv6 is not supported yet" if ok else f"invalid IPv6 mcast-group `{excerpt(text)}'")
+    try:
+        addr = ipaddress.IPv4Address(text)
+    except ValueError:
+        addr = None
+    if addr is None or not addr.is_multicast:
+        raise _fail(f"invalid IPv4 mcast-group `{excerpt(text)}'")
+    return str(addr)
 
 
 def _with(c: Command, cmd: str) -> Command:
@@ -735,8 +776,12 @@ def execute(c: Command, conn: _Conn, stdin: TextIO, out: TextIO, err: TextIO,
     if c.cmd == "v":
         out.write(VERSION + "\n")
         return 0
-    if c.cmd in ("start-daemon", "stop-daemon"):
-        raise _fail("the connection sync daemon is not supported yet")
+    if c.cmd == "start-daemon":
+        conn.call({"op": "start_daemon", "state": c.sync_state, **c.daemon})
+        return 0
+    if c.cmd == "stop-daemon":
+        conn.call({"op": "stop_daemon", "state": c.sync_state})
+        return 0
     if c.cmd == "L":
         exact, nosort = "exact" in c.fmt, "nosort" in c.fmt
         if c.has("connection"):
@@ -752,7 +797,7 @@ def execute(c: Command, conn: _Conn, stdin: TextIO, out: TextIO, err: TextIO,
         elif c.has("timeout"):
             out.write(listing.timeouts(conn.call({"op": "timeouts"})))
         elif c.has("daemon"):
-            pass  # no sync daemon runs: ipvsadm prints nothing then
+            out.write(listing.daemons(conn.call({"op": "daemons"})))
         else:
             out.write(listing.list_all(conn.call({"op": "snapshot"}), _list_format(c),
                                        exact, nosort))
@@ -880,6 +925,8 @@ Usage:
   {p} -L --timeout
   {p} -Z [-t|u service-address]
   {p} --set tcp tcpfin udp
+  {p} --start-daemon {{master|backup}} [daemon-options]
+  {p} --stop-daemon {{master|backup}}
   {p} -h
 
 Commands (long or short):
@@ -895,6 +942,8 @@ Commands (long or short):
   --list            -L|-l  list services, real servers and counters
   --zero            -Z   zero the counters of one service or all
   --set tcp tcpfin udp   set conn timeouts in seconds (0 keeps a value)
+  --start-daemon         start a connection sync daemon (docs/sync.md)
+  --stop-daemon          stop a connection sync daemon
   --help            -h   this text
 
 Options:
@@ -926,6 +975,13 @@ Options:
   --stats / --rate / --thresholds / --persistent-conn / --tun-info   other listings
   --exact        -X               exact numbers in --stats and --rate
   --nosort                        list in the director's order
+  --daemon                        list the running sync daemons (with -L)
+  --mcast-interface interface     the sync daemon's interface (default eth0)
+  --syncid sid                    syncid sent (master) / accepted (backup, 0: any)
+  --mcast-group address           multicast group, default 224.0.0.81
+  --mcast-port port               UDP port, default 8848
+  --mcast-ttl ttl                 multicast TTL, default 1
+  --sync-maxlen length            largest sync message (UDP payload bytes)
   --control PATH                  the director's control socket
                                   (default: this network namespace's)
 """

@@ -30,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         sys.stderr.write(f"pylvs: unknown command {name!r}\n{USAGE}")
         return 2
+    if name == "run":
+        # SIGHUP's default action kills the process: not while the director
+        # is being imported (its -c file is read after that anyway);
+        # pylvs.runtime.daemon takes the signal over from there.
+        import signal
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     modname, _, func = COMMANDS[name][0].partition(":")
     # Lazy: one missing or broken subcommand must not take the others down.
     try:

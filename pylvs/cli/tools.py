@@ -67,6 +67,11 @@ def format_stats(st: dict) -> str:
     for section in ("io", "steering"):
         if st.get(section):
             lines += [""] + _counter_lines(st[section], section + ".")
+    for role, counters in (st.get("sync") or {}).items():   # running sync daemons (docs/sync.md)
+        flat = {}
+        for k, v in counters.items():
+            flat.update({f"{k}.{n}": x for n, x in v.items()} if isinstance(v, dict) else {k: v})
+        lines += [""] + _counter_lines(flat, f"sync.{role}.")
     return "\n".join(lines) + "\n"
 
 
@@ -77,7 +82,8 @@ def stats_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
         description="Print a running director's counters by their stable names "
                     "(the engine's; io.*: the AF_PACKET rings', summed over ports; "
                     "steering.not_host: frames to another host's MAC, broadcast or "
-                    "multicast refused), its conn count and conn table limit, and the "
+                    "multicast refused; sync.master.* and sync.backup.*: the connection sync "
+                    "daemons', docs/sync.md), its conn count and conn table limit, and the "
                     "service and dest slots in use (docs/control.md). With several "
                     "workers every figure is the sum over them; --json adds "
                     "\"workers\": each worker's engine, conns and io counters.")

@@ -26,7 +26,7 @@ dests present in both with the same attributes get no operation at all
 (their conns, counters and scheduler state stay), a changed one gets an
 ``edit_service``/``edit_dest`` (-E/-e, every attribute given, as ipvsadm
 sends them), a removed one ``del_service``/``del_dest`` (-D/-d: its conns
-drain as with ipvsadm), a new one ``add_*``. The old state is what the
+end as IPVS ends them, docs/config.md), a new one ``add_*``. The old state is what the
 last load applied (``settle``): services or dests added by hand with
 ``pylvs adm`` are never touched by a reload, as keepalived leaves alone
 what it did not configure.
@@ -78,7 +78,9 @@ class Loaded:
     start; ``refused``: file:line messages for what the file says and pylvs
     cannot do (fwmark and SCTP services), the rest applies;
     ``virtual_servers``: the keepalived virtual servers applied (for the
-    health checks); ``warnings``: the parser's."""
+    health checks); ``warnings``: the parser's; ``blank``: the file has no
+    word at all (empty, or only comments), which a reload refuses while
+    services run (``ConfigFile.reload``)."""
 
     path: str
     kind: str
@@ -89,16 +91,19 @@ class Loaded:
     virtual_servers: tuple[VirtualServer, ...] = ()
     refused: list[str] = field(default_factory=list)
     warnings: tuple[str, ...] = ()
+    blank: bool = False
 
 
 def load(path: str) -> Loaded:
     """Read and parse ``path`` (either format). Raises ConfigError whose
     text names the file and line."""
     data = keepalived.read_limited(path)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(None, f"{path}: not a text file ({e})") from None
+    # Undecodable bytes stay (surrogates): the parsers name the line when
+    # one is in a word rather than in a comment.
+    text = data.decode("utf-8", "surrogateescape")
+    if keepalived.first_word(text) is None:
+        # Either format's comments (keepalived's `!` too), nothing else.
+        return Loaded(path, "rules", {}, blank=True)
     if keepalived.looks_like_keepalived(text):
         return from_keepalived(keepalived.parse_file(path), path)
     from ..cli import adm
@@ -145,8 +150,8 @@ def from_keepalived(cfg: KeepalivedConfig, path: str = "") -> Loaded:
             svc.dest_where[rs.addr, dport] = rwhere
         services[key] = svc
         applied.append(vs)
-    return Loaded(path, "keepalived", services, config=cfg, virtual_servers=tuple(applied),
-                  refused=refused, warnings=cfg.warnings)
+    return Loaded(path, "keepalived", services, cfg.lvs_timeouts, config=cfg,
+                  virtual_servers=tuple(applied), refused=refused, warnings=cfg.warnings)
 
 
 def _svc_key(op: dict) -> SvcKey:
@@ -363,12 +368,12 @@ class ConfigFile:
             self._state, self._timeouts = from_rules(
                 [(no, op) for no, op in rules if no not in bad], loaded.path)
             return
-        ops = full_ops(loaded.services)
+        ops = full_ops(loaded.services, loaded.timeouts)
         results = await apply_ops([op for op, _w in ops])
         errs = errors(ops, results)
         for e in errs:
             log.error("%s", e)
-        self._state = settle(loaded.services, ops, results)
+        self._state, self._timeouts = settle(loaded.services, ops, results), loaded.timeouts
         log.info("applied %s: %d virtual server(s), %d operation(s) refused", loaded.path,
                  len(loaded.services), len(errs))
 
@@ -383,6 +388,14 @@ class ConfigFile:
         async with self._lock:
             try:
                 loaded = await asyncio.get_running_loop().run_in_executor(None, load, self.path)
+                if loaded.blank and self._state:
+                    # Most likely a write cut short (a full disk, `>` for
+                    # `>>`, an editor's crash): never a reason to delete
+                    # every service. A file that means "none" says so.
+                    raise ConfigError(None, f"{self.path}: no configuration in it (empty, or "
+                                            "only comments): it would remove every service; "
+                                            "to remove them all, leave a keyword in the file "
+                                            "(a keepalived.conf of `global_defs { }` alone)")
             except ConfigError as e:
                 log.error("reload: %s; the running configuration is kept", e)
                 raise ConfigError(e.where, f"{e.msg}; the running configuration is kept") \

@@ -109,6 +109,9 @@ def _logical_lines(text: str):
         yield start, pending
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")   # bytes not UTF-8, kept by surrogateescape
+
+
 def _line_tokens(line: str, where: Where, budget: int) -> list[Token]:
     out: list[Token] = []
     for m in _TOKEN.finditer(line):
@@ -123,6 +126,8 @@ def _line_tokens(line: str, where: Where, budget: int) -> list[Token]:
             out.append(Token(_ESC.sub(r"\1", q), where, quoted=True, bol=not out))
         else:
             out.append(Token(brace or word, where, bol=not out))
+    if _NOT_UTF8.search(line) is not None and any(_NOT_UTF8.search(t.text) for t in out):
+        raise ConfigError(where, "not UTF-8 text (outside a comment)")
     return out
 
 
@@ -205,14 +210,13 @@ class _Reader:
         if self.total > MAX_TOTAL_BYTES:
             raise ConfigError(where, f"the files together are larger than {MAX_TOTAL_BYTES} bytes")
         self.files.append(path)
-        for no, raw in enumerate(data.split(b"\n"), 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ConfigError(Where(path, no), "not UTF-8 text") from None
-            if b"\0" in raw:
-                raise ConfigError(Where(path, no), "a NUL byte: not a text file")
-        self.lines(data.decode("utf-8"), path, stack + (real,))
+        if b"\0" in data:
+            no = data.count(b"\n", 0, data.index(b"\0")) + 1
+            raise ConfigError(Where(path, no), "a NUL byte: not a text file")
+        # Bytes that are not UTF-8 (a Latin-1 comment of an older file) are
+        # kept as surrogates: keepalived reads bytes, and only a word that
+        # holds them is refused (_line_tokens), naming its line.
+        self.lines(data.decode("utf-8", "surrogateescape"), path, stack + (real,))
 
     def lines(self, text: str, path: str, stack: tuple[str, ...]) -> None:
         for no, line in _logical_lines(text):
@@ -493,6 +497,28 @@ def _int(tok: Token, lo: int, hi: int, what: str) -> int:
     return int(s)
 
 
+def _lvs_timeouts(st: Stmt) -> tuple[int, int, int]:
+    """global_defs' ``lvs_timeouts [tcp N] [tcpfin N] [udp N]``: (tcp,
+    tcpfin, udp) seconds, 0 for one not given (unchanged, as ipvsadm
+    --set takes 0); keepalived's range, 0..MAX_PERSISTENCE (its
+    LVS_MAX_TIMEOUT); another word is an error, as keepalived -t says."""
+    if st.children is not None:
+        raise ConfigError(st.where, "lvs_timeouts takes no block")
+    got = {"tcp": 0, "tcpfin": 0, "udp": 0}
+    args = st.args
+    if not args:
+        raise ConfigError(st.where, "lvs_timeouts: tcp N, tcpfin N or udp N expected")
+    for i in range(0, len(args), 2):
+        name = args[i].text
+        if name not in got:
+            raise ConfigError(args[i].where, f"lvs_timeouts: unknown option {name!r} "
+                                             "(tcp, tcpfin or udp)")
+        if i + 1 >= len(args):
+            raise ConfigError(args[i].where, f"lvs_timeouts: {name} takes a number of seconds")
+        got[name] = _int(args[i + 1], 0, MAX_PERSISTENCE, f"lvs_timeouts {name}")
+    return got["tcp"], got["tcpfin"], got["udp"]
+
+
 def _timer(tok: Token, what: str, positive: bool = False) -> float:
     s = tok.text
     v = float(s) if re.fullmatch(r"[0-9]{1,12}(\.[0-9]{0,9})?|\.[0-9]{1,9}", s) else math.nan
@@ -630,12 +656,19 @@ class _Builder:
     def top(self, stmts: list[Stmt]) -> KeepalivedConfig:
         groups: dict[str, list[tuple[str | None, int, int, Where]]] = {}
         vrrp: list[str] = []
+        timeouts = None
         for st in stmts:
             if st.name == "virtual_server_group":
                 name = st.args[0].text
                 if name in groups:
                     raise ConfigError(st.where, f"virtual_server_group {name} defined twice")
                 groups[name] = self.group(st)
+            elif st.name == "global_defs" and any(c.name == "lvs_timeouts"
+                                                  for c in st.children or ()):
+                for c in st.children or ():
+                    if c.name == "lvs_timeouts":
+                        timeouts = _lvs_timeouts(c)
+                self.warn(st, f"ignored but for lvs_timeouts ({_NOT_RUN})")
             elif st.name != "virtual_server":
                 if st.name == "vrrp_instance":
                     vrrp.append(st.args[0].text)
@@ -651,7 +684,8 @@ class _Builder:
                                                 f"at {seen[vs.key]}")
                 seen[vs.key] = st.where
                 vss.append(vs)
-        return KeepalivedConfig(virtual_servers=tuple(vss), vrrp_instances=tuple(vrrp))
+        return KeepalivedConfig(virtual_servers=tuple(vss), vrrp_instances=tuple(vrrp),
+                                lvs_timeouts=timeouts)
 
     def group(self, st: Stmt) -> list[tuple[str | None, int, int, Where]]:
         """(vaddr, vport, fwmark, where) of each member."""
@@ -790,7 +824,8 @@ class _Builder:
         elif n == "sorry_server_lvs_method":
             v["sorry_method"] = _method(c)
         elif n == "protocol":
-            p = c.args[0].text
+            # Any case, as keepalived 2.2 compares it (strcasecmp, check_parser.c).
+            p = c.args[0].text.upper()
             if p not in ("TCP", "UDP", "SCTP"):
                 raise ConfigError(c.args[0].where, f"protocol: {p!r} is not TCP, UDP or SCTP")
             v["protocol"] = p
@@ -1039,16 +1074,23 @@ def _finish(reader: _Reader) -> KeepalivedConfig:
     cfg = _Builder(warnings).top(stmts)
     return KeepalivedConfig(virtual_servers=cfg.virtual_servers,
                             vrrp_instances=cfg.vrrp_instances,
-                            warnings=tuple(warnings), files=tuple(reader.files))
+                            warnings=tuple(warnings), files=tuple(reader.files),
+                            lvs_timeouts=cfg.lvs_timeouts)
+
+
+def first_word(text: str) -> str | None:
+    """The first word of a ``pylvs run -c`` file, blank lines and ``#``/``!``
+    comments skipped; None when it has none (empty, or only comments)."""
+    for line in text.splitlines():
+        toks = line.split()
+        if toks and toks[0][0] not in "#!":
+            return toks[0]
+    return None
 
 
 def looks_like_keepalived(text: str) -> bool:
     """True when a ``pylvs run -c`` file is a keepalived.conf rather than
     ``pylvs adm -S`` rules: its first word (comments and blank lines
     skipped) is neither an ipvsadm option (``-A``...) nor ``ipvsadm``."""
-    for line in text.splitlines():
-        toks = line.split()
-        if not toks or toks[0][0] in "#!":
-            continue
-        return not (toks[0].startswith("-") or toks[0] in ("ipvsadm", "pylvs-adm"))
-    return False
+    word = first_word(text)
+    return word is not None and not (word.startswith("-") or word in ("ipvsadm", "pylvs-adm"))

@@ -176,9 +176,11 @@ class KeepalivedConfig:
     """A whole parsed file (includes followed). ``warnings``: one line per
     block or keyword pylvs read but does not act on, each naming file:line.
     ``vrrp_instances``: the names of the VRRP instances (run by keepalived
-    itself, not by pylvs)."""
+    itself, not by pylvs). ``lvs_timeouts``: global_defs' (tcp, tcpfin,
+    udp) seconds, 0 = unchanged (ipvsadm --set), None when not said."""
 
     virtual_servers: tuple[VirtualServer, ...] = ()
     vrrp_instances: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
+    lvs_timeouts: tuple[int, int, int] | None = None

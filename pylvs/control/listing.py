@@ -272,6 +272,16 @@ def timeouts(t: dict) -> str:
     return "Timeout (tcp tcpfin udp): %d %d %d\n" % (t["tcp"], t["tcpfin"], t["udp"])
 
 
+def daemons(rows: Iterable[dict]) -> str:
+    """``ipvsadm -L --daemon`` (ipvsadm.c list_daemon): one line per running
+    sync daemon, master first, with the settings the kernel reports after
+    filling in its defaults."""
+    return "".join(
+        "%s sync daemon (mcast=%s, syncid=%d, maxlen=%u, group=%s, port=%u, ttl=%u)\n"
+        % (d["state"], d["mcast_ifn"], d["syncid"], d["sync_maxlen"], d["mcast_group"],
+           d["mcast_port"], d["mcast_ttl"]) for d in rows)
+
+
 def conns(rows: Iterable[dict], pe_columns: bool = False) -> str:
     """``ipvsadm -L -c -n``; expiry as MM:SS (minutes are not capped at 59).
     ``pe_columns`` (``--persistent-conn``): ipvsadm's header with the

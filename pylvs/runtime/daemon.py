@@ -124,6 +124,9 @@ class Options:
     # address of this host, as IPVS (pylvs/control/vipfollow.py); "all",
     # whatever the addresses. A TAP director owns its VIPs: always "all".
     vips: str = "local"
+    # --start-daemon master|backup at start (docs/sync.md): start_daemon
+    # requests, as `pylvs adm --start-daemon` sends them.
+    sync: list = field(default_factory=list)
 
 
 class Daemon:
@@ -545,7 +548,8 @@ class Daemon:
                     "io": {k: int(v) for k, v in wio.items()}}
                    for w, wio in zip(self.workers, per_io)]
         return {"io": {k: int(v) for k, v in io.items()}, "steering": {"not_host": not_host},
-                "workers": workers, "tap": list(self.opts.tap)}
+                "workers": workers, "tap": list(self.opts.tap),
+                "sync": self.sync.stats() if getattr(self, "sync", None) else {}}
 
     def _call_in_loop(self, fn, *args) -> None:
         loop = self._loop
@@ -719,9 +723,11 @@ class Daemon:
         self._loop.add_signal_handler(signal.SIGHUP, self._sighup)
 
         path = self.opts.control or rpc.default_path()
+        self._sync_block()
         server = await rpc.start_server(path, self.balancer,
                                         extras={"stats": self._stats_extra},
-                                        handlers={"reload": self.reload})
+                                        handlers={"reload": self.reload,
+                                                  **self.sync.handlers()})
         for w in self.workers:
             w.start(self._stop, self.opts.poll_timeout, self.opts.expire_budget,
                     self._worker_failed)
@@ -731,11 +737,14 @@ class Daemon:
         try:
             self.balancer.republish()  # the engine starts with (empty) tables
             await self._apply_config()
+            if getattr(self, "_hup_pending", False):
+                self._sighup()
             if self.on_start is not None:
                 r = self.on_start(self.balancer)
                 if inspect.isawaitable(r):
                     await r
             await self._await_dests()
+            await self._sync_start()
             pcap = getattr(self.backend, "pcap", None)
             log.info("ready: %d port(s) %s, engine %s, %d worker(s), control %s%s%s",
                      len(self.backend.ports), " ".join(p.name for p in self.backend.ports),
@@ -747,6 +756,7 @@ class Daemon:
             await self._stop_event.wait()
         finally:
             log.info("stopping")
+            await self.sync.close()
             watch.cancel()
             defense.cancel()
             self._stop.set()
@@ -765,6 +775,25 @@ class Daemon:
                         w.thread.join(5)
             await asyncio.get_running_loop().run_in_executor(None, join)
         return 1 if self._data_error else 0
+
+    # --- connection sync (pylvs/sync/daemon.py, docs/sync.md) -------------
+
+    def _sync_block(self) -> None:
+        """The sync daemons: each worker's engine, steered by the published
+        services (a received conn goes to the worker its client reaches)."""
+        from ..sync.daemon import SyncDaemons
+
+        self.sync = SyncDaemons(lambda: self.workers, lambda: self._services)
+
+    async def _sync_start(self) -> None:
+        """--start-daemon of `pylvs run`: a refusal stops the start."""
+        from ..sync.daemon import SyncError
+
+        for req in self.opts.sync:
+            try:
+                await self.sync.start(req)
+            except SyncError as e:
+                raise SystemExit(f"pylvs run: --start-daemon {req['state']}: {e}") from None
 
     def _read_config(self) -> None:
         # Parsed before anything starts: a typo fails the start, not later.
@@ -810,6 +839,24 @@ class Daemon:
 
     def run(self) -> int:
         self._loop = None
+        # A SIGHUP before the loop handles it (a reload sent right after a
+        # start) neither kills the director half set up nor is lost: the
+        # file is re-read once the start's configuration is in (_main).
+        # The same after the loop (closing, it gives SIGHUP its default
+        # action back): a reload sent while stopping must not cut the
+        # steering's removal short.
+        self._hup_pending = False
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread:
+            prev_hup = signal.signal(signal.SIGHUP,
+                                     lambda *_: setattr(self, "_hup_pending", True))
+        try:
+            return self._run()
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGHUP, prev_hup)
+
+    def _run(self) -> int:
         self._read_config()
         raise_nofile_limit()
         self._claim_netns()
@@ -832,6 +879,8 @@ class Daemon:
                 runner = asyncio.run
             return runner(self._main())
         finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
             self._shutdown()
 
     def _shutdown(self) -> None:
@@ -1066,7 +1115,37 @@ def main(argv: list[str] | None = None) -> int:
                     "inside one --addr prefix (default: none, only the prefixes are reached)")
     ap.add_argument("--mac", metavar="MAC", help="with --tap: the director's MAC on the first "
                     "TAP, +1 per further TAP (default: random, locally administered)")
+    sync = ap.add_argument_group("connection sync (docs/sync.md; as ipvsadm --start-daemon)")
+    sync.add_argument("--start-daemon", action="append", choices=("master", "backup"),
+                      default=[], metavar="master|backup",
+                      help="start this sync daemon with the director (repeatable: both); "
+                      "`pylvs adm --start-daemon` starts one later (default: none)")
+    sync.add_argument("--mcast-interface", metavar="IF", help="the sync daemons' interface "
+                      "(default: eth0, as ipvsadm)")
+    sync.add_argument("--syncid", type=_bounded(0, 255), default=0, metavar="N",
+                      help="the sync id sent (master) and accepted (backup; 0: any)")
+    sync.add_argument("--mcast-group", default=None, metavar="ADDR",
+                      help="multicast group (default: 224.0.0.81)")
+    sync.add_argument("--mcast-port", type=_bounded(1, 65535), default=None, metavar="PORT",
+                      help="UDP port (default: 8848)")
+    sync.add_argument("--mcast-ttl", type=_bounded(1, 255), default=None, metavar="TTL",
+                      help="multicast TTL (default: 1)")
+    sync.add_argument("--sync-maxlen", type=_bounded(1, 65535 - 28), default=None, metavar="N",
+                      help="largest sync message, UDP payload bytes (default: 1472 for a "
+                      "master, the interface MTU - 28 for a backup)")
     a = ap.parse_args(argv)
+    if len(set(a.start_daemon)) != len(a.start_daemon):
+        ap.error("--start-daemon: master or backup given twice")
+    if a.mcast_group is not None:
+        from ..sync.daemon import SyncConfig, SyncError
+        try:
+            SyncConfig.from_request({"state": "master", "mcast_group": a.mcast_group})
+        except SyncError as e:
+            ap.error(f"--mcast-group: {e}")
+    sync_reqs = [{"state": role, "mcast_ifn": a.mcast_interface, "syncid": a.syncid,
+                  "mcast_group": a.mcast_group, "mcast_port": a.mcast_port,
+                  "mcast_ttl": a.mcast_ttl, "sync_maxlen": a.sync_maxlen}
+                 for role in a.start_daemon]
     if a.tap:
         from ..io import tap as tapmod
 
@@ -1114,7 +1193,7 @@ def main(argv: list[str] | None = None) -> int:
                    qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, ring=a.ring, workers=workers,
                    steering=a.steering, tap=a.tap, tap_addrs=a.tap_addrs, gateway=a.gateway,
                    mac=a.mac, io=a.io, local_clients=a.local_clients, sched_impl=a.sched_impl,
-                   vips=a.vips or ("all" if a.tap else "local"))
+                   vips=a.vips or ("all" if a.tap else "local"), sync=sync_reqs)
     try:
         return Daemon(opts).run()
     except SystemExit:

@@ -7,8 +7,10 @@ dest's weight, a new dest, a new service), with 1 and 2 workers."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -22,7 +24,7 @@ SIZE, RATE = 2 << 20, 256 << 10     # about 8 s each, paced by the real server
 
 
 def conf(lab, weight2: int, extra: str = "") -> str:
-    rs1, rs2, rs3 = lab.rips
+    rs1, rs2 = lab.rips[:2]
     return f"""\
 ! pylvs reload test
 global_defs {{
@@ -174,4 +176,97 @@ virtual_server {lab.vip} 80 {{
     assert lab.wait_resolved([nat, dr])
     names = [lab.curl("/whoami", max_time=5).stdout.strip() for _ in range(6)]
     assert sorted(names) == ["rs1", "rs1", "rs2", "rs2", "rs3", "rs3"], names
+    assert lab.stop_director() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2], indirect=True)
+def test_weight_0_lets_conns_finish_removal_drops_them(director_lab, tmp_path):
+    """docs/config.md's way to take a real server out: a reload with
+    `weight 0` keeps its downloads going while new conns go elsewhere; a
+    reload without it drops its conns' packets as IPVS does (kernel
+    `ip_vs_in`: `drop_dest_gone`), and a reload bringing it back within
+    their lifetime lets them finish (the kernel's dest trash)."""
+    lab = director_lab(servers=2, start=False)
+    rs1, rs2 = lab.rips
+    path = tmp_path / "keepalived.conf"
+    path.write_text(conf(lab, 1))
+    lab.start_director("-c", str(path))
+    assert lab.wait_resolved([rs1, rs2])
+    size, rate = 1 << 20, 256 << 10       # about 4 s each
+    outs = [tmp_path / f"dl{i}" for i in range(2)]
+    procs = []
+    try:
+        for out in outs:   # rr: one on each real server
+            procs.append(subprocess.Popen(["ip", "netns", "exec", lab.client, *lab.curl_argv(
+                f"/bytes/{size}?rate={rate}", "-o", str(out), max_time=20)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            deadline = time.monotonic() + 5
+            while not (out.exists() and out.stat().st_size > 0):
+                assert time.monotonic() < deadline, "download never started"
+                time.sleep(0.05)
+        path.write_text(conf(lab, 0))
+        r = lab.run(lab.director, lab.pylvs_argv("reload"), check=False)
+        assert r.returncode == 0 and "1 edit_dest" in r.stdout, (r.stdout, r.stderr)
+        assert {lab.curl("/whoami").stdout.strip() for _ in range(4)} == {"rs1"}
+        # rs2 leaves the file: its download's packets are dropped ...
+        path.write_text(conf(lab, 0).replace(f"    real_server {rs2} 80 {{\n        weight 0\n"
+                                             "    }\n", ""))
+        r = lab.run(lab.director, lab.pylvs_argv("reload"), check=False)
+        assert r.returncode == 0 and "1 del_dest" in r.stdout, (r.stdout, r.stderr)
+        deadline = time.monotonic() + 5
+        while not json.loads(lab.run(lab.director, lab.pylvs_argv("stats", "--json")).stdout)[
+                "counters"]["drop_dest_gone"]:
+            assert time.monotonic() < deadline, "no packet of the removed dest's conn dropped"
+            time.sleep(0.1)
+        # ... until it comes back, drained by weight 0 again.
+        path.write_text(conf(lab, 0))
+        r = lab.run(lab.director, lab.pylvs_argv("reload"), check=False)
+        assert r.returncode == 0 and "1 add_dest" in r.stdout, (r.stdout, r.stderr)
+        results = [p.communicate(timeout=25) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert all(o.read_bytes() == content(0, size) for o in outs)
+    assert lab.stop_director() == 0
+
+
+def test_sighup_during_start_is_neither_fatal_nor_lost(director_lab, tmp_path):
+    """A reload sent right after a start (a deploy's handler, `kill -HUP`)
+    arrives before the director's loop handles SIGHUP, whose default action
+    kills the process half set up: it is noted, and the file re-read once
+    the start's configuration is in."""
+    lab = director_lab(servers=2, start=False)
+    rs1, rs2 = lab.rips
+    path = tmp_path / "keepalived.conf"
+    path.write_text(conf(lab, 1))
+    sent = threading.Event()
+
+    def hup_once_read() -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            p = lab.procs.get("director")
+            if p is not None and "global_defs: ignored" in lab.director_log():
+                if " ready: " not in lab.director_log():
+                    path.write_text(conf(lab, 4))
+                    p.send_signal(signal.SIGHUP)
+                    sent.set()
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=hup_once_read)
+    t.start()
+    try:
+        lab.start_director("-c", str(path))
+    finally:
+        t.join()
+    assert sent.is_set(), "the file was read only after the director was ready"
+    text = wait_log(lab, "reloaded ", 1)
+    assert "reloaded " in text and "1 edit_dest" in text, text[-2000:]
+    assert lab.procs["director"].poll() is None
+    assert f"-a -t {lab.vip}:80 -r {rs2}:80 -m -w 4" in rules(lab)
+    assert lab.wait_resolved([rs1, rs2])
+    assert {lab.curl("/whoami").stdout.strip() for _ in range(4)} == {"rs1", "rs2"}
     assert lab.stop_director() == 0

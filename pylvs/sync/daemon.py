@@ -1,0 +1,541 @@
+"""The connection sync daemons of `pylvs run` (docs/sync.md): ``pylvs adm
+--start-daemon master|backup``, as the kernel's sync threads
+(net/netfilter/ipvs/ip_vs_sync.c) but on the director's asyncio loop.
+
+Master: every SEND_DELAY s it drains each worker's engine
+(``engine.sync_drain``: the conns the engine queued by the kernel's rule,
+sync_threshold/sync_period, state changes, templates), packs them into v1
+messages of at most sync_maxlen bytes and sends every full message at once
+and a partial one when its first conn is FLUSH_TIME s old (the kernel's
+IPVS_SYNC_SEND_DELAY and IPVS_SYNC_FLUSH_TIME), to the group
+(224.0.0.81:8848, TTL 1) out of the --mcast-interface, from that
+interface's address, multicast loop off, fragmentation allowed
+(make_send_sock). It also listens on the group for pylvs's bulk resync
+requests and answers one by walking every engine (``engine.sync_chunk``)
+at most BULK_RATE messages a second.
+
+Backup: joins the group on the interface (make_receive_sock), decodes each
+datagram strictly (pylvs.sync.wire; drops counted by reason) and installs
+each record (``engine.sync_install``) into the engine of the worker that
+the record's client frames reach (the steering rule of docs/io.md,
+"Workers"). At start, and again with back-off until the master answers, it
+asks for the whole table (a BULK_REQUEST message, which IPVS peers ignore).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import struct
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..engine.sync import SYNC_DTYPE
+from . import wire
+
+log = logging.getLogger("pylvs.sync")
+
+SEND_DELAY = 0.02      # IPVS_SYNC_SEND_DELAY: HZ / 50
+FLUSH_TIME = 2.0       # IPVS_SYNC_FLUSH_TIME: HZ * 2
+DRAIN_CHUNK = 4096     # records read from an engine per sync_drain call
+BULK_CHUNK = 1024      # records per sync_chunk call (one engine lock hold)
+BULK_RATE = 2000       # bulk answer messages per second (~80,000 conns/s at 1472)
+BULK_RETRY = (1.0, 2.0, 4.0, 8.0)   # a backup re-asks after these many s without an END
+RECV_BUDGET = 256      # datagrams a backup reads per wake-up before yielding the loop
+LOG_EVERY = 10.0       # s between two warnings about dropped datagrams
+IFNAME_MAX = 15        # IP_VS_IFNAME_MAXLEN - 1: ipvsadm keeps that much of --mcast-interface
+
+ROLES = ("master", "backup")
+IP_MTU_DISCOVER, IP_PMTUDISC_DONT = 10, 0   # linux/in.h (not in the socket module)
+SIOCGIFADDR, SIOCGIFMTU = 0x8915, 0x8921
+
+
+class SyncError(Exception):
+    """A start or stop the director refuses; the message is ipvsadm's
+    (libipvs's ipvs_strerror, or strerror of the kernel's errno)."""
+
+
+@dataclass
+class SyncConfig:
+    """One daemon's settings (struct ipvs_sync_daemon_cfg); 0 / "" take the
+    kernel's defaults at start."""
+    role: str
+    mcast_ifn: str
+    syncid: int = 0
+    mcast_group: str = wire.SYNC_GROUP
+    mcast_port: int = wire.SYNC_PORT
+    mcast_ttl: int = wire.SYNC_TTL
+    sync_maxlen: int = 0
+
+    @classmethod
+    def from_request(cls, req: dict) -> "SyncConfig":
+        """From a start_daemon operation; SyncError for a bad field (the
+        CLI has checked them as ipvsadm does; this guards the socket)."""
+        role = req.get("state")
+        if role not in ROLES:
+            raise SyncError("Invalid operation.  Possibly wrong module version, address not "
+                            "unicast, ...")
+        ifn = req.get("mcast_ifn") or "eth0"    # ipvsadm's DEF_MCAST_IFN
+        if not isinstance(ifn, str) or "\0" in ifn or "/" in ifn:
+            raise SyncError("No such device")
+        try:
+            cfg = cls(role, ifn[:IFNAME_MAX], _int(req, "syncid", 0, 255, 0),
+                      str(ipaddress.IPv4Address(req.get("mcast_group") or wire.SYNC_GROUP)),
+                      _int(req, "mcast_port", 1, 65535, wire.SYNC_PORT),
+                      _int(req, "mcast_ttl", 1, 255, wire.SYNC_TTL),
+                      _int(req, "sync_maxlen", 0, 65535, 0))
+        except (ValueError, TypeError) as e:
+            raise SyncError(f"Invalid argument ({e})") from None
+        if not ipaddress.IPv4Address(cfg.mcast_group).is_multicast:
+            raise SyncError(f"invalid IPv4 mcast-group `{cfg.mcast_group}'")
+        return cfg
+
+
+def _int(req: dict, key: str, lo: int, hi: int, default: int) -> int:
+    v = req.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{key} {v!r} is not in {lo}..{hi}")
+    return v
+
+
+def worker_of(caddrs: np.ndarray, services, workers: int) -> np.ndarray:
+    """The worker index (0..workers-1) whose engine the frames of each
+    client address (host-order u32) reach: docs/io.md's rule,
+    ``fanout_mix(caddr & client_mask) % workers`` (pylvs.io.bpf)."""
+    if workers <= 1:
+        return np.zeros(len(caddrs), dtype=np.intp)
+    from ..io import bpf
+
+    masked = caddrs.astype(np.uint64) & np.uint64(bpf.client_mask(services))
+    mix = ((masked * np.uint64(bpf.FANOUT_MIX)) & np.uint64(0xFFFFFFFF)) >> np.uint64(16)
+    return (mix % np.uint64(workers)).astype(np.intp)
+
+
+def iface_info(name: str) -> tuple[int, str | None, int]:
+    """(ifindex, first IPv4 address or None, MTU) of an interface of this
+    namespace; SyncError("No such device") when there is none."""
+    try:
+        index = socket.if_nametoindex(name)
+    except OSError:
+        raise SyncError("No such device") from None
+    import fcntl
+
+    addr, mtu = None, 1500
+    req = struct.pack("16s16x", name.encode())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:   # bind_mcastif_addr: the interface's (first) address
+            addr = socket.inet_ntoa(fcntl.ioctl(s.fileno(), SIOCGIFADDR, req)[20:24])
+        except OSError:
+            pass
+        try:
+            mtu = struct.unpack_from("i", fcntl.ioctl(s.fileno(), SIOCGIFMTU, req), 16)[0]
+        except OSError:
+            pass
+    return index, addr, mtu
+
+
+def _mreqn(group: str, index: int) -> bytes:
+    return socket.inet_aton(group) + socket.inet_aton("0.0.0.0") + struct.pack("i", index)
+
+
+def send_socket(cfg: SyncConfig, index: int, addr: str | None) -> socket.socket:
+    """A master's socket, as make_send_sock: multicast out of the
+    interface, no loop back, the TTL, fragmentation allowed, bound to the
+    interface's address, connected to the group."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, _mreqn("0.0.0.0", index))
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, cfg.mcast_ttl)
+        s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+        if addr:
+            s.bind((addr, 0))
+        else:
+            log.warning("sync: %s has no IPv4 address; you probably need to specify an IP "
+                        "address on the multicast interface", cfg.mcast_ifn)
+        s.connect((cfg.mcast_group, cfg.mcast_port))
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def receive_socket(cfg: SyncConfig, index: int) -> socket.socket:
+    """A socket on the group's port of this interface, joined to the group
+    (make_receive_sock: SO_REUSEADDR, bound to the device)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, cfg.mcast_ifn.encode())
+        s.bind((cfg.mcast_group, cfg.mcast_port))
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, _mreqn(cfg.mcast_group, index))
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+class _Engines:
+    """What the daemons need of the director: its workers (each with
+    ``engine`` and ``lock``) and the published service table (for the
+    steering rule's client mask)."""
+
+    def __init__(self, workers: Callable[[], Sequence], services: Callable[[], np.ndarray]):
+        self.workers, self.services = workers, services
+
+    def call(self, w, name: str, *args):
+        # The C engine locks itself; a Python engine is safe only under the
+        # worker's lock (runtime/worker.py), which the C path takes too, briefly.
+        with w.lock:
+            return getattr(w.engine, name)(*args)
+
+    def check(self, names: Sequence[str]) -> None:
+        for w in self.workers():
+            missing = [n for n in names if not hasattr(w.engine, n)]
+            if missing:
+                raise SyncError("Operation not supported: this engine has no connection "
+                                f"sync ({', '.join(missing)})")
+
+
+class _Daemon:
+    def __init__(self, cfg: SyncConfig, engines: _Engines, index: int, addr: str | None,
+                 mtu: int):
+        self.cfg, self.engines = cfg, engines
+        self.maxlen = wire.sync_maxlen(cfg.role, mtu, cfg.sync_maxlen)
+        self.index, self.addr = index, addr
+        self.stats: Counter = Counter()
+        self.tasks: list[asyncio.Task] = []
+        self.socks: list[socket.socket] = []
+
+    def describe(self) -> dict:
+        """What `-L --daemon` prints: the kernel's cfg after start_sync_thread."""
+        d = asdict(self.cfg)
+        d.update(state=d.pop("role"), sync_maxlen=self.maxlen)
+        return d
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        loop = asyncio.get_running_loop()
+        for s in self.socks:
+            try:
+                loop.remove_reader(s.fileno())
+            except (ValueError, OSError):
+                pass
+            s.close()
+        self.socks = []
+
+    async def _send(self, sock: socket.socket, msgs: list[bytes], key: str = "") -> None:
+        loop = asyncio.get_running_loop()
+        for m in msgs:
+            try:
+                await loop.sock_sendall(sock, m)
+            except OSError as e:
+                self.stats["send_errors"] += 1
+                log.debug("sync: send: %s", e)
+                continue
+            self.stats[key + "messages"] += 1
+            self.stats[key + "bytes"] += len(m)
+            self.stats[key + "conns"] += m[4]
+
+
+class Master(_Daemon):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.buffer = wire.Buffer(self.cfg.syncid, self.maxlen, FLUSH_TIME)
+        self.rows = np.zeros(DRAIN_CHUNK, dtype=SYNC_DTYPE)
+        self.requests: dict[int, float] = {}
+        self.bulk_wake = asyncio.Event()
+        self.listen: socket.socket | None = None
+        self.out: socket.socket | None = None
+
+    def start(self) -> None:
+        self.engines.check(("set_sync_master", "sync_drain", "sync_chunk"))
+        self.out = send_socket(self.cfg, self.index, self.addr)
+        self.socks.append(self.out)
+        try:
+            self.listen = receive_socket(self.cfg, self.index)
+            self.socks.append(self.listen)
+        except OSError as e:   # sync still works; only bulk requests go unheard
+            log.warning("sync master: cannot listen for bulk resync requests: %s", e)
+        for w in self.engines.workers():
+            self.engines.call(w, "set_sync_master", True)
+        loop = asyncio.get_running_loop()
+        self.tasks.append(loop.create_task(self._run(), name="pylvs-sync-master"))
+        self.tasks.append(loop.create_task(self._bulk(), name="pylvs-sync-bulk"))
+        if self.listen is not None:
+            loop.add_reader(self.listen.fileno(), self._on_request)
+
+    async def close(self) -> None:
+        for w in self.engines.workers():
+            try:
+                self.engines.call(w, "set_sync_master", False)
+            except Exception as e:
+                log.error("sync master: set_sync_master(False): %s", e)
+        await super().close()
+
+    def drain(self, now: float) -> list[bytes]:
+        """Every engine's queued conns into the buffer; the messages due."""
+        for w in self.engines.workers():
+            while True:
+                n = int(self.engines.call(w, "sync_drain", self.rows))
+                if n <= 0:
+                    break
+                self.stats["drained"] += n
+                self.buffer.add(self.rows[:n], now)
+                if n < len(self.rows):
+                    break
+        return self.buffer.take(now)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._send(self.out, self.drain(time.monotonic()))
+            except Exception:
+                log.exception("sync master: drain failed")
+            await asyncio.sleep(SEND_DELAY)
+
+    def _on_request(self) -> None:
+        for _ in range(RECV_BUDGET):
+            try:
+                buf = self.listen.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.debug("sync master: recv: %s", e)
+                return
+            self.request(buf)
+
+    def request(self, buf: bytes) -> bool:
+        """A datagram heard on the group: is it a bulk request to answer?"""
+        ctl = wire.parse_control(buf)
+        if ctl is None or ctl[0] != wire.BULK_REQUEST:
+            return False   # sync messages of other masters, END answers
+        _kind, syncid, nonce = ctl
+        if self.cfg.syncid and syncid and syncid != self.cfg.syncid:
+            self.stats["bulk_requests_other_syncid"] += 1
+            return False
+        self.stats["bulk_requests"] += 1
+        self.requests.setdefault(nonce, time.monotonic())
+        self.bulk_wake.set()
+        return True
+
+    async def _bulk(self) -> None:
+        """One walk of every engine at a time; the requests that arrive
+        during a walk are answered by the next one (a walk that began
+        before a request may have passed conns made since)."""
+        while True:
+            await self.bulk_wake.wait()
+            self.bulk_wake.clear()
+            nonces, self.requests = list(self.requests), {}
+            try:
+                await self.walk()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sync master: bulk resync failed")
+                continue
+            for n in nonces:
+                await self._send(self.out, [wire.control_message(wire.BULK_END,
+                                                                 self.cfg.syncid, n)], "bulk_end_")
+            self.stats["bulk_walks"] += 1
+
+    async def walk(self) -> None:
+        """Send every engine's whole table (templates included), paced at
+        BULK_RATE messages a second."""
+        out = np.zeros(BULK_CHUNK, dtype=SYNC_DTYPE)
+        t0, sent = time.monotonic(), 0
+        for w in self.engines.workers():
+            start = 0
+            while start >= 0:
+                n, start = self.engines.call(w, "sync_chunk", start, out)
+                msgs = wire.encode(out[:int(n)], self.cfg.syncid, self.maxlen)
+                await self._send(self.out, msgs, "bulk_")
+                sent += len(msgs)
+                ahead = sent / BULK_RATE - (time.monotonic() - t0)
+                await asyncio.sleep(max(0.0, ahead))   # also lets the loop breathe
+
+
+class Backup(_Daemon):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.drops = wire.new_counts()
+        self._logged: dict[str, int] = {}
+        self._logged_at = -LOG_EVERY
+        self.nonce = int.from_bytes(os.urandom(4), "big")
+        self.bulk_done = asyncio.Event()
+
+    def start(self) -> None:
+        self.engines.check(("sync_install",))
+        self.inp = receive_socket(self.cfg, self.index)
+        self.socks.append(self.inp)
+        self.ask = send_socket(self.cfg, self.index, self.addr)
+        self.socks.append(self.ask)
+        try:
+            self.inp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        except OSError:
+            pass
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.inp.fileno(), self._on_readable)
+        self.tasks.append(loop.create_task(self._ask(), name="pylvs-sync-bulk-request"))
+
+    async def _ask(self) -> None:
+        """BULK_REQUEST now and after each of BULK_RETRY s without an END."""
+        msg = wire.control_message(wire.BULK_REQUEST, self.cfg.syncid, self.nonce)
+        for wait in (*BULK_RETRY, None):
+            await self._send(self.ask, [msg], "bulk_request_")
+            if wait is None:
+                return
+            try:
+                await asyncio.wait_for(self.bulk_done.wait(), wait)
+                return
+            except asyncio.TimeoutError:
+                pass
+
+    def _on_readable(self) -> None:
+        for _ in range(RECV_BUDGET):
+            try:
+                buf, src = self.inp.recvfrom(self.maxlen)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.debug("sync backup: recv: %s", e)
+                return
+            dropped = sum(self.drops.values())
+            try:
+                self.receive(buf, time.monotonic())
+            except Exception:
+                log.exception("sync backup: a message failed to install")
+                self.stats["install_errors"] += 1
+            if sum(self.drops.values()) != dropped:
+                self._log_drops(src[0])
+
+    def _log_drops(self, src: str) -> None:
+        """A warning for dropped datagrams, at most every LOG_EVERY s, with
+        what was dropped since the last one (the last sender named)."""
+        now = time.monotonic()
+        if now - self._logged_at < LOG_EVERY:
+            return
+        delta = {k: v - self._logged.get(k, 0) for k, v in self.drops.items()
+                 if v != self._logged.get(k, 0)}
+        self._logged, self._logged_at = dict(self.drops), now
+        log.warning("sync backup: dropped %s (last from %s; pylvs stats: sync.backup.dropped)",
+                    ", ".join(f"{k} +{v}" for k, v in sorted(delta.items())), src)
+
+    def receive(self, buf: bytes, now: float) -> int:
+        """One datagram: installs its records; returns how many."""
+        self.stats["messages"] += 1
+        self.stats["bytes"] += len(buf)
+        ctl = wire.parse_control(buf)
+        if ctl is not None:
+            kind, _syncid, nonce = ctl
+            if kind == wire.BULK_END and nonce == self.nonce and not self.bulk_done.is_set():
+                self.stats["bulk_done"] += 1
+                self.bulk_done.set()
+            return 0
+        recs = wire.decode(buf, self.cfg.syncid, self.drops)
+        if not len(recs):
+            return 0
+        workers = list(self.engines.workers())
+        which = worker_of(recs["caddr"], self.engines.services(), len(workers))
+        installed = 0
+        for i, w in enumerate(workers):
+            part = recs[which == i]
+            if len(part):
+                installed += int(self.engines.call(w, "sync_install", part, now))
+        self.stats["conns"] += len(recs)
+        self.stats["installed"] += installed
+        return installed
+
+
+class SyncDaemons:
+    """The director's master and backup daemons (at most one of each, as
+    the kernel's); all methods run on the event loop."""
+
+    def __init__(self, workers: Callable[[], Sequence], services: Callable[[], np.ndarray]):
+        self.engines = _Engines(workers, services)
+        self.running: dict[str, _Daemon] = {}
+
+    async def start(self, req: dict) -> None:
+        """start_daemon: SyncError "Daemon has already run" (EEXIST), "No
+        such device" (ENODEV), or the socket's error."""
+        cfg = SyncConfig.from_request(req)
+        if cfg.role in self.running:
+            raise SyncError("Daemon has already run")
+        index, addr, mtu = iface_info(cfg.mcast_ifn)
+        d = (Master if cfg.role == "master" else Backup)(cfg, self.engines, index, addr, mtu)
+        try:
+            d.start()
+        except OSError as e:
+            await d.close()
+            raise SyncError(e.strerror or str(e)) from None
+        except BaseException:
+            await d.close()
+            raise
+        self.running[cfg.role] = d
+        log.info("sync thread started: state = %s, mcast_ifn = %s, syncid = %d, maxlen = %d, "
+                 "group = %s:%d", cfg.role.upper(), cfg.mcast_ifn, cfg.syncid, d.maxlen,
+                 cfg.mcast_group, cfg.mcast_port)
+
+    async def stop(self, req: dict) -> None:
+        """stop_daemon: SyncError "No daemon is running" (ESRCH)."""
+        role = req.get("state")
+        d = self.running.pop(role, None) if isinstance(role, str) else None
+        if d is None:
+            raise SyncError("No daemon is running")
+        await d.close()
+        log.info("stopped %s sync daemon", role)
+
+    async def close(self) -> None:
+        for role in list(self.running):
+            await self.running.pop(role).close()
+
+    def list(self) -> list[dict]:
+        """The running daemons, master first (ip_vs_genl_dump_daemons)."""
+        return [self.running[r].describe() for r in ROLES if r in self.running]
+
+    def stats(self) -> dict:
+        """Counters per running daemon (docs/sync.md, "Counters")."""
+        out = {}
+        for role, d in self.running.items():
+            s = {k: int(v) for k, v in d.stats.items()}
+            if isinstance(d, Backup):
+                s["dropped"] = {k: int(v) for k, v in d.drops.items()}
+                s["bulk_complete"] = d.bulk_done.is_set()
+            out[role] = s
+        return out
+
+    def handlers(self) -> dict:
+        """The control socket operations (pylvs.control.rpc handlers; a
+        refusal answers {"ok": false, "error": ipvsadm's words})."""
+        from ..control.balancer import BalancerError
+
+        def refusing(fn):
+            async def op(req: dict):
+                try:
+                    return await fn(req)
+                except SyncError as e:
+                    raise BalancerError(str(e)) from None
+            return op
+
+        async def daemons(_req: dict) -> list[dict]:
+            return self.list()
+
+        return {"start_daemon": refusing(self.start), "stop_daemon": refusing(self.stop),
+                "daemons": daemons}

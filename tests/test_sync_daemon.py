@@ -1,0 +1,332 @@
+"""The sync daemons' logic without the network (pylvs/sync/daemon.py): the
+master drains every worker's engine and sends by the kernel's flush rule,
+answers a bulk request by walking every engine; the backup installs each
+received conn into the engine of the worker its client's frames reach
+(the rule bpf.steer_index writes out), and counts what it drops. The
+engines here are stand-ins written to contract 3 (PLAN-issue9.md); the
+real engines meet the daemons in tests/netns/test_sync.py."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from pylvs.cli import adm
+from pylvs.control import listing
+from pylvs.control.balancer import Balancer
+from pylvs.engine.sync import SYNC_DTYPE
+from pylvs.engine.tables import Counters
+from pylvs.io import bpf
+from pylvs.sync import daemon as sd
+from pylvs.sync import wire
+
+
+class StandInEngine:
+    """set_sync_master / sync_drain / sync_install / sync_chunk as contract
+    3 words them, over a Python list (tests only)."""
+
+    def __init__(self, queued=()):
+        self.queue = list(queued)
+        self.table: list[tuple] = []
+        self.master = None
+
+    def set_sync_master(self, on: bool) -> None:
+        self.master = on
+
+    def sync_drain(self, out: np.ndarray) -> int:
+        if not self.master:
+            return 0
+        n = min(len(out), len(self.queue))
+        for i in range(n):
+            out[i] = self.queue[i]
+        del self.queue[:n]
+        return n
+
+    def sync_install(self, records: np.ndarray, now: float) -> int:
+        self.table.extend(records.tolist())
+        return len(records)
+
+    def sync_chunk(self, start: int, out: np.ndarray) -> tuple[int, int]:
+        part = self.table[start:start + len(out)]
+        for i, row in enumerate(part):
+            out[i] = row
+        nxt = start + len(part)
+        return len(part), (nxt if nxt < len(self.table) else -1)
+
+
+def workers(n: int, **kw) -> list:
+    return [SimpleNamespace(engine=StandInEngine(**kw), lock=threading.Lock()) for _ in range(n)]
+
+
+def rows(n: int, base: int = 0x0A000001) -> list[tuple]:
+    return [(6, 1, 0, base + i, 10000 + i, 0x0A000A02, 80, 0xC0A80102, 8080, 0, 900)
+            for i in range(n)]
+
+
+def cfg(role: str, **kw) -> sd.SyncConfig:
+    return sd.SyncConfig.from_request({"state": role, "mcast_ifn": "lo", **kw})
+
+
+def daemon(kind, ws, services=None, **kw):
+    engines = sd._Engines(lambda: ws, lambda: services)
+    return kind(cfg(kind.__name__.lower(), **kw), engines, 1, None, 1500)
+
+
+def test_master_drains_every_worker_and_flushes_by_the_kernel_rule():
+    ws = workers(2)
+    ws[0].engine.queue = rows(30)
+    ws[1].engine.queue = rows(25, base=0x0B000001)
+    m = daemon(sd.Master, ws, syncid=4)
+    for w in ws:
+        w.engine.set_sync_master(True)
+    full = m.drain(now=100.0)
+    assert [msg[4] for msg in full] == [40]            # one full message at once
+    assert m.drain(now=101.9) == []                    # 15 wait ...
+    (late,) = m.drain(now=102.0)                       # ... until 2 s old
+    sent = np.concatenate([wire.decode(x, 4) for x in full + [late]])
+    assert sent["caddr"].tolist() == [r[3] for r in rows(30) + rows(25, base=0x0B000001)]
+    assert m.stats["drained"] == 55
+
+
+def test_master_bulk_walk_sends_every_engine_then_end(monkeypatch):
+    ws = workers(2)
+    ws[0].engine.table = rows(1500)
+    ws[1].engine.table = rows(700, base=0x0C000001)
+    m = daemon(sd.Master, ws, syncid=4)
+    sent: list[bytes] = []
+
+    async def capture(sock, msgs, key=""):
+        sent.extend(msgs)
+    monkeypatch.setattr(m, "_send", capture)
+    monkeypatch.setattr(sd, "BULK_RATE", 10 ** 6)
+
+    async def go():
+        task = asyncio.ensure_future(m._bulk())
+        assert m.request(wire.control_message(wire.BULK_REQUEST, 4, 77))
+        assert not m.request(wire.control_message(wire.BULK_REQUEST, 5, 78))   # other syncid
+        assert not m.request(wire.encode(np.array(rows(1), SYNC_DTYPE), 4)[0])
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if sent and wire.parse_control(sent[-1]):
+                break
+        task.cancel()
+    asyncio.run(go())
+    assert wire.parse_control(sent[-1]) == (wire.BULK_END, 4, 77)
+    got = np.concatenate([wire.decode(x, 4) for x in sent[:-1]])
+    assert len(got) == 2200 and all(len(x) <= 1472 for x in sent)
+    assert m.stats["bulk_requests"] == 1 and m.stats["bulk_requests_other_syncid"] == 1
+
+
+def _services(persist_netmask: str | None):
+    b = Balancer(Counters(64, 64))
+    b.add_service("tcp", "10.0.10.2", 80, sched="rr",
+                  **({"persistent": 300, "netmask": persist_netmask} if persist_netmask else {}))
+    b.add_dest("tcp", "10.0.10.2", 80, "192.168.1.2", 8080, fwd="masq")
+    return b.services_table, b.dests_table
+
+
+@pytest.mark.parametrize("netmask", [None, "255.255.255.0"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_worker_of_is_the_steering_rule(n, netmask):
+    svcs, dests = _services(netmask)
+    clients = [0x0A000000 + 7919 * i for i in range(200)]
+    got = sd.worker_of(np.array(clients, dtype=np.uint32), svcs, n)
+    for c, g in zip(clients, got):
+        cip = ".".join(str((c >> s) & 255) for s in (24, 16, 8, 0))
+        frame = bytes(Ether() / IP(src=cip, dst="10.0.10.2") / TCP(sport=1234, dport=80))
+        assert bpf.steer_index(frame, n, svcs, dests) == g
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_backup_installs_each_conn_in_its_client_s_worker(n):
+    svcs, _ = _services(None)
+    ws = workers(n)
+    b = daemon(sd.Backup, ws, services=svcs, syncid=4)
+    recs = np.array(rows(100), SYNC_DTYPE)
+    for msg in wire.encode(recs, 4):
+        b.receive(msg, now=1.0)
+    want = sd.worker_of(recs["caddr"], svcs, n)
+    for i, w in enumerate(ws):
+        assert [r[3] for r in w.engine.table] == recs["caddr"][want == i].tolist()
+    assert b.stats["installed"] == 100 and sum(b.drops.values()) == 0
+
+
+def test_backup_counts_bad_messages_and_installs_nothing():
+    ws = workers(2)
+    b = daemon(sd.Backup, ws, services=_services(None)[0], syncid=4)
+    good = wire.encode(np.array(rows(3), SYNC_DTYPE), 4)[0]
+    for bad in (good[:-1], good[:4], b"", wire.encode(np.array(rows(3), SYNC_DTYPE), 5)[0],
+                bytes([1]) + good[1:], good[:5] + b"\x02" + good[6:]):
+        assert b.receive(bad, now=1.0) == 0
+    assert all(not w.engine.table for w in ws)
+    assert {k: v for k, v in b.drops.items() if v} == {
+        "bad_size": 2, "short": 1, "wrong_syncid": 1, "v0": 1, "bad_version": 1}
+
+
+def test_backup_bulk_end_is_its_own_only():
+    b = daemon(sd.Backup, workers(1), syncid=4)
+    b.receive(wire.control_message(wire.BULK_END, 4, b.nonce ^ 1), 1.0)
+    assert not b.bulk_done.is_set()
+    b.receive(wire.control_message(wire.BULK_END, 4, b.nonce), 1.0)
+    assert b.bulk_done.is_set() and b.stats["bulk_done"] == 1
+
+
+@pytest.mark.parametrize("req,error", [
+    ({"state": "slave", "mcast_ifn": "lo"}, "Invalid operation"),
+    ({"state": "master", "mcast_ifn": "nosuchif0"}, "No such device"),
+    ({"state": "master", "mcast_ifn": "lo", "syncid": 256}, "Invalid argument"),
+    ({"state": "master", "mcast_ifn": "lo", "mcast_group": "10.0.0.1"},
+     "invalid IPv4 mcast-group `10.0.0.1'"),
+    ({"state": "backup", "mcast_ifn": "lo", "mcast_port": 0}, "Invalid argument"),
+])
+def test_start_refusals(req, error):
+    async def go():
+        ds = sd.SyncDaemons(lambda: workers(1), lambda: None)
+        with pytest.raises(sd.SyncError, match=error.replace("(", r"\(")):
+            await ds.start(req)
+        assert ds.list() == []
+    asyncio.run(go())
+
+
+def test_stop_without_a_daemon():
+    async def go():
+        ds = sd.SyncDaemons(lambda: workers(1), lambda: None)
+        with pytest.raises(sd.SyncError, match="No daemon is running"):
+            await ds.stop({"state": "backup"})
+    asyncio.run(go())
+
+
+def test_engine_without_sync_is_refused():
+    async def go():
+        ds = sd.SyncDaemons(lambda: [SimpleNamespace(engine=object(), lock=threading.Lock())],
+                            lambda: None)
+        with pytest.raises(sd.SyncError, match="no connection sync"):
+            await ds.start({"state": "master", "mcast_ifn": "lo"})
+    asyncio.run(go())
+
+
+def test_list_daemon_is_ipvsadm_s_line():
+    rows_ = [{"state": "master", "mcast_ifn": "eth1", "syncid": 3, "sync_maxlen": 1472,
+              "mcast_group": "224.0.0.81", "mcast_port": 8848, "mcast_ttl": 1},
+             {"state": "backup", "mcast_ifn": "eth1", "syncid": 0, "sync_maxlen": 8972,
+              "mcast_group": "224.0.0.81", "mcast_port": 8848, "mcast_ttl": 1}]
+    assert listing.daemons(rows_) == (
+        "master sync daemon (mcast=eth1, syncid=3, maxlen=1472, group=224.0.0.81, "
+        "port=8848, ttl=1)\n"
+        "backup sync daemon (mcast=eth1, syncid=0, maxlen=8972, group=224.0.0.81, "
+        "port=8848, ttl=1)\n")
+    assert listing.daemons([]) == ""
+
+
+class Recorder:
+    def __init__(self, answer=None):
+        self.calls: list[dict] = []
+        self.answer = answer
+
+    def call(self, req: dict):
+        self.calls.append(req)
+        return self.answer
+
+
+def run_adm(argv, answer=None):
+    rec = Recorder(answer)
+    out, err = io.StringIO(), io.StringIO()
+    rc = adm.main(argv, stdout=out, stderr=err, client_factory=lambda _p: rec)
+    return rc, out.getvalue(), err.getvalue(), rec.calls
+
+
+# (argv, exit status, stderr, the operation sent)
+ADM = [
+    (["--start-daemon", "master", "--mcast-interface", "eth1", "--syncid", "5"], 0, "",
+     {"op": "start_daemon", "state": "master", "mcast_ifn": "eth1", "syncid": 5}),
+    (["--start-daemon", "backup", "--mcast-interface=eth1", "--mcast-group", "239.1.2.3",
+      "--mcast-port", "9000", "--mcast-ttl", "4", "--sync-maxlen", "1400"], 0, "",
+     {"op": "start_daemon", "state": "backup", "mcast_ifn": "eth1", "mcast_group": "239.1.2.3",
+      "mcast_port": 9000, "mcast_ttl": 4, "sync_maxlen": 1400}),
+    (["--start-daemon", "master", "--mcast-interface", "a-very-long-interface-name"], 0, "",
+     {"op": "start_daemon", "state": "master", "mcast_ifn": "a-very-long-int"}),
+    (["--stop-daemon", "backup"], 0, "", {"op": "stop_daemon", "state": "backup"}),
+    (["--start-daemon", "primary"], 2, "illegal start-daemon parameter specified\n", None),
+    (["--start-daemon", "master", "--syncid", "256"], 2, "illegal syncid specified\n", None),
+    (["--start-daemon", "master", "--mcast-group", "10.1.1.1"], 2,
+     "invalid IPv4 mcast-group `10.1.1.1'\n", None),
+    (["--start-daemon", "master", "--mcast-port", "0"], 2, "illegal mcast-port specified\n", None),
+    (["--start-daemon", "master", "--mcast-ttl", "256"], 2, "illegal mcast-ttl specified\n", None),
+    (["--start-daemon", "master", "--sync-maxlen", "65508"], 2,
+     "illegal sync-maxlen specified\n", None),
+    (["--stop-daemon", "master", "--mcast-interface", "eth0"], 2,
+     "Illegal 'mcast-interface' option with the 'stop-daemon' command\n", None),
+]
+
+
+@pytest.mark.parametrize("argv,rc,err,op", ADM, ids=[" ".join(a[0]) for a in ADM])
+def test_adm_daemon_commands(argv, rc, err, op):
+    got_rc, _out, got_err, calls = run_adm(argv)
+    assert (got_rc, got_err) == (rc, err)
+    assert calls == ([op] if op else [])
+
+
+def test_adm_list_daemon():
+    answer = [{"state": "backup", "mcast_ifn": "veth0", "syncid": 9, "sync_maxlen": 1472,
+               "mcast_group": "224.0.0.81", "mcast_port": 8848, "mcast_ttl": 1}]
+    rc, out, _err, calls = run_adm(["-L", "--daemon"], answer)
+    assert rc == 0 and calls == [{"op": "daemons"}]
+    assert out == ("backup sync daemon (mcast=veth0, syncid=9, maxlen=1472, "
+                   "group=224.0.0.81, port=8848, ttl=1)\n")
+
+
+def test_pylvs_stats_text_lists_the_sync_counters():
+    from pylvs.cli.tools import format_stats
+
+    st = {"conns": {"count": 0, "limit": 1, "memory": None}, "services": {"count": 0, "limit": 1},
+          "dests": {"count": 0, "limit": 1}, "engine": {"pkts": 1}, "counters": {},
+          "sync": {"backup": {"messages": 3, "installed": 80,
+                              "dropped": {"bad_size": 1, "v0": 0}, "bulk_complete": True}}}
+    text = format_stats(st)
+    assert "\nsync.backup.messages          3\n" in text
+    assert "sync.backup.dropped.bad_size  1\n" in text
+    assert "sync.backup.bulk_complete     True\n" in text
+
+
+RUN_REFUSALS = [
+    (["--start-daemon", "master", "--start-daemon", "master"], "master or backup given twice"),
+    (["--start-daemon", "primary"], "invalid choice: 'primary'"),
+    (["--syncid", "256"], "256 is out of range (0..255)"),
+    (["--mcast-group", "10.1.2.3"], "--mcast-group: invalid IPv4 mcast-group `10.1.2.3'"),
+    (["--mcast-port", "0"], "0 is out of range (1..65535)"),
+    (["--sync-maxlen", "65508"], "65508 is out of range (1..65507)"),
+]
+
+
+@pytest.mark.parametrize("argv,want", RUN_REFUSALS, ids=[r[1] for r in RUN_REFUSALS])
+def test_pylvs_run_refuses_bad_sync_options(argv, want, capsys):
+    from pylvs.runtime.daemon import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert want in err and "Traceback" not in err, err
+
+
+def test_backup_warns_about_drops_at_most_every_10_s(caplog, monkeypatch):
+    b = daemon(sd.Backup, workers(1), syncid=4)
+    clock = [100.0]
+    monkeypatch.setattr(sd.time, "monotonic", lambda: clock[0])
+    caplog.set_level("WARNING", logger="pylvs.sync")
+    for when, buf in ((100.0, b"\0\4"), (101.0, b"\0\4"), (105.0, bytes(8)), (111.0, b"")):
+        clock[0] = when
+        b.receive(buf, when)
+        b._log_drops("10.77.0.1")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "sync backup: dropped short +1 (last from 10.77.0.1; pylvs stats: sync.backup.dropped)",
+        "sync backup: dropped bad_size +1, short +2 (last from 10.77.0.1; pylvs stats: "
+        "sync.backup.dropped)"]
