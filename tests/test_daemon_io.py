@@ -157,11 +157,16 @@ def test_losses_are_logged_at_most_once_per_period(daemon, monkeypatch, caplog):
         task.cancel()
 
     with caplog.at_level(logging.WARNING, logger="pylvs"):
+        t0 = time.monotonic()
         asyncio.run(run())
+        elapsed = time.monotonic() - t0
     lines = [r.getMessage() for r in caplog.records]
     emsg = [m for m in lines if "tx_emsgsize" in m]
     full = [m for m in lines if "drop_table_full" in m]
-    assert 1 <= len(emsg) <= 2 and 1 <= len(full) <= 2, lines
+    # One line at once, then at most one per LOG_EVERY of the time it took
+    # (0.3 s on an idle machine: 2 lines; more only on a slow one).
+    most = 1 + int(elapsed / 0.25)
+    assert 1 <= len(emsg) <= most and 1 <= len(full) <= most, (elapsed, lines)
     # Each line says what the counter grew by since the previous line.
     got = [tuple(map(int, re.fullmatch(r"data path: tx_emsgsize \+(\d+) \(total (\d+)\)", m).groups()))
            for m in emsg]

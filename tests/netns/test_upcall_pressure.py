@@ -28,13 +28,14 @@ EST_PORT = 40000  # the established flow's client port
 EVERY = 20
 
 # Sink on the real server: the established flow's datagrams ("est-K") seen,
-# until WANT of them have come or 3 s pass without one.
+# until WANT of them have come or 15 s pass without one (the flood is sent
+# while the director is stopped: on a loaded machine that takes seconds).
 SINK = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)   # SO_RCVBUFFORCE: the burst fits
 s.bind((sys.argv[1], int(sys.argv[2])))
-s.settimeout(3.0)
+s.settimeout(15.0)
 want, seen = int(sys.argv[3]), set()
 print("ready", flush=True)
 try:
