@@ -742,3 +742,98 @@ def test_scheduler_reentry(impl):
     w = World(impl, schedule=schedule)
     assert w.send(syn())[0] == tables.V_TX
     assert seen == [0]
+
+
+# --- a synced conn's client side from its route (docs/engine.md, "Sync") ------
+#
+# The kernel's backup routes a synced NAT conn's reply to its client with
+# its FIB and neighbour table (ip_vs_nat_xmit's route, then the neighbour
+# output), client frame or not. Here control gives the engine the route's
+# next-hop MAC (ROUTE_F_MAC: a gateway's neighbour entry, or a /32 row for
+# an on-link host the kernel knows): the reply binds the conn's client side
+# as a client frame would and leaves as on the master. Without that MAC:
+# drop_sync_no_mac, as before.
+
+GW_ROUTES = [("192.168.1.0", 24, RS_PORT, None), ("0.0.0.0", 0, 0, "02:00:00:00:00:02")]
+ON_LINK = [("192.168.1.0", 24, RS_PORT, None), ("10.0.0.2", 32, 0, "02:00:00:00:00:02"),
+           ("10.0.0.0", 24, 0, None)]
+NO_MAC = [("192.168.1.0", 24, RS_PORT, None), ("0.0.0.0", 0, 0, None)]
+ODD_PORT = [("0.0.0.0", 0, 7, "02:00:00:00:00:02")]   # a port with no row
+
+# (description, routes (prefix, plen, port, next hop MAC) or None (never
+#  set), frames from the real server before any client frame, forwarded as
+#  on the master?, counters)
+ROUTED = [
+    ("gateway route with its MAC: the reply leaves for the gateway", GW_ROUTES,
+     [reply()], True, {"sync_l2_routed": 1}),
+    ("gateway route with its MAC: the real server's ICMP error too", GW_ROUTES,
+     [rs_icmp(), reply()], True, {"sync_l2_routed": 1}),
+    ("on-link client with a neighbour entry (/32 row)", ON_LINK,
+     [reply(), reply(flags="PA")], True, {"sync_l2_routed": 1}),
+    ("gateway not resolved (no MAC): counted drop", NO_MAC,
+     [reply(), rs_icmp()], False, {"drop_sync_no_mac": 2}),
+    ("no routes set: counted drop", None, [reply()], False, {"drop_sync_no_mac": 1}),
+    ("route through a port without a row: counted drop", ODD_PORT,
+     [reply()], False, {"drop_sync_no_mac": 1}),
+]
+
+
+def set_net(env, routes) -> None:
+    """Ports 0 (client side, LMAC) and 1 (real servers, SMAC), and routes."""
+    p = tables.empty_ports(2)
+    for port, m in ((0, "02:00:00:00:00:01"), (RS_PORT, SMAC)):
+        p[port]["mtu"], p[port]["flags"] = 1500, tables.PORT_F_USED | tables.PORT_F_CHECK_MAC
+        p[port]["mac"] = np.frombuffer(bytes.fromhex(m.replace(":", "")), np.uint8)
+    env.engine.set_ports(p)
+    if routes is None:
+        return
+    r = tables.empty_routes(len(routes))
+    for i, (prefix, plen, port, nh) in enumerate(routes):
+        r["prefix"][i], r["plen"][i], r["port"][i] = ip(prefix), plen, port
+        if nh is not None:
+            r["mac"][i] = np.frombuffer(bytes.fromhex(nh.replace(":", "")), np.uint8)
+            r["flags"][i] = tables.ROUTE_F_MAC
+    env.engine.set_routes(r, np.array([ip(VIP)], np.uint32))
+
+
+@pytest.mark.parametrize("desc,routes,frames,forwarded,counters", ROUTED,
+                         ids=[r[0] for r in ROUTED])
+def test_reply_routed_before_client_frame(desc, routes, frames, forwarded, counters):
+    """A synced NAT conn's real server speaks first (a download after a
+    failover: the client only ACKs what it gets): with a next-hop MAC for
+    the client's route the frames leave the backup byte for byte as they
+    leave the master, which learnt the client from its frames; without one
+    they are dropped and counted, the conn untouched."""
+    per_impl = []
+    for impl in IMPLS:
+        master, backup = World(impl), World(impl, schedule=lambda s, c, p: -1)
+        for env in (master, backup):
+            set_net(env, routes)
+        master.engine.set_sync_master(True)
+        for f in (syn(), reply(flags="SA"), ack(), ack()):
+            master.send(f, in_port=RS_PORT if f == reply(flags="SA") else 0, now=1.0)
+        assert backup.install(master.drain(), 1.5) >= 1
+        before = backup.stats()
+        outs = []
+        for f in frames:
+            got = backup.send(f, in_port=RS_PORT, now=2.0)
+            want = master.send(f, in_port=RS_PORT, now=2.0)
+            if forwarded:
+                assert got == want and got[0] == tables.V_TX and got[1] == 0, (impl, desc)
+            else:
+                assert got[0] == tables.V_DROP, (impl, desc)
+            outs.append(got)
+        after = backup.stats()
+        changed = {k: after[k] - before.get(k, 0) for k in after
+                   if k.startswith(("sync_", "drop_sync")) and after[k] != before.get(k, 0)}
+        assert changed == counters, (impl, desc)
+        state = [c[7] for c in backup.engine.conns()]
+        assert state == [c[7] for c in master.engine.conns()] if forwarded else state == [EST]
+        # The client's next frame changes nothing the route taught (the
+        # same MAC and port as the master learnt).
+        if forwarded:
+            assert backup.send(ack(payload=b"n"), now=2.5) == master.send(ack(payload=b"n"),
+                                                                        now=2.5)
+        check(backup.engine)
+        per_impl.append(outs)
+    assert per_impl[0] == per_impl[1]

@@ -690,9 +690,10 @@ static PyObject *engine_set_ports(PylvsEngine *self, PyObject *arg)
 
 static PyObject *engine_set_routes(PylvsEngine *self, PyObject *args)
 {
-    static const char *const fields[] = {"prefix", "plen", "port", NULL};
+    static const char *const fields[] = {"prefix", "plen", "port", "mac", "flags", NULL};
     static const Py_ssize_t offsets[] = {offsetof(route_row, prefix), offsetof(route_row, plen),
-                                         offsetof(route_row, port)};
+                                         offsetof(route_row, port), offsetof(route_row, mac),
+                                         offsetof(route_row, flags)};
     PyObject *routes, *local;
     if (!PyArg_ParseTuple(args, "OO:set_routes", &routes, &local))
         return NULL;
