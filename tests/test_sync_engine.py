@@ -837,3 +837,43 @@ def test_reply_routed_before_client_frame(desc, routes, frames, forwarded, count
         check(backup.engine)
         per_impl.append(outs)
     assert per_impl[0] == per_impl[1]
+
+
+def test_backup_state_follows_master_through_the_wire():
+    """A NAT download's whole life on a master, its records through the v1
+    wire (pylvs.sync.wire) to a backup after every frame: the backup's conn
+    always has the state the master last sent, and its expiry that state's
+    timeout from the install; at the end both hold TIME_WAIT with the same
+    expiry. (A report had ESTABLISHED conns of the master listed as
+    TIME_WAIT on the backup: the directors' roles had swapped at the
+    takeover, and a backup trails its master by the sync flush time,
+    docs/failover.md "Reading both directors' tables"; never the other
+    way.)"""
+    from pylvs.sync import wire
+
+    life = ([(syn(), 0), (reply(flags="SA"), RS_PORT), (ack(), 0)]
+            + [(ack(), 0), (reply(), RS_PORT)] * 60
+            + [(reply(flags="FA"), RS_PORT), (ack(), 0), (fin(), 0), (reply(), RS_PORT)])
+    for impl in IMPLS:
+        master, backup = World(impl), World(impl)
+        master.engine.set_sync_master(True)
+        sent, t = None, 1.0
+        for f, port in life:
+            assert master.send(f, in_port=port, now=t)[0] == tables.V_TX
+            recs = np.array(master.drain(), dtype=SYNC_DTYPE)
+            if len(recs):
+                got = np.concatenate([wire.decode(m, 7) for m in wire.encode(recs, 7)])
+                assert got.tolist() == recs.tolist()
+                assert backup.engine.sync_install(got, t) == len(got)
+                sent = int(recs[-1]["state"])
+            if sent is not None:
+                (c,) = backup.engine.conns()
+                assert c[7] == sent, (impl, t)
+                if len(recs):
+                    assert c[8] == pytest.approx(t + TO[sent]), (impl, t)
+            t += 0.01
+        (m,), (b,) = master.engine.conns(), backup.engine.conns()
+        assert m[7] == b[7] == states.TIME_WAIT, impl
+        # The real server's last ACK (no record: not a client frame)
+        # restarted the master's timer one step after the backup's.
+        assert b[8] == pytest.approx(m[8] - 0.01), impl
