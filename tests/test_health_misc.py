@@ -1,0 +1,78 @@
+"""MISC_CHECK's command as keepalived runs it: the verdict is the
+command's exit (a background process it leaves behind holding the output
+neither delays nor fails the check), its output is drained however much
+it prints, and no command outlives its check: a check cancelled by a
+reload or a stop kills the command's process group."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+from pylvs.config.model import CheckSpec
+from pylvs.health import check_misc
+
+
+def spec(cmd: str, timeout: float = 5.0) -> CheckSpec:
+    return CheckSpec("MISC_CHECK", misc_path=cmd, misc_timeout=timeout)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ", 1)[1][0] != "Z"
+
+
+def test_a_background_child_holding_the_output_does_not_fail_the_check(tmp_path):
+    pidfile = tmp_path / "child"
+    # The shell exits 0 at once; its child keeps stdout open for 30 s.
+    cmd = f"sh -c 'echo checked; sleep 30 & echo $! > {pidfile}; exit 0'"
+    t = time.monotonic()
+    r = asyncio.run(check_misc.check(spec(cmd), "10.0.1.2", 80))
+    took = time.monotonic() - t
+    child = int(pidfile.read_text())
+    try:
+        assert r.ok and r.text == "exit 0: checked", r
+        assert took < 2.0
+        assert alive(child)     # left running, as keepalived leaves it
+    finally:
+        os.kill(child, 9)
+
+
+def test_megabytes_of_output_are_drained_and_the_last_line_kept():
+    cmd = (f"{sys.executable} -c \"import sys; sys.stdout.write('x' * (8 << 20));"
+           f" print(); print('last'); sys.exit(3)\"")
+    r = asyncio.run(check_misc.check(spec(cmd), "10.0.1.2", 80))
+    assert not r.ok and r.text == "exit 3: last"
+
+
+def test_a_cancelled_check_kills_its_command(tmp_path):
+    pidfile = tmp_path / "pid"
+    cmd = f"sh -c 'echo $$ > {pidfile}; exec sleep 60'"
+
+    async def main() -> None:
+        task = asyncio.ensure_future(check_misc.check(spec(cmd, timeout=60), "10.0.1.2", 80))
+        for _ in range(100):
+            if pidfile.exists() and pidfile.read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        if not alive(pid):
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("the command outlived its cancelled check")
