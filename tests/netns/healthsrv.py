@@ -21,6 +21,7 @@ import struct
 import sys
 
 BODY = b"hello pylvs"
+HUGE = 12 << 20   # bytes of the huge page (over check_http.MAX_RESPONSE)
 
 
 def http(status: bytes, body: bytes = BODY) -> bytes:
@@ -88,7 +89,7 @@ async def main(addr: str, cert: str | None, key: str | None) -> None:
     handlers = {8001: answer(http(b"200 OK")), 8002: answer(http(b"500 Internal Server Error")),
                 8003: silent, 8004: answer(b"SSH-2.0-OpenSSH_9.2\r\n\x00\xff garbage"),
                 8005: reset, 8007: answer(http(b"200 OK"), pause=3.0), 8008: by_host,
-                8009: blurt}
+                8009: blurt, 8010: answer(http(b"200 OK", b"x" * HUGE))}
     servers = [await asyncio.start_server(h, addr, port) for port, h in handlers.items()]
     if cert:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
