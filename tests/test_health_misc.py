@@ -76,3 +76,41 @@ def test_a_cancelled_check_kills_its_command(tmp_path):
     else:
         os.kill(pid, 9)
         raise AssertionError("the command outlived its cancelled check")
+
+
+def test_stopping_the_manager_kills_a_notify_command_still_running(tmp_path):
+    from pylvs.config.model import RealServer, VirtualServer
+    from pylvs.control.balancer import Balancer
+    from pylvs.engine.tables import Counters
+    from pylvs.health.check_api import Result
+    from pylvs.health.manager import HealthManager
+
+    pidfile = tmp_path / "pid"
+    tcp = CheckSpec("TCP_CHECK", retry=0)
+    v = VirtualServer("TCP", "10.0.0.1", 80, real_servers=(RealServer(
+        "10.0.1.2", 80, checks=(tcp,),
+        notify_down=f"sh -c 'echo $$ > {pidfile}; exec sleep 60'"),))
+    b = Balancer(Counters(max_services=2, max_dests=4))
+    b.add_service("tcp", "10.0.0.1", 80)
+    b.add_dest("tcp", "10.0.0.1", 80, "10.0.1.2", 80, fwd="masq")
+
+    async def main() -> None:
+        m = HealthManager(b)
+        m.configure([v])
+        m._probes[("10.0.1.2", 80, tcp)].result(Result(False, "refused"))
+        for _ in range(100):
+            if pidfile.exists() and pidfile.read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        await m.stop()
+        await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        if not alive(pid):
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("the notify command outlived the manager")

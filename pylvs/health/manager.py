@@ -448,3 +448,8 @@ async def _run_notify(command: str, after: asyncio.Task | None) -> None:
         proc.kill()
         await proc.wait()
         log.warning("notify %r: killed after %g s", command, NOTIFY_TIMEOUT)
+    except asyncio.CancelledError:
+        # The manager stops (HealthManager.stop): no command outlives it.
+        if proc.returncode is None:
+            proc.kill()
+        raise
