@@ -78,3 +78,27 @@ def test_edit_by_hand_of_a_dead_real_server_applies_when_it_comes_back():
     assert forwarding(b) == {R2: 2}
     p.result(OK)
     assert forwarding(b) == {R1: 9, R2: 2}
+
+
+def test_a_reloads_new_checker_of_a_dead_real_server_goes_down_on_one_failure():
+    # keepalived's migrate_checkers: the new checker of a server that is
+    # down needs no retries to take it out again.
+    b, m, p = setup()
+    p.result(FAIL)
+    assert forwarding(b) == {R2: 2}
+    http = CheckSpec("HTTP_GET", delay_loop=6, retry=3)
+    v = VirtualServer("TCP", VIP, 80, lvs_sched="rr", real_servers=(
+        RealServer(R1, 80, weight=3, checks=(http,)), RealServer(R2, 80, weight=2, checks=(TCP,))))
+    m.configure([v])
+    # Its only checker replaced, none failed: back in, as keepalived puts it.
+    assert forwarding(b) == {R1: 3, R2: 2}
+    new = m._probes[(R1, 80, http)]
+    assert new.result(FAIL) == 6      # the next in delay_loop: no retry
+    assert forwarding(b) == {R2: 2}
+    # The live one's new checker keeps its retries.
+    http2 = CheckSpec("HTTP_GET", delay_loop=6, retry=3, delay_before_retry=1)
+    v2 = VirtualServer("TCP", VIP, 80, lvs_sched="rr", real_servers=(
+        RealServer(R1, 80, weight=3, checks=(http,)), RealServer(R2, 80, weight=2, checks=(http2,))))
+    m.configure([v2])
+    assert m._probes[(R2, 80, http2)].result(FAIL) == 1
+    assert forwarding(b) == {R2: 2}
