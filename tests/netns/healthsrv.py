@@ -72,6 +72,9 @@ async def silent(reader, writer):
 
 
 async def reset(reader, writer):
+    # A moment after the accept: a reset that beats the client's own view
+    # of its completed connect fails TCP_CHECK (SO_ERROR, as in keepalived).
+    await asyncio.sleep(0.2)
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
