@@ -95,9 +95,9 @@ async def check(spec: CheckSpec, addr: str, port: int) -> Result:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=wfd, stderr=wfd,
             start_new_session=True)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         os.close(rfd)
-        return Result(False, f"{argv[0]}: {e.strerror or e}")
+        return Result(False, f"{argv[0]}: {getattr(e, 'strerror', None) or e}")
     finally:
         os.close(wfd)
     out = _Output(rfd)
