@@ -123,3 +123,9 @@ def test_a_command_that_cannot_be_run_fails_clearly_and_leaks_no_pipe():
         r = asyncio.run(check_misc.check(spec(cmd), "10.0.1.2", 80))
         assert not r.ok and words in r.text.lower(), (cmd, r)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_output_line_in_the_result_has_no_control_characters():
+    cmd = "printf '\\033[31mred\\033[0m\\tdone\\a\\n'"
+    r = asyncio.run(check_misc.check(spec(f"sh -c \"{cmd}\""), "10.0.1.2", 80))
+    assert r.ok and r.text == "exit 0: ?[31mred?[0m?done?", r

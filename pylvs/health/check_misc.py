@@ -121,5 +121,12 @@ async def check(spec: CheckSpec, addr: str, port: int) -> Result:
     r = verdict(spec, proc.returncode)
     tail = bytes(out.kept).strip().splitlines()[-1:]
     if tail:
-        r = Result(r.ok, f"{r.text}: {tail[0][:80].decode(errors='replace')}", r.weight)
+        r = Result(r.ok, f"{r.text}: {printable(tail[0][:80])}", r.weight)
     return r
+
+
+def printable(line: bytes) -> str:
+    """A line of the command's output fit for `pylvs status` and the log:
+    control characters (a terminal's escape sequences, colours) become
+    '?', so the command cannot drive the operator's terminal."""
+    return "".join(c if c.isprintable() else "?" for c in line.decode(errors="replace"))
