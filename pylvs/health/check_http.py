@@ -113,7 +113,10 @@ async def _fetch(spec: CheckSpec, url: UrlSpec, host: str, port: int, ctx) -> by
     rest to the end (as keepalived reads a whole body whatever its size);
     one whose body is judged (digest, regex) fails beyond that."""
     keep_all = url.digest is not None or url.regex is not None
-    reader, writer = await open_tcp(spec, host, port, ssl=ctx)
+    # keepalived's enable_sni: the url's virtualhost, else the checker's
+    # (resolved from the real and virtual server's) names the TLS server.
+    sni = (url.virtualhost or spec.virtualhost) if spec.enable_sni else None
+    reader, writer = await open_tcp(spec, host, port, ssl=ctx, sni=sni)
     try:
         writer.write(request(spec, url, host, port))
         await asyncio.wait_for(writer.drain(), spec.connect_timeout)

@@ -98,6 +98,13 @@ async def main(addr: str, cert: str | None, key: str | None) -> None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert, key)
         servers.append(await asyncio.start_server(answer(http(b"200 OK")), addr, 8443, ssl=ctx))
+        # A TLS server that refuses a handshake not naming www.example
+        # (nginx's ssl_reject_handshake on a name-based host).
+        sni_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        sni_ctx.load_cert_chain(cert, key)
+        sni_ctx.sni_callback = lambda sock, name, c: (
+            None if name == "www.example" else ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME)
+        servers.append(await asyncio.start_server(answer(http(b"200 OK")), addr, 8444, ssl=sni_ctx))
     loop = asyncio.get_running_loop()
     await loop.create_datagram_endpoint(Echo, local_addr=(addr, 9001))
     quiet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
