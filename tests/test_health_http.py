@@ -56,7 +56,7 @@ def test_judge(desc, url, response, words):
 def test_request_names_the_host_and_closes():
     spec = CheckSpec("HTTP_GET", virtualhost="www.example", http_protocol="1.1")
     assert request(spec, UrlSpec("/h?x=1"), "10.0.1.2", 80) == (
-        b"GET /h?x=1 HTTP/1.1\r\nHost: www.example\r\nUser-Agent: pylvs-health\r\n"
+        b"GET /h?x=1 HTTP/1.1\r\nHost: www.example\r\nUser-Agent: KeepAliveClient\r\n"
         b"Connection: close\r\n\r\n")
     plain = request(CheckSpec("HTTP_GET"), UrlSpec("/"), "10.0.1.2", 8080)
     assert plain.startswith(b"GET / HTTP/1.0\r\nHost: 10.0.1.2:8080\r\n")

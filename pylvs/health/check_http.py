@@ -40,8 +40,10 @@ def request(spec: CheckSpec, url: UrlSpec, host: str, port: int) -> bytes:
     if port not in (80, 443) and not (url.virtualhost or spec.virtualhost):
         vhost = f"{vhost}:{port}"
     proto = "1.1" if spec.http_protocol == "1.1" else "1.0"
+    # keepalived's User-Agent: real servers that tell its probes apart
+    # (access_log off for them, an allow rule) keep doing so.
     return (f"GET {url.path} HTTP/{proto}\r\nHost: {vhost}\r\n"
-            "User-Agent: pylvs-health\r\nConnection: close\r\n\r\n").encode("latin-1")
+            "User-Agent: KeepAliveClient\r\nConnection: close\r\n\r\n").encode("latin-1")
 
 
 def dechunk(body: bytes) -> bytes:
