@@ -213,8 +213,11 @@ class NftSteering:
                 out.append(f"add element {FAMILY} {TABLE} {ANY_SETS[name]} {{ {text} }}")
         return out
 
-    def apply(self, services, dests, local_addrs) -> None:
-        """Make the sets say exactly this, in one transaction.
+    def apply(self, services, dests, local_addrs, taken=None) -> None:
+        """Make the sets say exactly this, in one transaction. ``taken``
+        (the services pylvs takes frames for now, vipfollow.standby_view)
+        does not matter here: the kernel is kept from every service's
+        frames, a standby VIP's too (docs/failover.md).
 
         The first call builds the table (replacing a stale one); later calls
         only flush and refill the sets, so the chains (and their hooks) stay
@@ -440,10 +443,11 @@ class BpfSteering:
             raise SteeringError(f"BPF steering: {_why(e)}") from e
         self._current: dict[str, set] = {name: set() for name in SETS}
 
-    def apply(self, services, dests, local_addrs) -> None:
+    def apply(self, services, dests, local_addrs, taken=None) -> None:
         """Make the maps hold exactly these sets: new keys in first (local
         first of all, so the director's own replies are never taken), then
-        old keys out; the program stays attached throughout."""
+        old keys out; the program stays attached throughout. ``taken``: as
+        NftSteering.apply."""
         if not self.links:
             raise SteeringError("BPF steering: already removed")
         try:

@@ -56,6 +56,10 @@ PROTO_UDP = 17
 # --- tables built by the control plane ------------------------------------
 
 SVC_F_USED = 1  # the slot holds a service
+# Only in the copy the socket filter and the steering sets are built from
+# (pylvs/control/vipfollow.py): the VIP is not an address of this host, so
+# its frames are left to the kernel. Never in the engines' tables.
+SVC_F_STANDBY = 2
 SVC_F_ONE_PACKET = 4  # -o: each UDP datagram scheduled alone, no conn kept (IP_VS_SVC_F_ONEPACKET)
 
 SERVICE_DTYPE = np.dtype(

@@ -113,7 +113,10 @@ def _unpack(packed: np.ndarray) -> list[Key]:
 
 
 def _packed_services(services: np.ndarray) -> np.ndarray:
-    rows = services[(services["flags"] & tables.SVC_F_USED) != 0]
+    # A standby service (its VIP not local, pylvs/control/vipfollow.py) is
+    # not taken; its dests' replies still are (_packed_dests).
+    flags = services["flags"]
+    rows = services[((flags & tables.SVC_F_USED) != 0) & ((flags & tables.SVC_F_STANDBY) == 0)]
     return _pack(rows["proto"], rows["vaddr"], rows["vport"])
 
 

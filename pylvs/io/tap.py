@@ -473,7 +473,7 @@ class NoSteering:
     kernel never sees the director's frames, so there is nothing to keep
     from it."""
 
-    def apply(self, services, dests, local) -> None:
+    def apply(self, services, dests, local, taken=None) -> None:
         pass
 
     def remove(self) -> None:

@@ -484,9 +484,12 @@ class XdpSteering:
     def __init__(self, steering, backend: XdpBackend):
         self.inner, self.backend = steering, backend
 
-    def apply(self, services, dests, local_addrs) -> None:
+    def apply(self, services, dests, local_addrs, taken=None) -> None:
+        """``taken``: the services whose frames the XDP program redirects
+        (default ``services``); the wrapped steering keeps the kernel from
+        every service's (pylvs/control/vipfollow.py)."""
         try:
-            self.backend.set_sets(services, dests, local_addrs)
+            self.backend.set_sets(services if taken is None else taken, dests, local_addrs)
         except OSError as e:
             from ..control.steering import SteeringError
 

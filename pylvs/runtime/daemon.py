@@ -120,6 +120,10 @@ class Options:
     # --sched-impl: "c", the engines run rr, wrr, lc, wlc, sed, nq, fo, ovf,
     # sh, dh and mh themselves; "python", every new conn asks the Python scheduler.
     sched_impl: str = "c"
+    # --vips: "local", a service's frames are taken only while its VIP is an
+    # address of this host, as IPVS (pylvs/control/vipfollow.py); "all",
+    # whatever the addresses. A TAP director owns its VIPs: always "all".
+    vips: str = "local"
     # --start-daemon master|backup at start (docs/sync.md): start_daemon
     # requests, as `pylvs adm --start-daemon` sends them.
     sync: list = field(default_factory=list)
@@ -193,7 +197,7 @@ class Daemon:
             # is deleted: its conns go at once, not at their next packet.
             self._engine_call("expire_nodest")
         self._apply_filter()
-        self.steering.apply(services, dests, self._local)
+        self._steer()
         self._push_routes()
         self._local_sources()
 
@@ -207,8 +211,9 @@ class Daemon:
         with self._filter_lock:
             net = getattr(self, "_net", None)
             own = () if net is None else [int(a) for a in net.ports["addr"] if a]
+            view = self._taken()
             for b in self.backends:
-                b.set_filter(self._services, self._dests, own_addrs=own)
+                b.set_filter(view, self._dests, own_addrs=own)
 
     def _local_changed(self, addrs: frozenset[str]) -> None:
         # Resolver thread: hand over to the event loop.
@@ -218,11 +223,76 @@ class Daemon:
 
     def _apply_local(self, addrs: frozenset[str]) -> None:
         if addrs != self._local:
-            self._local = addrs
+            old, self._local = self._local, addrs
             log.info("local addresses: %s", ", ".join(sorted(addrs)) or "none")
-            self.steering.apply(self._services, self._dests, addrs)
+            if self._follow_vips():
+                from ..control.vipfollow import changes
+
+                for line in changes(self._services, old, addrs):
+                    log.info("%s", line)
+                self._apply_filter()
+            self._steer()
             self._local_vips = None   # a VIP's interface or addresses may have changed
             self._local_sources()
+
+    # --- VIP following (pylvs/control/vipfollow.py) ---------------------------
+
+    def _follow_vips(self) -> bool:
+        return self.opts.vips == "local" and not self.opts.tap
+
+    def _taken(self):
+        """The services table the socket filter and steering are built
+        from: standby rows marked while their VIP is not local."""
+        if not self._follow_vips():
+            return self._services
+        from ..control.vipfollow import standby_view
+
+        key = (self._services, self._local)
+        cached = getattr(self, "_taken_cache", None)
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] != key[1]:
+            cached = self._taken_cache = (key, standby_view(*key))
+        return cached[1]
+
+    def _steer(self) -> None:
+        """Steering keeps the kernel from every service's frames, a standby
+        VIP's too: the frames that reach the director in the moment between
+        keepalived adding the VIP (and announcing it) and pylvs taking it
+        are dropped, and retransmitted, instead of answered with the
+        kernel's RST (the conns a backup holds by sync would break). Only
+        what is taken (the socket filter, the XDP redirect) follows the
+        VIPs."""
+        view = self._taken()
+        if view is self._services:
+            self.steering.apply(self._services, self._dests, self._local)
+        else:
+            self.steering.apply(self._services, self._dests, self._local, view)
+            self._log_vips_away()
+
+    def _watch_addrs(self) -> None:
+        """Local addresses from kernel notifications, not the resolver's
+        2 s refresh, so a VIP that comes or goes is followed at once."""
+        from ..control.vipfollow import AddrWatcher
+
+        self._addrwatch = AddrWatcher(self._local_changed)
+        try:
+            self._addrwatch.start()
+        except OSError as e:
+            log.warning("address notifications: %s; following the VIPs every 2 s", e)
+            self._addrwatch = None
+            return
+        self.resolver.on_local_change = None
+
+    def _log_vips_away(self) -> None:
+        """Name each VIP of a new service that is not local, once."""
+        from ..control.vipfollow import vip_services
+
+        own = {int(ipaddress.IPv4Address(a)) for a in self._local}
+        away = {v: n for v, n in vip_services(self._services).items() if v not in own}
+        for vip in sorted(away.keys() - getattr(self, "_away_logged", set())):
+            log.info("VIP %s is not an address of this host: %s wait(s) for it "
+                     "(pylvs run --vips all takes them anyway)",
+                     ipaddress.IPv4Address(vip), ", ".join(away[vip]))
+        self._away_logged = set(away)
 
     # --- ports, routes, sysctls: what the engine knows of the namespace --------
 
@@ -648,6 +718,8 @@ class Daemon:
 
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
+        if self._follow_vips():
+            self._watch_addrs()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop_event.set)
         # SIGHUP re-reads the -c file (without one, its default action would
@@ -811,7 +883,7 @@ class Daemon:
                 refresh_local()
             # The table goes in before any socket reads: a stale table from a
             # crashed run is replaced here.
-            self.steering.apply(self._services, self._dests, self._local)
+            self._steer()
             try:
                 import uvloop
                 runner = uvloop.run
@@ -825,7 +897,8 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self._stop.set()
-        for what, meth in (("steering", "remove"), ("local_src", "close"), ("resolver", "close"),
+        for what, meth in (("addrwatch", "close"), ("steering", "remove"),
+                           ("local_src", "close"), ("resolver", "close"),
                            ("netwatch", "close"), ("backends", "close")):
             objs = getattr(self, "_" + what, None)
             if objs is None:
@@ -1035,6 +1108,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-local-clients", dest="local_clients", action="store_false",
                     help="leave connects from the director itself to a virtual service to its "
                     "kernel (default: pylvs balances them, docs/io.md \"Clients on the director\")")
+    ap.add_argument("--vips", choices=("local", "all"), default=None,
+                    help="local: take a service's traffic only while its VIP is an address of "
+                    "this host, starting and stopping as the address comes and goes (keepalived "
+                    "moving it), as IPVS, which sees only packets delivered locally; all: "
+                    "whatever the host's addresses (default: local; all with --tap, whose "
+                    "director owns its VIPs; docs/failover.md)")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="debug logging of pylvs itself, not of the libraries it uses (default: off)")
     ap.add_argument("--tap", action="append", default=[], metavar="NAME",
@@ -1082,6 +1161,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.tap:
         from ..io import tap as tapmod
 
+        if a.vips == "local":
+            ap.error("--vips local goes without --tap: a TAP director owns its VIPs (no host "
+                     "address to follow)")
         if a.iface or a.pcap or a.steering or a.ring or a.io != "afpacket":
             ap.error("--tap goes with none of --iface, --pcap, --steering, --ring, --io (nothing "
                      "to steer behind a TAP, no AF_PACKET ring; capture on the TAP itself: "
@@ -1123,7 +1205,7 @@ def main(argv: list[str] | None = None) -> int:
                    qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, ring=a.ring, workers=workers,
                    steering=a.steering, tap=a.tap, tap_addrs=a.tap_addrs, gateway=a.gateway,
                    mac=a.mac, io=a.io, local_clients=a.local_clients, sched_impl=a.sched_impl,
-                   sync=sync_reqs)
+                   vips=a.vips or ("all" if a.tap else "local"), sync=sync_reqs)
     try:
         return Daemon(opts).run()
     except SystemExit:

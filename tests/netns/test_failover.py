@@ -1,0 +1,110 @@
+"""Director failover end to end (pylvs/lab/failover.py): two directors, each
+with `pylvs run` and keepalived (VRRP only); the master is killed with
+SIGKILL (keepalived and pylvs) and the backup takes the VIP over.
+
+- the VIP takeover time: from the kill to the first request answered
+  through the backup;
+- 100 paced downloads (8 s each) through each forwarding method, every byte checked,
+  the master killed 3 s into them: without connection sync the backup knows
+  none of them and they break (a RST for DR/Tun, whose client's ACKs meet
+  no conn; silence for NAT, whose real server's data meets none); with
+  sync (`pylvs adm --start-daemon`) at least 99 of 100 finish intact.
+
+One lab for the module (VRRPv3, advert_int 0.3 s, 2 workers per director);
+after each kill the dead director comes back as the backup (nopreempt).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pylvs.lab import failover as F
+
+pytestmark = pytest.mark.netns
+
+ADVERT = 0.3
+METHODS = [(k, port) for k, (_, _, port) in F.REAL_SERVERS.items()]
+
+
+@pytest.fixture(scope="module")
+def lab():
+    import uuid
+
+    lab = F.FailoverLab(f"fo{uuid.uuid4().hex[:6]}", advert_int=ADVERT, workers=2)
+    lab.up()
+    try:
+        for d in F.DIRECTORS:
+            lab.start_director(d)
+        lab.wait_master()
+        yield lab
+    finally:
+        for what in ("dir1.pylvs", "dir2.pylvs", "dir1.keepalived", "dir2.keepalived"):
+            print(f"--- {what} ---\n{lab.log(what)[-3000:]}")
+        errors = lab.down()
+        assert not errors, errors
+
+
+def test_vip_takeover_time(lab):
+    r = F.measure_takeover(lab)
+    print(f"VIP takeover: {r['seconds']} s from SIGKILL of {r['master']} to the first answer "
+          f"through {r['backup']} (advert_int {ADVERT} s)")
+    # The backup holds the VIP now (the dead master keeps its stale copy).
+    assert f" {F.VIP}/" in lab.run(lab.directors[r["backup"]], ["ip", "-4", "-o", "addr"]).stdout
+    # The backup declares the master down 3 advert_int plus its skew
+    # ((256 - priority) / 256 advert_int, RFC 5798) after the master's last
+    # advert, sent up to one advert_int before the kill; then a request
+    # needs its new connection: a second and a half of slack on a busy
+    # machine.
+    assert 2 * ADVERT < r["seconds"] < 4 * ADVERT + 1.5, r
+    lab.revive(r["master"])
+    assert lab.wait_master() == r["backup"]
+
+
+@pytest.mark.parametrize("method,port", METHODS, ids=[m for m, _ in METHODS])
+def test_without_sync_established_downloads_break(lab, method, port):
+    r = F.downloads_through_failover(lab, port)
+    print(f"{method} without sync: {r}")
+    lab.revive(r["killed"])
+    assert r["established"] == 100, r
+    # The master died with seconds of every download left.
+    assert r["killed_after"] < r["transfer"] - 2, r
+    # The backup took over and serves new connections...
+    assert r["backup_holds_vip"] and r["new_conn_ok"], r
+    # ...but has no conn for the running ones (the control of the test below).
+    assert r["intact"] <= 5, r
+
+
+# A NAT download's client only ACKs what it receives. The backup installs
+# a synced conn without the client's MAC and port (a sync record carries
+# none) and drops its real server's data until the client's next frame
+# teaches them (the engine's drop_sync_no_mac): that frame never comes.
+NAT_NO_MAC = pytest.mark.xfail(strict=True, reason=(
+    "the engine drops a synced NAT conn's replies until its client sends a frame "
+    "(drop_sync_no_mac); a download's client only ACKs what it gets, so it stalls"))
+SYNC_METHODS = [pytest.param(m, p, id=m, marks=NAT_NO_MAC if m == "nat" else ())
+                for m, p in METHODS]
+
+
+@pytest.mark.parametrize("method,port", SYNC_METHODS)
+def test_with_sync_established_downloads_survive(lab, method, port):
+    why = F.sync_refused(lab, lab.wait_master())
+    if why is not None:
+        pytest.skip(f"connection sync is not available: pylvs adm --start-daemon: {why}")
+    lab.sync = True
+    try:
+        for d in F.DIRECTORS:
+            lab.start_sync(d)
+        r = F.downloads_through_failover(lab, port)
+        print(f"{method} with sync: {r}")
+        lab.revive(r["killed"])
+    finally:
+        lab.sync = False
+        for d in F.DIRECTORS:
+            lab.stop_sync(d)
+    assert r["established"] == 100, r
+    assert r["killed_after"] < r["transfer"] - 2, r
+    assert r["backup_holds_vip"] and r["new_conn_ok"], r
+    # They went on through the backup, not past it (DR and Tun clients'
+    # ACKs reach the VIP; NAT's data too).
+    assert r["backup_inpkts"] > 100, r
+    assert r["intact"] >= 99, r
