@@ -318,6 +318,11 @@ RUN_REFUSALS = [
     (["--mcast-group", "10.1.2.3"], "--mcast-group: invalid IPv4 mcast-group `10.1.2.3'"),
     (["--mcast-port", "0"], "0 is out of range (1..65535)"),
     (["--sync-maxlen", "65508"], "65508 is out of range (1..65507)"),
+    # ipvsadm takes the daemon options only with --start-daemon; ignored,
+    # a forgotten --start-daemon would leave the director without sync
+    (["--mcast-interface", "eth1", "--syncid", "0"],
+     "--mcast-interface, --syncid: only with --start-daemon master|backup"),
+    (["--sync-maxlen", "1400"], "--sync-maxlen: only with --start-daemon master|backup"),
 ]
 
 
