@@ -132,6 +132,17 @@ def sysctl_defaults() -> dict[str, int]:
     return out
 
 
+def _check_sync_pair(knobs: dict[str, int]) -> None:
+    """The kernel's sync_threshold pair is one sysctl whose handler
+    (proc_do_sync_threshold, ip_vs_ctl.c) refuses a threshold not below a
+    non-zero period with EINVAL: pkts % period never equals such a
+    threshold, so no established conn would ever be announced again."""
+    t, p = knobs["sync_threshold"], knobs["sync_period"]
+    if p and t >= p:
+        raise BalancerError(f"sysctl sync_threshold: {t} is not below sync_period {p} "
+                            "(set sync_period 0, or both in one command)")
+
+
 TRAFFIC_KEYS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
 RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")
 
@@ -1313,6 +1324,7 @@ class Balancer:
         if not isinstance(values, dict):
             raise BalancerError("sysctls: expected an object of name: value")
         checked = [self._check_sysctl(k, v) for k, v in values.items()]
+        _check_sync_pair(self._sysctls | dict(checked))
         if checked:
             self._sysctls.update(checked)
             self.publish_sysctls(self.sysctl_array())
