@@ -679,7 +679,7 @@ def test_balancer_sync_sysctls():
                         ("sync_qlen_max", 100), ("sync_version", 1)):
         assert arr[tables.SYSCTL_INDEX[name]] == value, name
     for name, bad in (("sync_retries", 4), ("sync_persist_mode", 2), ("sync_version", 2),
-                      ("sync_qlen_max", 0), ("sync_threshold", -1)):
+                      ("sync_version", 0), ("sync_qlen_max", 0), ("sync_threshold", -1)):
         with pytest.raises(BalancerError):
             b.sysctl(name, bad)
 

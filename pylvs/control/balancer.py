@@ -117,7 +117,7 @@ SYSCTL_RANGES = {
     # connection sync (docs/engine.md, "Sync"): the kernel clamps retries to 0..3
     "sync_retries": (0, 3),
     "sync_persist_mode": (0, 1),
-    "sync_version": (0, 1),
+    "sync_version": (1, 1),         # only version 1 is spoken (pylvs.sync drops v0)
     "sync_qlen_max": (1, 1 << 24),  # records a master's queue holds (pylvs.engine.sync.QLEN_LIMIT)
 }
 SYSCTL_RANGES.update({name: r[1:] for name, r in schedmod.SYSCTLS.items()})
