@@ -95,6 +95,22 @@ def test_master_drains_every_worker_and_flushes_by_the_kernel_rule():
     assert m.stats["drained"] == 55
 
 
+@pytest.mark.parametrize("given", [1, 10, 43])
+def test_master_with_a_sync_maxlen_below_one_conn_sends_one_conn_a_message(given):
+    """`--start-daemon master --sync-maxlen 10` is accepted by ipvsadm and
+    the kernel (a master's range is 1..65507): it used to fail with an
+    internal error; the kernel sends one conn per message then."""
+    ws = workers(1)
+    ws[0].engine.queue = rows(3)
+    m = daemon(sd.Master, ws, syncid=4, sync_maxlen=given)
+    assert m.describe()["sync_maxlen"] == given          # what -L --daemon shows
+    ws[0].engine.set_sync_master(True)
+    msgs = m.drain(now=100.0)
+    assert [(len(x), x[4]) for x in msgs] == [(44, 1)] * 3   # full at once: 1 conn each
+    sent = np.concatenate([wire.decode(x, 4) for x in msgs])
+    assert sent["caddr"].tolist() == [r[3] for r in rows(3)]
+
+
 def test_master_bulk_walk_sends_every_engine_then_end(monkeypatch):
     ws = workers(2)
     ws[0].engine.table = rows(1500)
@@ -302,6 +318,11 @@ RUN_REFUSALS = [
     (["--mcast-group", "10.1.2.3"], "--mcast-group: invalid IPv4 mcast-group `10.1.2.3'"),
     (["--mcast-port", "0"], "0 is out of range (1..65535)"),
     (["--sync-maxlen", "65508"], "65508 is out of range (1..65507)"),
+    # ipvsadm takes the daemon options only with --start-daemon; ignored,
+    # a forgotten --start-daemon would leave the director without sync
+    (["--mcast-interface", "eth1", "--syncid", "0"],
+     "--mcast-interface, --syncid: only with --start-daemon master|backup"),
+    (["--sync-maxlen", "1400"], "--sync-maxlen: only with --start-daemon master|backup"),
 ]
 
 

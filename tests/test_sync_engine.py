@@ -679,7 +679,7 @@ def test_balancer_sync_sysctls():
                         ("sync_qlen_max", 100), ("sync_version", 1)):
         assert arr[tables.SYSCTL_INDEX[name]] == value, name
     for name, bad in (("sync_retries", 4), ("sync_persist_mode", 2), ("sync_version", 2),
-                      ("sync_qlen_max", 0), ("sync_threshold", -1)):
+                      ("sync_version", 0), ("sync_qlen_max", 0), ("sync_threshold", -1)):
         with pytest.raises(BalancerError):
             b.sysctl(name, bad)
 
@@ -742,6 +742,36 @@ def test_scheduler_reentry(impl):
     w = World(impl, schedule=schedule)
     assert w.send(syn())[0] == tables.V_TX
     assert seen == [0]
+
+
+@pytest.mark.parametrize("change,ok", [
+    ({"sync_threshold": 60}, False),                       # period 50: never announced again
+    ({"sync_threshold": 50}, False),
+    ({"sync_threshold": 49}, True),
+    ({"sync_period": 3}, False),                           # threshold 3
+    ({"sync_period": 0, "sync_threshold": 60}, True),      # period 0: only at packet 60
+    ({"sync_threshold": 60, "sync_period": 100}, True),    # the pair in one command
+])
+def test_sync_threshold_must_stay_below_a_nonzero_period(change, ok):
+    """The kernel's sync_threshold pair refuses threshold >= period when
+    period is not 0 (proc_do_sync_threshold, EINVAL): `pylvs sysctl
+    sync_threshold=60` under the default period 50 used to be taken, and
+    no established conn was announced again. A refused command changes
+    nothing."""
+    from pylvs.control.balancer import Balancer, BalancerError
+
+    got = []
+    b = Balancer(tables.Counters(max_services=8, max_dests=16), publish=lambda s, d: None)
+    b.publish_sysctls = got.append
+    if ok:
+        assert b.set_sysctls(change).items() >= change.items()
+        return
+    with pytest.raises(BalancerError, match="not below sync_period"):
+        b.set_sysctls(change)
+    with pytest.raises(BalancerError):
+        b.sysctl(*next(iter(change.items())))
+    assert (b.sysctls()["sync_threshold"], b.sysctls()["sync_period"]) == (3, 50)
+    assert got == []
 
 
 # --- a synced conn's client side from its route (docs/engine.md, "Sync") ------

@@ -235,8 +235,13 @@ def test_messages_respect_maxlen_and_255_conns():
         assert [m[4] for m in msgs[:-1]] == [per] * (len(msgs) - 1)
         back = np.concatenate([wire.decode(m, 1) for m in msgs])
         assert back.tolist() == many.tolist()
-    with pytest.raises(ValueError):
-        wire.encode(many, 1, 43)
+    # A master's --sync-maxlen may be 1..65507: below a header and a conn
+    # (44 bytes) each message carries one conn, as ip_vs_sync_buff_create
+    # makes a buffer the larger of sync_maxlen and what the conn needs.
+    for maxlen in (1, 43):
+        msgs = wire.encode(many[:3], 1, maxlen)
+        assert [(len(m), m[4]) for m in msgs] == [(44, 1)] * 3
+        assert np.concatenate([wire.decode(m, 1) for m in msgs]).tolist() == many[:3].tolist()
     with pytest.raises(ValueError):
         wire.encode(many, 256)
 

@@ -344,7 +344,7 @@ _CHECKS = {
     "HTTP_GET": Schema("HTTP_GET", {
         **_CHECK_COMMON, "url": Spec(0, 0, block=_URL, need_block=True),
         "virtualhost": Spec(), "http_protocol": Spec(),
-        "fast_recovery": _opt(warn="not applied"), "enable_sni": _flag(warn="not applied"),
+        "fast_recovery": _opt(warn="not applied"), "enable_sni": _flag(),
     }),
     "UDP_CHECK": Schema("UDP_CHECK", {
         **_CHECK_COMMON, "payload": _VAR, "require_reply": Spec(0, None),
@@ -942,7 +942,7 @@ class _Builder:
                 k[n] = c.args[0].text
             elif n == "misc_timeout":
                 k[n] = _timer(c.args[0], n, positive=True)
-            elif n == "misc_dynamic":
+            elif n in ("misc_dynamic", "enable_sni"):
                 k[n] = True
             else:
                 raise AssertionError(n)
@@ -977,7 +977,8 @@ class _Builder:
             max_reply_length=k.get("max_reply_length", 255 if kind == "UDP_CHECK" else 0),
             misc_path=k.get("misc_path"),
             misc_timeout=k.get("misc_timeout", delay_loop) if kind == "MISC_CHECK" else None,
-            misc_dynamic=k.get("misc_dynamic", False), where=st.where)
+            misc_dynamic=k.get("misc_dynamic", False),
+            enable_sni=k.get("enable_sni", False) and kind == "SSL_GET", where=st.where)
 
     def url(self, st: Stmt) -> UrlSpec:
         u: dict = {}

@@ -65,7 +65,8 @@ class CheckSpec:
     ``kind`` is one of CHECK_KINDS. ``connect_ip``/``connect_port`` None mean
     the real server's address/port. Kind-specific fields are left at their
     defaults by the other kinds: ``urls``/``virtualhost``/``http_protocol``
-    (HTTP_GET, SSL_GET), ``payload``/``require_reply``/reply lengths
+    (HTTP_GET, SSL_GET; ``enable_sni``: SSL_GET sends the virtualhost as
+    the TLS server name), ``payload``/``require_reply``/reply lengths
     (UDP_CHECK; bytes, from keepalived's hex strings), ``misc_*``
     (MISC_CHECK; ``misc_timeout`` None means ``delay_loop``).
     Equality is the identity a reload keeps: an unchanged spec keeps its
@@ -92,6 +93,7 @@ class CheckSpec:
     misc_path: str | None = None
     misc_timeout: float | None = None
     misc_dynamic: bool = False
+    enable_sni: bool = False
     where: Where | None = field(default=None, compare=False)
 
 

@@ -117,7 +117,7 @@ SYSCTL_RANGES = {
     # connection sync (docs/engine.md, "Sync"): the kernel clamps retries to 0..3
     "sync_retries": (0, 3),
     "sync_persist_mode": (0, 1),
-    "sync_version": (0, 1),
+    "sync_version": (1, 1),         # only version 1 is spoken (pylvs.sync drops v0)
     "sync_qlen_max": (1, 1 << 24),  # records a master's queue holds (pylvs.engine.sync.QLEN_LIMIT)
 }
 SYSCTL_RANGES.update({name: r[1:] for name, r in schedmod.SYSCTLS.items()})
@@ -130,6 +130,17 @@ def sysctl_defaults() -> dict[str, int]:
     out = dict(zip(SYSCTL_NAMES, SYSCTL_DEFAULTS))
     out.update({name: r[0] for name, r in schedmod.SYSCTLS.items()})
     return out
+
+
+def _check_sync_pair(knobs: dict[str, int]) -> None:
+    """The kernel's sync_threshold pair is one sysctl whose handler
+    (proc_do_sync_threshold, ip_vs_ctl.c) refuses a threshold not below a
+    non-zero period with EINVAL: pkts % period never equals such a
+    threshold, so no established conn would ever be announced again."""
+    t, p = knobs["sync_threshold"], knobs["sync_period"]
+    if p and t >= p:
+        raise BalancerError(f"sysctl sync_threshold: {t} is not below sync_period {p} "
+                            "(set sync_period 0, or both in one command)")
 
 
 TRAFFIC_KEYS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
@@ -527,6 +538,11 @@ class Balancer:
 
         self._batching = 0
         self._dirty = False
+        # The health checks' last say of each dest they watch, other than
+        # "up" (svc key, daddr, dport) -> (down, inhibit, weight): kept when
+        # the operator deletes the dest, so re-adding it by hand (-a) does
+        # not forward to a real server the checks found dead.
+        self._health_said: dict[tuple, tuple[bool, bool, int | None]] = {}
         # DR dests already logged as not directly connected: (svc key, daddr, dport).
         self._no_route_logged: set[tuple] = set()
         self.services_table: np.ndarray = np.zeros(counters.max_services, dtype=SERVICE_DTYPE)
@@ -770,6 +786,9 @@ class Balancer:
             raise BalancerError(E_DEST_EXISTS)
         slot = self._alloc_dest_slot((svc.key, da, dp))
         d = svc.dests[(da, dp)] = Dest(slot, da, dp, f, w, ut, lt, tun)
+        said = self._health_said.get((svc.key, da, dp))
+        if said is not None:
+            d.health_down, d.inhibit, d.health_weight = said
         self._dest_at[slot] = (svc, d)
         self._by_daddr.setdefault(da, set()).add(slot)
         self._dirty_dest.add(slot)
@@ -858,16 +877,26 @@ class Balancer:
         (inhibit_on_failure), kept with weight 0. ``weight``: misc_dynamic's
         weight (0..65535) while up; None: the operator's. Returns whether
         anything changed; raises BalancerError for an unknown dest (the
-        operator may have deleted it) or a bad weight."""
-        svc = self._get_svc(proto, vaddr, vport, E_SVC_UNDEF)
+        operator may have deleted it) or a bad weight. The say outlives
+        the dest: an operator's later ``-a`` of it starts under it (down,
+        inhibited or weighted) until the checks say otherwise."""
+        key = self._svc_key(proto, vaddr, vport)
         da = _addr(daddr, "real server address")
-        dp = svc.vport if dport is None else _port(dport, "real server port")
+        dp = key[2] if dport is None else _port(dport, "real server port")
+        if weight is not None:
+            weight = _int_in(weight, 0, MAX_WEIGHT, E_WEIGHT)
+        said = (not up, bool(inhibit), weight)
+        # Remembered even for a dest the operator deleted: an -a brings it
+        # back under the checks' say (add_dest).
+        if said == (False, False, None):
+            self._health_said.pop((key, da, dp), None)
+        else:
+            self._health_said[(key, da, dp)] = said
+        svc = self._get_svc(proto, vaddr, vport, E_SVC_UNDEF)
         d = svc.dests.get((da, dp))
         if d is None or d.sorry:
             raise BalancerError(E_NO_DEST)
-        if weight is not None:
-            weight = _int_in(weight, 0, MAX_WEIGHT, E_WEIGHT)
-        return self._set_health(svc, d, not up, bool(inhibit), weight)
+        return self._set_health(svc, d, *said)
 
     def _set_health(self, svc: Service, d: Dest, down: bool, inhibit: bool,
                     weight: int | None) -> bool:
@@ -1295,6 +1324,7 @@ class Balancer:
         if not isinstance(values, dict):
             raise BalancerError("sysctls: expected an object of name: value")
         checked = [self._check_sysctl(k, v) for k, v in values.items()]
+        _check_sync_pair(self._sysctls | dict(checked))
         if checked:
             self._sysctls.update(checked)
             self.publish_sysctls(self.sysctl_array())

@@ -242,7 +242,7 @@ SYSCTL_NAMES = (
     "sync_retries",        # 0..3: resends of an unchanged conn, sync_refresh_period / 8 apart
     "sync_qlen_max",       # records the master's queue holds (set when master mode starts)
     "sync_persist_mode",   # 1: conns of persistent services are not sent, only their templates
-    "sync_version",        # 0 or 1: the wire format (pylvs.sync); the engine's records are the same
+    "sync_version",        # 1: the wire format (pylvs.sync speaks v1 only; 0 is refused by control)
 )
 SYSCTL_DEFAULTS = (1, 0, 1000, 50, 1000, 50, 1000, 50, 0, 0, 1, 0, 0, 0, 1024, 10, 0, 1000,
                    3, 50, 0, 0, 65536, 0, 1)

@@ -45,14 +45,15 @@ def os_error_text(e: BaseException) -> str:
     return type(e).__name__
 
 
-async def open_tcp(spec: CheckSpec, host: str, port: int, ssl=None):
+async def open_tcp(spec: CheckSpec, host: str, port: int, ssl=None, sni: str | None = None):
     """A connected (reader, writer) within ``connect_timeout``, bound to
-    ``bindto`` when given; raises OSError or asyncio.TimeoutError."""
+    ``bindto`` when given, the TLS handshake (``ssl``) naming ``sni`` as
+    the server when given; raises OSError or asyncio.TimeoutError."""
     local = (spec.bindto, 0) if spec.bindto else None
     return await asyncio.wait_for(
         asyncio.open_connection(host, port, ssl=ssl, local_addr=local,
                                 family=socket.AF_INET,
-                                server_hostname=(host if ssl else None)),
+                                server_hostname=((sni or host) if ssl else None)),
         spec.connect_timeout)
 
 

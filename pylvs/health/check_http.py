@@ -6,9 +6,11 @@ address) and ``Connection: close``, read the whole response. The check
 passes when every url passes: the status code is one of ``status_code``
 (any 2xx when none is given), the body's MD5 is ``digest`` when given, and
 ``regex`` is found in the body (not found, with ``regex_no_match``). Each
-connect and each read must finish within ``connect_timeout``; a response
-longer than MAX_RESPONSE bytes, a status line that is not HTTP, a reset or
-silence fail the check. SSL_GET does not verify the certificate (as
+connect and each read must finish within ``connect_timeout``; a status
+line that is not HTTP, a reset or silence fail the check, and so does a
+response longer than MAX_RESPONSE bytes when its body is judged (digest,
+regex: the body is read whole, and a chunked one decoded); a url judged
+on its status alone reads a body of any size to its end. SSL_GET does not verify the certificate (as
 keepalived without ``ca``).
 """
 
@@ -38,8 +40,10 @@ def request(spec: CheckSpec, url: UrlSpec, host: str, port: int) -> bytes:
     if port not in (80, 443) and not (url.virtualhost or spec.virtualhost):
         vhost = f"{vhost}:{port}"
     proto = "1.1" if spec.http_protocol == "1.1" else "1.0"
+    # keepalived's User-Agent: real servers that tell its probes apart
+    # (access_log off for them, an allow rule) keep doing so.
     return (f"GET {url.path} HTTP/{proto}\r\nHost: {vhost}\r\n"
-            "User-Agent: pylvs-health\r\nConnection: close\r\n\r\n").encode("latin-1")
+            "User-Agent: KeepAliveClient\r\nConnection: close\r\n\r\n").encode("latin-1")
 
 
 def dechunk(body: bytes) -> bytes:
@@ -73,7 +77,7 @@ def dechunk(body: bytes) -> bytes:
 def judge(url: UrlSpec, response: bytes) -> str | None:
     """None when ``response`` (head and body as received) passes ``url``'s
     tests, else the reason. A chunked body is decoded before the digest
-    and the regex see it."""
+    and the regex see it (and not looked at without them)."""
     head, sep, body = response.partition(b"\r\n\r\n")
     if not sep:
         head, sep, body = response.partition(b"\n\n")
@@ -82,7 +86,8 @@ def judge(url: UrlSpec, response: bytes) -> str | None:
     m = _STATUS.match(line)
     if m is None:
         return f"not an HTTP status line: {line[:60]!r}"
-    if re.search(rb"(?im)^transfer-encoding:[^\n]*\bchunked\b", fields):
+    reads_body = url.digest is not None or url.regex is not None
+    if reads_body and re.search(rb"(?im)^transfer-encoding:[^\n]*\bchunked\b", fields):
         try:
             body = dechunk(body)
         except ValueError as e:
@@ -105,7 +110,15 @@ def judge(url: UrlSpec, response: bytes) -> str | None:
 
 
 async def _fetch(spec: CheckSpec, url: UrlSpec, host: str, port: int, ctx) -> bytes:
-    reader, writer = await open_tcp(spec, host, port, ssl=ctx)
+    """The response as received, read to its end. A url judged on its
+    status alone keeps only its first MAX_RESPONSE bytes and reads the
+    rest to the end (as keepalived reads a whole body whatever its size);
+    one whose body is judged (digest, regex) fails beyond that."""
+    keep_all = url.digest is not None or url.regex is not None
+    # keepalived's enable_sni: the url's virtualhost, else the checker's
+    # (resolved from the real and virtual server's) names the TLS server.
+    sni = (url.virtualhost or spec.virtualhost) if spec.enable_sni else None
+    reader, writer = await open_tcp(spec, host, port, ssl=ctx, sni=sni)
     try:
         writer.write(request(spec, url, host, port))
         await asyncio.wait_for(writer.drain(), spec.connect_timeout)
@@ -114,9 +127,11 @@ async def _fetch(spec: CheckSpec, url: UrlSpec, host: str, port: int, ctx) -> by
             data = await asyncio.wait_for(reader.read(65536), spec.connect_timeout)
             if not data:
                 return b"".join(chunks)
+            if size + len(data) > MAX_RESPONSE:
+                if keep_all:
+                    raise ValueError(f"response longer than {MAX_RESPONSE} bytes")
+                data = data[:MAX_RESPONSE - size]
             size += len(data)
-            if size > MAX_RESPONSE:
-                raise ValueError(f"response longer than {MAX_RESPONSE} bytes")
             chunks.append(data)
     finally:
         await close_writer(writer)

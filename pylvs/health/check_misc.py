@@ -6,7 +6,16 @@ Exit status 0 passes, anything else fails; with ``misc_dynamic``, 1 fails,
 0 passes with the configured weight and 2..255 pass with weight
 ``status - 2`` (keepalived.conf(5)). A command still running at the timeout
 is killed (SIGKILL to its process group) and the check fails; so does one
-killed by a signal or that cannot be started.
+killed by a signal or that cannot be started. A check cancelled while its
+command runs (a reload that drops the checker, the director stopping)
+kills the command's process group too, so no command outlives its check.
+
+The verdict is the command's exit, as keepalived waits for its child to
+exit: a background process the command leaves behind (holding its output
+open) neither delays nor fails the check, and is left running. The output
+read (the last line goes into the result's text) is what the command
+wrote up to its exit, its last OUTPUT_LIMIT bytes; our end of the pipe
+closes then, so a process left behind that writes later gets EPIPE.
 """
 
 from __future__ import annotations
@@ -19,7 +28,10 @@ import signal
 from ..config.model import CheckSpec
 from .check_api import Result
 
-OUTPUT_LIMIT = 64 << 10   # bytes of the command's output read, the rest dropped
+OUTPUT_LIMIT = 64 << 10   # bytes of the command's output kept (its end)
+# After the exit, how long output still in the pipe may take to arrive
+# (the command's own, written just before it exited).
+OUTPUT_GRACE = 0.05
 
 
 def verdict(spec: CheckSpec, status: int) -> Result:
@@ -34,6 +46,42 @@ def verdict(spec: CheckSpec, status: int) -> Result:
     return Result(False, f"exit {status}")
 
 
+class _Output:
+    """The read end of the command's stdout and stderr, drained on the
+    loop as data comes (a command printing megabytes never blocks on a
+    full pipe); keeps the last OUTPUT_LIMIT bytes, where the last line is."""
+
+    def __init__(self, fd: int):
+        self.fd, self.kept, self.eof = fd, bytearray(), asyncio.Event()
+        os.set_blocking(fd, False)
+        asyncio.get_running_loop().add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.fd)
+            self.eof.set()
+        else:
+            self.kept += data
+            del self.kept[:-OUTPUT_LIMIT]
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.fd)
+        os.close(self.fd)
+
+
+def _kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 async def check(spec: CheckSpec, addr: str, port: int) -> Result:
     try:
         argv = shlex.split(spec.misc_path or "")
@@ -42,36 +90,43 @@ async def check(spec: CheckSpec, addr: str, port: int) -> Result:
     if not argv:
         return Result(False, "misc_path is empty")
     timeout = spec.misc_timeout if spec.misc_timeout is not None else spec.delay_loop
+    rfd, wfd = os.pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-    except OSError as e:
-        return Result(False, f"{argv[0]}: {e.strerror or e}")
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=wfd, stderr=wfd,
+            start_new_session=True)
+    except (OSError, ValueError) as e:
+        os.close(rfd)
+        return Result(False, f"{argv[0]}: {getattr(e, 'strerror', None) or e}")
+    finally:
+        os.close(wfd)
+    out = _Output(rfd)
     try:
-        out = await asyncio.wait_for(_drain(proc), timeout)
-    except asyncio.TimeoutError:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        await proc.wait()
-        return Result(False, f"timeout after {timeout:g} s")
+            await asyncio.wait_for(proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            _kill_group(proc)
+            await proc.wait()
+            return Result(False, f"timeout after {timeout:g} s")
+        except BaseException:
+            # Cancelled: the command must not outlive its check.
+            _kill_group(proc)
+            raise
+        try:
+            await asyncio.wait_for(out.eof.wait(), OUTPUT_GRACE)
+        except asyncio.TimeoutError:
+            pass    # a process left behind holds the pipe: not waited for
+    finally:
+        out.close()
     r = verdict(spec, proc.returncode)
-    tail = out.strip().splitlines()[-1:] if out else []
+    tail = bytes(out.kept).strip().splitlines()[-1:]
     if tail:
-        r = Result(r.ok, f"{r.text}: {tail[0][:80].decode(errors='replace')}", r.weight)
+        r = Result(r.ok, f"{r.text}: {printable(tail[0][:80])}", r.weight)
     return r
 
 
-async def _drain(proc) -> bytes:
-    """The command's output (its first OUTPUT_LIMIT bytes) until it exits."""
-    kept = b""
-    while True:
-        data = await proc.stdout.read(65536)
-        if not data:
-            break
-        if len(kept) < OUTPUT_LIMIT:
-            kept += data[:OUTPUT_LIMIT - len(kept)]
-    await proc.wait()
-    return kept
+def printable(line: bytes) -> str:
+    """A line of the command's output fit for `pylvs status` and the log:
+    control characters (a terminal's escape sequences, colours) become
+    '?', so the command cannot drive the operator's terminal."""
+    return "".join(c if c.isprintable() else "?" for c in line.decode(errors="replace"))

@@ -246,6 +246,7 @@ class HealthManager:
         migrated = {_same_target(k): p for k, p in self._probes.items()}
         services: dict[tuple, ServiceState] = {}
         by_probe: dict[tuple, list[Member]] = {}
+        fresh: set[tuple] = set()       # probes with no verdict of their own yet
         for vs in virtual_servers:
             if vs.fwmark:
                 log.warning("health checks of fwmark service %d are not run: the director "
@@ -263,6 +264,8 @@ class HealthManager:
                     if p is None:
                         p = Probe(rs.addr, rs.port, spec, self._probe_changed)
                         p.inherit(migrated.get(_same_target(key)))
+                        if not p.has_run:
+                            fresh.add(key)
                     wanted[key] = p
                     probes.append(p)
                 m = Member(vs, rs, probes)
@@ -270,6 +273,7 @@ class HealthManager:
                     m.alive = next((o.alive for o in old.members
                                     if (o.rs.addr, o.rs.port) == (rs.addr, rs.port)), None)
                 st.members.append(m)
+                self._one_failure_enough(m, fresh)
                 for p in probes:
                     by_probe.setdefault(p.key, []).append(m)
         for key, p in self._probes.items():
@@ -283,6 +287,19 @@ class HealthManager:
         if self._running:
             for p in wanted.values():
                 p.start()
+
+    @staticmethod
+    def _one_failure_enough(m: "Member", fresh: set[tuple]) -> None:
+        """A reload's new checker of a real server that is down (another of
+        its checkers failed, or it was dead and none has run) goes down on
+        its first failure, without retries (keepalived's migrate_checkers):
+        the server it may bring back for a moment leaves again at once."""
+        failed = any(p.has_run and not p.up for p in m.probes)
+        ran = any(p.has_run for p in m.probes)
+        if failed or (m.alive is False and not ran):
+            for p in m.probes:
+                if p.key in fresh:
+                    p.retry_it = p.spec.retry
 
     def _forget(self, old_services: dict[tuple, ServiceState],
                 services: dict[tuple, ServiceState]) -> None:
@@ -448,3 +465,8 @@ async def _run_notify(command: str, after: asyncio.Task | None) -> None:
         proc.kill()
         await proc.wait()
         log.warning("notify %r: killed after %g s", command, NOTIFY_TIMEOUT)
+    except asyncio.CancelledError:
+        # The manager stops (HealthManager.stop): no command outlives it.
+        if proc.returncode is None:
+            proc.kill()
+        raise

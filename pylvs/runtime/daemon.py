@@ -1039,6 +1039,11 @@ def _help_formatter():
     return Help
 
 
+# `pylvs run`'s sync daemon options besides --start-daemon (argparse dests).
+SYNC_OPTIONS = ("mcast_interface", "syncid", "mcast_group", "mcast_port", "mcast_ttl",
+                "sync_maxlen")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -1134,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
                       "`pylvs adm --start-daemon` starts one later (default: none)")
     sync.add_argument("--mcast-interface", metavar="IF", help="the sync daemons' interface "
                       "(default: eth0, as ipvsadm)")
-    sync.add_argument("--syncid", type=_bounded(0, 255), default=0, metavar="N",
+    sync.add_argument("--syncid", type=_bounded(0, 255), default=None, metavar="N",
                       help="the sync id sent (master) and accepted (backup; 0: any)")
     sync.add_argument("--mcast-group", default=None, metavar="ADDR",
                       help="multicast group (default: 224.0.0.81)")
@@ -1154,7 +1159,13 @@ def main(argv: list[str] | None = None) -> int:
             SyncConfig.from_request({"state": "master", "mcast_group": a.mcast_group})
         except SyncError as e:
             ap.error(f"--mcast-group: {e}")
-    sync_reqs = [{"state": role, "mcast_ifn": a.mcast_interface, "syncid": a.syncid,
+    # ipvsadm refuses the daemon options without --start-daemon; taken and
+    # ignored, a forgotten --start-daemon would leave the director without
+    # sync while its command line says otherwise.
+    alone = [f"--{k.replace('_', '-')}" for k in SYNC_OPTIONS if getattr(a, k) is not None]
+    if alone and not a.start_daemon:
+        ap.error(f"{', '.join(alone)}: only with --start-daemon master|backup")
+    sync_reqs = [{"state": role, "mcast_ifn": a.mcast_interface, "syncid": a.syncid or 0,
                   "mcast_group": a.mcast_group, "mcast_port": a.mcast_port,
                   "mcast_ttl": a.mcast_ttl, "sync_maxlen": a.sync_maxlen}
                  for role in a.start_daemon]

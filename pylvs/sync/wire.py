@@ -143,19 +143,18 @@ def message(syncid: int, body: bytes) -> bytes:
 
 
 def per_message(maxlen: int) -> int:
-    """How many IPv4 conns one message of at most ``maxlen`` bytes holds
-    (ValueError when not even one fits)."""
-    n = min(MAX_CONNS, (maxlen - HEADER_LEN) // CONN_V4_LEN)
-    if n < 1:
-        raise ValueError(f"sync_maxlen {maxlen} holds no conn (at least "
-                         f"{HEADER_LEN + CONN_V4_LEN} bytes)")
-    return n
+    """How many IPv4 conns one message of at most ``maxlen`` bytes holds,
+    and at least one: a sync_maxlen (1..65507 for a master) too small for a
+    header and a conn makes messages of one conn each, since
+    ip_vs_sync_buff_create sizes a buffer as the larger of sync_maxlen and
+    what the conn needs (ip_vs_sync.c)."""
+    return max(1, min(MAX_CONNS, (maxlen - HEADER_LEN) // CONN_V4_LEN))
 
 
 def encode(records: np.ndarray, syncid: int, maxlen: int = DEFAULT_MAXLEN) -> list[bytes]:
     """SYNC_DTYPE records → v1 messages, in record order, each at most
-    ``maxlen`` bytes and 255 conns. ``syncid``: 0..255. ValueError for a
-    syncid out of range or a maxlen that holds no conn."""
+    ``maxlen`` bytes (one conn when ``maxlen`` holds none) and 255 conns.
+    ``syncid``: 0..255, ValueError out of it."""
     if not 0 <= syncid <= 255:
         raise ValueError(f"syncid {syncid} is out of range (0..255)")
     step = per_message(maxlen) * CONN_V4_LEN

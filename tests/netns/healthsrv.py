@@ -21,6 +21,7 @@ import struct
 import sys
 
 BODY = b"hello pylvs"
+HUGE = 12 << 20   # bytes of the huge page (over check_http.MAX_RESPONSE)
 
 
 def http(status: bytes, body: bytes = BODY) -> bytes:
@@ -71,6 +72,9 @@ async def silent(reader, writer):
 
 
 async def reset(reader, writer):
+    # A moment after the accept: a reset that beats the client's own view
+    # of its completed connect fails TCP_CHECK (SO_ERROR, as in keepalived).
+    await asyncio.sleep(0.2)
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
@@ -88,12 +92,19 @@ async def main(addr: str, cert: str | None, key: str | None) -> None:
     handlers = {8001: answer(http(b"200 OK")), 8002: answer(http(b"500 Internal Server Error")),
                 8003: silent, 8004: answer(b"SSH-2.0-OpenSSH_9.2\r\n\x00\xff garbage"),
                 8005: reset, 8007: answer(http(b"200 OK"), pause=3.0), 8008: by_host,
-                8009: blurt}
+                8009: blurt, 8010: answer(http(b"200 OK", b"x" * HUGE))}
     servers = [await asyncio.start_server(h, addr, port) for port, h in handlers.items()]
     if cert:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert, key)
         servers.append(await asyncio.start_server(answer(http(b"200 OK")), addr, 8443, ssl=ctx))
+        # A TLS server that refuses a handshake not naming www.example
+        # (nginx's ssl_reject_handshake on a name-based host).
+        sni_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        sni_ctx.load_cert_chain(cert, key)
+        sni_ctx.sni_callback = lambda sock, name, c: (
+            None if name == "www.example" else ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME)
+        servers.append(await asyncio.start_server(answer(http(b"200 OK")), addr, 8444, ssl=sni_ctx))
     loop = asyncio.get_running_loop()
     await loop.create_datagram_endpoint(Echo, local_addr=(addr, 9001))
     quiet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -1,0 +1,131 @@
+"""MISC_CHECK's command as keepalived runs it: the verdict is the
+command's exit (a background process it leaves behind holding the output
+neither delays nor fails the check), its output is drained however much
+it prints, and no command outlives its check: a check cancelled by a
+reload or a stop kills the command's process group."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+from pylvs.config.model import CheckSpec
+from pylvs.health import check_misc
+
+
+def spec(cmd: str, timeout: float = 5.0) -> CheckSpec:
+    return CheckSpec("MISC_CHECK", misc_path=cmd, misc_timeout=timeout)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ", 1)[1][0] != "Z"
+
+
+def test_a_background_child_holding_the_output_does_not_fail_the_check(tmp_path):
+    pidfile = tmp_path / "child"
+    # The shell exits 0 at once; its child keeps stdout open for 30 s.
+    cmd = f"sh -c 'echo checked; sleep 30 & echo $! > {pidfile}; exit 0'"
+    t = time.monotonic()
+    r = asyncio.run(check_misc.check(spec(cmd), "10.0.1.2", 80))
+    took = time.monotonic() - t
+    child = int(pidfile.read_text())
+    try:
+        assert r.ok and r.text == "exit 0: checked", r
+        assert took < 2.0
+        assert alive(child)     # left running, as keepalived leaves it
+    finally:
+        os.kill(child, 9)
+
+
+def test_megabytes_of_output_are_drained_and_the_last_line_kept():
+    cmd = (f"{sys.executable} -c \"import sys; sys.stdout.write('x' * (8 << 20));"
+           f" print(); print('last'); sys.exit(3)\"")
+    r = asyncio.run(check_misc.check(spec(cmd), "10.0.1.2", 80))
+    assert not r.ok and r.text == "exit 3: last"
+
+
+def test_a_cancelled_check_kills_its_command(tmp_path):
+    pidfile = tmp_path / "pid"
+    cmd = f"sh -c 'echo $$ > {pidfile}; exec sleep 60'"
+
+    async def main() -> None:
+        task = asyncio.ensure_future(check_misc.check(spec(cmd, timeout=60), "10.0.1.2", 80))
+        for _ in range(100):
+            if pidfile.exists() and pidfile.read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        if not alive(pid):
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("the command outlived its cancelled check")
+
+
+def test_stopping_the_manager_kills_a_notify_command_still_running(tmp_path):
+    from pylvs.config.model import RealServer, VirtualServer
+    from pylvs.control.balancer import Balancer
+    from pylvs.engine.tables import Counters
+    from pylvs.health.check_api import Result
+    from pylvs.health.manager import HealthManager
+
+    pidfile = tmp_path / "pid"
+    tcp = CheckSpec("TCP_CHECK", retry=0)
+    v = VirtualServer("TCP", "10.0.0.1", 80, real_servers=(RealServer(
+        "10.0.1.2", 80, checks=(tcp,),
+        notify_down=f"sh -c 'echo $$ > {pidfile}; exec sleep 60'"),))
+    b = Balancer(Counters(max_services=2, max_dests=4))
+    b.add_service("tcp", "10.0.0.1", 80)
+    b.add_dest("tcp", "10.0.0.1", 80, "10.0.1.2", 80, fwd="masq")
+
+    async def main() -> None:
+        m = HealthManager(b)
+        m.configure([v])
+        m._probes[("10.0.1.2", 80, tcp)].result(Result(False, "refused"))
+        for _ in range(100):
+            if pidfile.exists() and pidfile.read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        await m.stop()
+        await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        if not alive(pid):
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("the notify command outlived the manager")
+
+
+def test_a_command_that_cannot_be_run_fails_clearly_and_leaks_no_pipe():
+    before = len(os.listdir("/proc/self/fd"))
+    for cmd, words in [("/nonexistent/check", "no such file"), ("bad\0name", "null byte"),
+                       ("/etc", "permission denied")]:
+        r = asyncio.run(check_misc.check(spec(cmd), "10.0.1.2", 80))
+        assert not r.ok and words in r.text.lower(), (cmd, r)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_output_line_in_the_result_has_no_control_characters():
+    cmd = "printf '\\033[31mred\\033[0m\\tdone\\a\\n'"
+    r = asyncio.run(check_misc.check(spec(f"sh -c \"{cmd}\""), "10.0.1.2", 80))
+    assert r.ok and r.text == "exit 0: ?[31mred?[0m?done?", r
