@@ -907,3 +907,42 @@ def test_backup_state_follows_master_through_the_wire():
         # The real server's last ACK (no record: not a client frame)
         # restarted the master's timer one step after the backup's.
         assert b[8] == pytest.approx(m[8] - 0.01), impl
+
+
+def test_tun_relayed_error_routed_before_client_frame():
+    """A router's host unreachable about a synced Tun conn's tunnel packet,
+    before any frame of its client reached the backup: relayed to the
+    client by its route's next-hop MAC (an on-link client the kernel
+    knows: a /32 row), as the master relays it to the client it heard."""
+    from test_engine_answers import ports, routes
+    from test_forward_tun import from_router, outer_sent, tun_in
+
+    base, local = routes()
+    r = tables.empty_routes(len(base) + 1)
+    r[1:] = base
+    r["prefix"][0], r["plen"][0], r["port"][0] = ip(CIP), 32, 0
+    r["mac"][0] = np.frombuffer(bytes.fromhex("020000000002"), np.uint8)
+    r["flags"][0] = tables.ROUTE_F_MAC
+    per_impl = []
+    for impl in IMPLS:
+        master, backup = World(impl), World(impl, schedule=lambda s, c, p: -1)
+        for env in (master, backup):
+            env.engine.set_ports(ports())
+            env.engine.set_routes(r, local)
+        master.engine.set_sync_master(True)
+        for f in (tun_in(ip_flags="DF"), tun_in(flags="A", ip_flags="DF"),
+                  tun_in(flags="A", ip_flags="DF")):
+            assert master.send(v(f), now=1.0)[0] == tables.V_EMIT
+        assert backup.install(master.drain(), 1.5) == 1
+        err = from_router(outer_sent(), code=1, mtu=0)
+        # The ICMP error's IP ID aside: the master's counter also numbered
+        # the tunnel packets it sent.
+        got = (backup.send(err, in_port=RS_PORT, now=2.0),
+               [(p, strip_outer_id(f)) for p, f in backup.emitted])
+        want = (master.send(err, in_port=RS_PORT, now=2.0),
+                [(p, strip_outer_id(f)) for p, f in master.emitted])
+        assert got == want and got[0][0] == tables.V_PASS, impl
+        assert [p for p, _ in got[1]] == [0], impl
+        assert backup.stats()["sync_l2_routed"] == 1, impl
+        per_impl.append(got)
+    assert per_impl[0] == per_impl[1]
