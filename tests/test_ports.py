@@ -97,3 +97,27 @@ def test_routes_carry_next_hop_macs():
         ("10.9.0.0", 16, 0, m1), ("0.0.0.0", 0, 0, m1),
     ]
     assert len(P.route_table(routes, {5: 0, 7: 1}, neigh, max_hosts=1)) == len(t) - 1
+
+
+def test_watcher_logs_neighbour_only_changes_at_debug(monkeypatch, caplog):
+    """A next-hop MAC or an on-link host row coming or going (the kernel's
+    neighbour garbage collection) is published but logged at debug only;
+    a route of the kernel's changing is logged at info."""
+    import logging
+
+    def st(rows):
+        r = np.zeros(len(rows), P.ROUTE_DTYPE)
+        for i, (prefix, plen, flags) in enumerate(rows):
+            r["prefix"][i], r["plen"][i], r["flags"][i] = prefix, plen, flags
+        return P.NetState(np.zeros(0, P.PORT_DTYPE), r, np.zeros(0, np.uint32))
+
+    seq = [st([(0, 0, 0)]), st([(ip("10.0.0.7"), 32, P.ROUTE_F_MAC), (0, 0, P.ROUTE_F_MAC)]),
+           st([(ip("10.1.0.0"), 16, 0), (0, 0, 0)])]
+    monkeypatch.setattr(P, "read_state", lambda ipr, ports, root: seq.pop(0))
+    seen = []
+    w = P.NetWatcher([], on_change=seen.append)
+    with caplog.at_level(logging.DEBUG, logger="pylvs.ports"):
+        for _ in range(3):
+            w.poll(None)
+    assert len(seen) == 3
+    assert [r.levelno for r in caplog.records] == [logging.INFO, logging.DEBUG, logging.INFO]

@@ -277,9 +277,15 @@ class NetWatcher:
             return None
         if state == self.state:
             return None
-        self.state = state
-        log.info("ports: %s; %d route(s), %d local address(es)", describe_ports(self.ports, state.ports),
-                 len(state.routes), len(state.local))
+        old, self.state = self.state, state
+        # Neighbour entries (next-hop MACs, /32 rows) come and go with the
+        # kernel's garbage collection: only other changes are worth a line.
+        quiet = old is not None and (old.ports.tobytes() == state.ports.tobytes()
+                                     and old.local.tobytes() == state.local.tobytes()
+                                     and _kernel_routes(old) == _kernel_routes(state))
+        (log.debug if quiet else log.info)(
+            "ports: %s; %d route(s), %d local address(es)", describe_ports(self.ports, state.ports),
+            len(state.routes), len(state.local))
         cb = self.on_change
         if cb is not None:
             try:
@@ -295,6 +301,13 @@ class NetWatcher:
             while not self._stop.is_set():
                 self.poll(ipr)
                 self._stop.wait(self.interval)
+
+
+def _kernel_routes(state: NetState) -> list[tuple[int, int, int]]:
+    """The routes without what neighbour entries add (MACs, host rows)."""
+    r = state.routes
+    keep = ~((r["plen"] == 32) & ((r["flags"] & ROUTE_F_MAC) != 0))
+    return list(zip(r["prefix"][keep].tolist(), r["plen"][keep].tolist(), r["port"][keep].tolist()))
 
 
 def describe_ports(ports, rows: np.ndarray) -> str:
