@@ -946,3 +946,44 @@ def test_tun_relayed_error_routed_before_client_frame():
         assert backup.stats()["sync_l2_routed"] == 1, impl
         per_impl.append(got)
     assert per_impl[0] == per_impl[1]
+
+
+@pytest.mark.parametrize("order", ["ascending", "shuffled"])
+def test_host_rows_find_their_client(order):
+    """Many on-link host rows (control sorts them ascending; the C engine
+    then bisects them instead of walking them) and a connected route: each
+    synced client's reply leaves with its own host row's MAC, a client with
+    no row is a counted drop; the same in a shuffled order (walked)."""
+    rng = np.random.default_rng(5)
+    hosts = sorted(int(a) for a in rng.choice(np.arange(ip("10.0.0.10"), ip("10.0.0.250")),
+                                               40, replace=False))
+    rows = [(h, 32, 0, bytes([2, 0, 0, 0, 1, h & 0xFF])) for h in hosts]
+    if order == "shuffled":
+        rng.shuffle(rows)
+    rows += [(ip("192.168.1.0"), 24, RS_PORT, None), (ip("10.0.0.0"), 24, 0, None)]
+    r = tables.empty_routes(len(rows))
+    for i, (prefix, plen, port, m) in enumerate(rows):
+        r["prefix"][i], r["plen"][i], r["port"][i] = prefix, plen, port
+        if m is not None:
+            r["mac"][i], r["flags"][i] = np.frombuffer(m, np.uint8), tables.ROUTE_F_MAC
+    clients = hosts[::4] + [ip("10.0.0.5"), ip("10.0.0.251")]   # the last two: no row
+    recs = [(TCP_, EST, MASQ, c, 1000, ip(VIP), 80, ip(RIP), 8080, 0, TO[EST]) for c in clients]
+    per_impl = []
+    for impl in IMPLS:
+        w = World(impl)
+        set_net(w, None)
+        w.engine.set_routes(r, np.array([ip(VIP)], np.uint32))
+        assert w.engine.sync_install(records(recs), 1.0) == len(recs)
+        got = []
+        for c in clients:
+            ca = ".".join(str(c >> s & 0xFF) for s in (24, 16, 8, 0))
+            verdict, port, out = w.send(v(tcp(src=RIP, dst=ca, sport=8080, dport=1000, flags="A",
+                                              smac=RMAC, dmac=SMAC)), in_port=RS_PORT, now=2.0)
+            dst = bytes(out[tables.VNET_HDR_LEN:tables.VNET_HDR_LEN + 6]) if verdict == tables.V_TX \
+                else None
+            got.append((verdict, dst))
+        want = [(tables.V_TX, bytes([2, 0, 0, 0, 1, c & 0xFF])) for c in hosts[::4]]
+        assert got == want + [(tables.V_DROP, None)] * 2, impl
+        assert w.stats()["drop_sync_no_mac"] == 2 and w.stats()["sync_l2_routed"] == len(want)
+        per_impl.append(got)
+    assert per_impl[0] == per_impl[1]

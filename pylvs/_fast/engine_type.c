@@ -732,6 +732,10 @@ static PyObject *engine_set_routes(PylvsEngine *self, PyObject *args)
     PyMem_Free(self->net.local);
     self->net.routes = r;
     self->net.nroutes = (uint32_t)rv.shape[0];
+    self->net.nhost = 0;
+    while (self->net.nhost < self->net.nroutes && r[self->net.nhost].plen == 32 &&
+           (self->net.nhost == 0 || r[self->net.nhost].prefix >= r[self->net.nhost - 1].prefix))
+        self->net.nhost++;
     self->net.local = l;
     self->net.nlocal = (uint32_t)lv.shape[0];
     self->net.have_routes = 1;

@@ -57,6 +57,10 @@ struct pylvs_net {
     uint32_t nports;
     route_row *routes; /* longest prefix first */
     uint32_t nroutes;
+    /* The leading /32 rows when in ascending prefix order (control's host
+     * rows for on-link neighbours): searched by bisection, so a new flow's
+     * reverse-path check does not walk them. */
+    uint32_t nhost;
     int have_routes;   /* set_routes was called: the reverse path is checked */
     uint32_t *local;   /* ascending */
     uint32_t nlocal;
@@ -169,7 +173,17 @@ static inline int pylvs_is_local(const struct pylvs_net *n, uint32_t addr)
  * over the main table as control copied it). */
 static inline const route_row *pylvs_route(const struct pylvs_net *n, uint32_t addr)
 {
-    for (uint32_t i = 0; i < n->nroutes; i++) {
+    uint32_t lo = 0, hi = n->nhost;
+    while (lo < hi) { /* the first host row >= addr */
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (n->routes[mid].prefix < addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo < n->nhost && n->routes[lo].prefix == addr)
+        return &n->routes[lo];
+    for (uint32_t i = n->nhost; i < n->nroutes; i++) {
         const route_row *r = &n->routes[i];
         uint32_t mask = r->plen == 0 ? 0 : 0xffffffffu << (32 - r->plen);
         if ((addr & mask) == (r->prefix & mask))
