@@ -74,7 +74,9 @@ class Watch:
 def state(mtu=1500, routes=((ip("10.0.0.0"), 24, 0),), local=(ip("10.0.0.2"),)):
     ports = np.zeros(2, P.PORT_DTYPE)
     ports["mtu"] = mtu
-    r = np.array(list(routes), dtype=P.ROUTE_DTYPE)
+    r = np.zeros(len(routes), P.ROUTE_DTYPE)
+    for i, (prefix, plen, port) in enumerate(routes):
+        r[i]["prefix"], r[i]["plen"], r[i]["port"] = prefix, plen, port
     return P.NetState(ports, r, np.array(local, dtype=np.uint32))
 
 

@@ -58,7 +58,7 @@ def routes(default: bool = True) -> tuple[np.ndarray, np.ndarray]:
         rows.append(("0.0.0.0", 0, CLIENT_PORT))
     r = tables.empty_routes(len(rows))
     for i, (prefix, plen, port) in enumerate(rows):
-        r[i] = (ip(prefix), plen, port)
+        r["prefix"][i], r["plen"][i], r["port"][i] = ip(prefix), plen, port
     local = np.array(sorted(ip(a) for a in (VIP, VIP2, DIP_C, DIP_S)), dtype=np.uint32)
     return r, local
 

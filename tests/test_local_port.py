@@ -32,8 +32,7 @@ def setup_net(env: Env) -> None:
         p[i]["rp_filter"] = 0 if i == LOCAL else 1
     env.engine.set_ports(p)
     r = tables.empty_routes(2)
-    r[0] = (ip("192.168.1.0"), 24, RS_PORT)
-    r[1] = (ip("0.0.0.0"), 0, CLIENT)
+    r["prefix"], r["plen"], r["port"] = (ip("192.168.1.0"), 0), (24, 0), (RS_PORT, CLIENT)
     env.engine.set_routes(r, np.array(sorted(ip(a) for a in (VIP, DIP_C, DIP_S)), np.uint32))
 
 

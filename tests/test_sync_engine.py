@@ -772,3 +772,218 @@ def test_sync_threshold_must_stay_below_a_nonzero_period(change, ok):
         b.sysctl(*next(iter(change.items())))
     assert (b.sysctls()["sync_threshold"], b.sysctls()["sync_period"]) == (3, 50)
     assert got == []
+
+
+# --- a synced conn's client side from its route (docs/engine.md, "Sync") ------
+#
+# The kernel's backup routes a synced NAT conn's reply to its client with
+# its FIB and neighbour table (ip_vs_nat_xmit's route, then the neighbour
+# output), client frame or not. Here control gives the engine the route's
+# next-hop MAC (ROUTE_F_MAC: a gateway's neighbour entry, or a /32 row for
+# an on-link host the kernel knows): the reply binds the conn's client side
+# as a client frame would and leaves as on the master. Without that MAC:
+# drop_sync_no_mac, as before.
+
+GW_ROUTES = [("192.168.1.0", 24, RS_PORT, None), ("0.0.0.0", 0, 0, "02:00:00:00:00:02")]
+ON_LINK = [("192.168.1.0", 24, RS_PORT, None), ("10.0.0.2", 32, 0, "02:00:00:00:00:02"),
+           ("10.0.0.0", 24, 0, None)]
+NO_MAC = [("192.168.1.0", 24, RS_PORT, None), ("0.0.0.0", 0, 0, None)]
+ODD_PORT = [("0.0.0.0", 0, 7, "02:00:00:00:00:02")]   # a port with no row
+
+# (description, routes (prefix, plen, port, next hop MAC) or None (never
+#  set), frames from the real server before any client frame, forwarded as
+#  on the master?, counters)
+ROUTED = [
+    ("gateway route with its MAC: the reply leaves for the gateway", GW_ROUTES,
+     [reply()], True, {"sync_l2_routed": 1}),
+    ("gateway route with its MAC: the real server's ICMP error too", GW_ROUTES,
+     [rs_icmp(), reply()], True, {"sync_l2_routed": 1}),
+    ("on-link client with a neighbour entry (/32 row)", ON_LINK,
+     [reply(), reply(flags="PA")], True, {"sync_l2_routed": 1}),
+    ("gateway not resolved (no MAC): counted drop", NO_MAC,
+     [reply(), rs_icmp()], False, {"drop_sync_no_mac": 2}),
+    ("no routes set: counted drop", None, [reply()], False, {"drop_sync_no_mac": 1}),
+    ("route through a port without a row: counted drop", ODD_PORT,
+     [reply()], False, {"drop_sync_no_mac": 1}),
+]
+
+
+def set_net(env, routes) -> None:
+    """Ports 0 (client side, LMAC) and 1 (real servers, SMAC), and routes."""
+    p = tables.empty_ports(2)
+    for port, m in ((0, "02:00:00:00:00:01"), (RS_PORT, SMAC)):
+        p[port]["mtu"], p[port]["flags"] = 1500, tables.PORT_F_USED | tables.PORT_F_CHECK_MAC
+        p[port]["mac"] = np.frombuffer(bytes.fromhex(m.replace(":", "")), np.uint8)
+    env.engine.set_ports(p)
+    if routes is None:
+        return
+    r = tables.empty_routes(len(routes))
+    for i, (prefix, plen, port, nh) in enumerate(routes):
+        r["prefix"][i], r["plen"][i], r["port"][i] = ip(prefix), plen, port
+        if nh is not None:
+            r["mac"][i] = np.frombuffer(bytes.fromhex(nh.replace(":", "")), np.uint8)
+            r["flags"][i] = tables.ROUTE_F_MAC
+    env.engine.set_routes(r, np.array([ip(VIP)], np.uint32))
+
+
+@pytest.mark.parametrize("desc,routes,frames,forwarded,counters", ROUTED,
+                         ids=[r[0] for r in ROUTED])
+def test_reply_routed_before_client_frame(desc, routes, frames, forwarded, counters):
+    """A synced NAT conn's real server speaks first (a download after a
+    failover: the client only ACKs what it gets): with a next-hop MAC for
+    the client's route the frames leave the backup byte for byte as they
+    leave the master, which learnt the client from its frames; without one
+    they are dropped and counted, the conn untouched."""
+    per_impl = []
+    for impl in IMPLS:
+        master, backup = World(impl), World(impl, schedule=lambda s, c, p: -1)
+        for env in (master, backup):
+            set_net(env, routes)
+        master.engine.set_sync_master(True)
+        for f in (syn(), reply(flags="SA"), ack(), ack()):
+            master.send(f, in_port=RS_PORT if f == reply(flags="SA") else 0, now=1.0)
+        assert backup.install(master.drain(), 1.5) >= 1
+        before = backup.stats()
+        outs = []
+        for f in frames:
+            got = backup.send(f, in_port=RS_PORT, now=2.0)
+            want = master.send(f, in_port=RS_PORT, now=2.0)
+            if forwarded:
+                assert got == want and got[0] == tables.V_TX and got[1] == 0, (impl, desc)
+            else:
+                assert got[0] == tables.V_DROP, (impl, desc)
+            outs.append(got)
+        after = backup.stats()
+        changed = {k: after[k] - before.get(k, 0) for k in after
+                   if k.startswith(("sync_", "drop_sync")) and after[k] != before.get(k, 0)}
+        assert changed == counters, (impl, desc)
+        state = [c[7] for c in backup.engine.conns()]
+        assert state == [c[7] for c in master.engine.conns()] if forwarded else state == [EST]
+        # The client's next frame changes nothing the route taught (the
+        # same MAC and port as the master learnt).
+        if forwarded:
+            assert backup.send(ack(payload=b"n"), now=2.5) == master.send(ack(payload=b"n"),
+                                                                        now=2.5)
+        check(backup.engine)
+        per_impl.append(outs)
+    assert per_impl[0] == per_impl[1]
+
+
+def test_backup_state_follows_master_through_the_wire():
+    """A NAT download's whole life on a master, its records through the v1
+    wire (pylvs.sync.wire) to a backup after every frame: the backup's conn
+    always has the state the master last sent, and its expiry that state's
+    timeout from the install; at the end both hold TIME_WAIT with the same
+    expiry. (A report had ESTABLISHED conns of the master listed as
+    TIME_WAIT on the backup: the directors' roles had swapped at the
+    takeover, and a backup trails its master by the sync flush time,
+    docs/failover.md "Reading both directors' tables"; never the other
+    way.)"""
+    from pylvs.sync import wire
+
+    life = ([(syn(), 0), (reply(flags="SA"), RS_PORT), (ack(), 0)]
+            + [(ack(), 0), (reply(), RS_PORT)] * 60
+            + [(reply(flags="FA"), RS_PORT), (ack(), 0), (fin(), 0), (reply(), RS_PORT)])
+    for impl in IMPLS:
+        master, backup = World(impl), World(impl)
+        master.engine.set_sync_master(True)
+        sent, t = None, 1.0
+        for f, port in life:
+            assert master.send(f, in_port=port, now=t)[0] == tables.V_TX
+            recs = np.array(master.drain(), dtype=SYNC_DTYPE)
+            if len(recs):
+                got = np.concatenate([wire.decode(m, 7) for m in wire.encode(recs, 7)])
+                assert got.tolist() == recs.tolist()
+                assert backup.engine.sync_install(got, t) == len(got)
+                sent = int(recs[-1]["state"])
+            if sent is not None:
+                (c,) = backup.engine.conns()
+                assert c[7] == sent, (impl, t)
+                if len(recs):
+                    assert c[8] == pytest.approx(t + TO[sent]), (impl, t)
+            t += 0.01
+        (m,), (b,) = master.engine.conns(), backup.engine.conns()
+        assert m[7] == b[7] == states.TIME_WAIT, impl
+        # The real server's last ACK (no record: not a client frame)
+        # restarted the master's timer one step after the backup's.
+        assert b[8] == pytest.approx(m[8] - 0.01), impl
+
+
+def test_tun_relayed_error_routed_before_client_frame():
+    """A router's host unreachable about a synced Tun conn's tunnel packet,
+    before any frame of its client reached the backup: relayed to the
+    client by its route's next-hop MAC (an on-link client the kernel
+    knows: a /32 row), as the master relays it to the client it heard."""
+    from test_engine_answers import ports, routes
+    from test_forward_tun import from_router, outer_sent, tun_in
+
+    base, local = routes()
+    r = tables.empty_routes(len(base) + 1)
+    r[1:] = base
+    r["prefix"][0], r["plen"][0], r["port"][0] = ip(CIP), 32, 0
+    r["mac"][0] = np.frombuffer(bytes.fromhex("020000000002"), np.uint8)
+    r["flags"][0] = tables.ROUTE_F_MAC
+    per_impl = []
+    for impl in IMPLS:
+        master, backup = World(impl), World(impl, schedule=lambda s, c, p: -1)
+        for env in (master, backup):
+            env.engine.set_ports(ports())
+            env.engine.set_routes(r, local)
+        master.engine.set_sync_master(True)
+        for f in (tun_in(ip_flags="DF"), tun_in(flags="A", ip_flags="DF"),
+                  tun_in(flags="A", ip_flags="DF")):
+            assert master.send(v(f), now=1.0)[0] == tables.V_EMIT
+        assert backup.install(master.drain(), 1.5) == 1
+        err = from_router(outer_sent(), code=1, mtu=0)
+        # The ICMP error's IP ID aside: the master's counter also numbered
+        # the tunnel packets it sent.
+        got = (backup.send(err, in_port=RS_PORT, now=2.0),
+               [(p, strip_outer_id(f)) for p, f in backup.emitted])
+        want = (master.send(err, in_port=RS_PORT, now=2.0),
+                [(p, strip_outer_id(f)) for p, f in master.emitted])
+        assert got == want and got[0][0] == tables.V_PASS, impl
+        assert [p for p, _ in got[1]] == [0], impl
+        assert backup.stats()["sync_l2_routed"] == 1, impl
+        per_impl.append(got)
+    assert per_impl[0] == per_impl[1]
+
+
+@pytest.mark.parametrize("order", ["ascending", "shuffled"])
+def test_host_rows_find_their_client(order):
+    """Many on-link host rows (control sorts them ascending; the C engine
+    then bisects them instead of walking them) and a connected route: each
+    synced client's reply leaves with its own host row's MAC, a client with
+    no row is a counted drop; the same in a shuffled order (walked)."""
+    rng = np.random.default_rng(5)
+    hosts = sorted(int(a) for a in rng.choice(np.arange(ip("10.0.0.10"), ip("10.0.0.250")),
+                                               40, replace=False))
+    rows = [(h, 32, 0, bytes([2, 0, 0, 0, 1, h & 0xFF])) for h in hosts]
+    if order == "shuffled":
+        rng.shuffle(rows)
+    rows += [(ip("192.168.1.0"), 24, RS_PORT, None), (ip("10.0.0.0"), 24, 0, None)]
+    r = tables.empty_routes(len(rows))
+    for i, (prefix, plen, port, m) in enumerate(rows):
+        r["prefix"][i], r["plen"][i], r["port"][i] = prefix, plen, port
+        if m is not None:
+            r["mac"][i], r["flags"][i] = np.frombuffer(m, np.uint8), tables.ROUTE_F_MAC
+    clients = hosts[::4] + [ip("10.0.0.5"), ip("10.0.0.251")]   # the last two: no row
+    recs = [(TCP_, EST, MASQ, c, 1000, ip(VIP), 80, ip(RIP), 8080, 0, TO[EST]) for c in clients]
+    per_impl = []
+    for impl in IMPLS:
+        w = World(impl)
+        set_net(w, None)
+        w.engine.set_routes(r, np.array([ip(VIP)], np.uint32))
+        assert w.engine.sync_install(records(recs), 1.0) == len(recs)
+        got = []
+        for c in clients:
+            ca = ".".join(str(c >> s & 0xFF) for s in (24, 16, 8, 0))
+            verdict, port, out = w.send(v(tcp(src=RIP, dst=ca, sport=8080, dport=1000, flags="A",
+                                              smac=RMAC, dmac=SMAC)), in_port=RS_PORT, now=2.0)
+            dst = bytes(out[tables.VNET_HDR_LEN:tables.VNET_HDR_LEN + 6]) if verdict == tables.V_TX \
+                else None
+            got.append((verdict, dst))
+        want = [(tables.V_TX, bytes([2, 0, 0, 0, 1, c & 0xFF])) for c in hosts[::4]]
+        assert got == want + [(tables.V_DROP, None)] * 2, impl
+        assert w.stats()["drop_sync_no_mac"] == 2 and w.stats()["sync_l2_routed"] == len(want)
+        per_impl.append(got)
+    assert per_impl[0] == per_impl[1]

@@ -690,9 +690,10 @@ static PyObject *engine_set_ports(PylvsEngine *self, PyObject *arg)
 
 static PyObject *engine_set_routes(PylvsEngine *self, PyObject *args)
 {
-    static const char *const fields[] = {"prefix", "plen", "port", NULL};
+    static const char *const fields[] = {"prefix", "plen", "port", "mac", "flags", NULL};
     static const Py_ssize_t offsets[] = {offsetof(route_row, prefix), offsetof(route_row, plen),
-                                         offsetof(route_row, port)};
+                                         offsetof(route_row, port), offsetof(route_row, mac),
+                                         offsetof(route_row, flags)};
     PyObject *routes, *local;
     if (!PyArg_ParseTuple(args, "OO:set_routes", &routes, &local))
         return NULL;
@@ -731,6 +732,10 @@ static PyObject *engine_set_routes(PylvsEngine *self, PyObject *args)
     PyMem_Free(self->net.local);
     self->net.routes = r;
     self->net.nroutes = (uint32_t)rv.shape[0];
+    self->net.nhost = 0;
+    while (self->net.nhost < self->net.nroutes && r[self->net.nhost].plen == 32 &&
+           (self->net.nhost == 0 || r[self->net.nhost].prefix >= r[self->net.nhost - 1].prefix))
+        self->net.nhost++;
     self->net.local = l;
     self->net.nlocal = (uint32_t)lv.shape[0];
     self->net.have_routes = 1;

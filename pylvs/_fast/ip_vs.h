@@ -619,6 +619,12 @@ static inline void sync_conn_init(struct conn *c, double now)
 void sync_conn(PylvsEngine *e, struct conn *c, int ops, double now);
 /* The first client frame of a conn installed by sync: its MACs and port. */
 void sync_learn_l2(struct conn *c, const uint8_t *eth, uint16_t in_port);
+/* A conn installed by sync that must send toward a client it has not heard
+ * (a NAT reply, an error relayed to the client): the kernel routes it (FIB,
+ * neighbour table); here the route to caddr, when control gave it the next
+ * hop's MAC (ROUTE_F_MAC), binds the client side as a first frame would.
+ * 1: bound (sync_l2_routed), 0: no such route, the caller drops as before. */
+int sync_route_l2(PylvsEngine *e, struct conn *c);
 void sync_free(PylvsEngine *e);
 PyObject *pylvs_sync_set_master(PylvsEngine *e, PyObject *arg);
 PyObject *pylvs_sync_drain(PylvsEngine *e, PyObject *arg);

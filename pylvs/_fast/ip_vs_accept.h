@@ -34,16 +34,21 @@ typedef struct {
     uint8_t rp_filter;
 } port_row;
 
+#define ROUTE_F_MAC 1 /* tables.ROUTE_F_MAC: `mac` is the next hop's */
+
 /* ROUTE_DTYPE (align=True) */
 typedef struct {
     uint32_t prefix;
     uint8_t plen;
     uint8_t pad_;
     uint16_t port;
+    uint8_t mac[6];
+    uint8_t flags;
+    uint8_t pad2_;
 } route_row;
 
 _Static_assert(sizeof(port_row) == 16, "PORT_DTYPE is 16 bytes");
-_Static_assert(sizeof(route_row) == 8, "ROUTE_DTYPE is 8 bytes");
+_Static_assert(sizeof(route_row) == 16, "ROUTE_DTYPE is 16 bytes");
 
 /* The network facts the engine holds (copies: the control plane may drop
  * its arrays once published). */
@@ -52,6 +57,10 @@ struct pylvs_net {
     uint32_t nports;
     route_row *routes; /* longest prefix first */
     uint32_t nroutes;
+    /* The leading /32 rows when in ascending prefix order (control's host
+     * rows for on-link neighbours): searched by bisection, so a new flow's
+     * reverse-path check does not walk them. */
+    uint32_t nhost;
     int have_routes;   /* set_routes was called: the reverse path is checked */
     uint32_t *local;   /* ascending */
     uint32_t nlocal;
@@ -160,6 +169,29 @@ static inline int pylvs_is_local(const struct pylvs_net *n, uint32_t addr)
     return lo < n->nlocal && n->local[lo] == addr;
 }
 
+/* The first (longest) route matching addr, or NULL (the kernel's fib_lookup
+ * over the main table as control copied it). */
+static inline const route_row *pylvs_route(const struct pylvs_net *n, uint32_t addr)
+{
+    uint32_t lo = 0, hi = n->nhost;
+    while (lo < hi) { /* the first host row >= addr */
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (n->routes[mid].prefix < addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo < n->nhost && n->routes[lo].prefix == addr)
+        return &n->routes[lo];
+    for (uint32_t i = n->nhost; i < n->nroutes; i++) {
+        const route_row *r = &n->routes[i];
+        uint32_t mask = r->plen == 0 ? 0 : 0xffffffffu << (32 - r->plen);
+        if ((addr & mask) == (r->prefix & mask))
+            return r;
+    }
+    return NULL;
+}
+
 /* The verdict counter refusing a new flow's source at step 9, or -1. */
 static inline int pylvs_martian(const struct pylvs_net *n, uint32_t saddr, uint16_t in_port)
 {
@@ -175,15 +207,8 @@ static inline int pylvs_martian(const struct pylvs_net *n, uint32_t saddr, uint1
         pylvs_is_local(n, saddr))
         return ST_DROP_MARTIAN;
     if (p != NULL && p->rp_filter && n->have_routes) {
-        int back = -1;
-        for (uint32_t i = 0; i < n->nroutes; i++) {
-            const route_row *r = &n->routes[i];
-            uint32_t mask = r->plen == 0 ? 0 : 0xffffffffu << (32 - r->plen);
-            if ((saddr & mask) == (r->prefix & mask)) {
-                back = r->port;
-                break;
-            }
-        }
+        const route_row *r = pylvs_route(n, saddr);
+        int back = r != NULL ? r->port : -1;
         if (back < 0 || (p->rp_filter == 1 && back != in_port))
             return ST_DROP_RP_FILTER;
     }

@@ -1203,6 +1203,8 @@ tun_icmp(PylvsEngine *e, struct pylvs_emit *em, const uint8_t *eth, const uint8_
         c->daddr != pylvs_rd32(oh + 16) || dest->tun_type != q->type ||
         (q->type == PYLVS_TUN_GUE && pylvs_rd16(oh + q->outer_hl + 2) != dest->tun_port))
         return finish(e, ST_DROP_TUN_ICMP, PYLVS_V_DROP);
+    if (c->flags & CONN_F_NO_L2) /* synced, its client not heard: its route, if it knows */
+        sync_route_l2(e, c);
     uint8_t eth_c[14]; /* as if the inner packet had come in from the client */
     memcpy(eth_c, c->lmac, 6);
     memcpy(eth_c + 6, c->cmac, 6);
@@ -1284,7 +1286,7 @@ icmp_frame(PylvsEngine *e, struct pylvs_emit *em, uint8_t *frame, uint8_t *eth, 
     } else {
         /* From the real server's side, about a packet from the client (NAT
          * only: no other conn has an OUT key). */
-        if (c->flags & CONN_F_NO_L2) /* installed by sync, its client not heard yet */
+        if ((c->flags & CONN_F_NO_L2) && !sync_route_l2(e, c)) /* its client not heard yet */
             return finish(e, ST_DROP_SYNC_NO_MAC, PYLVS_V_DROP);
         if (ip[8] <= 1)
             return finish(e, ST_DROP_TTL, PYLVS_V_DROP);
@@ -1518,7 +1520,7 @@ engine_frame(PylvsEngine *e, uint8_t *frame, uint32_t len, uint16_t in_port, dou
         if (__builtin_expect(mtu == MTU_FRAGMENT, 0))
             return fragment_out(e, em, eth, ip, tot, *out_port);
     } else {
-        if (__builtin_expect(c->flags & CONN_F_NO_L2, 0))
+        if (__builtin_expect(c->flags & CONN_F_NO_L2, 0) && !sync_route_l2(e, c))
             return finish(e, ST_DROP_SYNC_NO_MAC, PYLVS_V_DROP);
         conn_set_state(e, c, DIR_OUTPUT, tcpflags, now);
         count_traffic(e, c, T_OUTPKTS, T_OUTBYTES, tot);

@@ -153,6 +153,22 @@ void sync_learn_l2(struct conn *c, const uint8_t *eth, uint16_t in_port)
     c->flags &= (uint8_t)~CONN_F_NO_L2;
 }
 
+int sync_route_l2(PylvsEngine *e, struct conn *c)
+{
+    const route_row *r = pylvs_route(&e->net, c->caddr);
+    if (r == NULL || !(r->flags & ROUTE_F_MAC))
+        return 0;
+    const port_row *p = pylvs_port(&e->net, r->port);
+    if (p == NULL || (p->flags & PORT_F_LOCAL))
+        return 0;
+    memcpy(c->cmac, r->mac, 6);
+    memcpy(c->lmac, p->mac, 6);
+    c->in_port = r->port;
+    c->flags &= (uint8_t)~CONN_F_NO_L2;
+    e->stats[ST_SYNC_L2_ROUTED]++;
+    return 1;
+}
+
 void sync_free(PylvsEngine *e)
 {
     PyMem_RawFree(e->sync_q);

@@ -39,6 +39,17 @@ NUD_VALID = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_NOARP | NUD_
 Answer = tuple[int, bytes, bytes]  # (out_port, dmac, smac)
 
 
+def poke(ipr, oif: int, hop: str) -> bool:
+    """Have the kernel resolve ``hop`` on ``oif`` as a transmit would
+    (NTF_USE: neigh_event_send); False, logged, if netlink refused."""
+    try:
+        ipr.neigh("replace", dst=hop, ifindex=oif, flags=NTF_USE, state=0)
+        return True
+    except Exception as e:
+        log.warning("NTF_USE for %s on ifindex %d failed: %s", hop, oif, e)
+        return False
+
+
 class Resolver:
     """``resolve(daddr) -> (out_port, dmac, smac) | None`` for the backend's ports.
 
@@ -345,11 +356,8 @@ class Resolver:
         kernel calls neigh_event_send and ignores the state and lladdr of
         the request, so nothing is overwritten."""
         self.pokes += 1
-        try:
-            ipr.neigh("replace", dst=hop, ifindex=oif, flags=NTF_USE, state=0)
-        except Exception as e:
+        if not poke(ipr, oif, hop):
             self.errors += 1
-            log.warning("NTF_USE for %s on ifindex %d failed: %s", hop, oif, e)
 
     def _route(self, ipr, daddr: int) -> tuple[int, str] | None:
         """(egress ifindex, next hop) of a dest the director can forward to."""

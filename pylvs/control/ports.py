@@ -32,7 +32,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from ..engine.tables import (NO_PORT, PORT_DTYPE, PORT_F_CHECK_MAC, PORT_F_LOCAL, PORT_F_USED,
-                             ROUTE_DTYPE)
+                             ROUTE_DTYPE, ROUTE_F_MAC)
+from .neighbors import NUD_VALID, poke
 
 log = logging.getLogger("pylvs.ports")
 
@@ -43,6 +44,11 @@ RTN_LOCAL = 2
 RTN_BROADCAST = 3
 IFA_F_SECONDARY = 0x01
 SYSCTL_CONF = "/proc/sys/net/ipv4/conf"
+# On-link hosts the kernel holds a neighbour entry for become /32 routes with
+# their MAC (a synced NAT conn's reply to an on-link client it has not
+# heard); at most this many, since a new flow's reverse-path check walks
+# the routes.
+MAX_HOST_ROUTES = 256
 
 
 @dataclass(frozen=True)
@@ -98,26 +104,53 @@ def port_table(ports, links: dict[int, tuple[int, bytes]], primary: dict[int, in
     return out
 
 
-def route_table(routes: Iterable[tuple[int, int, int, Optional[int], int]],
-                port_of: dict[int, int]) -> np.ndarray:
+def route_table(routes: Iterable[tuple], port_of: dict[int, int],
+                neighbours: Optional[dict[tuple[int, int], bytes]] = None,
+                max_hosts: int = MAX_HOST_ROUTES) -> np.ndarray:
     """ROUTE_DTYPE rows, sorted so that the first match is the kernel's choice.
 
-    ``routes``: (prefix, plen, type, oif or None, metric) of the main table.
-    A unicast route through an attached interface gets its port; any other
-    (an interface pylvs does not attach, blackhole, unreachable, prohibit,
-    a route without a single oif) gets NO_PORT, which fails the reverse-path
-    check as the kernel's fib_validate_source fails it (it wants a unicast
-    route back through the receiving interface). Longest prefix first; for
-    one prefix, lowest metric first (the route the kernel uses)."""
+    ``routes``: (prefix, plen, type, oif or None, metric[, gateway]) of the
+    main table (gateway: host-order int, None or absent for a directly
+    connected network). A unicast route through an attached interface gets
+    its port; any other (an interface pylvs does not attach, blackhole,
+    unreachable, prohibit, a route without a single oif) gets NO_PORT, which
+    fails the reverse-path check as the kernel's fib_validate_source fails
+    it (it wants a unicast route back through the receiving interface).
+    Longest prefix first; for one prefix, lowest metric first (the route the
+    kernel uses).
+
+    ``neighbours``: (oif, address) -> MAC of the kernel's usable neighbour
+    entries. A gateway route whose gateway has one carries that MAC
+    (ROUTE_F_MAC); an address with one whose route is a directly connected
+    network through the same oif gets a /32 row with its MAC (at most
+    ``max_hosts``, lowest addresses first): what the engine needs to send a
+    synced NAT conn's reply toward a client it has not heard (docs/engine.md,
+    "Sync")."""
+    neighbours = neighbours or {}
     rows = []
-    for prefix, plen, rtype, oif, metric in routes:
+    for prefix, plen, rtype, oif, metric, *gw in routes:
+        gateway = gw[0] if gw else None
         port = port_of.get(oif, NO_PORT) if rtype == RTN_UNICAST and oif is not None else NO_PORT
         mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF if plen else 0
-        rows.append((-plen, prefix & mask, metric, port, plen))
-    rows.sort()
+        mac = neighbours.get((oif, gateway)) if gateway is not None and port != NO_PORT else None
+        rows.append((-plen, prefix & mask, metric, port, plen, oif, gateway, mac))
+    rows.sort(key=lambda r: r[:5])
+    hosts = []
+    for (oif, addr), mac in sorted(neighbours.items(), key=lambda kv: kv[0][1]):
+        if len(hosts) >= max_hosts:
+            break
+        best = next((r for r in rows if addr & ((0xFFFFFFFF << (32 - r[4])) & 0xFFFFFFFF
+                                                if r[4] else 0) == r[1]), None)
+        if best is not None and best[4] < 32 and best[3] != NO_PORT and best[5] == oif \
+                and best[6] is None:
+            hosts.append((-32, addr, best[2], best[3], 32, oif, None, mac))
+    rows = sorted(hosts + rows, key=lambda r: r[:5])
     out = np.zeros(len(rows), dtype=ROUTE_DTYPE)
-    for i, (_, prefix, _, port, plen) in enumerate(rows):
-        out[i] = (prefix, plen, port)
+    for i, (_, prefix, _, port, plen, _, _, mac) in enumerate(rows):
+        out[i]["prefix"], out[i]["plen"], out[i]["port"] = prefix, plen, port
+        if mac is not None and len(mac) == 6:
+            out[i]["mac"] = np.frombuffer(mac, dtype=np.uint8)
+            out[i]["flags"] = ROUTE_F_MAC
     return out
 
 
@@ -179,13 +212,31 @@ def read_state(ipr, ports, root: str = SYSCTL_CONF) -> NetState:
             # the route (the engine keeps one port per route).
             hops = [h.get("oif") for h in (msg.get_attr("RTA_MULTIPATH") or [])]
             oif = next((h for h in hops if h in {p.ifindex for p in ports}), None)
+        gw = msg.get_attr("RTA_GATEWAY")
         routes.append((_ip(dst) if dst else 0, msg["dst_len"], msg["type"], oif,
-                       msg.get_attr("RTA_PRIORITY") or 0))
+                       msg.get_attr("RTA_PRIORITY") or 0, _ip(gw) if gw else None))
+    port_of = {p.ifindex: p.index for p in ports}
     return NetState(
         ports=port_table(ports, links, primary, rp),
-        routes=route_table(routes, {p.ifindex: p.index for p in ports}),
+        routes=route_table(routes, port_of, read_neighbours(ipr, routes, port_of)),
         local=np.array(sorted(local), dtype=np.uint32),
     )
+
+
+def read_neighbours(ipr, routes, port_of: dict[int, int]) -> dict[tuple[int, int], bytes]:
+    """(oif, address) -> MAC of the usable IPv4 neighbour entries on attached
+    interfaces. A gateway of a route through one that has none is used with
+    NTF_USE, so the kernel ARPs for it (as its first transmit there would)
+    and the next read finds it."""
+    found: dict[tuple[int, int], bytes] = {}
+    for n in ipr.get_neighbours(family=socket.AF_INET):
+        dst, mac = n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR")
+        if n["ifindex"] in port_of and dst and mac and n["state"] & NUD_VALID:
+            found[(n["ifindex"], _ip(dst))] = bytes.fromhex(mac.replace(":", ""))
+    for _, _, rtype, oif, _, gw in routes:
+        if rtype == RTN_UNICAST and gw is not None and oif in port_of and (oif, gw) not in found:
+            poke(ipr, oif, str(ipaddress.IPv4Address(gw)))
+    return found
 
 
 class NetWatcher:
@@ -226,9 +277,15 @@ class NetWatcher:
             return None
         if state == self.state:
             return None
-        self.state = state
-        log.info("ports: %s; %d route(s), %d local address(es)", describe_ports(self.ports, state.ports),
-                 len(state.routes), len(state.local))
+        old, self.state = self.state, state
+        # Neighbour entries (next-hop MACs, /32 rows) come and go with the
+        # kernel's garbage collection: only other changes are worth a line.
+        quiet = old is not None and (old.ports.tobytes() == state.ports.tobytes()
+                                     and old.local.tobytes() == state.local.tobytes()
+                                     and _kernel_routes(old) == _kernel_routes(state))
+        (log.debug if quiet else log.info)(
+            "ports: %s; %d route(s), %d local address(es)", describe_ports(self.ports, state.ports),
+            len(state.routes), len(state.local))
         cb = self.on_change
         if cb is not None:
             try:
@@ -244,6 +301,13 @@ class NetWatcher:
             while not self._stop.is_set():
                 self.poll(ipr)
                 self._stop.wait(self.interval)
+
+
+def _kernel_routes(state: NetState) -> list[tuple[int, int, int]]:
+    """The routes without what neighbour entries add (MACs, host rows)."""
+    r = state.routes
+    keep = ~((r["plen"] == 32) & ((r["flags"] & ROUTE_F_MAC) != 0))
+    return list(zip(r["prefix"][keep].tolist(), r["plen"][keep].tolist(), r["port"][keep].tolist()))
 
 
 def describe_ports(ports, rows: np.ndarray) -> str:

@@ -121,6 +121,7 @@ _DROP_RS_NO_CONN = _ST["drop_rs_no_conn"]
 _DROP_SYNC_NO_MAC = _ST["drop_sync_no_mac"]
 _SYNC_QUEUED = _ST["sync_queued"]
 _SYNC_QUEUE_FULL = _ST["sync_queue_full"]
+_SYNC_L2_ROUTED = _ST["sync_l2_routed"]
 _UPCALL_SHARE = tables.SYSCTL_INDEX["upcall_share"]
 _FTP_PORT = 21   # ip_vs_sched_persist: an FTP service's templates have vport 0
 # The upcall limit's bucket holds this many seconds of `now` at the share
@@ -470,7 +471,8 @@ class Engine:
             if plen > 32:
                 raise ValueError(f"route prefix length {plen} is over 32")
             mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
-            rs.append((int(r["prefix"]) & mask, mask, int(r["port"])))
+            mac = bytes(r["mac"].tobytes()) if int(r["flags"]) & tables.ROUTE_F_MAC else None
+            rs.append((int(r["prefix"]) & mask, mask, int(r["port"]), mac))
         self._routes = rs
         self._local = frozenset(int(a) for a in local.tolist())
 
@@ -546,6 +548,29 @@ class Engine:
             return
         self._sync_q.append(sync.record(c, self._timeouts))
         self._pend[_SYNC_QUEUED] += 1
+
+    def _route(self, addr: int) -> tuple[int, int, int, bytes | None] | None:
+        """The first (longest) route matching addr: (prefix, mask, port, next
+        hop's MAC or None), or None (the kernel's fib_lookup, main table)."""
+        for r in self._routes or ():
+            if addr & r[1] == r[0]:
+                return r
+        return None
+
+    def _sync_route_l2(self, c: Conn) -> bool:
+        """A synced conn sending toward a client it has not heard: bind its
+        client side from the route to caddr when control gave that route the
+        next hop's MAC (ROUTE_F_MAC), as the kernel routes the packet (FIB,
+        neighbour table). False: no such route (the caller drops as before)."""
+        r = self._route(c.caddr)
+        if r is None or r[3] is None:
+            return False
+        p = self._port_row(r[2])
+        if p is None or p[3] & tables.PORT_F_LOCAL:
+            return False
+        c.cmac, c.lmac, c.in_port, c.no_l2 = r[3], p[2], r[2], False
+        self._pend[_SYNC_L2_ROUTED] += 1
+        return True
 
     @staticmethod
     def _sync_learn_l2(c: Conn, f: memoryview, in_port: int) -> None:
@@ -1011,11 +1036,8 @@ class Engine:
             return _DROP_MARTIAN
         p = self._port_row(in_port)
         if p is not None and p[4] and self._routes is not None:
-            back = None
-            for prefix, mask, port in self._routes:
-                if saddr & mask == prefix:
-                    back = port
-                    break
+            r = self._route(saddr)
+            back = r[2] if r is not None else None
             if back is None or (p[4] == 1 and back != in_port):
                 return _DROP_RP_FILTER
         return None
@@ -1135,6 +1157,8 @@ class Engine:
                     and (ip[o + ohl + 2] << 8 | ip[o + ohl + 3]) != dest[11])):
             pend[_DROP_TUN_ICMP] += 1
             return V_DROP, 0
+        if c.no_l2:   # synced, its client not heard: its route, if it knows
+            self._sync_route_l2(c)
         # As if the inner packet had come in from the client.
         eth_c = c.lmac + c.cmac + b"\x08\x00"
         if ip[ihl] != _ICMP_DEST_UNREACH or ip[ihl + 1] != _ICMP_FRAG_NEEDED:
@@ -1341,7 +1365,7 @@ class Engine:
             old_port, new_port, port_at = dport, c.dport, l4 + 2
         else:
             # 11: real server -> client (NAT conns only have an OUT key).
-            if c.no_l2:
+            if c.no_l2 and not self._sync_route_l2(c):
                 pend[_DROP_SYNC_NO_MAC] += 1
                 return V_DROP, 0
             self._count_traffic(c, tables.STAT_OUTPKTS, tables.STAT_OUTBYTES, totlen)
@@ -1587,7 +1611,7 @@ class Engine:
             out_port = dest[6]
         else:
             # From the real server's side, about a packet it got: to the client.
-            if c.no_l2:   # installed by sync, its client not heard yet
+            if c.no_l2 and not self._sync_route_l2(c):   # its client not heard yet
                 pend[_DROP_SYNC_NO_MAC] += 1
                 return V_DROP, 0
             if f[IP + 8] <= 1:

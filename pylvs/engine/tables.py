@@ -174,6 +174,7 @@ STAT_NAMES = (
     "sync_no_dest",       # extra: records whose service or dest this engine does not have
     "sync_stale",         # extra: the INACTIVE record of a conn already replaced (ignored)
     "sync_table_full",    # extra: records not installed, the table full and no conn may give way
+    "sync_l2_routed",     # extra: a synced conn's client side taken from its route (ROUTE_F_MAC), not a frame
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 N_STATS = 64  # room to grow without changing the array's size
@@ -198,12 +199,16 @@ PORT_DTYPE = np.dtype(
 
 NO_PORT = 0xFFFF  # a route through an interface pylvs does not attach
 
+ROUTE_F_MAC = 1  # `mac` is the next hop's: the kernel's neighbour entry for the gateway (or host)
+
 # The namespace's IPv4 routes, sorted by plen descending (first match wins).
 ROUTE_DTYPE = np.dtype(
     [
         ("prefix", "<u4"),     # host order, masked
         ("plen", "u1"),
         ("port", "<u2"),       # egress port, or NO_PORT
+        ("mac", "u1", (6,)),   # the next hop's MAC when flags has ROUTE_F_MAC
+        ("flags", "u1"),       # ROUTE_F_*
     ],
     align=True,
 )

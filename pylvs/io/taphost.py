@@ -231,7 +231,9 @@ class TapHost:
                       key=lambda r: -r[1])
         if self.gw_port is not None:
             rows.append((0, 0, self.gw_port))
-        routes = np.array(rows, dtype=ROUTE_DTYPE) if rows else np.zeros(0, ROUTE_DTYPE)
+        routes = np.zeros(len(rows), ROUTE_DTYPE)
+        for i, (net, plen, port) in enumerate(rows):
+            routes[i]["prefix"], routes[i]["plen"], routes[i]["port"] = net, plen, port
         # Martian sources: our DIPs and the subnet broadcasts (the daemon
         # adds the VIPs itself).
         local = sorted({f.addr for f in self.ifaces} | set(self.broadcasts))

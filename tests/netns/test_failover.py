@@ -74,15 +74,11 @@ def test_without_sync_established_downloads_break(lab, method, port):
     assert r["intact"] <= 5, r
 
 
-# A NAT download's client only ACKs what it receives. The backup installs
-# a synced conn without the client's MAC and port (a sync record carries
-# none) and drops its real server's data until the client's next frame
-# teaches them (the engine's drop_sync_no_mac): that frame never comes.
-NAT_NO_MAC = pytest.mark.xfail(strict=True, reason=(
-    "the engine drops a synced NAT conn's replies until its client sends a frame "
-    "(drop_sync_no_mac); a download's client only ACKs what it gets, so it stalls"))
-SYNC_METHODS = [pytest.param(m, p, id=m, marks=NAT_NO_MAC if m == "nat" else ())
-                for m, p in METHODS]
+# A NAT download's client only ACKs what it receives: the backup's synced
+# conn, which has not heard the client, sends the real server's data by the
+# route to the client (the gateway's MAC from the kernel's neighbour table,
+# docs/engine.md "Sync"), as the kernel's IPVS routes it.
+SYNC_METHODS = [pytest.param(m, p, id=m) for m, p in METHODS]
 
 
 @pytest.mark.parametrize("method,port", SYNC_METHODS)
