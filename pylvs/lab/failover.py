@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .topology import (COMMON_SYSCTLS, STATE_DIR, LabError, _realserver_teardown, _remove_logs,
-                       _repo_root, _run, netns_exists, ns_exec_argv, remove_netns,
+                       _repo_root, _run, netns_exists, ns_exec_argv, remove_namespaces,
                        wait_for_file, wait_for_line)
 
 VIP = "10.0.0.100"
@@ -441,13 +441,7 @@ class FailoverLab:
                     s.close()
         self.procs.clear()
         errors += _realserver_teardown(self.python, list(self.rs.values()))
-        for ns in self.namespaces:
-            try:
-                remove_netns(ns)
-            except Exception as e:
-                errors.append(f"{ns}: {e}")
-            if netns_exists(ns):
-                errors.append(f"{ns}: still exists")
+        errors += remove_namespaces(self.namespaces)
         if not errors:
             (STATE_DIR / f"{self.name}.json").unlink(missing_ok=True)
             _remove_logs(self.name)

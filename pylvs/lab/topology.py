@@ -271,6 +271,20 @@ def remove_netns(ns: str) -> None:
             pass
 
 
+def remove_namespaces(namespaces) -> list[str]:
+    """remove_netns for each; what went wrong, one text per namespace
+    (a lab's teardown goes on past a failure and reports them all)."""
+    errors = []
+    for ns in namespaces:
+        try:
+            remove_netns(ns)
+        except Exception as e:
+            errors.append(f"{ns}: {e}")
+        if netns_exists(ns):
+            errors.append(f"{ns}: still exists")
+    return errors
+
+
 @dataclass
 class Lab:
     """One VS-NAT lab. Use as a context manager, or call up() / down()."""
@@ -890,13 +904,7 @@ class Lab:
                     pass
         self.procs.clear()
         errors += _realserver_teardown(self.python, self.rs)
-        for ns in self.namespaces:
-            try:
-                remove_netns(ns)
-            except Exception as e:
-                errors.append(f"{ns}: {e}")
-            if netns_exists(ns):
-                errors.append(f"{ns}: still exists")
+        errors += remove_namespaces(self.namespaces)
         if not errors:
             self.record_path.unlink(missing_ok=True)
             _remove_logs(self.name)
