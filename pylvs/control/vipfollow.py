@@ -134,6 +134,10 @@ class AddrWatcher:
     def start(self) -> None:
         if self._thread is not None or self._stop.is_set():
             return
+        # A bare netlink socket, only as a wake-up: a pyroute2 socket made
+        # here, on the control loop's thread, binds itself to the running
+        # uvloop and fails there (DESIGN.md, traps). The addresses are read
+        # with pyroute2 in the watcher's own thread.
         s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                           socket.NETLINK_ROUTE)
         try:
