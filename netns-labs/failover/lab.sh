@@ -10,6 +10,12 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 NAME=fo$$
 case "${1:-}" in -*|"") ;; *) NAME=$1; shift ;; esac
+# A lab of that name already up is the user's: refuse before the trap
+# below could tear it down.
+if [ -e "/run/netns/$NAME-client" ]; then
+    echo "lab.sh: a lab named $NAME is up (pylvs lab down --name $NAME removes it)" >&2
+    exit 1
+fi
 cleanup() {
     trap - EXIT INT TERM
     (cd "$ROOT" && "$PY" -m pylvs.lab.failover down --name "$NAME" >/dev/null 2>&1) || true
