@@ -19,20 +19,11 @@ import struct
 import time
 
 from ..config.model import CheckSpec
+from ..engine.checksum import checksum
 from .check_api import Result, os_error_text, target
 
 ICMP_ECHO, ICMP_ECHOREPLY = 8, 0
 _seq = itertools.count(1)
-
-
-def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of ``data``."""
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def echo_request(ident: int, seq: int, payload: bytes) -> bytes:
