@@ -347,6 +347,22 @@ def test_includes_with_globs_braces_and_relative_paths(tmp_path):
     assert [w.split(": ", 2)[1] for w in cfg.warnings[1:]] == ["virtual_server"] * 3  # no protocol
 
 
+def test_an_include_glob_skips_directories_as_keepalived_does(tmp_path):
+    """`include conf.d/*` where conf.d holds a subdirectory (an old/,
+    a checkout): keepalived logs "is a directory - skipping" and runs the
+    files; pylvs reads the same files and names the directory skipped."""
+    main = write(tmp_path, "keepalived.conf", "include conf.d/*\ninclude conf.d/old\n")
+    write(tmp_path, "conf.d/web.conf", "virtual_server 10.0.0.1 80 {\n"
+                                       " protocol TCP\n real_server 10.1.0.1 80 { }\n}\n")
+    write(tmp_path, "conf.d/old/web.conf", "virtual_server 10.0.0.1 80 { }\n")
+    cfg = ka.parse_file(main)
+    assert [(vs.vaddr, vs.vport) for vs in cfg.virtual_servers] == [("10.0.0.1", 80)]
+    assert cfg.files == (main, f"{tmp_path}/conf.d/web.conf")
+    skipped = f"{tmp_path}/conf.d/old is a directory: skipped, as keepalived skips it"
+    assert cfg.warnings == (f"{main}:1: include conf.d/*: {skipped}",
+                            f"{main}:2: include conf.d/old: {skipped}")
+
+
 # As an operator's lb01 has it: the protocol in lower case (keepalived 2.2
 # compares it with strcasecmp), quoted values, a group with a range.
 LB01 = """\
@@ -466,6 +482,9 @@ def test_one_warning_per_unimplemented_block_or_keyword(tmp_path):
         vrrp_script chk { script "/bin/true" }
         vrrp_instance A { state BACKUP }
         vrrp_instance B { state BACKUP }
+        track_group TG { group { A } }
+        interface_up_down_delays { eth0 1 }
+        child_wait_time 10
         virtual_server 10.0.0.1 80 {
             protocol TCP
             ha_suspend
@@ -481,8 +500,10 @@ def test_one_warning_per_unimplemented_block_or_keyword(tmp_path):
     """)
     names = [(w.split(": ")[0].rsplit(":", 1)[1], w.split(": ")[1]) for w in cfg.warnings]
     assert names == [("1", "global_defs"), ("2", "vrrp_script"), ("3", "vrrp_instance"),
-                     ("4", "vrrp_instance"), ("7", "ha_suspend"), ("8", "smtp_alert"),
-                     ("10", "DNS_CHECK"), ("13", "user")]
+                     ("4", "vrrp_instance"), ("5", "track_group"),
+                     ("6", "interface_up_down_delays"), ("7", "child_wait_time"),
+                     ("10", "ha_suspend"), ("11", "smtp_alert"), ("13", "DNS_CHECK"),
+                     ("16", "user")]
     assert cfg.vrrp_instances == ("A", "B")
     misc = cfg.virtual_servers[0].real_servers[0].checks
     assert [c.misc_path for c in misc] == ["/bin/check arg"]
@@ -624,6 +645,10 @@ BAD = [
     ("sip", "virtual_server 10.0.0.1 5060 {\n persistence_engine sip\n}\n",
      ":2: persistence_engine sip: not supported by pylvs"),
     ("include with checks", "includer /etc/x.conf\n", ":1: includer (an include with checks)"),
+    ("include with all checks", "includea /etc/x.conf\n", ":1: includea (an include with checks)"),
+    ("connect_port 0", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  TCP_CHECK {\n   connect_port 0\n  }\n }\n}\n",
+     ":4: connect_port: '0' is not an integer from 1 to 65535"),
     ("include missing", "include /nonexistent/pylvs/x.conf\n",
      ":1: /nonexistent/pylvs/x.conf: No such file or directory"),
     ("not UTF-8", b"virtual_server 10.0.0.1 80 {\n \xff\n}\n".decode("latin-1"),

@@ -259,11 +259,19 @@ class _Reader:
         if not names:
             self.warnings.append(f"{where}: include {shown}: no file matches")
         for name in names:
+            if os.path.isdir(name):
+                # keepalived's read_conf_file globs with GLOB_MARK and skips
+                # what ends in '/' (logged): `include conf.d/*` next to a
+                # subdirectory is a configuration keepalived runs.
+                self.warnings.append(f"{where}: include {shown}: {name} is a directory: "
+                                     "skipped, as keepalived skips it")
+                continue
             self.read(name, where, stack)
 
 
 _INCLUDE_ARG = re.compile(r'\s*include\s+(?:"((?:[^"\\]|\\.)*)"|([^\s"#!]+))\s*(?:[#!].*)?')
-_INCLUDES = ("include", "includer", "includem", "includew", "includeb", "include_check")
+_INCLUDES = ("include", "includer", "includem", "includew", "includeb", "includea",
+             "include_check")
 _ADVANCED = {"@": "conditional configuration ('@')",
              "$": "parameter substitution ('$')",
              "~": "sequence expansion ('~SEQ')"}
@@ -389,9 +397,10 @@ _VIRTUAL = Schema("virtual_server", {
 _TOP_OTHER_BLOCKS = ("global_defs", "vrrp_instance", "vrrp_sync_group", "vrrp_script",
                      "vrrp_track_process", "track_process", "vrrp_track_file", "track_file",
                      "static_ipaddress", "static_routes", "static_rules", "linkbeat_interfaces",
-                     "garp_group", "bfd_instance", "SSL", "vrrp_group")
+                     "garp_group", "bfd_instance", "SSL", "vrrp_group", "track_group",
+                     "interface_up_down_delays")
 _TOP_OTHER_WORDS = ("net_namespace", "net_namespace_ipvs", "namespace_with_ipsets", "instance",
-                    "use_pid_dir", "linkbeat_use_polling")
+                    "use_pid_dir", "linkbeat_use_polling", "child_wait_time")
 _TOP = Schema("the top level", {
     "virtual_server": Spec(1, 2, block=_VIRTUAL, need_block=True),
     "virtual_server_group": Spec(1, 1, block=LINES, need_block=True),
@@ -921,7 +930,9 @@ class _Builder:
             if n == "connect_ip" or n == "bindto":
                 k[n] = _ipv4(c.args[0], n)
             elif n == "connect_port":
-                k[n] = _port(c.args[0], "connect")
+                # 1..65535 as keepalived reads it: port 0 is no port to probe
+                # (keepalived drops it and probes the real server's port).
+                k[n] = _int(c.args[0], 1, 65535, "connect_port")
             elif n == "url":
                 k["urls"].append(self.url(c))
             elif n == "virtualhost":
