@@ -886,6 +886,19 @@ def test_the_same_rules_in_either_format_give_the_same_director(tmp_path):
     assert saved(b1) == saved(b2)
 
 
+def test_a_file_moved_to_the_other_format_is_no_change(tmp_path):
+    """The -c file becomes the director's own `pylvs adm -S -n` (or back):
+    the same services and dests, tunnel ones included, give no operation
+    at all on reload (docs/config.md: the file may change format)."""
+    conf = config_apply.load(write(tmp_path, "keepalived.conf", TUN_MIXED))
+    b = balancer()
+    assert apply_all(b, conf) == []
+    rules = config_apply.load(write(tmp_path, "rules", saved(b)))
+    assert rules.kind == "rules"
+    assert config_apply.diff_ops(conf.services, rules.services) == []
+    assert config_apply.diff_ops(rules.services, conf.services) == []
+
+
 def test_load_errors_name_file_and_line(tmp_path):
     p = write(tmp_path, "r", "-A -t 10.0.0.1:80\n-a -t 10.0.0.1:80 -r\n")
     with pytest.raises(ka.ConfigError, match=rf"^{p}: line 2: "):

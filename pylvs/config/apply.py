@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable
 
 from .. import forward
+from ..forward import tunnel
 from . import keepalived
 from .keepalived import ConfigError
 from .model import KeepalivedConfig, VirtualServer
@@ -144,8 +145,11 @@ def from_keepalived(cfg: KeepalivedConfig, path: str = "") -> Loaded:
             attrs = {"fwd": fwd, "weight": rs.weight, "u_threshold": rs.uthreshold,
                      "l_threshold": rs.lthreshold}
             if fwd == "tunnel":
-                attrs.update(tun_type=rs.tun_type or "ipip", tun_port=rs.tun_port or None,
-                             tun_flags=rs.tun_flags)
+                # In the form `pylvs adm` gives them (the flag's number, port
+                # 0 for none), so the same dest in a rules file is no change.
+                attrs.update(tun_type=rs.tun_type or "ipip", tun_port=rs.tun_port or 0,
+                             tun_flags=tunnel.TUN_FLAG_OPTIONS.index("tun-" + rs.tun_flags)
+                             if rs.tun_flags else tunnel.TUN_F_NOCSUM)
             svc.dests[rs.addr, dport] = attrs
             svc.dest_where[rs.addr, dport] = rwhere
         services[key] = svc
