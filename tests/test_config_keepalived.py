@@ -899,12 +899,32 @@ def test_a_file_moved_to_the_other_format_is_no_change(tmp_path):
     assert config_apply.diff_ops(rules.services, conf.services) == []
 
 
+def test_a_byte_order_mark_is_no_word_in_either_format(tmp_path):
+    """A file saved by an editor that starts it with a UTF-8 BOM: the mark
+    means nothing; the rules stay rules and the keepalived.conf's first
+    keyword its first keyword (an included file's too)."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "rules").write_bytes(bom + b"-A -t 10.0.0.1:80 -s rr\n")
+    rules = config_apply.load(str(tmp_path / "rules"))
+    assert rules.kind == "rules" and list(rules.services) == [("tcp", "10.0.0.1", 80, 0)]
+    (tmp_path / "rs.inc").write_bytes(bom + b"real_server 10.1.0.1 80 { weight 3 }\n")
+    (tmp_path / "keepalived.conf").write_bytes(
+        bom + b"! saved on a desktop\nvirtual_server 10.0.0.1 80 {\n protocol TCP\n"
+        b" include rs.inc\n}\n")
+    conf = config_apply.load(str(tmp_path / "keepalived.conf"))
+    assert conf.kind == "keepalived" and conf.warnings == ()
+    assert conf.services[("tcp", "10.0.0.1", 80, 0)].dests[("10.1.0.1", 80)]["weight"] == 3
+
+
 def test_load_errors_name_file_and_line(tmp_path):
     p = write(tmp_path, "r", "-A -t 10.0.0.1:80\n-a -t 10.0.0.1:80 -r\n")
     with pytest.raises(ka.ConfigError, match=rf"^{p}: line 2: "):
         config_apply.load(p)
     with pytest.raises(ka.ConfigError, match=rf"^{tmp_path}/nope: No such file"):
         config_apply.load(str(tmp_path / "nope"))
+    with pytest.raises(ka.ConfigError, match=rf"^{tmp_path}: a directory, not a configuration "
+                                             "file$"):
+        config_apply.load(str(tmp_path))
     bin_ = tmp_path / "bin"
     bin_.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ka.ConfigError, match="not a text file"):
@@ -1137,10 +1157,11 @@ def test_control_socket_answers_reload_with_the_daemon_handler(tmp_path):
 def test_fifos_devices_and_token_floods_are_refused_without_hanging(tmp_path, monkeypatch):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)   # nobody writes: opening it for reading would block
-    for path in (str(fifo), "/dev/zero", str(tmp_path)):
-        with pytest.raises(ka.ConfigError, match=f"^{path}: not a regular file"):
+    for path, why in ((str(fifo), "not a regular file"), ("/dev/zero", "not a regular file"),
+                      (str(tmp_path), "a directory, not a configuration file")):
+        with pytest.raises(ka.ConfigError, match=f"^{path}: {why}"):
             ka.parse_file(path)
-        with pytest.raises(ka.ConfigError, match=f"^{path}: not a regular file"):
+        with pytest.raises(ka.ConfigError, match=f"^{path}: {why}"):
             config_apply.load(path)
     inc = write(tmp_path, "inc.conf", f"include {fifo}\n")
     with pytest.raises(ka.ConfigError, match=f"^{inc}:1: {fifo}: not a regular file"):

@@ -99,9 +99,7 @@ def load(path: str) -> Loaded:
     """Read and parse ``path`` (either format). Raises ConfigError whose
     text names the file and line."""
     data = keepalived.read_limited(path)
-    # Undecodable bytes stay (surrogates): the parsers name the line when
-    # one is in a word rather than in a comment.
-    text = data.decode("utf-8", "surrogateescape")
+    text = keepalived.decode(data)
     if keepalived.first_word(text) is None:
         # Either format's comments (keepalived's `!` too), nothing else.
         return Loaded(path, "rules", {}, blank=True)

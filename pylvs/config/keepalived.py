@@ -169,7 +169,10 @@ def read_limited(path: str, where: Where | None = None) -> bytes:
     except OSError as e:
         raise ConfigError(where, f"{path}: {e.strerror or e}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(where, f"{path}: a directory, not a configuration file")
+        if not stat.S_ISREG(mode):
             raise ConfigError(where, f"{path}: not a regular file")
         chunks, size = [], 0
         while size <= MAX_FILE_BYTES:
@@ -183,8 +186,16 @@ def read_limited(path: str, where: Where | None = None) -> bytes:
     finally:
         os.close(fd)
     if size > MAX_FILE_BYTES:
-        raise ConfigError(where, f"{path}: larger than {MAX_FILE_BYTES} bytes")
+        raise ConfigError(where, f"{path}: larger than {MAX_FILE_BYTES} bytes "
+                                 f"({MAX_FILE_BYTES >> 20} MiB, the limit per file)")
     return b"".join(chunks)
+
+
+def decode(data: bytes) -> str:
+    """A configuration file's text: UTF-8, a leading byte order mark (an
+    editor's, meaning nothing) dropped, bytes that are not UTF-8 kept as
+    surrogates (the parsers refuse them only in a word, naming the line)."""
+    return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
 
 
 class _Reader:
@@ -216,7 +227,7 @@ class _Reader:
         # Bytes that are not UTF-8 (a Latin-1 comment of an older file) are
         # kept as surrogates: keepalived reads bytes, and only a word that
         # holds them is refused (_line_tokens), naming its line.
-        self.lines(data.decode("utf-8", "surrogateescape"), path, stack + (real,))
+        self.lines(decode(data), path, stack + (real,))
 
     def lines(self, text: str, path: str, stack: tuple[str, ...]) -> None:
         for no, line in _logical_lines(text):
