@@ -509,6 +509,30 @@ def test_one_warning_per_unimplemented_block_or_keyword(tmp_path):
     assert [c.misc_path for c in misc] == ["/bin/check arg"]
 
 
+
+def test_lvs_keywords_of_global_defs_and_vrrp_are_named_each(tmp_path):
+    """keepalived starts the IPVS sync daemon from global_defs'
+    lvs_sync_daemon (or a vrrp_instance's old lvs_sync_daemon_interface);
+    pylvs starts its own apart: an operator moving the file must read that
+    in a warning of its own, not only "global_defs: ignored"."""
+    cfg = parse(tmp_path, """\
+        global_defs {
+            router_id LVS_1
+            lvs_sync_daemon eth1 VI_1 id 5
+            lvs_timeouts tcp 900
+            lvs_notify_fifo /run/keepalived.fifo
+        }
+        vrrp_instance VI_1 {
+            interface eth0
+            lvs_sync_daemon_interface eth1
+        }
+    """)
+    named = [w.split(": ")[1] for w in cfg.warnings]
+    assert named == ["global_defs", "lvs_sync_daemon", "lvs_notify_fifo", "vrrp_instance",
+                     "lvs_sync_daemon_interface"]
+    assert "pylvs adm --start-daemon" in cfg.warnings[1] and cfg.lvs_timeouts == (900, 0, 0)
+
+
 CORRECTED = """\
 virtual_server 10.0.0.1 80 {
     ops

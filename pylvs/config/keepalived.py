@@ -412,6 +412,13 @@ _TOP_OTHER_BLOCKS = ("global_defs", "vrrp_instance", "vrrp_sync_group", "vrrp_sc
                      "interface_up_down_delays")
 _TOP_OTHER_WORDS = ("net_namespace", "net_namespace_ipvs", "namespace_with_ipsets", "instance",
                     "use_pid_dir", "linkbeat_use_polling", "child_wait_time")
+_SYNC_HINT = ("pylvs's IPVS sync daemon is started apart: pylvs adm --start-daemon "
+              "master|backup --mcast-interface IF --syncid N, docs/sync.md")
+_LVS_ELSEWHERE = {
+    "lvs_sync_daemon": _SYNC_HINT, "lvs_sync_daemon_interface": _SYNC_HINT,
+    "lvs_notify_fifo": "pylvs writes no notify FIFO; pylvs status shows each check",
+    "lvs_notify_fifo_script": "pylvs writes no notify FIFO; pylvs status shows each check",
+}
 _TOP = Schema("the top level", {
     "virtual_server": Spec(1, 2, block=_VIRTUAL, need_block=True),
     "virtual_server_group": Spec(1, 1, block=LINES, need_block=True),
@@ -693,6 +700,12 @@ class _Builder:
                 if st.name == "vrrp_instance":
                     vrrp.append(st.args[0].text)
                 self.unused(st, _TOP.specs[st.name])
+            if st.name in ("global_defs", "vrrp_instance"):
+                # The LVS keywords of these blocks: each named on its own,
+                # with what pylvs has instead, not lost in the block's warning.
+                for c in st.children or ():
+                    if c.name in _LVS_ELSEWHERE:
+                        self.warn(c, f"ignored ({_LVS_ELSEWHERE[c.name]})")
         vss: list[VirtualServer] = []
         seen: dict[tuple, Where] = {}
         for st in stmts:
