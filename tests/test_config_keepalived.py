@@ -533,6 +533,32 @@ def test_lvs_keywords_of_global_defs_and_vrrp_are_named_each(tmp_path):
     assert "pylvs adm --start-daemon" in cfg.warnings[1] and cfg.lvs_timeouts == (900, 0, 0)
 
 
+
+def test_sh_and_mh_flags_count_only_after_their_scheduler(tmp_path):
+    """keepalived 2.2.7 (`keepalived -t`: "sh-port only applies to sh
+    scheduler - ignoring") drops sh-/mh- flags read before lvs_sched sh or
+    mh: the same file hashes the same way under pylvs."""
+    cfg = parse(tmp_path, """\
+        virtual_server 10.0.0.1 80 {
+            protocol TCP
+            sh-port
+            lb_algo sh
+            sh-fallback
+            flag-3
+            real_server 10.1.0.1 80 { }
+        }
+        virtual_server 10.0.0.2 80 {
+            protocol TCP
+            mh-port
+            real_server 10.1.0.1 80 { }
+        }
+    """)
+    first, second = cfg.virtual_servers
+    assert first.sched_flags == ("flag-3", "sh-fallback") and second.sched_flags == ()
+    assert [w.split(": ", 1)[0].rsplit(":", 1)[1] for w in cfg.warnings] == ["3", "11"]
+    assert all("only after lvs_sched sh or mh" in w for w in cfg.warnings)
+
+
 CORRECTED = """\
 virtual_server 10.0.0.1 80 {
     ops

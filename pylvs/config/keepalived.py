@@ -872,6 +872,12 @@ class _Builder:
                 raise ConfigError(c.args[0].where, "persistence_engine: only sip exists")
             raise ConfigError(c.where, "persistence_engine sip: not supported by pylvs")
         elif n in _SCHED_FLAGS:
+            if not n.startswith("flag-") and v.get("lvs_sched") not in ("sh", "mh"):
+                # keepalived 2.2 sets these only when the scheduler read so
+                # far is sh or mh (logging "only applies to sh scheduler"):
+                # dropped here too, so both directors hash the same way.
+                self.warn(c, "ignored: only after lvs_sched sh or mh, as keepalived reads it")
+                return
             v["flags"].append(n)
         elif n in ("ops", "omega", "sorry_server_inhibit"):
             v[n] = True
