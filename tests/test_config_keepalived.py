@@ -696,6 +696,11 @@ BAD = [
      ":2: persistence_engine sip: not supported by pylvs"),
     ("include with checks", "includer /etc/x.conf\n", ":1: includer (an include with checks)"),
     ("include with all checks", "includea /etc/x.conf\n", ":1: includea (an include with checks)"),
+    ("retry 0 in a real server", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  retry 0\n }\n}\n", ":3: retry: '0' is not an integer from 1 to"),
+    ("nb_get_retry in TCP_CHECK", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  TCP_CHECK {\n   nb_get_retry 3\n  }\n }\n}\n",
+     ":4: unknown keyword 'nb_get_retry' in TCP_CHECK"),
     ("connect_port 0", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
      "  TCP_CHECK {\n   connect_port 0\n  }\n }\n}\n",
      ":4: connect_port: '0' is not an integer from 1 to 65535"),

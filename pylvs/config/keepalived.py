@@ -352,7 +352,7 @@ _URL = Schema("url", {
 })
 
 _CHECK_COMMON = {
-    **_TIMERS, "nb_get_retry": Spec(), "connect_ip": Spec(), "connect_port": Spec(),
+    **_TIMERS, "connect_ip": Spec(), "connect_port": Spec(),
     "bindto": Spec(), "bind_if": Spec(warn="not applied"),
     "bind_port": Spec(warn="not applied"), "fwmark": Spec(warn="not applied"),
     "log_all_failures": _opt(warn="not applied"),
@@ -361,7 +361,9 @@ _CHECKS = {
     "TCP_CHECK": Schema("TCP_CHECK", dict(_CHECK_COMMON)),
     "PING_CHECK": Schema("PING_CHECK", dict(_CHECK_COMMON)),
     "HTTP_GET": Schema("HTTP_GET", {
-        **_CHECK_COMMON, "url": Spec(0, 0, block=_URL, need_block=True),
+        # nb_get_retry: keepalived 1.x's retry, HTTP_GET's and SSL_GET's only
+        # (keepalived 2.2 knows it nowhere else).
+        **_CHECK_COMMON, "nb_get_retry": Spec(), "url": Spec(0, 0, block=_URL, need_block=True),
         "virtualhost": Spec(), "http_protocol": Spec(),
         "fast_recovery": _opt(warn="not applied"), "enable_sni": _flag(),
     }),
@@ -825,7 +827,7 @@ class _Builder:
                 sorry_server=sorry, real_servers=tuple(reals), where=st.where))
         return out
 
-    def common(self, c: Stmt, d: dict) -> bool:
+    def common(self, c: Stmt, d: dict, checker: bool = False) -> bool:
         """Timings and alpha, at any level; True if ``c`` was one."""
         n = c.name
         if n in ("delay_loop", "connect_timeout"):
@@ -833,7 +835,9 @@ class _Builder:
         elif n in ("delay_before_retry", "warmup"):
             d[n] = _timer(c.args[0], n)
         elif n in ("retry", "nb_get_retry"):
-            d["retry"] = _int(c.args[0], 0, 2**31 - 1, n)
+            # keepalived takes retry 0 in a checker only; in a virtual or
+            # real server it refuses it and keeps the default (1).
+            d["retry"] = _int(c.args[0], 0 if checker else 1, 2**31 - 1, n)
         elif n == "alpha":
             d["alpha"] = _bool(c)
         else:
@@ -954,7 +958,7 @@ class _Builder:
         k: dict = {"urls": []}
         schema = _CHECKS[kind]
         for c in st.children or ():
-            if self.unused(c, schema.specs[c.name]) or self.common(c, k):
+            if self.unused(c, schema.specs[c.name]) or self.common(c, k, checker=True):
                 continue
             n = c.name
             if n == "connect_ip" or n == "bindto":
