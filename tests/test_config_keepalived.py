@@ -559,6 +559,25 @@ def test_sh_and_mh_flags_count_only_after_their_scheduler(tmp_path):
     assert all("only after lvs_sched sh or mh" in w for w in cfg.warnings)
 
 
+
+def test_sorry_server_options_before_the_sorry_server_are_dropped(tmp_path):
+    """keepalived applies sorry_server_lvs_method and sorry_server_inhibit
+    to the sorry server read so far ("sorry_server forwarding used without
+    sorry_server"): before it they change nothing, in pylvs too."""
+    cfg = parse(tmp_path, """\
+        virtual_server 10.0.0.1 80 {
+            protocol TCP
+            sorry_server_lvs_method DR
+            sorry_server_inhibit
+            sorry_server 10.1.0.9 8080
+            real_server 10.1.0.1 80 { }
+        }
+    """)
+    sorry = cfg.virtual_servers[0].sorry_server
+    assert (sorry.lvs_method, sorry.port, sorry.inhibit) == ("NAT", 8080, False)
+    assert [w.split(": ", 1)[0].rsplit(":", 1)[1] for w in cfg.warnings] == ["3", "4"]
+
+
 CORRECTED = """\
 virtual_server 10.0.0.1 80 {
     ops
@@ -701,6 +720,12 @@ BAD = [
     ("nb_get_retry in TCP_CHECK", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
      "  TCP_CHECK {\n   nb_get_retry 3\n  }\n }\n}\n",
      ":4: unknown keyword 'nb_get_retry' in TCP_CHECK"),
+    ("misc_timeout in decimals", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  MISC_CHECK {\n   misc_path /bin/true\n   misc_timeout 1.5\n  }\n }\n}\n",
+     ":5: misc_timeout: '1.5' is not an integer from 1 to 4294"),
+    ("connect_timeout in MISC_CHECK", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  MISC_CHECK {\n   misc_path /bin/true\n   connect_timeout 2\n  }\n }\n}\n",
+     ":5: unknown keyword 'connect_timeout' in MISC_CHECK"),
     ("connect_port 0", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
      "  TCP_CHECK {\n   connect_port 0\n  }\n }\n}\n",
      ":4: connect_port: '0' is not an integer from 1 to 65535"),

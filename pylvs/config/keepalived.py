@@ -371,8 +371,9 @@ _CHECKS = {
         **_CHECK_COMMON, "payload": _VAR, "require_reply": Spec(0, None),
         "min_reply_length": Spec(), "max_reply_length": Spec(),
     }),
-    "MISC_CHECK": Schema("MISC_CHECK", {
-        **_TIMERS, "log_all_failures": _opt(warn="not applied"),
+    "MISC_CHECK": Schema("MISC_CHECK", {   # no connect_timeout: keepalived has none here
+        **{k: s for k, s in _TIMERS.items() if k != "connect_timeout"},
+        "log_all_failures": _opt(warn="not applied"),
         "misc_path": Spec(1, 3), "misc_timeout": Spec(), "misc_dynamic": _flag(),
         "user": Spec(1, 2, warn="the command runs as pylvs's user"),
     }),
@@ -858,6 +859,10 @@ class _Builder:
             v["lvs_sched"] = name
         elif n in ("lvs_method", "lb_kind"):
             v["method"] = _method(c)
+        elif n in ("sorry_server_lvs_method", "sorry_server_inhibit") and "sorry_server" not in v:
+            # keepalived applies both to the sorry server read so far, and
+            # drops them (logged) when there is none yet.
+            self.warn(c, "ignored: before (or without) sorry_server, as keepalived ignores it")
         elif n == "sorry_server_lvs_method":
             v["sorry_method"] = _method(c)
         elif n == "protocol":
@@ -986,7 +991,8 @@ class _Builder:
                     self.warn(c, "user/group ignored: the command runs as pylvs's user")
                 k[n] = c.args[0].text
             elif n == "misc_timeout":
-                k[n] = _timer(c.args[0], n, positive=True)
+                # Whole seconds, as keepalived reads it (it refuses "1.5").
+                k[n] = float(_int(c.args[0], 1, 4294, n))
             elif n in ("misc_dynamic", "enable_sni"):
                 k[n] = True
             else:
