@@ -726,6 +726,8 @@ BAD = [
     ("connect_timeout in MISC_CHECK", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
      "  MISC_CHECK {\n   misc_path /bin/true\n   connect_timeout 2\n  }\n }\n}\n",
      ":5: unknown keyword 'connect_timeout' in MISC_CHECK"),
+    ("group range past the last byte", "virtual_server_group G {\n 10.0.0.1-300 80\n}\n",
+     ":2: virtual_server_group: range '10.0.0.1-300': the end is the last byte, 0..255"),
     ("connect_port 0", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
      "  TCP_CHECK {\n   connect_port 0\n  }\n }\n}\n",
      ":4: connect_port: '0' is not an integer from 1 to 65535"),

@@ -1077,6 +1077,11 @@ def _addr_range(tok: Token) -> list[str]:
         elif "-" in s:
             a, b = s.split("-", 1)
             first = ipaddress.IPv4Address(a)
+            if "." not in b and not (re.fullmatch(r"[0-9]{1,3}", b) and int(b) <= 255):
+                # The last byte's end (keepalived: "end too large"), never
+                # a carry into the byte before it.
+                raise ConfigError(tok.where, f"virtual_server_group: range {s!r}: the end "
+                                             "is the last byte, 0..255")
             last = (ipaddress.IPv4Address(b) if "." in b
                     else ipaddress.IPv4Address((int(first) & ~0xFF) | int(b)))
             lo, hi = int(first), int(last)
