@@ -505,6 +505,9 @@ def test_one_warning_per_unimplemented_block_or_keyword(tmp_path):
                      ("10", "ha_suspend"), ("11", "smtp_alert"), ("13", "DNS_CHECK"),
                      ("16", "user")]
     assert cfg.vrrp_instances == ("A", "B")
+    # The same file given to a whole keepalived would make its checkers
+    # program the kernel's IPVS next to pylvs: the warning says how not to.
+    assert "run `keepalived -P` (VRRP only" in cfg.warnings[2]
     misc = cfg.virtual_servers[0].real_servers[0].checks
     assert [c.misc_path for c in misc] == ["/bin/check arg"]
 

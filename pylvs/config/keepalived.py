@@ -429,8 +429,10 @@ _TOP = Schema("the top level", {
     **{k: Spec(0, None, warn="not applied") for k in _TOP_OTHER_WORDS},
 })
 _TOP.specs["vrrp_instance"] = Spec(1, 1, block=LINES, need_block=True,
-                                   warn="VRRP is keepalived's: run keepalived for it "
-                                        "(pylvs follows the VIP, docs/failover.md)")
+                                   warn="VRRP is keepalived's: run `keepalived -P` (VRRP "
+                                        "only, or keepalived's checkers program the kernel's "
+                                        "IPVS too) for it; pylvs follows the VIP, "
+                                        "docs/failover.md")
 
 
 class _Parser:
