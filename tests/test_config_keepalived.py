@@ -1001,6 +1001,43 @@ def test_a_byte_order_mark_is_no_word_in_either_format(tmp_path):
     assert conf.services[("tcp", "10.0.0.1", 80, 0)].dests[("10.1.0.1", 80)]["weight"] == 3
 
 
+def test_pylvs_run_t_checks_the_file_as_keepalived_t_does(tmp_path, capsys):
+    """`pylvs run -c FILE -t`: no network, nothing started; the warnings
+    and errors with file:line on stderr, a summary on stdout, exit status 0
+    only when all of the file would apply (a CI job's check before a
+    deploy, as keepalived -t)."""
+    from pylvs.runtime import daemon
+
+    good = write(tmp_path, "good.conf", REFERENCE)
+    assert daemon.main(["-c", good, "-t"]) == 0
+    out, err = capsys.readouterr()
+    # The warnings: the keywords after another's value on the one-line checkers.
+    assert out == f"{good} (keepalived): 1 service(s), 1 dest(s), 6 warning(s), 0 error(s)\n"
+    assert err.splitlines() == [f"warning: {w}" for w in ka.parse_file(good).warnings]
+    broken = write(tmp_path, "broken.conf", REFERENCE.replace("weight 1", "wieght 1"))
+    assert daemon.main(["-c", broken, "-t"]) == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"pylvs run: -c {broken}:11: unknown keyword 'wieght' in "
+                              "real_server\n")
+    part = write(tmp_path, "part.conf", "global_defs { router_id A }\n" + REFERENCE
+                 + "virtual_server fwmark 7 {\n real_server 10.1.0.1 80 { }\n}\n")
+    assert daemon.main(["-c", part, "-t"]) == 1
+    out, err = capsys.readouterr()
+    assert out.endswith(": 1 service(s), 1 dest(s), 7 warning(s), 1 error(s)\n")
+    assert f"warning: {part}:1: global_defs: ignored (pylvs does not run it)" in err.splitlines()
+    assert err.splitlines()[7:] == [
+        f"error: {part}:19: virtual_server fwmark 7: fwmark services are not supported by "
+        "pylvs yet; skipped"]
+    rules = write(tmp_path, "rules", "-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.2:80 -r 10.1.0.1\n")
+    assert daemon.main(["-c", rules, "-t", "--max-services", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert err == f"error: {rules}: line 2: Service not defined\n"
+    assert out == f"{rules} (rules): 1 service(s), 0 dest(s), 0 warning(s), 1 error(s)\n"
+    with pytest.raises(SystemExit):
+        daemon.main(["-t"])
+    assert "-t checks the -c FILE" in capsys.readouterr().err
+
+
 def test_load_errors_name_file_and_line(tmp_path):
     p = write(tmp_path, "r", "-A -t 10.0.0.1:80\n-a -t 10.0.0.1:80 -r\n")
     with pytest.raises(ka.ConfigError, match=rf"^{p}: line 2: "):

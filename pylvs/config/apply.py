@@ -422,3 +422,40 @@ class ConfigFile:
             return {"file": self.path, "format": loaded.kind, "services": len(loaded.services),
                     "operations": counts, "errors": errs, "refused": list(loaded.refused),
                     "warnings": list(loaded.warnings)}
+
+
+# --- pylvs run -c FILE -t ------------------------------------------------------
+
+def config_test(path: str, out, err, max_services: int, max_dests: int) -> int:
+    """``pylvs run -c FILE -t``, as ``keepalived -t``: read the file (its
+    includes too), apply it to a scratch Balancer of the director's size
+    (no network, nothing started), write the warnings and every error with
+    its file:line to ``err`` and a summary to ``out``. Returns the exit
+    status: 0 when every service and dest would apply, 1 when the file is
+    refused or a part of it would be (what depends on the host, a real
+    server on one of the director's own addresses, is only found at run)."""
+    from ..control.balancer import Balancer
+    from ..engine.tables import Counters
+
+    try:
+        loaded = load(path)
+    except ConfigError as e:
+        err.write(f"pylvs run: -c {e}\n")
+        return 1
+    for w in loaded.warnings:
+        err.write(f"warning: {w}\n")
+    problems = list(loaded.refused)
+    b = Balancer(Counters(max_services, max_dests))
+    if loaded.kind == "rules":
+        results = b.apply_many([op for _no, op in loaded.rules])
+        problems += [f"{path}: line {no}: {r.get('error')}"
+                     for (no, _op), r in zip(loaded.rules, results) if not r.get("ok", True)]
+    else:
+        ops = full_ops(loaded.services, loaded.timeouts)
+        problems += errors(ops, b.apply_many([op for op, _w in ops]))
+    for p in problems:
+        err.write(f"error: {p}\n")
+    dests = sum(len(s.dests) for s in loaded.services.values())
+    out.write(f"{path} ({loaded.kind}): {len(loaded.services)} service(s), {dests} dest(s), "
+              f"{len(loaded.warnings)} warning(s), {len(problems)} error(s)\n")
+    return 1 if problems else 0

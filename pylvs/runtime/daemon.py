@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -1060,6 +1061,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="a keepalived.conf (its virtual_server blocks) or pylvs adm -S rules, "
                          "told apart by the first word; applied at start, re-read on SIGHUP "
                          "and `pylvs reload` (docs/config.md; default: none)")
+    ap.add_argument("-t", "--config-test", action="store_true",
+                    help="as keepalived -t: check the -c FILE (warnings and errors with their "
+                         "file:line on stderr, a summary on stdout), start nothing; exit status "
+                         "0 when all of it would apply, 1 otherwise")
     ap.add_argument("--conn-max", type=_bounded(1, MAX_CONN_MAX), default=DEFAULT_CONN_MAX,
                     metavar="N", help="most conns at once; the conn table grows with use up "
                     "to this, 88 to 112 bytes per conn; split evenly among the --workers "
@@ -1151,6 +1156,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="largest sync message, UDP payload bytes (default: 1472 for a "
                       "master, the interface MTU - 28 for a backup)")
     a = ap.parse_args(argv)
+    if a.config_test:
+        if not a.config:
+            ap.error("-t checks the -c FILE: give one")
+        from ..config.apply import config_test
+        return config_test(a.config, sys.stdout, sys.stderr, a.max_services, a.max_dests)
     if len(set(a.start_daemon)) != len(a.start_daemon):
         ap.error("--start-daemon: master or backup given twice")
     if a.mcast_group is not None:
