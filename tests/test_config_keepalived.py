@@ -462,6 +462,51 @@ def test_the_sample_configurations_are_keepalived_s_own(tmp_path, name):
     assert not errors, said   # (its exit status counts its notes: no default scheduler, ...)
 
 
+def _vs(body: str = "", real: str = "", check: str = "TCP_CHECK", check_body: str = "") -> str:
+    return (f"virtual_server 10.0.0.1 80 {{\n protocol TCP\n lb_algo rr\n{body}"
+            f" real_server 10.1.0.1 80 {{\n{real}  {check} {{\n{check_body}  }}\n }}\n}}\n")
+
+
+# What keepalived 2.2.7 reads and drops, logging the line ("invalid",
+# "ignoring", "Unknown keyword"): pylvs never applies it silently either,
+# it refuses the file or names the line in a warning.
+KEEPALIVED_DROPS = [
+    ("retry 0 in a real server", _vs(real="  retry 0\n"), 5),
+    ("retry 0 in a virtual server", _vs(body=" retry 0\n"), 4),
+    ("nb_get_retry in TCP_CHECK", _vs(check_body="   nb_get_retry 3\n"), 6),
+    ("connect_port 0", _vs(check_body="   connect_port 0\n"), 6),
+    ("misc_timeout 1.5", _vs(check="MISC_CHECK",
+                             check_body="   misc_path /bin/true\n   misc_timeout 1.5\n"), 7),
+    ("connect_timeout in MISC_CHECK", _vs(check="MISC_CHECK", check_body=(
+        "   misc_path /bin/true\n   connect_timeout 2\n")), 7),
+    ("sh-port before lb_algo sh", _vs(body=" sh-port\n lb_algo sh\n"), 4),
+    ("sorry options before sorry_server", _vs(
+        body=" sorry_server_inhibit\n sorry_server 10.1.0.9 80\n"), 4),
+    ("group range end past 255", "virtual_server_group G {\n 10.0.0.1-300 80\n}\n"
+     + _vs().replace("10.0.0.1 80", "group G", 1), 2),
+    ("lowercase lb_kind", _vs(body=" lb_kind dr\n"), 4),
+    ("misspelt keyword", _vs(body=" persistance_timeout 5\n"), 4),
+]
+
+
+@pytest.mark.skipif(not os.path.exists(KEEPALIVED), reason="keepalived not installed (make)")
+@pytest.mark.parametrize("text,line", [(t, n) for _d, t, n in KEEPALIVED_DROPS],
+                         ids=[d for d, _t, _n in KEEPALIVED_DROPS])
+def test_what_keepalived_drops_pylvs_refuses_or_names(tmp_path, text, line):
+    import subprocess
+
+    path = write(tmp_path, "keepalived.conf", text)
+    p = subprocess.run([KEEPALIVED, "-t", "-l", "-f", path], capture_output=True, text=True,
+                       timeout=30)
+    assert f"Line {line})" in p.stdout + p.stderr, p.stdout + p.stderr
+    try:
+        cfg = ka.parse_file(path)
+    except ka.ConfigError as e:
+        assert str(e).startswith(f"{path}:{line}: "), str(e)
+    else:
+        assert any(w.startswith(f"{path}:{line}: ") for w in cfg.warnings), cfg.warnings
+
+
 @pytest.mark.skipif(not os.path.exists(KEEPALIVED), reason="keepalived not installed (make)")
 def test_keepalived_only_logs_a_misspelt_keyword_pylvs_refuses_it(tmp_path):
     import subprocess
