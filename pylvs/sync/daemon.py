@@ -19,7 +19,9 @@ datagram strictly (pylvs.sync.wire; drops counted by reason) and installs
 each record (``engine.sync_install``) into the engine of the worker that
 the record's client frames reach (the steering rule of docs/io.md,
 "Workers"). At start, and again with back-off until the master answers, it
-asks for the whole table (a BULK_REQUEST message, which IPVS peers ignore).
+asks for the whole table (a BULK_REQUEST message, which IPVS peers ignore);
+it asks again when rules it lacked arrive after records went uninstalled
+(a backup started before its services and real servers).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ DRAIN_CHUNK = 4096     # records read from an engine per sync_drain call
 BULK_CHUNK = 1024      # records per sync_chunk call (one engine lock hold)
 BULK_RATE = 2000       # bulk answer messages per second (~80,000 conns/s at 1472)
 BULK_RETRY = (1.0, 2.0, 4.0, 8.0)   # a backup re-asks after these many s without an END
+REASK_POLL = 0.5       # s between two looks at the backup's rules
+REASK_SETTLE = 1.0     # s the rules rest before a re-ask (an -R restoring many lines)
+REASK_EVERY = 5.0      # s at least between two re-asks of one backup
 RECV_BUDGET = 256      # datagrams a backup reads per wake-up before yielding the loop
 LOG_EVERY = 10.0       # s between two warnings about dropped datagrams
 IFNAME_MAX = 15        # IP_VS_IFNAME_MAXLEN - 1: ipvsadm keeps that much of --mcast-interface
@@ -188,11 +193,39 @@ def receive_socket(cfg: SyncConfig, index: int) -> socket.socket:
 
 class _Engines:
     """What the daemons need of the director: its workers (each with
-    ``engine`` and ``lock``) and the published service table (for the
-    steering rule's client mask)."""
+    ``engine`` and ``lock``), the published service table (for the
+    steering rule's client mask) and dest table (for the rules a backup
+    installs against)."""
 
-    def __init__(self, workers: Callable[[], Sequence], services: Callable[[], np.ndarray]):
-        self.workers, self.services = workers, services
+    def __init__(self, workers: Callable[[], Sequence], services: Callable[[], np.ndarray],
+                 dests: Callable[[], np.ndarray | None] = lambda: None):
+        self.workers, self.services, self.dests = workers, services, dests
+        self._rules: tuple = (None, None, frozenset())
+
+    def rules(self) -> frozenset:
+        """What a sync record is installed against (the engines'
+        sync_install, as the kernel's ip_vs_proc_conn): each service's
+        (proto, vaddr, vport) and each dest's (proto, vaddr, vport, daddr,
+        dport), host order. Recomputed only when a table was republished."""
+        svcs, dests = self.services(), self.dests()
+        if svcs is self._rules[0] and dests is self._rules[1]:
+            return self._rules[2]
+        from ..engine import tables
+
+        keys: set = set()
+        by_slot: dict[int, tuple] = {}
+        if svcs is not None:
+            for slot in np.flatnonzero(svcs["flags"] & tables.SVC_F_USED).tolist():
+                row = svcs[slot]
+                by_slot[slot] = (int(row["proto"]), int(row["vaddr"]), int(row["vport"]))
+            keys.update(by_slot.values())
+        if dests is not None:
+            for row in dests[(dests["flags"] & tables.DEST_F_USED) != 0].tolist():
+                daddr, dport, svc = row[0], row[1], row[2]
+                if svc in by_slot:
+                    keys.add((*by_slot[svc], daddr, dport))
+        self._rules = (svcs, dests, frozenset(keys))
+        return self._rules[2]
 
     def call(self, w, name: str, *args):
         # The C engine locks itself; a Python engine is safe only under the
@@ -380,6 +413,13 @@ class Backup(_Daemon):
         self._logged_at = -LOG_EVERY
         self.nonce = int.from_bytes(os.urandom(4), "big")
         self.bulk_done = asyncio.Event()
+        self.asking: asyncio.Task | None = None
+        # Re-asking (rules_tick): a record went uninstalled since the last
+        # request; the rules then, the last ones seen and when they changed.
+        self.missed = False
+        self._asked_rules = self._seen_rules = self.engines.rules()
+        self._changed_at = time.monotonic()
+        self._asked_at = float("-inf")   # REASK_EVERY spaces the re-asks, not the first
 
     def start(self) -> None:
         self.engines.check(("sync_install",))
@@ -393,7 +433,49 @@ class Backup(_Daemon):
             pass
         loop = asyncio.get_running_loop()
         loop.add_reader(self.inp.fileno(), self._on_readable)
-        self.tasks.append(loop.create_task(self._ask(), name="pylvs-sync-bulk-request"))
+        self.asking = loop.create_task(self._ask(), name="pylvs-sync-bulk-request")
+        self.tasks.append(self.asking)
+        self.tasks.append(loop.create_task(self._watch_rules(), name="pylvs-sync-rules"))
+
+    def rules_tick(self, now: float) -> bool:
+        """Is a new bulk request due? Yes when a record went uninstalled
+        since the last request (no such service or dest here, typically:
+        the backup started before its rules) and the rules gained a service
+        or dest since then, have rested REASK_SETTLE s, and the last re-ask
+        is REASK_EVERY s old. Rules that only shrink (a real server taken
+        out) never ask."""
+        rules = self.engines.rules()
+        if rules != self._seen_rules:
+            self._seen_rules, self._changed_at = rules, now
+        return (self.missed and not rules <= self._asked_rules
+                and now - self._changed_at >= REASK_SETTLE
+                and now - self._asked_at >= REASK_EVERY)
+
+    def reask(self, now: float) -> None:
+        """Ask for the whole table again, with a new nonce (an END for the
+        old request does not answer this one) and the same back-off."""
+        self.missed = False
+        self._asked_rules, self._asked_at = self._seen_rules, now
+        self.nonce = int.from_bytes(os.urandom(4), "big")
+        self.bulk_done = asyncio.Event()
+        self.stats["bulk_reasks"] += 1
+        if self.asking is not None:
+            self.asking.cancel()
+            self.tasks.remove(self.asking)
+        self.asking = asyncio.get_running_loop().create_task(
+            self._ask(), name="pylvs-sync-bulk-request")
+        self.tasks.append(self.asking)
+        log.info("sync backup: rules added since records went uninstalled: asking the "
+                 "master for its whole table again")
+
+    async def _watch_rules(self) -> None:
+        while True:
+            await asyncio.sleep(REASK_POLL)
+            try:
+                if self.rules_tick(time.monotonic()):
+                    self.reask(time.monotonic())
+            except Exception:
+                log.exception("sync backup: watching the rules failed")
 
     async def _ask(self) -> None:
         """BULK_REQUEST now and after each of BULK_RETRY s without an END."""
@@ -461,6 +543,8 @@ class Backup(_Daemon):
                 installed += int(self.engines.call(w, "sync_install", part, now))
         self.stats["conns"] += len(recs)
         self.stats["installed"] += installed
+        if installed < len(recs):
+            self.missed = True
         return installed
 
 
@@ -468,8 +552,9 @@ class SyncDaemons:
     """The director's master and backup daemons (at most one of each, as
     the kernel's); all methods run on the event loop."""
 
-    def __init__(self, workers: Callable[[], Sequence], services: Callable[[], np.ndarray]):
-        self.engines = _Engines(workers, services)
+    def __init__(self, workers: Callable[[], Sequence], services: Callable[[], np.ndarray],
+                 dests: Callable[[], np.ndarray | None] = lambda: None):
+        self.engines = _Engines(workers, services, dests)
         self.running: dict[str, _Daemon] = {}
 
     async def start(self, req: dict) -> None:
