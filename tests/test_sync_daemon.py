@@ -451,3 +451,34 @@ def test_backup_started_before_its_rules_asks_again_once_they_are_there(impl, n,
         assert not b.rules_tick(133.5) and not b.rules_tick(136.9) and b.rules_tick(137.0)
         await b.close()
     asyncio.run(go())
+
+
+def test_master_answers_at_most_bulk_pending_requests_a_walk(monkeypatch):
+    """A flood of bulk requests with distinct nonces (a host lying on the
+    sync link): one walk, at most BULK_PENDING ENDs, the rest counted."""
+    ws = workers(1)
+    ws[0].engine.table = rows(5)
+    m = daemon(sd.Master, ws, syncid=4)
+    sent: list[bytes] = []
+
+    async def capture(sock, msgs, key=""):
+        sent.extend(msgs)
+    monkeypatch.setattr(m, "_send", capture)
+
+    async def go():
+        for nonce in range(10_000):
+            m.request(wire.control_message(wire.BULK_REQUEST, 4, nonce))
+        # A pending request asked again (a backup's retry) is not dropped.
+        assert m.request(wire.control_message(wire.BULK_REQUEST, 4, 5))
+        task = asyncio.ensure_future(m._bulk())
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if m.stats["bulk_walks"]:
+                break
+        task.cancel()
+    asyncio.run(go())
+    ends = [wire.parse_control(x) for x in sent if wire.parse_control(x)]
+    assert ends == [(wire.BULK_END, 4, n) for n in range(sd.BULK_PENDING)]
+    assert m.stats["bulk_walks"] == 1 and len(sent) == 1 + sd.BULK_PENDING
+    assert m.stats["bulk_requests"] == 10_001
+    assert m.stats["bulk_requests_dropped"] == 10_000 - sd.BULK_PENDING

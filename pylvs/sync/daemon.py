@@ -49,6 +49,7 @@ FLUSH_TIME = 2.0       # IPVS_SYNC_FLUSH_TIME: HZ * 2
 DRAIN_CHUNK = 4096     # records read from an engine per sync_drain call
 BULK_CHUNK = 1024      # records per sync_chunk call (one engine lock hold)
 BULK_RATE = 2000       # bulk answer messages per second (~80,000 conns/s at 1472)
+BULK_PENDING = 64      # requests (nonces) one walk answers; more are counted and not answered
 BULK_RETRY = (1.0, 2.0, 4.0, 8.0)   # a backup re-asks after these many s without an END
 REASK_POLL = 0.5       # s between two looks at the backup's rules
 REASK_SETTLE = 1.0     # s the rules rest before a re-ask (an -R restoring many lines)
@@ -365,6 +366,12 @@ class Master(_Daemon):
             self.stats["bulk_requests_other_syncid"] += 1
             return False
         self.stats["bulk_requests"] += 1
+        if nonce not in self.requests and len(self.requests) >= BULK_PENDING:
+            # A flood of requests (or a host lying on the sync link) must
+            # not make the master send an END per request: one walk runs
+            # anyway, and a real backup asks again when no END comes.
+            self.stats["bulk_requests_dropped"] += 1
+            return False
         self.requests.setdefault(nonce, time.monotonic())
         self.bulk_wake.set()
         return True
