@@ -482,3 +482,30 @@ def test_master_answers_at_most_bulk_pending_requests_a_walk(monkeypatch):
     assert m.stats["bulk_walks"] == 1 and len(sent) == 1 + sd.BULK_PENDING
     assert m.stats["bulk_requests"] == 10_001
     assert m.stats["bulk_requests_dropped"] == 10_000 - sd.BULK_PENDING
+
+
+
+def test_backup_keeps_asking_until_a_master_answers(monkeypatch):
+    """The backup's bulk request: at once, after 1, 2, 4 and 8 s, then
+    every 10 s (a master daemon started minutes after the backup, as an
+    operator enabling sync on a running director), until the END with its
+    nonce; then no more."""
+    waits: list[float] = []
+    real_wait_for = asyncio.wait_for
+
+    async def clocked_wait_for(aw, timeout):   # the back-off without the wait
+        waits.append(timeout)
+        if len(waits) == 8:
+            b.receive(wire.control_message(wire.BULK_END, 4, b.nonce), 1.0)
+        return await real_wait_for(aw, 0 if len(waits) < 8 else 1)
+    monkeypatch.setattr(sd.asyncio, "wait_for", clocked_wait_for)
+    b = daemon(sd.Backup, workers(1), syncid=4)
+    sent: list[bytes] = []
+
+    async def capture(sock, msgs, key=""):
+        sent.extend(msgs)
+    b._send, b.ask = capture, None   # the socket start() would make
+    asyncio.run(b._ask())
+    assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0]
+    assert sent == [wire.control_message(wire.BULK_REQUEST, 4, b.nonce)] * 8
+    assert b.bulk_done.is_set()

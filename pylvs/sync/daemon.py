@@ -50,7 +50,8 @@ DRAIN_CHUNK = 4096     # records read from an engine per sync_drain call
 BULK_CHUNK = 1024      # records per sync_chunk call (one engine lock hold)
 BULK_RATE = 2000       # bulk answer messages per second (~80,000 conns/s at 1472)
 BULK_PENDING = 64      # requests (nonces) one walk answers; more are counted and not answered
-BULK_RETRY = (1.0, 2.0, 4.0, 8.0)   # a backup re-asks after these many s without an END
+BULK_RETRY = (1.0, 2.0, 4.0, 8.0)   # a backup re-asks after these many s without an END,
+BULK_RETRY_EVERY = 10.0             # then every this many s until one comes
 REASK_POLL = 0.5       # s between two looks at the backup's rules
 REASK_SETTLE = 1.0     # s the rules rest before a re-ask (an -R restoring many lines)
 REASK_EVERY = 5.0      # s at least between two re-asks of one backup
@@ -485,14 +486,17 @@ class Backup(_Daemon):
                 log.exception("sync backup: watching the rules failed")
 
     async def _ask(self) -> None:
-        """BULK_REQUEST now and after each of BULK_RETRY s without an END."""
+        """BULK_REQUEST now, after each of BULK_RETRY s without an END, then
+        every BULK_RETRY_EVERY s until one comes: a master daemon started
+        long after this backup (an operator enabling sync on a running
+        director) is heard from within seconds, not never. (An IPVS master
+        never answers: 20 bytes every 10 s.)"""
         msg = wire.control_message(wire.BULK_REQUEST, self.cfg.syncid, self.nonce)
-        for wait in (*BULK_RETRY, None):
+        waits = iter(BULK_RETRY)
+        while True:
             await self._send(self.ask, [msg], "bulk_request_")
-            if wait is None:
-                return
             try:
-                await asyncio.wait_for(self.bulk_done.wait(), wait)
+                await asyncio.wait_for(self.bulk_done.wait(), next(waits, BULK_RETRY_EVERY))
                 return
             except asyncio.TimeoutError:
                 pass
