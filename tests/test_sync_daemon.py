@@ -509,3 +509,24 @@ def test_backup_keeps_asking_until_a_master_answers(monkeypatch):
     assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0]
     assert sent == [wire.control_message(wire.BULK_REQUEST, 4, b.nonce)] * 8
     assert b.bulk_done.is_set()
+
+
+def test_counters_name_conns_only_for_sync_messages():
+    """`pylvs stats` lists sync.backup.bulk_request_messages and _bytes,
+    not a bulk_request_conns that is always 0 (nor bulk_end_conns)."""
+    import socket as so
+
+    async def go():
+        b = daemon(sd.Backup, workers(1), syncid=4)
+        m = daemon(sd.Master, workers(1), syncid=4)
+        a, z = so.socketpair(so.AF_UNIX, so.SOCK_DGRAM)
+        with a, z:
+            a.setblocking(False)
+            await b._send(a, [wire.control_message(wire.BULK_REQUEST, 4, 1)], "bulk_request_")
+            await m._send(a, [wire.control_message(wire.BULK_END, 4, 1)], "bulk_end_")
+            await m._send(a, wire.encode(np.array(rows(3), SYNC_DTYPE), 4), "bulk_")
+        return b, m
+    b, m = asyncio.run(go())
+    assert dict(b.stats) == {"bulk_request_messages": 1, "bulk_request_bytes": 20}
+    assert dict(m.stats) == {"bulk_end_messages": 1, "bulk_end_bytes": 20, "bulk_messages": 1,
+                             "bulk_bytes": 8 + 3 * 36, "bulk_conns": 3}

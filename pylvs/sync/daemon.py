@@ -287,7 +287,8 @@ class _Daemon:
                 continue
             self.stats[key + "messages"] += 1
             self.stats[key + "bytes"] += len(m)
-            self.stats[key + "conns"] += m[4]
+            if key in ("", "bulk_"):   # sync messages; a control message carries no conn
+                self.stats[key + "conns"] += m[4]
 
 
 class Master(_Daemon):
