@@ -530,3 +530,28 @@ def test_counters_name_conns_only_for_sync_messages():
     assert dict(b.stats) == {"bulk_request_messages": 1, "bulk_request_bytes": 20}
     assert dict(m.stats) == {"bulk_end_messages": 1, "bulk_end_bytes": 20, "bulk_messages": 1,
                              "bulk_bytes": 8 + 3 * 36, "bulk_conns": 3}
+
+
+def test_backup_names_a_message_longer_than_its_sync_maxlen(caplog):
+    """A master with --sync-maxlen 4000 and a backup at 1472: the read cuts
+    the datagram; the backup counts it as too_long (not a bogus size) and
+    says once what to do, and still installs the messages that fit."""
+    import socket as so
+
+    ws = workers(1)
+    b = daemon(sd.Backup, ws, services=_services(None)[0], syncid=4)
+    caplog.set_level("WARNING", logger="pylvs.sync")
+    big = wire.encode(np.array(rows(100), SYNC_DTYPE), 4, 4000)[0]
+    fits = wire.encode(np.array(rows(3), SYNC_DTYPE), 4)[0]
+    assert len(big) > b.maxlen == 1472
+    b.inp, peer = so.socketpair(so.AF_UNIX, so.SOCK_DGRAM)
+    with b.inp, peer:
+        b.inp.setblocking(False)
+        for m in (big, fits, big):
+            peer.send(m)
+        b._on_readable()
+    assert {k: v for k, v in b.drops.items() if v} == {"too_long": 2}
+    assert b.stats["messages"] == 3 and len(ws[0].engine.table) == 3
+    warned = [r.getMessage() for r in caplog.records if "longer" in r.getMessage()]
+    assert len(warned) == 1 and "sync_maxlen 1472" in warned[0]
+    assert "--sync-maxlen" in warned[0]

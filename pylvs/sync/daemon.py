@@ -505,20 +505,37 @@ class Backup(_Daemon):
     def _on_readable(self) -> None:
         for _ in range(RECV_BUDGET):
             try:
-                buf, src = self.inp.recvfrom(self.maxlen)
+                buf, _anc, flags, src = self.inp.recvmsg(self.maxlen)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 log.debug("sync backup: recv: %s", e)
                 return
+            src = src[0] if isinstance(src, tuple) else str(src)
             dropped = sum(self.drops.values())
             try:
-                self.receive(buf, time.monotonic())
+                if flags & socket.MSG_TRUNC:
+                    self.too_long(len(buf), src)
+                else:
+                    self.receive(buf, time.monotonic())
             except Exception:
                 log.exception("sync backup: a message failed to install")
                 self.stats["install_errors"] += 1
             if sum(self.drops.values()) != dropped:
-                self._log_drops(src[0])
+                self._log_drops(src)
+
+    def too_long(self, nbytes: int, src: str) -> None:
+        """A datagram longer than sync_maxlen, cut to it by the read: dropped
+        (the kernel's backup drops it too, as a bogus message size), and
+        said once: the usual cause is a master's --sync-maxlen above this
+        backup's."""
+        self.stats["messages"] += 1
+        self.stats["bytes"] += nbytes
+        self.drops["too_long"] += 1
+        if self.drops["too_long"] == 1:
+            log.warning("sync backup: a message from %s is longer than this backup's "
+                        "sync_maxlen %d: dropped (start the backup with --sync-maxlen at "
+                        "least the master's)", src, self.maxlen)
 
     def _log_drops(self, src: str) -> None:
         """A warning for dropped datagrams, at most every LOG_EVERY s, with
