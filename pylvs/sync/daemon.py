@@ -452,7 +452,10 @@ class Backup(_Daemon):
         the backup started before its rules) and the rules gained a service
         or dest since then, have rested REASK_SETTLE s, and the last re-ask
         is REASK_EVERY s old. Rules that only shrink (a real server taken
-        out) never ask."""
+        out) never ask. (The rules are only read while something is
+        missing: a large dest table costs nothing in the usual case.)"""
+        if not self.missed:
+            return False
         rules = self.engines.rules()
         if rules != self._seen_rules:
             self._seen_rules, self._changed_at = rules, now
