@@ -459,7 +459,7 @@ class Backup(_Daemon):
         rules = self.engines.rules()
         if rules != self._seen_rules:
             self._seen_rules, self._changed_at = rules, now
-        return (self.missed and not rules <= self._asked_rules
+        return (not rules <= self._asked_rules
                 and now - self._changed_at >= REASK_SETTLE
                 and now - self._asked_at >= REASK_EVERY)
 
