@@ -517,10 +517,19 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pylvs.lab.failover check``: build the lab, start both
     directors, download through each method while the master is killed,
     print what happened, tear it down. ``up`` / ``down --name``: by hand."""
-    ap = argparse.ArgumentParser(prog="python -m pylvs.lab.failover")
+    ap = argparse.ArgumentParser(
+        prog="python -m pylvs.lab.failover",
+        description="The failover lab (netns-labs/failover/README.md): two directors with "
+        "pylvs run and keepalived, three real servers (NAT, DR, Tun). check: build it, "
+        "measure the VIP takeover, 100 downloads per method while the master is killed, "
+        "remove it (netns-labs/failover/lab.sh runs this); up: build and start it, leave it "
+        "running; down: remove it.")
     ap.add_argument("cmd", choices=("check", "up", "down"))
-    ap.add_argument("--name", default=f"fo{os.getpid()}")
-    ap.add_argument("--advert-int", type=float, default=1.0)
+    ap.add_argument("--name", default=f"fo{os.getpid()}",
+                    help="the lab's name: namespaces NAME-client, NAME-dir1, ... "
+                    "(default: fo<pid>)")
+    ap.add_argument("--advert-int", type=float, default=1.0, metavar="SECONDS",
+                    help="keepalived's advert_int (VRRPv3: below 1 s allowed; default 1)")
     ap.add_argument("--sync", choices=("auto", "on", "off"), default="auto",
                     help="connection sync daemons (pylvs adm --start-daemon) on both "
                     "directors; auto: where pylvs has them")

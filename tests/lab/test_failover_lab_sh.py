@@ -45,3 +45,16 @@ def test_bad_arguments_are_refused_before_anything_is_built(args, says):
     assert p.returncode == 2, p
     assert p.stderr == f"{LAB_SH}: {says} (--help for usage)\n"
     assert p.stdout == ""
+
+
+def test_the_python_module_s_help_says_what_each_command_and_option_does():
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "pylvs.lab.failover", "--help"],
+                       capture_output=True, text=True, timeout=30,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert p.returncode == 0, p.stderr
+    text = " ".join(p.stdout.split())
+    for said in ("check: build it", "up: build and start it", "down: remove it",
+                 "namespaces NAME-client", "keepalived's advert_int", "--advert-int SECONDS"):
+        assert said in text, text
