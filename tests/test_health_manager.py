@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -461,3 +462,32 @@ def test_a_checker_whose_timings_change_keeps_its_verdict():
         p.result(FAIL)
     m.configure([vs(rs(R1, checks=[other]), rs(R2))])
     assert probe(m, R1, other).up and forwarding(b) == {R1: 1, R2: 1}
+
+
+@pytest.mark.parametrize("desc,new_retry,retry_it,fails_to_down", [
+    ("delay_loop alone changed: the retries used carry over", 3, 2, 2),
+    ("fewer retries than used: one short of the new count", 2, 1, 2),
+    ("retry 0: down on the next failure", 0, 0, 1),
+])
+def test_a_reload_mid_retries_keeps_the_retries_used(desc, new_retry, retry_it, fails_to_down):
+    """keepalived's migrate_checkers carries retry_it over to a checker
+    whose timings changed (capped at the new retry - 1): a reload while a
+    server fails its retries does not give it a fresh set."""
+    spec = CheckSpec("TCP_CHECK", delay_loop=6, retry=3, delay_before_retry=1)
+    v = vs(rs(R1, checks=[spec]), rs(R2))
+    b = balancer_for(v)
+    m = HealthManager(b)
+    m.configure([v])
+    probe(m, R1, spec).result(OK)
+    probe(m, R1, spec).result(FAIL)
+    probe(m, R1, spec).result(FAIL)
+    assert probe(m, R1, spec).retry_it == 2 and forwarding(b) == {R1: 1, R2: 1}
+    m.configure([v])        # unchanged: the same probe, its count with it
+    assert probe(m, R1, spec).retry_it == 2
+    changed = replace(spec, delay_loop=7, retry=new_retry)
+    m.configure([vs(rs(R1, checks=[changed]), rs(R2))])
+    p = probe(m, R1, changed)
+    assert p.up and p.retry_it == retry_it
+    for _ in range(fails_to_down - 1):
+        assert p.result(FAIL) == 1 and forwarding(b) == {R1: 1, R2: 1}
+    assert p.result(FAIL) == 7 and forwarding(b) == {R2: 1}

@@ -119,10 +119,16 @@ class Probe:
         return (self.addr, self.port, self.spec)
 
     def inherit(self, old: "Probe | None") -> None:
-        """Take the verdict of ``old``, the same check with other timings."""
+        """Take the verdict of ``old``, the same check with other timings,
+        and the retries it has used (keepalived's migrate_checkers): a
+        server failing its retries when the reload comes is not given a
+        fresh set, but keeps one failure short of down at most, so a new
+        ``retry`` below the count used does not take it out unheard."""
         if old is not None and old.has_run:
             self.up, self.has_run, self.weight = old.up, True, old.weight
             self.text, self.since, self.last = old.text, old.since, old.last
+            if old.retry_it and self.spec.retry:
+                self.retry_it = min(old.retry_it, self.spec.retry - 1)
 
     def start(self) -> None:
         if self.task is None:
