@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import shlex
@@ -416,16 +417,53 @@ class HealthManager:
 
     # --- the status view ---------------------------------------------------------
 
-    def status(self) -> list[dict]:
+    def _in_table(self):
+        """A predicate ``(vs, rs=None) -> bool``: is the service (and its
+        real server) in the Balancer's tables now? The operator may have
+        deleted it by hand (``-D``, ``-d``); its checks go on, and their
+        say applies when it is added again (Balancer.set_dest_health)."""
+        table = {s.key: s for s in self.balancer.services()}
+
+        def listed(vs: VirtualServer, rs: RealServer | None = None) -> bool:
+            svc = table.get(self.balancer._svc_key(vs.protocol, vs.vaddr, vs.vport))
+            if svc is None or rs is None:
+                return svc is not None
+            d = svc.dests.get((int(ipaddress.IPv4Address(rs.addr)),
+                               _dport(vs, rs.port, rs.lvs_method)))
+            return d is not None and not d.sorry
+        return listed
+
+    def view(self) -> dict:
+        """The control socket's "health" answer (`pylvs status`):
+        {"checks": status(), "services": services(), "not_in_table":
+        names of the configured services ('TCP 10.0.0.1:80') and real
+        servers ('TCP 10.0.0.1:80 -> 10.0.1.2:80') the operator deleted
+        by hand, left out of the other two}."""
+        listed = self._in_table()
+        gone = []
+        for st in self._services.values():
+            if not listed(st.vs):
+                gone.append(service_name(st.vs.key))
+                continue
+            gone += [f"{service_name(st.vs.key)} -> {m.rs.addr}:{m.rs.port}"
+                     for m in st.members if not listed(st.vs, m.rs)]
+        return {"checks": self.status(listed), "services": self.services(listed),
+                "not_in_table": gone}
+
+    def status(self, listed=None) -> list[dict]:
         """One row per (service, real server, check): "service" ('TCP
         10.0.0.1:80'), "real_server" ('10.0.1.2:80'), "kind", "state"
         ("up"/"down"), "result" (the last result's text), "since" (unix
         time of the last change of state), "checked" (unix time of the
         last result, None before the first), "shared" (services sharing
-        this probe)."""
+        this probe). ``listed``: view()'s filter (default: every row)."""
         rows = []
         for st in self._services.values():
+            if listed is not None and not listed(st.vs):
+                continue
             for m in st.members:
+                if listed is not None and not listed(st.vs, m.rs):
+                    continue
                 for p in m.probes:
                     rows.append({
                         "service": service_name(st.vs.key),
@@ -436,13 +474,15 @@ class HealthManager:
                     })
         return rows
 
-    def services(self) -> list[dict]:
+    def services(self, listed=None) -> list[dict]:
         """Per service: "service", "quorum" ("up"/"down"), "alive_weight",
         "quorum_needed", "sorry_server" ('addr:port' or None) and
-        "sorry_active"."""
+        "sorry_active". ``listed``: as status()."""
         out = []
         for st in self._services.values():
             vs = st.vs
+            if listed is not None and not listed(vs):
+                continue
             s = vs.sorry_server
             out.append({
                 "service": service_name(vs.key),
