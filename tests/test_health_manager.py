@@ -149,6 +149,29 @@ def test_sorry_server_when_quorum_is_lost_and_back():
     assert not m.services()[0]["sorry_active"]
 
 
+def test_a_sorry_server_that_is_also_a_real_server_forwards_when_quorum_is_lost():
+    """keepalived (s_svr_duplicates_rs): losing quorum takes the real
+    servers out and adds the sorry server, here one of them, with weight
+    1 whatever its own check says; quorum back, it is a real server
+    again under its check."""
+    spec = CheckSpec("TCP_CHECK", retry=0)
+    v = vs(rs(R1, weight=3, checks=[spec]), rs(R2, weight=2, checks=[spec]), quorum=4,
+           sorry_server=SorryServer(R2, 80))
+    b = balancer_for(v)
+    m = HealthManager(b)
+    m.configure([v])
+    assert forwarding(b) == {R1: 3, R2: 2}
+    probe(m, R1, spec).result(FAIL)
+    assert forwarding(b) == {R2: 1} and m.services()[0]["sorry_active"]
+    probe(m, R2, spec).result(FAIL)
+    assert forwarding(b) == {R2: 1}
+    probe(m, R1, spec).result(OK)
+    probe(m, R2, spec).result(OK)
+    assert forwarding(b) == {R1: 3, R2: 2} and not m.services()[0]["sorry_active"]
+    # -S saves what the operator set throughout.
+    assert [d["config_weight"] for d in b.snapshot()["services"][0]["dests"]] == [2, 3]
+
+
 def test_sorry_server_inhibit_stays_at_weight_zero_while_quorum_holds():
     spec = CheckSpec("TCP_CHECK", retry=0)
     v = vs(rs(R1, checks=[spec]), sorry_server=SorryServer(SORRY, 80, inhibit=True))

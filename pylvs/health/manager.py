@@ -72,6 +72,14 @@ def _dport(vs: VirtualServer, port: int, method: str | None) -> int:
     return port if (method or vs.lvs_method) == "NAT" else vs.vport
 
 
+def _is_sorry_server(vs: VirtualServer, rs: RealServer) -> bool:
+    """Is ``rs`` the same dest as ``vs``'s sorry server (keepalived's
+    s_svr_duplicates_rs)?"""
+    s = vs.sorry_server
+    return (s is not None and s.addr == rs.addr
+            and _dport(vs, s.port, s.lvs_method) == _dport(vs, rs.port, rs.lvs_method))
+
+
 _TIMINGS = {"delay_loop": 0.0, "connect_timeout": 0.0, "retry": 0, "delay_before_retry": 0.0,
             "warmup": 0.0, "alpha": False, "misc_timeout": None}
 
@@ -381,7 +389,14 @@ class HealthManager:
             if m.alive is not None and now != m.alive:
                 self._notify(m.rs.notify_up if now else m.rs.notify_down)
             m.alive = now
-            self._set(vs, m.rs, now and not sorry, m.rs.inhibit_on_failure, m.dynamic_weight())
+            if sorry and _is_sorry_server(vs, m.rs):
+                # A sorry server that is also a real server: keepalived
+                # takes it out with the others and adds it back as the
+                # sorry server (weight 1, whatever its checks say).
+                self._set(vs, m.rs, True, False, 1)
+            else:
+                self._set(vs, m.rs, now and not sorry, m.rs.inhibit_on_failure,
+                          m.dynamic_weight())
         if not sorry and vs.sorry_server is not None:
             self._sorry(vs, "inhibit" if vs.sorry_server.inhibit else "off")
         st.sorry_on = sorry
