@@ -129,3 +129,28 @@ def test_the_output_line_in_the_result_has_no_control_characters():
     cmd = "printf '\\033[31mred\\033[0m\\tdone\\a\\n'"
     r = asyncio.run(check_misc.check(spec(f"sh -c \"{cmd}\""), "10.0.1.2", 80))
     assert r.ok and r.text == "exit 0: ?[31mred?[0m?done?", r
+
+
+def test_a_timeout_sends_sigterm_first_then_sigkill_to_what_ignores_it(tmp_path, monkeypatch):
+    """keepalived's misc_check_child_thread: SIGTERM to the command's
+    group at the timeout (a script may clean up), SIGKILL to the group
+    2 s later, or as soon as the command is gone (its children too)."""
+    monkeypatch.setattr(check_misc, "TERM_GRACE", 0.5)
+    cleaned, pidfile = tmp_path / "cleaned", tmp_path / "child"
+    polite = f"sh -c 'trap \"echo bye > {cleaned}; exit 1\" TERM; sleep 30 & wait'"
+    t = time.monotonic()
+    r = asyncio.run(check_misc.check(spec(polite, timeout=0.3), "10.0.1.2", 80))
+    assert not r.ok and r.text.startswith("timeout after 0.3 s")
+    assert cleaned.read_text() == "bye\n" and time.monotonic() - t < 1.5
+    # Ignores SIGTERM: killed after the grace, with the child it started.
+    stubborn = f"sh -c 'trap \"\" TERM; sleep 30 & echo $! > {pidfile}; wait; sleep 30'"
+    t = time.monotonic()
+    r = asyncio.run(check_misc.check(spec(stubborn, timeout=0.3), "10.0.1.2", 80))
+    took = time.monotonic() - t
+    assert not r.ok and "timeout" in r.text and 0.75 <= took < 2.0
+    child = int(pidfile.read_text())
+    for _ in range(50):
+        if not alive(child):
+            break
+        time.sleep(0.02)
+    assert not alive(child)

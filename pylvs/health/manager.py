@@ -102,6 +102,8 @@ def verdict_budget(spec: CheckSpec) -> float:
     by misc_timeout), and a server sending its answer slowly enough to
     pass each read is cut off here."""
     longest = max(spec.delay_loop, spec.connect_timeout, spec.misc_timeout or 0.0)
+    if spec.kind == "MISC_CHECK":
+        longest += check_misc.TERM_GRACE    # a command past its timeout is stopped gently
     return longest + spec.connect_timeout
 
 
