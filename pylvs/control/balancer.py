@@ -815,10 +815,15 @@ class Balancer:
         old = svc.dests.get((da, dp))
         if old is not None and old.sorry:
             # The operator adds what the health checks had put in as the
-            # sorry server: it becomes the operator's dest.
-            old.sorry = False
-            return self.edit_dest(proto, vaddr, vport, daddr, dport, fwd, weight, u_threshold,
-                                  l_threshold, tun_type, tun_port, tun_flags)
+            # sorry server: it becomes the operator's dest, under the checks'
+            # say of that real server (if any), no longer the sorry server's
+            # (an inhibited sorry server's weight 0 must not stick).
+            with self.held():
+                old.sorry = False
+                said = self._health_said.get((svc.key, da, dp), (False, False, None))
+                self._set_health(svc, old, *said)
+                return self.edit_dest(proto, vaddr, vport, daddr, dport, fwd, weight,
+                                      u_threshold, l_threshold, tun_type, tun_port, tun_flags)
         if old is not None:
             raise BalancerError(E_DEST_EXISTS)
         slot = self._alloc_dest_slot((svc.key, da, dp))
