@@ -238,6 +238,34 @@ def test_configure_keeps_unchanged_probes_and_hands_back_removed_ones():
     assert (R1, 80, TCP) not in m._probes
 
 
+@pytest.mark.parametrize("kind, shortest, longest", [("MISC_CHECK", 0.39, 0.55),
+                                                     ("TCP_CHECK", 0.69, 9)])
+def test_a_misc_check_runs_every_delay_loop_from_its_start(kind, shortest, longest):
+    """keepalived: a MISC_CHECK's next run is delay_loop after its last
+    one started (misc_check_child_thread), the network checkers' is
+    delay_loop after their result (check_api.c's epilog)."""
+    starts = []
+
+    async def slow(spec, addr, port):
+        starts.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(0.3)
+        return OK
+
+    async def main():
+        spec = CheckSpec(kind, delay_loop=0.4, misc_path="true")
+        v = vs(rs(R1, checks=[spec]))
+        m = HealthManager(balancer_for(v))
+        m.configure([v])
+        probe(m, R1, spec).check = slow
+        await m.start()
+        await asyncio.sleep(1.6)
+        await m.stop()
+
+    asyncio.run(main())
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps and all(shortest <= g < longest for g in gaps), gaps
+
+
 def test_started_probes_run_on_the_loop_and_stop():
     calls = []
 

@@ -167,7 +167,9 @@ class Probe:
         if self.spec.warmup > 0:
             await asyncio.sleep(random.uniform(0, self.spec.warmup))
         budget = verdict_budget(self.spec)
+        loop = asyncio.get_running_loop()
         while not self._stopped:
+            started = loop.time()
             try:
                 r = await asyncio.wait_for(self.check(self.spec, self.addr, self.port), budget)
             except asyncio.TimeoutError:
@@ -180,7 +182,14 @@ class Probe:
                 r = Result(False, f"internal error: {type(e).__name__}: {e}")
             if self._stopped:
                 return
-            await asyncio.sleep(self.result(r))
+            delay = self.result(r)
+            if self.spec.kind == "MISC_CHECK":
+                # keepalived's misc_check_child_thread times the next run
+                # from this one's start: a slow command does not stretch
+                # the delay_loop (the other checkers' epilogs time it
+                # from the result).
+                delay -= loop.time() - started
+            await asyncio.sleep(max(0.0, delay))
 
     def result(self, r: Result) -> float:
         """Take one result (keepalived's checker epilog); the delay before
