@@ -81,7 +81,8 @@ class _Output:
         os.close(self.fd)
 
 
-def _kill_group(proc, sig: int = signal.SIGKILL) -> None:
+def kill_group(proc, sig: int = signal.SIGKILL) -> None:
+    """Signal a process started with start_new_session=True and its group."""
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -91,13 +92,13 @@ def _kill_group(proc, sig: int = signal.SIGKILL) -> None:
 async def _stop(proc) -> None:
     """The timeout's end of a command: SIGTERM to its group, then SIGKILL
     once it is gone or TERM_GRACE s on."""
-    _kill_group(proc, signal.SIGTERM)
+    kill_group(proc, signal.SIGTERM)
     try:
         await asyncio.wait_for(proc.wait(), TERM_GRACE)
     except asyncio.TimeoutError:
         pass
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     await proc.wait()
 
 
@@ -128,7 +129,7 @@ async def check(spec: CheckSpec, addr: str, port: int) -> Result:
             return Result(False, f"timeout after {timeout:g} s")
         except BaseException:
             # Cancelled: the command must not outlive its check.
-            _kill_group(proc)
+            kill_group(proc)
             raise
         try:
             await asyncio.wait_for(out.eof.wait(), OUTPUT_GRACE)

@@ -63,6 +63,9 @@ CHECKERS = {
 # keepalived's lvs_method words to the Balancer's forwarding methods.
 FWD = {"NAT": "masq", "DR": "route", "TUN": "tunnel"}
 NOTIFY_TIMEOUT = 30.0
+# omega's commands at the director's stop are killed after this long
+# (keepalived's do_rs_notifies/do_vs_notifies when stopping: TIMER_HZ).
+OMEGA_TIMEOUT = 1.0
 
 
 def _dport(vs: VirtualServer, port: int, method: str | None) -> int:
@@ -349,11 +352,23 @@ class HealthManager:
             p.start()
 
     async def stop(self) -> None:
+        """Stop the probes and the notify commands still running; then,
+        for each service with ``omega``, run what keepalived runs as it
+        shuts down: the notify_down of each real server in the pool and
+        the service's quorum_down, together, each killed after
+        OMEGA_TIMEOUT s."""
         self._running = False
         await asyncio.gather(*(p.stop() for p in self._probes.values()),
                              return_exceptions=True)
         for t in list(self._tasks):
             t.cancel()
+        last = []
+        for st in self._services.values():
+            if st.vs.omega:
+                if not st.sorry_on:     # out of the pool already, as keepalived's rs->set
+                    last += [m.rs.notify_down for m in st.members if m.alive]
+                last.append(st.vs.quorum_down)
+        await asyncio.gather(*(_run_notify(c, None, OMEGA_TIMEOUT) for c in last if c))
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.ensure_future(coro)
@@ -521,24 +536,26 @@ class HealthManager:
         return out
 
 
-async def _run_notify(command: str, after: asyncio.Task | None) -> None:
+async def _run_notify(command: str, after: asyncio.Task | None,
+                      timeout: float = NOTIFY_TIMEOUT) -> None:
     if after is not None:
         await asyncio.wait({after})
     try:
+        # Its own process group: what it starts is killed with it.
         proc = await asyncio.create_subprocess_exec(
             *shlex.split(command), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True)
     except (OSError, ValueError) as e:
         log.warning("notify %r: %s", command, e)
         return
     try:
-        await asyncio.wait_for(proc.wait(), NOTIFY_TIMEOUT)
+        await asyncio.wait_for(proc.wait(), timeout)
     except asyncio.TimeoutError:
-        proc.kill()
+        check_misc.kill_group(proc)
         await proc.wait()
-        log.warning("notify %r: killed after %g s", command, NOTIFY_TIMEOUT)
+        log.warning("notify %r: killed after %g s", command, timeout)
     except asyncio.CancelledError:
         # The manager stops (HealthManager.stop): no command outlives it.
-        if proc.returncode is None:
-            proc.kill()
+        check_misc.kill_group(proc)
         raise
