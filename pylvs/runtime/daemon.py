@@ -555,7 +555,7 @@ class Daemon:
     async def _health_extra(self) -> dict:
         """What `pylvs status` shows: the HealthManager's checks and
         services (docs/health.md)."""
-        return {"checks": self.health.status(), "services": self.health.services()}
+        return self.health.view()
 
     def _call_in_loop(self, fn, *args) -> None:
         loop = self._loop
