@@ -58,8 +58,11 @@ def test_request_names_the_host_and_closes():
     assert request(spec, UrlSpec("/h?x=1"), "10.0.1.2", 80) == (
         b"GET /h?x=1 HTTP/1.1\r\nHost: www.example\r\nUser-Agent: KeepAliveClient\r\n"
         b"Connection: close\r\n\r\n")
-    plain = request(CheckSpec("HTTP_GET"), UrlSpec("/"), "10.0.1.2", 8080)
-    assert plain.startswith(b"GET / HTTP/1.0\r\nHost: 10.0.1.2:8080\r\n")
+    # Without a virtualhost: the address and the port, on 80 too (as
+    # keepalived's http_request_thread writes it).
+    for port in (8080, 80, 443):
+        plain = request(CheckSpec("HTTP_GET"), UrlSpec("/"), "10.0.1.2", port)
+        assert plain.startswith(f"GET / HTTP/1.0\r\nHost: 10.0.1.2:{port}\r\n".encode())
 
 
 @pytest.mark.parametrize("path", ["/a b", "/x\r\nHost: evil", "/\x00"])

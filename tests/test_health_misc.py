@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+import pytest
+
 from pylvs.config.model import CheckSpec
 from pylvs.health import check_misc
 
@@ -129,3 +131,79 @@ def test_the_output_line_in_the_result_has_no_control_characters():
     cmd = "printf '\\033[31mred\\033[0m\\tdone\\a\\n'"
     r = asyncio.run(check_misc.check(spec(f"sh -c \"{cmd}\""), "10.0.1.2", 80))
     assert r.ok and r.text == "exit 0: ?[31mred?[0m?done?", r
+
+
+def test_a_timeout_sends_sigterm_first_then_sigkill_to_what_ignores_it(tmp_path, monkeypatch):
+    """keepalived's misc_check_child_thread: SIGTERM to the command's
+    group at the timeout (a script may clean up), SIGKILL to the group
+    2 s later, or as soon as the command is gone (its children too)."""
+    monkeypatch.setattr(check_misc, "TERM_GRACE", 0.5)
+    cleaned, pidfile = tmp_path / "cleaned", tmp_path / "child"
+    polite = f"sh -c 'trap \"echo bye > {cleaned}; exit 1\" TERM; sleep 30 & wait'"
+    t = time.monotonic()
+    r = asyncio.run(check_misc.check(spec(polite, timeout=0.3), "10.0.1.2", 80))
+    assert not r.ok and r.text.startswith("timeout after 0.3 s")
+    assert cleaned.read_text() == "bye\n" and time.monotonic() - t < 1.5
+    # Ignores SIGTERM: killed after the grace, with the child it started.
+    stubborn = f"sh -c 'trap \"\" TERM; sleep 30 & echo $! > {pidfile}; wait; sleep 30'"
+    t = time.monotonic()
+    r = asyncio.run(check_misc.check(spec(stubborn, timeout=0.3), "10.0.1.2", 80))
+    took = time.monotonic() - t
+    assert not r.ok and "timeout" in r.text and 0.75 <= took < 2.0
+    child = int(pidfile.read_text())
+    for _ in range(50):
+        if not alive(child):
+            break
+        time.sleep(0.02)
+    assert not alive(child)
+
+
+@pytest.mark.parametrize("omega", [True, False])
+def test_omega_runs_the_down_commands_as_the_director_stops(tmp_path, omega):
+    """keepalived's omega: at shutdown, each real server in the pool runs
+    its notify_down and the service its quorum_down (each killed after
+    1 s); a real server already down is not notified again; without
+    omega nothing runs."""
+    from pylvs.config.model import RealServer, VirtualServer
+    from pylvs.control.balancer import Balancer
+    from pylvs.engine.tables import Counters
+    from pylvs.health.check_api import Result
+    from pylvs.health.manager import HealthManager
+
+    log, pid = tmp_path / "log", tmp_path / "pid"
+    tcp = CheckSpec("TCP_CHECK", retry=0)
+
+    def note(word):
+        return f"sh -c 'echo {word} >> {log}'"
+    v = VirtualServer("TCP", "10.0.0.1", 80, omega=omega, quorum_down=note("quorum_down"),
+                      real_servers=tuple(
+                          RealServer(a, 80, checks=(tcp,), notify_down=note(a))
+                          for a in ("10.0.1.2", "10.0.1.3")) + (RealServer(
+                              "10.0.1.4", 80, checks=(tcp,),
+                              notify_down=f"sh -c 'sleep 30 & echo $! > {pid}; wait'"),))
+    b = Balancer(Counters(max_services=2, max_dests=4))
+    b.add_service("tcp", "10.0.0.1", 80)
+    for r in v.real_servers:
+        b.add_dest("tcp", "10.0.0.1", 80, r.addr, 80, fwd="masq")
+
+    async def main() -> float:
+        m = HealthManager(b)
+        m.configure([v])
+        m._probes[("10.0.1.3", 80, tcp)].result(Result(False, "refused"))
+        for _ in range(100):
+            if log.exists():
+                break
+            await asyncio.sleep(0.02)
+        t = time.monotonic()
+        await m.stop()
+        return time.monotonic() - t
+
+    took = asyncio.run(main())
+    lines = log.read_text().split()
+    assert lines[0] == "10.0.1.3"       # its own notify_down, when it died
+    if omega:
+        assert sorted(lines[1:]) == ["10.0.1.2", "quorum_down"]
+        assert 0.9 < took < 3           # the hung one is killed after 1 s
+        assert not alive(int(pid.read_text()))      # with what it started
+    else:
+        assert lines == ["10.0.1.3"] and took < 0.9

@@ -2,7 +2,8 @@
 
 For each ``url``, in order: connect, send ``GET path HTTP/1.x`` with
 ``Host:`` (the url's virtualhost, else the checker's, else the target
-address) and ``Connection: close``, read the whole response. The check
+address and port, as keepalived) and ``Connection: close``, read the
+whole response. The check
 passes when every url passes: the status code is one of ``status_code``
 (any 2xx when none is given), the body's MD5 is ``digest`` when given, and
 ``regex`` is found in the body (not found, with ``regex_no_match``). Each
@@ -36,9 +37,10 @@ def _ssl_context() -> ssl_mod.SSLContext:
 
 
 def request(spec: CheckSpec, url: UrlSpec, host: str, port: int) -> bytes:
-    vhost = url.virtualhost or spec.virtualhost or host
-    if port not in (80, 443) and not (url.virtualhost or spec.virtualhost):
-        vhost = f"{vhost}:{port}"
+    # keepalived's http_request_thread: a virtualhost as given, else the
+    # address with its port, whatever the port (a real server's access
+    # rules written for keepalived's probes keep matching them).
+    vhost = url.virtualhost or spec.virtualhost or f"{host}:{port}"
     proto = "1.1" if spec.http_protocol == "1.1" else "1.0"
     # keepalived's User-Agent: real servers that tell its probes apart
     # (access_log off for them, an allow rule) keep doing so.

@@ -164,6 +164,7 @@ class Daemon:
         self._services = tables.empty_services(0)
         self._dests = tables.empty_dests(0)
         self._local: frozenset[str] = frozenset()
+        self._reloads: set = set()   # SIGHUP reloads running (asyncio tasks)
 
     @property
     def loops(self) -> int:
@@ -554,7 +555,7 @@ class Daemon:
     async def _health_extra(self) -> dict:
         """What `pylvs status` shows: the HealthManager's checks and
         services (docs/health.md)."""
-        return {"checks": self.health.status(), "services": self.health.services()}
+        return self.health.view()
 
     def _call_in_loop(self, fn, *args) -> None:
         loop = self._loop
@@ -628,7 +629,10 @@ class Daemon:
                 pass   # logged; the running configuration is kept
             except Exception:
                 log.exception("reload failed; the running configuration is kept")
-        asyncio.ensure_future(run())
+        # The loop keeps only a weak reference to a task: hold it until done.
+        task = asyncio.ensure_future(run())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     async def _await_dests(self, timeout: float = READY_WAIT, step: float = 0.01) -> None:
         """Hold "ready" until the data path can forward to every dest known
