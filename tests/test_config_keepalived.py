@@ -595,7 +595,15 @@ BAD = [
      ":3: HTTP_GET: at least one url"),
     ("bad regex",
      "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  HTTP_GET { url { path / regex \"(\" } }\n }\n}\n",
-     ":3: regex: missing ), unterminated subpattern"),
+     ":3: regex: missing ) at position 1"),
+    # Valid for a str pattern, not for the bytes of a body: refused at load,
+    # not left to fail every probe.
+    ("regex naming a character", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  HTTP_GET {\n   url {\n    path /\n    regex caf\\u00e9\n   }\n  }\n }\n}\n",
+     ":6: regex: \\u names a character, and the body is bytes"),
+    ("regex naming a character by name", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  SSL_GET { url { path / regex \"\\\\N{DIGIT ONE}\" } }\n }\n}\n",
+     ":3: regex: \\N names a character"),
     ("bad digest",
      "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  HTTP_GET { url { path / digest abc } }\n }\n}\n",
      ":3: digest: 32 hexadecimal digits"),

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from .. import sched as schedmod
 from . import model
 from .model import CheckSpec, KeepalivedConfig, RealServer, SorryServer, UrlSpec, \
-    VirtualServer, Where
+    VirtualServer, Where, body_regex
 
 MAX_FILE_BYTES = 8 << 20
 MAX_TOTAL_BYTES = 32 << 20
@@ -327,7 +327,7 @@ _NOT_RUN = "pylvs does not run it"
 _URL = Schema("url", {
     "path": Spec(), "digest": Spec(), "status_code": _VAR, "virtualhost": Spec(),
     "regex": Spec(), "regex_no_match": _flag(),
-    "regex_options": Spec(1, None, warn="PCRE2 options; Python's re is used"),
+    "regex_options": Spec(1, None, warn="PCRE2 options; the regex module's defaults are used"),
     "regex_stack": Spec(2, 2, warn="a PCRE2 JIT setting"),
     "regex_min_offset": Spec(warn="not applied"), "regex_max_offset": Spec(warn="not applied"),
 })
@@ -997,8 +997,8 @@ class _Builder:
                 u[n] = _status_codes(c)
             elif n == "regex":
                 try:
-                    re.compile(c.args[0].text)
-                except (re.error, RecursionError, OverflowError) as e:
+                    u["pattern"] = body_regex(c.args[0].text)
+                except ValueError as e:
                     raise ConfigError(c.args[0].where, f"regex: {e}") from None
                 u[n] = c.args[0].text
             elif n == "regex_no_match":
@@ -1011,7 +1011,7 @@ class _Builder:
             raise ConfigError(st.where, "url: path expected")
         return UrlSpec(path=u["path"], status_codes=u.get("status_code", frozenset()),
                        digest=u.get("digest"), regex=u.get("regex"),
-                       regex_no_match=u.get("regex_no_match", False),
+                       regex_no_match=u.get("regex_no_match", False), pattern=u.get("pattern"),
                        virtualhost=u.get("virtualhost"))
 
 
