@@ -604,6 +604,16 @@ BAD = [
     ("regex naming a character by name", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
      "  SSL_GET { url { path / regex \"\\\\N{DIGIT ONE}\" } }\n }\n}\n",
      ":3: regex: \\N names a character"),
+    # A command that could not run: named at load, not when the state changes.
+    ("blank notify_up", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  notify_up \"  \"\n }\n}\n", ":3: notify_up: a command expected"),
+    ("blank quorum_down", "virtual_server 10.0.0.1 80 {\n quorum_down \"\"\n}\n",
+     ":2: quorum_down: a command expected"),
+    ("unbalanced quote in notify_down", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  notify_down \"/bin/echo 'down\"\n }\n}\n",
+     ":3: notify_down: No closing quotation in \"/bin/echo 'down\""),
+    ("unbalanced quote in quorum_up", "virtual_server 10.0.0.1 80 {\n quorum_up /bin/x'y\n}\n",
+     ":2: quorum_up: No closing quotation"),
     ("bad digest",
      "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  HTTP_GET { url { path / digest abc } }\n }\n}\n",
      ":3: digest: 32 hexadecimal digits"),

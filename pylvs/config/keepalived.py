@@ -42,6 +42,7 @@ import ipaddress
 import math
 import os
 import re
+import shlex
 import stat
 from dataclasses import dataclass
 
@@ -859,9 +860,20 @@ class _Builder:
             raise AssertionError(n)
 
     def _script(self, c: Stmt, d: dict) -> None:
+        """A notify_* or quorum_* command: words as a shell splits them,
+        run without a shell (pylvs.health.manager), checked here so that
+        a blank one or an unbalanced quote is named at load, not when the
+        state changes."""
         if len(c.args) > 1:
             self.warn(c, "user/group ignored: the script runs as pylvs's user")
-        d[c.name] = c.args[0].text
+        text = c.args[0].text
+        try:
+            words = shlex.split(text)
+        except ValueError as e:
+            raise ConfigError(c.args[0].where, f"{c.name}: {e} in {text!r}") from None
+        if not words:
+            raise ConfigError(c.args[0].where, f"{c.name}: a command expected")
+        d[c.name] = text
 
     def real_server(self, st: Stmt, v: dict, vport: int, fwmark: int) -> RealServer:
         addr = _ipv4(st.args[0], "real_server")

@@ -360,8 +360,12 @@ class HealthManager:
         self._running = False
         await asyncio.gather(*(p.stop() for p in self._probes.values()),
                              return_exceptions=True)
-        for t in list(self._tasks):
+        notifies = list(self._tasks)
+        for t in notifies:
             t.cancel()
+        # Their cancel kills their commands only as they run again: wait for
+        # that here, not on a later turn of the loop that may never come.
+        await asyncio.gather(*notifies, return_exceptions=True)
         last = []
         for st in self._services.values():
             if st.vs.omega:
@@ -541,9 +545,12 @@ async def _run_notify(command: str, after: asyncio.Task | None,
     if after is not None:
         await asyncio.wait({after})
     try:
+        argv = shlex.split(command)
+        if not argv:    # the parser refuses it; a HealthManager fed by hand may not
+            raise ValueError("no command")
         # Its own process group: what it starts is killed with it.
         proc = await asyncio.create_subprocess_exec(
-            *shlex.split(command), stdin=asyncio.subprocess.DEVNULL,
+            *argv, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True)
     except (OSError, ValueError) as e:
