@@ -595,7 +595,7 @@ BAD = [
      ":3: HTTP_GET: at least one url"),
     ("bad regex",
      "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  HTTP_GET { url { path / regex \"(\" } }\n }\n}\n",
-     ":3: regex: missing ) at position 1"),
+     ":3: regex: missing )"),
     # Valid for a str pattern, not for the bytes of a body: refused at load,
     # not left to fail every probe.
     ("regex naming a character", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
