@@ -100,13 +100,17 @@ def service_name(key: tuple) -> str:
 
 
 def verdict_budget(spec: CheckSpec) -> float:
-    """The longest one probe may take, whatever the server does: each
+    """The longest one probe may take (s), whatever the server does: each
     checker bounds every connect and read by connect_timeout (MISC_CHECK
-    by misc_timeout), and a server sending its answer slowly enough to
-    pass each read is cut off here."""
+    by misc_timeout, a regex search by check_http.REGEX_TIMEOUT), and a
+    server sending its answer slowly enough to pass each read is cut off
+    here."""
     longest = max(spec.delay_loop, spec.connect_timeout, spec.misc_timeout or 0.0)
     if spec.kind == "MISC_CHECK":
         longest += check_misc.TERM_GRACE    # a command past its timeout is stopped gently
+    # A url's regex search ends within its own timeout, and its result
+    # says so: the budget does not cut it short with a vaguer one.
+    longest += sum(check_http.REGEX_TIMEOUT for u in spec.urls if u.regex is not None)
     return longest + spec.connect_timeout
 
 
