@@ -108,9 +108,11 @@ def verdict_budget(spec: CheckSpec) -> float:
     longest = max(spec.delay_loop, spec.connect_timeout, spec.misc_timeout or 0.0)
     if spec.kind == "MISC_CHECK":
         longest += check_misc.TERM_GRACE    # a command past its timeout is stopped gently
-    # A url's regex search ends within its own timeout, and its result
-    # says so: the budget does not cut it short with a vaguer one.
-    longest += sum(check_http.REGEX_TIMEOUT for u in spec.urls if u.regex is not None)
+    # A url's regex search ends on its own timeout, and its result says
+    # so: the budget does not cut it short with a vaguer one. Twice the
+    # timeout: the regex module looks at its clock only every so many
+    # steps, later still on a loaded machine.
+    longest += sum(2 * check_http.REGEX_TIMEOUT for u in spec.urls if u.regex is not None)
     return longest + spec.connect_timeout
 
 
