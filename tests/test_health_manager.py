@@ -268,12 +268,17 @@ def test_a_misc_check_runs_every_delay_loop_from_its_start(kind, shortest, longe
 
 def test_started_probes_run_on_the_loop_and_stop():
     calls = []
+    three = None
 
     async def fake(spec, addr, port):
         calls.append(addr)
+        if len(calls) == 3:
+            three.set()
         return FAIL
 
     async def main():
+        nonlocal three
+        three = asyncio.Event()
         spec = CheckSpec("TCP_CHECK", delay_loop=0.05, retry=1, delay_before_retry=0.01)
         v = vs(rs(R1, checks=[spec]))
         b = balancer_for(v)
@@ -281,7 +286,8 @@ def test_started_probes_run_on_the_loop_and_stop():
         m.configure([v])
         probe(m, R1, spec).check = fake
         await m.start()
-        await asyncio.sleep(0.2)
+        # The first run, its retry, the next: however slow the machine.
+        await asyncio.wait_for(three.wait(), 10)
         await m.stop()
         n = len(calls)
         await asyncio.sleep(0.1)

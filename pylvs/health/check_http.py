@@ -13,11 +13,19 @@ response longer than MAX_RESPONSE bytes when its body is judged (digest,
 regex: the body is read whole, and a chunked one decoded); a url judged
 on its status alone reads a body of any size to its end. SSL_GET does not verify the certificate (as
 keepalived without ``ca``).
+
+The regex (UrlSpec.pattern, compiled at load) runs in a thread with the
+GIL released and fails the check when it takes over REGEX_TIMEOUT s: a
+pattern that backtracks without end over a body the server chose neither
+blocks the event loop nor holds the check (keepalived's PCRE2 stops such a
+match at its match limit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import hashlib
 import re
 import ssl as ssl_mod
@@ -26,6 +34,10 @@ from ..config.model import CheckSpec, UrlSpec
 from .check_api import Result, close_writer, open_tcp, os_error_text, target
 
 MAX_RESPONSE = 4 << 20   # bytes of one response (head and body) read at most
+REGEX_TIMEOUT = 1.0      # s one regex search may take
+# The regex searches' own threads: a slow one does not hold up what runs
+# in the loop's default executor. Each ends within REGEX_TIMEOUT.
+_REGEX_THREADS = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="pylvs-regex")
 _STATUS = re.compile(rb"HTTP/\d\.\d (\d{3})(?: |\r?$)")
 
 
@@ -76,7 +88,15 @@ def dechunk(body: bytes) -> bytes:
             raise ValueError("chunk not followed by CRLF")
 
 
-def judge(url: UrlSpec, response: bytes) -> str | None:
+async def search(url: UrlSpec, body: bytes) -> bool:
+    """Is ``url``'s regex found in ``body``? Runs off the event loop
+    thread; raises TimeoutError after REGEX_TIMEOUT s."""
+    find = functools.partial(url.pattern.search, body, concurrent=True, timeout=REGEX_TIMEOUT)
+    found = await asyncio.get_running_loop().run_in_executor(_REGEX_THREADS, find)
+    return found is not None
+
+
+async def judge(url: UrlSpec, response: bytes) -> str | None:
     """None when ``response`` (head and body as received) passes ``url``'s
     tests, else the reason. A chunked body is decoded before the digest
     and the regex see it (and not looked at without them)."""
@@ -105,7 +125,11 @@ def judge(url: UrlSpec, response: bytes) -> str | None:
         if got != url.digest.lower():
             return f"digest {got}, wanted {url.digest.lower()}"
     if url.regex is not None:
-        found = re.search(url.regex.encode(), body) is not None
+        try:
+            found = await search(url, body)
+        except TimeoutError:
+            return (f"regex {url.regex!r} took longer than {REGEX_TIMEOUT:g} s "
+                    f"over {len(body)} bytes")
         if found == url.regex_no_match:
             return f"regex {url.regex!r} {'found' if found else 'not found'}"
     return None
@@ -155,7 +179,7 @@ async def check(spec: CheckSpec, addr: str, port: int) -> Result:
             return Result(False, f"GET {url.path}: TLS: {e.reason or e}")
         except (OSError, asyncio.TimeoutError, EOFError) as e:
             return Result(False, f"GET {url.path} from {host}:{p}: {os_error_text(e)}")
-        why = judge(url, response)
+        why = await judge(url, response)
         if why is not None:
             return Result(False, f"GET {url.path}: {why}")
     return Result(True, f"GET {' '.join(u.path for u in urls)}: ok")

@@ -100,13 +100,19 @@ def service_name(key: tuple) -> str:
 
 
 def verdict_budget(spec: CheckSpec) -> float:
-    """The longest one probe may take, whatever the server does: each
+    """The longest one probe may take (s), whatever the server does: each
     checker bounds every connect and read by connect_timeout (MISC_CHECK
-    by misc_timeout), and a server sending its answer slowly enough to
-    pass each read is cut off here."""
+    by misc_timeout, a regex search by check_http.REGEX_TIMEOUT), and a
+    server sending its answer slowly enough to pass each read is cut off
+    here."""
     longest = max(spec.delay_loop, spec.connect_timeout, spec.misc_timeout or 0.0)
     if spec.kind == "MISC_CHECK":
         longest += check_misc.TERM_GRACE    # a command past its timeout is stopped gently
+    # A url's regex search ends on its own timeout, and its result says
+    # so: the budget does not cut it short with a vaguer one. Twice the
+    # timeout: the regex module looks at its clock only every so many
+    # steps, later still on a loaded machine.
+    longest += sum(2 * check_http.REGEX_TIMEOUT for u in spec.urls if u.regex is not None)
     return longest + spec.connect_timeout
 
 
@@ -360,8 +366,12 @@ class HealthManager:
         self._running = False
         await asyncio.gather(*(p.stop() for p in self._probes.values()),
                              return_exceptions=True)
-        for t in list(self._tasks):
+        notifies = list(self._tasks)
+        for t in notifies:
             t.cancel()
+        # Their cancel kills their commands only as they run again: wait for
+        # that here, not on a later turn of the loop that may never come.
+        await asyncio.gather(*notifies, return_exceptions=True)
         last = []
         for st in self._services.values():
             if st.vs.omega:
@@ -541,9 +551,12 @@ async def _run_notify(command: str, after: asyncio.Task | None,
     if after is not None:
         await asyncio.wait({after})
     try:
+        argv = shlex.split(command)
+        if not argv:    # the parser refuses it; a HealthManager fed by hand may not
+            raise ValueError("no command")
         # Its own process group: what it starts is killed with it.
         proc = await asyncio.create_subprocess_exec(
-            *shlex.split(command), stdin=asyncio.subprocess.DEVNULL,
+            *argv, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True)
     except (OSError, ValueError) as e:
