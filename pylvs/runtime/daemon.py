@@ -799,7 +799,8 @@ class Daemon:
         services (a received conn goes to the worker its client reaches)."""
         from ..sync.daemon import SyncDaemons
 
-        self.sync = SyncDaemons(lambda: self.workers, lambda: self._services)
+        self.sync = SyncDaemons(lambda: self.workers, lambda: self._services,
+                                lambda: self._dests)
 
     async def _sync_start(self) -> None:
         """--start-daemon of `pylvs run`: a refusal stops the start."""
