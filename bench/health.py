@@ -1,7 +1,7 @@
 """Health checks: the time from a real server's death to its removal, and
 from its return to its reinstatement (issue 9 item 8).
 
-    .venv/bin/python -m bench.health [--runs 5] [--json bench/results/health.json]
+    .venv/bin/python -m bench.health [--runs 5] [--workers 1] [--quick] [--json PATH]
 
 One VS-NAT lab (pylvs.lab.health: `pylvs run -c keepalived.conf`, rs1,
 rs2 HTTP_GET-checked on /health, rs3 the sorry server), for each timing configuration: ``--runs`` times,
@@ -43,13 +43,10 @@ def _summary(xs: list[float]) -> dict:
             "samples": [round(x, 3) for x in xs]}
 
 
-def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
+def run(workers: int = 1, runs: int | None = None, quick: bool = False) -> dict:
     from pylvs.lab import health
     from pylvs.lab.topology import Lab
 
-    ap = argparse.ArgumentParser(prog="python -m bench.health")
-    ap.add_argument("--workers", type=int, default=1)
-    a = ap.parse_args(argv)
     runs = runs or (2 if quick else 5)
     configs = CONFIGS[:1] if quick else CONFIGS
     results = []
@@ -58,7 +55,7 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     try:
         lab.up()
         for name, d, t, r, b in configs:
-            health.start_director(lab, "--control", control, "--workers", str(a.workers),
+            health.start_director(lab, "--control", control, "--workers", str(workers),
                                   timings=(d, t, r, b))
             bound = d + r * (b + t) + t
             gone, back = [], []
@@ -84,16 +81,21 @@ def run(argv: list[str], runs: int | None = None, quick: bool = False) -> dict:
     finally:
         lab.stop_director()
         lab.down()
-    return {"results": results, "meta": {"workers": a.workers}}
+    return {"results": results, "meta": {"workers": workers}}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.health", add_help=False)
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--runs", type=int)
-    ap.add_argument("--quick", action="store_true")
-    a, rest = ap.parse_known_args(argv)
-    doc = {"bench": "health", **run(rest, a.runs, a.quick)}
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.health",
+        description="Time from a real server's death to its removal, and from its return "
+                    "to its reinstatement, in a VS-NAT lab (as root; about a minute).")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--runs", type=int, help="deaths per timing configuration (default 5)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the first configuration only, 2 runs (a smoke test)")
+    ap.add_argument("--workers", type=int, default=1, help="the director's data-path workers")
+    a = ap.parse_args(argv)
+    doc = {"bench": "health", **run(a.workers, a.runs, a.quick)}
     doc["meta"].update({"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "command": "python -m bench.health " + " ".join(
                             argv if argv is not None else sys.argv[1:])})

@@ -733,7 +733,25 @@ BAD = [
      ":3: HTTP_GET: at least one url"),
     ("bad regex",
      "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  HTTP_GET { url { path / regex \"(\" } }\n }\n}\n",
-     ":3: regex: missing ), unterminated subpattern"),
+     ":3: regex: missing )"),
+    # Valid for a str pattern, not for the bytes of a body: refused at load,
+    # not left to fail every probe.
+    ("regex naming a character", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  HTTP_GET {\n   url {\n    path /\n    regex caf\\u00e9\n   }\n  }\n }\n}\n",
+     ":6: regex: \\u names a character, and the body is bytes"),
+    ("regex naming a character by name", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  SSL_GET { url { path / regex \"\\\\N{DIGIT ONE}\" } }\n }\n}\n",
+     ":3: regex: \\N names a character"),
+    # A command that could not run: named at load, not when the state changes.
+    ("blank notify_up", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  notify_up \"  \"\n }\n}\n", ":3: notify_up: a command expected"),
+    ("blank quorum_down", "virtual_server 10.0.0.1 80 {\n quorum_down \"\"\n}\n",
+     ":2: quorum_down: a command expected"),
+    ("unbalanced quote in notify_down", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  notify_down \"/bin/echo 'down\"\n }\n}\n",
+     ":3: notify_down: No closing quotation in \"/bin/echo 'down\""),
+    ("unbalanced quote in quorum_up", "virtual_server 10.0.0.1 80 {\n quorum_up /bin/x'y\n}\n",
+     ":2: quorum_up: No closing quotation"),
     ("bad digest",
      "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  HTTP_GET { url { path / digest abc } }\n }\n}\n",
      ":3: digest: 32 hexadecimal digits"),

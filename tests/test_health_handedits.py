@@ -102,3 +102,38 @@ def test_a_reloads_new_checker_of_a_dead_real_server_goes_down_on_one_failure():
     m.configure([v2])
     assert m._probes[(R2, 80, http2)].result(FAIL) == 1
     assert forwarding(b) == {R2: 2}
+
+
+def test_status_leaves_out_what_the_operator_deleted_by_hand_and_says_so():
+    """`pylvs status` lists what is in the tables: a service deleted by
+    hand (-D) or a real server (-d) is named once as such, not listed
+    with its checks as if it were balanced; added again, it is back."""
+    from pylvs.cli.status import format_status
+
+    b, m, p = setup()
+    b.add_service("tcp", VIP, 81, sched="rr")
+    b.add_dest("tcp", VIP, 81, R1, 80, fwd="masq", weight=1)
+    v80 = m._services[("TCP", VIP, 80, 0)].vs
+    v81 = VirtualServer("TCP", VIP, 81, lvs_sched="rr", real_servers=(
+        RealServer(R1, 80, weight=1, checks=(TCP,)),))
+    m.configure([v80, v81])
+    assert len(m.view()["checks"]) == 3 and m.view()["not_in_table"] == []
+    b.del_service("tcp", VIP, 81)
+    b.del_dest("tcp", VIP, 80, R2, 80)
+    view = m.view()
+    assert [(c["service"], c["real_server"]) for c in view["checks"]] == [
+        (f"TCP {VIP}:80", f"{R1}:80")]
+    assert [s["service"] for s in view["services"]] == [f"TCP {VIP}:80"]
+    assert view["not_in_table"] == [f"TCP {VIP}:80 -> {R2}:80", f"TCP {VIP}:81"]
+    text = format_status(view)
+    assert f"TCP {VIP}:81" not in text.split("deleted by hand")[0]
+    assert text.splitlines()[-2:] == [f"  TCP {VIP}:80 -> {R2}:80", f"  TCP {VIP}:81"]
+    # The checks go on (R1's probe is shared with the deleted service).
+    assert m._probes[(R1, 80, TCP)] is p
+    b.add_service("tcp", VIP, 81, sched="rr")
+    b.add_dest("tcp", VIP, 81, R1, 80, fwd="masq", weight=1)
+    b.add_dest("tcp", VIP, 80, R2, 80, fwd="masq", weight=2)
+    assert len(m.view()["checks"]) == 3 and m.view()["not_in_table"] == []
+    # Everything deleted: still not "no health checks".
+    b.clear()
+    assert format_status(m.view()).startswith("deleted by hand")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -148,6 +149,29 @@ def test_sorry_server_when_quorum_is_lost_and_back():
     assert not m.services()[0]["sorry_active"]
 
 
+def test_a_sorry_server_that_is_also_a_real_server_forwards_when_quorum_is_lost():
+    """keepalived (s_svr_duplicates_rs): losing quorum takes the real
+    servers out and adds the sorry server, here one of them, with weight
+    1 whatever its own check says; quorum back, it is a real server
+    again under its check."""
+    spec = CheckSpec("TCP_CHECK", retry=0)
+    v = vs(rs(R1, weight=3, checks=[spec]), rs(R2, weight=2, checks=[spec]), quorum=4,
+           sorry_server=SorryServer(R2, 80))
+    b = balancer_for(v)
+    m = HealthManager(b)
+    m.configure([v])
+    assert forwarding(b) == {R1: 3, R2: 2}
+    probe(m, R1, spec).result(FAIL)
+    assert forwarding(b) == {R2: 1} and m.services()[0]["sorry_active"]
+    probe(m, R2, spec).result(FAIL)
+    assert forwarding(b) == {R2: 1}
+    probe(m, R1, spec).result(OK)
+    probe(m, R2, spec).result(OK)
+    assert forwarding(b) == {R1: 3, R2: 2} and not m.services()[0]["sorry_active"]
+    # -S saves what the operator set throughout.
+    assert [d["config_weight"] for d in b.snapshot()["services"][0]["dests"]] == [2, 3]
+
+
 def test_sorry_server_inhibit_stays_at_weight_zero_while_quorum_holds():
     spec = CheckSpec("TCP_CHECK", retry=0)
     v = vs(rs(R1, checks=[spec]), sorry_server=SorryServer(SORRY, 80, inhibit=True))
@@ -214,14 +238,47 @@ def test_configure_keeps_unchanged_probes_and_hands_back_removed_ones():
     assert (R1, 80, TCP) not in m._probes
 
 
+@pytest.mark.parametrize("kind, shortest, longest", [("MISC_CHECK", 0.39, 0.55),
+                                                     ("TCP_CHECK", 0.69, 9)])
+def test_a_misc_check_runs_every_delay_loop_from_its_start(kind, shortest, longest):
+    """keepalived: a MISC_CHECK's next run is delay_loop after its last
+    one started (misc_check_child_thread), the network checkers' is
+    delay_loop after their result (check_api.c's epilog)."""
+    starts = []
+
+    async def slow(spec, addr, port):
+        starts.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(0.3)
+        return OK
+
+    async def main():
+        spec = CheckSpec(kind, delay_loop=0.4, misc_path="true")
+        v = vs(rs(R1, checks=[spec]))
+        m = HealthManager(balancer_for(v))
+        m.configure([v])
+        probe(m, R1, spec).check = slow
+        await m.start()
+        await asyncio.sleep(1.6)
+        await m.stop()
+
+    asyncio.run(main())
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps and all(shortest <= g < longest for g in gaps), gaps
+
+
 def test_started_probes_run_on_the_loop_and_stop():
     calls = []
+    three = None
 
     async def fake(spec, addr, port):
         calls.append(addr)
+        if len(calls) == 3:
+            three.set()
         return FAIL
 
     async def main():
+        nonlocal three
+        three = asyncio.Event()
         spec = CheckSpec("TCP_CHECK", delay_loop=0.05, retry=1, delay_before_retry=0.01)
         v = vs(rs(R1, checks=[spec]))
         b = balancer_for(v)
@@ -229,7 +286,8 @@ def test_started_probes_run_on_the_loop_and_stop():
         m.configure([v])
         probe(m, R1, spec).check = fake
         await m.start()
-        await asyncio.sleep(0.2)
+        # The first run, its retry, the next: however slow the machine.
+        await asyncio.wait_for(three.wait(), 10)
         await m.stop()
         n = len(calls)
         await asyncio.sleep(0.1)
@@ -436,7 +494,7 @@ def test_a_check_that_never_ends_fails_after_its_budget():
 
     b, p = asyncio.run(main())
     assert not p.up and p.text == "no verdict within 0.15 s" and forwarding(b) == {}
-    assert verdict_budget(CheckSpec("MISC_CHECK", delay_loop=2, misc_timeout=10)) == 15
+    assert verdict_budget(CheckSpec("MISC_CHECK", delay_loop=2, misc_timeout=10)) == 10 + 2 + 5
 
 
 def test_a_checker_whose_timings_change_keeps_its_verdict():
@@ -461,3 +519,32 @@ def test_a_checker_whose_timings_change_keeps_its_verdict():
         p.result(FAIL)
     m.configure([vs(rs(R1, checks=[other]), rs(R2))])
     assert probe(m, R1, other).up and forwarding(b) == {R1: 1, R2: 1}
+
+
+@pytest.mark.parametrize("desc,new_retry,retry_it,fails_to_down", [
+    ("delay_loop alone changed: the retries used carry over", 3, 2, 2),
+    ("fewer retries than used: one short of the new count", 2, 1, 2),
+    ("retry 0: down on the next failure", 0, 0, 1),
+])
+def test_a_reload_mid_retries_keeps_the_retries_used(desc, new_retry, retry_it, fails_to_down):
+    """keepalived's migrate_checkers carries retry_it over to a checker
+    whose timings changed (capped at the new retry - 1): a reload while a
+    server fails its retries does not give it a fresh set."""
+    spec = CheckSpec("TCP_CHECK", delay_loop=6, retry=3, delay_before_retry=1)
+    v = vs(rs(R1, checks=[spec]), rs(R2))
+    b = balancer_for(v)
+    m = HealthManager(b)
+    m.configure([v])
+    probe(m, R1, spec).result(OK)
+    probe(m, R1, spec).result(FAIL)
+    probe(m, R1, spec).result(FAIL)
+    assert probe(m, R1, spec).retry_it == 2 and forwarding(b) == {R1: 1, R2: 1}
+    m.configure([v])        # unchanged: the same probe, its count with it
+    assert probe(m, R1, spec).retry_it == 2
+    changed = replace(spec, delay_loop=7, retry=new_retry)
+    m.configure([vs(rs(R1, checks=[changed]), rs(R2))])
+    p = probe(m, R1, changed)
+    assert p.up and p.retry_it == retry_it
+    for _ in range(fails_to_down - 1):
+        assert p.result(FAIL) == 1 and forwarding(b) == {R1: 1, R2: 1}
+    assert p.result(FAIL) == 7 and forwarding(b) == {R2: 1}

@@ -191,3 +191,18 @@ def test_engine_drains_a_down_dest_as_after_del_and_resumes_it(impl, c_sched):
     b.set_dest_health("tcp", VIP, 80, victim, 8080, up=True)
     verdict, to = send(tcp(sport=1000, flags="A", seq=1001, ack=1))
     assert verdict == tables.V_TX and bytes(to) == ip(victim).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("state", ["on", "inhibit"])
+def test_operator_takes_over_the_sorry_server_with_its_own_weight(bal, state):
+    """An -a of the sorry server's address makes it the operator's dest: an
+    inhibited sorry server's weight 0 must not stick to it."""
+    sorry = "192.168.1.9"
+    bal.set_sorry_server("tcp", VIP, 80, sorry, 80, "masq", state)
+    bal.add_dest("tcp", VIP, 80, sorry, 80, fwd="masq", weight=5)
+    d = dest(bal, sorry)
+    assert (d["weight"], d["config_weight"], d["health"]) == (5, 5, "up")
+    assert bal.dests_table[d["slot"]]["weight"] == 5
+    bal.edit_dest("tcp", VIP, 80, sorry, 80, fwd="masq", weight=7)
+    assert bal.dests_table[dest(bal, sorry)["slot"]]["weight"] == 7
+    assert f"-r {sorry}:80 -m -w 7\n" in listing.save(bal.snapshot())

@@ -542,6 +542,25 @@ def test_pylvs_sysctl_lists_reads_and_sets(director):
     assert rc == 1 and "unknown sysctl 'nosuch'" in err
 
 
+def test_pylvs_sysctl_takes_sysctl8_command_lines(director):
+    """An operator's `sysctl -w net.ipv4.vs.NAME=V` lines and the kernel's
+    pair form of sync_threshold (proc_do_sync_threshold) work unchanged."""
+    assert tool("sysctl_main", director, "-w", "net.ipv4.vs.expire_nodest_conn=1") == (
+        0, "expire_nodest_conn = 1\n", "")
+    assert tool("sysctl_main", director, "net/ipv4/vs/expire_nodest_conn") == (
+        0, "expire_nodest_conn = 1\n", "")
+    assert tool("sysctl_main", director, "-w", "net.ipv4.icmp_msgs_burst=8") == (
+        0, "icmp_msgs_burst = 8\n", "")
+    assert tool("sysctl_main", director, "-w", 'net.ipv4.vs.sync_threshold="2 40"') == (
+        0, "sync_threshold = 2\nsync_period = 40\n", "")
+    assert director.balancer.sysctls()["sync_period"] == 40
+    rc, out, err = tool("sysctl_main", director, "sync_threshold=5 4")
+    assert rc == 1 and "is not below sync_period 4" in err
+    rc, out, err = tool("sysctl_main", director, "sync_threshold=1 2 3")
+    assert rc == 1 and "is not THRESHOLD or" in err
+    assert director.balancer.sysctls()["sync_threshold"] == 2
+
+
 @pytest.mark.parametrize("argv", [
     ("icmp_msgs_burst=9", "conn_reuse_mode=bad"),
     ("icmp_msgs_burst=9", "conn_reuse_mode=4"),

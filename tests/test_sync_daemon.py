@@ -351,3 +351,207 @@ def test_backup_warns_about_drops_at_most_every_10_s(caplog, monkeypatch):
         "sync backup: dropped short +1 (last from 10.77.0.1; pylvs stats: sync.backup.dropped)",
         "sync backup: dropped bad_size +1, short +2 (last from 10.77.0.1; pylvs stats: "
         "sync.backup.dropped)"]
+
+
+class Rules:
+    """A director's rules as `pylvs run` publishes them: a Balancer's tables,
+    handed to every worker's real engine at each change."""
+
+    def __init__(self, impl: str, n: int):
+        from pylvs.engine import new_engine
+
+        self.balancer = Balancer(Counters(64, 64))
+        self.workers = [SimpleNamespace(engine=new_engine(impl, 256, counters=Counters(64, 64),
+                                                          schedule=lambda s, c, p: -1,
+                                                          key=bytes(range(16))),
+                                        lock=threading.Lock()) for _ in range(n)]
+        self.services, self.dests = self.balancer.services_table, self.balancer.dests_table
+        self.publish()
+
+    def publish(self) -> None:
+        self.services, self.dests = self.balancer.services_table, self.balancer.dests_table
+        for w in self.workers:
+            w.engine.set_tables(self.services, self.dests)
+
+    def conns(self) -> int:
+        return sum(len(w.engine.conns()) for w in self.workers)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("impl", ["python", "c"])
+def test_backup_started_before_its_rules_asks_again_once_they_are_there(impl, n, monkeypatch):
+    """`pylvs run --start-daemon backup` and the rules only afterwards
+    (`pylvs adm -R`): the first bulk answer installs nothing (no such
+    service here); once services and dests arrive and rest a second, the
+    backup asks again (a new nonce, at most every REASK_EVERY s) and the
+    answer installs. Rules that only shrink, or change when nothing went
+    uninstalled, ask nothing."""
+    clock = [100.0]
+    monkeypatch.setattr(sd.time, "monotonic", lambda: clock[0])
+    d = Rules(impl, n)
+    sent: list[bytes] = []
+
+    async def go():
+        b = sd.Backup(cfg("backup", syncid=4),
+                      sd._Engines(lambda: d.workers, lambda: d.services, lambda: d.dests),
+                      1, None, 1500)
+
+        async def capture(sock, msgs, key=""):
+            sent.extend(msgs)
+        b._send, b.ask = capture, None   # the socket start() would make
+        first = b.nonce
+        table = wire.encode(np.array(rows(60), SYNC_DTYPE), 4)   # the master's bulk answer
+        for msg in table + [wire.control_message(wire.BULK_END, 4, first)]:
+            b.receive(msg, now=100.0)
+        assert d.conns() == 0 and b.bulk_done.is_set() and b.missed
+        assert not b.rules_tick(106.0)                       # no rules yet: nothing to ask
+
+        d.balancer.add_service("tcp", "10.0.10.2", 80, sched="rr")
+        d.publish()
+        assert not b.rules_tick(106.5)                       # a service, no dest yet
+        d.balancer.add_dest("tcp", "10.0.10.2", 80, "192.168.1.2", 8080, fwd="masq")
+        d.publish()
+        assert b.engines.rules() == {(6, 0x0A000A02, 80), (6, 0x0A000A02, 80, 0xC0A80102, 8080)}
+        assert not b.rules_tick(107.0) and not b.rules_tick(107.9)   # resting
+        assert b.rules_tick(108.0)
+        b.reask(108.0)
+        await asyncio.sleep(0)
+        assert b.nonce != first and not b.bulk_done.is_set() and not b.missed
+        assert wire.parse_control(sent[-1]) == (wire.BULK_REQUEST, 4, b.nonce)
+        assert b.stats["bulk_reasks"] == 1
+        for msg in table + [wire.control_message(wire.BULK_END, 4, first)]:
+            b.receive(msg, now=108.1)
+        assert d.conns() == 60 and not b.bulk_done.is_set()   # the old END answers nothing
+        b.receive(wire.control_message(wire.BULK_END, 4, b.nonce), now=108.1)
+        assert b.bulk_done.is_set()
+
+        # All installed since: a new dest asks nothing.
+        d.balancer.add_dest("tcp", "10.0.10.2", 80, "192.168.1.3", 8080, fwd="masq")
+        d.publish()
+        assert not any(b.rules_tick(t) for t in (109.0, 111.0, 120.0))
+        # A record of a service this backup lacks, then a dest removed
+        # (health check): rules shrank, nothing to ask.
+        other = [(6, 1, 0, 0x0A000001, 9, 0x0A000A09, 80, 0xC0A80102, 80, 0, 900)]
+        b.receive(wire.encode(np.array(other, SYNC_DTYPE), 4)[0], now=121.0)
+        assert b.missed
+        d.balancer.del_dest("tcp", "10.0.10.2", 80, "192.168.1.3", 8080)
+        d.publish()
+        assert not any(b.rules_tick(t) for t in (122.0, 125.0, 130.0))
+        # The service arrives: asked again (5 s after the last request
+        # at the earliest, which is long past).
+        d.balancer.add_service("tcp", "10.0.10.9", 80, sched="rr")
+        d.balancer.add_dest("tcp", "10.0.10.9", 80, "192.168.1.2", 80, fwd="masq")
+        d.publish()
+        assert not b.rules_tick(131.0) and b.rules_tick(132.0)
+        b.reask(132.0)
+        # Rules added again at once: the next request waits REASK_EVERY s.
+        b.missed = True
+        d.balancer.add_dest("tcp", "10.0.10.9", 80, "192.168.1.4", 80, fwd="masq")
+        d.publish()
+        assert not b.rules_tick(133.5) and not b.rules_tick(136.9) and b.rules_tick(137.0)
+        await b.close()
+    asyncio.run(go())
+
+
+def test_master_answers_at_most_bulk_pending_requests_a_walk(monkeypatch):
+    """A flood of bulk requests with distinct nonces (a host lying on the
+    sync link): one walk, at most BULK_PENDING ENDs, the rest counted."""
+    ws = workers(1)
+    ws[0].engine.table = rows(5)
+    m = daemon(sd.Master, ws, syncid=4)
+    sent: list[bytes] = []
+
+    async def capture(sock, msgs, key=""):
+        sent.extend(msgs)
+    monkeypatch.setattr(m, "_send", capture)
+
+    async def go():
+        for nonce in range(10_000):
+            m.request(wire.control_message(wire.BULK_REQUEST, 4, nonce))
+        # A pending request asked again (a backup's retry) is not dropped.
+        assert m.request(wire.control_message(wire.BULK_REQUEST, 4, 5))
+        task = asyncio.ensure_future(m._bulk())
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if m.stats["bulk_walks"]:
+                break
+        task.cancel()
+    asyncio.run(go())
+    ends = [wire.parse_control(x) for x in sent if wire.parse_control(x)]
+    assert ends == [(wire.BULK_END, 4, n) for n in range(sd.BULK_PENDING)]
+    assert m.stats["bulk_walks"] == 1 and len(sent) == 1 + sd.BULK_PENDING
+    assert m.stats["bulk_requests"] == 10_001
+    assert m.stats["bulk_requests_dropped"] == 10_000 - sd.BULK_PENDING
+
+
+
+def test_backup_keeps_asking_until_a_master_answers(monkeypatch):
+    """The backup's bulk request: at once, after 1, 2, 4 and 8 s, then
+    every 10 s (a master daemon started minutes after the backup, as an
+    operator enabling sync on a running director), until the END with its
+    nonce; then no more."""
+    waits: list[float] = []
+    real_wait_for = asyncio.wait_for
+
+    async def clocked_wait_for(aw, timeout):   # the back-off without the wait
+        waits.append(timeout)
+        if len(waits) == 8:
+            b.receive(wire.control_message(wire.BULK_END, 4, b.nonce), 1.0)
+        return await real_wait_for(aw, 0 if len(waits) < 8 else 1)
+    monkeypatch.setattr(sd.asyncio, "wait_for", clocked_wait_for)
+    b = daemon(sd.Backup, workers(1), syncid=4)
+    sent: list[bytes] = []
+
+    async def capture(sock, msgs, key=""):
+        sent.extend(msgs)
+    b._send, b.ask = capture, None   # the socket start() would make
+    asyncio.run(b._ask())
+    assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0]
+    assert sent == [wire.control_message(wire.BULK_REQUEST, 4, b.nonce)] * 8
+    assert b.bulk_done.is_set()
+
+
+def test_counters_name_conns_only_for_sync_messages():
+    """`pylvs stats` lists sync.backup.bulk_request_messages and _bytes,
+    not a bulk_request_conns that is always 0 (nor bulk_end_conns)."""
+    import socket as so
+
+    async def go():
+        b = daemon(sd.Backup, workers(1), syncid=4)
+        m = daemon(sd.Master, workers(1), syncid=4)
+        a, z = so.socketpair(so.AF_UNIX, so.SOCK_DGRAM)
+        with a, z:
+            a.setblocking(False)
+            await b._send(a, [wire.control_message(wire.BULK_REQUEST, 4, 1)], "bulk_request_")
+            await m._send(a, [wire.control_message(wire.BULK_END, 4, 1)], "bulk_end_")
+            await m._send(a, wire.encode(np.array(rows(3), SYNC_DTYPE), 4), "bulk_")
+        return b, m
+    b, m = asyncio.run(go())
+    assert dict(b.stats) == {"bulk_request_messages": 1, "bulk_request_bytes": 20}
+    assert dict(m.stats) == {"bulk_end_messages": 1, "bulk_end_bytes": 20, "bulk_messages": 1,
+                             "bulk_bytes": 8 + 3 * 36, "bulk_conns": 3}
+
+
+def test_backup_names_a_message_longer_than_its_sync_maxlen(caplog):
+    """A master with --sync-maxlen 4000 and a backup at 1472: the read cuts
+    the datagram; the backup counts it as too_long (not a bogus size) and
+    says once what to do, and still installs the messages that fit."""
+    import socket as so
+
+    ws = workers(1)
+    b = daemon(sd.Backup, ws, services=_services(None)[0], syncid=4)
+    caplog.set_level("WARNING", logger="pylvs.sync")
+    big = wire.encode(np.array(rows(100), SYNC_DTYPE), 4, 4000)[0]
+    fits = wire.encode(np.array(rows(3), SYNC_DTYPE), 4)[0]
+    assert len(big) > b.maxlen == 1472
+    b.inp, peer = so.socketpair(so.AF_UNIX, so.SOCK_DGRAM)
+    with b.inp, peer:
+        b.inp.setblocking(False)
+        for m in (big, fits, big):
+            peer.send(m)
+        b._on_readable()
+    assert {k: v for k, v in b.drops.items() if v} == {"too_long": 2}
+    assert b.stats["messages"] == 3 and len(ws[0].engine.table) == 3
+    warned = [r.getMessage() for r in caplog.records if "longer" in r.getMessage()]
+    assert len(warned) == 1 and "sync_maxlen 1472" in warned[0]
+    assert "--sync-maxlen" in warned[0]

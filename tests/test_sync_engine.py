@@ -247,6 +247,21 @@ def test_refresh_period_and_retries():
         assert results[0] == results[1] == want, retries
 
 
+def test_refresh_retry_waits_an_eighth_of_the_period_unrounded():
+    """The retry waits sync_refresh_period/8, 1.25 s for 10 s (the kernel
+    shifts jiffies, ip_vs_sync_conn_needed), not a whole second."""
+    frames = [(syn(), 0.0), (ack(), 0.0), (ack(), 0.0)] + [(ack(), 1.1)] * 50 + \
+             [(ack(), 1.3)] * 50
+    for impl in IMPLS:
+        w = World(impl, sync_refresh_period=10, sync_retries=1)
+        w.engine.set_sync_master(True)
+        sent = []
+        for f, now in frames:
+            w.send(f, now=now)
+            sent += [now] * len(w.drain())
+        assert sent == [0.0, 1.3], impl
+
+
 def test_refresh_period_resends_after_it():
     """A conn resent once its expiry moved by the refresh period (the
     threshold rule still picks the packet)."""

@@ -50,6 +50,7 @@
 #define S_FIN_WAIT 4 /* states.*, the kernel's numbering */
 #define S_TIME_WAIT 5
 #define S_CLOSE 6
+#define S_CLOSE_WAIT 7
 #define S_SYNACK 10
 #define S_SYN_SENT 2
 /* The TCP states a conn counts as active in (its dest's activeconns): the

@@ -21,7 +21,6 @@
      IPVS_F_TEMPLATE)
 #define IPVS_UDP_S_NORMAL 0
 #define CTPL_S_LAST 2
-#define S_CLOSE_WAIT 7
 /* The TCP states in which a conn is sent (ip_vs_sync_conn_needed). */
 #define SYNC_TCP_STATES                                                                      \
     ((1u << S_ESTABLISHED) | (1u << S_FIN_WAIT) | (1u << S_CLOSE) | (1u << S_CLOSE_WAIT) | \
@@ -61,7 +60,9 @@ static int sync_needed(PylvsEngine *e, struct conn *c, uint32_t pkts, double now
     if (refresh > 0) {
         /* Not resent while its expiry moved less than the refresh period
          * (and half its timeout, at least 10 s) since it was last sent;
-         * unless sync_retries allow a resend, refresh/8 after it. */
+         * unless sync_retries allow a resend, refresh/8 after it (the
+         * kernel shifts jiffies: an eighth of the period, not rounded to
+         * whole seconds). */
         int diff = (int16_t)(uint16_t)(n - orig);
         double min_diff = timeout / 2 > 10.0 ? timeout / 2 : 10.0;
         double lim = (double)refresh < min_diff ? (double)refresh : min_diff;
@@ -69,7 +70,7 @@ static int sync_needed(PylvsEngine *e, struct conn *c, uint32_t pkts, double now
             unsigned r = (c->sync_old >> 4) & 3;
             if ((int64_t)r >= sys[SYS_SYNC_RETRIES])
                 return 0;
-            if ((int16_t)(uint16_t)(orig - sync_sec16(now + timeout - (double)(refresh >> 3))) > 0)
+            if ((int16_t)(uint16_t)(orig - sync_sec16(now + timeout - (double)refresh / 8.0)) > 0)
                 return 0;
             retries = r + 1;
         }

@@ -29,7 +29,8 @@ def _ago(t: float | None, now: float) -> str:
 def format_status(st: dict, now: float | None = None) -> str:
     """The text `pylvs status` prints for the "health" op's answer."""
     now = time.time() if now is None else now
-    if not st.get("services") and not st.get("checks"):
+    gone = st.get("not_in_table") or []
+    if not st.get("services") and not st.get("checks") and not gone:
         return "no health checks (a keepalived.conf's checkers start them: docs/health.md)\n"
     lines = []
     for s in st.get("services", []):
@@ -46,6 +47,9 @@ def format_status(st: dict, now: float | None = None) -> str:
         lines.append("")
         lines += ["  ".join(f"{v:<{w}}" for v, w in zip(r[:5], widths)) + "  " + r[5]
                   for r in rows]
+    if gone:
+        lines += [""] * bool(lines) + ["deleted by hand (ipvsadm -D/-d), not in the table; their checks go on "
+                  "and apply when it is added again:"] + [f"  {g}" for g in gone]
     return "\n".join(lines) + "\n"
 
 

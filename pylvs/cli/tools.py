@@ -13,6 +13,7 @@ import sys
 from typing import Any, Callable, TextIO
 
 from ..control import rpc
+from ..control.balancer import BalancerError, expand_sysctls, sysctl_name
 
 
 def _call(path: str | None, op: dict, factory: Callable[[str], Any] | None) -> Any:
@@ -26,7 +27,7 @@ def _call(path: str | None, op: dict, factory: Callable[[str], Any] | None) -> A
 def _run(prog: str, fn, out: TextIO, err: TextIO, factory) -> int:
     try:
         return fn(out, factory)
-    except rpc.RpcError as e:
+    except (rpc.RpcError, BalancerError) as e:
         err.write(f"{prog}: {e}\n")
         return 1
     except (OSError, ValueError) as e:
@@ -116,7 +117,13 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
                     "and pressure_conn_rate pylvs's own (README, the sysctl table). No argument lists them all, "
                     "NAME reads one, NAME=VALUE sets one; the settings of one command "
                     "apply together or not at all.")
-    ap.add_argument("setting", nargs="*", metavar="NAME[=VALUE]")
+    ap.add_argument("setting", nargs="*", metavar="NAME[=VALUE]",
+                    help="a knob by its name or sysctl(8)'s (net.ipv4.vs.NAME); "
+                    "sync_threshold also takes the kernel's pair, sync_threshold=\"3 50\"")
+    # sysctl(8)'s switches, so its command lines work unchanged: -w (write)
+    # and -a (all) change nothing here, NAME=VALUE already writes.
+    ap.add_argument("-w", "--write", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("-a", "--all", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true",
                     help="one JSON object (with the per-worker split)")
     ap.add_argument("--control", metavar="PATH", help="the director's control socket "
@@ -131,9 +138,14 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
             names, values = [], {}
             for item in a.setting:
                 name, eq, value = item.partition("=")
-                names.append(name)
+                name = sysctl_name(name)
                 if eq:
+                    # sysctl(8) users quote the pair: sync_threshold="3 50"
+                    value = value.strip().strip('"\'')
+                    names.extend(n for n in expand_sysctls({name: value}) if n not in names)
                     values[name] = value
+                elif name not in names:
+                    names.append(name)
             # Names read first (an unknown one fails before anything is
             # set), then every setting in one request: the director checks
             # them all before it changes any.

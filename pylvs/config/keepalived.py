@@ -42,13 +42,14 @@ import ipaddress
 import math
 import os
 import re
+import shlex
 import stat
 from dataclasses import dataclass
 
 from .. import sched as schedmod
 from . import model
 from .model import CheckSpec, KeepalivedConfig, RealServer, SorryServer, UrlSpec, \
-    VirtualServer, Where
+    VirtualServer, Where, body_regex
 
 MAX_FILE_BYTES = 8 << 20
 MAX_TOTAL_BYTES = 32 << 20
@@ -346,7 +347,7 @@ _NOT_RUN = "pylvs does not run it"
 _URL = Schema("url", {
     "path": Spec(), "digest": Spec(), "status_code": _VAR, "virtualhost": Spec(),
     "regex": Spec(), "regex_no_match": _flag(),
-    "regex_options": Spec(1, None, warn="PCRE2 options; Python's re is used"),
+    "regex_options": Spec(1, None, warn="PCRE2 options; the regex module's defaults are used"),
     "regex_stack": Spec(2, 2, warn="a PCRE2 JIT setting"),
     "regex_min_offset": Spec(warn="not applied"), "regex_max_offset": Spec(warn="not applied"),
 })
@@ -909,9 +910,20 @@ class _Builder:
             raise AssertionError(n)
 
     def _script(self, c: Stmt, d: dict) -> None:
+        """A notify_* or quorum_* command: words as a shell splits them,
+        run without a shell (pylvs.health.manager), checked here so that
+        a blank one or an unbalanced quote is named at load, not when the
+        state changes."""
         if len(c.args) > 1:
             self.warn(c, "user/group ignored: the script runs as pylvs's user")
-        d[c.name] = c.args[0].text
+        text = c.args[0].text
+        try:
+            words = shlex.split(text)
+        except ValueError as e:
+            raise ConfigError(c.args[0].where, f"{c.name}: {e} in {text!r}") from None
+        if not words:
+            raise ConfigError(c.args[0].where, f"{c.name}: a command expected")
+        d[c.name] = text
 
     def real_server(self, st: Stmt, v: dict, vport: int, fwmark: int) -> RealServer:
         addr = _ipv4(st.args[0], "real_server")
@@ -1050,8 +1062,8 @@ class _Builder:
                 u[n] = _status_codes(c)
             elif n == "regex":
                 try:
-                    re.compile(c.args[0].text)
-                except (re.error, RecursionError, OverflowError) as e:
+                    u["pattern"] = body_regex(c.args[0].text)
+                except ValueError as e:
                     raise ConfigError(c.args[0].where, f"regex: {e}") from None
                 u[n] = c.args[0].text
             elif n == "regex_no_match":
@@ -1064,7 +1076,7 @@ class _Builder:
             raise ConfigError(st.where, "url: path expected")
         return UrlSpec(path=u["path"], status_codes=u.get("status_code", frozenset()),
                        digest=u.get("digest"), regex=u.get("regex"),
-                       regex_no_match=u.get("regex_no_match", False),
+                       regex_no_match=u.get("regex_no_match", False), pattern=u.get("pattern"),
                        virtualhost=u.get("virtualhost"))
 
 

@@ -16,7 +16,11 @@ delay_before_retry 3 s for HTTP_GET/SSL_GET and 1 s otherwise, weight 1.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Any
+
+import regex as regex_mod
 
 # The checkers pylvs runs; keepalived's others (DNS_CHECK, SMTP_CHECK,
 # BFD_CHECK, FILE_CHECK) are named in a warning by the parser.
@@ -46,8 +50,10 @@ class UrlSpec:
     """One ``url { }`` block of HTTP_GET / SSL_GET.
 
     ``status_codes`` empty means any 2xx (keepalived's default). ``digest``
-    is the lower-case hex MD5 of the body; ``regex`` a Python ``re`` pattern
-    searched in the body, its sense inverted by ``regex_no_match``.
+    is the lower-case hex MD5 of the body; ``regex`` the pattern's text as
+    configured and ``pattern`` that text compiled by body_regex() (compiled
+    here when not given), searched in the body, its sense inverted by
+    ``regex_no_match``.
     """
 
     path: str
@@ -56,6 +62,37 @@ class UrlSpec:
     regex: str | None = None
     regex_no_match: bool = False
     virtualhost: str | None = None
+    pattern: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.regex is not None and self.pattern is None:
+            object.__setattr__(self, "pattern", body_regex(self.regex))
+
+
+# A backslash and the character it escapes (an escaped backslash too, so
+# "\\u" is a backslash, then a "u").
+_ESCAPED = re.compile(r"\\(.)", re.S)
+
+
+def body_regex(text: str):
+    r"""``text`` compiled as the bytes pattern an HTTP_GET/SSL_GET ``regex``
+    is: a ``regex`` module pattern (Python ``re`` syntax, with PCRE's
+    possessive quantifiers, atomic groups and ``\p{..}``) searched in the
+    body's bytes, a character in it matching its UTF-8 bytes. Raises
+    ValueError with the reason for a pattern that does not compile, and
+    for the escapes naming a character (``\u``, ``\U``, ``\N``):
+    keepalived's PCRE2 refuses them (its ``\N`` is any byte but a
+    newline), and on bytes they would name one Latin-1 byte, not the UTF-8
+    a page is written in."""
+    for m in _ESCAPED.finditer(text):
+        if m.group(1) in "uUN":
+            raise ValueError(f"\\{m.group(1)} names a character, and the body is bytes: "
+                             "write the character itself (matched as UTF-8) or its bytes "
+                             "as \\xHH")
+    try:
+        return regex_mod.compile(text.encode("utf-8", "surrogateescape"))
+    except (regex_mod.error, RecursionError, OverflowError) as e:
+        raise ValueError(str(e)) from None
 
 
 @dataclass(frozen=True)

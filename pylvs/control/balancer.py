@@ -132,6 +132,43 @@ def sysctl_defaults() -> dict[str, int]:
     return out
 
 
+# sysctl(8) spellings of a knob's name: the kernel's own path prefixes are
+# dropped so `net.ipv4.vs.expire_nodest_conn` names `expire_nodest_conn`.
+_SYSCTL_PREFIXES = ("net.ipv4.vs.", "net/ipv4/vs/", "net.ipv4.", "net/ipv4/")
+
+
+def sysctl_name(name: Any) -> Any:
+    """A knob's pylvs name from any spelling sysctl(8) takes: `x`,
+    `net.ipv4.vs.x`, `net/ipv4/vs/x`, `net.ipv4.x` (icmp_msgs_per_sec
+    lives there). Non-strings come back unchanged (refused later)."""
+    if isinstance(name, str):
+        for prefix in _SYSCTL_PREFIXES:
+            if name.startswith(prefix):
+                return name[len(prefix):]
+    return name
+
+
+def expand_sysctls(values: dict) -> dict:
+    """`{name: value}` with names as sysctl_name() reads them and the
+    kernel's pair form of sync_threshold (`"3 50"`, two integers separated
+    by white space, as /proc/sys/net/ipv4/vs/sync_threshold reads and takes
+    them: proc_do_sync_threshold, ip_vs_ctl.c) split into sync_threshold
+    and sync_period. Raises BalancerError for a pair that is not two
+    fields."""
+    out: dict = {}
+    for name, value in values.items():
+        name = sysctl_name(name)
+        if name == "sync_threshold" and isinstance(value, str) and len(value.split()) > 1:
+            fields = value.split()
+            if len(fields) != 2:
+                raise BalancerError(f"sysctl sync_threshold: {quoted(value)} is not "
+                                    "THRESHOLD or \"THRESHOLD PERIOD\"")
+            out["sync_threshold"], out["sync_period"] = fields
+        else:
+            out[name] = value
+    return out
+
+
 def _check_sync_pair(knobs: dict[str, int]) -> None:
     """The kernel's sync_threshold pair is one sysctl whose handler
     (proc_do_sync_threshold, ip_vs_ctl.c) refuses a threshold not below a
@@ -778,10 +815,15 @@ class Balancer:
         old = svc.dests.get((da, dp))
         if old is not None and old.sorry:
             # The operator adds what the health checks had put in as the
-            # sorry server: it becomes the operator's dest.
-            old.sorry = False
-            return self.edit_dest(proto, vaddr, vport, daddr, dport, fwd, weight, u_threshold,
-                                  l_threshold, tun_type, tun_port, tun_flags)
+            # sorry server: it becomes the operator's dest, under the checks'
+            # say of that real server (if any), no longer the sorry server's
+            # (an inhibited sorry server's weight 0 must not stick).
+            with self.held():
+                old.sorry = False
+                said = self._health_said.get((svc.key, da, dp), (False, False, None))
+                self._set_health(svc, old, *said)
+                return self.edit_dest(proto, vaddr, vport, daddr, dport, fwd, weight,
+                                      u_threshold, l_threshold, tun_type, tun_port, tun_flags)
         if old is not None:
             raise BalancerError(E_DEST_EXISTS)
         slot = self._alloc_dest_slot((svc.key, da, dp))
@@ -1323,6 +1365,7 @@ class Balancer:
         any changes; the engine gets the new array. Returns every knob."""
         if not isinstance(values, dict):
             raise BalancerError("sysctls: expected an object of name: value")
+        values = expand_sysctls(values)
         checked = [self._check_sysctl(k, v) for k, v in values.items()]
         _check_sync_pair(self._sysctls | dict(checked))
         if checked:
@@ -1337,6 +1380,7 @@ class Balancer:
         """``pylvs sysctl``: every knob (no name), one knob, or set one."""
         if name is None:
             return self.sysctls()
+        name = sysctl_name(name)
         if value is None:
             self._check_sysctl(name, 0)
             return {name: self._sysctls[name]}

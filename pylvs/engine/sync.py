@@ -118,7 +118,7 @@ def needed(c, pkts: int, now: float, sysctl: list[int], timeouts) -> bool:
                 r = c.sync_old >> 4 & 3
                 if r >= sysctl[_RETRIES]:
                     return False
-                if _s16(orig - sec16(now + timeout - (refresh >> 3))) > 0:
+                if _s16(orig - sec16(now + timeout - refresh / 8)) > 0:
                     return False
                 retries = r + 1
         period = sysctl[_PERIOD]

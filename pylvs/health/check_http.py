@@ -2,7 +2,8 @@
 
 For each ``url``, in order: connect, send ``GET path HTTP/1.x`` with
 ``Host:`` (the url's virtualhost, else the checker's, else the target
-address) and ``Connection: close``, read the whole response. The check
+address and port, as keepalived) and ``Connection: close``, read the
+whole response. The check
 passes when every url passes: the status code is one of ``status_code``
 (any 2xx when none is given), the body's MD5 is ``digest`` when given, and
 ``regex`` is found in the body (not found, with ``regex_no_match``). Each
@@ -12,11 +13,19 @@ response longer than MAX_RESPONSE bytes when its body is judged (digest,
 regex: the body is read whole, and a chunked one decoded); a url judged
 on its status alone reads a body of any size to its end. SSL_GET does not verify the certificate (as
 keepalived without ``ca``).
+
+The regex (UrlSpec.pattern, compiled at load) runs in a thread with the
+GIL released and fails the check when it takes over REGEX_TIMEOUT s: a
+pattern that backtracks without end over a body the server chose neither
+blocks the event loop nor holds the check (keepalived's PCRE2 stops such a
+match at its match limit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import hashlib
 import re
 import ssl as ssl_mod
@@ -25,6 +34,10 @@ from ..config.model import CheckSpec, UrlSpec
 from .check_api import Result, close_writer, open_tcp, os_error_text, target
 
 MAX_RESPONSE = 4 << 20   # bytes of one response (head and body) read at most
+REGEX_TIMEOUT = 1.0      # s one regex search may take
+# The regex searches' own threads: a slow one does not hold up what runs
+# in the loop's default executor. Each ends within REGEX_TIMEOUT.
+_REGEX_THREADS = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="pylvs-regex")
 _STATUS = re.compile(rb"HTTP/\d\.\d (\d{3})(?: |\r?$)")
 
 
@@ -36,9 +49,10 @@ def _ssl_context() -> ssl_mod.SSLContext:
 
 
 def request(spec: CheckSpec, url: UrlSpec, host: str, port: int) -> bytes:
-    vhost = url.virtualhost or spec.virtualhost or host
-    if port not in (80, 443) and not (url.virtualhost or spec.virtualhost):
-        vhost = f"{vhost}:{port}"
+    # keepalived's http_request_thread: a virtualhost as given, else the
+    # address with its port, whatever the port (a real server's access
+    # rules written for keepalived's probes keep matching them).
+    vhost = url.virtualhost or spec.virtualhost or f"{host}:{port}"
     proto = "1.1" if spec.http_protocol == "1.1" else "1.0"
     # keepalived's User-Agent: real servers that tell its probes apart
     # (access_log off for them, an allow rule) keep doing so.
@@ -74,7 +88,15 @@ def dechunk(body: bytes) -> bytes:
             raise ValueError("chunk not followed by CRLF")
 
 
-def judge(url: UrlSpec, response: bytes) -> str | None:
+async def search(url: UrlSpec, body: bytes) -> bool:
+    """Is ``url``'s regex found in ``body``? Runs off the event loop
+    thread; raises TimeoutError after REGEX_TIMEOUT s."""
+    find = functools.partial(url.pattern.search, body, concurrent=True, timeout=REGEX_TIMEOUT)
+    found = await asyncio.get_running_loop().run_in_executor(_REGEX_THREADS, find)
+    return found is not None
+
+
+async def judge(url: UrlSpec, response: bytes) -> str | None:
     """None when ``response`` (head and body as received) passes ``url``'s
     tests, else the reason. A chunked body is decoded before the digest
     and the regex see it (and not looked at without them)."""
@@ -103,7 +125,11 @@ def judge(url: UrlSpec, response: bytes) -> str | None:
         if got != url.digest.lower():
             return f"digest {got}, wanted {url.digest.lower()}"
     if url.regex is not None:
-        found = re.search(url.regex.encode(), body) is not None
+        try:
+            found = await search(url, body)
+        except TimeoutError:
+            return (f"regex {url.regex!r} took longer than {REGEX_TIMEOUT:g} s "
+                    f"over {len(body)} bytes")
         if found == url.regex_no_match:
             return f"regex {url.regex!r} {'found' if found else 'not found'}"
     return None
@@ -153,7 +179,7 @@ async def check(spec: CheckSpec, addr: str, port: int) -> Result:
             return Result(False, f"GET {url.path}: TLS: {e.reason or e}")
         except (OSError, asyncio.TimeoutError, EOFError) as e:
             return Result(False, f"GET {url.path} from {host}:{p}: {os_error_text(e)}")
-        why = judge(url, response)
+        why = await judge(url, response)
         if why is not None:
             return Result(False, f"GET {url.path}: {why}")
     return Result(True, f"GET {' '.join(u.path for u in urls)}: ok")

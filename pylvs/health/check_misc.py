@@ -5,8 +5,11 @@ shell would split words, run without a shell) with a timeout of
 Exit status 0 passes, anything else fails; with ``misc_dynamic``, 1 fails,
 0 passes with the configured weight and 2..255 pass with weight
 ``status - 2`` (keepalived.conf(5)). A command still running at the timeout
-is killed (SIGKILL to its process group) and the check fails; so does one
-killed by a signal or that cannot be started. A check cancelled while its
+fails the check and is stopped as keepalived's misc_check_child_thread
+stops it: SIGTERM to its process group (a script may clean up), SIGKILL
+to the group TERM_GRACE s later or as soon as the command is gone (what
+it started goes too); one killed by a signal or that cannot be started
+fails the check too. A check cancelled while its
 command runs (a reload that drops the checker, the director stopping)
 kills the command's process group too, so no command outlives its check.
 
@@ -32,6 +35,9 @@ OUTPUT_LIMIT = 64 << 10   # bytes of the command's output kept (its end)
 # After the exit, how long output still in the pipe may take to arrive
 # (the command's own, written just before it exited).
 OUTPUT_GRACE = 0.05
+# After the timeout's SIGTERM, how long the command has before SIGKILL
+# (keepalived's misc_check_child_thread waits 2 s).
+TERM_GRACE = 2.0
 
 
 def verdict(spec: CheckSpec, status: int) -> Result:
@@ -75,11 +81,25 @@ class _Output:
         os.close(self.fd)
 
 
-def _kill_group(proc) -> None:
+def kill_group(proc, sig: int = signal.SIGKILL) -> None:
+    """Signal a process started with start_new_session=True and its group."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+async def _stop(proc) -> None:
+    """The timeout's end of a command: SIGTERM to its group, then SIGKILL
+    once it is gone or TERM_GRACE s on."""
+    kill_group(proc, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), TERM_GRACE)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        kill_group(proc)
+    await proc.wait()
 
 
 async def check(spec: CheckSpec, addr: str, port: int) -> Result:
@@ -105,12 +125,11 @@ async def check(spec: CheckSpec, addr: str, port: int) -> Result:
         try:
             await asyncio.wait_for(proc.wait(), timeout)
         except asyncio.TimeoutError:
-            _kill_group(proc)
-            await proc.wait()
+            await _stop(proc)
             return Result(False, f"timeout after {timeout:g} s")
         except BaseException:
             # Cancelled: the command must not outlive its check.
-            _kill_group(proc)
+            kill_group(proc)
             raise
         try:
             await asyncio.wait_for(out.eof.wait(), OUTPUT_GRACE)

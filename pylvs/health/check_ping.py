@@ -54,6 +54,13 @@ def is_our_reply(packet: bytes, raw: bool, src: str, host: str, ident: int, seq:
 
 
 async def check(spec: CheckSpec, addr: str, port: int) -> Result:
+    """PING_CHECK of real server ``addr`` (dotted quad; ``connect_ip``
+    when given; ``port`` unused): one ICMP echo request, from ``bindto``
+    when given. Up when our echo reply (identifier, sequence, payload)
+    comes back within ``connect_timeout`` s, the text giving the round
+    trip in ms; down on silence, an error the socket reports, or no ICMP
+    socket to be had (neither ping_group_range nor CAP_NET_RAW). Raises
+    nothing for what the network does."""
     host, _ = target(spec, addr, port)
     loop = asyncio.get_running_loop()
     try:

@@ -11,6 +11,12 @@ from .check_api import Result, close_writer, open_tcp, os_error_text, target
 
 
 async def check(spec: CheckSpec, addr: str, port: int) -> Result:
+    """TCP_CHECK of real server ``addr`` (dotted quad) ``port`` (host
+    order): up when a connect to ``connect_ip``:``connect_port`` (default
+    ``addr``:``port``), from ``bindto`` when given, completes within
+    ``connect_timeout`` s; down, with the reason in the text ("connection
+    refused", "timeout", "no route to host"), otherwise. Raises nothing
+    for what the network does."""
     host, p = target(spec, addr, port)
     try:
         _reader, writer = await open_tcp(spec, host, p)

@@ -62,6 +62,14 @@ async def _exchange(sock: socket.socket, payload: bytes, timeout: float) -> byte
 
 
 async def check(spec: CheckSpec, addr: str, port: int) -> Result:
+    """UDP_CHECK of real server ``addr`` (dotted quad) ``port`` (host
+    order), or ``connect_ip``:``connect_port``: one datagram (``payload``
+    bytes, empty without) from a connected socket bound to ``bindto`` when
+    given. Up when no ICMP error arrives within ``connect_timeout`` s
+    (a reply or silence), or with ``require_reply`` when a reply passing
+    judge() does; down on an ICMP error the socket reports (port or host
+    unreachable), a reply that does not pass, or silence when a reply is
+    required. Raises nothing for what the network does."""
     host, p = target(spec, addr, port)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import shlex
@@ -62,6 +63,9 @@ CHECKERS = {
 # keepalived's lvs_method words to the Balancer's forwarding methods.
 FWD = {"NAT": "masq", "DR": "route", "TUN": "tunnel"}
 NOTIFY_TIMEOUT = 30.0
+# omega's commands at the director's stop are killed after this long
+# (keepalived's do_rs_notifies/do_vs_notifies when stopping: TIMER_HZ).
+OMEGA_TIMEOUT = 1.0
 
 
 def _dport(vs: VirtualServer, port: int, method: str | None) -> int:
@@ -69,6 +73,14 @@ def _dport(vs: VirtualServer, port: int, method: str | None) -> int:
     (ipvsadm and keepalived's ipvswrapper.c give it the virtual port; only
     NAT maps ports), whatever port its checkers probe."""
     return port if (method or vs.lvs_method) == "NAT" else vs.vport
+
+
+def _is_sorry_server(vs: VirtualServer, rs: RealServer) -> bool:
+    """Is ``rs`` the same dest as ``vs``'s sorry server (keepalived's
+    s_svr_duplicates_rs)?"""
+    s = vs.sorry_server
+    return (s is not None and s.addr == rs.addr
+            and _dport(vs, s.port, s.lvs_method) == _dport(vs, rs.port, rs.lvs_method))
 
 
 _TIMINGS = {"delay_loop": 0.0, "connect_timeout": 0.0, "retry": 0, "delay_before_retry": 0.0,
@@ -88,11 +100,19 @@ def service_name(key: tuple) -> str:
 
 
 def verdict_budget(spec: CheckSpec) -> float:
-    """The longest one probe may take, whatever the server does: each
+    """The longest one probe may take (s), whatever the server does: each
     checker bounds every connect and read by connect_timeout (MISC_CHECK
-    by misc_timeout), and a server sending its answer slowly enough to
-    pass each read is cut off here."""
+    by misc_timeout, a regex search by check_http.REGEX_TIMEOUT), and a
+    server sending its answer slowly enough to pass each read is cut off
+    here."""
     longest = max(spec.delay_loop, spec.connect_timeout, spec.misc_timeout or 0.0)
+    if spec.kind == "MISC_CHECK":
+        longest += check_misc.TERM_GRACE    # a command past its timeout is stopped gently
+    # A url's regex search ends on its own timeout, and its result says
+    # so: the budget does not cut it short with a vaguer one. Twice the
+    # timeout: the regex module looks at its clock only every so many
+    # steps, later still on a loaded machine.
+    longest += sum(2 * check_http.REGEX_TIMEOUT for u in spec.urls if u.regex is not None)
     return longest + spec.connect_timeout
 
 
@@ -119,10 +139,16 @@ class Probe:
         return (self.addr, self.port, self.spec)
 
     def inherit(self, old: "Probe | None") -> None:
-        """Take the verdict of ``old``, the same check with other timings."""
+        """Take the verdict of ``old``, the same check with other timings,
+        and the retries it has used (keepalived's migrate_checkers): a
+        server failing its retries when the reload comes is not given a
+        fresh set, but keeps one failure short of down at most, so a new
+        ``retry`` below the count used does not take it out unheard."""
         if old is not None and old.has_run:
             self.up, self.has_run, self.weight = old.up, True, old.weight
             self.text, self.since, self.last = old.text, old.since, old.last
+            if old.retry_it and self.spec.retry:
+                self.retry_it = min(old.retry_it, self.spec.retry - 1)
 
     def start(self) -> None:
         if self.task is None:
@@ -150,7 +176,9 @@ class Probe:
         if self.spec.warmup > 0:
             await asyncio.sleep(random.uniform(0, self.spec.warmup))
         budget = verdict_budget(self.spec)
+        loop = asyncio.get_running_loop()
         while not self._stopped:
+            started = loop.time()
             try:
                 r = await asyncio.wait_for(self.check(self.spec, self.addr, self.port), budget)
             except asyncio.TimeoutError:
@@ -163,7 +191,14 @@ class Probe:
                 r = Result(False, f"internal error: {type(e).__name__}: {e}")
             if self._stopped:
                 return
-            await asyncio.sleep(self.result(r))
+            delay = self.result(r)
+            if self.spec.kind == "MISC_CHECK":
+                # keepalived's misc_check_child_thread times the next run
+                # from this one's start: a slow command does not stretch
+                # the delay_loop (the other checkers' epilogs time it
+                # from the result).
+                delay -= loop.time() - started
+            await asyncio.sleep(max(0.0, delay))
 
     def result(self, r: Result) -> float:
         """Take one result (keepalived's checker epilog); the delay before
@@ -323,11 +358,27 @@ class HealthManager:
             p.start()
 
     async def stop(self) -> None:
+        """Stop the probes and the notify commands still running; then,
+        for each service with ``omega``, run what keepalived runs as it
+        shuts down: the notify_down of each real server in the pool and
+        the service's quorum_down, together, each killed after
+        OMEGA_TIMEOUT s."""
         self._running = False
         await asyncio.gather(*(p.stop() for p in self._probes.values()),
                              return_exceptions=True)
-        for t in list(self._tasks):
+        notifies = list(self._tasks)
+        for t in notifies:
             t.cancel()
+        # Their cancel kills their commands only as they run again: wait for
+        # that here, not on a later turn of the loop that may never come.
+        await asyncio.gather(*notifies, return_exceptions=True)
+        last = []
+        for st in self._services.values():
+            if st.vs.omega:
+                if not st.sorry_on:     # out of the pool already, as keepalived's rs->set
+                    last += [m.rs.notify_down for m in st.members if m.alive]
+                last.append(st.vs.quorum_down)
+        await asyncio.gather(*(_run_notify(c, None, OMEGA_TIMEOUT) for c in last if c))
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.ensure_future(coro)
@@ -374,7 +425,14 @@ class HealthManager:
             if m.alive is not None and now != m.alive:
                 self._notify(m.rs.notify_up if now else m.rs.notify_down)
             m.alive = now
-            self._set(vs, m.rs, now and not sorry, m.rs.inhibit_on_failure, m.dynamic_weight())
+            if sorry and _is_sorry_server(vs, m.rs):
+                # A sorry server that is also a real server: keepalived
+                # takes it out with the others and adds it back as the
+                # sorry server (weight 1, whatever its checks say).
+                self._set(vs, m.rs, True, False, 1)
+            else:
+                self._set(vs, m.rs, now and not sorry, m.rs.inhibit_on_failure,
+                          m.dynamic_weight())
         if not sorry and vs.sorry_server is not None:
             self._sorry(vs, "inhibit" if vs.sorry_server.inhibit else "off")
         st.sorry_on = sorry
@@ -410,16 +468,53 @@ class HealthManager:
 
     # --- the status view ---------------------------------------------------------
 
-    def status(self) -> list[dict]:
+    def _in_table(self):
+        """A predicate ``(vs, rs=None) -> bool``: is the service (and its
+        real server) in the Balancer's tables now? The operator may have
+        deleted it by hand (``-D``, ``-d``); its checks go on, and their
+        say applies when it is added again (Balancer.set_dest_health)."""
+        table = {s.key: s for s in self.balancer.services()}
+
+        def listed(vs: VirtualServer, rs: RealServer | None = None) -> bool:
+            svc = table.get(self.balancer._svc_key(vs.protocol, vs.vaddr, vs.vport))
+            if svc is None or rs is None:
+                return svc is not None
+            d = svc.dests.get((int(ipaddress.IPv4Address(rs.addr)),
+                               _dport(vs, rs.port, rs.lvs_method)))
+            return d is not None and not d.sorry
+        return listed
+
+    def view(self) -> dict:
+        """The control socket's "health" answer (`pylvs status`):
+        {"checks": status(), "services": services(), "not_in_table":
+        names of the configured services ('TCP 10.0.0.1:80') and real
+        servers ('TCP 10.0.0.1:80 -> 10.0.1.2:80') the operator deleted
+        by hand, left out of the other two}."""
+        listed = self._in_table()
+        gone = []
+        for st in self._services.values():
+            if not listed(st.vs):
+                gone.append(service_name(st.vs.key))
+                continue
+            gone += [f"{service_name(st.vs.key)} -> {m.rs.addr}:{m.rs.port}"
+                     for m in st.members if not listed(st.vs, m.rs)]
+        return {"checks": self.status(listed), "services": self.services(listed),
+                "not_in_table": gone}
+
+    def status(self, listed=None) -> list[dict]:
         """One row per (service, real server, check): "service" ('TCP
         10.0.0.1:80'), "real_server" ('10.0.1.2:80'), "kind", "state"
         ("up"/"down"), "result" (the last result's text), "since" (unix
         time of the last change of state), "checked" (unix time of the
         last result, None before the first), "shared" (services sharing
-        this probe)."""
+        this probe). ``listed``: view()'s filter (default: every row)."""
         rows = []
         for st in self._services.values():
+            if listed is not None and not listed(st.vs):
+                continue
             for m in st.members:
+                if listed is not None and not listed(st.vs, m.rs):
+                    continue
                 for p in m.probes:
                     rows.append({
                         "service": service_name(st.vs.key),
@@ -430,13 +525,15 @@ class HealthManager:
                     })
         return rows
 
-    def services(self) -> list[dict]:
+    def services(self, listed=None) -> list[dict]:
         """Per service: "service", "quorum" ("up"/"down"), "alive_weight",
         "quorum_needed", "sorry_server" ('addr:port' or None) and
-        "sorry_active"."""
+        "sorry_active". ``listed``: as status()."""
         out = []
         for st in self._services.values():
             vs = st.vs
+            if listed is not None and not listed(vs):
+                continue
             s = vs.sorry_server
             out.append({
                 "service": service_name(vs.key),
@@ -449,24 +546,29 @@ class HealthManager:
         return out
 
 
-async def _run_notify(command: str, after: asyncio.Task | None) -> None:
+async def _run_notify(command: str, after: asyncio.Task | None,
+                      timeout: float = NOTIFY_TIMEOUT) -> None:
     if after is not None:
         await asyncio.wait({after})
     try:
+        argv = shlex.split(command)
+        if not argv:    # the parser refuses it; a HealthManager fed by hand may not
+            raise ValueError("no command")
+        # Its own process group: what it starts is killed with it.
         proc = await asyncio.create_subprocess_exec(
-            *shlex.split(command), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            *argv, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True)
     except (OSError, ValueError) as e:
         log.warning("notify %r: %s", command, e)
         return
     try:
-        await asyncio.wait_for(proc.wait(), NOTIFY_TIMEOUT)
+        await asyncio.wait_for(proc.wait(), timeout)
     except asyncio.TimeoutError:
-        proc.kill()
+        check_misc.kill_group(proc)
         await proc.wait()
-        log.warning("notify %r: killed after %g s", command, NOTIFY_TIMEOUT)
+        log.warning("notify %r: killed after %g s", command, timeout)
     except asyncio.CancelledError:
         # The manager stops (HealthManager.stop): no command outlives it.
-        if proc.returncode is None:
-            proc.kill()
+        check_misc.kill_group(proc)
         raise

@@ -517,10 +517,19 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pylvs.lab.failover check``: build the lab, start both
     directors, download through each method while the master is killed,
     print what happened, tear it down. ``up`` / ``down --name``: by hand."""
-    ap = argparse.ArgumentParser(prog="python -m pylvs.lab.failover")
+    ap = argparse.ArgumentParser(
+        prog="python -m pylvs.lab.failover",
+        description="The failover lab (netns-labs/failover/README.md): two directors with "
+        "pylvs run and keepalived, three real servers (NAT, DR, Tun). check: build it, "
+        "measure the VIP takeover, 100 downloads per method while the master is killed, "
+        "remove it (netns-labs/failover/lab.sh runs this); up: build and start it, leave it "
+        "running; down: remove it.")
     ap.add_argument("cmd", choices=("check", "up", "down"))
-    ap.add_argument("--name", default=f"fo{os.getpid()}")
-    ap.add_argument("--advert-int", type=float, default=1.0)
+    ap.add_argument("--name", default=f"fo{os.getpid()}",
+                    help="the lab's name: namespaces NAME-client, NAME-dir1, ... "
+                    "(default: fo<pid>)")
+    ap.add_argument("--advert-int", type=float, default=1.0, metavar="SECONDS",
+                    help="keepalived's advert_int (VRRPv3: below 1 s allowed; default 1)")
     ap.add_argument("--sync", choices=("auto", "on", "off"), default="auto",
                     help="connection sync daemons (pylvs adm --start-daemon) on both "
                     "directors; auto: where pylvs has them")
@@ -607,19 +616,29 @@ def sync_refused(lab: FailoverLab, d: str = "dir1") -> str | None:
 
 def downloads_through_failover(lab: FailoverLab, port: int, conns: int = 100,
                                size: int = 200_000, rate: int = 25_000,
-                               kill_after: float = 3.0, idle: float = 8.0) -> dict:
+                               kill_after: float = 3.0, idle: float = 8.0,
+                               second: float | None = None, gap: float = 0.0) -> dict:
     """``conns`` paced downloads (pylvs/lab/paced.py) to VIP:port; once every
     one has its first bytes, wait ``kill_after`` s and kill the master.
     The default wait is longer than the sync master's flush time (2 s, the
     kernel's IPVS_SYNC_FLUSH_TIME): a conn announced less than that before
     the master dies may still sit in its partly filled message, lost with
     it, with IPVS as with pylvs.
-    The fetch result plus "killed" and "backup"."""
+    ``second``: a second failover soon after the first: once the backup
+    holds the VIP, the killed director boots again (revive: the backup
+    now, its table from the new master's bulk resync) and ``second`` s
+    later the new master is killed in turn, so the downloads end on the
+    director that was killed first. ``gap``: the real servers stay silent
+    this many s after the first half of each download (paced.py: the
+    conns idle, announced by nobody meanwhile).
+    The fetch result plus "killed" (the last director killed) and "backup"
+    (the one that forwards at the end)."""
     master = lab.wait_master()
     backup = next(d for d in DIRECTORS if d != master)
     p = subprocess.Popen(ns_exec_argv(lab.client, [
         lab.python, "-m", "pylvs.lab.paced", "fetch", "--addr", VIP, "--port", str(port),
-        "--conns", str(conns), "--size", str(size), "--rate", str(rate), "--idle", str(idle)]),
+        "--conns", str(conns), "--size", str(size), "--rate", str(rate), "--idle", str(idle),
+        "--gap", str(gap)]),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=_repo_root())
     try:
         if not wait_for_line(p, f"running {conns}", 15):
@@ -630,7 +649,13 @@ def downloads_through_failover(lab: FailoverLab, port: int, conns: int = 100,
         time.sleep(kill_after)
         lab.kill_director(master)
         killed_after = time.monotonic() - start
-        out, err = p.communicate(timeout=size / rate + idle + 60)
+        if second is not None:
+            lab.wait_master(backup)
+            lab.revive(master)
+            time.sleep(second)
+            lab.kill_director(backup)
+            master, backup = backup, master
+        out, err = p.communicate(timeout=size / rate + gap + idle + 60)
     finally:
         if p.poll() is None:
             p.kill()
@@ -659,7 +684,7 @@ def downloads_through_failover(lab: FailoverLab, port: int, conns: int = 100,
     errors: dict[str, int] = {}
     for b in res["broken"]:
         errors[b["error"]] = errors.get(b["error"], 0) + 1
-    res.update(killed=master, killed_after=round(killed_after, 3), transfer=size / rate,
+    res.update(killed=master, killed_after=round(killed_after, 3), transfer=size / rate + gap,
                backup=backup, backup_holds_vip=held, backup_inpkts=inpkts,
                backup_counters=counters,
                new_conn_ok=new.returncode == 0, errors=errors)

@@ -1,11 +1,12 @@
 """Paced downloads whose every byte is checked: the traffic of the failover
 lab (netns-labs/failover, tests/netns/test_failover.py).
 
-- ``serve``: a TCP server; a client sends one line ``SEED SIZE RATE\\n``
-  (ASCII decimal: the content's seed, bytes to send, bytes per second) and
-  gets SIZE bytes of ``content(SEED, SIZE)``, sent in slices every
-  ``TICK`` s so that the transfer lasts SIZE / RATE seconds, then the
-  server closes.
+- ``serve``: a TCP server; a client sends one line ``SEED SIZE RATE
+  [GAP]\\n`` (ASCII decimal: the content's seed, bytes to send, bytes per
+  second, and seconds of silence after the first half) and gets SIZE
+  bytes of ``content(SEED, SIZE)``, sent in slices every ``TICK`` s so
+  that the transfer lasts SIZE / RATE seconds (plus GAP, during which the
+  connection is idle: no segment either way), then the server closes.
 - ``fetch``: N such downloads at once to one address and port, each with
   its own seed; it prints ``running N`` on stdout once every
   connection has received its first bytes (the moment to break something),
@@ -39,13 +40,23 @@ def content(seed: int, size: int) -> bytes:
 async def _send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         line = await asyncio.wait_for(reader.readline(), 10)
-        seed, size, rate = (int(x) for x in line.split())
-        if not (0 <= size <= 1 << 30 and rate > 0):
+        fields = line.split()
+        if len(fields) not in (3, 4):
+            raise ValueError(line)
+        seed, size, rate = (int(x) for x in fields[:3])
+        gap = float(fields[3]) if len(fields) == 4 else 0.0
+        if not (0 <= size <= 1 << 30 and rate > 0 and 0 <= gap <= 3600):
             raise ValueError(line)
         data = content(seed, size)
         step = max(1, int(rate * TICK))
         start = time.monotonic()
         for off in range(0, size, step):
+            if gap and off >= size // 2:
+                # An idle conn (a session between two requests): nothing
+                # for a sync master to announce again.
+                await asyncio.sleep(gap)
+                start += gap
+                gap = 0.0
             writer.write(data[off:off + step])
             await writer.drain()
             # Paced by the clock, not by the slices sent: a stall (a
@@ -69,7 +80,8 @@ async def serve(host: str, port: int) -> None:
 
 
 async def _fetch_one(addr: str, port: int, seed: int, size: int, rate: int, idle: float,
-                     first: asyncio.Event, counter: list, total: int, out: dict) -> None:
+                     first: asyncio.Event, counter: list, total: int, out: dict,
+                     gap: float = 0.0) -> None:
     want = content(seed, size)
     got = 0
     try:
@@ -79,9 +91,10 @@ async def _fetch_one(addr: str, port: int, seed: int, size: int, rate: int, idle
         return
     out[seed] = None   # established
     try:
-        writer.write(f"{seed} {size} {rate}\n".encode())
+        writer.write((f"{seed} {size} {rate} {gap}\n" if gap else
+                      f"{seed} {size} {rate}\n").encode())
         while True:
-            chunk = await asyncio.wait_for(reader.read(1 << 16), idle)
+            chunk = await asyncio.wait_for(reader.read(1 << 16), idle + gap)
             if not chunk:
                 break
             if chunk != want[got:got + len(chunk)]:
@@ -94,7 +107,7 @@ async def _fetch_one(addr: str, port: int, seed: int, size: int, rate: int, idle
         if got != size:
             raise ValueError(f"EOF after {got} of {size} bytes")
     except asyncio.TimeoutError:
-        out[seed] = {"seed": seed, "got": got, "error": f"nothing for {idle} s"}
+        out[seed] = {"seed": seed, "got": got, "error": f"nothing for {idle + gap} s"}
     except (OSError, ValueError) as e:
         out[seed] = {"seed": seed, "got": got, "error": repr(e)}
     finally:
@@ -102,13 +115,14 @@ async def _fetch_one(addr: str, port: int, seed: int, size: int, rate: int, idle
 
 
 async def fetch(addr: str, port: int, conns: int, size: int, rate: int, idle: float,
-                seed: int = 0) -> dict:
+                seed: int = 0, gap: float = 0.0) -> dict:
     first = asyncio.Event()
     counter = [0]
     out: dict = {}
     start = time.monotonic()
     tasks = [asyncio.ensure_future(_fetch_one(addr, port, seed + i, size, rate, idle, first,
-                                              counter, conns, out)) for i in range(conns)]
+                                              counter, conns, out, gap))
+             for i in range(conns)]
 
     async def announce() -> None:
         await first.wait()
@@ -139,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--idle", type=float, default=8.0,
                    help="seconds without a byte after which a download is broken")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--gap", type=float, default=0.0,
+                   help="seconds the server stays silent after the first half (the conn "
+                   "idle; --idle counts beyond it)")
     a = ap.parse_args(argv)
     if a.cmd == "serve":
         try:
@@ -146,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         return 0
-    if not (1 <= a.conns <= 10000 and a.size >= 0 and a.rate > 0 and a.idle > 0):
-        ap.error("--conns 1..10000, --size >= 0, --rate > 0, --idle > 0")
-    res = asyncio.run(fetch(a.addr, a.port, a.conns, a.size, a.rate, a.idle, a.seed))
+    if not (1 <= a.conns <= 10000 and a.size >= 0 and a.rate > 0 and a.idle > 0
+            and 0 <= a.gap <= 3600):
+        ap.error("--conns 1..10000, --size >= 0, --rate > 0, --idle > 0, --gap 0..3600")
+    res = asyncio.run(fetch(a.addr, a.port, a.conns, a.size, a.rate, a.idle, a.seed, a.gap))
     print(json.dumps(res), flush=True)
     return 0 if res["intact"] == res["conns"] else 1
 

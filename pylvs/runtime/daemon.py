@@ -165,6 +165,7 @@ class Daemon:
         self._services = tables.empty_services(0)
         self._dests = tables.empty_dests(0)
         self._local: frozenset[str] = frozenset()
+        self._reloads: set = set()   # SIGHUP reloads running (asyncio tasks)
 
     @property
     def loops(self) -> int:
@@ -555,7 +556,7 @@ class Daemon:
     async def _health_extra(self) -> dict:
         """What `pylvs status` shows: the HealthManager's checks and
         services (docs/health.md)."""
-        return {"checks": self.health.status(), "services": self.health.services()}
+        return self.health.view()
 
     def _call_in_loop(self, fn, *args) -> None:
         loop = self._loop
@@ -629,7 +630,10 @@ class Daemon:
                 pass   # logged; the running configuration is kept
             except Exception:
                 log.exception("reload failed; the running configuration is kept")
-        asyncio.ensure_future(run())
+        # The loop keeps only a weak reference to a task: hold it until done.
+        task = asyncio.ensure_future(run())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     async def _await_dests(self, timeout: float = READY_WAIT, step: float = 0.01) -> None:
         """Hold "ready" until the data path can forward to every dest known
@@ -796,7 +800,8 @@ class Daemon:
         services (a received conn goes to the worker its client reaches)."""
         from ..sync.daemon import SyncDaemons
 
-        self.sync = SyncDaemons(lambda: self.workers, lambda: self._services)
+        self.sync = SyncDaemons(lambda: self.workers, lambda: self._services,
+                                lambda: self._dests)
 
     async def _sync_start(self) -> None:
         """--start-daemon of `pylvs run`: a refusal stops the start."""

@@ -19,7 +19,9 @@ datagram strictly (pylvs.sync.wire; drops counted by reason) and installs
 each record (``engine.sync_install``) into the engine of the worker that
 the record's client frames reach (the steering rule of docs/io.md,
 "Workers"). At start, and again with back-off until the master answers, it
-asks for the whole table (a BULK_REQUEST message, which IPVS peers ignore).
+asks for the whole table (a BULK_REQUEST message, which IPVS peers ignore);
+it asks again when rules it lacked arrive after records went uninstalled
+(a backup started before its services and real servers).
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ FLUSH_TIME = 2.0       # IPVS_SYNC_FLUSH_TIME: HZ * 2
 DRAIN_CHUNK = 4096     # records read from an engine per sync_drain call
 BULK_CHUNK = 1024      # records per sync_chunk call (one engine lock hold)
 BULK_RATE = 2000       # bulk answer messages per second (~80,000 conns/s at 1472)
-BULK_RETRY = (1.0, 2.0, 4.0, 8.0)   # a backup re-asks after these many s without an END
+BULK_PENDING = 64      # requests (nonces) one walk answers; more are counted and not answered
+BULK_RETRY = (1.0, 2.0, 4.0, 8.0)   # a backup re-asks after these many s without an END,
+BULK_RETRY_EVERY = 10.0             # then every this many s until one comes
+REASK_POLL = 0.5       # s between two looks at the backup's rules
+REASK_SETTLE = 1.0     # s the rules rest before a re-ask (an -R restoring many lines)
+REASK_EVERY = 5.0      # s at least between two re-asks of one backup
 RECV_BUDGET = 256      # datagrams a backup reads per wake-up before yielding the loop
 LOG_EVERY = 10.0       # s between two warnings about dropped datagrams
 IFNAME_MAX = 15        # IP_VS_IFNAME_MAXLEN - 1: ipvsadm keeps that much of --mcast-interface
@@ -188,11 +195,39 @@ def receive_socket(cfg: SyncConfig, index: int) -> socket.socket:
 
 class _Engines:
     """What the daemons need of the director: its workers (each with
-    ``engine`` and ``lock``) and the published service table (for the
-    steering rule's client mask)."""
+    ``engine`` and ``lock``), the published service table (for the
+    steering rule's client mask) and dest table (for the rules a backup
+    installs against)."""
 
-    def __init__(self, workers: Callable[[], Sequence], services: Callable[[], np.ndarray]):
-        self.workers, self.services = workers, services
+    def __init__(self, workers: Callable[[], Sequence], services: Callable[[], np.ndarray],
+                 dests: Callable[[], np.ndarray | None] = lambda: None):
+        self.workers, self.services, self.dests = workers, services, dests
+        self._rules: tuple = (None, None, frozenset())
+
+    def rules(self) -> frozenset:
+        """What a sync record is installed against (the engines'
+        sync_install, as the kernel's ip_vs_proc_conn): each service's
+        (proto, vaddr, vport) and each dest's (proto, vaddr, vport, daddr,
+        dport), host order. Recomputed only when a table was republished."""
+        svcs, dests = self.services(), self.dests()
+        if svcs is self._rules[0] and dests is self._rules[1]:
+            return self._rules[2]
+        from ..engine import tables
+
+        keys: set = set()
+        by_slot: dict[int, tuple] = {}
+        if svcs is not None:
+            for slot in np.flatnonzero(svcs["flags"] & tables.SVC_F_USED).tolist():
+                row = svcs[slot]
+                by_slot[slot] = (int(row["proto"]), int(row["vaddr"]), int(row["vport"]))
+            keys.update(by_slot.values())
+        if dests is not None:
+            for row in dests[(dests["flags"] & tables.DEST_F_USED) != 0].tolist():
+                daddr, dport, svc = row[0], row[1], row[2]
+                if svc in by_slot:
+                    keys.add((*by_slot[svc], daddr, dport))
+        self._rules = (svcs, dests, frozenset(keys))
+        return self._rules[2]
 
     def call(self, w, name: str, *args):
         # The C engine locks itself; a Python engine is safe only under the
@@ -252,7 +287,8 @@ class _Daemon:
                 continue
             self.stats[key + "messages"] += 1
             self.stats[key + "bytes"] += len(m)
-            self.stats[key + "conns"] += m[4]
+            if key in ("", "bulk_"):   # sync messages; a control message carries no conn
+                self.stats[key + "conns"] += m[4]
 
 
 class Master(_Daemon):
@@ -332,6 +368,12 @@ class Master(_Daemon):
             self.stats["bulk_requests_other_syncid"] += 1
             return False
         self.stats["bulk_requests"] += 1
+        if nonce not in self.requests and len(self.requests) >= BULK_PENDING:
+            # A flood of requests (or a host lying on the sync link) must
+            # not make the master send an END per request: one walk runs
+            # anyway, and a real backup asks again when no END comes.
+            self.stats["bulk_requests_dropped"] += 1
+            return False
         self.requests.setdefault(nonce, time.monotonic())
         self.bulk_wake.set()
         return True
@@ -380,6 +422,13 @@ class Backup(_Daemon):
         self._logged_at = -LOG_EVERY
         self.nonce = int.from_bytes(os.urandom(4), "big")
         self.bulk_done = asyncio.Event()
+        self.asking: asyncio.Task | None = None
+        # Re-asking (rules_tick): a record went uninstalled since the last
+        # request; the rules then, the last ones seen and when they changed.
+        self.missed = False
+        self._asked_rules = self._seen_rules = self.engines.rules()
+        self._changed_at = time.monotonic()
+        self._asked_at = float("-inf")   # REASK_EVERY spaces the re-asks, not the first
 
     def start(self) -> None:
         self.engines.check(("sync_install",))
@@ -393,17 +442,65 @@ class Backup(_Daemon):
             pass
         loop = asyncio.get_running_loop()
         loop.add_reader(self.inp.fileno(), self._on_readable)
-        self.tasks.append(loop.create_task(self._ask(), name="pylvs-sync-bulk-request"))
+        self.asking = loop.create_task(self._ask(), name="pylvs-sync-bulk-request")
+        self.tasks.append(self.asking)
+        self.tasks.append(loop.create_task(self._watch_rules(), name="pylvs-sync-rules"))
+
+    def rules_tick(self, now: float) -> bool:
+        """Is a new bulk request due? Yes when a record went uninstalled
+        since the last request (no such service or dest here, typically:
+        the backup started before its rules) and the rules gained a service
+        or dest since then, have rested REASK_SETTLE s, and the last re-ask
+        is REASK_EVERY s old. Rules that only shrink (a real server taken
+        out) never ask. (The rules are only read while something is
+        missing: a large dest table costs nothing in the usual case.)"""
+        if not self.missed:
+            return False
+        rules = self.engines.rules()
+        if rules != self._seen_rules:
+            self._seen_rules, self._changed_at = rules, now
+        return (not rules <= self._asked_rules
+                and now - self._changed_at >= REASK_SETTLE
+                and now - self._asked_at >= REASK_EVERY)
+
+    def reask(self, now: float) -> None:
+        """Ask for the whole table again, with a new nonce (an END for the
+        old request does not answer this one) and the same back-off."""
+        self.missed = False
+        self._asked_rules, self._asked_at = self._seen_rules, now
+        self.nonce = int.from_bytes(os.urandom(4), "big")
+        self.bulk_done = asyncio.Event()
+        self.stats["bulk_reasks"] += 1
+        if self.asking is not None:
+            self.asking.cancel()
+            self.tasks.remove(self.asking)
+        self.asking = asyncio.get_running_loop().create_task(
+            self._ask(), name="pylvs-sync-bulk-request")
+        self.tasks.append(self.asking)
+        log.info("sync backup: rules added since records went uninstalled: asking the "
+                 "master for its whole table again")
+
+    async def _watch_rules(self) -> None:
+        while True:
+            await asyncio.sleep(REASK_POLL)
+            try:
+                if self.rules_tick(time.monotonic()):
+                    self.reask(time.monotonic())
+            except Exception:
+                log.exception("sync backup: watching the rules failed")
 
     async def _ask(self) -> None:
-        """BULK_REQUEST now and after each of BULK_RETRY s without an END."""
+        """BULK_REQUEST now, after each of BULK_RETRY s without an END, then
+        every BULK_RETRY_EVERY s until one comes: a master daemon started
+        long after this backup (an operator enabling sync on a running
+        director) is heard from within seconds, not never. (An IPVS master
+        never answers: 20 bytes every 10 s.)"""
         msg = wire.control_message(wire.BULK_REQUEST, self.cfg.syncid, self.nonce)
-        for wait in (*BULK_RETRY, None):
+        waits = iter(BULK_RETRY)
+        while True:
             await self._send(self.ask, [msg], "bulk_request_")
-            if wait is None:
-                return
             try:
-                await asyncio.wait_for(self.bulk_done.wait(), wait)
+                await asyncio.wait_for(self.bulk_done.wait(), next(waits, BULK_RETRY_EVERY))
                 return
             except asyncio.TimeoutError:
                 pass
@@ -411,20 +508,37 @@ class Backup(_Daemon):
     def _on_readable(self) -> None:
         for _ in range(RECV_BUDGET):
             try:
-                buf, src = self.inp.recvfrom(self.maxlen)
+                buf, _anc, flags, src = self.inp.recvmsg(self.maxlen)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 log.debug("sync backup: recv: %s", e)
                 return
+            src = src[0] if isinstance(src, tuple) else str(src)
             dropped = sum(self.drops.values())
             try:
-                self.receive(buf, time.monotonic())
+                if flags & socket.MSG_TRUNC:
+                    self.too_long(len(buf), src)
+                else:
+                    self.receive(buf, time.monotonic())
             except Exception:
                 log.exception("sync backup: a message failed to install")
                 self.stats["install_errors"] += 1
             if sum(self.drops.values()) != dropped:
-                self._log_drops(src[0])
+                self._log_drops(src)
+
+    def too_long(self, nbytes: int, src: str) -> None:
+        """A datagram longer than sync_maxlen, cut to it by the read: dropped
+        (the kernel's backup drops it too, as a bogus message size), and
+        said once: the usual cause is a master's --sync-maxlen above this
+        backup's."""
+        self.stats["messages"] += 1
+        self.stats["bytes"] += nbytes
+        self.drops["too_long"] += 1
+        if self.drops["too_long"] == 1:
+            log.warning("sync backup: a message from %s is longer than this backup's "
+                        "sync_maxlen %d: dropped (start the backup with --sync-maxlen at "
+                        "least the master's)", src, self.maxlen)
 
     def _log_drops(self, src: str) -> None:
         """A warning for dropped datagrams, at most every LOG_EVERY s, with
@@ -461,6 +575,8 @@ class Backup(_Daemon):
                 installed += int(self.engines.call(w, "sync_install", part, now))
         self.stats["conns"] += len(recs)
         self.stats["installed"] += installed
+        if installed < len(recs):
+            self.missed = True
         return installed
 
 
@@ -468,8 +584,9 @@ class SyncDaemons:
     """The director's master and backup daemons (at most one of each, as
     the kernel's); all methods run on the event loop."""
 
-    def __init__(self, workers: Callable[[], Sequence], services: Callable[[], np.ndarray]):
-        self.engines = _Engines(workers, services)
+    def __init__(self, workers: Callable[[], Sequence], services: Callable[[], np.ndarray],
+                 dests: Callable[[], np.ndarray | None] = lambda: None):
+        self.engines = _Engines(workers, services, dests)
         self.running: dict[str, _Daemon] = {}
 
     async def start(self, req: dict) -> None:

@@ -75,6 +75,7 @@ DEFAULT_MAXLEN = 1500 - IPHDR_UDPHDR       # the master's sync_maxlen: 1472
 
 # Why a whole message was dropped (nothing from it is installed) ...
 DROP_REASONS = (
+    "too_long",       # longer than the backup's sync_maxlen (read cut short; the daemon counts it)
     "short",          # shorter than a v0 header (4 bytes)
     "bad_size",       # the header's size is not the datagram's length
     "wrong_syncid",   # syncid is not ours (ours is not 0)

@@ -168,7 +168,7 @@ import asyncio, json, sys, time
 from pylvs.config.model import CheckSpec, RealServer, UrlSpec, VirtualServer
 from pylvs.health.manager import HealthManager
 
-flag, duration = sys.argv[1], float(sys.argv[2])
+flag, deadline = sys.argv[1], float(sys.argv[2])
 common = dict(delay_loop=%(D)r, connect_timeout=%(T)r, retry=%(RETRY)r, delay_before_retry=%(DBR)r)
 url = (UrlSpec("/", frozenset({200})),)
 kinds = [("TCP_CHECK", 8001, {}), ("HTTP_GET", 8001, {"urls": url}),
@@ -190,7 +190,15 @@ async def main():
     m.configure(services)
     await m.start()
     print("started", flush=True)
-    await asyncio.sleep(duration)
+    # Watch until the test is done ("stop" or stdin closed), however long
+    # its phases take on a loaded machine; the deadline only bounds a
+    # test that died.
+    told = asyncio.Event()
+    asyncio.get_running_loop().add_reader(sys.stdin.fileno(), told.set)
+    try:
+        await asyncio.wait_for(told.wait(), deadline)
+    except asyncio.TimeoutError:
+        pass
     await m.stop()
     print(json.dumps(events))
 
@@ -230,8 +238,9 @@ def test_every_checker_down_up_and_a_flap_shorter_than_the_retries(servers, tmp_
             flag.touch()
 
     kinds = ["TCP_CHECK", "HTTP_GET", "SSL_GET", "UDP_CHECK", "PING_CHECK", "MISC_CHECK"]
-    p = subprocess.Popen(["ip", "netns", "exec", trio.d, PY, "-c", WATCH, str(flag), "7.5"],
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(["ip", "netns", "exec", trio.d, PY, "-c", WATCH, str(flag), "120"],
+                         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline() == "started\n"
         start = time.time()
@@ -249,7 +258,7 @@ def test_every_checker_down_up_and_a_flap_shorter_than_the_retries(servers, tmp_
             block(False)
             time.sleep(0.5)
         try:
-            out, err = p.communicate(timeout=15)
+            out, err = p.communicate("stop\n", timeout=15)
         except subprocess.TimeoutExpired:
             p.kill()
             out, err = p.communicate()

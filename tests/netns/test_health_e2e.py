@@ -61,6 +61,7 @@ def test_real_server_dies_leaves_and_comes_back_with_the_sorry_server(director_l
                                                          ctl)).stdout)
     row = next(c for c in st["checks"] if c["real_server"] == f"{rs1}:80")
     assert row["state"] == "down" and "refused" in row["result"] and row["kind"] == "HTTP_GET"
+    assert st["not_in_table"] == []
     text = lab.run(lab.director, lab.pylvs_argv("status", "--control", ctl)).stdout
     assert f"{rs1}:80" in text and "down" in text and "quorum up" in text
 

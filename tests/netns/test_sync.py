@@ -9,7 +9,8 @@
 2. Two `pylvs run` directors (VS-NAT lab + a backup director on a sync
    link), 1 and 2 workers: conns the master forwards appear on the backup
    (`pylvs adm -L -c`), in the worker their client reaches; a restarted
-   backup gets the whole table back by bulk resync; bad packets sent at
+   backup gets the whole table back by bulk resync, also when its rules
+   come only after its daemon started; bad packets sent at
    the backup's socket are counted and install nothing.
 """
 
@@ -312,18 +313,25 @@ def test_backup_installs_what_the_master_forwards_and_resyncs_after_restart(pair
 
         # A restarted backup hears nothing from these idle conns: the bulk
         # resync brings the master's whole table back. This time the
-        # director starts its daemon itself, after its rules (-c).
+        # director starts its daemon itself, and its rules come after
+        # (as `pylvs run --start-daemon backup` then `pylvs adm -R`): the
+        # first answer installs nothing, the backup asks again once the
+        # rules are there.
         backup.stop()
-        rules = backup.logs / "rules"
-        rules.write_text(RULES.format(vip=lab.vip, rs1=lab.rips[0], rs2=lab.rips[1]))
-        backup.start("-c", str(rules), "--start-daemon", "backup", "--mcast-interface", "sy0",
+        backup.start("--start-daemon", "backup", "--mcast-interface", "sy0",
                      "--syncid", SYNCID)
         assert backup.adm("-L", "--daemon") == daemon_line.format("backup")
-        got = wait_rows(backup, master, 5.0)   # within 5 s of "ready"
+        deadline = time.monotonic() + 5
+        while not backup.stats()["sync"]["backup"]["bulk_complete"]:
+            assert time.monotonic() < deadline, backup.stats()["sync"]
+            time.sleep(0.1)
+        assert conn_rows(backup.adm("-L", "-c", "-n")) == set()
+        _restore(backup, RULES.format(vip=lab.vip, rs1=lab.rips[0], rs2=lab.rips[1]))
+        got = wait_rows(backup, master, 5.0)   # rules rest 1 s, then the re-ask
         assert master <= got, sorted(master - got)
         sync = backup.stats()["sync"]["backup"]
         assert sync["bulk_complete"] is True and sync["installed"] >= len(master)
-        assert sum(sync["dropped"].values()) == 0
+        assert sync["bulk_reasks"] == 1 and sum(sync["dropped"].values()) == 0
         again = subprocess.run(["ip", "netns", "exec", backup.ns,
                                 *lab.pylvs_argv("adm", "--start-daemon", "backup",
                                                 "--mcast-interface", "sy0")],
