@@ -740,7 +740,7 @@ BAD = [
      "  HTTP_GET {\n   url {\n    path /\n    regex caf\\u00e9\n   }\n  }\n }\n}\n",
      ":6: regex: \\u names a character, and the body is bytes"),
     ("regex naming a character by name", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
-     "  SSL_GET { url { path / regex \"\\\\N{DIGIT ONE}\" } }\n }\n}\n",
+     "  SSL_GET { url { path / regex \"\\N{DIGIT ONE}\" } }\n }\n}\n",
      ":3: regex: \\N names a character"),
     # A command that could not run: named at load, not when the state changes.
     ("blank notify_up", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
@@ -1099,6 +1099,34 @@ def test_pylvs_run_t_checks_the_file_as_keepalived_t_does(tmp_path, capsys):
     with pytest.raises(SystemExit):
         daemon.main(["-t"])
     assert "-t checks the -c FILE" in capsys.readouterr().err
+
+
+def test_a_backslash_in_a_value_is_kept_as_keepalived_keeps_it(tmp_path):
+    """keepalived 2.2.7 gives a quoted value's backslashes through as they
+    are (`lb_kind "D\\x52"`: "unknown [D\\x52] routing method"): a regex's
+    `\\d` and `\\s` reach the check, a misc_path's backslash the command."""
+    cfg = parse(tmp_path, r"""
+        virtual_server 10.0.0.1 80 {
+            protocol TCP
+            real_server 10.1.0.1 80 {
+                HTTP_GET {
+                    url {
+                        path /health
+                        regex "^status:\s*\d+ ok"
+                    }
+                }
+                MISC_CHECK {
+                    misc_path "/usr/local/bin/check \.internal"
+                }
+            }
+        }
+    """)
+    http, misc = cfg.virtual_servers[0].real_servers[0].checks
+    assert http.urls[0].regex == r"^status:\s*\d+ ok"
+    assert misc.misc_path == r"/usr/local/bin/check \.internal"
+    # A quote always ends a quoted string: `"a\"b"` leaves a quote open.
+    with pytest.raises(ka.ConfigError, match=r":3: unterminated quoted string"):
+        parse(tmp_path, 'virtual_server 10.0.0.1 80 {\n protocol TCP\n virtualhost "a\\"b"\n}\n')
 
 
 def test_load_errors_name_file_and_line(tmp_path):

@@ -88,10 +88,11 @@ class Token:
         return None if self.quoted or self.text not in ("{", "}") else self.text
 
 
-# A quoted string (backslash escapes the next character), a brace, a
-# comment (to the end of the line), a word, or a lone quote (unterminated).
-_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|([{}])|([#!].*)|([^\s{}"#!]+)|(")')
-_ESC = re.compile(r"\\(.)")
+# A quoted string, a brace, a comment (to the end of the line), a word, or
+# a lone quote (unterminated). As keepalived 2.2.7 reads a value, a
+# backslash is an ordinary character, inside quotes too (`regex "\d+"`
+# keeps it; `"a\"b"` is `a\` and an unmatched quote, as keepalived says).
+_TOKEN = re.compile(r'"([^"]*)"|([{}])|([#!].*)|([^\s{}"#!]+)|(")')
 
 
 def _logical_lines(text: str):
@@ -124,7 +125,7 @@ def _line_tokens(line: str, where: Where, budget: int) -> list[Token]:
         if lone is not None:
             raise ConfigError(where, "unterminated quoted string")
         if q is not None:
-            out.append(Token(_ESC.sub(r"\1", q), where, quoted=True, bol=not out))
+            out.append(Token(q, where, quoted=True, bol=not out))
         else:
             out.append(Token(brace or word, where, bol=not out))
     if _NOT_UTF8.search(line) is not None and any(_NOT_UTF8.search(t.text) for t in out):
@@ -281,7 +282,7 @@ class _Reader:
             self.read(name, where, stack)
 
 
-_INCLUDE_ARG = re.compile(r'\s*include\s+(?:"((?:[^"\\]|\\.)*)"|([^\s"#!]+))\s*(?:[#!].*)?')
+_INCLUDE_ARG = re.compile(r'\s*include\s+(?:"([^"]*)"|([^\s"#!]+))\s*(?:[#!].*)?')
 _INCLUDES = ("include", "includer", "includem", "includew", "includeb", "includea",
              "include_check")
 _ADVANCED = {"@": "conditional configuration ('@')",
