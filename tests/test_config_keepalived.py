@@ -1089,12 +1089,12 @@ def test_pylvs_run_t_checks_the_file_as_keepalived_t_does(tmp_path, capsys):
     assert out.endswith(": 1 service(s), 1 dest(s), 7 warning(s), 1 error(s)\n")
     assert f"warning: {part}:1: global_defs: ignored (pylvs does not run it)" in err.splitlines()
     assert err.splitlines()[7:] == [
-        f"error: {part}:19: virtual_server fwmark 7: fwmark services are not supported by "
+        f"{part}:19: virtual_server fwmark 7: fwmark services are not supported by "
         "pylvs yet; skipped"]
     rules = write(tmp_path, "rules", "-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.2:80 -r 10.1.0.1\n")
     assert daemon.main(["-c", rules, "-t", "--max-services", "1"]) == 1
     out, err = capsys.readouterr()
-    assert err == f"error: {rules}: line 2: Service not defined\n"
+    assert err == f"{rules}: line 2: Service not defined\n"
     assert out == f"{rules} (rules): 1 service(s), 0 dest(s), 0 warning(s), 1 error(s)\n"
     with pytest.raises(SystemExit):
         daemon.main(["-t"])

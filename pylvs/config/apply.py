@@ -454,7 +454,7 @@ def config_test(path: str, out, err, max_services: int, max_dests: int) -> int:
         ops = full_ops(loaded.services, loaded.timeouts)
         problems += errors(ops, b.apply_many([op for op, _w in ops]))
     for p in problems:
-        err.write(f"error: {p}\n")
+        err.write(f"{p}\n")
     dests = sum(len(s.dests) for s in loaded.services.values())
     out.write(f"{path} ({loaded.kind}): {len(loaded.services)} service(s), {dests} dest(s), "
               f"{len(loaded.warnings)} warning(s), {len(problems)} error(s)\n")
