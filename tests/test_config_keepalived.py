@@ -486,6 +486,11 @@ KEEPALIVED_DROPS = [
      + _vs().replace("10.0.0.1 80", "group G", 1), 2),
     ("lowercase lb_kind", _vs(body=" lb_kind dr\n"), 4),
     ("misspelt keyword", _vs(body=" persistance_timeout 5\n"), 4),
+    # No line continues on the next: a trailing backslash stays in the line,
+    # a comment's too (keepalived: "Invalid lvs_scheduler 'wrr\\'").
+    ("a comment ending in a backslash", _vs(body=" lb_algo wrr  # see C:\\\n"
+                                              " persistence_timeout 60\n"), 4),
+    ("a line ending in a backslash", _vs(real="  weight 2\\\n  inhibit_on_failure\n"), 5),
 ]
 
 
@@ -794,6 +799,8 @@ BAD = [
      ":5: unknown keyword 'connect_timeout' in MISC_CHECK"),
     ("group range past the last byte", "virtual_server_group G {\n 10.0.0.1-300 80\n}\n",
      ":2: virtual_server_group: range '10.0.0.1-300': the end is the last byte, 0..255"),
+    ("a trailing backslash joins no line", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  weight 2\\\n  inhibit_on_failure\n }\n}\n", ":3: weight: '2\\\\' is not an integer"),
     ("connect_port 0", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
      "  TCP_CHECK {\n   connect_port 0\n  }\n }\n}\n",
      ":4: connect_port: '0' is not an integer from 1 to 65535"),

@@ -10,8 +10,8 @@ keepalived's: blocks in ``{ }`` (the brace may open on the next line, and
 a block may sit on one line: ``url { path /health status_code 200 }``;
 keepalived reads one keyword per line and silently drops what follows its
 value, pylvs reads every keyword and warns where keepalived would not),
-comments from ``#`` or ``!`` to the end of the line, ``"quoted strings"``,
-a line continued by a trailing ``\\``, ``include PATTERN`` anywhere (glob
+comments from ``#`` or ``!`` to the end of the line, ``"quoted strings"``
+(backslashes kept, as keepalived keeps them), ``include PATTERN`` anywhere (glob
 and csh braces, relative to the including file's directory),
 ``lb_algo``/``lb_kind`` as synonyms of ``lvs_sched``/``lvs_method``,
 ``nb_get_retry`` of ``retry``, ``persistence_timeout`` alone meaning 360 s.
@@ -95,20 +95,12 @@ class Token:
 _TOKEN = re.compile(r'"([^"]*)"|([{}])|([#!].*)|([^\s{}"#!]+)|(")')
 
 
-def _logical_lines(text: str):
-    """(line number, line) with trailing-backslash continuations joined."""
-    pending, start = None, 0
+def _lines(text: str):
+    """(line number, line). No line continues on the next: keepalived 2.2.7
+    joins lines only in a multiline ``$NAME=`` definition, which pylvs
+    refuses; a trailing backslash elsewhere is part of the line."""
     for no, line in enumerate(text.split("\n"), 1):
-        line = line.rstrip("\r")
-        if pending is not None:
-            line, no = pending + " " + line, start
-            pending = None
-        if line.endswith("\\") and not line.endswith("\\\\"):
-            pending, start = line[:-1], no
-            continue
-        yield no, line
-    if pending is not None:
-        yield start, pending
+        yield no, line.rstrip("\r")
 
 
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")   # bytes not UTF-8, kept by surrogateescape
@@ -121,6 +113,14 @@ def _line_tokens(line: str, where: Where, budget: int) -> list[Token]:
             raise ConfigError(where, f"more than {MAX_TOKENS} words and braces in all")
         q, brace, comment, word, lone = m.groups()
         if comment is not None:
+            if line.endswith("\\") and not line.endswith("\\\\"):
+                # keepalived keeps a comment's last backslash (for its
+                # multiline definitions): a keyword '\' on a line of its own,
+                # else the end of the line's last value ('rr\'), each logged
+                # as invalid and dropped. Applying the value would differ.
+                raise ConfigError(where, "a comment ending in '\\': keepalived 2.2.7 keeps "
+                                         "that backslash as a word of the line (keepalived -t "
+                                         "names it); remove it")
             break
         if lone is not None:
             raise ConfigError(where, "unterminated quoted string")
@@ -232,7 +232,7 @@ class _Reader:
         self.lines(decode(data), path, stack + (real,))
 
     def lines(self, text: str, path: str, stack: tuple[str, ...]) -> None:
-        for no, line in _logical_lines(text):
+        for no, line in _lines(text):
             here = Where(path, no)
             first = line.lstrip()[:1]
             if first in _ADVANCED:
