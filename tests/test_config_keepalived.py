@@ -486,6 +486,7 @@ KEEPALIVED_DROPS = [
      + _vs().replace("10.0.0.1 80", "group G", 1), 2),
     ("lowercase lb_kind", _vs(body=" lb_kind dr\n"), 4),
     ("misspelt keyword", _vs(body=" persistance_timeout 5\n"), 4),
+    ("persistence_timeout 0", _vs(body=" persistence_timeout 0\n"), 4),
     # No line continues on the next: a trailing backslash stays in the line,
     # a comment's too (keepalived: "Invalid lvs_scheduler 'wrr\\'").
     ("a comment ending in a backslash", _vs(body=" lb_algo wrr  # see C:\\\n"
@@ -629,6 +630,33 @@ def test_sorry_server_options_before_the_sorry_server_are_dropped(tmp_path):
     sorry = cfg.virtual_servers[0].sorry_server
     assert (sorry.lvs_method, sorry.port, sorry.inhibit) == ("NAT", 8080, False)
     assert [w.split(": ", 1)[0].rsplit(":", 1)[1] for w in cfg.warnings] == ["3", "4"]
+
+
+
+def test_a_persistence_granularity_makes_the_service_persistent(tmp_path):
+    """keepalived 2.2.7 gives a service with persistence_granularity and no
+    persistence_timeout its default timeout (`keepalived -t` says nothing of
+    a port 0 service with only a granularity): persistent, 360 s, as -p -M."""
+    cfg = parse(tmp_path, """\
+        virtual_server 10.0.0.1 443 {
+            protocol TCP
+            persistence_granularity 255.255.255.0
+            real_server 10.1.0.1 443 { }
+        }
+        virtual_server 10.0.0.2 443 {
+            protocol TCP
+            persistence_granularity 24
+            persistence_timeout 50
+            real_server 10.1.0.1 443 { }
+        }
+    """)
+    first, second = cfg.virtual_servers
+    assert (first.persistence_timeout, first.persistence_granularity) == (360, "255.255.255.0")
+    assert (second.persistence_timeout, second.persistence_granularity) == (50, "255.255.255.0")
+    assert cfg.warnings == ()
+    b = balancer()
+    assert apply_all(b, config_apply.from_keepalived(cfg)) == []
+    assert saved(b).splitlines()[0] == "-A -t 10.0.0.1:443 -s wlc -p 360 -M 255.255.255.0"
 
 
 CORRECTED = """\

@@ -876,10 +876,14 @@ class _Builder:
                 raise ConfigError(c.args[0].where, f"protocol: {p!r} is not TCP, UDP or SCTP")
             v["protocol"] = p
         elif n == "persistence_timeout":
-            v[n] = (_int(c.args[0], 0, MAX_PERSISTENCE, n) if c.args
+            # 1.. as keepalived reads it ("persistence_timeout invalid" for 0).
+            v[n] = (_int(c.args[0], 1, MAX_PERSISTENCE, n) if c.args
                     else model.DEFAULT_PERSISTENCE_TIMEOUT)
         elif n == "persistence_granularity":
             v[n] = _netmask(c.args[0])
+            # A granularity makes the service persistent: keepalived's
+            # handler sets the default timeout when none is given yet.
+            v.setdefault("persistence_timeout", model.DEFAULT_PERSISTENCE_TIMEOUT)
         elif n == "persistence_engine":
             if c.args[0].text != "sip":
                 raise ConfigError(c.args[0].where, "persistence_engine: only sip exists")
