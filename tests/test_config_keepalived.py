@@ -649,11 +649,25 @@ def test_a_persistence_granularity_makes_the_service_persistent(tmp_path):
             persistence_timeout 50
             real_server 10.1.0.1 443 { }
         }
+        virtual_server 10.0.0.3 443 {
+            protocol TCP
+            persistence_granularity 255.255.0.0
+            persistence_timeout 0
+            real_server 10.1.0.1 443 { }
+        }
+        virtual_server 10.0.0.4 443 {
+            protocol TCP
+            persistence_timeout 0
+            real_server 10.1.0.1 443 { }
+        }
     """)
-    first, second = cfg.virtual_servers
+    first, second, third, fourth = cfg.virtual_servers
     assert (first.persistence_timeout, first.persistence_granularity) == (360, "255.255.255.0")
     assert (second.persistence_timeout, second.persistence_granularity) == (50, "255.255.255.0")
-    assert cfg.warnings == ()
+    # `persistence_timeout 0` (operators write it for "none"): keepalived
+    # logs it invalid and keeps what it had; named in a warning here.
+    assert third.persistence_timeout == 360 and fourth.persistence_timeout == 0
+    assert [w.split(": ", 1)[0].rsplit(":", 1)[1] for w in cfg.warnings] == ["15", "20"]
     b = balancer()
     assert apply_all(b, config_apply.from_keepalived(cfg)) == []
     assert saved(b).splitlines()[0] == "-A -t 10.0.0.1:443 -s wlc -p 360 -M 255.255.255.0"

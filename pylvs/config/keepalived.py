@@ -876,9 +876,15 @@ class _Builder:
                 raise ConfigError(c.args[0].where, f"protocol: {p!r} is not TCP, UDP or SCTP")
             v["protocol"] = p
         elif n == "persistence_timeout":
-            # 1.. as keepalived reads it ("persistence_timeout invalid" for 0).
-            v[n] = (_int(c.args[0], 1, MAX_PERSISTENCE, n) if c.args
-                    else model.DEFAULT_PERSISTENCE_TIMEOUT)
+            t = (_int(c.args[0], 0, MAX_PERSISTENCE, n) if c.args
+                 else model.DEFAULT_PERSISTENCE_TIMEOUT)
+            if t:
+                v[n] = t
+            else:
+                # Common for "no persistence"; keepalived logs it invalid
+                # and leaves the timeout as it is (a granularity's 360 s).
+                self.warn(c, "0 ignored, as keepalived ignores it (not persistent unless "
+                             "persistence_granularity says so)")
         elif n == "persistence_granularity":
             v[n] = _netmask(c.args[0])
             # A granularity makes the service persistent: keepalived's
