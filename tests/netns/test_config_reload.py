@@ -336,3 +336,34 @@ virtual_server {lab.vip} 80 {{
     assert not broken, broken
     assert all(o.read_bytes() == content(0, SIZE) for o in outs)
     assert lab.stop_director() == 0
+
+
+def test_a_storm_of_sighups_ends_in_the_file_s_last_state(director_lab, tmp_path):
+    """A deploy tool that signals on every file it writes: 20 SIGHUPs
+    within a few milliseconds while the file changes between them; the
+    reloads run one after another (never two at once), the director stays
+    up and ends with what the file says last."""
+    lab = director_lab(servers=2, start=False)
+    rs1, rs2 = lab.rips
+    path = tmp_path / "keepalived.conf"
+    path.write_text(conf(lab, 1))
+    lab.start_director("-c", str(path))
+    assert lab.wait_resolved([rs1, rs2])
+    p = lab.procs["director"]
+    for i in range(20):
+        tmp = tmp_path / "keepalived.conf.new"
+        tmp.write_text(conf(lab, 2 + i))
+        tmp.replace(path)   # as editors and deploy tools write it: whole
+        p.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while f"-r {rs2}:80 -m -w 21\n" not in rules(lab):
+        assert time.monotonic() < deadline, rules(lab)
+        time.sleep(0.1)
+    time.sleep(0.5)   # any reload still queued would show now
+    assert p.poll() is None
+    assert rules(lab) == (f"-A -t {lab.vip}:80 -s rr\n-a -t {lab.vip}:80 -r {rs1}:80 -m -w 1\n"
+                          f"-a -t {lab.vip}:80 -r {rs2}:80 -m -w 21\n")
+    text = lab.director_log()
+    assert "Traceback" not in text and "reload failed" not in text, text[-3000:]
+    assert {lab.curl("/whoami").stdout.strip() for _ in range(4)} == {"rs1", "rs2"}
+    assert lab.stop_director() == 0
