@@ -673,6 +673,38 @@ def test_a_persistence_granularity_makes_the_service_persistent(tmp_path):
     assert saved(b).splitlines()[0] == "-A -t 10.0.0.1:443 -s wlc -p 360 -M 255.255.255.0"
 
 
+
+def test_a_dual_stack_file_moves_over_with_its_ipv4_services(tmp_path):
+    """keepalived's IPv6 virtual servers (doc/samples' IPv6 sample has a
+    group of them): pylvs is IPv4 only, so each is named with its line and
+    skipped, as a fwmark service is, and the IPv4 services apply."""
+    path = write(tmp_path, "keepalived.conf", """\
+        virtual_server_group V6 {
+            ae00::2-9 80
+            10.0.0.2 80
+        }
+        virtual_server ae00::1 80 {
+            protocol TCP
+            real_server ae00::10 80 { weight 1 }
+        }
+        virtual_server group V6 {
+            protocol TCP
+            real_server 10.1.0.1 80 { }
+        }
+        virtual_server 10.0.0.1 80 {
+            protocol TCP
+            real_server 10.1.0.1 80 { }
+        }
+    """)
+    loaded = config_apply.load(path)
+    assert list(loaded.services) == [("tcp", "10.0.0.2", 80, 0), ("tcp", "10.0.0.1", 80, 0)]
+    assert loaded.refused == [
+        f"{path}:2: virtual_server_group V6 member ae00::2-9: IPv6 services are not supported "
+        "by pylvs (IPv4 only); skipped",
+        f"{path}:5: virtual_server ae00::1 80: IPv6 services are not supported by pylvs "
+        "(IPv4 only); skipped"]
+
+
 CORRECTED = """\
 virtual_server 10.0.0.1 80 {
     ops
@@ -757,7 +789,8 @@ BAD = [
      ":3: weight: '70000' is not an integer from 0 to 65535"),
     ("bad address", "virtual_server 10.0.0.300 80 { }\n",
      ":1: virtual server: '10.0.0.300' is not an IPv4 address"),
-    ("IPv6", "virtual_server 2001:db8::1 80 { }\n", ":1: virtual server: 2001:db8::1: IPv6"),
+    ("IPv6 real server", "virtual_server 10.0.0.1 80 {\n real_server 2001:db8::1 80 { }\n}\n",
+     ":2: real_server: 2001:db8::1: IPv6"),
     ("bad port", "virtual_server 10.0.0.1 http { }\n",
      ":1: virtual server port: 'http' is not an integer"),
     ("bad method", "virtual_server 10.0.0.1 80 {\n lvs_method MASQ\n}\n",

@@ -118,7 +118,7 @@ def load(path: str) -> Loaded:
 def from_keepalived(cfg: KeepalivedConfig, path: str = "") -> Loaded:
     """The services and dests of a parsed keepalived.conf."""
     services: State = {}
-    refused: list[str] = []
+    refused: list[str] = list(cfg.refused)
     applied: list[VirtualServer] = []
     for vs in cfg.virtual_servers:
         where = str(vs.where) if vs.where else path

@@ -669,10 +669,27 @@ def _netmask(tok: Token) -> str:
 
 # --- building the model ------------------------------------------------------
 
+def _is_ipv6(text: str) -> bool:
+    """An IPv6 address (a zone and an ``A-B`` range end allowed), as a
+    virtual_server or group member gives it."""
+    try:
+        ipaddress.IPv6Address(text.split("%")[0].split("-")[0])
+    except ValueError:
+        return False
+    return True
+
+
 class _Builder:
     def __init__(self, warnings: list[str]):
         self.warnings = warnings
         self._warned: set[str] = set()
+        # What the file says and pylvs cannot run, skipped while the rest
+        # applies (KeepalivedConfig.refused).
+        self.refused: list[str] = []
+
+    def refuse_ipv6(self, where: Where, what: str) -> None:
+        self.refused.append(f"{where}: {what}: IPv6 services are not supported by pylvs "
+                            "(IPv4 only); skipped")
 
     def warn(self, st: Stmt, what: str) -> None:
         line = f"{st.where}: {st.name}: {what}"
@@ -725,7 +742,7 @@ class _Builder:
                 seen[vs.key] = st.where
                 vss.append(vs)
         return KeepalivedConfig(virtual_servers=tuple(vss), vrrp_instances=tuple(vrrp),
-                                lvs_timeouts=timeouts)
+                                lvs_timeouts=timeouts, refused=tuple(self.refused))
 
     def group(self, st: Stmt) -> list[tuple[str | None, int, int, Where]]:
         """(vaddr, vport, fwmark, where) of each member."""
@@ -741,6 +758,10 @@ class _Builder:
             if len(m.args) > 1:
                 raise ConfigError(m.args[1].where, f"unexpected value {m.args[1].text!r}")
             port = _port(m.args[0], "virtual server") if m.args else 0
+            if _is_ipv6(m.kw.text):
+                self.refuse_ipv6(m.where, f"virtual_server_group {st.args[0].text} member "
+                                          f"{m.kw.text}")
+                continue
             for addr in _addr_range(m.kw):
                 members.append((addr, port, 0, m.where))
                 if len(members) > MAX_GROUP_MEMBERS:
@@ -762,6 +783,11 @@ class _Builder:
             members = [(None, 0, _int(a[1], 1, 2**32 - 1, "fwmark"), st.where)]
         else:
             port = _port(a[1], "virtual server") if len(a) > 1 else 0
+            if _is_ipv6(a[0].text):
+                # As pylvs skips a fwmark service: a dual-stack file moves
+                # over with its IPv4 services, each IPv6 one named.
+                self.refuse_ipv6(st.where, f"virtual_server {a[0].text} {port}")
+                return []
             members = [(_ipv4(a[0], "virtual server"), port, 0, st.where)]
         v: dict = {"real": [], "flags": []}
         for c in st.children or ():
@@ -1157,7 +1183,7 @@ def _finish(reader: _Reader) -> KeepalivedConfig:
     return KeepalivedConfig(virtual_servers=cfg.virtual_servers,
                             vrrp_instances=cfg.vrrp_instances,
                             warnings=tuple(warnings), files=tuple(reader.files),
-                            lvs_timeouts=cfg.lvs_timeouts)
+                            lvs_timeouts=cfg.lvs_timeouts, refused=cfg.refused)
 
 
 def first_word(text: str) -> str | None:
