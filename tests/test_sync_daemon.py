@@ -485,6 +485,44 @@ def test_master_answers_at_most_bulk_pending_requests_a_walk(monkeypatch):
 
 
 
+def test_a_retry_during_its_walk_does_not_start_a_second_walk(monkeypatch):
+    """A backup re-asks with the same nonce after 1 s without an END; a
+    master walking a table too large to send in that second (here: 400
+    conns at 100 messages a second) answers the retry with the END of the
+    walk in progress, not with a second walk of the whole table."""
+    ws = workers(1)
+    ws[0].engine.table = rows(400)
+    m = daemon(sd.Master, ws, syncid=4)
+    sent: list[bytes] = []
+
+    async def capture(sock, msgs, key=""):
+        sent.extend(msgs)
+    monkeypatch.setattr(m, "_send", capture)
+    monkeypatch.setattr(sd, "BULK_RATE", 100)
+    ask = wire.control_message(wire.BULK_REQUEST, 4, 77)
+
+    async def go():
+        task = asyncio.ensure_future(m._bulk())
+        assert m.request(ask)
+        for _ in range(200):            # the walk has begun
+            await asyncio.sleep(0.005)
+            if sent:
+                break
+        assert not m.request(ask)       # the backup's retry
+        for _ in range(400):
+            await asyncio.sleep(0.005)
+            if wire.parse_control(sent[-1]):
+                break
+        queued, woken = dict(m.requests), m.bulk_wake.is_set()
+        task.cancel()
+        return queued, woken
+    queued, woken = asyncio.run(go())
+    assert wire.parse_control(sent[-1]) == (wire.BULK_END, 4, 77)
+    assert queued == {} and not woken               # no second walk due
+    assert len(np.concatenate([wire.decode(x, 4) for x in sent[:-1]])) == 400
+    assert m.stats["bulk_requests"] == 2 and m.stats["bulk_requests_in_walk"] == 1
+
+
 def test_backup_keeps_asking_until_a_master_answers(monkeypatch):
     """The backup's bulk request: at once, after 1, 2, 4 and 8 s, then
     every 10 s (a master daemon started minutes after the backup, as an

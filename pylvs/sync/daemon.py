@@ -297,6 +297,7 @@ class Master(_Daemon):
         self.buffer = wire.Buffer(self.cfg.syncid, self.maxlen, FLUSH_TIME)
         self.rows = np.zeros(DRAIN_CHUNK, dtype=SYNC_DTYPE)
         self.requests: dict[int, float] = {}
+        self.walking: frozenset[int] = frozenset()   # the nonces the walk in progress answers
         self.bulk_wake = asyncio.Event()
         self.listen: socket.socket | None = None
         self.out: socket.socket | None = None
@@ -368,6 +369,13 @@ class Master(_Daemon):
             self.stats["bulk_requests_other_syncid"] += 1
             return False
         self.stats["bulk_requests"] += 1
+        if nonce in self.walking:
+            # A backup's retry while the walk it asked for still runs (a
+            # table of more than BULK_RATE * its first wait conns): that
+            # walk's END answers it; queued again it would cost a second
+            # walk of the whole table.
+            self.stats["bulk_requests_in_walk"] += 1
+            return False
         if nonce not in self.requests and len(self.requests) >= BULK_PENDING:
             # A flood of requests (or a host lying on the sync link) must
             # not make the master send an END per request: one walk runs
@@ -386,16 +394,19 @@ class Master(_Daemon):
             await self.bulk_wake.wait()
             self.bulk_wake.clear()
             nonces, self.requests = list(self.requests), {}
+            self.walking = frozenset(nonces)
             try:
                 await self.walk()
+                for n in nonces:
+                    await self._send(self.out, [wire.control_message(
+                        wire.BULK_END, self.cfg.syncid, n)], "bulk_end_")
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("sync master: bulk resync failed")
                 continue
-            for n in nonces:
-                await self._send(self.out, [wire.control_message(wire.BULK_END,
-                                                                 self.cfg.syncid, n)], "bulk_end_")
+            finally:
+                self.walking = frozenset()
             self.stats["bulk_walks"] += 1
 
     async def walk(self) -> None:
