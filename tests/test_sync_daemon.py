@@ -219,13 +219,21 @@ def test_stop_without_a_daemon():
     asyncio.run(go())
 
 
-def test_engine_without_sync_is_refused():
+def test_engine_without_sync_is_refused(caplog):
+    """The refusal is the only word: the start that never turned the
+    engines' queueing on does not try to turn it off (an error in the log
+    about set_sync_master, for an engine that has none)."""
+    caplog.set_level("DEBUG", logger="pylvs.sync")
+
     async def go():
         ds = sd.SyncDaemons(lambda: [SimpleNamespace(engine=object(), lock=threading.Lock())],
                             lambda: None)
-        with pytest.raises(sd.SyncError, match="no connection sync"):
-            await ds.start({"state": "master", "mcast_ifn": "lo"})
+        for role in sd.ROLES:
+            with pytest.raises(sd.SyncError, match="no connection sync"):
+                await ds.start({"state": role, "mcast_ifn": "lo"})
+        assert ds.list() == []
     asyncio.run(go())
+    assert [r.getMessage() for r in caplog.records if r.levelname != "DEBUG"] == []
 
 
 def test_list_daemon_is_ipvsadm_s_line():

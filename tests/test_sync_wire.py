@@ -267,8 +267,6 @@ def test_buffer_flush_rule():
     assert b.take(11.9) == []                 # the partial one waits 2 s
     (late,) = b.take(12.0)
     assert late[4] == 5 and len(b) == 0
-    b.add(recs[:1], now=20.0)
-    assert len(b.take(20.0, force=True)) == 1
 
 
 def test_control_messages_round_trip_and_ipvs_ignores_them():

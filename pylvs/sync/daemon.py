@@ -301,6 +301,7 @@ class Master(_Daemon):
         self.bulk_wake = asyncio.Event()
         self.listen: socket.socket | None = None
         self.out: socket.socket | None = None
+        self.queueing = False
 
     def start(self) -> None:
         self.engines.check(("set_sync_master", "sync_drain", "sync_chunk"))
@@ -311,6 +312,7 @@ class Master(_Daemon):
             self.socks.append(self.listen)
         except OSError as e:   # sync still works; only bulk requests go unheard
             log.warning("sync master: cannot listen for bulk resync requests: %s", e)
+        self.queueing = True   # from here on close() turns the engines' queueing off
         for w in self.engines.workers():
             self.engines.call(w, "set_sync_master", True)
         loop = asyncio.get_running_loop()
@@ -320,7 +322,10 @@ class Master(_Daemon):
             loop.add_reader(self.listen.fileno(), self._on_request)
 
     async def close(self) -> None:
-        for w in self.engines.workers():
+        """Stop: the engines stop queueing conns, and the conns still in the
+        partial message are dropped unsent, as sync_thread_master releases
+        its current buffer when the thread stops."""
+        for w in self.engines.workers() if self.queueing else ():
             try:
                 self.engines.call(w, "set_sync_master", False)
             except Exception as e:

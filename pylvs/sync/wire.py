@@ -189,10 +189,12 @@ class Buffer:
             self._first = now   # the conns left over arrived now
         self._body = body[full:]
 
-    def take(self, now: float, force: bool = False) -> list[bytes]:
-        """The messages due: the full ones, and the partial one once it is
-        old enough (or with ``force``)."""
-        if self._body and (force or now - self._first >= self.flush_after):
+    def take(self, now: float) -> list[bytes]:
+        """The messages due at ``now`` (seconds, the clock of ``add``): the
+        full ones, and the partial one once it is ``flush_after`` old.
+        (There is no flush on stop: the kernel's master drops its partial
+        buffer when its thread stops.)"""
+        if self._body and now - self._first >= self.flush_after:
             self.ready.append(message(self.syncid, self._body))
             self._body = b""
         out, self.ready = self.ready, []
