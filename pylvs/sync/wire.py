@@ -27,9 +27,11 @@ UDP payload: the kernel's sync_maxlen) and at most 255 conns (nr_conns is
 a byte). ``decode`` is strict and never raises: a message that breaks the
 framing in any place installs nothing (the kernel keeps the conns it had
 already taken before the fault; pylvs takes none of a broken message), and
-a conn the kernel would skip on its own (unknown protocol, state out of
-range, an unknown mandatory option, an IPv6 conn, persistence-engine data
-pylvs has no engine for) is skipped and counted alone. Every drop has a
+a conn the kernel would skip on its own (unknown protocol, a conn's state
+out of its protocol's range, an unknown mandatory option, an IPv6 conn,
+persistence-engine data pylvs has no engine for) is skipped and counted
+alone, and so is a template whose state is not NONE or ASSURED, which the
+kernel installs (with a debug message) and pylvs refuses (``_records``). Every drop has a
 reason counted under its name in the ``counts`` dict the caller passes.
 """
 
@@ -93,7 +95,8 @@ DROP_REASONS = (
 SKIP_REASONS = (
     "skip_ipv6",      # an IPv6 conn (pylvs balances IPv4 only)
     "skip_proto",     # not TCP or UDP
-    "skip_state",     # state out of range for its protocol or template
+    "skip_state",     # state out of range for its protocol, or a template's
+                      # beyond ASSURED (pylvs's rule: the kernel installs those)
     "skip_option",    # an unknown mandatory option
     "skip_pe",        # persistence-engine data (no engine in pylvs)
 )
@@ -232,7 +235,10 @@ def _options(buf: bytes, p: int, end: int) -> str | None:
             if kind == OPT_PE_DATA:
                 skip = skip or "skip_pe"
         elif not ptype & OPT_F_PARAM:
-            skip = skip or "skip_option"
+            # ip_vs_proc_sync_conn stops there and skips the conn: what
+            # follows is not read, so a malformed option after it costs
+            # only this conn, not the message.
+            return "skip_option"
         p += plen
     return skip
 
@@ -263,10 +269,16 @@ def decode(buf: bytes, syncid: int, counts: Counter | None = None) -> np.ndarray
 
 
 def _records(w: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Wire conns (WIRE_V4) → the SYNC_DTYPE records of those the kernel
-    would take, and the skip reason of each other (ip_vs_proc_sync_conn:
-    a template's state below IP_VS_CTPL_S_LAST, whatever its protocol; a
-    conn's protocol TCP or UDP and its state below that protocol's count)."""
+    """Wire conns (WIRE_V4) → the SYNC_DTYPE records to install, and the
+    skip reason of each other. A conn (not a template) needs protocol TCP
+    or UDP and a state below that protocol's count, as ip_vs_proc_sync_conn
+    checks. A template, whatever its protocol, needs a state below
+    IP_VS_CTPL_S_LAST (NONE or ASSURED): pylvs's stricter rule. The kernel
+    only logs such a template at debug level and installs it (listed with
+    state "ERR!"); no IPVS or pylvs master sends one, and pylvs's engines
+    keep a template's state as the ASSURED bit, where a larger value would
+    read as something it is not (engine/sync.refusal and the C engine's
+    sync_install refuse it too)."""
     template = (w["flags"] & CONN_F_TEMPLATE) != 0
     tcp, udp = w["proto"] == tables.PROTO_TCP, w["proto"] == tables.PROTO_UDP
     state = w["state"]
