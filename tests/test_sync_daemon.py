@@ -211,6 +211,21 @@ def test_start_refusals(req, error):
     asyncio.run(go())
 
 
+def test_backup_receive_buffer_passes_rmem_max_when_privileged():
+    """A bulk walk arrives at 2000 messages a second: the backup asks for
+    a buffer beyond net.core.rmem_max (SO_RCVBUFFORCE) when it may (root,
+    as the test suite runs; CAP_NET_ADMIN), else takes the rmem_max cap."""
+    import os
+    import socket as so
+
+    rmem_max = int(open("/proc/sys/net/core/rmem_max").read())
+    want = 2 * rmem_max
+    with so.socket(so.AF_INET, so.SOCK_DGRAM) as s:
+        got = sd.set_rcvbuf(s, want)
+        assert got == s.getsockopt(so.SOL_SOCKET, so.SO_RCVBUF)
+    assert got == (2 * want if os.geteuid() == 0 else 2 * rmem_max)
+
+
 def test_stop_without_a_daemon():
     async def go():
         ds = sd.SyncDaemons(lambda: workers(1), lambda: None)

@@ -61,6 +61,8 @@ IFNAME_MAX = 15        # IP_VS_IFNAME_MAXLEN - 1: ipvsadm keeps that much of --m
 
 ROLES = ("master", "backup")
 IP_MTU_DISCOVER, IP_PMTUDISC_DONT = 10, 0   # linux/in.h (not in the socket module)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # asm-generic/socket.h
+RCVBUF = 1 << 20       # bytes a backup asks for its receive buffer (a bulk walk's burst)
 SIOCGIFADDR, SIOCGIFMTU = 0x8915, 0x8921
 
 
@@ -175,6 +177,22 @@ def send_socket(cfg: SyncConfig, index: int, addr: str | None) -> socket.socket:
         s.close()
         raise
     return s
+
+
+def set_rcvbuf(sock: socket.socket, size: int) -> int:
+    """Ask for a receive buffer of ``size`` bytes: SO_RCVBUFFORCE, past
+    net.core.rmem_max, when the process has CAP_NET_ADMIN (as a director
+    does), else SO_RCVBUF, which the kernel caps at rmem_max (212992 bytes
+    on a stock system, a fifth of ``RCVBUF``). Returns what getsockopt
+    reports (the kernel doubles the value for its bookkeeping); an error
+    leaves the default size."""
+    for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            break
+        except OSError:
+            continue
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
 
 def receive_socket(cfg: SyncConfig, index: int) -> socket.socket:
@@ -452,10 +470,11 @@ class Backup(_Daemon):
         self.socks.append(self.inp)
         self.ask = send_socket(self.cfg, self.index, self.addr)
         self.socks.append(self.ask)
-        try:
-            self.inp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        except OSError:
-            pass
+        got = set_rcvbuf(self.inp, RCVBUF)
+        if got < 2 * RCVBUF:
+            log.info("sync backup: receive buffer %d bytes, not %d (without CAP_NET_ADMIN "
+                     "net.core.rmem_max caps it): a bulk resync may overflow it (Udp "
+                     "RcvbufErrors in /proc/net/snmp)", got, 2 * RCVBUF)
         loop = asyncio.get_running_loop()
         loop.add_reader(self.inp.fileno(), self._on_readable)
         self.asking = loop.create_task(self._ask(), name="pylvs-sync-bulk-request")
