@@ -79,6 +79,21 @@ def daemon(kind, ws, services=None, **kw):
     return kind(cfg(kind.__name__.lower(), **kw), engines, 1, None, 1500)
 
 
+def capturing_master(monkeypatch, *tables: list[tuple], **kw):
+    """A Master (syncid 4) over one stand-in worker per table, and the list
+    its sends land in instead of a socket."""
+    ws = workers(len(tables))
+    for w, table in zip(ws, tables):
+        w.engine.table = table
+    m = daemon(sd.Master, ws, syncid=4, **kw)
+    sent: list[bytes] = []
+
+    async def capture(sock, msgs, key=""):
+        sent.extend(msgs)
+    monkeypatch.setattr(m, "_send", capture)
+    return m, sent
+
+
 def test_master_drains_every_worker_and_flushes_by_the_kernel_rule():
     ws = workers(2)
     ws[0].engine.queue = rows(30)
@@ -112,15 +127,7 @@ def test_master_with_a_sync_maxlen_below_one_conn_sends_one_conn_a_message(given
 
 
 def test_master_bulk_walk_sends_every_engine_then_end(monkeypatch):
-    ws = workers(2)
-    ws[0].engine.table = rows(1500)
-    ws[1].engine.table = rows(700, base=0x0C000001)
-    m = daemon(sd.Master, ws, syncid=4)
-    sent: list[bytes] = []
-
-    async def capture(sock, msgs, key=""):
-        sent.extend(msgs)
-    monkeypatch.setattr(m, "_send", capture)
+    m, sent = capturing_master(monkeypatch, rows(1500), rows(700, base=0x0C000001))
     monkeypatch.setattr(sd, "BULK_RATE", 10 ** 6)
 
     async def go():
@@ -479,14 +486,7 @@ def test_backup_started_before_its_rules_asks_again_once_they_are_there(impl, n,
 def test_master_answers_at_most_bulk_pending_requests_a_walk(monkeypatch):
     """A flood of bulk requests with distinct nonces (a host lying on the
     sync link): one walk, at most BULK_PENDING ENDs, the rest counted."""
-    ws = workers(1)
-    ws[0].engine.table = rows(5)
-    m = daemon(sd.Master, ws, syncid=4)
-    sent: list[bytes] = []
-
-    async def capture(sock, msgs, key=""):
-        sent.extend(msgs)
-    monkeypatch.setattr(m, "_send", capture)
+    m, sent = capturing_master(monkeypatch, rows(5))
 
     async def go():
         for nonce in range(10_000):
@@ -507,20 +507,12 @@ def test_master_answers_at_most_bulk_pending_requests_a_walk(monkeypatch):
     assert m.stats["bulk_requests_dropped"] == 10_000 - sd.BULK_PENDING
 
 
-
 def test_a_retry_during_its_walk_does_not_start_a_second_walk(monkeypatch):
     """A backup re-asks with the same nonce after 1 s without an END; a
     master walking a table too large to send in that second (here: 400
     conns at 100 messages a second) answers the retry with the END of the
     walk in progress, not with a second walk of the whole table."""
-    ws = workers(1)
-    ws[0].engine.table = rows(400)
-    m = daemon(sd.Master, ws, syncid=4)
-    sent: list[bytes] = []
-
-    async def capture(sock, msgs, key=""):
-        sent.extend(msgs)
-    monkeypatch.setattr(m, "_send", capture)
+    m, sent = capturing_master(monkeypatch, rows(400))
     monkeypatch.setattr(sd, "BULK_RATE", 100)
     ask = wire.control_message(wire.BULK_REQUEST, 4, 77)
 
