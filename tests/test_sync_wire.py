@@ -265,6 +265,16 @@ def test_sync_maxlen(role, mtu, given, expect):
     assert wire.sync_maxlen(role, mtu, given) == expect
 
 
+@pytest.mark.parametrize("syncid", [256, -1, 1.0, True])
+def test_a_syncid_out_of_range_is_a_value_error_everywhere(syncid):
+    """A syncid is a u8 (0..255): message, encode and Buffer alike say so
+    with ValueError, not a struct.error from deep inside, nor later."""
+    for make in (lambda: wire.message(syncid, b""), lambda: wire.encode(RECORDS[0][1], syncid),
+                 lambda: wire.Buffer(syncid, 1472)):
+        with pytest.raises(ValueError, match="syncid"):
+            make()
+
+
 def test_buffer_flush_rule():
     b = wire.Buffer(3, 1472, flush_after=2.0)
     recs = np.repeat(RECORDS[0][1], 45)

@@ -65,7 +65,8 @@ OPEN_TIMEOUT = 5.0
 PROTO_NAMES = {tables.PROTO_TCP: "TCP", tables.PROTO_UDP: "UDP", 132: "SCTP"}
 
 
-def _int(a) -> int:
+def _addr_int(a) -> int:
+    """An IPv4 address, dotted string or host-order int, as a host-order int."""
     return int(ipaddress.IPv4Address(a))
 
 
@@ -74,7 +75,7 @@ def standby_view(services: np.ndarray, local: Iterable) -> np.ndarray:
     on every used row whose vaddr is not in ``local`` (addresses as strings
     or host-order ints); ``services`` itself when no row is standby, a copy
     otherwise (the published table is never written)."""
-    own = np.fromiter((_int(a) for a in local), dtype=np.uint32)
+    own = np.fromiter((_addr_int(a) for a in local), dtype=np.uint32)
     used = (services["flags"] & tables.SVC_F_USED) != 0
     off = used & ~np.isin(services["vaddr"].astype(np.uint32), own)
     if not off.any():
@@ -97,8 +98,8 @@ def vip_services(services: np.ndarray) -> dict[int, list[str]]:
 def changes(services: np.ndarray, before: Iterable, after: Iterable) -> list[str]:
     """Log lines for the VIPs of ``services`` that became local or stopped
     being local between two address sets (strings or host-order ints)."""
-    was = {_int(a) for a in before}
-    now = {_int(a) for a in after}
+    was = {_addr_int(a) for a in before}
+    now = {_addr_int(a) for a in after}
     lines = []
     for vip, names in sorted(vip_services(services).items()):
         if vip in now and vip not in was:

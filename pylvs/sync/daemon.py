@@ -95,11 +95,11 @@ class SyncConfig:
         if not isinstance(ifn, str) or "\0" in ifn or "/" in ifn:
             raise SyncError("No such device")
         try:
-            cfg = cls(role, ifn[:IFNAME_MAX], _int(req, "syncid", 0, 255, 0),
+            cfg = cls(role, ifn[:IFNAME_MAX], _request_int(req, "syncid", 0, 255, 0),
                       str(ipaddress.IPv4Address(req.get("mcast_group") or wire.SYNC_GROUP)),
-                      _int(req, "mcast_port", 1, 65535, wire.SYNC_PORT),
-                      _int(req, "mcast_ttl", 1, 255, wire.SYNC_TTL),
-                      _int(req, "sync_maxlen", 0, 65535, 0))
+                      _request_int(req, "mcast_port", 1, 65535, wire.SYNC_PORT),
+                      _request_int(req, "mcast_ttl", 1, 255, wire.SYNC_TTL),
+                      _request_int(req, "sync_maxlen", 0, 65535, 0))
         except (ValueError, TypeError) as e:
             raise SyncError(f"Invalid argument ({e})") from None
         if not ipaddress.IPv4Address(cfg.mcast_group).is_multicast:
@@ -107,7 +107,9 @@ class SyncConfig:
         return cfg
 
 
-def _int(req: dict, key: str, lo: int, hi: int, default: int) -> int:
+def _request_int(req: dict, key: str, lo: int, hi: int, default: int) -> int:
+    """The int field ``key`` of a start_daemon request, ``default`` when
+    absent; ValueError when it is not an int in lo..hi."""
     v = req.get(key)
     if v is None:
         return default
@@ -351,7 +353,8 @@ class Master(_Daemon):
         await super().close()
 
     def drain(self, now: float) -> list[bytes]:
-        """Every engine's queued conns into the buffer; the messages due."""
+        """Every engine's queued conns into the buffer; the messages due at
+        ``now`` (time.monotonic() seconds: the buffer's flush clock)."""
         for w in self.engines.workers():
             while True:
                 n = int(self.engines.call(w, "sync_drain", self.rows))

@@ -139,9 +139,20 @@ def conns_bytes(records: np.ndarray) -> bytes:
     return w.tobytes()
 
 
+def check_syncid(syncid: int) -> int:
+    """``syncid`` itself when it is 0..255 (a u8 on the wire; 0 = any),
+    else ValueError."""
+    if isinstance(syncid, bool) or not isinstance(syncid, (int, np.integer)) \
+            or not 0 <= syncid <= 255:
+        raise ValueError(f"syncid {syncid!r} is out of range (0..255)")
+    return syncid
+
+
 def message(syncid: int, body: bytes) -> bytes:
     """A v1 message around ``body``, whole IPv4 conns without options (so
-    36 bytes each and no padding between them)."""
+    36 bytes each and no padding between them), at most 255 of them.
+    ValueError for a syncid out of 0..255 (check_syncid)."""
+    check_syncid(syncid)
     return HEADER.pack(0, syncid, HEADER_LEN + len(body), len(body) // CONN_V4_LEN,
                        SYNC_PROTO_VER, 0) + body
 
@@ -158,9 +169,8 @@ def per_message(maxlen: int) -> int:
 def encode(records: np.ndarray, syncid: int, maxlen: int = DEFAULT_MAXLEN) -> list[bytes]:
     """SYNC_DTYPE records → v1 messages, in record order, each at most
     ``maxlen`` bytes (one conn when ``maxlen`` holds none) and 255 conns.
-    ``syncid``: 0..255, ValueError out of it."""
-    if not 0 <= syncid <= 255:
-        raise ValueError(f"syncid {syncid} is out of range (0..255)")
+    ``syncid``: 0..255, ValueError out of it (even for no records)."""
+    check_syncid(syncid)
     step = per_message(maxlen) * CONN_V4_LEN
     body = conns_bytes(records)
     return [message(syncid, body[i:i + step]) for i in range(0, len(body), step)]
@@ -173,13 +183,19 @@ class Buffer:
     "do not delay entries in buffer for more than 2 seconds")."""
 
     def __init__(self, syncid: int, maxlen: int, flush_after: float = 2.0):
-        self.syncid, self.flush_after = syncid, flush_after
+        """``syncid`` 0..255 (ValueError otherwise), ``maxlen`` the largest
+        message in bytes (per_message), ``flush_after`` seconds."""
+        self.syncid, self.flush_after = check_syncid(syncid), flush_after
         self.per_message = per_message(maxlen)
         self._body = b""
         self._first = 0.0
         self.ready: list[bytes] = []
 
     def add(self, records: np.ndarray, now: float) -> None:
+        """Queue SYNC_DTYPE ``records`` (host order) at ``now``, seconds of
+        a monotonic clock (the master's time.monotonic): every message
+        they fill is ready at once, the rest waits in the partial one,
+        whose age counts from the first conn in it."""
         if not len(records):
             return
         if not self._body:
