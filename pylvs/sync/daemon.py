@@ -397,9 +397,9 @@ class Master(_Daemon):
         self.stats["bulk_requests"] += 1
         if nonce in self.walking:
             # A backup's retry while the walk it asked for still runs (a
-            # table of more than BULK_RATE * its first wait conns): that
-            # walk's END answers it; queued again it would cost a second
-            # walk of the whole table.
+            # table longer than the backup's first 1 s wait: ~80,000 conns
+            # at BULK_RATE): that walk's END answers it; queued again it
+            # would cost a second walk of the whole table.
             self.stats["bulk_requests_in_walk"] += 1
             return False
         if nonce not in self.requests and len(self.requests) >= BULK_PENDING:
