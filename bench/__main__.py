@@ -20,12 +20,24 @@ MODULES = {"sync": "sync_traffic"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("name", choices=BENCHES)
+    # --help is handled here, not by argparse: with a NAME it belongs to
+    # that benchmark's parser, which alone knows its options.
+    ap = argparse.ArgumentParser(prog="python -m bench", add_help=False,
+                                 epilog="python -m bench NAME --help lists NAME's own options.")
+    ap.add_argument("-h", "--help", action="store_true",
+                    help="show this help, or with NAME that benchmark's, and exit")
+    ap.add_argument("name", nargs="?", choices=BENCHES)
     ap.add_argument("--json", type=Path, help="write results here (and a .png plot beside it)")
     ap.add_argument("--runs", type=int, default=None, help="repetitions (median is quoted)")
     ap.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
     args, rest = ap.parse_known_args(argv)
+    if args.name is None:
+        if args.help:
+            ap.print_help()
+            return 0
+        ap.error("the following arguments are required: name")
+    if args.help:
+        rest = ["--help", *rest]
 
     mod = importlib.import_module(f"bench.{MODULES.get(args.name, args.name.replace('-', '_'))}")
     doc = mod.run(rest, runs=args.runs, quick=args.quick)

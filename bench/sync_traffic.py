@@ -75,7 +75,7 @@ def run_one(rate: float, sim_seconds: float) -> dict:
             for m in buf.take(now):
                 msgs += 1
                 nbytes += len(m) + HEADERS
-    for m in buf.take(now, force=True):
+    for m in buf.take(now + buf.flush_after):   # the last partial message, as its flush sends it
         msgs += 1
         nbytes += len(m) + HEADERS
     seconds = total / rate

@@ -79,6 +79,21 @@ def daemon(kind, ws, services=None, **kw):
     return kind(cfg(kind.__name__.lower(), **kw), engines, 1, None, 1500)
 
 
+def capturing_master(monkeypatch, *tables: list[tuple], **kw):
+    """A Master (syncid 4) over one stand-in worker per table, and the list
+    its sends land in instead of a socket."""
+    ws = workers(len(tables))
+    for w, table in zip(ws, tables):
+        w.engine.table = table
+    m = daemon(sd.Master, ws, syncid=4, **kw)
+    sent: list[bytes] = []
+
+    async def capture(sock, msgs, key=""):
+        sent.extend(msgs)
+    monkeypatch.setattr(m, "_send", capture)
+    return m, sent
+
+
 def test_master_drains_every_worker_and_flushes_by_the_kernel_rule():
     ws = workers(2)
     ws[0].engine.queue = rows(30)
@@ -112,15 +127,7 @@ def test_master_with_a_sync_maxlen_below_one_conn_sends_one_conn_a_message(given
 
 
 def test_master_bulk_walk_sends_every_engine_then_end(monkeypatch):
-    ws = workers(2)
-    ws[0].engine.table = rows(1500)
-    ws[1].engine.table = rows(700, base=0x0C000001)
-    m = daemon(sd.Master, ws, syncid=4)
-    sent: list[bytes] = []
-
-    async def capture(sock, msgs, key=""):
-        sent.extend(msgs)
-    monkeypatch.setattr(m, "_send", capture)
+    m, sent = capturing_master(monkeypatch, rows(1500), rows(700, base=0x0C000001))
     monkeypatch.setattr(sd, "BULK_RATE", 10 ** 6)
 
     async def go():
@@ -211,6 +218,21 @@ def test_start_refusals(req, error):
     asyncio.run(go())
 
 
+def test_backup_receive_buffer_passes_rmem_max_when_privileged():
+    """A bulk walk arrives at 2000 messages a second: the backup asks for
+    a buffer beyond net.core.rmem_max (SO_RCVBUFFORCE) when it may (root,
+    as the test suite runs; CAP_NET_ADMIN), else takes the rmem_max cap."""
+    import os
+    import socket as so
+
+    rmem_max = int(open("/proc/sys/net/core/rmem_max").read())
+    want = 2 * rmem_max
+    with so.socket(so.AF_INET, so.SOCK_DGRAM) as s:
+        got = sd.set_rcvbuf(s, want)
+        assert got == s.getsockopt(so.SOL_SOCKET, so.SO_RCVBUF)
+    assert got == (2 * want if os.geteuid() == 0 else 2 * rmem_max)
+
+
 def test_stop_without_a_daemon():
     async def go():
         ds = sd.SyncDaemons(lambda: workers(1), lambda: None)
@@ -219,13 +241,21 @@ def test_stop_without_a_daemon():
     asyncio.run(go())
 
 
-def test_engine_without_sync_is_refused():
+def test_engine_without_sync_is_refused(caplog):
+    """The refusal is the only word: the start that never turned the
+    engines' queueing on does not try to turn it off (an error in the log
+    about set_sync_master, for an engine that has none)."""
+    caplog.set_level("DEBUG", logger="pylvs.sync")
+
     async def go():
         ds = sd.SyncDaemons(lambda: [SimpleNamespace(engine=object(), lock=threading.Lock())],
                             lambda: None)
-        with pytest.raises(sd.SyncError, match="no connection sync"):
-            await ds.start({"state": "master", "mcast_ifn": "lo"})
+        for role in sd.ROLES:
+            with pytest.raises(sd.SyncError, match="no connection sync"):
+                await ds.start({"state": role, "mcast_ifn": "lo"})
+        assert ds.list() == []
     asyncio.run(go())
+    assert [r.getMessage() for r in caplog.records if r.levelname != "DEBUG"] == []
 
 
 def test_list_daemon_is_ipvsadm_s_line():
@@ -456,14 +486,7 @@ def test_backup_started_before_its_rules_asks_again_once_they_are_there(impl, n,
 def test_master_answers_at_most_bulk_pending_requests_a_walk(monkeypatch):
     """A flood of bulk requests with distinct nonces (a host lying on the
     sync link): one walk, at most BULK_PENDING ENDs, the rest counted."""
-    ws = workers(1)
-    ws[0].engine.table = rows(5)
-    m = daemon(sd.Master, ws, syncid=4)
-    sent: list[bytes] = []
-
-    async def capture(sock, msgs, key=""):
-        sent.extend(msgs)
-    monkeypatch.setattr(m, "_send", capture)
+    m, sent = capturing_master(monkeypatch, rows(5))
 
     async def go():
         for nonce in range(10_000):
@@ -483,6 +506,36 @@ def test_master_answers_at_most_bulk_pending_requests_a_walk(monkeypatch):
     assert m.stats["bulk_requests"] == 10_001
     assert m.stats["bulk_requests_dropped"] == 10_000 - sd.BULK_PENDING
 
+
+def test_a_retry_during_its_walk_does_not_start_a_second_walk(monkeypatch):
+    """A backup re-asks with the same nonce after 1 s without an END; a
+    master walking a table too large to send in that second (here: 400
+    conns at 100 messages a second) answers the retry with the END of the
+    walk in progress, not with a second walk of the whole table."""
+    m, sent = capturing_master(monkeypatch, rows(400))
+    monkeypatch.setattr(sd, "BULK_RATE", 100)
+    ask = wire.control_message(wire.BULK_REQUEST, 4, 77)
+
+    async def go():
+        task = asyncio.ensure_future(m._bulk())
+        assert m.request(ask)
+        for _ in range(200):            # the walk has begun
+            await asyncio.sleep(0.005)
+            if sent:
+                break
+        assert not m.request(ask)       # the backup's retry
+        for _ in range(400):
+            await asyncio.sleep(0.005)
+            if wire.parse_control(sent[-1]):
+                break
+        queued, woken = dict(m.requests), m.bulk_wake.is_set()
+        task.cancel()
+        return queued, woken
+    queued, woken = asyncio.run(go())
+    assert wire.parse_control(sent[-1]) == (wire.BULK_END, 4, 77)
+    assert queued == {} and not woken               # no second walk due
+    assert len(np.concatenate([wire.decode(x, 4) for x in sent[:-1]])) == 400
+    assert m.stats["bulk_requests"] == 2 and m.stats["bulk_requests_in_walk"] == 1
 
 
 def test_backup_keeps_asking_until_a_master_answers(monkeypatch):

@@ -120,6 +120,84 @@ def test_the_watcher_reports_changes_only_and_survives_netlink_errors():
     assert w.errors == 1
 
 
+def test_a_watcher_without_pyroute2_s_socket_fails_start(monkeypatch):
+    """pyroute2's IPRoute, opened in the watcher's thread, is refused:
+    start() raises OSError (the daemon then keeps the resolver's 2 s
+    refresh) and leaves no thread behind, instead of a thread dying
+    with a traceback on stderr while the daemon believes it watches."""
+    import pyroute2
+
+    def refused(*a, **kw):
+        raise pyroute2.NetlinkError(1, "Operation not permitted")
+    monkeypatch.setattr(pyroute2, "IPRoute", refused)
+    w = vipfollow.AddrWatcher(lambda addrs: None)
+    with pytest.raises(OSError, match="Operation not permitted"):
+        w.start()
+    assert not w._thread.is_alive() and w._sock is None
+
+
+def test_a_watcher_that_fails_later_says_so_and_hands_over(monkeypatch, caplog):
+    """The thread fails after start (here: select on its socket): the
+    failure is logged and on_fail called, so the daemon follows the
+    addresses another way."""
+    import threading
+
+    failed = threading.Event()
+    seen = []
+    w = vipfollow.AddrWatcher(seen.append, on_fail=failed.set)
+
+    def broken(*a):
+        raise OSError(9, "Bad file descriptor")
+    monkeypatch.setattr(vipfollow.select, "select", broken)
+    with caplog.at_level("ERROR", logger="pylvs"):
+        w.start()
+        assert failed.wait(5)
+        w._thread.join(5)
+    assert len(seen) == 1   # the first reading came before
+    assert "following local addresses failed" in caplog.text
+    w.close()
+
+
+def test_drain_ends_on_an_error_other_than_enobufs():
+    """A closed socket (close() after its 5 s join gave up) fails every
+    recv with EBADF: _drain returns instead of spinning on it; ENOBUFS
+    (notifications lost) means something changed."""
+    import errno
+
+    class Sock:
+        def __init__(self, errs):
+            self.errs, self.calls = list(errs), 0
+
+        def recv(self, n):
+            self.calls += 1
+            if self.calls > 1000:   # the bound of a test that would spin
+                raise BlockingIOError
+            raise OSError(self.errs[min(self.calls, len(self.errs)) - 1], "")
+    w = vipfollow.AddrWatcher()
+    w._sock = Sock([errno.EBADF])
+    assert w._drain() is False and w._sock.calls == 1
+    w._sock = Sock([errno.ENOBUFS, errno.EBADF])
+    assert w._drain() is True and w._sock.calls == 2
+
+
+def test_the_daemon_falls_back_to_the_resolver_when_the_watcher_fails(monkeypatch):
+    """pylvs run --vips local: a watcher that cannot start leaves the
+    resolver's callback in place and hands it the addresses it read."""
+    from types import SimpleNamespace
+
+    def refused(self):
+        raise OSError("reading addresses with pyroute2: refused")
+    monkeypatch.setattr(vipfollow.AddrWatcher, "start", refused)
+    seen = []
+    d = SimpleNamespace(resolver=SimpleNamespace(on_local_change="unset",
+                                                 local=frozenset({VIP1})),
+                        _local_changed=seen.append)
+    d._addrs_unwatched = lambda: D.Daemon._addrs_unwatched(d)
+    D.Daemon._watch_addrs(d)
+    assert d.resolver.on_local_change == seen.append and d._addrwatch is None
+    assert seen == [frozenset({VIP1})]
+
+
 def test_run_option():
     with pytest.raises(SystemExit):
         D.main(["--tap", "t0", "--addr", "10.0.0.1/24", "--vips", "local"])

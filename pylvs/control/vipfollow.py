@@ -38,11 +38,13 @@ before the kernel routes them, so it follows the addresses itself:
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import select
 import socket
 import threading
+import time
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -57,11 +59,14 @@ RTMGRP_IPV4_IFADDR = 0x10
 PERIOD = 1.0
 # The longest the thread sleeps between checks of its stop flag (seconds).
 TICK = 0.2
+# The longest start() waits for the thread's pyroute2 socket (seconds).
+OPEN_TIMEOUT = 5.0
 
 PROTO_NAMES = {tables.PROTO_TCP: "TCP", tables.PROTO_UDP: "UDP", 132: "SCTP"}
 
 
-def _int(a) -> int:
+def _addr_int(a) -> int:
+    """An IPv4 address, dotted string or host-order int, as a host-order int."""
     return int(ipaddress.IPv4Address(a))
 
 
@@ -70,7 +75,7 @@ def standby_view(services: np.ndarray, local: Iterable) -> np.ndarray:
     on every used row whose vaddr is not in ``local`` (addresses as strings
     or host-order ints); ``services`` itself when no row is standby, a copy
     otherwise (the published table is never written)."""
-    own = np.fromiter((_int(a) for a in local), dtype=np.uint32)
+    own = np.fromiter((_addr_int(a) for a in local), dtype=np.uint32)
     used = (services["flags"] & tables.SVC_F_USED) != 0
     off = used & ~np.isin(services["vaddr"].astype(np.uint32), own)
     if not off.any():
@@ -93,8 +98,8 @@ def vip_services(services: np.ndarray) -> dict[int, list[str]]:
 def changes(services: np.ndarray, before: Iterable, after: Iterable) -> list[str]:
     """Log lines for the VIPs of ``services`` that became local or stopped
     being local between two address sets (strings or host-order ints)."""
-    was = {_int(a) for a in before}
-    now = {_int(a) for a in after}
+    was = {_addr_int(a) for a in before}
+    now = {_addr_int(a) for a in after}
     lines = []
     for vip, names in sorted(vip_services(services).items()):
         if vip in now and vip not in was:
@@ -117,12 +122,16 @@ class AddrWatcher:
     time the namespace's IPv4 addresses change (module docstring), the
     first reading included. ``addrs`` is the last set read (None before).
 
-    ``start()`` opens the notification socket (OSError when netlink is
-    refused) and starts the thread; ``close()`` stops it (idempotent)."""
+    ``start()`` opens the notification socket and the thread's pyroute2
+    socket; OSError (and no thread left running) when netlink refuses
+    either. ``close()`` stops it (idempotent). Should the thread fail
+    later, it logs why and calls ``on_fail()`` (from that thread), so
+    the caller can follow the addresses another way."""
 
     def __init__(self, on_change: Optional[Callable[[frozenset[str]], None]] = None, *,
-                 period: float = PERIOD):
+                 period: float = PERIOD, on_fail: Optional[Callable[[], None]] = None):
         self.on_change = on_change
+        self.on_fail = on_fail
         self.period = period
         self.addrs: frozenset[str] | None = None
         self.errors = 0
@@ -130,6 +139,8 @@ class AddrWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
+        self._opened = threading.Event()
+        self._open_error: BaseException | None = None
 
     def start(self) -> None:
         if self._thread is not None or self._stop.is_set():
@@ -137,7 +148,8 @@ class AddrWatcher:
         # A bare netlink socket, only as a wake-up: a pyroute2 socket made
         # here, on the control loop's thread, binds itself to the running
         # uvloop and fails there (DESIGN.md, traps). The addresses are read
-        # with pyroute2 in the watcher's own thread.
+        # with pyroute2 in the watcher's own thread, which says here
+        # whether it could open its socket.
         s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                           socket.NETLINK_ROUTE)
         try:
@@ -149,6 +161,10 @@ class AddrWatcher:
         self._sock = s
         self._thread = threading.Thread(target=self._run, name="pylvs-addrs", daemon=True)
         self._thread.start()
+        if not self._opened.wait(OPEN_TIMEOUT) or self._open_error is not None:
+            why = self._open_error or f"no netlink socket within {OPEN_TIMEOUT:g} s"
+            self.close()
+            raise OSError(f"reading addresses with pyroute2: {why}")
 
     def close(self) -> None:
         self._stop.set()
@@ -160,8 +176,10 @@ class AddrWatcher:
             self._sock = None
 
     def _drain(self) -> bool:
-        """Read every pending notification; True if there was any (a full
-        buffer, ENOBUFS, counts as one: something changed unseen)."""
+        """Read every pending notification; True if there was any. ENOBUFS
+        (a full buffer: notifications were lost) counts as one, something
+        changed unseen; any other error ends the read (a closed socket
+        fails every recv: retrying it would spin)."""
         got = False
         while True:
             try:
@@ -170,7 +188,10 @@ class AddrWatcher:
                 got = True
             except BlockingIOError:
                 return got
-            except OSError:   # ENOBUFS: notifications were lost
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    self.errors += 1
+                    return got
                 got = True
 
     def poll(self, ipr) -> None:
@@ -192,18 +213,33 @@ class AddrWatcher:
                 log.exception("address change callback failed")
 
     def _run(self) -> None:
-        import time
+        try:
+            from pyroute2 import IPRoute
 
-        from pyroute2 import IPRoute
+            ipr = IPRoute()
+        except BaseException as e:
+            self._open_error = e
+            self._opened.set()
+            return
+        self._opened.set()
+        try:
+            with ipr:
+                self._watch(ipr)
+        except Exception:
+            if self._stop.is_set():   # close() took the socket away: the end anyway
+                return
+            log.exception("following local addresses failed")
+            if self.on_fail is not None:
+                self.on_fail()
 
-        with IPRoute() as ipr:
+    def _watch(self, ipr) -> None:
+        self.poll(ipr)
+        last = time.monotonic()
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._sock], [], [], TICK)
+            if ready and self._drain():
+                self.events += 1
+            elif time.monotonic() - last < self.period:
+                continue
             self.poll(ipr)
             last = time.monotonic()
-            while not self._stop.is_set():
-                ready, _, _ = select.select([self._sock], [], [], TICK)
-                if ready and self._drain():
-                    self.events += 1
-                elif time.monotonic() - last < self.period:
-                    continue
-                self.poll(ipr)
-                last = time.monotonic()

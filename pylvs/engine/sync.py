@@ -96,8 +96,13 @@ def conn_timeout(c, timeouts) -> float:
 def needed(c, pkts: int, now: float, sysctl: list[int], timeouts) -> bool:
     """ip_vs_sync_conn_needed for a reference Conn: is it (or a template) to
     be sent now, ``pkts`` its client packets (a template: the sync calls of
-    the conns it controls)? Updates ``sync_old`` (old state | retries << 4)
-    and ``sync_end`` when it is."""
+    the conns it controls)? ``now``: the engine's clock, seconds;
+    ``sysctl``: the engine's sysctl values, indexed by
+    tables.SYSCTL_INDEX (sync_threshold, sync_period, sync_refresh_period,
+    sync_retries, sync_persist_mode are read); ``timeouts``: the
+    engine's state timeouts, seconds, indexed by a conn's ``state``
+    (conn_timeout). Updates
+    ``sync_old`` (old state | retries << 4) and ``sync_end`` when it is."""
     timeout = conn_timeout(c, timeouts)
     orig, n = c.sync_end, sec16(now + timeout)
     retries = 0

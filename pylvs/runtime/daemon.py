@@ -275,14 +275,20 @@ class Daemon:
         2 s refresh, so a VIP that comes or goes is followed at once."""
         from ..control.vipfollow import AddrWatcher
 
-        self._addrwatch = AddrWatcher(self._local_changed)
+        self._addrwatch = AddrWatcher(self._local_changed, on_fail=self._addrs_unwatched)
+        self.resolver.on_local_change = None
         try:
             self._addrwatch.start()
         except OSError as e:
             log.warning("address notifications: %s; following the VIPs every 2 s", e)
             self._addrwatch = None
-            return
-        self.resolver.on_local_change = None
+            self._addrs_unwatched()
+
+    def _addrs_unwatched(self) -> None:
+        # The AddrWatcher failed (its thread, or start-up): the resolver's
+        # 2 s refresh follows the addresses again, from its last reading.
+        self.resolver.on_local_change = self._local_changed
+        self._local_changed(self.resolver.local)
 
     def _log_vips_away(self) -> None:
         """Name each VIP of a new service that is not local, once."""

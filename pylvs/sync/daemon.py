@@ -61,6 +61,8 @@ IFNAME_MAX = 15        # IP_VS_IFNAME_MAXLEN - 1: ipvsadm keeps that much of --m
 
 ROLES = ("master", "backup")
 IP_MTU_DISCOVER, IP_PMTUDISC_DONT = 10, 0   # linux/in.h (not in the socket module)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # asm-generic/socket.h
+RCVBUF = 1 << 20       # bytes a backup asks for its receive buffer (a bulk walk's burst)
 SIOCGIFADDR, SIOCGIFMTU = 0x8915, 0x8921
 
 
@@ -93,11 +95,11 @@ class SyncConfig:
         if not isinstance(ifn, str) or "\0" in ifn or "/" in ifn:
             raise SyncError("No such device")
         try:
-            cfg = cls(role, ifn[:IFNAME_MAX], _int(req, "syncid", 0, 255, 0),
+            cfg = cls(role, ifn[:IFNAME_MAX], _request_int(req, "syncid", 0, 255, 0),
                       str(ipaddress.IPv4Address(req.get("mcast_group") or wire.SYNC_GROUP)),
-                      _int(req, "mcast_port", 1, 65535, wire.SYNC_PORT),
-                      _int(req, "mcast_ttl", 1, 255, wire.SYNC_TTL),
-                      _int(req, "sync_maxlen", 0, 65535, 0))
+                      _request_int(req, "mcast_port", 1, 65535, wire.SYNC_PORT),
+                      _request_int(req, "mcast_ttl", 1, 255, wire.SYNC_TTL),
+                      _request_int(req, "sync_maxlen", 0, 65535, 0))
         except (ValueError, TypeError) as e:
             raise SyncError(f"Invalid argument ({e})") from None
         if not ipaddress.IPv4Address(cfg.mcast_group).is_multicast:
@@ -105,7 +107,9 @@ class SyncConfig:
         return cfg
 
 
-def _int(req: dict, key: str, lo: int, hi: int, default: int) -> int:
+def _request_int(req: dict, key: str, lo: int, hi: int, default: int) -> int:
+    """The int field ``key`` of a start_daemon request, ``default`` when
+    absent; ValueError when it is not an int in lo..hi."""
     v = req.get(key)
     if v is None:
         return default
@@ -175,6 +179,22 @@ def send_socket(cfg: SyncConfig, index: int, addr: str | None) -> socket.socket:
         s.close()
         raise
     return s
+
+
+def set_rcvbuf(sock: socket.socket, size: int) -> int:
+    """Ask for a receive buffer of ``size`` bytes: SO_RCVBUFFORCE, past
+    net.core.rmem_max, when the process has CAP_NET_ADMIN (as a director
+    does), else SO_RCVBUF, which the kernel caps at rmem_max (212992 bytes
+    on a stock system, a fifth of ``RCVBUF``). Returns what getsockopt
+    reports (the kernel doubles the value for its bookkeeping); an error
+    leaves the default size."""
+    for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            break
+        except OSError:
+            continue
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
 
 def receive_socket(cfg: SyncConfig, index: int) -> socket.socket:
@@ -297,9 +317,11 @@ class Master(_Daemon):
         self.buffer = wire.Buffer(self.cfg.syncid, self.maxlen, FLUSH_TIME)
         self.rows = np.zeros(DRAIN_CHUNK, dtype=SYNC_DTYPE)
         self.requests: dict[int, float] = {}
+        self.walking: frozenset[int] = frozenset()   # the nonces the walk in progress answers
         self.bulk_wake = asyncio.Event()
         self.listen: socket.socket | None = None
         self.out: socket.socket | None = None
+        self.queueing = False
 
     def start(self) -> None:
         self.engines.check(("set_sync_master", "sync_drain", "sync_chunk"))
@@ -310,6 +332,7 @@ class Master(_Daemon):
             self.socks.append(self.listen)
         except OSError as e:   # sync still works; only bulk requests go unheard
             log.warning("sync master: cannot listen for bulk resync requests: %s", e)
+        self.queueing = True   # from here on close() turns the engines' queueing off
         for w in self.engines.workers():
             self.engines.call(w, "set_sync_master", True)
         loop = asyncio.get_running_loop()
@@ -319,7 +342,10 @@ class Master(_Daemon):
             loop.add_reader(self.listen.fileno(), self._on_request)
 
     async def close(self) -> None:
-        for w in self.engines.workers():
+        """Stop: the engines stop queueing conns, and the conns still in the
+        partial message are dropped unsent, as sync_thread_master releases
+        its current buffer when the thread stops."""
+        for w in self.engines.workers() if self.queueing else ():
             try:
                 self.engines.call(w, "set_sync_master", False)
             except Exception as e:
@@ -327,7 +353,8 @@ class Master(_Daemon):
         await super().close()
 
     def drain(self, now: float) -> list[bytes]:
-        """Every engine's queued conns into the buffer; the messages due."""
+        """Every engine's queued conns into the buffer; the messages due at
+        ``now`` (time.monotonic() seconds: the buffer's flush clock)."""
         for w in self.engines.workers():
             while True:
                 n = int(self.engines.call(w, "sync_drain", self.rows))
@@ -368,6 +395,13 @@ class Master(_Daemon):
             self.stats["bulk_requests_other_syncid"] += 1
             return False
         self.stats["bulk_requests"] += 1
+        if nonce in self.walking:
+            # A backup's retry while the walk it asked for still runs (a
+            # table longer than the backup's first 1 s wait: ~80,000 conns
+            # at BULK_RATE): that walk's END answers it; queued again it
+            # would cost a second walk of the whole table.
+            self.stats["bulk_requests_in_walk"] += 1
+            return False
         if nonce not in self.requests and len(self.requests) >= BULK_PENDING:
             # A flood of requests (or a host lying on the sync link) must
             # not make the master send an END per request: one walk runs
@@ -386,16 +420,19 @@ class Master(_Daemon):
             await self.bulk_wake.wait()
             self.bulk_wake.clear()
             nonces, self.requests = list(self.requests), {}
+            self.walking = frozenset(nonces)
             try:
                 await self.walk()
+                for n in nonces:
+                    await self._send(self.out, [wire.control_message(
+                        wire.BULK_END, self.cfg.syncid, n)], "bulk_end_")
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("sync master: bulk resync failed")
                 continue
-            for n in nonces:
-                await self._send(self.out, [wire.control_message(wire.BULK_END,
-                                                                 self.cfg.syncid, n)], "bulk_end_")
+            finally:
+                self.walking = frozenset()
             self.stats["bulk_walks"] += 1
 
     async def walk(self) -> None:
@@ -436,10 +473,11 @@ class Backup(_Daemon):
         self.socks.append(self.inp)
         self.ask = send_socket(self.cfg, self.index, self.addr)
         self.socks.append(self.ask)
-        try:
-            self.inp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        except OSError:
-            pass
+        got = set_rcvbuf(self.inp, RCVBUF)
+        if got < 2 * RCVBUF:
+            log.info("sync backup: receive buffer %d bytes, not %d (without CAP_NET_ADMIN "
+                     "net.core.rmem_max caps it): a bulk resync may overflow it (Udp "
+                     "RcvbufErrors in /proc/net/snmp)", got, 2 * RCVBUF)
         loop = asyncio.get_running_loop()
         loop.add_reader(self.inp.fileno(), self._on_readable)
         self.asking = loop.create_task(self._ask(), name="pylvs-sync-bulk-request")

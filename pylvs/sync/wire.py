@@ -27,9 +27,11 @@ UDP payload: the kernel's sync_maxlen) and at most 255 conns (nr_conns is
 a byte). ``decode`` is strict and never raises: a message that breaks the
 framing in any place installs nothing (the kernel keeps the conns it had
 already taken before the fault; pylvs takes none of a broken message), and
-a conn the kernel would skip on its own (unknown protocol, state out of
-range, an unknown mandatory option, an IPv6 conn, persistence-engine data
-pylvs has no engine for) is skipped and counted alone. Every drop has a
+a conn the kernel would skip on its own (unknown protocol, a conn's state
+out of its protocol's range, an unknown mandatory option, an IPv6 conn,
+persistence-engine data pylvs has no engine for) is skipped and counted
+alone, and so is a template whose state is not NONE or ASSURED, which the
+kernel installs (with a debug message) and pylvs refuses (``_records``). Every drop has a
 reason counted under its name in the ``counts`` dict the caller passes.
 """
 
@@ -93,7 +95,8 @@ DROP_REASONS = (
 SKIP_REASONS = (
     "skip_ipv6",      # an IPv6 conn (pylvs balances IPv4 only)
     "skip_proto",     # not TCP or UDP
-    "skip_state",     # state out of range for its protocol or template
+    "skip_state",     # state out of range for its protocol, or a template's
+                      # beyond ASSURED (pylvs's rule: the kernel installs those)
     "skip_option",    # an unknown mandatory option
     "skip_pe",        # persistence-engine data (no engine in pylvs)
 )
@@ -136,9 +139,20 @@ def conns_bytes(records: np.ndarray) -> bytes:
     return w.tobytes()
 
 
+def check_syncid(syncid: int) -> int:
+    """``syncid`` itself when it is 0..255 (a u8 on the wire; 0 = any),
+    else ValueError."""
+    if isinstance(syncid, bool) or not isinstance(syncid, (int, np.integer)) \
+            or not 0 <= syncid <= 255:
+        raise ValueError(f"syncid {syncid!r} is out of range (0..255)")
+    return syncid
+
+
 def message(syncid: int, body: bytes) -> bytes:
     """A v1 message around ``body``, whole IPv4 conns without options (so
-    36 bytes each and no padding between them)."""
+    36 bytes each and no padding between them), at most 255 of them.
+    ValueError for a syncid out of 0..255 (check_syncid)."""
+    check_syncid(syncid)
     return HEADER.pack(0, syncid, HEADER_LEN + len(body), len(body) // CONN_V4_LEN,
                        SYNC_PROTO_VER, 0) + body
 
@@ -155,9 +169,8 @@ def per_message(maxlen: int) -> int:
 def encode(records: np.ndarray, syncid: int, maxlen: int = DEFAULT_MAXLEN) -> list[bytes]:
     """SYNC_DTYPE records → v1 messages, in record order, each at most
     ``maxlen`` bytes (one conn when ``maxlen`` holds none) and 255 conns.
-    ``syncid``: 0..255, ValueError out of it."""
-    if not 0 <= syncid <= 255:
-        raise ValueError(f"syncid {syncid} is out of range (0..255)")
+    ``syncid``: 0..255, ValueError out of it (even for no records)."""
+    check_syncid(syncid)
     step = per_message(maxlen) * CONN_V4_LEN
     body = conns_bytes(records)
     return [message(syncid, body[i:i + step]) for i in range(0, len(body), step)]
@@ -170,13 +183,19 @@ class Buffer:
     "do not delay entries in buffer for more than 2 seconds")."""
 
     def __init__(self, syncid: int, maxlen: int, flush_after: float = 2.0):
-        self.syncid, self.flush_after = syncid, flush_after
+        """``syncid`` 0..255 (ValueError otherwise), ``maxlen`` the largest
+        message in bytes (per_message), ``flush_after`` seconds."""
+        self.syncid, self.flush_after = check_syncid(syncid), flush_after
         self.per_message = per_message(maxlen)
         self._body = b""
         self._first = 0.0
         self.ready: list[bytes] = []
 
     def add(self, records: np.ndarray, now: float) -> None:
+        """Queue SYNC_DTYPE ``records`` (host order) at ``now``, seconds of
+        a monotonic clock (the master's time.monotonic): every message
+        they fill is ready at once, the rest waits in the partial one,
+        whose age counts from the first conn in it."""
         if not len(records):
             return
         if not self._body:
@@ -189,10 +208,12 @@ class Buffer:
             self._first = now   # the conns left over arrived now
         self._body = body[full:]
 
-    def take(self, now: float, force: bool = False) -> list[bytes]:
-        """The messages due: the full ones, and the partial one once it is
-        old enough (or with ``force``)."""
-        if self._body and (force or now - self._first >= self.flush_after):
+    def take(self, now: float) -> list[bytes]:
+        """The messages due at ``now`` (seconds, the clock of ``add``): the
+        full ones, and the partial one once it is ``flush_after`` old.
+        (There is no flush on stop: the kernel's master drops its partial
+        buffer when its thread stops.)"""
+        if self._body and now - self._first >= self.flush_after:
             self.ready.append(message(self.syncid, self._body))
             self._body = b""
         out, self.ready = self.ready, []
@@ -230,7 +251,10 @@ def _options(buf: bytes, p: int, end: int) -> str | None:
             if kind == OPT_PE_DATA:
                 skip = skip or "skip_pe"
         elif not ptype & OPT_F_PARAM:
-            skip = skip or "skip_option"
+            # ip_vs_proc_sync_conn stops there and skips the conn: what
+            # follows is not read, so a malformed option after it costs
+            # only this conn, not the message.
+            return "skip_option"
         p += plen
     return skip
 
@@ -261,10 +285,16 @@ def decode(buf: bytes, syncid: int, counts: Counter | None = None) -> np.ndarray
 
 
 def _records(w: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Wire conns (WIRE_V4) → the SYNC_DTYPE records of those the kernel
-    would take, and the skip reason of each other (ip_vs_proc_sync_conn:
-    a template's state below IP_VS_CTPL_S_LAST, whatever its protocol; a
-    conn's protocol TCP or UDP and its state below that protocol's count)."""
+    """Wire conns (WIRE_V4) → the SYNC_DTYPE records to install, and the
+    skip reason of each other. A conn (not a template) needs protocol TCP
+    or UDP and a state below that protocol's count, as ip_vs_proc_sync_conn
+    checks. A template, whatever its protocol, needs a state below
+    IP_VS_CTPL_S_LAST (NONE or ASSURED): pylvs's stricter rule. The kernel
+    only logs such a template at debug level and installs it (listed with
+    state "ERR!"); no IPVS or pylvs master sends one, and pylvs's engines
+    keep a template's state as the ASSURED bit, where a larger value would
+    read as something it is not (engine/sync.refusal and the C engine's
+    sync_install refuse it too)."""
     template = (w["flags"] & CONN_F_TEMPLATE) != 0
     tcp, udp = w["proto"] == tables.PROTO_TCP, w["proto"] == tables.PROTO_UDP
     state = w["state"]

@@ -95,8 +95,13 @@ async def main(ns_a: str, if_a: str, ns_b: str, if_b: str) -> dict:
     for msg in BAD:
         s.sendto(msg, (wire.SYNC_GROUP, wire.SYNC_PORT))
     s.close()
-    await asyncio.sleep(0.5)
+    # Each datagram is counted by the time it is read: wait for the six,
+    # bounded (the exact counts are the test's to check).
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and sum(b.drops.values()) < len(BAD):
+        await asyncio.sleep(0.02)
     out = {
+        "rcvbuf": b.inp.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
         "installed": [sorted(r[3] for r in w.engine.table) for w in bw],
         "installed_at": installed_at,
         "installed_after_bad": b.stats["installed"] - before,

@@ -79,8 +79,22 @@ def capture(ns: str, iface: str, path: str) -> subprocess.Popen:
     return p
 
 
-def stop_capture(p: subprocess.Popen) -> None:
-    time.sleep(0.3)
+def pcap_count(path: str) -> int:
+    """Whole packet records in a pcap file tcpdump is still writing."""
+    with open(path, "rb") as f:
+        data = f.read()
+    n, p = 0, 24   # the file header, then a 16-byte header per record
+    while p + 16 <= len(data):
+        p += 16 + int.from_bytes(data[p + 8:p + 12], "little")
+        n += p <= len(data)
+    return n
+
+
+def stop_capture(p: subprocess.Popen, path: str, want: int) -> None:
+    """Stop tcpdump once ``path`` holds ``want`` packets (at most 5 s)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and pcap_count(path) < want:
+        time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     try:
         p.wait(timeout=5)
@@ -91,15 +105,21 @@ def stop_capture(p: subprocess.Popen) -> None:
 
 def test_daemons_over_a_veth_with_stand_in_engines(two_ns, tmp_path):
     ns_a, ns_b = two_ns
+    # Wireshark's ipvs dissector reads the wire: tshark is one of the
+    # Makefile's APT_TOOLS, so its absence is a broken setup, not a skip.
+    assert shutil.which("tshark"), "tshark is missing: run `make deps` (Makefile APT_TOOLS)"
     pcap = str(tmp_path / "sync.pcap")
     cap = capture(ns_b, "sy0", pcap)
+    p = out = None
     try:
         p = subprocess.run([sys.executable, str(HERE / "sync_pair.py"), ns_a, "sy0", ns_b, "sy0"],
                            capture_output=True, text=True, timeout=60, cwd=REPO)
+        out = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
     finally:
-        stop_capture(cap)
+        # Every datagram the backup read went over sy0, and so did its requests.
+        backup = out["stats"]["backup"] if out else {}
+        stop_capture(cap, pcap, backup.get("messages", 0) + backup.get("bulk_request_messages", 0))
     assert p.returncode == 0, p.stderr[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
     sent = np.array(out["sent"], dtype=np.uint32)
     # Every conn arrived once, in the worker its client reaches.
     want = sd.worker_of(sent, np.zeros(0, dtype=[("flags", "u4"), ("timeout", "u4"),
@@ -117,23 +137,25 @@ def test_daemons_over_a_veth_with_stand_in_engines(two_ns, tmp_path):
     assert dropped == {"short": 2, "bad_size": 1, "wrong_syncid": 1, "bad_version": 1, "v0": 1}
     assert [d["state"] for d in out["list"]] == ["master", "backup"]
     assert out["list"][0]["sync_maxlen"] == 1472 and out["list"][0]["mcast_ifn"] == "sy0"
+    # Root (CAP_NET_ADMIN) gets the backup's 1 MiB past net.core.rmem_max;
+    # getsockopt reports twice the size asked (the kernel's bookkeeping).
+    assert out["rcvbuf"] == 2 * sd.RCVBUF
     # The wire, as Wireshark decodes it: syncid 7, v1, conns whose client
     # addresses are the ones sent.
-    if shutil.which("tshark"):
-        fields = ["ipvs.syncid", "ipvs.version", "ipvs.conncount", "ipvs.caddr", "ip.ttl",
-                  "ip.dst", "udp.dstport"]
-        cmd = ["tshark", "-r", pcap, "-T", "fields", "-E", "occurrence=a", "-E", "aggregator=;",
-               "-Y", f"ipvs.version == 1 && udp.srcport != {BAD_SPORT}"]
-        for f in fields:
-            cmd += ["-e", f]
-        lines = sh(*cmd, timeout=60).stdout.splitlines()
-        seen = []
-        for line in lines:
-            syncid, ver, n, caddrs, ttl, dst, dport = line.split("\t")
-            assert (syncid, ver, ttl, dst, dport) == ("7", "1", "1", "224.0.0.81", "8848")
-            seen += caddrs.split(";")
-            assert len(caddrs.split(";")) == int(n)
-        assert sorted(seen) == sorted(_dotted(a) for a in sent)
+    fields = ["ipvs.syncid", "ipvs.version", "ipvs.conncount", "ipvs.caddr", "ip.ttl",
+              "ip.dst", "udp.dstport"]
+    cmd = ["tshark", "-r", pcap, "-T", "fields", "-E", "occurrence=a", "-E", "aggregator=;",
+           "-Y", f"ipvs.version == 1 && udp.srcport != {BAD_SPORT}"]
+    for f in fields:
+        cmd += ["-e", f]
+    lines = sh(*cmd, timeout=60).stdout.splitlines()
+    seen = []
+    for line in lines:
+        syncid, ver, n, caddrs, ttl, dst, dport = line.split("\t")
+        assert (syncid, ver, ttl, dst, dport) == ("7", "1", "1", "224.0.0.81", "8848")
+        seen += caddrs.split(";")
+        assert len(caddrs.split(";")) == int(n)
+    assert sorted(seen) == sorted(_dotted(a) for a in sent)
 
 
 def _dotted(v) -> str:
