@@ -848,8 +848,9 @@ BAD = [
      ":3: alpha: 'maybe' is not on/off"),
     ("unterminated quote", "virtual_server 10.0.0.1 80 {\n virtualhost \"abc\n}\n",
      ":2: unterminated quoted string"),
-    ("conditional", "@main virtual_server 10.0.0.1 80 { }\n",
-     ":1: keepalived's conditional configuration ('@') is not supported"),
+    ("condition without an id", "@ virtual_server 10.0.0.1 80 { }\n",
+     ":1: '@' without a config id after it"),
+    ("conditional include", "@main include /etc/x.conf\n", ":1: an include on a conditional line"),
     ("substitution", "$VIP=10.0.0.1\n", ":1: keepalived's parameter substitution ('$')"),
     ("missing group", "virtual_server group NOPE { }\n",
      ":1: virtual_server_group NOPE is not defined"),
@@ -874,8 +875,9 @@ BAD = [
      ":5: unknown keyword 'connect_timeout' in MISC_CHECK"),
     ("group range past the last byte", "virtual_server_group G {\n 10.0.0.1-300 80\n}\n",
      ":2: virtual_server_group: range '10.0.0.1-300': the end is the last byte, 0..255"),
-    ("a trailing backslash joins no line", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
-     "  weight 2\\\n  inhibit_on_failure\n }\n}\n", ":3: weight: '2\\\\' is not an integer"),
+    ("a trailing backslash joins no line",
+     "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  weight 2\\\n"
+     "  inhibit_on_failure\n }\n}\n", ":3: weight: '2\\\\' is not an integer"),
     ("connect_port 0", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
      "  TCP_CHECK {\n   connect_port 0\n  }\n }\n}\n",
      ":4: connect_port: '0' is not an integer from 1 to 65535"),
@@ -1209,6 +1211,43 @@ def test_a_backslash_in_a_value_is_kept_as_keepalived_keeps_it(tmp_path):
     # A quote always ends a quoted string: `"a\"b"` leaves a quote open.
     with pytest.raises(ka.ConfigError, match=r":3: unterminated quoted string"):
         parse(tmp_path, 'virtual_server 10.0.0.1 80 {\n protocol TCP\n virtualhost "a\\"b"\n}\n')
+
+
+def test_conditional_lines_follow_the_config_id_as_keepalived_s_i(tmp_path, capsys):
+    """One file for both directors (keepalived.conf(5), "Conditional
+    configuration"): `@ID` lines count only for that config id (keepalived's
+    -i, pylvs run -i; by default the node name up to its first dot),
+    `@^ID` lines for every other one."""
+    from pylvs.runtime import daemon
+
+    path = write(tmp_path, "keepalived.conf", """\
+        vrrp_instance VI_1 {
+            @main   priority 200
+            @backup priority 100
+        }
+        virtual_server 10.0.0.1 80 {
+            protocol TCP
+            @main  lb_algo wrr
+            @^main lb_algo rr
+            real_server 10.1.0.1 80 {
+                @backup weight 3
+            }
+        }
+    """)
+
+    def sched_weight(cfg):
+        vs = cfg.virtual_servers[0]
+        return vs.lvs_sched, vs.real_servers[0].weight
+
+    assert sched_weight(ka.parse_file(path, "main")) == ("wrr", 1)
+    assert sched_weight(ka.parse_file(path, "backup")) == ("rr", 3)
+    import os
+    node = os.uname().nodename.split(".")[0]
+    assert sched_weight(ka.parse_file(path)) == sched_weight(ka.parse_file(path, node))
+    assert config_apply.load(path, "backup").services[("tcp", "10.0.0.1", 80, 0)].attrs[
+        "sched"] == "rr"
+    assert daemon.main(["-c", path, "-i", "main", "-t"]) == 0
+    assert capsys.readouterr().out.endswith("1 service(s), 1 dest(s), 1 warning(s), 0 error(s)\n")
 
 
 def test_load_errors_name_file_and_line(tmp_path):

@@ -95,16 +95,17 @@ class Loaded:
     blank: bool = False
 
 
-def load(path: str) -> Loaded:
-    """Read and parse ``path`` (either format). Raises ConfigError whose
-    text names the file and line."""
+def load(path: str, config_id: str | None = None) -> Loaded:
+    """Read and parse ``path`` (either format; a keepalived.conf's ``@ID``
+    lines for ``config_id``, keepalived.parse_file). Raises ConfigError
+    whose text names the file and line."""
     data = keepalived.read_limited(path)
     text = keepalived.decode(data)
     if keepalived.first_word(text) is None:
         # Either format's comments (keepalived's `!` too), nothing else.
         return Loaded(path, "rules", {}, blank=True)
     if keepalived.looks_like_keepalived(text):
-        return from_keepalived(keepalived.parse_file(path), path)
+        return from_keepalived(keepalived.parse_file(path, config_id), path)
     from ..cli import adm
 
     try:
@@ -344,9 +345,10 @@ class ConfigFile:
     left in force. ``apply_ops(ops) -> results`` runs operations as
     ``Balancer.apply_many`` (one publish). Logs to the "pylvs" logger."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, config_id: str | None = None):
         self.path = path
-        self.loaded = load(path)
+        self.config_id = config_id
+        self.loaded = load(path, config_id)
         self._state: State = {}
         self._timeouts: Any = None
         self._lock: asyncio.Lock | None = None
@@ -389,7 +391,8 @@ class ConfigFile:
             self._lock = asyncio.Lock()
         async with self._lock:
             try:
-                loaded = await asyncio.get_running_loop().run_in_executor(None, load, self.path)
+                loop = asyncio.get_running_loop()
+                loaded = await loop.run_in_executor(None, load, self.path, self.config_id)
                 if loaded.blank and self._state:
                     # Most likely a write cut short (a full disk, `>` for
                     # `>>`, an editor's crash): never a reason to delete
@@ -426,7 +429,8 @@ class ConfigFile:
 
 # --- pylvs run -c FILE -t ------------------------------------------------------
 
-def config_test(path: str, out, err, max_services: int, max_dests: int) -> int:
+def config_test(path: str, out, err, max_services: int, max_dests: int,
+                config_id: str | None = None) -> int:
     """``pylvs run -c FILE -t``, as ``keepalived -t``: read the file (its
     includes too), apply it to a scratch Balancer of the director's size
     (no network, nothing started), write the warnings and every error with
@@ -438,7 +442,7 @@ def config_test(path: str, out, err, max_services: int, max_dests: int) -> int:
     from ..engine.tables import Counters
 
     try:
-        loaded = load(path)
+        loaded = load(path, config_id)
     except ConfigError as e:
         err.write(f"pylvs run: -c {e}\n")
         return 1

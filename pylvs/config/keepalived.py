@@ -203,11 +203,12 @@ def decode(data: bytes) -> str:
 class _Reader:
     """Files to one token list, includes followed, within the limits."""
 
-    def __init__(self) -> None:
+    def __init__(self, config_id: str | None = None) -> None:
         self.tokens: list[Token] = []
         self.files: list[str] = []
         self.total = 0
         self.warnings: list[str] = []
+        self.config_id = config_id if config_id is not None else default_config_id()
 
     def read(self, path: str, where: Where | None, stack: tuple[str, ...]) -> None:
         real = os.path.realpath(path)
@@ -235,6 +236,11 @@ class _Reader:
         for no, line in _lines(text):
             here = Where(path, no)
             first = line.lstrip()[:1]
+            if first == "@":
+                line = self._condition(line, here)
+                if line is None:
+                    continue
+                first = line.lstrip()[:1]
             if first in _ADVANCED:
                 raise ConfigError(here, f"keepalived's {_ADVANCED[first]} is not supported "
                                         "by pylvs")
@@ -243,6 +249,21 @@ class _Reader:
                 self._include(toks[0].text, line, here, stack)
                 continue
             self.tokens.extend(toks)
+
+    def _condition(self, line: str, where: Where) -> str | None:
+        """keepalived's conditional line: ``@ID rest`` is ``rest`` when ID
+        is the config id, ``@^ID rest`` when it is not; None: skipped."""
+        m = re.fullmatch(r"\s*@(\^?)(\S+)(.*)", line)
+        if m is None:
+            raise ConfigError(where, "'@' without a config id after it")
+        rest = m.group(3)
+        if rest.split()[:1] and rest.split()[0] in _INCLUDES:
+            # keepalived finds includes before it looks at conditions.
+            raise ConfigError(where, "an include on a conditional line: keepalived does not "
+                                     "follow it; write it on a line of its own")
+        if (m.group(2) == self.config_id) == bool(m.group(1)):
+            return None
+        return rest
 
     def _include(self, word: str, line: str, where: Where, stack: tuple[str, ...]) -> None:
         if word != "include":
@@ -285,8 +306,7 @@ class _Reader:
 _INCLUDE_ARG = re.compile(r'\s*include\s+(?:"([^"]*)"|([^\s"#!]+))\s*(?:[#!].*)?')
 _INCLUDES = ("include", "includer", "includem", "includew", "includeb", "includea",
              "include_check")
-_ADVANCED = {"@": "conditional configuration ('@')",
-             "$": "parameter substitution ('$')",
+_ADVANCED = {"$": "parameter substitution ('$')",
              "~": "sequence expansion ('~SEQ')"}
 
 
@@ -1157,18 +1177,27 @@ def _vs_name(vs: VirtualServer) -> str:
 
 # --- entry points ------------------------------------------------------------
 
-def parse_file(path: str) -> KeepalivedConfig:
-    """The configuration in ``path`` and every file it includes. Raises
-    ConfigError (file:line first) for what the director refuses."""
-    reader = _Reader()
+def default_config_id() -> str:
+    """keepalived's default config id (``-i``): the node name up to its
+    first dot."""
+    return os.uname().nodename.split(".")[0]
+
+
+def parse_file(path: str, config_id: str | None = None) -> KeepalivedConfig:
+    """The configuration in ``path`` and every file it includes, its
+    ``@ID`` lines taken for ``config_id`` (keepalived's ``-i``; None: the
+    node name up to its first dot, as keepalived). Raises ConfigError
+    (file:line first) for what the director refuses."""
+    reader = _Reader(config_id)
     reader.read(path, None, ())
     return _finish(reader)
 
 
-def parse_text(text: str, name: str = "<text>") -> KeepalivedConfig:
+def parse_text(text: str, name: str = "<text>",
+               config_id: str | None = None) -> KeepalivedConfig:
     """As parse_file for text already read (includes relative to the
     current directory)."""
-    reader = _Reader()
+    reader = _Reader(config_id)
     if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise ConfigError(None, f"{name}: larger than {MAX_FILE_BYTES} bytes")
     reader.files.append(name)
