@@ -342,17 +342,23 @@ def test_a_storm_of_sighups_ends_in_the_file_s_last_state(director_lab, tmp_path
     """A deploy tool that signals on every file it writes: 20 SIGHUPs
     within a few milliseconds while the file changes between them; the
     reloads run one after another (never two at once), the director stays
-    up and ends with what the file says last."""
+    up and ends with what the file says last. The file's conditional lines
+    are read for `-i lb1` at start and at every reload."""
     lab = director_lab(servers=2, start=False)
     rs1, rs2 = lab.rips
+
+    def shared(weight2: int) -> str:   # one file for both directors
+        return conf(lab, weight2).replace("    lb_algo rr\n",
+                                          "    @lb1 lb_algo rr\n    @^lb1 lb_algo wrr\n")
+
     path = tmp_path / "keepalived.conf"
-    path.write_text(conf(lab, 1))
-    lab.start_director("-c", str(path))
+    path.write_text(shared(1))
+    lab.start_director("-c", str(path), "-i", "lb1")
     assert lab.wait_resolved([rs1, rs2])
     p = lab.procs["director"]
     for i in range(20):
         tmp = tmp_path / "keepalived.conf.new"
-        tmp.write_text(conf(lab, 2 + i))
+        tmp.write_text(shared(2 + i))
         tmp.replace(path)   # as editors and deploy tools write it: whole
         p.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 20
