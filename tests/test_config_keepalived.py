@@ -347,6 +347,22 @@ def test_includes_with_globs_braces_and_relative_paths(tmp_path):
     assert [w.split(": ", 2)[1] for w in cfg.warnings[1:]] == ["virtual_server"] * 3  # no protocol
 
 
+def test_an_include_glob_skips_directories_as_keepalived_does(tmp_path):
+    """`include conf.d/*` where conf.d holds a subdirectory (an old/,
+    a checkout): keepalived logs "is a directory - skipping" and runs the
+    files; pylvs reads the same files and names the directory skipped."""
+    main = write(tmp_path, "keepalived.conf", "include conf.d/*\ninclude conf.d/old\n")
+    write(tmp_path, "conf.d/web.conf", "virtual_server 10.0.0.1 80 {\n"
+                                       " protocol TCP\n real_server 10.1.0.1 80 { }\n}\n")
+    write(tmp_path, "conf.d/old/web.conf", "virtual_server 10.0.0.1 80 { }\n")
+    cfg = ka.parse_file(main)
+    assert [(vs.vaddr, vs.vport) for vs in cfg.virtual_servers] == [("10.0.0.1", 80)]
+    assert cfg.files == (main, f"{tmp_path}/conf.d/web.conf")
+    skipped = f"{tmp_path}/conf.d/old is a directory: skipped, as keepalived skips it"
+    assert cfg.warnings == (f"{main}:1: include conf.d/*: {skipped}",
+                            f"{main}:2: include conf.d/old: {skipped}")
+
+
 # As an operator's lb01 has it: the protocol in lower case (keepalived 2.2
 # compares it with strcasecmp), quoted values, a group with a range.
 LB01 = """\
@@ -446,6 +462,57 @@ def test_the_sample_configurations_are_keepalived_s_own(tmp_path, name):
     assert not errors, said   # (its exit status counts its notes: no default scheduler, ...)
 
 
+def _vs(body: str = "", real: str = "", check: str = "TCP_CHECK", check_body: str = "") -> str:
+    return (f"virtual_server 10.0.0.1 80 {{\n protocol TCP\n lb_algo rr\n{body}"
+            f" real_server 10.1.0.1 80 {{\n{real}  {check} {{\n{check_body}  }}\n }}\n}}\n")
+
+
+# What keepalived 2.2.7 reads and drops, logging the line ("invalid",
+# "ignoring", "Unknown keyword"): pylvs never applies it silently either,
+# it refuses the file or names the line in a warning.
+KEEPALIVED_DROPS = [
+    ("retry 0 in a real server", _vs(real="  retry 0\n"), 5),
+    ("retry 0 in a virtual server", _vs(body=" retry 0\n"), 4),
+    ("nb_get_retry in TCP_CHECK", _vs(check_body="   nb_get_retry 3\n"), 6),
+    ("connect_port 0", _vs(check_body="   connect_port 0\n"), 6),
+    ("misc_timeout 1.5", _vs(check="MISC_CHECK",
+                             check_body="   misc_path /bin/true\n   misc_timeout 1.5\n"), 7),
+    ("connect_timeout in MISC_CHECK", _vs(check="MISC_CHECK", check_body=(
+        "   misc_path /bin/true\n   connect_timeout 2\n")), 7),
+    ("sh-port before lb_algo sh", _vs(body=" sh-port\n lb_algo sh\n"), 4),
+    ("sorry options before sorry_server", _vs(
+        body=" sorry_server_inhibit\n sorry_server 10.1.0.9 80\n"), 4),
+    ("group range end past 255", "virtual_server_group G {\n 10.0.0.1-300 80\n}\n"
+     + _vs().replace("10.0.0.1 80", "group G", 1), 2),
+    ("lowercase lb_kind", _vs(body=" lb_kind dr\n"), 4),
+    ("misspelt keyword", _vs(body=" persistance_timeout 5\n"), 4),
+    ("persistence_timeout 0", _vs(body=" persistence_timeout 0\n"), 4),
+    # No line continues on the next: a trailing backslash stays in the line,
+    # a comment's too (keepalived: "Invalid lvs_scheduler 'wrr\\'").
+    ("a comment ending in a backslash", _vs(body=" lb_algo wrr  # see C:\\\n"
+                                              " persistence_timeout 60\n"), 4),
+    ("a line ending in a backslash", _vs(real="  weight 2\\\n  inhibit_on_failure\n"), 5),
+]
+
+
+@pytest.mark.skipif(not os.path.exists(KEEPALIVED), reason="keepalived not installed (make)")
+@pytest.mark.parametrize("text,line", [(t, n) for _d, t, n in KEEPALIVED_DROPS],
+                         ids=[d for d, _t, _n in KEEPALIVED_DROPS])
+def test_what_keepalived_drops_pylvs_refuses_or_names(tmp_path, text, line):
+    import subprocess
+
+    path = write(tmp_path, "keepalived.conf", text)
+    p = subprocess.run([KEEPALIVED, "-t", "-l", "-f", path], capture_output=True, text=True,
+                       timeout=30)
+    assert f"Line {line})" in p.stdout + p.stderr, p.stdout + p.stderr
+    try:
+        cfg = ka.parse_file(path)
+    except ka.ConfigError as e:
+        assert str(e).startswith(f"{path}:{line}: "), str(e)
+    else:
+        assert any(w.startswith(f"{path}:{line}: ") for w in cfg.warnings), cfg.warnings
+
+
 @pytest.mark.skipif(not os.path.exists(KEEPALIVED), reason="keepalived not installed (make)")
 def test_keepalived_only_logs_a_misspelt_keyword_pylvs_refuses_it(tmp_path):
     import subprocess
@@ -466,6 +533,9 @@ def test_one_warning_per_unimplemented_block_or_keyword(tmp_path):
         vrrp_script chk { script "/bin/true" }
         vrrp_instance A { state BACKUP }
         vrrp_instance B { state BACKUP }
+        track_group TG { group { A } }
+        interface_up_down_delays { eth0 1 }
+        child_wait_time 10
         virtual_server 10.0.0.1 80 {
             protocol TCP
             ha_suspend
@@ -481,11 +551,158 @@ def test_one_warning_per_unimplemented_block_or_keyword(tmp_path):
     """)
     names = [(w.split(": ")[0].rsplit(":", 1)[1], w.split(": ")[1]) for w in cfg.warnings]
     assert names == [("1", "global_defs"), ("2", "vrrp_script"), ("3", "vrrp_instance"),
-                     ("4", "vrrp_instance"), ("7", "ha_suspend"), ("8", "smtp_alert"),
-                     ("10", "DNS_CHECK"), ("13", "user")]
+                     ("4", "vrrp_instance"), ("5", "track_group"),
+                     ("6", "interface_up_down_delays"), ("7", "child_wait_time"),
+                     ("10", "ha_suspend"), ("11", "smtp_alert"), ("13", "DNS_CHECK"),
+                     ("16", "user")]
     assert cfg.vrrp_instances == ("A", "B")
+    # The same file given to a whole keepalived would make its checkers
+    # program the kernel's IPVS next to pylvs: the warning says how not to.
+    assert "run `keepalived -P` (VRRP only" in cfg.warnings[2]
     misc = cfg.virtual_servers[0].real_servers[0].checks
     assert [c.misc_path for c in misc] == ["/bin/check arg"]
+
+
+
+def test_lvs_keywords_of_global_defs_and_vrrp_are_named_each(tmp_path):
+    """keepalived starts the IPVS sync daemon from global_defs'
+    lvs_sync_daemon (or a vrrp_instance's old lvs_sync_daemon_interface);
+    pylvs starts its own apart: an operator moving the file must read that
+    in a warning of its own, not only "global_defs: ignored"."""
+    cfg = parse(tmp_path, """\
+        global_defs {
+            router_id LVS_1
+            lvs_sync_daemon eth1 VI_1 id 5
+            lvs_timeouts tcp 900
+            lvs_notify_fifo /run/keepalived.fifo
+        }
+        vrrp_instance VI_1 {
+            interface eth0
+            lvs_sync_daemon_interface eth1
+        }
+    """)
+    named = [w.split(": ")[1] for w in cfg.warnings]
+    assert named == ["global_defs", "lvs_sync_daemon", "lvs_notify_fifo", "vrrp_instance",
+                     "lvs_sync_daemon_interface"]
+    assert "pylvs adm --start-daemon" in cfg.warnings[1] and cfg.lvs_timeouts == (900, 0, 0)
+
+
+
+def test_sh_and_mh_flags_count_only_after_their_scheduler(tmp_path):
+    """keepalived 2.2.7 (`keepalived -t`: "sh-port only applies to sh
+    scheduler - ignoring") drops sh-/mh- flags read before lvs_sched sh or
+    mh: the same file hashes the same way under pylvs."""
+    cfg = parse(tmp_path, """\
+        virtual_server 10.0.0.1 80 {
+            protocol TCP
+            sh-port
+            lb_algo sh
+            sh-fallback
+            flag-3
+            real_server 10.1.0.1 80 { }
+        }
+        virtual_server 10.0.0.2 80 {
+            protocol TCP
+            mh-port
+            real_server 10.1.0.1 80 { }
+        }
+    """)
+    first, second = cfg.virtual_servers
+    assert first.sched_flags == ("flag-3", "sh-fallback") and second.sched_flags == ()
+    assert [w.split(": ", 1)[0].rsplit(":", 1)[1] for w in cfg.warnings] == ["3", "11"]
+    assert all("only after lvs_sched sh or mh" in w for w in cfg.warnings)
+
+
+
+def test_sorry_server_options_before_the_sorry_server_are_dropped(tmp_path):
+    """keepalived applies sorry_server_lvs_method and sorry_server_inhibit
+    to the sorry server read so far ("sorry_server forwarding used without
+    sorry_server"): before it they change nothing, in pylvs too."""
+    cfg = parse(tmp_path, """\
+        virtual_server 10.0.0.1 80 {
+            protocol TCP
+            sorry_server_lvs_method DR
+            sorry_server_inhibit
+            sorry_server 10.1.0.9 8080
+            real_server 10.1.0.1 80 { }
+        }
+    """)
+    sorry = cfg.virtual_servers[0].sorry_server
+    assert (sorry.lvs_method, sorry.port, sorry.inhibit) == ("NAT", 8080, False)
+    assert [w.split(": ", 1)[0].rsplit(":", 1)[1] for w in cfg.warnings] == ["3", "4"]
+
+
+
+def test_a_persistence_granularity_makes_the_service_persistent(tmp_path):
+    """keepalived 2.2.7 gives a service with persistence_granularity and no
+    persistence_timeout its default timeout (`keepalived -t` says nothing of
+    a port 0 service with only a granularity): persistent, 360 s, as -p -M."""
+    cfg = parse(tmp_path, """\
+        virtual_server 10.0.0.1 443 {
+            protocol TCP
+            persistence_granularity 255.255.255.0
+            real_server 10.1.0.1 443 { }
+        }
+        virtual_server 10.0.0.2 443 {
+            protocol TCP
+            persistence_granularity 24
+            persistence_timeout 50
+            real_server 10.1.0.1 443 { }
+        }
+        virtual_server 10.0.0.3 443 {
+            protocol TCP
+            persistence_granularity 255.255.0.0
+            persistence_timeout 0
+            real_server 10.1.0.1 443 { }
+        }
+        virtual_server 10.0.0.4 443 {
+            protocol TCP
+            persistence_timeout 0
+            real_server 10.1.0.1 443 { }
+        }
+    """)
+    first, second, third, fourth = cfg.virtual_servers
+    assert (first.persistence_timeout, first.persistence_granularity) == (360, "255.255.255.0")
+    assert (second.persistence_timeout, second.persistence_granularity) == (50, "255.255.255.0")
+    # `persistence_timeout 0` (operators write it for "none"): keepalived
+    # logs it invalid and keeps what it had; named in a warning here.
+    assert third.persistence_timeout == 360 and fourth.persistence_timeout == 0
+    assert [w.split(": ", 1)[0].rsplit(":", 1)[1] for w in cfg.warnings] == ["15", "20"]
+    b = balancer()
+    assert apply_all(b, config_apply.from_keepalived(cfg)) == []
+    assert saved(b).splitlines()[0] == "-A -t 10.0.0.1:443 -s wlc -p 360 -M 255.255.255.0"
+
+
+
+def test_a_dual_stack_file_moves_over_with_its_ipv4_services(tmp_path):
+    """keepalived's IPv6 virtual servers (doc/samples' IPv6 sample has a
+    group of them): pylvs is IPv4 only, so each is named with its line and
+    skipped, as a fwmark service is, and the IPv4 services apply."""
+    path = write(tmp_path, "keepalived.conf", """\
+        virtual_server_group V6 {
+            ae00::2-9 80
+            10.0.0.2 80
+        }
+        virtual_server ae00::1 80 {
+            protocol TCP
+            real_server ae00::10 80 { weight 1 }
+        }
+        virtual_server group V6 {
+            protocol TCP
+            real_server 10.1.0.1 80 { }
+        }
+        virtual_server 10.0.0.1 80 {
+            protocol TCP
+            real_server 10.1.0.1 80 { }
+        }
+    """)
+    loaded = config_apply.load(path)
+    assert list(loaded.services) == [("tcp", "10.0.0.2", 80, 0), ("tcp", "10.0.0.1", 80, 0)]
+    assert loaded.refused == [
+        f"{path}:2: virtual_server_group V6 member ae00::2-9: IPv6 services are not supported "
+        "by pylvs (IPv4 only); skipped",
+        f"{path}:5: virtual_server ae00::1 80: IPv6 services are not supported by pylvs "
+        "(IPv4 only); skipped"]
 
 
 CORRECTED = """\
@@ -572,7 +789,8 @@ BAD = [
      ":3: weight: '70000' is not an integer from 0 to 65535"),
     ("bad address", "virtual_server 10.0.0.300 80 { }\n",
      ":1: virtual server: '10.0.0.300' is not an IPv4 address"),
-    ("IPv6", "virtual_server 2001:db8::1 80 { }\n", ":1: virtual server: 2001:db8::1: IPv6"),
+    ("IPv6 real server", "virtual_server 10.0.0.1 80 {\n real_server 2001:db8::1 80 { }\n}\n",
+     ":2: real_server: 2001:db8::1: IPv6"),
     ("bad port", "virtual_server 10.0.0.1 http { }\n",
      ":1: virtual server port: 'http' is not an integer"),
     ("bad method", "virtual_server 10.0.0.1 80 {\n lvs_method MASQ\n}\n",
@@ -602,7 +820,7 @@ BAD = [
      "  HTTP_GET {\n   url {\n    path /\n    regex caf\\u00e9\n   }\n  }\n }\n}\n",
      ":6: regex: \\u names a character, and the body is bytes"),
     ("regex naming a character by name", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
-     "  SSL_GET { url { path / regex \"\\\\N{DIGIT ONE}\" } }\n }\n}\n",
+     "  SSL_GET { url { path / regex \"\\N{DIGIT ONE}\" } }\n }\n}\n",
      ":3: regex: \\N names a character"),
     # A command that could not run: named at load, not when the state changes.
     ("blank notify_up", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
@@ -630,8 +848,9 @@ BAD = [
      ":3: alpha: 'maybe' is not on/off"),
     ("unterminated quote", "virtual_server 10.0.0.1 80 {\n virtualhost \"abc\n}\n",
      ":2: unterminated quoted string"),
-    ("conditional", "@main virtual_server 10.0.0.1 80 { }\n",
-     ":1: keepalived's conditional configuration ('@') is not supported"),
+    ("condition without an id", "@ virtual_server 10.0.0.1 80 { }\n",
+     ":1: '@' without a config id after it"),
+    ("conditional include", "@main include /etc/x.conf\n", ":1: an include on a conditional line"),
     ("substitution", "$VIP=10.0.0.1\n", ":1: keepalived's parameter substitution ('$')"),
     ("missing group", "virtual_server group NOPE { }\n",
      ":1: virtual_server_group NOPE is not defined"),
@@ -642,6 +861,26 @@ BAD = [
     ("sip", "virtual_server 10.0.0.1 5060 {\n persistence_engine sip\n}\n",
      ":2: persistence_engine sip: not supported by pylvs"),
     ("include with checks", "includer /etc/x.conf\n", ":1: includer (an include with checks)"),
+    ("include with all checks", "includea /etc/x.conf\n", ":1: includea (an include with checks)"),
+    ("retry 0 in a real server", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  retry 0\n }\n}\n", ":3: retry: '0' is not an integer from 1 to"),
+    ("nb_get_retry in TCP_CHECK", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  TCP_CHECK {\n   nb_get_retry 3\n  }\n }\n}\n",
+     ":4: unknown keyword 'nb_get_retry' in TCP_CHECK"),
+    ("misc_timeout in decimals", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  MISC_CHECK {\n   misc_path /bin/true\n   misc_timeout 1.5\n  }\n }\n}\n",
+     ":5: misc_timeout: '1.5' is not an integer from 1 to 4294"),
+    ("connect_timeout in MISC_CHECK", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  MISC_CHECK {\n   misc_path /bin/true\n   connect_timeout 2\n  }\n }\n}\n",
+     ":5: unknown keyword 'connect_timeout' in MISC_CHECK"),
+    ("group range past the last byte", "virtual_server_group G {\n 10.0.0.1-300 80\n}\n",
+     ":2: virtual_server_group: range '10.0.0.1-300': the end is the last byte, 0..255"),
+    ("a trailing backslash joins no line",
+     "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  weight 2\\\n"
+     "  inhibit_on_failure\n }\n}\n", ":3: weight: '2\\\\' is not an integer"),
+    ("connect_port 0", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
+     "  TCP_CHECK {\n   connect_port 0\n  }\n }\n}\n",
+     ":4: connect_port: '0' is not an integer from 1 to 65535"),
     ("include missing", "include /nonexistent/pylvs/x.conf\n",
      ":1: /nonexistent/pylvs/x.conf: No such file or directory"),
     ("not UTF-8", b"virtual_server 10.0.0.1 80 {\n \xff\n}\n".decode("latin-1"),
@@ -879,12 +1118,147 @@ def test_the_same_rules_in_either_format_give_the_same_director(tmp_path):
     assert saved(b1) == saved(b2)
 
 
+def test_a_file_moved_to_the_other_format_is_no_change(tmp_path):
+    """The -c file becomes the director's own `pylvs adm -S -n` (or back):
+    the same services and dests, tunnel ones included, give no operation
+    at all on reload (docs/config.md: the file may change format)."""
+    conf = config_apply.load(write(tmp_path, "keepalived.conf", TUN_MIXED))
+    b = balancer()
+    assert apply_all(b, conf) == []
+    rules = config_apply.load(write(tmp_path, "rules", saved(b)))
+    assert rules.kind == "rules"
+    assert config_apply.diff_ops(conf.services, rules.services) == []
+    assert config_apply.diff_ops(rules.services, conf.services) == []
+
+
+def test_a_byte_order_mark_is_no_word_in_either_format(tmp_path):
+    """A file saved by an editor that starts it with a UTF-8 BOM: the mark
+    means nothing; the rules stay rules and the keepalived.conf's first
+    keyword its first keyword (an included file's too)."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "rules").write_bytes(bom + b"-A -t 10.0.0.1:80 -s rr\n")
+    rules = config_apply.load(str(tmp_path / "rules"))
+    assert rules.kind == "rules" and list(rules.services) == [("tcp", "10.0.0.1", 80, 0)]
+    (tmp_path / "rs.inc").write_bytes(bom + b"real_server 10.1.0.1 80 { weight 3 }\n")
+    (tmp_path / "keepalived.conf").write_bytes(
+        bom + b"! saved on a desktop\nvirtual_server 10.0.0.1 80 {\n protocol TCP\n"
+        b" include rs.inc\n}\n")
+    conf = config_apply.load(str(tmp_path / "keepalived.conf"))
+    assert conf.kind == "keepalived" and conf.warnings == ()
+    assert conf.services[("tcp", "10.0.0.1", 80, 0)].dests[("10.1.0.1", 80)]["weight"] == 3
+
+
+def test_pylvs_run_t_checks_the_file_as_keepalived_t_does(tmp_path, capsys):
+    """`pylvs run -c FILE -t`: no network, nothing started; the warnings
+    and errors with file:line on stderr, a summary on stdout, exit status 0
+    only when all of the file would apply (a CI job's check before a
+    deploy, as keepalived -t)."""
+    from pylvs.runtime import daemon
+
+    good = write(tmp_path, "good.conf", REFERENCE)
+    assert daemon.main(["-c", good, "-t"]) == 0
+    out, err = capsys.readouterr()
+    # The warnings: the keywords after another's value on the one-line checkers.
+    assert out == f"{good} (keepalived): 1 service(s), 1 dest(s), 6 warning(s), 0 error(s)\n"
+    assert err.splitlines() == [f"warning: {w}" for w in ka.parse_file(good).warnings]
+    broken = write(tmp_path, "broken.conf", REFERENCE.replace("weight 1", "wieght 1"))
+    assert daemon.main(["-c", broken, "-t"]) == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"pylvs run: -c {broken}:11: unknown keyword 'wieght' in "
+                              "real_server\n")
+    part = write(tmp_path, "part.conf", "global_defs { router_id A }\n" + REFERENCE
+                 + "virtual_server fwmark 7 {\n real_server 10.1.0.1 80 { }\n}\n")
+    assert daemon.main(["-c", part, "-t"]) == 1
+    out, err = capsys.readouterr()
+    assert out.endswith(": 1 service(s), 1 dest(s), 7 warning(s), 1 error(s)\n")
+    assert f"warning: {part}:1: global_defs: ignored (pylvs does not run it)" in err.splitlines()
+    assert err.splitlines()[7:] == [
+        f"{part}:19: virtual_server fwmark 7: fwmark services are not supported by "
+        "pylvs yet; skipped"]
+    rules = write(tmp_path, "rules", "-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.2:80 -r 10.1.0.1\n")
+    assert daemon.main(["-c", rules, "-t", "--max-services", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert err == f"{rules}: line 2: Service not defined\n"
+    assert out == f"{rules} (rules): 1 service(s), 0 dest(s), 0 warning(s), 1 error(s)\n"
+    with pytest.raises(SystemExit):
+        daemon.main(["-t"])
+    assert "-t checks the -c FILE" in capsys.readouterr().err
+
+
+def test_a_backslash_in_a_value_is_kept_as_keepalived_keeps_it(tmp_path):
+    """keepalived 2.2.7 gives a quoted value's backslashes through as they
+    are (`lb_kind "D\\x52"`: "unknown [D\\x52] routing method"): a regex's
+    `\\d` and `\\s` reach the check, a misc_path's backslash the command."""
+    cfg = parse(tmp_path, r"""
+        virtual_server 10.0.0.1 80 {
+            protocol TCP
+            real_server 10.1.0.1 80 {
+                HTTP_GET {
+                    url {
+                        path /health
+                        regex "^status:\s*\d+ ok"
+                    }
+                }
+                MISC_CHECK {
+                    misc_path "/usr/local/bin/check \.internal"
+                }
+            }
+        }
+    """)
+    http, misc = cfg.virtual_servers[0].real_servers[0].checks
+    assert http.urls[0].regex == r"^status:\s*\d+ ok"
+    assert misc.misc_path == r"/usr/local/bin/check \.internal"
+    # A quote always ends a quoted string: `"a\"b"` leaves a quote open.
+    with pytest.raises(ka.ConfigError, match=r":3: unterminated quoted string"):
+        parse(tmp_path, 'virtual_server 10.0.0.1 80 {\n protocol TCP\n virtualhost "a\\"b"\n}\n')
+
+
+def test_conditional_lines_follow_the_config_id_as_keepalived_s_i(tmp_path, capsys):
+    """One file for both directors (keepalived.conf(5), "Conditional
+    configuration"): `@ID` lines count only for that config id (keepalived's
+    -i, pylvs run -i; by default the node name up to its first dot),
+    `@^ID` lines for every other one."""
+    from pylvs.runtime import daemon
+
+    path = write(tmp_path, "keepalived.conf", """\
+        vrrp_instance VI_1 {
+            @main   priority 200
+            @backup priority 100
+        }
+        virtual_server 10.0.0.1 80 {
+            protocol TCP
+            @main  lb_algo wrr
+            @^main lb_algo rr
+            real_server 10.1.0.1 80 {
+                @backup weight 3
+            }
+        }
+    """)
+
+    def sched_weight(cfg):
+        vs = cfg.virtual_servers[0]
+        return vs.lvs_sched, vs.real_servers[0].weight
+
+    assert sched_weight(ka.parse_file(path, "main")) == ("wrr", 1)
+    assert sched_weight(ka.parse_file(path, "backup")) == ("rr", 3)
+    import os
+    node = os.uname().nodename.split(".")[0]
+    assert sched_weight(ka.parse_file(path)) == sched_weight(ka.parse_file(path, node))
+    assert config_apply.load(path, "backup").services[("tcp", "10.0.0.1", 80, 0)].attrs[
+        "sched"] == "rr"
+    assert daemon.main(["-c", path, "-i", "main", "-t"]) == 0
+    assert capsys.readouterr().out.endswith("1 service(s), 1 dest(s), 1 warning(s), 0 error(s)\n")
+
+
 def test_load_errors_name_file_and_line(tmp_path):
     p = write(tmp_path, "r", "-A -t 10.0.0.1:80\n-a -t 10.0.0.1:80 -r\n")
     with pytest.raises(ka.ConfigError, match=rf"^{p}: line 2: "):
         config_apply.load(p)
     with pytest.raises(ka.ConfigError, match=rf"^{tmp_path}/nope: No such file"):
         config_apply.load(str(tmp_path / "nope"))
+    with pytest.raises(ka.ConfigError, match=rf"^{tmp_path}: a directory, not a configuration "
+                                             "file$"):
+        config_apply.load(str(tmp_path))
     bin_ = tmp_path / "bin"
     bin_.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ka.ConfigError, match="not a text file"):
@@ -1117,10 +1491,11 @@ def test_control_socket_answers_reload_with_the_daemon_handler(tmp_path):
 def test_fifos_devices_and_token_floods_are_refused_without_hanging(tmp_path, monkeypatch):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)   # nobody writes: opening it for reading would block
-    for path in (str(fifo), "/dev/zero", str(tmp_path)):
-        with pytest.raises(ka.ConfigError, match=f"^{path}: not a regular file"):
+    for path, why in ((str(fifo), "not a regular file"), ("/dev/zero", "not a regular file"),
+                      (str(tmp_path), "a directory, not a configuration file")):
+        with pytest.raises(ka.ConfigError, match=f"^{path}: {why}"):
             ka.parse_file(path)
-        with pytest.raises(ka.ConfigError, match=f"^{path}: not a regular file"):
+        with pytest.raises(ka.ConfigError, match=f"^{path}: {why}"):
             config_apply.load(path)
     inc = write(tmp_path, "inc.conf", f"include {fifo}\n")
     with pytest.raises(ka.ConfigError, match=f"^{inc}:1: {fifo}: not a regular file"):

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable
 
 from .. import forward
+from ..forward import tunnel
 from . import keepalived
 from .keepalived import ConfigError
 from .model import KeepalivedConfig, VirtualServer
@@ -94,18 +95,17 @@ class Loaded:
     blank: bool = False
 
 
-def load(path: str) -> Loaded:
-    """Read and parse ``path`` (either format). Raises ConfigError whose
-    text names the file and line."""
+def load(path: str, config_id: str | None = None) -> Loaded:
+    """Read and parse ``path`` (either format; a keepalived.conf's ``@ID``
+    lines for ``config_id``, keepalived.parse_file). Raises ConfigError
+    whose text names the file and line."""
     data = keepalived.read_limited(path)
-    # Undecodable bytes stay (surrogates): the parsers name the line when
-    # one is in a word rather than in a comment.
-    text = data.decode("utf-8", "surrogateescape")
+    text = keepalived.decode(data)
     if keepalived.first_word(text) is None:
         # Either format's comments (keepalived's `!` too), nothing else.
         return Loaded(path, "rules", {}, blank=True)
     if keepalived.looks_like_keepalived(text):
-        return from_keepalived(keepalived.parse_file(path), path)
+        return from_keepalived(keepalived.parse_file(path, config_id), path)
     from ..cli import adm
 
     try:
@@ -119,7 +119,7 @@ def load(path: str) -> Loaded:
 def from_keepalived(cfg: KeepalivedConfig, path: str = "") -> Loaded:
     """The services and dests of a parsed keepalived.conf."""
     services: State = {}
-    refused: list[str] = []
+    refused: list[str] = list(cfg.refused)
     applied: list[VirtualServer] = []
     for vs in cfg.virtual_servers:
         where = str(vs.where) if vs.where else path
@@ -144,8 +144,11 @@ def from_keepalived(cfg: KeepalivedConfig, path: str = "") -> Loaded:
             attrs = {"fwd": fwd, "weight": rs.weight, "u_threshold": rs.uthreshold,
                      "l_threshold": rs.lthreshold}
             if fwd == "tunnel":
-                attrs.update(tun_type=rs.tun_type or "ipip", tun_port=rs.tun_port or None,
-                             tun_flags=rs.tun_flags)
+                # In the form `pylvs adm` gives them (the flag's number, port
+                # 0 for none), so the same dest in a rules file is no change.
+                attrs.update(tun_type=rs.tun_type or "ipip", tun_port=rs.tun_port or 0,
+                             tun_flags=tunnel.TUN_FLAG_OPTIONS.index("tun-" + rs.tun_flags)
+                             if rs.tun_flags else tunnel.TUN_F_NOCSUM)
             svc.dests[rs.addr, dport] = attrs
             svc.dest_where[rs.addr, dport] = rwhere
         services[key] = svc
@@ -342,9 +345,10 @@ class ConfigFile:
     left in force. ``apply_ops(ops) -> results`` runs operations as
     ``Balancer.apply_many`` (one publish). Logs to the "pylvs" logger."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, config_id: str | None = None):
         self.path = path
-        self.loaded = load(path)
+        self.config_id = config_id
+        self.loaded = load(path, config_id)
         self._state: State = {}
         self._timeouts: Any = None
         self._lock: asyncio.Lock | None = None
@@ -387,7 +391,8 @@ class ConfigFile:
             self._lock = asyncio.Lock()
         async with self._lock:
             try:
-                loaded = await asyncio.get_running_loop().run_in_executor(None, load, self.path)
+                loop = asyncio.get_running_loop()
+                loaded = await loop.run_in_executor(None, load, self.path, self.config_id)
                 if loaded.blank and self._state:
                     # Most likely a write cut short (a full disk, `>` for
                     # `>>`, an editor's crash): never a reason to delete
@@ -420,3 +425,41 @@ class ConfigFile:
             return {"file": self.path, "format": loaded.kind, "services": len(loaded.services),
                     "operations": counts, "errors": errs, "refused": list(loaded.refused),
                     "warnings": list(loaded.warnings)}
+
+
+# --- pylvs run -c FILE -t ------------------------------------------------------
+
+def config_test(path: str, out, err, max_services: int, max_dests: int,
+                config_id: str | None = None) -> int:
+    """``pylvs run -c FILE -t``, as ``keepalived -t``: read the file (its
+    includes too), apply it to a scratch Balancer of the director's size
+    (no network, nothing started), write the warnings and every error with
+    its file:line to ``err`` and a summary to ``out``. Returns the exit
+    status: 0 when every service and dest would apply, 1 when the file is
+    refused or a part of it would be (what depends on the host, a real
+    server on one of the director's own addresses, is only found at run)."""
+    from ..control.balancer import Balancer
+    from ..engine.tables import Counters
+
+    try:
+        loaded = load(path, config_id)
+    except ConfigError as e:
+        err.write(f"pylvs run: -c {e}\n")
+        return 1
+    for w in loaded.warnings:
+        err.write(f"warning: {w}\n")
+    problems = list(loaded.refused)
+    b = Balancer(Counters(max_services, max_dests))
+    if loaded.kind == "rules":
+        results = b.apply_many([op for _no, op in loaded.rules])
+        problems += [f"{path}: line {no}: {r.get('error')}"
+                     for (no, _op), r in zip(loaded.rules, results) if not r.get("ok", True)]
+    else:
+        ops = full_ops(loaded.services, loaded.timeouts)
+        problems += errors(ops, b.apply_many([op for op, _w in ops]))
+    for p in problems:
+        err.write(f"{p}\n")
+    dests = sum(len(s.dests) for s in loaded.services.values())
+    out.write(f"{path} ({loaded.kind}): {len(loaded.services)} service(s), {dests} dest(s), "
+              f"{len(loaded.warnings)} warning(s), {len(problems)} error(s)\n")
+    return 1 if problems else 0

@@ -10,8 +10,8 @@ keepalived's: blocks in ``{ }`` (the brace may open on the next line, and
 a block may sit on one line: ``url { path /health status_code 200 }``;
 keepalived reads one keyword per line and silently drops what follows its
 value, pylvs reads every keyword and warns where keepalived would not),
-comments from ``#`` or ``!`` to the end of the line, ``"quoted strings"``,
-a line continued by a trailing ``\\``, ``include PATTERN`` anywhere (glob
+comments from ``#`` or ``!`` to the end of the line, ``"quoted strings"``
+(backslashes kept, as keepalived keeps them), ``include PATTERN`` anywhere (glob
 and csh braces, relative to the including file's directory),
 ``lb_algo``/``lb_kind`` as synonyms of ``lvs_sched``/``lvs_method``,
 ``nb_get_retry`` of ``retry``, ``persistence_timeout`` alone meaning 360 s.
@@ -88,26 +88,19 @@ class Token:
         return None if self.quoted or self.text not in ("{", "}") else self.text
 
 
-# A quoted string (backslash escapes the next character), a brace, a
-# comment (to the end of the line), a word, or a lone quote (unterminated).
-_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|([{}])|([#!].*)|([^\s{}"#!]+)|(")')
-_ESC = re.compile(r"\\(.)")
+# A quoted string, a brace, a comment (to the end of the line), a word, or
+# a lone quote (unterminated). As keepalived 2.2.7 reads a value, a
+# backslash is an ordinary character, inside quotes too (`regex "\d+"`
+# keeps it; `"a\"b"` is `a\` and an unmatched quote, as keepalived says).
+_TOKEN = re.compile(r'"([^"]*)"|([{}])|([#!].*)|([^\s{}"#!]+)|(")')
 
 
-def _logical_lines(text: str):
-    """(line number, line) with trailing-backslash continuations joined."""
-    pending, start = None, 0
+def _lines(text: str):
+    """(line number, line). No line continues on the next: keepalived 2.2.7
+    joins lines only in a multiline ``$NAME=`` definition, which pylvs
+    refuses; a trailing backslash elsewhere is part of the line."""
     for no, line in enumerate(text.split("\n"), 1):
-        line = line.rstrip("\r")
-        if pending is not None:
-            line, no = pending + " " + line, start
-            pending = None
-        if line.endswith("\\") and not line.endswith("\\\\"):
-            pending, start = line[:-1], no
-            continue
-        yield no, line
-    if pending is not None:
-        yield start, pending
+        yield no, line.rstrip("\r")
 
 
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")   # bytes not UTF-8, kept by surrogateescape
@@ -120,11 +113,19 @@ def _line_tokens(line: str, where: Where, budget: int) -> list[Token]:
             raise ConfigError(where, f"more than {MAX_TOKENS} words and braces in all")
         q, brace, comment, word, lone = m.groups()
         if comment is not None:
+            if line.endswith("\\") and not line.endswith("\\\\"):
+                # keepalived keeps a comment's last backslash (for its
+                # multiline definitions): a keyword '\' on a line of its own,
+                # else the end of the line's last value ('rr\'), each logged
+                # as invalid and dropped. Applying the value would differ.
+                raise ConfigError(where, "a comment ending in '\\': keepalived 2.2.7 keeps "
+                                         "that backslash as a word of the line (keepalived -t "
+                                         "names it); remove it")
             break
         if lone is not None:
             raise ConfigError(where, "unterminated quoted string")
         if q is not None:
-            out.append(Token(_ESC.sub(r"\1", q), where, quoted=True, bol=not out))
+            out.append(Token(q, where, quoted=True, bol=not out))
         else:
             out.append(Token(brace or word, where, bol=not out))
     if _NOT_UTF8.search(line) is not None and any(_NOT_UTF8.search(t.text) for t in out):
@@ -170,7 +171,10 @@ def read_limited(path: str, where: Where | None = None) -> bytes:
     except OSError as e:
         raise ConfigError(where, f"{path}: {e.strerror or e}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(where, f"{path}: a directory, not a configuration file")
+        if not stat.S_ISREG(mode):
             raise ConfigError(where, f"{path}: not a regular file")
         chunks, size = [], 0
         while size <= MAX_FILE_BYTES:
@@ -184,18 +188,27 @@ def read_limited(path: str, where: Where | None = None) -> bytes:
     finally:
         os.close(fd)
     if size > MAX_FILE_BYTES:
-        raise ConfigError(where, f"{path}: larger than {MAX_FILE_BYTES} bytes")
+        raise ConfigError(where, f"{path}: larger than {MAX_FILE_BYTES} bytes "
+                                 f"({MAX_FILE_BYTES >> 20} MiB, the limit per file)")
     return b"".join(chunks)
+
+
+def decode(data: bytes) -> str:
+    """A configuration file's text: UTF-8, a leading byte order mark (an
+    editor's, meaning nothing) dropped, bytes that are not UTF-8 kept as
+    surrogates (the parsers refuse them only in a word, naming the line)."""
+    return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
 
 
 class _Reader:
     """Files to one token list, includes followed, within the limits."""
 
-    def __init__(self) -> None:
+    def __init__(self, config_id: str | None = None) -> None:
         self.tokens: list[Token] = []
         self.files: list[str] = []
         self.total = 0
         self.warnings: list[str] = []
+        self.config_id = config_id if config_id is not None else default_config_id()
 
     def read(self, path: str, where: Where | None, stack: tuple[str, ...]) -> None:
         real = os.path.realpath(path)
@@ -217,12 +230,17 @@ class _Reader:
         # Bytes that are not UTF-8 (a Latin-1 comment of an older file) are
         # kept as surrogates: keepalived reads bytes, and only a word that
         # holds them is refused (_line_tokens), naming its line.
-        self.lines(data.decode("utf-8", "surrogateescape"), path, stack + (real,))
+        self.lines(decode(data), path, stack + (real,))
 
     def lines(self, text: str, path: str, stack: tuple[str, ...]) -> None:
-        for no, line in _logical_lines(text):
+        for no, line in _lines(text):
             here = Where(path, no)
             first = line.lstrip()[:1]
+            if first == "@":
+                line = self._condition(line, here)
+                if line is None:
+                    continue
+                first = line.lstrip()[:1]
             if first in _ADVANCED:
                 raise ConfigError(here, f"keepalived's {_ADVANCED[first]} is not supported "
                                         "by pylvs")
@@ -231,6 +249,21 @@ class _Reader:
                 self._include(toks[0].text, line, here, stack)
                 continue
             self.tokens.extend(toks)
+
+    def _condition(self, line: str, where: Where) -> str | None:
+        """keepalived's conditional line: ``@ID rest`` is ``rest`` when ID
+        is the config id, ``@^ID rest`` when it is not; None: skipped."""
+        m = re.fullmatch(r"\s*@(\^?)(\S+)(.*)", line)
+        if m is None:
+            raise ConfigError(where, "'@' without a config id after it")
+        rest = m.group(3)
+        if rest.split()[:1] and rest.split()[0] in _INCLUDES:
+            # keepalived finds includes before it looks at conditions.
+            raise ConfigError(where, "an include on a conditional line: keepalived does not "
+                                     "follow it; write it on a line of its own")
+        if (m.group(2) == self.config_id) == bool(m.group(1)):
+            return None
+        return rest
 
     def _include(self, word: str, line: str, where: Where, stack: tuple[str, ...]) -> None:
         if word != "include":
@@ -260,13 +293,20 @@ class _Reader:
         if not names:
             self.warnings.append(f"{where}: include {shown}: no file matches")
         for name in names:
+            if os.path.isdir(name):
+                # keepalived's read_conf_file globs with GLOB_MARK and skips
+                # what ends in '/' (logged): `include conf.d/*` next to a
+                # subdirectory is a configuration keepalived runs.
+                self.warnings.append(f"{where}: include {shown}: {name} is a directory: "
+                                     "skipped, as keepalived skips it")
+                continue
             self.read(name, where, stack)
 
 
-_INCLUDE_ARG = re.compile(r'\s*include\s+(?:"((?:[^"\\]|\\.)*)"|([^\s"#!]+))\s*(?:[#!].*)?')
-_INCLUDES = ("include", "includer", "includem", "includew", "includeb", "include_check")
-_ADVANCED = {"@": "conditional configuration ('@')",
-             "$": "parameter substitution ('$')",
+_INCLUDE_ARG = re.compile(r'\s*include\s+(?:"([^"]*)"|([^\s"#!]+))\s*(?:[#!].*)?')
+_INCLUDES = ("include", "includer", "includem", "includew", "includeb", "includea",
+             "include_check")
+_ADVANCED = {"$": "parameter substitution ('$')",
              "~": "sequence expansion ('~SEQ')"}
 
 
@@ -334,7 +374,7 @@ _URL = Schema("url", {
 })
 
 _CHECK_COMMON = {
-    **_TIMERS, "nb_get_retry": Spec(), "connect_ip": Spec(), "connect_port": Spec(),
+    **_TIMERS, "connect_ip": Spec(), "connect_port": Spec(),
     "bindto": Spec(), "bind_if": Spec(warn="not applied"),
     "bind_port": Spec(warn="not applied"), "fwmark": Spec(warn="not applied"),
     "log_all_failures": _opt(warn="not applied"),
@@ -343,7 +383,9 @@ _CHECKS = {
     "TCP_CHECK": Schema("TCP_CHECK", dict(_CHECK_COMMON)),
     "PING_CHECK": Schema("PING_CHECK", dict(_CHECK_COMMON)),
     "HTTP_GET": Schema("HTTP_GET", {
-        **_CHECK_COMMON, "url": Spec(0, 0, block=_URL, need_block=True),
+        # nb_get_retry: keepalived 1.x's retry, HTTP_GET's and SSL_GET's only
+        # (keepalived 2.2 knows it nowhere else).
+        **_CHECK_COMMON, "nb_get_retry": Spec(), "url": Spec(0, 0, block=_URL, need_block=True),
         "virtualhost": Spec(), "http_protocol": Spec(),
         "fast_recovery": _opt(warn="not applied"), "enable_sni": _flag(),
     }),
@@ -351,8 +393,9 @@ _CHECKS = {
         **_CHECK_COMMON, "payload": _VAR, "require_reply": Spec(0, None),
         "min_reply_length": Spec(), "max_reply_length": Spec(),
     }),
-    "MISC_CHECK": Schema("MISC_CHECK", {
-        **_TIMERS, "log_all_failures": _opt(warn="not applied"),
+    "MISC_CHECK": Schema("MISC_CHECK", {   # no connect_timeout: keepalived has none here
+        **{k: s for k, s in _TIMERS.items() if k != "connect_timeout"},
+        "log_all_failures": _opt(warn="not applied"),
         "misc_path": Spec(1, 3), "misc_timeout": Spec(), "misc_dynamic": _flag(),
         "user": Spec(1, 2, warn="the command runs as pylvs's user"),
     }),
@@ -390,9 +433,17 @@ _VIRTUAL = Schema("virtual_server", {
 _TOP_OTHER_BLOCKS = ("global_defs", "vrrp_instance", "vrrp_sync_group", "vrrp_script",
                      "vrrp_track_process", "track_process", "vrrp_track_file", "track_file",
                      "static_ipaddress", "static_routes", "static_rules", "linkbeat_interfaces",
-                     "garp_group", "bfd_instance", "SSL", "vrrp_group")
+                     "garp_group", "bfd_instance", "SSL", "vrrp_group", "track_group",
+                     "interface_up_down_delays")
 _TOP_OTHER_WORDS = ("net_namespace", "net_namespace_ipvs", "namespace_with_ipsets", "instance",
-                    "use_pid_dir", "linkbeat_use_polling")
+                    "use_pid_dir", "linkbeat_use_polling", "child_wait_time")
+_SYNC_HINT = ("pylvs's IPVS sync daemon is started apart: pylvs adm --start-daemon "
+              "master|backup --mcast-interface IF --syncid N, docs/sync.md")
+_LVS_ELSEWHERE = {
+    "lvs_sync_daemon": _SYNC_HINT, "lvs_sync_daemon_interface": _SYNC_HINT,
+    "lvs_notify_fifo": "pylvs writes no notify FIFO; pylvs status shows each check",
+    "lvs_notify_fifo_script": "pylvs writes no notify FIFO; pylvs status shows each check",
+}
 _TOP = Schema("the top level", {
     "virtual_server": Spec(1, 2, block=_VIRTUAL, need_block=True),
     "virtual_server_group": Spec(1, 1, block=LINES, need_block=True),
@@ -400,8 +451,10 @@ _TOP = Schema("the top level", {
     **{k: Spec(0, None, warn="not applied") for k in _TOP_OTHER_WORDS},
 })
 _TOP.specs["vrrp_instance"] = Spec(1, 1, block=LINES, need_block=True,
-                                   warn="VRRP is keepalived's: run keepalived for it "
-                                        "(pylvs follows the VIP, docs/failover.md)")
+                                   warn="VRRP is keepalived's: run `keepalived -P` (VRRP "
+                                        "only, or keepalived's checkers program the kernel's "
+                                        "IPVS too) for it; pylvs follows the VIP, "
+                                        "docs/failover.md")
 
 
 class _Parser:
@@ -636,10 +689,27 @@ def _netmask(tok: Token) -> str:
 
 # --- building the model ------------------------------------------------------
 
+def _is_ipv6(text: str) -> bool:
+    """An IPv6 address (a zone and an ``A-B`` range end allowed), as a
+    virtual_server or group member gives it."""
+    try:
+        ipaddress.IPv6Address(text.split("%")[0].split("-")[0])
+    except ValueError:
+        return False
+    return True
+
+
 class _Builder:
     def __init__(self, warnings: list[str]):
         self.warnings = warnings
         self._warned: set[str] = set()
+        # What the file says and pylvs cannot run, skipped while the rest
+        # applies (KeepalivedConfig.refused).
+        self.refused: list[str] = []
+
+    def refuse_ipv6(self, where: Where, what: str) -> None:
+        self.refused.append(f"{where}: {what}: IPv6 services are not supported by pylvs "
+                            "(IPv4 only); skipped")
 
     def warn(self, st: Stmt, what: str) -> None:
         line = f"{st.where}: {st.name}: {what}"
@@ -674,6 +744,12 @@ class _Builder:
                 if st.name == "vrrp_instance":
                     vrrp.append(st.args[0].text)
                 self.unused(st, _TOP.specs[st.name])
+            if st.name in ("global_defs", "vrrp_instance"):
+                # The LVS keywords of these blocks: each named on its own,
+                # with what pylvs has instead, not lost in the block's warning.
+                for c in st.children or ():
+                    if c.name in _LVS_ELSEWHERE:
+                        self.warn(c, f"ignored ({_LVS_ELSEWHERE[c.name]})")
         vss: list[VirtualServer] = []
         seen: dict[tuple, Where] = {}
         for st in stmts:
@@ -686,7 +762,7 @@ class _Builder:
                 seen[vs.key] = st.where
                 vss.append(vs)
         return KeepalivedConfig(virtual_servers=tuple(vss), vrrp_instances=tuple(vrrp),
-                                lvs_timeouts=timeouts)
+                                lvs_timeouts=timeouts, refused=tuple(self.refused))
 
     def group(self, st: Stmt) -> list[tuple[str | None, int, int, Where]]:
         """(vaddr, vport, fwmark, where) of each member."""
@@ -702,6 +778,10 @@ class _Builder:
             if len(m.args) > 1:
                 raise ConfigError(m.args[1].where, f"unexpected value {m.args[1].text!r}")
             port = _port(m.args[0], "virtual server") if m.args else 0
+            if _is_ipv6(m.kw.text):
+                self.refuse_ipv6(m.where, f"virtual_server_group {st.args[0].text} member "
+                                          f"{m.kw.text}")
+                continue
             for addr in _addr_range(m.kw):
                 members.append((addr, port, 0, m.where))
                 if len(members) > MAX_GROUP_MEMBERS:
@@ -723,6 +803,11 @@ class _Builder:
             members = [(None, 0, _int(a[1], 1, 2**32 - 1, "fwmark"), st.where)]
         else:
             port = _port(a[1], "virtual server") if len(a) > 1 else 0
+            if _is_ipv6(a[0].text):
+                # As pylvs skips a fwmark service: a dual-stack file moves
+                # over with its IPv4 services, each IPv6 one named.
+                self.refuse_ipv6(st.where, f"virtual_server {a[0].text} {port}")
+                return []
             members = [(_ipv4(a[0], "virtual server"), port, 0, st.where)]
         v: dict = {"real": [], "flags": []}
         for c in st.children or ():
@@ -793,7 +878,7 @@ class _Builder:
                 sorry_server=sorry, real_servers=tuple(reals), where=st.where))
         return out
 
-    def common(self, c: Stmt, d: dict) -> bool:
+    def common(self, c: Stmt, d: dict, checker: bool = False) -> bool:
         """Timings and alpha, at any level; True if ``c`` was one."""
         n = c.name
         if n in ("delay_loop", "connect_timeout"):
@@ -801,7 +886,9 @@ class _Builder:
         elif n in ("delay_before_retry", "warmup"):
             d[n] = _timer(c.args[0], n)
         elif n in ("retry", "nb_get_retry"):
-            d["retry"] = _int(c.args[0], 0, 2**31 - 1, n)
+            # keepalived takes retry 0 in a checker only; in a virtual or
+            # real server it refuses it and keeps the default (1).
+            d["retry"] = _int(c.args[0], 0 if checker else 1, 2**31 - 1, n)
         elif n == "alpha":
             d["alpha"] = _bool(c)
         else:
@@ -822,6 +909,10 @@ class _Builder:
             v["lvs_sched"] = name
         elif n in ("lvs_method", "lb_kind"):
             v["method"] = _method(c)
+        elif n in ("sorry_server_lvs_method", "sorry_server_inhibit") and "sorry_server" not in v:
+            # keepalived applies both to the sorry server read so far, and
+            # drops them (logged) when there is none yet.
+            self.warn(c, "ignored: before (or without) sorry_server, as keepalived ignores it")
         elif n == "sorry_server_lvs_method":
             v["sorry_method"] = _method(c)
         elif n == "protocol":
@@ -831,15 +922,31 @@ class _Builder:
                 raise ConfigError(c.args[0].where, f"protocol: {p!r} is not TCP, UDP or SCTP")
             v["protocol"] = p
         elif n == "persistence_timeout":
-            v[n] = (_int(c.args[0], 0, MAX_PERSISTENCE, n) if c.args
-                    else model.DEFAULT_PERSISTENCE_TIMEOUT)
+            t = (_int(c.args[0], 0, MAX_PERSISTENCE, n) if c.args
+                 else model.DEFAULT_PERSISTENCE_TIMEOUT)
+            if t:
+                v[n] = t
+            else:
+                # Common for "no persistence"; keepalived logs it invalid
+                # and leaves the timeout as it is (a granularity's 360 s).
+                self.warn(c, "0 ignored, as keepalived ignores it (not persistent unless "
+                             "persistence_granularity says so)")
         elif n == "persistence_granularity":
             v[n] = _netmask(c.args[0])
+            # A granularity makes the service persistent: keepalived's
+            # handler sets the default timeout when none is given yet.
+            v.setdefault("persistence_timeout", model.DEFAULT_PERSISTENCE_TIMEOUT)
         elif n == "persistence_engine":
             if c.args[0].text != "sip":
                 raise ConfigError(c.args[0].where, "persistence_engine: only sip exists")
             raise ConfigError(c.where, "persistence_engine sip: not supported by pylvs")
         elif n in _SCHED_FLAGS:
+            if not n.startswith("flag-") and v.get("lvs_sched") not in ("sh", "mh"):
+                # keepalived 2.2 sets these only when the scheduler read so
+                # far is sh or mh (logging "only applies to sh scheduler"):
+                # dropped here too, so both directors hash the same way.
+                self.warn(c, "ignored: only after lvs_sched sh or mh, as keepalived reads it")
+                return
             v["flags"].append(n)
         elif n in ("ops", "omega", "sorry_server_inhibit"):
             v[n] = True
@@ -927,13 +1034,15 @@ class _Builder:
         k: dict = {"urls": []}
         schema = _CHECKS[kind]
         for c in st.children or ():
-            if self.unused(c, schema.specs[c.name]) or self.common(c, k):
+            if self.unused(c, schema.specs[c.name]) or self.common(c, k, checker=True):
                 continue
             n = c.name
             if n == "connect_ip" or n == "bindto":
                 k[n] = _ipv4(c.args[0], n)
             elif n == "connect_port":
-                k[n] = _port(c.args[0], "connect")
+                # 1..65535 as keepalived reads it: port 0 is no port to probe
+                # (keepalived drops it and probes the real server's port).
+                k[n] = _int(c.args[0], 1, 65535, "connect_port")
             elif n == "url":
                 k["urls"].append(self.url(c))
             elif n == "virtualhost":
@@ -953,7 +1062,8 @@ class _Builder:
                     self.warn(c, "user/group ignored: the command runs as pylvs's user")
                 k[n] = c.args[0].text
             elif n == "misc_timeout":
-                k[n] = _timer(c.args[0], n, positive=True)
+                # Whole seconds, as keepalived reads it (it refuses "1.5").
+                k[n] = float(_int(c.args[0], 1, 4294, n))
             elif n in ("misc_dynamic", "enable_sni"):
                 k[n] = True
             else:
@@ -1038,6 +1148,11 @@ def _addr_range(tok: Token) -> list[str]:
         elif "-" in s:
             a, b = s.split("-", 1)
             first = ipaddress.IPv4Address(a)
+            if "." not in b and not (re.fullmatch(r"[0-9]{1,3}", b) and int(b) <= 255):
+                # The last byte's end (keepalived: "end too large"), never
+                # a carry into the byte before it.
+                raise ConfigError(tok.where, f"virtual_server_group: range {s!r}: the end "
+                                             "is the last byte, 0..255")
             last = (ipaddress.IPv4Address(b) if "." in b
                     else ipaddress.IPv4Address((int(first) & ~0xFF) | int(b)))
             lo, hi = int(first), int(last)
@@ -1062,18 +1177,27 @@ def _vs_name(vs: VirtualServer) -> str:
 
 # --- entry points ------------------------------------------------------------
 
-def parse_file(path: str) -> KeepalivedConfig:
-    """The configuration in ``path`` and every file it includes. Raises
-    ConfigError (file:line first) for what the director refuses."""
-    reader = _Reader()
+def default_config_id() -> str:
+    """keepalived's default config id (``-i``): the node name up to its
+    first dot."""
+    return os.uname().nodename.split(".")[0]
+
+
+def parse_file(path: str, config_id: str | None = None) -> KeepalivedConfig:
+    """The configuration in ``path`` and every file it includes, its
+    ``@ID`` lines taken for ``config_id`` (keepalived's ``-i``; None: the
+    node name up to its first dot, as keepalived). Raises ConfigError
+    (file:line first) for what the director refuses."""
+    reader = _Reader(config_id)
     reader.read(path, None, ())
     return _finish(reader)
 
 
-def parse_text(text: str, name: str = "<text>") -> KeepalivedConfig:
+def parse_text(text: str, name: str = "<text>",
+               config_id: str | None = None) -> KeepalivedConfig:
     """As parse_file for text already read (includes relative to the
     current directory)."""
-    reader = _Reader()
+    reader = _Reader(config_id)
     if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise ConfigError(None, f"{name}: larger than {MAX_FILE_BYTES} bytes")
     reader.files.append(name)
@@ -1088,7 +1212,7 @@ def _finish(reader: _Reader) -> KeepalivedConfig:
     return KeepalivedConfig(virtual_servers=cfg.virtual_servers,
                             vrrp_instances=cfg.vrrp_instances,
                             warnings=tuple(warnings), files=tuple(reader.files),
-                            lvs_timeouts=cfg.lvs_timeouts)
+                            lvs_timeouts=cfg.lvs_timeouts, refused=cfg.refused)
 
 
 def first_word(text: str) -> str | None:

@@ -216,10 +216,13 @@ class KeepalivedConfig:
     block or keyword pylvs read but does not act on, each naming file:line.
     ``vrrp_instances``: the names of the VRRP instances (run by keepalived
     itself, not by pylvs). ``lvs_timeouts``: global_defs' (tcp, tcpfin,
-    udp) seconds, 0 = unchanged (ipvsadm --set), None when not said."""
+    udp) seconds, 0 = unchanged (ipvsadm --set), None when not said.
+    ``refused``: file:line messages for services the file says and pylvs
+    cannot run (IPv6 ones), skipped while the rest applies."""
 
     virtual_servers: tuple[VirtualServer, ...] = ()
     vrrp_instances: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
     lvs_timeouts: tuple[int, int, int] | None = None
+    refused: tuple[str, ...] = ()

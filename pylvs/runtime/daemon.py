@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class Options:
     ifaces: list[str] = field(default_factory=list)
     control: str | None = None
     config: str | None = None
+    config_id: str | None = None      # keepalived's -i: the @ID lines taken
     capacity: int = 1 << 16      # conn limit; `pylvs run` passes --conn-max
     engine: str = "c"
     # Embedded directors (tests, labs) keep tables.Counters' small default
@@ -825,7 +827,7 @@ class Daemon:
         self._config = None
         if self.opts.config:
             try:
-                self._config = config_apply.ConfigFile(self.opts.config)
+                self._config = config_apply.ConfigFile(self.opts.config, self.opts.config_id)
             except config_apply.ConfigError as e:
                 raise SystemExit(f"pylvs run: -c {e}") from None
 
@@ -1071,6 +1073,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="a keepalived.conf (its virtual_server blocks) or pylvs adm -S rules, "
                          "told apart by the first word; applied at start, re-read on SIGHUP "
                          "and `pylvs reload` (docs/config.md; default: none)")
+    ap.add_argument("-i", "--config-id", metavar="ID",
+                    help="as keepalived -i: the -c FILE's lines '@ID ...' are read, other "
+                         "'@...' lines skipped, '@^ID' the other way round (default: the node "
+                         "name up to its first dot, as keepalived)")
+    ap.add_argument("-t", "--config-test", action="store_true",
+                    help="as keepalived -t: check the -c FILE (warnings and errors with their "
+                         "file:line on stderr, a summary on stdout), start nothing; exit status "
+                         "0 when all of it would apply, 1 otherwise")
     ap.add_argument("--conn-max", type=_bounded(1, MAX_CONN_MAX), default=DEFAULT_CONN_MAX,
                     metavar="N", help="most conns at once; the conn table grows with use up "
                     "to this, 88 to 112 bytes per conn; split evenly among the --workers "
@@ -1162,6 +1172,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="largest sync message, UDP payload bytes (default: 1472 for a "
                       "master, the interface MTU - 28 for a backup)")
     a = ap.parse_args(argv)
+    if a.config_test:
+        if not a.config:
+            ap.error("-t checks the -c FILE: give one")
+        from ..config.apply import config_test
+        return config_test(a.config, sys.stdout, sys.stderr, a.max_services, a.max_dests,
+                           a.config_id)
     if len(set(a.start_daemon)) != len(a.start_daemon):
         ap.error("--start-daemon: master or backup given twice")
     if a.mcast_group is not None:
@@ -1221,7 +1237,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = a.workers or (default_workers() if a.engine == "c" else 1)
     if workers > 1 and a.engine != "c":
         ap.error("--workers above 1 needs --engine c")
-    opts = Options(ifaces=a.iface, control=a.control, config=a.config,
+    opts = Options(ifaces=a.iface, control=a.control, config=a.config, config_id=a.config_id,
                    capacity=a.conn_max, engine=a.engine, max_services=a.max_services,
                    max_dests=a.max_dests, sysctls=dict(a.sysctl),
                    qdisc_bypass=a.qdisc_bypass, pcap=a.pcap, ring=a.ring, workers=workers,

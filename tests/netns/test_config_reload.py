@@ -272,3 +272,104 @@ def test_sighup_during_start_is_neither_fatal_nor_lost(director_lab, tmp_path):
     assert lab.wait_resolved([rs1, rs2])
     assert {lab.curl("/whoami").stdout.strip() for _ in range(4)} == {"rs1", "rs2"}
     assert lab.stop_director() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2], indirect=True)
+def test_rules_file_service_edits_and_a_format_change_break_no_connection(director_lab,
+                                                                            tmp_path):
+    """`pylvs run -c` with `pylvs adm -S` rules (docs/config.md): under
+    paced downloads, a SIGHUP edits the service itself (scheduler and
+    persistence: -E), the file then becomes the same rules as a
+    keepalived.conf (no operation at all), and a broken rules file is
+    refused naming its line; every download finishes intact."""
+    lab = director_lab(servers=2, start=False)
+    rs1, rs2 = lab.rips
+    path = tmp_path / "director.rules"
+    dests = (f"-a -t {lab.vip}:80 -r {rs1}:80 -m -w 1\n"
+             f"-a -t {lab.vip}:80 -r {rs2}:80 -m -w 1\n")
+    path.write_text(f"# saved by pylvs adm -S -n\n-A -t {lab.vip}:80 -s rr\n" + dests)
+    lab.start_director("-c", str(path))
+    assert lab.wait_resolved([rs1, rs2])
+    n = 6
+    outs = [tmp_path / f"dl{i}" for i in range(n)]
+    procs = [subprocess.Popen(["ip", "netns", "exec", lab.client, *lab.curl_argv(
+        f"/bytes/{SIZE}?rate={RATE}", "-o", str(out), max_time=45)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out in outs]
+    try:
+        deadline = time.monotonic() + 5
+        while not all(o.exists() and o.stat().st_size > 0 for o in outs):
+            assert time.monotonic() < deadline, "downloads never started"
+            time.sleep(0.05)
+        path.write_text(f"-A -t {lab.vip}:80 -s wlc -p 30\n" + dests)
+        lab.procs["director"].send_signal(signal.SIGHUP)
+        text = wait_log(lab, "reloaded ", 1)
+        assert f"reloaded {path} (rules): 1 service(s), 1 edit_service" in text, text[-2000:]
+        assert rules(lab) == f"-A -t {lab.vip}:80 -s wlc -p 30\n" + dests
+        path.write_text(f"""\
+virtual_server {lab.vip} 80 {{
+    protocol TCP
+    lb_algo wlc
+    persistence_timeout 30
+    real_server {rs1} 80 {{ }}
+    real_server {rs2} 80 {{ }}
+}}
+""")
+        r = lab.run(lab.director, lab.pylvs_argv("reload"), check=False)
+        assert (r.returncode, r.stdout) == (
+            0, f"reloaded {path} (keepalived): 1 service(s); nothing changed\n"), r.stderr
+        path.write_text(f"-A -t {lab.vip}:80 -s rr\n-a -t {lab.vip}:80 -r\n")
+        r = lab.run(lab.director, lab.pylvs_argv("reload"), check=False)
+        assert r.returncode == 1 and r.stderr.startswith(f"pylvs reload: {path}: line 2: "), \
+            r.stderr
+        assert r.stderr.rstrip().endswith("the running configuration is kept"), r.stderr
+        assert rules(lab) == f"-A -t {lab.vip}:80 -s wlc -p 30\n" + dests
+        ended = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() is not None]
+        assert not ended, f"downloads ended during the reloads: {ended}"
+        results = [p.communicate(timeout=50) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    broken = [(i, p.returncode, err) for i, (p, (_o, err)) in enumerate(zip(procs, results))
+              if p.returncode != 0]
+    assert not broken, broken
+    assert all(o.read_bytes() == content(0, SIZE) for o in outs)
+    assert lab.stop_director() == 0
+
+
+def test_a_storm_of_sighups_ends_in_the_file_s_last_state(director_lab, tmp_path):
+    """A deploy tool that signals on every file it writes: 20 SIGHUPs
+    within a few milliseconds while the file changes between them; the
+    reloads run one after another (never two at once), the director stays
+    up and ends with what the file says last. The file's conditional lines
+    are read for `-i lb1` at start and at every reload."""
+    lab = director_lab(servers=2, start=False)
+    rs1, rs2 = lab.rips
+
+    def shared(weight2: int) -> str:   # one file for both directors
+        return conf(lab, weight2).replace("    lb_algo rr\n",
+                                          "    @lb1 lb_algo rr\n    @^lb1 lb_algo wrr\n")
+
+    path = tmp_path / "keepalived.conf"
+    path.write_text(shared(1))
+    lab.start_director("-c", str(path), "-i", "lb1")
+    assert lab.wait_resolved([rs1, rs2])
+    p = lab.procs["director"]
+    for i in range(20):
+        tmp = tmp_path / "keepalived.conf.new"
+        tmp.write_text(shared(2 + i))
+        tmp.replace(path)   # as editors and deploy tools write it: whole
+        p.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while f"-r {rs2}:80 -m -w 21\n" not in rules(lab):
+        assert time.monotonic() < deadline, rules(lab)
+        time.sleep(0.1)
+    time.sleep(0.5)   # any reload still queued would show now
+    assert p.poll() is None
+    assert rules(lab) == (f"-A -t {lab.vip}:80 -s rr\n-a -t {lab.vip}:80 -r {rs1}:80 -m -w 1\n"
+                          f"-a -t {lab.vip}:80 -r {rs2}:80 -m -w 21\n")
+    text = lab.director_log()
+    assert "Traceback" not in text and "reload failed" not in text, text[-3000:]
+    assert {lab.curl("/whoami").stdout.strip() for _ in range(4)} == {"rs1", "rs2"}
+    assert lab.stop_director() == 0
