@@ -1545,3 +1545,20 @@ def test_refusals_are_named_with_the_director_s_own_words(tmp_path):
     msg = b.apply_many([{"op": "add_dest", "proto": "tcp", "vaddr": "10.0.0.1", "vport": 80,
                          "daddr": "10.0.0.1", "dport": 80, "fwd": "masq"}])[0]["error"]
     assert errs[0].endswith(": " + msg)
+
+
+def test_the_file_is_read_once_so_format_and_parse_see_the_same_bytes(tmp_path, monkeypatch):
+    """An editor replacing the file between the format check and the parse
+    must not have the parse read other contents (apply.load)."""
+    path = write(tmp_path, "k.conf", "virtual_server 10.0.0.1 80 {\n  protocol TCP\n"
+                 "  real_server 10.0.1.2 80 {\n  }\n}\n")
+    reads = []
+    real_read = ka.read_limited
+
+    def read_limited(p, where=None):
+        reads.append(p)
+        return real_read(p, where) if len(reads) == 1 else b"-A -t 10.0.0.9:80 -s rr\n"
+    monkeypatch.setattr(ka, "read_limited", read_limited)
+    loaded = config_apply.load(path)
+    assert reads == [path] and loaded.kind == "keepalived"
+    assert [vs.vaddr for vs in loaded.virtual_servers] == ["10.0.0.1"]

@@ -105,7 +105,7 @@ def load(path: str, config_id: str | None = None) -> Loaded:
         # Either format's comments (keepalived's `!` too), nothing else.
         return Loaded(path, "rules", {}, blank=True)
     if keepalived.looks_like_keepalived(text):
-        return from_keepalived(keepalived.parse_file(path, config_id), path)
+        return from_keepalived(keepalived.parse_file(path, config_id, data), path)
     from ..cli import adm
 
     try:

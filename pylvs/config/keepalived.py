@@ -210,7 +210,8 @@ class _Reader:
         self.warnings: list[str] = []
         self.config_id = config_id if config_id is not None else default_config_id()
 
-    def read(self, path: str, where: Where | None, stack: tuple[str, ...]) -> None:
+    def read(self, path: str, where: Where | None, stack: tuple[str, ...],
+             data: bytes | None = None) -> None:
         real = os.path.realpath(path)
         if real in stack:
             raise ConfigError(where, f"include loop: {path} includes itself "
@@ -219,7 +220,8 @@ class _Reader:
             raise ConfigError(where, f"includes nested deeper than {MAX_INCLUDE_DEPTH} files")
         if len(self.files) >= MAX_FILES:
             raise ConfigError(where, f"more than {MAX_FILES} files read")
-        data = read_limited(path, where)
+        if data is None:
+            data = read_limited(path, where)
         self.total += len(data)
         if self.total > MAX_TOTAL_BYTES:
             raise ConfigError(where, f"the files together are larger than {MAX_TOTAL_BYTES} bytes")
@@ -1183,13 +1185,17 @@ def default_config_id() -> str:
     return os.uname().nodename.split(".")[0]
 
 
-def parse_file(path: str, config_id: str | None = None) -> KeepalivedConfig:
+def parse_file(path: str, config_id: str | None = None,
+               data: bytes | None = None) -> KeepalivedConfig:
     """The configuration in ``path`` and every file it includes, its
     ``@ID`` lines taken for ``config_id`` (keepalived's ``-i``; None: the
-    node name up to its first dot, as keepalived). Raises ConfigError
-    (file:line first) for what the director refuses."""
+    node name up to its first dot, as keepalived). ``data``: ``path``'s
+    bytes when the caller has read them already (read_limited), so what
+    decided the format is what is parsed even if an editor replaces the
+    file meanwhile. Raises ConfigError (file:line first) for what the
+    director refuses."""
     reader = _Reader(config_id)
-    reader.read(path, None, ())
+    reader.read(path, None, (), data)
     return _finish(reader)
 
 
