@@ -44,7 +44,7 @@ from .. import forward
 from ..forward import tunnel
 from . import keepalived
 from .keepalived import ConfigError
-from .model import KeepalivedConfig, VirtualServer
+from .model import FWD, KeepalivedConfig, VirtualServer, dest_port
 
 # (proto "tcp"/"udp"/"sctp", vaddr text or None, vport, fwmark)
 SvcKey = tuple[str, "str | None", int, int]
@@ -52,7 +52,6 @@ DestKey = tuple[str, int]
 
 log = logging.getLogger("pylvs")
 
-_FWD = {"NAT": "masq", "DR": "route", "TUN": "tunnel"}
 _SVC_ATTRS = ("sched", "flags", "persistent", "netmask", "ops", "pe")
 _DEST_ATTRS = ("fwd", "weight", "u_threshold", "l_threshold", "tun_type", "tun_port",
                "tun_flags")
@@ -137,9 +136,8 @@ def from_keepalived(cfg: KeepalivedConfig, path: str = "") -> Loaded:
                    "netmask": vs.persistence_granularity or "255.255.255.255",
                    "ops": vs.ops, "pe": ""}, where=where)
         for rs in vs.real_servers:
-            method = rs.lvs_method or vs.lvs_method
-            fwd = _FWD[method]
-            dport = rs.port if fwd == "masq" else vs.vport
+            fwd = FWD[rs.lvs_method or vs.lvs_method]
+            dport = dest_port(vs, rs.port, rs.lvs_method)
             rwhere = str(rs.where) if rs.where else where
             attrs = {"fwd": fwd, "weight": rs.weight, "u_threshold": rs.uthreshold,
                      "l_threshold": rs.lthreshold}

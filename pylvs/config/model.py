@@ -210,6 +210,20 @@ class VirtualServer:
         return (self.protocol, self.vaddr, self.vport, self.fwmark)
 
 
+# keepalived's lvs_method words to the Balancer's forwarding methods
+# (ipvsadm's -m, -g, -i).
+FWD = {"NAT": "masq", "DR": "route", "TUN": "tunnel"}
+
+
+def dest_port(vs: VirtualServer, port: int, method: str | None) -> int:
+    """The port of a real server (or sorry server) of ``vs`` as a dest:
+    ``port`` for NAT, the service's for DR and TUN, whatever port the
+    file (or its checkers) name (ipvsadm and keepalived's ipvswrapper.c
+    give such a dest the virtual port; only NAT maps ports). ``method``
+    None: the virtual server's."""
+    return port if (method or vs.lvs_method) == "NAT" else vs.vport
+
+
 @dataclass(frozen=True)
 class KeepalivedConfig:
     """A whole parsed file (includes followed). ``warnings``: one line per

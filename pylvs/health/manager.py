@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-from ..config.model import CheckSpec, RealServer, VirtualServer
+from ..config.model import FWD, CheckSpec, RealServer, VirtualServer, dest_port
 from ..control.balancer import BalancerError
 from . import check_http, check_misc, check_ping, check_tcp, check_udp
 from .check_api import Result
@@ -60,19 +60,10 @@ CHECKERS = {
     "MISC_CHECK": check_misc.check,
     "PING_CHECK": check_ping.check,
 }
-# keepalived's lvs_method words to the Balancer's forwarding methods.
-FWD = {"NAT": "masq", "DR": "route", "TUN": "tunnel"}
 NOTIFY_TIMEOUT = 30.0
 # omega's commands at the director's stop are killed after this long
 # (keepalived's do_rs_notifies/do_vs_notifies when stopping: TIMER_HZ).
 OMEGA_TIMEOUT = 1.0
-
-
-def _dport(vs: VirtualServer, port: int, method: str | None) -> int:
-    """The dest's port in the Balancer: a DR or TUN dest takes the service's
-    (ipvsadm and keepalived's ipvswrapper.c give it the virtual port; only
-    NAT maps ports), whatever port its checkers probe."""
-    return port if (method or vs.lvs_method) == "NAT" else vs.vport
 
 
 def _is_sorry_server(vs: VirtualServer, rs: RealServer) -> bool:
@@ -80,7 +71,7 @@ def _is_sorry_server(vs: VirtualServer, rs: RealServer) -> bool:
     s_svr_duplicates_rs)?"""
     s = vs.sorry_server
     return (s is not None and s.addr == rs.addr
-            and _dport(vs, s.port, s.lvs_method) == _dport(vs, rs.port, rs.lvs_method))
+            and dest_port(vs, s.port, s.lvs_method) == dest_port(vs, rs.port, rs.lvs_method))
 
 
 _TIMINGS = {"delay_loop": 0.0, "connect_timeout": 0.0, "retry": 0, "delay_before_retry": 0.0,
@@ -442,7 +433,7 @@ class HealthManager:
 
     def _set(self, vs: VirtualServer, rs: RealServer, up: bool, inhibit: bool,
              weight: int | None) -> None:
-        port = _dport(vs, rs.port, rs.lvs_method)
+        port = dest_port(vs, rs.port, rs.lvs_method)
         try:
             self.balancer.set_dest_health(vs.protocol, vs.vaddr, vs.vport, rs.addr, port, up,
                                           inhibit=inhibit, weight=weight)
@@ -455,7 +446,7 @@ class HealthManager:
         method = s.lvs_method or vs.lvs_method
         try:
             self.balancer.set_sorry_server(vs.protocol, vs.vaddr, vs.vport, s.addr,
-                                           _dport(vs, s.port, method), FWD.get(method, "masq"),
+                                           dest_port(vs, s.port, method), FWD.get(method, "masq"),
                                            state)
         except BalancerError as e:
             log.warning("sorry server %s:%d of %s: %s", s.addr, s.port, service_name(vs.key), e)
@@ -480,7 +471,7 @@ class HealthManager:
             if svc is None or rs is None:
                 return svc is not None
             d = svc.dests.get((int(ipaddress.IPv4Address(rs.addr)),
-                               _dport(vs, rs.port, rs.lvs_method)))
+                               dest_port(vs, rs.port, rs.lvs_method)))
             return d is not None and not d.sorry
         return listed
 
