@@ -7,6 +7,7 @@ dest's weight, a new dest, a new service), with 1 and 2 workers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -64,6 +65,38 @@ def wait_log(lab, needle: str, count: int, timeout: float = 10.0) -> str:
 
 
 @pytest.mark.parametrize("workers", [1, 2], indirect=True)
+@contextlib.contextmanager
+def paced_downloads(lab, tmp_path, n: int):
+    """``n`` paced curl downloads through the VIP, started (each has bytes)
+    before the body runs; yields the processes. On leaving, the body's
+    assertions passed: every download must end with status 0 and the
+    whole content. Whatever is left running is killed either way."""
+    outs = [tmp_path / f"dl{i}" for i in range(n)]
+    procs = [subprocess.Popen(["ip", "netns", "exec", lab.client, *lab.curl_argv(
+        f"/bytes/{SIZE}?rate={RATE}", "-o", str(out), max_time=45)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out in outs]
+    try:
+        deadline = time.monotonic() + 5
+        while not all(o.exists() and o.stat().st_size > 0 for o in outs):
+            assert time.monotonic() < deadline, "downloads never started"
+            time.sleep(0.05)
+        yield procs
+        ended = [(i, p.returncode, p.stderr.read()) for i, p in enumerate(procs)
+                 if p.poll() is not None]
+        assert not ended, f"downloads ended during the reloads: {ended}"
+        results = [p.communicate(timeout=50) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    broken = [(i, p.returncode, err) for i, (p, (_o, err)) in enumerate(zip(procs, results))
+              if p.returncode != 0]
+    assert not broken, broken
+    want = content(0, SIZE)
+    assert all(o.read_bytes() == want for o in outs)
+
+
 def test_reload_under_traffic_breaks_no_connection(director_lab, tmp_path):
     lab = director_lab(servers=3, start=False)
     rs1, rs2, rs3 = lab.rips
@@ -77,15 +110,7 @@ def test_reload_under_traffic_breaks_no_connection(director_lab, tmp_path):
     assert before == (f"-A -t {lab.vip}:80 -s rr\n-a -t {lab.vip}:80 -r {rs1}:80 -m -w 1\n"
                       f"-a -t {lab.vip}:80 -r {rs2}:80 -m -w 1\n")
 
-    outs = [tmp_path / f"dl{i}" for i in range(DOWNLOADS)]
-    procs = [subprocess.Popen(["ip", "netns", "exec", lab.client, *lab.curl_argv(
-        f"/bytes/{SIZE}?rate={RATE}", "-o", str(out), max_time=45)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out in outs]
-    try:
-        deadline = time.monotonic() + 5
-        while not all(o.exists() and o.stat().st_size > 0 for o in outs):
-            assert time.monotonic() < deadline, "downloads never started"
-            time.sleep(0.05)
+    with paced_downloads(lab, tmp_path, DOWNLOADS):
         # 1. A broken file: SIGHUP changes nothing, the error names the line.
         path.write_text(conf(lab, 3).replace("weight 1", "weight 1 {"))
         lab.procs["director"].send_signal(signal.SIGHUP)
@@ -105,20 +130,6 @@ def test_reload_under_traffic_breaks_no_connection(director_lab, tmp_path):
         assert r.returncode == 0, r.stderr
         assert r.stdout == (f"reloaded {path} (keepalived): 2 service(s); 1 add_service, "
                             "1 add_dest\n")
-        ended = [(i, p.returncode, p.stderr.read()) for i, p in enumerate(procs)
-                 if p.poll() is not None]
-        assert not ended, f"downloads ended during the reloads: {ended}"
-        results = [p.communicate(timeout=50) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    broken = [(i, p.returncode, err) for i, (p, (_o, err)) in enumerate(zip(procs, results))
-              if p.returncode != 0]
-    assert not broken, broken
-    want = content(0, SIZE)
-    assert all(o.read_bytes() == want for o in outs)
     after = listing(lab)
     assert after.split(f"TCP  {lab.vip}:8080 wlc\n")[1].split() == [
         "->", f"{rs3}:80", "Masq", "1", "0", "0"], after
@@ -290,16 +301,7 @@ def test_rules_file_service_edits_and_a_format_change_break_no_connection(direct
     path.write_text(f"# saved by pylvs adm -S -n\n-A -t {lab.vip}:80 -s rr\n" + dests)
     lab.start_director("-c", str(path))
     assert lab.wait_resolved([rs1, rs2])
-    n = 6
-    outs = [tmp_path / f"dl{i}" for i in range(n)]
-    procs = [subprocess.Popen(["ip", "netns", "exec", lab.client, *lab.curl_argv(
-        f"/bytes/{SIZE}?rate={RATE}", "-o", str(out), max_time=45)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out in outs]
-    try:
-        deadline = time.monotonic() + 5
-        while not all(o.exists() and o.stat().st_size > 0 for o in outs):
-            assert time.monotonic() < deadline, "downloads never started"
-            time.sleep(0.05)
+    with paced_downloads(lab, tmp_path, 6):
         path.write_text(f"-A -t {lab.vip}:80 -s wlc -p 30\n" + dests)
         lab.procs["director"].send_signal(signal.SIGHUP)
         text = wait_log(lab, "reloaded ", 1)
@@ -323,18 +325,6 @@ virtual_server {lab.vip} 80 {{
             r.stderr
         assert r.stderr.rstrip().endswith("the running configuration is kept"), r.stderr
         assert rules(lab) == f"-A -t {lab.vip}:80 -s wlc -p 30\n" + dests
-        ended = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() is not None]
-        assert not ended, f"downloads ended during the reloads: {ended}"
-        results = [p.communicate(timeout=50) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    broken = [(i, p.returncode, err) for i, (p, (_o, err)) in enumerate(zip(procs, results))
-              if p.returncode != 0]
-    assert not broken, broken
-    assert all(o.read_bytes() == content(0, SIZE) for o in outs)
     assert lab.stop_director() == 0
 
 
