@@ -31,7 +31,7 @@ import re
 import ssl as ssl_mod
 
 from ..config.model import CheckSpec, UrlSpec
-from .check_api import Result, close_writer, open_tcp, os_error_text, target
+from .check_api import Result, close_writer, open_tcp, os_error_text, target, within
 
 MAX_RESPONSE = 4 << 20   # bytes of one response (head and body) read at most
 REGEX_TIMEOUT = 1.0      # s one regex search may take
@@ -147,10 +147,10 @@ async def _fetch(spec: CheckSpec, url: UrlSpec, host: str, port: int, ctx) -> by
     reader, writer = await open_tcp(spec, host, port, ssl=ctx, sni=sni)
     try:
         writer.write(request(spec, url, host, port))
-        await asyncio.wait_for(writer.drain(), spec.connect_timeout)
+        await within(writer.drain(), spec.connect_timeout)
         chunks, size = [], 0
         while True:
-            data = await asyncio.wait_for(reader.read(65536), spec.connect_timeout)
+            data = await within(reader.read(65536), spec.connect_timeout)
             if not data:
                 return b"".join(chunks)
             if size + len(data) > MAX_RESPONSE:

@@ -48,7 +48,7 @@ from typing import Sequence
 from ..config.model import FWD, CheckSpec, RealServer, VirtualServer, dest_port
 from ..control.balancer import BalancerError
 from . import check_http, check_misc, check_ping, check_tcp, check_udp
-from .check_api import Result
+from .check_api import Result, within
 
 log = logging.getLogger("pylvs.health")
 
@@ -171,7 +171,7 @@ class Probe:
         while not self._stopped:
             started = loop.time()
             try:
-                r = await asyncio.wait_for(self.check(self.spec, self.addr, self.port), budget)
+                r = await within(self.check(self.spec, self.addr, self.port), budget)
             except asyncio.TimeoutError:
                 # A server trickling its answer a byte per connect_timeout.
                 r = Result(False, f"no verdict within {budget:g} s")
