@@ -146,8 +146,15 @@ async def _fetch(spec: CheckSpec, url: UrlSpec, host: str, port: int, ctx) -> by
     sni = (url.virtualhost or spec.virtualhost) if spec.enable_sni else None
     reader, writer = await open_tcp(spec, host, port, ssl=ctx, sni=sni)
     try:
-        writer.write(request(spec, url, host, port))
-        await within(writer.drain(), spec.connect_timeout)
+        try:
+            writer.write(request(spec, url, host, port))
+        except RuntimeError:
+            # uvloop (the director's loop) refuses a write to a transport
+            # the server has already reset (at once after its accept);
+            # asyncio's drops it. The read below says what ended it.
+            pass
+        else:
+            await within(writer.drain(), spec.connect_timeout)
         chunks, size = [], 0
         while True:
             data = await within(reader.read(65536), spec.connect_timeout)
