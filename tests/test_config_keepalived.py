@@ -1336,6 +1336,66 @@ def test_daemon_reload_keeps_the_old_config_when_the_new_file_is_broken(tmp_path
     asyncio.run(run())
 
 
+CHECKED = BASE.replace("real_server 10.1.0.1 80 { weight 1 }",
+                       "real_server 10.1.0.1 80 { weight 1 TCP_CHECK { connect_timeout 3 } }")
+
+# description, the file after CHECKED, operations sent, services whose checks changed
+HEALTH_RELOADS = [
+    ("unchanged", CHECKED, {}, 0),
+    ("a checker's timing", CHECKED.replace("connect_timeout 3", "connect_timeout 1"), {}, 1),
+    ("a checker's timing and a weight", CHECKED.replace("connect_timeout 3", "retry 2")
+     .replace("weight 2", "weight 4"), {"edit_dest": 1}, 1),
+    ("quorum and a sorry server", CHECKED.replace("lvs_sched rr", "lvs_sched rr\n quorum 2\n"
+                                                  " sorry_server 10.1.0.9 80"), {}, 1),
+    ("a checker removed", BASE, {}, 1),
+    ("a service with its checks removed", CHECKED.split("virtual_server 10.0.0.2")[0]
+     .replace("virtual_server 10.0.0.1", "virtual_server 10.0.0.3"),
+     {"del_service": 2, "add_service": 1, "add_dest": 2}, 0),
+]
+
+
+@pytest.mark.parametrize("new_text,operations,health", [r[1:] for r in HEALTH_RELOADS],
+                         ids=[r[0] for r in HEALTH_RELOADS])
+def test_a_reload_names_what_it_changed_in_the_health_checks(tmp_path, new_text, operations,
+                                                             health):
+    """A reload that changes only checkers, quorum or the sorry server sends
+    no operation: it must not say "nothing changed" (the operator would
+    think the edit was not read)."""
+    from pylvs.cli import tools
+
+    path = write(tmp_path, "keepalived.conf", CHECKED)
+    b = balancer()
+    cf = config_apply.ConfigFile(path)
+
+    async def apply_ops(ops):
+        return b.apply_many(ops)
+
+    async def run():
+        await cf.apply(apply_ops)
+        write(tmp_path, "keepalived.conf", new_text)
+        return await cf.reload(apply_ops)
+
+    r = asyncio.run(run())
+    assert (r["operations"], r["health"]) == (operations, health)
+
+    class Client:
+        def __init__(self, _path):
+            pass
+
+        def call(self, _op):
+            return r
+
+        def close(self):
+            pass
+
+    import io
+    out = io.StringIO()
+    assert tools.reload_main([], stdout=out, stderr=io.StringIO(), client_factory=Client) == 0
+    said = out.getvalue().split("; ", 1)[1]
+    assert ("nothing changed" in said) == (not operations and not health)
+    assert (f"the health checks of {health} service(s)" in said) == bool(health), said
+
+
 @pytest.mark.parametrize("blank", ["", "\n  \n", "! keepalived.conf\n# all gone\n"],
                          ids=["empty", "blank lines", "only comments"])
 def test_reload_of_a_file_emptied_keeps_every_service(tmp_path, blank):
