@@ -363,6 +363,24 @@ def test_an_include_glob_skips_directories_as_keepalived_does(tmp_path):
                             f"{main}:2: include conf.d/old: {skipped}")
 
 
+def test_an_included_file_cut_short_is_named_where_its_block_opened(tmp_path):
+    """conf.d/10-web.conf cut in the middle of a url block (a write cut
+    short): the parse goes on into the next file, as keepalived's does (a
+    block may span files), and fails there; the error names the block left
+    open in the file that was cut."""
+    main = write(tmp_path, "keepalived.conf", "include conf.d/*.conf\n")
+    write(tmp_path, "conf.d/10-web.conf", "virtual_server 10.0.0.1 80 {\n protocol TCP\n"
+                                          " real_server 10.1.0.1 80 {\n  HTTP_GET {\n"
+                                          "   url {\n    path /health\n")
+    write(tmp_path, "conf.d/20-api.conf", "virtual_server 10.0.0.1 81 {\n protocol TCP\n"
+                                          " real_server 10.1.0.1 81 { }\n}\n")
+    with pytest.raises(ka.ConfigError) as e:
+        ka.parse_file(main)
+    assert str(e.value) == (
+        f"{tmp_path}/conf.d/20-api.conf:1: unknown keyword 'virtual_server' in url (the block "
+        f"of 'url' opened at {tmp_path}/conf.d/10-web.conf:5 is not closed in its file)")
+
+
 # As an operator's lb01 has it: the protocol in lower case (keepalived 2.2
 # compares it with strcasecmp), quoted values, a group with a range.
 LB01 = """\

@@ -482,7 +482,7 @@ class _Parser:
                 return out
             if tok.brace == "{":
                 raise ConfigError(tok.where, "'{' without a keyword before it")
-            out.append(self._line(depth) if schema is LINES else self._stmt(schema, depth))
+            out.append(self._line(depth) if schema is LINES else self._stmt(schema, owner, depth))
         if owner is not None:
             raise ConfigError(owner.where, f"the block of '{owner.name}' opened here is never "
                                            "closed (missing '}')")
@@ -502,12 +502,18 @@ class _Parser:
             st.children = self._block(LINES, st, depth + 1)
         return st
 
-    def _stmt(self, schema: Schema, depth: int) -> Stmt:
+    def _stmt(self, schema: Schema, owner: Stmt | None, depth: int) -> Stmt:
         t = self.t
         kw = t[self.i]
         spec = None if kw.quoted else schema.specs.get(kw.text)
         if spec is None:
-            raise ConfigError(kw.where, f"unknown keyword {kw.text!r} in {schema.name}")
+            # A block may go on in the next included file (as keepalived
+            # reads it), so one cut short at its file's end (a write cut
+            # short) is found in the next file: name where it opened.
+            opened = (f" (the block of '{owner.name}' opened at {owner.where} is not closed "
+                      "in its file)" if owner is not None and owner.where.file != kw.where.file
+                      else "")
+            raise ConfigError(kw.where, f"unknown keyword {kw.text!r} in {schema.name}{opened}")
         if not kw.bol and not t[self.i - 1].brace:
             # keepalived 2.2 takes one keyword per line (between braces) and
             # drops what follows its values without a word: pylvs reads it,
