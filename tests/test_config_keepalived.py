@@ -574,6 +574,9 @@ def test_one_warning_per_unimplemented_block_or_keyword(tmp_path):
                      ("10", "ha_suspend"), ("11", "smtp_alert"), ("13", "DNS_CHECK"),
                      ("16", "user")]
     assert cfg.vrrp_instances == ("A", "B")
+    # A real server whose only checker is not run is always in: said.
+    assert cfg.warnings[9].endswith(": DNS_CHECK: ignored (a checker pylvs does not run: it "
+                                    "never takes the real server out)")
     # The same file given to a whole keepalived would make its checkers
     # program the kernel's IPVS next to pylvs: the warning says how not to.
     assert "run `keepalived -P` (VRRP only" in cfg.warnings[2]

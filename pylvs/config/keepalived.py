@@ -366,6 +366,7 @@ _VAR = Spec(1, None)
 _TIMERS = {"connect_timeout": Spec(), "retry": Spec(), "delay_before_retry": Spec(),
            "warmup": Spec(), "delay_loop": Spec(), "alpha": _opt()}
 _NOT_RUN = "pylvs does not run it"
+_CHECK_NOT_RUN = "a checker pylvs does not run: it never takes the real server out"
 
 _URL = Schema("url", {
     "path": Spec(), "digest": Spec(), "status_code": _VAR, "virtualhost": Spec(),
@@ -412,8 +413,7 @@ _REAL = Schema("real_server", {
     "notify_down": Spec(1, 3), "virtualhost": Spec(),
     "smtp_alert": _opt(warn="pylvs sends no mail"), "snmp_name": Spec(warn="pylvs has no SNMP"),
     **{k: Spec(0, 0, block=s, need_block=True) for k, s in _CHECKS.items()},
-    **{k: Spec(0, 0, block=LINES, need_block=True, warn="checker " + _NOT_RUN)
-       for k in _OTHER_CHECKS},
+    **{k: Spec(0, 0, block=LINES, need_block=True, warn=_CHECK_NOT_RUN) for k in _OTHER_CHECKS},
 })
 _SCHED_FLAGS = ("flag-1", "flag-2", "flag-3", "sh-port", "sh-fallback", "mh-port", "mh-fallback")
 _VIRTUAL = Schema("virtual_server", {
