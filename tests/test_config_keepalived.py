@@ -887,7 +887,8 @@ BAD = [
      "  retry 0\n }\n}\n", ":3: retry: '0' is not an integer from 1 to"),
     ("nb_get_retry in TCP_CHECK", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
      "  TCP_CHECK {\n   nb_get_retry 3\n  }\n }\n}\n",
-     ":4: unknown keyword 'nb_get_retry' in TCP_CHECK"),
+     ":4: unknown keyword 'nb_get_retry' in TCP_CHECK; keepalived ignores it here too: this "
+     "checker's is 'retry'"),
     ("misc_timeout in decimals", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
      "  MISC_CHECK {\n   misc_path /bin/true\n   misc_timeout 1.5\n  }\n }\n}\n",
      ":5: misc_timeout: '1.5' is not an integer from 1 to 4294"),

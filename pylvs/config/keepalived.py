@@ -513,6 +513,10 @@ class _Parser:
             opened = (f" (the block of '{owner.name}' opened at {owner.where} is not closed "
                       "in its file)" if owner is not None and owner.where.file != kw.where.file
                       else "")
+            if kw.text == "nb_get_retry" and "retry" in schema.specs:
+                # Common in configurations written for keepalived 1.x,
+                # whose TCP_CHECK never had it either.
+                opened += "; keepalived ignores it here too: this checker's is 'retry'"
             raise ConfigError(kw.where, f"unknown keyword {kw.text!r} in {schema.name}{opened}")
         if not kw.bol and not t[self.i - 1].brace:
             # keepalived 2.2 takes one keyword per line (between braces) and
