@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -53,7 +54,8 @@ class StandInEngine:
         self.table.extend(records.tolist())
         return len(records)
 
-    def sync_chunk(self, start: int, out: np.ndarray) -> tuple[int, int]:
+    def sync_chunk(self, start: int, out: np.ndarray, now: float | None = None) -> tuple[int, int]:
+        self.chunk_now = now
         part = self.table[start:start + len(out)]
         for i, row in enumerate(part):
             out[i] = row
@@ -145,6 +147,8 @@ def test_master_bulk_walk_sends_every_engine_then_end(monkeypatch):
     got = np.concatenate([wire.decode(x, 4) for x in sent[:-1]])
     assert len(got) == 2200 and all(len(x) <= 1472 for x in sent)
     assert m.stats["bulk_requests"] == 1 and m.stats["bulk_requests_other_syncid"] == 1
+    # The walk asks for the time each conn has left, on the engines' clock.
+    assert all(abs(w.engine.chunk_now - time.monotonic()) < 60 for w in m.engines.workers())
 
 
 def _services(persist_netmask: str | None):

@@ -443,7 +443,7 @@ class Master(_Daemon):
         for w in self.engines.workers():
             start = 0
             while start >= 0:
-                n, start = self.engines.call(w, "sync_chunk", start, out)
+                n, start = self.engines.call(w, "sync_chunk", start, out, time.monotonic())
                 msgs = wire.encode(out[:int(n)], self.cfg.syncid, self.maxlen)
                 await self._send(self.out, msgs, "bulk_")
                 sent += len(msgs)
