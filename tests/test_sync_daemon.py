@@ -483,6 +483,43 @@ def test_backup_started_before_its_rules_asks_again_once_they_are_there(impl, n,
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("impl", ["python", "c"])
+def test_backup_asks_again_when_a_dest_it_lacked_comes_back(impl, n, monkeypatch):
+    """The rules were whole when the backup asked; a real server is then
+    taken out on the backup alone (`pylvs adm -d`, its health check) while
+    the master keeps sending its conns, which go uninstalled; when it
+    comes back the backup asks again (docs/sync.md: records uninstalled
+    since the last request, then a dest added). Comparing with the rules
+    at the request, which held that dest, it never asked."""
+    clock = [100.0]
+    monkeypatch.setattr(sd.time, "monotonic", lambda: clock[0])
+    d = Rules(impl, n)
+    d.balancer.add_service("tcp", "10.0.10.2", 80, sched="rr")
+    d.balancer.add_dest("tcp", "10.0.10.2", 80, "192.168.1.2", 8080, fwd="masq")
+    d.publish()
+
+    async def go():
+        b = sd.Backup(cfg("backup", syncid=4),
+                      sd._Engines(lambda: d.workers, lambda: d.services, lambda: d.dests),
+                      1, None, 1500)
+
+        async def capture(sock, msgs, key=""):
+            pass
+        b._send, b.ask = capture, None
+        d.balancer.del_dest("tcp", "10.0.10.2", 80, "192.168.1.2", 8080)
+        d.publish()
+        for msg in wire.encode(np.array(rows(10), SYNC_DTYPE), 4):
+            b.receive(msg, now=101.0)
+        assert d.conns() == 0 and b.missed
+        assert not any(b.rules_tick(t) for t in (102.0, 104.0))    # shrunk: nothing to ask
+        d.balancer.add_dest("tcp", "10.0.10.2", 80, "192.168.1.2", 8080, fwd="masq")
+        d.publish()
+        assert not b.rules_tick(105.0) and b.rules_tick(106.0)
+        await b.close()
+    asyncio.run(go())
+
+
 def test_master_answers_at_most_bulk_pending_requests_a_walk(monkeypatch):
     """A flood of bulk requests with distinct nonces (a host lying on the
     sync link): one walk, at most BULK_PENDING ENDs, the rest counted."""

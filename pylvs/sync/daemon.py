@@ -461,9 +461,11 @@ class Backup(_Daemon):
         self.bulk_done = asyncio.Event()
         self.asking: asyncio.Task | None = None
         # Re-asking (rules_tick): a record went uninstalled since the last
-        # request; the rules then, the last ones seen and when they changed.
+        # request; the rules common to that request and every miss since
+        # (a dest taken out after the request and back again is new to
+        # them), the last ones seen and when they changed.
         self.missed = False
-        self._asked_rules = self._seen_rules = self.engines.rules()
+        self._asked_rules = self._seen_rules = self._missed_with = self.engines.rules()
         self._changed_at = time.monotonic()
         self._asked_at = float("-inf")   # REASK_EVERY spaces the re-asks, not the first
 
@@ -488,7 +490,8 @@ class Backup(_Daemon):
         """Is a new bulk request due? Yes when a record went uninstalled
         since the last request (no such service or dest here, typically:
         the backup started before its rules) and the rules gained a service
-        or dest since then, have rested REASK_SETTLE s, and the last re-ask
+        or dest the request or a miss since lacked, have rested
+        REASK_SETTLE s, and the last re-ask
         is REASK_EVERY s old. Rules that only shrink (a real server taken
         out) never ask. (The rules are only read while something is
         missing: a large dest table costs nothing in the usual case.)"""
@@ -615,6 +618,9 @@ class Backup(_Daemon):
         self.stats["installed"] += installed
         if installed < len(recs):
             self.missed = True
+            rules = self.engines.rules()
+            if rules is not self._missed_with:   # cached: republished tables only
+                self._missed_with, self._asked_rules = rules, self._asked_rules & rules
         return installed
 
 
