@@ -264,12 +264,16 @@ class _Engines:
 
 
 class _Daemon:
+    # The counters `pylvs stats` lists from the start, at 0 until their
+    # first event (docs/sync.md, "Counters"; a grep or a scraper finds them).
+    COUNTERS: tuple[str, ...] = ("messages", "bytes", "conns", "send_errors")
+
     def __init__(self, cfg: SyncConfig, engines: _Engines, index: int, addr: str | None,
                  mtu: int):
         self.cfg, self.engines = cfg, engines
         self.maxlen = wire.sync_maxlen(cfg.role, mtu, cfg.sync_maxlen)
         self.index, self.addr = index, addr
-        self.stats: Counter = Counter()
+        self.stats: Counter = Counter(dict.fromkeys(self.COUNTERS, 0))
         self.tasks: list[asyncio.Task] = []
         self.socks: list[socket.socket] = []
 
@@ -312,6 +316,11 @@ class _Daemon:
 
 
 class Master(_Daemon):
+    COUNTERS = ("drained", *_Daemon.COUNTERS, "bulk_requests", "bulk_requests_other_syncid",
+                "bulk_requests_dropped", "bulk_requests_in_walk", "bulk_walks",
+                "bulk_messages", "bulk_bytes", "bulk_conns", "bulk_end_messages",
+                "bulk_end_bytes")
+
     def __init__(self, *args):
         super().__init__(*args)
         self.buffer = wire.Buffer(self.cfg.syncid, self.maxlen, FLUSH_TIME)
@@ -452,6 +461,9 @@ class Master(_Daemon):
 
 
 class Backup(_Daemon):
+    COUNTERS = (*_Daemon.COUNTERS[:3], "installed", "install_errors", "send_errors",
+                "bulk_request_messages", "bulk_request_bytes", "bulk_reasks", "bulk_done")
+
     def __init__(self, *args):
         super().__init__(*args)
         self.drops = wire.new_counts()
