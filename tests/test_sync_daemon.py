@@ -383,6 +383,20 @@ def test_backup_warns_about_drops_at_most_every_10_s(caplog, monkeypatch):
         "sync.backup.dropped)"]
 
 
+def test_backup_names_both_syncids_when_it_drops_another(caplog):
+    """A master at syncid 51 and a backup at 52 (one director's mistake):
+    the warning says which syncid was heard and which this backup takes,
+    so the operator need not capture the traffic to find out."""
+    b = daemon(sd.Backup, workers(1), syncid=52)
+    caplog.set_level("WARNING", logger="pylvs.sync")
+    msg = wire.encode(np.array(rows(2), SYNC_DTYPE), 51)[0]
+    b.receive(msg, 100.0)
+    b._log_drops("10.77.1.2", msg)
+    assert [r.getMessage() for r in caplog.records] == [
+        "sync backup: dropped wrong_syncid +1 (last from 10.77.1.2, syncid 51; this backup "
+        "takes syncid 52 (0: any); pylvs stats: sync.backup.dropped)"]
+
+
 class Rules:
     """A director's rules as `pylvs run` publishes them: a Balancer's tables,
     handed to every worker's real engine at each change."""

@@ -578,7 +578,7 @@ class Backup(_Daemon):
                 log.exception("sync backup: a message failed to install")
                 self.stats["install_errors"] += 1
             if sum(self.drops.values()) != dropped:
-                self._log_drops(src)
+                self._log_drops(src, buf)
 
     def too_long(self, nbytes: int, src: str) -> None:
         """A datagram longer than sync_maxlen, cut to it by the read: dropped
@@ -593,17 +593,23 @@ class Backup(_Daemon):
                         "sync_maxlen %d: dropped (start the backup with --sync-maxlen at "
                         "least the master's)", src, self.maxlen)
 
-    def _log_drops(self, src: str) -> None:
+    def _log_drops(self, src: str, buf: bytes = b"") -> None:
         """A warning for dropped datagrams, at most every LOG_EVERY s, with
-        what was dropped since the last one (the last sender named)."""
+        what was dropped since the last one (the last sender named, and
+        the syncids when the last datagram was another syncid's: a master
+        and a backup set up with different ones)."""
         now = time.monotonic()
         if now - self._logged_at < LOG_EVERY:
             return
         delta = {k: v - self._logged.get(k, 0) for k, v in self.drops.items()
                  if v != self._logged.get(k, 0)}
         self._logged, self._logged_at = dict(self.drops), now
+        last = src
+        if "wrong_syncid" in delta and len(buf) >= 2 and buf[1] != self.cfg.syncid:
+            last += (f", syncid {buf[1]}; this backup takes syncid {self.cfg.syncid} "
+                     "(0: any)")
         log.warning("sync backup: dropped %s (last from %s; pylvs stats: sync.backup.dropped)",
-                    ", ".join(f"{k} +{v}" for k, v in sorted(delta.items())), src)
+                    ", ".join(f"{k} +{v}" for k, v in sorted(delta.items())), last)
 
     def receive(self, buf: bytes, now: float) -> int:
         """One datagram: installs its records; returns how many."""
