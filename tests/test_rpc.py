@@ -580,6 +580,17 @@ def test_pylvs_sysctl_takes_sysctl8_switches_n_q_e(director):
     assert rc == 1 and "unknown sysctl 'sync_ports'" in err     # without -e
 
 
+def test_pylvs_sysctl_reads_the_kernels_sync_threshold_as_its_pair(director):
+    """The kernel's net.ipv4.vs.sync_threshold is the pair (threshold,
+    period), so read by that name it shows both knobs, as setting it does;
+    `sysctl -n` users get both values. pylvs's own name reads one knob."""
+    assert tool("sysctl_main", director, "net.ipv4.vs.sync_threshold") == (
+        0, "sync_threshold = 3\nsync_period = 50\n", "")
+    assert tool("sysctl_main", director, "-n", "net/ipv4/vs/sync_threshold") == (
+        0, "3\n50\n", "")
+    assert tool("sysctl_main", director, "sync_threshold") == (0, "sync_threshold = 3\n", "")
+
+
 @pytest.mark.parametrize("argv", [
     ("icmp_msgs_burst=9", "conn_reuse_mode=bad"),
     ("icmp_msgs_burst=9", "conn_reuse_mode=4"),

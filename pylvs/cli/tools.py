@@ -119,7 +119,8 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
                     "apply together or not at all.")
     ap.add_argument("setting", nargs="*", metavar="NAME[=VALUE]",
                     help="a knob by its name or sysctl(8)'s (net.ipv4.vs.NAME); "
-                    "sync_threshold also takes the kernel's pair, sync_threshold=\"3 50\"")
+                    "sync_threshold also takes the kernel's pair, sync_threshold=\"3 50\", "
+                    "and read as net.ipv4.vs.sync_threshold shows it (with sync_period)")
     # sysctl(8)'s switches, so its command lines work unchanged: -w (write)
     # and -a (all) change nothing here, NAME=VALUE already writes.
     ap.add_argument("-w", "--write", action="store_true", help=argparse.SUPPRESS)
@@ -145,8 +146,8 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
             known = _call(a.control, {"op": "sysctl"}, factory) if a.ignore else None
             names, values = [], {}
             for item in a.setting:
-                name, eq, value = item.partition("=")
-                name = sysctl_name(name)
+                given, eq, value = item.partition("=")
+                name = sysctl_name(given)
                 if known is not None and name not in known:
                     continue
                 if eq:
@@ -154,8 +155,11 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
                     value = value.strip().strip('"\'')
                     names.extend(n for n in expand_sysctls({name: value}) if n not in names)
                     values[name] = value
-                elif name not in names:
-                    names.append(name)
+                else:
+                    # The kernel's sync_threshold (by its sysctl name) is
+                    # the pair: both knobs, as setting it shows them.
+                    pair = name == "sync_threshold" and given != name
+                    names.extend(n for n in (name, "sync_period")[:1 + pair] if n not in names)
             # Names read first (an unknown one fails before anything is
             # set), then every setting in one request: the director checks
             # them all before it changes any.
