@@ -589,11 +589,14 @@ def test_a_retry_during_its_walk_does_not_start_a_second_walk(monkeypatch):
     assert m.stats["bulk_requests"] == 2 and m.stats["bulk_requests_in_walk"] == 1
 
 
-def test_backup_keeps_asking_until_a_master_answers(monkeypatch):
+def test_backup_keeps_asking_until_a_master_answers(monkeypatch, caplog):
     """The backup's bulk request: at once, after 1, 2, 4 and 8 s, then
     every 10 s (a master daemon started minutes after the backup, as an
     operator enabling sync on a running director), until the END with its
-    nonce; then no more."""
+    nonce; then no more. Once the back-off is over unanswered the log says
+    so, once (a master of another syncid ignores the request: nothing
+    else would tell the operator before the first conn)."""
+    caplog.set_level("INFO", logger="pylvs.sync")
     waits: list[float] = []
     real_wait_for = asyncio.wait_for
 
@@ -612,6 +615,10 @@ def test_backup_keeps_asking_until_a_master_answers(monkeypatch):
     asyncio.run(b._ask())
     assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0]
     assert sent == [wire.control_message(wire.BULK_REQUEST, 4, b.nonce)] * 8
+    assert [r.getMessage() for r in caplog.records] == [
+        "sync backup: no master answered the bulk request for syncid 4 in 15 s; asking "
+        "every 10 s (a pylvs master daemon of that syncid answers; an IPVS master never "
+        "does)"]
     assert b.bulk_done.is_set()
 
 

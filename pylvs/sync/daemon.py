@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import os
 import socket
@@ -550,8 +551,13 @@ class Backup(_Daemon):
         never answers: 20 bytes every 10 s.)"""
         msg = wire.control_message(wire.BULK_REQUEST, self.cfg.syncid, self.nonce)
         waits = iter(BULK_RETRY)
-        while True:
+        for n in itertools.count():
             await self._send(self.ask, [msg], "bulk_request_")
+            if n == len(BULK_RETRY):
+                log.info("sync backup: no master answered the bulk request for syncid %d "
+                         "in %g s; asking every %g s (a pylvs master daemon of that syncid "
+                         "answers; an IPVS master never does)", self.cfg.syncid,
+                         sum(BULK_RETRY), BULK_RETRY_EVERY)
             try:
                 await asyncio.wait_for(self.bulk_done.wait(), next(waits, BULK_RETRY_EVERY))
                 return
