@@ -62,11 +62,17 @@ class Engine:
         real-server side held by another conn), sync_no_dest (fwmark, no such
         service or dest here), sync_table_full. Never raises for a record's
         contents. RuntimeError from inside a scheduler upcall."""
-    def sync_chunk(self, start: int, out: np.ndarray) -> tuple[int, int]:
+    def sync_chunk(self, start: int, out: np.ndarray,
+                   now: float | None = None) -> tuple[int, int]:
         """The bulk walk: the records of the conns and templates of slots
         ``start``.. (the same records the master queues), as many as ``out``
         holds: (records filled, the slot to go on from, -1 at the end). One
-        lock hold per call, so the frame loop goes on between chunks."""
+        lock hold per call, so the frame loop goes on between chunks.
+        ``now`` (engine clock seconds): a conn's record carries the whole
+        seconds it has left (rounded up, 1 at least, at most its state's
+        timeout) instead of the state's timeout, so a bulk answer does not
+        restart its timer on the backup; templates keep their timeout
+        (pylvs's bulk resync has no kernel counterpart)."""
     def _key_hash(self, proto: int, a1: int, p1: int, a2: int, p2: int) -> int: ...
     def _check(self) -> None: ...
     @property

@@ -561,6 +561,36 @@ def test_pylvs_sysctl_takes_sysctl8_command_lines(director):
     assert director.balancer.sysctls()["sync_threshold"] == 2
 
 
+def test_pylvs_sysctl_takes_sysctl8_switches_n_q_e(director):
+    """sysctl(8)'s -n (values only: `x=$(sysctl -n NAME)` in scripts), -q
+    (set without echo) and -e (an unknown name is skipped, not an error)."""
+    assert tool("sysctl_main", director, "-n", "net.ipv4.vs.expire_nodest_conn",
+                "icmp_msgs_burst") == (0, "0\n50\n", "")
+    assert tool("sysctl_main", director, "-q", "-w", "net.ipv4.vs.expire_nodest_conn=1") == (
+        0, "", "")
+    assert director.balancer.sysctls()["expire_nodest_conn"] == 1
+    assert tool("sysctl_main", director, "-e", "net.ipv4.vs.sync_ports",
+                "net.ipv4.vs.expire_nodest_conn") == (0, "expire_nodest_conn = 1\n", "")
+    sent = []
+    director.balancer.publish_sysctls = sent.append
+    assert tool("sysctl_main", director, "-e", "-w", "net.ipv4.vs.sync_sock_size=0",
+                "icmp_msgs_burst=9") == (0, "icmp_msgs_burst = 9\n", "")
+    assert len(sent) == 1 and director.balancer.sysctls()["icmp_msgs_burst"] == 9
+    rc, out, err = tool("sysctl_main", director, "net.ipv4.vs.sync_ports")
+    assert rc == 1 and "unknown sysctl 'sync_ports'" in err     # without -e
+
+
+def test_pylvs_sysctl_reads_the_kernels_sync_threshold_as_its_pair(director):
+    """The kernel's net.ipv4.vs.sync_threshold is the pair (threshold,
+    period), so read by that name it shows both knobs, as setting it does;
+    `sysctl -n` users get both values. pylvs's own name reads one knob."""
+    assert tool("sysctl_main", director, "net.ipv4.vs.sync_threshold") == (
+        0, "sync_threshold = 3\nsync_period = 50\n", "")
+    assert tool("sysctl_main", director, "-n", "net/ipv4/vs/sync_threshold") == (
+        0, "3\n50\n", "")
+    assert tool("sysctl_main", director, "sync_threshold") == (0, "sync_threshold = 3\n", "")
+
+
 @pytest.mark.parametrize("argv", [
     ("icmp_msgs_burst=9", "conn_reuse_mode=bad"),
     ("icmp_msgs_burst=9", "conn_reuse_mode=4"),

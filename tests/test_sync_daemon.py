@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -53,7 +54,8 @@ class StandInEngine:
         self.table.extend(records.tolist())
         return len(records)
 
-    def sync_chunk(self, start: int, out: np.ndarray) -> tuple[int, int]:
+    def sync_chunk(self, start: int, out: np.ndarray, now: float | None = None) -> tuple[int, int]:
+        self.chunk_now = now
         part = self.table[start:start + len(out)]
         for i, row in enumerate(part):
             out[i] = row
@@ -145,6 +147,8 @@ def test_master_bulk_walk_sends_every_engine_then_end(monkeypatch):
     got = np.concatenate([wire.decode(x, 4) for x in sent[:-1]])
     assert len(got) == 2200 and all(len(x) <= 1472 for x in sent)
     assert m.stats["bulk_requests"] == 1 and m.stats["bulk_requests_other_syncid"] == 1
+    # The walk asks for the time each conn has left, on the engines' clock.
+    assert all(abs(w.engine.chunk_now - time.monotonic()) < 60 for w in m.engines.workers())
 
 
 def _services(persist_netmask: str | None):
@@ -383,6 +387,20 @@ def test_backup_warns_about_drops_at_most_every_10_s(caplog, monkeypatch):
         "sync.backup.dropped)"]
 
 
+def test_backup_names_both_syncids_when_it_drops_another(caplog):
+    """A master at syncid 51 and a backup at 52 (one director's mistake):
+    the warning says which syncid was heard and which this backup takes,
+    so the operator need not capture the traffic to find out."""
+    b = daemon(sd.Backup, workers(1), syncid=52)
+    caplog.set_level("WARNING", logger="pylvs.sync")
+    msg = wire.encode(np.array(rows(2), SYNC_DTYPE), 51)[0]
+    b.receive(msg, 100.0)
+    b._log_drops("10.77.1.2", msg)
+    assert [r.getMessage() for r in caplog.records] == [
+        "sync backup: dropped wrong_syncid +1 (last from 10.77.1.2, syncid 51; this backup "
+        "takes syncid 52 (0: any); pylvs stats: sync.backup.dropped)"]
+
+
 class Rules:
     """A director's rules as `pylvs run` publishes them: a Balancer's tables,
     handed to every worker's real engine at each change."""
@@ -483,6 +501,43 @@ def test_backup_started_before_its_rules_asks_again_once_they_are_there(impl, n,
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("impl", ["python", "c"])
+def test_backup_asks_again_when_a_dest_it_lacked_comes_back(impl, n, monkeypatch):
+    """The rules were whole when the backup asked; a real server is then
+    taken out on the backup alone (`pylvs adm -d`, its health check) while
+    the master keeps sending its conns, which go uninstalled; when it
+    comes back the backup asks again (docs/sync.md: records uninstalled
+    since the last request, then a dest added). Comparing with the rules
+    at the request, which held that dest, it never asked."""
+    clock = [100.0]
+    monkeypatch.setattr(sd.time, "monotonic", lambda: clock[0])
+    d = Rules(impl, n)
+    d.balancer.add_service("tcp", "10.0.10.2", 80, sched="rr")
+    d.balancer.add_dest("tcp", "10.0.10.2", 80, "192.168.1.2", 8080, fwd="masq")
+    d.publish()
+
+    async def go():
+        b = sd.Backup(cfg("backup", syncid=4),
+                      sd._Engines(lambda: d.workers, lambda: d.services, lambda: d.dests),
+                      1, None, 1500)
+
+        async def capture(sock, msgs, key=""):
+            pass
+        b._send, b.ask = capture, None
+        d.balancer.del_dest("tcp", "10.0.10.2", 80, "192.168.1.2", 8080)
+        d.publish()
+        for msg in wire.encode(np.array(rows(10), SYNC_DTYPE), 4):
+            b.receive(msg, now=101.0)
+        assert d.conns() == 0 and b.missed
+        assert not any(b.rules_tick(t) for t in (102.0, 104.0))    # shrunk: nothing to ask
+        d.balancer.add_dest("tcp", "10.0.10.2", 80, "192.168.1.2", 8080, fwd="masq")
+        d.publish()
+        assert not b.rules_tick(105.0) and b.rules_tick(106.0)
+        await b.close()
+    asyncio.run(go())
+
+
 def test_master_answers_at_most_bulk_pending_requests_a_walk(monkeypatch):
     """A flood of bulk requests with distinct nonces (a host lying on the
     sync link): one walk, at most BULK_PENDING ENDs, the rest counted."""
@@ -538,11 +593,14 @@ def test_a_retry_during_its_walk_does_not_start_a_second_walk(monkeypatch):
     assert m.stats["bulk_requests"] == 2 and m.stats["bulk_requests_in_walk"] == 1
 
 
-def test_backup_keeps_asking_until_a_master_answers(monkeypatch):
+def test_backup_keeps_asking_until_a_master_answers(monkeypatch, caplog):
     """The backup's bulk request: at once, after 1, 2, 4 and 8 s, then
     every 10 s (a master daemon started minutes after the backup, as an
     operator enabling sync on a running director), until the END with its
-    nonce; then no more."""
+    nonce; then no more. Once the back-off is over unanswered the log says
+    so, once (a master of another syncid ignores the request: nothing
+    else would tell the operator before the first conn)."""
+    caplog.set_level("INFO", logger="pylvs.sync")
     waits: list[float] = []
     real_wait_for = asyncio.wait_for
 
@@ -561,6 +619,10 @@ def test_backup_keeps_asking_until_a_master_answers(monkeypatch):
     asyncio.run(b._ask())
     assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0]
     assert sent == [wire.control_message(wire.BULK_REQUEST, 4, b.nonce)] * 8
+    assert [r.getMessage() for r in caplog.records] == [
+        "sync backup: no master answered the bulk request for syncid 4 in 15 s; asking "
+        "every 10 s (a pylvs master daemon of that syncid answers; an IPVS master never "
+        "does)"]
     assert b.bulk_done.is_set()
 
 
@@ -580,9 +642,31 @@ def test_counters_name_conns_only_for_sync_messages():
             await m._send(a, wire.encode(np.array(rows(3), SYNC_DTYPE), 4), "bulk_")
         return b, m
     b, m = asyncio.run(go())
-    assert dict(b.stats) == {"bulk_request_messages": 1, "bulk_request_bytes": 20}
-    assert dict(m.stats) == {"bulk_end_messages": 1, "bulk_end_bytes": 20, "bulk_messages": 1,
-                             "bulk_bytes": 8 + 3 * 36, "bulk_conns": 3}
+    assert "bulk_request_conns" not in b.stats and "bulk_end_conns" not in m.stats
+    assert {k: v for k, v in b.stats.items() if v} == {"bulk_request_messages": 1,
+                                                        "bulk_request_bytes": 20}
+    assert {k: v for k, v in m.stats.items() if v} == {
+        "bulk_end_messages": 1, "bulk_end_bytes": 20, "bulk_messages": 1,
+        "bulk_bytes": 8 + 3 * 36, "bulk_conns": 3}
+
+
+def test_stats_list_every_documented_counter_from_the_start():
+    """`pylvs stats | grep sync.master.send_errors` (or a scraper) finds
+    each counter docs/sync.md names at 0 before its first event, not
+    only once it happened."""
+    d = sd.SyncDaemons(lambda: workers(1), lambda: None)
+    d.running = {"master": daemon(sd.Master, workers(1)), "backup": daemon(sd.Backup, workers(1))}
+    st = d.stats()
+    assert {k: v for k, v in st["master"].items()} == dict.fromkeys((
+        "drained", "messages", "bytes", "conns", "send_errors", "bulk_requests",
+        "bulk_requests_other_syncid", "bulk_requests_dropped", "bulk_requests_in_walk",
+        "bulk_walks", "bulk_messages", "bulk_bytes", "bulk_conns", "bulk_end_messages",
+        "bulk_end_bytes"), 0)
+    backup = dict(st["backup"])
+    assert backup.pop("dropped") == wire.new_counts() and backup.pop("bulk_complete") is False
+    assert backup == dict.fromkeys((
+        "messages", "bytes", "conns", "installed", "install_errors", "send_errors",
+        "bulk_request_messages", "bulk_request_bytes", "bulk_reasks", "bulk_done"), 0)
 
 
 def test_backup_names_a_message_longer_than_its_sync_maxlen(caplog):

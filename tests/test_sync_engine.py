@@ -633,6 +633,37 @@ def test_bulk_chunks():
     assert per_impl[0] == per_impl[1]
 
 
+def test_bulk_records_carry_the_time_a_conn_has_left():
+    """With ``now`` a bulk answer gives each conn the whole seconds it has
+    left (1 at least), a template its whole timeout: a conn whose end was
+    lost is not kept alive by directors asking each other for the table."""
+    per_impl = []
+    for impl in IMPLS:
+        master = World(impl)
+        master.send(syn(), now=0.0)
+        master.send(ack(), now=0.0)                # ESTABLISHED, 900 s from 0
+        master.send(syn(dport=90), now=0.0)       # persistent: a template and a SYN_RECV conn
+        master.send(ack(dport=90), now=0.0)
+        master.send(syn(sport=1001), now=0.0)     # SYN_RECV, 60 s from 0
+        out = np.zeros(16, SYNC_DTYPE)
+        whole = out[:master.engine.sync_chunk(0, out)[0]].tolist()
+        left = out[:master.engine.sync_chunk(0, out, 100.25)[0]].tolist()
+        timeout = {(r[4], r[6], bool(r[2] & TEMPLATE)): r[10] for r in whole}
+        got = {(r[4], r[6], bool(r[2] & TEMPLATE)): r[10] for r in left}
+        assert timeout[(1000, 80, False)] == 900 and got[(1000, 80, False)] == 800
+        assert got[(1000, 90, False)] == 800
+        assert got[(1001, 80, False)] == 1         # expired meanwhile: 1, not 0
+        assert got[(0, 90, True)] == timeout[(0, 90, True)]
+        backup = World(impl)
+        assert backup.install(left, 100.25) == len(left)
+        backup.engine.expire(100.25 + 2, 1000)
+        assert backup.engine.conn_count == 3       # the SYN_RECV conn's 1 s is over
+        backup.engine.expire(100.25 + 801, 1000)
+        assert backup.engine.conn_count == 0       # 800 s, not a fresh 900
+        per_impl.append(left)
+    assert per_impl[0] == per_impl[1]
+
+
 def test_backup_two_workers_share_dest_counts():
     """Two backup workers (engines sharing dest_conns): each installs the
     records of its clients; the dest's counts are the sum."""

@@ -238,11 +238,23 @@ PyObject *pylvs_sync_drain(PylvsEngine *e, PyObject *arg)
     return PyLong_FromUnsignedLong(n);
 }
 
+/* Whole seconds a conn expiring at `expires` has left at `now`, rounded
+ * up, at least 1 (0 in a record means "the state's timeout") and at most
+ * `whole`. */
+static uint32_t sync_left(double expires, double now, uint32_t whole)
+{
+    double left = ceil(expires - now);
+    if (left < 1.0)
+        return 1;
+    return left < (double)whole ? (uint32_t)left : whole;
+}
+
 PyObject *pylvs_sync_chunk(PylvsEngine *e, PyObject *args)
 {
     unsigned long start;
     PyObject *arr;
-    if (!PyArg_ParseTuple(args, "kO:sync_chunk", &start, &arr))
+    double now = NAN;
+    if (!PyArg_ParseTuple(args, "kO|d:sync_chunk", &start, &arr, &now))
         return NULL;
     Py_buffer v;
     if (get_records(arr, "out", 1, &v) < 0)
@@ -252,8 +264,16 @@ PyObject *pylvs_sync_chunk(PylvsEngine *e, PyObject *args)
     uint32_t slot = start < e->high ? (uint32_t)start : e->high;
     for (; slot < e->high && n < room; slot++) {
         const struct conn *c = &e->conns[slot];
-        if (c->used && !(c->flags & CONN_F_UNHASHED))
-            sync_fill(e, c, &out[n++]);
+        if (!c->used || (c->flags & CONN_F_UNHASHED))
+            continue;
+        sync_fill(e, c, &out[n]);
+        /* A conn's record carries the time it has left, not its state's
+         * whole timeout: a bulk answer restarting every timer would keep a
+         * conn whose end was lost alive for as long as directors keep
+         * asking (a template's timeout is its persistence, kept whole). */
+        if (!isnan(now) && !(c->flags & CONN_F_TEMPLATE))
+            out[n].timeout = sync_left(c->expires, now, out[n].timeout);
+        n++;
     }
     PyBuffer_Release(&v);
     return Py_BuildValue("(Kl)", (unsigned long long)n, slot < e->high ? (long)slot : -1L);

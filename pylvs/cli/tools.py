@@ -119,11 +119,19 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
                     "apply together or not at all.")
     ap.add_argument("setting", nargs="*", metavar="NAME[=VALUE]",
                     help="a knob by its name or sysctl(8)'s (net.ipv4.vs.NAME); "
-                    "sync_threshold also takes the kernel's pair, sync_threshold=\"3 50\"")
+                    "sync_threshold also takes the kernel's pair, sync_threshold=\"3 50\", "
+                    "and read as net.ipv4.vs.sync_threshold shows it (with sync_period)")
     # sysctl(8)'s switches, so its command lines work unchanged: -w (write)
     # and -a (all) change nothing here, NAME=VALUE already writes.
     ap.add_argument("-w", "--write", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("-a", "--all", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("-n", "--values", action="store_true",
+                    help="print the values only, one a line (as sysctl -n)")
+    ap.add_argument("-q", "--quiet", action="store_true",
+                    help="print nothing for settings (as sysctl -q)")
+    ap.add_argument("-e", "--ignore", action="store_true",
+                    help="skip unknown names instead of failing (as sysctl -e: a "
+                    "sysctl.conf written for the kernel's IPVS has knobs pylvs lacks)")
     ap.add_argument("--json", action="store_true",
                     help="one JSON object (with the per-worker split)")
     ap.add_argument("--control", metavar="PATH", help="the director's control socket "
@@ -135,17 +143,23 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
         if not a.setting:
             result = _call(a.control, {"op": "sysctl"}, factory)
         else:
+            known = _call(a.control, {"op": "sysctl"}, factory) if a.ignore else None
             names, values = [], {}
             for item in a.setting:
-                name, eq, value = item.partition("=")
-                name = sysctl_name(name)
+                given, eq, value = item.partition("=")
+                name = sysctl_name(given)
+                if known is not None and name not in known:
+                    continue
                 if eq:
                     # sysctl(8) users quote the pair: sync_threshold="3 50"
                     value = value.strip().strip('"\'')
                     names.extend(n for n in expand_sysctls({name: value}) if n not in names)
                     values[name] = value
-                elif name not in names:
-                    names.append(name)
+                else:
+                    # The kernel's sync_threshold (by its sysctl name) is
+                    # the pair: both knobs, as setting it shows them.
+                    pair = name == "sync_threshold" and given != name
+                    names.extend(n for n in (name, "sync_period")[:1 + pair] if n not in names)
             # Names read first (an unknown one fails before anything is
             # set), then every setting in one request: the director checks
             # them all before it changes any.
@@ -156,10 +170,13 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
             if values:
                 every = _call(a.control, {"op": "set_sysctls", "values": values}, factory)
                 result = {name: every[name] for name in names}
+        if a.quiet and values:
+            return 0
         if a.json:
             out.write(json.dumps(result) + "\n")
         else:
-            out.write("".join(f"{k} = {v}\n" for k, v in result.items()))
+            out.write("".join(f"{v}\n" if a.values else f"{k} = {v}\n"
+                              for k, v in result.items()))
         return 0
     return _run("pylvs sysctl", work, out, err, client_factory)
 

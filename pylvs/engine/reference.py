@@ -600,10 +600,12 @@ class Engine:
             out[i] = q.popleft()
         return n
 
-    def sync_chunk(self, start: int, out: np.ndarray) -> tuple[int, int]:
+    def sync_chunk(self, start: int, out: np.ndarray,
+                   now: float | None = None) -> tuple[int, int]:
         """The table as records from slot ``start`` (templates included),
         as many as ``out`` holds: (records filled, the slot to go on from or
-        -1 at the end)."""
+        -1 at the end). ``now``: conns carry the time they have left
+        (sync.time_left), as in the C engine."""
         start = operator.index(start)
         out = self._records(out, "out")
         if not out.flags.writeable:
@@ -614,6 +616,9 @@ class Engine:
             c = slots[i]
             if c is not None and not (c.template and c.in_key is None):
                 out[n] = sync.record(c, self._timeouts)
+                if now is not None and not c.template:
+                    out[n]["timeout"] = sync.time_left(c.expires, float(now),
+                                                       int(out[n]["timeout"]))
                 n += 1
             i += 1
         return n, i if i < len(slots) else -1

@@ -154,6 +154,13 @@ def record(c, timeouts) -> tuple:
             c.dport, 0, int(conn_timeout(c, timeouts)))
 
 
+def time_left(expires: float, now: float, whole: int) -> int:
+    """Whole seconds a conn expiring at ``expires`` has left at ``now``
+    (engine clock seconds), rounded up, at least 1 (a record's 0 means the
+    state's timeout), at most ``whole``: what a bulk answer sends."""
+    return max(1, min(whole, math.ceil(expires - now)))
+
+
 def refusal(proto: int, state: int, flags: int, cport: int, fwmark: int) -> str | None:
     """Why a record cannot be installed before any table is looked at: the
     counter's name ("sync_rejected": a protocol, forwarding method or state

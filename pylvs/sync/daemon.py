@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import os
 import socket
@@ -264,12 +265,16 @@ class _Engines:
 
 
 class _Daemon:
+    # The counters `pylvs stats` lists from the start, at 0 until their
+    # first event (docs/sync.md, "Counters"; a grep or a scraper finds them).
+    COUNTERS: tuple[str, ...] = ("messages", "bytes", "conns", "send_errors")
+
     def __init__(self, cfg: SyncConfig, engines: _Engines, index: int, addr: str | None,
                  mtu: int):
         self.cfg, self.engines = cfg, engines
         self.maxlen = wire.sync_maxlen(cfg.role, mtu, cfg.sync_maxlen)
         self.index, self.addr = index, addr
-        self.stats: Counter = Counter()
+        self.stats: Counter = Counter(dict.fromkeys(self.COUNTERS, 0))
         self.tasks: list[asyncio.Task] = []
         self.socks: list[socket.socket] = []
 
@@ -312,6 +317,11 @@ class _Daemon:
 
 
 class Master(_Daemon):
+    COUNTERS = ("drained", *_Daemon.COUNTERS, "bulk_requests", "bulk_requests_other_syncid",
+                "bulk_requests_dropped", "bulk_requests_in_walk", "bulk_walks",
+                "bulk_messages", "bulk_bytes", "bulk_conns", "bulk_end_messages",
+                "bulk_end_bytes")
+
     def __init__(self, *args):
         super().__init__(*args)
         self.buffer = wire.Buffer(self.cfg.syncid, self.maxlen, FLUSH_TIME)
@@ -443,7 +453,7 @@ class Master(_Daemon):
         for w in self.engines.workers():
             start = 0
             while start >= 0:
-                n, start = self.engines.call(w, "sync_chunk", start, out)
+                n, start = self.engines.call(w, "sync_chunk", start, out, time.monotonic())
                 msgs = wire.encode(out[:int(n)], self.cfg.syncid, self.maxlen)
                 await self._send(self.out, msgs, "bulk_")
                 sent += len(msgs)
@@ -452,6 +462,9 @@ class Master(_Daemon):
 
 
 class Backup(_Daemon):
+    COUNTERS = (*_Daemon.COUNTERS[:3], "installed", "install_errors", "send_errors",
+                "bulk_request_messages", "bulk_request_bytes", "bulk_reasks", "bulk_done")
+
     def __init__(self, *args):
         super().__init__(*args)
         self.drops = wire.new_counts()
@@ -461,9 +474,11 @@ class Backup(_Daemon):
         self.bulk_done = asyncio.Event()
         self.asking: asyncio.Task | None = None
         # Re-asking (rules_tick): a record went uninstalled since the last
-        # request; the rules then, the last ones seen and when they changed.
+        # request; the rules common to that request and every miss since
+        # (a dest taken out after the request and back again is new to
+        # them), the last ones seen and when they changed.
         self.missed = False
-        self._asked_rules = self._seen_rules = self.engines.rules()
+        self._asked_rules = self._seen_rules = self._missed_with = self.engines.rules()
         self._changed_at = time.monotonic()
         self._asked_at = float("-inf")   # REASK_EVERY spaces the re-asks, not the first
 
@@ -488,7 +503,8 @@ class Backup(_Daemon):
         """Is a new bulk request due? Yes when a record went uninstalled
         since the last request (no such service or dest here, typically:
         the backup started before its rules) and the rules gained a service
-        or dest since then, have rested REASK_SETTLE s, and the last re-ask
+        or dest the request or a miss since lacked, have rested
+        REASK_SETTLE s, and the last re-ask
         is REASK_EVERY s old. Rules that only shrink (a real server taken
         out) never ask. (The rules are only read while something is
         missing: a large dest table costs nothing in the usual case.)"""
@@ -535,8 +551,13 @@ class Backup(_Daemon):
         never answers: 20 bytes every 10 s.)"""
         msg = wire.control_message(wire.BULK_REQUEST, self.cfg.syncid, self.nonce)
         waits = iter(BULK_RETRY)
-        while True:
+        for n in itertools.count():
             await self._send(self.ask, [msg], "bulk_request_")
+            if n == len(BULK_RETRY):
+                log.info("sync backup: no master answered the bulk request for syncid %d "
+                         "in %g s; asking every %g s (a pylvs master daemon of that syncid "
+                         "answers; an IPVS master never does)", self.cfg.syncid,
+                         sum(BULK_RETRY), BULK_RETRY_EVERY)
             try:
                 await asyncio.wait_for(self.bulk_done.wait(), next(waits, BULK_RETRY_EVERY))
                 return
@@ -563,7 +584,7 @@ class Backup(_Daemon):
                 log.exception("sync backup: a message failed to install")
                 self.stats["install_errors"] += 1
             if sum(self.drops.values()) != dropped:
-                self._log_drops(src)
+                self._log_drops(src, buf)
 
     def too_long(self, nbytes: int, src: str) -> None:
         """A datagram longer than sync_maxlen, cut to it by the read: dropped
@@ -578,17 +599,23 @@ class Backup(_Daemon):
                         "sync_maxlen %d: dropped (start the backup with --sync-maxlen at "
                         "least the master's)", src, self.maxlen)
 
-    def _log_drops(self, src: str) -> None:
+    def _log_drops(self, src: str, buf: bytes = b"") -> None:
         """A warning for dropped datagrams, at most every LOG_EVERY s, with
-        what was dropped since the last one (the last sender named)."""
+        what was dropped since the last one (the last sender named, and
+        the syncids when the last datagram was another syncid's: a master
+        and a backup set up with different ones)."""
         now = time.monotonic()
         if now - self._logged_at < LOG_EVERY:
             return
         delta = {k: v - self._logged.get(k, 0) for k, v in self.drops.items()
                  if v != self._logged.get(k, 0)}
         self._logged, self._logged_at = dict(self.drops), now
+        last = src
+        if "wrong_syncid" in delta and len(buf) >= 2 and buf[1] != self.cfg.syncid:
+            last += (f", syncid {buf[1]}; this backup takes syncid {self.cfg.syncid} "
+                     "(0: any)")
         log.warning("sync backup: dropped %s (last from %s; pylvs stats: sync.backup.dropped)",
-                    ", ".join(f"{k} +{v}" for k, v in sorted(delta.items())), src)
+                    ", ".join(f"{k} +{v}" for k, v in sorted(delta.items())), last)
 
     def receive(self, buf: bytes, now: float) -> int:
         """One datagram: installs its records; returns how many."""
@@ -615,6 +642,9 @@ class Backup(_Daemon):
         self.stats["installed"] += installed
         if installed < len(recs):
             self.missed = True
+            rules = self.engines.rules()
+            if rules is not self._missed_with:   # cached: republished tables only
+                self._missed_with, self._asked_rules = rules, self._asked_rules & rules
         return installed
 
 
