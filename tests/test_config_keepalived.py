@@ -363,6 +363,24 @@ def test_an_include_glob_skips_directories_as_keepalived_does(tmp_path):
                             f"{main}:2: include conf.d/old: {skipped}")
 
 
+def test_an_included_file_cut_short_is_named_where_its_block_opened(tmp_path):
+    """conf.d/10-web.conf cut in the middle of a url block (a write cut
+    short): the parse goes on into the next file, as keepalived's does (a
+    block may span files), and fails there; the error names the block left
+    open in the file that was cut."""
+    main = write(tmp_path, "keepalived.conf", "include conf.d/*.conf\n")
+    write(tmp_path, "conf.d/10-web.conf", "virtual_server 10.0.0.1 80 {\n protocol TCP\n"
+                                          " real_server 10.1.0.1 80 {\n  HTTP_GET {\n"
+                                          "   url {\n    path /health\n")
+    write(tmp_path, "conf.d/20-api.conf", "virtual_server 10.0.0.1 81 {\n protocol TCP\n"
+                                          " real_server 10.1.0.1 81 { }\n}\n")
+    with pytest.raises(ka.ConfigError) as e:
+        ka.parse_file(main)
+    assert str(e.value) == (
+        f"{tmp_path}/conf.d/20-api.conf:1: unknown keyword 'virtual_server' in url (the block "
+        f"of 'url' opened at {tmp_path}/conf.d/10-web.conf:5 is not closed in its file)")
+
+
 # As an operator's lb01 has it: the protocol in lower case (keepalived 2.2
 # compares it with strcasecmp), quoted values, a group with a range.
 LB01 = """\
@@ -556,6 +574,9 @@ def test_one_warning_per_unimplemented_block_or_keyword(tmp_path):
                      ("10", "ha_suspend"), ("11", "smtp_alert"), ("13", "DNS_CHECK"),
                      ("16", "user")]
     assert cfg.vrrp_instances == ("A", "B")
+    # A real server whose only checker is not run is always in: said.
+    assert cfg.warnings[9].endswith(": DNS_CHECK: ignored (a checker pylvs does not run: it "
+                                    "never takes the real server out)")
     # The same file given to a whole keepalived would make its checkers
     # program the kernel's IPVS next to pylvs: the warning says how not to.
     assert "run `keepalived -P` (VRRP only" in cfg.warnings[2]
@@ -866,7 +887,8 @@ BAD = [
      "  retry 0\n }\n}\n", ":3: retry: '0' is not an integer from 1 to"),
     ("nb_get_retry in TCP_CHECK", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
      "  TCP_CHECK {\n   nb_get_retry 3\n  }\n }\n}\n",
-     ":4: unknown keyword 'nb_get_retry' in TCP_CHECK"),
+     ":4: unknown keyword 'nb_get_retry' in TCP_CHECK; keepalived ignores it here too: this "
+     "checker's is 'retry'"),
     ("misc_timeout in decimals", "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n"
      "  MISC_CHECK {\n   misc_path /bin/true\n   misc_timeout 1.5\n  }\n }\n}\n",
      ":5: misc_timeout: '1.5' is not an integer from 1 to 4294"),
@@ -1334,6 +1356,66 @@ def test_daemon_reload_keeps_the_old_config_when_the_new_file_is_broken(tmp_path
         assert saved(b) == "-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.1:80 -r 10.1.0.1:80 -m -w 1\n"
         assert d.health.calls[-1] == ()
     asyncio.run(run())
+
+
+CHECKED = BASE.replace("real_server 10.1.0.1 80 { weight 1 }",
+                       "real_server 10.1.0.1 80 { weight 1 TCP_CHECK { connect_timeout 3 } }")
+
+# description, the file after CHECKED, operations sent, services whose checks changed
+HEALTH_RELOADS = [
+    ("unchanged", CHECKED, {}, 0),
+    ("a checker's timing", CHECKED.replace("connect_timeout 3", "connect_timeout 1"), {}, 1),
+    ("a checker's timing and a weight", CHECKED.replace("connect_timeout 3", "retry 2")
+     .replace("weight 2", "weight 4"), {"edit_dest": 1}, 1),
+    ("quorum and a sorry server", CHECKED.replace("lvs_sched rr", "lvs_sched rr\n quorum 2\n"
+                                                  " sorry_server 10.1.0.9 80"), {}, 1),
+    ("a checker removed", BASE, {}, 1),
+    ("a service with its checks removed", CHECKED.split("virtual_server 10.0.0.2")[0]
+     .replace("virtual_server 10.0.0.1", "virtual_server 10.0.0.3"),
+     {"del_service": 2, "add_service": 1, "add_dest": 2}, 0),
+]
+
+
+@pytest.mark.parametrize("new_text,operations,health", [r[1:] for r in HEALTH_RELOADS],
+                         ids=[r[0] for r in HEALTH_RELOADS])
+def test_a_reload_names_what_it_changed_in_the_health_checks(tmp_path, new_text, operations,
+                                                             health):
+    """A reload that changes only checkers, quorum or the sorry server sends
+    no operation: it must not say "nothing changed" (the operator would
+    think the edit was not read)."""
+    from pylvs.cli import tools
+
+    path = write(tmp_path, "keepalived.conf", CHECKED)
+    b = balancer()
+    cf = config_apply.ConfigFile(path)
+
+    async def apply_ops(ops):
+        return b.apply_many(ops)
+
+    async def run():
+        await cf.apply(apply_ops)
+        write(tmp_path, "keepalived.conf", new_text)
+        return await cf.reload(apply_ops)
+
+    r = asyncio.run(run())
+    assert (r["operations"], r["health"]) == (operations, health)
+
+    class Client:
+        def __init__(self, _path):
+            pass
+
+        def call(self, _op):
+            return r
+
+        def close(self):
+            pass
+
+    import io
+    out = io.StringIO()
+    assert tools.reload_main([], stdout=out, stderr=io.StringIO(), client_factory=Client) == 0
+    said = out.getvalue().split("; ", 1)[1]
+    assert ("nothing changed" in said) == (not operations and not health)
+    assert (f"the health checks of {health} service(s)" in said) == bool(health), said
 
 
 @pytest.mark.parametrize("blank", ["", "\n  \n", "! keepalived.conf\n# all gone\n"],

@@ -140,3 +140,63 @@ def test_a_runaway_regex_fails_the_check_and_leaves_the_loop_running():
     # its timer all along (a search holding the thread would leave a gap
     # as long as itself).
     assert r["took"] < 5 and r["gap"] < 0.25, r
+
+
+# A server that sends without end (an endless header, a stream on the
+# checked port): every read is done at once, which before Python 3.12 made
+# asyncio.wait_for swallow the budget's cancel, so the probe never reached
+# a verdict and the real server stayed up, the loop busy reading. The
+# stream is fed in memory (check_http.open_tcp replaced); run in a child
+# so a probe that never ends fails the test instead of hanging it.
+ENDLESS = textwrap.dedent(r"""
+    import asyncio, json
+    from pylvs.config.model import CheckSpec, UrlSpec
+    from pylvs.health import check_http
+    from pylvs.health.manager import Probe
+
+    class Writer:
+        def write(self, data): pass
+        async def drain(self): pass
+        def close(self): pass
+        async def wait_closed(self): pass
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        feeders = []
+
+        async def open_tcp(spec, host, port, ssl=None, sni=None):
+            reader = asyncio.StreamReader()
+
+            async def feed():
+                reader.feed_data(b"HTTP/1.0 200 OK\r\n")
+                while True:
+                    reader.feed_data(b"X-Endless: " + b"a" * 60000 + b"\r\n")
+                    await asyncio.sleep(0)
+
+            feeders.append(asyncio.ensure_future(feed()))
+            return reader, Writer()
+
+        check_http.open_tcp = open_tcp
+        spec = CheckSpec("HTTP_GET", delay_loop=0.2, connect_timeout=0.2, retry=0,
+                         urls=(UrlSpec("/"),))
+        p = Probe("10.0.1.2", 80, spec, lambda probe: None)
+        t0 = loop.time()
+        p.start()
+        while p.last is None and loop.time() < t0 + 5:
+            await asyncio.sleep(0.02)
+        took = loop.time() - t0
+        await asyncio.wait_for(p.stop(), 2)
+        for f in feeders:
+            f.cancel()
+        print(json.dumps({"up": p.up, "text": p.text, "took": took}))
+
+    asyncio.run(main())
+""")
+
+
+def test_a_server_sending_without_end_fails_within_the_budget():
+    out = subprocess.run([sys.executable, "-c", ENDLESS], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    r = json.loads(out)
+    # verdict_budget: max(delay_loop, connect_timeout) + connect_timeout.
+    assert not r["up"] and r["text"] == "no verdict within 0.4 s" and r["took"] < 2, r

@@ -203,9 +203,10 @@ def reload_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
         if a.json:
             out.write(json.dumps(r) + "\n")
         else:
-            ops = ", ".join(f"{n} {k}" for k, n in r["operations"].items()) or "nothing changed"
+            from ..config.apply import reload_summary
+
             out.write(f"reloaded {r['file']} ({r['format']}): {r['services']} service(s); "
-                      f"{ops}\n")
+                      f"{reload_summary(r['operations'], r.get('health', 0))}\n")
             for line in r["warnings"]:
                 err.write(f"warning: {line}\n")
         for line in r["refused"] + r["errors"]:

@@ -336,6 +336,30 @@ def errors(ops: list[Op], results: list[dict]) -> list[str]:
 ApplyOps = Callable[[list], Awaitable[list]]   # Balancer.apply_many, awaited
 
 
+def _health_part(vs: VirtualServer) -> tuple:
+    return (vs.quorum, vs.quorum_up, vs.quorum_down, vs.hysteresis, vs.alpha, vs.omega,
+            vs.sorry_server,
+            tuple((rs.addr, rs.port, rs.inhibit_on_failure, rs.notify_up, rs.notify_down, rs.checks)
+                  for rs in vs.real_servers))
+
+
+def health_changes(old: Iterable[VirtualServer], new: Iterable[VirtualServer]) -> int:
+    """How many services of both ``old`` and ``new`` had their health
+    checks' part changed (checkers and their timings, quorum, hysteresis,
+    sorry server, alpha, omega, inhibit_on_failure, notify commands): what
+    a reload changes without an operation to the director, and says."""
+    before = {vs.key: _health_part(vs) for vs in old}
+    return sum(1 for vs in new if vs.key in before and before[vs.key] != _health_part(vs))
+
+
+def reload_summary(operations: dict[str, int], health: int) -> str:
+    """'1 edit_dest, 2 add_dest', the health checks' changes, or 'nothing changed'."""
+    parts = [f"{n} {k}" for k, n in operations.items()]
+    if health:
+        parts.append(f"the health checks of {health} service(s)")
+    return ", ".join(parts) or "nothing changed"
+
+
 class ConfigFile:
     """The ``pylvs run -c`` file of a director: read (and refused, raising
     ConfigError) at construction, applied at start by ``apply``, re-read by
@@ -412,17 +436,17 @@ class ConfigFile:
             errs = errors(ops, results)
             for e in errs:
                 log.error("reload: %s", e)
+            health = health_changes(self.loaded.virtual_servers, loaded.virtual_servers)
             self.loaded = loaded
             self._state, self._timeouts = settle(loaded.services, ops, results), loaded.timeouts
             counts: dict[str, int] = {}
             for op, _w in ops:
                 counts[op["op"]] = counts.get(op["op"], 0) + 1
             log.info("reloaded %s (%s): %d service(s), %s", self.path, loaded.kind,
-                     len(loaded.services), ", ".join(f"{n} {k}" for k, n in counts.items())
-                     or "nothing changed")
+                     len(loaded.services), reload_summary(counts, health))
             return {"file": self.path, "format": loaded.kind, "services": len(loaded.services),
-                    "operations": counts, "errors": errs, "refused": list(loaded.refused),
-                    "warnings": list(loaded.warnings)}
+                    "operations": counts, "health": health, "errors": errs,
+                    "refused": list(loaded.refused), "warnings": list(loaded.warnings)}
 
 
 # --- pylvs run -c FILE -t ------------------------------------------------------

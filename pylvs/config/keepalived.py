@@ -366,6 +366,7 @@ _VAR = Spec(1, None)
 _TIMERS = {"connect_timeout": Spec(), "retry": Spec(), "delay_before_retry": Spec(),
            "warmup": Spec(), "delay_loop": Spec(), "alpha": _opt()}
 _NOT_RUN = "pylvs does not run it"
+_CHECK_NOT_RUN = "a checker pylvs does not run: it never takes the real server out"
 
 _URL = Schema("url", {
     "path": Spec(), "digest": Spec(), "status_code": _VAR, "virtualhost": Spec(),
@@ -412,8 +413,7 @@ _REAL = Schema("real_server", {
     "notify_down": Spec(1, 3), "virtualhost": Spec(),
     "smtp_alert": _opt(warn="pylvs sends no mail"), "snmp_name": Spec(warn="pylvs has no SNMP"),
     **{k: Spec(0, 0, block=s, need_block=True) for k, s in _CHECKS.items()},
-    **{k: Spec(0, 0, block=LINES, need_block=True, warn="checker " + _NOT_RUN)
-       for k in _OTHER_CHECKS},
+    **{k: Spec(0, 0, block=LINES, need_block=True, warn=_CHECK_NOT_RUN) for k in _OTHER_CHECKS},
 })
 _SCHED_FLAGS = ("flag-1", "flag-2", "flag-3", "sh-port", "sh-fallback", "mh-port", "mh-fallback")
 _VIRTUAL = Schema("virtual_server", {
@@ -482,7 +482,7 @@ class _Parser:
                 return out
             if tok.brace == "{":
                 raise ConfigError(tok.where, "'{' without a keyword before it")
-            out.append(self._line(depth) if schema is LINES else self._stmt(schema, depth))
+            out.append(self._line(depth) if schema is LINES else self._stmt(schema, owner, depth))
         if owner is not None:
             raise ConfigError(owner.where, f"the block of '{owner.name}' opened here is never "
                                            "closed (missing '}')")
@@ -502,12 +502,22 @@ class _Parser:
             st.children = self._block(LINES, st, depth + 1)
         return st
 
-    def _stmt(self, schema: Schema, depth: int) -> Stmt:
+    def _stmt(self, schema: Schema, owner: Stmt | None, depth: int) -> Stmt:
         t = self.t
         kw = t[self.i]
         spec = None if kw.quoted else schema.specs.get(kw.text)
         if spec is None:
-            raise ConfigError(kw.where, f"unknown keyword {kw.text!r} in {schema.name}")
+            # A block may go on in the next included file (as keepalived
+            # reads it), so one cut short at its file's end (a write cut
+            # short) is found in the next file: name where it opened.
+            opened = (f" (the block of '{owner.name}' opened at {owner.where} is not closed "
+                      "in its file)" if owner is not None and owner.where.file != kw.where.file
+                      else "")
+            if kw.text == "nb_get_retry" and "retry" in schema.specs:
+                # Common in configurations written for keepalived 1.x,
+                # whose TCP_CHECK never had it either.
+                opened += "; keepalived ignores it here too: this checker's is 'retry'"
+            raise ConfigError(kw.where, f"unknown keyword {kw.text!r} in {schema.name}{opened}")
         if not kw.bol and not t[self.i - 1].brace:
             # keepalived 2.2 takes one keyword per line (between braces) and
             # drops what follows its values without a word: pylvs reads it,

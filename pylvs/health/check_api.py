@@ -45,12 +45,23 @@ def os_error_text(e: BaseException) -> str:
     return type(e).__name__
 
 
+async def within(aw, seconds: float):
+    """``await aw``, raising TimeoutError (asyncio's is the builtin) after
+    ``seconds``. asyncio.timeout rather than asyncio.wait_for: before
+    Python 3.12 wait_for hands back the result of an awaitable that is
+    done when its cancel arrives, swallowing the cancel; a read of a
+    server that sends without end is always done at once, so the probe's
+    budget (or a reload's cancel) never ended it."""
+    async with asyncio.timeout(seconds):
+        return await aw
+
+
 async def open_tcp(spec: CheckSpec, host: str, port: int, ssl=None, sni: str | None = None):
     """A connected (reader, writer) within ``connect_timeout``, bound to
     ``bindto`` when given, the TLS handshake (``ssl``) naming ``sni`` as
     the server when given; raises OSError or asyncio.TimeoutError."""
     local = (spec.bindto, 0) if spec.bindto else None
-    return await asyncio.wait_for(
+    return await within(
         asyncio.open_connection(host, port, ssl=ssl, local_addr=local,
                                 family=socket.AF_INET,
                                 server_hostname=((sni or host) if ssl else None)),

@@ -31,7 +31,7 @@ import re
 import ssl as ssl_mod
 
 from ..config.model import CheckSpec, UrlSpec
-from .check_api import Result, close_writer, open_tcp, os_error_text, target
+from .check_api import Result, close_writer, open_tcp, os_error_text, target, within
 
 MAX_RESPONSE = 4 << 20   # bytes of one response (head and body) read at most
 REGEX_TIMEOUT = 1.0      # s one regex search may take
@@ -146,11 +146,18 @@ async def _fetch(spec: CheckSpec, url: UrlSpec, host: str, port: int, ctx) -> by
     sni = (url.virtualhost or spec.virtualhost) if spec.enable_sni else None
     reader, writer = await open_tcp(spec, host, port, ssl=ctx, sni=sni)
     try:
-        writer.write(request(spec, url, host, port))
-        await asyncio.wait_for(writer.drain(), spec.connect_timeout)
+        try:
+            writer.write(request(spec, url, host, port))
+        except RuntimeError:
+            # uvloop (the director's loop) refuses a write to a transport
+            # the server has already reset (at once after its accept);
+            # asyncio's drops it. The read below says what ended it.
+            pass
+        else:
+            await within(writer.drain(), spec.connect_timeout)
         chunks, size = [], 0
         while True:
-            data = await asyncio.wait_for(reader.read(65536), spec.connect_timeout)
+            data = await within(reader.read(65536), spec.connect_timeout)
             if not data:
                 return b"".join(chunks)
             if size + len(data) > MAX_RESPONSE:

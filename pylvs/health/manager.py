@@ -48,7 +48,7 @@ from typing import Sequence
 from ..config.model import FWD, CheckSpec, RealServer, VirtualServer, dest_port
 from ..control.balancer import BalancerError
 from . import check_http, check_misc, check_ping, check_tcp, check_udp
-from .check_api import Result
+from .check_api import Result, within
 
 log = logging.getLogger("pylvs.health")
 
@@ -171,7 +171,7 @@ class Probe:
         while not self._stopped:
             started = loop.time()
             try:
-                r = await asyncio.wait_for(self.check(self.spec, self.addr, self.port), budget)
+                r = await within(self.check(self.spec, self.addr, self.port), budget)
             except asyncio.TimeoutError:
                 # A server trickling its answer a byte per connect_timeout.
                 r = Result(False, f"no verdict within {budget:g} s")
@@ -256,6 +256,8 @@ class HealthManager:
         self._services: dict[tuple, ServiceState] = {}
         self._by_probe: dict[tuple, list[Member]] = {}
         self._running = False
+        self._pending: set[tuple] = set()    # services whose probes changed, not yet applied
+        self._pending_handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task] = set()
         self._last_notify: asyncio.Task | None = None
 
@@ -357,6 +359,9 @@ class HealthManager:
         self._running = False
         await asyncio.gather(*(p.stop() for p in self._probes.values()),
                              return_exceptions=True)
+        if self._pending_handle is not None:
+            self._pending_handle.cancel()
+            self._apply_pending()
         notifies = list(self._tasks)
         for t in notifies:
             t.cancel()
@@ -383,12 +388,25 @@ class HealthManager:
         return held() if held is not None else contextlib.nullcontext()
 
     def _probe_changed(self, probe: Probe) -> None:
-        seen = set()
+        self._pending.update(m.vs.key for m in self._by_probe.get(probe.key, ()))
+        if not self._running:
+            self._apply_pending()   # driven by hand (configure, tests): at once
+        elif self._pending_handle is None:
+            # The verdicts of one turn of the loop in one publish: a
+            # publish costs tens of ms (every worker's tables and
+            # filters), so 200 real servers behind a dead switch, their
+            # probes failing together, must not hold the loop (status,
+            # reload, the other probes' timeouts) for 200 publishes.
+            self._pending_handle = asyncio.get_running_loop().call_soon(self._apply_pending)
+
+    def _apply_pending(self) -> None:
+        self._pending_handle = None
+        keys, self._pending = self._pending, set()
         with self._held():
-            for m in self._by_probe.get(probe.key, ()):
-                if m.vs.key not in seen:
-                    seen.add(m.vs.key)
-                    self._apply(self._services[m.vs.key])
+            for key in keys:
+                st = self._services.get(key)
+                if st is not None:
+                    self._apply(st)
 
     # --- keepalived's ipwrapper rules ---------------------------------------------
 

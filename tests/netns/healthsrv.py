@@ -9,6 +9,7 @@ killed. Ports (TCP unless said):
     8007 HTTP 200 after a 3 s pause        8443 HTTPS 200 (with CERT KEY)
     8008 HTTP 200 for "Host: www.example", 404 for any other Host
     8009 garbage at once, before any request
+    8011 resets at once, before any request
     UDP 9001 echoes "PONG" + the datagram  UDP 9002 nothing listens
     UDP 9003 bound, never answers
 """
@@ -80,6 +81,12 @@ async def reset(reader, writer):
     writer.transport.abort()
 
 
+async def reset_at_once(reader, writer):
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 class Echo(asyncio.DatagramProtocol):
     def connection_made(self, transport):
         self.transport = transport
@@ -92,7 +99,8 @@ async def main(addr: str, cert: str | None, key: str | None) -> None:
     handlers = {8001: answer(http(b"200 OK")), 8002: answer(http(b"500 Internal Server Error")),
                 8003: silent, 8004: answer(b"SSH-2.0-OpenSSH_9.2\r\n\x00\xff garbage"),
                 8005: reset, 8007: answer(http(b"200 OK"), pause=3.0), 8008: by_host,
-                8009: blurt, 8010: answer(http(b"200 OK", b"x" * HUGE))}
+                8009: blurt, 8010: answer(http(b"200 OK", b"x" * HUGE)),
+                8011: reset_at_once}
     servers = [await asyncio.start_server(h, addr, port) for port, h in handlers.items()]
     if cert:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
