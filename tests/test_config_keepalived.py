@@ -593,7 +593,7 @@ def test_lvs_keywords_of_global_defs_and_vrrp_are_named_each(tmp_path):
     cfg = parse(tmp_path, """\
         global_defs {
             router_id LVS_1
-            lvs_sync_daemon eth1 VI_1 id 5
+            lvs_sync_daemon eth1 VI_1 id 5 maxlen 1400
             lvs_timeouts tcp 900
             lvs_notify_fifo /run/keepalived.fifo
         }
@@ -605,7 +605,11 @@ def test_lvs_keywords_of_global_defs_and_vrrp_are_named_each(tmp_path):
     named = [w.split(": ")[1] for w in cfg.warnings]
     assert named == ["global_defs", "lvs_sync_daemon", "lvs_notify_fifo", "vrrp_instance",
                      "lvs_sync_daemon_interface"]
-    assert "pylvs adm --start-daemon" in cfg.warnings[1] and cfg.lvs_timeouts == (900, 0, 0)
+    assert cfg.warnings[1].endswith("--start-daemon master --start-daemon backup "
+                                    "--mcast-interface eth1 --syncid 5 --sync-maxlen 1400)"), cfg.warnings[1]
+    assert "remove it from the file keepalived reads" in cfg.warnings[1]
+    assert cfg.warnings[4].endswith("--mcast-interface eth1 --syncid 0)"), cfg.warnings[4]
+    assert cfg.lvs_timeouts == (900, 0, 0)
 
 
 

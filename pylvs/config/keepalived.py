@@ -439,8 +439,28 @@ _TOP_OTHER_BLOCKS = ("global_defs", "vrrp_instance", "vrrp_sync_group", "vrrp_sc
                      "interface_up_down_delays")
 _TOP_OTHER_WORDS = ("net_namespace", "net_namespace_ipvs", "namespace_with_ipsets", "instance",
                     "use_pid_dir", "linkbeat_use_polling", "child_wait_time")
-_SYNC_HINT = ("pylvs's IPVS sync daemon is started apart: pylvs adm --start-daemon "
-              "master|backup --mcast-interface IF --syncid N, docs/sync.md")
+_SYNC_HINT = ("remove it from the file keepalived reads: keepalived would start the "
+              "kernel's IPVS sync daemon (2.2.7 crashes without ip_vs and never adds the "
+              "VIP); pylvs's is started apart, docs/failover.md")
+def _sync_command(st: Stmt) -> str:
+    """The pylvs commands an ``lvs_sync_daemon IF INSTANCE [id N]`` (or a
+    vrrp_instance's ``lvs_sync_daemon_interface IF``) line stands for; ''
+    for other keywords. keepalived runs the sync daemon as master where the
+    instance is MASTER: pylvs runs both roles on every director."""
+    if st.name not in ("lvs_sync_daemon", "lvs_sync_daemon_interface") or not st.args:
+        return ""
+    words = [a.text for a in st.args]
+    opts = dict(zip(words[2::2], words[3::2]))   # after IF and INSTANCE: NAME VALUE pairs
+    extra = "".join(f" --{flag} {opts[name]}" for name, flag in _SYNC_OPTIONS if name in opts)
+    return (f": pylvs run ... --start-daemon master --start-daemon backup "
+            f"--mcast-interface {words[0]} --syncid {opts.get('id', '0')}{extra}")
+
+
+# lvs_sync_daemon's options (keepalived.conf(5)) and pylvs run's names.
+_SYNC_OPTIONS = (("maxlen", "sync-maxlen"), ("port", "mcast-port"), ("ttl", "mcast-ttl"),
+                 ("group", "mcast-group"))
+
+
 _LVS_ELSEWHERE = {
     "lvs_sync_daemon": _SYNC_HINT, "lvs_sync_daemon_interface": _SYNC_HINT,
     "lvs_notify_fifo": "pylvs writes no notify FIFO; pylvs status shows each check",
@@ -761,7 +781,7 @@ class _Builder:
                 # with what pylvs has instead, not lost in the block's warning.
                 for c in st.children or ():
                     if c.name in _LVS_ELSEWHERE:
-                        self.warn(c, f"ignored ({_LVS_ELSEWHERE[c.name]})")
+                        self.warn(c, f"ignored ({_LVS_ELSEWHERE[c.name]}{_sync_command(c)})")
         vss: list[VirtualServer] = []
         seen: dict[tuple, Where] = {}
         for st in stmts:
