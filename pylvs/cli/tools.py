@@ -158,8 +158,9 @@ def sysctl_main(argv: list[str] | None = None, *, stdout: TextIO | None = None,
                 else:
                     # The kernel's sync_threshold (by its sysctl name) is
                     # the pair: both knobs, as setting it shows them.
-                    pair = name == "sync_threshold" and given != name
-                    names.extend(n for n in (name, "sync_period")[:1 + pair] if n not in names)
+                    shown = ((name, "sync_period") if name == "sync_threshold" and given != name
+                             else (name,))
+                    names.extend(n for n in shown if n not in names)
             # Names read first (an unknown one fails before anything is
             # set), then every setting in one request: the director checks
             # them all before it changes any.

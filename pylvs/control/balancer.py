@@ -889,7 +889,12 @@ class Balancer:
         d = svc.dests.get((da, dp))
         if d is None or d.sorry:
             raise BalancerError(E_NO_DEST)
-        del svc.dests[(da, dp)]
+        self._remove_dest(svc, d)
+
+    def _remove_dest(self, svc: Service, d: Dest) -> None:
+        """A dest out of its service (-d, a sorry server switched off): its
+        slot released, the scheduler and the tables told."""
+        del svc.dests[(d.daddr, d.dport)]
         self._release_dest(svc, d)
         self._refresh_sched(svc)
         self._changed()
@@ -982,10 +987,7 @@ class Balancer:
         if state == "off":
             if d is None:
                 return False
-            del svc.dests[(da, dp)]
-            self._release_dest(svc, d)
-            self._refresh_sched(svc)
-            self._changed()
+            self._remove_dest(svc, d)
             return True
         if d is not None:
             return self._set_health(svc, d, state == "inhibit", True, None)

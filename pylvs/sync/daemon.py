@@ -504,8 +504,7 @@ class Backup(_Daemon):
         since the last request (no such service or dest here, typically:
         the backup started before its rules) and the rules gained a service
         or dest the request or a miss since lacked, have rested
-        REASK_SETTLE s, and the last re-ask
-        is REASK_EVERY s old. Rules that only shrink (a real server taken
+        REASK_SETTLE s, and the last re-ask is REASK_EVERY s old. Rules that only shrink (a real server taken
         out) never ask. (The rules are only read while something is
         missing: a large dest table costs nothing in the usual case.)"""
         if not self.missed:
